@@ -1,0 +1,1 @@
+"""Integration with the official opensora_plan sample script (not implemented yet; see the README)."""

@@ -1,0 +1,237 @@
+"""A forward hook on one denoiser *instance* that numbers its calls and runs callbacks.
+
+The hook wraps ``module.forward`` as it is at attach time, which may itself already be a
+replacement (Wan2.1's sequence-parallel forward, an accelerate offload hook): the class is
+never touched. Detaching puts back exactly what was there.
+
+    hook = DenoiserHook(LoopSpec(steps=50, streams=("cond", "uncond")), [recorder])
+    with hook.attach(model):
+        run_sampling_loop(model)
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+import torch
+from torch import nn
+
+from .callbacks import Callback
+from .loop import CallInfo, LoopSpec
+
+__all__ = ["DenoiserHook", "get_hook", "TIMESTEP_KWARGS"]
+
+_HOOK_ATTR = "_taohooks_hook"
+TIMESTEP_KWARGS = ("timestep", "timesteps", "t")
+
+
+def get_hook(module: nn.Module) -> Optional["DenoiserHook"]:
+    """The taohooks hook attached to this module instance, if any."""
+    return module.__dict__.get(_HOOK_ATTR)
+
+
+class _Timestep:
+    """The timestep argument of a call, converted to float only when somebody asks.
+
+    Converting a CUDA tensor synchronises; most calls never need the value.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: Any):
+        if isinstance(raw, torch.Tensor):
+            raw = raw.detach().reshape(-1)[:1].clone()
+        self.raw = raw
+
+    def value(self) -> Optional[float]:
+        raw = self.raw
+        if isinstance(raw, torch.Tensor):
+            return float(raw.item()) if raw.numel() else None
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        if isinstance(raw, (list, tuple)) and raw:
+            return _Timestep(raw[0]).value()
+        return None
+
+
+class DenoiserHook:
+    """Numbers the calls of one module instance and runs :class:`Callback` s around them.
+
+    Args:
+        loop: the declared shape of one generation (:class:`LoopSpec`).
+        callbacks: run in order around every call.
+        timestep_arg: where the timestep is in the call: a keyword name, a positional index,
+            or ``None`` to look for the keywords ``timestep``, ``timesteps`` or ``t``.
+        repeat: when a generation has made all its calls, let the next call start a new one
+            (integrations that know the loop restarts). Otherwise such a call is an error, and
+            ``new_sample()`` starts each generation.
+    """
+
+    def __init__(self, loop: LoopSpec, callbacks: Iterable[Callback] = (), *,
+                 timestep_arg: Union[str, int, None] = None, repeat: bool = False):
+        if not isinstance(loop, LoopSpec):
+            raise TypeError(f"loop must be a LoopSpec, got {type(loop).__name__}")
+        self.loop = loop
+        self.callbacks: List[Callback] = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be taohooks.Callback instances, got {type(cb).__name__}")
+        self.timestep_arg = timestep_arg
+        self.repeat = repeat
+        self.module: Optional[nn.Module] = None
+        self._wrapper = None
+        self._had_instance_forward = False
+        self._original_forward = None
+        self._sample = -1             # number of the current (or last) generation
+        self._index: Optional[int] = None  # call index inside the active generation
+        self._finished = False        # the last generation made all its calls
+        self.counts: Dict[str, List[int]] = {}
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self, module: nn.Module) -> "DenoiserHook":
+        """Wrap ``module.forward`` (the instance's, as it is now). Returns ``self``."""
+        if self.module is not None:
+            raise RuntimeError(f"taohooks: this hook is already attached to a {type(self.module).__name__}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"taohooks: can only attach to a torch.nn.Module, got {type(module).__name__}")
+        if get_hook(module) is not None:
+            raise RuntimeError(
+                f"taohooks: this {type(module).__name__} instance already has a taohooks hook; detach it "
+                "first, or put all callbacks (calibration, TaoCache, PAB, ...) on one hook")
+        inner = module.forward
+        hook = self
+
+        def forward(*args, **kwargs):
+            return hook._call(inner, args, kwargs)
+
+        functools.update_wrapper(forward, inner)
+        self._had_instance_forward = "forward" in module.__dict__
+        self._original_forward = module.__dict__.get("forward")
+        module.forward = forward
+        module.__dict__[_HOOK_ATTR] = self
+        self.module, self._wrapper = module, forward
+        self._reset_bookkeeping()
+        for cb in self.callbacks:
+            cb.on_attach(self)
+        return self
+
+    def detach(self) -> None:
+        """Restore the forward that was there at attach time and drop all state."""
+        module = self.module
+        if module is None:
+            return
+        if module.__dict__.get("forward") is not self._wrapper:
+            raise RuntimeError(
+                f"taohooks: {type(module).__name__}.forward was replaced after taohooks attached; detach "
+                "that wrapper first (hooks must be removed in the reverse order of attaching)")
+        try:
+            if self._index is not None:
+                self._abort("the hook was detached")
+            for cb in self.callbacks:
+                cb.on_detach(self)
+        finally:
+            if self._had_instance_forward:
+                module.forward = self._original_forward
+            else:
+                del module.__dict__["forward"]
+            del module.__dict__[_HOOK_ATTR]
+            self.module = self._wrapper = self._original_forward = None
+
+    @property
+    def attached(self) -> bool:
+        return self.module is not None
+
+    def __enter__(self) -> "DenoiserHook":
+        if self.module is None:
+            raise RuntimeError("taohooks: use `with hook.attach(module):`, the hook is not attached")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self._index is not None:
+            self._abort(f"{exc_type.__name__} raised during sampling")
+        self.detach()
+
+    # ------------------------------------------------------------------ generations
+    @property
+    def sample(self) -> int:
+        """Number of the current (or last) generation, from 0; -1 before the first."""
+        return self._sample
+
+    @property
+    def call_index(self) -> Optional[int]:
+        """Index of the next call in the active generation, or ``None`` between generations."""
+        return self._index
+
+    def new_sample(self) -> None:
+        """Begin a new generation now. An unfinished one is aborted (with a warning)."""
+        if self._index is not None:
+            if self._index > 0:
+                warnings.warn(
+                    f"taohooks: a new generation began after {self._index} of "
+                    f"{self.loop.total_calls} calls of the last one ({self.loop.describe()}); "
+                    "is the declared number of steps right?", stacklevel=2)
+            self._abort("a new generation began")
+        self._start()
+
+    def _reset_bookkeeping(self) -> None:
+        self._sample, self._index, self._finished = -1, None, False
+        self.counts = {s: [0, 0] for s in self.loop.streams}
+
+    def _start(self) -> None:
+        self._sample += 1
+        self._index, self._finished = 0, False
+        for cb in self.callbacks:
+            cb.on_sample_start(self, self._sample)
+
+    def _abort(self, reason: str) -> None:
+        self._index = None
+        for cb in self.callbacks:
+            cb.on_sample_abort(self, self._sample, reason)
+
+    def _timestep(self, args: tuple, kwargs: dict) -> Optional[_Timestep]:
+        where = self.timestep_arg
+        if where is None:
+            for key in TIMESTEP_KWARGS:
+                if key in kwargs:
+                    return _Timestep(kwargs[key])
+            return None
+        if isinstance(where, int):
+            return _Timestep(args[where]) if where < len(args) else None
+        return _Timestep(kwargs[where]) if where in kwargs else None
+
+    # ------------------------------------------------------------------ the call
+    def _call(self, inner, args: tuple, kwargs: dict) -> Any:
+        if self._index is None:
+            if self._finished and not self.repeat:
+                raise RuntimeError(
+                    f"taohooks: call {self.loop.total_calls + 1} of a generation declared as "
+                    f"{self.loop.describe()}: the loop made more calls than declared. Declare the right "
+                    "number of steps, call new_sample() before each generation, or attach with "
+                    "repeat=True to start a new generation automatically")
+            self._start()
+        step, streams = self.loop.locate(self._index)
+        call = CallInfo(self._sample, self._index, step, streams, self._timestep(args, kwargs))
+        try:
+            output = None
+            for cb in self.callbacks:
+                output = cb.on_before_call(self, call, args, kwargs)
+                if output is not None:
+                    call.substituted_by = cb
+                    break
+            if output is None:
+                output = inner(*args, **kwargs)
+            for cb in self.callbacks:
+                cb.on_after_call(self, call, output)
+        except BaseException as exc:
+            self._abort(f"{type(exc).__name__} in call {call.index} (step {step})")
+            raise
+        column = 0 if call.substituted_by is None else 1
+        for s in streams:
+            self.counts[s][column] += 1
+        self._index += 1
+        if self._index == self.loop.total_calls:
+            self._index, self._finished = None, True
+            for cb in self.callbacks:
+                cb.on_sample_end(self, self._sample)
+        return output

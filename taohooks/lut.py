@@ -1,0 +1,230 @@
+"""The calibration lookup table (Algorithm 1's ``C_cos, S_cos, C_ratio, S_ratio``) and its file.
+
+File format (safetensors, ``format_version`` 1): sufficient statistics, so that two files
+merge exactly, and the derived tables for any reader::
+
+    cos_count, ratio_count          int64   [streams, steps]
+    cos_sum, cos_sumsq              float64 [streams, steps]
+    ratio_sum, ratio_sumsq          float64 [streams, steps]
+    cos_mean, cos_std               float32 [streams, steps]   (derived, C_cos / S_cos)
+    ratio_mean, ratio_std           float32 [streams, steps]   (derived, C_ratio / S_ratio)
+    timesteps                       float64 [steps]            (NaN where unknown)
+
+plus the metadata key ``taohooks_lut`` holding JSON: format version, model id, steps, calls per
+step, stream names, sampler, number of prompts, creation time. Step ``t`` counts model calls
+per stream from 0; the statistics at ``t`` compare ``D_t = eps_t - eps_{t-1}`` with
+``D_{t-1}``, so steps 0 and 1 are always empty.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .io import atomic_write_bytes
+from .loop import LoopSpec
+from .stats import RunningMoments
+
+__all__ = ["CalibrationLUT", "LUTMismatchError", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_META_KEY = "taohooks_lut"
+PathLike = Union[str, os.PathLike]
+
+
+class LUTMismatchError(ValueError):
+    """A LUT does not fit the run (or the other LUT) it is used with."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class CalibrationLUT:
+    """Per-stream, per-step statistics of consecutive output deltas over calibration prompts."""
+
+    streams: Tuple[str, ...]
+    steps: int
+    cos: RunningMoments
+    ratio: RunningMoments
+    timesteps: Tensor
+    calls_per_step: int = 1
+    model_id: Optional[str] = None
+    sampler: Optional[str] = None
+    num_prompts: int = 0
+    created: str = field(default_factory=_now)
+    source: Optional[str] = None  # the file it was loaded from, for messages
+
+    @classmethod
+    def empty(cls, loop: LoopSpec, model_id: Optional[str] = None, sampler: Optional[str] = None) -> "CalibrationLUT":
+        shape = (len(loop.streams), loop.steps)
+        return cls(tuple(loop.streams), loop.steps, RunningMoments.zeros(*shape), RunningMoments.zeros(*shape),
+                   torch.full((loop.steps,), float("nan"), dtype=torch.float64), loop.calls_per_step,
+                   model_id, sampler)
+
+    # ------------------------------------------------------------------ the tables
+    @property
+    def cos_mean(self) -> Tensor:
+        """``C_cos`` [streams, steps], NaN where no statistic was recorded."""
+        return self.cos.mean
+
+    @property
+    def cos_std(self) -> Tensor:
+        """``S_cos`` [streams, steps]."""
+        return self.cos.std
+
+    @property
+    def ratio_mean(self) -> Tensor:
+        """``C_ratio`` [streams, steps]: mean of ``||D_t|| / ||D_{t-1}||``."""
+        return self.ratio.mean
+
+    @property
+    def ratio_std(self) -> Tensor:
+        """``S_ratio`` [streams, steps]."""
+        return self.ratio.std
+
+    def stream_index(self, name: str) -> int:
+        try:
+            return self.streams.index(name)
+        except ValueError:
+            raise LUTMismatchError(f"{self._name()}: no stream {name!r}; it has {', '.join(self.streams)}") from None
+
+    def _name(self) -> str:
+        return f"LUT {self.source}" if self.source else "LUT"
+
+    # ------------------------------------------------------------------ checks and merging
+    def check(self, loop: LoopSpec, model_id: Optional[str] = None, sampler: Optional[str] = None) -> None:
+        """Raise :class:`LUTMismatchError` naming what differs between this LUT and a run."""
+        if self.steps != loop.steps:
+            raise LUTMismatchError(f"{self._name()} has {self.steps} steps, this run has {loop.steps}; "
+                                   "calibrate again for this number of steps")
+        if tuple(self.streams) != tuple(loop.streams):
+            raise LUTMismatchError(f"{self._name()} has streams ({', '.join(self.streams)}), this run has "
+                                   f"({', '.join(loop.streams)})")
+        if model_id and self.model_id and model_id != self.model_id:
+            raise LUTMismatchError(f"{self._name()} was calibrated on model {self.model_id!r}, this run is "
+                                   f"{model_id!r}")
+        if sampler and self.sampler and sampler != self.sampler:
+            raise LUTMismatchError(f"{self._name()} was calibrated with sampler {self.sampler!r}, this run "
+                                   f"uses {sampler!r}")
+
+    def merge(self, other: "CalibrationLUT") -> "CalibrationLUT":
+        """Statistics of both LUTs together, as if one run had recorded all their prompts."""
+        if (self.steps, tuple(self.streams)) != (other.steps, tuple(other.streams)):
+            raise LUTMismatchError(
+                f"cannot merge {other._name()} ({other.steps} steps, streams {', '.join(other.streams)}) into "
+                f"{self._name()} ({self.steps} steps, streams {', '.join(self.streams)})")
+        for key in ("model_id", "sampler", "calls_per_step"):
+            a, b = getattr(self, key), getattr(other, key)
+            if a is not None and b is not None and a != b:
+                raise LUTMismatchError(f"cannot merge: {key} is {a!r} in {self._name()} and {b!r} in {other._name()}")
+        both = ~(self.timesteps.isnan() | other.timesteps.isnan())
+        differ = both & ((self.timesteps - other.timesteps).abs() > 1e-6 * self.timesteps.abs().clamp(min=1))
+        if differ.any():
+            t = int(differ.nonzero()[0])
+            raise LUTMismatchError(f"cannot merge: timestep of step {t} is {self.timesteps[t].item():g} in "
+                                   f"{self._name()} and {other.timesteps[t].item():g} in {other._name()}")
+        return CalibrationLUT(
+            self.streams, self.steps, self.cos.merge(other.cos), self.ratio.merge(other.ratio),
+            torch.where(self.timesteps.isnan(), other.timesteps, self.timesteps), self.calls_per_step,
+            self.model_id or other.model_id, self.sampler or other.sampler, self.num_prompts + other.num_prompts)
+
+    # ------------------------------------------------------------------ file
+    def metadata(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "model_id": self.model_id, "steps": self.steps,
+                "calls_per_step": self.calls_per_step, "streams": list(self.streams), "sampler": self.sampler,
+                "num_prompts": self.num_prompts, "created": self.created}
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        tensors = {"timesteps": self.timesteps.to(torch.float64)}
+        for name, moments in (("cos", self.cos), ("ratio", self.ratio)):
+            tensors[f"{name}_count"] = moments.count
+            tensors[f"{name}_sum"] = moments.total
+            tensors[f"{name}_sumsq"] = moments.total_sq
+            tensors[f"{name}_mean"] = moments.mean.float()
+            tensors[f"{name}_std"] = moments.std.float()
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        return save(tensors, metadata={_META_KEY: json.dumps(self.metadata())})
+
+    def save(self, path: PathLike) -> Path:
+        """Write the LUT atomically (an interrupted save leaves the old file intact)."""
+        return atomic_write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, path: PathLike) -> "CalibrationLUT":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration LUT {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw_meta = (f.metadata() or {}).get(_META_KEY)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(f"{path} is not a safetensors file: {exc}") from exc
+        if raw_meta is None:
+            raise ValueError(f"{path} is a safetensors file but not a taohooks LUT (no '{_META_KEY}' metadata)")
+        meta = json.loads(raw_meta)
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"{path} has LUT format version {version!r}; this taohooks reads up to "
+                             f"{FORMAT_VERSION}: upgrade taohooks")
+        needed = [f"{n}_{s}" for n in ("cos", "ratio") for s in ("count", "sum", "sumsq")] + ["timesteps"]
+        missing = [k for k in needed if k not in tensors]
+        if missing:
+            raise ValueError(f"{path}: LUT misses tensors {', '.join(missing)}")
+        streams, steps = tuple(meta["streams"]), int(meta["steps"])
+        for k in needed[:-1]:
+            if tuple(tensors[k].shape) != (len(streams), steps):
+                raise ValueError(f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, metadata says "
+                                 f"[{len(streams)} streams, {steps} steps]")
+        moments = {n: RunningMoments(tensors[f"{n}_count"].to(torch.int64), tensors[f"{n}_sum"].to(torch.float64),
+                                     tensors[f"{n}_sumsq"].to(torch.float64)) for n in ("cos", "ratio")}
+        return cls(streams, steps, moments["cos"], moments["ratio"], tensors["timesteps"].to(torch.float64),
+                   int(meta.get("calls_per_step", 1)), meta.get("model_id"), meta.get("sampler"),
+                   int(meta.get("num_prompts", 0)), meta.get("created", ""), source=str(path))
+
+    # ------------------------------------------------------------------ display
+    def table(self) -> str:
+        """A text table of ``C_cos ± S_cos`` and ``C_ratio ± S_ratio`` per step and stream."""
+        head = f"{'step':>4} {'timestep':>9}"
+        for s in self.streams:
+            head += f" | {s + ' cos':>17} {s + ' ratio':>17} {'n':>4}"
+        lines = [head, "-" * len(head)]
+        cm, cs, rm, rs = self.cos_mean, self.cos_std, self.ratio_mean, self.ratio_std
+        for t in range(self.steps):
+            ts = self.timesteps[t].item()
+            row = f"{t:>4} {'-' if math.isnan(ts) else f'{ts:.4g}':>9}"
+            for i in range(len(self.streams)):
+                n = int(self.cos.count[i, t])
+                if n == 0:
+                    row += f" | {'-':>17} {'-':>17} {0:>4}"
+                else:
+                    row += (f" | {cm[i, t]:>8.4f} ±{cs[i, t]:<7.4f} {rm[i, t]:>8.4f} ±{rs[i, t]:<7.4f} {n:>4}")
+            lines.append(row)
+        return "\n".join(lines)
+
+    def describe(self) -> str:
+        return (f"{self._name()}: model {self.model_id or '?'}, sampler {self.sampler or '?'}, {self.steps} steps, "
+                f"streams {', '.join(self.streams)}, {self.num_prompts} prompts, created {self.created or '?'}")
+
+
+def merge_luts(luts: Sequence[CalibrationLUT]) -> CalibrationLUT:
+    """Merge several LUTs left to right."""
+    if not luts:
+        raise ValueError("nothing to merge")
+    out = luts[0]
+    for other in luts[1:]:
+        out = out.merge(other)
+    return out

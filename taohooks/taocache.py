@@ -1,0 +1,183 @@
+"""``TaoCache``: config + LUT + plan + hook, the object a user holds.
+
+    cache = TaoCache.from_yaml("configs/wan.yaml")
+    with cache.attach(model, steps=50, streams=("cond", "uncond")):
+        video = run_my_sampling_loop(model)
+    print(cache.summary())
+
+When the config names a LUT file that does not exist yet (and ``calibration.auto`` is on),
+the attached run computes every step, records the calibration statistics and writes the LUT
+after each generation; the next run skips.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+from torch import nn
+
+from .calibration import CalibrationRecorder
+from .callbacks import Callback
+from .config import PlanConfig, TaoCacheConfig, load_config
+from .extrapolation import TaoCacheCallback
+from .hook import DenoiserHook
+from .loop import LoopSpec
+from .lut import CalibrationLUT
+from .plan import (PlanError, SkipPlan, no_skip_plan, plan_from_steps, plan_from_window, resolve_budget,
+                   search_window)
+
+__all__ = ["TaoCache", "make_plan"]
+
+
+def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
+              lut: Optional[CalibrationLUT] = None) -> SkipPlan:
+    """The :class:`SkipPlan` a plan config asks for, on a LUT when it needs one."""
+    streams = tuple(streams)
+    constant = not isinstance(plan.ratio, str)
+    if not constant and lut is not None:
+        lut.check(LoopSpec(steps, streams))
+    skips = resolve_budget(plan.budget, steps) if plan.budget is not None else None
+    if skips == 0 or (skips is None and plan.window is None and plan.skip_steps is None):
+        return no_skip_plan(steps, streams)
+    if not constant and lut is None:
+        raise PlanError("plan.ratio is 'calibrated' but no calibration LUT is loaded; calibrate first, "
+                        "or set plan.ratio to a constant such as 1.0 (plain linear extrapolation)")
+    ratios = plan.ratio if constant else lut.ratio_mean
+    if plan.window is not None:
+        return plan_from_window(steps, streams, plan.window[0], plan.window[1], ratios, plan.refresh_every)
+    if plan.skip_steps is not None:
+        return plan_from_steps(steps, streams, plan.skip_steps, ratios)
+    if lut is None:
+        raise PlanError("choosing the window automatically from a budget needs a calibration LUT; calibrate "
+                        "first, or give plan.window / plan.skip_steps")
+    lut.check(LoopSpec(steps, streams))
+    first, last, score = search_window(lut.cos_mean, lut.cos_std, lut.ratio_mean, lut.ratio_std, skips,
+                                       refresh_every=plan.refresh_every, min_step=plan.min_step,
+                                       tau_cos=plan.tau_cos, lam=plan.lambda_, gamma=plan.gamma)
+    return plan_from_window(steps, streams, first, last, ratios, plan.refresh_every, score=score, source="auto")
+
+
+class TaoCache:
+    """TaoCache for one model: holds the config, the LUT, the plan and the hook while attached.
+
+    Args:
+        config: a :class:`TaoCacheConfig` (defaults to an empty one: no skips).
+        lut: a :class:`CalibrationLUT`, or a path to one; defaults to ``config.lut``.
+    """
+
+    def __init__(self, config: Optional[TaoCacheConfig] = None, *,
+                 lut: Union[CalibrationLUT, str, os.PathLike, None] = None):
+        self.config = config if config is not None else TaoCacheConfig()
+        self._lut_path: Optional[Path] = None
+        if isinstance(lut, CalibrationLUT):
+            self.lut: Optional[CalibrationLUT] = lut
+        else:
+            self._lut_path = Path(lut) if lut is not None else self.config.lut_path()
+            self.lut = CalibrationLUT.load(self._lut_path) if self._lut_path and self._lut_path.is_file() else None
+        self.hook: Optional[DenoiserHook] = None  # kept after detach, for summary()
+        self.plan: Optional[SkipPlan] = None
+        self.recorder: Optional[CalibrationRecorder] = None
+        self.callback: Optional[TaoCacheCallback] = None
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, os.PathLike], **kwargs) -> "TaoCache":
+        return cls(load_config(path), **kwargs)
+
+    # ------------------------------------------------------------------ attach
+    def loop_spec(self, steps: Optional[int] = None, streams: Optional[Sequence[str]] = None,
+                  split_batch: Optional[bool] = None, batch_dim: Optional[int] = 0) -> LoopSpec:
+        """The loop shape from the arguments, falling back to the config's ``loop`` section."""
+        loop = self.config.loop
+        steps = steps if steps is not None else loop.steps
+        if steps is None:
+            raise ValueError("taohooks: the number of steps is unknown; pass steps= or set loop.steps in the config")
+        streams = streams if streams is not None else (loop.streams or ("main",))
+        split = split_batch if split_batch is not None else loop.split_batch
+        return LoopSpec(steps, tuple(streams), split, batch_dim)
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether the attached run records a LUT instead of skipping (the config's LUT is missing)."""
+        return self.recorder is not None
+
+    def attach(self, module: nn.Module, steps: Optional[int] = None, streams: Optional[Sequence[str]] = None, *,
+               split_batch: Optional[bool] = None, batch_dim: Optional[int] = 0,
+               timestep_arg: Union[str, int, None] = None, repeat: bool = False,
+               callbacks: Iterable[Callback] = ()) -> DenoiserHook:
+        """Wrap ``module``'s forward for sampling loops of the given shape; returns the hook
+        (a context manager that detaches on exit). ``callbacks`` run after TaoCache's."""
+        if self.hook is not None and self.hook.attached:
+            raise RuntimeError("taohooks: this TaoCache is already attached; detach it first")
+        loop = self.loop_spec(steps, streams, split_batch, batch_dim)
+        cfg = self.config
+        path = self._lut_path
+        if self.lut is None and path is not None and path.is_file():
+            self.lut = CalibrationLUT.load(path)
+        if self.lut is not None:
+            self.lut.check(loop, cfg.model_id, cfg.calibration.sampler)
+        self.recorder = self.callback = None
+        wanted = cfg.calibration.prompts
+        if path is not None and cfg.calibration.auto and (self.lut is None or self.lut.num_prompts < wanted):
+            have = 0 if self.lut is None else self.lut.num_prompts
+            warnings.warn(f"taohooks: calibrating: LUT {path} has {have} of {wanted} prompts "
+                          f"(calibration.prompts); this run computes every step and writes the LUT after each "
+                          "generation", stacklevel=2)
+            self.recorder = CalibrationRecorder(cfg.model_id, cfg.calibration.sampler, resume=self.lut)
+            self.plan = no_skip_plan(loop.steps, loop.streams)
+            own: list = [self.recorder, _SaveLUT(self.recorder, path)]
+        else:
+            self.plan = make_plan(cfg.plan, loop.steps, loop.streams, self.lut)
+            self.callback = TaoCacheCallback(self.plan, self.lut.timesteps if self.lut is not None else None)
+            own = [self.callback]
+        self.hook = DenoiserHook(loop, own + list(callbacks), timestep_arg=timestep_arg, repeat=repeat)
+        return self.hook.attach(module)
+
+    def detach(self) -> None:
+        if self.hook is not None:
+            self.hook.detach()
+            if self.recorder is not None:
+                self.lut = None  # re-read from the file on the next attach
+
+    def new_sample(self) -> None:
+        """Begin a new generation (between prompts of a loop that does not declare ``repeat``)."""
+        if self.hook is None or not self.hook.attached:
+            raise RuntimeError("taohooks: TaoCache is not attached")
+        self.hook.new_sample()
+
+    # ------------------------------------------------------------------ reporting
+    def stats(self) -> dict:
+        """Calls computed and skipped per stream since attach, the window, and fallbacks."""
+        hook = self.hook
+        counts = {s: {"computed": c, "skipped": k} for s, (c, k) in (hook.counts.items() if hook else [])}
+        return {"streams": counts, "plan": self.plan.describe() if self.plan else None,
+                "window": self.plan.window if self.plan else None,
+                "skipped_fraction": self.plan.skipped_fraction if self.plan else 0.0,
+                "fallbacks": self.callback.fallbacks if self.callback else 0,
+                "calibrating": self.calibrating}
+
+    def summary(self) -> str:
+        """A short report: per stream calls made and saved, the window used, fallbacks."""
+        s = self.stats()
+        if self.plan is None:
+            return "TaoCache: not attached yet"
+        lines = [f"TaoCache: {s['plan']}" + (" — calibrating" if s["calibrating"] else "")]
+        for name, c in s["streams"].items():
+            total = c["computed"] + c["skipped"]
+            frac = 100.0 * c["skipped"] / total if total else 0.0
+            lines.append(f"  {name}: {c['computed']} calls computed, {c['skipped']} saved ({frac:.1f}%)")
+        if s["fallbacks"]:
+            lines.append(f"  fallbacks to a real call (non-finite prediction or missing history): {s['fallbacks']}")
+        return "\n".join(lines)
+
+
+
+class _SaveLUT(Callback):
+    """Writes the LUT being calibrated after every generation (atomically), so none is lost."""
+
+    def __init__(self, recorder: CalibrationRecorder, path: Path):
+        self.recorder, self.path = recorder, path
+
+    def on_sample_end(self, hook, sample: int) -> None:
+        self.recorder.save(self.path)
