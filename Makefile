@@ -1,5 +1,5 @@
 # taohooks: `make test` sets up its own virtual environment and runs the tests.
-# GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# TORCH_SPEC picks the torch build installed first (GPU users: the CUDA build they use).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -10,7 +10,6 @@ STAMP := $(VENV)/.taohooks-installed
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

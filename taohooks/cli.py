@@ -1,0 +1,193 @@
+"""The ``taocache`` command line.
+
+    taocache check CONFIG.yaml             validate a config and print the resolved values
+    taocache show LUT.safetensors          the calibration per step and stream
+    taocache plan LUT --budget 8           the chosen window, step by step (or: taocache plan CONFIG.yaml)
+    taocache plot LUT -o calib.png         cos similarity and norm ratio per step with +-std bands
+    taocache merge A B ... -o OUT          merge calibration LUTs (e.g. from several machines)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+from .config import ConfigError, PlanConfig, TaoCacheConfig, load_config
+from .loop import LoopSpec
+from .lut import CalibrationLUT, LUTMismatchError, merge_luts
+from .plan import PlanError
+from .taocache import make_plan
+
+__all__ = ["main", "build_parser"]
+
+
+def _is_config(path: str) -> bool:
+    return Path(path).suffix.lower() in (".yaml", ".yml")
+
+
+def _cmd_check(args) -> int:
+    config = load_config(args.config)
+    print(f"# {args.config}: valid. Resolved values:")
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+    path = config.lut_path()
+    if path is not None:
+        if path.is_file():
+            lut = CalibrationLUT.load(path)
+            print(f"# {lut.describe()}")
+            loop = LoopSpec(config.loop.steps or lut.steps, tuple(config.loop.streams or lut.streams))
+            lut.check(loop, config.model_id, config.calibration.sampler)
+            print(f"# plan: {make_plan(config.plan, loop.steps, loop.streams, lut).describe()}")
+        else:
+            note = "the first run calibrates it" if config.calibration.auto else "calibration.auto is off"
+            print(f"# LUT {path} does not exist yet ({note})")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    lut = CalibrationLUT.load(args.lut)
+    print(lut.describe())
+    print(lut.table())
+    return 0
+
+
+def _plan_overrides(args, plan: PlanConfig) -> PlanConfig:
+    changes = {}
+    for name, field_name in (("budget", "budget"), ("window", "window"), ("skip_steps", "skip_steps"),
+                             ("min_step", "min_step"), ("tau_cos", "tau_cos"), ("lam", "lambda_"),
+                             ("gamma", "gamma"), ("refresh_every", "refresh_every"), ("ratio", "ratio")):
+        value = getattr(args, name)
+        if value is not None:
+            changes[field_name] = value
+    if {"window", "skip_steps", "budget"} & set(changes):  # the command line choice replaces the config's
+        for key in ("budget", "window", "skip_steps"):
+            changes.setdefault(key, None)
+    plan = dataclasses.replace(plan, **changes)
+
+    def err(key, message):
+        raise ConfigError("command line", key, message)
+
+    plan.validate(err)
+    return plan
+
+
+def _parse_budget(text: str):
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text else value
+
+
+def _parse_ratio(text: str):
+    return text if text == "calibrated" else float(text)
+
+
+def _cmd_plan(args) -> int:
+    config = load_config(args.source) if _is_config(args.source) else TaoCacheConfig()
+    lut_path = config.lut_path() if _is_config(args.source) else Path(args.source)
+    lut = CalibrationLUT.load(lut_path) if lut_path is not None and lut_path.is_file() else None
+    if lut is None and lut_path is not None:
+        print(f"# LUT {lut_path} does not exist: only manual windows with a constant ratio can be planned")
+    plan_cfg = _plan_overrides(args, config.plan)
+    steps = args.steps or config.loop.steps or (lut.steps if lut else None)
+    streams = config.loop.streams or (list(lut.streams) if lut else ["main"])
+    if steps is None:
+        raise PlanError("the number of steps is unknown: give --steps")
+    if plan_cfg.budget is None and plan_cfg.window is None and plan_cfg.skip_steps is None:
+        print("# no budget, window or skip_steps given: nothing is skipped (try --budget 8 or --budget 0.16)")
+    plan = make_plan(plan_cfg, steps, streams, lut)
+    if lut is not None:
+        print(f"# {lut.describe()}")
+    print(plan.table())
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - depends on the environment
+        print("taocache plot needs matplotlib: pip install 'taohooks[eval]'", file=sys.stderr)
+        return 2
+    lut = CalibrationLUT.load(args.lut)
+    steps = list(range(lut.steps))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = ((axes[0], lut.cos_mean, lut.cos_std, "cosine similarity of consecutive deltas"),
+              (axes[1], lut.ratio_mean, lut.ratio_std, "norm ratio ||D_t|| / ||D_{t-1}||"))
+    for ax, mean, std, title in panels:
+        for i, name in enumerate(lut.streams):
+            m, s = mean[i].numpy(), std[i].numpy()
+            (line,) = ax.plot(steps, m, label=name, marker=".", lw=1.2)
+            ax.fill_between(steps, m - s, m + s, color=line.get_color(), alpha=0.2, lw=0)
+        ax.set_title(title)
+        ax.set_xlabel("step (model calls per stream)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{lut.model_id or 'model'} — {lut.num_prompts} prompts, {lut.sampler or 'sampler ?'}")
+    fig.tight_layout()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=args.dpi)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    merged = merge_luts([CalibrationLUT.load(p) for p in args.luts])
+    merged.save(args.output)
+    print(f"wrote {args.output}: {merged.describe()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taocache", description="TaoCache calibration, planning and checks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="validate a config and print the resolved values")
+    p.add_argument("config")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("show", help="table of the calibration per step and stream")
+    p.add_argument("lut")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("plan", help="the skip window chosen from a LUT (or a config), step by step")
+    p.add_argument("source", help="a LUT file, or a config whose LUT and plan settings are used")
+    p.add_argument("--budget", type=_parse_budget, help="skipped steps: a count (8) or a fraction (0.16)")
+    p.add_argument("--window", type=int, nargs=2, metavar=("FIRST", "LAST"), help="manual window (step indices)")
+    p.add_argument("--skip-steps", type=int, nargs="+", help="explicit steps to skip")
+    p.add_argument("--min-step", type=int, help="first step of the late regime (default: half of the steps)")
+    p.add_argument("--tau-cos", type=float, help="minimum C_cos on every step of the window")
+    p.add_argument("--lambda", dest="lam", type=float, help="weight of S_cos in the score (default 1)")
+    p.add_argument("--gamma", type=float, help="weight of S_ratio in the score (default 1)")
+    p.add_argument("--refresh-every", type=int, help="a real call after every K skips")
+    p.add_argument("--ratio", type=_parse_ratio, help="'calibrated' or a constant such as 1.0")
+    p.add_argument("--steps", type=int, help="number of steps (defaults to the LUT's)")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("plot", help="plot cos similarity and norm ratio per step (matplotlib)")
+    p.add_argument("lut")
+    p.add_argument("-o", "--output", default="calibration.png")
+    p.add_argument("--dpi", type=int, default=120)
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("merge", help="merge LUT files into one")
+    p.add_argument("luts", nargs="+")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_cmd_merge)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, PlanError, LUTMismatchError, FileNotFoundError, ValueError) as exc:
+        print(f"taocache {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

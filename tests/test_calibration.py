@@ -1,0 +1,84 @@
+"""Calibration on analytic trajectories: exact ratios, separate streams, prompts per batch element."""
+import math
+
+import pytest
+import torch
+
+import taohooks
+from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec
+from taohooks.calibration import delta_statistics
+from trajectories import GeometricDenoiser, run_loop
+
+
+def calibrate(model, steps, streams, batch=1, split_batch=False, samples=2, **kw):
+    rec = CalibrationRecorder(**kw)
+    with DenoiserHook(LoopSpec(steps, tuple(streams), split_batch), [rec]).attach(model) as hook:
+        for _ in range(samples):
+            hook.new_sample()
+            run_loop(model, steps, streams, batch=batch, split_batch=split_batch)
+    return rec.lut()
+
+
+def test_delta_statistics_exact_values():
+    d_prev = [torch.tensor([[3.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0], [0.0]])]
+    d = [torch.tensor([[3.0, 4.0], [0.0, 2.0]]), torch.tensor([[0.0], [0.0]])]
+    cos, ratio = delta_statistics(d, d_prev)
+    assert torch.allclose(cos, torch.tensor([0.6, 0.0])) and torch.allclose(ratio, torch.tensor([5 / 3, 2.0]))
+    cos, ratio = delta_statistics(d, d_prev, batch_dim=None)  # the whole output is one prompt
+    assert cos.shape == (1,) and math.isclose(ratio.item(), math.sqrt(29 / 10), rel_tol=1e-6)
+
+
+def test_geometric_trajectory_recovers_ratio_and_unit_cosine():
+    lut = calibrate(GeometricDenoiser({"main": 0.85}), steps=12, streams=("main",))
+    assert torch.all(lut.cos.count[:, :2] == 0) and torch.all(lut.cos.count[:, 2:] == 2)
+    assert torch.allclose(lut.ratio_mean[0, 2:], torch.full((10,), 0.85, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(lut.cos_mean[0, 2:], torch.ones(10, dtype=torch.float64), atol=1e-5)
+    assert lut.ratio_std[0, 2:].max() < 1e-5 and lut.cos_std[0, 2:].max() < 1e-5
+    assert torch.isnan(lut.ratio_mean[0, :2]).all()
+    assert lut.timesteps.tolist() == [float(t) for t in range(12)]
+
+
+def test_interleaved_streams_stay_separate():
+    lut = calibrate(GeometricDenoiser({"cond": 0.9, "uncond": 0.6}), 10, ("cond", "uncond"))
+    assert torch.allclose(lut.ratio_mean[0, 2:], torch.full((8,), 0.9, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(lut.ratio_mean[1, 2:], torch.full((8,), 0.6, dtype=torch.float64), atol=1e-5)
+
+
+def test_batch_elements_count_as_prompts():
+    lut = calibrate(GeometricDenoiser({"main": 0.9}), 6, ("main",), batch=3, samples=2)
+    assert lut.num_prompts == 6 and int(lut.cos.count[0, 5]) == 6
+
+
+def test_batched_cfg_halves_are_split_into_streams():
+    model = GeometricDenoiser({"uncond": 0.7, "cond": 0.95})
+    lut = calibrate(model, 8, ("uncond", "cond"), batch=2, split_batch=True, samples=1)
+    assert model.calls == 8  # one call per step
+    assert lut.num_prompts == 2 and int(lut.cos.count[1, 7]) == 2
+    assert torch.allclose(lut.ratio_mean[0, 2:], torch.full((6,), 0.7, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(lut.ratio_mean[1, 2:], torch.full((6,), 0.95, dtype=torch.float64), atol=1e-5)
+
+
+def test_spread_over_prompts_is_population_std():
+    class TwoRatios(torch.nn.Module):  # prompt 0 follows r=0.5, prompt 1 follows r=0.9
+        def forward(self, x, timestep):
+            t = float(timestep)
+            return torch.stack([torch.full((4,), 0.5 ** t), torch.full((4,), 0.9 ** t)])
+
+    rec = CalibrationRecorder()
+    with DenoiserHook(LoopSpec(5), [rec]).attach(TwoRatios()) as m:
+        for t in range(5):
+            m.module(None, timestep=t)
+    lut = rec.lut()
+    assert torch.allclose(lut.ratio_mean[0, 2:], torch.full((3,), 0.7, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(lut.ratio_std[0, 2:], torch.full((3,), 0.2, dtype=torch.float64), atol=1e-6)
+
+
+def test_recording_skipped_outputs_is_refused():
+    class Skipper(taohooks.Callback):
+        def on_before_call(self, hook, call, args, kwargs):
+            return torch.zeros(1) if call.step == 3 else None
+
+    model = GeometricDenoiser({"main": 0.9})
+    with DenoiserHook(LoopSpec(5), [Skipper(), CalibrationRecorder()]).attach(model):
+        with pytest.raises(RuntimeError, match="full-step generations"):
+            run_loop(model, 5)
