@@ -1,0 +1,73 @@
+"""The taocache command line on a calibrated LUT."""
+import re
+
+import pytest
+
+from taohooks.cli import main
+from test_calibration import calibrate
+from trajectories import GeometricDenoiser
+
+
+@pytest.fixture
+def lut_path(tmp_path):
+    lut = calibrate(GeometricDenoiser({"cond": 0.9, "uncond": 0.7}), 20, ("cond", "uncond"), model_id="geo")
+    return lut.save(tmp_path / "geo.safetensors")
+
+
+def test_show(lut_path, capsys):
+    assert main(["show", str(lut_path)]) == 0
+    out = capsys.readouterr().out
+    assert "model geo" in out and "0.9000" in out and "cond cos" in out and "uncond ratio" in out
+
+
+def test_plan_with_budget(lut_path, capsys):
+    assert main(["plan", str(lut_path), "--budget", "4", "--refresh-every", "2"]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"4 of 20 steps skipped \(20.0% of calls\), window (\d+)-(\d+), refresh at (\d+)", out)
+    first, last, refresh = map(int, found.groups())
+    assert last - first == 4 and refresh == first + 2 and first >= 10
+    assert out.count("skip ") == 4 and out.count("refresh") >= 1
+
+
+def test_plan_from_config_with_override(lut_path, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"lut: {lut_path.name}\nloop: {{steps: 20, streams: [cond, uncond]}}\nplan: {{budget: 0.1}}\n")
+    assert main(["plan", str(cfg)]) == 0
+    assert "2 of 20 steps skipped" in capsys.readouterr().out
+    assert main(["plan", str(cfg), "--window", "12", "14"]) == 0
+    assert "window 12-14" in capsys.readouterr().out
+
+
+def test_check(lut_path, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_id: geo\nlut: {lut_path.name}\nloop: {{steps: 20, streams: [cond, uncond]}}\n"
+                   "plan: {budget: 3}\n")
+    assert main(["check", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "budget: 3" in out and "plan: 3 of 20 steps skipped" in out
+    cfg.write_text(f"model_id: other\nlut: {lut_path.name}\n")
+    assert main(["check", str(cfg)]) == 1
+    assert "calibrated on model 'geo', this run is 'other'" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_not_tracebacks(lut_path, tmp_path, capsys):
+    assert main(["plan", str(lut_path), "--budget", "30"]) == 1
+    assert "does not fit 20 steps" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("plan: {budjet: 3}\n")
+    assert main(["check", str(bad)]) == 1
+    assert "did you mean 'plan.budget'" in capsys.readouterr().err
+    assert main(["show", str(tmp_path / "missing.safetensors")]) == 1
+
+
+def test_plot(lut_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "plots" / "calib.png"
+    assert main(["plot", str(lut_path), "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge(lut_path, tmp_path, capsys):
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", str(lut_path), str(lut_path), "-o", str(out)]) == 0
+    assert "4 prompts" in capsys.readouterr().out
