@@ -8,7 +8,8 @@ window is a contiguous span of ``N + floor((N - 1) / K)`` steps, and the automat
 over windows in the late regime (``t >= min_step`` and, if given, ``C_cos[t] >= tau_cos`` on
 every step of the span). With several streams the tables are averaged over streams (and
 ``tau_cos`` holds for each), and every stream skips the same steps. A skip at step ``t`` needs
-two outputs before it, so ``t >= 2``. Ties go to the later window.
+two outputs before it, so ``t >= 2``. Ties (scores within ``TIE_TOLERANCE`` of the best) go to the
+latest window.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ __all__ = ["SkipPlan", "PlanError", "COMPUTE", "SKIP", "REFRESH", "resolve_budge
 
 COMPUTE, SKIP, REFRESH = "compute", "skip", "refresh"
 FIRST_SKIPPABLE = 2
+TIE_TOLERANCE = 1e-6  # scores this close to the best count as ties (statistics are float32 measurements)
 
 
 class PlanError(ValueError):
@@ -160,14 +162,12 @@ def search_window(cos_mean: Tensor, cos_std: Tensor, ratio_mean: Tensor, ratio_s
         ok &= (torch.nan_to_num(cos_mean.to(torch.float64), nan=-math.inf) >= tau_cos).all(dim=0)
     per_step = _stream_mean(cos_mean) - lam * _stream_mean(cos_std) - gamma * _stream_mean(ratio_std)
     pattern = torch.tensor([a == SKIP for a in window_actions(0, length - 1, refresh_every).values()])
+    scored = [(first, first + length - 1, float(per_step[first:first + length][pattern].mean()))
+              for first in range(lo, steps - length + 1) if bool(ok[first:first + length].all())]
     best: Optional[Tuple[int, int, float]] = None
-    for first in range(lo, steps - length + 1):
-        last = first + length - 1
-        if not bool(ok[first:last + 1].all()):
-            continue
-        score = float(per_step[first:last + 1][pattern].mean())
-        if best is None or score >= best[2]:
-            best = (first, last, score)
+    if scored:
+        top = max(score for _, _, score in scored)
+        best = [w for w in scored if w[2] >= top - TIE_TOLERANCE][-1]
     if best is None:
         why = [f"{steps} steps", f"min_step {lo}"]
         if tau_cos is not None:

@@ -1,6 +1,4 @@
 """The taocache command line on a calibrated LUT."""
-import re
-
 import pytest
 
 from taohooks.cli import main
@@ -23,9 +21,7 @@ def test_show(lut_path, capsys):
 def test_plan_with_budget(lut_path, capsys):
     assert main(["plan", str(lut_path), "--budget", "4", "--refresh-every", "2"]) == 0
     out = capsys.readouterr().out
-    found = re.search(r"4 of 20 steps skipped \(20.0% of calls\), window (\d+)-(\d+), refresh at (\d+)", out)
-    first, last, refresh = map(int, found.groups())
-    assert last - first == 4 and refresh == first + 2 and first >= 10
+    assert "4 of 20 steps skipped (20.0% of calls), window 15-19, refresh at 17" in out  # exact ties: latest
     assert out.count("skip ") == 4 and out.count("refresh") >= 1
 
 

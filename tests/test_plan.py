@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from taohooks.plan import (COMPUTE, REFRESH, SKIP, PlanError, SkipPlan, plan_from_steps, plan_from_window,
+from taohooks.plan import (COMPUTE, REFRESH, SKIP, TIE_TOLERANCE, PlanError, SkipPlan, plan_from_steps, plan_from_window,
                            resolve_budget, search_window, span_length, window_actions)
 
 
@@ -23,7 +23,7 @@ def random_tables(streams, steps, seed):
 def brute_force(cos_mean, cos_std, ratio_mean, ratio_std, skips, refresh_every, min_step, tau_cos, lam, gamma):
     """Every contiguous span, scored naively over its skipped steps; ties to the later window."""
     streams, steps = cos_mean.shape
-    best = None
+    scored = []
     for first in range(steps):
         for last in range(first, steps):
             marks = {}
@@ -44,9 +44,11 @@ def brute_force(cos_mean, cos_std, ratio_mean, ratio_std, skips, refresh_every, 
                 continue
             score = sum(sum(float(cos_mean[s, t]) - lam * float(cos_std[s, t]) - gamma * float(ratio_std[s, t])
                             for s in range(streams)) / streams for t in skipped) / len(skipped)
-            if best is None or score >= best[2] - 1e-12:
-                best = (first, last, score)
-    return best
+            scored.append((first, last, score))
+    if not scored:
+        return None
+    top = max(s for _, _, s in scored)
+    return max((w for w in scored if w[2] >= top - TIE_TOLERANCE), key=lambda w: w[0])
 
 
 CASES = list(itertools.product([1, 2], [1, 4, 9], [None, 2, 3], [0, 14], [None, 0.5], [(1.0, 1.0), (0.0, 3.0)]))
@@ -74,6 +76,16 @@ def test_default_late_regime_is_the_second_half():
     assert first >= 10
     first, last, _ = search_window(cos_mean, cos_std, ratio_mean, ratio_std, 3, min_step=0)
     assert 2 <= first and last < 10
+
+
+def test_near_ties_go_to_the_latest_window():
+    cos_mean = torch.full((1, 12), 1.0, dtype=torch.float64)
+    cos_mean[0, :2] = float("nan")
+    cos_mean[0, 6] = 1.0 + 1e-7  # float noise must not pull the window earlier
+    zeros = torch.zeros_like(cos_mean)
+    assert search_window(cos_mean, zeros, cos_mean, zeros, 2, min_step=2)[:2] == (10, 11)
+    cos_mean[0, 6] = 1.01  # a real difference wins
+    assert search_window(cos_mean, zeros, cos_mean, zeros, 1, min_step=2)[:2] == (6, 6)
 
 
 def test_budget_resolution():
