@@ -121,7 +121,7 @@ def measure(steps=50, budget=0.16, repeats=5, threads=1, seed=0):
         # calibrate the real model once (4 prompts), then time skipped vs computed calls
         recorder = CalibrationRecorder(model_id="bench")
         with DenoiserHook(loop, [recorder]).attach(model) as hook:
-            for p in range(4):
+            for _ in range(4):
                 hook.new_sample()
                 sample(model, steps, torch.randn(1, *model.shape))
         lut = recorder.lut()

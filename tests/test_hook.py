@@ -1,6 +1,5 @@
 """DenoiserHook: wrapping the instance forward, bookkeeping per generation, callbacks."""
 import types
-import warnings
 
 import pytest
 import torch

@@ -45,7 +45,7 @@ class GeometricDenoiser(nn.Module):
 
 
 def run_loop(model, steps: int, streams: Sequence[str] = ("main",), batch: int = 1, split_batch: bool = False,
-             dtype=torch.float32, wrap=None):
+             dtype=torch.float32):
     """A sampling loop of the given shape; returns the per-step outputs per stream (as used)."""
     x = torch.zeros(batch * (len(streams) if split_batch else 1), 1, dtype=dtype)
     outs = {s: [] for s in streams}
@@ -53,11 +53,10 @@ def run_loop(model, steps: int, streams: Sequence[str] = ("main",), batch: int =
         ts = torch.tensor([float(t)])
         if split_batch:
             out = model(x, timestep=ts, batch_streams=tuple(streams))
-            out = wrap.unwrap(out) if wrap else out
             for s, chunk in zip(streams, out.chunk(len(streams))):
                 outs[s].append(chunk)
         else:
             for s in streams:
                 out = model(x, timestep=ts, stream=s)
-                outs[s].append(wrap.unwrap(out) if wrap else out)
+                outs[s].append(out)
     return outs
