@@ -32,7 +32,7 @@ from .io import atomic_write_bytes
 from .loop import LoopSpec
 from .stats import RunningMoments
 
-__all__ = ["CalibrationLUT", "LUTMismatchError", "FORMAT_VERSION"]
+__all__ = ["CalibrationLUT", "LUTMismatchError", "merge_luts", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _META_KEY = "taohooks_lut"

@@ -36,7 +36,7 @@ def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
     """The :class:`SkipPlan` a plan config asks for, on a LUT when it needs one."""
     streams = tuple(streams)
     constant = not isinstance(plan.ratio, str)
-    if not constant and lut is not None:
+    if lut is not None:
         lut.check(LoopSpec(steps, streams))
     skips = resolve_budget(plan.budget, steps) if plan.budget is not None else None
     if skips == 0 or (skips is None and plan.window is None and plan.skip_steps is None):
@@ -52,7 +52,6 @@ def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
     if lut is None:
         raise PlanError("choosing the window automatically from a budget needs a calibration LUT; calibrate "
                         "first, or give plan.window / plan.skip_steps")
-    lut.check(LoopSpec(steps, streams))
     first, last, score = search_window(lut.cos_mean, lut.cos_std, lut.ratio_mean, lut.ratio_std, skips,
                                        refresh_every=plan.refresh_every, min_step=plan.min_step,
                                        tau_cos=plan.tau_cos, lam=plan.lambda_, gamma=plan.gamma)
