@@ -10,7 +10,6 @@ never touched. Detaching puts back exactly what was there.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Union
 
@@ -19,6 +18,7 @@ from torch import nn
 
 from .callbacks import Callback
 from .loop import CallInfo, LoopSpec
+from .patching import ForwardPatch
 
 __all__ = ["DenoiserHook", "get_hook", "TIMESTEP_KWARGS"]
 
@@ -80,9 +80,7 @@ class DenoiserHook:
         self.timestep_arg = timestep_arg
         self.repeat = repeat
         self.module: Optional[nn.Module] = None
-        self._wrapper = None
-        self._had_instance_forward = False
-        self._original_forward = None
+        self._patch: Optional[ForwardPatch] = None
         self._sample = -1             # number of the current (or last) generation
         self._index: Optional[int] = None  # call index inside the active generation
         self._finished = False        # the last generation made all its calls
@@ -99,18 +97,14 @@ class DenoiserHook:
             raise RuntimeError(
                 f"taohooks: this {type(module).__name__} instance already has a taohooks hook; detach it "
                 "first, or put all callbacks (calibration, TaoCache, PAB, ...) on one hook")
-        inner = module.forward
-        hook = self
+        def make(inner):
+            def forward(*args, **kwargs):
+                return self._call(inner, args, kwargs)
+            return forward
 
-        def forward(*args, **kwargs):
-            return hook._call(inner, args, kwargs)
-
-        functools.update_wrapper(forward, inner)
-        self._had_instance_forward = "forward" in module.__dict__
-        self._original_forward = module.__dict__.get("forward")
-        module.forward = forward
+        self._patch = ForwardPatch(module, make)
         module.__dict__[_HOOK_ATTR] = self
-        self.module, self._wrapper = module, forward
+        self.module = module
         self._reset_bookkeeping()
         for cb in self.callbacks:
             cb.on_attach(self)
@@ -121,22 +115,17 @@ class DenoiserHook:
         module = self.module
         if module is None:
             return
-        if module.__dict__.get("forward") is not self._wrapper:
-            raise RuntimeError(
-                f"taohooks: {type(module).__name__}.forward was replaced after taohooks attached; detach "
-                "that wrapper first (hooks must be removed in the reverse order of attaching)")
+        if module.__dict__.get("forward") is not self._patch.wrapper:
+            self._patch.restore()  # raises: someone wrapped the forward again on top of ours
         try:
             if self._index is not None:
                 self._abort("the hook was detached")
             for cb in self.callbacks:
                 cb.on_detach(self)
         finally:
-            if self._had_instance_forward:
-                module.forward = self._original_forward
-            else:
-                del module.__dict__["forward"]
+            self._patch.restore()
             del module.__dict__[_HOOK_ATTR]
-            self.module = self._wrapper = self._original_forward = None
+            self.module = self._patch = None
 
     @property
     def attached(self) -> bool:

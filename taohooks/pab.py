@@ -1,0 +1,122 @@
+"""Pyramid Attention Broadcast (Zhao et al. 2024) inside each denoiser call, as a callback.
+
+Attention modules selected by module-name patterns reuse ("broadcast") their output from the
+last step they computed, inside a window of steps (or timesteps). Each group has a broadcast
+range: with range ``k`` the module computes at window steps whose offset from the window start is
+a multiple of ``k`` and broadcasts in between (PAB_{alpha beta gamma} = ranges of spatial, temporal
+and cross attention). Decisions are keyed to the *step index*, so steps that TaoCache skips (no
+model call at all) cannot shift them out of phase. State is reset at every generation start and
+on the given reset steps (TaoCache's refresh steps, as the paper asks).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from .callbacks import Callback
+from .patching import ForwardPatch
+
+__all__ = ["BroadcastGroup", "PyramidAttentionBroadcast"]
+
+
+@dataclass(frozen=True)
+class BroadcastGroup:
+    """Modules whose full name matches ``pattern`` (a regex) broadcast with ``broadcast_range``."""
+
+    pattern: str
+    broadcast_range: int
+
+    def __post_init__(self):
+        if self.broadcast_range < 1:
+            raise ValueError(f"PAB broadcast range must be >= 1, got {self.broadcast_range} for {self.pattern!r}")
+        re.compile(self.pattern)
+
+
+class PyramidAttentionBroadcast(Callback):
+    """PAB on a hook.
+
+    Args:
+        groups: which modules broadcast, and how often they recompute.
+        steps: inclusive window ``(first, last)`` of step indices where broadcasting may happen.
+        timesteps: or an open window ``(low, high)`` of timestep values (as VideoSys' (100, 800)).
+        reset_steps: steps at whose call all cached outputs are dropped (TaoCache refreshes).
+    """
+
+    def __init__(self, groups: Sequence[BroadcastGroup], *, steps: Optional[Tuple[int, int]] = None,
+                 timesteps: Optional[Tuple[float, float]] = None, reset_steps: Iterable[int] = ()):
+        if not groups:
+            raise ValueError("PAB needs at least one broadcast group")
+        if (steps is None) == (timesteps is None):
+            raise ValueError("PAB needs exactly one window: steps=(first, last) or timesteps=(low, high)")
+        self.groups = list(groups)
+        self.steps, self.timesteps = steps, timesteps
+        self.reset_steps = frozenset(int(s) for s in reset_steps)
+        self.broadcasts = 0  # module calls answered from the cache, since attach
+        self.module_calls = 0
+        self._patches: List[ForwardPatch] = []
+        self._cache: Dict[Tuple[str, Tuple[str, ...]], Any] = {}
+        self._call = None
+        self._in_window = False
+        self._anchor: Optional[int] = None
+
+    def on_attach(self, hook) -> None:
+        named = list(hook.module.named_modules())
+        self._patches = []
+        for group in self.groups:
+            regex = re.compile(group.pattern)
+            matched = [(n, m) for n, m in named if n and regex.fullmatch(n)]
+            if not matched:
+                raise ValueError(f"taohooks: PAB pattern {group.pattern!r} matches no module of "
+                                 f"{type(hook.module).__name__} (names look like {named[min(3, len(named) - 1)][0]!r})")
+            for name, module in matched:
+                self._patches.append(ForwardPatch(module, self._make_forward(name, group.broadcast_range)))
+        self.broadcasts = self.module_calls = 0
+
+    def on_detach(self, hook) -> None:
+        for patch in reversed(self._patches):
+            patch.restore()
+        self._patches, self._cache, self._call = [], {}, None
+
+    def on_sample_start(self, hook, sample: int) -> None:
+        self._cache = {}
+        self._anchor = self.steps[0] if self.steps else None  # timestep window: its first step
+
+    def on_sample_abort(self, hook, sample: int, reason: str) -> None:
+        self._cache, self._call = {}, None
+
+    def _window(self, call) -> bool:
+        if self.steps is not None:
+            return self.steps[0] <= call.step <= self.steps[1]
+        t = call.timestep
+        return t is not None and self.timesteps[0] < t < self.timesteps[1]
+
+    def on_before_call(self, hook, call, args, kwargs):
+        if call.step in self.reset_steps:
+            self._cache = {}
+        self._call, self._in_window = call, self._window(call)
+        if self.timesteps is not None and self._in_window and self._anchor is None:
+            self._anchor = call.step
+        return None
+
+    def on_after_call(self, hook, call, output) -> None:
+        self._call = None
+
+    def _make_forward(self, name: str, broadcast_range: int):
+        def make(inner):
+            def forward(*args, **kwargs):
+                call = self._call
+                if call is None:
+                    return inner(*args, **kwargs)
+                self.module_calls += 1
+                key = (name, call.streams)
+                if self._in_window and (call.step - self._anchor) % broadcast_range and key in self._cache:
+                    self.broadcasts += 1
+                    return self._cache[key]
+                out = inner(*args, **kwargs)
+                self._cache[key] = out
+                return out
+            return forward
+        return make

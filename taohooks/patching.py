@@ -1,0 +1,50 @@
+"""Replacing the forward of one module *instance*, and putting back exactly what was there.
+
+Like accelerate's ``add_hook_to_module``: the class is never touched, and a forward that is
+already an instance attribute (Wan2.1's sequence-parallel forward, an offload hook) is wrapped,
+not bypassed.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from torch import nn
+
+__all__ = ["ForwardPatch"]
+
+
+class ForwardPatch:
+    """``module.forward = make(current_forward)``, undone by :meth:`restore`.
+
+    ``make`` receives the forward as it is now (a bound method or an instance attribute) and
+    returns the replacement; the replacement gets the wrapped one's name, docstring and
+    ``__wrapped__`` (so ``inspect.signature`` still shows the real arguments).
+    """
+
+    def __init__(self, module: nn.Module, make: Callable[[Callable], Callable]):
+        self.module = module
+        self._had_instance_forward = "forward" in module.__dict__
+        self._original = module.__dict__.get("forward")
+        inner = module.forward
+        self.wrapper = functools.update_wrapper(make(inner), inner)
+        module.forward = self.wrapper
+
+    @property
+    def active(self) -> bool:
+        return self.module is not None
+
+    def restore(self) -> None:
+        """Put the original forward back; refuses if someone wrapped it again on top of us."""
+        module = self.module
+        if module is None:
+            return
+        if module.__dict__.get("forward") is not self.wrapper:
+            raise RuntimeError(
+                f"taohooks: {type(module).__name__}.forward was replaced after taohooks attached; detach "
+                "that wrapper first (hooks must be removed in the reverse order of attaching)")
+        if self._had_instance_forward:
+            module.forward = self._original
+        else:
+            del module.__dict__["forward"]
+        self.module = self._original = None

@@ -1,0 +1,140 @@
+"""TeaCache (Liu et al. 2024) as a callback, and the calibration of its rescaling polynomial.
+
+Per call slot (stream), with ``p_t`` a cheap input proxy seen at the first block (by default the
+block's hidden-state input; TeaCache uses the timestep-modulated input, given as ``probe``)::
+
+    rel_t = mean|p_t - p_{t-1}| / mean|p_{t-1}|
+    acc  += poly(rel_t)                     (4th-order polynomial fitted on the model)
+    acc < threshold  ->  reuse the block-stack residual of the last computed call
+    otherwise        ->  compute, acc = 0
+
+The first ``warmup_steps`` and the last step are always computed. ``TeaCacheCalibrator`` records
+``(rel-L1 of the proxy, rel-L1 of the model output)`` over full-step runs and fits the polynomial
+the way the TeaCache authors fit theirs (``numpy.polyfit(x, y, 4)``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .residual import BlockStackCache
+from .structure import flatten_output
+
+__all__ = ["TeaCacheCallback", "TeaCacheCalibrator", "relative_l1", "Probe"]
+
+Probe = Callable[[nn.Module, tuple, dict], Tensor]
+"""``probe(first_block, args, kwargs) -> Tensor``: the proxy TeaCache compares between calls."""
+
+
+def relative_l1(current: Tensor, previous: Tensor) -> float:
+    """``mean|current - previous| / mean|previous|`` in float32."""
+    current, previous = current.float(), previous.float()
+    return float((current - previous).abs().mean() / previous.abs().mean().clamp(min=1e-12))
+
+
+class _Accumulator:
+    __slots__ = ("previous", "accumulated")
+
+    def __init__(self):
+        self.previous: Optional[Tensor] = None
+        self.accumulated = 0.0
+
+
+class TeaCacheCallback(BlockStackCache):
+    """TeaCache on a hook.
+
+    Args:
+        threshold: ``rel_l1_thresh``; larger skips more.
+        coefficients: the rescaling polynomial, highest power first (``numpy.poly1d`` order).
+        probe: the proxy; ``None`` uses the first block's hidden-state input.
+        warmup_steps: always compute steps ``< warmup_steps``.
+        compute_last_step: always compute the last step.
+        max_step: never reuse at steps ``>= max_step`` (the hybrid's TeaCache range ends there).
+    """
+
+    def __init__(self, threshold: float, coefficients: Sequence[float], *, probe: Optional[Probe] = None,
+                 blocks: str = "blocks", hidden_arg: int = 0, warmup_steps: int = 1,
+                 compute_last_step: bool = True, max_step: Optional[int] = None):
+        super().__init__(blocks, hidden_arg)
+        if threshold < 0:
+            raise ValueError(f"TeaCache threshold must be >= 0, got {threshold}")
+        self.threshold = float(threshold)
+        self.coefficients = [float(c) for c in coefficients]
+        self.probe = probe
+        self.warmup_steps = warmup_steps
+        self.compute_last_step = compute_last_step
+        self.max_step = max_step
+        self._acc: Dict[Tuple[str, ...], _Accumulator] = {}
+
+    def rescale(self, rel: float) -> float:
+        value = 0.0
+        for c in self.coefficients:  # Horner
+            value = value * rel + c
+        return value
+
+    def on_sample_start(self, hook, sample: int) -> None:
+        super().on_sample_start(hook, sample)
+        self._acc = {}
+
+    def decide(self, call, block, args, kwargs) -> bool:
+        proxy = (self.probe(block, args, kwargs) if self.probe else args[self.hidden_arg]).detach().float()
+        state = self._acc.setdefault(call.streams, _Accumulator())
+        steps = self.hook.loop.steps
+        forced = (call.step < self.warmup_steps or (self.compute_last_step and call.step == steps - 1)
+                  or (self.max_step is not None and call.step >= self.max_step)
+                  or state.previous is None or state.previous.shape != proxy.shape)
+        reuse = False
+        if forced:
+            state.accumulated = 0.0
+        else:
+            state.accumulated += self.rescale(relative_l1(proxy, state.previous))
+            if state.accumulated < self.threshold:
+                reuse = True
+            else:
+                state.accumulated = 0.0
+        state.previous = proxy
+        return reuse
+
+
+class TeaCacheCalibrator(BlockStackCache):
+    """Records ``(rel-L1 of the proxy, rel-L1 of the model output)`` between consecutive calls
+    of each slot during full-step runs; :meth:`fit` returns the polynomial coefficients."""
+
+    def __init__(self, *, probe: Optional[Probe] = None, blocks: str = "blocks", hidden_arg: int = 0):
+        super().__init__(blocks, hidden_arg)
+        self.probe = probe
+        self.pairs: List[Tuple[float, float]] = []
+        self._previous: Dict[Tuple[str, ...], Tuple[Tensor, List[Tensor]]] = {}
+        self._proxy: Optional[Tensor] = None
+
+    def on_sample_start(self, hook, sample: int) -> None:
+        super().on_sample_start(hook, sample)
+        self._previous = {}
+
+    def decide(self, call, block, args, kwargs) -> bool:
+        self._proxy = (self.probe(block, args, kwargs) if self.probe else args[self.hidden_arg]).detach().float()
+        return False
+
+    def on_after_call(self, hook, call, output) -> None:
+        proxy, self._proxy = self._proxy, None
+        super().on_after_call(hook, call, output)
+        if proxy is None or not call.computed:
+            return
+        leaves = [t.detach().float() for t in flatten_output(output)[0]]
+        previous = self._previous.get(call.streams)
+        if previous is not None:
+            out_rel = sum(float((a - b).abs().mean()) for a, b in zip(leaves, previous[1])) / max(
+                sum(float(b.abs().mean()) for b in previous[1]), 1e-12)
+            self.pairs.append((relative_l1(proxy, previous[0]), out_rel))
+        self._previous[call.streams] = (proxy, leaves)
+
+    def fit(self, degree: int = 4) -> List[float]:
+        """Least-squares polynomial ``output rel-L1 ~ poly(input rel-L1)``, highest power first."""
+        import numpy as np
+
+        if len(self.pairs) <= degree:
+            raise RuntimeError(f"TeaCache calibration has {len(self.pairs)} pairs; run more full-step generations")
+        x, y = np.array(self.pairs, dtype=np.float64).T
+        return [float(c) for c in np.polyfit(x, y, degree)]

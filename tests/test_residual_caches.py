@@ -1,0 +1,119 @@
+"""Residual caches (TeaCache, MagCache, TaoSkip+TeaResidual) and PAB on a tiny DiT."""
+import pytest
+import torch
+
+from taohooks import DenoiserHook, LoopSpec, TaoCache, config_from_dict
+from taohooks.magcache import MagCacheCalibrator, MagCacheCallback
+from taohooks.pab import BroadcastGroup, PyramidAttentionBroadcast
+from taohooks.residual import ResidualSkipCallback
+from taohooks.teacache import TeaCacheCalibrator, TeaCacheCallback
+from tinydit import TinyDiT, run
+
+STEPS = 10
+
+
+def attach(model, callbacks, streams=("main",)):
+    return DenoiserHook(LoopSpec(STEPS, streams), callbacks).attach(model)
+
+
+def test_residual_reuse_is_exact_block_stack_arithmetic():
+    model = TinyDiT()
+    ref = run(model, STEPS)
+    skip = ResidualSkipCallback([4])
+    with attach(model, [skip]):
+        out = run(model, STEPS)
+    assert skip.reused == 1 and skip.calls == STEPS
+    for t in range(4):
+        assert torch.equal(out[t][0], ref[t][0])
+    # expected step 4: final(embed(x4) + (blocks(h3) - h3)) with the x the cached run really had at step 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 4, generator=g)
+    with torch.no_grad():
+        hs = []
+        for t in range(5):
+            ts = torch.tensor([1000.0 * (1 - t / STEPS)])
+            c = model.t_embed(ts.reshape(-1, 1).expand(2, 1) / 1000)
+            h = model.embed(x)
+            h_out = h
+            for b in model.blocks:
+                h_out = b(h_out, c)
+            hs.append((h, h_out))
+            if t < 4:
+                x = x - 0.1 * model.final(h_out)
+        expected = model.final(hs[4][0] + (hs[3][1] - hs[3][0]))
+    assert torch.allclose(out[4][0], expected, atol=1e-6)
+    assert "forward" not in model.blocks[0].__dict__  # detached
+
+
+def test_teacache_threshold_zero_is_identity_and_pattern_is_exact():
+    model = TinyDiT()
+    ref = run(model, STEPS, streams=2)
+    tea = TeaCacheCallback(0.0, [1.0, 0.0])
+    with attach(model, [tea], ("cond", "uncond")):
+        out = run(model, STEPS, streams=2)
+    assert tea.reused == 0 and all(torch.equal(a, b) for r, o in zip(ref, out) for a, b in zip(r, o))
+    # a constant rescaled distance c per call: acc = c, 2c, 3c>=2.5c -> reuse, reuse, compute, ...
+    tea = TeaCacheCallback(2.5, [0.0, 0.0, 0.0, 0.0, 1.0])
+    with attach(model, [tea], ("cond", "uncond")):
+        run(model, STEPS, streams=2)
+    # per stream: step 0 forced, steps 1..8 -> R R C R R C R R, step 9 forced (last)
+    assert tea.reused == 2 * 6 and tea.calls == 2 * STEPS
+    late = TeaCacheCallback(2.5, [0.0, 0.0, 0.0, 0.0, 1.0], max_step=4)  # the hybrid's TeaCache range
+    with attach(model, [late], ("cond", "uncond")):
+        run(model, STEPS, streams=2)
+    assert late.reused == 2 * 2  # steps 1 and 2 only
+
+
+def test_teacache_calibrator_fits_a_polynomial():
+    model = TinyDiT()
+    cal = TeaCacheCalibrator()
+    with attach(model, [cal], ("cond", "uncond")) as hook:
+        for seed in range(3):
+            hook.new_sample()
+            run(model, STEPS, streams=2, seed=seed)
+    assert len(cal.pairs) == 3 * 2 * (STEPS - 1) and cal.reused == 0
+    coefficients = cal.fit()
+    assert len(coefficients) == 5 and all(map(lambda c: c == c, coefficients))
+
+
+def test_magcache_pattern_with_flat_ratios_and_calibration():
+    model = TinyDiT()
+    mag = MagCacheCallback(torch.ones(1, STEPS), threshold=0.1, max_skip_steps=2, retention_ratio=0.2)
+    with attach(model, [mag]):
+        run(model, STEPS)
+    # steps 0, 1 retained; then R R C R R C R R (acc_err stays 0; at most 2 consecutive skips)
+    assert mag.reused == 6
+    with pytest.raises(ValueError, match=r"\[calls per step, steps\] = \[2, 10\]"):
+        with attach(TinyDiT(), [MagCacheCallback(torch.ones(1, STEPS))], ("cond", "uncond")):
+            pass
+    cal = MagCacheCalibrator()
+    with attach(model, [cal], ("cond", "uncond")):
+        run(model, STEPS, streams=2)
+    ratios = cal.ratios()
+    assert ratios.shape == (2, STEPS) and torch.all(ratios[:, 0] == 1.0) and torch.all(ratios[:, 1:] > 0)
+
+
+def test_pab_broadcasts_on_the_step_grid_and_resets():
+    model = TinyDiT(depth=2)
+    pab = PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.\d+\.attn", 2)], steps=(2, 7))
+    with attach(model, [pab]):
+        run(model, STEPS)
+    assert pab.broadcasts == 2 * 3  # steps 3, 5, 7 in each of the 2 blocks
+    assert model.blocks[0].attn.calls == STEPS - 3
+    pab = PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.\d+\.attn", 2)], steps=(2, 7), reset_steps=[5])
+    with attach(model, [pab]):
+        run(model, STEPS)
+    assert pab.broadcasts == 2 * 2
+    with pytest.raises(ValueError, match="matches no module"):
+        with attach(model, [PyramidAttentionBroadcast([BroadcastGroup("nope", 2)], steps=(2, 7))]):
+            pass
+
+
+def test_pab_stays_in_phase_when_taocache_skips_steps():
+    model = TinyDiT(depth=1)
+    cache = TaoCache(config_from_dict({"plan": {"window": [4, 4], "ratio": 1.0}}))
+    pab = PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.0\.attn", 2)], steps=(2, 7))
+    with cache.attach(model, steps=STEPS, callbacks=[pab]):
+        run(model, STEPS)
+    # steps 2..7 without step 4 (skipped, no call): compute at 2, 6; broadcast at 3, 5, 7
+    assert cache.hook.counts == {"main": [9, 1]} and pab.broadcasts == 3
