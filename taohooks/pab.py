@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from torch import nn
 
 from .callbacks import Callback
 from .patching import ForwardPatch

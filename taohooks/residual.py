@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from .callbacks import Callback

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from .residual import BlockStackCache
