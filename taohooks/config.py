@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 __all__ = ["ConfigError", "LoopConfig", "CalibrationConfig", "PlanConfig", "TaoCacheConfig", "load_config",
-           "config_from_dict", "INTEGRATIONS"]
+           "config_from_dict", "dataclass_from_dict", "read_yaml", "INTEGRATIONS"]
 
 INTEGRATIONS = ("none", "wan", "latte", "opensora_plan", "videosys", "diffusers", "testbed")
 
@@ -116,6 +116,8 @@ class TaoCacheConfig:
             close = difflib.get_close_matches(self.integration, INTEGRATIONS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             err("integration", f"unknown integration {self.integration!r}{hint} (one of {', '.join(INTEGRATIONS)})")
+        for part in (self.loop, self.calibration, self.plan):
+            part.validate(err)
 
     def lut_path(self) -> Optional[Path]:
         """The LUT path, relative paths taken from the config file's folder."""
@@ -216,32 +218,43 @@ def _build(cls: type, data: Dict[str, Any], prefix: str, source: Optional[str]) 
     return cls(**kwargs)
 
 
-def config_from_dict(data: Optional[Dict[str, Any]], source: Optional[str] = None) -> TaoCacheConfig:
-    """Build and validate a :class:`TaoCacheConfig` from a parsed YAML mapping."""
+def dataclass_from_dict(cls: type, data: Optional[Dict[str, Any]], source: Optional[str] = None) -> Any:
+    """Build any config dataclass of this style from a mapping (unknown keys and wrong types are
+    :class:`ConfigError` s), then run its ``validate(err)`` if it has one."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, "", f"expected a mapping of keys at the top level, got {type(data).__name__}")
-    config = _build(TaoCacheConfig, data, "", source)
-    config.source = source
+    obj = _build(cls, data, "", source)
 
     def err(key: str, message: str):
         raise ConfigError(source, key, message)
 
-    for part in (config, config.loop, config.calibration, config.plan):
-        part.validate(err)
-    return config
+    if hasattr(obj, "validate"):
+        obj.validate(err)
+    return obj
 
 
-def load_config(path: Union[str, os.PathLike]) -> TaoCacheConfig:
-    """Read a YAML config file. Errors name the file, the key and what was expected."""
+def read_yaml(path: Union[str, os.PathLike]) -> Any:
+    """Parse a YAML file; a missing file or bad YAML is a :class:`ConfigError` naming the file."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "", "config file does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), "", f"not valid YAML: {exc}") from exc
-    return config_from_dict(data, str(path))
+
+
+def config_from_dict(data: Optional[Dict[str, Any]], source: Optional[str] = None) -> TaoCacheConfig:
+    """Build and validate a :class:`TaoCacheConfig` from a parsed YAML mapping."""
+    config = dataclass_from_dict(TaoCacheConfig, data, source)
+    config.source = source
+    return config
+
+
+def load_config(path: Union[str, os.PathLike]) -> TaoCacheConfig:
+    """Read a YAML config file. Errors name the file, the key and what was expected."""
+    return config_from_dict(read_yaml(path), str(path))
