@@ -22,7 +22,7 @@ class Callback:
         """The hook was attached to a module (``hook.module``, ``hook.loop`` are set)."""
 
     def on_detach(self, hook: "DenoiserHook") -> None:
-        """The hook is being removed; drop any state and tensors."""
+        """The hook is being removed; drop any state and tensors (called in reverse order)."""
 
     def on_sample_start(self, hook: "DenoiserHook", sample: int) -> None:
         """A new generation begins (before its first call). Reset per-sample state here."""

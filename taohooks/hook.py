@@ -120,7 +120,7 @@ class DenoiserHook:
         try:
             if self._index is not None:
                 self._abort("the hook was detached")
-            for cb in self.callbacks:
+            for cb in reversed(self.callbacks):  # undo patches in the reverse order of attaching
                 cb.on_detach(self)
         finally:
             self._patch.restore()

@@ -117,3 +117,13 @@ def test_pab_stays_in_phase_when_taocache_skips_steps():
         run(model, STEPS)
     # steps 2..7 without step 4 (skipped, no call): compute at 2, 6; broadcast at 3, 5, 7
     assert cache.hook.counts == {"main": [9, 1]} and pab.broadcasts == 3
+
+
+def test_callbacks_patching_the_same_blocks_detach_in_reverse_order():
+    model = TinyDiT()
+    original = model.blocks[0].forward
+    tea, mag = TeaCacheCalibrator(), MagCacheCalibrator()
+    with attach(model, [tea, mag]):
+        run(model, STEPS)
+    assert len(tea.pairs) == STEPS - 1 and mag.ratios().shape == (1, STEPS)
+    assert all("forward" not in b.__dict__ for b in model.blocks) and model.blocks[0].forward == original
