@@ -112,8 +112,8 @@ class TaoCache:
         loop = self.loop_spec(steps, streams, split_batch, batch_dim)
         cfg = self.config
         path = self._lut_path
-        if self.lut is None and path is not None and path.is_file():
-            self.lut = CalibrationLUT.load(path)
+        if path is not None:  # the file is the truth (a calibrating run may have written it)
+            self.lut = CalibrationLUT.load(path) if path.is_file() else None
         if self.lut is not None:
             self.lut.check(loop, cfg.model_id, cfg.calibration.sampler)
         self.recorder = self.callback = None
@@ -136,8 +136,6 @@ class TaoCache:
     def detach(self) -> None:
         if self.hook is not None:
             self.hook.detach()
-            if self.recorder is not None:
-                self.lut = None  # re-read from the file on the next attach
 
     def new_sample(self) -> None:
         """Begin a new generation (between prompts of a loop that does not declare ``repeat``)."""
