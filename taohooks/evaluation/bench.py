@@ -1,0 +1,247 @@
+"""``taocache bench CONFIG.yaml``: methods x budgets x testbed models, as in the paper's tables.
+
+For every model: one set of full-step calibration runs (TaoCache LUT, TeaCache polynomial,
+MagCache ratios) on calibration pairs disjoint from the evaluation pairs; the full-step reference
+on the evaluation pairs; then every method at every budget on the same pairs, scored against the
+reference (PSNR, SSIM, LPIPS per frame, averaged), by prompt-following accuracy, and timed in the
+same process: the full-step and the cached run of the first evaluation batch alternate back to
+back (``timing_repeats`` times each) and the speedup is the ratio of their summed wall times.
+
+Writes ``results.json`` (one record per model x method x budget; the reference is method
+``full``, budget 0), ``results.md`` (tables shaped like the paper's Tables 1-3) and plots.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from ..config import dataclass_from_dict, read_yaml
+from ..io import atomic_write_bytes
+from ..plotting import plot_calibration
+from .methods import METHODS, MethodSettings, build_method, calibrate, paired_speedup, run_with
+from .testbed_model import MODEL_NAMES, TestbedModel
+
+__all__ = ["BenchConfig", "run_bench", "load_bench_config", "markdown_tables"]
+
+
+@dataclass
+class BenchConfig:
+    models: List[str] = field(default_factory=lambda: list(MODEL_NAMES))
+    methods: List[str] = field(default_factory=lambda: list(METHODS))
+    budgets: List[float] = field(default_factory=lambda: [0.04, 0.08, 0.12, 0.16, 0.20, 0.25])
+    steps: int = 50
+    eval_pairs: int = 64
+    calibration_pairs: int = 20
+    search_pairs: int = 8
+    batch_size: int = 16
+    output: str = "docs/results"
+    lpips: bool = True
+    pab_range: int = 2
+    hybrid_guard: int = 2
+    magcache_max_skip: int = 2
+    search_iterations: int = 8
+    strip_pairs: int = 4  # clips shown side by side in the PNG strip
+    timing_repeats: int = 2  # speedup: full and cached runs of the first batch, alternating, this many times each
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+
+    def validate(self, err) -> None:
+        for m in self.models:
+            if m not in MODEL_NAMES:
+                err("models", f"unknown testbed model {m!r}; one of {', '.join(MODEL_NAMES)}")
+        for m in self.methods:
+            if m not in METHODS:
+                err("methods", f"unknown method {m!r}; one of {', '.join(METHODS)}")
+        for b in self.budgets:
+            if not 0 < b < 1:
+                err("budgets", f"budgets are fractions of the steps in (0, 1), got {b}")
+        if self.eval_pairs < 1 or self.calibration_pairs < 2 or self.batch_size < 1:
+            err("eval_pairs", "eval_pairs and batch_size must be >= 1, calibration_pairs >= 2")
+
+
+def load_bench_config(path) -> BenchConfig:
+    return dataclass_from_dict(BenchConfig, read_yaml(path), str(path))
+
+
+class _Scorer:
+    """PSNR/SSIM/LPIPS against the reference clips, and prompt accuracy."""
+
+    def __init__(self, reference: torch.Tensor, prompts, use_lpips: bool):
+        from ..metrics import psnr, ssim
+        from ..testbed import recognizer
+
+        self.reference, self.prompts = reference, prompts
+        self._psnr, self._ssim, self._recognizer = psnr, ssim, recognizer
+        self.lpips_model = None
+        if use_lpips:
+            from ..metrics import load_lpips
+            self.lpips_model = load_lpips()
+
+    def accuracy(self, clips) -> float:
+        return float(self._recognizer.accuracy(clips, self.prompts)["overall"])
+
+    def __call__(self, clips) -> Dict[str, Optional[float]]:
+        out = {"psnr": float(self._psnr(clips, self.reference).mean()),
+               "ssim": float(self._ssim(clips, self.reference).mean()),
+               "lpips": None, "prompt_accuracy": self.accuracy(clips)}
+        if self.lpips_model is not None:
+            from ..metrics import lpips_video
+            out["lpips"] = float(lpips_video(clips, self.reference, self.lpips_model).mean())
+        return out
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, unit="run")
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def run_bench(config: BenchConfig, log=print) -> List[dict]:
+    """Run the experiment; returns the records and writes the files under ``config.output``."""
+    from ..testbed import data
+
+    torch.manual_seed(0)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out_dir = Path(config.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = MethodSettings(pab_range=config.pab_range, hybrid_guard=config.hybrid_guard,
+                              magcache_max_skip=config.magcache_max_skip,
+                              search_iterations=config.search_iterations)
+    eval_pairs = data.eval_pairs(config.eval_pairs)
+    cal_pairs = data.calibration_pairs(config.calibration_pairs)
+    search_pairs = cal_pairs[:config.search_pairs]
+    records: List[dict] = []
+    started = time.perf_counter()
+    for name in config.models:
+        tm = TestbedModel.load(name, config.steps)
+        cal = calibrate(tm, cal_pairs, config.batch_size)
+        cal.lut.save(out_dir / f"lut_{name}.safetensors")
+        try:
+            plot_calibration(cal.lut, out_dir / f"calibration_{name}.png", dpi=110)
+        except RuntimeError:  # no matplotlib
+            pass
+        log(f"[{name}] calibrated on {len(cal_pairs)} pairs in {cal.seconds:.1f} s")
+        reference = run_with(tm, [], eval_pairs, config.batch_size)
+        scorer = _Scorer(reference.clips, [p for p, _ in eval_pairs], config.lpips)
+        records.append({"model": name, "method": "full", "budget": 0.0, "skipped_fraction": 0.0, "speedup": 1.0,
+                        "psnr": None, "ssim": None, "lpips": None,
+                        "prompt_accuracy": scorer.accuracy(reference.clips), "seconds": reference.seconds})
+        strips = {"full": reference.clips[:config.strip_pairs]}
+        bar = _progress(len(config.methods) * len(config.budgets), f"bench {name}")
+        for budget in config.budgets:
+            skips = max(1, int(math.floor(budget * config.steps + 0.5)))
+            for method in config.methods:
+                built = build_method(method, tm, cal, skips, search_pairs, config.batch_size, settings)
+                run = run_with(tm, built.callbacks, eval_pairs, config.batch_size)
+                speedup = paired_speedup(tm, built.callbacks, eval_pairs[:config.batch_size], config.timing_repeats)
+                record = {"model": name, "method": method, "budget": skips / config.steps,
+                          "skipped_fraction": run.skipped_fraction, "speedup": speedup,
+                          **scorer(run.clips), "seconds": run.seconds,
+                          **{k: (list(v) if isinstance(v, tuple) else v) for k, v in built.info.items()}}
+                records.append(record)
+                if abs(budget - 0.16) < 1e-9:
+                    strips[method] = run.clips[:config.strip_pairs]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(method=method, budget=f"{skips}/{config.steps}")
+        if bar is not None:
+            bar.close()
+        write_results(records, out_dir, config, time.perf_counter() - started)
+        if len(strips) > 1:
+            write_strip(strips, out_dir / f"strip_{name}.png")
+        log(f"[{name}] done; {len(records)} records so far ({time.perf_counter() - started:.0f} s)")
+    return records
+
+
+# ---------------------------------------------------------------------- reports
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_tables(records: List[dict]) -> str:
+    """One table per model, rows grouped by budget, like the paper's Tables 1-3."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in records):
+        rows = [r for r in records if r["model"] == model]
+        full = next(r for r in rows if r["method"] == "full")
+        lines += [f"### testbed `{model}`", "",
+                  f"Full-step reference: prompt accuracy {full['prompt_accuracy']:.3f}, "
+                  f"{full['seconds']:.1f} s for the evaluation pairs.", "",
+                  "| budget | method | speedup | % calls skipped | LPIPS ↓ | SSIM ↑ | PSNR ↑ (dB) | prompt acc. |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sorted((r for r in rows if r["method"] != "full"), key=lambda r: (r["budget"], r["method"])):
+            lines.append(f"| {100 * r['budget']:.0f}% | {r['method']} | {r['speedup']:.3f}x | "
+                         f"{100 * r['skipped_fraction']:.1f}% | {_fmt(r['lpips'], '.4f')} | {_fmt(r['ssim'], '.4f')} | "
+                         f"{_fmt(r['psnr'], '.2f')} | {r['prompt_accuracy']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(records: List[dict], out_dir: Path, config: BenchConfig, seconds: float) -> None:
+    meta = {"config": {k: v for k, v in config.__dict__.items()}, "wall_seconds": round(seconds, 1),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    atomic_write_bytes(out_dir / "results.json", json.dumps({"meta": meta, "records": records}, indent=1).encode())
+    atomic_write_bytes(out_dir / "results.md", (markdown_tables(records) + "\n").encode())
+    write_plots(records, out_dir)
+
+
+def write_plots(records: List[dict], out_dir: Path) -> None:
+    """Quality (PSNR, SSIM) against speedup, one line per method, one figure per model."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    for model in dict.fromkeys(r["model"] for r in records):
+        rows = [r for r in records if r["model"] == model and r["method"] != "full"]
+        if not rows:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["speedup"], r["psnr"], r["ssim"]) for r in rows if r["method"] == method)
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=method)
+        for ax, label in zip(axes, ("PSNR (dB) vs full-step", "SSIM vs full-step")):
+            ax.set_xlabel("measured speedup")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.suptitle(f"testbed {model}: quality vs speedup")
+        fig.tight_layout()
+        fig.savefig(out_dir / f"quality_vs_speedup_{model}.png", dpi=110)
+        plt.close(fig)
+
+
+def write_strip(strips: Dict[str, torch.Tensor], path: Path, scale: int = 3) -> None:
+    """A PNG: one row per method (full first); per clip ``[3, F, H, W]`` its frames left to right."""
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:  # pragma: no cover
+        return
+    rows = []
+    for clips in strips.values():
+        frames = [torch.cat(list(c.permute(1, 2, 3, 0)), dim=1) for c in clips]  # each [H, F*W, 3]
+        gap = torch.ones(clips.shape[3], 2, 3)
+        row = torch.cat([t for f in frames for t in (f, gap)][:-1], dim=1)
+        rows.append((row + 1) / 2)
+    grid = torch.cat(rows, dim=0).clamp(0, 1)
+    image = Image.fromarray((grid.numpy() * 255).round().astype("uint8"))
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    label_w = 150
+    canvas = Image.new("RGB", (image.width + label_w, image.height), "white")
+    canvas.paste(image, (label_w, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = image.height // len(strips)
+    for i, name in enumerate(strips):
+        draw.text((6, i * row_h + row_h // 2 - 6), name, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)

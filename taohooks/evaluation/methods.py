@@ -1,0 +1,211 @@
+"""The compared methods as callbacks on one hook, and budget matching.
+
+A budget is a number of skipped steps out of ``steps`` (every stream skips together). TaoCache
+meets it exactly with its window; TeaCache and MagCache have a threshold instead, which is
+searched (bisection on calibration pairs, never on the evaluation pairs) until their skip count
+meets the budget, the way the paper matches budgets. A TeaCache/MagCache "skip" is a call whose
+block stack was bypassed (the embeddings and final layer still ran).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+from ..callbacks import Callback
+from ..calibration import CalibrationRecorder
+from ..config import PlanConfig
+from ..extrapolation import TaoCacheCallback
+from ..hook import DenoiserHook
+from ..lut import CalibrationLUT
+from ..magcache import MagCacheCalibrator, MagCacheCallback
+from ..pab import BroadcastGroup, PyramidAttentionBroadcast
+from ..plan import SkipPlan
+from ..residual import BlockStackCache, ResidualSkipCallback
+from ..taocache import make_plan
+from ..teacache import TeaCacheCalibrator, TeaCacheCallback
+from .testbed_model import TestbedModel, modulated_input
+
+__all__ = ["Calibration", "calibrate", "run_with", "paired_speedup", "Run", "METHODS", "build_method",
+           "match_threshold", "CallCounter"]
+
+METHODS = ("taocache", "teacache", "magcache", "taoskip+tearesidual", "hybrid", "pab+taocache")
+
+
+def batches(items: Sequence, size: int) -> List[Sequence]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class CallCounter(Callback):
+    """Counts model calls, and those answered without running the model."""
+
+    def __init__(self):
+        self.calls = self.substituted = 0
+
+    def on_after_call(self, hook, call, output) -> None:
+        self.calls += 1
+        self.substituted += int(not call.computed)
+
+
+@dataclass
+class Run:
+    """Clips of one method on some (prompt, seed) pairs, with its cost."""
+
+    clips: torch.Tensor
+    seconds: float
+    calls: int
+    skipped: int  # calls substituted (TaoCache) or with the block stack bypassed (TeaCache, MagCache)
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.skipped / self.calls if self.calls else 0.0
+
+
+def run_with(tm: TestbedModel, callbacks: Sequence[Callback], pairs, batch_size: int) -> Run:
+    """Sample ``pairs`` in batches with ``callbacks`` on one hook (none: the full-step reference)."""
+    import time
+
+    counter = CallCounter()
+    hook = DenoiserHook(tm.loop(), [counter, *callbacks], timestep_arg=tm.timestep_arg)
+    clips, seconds = [], 0.0
+    with hook.attach(tm.model):
+        for chunk in batches(pairs, batch_size):
+            hook.new_sample()
+            start = time.perf_counter()
+            clips.append(tm.sample(chunk))
+            seconds += time.perf_counter() - start
+    reused = sum(cb.reused for cb in callbacks if isinstance(cb, BlockStackCache))
+    return Run(torch.cat(clips), seconds, counter.calls, counter.substituted + reused)
+
+
+def paired_speedup(tm: TestbedModel, callbacks: Sequence[Callback], pairs, repeats: int = 2) -> float:
+    """Wall-clock speedup on one batch, the full-step and the cached run alternating back to back
+    (``repeats`` times each), so that load on the machine hits both alike."""
+    full = cached = 0.0
+    for _ in range(repeats):
+        full += run_with(tm, [], pairs, len(pairs)).seconds
+        cached += run_with(tm, callbacks, pairs, len(pairs)).seconds
+    return full / cached
+
+
+@dataclass
+class Calibration:
+    """Everything the methods calibrate, from one set of full-step runs."""
+
+    lut: CalibrationLUT
+    tea_coefficients: List[float]
+    mag_ratios: torch.Tensor
+    seconds: float = 0.0
+
+
+def calibrate(tm: TestbedModel, pairs, batch_size: int) -> Calibration:
+    """TaoCache's LUT, TeaCache's polynomial and MagCache's ratios, recorded together."""
+    import time
+
+    rec = CalibrationRecorder(model_id=f"testbed-{tm.name}", sampler=tm.sampler)
+    tea = TeaCacheCalibrator(probe=modulated_input, blocks=tm.blocks)
+    mag = MagCacheCalibrator(blocks=tm.blocks)
+    start = time.perf_counter()
+    with DenoiserHook(tm.loop(), [rec, tea, mag], timestep_arg=tm.timestep_arg).attach(tm.model) as hook:
+        for chunk in batches(pairs, batch_size):
+            hook.new_sample()
+            tm.sample(chunk)
+    return Calibration(rec.lut(), tea.fit(), mag.ratios(), time.perf_counter() - start)
+
+
+def match_threshold(make: Callable[[float], List[Callback]], measure: Callable[[List[Callback]], float],
+                    target: float, start: float = 0.1, iterations: int = 8) -> Tuple[float, float]:
+    """The threshold whose skipped fraction is closest to ``target`` (fraction grows with it).
+
+    Returns ``(threshold, fraction measured)``.
+    """
+    lo, hi = 0.0, start
+    fraction = measure(make(hi))
+    best = (abs(fraction - target), hi, fraction)
+    for _ in range(12):
+        if fraction >= target:
+            break
+        lo, hi = hi, hi * 4
+        fraction = measure(make(hi))
+        best = min(best, (abs(fraction - target), hi, fraction))
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        fraction = measure(make(mid))
+        best = min(best, (abs(fraction - target), mid, fraction))
+        if fraction >= target:
+            hi = mid
+        else:
+            lo = mid
+    return best[1], best[2]
+
+
+@dataclass
+class MethodSettings:
+    pab_range: int = 2
+    pab_timesteps: Tuple[float, float] = (100.0, 800.0)
+    hybrid_guard: int = 2
+    magcache_max_skip: int = 2
+    magcache_retention: float = 0.2
+    search_iterations: int = 8
+
+
+@dataclass
+class Built:
+    callbacks: List[Callback]
+    info: Dict[str, object] = field(default_factory=dict)
+
+
+def _tao(tm: TestbedModel, cal: Calibration, skips: int) -> Tuple[SkipPlan, TaoCacheCallback]:
+    loop = tm.loop()
+    plan = make_plan(PlanConfig(budget=skips), loop.steps, loop.streams, cal.lut)
+    return plan, TaoCacheCallback(plan, cal.lut.timesteps)
+
+
+def build_method(name: str, tm: TestbedModel, cal: Calibration, skips: int, search_pairs,
+                 batch_size: int, settings: MethodSettings) -> Built:
+    """Callbacks for ``name`` at ``skips`` skipped steps; thresholds are matched on ``search_pairs``."""
+    steps = tm.steps
+    target = skips / steps
+
+    def measure(callbacks):
+        return run_with(tm, callbacks, search_pairs, batch_size).skipped_fraction
+
+    if name == "taocache":
+        plan, tao = _tao(tm, cal, skips)
+        return Built([tao], {"window": plan.window})
+    if name == "taoskip+tearesidual":
+        plan, _ = _tao(tm, cal, skips)
+        return Built([ResidualSkipCallback(plan.skipped_steps, blocks=tm.blocks)], {"window": plan.window})
+    if name == "teacache":
+        def make(th):
+            return [TeaCacheCallback(th, cal.tea_coefficients, probe=modulated_input, blocks=tm.blocks)]
+        th, frac = match_threshold(make, measure, target, iterations=settings.search_iterations)
+        return Built(make(th), {"threshold": th, "search_fraction": frac})
+    if name == "magcache":
+        def make(th):
+            return [MagCacheCallback(cal.mag_ratios, th, settings.magcache_max_skip, settings.magcache_retention,
+                                     blocks=tm.blocks)]
+        th, frac = match_threshold(make, measure, target, iterations=settings.search_iterations)
+        return Built(make(th), {"threshold": th, "search_fraction": frac})
+    if name == "hybrid":  # Algorithm 2: TeaCache early/mid, a refresh guard band, TaoCache late
+        tao_skips = max(1, skips // 2)
+        plan, tao = _tao(tm, cal, tao_skips)
+        max_step = plan.window[0] - settings.hybrid_guard
+
+        def make(th):
+            tea = TeaCacheCallback(th, cal.tea_coefficients, probe=modulated_input, blocks=tm.blocks,
+                                   max_step=max_step)
+            return [TaoCacheCallback(plan, cal.lut.timesteps), tea]
+        if skips > tao_skips:
+            th, frac = match_threshold(make, measure, target, iterations=settings.search_iterations)
+        else:
+            th, frac = 0.0, tao_skips / steps
+        return Built(make(th), {"threshold": th, "window": plan.window, "tao_skips": tao_skips,
+                                "search_fraction": frac})
+    if name == "pab+taocache":
+        plan, tao = _tao(tm, cal, skips)
+        pab = PyramidAttentionBroadcast([BroadcastGroup(tm.attention, settings.pab_range)],
+                                        timesteps=settings.pab_timesteps, reset_steps=plan.refresh_steps)
+        return Built([tao, pab], {"window": plan.window, "pab_range": settings.pab_range})
+    raise ValueError(f"unknown method {name!r}; one of {', '.join(METHODS)}")

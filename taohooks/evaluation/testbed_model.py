@@ -1,0 +1,80 @@
+"""A bundled testbed model seen the way an integration sees a research model.
+
+It declares the loop shape of its sampler (flow: two calls per step, cond then uncond, like
+Wan2.1; eps: one batched call on (uncond, cond) halves, like Latte), names its block stack,
+the TeaCache proxy (the timestep-modulated input of the first block) and its attention modules
+(for PAB).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import torch
+
+from ..loop import LoopSpec
+
+__all__ = ["TestbedModel", "MODEL_NAMES", "weights_path", "modulated_input"]
+
+MODEL_NAMES = ("flow", "eps", "flow-lognormal")
+
+
+def weights_path(name: str) -> Path:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown testbed model {name!r}; one of {', '.join(MODEL_NAMES)}")
+    return Path(__file__).resolve().parent.parent / "testbed" / "weights" / f"{name}.safetensors"
+
+
+def modulated_input(block, args: tuple, kwargs: dict) -> torch.Tensor:
+    """TeaCache's proxy: ``mod1(norm1(x), shift1, scale1)`` of the first block, ``[B, N, D]``."""
+    x, c = args[0], args[1]
+    shift, scale = block.modulation(c)[:2]
+    return block.mod1(block.norm1(x), shift, scale)
+
+
+@dataclass
+class TestbedModel:
+    """A loaded testbed checkpoint with its sampler."""
+
+    __test__ = False  # not a pytest test class
+
+    name: str
+    model: torch.nn.Module
+    steps: int = 50
+    blocks: str = "blocks"
+    attention: str = r"blocks\.\d+\.attn"
+    timestep_arg: int = 1  # the loops call model(x, timestep, prompt_ids)
+
+    @classmethod
+    def load(cls, name: str, steps: int = 50) -> "TestbedModel":
+        from ..testbed.model import VideoDiT
+
+        path = weights_path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"testbed weights {path} are missing; train them with "
+                                    f"`python -m taohooks.testbed.train --kind {name}`")
+        return cls(name, VideoDiT.from_pretrained(path), steps)
+
+    @property
+    def prediction(self) -> str:
+        return getattr(self.model.config, "prediction", "flow")
+
+    @property
+    def sampler(self) -> str:
+        return "ddim" if self.prediction == "eps" else "unipc"
+
+    def loop(self) -> LoopSpec:
+        if self.prediction == "eps":
+            return LoopSpec(self.steps, ("uncond", "cond"), split_batch=True)
+        return LoopSpec(self.steps, ("cond", "uncond"))
+
+    def sample(self, pairs: Sequence[Tuple[object, int]]) -> torch.Tensor:
+        """Clips ``[B, 3, 8, 16, 16]`` in [-1, 1] for (prompt, seed) pairs, one generation."""
+        from ..testbed import sampling
+
+        prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
+        return sampling.sample(self.model, prompts, seeds, steps=self.steps)
+
+    def prompts(self, pairs) -> List[object]:
+        return [p for p, _ in pairs]

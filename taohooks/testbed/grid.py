@@ -1,0 +1,61 @@
+"""Save clips as a PNG grid: one row per clip, frames left to right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+
+def clips_to_image(clips, scale: int = 4, gap: int = 1) -> np.ndarray:
+    """``[B, 3, F, H, W]`` in ``[-1, 1]`` -> uint8 ``[B*(H+gap)*scale, F*(W+gap)*scale, 3]``."""
+    if hasattr(clips, "detach"):
+        clips = clips.detach().float().cpu().numpy()
+    x = np.asarray(clips, dtype=np.float32)
+    b, c, f, h, w = x.shape
+    x = ((x.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)
+    canvas = np.full((b, h + gap, f, w + gap, 3), 255, np.uint8)  # white separators
+    canvas[:, :h, :, :w] = x.transpose(0, 3, 2, 4, 1)  # [B, H, F, W, C]
+    img = canvas.reshape(b * (h + gap), f * (w + gap), 3)
+    return img.repeat(scale, 0).repeat(scale, 1)
+
+
+def save_grid(clips, path: Union[str, Path], labels: Optional[Sequence[str]] = None, scale: int = 4) -> Path:
+    """Write ``clips`` (``[B, 3, F, H, W]``) as a PNG; optional per-row text ``labels`` on the right."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = clips_to_image(clips, scale=scale)
+    row_h = img.shape[0] // max(len(clips), 1)
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:  # pragma: no cover - PIL is normally present
+        return _save_matplotlib(img, path, labels, row_h)
+    pil = Image.fromarray(img)
+    if labels:
+        text_w = 8 * max(len(s) for s in labels) + 8
+        out = Image.new("RGB", (pil.width + text_w, pil.height), "white")
+        out.paste(pil, (0, 0))
+        draw = ImageDraw.Draw(out)
+        for i, s in enumerate(labels):
+            draw.text((pil.width + 4, i * row_h + row_h // 2 - 6), s, fill=(0, 0, 0))
+        pil = out
+    pil.save(path)
+    return path
+
+
+def _save_matplotlib(img: np.ndarray, path: Path, labels, row_h: int) -> Path:  # pragma: no cover
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(img.shape[1] / 50 + (4 if labels else 0), img.shape[0] / 50))
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(img)
+    ax.axis("off")
+    for i, s in enumerate(labels or []):
+        ax.text(img.shape[1] + 4, i * row_h + row_h / 2, s, va="center", fontsize=6)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path

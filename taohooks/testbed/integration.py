@@ -1,0 +1,46 @@
+"""The testbed's integration: ``integration: testbed`` in a TaoCache YAML.
+
+Patches ``taohooks.testbed.sampling.sample_flow`` and ``sample_eps`` (module attributes, looked
+up at call time by ``sampling.sample``) the way the Wan and Latte integrations patch
+``WanT2V.generate`` and ``LattePipeline.__call__``: the loop's shape comes from the call's
+arguments (two calls per step for flow, one batched call for eps; one stream without CFG).
+"""
+from __future__ import annotations
+
+from ..config import TaoCacheConfig
+from ..integration import GenerationPatch
+from ..loop import LoopSpec
+from ..taocache import TaoCache
+
+__all__ = ["install"]
+
+_patches = []
+
+
+def _flow_loop(arguments):
+    streams = ("cond", "uncond") if arguments["guidance"] > 1.0 else ("cond",)
+    return LoopSpec(arguments["steps"], streams), {"timestep_arg": 1}
+
+
+def _eps_loop(arguments):
+    cfg = arguments["guidance"] > 1.0
+    steps = arguments["steps"]
+    if arguments["scheduler"] == "pndm":  # PRK warm-up: N + 9 calls
+        steps += 9
+    return LoopSpec(steps, ("uncond", "cond") if cfg else ("cond",), split_batch=cfg), {"timestep_arg": 1}
+
+
+def install(config: TaoCacheConfig) -> None:
+    """Patch the testbed samplers; idempotent."""
+    from . import sampling
+
+    if _patches:
+        return
+    for name, loop_of in (("sample_flow", _flow_loop), ("sample_eps", _eps_loop)):
+        patch = GenerationPatch(sampling, name, lambda: TaoCache(config), lambda a: a["model"], loop_of)
+        _patches.append(patch.install())
+
+
+def uninstall() -> None:
+    while _patches:
+        _patches.pop().uninstall()

@@ -1,0 +1,81 @@
+"""The evaluation machinery on a tiny random testbed DiT (fast; the real bench is `taocache bench`)."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from taohooks.evaluation import bench, methods  # noqa: E402
+from taohooks.evaluation.testbed_model import TestbedModel  # noqa: E402
+from taohooks.testbed import data  # noqa: E402
+from taohooks.testbed.model import VideoDiT, VideoDiTConfig  # noqa: E402
+
+
+def tiny(prediction="flow", steps=8):
+    torch.manual_seed(0)
+    cfg = VideoDiTConfig(dim=32, depth=2, num_heads=2, prediction=prediction,
+                         out_channels=6 if prediction == "eps" else 3)
+    model = VideoDiT(cfg).eval()
+    for p in model.parameters():  # adaLN-Zero starts at zero: give the blocks something to do
+        p.data.add_(0.02 * torch.randn_like(p))
+    return TestbedModel(f"tiny-{prediction}", model, steps)
+
+
+def test_match_threshold_finds_the_closest_fraction():
+    fractions = lambda th: min(1.0, round(th * 10) / 10)  # noqa: E731  a monotone step function
+    th, frac = methods.match_threshold(lambda th: th, fractions, target=0.3)
+    assert frac == pytest.approx(0.3) and fractions(th) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("prediction", ["flow", "eps"])
+def test_every_method_runs_and_meets_its_budget(prediction):
+    tm = tiny(prediction)
+    pairs = data.calibration_pairs(4)
+    cal = methods.calibrate(tm, pairs, batch_size=4)
+    assert cal.lut.num_prompts == 4 and len(cal.tea_coefficients) == 5
+    assert cal.mag_ratios.shape == (tm.loop().calls_per_step, tm.steps)
+    settings = methods.MethodSettings(search_iterations=3, pab_timesteps=(0.0, 2000.0))
+    reference = methods.run_with(tm, [], pairs[:2], 2)
+    assert reference.skipped == 0 and reference.calls == tm.loop().total_calls
+    for name in methods.METHODS:
+        built = methods.build_method(name, tm, cal, 2, pairs[:2], 2, settings)
+        run = methods.run_with(tm, built.callbacks, pairs[:2], 2)
+        assert run.clips.shape == reference.clips.shape and torch.isfinite(run.clips).all()
+        if name in ("taocache", "taoskip+tearesidual", "pab+taocache"):
+            assert run.skipped_fraction == pytest.approx(2 / tm.steps), name
+        assert "forward" not in tm.model.__dict__ and "forward" not in tm.model.blocks[0].__dict__
+
+
+def test_markdown_and_json_reports(tmp_path):
+    records = [
+        {"model": "flow", "method": "full", "budget": 0.0, "skipped_fraction": 0.0, "speedup": 1.0, "psnr": None,
+         "ssim": None, "lpips": None, "prompt_accuracy": 0.95, "seconds": 10.0},
+        {"model": "flow", "method": "taocache", "budget": 0.16, "skipped_fraction": 0.16, "speedup": 1.18,
+         "psnr": 35.0, "ssim": 0.99, "lpips": None, "prompt_accuracy": 0.95, "seconds": 8.5},
+    ]
+    text = bench.markdown_tables(records)
+    assert "| 16% | taocache | 1.180x | 16.0% | n/a | 0.9900 | 35.00 | 0.950 |" in text
+    bench.write_results(records, tmp_path, bench.BenchConfig(), 1.0)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["records"] == records and (tmp_path / "results.md").exists()
+
+
+@pytest.mark.parametrize("name", ["bench.yaml", "bench_small.yaml"])
+def test_shipped_bench_configs_load(name):
+    from pathlib import Path
+    config = bench.load_bench_config(Path(__file__).resolve().parent.parent / "configs" / name)
+    assert "flow" in config.models and len(config.methods) == 6
+
+
+def test_bench_config_errors(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text("models: [flw]\n")
+    with pytest.raises(ValueError, match="unknown testbed model 'flw'"):
+        bench.load_bench_config(path)
+    path.write_text("budgets: [16]\n")
+    with pytest.raises(ValueError, match=r"fractions of the steps in \(0, 1\)"):
+        bench.load_bench_config(path)
+    path.write_text("method: [taocache]\n")
+    with pytest.raises(ValueError, match="did you mean 'methods'"):
+        bench.load_bench_config(path)

@@ -1,0 +1,79 @@
+"""taocache-run: argument handling, errors before the model loads, and a script run end to end."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from taohooks.run import split_taocache_argument
+
+pytest.importorskip("diffusers")
+
+SCRIPT = """
+import sys, torch
+from taohooks.testbed import sampling
+from taohooks.testbed.model import VideoDiT, VideoDiTConfig
+import helper_module  # found because sys.path[0] is this script's folder
+torch.manual_seed(0)
+model = VideoDiT(VideoDiTConfig(dim=32, depth=2, num_heads=2))
+for p in model.parameters():
+    p.data.add_(0.02 * torch.randn_like(p))
+for seed in (10000, 10001):
+    clips = sampling.sample(model, ["a red circle moving left"], [seed], steps=8)
+print("argv", sys.argv[1:], "finite", bool(torch.isfinite(clips).all()))
+"""
+
+
+def launch(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "taohooks.run", *map(str, args)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def script(tmp_path):
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "helper_module.py").write_text("")
+    path = tmp_path / "repo" / "sample.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def test_split_arguments():
+    assert split_taocache_argument(["a.py", "--x", "1", "--taocache", "c.yaml", "--y"]) == (
+        "c.yaml", ["a.py", "--x", "1", "--y"])
+    assert split_taocache_argument(["a.py", "--taocache=c.yaml"]) == ("c.yaml", ["a.py"])
+    assert split_taocache_argument(["a.py"]) == (None, ["a.py"])
+
+
+def test_manual_window_end_to_end(tmp_path, script):
+    config = tmp_path / "c.yaml"
+    config.write_text("integration: testbed\nplan: {window: [5, 6], ratio: 1.0}\n")
+    res = launch(tmp_path, script, "--flag", "--taocache", config)
+    assert res.returncode == 0, res.stderr
+    assert "argv ['--flag'] finite True" in res.stdout
+    lines = [l for l in res.stderr.splitlines() if l.startswith("taohooks: generation")]
+    assert len(lines) == 2 and all("4 of 16 denoiser calls saved (25.0%)" in l for l in lines)
+
+
+def test_calibrates_on_first_use_then_skips(tmp_path, script):
+    config = tmp_path / "c.yaml"
+    config.write_text("integration: testbed\nlut: lut.safetensors\ncalibration: {prompts: 1}\n"
+                      "plan: {budget: 2, min_step: 3}\n")
+    res = launch(tmp_path, script, "--taocache", config)
+    assert res.returncode == 0, res.stderr
+    assert "calibrating" in res.stderr and (tmp_path / "lut.safetensors").is_file()
+    lines = [l for l in res.stderr.splitlines() if l.startswith("taohooks: generation")]
+    assert "0 of 16 denoiser calls saved" in lines[0] and "4 of 16 denoiser calls saved" in lines[1]
+
+
+@pytest.mark.parametrize("args,config,message", [
+    (["missing.py"], "integration: testbed\n", "script missing.py does not exist"),
+    (["SCRIPT"], "integration: testbed\nplan: {budjet: 2}\n", "did you mean 'plan.budget'"),
+    (["SCRIPT"], "integration: wan\n", "'wan' integration is not available"),
+    (["SCRIPT"], "plan: {budget: 2}\n", "integration is 'none'"),
+])
+def test_errors_before_the_script_runs(tmp_path, script, args, config, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(config)
+    res = launch(tmp_path, *[script if a == "SCRIPT" else a for a in args], "--taocache", path)
+    assert res.returncode == 2 and message in res.stderr and "argv" not in res.stdout
