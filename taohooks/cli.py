@@ -128,6 +128,9 @@ def _cmd_bench(args) -> int:
         config.output = args.output
     if args.threads:
         config.threads = args.threads
+    if args.models:
+        config.models = args.models
+        config.validate(lambda key, message: (_ for _ in ()).throw(ConfigError("command line", key, message)))
     records = run_bench(config)
     print(markdown_tables(records))
     print(f"wrote {config.output}/results.json, results.md and plots")
@@ -197,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="bench YAML (see configs/bench.yaml)")
     p.add_argument("-o", "--output", help="output folder (overrides the config's)")
     p.add_argument("--threads", type=int, help="torch CPU threads (overrides the config's)")
+    p.add_argument("--models", nargs="+", help="testbed models (overrides the config's)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="full-step vs TaoCache vs TeaCache on the bundled flow model")
