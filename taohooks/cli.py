@@ -130,7 +130,11 @@ def _cmd_bench(args) -> int:
         config.threads = args.threads
     if args.models:
         config.models = args.models
-        config.validate(lambda key, message: (_ for _ in ()).throw(ConfigError("command line", key, message)))
+
+        def err(key, message):
+            raise ConfigError("command line", key, message)
+
+        config.validate(err)
     records = run_bench(config)
     print(markdown_tables(records))
     print(f"wrote {config.output}/results.json, results.md and plots")
