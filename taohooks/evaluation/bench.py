@@ -194,7 +194,8 @@ def write_results(records: List[dict], out_dir: Path, config: BenchConfig, secon
 
 
 def write_plots(records: List[dict], out_dir: Path) -> None:
-    """Quality (PSNR, SSIM) against speedup, one line per method, one figure per model."""
+    """Quality (PSNR, SSIM) against measured speedup, one line per method (points in budget order),
+    one figure per model."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -207,7 +208,8 @@ def write_plots(records: List[dict], out_dir: Path) -> None:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["speedup"], r["psnr"], r["ssim"]) for r in rows if r["method"] == method)
+            pts = [(r["speedup"], r["psnr"], r["ssim"])  # connected in budget order
+                   for r in sorted(rows, key=lambda r: r["budget"]) if r["method"] == method]
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
             axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=method)
         for ax, label in zip(axes, ("PSNR (dB) vs full-step", "SSIM vs full-step")):
