@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import sys
 import weakref
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 from torch import nn
 
@@ -119,12 +119,3 @@ class GenerationPatch:
         return (f"taohooks: generation {self.generations}: {saved} of {total} denoiser calls saved "
                 f"({100.0 * saved / max(total, 1):.1f}%) [{what}]")
 
-
-def call_argument(arguments: Arguments, name: str, default: Optional[Any] = None) -> Any:
-    """A bound argument by name, also when it came through ``**kwargs``."""
-    if name in arguments:
-        return arguments[name]
-    for value in arguments.values():
-        if isinstance(value, dict) and name in value:
-            return value[name]
-    return default

@@ -84,10 +84,6 @@ class BlockStackCache(Callback):
             self.reused += int(self._reusing)
         self._call, self._x_in = None, None
 
-    @property
-    def reused_fraction(self) -> float:
-        return self.reused / self.calls if self.calls else 0.0
-
     # ------------------------------------------------------------------ the block wrappers
     def _make_block_forward(self, index: int, count: int, block: nn.Module):
         last = index == count - 1

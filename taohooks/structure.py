@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Callable, List, Sequence
+from typing import Any, List, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["OutputStructure", "flatten_output", "split_batch", "join_batch", "map_leaves"]
+__all__ = ["OutputStructure", "flatten_output", "split_batch", "join_batch"]
 
 
 class _Leaf:
@@ -88,10 +88,6 @@ class OutputStructure:
         cast = [t.to(device=d, dtype=dt) for t, d, dt in zip(leaves, self.devices, self.dtypes)]
         return _rebuild(self.skeleton, cast)
 
-    def matches(self, leaves: Sequence[Tensor]) -> bool:
-        """Whether ``leaves`` have the shapes this structure was made from."""
-        return len(leaves) == self.num_leaves and all(t.shape == s for t, s in zip(leaves, self.shapes))
-
 
 def flatten_output(output: Any) -> tuple[List[Tensor], OutputStructure]:
     """Split a model output into its floating tensors (as returned, not copied) and its structure."""
@@ -125,7 +121,3 @@ def join_batch(per_part: Sequence[Sequence[Tensor]]) -> List[Tensor]:
     """Inverse of :func:`split_batch`."""
     return [torch.cat(ts, dim=0) for ts in zip(*per_part)]
 
-
-def map_leaves(fn: Callable[..., Tensor], *leaf_lists: Sequence[Tensor]) -> List[Tensor]:
-    """Apply ``fn`` leaf-wise over one or more equally long lists of tensors."""
-    return [fn(*ts) for ts in zip(*leaf_lists)]

@@ -1,7 +1,6 @@
 """taocache-run: argument handling, errors before the model loads, and a script run end to end."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
