@@ -12,6 +12,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(VENV)/bin/taocache autoload install
 	touch $(STAMP)
 
 install: $(STAMP)

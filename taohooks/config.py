@@ -14,13 +14,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-__all__ = ["ConfigError", "LoopConfig", "CalibrationConfig", "PlanConfig", "TaoCacheConfig", "load_config",
-           "config_from_dict", "dataclass_from_dict", "read_yaml", "INTEGRATIONS"]
+__all__ = ["ConfigError", "LoopConfig", "CalibrationConfig", "PlanConfig", "PABGroupConfig", "PABConfig",
+           "TeaCacheConfig", "TaoCacheConfig", "load_config", "config_from_dict", "dataclass_from_dict", "read_yaml",
+           "INTEGRATIONS"]
 
 INTEGRATIONS = ("none", "wan", "latte", "opensora_plan", "videosys", "diffusers", "testbed")
 
@@ -100,6 +102,63 @@ class PlanConfig:
 
 
 @dataclass
+class PABGroupConfig:
+    """Attention modules whose full name matches ``pattern`` (a regex) recompute every ``range`` steps."""
+
+    pattern: str = ""
+    range_: int = field(default=2, metadata={"key": "range"})
+
+
+@dataclass
+class PABConfig:
+    """The native Pyramid Attention Broadcast inside each computed call (``pab:``)."""
+
+    groups: List[PABGroupConfig] = field(default_factory=list)
+    timesteps: Optional[List[float]] = None  # open window (low, high) of timestep values, as VideoSys' (100, 800)
+    steps: Optional[List[int]] = None        # or an inclusive window [first, last] of step indices
+    reset_on_refresh: bool = True             # drop cached attention outputs on TaoCache's refresh steps
+
+    def validate(self, err) -> None:
+        if not self.groups:
+            err("pab.groups", "expected at least one {pattern, range} group")
+        for i, g in enumerate(self.groups):
+            if not g.pattern:
+                err(f"pab.groups[{i}].pattern", "expected a module-name regex such as 'blocks\\.\\d+\\.self_attn'")
+            if g.range_ < 1:
+                err(f"pab.groups[{i}].range", f"expected a broadcast range >= 1, got {g.range_}")
+            try:
+                re.compile(g.pattern)
+            except re.error as exc:
+                err(f"pab.groups[{i}].pattern", f"not a valid regex: {exc}")
+        if (self.timesteps is None) == (self.steps is None):
+            err("pab", "give exactly one window: timesteps: [low, high] or steps: [first, last]")
+        for key in ("timesteps", "steps"):
+            w = getattr(self, key)
+            if w is not None and (len(w) != 2 or w[0] > w[1]):
+                err(f"pab.{key}", f"expected [low, high] with low <= high, got {w}")
+
+
+@dataclass
+class TeaCacheConfig:
+    """TeaCache on the early/mid steps, TaoCache late (``teacache:``; Algorithm 2, the hybrid)."""
+
+    threshold: float = 0.0
+    coefficients: Optional[List[float]] = None  # rescaling polynomial, highest power first; null: plain rel-L1
+    blocks: str = "blocks"                      # module path of the block stack whose residual is reused
+    hidden_arg: int = 0                         # position of the hidden state in a block's arguments
+    warmup_steps: int = 1                       # always compute steps < warmup_steps
+    guard_band: int = 2                         # steps always computed between TeaCache's range and the window
+
+    def validate(self, err) -> None:
+        if self.threshold < 0:
+            err("teacache.threshold", f"expected a threshold >= 0, got {self.threshold}")
+        if self.coefficients is not None and not self.coefficients:
+            err("teacache.coefficients", "expected polynomial coefficients (highest power first) or null")
+        if self.guard_band < 0 or self.warmup_steps < 0:
+            err("teacache.guard_band" if self.guard_band < 0 else "teacache.warmup_steps", "expected a step count >= 0")
+
+
+@dataclass
 class TaoCacheConfig:
     integration: str = "none"
     model_id: Optional[str] = None
@@ -107,8 +166,8 @@ class TaoCacheConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
-    pab: Optional[Dict[str, Any]] = None       # filled by the PAB issue; kept as given
-    teacache: Optional[Dict[str, Any]] = None  # filled by the TeaCache issue; kept as given
+    pab: Optional[PABConfig] = None
+    teacache: Optional[TeaCacheConfig] = None
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
     def validate(self, err) -> None:
@@ -116,8 +175,9 @@ class TaoCacheConfig:
             close = difflib.get_close_matches(self.integration, INTEGRATIONS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             err("integration", f"unknown integration {self.integration!r}{hint} (one of {', '.join(INTEGRATIONS)})")
-        for part in (self.loop, self.calibration, self.plan):
-            part.validate(err)
+        for part in (self.loop, self.calibration, self.plan, self.pab, self.teacache):
+            if part is not None:
+                part.validate(err)
 
     def lut_path(self) -> Optional[Path]:
         """The LUT path, relative paths taken from the config file's folder."""

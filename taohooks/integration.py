@@ -7,22 +7,94 @@ and the loop's shape from that call's arguments. :class:`GenerationPatch` then, 
 1. finds the denoiser instance (as it is *now*: after a sequence-parallel or FSDP wrapper ran),
 2. attaches a :class:`~taohooks.TaoCache` hook to it, or keeps the one attached for the same loop,
 3. begins a new generation, runs the original function, and prints a one-line summary.
+
+Explicit calibration (``taocache calibrate CONFIG --prompts prompts.txt -- SCRIPT ...``) sets
+``TAOHOOKS_CALIBRATE_PROMPTS``: the first generation the script asks for then runs once per
+calibration prompt that the LUT does not hold yet (the call's prompt argument replaced), the
+LUT is saved after each, and with ``TAOHOOKS_CALIBRATE_ONLY`` the process exits when it is complete.
 """
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import weakref
-from typing import Any, Callable, Dict, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
 from .loop import LoopSpec
 from .taocache import TaoCache
 
-__all__ = ["GenerationPatch", "IntegrationError"]
+__all__ = ["GenerationPatch", "IntegrationError", "ENV_CALIBRATE_PROMPTS", "ENV_CALIBRATE_ONLY", "read_prompts",
+           "unwrap_model", "scheduler_calls", "batched_cfg_loop", "require_modules"]
 
 Arguments = Dict[str, Any]
+ENV_CALIBRATE_PROMPTS = "TAOHOOKS_CALIBRATE_PROMPTS"
+ENV_CALIBRATE_ONLY = "TAOHOOKS_CALIBRATE_ONLY"
+
+
+def read_prompts(path) -> List[str]:
+    """One prompt per non-empty line (lines starting with ``#`` are comments)."""
+    path = Path(path)
+    if not path.is_file():
+        raise IntegrationError(f"prompts file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise IntegrationError(f"prompts file {path} holds no prompt (one per line)")
+    return prompts
+
+
+def require_modules(integration: str, names, hint: str) -> None:
+    """Fail early (before the script loads a model) when a research repo's module cannot be found.
+
+    Only looks the modules up (``importlib.util.find_spec``); nothing is imported."""
+    import importlib.util
+
+    for name in names:
+        try:
+            found = name in sys.modules or importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise IntegrationError(f"the {integration!r} integration cannot find the module {name!r} ({hint})")
+
+
+def scheduler_calls(scheduler: Any, steps: int, timesteps: Any = None) -> int:
+    """Model calls per stream that a diffusers-style scheduler makes for ``steps`` steps.
+
+    Asked of a copy (``set_timesteps`` on the pipeline's own scheduler would change its state):
+    PNDM with PRK warm-up makes ``steps + 9`` calls, second-order schedulers ``2 * steps - 1``."""
+    import copy
+
+    if timesteps is not None:
+        return len(timesteps)
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(int(steps))
+    return len(probe.timesteps)
+
+
+def batched_cfg_loop(scheduler: Any, steps: int, guidance_scale: float, timesteps: Any = None,
+                     timestep_arg: str = "timestep") -> Tuple[LoopSpec, Dict[str, Any]]:
+    """The loop of Latte / Open-Sora-Plan style pipelines: one call per scheduler timestep on a
+    batch of (uncond, cond) halves when ``guidance_scale > 1``, one stream otherwise."""
+    calls = scheduler_calls(scheduler, steps, timesteps)
+    if guidance_scale > 1.0:
+        return LoopSpec(calls, ("uncond", "cond"), split_batch=True), {"timestep_arg": timestep_arg}
+    return LoopSpec(calls, ("cond",)), {"timestep_arg": timestep_arg}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module to hook inside wrappers that forward to ``.module`` (FSDP, DDP, DataParallel).
+
+    FSDP's forward calls the wrapped module's ``__call__``, which honours an instance forward
+    (Wan's sequence-parallel one, ours), so hooking the inner module is exact."""
+    while type(model).__name__ in ("FullyShardedDataParallel", "DistributedDataParallel", "DataParallel") \
+            and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
 
 
 class IntegrationError(RuntimeError):
@@ -38,18 +110,26 @@ class GenerationPatch:
 
     Args:
         owner, name: where the generation function lives.
-        make_cache: a fresh :class:`TaoCache` (from the YAML config).
+        make_cache: a fresh :class:`TaoCache` (from the YAML config), given the call's arguments.
         model_of: the denoiser instance, from the call's bound arguments (``self`` included).
         loop_of: ``(LoopSpec, attach keyword arguments such as timestep_arg)`` from the same.
+        callbacks_of: extra callbacks for a new attachment (e.g. resetting another library's PAB
+            state), from the call's arguments and the model; they run after TaoCache's own.
+        prompt_arg: the name of the prompt argument (for explicit calibration over a prompt list).
+        enabled: whether this call gets TaoCache (default: every call); other calls run untouched.
         log: where the per-generation summary line goes (stderr by default).
     """
 
-    def __init__(self, owner: Any, name: str, make_cache: Callable[[], TaoCache],
+    def __init__(self, owner: Any, name: str, make_cache: Callable[[Arguments], TaoCache],
                  model_of: Callable[[Arguments], nn.Module],
-                 loop_of: Callable[[Arguments], Tuple[LoopSpec, Dict[str, Any]]],
+                 loop_of: Callable[[Arguments], Tuple[LoopSpec, Dict[str, Any]]], *,
+                 callbacks_of: Optional[Callable[[Arguments, nn.Module], list]] = None,
+                 prompt_arg: Optional[str] = None, enabled: Optional[Callable[[Arguments], bool]] = None,
                  log: Callable[[str], None] = _log):
         self.owner, self.name = owner, name
         self.make_cache, self.model_of, self.loop_of, self.log = make_cache, model_of, loop_of, log
+        self.callbacks_of, self.prompt_arg, self.enabled = callbacks_of, prompt_arg, enabled
+        self._prompt_calibration: Optional[str] = None  # None | "running" | "done"
         self.original = getattr(owner, name)
         self.signature = inspect.signature(self.original)
         self.caches: "weakref.WeakKeyDictionary[nn.Module, Tuple[TaoCache, LoopSpec]]" = weakref.WeakKeyDictionary()
@@ -78,7 +158,8 @@ class GenerationPatch:
             cache, _ = self.caches.pop(model)
             cache.detach()
 
-    def cache_for(self, model: nn.Module, loop: LoopSpec, attach_kwargs: Dict[str, Any]) -> TaoCache:
+    def cache_for(self, model: nn.Module, loop: LoopSpec, attach_kwargs: Dict[str, Any],
+                  arguments: Optional[Arguments] = None) -> TaoCache:
         """The cache attached to ``model`` for ``loop``; (re)attached when needed."""
         entry = self.caches.get(model)
         if entry is not None:
@@ -90,32 +171,101 @@ class GenerationPatch:
             if calibrated:
                 self.log(f"taohooks: calibration complete ({cache.config.calibration.prompts} prompts); "
                          "TaoCache skips from the next generation on")
-        cache = self.make_cache()
+        cache = self.make_cache(arguments or {})
+        extra = self.callbacks_of(arguments or {}, model) if self.callbacks_of else []
         cache.attach(model, loop.steps, loop.streams, split_batch=loop.split_batch, batch_dim=loop.batch_dim,
-                     **attach_kwargs)
+                     callbacks=extra, **attach_kwargs)
         self.caches[model] = (cache, loop)
         return cache
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
+        if self.enabled is not None and not self.enabled(dict(bound.arguments)):
+            return self.original(*args, **kwargs)
+        if os.environ.get(ENV_CALIBRATE_PROMPTS) and self._prompt_calibration is None:
+            self._calibrate_prompts(bound)
+        return self._generate(bound)
+
+    def _generate(self, bound: inspect.BoundArguments) -> Any:
         arguments = dict(bound.arguments)
-        model = self.model_of(arguments)
+        model = unwrap_model(self.model_of(arguments))
         loop, attach_kwargs = self.loop_of(arguments)
-        cache = self.cache_for(model, loop, attach_kwargs)
+        cache = self.cache_for(model, loop, attach_kwargs, arguments)
         before = {s: list(c) for s, c in cache.hook.counts.items()}
+        before["_extras"] = self._extra_counts(cache)
         cache.new_sample()
-        result = self.original(*args, **kwargs)
+        result = self.original(*bound.args, **bound.kwargs)
         self.generations += 1
         self.log(self.summary_line(cache, before))
         return result
 
-    def summary_line(self, cache: TaoCache, before: Dict[str, list]) -> str:
+    def _calibrate_prompts(self, bound: inspect.BoundArguments) -> None:
+        """Run the generation once per calibration prompt the LUT lacks (explicit calibration).
+
+        The LUT's prompt count says where an interrupted calibration stopped: with ``n`` prompts
+        recorded, the next generation uses line ``n`` of the prompts file."""
+        if self.prompt_arg is None:
+            raise IntegrationError(f"{self.name}: this integration cannot substitute prompts; calibrate by running "
+                                   "the script once per prompt (the LUT resumes across runs)")
+        prompts = read_prompts(os.environ[ENV_CALIBRATE_PROMPTS])
+        config = self.make_cache(dict(bound.arguments)).config
+        path, wanted = config.lut_path(), config.calibration.prompts
+        if path is None:
+            raise IntegrationError(f"{config.source}: lut: name the LUT file to calibrate into")
+        if len(prompts) < wanted:
+            raise IntegrationError(f"{os.environ[ENV_CALIBRATE_PROMPTS]} holds {len(prompts)} prompts, "
+                                   f"{config.source} asks for calibration.prompts = {wanted}; give more prompts "
+                                   "or lower calibration.prompts")
+        self._prompt_calibration = "running"
+        try:
+            have = self._recorded_prompts(bound, path)
+            while have < wanted:
+                self.log(f"taohooks: calibration prompt {have + 1}/{wanted}: {prompts[have]!r}")
+                replaced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
+                original = bound.arguments[self.prompt_arg]
+                replaced.arguments[self.prompt_arg] = ([prompts[have]] * len(original)
+                                                       if isinstance(original, (list, tuple)) else prompts[have])
+                self._generate(replaced)
+                now = self._recorded_prompts(bound, path)
+                if now <= have:
+                    raise IntegrationError("a calibration generation recorded no prompt; does the integration's "
+                                           "loop shape match the script?")
+                have = now
+        finally:
+            self._prompt_calibration = "done"
+        self.log(f"taohooks: calibration LUT {path} complete ({have} prompts)")
+        if os.environ.get(ENV_CALIBRATE_ONLY):
+            raise SystemExit(0)
+
+    def _recorded_prompts(self, bound: inspect.BoundArguments, path: Path) -> int:
+        from .lut import CalibrationLUT
+
+        entry = self.caches.get(unwrap_model(self.model_of(dict(bound.arguments))))
+        if entry is not None and entry[0].calibrating:
+            return entry[0].recorder.lut().num_prompts
+        return CalibrationLUT.load(path).num_prompts if path.is_file() else 0
+
+    @staticmethod
+    def _extra_counts(cache: TaoCache) -> Dict[str, int]:
+        """Counters of the other caches on the hook (TeaCache's reused calls, PAB's broadcasts)."""
+        counts: Dict[str, int] = {}
+        for cb in cache.hook.callbacks:
+            if hasattr(cb, "threshold") and hasattr(cb, "reused"):
+                counts["TeaCache reused the block residual on {} calls"] = cb.reused
+            if hasattr(cb, "broadcasts"):
+                counts["PAB broadcast {} attention calls"] = cb.broadcasts
+        return counts
+
+    def summary_line(self, cache: TaoCache, before: Dict[str, Any]) -> str:
         per_call = len(cache.hook.loop.streams) if cache.hook.loop.split_batch else 1  # a batched call counts per stream
-        computed = sum(c[0] - before[s][0] for s, c in cache.hook.counts.items()) // per_call
-        saved = sum(c[1] - before[s][1] for s, c in cache.hook.counts.items()) // per_call
+        counts = cache.hook.counts.items()
+        computed = sum(c[0] - before[s][0] for s, c in counts) // per_call
+        saved = sum(c[1] - before[s][1] for s, c in counts) // per_call
         total = computed + saved
         what = "calibrating, all steps computed" if cache.calibrating else cache.plan.describe()
+        old = before.get("_extras", {})
+        extras = "".join(f"; {label.format(n - old.get(label, 0))}" for label, n in self._extra_counts(cache).items())
         return (f"taohooks: generation {self.generations}: {saved} of {total} denoiser calls saved "
-                f"({100.0 * saved / max(total, 1):.1f}%) [{what}]")
+                f"({100.0 * saved / max(total, 1):.1f}%){extras} [{what}]")
 

@@ -84,6 +84,12 @@ class SkipPlan:
         return tuple(t for t, a in enumerate(self.actions) if a == REFRESH)
 
     @property
+    def resume_steps(self) -> Tuple[int, ...]:
+        """Computed steps that directly follow a skipped one (refreshes, the step after the window):
+        where state kept inside calls (PAB's broadcast attention) is stale and must be reset."""
+        return tuple(t for t in range(1, self.steps) if t - 1 in self._skips and t not in self._skips)
+
+    @property
     def skipped_fraction(self) -> float:
         """Predicted fraction of denoiser calls saved (the same for every stream)."""
         return len(self._skips) / self.steps

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
@@ -28,7 +28,7 @@ from .lut import CalibrationLUT
 from .plan import (PlanError, SkipPlan, no_skip_plan, plan_from_steps, plan_from_window, resolve_budget,
                    search_window)
 
-__all__ = ["TaoCache", "make_plan"]
+__all__ = ["TaoCache", "make_plan", "section_callbacks"]
 
 
 def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
@@ -129,7 +129,7 @@ class TaoCache:
         else:
             self.plan = make_plan(cfg.plan, loop.steps, loop.streams, self.lut)
             self.callback = TaoCacheCallback(self.plan, self.lut.timesteps if self.lut is not None else None)
-            own = [self.callback]
+            own = [self.callback] + section_callbacks(cfg, self.plan)
         self.hook = DenoiserHook(loop, own + list(callbacks), timestep_arg=timestep_arg, repeat=repeat)
         return self.hook.attach(module)
 
@@ -170,6 +170,31 @@ class TaoCache:
 
 
 
+def section_callbacks(config: TaoCacheConfig, plan: SkipPlan) -> List[Callback]:
+    """The callbacks of the config's ``teacache:`` (hybrid) and ``pab:`` sections for this plan.
+
+    TeaCache runs on steps before ``window start - guard_band`` (Algorithm 2); PAB broadcasts
+    inside each computed call and drops its cached attention outputs on the plan's resume steps.
+    """
+    from .pab import BroadcastGroup, PyramidAttentionBroadcast
+    from .teacache import TeaCacheCallback
+
+    callbacks: List[Callback] = []
+    tea = config.teacache
+    if tea is not None and tea.threshold > 0:
+        first = plan.skipped_steps[0] if plan.skipped_steps else plan.steps
+        callbacks.append(TeaCacheCallback(tea.threshold, tea.coefficients or [1.0, 0.0], blocks=tea.blocks,
+                                          hidden_arg=tea.hidden_arg, warmup_steps=tea.warmup_steps,
+                                          max_step=max(0, first - tea.guard_band)))
+    pab = config.pab
+    if pab is not None:
+        groups = [BroadcastGroup(g.pattern, g.range_) for g in pab.groups]
+        window = {"timesteps": tuple(pab.timesteps)} if pab.timesteps is not None else {"steps": tuple(pab.steps)}
+        callbacks.append(PyramidAttentionBroadcast(groups, reset_steps=plan.resume_steps if pab.reset_on_refresh
+                                                   else (), **window))
+    return callbacks
+
+
 class _SaveLUT(Callback):
     """Writes the LUT being calibrated after every generation (atomically), so none is lost."""
 
@@ -177,4 +202,8 @@ class _SaveLUT(Callback):
         self.recorder, self.path = recorder, path
 
     def on_sample_end(self, hook, sample: int) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return  # every rank saw the same (gathered) outputs; rank 0 writes the file
         self.recorder.save(self.path)

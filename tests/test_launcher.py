@@ -68,7 +68,8 @@ def test_calibrates_on_first_use_then_skips(tmp_path, script):
 @pytest.mark.parametrize("args,config,message", [
     (["missing.py"], "integration: testbed\n", "script missing.py does not exist"),
     (["SCRIPT"], "integration: testbed\nplan: {budjet: 2}\n", "did you mean 'plan.budget'"),
-    (["SCRIPT"], "integration: wan\n", "'wan' integration is not available"),
+    (["SCRIPT"], "integration: wan\n", "'wan' integration cannot find the module 'wan'"),
+    (["SCRIPT"], "integration: latte\n", "cannot find the module 'pipeline_latte'"),
     (["SCRIPT"], "plan: {budget: 2}\n", "integration is 'none'"),
 ])
 def test_errors_before_the_script_runs(tmp_path, script, args, config, message):

@@ -1,1 +1,44 @@
-"""Integration with the official opensora_plan sample script (not implemented yet; see the README)."""
+"""TaoCache in Open-Sora-Plan v1.1's ``opensora/sample/sample_t2v.py``: ``integration: opensora_plan``.
+
+    taocache-run opensora/sample/sample_t2v.py --model_path LanguageBind/Open-Sora-Plan-v1.1.0 \\
+        --version 65x512x512 ... --num_sampling_steps 150 --taocache configs/opensora_plan.yaml
+
+What it patches: ``VideoGenPipeline.__call__`` of the top-level module ``pipeline_videogen``
+that the script imports from ``opensora/sample/`` (patching ``opensora.sample.pipeline_videogen``
+would hit a different module object). The loop is Latte's: one batched (uncond, cond) call per
+scheduler timestep. The script's default PNDM scheduler makes ``N + 9`` calls for ``N`` steps
+(PRK warm-up, with repeated timesteps), so steps are numbered by call: a config for 150 steps
+calibrates and plans over 159 calls.
+"""
+from __future__ import annotations
+
+from taohooks.config import TaoCacheConfig
+from taohooks.imports import when_imported
+from taohooks.integration import require_modules
+
+from ..latte import patch_pipeline
+
+__all__ = ["install", "uninstall", "MODULE", "PIPELINE"]
+
+MODULE, PIPELINE = "pipeline_videogen", "VideoGenPipeline"
+
+_patches = []
+_installed = False
+
+
+def install(config: TaoCacheConfig) -> None:
+    """Patch ``pipeline_videogen.VideoGenPipeline`` when (or if already) imported; idempotent."""
+    global _installed
+    if _installed:
+        return
+    require_modules("opensora_plan", [MODULE], "run opensora/sample/sample_t2v.py of an Open-Sora-Plan v1.1.0 "
+                    "checkout: its folder holds pipeline_videogen.py")
+    _installed = True
+    when_imported(MODULE, lambda module: _patches.append(patch_pipeline(getattr(module, PIPELINE), config)))
+
+
+def uninstall() -> None:
+    global _installed
+    while _patches:
+        _patches.pop().uninstall()
+    _installed = False

@@ -1,1 +1,73 @@
-"""Integration with the official wan sample script (not implemented yet; see the README)."""
+"""TaoCache in Wan2.1's own ``generate.py`` (Wan-Video/Wan2.1): ``integration: wan``.
+
+    taocache-run generate.py --task t2v-1.3B --size 832*480 --ckpt_dir ./Wan2.1-T2V-1.3B \\
+        --prompt "..." --taocache configs/wan.yaml
+    torchrun --nproc_per_node 8 -m taohooks.run generate.py --task t2v-14B ... \\
+        --dit_fsdp --t5_fsdp --ulysses_size 8 --taocache configs/wan.yaml
+
+What it patches: ``generate`` of ``WanT2V``, ``WanI2V``, ``WanFLF2V`` and ``WanVace`` (at class
+level, once their modules are imported). Inside each call it hooks the forward that the DiT
+*instance* has then: the sequence-parallel forward that ``--ulysses_size/--ring_size`` set on the
+instance, inside the FSDP wrapper of ``--dit_fsdp`` (the real module is ``.module``). Loop shape:
+``sampling_steps`` steps, two calls per step (cond, then uncond), each returning a list with one
+float32 tensor ``[C, F, H, W]``; the timestep is the keyword ``t``. Every rank sees the same
+gathered output and the plan is static, so all ranks skip the same calls.
+
+Importing this module needs neither ``wan`` nor flash-attn, dashscope or a GPU.
+"""
+from __future__ import annotations
+
+from taohooks.config import TaoCacheConfig
+from taohooks.imports import when_imported
+from taohooks.integration import GenerationPatch, require_modules
+from taohooks.loop import LoopSpec
+from taohooks.taocache import TaoCache
+
+__all__ = ["install", "uninstall", "PIPELINES"]
+
+# module -> pipeline class whose ``generate(input_prompt, ..., sampling_steps, ...)`` runs one video.
+PIPELINES = {
+    "wan.text2video": "WanT2V",
+    "wan.image2video": "WanI2V",
+    "wan.first_last_frame2video": "WanFLF2V",
+    "wan.vace": "WanVace",
+}
+STREAMS = ("cond", "uncond")  # Wan calls the model with the prompt first, then with the negative prompt
+
+_patches = []
+_installed = False
+
+
+def _model(arguments):
+    return arguments["self"].model
+
+
+def _loop(arguments):
+    # One [C, F, H, W] tensor per call: the whole output is one prompt (batch_dim None).
+    return LoopSpec(int(arguments["sampling_steps"]), STREAMS, batch_dim=None), {"timestep_arg": "t"}
+
+
+def _patch(module, class_name: str, config: TaoCacheConfig) -> None:
+    cls = getattr(module, class_name, None)
+    if cls is None or "generate" not in vars(cls):
+        return  # WanVace inherits nothing we need; an older checkout may lack a pipeline
+    patch = GenerationPatch(cls, "generate", lambda arguments: TaoCache(config), _model, _loop, prompt_arg="input_prompt")
+    _patches.append(patch.install())
+
+
+def install(config: TaoCacheConfig) -> None:
+    """Patch every Wan pipeline's ``generate`` when (or if already) imported; idempotent."""
+    global _installed
+    if _installed:
+        return
+    require_modules("wan", ["wan"], "run generate.py of a Wan2.1 checkout, or pip install -e the checkout")
+    _installed = True
+    for module_name, class_name in PIPELINES.items():
+        when_imported(module_name, lambda module, c=class_name: _patch(module, c, config))
+
+
+def uninstall() -> None:
+    global _installed
+    while _patches:
+        _patches.pop().uninstall()
+    _installed = False

@@ -37,7 +37,8 @@ def install(config: TaoCacheConfig) -> None:
     if _patches:
         return
     for name, loop_of in (("sample_flow", _flow_loop), ("sample_eps", _eps_loop)):
-        patch = GenerationPatch(sampling, name, lambda: TaoCache(config), lambda a: a["model"], loop_of)
+        patch = GenerationPatch(sampling, name, lambda arguments: TaoCache(config), lambda a: a["model"], loop_of,
+                                prompt_arg="prompts")
         _patches.append(patch.install())
 
 

@@ -1,0 +1,203 @@
+"""TaoCache on diffusers pipelines: one line from Python, or ``integration: diffusers`` in the launcher.
+
+    from taohooks.integrations.diffusers import enable_taocache
+    pipe = WanPipeline.from_pretrained(...)
+    enable_taocache(pipe, "configs/diffusers_wan.yaml")
+    video = pipe(prompt, num_inference_steps=50).frames[0]   # prints a one-line summary
+
+Every ``pipe(...)`` call is one generation. The loop's shape comes from the pipeline and the call:
+``WanPipeline`` (and its image/video-to-video siblings) call the transformer twice per step, cond
+then uncond, inside ``transformer.cache_context("cond" / "uncond")``; ``LattePipeline`` makes one
+call per step on a batch of (uncond, cond) halves. Other pipelines whose transformer is called
+once or twice per step work when the config's ``loop`` section says which (``streams``,
+``split_batch``). The number of calls per stream is what the pipeline's scheduler makes for
+``num_inference_steps`` (asked of a copy of it).
+
+``cache_context`` names are checked against the streams the hook numbers calls by: a pipeline
+that calls in another order fails with a clear error instead of mixing the streams' histories.
+When diffusers' own caches are enabled on the transformer (``transformer.enable_cache(
+PyramidAttentionBroadcastConfig(...))``), their state is reset at every generation start and on
+every step that resumes computing after TaoCache skipped (``_reset_stateful_cache``).
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any, Dict, List, Optional, Union
+
+from taohooks.callbacks import Callback
+from taohooks.config import TaoCacheConfig, load_config
+from taohooks.imports import when_imported
+from taohooks.integration import GenerationPatch, IntegrationError, batched_cfg_loop, scheduler_calls
+from taohooks.loop import LoopSpec
+from taohooks.reset import StateReset
+from taohooks.taocache import TaoCache
+
+__all__ = ["enable_taocache", "disable_taocache", "install", "uninstall", "SEQUENTIAL_CFG", "BATCHED_CFG",
+           "ContextStreamCheck"]
+
+# Pipelines whose transformer is called twice per step (cond, then uncond) / once on (uncond, cond) halves.
+SEQUENTIAL_CFG = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
+BATCHED_CFG = ("LattePipeline",)
+_MODULES = {"diffusers.pipelines.wan.pipeline_wan": ("WanPipeline",),
+            "diffusers.pipelines.wan.pipeline_wan_i2v": ("WanImageToVideoPipeline",),
+            "diffusers.pipelines.wan.pipeline_wan_video2video": ("WanVideoToVideoPipeline",),
+            "diffusers.pipelines.latte.pipeline_latte": ("LattePipeline",)}
+
+_configs: "weakref.WeakKeyDictionary[Any, TaoCacheConfig]" = weakref.WeakKeyDictionary()
+_patches: Dict[type, GenerationPatch] = {}
+_launcher_config: Optional[TaoCacheConfig] = None
+
+
+class ContextStreamCheck(Callback):
+    """Checks that each call's ``cache_context`` name (when the pipeline sets one) is the stream the
+    hook assigned to the call; records the name by wrapping the transformer's ``cache_context``."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.current: Optional[str] = None
+        self._original = None
+
+    def on_attach(self, hook) -> None:
+        original = getattr(self.transformer, "cache_context", None)
+        if original is None:
+            return
+        check = self
+
+        class _Context:
+            def __init__(self, name, kwargs):
+                self.name, self.inner = name, original(name, **kwargs)
+
+            def __enter__(self):
+                check.current = self.name
+                return self.inner.__enter__()
+
+            def __exit__(self, *exc):
+                check.current = None
+                return self.inner.__exit__(*exc)
+
+        self._original = original
+        self.transformer.__dict__["cache_context"] = lambda name, **kwargs: _Context(name, kwargs)
+
+    def on_detach(self, hook) -> None:
+        if self._original is not None:
+            self.transformer.__dict__.pop("cache_context", None)
+            self._original = None
+
+    def on_before_call(self, hook, call, args, kwargs):
+        name = self.current
+        if name is not None and name in hook.loop.streams and call.streams != (name,):
+            raise IntegrationError(
+                f"taohooks: the pipeline called the transformer in cache_context({name!r}) where the declared loop "
+                f"({hook.loop.describe()}) expects {'/'.join(call.streams)}; set the config's loop.streams to the "
+                "order the pipeline calls in")
+        return None
+
+
+def _pipeline_kind(pipe) -> str:
+    names = [c.__name__ for c in type(pipe).__mro__]
+    if any(n in SEQUENTIAL_CFG for n in names):
+        return "sequential"
+    if any(n in BATCHED_CFG for n in names):
+        return "batched"
+    return "declared"
+
+
+def _check_supported(pipe) -> None:
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise IntegrationError(f"taohooks: {type(pipe).__name__} has a second transformer (transformer_2, Wan2.2's "
+                               "two experts); TaoCache supports pipelines with one denoiser")
+    if getattr(pipe, "transformer", None) is None:
+        raise IntegrationError(f"taohooks: {type(pipe).__name__} has no `transformer` to attach to")
+
+
+def _loop(arguments):
+    pipe = arguments["self"]
+    _check_supported(pipe)
+    config = _config_of(arguments)
+    steps = arguments.get("num_inference_steps")
+    guidance = arguments.get("guidance_scale")
+    cfg = guidance is None or guidance > 1.0
+    kind = _pipeline_kind(pipe)
+    if kind == "batched":
+        return batched_cfg_loop(pipe.scheduler, steps, guidance if guidance is not None else 7.5,
+                                arguments.get("timesteps"))
+    calls = scheduler_calls(pipe.scheduler, steps, arguments.get("timesteps"))
+    if kind == "sequential":
+        return LoopSpec(calls, ("cond", "uncond") if cfg else ("cond",)), {"timestep_arg": "timestep"}
+    streams = config.loop.streams
+    if not streams:
+        raise IntegrationError(f"{config.source}: loop.streams: {type(pipe).__name__} is not a pipeline taohooks "
+                               "knows; say how it calls its transformer per step, e.g. streams: [cond, uncond] (two "
+                               "calls) or streams: [uncond, cond] with split_batch: true (one batched call)")
+    if not cfg:
+        return LoopSpec(calls, ("cond",) if "cond" in streams else tuple(streams[:1])), {"timestep_arg": "timestep"}
+    return LoopSpec(calls, tuple(streams), split_batch=config.loop.split_batch), {"timestep_arg": "timestep"}
+
+
+def _config_of(arguments) -> TaoCacheConfig:
+    config = _configs.get(arguments["self"])
+    return config if config is not None else _launcher_config
+
+
+def _callbacks(arguments, transformer) -> List[Callback]:
+    callbacks: List[Callback] = [ContextStreamCheck(transformer)]
+    if getattr(transformer, "is_cache_enabled", False) and hasattr(transformer, "_reset_stateful_cache"):
+        callbacks.append(StateReset(transformer._reset_stateful_cache))
+    return callbacks
+
+
+def _patch_class(cls: type) -> GenerationPatch:
+    patch = _patches.get(cls)
+    if patch is None or getattr(cls.__call__, "_taohooks_patch", None) is not patch:
+        patch = GenerationPatch(cls, "__call__", lambda arguments: TaoCache(_config_of(arguments)),
+                                lambda arguments: arguments["self"].transformer, _loop, callbacks_of=_callbacks,
+                                prompt_arg="prompt", enabled=lambda arguments: _config_of(arguments) is not None)
+        _patches[cls] = patch.install()
+    return patch
+
+
+def enable_taocache(pipe, config: Union[TaoCacheConfig, str, os.PathLike]) -> None:
+    """Give ``pipe`` TaoCache from a config (a :class:`TaoCacheConfig` or a YAML path): every later
+    ``pipe(...)`` call is one generation (calibrating first if the config's LUT does not exist)."""
+    config = config if isinstance(config, TaoCacheConfig) else load_config(config)
+    _check_supported(pipe)
+    if config.pab is not None:
+        raise IntegrationError(f"{config.source}: pab: diffusers pipelines use diffusers' own PAB "
+                               "(transformer.enable_cache(PyramidAttentionBroadcastConfig(...))); taohooks resets "
+                               "its state on refresh steps. Remove the pab: section")
+    _detach(pipe)  # a new config replaces the old one from the next call on
+    _configs[pipe] = config
+    _patch_class(type(pipe))
+
+
+def disable_taocache(pipe) -> None:
+    """Remove TaoCache from ``pipe`` and restore its transformer's forward."""
+    _configs.pop(pipe, None)
+    _detach(pipe)
+
+
+def _detach(pipe) -> None:
+    transformer = getattr(pipe, "transformer", None)
+    for patch in _patches.values():
+        entry = patch.caches.pop(transformer, None) if transformer is not None else None
+        if entry is not None:
+            entry[0].detach()
+
+
+def install(config: TaoCacheConfig) -> None:
+    """Launcher: TaoCache on every known diffusers pipeline the script creates (Wan, Latte)."""
+    global _launcher_config
+    if _launcher_config is not None:
+        return
+    _launcher_config = config
+    for module_name, classes in _MODULES.items():
+        when_imported(module_name, lambda module, names=classes: [_patch_class(getattr(module, n)) for n in names
+                                                                  if hasattr(module, n)])
+
+
+def uninstall() -> None:
+    global _launcher_config
+    _launcher_config = None
+    while _patches:
+        _patches.popitem()[1].uninstall()

@@ -1,0 +1,99 @@
+"""`taocache calibrate` over a prompt list (with resume) and the .pth autoload in spawned workers."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from taohooks import autoload
+from taohooks.lut import CalibrationLUT
+
+pytest.importorskip("diffusers")
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from taohooks.testbed import sampling
+    from taohooks.testbed.model import VideoDiT, VideoDiTConfig
+    torch.manual_seed(0)
+    model = VideoDiT(VideoDiTConfig(dim=32, depth=2, num_heads=2))
+    clips = sampling.sample(model, [sys.argv[1]], [10000], steps=6)
+    print("script generated", sys.argv[1])
+""")
+CONFIG = "integration: testbed\nmodel_id: tiny\nlut: lut.safetensors\ncalibration: {prompts: 3}\nplan: {budget: 1}\n"
+
+
+def calibrate(tmp_path, prompts):
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
+                           "--", "sample.py", "a red circle moving left"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def test_calibrate_resumes_after_an_interruption(tmp_path):
+    (tmp_path / "sample.py").write_text(SCRIPT)
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    # The second prompt cannot be parsed by the testbed: the run stops after saving the first.
+    res = calibrate(tmp_path, ["a red circle moving left", "not a prompt", "a blue square moving up"])
+    assert res.returncode == 1 and "cannot parse prompt 'not a prompt'" in res.stderr
+    assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 1
+    res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up", "a blue square moving up"])
+    assert res.returncode == 0, res.stderr
+    assert "1 of 3 prompts recorded" in res.stdout
+    assert "calibration prompt 1/3" not in res.stderr and "calibration prompt 2/3: 'a green circle moving up'" in res.stderr
+    assert "script generated" not in res.stdout  # calibration only: the script's own generation never ran
+    lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
+    assert (lut.num_prompts, lut.steps, lut.streams) == (3, 6, ("cond", "uncond"))
+    res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up", "a blue square moving up"])
+    assert res.returncode == 0 and "already holds 3 of 3 prompts" in res.stdout
+
+
+def test_calibrate_needs_enough_prompts(tmp_path):
+    (tmp_path / "sample.py").write_text(SCRIPT)
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    res = calibrate(tmp_path, ["a red circle moving left"])
+    assert res.returncode == 1 and "holds 1 prompts, 3 are asked for" in res.stderr
+
+
+SPAWN = textwrap.dedent("""
+    import multiprocessing as mp
+
+    def child(queue):
+        from taohooks.testbed import sampling
+        queue.put(getattr(sampling.sample_flow, "_taohooks_patch", None) is not None)
+
+    if __name__ == "__main__":
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=child, args=(queue,))
+        proc.start()
+        print("worker patched:", queue.get(timeout=120))
+        proc.join()
+""")
+
+
+def test_spawned_workers_get_the_integration(tmp_path):
+    installed_before = autoload.pth_path().is_file()
+    autoload.install_pth()
+    try:
+        (tmp_path / "spawn.py").write_text(SPAWN)
+        (tmp_path / "c.yaml").write_text("integration: testbed\nplan: {window: [3, 4], ratio: 1.0}\n")
+        env = {k: v for k, v in os.environ.items() if k != "TAOHOOKS_CONFIG"}
+        plain = subprocess.run([sys.executable, "spawn.py"], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=300, env=env)
+        assert "worker patched: False" in plain.stdout, plain.stderr
+        launched = subprocess.run([sys.executable, "-m", "taohooks.run", "spawn.py", "--taocache", "c.yaml"],
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert "worker patched: True" in launched.stdout, launched.stderr
+    finally:
+        if not installed_before:
+            autoload.remove_pth()
+
+
+def test_a_broken_config_in_the_environment_warns_and_does_not_break_python(tmp_path):
+    (tmp_path / "bad.yaml").write_text("integration: testbed\nplan: {budjet: 1}\n")
+    env = dict(os.environ, TAOHOOKS_CONFIG=str(tmp_path / "bad.yaml"))
+    res = subprocess.run([sys.executable, "-c", "import taohooks.autoload; print('alive')"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "alive" in res.stdout
+    assert "integration not installed in this process" in res.stderr and "did you mean 'plan.budget'" in res.stderr

@@ -1,0 +1,159 @@
+"""The diffusers integration on real diffusers pipelines with tiny transformers (CPU)."""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, LattePipeline,  # noqa: E402
+                       LatteTransformer3DModel, WanPipeline, WanTransformer3DModel)
+
+from taohooks.config import config_from_dict  # noqa: E402
+from taohooks.hook import get_hook  # noqa: E402
+from taohooks.integration import IntegrationError  # noqa: E402
+from taohooks.integrations.diffusers import disable_taocache, enable_taocache  # noqa: E402
+
+STEPS = 8
+
+
+def wan_pipe():
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                        num_layers=2, rope_max_seq_len=32).eval()
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def wan_call(pipe, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))
+    neg = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(2))
+    return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=16, width=16, num_frames=5,
+                num_inference_steps=STEPS, generator=g, output_type="latent", **kw).frames
+
+
+def latte_pipe():
+    torch.manual_seed(0)
+    transformer = LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                          out_channels=8, num_layers=2, cross_attention_dim=16, attention_bias=True,
+                                          sample_size=8, patch_size=2, activation_fn="gelu-approximate",
+                                          num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                                          norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=16,
+                                          video_length=4).eval()
+    return LattePipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                         scheduler=DDIMScheduler(beta_schedule="linear", clip_sample=False))
+
+
+def latte_call(pipe, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(1))
+    neg = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(2))
+    return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, negative_prompt=None, video_length=4, height=64,
+                width=64, num_inference_steps=STEPS, generator=g, output_type="latent", **kw).frames
+
+
+PIPES = {"wan": (wan_pipe, wan_call, 2 * STEPS), "latte": (latte_pipe, latte_call, STEPS)}
+
+
+def config(**plan):
+    return config_from_dict({"integration": "diffusers", "plan": plan}, "test.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(PIPES))
+def test_budget_zero_is_the_plain_pipeline_and_a_window_skips(name, capfd):
+    make, call, calls = PIPES[name]
+    pipe = make()
+    full = call(pipe)
+    enable_taocache(pipe, config(budget=0))
+    assert torch.equal(call(pipe), full)
+    assert f"0 of {calls} denoiser calls saved" in capfd.readouterr().err
+    enable_taocache(pipe, config(window=[5, 6], ratio=1.0))
+    skipped = call(pipe)
+    saved = 2 * (2 if name == "wan" else 1)
+    assert f"{saved} of {calls} denoiser calls saved" in capfd.readouterr().err
+    assert torch.isfinite(skipped).all() and not torch.equal(skipped, full)
+    assert float((skipped - full).norm() / full.norm()) < 0.5
+    disable_taocache(pipe)
+    assert get_hook(pipe.transformer) is None and "forward" not in vars(pipe.transformer)
+    assert torch.equal(call(pipe), full)
+
+
+def test_other_instances_of_the_class_are_untouched(capfd):
+    a, b = wan_pipe(), wan_pipe()
+    enable_taocache(a, config(window=[5, 6], ratio=1.0))
+    try:
+        wan_call(b)
+        assert "denoiser calls saved" not in capfd.readouterr().err and get_hook(b.transformer) is None
+    finally:
+        disable_taocache(a)
+
+
+def test_wan_without_guidance_is_one_stream(capfd):
+    pipe = wan_pipe()
+    enable_taocache(pipe, config(window=[5, 6], ratio=1.0))
+    try:
+        wan_call(pipe, guidance_scale=1.0)
+        assert f"2 of {STEPS} denoiser calls saved" in capfd.readouterr().err
+    finally:
+        disable_taocache(pipe)
+
+
+def test_cache_context_names_are_checked(capfd):
+    pipe = wan_pipe()
+    cfg = config(window=[5, 6], ratio=1.0)
+    enable_taocache(pipe, cfg)
+    from taohooks.integrations import diffusers as integration
+
+    try:  # declare the streams in the wrong order: the first call is made in cache_context("cond")
+        original = integration.SEQUENTIAL_CFG
+        integration.SEQUENTIAL_CFG = ()
+        cfg.loop.streams = ["uncond", "cond"]
+        with pytest.raises(IntegrationError, match=r"cache_context\('cond'\)"):
+            wan_call(pipe)
+    finally:
+        integration.SEQUENTIAL_CFG = original
+        disable_taocache(pipe)
+
+
+def test_diffusers_pab_state_is_reset_on_refresh_and_start(capfd):
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    pipe = latte_pipe()
+    pipe.transformer.enable_cache(PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: pipe.current_timestep))
+    resets = []
+    original = pipe.transformer._reset_stateful_cache
+    pipe.transformer._reset_stateful_cache = lambda *a, **k: (resets.append(1), original(*a, **k))
+    enable_taocache(pipe, config(window=[4, 6], ratio=1.0))
+    try:
+        out = latte_call(pipe)
+        assert torch.isfinite(out).all()
+        # one reset at the start, one on step 7 (the first computed step after the window); the
+        # pipeline's own reset at the end of __call__ is the third
+        assert len(resets) == 3
+    finally:
+        disable_taocache(pipe)
+
+
+def test_two_transformers_are_refused():
+    pipe = wan_pipe()
+    pipe.register_modules(transformer_2=pipe.transformer)
+    with pytest.raises(IntegrationError, match="transformer_2"):
+        enable_taocache(pipe, config(budget=0))
+
+
+def test_calibrates_then_skips(tmp_path, capfd):
+    pipe = latte_pipe()
+    cfg = config_from_dict({"integration": "diffusers", "lut": "lut.safetensors", "calibration": {"prompts": 1},
+                            "plan": {"budget": 2, "min_step": 4}}, str(tmp_path / "c.yaml"))
+    enable_taocache(pipe, cfg)
+    try:
+        latte_call(pipe)
+        assert (tmp_path / "lut.safetensors").is_file()
+        latte_call(pipe)
+        err = capfd.readouterr().err
+        assert "calibrating, all steps computed" in err and f"2 of {STEPS} denoiser calls saved" in err
+    finally:
+        disable_taocache(pipe)
