@@ -197,6 +197,8 @@ def _to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {_yaml_key(f): _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
                 if not f.metadata.get("internal")}
+    if isinstance(obj, (list, tuple)):
+        return [_to_dict(v) for v in obj]
     return obj
 
 
@@ -220,9 +222,15 @@ def _coerce(value: Any, tp: Any, key: str, source: Optional[str]) -> Any:
             if type(None) in args:
                 return None
             raise fail()
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: an error inside X (a nested key) is the precise one
+            try:
+                return _coerce(value, options[0], key, source)
+            except ConfigError as exc:
+                if exc.key == key:
+                    raise fail() from None
+                raise
+        for a in options:
             try:
                 return _coerce(value, a, key, source)
             except ConfigError:

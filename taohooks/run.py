@@ -75,6 +75,15 @@ def _available(name: str) -> bool:
         return False
 
 
+def _warn_without_autoload(config: TaoCacheConfig) -> None:
+    """VideoSys starts its ranks 1.. with ``spawn``: they need the .pth autoload to get the integration."""
+    from .autoload import pth_path
+
+    if config.integration == "videosys" and not pth_path().is_file():
+        print(f"taocache-run: note: {pth_path()} is not installed, so VideoSys' spawned workers (num_gpus > 1) "
+              "will run without TaoCache; run `taocache autoload install` once", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, rest = split_taocache_argument(argv)
@@ -91,6 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.argv = [str(script)] + rest[1:]
         sys.path[0] = str(script.resolve().parent)
         install_integration(config)
+        _warn_without_autoload(config)
     except (ConfigError, IntegrationError, ImportError) as exc:
         print(f"taocache-run: {exc}", file=sys.stderr)
         return 2
