@@ -131,19 +131,19 @@ def measure(steps=50, budget=0.16, repeats=5, threads=1, seed=0):
         skip_times, compute_times = [], []
         with cache.attach(model, steps=steps, streams=streams, repeat=True) as hook:
             plan_skips = cache.plan.skipped_steps
-            original = hook._call  # time each call from the first callback to the last
+            hooked_forward = model.forward  # the hook's wrapper: time each call through it
 
-            def timed_call(inner, args, kwargs):
+            def timed_forward(*args, **kwargs):
                 step = (hook.call_index or 0) // 2
                 start = time.perf_counter()
-                out = original(inner, args, kwargs)
+                out = hooked_forward(*args, **kwargs)
                 (skip_times if step in plan_skips else compute_times).append(time.perf_counter() - start)
                 return out
 
-            hook._call = timed_call
+            model.forward = timed_forward
             for _ in range(repeats):
                 sample(model, steps, x0)
-            hook._call = original
+            model.forward = hooked_forward
         results["skip_cost"] = statistics.median(skip_times) / statistics.median(compute_times)
 
         # full and TaoCache loops alternate, so that load on the machine hits both alike

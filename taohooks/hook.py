@@ -22,6 +22,14 @@ from .patching import ForwardPatch
 
 __all__ = ["DenoiserHook", "get_hook", "TIMESTEP_KWARGS"]
 
+
+def _outside_graph(fn, recursive: bool = True):
+    """Keep ``fn`` out of ``torch.compile`` graphs: the hook's bookkeeping (call counters, Python
+    callbacks) would otherwise be guarded on and recompile the model at every step. With
+    ``recursive=False`` only ``fn``'s own frame is skipped: the model it calls is still compiled."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return fn if disable is None else disable(fn, recursive=recursive)
+
 _HOOK_ATTR = "_taohooks_hook"
 TIMESTEP_KWARGS = ("timestep", "timesteps", "t")
 
@@ -97,17 +105,35 @@ class DenoiserHook:
             raise RuntimeError(
                 f"taohooks: this {type(module).__name__} instance already has a taohooks hook; detach it "
                 "first, or put all callbacks (calibration, TaoCache, PAB, ...) on one hook")
+
         def make(inner):
             def forward(*args, **kwargs):
-                return self._call(inner, args, kwargs)
-            return forward
+                call, output = self._before(args, kwargs)
+                if output is None:
+                    try:
+                        output = inner(*args, **kwargs)  # the model: compiled, if it is compiled
+                    except BaseException as exc:
+                        self._fail(call, exc)
+                        raise
+                return self._after(call, output)
+            return _outside_graph(forward, recursive=False)
 
         self._patch = ForwardPatch(module, make)
         module.__dict__[_HOOK_ATTR] = self
         self.module = module
         self._reset_bookkeeping()
-        for cb in self.callbacks:
-            cb.on_attach(self)
+        attached: List[Callback] = []
+        try:
+            for cb in self.callbacks:
+                cb.on_attach(self)
+                attached.append(cb)
+        except BaseException:  # a callback refused (bad pattern, a plan it cannot serve): undo everything
+            for cb in reversed(attached):
+                cb.on_detach(self)
+            self._patch.restore()
+            del module.__dict__[_HOOK_ATTR]
+            self.module = self._patch = None
+            raise
         return self
 
     def detach(self) -> None:
@@ -190,7 +216,9 @@ class DenoiserHook:
         return _Timestep(kwargs[where]) if where in kwargs else None
 
     # ------------------------------------------------------------------ the call
-    def _call(self, inner, args: tuple, kwargs: dict) -> Any:
+    @_outside_graph
+    def _before(self, args: tuple, kwargs: dict):
+        """Number the call and ask the callbacks for a substitute: ``(CallInfo, output or None)``."""
         if self._index is None:
             if self._finished and not self.repeat:
                 raise RuntimeError(
@@ -202,21 +230,30 @@ class DenoiserHook:
         step, streams = self.loop.locate(self._index)
         call = CallInfo(self._sample, self._index, step, streams, self._timestep(args, kwargs))
         try:
-            output = None
             for cb in self.callbacks:
                 output = cb.on_before_call(self, call, args, kwargs)
                 if output is not None:
                     call.substituted_by = cb
-                    break
-            if output is None:
-                output = inner(*args, **kwargs)
+                    return call, output
+        except BaseException as exc:
+            self._fail(call, exc)
+            raise
+        return call, None
+
+    @_outside_graph
+    def _fail(self, call: CallInfo, exc: BaseException) -> None:
+        self._abort(f"{type(exc).__name__} in call {call.index} (step {call.step})")
+
+    @_outside_graph
+    def _after(self, call: CallInfo, output: Any) -> Any:
+        try:
             for cb in self.callbacks:
                 cb.on_after_call(self, call, output)
         except BaseException as exc:
-            self._abort(f"{type(exc).__name__} in call {call.index} (step {step})")
+            self._fail(call, exc)
             raise
         column = 0 if call.substituted_by is None else 1
-        for s in streams:
+        for s in call.streams:
             self.counts[s][column] += 1
         self._index += 1
         if self._index == self.loop.total_calls:

@@ -13,7 +13,7 @@ import threading
 from types import ModuleType
 from typing import Callable, Dict, List
 
-__all__ = ["when_imported"]
+__all__ = ["when_imported", "cancel_when_imported"]
 
 _lock = threading.RLock()
 _pending: Dict[str, List[Callable[[ModuleType], None]]] = {}
@@ -66,3 +66,13 @@ def when_imported(name: str, fn: Callable[[ModuleType], None]) -> None:
         _pending.setdefault(name, []).append(fn)
         if _finder not in sys.meta_path:
             sys.meta_path.insert(0, _finder)
+
+
+def cancel_when_imported(name: str, fn: Callable[[ModuleType], None]) -> None:
+    """Forget a ``when_imported(name, fn)`` whose module has not been imported yet."""
+    with _lock:
+        callbacks = _pending.get(name)
+        if callbacks and fn in callbacks:
+            callbacks.remove(fn)
+            if not callbacks:
+                del _pending[name]

@@ -2,9 +2,9 @@
 
 Whole skipped calls do not advance per-call state such as VideoSys' PAB block counters or
 diffusers' PAB hook iterations, and attention outputs cached before a skip are stale after
-it. :class:`StateReset` calls a reset function at the start of every generation and before
-the first call of every step that resumes computing after TaoCache skipped (the refresh
-steps and the step after the window; ``SkipPlan.resume_steps``).
+it. :class:`StateReset` calls a reset function at the start of every generation, before the
+first call of every step that resumes computing after TaoCache skipped (the refresh steps and
+the step after the window; ``SkipPlan.resume_steps``), and on detach.
 """
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ class StateReset(Callback):
     def on_sample_start(self, hook, sample: int) -> None:
         self._last_step = None
         self._do()
+
+    def on_detach(self, hook) -> None:
+        self._do()  # the model's own state is left in phase for runs without taohooks
 
     def on_before_call(self, hook, call, args, kwargs):
         if call.step != self._last_step:  # the first call of a step

@@ -13,7 +13,7 @@ whole. The timestep is the keyword ``timestep``.
 from __future__ import annotations
 
 from taohooks.config import TaoCacheConfig
-from taohooks.imports import when_imported
+from taohooks.imports import cancel_when_imported, when_imported
 from taohooks.integration import GenerationPatch, batched_cfg_loop, require_modules
 from taohooks.taocache import TaoCache
 
@@ -22,6 +22,7 @@ __all__ = ["install", "uninstall", "MODULE", "PIPELINE"]
 MODULE, PIPELINE = "pipeline_latte", "LattePipeline"
 
 _patches = []
+_pending = []  # (module name, callback) waiting for the module's import
 _installed = False
 
 
@@ -45,11 +46,16 @@ def install(config: TaoCacheConfig) -> None:
         return
     require_modules("latte", [MODULE], "run sample/sample_t2x.py of a Latte checkout: its folder holds pipeline_latte.py")
     _installed = True
-    when_imported(MODULE, lambda module: _patches.append(patch_pipeline(getattr(module, PIPELINE), config)))
+    def on_import(module):
+        _patches.append(patch_pipeline(getattr(module, PIPELINE), config))
+    _pending.append((MODULE, on_import))
+    when_imported(MODULE, on_import)
 
 
 def uninstall() -> None:
     global _installed
+    while _pending:
+        cancel_when_imported(*_pending.pop())
     while _patches:
         _patches.pop().uninstall()
     _installed = False

@@ -13,7 +13,7 @@ calibrates and plans over 159 calls.
 from __future__ import annotations
 
 from taohooks.config import TaoCacheConfig
-from taohooks.imports import when_imported
+from taohooks.imports import cancel_when_imported, when_imported
 from taohooks.integration import require_modules
 
 from ..latte import patch_pipeline
@@ -23,6 +23,7 @@ __all__ = ["install", "uninstall", "MODULE", "PIPELINE"]
 MODULE, PIPELINE = "pipeline_videogen", "VideoGenPipeline"
 
 _patches = []
+_pending = []  # (module name, callback) waiting for the module's import
 _installed = False
 
 
@@ -34,11 +35,16 @@ def install(config: TaoCacheConfig) -> None:
     require_modules("opensora_plan", [MODULE], "run opensora/sample/sample_t2v.py of an Open-Sora-Plan v1.1.0 "
                     "checkout: its folder holds pipeline_videogen.py")
     _installed = True
-    when_imported(MODULE, lambda module: _patches.append(patch_pipeline(getattr(module, PIPELINE), config)))
+    def on_import(module):
+        _patches.append(patch_pipeline(getattr(module, PIPELINE), config))
+    _pending.append((MODULE, on_import))
+    when_imported(MODULE, on_import)
 
 
 def uninstall() -> None:
     global _installed
+    while _pending:
+        cancel_when_imported(*_pending.pop())
     while _patches:
         _patches.pop().uninstall()
     _installed = False

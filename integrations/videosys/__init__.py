@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, List, Optional
 
 from taohooks.callbacks import Callback
 from taohooks.config import TaoCacheConfig
-from taohooks.imports import when_imported
+from taohooks.imports import cancel_when_imported, when_imported
 from taohooks.integration import GenerationPatch, IntegrationError, batched_cfg_loop, require_modules
 from taohooks.reset import StateReset
 from taohooks.taocache import TaoCache
@@ -45,6 +45,7 @@ COUNTERS = ("spatial_count", "cross_count", "count", "mlp_count", "temp_mlp_coun
 CACHES = ("spatial_last", "cross_last", "last_out")
 
 _patches: List[GenerationPatch] = []
+_pending: List[tuple] = []  # (module name, callback) waiting for the module's import
 _installed = False
 
 
@@ -156,11 +157,16 @@ def install(config: TaoCacheConfig) -> None:
     require_modules("videosys", ["videosys"], "install VideoSys from its checkout: pip install -e .")
     _installed = True
     for module_name, class_name in PIPELINES.items():
-        when_imported(module_name, lambda module, c=class_name: _patch(module, c, config))
+        def on_import(module, c=class_name):
+            _patch(module, c, config)
+        _pending.append((module_name, on_import))
+        when_imported(module_name, on_import)
 
 
 def uninstall() -> None:
     global _installed
+    while _pending:
+        cancel_when_imported(*_pending.pop())
     while _patches:
         _patches.pop().uninstall()
     _installed = False

@@ -18,7 +18,7 @@ Importing this module needs neither ``wan`` nor flash-attn, dashscope or a GPU.
 from __future__ import annotations
 
 from taohooks.config import TaoCacheConfig
-from taohooks.imports import when_imported
+from taohooks.imports import cancel_when_imported, when_imported
 from taohooks.integration import GenerationPatch, require_modules
 from taohooks.loop import LoopSpec
 from taohooks.taocache import TaoCache
@@ -35,6 +35,7 @@ PIPELINES = {
 STREAMS = ("cond", "uncond")  # Wan calls the model with the prompt first, then with the negative prompt
 
 _patches = []
+_pending = []  # (module name, callback) waiting for the module's import
 _installed = False
 
 
@@ -63,11 +64,16 @@ def install(config: TaoCacheConfig) -> None:
     require_modules("wan", ["wan"], "run generate.py of a Wan2.1 checkout, or pip install -e the checkout")
     _installed = True
     for module_name, class_name in PIPELINES.items():
-        when_imported(module_name, lambda module, c=class_name: _patch(module, c, config))
+        def on_import(module, c=class_name):
+            _patch(module, c, config)
+        _pending.append((module_name, on_import))
+        when_imported(module_name, on_import)
 
 
 def uninstall() -> None:
     global _installed
+    while _pending:
+        cancel_when_imported(*_pending.pop())
     while _patches:
         _patches.pop().uninstall()
     _installed = False

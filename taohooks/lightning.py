@@ -1,0 +1,65 @@
+"""TaoCache for research repos that sample inside a LightningModule's ``predict_step``.
+
+    from taohooks.lightning import TaoCacheCallback
+    trainer = Trainer(callbacks=[TaoCacheCallback("configs/wan.yaml", module="model", steps=50,
+                                                  streams=("cond", "uncond"))])
+    videos = trainer.predict(lit_module, dataloader)
+
+The callback attaches TaoCache to the named submodule of the LightningModule when prediction
+starts, begins a new generation for every predict batch (one batch = one sampling loop), and
+detaches when prediction ends. The loop's shape is given here or in the config's ``loop:`` section.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence, Union
+
+try:
+    from lightning.pytorch import Callback as _LightningCallback
+except ImportError as exc:  # pragma: no cover - lightning is an extra
+    raise ImportError("taohooks.lightning needs Lightning: pip install 'taohooks[lightning]'") from exc
+
+from .config import TaoCacheConfig, load_config
+from .taocache import TaoCache
+
+__all__ = ["TaoCacheCallback"]
+
+
+class TaoCacheCallback(_LightningCallback):
+    """A ``lightning.pytorch.Callback`` running TaoCache during ``Trainer.predict``.
+
+    Args:
+        config: a :class:`TaoCacheConfig` or a YAML path.
+        module: name of the denoiser submodule of the LightningModule (``""``: the module itself).
+        steps, streams, split_batch, timestep_arg: the sampling loop's shape (see ``TaoCache.attach``);
+            ``None`` falls back to the config's ``loop:`` section.
+    """
+
+    def __init__(self, config: Union[TaoCacheConfig, str, os.PathLike], module: str = "model", *,
+                 steps: Optional[int] = None, streams: Optional[Sequence[str]] = None,
+                 split_batch: Optional[bool] = None, timestep_arg: Union[str, int, None] = None):
+        self.config = config if isinstance(config, TaoCacheConfig) else load_config(config)
+        self.module = module
+        self.steps, self.streams, self.split_batch, self.timestep_arg = steps, streams, split_batch, timestep_arg
+        self.cache: Optional[TaoCache] = None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        try:
+            target = pl_module.get_submodule(self.module) if self.module else pl_module
+        except AttributeError as exc:
+            raise ValueError(f"taohooks: {type(pl_module).__name__} has no submodule {self.module!r} to attach "
+                             f"TaoCache to ({exc})") from exc
+        self.cache = TaoCache(self.config)
+        self.cache.attach(target, self.steps, self.streams, split_batch=self.split_batch,
+                          timestep_arg=self.timestep_arg)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.cache.new_sample()
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if self.cache is not None:
+            self.cache.detach()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.cache is not None:
+            self.cache.detach()

@@ -1,0 +1,66 @@
+"""taohooks.lightning.TaoCacheCallback with Trainer.predict on a testbed model."""
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+pytest.importorskip("diffusers")
+
+import lightning.pytorch as pl  # noqa: E402
+
+from taohooks import TaoCache  # noqa: E402
+from taohooks.config import config_from_dict  # noqa: E402
+from taohooks.hook import get_hook  # noqa: E402
+from taohooks.lightning import TaoCacheCallback  # noqa: E402
+from taohooks.testbed import sampling  # noqa: E402
+from taohooks.testbed.model import VideoDiT, VideoDiTConfig  # noqa: E402
+
+STEPS = 8
+PROMPTS = [("a red circle moving left", 10000), ("a blue square moving up", 10001)]
+
+
+class Sampler(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = VideoDiT(VideoDiTConfig(dim=32, depth=2, num_heads=2))
+        for p in self.model.parameters():  # leave the adaLN-Zero initialisation: a non-trivial output
+            p.data.add_(0.02 * torch.randn_like(p))
+
+    def predict_step(self, batch, batch_idx):
+        prompt, seed = batch
+        return sampling.sample_flow(self.model, [prompt], [seed], steps=STEPS)
+
+
+def predict(module, callbacks):
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks)
+    return trainer.predict(module, dataloaders=torch.utils.data.DataLoader(PROMPTS, batch_size=None))
+
+
+def test_predict_with_the_callback_matches_a_manual_attach():
+    config = config_from_dict({"plan": {"window": [5, 6], "ratio": 1.0}})
+    module = Sampler()
+    callback = TaoCacheCallback(config, module="model", steps=STEPS, streams=("cond", "uncond"), timestep_arg=1)
+    outs = predict(module, [callback])
+    assert get_hook(module.model) is None  # detached at the end
+    assert callback.cache.hook.counts == {"cond": [12, 4], "uncond": [12, 4]}  # 2 batches x 2 skipped steps
+    cache = TaoCache(config)
+    with cache.attach(module.model, STEPS, ("cond", "uncond"), timestep_arg=1) as hook:
+        for (prompt, seed), out in zip(PROMPTS, outs):
+            hook.new_sample()
+            assert torch.equal(sampling.sample_flow(module.model, [prompt], [seed], steps=STEPS), out)
+    full = [sampling.sample_flow(module.model, [p], [s], steps=STEPS) for p, s in PROMPTS]
+    assert all(not torch.equal(a, b) for a, b in zip(outs, full))
+
+
+def test_budget_zero_is_plain_predict():
+    module = Sampler()
+    plain = predict(module, [])
+    cached = predict(module, [TaoCacheCallback(config_from_dict({"plan": {"budget": 0}}), steps=STEPS,
+                                               streams=("cond", "uncond"))])
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+
+
+def test_a_missing_submodule_is_named():
+    with pytest.raises(ValueError, match="has no submodule 'denoiser'"):
+        predict(Sampler(), [TaoCacheCallback(config_from_dict({}), module="denoiser", steps=STEPS)])
