@@ -173,10 +173,8 @@ def _cmd_lpips_weights(args) -> int:
 
 def _cmd_calibrate(args) -> int:
     """Run the script through the launcher with the prompt list; it exits once the LUT is complete."""
-    import os
 
-    from .integration import ENV_CALIBRATE_ONLY, ENV_CALIBRATE_PROMPTS, read_prompts
-    from .run import main as run_main
+    from .integration import ENV_CALIBRATE_ONLY, ENV_CALIBRATE_PROMPTS, ENV_CALIBRATE_SHARDED, read_prompts
 
     config = load_config(args.config)
     path = config.lut_path()
@@ -196,19 +194,74 @@ def _cmd_calibrate(args) -> int:
     if not script:
         raise ValueError("name the sample script to run after --, e.g. "
                          "taocache calibrate configs/wan.yaml --prompts prompts.txt -- generate.py --task t2v-1.3B ...")
-    print(f"taocache calibrate: {path}: {have} of {wanted} prompts recorded; running {script[0]} for the rest")
-    os.environ[ENV_CALIBRATE_PROMPTS] = str(Path(args.prompts).resolve())
-    os.environ[ENV_CALIBRATE_ONLY] = "1"
-    try:
-        code = run_main(script + ["--taocache", args.config])
-    except SystemExit as exc:  # the integration exits once the LUT is complete
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        os.environ.pop(ENV_CALIBRATE_PROMPTS, None)
-        os.environ.pop(ENV_CALIBRATE_ONLY, None)
+    print(f"taocache calibrate: {path}: {have} of {wanted} prompts recorded; running {script[0]} for the rest"
+          + (f" on {args.devices} processes" if args.devices > 1 else ""))
+    env = {ENV_CALIBRATE_PROMPTS: str(Path(args.prompts).resolve()), ENV_CALIBRATE_ONLY: "1"}
+    if args.devices > 1 or args.data_parallel:
+        env[ENV_CALIBRATE_SHARDED] = "1"
+    argv = script + ["--taocache", args.config]
+    if args.devices > 1:
+        code = _spawn_calibration(args.devices, argv, env)
+    else:
+        code = _run_calibration(argv, env)
     if code == 0 and path.is_file():
         print(f"taocache calibrate: {CalibrationLUT.load(path).describe()}")
     return code
+
+
+def _run_calibration(argv: List[str], env: dict) -> int:
+    import os
+
+    from .run import main as run_main
+
+    os.environ.update(env)
+    try:
+        return run_main(list(argv))
+    except SystemExit as exc:  # the integration exits once the LUT is complete
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+
+
+def _calibration_worker(rank: int, world_size: int, port: int, argv: List[str], env: dict) -> None:
+    """One process of ``taocache calibrate --devices N`` (started with spawn)."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    from .distributed import init_from_environment
+
+    init_from_environment()
+    try:
+        code = _run_calibration(argv, env)
+        if code:
+            raise SystemExit(code)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn_calibration(devices: int, argv: List[str], env: dict) -> int:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.start_processes(_calibration_worker, args=(devices, port, argv, env), nprocs=devices,
+                           start_method="spawn")
+    except mp.ProcessExitedException as exc:
+        print(f"taocache calibrate: a worker failed: {exc}", file=sys.stderr)
+        return 1
+    except mp.ProcessRaisedException as exc:
+        print(f"taocache calibrate: a worker failed:\n{exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_autoload(args) -> int:
@@ -279,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(resumes where an interrupted run stopped)")
     p.add_argument("config")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line (20 recommended)")
+    p.add_argument("--devices", type=int, default=1, help="data-parallel: N local processes (gloo on CPU, NCCL "
+                                                               "on GPUs), prompts sharded, statistics all-reduced")
+    p.add_argument("--data-parallel", action="store_true", help="under torchrun: shard the prompts over its ranks "
+                                                                 "(each rank holds the whole model)")
     p.add_argument("script", nargs="*", help="after --: SCRIPT.py [the script's own arguments]")
     p.set_defaults(func=_cmd_calibrate)
 

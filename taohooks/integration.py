@@ -28,11 +28,12 @@ from .loop import LoopSpec
 from .taocache import TaoCache
 
 __all__ = ["GenerationPatch", "IntegrationError", "ENV_CALIBRATE_PROMPTS", "ENV_CALIBRATE_ONLY", "read_prompts",
-           "unwrap_model", "scheduler_calls", "batched_cfg_loop", "require_modules"]
+           "unwrap_model", "scheduler_calls", "batched_cfg_loop", "require_modules", "ENV_CALIBRATE_SHARDED"]
 
 Arguments = Dict[str, Any]
 ENV_CALIBRATE_PROMPTS = "TAOHOOKS_CALIBRATE_PROMPTS"
 ENV_CALIBRATE_ONLY = "TAOHOOKS_CALIBRATE_ONLY"
+ENV_CALIBRATE_SHARDED = "TAOHOOKS_CALIBRATE_DATA_PARALLEL"
 
 
 def read_prompts(path) -> List[str]:
@@ -218,6 +219,14 @@ class GenerationPatch:
                                    f"{config.source} asks for calibration.prompts = {wanted}; give more prompts "
                                    "or lower calibration.prompts")
         self._prompt_calibration = "running"
+        if os.environ.get(ENV_CALIBRATE_SHARDED):
+            try:
+                self._calibrate_sharded(bound, prompts, config, path, wanted)
+            finally:
+                self._prompt_calibration = "done"
+            if os.environ.get(ENV_CALIBRATE_ONLY):
+                raise SystemExit(0)
+            return
         try:
             have = self._recorded_prompts(bound, path)
             while have < wanted:
@@ -237,6 +246,50 @@ class GenerationPatch:
         self.log(f"taohooks: calibration LUT {path} complete ({have} prompts)")
         if os.environ.get(ENV_CALIBRATE_ONLY):
             raise SystemExit(0)
+
+    def _calibrate_sharded(self, bound: inspect.BoundArguments, prompts: List[str], config, path: Path,
+                           wanted: int) -> None:
+        """Data-parallel calibration: each rank records its share of the missing prompts (into its own
+        part file, so an interrupted run resumes), then the statistics are all-reduced and rank 0
+        writes the LUT. One prompt per generation."""
+        import torch.distributed as dist
+
+        from .calibration import CalibrationRecorder
+        from .distributed import all_reduce_lut, init_from_environment, shard, world
+        from .hook import DenoiserHook
+        from .lut import CalibrationLUT
+
+        init_from_environment()
+        rank, size = world()
+        base = CalibrationLUT.load(path) if path.is_file() else None
+        have = base.num_prompts if base is not None else 0
+        mine = shard(list(range(have, wanted)), rank, size)
+        part = path.with_name(f"{path.stem}.part{rank}-of-{size}{path.suffix}")
+        resume = CalibrationLUT.load(part) if part.is_file() else None
+        done = resume.num_prompts if resume is not None else 0
+        arguments = dict(bound.arguments)
+        model = unwrap_model(self.model_of(arguments))
+        loop, attach_kwargs = self.loop_of(arguments)
+        recorder = CalibrationRecorder(config.model_id, config.calibration.sampler, resume=resume)
+        with DenoiserHook(loop, [recorder], timestep_arg=attach_kwargs.get("timestep_arg")).attach(model) as hook:
+            for index in mine[done:]:
+                self.log(f"taohooks: rank {rank}/{size}: calibration prompt {index + 1}/{wanted}: {prompts[index]!r}")
+                replaced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
+                original = bound.arguments[self.prompt_arg]
+                replaced.arguments[self.prompt_arg] = ([prompts[index]] * len(original)
+                                                       if isinstance(original, (list, tuple)) else prompts[index])
+                hook.new_sample()
+                self.original(*replaced.args, **replaced.kwargs)
+                recorder.save(part)
+        total = all_reduce_lut(recorder.lut())
+        if base is not None:
+            total = base.merge(total)
+        if rank == 0:
+            total.save(path)
+            self.log(f"taohooks: calibration LUT {path} complete ({total.num_prompts} prompts, {size} ranks)")
+        if size > 1:
+            dist.barrier()
+        part.unlink(missing_ok=True)
 
     def _recorded_prompts(self, bound: inspect.BoundArguments, path: Path) -> int:
         from .lut import CalibrationLUT

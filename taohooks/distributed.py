@@ -1,0 +1,86 @@
+"""Distributed calibration: prompts sharded over ranks, statistics all-reduced exactly.
+
+A calibration LUT is sufficient statistics (counts, sums, sums of squares in float64), so the
+statistics of all ranks together are their sum: :func:`all_reduce_lut` adds them over the
+process group, and rank 0 writes one LUT, the same (up to float64 summation order) as one process
+calibrating on all the prompts. Works under ``torchrun`` and Lightning Fabric (any initialised
+``torch.distributed`` group; gloo on CPU, NCCL on GPUs).
+
+This is for data-parallel calibration, where every rank holds the whole model. Under Wan's
+sequence parallelism the ranks work on the same prompt together and see the same gathered
+output: there rank 0 simply writes what it recorded.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .lut import CalibrationLUT
+from .stats import RunningMoments
+
+__all__ = ["all_reduce_lut", "shard", "world", "init_from_environment"]
+
+T = TypeVar("T")
+
+
+def world() -> tuple:
+    """``(rank, world size)``; ``(0, 1)`` without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> List[T]:
+    """The items of one rank: every ``world_size``-th, from ``rank`` on."""
+    return list(items[rank::world_size])
+
+
+def init_from_environment() -> bool:
+    """Initialise the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) if it is not initialised yet; gloo on CPU, NCCL with CUDA.
+    Returns whether a group with more than one rank exists."""
+    if not dist.is_available():
+        return False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return world()[1] > 1
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sum(t: torch.Tensor, device: torch.device, group) -> torch.Tensor:
+    buffer = t.to(device)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    return buffer.cpu()
+
+
+def all_reduce_lut(lut: CalibrationLUT, group: Optional[object] = None) -> CalibrationLUT:
+    """The LUT of all ranks' statistics together (every rank gets it).
+
+    Counts, sums and sums of squares and the prompt count are summed; each step's timestep is
+    taken from any rank that recorded it (they agree: same scheduler)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return lut
+    device = _device()
+    moments = []
+    for m in (lut.cos, lut.ratio):
+        moments.append(RunningMoments(_sum(m.count, device, group), _sum(m.total, device, group),
+                                      _sum(m.total_sq, device, group)))
+    prompts = int(_sum(torch.tensor([lut.num_prompts], dtype=torch.int64), device, group))
+    timesteps = torch.where(lut.timesteps.isnan(), torch.full_like(lut.timesteps, float("-inf")), lut.timesteps)
+    timesteps = timesteps.to(device)
+    dist.all_reduce(timesteps, op=dist.ReduceOp.MAX, group=group)
+    timesteps = timesteps.cpu()
+    timesteps = torch.where(timesteps.isinf(), torch.full_like(timesteps, float("nan")), timesteps)
+    return CalibrationLUT(lut.streams, lut.steps, moments[0], moments[1], timesteps, lut.calls_per_step,
+                          lut.model_id, lut.sampler, prompts, lut.created)

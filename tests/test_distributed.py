@@ -1,0 +1,122 @@
+"""Distributed: data-parallel calibration (gloo, 2 processes) equals one process; under a
+sequence-parallel forward that all-gathers its output, both ranks skip the same calls."""
+import socket
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from taohooks import TaoCache
+from taohooks.config import config_from_dict
+from taohooks.lut import CalibrationLUT
+
+pytest.importorskip("diffusers")
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from taohooks.testbed import sampling
+    from taohooks.testbed.model import VideoDiT, VideoDiTConfig
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = VideoDiT(VideoDiTConfig(dim=32, depth=2, num_heads=2))
+    for p in model.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    sampling.sample(model, [sys.argv[1]], [10000], steps=6)
+""")
+PROMPTS = ["a red circle moving left", "a green circle moving up", "a blue square moving up",
+           "a yellow square moving down", "a red square moving right"]
+
+
+def calibrate(folder, *extra):
+    folder.mkdir()
+    (folder / "sample.py").write_text(SCRIPT)
+    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (folder / "c.yaml").write_text("integration: testbed\nmodel_id: tiny\nlut: lut.safetensors\n"
+                                   "calibration: {prompts: 5}\n")
+    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
+                          *extra, "--", "sample.py", PROMPTS[0]], cwd=folder, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    return CalibrationLUT.load(folder / "lut.safetensors"), res
+
+
+def test_two_process_calibration_equals_one_process(tmp_path):
+    single, _ = calibrate(tmp_path / "single")
+    sharded, res = calibrate(tmp_path / "two", "--devices", "2")
+    assert "rank 1/2: calibration prompt 2/5" in res.stderr and "(5 prompts, 2 ranks)" in res.stderr
+    assert sharded.num_prompts == single.num_prompts == 5
+    assert torch.equal(sharded.cos.count, single.cos.count) and torch.equal(sharded.ratio.count, single.ratio.count)
+    for a, b in ((sharded.cos_mean, single.cos_mean), (sharded.cos_std, single.cos_std),
+                 (sharded.ratio_mean, single.ratio_mean), (sharded.ratio_std, single.ratio_std)):
+        assert float((a - b).abs().nan_to_num(0.0).max()) < 1e-6
+    assert torch.equal(sharded.timesteps.nan_to_num(-1.0), single.timesteps.nan_to_num(-1.0))
+    assert not list((tmp_path / "two").glob("*.part*"))  # the per-rank part files are gone
+
+
+# ---------------------------------------------------------------- sequence-parallel sampling
+STEPS, TOKENS, DIM = 10, 8, 6
+
+
+class Denoiser(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.t = torch.nn.Linear(1, DIM)
+        self.mix = torch.nn.Linear(DIM, DIM)
+
+    def forward(self, x, t):
+        return torch.tanh(self.mix(x) + self.t(t.reshape(1, 1) / 1000))
+
+
+def sequence_parallel_forward(self, x, t):
+    """Like Wan's usp_dit_forward: this rank's share of the tokens, then an all-gather."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = Denoiser.forward(self, x.chunk(world, dim=0)[rank], t)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    return torch.cat(parts, dim=0)
+
+
+def sample(model):
+    x = torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(1))
+    for i in range(STEPS):
+        t = torch.tensor([1000.0 * (1 - i / STEPS)])
+        cond, uncond = model(x, t=t), model(x + 0.1, t=t)
+        x = x - 0.1 * (uncond + 2.0 * (cond - uncond))
+    return x
+
+
+CONFIG = {"plan": {"window": [6, 8], "ratio": 1.0}}
+
+
+def _worker(rank, world, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = Denoiser()
+        model.forward = types.MethodType(sequence_parallel_forward, model)  # replaced after construction
+        cache = TaoCache(config_from_dict(CONFIG))
+        with cache.attach(model, STEPS, ("cond", "uncond")):
+            out = sample(model)
+        torch.save({"out": out, "counts": cache.hook.counts}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_ranks_take_the_same_decisions(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["counts"] == r1["counts"] == {"cond": [7, 3], "uncond": [7, 3]}
+    assert torch.equal(r0["out"], r1["out"])
+    model = Denoiser()  # one process, no sequence parallelism: the same result
+    cache = TaoCache(config_from_dict(CONFIG))
+    with cache.attach(model, STEPS, ("cond", "uncond")):
+        single = sample(model)
+    assert torch.allclose(r0["out"], single, atol=1e-6)
