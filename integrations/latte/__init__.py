@@ -28,8 +28,8 @@ _installed = False
 
 def _loop(arguments):
     pipe = arguments["self"]
-    return batched_cfg_loop(pipe.scheduler, arguments["num_inference_steps"], arguments["guidance_scale"],
-                            arguments.get("timesteps"))
+    # The pipelines accept `timesteps=` but always call scheduler.set_timesteps(num_inference_steps).
+    return batched_cfg_loop(pipe.scheduler, arguments["num_inference_steps"], arguments["guidance_scale"])
 
 
 def patch_pipeline(cls, config: TaoCacheConfig, callbacks_of=None) -> GenerationPatch:

@@ -1,0 +1,120 @@
+"""Shared helpers of the opt-in tests against the official research repos (see README.md).
+
+Nothing of the official repos is copied here: the tests import their code from a checkout named
+by an environment variable, and are skipped when it is not set.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import types
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import pytest
+
+from taohooks.config import config_from_dict
+
+# The summary line GenerationPatch prints on stderr after every generation.
+SUMMARY = re.compile(r"taohooks: generation \d+: (\d+) of (\d+) denoiser calls saved")
+PAB_SUMMARY = re.compile(r"PAB broadcast (\d+) attention calls")
+
+
+def checkout(env_var: str, marker: str) -> Path:
+    """The checkout named by ``env_var``; skips the calling module when it is unset.
+
+    ``marker`` is a file every checkout of that repo has (relative to its root); a path that lacks
+    it is an error, not a skip, so a typo in the variable does not pass silently."""
+    value = os.environ.get(env_var)
+    if not value:
+        pytest.skip(f"{env_var} is not set (path of a checkout; see tests/official/README.md)",
+                    allow_module_level=True)
+    root = Path(value).expanduser().resolve()
+    if not (root / marker).is_file():
+        raise pytest.UsageError(f"{env_var}={value}: {marker} not found there; is it a checkout of the right repo?")
+    return root
+
+
+def config(integration: str, plan: dict, pab: Optional[dict] = None):
+    data = {"integration": integration, "plan": plan}
+    if pab is not None:
+        data["pab"] = pab
+    return config_from_dict(data, f"official-{integration}.yaml")
+
+
+def calibrating_config(integration: str, folder: Path, budget: int):
+    """A config whose LUT does not exist yet: the first generation calibrates (one prompt), the
+    next ones skip ``budget`` steps in the window searched on that LUT."""
+    return config_from_dict({"integration": integration, "model_id": f"tiny-{integration}",
+                             "lut": str(folder / f"{integration}.safetensors"), "calibration": {"prompts": 1},
+                             "plan": {"budget": budget}}, str(folder / f"{integration}.yaml"))
+
+
+def summaries(err: str):
+    """``[(saved, total, pab_broadcasts or None), ...]`` of the summary lines in ``err``."""
+    out = []
+    for line in err.splitlines():
+        m = SUMMARY.search(line)
+        if m:
+            p = PAB_SUMMARY.search(line)
+            out.append((int(m.group(1)), int(m.group(2)), int(p.group(1)) if p else None))
+    return out
+
+
+def stub_module(name: str, **attrs) -> None:
+    """Put an empty module ``name`` in ``sys.modules`` unless the real one can be imported."""
+    import importlib.util
+
+    if name in sys.modules:
+        return
+    try:
+        if importlib.util.find_spec(name) is not None:
+            return
+    except (ImportError, ValueError):
+        pass
+    import importlib.machinery
+
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    module.__dict__.update(attrs)
+    module.__taohooks_stub__ = True
+    sys.modules[name] = module
+
+
+def package_without_init(name: str, path: Path) -> None:
+    """Register package ``name`` with ``__path__ = [path]`` without running its ``__init__.py``
+    (whose imports pull in every pipeline, the T5 tokenizer, dashscope ...)."""
+    module = types.ModuleType(name)
+    module.__path__ = [str(path)]
+    module.__file__ = None
+    module.__package__ = name
+    sys.modules[name] = module
+    parent, _, child = name.rpartition(".")
+    if parent and parent in sys.modules:
+        setattr(sys.modules[parent], child, module)
+
+
+@contextmanager
+def isolated_imports(paths: Iterable[Path], names: Iterable[str]) -> Iterator[None]:
+    """Put ``paths`` first on ``sys.path``; afterwards drop them and every module named in
+    ``names`` (or below), so that each test imports the repo afresh (after installing the
+    integration, which exercises its post-import hook) and repos with clashing top-level names
+    (Latte's ``models``/``utils``/``diffusion``) do not leak into one another."""
+    paths = [str(p) for p in paths]
+    names = tuple(names)
+    saved_path = list(sys.path)
+
+    def drop():
+        for key in list(sys.modules):
+            if any(key == n or key.startswith(n + ".") for n in names):
+                del sys.modules[key]
+
+    drop()
+    sys.path[:0] = paths
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        drop()
