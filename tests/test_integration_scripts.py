@@ -177,7 +177,7 @@ def run_launcher(runner, repo: Repo, out: Path, config: str, *extra: str, cold: 
 
 
 def saved_counts(res: Result) -> List[Tuple[int, int]]:
-    return [tuple(map(int, re.search(r"(\d+) of (\d+) denoiser calls saved", l).groups())) for l in res.summaries()]
+    return [tuple(map(int, re.search(r"(\d+) of (\d+) denoiser calls saved", line).groups())) for line in res.summaries()]
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

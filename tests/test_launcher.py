@@ -50,8 +50,8 @@ def test_manual_window_end_to_end(tmp_path, script):
     res = launch(tmp_path, script, "--flag", "--taocache", config)
     assert res.returncode == 0, res.stderr
     assert "argv ['--flag'] finite True" in res.stdout
-    lines = [l for l in res.stderr.splitlines() if l.startswith("taohooks: generation")]
-    assert len(lines) == 2 and all("4 of 16 denoiser calls saved (25.0%)" in l for l in lines)
+    lines = [line for line in res.stderr.splitlines() if line.startswith("taohooks: generation")]
+    assert len(lines) == 2 and all("4 of 16 denoiser calls saved (25.0%)" in line for line in lines)
 
 
 def test_calibrates_on_first_use_then_skips(tmp_path, script):
@@ -61,7 +61,7 @@ def test_calibrates_on_first_use_then_skips(tmp_path, script):
     res = launch(tmp_path, script, "--taocache", config)
     assert res.returncode == 0, res.stderr
     assert "calibrating" in res.stderr and (tmp_path / "lut.safetensors").is_file()
-    lines = [l for l in res.stderr.splitlines() if l.startswith("taohooks: generation")]
+    lines = [line for line in res.stderr.splitlines() if line.startswith("taohooks: generation")]
     assert "0 of 16 denoiser calls saved" in lines[0] and "4 of 16 denoiser calls saved" in lines[1]
 
 
