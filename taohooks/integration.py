@@ -103,6 +103,11 @@ class IntegrationError(RuntimeError):
 
 
 def _log(message: str) -> None:
+    """To stderr, once per job: under torchrun only rank 0 speaks (every rank skips the same calls)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
     print(message, file=sys.stderr, flush=True)
 
 
@@ -273,7 +278,8 @@ class GenerationPatch:
         recorder = CalibrationRecorder(config.model_id, config.calibration.sampler, resume=resume)
         with DenoiserHook(loop, [recorder], timestep_arg=attach_kwargs.get("timestep_arg")).attach(model) as hook:
             for index in mine[done:]:
-                self.log(f"taohooks: rank {rank}/{size}: calibration prompt {index + 1}/{wanted}: {prompts[index]!r}")
+                print(f"taohooks: rank {rank}/{size}: calibration prompt {index + 1}/{wanted}: {prompts[index]!r}",
+                      file=sys.stderr, flush=True)  # every rank reports its own progress
                 replaced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
                 original = bound.arguments[self.prompt_arg]
                 replaced.arguments[self.prompt_arg] = ([prompts[index]] * len(original)
