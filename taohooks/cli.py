@@ -173,6 +173,7 @@ def _cmd_lpips_weights(args) -> int:
 
 def _cmd_calibrate(args) -> int:
     """Run the script through the launcher with the prompt list; it exits once the LUT is complete."""
+    import os
 
     from .integration import ENV_CALIBRATE_ONLY, ENV_CALIBRATE_PROMPTS, ENV_CALIBRATE_SHARDED, read_prompts
 
@@ -194,8 +195,9 @@ def _cmd_calibrate(args) -> int:
     if not script:
         raise ValueError("name the sample script to run after --, e.g. "
                          "taocache calibrate configs/wan.yaml --prompts prompts.txt -- generate.py --task t2v-1.3B ...")
-    print(f"taocache calibrate: {path}: {have} of {wanted} prompts recorded; running {script[0]} for the rest"
-          + (f" on {args.devices} processes" if args.devices > 1 else ""))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"taocache calibrate: {path}: {have} of {wanted} prompts recorded; running {script[0]} for the rest"
+              + (f" on {args.devices} processes" if args.devices > 1 else ""))
     env = {ENV_CALIBRATE_PROMPTS: str(Path(args.prompts).resolve()), ENV_CALIBRATE_ONLY: "1"}
     if args.devices > 1 or args.data_parallel:
         env[ENV_CALIBRATE_SHARDED] = "1"
@@ -204,7 +206,7 @@ def _cmd_calibrate(args) -> int:
         code = _spawn_calibration(args.devices, argv, env)
     else:
         code = _run_calibration(argv, env)
-    if code == 0 and path.is_file():
+    if code == 0 and path.is_file() and os.environ.get("RANK", "0") == "0":  # under torchrun: once
         print(f"taocache calibrate: {CalibrationLUT.load(path).describe()}")
     return code
 

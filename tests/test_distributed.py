@@ -32,13 +32,13 @@ PROMPTS = ["a red circle moving left", "a green circle moving up", "a blue squar
            "a yellow square moving down", "a red square moving right"]
 
 
-def calibrate(folder, *extra):
+def calibrate(folder, *extra, launcher=("-m", "taohooks.cli")):
     folder.mkdir()
     (folder / "sample.py").write_text(SCRIPT)
     (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (folder / "c.yaml").write_text("integration: testbed\nmodel_id: tiny\nlut: lut.safetensors\n"
                                    "calibration: {prompts: 5}\n")
-    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
+    res = subprocess.run([sys.executable, *launcher, "calibrate", "c.yaml", "--prompts", "prompts.txt",
                           *extra, "--", "sample.py", PROMPTS[0]], cwd=folder, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
@@ -56,6 +56,19 @@ def test_two_process_calibration_equals_one_process(tmp_path):
         assert float((a - b).abs().nan_to_num(0.0).max()) < 1e-6
     assert torch.equal(sharded.timesteps.nan_to_num(-1.0), single.timesteps.nan_to_num(-1.0))
     assert not list((tmp_path / "two").glob("*.part*"))  # the per-rank part files are gone
+
+
+def test_data_parallel_calibration_under_torchrun(tmp_path):
+    single, _ = calibrate(tmp_path / "single")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m",
+                "taohooks.cli")
+    sharded, res = calibrate(tmp_path / "torchrun", "--data-parallel", launcher=launcher)
+    assert "(5 prompts, 2 ranks)" in res.stderr
+    assert torch.equal(sharded.cos.count, single.cos.count)
+    assert float((sharded.ratio_mean - single.ratio_mean).abs().nan_to_num(0.0).max()) < 1e-6
 
 
 # ---------------------------------------------------------------- sequence-parallel sampling
