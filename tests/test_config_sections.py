@@ -60,3 +60,19 @@ def test_pab_and_hybrid_from_a_config_on_a_model():
     assert all(torch.isfinite(o[0]).all() for o in outs)
     assert not torch.equal(outs[-1][0], full[-1][0])
     assert "forward" not in vars(model.blocks[0]) and "forward" not in vars(model.blocks[0].attn)  # restored
+
+
+def test_wan_refuses_the_hybrid_on_several_ranks(monkeypatch):
+    import torch.distributed as dist
+
+    from taohooks.integration import IntegrationError
+    from taohooks.integrations.wan import _refuse_rank_local_decisions
+
+    config = config_from_dict({"integration": "wan", "teacache": {"threshold": 0.1}}, "wan_hybrid.yaml")
+    check = _refuse_rank_local_decisions(config)
+    assert check({}, None) == []  # one process: fine
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.raises(IntegrationError, match="wan_hybrid.yaml: teacache: .* ranks could take different"):
+        check({}, None)
+    assert _refuse_rank_local_decisions(config_from_dict({"integration": "wan"}))({}, None) == []

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from taohooks.config import TaoCacheConfig
 from taohooks.imports import cancel_when_imported, when_imported
-from taohooks.integration import GenerationPatch, require_modules
+from taohooks.integration import GenerationPatch, IntegrationError, require_modules
 from taohooks.loop import LoopSpec
 from taohooks.taocache import TaoCache
 
@@ -48,11 +48,27 @@ def _loop(arguments):
     return LoopSpec(int(arguments["sampling_steps"]), STREAMS, batch_dim=None), {"timestep_arg": "t"}
 
 
+def _refuse_rank_local_decisions(config: TaoCacheConfig):
+    """TeaCache decides from activations, which sequence parallelism shards over ranks: ranks could
+    decide differently and one would skip the attention collectives another enters."""
+    def check(arguments, model):
+        import torch.distributed as dist
+
+        if (config.teacache is not None and config.teacache.threshold > 0 and dist.is_available()
+                and dist.is_initialized() and dist.get_world_size() > 1):
+            raise IntegrationError(f"{config.source}: teacache: the hybrid decides from activations that "
+                                   "--ulysses_size/--ring_size shard over ranks, so ranks could take different "
+                                   "decisions and deadlock; use TaoCache (and pab:) alone on several GPUs")
+        return []
+    return check
+
+
 def _patch(module, class_name: str, config: TaoCacheConfig) -> None:
     cls = getattr(module, class_name, None)
     if cls is None or "generate" not in vars(cls):
         return  # WanVace inherits nothing we need; an older checkout may lack a pipeline
-    patch = GenerationPatch(cls, "generate", lambda arguments: TaoCache(config), _model, _loop, prompt_arg="input_prompt")
+    patch = GenerationPatch(cls, "generate", lambda arguments: TaoCache(config), _model, _loop,
+                            callbacks_of=_refuse_rank_local_decisions(config), prompt_arg="input_prompt")
     _patches.append(patch.install())
 
 
