@@ -175,7 +175,7 @@ def _cmd_calibrate(args) -> int:
     """Run the script through the launcher with the prompt list; it exits once the LUT is complete."""
     import os
 
-    from .integration import ENV_CALIBRATE_ONLY, ENV_CALIBRATE_PROMPTS, ENV_CALIBRATE_SHARDED, read_prompts
+    from .prompt_calibration import ENV_CALIBRATE_ONLY, ENV_CALIBRATE_PROMPTS, ENV_CALIBRATE_SHARDED, read_prompts
 
     config = load_config(args.config)
     path = config.lut_path()

@@ -8,10 +8,8 @@ and the loop's shape from that call's arguments. :class:`GenerationPatch` then, 
 2. attaches a :class:`~taohooks.TaoCache` hook to it, or keeps the one attached for the same loop,
 3. begins a new generation, runs the original function, and prints a one-line summary.
 
-Explicit calibration (``taocache calibrate CONFIG --prompts prompts.txt -- SCRIPT ...``) sets
-``TAOHOOKS_CALIBRATE_PROMPTS``: the first generation the script asks for then runs once per
-calibration prompt that the LUT does not hold yet (the call's prompt argument replaced), the
-LUT is saved after each, and with ``TAOHOOKS_CALIBRATE_ONLY`` the process exits when it is complete.
+With ``TAOHOOKS_CALIBRATE_PROMPTS`` set (``taocache calibrate``), the first call calibrates over a
+prompt list instead (:mod:`taohooks.prompt_calibration`).
 """
 from __future__ import annotations
 
@@ -19,33 +17,17 @@ import inspect
 import os
 import sys
 import weakref
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
 from .loop import LoopSpec
 from .taocache import TaoCache
 
-__all__ = ["GenerationPatch", "IntegrationError", "ENV_CALIBRATE_PROMPTS", "ENV_CALIBRATE_ONLY", "read_prompts",
-           "unwrap_model", "scheduler_calls", "batched_cfg_loop", "require_modules", "ENV_CALIBRATE_SHARDED"]
+__all__ = ["GenerationPatch", "IntegrationError", "unwrap_model", "scheduler_calls", "batched_cfg_loop",
+           "require_modules"]
 
 Arguments = Dict[str, Any]
-ENV_CALIBRATE_PROMPTS = "TAOHOOKS_CALIBRATE_PROMPTS"
-ENV_CALIBRATE_ONLY = "TAOHOOKS_CALIBRATE_ONLY"
-ENV_CALIBRATE_SHARDED = "TAOHOOKS_CALIBRATE_DATA_PARALLEL"
-
-
-def read_prompts(path) -> List[str]:
-    """One prompt per non-empty line (lines starting with ``#`` are comments)."""
-    path = Path(path)
-    if not path.is_file():
-        raise IntegrationError(f"prompts file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise IntegrationError(f"prompts file {path} holds no prompt (one per line)")
-    return prompts
 
 
 def require_modules(integration: str, names, hint: str) -> None:
@@ -189,8 +171,10 @@ class GenerationPatch:
         bound.apply_defaults()
         if self.enabled is not None and not self.enabled(dict(bound.arguments)):
             return self.original(*args, **kwargs)
-        if os.environ.get(ENV_CALIBRATE_PROMPTS) and self._prompt_calibration is None:
-            self._calibrate_prompts(bound)
+        if self._prompt_calibration is None and os.environ.get("TAOHOOKS_CALIBRATE_PROMPTS"):
+            from .prompt_calibration import calibrate_over_prompts
+
+            calibrate_over_prompts(self, bound)
         return self._generate(bound)
 
     def _generate(self, bound: inspect.BoundArguments) -> Any:
@@ -205,105 +189,6 @@ class GenerationPatch:
         self.generations += 1
         self.log(self.summary_line(cache, before))
         return result
-
-    def _calibrate_prompts(self, bound: inspect.BoundArguments) -> None:
-        """Run the generation once per calibration prompt the LUT lacks (explicit calibration).
-
-        The LUT's prompt count says where an interrupted calibration stopped: with ``n`` prompts
-        recorded, the next generation uses line ``n`` of the prompts file."""
-        if self.prompt_arg is None:
-            raise IntegrationError(f"{self.name}: this integration cannot substitute prompts; calibrate by running "
-                                   "the script once per prompt (the LUT resumes across runs)")
-        prompts = read_prompts(os.environ[ENV_CALIBRATE_PROMPTS])
-        config = self.make_cache(dict(bound.arguments)).config
-        path, wanted = config.lut_path(), config.calibration.prompts
-        if path is None:
-            raise IntegrationError(f"{config.source}: lut: name the LUT file to calibrate into")
-        if len(prompts) < wanted:
-            raise IntegrationError(f"{os.environ[ENV_CALIBRATE_PROMPTS]} holds {len(prompts)} prompts, "
-                                   f"{config.source} asks for calibration.prompts = {wanted}; give more prompts "
-                                   "or lower calibration.prompts")
-        self._prompt_calibration = "running"
-        if os.environ.get(ENV_CALIBRATE_SHARDED):
-            try:
-                self._calibrate_sharded(bound, prompts, config, path, wanted)
-            finally:
-                self._prompt_calibration = "done"
-            if os.environ.get(ENV_CALIBRATE_ONLY):
-                raise SystemExit(0)
-            return
-        try:
-            have = self._recorded_prompts(bound, path)
-            while have < wanted:
-                self.log(f"taohooks: calibration prompt {have + 1}/{wanted}: {prompts[have]!r}")
-                replaced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
-                original = bound.arguments[self.prompt_arg]
-                replaced.arguments[self.prompt_arg] = ([prompts[have]] * len(original)
-                                                       if isinstance(original, (list, tuple)) else prompts[have])
-                self._generate(replaced)
-                now = self._recorded_prompts(bound, path)
-                if now <= have:
-                    raise IntegrationError("a calibration generation recorded no prompt; does the integration's "
-                                           "loop shape match the script?")
-                have = now
-        finally:
-            self._prompt_calibration = "done"
-        self.log(f"taohooks: calibration LUT {path} complete ({have} prompts)")
-        if os.environ.get(ENV_CALIBRATE_ONLY):
-            raise SystemExit(0)
-
-    def _calibrate_sharded(self, bound: inspect.BoundArguments, prompts: List[str], config, path: Path,
-                           wanted: int) -> None:
-        """Data-parallel calibration: each rank records its share of the missing prompts (into its own
-        part file, so an interrupted run resumes), then the statistics are all-reduced and rank 0
-        writes the LUT. One prompt per generation."""
-        import torch.distributed as dist
-
-        from .calibration import CalibrationRecorder
-        from .distributed import all_reduce_lut, init_from_environment, shard, world
-        from .hook import DenoiserHook
-        from .lut import CalibrationLUT
-
-        init_from_environment()
-        rank, size = world()
-        base = CalibrationLUT.load(path) if path.is_file() else None
-        have = base.num_prompts if base is not None else 0
-        mine = shard(list(range(have, wanted)), rank, size)
-        part = path.with_name(f"{path.stem}.part{rank}-of-{size}{path.suffix}")
-        resume = CalibrationLUT.load(part) if part.is_file() else None
-        done = resume.num_prompts if resume is not None else 0
-        arguments = dict(bound.arguments)
-        model = unwrap_model(self.model_of(arguments))
-        loop, attach_kwargs = self.loop_of(arguments)
-        recorder = CalibrationRecorder(config.model_id, config.calibration.sampler, resume=resume)
-        with DenoiserHook(loop, [recorder], timestep_arg=attach_kwargs.get("timestep_arg")).attach(model) as hook:
-            for index in mine[done:]:
-                print(f"taohooks: rank {rank}/{size}: calibration prompt {index + 1}/{wanted}: {prompts[index]!r}",
-                      file=sys.stderr, flush=True)  # every rank reports its own progress
-                replaced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
-                original = bound.arguments[self.prompt_arg]
-                replaced.arguments[self.prompt_arg] = ([prompts[index]] * len(original)
-                                                       if isinstance(original, (list, tuple)) else prompts[index])
-                hook.new_sample()
-                self.original(*replaced.args, **replaced.kwargs)
-                recorder.save(part)
-        total = all_reduce_lut(recorder.lut())
-        if base is not None:
-            total = base.merge(total)
-        if rank == 0:
-            total.save(path)
-            self.log(f"taohooks: calibration LUT {path} complete ({total.num_prompts} prompts, {size} ranks)")
-        if size > 1:
-            dist.barrier()
-        part.unlink(missing_ok=True)
-
-    def _recorded_prompts(self, bound: inspect.BoundArguments, path: Path) -> int:
-        from .lut import CalibrationLUT
-
-        entry = self.caches.get(unwrap_model(self.model_of(dict(bound.arguments))))
-        if entry is not None and entry[0].calibrating:
-            return entry[0].recorder.lut().num_prompts
-        return CalibrationLUT.load(path).num_prompts if path.is_file() else 0
 
     @staticmethod
     def _extra_counts(cache: TaoCache) -> Dict[str, int]:

@@ -1,0 +1,142 @@
+"""Calibrating a LUT over a prompt list through a research script (``taocache calibrate``).
+
+``taocache calibrate CONFIG --prompts prompts.txt -- SCRIPT ...`` runs the script with
+``TAOHOOKS_CALIBRATE_PROMPTS`` set: the first generation the script asks for is then repeated once
+per calibration prompt the LUT does not hold yet (the call's prompt argument replaced), the LUT is
+saved after each, and with ``TAOHOOKS_CALIBRATE_ONLY`` the process exits when it is complete. The
+LUT's prompt count says where an interrupted calibration stopped. With
+``TAOHOOKS_CALIBRATE_DATA_PARALLEL`` (``--devices N`` / ``--data-parallel``) the ranks share the
+prompts and their statistics are all-reduced (:mod:`taohooks.distributed`).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, List
+
+from .integration import IntegrationError, unwrap_model
+
+if TYPE_CHECKING:
+    from .integration import GenerationPatch
+
+__all__ = ["calibrate_over_prompts", "read_prompts", "ENV_CALIBRATE_PROMPTS", "ENV_CALIBRATE_ONLY",
+           "ENV_CALIBRATE_SHARDED"]
+
+ENV_CALIBRATE_PROMPTS = "TAOHOOKS_CALIBRATE_PROMPTS"
+ENV_CALIBRATE_ONLY = "TAOHOOKS_CALIBRATE_ONLY"
+ENV_CALIBRATE_SHARDED = "TAOHOOKS_CALIBRATE_DATA_PARALLEL"
+
+
+def read_prompts(path) -> List[str]:
+    """One prompt per non-empty line (lines starting with ``#`` are comments)."""
+    path = Path(path)
+    if not path.is_file():
+        raise IntegrationError(f"prompts file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise IntegrationError(f"prompts file {path} holds no prompt (one per line)")
+    return prompts
+
+
+
+def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArguments) -> None:
+    """Run the generation once per calibration prompt the LUT lacks (explicit calibration).
+
+    The LUT's prompt count says where an interrupted calibration stopped: with ``n`` prompts
+    recorded, the next generation uses line ``n`` of the prompts file."""
+    if patch.prompt_arg is None:
+        raise IntegrationError(f"{patch.name}: this integration cannot substitute prompts; calibrate by running "
+                               "the script once per prompt (the LUT resumes across runs)")
+    prompts = read_prompts(os.environ[ENV_CALIBRATE_PROMPTS])
+    config = patch.make_cache(dict(bound.arguments)).config
+    path, wanted = config.lut_path(), config.calibration.prompts
+    if path is None:
+        raise IntegrationError(f"{config.source}: lut: name the LUT file to calibrate into")
+    if len(prompts) < wanted:
+        raise IntegrationError(f"{os.environ[ENV_CALIBRATE_PROMPTS]} holds {len(prompts)} prompts, "
+                               f"{config.source} asks for calibration.prompts = {wanted}; give more prompts "
+                               "or lower calibration.prompts")
+    patch._prompt_calibration = "running"
+    if os.environ.get(ENV_CALIBRATE_SHARDED):
+        try:
+            _calibrate_sharded(patch, bound, prompts, config, path, wanted)
+        finally:
+            patch._prompt_calibration = "done"
+        if os.environ.get(ENV_CALIBRATE_ONLY):
+            raise SystemExit(0)
+        return
+    try:
+        have = _recorded_prompts(patch, bound, path)
+        while have < wanted:
+            patch.log(f"taohooks: calibration prompt {have + 1}/{wanted}: {prompts[have]!r}")
+            replaced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
+            original = bound.arguments[patch.prompt_arg]
+            replaced.arguments[patch.prompt_arg] = ([prompts[have]] * len(original)
+                                                   if isinstance(original, (list, tuple)) else prompts[have])
+            patch._generate(replaced)
+            now = _recorded_prompts(patch, bound, path)
+            if now <= have:
+                raise IntegrationError("a calibration generation recorded no prompt; does the integration's "
+                                       "loop shape match the script?")
+            have = now
+    finally:
+        patch._prompt_calibration = "done"
+    patch.log(f"taohooks: calibration LUT {path} complete ({have} prompts)")
+    if os.environ.get(ENV_CALIBRATE_ONLY):
+        raise SystemExit(0)
+
+def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, prompts: List[str], config,
+                       path: Path, wanted: int) -> None:
+    """Data-parallel calibration: each rank records its share of the missing prompts (into its own
+    part file, so an interrupted run resumes), then the statistics are all-reduced and rank 0
+    writes the LUT. One prompt per generation."""
+    import torch.distributed as dist
+
+    from .calibration import CalibrationRecorder
+    from .distributed import all_reduce_lut, init_from_environment, shard, world
+    from .hook import DenoiserHook
+    from .lut import CalibrationLUT
+
+    init_from_environment()
+    rank, size = world()
+    base = CalibrationLUT.load(path) if path.is_file() else None
+    have = base.num_prompts if base is not None else 0
+    mine = shard(list(range(have, wanted)), rank, size)
+    part = path.with_name(f"{path.stem}.part{rank}-of-{size}{path.suffix}")
+    resume = CalibrationLUT.load(part) if part.is_file() else None
+    done = resume.num_prompts if resume is not None else 0
+    arguments = dict(bound.arguments)
+    model = unwrap_model(patch.model_of(arguments))
+    loop, attach_kwargs = patch.loop_of(arguments)
+    recorder = CalibrationRecorder(config.model_id, config.calibration.sampler, resume=resume)
+    with DenoiserHook(loop, [recorder], timestep_arg=attach_kwargs.get("timestep_arg")).attach(model) as hook:
+        for index in mine[done:]:
+            print(f"taohooks: rank {rank}/{size}: calibration prompt {index + 1}/{wanted}: {prompts[index]!r}",
+                  file=sys.stderr, flush=True)  # every rank reports its own progress
+            replaced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
+            original = bound.arguments[patch.prompt_arg]
+            replaced.arguments[patch.prompt_arg] = ([prompts[index]] * len(original)
+                                                   if isinstance(original, (list, tuple)) else prompts[index])
+            hook.new_sample()
+            patch.original(*replaced.args, **replaced.kwargs)
+            recorder.save(part)
+    total = all_reduce_lut(recorder.lut())
+    if base is not None:
+        total = base.merge(total)
+    if rank == 0:
+        total.save(path)
+        patch.log(f"taohooks: calibration LUT {path} complete ({total.num_prompts} prompts, {size} ranks)")
+    if size > 1:
+        dist.barrier()
+    part.unlink(missing_ok=True)
+
+def _recorded_prompts(patch: "GenerationPatch", bound: inspect.BoundArguments, path: Path) -> int:
+    from .lut import CalibrationLUT
+
+    entry = patch.caches.get(unwrap_model(patch.model_of(dict(bound.arguments))))
+    if entry is not None and entry[0].calibrating:
+        return entry[0].recorder.lut().num_prompts
+    return CalibrationLUT.load(path).num_prompts if path.is_file() else 0
