@@ -17,14 +17,14 @@ import inspect
 import os
 import sys
 import weakref
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
 from .loop import LoopSpec
 from .taocache import TaoCache
 
-__all__ = ["GenerationPatch", "IntegrationError", "unwrap_model", "scheduler_calls", "batched_cfg_loop",
+__all__ = ["GenerationPatch", "IntegrationError", "PatchSet", "unwrap_model", "scheduler_calls", "batched_cfg_loop",
            "require_modules"]
 
 Arguments = Dict[str, Any]
@@ -91,6 +91,36 @@ def _log(message: str) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
     print(message, file=sys.stderr, flush=True)
+
+
+class PatchSet:
+    """The patches of one integration: made when their research modules are imported (now, if they
+    already are), removed together. ``install``-once bookkeeping for ``install``/``uninstall``."""
+
+    def __init__(self):
+        self.installed = False
+        self.patches: List["GenerationPatch"] = []
+        self._pending: List[Tuple[str, Callable]] = []
+
+    def on_import(self, module_name: str, make: Callable[[Any], Optional["GenerationPatch"]]) -> None:
+        """Call ``make(module)`` once ``module_name`` is imported; keep the patch it returns."""
+        from .imports import when_imported
+
+        def run(module):
+            patch = make(module)
+            if patch is not None:
+                self.patches.append(patch)
+        self._pending.append((module_name, run))
+        when_imported(module_name, run)
+
+    def uninstall(self) -> None:
+        from .imports import cancel_when_imported
+
+        while self._pending:
+            cancel_when_imported(*self._pending.pop())
+        while self.patches:
+            self.patches.pop().uninstall()
+        self.installed = False
 
 
 class GenerationPatch:

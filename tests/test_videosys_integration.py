@@ -212,9 +212,9 @@ def test_a_pab_section_is_refused_at_install(fake):
                            "videosys_pab.yaml")
     with pytest.raises(IntegrationError, match=r"videosys_pab\.yaml: pab: VideoSys pipelines have their own PAB"):
         integration.install(cfg)
-    assert not integration._installed and not any(n.startswith("videosys") for n in imports._pending)
+    assert not integration._patches.installed and not any(n.startswith("videosys") for n in imports._pending)
     integration.install(config(budget=0))
-    assert integration._installed
+    assert integration._patches.installed
 
 
 def test_install_without_videosys_names_the_missing_module(clean):

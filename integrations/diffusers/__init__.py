@@ -27,8 +27,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from taohooks.callbacks import Callback
 from taohooks.config import TaoCacheConfig, load_config
-from taohooks.imports import cancel_when_imported, when_imported
-from taohooks.integration import GenerationPatch, IntegrationError, batched_cfg_loop, scheduler_calls
+from taohooks.integration import GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, scheduler_calls
 from taohooks.loop import LoopSpec
 from taohooks.reset import StateReset
 from taohooks.taocache import TaoCache
@@ -47,7 +46,7 @@ _MODULES = {"diffusers.pipelines.wan.pipeline_wan": ("WanPipeline",),
 _configs: "weakref.WeakKeyDictionary[Any, TaoCacheConfig]" = weakref.WeakKeyDictionary()
 _patches: Dict[type, GenerationPatch] = {}
 _launcher_config: Optional[TaoCacheConfig] = None
-_pending: List[tuple] = []  # (module name, callback) waiting for the module's import
+_imports = PatchSet()  # the launcher's post-import hooks (the patches themselves are per class, above)
 
 
 class ContextStreamCheck(Callback):
@@ -193,18 +192,18 @@ def install(config: TaoCacheConfig) -> None:
         return
     _launcher_config = config
     for module_name, classes in _MODULES.items():
-        def on_import(module, names=classes):
-            for name in names:
-                if hasattr(module, name):
-                    _patch_class(getattr(module, name))
-        _pending.append((module_name, on_import))
-        when_imported(module_name, on_import)
+        _imports.on_import(module_name, lambda module, names=classes: _patch_classes(module, names))
+
+
+def _patch_classes(module, names) -> None:
+    for name in names:
+        if hasattr(module, name):
+            _patch_class(getattr(module, name))
 
 
 def uninstall() -> None:
     global _launcher_config
     _launcher_config = None
-    while _pending:
-        cancel_when_imported(*_pending.pop())
+    _imports.uninstall()
     while _patches:
         _patches.popitem()[1].uninstall()

@@ -13,17 +13,14 @@ whole. The timestep is the keyword ``timestep``.
 from __future__ import annotations
 
 from taohooks.config import TaoCacheConfig
-from taohooks.imports import cancel_when_imported, when_imported
-from taohooks.integration import GenerationPatch, batched_cfg_loop, require_modules
+from taohooks.integration import GenerationPatch, PatchSet, batched_cfg_loop, require_modules
 from taohooks.taocache import TaoCache
 
 __all__ = ["install", "uninstall", "MODULE", "PIPELINE"]
 
 MODULE, PIPELINE = "pipeline_latte", "LattePipeline"
 
-_patches = []
-_pending = []  # (module name, callback) waiting for the module's import
-_installed = False
+_patches = PatchSet()
 
 
 def _loop(arguments):
@@ -41,21 +38,12 @@ def patch_pipeline(cls, config: TaoCacheConfig, callbacks_of=None) -> Generation
 
 def install(config: TaoCacheConfig) -> None:
     """Patch ``pipeline_latte.LattePipeline`` when (or if already) imported; idempotent."""
-    global _installed
-    if _installed:
+    if _patches.installed:
         return
     require_modules("latte", [MODULE], "run sample/sample_t2x.py of a Latte checkout: its folder holds pipeline_latte.py")
-    _installed = True
-    def on_import(module):
-        _patches.append(patch_pipeline(getattr(module, PIPELINE), config))
-    _pending.append((MODULE, on_import))
-    when_imported(MODULE, on_import)
+    _patches.installed = True
+    _patches.on_import(MODULE, lambda module: patch_pipeline(getattr(module, PIPELINE), config))
 
 
 def uninstall() -> None:
-    global _installed
-    while _pending:
-        cancel_when_imported(*_pending.pop())
-    while _patches:
-        _patches.pop().uninstall()
-    _installed = False
+    _patches.uninstall()

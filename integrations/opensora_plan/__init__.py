@@ -13,8 +13,7 @@ calibrates and plans over 159 calls.
 from __future__ import annotations
 
 from taohooks.config import TaoCacheConfig
-from taohooks.imports import cancel_when_imported, when_imported
-from taohooks.integration import require_modules
+from taohooks.integration import PatchSet, require_modules
 
 from ..latte import patch_pipeline
 
@@ -22,29 +21,18 @@ __all__ = ["install", "uninstall", "MODULE", "PIPELINE"]
 
 MODULE, PIPELINE = "pipeline_videogen", "VideoGenPipeline"
 
-_patches = []
-_pending = []  # (module name, callback) waiting for the module's import
-_installed = False
+_patches = PatchSet()
 
 
 def install(config: TaoCacheConfig) -> None:
     """Patch ``pipeline_videogen.VideoGenPipeline`` when (or if already) imported; idempotent."""
-    global _installed
-    if _installed:
+    if _patches.installed:
         return
     require_modules("opensora_plan", [MODULE], "run opensora/sample/sample_t2v.py of an Open-Sora-Plan v1.1.0 "
                     "checkout: its folder holds pipeline_videogen.py")
-    _installed = True
-    def on_import(module):
-        _patches.append(patch_pipeline(getattr(module, PIPELINE), config))
-    _pending.append((MODULE, on_import))
-    when_imported(MODULE, on_import)
+    _patches.installed = True
+    _patches.on_import(MODULE, lambda module: patch_pipeline(getattr(module, PIPELINE), config))
 
 
 def uninstall() -> None:
-    global _installed
-    while _pending:
-        cancel_when_imported(*_pending.pop())
-    while _patches:
-        _patches.pop().uninstall()
-    _installed = False
+    _patches.uninstall()

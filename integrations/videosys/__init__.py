@@ -27,8 +27,7 @@ from typing import Any, Callable, Iterable, List, Optional
 
 from taohooks.callbacks import Callback
 from taohooks.config import TaoCacheConfig
-from taohooks.imports import cancel_when_imported, when_imported
-from taohooks.integration import GenerationPatch, IntegrationError, batched_cfg_loop, require_modules
+from taohooks.integration import GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, require_modules
 from taohooks.reset import StateReset
 from taohooks.taocache import TaoCache
 
@@ -44,9 +43,7 @@ PAB_MODULES = ("videosys.core.pab.pab_mgr", "videosys.core.pab_mgr")
 COUNTERS = ("spatial_count", "cross_count", "count", "mlp_count", "temp_mlp_count", "spatila_mlp_count")
 CACHES = ("spatial_last", "cross_last", "last_out")
 
-_patches: List[GenerationPatch] = []
-_pending: List[tuple] = []  # (module name, callback) waiting for the module's import
-_installed = False
+_patches = PatchSet()
 
 
 def pab_manager() -> Optional[Any]:
@@ -136,37 +133,27 @@ def _callbacks(arguments, transformer) -> Iterable[Callback]:
             StateReset(lambda: reset_pab_state(transformer))]
 
 
-def _patch(module, class_name: str, config: TaoCacheConfig) -> None:
+def _patch(module, class_name: str, config: TaoCacheConfig):
     cls = getattr(module, class_name, None)
     if cls is None:
-        return
-    patch = GenerationPatch(cls, "generate", lambda arguments: TaoCache(config),
-                            lambda arguments: arguments["self"].transformer, _loop, callbacks_of=_callbacks,
-                            prompt_arg="prompt")
-    _patches.append(patch.install())
+        return None
+    return GenerationPatch(cls, "generate", lambda arguments: TaoCache(config),
+                           lambda arguments: arguments["self"].transformer, _loop, callbacks_of=_callbacks,
+                           prompt_arg="prompt").install()
 
 
 def install(config: TaoCacheConfig) -> None:
     """Patch VideoSys' Latte and Open-Sora-Plan pipelines when (or if already) imported; idempotent."""
-    global _installed
-    if _installed:
+    if _patches.installed:
         return
     if config.pab is not None:
         raise IntegrationError(f"{config.source}: pab: VideoSys pipelines have their own PAB (enable_pab=True, "
                                "pab_config=...); taohooks resets its state on refresh steps. Remove the pab: section")
     require_modules("videosys", ["videosys"], "install VideoSys from its checkout: pip install -e .")
-    _installed = True
+    _patches.installed = True
     for module_name, class_name in PIPELINES.items():
-        def on_import(module, c=class_name):
-            _patch(module, c, config)
-        _pending.append((module_name, on_import))
-        when_imported(module_name, on_import)
+        _patches.on_import(module_name, lambda module, c=class_name: _patch(module, c, config))
 
 
 def uninstall() -> None:
-    global _installed
-    while _pending:
-        cancel_when_imported(*_pending.pop())
-    while _patches:
-        _patches.pop().uninstall()
-    _installed = False
+    _patches.uninstall()

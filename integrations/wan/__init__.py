@@ -18,8 +18,7 @@ Importing this module needs neither ``wan`` nor flash-attn, dashscope or a GPU.
 from __future__ import annotations
 
 from taohooks.config import TaoCacheConfig
-from taohooks.imports import cancel_when_imported, when_imported
-from taohooks.integration import GenerationPatch, IntegrationError, require_modules
+from taohooks.integration import GenerationPatch, IntegrationError, PatchSet, require_modules
 from taohooks.loop import LoopSpec
 from taohooks.taocache import TaoCache
 
@@ -34,9 +33,7 @@ PIPELINES = {
 }
 STREAMS = ("cond", "uncond")  # Wan calls the model with the prompt first, then with the negative prompt
 
-_patches = []
-_pending = []  # (module name, callback) waiting for the module's import
-_installed = False
+_patches = PatchSet()
 
 
 def _model(arguments):
@@ -63,33 +60,23 @@ def _refuse_rank_local_decisions(config: TaoCacheConfig):
     return check
 
 
-def _patch(module, class_name: str, config: TaoCacheConfig) -> None:
+def _patch(module, class_name: str, config: TaoCacheConfig):
     cls = getattr(module, class_name, None)
     if cls is None or "generate" not in vars(cls):
-        return  # WanVace inherits nothing we need; an older checkout may lack a pipeline
-    patch = GenerationPatch(cls, "generate", lambda arguments: TaoCache(config), _model, _loop,
-                            callbacks_of=_refuse_rank_local_decisions(config), prompt_arg="input_prompt")
-    _patches.append(patch.install())
+        return None  # an older checkout may lack a pipeline
+    return GenerationPatch(cls, "generate", lambda arguments: TaoCache(config), _model, _loop,
+                           callbacks_of=_refuse_rank_local_decisions(config), prompt_arg="input_prompt").install()
 
 
 def install(config: TaoCacheConfig) -> None:
     """Patch every Wan pipeline's ``generate`` when (or if already) imported; idempotent."""
-    global _installed
-    if _installed:
+    if _patches.installed:
         return
     require_modules("wan", ["wan"], "run generate.py of a Wan2.1 checkout, or pip install -e the checkout")
-    _installed = True
+    _patches.installed = True
     for module_name, class_name in PIPELINES.items():
-        def on_import(module, c=class_name):
-            _patch(module, c, config)
-        _pending.append((module_name, on_import))
-        when_imported(module_name, on_import)
+        _patches.on_import(module_name, lambda module, c=class_name: _patch(module, c, config))
 
 
 def uninstall() -> None:
-    global _installed
-    while _pending:
-        cancel_when_imported(*_pending.pop())
-    while _patches:
-        _patches.pop().uninstall()
-    _installed = False
+    _patches.uninstall()
