@@ -8,7 +8,7 @@ arguments (two calls per step for flow, one batched call for eps; one stream wit
 from __future__ import annotations
 
 from ..config import TaoCacheConfig
-from ..integration import GenerationPatch
+from ..integration import GenerationPatch, batched_cfg_loop
 from ..loop import LoopSpec
 from ..taocache import TaoCache
 
@@ -23,11 +23,14 @@ def _flow_loop(arguments):
 
 
 def _eps_loop(arguments):
-    cfg = arguments["guidance"] > 1.0
-    steps = arguments["steps"]
-    if arguments["scheduler"] == "pndm":  # PRK warm-up: N + 9 calls
-        steps += 9
-    return LoopSpec(steps, ("uncond", "cond") if cfg else ("cond",), split_batch=cfg), {"timestep_arg": 1}
+    from . import sampling
+
+    scheduler = arguments["scheduler"]
+    if isinstance(scheduler, str):
+        scheduler = sampling.make_eps_scheduler(scheduler)
+    # as many calls as the scheduler makes (PNDM's PRK warm-up: N + 9), one batched (uncond, cond) call each
+    loop, _ = batched_cfg_loop(scheduler, arguments["steps"], arguments["guidance"])
+    return loop, {"timestep_arg": 1}
 
 
 def install(config: TaoCacheConfig) -> None:
