@@ -124,7 +124,7 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .evaluation.bench import load_bench_config, markdown_tables, run_bench
+    from .evaluation.bench import load_bench_config, load_records, markdown_tables, run_bench
 
     config = load_bench_config(args.config)
     if args.output:
@@ -133,12 +133,20 @@ def _cmd_bench(args) -> int:
         config.threads = args.threads
     if args.models:
         config.models = args.models
+    if args.methods:
+        config.methods = args.methods
 
-        def err(key, message):
-            raise ConfigError("command line", key, message)
+    def err(key, message):
+        raise ConfigError("command line", key, message)
 
-        config.validate(err)
-    records = run_bench(config)
+    config.validate(err)
+    keep = []
+    if args.update:
+        previous = Path(config.output) / "results.json"
+        if not previous.is_file():
+            raise ConfigError("command line", "--update", f"there is no {previous} to update")
+        keep = load_records(previous)
+    records = run_bench(config, keep=keep)
     print(markdown_tables(records))
     print(f"wrote {config.output}/results.json, results.md and plots")
     return 0
@@ -316,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output folder (overrides the config's)")
     p.add_argument("--threads", type=int, help="torch CPU threads (overrides the config's)")
     p.add_argument("--models", nargs="+", help="testbed models (overrides the config's)")
+    p.add_argument("--methods", nargs="+", help="methods (overrides the config's)")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other records of OUTPUT/results.json, replacing the ones this run makes again")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="full-step vs TaoCache vs TeaCache on the bundled flow model")

@@ -79,3 +79,57 @@ def test_bench_config_errors(tmp_path):
     path.write_text("method: [taocache]\n")
     with pytest.raises(ValueError, match="did you mean 'methods'"):
         bench.load_bench_config(path)
+
+
+def test_bench_pab_is_reset_on_every_step_that_resumes_after_a_skip(monkeypatch):
+    """PAB must not broadcast attention computed before a skipped stretch: it resets on
+    ``SkipPlan.resume_steps`` (refreshes and the first step after the window), as the YAML path does."""
+    from taohooks.config import PlanConfig
+    from taohooks.pab import PyramidAttentionBroadcast
+
+    real_make_plan = methods.make_plan
+    # the window the search would pick on a real model ends before the last step
+    monkeypatch.setattr(methods, "make_plan", lambda config, *a: real_make_plan(PlanConfig(window=[6, 8]), *a))
+    tm = tiny("flow", steps=12)
+    pairs = data.calibration_pairs(3)
+    cal = methods.calibrate(tm, pairs, batch_size=3)
+    settings = methods.MethodSettings(search_iterations=2, pab_timesteps=(0.0, 2000.0))
+    tao, pab = methods.build_method("pab+taocache", tm, cal, 3, pairs[:1], 1, settings).callbacks
+    assert isinstance(pab, PyramidAttentionBroadcast) and tao.plan.window == (6, 8)
+    assert pab.reset_steps == {9}
+
+    # behaviour: at step 9 every attention module is recomputed, not broadcast from step 5
+    calls_at = {}
+    run_before = pab.on_before_call
+
+    def spy(hook, call, args, kwargs):
+        out = run_before(hook, call, args, kwargs)
+        calls_at.setdefault(call.step, pab.broadcasts)  # broadcasts before the step's first call
+        return out
+    monkeypatch.setattr(pab, "on_before_call", spy)
+    reference = methods.run_with(tm, [tao, pab], pairs[:1], 1)
+    assert reference.skipped == 3 * 2  # 3 steps x (cond, uncond)
+    assert calls_at[10] - calls_at[9] == 0  # step 9 recomputed every attention (a broadcast step otherwise)
+    assert pab.broadcasts - calls_at[11] > 0  # step 11 broadcasts again (range 2 from the anchor)
+
+
+def test_merge_records_replaces_what_a_run_makes_again():
+    rec = lambda model, method, budget, psnr: {"model": model, "method": method, "budget": budget,  # noqa: E731
+                                                "psnr": psnr}
+    kept = [rec("flow", "full", 0.0, None), rec("flow", "taocache", 0.16, 30.0), rec("flow", "pab+taocache", 0.16, 20.0),
+            rec("eps", "pab+taocache", 0.16, 21.0)]
+    new = [rec("flow", "full", 0.0, None), rec("flow", "pab+taocache", 0.16, 25.0)]
+    merged = bench.merge_records(kept, new)
+    assert [(r["model"], r["method"], r.get("psnr")) for r in merged] == [
+        ("flow", "taocache", 30.0), ("eps", "pab+taocache", 21.0), ("flow", "full", None), ("flow", "pab+taocache", 25.0)]
+
+
+def test_bench_update_needs_an_earlier_results_file(tmp_path, capsys):
+    from pathlib import Path
+
+    from taohooks.cli import main
+    config = Path(__file__).resolve().parent.parent / "configs" / "bench_small.yaml"
+    assert main(["bench", str(config), "-o", str(tmp_path), "--methods", "pab+taocache", "--update"]) != 0
+    assert f"--update: there is no {tmp_path / 'results.json'} to update" in capsys.readouterr().err
+    assert main(["bench", str(config), "-o", str(tmp_path), "--methods", "pab"]) != 0
+    assert "unknown method 'pab'" in capsys.readouterr().err

@@ -61,6 +61,21 @@ def test_splits_are_disjoint_and_held_out():
     assert not set(ev) & set(cal)
     assert len({(p.colour, p.direction, p.shape) for p, _ in ev}) == 32  # every base prompt
     assert ev == data.eval_pairs(64)
+    val = data.validation_pairs(128)  # for choosing checkpoints: held out, and disjoint from the reported pairs
+    assert all(s >= data.VALIDATION_SEED_START for _, s in val)
+    assert not {s for _, s in val} & {s for _, s in data.eval_pairs(data.VALIDATION_SEED_START - data.EVAL_SEED_START)}
+    assert len({(p.colour, p.direction, p.shape) for p, _ in val}) == 32
+
+
+def test_training_keeps_intermediate_checkpoints(tmp_path):
+    from taohooks.testbed import train
+    out = tmp_path / "run" / "eps.safetensors"
+    train.main(["--kind", "eps", "--steps", "4", "--save-every", "2", "--batch-size", "2", "--dim", "16",
+                "--depth", "1", "--heads", "2", "--log-every", "2", "--out", str(out)])
+    assert sorted(f.name for f in out.parent.iterdir()) == [
+        "eps-step000002.json", "eps-step000002.safetensors", "eps.json", "eps.safetensors"]
+    assert read_metadata(out.parent / "eps-step000002.safetensors")["training"].count('"steps_done": 2') == 1
+    assert VideoDiT.from_pretrained(out).config.dim == 16
 
 
 # ---------------------------------------------------------------- recogniser

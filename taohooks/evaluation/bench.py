@@ -27,7 +27,7 @@ from ..plotting import plot_calibration
 from .methods import METHODS, MethodSettings, build_method, calibrate, paired_speedup, run_with
 from .testbed_model import MODEL_NAMES, TestbedModel
 
-__all__ = ["BenchConfig", "run_bench", "load_bench_config", "markdown_tables"]
+__all__ = ["BenchConfig", "run_bench", "load_bench_config", "load_records", "merge_records", "markdown_tables"]
 
 
 @dataclass
@@ -103,8 +103,22 @@ def _progress(total: int, desc: str):
         return None
 
 
-def run_bench(config: BenchConfig, log=print) -> List[dict]:
-    """Run the experiment; returns the records and writes the files under ``config.output``."""
+def _key(record: dict) -> tuple:
+    return record["model"], record["method"], round(record["budget"], 6)
+
+
+def merge_records(kept: List[dict], new: List[dict]) -> List[dict]:
+    """``kept`` with every record that ``new`` has again (same model, method, budget) replaced."""
+    replaced = {_key(r) for r in new}
+    return [r for r in kept if _key(r) not in replaced] + list(new)
+
+
+def run_bench(config: BenchConfig, log=print, keep: List[dict] = ()) -> List[dict]:
+    """Run the experiment; returns the records and writes the files under ``config.output``.
+
+    ``keep``: records of an earlier run (``results.json``) to report alongside; the ones this
+    run makes again are replaced. The PNG strip is then left as it was.
+    """
     from ..testbed import data
 
     torch.manual_seed(0)
@@ -154,11 +168,16 @@ def run_bench(config: BenchConfig, log=print) -> List[dict]:
                     bar.set_postfix(method=method, budget=f"{skips}/{config.steps}")
         if bar is not None:
             bar.close()
-        write_results(records, out_dir, config, time.perf_counter() - started)
-        if len(strips) > 1:
+        write_results(merge_records(keep, records), out_dir, config, time.perf_counter() - started)
+        if len(strips) > 1 and not keep:
             write_strip(strips, out_dir / f"strip_{name}.png")
         log(f"[{name}] done; {len(records)} records so far ({time.perf_counter() - started:.0f} s)")
-    return records
+    return merge_records(keep, records)
+
+
+def load_records(path) -> List[dict]:
+    """The records of a ``results.json`` written by :func:`run_bench`."""
+    return json.loads(Path(path).read_text())["records"]
 
 
 # ---------------------------------------------------------------------- reports

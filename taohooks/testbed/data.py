@@ -5,7 +5,9 @@ It is a pure function of ``(prompt, seed)``: the seed fixes the start position,
 speed, size jitter, background shade and distractor position.
 
 Seeds ``< 10_000`` are the training range; :func:`calibration_pairs` uses seeds
-``1000+`` and :func:`eval_pairs` uses seeds ``>= 10_000`` (held out from training).
+``1000+``, :func:`eval_pairs` seeds ``10_000+`` (held out from training, the reported
+figures) and :func:`validation_pairs` seeds ``20_000+`` (held out too, for choosing
+between checkpoints, so that the choice does not fit the reported pairs).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ CLIP_SHAPE = (CHANNELS, NUM_FRAMES, HEIGHT, WIDTH)
 TRAIN_SEED_LIMIT = 10_000  # training seeds are in [0, TRAIN_SEED_LIMIT)
 CALIBRATION_SEED_START = 1000
 EVAL_SEED_START = 10_000
+VALIDATION_SEED_START = 20_000
 
 #: Number of ids per attribute; the distractor has ``len(COLOURS) + 1`` ids (last = none).
 ATTRIBUTE_SIZES = (len(COLOURS), len(DIRECTIONS), len(SHAPES), len(COLOURS) + 1)
@@ -213,3 +216,8 @@ def calibration_pairs(n: int = 20) -> List[Tuple[Prompt, int]]:
 def eval_pairs(n: int = 64) -> List[Tuple[Prompt, int]]:
     """``n`` held-out (prompt, seed) pairs; seeds ``>= 10_000`` (never used in training)."""
     return list(zip(_spread_prompts(n, offset=0), range(EVAL_SEED_START, EVAL_SEED_START + n)))
+
+
+def validation_pairs(n: int = 64) -> List[Tuple[Prompt, int]]:
+    """``n`` held-out pairs for checkpoint selection; seeds ``>= 20_000``, disjoint from :func:`eval_pairs`."""
+    return list(zip(_spread_prompts(n, offset=3), range(VALIDATION_SEED_START, VALIDATION_SEED_START + n)))

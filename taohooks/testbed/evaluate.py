@@ -2,6 +2,11 @@
 
     python -m taohooks.testbed.evaluate --weights taohooks/testbed/weights/flow.safetensors \\
         --n 64 --steps 50 --grid docs/testbed_flow_grid.png
+
+Choosing between training checkpoints: score them on ``--split validation`` (seeds
+20 000+), then report the chosen one on the default ``--split eval`` (seeds 10 000+)::
+
+    python -m taohooks.testbed.evaluate --split validation --n 128 --weights run/eps-step*.safetensors
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from .grid import save_grid
 from .model import VideoDiT
 
 
-def evaluate(model: VideoDiT, n: int = 64, steps: int = 50, **sample_kwargs):
-    """Sample ``eval_pairs(n)`` and score them; returns ``(clips [n,3,8,16,16], accuracy dict)``."""
-    pairs = data.eval_pairs(n)
+SPLITS = {"eval": data.eval_pairs, "validation": data.validation_pairs}
+
+
+def evaluate(model: VideoDiT, n: int = 64, steps: int = 50, split: str = "eval", **sample_kwargs):
+    """Sample ``n`` pairs of ``split`` and score them; returns ``(clips [n,3,8,16,16], accuracy dict)``."""
+    pairs = SPLITS[split](n)
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
     clips = sampling.sample(model, prompts, seeds, steps=steps, **sample_kwargs)
     return clips, recognizer.accuracy(clips, prompts)
@@ -27,8 +35,10 @@ def evaluate(model: VideoDiT, n: int = 64, steps: int = 50, **sample_kwargs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", required=True, nargs="+", help="one or more checkpoints; one JSON line each")
     p.add_argument("--n", type=int, default=64)
+    p.add_argument("--split", choices=sorted(SPLITS), default="eval",
+                   help="eval: the reported held-out pairs; validation: other held-out pairs, for choosing checkpoints")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--shift", type=float, default=None, help="flow models only")
@@ -39,20 +49,22 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    model = VideoDiT.from_pretrained(args.weights)
+    if args.grid and len(args.weights) > 1:
+        p.error("--grid takes a single --weights file")
     kwargs = {k: v for k, v in (("guidance", args.guidance), ("shift", args.shift), ("scheduler", args.scheduler))
               if v is not None}
-    start = time.time()
-    clips, acc = evaluate(model, n=args.n, steps=args.steps, **kwargs)
-    acc["seconds"] = round(time.time() - start, 1)
-    print(json.dumps({"weights": args.weights, "steps": args.steps, **kwargs, **acc}))
+    for weights in args.weights:
+        model = VideoDiT.from_pretrained(weights)
+        start = time.time()
+        clips, acc = evaluate(model, n=args.n, steps=args.steps, split=args.split, **kwargs)
+        acc["seconds"] = round(time.time() - start, 1)
+        print(json.dumps({"weights": weights, "split": args.split, "steps": args.steps, **kwargs, **acc}), flush=True)
     if args.grid:
-        pairs = data.eval_pairs(args.n)[: args.grid_rows]
+        pairs = SPLITS[args.split](args.n)[: args.grid_rows]
         labels = [
             f"{p.text} [{'ok' if recognizer.recognize(c, p).ok else 'miss'}]" for c, (p, _) in zip(clips, pairs)
         ]
         save_grid(clips[: args.grid_rows], args.grid, labels=labels)
-
 
 if __name__ == "__main__":
     main()

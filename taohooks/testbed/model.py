@@ -24,9 +24,10 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from einops import rearrange
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
+from ..io import atomic_write_bytes
 from . import data
 from .blocks import DiTBlock, FinalLayer
 from .embeddings import PromptEmbedding, PromptLayout, TimestepEmbedding, sincos_grid, sincos_table
@@ -151,7 +152,7 @@ class VideoDiT(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {**(metadata or {}), "config": self.config.to_json(), "format": "pt"}
-        save_file(state, str(path), metadata=meta)
+        atomic_write_bytes(path, save(state, metadata=meta))  # an interrupted save keeps the old file
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "VideoDiT":

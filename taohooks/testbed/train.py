@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..io import atomic_write_bytes
 from . import data
 from .ema import EMA
 from .model import VideoDiT, VideoDiTConfig, num_parameters, read_metadata
@@ -149,8 +150,10 @@ def _save(model: VideoDiT, out: Path, args, step: int, wall: float, final: bool)
     summary["previous"] = prev
     summary["total_steps"] = step + (prev or {}).get("total_steps", (prev or {}).get("steps_done", 0))
     summary["total_wall_seconds"] = round(wall + (prev or {}).get("total_wall_seconds", (prev or {}).get("wall_seconds", 0)), 1)
+    if not final:  # intermediate checkpoints sit next to the final one and are kept
+        out = out.with_name(f"{out.stem}-step{step:06d}{out.suffix}")
     model.save_pretrained(out, metadata={"training": json.dumps(summary, sort_keys=True)})
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     return summary
 
 
@@ -174,7 +177,7 @@ def parse_args(argv=None):
     p.add_argument("--mlp-ratio", type=float, default=2.0)
     p.add_argument("--init", default=None, help="start from these weights (e.g. to train longer)")
     p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--save-every", type=int, default=500, help="intermediate EMA checkpoints (0 = off)")
+    p.add_argument("--save-every", type=int, default=500, help="keep an intermediate EMA checkpoint OUT-stepNNNNNN.safetensors every this many steps (0 = off)")
     return p.parse_args(argv)
 
 
