@@ -124,7 +124,7 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .evaluation.bench import load_bench_config, load_records, markdown_tables, run_bench
+    from .evaluation.bench import load_bench_config, load_results, markdown_tables, run_bench
 
     config = load_bench_config(args.config)
     if args.output:
@@ -140,13 +140,13 @@ def _cmd_bench(args) -> int:
         raise ConfigError("command line", key, message)
 
     config.validate(err)
-    keep = []
+    previous = None
     if args.update:
-        previous = Path(config.output) / "results.json"
-        if not previous.is_file():
-            raise ConfigError("command line", "--update", f"there is no {previous} to update")
-        keep = load_records(previous)
-    records = run_bench(config, keep=keep)
+        path = Path(config.output) / "results.json"
+        if not path.is_file():
+            raise ConfigError("command line", "--update", f"there is no {path} to update")
+        previous = load_results(path)
+    records = run_bench(config, previous=previous)
     print(markdown_tables(records))
     print(f"wrote {config.output}/results.json, results.md and plots")
     return 0

@@ -59,6 +59,14 @@ def test_markdown_and_json_reports(tmp_path):
     bench.write_results(records, tmp_path, bench.BenchConfig(), 1.0)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["records"] == records and (tmp_path / "results.md").exists()
+    # an update keeps the first run's meta and lists itself under it
+    bench.write_results(records, tmp_path, bench.BenchConfig(methods=["taocache"]), 2.0, previous_meta=saved["meta"])
+    updated = bench.load_results(tmp_path / "results.json")["meta"]
+    assert updated["config"]["methods"] == list(methods.METHODS) and updated["wall_seconds"] == 1.0
+    assert [u["config"]["methods"] for u in updated["updates"]] == [["taocache"]]
+    (tmp_path / "results.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a taocache bench results file"):
+        bench.load_results(tmp_path / "results.json")
 
 
 @pytest.mark.parametrize("name", ["bench.yaml", "bench_small.yaml"])
@@ -121,7 +129,8 @@ def test_merge_records_replaces_what_a_run_makes_again():
     new = [rec("flow", "full", 0.0, None), rec("flow", "pab+taocache", 0.16, 25.0)]
     merged = bench.merge_records(kept, new)
     assert [(r["model"], r["method"], r.get("psnr")) for r in merged] == [
-        ("flow", "taocache", 30.0), ("eps", "pab+taocache", 21.0), ("flow", "full", None), ("flow", "pab+taocache", 25.0)]
+        ("flow", "full", None), ("flow", "taocache", 30.0), ("flow", "pab+taocache", 25.0), ("eps", "pab+taocache", 21.0)]
+    assert bench.merge_records(kept, [rec("eps", "hybrid", 0.16, 1.0)])[-1]["method"] == "hybrid"
 
 
 def test_bench_update_needs_an_earlier_results_file(tmp_path, capsys):

@@ -27,7 +27,7 @@ from ..plotting import plot_calibration
 from .methods import METHODS, MethodSettings, build_method, calibrate, paired_speedup, run_with
 from .testbed_model import MODEL_NAMES, TestbedModel
 
-__all__ = ["BenchConfig", "run_bench", "load_bench_config", "load_records", "merge_records", "markdown_tables"]
+__all__ = ["BenchConfig", "run_bench", "load_bench_config", "load_results", "merge_records", "markdown_tables"]
 
 
 @dataclass
@@ -108,17 +108,21 @@ def _key(record: dict) -> tuple:
 
 
 def merge_records(kept: List[dict], new: List[dict]) -> List[dict]:
-    """``kept`` with every record that ``new`` has again (same model, method, budget) replaced."""
-    replaced = {_key(r) for r in new}
-    return [r for r in kept if _key(r) not in replaced] + list(new)
+    """``kept`` with every record that ``new`` has again (same model, method, budget) replaced in place;
+    the other new records follow."""
+    fresh = {_key(r): r for r in new}
+    merged = [fresh.pop(_key(r), r) for r in kept]
+    return merged + list(fresh.values())
 
 
-def run_bench(config: BenchConfig, log=print, keep: List[dict] = ()) -> List[dict]:
+def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None) -> List[dict]:
     """Run the experiment; returns the records and writes the files under ``config.output``.
 
-    ``keep``: records of an earlier run (``results.json``) to report alongside; the ones this
-    run makes again are replaced. The PNG strip is then left as it was.
+    ``previous``: an earlier ``results.json`` (:func:`load_results`) to update: its records are
+    kept except those this run makes again, its ``meta`` gains an entry under ``updates``, and
+    the PNG strip is left as it was.
     """
+    keep = previous["records"] if previous else []
     from ..testbed import data
 
     torch.manual_seed(0)
@@ -168,16 +172,20 @@ def run_bench(config: BenchConfig, log=print, keep: List[dict] = ()) -> List[dic
                     bar.set_postfix(method=method, budget=f"{skips}/{config.steps}")
         if bar is not None:
             bar.close()
-        write_results(merge_records(keep, records), out_dir, config, time.perf_counter() - started)
-        if len(strips) > 1 and not keep:
+        write_results(merge_records(keep, records), out_dir, config, time.perf_counter() - started,
+                      previous_meta=previous["meta"] if previous else None)
+        if len(strips) > 1 and not previous:
             write_strip(strips, out_dir / f"strip_{name}.png")
         log(f"[{name}] done; {len(records)} records so far ({time.perf_counter() - started:.0f} s)")
     return merge_records(keep, records)
 
 
-def load_records(path) -> List[dict]:
-    """The records of a ``results.json`` written by :func:`run_bench`."""
-    return json.loads(Path(path).read_text())["records"]
+def load_results(path) -> dict:
+    """A ``results.json`` written by :func:`run_bench`: ``{"meta": ..., "records": [...]}``."""
+    results = json.loads(Path(path).read_text())
+    if not isinstance(results, dict) or not isinstance(results.get("records"), list) or "meta" not in results:
+        raise ValueError(f"{path}: not a taocache bench results file (expected keys 'meta' and 'records')")
+    return results
 
 
 # ---------------------------------------------------------------------- reports
@@ -204,9 +212,12 @@ def markdown_tables(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(records: List[dict], out_dir: Path, config: BenchConfig, seconds: float) -> None:
+def write_results(records: List[dict], out_dir: Path, config: BenchConfig, seconds: float,
+                  previous_meta: Optional[dict] = None) -> None:
     meta = {"config": {k: v for k, v in config.__dict__.items()}, "wall_seconds": round(seconds, 1),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if previous_meta is not None:  # an update: the original run's meta stays, this run is listed under it
+        meta = {**previous_meta, "updates": [*previous_meta.get("updates", []), meta]}
     atomic_write_bytes(out_dir / "results.json", json.dumps({"meta": meta, "records": records}, indent=1).encode())
     atomic_write_bytes(out_dir / "results.md", (markdown_tables(records) + "\n").encode())
     write_plots(records, out_dir)
