@@ -28,6 +28,22 @@ def test_match_threshold_finds_the_closest_fraction():
     assert frac == pytest.approx(0.3) and fractions(th) == pytest.approx(0.3)
 
 
+def test_match_threshold_resolves_a_steep_rise_and_stops_on_an_exact_match():
+    # like TeaCache on the testbed `flow` model: nothing skipped below 0.0107, 36% at 0.0136
+    def fraction(th):
+        return 0.0 if th < 0.0107 else min(0.36, round((th - 0.0107) / 0.0029 * 0.36 * 50) / 50)
+    calls = []
+
+    def measure(th):
+        calls.append(th)
+        return fraction(th)
+    th, frac = methods.match_threshold(lambda th: th, measure, target=0.16, iterations=12)
+    assert frac == pytest.approx(0.16) and 0.0107 < th < 0.0136
+    assert len(calls) < 13  # stopped at the exact match
+    _, coarse = methods.match_threshold(lambda th: th, fraction, target=0.16, iterations=8)
+    assert coarse != pytest.approx(0.16)  # what 8 bisection steps found
+
+
 @pytest.mark.parametrize("prediction", ["flow", "eps"])
 def test_every_method_runs_and_meets_its_budget(prediction):
     tm = tiny(prediction)

@@ -45,7 +45,7 @@ class BenchConfig:
     pab_range: int = 2
     hybrid_guard: int = 2
     magcache_max_skip: int = 2
-    search_iterations: int = 8
+    search_iterations: int = 12  # bisection steps of the TeaCache/MagCache threshold search
     strip_pairs: int = 4  # clips shown side by side in the PNG strip
     timing_repeats: int = 2  # speedup: full and cached runs of the first batch, alternating, this many times each
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
