@@ -41,6 +41,13 @@ def read_prompts(path) -> List[str]:
     return prompts
 
 
+def _with_prompt(patch: "GenerationPatch", bound: inspect.BoundArguments, prompt: str) -> inspect.BoundArguments:
+    """The generation's arguments with its prompt argument replaced (a list of prompts: each one)."""
+    replaced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
+    original = bound.arguments[patch.prompt_arg]
+    replaced.arguments[patch.prompt_arg] = [prompt] * len(original) if isinstance(original, (list, tuple)) else prompt
+    return replaced
+
 
 def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArguments) -> None:
     """Run the generation once per calibration prompt the LUT lacks (explicit calibration).
@@ -72,11 +79,7 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
         have = _recorded_prompts(patch, bound, path)
         while have < wanted:
             patch.log(f"taohooks: calibration prompt {have + 1}/{wanted}: {prompts[have]!r}")
-            replaced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
-            original = bound.arguments[patch.prompt_arg]
-            replaced.arguments[patch.prompt_arg] = ([prompts[have]] * len(original)
-                                                   if isinstance(original, (list, tuple)) else prompts[have])
-            patch._generate(replaced)
+            patch._generate(_with_prompt(patch, bound, prompts[have]))
             now = _recorded_prompts(patch, bound, path)
             if now <= have:
                 raise IntegrationError("a calibration generation recorded no prompt; does the integration's "
@@ -87,6 +90,7 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
     patch.log(f"taohooks: calibration LUT {path} complete ({have} prompts)")
     if os.environ.get(ENV_CALIBRATE_ONLY):
         raise SystemExit(0)
+
 
 def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, prompts: List[str], config,
                        path: Path, wanted: int) -> None:
@@ -116,10 +120,7 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
         for index in mine[done:]:
             print(f"taohooks: rank {rank}/{size}: calibration prompt {index + 1}/{wanted}: {prompts[index]!r}",
                   file=sys.stderr, flush=True)  # every rank reports its own progress
-            replaced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
-            original = bound.arguments[patch.prompt_arg]
-            replaced.arguments[patch.prompt_arg] = ([prompts[index]] * len(original)
-                                                   if isinstance(original, (list, tuple)) else prompts[index])
+            replaced = _with_prompt(patch, bound, prompts[index])
             hook.new_sample()
             patch.original(*replaced.args, **replaced.kwargs)
             recorder.save(part)
@@ -132,6 +133,7 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     if size > 1:
         dist.barrier()
     part.unlink(missing_ok=True)
+
 
 def _recorded_prompts(patch: "GenerationPatch", bound: inspect.BoundArguments, path: Path) -> int:
     from .lut import CalibrationLUT
