@@ -13,12 +13,12 @@ runs in float32; the prediction goes back in the model's dtype, device and outpu
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
+from . import messages
 from .callbacks import Callback
 from .calibration import float32_leaves
 from .plan import SkipPlan
@@ -71,7 +71,7 @@ class TaoCacheCallback(Callback):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            messages.warning(message)
 
     # ------------------------------------------------------------------ skip steps
     def on_before_call(self, hook, call, args, kwargs):

@@ -10,12 +10,12 @@ never touched. Detaching puts back exactly what was there.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
 
+from . import messages
 from .callbacks import Callback
 from .loop import CallInfo, LoopSpec
 from .patching import ForwardPatch
@@ -182,10 +182,10 @@ class DenoiserHook:
         """Begin a new generation now. An unfinished one is aborted (with a warning)."""
         if self._index is not None:
             if self._index > 0:
-                warnings.warn(
-                    f"taohooks: a new generation began after {self._index} of "
+                messages.warning(
+                    f"a new generation began after {self._index} of "
                     f"{self.loop.total_calls} calls of the last one ({self.loop.describe()}); "
-                    "is the declared number of steps right?", stacklevel=2)
+                    "is the declared number of steps right?")
             self._abort("a new generation began")
         self._start()
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
+from . import messages
 from .loop import LoopSpec
 from .taocache import TaoCache
 
@@ -85,12 +86,8 @@ class IntegrationError(RuntimeError):
 
 
 def _log(message: str) -> None:
-    """To stderr, once per job: under torchrun only rank 0 speaks (every rank skips the same calls)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return
-    print(message, file=sys.stderr, flush=True)
+    """To stderr through taohooks' channel, once per job: under torchrun only rank 0 speaks."""
+    messages.notice(message)
 
 
 class PatchSet:

@@ -12,12 +12,12 @@ after each generation; the next run skips.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
+from . import messages
 from .calibration import CalibrationRecorder
 from .callbacks import Callback
 from .config import PlanConfig, TaoCacheConfig, load_config
@@ -120,9 +120,9 @@ class TaoCache:
         wanted = cfg.calibration.prompts
         if path is not None and cfg.calibration.auto and (self.lut is None or self.lut.num_prompts < wanted):
             have = 0 if self.lut is None else self.lut.num_prompts
-            warnings.warn(f"taohooks: calibrating: LUT {path} has {have} of {wanted} prompts "
+            messages.notice(f"calibrating: LUT {path} has {have} of {wanted} prompts "
                           f"(calibration.prompts); this run computes every step and writes the LUT after each "
-                          "generation", stacklevel=2)
+                          "generation")
             self.recorder = CalibrationRecorder(cfg.model_id, cfg.calibration.sampler, resume=self.lut)
             self.plan = no_skip_plan(loop.steps, loop.streams)
             own: list = [self.recorder, _SaveLUT(self.recorder, path)]

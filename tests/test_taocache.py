@@ -102,40 +102,44 @@ class Overflowing(GeometricDenoiser):
         return out
 
 
-def test_non_finite_prediction_falls_back_once_warned():
+def test_non_finite_prediction_falls_back_once_warned(capsys):
     model = Overflowing({"main": 0.9})
     cache = TaoCache(config_from_dict({"plan": {"window": [10, 13], "ratio": 0.9}}))
     ref = run_loop(model, STEPS)
-    with pytest.warns(RuntimeWarning, match="not finite") as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as Wan's generate.py does: taohooks' messages still reach stderr
         with cache.attach(model, steps=STEPS):
             out = run_loop(model, STEPS)
-    assert len([w for w in record if "not finite" in str(w.message)]) == 1
+    assert capsys.readouterr().err.count("not finite") == 1
     # step 10: inf - inf; step 11: delta against step 10 is -inf; from step 12 the history is finite
     assert cache.stats()["fallbacks"] == 2 and cache.hook.counts == {"main": [14, 2]}
     assert max((a - b).abs().max().item() for a, b in zip(ref["main"][10:], out["main"][10:])) < 1e-5
     assert "fallbacks" in cache.summary()
 
 
-def test_timestep_mismatch_with_lut_warns():
+def test_timestep_mismatch_with_lut_warns(capsys):
     model = GeometricDenoiser({"main": 0.9})
     lut = calibrate(model, STEPS, ("main",))
     lut.timesteps += 100  # as if calibrated with another shift
     cache = TaoCache(config_from_dict({"plan": {"budget": 3}}), lut=lut)
-    with pytest.warns(RuntimeWarning, match="calibrated at"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
         with cache.attach(model, steps=STEPS):
             run_loop(model, STEPS)
+    assert "taohooks: warning: step " in capsys.readouterr().err
 
 
-def test_auto_calibration_writes_the_lut_then_skips(tmp_path):
+def test_auto_calibration_writes_the_lut_then_skips(tmp_path, capsys):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text("model_id: geo\nlut: luts/geo.safetensors\ncalibration: {prompts: 2}\n"
                         "loop: {steps: 16, streams: [cond, uncond]}\nplan: {budget: 4}\n")
     model = GeometricDenoiser({"cond": 0.9, "uncond": 0.8})
     cache = TaoCache.from_yaml(cfg_path)
     for prompt in range(2):
-        with pytest.warns(UserWarning, match=f"has {prompt} of 2 prompts"):
-            with cache.attach(model):
-                run_loop(model, STEPS, ("cond", "uncond"))
+        with cache.attach(model):
+            run_loop(model, STEPS, ("cond", "uncond"))
+        assert f"taohooks: calibrating: LUT {tmp_path / 'luts' / 'geo.safetensors'} has {prompt} of 2 prompts" \
+            in capsys.readouterr().err
         assert cache.calibrating and cache.hook.counts["cond"] == [STEPS, 0]
         lut = taohooks.CalibrationLUT.load(tmp_path / "luts" / "geo.safetensors")
         assert lut.num_prompts == prompt + 1 and lut.model_id == "geo"
