@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -41,9 +43,16 @@ def _cmd_check(args) -> int:
     print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
     path = config.lut_path()
     if path is not None:
+        if path.is_dir():
+            raise ConfigError(args.config, "lut", f"{path} is a directory; name the LUT file inside it, "
+                                                  "e.g. luts/model.safetensors")
         if path.is_file():
             lut = CalibrationLUT.load(path)
             print(f"# {lut.describe()}")
+            if config.loop.steps is not None and config.loop.steps != lut.steps:
+                raise ConfigError(args.config, "loop.steps", f"{config.loop.steps} steps, but the LUT {path} was "
+                                  f"calibrated with {lut.steps} steps; calibrate again for {config.loop.steps} "
+                                  "steps (or point lut at another file)")
             loop = LoopSpec(config.loop.steps or lut.steps, tuple(config.loop.streams or lut.streams))
             lut.check(loop, config.model_id, config.calibration.sampler)
             print(f"# plan: {make_plan(config.plan, loop.steps, loop.streams, lut).describe()}")
@@ -109,16 +118,64 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+class OutputError(OSError):
+    """An output path that cannot be written (``str()`` starts with the path)."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.filename, self.strerror = str(path), reason
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+def _check_output(path, folder: bool = False) -> None:
+    """Raise :class:`OutputError` unless ``path`` (a file, or a folder) can be written, before any work."""
+    path = Path(path)
+    if path.exists():
+        if folder != path.is_dir():
+            raise OutputError(path, "is a directory" if path.is_dir() else "is a file, not a folder")
+        if not folder:
+            if not os.access(path, os.W_OK):
+                raise OutputError(path, "Permission denied")
+            return
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(path, f"{parent} is not a folder")
+    try:  # a real probe: os.access does not see read-only mounts or root-squashed shares
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise OutputError(path, f"folder {parent} cannot be written ({exc.strerror or exc})") from None
+
+
 def _cmd_plot(args) -> int:
     from .plotting import plot_calibration
 
-    print(f"wrote {plot_calibration(CalibrationLUT.load(args.lut), args.output, args.dpi)}")
+    lut = CalibrationLUT.load(args.lut)
+    _check_output(args.output)
+    print(f"wrote {plot_calibration(lut, args.output, args.dpi)}")
     return 0
 
 
 def _cmd_merge(args) -> int:
-    merged = merge_luts([CalibrationLUT.load(p) for p in args.luts])
-    merged.save(args.output)
+    """Merge the inputs into OUTPUT under OUTPUT's lock (a calibrating run adds to it the same way).
+
+    OUTPUT may be one of the inputs (merge into it: read under the lock, so nothing another writer
+    added is lost); an existing OUTPUT that is not an input is refused rather than overwritten."""
+    from .io import atomic_write_bytes, check_writable, locked
+
+    out = Path(args.output)
+    check_writable(out)
+    same = [p for p in args.luts if Path(p).exists() and out.exists() and os.path.samefile(p, out)]
+    with locked(out):
+        if out.exists() and not same:
+            raise ValueError(f"{out} exists and is not one of the inputs; list it among the inputs to merge "
+                             "into it, or remove it first")
+        merged = merge_luts([CalibrationLUT.load(p) for p in args.luts])
+        atomic_write_bytes(out, merged.to_bytes())
     print(f"wrote {args.output}: {merged.describe()}")
     return 0
 
@@ -140,6 +197,7 @@ def _cmd_bench(args) -> int:
         raise ConfigError("command line", key, message)
 
     config.validate(err)
+    _check_output(config.output, folder=True)
     previous = None
     if args.update:
         path = Path(config.output) / "results.json"
@@ -159,6 +217,7 @@ def _cmd_demo(args) -> int:
     from .evaluation.bench import BenchConfig, markdown_tables, run_bench
 
     start = time.perf_counter()
+    _check_output(args.output, folder=True)
     config = BenchConfig(models=["flow"], methods=["taocache", "teacache"], budgets=[0.16],
                          eval_pairs=args.pairs, calibration_pairs=20, search_pairs=8, batch_size=args.pairs,
                          output=args.output, lpips=True, strip_pairs=min(4, args.pairs))
@@ -214,7 +273,14 @@ def _cmd_calibrate(args) -> int:
         code = _spawn_calibration(args.devices, argv, env)
     else:
         code = _run_calibration(argv, env)
-    if code == 0 and path.is_file() and os.environ.get("RANK", "0") == "0":  # under torchrun: once
+    if code == 0 and os.environ.get("RANK", "0") == "0":  # under torchrun: once
+        have = CalibrationLUT.load(path).num_prompts if path.is_file() else 0
+        if have < wanted:
+            print(f"taocache calibrate: error: {script[0]} ended with {have} of {wanted} prompts recorded in {path}"
+                  f"{'' if path.is_file() else ' (no LUT was written)'}; the script may not call the generation "
+                  f"function the {config.integration!r} integration patches (or it ended before the last "
+                  "prompt); run it with --taocache to see what it does", file=sys.stderr)
+            return 1
         print(f"taocache calibrate: {CalibrationLUT.load(path).describe()}")
     return code
 
@@ -374,9 +440,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.script = list(args.script or []) + script
     try:
         return args.func(args)
-    except (ConfigError, PlanError, LUTMismatchError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (ConfigError, PlanError, LUTMismatchError, ValueError, RuntimeError) as exc:
         print(f"taocache {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a missing input; an output that is a directory, in a read-only folder, a full disk
+        print(f"taocache {args.command}: error: {_os_error_text(exc, args)}", file=sys.stderr)
+        return 1
+
+
+def _os_error_text(exc: OSError, args) -> str:
+    """``cannot write PATH: reason`` for the command's outputs; the error's own text otherwise."""
+    name = getattr(exc, "filename", None)
+    name = os.fsdecode(name) if name is not None else None
+    text = str(exc)
+    if name is not None and text.startswith(f"{name}: cannot write: "):  # taohooks.io.FileWriteError
+        return f"cannot write {name}: {text[len(name) + len(': cannot write: '):]}"
+    if name is not None and exc.strerror and (isinstance(exc, OutputError) or _is_output(name, args)):
+        return f"cannot write {name}: {exc.strerror}"
+    if name is not None and exc.strerror:
+        return f"{name}: {exc.strerror}"
+    return text
+
+
+def _is_output(name: str, args) -> bool:
+    """Whether ``name`` is the command's ``-o`` path or lies inside that folder."""
+    output = getattr(args, "output", None)
+    if not output:
+        return False
+    out, target = Path(output).absolute(), Path(name).absolute()
+    return target == out or out in target.parents
 
 
 if __name__ == "__main__":  # pragma: no cover

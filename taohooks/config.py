@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
@@ -22,9 +23,15 @@ from typing import Any, Dict, List, Optional, Union
 
 __all__ = ["ConfigError", "LoopConfig", "CalibrationConfig", "PlanConfig", "PABGroupConfig", "PABConfig",
            "TeaCacheConfig", "TaoCacheConfig", "load_config", "config_from_dict", "dataclass_from_dict", "read_yaml",
-           "INTEGRATIONS"]
+           "INTEGRATIONS", "ACCEPTABLE_DIFFERENCES", "MAX_STEPS", "MAX_PROMPTS", "expand_path", "read_text"]
 
 INTEGRATIONS = ("none", "wan", "latte", "opensora_plan", "videosys", "diffusers", "testbed")
+# Differences between a LUT's recorded identity and a run that ``calibration.accept`` may name.
+ACCEPTABLE_DIFFERENCES = ("model", "architecture", "task", "dtype", "scheduler", "shift", "solver_order",
+                          "prediction_type", "timesteps")
+MAX_STEPS = 100_000    # loop.steps, step indices and step counts are at most this
+MAX_PROMPTS = 100_000  # calibration.prompts is at most this
+FIRST_SKIPPABLE = 2    # as taohooks.plan.FIRST_SKIPPABLE: a skip needs two computed outputs before it
 
 
 class ConfigError(ValueError):
@@ -51,6 +58,8 @@ class LoopConfig:
     def validate(self, err) -> None:
         if self.steps is not None and self.steps < 1:
             err("loop.steps", f"expected a positive number of steps, got {self.steps}")
+        if self.steps is not None and self.steps > MAX_STEPS:
+            err("loop.steps", f"expected at most {MAX_STEPS} steps, got {self.steps}")
         if self.streams is not None and (not self.streams or len(set(self.streams)) != len(self.streams)):
             err("loop.streams", f"expected a list of distinct stream names, got {self.streams}")
 
@@ -60,10 +69,19 @@ class CalibrationConfig:
     auto: bool = True
     prompts: int = 20
     sampler: Optional[str] = None
+    accept: List[str] = field(default_factory=list)  # LUT identity differences accepted knowingly
 
     def validate(self, err) -> None:
         if self.prompts < 1:
             err("calibration.prompts", f"expected a positive number of prompts, got {self.prompts}")
+        if self.prompts > MAX_PROMPTS:
+            err("calibration.prompts", f"expected at most {MAX_PROMPTS} prompts, got {self.prompts}")
+        for i, name in enumerate(self.accept):
+            if name not in ACCEPTABLE_DIFFERENCES:
+                close = difflib.get_close_matches(name, ACCEPTABLE_DIFFERENCES, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                err(f"calibration.accept[{i}]", f"unknown difference {name!r}{hint} "
+                                                f"(one of {', '.join(ACCEPTABLE_DIFFERENCES)})")
 
 
 @dataclass
@@ -82,19 +100,31 @@ class PlanConfig:
         b = self.budget
         if b is not None and (b < 0 or (isinstance(b, float) and not b.is_integer() and b >= 1)):
             err("plan.budget", f"expected a step count >= 0 or a fraction in [0, 1), got {b}")
+        if isinstance(b, float) and b.is_integer() and b >= 1:
+            n = int(b)
+            err("plan.budget", f"{b} is ambiguous; write {n} for {'one skipped step' if n == 1 else f'{n} skipped steps'}"
+                               " or a fraction below 1.0")
+        if isinstance(b, int) and b > MAX_STEPS:
+            err("plan.budget", f"expected at most {MAX_STEPS} skipped steps, got {b}")
+        for key in ("window", "skip_steps"):
+            for i, t in enumerate(getattr(self, key) or ()):
+                if not FIRST_SKIPPABLE <= t <= MAX_STEPS:
+                    err(f"plan.{key}[{i}]", f"expected a step index from {FIRST_SKIPPABLE} (the first {FIRST_SKIPPABLE} "
+                                            f"steps are always computed) to {MAX_STEPS}, got {t}")
         given = [k for k in ("budget", "window", "skip_steps") if getattr(self, k) is not None]
         if len(given) > 1:
             err("plan", f"give only one of budget, window and skip_steps; got {', '.join(given)}")
         if self.window is not None and (len(self.window) != 2 or self.window[0] > self.window[1]):
             err("plan.window", f"expected [first, last] step indices with first <= last, got {self.window}")
-        if self.min_step is not None and self.min_step < 0:
-            err("plan.min_step", f"expected a step index >= 0, got {self.min_step}")
+        if self.min_step is not None and not 0 <= self.min_step <= MAX_STEPS:
+            err("plan.min_step", f"expected a step index from 0 to {MAX_STEPS}, got {self.min_step}")
         if self.tau_cos is not None and not -1.0 <= self.tau_cos <= 1.0:
             err("plan.tau_cos", f"expected a cosine similarity in [-1, 1], got {self.tau_cos}")
         if self.lambda_ < 0 or self.gamma < 0:
             err("plan.lambda" if self.lambda_ < 0 else "plan.gamma", "expected a penalty weight >= 0")
-        if self.refresh_every is not None and self.refresh_every < 1:
-            err("plan.refresh_every", f"expected a number of skips >= 1 (or null: never), got {self.refresh_every}")
+        if self.refresh_every is not None and not 1 <= self.refresh_every <= MAX_STEPS:
+            err("plan.refresh_every", f"expected a number of skips >= 1 and <= {MAX_STEPS} (or null: never), "
+                                      f"got {self.refresh_every}")
         if isinstance(self.ratio, str) and self.ratio != "calibrated":
             err("plan.ratio", f"expected 'calibrated' or a number such as 1.0, got {self.ratio!r}")
         if not isinstance(self.ratio, str) and not self.ratio > 0:
@@ -124,8 +154,8 @@ class PABConfig:
         for i, g in enumerate(self.groups):
             if not g.pattern:
                 err(f"pab.groups[{i}].pattern", "expected a module-name regex such as 'blocks\\.\\d+\\.self_attn'")
-            if g.range_ < 1:
-                err(f"pab.groups[{i}].range", f"expected a broadcast range >= 1, got {g.range_}")
+            if not 1 <= g.range_ <= MAX_STEPS:
+                err(f"pab.groups[{i}].range", f"expected a broadcast range from 1 to {MAX_STEPS}, got {g.range_}")
             try:
                 re.compile(g.pattern)
             except re.error as exc:
@@ -136,6 +166,9 @@ class PABConfig:
             w = getattr(self, key)
             if w is not None and (len(w) != 2 or w[0] > w[1]):
                 err(f"pab.{key}", f"expected [low, high] with low <= high, got {w}")
+        for i, t in enumerate(self.steps or ()):
+            if not 0 <= t <= MAX_STEPS:
+                err(f"pab.steps[{i}]", f"expected a step index from 0 to {MAX_STEPS}, got {t}")
 
 
 @dataclass
@@ -154,8 +187,12 @@ class TeaCacheConfig:
             err("teacache.threshold", f"expected a threshold >= 0, got {self.threshold}")
         if self.coefficients is not None and not self.coefficients:
             err("teacache.coefficients", "expected polynomial coefficients (highest power first) or null")
-        if self.guard_band < 0 or self.warmup_steps < 0:
-            err("teacache.guard_band" if self.guard_band < 0 else "teacache.warmup_steps", "expected a step count >= 0")
+        for key in ("warmup_steps", "guard_band"):
+            n = getattr(self, key)
+            if not 0 <= n <= MAX_STEPS:
+                err(f"teacache.{key}", f"expected a step count from 0 to {MAX_STEPS}, got {n}")
+        if self.hidden_arg < 0:
+            err("teacache.hidden_arg", f"expected an argument position >= 0, got {self.hidden_arg}")
 
 
 @dataclass
@@ -178,18 +215,70 @@ class TaoCacheConfig:
         for part in (self.loop, self.calibration, self.plan, self.pab, self.teacache):
             if part is not None:
                 part.validate(err)
+        if self.lut is not None:
+            if not self.lut.strip():
+                err("lut", "expected a file path such as luts/model.safetensors (or null: no LUT), got ''")
+            unset = _unset_variable(os.path.expanduser(self.lut))
+            if unset:
+                err("lut", unset)
+        if self.loop.steps is not None:
+            _validate_against_steps(self, self.loop.steps, err)
 
     def lut_path(self) -> Optional[Path]:
-        """The LUT path, relative paths taken from the config file's folder."""
+        """The LUT path (``~`` and ``$VAR`` expanded), relative paths taken from the config file's folder."""
         if self.lut is None:
             return None
-        path = Path(os.path.expandvars(os.path.expanduser(self.lut)))
+        path = Path(expand_path(self.lut, "lut", self.source))
         if not path.is_absolute() and self.source:
             path = Path(self.source).parent / path
         return path
 
     def to_dict(self) -> Dict[str, Any]:
         return _to_dict(self)
+
+
+def _validate_against_steps(config: TaoCacheConfig, steps: int, err) -> None:
+    """Plan (and PAB) step settings that cannot fit ``loop.steps``."""
+    plan, last = config.plan, steps - 1
+    b = plan.budget
+    if b is not None and not (isinstance(b, float) and b.is_integer()):
+        count = b if isinstance(b, int) else int(math.floor(b * steps + 0.5))
+        what = f"{count} skipped steps" if isinstance(b, int) else f"{b} of {steps} steps ({count} skipped steps)"
+        if count > steps - FIRST_SKIPPABLE:
+            err("plan.budget", f"{what} cannot fit loop.steps {steps}: at most {max(steps - FIRST_SKIPPABLE, 0)} "
+                               f"(the first {FIRST_SKIPPABLE} steps are always computed)")
+        first = max(FIRST_SKIPPABLE, plan.min_step if plan.min_step is not None else (steps + 1) // 2)
+        span = count + ((count - 1) // plan.refresh_every if plan.refresh_every and count else 0)
+        if count and span > steps - first:
+            err("plan.budget", f"{what} span {span} steps, but the late regime of loop.steps {steps} holds "
+                               f"{max(steps - first, 0)} (steps {first} to {last}); lower plan.budget or plan.min_step")
+    if plan.min_step is not None and plan.min_step > last:
+        err("plan.min_step", f"step {plan.min_step} does not exist with loop.steps {steps} (steps 0 to {last})")
+    for key, values in (("plan.window", plan.window), ("plan.skip_steps", plan.skip_steps),
+                        ("pab.steps", config.pab.steps if config.pab is not None else None)):
+        for i, t in enumerate(values or ()):
+            if t > last:
+                err(f"{key}[{i}]", f"step {t} does not exist with loop.steps {steps} (steps 0 to {last})")
+
+
+_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def expand_path(text: str, key: str, source: Optional[str] = None) -> str:
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded; a variable that is not set is a :class:`ConfigError`."""
+    text = os.path.expanduser(text)
+    unset = _unset_variable(text)
+    if unset:
+        raise ConfigError(source, key, unset)
+    return os.path.expandvars(text)
+
+
+def _unset_variable(text: str) -> Optional[str]:
+    for match in _VARIABLE.finditer(text):
+        name = match.group(1).strip("{}")
+        if name not in os.environ:
+            return f"environment variable ${name} is not set (in {text!r}); set it, or write the path without it"
+    return None
 
 
 # ---------------------------------------------------------------------- generic loading
@@ -216,7 +305,10 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str, source: Optional[str]) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    fail = lambda: ConfigError(source, key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")  # noqa: E731
+    fail = lambda: ConfigError(source, key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"  # noqa: E731
+                                            + _number_as_text_hint(value))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(source, key, f"expected a finite number, got {value}")
     if origin is Union:
         if value is None:
             if type(None) in args:
@@ -271,6 +363,20 @@ def _coerce(value: Any, tp: Any, key: str, source: Optional[str]) -> Any:
     raise TypeError(f"unsupported config type {tp!r}")
 
 
+def _number_as_text_hint(value: Any) -> str:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: say how to write the number."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    if not math.isfinite(number):
+        return ""
+    written = str(int(number)) if number.is_integer() and abs(number) < 1e18 else repr(number)
+    return f"; YAML reads {value} as text, write {written}"
+
+
 def _build(cls: type, data: Dict[str, Any], prefix: str, source: Optional[str]) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {_yaml_key(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
@@ -303,15 +409,76 @@ def dataclass_from_dict(cls: type, data: Optional[Dict[str, Any]], source: Optio
     return obj
 
 
-def read_yaml(path: Union[str, os.PathLike]) -> Any:
-    """Parse a YAML file; a missing file or bad YAML is a :class:`ConfigError` naming the file."""
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def _check_duplicate_keys(node: Any, prefix: str, seen: set) -> None:
+    """Raise :class:`_DuplicateKey` for a key given twice in one mapping (YAML keeps the last silently)."""
     import yaml
 
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: Dict[tuple, int] = {}
+        for key_node, value_node in node.value:
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            path = prefix if name is None or key_node.tag == "tag:yaml.org,2002:merge" else (
+                f"{prefix}.{name}" if prefix else str(name))
+            if name is not None and key_node.tag != "tag:yaml.org,2002:merge":
+                line = key_node.start_mark.line + 1
+                if (key_node.tag, name) in lines:
+                    raise _DuplicateKey(path, lines[(key_node.tag, name)], line)
+                lines[(key_node.tag, name)] = line
+            _check_duplicate_keys(value_node, path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{prefix}[{i}]", seen)
+
+
+def _loader() -> type:
+    """``yaml.SafeLoader`` that refuses duplicate keys, in nested mappings too."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def compose_document(self):
+            node = super().compose_document()
+            _check_duplicate_keys(node, "", set())
+            return node
+
+    return UniqueKeyLoader
+
+
+def read_text(path: Union[str, os.PathLike], what: str = "config file") -> str:
+    """A UTF-8 text file's contents; a missing, unreadable or non-UTF-8 file is a :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(str(path), "", "config file does not exist")
+        raise ConfigError(str(path), "", f"{what} does not exist" if not path.exists() else f"{what} is not a file")
     try:
-        return yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read the {what}: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), "", f"not UTF-8 text: byte {exc.start} (0x{data[exc.start]:02x}) cannot be "
+                                         "decoded; save the file as UTF-8") from None
+
+
+def read_yaml(path: Union[str, os.PathLike]) -> Any:
+    """Parse a YAML file; a missing or non-UTF-8 file, bad YAML or a key given twice in one mapping is a
+    :class:`ConfigError` naming the file."""
+    import yaml
+
+    text = read_text(path)
+    try:
+        return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(str(path), exc.key, f"duplicate key on lines {exc.first} and {exc.second}; YAML would "
+                                              "silently keep the last, so give it once") from None
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), "", f"not valid YAML: {exc}") from exc
 
@@ -323,6 +490,26 @@ def config_from_dict(data: Optional[Dict[str, Any]], source: Optional[str] = Non
     return config
 
 
+def _is_bench_config(data: Any) -> bool:
+    """Top-level keys of a ``taocache bench`` config and none of a TaoCache config."""
+    if not isinstance(data, dict) or not data:
+        return False
+    from .evaluation.bench import BenchConfig
+
+    ours = {_yaml_key(f) for f in dataclasses.fields(TaoCacheConfig)}
+    bench = {f.name for f in dataclasses.fields(BenchConfig)} - ours - {"steps", "output", "threads"}
+    keys = set(map(str, data))
+    return not keys & ours and bool(keys & bench)
+
+
 def load_config(path: Union[str, os.PathLike]) -> TaoCacheConfig:
     """Read a YAML config file. Errors name the file, the key and what was expected."""
-    return config_from_dict(read_yaml(path), str(path))
+    data = read_yaml(path)
+    if data is None:
+        raise ConfigError(str(path), "", "empty config; see configs/example.yaml")
+    try:
+        return config_from_dict(data, str(path))
+    except ConfigError:
+        if _is_bench_config(data):
+            raise ConfigError(str(path), "", f"this is a `taocache bench` config; run `taocache bench {path}`") from None
+        raise

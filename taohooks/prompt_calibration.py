@@ -33,8 +33,15 @@ def read_prompts(path) -> List[str]:
     """One prompt per non-empty line (lines starting with ``#`` are comments)."""
     path = Path(path)
     if not path.is_file():
-        raise IntegrationError(f"prompts file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines()]
+        raise IntegrationError(f"prompts file {path} does not exist" if not path.exists() else
+                               f"prompts file {path} is not a file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise IntegrationError(f"prompts file {path} is not UTF-8 text: byte {exc.start} (0x{data[exc.start]:02x}) "
+                               "cannot be decoded; save it as UTF-8") from None
+    prompts = [line.strip() for line in text.lstrip("\ufeff").split("\n")]  # only newlines end a prompt
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise IntegrationError(f"prompts file {path} holds no prompt (one per line)")

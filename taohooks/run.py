@@ -33,24 +33,41 @@ INTEGRATION_MODULES = {
     "testbed": "taohooks.testbed.integration",
 }
 ENV_CONFIG = "TAOHOOKS_CONFIG"
-USAGE = "usage: taocache-run SCRIPT.py [the script's own arguments] --taocache CONFIG.yaml"
+USAGE = ("usage: taocache-run SCRIPT.py [the script's own arguments] --taocache CONFIG.yaml\n"
+         "       taocache-run --help")
+DESCRIPTION = ("Runs a research repo's own sample script with TaoCache: removes --taocache CONFIG.yaml from the "
+               "arguments,\ninstalls the integration the config names and runs SCRIPT.py as __main__ (also "
+               "`python -m taohooks.run`,\n`torchrun ... -m taohooks.run`). Check a config first with "
+               "`taocache check CONFIG.yaml`.")
 
 
 def split_taocache_argument(argv: List[str]) -> Tuple[Optional[str], List[str]]:
-    """``(config path or None, the other arguments)``; accepts ``--taocache X`` and ``--taocache=X``."""
+    """``(config path or None, the other arguments)``; accepts ``--taocache X`` and ``--taocache=X``.
+
+    A missing value, or two different configs, print an error and exit with status 2."""
+    def _usage_error(message: str) -> None:
+        print(f"taocache-run: error: {message}\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+
     config, rest, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
+        value = None
         if arg == "--taocache":
-            if i + 1 >= len(argv):
-                raise SystemExit(f"taocache-run: --taocache needs a config file\n{USAGE}")
-            config, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith("--taocache="):
-            config = arg.split("=", 1)[1]
+            if i + 1 >= len(argv) or not argv[i + 1]:
+                _usage_error("--taocache needs a config file")
+            value, i = argv[i + 1], i + 2
+        elif arg.startswith("--taocache="):
+            value, i = arg.split("=", 1)[1], i + 1
+            if not value:
+                _usage_error("--taocache needs a config file")
         else:
             rest.append(arg)
-        i += 1
+            i += 1
+            continue
+        if config is not None and value != config:
+            _usage_error(f"--taocache is given twice ({config} and {value}); give one config")
+        config = value
     return config, rest
 
 
@@ -86,6 +103,9 @@ def _warn_without_autoload(config: TaoCacheConfig) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{USAGE}\n\n{DESCRIPTION}")
+        return 0
     config_path, rest = split_taocache_argument(argv)
     if config_path is None or not rest:
         print(USAGE, file=sys.stderr)
