@@ -7,17 +7,30 @@ During full-step generations, per stream and per prompt (batch element)::
     r_t     = ||D_t|| / ||D_{t-1}||
 
 and accumulate mean and std of ``c_t`` and ``r_t`` over prompts into a :class:`CalibrationLUT`.
+
+Only complete generations count: a generation's statistics are staged and join the LUT when its
+last call returns (``on_sample_end``). One that stops early (an exception, a new sample, detach),
+whose outputs are not finite, or whose timesteps differ from the ones already recorded is left out,
+with a warning for the last two. Statistics are sums, so several processes calibrating the same
+file merge: :meth:`CalibrationRecorder.flush` re-reads the file under a lock and adds what this
+recorder has that the file does not.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import messages
 from .callbacks import Callback
+from .io import atomic_write_bytes, locked
 from .loop import LoopSpec
-from .lut import CalibrationLUT
+from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference
+from .stats import RunningMoments
 from .structure import flatten_output, split_batch
 
 __all__ = ["CalibrationRecorder", "delta_statistics", "float32_leaves"]
@@ -59,73 +72,201 @@ class _StreamHistory:
         self.delta: Optional[List[Tensor]] = None
 
 
+def _moving(delta: List[Tensor], batch_dim: Optional[int]) -> Tensor:
+    """Per prompt: whether the delta is not exactly zero."""
+    out = None
+    for d in delta:
+        nonzero = _per_prompt(d, batch_dim).ne(0).any(dim=1)
+        out = nonzero if out is None else out | nonzero
+    return out
+
+
+class _Generation:
+    """The statistics of the generation in progress, added to the LUT only when it completes."""
+
+    def __init__(self, loop: LoopSpec):
+        shape = (len(loop.streams), loop.steps)
+        self.cos, self.ratio = RunningMoments.zeros(*shape), RunningMoments.zeros(*shape)
+        self.timesteps = torch.full((loop.steps,), float("nan"), dtype=torch.float64)
+        self.prompts = 0
+        self.calls = 0
+        self.bad: Optional[Tuple[str, int, str]] = None  # first (stream, step, what) that was not finite
+
+
+def _real_path(path) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
 class CalibrationRecorder(Callback):
     """Records delta statistics on every call of full-step generations into a LUT.
 
     Each batch element of each stream counts as one prompt; a batched-CFG output is split into
-    its declared stream halves first. Use :meth:`lut` (or :meth:`save`) once the calibration
-    prompts have run. Recording continues across generations, and across ``attach``-es of the
-    same recorder if the loop stays the same; ``resume`` continues an earlier LUT.
+    its declared stream halves first. Use :meth:`lut` once the calibration prompts have run, and
+    :meth:`flush` to add them to a file (safe when other processes write the same file), or
+    :meth:`save` to overwrite a file with :meth:`lut`. Recording continues across generations, and
+    across ``attach``-es of the same recorder if the loop stays the same; ``resume`` continues an
+    earlier LUT. ``identity`` (a dict of JSON values) is stored in the LUT.
     """
 
     def __init__(self, model_id: Optional[str] = None, sampler: Optional[str] = None, *,
-                 resume: Optional[CalibrationLUT] = None):
+                 resume: Optional[CalibrationLUT] = None, identity: Optional[Dict[str, Any]] = None):
         self.model_id = model_id
         self.sampler = sampler
-        self._lut: Optional[CalibrationLUT] = resume  # statistics to continue from
+        self.identity: Dict[str, Any] = dict(identity or {})
+        self._known = resume  # everything: the base and the pending generations (never changed in place)
+        self._pending: Optional[CalibrationLUT] = None  # complete generations not written by flush yet
+        self._base = resume  # what the recorder continues from (a file's contents after a flush)
+        self._base_file = _real_path(resume.source) if resume is not None and resume.source else None
         self._loop: Optional[LoopSpec] = None
         self._history: Dict[str, _StreamHistory] = {}
+        self._generation: Optional[_Generation] = None
 
     def on_attach(self, hook) -> None:
         loop = hook.loop
-        if self._lut is None:
-            self._lut = CalibrationLUT.empty(loop, self.model_id, self.sampler)
+        if self._known is None:
+            self._known = CalibrationLUT.empty(loop, self.model_id, self.sampler, self.identity)
         else:
-            self._lut.check(loop)
+            self._known.check(loop, self.model_id, self.sampler)
+            for key in sorted(set(self.identity) & set(self._known.identity)):
+                if self.identity[key] != self._known.identity[key]:
+                    raise LUTMismatchError(f"{self._known._name()} was calibrated with {key} "
+                                           f"{self._known.identity[key]!r}, this recorder with {self.identity[key]!r}")
+            self._known = dataclasses.replace(self._known, identity={**self._known.identity, **self.identity})
+        if self._pending is None:
+            self._pending = _empty_like(self._known, self.identity)
         self._loop = loop
 
     def on_sample_start(self, hook, sample: int) -> None:
         self._history = {s: _StreamHistory() for s in hook.loop.streams}
+        self._generation = _Generation(hook.loop)
 
     def on_sample_abort(self, hook, sample: int, reason: str) -> None:
-        self._history = {}
+        gen, self._generation, self._history = self._generation, None, {}
+        if gen is not None and gen.calls:
+            messages.warning(f"calibration: generation {sample + 1} stopped before its last call ({reason}); "
+                             "its statistics were left out of the LUT")
 
     def on_detach(self, hook) -> None:
-        self._history = {}
+        self._history, self._generation = {}, None
 
     def on_after_call(self, hook, call, output) -> None:
         if not call.computed:
             raise RuntimeError(
                 f"taohooks: calibration needs full-step generations, but call {call.index} (step {call.step}) "
                 f"was answered by {type(call.substituted_by).__name__}; calibrate without caching")
-        loop, lut = hook.loop, self._lut
+        loop, gen = hook.loop, self._generation
+        if gen is None:  # a callback's on_sample_start failed; nothing sensible to record
+            return
+        gen.calls += 1
         leaves, _ = flatten_output(output)
         leaves = float32_leaves(leaves)
         parts = split_batch(leaves, len(loop.streams)) if loop.split_batch else [leaves]
         step = call.step
-        timestep = call.timestep if bool(lut.timesteps[step].isnan()) else None
-        if timestep is not None:
-            lut.timesteps[step] = timestep
+        if bool(gen.timesteps[step].isnan()):
+            timestep = call.timestep
+            if timestep is not None:
+                gen.timesteps[step] = timestep
         for name, eps in zip(call.streams, parts):
             history = self._history[name]
-            s = lut.stream_index(name)
+            s = loop.streams.index(name)
             if step == 0 and s == 0:
-                lut.num_prompts += 1 if loop.batch_dim is None else int(eps[0].shape[0])
+                gen.prompts += 1 if loop.batch_dim is None else int(eps[0].shape[0])
+            if gen.bad is None and not all(bool(torch.isfinite(e).all()) for e in eps):
+                gen.bad = (name, step, "its output is not finite (NaN or inf)")
             if history.eps is not None:
                 delta = [a - b for a, b in zip(eps, history.eps)]
                 if history.delta is not None:
                     cos, ratio = delta_statistics(delta, history.delta, loop.batch_dim)
-                    lut.cos.add((s, step), cos)
-                    lut.ratio.add((s, step), ratio)
+                    finite = torch.isfinite(cos) & torch.isfinite(ratio)
+                    if gen.bad is None and not bool(finite.all()):
+                        # undefined where a delta is exactly zero (dropped, as RunningMoments does);
+                        # anything else is an overflow of float32
+                        moving = _moving(delta, loop.batch_dim) & _moving(history.delta, loop.batch_dim)
+                        if bool((~finite & moving).any()):
+                            gen.bad = (name, step, "its statistics overflow float32")
+                    gen.cos.add((s, step), cos)
+                    gen.ratio.add((s, step), ratio)
                 history.delta = delta
             history.eps = eps
 
+    def on_sample_end(self, hook, sample: int) -> None:
+        gen, self._generation, self._history = self._generation, None, {}
+        if gen is None:
+            return
+        if gen.bad is not None:
+            name, step, what = gen.bad
+            messages.warning(f"calibration: generation {sample + 1} left out of the LUT: stream {name!r}, "
+                             f"step {step}: {what}")
+            return
+        known = self._known
+        t = first_timestep_difference(known.timesteps, gen.timesteps)
+        if t is not None:
+            messages.warning(f"calibration: generation {sample + 1} left out of the LUT: step {t} ran at timestep "
+                             f"{gen.timesteps[t].item():g}, the LUT's generations at {known.timesteps[t].item():g} "
+                             "(a different sampler, shift or step count?)")
+            return
+        done = CalibrationLUT(known.streams, known.steps, gen.cos, gen.ratio, gen.timesteps, known.calls_per_step,
+                              self.model_id, self.sampler, gen.prompts, identity=dict(self.identity))
+        try:
+            known, pending = known.merge(done), self._pending.merge(done)
+        except LUTMismatchError as exc:  # checked at attach; never let the last call of a generation raise
+            messages.warning(f"calibration: generation {sample + 1} left out of the LUT: {exc}")
+            return
+        self._known = dataclasses.replace(known, created=self._known.created, source=self._known.source)
+        self._pending = pending
+
+    # ------------------------------------------------------------------ results
     def lut(self) -> CalibrationLUT:
-        """The statistics recorded so far."""
-        if self._lut is None:
+        """The statistics of every complete generation, with those it resumed from (or flushed into)."""
+        if self._known is None:
             raise RuntimeError("taohooks: the recorder has not been attached to a model yet; nothing recorded")
-        return self._lut
+        return self._known
+
+    @property
+    def pending_prompts(self) -> int:
+        """Prompts of complete generations that :meth:`flush` has not written yet."""
+        return 0 if self._pending is None else self._pending.num_prompts
 
     def save(self, path) -> None:
-        """Write the LUT recorded so far (atomically)."""
+        """Overwrite ``path`` with :meth:`lut` (atomically). When other processes may write the same
+        file, use :meth:`flush`, which adds to the file instead."""
         self.lut().save(path)
+
+    def flush(self, path) -> CalibrationLUT:
+        """Add the complete generations not written yet to the LUT file ``path`` and return its contents.
+
+        Under an exclusive lock on ``path``: read the file if it exists (validated), add the pending
+        statistics (and, on the first flush to a new file, those resumed from another file), write
+        atomically. The result becomes :meth:`lut` (other writers' prompts included). On an error
+        (:class:`~taohooks.io.FileWriteError`, :class:`~taohooks.lut.LUTMismatchError`, a corrupt
+        file) nothing is lost: the pending statistics stay for the next flush.
+        """
+        if self._known is None:
+            raise RuntimeError("taohooks: the recorder has not been attached to a model yet; nothing recorded")
+        path = Path(path)
+        pending = self._pending if self._pending is not None else _empty_like(self._known, self.identity)
+        with locked(path):
+            on_disk = CalibrationLUT.load(path) if path.is_file() else None
+            if on_disk is not None:
+                if self._loop is not None:
+                    on_disk.check(self._loop, self.model_id, self.sampler)
+                base = on_disk
+                if self._base is not None and self._base_file != _real_path(path) and self._base.num_prompts:
+                    base = base.merge(self._base)  # resumed from elsewhere: its prompts join this file once
+            else:
+                base = self._base if self._base is not None else _empty_like(pending, pending.identity)
+            merged = dataclasses.replace(base.merge(pending), created=base.created, source=str(path))
+            atomic_write_bytes(path, merged.to_bytes())
+        self._base, self._base_file = merged, _real_path(path)
+        self._known, self._pending = merged, _empty_like(pending, pending.identity)
+        return merged
+
+
+def _zeros(lut: CalibrationLUT) -> RunningMoments:
+    return RunningMoments.zeros(len(lut.streams), lut.steps)
+
+
+def _empty_like(lut: CalibrationLUT, identity: Dict[str, Any]) -> CalibrationLUT:
+    return CalibrationLUT(lut.streams, lut.steps, _zeros(lut), _zeros(lut),
+                          torch.full((lut.steps,), float("nan"), dtype=torch.float64), lut.calls_per_step,
+                          lut.model_id, lut.sampler, identity=dict(identity))

@@ -83,4 +83,4 @@ def all_reduce_lut(lut: CalibrationLUT, group: Optional[object] = None) -> Calib
     timesteps = timesteps.cpu()
     timesteps = torch.where(timesteps.isinf(), torch.full_like(timesteps, float("nan")), timesteps)
     return CalibrationLUT(lut.streams, lut.steps, moments[0], moments[1], timesteps, lut.calls_per_step,
-                          lut.model_id, lut.sampler, prompts, lut.created)
+                          lut.model_id, lut.sampler, prompts, lut.created, identity=dict(lut.identity))

@@ -10,10 +10,14 @@ merge exactly, and the derived tables for any reader::
     ratio_mean, ratio_std           float32 [streams, steps]   (derived, C_ratio / S_ratio)
     timesteps                       float64 [steps]            (NaN where unknown)
 
-plus the metadata key ``taohooks_lut`` holding JSON: format version, model id, steps, calls per
-step, stream names, sampler, number of prompts, creation time. Step ``t`` counts model calls
+plus the metadata key ``taohooks_lut`` holding a JSON object: format version, model id, steps, calls
+per step, stream names, sampler, number of prompts, creation time, and ``identity`` (an object of
+what the run was calibrated with, compared by the integration; absent in older files). Step ``t`` counts model calls
 per stream from 0; the statistics at ``t`` compare ``D_t = eps_t - eps_{t-1}`` with
 ``D_{t-1}``, so steps 0 and 1 are always empty.
+
+:meth:`CalibrationLUT.load` validates what it reads (:mod:`taohooks.lut_format`) and raises
+:class:`LUTFormatError` naming the file and the entry; a LUT in memory is what a file can hold.
 """
 from __future__ import annotations
 
@@ -23,16 +27,17 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .io import atomic_write_bytes
 from .loop import LoopSpec
+from .lut_format import check_identity
 from .stats import RunningMoments
 
-__all__ = ["CalibrationLUT", "LUTMismatchError", "merge_luts", "FORMAT_VERSION"]
+__all__ = ["CalibrationLUT", "LUTMismatchError", "LUTFormatError", "merge_luts", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _META_KEY = "taohooks_lut"
@@ -41,6 +46,10 @@ PathLike = Union[str, os.PathLike]
 
 class LUTMismatchError(ValueError):
     """A LUT does not fit the run (or the other LUT) it is used with."""
+
+
+class LUTFormatError(ValueError):
+    """A LUT file holds something a calibration cannot produce. The message names the file and entry."""
 
 
 def _now() -> str:
@@ -62,13 +71,15 @@ class CalibrationLUT:
     num_prompts: int = 0
     created: str = field(default_factory=_now)
     source: Optional[str] = None  # the file it was loaded from, for messages
+    identity: Dict[str, Any] = field(default_factory=dict)  # what it was calibrated with (JSON values)
 
     @classmethod
-    def empty(cls, loop: LoopSpec, model_id: Optional[str] = None, sampler: Optional[str] = None) -> "CalibrationLUT":
+    def empty(cls, loop: LoopSpec, model_id: Optional[str] = None, sampler: Optional[str] = None,
+              identity: Optional[Dict[str, Any]] = None) -> "CalibrationLUT":
         shape = (len(loop.streams), loop.steps)
         return cls(tuple(loop.streams), loop.steps, RunningMoments.zeros(*shape), RunningMoments.zeros(*shape),
                    torch.full((loop.steps,), float("nan"), dtype=torch.float64), loop.calls_per_step,
-                   model_id, sampler)
+                   model_id, sampler, identity=dict(identity or {}))
 
     # ------------------------------------------------------------------ the tables
     @property
@@ -126,22 +137,26 @@ class CalibrationLUT:
             a, b = getattr(self, key), getattr(other, key)
             if a is not None and b is not None and a != b:
                 raise LUTMismatchError(f"cannot merge: {key} is {a!r} in {self._name()} and {b!r} in {other._name()}")
-        both = ~(self.timesteps.isnan() | other.timesteps.isnan())
-        differ = both & ((self.timesteps - other.timesteps).abs() > 1e-6 * self.timesteps.abs().clamp(min=1))
-        if differ.any():
-            t = int(differ.nonzero()[0])
+        for key in sorted(set(self.identity) & set(other.identity)):
+            a, b = self.identity[key], other.identity[key]
+            if a != b:
+                raise LUTMismatchError(f"cannot merge: identity {key!r} is {a!r} in {self._name()} and {b!r} in "
+                                       f"{other._name()}")
+        t = first_timestep_difference(self.timesteps, other.timesteps)
+        if t is not None:
             raise LUTMismatchError(f"cannot merge: timestep of step {t} is {self.timesteps[t].item():g} in "
                                    f"{self._name()} and {other.timesteps[t].item():g} in {other._name()}")
         return CalibrationLUT(
             self.streams, self.steps, self.cos.merge(other.cos), self.ratio.merge(other.ratio),
             torch.where(self.timesteps.isnan(), other.timesteps, self.timesteps), self.calls_per_step,
-            self.model_id or other.model_id, self.sampler or other.sampler, self.num_prompts + other.num_prompts)
+            self.model_id or other.model_id, self.sampler or other.sampler, self.num_prompts + other.num_prompts,
+            identity={**other.identity, **self.identity})
 
     # ------------------------------------------------------------------ file
     def metadata(self) -> dict:
         return {"format_version": FORMAT_VERSION, "model_id": self.model_id, "steps": self.steps,
                 "calls_per_step": self.calls_per_step, "streams": list(self.streams), "sampler": self.sampler,
-                "num_prompts": self.num_prompts, "created": self.created}
+                "num_prompts": self.num_prompts, "created": self.created, "identity": dict(self.identity)}
 
     def to_bytes(self) -> bytes:
         from safetensors.torch import save
@@ -154,6 +169,7 @@ class CalibrationLUT:
             tensors[f"{name}_mean"] = moments.mean.float()
             tensors[f"{name}_std"] = moments.std.float()
         tensors = {k: v.contiguous() for k, v in tensors.items()}
+        check_identity(self.identity, self._name())
         return save(tensors, metadata={_META_KEY: json.dumps(self.metadata())})
 
     def save(self, path: PathLike) -> Path:
@@ -162,38 +178,31 @@ class CalibrationLUT:
 
     @classmethod
     def load(cls, path: PathLike) -> "CalibrationLUT":
+        """Read and validate a LUT file; :class:`LUTFormatError` names the file and the bad entry."""
         from safetensors import safe_open
+
+        from .lut_format import validate
 
         path = Path(path)
         if not path.is_file():
+            if path.is_dir():
+                raise LUTFormatError(f"{path} is a directory, not a calibration LUT file")
             raise FileNotFoundError(f"calibration LUT {path} does not exist")
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw_meta = (f.metadata() or {}).get(_META_KEY)
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises its own error types
-            raise ValueError(f"{path} is not a safetensors file: {exc}") from exc
+            raise LUTFormatError(f"{path} is not a safetensors file: {exc}") from exc
         if raw_meta is None:
-            raise ValueError(f"{path} is a safetensors file but not a taohooks LUT (no '{_META_KEY}' metadata)")
-        meta = json.loads(raw_meta)
-        version = meta.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(f"{path} has LUT format version {version!r}; this taohooks reads up to "
-                             f"{FORMAT_VERSION}: upgrade taohooks")
-        needed = [f"{n}_{s}" for n in ("cos", "ratio") for s in ("count", "sum", "sumsq")] + ["timesteps"]
-        missing = [k for k in needed if k not in tensors]
-        if missing:
-            raise ValueError(f"{path}: LUT misses tensors {', '.join(missing)}")
-        streams, steps = tuple(meta["streams"]), int(meta["steps"])
-        for k in needed[:-1]:
-            if tuple(tensors[k].shape) != (len(streams), steps):
-                raise ValueError(f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, metadata says "
-                                 f"[{len(streams)} streams, {steps} steps]")
+            raise LUTFormatError(f"{path} is a safetensors file but not a taohooks LUT (no '{_META_KEY}' metadata)")
+        meta = validate(path, raw_meta, tensors, FORMAT_VERSION)
         moments = {n: RunningMoments(tensors[f"{n}_count"].to(torch.int64), tensors[f"{n}_sum"].to(torch.float64),
                                      tensors[f"{n}_sumsq"].to(torch.float64)) for n in ("cos", "ratio")}
-        return cls(streams, steps, moments["cos"], moments["ratio"], tensors["timesteps"].to(torch.float64),
-                   int(meta.get("calls_per_step", 1)), meta.get("model_id"), meta.get("sampler"),
-                   int(meta.get("num_prompts", 0)), meta.get("created", ""), source=str(path))
+        return cls(tuple(meta["streams"]), meta["steps"], moments["cos"], moments["ratio"],
+                   tensors["timesteps"].to(torch.float64), meta.get("calls_per_step", 1), meta.get("model_id"),
+                   meta.get("sampler"), meta.get("num_prompts", 0), meta.get("created", ""), source=str(path),
+                   identity=dict(meta.get("identity") or {}))
 
     # ------------------------------------------------------------------ display
     def table(self) -> str:
@@ -217,7 +226,15 @@ class CalibrationLUT:
 
     def describe(self) -> str:
         return (f"{self._name()}: model {self.model_id or '?'}, sampler {self.sampler or '?'}, {self.steps} steps, "
-                f"streams {', '.join(self.streams)}, {self.num_prompts} prompts, created {self.created or '?'}")
+                f"streams {', '.join(self.streams)}, {self.num_prompts} prompts, created {self.created or '?'}"
+                + (f", identity {json.dumps(self.identity, sort_keys=True)}" if self.identity else ""))
+
+
+def first_timestep_difference(a: Tensor, b: Tensor) -> Optional[int]:
+    """The first step whose timestep is known in both and differs (relative 1e-6), or ``None``."""
+    both = ~(a.isnan() | b.isnan())
+    differ = both & ((a - b).abs() > 1e-6 * a.abs().clamp(min=1))
+    return int(differ.nonzero()[0]) if differ.any() else None
 
 
 def merge_luts(luts: Sequence[CalibrationLUT]) -> CalibrationLUT:

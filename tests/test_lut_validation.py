@@ -1,0 +1,174 @@
+"""A LUT is validated when it is loaded: the file and the entry are named (issue 12, class 4)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from taohooks import CalibrationLUT, LoopSpec, LUTMismatchError
+from taohooks.cli import main
+from taohooks.lut import LUTFormatError
+from test_calibration import calibrate
+from trajectories import GeometricDenoiser
+
+
+@pytest.fixture(scope="module")
+def good():
+    return calibrate(GeometricDenoiser({"cond": 0.9, "uncond": 0.7}), 8, ("cond", "uncond"), model_id="geo")
+
+
+def contents(lut):
+    """``(tensors, metadata dict)`` of the LUT's file."""
+    from safetensors.torch import load
+
+    data = lut.to_bytes()
+    tensors = load(data)
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(json.loads(data[8:8 + n])["__metadata__"]["taohooks_lut"])
+    return tensors, meta
+
+
+def write(path, tensors, meta):
+    raw = meta if isinstance(meta, str) else json.dumps(meta)
+    path.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata={"taohooks_lut": raw}))
+    return path
+
+
+def refused(tmp_path, good, edit) -> str:
+    tensors, meta = contents(good)
+    edited = edit(tensors, meta)
+    meta = edited if isinstance(edited, str) else meta
+    path = write(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(LUTFormatError) as info:
+        CalibrationLUT.load(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}: ")
+    return text[len(f"{path}: "):]
+
+
+def test_a_valid_file_loads_and_an_old_one_without_identity_too(tmp_path, good):
+    tensors, meta = contents(good)
+    del meta["identity"]  # as written before identity existed (format version 1)
+    lut = CalibrationLUT.load(write(tmp_path / "old.safetensors", tensors, meta))
+    assert lut.identity == {} and lut.num_prompts == 2 and meta["format_version"] == 1
+
+
+def test_bit_rotted_ratio_sum(tmp_path, good):
+    def edit(t, m):
+        t["ratio_sum"][0, 5] = 2.5e29
+
+    sq = good.ratio.total_sq[0, 5].item()
+    assert refused(tmp_path, good, edit) == (
+        f"ratio_sum at stream 'cond', step 5 is 2.5e+29 with 2 values and ratio_sumsq {sq:g}: impossible "
+        "(sum^2 > count * sumsq); the file is corrupt")
+
+
+def test_cosine_of_seven_and_negative_ratio(tmp_path, good):
+    def cos7(t, m):
+        t["cos_sum"][1, 4], t["cos_sumsq"][1, 4] = 14.0, 98.0
+
+    assert refused(tmp_path, good, cos7) == ("cos_sum at stream 'uncond', step 4 gives a mean cosine of 7; a "
+                                             "cosine similarity is in [-1, 1]")
+
+    def ratio_minus_3(t, m):
+        t["ratio_sum"][0, 6], t["ratio_sumsq"][0, 6] = -6.0, 18.0
+
+    assert refused(tmp_path, good, ratio_minus_3) == ("ratio_sum at stream 'cond', step 6 gives a mean norm ratio "
+                                                      "of -3; expected one in [0, 1000]")
+
+    def huge_ratio(t, m):
+        t["ratio_sum"][0, 6], t["ratio_sumsq"][0, 6] = 2e4, 2e8
+
+    assert "mean norm ratio of 10000" in refused(tmp_path, good, huge_ratio)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t, m: t.update(timesteps=torch.zeros(7, dtype=torch.float64)),
+     "tensor timesteps has shape [7], metadata says [8 steps]"),
+    (lambda t, m: t.update(cos_count=t["cos_count"][:, :6]),
+     "tensor cos_count has shape [2, 6], metadata says [2 streams, 8 steps]"),
+    (lambda t, m: t.update(ratio_count=t["ratio_count"].double()),
+     "tensor ratio_count has dtype float64; expected an integer type"),
+    (lambda t, m: t.pop("cos_sumsq"), "LUT misses tensors cos_sumsq"),
+    (lambda t, m: t["timesteps"].__setitem__(3, float("inf")),
+     "timesteps at step 3 is inf; expected a finite value (or NaN where unknown)"),
+    (lambda t, m: t["cos_sum"].__setitem__((0, 3), float("nan")),
+     "cos_sum at stream 'cond', step 3 is nan; expected a finite value"),
+    (lambda t, m: t["ratio_count"].__setitem__((1, 7), 3),
+     "ratio_count at stream 'uncond', step 7 is 3; expected 0 to num_prompts (2)"),
+    (lambda t, m: t["cos_count"].__setitem__((0, 2), -1),
+     "cos_count at stream 'cond', step 2 is -1; expected 0 to num_prompts (2)"),
+    (lambda t, m: m.update(num_prompts=1), "cos_count at stream 'cond', step 2 is 2; expected 0 to num_prompts (1)"),
+])
+def test_tensors(tmp_path, good, edit, message):
+    assert refused(tmp_path, good, edit) == message
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t, m: "{not json", "metadata 'taohooks_lut' is not JSON (Expecting property name enclosed in double "
+                               "quotes: line 1 column 2 (char 1))"),
+    (lambda t, m: "[1, 2]", "metadata 'taohooks_lut' is a JSON list; expected an object"),
+    (lambda t, m: m.update(steps=1e14), "metadata steps is 100000000000000.0; expected a positive integer"),
+    (lambda t, m: m.update(steps="8"), "metadata steps is '8'; expected a positive integer"),
+    (lambda t, m: m.update(streams=["cond", "cond"]),
+     "metadata streams is ['cond', 'cond']; expected a list of distinct non-empty names"),
+    (lambda t, m: m.update(streams="cond"), "metadata streams is 'cond'; expected a list of distinct non-empty names"),
+    (lambda t, m: m.update(calls_per_step=0), "metadata calls_per_step is 0; expected 1 (batched streams) or 2 "
+                                              "(one call per stream)"),
+    (lambda t, m: m.update(num_prompts=-1), "metadata num_prompts is -1; expected an integer >= 0"),
+    (lambda t, m: m.update(model_id=3), "metadata model_id is 3; expected a string or null"),
+    (lambda t, m: m.update(format_version="1"), "metadata format_version is '1'; expected a positive integer"),
+    (lambda t, m: m.update(format_version=99), "has LUT format version 99; this taohooks reads up to 1: upgrade "
+                                               "taohooks"),
+    (lambda t, m: m.update(identity=["a"]), "metadata: identity must be a JSON object, got list"),
+    (lambda t, m: m.update(identity={"vae": {"a": 1}}),
+     "metadata: identity 'vae' is {'a': 1}; expected a string, number, boolean, null or a list of them"),
+])
+def test_metadata(tmp_path, good, edit, message):
+    assert refused(tmp_path, good, edit) == message
+
+
+def test_show_reports_a_bad_file_without_a_traceback(tmp_path, good, capsys):
+    tensors, _ = contents(good)
+    path = write(tmp_path / "bad.safetensors", tensors, '"just a string"')
+    assert main(["show", str(path)]) == 1
+    assert capsys.readouterr().err == (f"taocache show: error: {path}: metadata 'taohooks_lut' is a JSON str; "
+                                       "expected an object\n")
+    assert main(["show", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"taocache show: error: {tmp_path} is a directory, not a calibration LUT file\n"
+
+
+def test_identity_round_trip_union_and_conflict(tmp_path, good):
+    a = calibrate(GeometricDenoiser({"main": 0.9}), 6, ("main",), identity={"vae": "v1", "shift": 5.0})
+    assert a.identity == {"vae": "v1", "shift": 5.0}
+    loaded = CalibrationLUT.load(a.save(tmp_path / "a.safetensors"))
+    assert loaded.identity == {"vae": "v1", "shift": 5.0}
+    b = calibrate(GeometricDenoiser({"main": 0.9}), 6, ("main",), identity={"vae": "v1", "size": [480, 832]})
+    assert a.merge(b).identity == {"vae": "v1", "shift": 5.0, "size": [480, 832]}
+    c = calibrate(GeometricDenoiser({"main": 0.9}), 6, ("main",), identity={"vae": "v2"})
+    with pytest.raises(LUTMismatchError) as info:
+        loaded.merge(c)
+    assert str(info.value) == (f"cannot merge: identity 'vae' is 'v1' in LUT {tmp_path / 'a.safetensors'} and 'v2' "
+                               "in LUT")
+    with pytest.raises(LUTMismatchError, match="calibrated with vae 'v1', this recorder with 'v2'"):
+        from taohooks import CalibrationRecorder, DenoiserHook
+        DenoiserHook(LoopSpec(6), [CalibrationRecorder(resume=loaded, identity={"vae": "v2"})]).attach(
+            GeometricDenoiser({"main": 0.9}))
+
+
+def test_a_valid_lut_with_a_zero_delta_step_loads(tmp_path):
+    """A model whose output does not change between two steps: its statistics there are undefined and
+    dropped (not a corrupt file), and the ratio of the step that stops moving is 0."""
+    class Still(torch.nn.Module):
+        def forward(self, x, timestep):
+            t = float(timestep)
+            return torch.full((1, 4), 0.5 ** min(t, 3.0))
+
+    from taohooks import CalibrationRecorder, DenoiserHook
+    rec = CalibrationRecorder()
+    with DenoiserHook(LoopSpec(6), [rec]).attach(Still()) as hook:
+        for t in range(6):
+            hook.module(None, timestep=t)
+    lut = CalibrationLUT.load(rec.lut().save(tmp_path / "still.safetensors"))
+    assert lut.num_prompts == 1 and lut.ratio.count[0].tolist() == [0, 0, 1, 1, 1, 0]
+    assert lut.cos.count[0].tolist() == [0, 0, 1, 1, 0, 0] and lut.ratio_mean[0, 2:5].tolist() == [0.5, 0.5, 0.0]
