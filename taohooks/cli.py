@@ -24,7 +24,7 @@ from typing import List, Optional
 
 import yaml
 
-from .config import ConfigError, PlanConfig, TaoCacheConfig, load_config
+from .config import MAX_STEPS, ConfigError, PlanConfig, TaoCacheConfig, load_config
 from .loop import LoopSpec
 from .lut import CalibrationLUT, LUTMismatchError, merge_luts
 from .plan import PlanError
@@ -109,6 +109,8 @@ def _cmd_plan(args) -> int:
     streams = config.loop.streams or (list(lut.streams) if lut else ["main"])
     if steps is None:
         raise PlanError("the number of steps is unknown: give --steps")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ConfigError("command line", "--steps", f"expected a number of steps from 1 to {MAX_STEPS}, got {steps}")
     if plan_cfg.budget is None and plan_cfg.window is None and plan_cfg.skip_steps is None:
         print("# no budget, window or skip_steps given: nothing is skipped (try --budget 8 or --budget 0.16)")
     plan = make_plan(plan_cfg, steps, streams, lut)

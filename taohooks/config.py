@@ -209,7 +209,7 @@ class TaoCacheConfig:
 
     def validate(self, err) -> None:
         if self.integration not in INTEGRATIONS:
-            close = difflib.get_close_matches(self.integration, INTEGRATIONS, n=1)
+            close = difflib.get_close_matches(self.integration.lower(), INTEGRATIONS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             err("integration", f"unknown integration {self.integration!r}{hint} (one of {', '.join(INTEGRATIONS)})")
         for part in (self.loop, self.calibration, self.plan, self.pab, self.teacache):

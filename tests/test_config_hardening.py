@@ -162,6 +162,14 @@ def test_command_line_budget_follows_the_same_rule(lut_path, capsys):
     assert cli_main(["plan", str(lut_path), "--budget", "2.0"]) == 1
     assert capsys.readouterr().err == ("taocache plan: error: command line: plan.budget: 2.0 is ambiguous; write 2 "
                                        "for 2 skipped steps or a fraction below 1.0\n")
+    assert cli_main(["plan", str(lut_path), "--steps", "100000000000", "--window", "3", "4", "--ratio", "1"]) == 1
+    assert capsys.readouterr().err == ("taocache plan: error: command line: --steps: expected a number of steps from 1 "
+                                       "to 100000, got 100000000000\n")
+
+
+def test_integration_names_are_matched_without_case(tmp_path):
+    assert error(tmp_path, "integration: WAN\n") == ("integration: unknown integration 'WAN'; did you mean 'wan'? (one "
+                                                     "of none, wan, latte, opensora_plan, videosys, diffusers, testbed)")
 
 
 # ---------------------------------------------------------------------- 4. paths
