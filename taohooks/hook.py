@@ -7,6 +7,13 @@ never touched. Detaching puts back exactly what was there.
     hook = DenoiserHook(LoopSpec(steps=50, streams=("cond", "uncond")), [recorder])
     with hook.attach(model):
         run_sampling_loop(model)
+
+With ``repeat=True`` a generation begins when the last one has made all its declared calls. A
+loop that makes a call more or fewer than declared would shift every later generation; so the
+first call of such a generation must run at the timestep the last explicitly started generation
+(the first after ``attach`` or ``new_sample()``) began at. A call that does not is *stray*: it
+runs the model without callbacks (no caching, no calibration), with a warning, until a call
+begins at that timestep again. Timesteps are read once per generation, not per call.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from .callbacks import Callback
 from .loop import CallInfo, LoopSpec
 from .patching import ForwardPatch
 
-__all__ = ["DenoiserHook", "get_hook", "TIMESTEP_KWARGS"]
+__all__ = ["DenoiserHook", "get_hook", "TIMESTEP_KWARGS", "timesteps_match"]
 
 
 def _outside_graph(fn, recursive: bool = True):
@@ -32,6 +39,11 @@ def _outside_graph(fn, recursive: bool = True):
 
 _HOOK_ATTR = "_taohooks_hook"
 TIMESTEP_KWARGS = ("timestep", "timesteps", "t")
+
+
+def timesteps_match(seen: float, want: float) -> bool:
+    """Whether a call's timestep is the expected one (relative tolerance 1e-3, absolute below 1)."""
+    return abs(seen - want) <= 1e-3 * max(1.0, abs(want))
 
 
 def get_hook(module: nn.Module) -> Optional["DenoiserHook"]:
@@ -74,6 +86,9 @@ class DenoiserHook:
         repeat: when a generation has made all its calls, let the next call start a new one
             (integrations that know the loop restarts). Otherwise such a call is an error, and
             ``new_sample()`` starts each generation.
+
+    ``stray_calls`` counts calls run outside any generation because they did not begin one where
+    generations begin (``repeat=True`` only); ``misaligned_generations`` counts such runs of calls.
     """
 
     def __init__(self, loop: LoopSpec, callbacks: Iterable[Callback] = (), *,
@@ -93,6 +108,15 @@ class DenoiserHook:
         self._index: Optional[int] = None  # call index inside the active generation
         self._finished = False        # the last generation made all its calls
         self.counts: Dict[str, List[int]] = {}
+        self.stray_calls = 0
+        self.misaligned_generations = 0
+        self._reference: Optional[List[_Timestep]] = None  # timesteps of the last explicit start (repeat)
+        self._reference_sample = -1
+        self._reference_start: Optional[float] = None
+        self._reference_varies: Optional[bool] = None
+        self._recording = False
+        self._previous: Optional[_Timestep] = None  # timestep of the last call (repeat only)
+        self._strays = 0              # stray calls since the last generation ended
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, module: nn.Module) -> "DenoiserHook":
@@ -109,6 +133,8 @@ class DenoiserHook:
         def make(inner):
             def forward(*args, **kwargs):
                 call, output = self._before(args, kwargs)
+                if call is None:  # a stray call: outside any generation, no callbacks
+                    return inner(*args, **kwargs)
                 if output is None:
                     try:
                         output = inner(*args, **kwargs)  # the model: compiled, if it is compiled
@@ -187,20 +213,27 @@ class DenoiserHook:
                     f"{self.loop.total_calls} calls of the last one ({self.loop.describe()}); "
                     "is the declared number of steps right?")
             self._abort("a new generation began")
-        self._start()
+        self._start(explicit=True)
 
     def _reset_bookkeeping(self) -> None:
         self._sample, self._index, self._finished = -1, None, False
         self.counts = {s: [0, 0] for s in self.loop.streams}
+        self.stray_calls = self.misaligned_generations = self._strays = 0
+        self._reference, self._reference_start, self._recording = None, None, False
+        self._reference_varies, self._previous = None, None
 
-    def _start(self) -> None:
+    def _start(self, explicit: bool) -> None:
         self._sample += 1
-        self._index, self._finished = 0, False
+        self._index, self._finished, self._strays = 0, False, 0
+        if explicit and self.repeat:  # later generations must begin where this one does
+            self._reference, self._reference_sample, self._reference_start = [], self._sample, None
+            self._reference_varies = None
+        self._recording = explicit and self.repeat
         for cb in self.callbacks:
             cb.on_sample_start(self, self._sample)
 
     def _abort(self, reason: str) -> None:
-        self._index = None
+        self._index, self._recording = None, False
         for cb in self.callbacks:
             cb.on_sample_abort(self, self._sample, reason)
 
@@ -218,7 +251,9 @@ class DenoiserHook:
     # ------------------------------------------------------------------ the call
     @_outside_graph
     def _before(self, args: tuple, kwargs: dict):
-        """Number the call and ask the callbacks for a substitute: ``(CallInfo, output or None)``."""
+        """Number the call and ask the callbacks for a substitute: ``(CallInfo, output or None)``;
+        ``(None, None)`` for a stray call."""
+        timestep = self._timestep(args, kwargs)
         if self._index is None:
             if self._finished and not self.repeat:
                 raise RuntimeError(
@@ -226,9 +261,16 @@ class DenoiserHook:
                     f"{self.loop.describe()}: the loop made more calls than declared. Declare the right "
                     "number of steps, call new_sample() before each generation, or attach with "
                     "repeat=True to start a new generation automatically")
-            self._start()
+            if self._finished and self._stray(timestep):
+                self._previous = timestep
+                return None, None
+            self._start(explicit=not self._finished)
+        if self.repeat:
+            self._previous = timestep
+            if self._recording:
+                self._reference.append(timestep)
         step, streams = self.loop.locate(self._index)
-        call = CallInfo(self._sample, self._index, step, streams, self._timestep(args, kwargs))
+        call = CallInfo(self._sample, self._index, step, streams, timestep)
         try:
             for cb in self.callbacks:
                 output = cb.on_before_call(self, call, args, kwargs)
@@ -239,6 +281,58 @@ class DenoiserHook:
             self._fail(call, exc)
             raise
         return call, None
+
+    def _stray(self, timestep: Optional[_Timestep]) -> bool:
+        """Whether a call that would begin a generation automatically is out of line (warned).
+
+        In line: it runs at the timestep the reference generation began at, and (for a loop whose
+        timesteps vary) the call before it did not, which would have been this generation's first."""
+        reference = self._reference
+        if not reference or reference[0] is None:
+            return False
+        if self._reference_start is None:
+            self._reference_start = reference[0].value()
+            middle = reference[len(reference) // 2]
+            value = middle.value() if middle is not None else None
+            self._reference_varies = value is not None and self._reference_start is not None \
+                and not timesteps_match(value, self._reference_start)
+        want = self._reference_start
+        seen = timestep.value() if timestep is not None else None
+        if want is None or seen is None:
+            return False
+        following = self._sample + 1
+        starts = timesteps_match(seen, want)
+        before = self._previous.value() if starts and self._reference_varies and self._previous is not None else None
+        early = before is not None and timesteps_match(before, want)  # the last call began this generation
+        if starts and not early:
+            if self._strays:
+                messages.notice(f"generation {following} begins at timestep {want:g}: in line again after "
+                                f"{self._strays} uncached call(s)")
+            return False
+        if self._strays >= self.loop.total_calls:  # the schedule changed: begin here, a new reference
+            messages.warning(
+                f"no call began at timestep {want:g} in the {self._strays} calls after generation "
+                f"{self._sample}; generation {following} begins at this call (timestep {seen:g}), and the "
+                "generations after it must begin where it does")
+            self._finished = False  # an explicit start
+            return False
+        if not self._strays:
+            self.misaligned_generations += 1
+            if early:
+                what = (f"generation {following} would begin at timestep {seen:g}, but the last call of generation "
+                        f"{self._sample} ran at that timestep too: it began this generation, and generation "
+                        f"{self._sample} made fewer calls than declared ({self.loop.describe()})")
+            else:
+                calls = [t.value() if t is not None else None for t in reference]
+                where = next((i for i, v in enumerate(calls) if v is not None and timesteps_match(seen, v)), None)
+                at = "" if where is None else f" (its timestep at step {self.loop.locate(where)[0]})"
+                what = (f"generation {following} would begin at timestep {seen:g}{at}, but generation "
+                        f"{self._reference_sample} began at {want:g}: the previous generation made more or fewer "
+                        f"calls than declared ({self.loop.describe()})")
+            messages.warning(f"{what}. Calls run uncached until one begins at timestep {want:g}")
+        self._strays += 1
+        self.stray_calls += 1
+        return True
 
     @_outside_graph
     def _fail(self, call: CallInfo, exc: BaseException) -> None:
@@ -257,7 +351,7 @@ class DenoiserHook:
             self.counts[s][column] += 1
         self._index += 1
         if self._index == self.loop.total_calls:
-            self._index, self._finished = None, True
+            self._index, self._finished, self._recording = None, True, False
             for cb in self.callbacks:
                 cb.on_sample_end(self, self._sample)
         return output

@@ -82,11 +82,14 @@ class OutputStructure:
     def num_leaves(self) -> int:
         return len(self.dtypes)
 
-    def rebuild(self, leaves: Sequence[Tensor]) -> Any:
+    def cast(self, leaves: Sequence[Tensor]) -> List[Tensor]:
+        """The leaves in the model's dtype and device (no copy where they already are)."""
         if len(leaves) != self.num_leaves:
             raise ValueError(f"expected {self.num_leaves} tensors to rebuild the output, got {len(leaves)}")
-        cast = [t.to(device=d, dtype=dt) for t, d, dt in zip(leaves, self.devices, self.dtypes)]
-        return _rebuild(self.skeleton, cast)
+        return [t.to(device=d, dtype=dt) for t, d, dt in zip(leaves, self.devices, self.dtypes)]
+
+    def rebuild(self, leaves: Sequence[Tensor]) -> Any:
+        return _rebuild(self.skeleton, self.cast(leaves))
 
 
 def flatten_output(output: Any) -> tuple[List[Tensor], OutputStructure]:
