@@ -163,8 +163,21 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    merged = merge_luts([CalibrationLUT.load(p) for p in args.luts])
-    merged.save(args.output)
+    """Merge the inputs into OUTPUT under OUTPUT's lock (a calibrating run adds to it the same way).
+
+    OUTPUT may be one of the inputs (merge into it: read under the lock, so nothing another writer
+    added is lost); an existing OUTPUT that is not an input is refused rather than overwritten."""
+    from .io import atomic_write_bytes, check_writable, locked
+
+    out = Path(args.output)
+    check_writable(out)
+    same = [p for p in args.luts if Path(p).exists() and out.exists() and os.path.samefile(p, out)]
+    with locked(out):
+        if out.exists() and not same:
+            raise ValueError(f"{out} exists and is not one of the inputs; list it among the inputs to merge "
+                             "into it, or remove it first")
+        merged = merge_luts([CalibrationLUT.load(p) for p in args.luts])
+        atomic_write_bytes(out, merged.to_bytes())
     print(f"wrote {args.output}: {merged.describe()}")
     return 0
 

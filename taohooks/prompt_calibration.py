@@ -109,6 +109,7 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     from .calibration import CalibrationRecorder
     from .distributed import all_reduce_lut, init_from_environment, shard, world
     from .hook import DenoiserHook
+    from .io import atomic_write_bytes, locked
     from .lut import CalibrationLUT
 
     init_from_environment()
@@ -132,10 +133,11 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
             patch.original(*replaced.args, **replaced.kwargs)
             recorder.save(part)
     total = all_reduce_lut(recorder.lut())
-    if base is not None:
-        total = base.merge(total)
     if rank == 0:
-        total.save(path)
+        with locked(path):  # add to the file as it is now: another job may have added prompts meanwhile
+            current = CalibrationLUT.load(path) if path.is_file() else None
+            total = current.merge(total) if current is not None else total
+            atomic_write_bytes(path, total.to_bytes())
         patch.log(f"taohooks: calibration LUT {path} complete ({total.num_prompts} prompts, {size} ranks)")
     if size > 1:
         dist.barrier()

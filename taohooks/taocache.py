@@ -115,15 +115,17 @@ class TaoCache:
         if path is not None:  # the file is the truth (a calibrating run may have written it)
             self.lut = CalibrationLUT.load(path) if path.is_file() else None
         if self.lut is not None:
-            self.lut.check(loop, cfg.model_id, cfg.calibration.sampler)
+            check_run(cfg, self.lut, loop, identity)
         self.recorder = self.callback = None
         wanted = cfg.calibration.prompts
         if path is not None and cfg.calibration.auto and (self.lut is None or self.lut.num_prompts < wanted):
+            check_writable(path)  # before the first model call, not after a generation's work
             have = 0 if self.lut is None else self.lut.num_prompts
             messages.notice(f"calibrating: LUT {path} has {have} of {wanted} prompts "
-                          f"(calibration.prompts); this run computes every step and writes the LUT after each "
-                          "generation")
-            self.recorder = CalibrationRecorder(cfg.model_id, cfg.calibration.sampler, resume=self.lut)
+                            f"(calibration.prompts); this run computes every step and writes the LUT after each "
+                            "generation")
+            self.recorder = CalibrationRecorder(cfg.model_id, cfg.calibration.sampler, resume=self.lut,
+                                                identity=dict(identity or {}))
             self.plan = no_skip_plan(loop.steps, loop.streams)
             own: list = [self.recorder, _SaveLUT(self.recorder, path)]
         else:
@@ -196,7 +198,9 @@ def section_callbacks(config: TaoCacheConfig, plan: SkipPlan) -> List[Callback]:
 
 
 class _SaveLUT(Callback):
-    """Writes the LUT being calibrated after every generation (atomically), so none is lost."""
+    """Adds each complete generation to the LUT file (:meth:`CalibrationRecorder.flush`: atomic, under a
+    lock, merged with what other processes wrote). A failed write is a warning naming the path, never
+    an exception: the generation's output belongs to the script, and the next generation retries."""
 
     def __init__(self, recorder: CalibrationRecorder, path: Path):
         self.recorder, self.path = recorder, path
@@ -206,4 +210,11 @@ class _SaveLUT(Callback):
 
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return  # every rank saw the same (gathered) outputs; rank 0 writes the file
-        self.recorder.save(self.path)
+        if not self.recorder.pending_prompts:
+            return  # the generation was left out (the recorder said why)
+        try:
+            self.recorder.flush(self.path)
+        except (OSError, ValueError) as exc:  # FileWriteError, LUTMismatchError, LUTFormatError
+            messages.warning(f"calibration LUT {self.path} was not saved: {exc}. The statistics of "
+                             f"{self.recorder.pending_prompts} prompt(s) are kept in memory and the next "
+                             "generation tries again")
