@@ -115,17 +115,15 @@ class TaoCache:
         if path is not None:  # the file is the truth (a calibrating run may have written it)
             self.lut = CalibrationLUT.load(path) if path.is_file() else None
         if self.lut is not None:
-            check_run(cfg, self.lut, loop, identity)
+            self.lut.check(loop, cfg.model_id, cfg.calibration.sampler)
         self.recorder = self.callback = None
         wanted = cfg.calibration.prompts
         if path is not None and cfg.calibration.auto and (self.lut is None or self.lut.num_prompts < wanted):
-            check_writable(path)  # before the first model call, not after a generation's work
             have = 0 if self.lut is None else self.lut.num_prompts
             messages.notice(f"calibrating: LUT {path} has {have} of {wanted} prompts "
-                            f"(calibration.prompts); this run computes every step and writes the LUT after each "
-                            "generation")
-            self.recorder = CalibrationRecorder(cfg.model_id, cfg.calibration.sampler, resume=self.lut,
-                                                identity=dict(identity or {}))
+                          f"(calibration.prompts); this run computes every step and writes the LUT after each "
+                          "generation")
+            self.recorder = CalibrationRecorder(cfg.model_id, cfg.calibration.sampler, resume=self.lut)
             self.plan = no_skip_plan(loop.steps, loop.streams)
             own: list = [self.recorder, _SaveLUT(self.recorder, path)]
         else:
