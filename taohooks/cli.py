@@ -136,7 +136,8 @@ def _check_output(path, folder: bool = False) -> None:
     path = Path(path)
     if path.exists():
         if folder != path.is_dir():
-            raise OutputError(path, "is a directory" if path.is_dir() else "is a file, not a folder")
+            raise OutputError(path, "it is a directory; give a file name inside it" if path.is_dir() else
+                              "it is a file, not a folder")
         if not folder:
             if not os.access(path, os.W_OK):
                 raise OutputError(path, "Permission denied")
@@ -145,7 +146,7 @@ def _check_output(path, folder: bool = False) -> None:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise OutputError(path, f"{parent} is not a folder")
+        raise OutputError(path, f"{parent} is a file, not a folder")
     try:  # a real probe: os.access does not see read-only mounts or root-squashed shares
         with tempfile.TemporaryFile(dir=parent):
             pass

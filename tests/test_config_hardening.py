@@ -276,12 +276,12 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(lut_path, tmp_path, 
     folder.mkdir()
     file.write_text("")
     cases = [
-        (["plot", str(lut_path), "-o", str(folder)], f"taocache plot: error: cannot write {folder}: is a directory"),
+        (["plot", str(lut_path), "-o", str(folder)], f"taocache plot: error: cannot write {folder}: it is a directory; give a file name inside it"),
         (["plot", str(lut_path), "-o", str(file / "c.png")],
-         f"taocache plot: error: cannot write {file / 'c.png'}: {file} is not a folder"),
-        (["demo", "-o", str(file)], f"taocache demo: error: cannot write {file}: is a file, not a folder"),
+         f"taocache plot: error: cannot write {file / 'c.png'}: {file} is a file, not a folder"),
+        (["demo", "-o", str(file)], f"taocache demo: error: cannot write {file}: it is a file, not a folder"),
         (["bench", str(CONFIGS / "bench_small.yaml"), "-o", str(file)],
-         f"taocache bench: error: cannot write {file}: is a file, not a folder"),
+         f"taocache bench: error: cannot write {file}: it is a file, not a folder"),
     ]
     for argv, message in cases:
         assert cli_main(argv) == 1
@@ -306,6 +306,21 @@ def test_oserrors_while_writing_are_one_line_errors(lut_path, tmp_path, capsys, 
     monkeypatch.setattr(taohooks.plotting, "plot_calibration", full)
     assert cli_main(["plot", str(lut_path), "-o", str(out)]) == 1
     assert capsys.readouterr().err == f"taocache plot: error: cannot write {out}: No space left on device\n"
+
+
+def test_file_write_errors_read_cannot_write_path(lut_path, tmp_path, capsys, monkeypatch):
+    import taohooks.plotting
+    from taohooks.io import FileWriteError
+
+    out = tmp_path / "c.png"
+
+    def full(lut, path, dpi):
+        raise FileWriteError(f"{path}: cannot write: the disk is full (No space left on device)", errno.ENOSPC, path)
+
+    monkeypatch.setattr(taohooks.plotting, "plot_calibration", full)
+    assert cli_main(["plot", str(lut_path), "-o", str(out)]) == 1
+    assert capsys.readouterr().err == (f"taocache plot: error: cannot write {out}: the disk is full (No space left on "
+                                       "device)\n")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
