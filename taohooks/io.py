@@ -104,6 +104,7 @@ def remove_stale_temporaries(target: PathLike) -> list:
     """Remove the temporaries of ``target`` left by writers that died; returns the removed paths."""
     target = Path(target)
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp$")
+    legacy = re.compile(rf"^\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp$")  # earlier taohooks' mkstemp
     removed = []
     try:
         entries = list(os.scandir(target.parent))
@@ -112,10 +113,10 @@ def remove_stale_temporaries(target: PathLike) -> list:
     now = time.time()
     for entry in entries:
         match = pattern.match(entry.name)
-        if match is None:
+        if match is None and not legacy.match(entry.name):
             continue
         try:
-            pid, age = int(match.group(1)), now - entry.stat(follow_symlinks=False).st_mtime
+            pid, age = int(match.group(1)) if match else os.getpid(), now - entry.stat(follow_symlinks=False).st_mtime
             if age > STALE_AFTER_S or (pid != os.getpid() and not _alive(pid)):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
