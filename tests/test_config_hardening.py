@@ -225,6 +225,21 @@ def test_check_reports_what_cannot_fit(lut_path, tmp_path, capsys):
                                        "name the LUT file inside it, e.g. luts/model.safetensors\n")
 
 
+def test_check_and_calibrate_refuse_a_lut_that_cannot_be_saved(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    cfg = write(tmp_path, "lut: afile/lut.safetensors\n")
+    assert cli_main(["check", str(cfg)]) == 1
+    assert capsys.readouterr().err == (f"taocache check: error: {cfg}: lut: {tmp_path / 'afile' / 'lut.safetensors'} "
+                                       f"cannot be written ({tmp_path / 'afile'} is a file, not a folder); a run would "
+                                       "calibrate, then fail to save it\n")
+    (tmp_path / "p.txt").write_text("a red circle moving left\n")
+    (tmp_path / "luts").mkdir()
+    cfg = write(tmp_path, "integration: testbed\nlut: luts\ncalibration: {prompts: 1}\n")
+    assert cli_main(["calibrate", str(cfg), "--prompts", str(tmp_path / "p.txt"), "--", "never_run.py"]) == 1
+    assert capsys.readouterr().err == (f"taocache calibrate: error: cannot write {tmp_path / 'luts'}: it is a "
+                                       "directory; give a file name inside it\n")
+
+
 # ---------------------------------------------------------------------- 7. command lines
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_launcher_help_exits_0(flag, capsys):
