@@ -320,9 +320,9 @@ def _calibration_worker(rank: int, world_size: int, port: int, argv: List[str], 
 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    from .distributed import init_from_environment
-
-    init_from_environment()
+    # The process group is not started here: a script that starts its own from these variables (Wan's
+    # generate.py does, under WORLD_SIZE > 1) would fail on a second one. The sharded calibration
+    # starts it at the first generation if the script did not.
     try:
         code = _run_calibration(argv, env)
         if code:

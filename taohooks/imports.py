@@ -38,19 +38,33 @@ class _PostImportLoader(importlib.abc.Loader):
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Finds a pending module with the other finders and wraps its loader. Re-entrant calls for a
+    name it is already resolving (another finder importing the same module while it looks) are
+    left to the other finders, so the lookup cannot recurse."""
+
+    def __init__(self):
+        self._resolving = threading.local()
+
     def find_spec(self, fullname, path, target=None):
         if fullname not in _pending:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                spec.loader = _PostImportLoader(spec.loader)
-                return spec
-            if spec is not None:
-                return spec
-        return None
+        busy = self._resolving.__dict__.setdefault("names", set())
+        if fullname in busy:
+            return None
+        busy.add(fullname)
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PostImportLoader(spec.loader)
+                    return spec
+                if spec is not None:
+                    return spec
+            return None
+        finally:
+            busy.discard(fullname)
 
 
 _finder = _PostImportFinder()

@@ -13,6 +13,7 @@ prompt list instead (:mod:`taohooks.prompt_calibration`).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -26,24 +27,64 @@ from .loop import LoopSpec
 from .taocache import TaoCache
 
 __all__ = ["GenerationPatch", "IntegrationError", "PatchSet", "unwrap_model", "scheduler_calls", "batched_cfg_loop",
-           "require_modules"]
+           "require_modules", "script_sys_path", "pending_module_checks", "wrapped_calls", "check_declared_loop", "identity_of_model", "identity_of_pipeline"]
 
 Arguments = Dict[str, Any]
+
+
+_script_paths: Tuple[List[str], bool] = ([], True)  # folders the script adds to sys.path; all of them known
+_missing_modules: List[Tuple[str, str]] = []  # (module, message) left for after the script
+
+
+@contextlib.contextmanager
+def script_sys_path(paths: List[str], complete: bool):
+    """While active, :func:`require_modules` also looks in ``paths``, the folders the script will put
+    on ``sys.path`` itself (``sys.path.append(os.path.split(sys.path[0])[0])`` in Latte's and
+    Open-Sora-Plan's scripts). If the script adds folders the launcher could not work out
+    (``complete`` false), a module found nowhere is noted instead of fatal, and the launcher reports
+    it at the end of the script."""
+    global _script_paths
+    previous, _script_paths = _script_paths, (list(paths), complete)
+    try:
+        yield
+    finally:
+        _script_paths = previous
+
+
+def _findable(name: str, extra: List[str] = ()) -> bool:
+    import importlib.machinery
+    import importlib.util
+
+    try:
+        if name in sys.modules or importlib.util.find_spec(name) is not None:
+            return True
+        top = name.partition(".")[0]
+        return bool(extra) and importlib.machinery.PathFinder.find_spec(top, list(extra)) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def pending_module_checks() -> str:
+    """What :func:`require_modules` could not find before a script that edits ``sys.path`` ran, and
+    still cannot find now ('' if nothing)."""
+    return "; ".join(message for name, message in _missing_modules if not _findable(name))
 
 
 def require_modules(integration: str, names, hint: str) -> None:
     """Fail early (before the script loads a model) when a research repo's module cannot be found.
 
-    Only looks the modules up (``importlib.util.find_spec``); nothing is imported."""
-    import importlib.util
-
+    Only looks the modules up (``importlib.util.find_spec``); nothing is imported. Under
+    :func:`script_sys_path` the script's own ``sys.path`` additions count too."""
+    paths, complete = _script_paths
     for name in names:
-        try:
-            found = name in sys.modules or importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise IntegrationError(f"the {integration!r} integration cannot find the module {name!r} ({hint})")
+        if _findable(name, paths):
+            continue
+        message = (f"the {integration!r} integration cannot find the module {name!r} ({hint}; or put the "
+                   "repo's folder on PYTHONPATH)")
+        if not complete:
+            _missing_modules.append((name, message))
+            continue
+        raise IntegrationError(message)
 
 
 def scheduler_calls(scheduler: Any, steps: int, timesteps: Any = None) -> int:
@@ -83,6 +124,52 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 class IntegrationError(RuntimeError):
     """An integration cannot be installed (its research repo cannot be imported, ...)."""
+
+
+_calls = 0  # generation calls that reached any GenerationPatch in this process
+
+
+def wrapped_calls() -> int:
+    """How many generation calls any integration's patch has seen in this process."""
+    return _calls
+
+
+def identity_of_model(model: nn.Module) -> Dict[str, Any]:
+    """The identity an integration records when it knows nothing but the model."""
+    from .identity import model_identity
+
+    return model_identity(model)
+
+
+def identity_of_pipeline(pipe: Any, model: nn.Module) -> Dict[str, Any]:
+    """Model and scheduler identity of a diffusers-style pipeline (``pipe.scheduler``)."""
+    from .identity import model_identity, scheduler_identity
+
+    identity = model_identity(model)
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is not None:
+        identity.update(scheduler_identity(scheduler))
+    return identity
+
+
+def check_declared_loop(config: Any, loop: LoopSpec, what: str) -> None:
+    """The integration, not the YAML, says what the script runs: a ``loop:`` that contradicts it is
+    an error naming both (before the model's first call)."""
+    declared = getattr(config, "loop", None)
+    if declared is None:
+        return
+    where = f"{config.source}: " if getattr(config, "source", None) else ""
+    if declared.steps is not None and declared.steps != loop.steps:
+        raise IntegrationError(
+            f"{where}loop.steps is {declared.steps}, but this {what} call runs {loop.steps} denoiser calls per "
+            f"stream ({loop.describe()}); remove loop.steps (the integration reads it from the script) or make "
+            "the script's step count match")
+    if declared.streams is not None and tuple(declared.streams) != tuple(loop.streams):
+        raise IntegrationError(
+            f"{where}loop.streams is [{', '.join(declared.streams)}], but this {what} call runs streams "
+            f"[{', '.join(loop.streams)}]; remove loop.streams (the integration knows them)")
+    if declared.split_batch and not loop.split_batch:
+        raise IntegrationError(f"{where}loop.split_batch is true, but this {what} call makes one call per stream")
 
 
 def _log(message: str) -> None:
@@ -139,11 +226,12 @@ class GenerationPatch:
                  model_of: Callable[[Arguments], nn.Module],
                  loop_of: Callable[[Arguments], Tuple[LoopSpec, Dict[str, Any]]], *,
                  callbacks_of: Optional[Callable[[Arguments, nn.Module], list]] = None,
+                 identity_of: Optional[Callable[[Arguments, nn.Module], Dict[str, Any]]] = None,
                  prompt_arg: Optional[str] = None, enabled: Optional[Callable[[Arguments], bool]] = None,
                  log: Callable[[str], None] = _log):
         self.owner, self.name = owner, name
         self.make_cache, self.model_of, self.loop_of, self.log = make_cache, model_of, loop_of, log
-        self.callbacks_of, self.prompt_arg, self.enabled = callbacks_of, prompt_arg, enabled
+        self.callbacks_of, self.identity_of, self.prompt_arg, self.enabled = callbacks_of, identity_of, prompt_arg, enabled
         self._prompt_calibration: Optional[str] = None  # None | "running" | "done"
         self.original = getattr(owner, name)
         self.signature = inspect.signature(self.original)
@@ -187,13 +275,23 @@ class GenerationPatch:
                 self.log(f"taohooks: calibration complete ({cache.config.calibration.prompts} prompts); "
                          "TaoCache skips from the next generation on")
         cache = self.make_cache(arguments or {})
+        check_declared_loop(cache.config, loop, self.target())
         extra = self.callbacks_of(arguments or {}, model) if self.callbacks_of else []
+        identity = self.identity_of(arguments or {}, model) if self.identity_of else identity_of_model(model)
         cache.attach(model, loop.steps, loop.streams, split_batch=loop.split_batch, batch_dim=loop.batch_dim,
-                     callbacks=extra, **attach_kwargs)
+                     callbacks=extra, identity=identity, **attach_kwargs)
         self.caches[model] = (cache, loop)
         return cache
 
+    def target(self) -> str:
+        """``module.Class.generate``: what this patch wraps, for messages."""
+        owner = getattr(self.owner, "__qualname__", None) or getattr(self.owner, "__name__", "?")
+        module = getattr(self.owner, "__module__", None)
+        return f"{module}.{owner}.{self.name}" if module and module != owner else f"{owner}.{self.name}"
+
     def __call__(self, args: tuple, kwargs: dict) -> Any:
+        global _calls
+        _calls += 1
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         if self.enabled is not None and not self.enabled(dict(bound.arguments)):

@@ -18,7 +18,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from .callbacks import Callback
 from .patching import ForwardPatch
 
-__all__ = ["BroadcastGroup", "PyramidAttentionBroadcast"]
+__all__ = ["BroadcastGroup", "PyramidAttentionBroadcast", "PABPatternError"]
+
+
+class PABPatternError(ValueError):
+    """A PAB group's pattern matches no module of the model it is attached to."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class PyramidAttentionBroadcast(Callback):
             regex = re.compile(group.pattern)
             matched = [(n, m) for n, m in named if n and regex.fullmatch(n)]
             if not matched:
-                raise ValueError(f"taohooks: PAB pattern {group.pattern!r} matches no module of "
+                raise PABPatternError(f"PAB pattern {group.pattern!r} (pab.groups) matches no module of "
                                  f"{type(hook.module).__name__} (names look like {named[min(3, len(named) - 1)][0]!r})")
             for name, module in matched:
                 self._patches.append(ForwardPatch(module, self._make_forward(name, group.broadcast_range)))

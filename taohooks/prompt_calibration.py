@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import inspect
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, List
 
+from . import messages
 from .integration import IntegrationError, unwrap_model
 
 if TYPE_CHECKING:
@@ -108,6 +108,8 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
 
     from .calibration import CalibrationRecorder
     from .distributed import all_reduce_lut, init_from_environment, shard, world
+    from .integration import check_declared_loop, identity_of_model
+    from .taocache import check_run
     from .hook import DenoiserHook
     from .io import atomic_write_bytes, locked
     from .lut import CalibrationLUT
@@ -123,11 +125,15 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     arguments = dict(bound.arguments)
     model = unwrap_model(patch.model_of(arguments))
     loop, attach_kwargs = patch.loop_of(arguments)
-    recorder = CalibrationRecorder(config.model_id, config.calibration.sampler, resume=resume)
+    check_declared_loop(config, loop, patch.target())
+    identity = patch.identity_of(arguments, model) if patch.identity_of else identity_of_model(model)
+    if base is not None:
+        check_run(config, base, loop, identity)  # resuming: the LUT must be of this run
+    recorder = CalibrationRecorder(config.model_id, config.calibration.sampler, resume=resume, identity=identity)
     with DenoiserHook(loop, [recorder], timestep_arg=attach_kwargs.get("timestep_arg")).attach(model) as hook:
         for index in mine[done:]:
-            print(f"taohooks: rank {rank}/{size}: calibration prompt {index + 1}/{wanted}: {prompts[index]!r}",
-                  file=sys.stderr, flush=True)  # every rank reports its own progress
+            messages.notice(f"rank {rank}/{size}: calibration prompt {index + 1}/{wanted}: {prompts[index]!r}",
+                            every_rank=True)  # every rank reports its own progress
             replaced = _with_prompt(patch, bound, prompts[index])
             hook.new_sample()
             patch.original(*replaced.args, **replaced.kwargs)

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .config import ConfigError, TaoCacheConfig, load_config
-from .integration import IntegrationError
+from .integration import IntegrationError, pending_module_checks, script_sys_path, wrapped_calls
+from .lut import LUTMismatchError
+from .plan import PlanError
 
 __all__ = ["main", "split_taocache_argument", "install_integration", "INTEGRATION_MODULES"]
 
@@ -119,13 +121,135 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ[ENV_CONFIG] = str(Path(config_path).resolve())
         sys.argv = [str(script)] + rest[1:]
         sys.path[0] = str(script.resolve().parent)
-        install_integration(config)
+        with script_sys_path(*script_sys_path_additions(script)):
+            install_integration(config)
         _warn_without_autoload(config)
-    except (ConfigError, IntegrationError, ImportError) as exc:
+        precheck_integration(config, rest[1:])
+    except (ConfigError, IntegrationError, ImportError, LUTMismatchError, PlanError, ValueError, OSError) as exc:
         print(f"taocache-run: {exc}", file=sys.stderr)
         return 2
-    runpy.run_path(str(script), run_name="__main__")
+    calls_before = wrapped_calls()
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except RUN_ERRORS as exc:
+        # found at the first call of a generation (what the command line could not say): before any
+        # step was skipped; said as plainly as the checks before the model loaded
+        print(f"taocache-run: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code == 0 and not report_if_never_applied(config, calls_before):
+            return 1
+        raise
+    if not report_if_never_applied(config, calls_before):
+        return 1
     return 0
+
+
+def _run_errors() -> tuple:
+    """taohooks' own errors about the config, the LUT or the run: said in one line, never a traceback."""
+    from .io import FileWriteError
+    from .lut import LUTFormatError
+    from .pab import PABPatternError
+
+    return (ConfigError, IntegrationError, LUTMismatchError, LUTFormatError, PlanError, PABPatternError, FileWriteError)
+
+
+RUN_ERRORS = _run_errors()
+
+
+def script_sys_path_additions(script: Path) -> Tuple[List[str], bool]:
+    """The folders ``script`` appends or inserts into ``sys.path`` at top level, worked out without
+    running it: ``(folders, all_known)``. Each ``sys.path.append(EXPR)`` / ``insert(i, EXPR)`` whose
+    ``EXPR`` uses only ``os``/``os.path`` functions, ``sys.path[0]``, ``__file__`` and literals is
+    evaluated as the script would (``sys.path[0]`` = its folder); anything else makes ``all_known``
+    false."""
+    import ast
+
+    try:
+        tree = ast.parse(script.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, SyntaxError, ValueError):
+        return [], True
+    folder = str(script.resolve().parent)
+    fake_sys = type("sys", (), {"path": [folder] + sys.path[1:], "argv": [str(script)]})
+    namespace = {"os": os, "sys": fake_sys, "__file__": str(script.resolve()), "__builtins__": {"str": str}}
+    found, complete = [], True
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("append", "insert") and ast.unparse(node.func.value) == "sys.path"):
+            continue
+        arg = node.args[-1] if node.args else None
+        try:
+            if arg is None or not _pure_path_expression(arg):
+                raise ValueError("not a plain path expression")
+            value = eval(compile(ast.Expression(arg), str(script), "eval"), namespace)  # noqa: S307 (checked above)
+        except Exception:
+            complete = False
+            continue
+        if isinstance(value, (str, os.PathLike)):
+            found.append(os.path.abspath(os.fspath(value)))
+        else:
+            complete = False
+    return found, complete
+
+
+_PATH_FUNCTIONS = {"os.path.dirname", "os.path.split", "os.path.join", "os.path.abspath", "os.path.realpath",
+                   "os.path.normpath", "os.path.expanduser", "os.getcwd", "str"}
+_PATH_NAMES = {"sys.path", "__file__", "os.pardir", "os.curdir", "os.sep"}
+
+
+def _pure_path_expression(node) -> bool:
+    """Whether an expression only combines path functions of ``os.path``, ``sys.path[...]``,
+    ``__file__`` and literals (nothing else is ever evaluated)."""
+    import ast
+
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (str, int))
+    if isinstance(node, ast.Call):
+        return (ast.unparse(node.func) in _PATH_FUNCTIONS and not node.keywords
+                and all(_pure_path_expression(a) for a in node.args))
+    if isinstance(node, ast.Subscript):
+        return _pure_path_expression(node.value) and _pure_path_expression(node.slice)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _pure_path_expression(node.left) and _pure_path_expression(node.right)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return _pure_path_expression(node.operand)
+    return isinstance(node, (ast.Name, ast.Attribute)) and ast.unparse(node) in _PATH_NAMES
+
+
+def precheck_integration(config: TaoCacheConfig, script_argv: List[str]) -> None:
+    """What the integration can check from the script's command line, before any model loads."""
+    module = importlib.import_module(INTEGRATION_MODULES[config.integration])
+    check = getattr(module, "precheck", None)
+    if check is not None:
+        check(config, list(script_argv))
+
+
+# a marker module of each integration's research code: what the script imported instead
+MARKERS = {"wan": "wan.text2video", "latte": "pipeline_latte", "opensora_plan": "pipeline_videogen",
+           "videosys": "videosys", "testbed": "taohooks.testbed.sampling"}
+
+
+def report_if_never_applied(config: TaoCacheConfig, calls_before: int = 0) -> bool:
+    """When the script ends and the integration never wrapped a generation, say so (one line), with
+    what it expected and what the script imported instead. Returns ``False`` when that happened
+    under ``taocache calibrate`` (the caller exits non-zero), else ``True``."""
+    from . import messages
+    from .prompt_calibration import ENV_CALIBRATE_ONLY
+
+    if wrapped_calls() > calls_before:
+        return True
+    name = config.integration
+    module = importlib.import_module(INTEGRATION_MODULES[name])
+    expects = getattr(module, "EXPECTS", f"a generation call the {name!r} integration patches")
+    seen = [f"{marker} (integration: {other})" for other, marker in MARKERS.items()
+            if other != name and marker in sys.modules]
+    instead = f"this script imported {', '.join(seen)}" if seen else "this script made no such call"
+    missing = pending_module_checks()
+    hint = f"; {missing}" if missing else ""
+    messages.warning(f"{config.source}: integration: {name} expected {expects}; {instead}{hint}. "
+                     "Nothing was cached or calibrated")
+    return not os.environ.get(ENV_CALIBRATE_ONLY)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
@@ -23,12 +23,14 @@ from .callbacks import Callback
 from .config import PlanConfig, TaoCacheConfig, load_config
 from .extrapolation import TaoCacheCallback
 from .hook import DenoiserHook
+from .identity import describe_differences, differences
+from .io import check_writable
 from .loop import LoopSpec
-from .lut import CalibrationLUT
+from .lut import CalibrationLUT, LUTMismatchError
 from .plan import (PlanError, SkipPlan, no_skip_plan, plan_from_steps, plan_from_window, resolve_budget,
                    search_window)
 
-__all__ = ["TaoCache", "make_plan", "section_callbacks"]
+__all__ = ["TaoCache", "make_plan", "section_callbacks", "check_run"]
 
 
 def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
@@ -56,6 +58,22 @@ def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
                                        refresh_every=plan.refresh_every, min_step=plan.min_step,
                                        tau_cos=plan.tau_cos, lam=plan.lambda_, gamma=plan.gamma)
     return plan_from_window(steps, streams, first, last, ratios, plan.refresh_every, score=score, source="auto")
+
+
+def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
+              identity: Optional[Mapping[str, Any]] = None) -> None:
+    """Raise :class:`LUTMismatchError` naming every way ``lut`` does not fit this run: steps,
+    streams, the config's ``model_id``/``calibration.sampler`` labels, and the recorded identity."""
+    lut.check(loop, config.model_id, config.calibration.sampler)
+    recorded = getattr(lut, "identity", None) or {}
+    if identity:
+        keys = differences(recorded, identity, config.calibration.accept)
+        if keys:
+            where = f" in {config.source}" if config.source else ""
+            raise LUTMismatchError(
+                f"{lut._name()} was calibrated on another run: {describe_differences(recorded, identity, keys)}. "
+                f"Give this run its own LUT (lut:{where}), or accept the difference knowingly with "
+                f"calibration.accept: [{', '.join(keys)}]{where}")
 
 
 class TaoCache:
@@ -104,9 +122,13 @@ class TaoCache:
     def attach(self, module: nn.Module, steps: Optional[int] = None, streams: Optional[Sequence[str]] = None, *,
                split_batch: Optional[bool] = None, batch_dim: Optional[int] = 0,
                timestep_arg: Union[str, int, None] = None, repeat: bool = False,
-               callbacks: Iterable[Callback] = ()) -> DenoiserHook:
+               callbacks: Iterable[Callback] = (), identity: Optional[Mapping[str, Any]] = None) -> DenoiserHook:
         """Wrap ``module``'s forward for sampling loops of the given shape; returns the hook
-        (a context manager that detaches on exit). ``callbacks`` run after TaoCache's."""
+        (a context manager that detaches on exit). ``callbacks`` run after TaoCache's.
+
+        ``identity`` is what this run is (:mod:`taohooks.identity`: model, architecture, dtype,
+        scheduler, shift, ...): a calibrating run records it in the LUT, a skipping run must match
+        the LUT's, key by key, except the keys in ``calibration.accept``."""
         if self.hook is not None and self.hook.attached:
             raise RuntimeError("taohooks: this TaoCache is already attached; detach it first")
         loop = self.loop_spec(steps, streams, split_batch, batch_dim)
@@ -115,15 +137,17 @@ class TaoCache:
         if path is not None:  # the file is the truth (a calibrating run may have written it)
             self.lut = CalibrationLUT.load(path) if path.is_file() else None
         if self.lut is not None:
-            self.lut.check(loop, cfg.model_id, cfg.calibration.sampler)
+            check_run(cfg, self.lut, loop, identity)
         self.recorder = self.callback = None
         wanted = cfg.calibration.prompts
         if path is not None and cfg.calibration.auto and (self.lut is None or self.lut.num_prompts < wanted):
+            check_writable(path)  # before the first model call, not after a generation's work
             have = 0 if self.lut is None else self.lut.num_prompts
             messages.notice(f"calibrating: LUT {path} has {have} of {wanted} prompts "
-                          f"(calibration.prompts); this run computes every step and writes the LUT after each "
-                          "generation")
-            self.recorder = CalibrationRecorder(cfg.model_id, cfg.calibration.sampler, resume=self.lut)
+                            f"(calibration.prompts); this run computes every step and writes the LUT after each "
+                            "generation")
+            self.recorder = CalibrationRecorder(cfg.model_id, cfg.calibration.sampler, resume=self.lut,
+                                                identity=dict(identity or {}))
             self.plan = no_skip_plan(loop.steps, loop.streams)
             own: list = [self.recorder, _SaveLUT(self.recorder, path)]
         else:

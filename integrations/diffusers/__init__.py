@@ -27,7 +27,8 @@ from typing import Any, Dict, List, Optional, Union
 
 from taohooks.callbacks import Callback
 from taohooks.config import TaoCacheConfig, load_config
-from taohooks.integration import GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, scheduler_calls
+from taohooks.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
+                                  scheduler_calls)
 from taohooks.loop import LoopSpec
 from taohooks.reset import StateReset
 from taohooks.taocache import TaoCache
@@ -152,6 +153,7 @@ def _patch_class(cls: type) -> GenerationPatch:
     if patch is None or getattr(cls.__call__, "_taohooks_patch", None) is not patch:
         patch = GenerationPatch(cls, "__call__", lambda arguments: TaoCache(_config_of(arguments)),
                                 lambda arguments: arguments["self"].transformer, _loop, callbacks_of=_callbacks,
+                                identity_of=lambda arguments, model: identity_of_pipeline(arguments["self"], model),
                                 prompt_arg="prompt", enabled=lambda arguments: _config_of(arguments) is not None)
         _patches[cls] = patch.install()
     return patch

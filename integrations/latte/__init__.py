@@ -12,13 +12,20 @@ whole. The timestep is the keyword ``timestep``.
 """
 from __future__ import annotations
 
+import argparse
+from typing import List, Optional
+
 from taohooks.config import TaoCacheConfig
-from taohooks.integration import GenerationPatch, PatchSet, batched_cfg_loop, require_modules
+from taohooks.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
+                                  require_modules)
+from taohooks.io import check_writable
+from taohooks.lut import CalibrationLUT
 from taohooks.taocache import TaoCache
 
-__all__ = ["install", "uninstall", "MODULE", "PIPELINE"]
+__all__ = ["install", "uninstall", "precheck", "check_sampler", "MODULE", "PIPELINE", "EXPECTS"]
 
 MODULE, PIPELINE = "pipeline_latte", "LattePipeline"
+EXPECTS = "a call of pipeline_latte.LattePipeline.__call__ (Latte's sample/sample_t2x.py)"
 
 _patches = PatchSet()
 
@@ -29,11 +36,61 @@ def _loop(arguments):
     return batched_cfg_loop(pipe.scheduler, arguments["num_inference_steps"], arguments["guidance_scale"])
 
 
+def _identity(arguments, model):
+    """Transformer and scheduler (class, prediction type, ...) and the requested number of steps."""
+    return {**identity_of_pipeline(arguments["self"], model), "sampling_steps": int(arguments["num_inference_steps"])}
+
+
 def patch_pipeline(cls, config: TaoCacheConfig, callbacks_of=None) -> GenerationPatch:
     """Wrap ``cls.__call__`` (a Latte-style pipeline) for TaoCache; shared with ``opensora_plan``."""
     patch = GenerationPatch(cls, "__call__", lambda arguments: TaoCache(config), lambda a: a["self"].transformer, _loop,
-                            callbacks_of=callbacks_of, prompt_arg="prompt")
+                            callbacks_of=callbacks_of, identity_of=_identity, prompt_arg="prompt")
     return patch.install()
+
+
+def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: Optional[int], said: str) -> None:
+    """Before the model loads: the script's ``sample_method`` and step count against the LUT's identity
+    (Latte and Open-Sora-Plan name their diffusers scheduler ``<sample_method>Scheduler``); the LUT's
+    folder when the run will calibrate. ``said`` is where the values come from, for the message."""
+    path = config.lut_path()
+    if path is None:
+        return
+    if not path.is_file():
+        if config.calibration.auto:
+            check_writable(path)
+        return
+    lut = CalibrationLUT.load(path)
+    recorded = getattr(lut, "identity", None) or {}
+    problems = []
+    if sample_method is not None and "scheduler" in recorded and "scheduler" not in config.calibration.accept \
+            and recorded["scheduler"] != f"{sample_method}Scheduler":
+        problems.append(f"sample_method {sample_method} ({said}), the LUT was calibrated with {recorded['scheduler']}")
+    if steps is not None and "sampling_steps" in recorded and int(recorded["sampling_steps"]) != int(steps):
+        problems.append(f"{steps} sampling steps ({said}), the LUT was calibrated with {recorded['sampling_steps']}")
+    if problems:
+        raise IntegrationError(f"LUT {path} does not fit this run: " + "; ".join(problems) + ". Give this run its "
+                               f"own LUT (lut: in {config.source})" + (", or accept the scheduler knowingly with "
+                               "calibration.accept: [scheduler]" if "sample_method" in problems[0] else ""))
+
+
+def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
+    """Latte's sample_t2x.py takes ``--config X.yaml`` (its own OmegaConf YAML): read its
+    ``sample_method`` and ``num_sampling_steps`` before the model loads."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--config")
+    args, _ = parser.parse_known_args(argv)
+    if not args.config:
+        return
+    try:
+        import yaml
+
+        with open(args.config, encoding="utf-8") as f:
+            sample = yaml.safe_load(f)
+    except (OSError, ValueError, ImportError):
+        return  # the script itself reports a config it cannot read
+    if not isinstance(sample, dict):
+        return
+    check_sampler(config, sample.get("sample_method"), sample.get("num_sampling_steps"), args.config)
 
 
 def install(config: TaoCacheConfig) -> None:

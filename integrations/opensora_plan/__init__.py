@@ -12,14 +12,28 @@ calibrates and plans over 159 calls.
 """
 from __future__ import annotations
 
+import argparse
+from typing import List
+
 from taohooks.config import TaoCacheConfig
 from taohooks.integration import PatchSet, require_modules
 
-from ..latte import patch_pipeline
+from ..latte import check_sampler, patch_pipeline
 
-__all__ = ["install", "uninstall", "MODULE", "PIPELINE"]
+__all__ = ["install", "uninstall", "precheck", "MODULE", "PIPELINE", "EXPECTS"]
 
 MODULE, PIPELINE = "pipeline_videogen", "VideoGenPipeline"
+EXPECTS = "a call of pipeline_videogen.VideoGenPipeline.__call__ (Open-Sora-Plan's opensora/sample/sample_t2v.py)"
+
+
+def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
+    """``--sample_method`` (default PNDM) and ``--num_sampling_steps`` (default 50) against the LUT,
+    before the model loads."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--sample_method", default="PNDM")
+    parser.add_argument("--num_sampling_steps", type=int, default=50)
+    args, _ = parser.parse_known_args(argv)
+    check_sampler(config, args.sample_method, args.num_sampling_steps, "the command line")
 
 _patches = PatchSet()
 

@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterable, List, Optional
 
 from taohooks.callbacks import Callback
 from taohooks.config import TaoCacheConfig
-from taohooks.integration import GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, require_modules
+from taohooks.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
+                                  require_modules)
 from taohooks.reset import StateReset
 from taohooks.taocache import TaoCache
 
@@ -139,6 +140,7 @@ def _patch(module, class_name: str, config: TaoCacheConfig):
         return None
     return GenerationPatch(cls, "generate", lambda arguments: TaoCache(config),
                            lambda arguments: arguments["self"].transformer, _loop, callbacks_of=_callbacks,
+                           identity_of=lambda arguments, model: identity_of_pipeline(arguments["self"], model),
                            prompt_arg="prompt").install()
 
 

@@ -17,12 +17,18 @@ Importing this module needs neither ``wan`` nor flash-attn, dashscope or a GPU.
 """
 from __future__ import annotations
 
-from taohooks.config import TaoCacheConfig
-from taohooks.integration import GenerationPatch, IntegrationError, PatchSet, require_modules
-from taohooks.loop import LoopSpec
-from taohooks.taocache import TaoCache
+import argparse
+from typing import Any, Dict, List
 
-__all__ = ["install", "uninstall", "PIPELINES"]
+from taohooks.config import TaoCacheConfig
+from taohooks.identity import differences, model_identity
+from taohooks.integration import GenerationPatch, IntegrationError, PatchSet, require_modules
+from taohooks.io import check_writable
+from taohooks.loop import LoopSpec
+from taohooks.lut import CalibrationLUT
+from taohooks.taocache import TaoCache, make_plan
+
+__all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "EXPECTS"]
 
 # module -> pipeline class whose ``generate(input_prompt, ..., sampling_steps, ...)`` runs one video.
 PIPELINES = {
@@ -32,8 +38,14 @@ PIPELINES = {
     "wan.vace": "WanVace",
 }
 STREAMS = ("cond", "uncond")  # Wan calls the model with the prompt first, then with the negative prompt
+TASKS = ("t2v-1.3B", "t2v-14B", "t2i-14B", "i2v-14B", "flf2v-14B", "vace-1.3B", "vace-14B")  # --task choices
+EXPECTS = "a call of WanT2V/WanI2V/WanFLF2V/WanVace.generate (Wan2.1's generate.py)"
 
 _patches = PatchSet()
+
+
+# What generate.py's command line says, read by the launcher before any checkpoint loads (precheck).
+_launch: Dict[str, Any] = {}
 
 
 def _model(arguments):
@@ -45,19 +57,116 @@ def _loop(arguments):
     return LoopSpec(int(arguments["sampling_steps"]), STREAMS, batch_dim=None), {"timestep_arg": "t"}
 
 
+def _identity(arguments, model) -> Dict[str, Any]:
+    """The DiT (class, architecture, dtype), the solver and shift of this generate() call, and the
+    ``--task`` of the command line when the launcher read it."""
+    identity = {**model_identity(model), "scheduler": str(arguments["sample_solver"]),
+                "shift": float(arguments["shift"])}
+    if "task" in _launch:
+        identity["task"] = _launch["task"]
+    return identity
+
+
+def _hybrid_under_sequence_parallel(config: TaoCacheConfig) -> bool:
+    return config.teacache is not None and config.teacache.threshold > 0
+
+
 def _refuse_rank_local_decisions(config: TaoCacheConfig):
     """TeaCache decides from activations, which sequence parallelism shards over ranks: ranks could
-    decide differently and one would skip the attention collectives another enters."""
+    decide differently and one would skip the attention collectives another enters. Data-parallel
+    ranks (each with the whole model) are fine."""
     def check(arguments, model):
-        import torch.distributed as dist
-
-        if (config.teacache is not None and config.teacache.threshold > 0 and dist.is_available()
-                and dist.is_initialized() and dist.get_world_size() > 1):
+        if _hybrid_under_sequence_parallel(config) and getattr(arguments["self"], "sp_size", 1) > 1:
             raise IntegrationError(f"{config.source}: teacache: the hybrid decides from activations that "
-                                   "--ulysses_size/--ring_size shard over ranks, so ranks could take different "
-                                   "decisions and deadlock; use TaoCache (and pab:) alone on several GPUs")
+                                   f"sequence parallelism (--ulysses_size/--ring_size, here {arguments['self'].sp_size} "
+                                   "ranks) shards, so ranks could take different decisions and deadlock; use "
+                                   "TaoCache (and pab:) alone with sequence parallelism")
         return []
     return check
+
+
+# ---------------------------------------------------------------------- before the model loads
+FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_shift"}
+
+
+def command_line(argv: List[str]) -> Dict[str, Any]:
+    """What ``generate.py`` will run, from its arguments, with the defaults of its ``_validate_args``
+    (50 steps, 40 for i2v; shift 5, 3 for i2v at 480p, 16 for flf2v/vace)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--task", default="t2v-14B")
+    parser.add_argument("--size", default="1280*720")
+    parser.add_argument("--sample_solver", default="unipc")
+    parser.add_argument("--sample_steps", type=int, default=None)
+    parser.add_argument("--sample_shift", type=float, default=None)
+    parser.add_argument("--ulysses_size", type=int, default=1)
+    parser.add_argument("--ring_size", type=int, default=1)
+    args, _ = parser.parse_known_args(argv)
+    steps, why_steps = args.sample_steps, "--sample_steps"
+    if steps is None:
+        steps, why_steps = (40, "the i2v default") if "i2v" in args.task else (50, "the default")
+    shift, why_shift = args.sample_shift, "--sample_shift"
+    if shift is None:
+        shift, why_shift = 5.0, "the default"
+        if "i2v" in args.task and args.size in ("832*480", "480*832"):
+            shift, why_shift = 3.0, "the i2v 480p default"
+        elif "flf2v" in args.task or "vace" in args.task:
+            shift, why_shift = 16.0, "the flf2v/vace default"
+    return {"task": args.task, "steps": steps, "steps_from": why_steps, "scheduler": args.sample_solver,
+            "shift": float(shift), "shift_from": why_shift,
+            "sequence_parallel": args.ulysses_size * args.ring_size}
+
+
+def _said(run: Dict[str, Any], key: str) -> str:
+    """``--sample_shift 8.0`` or ``--sample_shift 3.0, the i2v 480p default``, as the user would recognise it."""
+    origin = run.get(f"{key}_from", FLAGS.get(key))
+    flag = FLAGS.get(key, "--sample_steps" if key == "steps" else key)
+    return f"{flag} {run[key]}" + ("" if origin.startswith("--") else f", {origin}")
+
+
+def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
+    """Check, before generate.py loads T5, the VAE and the DiT, what its command line already says:
+    the task against the config's model_id, the step count against loop.steps and the LUT, the task,
+    solver and shift against the LUT's identity, the plan against the step count, the LUT's folder,
+    the hybrid against sequence parallelism. Raises with every problem found."""
+    run = command_line(argv)
+    _launch.clear()
+    _launch["task"] = run["task"]
+    where = config.source or "the config"
+    problems: List[str] = []
+    named = [t for t in TASKS if config.model_id and t.lower() in config.model_id.lower()]
+    if named and run["task"] not in named:
+        problems.append(f"{where}: model_id {config.model_id!r} is for task {named[-1]}, this command line runs "
+                        f"--task {run['task']}; use the config for that task (configs/wan_*.yaml) or give it its "
+                        "own model_id and lut")
+    if config.loop.steps is not None and config.loop.steps != run["steps"]:
+        problems.append(f"{where}: loop.steps is {config.loop.steps}, this command line runs "
+                        f"{run['steps']} steps ({_said(run, 'steps')})")
+    lut = None
+    path = config.lut_path()
+    if path is not None and path.is_file():
+        lut = CalibrationLUT.load(path)
+        if lut.steps != run["steps"]:
+            problems.append(f"LUT {path} has {lut.steps} steps, this command line runs {run['steps']} "
+                            f"({_said(run, 'steps')}); calibrate a LUT for {run['steps']} steps (its own lut: file)")
+        recorded = getattr(lut, "identity", None) or {}
+        keys = differences(recorded, {k: run[k] for k in FLAGS}, config.calibration.accept)
+        if keys:
+            problems.append(f"LUT {path} was calibrated with " + ", ".join(
+                f"{FLAGS[k]} {recorded[k]}" for k in keys) + "; this command line runs " + ", ".join(
+                _said(run, k) for k in keys) + f". Give this run its own LUT (lut: in {where}), or accept the "
+                f"difference knowingly with calibration.accept: [{', '.join(keys)}]")
+    calibrating = path is not None and config.calibration.auto and (
+        lut is None or lut.num_prompts < config.calibration.prompts)
+    if calibrating:
+        check_writable(path)
+    elif not problems:
+        make_plan(config.plan, run["steps"], STREAMS, lut)  # a window past the last step fails now
+    if _hybrid_under_sequence_parallel(config) and run["sequence_parallel"] > 1:
+        problems.append(f"{where}: teacache: the hybrid decides from activations that sequence parallelism "
+                        f"(--ulysses_size x --ring_size = {run['sequence_parallel']}) shards over ranks; ranks could "
+                        "take different decisions and deadlock. Use TaoCache (and pab:) alone here")
+    if problems:
+        raise IntegrationError("\n".join(problems))
 
 
 def _patch(module, class_name: str, config: TaoCacheConfig):
@@ -65,7 +174,8 @@ def _patch(module, class_name: str, config: TaoCacheConfig):
     if cls is None or "generate" not in vars(cls):
         return None  # an older checkout may lack a pipeline
     return GenerationPatch(cls, "generate", lambda arguments: TaoCache(config), _model, _loop,
-                           callbacks_of=_refuse_rank_local_decisions(config), prompt_arg="input_prompt").install()
+                           callbacks_of=_refuse_rank_local_decisions(config), identity_of=_identity,
+                           prompt_arg="input_prompt").install()
 
 
 def install(config: TaoCacheConfig) -> None:
@@ -80,3 +190,4 @@ def install(config: TaoCacheConfig) -> None:
 
 def uninstall() -> None:
     _patches.uninstall()
+    _launch.clear()

@@ -8,6 +8,7 @@ arguments (two calls per step for flow, one batched call for eps; one stream wit
 from __future__ import annotations
 
 from ..config import TaoCacheConfig
+from ..identity import model_identity, scheduler_identity
 from ..integration import GenerationPatch, batched_cfg_loop
 from ..loop import LoopSpec
 from ..taocache import TaoCache
@@ -33,15 +34,29 @@ def _eps_loop(arguments):
     return loop, {"timestep_arg": 1}
 
 
+def _flow_identity(arguments, model):
+    return {**model_identity(model), "scheduler": "UniPCMultistepScheduler", "shift": float(arguments["shift"])}
+
+
+def _eps_identity(arguments, model):
+    from . import sampling
+
+    scheduler = arguments["scheduler"]
+    if isinstance(scheduler, str):
+        scheduler = sampling.make_eps_scheduler(scheduler)
+    return {**model_identity(model), **scheduler_identity(scheduler)}
+
+
 def install(config: TaoCacheConfig) -> None:
     """Patch the testbed samplers; idempotent."""
     from . import sampling
 
     if _patches:
         return
-    for name, loop_of in (("sample_flow", _flow_loop), ("sample_eps", _eps_loop)):
+    for name, loop_of, identity_of in (("sample_flow", _flow_loop, _flow_identity),
+                                       ("sample_eps", _eps_loop, _eps_identity)):
         patch = GenerationPatch(sampling, name, lambda arguments: TaoCache(config), lambda a: a["model"], loop_of,
-                                prompt_arg="prompts")
+                                identity_of=identity_of, prompt_arg="prompts")
         _patches.append(patch.install())
 
 

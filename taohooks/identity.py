@@ -1,0 +1,99 @@
+"""What a LUT was calibrated on, and whether this run is the same: the LUT's *identity*.
+
+A LUT's ratios belong to one model and one sampler: a LUT calibrated with Wan2.1 t2v-1.3B at
+``--sample_shift 5`` does not fit t2v-14B, i2v-14B or shift 8, and nothing in the outputs says so.
+At calibration the integration records what it can see of the run, a flat JSON object::
+
+    {"model": "WanModel", "architecture": "3f9c2a1b0d4e", "dtype": "torch.bfloat16",
+     "task": "t2v-1.3B", "scheduler": "unipc", "shift": 5.0}
+
+(``steps``, ``streams`` and the timesteps are the LUT's own fields, checked by
+:meth:`CalibrationLUT.check`). At attach the same keys are taken from the run and every key both
+have must agree, unless the config lists it under ``calibration.accept``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+from torch import nn
+
+__all__ = ["model_identity", "scheduler_identity", "differences", "describe_differences", "IdentityMismatch"]
+
+Identity = Dict[str, Any]
+
+
+class IdentityMismatch(ValueError):
+    """The run is not what the LUT was calibrated on."""
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def _config_of(model: nn.Module) -> Optional[Mapping[str, Any]]:
+    """The model's own configuration (diffusers' ``ModelMixin.config``), if it has one."""
+    config = getattr(model, "config", None)
+    if isinstance(config, Mapping):
+        return config
+    return None
+
+
+def architecture_fingerprint(model: nn.Module) -> str:
+    """12 hex digits that change with the architecture, not with the weights.
+
+    From the model's configuration when it has one (diffusers / Wan ``ModelMixin``: unchanged by
+    FSDP, which reshapes parameters), else from the names and shapes of its parameters."""
+    config = _config_of(model)
+    if config is not None:
+        payload = {k: _jsonable(v) for k, v in sorted(config.items()) if not str(k).startswith("_")}
+    else:
+        payload = [(name, list(p.shape)) for name, p in model.named_parameters()]
+    text = json.dumps([type(model).__name__, payload], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def model_identity(model: nn.Module) -> Identity:
+    """``model`` (class name), ``architecture`` (fingerprint) and ``dtype`` (of its first floating parameter)."""
+    identity: Identity = {"model": type(model).__name__, "architecture": architecture_fingerprint(model)}
+    for p in model.parameters():
+        if p.is_floating_point():
+            identity["dtype"] = str(p.dtype)
+            break
+    return identity
+
+
+def scheduler_identity(scheduler: Any) -> Identity:
+    """``scheduler`` (class name) and the settings that move the timesteps or the solver: ``shift``,
+    ``solver_order``, ``prediction_type`` (diffusers scheduler configs)."""
+    identity: Identity = {"scheduler": type(scheduler).__name__}
+    config = getattr(scheduler, "config", None)
+    if isinstance(config, Mapping):
+        for key, name in (("shift", "shift"), ("flow_shift", "shift"), ("solver_order", "solver_order"),
+                          ("prediction_type", "prediction_type")):
+            value = config.get(key)
+            if value is not None and name not in identity:
+                identity[name] = _jsonable(value)
+    return identity
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)), abs(float(b)))
+    return a == b
+
+
+def differences(recorded: Mapping[str, Any], run: Mapping[str, Any], accept: Iterable[str] = ()) -> List[str]:
+    """Keys that both identities have with different values, in the run's order, less ``accept``."""
+    accepted = set(accept)
+    return [k for k in run if k in recorded and k not in accepted and not _same(recorded[k], run[k])]
+
+
+def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], keys: Iterable[str]) -> str:
+    """``task: this run i2v-14B, the LUT t2v-1.3B; shift: this run 8.0, the LUT 5.0``."""
+    return "; ".join(f"{k}: this run {run[k]!r}, the LUT {recorded[k]!r}" for k in keys)

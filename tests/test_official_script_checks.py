@@ -1,0 +1,262 @@
+"""Issue #11: what does not match is caught before the model loads, or said at the first call.
+
+On the call-contract scripts of ``tests/fixtures/official_like`` (see ``test_integration_scripts.py``):
+the Wan stand-in silences ``warnings`` and starts its own process group under ``WORLD_SIZE > 1`` as the
+real ``generate.py`` does, and takes its step and shift defaults from the same rules. "Before the model
+loads" is checked by the absence of the scripts' first log line (Wan: ``Creating WanT2V pipeline``,
+Latte / Open-Sora-Plan: ``Processing``).
+"""
+from __future__ import annotations
+
+import shutil
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+yaml = pytest.importorskip("yaml")
+
+from test_integration_scripts import COLD, REPOS, Runner, config_file, saved_counts  # noqa: E402
+
+WAN, LATTE = REPOS["wan"], REPOS["latte"]
+LOADED = {"wan": "Creating WanT2V pipeline", "latte": "Processing", "opensora_plan": "Processing"}
+
+
+@pytest.fixture(scope="module")
+def runner():
+    r = Runner(COLD)
+    yield r
+    r.close()
+
+
+def launch(runner, repo, out: Path, config: str, *extra: str, argv=None):
+    path = config_file(out, config)
+    argv = argv if argv is not None else repo.argv(out, *extra)
+    return runner(["-m", "taohooks.run", *argv, "--taocache", path], out, repo.env())
+
+
+CALIBRATED = "integration: {}\nlut: lut.safetensors\ncalibration: {{prompts: 1{}}}\nplan: {{budget: 2, min_step: 5}}\n"
+
+
+@pytest.fixture(scope="module")
+def luts(runner, tmp_path_factory):
+    """``luts(name)``: a 1-prompt LUT calibrated through the script with its test defaults."""
+    made = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            repo = replace(REPOS[name], prompts=REPOS[name].prompts[:1])
+            out = tmp_path_factory.mktemp(f"lut_{name}")
+            res = launch(runner, repo, out, CALIBRATED.format(name, ""))
+            assert res.returncode == 0, res.stderr
+            made[name] = out / "lut.safetensors"
+        return made[name]
+    return get
+
+
+def with_lut(luts, name: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(luts(name), out / "lut.safetensors")
+
+
+# ---------------------------------------------------------------------------- 1. messages survive the host script
+def test_wan_messages_reach_stderr_although_generate_py_silences_warnings(runner, luts, tmp_path):
+    """The calibration notice and the timestep warning used to go through ``warnings``, which
+    generate.py turns off: a LUT from shift 5 used at shift 8 ran with no word at all."""
+    first = launch(runner, WAN, tmp_path / "calibrate", CALIBRATED.format("wan", ""))
+    assert first.returncode == 0, first.stderr
+    assert "taohooks: calibrating: LUT" in first.stderr
+    with_lut(luts, "wan", tmp_path / "shifted")
+    res = launch(runner, WAN, tmp_path / "shifted", CALIBRATED.format("wan", ", accept: [shift]"),
+                 "--sample_shift", "8")
+    assert res.returncode == 0, res.stderr
+    assert saved_counts(res) == [(4, 20)]
+    assert "taohooks: warning: step 5 runs at timestep" in res.stderr, res.stderr
+
+
+# ---------------------------------------------------------------------------- 2. the LUT against the run
+@pytest.mark.parametrize("flags,said", [
+    (("--sample_shift", "8"), "was calibrated with --sample_shift 5.0; this command line runs --sample_shift 8.0"),
+    (("--sample_solver", "dpm++"), "was calibrated with --sample_solver unipc; this command line runs "
+                                   "--sample_solver dpm++"),
+    (("--task", "t2v-14B"), "was calibrated with --task t2v-1.3B; this command line runs --task t2v-14B"),
+    (("--sample_steps", "12"), "has 10 steps, this command line runs 12 (--sample_steps 12)"),
+], ids=["shift", "solver", "task", "steps"])
+def test_wan_lut_mismatch_stops_before_the_model_loads(runner, luts, tmp_path, flags, said):
+    with_lut(luts, "wan", tmp_path)
+    res = launch(runner, WAN, tmp_path, CALIBRATED.format("wan", ""), *flags)
+    assert res.returncode == 2, res.stderr
+    assert said in res.stderr
+    assert LOADED["wan"] not in res.stdout
+
+
+def test_wan_accepted_difference_runs(runner, luts, tmp_path):
+    with_lut(luts, "wan", tmp_path)
+    res = launch(runner, WAN, tmp_path, CALIBRATED.format("wan", ", accept: [scheduler]"), "--sample_solver", "dpm++")
+    assert res.returncode == 0, res.stderr
+    assert saved_counts(res) == [(4, 20)]
+
+
+def test_wan_i2v_default_steps_against_the_configs_loop(runner, tmp_path):
+    """i2v runs 40 steps by default; every shipped t2v config declares 50."""
+    argv = [WAN.script, "--task", "i2v-14B", "--size", "832*480", "--prompt", "x", "--save_file", tmp_path / "v.pt"]
+    res = launch(runner, WAN, tmp_path, "integration: wan\nmodel_id: wan2.1-i2v-14B-480p\nloop: {steps: 50}\n",
+                 argv=argv)
+    assert res.returncode == 2, res.stderr
+    assert "loop.steps is 50, this command line runs 40 steps (--sample_steps 40, the i2v default)" in res.stderr
+    assert LOADED["wan"] not in res.stdout
+
+
+def test_wan_model_id_of_another_task_stops_before_the_model_loads(runner, tmp_path):
+    res = launch(runner, WAN, tmp_path, "integration: wan\nmodel_id: wan2.1-t2v-1.3B\n", "--task", "t2v-14B")
+    assert res.returncode == 2, res.stderr
+    assert "model_id 'wan2.1-t2v-1.3B' is for task t2v-1.3B, this command line runs --task t2v-14B" in res.stderr
+
+
+def test_latte_euler_discrete_does_not_use_the_ddim_lut(runner, luts, tmp_path):
+    """Same timesteps, another sampler: only the recorded scheduler can tell."""
+    with_lut(luts, "latte", tmp_path)
+    argv = LATTE.argv(tmp_path)
+    sample = yaml.safe_load((tmp_path / "sample.yaml").read_text())
+    (tmp_path / "sample.yaml").write_text(yaml.safe_dump({**sample, "sample_method": "EulerDiscrete"}))
+    res = launch(runner, LATTE, tmp_path, CALIBRATED.format("latte", ""), argv=argv)
+    assert res.returncode == 2, res.stderr
+    assert "sample_method EulerDiscrete" in res.stderr and "calibrated with DDIMScheduler" in res.stderr
+    assert LOADED["latte"] not in res.stdout
+
+
+def test_first_call_identity_check_when_the_command_line_cannot_say(runner, luts, tmp_path):
+    """The recorded architecture differs (another transformer config): found at the first call."""
+    from taohooks.lut import CalibrationLUT
+
+    lut = CalibrationLUT.load(luts("latte"))
+    assert set(lut.identity) >= {"model", "architecture", "dtype", "scheduler", "sampling_steps"}
+    lut.identity["architecture"] = "000000000000"
+    tmp_path.mkdir(exist_ok=True)
+    lut.save(tmp_path / "lut.safetensors")
+    res = launch(runner, LATTE, tmp_path, CALIBRATED.format("latte", ""))
+    assert res.returncode == 2, res.stderr
+    assert "architecture: this run '" in res.stderr and "the LUT '000000000000'" in res.stderr
+    assert not (tmp_path / "videos" / "videos.pt").exists()
+
+
+# ---------------------------------------------------------------------------- 3. an integration that never fires
+@pytest.mark.parametrize("integration", ["diffusers", "testbed"])
+def test_config_for_another_integration_is_said(runner, tmp_path, integration):
+    res = launch(runner, WAN, tmp_path, f"integration: {integration}\nplan: {{budget: 0}}\n")
+    assert res.returncode == 0, res.stderr  # the script's own work is done and saved
+    assert (tmp_path / "video.pt").is_file()
+    assert f"integration: {integration} expected " in res.stderr
+    assert "this script imported wan.text2video (integration: wan)" in res.stderr
+    assert "Nothing was cached or calibrated" in res.stderr
+
+
+def test_calibrate_with_an_integration_that_never_fires_fails(runner, tmp_path):
+    config = config_file(tmp_path, "integration: diffusers\nlut: lut.safetensors\ncalibration: {prompts: 1}\n")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    res = runner(["-m", "taohooks.cli", "calibrate", config, "--prompts", tmp_path / "prompts.txt", "--",
+                  *WAN.argv(tmp_path)], tmp_path, WAN.env())
+    assert res.returncode != 0, res.stderr
+    assert "integration: diffusers expected" in res.stderr
+    assert not (tmp_path / "lut.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- 4. --devices, script with its own group
+def test_calibrate_devices_with_a_script_that_starts_its_own_process_group(runner, tmp_path):
+    from taohooks.lut import CalibrationLUT
+
+    config = config_file(tmp_path, "integration: wan\nlut: lut.safetensors\ncalibration: {prompts: 2}\n")
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    res = runner(["-m", "taohooks.cli", "calibrate", config, "--prompts", tmp_path / "prompts.txt", "--devices", "2",
+                  "--", *WAN.argv(tmp_path)], tmp_path, WAN.env())
+    assert res.returncode == 0, res.stdout + res.stderr
+    lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
+    assert lut.num_prompts == 2 and lut.steps == 10 and lut.identity["task"] == "t2v-1.3B"
+
+
+# ---------------------------------------------------------------------------- 5. the YAML's loop against the script
+def test_wan_loop_steps_contradicting_the_command_line(runner, tmp_path):
+    res = launch(runner, WAN, tmp_path, "integration: wan\nloop: {steps: 50}\nplan: {budget: 0}\n")
+    assert res.returncode == 2, res.stderr
+    assert "loop.steps is 50, this command line runs 10 steps (--sample_steps 10)" in res.stderr
+    assert LOADED["wan"] not in res.stdout
+
+
+def test_latte_loop_steps_contradicting_the_pipeline_call(runner, tmp_path):
+    res = launch(runner, LATTE, tmp_path, "integration: latte\nloop: {steps: 50}\nplan: {budget: 0}\n")
+    assert res.returncode == 2, res.stderr
+    assert ("loop.steps is 50, but this pipeline_latte.LattePipeline.__call__ call runs 10 denoiser calls per "
+            "stream") in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "videos" / "videos.pt").exists()
+
+
+# ---------------------------------------------------------------------------- 6. the other late checks
+def test_wan_window_past_the_last_step_stops_before_the_model_loads(runner, tmp_path):
+    res = launch(runner, WAN, tmp_path, "integration: wan\nplan: {window: [8, 12], ratio: 1.0}\n")
+    assert res.returncode == 2, res.stderr
+    assert "window [8, 12] must satisfy 2 <= first <= last < 10" in res.stderr
+    assert LOADED["wan"] not in res.stdout
+
+
+def test_wan_hybrid_refused_under_sequence_parallel_before_the_model_loads(runner, tmp_path):
+    res = launch(runner, WAN, tmp_path, "integration: wan\nplan: {budget: 0}\nteacache: {threshold: 0.1}\n",
+                 "--ulysses_size", "2")
+    assert res.returncode == 2, res.stderr
+    assert "--ulysses_size x --ring_size = 2" in res.stderr and LOADED["wan"] not in res.stdout
+
+
+def test_wan_hybrid_allowed_on_data_parallel_ranks(monkeypatch):
+    """Several ranks that each hold the whole model (no sequence parallelism) decide alike."""
+    import torch.distributed as dist
+
+    from taohooks.config import config_from_dict
+    from taohooks.integrations import wan
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    check = wan._refuse_rank_local_decisions(config_from_dict({"integration": "wan", "teacache": {"threshold": 0.1}}))
+    assert check({"self": types.SimpleNamespace(sp_size=1)}, None) == []
+    with pytest.raises(Exception, match="sequence parallelism"):
+        check({"self": types.SimpleNamespace(sp_size=2)}, None)
+
+
+def test_pab_pattern_that_matches_nothing_is_one_line(runner, tmp_path):
+    res = launch(runner, LATTE, tmp_path, "integration: latte\npab: {groups: [{pattern: 'nope', range: 2}], "
+                                          "steps: [1, 8]}\n")
+    assert res.returncode == 2, res.stderr
+    assert "PAB pattern 'nope' (pab.groups) matches no module of" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_module_check_follows_the_scripts_own_sys_path(runner, tmp_path):
+    """A script that appends its repo to sys.path itself passes the check; a missing module still fails."""
+    repo = tmp_path / "repo"
+    (repo / "wan").mkdir(parents=True)
+    (repo / "wan" / "__init__.py").write_text("")
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    script = scripts / "run.py"
+    script.write_text("import os, sys\nsys.path.append(os.path.join(os.path.dirname(sys.path[0]), 'repo'))\n"
+                      "import wan\nprint('ran')\n")
+    env = WAN.env()
+    res = runner(["-m", "taohooks.run", script, "--taocache", config_file(tmp_path, "integration: wan\n")], tmp_path, env)
+    assert res.returncode == 0, res.stderr
+    assert "ran" in res.stdout and "expected a call of WanT2V" in res.stderr  # it never generated: said
+    shutil.rmtree(repo / "wan")
+    res = runner(["-m", "taohooks.run", script, "--taocache", tmp_path / "taocache.yaml"], tmp_path, env)
+    assert res.returncode == 2 and "cannot find the module 'wan'" in res.stderr and "PYTHONPATH" in res.stderr
+
+
+def test_script_sys_path_additions_are_evaluated_without_running_anything(tmp_path):
+    from taohooks.run import script_sys_path_additions
+
+    script = tmp_path / "sub" / "s.py"
+    script.parent.mkdir()
+    script.write_text("import os, sys\nsys.path.append(os.path.split(sys.path[0])[0])\n"
+                      "sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'x'))\n")
+    assert script_sys_path_additions(script) == ([str(tmp_path), str(tmp_path / "sub" / "x")], True)
+    script.write_text("import os, sys\nsys.path.append(os.system('touch pwned') or 'y')\n")
+    assert script_sys_path_additions(script) == ([], False)
+    assert not Path("pwned").exists()
