@@ -102,15 +102,15 @@ class PlanConfig:
             err("plan.budget", f"expected a step count >= 0 or a fraction in [0, 1), got {b}")
         if isinstance(b, float) and b.is_integer() and b >= 1:
             n = int(b)
-            err("plan.budget", f"{b} is ambiguous; write {n} for {'one skipped step' if n == 1 else f'{n} skipped steps'}"
-                               " or a fraction below 1.0")
+            steps = "one skipped step" if n == 1 else f"{n} skipped steps"
+            err("plan.budget", f"{b} is ambiguous; write {n} for {steps} or a fraction below 1.0")
         if isinstance(b, int) and b > MAX_STEPS:
             err("plan.budget", f"expected at most {MAX_STEPS} skipped steps, got {b}")
         for key in ("window", "skip_steps"):
             for i, t in enumerate(getattr(self, key) or ()):
                 if not FIRST_SKIPPABLE <= t <= MAX_STEPS:
-                    err(f"plan.{key}[{i}]", f"expected a step index from {FIRST_SKIPPABLE} (the first {FIRST_SKIPPABLE} "
-                                            f"steps are always computed) to {MAX_STEPS}, got {t}")
+                    err(f"plan.{key}[{i}]", f"expected a step index from {FIRST_SKIPPABLE} (the first "
+                                            f"{FIRST_SKIPPABLE} steps are always computed) to {MAX_STEPS}, got {t}")
         given = [k for k in ("budget", "window", "skip_steps") if getattr(self, k) is not None]
         if len(given) > 1:
             err("plan", f"give only one of budget, window and skip_steps; got {', '.join(given)}")
@@ -305,8 +305,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str, source: Optional[str]) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    fail = lambda: ConfigError(source, key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"  # noqa: E731
-                                            + _number_as_text_hint(value))
+    fail = lambda: ConfigError(  # noqa: E731
+        source, key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})" + _number_as_text_hint(value))
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(source, key, f"expected a finite number, got {value}")
     if origin is Union:
@@ -511,5 +511,6 @@ def load_config(path: Union[str, os.PathLike]) -> TaoCacheConfig:
         return config_from_dict(data, str(path))
     except ConfigError:
         if _is_bench_config(data):
-            raise ConfigError(str(path), "", f"this is a `taocache bench` config; run `taocache bench {path}`") from None
+            raise ConfigError(str(path), "", f"this is a `taocache bench` config; "
+                                             f"run `taocache bench {path}`") from None
         raise

@@ -168,8 +168,9 @@ def test_command_line_budget_follows_the_same_rule(lut_path, capsys):
 
 
 def test_integration_names_are_matched_without_case(tmp_path):
-    assert error(tmp_path, "integration: WAN\n") == ("integration: unknown integration 'WAN'; did you mean 'wan'? (one "
-                                                     "of none, wan, latte, opensora_plan, videosys, diffusers, testbed)")
+    assert error(tmp_path, "integration: WAN\n") == (
+        "integration: unknown integration 'WAN'; did you mean 'wan'? (one of none, wan, latte, opensora_plan, videosys, "
+        "diffusers, testbed)")
 
 
 # ---------------------------------------------------------------------- 4. paths
@@ -197,7 +198,8 @@ def test_calibration_accept(tmp_path):
     assert error(tmp_path, "calibration: {accept: [dtype, schedular]}\n") == (
         "calibration.accept[1]: unknown difference 'schedular'; did you mean 'scheduler'? (one of "
         + ", ".join(ACCEPTABLE_DIFFERENCES) + ")")
-    assert error(tmp_path, "calibration: {accept: dtype}\n").startswith("calibration.accept: expected a list of a string")
+    assert error(tmp_path, "calibration: {accept: dtype}\n").startswith(
+        "calibration.accept: expected a list of a string")
 
 
 # ---------------------------------------------------------------------- 6. taocache check
@@ -291,7 +293,8 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(lut_path, tmp_path, 
     folder.mkdir()
     file.write_text("")
     cases = [
-        (["plot", str(lut_path), "-o", str(folder)], f"taocache plot: error: cannot write {folder}: it is a directory; give a file name inside it"),
+        (["plot", str(lut_path), "-o", str(folder)],
+         f"taocache plot: error: cannot write {folder}: it is a directory; give a file name inside it"),
         (["plot", str(lut_path), "-o", str(file / "c.png")],
          f"taocache plot: error: cannot write {file / 'c.png'}: {file} is a file, not a folder"),
         (["demo", "-o", str(file)], f"taocache demo: error: cannot write {file}: it is a file, not a folder"),
