@@ -95,6 +95,7 @@ class PlanConfig:
     gamma: float = 1.0
     refresh_every: Optional[int] = None
     ratio: Union[float, str] = "calibrated"
+    max_norm_ratio: Optional[float] = 10.0  # a prediction above this x the last real output's norm: computed
 
     def validate(self, err) -> None:
         b = self.budget
@@ -129,6 +130,8 @@ class PlanConfig:
             err("plan.ratio", f"expected 'calibrated' or a number such as 1.0, got {self.ratio!r}")
         if not isinstance(self.ratio, str) and not self.ratio > 0:
             err("plan.ratio", f"expected a positive constant ratio, got {self.ratio}")
+        if self.max_norm_ratio is not None and not self.max_norm_ratio >= 1:
+            err("plan.max_norm_ratio", f"expected a number >= 1 (or null: no norm guard), got {self.max_norm_ratio}")
 
 
 @dataclass

@@ -324,6 +324,10 @@ class GenerationPatch:
                 counts["TeaCache reused the block residual on {} calls"] = cb.reused
             if hasattr(cb, "broadcasts"):
                 counts["PAB broadcast {} attention calls"] = cb.broadcasts
+            if hasattr(cb, "fallback_reasons"):
+                counts["{} planned skips computed instead (fallbacks; see the warnings)"] = cb.fallbacks
+        if cache.hook.stray_calls:
+            counts["{} calls ran uncached, out of line with the loop"] = cache.hook.stray_calls
         return counts
 
     def summary_line(self, cache: TaoCache, before: Dict[str, Any]) -> str:
@@ -334,7 +338,8 @@ class GenerationPatch:
         total = computed + saved
         what = "calibrating, all steps computed" if cache.calibrating else cache.plan.describe()
         old = before.get("_extras", {})
-        extras = "".join(f"; {label.format(n - old.get(label, 0))}" for label, n in self._extra_counts(cache).items())
+        extras = "".join(f"; {label.format(n - old.get(label, 0))}" for label, n in self._extra_counts(cache).items()
+                         if n - old.get(label, 0) or "fallbacks" not in label and "out of line" not in label)
         return (f"taohooks: generation {self.generations}: {saved} of {total} denoiser calls saved "
                 f"({100.0 * saved / max(total, 1):.1f}%){extras} [{what}]")
 

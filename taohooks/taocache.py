@@ -152,7 +152,8 @@ class TaoCache:
             own: list = [self.recorder, _SaveLUT(self.recorder, path)]
         else:
             self.plan = make_plan(cfg.plan, loop.steps, loop.streams, self.lut)
-            self.callback = TaoCacheCallback(self.plan, self.lut.timesteps if self.lut is not None else None)
+            self.callback = TaoCacheCallback(self.plan, self.lut.timesteps if self.lut is not None else None,
+                                             max_norm_ratio=cfg.plan.max_norm_ratio)
             own = [self.callback] + section_callbacks(cfg, self.plan)
         self.hook = DenoiserHook(loop, own + list(callbacks), timestep_arg=timestep_arg, repeat=repeat)
         return self.hook.attach(module)
@@ -169,13 +170,18 @@ class TaoCache:
 
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict:
-        """Calls computed and skipped per stream since attach, the window, and fallbacks."""
-        hook = self.hook
+        """Calls computed and skipped per stream since attach, the window, fallbacks (total and per
+        reason), and the generations that were out of line with the loop (``repeat=True``)."""
+        hook, callback = self.hook, self.callback
         counts = {s: {"computed": c, "skipped": k} for s, (c, k) in (hook.counts.items() if hook else [])}
         return {"streams": counts, "plan": self.plan.describe() if self.plan else None,
                 "window": self.plan.window if self.plan else None,
                 "skipped_fraction": self.plan.skipped_fraction if self.plan else 0.0,
-                "fallbacks": self.callback.fallbacks if self.callback else 0,
+                "fallbacks": callback.fallbacks if callback else 0,
+                "fallback_reasons": dict(callback.fallback_reasons) if callback else {},
+                "misaligned_generations": (callback.misaligned_generations if callback else 0)
+                + (hook.misaligned_generations if hook else 0),
+                "stray_calls": hook.stray_calls if hook else 0,
                 "calibrating": self.calibrating}
 
     def summary(self) -> str:
@@ -189,9 +195,12 @@ class TaoCache:
             frac = 100.0 * c["skipped"] / total if total else 0.0
             lines.append(f"  {name}: {c['computed']} calls computed, {c['skipped']} saved ({frac:.1f}%)")
         if s["fallbacks"]:
-            lines.append(f"  fallbacks to a real call (non-finite prediction or missing history): {s['fallbacks']}")
+            reasons = ", ".join(f"{why}: {n}" for why, n in s["fallback_reasons"].items())
+            lines.append(f"  fallbacks to a real call: {s['fallbacks']} ({reasons})")
+        if s["misaligned_generations"]:
+            lines.append(f"  generations out of line with the loop, computed without caching: "
+                         f"{s['misaligned_generations']} ({s['stray_calls']} calls outside any generation)")
         return "\n".join(lines)
-
 
 
 def section_callbacks(config: TaoCacheConfig, plan: SkipPlan) -> List[Callback]:

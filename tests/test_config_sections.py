@@ -62,17 +62,16 @@ def test_pab_and_hybrid_from_a_config_on_a_model():
     assert "forward" not in vars(model.blocks[0]) and "forward" not in vars(model.blocks[0].attn)  # restored
 
 
-def test_wan_refuses_the_hybrid_on_several_ranks(monkeypatch):
-    import torch.distributed as dist
+def test_wan_refuses_the_hybrid_under_sequence_parallelism():
+    import types
 
     from taohooks.integration import IntegrationError
     from taohooks.integrations.wan import _refuse_rank_local_decisions
 
     config = config_from_dict({"integration": "wan", "teacache": {"threshold": 0.1}}, "wan_hybrid.yaml")
     check = _refuse_rank_local_decisions(config)
-    assert check({}, None) == []  # one process: fine
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    one, two = ({"self": types.SimpleNamespace(sp_size=n)} for n in (1, 2))
+    assert check(one, None) == []  # one process, or data-parallel ranks with the whole model each: fine
     with pytest.raises(IntegrationError, match="wan_hybrid.yaml: teacache: .* ranks could take different"):
-        check({}, None)
-    assert _refuse_rank_local_decisions(config_from_dict({"integration": "wan"}))({}, None) == []
+        check(two, None)
+    assert _refuse_rank_local_decisions(config_from_dict({"integration": "wan"}))(two, None) == []

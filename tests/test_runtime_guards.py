@@ -219,3 +219,21 @@ def test_generation_at_a_later_lut_timestep_computes_every_step(capsys):
         "taohooks: warning: generation 0 begins at timestep 0, the LUT's timestep at step 2, not at its first "
         "timestep -2: the loop is 2 step(s) out of line (the previous generation made more or fewer calls than "
         "declared: 16 steps x 1 call(s) (main)); this generation computes every step\n")
+
+
+def test_norm_guard_from_the_yaml_and_the_summary_names_the_reason():
+    from taohooks import TaoCache, config_from_dict
+    from taohooks.config import ConfigError
+
+    model = GeometricDenoiser({"main": 0.9})
+    cache = TaoCache(config_from_dict({"plan": {"window": [12, 13], "ratio": 1e6}}))
+    with cache.attach(model, steps=STEPS):
+        run_loop(model, STEPS)
+    assert cache.stats()["fallback_reasons"] == {"norm > 10 x last real output": 2}
+    assert "  fallbacks to a real call: 2 (norm > 10 x last real output: 2)" in cache.summary()
+    off = TaoCache(config_from_dict({"plan": {"window": [12, 13], "ratio": 1e6, "max_norm_ratio": None}}))
+    with off.attach(model, steps=STEPS):
+        run_loop(model, STEPS)
+    assert off.stats()["fallbacks"] == 0 and off.hook.counts == {"main": [14, 2]}
+    with pytest.raises(ConfigError, match=r"plan.max_norm_ratio: expected a number >= 1 \(or null: no norm guard\)"):
+        config_from_dict({"plan": {"max_norm_ratio": 0.5}})
