@@ -1,0 +1,290 @@
+"""Train the ``scenes`` video DiT (~6.5M parameters) on CPU or GPU, resumably.
+
+    python -m taohooks.testbed.train_scenes --kind flow --steps 20000 --out /work/runs/scenes/flow.safetensors
+    # after an interruption, or to go on with more steps (exact continuation):
+    python -m taohooks.testbed.train_scenes --kind flow --steps 40000 --out /work/runs/scenes/flow.safetensors \\
+        --resume /work/runs/scenes/flow.state.pt
+
+Two files are rewritten at every save (atomically: an interrupted save keeps the previous ones):
+
+- ``OUT``: the EMA weights in float16 (13 MB; loads with ``VideoDiT.from_pretrained``) with the
+  config and a training summary as metadata (also in ``OUT.json``);
+- ``OUT.state.pt`` (``--state``): live weights, EMA, optimizer, step and random states in float32
+  (~78 MB), what ``--resume`` continues from exactly.
+
+``--init WEIGHTS`` instead starts from saved EMA weights with a fresh optimizer (fine-tuning).
+Saves happen every ``--save-every`` steps and at least every ``--save-minutes`` minutes; with
+``--keep-every N`` a copy ``OUT-stepNNNNNN.safetensors`` is kept every N steps. The learning rate
+warms up linearly, then stays constant (``--schedule constant``, so that a run can be extended)
+or follows a cosine to 5% over ``--steps`` (``--schedule cosine``). Loss: as ``train.loss_fn``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save
+
+from ..io import atomic_write_bytes
+from . import scenes
+from .ema import EMA
+from .model import VideoDiT, VideoDiTConfig, num_parameters, read_metadata
+from .schedules import DDPMSchedule, flow_interpolate, sample_flow_sigmas
+from .train import KINDS, PROMPT_DROPOUT
+
+STATE_FORMAT = "taohooks-scenes-train-state/1"
+
+
+def scenes_config(kind: str, dim: int = 256, depth: int = 6, heads: int = 8, mlp_ratio: float = 2.0,
+                  patch_size: int = 8) -> VideoDiTConfig:
+    """The scenes DiT: 8 x 32 x 32 clips, 8x8 patches -> 128 tokens; defaults give 6.49M parameters."""
+    return VideoDiTConfig(
+        out_channels=6 if kind == "eps" else 3, num_frames=scenes.NUM_FRAMES, height=scenes.HEIGHT,
+        width=scenes.WIDTH, patch_size=patch_size, dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
+        attribute_sizes=tuple(scenes.ATTRIBUTE_SIZES), prediction="eps" if kind == "eps" else "flow",
+        training=f"scenes-{kind}")
+
+
+def make_batch(rng: np.random.Generator, batch_size: int, dropout: float = PROMPT_DROPOUT):
+    """Clips ``[B, 3, 8, 32, 32]`` float32 and prompt ids ``[B, 5]`` (``dropout`` of rows null)."""
+    prompts, _, clips = scenes.random_training_batch(rng, batch_size)
+    ids = scenes.prompt_ids(prompts)
+    ids[rng.random(batch_size) < dropout] = scenes.NULL_ID
+    return torch.from_numpy(clips), torch.from_numpy(ids)
+
+
+def loss_fn(kind: str, model: VideoDiT, x0, ids, ddpm: DDPMSchedule, gen: torch.Generator) -> torch.Tensor:
+    """The loss of ``train.loss_fn`` with the random draws made on the CPU ``gen`` (so a run is
+    the same stream of draws on any device) and moved to ``x0``'s device."""
+    b, dev = x0.shape[0], x0.device
+    noise = torch.randn(x0.shape, generator=gen).to(dev)
+    if kind == "eps":
+        t = torch.randint(0, ddpm.num_timesteps, (b,), generator=gen).to(dev)
+        out = model(ddpm.add_noise(x0, noise, t), t.float(), ids).float()
+        return (out[:, :3] - noise).pow(2).mean() + ddpm.vlb_loss(x0, ddpm.add_noise(x0, noise, t), t,
+                                                                  out[:, :3], out[:, 3:])
+    sigma = sample_flow_sigmas("uniform" if kind == "flow" else "lognormal", b, gen).to(dev)
+    out = model(flow_interpolate(x0, noise, sigma), sigma * 1000.0, ids).float()
+    return (out - (noise - x0)).pow(2).mean()
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, schedule: str) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_half(model: VideoDiT, path: Path, metadata: dict) -> None:
+    """EMA weights as float16 safetensors with the config as metadata (``from_pretrained`` reads it)."""
+    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
+    meta = {**metadata, "config": model.config.to_json(), "format": "pt"}
+    atomic_write_bytes(path, save(state, metadata=meta))
+
+
+def load_weights(path: str, config: VideoDiTConfig, what: str) -> VideoDiT:
+    """A checkpoint whose config must equal ``config``; errors name the file and the differing keys."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        model = VideoDiT.from_pretrained(path)
+    except Exception as e:
+        raise ValueError(f"{what} {path}: not a testbed checkpoint ({type(e).__name__}: {e})") from e
+    _check_config(model.config, config, path, what)
+    return model
+
+
+def _check_config(found: VideoDiTConfig, expected: VideoDiTConfig, path, what: str) -> None:
+    a, b = json.loads(found.to_json()), json.loads(expected.to_json())
+    diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    if diff:
+        items = ", ".join(f"{k}: file has {x!r}, this run expects {y!r}" for k, (x, y) in diff.items())
+        raise ValueError(f"{what} {path} does not match this run's model ({items}); "
+                         "pass the same --kind/--dim/--depth/--heads/--mlp-ratio/--patch as the run that wrote it")
+
+
+class Trainer:
+    """Model, EMA, optimizer and random states of one run; ``state_dict`` / ``load`` for resuming."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.config = scenes_config(args.kind, args.dim, args.depth, args.heads, args.mlp_ratio, args.patch)
+        torch.manual_seed(args.seed)
+        self.model = VideoDiT(self.config).to(self.device)
+        self.previous = None
+        if args.init:
+            init = load_weights(args.init, self.config, "--init")
+            self.model.load_state_dict(init.state_dict())
+            self.previous = json.loads(read_metadata(args.init).get("training", "null"))
+        self.model.train()
+        self.ema = EMA(self.model, args.ema)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.99),
+                                     weight_decay=args.weight_decay)
+        self.rng = np.random.default_rng(args.seed)
+        self.gen = torch.Generator().manual_seed(args.seed)
+        self.ddpm = DDPMSchedule()
+        self.step = 0
+        self.wall = 0.0  # seconds of training before this process (resumed runs)
+
+    def state_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT, "kind": self.args.kind, "config": self.config.to_json(), "step": self.step,
+            "wall": self.wall, "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+            "ema_updates": self.ema.num_updates, "optimizer": self.opt.state_dict(),
+            "rng": self.rng.bit_generator.state, "gen": self.gen.get_state(), "previous": self.previous,
+        }
+
+    def load(self, path: str) -> None:
+        """Continue exactly from a state file written by :meth:`save`."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--resume {path}: no such file (the state is written next to --out as "
+                                    "OUT.state.pt)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"--resume {path}: not a training state ({type(e).__name__}: {e})") from e
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"--resume {path}: format {state.get('format') if isinstance(state, dict) else None!r}, "
+                             f"expected {STATE_FORMAT!r}")
+        if state["kind"] != self.args.kind:
+            raise ValueError(f"--resume {path}: kind {state['kind']!r}, but --kind {self.args.kind!r}")
+        _check_config(VideoDiTConfig.from_json(state["config"]), self.config, path, "--resume")
+        self.model.load_state_dict(state["model"])
+        self.ema.model.load_state_dict(state["ema"])
+        self.ema.num_updates = state["ema_updates"]
+        self.opt.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.gen.set_state(state["gen"])
+        self.step, self.wall, self.previous = state["step"], state["wall"], state["previous"]
+
+    def summary(self, wall: float, final: bool) -> dict:
+        a = self.args
+        prev = self.previous or {}
+        return {
+            "kind": a.kind, "task": "scenes", "steps_done": self.step, "steps_planned": a.steps, "final": final,
+            "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "schedule": a.schedule, "ema": a.ema,
+            "seed": a.seed, "threads": a.threads, "device": str(self.device), "wall_seconds": round(wall, 1),
+            "seconds_per_step": round(wall / max(self.step, 1), 4), "params": num_parameters(self.model),
+            "weights": "ema, float16", "init": a.init, "previous": self.previous,
+            "total_steps": self.step + prev.get("total_steps", 0),
+            "total_wall_seconds": round(wall + prev.get("total_wall_seconds", 0.0), 1),
+        }
+
+    def save(self, out: Path, state_path: Path, wall: float, final: bool) -> dict:
+        summary = self.summary(wall, final)
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        atomic_write_bytes(state_path, buf.getvalue())
+        meta = {"training": json.dumps(summary, sort_keys=True)}
+        save_half(self.ema.model, out, meta)
+        atomic_write_bytes(out.with_suffix(".json"), (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        if self.args.keep_every and self.step % self.args.keep_every == 0:
+            save_half(self.ema.model, out.with_name(f"{out.stem}-step{self.step:06d}{out.suffix}"), meta)
+        return summary
+
+    def train_step(self) -> float:
+        a = self.args
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, a.lr, a.warmup, a.steps, a.schedule)
+        x0, ids = make_batch(self.rng, a.batch_size)
+        x0, ids = x0.to(self.device), ids.to(self.device)
+        loss = loss_fn(a.kind, self.model, x0, ids, self.ddpm, self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.clip)
+        self.opt.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return loss.item()
+
+
+def train(args) -> dict:
+    torch.set_num_threads(args.threads)
+    trainer = Trainer(args)
+    if args.resume:
+        trainer.load(args.resume)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: expected a .safetensors file name")
+    state_path = Path(args.state) if args.state else out.with_suffix(".state.pt")
+    print(f"scenes kind={args.kind} params={num_parameters(trainer.model)} from_step={trainer.step} "
+          f"to_step={args.steps} batch={args.batch_size} lr={args.lr} schedule={args.schedule} "
+          f"threads={args.threads} device={args.device} out={out} state={state_path}", flush=True)
+    start = time.time()
+    last_save, running, window = time.time(), [], time.time()
+    first = trainer.step
+    while trainer.step < args.steps:
+        running.append(trainer.train_step())
+        if trainer.step % args.log_every == 0:
+            sps = (time.time() - window) / len(running)
+            print(f"step {trainer.step} loss {np.mean(running):.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
+                  f"s/step {sps:.3f} elapsed {time.time() - start:.0f}s", flush=True)
+            running, window = [], time.time()
+        due = trainer.step % args.save_every == 0 or time.time() - last_save >= args.save_minutes * 60
+        if due and trainer.step < args.steps:
+            trainer.save(out, state_path, trainer.wall + time.time() - start, final=False)
+            last_save = time.time()
+            print(f"saved step {trainer.step} -> {out}, {state_path}", flush=True)
+    trainer.wall += time.time() - start
+    summary = trainer.save(out, state_path, trainer.wall, final=True)
+    done = trainer.step - first
+    print(f"done: {done} steps in {time.time() - start:.0f}s -> {out} (step {trainer.step})", flush=True)
+    return summary
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kind", choices=KINDS, required=True)
+    p.add_argument("--steps", type=int, required=True, help="train until this many steps in all (a resumed run counts "
+                   "the steps already done)")
+    p.add_argument("--out", required=True, help="EMA weights, float16 .safetensors")
+    p.add_argument("--state", default=None, help="resumable state file (default: OUT with suffix .state.pt)")
+    p.add_argument("--resume", default=None, help="continue exactly from this state file")
+    p.add_argument("--init", default=None, help="start from these EMA weights with a fresh optimizer")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--mlp-ratio", type=float, default=2.0)
+    p.add_argument("--patch", type=int, default=8)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--save-minutes", type=float, default=10.0)
+    p.add_argument("--keep-every", type=int, default=2000, help="keep OUT-stepNNNNNN.safetensors every N steps (0: off)")
+    args = p.parse_args(argv)
+    if args.resume and args.init:
+        p.error("--resume continues a run (its weights included); --init starts a new one: give one of them")
+    for name in ("steps", "batch_size", "save_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv=None):
+    try:
+        train(parse_args(argv))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"taohooks.testbed.train_scenes: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Fast tests of the scenes testbed (issue 15): data, recogniser, model size, sampling, resumable training."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from taohooks.testbed import scenes, scenes_recognizer, scenes_sampling, train_scenes
+from taohooks.testbed.model import VideoDiT, num_parameters
+
+TINY = ["--kind", "flow", "--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", "2", "--warmup", "2",
+        "--log-every", "2", "--save-every", "2", "--keep-every", "0"]
+
+
+# ---------------------------------------------------------------- data
+def test_prompt_grammar_roundtrip():
+    prompts = scenes.all_prompts()
+    assert len(prompts) == 432 and len(set(prompts)) == 432
+    for p in prompts:
+        assert scenes.ScenePrompt.from_text(p.text) == p
+    assert scenes.ScenePrompt(0, 0, 0, 1, 0).text == "a red circle moving left over noise"
+    assert scenes.ScenePrompt(4, 3, 1, 3, 1).text == "a blue square moving down, with 2 other objects over stripes"
+    assert scenes.ScenePrompt(1, 1, 0, 2, 2).text == "a yellow circle moving right, with 1 other object over gradient"
+    with pytest.raises(ValueError, match="cannot parse scene prompt"):
+        scenes.ScenePrompt.from_text("a red circle moving left")
+    with pytest.raises(ValueError, match="ScenePrompt.count"):
+        scenes.ScenePrompt(0, 0, 0, 4, 0)
+    ids = scenes.prompt_ids([scenes.ScenePrompt(5, 3, 1, 3, 2), None])
+    assert ids.tolist() == [[5, 3, 1, 2, 2], [-1, -1, -1, -1, -1]]
+
+
+def test_render_deterministic_in_range_and_seed_decides_layout():
+    p = scenes.ScenePrompt(2, 1, 1, 3, 1)
+    a, b = scenes.render(p, 7), scenes.render(p, 7)
+    assert a.shape == (3, 8, 32, 32) and a.dtype == np.float32
+    assert np.array_equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    # the seed moves every object: subject start positions over 40 seeds cover most of the frame
+    starts = np.array([[o.cx[0], o.cy[0]] for s in range(40) for o in scenes.layout(p, s)[0][-1:]])
+    assert np.ptp(starts[:, 0]) > 12 and np.ptp(starts[:, 1]) > 16
+    # and different seeds give clearly different clips (not just jitter): mean |diff| > 0.1 for every pair
+    clips = [scenes.render(p, s) for s in range(6)]
+    diffs = [np.abs(clips[i] - clips[j]).mean() for i in range(6) for j in range(i + 1, 6)]
+    assert min(diffs) > 0.1
+
+
+def test_objects_separated_with_distinct_colours():
+    for seed in range(30):
+        p = scenes.ScenePrompt(seed % 6, seed % 4, seed % 2, 3, seed % 3)
+        objects, _ = scenes.layout(p, seed)
+        assert len(objects) == 3 and objects[-1].colour == p.colour
+        assert len({o.colour for o in objects}) == 3
+        assert scenes._separated(objects)
+        for o in objects:  # every object inside the frame in every frame
+            assert (o.cx - o.radius >= -0.5).all() and (o.cx + o.radius <= 31.5).all()
+
+
+def test_pairs_are_disjoint_and_spread():
+    ev, val, cal = scenes.eval_pairs(64), scenes.validation_pairs(64), scenes.calibration_pairs(20)
+    assert {s for _, s in ev}.isdisjoint({s for _, s in val}) and min(s for _, s in ev) >= 10_000
+    for attr, n in (("colour", 6), ("direction", 4), ("shape", 2), ("count", 3), ("background", 3)):
+        assert len({getattr(p, attr) for p, _ in ev}) == n
+    assert all(1000 <= s < 10_000 for _, s in cal)
+
+
+# ---------------------------------------------------------------- recogniser
+def test_recogniser_is_right_on_clean_clips():
+    rng = np.random.default_rng(3)
+    prompts = [scenes.random_prompt(rng) for _ in range(120)]
+    seeds = [int(rng.integers(30_000)) for _ in prompts]
+    acc = scenes_recognizer.accuracy(scenes.render_batch(prompts, seeds), prompts)
+    assert acc["overall"] == 1.0 and acc["n"] == 120
+
+
+def test_recogniser_rejects_wrong_prompts():
+    p = scenes.ScenePrompt(0, 0, 1, 2, 1)  # red square left, 2 objects, stripes
+    clip = scenes.render(p, 11)
+    wrong = {
+        "colour": scenes.ScenePrompt(3, 0, 1, 2, 1), "direction": scenes.ScenePrompt(0, 1, 1, 2, 1),
+        "shape": scenes.ScenePrompt(0, 0, 0, 2, 1), "count": scenes.ScenePrompt(0, 0, 1, 3, 1),
+        "background": scenes.ScenePrompt(0, 0, 1, 2, 2),
+    }
+    assert scenes_recognizer.recognize(clip, p).ok
+    for attr, q in wrong.items():
+        r = scenes_recognizer.recognize(clip, q)
+        assert not getattr(r, attr) and not r.ok, attr
+    assert not scenes_recognizer.recognize(np.full(scenes.CLIP_SHAPE, -0.5, np.float32), p).colour
+    with pytest.raises(ValueError, match="scenes clip of shape"):
+        scenes_recognizer.recognize(np.zeros((3, 8, 16, 16)), p)
+
+
+# ---------------------------------------------------------------- model
+def test_default_model_size_and_tokens():
+    model = VideoDiT(train_scenes.scenes_config("flow"))
+    assert 4_000_000 <= num_parameters(model) <= 8_000_000
+    assert num_parameters(model) == 6_487_744
+    assert model.grid == (8, 4, 4)  # 8x8 patches of 32x32 frames: 128 tokens
+
+
+def test_sampling_loop_shape_and_noise_reproducible():
+    torch.manual_seed(0)
+    model = VideoDiT(train_scenes.scenes_config("flow", dim=32, depth=1, heads=2)).eval()
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(a[2][:, 0].tolist()))
+    pairs = scenes.eval_pairs(2)
+    prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
+    out = scenes_sampling.sample_flow(model, prompts, seeds, steps=3)
+    assert out.shape == (2, 3, 8, 32, 32)
+    assert len(calls) == 6 and calls[1] == [-1, -1]  # cond, then uncond, per step (Wan2.1)
+    n1 = scenes_sampling.initial_noise(prompts, seeds)
+    n2 = scenes_sampling.initial_noise(prompts[1:], seeds[1:])
+    assert torch.equal(n1[1], n2[0])
+
+
+# ---------------------------------------------------------------- training
+def test_resume_is_exact_and_checkpoint_is_half(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    train_scenes.main([*TINY, "--steps", "4", "--out", str(a)])
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(b)])
+    train_scenes.main([*TINY, "--steps", "4", "--out", str(b), "--resume", str(tmp_path / "b.state.pt")])
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert wa["final.linear.weight"].dtype == torch.float16
+    summary = json.loads((tmp_path / "b.json").read_text())
+    assert summary["steps_done"] == 4 and summary["final"] is True
+    model = VideoDiT.from_pretrained(b)  # loads (as float32) through the ordinary entry point
+    assert model.config.height == 32 and model.config.attribute_sizes == scenes.ATTRIBUTE_SIZES
+
+
+def test_bad_resume_and_init_are_errors(tmp_path):
+    out = tmp_path / "w.safetensors"
+    with pytest.raises(SystemExit, match="--resume .*nothing.state.pt: no such file"):
+        train_scenes.main([*TINY, "--steps", "2", "--out", str(out), "--resume", str(tmp_path / "nothing.state.pt")])
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(out)])
+    eps = [*TINY[:1], "eps", *TINY[2:]]
+    with pytest.raises(SystemExit, match="kind 'flow', but --kind 'eps'"):
+        train_scenes.main([*eps, "--steps", "3", "--out", str(out), "--resume", str(tmp_path / "w.state.pt")])
+    wide = [*TINY[:2], "--dim", "64", *TINY[4:]]
+    with pytest.raises(SystemExit, match="dim: file has 32, this run expects 64"):
+        train_scenes.main([*wide, "--steps", "3", "--out", str(tmp_path / "x.safetensors"), "--init", str(out)])
