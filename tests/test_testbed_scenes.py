@@ -140,3 +140,21 @@ def test_bad_resume_and_init_are_errors(tmp_path):
     wide = [*TINY[:2], "--dim", "64", *TINY[4:]]
     with pytest.raises(SystemExit, match="dim: file has 32, this run expects 64"):
         train_scenes.main([*wide, "--steps", "3", "--out", str(tmp_path / "x.safetensors"), "--init", str(out)])
+
+
+# ---------------------------------------------------------------- sensitivity measurement
+def test_sensitivity_measurement_runs_on_a_tiny_model():
+    from taohooks.testbed import scenes_sensitivity
+
+    torch.manual_seed(0)
+    model = VideoDiT(train_scenes.scenes_config("flow", dim=32, depth=1, heads=2)).eval()
+    with torch.no_grad():  # adaLN-Zero starts at a zero output; make the model do something
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tm = scenes_sensitivity.SceneTestbedModel("tiny", model, steps=5)
+    out = scenes_sensitivity.measure(tm, 2, [1, 3], [0.0, 0.05], 0.0, 2, 2, 2, calibration_n=2, log=lambda *a: None)
+    assert out["noise"]["0.0"] == 100.0  # unchanged noise: the same clips (PSNR capped at 100 dB)
+    assert out["noise"]["0.05"] < 100.0
+    assert set(out["skip"]) == {"1", "3"} and all(v < 100.0 for v in out["skip"].values())
+    assert len(out["cosine_by_step"]) == 5 and out["cosine_by_step"][0] is None
+    assert -1.0 <= out["late_cosine"] <= 1.0

@@ -1,0 +1,141 @@
+"""How much an early or mid-sampling error costs on a scenes checkpoint (issue 15's targets).
+
+    python -m taohooks.testbed.scenes_sensitivity --weights /work/runs/scenes/flow.safetensors \\
+        --n 16 --out sensitivity.json
+
+Against the full-step clips of ``--n`` held-out pairs (50 UniPC steps, guidance 5, shift 3;
+PSNR in dB, data range 1 after mapping [-1, 1] -> [0, 1], as in the bench):
+
+- ``skip``: one step's block stack replaced by the previous call's residual (TeaCache's reuse),
+  at each step of ``--skip-steps``; the issue wants an early skip to cost more than a late one;
+- ``noise``: the initial noise changed by a relative ``--noise-change`` (``sqrt(1-e^2) n + e z``,
+  ``||change|| / ||n|| ~ e``); target <= 40 dB at 1%;
+- ``teacache``: TeaCache at ``--budget`` (fraction of steps skipped; its threshold searched on
+  calibration pairs, as the bench does); target <= 40 dB at 4%;
+- ``late_cosine``: the calibrated cosine of consecutive output deltas, mean over streams and the
+  second half of the steps (the paper's regime: >= 0.95);
+- ``accuracy``: recogniser accuracy of the full-step clips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import torch
+
+from ..evaluation.methods import MethodSettings, build_method, calibrate, run_with
+from ..evaluation.testbed_model import TestbedModel
+from ..metrics import psnr
+from ..residual import ResidualSkipCallback
+from . import scenes, scenes_recognizer, scenes_sampling
+from .model import VideoDiT
+
+
+@dataclass
+class SceneTestbedModel(TestbedModel):
+    """A scenes checkpoint seen by ``taohooks.evaluation`` (flow: Wan loop; eps: Latte loop)."""
+
+    __test__ = False
+    guidance: float = 5.0
+
+    def sample(self, pairs: Sequence[Tuple[object, int]], noise: torch.Tensor = None) -> torch.Tensor:
+        prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
+        return scenes_sampling.sample(self.model, prompts, seeds, steps=self.steps, guidance=self.guidance,
+                                      noise=noise)
+
+
+def perturbed_noise(pairs, change: float, seed: int = 0) -> torch.Tensor:
+    """Initial noise of ``pairs`` moved by a relative ``change``: ``sqrt(1-change^2) n + change z``."""
+    base = scenes_sampling.initial_noise([p for p, _ in pairs], [s for _, s in pairs])
+    z = torch.randn(base.shape, generator=torch.Generator().manual_seed(seed))
+    return math.sqrt(1 - change ** 2) * base + change * z
+
+
+def measure(tm: SceneTestbedModel, n: int, skip_steps: Sequence[int], noise_changes: Sequence[float],
+            budget: float, batch_size: int, search_pairs: int, search_iterations: int, calibration_n: int = 8,
+            log=print) -> dict:
+    pairs = scenes.eval_pairs(n)
+    prompts = [p for p, _ in pairs]
+    start = time.time()
+    reference = run_with(tm, [], pairs, batch_size).clips
+    out = {"n": n, "steps": tm.steps, "guidance": tm.guidance,
+           "accuracy": scenes_recognizer.accuracy(reference, prompts)}
+    log(f"full step: accuracy {out['accuracy']['overall']:.3f} ({time.time() - start:.0f}s)")
+
+    def score(clips):
+        return round(float(psnr(clips, reference).mean()), 2)
+
+    out["skip"] = {}
+    for k in skip_steps:
+        out["skip"][str(k)] = score(run_with(tm, [ResidualSkipCallback([k], blocks=tm.blocks)], pairs,
+                                             batch_size).clips)
+        log(f"skip step {k}: {out['skip'][str(k)]} dB")
+    out["noise"] = {}
+    for e in noise_changes:
+        clips = torch.cat([tm.sample(chunk, noise=perturbed_noise(chunk, e))
+                           for chunk in (pairs[i:i + batch_size] for i in range(0, n, batch_size))])
+        out["noise"][str(e)] = score(clips)
+        log(f"noise change {e}: {out['noise'][str(e)]} dB")
+    cal = calibrate(tm, scenes.calibration_pairs(calibration_n), batch_size)
+    cos = cal.lut.cos_mean  # [streams, steps]
+    out["late_cosine"] = round(float(torch.nanmean(cos[:, tm.steps // 2:].float())), 4)
+    out["cosine_by_step"] = [None if math.isnan(v) else round(float(v), 4)  # NaN: no delta yet
+                             for v in torch.nanmean(cos.float(), dim=0).tolist()]
+    log(f"late-step delta cosine {out['late_cosine']}")
+    if budget > 0:
+        skips = max(1, round(budget * tm.steps))
+        built = build_method("teacache", tm, cal, skips, scenes.calibration_pairs(calibration_n)[:search_pairs], batch_size,
+                             MethodSettings(search_iterations=search_iterations))
+        run = run_with(tm, built.callbacks, pairs, batch_size)
+        out["teacache"] = {"budget": budget, "skipped": round(run.skipped_fraction, 4), "psnr": score(run.clips),
+                           "accuracy": scenes_recognizer.accuracy(run.clips, prompts)["overall"],
+                           **{k: v for k, v in built.info.items() if isinstance(v, (int, float))}}
+        log(f"teacache: {out['teacache']}")
+    out["seconds"] = round(time.time() - start, 1)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--weights", required=True)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--skip-steps", default="2,5,10,15,25,35,45", help="comma-separated steps, each skipped alone")
+    p.add_argument("--noise-change", default="0.01,0.05", help="comma-separated relative changes of the initial noise")
+    p.add_argument("--budget", type=float, default=0.04, help="TeaCache's skipped fraction (0: leave it out)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--calibration-pairs", type=int, default=8, help="for the cosines and TeaCache's polynomial")
+    p.add_argument("--search-pairs", type=int, default=4, help="the first of the calibration pairs, for the threshold")
+    p.add_argument("--search-iterations", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = VideoDiT.from_pretrained(args.weights)
+    if model.config.height != scenes.HEIGHT or tuple(model.config.attribute_sizes) != scenes.ATTRIBUTE_SIZES:
+        raise SystemExit(f"--weights {args.weights}: not a scenes checkpoint (height {model.config.height}, "
+                         f"attribute_sizes {model.config.attribute_sizes}; expected {scenes.HEIGHT} and "
+                         f"{scenes.ATTRIBUTE_SIZES})")
+    tm = SceneTestbedModel("scenes-" + model.config.training, model, args.steps, guidance=args.guidance)
+    steps = [int(s) for s in args.skip_steps.split(",") if s]
+    bad = [s for s in steps if not 0 < s < args.steps - 1]
+    if bad:
+        raise SystemExit(f"--skip-steps {bad}: expected steps in 1..{args.steps - 2}")
+    result = measure(tm, args.n, steps, [float(e) for e in args.noise_change.split(",") if e], args.budget,
+                     args.batch_size, args.search_pairs, args.search_iterations, args.calibration_pairs)
+    result["weights"] = args.weights
+    text = json.dumps(result, sort_keys=True)
+    print(text, flush=True)
+    if args.out:
+        from ..io import atomic_write_bytes
+        atomic_write_bytes(args.out, (text + "\n").encode())
+
+
+if __name__ == "__main__":
+    main()
