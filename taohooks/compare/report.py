@@ -1,0 +1,103 @@
+"""``results.json`` and ``results.md`` of ``taocache compare``, from the run store.
+
+``results.json``: ``{"meta": ..., "records": [...], "aggregates": [...]}``: one record per
+prompt x method x budget (the full-step reference is method ``full``, budget 0) with the metrics of
+:mod:`taohooks.compare.scoring`, wall time, calls and skipped calls (and which: step, stream);
+one aggregate per method x budget: metric means over the prompts, and the speedup, the summed
+wall time of the references over that of the method on the same prompts.
+``results.md``: the aggregates in the layout of the paper's Tables 1-3.
+``taocache compare --report FOLDER`` rebuilds ``results.md`` from ``results.json`` alone.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..io import atomic_write_bytes
+from .experiment import ExperimentConfig
+from .scoring import score
+from .store import RunStore, run_label
+
+__all__ = ["build_results", "write_results", "load_results", "markdown_table", "METRICS"]
+
+METRICS = ("lpips", "ssim", "psnr", "psnr_pooled", "psnr_changed")
+
+
+def _mean(values: List[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def build_results(config: ExperimentConfig, store: RunStore, steps: int, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """Score every stored run against its reference; records and aggregates."""
+    from ..metrics import load_lpips
+    from .runner import budget_skips
+
+    lpips_model = load_lpips() if config.lpips else None
+    records: List[Dict[str, Any]] = []
+    labels = [("full", 0)] + [(m, budget_skips(b, steps)) for b in config.budgets for m in config.cached_methods]
+    for entry in config.evaluation_prompts():
+        reference, ref_record = store.load("full", entry)
+        for method, skips in labels:
+            video, record = (reference, ref_record) if method == "full" else store.load(run_label(method, skips, steps),
+                                                                                        entry)
+            metrics = {k: None for k in (*METRICS, "identical_frames", "frames")} if method == "full" else \
+                score(video, reference, lpips_model)
+            records.append({**record, "method": method, "budget": skips / steps, "skips": skips, "steps": steps,
+                            **metrics})
+    aggregates = []
+    for method, skips in labels[1:]:
+        rows = [r for r in records if r["method"] == method and r["skips"] == skips]
+        full_seconds = sum(r["seconds"] for r in records if r["method"] == "full")
+        seconds = sum(r["seconds"] for r in rows)
+        aggregates.append({"method": method, "budget": skips / steps, "skips": skips, "steps": steps,
+                           "prompts": len(rows), "speedup": full_seconds / seconds if seconds else None,
+                           "skipped_fraction": _mean([r["skipped_fraction"] for r in rows]),
+                           **{k: _mean([r[k] for r in rows]) for k in METRICS},
+                           **{k: rows[0][k] for k in ("threshold", "search_fraction", "window") if k in rows[0]}})
+    meta = {**meta, "lpips": "AlexNet v0.1" if lpips_model is not None else None,
+            "psnr": "per-frame mean, each frame capped at 100 dB (taocache bench, TeaCache's common_metrics)",
+            "psnr_pooled": "MSE pooled over all frames of a video", "psnr_changed": "per-frame mean over the "
+            "frames that differ from the reference (MSE >= 1e-10)", "torch": torch.__version__}
+    return {"meta": meta, "records": records, "aggregates": aggregates}
+
+
+def load_results(folder) -> Dict[str, Any]:
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; run `taocache compare EXPERIMENT.yaml -- SCRIPT ...` first")
+    results = json.loads(path.read_text())
+    if not isinstance(results, dict) or not {"meta", "records", "aggregates"} <= set(results):
+        raise ValueError(f"{path}: not a taocache compare results file (expected meta, records, aggregates)")
+    return results
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_table(results: Dict[str, Any]) -> str:
+    """The aggregates, rows grouped by budget, like the paper's Tables 1-3."""
+    meta, rows = results["meta"], results["aggregates"]
+    full = [r for r in results["records"] if r["method"] == "full"]
+    lines = [f"### `taocache compare`: {meta.get('integration', '?')}, {meta.get('loop', '')}", "",
+             f"{len(full)} prompts; full-step reference {sum(r['seconds'] for r in full):.2f} s in all. PSNR: "
+             "per-frame mean capped at 100 dB; pooled: one MSE over all frames; changed: frames equal to the "
+             "reference left out.", "",
+             "| budget | method | speedup | % calls skipped | LPIPS ↓ | SSIM ↑ | PSNR ↑ (dB) | PSNR pooled | "
+             "PSNR changed |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["budget"], r["method"])):
+        lines.append(f"| {r['skips']}/{r['steps']} ({100 * r['budget']:.0f}%) | {r['method']} | "
+                     f"{_fmt(r['speedup'], '.3f')}x | {100 * r['skipped_fraction']:.1f}% | {_fmt(r['lpips'], '.4f')} | "
+                     f"{_fmt(r['ssim'], '.4f')} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['psnr_pooled'], '.2f')} | "
+                     f"{_fmt(r['psnr_changed'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(folder, results: Dict[str, Any]) -> None:
+    folder = Path(folder)
+    atomic_write_bytes(folder / "results.json", json.dumps(results, indent=1).encode())
+    atomic_write_bytes(folder / "results.md", markdown_table(results).encode())

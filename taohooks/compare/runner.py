@@ -1,0 +1,315 @@
+"""Running an experiment inside the user's script (``taocache compare``).
+
+The script is started once, through the launcher, with the integration the experiment names. Its
+first generation call is intercepted (nothing of it runs as the script asked) and repeated, with
+the prompt and seed arguments replaced, for:
+
+1. the calibration prompts, full-step, when a method needs them: TaoCache's LUT and TeaCache's
+   polynomial from the same runs (skipped when the TaoCache config's LUT is complete and no
+   TeaCache is compared);
+2. TeaCache's threshold search per budget, on the first ``search_prompts`` calibration prompts
+   (bench's :func:`~taohooks.evaluation.methods.match_threshold`), never on evaluation prompts;
+3. the full-step reference of every evaluation prompt, then every method x budget on it.
+
+Every finished generation is in the :class:`~taohooks.compare.store.RunStore` at once; a killed
+experiment resumes there. The script exits after the last run (status 0).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+
+import torch
+
+from .. import messages
+from ..callbacks import Callback
+from ..config import ConfigError, TaoCacheConfig
+from ..hook import DenoiserHook
+from ..integration import GenerationPatch, check_declared_loop, identity_of_model, unwrap_model
+from ..residual import BlockStackCache
+from .experiment import ExperimentConfig, PromptEntry
+from .progress import Progress
+from .store import RunStore, run_label
+from .targets import Target, target_for
+
+__all__ = ["Experiment", "Generation", "SkipRecorder", "intercept_generations", "budget_skips", "check_before_run"]
+
+
+def budget_skips(budget: float, steps: int) -> int:
+    """Skipped steps for a budget fraction: ``max(1, round(budget * steps))``, as ``taocache bench``."""
+    return max(1, int(math.floor(budget * steps + 0.5)))
+
+
+class SkipRecorder(Callback):
+    """Which calls of one generation were skipped: answered without the model (TaoCache) or with the
+    block stack bypassed (TeaCache). Put it after the caches on the hook."""
+
+    def __init__(self, block_caches: Sequence[BlockStackCache] = ()):
+        self.block_caches = list(block_caches)
+        self.calls = 0
+        self.skipped: List[Tuple[int, str]] = []  # (step, streams joined by '+')
+        self._reused = 0
+
+    def on_after_call(self, hook, call, output) -> None:
+        self.calls += 1
+        reused = sum(c.reused for c in self.block_caches)
+        if not call.computed or reused > self._reused:
+            self.skipped.append((call.step, "+".join(call.streams)))
+        self._reused = reused
+
+
+@dataclass
+class Generation:
+    """One generation's video ``[B, C, F, H, W]`` (float32, CPU) and its cost."""
+
+    video: torch.Tensor
+    seconds: float  # wall time of the generation call (CUDA-synchronised on GPU)
+    calls: int
+    skipped: List[Tuple[int, str]] = field(default_factory=list)
+
+    def record(self) -> Dict[str, Any]:
+        return {"seconds": round(self.seconds, 6), "calls": self.calls, "skipped_calls": len(self.skipped),
+                "skipped_fraction": len(self.skipped) / self.calls if self.calls else 0.0,
+                "skipped_schedule": [list(s) for s in self.skipped]}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig) -> Tuple[bool, str]:
+    """Whether the experiment calibrates on its calibration prompts, and why."""
+    if "teacache" in config.methods:
+        return True, "teacache's polynomial"
+    if "taocache" not in config.methods:
+        return False, ""
+    from ..lut import CalibrationLUT
+
+    path = tao.lut_path()
+    if path is None:
+        return True, "taocache's LUT (the TaoCache config names no lut:)"
+    if not path.is_file():
+        return True, f"taocache's LUT ({path} does not exist)"
+    have = CalibrationLUT.load(path).num_prompts
+    if have < tao.calibration.prompts:
+        return True, f"taocache's LUT ({path} holds {have} of {tao.calibration.prompts} prompts)"
+    return False, ""
+
+
+def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
+    """What can be said before the script loads a model."""
+    try:
+        target = target_for(tao.integration)
+    except ValueError as exc:
+        raise ConfigError(config.source, "taocache" if config.taocache else "integration", str(exc)) from None
+    if "teacache" in config.methods and target.tea_probe is None:
+        raise ConfigError(config.source, "methods", f"teacache is not yet available for the {tao.integration!r} "
+                                                    f"integration: {target.tea_source}")
+    needed, why = _needs_calibration(config, tao)
+    if needed and config.calibration_prompts is None:
+        raise ConfigError(config.source, "calibration_prompts", f"{why} needs calibration prompts")
+
+
+class Experiment:
+    """The experiment run on the script's first generation call (see the module docstring)."""
+
+    def __init__(self, config: ExperimentConfig, tao: TaoCacheConfig, script_argv: List[str]):
+        self.config, self.tao, self.script_argv = config, tao, list(script_argv)
+        self.store = RunStore(config.output_dir)
+        self.target: Target = target_for(tao.integration)
+        self.finished = False
+        self.calibration_seconds = 0.0
+        self.thresholds: Dict[str, Dict[str, float]] = {}
+        self.plans: Dict[str, Dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ one generation
+    def _arguments_for(self, entry: PromptEntry) -> inspect.BoundArguments:
+        bound = self._bound
+        replaced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
+        prompt, seed = self.target.prompt_arg, self.target.seed_arg
+        batched = isinstance(bound.arguments[prompt], (list, tuple))
+        replaced.arguments[prompt] = [entry.prompt] if batched else entry.prompt
+        replaced.arguments[seed] = [entry.seed] if isinstance(bound.arguments[seed], (list, tuple)) else entry.seed
+        return replaced
+
+    def generate(self, callbacks: Sequence[Callback], entry: PromptEntry) -> Generation:
+        """``entry`` through the script's generation function with ``callbacks`` on a fresh hook."""
+        recorder = SkipRecorder([cb for cb in callbacks if isinstance(cb, BlockStackCache)])
+        hook = DenoiserHook(self.loop, [*callbacks, recorder], **self.hook_kwargs)
+        arguments = self._arguments_for(entry)
+        with hook.attach(self.model):
+            hook.new_sample()
+            _sync()
+            start = time.perf_counter()
+            result = self.patch.original(*arguments.args, **arguments.kwargs)
+            _sync()
+            seconds = time.perf_counter() - start
+        return Generation(self.target.video(result), seconds, recorder.calls, recorder.skipped)
+
+    # ------------------------------------------------------------------ the experiment
+    def run(self, patch: GenerationPatch, bound: inspect.BoundArguments) -> None:
+        self.patch, self._bound = patch, bound
+        arguments = dict(bound.arguments)
+        for name in (self.target.prompt_arg, self.target.seed_arg):
+            if name not in arguments:
+                raise ConfigError(self.config.source, "taocache", f"{patch.target()} has no argument {name!r}; "
+                                  "the compare target of this integration does not fit the script")
+        self.model = unwrap_model(patch.model_of(arguments))
+        self.loop, attach_kwargs = patch.loop_of(arguments)
+        check_declared_loop(self.tao, self.loop, patch.target())
+        self.hook_kwargs = {k: v for k, v in attach_kwargs.items() if k in ("timestep_arg",)}
+        self.identity = patch.identity_of(arguments, self.model) if patch.identity_of else identity_of_model(self.model)
+        self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration,
+                                     "loop": self.loop.describe(),
+                                     "model": {k: str(v) for k, v in sorted(self.identity.items())}})
+        evaluation = self.config.evaluation_prompts()
+        calibration = self.config.calibration_list()
+        steps = self.loop.steps
+        runs = [("full", 0, e) for e in evaluation] + [
+            (m, budget_skips(b, steps), e) for b in self.config.budgets for m in self.config.cached_methods
+            for e in evaluation]
+        needed, why = _needs_calibration(self.config, self.tao)
+        calibrated = self.store.state("calibration") is not None
+        total = len(runs) + (len(calibration) if needed else 0)
+        done = sum(self.store.has(run_label(m, s, steps), e) for m, s, e in runs) + (
+            len(calibration) if needed and calibrated else 0)
+        self.progress = Progress(total, done)
+        messages.notice(f"compare: {len(evaluation)} prompts x ({', '.join(self.config.methods)}) x "
+                        f"{len(self.config.budgets)} budgets, {self.loop.describe()}; {done} of {total} runs "
+                        f"already in {self.store.folder}")
+        lut, coefficients = self._calibration(calibration, needed, why)
+        for method, skips, entry in runs:
+            label = run_label(method, skips, steps)
+            if self.store.has(label, entry):
+                continue
+            callbacks = self._callbacks(method, skips, lut, coefficients, calibration)
+            generation = self.generate(callbacks, entry)
+            record = {"method": method, "skips": skips, "steps": steps, **generation.record(),
+                      **self.thresholds.get(label, {}), **self.plans.get(label, {})}
+            self.store.save(label, entry, generation.video, record)
+            self.progress.advance(f"{label}, {entry.prompt!r} seed {entry.seed}")
+        self.finished = True
+
+    def _calibration(self, prompts: List[PromptEntry], needed: bool, why: str):
+        """``(LUT or None, TeaCache coefficients or None)``: recorded on the calibration prompts, or the
+        TaoCache config's complete LUT."""
+        from ..calibration import CalibrationRecorder
+        from ..lut import CalibrationLUT
+        from ..taocache import check_run
+        from ..teacache import TeaCacheCalibrator
+
+        lut_file = self.store.folder / "state" / "calibration_lut.safetensors"
+        if not needed:
+            if "taocache" not in self.config.methods:
+                return None, None
+            lut = CalibrationLUT.load(self.tao.lut_path())
+            check_run(self.tao, lut, self.loop, self.identity)
+            return lut, None
+        state = self.store.state("calibration")
+        if state is not None and lut_file.is_file():
+            return CalibrationLUT.load(lut_file), state.get("tea_coefficients")
+        messages.notice(f"compare: calibrating {why} on {len(prompts)} calibration prompts (full-step)")
+        recorder = CalibrationRecorder(self.tao.model_id, self.tao.calibration.sampler, identity=self.identity)
+        tea = None
+        callbacks: List[Callback] = [recorder]
+        if "teacache" in self.config.methods:
+            tea = TeaCacheCalibrator(probe=self.target.tea_probe(), blocks=self.target.blocks)
+            callbacks.append(tea)
+        start = time.perf_counter()
+        with DenoiserHook(self.loop, callbacks, **self.hook_kwargs).attach(self.model) as hook:
+            for entry in prompts:
+                hook.new_sample()
+                arguments = self._arguments_for(entry)
+                self.patch.original(*arguments.args, **arguments.kwargs)
+                self.progress.advance(f"calibration, {entry.prompt!r} seed {entry.seed}")
+        lut = recorder.lut()
+        from ..io import atomic_write_bytes
+
+        atomic_write_bytes(lut_file, lut.to_bytes())
+        coefficients = tea.fit() if tea is not None else None
+        self.store.put_state("calibration", {"tea_coefficients": coefficients, "prompts": len(prompts),
+                                             "seconds": round(time.perf_counter() - start, 3)})
+        return lut, coefficients
+
+    def _callbacks(self, method: str, skips: int, lut, coefficients, calibration: List[PromptEntry]) -> List[Callback]:
+        steps = self.loop.steps
+        label = run_label(method, skips, steps)
+        if method == "full":
+            return []
+        if method == "taocache":
+            from ..extrapolation import TaoCacheCallback
+            from ..taocache import make_plan
+
+            plan_config = dataclasses.replace(self.tao.plan, budget=skips, window=None, skip_steps=None)
+            plan = make_plan(plan_config, steps, self.loop.streams, lut)
+            self.plans[label] = {"window": list(plan.window) if plan.window else None}
+            return [TaoCacheCallback(plan, lut.timesteps, max_norm_ratio=self.tao.plan.max_norm_ratio)]
+        if method == "teacache":
+            from ..teacache import TeaCacheCallback
+
+            probe = self.target.tea_probe()
+
+            def make(threshold: float) -> List[Callback]:
+                return [TeaCacheCallback(threshold, coefficients, probe=probe, blocks=self.target.blocks)]
+
+            found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
+            return make(found["threshold"])
+        raise ValueError(f"unknown method {method!r}")
+
+    def _threshold(self, label: str, make: Callable[[float], List[Callback]], prompts: List[PromptEntry],
+                   target: float) -> Dict[str, float]:
+        """The threshold whose skipped fraction on ``prompts`` is closest to ``target`` (bench's search),
+        kept in the store."""
+        from ..evaluation.methods import match_threshold
+
+        if label in self.thresholds:
+            return self.thresholds[label]
+        saved = self.store.state("thresholds") or {}
+        if label not in saved:
+            messages.notice(f"compare: {label}: searching the threshold for {100 * target:.1f}% skipped calls on "
+                            f"{len(prompts)} calibration prompts")
+
+            def measure(callbacks: List[Callback]) -> float:
+                runs = [self.generate(callbacks, entry) for entry in prompts]
+                return sum(len(r.skipped) for r in runs) / max(1, sum(r.calls for r in runs))
+
+            threshold, fraction = match_threshold(make, measure, target, iterations=self.config.search_iterations)
+            if abs(fraction - target) > 0.5 / self.loop.steps:
+                messages.warning(f"compare: {label}: the closest threshold found ({threshold:.6g}) skips "
+                                 f"{100 * fraction:.1f}% of the calls on the calibration prompts, not "
+                                 f"{100 * target:.1f}%")
+            saved = {**(self.store.state("thresholds") or {}),
+                     label: {"threshold": threshold, "search_fraction": fraction}}
+            self.store.put_state("thresholds", saved)
+        self.thresholds[label] = saved[label]
+        return saved[label]
+
+
+@contextlib.contextmanager
+def intercept_generations(experiment: Experiment) -> Iterator[None]:
+    """While active, the first generation call any integration patch wraps runs ``experiment``
+    instead, then the script exits with status 0 (``SystemExit``)."""
+    from .. import integration
+
+    original = GenerationPatch.__call__
+
+    def call(patch: GenerationPatch, args: tuple, kwargs: dict) -> Any:
+        integration._calls += 1  # the launcher's "the integration never fired" check counts it
+        bound = patch.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if patch.enabled is not None and not patch.enabled(dict(bound.arguments)):
+            return patch.original(*args, **kwargs)
+        experiment.run(patch, bound)
+        raise SystemExit(0)
+
+    GenerationPatch.__call__ = call
+    try:
+        yield
+    finally:
+        GenerationPatch.__call__ = original

@@ -1,0 +1,79 @@
+"""The resumable run store of ``taocache compare``: one file per finished generation.
+
+    OUTPUT/experiment.json                       what was run (script arguments, loop); a different
+                                                 experiment in the same folder is an error
+    OUTPUT/runs/full/<key>.safetensors           the full-step reference of one (prompt, seed)
+    OUTPUT/runs/teacache@4of50/<key>.safetensors a method at a budget (4 of 50 steps)
+    OUTPUT/state/<name>.json                     calibration results, matched thresholds
+
+Each run file holds the video (``video``, ``[B, C, F, H, W]`` float32 in [-1, 1]) and its record
+(wall time, calls, skipped calls) as JSON metadata. Files are written atomically, so a killed
+experiment leaves only finished entries; a run whose file exists is never computed again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from ..config import ConfigError
+from ..io import atomic_write_bytes
+from .experiment import PromptEntry
+
+__all__ = ["RunStore", "run_label", "entry_key"]
+
+
+def run_label(method: str, skips: int = 0, steps: int = 0) -> str:
+    """``full`` or ``METHOD@SKIPSofSTEPS``: a method at a budget."""
+    return "full" if method == "full" else f"{method}@{skips}of{steps}"
+
+
+def entry_key(entry: PromptEntry) -> str:
+    """A file name for a (prompt, seed) pair: stable across reorderings of the prompt list."""
+    return hashlib.sha1(f"{entry.prompt}\0{entry.seed}".encode()).hexdigest()[:16]
+
+
+class RunStore:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def run_path(self, label: str, entry: PromptEntry) -> Path:
+        return self.folder / "runs" / label / f"{entry_key(entry)}.safetensors"
+
+    def has(self, label: str, entry: PromptEntry) -> bool:
+        return self.run_path(label, entry).is_file()
+
+    def save(self, label: str, entry: PromptEntry, video: torch.Tensor, record: Dict[str, Any]) -> None:
+        from safetensors.torch import save
+
+        meta = {"record": json.dumps({**record, "prompt": entry.prompt, "seed": entry.seed})}
+        atomic_write_bytes(self.run_path(label, entry), save({"video": video.contiguous()}, metadata=meta))
+
+    def load(self, label: str, entry: PromptEntry) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.run_path(label, entry)), framework="pt") as f:
+            return f.get_tensor("video"), json.loads(f.metadata()["record"])
+
+    def state(self, name: str) -> Optional[Any]:
+        path = self.folder / "state" / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put_state(self, name: str, value: Any) -> None:
+        atomic_write_bytes(self.folder / "state" / f"{name}.json", json.dumps(value, indent=1).encode())
+
+    def check_experiment(self, fingerprint: Dict[str, Any]) -> None:
+        """Record what this folder's runs are of; a folder holding another experiment's runs is an error."""
+        path = self.folder / "experiment.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            changed = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+            if changed:
+                k = changed[0]
+                raise ConfigError(str(path), k, f"this output folder holds runs made with {k} = {old.get(k)!r}, this "
+                                  f"experiment has {fingerprint.get(k)!r}; use another output folder (or delete it)")
+            return
+        atomic_write_bytes(path, json.dumps(fingerprint, indent=1).encode())

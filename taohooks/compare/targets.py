@@ -1,0 +1,65 @@
+"""What ``taocache compare`` needs to know of each integration's generation function.
+
+The integration's :class:`~taohooks.integration.GenerationPatch` already finds the model and the
+loop; a target adds where the prompt and the seed go, how to read the video from the function's
+return value, and the block stack and TeaCache proxy (``None``: TeaCache is not available there
+yet, because the proxy its authors use is not implemented for that integration).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+__all__ = ["Target", "TARGETS", "target_for"]
+
+
+def _batch_of_clips(result: Any) -> torch.Tensor:
+    """The testbed samplers: ``[B, 3, F, H, W]`` in [-1, 1]."""
+    return result
+
+
+def _single_video(result: Any) -> torch.Tensor:
+    """Wan2.1's ``generate``: one decoded video ``[3, F, H, W]`` in [-1, 1] (``None`` on ranks > 0)."""
+    if result is None:
+        raise ValueError("the generation returned None (Wan2.1 returns the video on rank 0 only)")
+    return result.unsqueeze(0)
+
+
+def _testbed_probe():
+    from ..evaluation.testbed_model import modulated_input
+
+    return modulated_input
+
+
+@dataclass
+class Target:
+    prompt_arg: str
+    seed_arg: str
+    video_of: Callable[[Any], torch.Tensor]  # return value -> [B, C, F, H, W], values in [-1, 1]
+    blocks: str = "blocks"
+    tea_probe: Optional[Callable[[], Callable]] = None  # makes TeaCache's proxy; None: not yet
+    tea_source: str = ""  # where the proxy (and its use) comes from
+
+    def video(self, result: Any) -> torch.Tensor:
+        video = self.video_of(result)
+        if not isinstance(video, torch.Tensor) or video.dim() != 5:
+            raise ValueError(f"expected the generation to return a video tensor, got {type(result).__name__}"
+                             + (f" of shape {tuple(video.shape)}" if isinstance(video, torch.Tensor) else ""))
+        return video.detach().to("cpu", torch.float32).contiguous()
+
+
+TARGETS: Dict[str, Target] = {
+    "testbed": Target("prompts", "seeds", _batch_of_clips, "blocks", _testbed_probe,
+                      "the first block's timestep-modulated input, as taocache bench"),
+    "wan": Target("input_prompt", "seed", _single_video, "blocks", None,
+                  "Wan2.1's TeaCache proxy (the timestep embedding, published coefficients) is issue 14 item 6"),
+}
+
+
+def target_for(integration: str) -> Target:
+    if integration not in TARGETS:
+        raise ValueError(f"taocache compare does not support the {integration!r} integration yet "
+                         f"(available: {', '.join(TARGETS)})")
+    return TARGETS[integration]

@@ -1,0 +1,292 @@
+"""taocache compare (issue 14, first slice): experiment YAML checks, metrics, and an experiment end
+to end through the launcher on examples/sample_testbed.py (in-process; 10 steps, 2 prompts)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from taohooks import cli  # noqa: E402
+from taohooks.compare import load_experiment  # noqa: E402
+from taohooks.compare.scoring import score  # noqa: E402
+from taohooks.config import ConfigError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "examples" / "sample_testbed.py"
+STEPS = 10
+
+EXPERIMENT = """\
+integration: testbed
+model_id: testbed-flow
+prompts:
+  - {prompt: "a red circle moving left, with a static green dot", seed: 10000}
+  - {prompt: "a green square moving up, with a static blue dot", seed: 10001}
+calibration_prompts:
+  - {prompt: "a red square moving left, with a static blue dot", seed: 1000}
+  - {prompt: "a green circle moving down, with a static yellow dot", seed: 1001}
+  - {prompt: "a yellow square moving right", seed: 1002}
+search_prompts: 1
+search_iterations: 4
+methods: [full, taocache, teacache]
+budgets: [0.2, 0.3]
+output: out
+lpips: false
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: two spin against each other on a loaded 2-core machine (5x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------- the experiment YAML
+@pytest.mark.parametrize("change, key, message", [
+    (("budgets:", "budjets:"), "budjets", "did you mean 'budgets'"),
+    (("methods: [full, taocache, teacache]", "methods: [full, magcache]"), "methods[1]", "not yet available"),
+    (("methods: [full, taocache, teacache]", "methods: [full, teacahce]"), "methods[1]", "did you mean 'teacache'"),
+    (("budgets: [0.2, 0.3]", "budgets: [0.2, 1.5]"), "budgets[1]", "expected a fraction of the steps in (0, 1)"),
+    (("integration: testbed", "integration: testbed\ntaocache: t.yaml"), "taocache", "not both"),
+    (("integration: testbed", "integration: wann"), "integration", "did you mean 'wan'"),
+    (("search_prompts: 1", "search_prompts: one"), "search_prompts", "expected an integer"),
+])
+def test_bad_experiment_names_file_key_and_expectation(tmp_path, change, key, message):
+    path = write(tmp_path, EXPERIMENT.replace(*change))
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert info.value.key == key and message in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\n# only a comment\n\n", "holds no prompt"),
+    (b"a red circle\n\xff\xfe\n", "not UTF-8 text: byte 13"),
+    (b"a red circle moving left\t7\nsomething\na red circle moving left\t7\n", "prompt 3 repeats prompt 1"),
+    (b"a red circle moving left\tseven\n", "line 1: the seed after the tab must be an integer, got 'seven'"),
+])
+def test_bad_prompt_file(tmp_path, content, message):
+    (tmp_path / "prompts.txt").write_bytes(content)
+    path = write(tmp_path, EXPERIMENT.replace("prompts:\n  - {prompt: \"a red circle moving left, with a static "
+                                              "green dot\", seed: 10000}\n  - {prompt: \"a green square moving up, "
+                                              "with a static blue dot\", seed: 10001}\n", "prompts: prompts.txt\n"))
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert message in str(info.value) and str(tmp_path / "prompts.txt") in str(info.value)
+
+
+def test_prompt_file_seeds_and_overlap_with_calibration(tmp_path):
+    (tmp_path / "p.txt").write_text("# eval\na red circle moving left\t7\na red square moving down\n")
+    text = EXPERIMENT.replace("prompts:\n  - {prompt: \"a red circle moving left, with a static green dot\", "
+                              "seed: 10000}\n  - {prompt: \"a green square moving up, with a static blue dot\", "
+                              "seed: 10001}\n", "prompts: p.txt\nseed: 3\n")
+    config = load_experiment(write(tmp_path, text))
+    assert [(e.prompt, e.seed) for e in config.evaluation_prompts()] == [("a red circle moving left", 7),
+                                                                         ("a red square moving down", 3)]
+    overlap = text.replace("seed: 1002}", "seed: 1002}\n  - {prompt: a red square moving down, seed: 3}")
+    with pytest.raises(ConfigError, match=r"calibration_prompts: 1 \(prompt, seed\) pair\(s\) are also evaluation"):
+        load_experiment(write(tmp_path, overlap))
+    with pytest.raises(ConfigError, match=r"calibration_prompts\[0\]\.promt: unknown key; did you mean "
+                                          r"'calibration_prompts\[0\].prompt'"):
+        load_experiment(write(tmp_path, text.replace("{prompt: \"a red square moving left", "{promt: \"a red square "
+                                                                                            "moving left")))
+
+
+def test_errors_come_before_the_script_runs(tmp_path, capsys):
+    never = write(tmp_path, "raise SystemExit('the script ran')\n", "never.py")
+    path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, easycache]"))
+    assert cli.main(["compare", str(path), "--", str(never)]) == 1
+    err = capsys.readouterr().err
+    assert "taocache compare: error:" in err and "methods[1]: 'easycache' is not yet available" in err
+    wan = write(tmp_path, EXPERIMENT.replace("integration: testbed", "integration: wan"), "wan.yaml")
+    assert cli.main(["compare", str(wan), "--", str(never)]) == 1
+    assert "teacache is not yet available for the 'wan' integration" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_psnr_conventions_side_by_side():
+    reference = torch.zeros(1, 3, 2, 16, 16)
+    video = reference.clone()
+    video[:, :, 1] += 0.2  # frame 1: +0.1 in [0, 1], MSE 0.01 -> 20 dB; frame 0 identical
+    s = score(video, reference)
+    assert s["psnr"] == pytest.approx((100 + 20) / 2)  # per-frame mean, identical frame capped at 100 dB
+    assert s["psnr_pooled"] == pytest.approx(10 * torch.log10(torch.tensor(1 / 0.005, dtype=torch.float64)).item())
+    assert s["psnr_changed"] == pytest.approx(20.0)
+    assert (s["identical_frames"], s["frames"], s["lpips"]) == (1, 2, None)
+    assert s["ssim"] < 1.0
+    same = score(reference, reference)
+    assert (same["psnr"], same["psnr_pooled"], same["psnr_changed"], same["ssim"]) == (100.0, 100.0, None, 1.0)
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.fixture
+def launcher_state(monkeypatch):
+    """What the launcher changes in this process (sys.argv, sys.path[0], TAOHOOKS_CONFIG, the patch)."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delenv("TAOHOOKS_CONFIG", raising=False)
+    yield
+    from taohooks.testbed import integration
+
+    integration.uninstall()
+
+
+def compare(path: Path) -> int:
+    return cli.main(["compare", str(path), "--", str(SCRIPT), "--model", "flow", "--steps", str(STEPS),
+                     "--out", str(path.parent / "never.png")])
+
+
+def stable(results: dict) -> list:
+    """The records without wall times (they vary between runs)."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in results["records"]]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, one_thread):
+    """One uninterrupted experiment: (folder, results, stderr)."""
+    tmp_path = tmp_path_factory.mktemp("compare")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sys, "argv", list(sys.argv))
+    mp.setattr(sys, "path", list(sys.path))
+    mp.delenv("TAOHOOKS_CONFIG", raising=False)
+    import io
+
+    err = io.StringIO()
+    mp.setattr(sys, "stderr", err)
+    try:
+        assert compare(write(tmp_path, EXPERIMENT)) == 0, err.getvalue()
+    finally:
+        mp.undo()
+        from taohooks.testbed import integration
+
+        integration.uninstall()
+    return tmp_path / "out", json.loads((tmp_path / "out" / "results.json").read_text()), err.getvalue()
+
+
+def test_end_to_end_records_and_captured_videos(finished):
+    from taohooks.compare.store import RunStore
+    from taohooks.testbed import sampling
+    from taohooks.testbed.model import VideoDiT
+
+    out, results, stderr = finished
+    records = results["records"]
+    assert [(r["method"], r["skips"]) for r in records[:5]] == [("full", 0), ("taocache", 2), ("teacache", 2),
+                                                                 ("taocache", 3), ("teacache", 3)]
+    assert len(records) == 10 and len(results["aggregates"]) == 4
+    assert "compare: [####################] 13/13 runs" in stderr  # 3 calibration + 2 references + 8 runs
+    model = VideoDiT.from_pretrained(Path(sampling.__file__).parent / "weights" / "flow.safetensors")
+    store = RunStore(out)
+    for entry, record in zip(load_experiment(out.parent / "exp.yaml").evaluation_prompts(), records[::5]):
+        video, _ = store.load("full", entry)  # the generation's own return value, one (prompt, seed) each
+        assert torch.equal(video, sampling.sample(model, [entry.prompt], [entry.seed], steps=STEPS))
+        assert record["prompt"] == entry.prompt and record["calls"] == 2 * STEPS
+    for r in records:
+        if r["method"] == "taocache":  # the window's steps, both streams, exactly the budget
+            first, last = r["window"]
+            assert r["skipped_calls"] == 2 * r["skips"] and last - first + 1 == r["skips"]
+            assert sorted(r["skipped_schedule"]) == sorted([s, st] for s in range(first, last + 1)
+                                                           for st in ("cond", "uncond"))
+        if r["method"] != "full":
+            video, _ = store.load(f"{r['method']}@{r['skips']}of{STEPS}", next(
+                e for e in load_experiment(out.parent / "exp.yaml").evaluation_prompts() if e.prompt == r["prompt"]))
+            reference, _ = store.load("full", next(e for e in load_experiment(out.parent / "exp.yaml")
+                                                   .evaluation_prompts() if e.prompt == r["prompt"]))
+            from taohooks.metrics import psnr, ssim
+
+            assert r["psnr"] == float(psnr(video, reference).mean())  # bench's metric code, same values
+            assert r["ssim"] == float(ssim(video, reference).mean())
+            assert 0 < r["skipped_calls"] < r["calls"] and r["psnr"] < 100
+    thresholds = json.loads((out / "state" / "thresholds.json").read_text())
+    assert set(thresholds) == {"teacache@2of10", "teacache@3of10"}
+    assert (out / "results.md").read_text().count("| taocache |") == 2
+
+
+def test_second_invocation_recomputes_nothing(finished, launcher_state, capsys):
+    out, results, _ = finished
+    files = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")}
+    assert compare(out.parent / "exp.yaml") == 0
+    err = capsys.readouterr().err
+    assert "13 of 13 runs already in" in err and "compare: [" not in err and "searching" not in err
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")} == files
+    assert stable(json.loads((out / "results.json").read_text())) == stable(results)
+
+
+def test_killed_experiment_resumes_to_the_same_results(finished, tmp_path, launcher_state, monkeypatch, capsys):
+    from taohooks.compare.store import RunStore
+
+    saves = {"n": 0}
+    original = RunStore.save
+
+    def save_then_die(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        saves["n"] += 1
+        if saves["n"] == 4:  # the 2 references and 2 taocache runs are stored
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunStore, "save", save_then_die)
+    path = write(tmp_path, EXPERIMENT)
+    import shutil  # killed after the calibration and the threshold search (their results kept, as a run does)
+
+    shutil.copytree(finished[0] / "state", tmp_path / "out" / "state")
+    with pytest.raises(KeyboardInterrupt):
+        compare(path)
+    assert len(list((tmp_path / "out" / "runs").rglob("*.safetensors"))) == 4
+    assert not (tmp_path / "out" / "results.json").exists()
+    monkeypatch.setattr(RunStore, "save", original)
+    from taohooks.testbed import integration
+
+    integration.uninstall()
+    capsys.readouterr()
+    assert compare(path) == 0
+    err = capsys.readouterr().err
+    assert "7 of 13 runs already in" in err and "searching" not in err  # 3 calibration runs + 4 stored runs
+    assert "] 8/13 runs" in err and "] 7/13 runs" not in err  # the first run made again: the 5th stored
+    assert stable(json.loads((tmp_path / "out" / "results.json").read_text())) == stable(finished[1])
+
+
+def test_report_rebuilds_from_results_json(finished, tmp_path, capsys):
+    out, results, _ = finished
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert cli.main(["compare", "--report", str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+
+
+def test_numbers_agree_with_taocache_bench(finished):
+    """bench's own calibration, threshold search, runs and scorer on the same pairs (one per batch, as
+    compare runs them) give the same thresholds, skip counts and metric values."""
+    from taohooks.evaluation.bench import _Scorer
+    from taohooks.evaluation.methods import MethodSettings, build_method, calibrate, run_with
+    from taohooks.evaluation.testbed_model import TestbedModel
+    from taohooks.testbed.data import Prompt
+
+    out, results, _ = finished
+    config = load_experiment(out.parent / "exp.yaml")
+    pairs = [(Prompt.from_text(e.prompt), e.seed) for e in config.evaluation_prompts()]
+    cal_pairs = [(Prompt.from_text(e.prompt), e.seed) for e in config.calibration_list()]
+    tm = TestbedModel.load("flow", STEPS)
+    cal = calibrate(tm, cal_pairs, 1)
+    reference = run_with(tm, [], pairs, 1)
+    scorer = _Scorer(reference.clips, [p for p, _ in pairs], use_lpips=False)
+    settings = MethodSettings(search_iterations=config.search_iterations)
+    for row in results["aggregates"]:
+        built = build_method(row["method"], tm, cal, row["skips"], cal_pairs[:config.search_prompts], 1, settings)
+        run = run_with(tm, built.callbacks, pairs, 1)
+        bench = scorer(run.clips)
+        assert row["skipped_fraction"] == run.skipped_fraction
+        assert row["psnr"] == pytest.approx(bench["psnr"], rel=1e-12)
+        assert row["ssim"] == pytest.approx(bench["ssim"], rel=1e-12)
+        assert row.get("threshold") == built.info.get("threshold")
+        assert row.get("window") == (list(built.info["window"]) if "window" in built.info else None)
