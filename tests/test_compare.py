@@ -290,3 +290,50 @@ def test_numbers_agree_with_taocache_bench(finished):
         assert row["ssim"] == pytest.approx(bench["ssim"], rel=1e-12)
         assert row.get("threshold") == built.info.get("threshold")
         assert row.get("window") == (list(built.info["window"]) if "window" in built.info else None)
+
+
+WAN = ROOT / "tests" / "fixtures" / "official_like" / "wan" / "generate.py"
+WAN_EXPERIMENT = """\
+integration: wan
+model_id: wan2.1-t2v-1.3B
+prompts:
+  - {prompt: "Two cats boxing on a spotlighted stage.", seed: 0}
+  - {prompt: "A red panda eating bamboo.", seed: 1}
+calibration_prompts: ["A boat on a lake at dawn.", "A city street in the rain."]
+seed: 100
+methods: [full, taocache]
+budgets: [0.2]
+output: out
+lpips: false
+"""
+
+
+def test_wan_stand_in_end_to_end(tmp_path):
+    """Through the Wan2.1 call-contract script (one cold process): the captured reference is the video
+    the script itself returns for that prompt and seed; TaoCache skips its window in both streams."""
+    import subprocess
+
+    path = write(tmp_path, WAN_EXPERIMENT)
+    args = ["--task", "t2v-1.3B", "--prompt", "ignored", "--sample_steps", "10", "--sample_guide_scale", "5.0"]
+    plain = [str(WAN), *args, "--prompt", "Two cats boxing on a spotlighted stage.", "--base_seed", "0",
+             "--save_file", str(tmp_path / "plain.pt")]
+    code = (f"import runpy, sys; sys.argv = {plain!r}; sys.path.insert(0, {str(WAN.parent)!r}); "
+            f"runpy.run_path({str(WAN)!r}, run_name='__main__'); sys.argv = ['taocache']; "
+            f"from taohooks import cli; sys.exit(cli.main(['compare', {str(path)!r}, '--', {str(WAN)!r}, *{args!r}]))")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["method"], r["skips"], r["seed"]) for r in results["records"]] == [
+        ("full", 0, 0), ("taocache", 2, 0), ("full", 0, 1), ("taocache", 2, 1)]
+    from taohooks.compare.store import RunStore
+
+    entry = load_experiment(path).evaluation_prompts()[0]
+    video, _ = RunStore(tmp_path / "out").load("full", entry)
+    assert torch.equal(video[0], torch.load(tmp_path / "plain.pt"))  # WanT2V.generate's return value
+    tao = results["records"][1]
+    first, last = tao["window"]
+    assert tao["calls"] == 20 and sorted(tao["skipped_schedule"]) == [[s, st] for s in (first, last)
+                                                                       for st in ("cond", "uncond")]
+    assert "calibrating taocache's LUT (the TaoCache config names no lut:) on 2 calibration prompts" in res.stderr

@@ -8,9 +8,9 @@ Videos are ``[B, C, F, H, W]`` in [-1, 1] (mapped to [0, 1], data range 1, as
 - ``psnr_pooled``: one MSE pooled over all frames of the video, then PSNR (capped at 100 dB);
 - ``psnr_changed``: per-frame PSNR averaged over the frames that differ from the reference
   (MSE >= 1e-10) only; ``None`` when every frame is identical;
-- ``ssim``: per-frame SSIM (11x11 Gaussian window) averaged; ``lpips``: AlexNet v0.1 per frame,
-  averaged, ``None`` without the converted weights; ``identical_frames``: frames equal to the
-  reference (MSE < 1e-10).
+- ``ssim``: per-frame SSIM (11x11 Gaussian window) averaged, ``None`` for frames smaller than the
+  window; ``lpips``: AlexNet v0.1 per frame, averaged, ``None`` without the converted weights or
+  for videos without 3 channels; ``identical_frames``: frames equal to the reference (MSE < 1e-10).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from ..metrics.video import check_video_pair, to_unit_range, video_frames
 
 __all__ = ["score", "IDENTICAL_MSE"]
 
+SSIM_WINDOW = 11  # taohooks.metrics.ssim's default window (pixels)
 IDENTICAL_MSE = 10.0 ** (-PSNR_CAP_DB / 10.0)  # a frame below this MSE counts as identical (100 dB)
 
 
@@ -40,8 +41,9 @@ def score(video: torch.Tensor, reference: torch.Tensor, lpips_model: Optional[An
         "psnr": float(psnr(video, reference).mean()),
         "psnr_pooled": float(pooled.mean()),
         "psnr_changed": sum(changed_means) / len(changed_means) if changed_means else None,
-        "ssim": float(ssim(video, reference).mean()),
-        "lpips": None if lpips_model is None else float(lpips_video(video, reference, lpips_model).mean()),
+        "ssim": float(ssim(video, reference).mean()) if min(video.shape[-2:]) >= SSIM_WINDOW else None,
+        "lpips": None if lpips_model is None or video.shape[1] != 3 else
+        float(lpips_video(video, reference, lpips_model).mean()),
         "identical_frames": int((~changed).sum()),
         "frames": int(mse.numel()),
     }
