@@ -209,6 +209,12 @@ def test_end_to_end_records_and_captured_videos(finished):
             assert r["psnr"] == float(psnr(video, reference).mean())  # bench's metric code, same values
             assert r["ssim"] == float(ssim(video, reference).mean())
             assert 0 < r["skipped_calls"] < r["calls"] and r["psnr"] < 100
+    for r in records:  # per stream: the two streams skip together in all three methods here
+        assert r["skipped_per_stream"] == ({} if r["method"] == "full" else
+                                           {"cond": r["skipped_calls"] // 2, "uncond": r["skipped_calls"] // 2})
+        assert r["peak_memory_bytes"] is None  # CPU
+    for name in ("quality_vs_speedup.png", "skip_schedule.png", "strip.png"):
+        assert (out / name).stat().st_size > 1000, name
     thresholds = json.loads((out / "state" / "thresholds.json").read_text())
     assert set(thresholds) == {"teacache@2of10", "teacache@3of10"}
     assert (out / "results.md").read_text().count("| taocache |") == 2
@@ -262,6 +268,10 @@ def test_report_rebuilds_from_results_json(finished, tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert cli.main(["compare", "--report", str(tmp_path)]) == 0
     assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+    assert (tmp_path / "quality_vs_speedup.png").is_file() and (tmp_path / "skip_schedule.png").is_file()
+    (tmp_path / "results.json").write_text("[]")
+    assert cli.main(["compare", "--report", str(tmp_path)]) == 1
+    assert "not a taocache compare results file" in capsys.readouterr().err
 
 
 def test_numbers_agree_with_taocache_bench(finished):

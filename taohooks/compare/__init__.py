@@ -6,6 +6,7 @@
 - :mod:`.runner`: the experiment, run on the script's first generation call;
 - :mod:`.scoring`: metrics of one generation against its reference;
 - :mod:`.report`: ``results.json`` and ``results.md``;
+- :mod:`.plots`: quality vs speedup, the skip schedule, the side-by-side strip;
 - :mod:`.command`: the command (launcher, then report).
 """
 from .experiment import ExperimentConfig, PromptEntry, load_experiment

@@ -2,7 +2,8 @@
 
 Checks the experiment (and its prompt lists) before the script starts, runs the script once
 through the launcher (``taohooks.run``) with the experiment intercepting its first generation,
-then scores the stored runs and writes ``results.json`` / ``results.md`` in the output folder.
+then scores the stored runs and writes ``results.json`` / ``results.md`` and the pictures of
+:mod:`taohooks.compare.plots` in the output folder.
 """
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import sys
 from pathlib import Path
 from typing import List, Tuple
 
+import torch
 import yaml
 
 from ..config import ConfigError, TaoCacheConfig, load_config
 from ..io import atomic_write_bytes, check_writable
 from .experiment import ExperimentConfig, load_experiment
+from .plots import write_plots, write_strip
 from .report import build_results, load_results, markdown_table, write_results
 from .runner import Experiment, check_before_run, intercept_generations
 
@@ -64,14 +67,31 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
             "teacache_proxy": experiment.target.tea_source if "teacache" in config.methods else None}
     results = build_results(config, experiment.store, experiment.loop.steps, meta)
     write_results(config.output_dir, results)
+    pictures = [p.name for p in write_plots(results, config.output_dir)]
+    if _strip(config, experiment):
+        pictures.append("strip.png")
     print(markdown_table(results))
-    print(f"wrote {config.output_dir}/results.json and results.md")
+    print(f"wrote {config.output_dir}/results.json, results.md" + "".join(f", {p}" for p in pictures))
     return 0
+
+
+def _strip(config: ExperimentConfig, experiment: Experiment, prompts: int = 2) -> bool:
+    """``strip.png``: the first prompts, full-step and each method at the largest budget."""
+    from .runner import budget_skips
+    from .store import run_label
+
+    entries = config.evaluation_prompts()[:prompts]
+    steps = experiment.loop.steps
+    skips = budget_skips(max(config.budgets), steps) if config.budgets else 0
+    labels = {"full": "full"} | {f"{m} {skips}/{steps}": run_label(m, skips, steps) for m in config.cached_methods}
+    videos = {name: torch.cat([experiment.store.load(label, e)[0] for e in entries]) for name, label in labels.items()}
+    return write_strip(videos, config.output_dir / "strip.png")
 
 
 def rebuild_report(folder: str) -> int:
     """``results.md`` again from ``results.json`` alone."""
     results = load_results(folder)
     atomic_write_bytes(Path(folder) / "results.md", markdown_table(results).encode())
+    write_plots(results, folder)
     print(markdown_table(results))
     return 0

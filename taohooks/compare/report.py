@@ -56,6 +56,10 @@ def build_results(config: ExperimentConfig, store: RunStore, steps: int, meta: D
         aggregates.append({"method": method, "budget": skips / steps, "skips": skips, "steps": steps,
                            "prompts": len(rows), "speedup": full_seconds / seconds if seconds else None,
                            "skipped_fraction": _mean([r["skipped_fraction"] for r in rows]),
+                           "skipped_per_stream": {s: _mean([r["skipped_per_stream"].get(s, 0) for r in rows])
+                                                  for s in dict.fromkeys(k for r in rows
+                                                                         for k in r["skipped_per_stream"])},
+                           "peak_memory_bytes": max((r["peak_memory_bytes"] or 0 for r in rows), default=0) or None,
                            **{k: _mean([r[k] for r in rows]) for k in METRICS},
                            **{k: rows[0][k] for k in ("threshold", "search_fraction", "window") if k in rows[0]}})
     meta = {**meta, "lpips": "AlexNet v0.1" if lpips_model is not None else None,

@@ -20,9 +20,10 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -72,14 +73,25 @@ class Generation:
     calls: int
     skipped: List[Tuple[int, str]] = field(default_factory=list)
 
+    peak_memory_bytes: Optional[int] = None  # CUDA only
+
     def record(self) -> Dict[str, Any]:
+        per_stream: Dict[str, int] = {}
+        for _, streams in self.skipped:
+            for stream in streams.split("+"):
+                per_stream[stream] = per_stream.get(stream, 0) + 1
         return {"seconds": round(self.seconds, 6), "calls": self.calls, "skipped_calls": len(self.skipped),
                 "skipped_fraction": len(self.skipped) / self.calls if self.calls else 0.0,
-                "skipped_schedule": [list(s) for s in self.skipped]}
+                "skipped_per_stream": per_stream, "skipped_schedule": [list(s) for s in self.skipped],
+                "peak_memory_bytes": self.peak_memory_bytes}
+
+
+def _on_cuda() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _on_cuda():
         torch.cuda.synchronize()
 
 
@@ -111,6 +123,9 @@ def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
     if "teacache" in config.methods and target.tea_probe is None:
         raise ConfigError(config.source, "methods", f"teacache is not yet available for the {tao.integration!r} "
                                                     f"integration: {target.tea_source}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(config.source, "", "taocache compare under torchrun (WORLD_SIZE > 1) is not yet "
+                                             "available (issue 14); run it in one process")
     needed, why = _needs_calibration(config, tao)
     if needed and config.calibration_prompts is None:
         raise ConfigError(config.source, "calibration_prompts", f"{why} needs calibration prompts")
@@ -146,11 +161,14 @@ class Experiment:
         with hook.attach(self.model):
             hook.new_sample()
             _sync()
+            if _on_cuda():
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             result = self.patch.original(*arguments.args, **arguments.kwargs)
             _sync()
             seconds = time.perf_counter() - start
-        return Generation(self.target.video(result), seconds, recorder.calls, recorder.skipped)
+        peak = torch.cuda.max_memory_allocated() if _on_cuda() else None
+        return Generation(self.target.video(result), seconds, recorder.calls, recorder.skipped, peak)
 
     # ------------------------------------------------------------------ the experiment
     def run(self, patch: GenerationPatch, bound: inspect.BoundArguments) -> None:
@@ -171,9 +189,9 @@ class Experiment:
         evaluation = self.config.evaluation_prompts()
         calibration = self.config.calibration_list()
         steps = self.loop.steps
-        runs = [("full", 0, e) for e in evaluation] + [
-            (m, budget_skips(b, steps), e) for b in self.config.budgets for m in self.config.cached_methods
-            for e in evaluation]
+        # per prompt: the reference, then each method x budget, so that full-step and cached runs alternate
+        runs = [run for e in evaluation for run in [("full", 0, e)] + [
+            (m, budget_skips(b, steps), e) for b in self.config.budgets for m in self.config.cached_methods]]
         needed, why = _needs_calibration(self.config, self.tao)
         calibrated = self.store.state("calibration") is not None
         total = len(runs) + (len(calibration) if needed else 0)

@@ -1,0 +1,93 @@
+"""Pictures of a ``taocache compare`` run (matplotlib / Pillow; skipped silently without them).
+
+- ``quality_vs_speedup.png``: PSNR and SSIM against the measured speedup, one line per method
+  (points in budget order); from ``results.json`` alone.
+- ``skip_schedule.png``: which steps each method x budget skipped, rows x steps, the shade the
+  fraction of that step's calls skipped over all prompts and streams; from ``results.json`` alone.
+- ``strip.png``: the first prompts' videos side by side, full-step first, then each method at the
+  largest budget (up to 4 frames each); needs the stored runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+__all__ = ["write_plots", "write_strip"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def write_plots(results: Dict[str, Any], folder) -> List[Path]:
+    """The two plots from ``results.json``'s content; returns the files written."""
+    plt = _pyplot()
+    rows = results["aggregates"]
+    if plt is None or not rows:
+        return []
+    folder, written = Path(folder), []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
+        for ax, key in zip(axes, ("psnr", "ssim")):
+            pts = [(r["speedup"], r[key]) for r in points if r["speedup"] is not None and r[key] is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    for ax, label in zip(axes, ("PSNR (dB) vs full-step", "SSIM vs full-step")):
+        ax.set_xlabel("measured speedup")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"quality vs speedup: {results['meta'].get('integration', '')}, {results['meta'].get('loop', '')}")
+    fig.tight_layout()
+    fig.savefig(folder / "quality_vs_speedup.png", dpi=110)
+    plt.close(fig)
+    written.append(folder / "quality_vs_speedup.png")
+
+    records = [r for r in results["records"] if r["method"] != "full"]
+    labels = list(dict.fromkeys((r["method"], r["skips"]) for r in records))
+    steps = records[0]["steps"] if records else 0
+    if labels and steps:
+        grid = torch.zeros(len(labels), steps)
+        for i, (method, skips) in enumerate(labels):
+            mine = [r for r in records if (r["method"], r["skips"]) == (method, skips)]
+            for r in mine:
+                for step, _ in r["skipped_schedule"]:
+                    grid[i, step] += 1.0
+            grid[i] /= max(1, sum(r["calls"] for r in mine) / steps)  # calls per step, over prompts
+        fig, ax = plt.subplots(figsize=(max(6, steps * 0.18), 0.4 * len(labels) + 1.2))
+        ax.imshow(grid.numpy(), aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks(range(len(labels)), [f"{m} {s}/{steps}" for m, s in labels])
+        ax.set_xlabel("step (black: every call of the step skipped)")
+        fig.tight_layout()
+        fig.savefig(folder / "skip_schedule.png", dpi=110)
+        plt.close(fig)
+        written.append(folder / "skip_schedule.png")
+    return written
+
+
+def write_strip(videos: Dict[str, torch.Tensor], path: Path, frames: int = 4) -> bool:
+    """``videos``: name -> ``[N, 3, F, H, W]`` in [-1, 1] (same N); one row per name, up to ``frames``
+    evenly spaced frames of each video (bench's strip). False if Pillow is missing or not RGB."""
+    from ..evaluation.bench import write_strip as bench_strip
+
+    first = next(iter(videos.values()))
+    if first.shape[1] != 3:
+        return False
+    f = first.shape[2]
+    keep = torch.linspace(0, f - 1, min(frames, f)).round().long()
+    scale = 3 if first.shape[-1] <= 64 else 1
+    try:
+        import PIL  # noqa: F401
+    except ImportError:  # pragma: no cover
+        return False
+    bench_strip({k: v[:, :, keep] for k, v in videos.items()}, Path(path), scale=scale)
+    return True
