@@ -347,3 +347,14 @@ def test_wan_stand_in_end_to_end(tmp_path):
     assert tao["calls"] == 20 and sorted(tao["skipped_schedule"]) == [[s, st] for s in (first, last)
                                                                        for st in ("cond", "uncond")]
     assert "calibrating taocache's LUT (the TaoCache config names no lut:) on 2 calibration prompts" in res.stderr
+
+
+def test_changed_calibration_prompts_are_refused_on_resume(finished, tmp_path, launcher_state, capsys):
+    import shutil
+
+    shutil.copytree(finished[0] / "state", tmp_path / "out" / "state")
+    path = write(tmp_path, EXPERIMENT.replace("seed: 1002}", "seed: 1003}"))
+    assert compare(path) == 2  # the launcher's one-line error, before any generation ran
+    err = capsys.readouterr().err
+    assert "calibration_prompts: " in err and "was calibrated on other calibration prompts" in err
+    assert not (tmp_path / "out" / "runs").exists()

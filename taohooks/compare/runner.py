@@ -230,7 +230,13 @@ class Experiment:
             check_run(self.tao, lut, self.loop, self.identity)
             return lut, None
         state = self.store.state("calibration")
+        used = [[e.prompt, e.seed] for e in prompts]
         if state is not None and lut_file.is_file():
+            if state.get("calibration_prompts") != used:
+                raise ConfigError(self.config.source, "calibration_prompts", f"{self.store.folder} was calibrated on "
+                                  f"other calibration prompts ({len(state.get('calibration_prompts') or [])} pairs, "
+                                  f"this experiment lists {len(used)}); its runs would mix two calibrations: use "
+                                  "another output folder (or delete it)")
             return CalibrationLUT.load(lut_file), state.get("tea_coefficients")
         messages.notice(f"compare: calibrating {why} on {len(prompts)} calibration prompts (full-step)")
         recorder = CalibrationRecorder(self.tao.model_id, self.tao.calibration.sampler, identity=self.identity)
@@ -251,7 +257,7 @@ class Experiment:
 
         atomic_write_bytes(lut_file, lut.to_bytes())
         coefficients = tea.fit() if tea is not None else None
-        self.store.put_state("calibration", {"tea_coefficients": coefficients, "prompts": len(prompts),
+        self.store.put_state("calibration", {"tea_coefficients": coefficients, "calibration_prompts": used,
                                              "seconds": round(time.perf_counter() - start, 3)})
         return lut, coefficients
 
@@ -289,6 +295,12 @@ class Experiment:
         if label in self.thresholds:
             return self.thresholds[label]
         saved = self.store.state("thresholds") or {}
+        search = {"search_prompts": [[e.prompt, e.seed] for e in prompts],
+                  "search_iterations": self.config.search_iterations}
+        if label in saved and {k: saved[label].get(k) for k in search} != search:
+            raise ConfigError(self.config.source, "search_prompts", f"{self.store.folder} holds the {label} threshold "
+                              "matched with other search prompts or search_iterations; use another output folder "
+                              "(or delete it)")
         if label not in saved:
             messages.notice(f"compare: {label}: searching the threshold for {100 * target:.1f}% skipped calls on "
                             f"{len(prompts)} calibration prompts")
@@ -303,9 +315,9 @@ class Experiment:
                                  f"{100 * fraction:.1f}% of the calls on the calibration prompts, not "
                                  f"{100 * target:.1f}%")
             saved = {**(self.store.state("thresholds") or {}),
-                     label: {"threshold": threshold, "search_fraction": fraction}}
+                     label: {"threshold": threshold, "search_fraction": fraction, **search}}
             self.store.put_state("thresholds", saved)
-        self.thresholds[label] = saved[label]
+        self.thresholds[label] = {k: saved[label][k] for k in ("threshold", "search_fraction")}
         return saved[label]
 
 
