@@ -302,50 +302,73 @@ def test_numbers_agree_with_taocache_bench(finished):
         assert row.get("window") == (list(built.info["window"]) if "window" in built.info else None)
 
 
-WAN = ROOT / "tests" / "fixtures" / "official_like" / "wan" / "generate.py"
-WAN_EXPERIMENT = """\
-integration: wan
-model_id: wan2.1-t2v-1.3B
+FIXTURES = ROOT / "tests" / "fixtures" / "official_like"
+WAN = FIXTURES / "wan" / "generate.py"
+LATTE = FIXTURES / "latte" / "sample" / "sample_t2x.py"
+OFFICIAL_LIKE_EXPERIMENT = """\
+integration: {integration}
 prompts:
-  - {prompt: "Two cats boxing on a spotlighted stage.", seed: 0}
-  - {prompt: "A red panda eating bamboo.", seed: 1}
+  - {{prompt: "Two cats boxing on a spotlighted stage.", seed: 0}}
+  - {{prompt: "A red panda eating bamboo.", seed: 1}}
 calibration_prompts: ["A boat on a lake at dawn.", "A city street in the rain."]
 seed: 100
 methods: [full, taocache]
 budgets: [0.2]
-output: out
+output: {output}
 lpips: false
+"""
+DRIVER = """\
+import runpy, sys
+from taohooks import cli
+sys.argv = {plain!r}
+sys.path.insert(0, {wan_dir!r})
+runpy.run_path({wan!r}, run_name="__main__")  # the script itself: the video its generate returns
+for exp, script in {runs!r}:
+    sys.argv = ["taocache"]
+    code = cli.main(["compare", exp, "--", *script])
+    if code:
+        sys.exit(code)
 """
 
 
-def test_wan_stand_in_end_to_end(tmp_path):
-    """Through the Wan2.1 call-contract script (one cold process): the captured reference is the video
-    the script itself returns for that prompt and seed; TaoCache skips its window in both streams."""
+def test_official_like_scripts_end_to_end(tmp_path):
+    """Through the Wan2.1 and Latte call-contract scripts (one cold process): Wan's captured reference
+    is the video generate returns for that prompt and seed; TaoCache skips its window in every
+    stream; Latte (no seed argument: torch's RNG seeded per run) gives the same references twice."""
     import subprocess
 
-    path = write(tmp_path, WAN_EXPERIMENT)
-    args = ["--task", "t2v-1.3B", "--prompt", "ignored", "--sample_steps", "10", "--sample_guide_scale", "5.0"]
-    plain = [str(WAN), *args, "--prompt", "Two cats boxing on a spotlighted stage.", "--base_seed", "0",
-             "--save_file", str(tmp_path / "plain.pt")]
-    code = (f"import runpy, sys; sys.argv = {plain!r}; sys.path.insert(0, {str(WAN.parent)!r}); "
-            f"runpy.run_path({str(WAN)!r}, run_name='__main__'); sys.argv = ['taocache']; "
-            f"from taohooks import cli; sys.exit(cli.main(['compare', {str(path)!r}, '--', {str(WAN)!r}, *{args!r}]))")
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert [(r["method"], r["skips"], r["seed"]) for r in results["records"]] == [
-        ("full", 0, 0), ("taocache", 2, 0), ("full", 0, 1), ("taocache", 2, 1)]
     from taohooks.compare.store import RunStore
 
-    entry = load_experiment(path).evaluation_prompts()[0]
-    video, _ = RunStore(tmp_path / "out").load("full", entry)
-    assert torch.equal(video[0], torch.load(tmp_path / "plain.pt"))  # WanT2V.generate's return value
-    tao = results["records"][1]
-    first, last = tao["window"]
-    assert tao["calls"] == 20 and sorted(tao["skipped_schedule"]) == [[s, st] for s in (first, last)
-                                                                       for st in ("cond", "uncond")]
+    wan_args = ["--task", "t2v-1.3B", "--prompt", "ignored", "--sample_steps", "10", "--sample_guide_scale", "5.0"]
+    plain = [str(WAN), *wan_args, "--prompt", "Two cats boxing on a spotlighted stage.", "--base_seed", "0",
+             "--save_file", str(tmp_path / "plain.pt")]
+    (tmp_path / "sample.yaml").write_text(json.dumps(dict(  # Latte's own config file (YAML, written as JSON)
+        num_sampling_steps=10, guidance_scale=7.5, seed=0, save_path=str(tmp_path / "videos"),
+        text_prompt=["x"], video_length=4, image_size=[16, 16])))
+    runs = []
+    for name, script in (("wan", [str(WAN), *wan_args]), ("latte", [str(LATTE), "--config", "sample.yaml"]),
+                         ("latte2", [str(LATTE), "--config", "sample.yaml"])):
+        text = OFFICIAL_LIKE_EXPERIMENT.format(integration=name.rstrip("2"), output=f"out_{name}")
+        runs.append((str(write(tmp_path, text, f"{name}.yaml")), script))
+    driver = write(tmp_path, DRIVER.format(plain=plain, wan_dir=str(WAN.parent), wan=str(WAN), runs=runs), "d.py")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
+    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    entries = load_experiment(tmp_path / "wan.yaml").evaluation_prompts()
+    for name, calls, streams in (("wan", 20, [["cond"], ["uncond"]]), ("latte", 10, [["uncond+cond"]])):
+        results = json.loads((tmp_path / f"out_{name}" / "results.json").read_text())
+        assert [(r["method"], r["skips"], r["seed"]) for r in results["records"]] == [
+            ("full", 0, 0), ("taocache", 2, 0), ("full", 0, 1), ("taocache", 2, 1)]
+        tao = results["records"][1]
+        first, last = tao["window"]
+        assert tao["calls"] == calls and sorted(tao["skipped_schedule"]) == [[s, *st] for s in (first, last)
+                                                                          for st in streams]
+        assert tao["psnr"] >= 30  # a late window of these smooth stand-in models costs little
+    wan_reference, _ = RunStore(tmp_path / "out_wan").load("full", entries[0])
+    assert torch.equal(wan_reference[0], torch.load(tmp_path / "plain.pt"))  # WanT2V.generate's return value
+    latte = [[RunStore(tmp_path / out).load("full", e)[0] for e in entries] for out in ("out_latte", "out_latte2")]
+    assert all(torch.equal(a, b) for a, b in zip(*latte)) and not torch.equal(latte[0][0], latte[0][1])
     assert "calibrating taocache's LUT (the TaoCache config names no lut:) on 2 calibration prompts" in res.stderr
 
 

@@ -145,12 +145,17 @@ class Experiment:
 
     # ------------------------------------------------------------------ one generation
     def _arguments_for(self, entry: PromptEntry) -> inspect.BoundArguments:
+        """The first call's arguments with ``entry``'s prompt and seed (seeds torch's RNG when the
+        generation function takes no seed); call right before the generation."""
         bound = self._bound
         replaced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
         prompt, seed = self.target.prompt_arg, self.target.seed_arg
         batched = isinstance(bound.arguments[prompt], (list, tuple))
         replaced.arguments[prompt] = [entry.prompt] if batched else entry.prompt
-        replaced.arguments[seed] = [entry.seed] if isinstance(bound.arguments[seed], (list, tuple)) else entry.seed
+        if seed is not None:
+            replaced.arguments[seed] = [entry.seed] if isinstance(bound.arguments[seed], (list, tuple)) else entry.seed
+        else:  # the script seeds the global RNG once; each (prompt, seed) run is seeded alike
+            torch.manual_seed(entry.seed)
         return replaced
 
     def generate(self, callbacks: Sequence[Callback], entry: PromptEntry) -> Generation:
@@ -175,7 +180,7 @@ class Experiment:
         self.patch, self._bound = patch, bound
         arguments = dict(bound.arguments)
         for name in (self.target.prompt_arg, self.target.seed_arg):
-            if name not in arguments:
+            if name is not None and name not in arguments:
                 raise ConfigError(self.config.source, "taocache", f"{patch.target()} has no argument {name!r}; "
                                   "the compare target of this integration does not fit the script")
         self.model = unwrap_model(patch.model_of(arguments))

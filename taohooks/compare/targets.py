@@ -27,6 +27,18 @@ def _single_video(result: Any) -> torch.Tensor:
     return result.unsqueeze(0)
 
 
+def _pipeline_video(result: Any) -> torch.Tensor:
+    """Latte's / Open-Sora-Plan's pipelines: ``.video`` (or ``[0]`` with ``return_dict=False``); the
+    official ones decode to uint8 ``[B, F, H, W, C]`` (mapped to [-1, 1], ``[B, C, F, H, W]``); a float
+    5-D tensor (latents, the call-contract fixtures) is taken as ``[B, C, F, H, W]``."""
+    video = getattr(result, "video", None)
+    if video is None and isinstance(result, (tuple, list)) and result:
+        video = result[0]
+    if isinstance(video, torch.Tensor) and video.dtype == torch.uint8 and video.dim() == 5:
+        return video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    return video
+
+
 def _testbed_probe():
     from ..evaluation.testbed_model import modulated_input
 
@@ -36,7 +48,7 @@ def _testbed_probe():
 @dataclass
 class Target:
     prompt_arg: str
-    seed_arg: str
+    seed_arg: Optional[str]  # None: the script seeds torch's global RNG; torch.manual_seed(seed) before each run
     video_of: Callable[[Any], torch.Tensor]  # return value -> [B, C, F, H, W], values in [-1, 1]
     blocks: str = "blocks"
     tea_probe: Optional[Callable[[], Callable]] = None  # makes TeaCache's proxy; None: not yet
@@ -55,6 +67,10 @@ TARGETS: Dict[str, Target] = {
                       "the first block's timestep-modulated input, as taocache bench"),
     "wan": Target("input_prompt", "seed", _single_video, "blocks", None,
                   "Wan2.1's TeaCache proxy (the timestep embedding, published coefficients) is issue 14 item 6"),
+    "latte": Target("prompt", None, _pipeline_video, "transformer_blocks", None,
+                    "Latte's TeaCache (TeaCache's eval coefficients) is issue 14 item 6"),
+    "opensora_plan": Target("prompt", None, _pipeline_video, "transformer_blocks", None,
+                            "Open-Sora-Plan's TeaCache (TeaCache's eval coefficients) is issue 14 item 6"),
 }
 
 
