@@ -381,3 +381,13 @@ def test_changed_calibration_prompts_are_refused_on_resume(finished, tmp_path, l
     err = capsys.readouterr().err
     assert "calibration_prompts: " in err and "was calibrated on other calibration prompts" in err
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_budgets_that_round_alike_and_a_script_without_generation(tmp_path, launcher_state, capsys):
+    path = write(tmp_path, EXPERIMENT.replace("budgets: [0.2, 0.3]", "budgets: [0.2, 0.24]"))
+    assert compare(path) == 2  # said at the first generation call, when the step count is known
+    assert "budgets[1]: 0.24 of 10 steps is 2 skipped steps, as 0.2 is" in capsys.readouterr().err
+    idle = write(tmp_path, "print('no generation here')\n", "idle.py")
+    assert cli.main(["compare", str(write(tmp_path, EXPERIMENT)), "--", str(idle)]) == 1
+    err = capsys.readouterr().err
+    assert f"taocache compare: error: {idle} ended without a generation call the 'testbed' integration" in err

@@ -194,6 +194,13 @@ class Experiment:
         evaluation = self.config.evaluation_prompts()
         calibration = self.config.calibration_list()
         steps = self.loop.steps
+        skips = [budget_skips(b, steps) for b in self.config.budgets]
+        for i, n in enumerate(skips):
+            if n in skips[:i] or n >= steps:
+                other = self.config.budgets[skips.index(n)]
+                raise ConfigError(self.config.source, f"budgets[{i}]", f"{self.config.budgets[i]} of {steps} steps "
+                                  + (f"is {n} skipped steps, as {other} is" if n in skips[:i] else "skips every step")
+                                  + f" ({self.loop.describe()}); give budgets that differ by at least 1/{steps}")
         # per prompt: the reference, then each method x budget, so that full-step and cached runs alternate
         runs = [run for e in evaluation for run in [("full", 0, e)] + [
             (m, budget_skips(b, steps), e) for b in self.config.budgets for m in self.config.cached_methods]]
