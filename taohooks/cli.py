@@ -380,7 +380,7 @@ def _cmd_compare(args) -> int:
         return rebuild_report(args.report)
     if not args.experiment:
         raise ValueError("name the experiment YAML (or --report FOLDER), e.g. taocache compare "
-                         "configs/compare_testbed.yaml -- examples/sample_testbed.py --steps 50")
+                         "configs/compare/testbed.yaml -- examples/sample_testbed.py --steps 50")
     return run_compare(args.experiment, list(args.script))
 
 
@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="full-step vs cached methods at matched budgets through the sample script: "
                                        "metrics, time, results.json/results.md (resumable)")
-    p.add_argument("experiment", nargs="?", help="experiment YAML (see configs/compare_testbed.yaml)")
+    p.add_argument("experiment", nargs="?", help="experiment YAML (see configs/compare/testbed.yaml)")
     p.add_argument("--report", metavar="FOLDER", help="rebuild results.md from FOLDER/results.json alone")
     p.add_argument("script", nargs="*", help="after --: SCRIPT.py [the script's own arguments]")
     p.set_defaults(func=_cmd_compare)

@@ -137,7 +137,8 @@ def launcher_state(monkeypatch):
     """What the launcher changes in this process (sys.argv, sys.path[0], TAOHOOKS_CONFIG, the patch)."""
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.delenv("TAOHOOKS_CONFIG", raising=False)
+    monkeypatch.setenv("TAOHOOKS_CONFIG", "")  # recorded, so that the launcher's value is undone
+    monkeypatch.delenv("TAOHOOKS_CONFIG")
     yield
     from taohooks.testbed import integration
 
@@ -161,7 +162,8 @@ def finished(tmp_path_factory, one_thread):
     mp = pytest.MonkeyPatch()
     mp.setattr(sys, "argv", list(sys.argv))
     mp.setattr(sys, "path", list(sys.path))
-    mp.delenv("TAOHOOKS_CONFIG", raising=False)
+    mp.setenv("TAOHOOKS_CONFIG", "")  # recorded, so that the launcher's value is undone
+    mp.delenv("TAOHOOKS_CONFIG")
     import io
 
     err = io.StringIO()
@@ -391,3 +393,14 @@ def test_budgets_that_round_alike_and_a_script_without_generation(tmp_path, laun
     assert cli.main(["compare", str(write(tmp_path, EXPERIMENT)), "--", str(idle)]) == 1
     err = capsys.readouterr().err
     assert f"taocache compare: error: {idle} ended without a generation call the 'testbed' integration" in err
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "compare").glob("*.yaml")))
+def test_shipped_experiments_load(name):
+    from taohooks.compare.command import taocache_config_of
+    from taohooks.compare.runner import check_before_run
+
+    config = load_experiment(ROOT / "configs" / "compare" / name)
+    assert config.output_dir.resolve().parent == (ROOT / "out").resolve()
+    if config.taocache is not None:  # (an inline one would write OUTPUT/taocache.yaml)
+        check_before_run(config, taocache_config_of(config)[1])

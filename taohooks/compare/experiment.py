@@ -129,7 +129,7 @@ def load_experiment(path) -> ExperimentConfig:
     """Read and check an experiment YAML, its prompt lists included."""
     data = read_yaml(path)
     if data is None:
-        raise ConfigError(str(path), "", "empty experiment file; see configs/compare_testbed.yaml")
+        raise ConfigError(str(path), "", "empty experiment file; see configs/compare/testbed.yaml")
     config = dataclass_from_dict(ExperimentConfig, data, str(path))
     config.source = str(path)
     evaluation, calibration = config.evaluation_prompts(), config.calibration_list()
