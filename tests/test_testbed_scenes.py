@@ -158,3 +158,23 @@ def test_sensitivity_measurement_runs_on_a_tiny_model():
     assert set(out["skip"]) == {"1", "3"} and all(v < 100.0 for v in out["skip"].values())
     assert len(out["cosine_by_step"]) == 5 and out["cosine_by_step"][0] is None
     assert -1.0 <= out["late_cosine"] <= 1.0
+
+
+# ---------------------------------------------------------------- exact-score control
+def test_exact_control_denoises_to_its_components():
+    from taohooks.testbed.scenes_exact import ExactSceneDenoiser
+
+    model = ExactSceneDenoiser(per_prompt=4, tau=0.05)
+    p = scenes.eval_pairs(1)[0][0]
+    m, _ = model.components(p.ids())
+    assert m.shape == (4, 3 * 8 * 32 * 32)
+    s = 0.02
+    noise = torch.randn(1, 3, 8, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = (1 - s) * m[2].float().view(1, 3, 8, 32, 32) + s * noise
+    v = model(x, torch.tensor([s * 1000.0]), torch.from_numpy(scenes.prompt_ids([p])))
+    x0 = (x - s * v).double().flatten()  # the posterior mean: all weight on component 2, then
+    c = (1 - s) * 0.05 ** 2 / ((1 - s) ** 2 * 0.05 ** 2 + s ** 2)  # the Gaussian's pull towards x
+    assert torch.allclose(x0, m[2] + c * s * noise.double().flatten(), atol=1e-4)
+    clips = scenes_sampling.sample_flow(model, [p], [10_000], steps=10, guidance=1.0)
+    nearest = ((m - clips[0].double().flatten()) ** 2).mean(1).min()
+    assert nearest < 0.01 and scenes_recognizer.recognize(clips[0], p).ok

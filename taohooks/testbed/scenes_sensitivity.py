@@ -30,6 +30,7 @@ import torch
 
 from ..evaluation.methods import MethodSettings, build_method, calibrate, run_with
 from ..evaluation.testbed_model import TestbedModel
+from ..loop import LoopSpec
 from ..metrics import psnr
 from ..residual import ResidualSkipCallback
 from . import scenes, scenes_recognizer, scenes_sampling
@@ -42,6 +43,11 @@ class SceneTestbedModel(TestbedModel):
 
     __test__ = False
     guidance: float = 5.0
+
+    def loop(self) -> LoopSpec:
+        if self.prediction == "flow" and self.guidance <= 1.0:
+            return LoopSpec(self.steps, ("cond",))  # no CFG: one call per step
+        return super().loop()
 
     def sample(self, pairs: Sequence[Tuple[object, int]], noise: torch.Tensor = None) -> torch.Tensor:
         prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
@@ -102,7 +108,10 @@ def measure(tm: SceneTestbedModel, n: int, skip_steps: Sequence[int], noise_chan
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", help="a scenes checkpoint")
+    p.add_argument("--exact", type=int, default=None, metavar="K",
+                   help="instead of --weights: the exact-score control with K clips per prompt (scenes_exact)")
+    p.add_argument("--tau", type=float, default=0.05, help="--exact: width of each mixture component")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=5.0)
@@ -117,7 +126,13 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = VideoDiT.from_pretrained(args.weights)
+    if (args.weights is None) == (args.exact is None):
+        p.error("give --weights or --exact")
+    if args.exact is not None:
+        from .scenes_exact import ExactSceneDenoiser
+        model = ExactSceneDenoiser(args.exact, args.tau)
+    else:
+        model = VideoDiT.from_pretrained(args.weights)
     if model.config.height != scenes.HEIGHT or tuple(model.config.attribute_sizes) != scenes.ATTRIBUTE_SIZES:
         raise SystemExit(f"--weights {args.weights}: not a scenes checkpoint (height {model.config.height}, "
                          f"attribute_sizes {model.config.attribute_sizes}; expected {scenes.HEIGHT} and "
@@ -129,7 +144,7 @@ def main(argv=None):
         raise SystemExit(f"--skip-steps {bad}: expected steps in 1..{args.steps - 2}")
     result = measure(tm, args.n, steps, [float(e) for e in args.noise_change.split(",") if e], args.budget,
                      args.batch_size, args.search_pairs, args.search_iterations, args.calibration_pairs)
-    result["weights"] = args.weights
+    result["weights"] = args.weights if args.exact is None else model.describe()
     text = json.dumps(result, sort_keys=True)
     print(text, flush=True)
     if args.out:
