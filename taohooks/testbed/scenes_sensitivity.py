@@ -64,7 +64,7 @@ def perturbed_noise(pairs, change: float, seed: int = 0) -> torch.Tensor:
 
 def measure(tm: SceneTestbedModel, n: int, skip_steps: Sequence[int], noise_changes: Sequence[float],
             budget: float, batch_size: int, search_pairs: int, search_iterations: int, calibration_n: int = 8,
-            log=print) -> dict:
+            log=print, grid: str = None) -> dict:
     pairs = scenes.eval_pairs(n)
     prompts = [p for p, _ in pairs]
     start = time.time()
@@ -72,6 +72,11 @@ def measure(tm: SceneTestbedModel, n: int, skip_steps: Sequence[int], noise_chan
     out = {"n": n, "steps": tm.steps, "guidance": tm.guidance,
            "accuracy": scenes_recognizer.accuracy(reference, prompts)}
     log(f"full step: accuracy {out['accuracy']['overall']:.3f} ({time.time() - start:.0f}s)")
+    if grid:
+        from .grid import save_grid
+        labels = [f"{p.text} [{'ok' if scenes_recognizer.recognize(c, p).ok else 'miss'}]"
+                  for c, p in zip(reference[:8], prompts)]
+        save_grid(reference[:8], grid, labels=labels, scale=2)
 
     def score(clips):
         return round(float(psnr(clips, reference).mean()), 2)
@@ -124,6 +129,7 @@ def main(argv=None):
     p.add_argument("--search-iterations", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--grid", default=None, help="write a PNG of the first 8 full-step clips here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if (args.weights is None) == (args.exact is None):
@@ -132,7 +138,10 @@ def main(argv=None):
         from .scenes_exact import ExactSceneDenoiser
         model = ExactSceneDenoiser(args.exact, args.tau)
     else:
-        model = VideoDiT.from_pretrained(args.weights)
+        try:
+            model = VideoDiT.from_pretrained(args.weights)
+        except Exception as e:
+            raise SystemExit(f"--weights {args.weights}: cannot load a testbed checkpoint ({type(e).__name__}: {e})")
     if model.config.height != scenes.HEIGHT or tuple(model.config.attribute_sizes) != scenes.ATTRIBUTE_SIZES:
         raise SystemExit(f"--weights {args.weights}: not a scenes checkpoint (height {model.config.height}, "
                          f"attribute_sizes {model.config.attribute_sizes}; expected {scenes.HEIGHT} and "
@@ -143,7 +152,7 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"--skip-steps {bad}: expected steps in 1..{args.steps - 2}")
     result = measure(tm, args.n, steps, [float(e) for e in args.noise_change.split(",") if e], args.budget,
-                     args.batch_size, args.search_pairs, args.search_iterations, args.calibration_pairs)
+                     args.batch_size, args.search_pairs, args.search_iterations, args.calibration_pairs, grid=args.grid)
     result["weights"] = args.weights if args.exact is None else model.describe()
     text = json.dumps(result, sort_keys=True)
     print(text, flush=True)
