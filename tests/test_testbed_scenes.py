@@ -178,3 +178,14 @@ def test_exact_control_denoises_to_its_components():
     clips = scenes_sampling.sample_flow(model, [p], [10_000], steps=10, guidance=1.0)
     nearest = ((m - clips[0].double().flatten()) ** 2).mean(1).min()
     assert nearest < 0.01 and scenes_recognizer.recognize(clips[0], p).ok
+
+
+def test_eps_loop_is_one_batched_call_per_step():
+    torch.manual_seed(0)
+    model = VideoDiT(train_scenes.scenes_config("eps", dim=32, depth=1, heads=2)).eval()
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(a[2][:, 0].tolist()))
+    pairs = scenes.eval_pairs(2)
+    out = scenes_sampling.sample_eps(model, [p for p, _ in pairs], [s for _, s in pairs], steps=3)
+    assert out.shape == (2, 3, 8, 32, 32) and model.config.out_channels == 6
+    assert len(calls) == 3 and calls[0][:2] == [-1, -1] and -1 not in calls[0][2:]  # cat([uncond, cond])
