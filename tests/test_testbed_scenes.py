@@ -189,3 +189,11 @@ def test_eps_loop_is_one_batched_call_per_step():
     out = scenes_sampling.sample_eps(model, [p for p, _ in pairs], [s for _, s in pairs], steps=3)
     assert out.shape == (2, 3, 8, 32, 32) and model.config.out_channels == 6
     assert len(calls) == 3 and calls[0][:2] == [-1, -1] and -1 not in calls[0][2:]  # cat([uncond, cond])
+
+
+def test_training_with_worker_processes_and_bf16(tmp_path):
+    out = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "2", "--workers", "1", "--bf16", "--out", str(out)])
+    summary = json.loads((tmp_path / "w.json").read_text())
+    assert summary["steps_done"] == 2 and summary["workers"] == 1 and summary["bf16"] is True
+    assert torch.isfinite(load_file(str(out))["final.linear.weight"].float()).all()
