@@ -118,3 +118,48 @@ def isolated_imports(paths: Iterable[Path], names: Iterable[str]) -> Iterator[No
     finally:
         sys.path[:] = saved_path
         drop()
+
+
+def script_definitions(path: Path, names: Iterable[str], namespace: dict) -> dict:
+    """Compile only the top-level definitions ``names`` (functions, classes, assignments) of the
+    script ``path`` into ``namespace``, and return it.
+
+    The official scripts' own argument handling (Wan's ``_parse_args``/``_validate_args``, its
+    ``str2bool``) runs as written, without the module's imports, which load every pipeline.
+    ``namespace`` supplies the names those definitions use. A name the script no longer defines is
+    an error: the test would otherwise check a stand-in."""
+    import ast
+
+    wanted, found = set(names), set()
+    body = []
+    for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in wanted:
+            body.append(node)
+            found.add(node.name)
+        elif isinstance(node, ast.Assign):
+            targets = {t.id for t in node.targets if isinstance(t, ast.Name)} & wanted
+            if targets:
+                body.append(node)
+                found |= targets
+    if wanted - found:
+        raise pytest.UsageError(f"{path} no longer defines {', '.join(sorted(wanted - found))}")
+    exec(compile(ast.Module(body=body, type_ignores=[]), str(path), "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+def in_process_launcher(monkeypatch):
+    """``taohooks.run.main`` (what ``taocache-run SCRIPT ... --taocache CONFIG`` runs), callable in
+    this process: what it changes for the script (``sys.argv``, ``sys.path[0]``, ``TAOHOOKS_CONFIG``)
+    is put back after the test, and taohooks' once-only messages are said once per test."""
+    import logging
+
+    from taohooks import messages
+    from taohooks.run import main
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.delenv("TAOHOOKS_CONFIG", raising=False)
+    monkeypatch.setattr(messages, "_seen", set())
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # a script's logging.basicConfig
+    return main

@@ -57,7 +57,8 @@ def load_latte():
     return pipeline_latte, latte_t2v
 
 
-def make_pipe(pipeline_latte, latte_t2v):
+def make_pipe(pipeline_latte, latte_t2v, scheduler=None):
+    """``scheduler`` defaults to the one ``sample_t2x.py`` builds for its default ``sample_method: DDIM``."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
     torch.manual_seed(0)
@@ -69,18 +70,19 @@ def make_pipe(pipeline_latte, latte_t2v):
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
                         layers_per_block=1).eval()
-    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
+    if scheduler is None:
+        scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
     return pipeline_latte.LattePipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                                         scheduler=scheduler)
 
 
-def call(pipe, guidance_scale=7.5, seed=0, **kw):
+def call(pipe, guidance_scale=7.5, seed=0, steps=STEPS, **kw):
     emb = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(1))
     neg = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return pipe(prompt=None, negative_prompt=None, prompt_embeds=emb, negative_prompt_embeds=neg,
-                    num_inference_steps=STEPS, guidance_scale=guidance_scale, video_length=4, height=64, width=64,
+                    num_inference_steps=steps, guidance_scale=guidance_scale, video_length=4, height=64, width=64,
                     generator=torch.Generator().manual_seed(seed), output_type="latents",
                     enable_temporal_attentions=True, mask_feature=True, **kw).video
 
