@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="full-step vs cached methods at matched budgets through the sample script: "
                                        "metrics, time, results.json/results.md (resumable)")
     p.add_argument("experiment", nargs="?", help="experiment YAML (see configs/compare/testbed.yaml)")
-    p.add_argument("--report", metavar="FOLDER", help="rebuild results.md from FOLDER/results.json alone")
+    p.add_argument("--report", metavar="FOLDER", help="rebuild results.md and the plots from FOLDER/results.json alone")
     p.add_argument("script", nargs="*", help="after --: SCRIPT.py [the script's own arguments]")
     p.set_defaults(func=_cmd_compare)
 
