@@ -27,7 +27,7 @@ from .loop import LoopSpec
 from .taocache import TaoCache
 
 __all__ = ["GenerationPatch", "IntegrationError", "PatchSet", "unwrap_model", "scheduler_calls", "batched_cfg_loop",
-           "require_modules", "script_sys_path", "pending_module_checks", "wrapped_calls", "check_declared_loop", "identity_of_model", "identity_of_pipeline"]
+           "require_modules", "script_options", "script_sys_path", "pending_module_checks", "wrapped_calls", "check_declared_loop", "identity_of_model", "identity_of_pipeline"]
 
 Arguments = Dict[str, Any]
 
@@ -85,6 +85,29 @@ def require_modules(integration: str, names, hint: str) -> None:
             _missing_modules.append((name, message))
             continue
         raise IntegrationError(message)
+
+
+def script_options(argv: List[str], options: Dict[str, Dict[str, Any]]) -> Optional[Any]:
+    """Read a research script's command line as its own ``argparse`` parser would, before it runs.
+
+    ``options`` maps every option of the script (``"--task"``) to its ``add_argument`` keywords; all
+    of them are needed, so that a shortened option (``--sample_sh 8``, argparse's default
+    ``allow_abbrev``) resolves as in the script. Returns the parsed namespace, or ``None`` when the
+    script's own parser would refuse the command line (it then says why itself)."""
+    import argparse
+
+    class Quiet(argparse.ArgumentParser):
+        def error(self, message):  # the script's own parser will say it; we only give up
+            raise ValueError(message)
+
+    parser = Quiet(add_help=False)
+    for name, keywords in options.items():
+        parser.add_argument(name, **keywords)
+    try:
+        args, _ = parser.parse_known_args(argv)
+    except (argparse.ArgumentError, SystemExit, ValueError):
+        return None
+    return args
 
 
 def scheduler_calls(scheduler: Any, steps: int, timesteps: Any = None) -> int:

@@ -260,3 +260,15 @@ def test_script_sys_path_additions_are_evaluated_without_running_anything(tmp_pa
     script.write_text("import os, sys\nsys.path.append(os.system('touch pwned') or 'y')\n")
     assert script_sys_path_additions(script) == ([], False)
     assert not Path("pwned").exists()
+
+
+def test_shortened_options_are_read_as_the_scripts_own_parsers_read_them():
+    """argparse takes unique prefixes (--sample_sh 8); the checks read them the same way, and leave a
+    command line the script's parser refuses (an ambiguous prefix) to the script."""
+    from taohooks.integrations import opensora_plan, wan
+
+    run = wan.command_line(["--ta", "t2v-1.3B", "--sample_ste", "30", "--sample_sh=8", "--t5_c", "--prompt", "x"])
+    assert (run["task"], run["steps"], run["shift"], run["shift_from"]) == ("t2v-1.3B", 30, 8.0, "--sample_shift")
+    assert wan.command_line(["--sample_s", "3"]) is None  # --sample_solver/_steps/_shift: generate.py refuses it
+    args = wan.script_options(["--sample_m", "DDIM", "--num_s", "12", "--text_prompt", "a", "b"], opensora_plan.OPTIONS)
+    assert (args.sample_method, args.num_sampling_steps) == ("DDIM", 12)

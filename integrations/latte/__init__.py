@@ -12,12 +12,11 @@ whole. The timestep is the keyword ``timestep``.
 """
 from __future__ import annotations
 
-import argparse
 from typing import List, Optional
 
 from taohooks.config import TaoCacheConfig
 from taohooks.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
-                                  require_modules)
+                                  require_modules, script_options)
 from taohooks.io import check_writable
 from taohooks.lut import CalibrationLUT
 from taohooks.taocache import TaoCache
@@ -76,10 +75,8 @@ def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: O
 def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     """Latte's sample_t2x.py takes ``--config X.yaml`` (its own OmegaConf YAML): read its
     ``sample_method`` and ``num_sampling_steps`` before the model loads."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--config")
-    args, _ = parser.parse_known_args(argv)
-    if not args.config:
+    args = script_options(argv, {"--config": {"default": ""}})  # sample_t2x.py's only option
+    if args is None or not args.config:
         return
     try:
         import yaml

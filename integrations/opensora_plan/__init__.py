@@ -12,11 +12,10 @@ calibrates and plans over 159 calls.
 """
 from __future__ import annotations
 
-import argparse
 from typing import List
 
 from taohooks.config import TaoCacheConfig
-from taohooks.integration import PatchSet, require_modules
+from taohooks.integration import PatchSet, require_modules, script_options
 
 from ..latte import check_sampler, patch_pipeline
 
@@ -26,14 +25,23 @@ MODULE, PIPELINE = "pipeline_videogen", "VideoGenPipeline"
 EXPECTS = "a call of pipeline_videogen.VideoGenPipeline.__call__ (Open-Sora-Plan's opensora/sample/sample_t2v.py)"
 
 
+# Every option of opensora/sample/sample_t2v.py (v1.1.0), so that shortened options resolve as there.
+OPTIONS = {
+    **{f"--{name}": {} for name in ("model_path", "version", "num_frames", "height", "width", "cache_dir", "ae",
+                                   "ae_path", "text_encoder_name", "save_img_path", "guidance_scale", "fps",
+                                   "run_time", "tile_overlap_factor")},
+    "--text_prompt": {"nargs": "+"}, "--force_images": {"action": "store_true"},
+    "--enable_tiling": {"action": "store_true"},
+    "--sample_method": {"default": "PNDM"}, "--num_sampling_steps": {"type": int, "default": 50},
+}
+
+
 def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     """``--sample_method`` (default PNDM) and ``--num_sampling_steps`` (default 50) against the LUT,
     before the model loads."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--sample_method", default="PNDM")
-    parser.add_argument("--num_sampling_steps", type=int, default=50)
-    args, _ = parser.parse_known_args(argv)
-    check_sampler(config, args.sample_method, args.num_sampling_steps, "the command line")
+    args = script_options(argv, OPTIONS)
+    if args is not None:  # else the script's own parser refuses the arguments and says why
+        check_sampler(config, args.sample_method, args.num_sampling_steps, "the command line")
 
 _patches = PatchSet()
 

@@ -17,12 +17,11 @@ Importing this module needs neither ``wan`` nor flash-attn, dashscope or a GPU.
 """
 from __future__ import annotations
 
-import argparse
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from taohooks.config import TaoCacheConfig
 from taohooks.identity import differences, model_identity
-from taohooks.integration import GenerationPatch, IntegrationError, PatchSet, require_modules
+from taohooks.integration import GenerationPatch, IntegrationError, PatchSet, require_modules, script_options
 from taohooks.io import check_writable
 from taohooks.loop import LoopSpec
 from taohooks.lut import CalibrationLUT
@@ -89,18 +88,26 @@ def _refuse_rank_local_decisions(config: TaoCacheConfig):
 FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_shift"}
 
 
-def command_line(argv: List[str]) -> Dict[str, Any]:
+# Every option of generate.py (Wan2.1 9737cba), so that shortened options resolve as in its parser.
+OPTIONS: Dict[str, Dict[str, Any]] = {
+    **{f"--{name}": {} for name in (
+        "frame_num", "ckpt_dir", "offload_model", "save_file", "src_video", "src_mask", "src_ref_images", "prompt",
+        "prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang", "base_seed", "image",
+        "first_frame", "last_frame", "sample_guide_scale")},
+    **{f"--{name}": {"action": "store_true"} for name in ("t5_fsdp", "t5_cpu", "dit_fsdp", "use_prompt_extend")},
+    "--task": {"default": "t2v-14B"}, "--size": {"default": "1280*720"}, "--sample_solver": {"default": "unipc"},
+    "--sample_steps": {"type": int, "default": None}, "--sample_shift": {"type": float, "default": None},
+    "--ulysses_size": {"type": int, "default": 1}, "--ring_size": {"type": int, "default": 1},
+}
+
+
+def command_line(argv: List[str]) -> Optional[Dict[str, Any]]:
     """What ``generate.py`` will run, from its arguments, with the defaults of its ``_validate_args``
-    (50 steps, 40 for i2v; shift 5, 3 for i2v at 480p, 16 for flf2v/vace)."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--task", default="t2v-14B")
-    parser.add_argument("--size", default="1280*720")
-    parser.add_argument("--sample_solver", default="unipc")
-    parser.add_argument("--sample_steps", type=int, default=None)
-    parser.add_argument("--sample_shift", type=float, default=None)
-    parser.add_argument("--ulysses_size", type=int, default=1)
-    parser.add_argument("--ring_size", type=int, default=1)
-    args, _ = parser.parse_known_args(argv)
+    (50 steps, 40 for i2v; shift 5, 3 for i2v at 480p, 16 for flf2v/vace). ``None`` when its own
+    parser would refuse the arguments."""
+    args = script_options(argv, OPTIONS)
+    if args is None:
+        return None
     steps, why_steps = args.sample_steps, "--sample_steps"
     if steps is None:
         steps, why_steps = (40, "the i2v default") if "i2v" in args.task else (50, "the default")
@@ -130,6 +137,8 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     the hybrid against sequence parallelism. Raises with every problem found."""
     run = command_line(argv)
     _launch.clear()
+    if run is None:
+        return  # generate.py's own parser refuses these arguments and says why
     _launch["task"] = run["task"]
     where = config.source or "the config"
     problems: List[str] = []

@@ -98,10 +98,6 @@ def test_precheck_reads_the_sample_config(calibrated, tmp_path):
         latte_integration.precheck(config, ["--config", str(sample_config(tmp_path))])  # the shipped 50 steps
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="taohooks bug: integrations/latte precheck() parses --config with allow_abbrev=False; "
-                          "sample_t2x.py's parser takes --conf (argparse default), so the pre-check sees no config "
-                          "and the mismatch is found only at the first call, after the models loaded")
 def test_precheck_reads_an_abbreviated_config_option(calibrated, tmp_path):
     config = sample_config(tmp_path, sample_method="EulerDiscrete", num_sampling_steps=STEPS)
     with pytest.raises(IntegrationError, match="sample_method EulerDiscrete"):

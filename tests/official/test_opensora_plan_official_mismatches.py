@@ -115,9 +115,6 @@ def test_precheck_reads_what_sample_t2v_runs(monkeypatch, argv):
     assert read_by_precheck(monkeypatch, argv) == (args.sample_method, args.num_sampling_steps)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="taohooks bug: integrations/opensora_plan precheck() parses with allow_abbrev=False, "
-                          "sample_t2v.py's parser accepts unique prefixes (argparse default)")
 @pytest.mark.parametrize("argv", list(ABBREVIATED.values()), ids=list(ABBREVIATED))
 def test_precheck_reads_abbreviated_options_as_sample_t2v_does(monkeypatch, argv):
     test_precheck_reads_what_sample_t2v_runs(monkeypatch, argv)
@@ -163,9 +160,6 @@ def test_ddim_with_as_many_calls_as_pndm_is_refused_by_its_identity(calibrated, 
     assert calls == [] and summaries(capfd.readouterr().err) == []
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason="taohooks bug: the refusal suggests calibration.accept: "
-                   "[scheduler, sampling_steps], and taohooks/config.py's ACCEPTABLE_DIFFERENCES has no "
-                   "'sampling_steps' (the key the latte/opensora_plan integrations record)")
 def test_the_accept_the_refusal_suggests_runs(calibrated, osp, tmp_path, capfd):
     pipeline_videogen, modeling_latte = osp()
     pipe, calls = counted(make_pipe(pipeline_videogen, modeling_latte, scheduler=ddim()))

@@ -199,9 +199,6 @@ def test_an_accepted_shift_runs_and_its_warning_survives_generate_py(script, cap
     assert "taohooks: warning: step " in err and "runs at timestep" in err, err
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="taohooks bug: the pre-check reads --sample_sh 8 as the default shift 5 "
-                                       "(integrations/wan command_line(), allow_abbrev=False)")
 def test_an_abbreviated_option_is_read_as_generate_py_reads_it(script, capfd):
     """generate.py's argparse takes ``--sample_sh 8`` for ``--sample_shift 8``: a LUT calibrated so
     must fit the same command line again."""
@@ -270,9 +267,6 @@ def test_command_line_reads_what_generate_py_runs(wan, argv):
     assert_read_as_generate_py_does(argv)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="taohooks bug: integrations/wan command_line() parses with allow_abbrev=False, "
-                                       "generate.py's parser accepts unique prefixes (argparse default)")
 @pytest.mark.parametrize("argv", list(ABBREVIATED.values()), ids=list(ABBREVIATED))
 def test_command_line_reads_abbreviated_options_as_generate_py_does(wan, argv):
     assert_read_as_generate_py_does(argv)
