@@ -30,10 +30,11 @@ from .callbacks import Callback
 from .io import atomic_write_bytes, locked
 from .loop import LoopSpec
 from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference
+from .lut_format import check_identity
 from .stats import RunningMoments
 from .structure import flatten_output, split_batch
 
-__all__ = ["CalibrationRecorder", "delta_statistics", "float32_leaves"]
+__all__ = ["CalibrationRecorder", "delta_statistics", "float32_leaves", "shape_change"]
 
 
 def float32_leaves(leaves: List[Tensor]) -> List[Tensor]:
@@ -70,6 +71,18 @@ class _StreamHistory:
     def __init__(self):
         self.eps: Optional[List[Tensor]] = None
         self.delta: Optional[List[Tensor]] = None
+
+
+def shape_change(before: List[Tensor], now: List[Tensor]) -> Optional[str]:
+    """How the output's leaves changed between two calls of a stream (their number or shapes), or
+    ``None``: deltas between them are not defined."""
+    if len(before) != len(now):
+        return f"its output has {len(now)} tensor(s), the step before had {len(before)}"
+    for i, (a, b) in enumerate(zip(before, now)):
+        if a.shape != b.shape:
+            where = f" {i}" if len(now) > 1 else ""
+            return f"its output tensor{where} has shape {list(b.shape)}, the step before {list(a.shape)}"
+    return None
 
 
 def _moving(delta: List[Tensor], batch_dim: Optional[int]) -> Tensor:
@@ -112,7 +125,7 @@ class CalibrationRecorder(Callback):
                  resume: Optional[CalibrationLUT] = None, identity: Optional[Dict[str, Any]] = None):
         self.model_id = model_id
         self.sampler = sampler
-        self.identity: Dict[str, Any] = dict(identity or {})
+        self.identity: Dict[str, Any] = check_identity(dict(identity or {}), "CalibrationRecorder(identity=...)")
         self._known = resume  # everything: the base and the pending generations (never changed in place)
         self._pending: Optional[CalibrationLUT] = None  # complete generations not written by flush yet
         self._base = resume  # what the recorder continues from (a file's contents after a flush)
@@ -173,6 +186,12 @@ class CalibrationRecorder(Callback):
                 gen.prompts += 1 if loop.batch_dim is None else int(eps[0].shape[0])
             if gen.bad is None and not all(bool(torch.isfinite(e).all()) for e in eps):
                 gen.bad = (name, step, "its output is not finite (NaN or inf)")
+            changed = history.eps is not None and shape_change(history.eps, eps)
+            if changed or any(e.numel() == 0 for e in eps):
+                if gen.bad is None:
+                    gen.bad = (name, step, changed or "its output is empty")
+                history.eps, history.delta = eps, None
+                continue
             if history.eps is not None:
                 delta = [a - b for a, b in zip(eps, history.eps)]
                 if history.delta is not None:

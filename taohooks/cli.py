@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -28,6 +29,7 @@ import yaml
 
 from .config import MAX_STEPS, ConfigError, PlanConfig, TaoCacheConfig, load_config
 from .loop import LoopSpec
+from .io import special_file_kind
 from .lut import CalibrationLUT, LUTMismatchError, merge_luts
 from .plan import PlanError
 from .taocache import make_plan
@@ -48,6 +50,10 @@ def _cmd_check(args) -> int:
         if path.is_dir():
             raise ConfigError(args.config, "lut", f"{path} is a directory; name the LUT file inside it, "
                                                   "e.g. luts/model.safetensors")
+        kind = special_file_kind(path)
+        if kind is not None:
+            raise ConfigError(args.config, "lut", f"{path} is {kind}, not a LUT file; name a file such as "
+                                                  "luts/model.safetensors")
         if path.is_file():
             lut = CalibrationLUT.load(path)
             print(f"# {lut.describe()}")
@@ -97,23 +103,41 @@ def _plan_overrides(args, plan: PlanConfig) -> PlanConfig:
     return plan
 
 
+def _finite(text: str) -> float:
+    """A finite number from the command line (argparse's ``type=``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
 def _parse_budget(text: str):
-    value = float(text)
+    value = _finite(text)
     return int(value) if value.is_integer() and "." not in text else value
 
 
 def _parse_ratio(text: str):
-    return text if text == "calibrated" else float(text)
+    if text == "calibrated":
+        return text
+    try:
+        return _finite(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'calibrated' or a number such as 1.0, got {text!r}") from None
 
 
 def _cmd_plan(args) -> int:
     config = load_config(args.source) if _is_config(args.source) else TaoCacheConfig()
     lut_path = config.lut_path() if _is_config(args.source) else Path(args.source)
-    lut = CalibrationLUT.load(lut_path) if lut_path is not None and lut_path.is_file() else None
+    present = lut_path is not None and (os.path.lexists(lut_path) if not _is_config(args.source) else
+                                        lut_path.is_file() or lut_path.is_dir() or special_file_kind(lut_path))
+    lut = CalibrationLUT.load(lut_path) if present else None  # a folder, a FIFO, a dangling link: said
     if lut is None and lut_path is not None:
         print(f"# LUT {lut_path} does not exist: only manual windows with a constant ratio can be planned")
     plan_cfg = _plan_overrides(args, config.plan)
-    steps = args.steps or config.loop.steps or (lut.steps if lut else None)
+    steps = args.steps if args.steps is not None else config.loop.steps or (lut.steps if lut else None)
     streams = config.loop.streams or (list(lut.streams) if lut else ["main"])
     if steps is None:
         raise PlanError("the number of steps is unknown: give --steps")
@@ -179,6 +203,12 @@ def _cmd_merge(args) -> int:
     from .io import atomic_write_bytes, check_writable, locked
 
     out = Path(args.output)
+    for i, a in enumerate(args.luts):  # a file given twice would count its prompts twice
+        for b in args.luts[:i]:
+            if os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b):
+                raise ValueError(f"{a} is given twice" + (f" (as {b})" if a != b else "")
+                                 + "; its prompts would count twice: give each LUT once")
+    merge_luts([CalibrationLUT.load(p) for p in args.luts])  # the inputs fit together: checked before any write
     check_writable(out)
     same = [p for p in args.luts if Path(p).exists() and out.exists() and os.path.samefile(p, out)]
     with locked(out):
@@ -275,6 +305,8 @@ def _cmd_calibrate(args) -> int:
 
     from .prompt_calibration import ENV_CALIBRATE_ONLY, ENV_CALIBRATE_PROMPTS, ENV_CALIBRATE_SHARDED, read_prompts
 
+    if args.devices < 1:
+        raise ConfigError("command line", "--devices", f"expected a number of processes >= 1, got {args.devices}")
     config = load_config(args.config)
     path = config.lut_path()
     if path is None:
@@ -415,9 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, nargs=2, metavar=("FIRST", "LAST"), help="manual window (step indices)")
     p.add_argument("--skip-steps", type=int, nargs="+", help="explicit steps to skip")
     p.add_argument("--min-step", type=int, help="first step of the late regime (default: half of the steps)")
-    p.add_argument("--tau-cos", type=float, help="minimum C_cos on every step of the window")
-    p.add_argument("--lambda", dest="lam", type=float, help="weight of S_cos in the score (default 1)")
-    p.add_argument("--gamma", type=float, help="weight of S_ratio in the score (default 1)")
+    p.add_argument("--tau-cos", type=_finite, help="minimum C_cos on every step of the window")
+    p.add_argument("--lambda", dest="lam", type=_finite, help="weight of S_cos in the score (default 1)")
+    p.add_argument("--gamma", type=_finite, help="weight of S_ratio in the score (default 1)")
     p.add_argument("--refresh-every", type=int, help="a real call after every K skips")
     p.add_argument("--ratio", type=_parse_ratio, help="'calibrated' or a constant such as 1.0")
     p.add_argument("--steps", type=int, help="number of steps (defaults to the LUT's)")

@@ -28,7 +28,7 @@ __all__ = ["ConfigError", "LoopConfig", "CalibrationConfig", "PlanConfig", "PABG
 INTEGRATIONS = ("none", "wan", "latte", "opensora_plan", "videosys", "diffusers", "testbed")
 # Differences between a LUT's recorded identity and a run that ``calibration.accept`` may name.
 ACCEPTABLE_DIFFERENCES = ("model", "architecture", "task", "dtype", "scheduler", "shift", "solver_order",
-                          "prediction_type", "timesteps")
+                          "prediction_type", "sampling_steps", "timesteps")
 MAX_STEPS = 100_000    # loop.steps, step indices and step counts are at most this
 MAX_PROMPTS = 100_000  # calibration.prompts is at most this
 FIRST_SKIPPABLE = 2    # as taohooks.plan.FIRST_SKIPPABLE: a skip needs two computed outputs before it
@@ -62,6 +62,9 @@ class LoopConfig:
             err("loop.steps", f"expected at most {MAX_STEPS} steps, got {self.steps}")
         if self.streams is not None and (not self.streams or len(set(self.streams)) != len(self.streams)):
             err("loop.streams", f"expected a list of distinct stream names, got {self.streams}")
+        for i, name in enumerate(self.streams or ()):
+            if not name.strip():
+                err(f"loop.streams[{i}]", f"expected a stream name such as cond, got {name!r}")
 
 
 @dataclass
@@ -119,16 +122,18 @@ class PlanConfig:
             err("plan.window", f"expected [first, last] step indices with first <= last, got {self.window}")
         if self.min_step is not None and not 0 <= self.min_step <= MAX_STEPS:
             err("plan.min_step", f"expected a step index from 0 to {MAX_STEPS}, got {self.min_step}")
-        if self.tau_cos is not None and not -1.0 <= self.tau_cos <= 1.0:
+        if self.tau_cos is not None and not -1.0 <= self.tau_cos <= 1.0:  # NaN too
             err("plan.tau_cos", f"expected a cosine similarity in [-1, 1], got {self.tau_cos}")
-        if self.lambda_ < 0 or self.gamma < 0:
-            err("plan.lambda" if self.lambda_ < 0 else "plan.gamma", "expected a penalty weight >= 0")
+        for key, weight in (("plan.lambda", self.lambda_), ("plan.gamma", self.gamma)):
+            if not 0 <= weight < math.inf:  # NaN too (a PlanConfig made in Python is not coerced)
+                err(key, f"expected a finite penalty weight >= 0, got {weight}")
         if self.refresh_every is not None and not 1 <= self.refresh_every <= MAX_STEPS:
             err("plan.refresh_every", f"expected a number of skips >= 1 and <= {MAX_STEPS} (or null: never), "
                                       f"got {self.refresh_every}")
         if isinstance(self.ratio, str) and self.ratio != "calibrated":
-            err("plan.ratio", f"expected 'calibrated' or a number such as 1.0, got {self.ratio!r}")
-        if not isinstance(self.ratio, str) and not self.ratio > 0:
+            err("plan.ratio", f"expected 'calibrated' or a number such as 1.0, got {self.ratio!r}"
+                              + _number_as_text_hint(self.ratio))
+        if not isinstance(self.ratio, str) and not 0 < self.ratio < math.inf:
             err("plan.ratio", f"expected a positive constant ratio, got {self.ratio}")
         if self.max_norm_ratio is not None and not self.max_norm_ratio >= 1:
             err("plan.max_norm_ratio", f"expected a number >= 1 (or null: no norm guard), got {self.max_norm_ratio}")
@@ -220,8 +225,8 @@ class TaoCacheConfig:
                 part.validate(err)
         if self.lut is not None:
             if not self.lut.strip():
-                err("lut", "expected a file path such as luts/model.safetensors (or null: no LUT), got ''")
-            unset = _unset_variable(os.path.expanduser(self.lut))
+                err("lut", f"expected a file path such as luts/model.safetensors (or null: no LUT), got {self.lut!r}")
+            unset = _path_problem(self.lut)
             if unset:
                 err("lut", unset)
         if self.loop.steps is not None:
@@ -268,12 +273,23 @@ _VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
 
 
 def expand_path(text: str, key: str, source: Optional[str] = None) -> str:
-    """``~`` and ``$VAR`` / ``${VAR}`` expanded; a variable that is not set is a :class:`ConfigError`."""
-    text = os.path.expanduser(text)
-    unset = _unset_variable(text)
-    if unset:
-        raise ConfigError(source, key, unset)
-    return os.path.expandvars(text)
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded; a variable that is not set (or set to nothing), a
+    ``~user`` that is no user, or a NUL character is a :class:`ConfigError`."""
+    problem = _path_problem(text)
+    if problem:
+        raise ConfigError(source, key, problem)
+    return os.path.expandvars(os.path.expanduser(text))
+
+
+def _path_problem(text: str) -> Optional[str]:
+    """What makes the path ``text`` unusable (said as the error), or ``None``."""
+    if "\0" in text:
+        return f"the path {text!r} holds a NUL character; no file name can"
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        user = expanded[1:].split("/", 1)[0]
+        return f"~{user} in {text!r} is not a user on this machine; write the folder out"
+    return _unset_variable(expanded)
 
 
 def _unset_variable(text: str) -> Optional[str]:
@@ -281,6 +297,9 @@ def _unset_variable(text: str) -> Optional[str]:
         name = match.group(1).strip("{}")
         if name not in os.environ:
             return f"environment variable ${name} is not set (in {text!r}); set it, or write the path without it"
+        if not os.environ[name]:
+            return (f"environment variable ${name} is set to nothing (in {text!r}), which would make the path "
+                    f"{os.path.expandvars(text)!r}; set it, or write the path without it")
     return None
 
 
@@ -303,6 +322,8 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(args[0])}" if args else "a list"
     if origin in (dict, Dict):
         return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of keys (key: value lines indented below it, or {key: value, ...})"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -367,17 +388,36 @@ def _coerce(value: Any, tp: Any, key: str, source: Optional[str]) -> Any:
 
 
 def _number_as_text_hint(value: Any) -> str:
-    """YAML 1.1 reads ``1e-3`` (no dot) as a string: say how to write the number."""
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: say how to write the number. A quoted number
+    (``'8'``) is text too; ``yes``/``no``/``on``/``off`` are booleans."""
+    if isinstance(value, bool):
+        return "; YAML reads yes/no/on/off/true/false as a boolean"
     if not isinstance(value, str):
         return ""
     try:
-        number = float(value)
+        number = float(value.strip().replace("_", ""))
     except ValueError:
         return ""
     if not math.isfinite(number):
         return ""
+    if _yaml_number(value.strip()):
+        return f"; it is quoted, so YAML reads it as text: write {value.strip()} without quotes"
     written = str(int(number)) if number.is_integer() and abs(number) < 1e18 else repr(number)
+    if not _yaml_number(written):  # 1e-300: YAML 1.1 needs a dot in the mantissa and a signed exponent
+        mantissa, _, exponent = written.partition("e")
+        written = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{int(exponent or 0):+d}"
     return f"; YAML reads {value} as text, write {written}"
+
+
+def _yaml_number(text: str) -> bool:
+    """Whether YAML reads ``text``, unquoted, as a number."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _build(cls: type, data: Dict[str, Any], prefix: str, source: Optional[str]) -> Any:
@@ -482,8 +522,12 @@ def read_yaml(path: Union[str, os.PathLike]) -> Any:
     except _DuplicateKey as exc:
         raise ConfigError(str(path), exc.key, f"duplicate key on lines {exc.first} and {exc.second}; YAML would "
                                               "silently keep the last, so give it once") from None
+    except RecursionError:
+        raise ConfigError(str(path), "", "not a config: its YAML is nested too deeply to read") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), "", f"not valid YAML: {exc}") from exc
+        hint = "; YAML indents with spaces, not tabs" if "'\\t'" in str(exc) else ""
+        raise ConfigError(str(path), "", f"not valid YAML: {str(exc).replace('<unicode string>', str(path))}"
+                                         f"{hint}") from exc
 
 
 def config_from_dict(data: Optional[Dict[str, Any]], source: Optional[str] = None) -> TaoCacheConfig:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import messages
 from .callbacks import Callback
-from .calibration import float32_leaves
+from .calibration import float32_leaves, shape_change
 from .hook import timesteps_match
 from .plan import SkipPlan
 from .structure import OutputStructure, flatten_output, join_batch, split_batch
@@ -218,6 +218,11 @@ class TaoCacheCallback(Callback):
         for name, eps in zip(call.streams, parts):
             state = self._states[name]
             continuous = state.eps is not None and state.step == call.step - 1
+            changed = shape_change(state.eps, eps) if continuous else None
+            if changed:  # no delta between outputs of different shapes: the next skip computes instead
+                continuous = False
+                self._warn_once("shape", f"stream {name!r}, step {call.step}: {changed}; TaoCache "
+                                         "extrapolates only between outputs of one shape (warned once)")
             state.delta = [a - b for a, b in zip(eps, state.eps)] if continuous else None
             state.eps, state.step, state.structure = eps, call.step, structure
             if guard:

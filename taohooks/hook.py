@@ -17,6 +17,7 @@ begins at that timestep again. Timesteps are read once per generation, not per c
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -67,7 +68,7 @@ class _Timestep:
     def value(self) -> Optional[float]:
         raw = self.raw
         if isinstance(raw, torch.Tensor):
-            return float(raw.item()) if raw.numel() else None
+            return float(raw.item()) if raw.numel() and not raw.is_meta else None
         if isinstance(raw, (int, float)):
             return float(raw)
         if isinstance(raw, (list, tuple)) and raw:
@@ -115,6 +116,7 @@ class DenoiserHook:
         self._reference_start: Optional[float] = None
         self._reference_varies: Optional[bool] = None
         self._recording = False
+        self._thread: Optional[int] = None  # the thread the active generation runs in
         self._previous: Optional[_Timestep] = None  # timestep of the last call (repeat only)
         self._strays = 0              # stray calls since the last generation ended
 
@@ -225,6 +227,7 @@ class DenoiserHook:
     def _start(self, explicit: bool) -> None:
         self._sample += 1
         self._index, self._finished, self._strays = 0, False, 0
+        self._thread = None  # taken by the generation's first call (new_sample() may run in another thread)
         if explicit and self.repeat:  # later generations must begin where this one does
             self._reference, self._reference_sample, self._reference_start = [], self._sample, None
             self._reference_varies = None
@@ -253,6 +256,13 @@ class DenoiserHook:
     def _before(self, args: tuple, kwargs: dict):
         """Number the call and ask the callbacks for a substitute: ``(CallInfo, output or None)``;
         ``(None, None)`` for a stray call."""
+        thread = threading.get_ident()
+        if self._index is not None and self._thread is not None and thread != self._thread:
+            # steps are counted per hook: calls of two threads would interleave into one generation
+            raise RuntimeError(
+                f"taohooks: this {type(self.module).__name__} is called from a second thread while a generation "
+                f"runs in another (at call {self._index} of {self.loop.total_calls}); one hooked model serves one "
+                "generation at a time: give each thread its own model instance, or a lock around each generation")
         timestep = self._timestep(args, kwargs)
         if self._index is None:
             if self._finished and not self.repeat:
@@ -265,6 +275,8 @@ class DenoiserHook:
                 self._previous = timestep
                 return None, None
             self._start(explicit=not self._finished)
+        if self._thread is None:
+            self._thread = thread
         if self.repeat:
             self._previous = timestep
             if self._recording:

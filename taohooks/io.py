@@ -21,14 +21,14 @@ import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on Linux/macOS: no locking
     fcntl = None
 
-__all__ = ["atomic_write_bytes", "check_writable", "locked", "FileWriteError", "STALE_AFTER_S"]
+__all__ = ["atomic_write_bytes", "check_writable", "locked", "FileWriteError", "STALE_AFTER_S", "special_file_kind"]
 
 PathLike = Union[str, os.PathLike]
 STALE_AFTER_S = 3600.0  # a temporary this old is stale even if its pid is alive (pids are reused)
@@ -67,11 +67,30 @@ def _fail(path: PathLike, exc: OSError, what: str) -> FileWriteError:
     return FileWriteError(f"{path}: cannot write: {what}", code, path)
 
 
+def special_file_kind(path: PathLike) -> Optional[str]:
+    """``"a FIFO"``, ``"a character device"``, ... when ``path`` exists and is neither a regular file
+    nor a folder (links followed); ``None`` otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None
+
+
 def _folder(path: PathLike, target: Path) -> Path:
-    """Check ``target`` is not a folder, create its folder; raise :class:`FileWriteError` otherwise."""
+    """Check ``target`` is not a folder or a special file (a FIFO, a device such as /dev/null: replacing
+    it would destroy it), create its folder; raise :class:`FileWriteError` otherwise."""
     if target.is_dir():
         raise FileWriteError(f"{path}: cannot write: it is a directory; give a file name inside it",
                              errno.EISDIR, path)
+    kind = special_file_kind(target)
+    if kind is not None:
+        raise FileWriteError(f"{path}: cannot write: it is {kind}, not a regular file; give a file path",
+                             errno.EINVAL, path)
     folder = target.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)

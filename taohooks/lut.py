@@ -32,7 +32,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, special_file_kind
 from .loop import LoopSpec
 from .lut_format import check_identity
 from .stats import RunningMoments
@@ -187,6 +187,12 @@ class CalibrationLUT:
         if not path.is_file():
             if path.is_dir():
                 raise LUTFormatError(f"{path} is a directory, not a calibration LUT file")
+            kind = special_file_kind(path)
+            if kind is not None:
+                raise LUTFormatError(f"{path} is {kind}, not a calibration LUT file")
+            if path.is_symlink():
+                raise FileNotFoundError(f"calibration LUT {path} does not exist (it is a link to "
+                                        f"{os.readlink(path)}, which does not exist)")
             raise FileNotFoundError(f"calibration LUT {path} does not exist")
         try:
             with safe_open(str(path), framework="pt") as f:

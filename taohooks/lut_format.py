@@ -10,7 +10,8 @@ of 2.5e29):
   ``identity`` an object of JSON scalars or lists;
 * tensors: every one of the expected shape (``timesteps`` ``[steps]``, the rest ``[streams, steps]``),
   counts of an integer dtype, the rest floating;
-* values: counts in ``[0, num_prompts]``; sums finite, ``sum**2 <= count * sumsq`` (Cauchy-Schwarz,
+* values: counts in ``[0, num_prompts]``, and ``num_prompts`` reached at some step where any value
+  was recorded; sums finite, ``sum**2 <= count * sumsq`` (Cauchy-Schwarz,
   relative tolerance 1e-9); cosine means in ``[-1, 1]`` (+1e-6) and ``sumsq <= count``; norm-ratio
   sums >= 0 and means at most :data:`MAX_RATIO`; stored means and stds finite where counted;
   timesteps finite or NaN (unknown).
@@ -51,10 +52,19 @@ def _json_value(v: Any) -> bool:
     return _scalar(v) or (isinstance(v, list) and all(_json_value(x) for x in v))
 
 
+def _json_type(v: Any) -> str:
+    """A parsed JSON value's type, for messages: ``null``, ``boolean``, ``object``, else Python's name."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    return "object" if isinstance(v, dict) else type(v).__name__
+
+
 def check_identity(identity: Any, where: str) -> Dict[str, Any]:
     """``identity`` as a dict of str -> JSON scalar or list, or ``ValueError`` naming ``where``."""
     if not isinstance(identity, dict):
-        raise ValueError(f"{where}: identity must be a JSON object, got {type(identity).__name__}")
+        raise ValueError(f"{where}: identity must be a JSON object, got {_json_type(identity)}")
     for key, value in identity.items():
         if not isinstance(key, str):
             raise ValueError(f"{where}: identity key {key!r} is not a string")
@@ -72,7 +82,7 @@ def _metadata(path, raw: str, supported: int) -> dict:
     except ValueError as exc:
         raise _error(path, f"metadata 'taohooks_lut' is not JSON ({exc})") from None
     if not isinstance(meta, dict):
-        raise _error(path, f"metadata 'taohooks_lut' is a JSON {type(meta).__name__}; expected an object")
+        raise _error(path, f"metadata 'taohooks_lut' is a JSON {_json_type(meta)}; expected an object")
     version = meta.get("format_version")
     if not _is_int(version) or version < 1:
         raise _error(path, f"metadata format_version is {version!r}; expected a positive integer")
@@ -88,8 +98,9 @@ def _metadata(path, raw: str, supported: int) -> dict:
         raise _error(path, f"metadata streams is {streams!r}; expected a list of distinct non-empty names")
     calls = meta.get("calls_per_step", 1)
     if not _is_int(calls) or calls not in (1, len(streams)):
-        raise _error(path, f"metadata calls_per_step is {calls!r}; expected 1 (batched streams) or "
-                           f"{len(streams)} (one call per stream)")
+        raise _error(path, f"metadata calls_per_step is {calls!r}; expected " + (
+            f"1 (batched streams) or {len(streams)} (one call per stream)" if len(streams) > 1 else
+            "1 (one stream)"))
     prompts = meta.get("num_prompts", 0)
     if not _is_int(prompts) or prompts < 0:
         raise _error(path, f"metadata num_prompts is {prompts!r}; expected an integer >= 0")
@@ -171,6 +182,13 @@ def _values(path, meta: dict, tensors: Dict[str, Tensor]) -> None:
                 if bad is not None:
                     raise _error(path, f"{key} at {_where(meta, bad)} is {tensors[key][tuple(bad)].item():g}; "
                                        "expected a finite value where statistics were recorded")
+    most = max(int(tensors[f"{n}_count"].max()) if tensors[f"{n}_count"].numel() else 0 for n in ("cos", "ratio"))
+    if 0 < most < prompts:
+        # every complete generation adds one value per prompt at each step >= 2 (unless its deltas are
+        # exactly zero, as with a zero-initialised model's outputs): a larger count would make a 2-prompt
+        # LUT look complete
+        raise _error(path, f"metadata num_prompts is {prompts}, but no step holds more than {most} values; "
+                           "expected the number of prompts recorded (the file is corrupt or was edited)")
     ts = tensors["timesteps"]
     bad = _first(torch.isinf(ts))
     if bad is not None:

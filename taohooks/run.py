@@ -114,7 +114,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     script = Path(rest[0])
     if not script.is_file():
-        print(f"taocache-run: script {script} does not exist", file=sys.stderr)
+        if rest[0].startswith("-"):
+            why = (f"expected the sample script first, got the option {rest[0]}; taocache-run runs a script file "
+                   "(python -m MODULE is not supported: give the module's .py file)")
+        elif script.is_dir():
+            why = f"script {script} is a directory; give the sample script inside it (e.g. {script / 'generate.py'})"
+        else:
+            why = f"script {script} does not exist" if not script.exists() else f"script {script} is not a file"
+        print(f"taocache-run: {why}", file=sys.stderr)
         return 2
     try:
         config = load_config(config_path)

@@ -100,6 +100,9 @@ def flatten_output(output: Any) -> tuple[List[Tensor], OutputStructure]:
         raise TypeError(
             f"taohooks: the model returned {type(output).__name__} with no floating-point tensor in it; "
             "cannot cache an output without one")
+    if any(t.is_meta for t in leaves):
+        raise TypeError("taohooks: the model returned a tensor on the meta device (shapes only, no data: were its "
+                        "weights loaded?); cannot cache or calibrate an output without values")
     structure = OutputStructure(skeleton, [t.dtype for t in leaves], [t.device for t in leaves],
                                 [t.shape for t in leaves])
     return leaves, structure

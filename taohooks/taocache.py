@@ -24,7 +24,8 @@ from .config import PlanConfig, TaoCacheConfig, load_config
 from .extrapolation import TaoCacheCallback
 from .hook import DenoiserHook
 from .identity import describe_differences, differences
-from .io import check_writable
+from .lut_format import check_identity
+from .io import check_writable, special_file_kind
 from .loop import LoopSpec
 from .lut import CalibrationLUT, LUTMismatchError
 from .plan import (PlanError, SkipPlan, no_skip_plan, plan_from_steps, plan_from_window, resolve_budget,
@@ -60,6 +61,14 @@ def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
     return plan_from_window(steps, streams, first, last, ratios, plan.refresh_every, score=score, source="auto")
 
 
+def _load_present(path: Optional[Path]) -> Optional[CalibrationLUT]:
+    """The LUT at ``path``, or ``None`` when there is no file yet (a calibrating run writes it).
+    A FIFO or a device there is an error (a LUTFormatError), never a file to calibrate into."""
+    if path is None or not (path.is_file() or special_file_kind(path)):
+        return None
+    return CalibrationLUT.load(path)
+
+
 def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
               identity: Optional[Mapping[str, Any]] = None) -> None:
     """Raise :class:`LUTMismatchError` naming every way ``lut`` does not fit this run: steps,
@@ -86,13 +95,18 @@ class TaoCache:
 
     def __init__(self, config: Optional[TaoCacheConfig] = None, *,
                  lut: Union[CalibrationLUT, str, os.PathLike, None] = None):
+        if config is not None and not isinstance(config, TaoCacheConfig):
+            raise TypeError(f"taohooks: TaoCache(config) takes a TaoCacheConfig, got {type(config).__name__}; "
+                            "use TaoCache.from_yaml(path), or taohooks.config.config_from_dict(mapping)")
+        if lut is not None and not isinstance(lut, (CalibrationLUT, str, os.PathLike)):
+            raise TypeError(f"taohooks: TaoCache(lut=) takes a CalibrationLUT or a path, got {type(lut).__name__}")
         self.config = config if config is not None else TaoCacheConfig()
         self._lut_path: Optional[Path] = None
         if isinstance(lut, CalibrationLUT):
             self.lut: Optional[CalibrationLUT] = lut
         else:
             self._lut_path = Path(lut) if lut is not None else self.config.lut_path()
-            self.lut = CalibrationLUT.load(self._lut_path) if self._lut_path and self._lut_path.is_file() else None
+            self.lut = _load_present(self._lut_path)
         self.hook: Optional[DenoiserHook] = None  # kept after detach, for summary()
         self.plan: Optional[SkipPlan] = None
         self.recorder: Optional[CalibrationRecorder] = None
@@ -111,6 +125,8 @@ class TaoCache:
         if steps is None:
             raise ValueError("taohooks: the number of steps is unknown; pass steps= or set loop.steps in the config")
         streams = streams if streams is not None else (loop.streams or ("main",))
+        if isinstance(streams, str):  # one stream named by its name, not its letters
+            streams = (streams,)
         split = split_batch if split_batch is not None else loop.split_batch
         return LoopSpec(steps, tuple(streams), split, batch_dim)
 
@@ -131,11 +147,13 @@ class TaoCache:
         the LUT's, key by key, except the keys in ``calibration.accept``."""
         if self.hook is not None and self.hook.attached:
             raise RuntimeError("taohooks: this TaoCache is already attached; detach it first")
+        if identity is not None:  # a calibration would fail to write it after a generation's work
+            check_identity(dict(identity), "taohooks: attach(identity=...)")
         loop = self.loop_spec(steps, streams, split_batch, batch_dim)
         cfg = self.config
         path = self._lut_path
         if path is not None:  # the file is the truth (a calibrating run may have written it)
-            self.lut = CalibrationLUT.load(path) if path.is_file() else None
+            self.lut = _load_present(path)
         if self.lut is not None:
             check_run(cfg, self.lut, loop, identity)
         self.recorder = self.callback = None

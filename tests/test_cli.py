@@ -65,7 +65,9 @@ def test_plot(lut_path, tmp_path):
 
 def test_merge(lut_path, tmp_path, capsys):
     out = tmp_path / "merged.safetensors"
-    assert main(["merge", str(lut_path), str(lut_path), "-o", str(out)]) == 0
+    copy = tmp_path / "copy.safetensors"  # another run's LUT (one file given twice is refused: tests/test_battery.py)
+    copy.write_bytes(lut_path.read_bytes())
+    assert main(["merge", str(lut_path), str(copy), "-o", str(out)]) == 0
     assert "4 prompts" in capsys.readouterr().out
 
 

@@ -43,7 +43,7 @@ def test_values_and_defaults(tmp_path):
     ("loop:\n  steps: many\n", r"loop.steps: expected an integer or null, got 'many'"),
     ("loop:\n  split_batch: 1\n", r"loop.split_batch: expected true/false, got 1"),
     ("integration: wann\n", r"unknown integration 'wann'; did you mean 'wan'\?"),
-    ("plan: 3\n", r"plan: expected PlanConfig, got 3"),
+    ("plan: 3\n", r"plan: expected a mapping of keys \(key: value lines .*\), got 3"),
     ("- a\n- b\n", r"expected a mapping of keys at the top level"),
     ("plan: [\n", r"not valid YAML"),
 ])
