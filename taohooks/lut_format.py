@@ -62,18 +62,24 @@ def _json_type(v: Any) -> str:
 
 
 def check_identity(identity: Any, where: str) -> Dict[str, Any]:
-    """``identity`` as a dict of str -> JSON scalar or list, or ``ValueError`` naming ``where``."""
+    """``identity`` as a new dict of str -> JSON scalar or list (tuples become lists, as a file holds
+    them, so that a run's identity compares equal to the LUT's), or ``ValueError`` naming ``where``."""
     if not isinstance(identity, dict):
         raise ValueError(f"{where}: identity must be a JSON object, got {_json_type(identity)}")
+    out = {}
     for key, value in identity.items():
         if not isinstance(key, str):
             raise ValueError(f"{where}: identity key {key!r} is not a string")
-        if isinstance(value, tuple):
-            value = list(value)
+        value = _as_list(value)
         if not _json_value(value):
             raise ValueError(f"{where}: identity {key!r} is {value!r}; expected a string, number, boolean, "
                              "null or a list of them")
-    return identity
+        out[key] = value
+    return out
+
+
+def _as_list(value: Any) -> Any:
+    return [_as_list(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _metadata(path, raw: str, supported: int) -> dict:

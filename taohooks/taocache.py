@@ -148,7 +148,7 @@ class TaoCache:
         if self.hook is not None and self.hook.attached:
             raise RuntimeError("taohooks: this TaoCache is already attached; detach it first")
         if identity is not None:  # a calibration would fail to write it after a generation's work
-            check_identity(dict(identity), "taohooks: attach(identity=...)")
+            identity = check_identity(dict(identity), "taohooks: attach(identity=...)")
         loop = self.loop_spec(steps, streams, split_batch, batch_dim)
         cfg = self.config
         path = self._lut_path
@@ -246,18 +246,42 @@ def section_callbacks(config: TaoCacheConfig, plan: SkipPlan) -> List[Callback]:
     return callbacks
 
 
+def _writes_the_lut() -> bool:
+    """Whether this process writes auto-calibrated LUTs: rank 0 of a process group, or no group."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
 class _SaveLUT(Callback):
     """Adds each complete generation to the LUT file (:meth:`CalibrationRecorder.flush`: atomic, under a
     lock, merged with what other processes wrote). A failed write is a warning naming the path, never
-    an exception: the generation's output belongs to the script, and the next generation retries."""
+    an exception: the generation's output belongs to the script, and the next generation retries; so do
+    detach and the end of the process, which say what could not be saved."""
 
     def __init__(self, recorder: CalibrationRecorder, path: Path):
         self.recorder, self.path = recorder, path
+        self._exit_registered = False
+
+    def on_detach(self, hook) -> None:
+        self._last_try("when the hook was detached", "the process tries once more when it ends")
+
+    def _last_try(self, when: str, then: str = "they are lost, and a later run calibrates them again") -> None:
+        """Retry a save that failed; say plainly what is lost if it fails again."""
+        pending = self.recorder.pending_prompts
+        if not pending or not self._exit_registered:  # only where a save failed: never on ranks > 0
+            return
+        try:
+            self.recorder.flush(self.path)
+        except (OSError, ValueError) as exc:
+            messages.warning(f"calibration LUT {self.path}: the statistics of {pending} prompt(s) could not be saved "
+                             f"{when} ({exc}); {then}")
+            return
+        messages.notice(f"calibration LUT {self.path}: the statistics of {pending} prompt(s) that an earlier save "
+                        f"could not write were saved {when}")
 
     def on_sample_end(self, hook, sample: int) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if not _writes_the_lut():
             return  # every rank saw the same (gathered) outputs; rank 0 writes the file
         if not self.recorder.pending_prompts:
             return  # the generation was left out (the recorder said why)
@@ -267,3 +291,8 @@ class _SaveLUT(Callback):
             messages.warning(f"calibration LUT {self.path} was not saved: {exc}. The statistics of "
                              f"{self.recorder.pending_prompts} prompt(s) are kept in memory and the next "
                              "generation tries again")
+            if not self._exit_registered:  # a script that ends now (integrations never detach) tries once more
+                import atexit
+
+                atexit.register(self._last_try, "at the end of the process")
+                self._exit_registered = True  # (also: this process is the one that writes the LUT)

@@ -339,3 +339,68 @@ def test_launcher_names_a_folder_or_an_option_given_as_the_script(tmp_path, caps
     assert capsys.readouterr().err == ("taocache-run: expected the sample script first, got the option -m; taocache-run "
                                        "runs a script file (python -m MODULE is not supported: give the module's .py "
                                        "file)\n")
+
+
+# ---------------------------------------------------------------------- a save that fails at the last generation
+def test_a_failed_calibration_save_is_retried_at_detach_and_a_loss_is_said(tmp_path, monkeypatch, capsys):
+    """Before: the warning promised that the next generation retries; when there was none (the script's
+    last clip), the statistics vanished at exit without a word."""
+    import errno
+
+    from taohooks import calibration
+    from taohooks.io import FileWriteError, atomic_write_bytes
+
+    path = tmp_path / "luts" / "geo.safetensors"
+    disk_full = [True]
+
+    def write(target, data):
+        if disk_full[0]:
+            raise FileWriteError(f"{target}: cannot write: the disk is full (No space left on device); any earlier "
+                                 "version of the file is unchanged", errno.ENOSPC, target)
+        return atomic_write_bytes(target, data)
+
+    monkeypatch.setattr(calibration, "atomic_write_bytes", write)
+    config = config_from_dict({"lut": str(path), "loop": {"steps": STEPS}, "calibration": {"prompts": 5}})
+    model = GeometricDenoiser({"main": 0.9})
+    cache = TaoCache(config)
+    with cache.attach(model, repeat=True):
+        run_loop(model, STEPS)
+        disk_full[0] = False  # space was freed before the script ended
+    assert CalibrationLUT.load(path).num_prompts == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"taohooks: calibration LUT {path}: the statistics of 1 prompt(s) that an earlier save could not write were "
+        "saved when the hook was detached")
+    disk_full[0] = True
+    cache = TaoCache(config)
+    with cache.attach(model, repeat=True):
+        run_loop(model, STEPS)
+    assert CalibrationLUT.load(path).num_prompts == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"taohooks: warning: calibration LUT {path}: the statistics of 1 prompt(s) could not be saved when the hook "
+        f"was detached ({path}: cannot write: the disk is full (No space left on device); any earlier version of the "
+        "file is unchanged); the process tries once more when it ends")
+    import atexit
+
+    saver = cache.hook.callbacks[1]
+    saver._last_try("at the end of the process")  # what atexit runs
+    assert capsys.readouterr().err.endswith("); they are lost, and a later run calibrates them again\n")
+    atexit.unregister(saver._last_try)
+
+
+def test_an_identity_with_tuples_resumes_and_merges_with_its_own_file(tmp_path):
+    """Before: a tuple in attach(identity=...) was written as a JSON list; the next attach called the LUT
+    'calibrated on another run', and a recorder resuming it could never flush (its prompts were lost)."""
+    path = tmp_path / "geo.safetensors"
+    config = config_from_dict({"lut": str(path), "loop": {"steps": STEPS}, "calibration": {"prompts": 4},
+                               "plan": {"budget": 2}})
+    model = GeometricDenoiser({"main": 0.9})
+    for _ in range(2):
+        with TaoCache(config).attach(model, identity={"sizes": (1, (2, 3)), "flag": True}, repeat=True):
+            run_loop(model, STEPS)
+            run_loop(model, STEPS)
+    lut = CalibrationLUT.load(path)
+    assert lut.num_prompts == 4 and lut.identity == {"sizes": [1, [2, 3]], "flag": True}
+    with TaoCache(config).attach(model, identity={"sizes": [1, [2, 3]], "flag": True}):
+        run_loop(model, STEPS)
+    with pytest.raises(ValueError, match=r"flag: this run 1, the LUT True"):  # JSON's true is not 1
+        TaoCache(config).attach(model, identity={"sizes": (1, (2, 3)), "flag": 1})
