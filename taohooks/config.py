@@ -214,6 +214,9 @@ class TaoCacheConfig:
     pab: Optional[PABConfig] = None
     teacache: Optional[TeaCacheConfig] = None
     source: Optional[str] = field(default=None, metadata={"internal": True})
+    # the config file's folder, absolute, as it was when the file was read: a script that changes its
+    # working directory (os.chdir) must not move the LUT
+    source_dir: Optional[str] = field(default=None, metadata={"internal": True})
 
     def validate(self, err) -> None:
         if self.integration not in INTEGRATIONS:
@@ -238,7 +241,10 @@ class TaoCacheConfig:
             return None
         path = Path(expand_path(self.lut, "lut", self.source))
         if not path.is_absolute() and self.source:
-            path = Path(self.source).parent / path
+            folder = Path(self.source).parent
+            if self.source_dir and not folder.is_absolute() and os.path.abspath(folder) != self.source_dir:
+                folder = Path(self.source_dir)  # the working directory changed since: said as an absolute path
+            path = folder / path
         return path
 
     def to_dict(self) -> Dict[str, Any]:
@@ -534,6 +540,7 @@ def config_from_dict(data: Optional[Dict[str, Any]], source: Optional[str] = Non
     """Build and validate a :class:`TaoCacheConfig` from a parsed YAML mapping."""
     config = dataclass_from_dict(TaoCacheConfig, data, source)
     config.source = source
+    config.source_dir = os.path.abspath(Path(source).parent) if source else None
     return config
 
 

@@ -404,3 +404,15 @@ def test_an_identity_with_tuples_resumes_and_merges_with_its_own_file(tmp_path):
         run_loop(model, STEPS)
     with pytest.raises(ValueError, match=r"flag: this run 1, the LUT True"):  # JSON's true is not 1
         TaoCache(config).attach(model, identity={"sizes": (1, (2, 3)), "flag": 1})
+
+
+def test_a_script_that_changes_directory_does_not_move_the_lut(tmp_path, monkeypatch):
+    """Before: with a relative config path (taocache-run ... --taocache cfgs/c.yaml), a script that ran
+    os.chdir before sampling calibrated into a LUT under its new working directory."""
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "c.yaml").write_text("lut: ../luts/geo.safetensors\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config("cfgs/c.yaml")
+    assert str(config.lut_path()) == os.path.join("cfgs", "..", "luts", "geo.safetensors")  # as given, for messages
+    monkeypatch.chdir(tmp_path / "cfgs")
+    assert str(config.lut_path()) == str(tmp_path / "cfgs" / ".." / "luts" / "geo.safetensors")
