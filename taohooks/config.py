@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Union
 
 __all__ = ["ConfigError", "LoopConfig", "CalibrationConfig", "PlanConfig", "PABGroupConfig", "PABConfig",
            "TeaCacheConfig", "TaoCacheConfig", "load_config", "config_from_dict", "dataclass_from_dict", "read_yaml",
-           "INTEGRATIONS", "ACCEPTABLE_DIFFERENCES", "MAX_STEPS", "MAX_PROMPTS", "expand_path", "read_text"]
+           "INTEGRATIONS", "ACCEPTABLE_DIFFERENCES", "MAX_STEPS", "MAX_PROMPTS", "expand_path", "read_text",
+           "build_dataclass"]
 
 INTEGRATIONS = ("none", "wan", "latte", "opensora_plan", "videosys", "diffusers", "testbed")
 # Differences between a LUT's recorded identity and a run that ``calibration.accept`` may name.
@@ -363,7 +364,7 @@ def _coerce(value: Any, tp: Any, key: str, source: Optional[str]) -> Any:
             return tp()
         if not isinstance(value, dict):
             raise fail()
-        return _build(tp, value, key, source)
+        return build_dataclass(tp, value, key, source)
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise fail()
@@ -426,7 +427,9 @@ def _yaml_number(text: str) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _build(cls: type, data: Dict[str, Any], prefix: str, source: Optional[str]) -> Any:
+def build_dataclass(cls: type, data: Dict[str, Any], prefix: str, source: Optional[str]) -> Any:
+    """``cls(**data)`` with every key checked and coerced (unknown keys and wrong types are
+    :class:`ConfigError` s naming ``prefix.key``); no ``validate``: see :func:`dataclass_from_dict`."""
     hints = typing.get_type_hints(cls)
     fields = {_yaml_key(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
@@ -448,7 +451,7 @@ def dataclass_from_dict(cls: type, data: Optional[Dict[str, Any]], source: Optio
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, "", f"expected a mapping of keys at the top level, got {type(data).__name__}")
-    obj = _build(cls, data, "", source)
+    obj = build_dataclass(cls, data, "", source)
 
     def err(key: str, message: str):
         raise ConfigError(source, key, message)

@@ -27,7 +27,7 @@ from .loop import LoopSpec
 from .taocache import TaoCache
 
 __all__ = ["GenerationPatch", "IntegrationError", "PatchSet", "unwrap_model", "scheduler_calls", "batched_cfg_loop",
-           "require_modules", "script_options", "script_sys_path", "pending_module_checks", "wrapped_calls", "check_declared_loop", "identity_of_model", "identity_of_pipeline"]
+           "require_modules", "intercepting", "script_options", "script_sys_path", "pending_module_checks", "wrapped_calls", "check_declared_loop", "identity_of_model", "identity_of_pipeline"]
 
 Arguments = Dict[str, Any]
 
@@ -150,6 +150,21 @@ class IntegrationError(RuntimeError):
 
 
 _calls = 0  # generation calls that reached any GenerationPatch in this process
+
+
+_interceptor: Optional[Callable[["GenerationPatch", inspect.BoundArguments], Any]] = None
+
+
+@contextlib.contextmanager
+def intercepting(handler: Callable[["GenerationPatch", inspect.BoundArguments], Any]):
+    """While active, every generation call a patch wraps goes to ``handler(patch, bound_arguments)``
+    instead (``taocache compare`` drives the script's first generation this way); it counts as wrapped."""
+    global _interceptor
+    previous, _interceptor = _interceptor, handler
+    try:
+        yield
+    finally:
+        _interceptor = previous
 
 
 def wrapped_calls() -> int:
@@ -319,6 +334,8 @@ class GenerationPatch:
         bound.apply_defaults()
         if self.enabled is not None and not self.enabled(dict(bound.arguments)):
             return self.original(*args, **kwargs)
+        if _interceptor is not None:
+            return _interceptor(self, bound)
         if self._prompt_calibration is None and os.environ.get("TAOHOOKS_CALIBRATE_PROMPTS"):
             from .prompt_calibration import calibrate_over_prompts
 

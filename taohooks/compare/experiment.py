@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from ..config import (INTEGRATIONS, ConfigError, LoopConfig, _build, dataclass_from_dict, expand_path, read_text,
+from ..config import (INTEGRATIONS, ConfigError, LoopConfig, build_dataclass, dataclass_from_dict, expand_path, read_text,
                       read_yaml)
 
 __all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_list", "AVAILABLE_METHODS",
@@ -200,7 +200,7 @@ def _from_list(items: List[Any], seed: int, where: Optional[str], key: str) -> L
         if isinstance(item, str):
             entry = PromptEntry(item.strip(), seed)
         elif isinstance(item, dict):
-            entry = _build(PromptEntry, {"seed": seed, **item}, at, where)
+            entry = build_dataclass(PromptEntry, {"seed": seed, **item}, at, where)
             if not isinstance(entry.prompt, str) or not isinstance(entry.seed, int) or isinstance(entry.seed, bool):
                 raise ConfigError(where, at, f"expected {{prompt: text, seed: integer}}, got {item!r}")
         else:

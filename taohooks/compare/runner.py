@@ -337,21 +337,11 @@ class Experiment:
 def intercept_generations(experiment: Experiment) -> Iterator[None]:
     """While active, the first generation call any integration patch wraps runs ``experiment``
     instead, then the script exits with status 0 (``SystemExit``)."""
-    from .. import integration
+    from ..integration import intercepting
 
-    original = GenerationPatch.__call__
-
-    def call(patch: GenerationPatch, args: tuple, kwargs: dict) -> Any:
-        integration._calls += 1  # the launcher's "the integration never fired" check counts it
-        bound = patch.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        if patch.enabled is not None and not patch.enabled(dict(bound.arguments)):
-            return patch.original(*args, **kwargs)
+    def run(patch: GenerationPatch, bound) -> Any:
         experiment.run(patch, bound)
         raise SystemExit(0)
 
-    GenerationPatch.__call__ = call
-    try:
+    with intercepting(run):
         yield
-    finally:
-        GenerationPatch.__call__ = original
