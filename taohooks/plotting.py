@@ -1,12 +1,12 @@
-"""Calibration curves: cosine similarity and norm ratio per step with +-std bands (the paper's Fig. 3/4)."""
+"""Calibration curves (the paper's Fig. 3/4, with +-std bands) and quality-vs-speedup plots."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Dict, List, Union
 
 from .lut import CalibrationLUT
 
-__all__ = ["plot_calibration"]
+__all__ = ["plot_calibration", "plot_quality_vs_speedup"]
 
 
 def plot_calibration(lut: CalibrationLUT, path: Union[str, Path], dpi: int = 120) -> Path:
@@ -34,6 +34,33 @@ def plot_calibration(lut: CalibrationLUT, path: Union[str, Path], dpi: int = 120
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_quality_vs_speedup(rows: List[Dict], title: str, path: Union[str, Path], dpi: int = 110) -> Path:
+    """PSNR and SSIM against the measured speedup, one line per ``row["method"]`` with its points in
+    ``row["budget"]`` order; rows whose speedup or metric is None are left out. Needs matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
+        for ax, key in zip(axes, ("psnr", "ssim")):
+            pts = [(r["speedup"], r[key]) for r in points if r["speedup"] is not None and r[key] is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    for ax, label in zip(axes, ("PSNR (dB) vs full-step", "SSIM vs full-step")):
+        ax.set_xlabel("measured speedup")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

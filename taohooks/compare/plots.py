@@ -14,6 +14,8 @@ from typing import Any, Dict, List
 
 import torch
 
+from ..plotting import plot_quality_vs_speedup
+
 __all__ = ["write_plots", "write_strip"]
 
 
@@ -34,22 +36,9 @@ def write_plots(results: Dict[str, Any], folder) -> List[Path]:
     if plt is None or not rows:
         return []
     folder, written = Path(folder), []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
-        for ax, key in zip(axes, ("psnr", "ssim")):
-            pts = [(r["speedup"], r[key]) for r in points if r["speedup"] is not None and r[key] is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    for ax, label in zip(axes, ("PSNR (dB) vs full-step", "SSIM vs full-step")):
-        ax.set_xlabel("measured speedup")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"quality vs speedup: {results['meta'].get('integration', '')}, {results['meta'].get('loop', '')}")
-    fig.tight_layout()
-    fig.savefig(folder / "quality_vs_speedup.png", dpi=110)
-    plt.close(fig)
+    meta = results["meta"]
+    plot_quality_vs_speedup(rows, f"quality vs speedup: {meta.get('integration', '')}, {meta.get('loop', '')}",
+                            folder / "quality_vs_speedup.png")
     written.append(folder / "quality_vs_speedup.png")
 
     records = [r for r in results["records"] if r["method"] != "full"]

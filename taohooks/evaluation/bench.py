@@ -227,30 +227,17 @@ def write_plots(records: List[dict], out_dir: Path) -> None:
     """Quality (PSNR, SSIM) against measured speedup, one line per method (points in budget order),
     one figure per model."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from ..plotting import plot_quality_vs_speedup
     except ImportError:  # pragma: no cover
         return
     for model in dict.fromkeys(r["model"] for r in records):
         rows = [r for r in records if r["model"] == model and r["method"] != "full"]
-        if not rows:
-            continue
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = [(r["speedup"], r["psnr"], r["ssim"])  # connected in budget order
-                   for r in sorted(rows, key=lambda r: r["budget"]) if r["method"] == method]
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=method)
-        for ax, label in zip(axes, ("PSNR (dB) vs full-step", "SSIM vs full-step")):
-            ax.set_xlabel("measured speedup")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-        axes[0].legend()
-        fig.suptitle(f"testbed {model}: quality vs speedup")
-        fig.tight_layout()
-        fig.savefig(out_dir / f"quality_vs_speedup_{model}.png", dpi=110)
-        plt.close(fig)
+        if rows:
+            try:
+                plot_quality_vs_speedup(rows, f"testbed {model}: quality vs speedup",
+                                        out_dir / f"quality_vs_speedup_{model}.png")
+            except ImportError:  # pragma: no cover - matplotlib missing
+                return
 
 
 def write_strip(strips: Dict[str, torch.Tensor], path: Path, scale: int = 3) -> None:
