@@ -9,4 +9,13 @@ Submodules (import them directly; nothing heavy is imported here):
 - ``train``       ``python -m taohooks.testbed.train --kind {eps,flow,flow-lognormal}``
 - ``sampling``    Latte-style (eps) and Wan-style (flow) sampling loops
 - ``grid``        PNG grid of clips
+
+The second task, ``scenes`` (issue 15: early steps decide the content; in training):
+
+- ``scenes``              clips ``[3, 8, 32, 32]``: 1-3 objects over textured backgrounds, the seed decides the layout
+- ``scenes_recognizer``   colour, direction, shape, count and background verdicts
+- ``scenes_sampling``     its Wan-style (flow) and Latte-style (eps) loops
+- ``train_scenes``        ``python -m taohooks.testbed.train_scenes``: 6.49M-parameter DiT, resumable, CPU or GPU
+- ``scenes_sensitivity``  early-sensitivity measurements against full step
+- ``scenes_exact``        exact-score control: a Gaussian mixture with a closed-form denoiser, DiT-shaped
 """
