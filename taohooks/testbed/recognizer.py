@@ -16,7 +16,7 @@ The dot distractor has a different colour, so it does not enter the mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -92,6 +92,14 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else np.zeros_like(mask)
 
 
+def centroid_velocity(frames: np.ndarray, cxs: Sequence[float], cys: Sequence[float]) -> Tuple[float, float]:
+    """Least-squares slope of the centroid over frames (pixels per frame), ``(vx, vy)``; >= 2 frames."""
+    t = frames - frames.mean()
+    vx = float((t * (np.asarray(cxs) - np.mean(cxs))).sum() / (t * t).sum())
+    vy = float((t * (np.asarray(cys) - np.mean(cys))).sum() / (t * t).sum())
+    return vx, vy
+
+
 def recognize(clip, prompt: data.Prompt) -> Recognition:
     """Check colour, direction and shape of ``clip`` (``[3, 8, 16, 16]``) against ``prompt``."""
     labels = colour_labels(clip) == prompt.colour + 1  # [F, H, W]
@@ -112,9 +120,7 @@ def recognize(clip, prompt: data.Prompt) -> Recognition:
         fills.append(len(xs) / ((y1 - y0 + 1) * (x1 - x0 + 1)))
         corners.append(weight[f, [y0, y0, y1, y1], [x0, x1, x0, x1]].mean())
     if len(frames) >= 2:
-        t = frames - frames.mean()
-        vx = float((t * (np.asarray(cxs) - np.mean(cxs))).sum() / (t * t).sum())
-        vy = float((t * (np.asarray(cys) - np.mean(cys))).sum() / (t * t).sum())
+        vx, vy = centroid_velocity(frames, cxs, cys)
     ux, uy = data.DIRECTION_VECTORS[data.DIRECTIONS[prompt.direction]]
     along, across = vx * ux + vy * uy, abs(vx * uy) + abs(vy * ux)
     direction_ok = colour_ok and along >= MIN_SPEED and along > across

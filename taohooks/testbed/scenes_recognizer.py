@@ -23,7 +23,7 @@ from typing import List, Sequence
 import numpy as np
 
 from . import scenes
-from .recognizer import largest_component
+from .recognizer import centroid_velocity, largest_component
 
 SATURATED = 0.3  # channel spread (0..1 units) above which a pixel belongs to an object
 GREY = 0.15  # ... below which it belongs to the background
@@ -125,9 +125,7 @@ def recognize(clip, prompt: scenes.ScenePrompt) -> SceneRecognition:
         corners.append(weight[f, [y0, y0, y1, y1], [x0, x1, x0, x1]].mean())
     vx = vy = 0.0
     if len(frames) >= 2:
-        t = frames - frames.mean()
-        vx = float((t * (np.asarray(cxs) - np.mean(cxs))).sum() / (t * t).sum())
-        vy = float((t * (np.asarray(cys) - np.mean(cys))).sum() / (t * t).sum())
+        vx, vy = centroid_velocity(frames, cxs, cys)
     ux, uy = scenes.DIRECTION_VECTORS[scenes.DIRECTIONS[prompt.direction]]
     along, across = vx * ux + vy * uy, abs(vx * uy) + abs(vy * ux)
     direction_ok = colour_ok and along >= MIN_SPEED and along > across
