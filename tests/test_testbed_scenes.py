@@ -129,6 +129,22 @@ def test_resume_is_exact_and_checkpoint_is_half(tmp_path):
     assert model.config.height == 32 and model.config.attribute_sizes == scenes.ATTRIBUTE_SIZES
 
 
+def test_resume_without_the_hyperparameters_continues_the_same_run(tmp_path, capsys):
+    """``--resume`` alone takes lr/warmup/batch/... from the state (it once fell back to the defaults:
+    a run at lr 4e-4 continued at 5e-4); one given differently is said."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    run = [*TINY, "--lr", "1e-3", "--warmup", "1", "--ema", "0.9"]
+    train_scenes.main([*run, "--steps", "4", "--out", str(a)])
+    train_scenes.main([*run, "--steps", "2", "--out", str(b)])
+    train_scenes.main([*TINY, "--steps", "4", "--out", str(b), "--resume", str(tmp_path / "b.state.pt")])
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((tmp_path / "b.json").read_text())["lr"] == 1e-3
+    capsys.readouterr()
+    train_scenes.main([*TINY, "--lr", "2e-3", "--steps", "5", "--out", str(b), "--resume", str(tmp_path / "b.state.pt")])
+    assert "resume: changed --lr 0.002 (the run at" in capsys.readouterr().out
+
+
 def test_bad_resume_and_init_are_errors(tmp_path):
     out = tmp_path / "w.safetensors"
     with pytest.raises(SystemExit, match="--resume .*nothing.state.pt: no such file"):

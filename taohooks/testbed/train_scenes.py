@@ -42,6 +42,12 @@ from .train import KINDS, PROMPT_DROPOUT
 STATE_FORMAT = "taohooks-scenes-train-state/1"
 
 
+#: Hyperparameters a resumed run takes from its state unless the command line gives them, and their
+#: defaults for a new run.
+HPARAM_DEFAULTS = {"batch_size": 32, "lr": 5e-4, "warmup": 300, "schedule": "constant", "weight_decay": 0.0,
+                   "clip": 1.0, "ema": 0.999, "seed": 0}
+HPARAMS = tuple(HPARAM_DEFAULTS)
+
 def scenes_config(kind: str, dim: int = 256, depth: int = 6, heads: int = 8, mlp_ratio: float = 2.0,
                   patch_size: int = 8) -> VideoDiTConfig:
     """The scenes DiT: 8 x 32 x 32 clips, 8x8 patches -> 128 tokens; defaults give 6.49M parameters."""
@@ -158,20 +164,12 @@ class Trainer:
             "wall": self.wall, "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
             "ema_updates": self.ema.num_updates, "optimizer": self.opt.state_dict(),
             "rng": self.rng.bit_generator.state, "gen": self.gen.get_state(), "previous": self.previous,
+            "hparams": {name: getattr(self.args, name) for name in HPARAMS},
         }
 
-    def load(self, path: str) -> None:
-        """Continue exactly from a state file written by :meth:`save`."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--resume {path}: no such file (the state is written next to --out as "
-                                    "OUT.state.pt)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ValueError(f"--resume {path}: not a training state ({type(e).__name__}: {e})") from e
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"--resume {path}: format {state.get('format') if isinstance(state, dict) else None!r}, "
-                             f"expected {STATE_FORMAT!r}")
+    def load(self, path: str, state: dict | None = None) -> None:
+        """Continue exactly from a state file written by :meth:`save` (``state``: it, already read)."""
+        state = read_state(path) if state is None else state
         if state["kind"] != self.args.kind:
             raise ValueError(f"--resume {path}: kind {state['kind']!r}, but --kind {self.args.kind!r}")
         _check_config(VideoDiTConfig.from_json(state["config"]), self.config, path, "--resume")
@@ -236,11 +234,45 @@ class Trainer:
         return loss.item()
 
 
+def read_state(path: str) -> dict:
+    """The training state saved at ``path`` (``--resume``), checked for its format."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--resume {path}: no such file (the state is written next to --out as "
+                                "OUT.state.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"--resume {path}: not a training state ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"--resume {path}: format {state.get('format') if isinstance(state, dict) else None!r}, "
+                         f"expected {STATE_FORMAT!r}")
+    return state
+
+
+def resolve_hparams(args, state: dict | None, path: str | None = None) -> list[str]:
+    """Fill the hyperparameters the command line left out (``None``): from the resumed run's state
+    where it recorded them (so that ``--resume`` alone continues the same run), else the defaults.
+    Returns one line per hyperparameter given on the command line that differs from the state's."""
+    saved = (state or {}).get("hparams") or {}
+    changed = []
+    for name in HPARAMS:
+        given = getattr(args, name)
+        if given is None:
+            setattr(args, name, saved.get(name, HPARAM_DEFAULTS[name]))
+        elif name in saved and saved[name] != given:
+            changed.append(f"--{name.replace('_', '-')} {given} (the run at {path} used {saved[name]})")
+    return changed
+
+
 def train(args) -> dict:
     torch.set_num_threads(args.threads)
+    state = read_state(args.resume) if args.resume else None
+    for line in resolve_hparams(args, state, args.resume):
+        print(f"resume: changed {line}", flush=True)
     trainer = Trainer(args)
-    if args.resume:
-        trainer.load(args.resume)
+    if state is not None:
+        trainer.load(args.resume, state)
+        del state
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: expected a .safetensors file name")
@@ -280,14 +312,14 @@ def parse_args(argv=None):
     p.add_argument("--state", default=None, help="resumable state file (default: OUT with suffix .state.pt)")
     p.add_argument("--resume", default=None, help="continue exactly from this state file")
     p.add_argument("--init", default=None, help="start from these EMA weights with a fresh optimizer")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--clip", type=float, default=None)
+    p.add_argument("--ema", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=0, help="processes rendering batches (GPU runs); 0: the "
@@ -305,8 +337,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume and args.init:
         p.error("--resume continues a run (its weights included); --init starts a new one: give one of them")
+    if not args.resume:
+        resolve_hparams(args, None)
     for name in ("steps", "batch_size", "save_every", "log_every"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
