@@ -7,6 +7,10 @@ During full-step generations, per stream and per prompt (batch element)::
     r_t     = ||D_t|| / ||D_{t-1}||
 
 and accumulate mean and std of ``c_t`` and ``r_t`` over prompts into a :class:`CalibrationLUT`.
+With ``error_horizon = H > 0`` (the default, :data:`~taohooks.delta_gram.DEFAULT_HORIZON`) it also
+keeps, per prompt, the products ``<D_t, D_{t-j}>`` for ``j <= H`` (:mod:`taohooks.delta_gram`), from
+which the error-aware planner predicts the error of any schedule; this holds the last ``H`` deltas
+of each stream in memory (on the outputs' device) during the generation.
 
 Only complete generations count: a generation's statistics are staged and join the LUT when its
 last call returns (``on_sample_end``). One that stops early (an exception, a new sample, detach),
@@ -17,6 +21,7 @@ recorder has that the file does not.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from pathlib import Path
@@ -27,6 +32,7 @@ from torch import Tensor
 
 from . import messages
 from .callbacks import Callback
+from .delta_gram import DEFAULT_HORIZON, DeltaGram, band_products
 from .io import atomic_write_bytes, locked
 from .loop import LoopSpec
 from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference
@@ -66,11 +72,12 @@ def delta_statistics(delta: List[Tensor], delta_prev: List[Tensor],
 
 
 class _StreamHistory:
-    __slots__ = ("eps", "delta")
+    __slots__ = ("eps", "delta", "earlier")
 
-    def __init__(self):
+    def __init__(self, horizon: int = 0):
         self.eps: Optional[List[Tensor]] = None
         self.delta: Optional[List[Tensor]] = None
+        self.earlier: collections.deque = collections.deque(maxlen=horizon)  # D_t, D_{t-1}, ... (newest first)
 
 
 def shape_change(before: List[Tensor], now: List[Tensor]) -> Optional[str]:
@@ -104,6 +111,8 @@ class _Generation:
         self.prompts = 0
         self.calls = 0
         self.bad: Optional[Tuple[str, int, str]] = None  # first (stream, step, what) that was not finite
+        self.gram: Optional[Tensor] = None  # [prompts, streams, steps, horizon + 1] (error_horizon > 0)
+        self.numel: List[int] = [0] * len(loop.streams)
 
 
 def _real_path(path) -> str:
@@ -122,7 +131,12 @@ class CalibrationRecorder(Callback):
     """
 
     def __init__(self, model_id: Optional[str] = None, sampler: Optional[str] = None, *,
-                 resume: Optional[CalibrationLUT] = None, identity: Optional[Dict[str, Any]] = None):
+                 resume: Optional[CalibrationLUT] = None, identity: Optional[Dict[str, Any]] = None,
+                 error_horizon: int = DEFAULT_HORIZON):
+        if isinstance(error_horizon, bool) or not isinstance(error_horizon, int) or error_horizon < 0:
+            raise ValueError(f"taohooks: CalibrationRecorder error_horizon must be an int >= 0 (0: no error "
+                             f"statistics), got {error_horizon!r}")
+        self.error_horizon = error_horizon
         self.model_id = model_id
         self.sampler = sampler
         self.identity: Dict[str, Any] = check_identity(dict(identity or {}), "CalibrationRecorder(identity=...)")
@@ -150,7 +164,7 @@ class CalibrationRecorder(Callback):
         self._loop = loop
 
     def on_sample_start(self, hook, sample: int) -> None:
-        self._history = {s: _StreamHistory() for s in hook.loop.streams}
+        self._history = {s: _StreamHistory(self.error_horizon) for s in hook.loop.streams}
         self._generation = _Generation(hook.loop)
 
     def on_sample_abort(self, hook, sample: int, reason: str) -> None:
@@ -194,6 +208,8 @@ class CalibrationRecorder(Callback):
                 continue
             if history.eps is not None:
                 delta = [a - b for a, b in zip(eps, history.eps)]
+                if self.error_horizon:
+                    self._record_products(gen, s, step, delta, history, loop.batch_dim)
                 if history.delta is not None:
                     cos, ratio = delta_statistics(delta, history.delta, loop.batch_dim)
                     finite = torch.isfinite(cos) & torch.isfinite(ratio)
@@ -207,6 +223,20 @@ class CalibrationRecorder(Callback):
                     gen.ratio.add((s, step), ratio)
                 history.delta = delta
             history.eps = eps
+
+    def _record_products(self, gen: _Generation, s: int, step: int, delta: List[Tensor],
+                         history: _StreamHistory, batch_dim: Optional[int]) -> None:
+        """``<D_t, D_{t-j}>`` for ``j = 0..H`` per prompt into the generation's products."""
+        h = self.error_horizon
+        earlier = list(history.earlier) + [None] * (h - len(history.earlier))
+        products = band_products(delta, earlier, batch_dim).cpu()  # [B, H + 1]
+        if gen.gram is None:
+            shape = (products.shape[0], len(gen.numel), gen.timesteps.shape[0], h + 1)
+            gen.gram = torch.full(shape, float("nan"), dtype=torch.float64)
+        if products.shape[0] == gen.gram.shape[0]:
+            gen.gram[:, s, step] = products
+        gen.numel[s] = sum(d.numel() for d in delta) // products.shape[0]
+        history.earlier.appendleft(delta)
 
     def on_sample_end(self, hook, sample: int) -> None:
         gen, self._generation, self._history = self._generation, None, {}
@@ -224,8 +254,11 @@ class CalibrationRecorder(Callback):
                              f"{gen.timesteps[t].item():g}, the LUT's generations at {known.timesteps[t].item():g} "
                              "(a different sampler, shift or step count?)")
             return
+        deltas = None
+        if gen.gram is not None and gen.gram.shape[0] == gen.prompts:
+            deltas = DeltaGram(gen.gram, tuple(gen.numel))
         done = CalibrationLUT(known.streams, known.steps, gen.cos, gen.ratio, gen.timesteps, known.calls_per_step,
-                              self.model_id, self.sampler, gen.prompts, identity=dict(self.identity))
+                              self.model_id, self.sampler, gen.prompts, identity=dict(self.identity), deltas=deltas)
         try:
             known, pending = known.merge(done), self._pending.merge(done)
         except LUTMismatchError as exc:  # checked at attach; never let the last call of a generation raise

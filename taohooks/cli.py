@@ -87,7 +87,10 @@ def _plan_overrides(args, plan: PlanConfig) -> PlanConfig:
     changes = {}
     for name, field_name in (("budget", "budget"), ("window", "window"), ("skip_steps", "skip_steps"),
                              ("min_step", "min_step"), ("tau_cos", "tau_cos"), ("lam", "lambda_"),
-                             ("gamma", "gamma"), ("refresh_every", "refresh_every"), ("ratio", "ratio")):
+                             ("gamma", "gamma"), ("refresh_every", "refresh_every"), ("ratio", "ratio"),
+                             ("rule", "rule"), ("coefficient", "coefficient"), ("pattern", "pattern"),
+                             ("min_gap", "min_gap"), ("protect_last", "protect_last"),
+                             ("error_weights", "error_weights")):
         value = getattr(args, name)
         if value is not None:
             changes[field_name] = value
@@ -149,7 +152,28 @@ def _cmd_plan(args) -> int:
     if lut is not None:
         print(f"# {lut.describe()}")
     print(plan.table())
+    if lut is not None and lut.deltas is not None and plan.skipped_steps:
+        _print_predictions(plan, plan_cfg, steps, streams, lut)
     return 0
+
+
+def _print_predictions(plan, plan_cfg: PlanConfig, steps: int, streams, lut) -> None:
+    """The plan's predicted error, next to the other rule's plan and its predicted error."""
+    from .error_plan import error_model_of, predict_plan
+
+    model, why = error_model_of(lut, plan_cfg.error_weights)
+    print(f"# predicted error (open loop, sampler weights: {why}): {predict_plan(plan, model).describe()}")
+    other_rule = "paper" if plan_cfg.rule == "auto" else "auto"
+    other_cfg = dataclasses.replace(plan_cfg, rule=other_rule, pattern="auto", min_gap=2, protect_last=0,
+                                    error_weights=plan_cfg.error_weights if other_rule == "auto" else "auto",
+                                    coefficient=None, tau_cos=None if other_rule == "auto" else plan_cfg.tau_cos,
+                                    refresh_every=None if other_rule == "auto" else plan_cfg.refresh_every)
+    try:
+        other = make_plan(other_cfg, steps, streams, lut)
+    except PlanError as exc:
+        print(f"# rule: {other_rule} cannot plan this budget: {exc}")
+        return
+    print(f"# rule: {other_rule} would choose: {other.describe()}; {predict_plan(other, model).describe()}")
 
 
 class OutputError(OSError):
@@ -453,6 +477,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-every", type=int, help="a real call after every K skips")
     p.add_argument("--ratio", type=_parse_ratio, help="'calibrated' or a constant such as 1.0")
     p.add_argument("--steps", type=int, help="number of steps (defaults to the LUT's)")
+    p.add_argument("--rule", choices=("paper", "auto"), help="paper: Algorithm 1's window (default); auto: the "
+                   "schedule of least predicted error (needs a LUT with error statistics)")
+    p.add_argument("--coefficient", choices=("ratio", "projection", "linear", "reuse"),
+                   help="the extrapolation coefficient (auto: default the best per chain; paper: default ratio)")
+    p.add_argument("--pattern", choices=("auto", "contiguous", "strided"), help="rule auto: schedule shapes")
+    p.add_argument("--min-gap", type=int, help="rule auto: computed steps between chains (default 2)")
+    p.add_argument("--protect-last", type=int, help="rule auto: the last steps never skipped (default 0)")
+    p.add_argument("--error-weights", choices=("auto", "flow", "ddpm", "uniform"),
+                   help="rule auto: how each step's output enters the final latent (default: from the LUT)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("plot", help="plot cos similarity and norm ratio per step (matplotlib)")

@@ -35,6 +35,19 @@ MAX_PROMPTS = 100_000  # calibration.prompts is at most this
 FIRST_SKIPPABLE = 2    # as taohooks.plan.FIRST_SKIPPABLE: a skip needs two computed outputs before it
 
 
+PLAN_RULES = ("paper", "auto")
+COEFFICIENT_RULES = ("ratio", "projection", "linear", "reuse")  # as taohooks.error_plan.COEFFICIENTS
+PLAN_PATTERNS = ("auto", "contiguous", "strided")
+ERROR_WEIGHTS = ("auto", "flow", "ddpm", "uniform")
+
+
+def _one_of(err, key: str, value, choices) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        err(key, f"expected one of {', '.join(choices)}, got {value!r}{hint}")
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
@@ -74,12 +87,16 @@ class CalibrationConfig:
     prompts: int = 20
     sampler: Optional[str] = None
     accept: List[str] = field(default_factory=list)  # LUT identity differences accepted knowingly
+    error_horizon: int = 16  # delta products kept per step for plan.rule: auto (0: none); as delta_gram.DEFAULT_HORIZON
 
     def validate(self, err) -> None:
         if self.prompts < 1:
             err("calibration.prompts", f"expected a positive number of prompts, got {self.prompts}")
         if self.prompts > MAX_PROMPTS:
             err("calibration.prompts", f"expected at most {MAX_PROMPTS} prompts, got {self.prompts}")
+        if not 0 <= self.error_horizon <= 1000:
+            err("calibration.error_horizon", f"expected a number of steps from 0 (no error statistics) to 1000, "
+                                             f"got {self.error_horizon}")
         for i, name in enumerate(self.accept):
             if name not in ACCEPTABLE_DIFFERENCES:
                 close = difflib.get_close_matches(name, ACCEPTABLE_DIFFERENCES, n=1)
@@ -100,6 +117,12 @@ class PlanConfig:
     refresh_every: Optional[int] = None
     ratio: Union[float, str] = "calibrated"
     max_norm_ratio: Optional[float] = 10.0  # a prediction above this x the last real output's norm: computed
+    rule: str = "paper"                     # paper: Algorithm 1 exactly; auto: least predicted error (error_plan)
+    coefficient: Optional[str] = None       # ratio | projection | linear | reuse (auto: null = best per chain)
+    pattern: str = "auto"                   # rule auto: auto | contiguous | strided
+    min_gap: int = 2                        # rule auto: computed steps between chains (>= 2)
+    protect_last: int = 0                   # rule auto: the last steps never skipped
+    error_weights: str = "auto"             # rule auto: sampler weights auto | flow | ddpm | uniform
 
     def validate(self, err) -> None:
         b = self.budget
@@ -138,6 +161,39 @@ class PlanConfig:
             err("plan.ratio", f"expected a positive constant ratio, got {self.ratio}")
         if self.max_norm_ratio is not None and not self.max_norm_ratio >= 1:
             err("plan.max_norm_ratio", f"expected a number >= 1 (or null: no norm guard), got {self.max_norm_ratio}")
+        _one_of(err, "plan.rule", self.rule, PLAN_RULES)
+        if self.coefficient is not None:
+            _one_of(err, "plan.coefficient", self.coefficient, COEFFICIENT_RULES)
+        _one_of(err, "plan.pattern", self.pattern, PLAN_PATTERNS)
+        _one_of(err, "plan.error_weights", self.error_weights, ERROR_WEIGHTS)
+        if not 2 <= self.min_gap <= MAX_STEPS:
+            err("plan.min_gap", f"expected at least 2 computed steps between chains of skips, got {self.min_gap} "
+                                "(one computed step between two skips is a refresh inside a chain)")
+        if not 0 <= self.protect_last <= MAX_STEPS:
+            err("plan.protect_last", f"expected a number of steps >= 0, got {self.protect_last}")
+        if self.rule == "paper":
+            changed = [key for key, value, default in (("pattern", self.pattern, "auto"), ("min_gap", self.min_gap, 2),
+                                                       ("protect_last", self.protect_last, 0),
+                                                       ("error_weights", self.error_weights, "auto"))
+                       if value != default]
+            for key in changed:
+                err(f"plan.{key}", "applies to plan.rule: auto (the error-aware plan); rule: paper places "
+                                   "Algorithm 1's window")
+            if self.coefficient is not None and self.ratio != "calibrated":
+                err("plan.coefficient", f"give either plan.ratio {self.ratio} (a constant) or plan.coefficient, "
+                                        "not both")
+        else:
+            for key in ("window", "skip_steps"):
+                if getattr(self, key) is not None:
+                    err(f"plan.{key}", "rule: auto chooses the skipped steps itself; give plan.budget (or use "
+                                       "rule: paper with a fixed window)")
+            if self.ratio != "calibrated":
+                err("plan.ratio", "rule: auto chooses the coefficient per chain from the LUT; fix one with "
+                                  "plan.coefficient (ratio, projection, linear, reuse)")
+            if self.refresh_every is not None:
+                err("plan.refresh_every", "rule: auto places refreshes itself (pattern: strided has none)")
+            if self.tau_cos is not None:
+                err("plan.tau_cos", "applies to rule: paper (the max-cos window search)")
 
 
 @dataclass
@@ -264,6 +320,8 @@ def _validate_against_steps(config: TaoCacheConfig, steps: int, err) -> None:
                                f"(the first {FIRST_SKIPPABLE} steps are always computed)")
         first = max(FIRST_SKIPPABLE, plan.min_step if plan.min_step is not None else (steps + 1) // 2)
         span = count + ((count - 1) // plan.refresh_every if plan.refresh_every and count else 0)
+        if plan.rule == "auto":
+            span = count + plan.protect_last
         if count and span > steps - first:
             err("plan.budget", f"{what} span {span} steps, but the late regime of loop.steps {steps} holds "
                                f"{max(steps - first, 0)} (steps {first} to {last}); lower plan.budget or plan.min_step")

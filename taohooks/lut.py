@@ -9,6 +9,10 @@ merge exactly, and the derived tables for any reader::
     cos_mean, cos_std               float32 [streams, steps]   (derived, C_cos / S_cos)
     ratio_mean, ratio_std           float32 [streams, steps]   (derived, C_ratio / S_ratio)
     timesteps                       float64 [steps]            (NaN where unknown)
+    delta_gram (format 2, optional) float64 [prompts, streams, steps, horizon + 1]
+                                    <D_t, D_{t-j}> per prompt (:mod:`taohooks.delta_gram`), for the
+                                    error-aware planner; metadata ``delta_numel`` (elements per prompt
+                                    of each stream's output)
 
 plus the metadata key ``taohooks_lut`` holding a JSON object: format version, model id, steps, calls
 per step, stream names, sampler, number of prompts, creation time, and ``identity`` (an object of
@@ -35,11 +39,12 @@ from torch import Tensor
 from .io import atomic_write_bytes, special_file_kind
 from .loop import LoopSpec
 from .lut_format import check_identity
+from .delta_gram import DeltaGram
 from .stats import RunningMoments
 
 __all__ = ["CalibrationLUT", "LUTMismatchError", "LUTFormatError", "merge_luts", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the optional delta_gram; a version-1 file has no delta_gram and loads as is
 _META_KEY = "taohooks_lut"
 PathLike = Union[str, os.PathLike]
 
@@ -72,6 +77,7 @@ class CalibrationLUT:
     created: str = field(default_factory=_now)
     source: Optional[str] = None  # the file it was loaded from, for messages
     identity: Dict[str, Any] = field(default_factory=dict)  # what it was calibrated with (JSON values)
+    deltas: Optional[DeltaGram] = None  # products of deltas per prompt (format 2), for plan.rule: auto
 
     @classmethod
     def empty(cls, loop: LoopSpec, model_id: Optional[str] = None, sampler: Optional[str] = None,
@@ -150,13 +156,16 @@ class CalibrationLUT:
             self.streams, self.steps, self.cos.merge(other.cos), self.ratio.merge(other.ratio),
             torch.where(self.timesteps.isnan(), other.timesteps, self.timesteps), self.calls_per_step,
             self.model_id or other.model_id, self.sampler or other.sampler, self.num_prompts + other.num_prompts,
-            identity={**other.identity, **self.identity})
+            identity={**other.identity, **self.identity}, deltas=_merge_deltas(self, other))
 
     # ------------------------------------------------------------------ file
     def metadata(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "model_id": self.model_id, "steps": self.steps,
+        meta = {"format_version": FORMAT_VERSION, "model_id": self.model_id, "steps": self.steps,
                 "calls_per_step": self.calls_per_step, "streams": list(self.streams), "sampler": self.sampler,
                 "num_prompts": self.num_prompts, "created": self.created, "identity": dict(self.identity)}
+        if self.deltas is not None and self.deltas.prompts:
+            meta["delta_numel"] = list(self.deltas.numel)
+        return meta
 
     def to_bytes(self) -> bytes:
         from safetensors.torch import save
@@ -168,6 +177,8 @@ class CalibrationLUT:
             tensors[f"{name}_sumsq"] = moments.total_sq
             tensors[f"{name}_mean"] = moments.mean.float()
             tensors[f"{name}_std"] = moments.std.float()
+        if self.deltas is not None and self.deltas.prompts:
+            tensors["delta_gram"] = self.deltas.gram.to(torch.float64)
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         check_identity(self.identity, self._name())
         return save(tensors, metadata={_META_KEY: json.dumps(self.metadata())})
@@ -208,7 +219,9 @@ class CalibrationLUT:
         return cls(tuple(meta["streams"]), meta["steps"], moments["cos"], moments["ratio"],
                    tensors["timesteps"].to(torch.float64), meta.get("calls_per_step", 1), meta.get("model_id"),
                    meta.get("sampler"), meta.get("num_prompts", 0), meta.get("created", ""), source=str(path),
-                   identity=dict(meta.get("identity") or {}))
+                   identity=dict(meta.get("identity") or {}),
+                   deltas=DeltaGram(tensors["delta_gram"].to(torch.float64), tuple(meta["delta_numel"]))
+                   if "delta_gram" in tensors else None)
 
     # ------------------------------------------------------------------ display
     def table(self) -> str:
@@ -234,6 +247,23 @@ class CalibrationLUT:
         return (f"{self._name()}: model {self.model_id or '?'}, sampler {self.sampler or '?'}, {self.steps} steps, "
                 f"streams {', '.join(self.streams)}, {self.num_prompts} prompts, created {self.created or '?'}"
                 + (f", identity {json.dumps(self.identity, sort_keys=True)}" if self.identity else ""))
+
+
+def _merge_deltas(a: CalibrationLUT, b: CalibrationLUT) -> Optional[DeltaGram]:
+    """Both LUTs' delta products, or none if either LUT has prompts without them (an error estimate
+    from part of the prompts would not describe the LUT's statistics)."""
+    def usable(lut):  # a LUT without prompts contributes nothing either way
+        return lut.deltas if lut.deltas is not None or lut.num_prompts == 0 else False
+
+    da, db = usable(a), usable(b)
+    if da is False or db is False:
+        return None
+    if da is None or db is None:
+        return da if db is None else db
+    try:
+        return da.merge(db)
+    except ValueError as exc:
+        raise LUTMismatchError(f"cannot merge {b._name()} into {a._name()}: {exc}") from None
 
 
 def first_timestep_difference(a: Tensor, b: Tensor) -> Optional[int]:

@@ -14,7 +14,10 @@ of 2.5e29):
   was recorded; sums finite, ``sum**2 <= count * sumsq`` (Cauchy-Schwarz,
   relative tolerance 1e-9); cosine means in ``[-1, 1]`` (+1e-6) and ``sumsq <= count``; norm-ratio
   sums >= 0 and means at most :data:`MAX_RATIO`; stored means and stds finite where counted;
-  timesteps finite or NaN (unknown).
+  timesteps finite or NaN (unknown);
+* format 2: the optional ``delta_gram`` ``[prompts, streams, steps, horizon + 1]`` (floating, at most
+  ``num_prompts`` prompts, horizon >= 1): finite or NaN, ``<D_t, D_t> >= 0``, each product within
+  Cauchy-Schwarz of the two norms (relative 1e-6); metadata ``delta_numel`` one positive int per stream.
 """
 from __future__ import annotations
 
@@ -202,9 +205,48 @@ def _values(path, meta: dict, tensors: Dict[str, Tensor]) -> None:
                            "value (or NaN where unknown)")
 
 
+def _delta_gram(path, meta: dict, tensors: Dict[str, Tensor]) -> None:
+    if "delta_gram" not in tensors:
+        return
+    g = tensors["delta_gram"]
+    streams, steps = len(meta["streams"]), meta["steps"]
+    if g.dim() != 4 or tuple(g.shape[1:3]) != (streams, steps) or g.shape[3] < 2:
+        raise _error(path, f"tensor delta_gram has shape {list(g.shape)}; expected [prompts, {streams} streams, "
+                           f"{steps} steps, horizon + 1 >= 2]")
+    if not g.is_floating_point():
+        raise _error(path, f"tensor delta_gram has dtype {str(g.dtype).replace('torch.', '')}; expected a "
+                           "floating-point type")
+    if g.shape[0] > meta.get("num_prompts", 0):
+        raise _error(path, f"delta_gram holds {g.shape[0]} prompts, metadata num_prompts is "
+                           f"{meta.get('num_prompts', 0)}")
+    numel = meta.get("delta_numel")
+    if not isinstance(numel, list) or len(numel) != streams or not all(_is_int(n) and n > 0 for n in numel):
+        raise _error(path, f"metadata delta_numel is {numel!r}; expected one positive int per stream ({streams})")
+    g = g.to(torch.float64)
+    bad = _first(torch.isinf(g))
+    if bad is not None:
+        raise _error(path, f"delta_gram at prompt {int(bad[0])}, stream {meta['streams'][int(bad[1])]!r}, step "
+                           f"{int(bad[2])}, lag {int(bad[3])} is infinite; expected a finite value (or NaN)")
+    diag = g[..., 0]
+    bad = _first(diag < 0)
+    if bad is not None:
+        raise _error(path, f"delta_gram at prompt {int(bad[0])}, stream {meta['streams'][int(bad[1])]!r}, step "
+                           f"{int(bad[2])}, lag 0 (a squared norm) is {diag[tuple(bad)].item():g}; expected >= 0")
+    for lag in range(1, g.shape[3]):
+        a, b = diag[..., lag:], diag[..., :-lag]
+        prod = g[..., lag:, lag]
+        bound = (a * b).sqrt()
+        bad = _first(prod.abs() > bound * (1 + 1e-6) + 1e-30)
+        if bad is not None:
+            raise _error(path, f"delta_gram at prompt {int(bad[0])}, stream {meta['streams'][int(bad[1])]!r}, step "
+                               f"{int(bad[2]) + lag}, lag {lag} is {prod[tuple(bad)].item():g}, larger than the "
+                               "product of the two norms: the file is corrupt")
+
+
 def validate(path, raw_meta: str, tensors: Dict[str, Tensor], supported: int) -> dict:
     """The file's metadata (a dict) after checking it and its tensors; raises ``LUTFormatError``."""
     meta = _metadata(path, raw_meta, supported)
     _shapes(path, meta, tensors)
     _values(path, meta, tensors)
+    _delta_gram(path, meta, tensors)
     return meta

@@ -46,7 +46,7 @@ class SkipPlan:
     ratios: Dict[str, Tuple[Optional[float], ...]]
     window: Optional[Tuple[int, int]] = None
     score: Optional[float] = None
-    source: str = "none"  # "none" | "auto" | "window" | "explicit"
+    source: str = "none"  # "none" | "max-cos" (the paper's search) | "error-aware" | "window" | "explicit"
     _skips: FrozenSet[int] = field(init=False, repr=False, compare=False)
     _remember: FrozenSet[int] = field(init=False, repr=False, compare=False)
 

@@ -129,7 +129,8 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     identity = patch.identity_of(arguments, model) if patch.identity_of else identity_of_model(model)
     if base is not None:
         check_run(config, base, loop, identity)  # resuming: the LUT must be of this run
-    recorder = CalibrationRecorder(config.model_id, config.calibration.sampler, resume=resume, identity=identity)
+    recorder = CalibrationRecorder(config.model_id, config.calibration.sampler, resume=resume, identity=identity,
+                                   error_horizon=config.calibration.error_horizon)
     with DenoiserHook(loop, [recorder], timestep_arg=attach_kwargs.get("timestep_arg")).attach(model) as hook:
         for index in mine[done:]:
             messages.notice(f"rank {rank}/{size}: calibration prompt {index + 1}/{wanted}: {prompts[index]!r}",

@@ -47,7 +47,17 @@ def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
     if not constant and lut is None:
         raise PlanError("plan.ratio is 'calibrated' but no calibration LUT is loaded; calibrate first, "
                         "or set plan.ratio to a constant such as 1.0 (plain linear extrapolation)")
+    if plan.rule == "auto":
+        from .error_plan import error_aware_plan
+
+        if skips is None:
+            raise PlanError("plan.rule: auto needs plan.budget (it chooses the steps)")
+        return error_aware_plan(plan, steps, streams, lut, skips).plan
     ratios = plan.ratio if constant else lut.ratio_mean
+    if plan.coefficient is not None and not constant:
+        from .error_plan import coefficient_table
+
+        ratios = coefficient_table(plan.coefficient, lut.cos_mean, lut.ratio_mean)
     if plan.window is not None:
         return plan_from_window(steps, streams, plan.window[0], plan.window[1], ratios, plan.refresh_every)
     if plan.skip_steps is not None:
@@ -58,7 +68,7 @@ def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
     first, last, score = search_window(lut.cos_mean, lut.cos_std, lut.ratio_mean, lut.ratio_std, skips,
                                        refresh_every=plan.refresh_every, min_step=plan.min_step,
                                        tau_cos=plan.tau_cos, lam=plan.lambda_, gamma=plan.gamma)
-    return plan_from_window(steps, streams, first, last, ratios, plan.refresh_every, score=score, source="auto")
+    return plan_from_window(steps, streams, first, last, ratios, plan.refresh_every, score=score, source="max-cos")
 
 
 def _load_present(path: Optional[Path]) -> Optional[CalibrationLUT]:
@@ -165,7 +175,8 @@ class TaoCache:
                             f"(calibration.prompts); this run computes every step and writes the LUT after each "
                             "generation")
             self.recorder = CalibrationRecorder(cfg.model_id, cfg.calibration.sampler, resume=self.lut,
-                                                identity=dict(identity or {}))
+                                                identity=dict(identity or {}),
+                                                error_horizon=cfg.calibration.error_horizon)
             self.plan = no_skip_plan(loop.steps, loop.streams)
             own: list = [self.recorder, _SaveLUT(self.recorder, path)]
         else:

@@ -288,7 +288,7 @@ def test_latte_calibrates_on_the_first_prompt_then_skips(runner, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "calibrating" not in res.stderr
     assert saved_counts(res) == [(2, 10)] * 3, res.stderr
-    assert all("[auto]" in line for line in res.summaries())
+    assert all("[max-cos]" in line for line in res.summaries())
 
 
 def test_opensora_plan_pndm_calibrates_then_skips(runner, tmp_path):

@@ -48,9 +48,12 @@ def refused(tmp_path, good, edit) -> str:
 
 def test_a_valid_file_loads_and_an_old_one_without_identity_too(tmp_path, good):
     tensors, meta = contents(good)
-    del meta["identity"]  # as written before identity existed (format version 1)
+    assert meta["format_version"] == 2 and "delta_gram" in tensors
+    del meta["identity"]  # as written before identity existed (format version 1, no delta products)
+    del meta["delta_numel"], tensors["delta_gram"]
+    meta["format_version"] = 1
     lut = CalibrationLUT.load(write(tmp_path / "old.safetensors", tensors, meta))
-    assert lut.identity == {} and lut.num_prompts == 2 and meta["format_version"] == 1
+    assert lut.identity == {} and lut.num_prompts == 2 and lut.deltas is None
 
 
 def test_bit_rotted_ratio_sum(tmp_path, good):

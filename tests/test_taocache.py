@@ -32,7 +32,7 @@ def test_predictions_are_exact_on_geometric_deltas(refresh):
     with cache.attach(model, steps=STEPS, streams=streams):
         out = run_loop(model, STEPS, streams, batch=2)
     plan = cache.plan
-    assert len(plan.skipped_steps) == 6 and plan.source == "auto"
+    assert len(plan.skipped_steps) == 6 and plan.source == "max-cos"
     assert plan.refresh_steps == ((plan.window[0] + 2, plan.window[0] + 5) if refresh else ())
     assert model.calls == 2 * (STEPS - 6)
     assert max_error(ref, out) < 1e-5

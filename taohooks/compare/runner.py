@@ -251,7 +251,8 @@ class Experiment:
                                   "another output folder (or delete it)")
             return CalibrationLUT.load(lut_file), state.get("tea_coefficients")
         messages.notice(f"compare: calibrating {why} on {len(prompts)} calibration prompts (full-step)")
-        recorder = CalibrationRecorder(self.tao.model_id, self.tao.calibration.sampler, identity=self.identity)
+        recorder = CalibrationRecorder(self.tao.model_id, self.tao.calibration.sampler, identity=self.identity,
+                                       error_horizon=self.tao.calibration.error_horizon)
         tea = None
         callbacks: List[Callback] = [recorder]
         if "teacache" in self.config.methods:

@@ -30,7 +30,7 @@ from .testbed_model import TestbedModel, modulated_input
 __all__ = ["Calibration", "calibrate", "run_with", "paired_speedup", "Run", "METHODS", "build_method",
            "match_threshold", "CallCounter"]
 
-METHODS = ("taocache", "teacache", "magcache", "taoskip+tearesidual", "hybrid", "pab+taocache")
+METHODS = ("taocache", "taocache-auto", "teacache", "magcache", "taoskip+tearesidual", "hybrid", "pab+taocache")
 
 
 def batches(items: Sequence, size: int) -> List[Sequence]:
@@ -161,10 +161,24 @@ class Built:
     info: Dict[str, object] = field(default_factory=dict)
 
 
-def _tao(tm: TestbedModel, cal: Calibration, skips: int) -> Tuple[SkipPlan, TaoCacheCallback]:
+def _tao(tm: TestbedModel, cal: Calibration, skips: int, rule: str = "paper") -> Tuple[SkipPlan, TaoCacheCallback]:
     loop = tm.loop()
-    plan = make_plan(PlanConfig(budget=skips), loop.steps, loop.streams, cal.lut)
+    config = PlanConfig(budget=skips, rule=rule)
+    if rule == "auto":
+        config.error_weights = "ddpm" if tm.prediction == "eps" else "flow"
+    plan = make_plan(config, loop.steps, loop.streams, cal.lut)
     return plan, TaoCacheCallback(plan, cal.lut.timesteps)
+
+
+def _predicted_psnr(tm: TestbedModel, cal: Calibration, plan: SkipPlan):
+    """The open-loop predicted PSNR of a plan (:mod:`taohooks.error_model`), or None without products."""
+    from ..error_plan import error_model_of, predict_plan
+
+    if cal.lut.deltas is None:
+        return None
+    model, _ = error_model_of(cal.lut, "ddpm" if tm.prediction == "eps" else "flow")
+    psnr = predict_plan(plan, model).psnr
+    return round(psnr, 3) if psnr == psnr and psnr != float("inf") else None
 
 
 def build_method(name: str, tm: TestbedModel, cal: Calibration, skips: int, search_pairs,
@@ -176,9 +190,13 @@ def build_method(name: str, tm: TestbedModel, cal: Calibration, skips: int, sear
     def measure(callbacks):
         return run_with(tm, callbacks, search_pairs, batch_size).skipped_fraction
 
-    if name == "taocache":
-        plan, tao = _tao(tm, cal, skips)
-        return Built([tao], {"window": plan.window})
+    if name in ("taocache", "taocache-auto"):
+        plan, tao = _tao(tm, cal, skips, "auto" if name == "taocache-auto" else "paper")
+        info = {"window": plan.window, "predicted_psnr": _predicted_psnr(tm, cal, plan)}
+        if name == "taocache-auto":
+            info["skipped_steps"] = list(plan.skipped_steps)
+            info["refresh_steps"] = list(plan.refresh_steps)
+        return Built([tao], info)
     if name == "taoskip+tearesidual":
         plan, _ = _tao(tm, cal, skips)
         return Built([ResidualSkipCallback(plan.skipped_steps, blocks=tm.blocks)], {"window": plan.window})

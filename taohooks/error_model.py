@@ -1,0 +1,244 @@
+"""Predicted error of a skip schedule, from the calibrated delta products (open loop).
+
+TaoCache's output at a skip step ``t`` is ``eps_{t-1} + a_t * d_{t-1}``: the last output used plus
+``a_t`` times the last delta used (real or predicted). Write the error of what is used as a
+combination of the real deltas ``D_i``::
+
+    skip t:      delta_err_t = a_t * (D_{t-1} + delta_err_{t-1}) - D_t,  eps_err_t = eps_err_{t-1} + delta_err_t
+    computed t:  delta_err_t = -eps_err_{t-1},                           eps_err_t = 0
+
+(a computed step after a skip takes its delta against the predicted output: the drift a refresh
+carries forward). The sampler adds each step's output to the latent with a weight ``w_t``
+(``d sigma`` of flow matching with Euler; :func:`sampler_weights`), so the error reaching the
+final latent is, to first order and with the model's own outputs unchanged (open loop)::
+
+    F = sum_t w_t eps_err_t,      E ||F||^2 = sum_ij F_i F_j <D_i, D_j>
+
+averaged over the calibration prompts. A *chain* is a run of steps whose errors depend on each
+other: skips separated by at most one computed step. Chains separated by two or more computed
+steps restart from real outputs, and their errors are added as uncorrelated (squares add). A
+chain that spans more steps than the products' horizon has no estimate (NaN).
+
+Errors are reported as mean squared error per output element, averaged over streams (with
+classifier-free guidance the two streams' errors are close, and so is the guided one), and as
+the PSNR of a ``[-1, 1]`` latent with that error (``predicted_psnr``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .delta_gram import DeltaGram
+
+__all__ = ["ChainError", "ErrorModel", "chains_of", "sampler_weights", "predicted_psnr", "WEIGHT_SCHEMES",
+           "ddpm_alphas_cumprod"]
+
+WEIGHT_SCHEMES = ("flow", "ddpm", "uniform")
+SKIP, REFRESH, COMPUTE = "skip", "refresh", "compute"
+
+
+def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                        beta_end: float = 0.02) -> Tensor:
+    """``alpha_bar`` of the linear beta schedule (Latte, Open-Sora-Plan, the testbed ``eps`` model)."""
+    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def sampler_weights(timesteps: Tensor, scheme: str) -> Tensor:
+    """``[steps]`` weight of each step's output in the final latent (first order, float64).
+
+    ``flow``: ``sigma_t - sigma_{t+1}`` with ``sigma = timestep / 1000`` (flow matching, the timestep
+    the model sees is ``1000 sigma``; the last step goes to 0). ``ddpm``: DDIM's weight of an eps
+    error in the clean sample, ``s_t - s_{t+1}`` with ``s = sqrt((1 - alpha_bar) / alpha_bar)`` of the
+    linear beta schedule (the last step goes to ``alpha_bar = 1``). ``uniform``: 1.
+    """
+    t = timesteps.to(torch.float64)
+    if scheme == "uniform":
+        return torch.ones_like(t)
+    if torch.isnan(t).any():
+        raise ValueError(f"sampler weights '{scheme}' need every step's timestep; the LUT lacks steps "
+                         f"{torch.isnan(t).nonzero().flatten().tolist()}")
+    if scheme == "flow":
+        sigma = torch.cat([t / 1000.0, t.new_zeros(1)])
+        return sigma[:-1] - sigma[1:]
+    if scheme == "ddpm":
+        ab = ddpm_alphas_cumprod()
+        idx = t.round().long().clamp(0, len(ab) - 1)
+        s = torch.cat([((1 - ab[idx]) / ab[idx]).sqrt(), t.new_zeros(1)])
+        return s[:-1] - s[1:]
+    raise ValueError(f"unknown sampler weight scheme {scheme!r} (one of {', '.join(WEIGHT_SCHEMES)})")
+
+
+def predicted_psnr(mse: float, data_range: float = 2.0) -> float:
+    """PSNR (dB) of a latent in ``[-1, 1]`` whose mean squared error is ``mse`` (inf for 0)."""
+    if not mse > 0:
+        return math.inf if mse == 0 else math.nan
+    return 10.0 * math.log10(data_range ** 2 / mse)
+
+
+def chains_of(actions: Sequence[str]) -> List[Tuple[int, int]]:
+    """Inclusive spans ``(first skip, last skip)`` of the chains of a schedule: skips separated by at
+    most one computed step (a refresh) belong to one chain."""
+    skips = [t for t, a in enumerate(actions) if a == SKIP]
+    chains: List[Tuple[int, int]] = []
+    for t in skips:
+        if chains and t - chains[-1][1] <= 2:
+            chains[-1] = (chains[-1][0], t)
+        else:
+            chains.append((t, t))
+    return chains
+
+
+@dataclass(frozen=True)
+class ChainError:
+    """Predicted error of one chain: mean squared error per element, averaged over streams, its
+    values per prompt ``[prompts]``, and the open-loop error of each skip's output relative to the
+    real output's delta (``step_errors``: step -> ``||eps_err_t|| / ||D_t||``, mean over prompts and
+    streams)."""
+
+    first: int
+    last: int
+    mse: float
+    per_prompt: Tensor
+    step_errors: Dict[int, float]
+
+
+class ErrorModel:
+    """Predicts the error of schedules for one LUT's delta products.
+
+    Args:
+        gram: the calibrated products.
+        weights: ``[steps]`` sampler weights (:func:`sampler_weights`).
+    """
+
+    def __init__(self, gram: DeltaGram, weights: Tensor):
+        if gram.prompts == 0:
+            raise ValueError("no delta products recorded (an empty calibration)")
+        self.gram = gram
+        self.steps = gram.gram.shape[2]
+        self.streams = gram.gram.shape[1]
+        self.horizon = gram.horizon
+        self.weights = weights.to(torch.float64)
+        # dense [streams, prompts, steps, steps] <D_i, D_j> (NaN beyond the horizon / unrecorded)
+        p, s, t, h = gram.gram.shape
+        dense = torch.full((s, p, t, t), float("nan"), dtype=torch.float64)
+        for j in range(min(h, t)):
+            i = torch.arange(j, t)
+            band = gram.gram[:, :, j:, j].permute(1, 0, 2)  # [s, p, t - j]
+            dense[:, :, i, i - j] = band
+            dense[:, :, i - j, i] = band
+        self.dense = dense
+        self.numel = torch.tensor([max(n, 1) for n in gram.numel], dtype=torch.float64)
+
+    # ------------------------------------------------------------------ one chain
+    def _vectors(self, actions: Sequence[str], coefficients: Sequence[Optional[float]], first: int,
+                 last: int) -> Tuple[Tensor, Dict[int, Tensor]]:
+        """``F`` (weighted error sum, ``[steps]`` over deltas) and each skip's ``eps_err`` for the
+        chain whose skips span ``first..last``; the chain restarts from real outputs at ``first``."""
+        n = self.steps
+        eps_err = torch.zeros(n, dtype=torch.float64)
+        delta_err = torch.zeros(n, dtype=torch.float64)
+        total = torch.zeros(n, dtype=torch.float64)
+        per_step: Dict[int, Tensor] = {}
+        for t in range(first, last + 1):
+            if actions[t] == SKIP:
+                a = float(coefficients[t])
+                new_delta = a * delta_err
+                new_delta[t - 1] += a
+                new_delta[t] -= 1.0
+                delta_err, eps_err = new_delta, eps_err + new_delta
+                per_step[t] = eps_err.clone()
+                total += float(self.weights[t]) * eps_err
+            else:
+                delta_err, eps_err = -eps_err, torch.zeros(n, dtype=torch.float64)
+        return total, per_step
+
+    def _quadratic(self, v: Tensor, stream: int) -> Tensor:
+        """``E ||sum_i v_i D_i||^2`` per prompt ``[prompts]`` (NaN if a needed product is unknown)."""
+        idx = v.nonzero().flatten()
+        if idx.numel() == 0:
+            return torch.zeros(self.dense.shape[1], dtype=torch.float64)
+        sub = self.dense[stream][:, idx][:, :, idx]  # [p, k, k]
+        w = v[idx]
+        return torch.einsum("i,pij,j->p", w, sub, w)
+
+    def chain(self, actions: Sequence[str], coefficients: Sequence[Sequence[Optional[float]]], first: int,
+              last: int) -> ChainError:
+        """Error of the chain ``first..last`` of ``actions``; ``coefficients[stream][t]`` at its skips."""
+        per_prompt = torch.zeros(self.dense.shape[1], dtype=torch.float64)
+        step_errors: Dict[int, float] = {}
+        for s in range(self.streams):
+            total, per_step = self._vectors(actions, coefficients[s], first, last)
+            per_prompt = per_prompt + self._quadratic(total, s) / self.numel[s] / self.streams
+            for t, v in per_step.items():
+                real = self.dense[s, :, t, t]
+                rel = (self._quadratic(v, s) / real).sqrt().mean()
+                step_errors[t] = step_errors.get(t, 0.0) + float(rel) / self.streams
+        return ChainError(first, last, float(per_prompt.mean()), per_prompt, step_errors)
+
+    def chain_mse(self, actions: Sequence[str], coefficients: Sequence[Sequence[Optional[float]]], first: int,
+                  last: int) -> float:
+        """Mean squared error per element of one chain (NaN beyond the horizon); the planner's cost."""
+        if last - first + 1 > self.horizon:  # the products reach back to D_{first - 1}
+            return math.nan
+        mse = 0.0
+        for s in range(self.streams):
+            total, _ = self._vectors(actions, coefficients[s], first, last)
+            mse += float(self._quadratic(total, s).mean()) / float(self.numel[s]) / self.streams
+        return mse
+
+    # ------------------------------------------------------------------ whole schedules
+    def schedule(self, actions: Sequence[str], coefficients: Sequence[Sequence[Optional[float]]]) -> "ScheduleError":
+        """Error of a whole schedule: ``F`` summed over all its chains, with the products between
+        chains that lie within the horizon (correlated errors add coherently) and those beyond it
+        taken as 0 (uncorrelated). NaN if a chain itself spans more than the horizon."""
+        chains = tuple(self.chain(actions, coefficients, a, b) for a, b in chains_of(actions))
+        prompts = self.dense.shape[1]
+        if not chains:
+            return ScheduleError(chains, 0.0, torch.zeros(prompts, dtype=torch.float64))
+        if any(c.last - c.first + 1 > self.horizon for c in chains):
+            nan = torch.full((prompts,), float("nan"), dtype=torch.float64)
+            return ScheduleError(chains, math.nan, nan)
+        per_prompt = torch.zeros(prompts, dtype=torch.float64)
+        for s in range(self.streams):
+            total = torch.zeros(self.steps, dtype=torch.float64)
+            for a, b in chains_of(actions):
+                total += self._vectors(actions, coefficients[s], a, b)[0]
+            idx = total.nonzero().flatten()
+            sub = self.dense[s][:, idx][:, :, idx].nan_to_num(0.0)  # beyond the horizon: uncorrelated
+            per_prompt = per_prompt + torch.einsum("i,pij,j->p", total[idx], sub, total[idx]) / self.numel[s] \
+                / self.streams
+        return ScheduleError(chains, float(per_prompt.mean()), per_prompt)
+
+
+@dataclass(frozen=True)
+class ScheduleError:
+    """Predicted error of a whole schedule: its chains, the mean squared error per element of the final
+    latent (``mse``) and its values per prompt."""
+
+    chains: Tuple[ChainError, ...]
+    mse: float
+    per_prompt: Tensor
+
+    @property
+    def psnr(self) -> float:
+        """Predicted PSNR (dB) of a ``[-1, 1]`` latent."""
+        return predicted_psnr(self.mse)
+
+    @property
+    def psnr_spread(self) -> Tuple[float, float]:
+        """Predicted PSNR of the worst and the best calibration prompt."""
+        return predicted_psnr(float(self.per_prompt.max())), predicted_psnr(float(self.per_prompt.min()))
+
+    def describe(self) -> str:
+        if math.isnan(self.mse):
+            return "predicted error: unknown (a chain spans more steps than the calibrated horizon)"
+        if not self.chains:
+            return "predicted error: none (nothing skipped)"
+        worst, best = self.psnr_spread
+        return (f"predicted PSNR {self.psnr:.1f} dB (prompts {worst:.1f} to {best:.1f}; open loop, "
+                f"MSE {self.mse:.3g} per element)")

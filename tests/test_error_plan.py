@@ -1,0 +1,284 @@
+"""Error-aware planning (plan.rule: auto): delta products, the error model, the planner.
+
+Exact expected values: on a denoiser whose outputs do not depend on its input, the open-loop error
+model is exact, so the predicted error of any schedule must equal the error the TaoCache hook
+really makes in a sampler that sums the outputs; on an alternating trajectory one rule
+(``projection``) is exact and the planner must pick it; a brute-force search over every schedule of
+a 12-step loop must agree with the dynamic programme.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec
+from taohooks.config import PlanConfig, config_from_dict, ConfigError
+from taohooks.delta_gram import DeltaGram
+from taohooks.error_model import ErrorModel, chains_of, sampler_weights
+from taohooks.error_plan import (PlannerOptions, brute_force, coefficient_table, error_model_of, plan_min_error,
+                                 predict_plan, weight_scheme)
+from taohooks.extrapolation import TaoCacheCallback
+from taohooks.lut import CalibrationLUT
+from taohooks.plan import COMPUTE, REFRESH, SKIP, PlanError, SkipPlan
+from taohooks.taocache import make_plan
+from trajectories import GeometricDenoiser, run_loop
+
+
+class TableDenoiser(nn.Module):
+    """Output at step ``t`` (the timestep passed) is a fixed random-walk table, one per prompt and
+    stream, whatever the input: the open loop is the real loop."""
+
+    def __init__(self, steps: int, prompts: int, streams=("main",), shape=(2, 3, 3), seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.streams = tuple(streams)
+        smooth = torch.linspace(0, 1, steps).view(steps, 1, *[1] * len(shape))
+        tables = []
+        for _ in streams:
+            drift = torch.randn(1, prompts, *shape, generator=g)
+            noise = 0.05 * torch.randn(steps, prompts, *shape, generator=g).cumsum(0)
+            tables.append(torch.sin(3 * smooth) * drift + noise)  # [steps, prompts, ...]
+        self.register_buffer("table", torch.stack(tables))  # [streams, steps, prompts, ...]
+        self.batch = slice(0, prompts)
+
+    def forward(self, x, timestep, stream: str = "main"):
+        t = int(float(timestep.reshape(-1)[0]))
+        return self.table[self.streams.index(stream), t, self.batch].clone()
+
+
+def same(a, b) -> bool:
+    return a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def sample(model, steps, streams, weights, prompts):
+    """Sum of ``w_t * eps_t`` per stream (a first-order sampler whose latent starts at 0)."""
+    x = {s: torch.zeros(prompts, *model.table.shape[3:], dtype=torch.float64) for s in streams}
+    for t in range(steps):
+        for s in streams:
+            out = model(torch.zeros(prompts, 1), timestep=torch.tensor([float(t)]), stream=s)
+            x[s] += float(weights[t]) * out.to(torch.float64)
+    return x
+
+
+def calibrate(model, steps, streams, prompts, horizon=16):
+    rec = CalibrationRecorder(error_horizon=horizon)
+    with DenoiserHook(LoopSpec(steps, tuple(streams)), [rec]).attach(model) as hook:
+        hook.new_sample()
+        sample(model, steps, streams, torch.ones(steps), prompts)
+    return rec.lut()
+
+
+def measured_mse(model, plan, lut, steps, streams, weights, prompts):
+    ref = sample(model, steps, streams, weights, prompts)
+    with DenoiserHook(LoopSpec(steps, tuple(streams)), [TaoCacheCallback(plan, lut.timesteps,
+                                                                         max_norm_ratio=None)]).attach(model) as hook:
+        hook.new_sample()
+        got = sample(model, steps, streams, weights, prompts)
+    per_element = [((got[s] - ref[s]) ** 2).flatten(1).mean(1) for s in streams]  # [prompts] per stream
+    return float(torch.stack(per_element).mean(0).mean())
+
+
+# ---------------------------------------------------------------- delta products
+def test_products_are_the_inner_products_of_the_deltas():
+    steps, prompts = 8, 3
+    model = TableDenoiser(steps, prompts)
+    lut = calibrate(model, steps, ("main",), prompts, horizon=3)
+    g = lut.deltas.gram
+    assert g.shape == (3, 1, 8, 4) and lut.deltas.numel == (18,)
+    d = model.table[0].flatten(2).to(torch.float64).diff(dim=0)  # D_1..D_7 [7, prompts, n]
+    for t in range(1, steps):
+        for j in range(4):
+            if t - j >= 1:
+                want = (d[t - 1] * d[t - 1 - j]).sum(-1)
+                assert torch.allclose(g[:, 0, t, j], want, rtol=1e-5, atol=1e-7), (t, j)
+            else:
+                assert torch.isnan(g[:, 0, t, j]).all()
+    assert torch.isnan(g[:, 0, 0]).all()
+
+
+def test_products_survive_the_file_and_merge_by_prompts(tmp_path):
+    model = TableDenoiser(8, 2)
+    a = calibrate(model, 8, ("main",), 2, horizon=4)
+    b = calibrate(TableDenoiser(8, 2, seed=1), 8, ("main",), 2, horizon=2)
+    a.save(tmp_path / "a.safetensors")
+    back = CalibrationLUT.load(tmp_path / "a.safetensors")
+    assert same(back.deltas.gram, a.deltas.gram) and back.deltas.numel == a.deltas.numel
+    merged = a.merge(b)
+    assert merged.deltas.prompts == 4 and merged.deltas.horizon == 2  # the common horizon
+    assert same(merged.deltas.gram[:2], a.deltas.gram[..., :3])
+    no_products = calibrate(model, 8, ("main",), 2, horizon=0)
+    assert no_products.deltas is None and a.merge(no_products).deltas is None  # part of the prompts: none
+
+
+def test_version_1_file_loads_without_products_and_auto_says_so(tmp_path):
+    lut = calibrate(TableDenoiser(10, 2), 10, ("main",), 2, horizon=0)
+    lut.save(tmp_path / "v1.safetensors")
+    loaded = CalibrationLUT.load(tmp_path / "v1.safetensors")
+    assert loaded.deltas is None
+    with pytest.raises(PlanError, match="v1.safetensors has no error statistics .* use plan.rule: paper"):
+        make_plan(PlanConfig(budget=2, rule="auto"), 10, ("main",), loaded)
+    assert make_plan(PlanConfig(budget=2), 10, ("main",), loaded).skipped_steps  # the paper's rule still plans
+
+
+def test_corrupt_products_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from taohooks.lut import LUTFormatError
+
+    lut = calibrate(TableDenoiser(8, 2), 8, ("main",), 2, horizon=2)
+    path = tmp_path / "l.safetensors"
+    lut.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors["delta_gram"][0, 0, 5, 1] = 1e9  # beyond Cauchy-Schwarz
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(LUTFormatError, match="delta_gram at prompt 0, stream 'main', step 5, lag 1"):
+        CalibrationLUT.load(path)
+
+
+# ---------------------------------------------------------------- the error model is exact in open loop
+@pytest.mark.parametrize("actions", [
+    "ccccccsccccc",          # one isolated skip
+    "cccccssscccc",  # a run of three
+    "ccccsrssrscc",          # refreshes carry the drift
+    "ccsccsccsccs",          # strided, the last step too
+])
+@pytest.mark.parametrize("rule", ["ratio", "projection", "linear", "reuse"])
+def test_predicted_error_equals_the_hooks_error_on_an_open_loop(actions, rule):
+    steps, prompts, streams = 12, 3, ("cond", "uncond")
+    model = TableDenoiser(steps, prompts, streams)
+    lut = calibrate(model, steps, streams, prompts)
+    names = {"c": COMPUTE, "s": SKIP, "r": REFRESH}
+    acts = tuple(names[a] for a in actions)
+    table = coefficient_table(rule, lut.cos_mean, lut.ratio_mean)
+    ratios = {s: tuple(float(table[i, t]) if a == SKIP else None for t, a in enumerate(acts))
+              for i, s in enumerate(streams)}
+    plan = SkipPlan(steps, streams, acts, ratios)
+    weights = torch.linspace(0.3, 1.0, steps, dtype=torch.float64)
+    predicted = predict_plan(plan, ErrorModel(lut.deltas, weights))
+    measured = measured_mse(model, plan, lut, steps, streams, weights, prompts)
+    assert measured > 0
+    assert math.isclose(predicted.mse, measured, rel_tol=1e-4), (predicted.mse, measured)
+    chains = chains_of(acts)
+    if len(chains) > 1:  # the planner's objective: chains as uncorrelated, each chain's own error
+        alone = 0.0
+        for first, last in chains:
+            one = tuple(a if first <= t <= last else COMPUTE for t, a in enumerate(acts))
+            plan = SkipPlan(steps, streams, one, {s: tuple(r if first <= t <= last else None
+                                                           for t, r in enumerate(ratios[s])) for s in streams})
+            alone += measured_mse(model, plan, lut, steps, streams, weights, prompts)
+        assert math.isclose(sum(c.mse for c in predicted.chains), alone, rel_tol=1e-4)
+
+
+def test_chains_are_split_by_two_computed_steps():
+    acts = [COMPUTE] * 3 + [SKIP, COMPUTE, SKIP, COMPUTE, COMPUTE, SKIP, SKIP]
+    assert chains_of(acts) == [(3, 5), (8, 9)]
+
+
+# ---------------------------------------------------------------- the planner
+def test_alternating_trajectory_planner_picks_the_exact_rule():
+    """``D_t = -0.8 D_{t-1}``: cos -1, ratio 0.8; only ``projection`` (a = -0.8) is exact."""
+    steps = 14
+    model = GeometricDenoiser({"main": -0.8})
+    rec = CalibrationRecorder()
+    with DenoiserHook(LoopSpec(steps, ("main",)), [rec]).attach(model) as hook:
+        for _ in range(2):
+            hook.new_sample()
+            run_loop(model, steps, ("main",), batch=2)
+    lut = rec.lut()
+    model_err = ErrorModel(lut.deltas, torch.ones(steps, dtype=torch.float64))
+    chosen = plan_min_error(lut, model_err, 4, ("main",))
+    assert {rule for _, _, rule in chosen.chains} == {"projection"}
+    assert chosen.predicted.mse < 1e-12
+    paper = make_plan(PlanConfig(budget=4), steps, ("main",), lut)
+    assert predict_plan(paper, model_err).mse > 1e-3
+    assert all(abs(r + 0.8) < 1e-5 for r in chosen.plan.ratios["main"] if r is not None)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("options", [PlannerOptions(min_step=2), PlannerOptions(min_step=2, min_gap=3),
+                                     PlannerOptions(min_step=4, pattern="strided", protect_last=1),
+                                     PlannerOptions(min_step=2, pattern="contiguous")])
+def test_planner_agrees_with_brute_force_on_a_small_loop(seed, options):
+    steps, prompts, streams = 12, 3, ("cond", "uncond")
+    lut = calibrate(TableDenoiser(steps, prompts, streams, seed=seed), steps, streams, prompts)
+    model = ErrorModel(lut.deltas, sampler_weights(torch.linspace(999, 100, steps), "flow"))
+    chosen = plan_min_error(lut, model, 3, streams, options)
+    best, skips = brute_force(lut, model, 3, streams, options)
+    assert math.isclose(chosen.objective, best, rel_tol=1e-9), (chosen.describe(), best, skips)
+    assert chosen.plan.skipped_steps == skips
+
+
+def test_planner_respects_min_step_and_protect_last():
+    steps, prompts = 20, 2
+    lut = calibrate(TableDenoiser(steps, prompts), steps, ("main",), prompts)
+    model = ErrorModel(lut.deltas, torch.ones(steps, dtype=torch.float64))
+    chosen = plan_min_error(lut, model, 4, ("main",), PlannerOptions(min_step=12, protect_last=3))
+    assert min(chosen.plan.skipped_steps) >= 12 and max(chosen.plan.skipped_steps) <= 16
+    with pytest.raises(PlanError, match="no schedule of 9 skips fits steps 12 to 16"):
+        plan_min_error(lut, model, 9, ("main",), PlannerOptions(min_step=12, protect_last=3))
+
+
+def test_sampler_weights_flow_and_ddpm():
+    w = sampler_weights(torch.tensor([1000.0, 500.0, 100.0]), "flow")
+    assert torch.allclose(w, torch.tensor([0.5, 0.4, 0.1], dtype=torch.float64))
+    w = sampler_weights(torch.tensor([999.0, 0.0]), "ddpm")
+    assert w[0] > 100 and 0 < w[1] < 0.02  # sqrt((1 - ab) / ab) falls from ~157 to ~0.01
+    with pytest.raises(ValueError, match="need every step's timestep"):
+        sampler_weights(torch.tensor([1.0, float("nan")]), "flow")
+
+
+def test_weight_scheme_from_what_the_lut_recorded():
+    lut = calibrate(TableDenoiser(6, 1), 6, ("main",), 1)
+    import dataclasses
+    assert weight_scheme("auto", dataclasses.replace(lut, identity={"scheduler": "unipc", "shift": 5.0}))[0] == "flow"
+    assert weight_scheme("auto", dataclasses.replace(lut, sampler="ddim"))[0] == "ddpm"
+    assert weight_scheme("auto", lut)[0] == "uniform"
+    assert weight_scheme("flow", lut)[0] == "flow"
+
+
+# ---------------------------------------------------------------- configuration
+def test_rule_auto_plans_through_make_plan_and_paper_is_unchanged():
+    steps, prompts, streams = 16, 2, ("cond", "uncond")
+    lut = calibrate(TableDenoiser(steps, prompts, streams), steps, streams, prompts)
+    paper = make_plan(PlanConfig(budget=3), steps, streams, lut)
+    assert paper.source == "max-cos" and paper.window is not None
+    auto = make_plan(PlanConfig(budget=3, rule="auto", error_weights="uniform"), steps, streams, lut)
+    assert auto.source == "error-aware" and len(auto.skipped_steps) == 3
+    model, _ = error_model_of(lut, "uniform")
+    assert predict_plan(auto, model).mse <= predict_plan(paper, model).mse
+    projected = make_plan(PlanConfig(budget=3, coefficient="projection"), steps, streams, lut)
+    assert projected.skipped_steps == paper.skipped_steps
+    t = projected.skipped_steps[0]
+    assert math.isclose(projected.ratio("cond", t), float(lut.cos_mean[0, t] * lut.ratio_mean[0, t]), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("plan, key", [
+    ({"rule": "best"}, "plan.rule"),
+    ({"rule": "auto", "window": [30, 35]}, "plan.window"),
+    ({"pattern": "strided"}, "plan.pattern"),
+    ({"rule": "auto", "min_gap": 1}, "plan.min_gap"),
+    ({"rule": "auto", "coefficient": "ratios"}, "plan.coefficient"),
+    ({"rule": "auto", "refresh_every": 2}, "plan.refresh_every"),
+])
+def test_plan_keys_are_checked(plan, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict({"plan": plan})
+
+
+def test_cli_plan_shows_both_rules_with_their_predicted_errors(tmp_path, capsys):
+    from taohooks.cli import main
+
+    steps, prompts, streams = 16, 2, ("cond", "uncond")
+    lut = calibrate(TableDenoiser(steps, prompts, streams), steps, streams, prompts)
+    lut.save(tmp_path / "l.safetensors")
+    assert main(["plan", str(tmp_path / "l.safetensors"), "--budget", "3", "--rule", "auto",
+                 "--error-weights", "uniform"]) == 0
+    out = capsys.readouterr().out
+    assert "[error-aware]" in out and "# predicted error (open loop, sampler weights: plan.error_weights)" in out
+    assert "# rule: paper would choose: 3 of 16 steps skipped" in out and out.count("predicted PSNR") == 2
+    assert main(["plan", str(tmp_path / "l.safetensors"), "--budget", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "[max-cos]" in out and "# rule: auto would choose:" in out
