@@ -121,7 +121,7 @@ def test_tensors(tmp_path, good, edit, message):
     (lambda t, m: m.update(num_prompts=-1), "metadata num_prompts is -1; expected an integer >= 0"),
     (lambda t, m: m.update(model_id=3), "metadata model_id is 3; expected a string or null"),
     (lambda t, m: m.update(format_version="1"), "metadata format_version is '1'; expected a positive integer"),
-    (lambda t, m: m.update(format_version=99), "has LUT format version 99; this taohooks reads up to 1: upgrade "
+    (lambda t, m: m.update(format_version=99), "has LUT format version 99; this taohooks reads up to 2: upgrade "
                                                "taohooks"),
     (lambda t, m: m.update(identity=["a"]), "metadata: identity must be a JSON object, got list"),
     (lambda t, m: m.update(identity={"vae": {"a": 1}}),
