@@ -205,6 +205,7 @@ class CalibrationRecorder(Callback):
                 if gen.bad is None:
                     gen.bad = (name, step, changed or "its output is empty")
                 history.eps, history.delta = eps, None
+                history.earlier.clear()
                 continue
             if history.eps is not None:
                 delta = [a - b for a, b in zip(eps, history.eps)]

@@ -95,7 +95,7 @@ def band_products(delta: List[Tensor], earlier: Sequence[Optional[List[Tensor]]]
 
     out = []
     for other in [delta, *earlier]:
-        if other is None:
+        if other is None or any(a.shape != b.shape for a, b in zip(delta, other)):
             out.append(None)
             continue
         acc = 0
