@@ -282,3 +282,46 @@ def test_cli_plan_shows_both_rules_with_their_predicted_errors(tmp_path, capsys)
     assert main(["plan", str(tmp_path / "l.safetensors"), "--budget", "3"]) == 0
     out = capsys.readouterr().out
     assert "[max-cos]" in out and "# rule: auto would choose:" in out
+
+
+# ---------------------------------------------------------------- rule auto end to end
+@pytest.mark.parametrize("split_batch", [False, True])
+def test_rule_auto_is_exact_on_alternating_deltas_with_two_call_and_batched_cfg(split_batch):
+    """Streams that alternate (cos -1): rule auto picks ``projection`` and the TaoCache hook's outputs
+    equal the full run's, in Wan's two-call loop and in Latte's batched one."""
+    from taohooks import TaoCache, config_from_dict
+    from test_calibration import calibrate as calibrate_loop
+
+    steps, streams = 16, ("uncond", "cond")
+    model = GeometricDenoiser({"uncond": -0.7, "cond": -0.9}, shape=(2, 4, 4))
+    lut = calibrate_loop(model, steps, streams, batch=2, split_batch=split_batch)
+    cache = TaoCache(config_from_dict({"plan": {"budget": 5, "rule": "auto", "error_weights": "uniform"}}), lut=lut)
+    ref = run_loop(model, steps, streams, batch=2, split_batch=split_batch)
+    with cache.attach(model, steps=steps, streams=streams, split_batch=split_batch):
+        out = run_loop(model, steps, streams, batch=2, split_batch=split_batch)
+    plan = cache.plan
+    assert plan.source == "error-aware" and len(plan.skipped_steps) == 5
+    t = plan.skipped_steps[0]
+    assert plan.ratio("uncond", t) == pytest.approx(-0.7, abs=1e-5)
+    assert plan.ratio("cond", t) == pytest.approx(-0.9, abs=1e-5)
+    assert max((a - b).abs().max().item() for s in ref for a, b in zip(ref[s], out[s])) < 1e-4
+    paper = TaoCache(config_from_dict({"plan": {"budget": 5}}), lut=lut)
+    with paper.attach(model, steps=steps, streams=streams, split_batch=split_batch):
+        out = run_loop(model, steps, streams, batch=2, split_batch=split_batch)
+    assert max((a - b).abs().max().item() for s in ref for a, b in zip(ref[s], out[s])) > 1e-2  # could fail
+
+
+def test_rule_auto_with_pab_resets_and_the_hybrid_guard():
+    """The error-aware plan's resume steps reset PAB; TeaCache stops before its first skip minus the guard."""
+    from taohooks import config_from_dict
+    from taohooks.taocache import section_callbacks
+
+    steps, prompts, streams = 24, 2, ("cond", "uncond")
+    lut = calibrate(TableDenoiser(steps, prompts, streams), steps, streams, prompts)
+    config = config_from_dict({"plan": {"budget": 4, "rule": "auto", "error_weights": "uniform", "min_step": 8},
+                               "pab": {"groups": [{"pattern": "attn", "range": 2}], "steps": [2, 20]},
+                               "teacache": {"threshold": 0.1, "coefficients": [1.0, 0.0], "guard_band": 2}})
+    plan = make_plan(config.plan, steps, streams, lut)
+    pab, tea = sorted(section_callbacks(config, plan), key=lambda c: type(c).__name__)
+    assert set(pab.reset_steps) == set(plan.resume_steps) and plan.resume_steps
+    assert tea.max_step == plan.skipped_steps[0] - 2
