@@ -36,6 +36,7 @@ FIRST_SKIPPABLE = 2    # as taohooks.plan.FIRST_SKIPPABLE: a skip needs two comp
 
 
 PLAN_RULES = ("paper", "auto")
+TRANSFERS = ("refuse", "interpolate")
 COEFFICIENT_RULES = ("ratio", "projection", "linear", "reuse")  # as taohooks.error_plan.COEFFICIENTS
 PLAN_PATTERNS = ("auto", "contiguous", "strided")
 ERROR_WEIGHTS = ("auto", "flow", "ddpm", "uniform")
@@ -88,12 +89,14 @@ class CalibrationConfig:
     sampler: Optional[str] = None
     accept: List[str] = field(default_factory=list)  # LUT identity differences accepted knowingly
     error_horizon: int = 16  # delta products kept per step for plan.rule: auto (0: none); as delta_gram.DEFAULT_HORIZON
+    transfer: str = "refuse"  # a LUT of another step count: refuse, or interpolate (taohooks.lut_transfer)
 
     def validate(self, err) -> None:
         if self.prompts < 1:
             err("calibration.prompts", f"expected a positive number of prompts, got {self.prompts}")
         if self.prompts > MAX_PROMPTS:
             err("calibration.prompts", f"expected at most {MAX_PROMPTS} prompts, got {self.prompts}")
+        _one_of(err, "calibration.transfer", self.transfer, TRANSFERS)
         if not 0 <= self.error_horizon <= 1000:
             err("calibration.error_horizon", f"expected a number of steps from 0 (no error statistics) to 1000, "
                                              f"got {self.error_horizon}")

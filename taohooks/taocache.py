@@ -31,7 +31,21 @@ from .lut import CalibrationLUT, LUTMismatchError
 from .plan import (PlanError, SkipPlan, no_skip_plan, plan_from_steps, plan_from_window, resolve_budget,
                    search_window)
 
-__all__ = ["TaoCache", "make_plan", "section_callbacks", "check_run"]
+__all__ = ["TaoCache", "make_plan", "section_callbacks", "check_run", "lut_for_steps"]
+
+
+def lut_for_steps(config: TaoCacheConfig, lut: Optional[CalibrationLUT], steps: int) -> Optional[CalibrationLUT]:
+    """The LUT a run of ``steps`` steps plans on: ``lut`` itself, or, with ``calibration.transfer:
+    interpolate`` and another step count, ``lut`` carried over (:mod:`taohooks.lut_transfer`)."""
+    if lut is None or lut.steps == steps or config.calibration.transfer != "interpolate":
+        return lut
+    from .lut_transfer import transfer_lut
+
+    carried = transfer_lut(lut, steps)
+    messages.notice(f"{lut._name()} has {lut.steps} steps, this run {steps}: its statistics are carried over by "
+                    "interpolation (calibration.transfer: interpolate); calibrate for "
+                    f"{steps} steps for exact ones", once=f"transfer {lut.source} {steps}")
+    return carried
 
 
 def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
@@ -164,11 +178,13 @@ class TaoCache:
         path = self._lut_path
         if path is not None:  # the file is the truth (a calibrating run may have written it)
             self.lut = _load_present(path)
-        if self.lut is not None:
-            check_run(cfg, self.lut, loop, identity)
-        self.recorder = self.callback = None
         wanted = cfg.calibration.prompts
-        if path is not None and cfg.calibration.auto and (self.lut is None or self.lut.num_prompts < wanted):
+        calibrate = path is not None and cfg.calibration.auto and (self.lut is None or self.lut.num_prompts < wanted)
+        lut = self.lut if calibrate else lut_for_steps(cfg, self.lut, loop.steps)
+        if lut is not None:
+            check_run(cfg, lut, loop, identity)
+        self.recorder = self.callback = None
+        if calibrate:
             check_writable(path)  # before the first model call, not after a generation's work
             have = 0 if self.lut is None else self.lut.num_prompts
             messages.notice(f"calibrating: LUT {path} has {have} of {wanted} prompts "
@@ -180,8 +196,9 @@ class TaoCache:
             self.plan = no_skip_plan(loop.steps, loop.streams)
             own: list = [self.recorder, _SaveLUT(self.recorder, path)]
         else:
-            self.plan = make_plan(cfg.plan, loop.steps, loop.streams, self.lut)
-            self.callback = TaoCacheCallback(self.plan, self.lut.timesteps if self.lut is not None else None,
+            self.plan = make_plan(cfg.plan, loop.steps, loop.streams, lut)
+            carried = lut is not None and lut is not self.lut  # its timesteps are interpolated, not seen
+            self.callback = TaoCacheCallback(self.plan, lut.timesteps if lut is not None and not carried else None,
                                              max_norm_ratio=cfg.plan.max_norm_ratio)
             own = [self.callback] + section_callbacks(cfg, self.plan)
         self.hook = DenoiserHook(loop, own + list(callbacks), timestep_arg=timestep_arg, repeat=repeat)

@@ -64,8 +64,13 @@ def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: O
     if sample_method is not None and "scheduler" in recorded and "scheduler" not in config.calibration.accept \
             and recorded["scheduler"] != f"{sample_method}Scheduler":
         problems.append(f"sample_method {sample_method} ({said}), the LUT was calibrated with {recorded['scheduler']}")
-    if steps is not None and "sampling_steps" in recorded and int(recorded["sampling_steps"]) != int(steps):
-        problems.append(f"{steps} sampling steps ({said}), the LUT was calibrated with {recorded['sampling_steps']}")
+    carried = (config.calibration.transfer == "interpolate" and lut.deltas is not None
+               and not (config.calibration.auto and lut.num_prompts < config.calibration.prompts))
+    if steps is not None and "sampling_steps" in recorded and int(recorded["sampling_steps"]) != int(steps) \
+            and not carried:
+        hint = " (or carry it over with calibration.transfer: interpolate)" if lut.deltas is not None else ""
+        problems.append(f"{steps} sampling steps ({said}), the LUT was calibrated with {recorded['sampling_steps']}"
+                        + hint)
     if problems:
         raise IntegrationError(f"LUT {path} does not fit this run: " + "; ".join(problems) + ". Give this run its "
                                f"own LUT (lut: in {config.source})" + (", or accept the scheduler knowingly with "

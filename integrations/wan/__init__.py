@@ -25,7 +25,7 @@ from taohooks.integration import GenerationPatch, IntegrationError, PatchSet, re
 from taohooks.io import check_writable
 from taohooks.loop import LoopSpec
 from taohooks.lut import CalibrationLUT
-from taohooks.taocache import TaoCache, make_plan
+from taohooks.taocache import TaoCache, lut_for_steps, make_plan
 
 __all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "EXPECTS"]
 
@@ -130,6 +130,13 @@ def _said(run: Dict[str, Any], key: str) -> str:
     return f"{flag} {run[key]}" + ("" if origin.startswith("--") else f", {origin}")
 
 
+def _transferable(config: TaoCacheConfig, lut: CalibrationLUT) -> bool:
+    """Whether a LUT of another step count is carried over (calibration.transfer: interpolate); a
+    LUT still being calibrated is not (a calibration cannot add prompts of another step count)."""
+    return (config.calibration.transfer == "interpolate" and lut.deltas is not None
+            and not (config.calibration.auto and lut.num_prompts < config.calibration.prompts))
+
+
 def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     """Check, before generate.py loads T5, the VAE and the DiT, what its command line already says:
     the task against the config's model_id, the step count against loop.steps and the LUT, the task,
@@ -154,9 +161,12 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     path = config.lut_path()
     if path is not None and path.is_file():
         lut = CalibrationLUT.load(path)
-        if lut.steps != run["steps"]:
+        if lut.steps != run["steps"] and not _transferable(config, lut):
+            hint = (" or carry this one over with calibration.transfer: interpolate" if lut.deltas is not None
+                    else "")
             problems.append(f"LUT {path} has {lut.steps} steps, this command line runs {run['steps']} "
-                            f"({_said(run, 'steps')}); calibrate a LUT for {run['steps']} steps (its own lut: file)")
+                            f"({_said(run, 'steps')}); calibrate a LUT for {run['steps']} steps (its own lut: file)"
+                            + hint)
         recorded = getattr(lut, "identity", None) or {}
         keys = differences(recorded, {k: run[k] for k in FLAGS}, config.calibration.accept)
         if keys:
@@ -169,7 +179,7 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     if calibrating:
         check_writable(path)
     elif not problems:
-        make_plan(config.plan, run["steps"], STREAMS, lut)  # a window past the last step fails now
+        make_plan(config.plan, run["steps"], STREAMS, lut_for_steps(config, lut, run["steps"]))  # fails now, not later
     if _hybrid_under_sequence_parallel(config) and run["sequence_parallel"] > 1:
         problems.append(f"{where}: teacache: the hybrid decides from activations that sequence parallelism "
                         f"(--ulysses_size x --ring_size = {run['sequence_parallel']}) shards over ranks; ranks could "

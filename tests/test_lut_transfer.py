@@ -1,0 +1,103 @@
+"""calibration.transfer: interpolate — a LUT carried to another step count.
+
+Exact expected values: when every other step of a 13-step loop is a step of a 7-step loop, the
+piecewise-linear trajectory passes through the 7-step outputs, so the carried LUT must equal a
+native 7-step calibration (statistics and delta products); a straight-line trajectory carries to
+any count exactly.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec, TaoCache, config_from_dict
+from taohooks.lut import LUTMismatchError
+from taohooks.lut_transfer import transfer_lut, transfer_matrix
+
+
+class CurveDenoiser(nn.Module):
+    """Output ``e(u)`` for ``u = timestep / 1000``, a smooth curve per prompt, whatever the input."""
+
+    def __init__(self, prompts: int = 3, seed: int = 0, straight: bool = False):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("a", torch.randn(prompts, 2, 4, 4, generator=g))
+        self.register_buffer("b", torch.randn(prompts, 2, 4, 4, generator=g))
+        self.register_buffer("c", torch.randn(prompts, 2, 4, 4, generator=g))
+        self.straight = straight
+
+    def forward(self, x, timestep, stream="main"):
+        u = float(timestep.reshape(-1)[0]) / 1000.0
+        if self.straight:
+            return self.a + u * self.b
+        return self.a + math.sin(3 * u) * self.b + u ** 2 * self.c * (2 if stream == "uncond" else 1)
+
+
+def calibrate(model, steps, streams=("main",)):
+    rec = CalibrationRecorder(error_horizon=16)
+    with DenoiserHook(LoopSpec(steps, tuple(streams)), [rec]).attach(model) as hook:
+        hook.new_sample()
+        for t in range(steps):
+            for s in streams:
+                model(torch.zeros(1), timestep=torch.tensor([1000.0 * t / (steps - 1)]), stream=s)
+    return rec.lut()
+
+
+def close(a, b, tol=1e-9):
+    return a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) and \
+        torch.allclose(a.nan_to_num(), b.nan_to_num(), rtol=tol, atol=tol)
+
+
+def test_transfer_matrix_rows_sum_the_fine_deltas():
+    c = transfer_matrix(13, 7)
+    assert torch.equal(c[1, :4], torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(c.sum(0)[1:], torch.ones(12, dtype=torch.float64))  # every fine delta used once
+    c = transfer_matrix(5, 9)  # finer: half deltas
+    assert torch.allclose(c[1:3, 1], torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+def test_coinciding_steps_carry_exactly():
+    streams = ("cond", "uncond")
+    model = CurveDenoiser()
+    fine, native = calibrate(model, 13, streams), calibrate(model, 7, streams)
+    carried = transfer_lut(fine, 7)
+    assert carried.steps == 7 and carried.num_prompts == native.num_prompts
+    for name in ("cos_mean", "cos_std", "ratio_mean", "ratio_std"):
+        assert close(getattr(carried, name), getattr(native, name), 1e-6), name
+    h = carried.deltas.horizon
+    assert h >= 3 and close(carried.deltas.gram, native.deltas.gram[..., :h + 1], 1e-6)
+    assert close(carried.timesteps, native.timesteps, 1e-9)
+
+
+@pytest.mark.parametrize("new", [4, 9, 30])
+def test_a_straight_trajectory_carries_to_any_count(new):
+    lut = transfer_lut(calibrate(CurveDenoiser(straight=True), 13), new)
+    assert torch.allclose(lut.ratio_mean[0, 2:], torch.ones(new - 2, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(lut.cos_mean[0, 2:], torch.ones(new - 2, dtype=torch.float64), atol=1e-9)
+    b2 = (CurveDenoiser(straight=True).b.flatten(1).double() ** 2).sum(1)  # ||b||^2 per prompt
+    assert torch.allclose(lut.deltas.gram[:, 0, 1, 0], b2 / (new - 1) ** 2, rtol=1e-6)
+
+
+def test_a_lut_without_products_cannot_be_carried():
+    rec = CalibrationRecorder(error_horizon=0)
+    model = CurveDenoiser()
+    with DenoiserHook(LoopSpec(9, ("main",)), [rec]).attach(model) as hook:
+        hook.new_sample()
+        for t in range(9):
+            model(torch.zeros(1), timestep=torch.tensor([1000.0 * t / 8]))
+    with pytest.raises(LUTMismatchError, match="has 9 steps and no delta products .* calibrate for 5 steps"):
+        transfer_lut(rec.lut(), 5)
+
+
+def test_taocache_carries_the_lut_only_when_asked(capsys):
+    model = CurveDenoiser()
+    lut = calibrate(model, 13)
+    with pytest.raises(LUTMismatchError, match="has 13 steps, this run has 7"):
+        TaoCache(config_from_dict({"plan": {"budget": 2}}), lut=lut).attach(model, steps=7)
+    cache = TaoCache(config_from_dict({"plan": {"budget": 2, "min_step": 2},
+                                       "calibration": {"transfer": "interpolate"}}), lut=lut)
+    with cache.attach(model, steps=7):
+        pass
+    assert len(cache.plan.skipped_steps) == 2
+    assert "has 13 steps, this run 7: its statistics are carried over by interpolation" in capsys.readouterr().err
