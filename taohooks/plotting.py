@@ -1,4 +1,5 @@
-"""Calibration curves (the paper's Fig. 3/4, with +-std bands) and quality-vs-speedup plots."""
+"""Calibration curves (the paper's Fig. 3/4, with +-std bands), quality-vs-speedup plots, and the
+error-aware planner's predicted against measured PSNR."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,7 @@ from typing import Dict, List, Union
 
 from .lut import CalibrationLUT
 
-__all__ = ["plot_calibration", "plot_quality_vs_speedup"]
+__all__ = ["plot_calibration", "plot_quality_vs_speedup", "plot_predicted_vs_measured"]
 
 
 def plot_calibration(lut: CalibrationLUT, path: Union[str, Path], dpi: int = 120) -> Path:
@@ -59,6 +60,40 @@ def plot_quality_vs_speedup(rows: List[Dict], title: str, path: Union[str, Path]
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_predicted_vs_measured(rows: List[Dict], title: str, path: Union[str, Path], dpi: int = 110) -> Path:
+    """Measured PSNR against the plan's predicted (open-loop) PSNR, one series per ``row["method"]``,
+    each point labelled with its budget; rows without ``predicted_psnr`` are left out. The diagonal is
+    a perfect prediction; points below it did worse than predicted. Needs matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    values = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted(((r["predicted_psnr"], r["psnr"], r["budget"]) for r in rows if r["method"] == method
+                      and r.get("predicted_psnr") is not None and r.get("psnr") is not None), key=lambda p: p[2])
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        for x, y, b in pts:
+            ax.annotate(f"{100 * b:.0f}%", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        values += [v for p in pts for v in p[:2]]
+    if values:
+        lo, hi = min(values) - 2, max(values) + 2
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="measured = predicted")
+    ax.set_xlabel("predicted PSNR (dB, open loop, from the calibration)")
+    ax.set_ylabel("measured PSNR (dB) vs full-step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=dpi)

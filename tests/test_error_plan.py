@@ -325,3 +325,14 @@ def test_rule_auto_with_pab_resets_and_the_hybrid_guard():
     pab, tea = sorted(section_callbacks(config, plan), key=lambda c: type(c).__name__)
     assert set(pab.reset_steps) == set(plan.resume_steps) and plan.resume_steps
     assert tea.max_step == plan.skipped_steps[0] - 2
+
+
+def test_predicted_vs_measured_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from taohooks.plotting import plot_predicted_vs_measured
+
+    rows = [{"method": m, "budget": b, "psnr": 40.0 + 10 * b + k, "predicted_psnr": 41.0 + 10 * b + k}
+            for k, m in enumerate(("taocache", "taocache-auto")) for b in (0.04, 0.16)]
+    rows.append({"method": "teacache", "budget": 0.16, "psnr": 50.0, "predicted_psnr": None})
+    path = plot_predicted_vs_measured(rows, "t", tmp_path / "p.png")
+    assert path.stat().st_size > 1000

@@ -225,9 +225,9 @@ def write_results(records: List[dict], out_dir: Path, config: BenchConfig, secon
 
 def write_plots(records: List[dict], out_dir: Path) -> None:
     """Quality (PSNR, SSIM) against measured speedup, one line per method (points in budget order),
-    one figure per model."""
+    one figure per model; and the predicted against the measured PSNR of the TaoCache plans."""
     try:
-        from ..plotting import plot_quality_vs_speedup
+        from ..plotting import plot_predicted_vs_measured, plot_quality_vs_speedup
     except ImportError:  # pragma: no cover
         return
     for model in dict.fromkeys(r["model"] for r in records):
@@ -236,6 +236,9 @@ def write_plots(records: List[dict], out_dir: Path) -> None:
             try:
                 plot_quality_vs_speedup(rows, f"testbed {model}: quality vs speedup",
                                         out_dir / f"quality_vs_speedup_{model}.png")
+                if any(r.get("predicted_psnr") is not None for r in rows):
+                    plot_predicted_vs_measured(rows, f"testbed {model}: TaoCache's predicted vs measured PSNR",
+                                               out_dir / f"predicted_vs_measured_{model}.png")
             except ImportError:  # pragma: no cover - matplotlib missing
                 return
 
