@@ -32,7 +32,7 @@ from .loop import LoopSpec
 from .io import special_file_kind
 from .lut import CalibrationLUT, LUTMismatchError, merge_luts
 from .plan import PlanError
-from .taocache import make_plan
+from .taocache import expert_guard, lut_for_steps, make_plan
 
 __all__ = ["main", "build_parser"]
 
@@ -57,13 +57,18 @@ def _cmd_check(args) -> int:
         if path.is_file():
             lut = CalibrationLUT.load(path)
             print(f"# {lut.describe()}")
-            if config.loop.steps is not None and config.loop.steps != lut.steps:
+            if config.loop.steps is not None and config.loop.steps != lut.steps \
+                    and config.calibration.transfer != "interpolate":
                 raise ConfigError(args.config, "loop.steps", f"{config.loop.steps} steps, but the LUT {path} was "
                                   f"calibrated with {lut.steps} steps; calibrate again for {config.loop.steps} "
-                                  "steps (or point lut at another file)")
+                                  "steps (or point lut at another file" + (
+                                      ", or carry it over with calibration.transfer: interpolate)"
+                                      if lut.deltas is not None else ")"))
             loop = LoopSpec(config.loop.steps or lut.steps, tuple(config.loop.streams or lut.streams))
+            lut = lut_for_steps(config, lut, loop.steps)
             lut.check(loop, config.model_id, config.calibration.sampler)
-            print(f"# plan: {make_plan(config.plan, loop.steps, loop.streams, lut).describe()}")
+            plan = make_plan(config.plan, loop.steps, loop.streams, lut, unskippable=expert_guard(lut))
+            print(f"# plan: {plan.describe()}")
         else:
             note = "the first run calibrates it" if config.calibration.auto else "calibration.auto is off"
             print(f"# LUT {path} does not exist yet ({note})")
@@ -148,10 +153,16 @@ def _cmd_plan(args) -> int:
         raise ConfigError("command line", "--steps", f"expected a number of steps from 1 to {MAX_STEPS}, got {steps}")
     if plan_cfg.budget is None and plan_cfg.window is None and plan_cfg.skip_steps is None:
         print("# no budget, window or skip_steps given: nothing is skipped (try --budget 8 or --budget 0.16)")
-    plan = make_plan(plan_cfg, steps, streams, lut)
+    guard = expert_guard(lut) if lut is not None and lut.steps == steps else ()
+    plan = make_plan(plan_cfg, steps, streams, lut, unskippable=guard)
     if lut is not None:
         print(f"# {lut.describe()}")
     print(plan.table())
+    if guard:
+        low = [t for t in plan.skipped_steps if t >= guard[0]]
+        print(f"# two experts: high-noise steps 0-{guard[0] - 1}, low-noise steps {guard[0]}-{steps - 1} (timestep "
+              f"below {lut.identity['expert_boundary']:g}); steps {', '.join(map(str, guard))} are always computed "
+              f"(right after the switch); {len(low)} of {len(plan.skipped_steps)} skips lie in the low-noise expert")
     if lut is not None and lut.deltas is not None and plan.skipped_steps:
         _print_predictions(plan, plan_cfg, steps, streams, lut)
     return 0

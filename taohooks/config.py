@@ -26,7 +26,7 @@ __all__ = ["ConfigError", "LoopConfig", "CalibrationConfig", "PlanConfig", "PABG
            "INTEGRATIONS", "ACCEPTABLE_DIFFERENCES", "MAX_STEPS", "MAX_PROMPTS", "expand_path", "read_text",
            "build_dataclass"]
 
-INTEGRATIONS = ("none", "wan", "latte", "opensora_plan", "videosys", "diffusers", "testbed")
+INTEGRATIONS = ("none", "wan", "wan22", "latte", "opensora_plan", "videosys", "diffusers", "testbed")
 # Differences between a LUT's recorded identity and a run that ``calibration.accept`` may name.
 ACCEPTABLE_DIFFERENCES = ("model", "architecture", "task", "dtype", "scheduler", "shift", "solver_order",
                           "prediction_type", "sampling_steps", "timesteps")

@@ -17,6 +17,7 @@ gap between two skips: none or one refresh), longer ones with a refresh after ev
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -53,6 +54,7 @@ class PlannerOptions:
     min_step: Optional[int] = None
     protect_last: int = 0
     max_chain: Optional[int] = None
+    unskippable: Tuple[int, ...] = ()  # steps never skipped (the first two after an expert switch)
 
     def __post_init__(self):
         if self.coefficient is not None and self.coefficient not in COEFFICIENTS:
@@ -98,6 +100,7 @@ class _ChainSearch:
         self.weights = model.weights.numpy()
         self.tables = tables  # rule -> [streams, steps]
         self.steps, self.streams = model.steps, model.streams
+        self.unskippable = frozenset()
 
     def _cost(self, total: List[np.ndarray], lo: int, hi: int) -> float:
         mse = 0.0
@@ -116,7 +119,7 @@ class _ChainSearch:
 
         def visit(t: int, state, skips: int, actions: Tuple[str, ...]):
             # skip step t
-            if t > last_allowed:
+            if t > last_allowed or t in self.unskippable:
                 return
             coeffs = table[:, t]
             if not np.isfinite(coeffs).all():
@@ -183,6 +186,7 @@ def _first_allowed(options: PlannerOptions, steps: int) -> int:
 def _candidates(model: ErrorModel, lut, options: PlannerOptions, budget: int) -> Dict[Tuple[int, int], _Chain]:
     rules = [options.coefficient] if options.coefficient else list(COEFFICIENTS)
     search = _ChainSearch(model, _stream_tables(lut, rules))
+    search.unskippable = frozenset(options.unskippable)
     lo = _first_allowed(options, model.steps)
     last_allowed = model.steps - 1 - options.protect_last
     max_skips = min(budget, options.max_chain or budget)
@@ -292,7 +296,8 @@ def brute_force(lut, model: ErrorModel, budget: int, streams: Sequence[str],
     rules = [options.coefficient] if options.coefficient else list(COEFFICIENTS)
     tables = _stream_tables(lut, rules)
     best = (math.inf, ())
-    for skips in combinations(range(lo, hi + 1), budget):
+    allowed = [t for t in range(lo, hi + 1) if t not in options.unskippable]
+    for skips in combinations(allowed, budget):
         actions = [COMPUTE] * steps
         for t in skips:
             actions[t] = SKIP
@@ -364,12 +369,14 @@ def options_of(plan_config) -> PlannerOptions:
                           protect_last=plan_config.protect_last)
 
 
-def error_aware_plan(plan_config, steps: int, streams: Sequence[str], lut, skips: int) -> ErrorAwarePlan:
+def error_aware_plan(plan_config, steps: int, streams: Sequence[str], lut, skips: int,
+                     unskippable: Sequence[int] = ()) -> ErrorAwarePlan:
     """``plan.rule: auto``: the plan of ``skips`` skips of least predicted error on ``lut``."""
     model, _ = error_model_of(lut, plan_config.error_weights)
     if model.steps != steps:
         raise PlanError(f"the LUT's error statistics have {model.steps} steps, the run {steps}")
-    return plan_min_error(lut, model, skips, streams, options_of(plan_config))
+    options = dataclasses.replace(options_of(plan_config), unskippable=tuple(unskippable))
+    return plan_min_error(lut, model, skips, streams, options)
 
 
 def predict_plan(plan: SkipPlan, model: ErrorModel) -> ScheduleError:

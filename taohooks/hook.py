@@ -18,7 +18,7 @@ begins at that timestep again. Timesteps are read once per generation, not per c
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -62,7 +62,9 @@ class _Timestep:
 
     def __init__(self, raw: Any):
         if isinstance(raw, torch.Tensor):
-            raw = raw.detach().reshape(-1)[:1].clone()
+            # the largest value: a per-token timestep (Wan2.2 TI2V) holds 0 on conditioning frames
+            flat = raw.detach().reshape(-1)
+            raw = flat.amax().reshape(1) if flat.numel() > 1 and not flat.is_meta else flat[:1].clone()
         self.raw = raw
 
     def value(self) -> Optional[float]:
@@ -104,7 +106,9 @@ class DenoiserHook:
         self.timestep_arg = timestep_arg
         self.repeat = repeat
         self.module: Optional[nn.Module] = None
+        self.also: Tuple[nn.Module, ...] = ()  # more instances numbered with ``module`` (attach(module, *also))
         self._patch: Optional[ForwardPatch] = None
+        self._patches: List[ForwardPatch] = []
         self._sample = -1             # number of the current (or last) generation
         self._index: Optional[int] = None  # call index inside the active generation
         self._finished = False        # the last generation made all its calls
@@ -121,16 +125,24 @@ class DenoiserHook:
         self._strays = 0              # stray calls since the last generation ended
 
     # ------------------------------------------------------------------ attach / detach
-    def attach(self, module: nn.Module) -> "DenoiserHook":
-        """Wrap ``module.forward`` (the instance's, as it is now). Returns ``self``."""
+    def attach(self, module: nn.Module, *also: nn.Module) -> "DenoiserHook":
+        """Wrap ``module.forward`` (the instance's, as it is now). Returns ``self``.
+
+        ``also``: more instances that run the same loop's calls (Wan2.2's two experts: the high-noise
+        one for the first steps, the low-noise one for the rest); their calls are numbered with
+        ``module``'s, as one generation. Callbacks that patch submodules see ``module`` only."""
         if self.module is not None:
             raise RuntimeError(f"taohooks: this hook is already attached to a {type(self.module).__name__}")
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"taohooks: can only attach to a torch.nn.Module, got {type(module).__name__}")
-        if get_hook(module) is not None:
-            raise RuntimeError(
-                f"taohooks: this {type(module).__name__} instance already has a taohooks hook; detach it "
-                "first, or put all callbacks (calibration, TaoCache, PAB, ...) on one hook")
+        modules = (module, *also)
+        for m in modules:
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"taohooks: can only attach to a torch.nn.Module, got {type(m).__name__}")
+            if get_hook(m) is not None:
+                raise RuntimeError(
+                    f"taohooks: this {type(m).__name__} instance already has a taohooks hook; detach it "
+                    "first, or put all callbacks (calibration, TaoCache, PAB, ...) on one hook")
+        if len({id(m) for m in modules}) != len(modules):
+            raise ValueError("taohooks: the same module was given twice to attach()")
 
         def make(inner):
             def forward(*args, **kwargs):
@@ -146,9 +158,11 @@ class DenoiserHook:
                 return self._after(call, output)
             return _outside_graph(forward, recursive=False)
 
-        self._patch = ForwardPatch(module, make)
-        module.__dict__[_HOOK_ATTR] = self
-        self.module = module
+        self._patches = [ForwardPatch(m, make) for m in modules]
+        self._patch = self._patches[0]
+        for m in modules:
+            m.__dict__[_HOOK_ATTR] = self
+        self.module, self.also = module, tuple(also)
         self._reset_bookkeeping()
         attached: List[Callback] = []
         try:
@@ -158,28 +172,31 @@ class DenoiserHook:
         except BaseException:  # a callback refused (bad pattern, a plan it cannot serve): undo everything
             for cb in reversed(attached):
                 cb.on_detach(self)
-            self._patch.restore()
-            del module.__dict__[_HOOK_ATTR]
-            self.module = self._patch = None
+            self._unpatch()
             raise
         return self
 
+    def _unpatch(self) -> None:
+        for m, patch in zip((self.module, *self.also), self._patches):
+            patch.restore()
+            m.__dict__.pop(_HOOK_ATTR, None)
+        self.module, self.also, self._patch, self._patches = None, (), None, []
+
     def detach(self) -> None:
-        """Restore the forward that was there at attach time and drop all state."""
+        """Restore the forward(s) that were there at attach time and drop all state."""
         module = self.module
         if module is None:
             return
-        if module.__dict__.get("forward") is not self._patch.wrapper:
-            self._patch.restore()  # raises: someone wrapped the forward again on top of ours
+        for m, patch in zip((module, *self.also), self._patches):
+            if m.__dict__.get("forward") is not patch.wrapper:
+                patch.restore()  # raises: someone wrapped the forward again on top of ours
         try:
             if self._index is not None:
                 self._abort("the hook was detached")
             for cb in reversed(self.callbacks):  # undo patches in the reverse order of attaching
                 cb.on_detach(self)
         finally:
-            self._patch.restore()
-            del module.__dict__[_HOOK_ATTR]
-            self.module = self._patch = None
+            self._unpatch()
 
     @property
     def attached(self) -> bool:

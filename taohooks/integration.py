@@ -317,7 +317,7 @@ class GenerationPatch:
         extra = self.callbacks_of(arguments or {}, model) if self.callbacks_of else []
         identity = self.identity_of(arguments or {}, model) if self.identity_of else identity_of_model(model)
         cache.attach(model, loop.steps, loop.streams, split_batch=loop.split_batch, batch_dim=loop.batch_dim,
-                     callbacks=extra, identity=identity, **attach_kwargs)
+                     callbacks=extra, identity=identity, **attach_kwargs)  # attach_kwargs: also=, expert_boundary=
         self.caches[model] = (cache, loop)
         return cache
 

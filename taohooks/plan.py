@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["SkipPlan", "PlanError", "COMPUTE", "SKIP", "REFRESH", "resolve_budget", "span_length",
-           "window_actions", "search_window", "plan_from_window", "plan_from_steps", "no_skip_plan"]
+           "window_actions", "search_window", "plan_from_window", "plan_from_steps", "no_skip_plan",
+           "switch_guard", "check_unskippable"]
 
 COMPUTE, SKIP, REFRESH = "compute", "skip", "refresh"
 FIRST_SKIPPABLE = 2
@@ -153,10 +154,12 @@ def _stream_mean(table: Tensor) -> Tensor:
 
 def search_window(cos_mean: Tensor, cos_std: Tensor, ratio_mean: Tensor, ratio_std: Tensor, skips: int, *,
                   refresh_every: Optional[int] = None, min_step: Optional[int] = None,
-                  tau_cos: Optional[float] = None, lam: float = 1.0, gamma: float = 1.0) -> Tuple[int, int, float]:
+                  tau_cos: Optional[float] = None, lam: float = 1.0, gamma: float = 1.0,
+                  unskippable: Sequence[int] = ()) -> Tuple[int, int, float]:
     """The best window ``(first, last, score)`` for ``skips`` skips; tables are ``[streams, steps]``.
 
-    Steps without statistics (NaN) can neither be skipped nor lie inside a window.
+    Steps without statistics (NaN) can neither be skipped nor lie inside a window; nor can the
+    ``unskippable`` steps (the first two after an expert switch).
     """
     streams, steps = cos_mean.shape
     length = span_length(skips, refresh_every)
@@ -164,6 +167,9 @@ def search_window(cos_mean: Tensor, cos_std: Tensor, ratio_mean: Tensor, ratio_s
     tables = torch.stack([cos_mean, cos_std, ratio_mean, ratio_std]).to(torch.float64)
     known = torch.isfinite(tables).all(dim=0).all(dim=0)  # [steps]
     ok = known.clone()
+    for t in unskippable:
+        if 0 <= t < steps:
+            ok[t] = False
     if tau_cos is not None:
         ok &= (torch.nan_to_num(cos_mean.to(torch.float64), nan=-math.inf) >= tau_cos).all(dim=0)
     per_step = _stream_mean(cos_mean) - lam * _stream_mean(cos_std) - gamma * _stream_mean(ratio_std)
@@ -180,6 +186,8 @@ def search_window(cos_mean: Tensor, cos_std: Tensor, ratio_mean: Tensor, ratio_s
             why.append(f"tau_cos {tau_cos}")
         if not bool(known[lo:].all()):
             why.append(f"steps without statistics: {[t for t in range(lo, steps) if not known[t]]}")
+        if unskippable:
+            why.append(f"steps {', '.join(map(str, sorted(unskippable)))} computed (after an expert switch)")
         raise PlanError(f"no contiguous window of {length} steps ({skips} skips"
                         f"{f', refresh every {refresh_every}' if refresh_every else ''}) fits the late regime ("
                         + ", ".join(why) + "); lower the budget, min_step or tau_cos")
@@ -232,3 +240,27 @@ def plan_from_steps(steps: int, streams: Sequence[str], skip_steps: Sequence[int
     window = (skips[0], skips[-1]) if skips and skips[-1] - skips[0] + 1 == len(skips) else None
     return SkipPlan(steps, tuple(streams), actions, _ratios(streams, steps, skips, ratio_table), window,
                     None, "explicit")
+
+
+# ---------------------------------------------------------------------- expert switches
+def switch_guard(timesteps: Tensor, boundary: float) -> Tuple[int, ...]:
+    """Steps that must be computed in a loop whose model changes when the timestep falls below
+    ``boundary`` (Wan2.2's A14B experts): the first two steps of the new expert, whose deltas would
+    span two networks. ``timesteps`` are the LUT's (NaN where unknown: nothing is guarded)."""
+    t = timesteps.to(torch.float64)
+    if torch.isnan(t).any():
+        return ()
+    below = (t < boundary).nonzero().flatten()
+    if below.numel() == 0 or int(below[0]) == 0:
+        return ()
+    first = int(below[0])
+    return tuple(s for s in (first, first + 1) if s < len(t))
+
+
+def check_unskippable(plan: SkipPlan, unskippable: Sequence[int], what: str = "after the expert switch") -> None:
+    """:class:`PlanError` if ``plan`` skips (or refreshes inside a window over) a guarded step."""
+    bad = sorted(t for t in unskippable if plan.is_skip(t))
+    if bad:
+        raise PlanError(f"the plan skips step(s) {', '.join(map(str, bad))}, the first steps {what}: their "
+                        "predictions would extrapolate deltas of the other expert; move the window or skip_steps "
+                        f"(steps {', '.join(map(str, sorted(unskippable)))} are always computed)")

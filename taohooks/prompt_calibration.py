@@ -131,7 +131,8 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
         check_run(config, base, loop, identity)  # resuming: the LUT must be of this run
     recorder = CalibrationRecorder(config.model_id, config.calibration.sampler, resume=resume, identity=identity,
                                    error_horizon=config.calibration.error_horizon)
-    with DenoiserHook(loop, [recorder], timestep_arg=attach_kwargs.get("timestep_arg")).attach(model) as hook:
+    also = attach_kwargs.get("also", ())  # Wan2.2's second expert
+    with DenoiserHook(loop, [recorder], timestep_arg=attach_kwargs.get("timestep_arg")).attach(model, *also) as hook:
         for index in mine[done:]:
             messages.notice(f"rank {rank}/{size}: calibration prompt {index + 1}/{wanted}: {prompts[index]!r}",
                             every_rank=True)  # every rank reports its own progress

@@ -28,6 +28,7 @@ __all__ = ["main", "split_taocache_argument", "install_integration", "INTEGRATIO
 
 INTEGRATION_MODULES = {
     "wan": "taohooks.integrations.wan",
+    "wan22": "taohooks.integrations.wan22",
     "latte": "taohooks.integrations.latte",
     "opensora_plan": "taohooks.integrations.opensora_plan",
     "videosys": "taohooks.integrations.videosys",
@@ -233,7 +234,7 @@ def precheck_integration(config: TaoCacheConfig, script_argv: List[str]) -> None
 
 
 # a marker module of each integration's research code: what the script imported instead
-MARKERS = {"wan": "wan.text2video", "latte": "pipeline_latte", "opensora_plan": "pipeline_videogen",
+MARKERS = {"wan": "wan.text2video", "wan22": "wan.text2video", "latte": "pipeline_latte", "opensora_plan": "pipeline_videogen",
            "videosys": "videosys", "testbed": "taohooks.testbed.sampling"}
 
 

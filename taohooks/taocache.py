@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -28,10 +28,19 @@ from .lut_format import check_identity
 from .io import check_writable, special_file_kind
 from .loop import LoopSpec
 from .lut import CalibrationLUT, LUTMismatchError
-from .plan import (PlanError, SkipPlan, no_skip_plan, plan_from_steps, plan_from_window, resolve_budget,
-                   search_window)
+from .plan import (PlanError, SkipPlan, check_unskippable, no_skip_plan, plan_from_steps, plan_from_window,
+                   resolve_budget, search_window, switch_guard)
 
-__all__ = ["TaoCache", "make_plan", "section_callbacks", "check_run", "lut_for_steps"]
+__all__ = ["TaoCache", "make_plan", "section_callbacks", "check_run", "lut_for_steps", "expert_guard"]
+
+
+def expert_guard(lut: Optional[CalibrationLUT], boundary: Optional[float] = None) -> Tuple[int, ...]:
+    """Steps always computed because the model changes before them (Wan2.2's experts): from
+    ``boundary`` (a timestep) or the one the LUT recorded (identity ``expert_boundary``)."""
+    if lut is None:
+        return ()
+    boundary = boundary if boundary is not None else (lut.identity or {}).get("expert_boundary")
+    return switch_guard(lut.timesteps, float(boundary)) if boundary is not None else ()
 
 
 def lut_for_steps(config: TaoCacheConfig, lut: Optional[CalibrationLUT], steps: int) -> Optional[CalibrationLUT]:
@@ -49,8 +58,17 @@ def lut_for_steps(config: TaoCacheConfig, lut: Optional[CalibrationLUT], steps: 
 
 
 def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
-              lut: Optional[CalibrationLUT] = None) -> SkipPlan:
-    """The :class:`SkipPlan` a plan config asks for, on a LUT when it needs one."""
+              lut: Optional[CalibrationLUT] = None, *, unskippable: Sequence[int] = ()) -> SkipPlan:
+    """The :class:`SkipPlan` a plan config asks for, on a LUT when it needs one; ``unskippable``
+    steps (the first two after an expert switch, :func:`~taohooks.plan.switch_guard`) are computed."""
+    result = _make_plan(plan, steps, streams, lut, tuple(unskippable))
+    if unskippable:
+        check_unskippable(result, unskippable)
+    return result
+
+
+def _make_plan(plan: PlanConfig, steps: int, streams: Sequence[str], lut: Optional[CalibrationLUT],
+               unskippable: Tuple[int, ...]) -> SkipPlan:
     streams = tuple(streams)
     constant = not isinstance(plan.ratio, str)
     if lut is not None:
@@ -66,7 +84,7 @@ def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
 
         if skips is None:
             raise PlanError("plan.rule: auto needs plan.budget (it chooses the steps)")
-        return error_aware_plan(plan, steps, streams, lut, skips).plan
+        return error_aware_plan(plan, steps, streams, lut, skips, unskippable).plan
     ratios = plan.ratio if constant else lut.ratio_mean
     if plan.coefficient is not None and not constant:
         from .error_plan import coefficient_table
@@ -81,7 +99,8 @@ def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
                         "first, or give plan.window / plan.skip_steps")
     first, last, score = search_window(lut.cos_mean, lut.cos_std, lut.ratio_mean, lut.ratio_std, skips,
                                        refresh_every=plan.refresh_every, min_step=plan.min_step,
-                                       tau_cos=plan.tau_cos, lam=plan.lambda_, gamma=plan.gamma)
+                                       tau_cos=plan.tau_cos, lam=plan.lambda_, gamma=plan.gamma,
+                                       unskippable=unskippable)
     return plan_from_window(steps, streams, first, last, ratios, plan.refresh_every, score=score, source="max-cos")
 
 
@@ -135,6 +154,7 @@ class TaoCache:
         self.plan: Optional[SkipPlan] = None
         self.recorder: Optional[CalibrationRecorder] = None
         self.callback: Optional[TaoCacheCallback] = None
+        self.unskippable: Tuple[int, ...] = ()  # steps computed because an expert switch precedes them
 
     @classmethod
     def from_yaml(cls, path: Union[str, os.PathLike], **kwargs) -> "TaoCache":
@@ -162,13 +182,18 @@ class TaoCache:
     def attach(self, module: nn.Module, steps: Optional[int] = None, streams: Optional[Sequence[str]] = None, *,
                split_batch: Optional[bool] = None, batch_dim: Optional[int] = 0,
                timestep_arg: Union[str, int, None] = None, repeat: bool = False,
-               callbacks: Iterable[Callback] = (), identity: Optional[Mapping[str, Any]] = None) -> DenoiserHook:
+               callbacks: Iterable[Callback] = (), identity: Optional[Mapping[str, Any]] = None,
+               also: Sequence[nn.Module] = (), expert_boundary: Optional[float] = None) -> DenoiserHook:
         """Wrap ``module``'s forward for sampling loops of the given shape; returns the hook
         (a context manager that detaches on exit). ``callbacks`` run after TaoCache's.
 
         ``identity`` is what this run is (:mod:`taohooks.identity`: model, architecture, dtype,
         scheduler, shift, ...): a calibrating run records it in the LUT, a skipping run must match
-        the LUT's, key by key, except the keys in ``calibration.accept``."""
+        the LUT's, key by key, except the keys in ``calibration.accept``.
+
+        ``also``: more instances whose calls belong to the same loop (Wan2.2's experts); with
+        ``expert_boundary`` (a timestep) the model changes where the LUT's timesteps fall below it,
+        and the first two steps after that switch are always computed."""
         if self.hook is not None and self.hook.attached:
             raise RuntimeError("taohooks: this TaoCache is already attached; detach it first")
         if identity is not None:  # a calibration would fail to write it after a generation's work
@@ -196,13 +221,15 @@ class TaoCache:
             self.plan = no_skip_plan(loop.steps, loop.streams)
             own: list = [self.recorder, _SaveLUT(self.recorder, path)]
         else:
-            self.plan = make_plan(cfg.plan, loop.steps, loop.streams, lut)
+            guard = expert_guard(lut, expert_boundary)
+            self.unskippable = guard
+            self.plan = make_plan(cfg.plan, loop.steps, loop.streams, lut, unskippable=guard)
             carried = lut is not None and lut is not self.lut  # its timesteps are interpolated, not seen
             self.callback = TaoCacheCallback(self.plan, lut.timesteps if lut is not None and not carried else None,
                                              max_norm_ratio=cfg.plan.max_norm_ratio)
             own = [self.callback] + section_callbacks(cfg, self.plan)
         self.hook = DenoiserHook(loop, own + list(callbacks), timestep_arg=timestep_arg, repeat=repeat)
-        return self.hook.attach(module)
+        return self.hook.attach(module, *also)
 
     def detach(self) -> None:
         if self.hook is not None:

@@ -169,7 +169,7 @@ def test_command_line_budget_follows_the_same_rule(lut_path, capsys):
 
 def test_integration_names_are_matched_without_case(tmp_path):
     assert error(tmp_path, "integration: WAN\n") == (
-        "integration: unknown integration 'WAN'; did you mean 'wan'? (one of none, wan, latte, opensora_plan, videosys, "
+        "integration: unknown integration 'WAN'; did you mean 'wan'? (one of none, wan, wan22, latte, opensora_plan, videosys, "
         "diffusers, testbed)")
 
 
@@ -219,7 +219,7 @@ def test_check_reports_what_cannot_fit(lut_path, tmp_path, capsys):
     assert cli_main(["check", str(cfg)]) == 1
     assert capsys.readouterr().err == (f"taocache check: error: {cfg}: loop.steps: 30 steps, but the LUT {lut_path} "
                                        "was calibrated with 20 steps; calibrate again for 30 steps (or point lut at "
-                                       "another file)\n")
+                                       "another file, or carry it over with calibration.transfer: interpolate)\n")
     (tmp_path / "luts").mkdir()
     cfg = write(tmp_path, "lut: luts\n")
     assert cli_main(["check", str(cfg)]) == 1

@@ -48,7 +48,11 @@ _launch: Dict[str, Any] = {}
 
 
 def _model(arguments):
-    return arguments["self"].model
+    pipeline = arguments["self"]
+    if not hasattr(pipeline, "model") and hasattr(pipeline, "low_noise_model"):
+        raise IntegrationError(f"integration: wan met Wan2.2's {type(pipeline).__name__} (two experts: "
+                               "high_noise_model, low_noise_model); use integration: wan22 (configs/wan22_*.yaml)")
+    return pipeline.model
 
 
 def _loop(arguments):

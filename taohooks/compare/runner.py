@@ -163,7 +163,7 @@ class Experiment:
         recorder = SkipRecorder([cb for cb in callbacks if isinstance(cb, BlockStackCache)])
         hook = DenoiserHook(self.loop, [*callbacks, recorder], **self.hook_kwargs)
         arguments = self._arguments_for(entry)
-        with hook.attach(self.model):
+        with hook.attach(self.model, *self.also):
             hook.new_sample()
             _sync()
             if _on_cuda():
@@ -187,6 +187,8 @@ class Experiment:
         self.loop, attach_kwargs = patch.loop_of(arguments)
         check_declared_loop(self.tao, self.loop, patch.target())
         self.hook_kwargs = {k: v for k, v in attach_kwargs.items() if k in ("timestep_arg",)}
+        self.also = tuple(attach_kwargs.get("also", ()))  # Wan2.2's second expert, numbered with the first
+        self.expert_boundary = attach_kwargs.get("expert_boundary")
         self.identity = patch.identity_of(arguments, self.model) if patch.identity_of else identity_of_model(self.model)
         self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration,
                                      "loop": self.loop.describe(),
@@ -259,7 +261,7 @@ class Experiment:
             tea = TeaCacheCalibrator(probe=self.target.tea_probe(), blocks=self.target.blocks)
             callbacks.append(tea)
         start = time.perf_counter()
-        with DenoiserHook(self.loop, callbacks, **self.hook_kwargs).attach(self.model) as hook:
+        with DenoiserHook(self.loop, callbacks, **self.hook_kwargs).attach(self.model, *self.also) as hook:
             for entry in prompts:
                 hook.new_sample()
                 arguments = self._arguments_for(entry)
@@ -284,7 +286,10 @@ class Experiment:
             from ..taocache import make_plan
 
             plan_config = dataclasses.replace(self.tao.plan, budget=skips, window=None, skip_steps=None)
-            plan = make_plan(plan_config, steps, self.loop.streams, lut)
+            from ..plan import switch_guard
+
+            guard = switch_guard(lut.timesteps, self.expert_boundary) if self.expert_boundary else ()
+            plan = make_plan(plan_config, steps, self.loop.streams, lut, unskippable=guard)
             self.plans[label] = {"window": list(plan.window) if plan.window else None}
             return [TaoCacheCallback(plan, lut.timesteps, max_norm_ratio=self.tao.plan.max_norm_ratio)]
         if method == "teacache":

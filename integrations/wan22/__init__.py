@@ -1,0 +1,270 @@
+"""TaoCache in Wan2.2's own ``generate.py`` (Wan-Video/Wan2.2): ``integration: wan22``.
+
+    taocache-run generate.py --task t2v-A14B --size 1280*720 --ckpt_dir ./Wan2.2-T2V-A14B \\
+        --offload_model True --convert_model_dtype --prompt "..." --taocache configs/wan22_t2v_a14b.yaml
+    torchrun --nproc_per_node 8 -m taohooks.run generate.py --task t2v-A14B ... \\
+        --dit_fsdp --t5_fsdp --ulysses_size 8 --taocache configs/wan22_t2v_a14b.yaml
+
+What it patches: ``generate`` of ``WanT2V`` (T2V-A14B), ``WanI2V`` (I2V-A14B) and ``WanTI2V``
+(TI2V-5B), at class level once their modules are imported. Wan2.2's checkout names its modules as
+Wan2.1's (``wan.text2video``, ...); this integration is for the Wan2.2 classes, and says so when it
+meets Wan2.1's (and ``integration: wan`` says so when it meets Wan2.2's).
+
+**Two experts, one loop.** T2V-A14B and I2V-A14B run the high-noise expert while the timestep is at
+least ``boundary * 1000`` (875 for T2V, 900 for I2V) and the low-noise expert after: two calls per
+step (cond, then uncond) on the expert of that step. taohooks hooks the forward that *each* expert
+instance has then (the sequence-parallel one of ``--ulysses_size``, inside the FSDP wrapper of
+``--dit_fsdp``), on one hook that numbers their calls as one generation: one LUT holds both experts'
+statistics (step ``t`` belongs to the expert its timestep selects), and the first two steps of the
+low-noise expert are always computed (their deltas would span two networks). ``--offload_model``
+moves the experts between devices with ``.to()``, which keeps the instances and so the hooks; the
+cache keeps only the last outputs (on the device they were made on) and drops them at the next
+generation. TI2V-5B has one model; its per-token timestep (0 on the conditioning frame's tokens) is
+read as its largest value.
+
+Not covered: S2V-14B and Animate-14B (one sampling loop per clip, inside one ``generate``, and one
+call per step when the guide scale is 1): refused before the model loads. PAB and the hybrid with
+the two-expert tasks (they patch the submodules of one model): refused as well.
+
+Importing this module needs neither ``wan`` nor flash-attn or a GPU.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from taohooks.config import TaoCacheConfig
+from taohooks.identity import differences, model_identity
+from taohooks.integration import (GenerationPatch, IntegrationError, PatchSet, require_modules, script_options,
+                                  unwrap_model)
+from taohooks.io import check_writable
+from taohooks.loop import LoopSpec
+from taohooks.lut import CalibrationLUT
+from taohooks.plan import switch_guard
+from taohooks.taocache import TaoCache, lut_for_steps, make_plan
+
+__all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "TASK_DEFAULTS", "EXPECTS",
+           "experts_of"]
+
+PIPELINES = {
+    "wan.text2video": "WanT2V",
+    "wan.image2video": "WanI2V",
+    "wan.textimage2video": "WanTI2V",
+}
+STREAMS = ("cond", "uncond")
+# generate.py's --task choices, and what each runs by default (wan/configs/wan_*.py at 42bf4cf):
+# steps, shift, guide scale (low-noise, high-noise expert), boundary (fraction of 1000 timesteps).
+TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "t2v-A14B": {"steps": 40, "shift": 12.0, "guide": (3.0, 4.0), "boundary": 0.875},
+    "i2v-A14B": {"steps": 40, "shift": 5.0, "guide": (3.5, 3.5), "boundary": 0.900},
+    "ti2v-5B": {"steps": 50, "shift": 5.0, "guide": 5.0, "boundary": None},
+    "s2v-14B": {"steps": 40, "shift": 3.0, "guide": 4.5, "boundary": None},
+    "animate-14B": {"steps": 20, "shift": 5.0, "guide": 1.0, "boundary": None},
+}
+TASKS = tuple(TASK_DEFAULTS)
+COVERED = ("t2v-A14B", "i2v-A14B", "ti2v-5B")
+EXPECTS = "a call of WanT2V/WanI2V/WanTI2V.generate (Wan2.2's generate.py)"
+
+_patches = PatchSet()
+_launch: Dict[str, Any] = {}
+
+
+def experts_of(pipeline) -> Tuple[Tuple[str, ...], Tuple[Any, ...]]:
+    """``(names, modules)`` of the DiT(s) a Wan2.2 pipeline runs: ``("high_noise_model",
+    "low_noise_model")`` for the A14B tasks (in the order they run), ``("model",)`` for TI2V-5B."""
+    if hasattr(pipeline, "high_noise_model") and hasattr(pipeline, "low_noise_model"):
+        return ("high_noise_model", "low_noise_model"), (pipeline.high_noise_model, pipeline.low_noise_model)
+    name = type(pipeline).__name__
+    if name in ("WanT2V", "WanI2V") and hasattr(pipeline, "model"):
+        raise IntegrationError(f"integration: wan22 met {name} with a single DiT (self.model): this is Wan2.1's "
+                               "generate.py; use integration: wan (configs/wan_*.yaml)")
+    if hasattr(pipeline, "model"):
+        return ("model",), (pipeline.model,)
+    raise IntegrationError(f"integration: wan22: {name} has neither high_noise_model/low_noise_model nor model; "
+                           "this Wan2.2 checkout is not one taohooks knows")
+
+
+def _models(arguments):
+    return tuple(unwrap_model(m) for m in experts_of(arguments["self"])[1])
+
+
+def _model(arguments):
+    return _models(arguments)[0]
+
+
+def _boundary(pipeline) -> Optional[float]:
+    """The timestep at which the low-noise expert takes over (``boundary * num_train_timesteps``)."""
+    if not hasattr(pipeline, "high_noise_model"):
+        return None
+    return float(pipeline.boundary) * float(getattr(pipeline, "num_train_timesteps", 1000))
+
+
+def _loop(arguments):
+    pipeline = arguments["self"]
+    models = _models(arguments)
+    kwargs: Dict[str, Any] = {"timestep_arg": "t"}
+    if len(models) > 1:
+        kwargs["also"] = models[1:]
+        kwargs["expert_boundary"] = _boundary(pipeline)
+    return LoopSpec(int(arguments["sampling_steps"]), STREAMS, batch_dim=None), kwargs
+
+
+def _identity(arguments, model) -> Dict[str, Any]:
+    """The DiT (the first expert's class, architecture, dtype), solver, shift, task and, for the
+    two-expert tasks, the expert boundary (a timestep)."""
+    identity = {**model_identity(model), "scheduler": str(arguments["sample_solver"]),
+                "shift": float(arguments["shift"])}
+    boundary = _boundary(arguments["self"])
+    if boundary is not None:
+        identity["expert_boundary"] = boundary
+        identity["experts"] = list(experts_of(arguments["self"])[0])
+    if "task" in _launch:
+        identity["task"] = _launch["task"]
+    return identity
+
+
+def _sections_with_two_experts(config: TaoCacheConfig) -> List[str]:
+    sections = []
+    if config.pab is not None:
+        sections.append("pab:")
+    if config.teacache is not None and config.teacache.threshold > 0:
+        sections.append("teacache: (the hybrid)")
+    return sections
+
+
+def _check_sections(config: TaoCacheConfig):
+    def check(arguments, model):
+        if len(experts_of(arguments["self"])[1]) > 1 and _sections_with_two_experts(config):
+            raise IntegrationError(f"{config.source}: {' and '.join(_sections_with_two_experts(config))} with "
+                                   "Wan2.2's two experts is not supported yet (they patch one model's submodules); "
+                                   "use TaoCache alone with the A14B tasks")
+        return []
+    return check
+
+
+# ---------------------------------------------------------------------- before the model loads
+FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_shift"}
+
+# Every option of Wan2.2's generate.py (42bf4cf), so that shortened options resolve as in its parser.
+OPTIONS: Dict[str, Dict[str, Any]] = {
+    **{f"--{name}": {} for name in (
+        "size", "frame_num", "ckpt_dir", "offload_model", "save_file", "prompt", "prompt_extend_method",
+        "prompt_extend_model", "prompt_extend_target_lang", "base_seed", "image", "sample_guide_scale",
+        "src_root_path", "refert_num", "num_clip", "audio", "tts_prompt_audio", "tts_prompt_text", "tts_text",
+        "pose_video", "infer_frames")},
+    **{f"--{name}": {"action": "store_true"} for name in (
+        "t5_fsdp", "t5_cpu", "dit_fsdp", "use_prompt_extend", "convert_model_dtype", "replace_flag",
+        "use_relighting_lora", "enable_tts", "start_from_ref")},
+    "--task": {"default": "t2v-A14B"}, "--sample_solver": {"default": "unipc"},
+    "--sample_steps": {"type": int, "default": None}, "--sample_shift": {"type": float, "default": None},
+    "--ulysses_size": {"type": int, "default": 1},
+}
+
+
+def command_line(argv: List[str]) -> Optional[Dict[str, Any]]:
+    """What Wan2.2's ``generate.py`` will run, with the defaults of its ``_validate_args`` (the task's
+    config: 40 steps and shift 12 for t2v-A14B, ...). ``None`` when its own parser would refuse."""
+    args = script_options(argv, OPTIONS)
+    if args is None or args.task not in TASK_DEFAULTS:
+        return None
+    defaults = TASK_DEFAULTS[args.task]
+    steps, why_steps = (args.sample_steps, "--sample_steps") if args.sample_steps is not None else (
+        defaults["steps"], f"the {args.task} default")
+    shift, why_shift = (args.sample_shift, "--sample_shift") if args.sample_shift is not None else (
+        defaults["shift"], f"the {args.task} default")
+    return {"task": args.task, "steps": steps, "steps_from": why_steps, "scheduler": args.sample_solver,
+            "shift": float(shift), "shift_from": why_shift, "sequence_parallel": args.ulysses_size,
+            "boundary": defaults["boundary"]}
+
+
+def _said(run: Dict[str, Any], key: str) -> str:
+    origin = run.get(f"{key}_from", FLAGS.get(key))
+    flag = FLAGS.get(key, "--sample_steps" if key == "steps" else key)
+    return f"{flag} {run[key]}" + ("" if origin.startswith("--") else f", {origin}")
+
+
+def _transferable(config: TaoCacheConfig, lut: CalibrationLUT) -> bool:
+    return (config.calibration.transfer == "interpolate" and lut.deltas is not None
+            and not (config.calibration.auto and lut.num_prompts < config.calibration.prompts))
+
+
+def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
+    """Before generate.py loads T5, the VAE and the experts: the task (covered, and the config's),
+    the step count against loop.steps and the LUT, solver and shift against the LUT's identity, the
+    plan against the step count and the expert switch, the LUT's folder, the sections the two
+    experts cannot take. Raises with every problem found."""
+    run = command_line(argv)
+    _launch.clear()
+    if run is None:
+        return  # generate.py's own parser refuses these arguments and says why
+    _launch["task"] = run["task"]
+    where = config.source or "the config"
+    problems: List[str] = []
+    if run["task"] not in COVERED:
+        raise IntegrationError(
+            f"--task {run['task']}: not covered by integration: wan22 (S2V and Animate run one sampling loop per "
+            f"clip inside one generate(), with one call per step at guide scale 1); covered: {', '.join(COVERED)}")
+    named = [t for t in TASKS if config.model_id and t.lower() in config.model_id.lower()]
+    if named and run["task"] not in named:
+        problems.append(f"{where}: model_id {config.model_id!r} is for task {named[-1]}, this command line runs "
+                        f"--task {run['task']}; use the config for that task (configs/wan22_*.yaml) or give it its "
+                        "own model_id and lut")
+    if run["boundary"] is not None and _sections_with_two_experts(config):
+        problems.append(f"{where}: {' and '.join(_sections_with_two_experts(config))} with the two experts of "
+                        f"{run['task']} is not supported yet; use TaoCache alone")
+    if config.loop.steps is not None and config.loop.steps != run["steps"]:
+        problems.append(f"{where}: loop.steps is {config.loop.steps}, this command line runs "
+                        f"{run['steps']} steps ({_said(run, 'steps')})")
+    lut = None
+    path = config.lut_path()
+    if path is not None and path.is_file():
+        lut = CalibrationLUT.load(path)
+        if lut.steps != run["steps"] and not _transferable(config, lut):
+            hint = (" or carry this one over with calibration.transfer: interpolate" if lut.deltas is not None
+                    else "")
+            problems.append(f"LUT {path} has {lut.steps} steps, this command line runs {run['steps']} "
+                            f"({_said(run, 'steps')}); calibrate a LUT for {run['steps']} steps (its own lut: file)"
+                            + hint)
+        recorded = getattr(lut, "identity", None) or {}
+        keys = differences(recorded, {k: run[k] for k in FLAGS}, config.calibration.accept)
+        if keys:
+            problems.append(f"LUT {path} was calibrated with " + ", ".join(
+                f"{FLAGS[k]} {recorded[k]}" for k in keys) + "; this command line runs " + ", ".join(
+                _said(run, k) for k in keys) + f". Give this run its own LUT (lut: in {where}), or accept the "
+                f"difference knowingly with calibration.accept: [{', '.join(keys)}]")
+    calibrating = path is not None and config.calibration.auto and (
+        lut is None or lut.num_prompts < config.calibration.prompts)
+    if calibrating:
+        check_writable(path)
+    elif not problems:
+        carried = lut_for_steps(config, lut, run["steps"])
+        guard = ()
+        if carried is not None and run["boundary"] is not None:
+            guard = switch_guard(carried.timesteps, run["boundary"] * 1000.0)
+        make_plan(config.plan, run["steps"], STREAMS, carried, unskippable=guard)  # fails now, not later
+    if problems:
+        raise IntegrationError("\n".join(problems))
+
+
+# ---------------------------------------------------------------------- install
+def _patch(module, class_name: str, config: TaoCacheConfig):
+    cls = getattr(module, class_name, None)
+    if cls is None or "generate" not in vars(cls):
+        return None
+    return GenerationPatch(cls, "generate", lambda arguments: TaoCache(config), _model, _loop,
+                           callbacks_of=_check_sections(config), identity_of=_identity,
+                           prompt_arg="input_prompt").install()
+
+
+def install(config: TaoCacheConfig) -> None:
+    """Patch Wan2.2's pipelines' ``generate`` when (or if already) imported; idempotent."""
+    if _patches.installed:
+        return
+    require_modules("wan22", ["wan"], "run generate.py of a Wan2.2 checkout, or pip install -e the checkout")
+    _patches.installed = True
+    for module_name, class_name in PIPELINES.items():
+        _patches.on_import(module_name, lambda module, c=class_name: _patch(module, c, config))
+
+
+def uninstall() -> None:
+    _patches.uninstall()
+    _launch.clear()

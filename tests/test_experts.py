@@ -1,0 +1,94 @@
+"""Two models in one loop (Wan2.2's experts): one hook numbers both instances' calls, and the first
+two steps after the switch are never skipped."""
+import pytest
+import torch
+from torch import nn
+
+from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec, TaoCache, config_from_dict
+from taohooks.config import PlanConfig
+from taohooks.plan import PlanError, switch_guard
+from taohooks.taocache import expert_guard, make_plan
+
+
+class Expert(nn.Module):
+    """``e(t) = a + b * sin(t / 300)``: smooth in the timestep, its own ``a, b`` per expert."""
+
+    def __init__(self, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("a", torch.randn(2, 3, 3, generator=g))
+        self.register_buffer("b", torch.randn(2, 3, 3, generator=g))
+        self.calls = 0
+
+    def forward(self, x, t, context=None):
+        self.calls += 1
+        return [self.a + self.b * torch.sin(t.float().amax() / 300.0) * (1.0 if context == "cond" else 0.7)]
+
+
+TIMESTEPS = torch.linspace(999, 30, 16)
+BOUNDARY = 875.0
+
+
+def run(high, low, timesteps=TIMESTEPS):
+    outs = []
+    for t in timesteps:
+        model = high if t >= BOUNDARY else low
+        ts = torch.stack([t])
+        outs.append((model(None, t=ts, context="cond")[0], model(None, t=ts, context="uncond")[0]))
+    return outs
+
+
+def test_one_hook_numbers_both_experts_and_detaches_both():
+    high, low = Expert(0), Expert(1)
+    steps_seen = []
+
+    class Spy(CalibrationRecorder):
+        def on_after_call(self, hook, call, output):
+            steps_seen.append((call.step, call.streams))
+            super().on_after_call(hook, call, output)
+
+    rec = Spy(identity={"expert_boundary": BOUNDARY})
+    hook = DenoiserHook(LoopSpec(16, ("cond", "uncond"), batch_dim=None), [rec], timestep_arg="t")
+    with hook.attach(high, low):
+        assert "forward" in vars(high) and "forward" in vars(low)
+        hook.new_sample()
+        run(high, low)
+    assert "forward" not in vars(high) and "forward" not in vars(low)  # both restored
+    assert [s for s, _ in steps_seen] == [t for t in range(16) for _ in range(2)]
+    lut = rec.lut()
+    assert lut.num_prompts == 1 and lut.identity["expert_boundary"] == BOUNDARY
+    first_low = int((TIMESTEPS < BOUNDARY).nonzero()[0])
+    assert expert_guard(lut) == (first_low, first_low + 1) == switch_guard(lut.timesteps, BOUNDARY)
+    with pytest.raises(ValueError, match="same module was given twice"):
+        DenoiserHook(LoopSpec(16)).attach(high, high)
+
+
+def test_plans_keep_the_first_two_steps_after_the_switch_computed():
+    high, low = Expert(0), Expert(1)
+    rec = CalibrationRecorder(identity={"expert_boundary": BOUNDARY})
+    with DenoiserHook(LoopSpec(16, ("cond", "uncond"), batch_dim=None), [rec], timestep_arg="t").attach(high, low) as h:
+        for _ in range(2):
+            h.new_sample()
+            run(high, low)
+    lut = rec.lut()
+    guard = expert_guard(lut)
+    assert guard == (2, 3)  # timesteps 999, 934, 870, ...: the low-noise expert starts at step 2
+    for rule in ("paper", "auto"):
+        plan = make_plan(PlanConfig(budget=6, rule=rule, min_step=2, error_weights="uniform"), 16,
+                         ("cond", "uncond"), lut, unskippable=guard)
+        assert not set(plan.skipped_steps) & set(guard), (rule, plan.describe())
+    with pytest.raises(PlanError, match=r"skips step\(s\) 2, 3, the first steps after the expert switch"):
+        make_plan(PlanConfig(window=[2, 6]), 16, ("cond", "uncond"), lut, unskippable=guard)
+    # TaoCache takes the boundary from the LUT and keeps the guard in its plan
+    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [3, 8]}}), lut=lut)
+    with pytest.raises(PlanError, match="first steps after the expert switch"):
+        cache.attach(high, 16, ("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low])
+
+
+def test_per_token_timesteps_read_as_their_largest_value():
+    from taohooks.hook import _Timestep
+
+    t = torch.full((1, 12), 870.0)
+    t[0, :4] = 0.0  # the conditioning frame's tokens (Wan2.2 TI2V image-to-video)
+    assert _Timestep(t).value() == 870.0
+    assert _Timestep(torch.tensor([500, 500])).value() == 500.0
