@@ -1,0 +1,172 @@
+"""integration: wan22 end to end on the Wan2.2 call-contract script (tests/fixtures/official_like/wan22).
+
+T2V-A14B at 20 steps and shift 12: the high-noise expert runs steps 0-12 (timestep >= 875), the
+low-noise expert steps 13-19; two calls per step (cond, uncond) on that step's expert. The script
+prints ``wan22: calls high H low L model M; moves ...; sp S; fsdp F; finite B`` (real forward calls).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_integration_scripts import FIXTURES, Runner, COLD, base_env, config_file, rel_l2, saved_counts
+
+pytest.importorskip("diffusers")
+
+SCRIPT = FIXTURES / "wan22" / "generate.py"
+WAN21 = FIXTURES / "wan" / "generate.py"
+PROMPT = "Two cats boxing on a spotlighted stage."
+GUARD = (13, 14)  # the first two low-noise steps at 20 steps, shift 12
+
+
+@pytest.fixture(scope="module")
+def runner():
+    r = Runner(COLD)
+    yield r
+    r.close()
+
+
+def argv(out: Path, *extra: str, task: str = "t2v-A14B", steps: int = 20):
+    out.mkdir(parents=True, exist_ok=True)
+    return [SCRIPT, "--task", task, "--prompt", PROMPT, "--sample_steps", str(steps), "--base_seed", "0",
+            "--offload_model", "False", "--save_file", out / "video.pt", *extra]
+
+
+def run(runner, out: Path, config: str = None, *extra: str, task: str = "t2v-A14B", steps: int = 20, script=None):
+    args = argv(out, *extra, task=task, steps=steps)
+    if script is not None:
+        args[0] = script
+    if config is not None:
+        args = ["-m", "taohooks.run", *args, "--taocache", config_file(out, config)]
+    return runner(args, out, base_env())
+
+
+def calls(stdout: str):
+    high, low, model = re.search(r"calls high (\d+) low (\d+) model (\d+)", stdout).groups()
+    return int(high), int(low), int(model)
+
+
+@pytest.fixture(scope="module")
+def plain(runner, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain22")
+    res = run(runner, out)
+    assert res.returncode == 0, res.stderr
+    return torch.load(out / "video.pt"), res
+
+
+def test_budget_zero_is_bit_identical_and_both_experts_are_hooked(runner, plain, tmp_path):
+    expected, res0 = plain
+    assert calls(res0.stdout) == (26, 14, 0)
+    res = run(runner, tmp_path, "integration: wan22\nplan: {budget: 0}\n")
+    assert res.returncode == 0, res.stderr
+    assert torch.equal(torch.load(tmp_path / "video.pt"), expected)
+    assert saved_counts(res) == [(0, 40)], res.stderr  # both experts' calls counted in one generation
+
+
+@pytest.fixture(scope="module")
+def calibrated(runner, tmp_path_factory):
+    """A folder whose LUT was calibrated by a first run (one prompt), with the config that skips."""
+    out = tmp_path_factory.mktemp("cal22")
+    config = "integration: wan22\nlut: lut.safetensors\ncalibration: {prompts: 1}\nplan: {budget: 2, min_step: 15}\n"
+    res = run(runner, out, config)
+    assert res.returncode == 0, res.stderr
+    assert "calibrating" in res.stderr and saved_counts(res) == [(0, 40)]
+    return out, config
+
+
+def test_calibration_records_the_boundary_then_skips_in_the_low_noise_expert(runner, plain, calibrated):
+    from taohooks.lut import CalibrationLUT
+    from taohooks.taocache import expert_guard
+
+    out, config = calibrated
+    lut = CalibrationLUT.load(out / "lut.safetensors")
+    assert lut.steps == 20 and lut.identity["expert_boundary"] == 875.0
+    assert lut.identity["experts"] == ["high_noise_model", "low_noise_model"] and lut.identity["shift"] == 12.0
+    assert expert_guard(lut) == GUARD
+    res = run(runner, out, config)
+    assert res.returncode == 0, res.stderr
+    assert saved_counts(res) == [(4, 40)], res.stderr
+    assert calls(res.stdout) == (26, 10, 0)  # the two skipped steps were low-noise ones
+    got, (expected, _) = torch.load(out / "video.pt"), plain
+    assert torch.isfinite(got).all() and 0 < rel_l2(got, expected) < 0.05
+
+
+def test_taocache_plan_says_where_the_experts_switch(calibrated, capsys):
+    from taohooks.cli import main
+
+    out, _ = calibrated
+    assert main(["plan", str(out / "lut.safetensors"), "--budget", "2", "--min-step", "15"]) == 0
+    text = capsys.readouterr().out
+    assert ("# two experts: high-noise steps 0-12, low-noise steps 13-19 (timestep below 875); steps 13, 14 are "
+            "always computed (right after the switch); 2 of 2 skips lie in the low-noise expert") in text
+
+
+def test_a_window_across_the_switch_is_refused_before_the_experts_load(runner, calibrated, tmp_path):
+    out, _ = calibrated
+    (tmp_path / "lut.safetensors").write_bytes((out / "lut.safetensors").read_bytes())
+    res = run(runner, tmp_path, "integration: wan22\nlut: lut.safetensors\ncalibration: {prompts: 1}\n"
+                                "plan: {window: [12, 14]}\n")
+    assert res.returncode == 2
+    assert "skips step(s) 13, 14, the first steps after the expert switch" in res.stderr
+    assert "Creating WanT2V pipeline" not in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("flags", [("--ulysses_size", "2"), ("--dit_fsdp",), ("--offload_model", "True")],
+                         ids=["sp", "fsdp", "offload"])
+def test_the_instance_forward_inside_wrappers_and_offload_moves(runner, calibrated, tmp_path, flags):
+    out, config = calibrated
+    (tmp_path / "lut.safetensors").write_bytes((out / "lut.safetensors").read_bytes())
+    ref = run(runner, out, config)
+    res = run(runner, tmp_path, config, *flags)
+    assert res.returncode == 0, res.stderr
+    assert saved_counts(res) == [(4, 40)], res.stderr
+    assert torch.equal(torch.load(tmp_path / "video.pt"), torch.load(out / "video.pt"))
+    assert calls(res.stdout) == calls(ref.stdout) == (26, 10, 0)
+    if "--ulysses_size" in flags:
+        assert re.search(r"sp (\d+)", res.stdout).group(1) == "36"  # the SP instance forwards ran the computed calls
+    if "--dit_fsdp" in flags:
+        assert re.search(r"fsdp (\d+)", res.stdout).group(1) == "40"  # the wrappers saw every call
+
+
+def test_ti2v_with_an_image_reads_the_per_token_timestep(runner, tmp_path):
+    from taohooks.lut import CalibrationLUT
+
+    config = "integration: wan22\nlut: lut.safetensors\ncalibration: {prompts: 1}\nplan: {budget: 2}\n"
+    res = run(runner, tmp_path, config, "--image", "in.jpg", task="ti2v-5B", steps=10)
+    assert res.returncode == 0, res.stderr
+    lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
+    assert lut.timesteps.min() > 0 and "expert_boundary" not in lut.identity  # not the first-frame tokens' 0
+    res = run(runner, tmp_path, config, "--image", "in.jpg", task="ti2v-5B", steps=10)
+    assert res.returncode == 0, res.stderr
+    assert saved_counts(res) == [(4, 20)], res.stderr
+    assert calls(res.stdout) == (0, 0, 16)
+
+
+def test_each_wan_integration_names_the_other_on_the_wrong_checkout(runner, tmp_path):
+    res = run(runner, tmp_path / "a", "integration: wan\nplan: {budget: 0}\n")
+    assert res.returncode == 2
+    assert "integration: wan met Wan2.2's WanT2V (two experts" in res.stderr and "use integration: wan22" in res.stderr
+    out = tmp_path / "b"
+    out.mkdir()
+    args = ["-m", "taohooks.run", WAN21, "--task", "t2v-1.3B", "--prompt", PROMPT, "--sample_steps", "6",
+            "--taocache", config_file(out, "integration: wan22\nplan: {budget: 0}\n")]
+    res = runner(args, out, base_env())
+    assert res.returncode == 2
+    assert "integration: wan22 met WanT2V with a single DiT" in res.stderr and "use integration: wan" in res.stderr
+
+
+def test_uncovered_tasks_and_mismatches_are_refused_before_the_model_loads(runner, calibrated, tmp_path):
+    res = run(runner, tmp_path / "s2v", "integration: wan22\nplan: {budget: 0}\n", task="s2v-14B")
+    assert res.returncode == 2 and "--task s2v-14B: not covered by integration: wan22" in res.stderr
+    out, config = calibrated
+    (tmp_path / "lut.safetensors").write_bytes((out / "lut.safetensors").read_bytes())
+    res = run(runner, tmp_path, config, "--sample_shift", "5")
+    assert res.returncode == 2
+    assert "was calibrated with --sample_shift 12.0; this command line runs --sample_shift 5.0" in res.stderr
+    res = run(runner, tmp_path / "pab", "integration: wan22\nplan: {budget: 0}\n"
+                                        "pab: {groups: [{pattern: 'blocks\\\\.\\\\d+\\\\.self_attn', range: 2}], "
+                                        "timesteps: [100, 800]}\n")
+    assert res.returncode == 2 and "pab: with the two experts of t2v-A14B is not supported yet" in res.stderr
