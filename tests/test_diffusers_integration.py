@@ -137,11 +137,55 @@ def test_diffusers_pab_state_is_reset_on_refresh_and_start(capfd):
         disable_taocache(pipe)
 
 
-def test_two_transformers_are_refused():
+def wan22_pipe(boundary_ratio=0.7):
+    """A tiny Wan2.2 A14B in diffusers: ``transformer`` (high noise) and ``transformer_2`` (low noise)."""
     pipe = wan_pipe()
-    pipe.register_modules(transformer_2=pipe.transformer)
-    with pytest.raises(IntegrationError, match="transformer_2"):
-        enable_taocache(pipe, config(budget=0))
+    torch.manual_seed(1)
+    low = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                rope_max_seq_len=32).eval()
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=pipe.transformer, transformer_2=low,
+                       scheduler=pipe.scheduler, boundary_ratio=boundary_ratio)
+
+
+def test_two_transformers_run_as_one_loop_with_the_switch_guarded(tmp_path, capfd):
+    """The step accounting is per pipeline step, whichever expert runs it (the ecosystem's MagCache
+    counts each transformer's calls instead); the first two low-noise steps are never skipped."""
+    from taohooks.lut import CalibrationLUT
+    from taohooks.taocache import expert_guard
+
+    pipe = wan22_pipe()
+    calls = {"high": 0, "low": 0}
+    # on the first block: runs only when the transformer really runs (a skipped call returns before it)
+    pipe.transformer.blocks[0].register_forward_pre_hook(lambda m, a: calls.__setitem__("high", calls["high"] + 1))
+    pipe.transformer_2.blocks[0].register_forward_pre_hook(lambda m, a: calls.__setitem__("low", calls["low"] + 1))
+    plain = wan_call(pipe)
+    high_steps = calls["high"] // 2
+    assert 0 < high_steps < STEPS and calls["low"] == 2 * (STEPS - high_steps)
+    cfg = config_from_dict({"integration": "diffusers", "lut": "lut.safetensors", "calibration": {"prompts": 1},
+                            "plan": {"budget": 2, "min_step": 2}}, str(tmp_path / "c.yaml"))
+    enable_taocache(pipe, cfg)
+    try:
+        assert torch.equal(wan_call(pipe), plain)  # calibrating: every step computed
+        lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
+        assert lut.steps == STEPS and lut.identity["expert_boundary"] == 700.0
+        guard = expert_guard(lut)
+        assert guard == (high_steps, high_steps + 1)
+        calls.update(high=0, low=0)
+        out = wan_call(pipe)
+        err = capfd.readouterr().err
+        assert f"4 of {2 * STEPS} denoiser calls saved" in err, err
+        plan = next(iter(pipe.transformer.__dict__.get("_taohooks_hook").callbacks)).plan
+        assert not set(plan.skipped_steps) & set(guard)
+        assert calls["high"] + calls["low"] == 2 * STEPS - 4 and torch.isfinite(out).all()
+        with pytest.raises(IntegrationError, match="transformer_2 is the same module"):
+            p2 = wan_pipe()
+            p2.register_modules(transformer_2=p2.transformer)
+            p2.register_to_config(boundary_ratio=0.5)
+            enable_taocache(p2, config(budget=0))
+    finally:
+        disable_taocache(pipe)
+    assert "forward" not in vars(pipe.transformer) and "forward" not in vars(pipe.transformer_2)
 
 
 def test_calibrates_then_skips(tmp_path, capfd):

@@ -18,6 +18,11 @@ that calls in another order fails with a clear error instead of mixing the strea
 When diffusers' own caches are enabled on the transformer (``transformer.enable_cache(
 PyramidAttentionBroadcastConfig(...))``), their state is reset at every generation start and on
 every step that resumes computing after TaoCache skipped (``_reset_stateful_cache``).
+
+Wan2.2 A14B in diffusers (``transformer`` the high-noise expert, ``transformer_2`` the low-noise
+one, switched at ``config.boundary_ratio * num_train_timesteps``): both are hooked on one hook whose
+steps count the pipeline's steps, whichever transformer runs them (not each transformer's own calls),
+one LUT holds both, and the first two steps of ``transformer_2`` are always computed.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from typing import Any, Dict, List, Optional, Union
 from taohooks.callbacks import Callback
 from taohooks.config import TaoCacheConfig, load_config
 from taohooks.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
-                                  scheduler_calls)
+                                  scheduler_calls, unwrap_model)
 from taohooks.loop import LoopSpec
 from taohooks.reset import StateReset
 from taohooks.taocache import TaoCache
@@ -105,14 +110,38 @@ def _pipeline_kind(pipe) -> str:
 
 
 def _check_supported(pipe) -> None:
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise IntegrationError(f"taohooks: {type(pipe).__name__} has a second transformer (transformer_2, Wan2.2's "
-                               "two experts); TaoCache supports pipelines with one denoiser")
     if getattr(pipe, "transformer", None) is None:
         raise IntegrationError(f"taohooks: {type(pipe).__name__} has no `transformer` to attach to")
+    second = getattr(pipe, "transformer_2", None)
+    if second is not None:
+        if second is pipe.transformer:
+            raise IntegrationError(f"taohooks: {type(pipe).__name__}.transformer_2 is the same module as transformer")
+        if _boundary(pipe) is None:
+            raise IntegrationError(f"taohooks: {type(pipe).__name__} has a transformer_2 but no "
+                                   "config.boundary_ratio: which steps run on which transformer is unknown")
+
+
+def _boundary(pipe) -> Optional[float]:
+    """Wan2.2's expert switch in diffusers: ``boundary_ratio * num_train_timesteps`` (the timestep
+    below which ``transformer_2``, the low-noise expert, runs), or None with one transformer."""
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if getattr(pipe, "transformer_2", None) is None or ratio is None:
+        return None
+    return float(ratio) * float(pipe.scheduler.config.num_train_timesteps)
+
+
+def _experts(pipe) -> tuple:
+    """Both experts' attach keyword arguments (``also=``, ``expert_boundary=``), or none."""
+    boundary = _boundary(pipe)
+    return {} if boundary is None else {"also": (unwrap_model(pipe.transformer_2),), "expert_boundary": boundary}
 
 
 def _loop(arguments):
+    loop, kwargs = _loop_of_one(arguments)
+    return loop, {**kwargs, **_experts(arguments["self"])}
+
+
+def _loop_of_one(arguments):
     pipe = arguments["self"]
     _check_supported(pipe)
     config = _config_of(arguments)
@@ -142,10 +171,21 @@ def _config_of(arguments) -> TaoCacheConfig:
 
 
 def _callbacks(arguments, transformer) -> List[Callback]:
-    callbacks: List[Callback] = [ContextStreamCheck(transformer)]
-    if getattr(transformer, "is_cache_enabled", False) and hasattr(transformer, "_reset_stateful_cache"):
-        callbacks.append(StateReset(transformer._reset_stateful_cache))
+    pipe = arguments.get("self")
+    transformers = [transformer] + ([unwrap_model(pipe.transformer_2)] if _boundary(pipe) is not None else [])
+    callbacks: List[Callback] = [ContextStreamCheck(t) for t in transformers]
+    for t in transformers:
+        if getattr(t, "is_cache_enabled", False) and hasattr(t, "_reset_stateful_cache"):
+            callbacks.append(StateReset(t._reset_stateful_cache))
     return callbacks
+
+
+def _identity(arguments, model):
+    identity = identity_of_pipeline(arguments["self"], model)
+    boundary = _boundary(arguments["self"])
+    if boundary is not None:
+        identity["expert_boundary"] = boundary
+    return identity
 
 
 def _patch_class(cls: type) -> GenerationPatch:
@@ -153,7 +193,7 @@ def _patch_class(cls: type) -> GenerationPatch:
     if patch is None or getattr(cls.__call__, "_taohooks_patch", None) is not patch:
         patch = GenerationPatch(cls, "__call__", lambda arguments: TaoCache(_config_of(arguments)),
                                 lambda arguments: arguments["self"].transformer, _loop, callbacks_of=_callbacks,
-                                identity_of=lambda arguments, model: identity_of_pipeline(arguments["self"], model),
+                                identity_of=_identity,
                                 prompt_arg="prompt", enabled=lambda arguments: _config_of(arguments) is not None)
         _patches[cls] = patch.install()
     return patch
