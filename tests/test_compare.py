@@ -374,6 +374,30 @@ def test_official_like_scripts_end_to_end(tmp_path):
     assert "calibrating taocache's LUT (the TaoCache config names no lut:) on 2 calibration prompts" in res.stderr
 
 
+def test_wan22_two_experts_through_compare(tmp_path):
+    """Wan2.2's call-contract script (two experts): compare calibrates one LUT over both experts and
+    plans with the switch guarded (the first two low-noise steps, 13 and 14 at 20 steps, shift 12)."""
+    import subprocess
+
+    script = FIXTURES / "wan22" / "generate.py"
+    args = [str(script), "--prompt", "ignored", "--sample_steps", "20", "--offload_model", "False"]
+    text = OFFICIAL_LIKE_EXPERIMENT.format(integration="wan22", output="out").replace("budgets: [0.2]",
+                                                                                    "budgets: [0.15]")
+    exp = write(tmp_path, text, "wan22.yaml")
+    driver = write(tmp_path, "import sys\nfrom taohooks import cli\nsys.argv = ['taocache']\n"
+                             f"sys.exit(cli.main(['compare', {str(exp)!r}, '--', *{args!r}]))\n", "d.py")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
+    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
+    tao = [r for r in records if r["method"] == "taocache"]
+    assert len(tao) == 2 and all(r["calls"] == 40 and r["skips"] == 3 for r in tao)
+    skipped = {s for r in tao for s, *_ in r["skipped_schedule"]}
+    assert skipped and not skipped & {13, 14}
+    assert all(r["psnr"] > 20 for r in tao)
+
+
 def test_changed_calibration_prompts_are_refused_on_resume(finished, tmp_path, launcher_state, capsys):
     import shutil
 

@@ -67,6 +67,8 @@ TARGETS: Dict[str, Target] = {
                       "the first block's timestep-modulated input, as taocache bench"),
     "wan": Target("input_prompt", "seed", _single_video, "blocks", None,
                   "Wan2.1's TeaCache proxy (the timestep embedding, published coefficients) is issue 14 item 6"),
+    "wan22": Target("input_prompt", "seed", _single_video, "blocks", None,
+                    "TeaCache has no Wan2.2 support (no published coefficients)"),
     "latte": Target("prompt", None, _pipeline_video, "transformer_blocks", None,
                     "Latte's TeaCache (TeaCache's eval coefficients) is issue 14 item 6"),
     "opensora_plan": Target("prompt", None, _pipeline_video, "transformer_blocks", None,
