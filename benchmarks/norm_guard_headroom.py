@@ -15,10 +15,10 @@ import torch
 from taohooks.config import PlanConfig
 from taohooks.evaluation.methods import calibrate
 from taohooks.evaluation.testbed_model import TestbedModel
-from taohooks.extrapolation import TaoCacheCallback, _norm
-from taohooks.hook import DenoiserHook
-from taohooks.plan import PlanError
-from taohooks.taocache import make_plan
+from taohooks.taocache.extrapolation import TaoCacheCallback, _norm
+from taohooks.runtime.hook import DenoiserHook
+from taohooks.taocache.plan import PlanError
+from taohooks.taocache.cache import make_plan
 from taohooks.testbed import data
 
 PLANS = ((8, None), (16, None), (25, None), (30, 6))  # (skipped steps, refresh every)

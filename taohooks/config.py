@@ -32,12 +32,12 @@ ACCEPTABLE_DIFFERENCES = ("model", "architecture", "task", "dtype", "scheduler",
                           "prediction_type", "sampling_steps", "timesteps")
 MAX_STEPS = 100_000    # loop.steps, step indices and step counts are at most this
 MAX_PROMPTS = 100_000  # calibration.prompts is at most this
-FIRST_SKIPPABLE = 2    # as taohooks.plan.FIRST_SKIPPABLE: a skip needs two computed outputs before it
+FIRST_SKIPPABLE = 2    # as taohooks.taocache.plan.FIRST_SKIPPABLE: a skip needs two computed outputs before it
 
 
 PLAN_RULES = ("paper", "auto")
 TRANSFERS = ("refuse", "interpolate")
-COEFFICIENT_RULES = ("ratio", "projection", "linear", "reuse")  # as taohooks.error_plan.COEFFICIENTS
+COEFFICIENT_RULES = ("ratio", "projection", "linear", "reuse")  # as taohooks.taocache.error_plan.COEFFICIENTS
 PLAN_PATTERNS = ("auto", "contiguous", "strided")
 ERROR_WEIGHTS = ("auto", "flow", "ddpm", "uniform")
 
@@ -89,7 +89,7 @@ class CalibrationConfig:
     sampler: Optional[str] = None
     accept: List[str] = field(default_factory=list)  # LUT identity differences accepted knowingly
     error_horizon: int = 16  # delta products kept per step for plan.rule: auto (0: none); as delta_gram.DEFAULT_HORIZON
-    transfer: str = "refuse"  # a LUT of another step count: refuse, or interpolate (taohooks.lut_transfer)
+    transfer: str = "refuse"  # a LUT of another step count: refuse, or interpolate (taohooks.taocache.lut_transfer)
 
     def validate(self, err) -> None:
         if self.prompts < 1:

@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - lightning is an extra
     raise ImportError("taohooks.lightning needs Lightning: pip install 'taohooks[lightning]'") from exc
 
 from .config import TaoCacheConfig, load_config
-from .taocache import TaoCache
+from .taocache.cache import TaoCache
 
 __all__ = ["TaoCacheCallback"]
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .config import ConfigError, TaoCacheConfig, load_config
-from .integration import IntegrationError, pending_module_checks, script_sys_path, wrapped_calls
-from .lut import LUTMismatchError
-from .plan import PlanError
+from .launcher.integration import IntegrationError, pending_module_checks, script_sys_path, wrapped_calls
+from .taocache.lut import LUTMismatchError
+from .taocache.plan import PlanError
 
 __all__ = ["main", "split_taocache_argument", "install_integration", "INTEGRATION_MODULES"]
 
@@ -156,9 +156,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run_errors() -> tuple:
     """taohooks' own errors about the config, the LUT or the run: said in one line, never a traceback."""
-    from .io import FileWriteError
-    from .lut import LUTFormatError
-    from .pab import PABPatternError
+    from .runtime.io import FileWriteError
+    from .taocache.lut import LUTFormatError
+    from .caches.pab import PABPatternError
 
     return (ConfigError, IntegrationError, LUTMismatchError, LUTFormatError, PlanError, PABPatternError, FileWriteError)
 
@@ -242,8 +242,8 @@ def report_if_never_applied(config: TaoCacheConfig, calls_before: int = 0) -> bo
     """When the script ends and the integration never wrapped a generation, say so (one line), with
     what it expected and what the script imported instead. Returns ``False`` when that happened
     under ``taocache calibrate`` (the caller exits non-zero), else ``True``."""
-    from . import messages
-    from .prompt_calibration import ENV_CALIBRATE_ONLY
+    from .runtime import messages
+    from .launcher.prompt_calibration import ENV_CALIBRATE_ONLY
 
     if wrapped_calls() > calls_before:
         return True

@@ -16,7 +16,7 @@ from torch import nn
 from taohooks import CalibrationLUT, CalibrationRecorder, DenoiserHook, LoopSpec, TaoCache
 from taohooks.cli import main
 from taohooks.config import ConfigError, PlanConfig, config_from_dict, load_config
-from taohooks.lut import LUTFormatError
+from taohooks.taocache.lut import LUTFormatError
 from taohooks.run import main as run_main
 from trajectories import GeometricDenoiser, run_loop
 
@@ -347,8 +347,8 @@ def test_a_failed_calibration_save_is_retried_at_detach_and_a_loss_is_said(tmp_p
     last clip), the statistics vanished at exit without a word."""
     import errno
 
-    from taohooks import calibration
-    from taohooks.io import FileWriteError, atomic_write_bytes
+    from taohooks.taocache import calibration
+    from taohooks.runtime.io import FileWriteError, atomic_write_bytes
 
     path = tmp_path / "luts" / "geo.safetensors"
     disk_full = [True]

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from taohooks import autoload
-from taohooks.lut import CalibrationLUT
+from taohooks.taocache.lut import CalibrationLUT
 
 pytest.importorskip("diffusers")
 

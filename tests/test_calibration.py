@@ -6,7 +6,7 @@ import torch
 
 import taohooks
 from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec
-from taohooks.calibration import delta_statistics
+from taohooks.taocache.calibration import delta_statistics
 from trajectories import GeometricDenoiser, run_loop
 
 

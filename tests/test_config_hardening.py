@@ -11,9 +11,9 @@ import pytest
 from taohooks import ConfigError, config_from_dict, load_config
 from taohooks.cli import main as cli_main
 from taohooks.config import ACCEPTABLE_DIFFERENCES, FIRST_SKIPPABLE, MAX_PROMPTS, MAX_STEPS
-from taohooks.integration import IntegrationError
-from taohooks.plan import FIRST_SKIPPABLE as PLAN_FIRST_SKIPPABLE
-from taohooks.prompt_calibration import read_prompts
+from taohooks.launcher.integration import IntegrationError
+from taohooks.taocache.plan import FIRST_SKIPPABLE as PLAN_FIRST_SKIPPABLE
+from taohooks.launcher.prompt_calibration import read_prompts
 from taohooks.run import main as run_main
 from taohooks.run import split_taocache_argument
 
@@ -307,35 +307,35 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(lut_path, tmp_path, 
 
 
 def test_oserrors_while_writing_are_one_line_errors(lut_path, tmp_path, capsys, monkeypatch):
-    import taohooks.plotting
+    import taohooks.evaluation.plotting
 
     out = tmp_path / "c.png"
 
     def denied(lut, path, dpi):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(taohooks.plotting, "plot_calibration", denied)
+    monkeypatch.setattr(taohooks.evaluation.plotting, "plot_calibration", denied)
     assert cli_main(["plot", str(lut_path), "-o", str(out)]) == 1
     assert capsys.readouterr().err == f"taocache plot: error: cannot write {out}: Permission denied\n"
 
     def full(lut, path, dpi):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(taohooks.plotting, "plot_calibration", full)
+    monkeypatch.setattr(taohooks.evaluation.plotting, "plot_calibration", full)
     assert cli_main(["plot", str(lut_path), "-o", str(out)]) == 1
     assert capsys.readouterr().err == f"taocache plot: error: cannot write {out}: No space left on device\n"
 
 
 def test_file_write_errors_read_cannot_write_path(lut_path, tmp_path, capsys, monkeypatch):
-    import taohooks.plotting
-    from taohooks.io import FileWriteError
+    import taohooks.evaluation.plotting
+    from taohooks.runtime.io import FileWriteError
 
     out = tmp_path / "c.png"
 
     def full(lut, path, dpi):
         raise FileWriteError(f"{path}: cannot write: the disk is full (No space left on device)", errno.ENOSPC, path)
 
-    monkeypatch.setattr(taohooks.plotting, "plot_calibration", full)
+    monkeypatch.setattr(taohooks.evaluation.plotting, "plot_calibration", full)
     assert cli_main(["plot", str(lut_path), "-o", str(out)]) == 1
     assert capsys.readouterr().err == (f"taocache plot: error: cannot write {out}: the disk is full (No space left on "
                                        "device)\n")

@@ -4,10 +4,10 @@ import torch
 
 from taohooks import TaoCache
 from taohooks.config import ConfigError, config_from_dict
-from taohooks.pab import PyramidAttentionBroadcast
-from taohooks.plan import plan_from_window
-from taohooks.taocache import section_callbacks
-from taohooks.teacache import TeaCacheCallback
+from taohooks.caches.pab import PyramidAttentionBroadcast
+from taohooks.taocache.plan import plan_from_window
+from taohooks.taocache.cache import section_callbacks
+from taohooks.caches.teacache import TeaCacheCallback
 from tinydit import TinyDiT, run
 
 PAB = {"groups": [{"pattern": r"blocks\.\d+\.attn", "range": 2}], "steps": [1, 8]}
@@ -65,7 +65,7 @@ def test_pab_and_hybrid_from_a_config_on_a_model():
 def test_wan_refuses_the_hybrid_under_sequence_parallelism():
     import types
 
-    from taohooks.integration import IntegrationError
+    from taohooks.launcher.integration import IntegrationError
     from taohooks.integrations.wan import _refuse_rank_local_decisions
 
     config = config_from_dict({"integration": "wan", "teacache": {"threshold": 0.1}}, "wan_hybrid.yaml")

@@ -9,8 +9,8 @@ from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, LattePipe
                        LatteTransformer3DModel, WanPipeline, WanTransformer3DModel)
 
 from taohooks.config import config_from_dict  # noqa: E402
-from taohooks.hook import get_hook  # noqa: E402
-from taohooks.integration import IntegrationError  # noqa: E402
+from taohooks.runtime.hook import get_hook  # noqa: E402
+from taohooks.launcher.integration import IntegrationError  # noqa: E402
 from taohooks.integrations.diffusers import disable_taocache, enable_taocache  # noqa: E402
 
 STEPS = 8
@@ -151,8 +151,8 @@ def wan22_pipe(boundary_ratio=0.7):
 def test_two_transformers_run_as_one_loop_with_the_switch_guarded(tmp_path, capfd):
     """The step accounting is per pipeline step, whichever expert runs it (the ecosystem's MagCache
     counts each transformer's calls instead); the first two low-noise steps are never skipped."""
-    from taohooks.lut import CalibrationLUT
-    from taohooks.taocache import expert_guard
+    from taohooks.taocache.lut import CalibrationLUT
+    from taohooks.taocache.cache import expert_guard
 
     pipe = wan22_pipe()
     calls = {"high": 0, "low": 0}

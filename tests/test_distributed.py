@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from taohooks import TaoCache
 from taohooks.config import config_from_dict
-from taohooks.lut import CalibrationLUT
+from taohooks.taocache.lut import CalibrationLUT
 
 pytest.importorskip("diffusers")
 

@@ -14,14 +14,14 @@ from torch import nn
 
 from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec
 from taohooks.config import PlanConfig, config_from_dict, ConfigError
-from taohooks.delta_gram import DeltaGram
-from taohooks.error_model import ErrorModel, chains_of, sampler_weights
-from taohooks.error_plan import (PlannerOptions, brute_force, coefficient_table, error_model_of, plan_min_error,
+from taohooks.taocache.delta_gram import DeltaGram
+from taohooks.taocache.error_model import ErrorModel, chains_of, sampler_weights
+from taohooks.taocache.error_plan import (PlannerOptions, brute_force, coefficient_table, error_model_of, plan_min_error,
                                  predict_plan, weight_scheme)
-from taohooks.extrapolation import TaoCacheCallback
-from taohooks.lut import CalibrationLUT
-from taohooks.plan import COMPUTE, REFRESH, SKIP, PlanError, SkipPlan
-from taohooks.taocache import make_plan
+from taohooks.taocache.extrapolation import TaoCacheCallback
+from taohooks.taocache.lut import CalibrationLUT
+from taohooks.taocache.plan import COMPUTE, REFRESH, SKIP, PlanError, SkipPlan
+from taohooks.taocache.cache import make_plan
 from trajectories import GeometricDenoiser, run_loop
 
 
@@ -124,7 +124,7 @@ def test_version_1_file_loads_without_products_and_auto_says_so(tmp_path):
 def test_corrupt_products_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open
-    from taohooks.lut import LUTFormatError
+    from taohooks.taocache.lut import LUTFormatError
 
     lut = calibrate(TableDenoiser(8, 2), 8, ("main",), 2, horizon=2)
     path = tmp_path / "l.safetensors"
@@ -314,7 +314,7 @@ def test_rule_auto_is_exact_on_alternating_deltas_with_two_call_and_batched_cfg(
 def test_rule_auto_with_pab_resets_and_the_hybrid_guard():
     """The error-aware plan's resume steps reset PAB; TeaCache stops before its first skip minus the guard."""
     from taohooks import config_from_dict
-    from taohooks.taocache import section_callbacks
+    from taohooks.taocache.cache import section_callbacks
 
     steps, prompts, streams = 24, 2, ("cond", "uncond")
     lut = calibrate(TableDenoiser(steps, prompts, streams), steps, streams, prompts)
@@ -329,7 +329,7 @@ def test_rule_auto_with_pab_resets_and_the_hybrid_guard():
 
 def test_predicted_vs_measured_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    from taohooks.plotting import plot_predicted_vs_measured
+    from taohooks.evaluation.plotting import plot_predicted_vs_measured
 
     rows = [{"method": m, "budget": b, "psnr": 40.0 + 10 * b + k, "predicted_psnr": 41.0 + 10 * b + k}
             for k, m in enumerate(("taocache", "taocache-auto")) for b in (0.04, 0.16)]

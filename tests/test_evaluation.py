@@ -109,7 +109,7 @@ def test_bench_pab_is_reset_on_every_step_that_resumes_after_a_skip(monkeypatch)
     """PAB must not broadcast attention computed before a skipped stretch: it resets on
     ``SkipPlan.resume_steps`` (refreshes and the first step after the window), as the YAML path does."""
     from taohooks.config import PlanConfig
-    from taohooks.pab import PyramidAttentionBroadcast
+    from taohooks.caches.pab import PyramidAttentionBroadcast
 
     real_make_plan = methods.make_plan
     # the window the search would pick on a real model ends before the last step

@@ -6,8 +6,8 @@ from torch import nn
 
 from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec, TaoCache, config_from_dict
 from taohooks.config import PlanConfig
-from taohooks.plan import PlanError, switch_guard
-from taohooks.taocache import expert_guard, make_plan
+from taohooks.taocache.plan import PlanError, switch_guard
+from taohooks.taocache.cache import expert_guard, make_plan
 
 
 class Expert(nn.Module):
@@ -86,7 +86,7 @@ def test_plans_keep_the_first_two_steps_after_the_switch_computed():
 
 
 def test_per_token_timesteps_read_as_their_largest_value():
-    from taohooks.hook import _Timestep
+    from taohooks.runtime.hook import _Timestep
 
     t = torch.full((1, 12), 870.0)
     t[0, :4] = 0.0  # the conditioning frame's tokens (Wan2.2 TI2V image-to-video)

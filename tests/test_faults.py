@@ -18,7 +18,7 @@ import torch
 import taohooks
 from taohooks import CalibrationLUT, CalibrationRecorder, DenoiserHook, LoopSpec, TaoCache
 from taohooks.cli import main
-from taohooks.io import FileWriteError, atomic_write_bytes, check_writable, locked
+from taohooks.runtime.io import FileWriteError, atomic_write_bytes, check_writable, locked
 from trajectories import GeometricDenoiser, run_loop
 
 TESTS = Path(__file__).resolve().parent
@@ -250,7 +250,7 @@ def test_a_full_disk_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(taohooks.io.os, "fsync", full)
+    monkeypatch.setattr(taohooks.runtime.io.os, "fsync", full)
     with pytest.raises(FileWriteError) as info:
         reference([[0.6]]).save(path)
     assert str(info.value) == (f"{path}: cannot write: the disk is full (No space left on device); any earlier "
@@ -373,7 +373,7 @@ def test_kill_9_during_writes_leaves_a_valid_lut_and_the_next_write_cleans_up(tm
     path = folder / "big.safetensors"
     left_behind = 0
     for attempt in range(12):
-        child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(ROOT / "taohooks" / "io.py"), str(path)]
+        child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(ROOT / "taohooks" / "runtime" / "io.py"), str(path)]
                                  + [str(v) for v in versions], stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "writing"
         assert CalibrationLUT.load(path).num_prompts in (1, 2)  # a reader meanwhile sees a whole old or new file

@@ -1,7 +1,7 @@
 """when_imported: patch a module right after it executes (or at once if already imported)."""
 import sys
 
-from taohooks.imports import when_imported
+from taohooks.launcher.imports import when_imported
 
 
 def test_runs_after_import_and_at_once_when_already_imported(tmp_path, monkeypatch):
@@ -28,7 +28,7 @@ def test_the_finder_is_not_re_entered_for_a_name_it_is_resolving(tmp_path, monke
     some library) gets None, instead of another walk over sys.meta_path that reaches it again."""
     import importlib.abc
 
-    from taohooks import imports
+    from taohooks.launcher import imports
 
     (tmp_path / "pipeline_reentrant_taohooks.py").write_text("VALUE = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -292,7 +292,7 @@ def test_latte_calibrates_on_the_first_prompt_then_skips(runner, tmp_path):
 
 
 def test_opensora_plan_pndm_calibrates_then_skips(runner, tmp_path):
-    from taohooks.lut import CalibrationLUT
+    from taohooks.taocache.lut import CalibrationLUT
 
     repo = replace(REPOS["opensora_plan"], prompts=("A dog running on the beach.",))
     config = CALIBRATE.format("opensora_plan", "")

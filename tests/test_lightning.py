@@ -9,7 +9,7 @@ import lightning.pytorch as pl  # noqa: E402
 
 from taohooks import TaoCache  # noqa: E402
 from taohooks.config import config_from_dict  # noqa: E402
-from taohooks.hook import get_hook  # noqa: E402
+from taohooks.runtime.hook import get_hook  # noqa: E402
 from taohooks.lightning import TaoCacheCallback  # noqa: E402
 from taohooks.testbed import sampling  # noqa: E402
 from taohooks.testbed.model import VideoDiT, VideoDiTConfig  # noqa: E402

@@ -116,7 +116,7 @@ def test_save_is_atomic(tmp_path, lut, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(taohooks.io.os, "replace", broken)
+    monkeypatch.setattr(taohooks.runtime.io.os, "replace", broken)
     with pytest.raises(OSError, match="disk full"):
         lut.merge(lut).save(path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["lut.safetensors"]

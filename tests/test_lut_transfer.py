@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec, TaoCache, config_from_dict
-from taohooks.lut import LUTMismatchError
-from taohooks.lut_transfer import transfer_lut, transfer_matrix
+from taohooks.taocache.lut import LUTMismatchError
+from taohooks.taocache.lut_transfer import transfer_lut, transfer_matrix
 
 
 class CurveDenoiser(nn.Module):

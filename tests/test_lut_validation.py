@@ -7,7 +7,7 @@ from safetensors.torch import save
 
 from taohooks import CalibrationLUT, LoopSpec, LUTMismatchError
 from taohooks.cli import main
-from taohooks.lut import LUTFormatError
+from taohooks.taocache.lut import LUTFormatError
 from test_calibration import calibrate
 from trajectories import GeometricDenoiser
 

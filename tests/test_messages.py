@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from taohooks import messages
+from taohooks.runtime import messages
 
 
 @pytest.fixture(autouse=True)

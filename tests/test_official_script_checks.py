@@ -130,7 +130,7 @@ def test_latte_euler_discrete_does_not_use_the_ddim_lut(runner, luts, tmp_path):
 
 def test_first_call_identity_check_when_the_command_line_cannot_say(runner, luts, tmp_path):
     """The recorded architecture differs (another transformer config): found at the first call."""
-    from taohooks.lut import CalibrationLUT
+    from taohooks.taocache.lut import CalibrationLUT
 
     lut = CalibrationLUT.load(luts("latte"))
     assert set(lut.identity) >= {"model", "architecture", "dtype", "scheduler", "sampling_steps"}
@@ -166,7 +166,7 @@ def test_calibrate_with_an_integration_that_never_fires_fails(runner, tmp_path):
 
 # ---------------------------------------------------------------------------- 4. --devices, script with its own group
 def test_calibrate_devices_with_a_script_that_starts_its_own_process_group(runner, tmp_path):
-    from taohooks.lut import CalibrationLUT
+    from taohooks.taocache.lut import CalibrationLUT
 
     config = config_file(tmp_path, "integration: wan\nlut: lut.safetensors\ncalibration: {prompts: 2}\n")
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")

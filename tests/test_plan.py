@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from taohooks.plan import (COMPUTE, REFRESH, SKIP, TIE_TOLERANCE, PlanError, SkipPlan, plan_from_steps, plan_from_window,
+from taohooks.taocache.plan import (COMPUTE, REFRESH, SKIP, TIE_TOLERANCE, PlanError, SkipPlan, plan_from_steps, plan_from_window,
                            resolve_budget, search_window, span_length, window_actions)
 
 

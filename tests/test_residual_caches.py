@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from taohooks import DenoiserHook, LoopSpec, TaoCache, config_from_dict
-from taohooks.magcache import MagCacheCalibrator, MagCacheCallback
-from taohooks.pab import BroadcastGroup, PyramidAttentionBroadcast
-from taohooks.residual import ResidualSkipCallback
-from taohooks.teacache import TeaCacheCalibrator, TeaCacheCallback
+from taohooks.caches.magcache import MagCacheCalibrator, MagCacheCallback
+from taohooks.caches.pab import BroadcastGroup, PyramidAttentionBroadcast
+from taohooks.caches.residual import ResidualSkipCallback
+from taohooks.caches.teacache import TeaCacheCalibrator, TeaCacheCallback
 from tinydit import TinyDiT, run
 
 STEPS = 10

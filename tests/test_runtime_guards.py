@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from taohooks import DenoiserHook, LoopSpec, TaoCacheCallback
-from taohooks.plan import plan_from_steps, plan_from_window
+from taohooks.taocache.plan import plan_from_steps, plan_from_window
 from trajectories import GeometricDenoiser, run_loop
 
 STEPS = 16

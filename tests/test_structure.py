@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import taohooks
-from taohooks.structure import flatten_output, join_batch, split_batch
+from taohooks.runtime.structure import flatten_output, join_batch, split_batch
 
 
 @dataclass

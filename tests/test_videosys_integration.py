@@ -16,12 +16,12 @@ import torch
 
 pytest.importorskip("diffusers")  # the fake pipelines use diffusers' DDIM / PNDM schedulers, as VideoSys does
 
-from taohooks import imports  # noqa: E402
+from taohooks.launcher import imports  # noqa: E402
 from taohooks.config import config_from_dict  # noqa: E402
-from taohooks.hook import get_hook  # noqa: E402
-from taohooks.integration import IntegrationError  # noqa: E402
+from taohooks.runtime.hook import get_hook  # noqa: E402
+from taohooks.launcher.integration import IntegrationError  # noqa: E402
 from taohooks.integrations import videosys as integration  # noqa: E402
-from taohooks.reset import StateReset  # noqa: E402
+from taohooks.runtime.reset import StateReset  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "videosys_like"
 PROMPT = "a red panda eating bamboo"

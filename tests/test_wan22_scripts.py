@@ -78,8 +78,8 @@ def calibrated(runner, tmp_path_factory):
 
 
 def test_calibration_records_the_boundary_then_skips_in_the_low_noise_expert(runner, plain, calibrated):
-    from taohooks.lut import CalibrationLUT
-    from taohooks.taocache import expert_guard
+    from taohooks.taocache.lut import CalibrationLUT
+    from taohooks.taocache.cache import expert_guard
 
     out, config = calibrated
     lut = CalibrationLUT.load(out / "lut.safetensors")
@@ -132,7 +132,7 @@ def test_the_instance_forward_inside_wrappers_and_offload_moves(runner, calibrat
 
 
 def test_ti2v_with_an_image_reads_the_per_token_timestep(runner, tmp_path):
-    from taohooks.lut import CalibrationLUT
+    from taohooks.taocache.lut import CalibrationLUT
 
     config = "integration: wan22\nlut: lut.safetensors\ncalibration: {prompts: 1}\nplan: {budget: 2}\n"
     res = run(runner, tmp_path, config, "--image", "in.jpg", task="ti2v-5B", steps=10)

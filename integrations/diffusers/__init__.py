@@ -30,13 +30,13 @@ import os
 import weakref
 from typing import Any, Dict, List, Optional, Union
 
-from taohooks.callbacks import Callback
+from taohooks.runtime.callbacks import Callback
 from taohooks.config import TaoCacheConfig, load_config
-from taohooks.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
+from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
                                   scheduler_calls, unwrap_model)
-from taohooks.loop import LoopSpec
-from taohooks.reset import StateReset
-from taohooks.taocache import TaoCache
+from taohooks.runtime.loop import LoopSpec
+from taohooks.runtime.reset import StateReset
+from taohooks.taocache.cache import TaoCache
 
 __all__ = ["enable_taocache", "disable_taocache", "install", "uninstall", "SEQUENTIAL_CFG", "BATCHED_CFG",
            "ContextStreamCheck"]

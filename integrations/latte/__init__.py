@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import List, Optional
 
 from taohooks.config import TaoCacheConfig
-from taohooks.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
+from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
                                   require_modules, script_options)
-from taohooks.io import check_writable
-from taohooks.lut import CalibrationLUT
-from taohooks.taocache import TaoCache
+from taohooks.runtime.io import check_writable
+from taohooks.taocache.lut import CalibrationLUT
+from taohooks.taocache.cache import TaoCache
 
 __all__ = ["install", "uninstall", "precheck", "check_sampler", "MODULE", "PIPELINE", "EXPECTS"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import List
 
 from taohooks.config import TaoCacheConfig
-from taohooks.integration import PatchSet, require_modules, script_options
+from taohooks.launcher.integration import PatchSet, require_modules, script_options
 
 from ..latte import check_sampler, patch_pipeline
 

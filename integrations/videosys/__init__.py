@@ -25,12 +25,12 @@ import copy
 import sys
 from typing import Any, Callable, Iterable, List, Optional
 
-from taohooks.callbacks import Callback
+from taohooks.runtime.callbacks import Callback
 from taohooks.config import TaoCacheConfig
-from taohooks.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
+from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
                                   require_modules)
-from taohooks.reset import StateReset
-from taohooks.taocache import TaoCache
+from taohooks.runtime.reset import StateReset
+from taohooks.taocache.cache import TaoCache
 
 __all__ = ["install", "uninstall", "PIPELINES", "reset_pab_state", "MLPBroadcastGuard", "pab_manager"]
 
@@ -94,7 +94,7 @@ class MLPBroadcastGuard(Callback):
         self.timesteps = timesteps
 
     def on_attach(self, hook) -> None:
-        from taohooks.extrapolation import TaoCacheCallback
+        from taohooks.taocache.extrapolation import TaoCacheCallback
 
         manager = pab_manager()
         config = getattr(manager, "config", None)

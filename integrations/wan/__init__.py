@@ -20,12 +20,12 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from taohooks.config import TaoCacheConfig
-from taohooks.identity import differences, model_identity
-from taohooks.integration import GenerationPatch, IntegrationError, PatchSet, require_modules, script_options
-from taohooks.io import check_writable
-from taohooks.loop import LoopSpec
-from taohooks.lut import CalibrationLUT
-from taohooks.taocache import TaoCache, lut_for_steps, make_plan
+from taohooks.taocache.identity import differences, model_identity
+from taohooks.launcher.integration import GenerationPatch, IntegrationError, PatchSet, require_modules, script_options
+from taohooks.runtime.io import check_writable
+from taohooks.runtime.loop import LoopSpec
+from taohooks.taocache.lut import CalibrationLUT
+from taohooks.taocache.cache import TaoCache, lut_for_steps, make_plan
 
 __all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "EXPECTS"]
 

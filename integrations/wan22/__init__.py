@@ -33,14 +33,14 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from taohooks.config import TaoCacheConfig
-from taohooks.identity import differences, model_identity
-from taohooks.integration import (GenerationPatch, IntegrationError, PatchSet, require_modules, script_options,
+from taohooks.taocache.identity import differences, model_identity
+from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, require_modules, script_options,
                                   unwrap_model)
-from taohooks.io import check_writable
-from taohooks.loop import LoopSpec
-from taohooks.lut import CalibrationLUT
-from taohooks.plan import switch_guard
-from taohooks.taocache import TaoCache, lut_for_steps, make_plan
+from taohooks.runtime.io import check_writable
+from taohooks.runtime.loop import LoopSpec
+from taohooks.taocache.lut import CalibrationLUT
+from taohooks.taocache.plan import switch_guard
+from taohooks.taocache.cache import TaoCache, lut_for_steps, make_plan
 
 __all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "TASK_DEFAULTS", "EXPECTS",
            "experts_of"]

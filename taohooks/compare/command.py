@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ..config import ConfigError, TaoCacheConfig, load_config
-from ..io import atomic_write_bytes, check_writable
+from ..runtime.io import atomic_write_bytes, check_writable
 from .experiment import ExperimentConfig, load_experiment
 from .plots import write_plots, write_strip
 from .report import build_results, load_results, markdown_table, write_results

@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from ..plotting import plot_quality_vs_speedup
+from ..evaluation.plotting import plot_quality_vs_speedup
 
 __all__ = ["write_plots", "write_strip"]
 

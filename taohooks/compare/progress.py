@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from .. import messages
+from ..runtime import messages
 
 __all__ = ["Progress"]
 

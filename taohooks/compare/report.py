@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..io import atomic_write_bytes
+from ..runtime.io import atomic_write_bytes
 from .experiment import ExperimentConfig
 from .scoring import score
 from .store import RunStore, run_label

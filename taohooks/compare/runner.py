@@ -27,12 +27,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from .. import messages
-from ..callbacks import Callback
+from ..runtime import messages
+from ..runtime.callbacks import Callback
 from ..config import ConfigError, TaoCacheConfig
-from ..hook import DenoiserHook
-from ..integration import GenerationPatch, check_declared_loop, identity_of_model, unwrap_model
-from ..residual import BlockStackCache
+from ..runtime.hook import DenoiserHook
+from ..launcher.integration import GenerationPatch, check_declared_loop, identity_of_model, unwrap_model
+from ..caches.residual import BlockStackCache
 from .experiment import ExperimentConfig, PromptEntry
 from .progress import Progress
 from .store import RunStore, run_label
@@ -101,7 +101,7 @@ def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig) -> Tuple[b
         return True, "teacache's polynomial"
     if "taocache" not in config.methods:
         return False, ""
-    from ..lut import CalibrationLUT
+    from ..taocache.lut import CalibrationLUT
 
     path = tao.lut_path()
     if path is None:
@@ -231,10 +231,10 @@ class Experiment:
     def _calibration(self, prompts: List[PromptEntry], needed: bool, why: str):
         """``(LUT or None, TeaCache coefficients or None)``: recorded on the calibration prompts, or the
         TaoCache config's complete LUT."""
-        from ..calibration import CalibrationRecorder
-        from ..lut import CalibrationLUT
-        from ..taocache import check_run
-        from ..teacache import TeaCacheCalibrator
+        from ..taocache.calibration import CalibrationRecorder
+        from ..taocache.lut import CalibrationLUT
+        from ..taocache.cache import check_run
+        from ..caches.teacache import TeaCacheCalibrator
 
         lut_file = self.store.folder / "state" / "calibration_lut.safetensors"
         if not needed:
@@ -268,7 +268,7 @@ class Experiment:
                 self.patch.original(*arguments.args, **arguments.kwargs)
                 self.progress.advance(f"calibration, {entry.prompt!r} seed {entry.seed}")
         lut = recorder.lut()
-        from ..io import atomic_write_bytes
+        from ..runtime.io import atomic_write_bytes
 
         atomic_write_bytes(lut_file, lut.to_bytes())
         coefficients = tea.fit() if tea is not None else None
@@ -282,18 +282,18 @@ class Experiment:
         if method == "full":
             return []
         if method == "taocache":
-            from ..extrapolation import TaoCacheCallback
-            from ..taocache import make_plan
+            from ..taocache.extrapolation import TaoCacheCallback
+            from ..taocache.cache import make_plan
 
             plan_config = dataclasses.replace(self.tao.plan, budget=skips, window=None, skip_steps=None)
-            from ..plan import switch_guard
+            from ..taocache.plan import switch_guard
 
             guard = switch_guard(lut.timesteps, self.expert_boundary) if self.expert_boundary else ()
             plan = make_plan(plan_config, steps, self.loop.streams, lut, unskippable=guard)
             self.plans[label] = {"window": list(plan.window) if plan.window else None}
             return [TaoCacheCallback(plan, lut.timesteps, max_norm_ratio=self.tao.plan.max_norm_ratio)]
         if method == "teacache":
-            from ..teacache import TeaCacheCallback
+            from ..caches.teacache import TeaCacheCallback
 
             probe = self.target.tea_probe()
 
@@ -343,7 +343,7 @@ class Experiment:
 def intercept_generations(experiment: Experiment) -> Iterator[None]:
     """While active, the first generation call any integration patch wraps runs ``experiment``
     instead, then the script exits with status 0 (``SystemExit``)."""
-    from ..integration import intercepting
+    from ..launcher.integration import intercepting
 
     def run(patch: GenerationPatch, bound) -> Any:
         experiment.run(patch, bound)

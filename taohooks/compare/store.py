@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..config import ConfigError
-from ..io import atomic_write_bytes
+from ..runtime.io import atomic_write_bytes
 from .experiment import PromptEntry
 
 __all__ = ["RunStore", "run_label", "entry_key"]

@@ -1,6 +1,6 @@
 """What ``taocache compare`` needs to know of each integration's generation function.
 
-The integration's :class:`~taohooks.integration.GenerationPatch` already finds the model and the
+The integration's :class:`~taohooks.launcher.integration.GenerationPatch` already finds the model and the
 loop; a target adds where the prompt and the seed go, how to read the video from the function's
 return value, and the block stack and TeaCache proxy (``None``: TeaCache is not available there
 yet, because the proxy its authors use is not implemented for that integration).

@@ -22,8 +22,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import dataclass_from_dict, read_yaml
-from ..io import atomic_write_bytes
-from ..plotting import plot_calibration
+from ..runtime.io import atomic_write_bytes
+from .plotting import plot_calibration
 from .methods import METHODS, MethodSettings, build_method, calibrate, paired_speedup, run_with
 from .testbed_model import MODEL_NAMES, TestbedModel
 
@@ -227,7 +227,7 @@ def write_plots(records: List[dict], out_dir: Path) -> None:
     """Quality (PSNR, SSIM) against measured speedup, one line per method (points in budget order),
     one figure per model; and the predicted against the measured PSNR of the TaoCache plans."""
     try:
-        from ..plotting import plot_predicted_vs_measured, plot_quality_vs_speedup
+        from .plotting import plot_predicted_vs_measured, plot_quality_vs_speedup
     except ImportError:  # pragma: no cover
         return
     for model in dict.fromkeys(r["model"] for r in records):

@@ -13,18 +13,18 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from ..callbacks import Callback
-from ..calibration import CalibrationRecorder
+from ..runtime.callbacks import Callback
+from ..taocache.calibration import CalibrationRecorder
 from ..config import PlanConfig
-from ..extrapolation import TaoCacheCallback
-from ..hook import DenoiserHook
-from ..lut import CalibrationLUT
-from ..magcache import MagCacheCalibrator, MagCacheCallback
-from ..pab import BroadcastGroup, PyramidAttentionBroadcast
-from ..plan import SkipPlan
-from ..residual import BlockStackCache, ResidualSkipCallback
-from ..taocache import make_plan
-from ..teacache import TeaCacheCalibrator, TeaCacheCallback
+from ..taocache.extrapolation import TaoCacheCallback
+from ..runtime.hook import DenoiserHook
+from ..taocache.lut import CalibrationLUT
+from ..caches.magcache import MagCacheCalibrator, MagCacheCallback
+from ..caches.pab import BroadcastGroup, PyramidAttentionBroadcast
+from ..taocache.plan import SkipPlan
+from ..caches.residual import BlockStackCache, ResidualSkipCallback
+from ..taocache.cache import make_plan
+from ..caches.teacache import TeaCacheCalibrator, TeaCacheCallback
 from .testbed_model import TestbedModel, modulated_input
 
 __all__ = ["Calibration", "calibrate", "run_with", "paired_speedup", "Run", "METHODS", "build_method",
@@ -171,8 +171,8 @@ def _tao(tm: TestbedModel, cal: Calibration, skips: int, rule: str = "paper") ->
 
 
 def _predicted_psnr(tm: TestbedModel, cal: Calibration, plan: SkipPlan):
-    """The open-loop predicted PSNR of a plan (:mod:`taohooks.error_model`), or None without products."""
-    from ..error_plan import error_model_of, predict_plan
+    """The open-loop predicted PSNR of a plan (:mod:`taohooks.taocache.error_model`), or None without products."""
+    from ..taocache.error_plan import error_model_of, predict_plan
 
     if cal.lut.deltas is None:
         return None

@@ -13,7 +13,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from ..loop import LoopSpec
+from ..runtime.loop import LoopSpec
 
 __all__ = ["TestbedModel", "MODEL_NAMES", "weights_path", "modulated_input"]
 

@@ -8,10 +8,10 @@ arguments (two calls per step for flow, one batched call for eps; one stream wit
 from __future__ import annotations
 
 from ..config import TaoCacheConfig
-from ..identity import model_identity, scheduler_identity
-from ..integration import GenerationPatch, batched_cfg_loop
-from ..loop import LoopSpec
-from ..taocache import TaoCache
+from ..taocache.identity import model_identity, scheduler_identity
+from ..launcher.integration import GenerationPatch, batched_cfg_loop
+from ..runtime.loop import LoopSpec
+from ..taocache.cache import TaoCache
 
 __all__ = ["install"]
 

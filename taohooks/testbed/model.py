@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from ..io import atomic_write_bytes
+from ..runtime.io import atomic_write_bytes
 from . import data
 from .blocks import DiTBlock, FinalLayer
 from .embeddings import PromptEmbedding, PromptLayout, TimestepEmbedding, sincos_grid, sincos_table

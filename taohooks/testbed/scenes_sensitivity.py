@@ -30,9 +30,9 @@ import torch
 
 from ..evaluation.methods import MethodSettings, build_method, calibrate, run_with
 from ..evaluation.testbed_model import TestbedModel
-from ..loop import LoopSpec
+from ..runtime.loop import LoopSpec
 from ..metrics import psnr
-from ..residual import ResidualSkipCallback
+from ..caches.residual import ResidualSkipCallback
 from . import scenes, scenes_recognizer, scenes_sampling
 from .model import VideoDiT
 
@@ -157,7 +157,7 @@ def main(argv=None):
     text = json.dumps(result, sort_keys=True)
     print(text, flush=True)
     if args.out:
-        from ..io import atomic_write_bytes
+        from ..runtime.io import atomic_write_bytes
         atomic_write_bytes(args.out, (text + "\n").encode())
 
 

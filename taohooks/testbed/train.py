@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..io import atomic_write_bytes
+from ..runtime.io import atomic_write_bytes
 from . import data
 from .ema import EMA
 from .model import VideoDiT, VideoDiTConfig, num_parameters, read_metadata

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from ..io import atomic_write_bytes
+from ..runtime.io import atomic_write_bytes
 from . import scenes
 from .ema import EMA
 from .model import VideoDiT, VideoDiTConfig, num_parameters, read_metadata

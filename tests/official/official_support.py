@@ -153,7 +153,7 @@ def in_process_launcher(monkeypatch):
     is put back after the test, and taohooks' once-only messages are said once per test."""
     import logging
 
-    from taohooks import messages
+    from taohooks.runtime import messages
     from taohooks.run import main
 
     monkeypatch.setattr(sys, "path", list(sys.path))

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - depends on the environment
                 f"{diffusers.__version__}); see tests/official/README.md", allow_module_level=True)
 
 import taohooks.integrations.latte as latte_integration  # noqa: E402
-from taohooks.hook import get_hook  # noqa: E402
+from taohooks.runtime.hook import get_hook  # noqa: E402
 
 STEPS = 10
 WINDOW = [6, 8]  # late steps the manual plan skips: 3 calls (one batched CFG call per step)

@@ -20,10 +20,10 @@ from test_latte_official import LATTE, STEPS, call, latte, make_pipe  # noqa: F4
 import torch  # noqa: E402
 
 import taohooks.integrations.latte as latte_integration  # noqa: E402
-from taohooks import messages  # noqa: E402
+from taohooks.runtime import messages  # noqa: E402
 from taohooks.config import config_from_dict  # noqa: E402
-from taohooks.integration import IntegrationError  # noqa: E402
-from taohooks.lut import CalibrationLUT, LUTMismatchError  # noqa: E402
+from taohooks.launcher.integration import IntegrationError  # noqa: E402
+from taohooks.taocache.lut import CalibrationLUT, LUTMismatchError  # noqa: E402
 
 BUDGET = 2
 

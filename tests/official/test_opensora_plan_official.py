@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 pytest.importorskip("transformers")
 
 import taohooks.integrations.opensora_plan as osp_integration  # noqa: E402
-from taohooks.hook import get_hook  # noqa: E402
+from taohooks.runtime.hook import get_hook  # noqa: E402
 
 STEPS = 12
 CALLS = STEPS + 9  # PNDM with its default config: PRK warm-up, then one call per PLMS step

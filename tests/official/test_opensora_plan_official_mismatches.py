@@ -23,10 +23,10 @@ from test_opensora_plan_official import CALLS, OSP, STEPS, call, make_pipe, osp 
 import torch  # noqa: E402
 
 import taohooks.integrations.opensora_plan as osp_integration  # noqa: E402
-from taohooks import messages  # noqa: E402
+from taohooks.runtime import messages  # noqa: E402
 from taohooks.config import ConfigError, config_from_dict  # noqa: E402
-from taohooks.integration import IntegrationError  # noqa: E402
-from taohooks.lut import CalibrationLUT, LUTMismatchError  # noqa: E402
+from taohooks.launcher.integration import IntegrationError  # noqa: E402
+from taohooks.taocache.lut import CalibrationLUT, LUTMismatchError  # noqa: E402
 
 BUDGET = 2
 SCRIPT = OSP / "opensora" / "sample" / "sample_t2v.py"

@@ -45,8 +45,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from taohooks.config import config_from_dict  # noqa: E402
-from taohooks.hook import get_hook  # noqa: E402
-from taohooks.integration import IntegrationError  # noqa: E402
+from taohooks.runtime.hook import get_hook  # noqa: E402
+from taohooks.launcher.integration import IntegrationError  # noqa: E402
 from taohooks.integrations import videosys as integration  # noqa: E402
 
 STEPS = 50  # DDIM 'leading': t = 980, 960, ..., 0; MLP keys 720..400 are steps 13, 17, 21, 25, 29

@@ -39,9 +39,9 @@ from transformers import AutoTokenizer  # noqa: E402,F401  (resolved before the 
 
 import taohooks.integrations.wan22 as wan22_integration  # noqa: E402
 from taohooks.config import config_from_dict  # noqa: E402
-from taohooks.hook import get_hook  # noqa: E402
-from taohooks.lut import CalibrationLUT  # noqa: E402
-from taohooks.taocache import expert_guard  # noqa: E402
+from taohooks.runtime.hook import get_hook  # noqa: E402
+from taohooks.taocache.lut import CalibrationLUT  # noqa: E402
+from taohooks.taocache.cache import expert_guard  # noqa: E402
 
 TEXT_DIM, TEXT_LEN = 32, 16
 PROMPT = "a tiny test prompt"

@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import taohooks.integrations.wan as wan_integration  # noqa: E402
-from taohooks.hook import get_hook  # noqa: E402
+from taohooks.runtime.hook import get_hook  # noqa: E402
 
 STEPS = 8
 CALLS = 2 * STEPS  # Wan calls the model twice per step: cond, then uncond

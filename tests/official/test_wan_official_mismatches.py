@@ -32,9 +32,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import taohooks.integrations.wan as wan_integration  # noqa: E402
-from taohooks import messages  # noqa: E402
+from taohooks.runtime import messages  # noqa: E402
 from taohooks.config import config_from_dict  # noqa: E402
-from taohooks.lut import CalibrationLUT, LUTMismatchError  # noqa: E402
+from taohooks.taocache.lut import CalibrationLUT, LUTMismatchError  # noqa: E402
 
 BUDGET = 2  # plan: {budget: 2} once the LUT is complete: 2 steps, 4 calls saved of 16
 # What generate.py is given in every run here: 8 steps on one latent frame of 832x480 (1560 tokens).

@@ -22,12 +22,12 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from . import messages
-from .callbacks import Callback
+from ..runtime import messages
+from ..runtime.callbacks import Callback
 from .calibration import float32_leaves, shape_change
-from .hook import timesteps_match
+from ..runtime.hook import timesteps_match
 from .plan import SkipPlan
-from .structure import OutputStructure, flatten_output, join_batch, split_batch
+from ..runtime.structure import OutputStructure, flatten_output, join_batch, split_batch
 
 __all__ = ["TaoCacheCallback", "DEFAULT_MAX_NORM_RATIO"]
 

@@ -10,7 +10,7 @@ merge exactly, and the derived tables for any reader::
     ratio_mean, ratio_std           float32 [streams, steps]   (derived, C_ratio / S_ratio)
     timesteps                       float64 [steps]            (NaN where unknown)
     delta_gram (format 2, optional) float64 [prompts, streams, steps, horizon + 1]
-                                    <D_t, D_{t-j}> per prompt (:mod:`taohooks.delta_gram`), for the
+                                    <D_t, D_{t-j}> per prompt (:mod:`taohooks.taocache.delta_gram`), for the
                                     error-aware planner; metadata ``delta_numel`` (elements per prompt
                                     of each stream's output)
 
@@ -20,7 +20,7 @@ what the run was calibrated with, compared by the integration; absent in older f
 per stream from 0; the statistics at ``t`` compare ``D_t = eps_t - eps_{t-1}`` with
 ``D_{t-1}``, so steps 0 and 1 are always empty.
 
-:meth:`CalibrationLUT.load` validates what it reads (:mod:`taohooks.lut_format`) and raises
+:meth:`CalibrationLUT.load` validates what it reads (:mod:`taohooks.taocache.lut_format`) and raises
 :class:`LUTFormatError` naming the file and the entry; a LUT in memory is what a file can hold.
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .io import atomic_write_bytes, special_file_kind
-from .loop import LoopSpec
+from ..runtime.io import atomic_write_bytes, special_file_kind
+from ..runtime.loop import LoopSpec
 from .lut_format import check_identity
 from .delta_gram import DeltaGram
 from .stats import RunningMoments

@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from .callbacks import Callback
-from .patching import ForwardPatch
+from ..runtime.callbacks import Callback
+from ..runtime.patching import ForwardPatch
 
 __all__ = ["BlockStackCache", "ResidualSkipCallback"]
 

@@ -18,8 +18,8 @@ from typing import List, Optional, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .lut import CalibrationLUT
-from .stats import RunningMoments
+from ..taocache.lut import CalibrationLUT
+from ..taocache.stats import RunningMoments
 
 __all__ = ["all_reduce_lut", "shard", "world", "init_from_environment"]
 

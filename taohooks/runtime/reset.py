@@ -31,7 +31,7 @@ class StateReset(Callback):
         self._last_step: Optional[int] = None
 
     def on_attach(self, hook) -> None:
-        from .extrapolation import TaoCacheCallback
+        from ..taocache.extrapolation import TaoCacheCallback
 
         if self.steps is not None:
             self._active = self.steps

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .residual import BlockStackCache
-from .stats import RunningMoments
+from ..taocache.stats import RunningMoments
 
 __all__ = ["MagCacheCallback", "MagCacheCalibrator"]
 

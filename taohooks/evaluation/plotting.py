@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Union
 
-from .lut import CalibrationLUT
+from ..taocache.lut import CalibrationLUT
 
 __all__ = ["plot_calibration", "plot_quality_vs_speedup", "plot_predicted_vs_measured"]
 

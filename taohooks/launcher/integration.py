@@ -9,7 +9,7 @@ and the loop's shape from that call's arguments. :class:`GenerationPatch` then, 
 3. begins a new generation, runs the original function, and prints a one-line summary.
 
 With ``TAOHOOKS_CALIBRATE_PROMPTS`` set (``taocache calibrate``), the first call calibrates over a
-prompt list instead (:mod:`taohooks.prompt_calibration`).
+prompt list instead (:mod:`taohooks.launcher.prompt_calibration`).
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
-from . import messages
-from .loop import LoopSpec
-from .taocache import TaoCache
+from ..runtime import messages
+from ..runtime.loop import LoopSpec
+from ..taocache.cache import TaoCache
 
 __all__ = ["GenerationPatch", "IntegrationError", "PatchSet", "unwrap_model", "scheduler_calls", "batched_cfg_loop",
            "require_modules", "intercepting", "script_options", "script_sys_path", "pending_module_checks", "wrapped_calls", "check_declared_loop", "identity_of_model", "identity_of_pipeline"]
@@ -174,14 +174,14 @@ def wrapped_calls() -> int:
 
 def identity_of_model(model: nn.Module) -> Dict[str, Any]:
     """The identity an integration records when it knows nothing but the model."""
-    from .identity import model_identity
+    from ..taocache.identity import model_identity
 
     return model_identity(model)
 
 
 def identity_of_pipeline(pipe: Any, model: nn.Module) -> Dict[str, Any]:
     """Model and scheduler identity of a diffusers-style pipeline (``pipe.scheduler``)."""
-    from .identity import model_identity, scheduler_identity
+    from ..taocache.identity import model_identity, scheduler_identity
 
     identity = model_identity(model)
     scheduler = getattr(pipe, "scheduler", None)

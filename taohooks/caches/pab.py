@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 
-from .callbacks import Callback
-from .patching import ForwardPatch
+from ..runtime.callbacks import Callback
+from ..runtime.patching import ForwardPatch
 
 __all__ = ["BroadcastGroup", "PyramidAttentionBroadcast", "PABPatternError"]
 

@@ -17,16 +17,16 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Unio
 
 from torch import nn
 
-from . import messages
+from ..runtime import messages
 from .calibration import CalibrationRecorder
-from .callbacks import Callback
-from .config import PlanConfig, TaoCacheConfig, load_config
+from ..runtime.callbacks import Callback
+from ..config import PlanConfig, TaoCacheConfig, load_config
 from .extrapolation import TaoCacheCallback
-from .hook import DenoiserHook
+from ..runtime.hook import DenoiserHook
 from .identity import describe_differences, differences
 from .lut_format import check_identity
-from .io import check_writable, special_file_kind
-from .loop import LoopSpec
+from ..runtime.io import check_writable, special_file_kind
+from ..runtime.loop import LoopSpec
 from .lut import CalibrationLUT, LUTMismatchError
 from .plan import (PlanError, SkipPlan, check_unskippable, no_skip_plan, plan_from_steps, plan_from_window,
                    resolve_budget, search_window, switch_guard)
@@ -45,7 +45,7 @@ def expert_guard(lut: Optional[CalibrationLUT], boundary: Optional[float] = None
 
 def lut_for_steps(config: TaoCacheConfig, lut: Optional[CalibrationLUT], steps: int) -> Optional[CalibrationLUT]:
     """The LUT a run of ``steps`` steps plans on: ``lut`` itself, or, with ``calibration.transfer:
-    interpolate`` and another step count, ``lut`` carried over (:mod:`taohooks.lut_transfer`)."""
+    interpolate`` and another step count, ``lut`` carried over (:mod:`taohooks.taocache.lut_transfer`)."""
     if lut is None or lut.steps == steps or config.calibration.transfer != "interpolate":
         return lut
     from .lut_transfer import transfer_lut
@@ -60,7 +60,7 @@ def lut_for_steps(config: TaoCacheConfig, lut: Optional[CalibrationLUT], steps: 
 def make_plan(plan: PlanConfig, steps: int, streams: Sequence[str],
               lut: Optional[CalibrationLUT] = None, *, unskippable: Sequence[int] = ()) -> SkipPlan:
     """The :class:`SkipPlan` a plan config asks for, on a LUT when it needs one; ``unskippable``
-    steps (the first two after an expert switch, :func:`~taohooks.plan.switch_guard`) are computed."""
+    steps (the first two after an expert switch, :func:`~taohooks.taocache.plan.switch_guard`) are computed."""
     result = _make_plan(plan, steps, streams, lut, tuple(unskippable))
     if unskippable:
         check_unskippable(result, unskippable)
@@ -187,7 +187,7 @@ class TaoCache:
         """Wrap ``module``'s forward for sampling loops of the given shape; returns the hook
         (a context manager that detaches on exit). ``callbacks`` run after TaoCache's.
 
-        ``identity`` is what this run is (:mod:`taohooks.identity`: model, architecture, dtype,
+        ``identity`` is what this run is (:mod:`taohooks.taocache.identity`: model, architecture, dtype,
         scheduler, shift, ...): a calibrating run records it in the LUT, a skipping run must match
         the LUT's, key by key, except the keys in ``calibration.accept``.
 
@@ -282,8 +282,8 @@ def section_callbacks(config: TaoCacheConfig, plan: SkipPlan) -> List[Callback]:
     TeaCache runs on steps before ``window start - guard_band`` (Algorithm 2); PAB broadcasts
     inside each computed call and drops its cached attention outputs on the plan's resume steps.
     """
-    from .pab import BroadcastGroup, PyramidAttentionBroadcast
-    from .teacache import TeaCacheCallback
+    from ..caches.pab import BroadcastGroup, PyramidAttentionBroadcast
+    from ..caches.teacache import TeaCacheCallback
 
     callbacks: List[Callback] = []
     tea = config.teacache

@@ -1,4 +1,4 @@
-"""The callback vocabulary of :class:`~taohooks.hook.DenoiserHook`.
+"""The callback vocabulary of :class:`~taohooks.runtime.hook.DenoiserHook`.
 
 Like Lightning's ``Callback``: every ``on_*`` method is a no-op by default, and a technique
 overrides the few it needs. Several callbacks compose on one hook, in order: the calibration

@@ -6,7 +6,7 @@ During calibration, per stream and prompt, with ``D_t = eps_t - eps_{t-1}`` (``t
 
 (float64, NaN where not recorded). Every prediction TaoCache can make is ``eps_{t-1}`` plus a
 multiple of a delta, so the error of any schedule, coefficient and refresh rule, and of the
-sampler's sum over steps, is a quadratic form in these numbers (:mod:`taohooks.error_model`).
+sampler's sum over steps, is a quadratic form in these numbers (:mod:`taohooks.taocache.error_model`).
 ``horizon`` bounds how far back the products reach (and how many deltas calibration keeps in
 memory): a chain of predictions spanning more steps than that cannot be estimated.
 
@@ -61,7 +61,7 @@ class DeltaGram:
         return DeltaGram(gram, numel)
 
     def products(self, stream: int) -> "BandProducts":
-        """The products of one stream, for :mod:`taohooks.error_model`."""
+        """The products of one stream, for :mod:`taohooks.taocache.error_model`."""
         return BandProducts(self.gram[:, stream], self.numel[stream])
 
 

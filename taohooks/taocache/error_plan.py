@@ -1,6 +1,6 @@
 """Error-aware planning (``plan.rule: auto``): the skips and coefficients of least predicted error.
 
-Given a budget of ``N`` skipped steps, choose *chains* (:mod:`taohooks.error_model`: runs of skips,
+Given a budget of ``N`` skipped steps, choose *chains* (:mod:`taohooks.taocache.error_model`: runs of skips,
 possibly with single refreshes between them) and a coefficient rule per chain so that the
 predicted mean squared error of the final latent is smallest. A skip at ``t`` outputs
 ``eps_{t-1} + a_t d_{t-1}`` with ``a_t`` from the rule:

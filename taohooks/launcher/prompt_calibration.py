@@ -6,7 +6,7 @@ per calibration prompt the LUT does not hold yet (the call's prompt argument rep
 saved after each, and with ``TAOHOOKS_CALIBRATE_ONLY`` the process exits when it is complete. The
 LUT's prompt count says where an interrupted calibration stopped. With
 ``TAOHOOKS_CALIBRATE_DATA_PARALLEL`` (``--devices N`` / ``--data-parallel``) the ranks share the
-prompts and their statistics are all-reduced (:mod:`taohooks.distributed`).
+prompts and their statistics are all-reduced (:mod:`taohooks.runtime.distributed`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, List
 
-from . import messages
+from ..runtime import messages
 from .integration import IntegrationError, unwrap_model
 
 if TYPE_CHECKING:
@@ -106,13 +106,13 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     writes the LUT. One prompt per generation."""
     import torch.distributed as dist
 
-    from .calibration import CalibrationRecorder
-    from .distributed import all_reduce_lut, init_from_environment, shard, world
+    from ..taocache.calibration import CalibrationRecorder
+    from ..runtime.distributed import all_reduce_lut, init_from_environment, shard, world
     from .integration import check_declared_loop, identity_of_model
-    from .taocache import check_run
-    from .hook import DenoiserHook
-    from .io import atomic_write_bytes, locked
-    from .lut import CalibrationLUT
+    from ..taocache.cache import check_run
+    from ..runtime.hook import DenoiserHook
+    from ..runtime.io import atomic_write_bytes, locked
+    from ..taocache.lut import CalibrationLUT
 
     init_from_environment()
     rank, size = world()
@@ -153,7 +153,7 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
 
 
 def _recorded_prompts(patch: "GenerationPatch", bound: inspect.BoundArguments, path: Path) -> int:
-    from .lut import CalibrationLUT
+    from ..taocache.lut import CalibrationLUT
 
     entry = patch.caches.get(unwrap_model(patch.model_of(dict(bound.arguments))))
     if entry is not None and entry[0].calibrating:

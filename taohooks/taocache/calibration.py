@@ -7,8 +7,8 @@ During full-step generations, per stream and per prompt (batch element)::
     r_t     = ||D_t|| / ||D_{t-1}||
 
 and accumulate mean and std of ``c_t`` and ``r_t`` over prompts into a :class:`CalibrationLUT`.
-With ``error_horizon = H > 0`` (the default, :data:`~taohooks.delta_gram.DEFAULT_HORIZON`) it also
-keeps, per prompt, the products ``<D_t, D_{t-j}>`` for ``j <= H`` (:mod:`taohooks.delta_gram`), from
+With ``error_horizon = H > 0`` (the default, :data:`~taohooks.taocache.delta_gram.DEFAULT_HORIZON`) it also
+keeps, per prompt, the products ``<D_t, D_{t-j}>`` for ``j <= H`` (:mod:`taohooks.taocache.delta_gram`), from
 which the error-aware planner predicts the error of any schedule; this holds the last ``H`` deltas
 of each stream in memory (on the outputs' device) during the generation.
 
@@ -30,15 +30,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import messages
-from .callbacks import Callback
+from ..runtime import messages
+from ..runtime.callbacks import Callback
 from .delta_gram import DEFAULT_HORIZON, DeltaGram, band_products
-from .io import atomic_write_bytes, locked
-from .loop import LoopSpec
+from ..runtime.io import atomic_write_bytes, locked
+from ..runtime.loop import LoopSpec
 from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference
 from .lut_format import check_identity
 from .stats import RunningMoments
-from .structure import flatten_output, split_batch
+from ..runtime.structure import flatten_output, split_batch
 
 __all__ = ["CalibrationRecorder", "delta_statistics", "float32_leaves", "shape_change"]
 
@@ -291,7 +291,7 @@ class CalibrationRecorder(Callback):
         Under an exclusive lock on ``path``: read the file if it exists (validated), add the pending
         statistics (and, on the first flush to a new file, those resumed from another file), write
         atomically. The result becomes :meth:`lut` (other writers' prompts included). On an error
-        (:class:`~taohooks.io.FileWriteError`, :class:`~taohooks.lut.LUTMismatchError`, a corrupt
+        (:class:`~taohooks.runtime.io.FileWriteError`, :class:`~taohooks.taocache.lut.LUTMismatchError`, a corrupt
         file) nothing is lost: the pending statistics stay for the next flush.
         """
         if self._known is None:

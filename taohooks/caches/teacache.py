@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from .residual import BlockStackCache
-from .structure import flatten_output
+from ..runtime.structure import flatten_output
 
 __all__ = ["TeaCacheCallback", "TeaCacheCalibrator", "relative_l1", "Probe"]
 
