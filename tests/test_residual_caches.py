@@ -127,3 +127,36 @@ def test_callbacks_patching_the_same_blocks_detach_in_reverse_order():
         run(model, STEPS)
     assert len(tea.pairs) == STEPS - 1 and mag.ratios().shape == (1, STEPS)
     assert all("forward" not in b.__dict__ for b in model.blocks) and model.blocks[0].forward == original
+
+
+# ---------------------------------------------------------------- TeaCache's two defects (issue 14, item 6)
+def test_a_negative_teacache_fit_is_refused_with_a_warning(capsys):
+    """A polynomial negative over part of the recorded range made those calls look unchanged (reused at
+    any threshold); the fit falls back to the proportional one and says so."""
+    import numpy as np
+
+    from taohooks.caches.teacache import TeaCacheCalibrator, TeaCacheCallback
+
+    cal = TeaCacheCalibrator()
+    x = np.linspace(0.01, 0.2, 40)
+    y = 0.5 * x - 40 * (x - 0.1) ** 2 + 0.05 * np.sin(90 * x)  # a 4th-order fit dips below 0 at the ends
+    cal.pairs = list(zip(x.tolist(), y.tolist()))
+    assert np.polyval(np.polyfit(x, y, 4), np.linspace(0.01, 0.2, 200)).min() < 0  # the test could fail
+    coefficients = cal.fit()
+    err = capsys.readouterr().err
+    assert "TeaCache's fitted degree-4 polynomial is negative for proxy changes" in err
+    a = float((x * y).sum() / (x * x).sum())
+    assert coefficients == pytest.approx([0.0, 0.0, 0.0, a, 0.0])
+    assert TeaCacheCallback(0.1, [0, 0, 0, -1.0, 0]).rescale(0.3) == 0.0  # never a negative contribution
+
+
+def test_a_threshold_search_that_misses_the_budget_says_so(capsys):
+    from taohooks.evaluation.methods import match_threshold
+
+    jump = lambda callbacks: 0.48 if callbacks[0] > 0.05 else 0.0  # noqa: E731 (0% or 48%, nothing between)
+    threshold, fraction = match_threshold(lambda th: [th], jump, 0.04, what="TeaCache's threshold")
+    assert fraction in (0.0, 0.48)
+    assert ("TeaCache's threshold search could not meet the budget of 4.0% skipped calls: the closest is "
+            in capsys.readouterr().err)
+    match_threshold(lambda th: [th], lambda cbs: min(cbs[0], 1.0), 0.04, what="linear")
+    assert "could not meet" not in capsys.readouterr().err

@@ -11,6 +11,13 @@ block's hidden-state input; TeaCache uses the timestep-modulated input, given as
 The first ``warmup_steps`` and the last step are always computed. ``TeaCacheCalibrator`` records
 ``(rel-L1 of the proxy, rel-L1 of the model output)`` over full-step runs and fits the polynomial
 the way the TeaCache authors fit theirs (``numpy.polyfit(x, y, 4)``).
+
+Two guards the authors' code does not need with their published polynomials (positive over the
+range they were fitted on) but a fit on another model can: a negative value of the polynomial is
+counted as 0 (the accumulated change never decreases), and :meth:`TeaCacheCalibrator.fit` refuses a
+fit that is negative anywhere on the recorded range, falling back to the proportional fit
+``y = a x`` with a warning (a negative fit made every late call look unchanged and reused at any
+threshold).
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from .residual import BlockStackCache
+from ..runtime import messages
 from ..runtime.structure import flatten_output
 
 __all__ = ["TeaCacheCallback", "TeaCacheCalibrator", "relative_l1", "Probe"]
@@ -68,10 +76,11 @@ class TeaCacheCallback(BlockStackCache):
         self._acc: Dict[Tuple[str, ...], _Accumulator] = {}
 
     def rescale(self, rel: float) -> float:
+        """The estimated output change for a proxy change ``rel``; never negative."""
         value = 0.0
         for c in self.coefficients:  # Horner
             value = value * rel + c
-        return value
+        return max(value, 0.0)
 
     def on_sample_start(self, hook, sample: int) -> None:
         super().on_sample_start(hook, sample)
@@ -130,10 +139,24 @@ class TeaCacheCalibrator(BlockStackCache):
         self._previous[call.streams] = (proxy, leaves)
 
     def fit(self, degree: int = 4) -> List[float]:
-        """Least-squares polynomial ``output rel-L1 ~ poly(input rel-L1)``, highest power first."""
+        """Least-squares polynomial ``output rel-L1 ~ poly(input rel-L1)``, highest power first.
+
+        If it is negative anywhere on the recorded input range, a warning says so and the
+        proportional fit ``a x`` (``a = sum(xy) / sum(x^2)``, padded to ``degree``) is returned instead."""
         import numpy as np
 
         if len(self.pairs) <= degree:
             raise RuntimeError(f"TeaCache calibration has {len(self.pairs)} pairs; run more full-step generations")
         x, y = np.array(self.pairs, dtype=np.float64).T
-        return [float(c) for c in np.polyfit(x, y, degree)]
+        coefficients = np.polyfit(x, y, degree)
+        grid = np.linspace(x.min(), x.max(), 2001)
+        values = np.polyval(coefficients, grid)
+        if values.min() < 0:
+            negative = grid[values < 0]
+            a = float((x * y).sum() / max((x * x).sum(), 1e-30))
+            messages.warning(
+                f"TeaCache's fitted degree-{degree} polynomial is negative for proxy changes {negative.min():.4g} to "
+                f"{negative.max():.4g} (recorded: {x.min():.4g} to {x.max():.4g}), which would make those calls look "
+                f"unchanged at any threshold; using the proportional fit {a:.4g} * x instead")
+            return [0.0] * (degree - 1) + [a, 0.0]
+        return [float(c) for c in coefficients]

@@ -327,11 +327,9 @@ class Experiment:
                 runs = [self.generate(callbacks, entry) for entry in prompts]
                 return sum(len(r.skipped) for r in runs) / max(1, sum(r.calls for r in runs))
 
-            threshold, fraction = match_threshold(make, measure, target, iterations=self.config.search_iterations)
-            if abs(fraction - target) > 0.5 / self.loop.steps:
-                messages.warning(f"compare: {label}: the closest threshold found ({threshold:.6g}) skips "
-                                 f"{100 * fraction:.1f}% of the calls on the calibration prompts, not "
-                                 f"{100 * target:.1f}%")
+            threshold, fraction = match_threshold(make, measure, target, iterations=self.config.search_iterations,
+                                                  what=f"compare: {label}'s threshold",
+                                                  tolerance=0.5 / self.loop.steps)  # warns when it misses
             saved = {**(self.store.state("thresholds") or {}),
                      label: {"threshold": threshold, "search_fraction": fraction, **search}}
             self.store.put_state("thresholds", saved)
