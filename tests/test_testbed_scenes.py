@@ -213,3 +213,25 @@ def test_training_with_worker_processes_and_bf16(tmp_path):
     summary = json.loads((tmp_path / "w.json").read_text())
     assert summary["steps_done"] == 2 and summary["workers"] == 1 and summary["bf16"] is True
     assert torch.isfinite(load_file(str(out))["final.linear.weight"].float()).all()
+
+
+# ---------------------------------------------------------------- the bench on a scenes checkpoint
+def test_bench_runs_a_scenes_checkpoint_with_its_own_prompts_and_recogniser(tmp_path, monkeypatch):
+    """``taocache bench --models scenes`` (the checkpoint is still training: a tiny one stands in):
+    the scenes prompts, sampler and recogniser, both TaoCache rules."""
+    from taohooks.evaluation import bench, testbed_model
+    from taohooks.evaluation.bench import BenchConfig, run_bench
+
+    weights = tmp_path / "scenes-flow.safetensors"
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(weights)])
+    monkeypatch.setattr(testbed_model, "weights_path", lambda name: weights)
+    config = BenchConfig(models=["scenes"], methods=["taocache", "taocache-auto"], budgets=[0.2], steps=10,
+                         eval_pairs=2, calibration_pairs=3, search_pairs=2, batch_size=2, lpips=False,
+                         timing_repeats=1, output=str(tmp_path / "out"), strip_pairs=1)
+    records = run_bench(config, log=lambda *a: None)
+    assert [(r["method"], r["model"]) for r in records] == [("full", "scenes"), ("taocache", "scenes"),
+                                                             ("taocache-auto", "scenes")]
+    full, tao, auto = records
+    assert 0.0 <= full["prompt_accuracy"] <= 1.0 and tao["skipped_fraction"] == 0.2 == auto["skipped_fraction"]
+    assert tao["predicted_psnr"] is not None and auto["psnr"] > 0
+    assert type(testbed_model.TestbedModel.load("scenes", 10)).__name__ == "SceneTestbedModel"

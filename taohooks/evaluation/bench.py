@@ -25,14 +25,14 @@ from ..config import dataclass_from_dict, read_yaml
 from ..runtime.io import atomic_write_bytes
 from .plotting import plot_calibration
 from .methods import METHODS, MethodSettings, build_method, calibrate, paired_speedup, run_with
-from .testbed_model import MODEL_NAMES, TestbedModel
+from .testbed_model import MODEL_NAMES, SHIPPED_MODELS, TestbedModel
 
 __all__ = ["BenchConfig", "run_bench", "load_bench_config", "load_results", "merge_records", "markdown_tables"]
 
 
 @dataclass
 class BenchConfig:
-    models: List[str] = field(default_factory=lambda: list(MODEL_NAMES))
+    models: List[str] = field(default_factory=lambda: list(SHIPPED_MODELS))
     methods: List[str] = field(default_factory=lambda: list(METHODS))
     budgets: List[float] = field(default_factory=lambda: [0.04, 0.08, 0.12, 0.16, 0.20, 0.25])
     steps: int = 50
@@ -71,19 +71,18 @@ def load_bench_config(path) -> BenchConfig:
 class _Scorer:
     """PSNR/SSIM/LPIPS against the reference clips, and prompt accuracy."""
 
-    def __init__(self, reference: torch.Tensor, prompts, use_lpips: bool):
+    def __init__(self, reference: torch.Tensor, prompts, use_lpips: bool, accuracy):
         from ..metrics import psnr, ssim
-        from ..testbed import recognizer
 
         self.reference, self.prompts = reference, prompts
-        self._psnr, self._ssim, self._recognizer = psnr, ssim, recognizer
+        self._psnr, self._ssim, self._accuracy = psnr, ssim, accuracy
         self.lpips_model = None
         if use_lpips:
             from ..metrics import load_lpips
             self.lpips_model = load_lpips()
 
     def accuracy(self, clips) -> float:
-        return float(self._recognizer.accuracy(clips, self.prompts)["overall"])
+        return self._accuracy(clips, self.prompts)
 
     def __call__(self, clips) -> Dict[str, Optional[float]]:
         out = {"psnr": float(self._psnr(clips, self.reference).mean()),
@@ -123,8 +122,6 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None) -
     the PNG strip is left as it was.
     """
     keep = previous["records"] if previous else []
-    from ..testbed import data
-
     torch.manual_seed(0)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -133,13 +130,13 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None) -
     settings = MethodSettings(pab_range=config.pab_range, hybrid_guard=config.hybrid_guard,
                               magcache_max_skip=config.magcache_max_skip,
                               search_iterations=config.search_iterations)
-    eval_pairs = data.eval_pairs(config.eval_pairs)
-    cal_pairs = data.calibration_pairs(config.calibration_pairs)
-    search_pairs = cal_pairs[:config.search_pairs]
     records: List[dict] = []
     started = time.perf_counter()
     for name in config.models:
         tm = TestbedModel.load(name, config.steps)
+        eval_pairs = tm.eval_pairs(config.eval_pairs)  # each model's own prompts (scenes has its own)
+        cal_pairs = tm.calibration_pairs(config.calibration_pairs)
+        search_pairs = cal_pairs[:config.search_pairs]
         cal = calibrate(tm, cal_pairs, config.batch_size)
         cal.lut.save(out_dir / f"lut_{name}.safetensors")
         try:
@@ -148,7 +145,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None) -
             pass
         log(f"[{name}] calibrated on {len(cal_pairs)} pairs in {cal.seconds:.1f} s")
         reference = run_with(tm, [], eval_pairs, config.batch_size)
-        scorer = _Scorer(reference.clips, [p for p, _ in eval_pairs], config.lpips)
+        scorer = _Scorer(reference.clips, [p for p, _ in eval_pairs], config.lpips, tm.accuracy)
         records.append({"model": name, "method": "full", "budget": 0.0, "skipped_fraction": 0.0, "speedup": 1.0,
                         "psnr": None, "ssim": None, "lpips": None,
                         "prompt_accuracy": scorer.accuracy(reference.clips), "seconds": reference.seconds})

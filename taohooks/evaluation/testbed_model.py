@@ -15,15 +15,19 @@ import torch
 
 from ..runtime.loop import LoopSpec
 
-__all__ = ["TestbedModel", "MODEL_NAMES", "weights_path", "modulated_input"]
+__all__ = ["TestbedModel", "MODEL_NAMES", "SHIPPED_MODELS", "weights_path", "modulated_input"]
 
-MODEL_NAMES = ("flow", "eps", "flow-lognormal")
+MODEL_NAMES = ("flow", "eps", "flow-lognormal", "scenes")
+SHIPPED_MODELS = ("flow", "eps", "flow-lognormal")  # trained and committed; `scenes` is training (issue 15)
+_WEIGHT_FILES = {"scenes": "scenes-flow"}
+_TRAIN = {"scenes": "python -m taohooks.testbed.train_scenes --kind flow --steps 100000 --out "
+                    "taohooks/testbed/weights/scenes-flow.safetensors (see taohooks/testbed/README.md)"}
 
 
 def weights_path(name: str) -> Path:
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown testbed model {name!r}; one of {', '.join(MODEL_NAMES)}")
-    return Path(__file__).resolve().parent.parent / "testbed" / "weights" / f"{name}.safetensors"
+    return Path(__file__).resolve().parent.parent / "testbed" / "weights" / f"{_WEIGHT_FILES.get(name, name)}.safetensors"
 
 
 def modulated_input(block, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -52,8 +56,12 @@ class TestbedModel:
 
         path = weights_path(name)
         if not path.is_file():
-            raise FileNotFoundError(f"testbed weights {path} are missing; train them with "
-                                    f"`python -m taohooks.testbed.train --kind {name}`")
+            how = _TRAIN.get(name, f"python -m taohooks.testbed.train --kind {name}")
+            raise FileNotFoundError(f"testbed weights {path} are missing; train them with `{how}`")
+        if name == "scenes":
+            from ..testbed.scenes_sensitivity import SceneTestbedModel
+
+            return SceneTestbedModel(name, VideoDiT.from_pretrained(path), steps)
         return cls(name, VideoDiT.from_pretrained(path), steps)
 
     @property
@@ -78,3 +86,20 @@ class TestbedModel:
 
     def prompts(self, pairs) -> List[object]:
         return [p for p, _ in pairs]
+
+    # the model's own data: held-out and calibration (prompt, seed) pairs, and its recogniser
+    def eval_pairs(self, n: int) -> list:
+        from ..testbed import data
+
+        return data.eval_pairs(n)
+
+    def calibration_pairs(self, n: int) -> list:
+        from ..testbed import data
+
+        return data.calibration_pairs(n)
+
+    def accuracy(self, clips: torch.Tensor, prompts: Sequence[object]) -> float:
+        """The recogniser's overall prompt accuracy of ``clips``."""
+        from ..testbed import recognizer
+
+        return float(recognizer.accuracy(clips, prompts)["overall"])

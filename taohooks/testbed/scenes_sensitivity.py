@@ -54,6 +54,15 @@ class SceneTestbedModel(TestbedModel):
         return scenes_sampling.sample(self.model, prompts, seeds, steps=self.steps, guidance=self.guidance,
                                       noise=noise)
 
+    def eval_pairs(self, n: int) -> list:
+        return scenes.eval_pairs(n)
+
+    def calibration_pairs(self, n: int) -> list:
+        return scenes.calibration_pairs(n)
+
+    def accuracy(self, clips: torch.Tensor, prompts) -> float:
+        return float(scenes_recognizer.accuracy(clips, prompts)["overall"])
+
 
 def perturbed_noise(pairs, change: float, seed: int = 0) -> torch.Tensor:
     """Initial noise of ``pairs`` moved by a relative ``change``: ``sqrt(1-change^2) n + change z``."""
