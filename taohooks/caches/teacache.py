@@ -59,11 +59,13 @@ class TeaCacheCallback(BlockStackCache):
         warmup_steps: always compute steps ``< warmup_steps``.
         compute_last_step: always compute the last step.
         max_step: never reuse at steps ``>= max_step`` (the hybrid's TeaCache range ends there).
+        clamp_negative: count a negative polynomial value as 0 (the default); ``False`` adds it, as
+            the authors' scripts do with their published coefficients (:mod:`.teacache_wan21`).
     """
 
     def __init__(self, threshold: float, coefficients: Sequence[float], *, probe: Optional[Probe] = None,
                  blocks: str = "blocks", hidden_arg: int = 0, warmup_steps: int = 1,
-                 compute_last_step: bool = True, max_step: Optional[int] = None):
+                 compute_last_step: bool = True, max_step: Optional[int] = None, clamp_negative: bool = True):
         super().__init__(blocks, hidden_arg)
         if threshold < 0:
             raise ValueError(f"TeaCache threshold must be >= 0, got {threshold}")
@@ -73,14 +75,15 @@ class TeaCacheCallback(BlockStackCache):
         self.warmup_steps = warmup_steps
         self.compute_last_step = compute_last_step
         self.max_step = max_step
+        self.clamp_negative = clamp_negative
         self._acc: Dict[Tuple[str, ...], _Accumulator] = {}
 
     def rescale(self, rel: float) -> float:
-        """The estimated output change for a proxy change ``rel``; never negative."""
+        """The estimated output change for a proxy change ``rel`` (never negative with ``clamp_negative``)."""
         value = 0.0
         for c in self.coefficients:  # Horner
             value = value * rel + c
-        return max(value, 0.0)
+        return max(value, 0.0) if self.clamp_negative else value
 
     def on_sample_start(self, hook, sample: int) -> None:
         super().on_sample_start(hook, sample)
