@@ -110,9 +110,9 @@ def test_errors_come_before_the_script_runs(tmp_path, capsys):
     assert cli.main(["compare", str(path), "--", str(never)]) == 1
     err = capsys.readouterr().err
     assert "taocache compare: error:" in err and "methods[1]: 'easycache' is not yet available" in err
-    wan = write(tmp_path, EXPERIMENT.replace("integration: testbed", "integration: wan"), "wan.yaml")
-    assert cli.main(["compare", str(wan), "--", str(never)]) == 1
-    assert "teacache is not yet available for the 'wan' integration" in capsys.readouterr().err
+    latte = write(tmp_path, EXPERIMENT.replace("integration: testbed", "integration: latte"), "latte.yaml")
+    assert cli.main(["compare", str(latte), "--", str(never)]) == 1
+    assert "teacache is not yet available for the 'latte' integration" in capsys.readouterr().err
     assert not (tmp_path / "out" / "runs").exists()
 
 
@@ -372,6 +372,31 @@ def test_official_like_scripts_end_to_end(tmp_path):
     latte = [[RunStore(tmp_path / out).load("full", e)[0] for e in entries] for out in ("out_latte", "out_latte2")]
     assert all(torch.equal(a, b) for a, b in zip(*latte)) and not torch.equal(latte[0][0], latte[0][1])
     assert "calibrating taocache's LUT (the TaoCache config names no lut:) on 2 calibration prompts" in res.stderr
+
+
+def test_wan21_teacache_as_its_authors_run_it_through_compare(tmp_path):
+    """Wan2.1's call-contract script: teacache uses the authors' proxy (the time embedding) and the
+    published coefficients (no polynomial fit, so no calibration run), and the results say so."""
+    import subprocess
+
+    args = [str(WAN), "--task", "t2v-1.3B", "--prompt", "ignored", "--sample_steps", "10",
+            "--sample_guide_scale", "5.0"]
+    text = OFFICIAL_LIKE_EXPERIMENT.format(integration="wan", output="out").replace(
+        "methods: [full, taocache]", "methods: [full, teacache]").replace("budgets: [0.2]", "budgets: [0.2]\nsearch_prompts: 1")
+    exp = write(tmp_path, text, "wan.yaml")
+    driver = write(tmp_path, "import sys\nfrom taohooks import cli\nsys.argv = ['taocache']\n"
+                             f"sys.exit(cli.main(['compare', {str(exp)!r}, '--', *{args!r}]))\n", "d.py")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
+    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "the authors' TeaCache for Wan2.1 t2v-1.3B (without use_ret_steps)" in results["meta"]["teacache_proxy"]
+    assert "ali-vilab/TeaCache 7c10efc" in results["meta"]["teacache_proxy"]
+    assert "calibrating" not in res.stderr  # published coefficients: nothing fitted
+    tea = [r for r in results["records"] if r["method"] == "teacache"]
+    assert len(tea) == 2 and all(r["calls"] == 20 for r in tea)
+    assert any(r["skipped_fraction"] > 0 for r in tea), tea
 
 
 def test_wan22_two_experts_through_compare(tmp_path):

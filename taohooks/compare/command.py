@@ -64,7 +64,8 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
     meta = {"experiment": str(experiment_path), "script": list(script), "integration": tao.integration,
             "model_id": tao.model_id, "loop": experiment.loop.describe(), "config": config.to_dict(),
             "calibration": experiment.store.state("calibration"),
-            "teacache_proxy": experiment.target.tea_source if "teacache" in config.methods else None}
+            "teacache_proxy": (getattr(experiment, "tea_provenance", None) or experiment.target.tea_source)
+            if "teacache" in config.methods else None}
     results = build_results(config, experiment.store, experiment.loop.steps, meta)
     write_results(config.output_dir, results)
     pictures = [p.name for p in write_plots(results, config.output_dir)]

@@ -54,6 +54,7 @@ class ExperimentConfig:
     budgets: List[float] = field(default_factory=lambda: [0.04, 0.08, 0.12, 0.16])
     output: str = "compare"
     lpips: bool = True  # LPIPS when the converted weights exist (else null in the results)
+    teacache_use_ret_steps: bool = False  # Wan2.1's published TeaCache: the authors' --use_ret_steps variant
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
     def validate(self, err) -> None:

@@ -97,7 +97,7 @@ def _sync() -> None:
 
 def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig) -> Tuple[bool, str]:
     """Whether the experiment calibrates on its calibration prompts, and why."""
-    if "teacache" in config.methods:
+    if "teacache" in config.methods and target_for(tao.integration).tea_published is None:
         return True, "teacache's polynomial"
     if "taocache" not in config.methods:
         return False, ""
@@ -120,7 +120,7 @@ def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
         target = target_for(tao.integration)
     except ValueError as exc:
         raise ConfigError(config.source, "taocache" if config.taocache else "integration", str(exc)) from None
-    if "teacache" in config.methods and target.tea_probe is None:
+    if "teacache" in config.methods and target.tea_probe is None and target.tea_published is None:
         raise ConfigError(config.source, "methods", f"teacache is not yet available for the {tao.integration!r} "
                                                     f"integration: {target.tea_source}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -257,7 +257,7 @@ class Experiment:
                                        error_horizon=self.tao.calibration.error_horizon)
         tea = None
         callbacks: List[Callback] = [recorder]
-        if "teacache" in self.config.methods:
+        if "teacache" in self.config.methods and self.target.tea_published is None:
             tea = TeaCacheCalibrator(probe=self.target.tea_probe(), blocks=self.target.blocks)
             callbacks.append(tea)
         start = time.perf_counter()
@@ -295,10 +295,14 @@ class Experiment:
         if method == "teacache":
             from ..caches.teacache import TeaCacheCallback
 
-            probe = self.target.tea_probe()
+            if self.target.tea_published is not None:  # the authors' own proxy and coefficients
+                make, self.tea_provenance = self.target.tea_published(dict(self._bound.arguments),
+                                                                      self.config.teacache_use_ret_steps)
+            else:
+                probe = self.target.tea_probe()
 
-            def make(threshold: float) -> List[Callback]:
-                return [TeaCacheCallback(threshold, coefficients, probe=probe, blocks=self.target.blocks)]
+                def make(threshold: float) -> List[Callback]:
+                    return [TeaCacheCallback(threshold, coefficients, probe=probe, blocks=self.target.blocks)]
 
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
             return make(found["threshold"])

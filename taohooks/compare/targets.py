@@ -45,14 +45,38 @@ def _testbed_probe():
     return modulated_input
 
 
+def _wan21_published_teacache(arguments: dict, use_ret_steps: bool):
+    """``(make(threshold) -> callbacks, provenance)``: the authors' TeaCache for this Wan2.1 call, the
+    checkpoint told by the DiT's width (1536: T2V-1.3B, 5120: 14B) and, for i2v, ``max_area``."""
+    from ..caches.teacache_wan21 import SOURCE, wan21_teacache
+
+    pipeline = arguments["self"]
+    model = getattr(pipeline.model, "module", pipeline.model)
+    dim = getattr(getattr(model, "config", None), "dim", None) or getattr(model, "dim", None)
+    if type(pipeline).__name__ == "WanI2V":
+        area = arguments.get("max_area", 720 * 1280)
+        checkpoint = "i2v-480P" if area <= 832 * 480 else "i2v-720P"
+    elif dim == 5120:
+        checkpoint = "t2v-14B"
+    else:
+        checkpoint = "t2v-1.3B"
+    variant = "use_ret_steps" if use_ret_steps else "without use_ret_steps"
+    return ((lambda threshold: wan21_teacache(checkpoint, threshold, use_ret_steps)),
+            f"the authors' TeaCache for Wan2.1 {checkpoint} ({variant}): the timestep-embedding proxy and the "
+            f"published coefficients of {SOURCE}")
+
+
 @dataclass
 class Target:
     prompt_arg: str
     seed_arg: Optional[str]  # None: the script seeds torch's global RNG; torch.manual_seed(seed) before each run
     video_of: Callable[[Any], torch.Tensor]  # return value -> [B, C, F, H, W], values in [-1, 1]
     blocks: str = "blocks"
-    tea_probe: Optional[Callable[[], Callable]] = None  # makes TeaCache's proxy; None: not yet
+    tea_probe: Optional[Callable[[], Callable]] = None  # makes TeaCache's proxy (coefficients fitted); None: not yet
     tea_source: str = ""  # where the proxy (and its use) comes from
+    # the authors' TeaCache with published coefficients: (generate's arguments, use_ret_steps) ->
+    # (make(threshold) -> callbacks, provenance); no polynomial fit
+    tea_published: Optional[Callable[[dict, bool], tuple]] = None
 
     def video(self, result: Any) -> torch.Tensor:
         video = self.video_of(result)
@@ -66,7 +90,8 @@ TARGETS: Dict[str, Target] = {
     "testbed": Target("prompts", "seeds", _batch_of_clips, "blocks", _testbed_probe,
                       "the first block's timestep-modulated input, as taocache bench"),
     "wan": Target("input_prompt", "seed", _single_video, "blocks", None,
-                  "Wan2.1's TeaCache proxy (the timestep embedding, published coefficients) is issue 14 item 6"),
+                  "the authors' TeaCache for Wan2.1 (timestep-embedding proxy, published coefficients)",
+                  tea_published=_wan21_published_teacache),
     "wan22": Target("input_prompt", "seed", _single_video, "blocks", None,
                     "TeaCache has no Wan2.2 support (no published coefficients)"),
     "latte": Target("prompt", None, _pipeline_video, "transformer_blocks", None,

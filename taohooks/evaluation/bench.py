@@ -68,11 +68,20 @@ def load_bench_config(path) -> BenchConfig:
     return dataclass_from_dict(BenchConfig, read_yaml(path), str(path))
 
 
+def _testbed_accuracy(clips, prompts) -> float:
+    from ..testbed import recognizer
+
+    return float(recognizer.accuracy(clips, prompts)["overall"])
+
+
 class _Scorer:
     """PSNR/SSIM/LPIPS against the reference clips, and prompt accuracy."""
 
-    def __init__(self, reference: torch.Tensor, prompts, use_lpips: bool, accuracy):
+    def __init__(self, reference: torch.Tensor, prompts, use_lpips: bool, accuracy=None):
         from ..metrics import psnr, ssim
+
+        if accuracy is None:  # the three shipped models' recogniser
+            accuracy = _testbed_accuracy
 
         self.reference, self.prompts = reference, prompts
         self._psnr, self._ssim, self._accuracy = psnr, ssim, accuracy
