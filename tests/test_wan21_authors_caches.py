@@ -1,4 +1,4 @@
-"""TeaCache for Wan2.1 as its authors run it: the skip schedule of taohooks' hook equals an independent
+"""TeaCache and MagCache for Wan2.1 as their authors run them. TeaCache: the skip schedule of taohooks' hook equals an independent
 re-statement of their rule (even/odd accumulators, the timestep-embedding proxy, ret/cutoff steps),
 for both variants and with negative polynomial values added as they add them."""
 import math
@@ -112,3 +112,33 @@ def test_checkpoint_keys():
     assert checkpoint_key("i2v-14B", ckpt_dir="./Wan2.1-I2V-14B-720P") == "i2v-720P"
     with pytest.raises(ValueError, match="no Wan2.1 coefficients for --task vace-1.3B"):
         checkpoint_key("vace-1.3B")
+
+
+# ---------------------------------------------------------------- MagCache for Wan2.1, the published ratios
+@pytest.mark.parametrize("checkpoint, steps, e, k, computed", [
+    # the schedules the authors' rule gives on their published lists (a simulation of their code, see the
+    # module docstring of taohooks.caches.magcache_wan21): the cond call's computed steps (uncond alike)
+    ("t2v-1.3B", 50, 0.12, 2, list(range(10)) + [12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 44, 46, 48, 49]),
+    ("t2v-1.3B", 50, 0.12, 4, list(range(10)) + [14, 19, 24, 29, 34, 38, 41, 44, 46, 48, 49]),
+    ("t2v-14B", 50, 0.24, 6, list(range(10)) + [16, 23, 30, 36, 41, 44, 47, 49]),
+    ("i2v-480P", 40, 0.24, 6, list(range(8)) + [14, 20, 25, 30, 34, 37, 39]),
+    ("i2v-720P", 40, 0.24, 6, list(range(8)) + [14, 21, 27, 32, 35, 38]),  # the last step skipped
+])
+def test_magcache_with_the_published_ratios_computes_the_authors_steps(checkpoint, steps, e, k, computed):
+    from taohooks.caches.magcache_wan21 import wan21_magcache
+
+    model = TinyWan().eval()
+    mag = wan21_magcache(checkpoint, steps, threshold=e, k=k)
+    hook = DenoiserHook(LoopSpec(steps, ("cond", "uncond"), batch_dim=None), [mag], timestep_arg="t")
+    ran = []
+    with hook.attach(model), torch.no_grad():
+        hook.new_sample()
+        x = torch.randn(1, 4, DIM, generator=torch.Generator().manual_seed(1))
+        for step, t in enumerate(torch.linspace(999, 20, steps).round()):
+            for slot in range(2):
+                before = mag.reused
+                model(x, torch.stack([t]), context=None)
+                if mag.reused == before:
+                    ran.append((step, slot))
+    assert [s for s, slot in ran if slot == 0] == computed
+    assert [s for s, slot in ran if slot == 1] == computed
