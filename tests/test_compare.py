@@ -57,7 +57,7 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
 # ---------------------------------------------------------------------------- the experiment YAML
 @pytest.mark.parametrize("change, key, message", [
     (("budgets:", "budjets:"), "budjets", "did you mean 'budgets'"),
-    (("methods: [full, taocache, teacache]", "methods: [full, magcache]"), "methods[1]", "not yet available"),
+    (("methods: [full, taocache, teacache]", "methods: [full, pab]"), "methods[1]", "not yet available"),
     (("methods: [full, taocache, teacache]", "methods: [full, teacahce]"), "methods[1]", "did you mean 'teacache'"),
     (("budgets: [0.2, 0.3]", "budgets: [0.2, 1.5]"), "budgets[1]", "expected a fraction of the steps in (0, 1)"),
     (("integration: testbed", "integration: testbed\ntaocache: t.yaml"), "taocache", "not both"),
@@ -397,6 +397,38 @@ def test_wan21_teacache_as_its_authors_run_it_through_compare(tmp_path):
     tea = [r for r in results["records"] if r["method"] == "teacache"]
     assert len(tea) == 2 and all(r["calls"] == 20 for r in tea)
     assert any(r["skipped_fraction"] > 0 for r in tea), tea
+
+
+def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, launcher_state):
+    """MagCache in compare: on the testbed its ratios are calibrated on the calibration prompts (with
+    TaoCache's LUT, one pass); through Wan2.1's script the authors' published ratios are used (no
+    calibration run), resampled to the step count; both matched to the budget by the threshold search."""
+    import subprocess
+
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, magcache]").replace(
+        "budgets: [0.2, 0.3]", "budgets: [0.3]")
+    exp = write(tmp_path, text, "testbed.yaml")
+    args = [str(WAN), "--task", "t2v-1.3B", "--prompt", "ignored", "--sample_steps", "10", "--sample_guide_scale", "5.0"]
+    wan = write(tmp_path, OFFICIAL_LIKE_EXPERIMENT.format(integration="wan", output="out_wan").replace(
+        "methods: [full, taocache]", "methods: [full, magcache]").replace("budgets: [0.2]", "budgets: [0.3]\nsearch_prompts: 1"),
+        "wan.yaml")
+    driver = write(tmp_path, "import sys\nfrom taohooks import cli\nsys.argv = ['taocache']\n"
+                             f"code = cli.main(['compare', {str(wan)!r}, '--', *{args!r}])\nsys.exit(code)\n", "d.py")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
+    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    results = json.loads((tmp_path / "out_wan" / "results.json").read_text())
+    assert "the authors' MagCache for Wan2.1 t2v-1.3B" in results["meta"]["magcache_ratios"]
+    assert "calibrating" not in res.stderr
+    mag = [r for r in results["records"] if r["method"] == "magcache"]
+    assert len(mag) == 2 and all(r["calls"] == 20 and r["skipped_fraction"] > 0 for r in mag)
+    assert compare(exp) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["meta"]["magcache_ratios"] == "MagCache's magnitude ratios calibrated on the calibration prompts"
+    assert len(results["meta"]["calibration"]["mag_ratios"]) == 2  # [cond, uncond] x steps
+    mag = [r for r in results["records"] if r["method"] == "magcache"]
+    assert len(mag) == 2 and all(r["skipped_fraction"] > 0 for r in mag)
 
 
 def test_wan22_two_experts_through_compare(tmp_path):

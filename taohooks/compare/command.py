@@ -65,7 +65,8 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
             "model_id": tao.model_id, "loop": experiment.loop.describe(), "config": config.to_dict(),
             "calibration": experiment.store.state("calibration"),
             "teacache_proxy": (getattr(experiment, "tea_provenance", None) or experiment.target.tea_source)
-            if "teacache" in config.methods else None}
+            if "teacache" in config.methods else None,
+            "magcache_ratios": getattr(experiment, "mag_provenance", None) if "magcache" in config.methods else None}
     results = build_results(config, experiment.store, experiment.loop.steps, meta)
     write_results(config.output_dir, results)
     pictures = [p.name for p in write_plots(results, config.output_dir)]

@@ -25,10 +25,9 @@ from ..config import (INTEGRATIONS, ConfigError, LoopConfig, build_dataclass, da
 __all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_list", "AVAILABLE_METHODS",
            "PLANNED_METHODS"]
 
-AVAILABLE_METHODS = ("full", "taocache", "teacache")
+AVAILABLE_METHODS = ("full", "taocache", "teacache", "magcache")
 #: named by issue 14; refused with a "not yet" error until they land in ``taocache compare``
-PLANNED_METHODS = ("magcache", "easycache", "pab", "hybrid", "taoskip+tearesidual", "pab+taocache",
-                   "pab+teacache")
+PLANNED_METHODS = ("easycache", "pab", "hybrid", "taoskip+tearesidual", "pab+taocache", "pab+teacache")
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,8 @@ class ExperimentConfig:
     output: str = "compare"
     lpips: bool = True  # LPIPS when the converted weights exist (else null in the results)
     teacache_use_ret_steps: bool = False  # Wan2.1's published TeaCache: the authors' --use_ret_steps variant
+    magcache_k: Optional[int] = None  # MagCache's K (skips in a row); None: 2, or the authors' README setting
+    magcache_retention: float = 0.2  # MagCache's retention ratio: the first steps always computed
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
     def validate(self, err) -> None:
@@ -91,9 +92,14 @@ class ExperimentConfig:
                 err(f"budgets[{i}]", f"expected a fraction of the steps in (0, 1), e.g. 0.16, got {b}")
             if b in self.budgets[:i]:
                 err(f"budgets[{i}]", f"{b} is listed twice")
-        if "teacache" in self.methods and self.calibration_prompts is None:
-            err("calibration_prompts", "teacache needs calibration prompts (its polynomial fit and the threshold "
-                                       "search run on them, never on the evaluation prompts)")
+        for name in ("teacache", "magcache"):
+            if name in self.methods and self.calibration_prompts is None:
+                err("calibration_prompts", f"{name} needs calibration prompts (its calibration and the threshold "
+                                           "search run on them, never on the evaluation prompts)")
+        if self.magcache_k is not None and not 1 <= self.magcache_k <= 1000:
+            err("magcache_k", f"expected a number of skips in a row >= 1, got {self.magcache_k}")
+        if not 0 <= self.magcache_retention < 1:
+            err("magcache_retention", f"expected a fraction of the steps in [0, 1), got {self.magcache_retention}")
         if self.search_prompts < 1:
             err("search_prompts", f"expected a number of prompts >= 1, got {self.search_prompts}")
         if not 1 <= self.search_iterations <= 64:

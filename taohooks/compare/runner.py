@@ -99,6 +99,8 @@ def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig) -> Tuple[b
     """Whether the experiment calibrates on its calibration prompts, and why."""
     if "teacache" in config.methods and target_for(tao.integration).tea_published is None:
         return True, "teacache's polynomial"
+    if "magcache" in config.methods and target_for(tao.integration).mag_published is None:
+        return True, "magcache's magnitude ratios"
     if "taocache" not in config.methods:
         return False, ""
     from ..taocache.lut import CalibrationLUT
@@ -141,6 +143,7 @@ class Experiment:
         self.finished = False
         self.calibration_seconds = 0.0
         self.thresholds: Dict[str, Dict[str, float]] = {}
+        self.mag_ratios: Optional[list] = None  # MagCache's calibrated ratios [calls per step, steps]
         self.plans: Dict[str, Dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ one generation
@@ -251,6 +254,7 @@ class Experiment:
                                   f"other calibration prompts ({len(state.get('calibration_prompts') or [])} pairs, "
                                   f"this experiment lists {len(used)}); its runs would mix two calibrations: use "
                                   "another output folder (or delete it)")
+            self.mag_ratios = state.get("mag_ratios")
             return CalibrationLUT.load(lut_file), state.get("tea_coefficients")
         messages.notice(f"compare: calibrating {why} on {len(prompts)} calibration prompts (full-step)")
         recorder = CalibrationRecorder(self.tao.model_id, self.tao.calibration.sampler, identity=self.identity,
@@ -260,6 +264,12 @@ class Experiment:
         if "teacache" in self.config.methods and self.target.tea_published is None:
             tea = TeaCacheCalibrator(probe=self.target.tea_probe(), blocks=self.target.blocks)
             callbacks.append(tea)
+        mag = None
+        if "magcache" in self.config.methods and self.target.mag_published is None:
+            from ..caches.magcache import MagCacheCalibrator
+
+            mag = MagCacheCalibrator(blocks=self.target.blocks)
+            callbacks.append(mag)
         start = time.perf_counter()
         with DenoiserHook(self.loop, callbacks, **self.hook_kwargs).attach(self.model, *self.also) as hook:
             for entry in prompts:
@@ -272,7 +282,9 @@ class Experiment:
 
         atomic_write_bytes(lut_file, lut.to_bytes())
         coefficients = tea.fit() if tea is not None else None
-        self.store.put_state("calibration", {"tea_coefficients": coefficients, "calibration_prompts": used,
+        self.mag_ratios = mag.ratios().tolist() if mag is not None else None
+        self.store.put_state("calibration", {"tea_coefficients": coefficients, "mag_ratios": self.mag_ratios,
+                                             "calibration_prompts": used,
                                              "seconds": round(time.perf_counter() - start, 3)})
         return lut, coefficients
 
@@ -303,6 +315,26 @@ class Experiment:
 
                 def make(threshold: float) -> List[Callback]:
                     return [TeaCacheCallback(threshold, coefficients, probe=probe, blocks=self.target.blocks)]
+
+            found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
+            return make(found["threshold"])
+        if method == "magcache":
+            from ..caches.magcache import MagCacheCallback
+
+            if self.target.mag_published is not None:  # the authors' published ratios
+                ratios, k, self.mag_provenance = self.target.mag_published(dict(self._bound.arguments), steps)
+            else:
+                if self.mag_ratios is None:
+                    raise ConfigError(self.config.source, "methods", f"{self.store.folder} was calibrated without "
+                                      "magcache's ratios (magcache was added to methods since); use another output "
+                                      "folder")
+                ratios, k = torch.tensor(self.mag_ratios, dtype=torch.float64), 2
+                self.mag_provenance = "MagCache's magnitude ratios calibrated on the calibration prompts"
+            k = self.config.magcache_k if self.config.magcache_k is not None else k
+            retention = self.config.magcache_retention
+
+            def make(threshold: float) -> List[Callback]:
+                return [MagCacheCallback(ratios, threshold, k, retention, blocks=self.target.blocks)]
 
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
             return make(found["threshold"])

@@ -66,6 +66,24 @@ def _wan21_published_teacache(arguments: dict, use_ret_steps: bool):
             f"published coefficients of {SOURCE}")
 
 
+def _wan21_checkpoint(arguments: dict) -> str:
+    pipeline = arguments["self"]
+    model = getattr(pipeline.model, "module", pipeline.model)
+    dim = getattr(getattr(model, "config", None), "dim", None) or getattr(model, "dim", None)
+    if type(pipeline).__name__ == "WanI2V":
+        return "i2v-480P" if arguments.get("max_area", 720 * 1280) <= 832 * 480 else "i2v-720P"
+    return "t2v-14B" if dim == 5120 else "t2v-1.3B"
+
+
+def _wan21_published_magcache(arguments: dict, steps: int):
+    """``(ratios [2, steps], default K, provenance)``: the authors' MagCache ratios for this Wan2.1 call."""
+    from ..caches.magcache_wan21 import SETTINGS, SOURCE, published_ratios
+
+    checkpoint = _wan21_checkpoint(arguments)
+    return (published_ratios(checkpoint, steps), SETTINGS[checkpoint][1],
+            f"the authors' MagCache for Wan2.1 {checkpoint}: the published magnitude ratios of {SOURCE}")
+
+
 @dataclass
 class Target:
     prompt_arg: str
@@ -77,6 +95,8 @@ class Target:
     # the authors' TeaCache with published coefficients: (generate's arguments, use_ret_steps) ->
     # (make(threshold) -> callbacks, provenance); no polynomial fit
     tea_published: Optional[Callable[[dict, bool], tuple]] = None
+    # MagCache with published ratios: (generate's arguments, steps) -> (ratios, default K, provenance)
+    mag_published: Optional[Callable[[dict, int], tuple]] = None
 
     def video(self, result: Any) -> torch.Tensor:
         video = self.video_of(result)
@@ -91,7 +111,7 @@ TARGETS: Dict[str, Target] = {
                       "the first block's timestep-modulated input, as taocache bench"),
     "wan": Target("input_prompt", "seed", _single_video, "blocks", None,
                   "the authors' TeaCache for Wan2.1 (timestep-embedding proxy, published coefficients)",
-                  tea_published=_wan21_published_teacache),
+                  tea_published=_wan21_published_teacache, mag_published=_wan21_published_magcache),
     "wan22": Target("input_prompt", "seed", _single_video, "blocks", None,
                     "TeaCache has no Wan2.2 support (no published coefficients)"),
     "latte": Target("prompt", None, _pipeline_video, "transformer_blocks", None,
