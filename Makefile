@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.taohooks-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo compare-demo test bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/taocache demo
+
+compare-demo: $(STAMP)
+	$(VENV)/bin/taocache compare configs/compare/testbed.yaml -- examples/sample_testbed.py --model flow --steps 50
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

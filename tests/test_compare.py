@@ -405,7 +405,7 @@ def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, la
     calibration run), resampled to the step count; both matched to the budget by the threshold search."""
     import subprocess
 
-    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, magcache]").replace(
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, taocache-auto, magcache]").replace(
         "budgets: [0.2, 0.3]", "budgets: [0.3]")
     exp = write(tmp_path, text, "testbed.yaml")
     args = [str(WAN), "--task", "t2v-1.3B", "--prompt", "ignored", "--sample_steps", "10", "--sample_guide_scale", "5.0"]
@@ -429,6 +429,8 @@ def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, la
     assert len(results["meta"]["calibration"]["mag_ratios"]) == 2  # [cond, uncond] x steps
     mag = [r for r in results["records"] if r["method"] == "magcache"]
     assert len(mag) == 2 and all(r["skipped_fraction"] > 0 for r in mag)
+    auto = [r for r in results["records"] if r["method"] == "taocache-auto"]  # plan.rule: auto on the same LUT
+    assert len(auto) == 2 and all(r["skipped_fraction"] == pytest.approx(0.3) for r in auto)
 
 
 def test_wan22_two_experts_through_compare(tmp_path):

@@ -25,7 +25,7 @@ from ..config import (INTEGRATIONS, ConfigError, LoopConfig, build_dataclass, da
 __all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_list", "AVAILABLE_METHODS",
            "PLANNED_METHODS"]
 
-AVAILABLE_METHODS = ("full", "taocache", "teacache", "magcache")
+AVAILABLE_METHODS = ("full", "taocache", "taocache-auto", "teacache", "magcache")  # taocache-auto: plan.rule: auto
 #: named by issue 14; refused with a "not yet" error until they land in ``taocache compare``
 PLANNED_METHODS = ("easycache", "pab", "hybrid", "taoskip+tearesidual", "pab+taocache", "pab+teacache")
 

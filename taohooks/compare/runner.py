@@ -101,7 +101,7 @@ def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig) -> Tuple[b
         return True, "teacache's polynomial"
     if "magcache" in config.methods and target_for(tao.integration).mag_published is None:
         return True, "magcache's magnitude ratios"
-    if "taocache" not in config.methods:
+    if "taocache" not in config.methods and "taocache-auto" not in config.methods:
         return False, ""
     from ..taocache.lut import CalibrationLUT
 
@@ -241,7 +241,7 @@ class Experiment:
 
         lut_file = self.store.folder / "state" / "calibration_lut.safetensors"
         if not needed:
-            if "taocache" not in self.config.methods:
+            if "taocache" not in self.config.methods and "taocache-auto" not in self.config.methods:
                 return None, None
             lut = CalibrationLUT.load(self.tao.lut_path())
             check_run(self.tao, lut, self.loop, self.identity)
@@ -293,11 +293,14 @@ class Experiment:
         label = run_label(method, skips, steps)
         if method == "full":
             return []
-        if method == "taocache":
+        if method in ("taocache", "taocache-auto"):
             from ..taocache.extrapolation import TaoCacheCallback
             from ..taocache.cache import make_plan
 
             plan_config = dataclasses.replace(self.tao.plan, budget=skips, window=None, skip_steps=None)
+            if method == "taocache-auto":  # the error-aware plan on the same LUT
+                plan_config = dataclasses.replace(plan_config, rule="auto", refresh_every=None, tau_cos=None,
+                                                  ratio="calibrated")
             from ..taocache.plan import switch_guard
 
             guard = switch_guard(lut.timesteps, self.expert_boundary) if self.expert_boundary else ()
