@@ -66,7 +66,9 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
             "calibration": experiment.store.state("calibration"),
             "teacache_proxy": (getattr(experiment, "tea_provenance", None) or experiment.target.tea_source)
             if "teacache" in config.methods else None,
-            "magcache_ratios": getattr(experiment, "mag_provenance", None) if "magcache" in config.methods else None}
+            "magcache_ratios": getattr(experiment, "mag_provenance", None) if "magcache" in config.methods else None,
+            "easycache": (f"the rule of {__import__('taohooks.caches.easycache', fromlist=['SOURCE']).SOURCE}, "
+                          f"warm-up {config.easycache_warmup} steps") if "easycache" in config.methods else None}
     results = build_results(config, experiment.store, experiment.loop.steps, meta)
     write_results(config.output_dir, results)
     pictures = [p.name for p in write_plots(results, config.output_dir)]

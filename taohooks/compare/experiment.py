@@ -25,9 +25,10 @@ from ..config import (INTEGRATIONS, ConfigError, LoopConfig, build_dataclass, da
 __all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_list", "AVAILABLE_METHODS",
            "PLANNED_METHODS"]
 
-AVAILABLE_METHODS = ("full", "taocache", "taocache-auto", "teacache", "magcache")  # taocache-auto: plan.rule: auto
+AVAILABLE_METHODS = ("full", "taocache", "taocache-auto", "teacache", "magcache",  # taocache-auto: plan.rule: auto
+                     "easycache")
 #: named by issue 14; refused with a "not yet" error until they land in ``taocache compare``
-PLANNED_METHODS = ("easycache", "pab", "hybrid", "taoskip+tearesidual", "pab+taocache", "pab+teacache")
+PLANNED_METHODS = ("pab", "hybrid", "taoskip+tearesidual", "pab+taocache", "pab+teacache")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class ExperimentConfig:
     teacache_use_ret_steps: bool = False  # Wan2.1's published TeaCache: the authors' --use_ret_steps variant
     magcache_k: Optional[int] = None  # MagCache's K (skips in a row); None: 2, or the authors' README setting
     magcache_retention: float = 0.2  # MagCache's retention ratio: the first steps always computed
+    easycache_warmup: int = 10  # EasyCache's always-computed first steps (the authors' Wan2.1 script: 10)
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
     def validate(self, err) -> None:
@@ -92,12 +94,14 @@ class ExperimentConfig:
                 err(f"budgets[{i}]", f"expected a fraction of the steps in (0, 1), e.g. 0.16, got {b}")
             if b in self.budgets[:i]:
                 err(f"budgets[{i}]", f"{b} is listed twice")
-        for name in ("teacache", "magcache"):
+        for name in ("teacache", "magcache", "easycache"):
             if name in self.methods and self.calibration_prompts is None:
                 err("calibration_prompts", f"{name} needs calibration prompts (its calibration and the threshold "
                                            "search run on them, never on the evaluation prompts)")
         if self.magcache_k is not None and not 1 <= self.magcache_k <= 1000:
             err("magcache_k", f"expected a number of skips in a row >= 1, got {self.magcache_k}")
+        if not 0 <= self.easycache_warmup <= 100000:
+            err("easycache_warmup", f"expected a number of steps >= 0, got {self.easycache_warmup}")
         if not 0 <= self.magcache_retention < 1:
             err("magcache_retention", f"expected a fraction of the steps in [0, 1), got {self.magcache_retention}")
         if self.search_prompts < 1:

@@ -341,6 +341,16 @@ class Experiment:
 
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
             return make(found["threshold"])
+        if method == "easycache":  # runtime-adaptive: nothing calibrated, the threshold matched to the budget
+            from ..caches.easycache import EasyCacheCallback
+
+            warmup = self.config.easycache_warmup
+
+            def make(threshold: float) -> List[Callback]:
+                return [EasyCacheCallback(threshold, warmup_steps=warmup)]
+
+            found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
+            return make(found["threshold"])
         raise ValueError(f"unknown method {method!r}")
 
     def _threshold(self, label: str, make: Callable[[float], List[Callback]], prompts: List[PromptEntry],

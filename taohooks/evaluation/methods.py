@@ -30,7 +30,8 @@ from .testbed_model import TestbedModel, modulated_input
 __all__ = ["Calibration", "calibrate", "run_with", "paired_speedup", "Run", "METHODS", "build_method",
            "match_threshold", "CallCounter"]
 
-METHODS = ("taocache", "taocache-auto", "teacache", "magcache", "taoskip+tearesidual", "hybrid", "pab+taocache")
+METHODS = ("taocache", "taocache-auto", "teacache", "magcache", "easycache", "taoskip+tearesidual", "hybrid",
+           "pab+taocache")
 
 
 def batches(items: Sequence, size: int) -> List[Sequence]:
@@ -220,6 +221,14 @@ def build_method(name: str, tm: TestbedModel, cal: Calibration, skips: int, sear
                                      blocks=tm.blocks)]
         th, frac = match_threshold(make, measure, target, iterations=settings.search_iterations,
                                    what=f"[{tm.name}] MagCache's threshold", tolerance=0.5 / steps)
+        return Built(make(th), {"threshold": th, "search_fraction": frac})
+    if name == "easycache":  # runtime-adaptive: nothing calibrated; warm-up a fifth of the steps (10 of 50, the authors')
+        from ..caches.easycache import EasyCacheCallback
+
+        def make(th):
+            return [EasyCacheCallback(th, warmup_steps=max(1, steps // 5))]
+        th, frac = match_threshold(make, measure, target, iterations=settings.search_iterations,
+                                   what=f"[{tm.name}] EasyCache's threshold", tolerance=0.5 / steps)
         return Built(make(th), {"threshold": th, "search_fraction": frac})
     if name == "hybrid":  # Algorithm 2: TeaCache early/mid, a refresh guard band, TaoCache late
         tao_skips = max(1, skips // 2)
