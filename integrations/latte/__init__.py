@@ -19,7 +19,7 @@ from taohooks.launcher.integration import (GenerationPatch, IntegrationError, Pa
                                   require_modules, script_options)
 from taohooks.runtime.io import check_writable
 from taohooks.taocache.lut import CalibrationLUT
-from taohooks.taocache.cache import TaoCache
+from taohooks.taocache.cache import TaoCache, transfer_allowed
 
 __all__ = ["install", "uninstall", "precheck", "check_sampler", "MODULE", "PIPELINE", "EXPECTS"]
 
@@ -64,8 +64,7 @@ def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: O
     if sample_method is not None and "scheduler" in recorded and "scheduler" not in config.calibration.accept \
             and recorded["scheduler"] != f"{sample_method}Scheduler":
         problems.append(f"sample_method {sample_method} ({said}), the LUT was calibrated with {recorded['scheduler']}")
-    carried = (config.calibration.transfer == "interpolate" and lut.deltas is not None
-               and not (config.calibration.auto and lut.num_prompts < config.calibration.prompts))
+    carried = transfer_allowed(config, lut)
     if steps is not None and "sampling_steps" in recorded and int(recorded["sampling_steps"]) != int(steps) \
             and not carried:
         hint = " (or carry it over with calibration.transfer: interpolate)" if lut.deltas is not None else ""

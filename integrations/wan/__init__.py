@@ -20,12 +20,11 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from taohooks.config import TaoCacheConfig
-from taohooks.taocache.identity import differences, model_identity
-from taohooks.launcher.integration import GenerationPatch, IntegrationError, PatchSet, require_modules, script_options
-from taohooks.runtime.io import check_writable
+from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, command_line_problems,
+                                           require_modules, script_options)
 from taohooks.runtime.loop import LoopSpec
-from taohooks.taocache.lut import CalibrationLUT
-from taohooks.taocache.cache import TaoCache, lut_for_steps, make_plan
+from taohooks.taocache.cache import TaoCache
+from taohooks.taocache.identity import model_identity
 
 __all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "EXPECTS"]
 
@@ -134,13 +133,6 @@ def _said(run: Dict[str, Any], key: str) -> str:
     return f"{flag} {run[key]}" + ("" if origin.startswith("--") else f", {origin}")
 
 
-def _transferable(config: TaoCacheConfig, lut: CalibrationLUT) -> bool:
-    """Whether a LUT of another step count is carried over (calibration.transfer: interpolate); a
-    LUT still being calibrated is not (a calibration cannot add prompts of another step count)."""
-    return (config.calibration.transfer == "interpolate" and lut.deltas is not None
-            and not (config.calibration.auto and lut.num_prompts < config.calibration.prompts))
-
-
 def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     """Check, before generate.py loads T5, the VAE and the DiT, what its command line already says:
     the task against the config's model_id, the step count against loop.steps and the LUT, the task,
@@ -151,43 +143,13 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     if run is None:
         return  # generate.py's own parser refuses these arguments and says why
     _launch["task"] = run["task"]
-    where = config.source or "the config"
-    problems: List[str] = []
-    named = [t for t in TASKS if config.model_id and t.lower() in config.model_id.lower()]
-    if named and run["task"] not in named:
-        problems.append(f"{where}: model_id {config.model_id!r} is for task {named[-1]}, this command line runs "
-                        f"--task {run['task']}; use the config for that task (configs/wan_*.yaml) or give it its "
-                        "own model_id and lut")
-    if config.loop.steps is not None and config.loop.steps != run["steps"]:
-        problems.append(f"{where}: loop.steps is {config.loop.steps}, this command line runs "
-                        f"{run['steps']} steps ({_said(run, 'steps')})")
-    lut = None
-    path = config.lut_path()
-    if path is not None and path.is_file():
-        lut = CalibrationLUT.load(path)
-        if lut.steps != run["steps"] and not _transferable(config, lut):
-            hint = (" or carry this one over with calibration.transfer: interpolate" if lut.deltas is not None
-                    else "")
-            problems.append(f"LUT {path} has {lut.steps} steps, this command line runs {run['steps']} "
-                            f"({_said(run, 'steps')}); calibrate a LUT for {run['steps']} steps (its own lut: file)"
-                            + hint)
-        recorded = getattr(lut, "identity", None) or {}
-        keys = differences(recorded, {k: run[k] for k in FLAGS}, config.calibration.accept)
-        if keys:
-            problems.append(f"LUT {path} was calibrated with " + ", ".join(
-                f"{FLAGS[k]} {recorded[k]}" for k in keys) + "; this command line runs " + ", ".join(
-                _said(run, k) for k in keys) + f". Give this run its own LUT (lut: in {where}), or accept the "
-                f"difference knowingly with calibration.accept: [{', '.join(keys)}]")
-    calibrating = path is not None and config.calibration.auto and (
-        lut is None or lut.num_prompts < config.calibration.prompts)
-    if calibrating:
-        check_writable(path)
-    elif not problems:
-        make_plan(config.plan, run["steps"], STREAMS, lut_for_steps(config, lut, run["steps"]))  # fails now, not later
+    problems = command_line_problems(config, run, flags=FLAGS, said=_said, tasks=TASKS, streams=STREAMS,
+                                     configs_hint="configs/wan_*.yaml")
     if _hybrid_under_sequence_parallel(config) and run["sequence_parallel"] > 1:
-        problems.append(f"{where}: teacache: the hybrid decides from activations that sequence parallelism "
-                        f"(--ulysses_size x --ring_size = {run['sequence_parallel']}) shards over ranks; ranks could "
-                        "take different decisions and deadlock. Use TaoCache (and pab:) alone here")
+        problems.append(f"{config.source or 'the config'}: teacache: the hybrid decides from activations that "
+                        f"sequence parallelism (--ulysses_size x --ring_size = {run['sequence_parallel']}) shards "
+                        "over ranks; ranks could take different decisions and deadlock. Use TaoCache (and pab:) "
+                        "alone here")
     if problems:
         raise IntegrationError("\n".join(problems))
 

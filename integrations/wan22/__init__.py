@@ -33,14 +33,11 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from taohooks.config import TaoCacheConfig
-from taohooks.taocache.identity import differences, model_identity
-from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, require_modules, script_options,
-                                  unwrap_model)
-from taohooks.runtime.io import check_writable
+from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, command_line_problems,
+                                           require_modules, script_options, unwrap_model)
 from taohooks.runtime.loop import LoopSpec
-from taohooks.taocache.lut import CalibrationLUT
-from taohooks.taocache.plan import switch_guard
-from taohooks.taocache.cache import TaoCache, lut_for_steps, make_plan
+from taohooks.taocache.cache import TaoCache
+from taohooks.taocache.identity import model_identity
 
 __all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "TASK_DEFAULTS", "EXPECTS",
            "experts_of"]
@@ -182,11 +179,6 @@ def _said(run: Dict[str, Any], key: str) -> str:
     return f"{flag} {run[key]}" + ("" if origin.startswith("--") else f", {origin}")
 
 
-def _transferable(config: TaoCacheConfig, lut: CalibrationLUT) -> bool:
-    return (config.calibration.transfer == "interpolate" and lut.deltas is not None
-            and not (config.calibration.auto and lut.num_prompts < config.calibration.prompts))
-
-
 def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     """Before generate.py loads T5, the VAE and the experts: the task (covered, and the config's),
     the step count against loop.steps and the LUT, solver and shift against the LUT's identity, the
@@ -197,50 +189,16 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     if run is None:
         return  # generate.py's own parser refuses these arguments and says why
     _launch["task"] = run["task"]
-    where = config.source or "the config"
-    problems: List[str] = []
     if run["task"] not in COVERED:
         raise IntegrationError(
             f"--task {run['task']}: not covered by integration: wan22 (S2V and Animate run one sampling loop per "
             f"clip inside one generate(), with one call per step at guide scale 1); covered: {', '.join(COVERED)}")
-    named = [t for t in TASKS if config.model_id and t.lower() in config.model_id.lower()]
-    if named and run["task"] not in named:
-        problems.append(f"{where}: model_id {config.model_id!r} is for task {named[-1]}, this command line runs "
-                        f"--task {run['task']}; use the config for that task (configs/wan22_*.yaml) or give it its "
-                        "own model_id and lut")
-    if run["boundary"] is not None and _sections_with_two_experts(config):
-        problems.append(f"{where}: {' and '.join(_sections_with_two_experts(config))} with the two experts of "
-                        f"{run['task']} is not supported yet; use TaoCache alone")
-    if config.loop.steps is not None and config.loop.steps != run["steps"]:
-        problems.append(f"{where}: loop.steps is {config.loop.steps}, this command line runs "
-                        f"{run['steps']} steps ({_said(run, 'steps')})")
-    lut = None
-    path = config.lut_path()
-    if path is not None and path.is_file():
-        lut = CalibrationLUT.load(path)
-        if lut.steps != run["steps"] and not _transferable(config, lut):
-            hint = (" or carry this one over with calibration.transfer: interpolate" if lut.deltas is not None
-                    else "")
-            problems.append(f"LUT {path} has {lut.steps} steps, this command line runs {run['steps']} "
-                            f"({_said(run, 'steps')}); calibrate a LUT for {run['steps']} steps (its own lut: file)"
-                            + hint)
-        recorded = getattr(lut, "identity", None) or {}
-        keys = differences(recorded, {k: run[k] for k in FLAGS}, config.calibration.accept)
-        if keys:
-            problems.append(f"LUT {path} was calibrated with " + ", ".join(
-                f"{FLAGS[k]} {recorded[k]}" for k in keys) + "; this command line runs " + ", ".join(
-                _said(run, k) for k in keys) + f". Give this run its own LUT (lut: in {where}), or accept the "
-                f"difference knowingly with calibration.accept: [{', '.join(keys)}]")
-    calibrating = path is not None and config.calibration.auto and (
-        lut is None or lut.num_prompts < config.calibration.prompts)
-    if calibrating:
-        check_writable(path)
-    elif not problems:
-        carried = lut_for_steps(config, lut, run["steps"])
-        guard = ()
-        if carried is not None and run["boundary"] is not None:
-            guard = switch_guard(carried.timesteps, run["boundary"] * 1000.0)
-        make_plan(config.plan, run["steps"], STREAMS, carried, unskippable=guard)  # fails now, not later
+    boundary = run["boundary"] * 1000.0 if run["boundary"] is not None else None
+    problems = command_line_problems(config, run, flags=FLAGS, said=_said, tasks=TASKS, streams=STREAMS,
+                                     configs_hint="configs/wan22_*.yaml", expert_boundary=boundary)
+    if boundary is not None and _sections_with_two_experts(config):
+        problems.append(f"{config.source or 'the config'}: {' and '.join(_sections_with_two_experts(config))} with "
+                        f"the two experts of {run['task']} is not supported yet; use TaoCache alone")
     if problems:
         raise IntegrationError("\n".join(problems))
 

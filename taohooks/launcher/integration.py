@@ -210,6 +210,56 @@ def check_declared_loop(config: Any, loop: LoopSpec, what: str) -> None:
         raise IntegrationError(f"{where}loop.split_batch is true, but this {what} call makes one call per stream")
 
 
+def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, str], said: Callable,
+                          tasks: Tuple[str, ...], streams: Tuple[str, ...], configs_hint: str,
+                          expert_boundary: Optional[float] = None) -> List[str]:
+    """What a Wan-style command line (``run``: task, steps and the ``flags`` keys, as the script will run
+    them) contradicts, before the model loads: the config's model_id task, loop.steps, the LUT's step
+    count (unless it is carried over) and identity; then the LUT's folder when the run calibrates, or
+    the plan (with the expert switch guarded) when it skips. ``said(run, key)`` phrases a value as the
+    user gave it. Returns the problems (the integration adds its own and raises)."""
+    from ..runtime.io import check_writable
+    from ..taocache.cache import expert_guard, lut_for_steps, make_plan, transfer_allowed
+    from ..taocache.identity import differences
+    from ..taocache.lut import CalibrationLUT
+
+    where = config.source or "the config"
+    problems: List[str] = []
+    named = [t for t in tasks if config.model_id and t.lower() in config.model_id.lower()]
+    if named and run["task"] not in named:
+        problems.append(f"{where}: model_id {config.model_id!r} is for task {named[-1]}, this command line runs "
+                        f"--task {run['task']}; use the config for that task ({configs_hint}) or give it its "
+                        "own model_id and lut")
+    if config.loop.steps is not None and config.loop.steps != run["steps"]:
+        problems.append(f"{where}: loop.steps is {config.loop.steps}, this command line runs "
+                        f"{run['steps']} steps ({said(run, 'steps')})")
+    lut = None
+    path = config.lut_path()
+    if path is not None and path.is_file():
+        lut = CalibrationLUT.load(path)
+        if lut.steps != run["steps"] and not transfer_allowed(config, lut):
+            hint = " or carry this one over with calibration.transfer: interpolate" if lut.deltas is not None else ""
+            problems.append(f"LUT {path} has {lut.steps} steps, this command line runs {run['steps']} "
+                            f"({said(run, 'steps')}); calibrate a LUT for {run['steps']} steps (its own lut: file)"
+                            + hint)
+        recorded = getattr(lut, "identity", None) or {}
+        keys = differences(recorded, {k: run[k] for k in flags}, config.calibration.accept)
+        if keys:
+            problems.append(f"LUT {path} was calibrated with " + ", ".join(
+                f"{flags[k]} {recorded[k]}" for k in keys) + "; this command line runs " + ", ".join(
+                said(run, k) for k in keys) + f". Give this run its own LUT (lut: in {where}), or accept the "
+                f"difference knowingly with calibration.accept: [{', '.join(keys)}]")
+    calibrating = path is not None and config.calibration.auto and (
+        lut is None or lut.num_prompts < config.calibration.prompts)
+    if calibrating:
+        check_writable(path)
+    elif not problems:
+        carried = lut_for_steps(config, lut, run["steps"])
+        guard = expert_guard(carried, expert_boundary) if carried is not None and expert_boundary else ()
+        make_plan(config.plan, run["steps"], streams, carried, unskippable=guard)  # fails now, not later
+    return problems
+
+
 def _log(message: str) -> None:
     """To stderr through taohooks' channel, once per job: under torchrun only rank 0 speaks."""
     messages.notice(message)

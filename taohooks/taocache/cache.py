@@ -31,7 +31,16 @@ from .lut import CalibrationLUT, LUTMismatchError
 from .plan import (PlanError, SkipPlan, check_unskippable, no_skip_plan, plan_from_steps, plan_from_window,
                    resolve_budget, search_window, switch_guard)
 
-__all__ = ["TaoCache", "make_plan", "section_callbacks", "check_run", "lut_for_steps", "expert_guard"]
+__all__ = ["TaoCache", "make_plan", "section_callbacks", "check_run", "lut_for_steps", "expert_guard",
+           "transfer_allowed"]
+
+
+def transfer_allowed(config: TaoCacheConfig, lut: CalibrationLUT) -> bool:
+    """Whether a LUT of another step count is carried over (``calibration.transfer: interpolate`` and
+    delta products); a LUT still being calibrated is not (a calibration cannot add prompts of another
+    step count)."""
+    return (config.calibration.transfer == "interpolate" and lut.deltas is not None
+            and not (config.calibration.auto and lut.num_prompts < config.calibration.prompts))
 
 
 def expert_guard(lut: Optional[CalibrationLUT], boundary: Optional[float] = None) -> Tuple[int, ...]:
