@@ -94,7 +94,7 @@ def _plan_overrides(args, plan: PlanConfig) -> PlanConfig:
                              ("min_step", "min_step"), ("tau_cos", "tau_cos"), ("lam", "lambda_"),
                              ("gamma", "gamma"), ("refresh_every", "refresh_every"), ("ratio", "ratio"),
                              ("rule", "rule"), ("coefficient", "coefficient"), ("pattern", "pattern"),
-                             ("min_gap", "min_gap"), ("protect_last", "protect_last"),
+                             ("min_gap", "min_gap"), ("protect_last", "protect_last"), ("refresh", "refresh"),
                              ("error_weights", "error_weights")):
         value = getattr(args, name)
         if value is not None:
@@ -176,6 +176,7 @@ def _print_predictions(plan, plan_cfg: PlanConfig, steps: int, streams, lut) -> 
     print(f"# predicted error (open loop, sampler weights: {why}): {predict_plan(plan, model).describe()}")
     other_rule = "paper" if plan_cfg.rule == "auto" else "auto"
     other_cfg = dataclasses.replace(plan_cfg, rule=other_rule, pattern="auto", min_gap=2, protect_last=0,
+                                    refresh="chain" if other_rule == "auto" else plan_cfg.refresh,
                                     error_weights=plan_cfg.error_weights if other_rule == "auto" else "auto",
                                     coefficient=None, tau_cos=None if other_rule == "auto" else plan_cfg.tau_cos,
                                     refresh_every=None if other_rule == "auto" else plan_cfg.refresh_every)
@@ -471,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lam", type=_finite, help="weight of S_cos in the score (default 1)")
     p.add_argument("--gamma", type=_finite, help="weight of S_ratio in the score (default 1)")
     p.add_argument("--refresh-every", type=int, help="a real call after every K skips")
+    p.add_argument("--refresh", choices=("chain", "restart"), help="chain (Algorithm 1): the next prediction "
+                   "extrapolates the refresh minus the predicted output before it; restart: two real calls per "
+                   "refresh, the next prediction from two real outputs")
     p.add_argument("--ratio", type=_parse_ratio, help="'calibrated' or a constant such as 1.0")
     p.add_argument("--steps", type=int, help="number of steps (defaults to the LUT's)")
     p.add_argument("--rule", choices=("paper", "auto"), help="paper: Algorithm 1's window (default); auto: the "

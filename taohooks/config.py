@@ -118,6 +118,7 @@ class PlanConfig:
     lambda_: float = field(default=1.0, metadata={"key": "lambda"})
     gamma: float = 1.0
     refresh_every: Optional[int] = None
+    refresh: str = "chain"  # chain: a refresh's delta against the predicted output (Algorithm 1); restart: two real
     ratio: Union[float, str] = "calibrated"
     max_norm_ratio: Optional[float] = 10.0  # a prediction above this x the last real output's norm: computed
     rule: str = "paper"                     # paper: Algorithm 1 exactly; auto: least predicted error (error_plan)
@@ -165,6 +166,7 @@ class PlanConfig:
         if self.max_norm_ratio is not None and not self.max_norm_ratio >= 1:
             err("plan.max_norm_ratio", f"expected a number >= 1 (or null: no norm guard), got {self.max_norm_ratio}")
         _one_of(err, "plan.rule", self.rule, PLAN_RULES)
+        _one_of(err, "plan.refresh", self.refresh, ("chain", "restart"))
         if self.coefficient is not None:
             _one_of(err, "plan.coefficient", self.coefficient, COEFFICIENT_RULES)
         _one_of(err, "plan.pattern", self.pattern, PLAN_PATTERNS)
@@ -195,6 +197,9 @@ class PlanConfig:
                                   "plan.coefficient (ratio, projection, linear, reuse)")
             if self.refresh_every is not None:
                 err("plan.refresh_every", "rule: auto places refreshes itself (pattern: strided has none)")
+            if self.refresh != "chain":
+                err("plan.refresh", "rule: auto chooses between chained refreshes and restarts itself (chains "
+                                    "separated by min_gap computed steps restart from real outputs)")
             if self.tau_cos is not None:
                 err("plan.tau_cos", "applies to rule: paper (the max-cos window search)")
 
@@ -322,7 +327,8 @@ def _validate_against_steps(config: TaoCacheConfig, steps: int, err) -> None:
             err("plan.budget", f"{what} cannot fit loop.steps {steps}: at most {max(steps - FIRST_SKIPPABLE, 0)} "
                                f"(the first {FIRST_SKIPPABLE} steps are always computed)")
         first = max(FIRST_SKIPPABLE, plan.min_step if plan.min_step is not None else (steps + 1) // 2)
-        span = count + ((count - 1) // plan.refresh_every if plan.refresh_every and count else 0)
+        width = 2 if plan.refresh == "restart" else 1
+        span = count + ((count - 1) // plan.refresh_every * width if plan.refresh_every and count else 0)
         if plan.rule == "auto":
             span = count + plan.protect_last
         if count and span > steps - first:

@@ -336,3 +336,30 @@ def test_predicted_vs_measured_plot(tmp_path):
     rows.append({"method": "teacache", "budget": 0.16, "psnr": 50.0, "predicted_psnr": None})
     path = plot_predicted_vs_measured(rows, "t", tmp_path / "p.png")
     assert path.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- refresh semantics (plan.refresh)
+def test_restart_refreshes_compute_two_steps_and_their_error_is_predicted_exactly():
+    """``plan.refresh: restart``: each refresh is two real calls, so the window splits into independent
+    chains (the drift of the first does not reach the second); on the open-loop model the hook's error
+    equals the prediction, and the chained refresh (Algorithm 1) differs from it."""
+    from taohooks.taocache.plan import window_actions
+
+    assert list(window_actions(10, 16, 2, 2).values()) == [SKIP, SKIP, REFRESH, REFRESH, SKIP, SKIP, REFRESH]
+    assert list(window_actions(10, 15, 2, 1).values()) == [SKIP, SKIP, REFRESH, SKIP, SKIP, REFRESH]
+    steps, prompts, streams = 16, 3, ("cond", "uncond")
+    model = TableDenoiser(steps, prompts, streams)
+    lut = calibrate(model, steps, streams, prompts)
+    weights = torch.ones(steps, dtype=torch.float64)
+    restart = make_plan(PlanConfig(window=[6, 11], refresh_every=2, refresh="restart"), steps, streams, lut)
+    chain = make_plan(PlanConfig(window=[6, 11], refresh_every=2), steps, streams, lut)
+    assert restart.skipped_steps == (6, 7, 10, 11) and restart.refresh_steps == (8, 9)
+    assert chain.skipped_steps == (6, 7, 9, 10) and chain.refresh_steps == (8, 11)
+    em = ErrorModel(lut.deltas, weights)
+    for plan in (restart, chain):
+        predicted = predict_plan(plan, em)
+        assert math.isclose(predicted.mse, measured_mse(model, plan, lut, steps, streams, weights, prompts),
+                            rel_tol=1e-4)
+    assert len(predict_plan(restart, em).chains) == 2 and len(predict_plan(chain, em).chains) == 1
+    with pytest.raises(ConfigError, match="plan.refresh"):
+        config_from_dict({"plan": {"budget": 4, "rule": "auto", "refresh": "restart"}})

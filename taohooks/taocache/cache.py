@@ -28,7 +28,7 @@ from .lut_format import check_identity
 from ..runtime.io import check_writable, special_file_kind
 from ..runtime.loop import LoopSpec
 from .lut import CalibrationLUT, LUTMismatchError
-from .plan import (PlanError, SkipPlan, check_unskippable, no_skip_plan, plan_from_steps, plan_from_window,
+from .plan import (REFRESH_WIDTH, PlanError, SkipPlan, check_unskippable, no_skip_plan, plan_from_steps, plan_from_window,
                    resolve_budget, search_window, switch_guard)
 
 __all__ = ["TaoCache", "make_plan", "section_callbacks", "check_run", "lut_for_steps", "expert_guard",
@@ -100,7 +100,8 @@ def _make_plan(plan: PlanConfig, steps: int, streams: Sequence[str], lut: Option
 
         ratios = coefficient_table(plan.coefficient, lut.cos_mean, lut.ratio_mean)
     if plan.window is not None:
-        return plan_from_window(steps, streams, plan.window[0], plan.window[1], ratios, plan.refresh_every)
+        return plan_from_window(steps, streams, plan.window[0], plan.window[1], ratios, plan.refresh_every,
+                                refresh_width=REFRESH_WIDTH[plan.refresh])
     if plan.skip_steps is not None:
         return plan_from_steps(steps, streams, plan.skip_steps, ratios)
     if lut is None:
@@ -108,9 +109,11 @@ def _make_plan(plan: PlanConfig, steps: int, streams: Sequence[str], lut: Option
                         "first, or give plan.window / plan.skip_steps")
     first, last, score = search_window(lut.cos_mean, lut.cos_std, lut.ratio_mean, lut.ratio_std, skips,
                                        refresh_every=plan.refresh_every, min_step=plan.min_step,
+                                       refresh_width=REFRESH_WIDTH[plan.refresh],
                                        tau_cos=plan.tau_cos, lam=plan.lambda_, gamma=plan.gamma,
                                        unskippable=unskippable)
-    return plan_from_window(steps, streams, first, last, ratios, plan.refresh_every, score=score, source="max-cos")
+    return plan_from_window(steps, streams, first, last, ratios, plan.refresh_every, score=score, source="max-cos",
+                            refresh_width=REFRESH_WIDTH[plan.refresh])
 
 
 def _load_present(path: Optional[Path]) -> Optional[CalibrationLUT]:

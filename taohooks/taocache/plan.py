@@ -134,17 +134,24 @@ def resolve_budget(budget: Union[int, float, None], steps: int) -> int:
     return count
 
 
-def span_length(skips: int, refresh_every: Optional[int]) -> int:
-    """Steps spanned by ``skips`` skips with a refresh after every ``refresh_every`` of them."""
+REFRESH_WIDTH = {"chain": 1, "restart": 2}  # plan.refresh: computed steps per refresh
+
+
+def span_length(skips: int, refresh_every: Optional[int], refresh_width: int = 1) -> int:
+    """Steps spanned by ``skips`` skips with a refresh (``refresh_width`` computed steps) after every
+    ``refresh_every`` of them."""
     if skips <= 0:
         return 0
-    return skips + ((skips - 1) // refresh_every if refresh_every else 0)
+    return skips + ((skips - 1) // refresh_every * refresh_width if refresh_every else 0)
 
 
-def window_actions(first: int, last: int, refresh_every: Optional[int]) -> Dict[int, str]:
-    """Skips from ``first`` to ``last`` (inclusive), every ``refresh_every + 1``-th step a refresh."""
-    period = refresh_every + 1 if refresh_every else None
-    return {t: (REFRESH if period and (t - first) % period == refresh_every else SKIP)
+def window_actions(first: int, last: int, refresh_every: Optional[int], refresh_width: int = 1) -> Dict[int, str]:
+    """Skips from ``first`` to ``last`` (inclusive), a refresh of ``refresh_width`` computed steps after
+    every ``refresh_every`` skips. Width 1 (``plan.refresh: chain``, Algorithm 1): the next prediction
+    extrapolates the delta between the refresh and the predicted output before it, so the drift carries
+    on; width 2 (``restart``): it extrapolates two real outputs."""
+    period = refresh_every + refresh_width if refresh_every else None
+    return {t: (REFRESH if period and (t - first) % period >= refresh_every else SKIP)
             for t in range(first, last + 1)}
 
 
@@ -155,14 +162,14 @@ def _stream_mean(table: Tensor) -> Tensor:
 def search_window(cos_mean: Tensor, cos_std: Tensor, ratio_mean: Tensor, ratio_std: Tensor, skips: int, *,
                   refresh_every: Optional[int] = None, min_step: Optional[int] = None,
                   tau_cos: Optional[float] = None, lam: float = 1.0, gamma: float = 1.0,
-                  unskippable: Sequence[int] = ()) -> Tuple[int, int, float]:
+                  unskippable: Sequence[int] = (), refresh_width: int = 1) -> Tuple[int, int, float]:
     """The best window ``(first, last, score)`` for ``skips`` skips; tables are ``[streams, steps]``.
 
     Steps without statistics (NaN) can neither be skipped nor lie inside a window; nor can the
     ``unskippable`` steps (the first two after an expert switch).
     """
     streams, steps = cos_mean.shape
-    length = span_length(skips, refresh_every)
+    length = span_length(skips, refresh_every, refresh_width)
     lo = max(FIRST_SKIPPABLE, min_step if min_step is not None else (steps + 1) // 2)
     tables = torch.stack([cos_mean, cos_std, ratio_mean, ratio_std]).to(torch.float64)
     known = torch.isfinite(tables).all(dim=0).all(dim=0)  # [steps]
@@ -173,7 +180,7 @@ def search_window(cos_mean: Tensor, cos_std: Tensor, ratio_mean: Tensor, ratio_s
     if tau_cos is not None:
         ok &= (torch.nan_to_num(cos_mean.to(torch.float64), nan=-math.inf) >= tau_cos).all(dim=0)
     per_step = _stream_mean(cos_mean) - lam * _stream_mean(cos_std) - gamma * _stream_mean(ratio_std)
-    pattern = torch.tensor([a == SKIP for a in window_actions(0, length - 1, refresh_every).values()])
+    pattern = torch.tensor([a == SKIP for a in window_actions(0, length - 1, refresh_every, refresh_width).values()])
     scored = [(first, first + length - 1, float(per_step[first:first + length][pattern].mean()))
               for first in range(lo, steps - length + 1) if bool(ok[first:first + length].all())]
     best: Optional[Tuple[int, int, float]] = None
@@ -216,12 +223,12 @@ def no_skip_plan(steps: int, streams: Sequence[str]) -> SkipPlan:
 
 def plan_from_window(steps: int, streams: Sequence[str], first: int, last: int, ratio_table: Union[float, Tensor],
                      refresh_every: Optional[int] = None, *, score: Optional[float] = None,
-                     source: str = "window") -> SkipPlan:
+                     source: str = "window", refresh_width: int = 1) -> SkipPlan:
     """Skip the inclusive window ``[first, last]`` with a refresh after every ``refresh_every`` skips."""
     if not FIRST_SKIPPABLE <= first <= last < steps:
         raise PlanError(f"window [{first}, {last}] must satisfy {FIRST_SKIPPABLE} <= first <= last < {steps} "
                         f"(steps count from 0; a skip needs two computed outputs before it)")
-    marks = window_actions(first, last, refresh_every)
+    marks = window_actions(first, last, refresh_every, refresh_width)
     actions = tuple(marks.get(t, COMPUTE) for t in range(steps))
     skips = [t for t, a in marks.items() if a == SKIP]
     return SkipPlan(steps, tuple(streams), actions, _ratios(streams, steps, skips, ratio_table), (first, last),
