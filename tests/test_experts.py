@@ -92,3 +92,18 @@ def test_per_token_timesteps_read_as_their_largest_value():
     t[0, :4] = 0.0  # the conditioning frame's tokens (Wan2.2 TI2V image-to-video)
     assert _Timestep(t).value() == 870.0
     assert _Timestep(torch.tensor([500, 500])).value() == 500.0
+
+
+def test_nothing_is_kept_after_a_generation():
+    """Offloading scripts move the experts off the GPU after the loop: TaoCache keeps no outputs then."""
+    high, low = Expert(0), Expert(1)
+    rec = CalibrationRecorder(identity={"expert_boundary": BOUNDARY})
+    with DenoiserHook(LoopSpec(16, ("cond", "uncond"), batch_dim=None), [rec], timestep_arg="t").attach(high, low) as h:
+        h.new_sample()
+        run(high, low)
+    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [10, 11]}}), lut=rec.lut())
+    with cache.attach(high, 16, ("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low]):
+        cache.new_sample()
+        run(high, low)
+        assert cache.stats()["streams"]["cond"]["skipped"] == 2
+        assert cache.callback._states == {}  # dropped when the generation's last call returned

@@ -107,6 +107,11 @@ class TaoCacheCallback(Callback):
     def on_sample_abort(self, hook, sample: int, reason: str) -> None:
         self._states = {}
 
+    def on_sample_end(self, hook, sample: int) -> None:
+        # drop the outputs kept for predictions: an offloading script (Wan2.2's --offload_model) moves the
+        # model off the device after the loop, and nothing should stay there on its behalf
+        self._states = {}
+
     def on_detach(self, hook) -> None:
         self._states = {}
 
