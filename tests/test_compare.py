@@ -106,10 +106,10 @@ def test_prompt_file_seeds_and_overlap_with_calibration(tmp_path):
 
 def test_errors_come_before_the_script_runs(tmp_path, capsys):
     never = write(tmp_path, "raise SystemExit('the script ran')\n", "never.py")
-    path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, hybrid]"))
+    path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, pab]"))
     assert cli.main(["compare", str(path), "--", str(never)]) == 1
     err = capsys.readouterr().err
-    assert "taocache compare: error:" in err and "methods[1]: 'hybrid' is not yet available" in err
+    assert "taocache compare: error:" in err and "methods[1]: 'pab' is not yet available" in err
     latte = write(tmp_path, EXPERIMENT.replace("integration: testbed", "integration: latte"), "latte.yaml")
     assert cli.main(["compare", str(latte), "--", str(never)]) == 1
     assert "teacache is not yet available for the 'latte' integration" in capsys.readouterr().err
@@ -406,7 +406,8 @@ def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, la
     import subprocess
 
     text = EXPERIMENT.replace("methods: [full, taocache, teacache]",
-                              "methods: [full, taocache-auto, magcache, easycache]\neasycache_warmup: 2").replace(
+                              "methods: [full, taocache-auto, magcache, easycache, hybrid, taoskip+tearesidual]\n"
+                              "easycache_warmup: 2").replace(
         "budgets: [0.2, 0.3]", "budgets: [0.3]")
     exp = write(tmp_path, text, "testbed.yaml")
     args = [str(WAN), "--task", "t2v-1.3B", "--prompt", "ignored", "--sample_steps", "10", "--sample_guide_scale", "5.0"]
@@ -433,6 +434,10 @@ def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, la
     easy = [r for r in results["records"] if r["method"] == "easycache"]  # runtime-adaptive, threshold matched
     assert len(easy) == 2 and all(r["skipped_fraction"] > 0 for r in easy)
     assert "H-EmbodVis/EasyCache 51278044" in results["meta"]["easycache"]
+    hybrid = [r for r in results["records"] if r["method"] == "hybrid"]  # TeaCache early, TaoCache's window late
+    assert len(hybrid) == 2 and all(r["skipped_fraction"] > 0 and r["tao_skips"] == 1 for r in hybrid)
+    ablation = [r for r in results["records"] if r["method"] == "taoskip+tearesidual"]  # TaoCache's steps
+    assert len(ablation) == 2 and all(r["skipped_fraction"] == pytest.approx(0.3) for r in ablation)
     auto = [r for r in results["records"] if r["method"] == "taocache-auto"]  # plan.rule: auto on the same LUT
     assert len(auto) == 2 and all(r["skipped_fraction"] == pytest.approx(0.3) for r in auto)
 

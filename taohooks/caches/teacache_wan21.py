@@ -95,9 +95,10 @@ class TimeEmbeddingProbe(Callback):
 
 
 def wan21_teacache(checkpoint: str, threshold: float, use_ret_steps: bool = True,
-                   blocks: str = "blocks") -> List[Callback]:
+                   blocks: str = "blocks", max_step: Optional[int] = None) -> List[Callback]:
     """The callbacks of the authors' TeaCache for a Wan2.1 checkpoint (:func:`checkpoint_key`), in
-    order: the probe (if it needs its own hook) and the TeaCache callback."""
+    order: the probe (if it needs its own hook) and the TeaCache callback (``max_step``: the
+    hybrid's end of TeaCache's range)."""
     coefficients = PUBLISHED[(checkpoint, bool(use_ret_steps))]
     if use_ret_steps:
         probe, extra = block_e_probe, []
@@ -106,5 +107,5 @@ def wan21_teacache(checkpoint: str, threshold: float, use_ret_steps: bool = True
         probe, extra = embedding, [embedding]
     tea = TeaCacheCallback(threshold, coefficients, probe=probe, blocks=blocks,
                            warmup_steps=5 if use_ret_steps else 1, compute_last_step=not use_ret_steps,
-                           clamp_negative=False)
+                           clamp_negative=False, max_step=max_step)
     return [*extra, tea]

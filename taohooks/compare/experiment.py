@@ -26,9 +26,9 @@ __all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_li
            "PLANNED_METHODS"]
 
 AVAILABLE_METHODS = ("full", "taocache", "taocache-auto", "teacache", "magcache",  # taocache-auto: plan.rule: auto
-                     "easycache")
+                     "easycache", "hybrid", "taoskip+tearesidual")
 #: named by issue 14; refused with a "not yet" error until they land in ``taocache compare``
-PLANNED_METHODS = ("pab", "hybrid", "taoskip+tearesidual", "pab+taocache", "pab+teacache")
+PLANNED_METHODS = ("pab", "pab+taocache", "pab+teacache")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class ExperimentConfig:
     magcache_k: Optional[int] = None  # MagCache's K (skips in a row); None: 2, or the authors' README setting
     magcache_retention: float = 0.2  # MagCache's retention ratio: the first steps always computed
     easycache_warmup: int = 10  # EasyCache's always-computed first steps (the authors' Wan2.1 script: 10)
+    hybrid_guard: int = 2  # the hybrid: TeaCache stops this many steps before TaoCache's window
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
     def validate(self, err) -> None:
@@ -94,7 +95,7 @@ class ExperimentConfig:
                 err(f"budgets[{i}]", f"expected a fraction of the steps in (0, 1), e.g. 0.16, got {b}")
             if b in self.budgets[:i]:
                 err(f"budgets[{i}]", f"{b} is listed twice")
-        for name in ("teacache", "magcache", "easycache"):
+        for name in ("teacache", "magcache", "easycache", "hybrid"):
             if name in self.methods and self.calibration_prompts is None:
                 err("calibration_prompts", f"{name} needs calibration prompts (its calibration and the threshold "
                                            "search run on them, never on the evaluation prompts)")

@@ -95,13 +95,17 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+TAO_METHODS = {"taocache", "taocache-auto", "hybrid", "taoskip+tearesidual"}  # need TaoCache's LUT
+TEA_METHODS = {"teacache", "hybrid"}  # need TeaCache's polynomial (unless published)
+
+
 def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig) -> Tuple[bool, str]:
     """Whether the experiment calibrates on its calibration prompts, and why."""
-    if "teacache" in config.methods and target_for(tao.integration).tea_published is None:
+    if TEA_METHODS & set(config.methods) and target_for(tao.integration).tea_published is None:
         return True, "teacache's polynomial"
     if "magcache" in config.methods and target_for(tao.integration).mag_published is None:
         return True, "magcache's magnitude ratios"
-    if "taocache" not in config.methods and "taocache-auto" not in config.methods:
+    if not TAO_METHODS & set(config.methods):
         return False, ""
     from ..taocache.lut import CalibrationLUT
 
@@ -122,7 +126,7 @@ def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
         target = target_for(tao.integration)
     except ValueError as exc:
         raise ConfigError(config.source, "taocache" if config.taocache else "integration", str(exc)) from None
-    if "teacache" in config.methods and target.tea_probe is None and target.tea_published is None:
+    if TEA_METHODS & set(config.methods) and target.tea_probe is None and target.tea_published is None:
         raise ConfigError(config.source, "methods", f"teacache is not yet available for the {tao.integration!r} "
                                                     f"integration: {target.tea_source}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -241,7 +245,7 @@ class Experiment:
 
         lut_file = self.store.folder / "state" / "calibration_lut.safetensors"
         if not needed:
-            if "taocache" not in self.config.methods and "taocache-auto" not in self.config.methods:
+            if not TAO_METHODS & set(self.config.methods):
                 return None, None
             lut = CalibrationLUT.load(self.tao.lut_path())
             check_run(self.tao, lut, self.loop, self.identity)
@@ -261,7 +265,7 @@ class Experiment:
                                        error_horizon=self.tao.calibration.error_horizon)
         tea = None
         callbacks: List[Callback] = [recorder]
-        if "teacache" in self.config.methods and self.target.tea_published is None:
+        if TEA_METHODS & set(self.config.methods) and self.target.tea_published is None:
             tea = TeaCacheCalibrator(probe=self.target.tea_probe(), blocks=self.target.blocks)
             callbacks.append(tea)
         mag = None
@@ -295,30 +299,36 @@ class Experiment:
             return []
         if method in ("taocache", "taocache-auto"):
             from ..taocache.extrapolation import TaoCacheCallback
-            from ..taocache.cache import make_plan
 
-            plan_config = dataclasses.replace(self.tao.plan, budget=skips, window=None, skip_steps=None)
-            if method == "taocache-auto":  # the error-aware plan on the same LUT
-                plan_config = dataclasses.replace(plan_config, rule="auto", refresh_every=None, tau_cos=None,
-                                                  ratio="calibrated")
-            from ..taocache.plan import switch_guard
-
-            guard = switch_guard(lut.timesteps, self.expert_boundary) if self.expert_boundary else ()
-            plan = make_plan(plan_config, steps, self.loop.streams, lut, unskippable=guard)
+            plan = self._tao_plan(lut, skips, "auto" if method == "taocache-auto" else None)
             self.plans[label] = {"window": list(plan.window) if plan.window else None}
             return [TaoCacheCallback(plan, lut.timesteps, max_norm_ratio=self.tao.plan.max_norm_ratio)]
+        if method == "taoskip+tearesidual":  # the paper's ablation: TeaCache's residual reuse on TaoCache's steps
+            from ..caches.residual import ResidualSkipCallback
+
+            plan = self._tao_plan(lut, skips)
+            self.plans[label] = {"window": list(plan.window) if plan.window else None}
+            return [ResidualSkipCallback(plan.skipped_steps, blocks=self.target.blocks)]
         if method == "teacache":
-            from ..caches.teacache import TeaCacheCallback
+            make = self._tea_maker(coefficients)
+            found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
+            return make(found["threshold"])
+        if method == "hybrid":  # Algorithm 2: half the budget to TaoCache's window, TeaCache before it
+            from ..taocache.extrapolation import TaoCacheCallback
 
-            if self.target.tea_published is not None:  # the authors' own proxy and coefficients
-                make, self.tea_provenance = self.target.tea_published(dict(self._bound.arguments),
-                                                                      self.config.teacache_use_ret_steps)
-            else:
-                probe = self.target.tea_probe()
+            tao_skips = max(1, skips // 2)
+            plan = self._tao_plan(lut, tao_skips)
+            first = plan.skipped_steps[0] if plan.skipped_steps else steps
+            max_step = max(0, first - self.config.hybrid_guard)
+            tea = self._tea_maker(coefficients)
+            self.plans[label] = {"window": list(plan.window) if plan.window else None, "tao_skips": tao_skips}
 
-                def make(threshold: float) -> List[Callback]:
-                    return [TeaCacheCallback(threshold, coefficients, probe=probe, blocks=self.target.blocks)]
+            def make(threshold: float) -> List[Callback]:
+                return [TaoCacheCallback(plan, lut.timesteps, max_norm_ratio=self.tao.plan.max_norm_ratio),
+                        *tea(threshold, max_step=max_step)]
 
+            if skips <= tao_skips:
+                return make(0.0)
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
             return make(found["threshold"])
         if method == "magcache":
@@ -352,6 +362,34 @@ class Experiment:
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
             return make(found["threshold"])
         raise ValueError(f"unknown method {method!r}")
+
+    def _tao_plan(self, lut, skips: int, rule: Optional[str] = None):
+        """The TaoCache config's plan for ``skips`` skips (``rule`` overriding its rule), the expert
+        switch guarded."""
+        from ..taocache.cache import make_plan
+        from ..taocache.plan import switch_guard
+
+        plan_config = dataclasses.replace(self.tao.plan, budget=skips, window=None, skip_steps=None)
+        if rule == "auto":  # the error-aware plan on the same LUT
+            plan_config = dataclasses.replace(plan_config, rule="auto", refresh_every=None, tau_cos=None,
+                                              ratio="calibrated", refresh="chain")
+        guard = switch_guard(lut.timesteps, self.expert_boundary) if self.expert_boundary else ()
+        return make_plan(plan_config, self.loop.steps, self.loop.streams, lut, unskippable=guard)
+
+    def _tea_maker(self, coefficients) -> Callable[..., List[Callback]]:
+        """``make(threshold, max_step=None)``: TeaCache's callbacks, the authors' own where the target
+        publishes them, else the fitted polynomial on the target's proxy."""
+        from ..caches.teacache import TeaCacheCallback
+
+        if self.target.tea_published is not None:
+            make, self.tea_provenance = self.target.tea_published(dict(self._bound.arguments),
+                                                                  self.config.teacache_use_ret_steps)
+            return make
+        probe = self.target.tea_probe()
+
+        def make(threshold: float, max_step: Optional[int] = None) -> List[Callback]:
+            return [TeaCacheCallback(threshold, coefficients, probe=probe, blocks=self.target.blocks, max_step=max_step)]
+        return make
 
     def _threshold(self, label: str, make: Callable[[float], List[Callback]], prompts: List[PromptEntry],
                    target: float) -> Dict[str, float]:

@@ -61,7 +61,7 @@ def _wan21_published_teacache(arguments: dict, use_ret_steps: bool):
     else:
         checkpoint = "t2v-1.3B"
     variant = "use_ret_steps" if use_ret_steps else "without use_ret_steps"
-    return ((lambda threshold: wan21_teacache(checkpoint, threshold, use_ret_steps)),
+    return ((lambda threshold, max_step=None: wan21_teacache(checkpoint, threshold, use_ret_steps, max_step=max_step)),
             f"the authors' TeaCache for Wan2.1 {checkpoint} ({variant}): the timestep-embedding proxy and the "
             f"published coefficients of {SOURCE}")
 
