@@ -14,7 +14,6 @@ from torch import nn
 
 from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec
 from taohooks.config import PlanConfig, config_from_dict, ConfigError
-from taohooks.taocache.delta_gram import DeltaGram
 from taohooks.taocache.error_model import ErrorModel, chains_of, sampler_weights
 from taohooks.taocache.error_plan import (PlannerOptions, brute_force, coefficient_table, error_model_of, plan_min_error,
                                  predict_plan, weight_scheme)

@@ -1,7 +1,6 @@
 """TeaCache and MagCache for Wan2.1 as their authors run them. TeaCache: the skip schedule of taohooks' hook equals an independent
 re-statement of their rule (even/odd accumulators, the timestep-embedding proxy, ret/cutoff steps),
 for both variants and with negative polynomial values added as they add them."""
-import math
 
 import numpy as np
 import pytest

@@ -256,11 +256,9 @@ def _build(chains: Sequence[_Chain], lut, steps: int, streams: Sequence[str], mo
                 for k, s in enumerate(streams):
                     ratios[s][t] = float(tables[c.rule][k, t])
     window = (chains[0].first, chains[0].last) if len(chains) == 1 else None
-    coefficients = [ratios[s] for s in streams]
-    predicted = model.schedule(actions, coefficients)
     plan = SkipPlan(steps, tuple(streams), tuple(actions), {s: tuple(r) for s, r in ratios.items()}, window,
                     None, "error-aware")
-    return ErrorAwarePlan(plan, predicted, tuple((c.first, c.last, c.rule) for c in chains),
+    return ErrorAwarePlan(plan, predict_plan(plan, model), tuple((c.first, c.last, c.rule) for c in chains),
                           sum(c.mse for c in chains))
 
 
@@ -287,7 +285,7 @@ def brute_force(lut, model: ErrorModel, budget: int, streams: Sequence[str],
                 options: PlannerOptions = PlannerOptions()) -> Tuple[float, Tuple[int, ...]]:
     """Least predicted MSE over every set of ``budget`` skipped steps and every rule per chain (for
     tests on small loops): ``(mse, skipped steps)``."""
-    from itertools import combinations, product
+    from itertools import combinations
 
     from .error_model import chains_of
 
