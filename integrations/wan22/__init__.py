@@ -18,8 +18,8 @@ instance has then (the sequence-parallel one of ``--ulysses_size``, inside the F
 statistics (step ``t`` belongs to the expert its timestep selects), and the first two steps of the
 low-noise expert are always computed (their deltas would span two networks). ``--offload_model``
 moves the experts between devices with ``.to()``, which keeps the instances and so the hooks; the
-cache keeps only the last outputs (on the device they were made on) and drops them at the next
-generation. TI2V-5B has one model; its per-token timestep (0 on the conditioning frame's tokens) is
+cache keeps only the last outputs (on the device they were made on) and drops them when the
+generation ends. TI2V-5B has one model; its per-token timestep (0 on the conditioning frame's tokens) is
 read as its largest value.
 
 Not covered: S2V-14B and Animate-14B (one sampling loop per clip, inside one ``generate``, and one
