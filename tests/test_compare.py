@@ -406,7 +406,8 @@ def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, la
     import subprocess
 
     text = EXPERIMENT.replace("methods: [full, taocache, teacache]",
-                              "methods: [full, taocache-auto, magcache, easycache, hybrid, taoskip+tearesidual]\n"
+                              "methods: [full, taocache-auto, magcache, easycache, hybrid, taoskip+tearesidual, "
+                              "pab+taocache]\n"
                               "easycache_warmup: 2").replace(
         "budgets: [0.2, 0.3]", "budgets: [0.3]")
     exp = write(tmp_path, text, "testbed.yaml")
@@ -438,6 +439,8 @@ def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, la
     assert len(hybrid) == 2 and all(r["skipped_fraction"] > 0 and r["tao_skips"] == 1 for r in hybrid)
     ablation = [r for r in results["records"] if r["method"] == "taoskip+tearesidual"]  # TaoCache's steps
     assert len(ablation) == 2 and all(r["skipped_fraction"] == pytest.approx(0.3) for r in ablation)
+    pab = [r for r in results["records"] if r["method"] == "pab+taocache"]  # PAB inside the computed calls
+    assert len(pab) == 2 and all(r["skipped_fraction"] == pytest.approx(0.3) and r["pab_range"] == 2 for r in pab)
     auto = [r for r in results["records"] if r["method"] == "taocache-auto"]  # plan.rule: auto on the same LUT
     assert len(auto) == 2 and all(r["skipped_fraction"] == pytest.approx(0.3) for r in auto)
 

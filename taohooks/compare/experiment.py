@@ -26,9 +26,9 @@ __all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_li
            "PLANNED_METHODS"]
 
 AVAILABLE_METHODS = ("full", "taocache", "taocache-auto", "teacache", "magcache",  # taocache-auto: plan.rule: auto
-                     "easycache", "hybrid", "taoskip+tearesidual")
+                     "easycache", "hybrid", "taoskip+tearesidual", "pab+taocache")
 #: named by issue 14; refused with a "not yet" error until they land in ``taocache compare``
-PLANNED_METHODS = ("pab", "pab+taocache", "pab+teacache")
+PLANNED_METHODS = ("pab", "pab+teacache")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class ExperimentConfig:
     magcache_retention: float = 0.2  # MagCache's retention ratio: the first steps always computed
     easycache_warmup: int = 10  # EasyCache's always-computed first steps (the authors' Wan2.1 script: 10)
     hybrid_guard: int = 2  # the hybrid: TeaCache stops this many steps before TaoCache's window
+    pab_range: int = 2  # pab+taocache: attention recomputed every pab_range steps inside computed calls
+    pab_timesteps: List[float] = field(default_factory=lambda: [100.0, 800.0])  # PAB only inside (low, high)
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
     def validate(self, err) -> None:
@@ -101,6 +103,10 @@ class ExperimentConfig:
                                            "search run on them, never on the evaluation prompts)")
         if self.magcache_k is not None and not 1 <= self.magcache_k <= 1000:
             err("magcache_k", f"expected a number of skips in a row >= 1, got {self.magcache_k}")
+        if not 1 <= self.pab_range <= 1000:
+            err("pab_range", f"expected a broadcast range of at least 1 step, got {self.pab_range}")
+        if len(self.pab_timesteps) != 2 or not self.pab_timesteps[0] < self.pab_timesteps[1]:
+            err("pab_timesteps", f"expected [low, high] timesteps with low < high, got {self.pab_timesteps}")
         if not 0 <= self.easycache_warmup <= 100000:
             err("easycache_warmup", f"expected a number of steps >= 0, got {self.easycache_warmup}")
         if not 0 <= self.magcache_retention < 1:

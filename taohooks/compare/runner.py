@@ -95,7 +95,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-TAO_METHODS = {"taocache", "taocache-auto", "hybrid", "taoskip+tearesidual"}  # need TaoCache's LUT
+TAO_METHODS = {"taocache", "taocache-auto", "hybrid", "taoskip+tearesidual", "pab+taocache"}  # need TaoCache's LUT
 TEA_METHODS = {"teacache", "hybrid"}  # need TeaCache's polynomial (unless published)
 
 
@@ -126,6 +126,11 @@ def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
         target = target_for(tao.integration)
     except ValueError as exc:
         raise ConfigError(config.source, "taocache" if config.taocache else "integration", str(exc)) from None
+    if "pab+taocache" in config.methods and (target.attention is None or tao.integration == "wan22"):
+        raise ConfigError(config.source, "methods", f"pab+taocache is not yet available for the {tao.integration!r} "
+                                                    "integration (" + ("PAB patches one model's attention, Wan2.2 "
+                                                    "has two experts" if tao.integration == "wan22" else
+                                                    "its attention modules are not named yet") + ")")
     if TEA_METHODS & set(config.methods) and target.tea_probe is None and target.tea_published is None:
         raise ConfigError(config.source, "methods", f"teacache is not yet available for the {tao.integration!r} "
                                                     f"integration: {target.tea_source}")
@@ -309,6 +314,16 @@ class Experiment:
             plan = self._tao_plan(lut, skips)
             self.plans[label] = {"window": list(plan.window) if plan.window else None}
             return [ResidualSkipCallback(plan.skipped_steps, blocks=self.target.blocks)]
+        if method == "pab+taocache":  # PAB inside the computed calls, reset where TaoCache resumes
+            from ..caches.pab import BroadcastGroup, PyramidAttentionBroadcast
+            from ..taocache.extrapolation import TaoCacheCallback
+
+            plan = self._tao_plan(lut, skips)
+            self.plans[label] = {"window": list(plan.window) if plan.window else None,
+                                 "pab_range": self.config.pab_range}
+            pab = PyramidAttentionBroadcast([BroadcastGroup(self.target.attention, self.config.pab_range)],
+                                            timesteps=tuple(self.config.pab_timesteps), reset_steps=plan.resume_steps)
+            return [TaoCacheCallback(plan, lut.timesteps, max_norm_ratio=self.tao.plan.max_norm_ratio), pab]
         if method == "teacache":
             make = self._tea_maker(coefficients)
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)

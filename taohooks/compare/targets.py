@@ -97,6 +97,7 @@ class Target:
     tea_published: Optional[Callable[[dict, bool], tuple]] = None
     # MagCache with published ratios: (generate's arguments, steps) -> (ratios, default K, provenance)
     mag_published: Optional[Callable[[dict, int], tuple]] = None
+    attention: Optional[str] = None  # the attention modules PAB broadcasts (full-name regex); None: not yet
 
     def video(self, result: Any) -> torch.Tensor:
         video = self.video_of(result)
@@ -108,10 +109,11 @@ class Target:
 
 TARGETS: Dict[str, Target] = {
     "testbed": Target("prompts", "seeds", _batch_of_clips, "blocks", _testbed_probe,
-                      "the first block's timestep-modulated input, as taocache bench"),
+                      "the first block's timestep-modulated input, as taocache bench", attention=r"blocks\.\d+\.attn"),
     "wan": Target("input_prompt", "seed", _single_video, "blocks", None,
                   "the authors' TeaCache for Wan2.1 (timestep-embedding proxy, published coefficients)",
-                  tea_published=_wan21_published_teacache, mag_published=_wan21_published_magcache),
+                  tea_published=_wan21_published_teacache, mag_published=_wan21_published_magcache,
+                  attention=r"blocks\.\d+\.self_attn"),
     "wan22": Target("input_prompt", "seed", _single_video, "blocks", None,
                     "TeaCache has no Wan2.2 support (no published coefficients)"),
     "latte": Target("prompt", None, _pipeline_video, "transformer_blocks", None,
