@@ -374,22 +374,29 @@ def test_official_like_scripts_end_to_end(tmp_path):
     assert "calibrating taocache's LUT (the TaoCache config names no lut:) on 2 calibration prompts" in res.stderr
 
 
+def compare_in_a_process(tmp_path: Path, experiment: Path, script: list):
+    """``taocache compare EXPERIMENT -- SCRIPT...`` in a fresh process (an official-like script imports its
+    own ``wan`` package); asserts it succeeded and returns the completed process."""
+    import subprocess
+
+    driver = write(tmp_path, "import sys\nfrom taohooks import cli\nsys.argv = ['taocache']\n"
+                             f"sys.exit(cli.main(['compare', {str(experiment)!r}, '--', *{script!r}]))\n", "d.py")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
+    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
 def test_wan21_teacache_as_its_authors_run_it_through_compare(tmp_path):
     """Wan2.1's call-contract script: teacache uses the authors' proxy (the time embedding) and the
     published coefficients (no polynomial fit, so no calibration run), and the results say so."""
-    import subprocess
-
     args = [str(WAN), "--task", "t2v-1.3B", "--prompt", "ignored", "--sample_steps", "10",
             "--sample_guide_scale", "5.0"]
     text = OFFICIAL_LIKE_EXPERIMENT.format(integration="wan", output="out").replace(
         "methods: [full, taocache]", "methods: [full, teacache]").replace("budgets: [0.2]", "budgets: [0.2]\nsearch_prompts: 1")
     exp = write(tmp_path, text, "wan.yaml")
-    driver = write(tmp_path, "import sys\nfrom taohooks import cli\nsys.argv = ['taocache']\n"
-                             f"sys.exit(cli.main(['compare', {str(exp)!r}, '--', *{args!r}]))\n", "d.py")
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
-    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    res = compare_in_a_process(tmp_path, exp, args)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "the authors' TeaCache for Wan2.1 t2v-1.3B (without use_ret_steps)" in results["meta"]["teacache_proxy"]
     assert "ali-vilab/TeaCache 7c10efc" in results["meta"]["teacache_proxy"]
@@ -403,8 +410,6 @@ def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, la
     """MagCache in compare: on the testbed its ratios are calibrated on the calibration prompts (with
     TaoCache's LUT, one pass); through Wan2.1's script the authors' published ratios are used (no
     calibration run), resampled to the step count; both matched to the budget by the threshold search."""
-    import subprocess
-
     text = EXPERIMENT.replace("methods: [full, taocache, teacache]",
                               "methods: [full, taocache-auto, magcache, easycache, hybrid, taoskip+tearesidual, "
                               "pab+taocache]\n"
@@ -415,12 +420,7 @@ def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, la
     wan = write(tmp_path, OFFICIAL_LIKE_EXPERIMENT.format(integration="wan", output="out_wan").replace(
         "methods: [full, taocache]", "methods: [full, magcache]").replace("budgets: [0.2]", "budgets: [0.3]\nsearch_prompts: 1"),
         "wan.yaml")
-    driver = write(tmp_path, "import sys\nfrom taohooks import cli\nsys.argv = ['taocache']\n"
-                             f"code = cli.main(['compare', {str(wan)!r}, '--', *{args!r}])\nsys.exit(code)\n", "d.py")
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
-    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    res = compare_in_a_process(tmp_path, wan, args)
     results = json.loads((tmp_path / "out_wan" / "results.json").read_text())
     assert "the authors' MagCache for Wan2.1 t2v-1.3B" in results["meta"]["magcache_ratios"]
     assert "calibrating" not in res.stderr
@@ -448,19 +448,12 @@ def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, la
 def test_wan22_two_experts_through_compare(tmp_path):
     """Wan2.2's call-contract script (two experts): compare calibrates one LUT over both experts and
     plans with the switch guarded (the first two low-noise steps, 13 and 14 at 20 steps, shift 12)."""
-    import subprocess
-
     script = FIXTURES / "wan22" / "generate.py"
     args = [str(script), "--prompt", "ignored", "--sample_steps", "20", "--offload_model", "False"]
     text = OFFICIAL_LIKE_EXPERIMENT.format(integration="wan22", output="out").replace("budgets: [0.2]",
                                                                                     "budgets: [0.15]")
     exp = write(tmp_path, text, "wan22.yaml")
-    driver = write(tmp_path, "import sys\nfrom taohooks import cli\nsys.argv = ['taocache']\n"
-                             f"sys.exit(cli.main(['compare', {str(exp)!r}, '--', *{args!r}]))\n", "d.py")
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
-    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    compare_in_a_process(tmp_path, exp, args)
     records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
     tao = [r for r in records if r["method"] == "taocache"]
     assert len(tao) == 2 and all(r["calls"] == 40 and r["skips"] == 3 for r in tao)
