@@ -21,7 +21,6 @@ recorder has that the file does not.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import Tensor
 
 from ..runtime import messages
 from ..runtime.callbacks import Callback
-from .delta_gram import DEFAULT_HORIZON, DeltaGram, band_products
+from .delta_gram import DEFAULT_HORIZON, DeltaGram, DeltaRing, flatten_per_prompt
 from ..runtime.io import atomic_write_bytes, locked
 from ..runtime.loop import LoopSpec
 from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference
@@ -77,7 +76,7 @@ class _StreamHistory:
     def __init__(self, horizon: int = 0):
         self.eps: Optional[List[Tensor]] = None
         self.delta: Optional[List[Tensor]] = None
-        self.earlier: collections.deque = collections.deque(maxlen=horizon)  # D_t, D_{t-1}, ... (newest first)
+        self.earlier = DeltaRing(horizon) if horizon else None  # the last deltas, for their products
 
 
 def shape_change(before: List[Tensor], now: List[Tensor]) -> Optional[str]:
@@ -205,7 +204,8 @@ class CalibrationRecorder(Callback):
                 if gen.bad is None:
                     gen.bad = (name, step, changed or "its output is empty")
                 history.eps, history.delta = eps, None
-                history.earlier.clear()
+                if history.earlier is not None:
+                    history.earlier.clear()
                 continue
             if history.eps is not None:
                 delta = [a - b for a, b in zip(eps, history.eps)]
@@ -229,15 +229,14 @@ class CalibrationRecorder(Callback):
                          history: _StreamHistory, batch_dim: Optional[int]) -> None:
         """``<D_t, D_{t-j}>`` for ``j = 0..H`` per prompt into the generation's products."""
         h = self.error_horizon
-        earlier = list(history.earlier) + [None] * (h - len(history.earlier))
-        products = band_products(delta, earlier, batch_dim).cpu()  # [B, H + 1]
+        flat = flatten_per_prompt(delta, batch_dim)
+        products = history.earlier.products(flat).cpu()  # [B, H + 1]
         if gen.gram is None:
             shape = (products.shape[0], len(gen.numel), gen.timesteps.shape[0], h + 1)
             gen.gram = torch.full(shape, float("nan"), dtype=torch.float64)
         if products.shape[0] == gen.gram.shape[0]:
             gen.gram[:, s, step] = products
-        gen.numel[s] = sum(d.numel() for d in delta) // products.shape[0]
-        history.earlier.appendleft(delta)
+        gen.numel[s] = flat.shape[1]
 
     def on_sample_end(self, hook, sample: int) -> None:
         gen, self._generation, self._history = self._generation, None, {}

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["DeltaGram", "DEFAULT_HORIZON", "band_products"]
+__all__ = ["DeltaGram", "DEFAULT_HORIZON", "DeltaRing", "flatten_per_prompt"]
 
 DEFAULT_HORIZON = 16
 
@@ -85,23 +85,44 @@ class BandProducts:
         return self.gram[:, i, i - j]
 
 
-def band_products(delta: List[Tensor], earlier: Sequence[Optional[List[Tensor]]],
-                  batch_dim: Optional[int]) -> Tensor:
-    """``[B, len(earlier) + 1]``: ``<D, D>`` then ``<D, E>`` for each earlier delta ``E`` (NaN where
-    ``None``), per prompt. Leaves are float32 ``[B, ...]`` (or one prompt when ``batch_dim`` is None);
-    the sums are taken in float64."""
-    def flat(t: Tensor) -> Tensor:
-        return t.reshape(1, -1) if batch_dim is None else t.reshape(t.shape[0], -1)
+class DeltaRing:
+    """The last ``horizon`` deltas of one stream, each flattened per prompt (``[B, n]``, float32), in a
+    ring buffer: :meth:`products` returns ``<D, D>`` and ``<D, D_{t-j}>`` for ``j = 1..horizon`` per prompt
+    in one batched product (float32 sums, returned as float64; NaN where fewer deltas were kept) and
+    keeps ``D``. Memory: ``horizon`` output-sized float32 tensors."""
 
-    out = []
-    for other in [delta, *earlier]:
-        if other is None or any(a.shape != b.shape for a, b in zip(delta, other)):
-            out.append(None)
-            continue
-        acc = 0
-        for a, b in zip(delta, other):
-            acc = acc + (flat(a).to(torch.float64) * flat(b).to(torch.float64)).sum(dim=1)
-        out.append(acc)
-    b = next(o for o in out if o is not None).shape[0]
-    return torch.stack([o if o is not None else torch.full((b,), float("nan"), dtype=torch.float64,
-                                                              device=out[0].device) for o in out], dim=1)
+    def __init__(self, horizon: int):
+        self.horizon = horizon
+        self.clear()
+
+    def clear(self) -> None:
+        self._ring: Optional[Tensor] = None
+        self._count = 0
+        self._pos = 0
+
+    def products(self, delta: Tensor) -> Tensor:
+        """``delta [B, n]`` float32 -> ``[B, horizon + 1]`` float64."""
+        b = delta.shape[0]
+        h = self.horizon
+        if self._ring is None or self._ring.shape[1:] != delta.shape or self._ring.device != delta.device:
+            self._ring = torch.empty((h, *delta.shape), dtype=delta.dtype, device=delta.device)
+            self._count = self._pos = 0
+        out = torch.full((b, h + 1), float("nan"), dtype=torch.float64, device=delta.device)
+        out[:, 0] = torch.einsum("bn,bn->b", delta, delta).double()
+        if self._count:
+            lags = torch.arange(1, self._count + 1)
+            slots = ((self._pos - lags) % h).to(delta.device)
+            products = torch.einsum("bn,hbn->bh", delta, self._ring)  # [B, horizon]
+            out[:, 1:self._count + 1] = products[:, slots].double()
+        self._ring[self._pos].copy_(delta)
+        self._pos = (self._pos + 1) % h
+        self._count = min(self._count + 1, h)
+        return out
+
+
+def flatten_per_prompt(leaves: List[Tensor], batch_dim: Optional[int]) -> Tensor:
+    """``[B, n]``: every leaf of a call's output (``[B, ...]``, or one prompt when ``batch_dim`` is
+    None) flattened and joined per prompt."""
+    if batch_dim is None:
+        return torch.cat([t.reshape(-1) for t in leaves]).reshape(1, -1)
+    return torch.cat([t.reshape(t.shape[0], -1) for t in leaves], dim=1)

@@ -17,7 +17,7 @@ of 2.5e29):
   timesteps finite or NaN (unknown);
 * format 2: the optional ``delta_gram`` ``[prompts, streams, steps, horizon + 1]`` (floating, at most
   ``num_prompts`` prompts, horizon >= 1): finite or NaN, ``<D_t, D_t> >= 0``, each product within
-  Cauchy-Schwarz of the two norms (relative 1e-6); metadata ``delta_numel`` one positive int per stream.
+  Cauchy-Schwarz of the two norms (relative 1e-4: the products are float32 sums); metadata ``delta_numel`` one positive int per stream.
 """
 from __future__ import annotations
 
@@ -236,7 +236,7 @@ def _delta_gram(path, meta: dict, tensors: Dict[str, Tensor]) -> None:
         a, b = diag[..., lag:], diag[..., :-lag]
         prod = g[..., lag:, lag]
         bound = (a * b).sqrt()
-        bad = _first(prod.abs() > bound * (1 + 1e-6) + 1e-30)
+        bad = _first(prod.abs() > bound * (1 + 1e-4) + 1e-30)  # float32 sums: parallel deltas reach the bound
         if bad is not None:
             raise _error(path, f"delta_gram at prompt {int(bad[0])}, stream {meta['streams'][int(bad[1])]!r}, step "
                                f"{int(bad[2]) + lag}, lag {lag} is {prod[tuple(bad)].item():g}, larger than the "
