@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from taohooks.config import TaoCacheConfig
-from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, command_line_problems,
+from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems,
                                            require_modules, script_options)
 from taohooks.runtime.loop import LoopSpec
 from taohooks.taocache.cache import TaoCache
@@ -154,23 +154,14 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
         raise IntegrationError("\n".join(problems))
 
 
-def _patch(module, class_name: str, config: TaoCacheConfig):
-    cls = getattr(module, class_name, None)
-    if cls is None or "generate" not in vars(cls):
-        return None  # an older checkout may lack a pipeline
-    return GenerationPatch(cls, "generate", lambda arguments: TaoCache(config), _model, _loop,
-                           callbacks_of=_refuse_rank_local_decisions(config), identity_of=_identity,
-                           prompt_arg="input_prompt").install()
-
-
 def install(config: TaoCacheConfig) -> None:
     """Patch every Wan pipeline's ``generate`` when (or if already) imported; idempotent."""
     if _patches.installed:
         return
     require_modules("wan", ["wan"], "run generate.py of a Wan2.1 checkout, or pip install -e the checkout")
     _patches.installed = True
-    for module_name, class_name in PIPELINES.items():
-        _patches.on_import(module_name, lambda module, c=class_name: _patch(module, c, config))
+    _patches.patch_generate(PIPELINES, lambda arguments: TaoCache(config), _model, _loop,
+                            callbacks_of=_refuse_rank_local_decisions(config), identity_of=_identity, prompt_arg="input_prompt")
 
 
 def uninstall() -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from taohooks.config import TaoCacheConfig
-from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, command_line_problems,
+from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems,
                                            require_modules, script_options, unwrap_model)
 from taohooks.runtime.loop import LoopSpec
 from taohooks.taocache.cache import TaoCache
@@ -204,23 +204,14 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
 
 
 # ---------------------------------------------------------------------- install
-def _patch(module, class_name: str, config: TaoCacheConfig):
-    cls = getattr(module, class_name, None)
-    if cls is None or "generate" not in vars(cls):
-        return None
-    return GenerationPatch(cls, "generate", lambda arguments: TaoCache(config), _model, _loop,
-                           callbacks_of=_check_sections(config), identity_of=_identity,
-                           prompt_arg="input_prompt").install()
-
-
 def install(config: TaoCacheConfig) -> None:
     """Patch Wan2.2's pipelines' ``generate`` when (or if already) imported; idempotent."""
     if _patches.installed:
         return
     require_modules("wan22", ["wan"], "run generate.py of a Wan2.2 checkout, or pip install -e the checkout")
     _patches.installed = True
-    for module_name, class_name in PIPELINES.items():
-        _patches.on_import(module_name, lambda module, c=class_name: _patch(module, c, config))
+    _patches.patch_generate(PIPELINES, lambda arguments: TaoCache(config), _model, _loop,
+                            callbacks_of=_check_sections(config), identity_of=_identity, prompt_arg="input_prompt")
 
 
 def uninstall() -> None:

@@ -285,6 +285,20 @@ class PatchSet:
         self._pending.append((module_name, run))
         when_imported(module_name, run)
 
+    def patch_generate(self, pipelines: Dict[str, str], make_cache: Callable, model_of: Callable, loop_of: Callable,
+                       **kwargs: Any) -> None:
+        """Wrap ``Class.generate`` of each ``{module name: class name}`` once its module is imported (a
+        checkout that lacks the class, or whose class does not define ``generate`` itself, is left
+        alone); ``kwargs`` go to :class:`GenerationPatch`."""
+        def make(module, class_name: str):
+            cls = getattr(module, class_name, None)
+            if cls is None or "generate" not in vars(cls):
+                return None
+            return GenerationPatch(cls, "generate", make_cache, model_of, loop_of, **kwargs).install()
+
+        for module_name, class_name in pipelines.items():
+            self.on_import(module_name, lambda module, c=class_name: make(module, c))
+
     def uninstall(self) -> None:
         from .imports import cancel_when_imported
 

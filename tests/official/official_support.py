@@ -163,3 +163,21 @@ def in_process_launcher(monkeypatch):
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", list(root.handlers))  # a script's logging.basicConfig
     return main
+
+
+def sdpa_flash_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0., softmax_scale=None, q_scale=None,
+                         causal=False, window_size=(-1, -1), deterministic=False, dtype=None,
+                         version=None):
+    """CPU stand-in with Wan's ``flash_attention`` signature (Wan2.1 and Wan2.2): [B, L, N, C] in and out."""
+    import torch
+    import torch.nn.functional as F
+
+    out_dtype = q.dtype
+    if q_scale is not None:
+        q = q * q_scale
+    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
+    mask = None
+    if k_lens is not None:
+        mask = (torch.arange(k.size(2))[None, :] < k_lens.to("cpu")[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=softmax_scale)
+    return out.transpose(1, 2).to(out_dtype)

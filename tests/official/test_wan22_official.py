@@ -25,7 +25,8 @@ import warnings
 
 import pytest
 
-from official_support import checkout, config, isolated_imports, package_without_init, stub_module, summaries
+from official_support import (checkout, config, isolated_imports, package_without_init, sdpa_flash_attention,
+                              stub_module, summaries)
 
 WAN22 = checkout("TAOHOOKS_WAN22_REPO", "wan/textimage2video.py")
 
@@ -53,21 +54,6 @@ I2V = {"steps": 12, "shift": 5.0, "boundary": 0.900, "first_low": 5}
 TI2V_STEPS = 10
 BUDGET = 2  # skipped steps once calibrated: 2 steps, 4 calls
 STUBS = ("ftfy", "imageio", "torchvision", "torchvision.transforms", "torchvision.transforms.functional")
-
-
-def sdpa_flash_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0., softmax_scale=None, q_scale=None,
-                         causal=False, window_size=(-1, -1), deterministic=False, dtype=torch.bfloat16,
-                         version=None):
-    """CPU stand-in with Wan's ``flash_attention`` signature: [B, L, N, C] in and out."""
-    out_dtype = q.dtype
-    if q_scale is not None:
-        q = q * q_scale
-    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
-    mask = None
-    if k_lens is not None:
-        mask = (torch.arange(k.size(2))[None, :] < k_lens.to("cpu")[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=softmax_scale)
-    return out.transpose(1, 2).to(out_dtype)
 
 
 def to_tensor(image):

@@ -19,13 +19,12 @@ import warnings
 import pytest
 
 from official_support import (calibrating_config, checkout, config, isolated_imports, package_without_init,
-                              stub_module, summaries)
+                              sdpa_flash_attention, stub_module, summaries)
 
 WAN = checkout("TAOHOOKS_WAN_REPO", "wan/text2video.py")
 
 import diffusers  # noqa: E402,F401  (before any stub: diffusers probes optional packages at import)
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import taohooks.integrations.wan as wan_integration  # noqa: E402
@@ -38,21 +37,6 @@ TEXT_DIM, TEXT_LEN = 32, 16
 PAB = {"groups": [{"pattern": r"blocks\.\d+\.self_attn", "range": 2},
                   {"pattern": r"blocks\.\d+\.cross_attn", "range": 3}],
        "timesteps": [100, 1000]}
-
-
-def sdpa_flash_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0., softmax_scale=None, q_scale=None,
-                         causal=False, window_size=(-1, -1), deterministic=False, dtype=torch.bfloat16,
-                         version=None):
-    """CPU stand-in with Wan's ``flash_attention`` signature: [B, L, N, C] in and out."""
-    out_dtype = q.dtype
-    if q_scale is not None:
-        q = q * q_scale
-    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
-    mask = None
-    if k_lens is not None:
-        mask = (torch.arange(k.size(2))[None, :] < k_lens.to("cpu")[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=softmax_scale)
-    return out.transpose(1, 2).to(out_dtype)
 
 
 class FullyShardedDataParallel(nn.Module):
