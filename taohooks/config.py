@@ -244,11 +244,18 @@ class PABConfig:
                 err(f"pab.steps[{i}]", f"expected a step index from 0 to {MAX_STEPS}, got {t}")
 
 
+#: ``teacache.published``: the authors' TeaCache (proxy, coefficients, forced steps) for these models
+TEACACHE_PUBLISHED = ("latte", "opensora_plan", "wan2.1-t2v-1.3B", "wan2.1-t2v-14B", "wan2.1-i2v-480P",
+                      "wan2.1-i2v-720P")
+
+
 @dataclass
 class TeaCacheConfig:
     """TeaCache on the early/mid steps, TaoCache late (``teacache:``; Algorithm 2, the hybrid)."""
 
     threshold: float = 0.0
+    published: Optional[str] = None             # the authors' TeaCache for this model (TEACACHE_PUBLISHED)
+    use_ret_steps: bool = False                 # with a Wan2.1 `published`: the authors' --use_ret_steps variant
     coefficients: Optional[List[float]] = None  # rescaling polynomial, highest power first; null: plain rel-L1
     blocks: str = "blocks"                      # module path of the block stack whose residual is reused
     hidden_arg: int = 0                         # position of the hidden state in a block's arguments
@@ -258,6 +265,19 @@ class TeaCacheConfig:
     def validate(self, err) -> None:
         if self.threshold < 0:
             err("teacache.threshold", f"expected a threshold >= 0, got {self.threshold}")
+        if self.published is not None:
+            if self.published not in TEACACHE_PUBLISHED:
+                close = difflib.get_close_matches(self.published, TEACACHE_PUBLISHED, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                err("teacache.published", f"no published TeaCache for {self.published!r}{hint} (one of "
+                                          f"{', '.join(TEACACHE_PUBLISHED)}; null: your own coefficients)")
+            if self.coefficients is not None:
+                err("teacache.coefficients", f"give either published: (the authors' coefficients for "
+                                             f"{self.published}) or coefficients:, not both")
+            if self.use_ret_steps and not self.published.startswith("wan2.1"):
+                err("teacache.use_ret_steps", "the authors' use_ret_steps variant exists for Wan2.1 only")
+        elif self.use_ret_steps:
+            err("teacache.use_ret_steps", "only with a Wan2.1 published: model (the authors' variant)")
         if self.coefficients is not None and not self.coefficients:
             err("teacache.coefficients", "expected polynomial coefficients (highest power first) or null")
         for key in ("warmup_steps", "guard_band"):
@@ -291,6 +311,12 @@ class TaoCacheConfig:
         for part in (self.loop, self.calibration, self.plan, self.pab, self.teacache):
             if part is not None:
                 part.validate(err)
+        published = self.teacache.published if self.teacache is not None else None
+        if published in TEACACHE_PUBLISHED and self.integration != "none":
+            fits = ("wan",) if published.startswith("wan2.1") else ("latte", "opensora_plan", "diffusers", "videosys")
+            if self.integration not in fits:
+                err("teacache.published", f"the authors' TeaCache for {published} attaches to the "
+                                          f"{' / '.join(fits)} integration(s), not {self.integration!r}")
         if self.lut is not None:
             if not self.lut.strip():
                 err("lut", f"expected a file path such as luts/model.safetensors (or null: no LUT), got {self.lut!r}")

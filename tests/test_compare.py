@@ -57,7 +57,7 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
 # ---------------------------------------------------------------------------- the experiment YAML
 @pytest.mark.parametrize("change, key, message", [
     (("budgets:", "budjets:"), "budjets", "did you mean 'budgets'"),
-    (("methods: [full, taocache, teacache]", "methods: [full, pab]"), "methods[1]", "not yet available"),
+    (("methods: [full, taocache, teacache]", "methods: [full, pab, pab]"), "methods[2]", "'pab' is listed twice"),
     (("methods: [full, taocache, teacache]", "methods: [full, teacahce]"), "methods[1]", "did you mean 'teacache'"),
     (("budgets: [0.2, 0.3]", "budgets: [0.2, 1.5]"), "budgets[1]", "expected a fraction of the steps in (0, 1)"),
     (("integration: testbed", "integration: testbed\ntaocache: t.yaml"), "taocache", "not both"),
@@ -106,13 +106,16 @@ def test_prompt_file_seeds_and_overlap_with_calibration(tmp_path):
 
 def test_errors_come_before_the_script_runs(tmp_path, capsys):
     never = write(tmp_path, "raise SystemExit('the script ran')\n", "never.py")
-    path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, pab]"))
+    path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, pab]").replace(
+        "integration: testbed", "integration: latte"))
     assert cli.main(["compare", str(path), "--", str(never)]) == 1
     err = capsys.readouterr().err
-    assert "taocache compare: error:" in err and "methods[1]: 'pab' is not yet available" in err
-    latte = write(tmp_path, EXPERIMENT.replace("integration: testbed", "integration: latte"), "latte.yaml")
-    assert cli.main(["compare", str(latte), "--", str(never)]) == 1
-    assert "teacache is not yet available for the 'latte' integration" in capsys.readouterr().err
+    assert "taocache compare: error:" in err and "pab is not yet available for the 'latte' integration (its " \
+                                                 "attention modules are not named yet)" in err
+    wan22 = write(tmp_path, EXPERIMENT.replace("integration: testbed", "integration: wan22"), "wan22.yaml")
+    assert cli.main(["compare", str(wan22), "--", str(never)]) == 1
+    assert "teacache is not yet available for the 'wan22' integration: TeaCache has no Wan2.2 support" in \
+        capsys.readouterr().err
     assert not (tmp_path / "out" / "runs").exists()
 
 
@@ -406,13 +409,39 @@ def test_wan21_teacache_as_its_authors_run_it_through_compare(tmp_path):
     assert any(r["skipped_fraction"] > 0 for r in tea), tea
 
 
+def test_latte_teacache_as_its_authors_run_it_through_compare(tmp_path):
+    """Latte's call-contract script (its transformer laid out like Latte's: spatial and temporal
+    stacks, adaLN-single): teacache is the authors' (published coefficients, nothing fitted), and it,
+    MagCache (ratios calibrated) and the TaoSkip+TeaResidual ablation reuse the whole interleaved stack."""
+    (tmp_path / "sample.yaml").write_text(json.dumps(dict(
+        num_sampling_steps=10, guidance_scale=7.5, seed=0, save_path=str(tmp_path / "videos"),
+        text_prompt=["x"], video_length=4, image_size=[16, 16])))
+    text = OFFICIAL_LIKE_EXPERIMENT.format(integration="latte", output="out").replace(
+        "methods: [full, taocache]", "methods: [full, teacache, magcache, taoskip+tearesidual]").replace(
+        "budgets: [0.2]", "budgets: [0.3]\nsearch_prompts: 1")
+    res = compare_in_a_process(tmp_path, write(tmp_path, text, "latte.yaml"), [str(LATTE), "--config", "sample.yaml"])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "the authors' TeaCache for Latte-1" in results["meta"]["teacache_proxy"]
+    assert "eval/teacache/experiments/latte.py L180" in results["meta"]["teacache_proxy"]
+    assert results["meta"]["calibration"]["tea_coefficients"] is None  # published: nothing fitted
+    assert "calibrating magcache's magnitude ratios" in res.stderr
+    # the published polynomial is negative for this stand-in's large proxy changes (above ~0.237), so the
+    # changes add up to less than any threshold: the search says it cannot meet the budget
+    assert "compare: teacache@3of10's threshold search could not meet the budget of 30.0% skipped calls" in res.stderr
+    assert any(r["skipped_fraction"] > 0 for r in results["records"] if r["method"] == "teacache")
+    for method in ("magcache", "taoskip+tearesidual"):
+        rows = [r for r in results["records"] if r["method"] == method]
+        assert len(rows) == 2 and all(r["calls"] == 10 and r["skipped_fraction"] == 0.3 for r in rows), (method, rows)
+        assert all(40 < r["psnr"] < 100 for r in rows)  # the whole-stack reuse changed the video, a little
+
+
 def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, launcher_state):
     """MagCache in compare: on the testbed its ratios are calibrated on the calibration prompts (with
     TaoCache's LUT, one pass); through Wan2.1's script the authors' published ratios are used (no
     calibration run), resampled to the step count; both matched to the budget by the threshold search."""
     text = EXPERIMENT.replace("methods: [full, taocache, teacache]",
                               "methods: [full, taocache-auto, magcache, easycache, hybrid, taoskip+tearesidual, "
-                              "pab+taocache]\n"
+                              "pab+taocache, pab, pab+teacache]\n"
                               "easycache_warmup: 2").replace(
         "budgets: [0.2, 0.3]", "budgets: [0.3]")
     exp = write(tmp_path, text, "testbed.yaml")
@@ -443,6 +472,12 @@ def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, la
     assert len(pab) == 2 and all(r["skipped_fraction"] == pytest.approx(0.3) and r["pab_range"] == 2 for r in pab)
     auto = [r for r in results["records"] if r["method"] == "taocache-auto"]  # plan.rule: auto on the same LUT
     assert len(auto) == 2 and all(r["skipped_fraction"] == pytest.approx(0.3) for r in auto)
+    pab = [r for r in results["records"] if r["method"] == "pab"]  # alone: once per prompt, no call skipped
+    assert len(pab) == 2 and all(r["skips"] == 0 and r["skipped_fraction"] == 0 and r["pab_range"] == 2
+                                 and r["psnr"] < 100 for r in pab)  # the broadcast attention changed the video
+    pab_tea = [r for r in results["records"] if r["method"] == "pab+teacache"]  # TeaCache's threshold with PAB on
+    assert len(pab_tea) == 2 and all(r["skipped_fraction"] > 0 and r["pab_range"] == 2 for r in pab_tea)
+    assert "threshold" in pab_tea[0] and [a["method"] for a in results["aggregates"]].count("pab") == 1
 
 
 def test_wan22_two_experts_through_compare(tmp_path):

@@ -23,6 +23,15 @@ PAB = {"groups": [{"pattern": r"blocks\.\d+\.attn", "range": 2}], "steps": [1, 8
     ({"teacache": {"threshold": -1}}, "teacache.threshold: expected a threshold >= 0"),
     ({"teacache": {"threshold": 0.1, "coefficients": []}}, "teacache.coefficients"),
     ({"teacache": {"threshold": 0.1, "guard_band": -1}}, "teacache.guard_band"),
+    ({"teacache": {"threshold": 0.1, "published": "late"}}, "teacache.published: no published TeaCache for 'late'; "
+                                                            "did you mean 'latte'?"),
+    ({"teacache": {"threshold": 0.1, "published": "latte", "coefficients": [1, 0]}},
+     "teacache.coefficients: give either published:"),
+    ({"teacache": {"threshold": 0.1, "published": "latte", "use_ret_steps": True}},
+     "teacache.use_ret_steps: the authors' use_ret_steps variant exists for Wan2.1 only"),
+    ({"integration": "wan", "teacache": {"threshold": 0.1, "published": "latte"}},
+     "teacache.published: the authors' TeaCache for latte attaches to the latte / opensora_plan / diffusers / "
+     "videosys integration(s), not 'wan'"),
 ])
 def test_section_errors_name_the_key(section, message):
     with pytest.raises(ConfigError) as exc:
@@ -50,7 +59,7 @@ def test_pab_and_hybrid_from_a_config_on_a_model():
     model = TinyDiT()
     full = run(model, 12)
     config = config_from_dict({"plan": {"window": [8, 9], "ratio": 1.0}, "pab": PAB,
-                               "teacache": {"threshold": 0.5, "guard_band": 2}})
+                               "teacache": {"threshold": 0.2, "guard_band": 4}})  # TeaCache on steps 1-3
     cache = TaoCache(config)
     with cache.attach(model, 12):
         outs = run(model, 12)
@@ -75,3 +84,24 @@ def test_wan_refuses_the_hybrid_under_sequence_parallelism():
     with pytest.raises(IntegrationError, match="wan_hybrid.yaml: teacache: .* ranks could take different"):
         check(two, None)
     assert _refuse_rank_local_decisions(config_from_dict({"integration": "wan"}))(two, None) == []
+
+
+@pytest.mark.parametrize("published,probe,coefficients", [
+    ("latte", "adaln_single_probe", [-2.46434137e+03, 3.08044764e+02, 8.07447667e+01, -4.11385132e+00,
+                                     1.11001402e-01]),
+    ("wan2.1-t2v-1.3B", "block_e_probe", [-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01,
+                                          -4.99875664e-02]),
+])
+def test_the_hybrid_runs_the_authors_teacache_from_yaml(published, probe, coefficients):
+    """``teacache.published``: the authors' proxy, stacks, forced steps and published coefficients."""
+    config = config_from_dict({"teacache": {"threshold": 0.1, "published": published,
+                                            "use_ret_steps": published.startswith("wan")}})
+    plan = plan_from_window(20, ("main",), 14, 17, 1.0)
+    (tea,) = section_callbacks(config, plan)
+    assert tea.coefficients == coefficients and tea.probe.__name__ == probe and tea.max_step == 12
+    assert not tea.clamp_negative  # negative values add up, as in the authors' scripts
+    if published == "latte":
+        assert tea.blocks_paths == ("transformer_blocks", "temporal_transformer_blocks") and tea.exit_path == "norm_out"
+        assert (tea.warmup_steps, tea.compute_last_step) == (1, True)
+    else:
+        assert (tea.warmup_steps, tea.compute_last_step) == (5, False)

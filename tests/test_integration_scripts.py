@@ -33,7 +33,7 @@ RUNNER = FIXTURES / "prewarmed_runner.py"
 # fork() after importing torch is fine on Linux (no CUDA, no OpenMP pool started in the server)
 COLD = bool(os.environ.get("TAOHOOKS_TEST_COLD")) or not hasattr(os, "fork") or sys.platform != "linux"
 TIMEOUT = 300
-PAB_PATTERN = r"blocks\.\d+\.attn"  # the fixture transformers' self-attention modules
+PAB_PATTERN = r"transformer_blocks\.\d+\.attn1"  # the fixture transformers' spatial self-attention
 
 
 # ---------------------------------------------------------------------------- running command lines

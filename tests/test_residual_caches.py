@@ -7,7 +7,7 @@ from taohooks.caches.magcache import MagCacheCalibrator, MagCacheCallback
 from taohooks.caches.pab import BroadcastGroup, PyramidAttentionBroadcast
 from taohooks.caches.residual import ResidualSkipCallback
 from taohooks.caches.teacache import TeaCacheCalibrator, TeaCacheCallback
-from tinydit import TinyDiT, run
+from tinydit import TinyDiT, TinyLatte, latte_probe, run, run_latte
 
 STEPS = 10
 
@@ -71,7 +71,7 @@ def test_teacache_calibrator_fits_a_polynomial():
         for seed in range(3):
             hook.new_sample()
             run(model, STEPS, streams=2, seed=seed)
-    assert len(cal.pairs) == 3 * 2 * (STEPS - 1) and cal.reused == 0
+    assert len(cal.pairs) == 3 * 2 * (STEPS - 1) * 2 and cal.reused == 0  # per sample: 2 per call
     coefficients = cal.fit()
     assert len(coefficients) == 5 and all(map(lambda c: c == c, coefficients))
 
@@ -119,13 +119,45 @@ def test_pab_stays_in_phase_when_taocache_skips_steps():
     assert cache.hook.counts == {"main": [9, 1]} and pab.broadcasts == 3
 
 
+def test_pab_drops_its_cache_after_a_bypassed_block_stack():
+    """TeaCache-style reuse at step 3 (the blocks do not run): step 4, a broadcast step, computes its
+    attention instead of broadcasting the output of step 1."""
+    model = TinyDiT(depth=1)
+    pab = PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.0\.attn", 2)], steps=(1, 8))
+    skip = ResidualSkipCallback([3])
+    with attach(model, [skip, pab]):
+        run(model, STEPS)
+    # window 1..8, range 2: broadcast at 2, 4, 6, 8; step 3 bypassed, so step 4 computes
+    assert skip.reused == 1 and pab.broadcasts == 3
+    assert model.blocks[0].attn.calls == 6  # steps 0, 1, 4, 5, 7, 9
+
+
+def test_pab_neither_broadcasts_nor_caches_in_a_call_run_on_some_samples_only():
+    """Sample 0 reuses at step 3, sample 1 computes (the blocks run on its row only): PAB must not cache
+    that one-row attention output (step 4 would broadcast it to both rows) and computes at step 4."""
+    from taohooks.caches.residual import BlockStackCache
+
+    class Scripted(BlockStackCache):
+        def decide(self, call, block, args, kwargs):
+            return [call.step == 3, False]
+
+    model = TinyDiT(depth=1)
+    pab = PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.0\.attn", 2)], steps=(1, 8))
+    scripted = Scripted()
+    with attach(model, [scripted, pab]):
+        outs = run(model, STEPS)
+    assert scripted.reused == 0.5 and pab.broadcasts == 3  # steps 2, 6, 8
+    assert model.blocks[0].attn.calls == 7  # steps 0, 1, 3 (one row), 4, 5, 7, 9
+    assert all(o[0].shape == (2, 5, 4) for o in outs)
+
+
 def test_callbacks_patching_the_same_blocks_detach_in_reverse_order():
     model = TinyDiT()
     original = model.blocks[0].forward
     tea, mag = TeaCacheCalibrator(), MagCacheCalibrator()
     with attach(model, [tea, mag]):
         run(model, STEPS)
-    assert len(tea.pairs) == STEPS - 1 and mag.ratios().shape == (1, STEPS)
+    assert len(tea.pairs) == 2 * (STEPS - 1) and mag.ratios().shape == (1, STEPS)  # 2 samples
     assert all("forward" not in b.__dict__ for b in model.blocks) and model.blocks[0].forward == original
 
 
@@ -160,3 +192,110 @@ def test_a_threshold_search_that_misses_the_budget_says_so(capsys):
             in capsys.readouterr().err)
     match_threshold(lambda th: [th], lambda cbs: min(cbs[0], 1.0), 0.04, what="linear")
     assert "could not meet" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- interleaved stacks, per-sample verdicts
+LATTE_STACKS = ("transformer_blocks", "temporal_transformer_blocks")
+
+
+def _latte_stack(model, x, t, encoder):
+    """(stack input, stack output) of one TinyLatte call, in ``(b f) n d``, computed by hand."""
+    b, c, f, n = x.shape
+    t6 = model.t_embed(torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1).expand(b, 1) / 1000)
+    h_in = h = model.embed(x.permute(0, 2, 3, 1).reshape(b * f, n, c))
+    for i, (spatial, temporal) in enumerate(zip(model.transformer_blocks, model.temporal_transformer_blocks)):
+        h = spatial(h, None, encoder.repeat_interleave(f, 0), None, t6.repeat_interleave(f, 0))
+        h = h.reshape(b, f, n, -1).transpose(1, 2).reshape(b * n, f, -1) + (model.temp_pos_embed if i == 0 else 0)
+        h = temporal(h, None, None, None, timestep=t6.repeat_interleave(n, 0))
+        h = h.reshape(b, n, f, -1).transpose(1, 2).reshape(b * f, n, -1)
+    return h_in, h
+
+
+def test_interleaved_stacks_reuse_the_whole_residual_at_the_exit_module():
+    """Latte's spatial + temporal stacks: on a reused step the output is the head on
+    ``stack input + (previous stack output - previous stack input)`` (the temporal position embedding
+    added between the stacks is inside the residual, not added twice)."""
+    model = TinyLatte()
+    g = torch.Generator().manual_seed(1)
+    x, encoder = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 6, 8, generator=g)
+    skip = ResidualSkipCallback([3], blocks=LATTE_STACKS, exit="norm_out")
+    with DenoiserHook(LoopSpec(STEPS), [skip]).attach(model):
+        out = run_latte(model, STEPS, x, encoder)
+    assert skip.reused == 1 and skip.calls == STEPS
+    with torch.no_grad():
+        xs = [x]
+        for o in out[:3]:
+            xs.append(xs[-1] - 0.1 * o)
+        t = lambda i: torch.tensor([1000.0 * (1 - i / STEPS)])
+        h2_in, h2_out = _latte_stack(model, xs[2], t(2), encoder)
+        h3_in, _ = _latte_stack(model, xs[3], t(3), encoder)
+        head = model.proj_out(model.norm_out(h3_in + (h2_out - h2_in)))
+        expected = head.reshape(2, 4, 5, 3).permute(0, 3, 1, 2)
+    assert torch.allclose(out[3], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="exit="):
+        ResidualSkipCallback([3], blocks=LATTE_STACKS)
+
+
+def _separately(make, runner, xs):
+    """Each sample on its own: (outputs per step, reused calls) for every input in ``xs``."""
+    results = []
+    for x in xs:
+        tea = make()
+        results.append((runner(tea, x), tea.reused))
+    return results
+
+
+@pytest.mark.parametrize("layout", ["two-call", "batched-cfg-latte"])
+def test_per_sample_teacache_does_not_depend_on_the_batch(layout):
+    """Two prompts whose proxies change at different rates: batched together, each gets exactly the
+    verdicts (and outputs) it gets alone; the batch has calls where one reuses and the other computes."""
+    g = torch.Generator().manual_seed(2)
+    if layout == "two-call":
+        model = TinyDiT()
+        xs = [torch.randn(1, 5, 4, generator=g), 6.0 * torch.randn(1, 5, 4, generator=g) + 3.0]
+        coefficients, threshold = [1.0, 0.0], 0.07  # proxy changes ~0.06 and ~0.02 per call
+
+        def runner(tea, x):
+            with DenoiserHook(LoopSpec(STEPS, ("cond", "uncond")), [tea]).attach(model):
+                return [torch.cat(o) for o in run(model, STEPS, streams=2, x=x)]
+
+        make = lambda: TeaCacheCallback(threshold, coefficients)
+    else:
+        model = TinyLatte()
+        encoder = torch.randn(1, 6, 8, generator=g)
+        xs = [torch.randn(1, 3, 4, 5, generator=g), 8.0 * torch.randn(1, 3, 4, 5, generator=g) + 4.0]
+        coefficients, threshold = [1.0, 0.0], 0.12  # ~0.08 and ~0.055 per call
+
+        def runner(tea, x):
+            with DenoiserHook(LoopSpec(STEPS, ("uncond", "cond"), split_batch=True), [tea]).attach(model):
+                return run_latte(model, STEPS, x, encoder.expand(len(x), -1, -1), cfg=True)
+
+        make = lambda: TeaCacheCallback(threshold, coefficients, probe=latte_probe, blocks=LATTE_STACKS,
+                                        exit="norm_out")
+    alone = _separately(make, runner, xs)
+    tea = make()
+    mixed = []
+    original = tea.on_after_call
+
+    def spy(hook, call, output):
+        original(hook, call, output)
+        mixed.append(tea.last_reused)
+    tea.on_after_call = spy
+    together = runner(tea, torch.cat(xs))
+    assert alone[0][1] != alone[1][1], "the two samples should reuse on different calls"
+    assert 0.5 in mixed  # some calls reused one sample and computed the other
+    assert tea.reused == pytest.approx((alone[0][1] + alone[1][1]) / 2)
+    for step, out in enumerate(together):
+        first_a, first_b, second_a, second_b = out.chunk(4)  # the two streams, each (a, b)
+        a, b = torch.cat([first_a, second_a]), torch.cat([first_b, second_b])
+        assert torch.allclose(a, alone[0][0][step], atol=1e-5), step
+        assert torch.allclose(b, alone[1][0][step], atol=1e-5), step
+
+
+def test_per_call_teacache_decides_on_the_whole_batch():
+    """``per_sample=False``: one accumulator for the batch (the authors' rule on a batch of prompts)."""
+    model = TinyDiT()
+    tea = TeaCacheCallback(0.6, [1.0, 0.0], per_sample=False)
+    with attach(model, [tea], ("cond", "uncond")):
+        run(model, STEPS, streams=2)
+    assert float(tea.reused).is_integer()

@@ -10,7 +10,7 @@ steps ``>= retention_ratio * steps``, per slot::
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -33,8 +33,9 @@ class MagCacheCallback(BlockStackCache):
     call within its step: cond/uncond for two-call CFG, a single slot for batched CFG)."""
 
     def __init__(self, mag_ratios: Tensor, threshold: float = 0.12, max_skip_steps: int = 2,
-                 retention_ratio: float = 0.2, *, blocks: str = "blocks", hidden_arg: int = 0):
-        super().__init__(blocks, hidden_arg)
+                 retention_ratio: float = 0.2, *, blocks: Union[str, Sequence[str]] = "blocks", hidden_arg: int = 0,
+                 exit: Optional[str] = None):
+        super().__init__(blocks, hidden_arg, exit=exit)
         self.mag_ratios = torch.as_tensor(mag_ratios, dtype=torch.float64)
         self.threshold, self.max_skip_steps, self.retention_ratio = float(threshold), int(max_skip_steps), retention_ratio
         self._budgets: Dict[Tuple[str, ...], _Budget] = {}
@@ -68,8 +69,9 @@ class MagCacheCallback(BlockStackCache):
 class MagCacheCalibrator(BlockStackCache):
     """Records the per-slot, per-step mean token-wise residual norm ratio over full-step runs."""
 
-    def __init__(self, *, blocks: str = "blocks", hidden_arg: int = 0):
-        super().__init__(blocks, hidden_arg)
+    def __init__(self, *, blocks: Union[str, Sequence[str]] = "blocks", hidden_arg: int = 0,
+                 exit: Optional[str] = None):
+        super().__init__(blocks, hidden_arg, exit=exit)
         self.moments: Optional[RunningMoments] = None
         self._previous: Dict[Tuple[str, ...], Tensor] = {}
 

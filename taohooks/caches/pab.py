@@ -6,7 +6,11 @@ range: with range ``k`` the module computes at window steps whose offset from th
 a multiple of ``k`` and broadcasts in between (PAB_{alpha beta gamma} = ranges of spatial, temporal
 and cross attention). Decisions are keyed to the *step index*, so steps that TaoCache skips (no
 model call at all) cannot shift them out of phase. State is reset at every generation start and
-on the given reset steps (TaoCache's refresh steps, as the paper asks).
+on the given reset steps (TaoCache's refresh steps, as the paper asks); a call whose attention
+modules did not run (TeaCache or MagCache bypassed the blocks) drops that stream's cached outputs,
+so that the next computed call does not broadcast attention from before the bypass; in a call where
+a per-sample TeaCache runs the blocks on some samples' rows only (``partial``), attention neither
+broadcasts nor is cached, and that stream's cache is dropped.
 """
 from __future__ import annotations
 
@@ -64,8 +68,11 @@ class PyramidAttentionBroadcast(Callback):
         self._call = None
         self._in_window = False
         self._anchor: Optional[int] = None
+        self._module_calls_before, self._partial_seen = 0, False
+        self.hook = None
 
     def on_attach(self, hook) -> None:
+        self.hook = hook
         named = list(hook.module.named_modules())
         self._patches = []
         for group in self.groups:
@@ -81,7 +88,7 @@ class PyramidAttentionBroadcast(Callback):
     def on_detach(self, hook) -> None:
         for patch in reversed(self._patches):
             patch.restore()
-        self._patches, self._cache, self._call = [], {}, None
+        self._patches, self._cache, self._call, self.hook = [], {}, None, None
 
     def on_sample_start(self, hook, sample: int) -> None:
         self._cache = {}
@@ -100,11 +107,15 @@ class PyramidAttentionBroadcast(Callback):
         if call.step in self.reset_steps:
             self._cache = {}
         self._call, self._in_window = call, self._window(call)
+        self._module_calls_before, self._partial_seen = self.module_calls, False
         if self.timesteps is not None and self._in_window and self._anchor is None:
             self._anchor = call.step
         return None
 
     def on_after_call(self, hook, call, output) -> None:
+        if self._call is call and (self.module_calls == self._module_calls_before  # the blocks were bypassed
+                                   or self._partial_seen):  # or ran on some samples only
+            self._cache = {k: v for k, v in self._cache.items() if k[1] != call.streams}
         self._call = None
 
     def _make_forward(self, name: str, broadcast_range: int):
@@ -114,6 +125,9 @@ class PyramidAttentionBroadcast(Callback):
                 if call is None:
                     return inner(*args, **kwargs)
                 self.module_calls += 1
+                if any(getattr(cb, "partial", False) for cb in self.hook.callbacks):
+                    self._partial_seen = True
+                    return inner(*args, **kwargs)
                 key = (name, call.streams)
                 if self._in_window and (call.step - self._anchor) % broadcast_range and key in self._cache:
                     self.broadcasts += 1

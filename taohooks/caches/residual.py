@@ -1,67 +1,147 @@
 """Reusing the residual of a model's block stack (the mechanism of TeaCache and MagCache).
 
-The residual of a call is ``output of the last block - input of the first block`` (float32). On a
-call where a subclass's :meth:`BlockStackCache.decide` says "reuse", every block passes its hidden
-state through unchanged and the last one adds the cached residual of the same call slot (the
+The residual of a call is ``stack output - stack input`` (float32): the input is the hidden state
+the first block receives, the output the one the last block returns, or, for a model that runs
+several interleaved stacks with reshapes between them (Latte, Open-Sora-Plan: spatial and temporal
+blocks), the input of the ``exit`` module that follows the stacks (``norm_out``). On a call where a
+subclass's :meth:`BlockStackCache.decide` says "reuse", every block passes its hidden state through
+unchanged and the stack's output becomes ``input + cached residual`` of the same call slot (the
 same stream(s)); embeddings and the final layer still run. Blocks are patched per instance.
 
-Assumption about the blocks: the hidden state is positional argument ``hidden_arg`` (default 0)
-and each block returns the new hidden state as a tensor of the same shape (DiT, Wan2.1 and the
-testbed blocks do).
+**Per sample.** ``decide`` may answer one verdict for the whole call, or one per *sample*: a
+prompt of the batch (with batched CFG, its uncond and cond rows together). Samples that reuse get
+their own rows of the residual; the others are computed. Then the blocks run on the computed rows
+only (every tensor argument of a block whose first dimension equals its hidden state's is sliced
+with it, ``row_subsets=True``), so that what each sample gets does not depend on how prompts were
+batched. A block's rows map to samples when their number is a multiple of the model's batch
+(Latte folds frames into rows: ``(b f) t d``); otherwise the call is decided as one.
+
+Assumptions about the blocks: the hidden state is positional argument ``hidden_arg`` (default 0)
+and each block returns the new hidden state as a tensor of the same shape (DiT, Wan2.1, Latte and
+the testbed blocks do); rows of a block's hidden state do not interact (attention runs within a
+row).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from ..runtime.callbacks import Callback
 from ..runtime.patching import ForwardPatch
 
-__all__ = ["BlockStackCache", "ResidualSkipCallback"]
+__all__ = ["BlockStackCache", "ResidualSkipCallback", "model_batch"]
+
+
+def model_batch(args: tuple, kwargs: dict) -> Optional[int]:
+    """The batch of a denoiser call: the first dimension of its first tensor argument, or the length
+    of a first argument that is a list of tensors (Wan2.1); ``None`` when neither is there."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return int(value.shape[0]) if value.dim() else None
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, Tensor) for v in value):
+            return len(value)
+    return None
 
 
 class BlockStackCache(Callback):
-    """Base class: patches the blocks of ``hook.module.get_submodule(blocks)``; subclasses decide.
+    """Base class: patches the blocks of ``hook.module.get_submodule(path)`` for each path in
+    ``blocks``; subclasses decide.
 
     Args:
-        blocks: module path of the ``nn.ModuleList`` (or sequence module) of blocks, e.g. ``"blocks"``.
+        blocks: module path of the ``nn.ModuleList`` of blocks, e.g. ``"blocks"``, or several paths
+            (Latte: ``("transformer_blocks", "temporal_transformer_blocks")``; then ``exit`` is needed).
         hidden_arg: position of the hidden state in a block's arguments.
+        exit: module path of the module whose first argument is the stack's output (``"norm_out"``);
+            ``None``: the last block's output is.
+        row_subsets: with per-sample verdicts, run the blocks on the computed samples' rows only.
     """
 
-    def __init__(self, blocks: str = "blocks", hidden_arg: int = 0):
-        self.blocks_path = blocks
+    def __init__(self, blocks: Union[str, Sequence[str]] = "blocks", hidden_arg: int = 0, *,
+                 exit: Optional[str] = None, row_subsets: bool = True):
+        self.blocks_paths: Tuple[str, ...] = (blocks,) if isinstance(blocks, str) else tuple(blocks)
+        if not self.blocks_paths:
+            raise ValueError("taohooks: BlockStackCache needs at least one block stack path")
+        if len(self.blocks_paths) > 1 and exit is None:
+            raise ValueError(f"taohooks: several block stacks {self.blocks_paths} need exit= (the module that "
+                             "receives their output, e.g. 'norm_out')")
+        self.blocks_path = self.blocks_paths[0]
+        self.exit_path = exit
         self.hidden_arg = hidden_arg
-        self.reused = 0   # calls whose block stack was bypassed, since attach
-        self.calls = 0    # calls that ran the model, since attach
+        self.row_subsets = row_subsets
+        self.reused = 0.0  # calls whose block stack was bypassed, since attach (a call with half its samples reused: 0.5)
+        self.calls = 0     # calls that ran the model, since attach
+        self.last_reused = 0.0  # the last call's fraction of samples reused
         self._patches: List[ForwardPatch] = []
         self._residuals: Dict[Tuple[str, ...], Tensor] = {}
         self._call = None
-        self._reusing = False
+        self._batch: Optional[int] = None
+        self._entered = False
+        self._reuse: Optional[Tensor] = None  # per sample, bool [S]; None: compute everything
+        self.partial = False  # in this call the blocks run on some samples' rows only (others reuse)
         self._x_in: Optional[Tensor] = None
         self.hook = None
 
     # ------------------------------------------------------------------ to override
-    def decide(self, call, block: nn.Module, args: tuple, kwargs: dict) -> bool:
-        """Whether this call reuses the cached residual (asked once per call, at the first block)."""
+    def decide(self, call, block: nn.Module, args: tuple, kwargs: dict) -> Union[bool, Sequence[bool], Tensor]:
+        """Whether this call reuses the cached residual: one verdict, or one per sample (see
+        :meth:`samples_of_rows`). Asked once per call, at the first block, with its arguments."""
         return False
 
     def on_residual(self, call, residual: Tensor) -> None:
-        """A computed call's residual ``[B, N, D]`` float32 (for calibrators)."""
+        """A computed call's residual (float32, the stack input's shape; for calibrators)."""
+
+    # ------------------------------------------------------------------ samples
+    def samples_of_rows(self, rows: int) -> Optional[Tensor]:
+        """``[rows]`` sample index of each row of a block's hidden state in this call, or ``None``
+        when the rows do not map onto the model's batch. With batched CFG (``split_batch``) the
+        batch holds one chunk per stream and row ``b`` of every chunk is sample ``b``."""
+        batch = self._batch
+        if not batch or rows % batch:
+            return None
+        item = torch.arange(rows) // (rows // batch)
+        loop = self.hook.loop
+        if loop.split_batch and batch % len(loop.streams) == 0:
+            item = item % (batch // len(loop.streams))
+        return item
+
+    def samples(self) -> int:
+        """Samples in this call (1 when the batch is unknown)."""
+        batch = self._batch or 1
+        loop = self.hook.loop
+        return batch // len(loop.streams) if loop.split_batch and batch % len(loop.streams) == 0 else batch
+
+    def reused_rows(self, rows: int) -> Optional[Tensor]:
+        """``[rows]`` bool: which rows of a ``rows``-row hidden state reuse the residual in this call."""
+        item = self.samples_of_rows(rows)
+        return None if item is None or self._reuse is None else self._reuse[item]
 
     # ------------------------------------------------------------------ callbacks
     def on_attach(self, hook) -> None:
         self.hook = hook
-        try:
-            stack = hook.module.get_submodule(self.blocks_path)
-        except AttributeError as exc:
-            raise ValueError(f"taohooks: {type(self).__name__}: the model has no block stack "
-                             f"{self.blocks_path!r} ({exc}); set its `blocks` to the module path of the blocks") from exc
-        blocks: Sequence[nn.Module] = list(stack)
-        if not blocks:
-            raise ValueError(f"taohooks: block stack {self.blocks_path!r} is empty")
-        self.reused = self.calls = 0
-        self._patches = [ForwardPatch(b, self._make_block_forward(i, len(blocks), b)) for i, b in enumerate(blocks)]
+        blocks: List[nn.Module] = []
+        for path in self.blocks_paths:
+            try:
+                stack = hook.module.get_submodule(path)
+            except AttributeError as exc:
+                raise ValueError(f"taohooks: {type(self).__name__}: the model has no block stack {path!r} ({exc}); "
+                                 "set its `blocks` to the module path of the blocks") from exc
+            if not list(stack):
+                raise ValueError(f"taohooks: block stack {path!r} is empty")
+            blocks.extend(stack)
+        exit_module = None
+        if self.exit_path is not None:
+            try:
+                exit_module = hook.module.get_submodule(self.exit_path)
+            except AttributeError as exc:
+                raise ValueError(f"taohooks: {type(self).__name__}: the model has no module {self.exit_path!r} "
+                                 f"({exc}); set `exit` to the module that receives the block stacks' output") from exc
+        self.reused, self.calls = 0.0, 0
+        last = None if exit_module is not None else len(blocks) - 1
+        self._patches = [ForwardPatch(b, self._make_block_forward(i == last, b)) for i, b in enumerate(blocks)]
+        if exit_module is not None:
+            self._patches.append(ForwardPatch(exit_module, self._make_exit_forward()))
 
     def on_detach(self, hook) -> None:
         for patch in reversed(self._patches):
@@ -75,18 +155,60 @@ class BlockStackCache(Callback):
         self._residuals, self._call = {}, None
 
     def on_before_call(self, hook, call, args, kwargs):
-        self._call, self._reusing, self._x_in = call, False, None
+        self._call, self._entered, self._reuse, self._x_in = call, False, None, None
+        self._batch, self.partial = model_batch(args, kwargs), False
         return None
 
     def on_after_call(self, hook, call, output) -> None:
         if call.computed and self._call is call:
             self.calls += 1
-            self.reused += int(self._reusing)
-        self._call, self._x_in = None, None
+            fraction = 0.0 if self._reuse is None else float(self._reuse.float().mean())
+            self.last_reused = fraction
+            self.reused += fraction
+        self._call, self._x_in, self._reuse, self.partial = None, None, None, False
 
-    # ------------------------------------------------------------------ the block wrappers
-    def _make_block_forward(self, index: int, count: int, block: nn.Module):
-        last = index == count - 1
+    # ------------------------------------------------------------------ the stack's ends
+    def _enter(self, call, block, args, kwargs, x: Tensor) -> None:
+        """At the first block of a call: ask :meth:`decide`, keep the input."""
+        self._entered, self._x_in = True, x
+        verdict = self.decide(call, block, args, kwargs)
+        cached = self._residuals.get(call.streams)
+        if cached is None or cached.shape != x.shape:
+            return  # nothing to reuse: compute
+        if isinstance(verdict, (bool, int)) or (isinstance(verdict, Tensor) and verdict.dim() == 0):
+            reuse = torch.full((self.samples(),), bool(verdict))
+        else:
+            reuse = torch.as_tensor(verdict, dtype=torch.bool).reshape(-1)
+            if reuse.numel() != self.samples() or self.samples_of_rows(x.shape[0]) is None:
+                reuse = torch.full((self.samples(),), bool(reuse.all()))
+        self._reuse = reuse if bool(reuse.any()) else None
+        self.partial = bool(reuse.any()) and not bool(reuse.all())
+
+    def _leave(self, call, out: Tensor) -> Tensor:
+        """The stack's output ``out``: computed rows update the residual, reused rows get ``input + residual``."""
+        x_in = self._x_in
+        if x_in is None or out.shape != x_in.shape:
+            raise RuntimeError(f"taohooks: {type(self).__name__}: the block stack's output {tuple(out.shape)} differs "
+                               f"from its input {tuple(() if x_in is None else x_in.shape)}; set `exit` to the module "
+                               "that receives the output in the input's layout")
+        if self._reuse is None:  # computed
+            residual = out.detach().float() - x_in.detach().float()
+            self._residuals[call.streams] = residual
+            self.on_residual(call, residual)
+            return out
+        stored = self._residuals[call.streams]
+        rows = self.reused_rows(out.shape[0])
+        if rows is None or bool(rows.all()):  # every sample reuses
+            return (x_in.float() + stored).to(out.dtype)
+        rows = rows.to(out.device)
+        computed = out.detach().float() - x_in.detach().float()
+        stored[~rows] = computed[~rows]
+        out = out.clone()
+        out[rows] = (x_in[rows].float() + stored[rows]).to(out.dtype)
+        return out
+
+    # ------------------------------------------------------------------ the wrappers
+    def _make_block_forward(self, last: bool, block: nn.Module):
         pos = self.hidden_arg
 
         def make(inner):
@@ -95,19 +217,42 @@ class BlockStackCache(Callback):
                 if call is None:  # the model ran outside a hooked call: do nothing
                     return inner(*args, **kwargs)
                 x = args[pos]
-                if index == 0:
-                    self._x_in = x
-                    reuse = self.decide(call, block, args, kwargs)
-                    cached = self._residuals.get(call.streams)
-                    self._reusing = bool(reuse) and cached is not None and cached.shape == x.shape
-                if self._reusing:
-                    return (x.float() + self._residuals[call.streams]).to(x.dtype) if last else x
-                out = inner(*args, **kwargs)
-                if last:
-                    residual = out.detach().float() - self._x_in.detach().float()
-                    self._residuals[call.streams] = residual
-                    self.on_residual(call, residual)
-                return out
+                if not self._entered:
+                    self._enter(call, block, args, kwargs, x)
+                if self._reuse is None:
+                    out = inner(*args, **kwargs)
+                else:
+                    out = self._run_rows(inner, args, kwargs, x)
+                return self._leave(call, out) if last else out
+            return forward
+        return make
+
+    def _run_rows(self, inner, args: tuple, kwargs: dict, x: Tensor) -> Tensor:
+        """A block on a call where some samples reuse: they pass through, the rest run."""
+        rows = self.reused_rows(x.shape[0])
+        if rows is None or bool(rows.all()):
+            return x
+        if not self.row_subsets:
+            out = inner(*args, **kwargs)
+            return torch.where(rows.reshape(-1, *[1] * (x.dim() - 1)).to(x.device), x, out)
+        keep = (~rows).nonzero().squeeze(1).to(x.device)
+        n = x.shape[0]
+
+        def sliced(v):
+            return v.index_select(0, keep) if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
+
+        out_rows = inner(*[sliced(a) for a in args], **{k: sliced(v) for k, v in kwargs.items()})
+        out = x.clone()
+        out[keep] = out_rows.to(x.dtype)
+        return out
+
+    def _make_exit_forward(self):
+        def make(inner):
+            def forward(*args, **kwargs):
+                call = self._call
+                if call is None or not self._entered:
+                    return inner(*args, **kwargs)
+                return inner(self._leave(call, args[0]), *args[1:], **kwargs)
             return forward
         return make
 
@@ -116,8 +261,8 @@ class ResidualSkipCallback(BlockStackCache):
     """Reuse the block-stack residual exactly on the given steps (the paper's TaoSkip+TeaResidual
     ablation: TeaCache's residual reuse on the steps TaoCache skips)."""
 
-    def __init__(self, steps: Sequence[int], blocks: str = "blocks", hidden_arg: int = 0):
-        super().__init__(blocks, hidden_arg)
+    def __init__(self, steps: Sequence[int], blocks: Union[str, Sequence[str]] = "blocks", hidden_arg: int = 0, **kw):
+        super().__init__(blocks, hidden_arg, **kw)
         self.steps = frozenset(int(s) for s in steps)
 
     def decide(self, call, block, args, kwargs) -> bool:

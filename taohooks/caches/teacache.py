@@ -21,8 +21,9 @@ threshold).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from .residual import BlockStackCache
@@ -46,7 +47,21 @@ class _Accumulator:
 
     def __init__(self):
         self.previous: Optional[Tensor] = None
-        self.accumulated = 0.0
+        self.accumulated: List[float] = []  # per sample
+
+
+def grouped_relative_l1(current: Tensor, previous: Tensor, item: Optional[Tensor]) -> List[float]:
+    """:func:`relative_l1` per sample: ``item`` ``[rows]`` is each row's sample (``None``: one sample)."""
+    if item is None or int(item.max()) == 0:
+        return [relative_l1(current, previous)]
+    current, previous = current.float(), previous.float()
+    count = int(item.max()) + 1
+    item = item.to(current.device)
+    change = current.sub(previous).abs().flatten(1).mean(1)
+    size = previous.abs().flatten(1).mean(1)
+    change = torch.zeros(count, device=current.device).index_add_(0, item, change)
+    size = torch.zeros(count, device=current.device).index_add_(0, item, size)
+    return (change / size.clamp(min=1e-12)).tolist()
 
 
 class TeaCacheCallback(BlockStackCache):
@@ -61,12 +76,18 @@ class TeaCacheCallback(BlockStackCache):
         max_step: never reuse at steps ``>= max_step`` (the hybrid's TeaCache range ends there).
         clamp_negative: count a negative polynomial value as 0 (the default); ``False`` adds it, as
             the authors' scripts do with their published coefficients (:mod:`.teacache_wan21`).
+        per_sample: one accumulator per sample of the batch (a prompt, its CFG halves together), so
+            that what a prompt gets does not depend on the prompts batched with it; ``False``: one per
+            call, the proxy's change measured over the whole batch (the authors' scripts, which run
+            one prompt at a time, cannot tell the two apart).
+        blocks, exit: the block stack(s) whose residual is reused (:class:`.BlockStackCache`).
     """
 
     def __init__(self, threshold: float, coefficients: Sequence[float], *, probe: Optional[Probe] = None,
-                 blocks: str = "blocks", hidden_arg: int = 0, warmup_steps: int = 1,
-                 compute_last_step: bool = True, max_step: Optional[int] = None, clamp_negative: bool = True):
-        super().__init__(blocks, hidden_arg)
+                 blocks: Union[str, Sequence[str]] = "blocks", hidden_arg: int = 0, warmup_steps: int = 1,
+                 compute_last_step: bool = True, max_step: Optional[int] = None, clamp_negative: bool = True,
+                 per_sample: bool = True, exit: Optional[str] = None):
+        super().__init__(blocks, hidden_arg, exit=exit)
         if threshold < 0:
             raise ValueError(f"TeaCache threshold must be >= 0, got {threshold}")
         self.threshold = float(threshold)
@@ -76,6 +97,7 @@ class TeaCacheCallback(BlockStackCache):
         self.compute_last_step = compute_last_step
         self.max_step = max_step
         self.clamp_negative = clamp_negative
+        self.per_sample = per_sample
         self._acc: Dict[Tuple[str, ...], _Accumulator] = {}
 
     def rescale(self, rel: float) -> float:
@@ -89,22 +111,26 @@ class TeaCacheCallback(BlockStackCache):
         super().on_sample_start(hook, sample)
         self._acc = {}
 
-    def decide(self, call, block, args, kwargs) -> bool:
+    def decide(self, call, block, args, kwargs) -> List[bool]:
         proxy = (self.probe(block, args, kwargs) if self.probe else args[self.hidden_arg]).detach().float()
+        item = self.samples_of_rows(proxy.shape[0]) if self.per_sample else None
+        count = 1 if item is None else self.samples()
         state = self._acc.setdefault(call.streams, _Accumulator())
         steps = self.hook.loop.steps
         forced = (call.step < self.warmup_steps or (self.compute_last_step and call.step == steps - 1)
                   or (self.max_step is not None and call.step >= self.max_step)
-                  or state.previous is None or state.previous.shape != proxy.shape)
-        reuse = False
+                  or state.previous is None or state.previous.shape != proxy.shape
+                  or len(state.accumulated) != count)
         if forced:
-            state.accumulated = 0.0
+            state.accumulated = [0.0] * count
+            reuse = [False] * count
         else:
-            state.accumulated += self.rescale(relative_l1(proxy, state.previous))
-            if state.accumulated < self.threshold:
-                reuse = True
-            else:
-                state.accumulated = 0.0
+            reuse = []
+            for s, rel in enumerate(grouped_relative_l1(proxy, state.previous, item)):
+                state.accumulated[s] += self.rescale(rel)
+                reuse.append(state.accumulated[s] < self.threshold)
+                if not reuse[-1]:
+                    state.accumulated[s] = 0.0
         state.previous = proxy
         return reuse
 
@@ -113,9 +139,11 @@ class TeaCacheCalibrator(BlockStackCache):
     """Records ``(rel-L1 of the proxy, rel-L1 of the model output)`` between consecutive calls
     of each slot during full-step runs; :meth:`fit` returns the polynomial coefficients."""
 
-    def __init__(self, *, probe: Optional[Probe] = None, blocks: str = "blocks", hidden_arg: int = 0):
-        super().__init__(blocks, hidden_arg)
+    def __init__(self, *, probe: Optional[Probe] = None, blocks: Union[str, Sequence[str]] = "blocks",
+                 hidden_arg: int = 0, per_sample: bool = True, exit: Optional[str] = None):
+        super().__init__(blocks, hidden_arg, exit=exit)
         self.probe = probe
+        self.per_sample = per_sample
         self.pairs: List[Tuple[float, float]] = []
         self._previous: Dict[Tuple[str, ...], Tuple[Tensor, List[Tensor]]] = {}
         self._proxy: Optional[Tensor] = None
@@ -130,15 +158,23 @@ class TeaCacheCalibrator(BlockStackCache):
 
     def on_after_call(self, hook, call, output) -> None:
         proxy, self._proxy = self._proxy, None
+        leaves = [t.detach().float() for t in flatten_output(output)[0]]
+        # one pair per sample where the proxy's rows and the (single) output's rows map onto samples
+        item = self.samples_of_rows(proxy.shape[0]) if self.per_sample and proxy is not None else None
+        out_item = self.samples_of_rows(leaves[0].shape[0]) if item is not None and len(leaves) == 1 else None
+        if out_item is None:
+            item = None
         super().on_after_call(hook, call, output)
         if proxy is None or not call.computed:
             return
-        leaves = [t.detach().float() for t in flatten_output(output)[0]]
         previous = self._previous.get(call.streams)
-        if previous is not None:
-            out_rel = sum(float((a - b).abs().mean()) for a, b in zip(leaves, previous[1])) / max(
-                sum(float(b.abs().mean()) for b in previous[1]), 1e-12)
-            self.pairs.append((relative_l1(proxy, previous[0]), out_rel))
+        if previous is not None and previous[0].shape == proxy.shape:
+            if item is None:
+                out_rel = [sum(float((a - b).abs().mean()) for a, b in zip(leaves, previous[1])) / max(
+                    sum(float(b.abs().mean()) for b in previous[1]), 1e-12)]
+            else:
+                out_rel = grouped_relative_l1(leaves[0], previous[1][0], out_item)
+            self.pairs.extend(zip(grouped_relative_l1(proxy, previous[0], item), out_rel))
         self._previous[call.streams] = (proxy, leaves)
 
     def fit(self, degree: int = 4) -> List[float]:

@@ -85,13 +85,14 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
 
 def _strip(config: ExperimentConfig, experiment: Experiment, prompts: int = 2) -> bool:
     """``strip.png``: the first prompts, full-step and each method at the largest budget."""
-    from .runner import budget_skips
     from .store import run_label
 
     entries = config.evaluation_prompts()[:prompts]
     steps = experiment.loop.steps
-    skips = budget_skips(max(config.budgets), steps) if config.budgets else 0
-    labels = {"full": "full"} | {f"{m} {skips}/{steps}": run_label(m, skips, steps) for m in config.cached_methods}
+    largest = {}  # each method at its largest budget
+    for method, skips in config.runs(steps)[1:]:
+        largest[method] = max(skips, largest.get(method, 0))
+    labels = {"full": "full"} | {f"{m} {s}/{steps}": run_label(m, s, steps) for m, s in largest.items()}
     videos = {name: torch.cat([experiment.store.load(label, e)[0] for e in entries]) for name, label in labels.items()}
     return write_strip(videos, config.output_dir / "strip.png")
 

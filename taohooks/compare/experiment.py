@@ -17,18 +17,19 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from ..config import (INTEGRATIONS, ConfigError, LoopConfig, build_dataclass, dataclass_from_dict, expand_path, read_text,
                       read_yaml)
 
 __all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_list", "AVAILABLE_METHODS",
-           "PLANNED_METHODS"]
+           "DEFAULT_METHODS", "BUDGET_FREE_METHODS"]
 
-AVAILABLE_METHODS = ("full", "taocache", "taocache-auto", "teacache", "magcache",  # taocache-auto: plan.rule: auto
-                     "easycache", "hybrid", "taoskip+tearesidual", "pab+taocache")
-#: named by issue 14; refused with a "not yet" error until they land in ``taocache compare``
-PLANNED_METHODS = ("pab", "pab+teacache")
+DEFAULT_METHODS = ("full", "taocache", "taocache-auto", "teacache", "magcache",  # taocache-auto: plan.rule: auto
+                   "easycache", "hybrid", "taoskip+tearesidual", "pab+taocache")
+AVAILABLE_METHODS = DEFAULT_METHODS + ("pab", "pab+teacache")
+#: methods that skip no call (PAB alone broadcasts attention inside every call): run once, not per budget
+BUDGET_FREE_METHODS = ("pab",)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class ExperimentConfig:
     seed: int = 0  # the seed of a prompt given without one
     search_prompts: int = 4  # the first N calibration prompts drive the TeaCache threshold search
     search_iterations: int = 12  # bisection steps of that search (as taocache bench)
-    methods: List[str] = field(default_factory=lambda: list(AVAILABLE_METHODS))
+    methods: List[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     budgets: List[float] = field(default_factory=lambda: [0.04, 0.08, 0.12, 0.16])
     output: str = "compare"
     lpips: bool = True  # LPIPS when the converted weights exist (else null in the results)
@@ -80,24 +81,21 @@ class ExperimentConfig:
         if not self.methods:
             err("methods", f"expected a list of methods from {', '.join(AVAILABLE_METHODS)}")
         for i, name in enumerate(self.methods):
-            if name in PLANNED_METHODS:
-                err(f"methods[{i}]", f"{name!r} is not yet available in taocache compare (issue 14); "
-                                     f"available now: {', '.join(AVAILABLE_METHODS)}")
             if name not in AVAILABLE_METHODS:
-                close = difflib.get_close_matches(name.lower(), AVAILABLE_METHODS + PLANNED_METHODS, n=1)
+                close = difflib.get_close_matches(name.lower(), AVAILABLE_METHODS, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 err(f"methods[{i}]", f"unknown method {name!r}{hint} (one of {', '.join(AVAILABLE_METHODS)})")
             if name in self.methods[:i]:
                 err(f"methods[{i}]", f"{name!r} is listed twice")
-        cached = [m for m in self.methods if m != "full"]
-        if cached and not self.budgets:
+        budgeted = [m for m in self.methods if m != "full" and m not in BUDGET_FREE_METHODS]
+        if budgeted and not self.budgets:
             err("budgets", "expected at least one budget (a fraction of the steps skipped, e.g. 0.16)")
         for i, b in enumerate(self.budgets):
             if not 0 < b < 1:
                 err(f"budgets[{i}]", f"expected a fraction of the steps in (0, 1), e.g. 0.16, got {b}")
             if b in self.budgets[:i]:
                 err(f"budgets[{i}]", f"{b} is listed twice")
-        for name in ("teacache", "magcache", "easycache", "hybrid"):
+        for name in ("teacache", "magcache", "easycache", "hybrid", "pab+teacache"):
             if name in self.methods and self.calibration_prompts is None:
                 err("calibration_prompts", f"{name} needs calibration prompts (its calibration and the threshold "
                                            "search run on them, never on the evaluation prompts)")
@@ -131,6 +129,15 @@ class ExperimentConfig:
     @property
     def cached_methods(self) -> List[str]:
         return [m for m in self.methods if m != "full"]
+
+    def runs(self, steps: int) -> List[Tuple[str, int]]:
+        """``(method, skipped steps)`` of every run per prompt, in order: the full-step reference, the
+        budget-free methods (0), then each budget's methods (:func:`~taohooks.compare.runner.budget_skips`)."""
+        from .runner import budget_skips
+
+        methods = self.cached_methods
+        return [("full", 0)] + [(m, 0) for m in methods if m in BUDGET_FREE_METHODS] + [
+            (m, budget_skips(b, steps)) for b in self.budgets for m in methods if m not in BUDGET_FREE_METHODS]
 
     def evaluation_prompts(self) -> List[PromptEntry]:
         return read_prompt_list(self.prompts, self, "prompts")

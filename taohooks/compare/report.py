@@ -34,11 +34,9 @@ def _mean(values: List[Optional[float]]) -> Optional[float]:
 def build_results(config: ExperimentConfig, store: RunStore, steps: int, meta: Dict[str, Any]) -> Dict[str, Any]:
     """Score every stored run against its reference; records and aggregates."""
     from ..metrics import load_lpips
-    from .runner import budget_skips
-
     lpips_model = load_lpips() if config.lpips else None
     records: List[Dict[str, Any]] = []
-    labels = [("full", 0)] + [(m, budget_skips(b, steps)) for b in config.budgets for m in config.cached_methods]
+    labels = config.runs(steps)
     for entry in config.evaluation_prompts():
         reference, ref_record = store.load("full", entry)
         for method, skips in labels:

@@ -96,7 +96,8 @@ def _sync() -> None:
 
 
 TAO_METHODS = {"taocache", "taocache-auto", "hybrid", "taoskip+tearesidual", "pab+taocache"}  # need TaoCache's LUT
-TEA_METHODS = {"teacache", "hybrid"}  # need TeaCache's polynomial (unless published)
+TEA_METHODS = {"teacache", "hybrid", "pab+teacache"}  # need TeaCache's polynomial (unless published)
+PAB_METHODS = {"pab", "pab+taocache", "pab+teacache"}
 
 
 def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig) -> Tuple[bool, str]:
@@ -126,11 +127,12 @@ def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
         target = target_for(tao.integration)
     except ValueError as exc:
         raise ConfigError(config.source, "taocache" if config.taocache else "integration", str(exc)) from None
-    if "pab+taocache" in config.methods and (target.attention is None or tao.integration == "wan22"):
-        raise ConfigError(config.source, "methods", f"pab+taocache is not yet available for the {tao.integration!r} "
-                                                    "integration (" + ("PAB patches one model's attention, Wan2.2 "
-                                                    "has two experts" if tao.integration == "wan22" else
-                                                    "its attention modules are not named yet") + ")")
+    for name in sorted(PAB_METHODS & set(config.methods)):
+        if target.attention is None or tao.integration == "wan22":
+            raise ConfigError(config.source, "methods", f"{name} is not yet available for the {tao.integration!r} "
+                                                        "integration (" + ("PAB patches one model's attention, Wan2.2 "
+                                                        "has two experts" if tao.integration == "wan22" else
+                                                        "its attention modules are not named yet") + ")")
     if TEA_METHODS & set(config.methods) and target.tea_probe is None and target.tea_published is None:
         raise ConfigError(config.source, "methods", f"teacache is not yet available for the {tao.integration!r} "
                                                     f"integration: {target.tea_source}")
@@ -216,8 +218,7 @@ class Experiment:
                                   + (f"is {n} skipped steps, as {other} is" if n in skips[:i] else "skips every step")
                                   + f" ({self.loop.describe()}); give budgets that differ by at least 1/{steps}")
         # per prompt: the reference, then each method x budget, so that full-step and cached runs alternate
-        runs = [run for e in evaluation for run in [("full", 0, e)] + [
-            (m, budget_skips(b, steps), e) for b in self.config.budgets for m in self.config.cached_methods]]
+        runs = [(m, s, e) for e in evaluation for m, s in self.config.runs(steps)]
         needed, why = _needs_calibration(self.config, self.tao)
         calibrated = self.store.state("calibration") is not None
         total = len(runs) + (len(calibration) if needed else 0)
@@ -271,13 +272,13 @@ class Experiment:
         tea = None
         callbacks: List[Callback] = [recorder]
         if TEA_METHODS & set(self.config.methods) and self.target.tea_published is None:
-            tea = TeaCacheCalibrator(probe=self.target.tea_probe(), blocks=self.target.blocks)
+            tea = TeaCacheCalibrator(probe=self.target.tea_probe(), blocks=self.target.blocks, exit=self.target.exit)
             callbacks.append(tea)
         mag = None
         if "magcache" in self.config.methods and self.target.mag_published is None:
             from ..caches.magcache import MagCacheCalibrator
 
-            mag = MagCacheCalibrator(blocks=self.target.blocks)
+            mag = MagCacheCalibrator(blocks=self.target.blocks, exit=self.target.exit)
             callbacks.append(mag)
         start = time.perf_counter()
         with DenoiserHook(self.loop, callbacks, **self.hook_kwargs).attach(self.model, *self.also) as hook:
@@ -313,19 +314,26 @@ class Experiment:
 
             plan = self._tao_plan(lut, skips)
             self.plans[label] = {"window": list(plan.window) if plan.window else None}
-            return [ResidualSkipCallback(plan.skipped_steps, blocks=self.target.blocks)]
+            return [ResidualSkipCallback(plan.skipped_steps, blocks=self.target.blocks, exit=self.target.exit)]
         if method == "pab+taocache":  # PAB inside the computed calls, reset where TaoCache resumes
-            from ..caches.pab import BroadcastGroup, PyramidAttentionBroadcast
             from ..taocache.extrapolation import TaoCacheCallback
 
             plan = self._tao_plan(lut, skips)
             self.plans[label] = {"window": list(plan.window) if plan.window else None,
                                  "pab_range": self.config.pab_range}
-            pab = PyramidAttentionBroadcast([BroadcastGroup(self.target.attention, self.config.pab_range)],
-                                            timesteps=tuple(self.config.pab_timesteps), reset_steps=plan.resume_steps)
-            return [TaoCacheCallback(plan, lut.timesteps, max_norm_ratio=self.tao.plan.max_norm_ratio), pab]
-        if method == "teacache":
-            make = self._tea_maker(coefficients)
+            return [TaoCacheCallback(plan, lut.timesteps, max_norm_ratio=self.tao.plan.max_norm_ratio),
+                    self._pab(plan.resume_steps)]
+        if method == "pab":  # attention broadcast inside every call, nothing skipped
+            self.plans[label] = {"pab_range": self.config.pab_range}
+            return [self._pab()]
+        if method in ("teacache", "pab+teacache"):  # pab+teacache: PAB inside the calls TeaCache computes
+            tea, with_pab = self._tea_maker(coefficients), method == "pab+teacache"
+            if with_pab:
+                self.plans[label] = {"pab_range": self.config.pab_range}
+
+            def make(threshold: float) -> List[Callback]:
+                return [*tea(threshold), *([self._pab()] if with_pab else [])]
+
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
             return make(found["threshold"])
         if method == "hybrid":  # Algorithm 2: half the budget to TaoCache's window, TeaCache before it
@@ -362,7 +370,7 @@ class Experiment:
             retention = self.config.magcache_retention
 
             def make(threshold: float) -> List[Callback]:
-                return [MagCacheCallback(ratios, threshold, k, retention, blocks=self.target.blocks)]
+                return [MagCacheCallback(ratios, threshold, k, retention, blocks=self.target.blocks, exit=self.target.exit)]
 
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
             return make(found["threshold"])
@@ -377,6 +385,13 @@ class Experiment:
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
             return make(found["threshold"])
         raise ValueError(f"unknown method {method!r}")
+
+    def _pab(self, reset_steps=()):
+        """PAB on the target's attention modules with the experiment's range and timestep window."""
+        from ..caches.pab import BroadcastGroup, PyramidAttentionBroadcast
+
+        return PyramidAttentionBroadcast([BroadcastGroup(self.target.attention, self.config.pab_range)],
+                                         timesteps=tuple(self.config.pab_timesteps), reset_steps=reset_steps)
 
     def _tao_plan(self, lut, skips: int, rule: Optional[str] = None):
         """The TaoCache config's plan for ``skips`` skips (``rule`` overriding its rule), the expert
@@ -403,7 +418,8 @@ class Experiment:
         probe = self.target.tea_probe()
 
         def make(threshold: float, max_step: Optional[int] = None) -> List[Callback]:
-            return [TeaCacheCallback(threshold, coefficients, probe=probe, blocks=self.target.blocks, max_step=max_step)]
+            return [TeaCacheCallback(threshold, coefficients, probe=probe, blocks=self.target.blocks, exit=self.target.exit,
+                                     max_step=max_step)]
         return make
 
     def _threshold(self, label: str, make: Callable[[float], List[Callback]], prompts: List[PromptEntry],

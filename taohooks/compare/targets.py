@@ -8,7 +8,7 @@ yet, because the proxy its authors use is not implemented for that integration).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -84,12 +84,25 @@ def _wan21_published_magcache(arguments: dict, steps: int):
             f"the authors' MagCache for Wan2.1 {checkpoint}: the published magnitude ratios of {SOURCE}")
 
 
+def _latte_published_teacache(model: str):
+    """``(arguments, use_ret_steps) -> (make(threshold), provenance)``: the authors' TeaCache for a
+    Latte-shaped transformer (``model``: ``latte`` or ``opensora_plan``)."""
+    def published(arguments: dict, use_ret_steps: bool):
+        from ..caches.teacache_latte import SOURCE, latte_teacache
+
+        name = {"latte": "Latte-1", "opensora_plan": "Open-Sora-Plan v1.1"}[model]
+        return ((lambda threshold, max_step=None: latte_teacache(model, threshold, max_step=max_step)),
+                f"the authors' TeaCache for {name}: the first block's timestep-modulated input over the whole "
+                f"spatial+temporal stack, the published coefficients of {SOURCE}")
+    return published
+
+
 @dataclass
 class Target:
     prompt_arg: str
     seed_arg: Optional[str]  # None: the script seeds torch's global RNG; torch.manual_seed(seed) before each run
     video_of: Callable[[Any], torch.Tensor]  # return value -> [B, C, F, H, W], values in [-1, 1]
-    blocks: str = "blocks"
+    blocks: Union[str, Tuple[str, ...]] = "blocks"  # the block stack(s) whose residual TeaCache / MagCache reuse
     tea_probe: Optional[Callable[[], Callable]] = None  # makes TeaCache's proxy (coefficients fitted); None: not yet
     tea_source: str = ""  # where the proxy (and its use) comes from
     # the authors' TeaCache with published coefficients: (generate's arguments, use_ret_steps) ->
@@ -98,6 +111,7 @@ class Target:
     # MagCache with published ratios: (generate's arguments, steps) -> (ratios, default K, provenance)
     mag_published: Optional[Callable[[dict, int], tuple]] = None
     attention: Optional[str] = None  # the attention modules PAB broadcasts (full-name regex); None: not yet
+    exit: Optional[str] = None  # the module receiving the stacks' output, where there are several (Latte)
 
     def video(self, result: Any) -> torch.Tensor:
         video = self.video_of(result)
@@ -106,6 +120,8 @@ class Target:
                              + (f" of shape {tuple(video.shape)}" if isinstance(video, torch.Tensor) else ""))
         return video.detach().to("cpu", torch.float32).contiguous()
 
+
+LATTE_STACKS = ("transformer_blocks", "temporal_transformer_blocks")  # spatial and temporal, interleaved
 
 TARGETS: Dict[str, Target] = {
     "testbed": Target("prompts", "seeds", _batch_of_clips, "blocks", _testbed_probe,
@@ -116,10 +132,13 @@ TARGETS: Dict[str, Target] = {
                   attention=r"blocks\.\d+\.self_attn"),
     "wan22": Target("input_prompt", "seed", _single_video, "blocks", None,
                     "TeaCache has no Wan2.2 support (no published coefficients)"),
-    "latte": Target("prompt", None, _pipeline_video, "transformer_blocks", None,
-                    "Latte's TeaCache (TeaCache's eval coefficients) is issue 14 item 6"),
-    "opensora_plan": Target("prompt", None, _pipeline_video, "transformer_blocks", None,
-                            "Open-Sora-Plan's TeaCache (TeaCache's eval coefficients) is issue 14 item 6"),
+    "latte": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
+                    "the authors' TeaCache for Latte-1 (TeaCache's eval script, published coefficients)",
+                    tea_published=_latte_published_teacache("latte"), exit="norm_out"),
+    "opensora_plan": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
+                            "the authors' TeaCache for Open-Sora-Plan v1.1 (TeaCache's eval script, published "
+                            "coefficients)", tea_published=_latte_published_teacache("opensora_plan"),
+                            exit="norm_out"),
 }
 
 

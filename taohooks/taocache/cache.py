@@ -301,9 +301,13 @@ def section_callbacks(config: TaoCacheConfig, plan: SkipPlan) -> List[Callback]:
     tea = config.teacache
     if tea is not None and tea.threshold > 0:
         first = plan.skipped_steps[0] if plan.skipped_steps else plan.steps
-        callbacks.append(TeaCacheCallback(tea.threshold, tea.coefficients or [1.0, 0.0], blocks=tea.blocks,
-                                          hidden_arg=tea.hidden_arg, warmup_steps=tea.warmup_steps,
-                                          max_step=max(0, first - tea.guard_band)))
+        max_step = max(0, first - tea.guard_band)
+        if tea.published is not None:
+            callbacks.extend(published_teacache(tea.published, tea.threshold, tea.use_ret_steps, max_step))
+        else:
+            callbacks.append(TeaCacheCallback(tea.threshold, tea.coefficients or [1.0, 0.0], blocks=tea.blocks,
+                                              hidden_arg=tea.hidden_arg, warmup_steps=tea.warmup_steps,
+                                              max_step=max_step))
     pab = config.pab
     if pab is not None:
         groups = [BroadcastGroup(g.pattern, g.range_) for g in pab.groups]
@@ -311,6 +315,18 @@ def section_callbacks(config: TaoCacheConfig, plan: SkipPlan) -> List[Callback]:
         callbacks.append(PyramidAttentionBroadcast(groups, reset_steps=plan.resume_steps if pab.reset_on_refresh
                                                    else (), **window))
     return callbacks
+
+
+def published_teacache(model: str, threshold: float, use_ret_steps: bool = False,
+                       max_step: Optional[int] = None) -> List[Callback]:
+    """The authors' TeaCache for a ``teacache.published`` model (:data:`~taohooks.config.TEACACHE_PUBLISHED`)."""
+    if model.startswith("wan2.1-"):
+        from ..caches.teacache_wan21 import wan21_teacache
+
+        return wan21_teacache(model[len("wan2.1-"):], threshold, use_ret_steps, max_step=max_step)
+    from ..caches.teacache_latte import latte_teacache
+
+    return latte_teacache(model, threshold, max_step=max_step)
 
 
 def _writes_the_lut() -> bool:

@@ -181,3 +181,61 @@ def sdpa_flash_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0., softma
         mask = (torch.arange(k.size(2))[None, :] < k_lens.to("cpu")[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=softmax_scale)
     return out.transpose(1, 2).to(out_dtype)
+
+
+def check_authors_teacache(model_name: str, pipe, run, calls: int, threshold: float = 0.15,
+                           coefficients=None) -> None:
+    """TeaCache as its authors run Latte / Open-Sora-Plan, on the checkout's ``LatteT2V`` (``run(pipe)``
+    is one generation of ``calls`` batched-CFG calls): the proxy is exactly what block 0 feeds its
+    self-attention; on a reused call ``norm_out`` gets ``stack input + (stack output - stack input)``
+    of the last computed call; the first and the last call are computed and some others reused.
+    ``coefficients`` replaces the published polynomial (a tiny random model's proxy changes can lie
+    where it is negative: then, as in the authors' script, every call but the first and last reuses)."""
+    import torch
+    import torch.nn.functional as F
+
+    from taohooks import DenoiserHook, LoopSpec
+    from taohooks.caches.teacache_latte import adaln_single_probe, latte_teacache
+
+    model = pipe.transformer
+    seen = {"attn1": [], "proxy": [], "stack_in": [], "norm_in": [], "norm_out": []}
+    block0 = model.transformer_blocks[0]
+    handles = [
+        block0.attn1.register_forward_pre_hook(lambda m, a, kw: seen["attn1"].append(a[0] if a else kw["hidden_states"]),
+                                               with_kwargs=True),
+        block0.register_forward_pre_hook(lambda m, a, kw: seen["stack_in"].append(a[0]), with_kwargs=True),
+        model.norm_out.register_forward_hook(lambda m, a, out: seen["norm_in"].append(a[0])
+                                             or seen["norm_out"].append(out)),  # returns None: output kept
+    ]
+    (tea,) = latte_teacache(model_name, threshold)
+    if coefficients is not None:
+        tea.coefficients = list(coefficients)
+    probe = tea.probe
+    tea.probe = lambda block, args, kwargs: seen["proxy"].append(probe(block, args, kwargs)) or seen["proxy"][-1]
+    assert probe is adaln_single_probe
+    reused = []
+    original = tea.on_after_call
+
+    def after(hook, call, output):
+        original(hook, call, output)
+        reused.append(tea.last_reused)
+    tea.on_after_call = after
+    try:
+        with DenoiserHook(LoopSpec(calls, ("uncond", "cond"), split_batch=True), [tea]).attach(model):
+            run(pipe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(reused) == calls and reused[0] == reused[-1] == 0.0 and 0 < sum(reused) < calls - 2, reused
+    computed = [i for i, r in enumerate(reused) if r == 0.0]
+    assert len(seen["attn1"]) == len(computed)  # block 0 ran on computed calls only
+    for i, attn_input in zip(computed, seen["attn1"]):
+        assert torch.equal(seen["proxy"][i], attn_input)
+    last = None
+    for i, r in enumerate(reused):
+        if r == 0.0:
+            last = i
+            continue
+        residual = seen["norm_in"][last] - seen["stack_in"][last]
+        expected = F.layer_norm(seen["stack_in"][i] + residual, residual.shape[-1:], eps=model.norm_out.eps)
+        assert torch.allclose(seen["norm_out"][i], expected, atol=1e-5), i

@@ -176,3 +176,14 @@ def test_calibrates_then_skips_with_a_budget(latte, capfd, tmp_path):
     err = capfd.readouterr().err
     assert "calibration complete" in err and summaries(err) == [(2, STEPS, None)]
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
+
+
+def test_authors_teacache_on_the_whole_interleaved_stack(latte):
+    """TeaCache as in its authors' Latte evaluation script (proxy, residual over spatial + temporal blocks)."""
+    from official_support import check_authors_teacache
+
+    pipeline_latte, latte_t2v = latte()
+    pipe = make_pipe(pipeline_latte, latte_t2v)
+    with pytest.raises(AssertionError, match=r"\[0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0\]"):
+        check_authors_teacache("latte", pipe, call, STEPS)  # the published polynomial is negative here
+    check_authors_teacache("latte", pipe, call, STEPS, threshold=0.5, coefficients=[1.0, 0.0])

@@ -215,3 +215,11 @@ def test_calibrates_then_skips_with_a_budget(osp, capfd, tmp_path):
     err = capfd.readouterr().err
     assert "calibration complete" in err and summaries(err) == [(2, CALLS, None)]
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
+
+
+def test_authors_teacache_on_the_whole_interleaved_stack(osp):
+    """TeaCache as in its authors' Open-Sora-Plan v1.1 evaluation script (PNDM: every call counts)."""
+    from official_support import check_authors_teacache
+
+    pipeline_videogen, modeling_latte = osp()
+    check_authors_teacache("opensora_plan", make_pipe(pipeline_videogen, modeling_latte), call, CALLS)
