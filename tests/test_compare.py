@@ -218,8 +218,12 @@ def test_end_to_end_records_and_captured_videos(finished):
         assert r["skipped_per_stream"] == ({} if r["method"] == "full" else
                                            {"cond": r["skipped_calls"] // 2, "uncond": r["skipped_calls"] // 2})
         assert r["peak_memory_bytes"] is None  # CPU
-    for name in ("quality_vs_speedup.png", "skip_schedule.png", "strip.png"):
+    for name in ("quality_vs_speedup.png", "skip_schedule.png", "strip.png", "side_by_side.gif"):
         assert (out / name).stat().st_size > 1000, name
+    from PIL import Image
+
+    with Image.open(out / "side_by_side.gif") as gif:  # plays the 8 frames: rows full, taocache, teacache
+        assert gif.n_frames == 8 and gif.size == (150 + 2 * (16 * 16 + 2), 3 * (16 * 16 + 2))
     thresholds = json.loads((out / "state" / "thresholds.json").read_text())
     assert set(thresholds) == {"teacache@2of10", "teacache@3of10"}
     assert (out / "results.md").read_text().count("| taocache |") == 2
@@ -527,3 +531,35 @@ def test_shipped_experiments_load(name):
     assert config.output_dir.resolve().parent == (ROOT / "out").resolve()
     if config.taocache is not None:  # (an inline one would write OUTPUT/taocache.yaml)
         check_before_run(config, taocache_config_of(config)[1])
+
+
+def test_under_torchrun_every_rank_runs_and_rank_0_writes(tmp_path):
+    """``torchrun --nproc_per_node 2 -m taohooks.cli compare ...``: both ranks run every generation in the
+    same order; only rank 0 writes, and the results equal a single process's."""
+    import socket
+    import subprocess
+
+    text = EXPERIMENT.replace("budgets: [0.2, 0.3]", "budgets: [0.3]")
+    single, two = write(tmp_path, text, "single.yaml"), write(tmp_path, text.replace("output: out", "output: out2"),
+                                                                 "two.yaml")
+    script = [str(SCRIPT), "--model", "flow", "--steps", str(STEPS), "--out", str(tmp_path / "never.png")]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
+    runs = {}
+    for name, launcher in (("single", [sys.executable, "-m", "taohooks.cli"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", str(port), "-m", "taohooks.cli"])):
+        runs[name] = subprocess.run([*launcher, "compare", str(single if name == "single" else two), "--", *script],
+                                    cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                                    timeout=300)
+        assert runs[name].returncode == 0, runs[name].stderr
+    err = runs["two"].stderr
+    assert "compare: rank 1/2 ran its 6 generations (rank 0 writes the results)" in err  # 2 x (full, tao, tea)
+    assert err.count("compare: [") == runs["single"].stderr.count("compare: [")  # progress: rank 0 only
+    one, both = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("out", "out2"))
+    assert stable(one)[0].keys() == stable(both)[0].keys()
+    for a, b in zip(stable(one), stable(both)):
+        assert {k: v for k, v in a.items() if k != "peak_memory_bytes"} == {k: v for k, v in b.items()
+                                                                           if k != "peak_memory_bytes"}

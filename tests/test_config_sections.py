@@ -84,6 +84,9 @@ def test_wan_refuses_the_hybrid_under_sequence_parallelism():
     with pytest.raises(IntegrationError, match="wan_hybrid.yaml: teacache: .* ranks could take different"):
         check(two, None)
     assert _refuse_rank_local_decisions(config_from_dict({"integration": "wan"}))(two, None) == []
+    published = config_from_dict({"integration": "wan", "teacache": {"threshold": 0.1,  # the timestep embedding:
+                                                                     "published": "wan2.1-t2v-14B"}})  # same on all ranks
+    assert _refuse_rank_local_decisions(published)(two, None) == []
 
 
 @pytest.mark.parametrize("published,probe,coefficients", [

@@ -70,7 +70,10 @@ def _identity(arguments, model) -> Dict[str, Any]:
 
 
 def _hybrid_under_sequence_parallel(config: TaoCacheConfig) -> bool:
-    return config.teacache is not None and config.teacache.threshold > 0
+    """A hybrid whose TeaCache decides from sharded activations (the authors' Wan2.1 TeaCache,
+    ``published: wan2.1-*``, decides from the timestep embedding, the same on every rank)."""
+    tea = config.teacache
+    return tea is not None and tea.threshold > 0 and not (tea.published or "").startswith("wan2.1")
 
 
 def _refuse_rank_local_decisions(config: TaoCacheConfig):
@@ -82,7 +85,8 @@ def _refuse_rank_local_decisions(config: TaoCacheConfig):
             raise IntegrationError(f"{config.source}: teacache: the hybrid decides from activations that "
                                    f"sequence parallelism (--ulysses_size/--ring_size, here {arguments['self'].sp_size} "
                                    "ranks) shards, so ranks could take different decisions and deadlock; use "
-                                   "TaoCache (and pab:) alone with sequence parallelism")
+                                   "the authors' TeaCache (teacache.published: wan2.1-<checkpoint>, which decides from "
+                                   "the timestep embedding) or TaoCache (and pab:) alone with sequence parallelism")
         return []
     return check
 

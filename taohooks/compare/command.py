@@ -17,9 +17,10 @@ import yaml
 from ..config import ConfigError, TaoCacheConfig, load_config
 from ..runtime.io import atomic_write_bytes, check_writable
 from .experiment import ExperimentConfig, load_experiment
-from .plots import write_plots, write_strip
+from .plots import write_animation, write_plots, write_strip
 from .report import build_results, load_results, markdown_table, write_results
 from .runner import Experiment, check_before_run, intercept_generations
+from .store import writes_results
 
 __all__ = ["run_compare", "rebuild_report", "taocache_config_of"]
 
@@ -50,7 +51,8 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
     check_writable(config.output_dir / "results.json")
     tao_path, tao = taocache_config_of(config)
     check_before_run(config, tao)
-    if config.lpips:  # LPIPS with no manual step: the weights are converted once, before the script runs
+    writer = writes_results()  # rank 0 under torchrun: every rank runs the generations, rank 0 writes
+    if config.lpips and writer:  # LPIPS with no manual step: the weights are converted once, before the script runs
         from ..metrics.weights import ensure_lpips_weights
 
         ensure_lpips_weights()
@@ -65,6 +67,8 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
             print(f"taocache compare: error: {script[0]} ended without a generation call the "
                   f"{tao.integration!r} integration patches; nothing was compared", file=sys.stderr)
         return code or 1
+    if not writer:
+        return 0
     meta = {"experiment": str(experiment_path), "script": list(script), "integration": tao.integration,
             "model_id": tao.model_id, "loop": experiment.loop.describe(), "config": config.to_dict(),
             "calibration": experiment.store.state("calibration"),
@@ -76,15 +80,15 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
     results = build_results(config, experiment.store, experiment.loop.steps, meta)
     write_results(config.output_dir, results)
     pictures = [p.name for p in write_plots(results, config.output_dir)]
-    if _strip(config, experiment):
-        pictures.append("strip.png")
+    pictures.extend(_strip(config, experiment))
     print(markdown_table(results))
     print(f"wrote {config.output_dir}/results.json, results.md" + "".join(f", {p}" for p in pictures))
     return 0
 
 
-def _strip(config: ExperimentConfig, experiment: Experiment, prompts: int = 2) -> bool:
-    """``strip.png``: the first prompts, full-step and each method at the largest budget."""
+def _strip(config: ExperimentConfig, experiment: Experiment, prompts: int = 2) -> List[str]:
+    """``strip.png`` and ``side_by_side.gif``: the first prompts, full-step and each method at the largest
+    budget; returns the files written."""
     from .store import run_label
 
     entries = config.evaluation_prompts()[:prompts]
@@ -94,7 +98,8 @@ def _strip(config: ExperimentConfig, experiment: Experiment, prompts: int = 2) -
         largest[method] = max(skips, largest.get(method, 0))
     labels = {"full": "full"} | {f"{m} {s}/{steps}": run_label(m, s, steps) for m, s in largest.items()}
     videos = {name: torch.cat([experiment.store.load(label, e)[0] for e in entries]) for name, label in labels.items()}
-    return write_strip(videos, config.output_dir / "strip.png")
+    written = ["strip.png"] if write_strip(videos, config.output_dir / "strip.png") else []
+    return written + (["side_by_side.gif"] if write_animation(videos, config.output_dir / "side_by_side.gif") else [])
 
 
 def rebuild_report(folder: str) -> int:

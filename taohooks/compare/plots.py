@@ -6,6 +6,8 @@
   fraction of that step's calls skipped over all prompts and streams; from ``results.json`` alone.
 - ``strip.png``: the first prompts' videos side by side, full-step first, then each method at the
   largest budget (up to 4 frames each); needs the stored runs.
+- ``side_by_side.gif``: the same videos playing, one row per method, one column per prompt (an
+  animated GIF: Pillow is all it needs; no video codec dependency).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 
 from ..evaluation.plotting import plot_quality_vs_speedup
 
-__all__ = ["write_plots", "write_strip"]
+__all__ = ["write_plots", "write_strip", "write_animation"]
 
 
 def _pyplot():
@@ -79,4 +81,39 @@ def write_strip(videos: Dict[str, torch.Tensor], path: Path, frames: int = 4) ->
     except ImportError:  # pragma: no cover
         return False
     bench_strip({k: v[:, :, keep] for k, v in videos.items()}, Path(path), scale=scale)
+    return True
+
+
+def write_animation(videos: Dict[str, torch.Tensor], path: Path, fps: float = 8.0, max_side: int = 256) -> bool:
+    """``videos`` as :func:`write_strip`'s, playing: an animated GIF whose frame ``t`` shows frame ``t``
+    of every video (rows: names, columns: the N videos), each video scaled to at most ``max_side``
+    pixels (up, by whole factors, for tiny ones). False if Pillow is missing or not RGB."""
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:  # pragma: no cover
+        return False
+    first = next(iter(videos.values()))
+    if first.shape[1] != 3:
+        return False
+    n, _, f, h, w = first.shape
+    scale = max(1, max_side // max(h, w)) if max(h, w) < max_side else 1
+    step = max(1, -(-max(h, w) // max_side))  # downsample huge videos by striding
+    label_w, gap = 150, 2
+    cell_h, cell_w = -(-h // step) * scale, -(-w // step) * scale
+    pictures = []
+    for t in range(f):
+        canvas = Image.new("RGB", (label_w + n * (cell_w + gap), len(videos) * (cell_h + gap)), "white")
+        draw = ImageDraw.Draw(canvas)
+        for row, (name, video) in enumerate(videos.items()):
+            top = row * (cell_h + gap)
+            draw.text((6, top + cell_h // 2 - 6), name, fill="black")
+            for col in range(n):
+                frame = ((video[col, :, t, ::step, ::step].permute(1, 2, 0) + 1) / 2).clamp(0, 1)
+                tile = Image.fromarray((frame.numpy() * 255).round().astype("uint8"))
+                tile = tile.resize((cell_w, cell_h), Image.NEAREST)
+                canvas.paste(tile, (label_w + col * (cell_w + gap), top))
+        pictures.append(canvas)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=int(1000 / fps), loop=0)
     return True

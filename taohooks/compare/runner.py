@@ -35,7 +35,7 @@ from ..launcher.integration import GenerationPatch, check_declared_loop, identit
 from ..caches.residual import BlockStackCache
 from .experiment import ExperimentConfig, PromptEntry
 from .progress import Progress
-from .store import RunStore, run_label
+from .store import RunStore, run_label, writes_results
 from .targets import Target, target_for
 
 __all__ = ["Experiment", "Generation", "SkipRecorder", "intercept_generations", "budget_skips", "check_before_run"]
@@ -68,7 +68,7 @@ class SkipRecorder(Callback):
 class Generation:
     """One generation's video ``[B, C, F, H, W]`` (float32, CPU) and its cost."""
 
-    video: torch.Tensor
+    video: Optional[torch.Tensor]  # None on ranks > 0 under torchrun (rank 0 writes)
     seconds: float  # wall time of the generation call (CUDA-synchronised on GPU)
     calls: int
     skipped: List[Tuple[int, str]] = field(default_factory=list)
@@ -136,9 +136,6 @@ def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
     if TEA_METHODS & set(config.methods) and target.tea_probe is None and target.tea_published is None:
         raise ConfigError(config.source, "methods", f"teacache is not yet available for the {tao.integration!r} "
                                                     f"integration: {target.tea_source}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(config.source, "", "taocache compare under torchrun (WORLD_SIZE > 1) is not yet "
-                                             "available (issue 14); run it in one process")
     needed, why = _needs_calibration(config, tao)
     if needed and config.calibration_prompts is None:
         raise ConfigError(config.source, "calibration_prompts", f"{why} needs calibration prompts")
@@ -149,7 +146,7 @@ class Experiment:
 
     def __init__(self, config: ExperimentConfig, tao: TaoCacheConfig, script_argv: List[str]):
         self.config, self.tao, self.script_argv = config, tao, list(script_argv)
-        self.store = RunStore(config.output_dir)
+        self.store = RunStore(config.output_dir, writer=writes_results())
         self.target: Target = target_for(tao.integration)
         self.finished = False
         self.calibration_seconds = 0.0
@@ -187,7 +184,8 @@ class Experiment:
             _sync()
             seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if _on_cuda() else None
-        return Generation(self.target.video(result), seconds, recorder.calls, recorder.skipped, peak)
+        video = self.target.video(result) if self.store.writer else None  # Wan2.1: None on ranks > 0
+        return Generation(video, seconds, recorder.calls, recorder.skipped, peak)
 
     # ------------------------------------------------------------------ the experiment
     def run(self, patch: GenerationPatch, bound: inspect.BoundArguments) -> None:
@@ -229,16 +227,21 @@ class Experiment:
                         f"{len(self.config.budgets)} budgets, {self.loop.describe()}; {done} of {total} runs "
                         f"already in {self.store.folder}")
         lut, coefficients = self._calibration(calibration, needed, why)
-        for method, skips, entry in runs:
+        # what is left, decided once: under torchrun every rank runs the same generations in the same
+        # order (their collectives must match) while only rank 0 writes
+        pending = [(m, s, e) for m, s, e in runs if not self.store.has(run_label(m, s, steps), e)]
+        for method, skips, entry in pending:
             label = run_label(method, skips, steps)
-            if self.store.has(label, entry):
-                continue
             callbacks = self._callbacks(method, skips, lut, coefficients, calibration)
             generation = self.generate(callbacks, entry)
             record = {"method": method, "skips": skips, "steps": steps, **generation.record(),
                       **self.thresholds.get(label, {}), **self.plans.get(label, {})}
             self.store.save(label, entry, generation.video, record)
             self.progress.advance(f"{label}, {entry.prompt!r} seed {entry.seed}")
+        if not self.store.writer:
+            rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+            messages.notice(f"compare: rank {rank}/{world} ran its {len(pending)} generations (rank 0 writes "
+                            f"the results)", every_rank=True)
         self.finished = True
 
     def _calibration(self, prompts: List[PromptEntry], needed: bool, why: str):
@@ -290,7 +293,8 @@ class Experiment:
         lut = recorder.lut()
         from ..runtime.io import atomic_write_bytes
 
-        atomic_write_bytes(lut_file, lut.to_bytes())
+        if self.store.writer:
+            atomic_write_bytes(lut_file, lut.to_bytes())
         coefficients = tea.fit() if tea is not None else None
         self.mag_ratios = mag.ratios().tolist() if mag is not None else None
         self.store.put_state("calibration", {"tea_coefficients": coefficients, "mag_ratios": self.mag_ratios,

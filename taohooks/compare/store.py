@@ -36,9 +36,21 @@ def entry_key(entry: PromptEntry) -> str:
     return hashlib.sha1(f"{entry.prompt}\0{entry.seed}".encode()).hexdigest()[:16]
 
 
+def writes_results() -> bool:
+    """Whether this process writes the experiment's files: rank 0 under torchrun (``RANK``, read before
+    the script initialises its process group), or a single process."""
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 class RunStore:
-    def __init__(self, folder: Path):
+    """The finished runs and the experiment's state under ``folder``; with ``writer=False`` (ranks
+    > 0 under torchrun) it reads but never writes."""
+
+    def __init__(self, folder: Path, writer: bool = True):
         self.folder = Path(folder)
+        self.writer = writer
 
     def run_path(self, label: str, entry: PromptEntry) -> Path:
         return self.folder / "runs" / label / f"{entry_key(entry)}.safetensors"
@@ -46,9 +58,11 @@ class RunStore:
     def has(self, label: str, entry: PromptEntry) -> bool:
         return self.run_path(label, entry).is_file()
 
-    def save(self, label: str, entry: PromptEntry, video: torch.Tensor, record: Dict[str, Any]) -> None:
+    def save(self, label: str, entry: PromptEntry, video: Optional[torch.Tensor], record: Dict[str, Any]) -> None:
         from safetensors.torch import save
 
+        if not self.writer:
+            return
         meta = {"record": json.dumps({**record, "prompt": entry.prompt, "seed": entry.seed})}
         atomic_write_bytes(self.run_path(label, entry), save({"video": video.contiguous()}, metadata=meta))
 
@@ -63,6 +77,8 @@ class RunStore:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def put_state(self, name: str, value: Any) -> None:
+        if not self.writer:
+            return
         atomic_write_bytes(self.folder / "state" / f"{name}.json", json.dumps(value, indent=1).encode())
 
     def check_experiment(self, fingerprint: Dict[str, Any]) -> None:
@@ -76,4 +92,5 @@ class RunStore:
                 raise ConfigError(str(path), k, f"this output folder holds runs made with {k} = {old.get(k)!r}, this "
                                   f"experiment has {fingerprint.get(k)!r}; use another output folder (or delete it)")
             return
-        atomic_write_bytes(path, json.dumps(fingerprint, indent=1).encode())
+        if self.writer:
+            atomic_write_bytes(path, json.dumps(fingerprint, indent=1).encode())

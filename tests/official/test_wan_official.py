@@ -11,6 +11,7 @@ the attributes ``__init__`` would set. ``wan/__init__.py`` is bypassed (it impor
 the T5 tokenizer, easydict, ...); ``ftfy`` is stubbed when missing (imported by the T5 tokenizer
 module that ``wan.text2video`` imports; never called).
 """
+import re
 import socket
 import sys
 import types
@@ -322,4 +323,28 @@ def test_calibrates_then_skips_with_a_budget(wan, capfd, tmp_path):
     out = generate(pipe)
     err = capfd.readouterr().err
     assert "calibration complete" in err and summaries(err) == [(2 * 2, CALLS, None)]
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("use_ret_steps,window,guard,reused_steps", [
+    (False, [4, 6], 1, [1, 2]),  # e: step 0 computed, TeaCache's range ends at 4 - 1
+    (True, [6, 6], 0, [5]),      # e0: the authors' first 5 steps computed, the range ends at 6
+], ids=["e", "e0"])
+def test_hybrid_with_the_authors_teacache(wan, capfd, use_ret_steps, window, guard, reused_steps):
+    """``teacache: {published: wan2.1-t2v-1.3B}`` before TaoCache's window on the real WanModel: the
+    authors' proxy (the time embedding, or the blocks' ``e``) and forced steps; with a threshold no
+    change reaches, exactly the steps in TeaCache's range after the forced ones reuse, in both streams."""
+    from taohooks.config import config_from_dict
+
+    text2video, model_module = wan.load()
+    pipe = make_pipe(text2video, tiny_model(model_module))
+    plain = generate(pipe)
+    wan_integration.install(config_from_dict({
+        "integration": "wan", "plan": {"window": window, "ratio": 1.0},
+        "teacache": {"published": "wan2.1-t2v-1.3B", "use_ret_steps": use_ret_steps, "threshold": 1e12,
+                     "guard_band": guard}}, "official-wan-hybrid.yaml"))
+    out = generate(pipe)
+    err = capfd.readouterr().err
+    reused = int(re.search(r"TeaCache reused the block residual on (\d+) calls", err).group(1))
+    assert reused == 2 * len(reused_steps), err
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
