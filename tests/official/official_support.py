@@ -239,3 +239,35 @@ def check_authors_teacache(model_name: str, pipe, run, calls: int, threshold: fl
         residual = seen["norm_in"][last] - seen["stack_in"][last]
         expected = F.layer_norm(seen["stack_in"][i] + residual, residual.shape[-1:], eps=model.norm_out.eps)
         assert torch.allclose(seen["norm_out"][i], expected, atol=1e-5), i
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (what the pipelines' ``encode_prompt`` calls), for :func:`with_byte_text_encoder`."""
+
+    def __call__(self, text, padding="longest", max_length=None, truncation=False, return_tensors="pt", **kw):
+        from types import SimpleNamespace
+
+        import torch
+
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [list(t.encode())[:max_length if truncation and max_length else None] for t in texts]
+        width = max_length if padding == "max_length" else max(map(len, ids))
+        input_ids = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+        return SimpleNamespace(input_ids=input_ids, attention_mask=(input_ids != 0).long())
+
+    def batch_decode(self, ids):
+        return [bytes(i for i in row.tolist() if i).decode(errors="replace") for row in ids]
+
+
+def with_byte_text_encoder(pipe, width: int = 16):
+    """``pipe`` with a :class:`ByteTokenizer` and a tiny random T5 encoder (``d_model = width``, the
+    transformer's ``caption_channels``), so that prompts can be strings (as the official scripts pass them)."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    encoder = T5EncoderModel(T5Config(vocab_size=256, d_model=width, d_kv=4, d_ff=32, num_layers=1,
+                                      num_heads=2)).eval()
+    object.__setattr__(pipe, "tokenizer", ByteTokenizer())  # not through DiffusionPipeline's registration
+    object.__setattr__(pipe, "text_encoder", encoder)
+    return pipe

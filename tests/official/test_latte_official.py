@@ -8,6 +8,7 @@ encoder or tokenizer (pre-computed ``prompt_embeds``) and the scheduler ``sample
 imports ``models/latte.py``, which needs timm). Needs diffusers 0.24.x (see README.md).
 """
 import warnings
+from contextlib import contextmanager
 
 import pytest
 
@@ -36,8 +37,8 @@ PAB = {"groups": [{"pattern": r"transformer_blocks\.\d+\.attn1", "range": 2},
        "timesteps": [100, 800]}  # VideoSys' Latte window
 
 
-@pytest.fixture
-def latte():
+@contextmanager
+def latte_imports():
     """Imports from the checkout (``sample/`` first on sys.path, as the sample script runs); dropped afterwards."""
     with isolated_imports([LATTE / "sample", LATTE], ["pipeline_latte", "models"]):
         package_without_init("models", LATTE / "models")
@@ -45,6 +46,12 @@ def latte():
             yield load_latte
         finally:
             latte_integration.uninstall()
+
+
+@pytest.fixture
+def latte():
+    with latte_imports() as load:
+        yield load
 
 
 def load_latte():
@@ -187,3 +194,83 @@ def test_authors_teacache_on_the_whole_interleaved_stack(latte):
     with pytest.raises(AssertionError, match=r"\[0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0\]"):
         check_authors_teacache("latte", pipe, call, STEPS)  # the published polynomial is negative here
     check_authors_teacache("latte", pipe, call, STEPS, threshold=0.5, coefficients=[1.0, 0.0])
+
+
+def make_text_pipe(pipeline_latte, latte_t2v):
+    """``make_pipe`` with a tokenizer and a tiny T5 (``caption_channels`` 16), so that prompts are strings."""
+    from official_support import with_byte_text_encoder
+
+    return with_byte_text_encoder(make_pipe(pipeline_latte, latte_t2v))
+
+
+def text_call(pipe, prompt="a tiny test prompt"):
+    """As ``sample_t2x.py`` calls the pipeline: a prompt string, torch's global RNG (no generator)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pipe(prompt, video_length=4, height=64, width=64, num_inference_steps=STEPS, guidance_scale=7.5,
+                    output_type="latents", enable_temporal_attentions=True, mask_feature=True,
+                    clean_caption=False).video
+
+
+COMPARE_DRIVER = """\
+import sys
+import torch
+sys.path.insert(0, {official!r})
+import test_latte_official as t
+with t.latte_imports() as load:
+    pipeline_latte, latte_t2v = load()
+    pipe = t.make_text_pipe(pipeline_latte, latte_t2v)
+    torch.manual_seed(0)  # the seed of the first evaluation prompt (compare seeds each run like this)
+    video = t.text_call(pipe)  # taocache compare intercepts this call (and exits)
+    if len(sys.argv) > 1:
+        torch.save(video, sys.argv[1])
+"""
+COMPARE_EXPERIMENT = """\
+integration: latte
+prompts:
+  - {{prompt: "a tiny test prompt", seed: 0}}
+  - {{prompt: "another tiny prompt", seed: 3}}
+calibration_prompts: ["a calibration prompt", "one more calibration prompt"]
+search_prompts: 1
+search_iterations: 6
+methods: [full, taocache, teacache, magcache, taoskip+tearesidual]
+budgets: [0.3]
+output: {output}
+lpips: false
+"""
+
+
+def test_compare_through_the_official_loop(tmp_path):
+    """``taocache compare`` on the checkout's LattePipeline (a driver script builds the tiny pipeline with a
+    text encoder and calls it once, as sample_t2x.py does): the stored reference is what the pipeline returns
+    for that prompt with torch seeded; the authors' TeaCache (published coefficients), MagCache and the
+    ablation reuse the whole spatial + temporal stack of the real LatteT2V."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(COMPARE_DRIVER.format(official=str(Path(__file__).parent)))
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(COMPARE_EXPERIMENT.format(output=str(tmp_path / "out")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(LATTE / "sample")}  # where the launcher looks
+    plain = subprocess.run([sys.executable, str(driver), str(tmp_path / "plain.pt")], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "compare", str(experiment), "--", str(driver)],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "the authors' TeaCache for Latte-1" in results["meta"]["teacache_proxy"]
+    from taohooks.compare.experiment import PromptEntry
+    from taohooks.compare.store import RunStore
+
+    reference, _ = RunStore(tmp_path / "out").load("full", PromptEntry("a tiny test prompt", 0))
+    assert torch.equal(reference, torch.load(tmp_path / "plain.pt").float())
+    rows = {r["method"]: r for r in results["records"] if r["seed"] == 0}
+    for method in ("taocache", "magcache", "taoskip+tearesidual"):
+        assert rows[method]["calls"] == STEPS and rows[method]["skipped_calls"] == 3, (method, rows[method])
+        assert rows[method]["psnr"] < 100
+    assert rows["teacache"]["calls"] == STEPS

@@ -11,6 +11,7 @@ makes ``N + 9`` denoiser calls for ``N`` steps (PRK warm-up). Stand-ins: a tiny 
 (never decoded: ``output_type='latents'``). Needs diffusers 0.24.x-0.27.x (see README.md).
 """
 import warnings
+from contextlib import contextmanager
 
 import pytest
 
@@ -41,8 +42,8 @@ PAB = {"groups": [{"pattern": r"transformer_blocks\.\d+\.attn1", "range": 2},
        "timesteps": [100, 850]}  # VideoSys' Open-Sora-Plan v110 window
 
 
-@pytest.fixture
-def osp():
+@contextmanager
+def osp_imports():
     """Imports from the checkout (``opensora/sample`` first on sys.path, the repo root for
     ``opensora`` as ``pip install -e`` would give); dropped afterwards."""
     with isolated_imports([OSP / "opensora" / "sample", OSP], ["pipeline_videogen", "opensora"]):
@@ -50,6 +51,12 @@ def osp():
             yield load_osp
         finally:
             osp_integration.uninstall()
+
+
+@pytest.fixture
+def osp():
+    with osp_imports() as load:
+        yield load
 
 
 def load_osp():
@@ -223,3 +230,75 @@ def test_authors_teacache_on_the_whole_interleaved_stack(osp):
 
     pipeline_videogen, modeling_latte = osp()
     check_authors_teacache("opensora_plan", make_pipe(pipeline_videogen, modeling_latte), call, CALLS)
+
+
+def text_call(pipe, prompt="a tiny test prompt"):
+    """As ``sample_t2v.py`` calls the pipeline: a prompt string, torch's global RNG (no generator)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pipe(prompt, num_inference_steps=STEPS, guidance_scale=7.5, num_frames=17, height=64, width=64,
+                    output_type="latents", enable_temporal_attentions=True, num_images_per_prompt=1,
+                    mask_feature=True).video
+
+
+COMPARE_DRIVER = """\
+import sys
+import torch
+sys.path.insert(0, {official!r})
+import test_opensora_plan_official as t
+from official_support import with_byte_text_encoder
+with t.osp_imports() as load:
+    pipeline_videogen, modeling_latte = load()
+    pipe = with_byte_text_encoder(t.make_pipe(pipeline_videogen, modeling_latte))
+    torch.manual_seed(0)  # the seed of the first evaluation prompt (compare seeds each run like this)
+    video = t.text_call(pipe)  # taocache compare intercepts this call (and exits)
+    if len(sys.argv) > 1:
+        torch.save(video, sys.argv[1])
+"""
+COMPARE_EXPERIMENT = """\
+integration: opensora_plan
+prompts:
+  - {{prompt: "a tiny test prompt", seed: 0}}
+  - {{prompt: "another tiny prompt", seed: 3}}
+calibration_prompts: ["a calibration prompt", "one more calibration prompt"]
+search_prompts: 1
+search_iterations: 6
+methods: [full, taocache, teacache, magcache]
+budgets: [0.2]
+output: {output}
+lpips: false
+"""
+
+
+def test_compare_through_the_official_loop(tmp_path):
+    """``taocache compare`` on the checkout's VideoGenPipeline (PNDM: 12 steps = 21 calls, numbered by call):
+    the stored reference is what the pipeline returns for that prompt with torch seeded; TaoCache skips 4 of
+    21 calls, MagCache (calibrated ratios) some; the authors' TeaCache runs on the whole spatial + temporal stack."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(COMPARE_DRIVER.format(official=str(Path(__file__).parent)))
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(COMPARE_EXPERIMENT.format(output=str(tmp_path / "out")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(OSP / "opensora" / "sample")}
+    plain = subprocess.run([sys.executable, str(driver), str(tmp_path / "plain.pt")], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "compare", str(experiment), "--", str(driver)],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "the authors' TeaCache for Open-Sora-Plan v1.1" in results["meta"]["teacache_proxy"]
+    from taohooks.compare.experiment import PromptEntry
+    from taohooks.compare.store import RunStore
+
+    reference, _ = RunStore(tmp_path / "out").load("full", PromptEntry("a tiny test prompt", 0))
+    assert torch.equal(reference, torch.load(tmp_path / "plain.pt").float())
+    rows = {r["method"]: r for r in results["records"] if r["seed"] == 0}
+    assert rows["taocache"]["skipped_calls"] == 4 and rows["taocache"]["psnr"] < 100
+    assert rows["magcache"]["skipped_calls"] > 0 and rows["magcache"]["psnr"] < 100  # its threshold, matched elsewhere
+    assert all(rows[m]["calls"] == CALLS for m in ("taocache", "teacache", "magcache"))

@@ -16,6 +16,7 @@ import socket
 import sys
 import types
 import warnings
+from contextlib import contextmanager
 
 import pytest
 
@@ -52,8 +53,8 @@ class FullyShardedDataParallel(nn.Module):
         return self.module(*args, **kwargs)
 
 
-@pytest.fixture
-def wan():
+@contextmanager
+def wan_imports():
     """Imports of the checkout's ``wan`` package (``__init__`` bypassed); dropped afterwards."""
     with isolated_imports([WAN], ["wan"]):
         stub_module("ftfy", fix_text=lambda text: text)  # only when ftfy is not installed
@@ -66,6 +67,12 @@ def wan():
             wan_integration.uninstall()
             if getattr(sys.modules.get("ftfy"), "__taohooks_stub__", False):
                 del sys.modules["ftfy"]
+
+
+@pytest.fixture
+def wan():
+    with wan_imports() as imports:
+        yield imports
 
 
 def load_wan():
@@ -348,3 +355,67 @@ def test_hybrid_with_the_authors_teacache(wan, capfd, use_ret_steps, window, gua
     reused = int(re.search(r"TeaCache reused the block residual on (\d+) calls", err).group(1))
     assert reused == 2 * len(reused_steps), err
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
+
+
+COMPARE_DRIVER = """\
+import sys
+import torch
+sys.path.insert(0, {official!r})
+import test_wan_official as t
+with t.wan_imports() as wan:
+    text2video, model_module = wan.load()
+    pipe = t.make_pipe(text2video, t.tiny_model(model_module))
+    video = t.generate(pipe)  # taocache compare intercepts this call (and exits)
+    if len(sys.argv) > 1:
+        torch.save(video, sys.argv[1])
+"""
+COMPARE_EXPERIMENT = """\
+integration: wan
+prompts:
+  - {{prompt: "a tiny test prompt", seed: 0}}
+  - {{prompt: "another tiny prompt", seed: 3}}
+calibration_prompts: ["a calibration prompt", "one more calibration prompt"]
+search_prompts: 1
+search_iterations: 6
+methods: [full, taocache, teacache, magcache, easycache, pab]
+budgets: [0.25]
+easycache_warmup: 2
+output: {output}
+lpips: false
+"""
+
+
+def test_compare_through_the_official_loop(tmp_path):
+    """``taocache compare`` on WanT2V.generate of the checkout (a driver script builds the tiny pipeline and
+    calls it once): the stored reference is what generate returns for that prompt and seed; TaoCache,
+    the authors' TeaCache and MagCache (published, nothing calibrated for them) and EasyCache skip 2 of 8
+    steps in both streams; PAB alone skips nothing."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(COMPARE_DRIVER.format(official=str(Path(__file__).parent)))
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(COMPARE_EXPERIMENT.format(output=str(tmp_path / "out")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WAN)}  # the launcher looks for `wan` there
+    plain = subprocess.run([sys.executable, str(driver), str(tmp_path / "plain.pt")], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "compare", str(experiment), "--", str(driver)],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "the authors' TeaCache for Wan2.1 t2v-1.3B" in results["meta"]["teacache_proxy"]
+    assert "the authors' MagCache for Wan2.1 t2v-1.3B" in results["meta"]["magcache_ratios"]
+    from taohooks.compare.experiment import PromptEntry
+    from taohooks.compare.store import RunStore
+
+    reference, _ = RunStore(tmp_path / "out").load("full", PromptEntry("a tiny test prompt", 0))
+    assert torch.equal(reference[0], torch.load(tmp_path / "plain.pt").float())
+    rows = {r["method"]: r for r in results["records"] if r["seed"] == 0}
+    assert rows["taocache"]["skipped_calls"] == 4 and rows["taocache"]["calls"] == CALLS
+    assert rows["pab"]["skipped_calls"] == 0 and rows["pab"]["psnr"] < 100
+    for method in ("teacache", "magcache", "easycache"):
+        assert rows[method]["calls"] == CALLS and rows[method]["skipped_calls"] > 0, (method, rows[method])
