@@ -107,11 +107,11 @@ def test_prompt_file_seeds_and_overlap_with_calibration(tmp_path):
 def test_errors_come_before_the_script_runs(tmp_path, capsys):
     never = write(tmp_path, "raise SystemExit('the script ran')\n", "never.py")
     path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, pab]").replace(
-        "integration: testbed", "integration: latte"))
+        "integration: testbed", "integration: wan22"))
     assert cli.main(["compare", str(path), "--", str(never)]) == 1
     err = capsys.readouterr().err
-    assert "taocache compare: error:" in err and "pab is not yet available for the 'latte' integration (its " \
-                                                 "attention modules are not named yet)" in err
+    assert "taocache compare: error:" in err and "pab is not yet available for the 'wan22' integration (PAB " \
+                                                 "patches one model's attention, Wan2.2 has two experts)" in err
     wan22 = write(tmp_path, EXPERIMENT.replace("integration: testbed", "integration: wan22"), "wan22.yaml")
     assert cli.main(["compare", str(wan22), "--", str(never)]) == 1
     assert "teacache is not yet available for the 'wan22' integration: TeaCache has no Wan2.2 support" in \
@@ -421,7 +421,7 @@ def test_latte_teacache_as_its_authors_run_it_through_compare(tmp_path):
         num_sampling_steps=10, guidance_scale=7.5, seed=0, save_path=str(tmp_path / "videos"),
         text_prompt=["x"], video_length=4, image_size=[16, 16])))
     text = OFFICIAL_LIKE_EXPERIMENT.format(integration="latte", output="out").replace(
-        "methods: [full, taocache]", "methods: [full, teacache, magcache, taoskip+tearesidual]").replace(
+        "methods: [full, taocache]", "methods: [full, teacache, magcache, taoskip+tearesidual, pab]").replace(
         "budgets: [0.2]", "budgets: [0.3]\nsearch_prompts: 1")
     res = compare_in_a_process(tmp_path, write(tmp_path, text, "latte.yaml"), [str(LATTE), "--config", "sample.yaml"])
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -437,6 +437,8 @@ def test_latte_teacache_as_its_authors_run_it_through_compare(tmp_path):
         rows = [r for r in results["records"] if r["method"] == method]
         assert len(rows) == 2 and all(r["calls"] == 10 and r["skipped_fraction"] == 0.3 for r in rows), (method, rows)
         assert all(40 < r["psnr"] < 100 for r in rows)  # the whole-stack reuse changed the video, a little
+    pab = [r for r in results["records"] if r["method"] == "pab"]  # spatial and temporal self-attention
+    assert len(pab) == 2 and all(r["skipped_calls"] == 0 and r["psnr"] < 100 for r in pab)
 
 
 def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, launcher_state):

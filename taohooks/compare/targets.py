@@ -122,6 +122,9 @@ class Target:
 
 
 LATTE_STACKS = ("transformer_blocks", "temporal_transformer_blocks")  # spatial and temporal, interleaved
+# PAB in compare: the spatial and temporal self-attention, one range (VideoSys gives them 2 and 3 and also
+# broadcasts cross-attention: the YAML's pab: section has per-group ranges)
+LATTE_SELF_ATTENTION = r"(temporal_)?transformer_blocks\.\d+\.attn1"
 
 TARGETS: Dict[str, Target] = {
     "testbed": Target("prompts", "seeds", _batch_of_clips, "blocks", _testbed_probe,
@@ -134,11 +137,11 @@ TARGETS: Dict[str, Target] = {
                     "TeaCache has no Wan2.2 support (no published coefficients)"),
     "latte": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                     "the authors' TeaCache for Latte-1 (TeaCache's eval script, published coefficients)",
-                    tea_published=_latte_published_teacache("latte"), exit="norm_out"),
+                    tea_published=_latte_published_teacache("latte"), exit="norm_out", attention=LATTE_SELF_ATTENTION),
     "opensora_plan": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                             "the authors' TeaCache for Open-Sora-Plan v1.1 (TeaCache's eval script, published "
                             "coefficients)", tea_published=_latte_published_teacache("opensora_plan"),
-                            exit="norm_out"),
+                            exit="norm_out", attention=LATTE_SELF_ATTENTION),
 }
 
 
