@@ -276,6 +276,10 @@ class TeaCacheConfig:
                                              f"{self.published}) or coefficients:, not both")
             if self.use_ret_steps and not self.published.startswith("wan2.1"):
                 err("teacache.use_ret_steps", "the authors' use_ret_steps variant exists for Wan2.1 only")
+            for key, default in (("blocks", "blocks"), ("hidden_arg", 0), ("warmup_steps", 1)):
+                if getattr(self, key) != default:
+                    err(f"teacache.{key}", f"the authors' TeaCache for {self.published} sets its own block stack(s) "
+                                           f"and forced steps; remove {key}: (or published:)")
         elif self.use_ret_steps:
             err("teacache.use_ret_steps", "only with a Wan2.1 published: model (the authors' variant)")
         if self.coefficients is not None and not self.coefficients:

@@ -548,12 +548,18 @@ def test_under_torchrun_every_rank_runs_and_rank_0_writes(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    # under torchrun the script starts a process group (as Wan's generate.py does): the calibration, the
+    # threshold and what is left to run are then rank 0's on every rank (broadcast)
+    driver = write(tmp_path, "import runpy, sys\nfrom taohooks.runtime.distributed import init_from_environment\n"
+                             "assert init_from_environment()\nsys.argv = sys.argv[1:]\n"
+                             "runpy.run_path(sys.argv[0], run_name='__main__')\n", "driver.py")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
     runs = {}
     for name, launcher in (("single", [sys.executable, "-m", "taohooks.cli"]),
                            ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                     "--master_port", str(port), "-m", "taohooks.cli"])):
-        runs[name] = subprocess.run([*launcher, "compare", str(single if name == "single" else two), "--", *script],
+        argv = script if name == "single" else [str(driver), *script]
+        runs[name] = subprocess.run([*launcher, "compare", str(single if name == "single" else two), "--", *argv],
                                     cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                                     timeout=300)
         assert runs[name].returncode == 0, runs[name].stderr

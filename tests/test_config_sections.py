@@ -29,6 +29,8 @@ PAB = {"groups": [{"pattern": r"blocks\.\d+\.attn", "range": 2}], "steps": [1, 8
      "teacache.coefficients: give either published:"),
     ({"teacache": {"threshold": 0.1, "published": "latte", "use_ret_steps": True}},
      "teacache.use_ret_steps: the authors' use_ret_steps variant exists for Wan2.1 only"),
+    ({"teacache": {"threshold": 0.1, "published": "latte", "blocks": "transformer_blocks"}},
+     "teacache.blocks: the authors' TeaCache for latte sets its own block stack(s) and forced steps"),
     ({"integration": "wan", "teacache": {"threshold": 0.1, "published": "latte"}},
      "teacache.published: the authors' TeaCache for latte attaches to the latte / opensora_plan / diffusers / "
      "videosys integration(s), not 'wan'"),

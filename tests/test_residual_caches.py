@@ -151,6 +151,71 @@ def test_pab_neither_broadcasts_nor_caches_in_a_call_run_on_some_samples_only():
     assert all(o[0].shape == (2, 5, 4) for o in outs)
 
 
+def test_pab_stays_in_phase_when_it_sees_a_call_taocache_answers():
+    """PAB *before* TaoCache on the hook sees the skipped call, in which no attention runs: a call the
+    model never ran does not drop PAB's cache (broadcasts as with PAB after TaoCache)."""
+    from taohooks.taocache.extrapolation import TaoCacheCallback
+    from taohooks.taocache.plan import plan_from_window
+
+    model = TinyDiT(depth=1)
+    pab = PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.0\.attn", 2)], steps=(2, 7))
+    tao = TaoCacheCallback(plan_from_window(STEPS, ("main",), 4, 4, 1.0), None)
+    with DenoiserHook(LoopSpec(STEPS), [pab, tao]).attach(model) as hook:
+        run(model, STEPS)
+    assert hook.counts == {"main": [9, 1]} and pab.broadcasts == 3  # steps 3, 5, 7
+
+
+def test_a_block_whose_rows_do_not_map_runs_on_all_rows_in_a_partial_call():
+    """Sample 0 reuses, sample 1 computes; the middle block sees a packed ``[1, B*N, D]`` layout whose
+    rows do not map onto samples: it runs on everything, and sample 1 gets exactly its computed output."""
+    from taohooks.caches.residual import BlockStackCache
+
+    class PackedMiddle(TinyDiT):
+        def forward(self, x, timestep):
+            t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1, 1).expand(x.shape[0], 1)
+            c = self.t_embed(t / 1000)
+            h = self.blocks[0](self.embed(x), c)
+            b, n, d = h.shape
+            h = self.blocks[1](h.reshape(1, b * n, d), c[:1]).reshape(b, n, d)  # rows: 1, the batch: 2
+            return self.final(self.blocks[2](h, c))
+
+    class Scripted(BlockStackCache):
+        def decide(self, call, block, args, kwargs):
+            return [call.step == 3, False]
+
+    model = PackedMiddle(depth=3)
+    ref = run(model, STEPS)
+    scripted = Scripted()
+    with attach(model, [scripted]):
+        out = run(model, STEPS)
+    assert scripted.reused == 0.5
+    # sample 1 never reused and the blocks keep tokens apart: its outputs are the reference's
+    assert all(torch.allclose(o[0][1], r[0][1], atol=1e-6) for o, r in zip(out, ref))
+    assert not torch.allclose(out[3][0][0], ref[3][0][0])  # sample 0 reused at step 3
+
+
+def test_an_exit_module_that_never_receives_the_output_is_an_error():
+    model = TinyDiT()
+    skip = ResidualSkipCallback([3], exit="embed")  # runs before the blocks, not after them
+    with pytest.raises(RuntimeError, match="never reached 'embed'"):
+        with attach(model, [skip]):
+            run(model, STEPS)
+
+
+def test_reused_fractions_add_up_exactly():
+    from taohooks.caches.residual import BlockStackCache
+
+    class OneOfThree(BlockStackCache):
+        def decide(self, call, block, args, kwargs):
+            return [True, False, False]
+
+    model = TinyDiT()
+    cache = OneOfThree()
+    with attach(model, [cache]):
+        run(model, STEPS, x=torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0)))
+    assert cache.reused == (STEPS - 1) / 3  # the first call has no residual yet
+
+
 def test_callbacks_patching_the_same_blocks_detach_in_reverse_order():
     model = TinyDiT()
     original = model.blocks[0].forward

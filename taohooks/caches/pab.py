@@ -113,8 +113,9 @@ class PyramidAttentionBroadcast(Callback):
         return None
 
     def on_after_call(self, hook, call, output) -> None:
-        if self._call is call and (self.module_calls == self._module_calls_before  # the blocks were bypassed
-                                   or self._partial_seen):  # or ran on some samples only
+        if self._call is call and call.computed and (  # (a call TaoCache answered keeps PAB in phase)
+                self.module_calls == self._module_calls_before  # the blocks were bypassed
+                or self._partial_seen):  # or ran on some samples only
             self._cache = {k: v for k, v in self._cache.items() if k[1] != call.streams}
         self._call = None
 

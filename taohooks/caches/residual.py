@@ -14,7 +14,9 @@ their own rows of the residual; the others are computed. Then the blocks run on 
 only (every tensor argument of a block whose first dimension equals its hidden state's is sliced
 with it, ``row_subsets=True``), so that what each sample gets does not depend on how prompts were
 batched. A block's rows map to samples when their number is a multiple of the model's batch
-(Latte folds frames into rows: ``(b f) t d``); otherwise the call is decided as one.
+(Latte folds frames into rows: ``(b f) t d``). If the first block's rows do not, the call is decided
+as one (every sample reuses only if all would); a later block whose rows do not runs on all of them
+(the reused samples' rows are replaced at the stack's output anyway).
 
 Assumptions about the blocks: the hidden state is positional argument ``hidden_arg`` (default 0)
 and each block returns the new hidden state as a tensor of the same shape (DiT, Wan2.1, Latte and
@@ -77,7 +79,7 @@ class BlockStackCache(Callback):
         self._residuals: Dict[Tuple[str, ...], Tensor] = {}
         self._call = None
         self._batch: Optional[int] = None
-        self._entered = False
+        self._entered = self._left = False
         self._reuse: Optional[Tensor] = None  # per sample, bool [S]; None: compute everything
         self.partial = False  # in this call the blocks run on some samples' rows only (others reuse)
         self._x_in: Optional[Tensor] = None
@@ -155,14 +157,18 @@ class BlockStackCache(Callback):
         self._residuals, self._call = {}, None
 
     def on_before_call(self, hook, call, args, kwargs):
-        self._call, self._entered, self._reuse, self._x_in = call, False, None, None
+        self._call, self._entered, self._left, self._reuse, self._x_in = call, False, False, None, None
         self._batch, self.partial = model_batch(args, kwargs), False
         return None
 
     def on_after_call(self, hook, call, output) -> None:
         if call.computed and self._call is call:
+            if self._entered and not self._left:
+                raise RuntimeError(f"taohooks: {type(self).__name__}: the blocks ran but the stack's output never "
+                                   f"reached {self.exit_path!r} in this call; set `exit` to the module that receives "
+                                   "the output of the last block (Latte: 'norm_out')")
             self.calls += 1
-            fraction = 0.0 if self._reuse is None else float(self._reuse.float().mean())
+            fraction = 0.0 if self._reuse is None else int(self._reuse.sum()) / self._reuse.numel()
             self.last_reused = fraction
             self.reused += fraction
         self._call, self._x_in, self._reuse, self.partial = None, None, None, False
@@ -186,7 +192,7 @@ class BlockStackCache(Callback):
 
     def _leave(self, call, out: Tensor) -> Tensor:
         """The stack's output ``out``: computed rows update the residual, reused rows get ``input + residual``."""
-        x_in = self._x_in
+        x_in, self._left = self._x_in, True
         if x_in is None or out.shape != x_in.shape:
             raise RuntimeError(f"taohooks: {type(self).__name__}: the block stack's output {tuple(out.shape)} differs "
                                f"from its input {tuple(() if x_in is None else x_in.shape)}; set `exit` to the module "
@@ -229,8 +235,12 @@ class BlockStackCache(Callback):
 
     def _run_rows(self, inner, args: tuple, kwargs: dict, x: Tensor) -> Tensor:
         """A block on a call where some samples reuse: they pass through, the rest run."""
+        if not self.partial:  # every sample reuses
+            return x
         rows = self.reused_rows(x.shape[0])
-        if rows is None or bool(rows.all()):
+        if rows is None:  # rows that do not map onto samples: all run (reused ones are replaced at the output)
+            return inner(*args, **kwargs)
+        if bool(rows.all()):
             return x
         if not self.row_subsets:
             out = inner(*args, **kwargs)

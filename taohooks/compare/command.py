@@ -19,7 +19,7 @@ from ..runtime.io import atomic_write_bytes, check_writable
 from .experiment import ExperimentConfig, load_experiment
 from .plots import write_animation, write_plots, write_strip
 from .report import build_results, load_results, markdown_table, write_results
-from .runner import Experiment, check_before_run, intercept_generations
+from .runner import TEA_METHODS, Experiment, check_before_run, intercept_generations
 from .store import writes_results
 
 __all__ = ["run_compare", "rebuild_report", "taocache_config_of"]
@@ -73,7 +73,7 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
             "model_id": tao.model_id, "loop": experiment.loop.describe(), "config": config.to_dict(),
             "calibration": experiment.store.state("calibration"),
             "teacache_proxy": (getattr(experiment, "tea_provenance", None) or experiment.target.tea_source)
-            if "teacache" in config.methods else None,
+            if TEA_METHODS & set(config.methods) else None,
             "magcache_ratios": getattr(experiment, "mag_provenance", None) if "magcache" in config.methods else None,
             "easycache": (f"the rule of {__import__('taohooks.caches.easycache', fromlist=['SOURCE']).SOURCE}, "
                           f"warm-up {config.easycache_warmup} steps") if "easycache" in config.methods else None}

@@ -48,20 +48,21 @@ def budget_skips(budget: float, steps: int) -> int:
 
 class SkipRecorder(Callback):
     """Which calls of one generation were skipped: answered without the model (TaoCache) or with the
-    block stack bypassed (TeaCache). Put it after the caches on the hook."""
+    block stack bypassed (TeaCache, MagCache), for all samples of the call or some (a call where one of
+    two samples reused counts 0.5). Put it after the caches on the hook."""
 
     def __init__(self, block_caches: Sequence[BlockStackCache] = ()):
         self.block_caches = list(block_caches)
         self.calls = 0
-        self.skipped: List[Tuple[int, str]] = []  # (step, streams joined by '+')
-        self._reused = 0
+        self.skipped: List[Tuple[int, str]] = []  # (step, streams joined by '+') of every call that skipped
+        self.skipped_calls = 0.0  # the calls skipped, fractions of partly reused calls included
 
     def on_after_call(self, hook, call, output) -> None:
         self.calls += 1
-        reused = sum(c.reused for c in self.block_caches)
-        if not call.computed or reused > self._reused:
+        fraction = 1.0 if not call.computed else max((c.last_reused for c in self.block_caches), default=0.0)
+        if fraction > 0:
             self.skipped.append((call.step, "+".join(call.streams)))
-        self._reused = reused
+            self.skipped_calls += fraction
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Generation:
     seconds: float  # wall time of the generation call (CUDA-synchronised on GPU)
     calls: int
     skipped: List[Tuple[int, str]] = field(default_factory=list)
+    skipped_calls: Optional[float] = None  # None: len(skipped) (every skipped call skipped for all samples)
 
     peak_memory_bytes: Optional[int] = None  # CUDA only
 
@@ -80,10 +82,27 @@ class Generation:
         for _, streams in self.skipped:
             for stream in streams.split("+"):
                 per_stream[stream] = per_stream.get(stream, 0) + 1
-        return {"seconds": round(self.seconds, 6), "calls": self.calls, "skipped_calls": len(self.skipped),
-                "skipped_fraction": len(self.skipped) / self.calls if self.calls else 0.0,
+        skipped = len(self.skipped) if self.skipped_calls is None else self.skipped_calls
+        skipped = int(skipped) if float(skipped).is_integer() else skipped
+        return {"seconds": round(self.seconds, 6), "calls": self.calls, "skipped_calls": skipped,
+                "skipped_fraction": skipped / self.calls if self.calls else 0.0,
                 "skipped_per_stream": per_stream, "skipped_schedule": [list(s) for s in self.skipped],
                 "peak_memory_bytes": self.peak_memory_bytes}
+
+
+def _as_rank_zero_has_it(value: Any) -> Any:
+    """``value`` as rank 0 has it, on every rank of an initialised process group (unchanged without one).
+
+    Under sequence parallelism each rank sees its shard of the activations, so what a rank calibrates
+    (TeaCache's fit, MagCache's ratios) or measures (a threshold search) could differ between ranks and
+    their decisions, and then their collectives, with them; so could their view of the output folder."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def _on_cuda() -> bool:
@@ -185,7 +204,8 @@ class Experiment:
             seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if _on_cuda() else None
         video = self.target.video(result) if self.store.writer else None  # Wan2.1: None on ranks > 0
-        return Generation(video, seconds, recorder.calls, recorder.skipped, peak)
+        return Generation(video, seconds, recorder.calls, recorder.skipped, skipped_calls=recorder.skipped_calls,
+                          peak_memory_bytes=peak)
 
     # ------------------------------------------------------------------ the experiment
     def run(self, patch: GenerationPatch, bound: inspect.BoundArguments) -> None:
@@ -217,7 +237,7 @@ class Experiment:
                                   + f" ({self.loop.describe()}); give budgets that differ by at least 1/{steps}")
         # per prompt: the reference, then each method x budget, so that full-step and cached runs alternate
         runs = [(m, s, e) for e in evaluation for m, s in self.config.runs(steps)]
-        needed, why = _needs_calibration(self.config, self.tao)
+        needed, why = _as_rank_zero_has_it(_needs_calibration(self.config, self.tao))
         calibrated = self.store.state("calibration") is not None
         total = len(runs) + (len(calibration) if needed else 0)
         done = sum(self.store.has(run_label(m, s, steps), e) for m, s, e in runs) + (
@@ -229,7 +249,7 @@ class Experiment:
         lut, coefficients = self._calibration(calibration, needed, why)
         # what is left, decided once: under torchrun every rank runs the same generations in the same
         # order (their collectives must match) while only rank 0 writes
-        pending = [(m, s, e) for m, s, e in runs if not self.store.has(run_label(m, s, steps), e)]
+        pending = _as_rank_zero_has_it([(m, s, e) for m, s, e in runs if not self.store.has(run_label(m, s, steps), e)])
         for method, skips, entry in pending:
             label = run_label(method, skips, steps)
             callbacks = self._callbacks(method, skips, lut, coefficients, calibration)
@@ -246,22 +266,30 @@ class Experiment:
 
     def _calibration(self, prompts: List[PromptEntry], needed: bool, why: str):
         """``(LUT or None, TeaCache coefficients or None)``: recorded on the calibration prompts, or the
-        TaoCache config's complete LUT."""
+        TaoCache config's complete LUT; under torchrun rank 0's on every rank."""
+        lut, coefficients = self._calibrate(prompts, needed, why)
+        lut, coefficients, self.mag_ratios = _as_rank_zero_has_it((lut, coefficients, self.mag_ratios))
+        return lut, coefficients
+
+    def _calibrate(self, prompts: List[PromptEntry], needed: bool, why: str):
         from ..taocache.calibration import CalibrationRecorder
         from ..taocache.lut import CalibrationLUT
         from ..taocache.cache import check_run
         from ..caches.teacache import TeaCacheCalibrator
 
         lut_file = self.store.folder / "state" / "calibration_lut.safetensors"
+        here = self.store.writer  # ranks > 0 that cannot read a file take rank 0's (see _calibration)
         if not needed:
-            if not TAO_METHODS & set(self.config.methods):
+            if not TAO_METHODS & set(self.config.methods) or not (here or self.tao.lut_path().is_file()):
                 return None, None
             lut = CalibrationLUT.load(self.tao.lut_path())
             check_run(self.tao, lut, self.loop, self.identity)
             return lut, None
         state = self.store.state("calibration")
         used = [[e.prompt, e.seed] for e in prompts]
-        if state is not None and lut_file.is_file():
+        if _as_rank_zero_has_it(state is not None and lut_file.is_file()):  # resumed: no calibration runs
+            if state is None or not lut_file.is_file():
+                return None, None
             if state.get("calibration_prompts") != used:
                 raise ConfigError(self.config.source, "calibration_prompts", f"{self.store.folder} was calibrated on "
                                   f"other calibration prompts ({len(state.get('calibration_prompts') or [])} pairs, "
@@ -434,29 +462,28 @@ class Experiment:
 
         if label in self.thresholds:
             return self.thresholds[label]
-        saved = self.store.state("thresholds") or {}
+        known = _as_rank_zero_has_it((self.store.state("thresholds") or {}).get(label))  # a resumed search
         search = {"search_prompts": [[e.prompt, e.seed] for e in prompts],
                   "search_iterations": self.config.search_iterations}
-        if label in saved and {k: saved[label].get(k) for k in search} != search:
+        if known is not None and {k: known.get(k) for k in search} != search:
             raise ConfigError(self.config.source, "search_prompts", f"{self.store.folder} holds the {label} threshold "
                               "matched with other search prompts or search_iterations; use another output folder "
                               "(or delete it)")
-        if label not in saved:
+        if known is None:
             messages.notice(f"compare: {label}: searching the threshold for {100 * target:.1f}% skipped calls on "
                             f"{len(prompts)} calibration prompts")
 
             def measure(callbacks: List[Callback]) -> float:
                 runs = [self.generate(callbacks, entry) for entry in prompts]
-                return sum(len(r.skipped) for r in runs) / max(1, sum(r.calls for r in runs))
+                return sum(r.record()["skipped_calls"] for r in runs) / max(1, sum(r.calls for r in runs))
 
             threshold, fraction = match_threshold(make, measure, target, iterations=self.config.search_iterations,
                                                   what=f"compare: {label}'s threshold",
                                                   tolerance=0.5 / self.loop.steps)  # warns when it misses
-            saved = {**(self.store.state("thresholds") or {}),
-                     label: {"threshold": threshold, "search_fraction": fraction, **search}}
-            self.store.put_state("thresholds", saved)
-        self.thresholds[label] = {k: saved[label][k] for k in ("threshold", "search_fraction")}
-        return saved[label]
+            known = _as_rank_zero_has_it({"threshold": threshold, "search_fraction": fraction, **search})
+            self.store.put_state("thresholds", {**(self.store.state("thresholds") or {}), label: known})
+        self.thresholds[label] = {k: known[k] for k in ("threshold", "search_fraction")}
+        return self.thresholds[label]
 
 
 @contextlib.contextmanager
