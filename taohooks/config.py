@@ -90,6 +90,7 @@ class CalibrationConfig:
     accept: List[str] = field(default_factory=list)  # LUT identity differences accepted knowingly
     error_horizon: int = 16  # delta products kept per step for plan.rule: auto (0: none); as delta_gram.DEFAULT_HORIZON
     transfer: str = "refuse"  # a LUT of another step count: refuse, or interpolate (taohooks.taocache.lut_transfer)
+    teacache_fit: bool = False  # also fit TeaCache's polynomial in the same pass (<lut>.teacache.json)
 
     def validate(self, err) -> None:
         if self.prompts < 1:
@@ -256,6 +257,7 @@ class TeaCacheConfig:
     threshold: float = 0.0
     published: Optional[str] = None             # the authors' TeaCache for this model (TEACACHE_PUBLISHED)
     use_ret_steps: bool = False                 # with a Wan2.1 `published`: the authors' --use_ret_steps variant
+    calibrated: bool = False                    # the polynomial fitted in TaoCache's calibration pass (teacache_fit)
     coefficients: Optional[List[float]] = None  # rescaling polynomial, highest power first; null: plain rel-L1
     blocks: str = "blocks"                      # module path of the block stack whose residual is reused
     hidden_arg: int = 0                         # position of the hidden state in a block's arguments
@@ -282,6 +284,9 @@ class TeaCacheConfig:
                                            f"and forced steps; remove {key}: (or published:)")
         elif self.use_ret_steps:
             err("teacache.use_ret_steps", "only with a Wan2.1 published: model (the authors' variant)")
+        if self.calibrated and (self.published is not None or self.coefficients is not None):
+            err("teacache.calibrated", "give one of calibrated: true (the fit of the calibration pass), published: or "
+                                       "coefficients:")
         if self.coefficients is not None and not self.coefficients:
             err("teacache.coefficients", "expected polynomial coefficients (highest power first) or null")
         for key in ("warmup_steps", "guard_band"):
@@ -315,6 +320,8 @@ class TaoCacheConfig:
         for part in (self.loop, self.calibration, self.plan, self.pab, self.teacache):
             if part is not None:
                 part.validate(err)
+        if self.teacache is not None and self.teacache.calibrated and self.lut is None:
+            err("teacache.calibrated", "the fit is kept next to the LUT (<lut>.teacache.json): name a lut:")
         published = self.teacache.published if self.teacache is not None else None
         if published in TEACACHE_PUBLISHED and self.integration != "none":
             fits = ("wan",) if published.startswith("wan2.1") else ("latte", "opensora_plan", "diffusers", "videosys")

@@ -133,6 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             install_integration(config)
         _warn_without_autoload(config)
         precheck_integration(config, rest[1:])
+        check_teacache_fit(config)
     except (ConfigError, IntegrationError, ImportError, LUTMismatchError, PlanError, ValueError, OSError) as exc:
         print(f"taocache-run: {exc}", file=sys.stderr)
         return 2
@@ -223,6 +224,26 @@ def _pure_path_expression(node) -> bool:
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return _pure_path_expression(node.operand)
     return isinstance(node, (ast.Name, ast.Attribute)) and ast.unparse(node) in _PATH_NAMES
+
+
+def check_teacache_fit(config: TaoCacheConfig) -> None:
+    """``teacache: {calibrated: true}`` with a complete LUT: its fit file must be there and fit (a run
+    that calibrates first writes it)."""
+    tea, path = config.teacache, config.lut_path()
+    if tea is None or not tea.calibrated or path is None or not path.is_file():
+        return
+    from .caches.teacache_fit import fit_path, fitted_coefficients
+    from .taocache.cache import _teacache_proxy
+    from .taocache.lut import CalibrationLUT
+
+    if CalibrationLUT.load(path).num_prompts < config.calibration.prompts and config.calibration.auto:
+        return  # this run calibrates (and, with calibration.teacache_fit, fits) first
+    try:
+        fitted_coefficients(fit_path(path), _teacache_proxy(config))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(config.source or "the config", "teacache.calibrated",
+                          f"{exc}" + ("" if config.calibration.teacache_fit else
+                                      "; calibrate with calibration.teacache_fit: true")) from None
 
 
 def precheck_integration(config: TaoCacheConfig, script_argv: List[str]) -> None:

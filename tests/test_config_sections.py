@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from taohooks import TaoCache
+from taohooks import DenoiserHook, LoopSpec, TaoCache
 from taohooks.config import ConfigError, config_from_dict
 from taohooks.caches.pab import PyramidAttentionBroadcast
 from taohooks.taocache.plan import plan_from_window
@@ -110,3 +110,53 @@ def test_the_hybrid_runs_the_authors_teacache_from_yaml(published, probe, coeffi
         assert (tea.warmup_steps, tea.compute_last_step) == (1, True)
     else:
         assert (tea.warmup_steps, tea.compute_last_step) == (5, False)
+
+
+def test_teacache_fitted_in_the_calibration_pass(tmp_path):
+    """``calibration.teacache_fit``: the calibrating generations also record TeaCache's pairs into
+    ``<lut>.teacache.json`` (merged over runs); ``teacache.calibrated`` runs the hybrid with that fit."""
+    import numpy as np
+
+    from taohooks.caches.teacache import TeaCacheCalibrator
+    from taohooks.caches.teacache_fit import fit_path, load_pairs
+
+    model = TinyDiT()
+    lut = tmp_path / "luts" / "tiny.safetensors"
+    data = {"model_id": "tiny", "lut": str(lut), "calibration": {"prompts": 4, "teacache_fit": True},
+            "plan": {"window": [9, 10], "ratio": 1.0}, "teacache": {"threshold": 0.3, "calibrated": True}}
+    direct = TeaCacheCalibrator()
+    with DenoiserHook(LoopSpec(12), [direct]).attach(model) as hook:  # the same proxy, recorded directly
+        for seed in range(2):
+            hook.new_sample()
+            run(model, 12, seed=seed)
+    for seed in range(2):  # two runs, one generation of a batch of 2 each: the file adds them up
+        cache = TaoCache(config_from_dict(data, str(tmp_path / "c.yaml")))
+        with cache.attach(model, 12):
+            run(model, 12, seed=seed)
+        assert cache.calibrating
+    saved = load_pairs(fit_path(lut))
+    assert fit_path(lut).name == "tiny.teacache.json" and saved["generations"] == 2
+    assert saved["pairs"] == [[a, b] for a, b in direct.pairs] and len(saved["pairs"]) == 2 * 2 * 11  # 2 samples
+    cache = TaoCache(config_from_dict(data, str(tmp_path / "c.yaml")))
+    with cache.attach(model, 12):
+        run(model, 12)
+    tea = cache.hook.callbacks[1]
+    assert isinstance(tea, TeaCacheCallback) and tea.coefficients == direct.fit()
+    assert np.allclose(tea.coefficients, np.polyfit(*np.array(direct.pairs).T, 4))
+    assert tea.reused > 0 and cache.hook.counts["main"][1] == 2
+
+
+def test_teacache_calibrated_is_checked_before_the_script_runs(tmp_path):
+    from taohooks.run import check_teacache_fit
+
+    lut, model = tmp_path / "tiny.safetensors", TinyDiT()
+    config = config_from_dict({"lut": str(lut), "calibration": {"prompts": 2},
+                               "teacache": {"threshold": 0.3, "calibrated": True}}, str(tmp_path / "c.yaml"))
+    check_teacache_fit(config)  # no LUT yet: the run calibrates first
+    with TaoCache(config).attach(model, 12):  # calibrates (a batch of 2 prompts), without teacache_fit
+        run(model, 12)
+    with pytest.raises(ConfigError, match=r"c.yaml: teacache.calibrated: .*tiny.teacache.json does not exist.*"
+                                          r"calibrate with calibration.teacache_fit: true"):
+        check_teacache_fit(config)
+    with pytest.raises(ConfigError, match="teacache.calibrated: the fit is kept next to the LUT"):
+        config_from_dict({"teacache": {"threshold": 0.3, "calibrated": True}}, "c.yaml")

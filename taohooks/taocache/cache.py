@@ -231,7 +231,7 @@ class TaoCache:
                                                 identity=dict(identity or {}),
                                                 error_horizon=cfg.calibration.error_horizon)
             self.plan = no_skip_plan(loop.steps, loop.streams)
-            own: list = [self.recorder, _SaveLUT(self.recorder, path)]
+            own: list = [self.recorder, _SaveLUT(self.recorder, path), *_teacache_fit_callbacks(cfg, path)]
         else:
             guard = expert_guard(lut, expert_boundary)
             self.unskippable = guard
@@ -239,7 +239,7 @@ class TaoCache:
             carried = lut is not None and lut is not self.lut  # its timesteps are interpolated, not seen
             self.callback = TaoCacheCallback(self.plan, lut.timesteps if lut is not None and not carried else None,
                                              max_norm_ratio=cfg.plan.max_norm_ratio)
-            own = [self.callback] + section_callbacks(cfg, self.plan)
+            own = [self.callback] + section_callbacks(cfg, self.plan, path)
         self.hook = DenoiserHook(loop, own + list(callbacks), timestep_arg=timestep_arg, repeat=repeat)
         return self.hook.attach(module, *also)
 
@@ -288,7 +288,27 @@ class TaoCache:
         return "\n".join(lines)
 
 
-def section_callbacks(config: TaoCacheConfig, plan: SkipPlan) -> List[Callback]:
+def _teacache_proxy(config: TaoCacheConfig) -> dict:
+    from ..config import TeaCacheConfig
+
+    tea = config.teacache or TeaCacheConfig()
+    return {"blocks": tea.blocks, "hidden_arg": tea.hidden_arg}
+
+
+def _teacache_fit_callbacks(config: TaoCacheConfig, lut_path: Path) -> List[Callback]:
+    """With ``calibration.teacache_fit``: TeaCache's calibrator on the ``teacache:`` section's proxy and
+    what adds its pairs to ``<lut>.teacache.json`` after each generation."""
+    if not config.calibration.teacache_fit:
+        return []
+    from ..caches.teacache import TeaCacheCalibrator
+    from ..caches.teacache_fit import SaveTeaCacheFit, fit_path
+
+    proxy = _teacache_proxy(config)
+    calibrator = TeaCacheCalibrator(blocks=proxy["blocks"], hidden_arg=proxy["hidden_arg"])
+    return [calibrator, SaveTeaCacheFit(calibrator, fit_path(lut_path), proxy, writes=_writes_the_lut())]
+
+
+def section_callbacks(config: TaoCacheConfig, plan: SkipPlan, lut_path: Optional[Path] = None) -> List[Callback]:
     """The callbacks of the config's ``teacache:`` (hybrid) and ``pab:`` sections for this plan.
 
     TeaCache runs on steps before ``window start - guard_band`` (Algorithm 2); PAB broadcasts
@@ -305,7 +325,14 @@ def section_callbacks(config: TaoCacheConfig, plan: SkipPlan) -> List[Callback]:
         if tea.published is not None:
             callbacks.extend(published_teacache(tea.published, tea.threshold, tea.use_ret_steps, max_step))
         else:
-            callbacks.append(TeaCacheCallback(tea.threshold, tea.coefficients or [1.0, 0.0], blocks=tea.blocks,
+            coefficients = tea.coefficients or [1.0, 0.0]
+            if tea.calibrated:
+                from ..caches.teacache_fit import fit_path, fitted_coefficients
+
+                if lut_path is None:
+                    raise ValueError(f"{config.source}: teacache.calibrated needs a lut: (its fit is kept next to it)")
+                coefficients = fitted_coefficients(fit_path(lut_path), _teacache_proxy(config))
+            callbacks.append(TeaCacheCallback(tea.threshold, coefficients, blocks=tea.blocks,
                                               hidden_arg=tea.hidden_arg, warmup_steps=tea.warmup_steps,
                                               max_step=max_step))
     pab = config.pab
