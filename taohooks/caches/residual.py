@@ -72,7 +72,7 @@ class BlockStackCache(Callback):
         self.exit_path = exit
         self.hidden_arg = hidden_arg
         self.row_subsets = row_subsets
-        self.reused = 0.0  # calls whose block stack was bypassed, since attach (a call with half its samples reused: 0.5)
+        self.reused = 0.0  # calls whose block stack was bypassed since attach (half its samples reused: 0.5)
         self.calls = 0     # calls that ran the model, since attach
         self.last_reused = 0.0  # the last call's fraction of samples reused
         self._patches: List[ForwardPatch] = []

@@ -54,8 +54,9 @@ def add_pairs(path, pairs: Sequence[Tuple[float, float]], generations: int, prox
     with locked(path):
         data = _read(path) or {"format": FORMAT, "version": 1, "proxy": dict(proxy), "generations": 0, "pairs": []}
         if data.get("proxy") != dict(proxy):
-            raise ValueError(f"{path} holds TeaCache pairs recorded with the proxy {data.get('proxy')}, this run records "
-                             f"{dict(proxy)}; give the run another LUT (its fit file is named after it) or delete it")
+            raise ValueError(f"{path} holds TeaCache pairs recorded with the proxy {data.get('proxy')}, this run "
+                             f"records {dict(proxy)}; give the run another LUT (its fit file is named after it) or "
+                             "delete it")
         data["pairs"] = data["pairs"] + [[float(x), float(y)] for x, y in pairs]
         data["generations"] = int(data.get("generations", 0)) + int(generations)
         atomic_write_bytes(path, json.dumps(data).encode())

@@ -402,7 +402,8 @@ class Experiment:
             retention = self.config.magcache_retention
 
             def make(threshold: float) -> List[Callback]:
-                return [MagCacheCallback(ratios, threshold, k, retention, blocks=self.target.blocks, exit=self.target.exit)]
+                return [MagCacheCallback(ratios, threshold, k, retention, blocks=self.target.blocks,
+                                         exit=self.target.exit)]
 
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
             return make(found["threshold"])
@@ -450,8 +451,8 @@ class Experiment:
         probe = self.target.tea_probe()
 
         def make(threshold: float, max_step: Optional[int] = None) -> List[Callback]:
-            return [TeaCacheCallback(threshold, coefficients, probe=probe, blocks=self.target.blocks, exit=self.target.exit,
-                                     max_step=max_step)]
+            return [TeaCacheCallback(threshold, coefficients, probe=probe, blocks=self.target.blocks,
+                                     exit=self.target.exit, max_step=max_step)]
         return make
 
     def _threshold(self, label: str, make: Callable[[float], List[Callback]], prompts: List[PromptEntry],

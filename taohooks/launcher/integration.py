@@ -442,7 +442,8 @@ class GenerationPatch:
         total = computed + saved
         what = "calibrating, all steps computed" if cache.calibrating else cache.plan.describe()
         old = before.get("_extras", {})
-        extras = "".join(f"; {label.format(f'{n - old.get(label, 0):g}')}" for label, n in self._extra_counts(cache).items()
+        extras = "".join(f"; {label.format(f'{n - old.get(label, 0):g}')}"
+                         for label, n in self._extra_counts(cache).items()
                          if n - old.get(label, 0) or "fallbacks" not in label and "out of line" not in label)
         return (f"taohooks: generation {self.generations}: {saved} of {total} denoiser calls saved "
                 f"({100.0 * saved / max(total, 1):.1f}%){extras} [{what}]")
