@@ -381,7 +381,7 @@ def test_official_like_scripts_end_to_end(tmp_path):
     assert "calibrating taocache's LUT (the TaoCache config names no lut:) on 2 calibration prompts" in res.stderr
 
 
-def compare_in_a_process(tmp_path: Path, experiment: Path, script: list):
+def compare_in_a_process(tmp_path: Path, experiment: Path, script: list, pythonpath: str = ""):
     """``taocache compare EXPERIMENT -- SCRIPT...`` in a fresh process (an official-like script imports its
     own ``wan`` package); asserts it succeeded and returns the completed process."""
     import subprocess
@@ -389,7 +389,8 @@ def compare_in_a_process(tmp_path: Path, experiment: Path, script: list):
     driver = write(tmp_path, "import sys\nfrom taohooks import cli\nsys.argv = ['taocache']\n"
                              f"sys.exit(cli.main(['compare', {str(experiment)!r}, '--', *{script!r}]))\n", "d.py")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
-    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+    env.update({"OMP_NUM_THREADS": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})})
+    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     return res
@@ -439,6 +440,29 @@ def test_latte_teacache_as_its_authors_run_it_through_compare(tmp_path):
         assert all(40 < r["psnr"] < 100 for r in rows)  # the whole-stack reuse changed the video, a little
     pab = [r for r in results["records"] if r["method"] == "pab"]  # spatial and temporal self-attention
     assert len(pab) == 2 and all(r["skipped_calls"] == 0 and r["psnr"] < 100 for r in pab)
+
+
+def test_opensora_plan_through_compare(tmp_path):
+    """Open-Sora-Plan's call-contract script (PNDM: 6 steps are 15 calls, numbered by call; the pipeline
+    returns latents): the capture, TaoCache's budget in calls, the authors' TeaCache and PAB alone."""
+    script = FIXTURES / "opensora_plan" / "opensora" / "sample" / "sample_t2v.py"
+    text = OFFICIAL_LIKE_EXPERIMENT.format(integration="opensora_plan", output="out").replace(
+        "methods: [full, taocache]", "methods: [full, taocache, teacache, pab]").replace(
+        "budgets: [0.2]", "budgets: [0.2]\nsearch_prompts: 1\nsearch_iterations: 4")
+    compare_in_a_process(tmp_path, write(tmp_path, text, "osp.yaml"),
+                         [str(script), "--num_sampling_steps", "6", "--text_prompt", "x"],
+                         pythonpath=str(FIXTURES / "opensora_plan"))
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "the authors' TeaCache for Open-Sora-Plan v1.1" in results["meta"]["teacache_proxy"]
+    rows = {(r["method"], r["seed"]): r for r in results["records"]}
+    assert rows[("taocache", 0)]["calls"] == 15 and rows[("taocache", 0)]["skipped_calls"] == 3
+    assert rows[("pab", 0)]["skipped_calls"] == 0 and rows[("pab", 0)]["psnr"] < 100
+    assert rows[("teacache", 1)]["calls"] == 15
+    from taohooks.compare.store import RunStore
+
+    entries = load_experiment(tmp_path / "osp.yaml").evaluation_prompts()
+    video, _ = RunStore(tmp_path / "out").load("full", entries[0])
+    assert video.dim() == 5 and video.shape[0] == 1 and torch.isfinite(video).all()
 
 
 def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, launcher_state):
