@@ -595,3 +595,31 @@ def test_under_torchrun_every_rank_runs_and_rank_0_writes(tmp_path):
     for a, b in zip(stable(one), stable(both)):
         assert {k: v for k, v in a.items() if k != "peak_memory_bytes"} == {k: v for k, v in b.items()
                                                                            if k != "peak_memory_bytes"}
+
+
+def test_latents_recorded_where_the_script_decodes_them():
+    """The final latents are read from the decode call's first argument (Wan: ``vae.decode(list)``; the
+    pipelines: ``decode_latents(tensor)``), and the objects are exactly as before afterwards."""
+    import types
+
+    from taohooks.compare.targets import _pipeline_latents, _wan_latents
+
+    class Pipeline:
+        def decode_latents(self, latents):
+            return latents * 2
+
+    decoded = []
+    vae = types.SimpleNamespace(decode=lambda zs: decoded.append(len(zs)) or [z + 1 for z in zs])
+    original = vae.decode
+    z = [torch.ones(4, 2, 3, 3), torch.zeros(4, 2, 3, 3)]
+    with _wan_latents({"self": types.SimpleNamespace(vae=vae)}) as seen:
+        out = vae.decode(z)
+    assert decoded == [2] and torch.equal(out[0], z[0] + 1) and vae.decode is original
+    assert seen[0].shape == (2, 4, 2, 3, 3) and torch.equal(seen[0][1], z[1])
+    pipe = Pipeline()
+    with _pipeline_latents({"self": pipe}) as seen:
+        assert torch.equal(pipe.decode_latents(torch.ones(1, 4, 2, 3, 3)), 2 * torch.ones(1, 4, 2, 3, 3))
+    assert torch.equal(seen[0], torch.ones(1, 4, 2, 3, 3)) and "decode_latents" not in vars(pipe)
+    with _wan_latents({"self": types.SimpleNamespace()}) as seen:  # no VAE: nothing recorded
+        pass
+    assert seen == []

@@ -23,12 +23,22 @@ from .store import RunStore, run_label
 
 __all__ = ["build_results", "write_results", "load_results", "markdown_table", "METRICS"]
 
-METRICS = ("lpips", "ssim", "psnr", "psnr_pooled", "psnr_changed")
+METRICS = ("lpips", "ssim", "psnr", "psnr_pooled", "psnr_changed", "latent_rel_l2")
 
 
 def _mean(values: List[Optional[float]]) -> Optional[float]:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def _latent_rel_l2(store: RunStore, method: str, skips: int, steps: int, entry) -> Optional[float]:
+    """``||latents - reference latents|| / ||reference latents||`` of the final latents the script decoded
+    (float64), where both runs recorded them; else ``None``."""
+    ours, theirs = store.load_latents(run_label(method, skips, steps), entry), store.load_latents("full", entry)
+    if ours is None or theirs is None or ours.shape != theirs.shape:
+        return None
+    ours, theirs = ours.double(), theirs.double()
+    return float((ours - theirs).norm() / theirs.norm().clamp_min(1e-30))
 
 
 def build_results(config: ExperimentConfig, store: RunStore, steps: int, meta: Dict[str, Any]) -> Dict[str, Any]:
@@ -43,7 +53,8 @@ def build_results(config: ExperimentConfig, store: RunStore, steps: int, meta: D
             video, record = (reference, ref_record) if method == "full" else store.load(run_label(method, skips, steps),
                                                                                         entry)
             metrics = {k: None for k in (*METRICS, "identical_frames", "frames")} if method == "full" else \
-                score(video, reference, lpips_model)
+                {**score(video, reference, lpips_model), "latent_rel_l2": _latent_rel_l2(store, method, skips, steps,
+                                                                                          entry)}
             records.append({**record, "method": method, "budget": skips / steps, "skips": skips, "steps": steps,
                             **metrics})
     aggregates = []
@@ -63,7 +74,10 @@ def build_results(config: ExperimentConfig, store: RunStore, steps: int, meta: D
     meta = {**meta, "lpips": "AlexNet v0.1" if lpips_model is not None else None,
             "psnr": "per-frame mean, each frame capped at 100 dB (taocache bench, TeaCache's common_metrics)",
             "psnr_pooled": "MSE pooled over all frames of a video", "psnr_changed": "per-frame mean over the "
-            "frames that differ from the reference (MSE >= 1e-10)", "torch": torch.__version__}
+            "frames that differ from the reference (MSE >= 1e-10)",
+            "latent_rel_l2": "relative L2 distance of the final latents (before the VAE) to the reference's, where "
+            "the script decodes them (Wan: vae.decode; Latte / Open-Sora-Plan: decode_latents); else null",
+            "torch": torch.__version__}
     return {"meta": meta, "records": records, "aggregates": aggregates}
 
 

@@ -76,6 +76,7 @@ class Generation:
     skipped_calls: Optional[float] = None  # None: len(skipped) (every skipped call skipped for all samples)
 
     peak_memory_bytes: Optional[int] = None  # CUDA only
+    latents: Optional[torch.Tensor] = None  # the final latents the script decoded, where the target records them
 
     def record(self) -> Dict[str, Any]:
         per_stream: Dict[str, int] = {}
@@ -193,7 +194,9 @@ class Experiment:
         recorder = SkipRecorder([cb for cb in callbacks if isinstance(cb, BlockStackCache)])
         hook = DenoiserHook(self.loop, [*callbacks, recorder], **self.hook_kwargs)
         arguments = self._arguments_for(entry)
-        with hook.attach(self.model, *self.also):
+        capture = self.target.latents_during(dict(arguments.arguments)) if self.target.latents_during else \
+            contextlib.nullcontext([])
+        with hook.attach(self.model, *self.also), capture as latents:
             hook.new_sample()
             _sync()
             if _on_cuda():
@@ -205,7 +208,7 @@ class Experiment:
         peak = torch.cuda.max_memory_allocated() if _on_cuda() else None
         video = self.target.video(result) if self.store.writer else None  # Wan2.1: None on ranks > 0
         return Generation(video, seconds, recorder.calls, recorder.skipped, skipped_calls=recorder.skipped_calls,
-                          peak_memory_bytes=peak)
+                          peak_memory_bytes=peak, latents=latents[0] if latents and self.store.writer else None)
 
     # ------------------------------------------------------------------ the experiment
     def run(self, patch: GenerationPatch, bound: inspect.BoundArguments) -> None:
@@ -256,7 +259,7 @@ class Experiment:
             generation = self.generate(callbacks, entry)
             record = {"method": method, "skips": skips, "steps": steps, **generation.record(),
                       **self.thresholds.get(label, {}), **self.plans.get(label, {})}
-            self.store.save(label, entry, generation.video, record)
+            self.store.save(label, entry, generation.video, record, latents=generation.latents)
             self.progress.advance(f"{label}, {entry.prompt!r} seed {entry.seed}")
         if not self.store.writer:
             rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")

@@ -58,19 +58,31 @@ class RunStore:
     def has(self, label: str, entry: PromptEntry) -> bool:
         return self.run_path(label, entry).is_file()
 
-    def save(self, label: str, entry: PromptEntry, video: Optional[torch.Tensor], record: Dict[str, Any]) -> None:
+    def save(self, label: str, entry: PromptEntry, video: Optional[torch.Tensor], record: Dict[str, Any],
+             latents: Optional[torch.Tensor] = None) -> None:
+        """The video (and the final latents the script decoded, where recorded) with the record."""
         from safetensors.torch import save
 
         if not self.writer:
             return
         meta = {"record": json.dumps({**record, "prompt": entry.prompt, "seed": entry.seed})}
-        atomic_write_bytes(self.run_path(label, entry), save({"video": video.contiguous()}, metadata=meta))
+        tensors = {"video": video.contiguous()}
+        if latents is not None:
+            tensors["latents"] = latents.contiguous()
+        atomic_write_bytes(self.run_path(label, entry), save(tensors, metadata=meta))
 
     def load(self, label: str, entry: PromptEntry) -> Tuple[torch.Tensor, Dict[str, Any]]:
         from safetensors import safe_open
 
         with safe_open(str(self.run_path(label, entry)), framework="pt") as f:
             return f.get_tensor("video"), json.loads(f.metadata()["record"])
+
+    def load_latents(self, label: str, entry: PromptEntry) -> Optional[torch.Tensor]:
+        """The final latents stored with a run, or ``None`` where the script's were not recorded."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.run_path(label, entry)), framework="pt") as f:
+            return f.get_tensor("latents") if "latents" in f.keys() else None
 
     def state(self, name: str) -> Optional[Any]:
         path = self.folder / "state" / f"{name}.json"

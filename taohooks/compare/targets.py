@@ -7,8 +7,9 @@ yet, because the proxy its authors use is not implemented for that integration).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -37,6 +38,49 @@ def _pipeline_video(result: Any) -> torch.Tensor:
     if isinstance(video, torch.Tensor) and video.dtype == torch.uint8 and video.dim() == 5:
         return video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
     return video
+
+
+@contextlib.contextmanager
+def _recording_first_argument(owner: Any, names: Tuple[str, ...]) -> Iterator[List[torch.Tensor]]:
+    """While active, ``owner.<name>(x, ...)`` for each of ``names`` records ``x`` (a tensor ``[B, C, F, H, W]``
+    or a list of ``[C, F, H, W]``, stacked) as float32 on the CPU, then runs as before; put back exactly after."""
+    seen: List[torch.Tensor] = []
+    patched = []
+    for name in names:
+        inner = getattr(owner, name, None)
+        if inner is None:
+            continue
+        had = name in getattr(owner, "__dict__", {})
+
+        def record(latents, *args, _inner=inner, **kwargs):
+            value = torch.stack(list(latents)) if isinstance(latents, (list, tuple)) else latents
+            if isinstance(value, torch.Tensor) and not seen:
+                seen.append(value.detach().to("cpu", torch.float32))
+            return _inner(latents, *args, **kwargs)
+
+        object.__setattr__(owner, name, record)
+        patched.append((name, had, inner))
+    try:
+        yield seen
+    finally:
+        for name, had, inner in reversed(patched):
+            if had:
+                object.__setattr__(owner, name, inner)
+            else:
+                object.__delattr__(owner, name)
+
+
+def _wan_latents(arguments: dict) -> ContextManager[List[torch.Tensor]]:
+    """Wan's ``generate`` decodes the final latents with ``self.vae.decode(x0)`` (rank 0)."""
+    vae = getattr(arguments.get("self"), "vae", None)
+    return _recording_first_argument(vae, ("decode",)) if vae is not None else contextlib.nullcontext([])
+
+
+def _pipeline_latents(arguments: dict) -> ContextManager[List[torch.Tensor]]:
+    """Latte's / Open-Sora-Plan's pipelines decode the final latents with one of these methods (not
+    called with ``output_type='latents'``, which returns them as the video)."""
+    return _recording_first_argument(arguments["self"], ("decode_latents", "decode_latents_with_temporal_decoder",
+                                                         "decode_latents_image"))
 
 
 def _testbed_probe():
@@ -112,6 +156,9 @@ class Target:
     mag_published: Optional[Callable[[dict, int], tuple]] = None
     attention: Optional[str] = None  # the attention modules PAB broadcasts (full-name regex); None: not yet
     exit: Optional[str] = None  # the module receiving the stacks' output, where there are several (Latte)
+    # records the final latents (before the VAE) during a generation: (generate's arguments) -> a context
+    # manager yielding a list that holds them afterwards (empty when the script did not decode)
+    latents_during: Optional[Callable[[dict], ContextManager[List[torch.Tensor]]]] = None
 
     def video(self, result: Any) -> torch.Tensor:
         video = self.video_of(result)
@@ -132,16 +179,18 @@ TARGETS: Dict[str, Target] = {
     "wan": Target("input_prompt", "seed", _single_video, "blocks", None,
                   "the authors' TeaCache for Wan2.1 (timestep-embedding proxy, published coefficients)",
                   tea_published=_wan21_published_teacache, mag_published=_wan21_published_magcache,
-                  attention=r"blocks\.\d+\.self_attn"),
+                  attention=r"blocks\.\d+\.self_attn", latents_during=_wan_latents),
     "wan22": Target("input_prompt", "seed", _single_video, "blocks", None,
-                    "TeaCache has no Wan2.2 support (no published coefficients)"),
+                    "TeaCache has no Wan2.2 support (no published coefficients)", latents_during=_wan_latents),
     "latte": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                     "the authors' TeaCache for Latte-1 (TeaCache's eval script, published coefficients)",
-                    tea_published=_latte_published_teacache("latte"), exit="norm_out", attention=LATTE_SELF_ATTENTION),
+                    tea_published=_latte_published_teacache("latte"), exit="norm_out", attention=LATTE_SELF_ATTENTION,
+                    latents_during=_pipeline_latents),
     "opensora_plan": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                             "the authors' TeaCache for Open-Sora-Plan v1.1 (TeaCache's eval script, published "
                             "coefficients)", tea_published=_latte_published_teacache("opensora_plan"),
-                            exit="norm_out", attention=LATTE_SELF_ATTENTION),
+                            exit="norm_out", attention=LATTE_SELF_ATTENTION,
+                    latents_during=_pipeline_latents),
 }
 
 

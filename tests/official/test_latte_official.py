@@ -203,12 +203,12 @@ def make_text_pipe(pipeline_latte, latte_t2v):
     return with_byte_text_encoder(make_pipe(pipeline_latte, latte_t2v))
 
 
-def text_call(pipe, prompt="a tiny test prompt"):
+def text_call(pipe, prompt="a tiny test prompt", output_type="latents"):
     """As ``sample_t2x.py`` calls the pipeline: a prompt string, torch's global RNG (no generator)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return pipe(prompt, video_length=4, height=64, width=64, num_inference_steps=STEPS, guidance_scale=7.5,
-                    output_type="latents", enable_temporal_attentions=True, mask_feature=True,
+                    output_type=output_type, enable_temporal_attentions=True, mask_feature=True,
                     clean_caption=False).video
 
 
@@ -221,7 +221,7 @@ with t.latte_imports() as load:
     pipeline_latte, latte_t2v = load()
     pipe = t.make_text_pipe(pipeline_latte, latte_t2v)
     torch.manual_seed(0)  # the seed of the first evaluation prompt (compare seeds each run like this)
-    video = t.text_call(pipe)  # taocache compare intercepts this call (and exits)
+    video = t.text_call(pipe, output_type="mp4")  # decoded (uint8); taocache compare intercepts this call
     if len(sys.argv) > 1:
         torch.save(video, sys.argv[1])
 """
@@ -242,9 +242,10 @@ lpips: false
 
 def test_compare_through_the_official_loop(tmp_path):
     """``taocache compare`` on the checkout's LattePipeline (a driver script builds the tiny pipeline with a
-    text encoder and calls it once, as sample_t2x.py does): the stored reference is what the pipeline returns
-    for that prompt with torch seeded; the authors' TeaCache (published coefficients), MagCache and the
-    ablation reuse the whole spatial + temporal stack of the real LatteT2V."""
+    text encoder and calls it once, as sample_t2x.py does, decoding with the tiny VAE): the stored reference is
+    the video the pipeline returns for that prompt with torch seeded, and the final latents are recorded at
+    ``decode_latents``; the authors' TeaCache (published coefficients), MagCache and the ablation reuse the
+    whole spatial + temporal stack of the real LatteT2V."""
     import json
     import os
     import subprocess
@@ -267,10 +268,13 @@ def test_compare_through_the_official_loop(tmp_path):
     from taohooks.compare.experiment import PromptEntry
     from taohooks.compare.store import RunStore
 
-    reference, _ = RunStore(tmp_path / "out").load("full", PromptEntry("a tiny test prompt", 0))
-    assert torch.equal(reference, torch.load(tmp_path / "plain.pt").float())
+    store, entry = RunStore(tmp_path / "out"), PromptEntry("a tiny test prompt", 0)
+    reference, _ = store.load("full", entry)
+    plain = torch.load(tmp_path / "plain.pt")  # uint8 [B, F, H, W, C]
+    assert plain.dtype == torch.uint8 and torch.equal(reference, plain.permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
+    assert store.load_latents("full", entry).shape == (1, 4, 4, 8, 8)  # [B, C, F, h, w] before the VAE
     rows = {r["method"]: r for r in results["records"] if r["seed"] == 0}
     for method in ("taocache", "magcache", "taoskip+tearesidual"):
         assert rows[method]["calls"] == STEPS and rows[method]["skipped_calls"] == 3, (method, rows[method])
-        assert rows[method]["psnr"] < 100
+        assert rows[method]["psnr"] < 100 and 0 < rows[method]["latent_rel_l2"] < 1
     assert rows["teacache"]["calls"] == STEPS

@@ -416,6 +416,9 @@ def test_compare_through_the_official_loop(tmp_path):
     assert torch.equal(reference[0], torch.load(tmp_path / "plain.pt").float())
     rows = {r["method"]: r for r in results["records"] if r["seed"] == 0}
     assert rows["taocache"]["skipped_calls"] == 4 and rows["taocache"]["calls"] == CALLS
+    # the final latents, recorded at vae.decode (here a stub that returns them): stored and compared
+    latents = RunStore(tmp_path / "out").load_latents("full", PromptEntry("a tiny test prompt", 0))
+    assert torch.equal(latents[0], reference[0]) and 0 < rows["taocache"]["latent_rel_l2"] < 1
     assert rows["pab"]["skipped_calls"] == 0 and rows["pab"]["psnr"] < 100
     for method in ("teacache", "magcache", "easycache"):
         assert rows[method]["calls"] == CALLS and rows[method]["skipped_calls"] > 0, (method, rows[method])
