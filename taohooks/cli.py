@@ -351,6 +351,9 @@ def _cmd_calibrate(args) -> int:
         print(f"taocache calibrate: {path}: {have} of {wanted} prompts recorded; running {script[0]} for the rest"
               + (f" on {args.devices} processes" if args.devices > 1 else ""))
     env = {ENV_CALIBRATE_PROMPTS: str(Path(args.prompts).resolve()), ENV_CALIBRATE_ONLY: "1"}
+    if (args.devices > 1 or args.data_parallel) and config.calibration.teacache_fit:
+        raise ConfigError(args.config, "calibration.teacache_fit", "TeaCache's fit is recorded in one process only: "
+                          "calibrate without --devices / --data-parallel (or set teacache_fit: false)")
     if args.devices > 1 or args.data_parallel:
         env[ENV_CALIBRATE_SHARDED] = "1"
     argv = script + ["--taocache", args.config]

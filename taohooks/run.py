@@ -227,23 +227,31 @@ def _pure_path_expression(node) -> bool:
 
 
 def check_teacache_fit(config: TaoCacheConfig) -> None:
-    """``teacache: {calibrated: true}`` with a complete LUT: its fit file must be there and fit (a run
-    that calibrates first writes it)."""
+    """``teacache: {calibrated: true}``: the fit file must be there and fit the LUT, unless this run
+    calibrates and fits first (``calibration.teacache_fit``, the LUT incomplete)."""
     tea, path = config.teacache, config.lut_path()
-    if tea is None or not tea.calibrated or path is None or not path.is_file():
+    if tea is None or not tea.calibrated or path is None:
         return
     from .caches.teacache_fit import fit_path, fitted_coefficients
     from .taocache.cache import _teacache_proxy
     from .taocache.lut import CalibrationLUT
 
-    if CalibrationLUT.load(path).num_prompts < config.calibration.prompts and config.calibration.auto:
-        return  # this run calibrates (and, with calibration.teacache_fit, fits) first
-    try:
-        fitted_coefficients(fit_path(path), _teacache_proxy(config))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ConfigError(config.source or "the config", "teacache.calibrated",
-                          f"{exc}" + ("" if config.calibration.teacache_fit else
-                                      "; calibrate with calibration.teacache_fit: true")) from None
+    lut = CalibrationLUT.load(path) if path.is_file() else None
+    complete = lut is not None and lut.num_prompts >= config.calibration.prompts
+    fits_now = config.calibration.teacache_fit and config.calibration.auto and not complete
+    fit = fit_path(path)
+    if not fit.is_file():
+        if fits_now:
+            return  # this run calibrates, and fits, first
+        why = (f"{path} is complete, so no calibration runs to fit it: delete the LUT (or raise calibration.prompts) "
+               "and run again" if complete and config.calibration.teacache_fit else
+               "set calibration.teacache_fit: true and calibrate (the LUT and the fit in one pass)")
+        raise ConfigError(config.source or "the config", "teacache.calibrated", f"{fit} does not exist; {why}")
+    if complete:
+        try:
+            fitted_coefficients(fit, _teacache_proxy(config), lut.created)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ConfigError(config.source or "the config", "teacache.calibrated", str(exc)) from None
 
 
 def precheck_integration(config: TaoCacheConfig, script_argv: List[str]) -> None:

@@ -376,6 +376,12 @@ def test_official_like_scripts_end_to_end(tmp_path):
         assert tao["psnr"] >= 30  # a late window of these smooth stand-in models costs little
     wan_reference, _ = RunStore(tmp_path / "out_wan").load("full", entries[0])
     assert torch.equal(wan_reference[0], torch.load(tmp_path / "plain.pt"))  # WanT2V.generate's return value
+    latents = RunStore(tmp_path / "out_wan").load_latents("full", entries[0])  # recorded at vae.decode
+    assert torch.equal(latents, wan_reference)  # (the stand-in VAE returns its input)
+    wan_tao = json.loads((tmp_path / "out_wan" / "results.json").read_text())["records"][1]
+    assert 0 < wan_tao["latent_rel_l2"] < 0.1
+    assert "latent rel. L2" in (tmp_path / "out_wan" / "results.md").read_text()
+    assert "latent rel. L2" not in (tmp_path / "out_latte" / "results.md").read_text()  # the fixture does not decode
     latte = [[RunStore(tmp_path / out).load("full", e)[0] for e in entries] for out in ("out_latte", "out_latte2")]
     assert all(torch.equal(a, b) for a, b in zip(*latte)) and not torch.equal(latte[0][0], latte[0][1])
     assert "calibrating taocache's LUT (the TaoCache config names no lut:) on 2 calibration prompts" in res.stderr

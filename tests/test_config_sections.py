@@ -147,16 +147,49 @@ def test_teacache_fitted_in_the_calibration_pass(tmp_path):
 
 
 def test_teacache_calibrated_is_checked_before_the_script_runs(tmp_path):
+    """A run that would find no fit says so before the script starts: without teacache_fit (whatever the
+    LUT), and with it when the LUT is complete (no calibration runs to fit)."""
     from taohooks.run import check_teacache_fit
 
     lut, model = tmp_path / "tiny.safetensors", TinyDiT()
-    config = config_from_dict({"lut": str(lut), "calibration": {"prompts": 2},
-                               "teacache": {"threshold": 0.3, "calibrated": True}}, str(tmp_path / "c.yaml"))
-    check_teacache_fit(config)  # no LUT yet: the run calibrates first
-    with TaoCache(config).attach(model, 12):  # calibrates (a batch of 2 prompts), without teacache_fit
+
+    def config(fit: bool):
+        return config_from_dict({"lut": str(lut), "calibration": {"prompts": 2, "teacache_fit": fit},
+                                 "teacache": {"threshold": 0.3, "calibrated": True}}, str(tmp_path / "c.yaml"))
+
+    with pytest.raises(ConfigError, match=r"c.yaml: teacache.calibrated: .*tiny.teacache.json does not exist; set "
+                                          r"calibration.teacache_fit: true and calibrate"):
+        check_teacache_fit(config(False))  # no LUT yet, and this run would not fit
+    check_teacache_fit(config(True))  # no LUT yet: this run calibrates and fits first
+    with TaoCache(config(False)).attach(model, 12):  # calibrates (a batch of 2 prompts) without fitting
         run(model, 12)
-    with pytest.raises(ConfigError, match=r"c.yaml: teacache.calibrated: .*tiny.teacache.json does not exist.*"
-                                          r"calibrate with calibration.teacache_fit: true"):
-        check_teacache_fit(config)
+    with pytest.raises(ConfigError, match=r"tiny.safetensors is complete, so no calibration runs to fit it: delete "
+                                          r"the LUT"):
+        check_teacache_fit(config(True))
     with pytest.raises(ConfigError, match="teacache.calibrated: the fit is kept next to the LUT"):
         config_from_dict({"teacache": {"threshold": 0.3, "calibrated": True}}, "c.yaml")
+
+
+def test_a_recalibrated_lut_starts_its_teacache_fit_again(tmp_path):
+    """The LUT deleted and calibrated again (the answer to a mismatch): its fit is not added to the old one's
+    pairs; a fit of another calibration of the LUT is refused at load."""
+    import os
+
+    from taohooks.caches.teacache_fit import fit_path, fitted_coefficients, load_pairs
+    from taohooks.taocache.cache import _teacache_proxy
+    from taohooks.taocache.lut import CalibrationLUT
+
+    lut, model = tmp_path / "tiny.safetensors", TinyDiT()
+    data = {"lut": str(lut), "calibration": {"prompts": 2, "teacache_fit": True},
+            "teacache": {"threshold": 0.3, "calibrated": True}}
+    for _ in range(2):
+        if lut.exists():
+            os.remove(lut)
+        with TaoCache(config_from_dict(data, str(tmp_path / "c.yaml"))).attach(model, 12):
+            run(model, 12)
+        saved = load_pairs(fit_path(lut))
+        assert saved["generations"] == 1 and len(saved["pairs"]) == 2 * 11  # not doubled the second time
+        assert saved["lut_created"] == CalibrationLUT.load(lut).created
+    config = config_from_dict(data, str(tmp_path / "c.yaml"))
+    with pytest.raises(ValueError, match="was fitted while calibrating another LUT"):
+        fitted_coefficients(fit_path(lut), _teacache_proxy(config), "2000-01-01T00:00:00+00:00")

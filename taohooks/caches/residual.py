@@ -16,7 +16,8 @@ with it, ``row_subsets=True``), so that what each sample gets does not depend on
 batched. A block's rows map to samples when their number is a multiple of the model's batch
 (Latte folds frames into rows: ``(b f) t d``). If the first block's rows do not, the call is decided
 as one (every sample reuses only if all would); a later block whose rows do not runs on all of them
-(the reused samples' rows are replaced at the stack's output anyway).
+(the reused samples' rows are replaced at the stack's output anyway; a computed sample then gets
+exactly what it gets alone only if that block keeps its rows apart).
 
 Assumptions about the blocks: the hidden state is positional argument ``hidden_arg`` (default 0)
 and each block returns the new hidden state as a tensor of the same shape (DiT, Wan2.1, Latte and

@@ -48,11 +48,21 @@ def _read(path: Path) -> Optional[dict]:
     return data
 
 
-def add_pairs(path, pairs: Sequence[Tuple[float, float]], generations: int, proxy: Dict[str, object]) -> dict:
-    """Add ``pairs`` (from ``generations`` generations, recorded with ``proxy``) to the file; returns its contents."""
+def add_pairs(path, pairs: Sequence[Tuple[float, float]], generations: int, proxy: Dict[str, object],
+              lut_created: str = "") -> dict:
+    """Add ``pairs`` (from ``generations`` generations, recorded with ``proxy`` while calibrating the LUT
+    created at ``lut_created``) to the file; returns its contents. A file of an earlier LUT (deleted and
+    calibrated again) is started again, not added to."""
     path = Path(path)
     with locked(path):
-        data = _read(path) or {"format": FORMAT, "version": 1, "proxy": dict(proxy), "generations": 0, "pairs": []}
+        data = _read(path)
+        if data is not None and data.get("lut_created") != lut_created:
+            messages.notice(f"TeaCache fit {path} belonged to an earlier calibration of the LUT (created "
+                            f"{data.get('lut_created') or '?'}); it starts again with this one")
+            data = None
+        if data is None:
+            data = {"format": FORMAT, "version": 1, "lut_created": lut_created, "proxy": dict(proxy),
+                    "generations": 0, "pairs": []}
         if data.get("proxy") != dict(proxy):
             raise ValueError(f"{path} holds TeaCache pairs recorded with the proxy {data.get('proxy')}, this run "
                              f"records {dict(proxy)}; give the run another LUT (its fit file is named after it) or "
@@ -71,31 +81,59 @@ def load_pairs(path) -> dict:
     return data
 
 
-def fitted_coefficients(path, proxy: Dict[str, object]) -> List[float]:
-    """The degree-4 polynomial fitted on every pair in the file (recorded with ``proxy``)."""
+def fitted_coefficients(path, proxy: Dict[str, object], lut_created: Optional[str] = None) -> List[float]:
+    """The degree-4 polynomial fitted on every pair in the file (recorded with ``proxy``; with
+    ``lut_created``, while calibrating that LUT)."""
     data = load_pairs(path)
     if data.get("proxy") != dict(proxy):
         raise ValueError(f"{path} holds TeaCache pairs recorded with the proxy {data.get('proxy')}, the config's "
                          f"teacache: section uses {dict(proxy)}")
+    if lut_created is not None and data.get("lut_created") != lut_created:
+        raise ValueError(f"{path} was fitted while calibrating another LUT (created {data.get('lut_created') or '?'}; "
+                         f"this LUT was created {lut_created}); delete the LUT and calibrate both again")
     fit = TeaCacheCalibrator()
     fit.pairs = [tuple(p) for p in data["pairs"]]
     return fit.fit()
 
 
 class SaveTeaCacheFit(Callback):
-    """After each generation of a calibrating run, the pairs it recorded go to the fit file (rank 0)."""
+    """After each generation the LUT took, a calibrating run adds the pairs it recorded to the fit file
+    (rank 0; an aborted generation's pairs are dropped; a failed save is retried after the next
+    generation and at the end of the process)."""
 
-    def __init__(self, calibrator: TeaCacheCalibrator, path, proxy: Dict[str, object], writes: bool = True):
-        self.calibrator, self.path, self.proxy, self.writes = calibrator, Path(path), dict(proxy), writes
+    def __init__(self, calibrator: TeaCacheCalibrator, path, proxy: Dict[str, object], lut_path):
+        self.calibrator, self.path, self.proxy, self.lut_path = calibrator, Path(path), dict(proxy), Path(lut_path)
         self._sent = 0
+        self._start = 0
+        self._generations = 0
+        self._exit_registered = False
+
+    def on_sample_start(self, hook, sample: int) -> None:
+        self._start = len(self.calibrator.pairs)
+
+    def on_sample_abort(self, hook, sample: int, reason: str) -> None:
+        del self.calibrator.pairs[self._start:]
 
     def on_sample_end(self, hook, sample: int) -> None:
+        self._generations += 1
+        self._save("the next generation tries again, and the end of the process")
+
+    def _save(self, then: str) -> None:
+        from ..taocache.cache import _writes_the_lut
+        from ..taocache.lut import CalibrationLUT
+
         pairs = self.calibrator.pairs[self._sent:]
-        if not self.writes or not pairs:
+        if not pairs or not _writes_the_lut():
             return
         try:
-            add_pairs(self.path, pairs, 1, self.proxy)
+            created = CalibrationLUT.load(self.lut_path).created  # the LUT this calibration writes
+            add_pairs(self.path, pairs, self._generations, self.proxy, created)
         except (OSError, ValueError) as exc:
-            messages.warning(f"TeaCache fit {self.path} was not saved: {exc}; the next generation tries again")
+            messages.warning(f"TeaCache fit {self.path} was not saved: {exc}; {then}")
+            if not self._exit_registered:
+                import atexit
+
+                atexit.register(self._save, "its pairs are lost")
+                self._exit_registered = True
             return
-        self._sent = len(self.calibrator.pairs)
+        self._sent, self._generations = len(self.calibrator.pairs), 0

@@ -70,6 +70,7 @@ def build_results(config: ExperimentConfig, store: RunStore, steps: int, meta: D
                                                                          for k in r["skipped_per_stream"])},
                            "peak_memory_bytes": max((r["peak_memory_bytes"] or 0 for r in rows), default=0) or None,
                            **{k: _mean([r[k] for r in rows]) for k in METRICS},
+                           "latent_prompts": sum(r["latent_rel_l2"] is not None for r in rows),  # the mean's prompts
                            **{k: rows[0][k] for k in ("threshold", "search_fraction", "window") if k in rows[0]}})
     meta = {**meta, "lpips": "AlexNet v0.1" if lpips_model is not None else None,
             "psnr": "per-frame mean, each frame capped at 100 dB (taocache bench, TeaCache's common_metrics)",
@@ -96,20 +97,25 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def markdown_table(results: Dict[str, Any]) -> str:
-    """The aggregates, rows grouped by budget, like the paper's Tables 1-3."""
+    """The aggregates, rows grouped by budget, like the paper's Tables 1-3 (with the latents' relative L2
+    distance where the script's final latents were recorded)."""
     meta, rows = results["meta"], results["aggregates"]
     full = [r for r in results["records"] if r["method"] == "full"]
+    latents = any(r.get("latent_rel_l2") is not None for r in rows)
     lines = [f"### `taocache compare`: {meta.get('integration', '?')}, {meta.get('loop', '')}", "",
              f"{len(full)} prompts; full-step reference {sum(r['seconds'] for r in full):.2f} s in all. PSNR: "
              "per-frame mean capped at 100 dB; pooled: one MSE over all frames; changed: frames equal to the "
-             "reference left out.", "",
+             "reference left out." + (" Latent rel. L2: the final latents against the reference's." if latents
+                                      else ""), "",
              "| budget | method | speedup | % calls skipped | LPIPS ↓ | SSIM ↑ | PSNR ↑ (dB) | PSNR pooled | "
-             "PSNR changed |", "|---|---|---|---|---|---|---|---|---|"]
+             "PSNR changed |" + (" latent rel. L2 ↓ |" if latents else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if latents else "")]
     for r in sorted(rows, key=lambda r: (r["budget"], r["method"])):
         lines.append(f"| {r['skips']}/{r['steps']} ({100 * r['budget']:.0f}%) | {r['method']} | "
                      f"{_fmt(r['speedup'], '.3f')}x | {100 * r['skipped_fraction']:.1f}% | {_fmt(r['lpips'], '.4f')} | "
                      f"{_fmt(r['ssim'], '.4f')} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['psnr_pooled'], '.2f')} | "
-                     f"{_fmt(r['psnr_changed'], '.2f')} |")
+                     f"{_fmt(r['psnr_changed'], '.2f')} |" + (f" {_fmt(r.get('latent_rel_l2'), '.4f')} |" if latents
+                                                                else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -46,21 +46,22 @@ def _recording_first_argument(owner: Any, names: Tuple[str, ...]) -> Iterator[Li
     or a list of ``[C, F, H, W]``, stacked) as float32 on the CPU, then runs as before; put back exactly after."""
     seen: List[torch.Tensor] = []
     patched = []
-    for name in names:
-        inner = getattr(owner, name, None)
-        if inner is None:
-            continue
-        had = name in getattr(owner, "__dict__", {})
-
-        def record(latents, *args, _inner=inner, **kwargs):
-            value = torch.stack(list(latents)) if isinstance(latents, (list, tuple)) else latents
-            if isinstance(value, torch.Tensor) and not seen:
-                seen.append(value.detach().to("cpu", torch.float32))
-            return _inner(latents, *args, **kwargs)
-
-        object.__setattr__(owner, name, record)
-        patched.append((name, had, inner))
     try:
+        for name in names:
+            inner = getattr(owner, name, None)
+            if inner is None:
+                continue
+            had = name in getattr(owner, "__dict__", {})
+
+            def record(*args, _inner=inner, **kwargs):
+                latents = args[0] if args else next(iter(kwargs.values()), None)
+                value = torch.stack(list(latents)) if isinstance(latents, (list, tuple)) else latents
+                if isinstance(value, torch.Tensor) and not seen:
+                    seen.append(value.detach().to("cpu", torch.float32))
+                return _inner(*args, **kwargs)
+
+            object.__setattr__(owner, name, record)
+            patched.append((name, had, inner))
         yield seen
     finally:
         for name, had, inner in reversed(patched):

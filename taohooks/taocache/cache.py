@@ -305,7 +305,7 @@ def _teacache_fit_callbacks(config: TaoCacheConfig, lut_path: Path) -> List[Call
 
     proxy = _teacache_proxy(config)
     calibrator = TeaCacheCalibrator(blocks=proxy["blocks"], hidden_arg=proxy["hidden_arg"])
-    return [calibrator, SaveTeaCacheFit(calibrator, fit_path(lut_path), proxy, writes=_writes_the_lut())]
+    return [calibrator, SaveTeaCacheFit(calibrator, fit_path(lut_path), proxy, lut_path)]
 
 
 def section_callbacks(config: TaoCacheConfig, plan: SkipPlan, lut_path: Optional[Path] = None) -> List[Callback]:
@@ -331,7 +331,9 @@ def section_callbacks(config: TaoCacheConfig, plan: SkipPlan, lut_path: Optional
 
                 if lut_path is None:
                     raise ValueError(f"{config.source}: teacache.calibrated needs a lut: (its fit is kept next to it)")
-                coefficients = fitted_coefficients(fit_path(lut_path), _teacache_proxy(config))
+                lut = _load_present(lut_path)
+                coefficients = fitted_coefficients(fit_path(lut_path), _teacache_proxy(config),
+                                                   lut.created if lut is not None else None)
             callbacks.append(TeaCacheCallback(tea.threshold, coefficients, blocks=tea.blocks,
                                               hidden_arg=tea.hidden_arg, warmup_steps=tea.warmup_steps,
                                               max_step=max_step))

@@ -58,7 +58,8 @@ class LUTFormatError(ValueError):
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    """UTC, to the microsecond (it also tells apart two LUTs calibrated within one second)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 @dataclass
