@@ -271,3 +271,23 @@ def with_byte_text_encoder(pipe, width: int = 16):
     object.__setattr__(pipe, "tokenizer", ByteTokenizer())  # not through DiffusionPipeline's registration
     object.__setattr__(pipe, "text_encoder", encoder)
     return pipe
+
+
+def compare_through_driver(tmp_path, driver: str, experiment: str, pythonpath) -> dict:
+    """``driver`` (a script that builds a tiny pipeline from the checkout and calls it once, saving the
+    result to ``argv[1]`` when given) run plainly into ``tmp_path/plain.pt``, then ``taocache compare``
+    with ``experiment`` (``{output}`` filled in) through it; returns ``results.json``'s content."""
+    import json
+    import subprocess
+
+    (tmp_path / "driver.py").write_text(driver.format(official=str(Path(__file__).parent)))
+    (tmp_path / "exp.yaml").write_text(experiment.format(output=str(tmp_path / "out")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(pythonpath)}  # where the launcher looks
+    plain = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "plain.pt")], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "compare", str(tmp_path / "exp.yaml"), "--",
+                          str(tmp_path / "driver.py")], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    return json.loads((tmp_path / "out" / "results.json").read_text())

@@ -274,24 +274,9 @@ def test_compare_through_the_official_loop(tmp_path):
     """``taocache compare`` on the checkout's VideoGenPipeline (PNDM: 12 steps = 21 calls, numbered by call):
     the stored reference is what the pipeline returns for that prompt with torch seeded; TaoCache skips 4 of
     21 calls, MagCache (calibrated ratios) some; the authors' TeaCache runs on the whole spatial + temporal stack."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from official_support import compare_through_driver
 
-    driver = tmp_path / "driver.py"
-    driver.write_text(COMPARE_DRIVER.format(official=str(Path(__file__).parent)))
-    experiment = tmp_path / "exp.yaml"
-    experiment.write_text(COMPARE_EXPERIMENT.format(output=str(tmp_path / "out")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(OSP / "opensora" / "sample")}
-    plain = subprocess.run([sys.executable, str(driver), str(tmp_path / "plain.pt")], env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert plain.returncode == 0, plain.stderr
-    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "compare", str(experiment), "--", str(driver)],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    results = compare_through_driver(tmp_path, COMPARE_DRIVER, COMPARE_EXPERIMENT, OSP / "opensora" / "sample")
     assert "the authors' TeaCache for Open-Sora-Plan v1.1" in results["meta"]["teacache_proxy"]
     from taohooks.compare.experiment import PromptEntry
     from taohooks.compare.store import RunStore

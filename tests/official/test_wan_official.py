@@ -390,23 +390,9 @@ def test_compare_through_the_official_loop(tmp_path):
     calls it once): the stored reference is what generate returns for that prompt and seed; TaoCache,
     the authors' TeaCache and MagCache (published, nothing calibrated for them) and EasyCache skip 2 of 8
     steps in both streams; PAB alone skips nothing."""
-    import json
-    import os
-    import subprocess
-    from pathlib import Path
+    from official_support import compare_through_driver
 
-    driver = tmp_path / "driver.py"
-    driver.write_text(COMPARE_DRIVER.format(official=str(Path(__file__).parent)))
-    experiment = tmp_path / "exp.yaml"
-    experiment.write_text(COMPARE_EXPERIMENT.format(output=str(tmp_path / "out")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WAN)}  # the launcher looks for `wan` there
-    plain = subprocess.run([sys.executable, str(driver), str(tmp_path / "plain.pt")], env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert plain.returncode == 0, plain.stderr
-    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "compare", str(experiment), "--", str(driver)],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    results = compare_through_driver(tmp_path, COMPARE_DRIVER, COMPARE_EXPERIMENT, WAN)
     assert "the authors' TeaCache for Wan2.1 t2v-1.3B" in results["meta"]["teacache_proxy"]
     assert "the authors' MagCache for Wan2.1 t2v-1.3B" in results["meta"]["magcache_ratios"]
     from taohooks.compare.experiment import PromptEntry
