@@ -273,6 +273,15 @@ def with_byte_text_encoder(pipe, width: int = 16):
     return pipe
 
 
+def compare_experiment(integration: str, methods: str, budget: float, extra: str = "") -> str:
+    """A small experiment YAML for :func:`compare_through_driver` (2 prompts, 2 calibration prompts)."""
+    return (f"integration: {integration}\n"
+            "prompts:\n  - {{prompt: \"a tiny test prompt\", seed: 0}}\n  - {{prompt: \"another tiny prompt\", seed: 3}}\n"
+            "calibration_prompts: [\"a calibration prompt\", \"one more calibration prompt\"]\n"
+            f"search_prompts: 1\nsearch_iterations: 6\nmethods: [{methods}]\nbudgets: [{budget}]\n{extra}"
+            "output: {output}\nlpips: false\n")
+
+
 def compare_through_driver(tmp_path, driver: str, experiment: str, pythonpath) -> dict:
     """``driver`` (a script that builds a tiny pipeline from the checkout and calls it once, saving the
     result to ``argv[1]`` when given) run plainly into ``tmp_path/plain.pt``, then ``taocache compare``

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 
+import official_support  # noqa: E402
 from official_support import calibrating_config, checkout, config, isolated_imports, package_without_init, summaries
 
 LATTE = checkout("TAOHOOKS_LATTE_REPO", "sample/pipeline_latte.py")
@@ -225,19 +226,7 @@ with t.latte_imports() as load:
     if len(sys.argv) > 1:
         torch.save(video, sys.argv[1])
 """
-COMPARE_EXPERIMENT = """\
-integration: latte
-prompts:
-  - {{prompt: "a tiny test prompt", seed: 0}}
-  - {{prompt: "another tiny prompt", seed: 3}}
-calibration_prompts: ["a calibration prompt", "one more calibration prompt"]
-search_prompts: 1
-search_iterations: 6
-methods: [full, taocache, teacache, magcache, taoskip+tearesidual]
-budgets: [0.3]
-output: {output}
-lpips: false
-"""
+COMPARE_EXPERIMENT = official_support.compare_experiment("latte", "full, taocache, teacache, magcache, taoskip+tearesidual", 0.3)
 
 
 def test_compare_through_the_official_loop(tmp_path):

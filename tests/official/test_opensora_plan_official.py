@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 
+import official_support  # noqa: E402
 from official_support import calibrating_config, checkout, config, isolated_imports, summaries
 
 OSP = checkout("TAOHOOKS_OSP_REPO", "opensora/sample/pipeline_videogen.py")
@@ -255,19 +256,7 @@ with t.osp_imports() as load:
     if len(sys.argv) > 1:
         torch.save(video, sys.argv[1])
 """
-COMPARE_EXPERIMENT = """\
-integration: opensora_plan
-prompts:
-  - {{prompt: "a tiny test prompt", seed: 0}}
-  - {{prompt: "another tiny prompt", seed: 3}}
-calibration_prompts: ["a calibration prompt", "one more calibration prompt"]
-search_prompts: 1
-search_iterations: 6
-methods: [full, taocache, teacache, magcache]
-budgets: [0.2]
-output: {output}
-lpips: false
-"""
+COMPARE_EXPERIMENT = official_support.compare_experiment("opensora_plan", "full, taocache, teacache, magcache", 0.2)
 
 
 def test_compare_through_the_official_loop(tmp_path):

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import pytest
 
+import official_support  # noqa: E402
 from official_support import (calibrating_config, checkout, config, isolated_imports, package_without_init,
                               sdpa_flash_attention, stub_module, summaries)
 
@@ -369,20 +370,8 @@ with t.wan_imports() as wan:
     if len(sys.argv) > 1:
         torch.save(video, sys.argv[1])
 """
-COMPARE_EXPERIMENT = """\
-integration: wan
-prompts:
-  - {{prompt: "a tiny test prompt", seed: 0}}
-  - {{prompt: "another tiny prompt", seed: 3}}
-calibration_prompts: ["a calibration prompt", "one more calibration prompt"]
-search_prompts: 1
-search_iterations: 6
-methods: [full, taocache, teacache, magcache, easycache, pab]
-budgets: [0.25]
-easycache_warmup: 2
-output: {output}
-lpips: false
-"""
+COMPARE_EXPERIMENT = official_support.compare_experiment("wan", "full, taocache, teacache, magcache, easycache, pab", 0.25,
+                                        "easycache_warmup: 2\n")
 
 
 def test_compare_through_the_official_loop(tmp_path):
