@@ -629,3 +629,16 @@ def test_latents_recorded_where_the_script_decodes_them():
     with _wan_latents({"self": types.SimpleNamespace()}) as seen:  # no VAE: nothing recorded
         pass
     assert seen == []
+
+
+def test_a_partly_reused_call_counts_its_fraction():
+    """A call where one of two prompts reused counts 0.5 skipped calls, in the total and per stream; the
+    schedule lists the call."""
+    from taohooks.compare.runner import Generation
+
+    g = Generation(None, 1.0, 4, [(2, "cond"), (3, "cond"), (3, "uncond")], skipped_calls=2.5,
+                   fractions=[1.0, 0.5, 1.0])
+    record = g.record()
+    assert record["skipped_calls"] == 2.5 and record["skipped_fraction"] == 2.5 / 4
+    assert record["skipped_per_stream"] == {"cond": 1.5, "uncond": 1}
+    assert record["skipped_schedule"] == [[2, "cond"], [3, "cond"], [3, "uncond"]]

@@ -55,6 +55,7 @@ class SkipRecorder(Callback):
         self.block_caches = list(block_caches)
         self.calls = 0
         self.skipped: List[Tuple[int, str]] = []  # (step, streams joined by '+') of every call that skipped
+        self.fractions: List[float] = []  # of each of those calls, the fraction of its samples skipped
         self.skipped_calls = 0.0  # the calls skipped, fractions of partly reused calls included
 
     def on_after_call(self, hook, call, output) -> None:
@@ -62,6 +63,7 @@ class SkipRecorder(Callback):
         fraction = 1.0 if not call.computed else max((c.last_reused for c in self.block_caches), default=0.0)
         if fraction > 0:
             self.skipped.append((call.step, "+".join(call.streams)))
+            self.fractions.append(fraction)
             self.skipped_calls += fraction
 
 
@@ -74,15 +76,17 @@ class Generation:
     calls: int
     skipped: List[Tuple[int, str]] = field(default_factory=list)
     skipped_calls: Optional[float] = None  # None: len(skipped) (every skipped call skipped for all samples)
+    fractions: Optional[List[float]] = None  # per entry of skipped: the fraction of its samples (None: all)
 
     peak_memory_bytes: Optional[int] = None  # CUDA only
     latents: Optional[torch.Tensor] = None  # the final latents the script decoded, where the target records them
 
     def record(self) -> Dict[str, Any]:
-        per_stream: Dict[str, int] = {}
-        for _, streams in self.skipped:
+        per_stream: Dict[str, float] = {}
+        for (_, streams), fraction in zip(self.skipped, self.fractions or [1] * len(self.skipped)):
             for stream in streams.split("+"):
-                per_stream[stream] = per_stream.get(stream, 0) + 1
+                per_stream[stream] = per_stream.get(stream, 0) + fraction
+        per_stream = {k: int(v) if float(v).is_integer() else v for k, v in per_stream.items()}
         skipped = len(self.skipped) if self.skipped_calls is None else self.skipped_calls
         skipped = int(skipped) if float(skipped).is_integer() else skipped
         return {"seconds": round(self.seconds, 6), "calls": self.calls, "skipped_calls": skipped,
@@ -208,6 +212,7 @@ class Experiment:
         peak = torch.cuda.max_memory_allocated() if _on_cuda() else None
         video = self.target.video(result) if self.store.writer else None  # Wan2.1: None on ranks > 0
         return Generation(video, seconds, recorder.calls, recorder.skipped, skipped_calls=recorder.skipped_calls,
+                          fractions=recorder.fractions,
                           peak_memory_bytes=peak, latents=latents[0] if latents and self.store.writer else None)
 
     # ------------------------------------------------------------------ the experiment
