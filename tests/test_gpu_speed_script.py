@@ -21,3 +21,24 @@ def test_gpu_speed_smoke(tmp_path, capsys):
     (record,) = json.loads(out.read_text())
     assert record["skipped_calls"] == 4 and record["calls"] == 20 and record["ideal"] == pytest.approx(1.25)
     assert "| 5 | 0.20 | 4/20 |" in capsys.readouterr().out
+
+
+def test_gpu_session_script_smoke(tmp_path):
+    """benchmarks/gpu_session.sh (the one device call of a session lent a GPU) in its CPU smoke mode: every
+    stage runs and leaves its files under $OUT (the scenes model from scratch: no weights to continue)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
+           "INIT": str(tmp_path / "none.safetensors"), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out"
+    assert json.loads((out / "gpu_speed.json").read_text())[0]["calls"] == 12
+    assert (out / "scenes-flow.safetensors").stat().st_size > 1_000_000
+    assert "done: 3 steps" in (out / "train.log").read_text()
+    assert json.loads((out / "sensitivity.json").read_text())["n"] == 2
+    assert "no " in res.stdout and "the scenes training starts from scratch" in res.stdout and "done" in res.stdout

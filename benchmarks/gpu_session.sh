@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The device run of a session that is lent a GPU, prepared so that it costs one call of under 10 minutes
+# (each stage has its own time limit: 170 + TRAIN_SECONDS (240) + 160 s):
+#   1. the end-to-end speed table of TaoCache on the full-size Wan2.1-1.3B architecture
+#      (benchmarks/gpu_speed.py; 33 frames, 832x480, 50 steps, bf16, budgets 8/16/25%, one timed run each);
+#   2. training of the scenes testbed (issue 15) from the EMA weights in .carry/, TRAIN_SECONDS long;
+#   3. the issue's measurements of the checkpoint it wrote (scenes_sensitivity, 64 held-out pairs).
+# Everything it writes is under $OUT (gpu.txt, gpu_speed.json/.log, scenes-flow.safetensors/.json,
+# train.log, sensitivity.json/.log): the files come back; nothing else does.
+#
+# Prepare here (the package registries work here, not there), once per checkout:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==8.7.0
+#   mkdir -p .carry && cp /work/runs/scenes/flow.safetensors .carry/scenes-flow.safetensors   # or the wip weights
+# then, with the device tool:
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
+# .whl/ and .carry/ are git-ignored. The image there has torch, einops, safetensors, pyyaml, numpy, pillow,
+# tqdm and matplotlib; diffusers (for gpu_speed.py's WanTransformer3DModel) travels as a wheel.
+#
+# SMOKE=1 runs every step tiny on the CPU, to check the script here before spending device time:
+#   SMOKE=1 OUT=/tmp/gpu_out PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+PY=${PYTHON:-python3}
+SMOKE=${SMOKE:-0}
+TRAIN_SECONDS=${TRAIN_SECONDS:-240}
+INIT=${INIT:-.carry/scenes-flow.safetensors}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl > /dev/null 2>&1 && [ "$SMOKE" != 1 ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+started=$(date +%s)
+say() { echo "[$(( $(date +%s) - started )) s] $*" | tee -a "$OUT/session.log"; }
+
+if [ "$SMOKE" = 1 ]; then
+    speed=(--tiny --device cpu --frames 5 --height 32 --width 32 --steps 6 --budgets 0.34 --repeats 1)
+    train=(--device cpu --batch-size 2 --workers 0 --threads 2 --log-every 1 --save-every 2 --keep-every 0)
+    train_steps=3
+    measure=(--n 2 --steps 8 --skip-steps 2,5 --noise-change 0.01 --batch-size 2 --calibration-pairs 2
+             --search-pairs 1 --search-iterations 2 --threads 2)
+    TRAIN_SECONDS=120
+else
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+    speed=(--frames 33 --budgets 0.08 0.16 0.25 --repeats 1)
+    train=(--device cuda --batch-size 128 --workers 12 --bf16 --log-every 200 --save-every 1000 --save-minutes 1
+           --keep-every 0)
+    train_steps=1000000
+    measure=(--n 64 --skip-steps 2,10,25,45 --noise-change 0.01,0.05 --batch-size 16 --calibration-pairs 8
+             --threads 16)
+fi
+
+say "1. gpu_speed.py ${speed[*]}"
+timeout 170 "$PY" benchmarks/gpu_speed.py "${speed[@]}" --json "$OUT/gpu_speed.json" > "$OUT/gpu_speed.log" 2>&1
+say "   exit $? ($(tail -c 300 "$OUT/gpu_speed.log" | tr '\n' ' '))"
+
+init=()
+if [ -f "$INIT" ]; then init=(--init "$INIT"); else say "   no $INIT: the scenes training starts from scratch"; fi
+say "2. train_scenes for ${TRAIN_SECONDS} s ${train[*]} ${init[*]}"
+timeout "$TRAIN_SECONDS" "$PY" -m taohooks.testbed.train_scenes --kind flow --steps "$train_steps" "${train[@]}" \
+    "${init[@]}" --out "$OUT/scenes-flow.safetensors" --state /tmp/scenes-flow.state.pt > "$OUT/train.log" 2>&1
+say "   exit $? ($(grep -E '^(step|saved|done)' "$OUT/train.log" | tail -n 2 | tr '\n' ' '))"
+
+if [ -f "$OUT/scenes-flow.safetensors" ]; then
+    say "3. scenes_sensitivity ${measure[*]}"
+    timeout 160 "$PY" -m taohooks.testbed.scenes_sensitivity --weights "$OUT/scenes-flow.safetensors" "${measure[@]}" \
+        --out "$OUT/sensitivity.json" > "$OUT/sensitivity.log" 2>&1
+    say "   exit $? ($(grep -E 'accuracy|noise|teacache' "$OUT/sensitivity.log" | head -n 3 | tr '\n' ' '))"
+else
+    say "3. no checkpoint was written: nothing to measure"
+fi
+say "done"
