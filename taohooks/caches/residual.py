@@ -69,7 +69,6 @@ class BlockStackCache(Callback):
         if len(self.blocks_paths) > 1 and exit is None:
             raise ValueError(f"taohooks: several block stacks {self.blocks_paths} need exit= (the module that "
                              "receives their output, e.g. 'norm_out')")
-        self.blocks_path = self.blocks_paths[0]
         self.exit_path = exit
         self.hidden_arg = hidden_arg
         self.row_subsets = row_subsets
