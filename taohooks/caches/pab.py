@@ -70,9 +70,12 @@ class PyramidAttentionBroadcast(Callback):
         self._anchor: Optional[int] = None
         self._module_calls_before, self._partial_seen = 0, False
         self.hook = None
+        self._row_caches: list = []
 
     def on_attach(self, hook) -> None:
         self.hook = hook
+        # the block-stack caches on the hook (whose calls may run some samples' rows only), looked up once
+        self._row_caches = [cb for cb in hook.callbacks if hasattr(cb, "partial")]
         named = list(hook.module.named_modules())
         self._patches = []
         for group in self.groups:
@@ -126,7 +129,7 @@ class PyramidAttentionBroadcast(Callback):
                 if call is None:
                     return inner(*args, **kwargs)
                 self.module_calls += 1
-                if any(getattr(cb, "partial", False) for cb in self.hook.callbacks):
+                if any(cb.partial for cb in self._row_caches):
                     self._partial_seen = True
                     return inner(*args, **kwargs)
                 key = (name, call.streams)
