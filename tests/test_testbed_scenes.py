@@ -1,6 +1,7 @@
 """Fast tests of the scenes testbed (issue 15): data, recogniser, model size, sampling, resumable training."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,6 +177,27 @@ def test_sensitivity_measurement_runs_on_a_tiny_model():
     assert -1.0 <= out["late_cosine"] <= 1.0
 
 
+
+def test_sensitivity_cli_checks_the_device_before_loading(tmp_path, capsys):
+    """``--device`` that this machine cannot use is an error before the checkpoint is read; on the CPU the
+    CLI measures a checkpoint and records the device."""
+    from taohooks.testbed import scenes_sensitivity
+
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(SystemExit, match="--device nonsense: not usable here"):
+        scenes_sensitivity.main(["--weights", str(missing), "--device", "nonsense"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: not usable here"):
+            scenes_sensitivity.main(["--weights", str(missing), "--device", "cuda"])
+    weights = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "1", "--out", str(weights)])
+    out = tmp_path / "m.json"
+    scenes_sensitivity.main(["--weights", str(weights), "--device", "cpu", "--n", "1", "--steps", "4",
+                             "--skip-steps", "1", "--noise-change", "", "--budget", "0", "--batch-size", "1",
+                             "--calibration-pairs", "1", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["device"] == "cpu" and record["n"] == 1 and set(record["skip"]) == {"1"}
+
 # ---------------------------------------------------------------- exact-score control
 def test_exact_control_denoises_to_its_components():
     from taohooks.testbed.scenes_exact import ExactSceneDenoiser
@@ -206,6 +228,37 @@ def test_eps_loop_is_one_batched_call_per_step():
     assert out.shape == (2, 3, 8, 32, 32) and model.config.out_channels == 6
     assert len(calls) == 3 and calls[0][:2] == [-1, -1] and -1 not in calls[0][2:]  # cat([uncond, cond])
 
+
+def test_training_stops_and_saves_on_sigterm_and_after_max_minutes(tmp_path, capsys):
+    """``timeout`` (SIGTERM) and ``--max-minutes`` end a run after its current step with a save that
+    ``--resume`` continues from: no step done is lost, and the summary says the run is not final."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "w.safetensors"
+    cmd = [sys.executable, "-m", "taohooks.testbed.train_scenes", *TINY, "--steps", "100000", "--save-every",
+           "100000", "--save-minutes", "1000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 4 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, rest
+    summary = json.loads((tmp_path / "w.json").read_text())
+    assert summary["final"] is False and summary["steps_done"] >= 4
+    assert f"(step {summary['steps_done']}, stopped by SIGTERM)" in rest
+    train_scenes.main([*TINY, "--steps", str(summary["steps_done"] + 2), "--out", str(out),
+                       "--resume", str(tmp_path / "w.state.pt")])
+    assert json.loads((tmp_path / "w.json").read_text())["steps_done"] == summary["steps_done"] + 2
+
+    train_scenes.main([*TINY, "--steps", "100000", "--max-minutes", "0.0001", "--out", str(tmp_path / "m.safetensors")])
+    summary = json.loads((tmp_path / "m.json").read_text())
+    assert summary["final"] is False and summary["steps_done"] < 100000
+    assert "stopped after --max-minutes 0.0001" in capsys.readouterr().out
 
 def test_training_with_worker_processes_and_bf16(tmp_path):
     out = tmp_path / "w.safetensors"

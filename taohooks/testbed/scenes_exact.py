@@ -69,7 +69,7 @@ class ExactSceneDenoiser(nn.Module):
                                      training=f"exact-K{per_prompt}-tau{tau}")
         self.unit = nn.Parameter(torch.ones(()), requires_grad=False)  # gives the module a device and dtype
         self.blocks = nn.ModuleList([ExactBlock(dim, self)])
-        self._cache: Dict[Tuple[int, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: Dict[Tuple[Tuple[int, ...], str], Tuple[torch.Tensor, torch.Tensor]] = {}
         self.context = None
         self.anchors = [p for p, _ in scenes.eval_pairs(ANCHORS)]
 
@@ -80,16 +80,18 @@ class ExactSceneDenoiser(nn.Module):
         g = scenes.HEIGHT // self.p
         return rearrange(tokens, "b (f h w) (c p q) -> b c f (h p) (w q)", h=g, w=g, p=self.p, q=self.p)
 
-    def components(self, ids: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def components(self, ids: Tuple[int, ...], device: torch.device = torch.device("cpu")
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mixture means ``[K, 3*8*32*32]`` float64 and their squared norms ``[K]`` for a prompt's
-        ids (all -1: the null prompt)."""
-        if ids not in self._cache:
+        ids (all -1: the null prompt), on ``device`` (rendered once, kept per device)."""
+        key = (ids, str(device))
+        if key not in self._cache:
             prompts = self.anchors if ids[0] < 0 else [scenes.ScenePrompt(*ids[:3], ids[3] + 1, ids[4])]
             k = self.per_prompt if ids[0] >= 0 else max(1, self.per_prompt // 4)
             clips = [scenes.render(p, s) for p in prompts for s in range(k)]
-            m = torch.from_numpy(np.stack(clips)).double().flatten(1)
-            self._cache[ids] = (m, (m * m).sum(1))
-        return self._cache[ids]
+            m = torch.from_numpy(np.stack(clips)).double().flatten(1).to(device)
+            self._cache[key] = (m, (m * m).sum(1))
+        return self._cache[key]
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Exact ``E[noise - x0 | x_s]`` per row: ``[B, 3, 8, 32, 32]`` float64.
@@ -100,7 +102,7 @@ class ExactSceneDenoiser(nn.Module):
         out = []
         for xs, s, row in zip(x.double().flatten(1), sigma.double(), ids.tolist()):
             s = s.clamp(1e-4, 1.0)
-            m, m2 = self.components(tuple(row))
+            m, m2 = self.components(tuple(row), xs.device)
             a = 1 - s
             var = a ** 2 * self.tau ** 2 + s ** 2
             w = torch.softmax(-((xs @ xs) - 2 * a * (m @ xs) + a ** 2 * m2) / (2 * var), 0)

@@ -50,9 +50,10 @@ class SceneTestbedModel(TestbedModel):
         return super().loop()
 
     def sample(self, pairs: Sequence[Tuple[object, int]], noise: torch.Tensor = None) -> torch.Tensor:
+        """Clips ``[B, 3, 8, 32, 32]`` in [-1, 1], on the CPU whatever the model's device."""
         prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
         return scenes_sampling.sample(self.model, prompts, seeds, steps=self.steps, guidance=self.guidance,
-                                      noise=noise)
+                                      noise=noise).float().cpu()
 
     def eval_pairs(self, n: int) -> list:
         return scenes.eval_pairs(n)
@@ -137,12 +138,18 @@ def main(argv=None):
     p.add_argument("--search-pairs", type=int, default=4, help="the first of the calibration pairs, for the threshold")
     p.add_argument("--search-iterations", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda); clips are scored on the CPU")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--grid", default=None, help="write a PNG of the first 8 full-step clips here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if (args.weights is None) == (args.exact is None):
         p.error("give --weights or --exact")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise SystemExit(f"--device {args.device}: not usable here ({type(e).__name__}: {e})")
     if args.exact is not None:
         from .scenes_exact import ExactSceneDenoiser
         model = ExactSceneDenoiser(args.exact, args.tau)
@@ -155,7 +162,8 @@ def main(argv=None):
         raise SystemExit(f"--weights {args.weights}: not a scenes checkpoint (height {model.config.height}, "
                          f"attribute_sizes {model.config.attribute_sizes}; expected {scenes.HEIGHT} and "
                          f"{scenes.ATTRIBUTE_SIZES})")
-    tm = SceneTestbedModel("scenes-" + model.config.training, model, args.steps, guidance=args.guidance)
+    tm = SceneTestbedModel("scenes-" + model.config.training, model.to(device).eval(), args.steps,
+                           guidance=args.guidance)
     steps = [int(s) for s in args.skip_steps.split(",") if s]
     bad = [s for s in steps if not 0 < s < args.steps - 1]
     if bad:
@@ -163,6 +171,7 @@ def main(argv=None):
     result = measure(tm, args.n, steps, [float(e) for e in args.noise_change.split(",") if e], args.budget,
                      args.batch_size, args.search_pairs, args.search_iterations, args.calibration_pairs, grid=args.grid)
     result["weights"] = args.weights if args.exact is None else model.describe()
+    result["device"] = str(device)
     text = json.dumps(result, sort_keys=True)
     print(text, flush=True)
     if args.out:

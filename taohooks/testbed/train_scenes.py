@@ -13,6 +13,8 @@ Two files are rewritten at every save (atomically: an interrupted save keeps the
   (~78 MB), what ``--resume`` continues from exactly.
 
 ``--init WEIGHTS`` instead starts from saved EMA weights with a fresh optimizer (fine-tuning).
+A run ends at ``--steps``, after ``--max-minutes`` of training, or on SIGTERM (``timeout``, ``kill``)
+or Ctrl-C: each of them saves first, so that ``--resume`` continues from the last step done.
 Saves happen every ``--save-every`` steps and at least every ``--save-minutes`` minutes; with
 ``--keep-every N`` a copy ``OUT-stepNNNNNN.safetensors`` is kept every N steps. The learning rate
 warms up linearly, then stays constant (``--schedule constant``, so that a run can be extended)
@@ -25,6 +27,8 @@ import argparse
 import io
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -284,23 +288,52 @@ def train(args) -> dict:
     last_save, running, window = time.time(), [], time.time()
     first = trainer.step
     batches = trainer.batches()
-    while trainer.step < args.steps:
-        running.append(trainer.train_step(next(batches)))
-        if trainer.step % args.log_every == 0:
-            sps = (time.time() - window) / len(running)
-            print(f"step {trainer.step} loss {np.mean(running):.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
-                  f"s/step {sps:.3f} elapsed {time.time() - start:.0f}s", flush=True)
-            running, window = [], time.time()
-        due = trainer.step % args.save_every == 0 or time.time() - last_save >= args.save_minutes * 60
-        if due and trainer.step < args.steps:
-            trainer.save(out, state_path, trainer.wall + time.time() - start, final=False)
-            last_save = time.time()
-            print(f"saved step {trainer.step} -> {out}, {state_path}", flush=True)
-    trainer.wall += time.time() - start
-    summary = trainer.save(out, state_path, trainer.wall, final=True)
+    deadline = start + args.max_minutes * 60 if args.max_minutes is not None else math.inf
+    with _StopOnSignal() as stop:
+        while trainer.step < args.steps and stop.signal is None and time.time() < deadline:
+            running.append(trainer.train_step(next(batches)))
+            if trainer.step % args.log_every == 0:
+                sps = (time.time() - window) / len(running)
+                print(f"step {trainer.step} loss {np.mean(running):.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
+                      f"s/step {sps:.3f} elapsed {time.time() - start:.0f}s", flush=True)
+                running, window = [], time.time()
+            due = trainer.step % args.save_every == 0 or time.time() - last_save >= args.save_minutes * 60
+            if due and trainer.step < args.steps:
+                trainer.save(out, state_path, trainer.wall + time.time() - start, final=False)
+                last_save = time.time()
+                print(f"saved step {trainer.step} -> {out}, {state_path}", flush=True)
+        trainer.wall += time.time() - start
+        finished = trainer.step >= args.steps
+        summary = trainer.save(out, state_path, trainer.wall, final=finished)
     done = trainer.step - first
-    print(f"done: {done} steps in {time.time() - start:.0f}s -> {out} (step {trainer.step})", flush=True)
+    why = ("" if finished else f", stopped by {signal.Signals(stop.signal).name}" if stop.signal is not None
+           else f", stopped after --max-minutes {args.max_minutes:g}")
+    print(f"done: {done} steps in {time.time() - start:.0f}s -> {out} (step {trainer.step}{why})", flush=True)
     return summary
+
+
+class _StopOnSignal:
+    """While active (main thread only), SIGTERM and SIGINT set :attr:`signal` instead of ending the
+    process, so that the training loop stops after its current step and saves."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
 
 
 def parse_args(argv=None):
@@ -333,6 +366,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--save-minutes", type=float, default=10.0)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much training "
+                   "time in this process, whatever --steps says")
     p.add_argument("--keep-every", type=int, default=2000, help="keep OUT-stepNNNNNN.safetensors every N steps (0: off)")
     args = p.parse_args(argv)
     if args.resume and args.init:
