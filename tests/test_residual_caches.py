@@ -364,3 +364,47 @@ def test_per_call_teacache_decides_on_the_whole_batch():
     with attach(model, [tea], ("cond", "uncond")):
         run(model, STEPS, streams=2)
     assert float(tea.reused).is_integer()
+
+
+def _two_experts(high, low, steps=STEPS, switch=5):
+    """Wan2.2's shape: the high-noise expert for the first ``switch`` steps, the low-noise one after."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 4, generator=g)
+    outs = []
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.tensor([1000.0 * (1 - i / steps)])
+            out = (high if i < switch else low)(x, timestep=t)
+            outs.append(out)
+            x = x - 0.1 * out
+    return outs
+
+
+def test_block_stack_caches_patch_every_expert_and_keep_their_residuals_apart():
+    """On a hook attached to two experts, both experts' blocks are patched; the first call of the
+    second expert computes (the first expert's residual is not its own), later ones reuse its own."""
+    high, low = TinyDiT(seed=0), TinyDiT(seed=1)
+    ref = _two_experts(high, low)
+    seen = []
+
+    class Skip(ResidualSkipCallback):
+        def decide(self, call, block, args, kwargs):
+            seen.append((call.step, self.expert))
+            return super().decide(call, block, args, kwargs)
+
+    skip = Skip([3, 5, 7])
+    with DenoiserHook(LoopSpec(STEPS, ("main",)), [skip]).attach(high, low):
+        assert "forward" in vars(high.blocks[0]) and "forward" in vars(low.blocks[2])
+        out = _two_experts(high, low)
+    assert "forward" not in vars(high.blocks[0]) and "forward" not in vars(low.blocks[2])
+    assert seen == [(s, 0 if s < 5 else 1) for s in range(STEPS)]
+    assert skip.reused == 2 and skip.calls == STEPS  # steps 3 and 7; step 5 had no residual of its expert
+    for s in range(3):
+        assert torch.equal(out[s], ref[s])
+    assert not torch.equal(out[3], ref[3]) and not torch.equal(out[7], ref[7])
+    # step 5 computed: low's own blocks on the input the cached run had there
+    with torch.no_grad():
+        x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))
+        for s in range(5):
+            x = x - 0.1 * out[s]
+        assert torch.allclose(out[5], low(x, timestep=torch.tensor([500.0])), atol=1e-6)

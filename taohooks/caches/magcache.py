@@ -10,7 +10,7 @@ steps ``>= retention_ratio * steps``, per slot::
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -18,7 +18,25 @@ from torch import Tensor
 from .residual import BlockStackCache
 from ..taocache.stats import RunningMoments
 
-__all__ = ["MagCacheCallback", "MagCacheCalibrator"]
+__all__ = ["MagCacheCallback", "MagCacheCalibrator", "ratio_table"]
+
+
+def _nearest(src: List[float], count: int) -> List[float]:
+    if count == 1:
+        return [src[-1]]
+    return [src[int(round(i * (len(src) - 1) / (count - 1)))] for i in range(count)]
+
+
+def ratio_table(published: Sequence[float], steps: int) -> Tensor:
+    """``[2, steps]`` (cond, uncond) ratios from a list published the way MagCache's authors publish
+    them: cond and uncond interleaved, one value per call from the second step on (``2 * S - 2``
+    values for ``S`` steps; the first step's pair is padded with 1.0). For another step count each
+    half is resampled by nearest neighbour (``round(arange(T) * (S - 1) / (T - 1))``), as they do."""
+    full = [1.0, 1.0] + list(published)
+    cond, uncond = full[0::2], full[1::2]
+    if len(cond) != steps:
+        cond, uncond = _nearest(cond, steps), _nearest(uncond, steps)
+    return torch.tensor([cond, uncond], dtype=torch.float64)
 
 
 class _Budget:
@@ -51,10 +69,15 @@ class MagCacheCallback(BlockStackCache):
         super().on_sample_start(hook, sample)
         self._budgets = {}
 
+    def retained(self, call) -> bool:
+        """Whether ``call`` is always computed (and leaves the accumulators alone): the first
+        ``retention_ratio`` of the steps."""
+        return call.step < int(self.hook.loop.steps * self.retention_ratio)
+
     def decide(self, call, block, args, kwargs) -> bool:
         loop = self.hook.loop
         budget = self._budgets.setdefault(call.streams, _Budget())
-        if call.step < int(loop.steps * self.retention_ratio):
+        if self.retained(call):
             return False
         slot = call.index % loop.calls_per_step
         budget.ratio *= float(self.mag_ratios[slot, call.step])

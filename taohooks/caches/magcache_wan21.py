@@ -21,7 +21,7 @@ from typing import Dict, List
 
 import torch
 
-from .magcache import MagCacheCallback
+from .magcache import MagCacheCallback, ratio_table
 
 __all__ = ["PUBLISHED", "SOURCE", "SETTINGS", "published_ratios", "wan21_magcache"]
 
@@ -75,19 +75,9 @@ SETTINGS = {"t2v-1.3B": (0.12, 4, 0.2), "t2v-14B": (0.24, 6, 0.2), "i2v-480P": (
             "i2v-720P": (0.24, 6, 0.2)}
 
 
-def _nearest(src: List[float], count: int) -> List[float]:
-    if count == 1:
-        return [src[-1]]
-    return [src[int(round(i * (len(src) - 1) / (count - 1)))] for i in range(count)]
-
-
 def published_ratios(checkpoint: str, steps: int) -> torch.Tensor:
     """``[2, steps]`` (cond, uncond) ratios for ``steps`` steps, resampled as the authors do."""
-    full = [1.0, 1.0] + PUBLISHED[checkpoint]
-    cond, uncond = full[0::2], full[1::2]
-    if len(cond) != steps:
-        cond, uncond = _nearest(cond, steps), _nearest(uncond, steps)
-    return torch.tensor([cond, uncond], dtype=torch.float64)
+    return ratio_table(PUBLISHED[checkpoint], steps)
 
 
 def wan21_magcache(checkpoint: str, steps: int, threshold: float = None, k: int = None,

@@ -8,6 +8,12 @@ subclass's :meth:`BlockStackCache.decide` says "reuse", every block passes its h
 unchanged and the stack's output becomes ``input + cached residual`` of the same call slot (the
 same stream(s)); embeddings and the final layer still run. Blocks are patched per instance.
 
+**Several experts.** On a hook attached to several instances that share one loop (Wan2.2's
+high-noise and low-noise experts: ``hook.attach(high, low)``), the blocks of every instance are
+patched, and residuals are kept per expert: a call of one expert never reuses a residual the
+other computed (nothing cached for that expert and stream yet: the call computes). ``expert``
+says whose blocks run in the current call (0: ``hook.module``, then ``hook.also`` in order).
+
 **Per sample.** ``decide`` may answer one verdict for the whole call, or one per *sample*: a
 prompt of the batch (with batched CFG, its uncond and cond rows together). Samples that reuse get
 their own rows of the residual; the others are computed. Then the blocks run on the computed rows
@@ -49,8 +55,8 @@ def model_batch(args: tuple, kwargs: dict) -> Optional[int]:
 
 
 class BlockStackCache(Callback):
-    """Base class: patches the blocks of ``hook.module.get_submodule(path)`` for each path in
-    ``blocks``; subclasses decide.
+    """Base class: patches the blocks of ``module.get_submodule(path)`` for each path in ``blocks``,
+    in every module the hook is attached to (``hook.module`` and ``hook.also``); subclasses decide.
 
     Args:
         blocks: module path of the ``nn.ModuleList`` of blocks, e.g. ``"blocks"``, or several paths
@@ -76,7 +82,9 @@ class BlockStackCache(Callback):
         self.calls = 0     # calls that ran the model, since attach
         self.last_reused = 0.0  # the last call's fraction of samples reused
         self._patches: List[ForwardPatch] = []
-        self._residuals: Dict[Tuple[str, ...], Tensor] = {}
+        self._residuals: Dict[Tuple[int, Tuple[str, ...]], Tensor] = {}  # (expert, streams) -> residual
+        self.expert = 0  # whose blocks run in the current call: 0 = hook.module, then hook.also in order
+        self._expert_of: Dict[int, int] = {}  # id(block) -> expert
         self._call = None
         self._batch: Optional[int] = None
         self._entered = self._left = False
@@ -122,28 +130,38 @@ class BlockStackCache(Callback):
     # ------------------------------------------------------------------ callbacks
     def on_attach(self, hook) -> None:
         self.hook = hook
+        found = []  # (blocks, exit module) per expert, all looked up before anything is patched
+        for module in (hook.module, *getattr(hook, "also", ())):
+            exit_module = None
+            if self.exit_path is not None:
+                try:
+                    exit_module = module.get_submodule(self.exit_path)
+                except AttributeError as exc:
+                    raise ValueError(f"taohooks: {type(self).__name__}: the model has no module {self.exit_path!r} "
+                                     f"({exc}); set `exit` to the module that receives the block stacks' output"
+                                     ) from exc
+            found.append((self._blocks_of(module), exit_module))
+        self.reused, self.calls = 0.0, 0
+        self._patches, self._expert_of = [], {}
+        for expert, (blocks, exit_module) in enumerate(found):
+            self._expert_of.update((id(b), expert) for b in blocks)
+            last = None if exit_module is not None else len(blocks) - 1
+            self._patches += [ForwardPatch(b, self._make_block_forward(i == last, b)) for i, b in enumerate(blocks)]
+            if exit_module is not None:
+                self._patches.append(ForwardPatch(exit_module, self._make_exit_forward()))
+
+    def _blocks_of(self, module: nn.Module) -> List[nn.Module]:
         blocks: List[nn.Module] = []
         for path in self.blocks_paths:
             try:
-                stack = hook.module.get_submodule(path)
+                stack = module.get_submodule(path)
             except AttributeError as exc:
                 raise ValueError(f"taohooks: {type(self).__name__}: the model has no block stack {path!r} ({exc}); "
                                  "set its `blocks` to the module path of the blocks") from exc
             if not list(stack):
                 raise ValueError(f"taohooks: block stack {path!r} is empty")
             blocks.extend(stack)
-        exit_module = None
-        if self.exit_path is not None:
-            try:
-                exit_module = hook.module.get_submodule(self.exit_path)
-            except AttributeError as exc:
-                raise ValueError(f"taohooks: {type(self).__name__}: the model has no module {self.exit_path!r} "
-                                 f"({exc}); set `exit` to the module that receives the block stacks' output") from exc
-        self.reused, self.calls = 0.0, 0
-        last = None if exit_module is not None else len(blocks) - 1
-        self._patches = [ForwardPatch(b, self._make_block_forward(i == last, b)) for i, b in enumerate(blocks)]
-        if exit_module is not None:
-            self._patches.append(ForwardPatch(exit_module, self._make_exit_forward()))
+        return blocks
 
     def on_detach(self, hook) -> None:
         for patch in reversed(self._patches):
@@ -177,8 +195,9 @@ class BlockStackCache(Callback):
     def _enter(self, call, block, args, kwargs, x: Tensor) -> None:
         """At the first block of a call: ask :meth:`decide`, keep the input."""
         self._entered, self._x_in = True, x
+        self.expert = self._expert_of.get(id(block), 0)
         verdict = self.decide(call, block, args, kwargs)
-        cached = self._residuals.get(call.streams)
+        cached = self._residuals.get((self.expert, call.streams))
         if cached is None or cached.shape != x.shape:
             return  # nothing to reuse: compute
         if isinstance(verdict, (bool, int)) or (isinstance(verdict, Tensor) and verdict.dim() == 0):
@@ -199,10 +218,10 @@ class BlockStackCache(Callback):
                                "that receives the output in the input's layout")
         if self._reuse is None:  # computed
             residual = out.detach().float() - x_in.detach().float()
-            self._residuals[call.streams] = residual
+            self._residuals[(self.expert, call.streams)] = residual
             self.on_residual(call, residual)
             return out
-        stored = self._residuals[call.streams]
+        stored = self._residuals[(self.expert, call.streams)]
         rows = self.reused_rows(out.shape[0])
         if rows is None or bool(rows.all()):  # every sample reuses
             return (x_in.float() + stored).to(out.dtype)
