@@ -518,11 +518,12 @@ def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, la
 
 def test_wan22_two_experts_through_compare(tmp_path):
     """Wan2.2's call-contract script (two experts): compare calibrates one LUT over both experts and
-    plans with the switch guarded (the first two low-noise steps, 13 and 14 at 20 steps, shift 12)."""
+    plans with the switch guarded (the first two low-noise steps, 13 and 14 at 20 steps, shift 12);
+    MagCache is the authors' (published T2V-A14B ratios, their retention over both experts)."""
     script = FIXTURES / "wan22" / "generate.py"
     args = [str(script), "--prompt", "ignored", "--sample_steps", "20", "--offload_model", "False"]
-    text = OFFICIAL_LIKE_EXPERIMENT.format(integration="wan22", output="out").replace("budgets: [0.2]",
-                                                                                    "budgets: [0.15]")
+    text = OFFICIAL_LIKE_EXPERIMENT.format(integration="wan22", output="out").replace(
+        "budgets: [0.2]", "budgets: [0.15]").replace("methods: [full, taocache]", "methods: [full, taocache, magcache]")
     exp = write(tmp_path, text, "wan22.yaml")
     compare_in_a_process(tmp_path, exp, args)
     records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
@@ -531,6 +532,13 @@ def test_wan22_two_experts_through_compare(tmp_path):
     skipped = {s for r in tao for s, *_ in r["skipped_schedule"]}
     assert skipped and not skipped & {13, 14}
     assert all(r["psnr"] > 20 for r in tao)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "the authors' MagCache for Wan2.2 t2v-A14B (t2v retention, 13 high-noise steps of 20)" in \
+        results["meta"]["magcache_ratios"]
+    mag = [r for r in records if r["method"] == "magcache"]
+    assert len(mag) == 2 and all(r["skipped_fraction"] == pytest.approx(0.15) for r in mag)
+    # their retention R0.4: the first 40% of each expert's calls computed (steps 0-4 and 13-15 here)
+    assert not {s for r in mag for s, _ in r["skipped_schedule"]} & {0, 1, 2, 3, 4, 13, 14, 15}
 
 
 def test_changed_calibration_prompts_are_refused_on_resume(finished, tmp_path, launcher_state, capsys):

@@ -57,7 +57,8 @@ class ExperimentConfig:
     lpips: bool = True  # LPIPS when the converted weights exist (else null in the results)
     teacache_use_ret_steps: bool = False  # Wan2.1's published TeaCache: the authors' --use_ret_steps variant
     magcache_k: Optional[int] = None  # MagCache's K (skips in a row); None: 2, or the authors' README setting
-    magcache_retention: float = 0.2  # MagCache's retention ratio: the first steps always computed
+    magcache_retention: Optional[float] = None  # MagCache's retention ratio (the first steps always computed);
+    # None: the authors' README setting where their ratios are used (Wan2.1 0.2; Wan2.2 T2V 0.4, I2V 0.1, TI2V 0.2), else 0.2
     easycache_warmup: int = 10  # EasyCache's always-computed first steps (the authors' Wan2.1 script: 10)
     hybrid_guard: int = 2  # the hybrid: TeaCache stops this many steps before TaoCache's window
     pab_range: int = 2  # pab+taocache: attention recomputed every pab_range steps inside computed calls
@@ -107,7 +108,7 @@ class ExperimentConfig:
             err("pab_timesteps", f"expected [low, high] timesteps with low < high, got {self.pab_timesteps}")
         if not 0 <= self.easycache_warmup <= 100000:
             err("easycache_warmup", f"expected a number of steps >= 0, got {self.easycache_warmup}")
-        if not 0 <= self.magcache_retention < 1:
+        if self.magcache_retention is not None and not 0 <= self.magcache_retention < 1:
             err("magcache_retention", f"expected a fraction of the steps in [0, 1), got {self.magcache_retention}")
         if self.search_prompts < 1:
             err("search_prompts", f"expected a number of prompts >= 1, got {self.search_prompts}")

@@ -397,21 +397,25 @@ class Experiment:
         if method == "magcache":
             from ..caches.magcache import MagCacheCallback
 
-            if self.target.mag_published is not None:  # the authors' published ratios
-                ratios, k, self.mag_provenance = self.target.mag_published(dict(self._bound.arguments), steps)
+            if self.target.mag_published is not None:  # the authors' published ratios (and rule)
+                build, k, retention, self.mag_provenance = self.target.mag_published(dict(self._bound.arguments),
+                                                                                     steps)
             else:
                 if self.mag_ratios is None:
                     raise ConfigError(self.config.source, "methods", f"{self.store.folder} was calibrated without "
                                       "magcache's ratios (magcache was added to methods since); use another output "
                                       "folder")
-                ratios, k = torch.tensor(self.mag_ratios, dtype=torch.float64), 2
+                ratios, k, retention = torch.tensor(self.mag_ratios, dtype=torch.float64), 2, 0.2
                 self.mag_provenance = "MagCache's magnitude ratios calibrated on the calibration prompts"
+
+                def build(threshold: float, k: int, retention: float):
+                    return MagCacheCallback(ratios, threshold, k, retention, blocks=self.target.blocks,
+                                            exit=self.target.exit)
             k = self.config.magcache_k if self.config.magcache_k is not None else k
-            retention = self.config.magcache_retention
+            retention = self.config.magcache_retention if self.config.magcache_retention is not None else retention
 
             def make(threshold: float) -> List[Callback]:
-                return [MagCacheCallback(ratios, threshold, k, retention, blocks=self.target.blocks,
-                                         exit=self.target.exit)]
+                return [build(threshold, k, retention)]
 
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
             return make(found["threshold"])

@@ -121,12 +121,47 @@ def _wan21_checkpoint(arguments: dict) -> str:
 
 
 def _wan21_published_magcache(arguments: dict, steps: int):
-    """``(ratios [2, steps], default K, provenance)``: the authors' MagCache ratios for this Wan2.1 call."""
+    """``(make(threshold, k, retention), default K, default retention, provenance)``: the authors' MagCache
+    for this Wan2.1 call (their published ratios)."""
+    from ..caches.magcache import MagCacheCallback
     from ..caches.magcache_wan21 import SETTINGS, SOURCE, published_ratios
 
     checkpoint = _wan21_checkpoint(arguments)
-    return (published_ratios(checkpoint, steps), SETTINGS[checkpoint][1],
-            f"the authors' MagCache for Wan2.1 {checkpoint}: the published magnitude ratios of {SOURCE}")
+    ratios = published_ratios(checkpoint, steps)
+    _, k, retention = SETTINGS[checkpoint]
+    return ((lambda threshold, k, retention: MagCacheCallback(ratios, threshold, k, retention, blocks="blocks")),
+            k, retention, f"the authors' MagCache for Wan2.1 {checkpoint}: the published magnitude ratios of {SOURCE}")
+
+
+def _wan22_task(arguments: dict) -> str:
+    pipeline = arguments["self"]
+    name = type(pipeline).__name__
+    if name == "WanTI2V" or not hasattr(pipeline, "high_noise_model"):
+        return "ti2v-5B"
+    return "i2v-A14B" if name == "WanI2V" else "t2v-A14B"
+
+
+def _wan22_published_magcache(arguments: dict, steps: int):
+    """The authors' MagCache for this Wan2.2 call: their table for the task (TI2V: with or without an
+    image), their retention over the two experts (``S`` high-noise steps counted as they count them)."""
+    from ..caches.magcache import ratio_table
+    from ..caches.magcache_wan22 import (MODES, PUBLISHED, SETTINGS, SOURCE, Wan22MagCache, authors_high_noise_steps,
+                                         table_for)
+
+    task = _wan22_task(arguments)
+    table = table_for(task, image=arguments.get("img") is not None)
+    mode = MODES[table]
+    pipeline = arguments["self"]
+    high = None
+    if mode != "ti2v":
+        high = authors_high_noise_steps(steps, float(arguments["shift"]), float(pipeline.boundary))
+    ratios = ratio_table(PUBLISHED[table], steps)
+    _, k, retention = SETTINGS[table]
+    where = f", {high} high-noise steps of {steps}" if high is not None else ""
+    return ((lambda threshold, k, retention: Wan22MagCache(ratios, threshold, k, retention, mode, high,
+                                                           blocks="blocks")),
+            k, retention, f"the authors' MagCache for Wan2.2 {table} ({mode} retention{where}): the published "
+                          f"magnitude ratios of {SOURCE}")
 
 
 def _latte_published_teacache(model: str):
@@ -153,7 +188,8 @@ class Target:
     # the authors' TeaCache with published coefficients: (generate's arguments, use_ret_steps) ->
     # (make(threshold) -> callbacks, provenance); no polynomial fit
     tea_published: Optional[Callable[[dict, bool], tuple]] = None
-    # MagCache with published ratios: (generate's arguments, steps) -> (ratios, default K, provenance)
+    # MagCache with published ratios: (generate's arguments, steps) ->
+    # (make(threshold, k, retention) -> callback, default K, default retention, provenance)
     mag_published: Optional[Callable[[dict, int], tuple]] = None
     attention: Optional[str] = None  # the attention modules PAB broadcasts (full-name regex); None: not yet
     exit: Optional[str] = None  # the module receiving the stacks' output, where there are several (Latte)
@@ -182,7 +218,8 @@ TARGETS: Dict[str, Target] = {
                   tea_published=_wan21_published_teacache, mag_published=_wan21_published_magcache,
                   attention=r"blocks\.\d+\.self_attn", latents_during=_wan_latents),
     "wan22": Target("input_prompt", "seed", _single_video, "blocks", None,
-                    "TeaCache has no Wan2.2 support (no published coefficients)", latents_during=_wan_latents),
+                    "TeaCache has no Wan2.2 support (no published coefficients)",
+                    mag_published=_wan22_published_magcache, latents_during=_wan_latents),
     "latte": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                     "the authors' TeaCache for Latte-1 (TeaCache's eval script, published coefficients)",
                     tea_published=_latte_published_teacache("latte"), exit="norm_out", attention=LATTE_SELF_ATTENTION,

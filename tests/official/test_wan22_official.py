@@ -377,3 +377,44 @@ def test_ti2v_5b_image_to_video_reads_the_per_token_timestep(wan22, capfd, tmp_p
     assert len(log.skipped()) == 2 * BUDGET and log.computed("model") == 2 * (TI2V_STEPS - BUDGET)
     log.close()
     assert torch.isfinite(out).all() and not torch.equal(out, plain) and rel(out, plain) < 0.5
+
+
+def test_t2v_a14b_authors_magcache_acts_in_both_experts(wan22):
+    """The authors' MagCache for Wan2.2 (published T2V-A14B ratios resampled to 12 steps, their two-expert
+    retention) on the checkout's loop: both experts' block stacks are bypassed on some calls, never on
+    the retained ones (calls 0-2 and 16-17: the first 20% of each expert), and a threshold of 0 changes
+    nothing."""
+    from taohooks import DenoiserHook, LoopSpec
+    from taohooks.caches.magcache_wan22 import authors_high_noise_steps, wan22_magcache
+
+    wan = wan22.load()
+    pipe = t2v_pipe(wan)
+    steps, first_low = T2V["steps"], T2V["first_low"]
+    assert authors_high_noise_steps(steps, T2V["shift"], T2V["boundary"]) == first_low
+    plain = run_t2v(pipe)
+    logs = []
+    ran = []  # the number of each call whose first block really ran
+    handles = [expert.blocks[0].self_attn.register_forward_pre_hook(lambda m, a: ran.append(len(logs[-1].calls) - 1))
+               for expert in (pipe.high_noise_model, pipe.low_noise_model)]
+    try:
+        for threshold in (0.0, 1.0):
+            mag = wan22_magcache("t2v-A14B", steps, first_low, threshold=threshold, k=2, retention_ratio=0.2)
+            hook = DenoiserHook(LoopSpec(steps, ("cond", "uncond"), batch_dim=None), [mag], timestep_arg="t")
+            logs.append(CallLog(high=pipe.high_noise_model, low=pipe.low_noise_model))
+            ran.clear()
+            with hook.attach(pipe.high_noise_model, pipe.low_noise_model):
+                out = run_t2v(pipe)
+            logs[-1].close()
+            experts = [name for name, *_ in logs[-1].calls]
+            assert experts == ["high"] * 2 * first_low + ["low"] * 2 * (steps - first_low)
+            if threshold == 0.0:
+                assert mag.reused == 0 and ran == list(range(2 * steps)) and torch.equal(out, plain)
+                continue
+            bypassed = sorted(set(range(2 * steps)) - set(ran))
+            assert mag.reused == len(bypassed) > 0
+            assert any(experts[c] == "high" for c in bypassed) and any(experts[c] == "low" for c in bypassed)
+            assert not set(bypassed) & {0, 1, 2, 16, 17}  # the retained calls: int(16 * 0.2), 16 .. 8 * 0.2 + 16
+            assert torch.isfinite(out).all() and not torch.equal(out, plain)
+    finally:
+        for handle in handles:
+            handle.remove()
