@@ -5,7 +5,8 @@
 #      (benchmarks/gpu_speed.py; 33 frames, 832x480, 50 steps, bf16, budgets 8/16/25%, one timed run each;
 #      170 s); skipped once its table is committed as docs/results/gpu/gpu_speed.json (SPEED=1 forces it),
 #      so that later sessions give that time to the training;
-#   2. training of the scenes testbed (issue 15) from the EMA weights in .carry/, for what is left of the
+#   2. training of the scenes testbed (issue 15) from the EMA weights in .carry/ (else the newest committed
+#      ones, taohooks/testbed/weights/wip/), for what is left of the
 #      session but MEASURE_RESERVE (100 s): about 290 s after the speed table, about 460 s without it
 #      (TRAIN_SECONDS overrides); `timeout`'s SIGTERM makes train_scenes save its last step and exit;
 #   3. the issue's measurements of the checkpoint it wrote (scenes_sensitivity, 64 held-out pairs, the model
@@ -16,7 +17,7 @@
 # Prepare here (the package registries work here, not there), once per checkout:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==8.7.0
-#   mkdir -p .carry && cp /work/runs/scenes/flow.safetensors .carry/scenes-flow.safetensors   # or the wip weights
+#   mkdir -p .carry && cp /work/runs/scenes/flow.safetensors .carry/scenes-flow.safetensors   # newer than the wip ones
 # then, with the device tool:
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
 # .whl/ and .carry/ are git-ignored. The image there has torch, einops, safetensors, pyyaml, numpy, pillow,
@@ -32,7 +33,11 @@ SPEED=${SPEED:-auto}
 DEADLINE=${DEADLINE:-570}
 MEASURE_RESERVE=${MEASURE_RESERVE:-100}
 TRAIN_SECONDS=${TRAIN_SECONDS:-}
-INIT=${INIT:-.carry/scenes-flow.safetensors}
+# the weights the training continues from: .carry/ (this checkout's newest), else the newest committed ones
+if [ -z "${INIT:-}" ]; then
+    INIT=.carry/scenes-flow.safetensors
+    [ -f "$INIT" ] || INIT=$(ls taohooks/testbed/weights/wip/scenes-flow-step*.safetensors 2>/dev/null | sort -V | tail -n 1)
+fi
 mkdir -p "$OUT"
 started=$(date +%s)
 export PYTHONUNBUFFERED=1

@@ -269,6 +269,11 @@ def _cmd_bench(args) -> int:
         config.models = args.models
     if args.methods:
         config.methods = args.methods
+    for item in args.weights or ():
+        model, sep, path = item.partition("=")
+        if not sep or not model or not path:
+            raise ConfigError("command line", "--weights", f"expected MODEL=PATH, got {item!r}")
+        config.weights[model] = path
 
     def err(key, message):
         raise ConfigError("command line", key, message)
@@ -505,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="methods (overrides the config's)")
     p.add_argument("--update", action="store_true",
                    help="keep the other records of OUTPUT/results.json, replacing the ones this run makes again")
+    p.add_argument("--weights", nargs="+", metavar="MODEL=PATH",
+                   help="a checkpoint file instead of a model's bundled one (e.g. scenes=run/flow-step014000.safetensors)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="full-step vs TaoCache vs TeaCache on the bundled flow model")

@@ -277,14 +277,32 @@ def test_bench_runs_a_scenes_checkpoint_with_its_own_prompts_and_recogniser(tmp_
 
     weights = tmp_path / "scenes-flow.safetensors"
     train_scenes.main([*TINY, "--steps", "2", "--out", str(weights)])
-    monkeypatch.setattr(testbed_model, "weights_path", lambda name: weights)
     config = BenchConfig(models=["scenes"], methods=["taocache", "taocache-auto"], budgets=[0.2], steps=10,
                          eval_pairs=2, calibration_pairs=3, search_pairs=2, batch_size=2, lpips=False,
-                         timing_repeats=1, output=str(tmp_path / "out"), strip_pairs=1)
+                         timing_repeats=1, output=str(tmp_path / "out"), strip_pairs=1,
+                         weights={"scenes": str(weights)})  # a checkpoint of one's own (taocache bench --weights)
     records = run_bench(config, log=lambda *a: None)
     assert [(r["method"], r["model"]) for r in records] == [("full", "scenes"), ("taocache", "scenes"),
                                                              ("taocache-auto", "scenes")]
     full, tao, auto = records
     assert 0.0 <= full["prompt_accuracy"] <= 1.0 and tao["skipped_fraction"] == 0.2 == auto["skipped_fraction"]
     assert tao["predicted_psnr"] is not None and auto["psnr"] > 0
+    monkeypatch.setattr(testbed_model, "weights_path", lambda name: weights)
     assert type(testbed_model.TestbedModel.load("scenes", 10)).__name__ == "SceneTestbedModel"
+
+
+def test_bench_weights_of_the_wrong_kind_or_missing_are_errors(tmp_path, capsys):
+    from taohooks import cli
+    from taohooks.evaluation.testbed_model import TestbedModel
+
+    weights = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "1", "--out", str(weights)])
+    with pytest.raises(ValueError, match="a scenes flow checkpoint, not one for the testbed model 'flow'"):
+        TestbedModel.load("flow", 10, weights)
+    config = tmp_path / "bench.yaml"
+    config.write_text(f"models: [scenes]\nmethods: [taocache]\noutput: {tmp_path / 'out'}\n")
+    assert cli.main(["bench", str(config), "--weights", f"scenes={tmp_path / 'none.safetensors'}"]) == 1
+    assert f"weights: scenes: no checkpoint file {tmp_path / 'none.safetensors'}" in capsys.readouterr().err
+    assert cli.main(["bench", str(config), "--weights", "scenes"]) == 1
+    assert "--weights: expected MODEL=PATH, got 'scenes'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -49,6 +49,7 @@ class BenchConfig:
     strip_pairs: int = 4  # clips shown side by side in the PNG strip
     timing_repeats: int = 2  # speedup: full and cached runs of the first batch, alternating, this many times each
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    weights: Dict[str, str] = field(default_factory=dict)  # model -> checkpoint file (default: the bundled one)
 
     def validate(self, err) -> None:
         for m in self.models:
@@ -60,6 +61,11 @@ class BenchConfig:
         for b in self.budgets:
             if not 0 < b < 1:
                 err("budgets", f"budgets are fractions of the steps in (0, 1), got {b}")
+        for m, path in self.weights.items():
+            if m not in MODEL_NAMES:
+                err("weights", f"unknown testbed model {m!r}; one of {', '.join(MODEL_NAMES)}")
+            elif not Path(path).is_file():
+                err("weights", f"{m}: no checkpoint file {path}")
         if self.eval_pairs < 1 or self.calibration_pairs < 2 or self.batch_size < 1:
             err("eval_pairs", "eval_pairs and batch_size must be >= 1, calibration_pairs >= 2")
 
@@ -142,7 +148,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None) -
     records: List[dict] = []
     started = time.perf_counter()
     for name in config.models:
-        tm = TestbedModel.load(name, config.steps)
+        tm = TestbedModel.load(name, config.steps, config.weights.get(name))
         eval_pairs = tm.eval_pairs(config.eval_pairs)  # each model's own prompts (scenes has its own)
         cal_pairs = tm.calibration_pairs(config.calibration_pairs)
         search_pairs = cal_pairs[:config.search_pairs]

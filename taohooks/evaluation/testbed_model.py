@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -51,18 +51,31 @@ class TestbedModel:
     timestep_arg: int = 1  # the loops call model(x, timestep, prompt_ids)
 
     @classmethod
-    def load(cls, name: str, steps: int = 50) -> "TestbedModel":
+    def load(cls, name: str, steps: int = 50, path: Optional[Union[str, Path]] = None) -> "TestbedModel":
+        """The bundled checkpoint of ``name``, or the checkpoint file ``path`` (it must be one of that
+        model's task and prediction: scenes or the small task, eps or flow)."""
         from ..testbed.model import VideoDiT
+        from ..testbed import scenes
 
-        path = weights_path(name)
+        if name not in MODEL_NAMES:
+            raise ValueError(f"unknown testbed model {name!r}; one of {', '.join(MODEL_NAMES)}")
+        path = weights_path(name) if path is None else Path(path)
         if not path.is_file():
             how = _TRAIN.get(name, f"python -m taohooks.testbed.train --kind {name}")
             raise FileNotFoundError(f"testbed weights {path} are missing; train them with `{how}`")
+        model = VideoDiT.from_pretrained(path)
+        is_scenes = tuple(model.config.attribute_sizes) == tuple(scenes.ATTRIBUTE_SIZES)
+        prediction = getattr(model.config, "prediction", "flow")
+        want = "eps" if name == "eps" else "flow"
+        if is_scenes != (name == "scenes") or prediction != want:
+            raise ValueError(f"{path}: a {'scenes' if is_scenes else 'small-task'} {prediction} checkpoint, not one "
+                             f"for the testbed model {name!r} ({'scenes' if name == 'scenes' else 'small-task'} "
+                             f"{want})")
         if name == "scenes":
             from ..testbed.scenes_sensitivity import SceneTestbedModel
 
-            return SceneTestbedModel(name, VideoDiT.from_pretrained(path), steps)
-        return cls(name, VideoDiT.from_pretrained(path), steps)
+            return SceneTestbedModel(name, model, steps)
+        return cls(name, model, steps)
 
     @property
     def prediction(self) -> str:
