@@ -71,7 +71,9 @@ else
     fallback_n=16
 fi
 
-if [ "$SPEED" = auto ] && [ -f docs/results/gpu/gpu_speed.json ]; then
+if [ "$SPEED" = 0 ]; then
+    say "1. gpu_speed.py: skipped (SPEED=0)"
+elif [ "$SPEED" = auto ] && [ -f docs/results/gpu/gpu_speed.json ]; then
     say "1. gpu_speed.py: skipped (docs/results/gpu/gpu_speed.json is committed; SPEED=1 runs it again)"
 else
     say "1. gpu_speed.py ${speed[*]}"
@@ -82,12 +84,19 @@ fi
 init=()
 if [ -f "$INIT" ]; then init=(--init "$INIT"); else say "   no $INIT: the scenes training starts from scratch"; fi
 TRAIN_SECONDS=${TRAIN_SECONDS:-$(( $(left) - MEASURE_RESERVE ))}
-say "2. train_scenes for ${TRAIN_SECONDS} s ${train[*]} ${init[*]}"
-timeout -k 30 "$TRAIN_SECONDS" "$PY" -m taohooks.testbed.train_scenes --kind flow --steps "$train_steps" "${train[@]}" \
-    "${init[@]}" --out "$OUT/scenes-flow.safetensors" --state /tmp/scenes-flow.state.pt > "$OUT/train.log" 2>&1
-say "   exit $? ($(grep -E '^(step|saved|done)' "$OUT/train.log" | tail -n 2 | tr '\n' ' '))"
+if [ "$TRAIN_SECONDS" -lt 1 ]; then   # (timeout 0 would mean no limit at all)
+    say "2. train_scenes: skipped (${TRAIN_SECONDS} s left for it)"
+else
+    say "2. train_scenes for ${TRAIN_SECONDS} s ${train[*]} ${init[*]}"
+    timeout -k 30 "$TRAIN_SECONDS" "$PY" -m taohooks.testbed.train_scenes --kind flow --steps "$train_steps" \
+        "${train[@]}" "${init[@]}" --out "$OUT/scenes-flow.safetensors" --state /tmp/scenes-flow.state.pt \
+        > "$OUT/train.log" 2>&1
+    say "   exit $? ($(grep -E '^(step|saved|done)' "$OUT/train.log" | tail -n 2 | tr '\n' ' '))"
+fi
 
-if [ -f "$OUT/scenes-flow.safetensors" ]; then
+if [ -f "$OUT/scenes-flow.safetensors" ] && [ "$(left)" -lt 1 ]; then
+    say "3. scenes_sensitivity: skipped (the deadline has passed)"
+elif [ -f "$OUT/scenes-flow.safetensors" ]; then
     limit=$(( $(left) < 90 ? $(left) : 90 ))
     say "3. scenes_sensitivity ${measure[*]} ${measure_device[*]} (${limit} s at most)"
     timeout "$limit" "$PY" -m taohooks.testbed.scenes_sensitivity --weights "$OUT/scenes-flow.safetensors" \

@@ -493,7 +493,7 @@ def test_magcache_calibrated_on_the_testbed_and_published_for_wan21(tmp_path, la
     assert len(mag) == 2 and all(r["calls"] == 20 and r["skipped_fraction"] > 0 for r in mag)
     assert compare(exp) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["meta"]["magcache_ratios"] == "MagCache's magnitude ratios calibrated on the calibration prompts"
+    assert results["meta"]["magcache_ratios"] == "MagCache's magnitude ratios calibrated on the calibration prompts; K 2, retention 0.2"
     assert len(results["meta"]["calibration"]["mag_ratios"]) == 2  # [cond, uncond] x steps
     mag = [r for r in results["records"] if r["method"] == "magcache"]
     assert len(mag) == 2 and all(r["skipped_fraction"] > 0 for r in mag)

@@ -396,6 +396,7 @@ def test_block_stack_caches_patch_every_expert_and_keep_their_residuals_apart():
     with DenoiserHook(LoopSpec(STEPS, ("main",)), [skip]).attach(high, low):
         assert "forward" in vars(high.blocks[0]) and "forward" in vars(low.blocks[2])
         out = _two_experts(high, low)
+        assert {expert for expert, _ in skip._residuals} == {1}  # the first expert's residual was dropped
     assert "forward" not in vars(high.blocks[0]) and "forward" not in vars(low.blocks[2])
     assert seen == [(s, 0 if s < 5 else 1) for s in range(STEPS)]
     assert skip.reused == 2 and skip.calls == STEPS  # steps 3 and 7; step 5 had no residual of its expert
@@ -408,3 +409,14 @@ def test_block_stack_caches_patch_every_expert_and_keep_their_residuals_apart():
         for s in range(5):
             x = x - 0.1 * out[s]
         assert torch.allclose(out[5], low(x, timestep=torch.tensor([500.0])), atol=1e-6)
+
+
+def test_teacache_calibration_pairs_stay_within_an_expert():
+    """Consecutive calls of different experts are not a TeaCache calibration pair (their proxies and
+    outputs come from two networks): 4 pairs per expert and sample, none across the switch."""
+    high, low = TinyDiT(seed=0), TinyDiT(seed=1)
+    cal = TeaCacheCalibrator()
+    with DenoiserHook(LoopSpec(STEPS, ("main",)), [cal]).attach(high, low):
+        _two_experts(high, low)
+    assert len(cal.pairs) == 2 * (4 + 4)  # 2 samples; steps 1-4 after 0, 6-9 after 5
+    assert max(y for _, y in cal.pairs) < 0.5

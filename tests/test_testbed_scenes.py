@@ -255,10 +255,44 @@ def test_training_stops_and_saves_on_sigterm_and_after_max_minutes(tmp_path, cap
                        "--resume", str(tmp_path / "w.state.pt")])
     assert json.loads((tmp_path / "w.json").read_text())["steps_done"] == summary["steps_done"] + 2
 
+    # with worker processes, the whole process group signalled (as `timeout` and Ctrl-C do): the workers
+    # ignore it, the main process saves
+    proc = subprocess.Popen([*cmd[:-2], "--workers", "1", "--out", str(tmp_path / "g.safetensors")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            cwd=Path(__file__).parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 4 "):
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, rest
+    assert "stopped by SIGTERM" in rest and json.loads((tmp_path / "g.json").read_text())["steps_done"] >= 4
+    assert (tmp_path / "g.state.pt").is_file()
+
     train_scenes.main([*TINY, "--steps", "100000", "--max-minutes", "0.0001", "--out", str(tmp_path / "m.safetensors")])
     summary = json.loads((tmp_path / "m.json").read_text())
     assert summary["final"] is False and summary["steps_done"] < 100000
     assert "stopped after --max-minutes 0.0001" in capsys.readouterr().out
+
+def test_a_periodic_save_records_the_training_time_up_to_it(tmp_path):
+    """A process killed outright (SIGKILL: no last save) loses only the steps after its last periodic
+    save, and the state of that save holds the training time up to it (it held 0.0 for a first run)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "w.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "taohooks.testbed.train_scenes", *TINY, "--steps", "100000",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("saved step 4 "):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    state = train_scenes.read_state(str(tmp_path / "w.state.pt"))
+    assert state["step"] >= 4 and state["wall"] > 0.0
 
 def test_training_with_worker_processes_and_bf16(tmp_path):
     out = tmp_path / "w.safetensors"

@@ -88,3 +88,26 @@ def test_bad_settings_and_a_switch_elsewhere(capsys):
         table_for("s2v-14B")
     schedule("t2v-A14B", 40, 27, counted=26)  # the experts switch one step later than the rule counts
     assert "the low-noise expert took over at step 27; the authors' retention counts 26" in capsys.readouterr().err
+
+
+def test_a_reuse_the_first_low_noise_call_cannot_make_computes_and_restarts_the_count():
+    """I2V with no retention: the first low-noise calls (step 15) pass the threshold on the published
+    switch ratio (0.91), but the low-noise expert has no residual yet: they compute, and count as
+    computed (the accumulators restart there), where the authors would reuse the high-noise residual."""
+    refused = []
+
+    class Spy(Wan22MagCache):
+        def on_reuse_refused(self, call):
+            refused.append((call.step, call.index % 2, self._budgets[call.streams].steps))
+            super().on_reuse_refused(call)
+            assert self._budgets[call.streams].steps == 0
+
+    import taohooks.caches.magcache_wan22 as m
+    original = m.Wan22MagCache
+    m.Wan22MagCache = Spy
+    try:
+        reused = schedule("i2v-A14B", 40, 15, threshold=0.2, k=2, retention_ratio=0.0)
+    finally:
+        m.Wan22MagCache = original
+    assert [(s, slot) for s, slot, _ in refused] == [(15, 0), (15, 1)]
+    assert (15, 0) not in reused and (15, 1) not in reused and (16, 0) in reused

@@ -74,6 +74,12 @@ class MagCacheCallback(BlockStackCache):
         ``retention_ratio`` of the steps."""
         return call.step < int(self.hook.loop.steps * self.retention_ratio)
 
+    def on_reuse_refused(self, call) -> None:
+        """Nothing of this expert is cached yet: the call computes, and so it is a fresh reference."""
+        budget = self._budgets.get(call.streams)
+        if budget is not None:
+            budget.ratio, budget.error, budget.steps = 1.0, 0.0, 0
+
     def decide(self, call, block, args, kwargs) -> bool:
         loop = self.hook.loop
         budget = self._budgets.setdefault(call.streams, _Budget())

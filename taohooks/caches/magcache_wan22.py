@@ -17,10 +17,14 @@ the number of steps; the authors count calls (two per step, cond then uncond: ca
 ``boundary * 1000``), which gives Wan2.2's switch for the shipped settings (26 of 40 steps for T2V, 15 of
 40 for I2V); where the experts switch elsewhere, a notice says so. One table covers both experts (the
 expert switch shows as one low ratio, 0.655 for T2V, 0.911 for I2V, between the last high-noise and the
-first low-noise residual); the accumulators are per stream across both experts, as theirs. Residuals are
-kept per expert (:class:`~taohooks.caches.residual.BlockStackCache`); theirs are shared, but their
-retention always computes the first low-noise calls, so no call reuses the other expert's residual
-there either.
+first low-noise residual); the accumulators are per stream across both experts, as theirs.
+
+One deliberate difference: residuals are kept per expert (:class:`~taohooks.caches.residual.BlockStackCache`),
+so a low-noise call never reuses a residual the high-noise expert computed; theirs are shared. With their
+README's settings and the script's defaults this changes nothing (their retention computes the first
+low-noise calls, and the switch ratio ends any run of skips); where it does not (a small ``R``, e.g. I2V
+with ``R`` 0.05, or a step count whose resampling drops the switch ratio) they reuse the other expert's
+residual on the first low-noise call(s) and taohooks computes them, restarting the accumulators there.
 
 The published ratios (facts, used as data): Zehong-Ma/MagCache at
 df81cb181776c2c61477c08e1d21f87fda1cd938, ``MagCache4Wan2.2/magcache_generate.py`` lines 695 (T2V-A14B),

@@ -102,6 +102,10 @@ class BlockStackCache(Callback):
     def on_residual(self, call, residual: Tensor) -> None:
         """A computed call's residual (float32, the stack input's shape; for calibrators)."""
 
+    def on_reuse_refused(self, call) -> None:
+        """:meth:`decide` said reuse, but nothing of this expert and stream(s) is cached (its first call,
+        or a change of shape): the call computes. Subclasses that count reuses reset here."""
+
     # ------------------------------------------------------------------ samples
     def samples_of_rows(self, rows: int) -> Optional[Tensor]:
         """``[rows]`` sample index of each row of a block's hidden state in this call, or ``None``
@@ -169,7 +173,7 @@ class BlockStackCache(Callback):
         self._patches, self._residuals, self._call, self.hook = [], {}, None, None
 
     def on_sample_start(self, hook, sample: int) -> None:
-        self._residuals = {}
+        self._residuals, self.expert = {}, 0
 
     def on_sample_abort(self, hook, sample: int, reason: str) -> None:
         self._residuals, self._call = {}, None
@@ -195,10 +199,19 @@ class BlockStackCache(Callback):
     def _enter(self, call, block, args, kwargs, x: Tensor) -> None:
         """At the first block of a call: ask :meth:`decide`, keep the input."""
         self._entered, self._x_in = True, x
-        self.expert = self._expert_of.get(id(block), 0)
+        expert = self._expert_of.get(id(block), 0)
+        if expert != self.expert:  # the loop moved on to another expert: its residuals are not used again
+            self._residuals = {k: v for k, v in self._residuals.items() if k[0] == expert}
+            self.expert = expert
         verdict = self.decide(call, block, args, kwargs)
         cached = self._residuals.get((self.expert, call.streams))
         if cached is None or cached.shape != x.shape:
+            if isinstance(verdict, (bool, int)) or (isinstance(verdict, Tensor) and verdict.dim() == 0):
+                wanted = bool(verdict)
+            else:
+                wanted = bool(torch.as_tensor(verdict, dtype=torch.bool).any())
+            if wanted:
+                self.on_reuse_refused(call)
             return  # nothing to reuse: compute
         if isinstance(verdict, (bool, int)) or (isinstance(verdict, Tensor) and verdict.dim() == 0):
             reuse = torch.full((self.samples(),), bool(verdict))

@@ -98,7 +98,7 @@ class TeaCacheCallback(BlockStackCache):
         self.max_step = max_step
         self.clamp_negative = clamp_negative
         self.per_sample = per_sample
-        self._acc: Dict[Tuple[str, ...], _Accumulator] = {}
+        self._acc: Dict[Tuple[int, Tuple[str, ...]], _Accumulator] = {}  # (expert, streams) -> accumulator
 
     def rescale(self, rel: float) -> float:
         """The estimated output change for a proxy change ``rel`` (never negative with ``clamp_negative``)."""
@@ -115,7 +115,7 @@ class TeaCacheCallback(BlockStackCache):
         proxy = (self.probe(block, args, kwargs) if self.probe else args[self.hidden_arg]).detach().float()
         item = self.samples_of_rows(proxy.shape[0]) if self.per_sample else None
         count = 1 if item is None else self.samples()
-        state = self._acc.setdefault(call.streams, _Accumulator())
+        state = self._acc.setdefault((self.expert, call.streams), _Accumulator())
         steps = self.hook.loop.steps
         forced = (call.step < self.warmup_steps or (self.compute_last_step and call.step == steps - 1)
                   or (self.max_step is not None and call.step >= self.max_step)
@@ -145,7 +145,7 @@ class TeaCacheCalibrator(BlockStackCache):
         self.probe = probe
         self.per_sample = per_sample
         self.pairs: List[Tuple[float, float]] = []
-        self._previous: Dict[Tuple[str, ...], Tuple[Tensor, List[Tensor]]] = {}
+        self._previous: Dict[Tuple[int, Tuple[str, ...]], Tuple[Tensor, List[Tensor]]] = {}  # (expert, streams)
         self._proxy: Optional[Tensor] = None
 
     def on_sample_start(self, hook, sample: int) -> None:
@@ -167,7 +167,8 @@ class TeaCacheCalibrator(BlockStackCache):
         super().on_after_call(hook, call, output)
         if proxy is None or not call.computed:
             return
-        previous = self._previous.get(call.streams)
+        key = (self.expert, call.streams)  # no pair across the experts of a two-expert loop (Wan2.2)
+        previous = self._previous.get(key)
         if previous is not None and previous[0].shape == proxy.shape:
             if item is None:
                 out_rel = [sum(float((a - b).abs().mean()) for a, b in zip(leaves, previous[1])) / max(
@@ -175,7 +176,7 @@ class TeaCacheCalibrator(BlockStackCache):
             else:
                 out_rel = grouped_relative_l1(leaves[0], previous[1][0], out_item)
             self.pairs.extend(zip(grouped_relative_l1(proxy, previous[0], item), out_rel))
-        self._previous[call.streams] = (proxy, leaves)
+        self._previous[key] = (proxy, leaves)
 
     def fit(self, degree: int = 4) -> List[float]:
         """Least-squares polynomial ``output rel-L1 ~ poly(input rel-L1)``, highest power first.

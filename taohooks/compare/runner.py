@@ -413,6 +413,7 @@ class Experiment:
                                             exit=self.target.exit)
             k = self.config.magcache_k if self.config.magcache_k is not None else k
             retention = self.config.magcache_retention if self.config.magcache_retention is not None else retention
+            self.mag_provenance += f"; K {k}, retention {retention:g}"
 
             def make(threshold: float) -> List[Callback]:
                 return [build(threshold, k, retention)]

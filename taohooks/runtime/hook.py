@@ -130,7 +130,8 @@ class DenoiserHook:
 
         ``also``: more instances that run the same loop's calls (Wan2.2's two experts: the high-noise
         one for the first steps, the low-noise one for the rest); their calls are numbered with
-        ``module``'s, as one generation. Callbacks that patch submodules see ``module`` only."""
+        ``module``'s, as one generation. Block-stack caches (TeaCache, MagCache) patch the blocks of every
+        instance and keep their state per expert; PAB and the TeaCache proxies of Wan2.1 see ``module`` only."""
         if self.module is not None:
             raise RuntimeError(f"taohooks: this hook is already attached to a {type(self.module).__name__}")
         modules = (module, *also)

@@ -79,6 +79,14 @@ class BatchStream(torch.utils.data.IterableDataset):
     def __init__(self, seed: int, start_step: int, batch_size: int):
         self.seed, self.start_step, self.batch_size = seed, start_step, batch_size
 
+    @staticmethod
+    def worker_init(worker_id: int) -> None:
+        """Workers ignore SIGTERM and SIGINT: ``timeout`` and Ctrl-C signal the whole process group,
+        and a worker killed mid-save would abort the main process's last save (it stops the workers
+        itself when it ends)."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, self.start_step, info.id if info else 0])
@@ -162,10 +170,11 @@ class Trainer:
         self.step = 0
         self.wall = 0.0  # seconds of training before this process (resumed runs)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, wall: float = None) -> dict:
+        """Everything ``--resume`` needs; ``wall``: training seconds up to now (default: before this process)."""
         return {
             "format": STATE_FORMAT, "kind": self.args.kind, "config": self.config.to_json(), "step": self.step,
-            "wall": self.wall, "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+            "wall": self.wall if wall is None else wall, "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
             "ema_updates": self.ema.num_updates, "optimizer": self.opt.state_dict(),
             "rng": self.rng.bit_generator.state, "gen": self.gen.get_state(), "previous": self.previous,
             "hparams": {name: getattr(self.args, name) for name in HPARAMS},
@@ -202,7 +211,7 @@ class Trainer:
     def save(self, out: Path, state_path: Path, wall: float, final: bool) -> dict:
         summary = self.summary(wall, final)
         buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
+        torch.save(self.state_dict(wall), buf)
         atomic_write_bytes(state_path, buf.getvalue())
         meta = {"training": json.dumps(summary, sort_keys=True)}
         save_half(self.ema.model, out, meta)
@@ -220,6 +229,7 @@ class Trainer:
                 yield make_batch(self.rng, a.batch_size)
         yield from torch.utils.data.DataLoader(
             BatchStream(a.seed, self.step, a.batch_size), batch_size=None, num_workers=a.workers,
+            worker_init_fn=BatchStream.worker_init,
             pin_memory=self.device.type == "cuda", prefetch_factor=4)
 
     def train_step(self, batch) -> float:
@@ -324,6 +334,9 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame):
         self.signal = signum
+        # a second signal acts as it would have without this (Ctrl-C twice: KeyboardInterrupt)
+        previous = self._previous.get(signum)
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -332,7 +345,7 @@ class _StopOnSignal:
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set from C
         return False
 
 
