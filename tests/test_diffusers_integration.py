@@ -188,6 +188,35 @@ def test_two_transformers_run_as_one_loop_with_the_switch_guarded(tmp_path, capf
     assert "forward" not in vars(pipe.transformer) and "forward" not in vars(pipe.transformer_2)
 
 
+
+def test_a_teacache_hybrid_acts_in_both_transformers(tmp_path, capfd):
+    """The hybrid's TeaCache (Algorithm 2: before TaoCache's window) bypasses the block stack of the
+    high-noise ``transformer`` and of the low-noise ``transformer_2``, each with its own state (the first
+    call of each expert computes: its proxy has nothing of its own to compare with)."""
+    pipe = wan22_pipe(boundary_ratio=0.85)
+    ran = {"high": 0, "low": 0}  # the first block's self-attention: runs only where the blocks really run
+    pipe.transformer.blocks[0].attn1.register_forward_pre_hook(lambda m, a: ran.__setitem__("high", ran["high"] + 1))
+    pipe.transformer_2.blocks[0].attn1.register_forward_pre_hook(lambda m, a: ran.__setitem__("low", ran["low"] + 1))
+    wan_call(pipe)
+    high_steps = ran["high"] // 2
+    assert high_steps == 3 and ran["low"] == 2 * (STEPS - high_steps)
+    cfg = config_from_dict({"integration": "diffusers", "lut": "lut.safetensors", "calibration": {"prompts": 1},
+                            "plan": {"budget": 1, "min_step": STEPS - 2},
+                            "teacache": {"threshold": 10.0, "coefficients": [1.0, 0.0], "guard_band": 0}},
+                           str(tmp_path / "c.yaml"))
+    enable_taocache(pipe, cfg)
+    try:
+        wan_call(pipe)  # calibrating: every step computed
+        ran.update(high=0, low=0)
+        out = wan_call(pipe)
+        err = capfd.readouterr().err
+        assert "window 6-6" in err and "TeaCache reused the block residual on 8 calls" in err, err
+        # high: step 0 computed (warm-up), steps 1-2 reused; low: step 3 computed (its first), 4-5 reused,
+        # 6 skipped by TaoCache, 7 computed
+        assert ran == {"high": 2, "low": 4} and torch.isfinite(out).all()
+    finally:
+        disable_taocache(pipe)
+
 def test_calibrates_then_skips(tmp_path, capfd):
     pipe = latte_pipe()
     cfg = config_from_dict({"integration": "diffusers", "lut": "lut.safetensors", "calibration": {"prompts": 1},
