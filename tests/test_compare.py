@@ -523,7 +523,8 @@ def test_wan22_two_experts_through_compare(tmp_path):
     script = FIXTURES / "wan22" / "generate.py"
     args = [str(script), "--prompt", "ignored", "--sample_steps", "20", "--offload_model", "False"]
     text = OFFICIAL_LIKE_EXPERIMENT.format(integration="wan22", output="out").replace(
-        "budgets: [0.2]", "budgets: [0.15]").replace("methods: [full, taocache]", "methods: [full, taocache, magcache]")
+        "budgets: [0.2]", "budgets: [0.15]").replace("methods: [full, taocache]",
+                                                     "methods: [full, taocache, magcache, teacache, hybrid]")
     exp = write(tmp_path, text, "wan22.yaml")
     compare_in_a_process(tmp_path, exp, args)
     records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
@@ -539,6 +540,13 @@ def test_wan22_two_experts_through_compare(tmp_path):
     assert len(mag) == 2 and all(r["skipped_fraction"] == pytest.approx(0.15) for r in mag)
     # their retention R0.4: the first 40% of each expert's calls computed (steps 0-4 and 13-15 here)
     assert not {s for r in mag for s, _ in r["skipped_schedule"]} & {0, 1, 2, 3, 4, 13, 14, 15}
+    # TeaCache, fitted on the calibration prompts (nothing published for Wan2.2), per expert
+    assert "TeaCache fitted here (TeaCache publishes no Wan2.2 coefficients)" in results["meta"]["teacache_proxy"]
+    tea = [r for r in records if r["method"] == "teacache"]
+    assert len(tea) == 2 and all(r["skipped_calls"] > 0 for r in tea)
+    assert not {s for r in tea for s, _ in r["skipped_schedule"]} & {0, 13}  # each expert's first call computes
+    hybrid = [r for r in records if r["method"] == "hybrid"]
+    assert len(hybrid) == 2 and all(r["skipped_calls"] > 0 for r in hybrid)
 
 
 def test_changed_calibration_prompts_are_refused_on_resume(finished, tmp_path, launcher_state, capsys):

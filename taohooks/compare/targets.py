@@ -90,6 +90,12 @@ def _testbed_probe():
     return modulated_input
 
 
+def _wan_block_e_probe():
+    from ..caches.teacache_wan21 import block_e_probe
+
+    return block_e_probe
+
+
 def _wan21_published_teacache(arguments: dict, use_ret_steps: bool):
     """``(make(threshold) -> callbacks, provenance)``: the authors' TeaCache for this Wan2.1 call, the
     checkpoint told by the DiT's width (1536: T2V-1.3B, 5120: 14B) and, for i2v, ``max_area``."""
@@ -217,8 +223,10 @@ TARGETS: Dict[str, Target] = {
                   "the authors' TeaCache for Wan2.1 (timestep-embedding proxy, published coefficients)",
                   tea_published=_wan21_published_teacache, mag_published=_wan21_published_magcache,
                   attention=r"blocks\.\d+\.self_attn", latents_during=_wan_latents),
-    "wan22": Target("input_prompt", "seed", _single_video, "blocks", None,
-                    "TeaCache has no Wan2.2 support (no published coefficients)",
+    "wan22": Target("input_prompt", "seed", _single_video, "blocks", _wan_block_e_probe,
+                    "TeaCache fitted here (TeaCache publishes no Wan2.2 coefficients): the proxy of TeaCache4Wan2.1's "
+                    "use_ret_steps variant (the time projection e0 the first block receives), a polynomial fitted "
+                    "on the calibration prompts, accumulators and pairs per expert",
                     mag_published=_wan22_published_magcache, latents_during=_wan_latents),
     "latte": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                     "the authors' TeaCache for Latte-1 (TeaCache's eval script, published coefficients)",

@@ -418,3 +418,41 @@ def test_t2v_a14b_authors_magcache_acts_in_both_experts(wan22):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def test_t2v_a14b_fitted_teacache_acts_in_both_experts(wan22):
+    """compare's TeaCache for Wan2.2 (nothing published): the proxy of TeaCache4Wan2.1's use_ret_steps variant
+    (``e`` as the checkout's blocks receive it), pairs recorded per expert on a full-step run, a polynomial
+    fitted to them; with a threshold, both experts' block stacks are bypassed on some calls."""
+    from taohooks import DenoiserHook, LoopSpec
+    from taohooks.caches.teacache import TeaCacheCalibrator, TeaCacheCallback
+    from taohooks.caches.teacache_wan21 import block_e_probe
+
+    wan = wan22.load()
+    pipe = t2v_pipe(wan)
+    steps, first_low = T2V["steps"], T2V["first_low"]
+    loop = LoopSpec(steps, ("cond", "uncond"), batch_dim=None)
+    cal = TeaCacheCalibrator(probe=block_e_probe)
+    with DenoiserHook(loop, [cal], timestep_arg="t").attach(pipe.high_noise_model, pipe.low_noise_model):
+        plain = run_t2v(pipe)
+    # per stream, consecutive calls of the same expert: (first_low - 1) + (steps - first_low - 1) pairs
+    assert len(cal.pairs) == 2 * (steps - 2)
+    coefficients = cal.fit()
+    logs, ran = [CallLog(high=pipe.high_noise_model, low=pipe.low_noise_model)], []
+    handles = [expert.blocks[0].self_attn.register_forward_pre_hook(lambda m, a: ran.append(len(logs[-1].calls) - 1))
+               for expert in (pipe.high_noise_model, pipe.low_noise_model)]
+    tea = TeaCacheCallback(1.0, coefficients, probe=block_e_probe)
+    try:
+        with DenoiserHook(loop, [tea], timestep_arg="t").attach(pipe.high_noise_model, pipe.low_noise_model):
+            out = run_t2v(pipe)
+    finally:
+        logs[-1].close()
+        for handle in handles:
+            handle.remove()
+    experts = [name for name, *_ in logs[-1].calls]
+    bypassed = sorted(set(range(2 * steps)) - set(ran))
+    assert tea.reused == len(bypassed)
+    assert any(experts[c] == "high" for c in bypassed) and any(experts[c] == "low" for c in bypassed)
+    # never on the first call of either expert (nothing of its own to compare with) nor on the last step
+    assert not set(bypassed) & {0, 1, 2 * first_low, 2 * first_low + 1, 2 * steps - 2, 2 * steps - 1}
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
