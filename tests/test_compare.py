@@ -107,15 +107,10 @@ def test_prompt_file_seeds_and_overlap_with_calibration(tmp_path):
 def test_errors_come_before_the_script_runs(tmp_path, capsys):
     never = write(tmp_path, "raise SystemExit('the script ran')\n", "never.py")
     path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, pab]").replace(
-        "integration: testbed", "integration: wan22"))
+        "integration: testbed", "integration: videosys"))
     assert cli.main(["compare", str(path), "--", str(never)]) == 1
     err = capsys.readouterr().err
-    assert "taocache compare: error:" in err and "pab is not yet available for the 'wan22' integration (PAB " \
-                                                 "patches one model's attention, Wan2.2 has two experts)" in err
-    wan22 = write(tmp_path, EXPERIMENT.replace("integration: testbed", "integration: wan22"), "wan22.yaml")
-    assert cli.main(["compare", str(wan22), "--", str(never)]) == 1
-    assert "teacache is not yet available for the 'wan22' integration: TeaCache has no Wan2.2 support" in \
-        capsys.readouterr().err
+    assert "taocache compare: error:" in err and "taocache compare does not support the 'videosys' integration" in err
     assert not (tmp_path / "out" / "runs").exists()
 
 
@@ -524,7 +519,7 @@ def test_wan22_two_experts_through_compare(tmp_path):
     args = [str(script), "--prompt", "ignored", "--sample_steps", "20", "--offload_model", "False"]
     text = OFFICIAL_LIKE_EXPERIMENT.format(integration="wan22", output="out").replace(
         "budgets: [0.2]", "budgets: [0.15]").replace("methods: [full, taocache]",
-                                                     "methods: [full, taocache, magcache, teacache, hybrid]")
+                                                     "methods: [full, taocache, magcache, teacache, hybrid, pab]")
     exp = write(tmp_path, text, "wan22.yaml")
     compare_in_a_process(tmp_path, exp, args)
     records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
@@ -547,6 +542,8 @@ def test_wan22_two_experts_through_compare(tmp_path):
     assert not {s for r in tea for s, _ in r["skipped_schedule"]} & {0, 13}  # each expert's first call computes
     hybrid = [r for r in records if r["method"] == "hybrid"]
     assert len(hybrid) == 2 and all(r["skipped_calls"] > 0 for r in hybrid)
+    pab = [r for r in records if r["method"] == "pab"]  # both experts' self-attention, per expert
+    assert len(pab) == 2 and all(r["skipped_calls"] == 0 and r["pab_range"] == 2 for r in pab)
 
 
 def test_changed_calibration_prompts_are_refused_on_resume(finished, tmp_path, launcher_state, capsys):

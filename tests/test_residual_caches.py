@@ -420,3 +420,16 @@ def test_teacache_calibration_pairs_stay_within_an_expert():
         _two_experts(high, low)
     assert len(cal.pairs) == 2 * (4 + 4)  # 2 samples; steps 1-4 after 0, 6-9 after 5
     assert max(y for _, y in cal.pairs) < 0.5
+
+
+def test_pab_on_two_experts_never_broadcasts_across_them():
+    """PAB range 2 over steps 0-9, the experts switching at step 5 (a broadcast step by the phase): the
+    low-noise expert has nothing of its own cached there and computes; then it broadcasts its own."""
+    high, low = TinyDiT(seed=0), TinyDiT(seed=1)
+    pab = PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.\d+\.attn", 2)], steps=(0, STEPS - 1))
+    with DenoiserHook(LoopSpec(STEPS, ("main",)), [pab]).attach(high, low):
+        _two_experts(high, low)
+        assert {k[0] for k in pab._cache} == {1}  # the high-noise expert's outputs were dropped at the switch
+    # high: steps 0, 2, 4 computed, 1 and 3 broadcast; low: 5 (nothing of its own yet), 6, 8 computed, 7, 9 broadcast
+    assert [b.attn.calls for b in high.blocks] == [3] * 3 and [b.attn.calls for b in low.blocks] == [3] * 3
+    assert pab.broadcasts == 2 * 2 * 3

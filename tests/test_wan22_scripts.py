@@ -166,7 +166,24 @@ def test_uncovered_tasks_and_mismatches_are_refused_before_the_model_loads(runne
     res = run(runner, tmp_path, config, "--sample_shift", "5")
     assert res.returncode == 2
     assert "was calibrated with --sample_shift 12.0; this command line runs --sample_shift 5.0" in res.stderr
+
+
+def test_pab_and_the_teacache_hybrid_act_in_both_experts(runner, plain, calibrated, tmp_path):
+    """``pab:`` and ``teacache:`` with the two experts of T2V-A14B: both patch each expert's modules and keep
+    their state per expert (the unit tests check that no expert uses the other's); here, through the script."""
+    expected, _ = plain
     res = run(runner, tmp_path / "pab", "integration: wan22\nplan: {budget: 0}\n"
-                                        "pab: {groups: [{pattern: 'blocks\\\\.\\\\d+\\\\.self_attn', range: 2}], "
-                                        "timesteps: [100, 800]}\n")
-    assert res.returncode == 2 and "pab: with the two experts of t2v-A14B is not supported yet" in res.stderr
+                                        "pab: {groups: [{pattern: 'blocks\\.\\d+\\.self_attn', range: 2}], "
+                                        "steps: [1, 18]}\n")
+    assert res.returncode == 0, res.stderr
+    got = torch.load(tmp_path / "pab" / "video.pt")
+    assert torch.isfinite(got).all() and not torch.equal(got, expected)  # attention was broadcast
+    out, config = calibrated
+    (tmp_path / "lut.safetensors").write_bytes((out / "lut.safetensors").read_bytes())
+    res = run(runner, tmp_path, config + "teacache: {threshold: 0.5, coefficients: [1.0, 0.0], guard_band: 1}\n")
+    assert res.returncode == 0, res.stderr
+    reused = int(re.search(r"TeaCache reused the block residual on (\d+) calls", res.stderr).group(1))
+    assert saved_counts(res) == [(4, 40)] and "window 17-18" in res.stderr, res.stderr  # TaoCache's 4 calls
+    # TeaCache before step 17 - 1: high-noise steps 1-12 (24 calls), low-noise 14-15 (4; step 13, the low-noise
+    # expert's first, computes: its proxy has nothing of its own to compare with)
+    assert reused == 28

@@ -22,9 +22,12 @@ cache keeps only the last outputs (on the device they were made on) and drops th
 generation ends. TI2V-5B has one model; its per-token timestep (0 on the conditioning frame's tokens) is
 read as its largest value.
 
+The ``pab:`` and ``teacache:`` (hybrid) sections patch the submodules of both experts and keep their
+state per expert: PAB never broadcasts one expert's attention in the other, TeaCache's accumulators and
+residuals are the expert's own (so the first call of each expert computes).
+
 Not covered: S2V-14B and Animate-14B (one sampling loop per clip, inside one ``generate``, and one
-call per step when the guide scale is 1): refused before the model loads. PAB and the hybrid with
-the two-expert tasks (they patch the submodules of one model): refused as well.
+call per step when the guide scale is 1): refused before the model loads.
 
 Importing this module needs neither ``wan`` nor flash-attn or a GPU.
 """
@@ -119,25 +122,6 @@ def _identity(arguments, model) -> Dict[str, Any]:
     return identity
 
 
-def _sections_with_two_experts(config: TaoCacheConfig) -> List[str]:
-    sections = []
-    if config.pab is not None:
-        sections.append("pab:")
-    if config.teacache is not None and config.teacache.threshold > 0:
-        sections.append("teacache: (the hybrid)")
-    return sections
-
-
-def _check_sections(config: TaoCacheConfig):
-    def check(arguments, model):
-        if len(experts_of(arguments["self"])[1]) > 1 and _sections_with_two_experts(config):
-            raise IntegrationError(f"{config.source}: {' and '.join(_sections_with_two_experts(config))} with "
-                                   "Wan2.2's two experts is not supported yet (they patch one model's submodules); "
-                                   "use TaoCache alone with the A14B tasks")
-        return []
-    return check
-
-
 # ---------------------------------------------------------------------- before the model loads
 FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_shift"}
 
@@ -182,8 +166,8 @@ def _said(run: Dict[str, Any], key: str) -> str:
 def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     """Before generate.py loads T5, the VAE and the experts: the task (covered, and the config's),
     the step count against loop.steps and the LUT, solver and shift against the LUT's identity, the
-    plan against the step count and the expert switch, the LUT's folder, the sections the two
-    experts cannot take. Raises with every problem found."""
+    plan against the step count and the expert switch, the LUT's folder. Raises with every problem
+    found."""
     run = command_line(argv)
     _launch.clear()
     if run is None:
@@ -196,9 +180,6 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     boundary = run["boundary"] * 1000.0 if run["boundary"] is not None else None
     problems = command_line_problems(config, run, flags=FLAGS, said=_said, tasks=TASKS, streams=STREAMS,
                                      configs_hint="configs/wan22_*.yaml", expert_boundary=boundary)
-    if boundary is not None and _sections_with_two_experts(config):
-        problems.append(f"{config.source or 'the config'}: {' and '.join(_sections_with_two_experts(config))} with "
-                        f"the two experts of {run['task']} is not supported yet; use TaoCache alone")
     if problems:
         raise IntegrationError("\n".join(problems))
 
@@ -211,7 +192,7 @@ def install(config: TaoCacheConfig) -> None:
     require_modules("wan22", ["wan"], "run generate.py of a Wan2.2 checkout, or pip install -e the checkout")
     _patches.installed = True
     _patches.patch_generate(PIPELINES, lambda arguments: TaoCache(config), _model, _loop,
-                            callbacks_of=_check_sections(config), identity_of=_identity, prompt_arg="input_prompt")
+                            identity_of=_identity, prompt_arg="input_prompt")
 
 
 def uninstall() -> None:

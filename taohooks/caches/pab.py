@@ -10,7 +10,10 @@ on the given reset steps (TaoCache's refresh steps, as the paper asks); a call w
 modules did not run (TeaCache or MagCache bypassed the blocks) drops that stream's cached outputs,
 so that the next computed call does not broadcast attention from before the bypass; in a call where
 a per-sample TeaCache runs the blocks on some samples' rows only (``partial``), attention neither
-broadcasts nor is cached, and that stream's cache is dropped.
+broadcasts nor is cached, and that stream's cache is dropped. On a hook attached to several instances
+that share one loop (Wan2.2's high-noise and low-noise experts), the modules of every instance are patched
+and their outputs cached per expert: an expert never broadcasts another's attention, and the previous
+expert's cache is dropped when the loop moves on to the next.
 """
 from __future__ import annotations
 
@@ -64,7 +67,8 @@ class PyramidAttentionBroadcast(Callback):
         self.broadcasts = 0  # module calls answered from the cache, since attach
         self.module_calls = 0
         self._patches: List[ForwardPatch] = []
-        self._cache: Dict[Tuple[str, Tuple[str, ...]], Any] = {}
+        self._cache: Dict[Tuple[int, str, Tuple[str, ...]], Any] = {}  # (expert, module name, streams)
+        self._expert = 0  # the expert whose modules ran last
         self._call = None
         self._in_window = False
         self._anchor: Optional[int] = None
@@ -76,16 +80,19 @@ class PyramidAttentionBroadcast(Callback):
         self.hook = hook
         # the block-stack caches on the hook (whose calls may run some samples' rows only), looked up once
         self._row_caches = [cb for cb in hook.callbacks if hasattr(cb, "partial")]
-        named = list(hook.module.named_modules())
-        self._patches = []
-        for group in self.groups:
-            regex = re.compile(group.pattern)
-            matched = [(n, m) for n, m in named if n and regex.fullmatch(n)]
-            if not matched:
-                raise PABPatternError(f"PAB pattern {group.pattern!r} (pab.groups) matches no module of "
-                                 f"{type(hook.module).__name__} (names look like {named[min(3, len(named) - 1)][0]!r})")
-            for name, module in matched:
-                self._patches.append(ForwardPatch(module, self._make_forward(name, group.broadcast_range)))
+        found = []  # (expert, name, module, range), every expert looked up before anything is patched
+        for expert, model in enumerate((hook.module, *getattr(hook, "also", ()))):
+            named = list(model.named_modules())
+            for group in self.groups:
+                regex = re.compile(group.pattern)
+                matched = [(n, m) for n, m in named if n and regex.fullmatch(n)]
+                if not matched:
+                    raise PABPatternError(f"PAB pattern {group.pattern!r} (pab.groups) matches no module of "
+                                          f"{type(model).__name__} (names look like "
+                                          f"{named[min(3, len(named) - 1)][0]!r})")
+                found += [(expert, name, module, group.broadcast_range) for name, module in matched]
+        self._patches = [ForwardPatch(module, self._make_forward(expert, name, broadcast_range))
+                         for expert, name, module, broadcast_range in found]
         self.broadcasts = self.module_calls = 0
 
     def on_detach(self, hook) -> None:
@@ -94,7 +101,7 @@ class PyramidAttentionBroadcast(Callback):
         self._patches, self._cache, self._call, self.hook = [], {}, None, None
 
     def on_sample_start(self, hook, sample: int) -> None:
-        self._cache = {}
+        self._cache, self._expert = {}, 0
         self._anchor = self.steps[0] if self.steps else None  # timestep window: its first step
 
     def on_sample_abort(self, hook, sample: int, reason: str) -> None:
@@ -119,20 +126,23 @@ class PyramidAttentionBroadcast(Callback):
         if self._call is call and call.computed and (  # (a call TaoCache answered keeps PAB in phase)
                 self.module_calls == self._module_calls_before  # the blocks were bypassed
                 or self._partial_seen):  # or ran on some samples only
-            self._cache = {k: v for k, v in self._cache.items() if k[1] != call.streams}
+            self._cache = {k: v for k, v in self._cache.items() if k[2] != call.streams}
         self._call = None
 
-    def _make_forward(self, name: str, broadcast_range: int):
+    def _make_forward(self, expert: int, name: str, broadcast_range: int):
         def make(inner):
             def forward(*args, **kwargs):
                 call = self._call
                 if call is None:
                     return inner(*args, **kwargs)
+                if expert != self._expert:  # the loop moved on to another expert: drop the previous one's outputs
+                    self._cache = {k: v for k, v in self._cache.items() if k[0] == expert}
+                    self._expert = expert
                 self.module_calls += 1
                 if any(cb.partial for cb in self._row_caches):
                     self._partial_seen = True
                     return inner(*args, **kwargs)
-                key = (name, call.streams)
+                key = (expert, name, call.streams)
                 if self._in_window and (call.step - self._anchor) % broadcast_range and key in self._cache:
                     self.broadcasts += 1
                     return self._cache[key]

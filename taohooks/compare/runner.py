@@ -152,11 +152,9 @@ def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
     except ValueError as exc:
         raise ConfigError(config.source, "taocache" if config.taocache else "integration", str(exc)) from None
     for name in sorted(PAB_METHODS & set(config.methods)):
-        if target.attention is None or tao.integration == "wan22":
+        if target.attention is None:
             raise ConfigError(config.source, "methods", f"{name} is not yet available for the {tao.integration!r} "
-                                                        "integration (" + ("PAB patches one model's attention, Wan2.2 "
-                                                        "has two experts" if tao.integration == "wan22" else
-                                                        "its attention modules are not named yet") + ")")
+                                                        "integration (its attention modules are not named yet)")
     if TEA_METHODS & set(config.methods) and target.tea_probe is None and target.tea_published is None:
         raise ConfigError(config.source, "methods", f"teacache is not yet available for the {tao.integration!r} "
                                                     f"integration: {target.tea_source}")

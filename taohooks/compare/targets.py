@@ -227,7 +227,8 @@ TARGETS: Dict[str, Target] = {
                     "TeaCache fitted here (TeaCache publishes no Wan2.2 coefficients): the proxy of TeaCache4Wan2.1's "
                     "use_ret_steps variant (the time projection e0 the first block receives), a polynomial fitted "
                     "on the calibration prompts, accumulators and pairs per expert",
-                    mag_published=_wan22_published_magcache, latents_during=_wan_latents),
+                    mag_published=_wan22_published_magcache, attention=r"blocks\.\d+\.self_attn",
+                    latents_during=_wan_latents),
     "latte": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                     "the authors' TeaCache for Latte-1 (TeaCache's eval script, published coefficients)",
                     tea_published=_latte_published_teacache("latte"), exit="norm_out", attention=LATTE_SELF_ATTENTION,
