@@ -655,3 +655,29 @@ def test_a_partly_reused_call_counts_its_fraction():
     assert record["skipped_calls"] == 2.5 and record["skipped_fraction"] == 2.5 / 4
     assert record["skipped_per_stream"] == {"cond": 1.5, "uncond": 1}
     assert record["skipped_schedule"] == [[2, "cond"], [3, "cond"], [3, "uncond"]]
+
+
+def test_pab_groups_with_their_own_ranges(tmp_path, launcher_state, capsys):
+    """``pab_groups:`` (the YAML pab: section's groups: a pattern and a range each) instead of the integration's
+    self-attention with ``pab_range:``; a pattern that names no module stops the experiment at the first
+    generation call, before any run; a malformed one before the script starts."""
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, pab]").replace(
+        "lpips: false", "lpips: false\npab_timesteps: [0, 1000]\n"
+                        "pab_groups: [{pattern: 'blocks\\.[0-2]\\.attn', range: 3}, {pattern: 'blocks\\.[34]\\.attn', "
+                        "range: 2}]")
+    assert compare(write(tmp_path, text)) == 0
+    records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
+    pab = [r for r in records if r["method"] == "pab"]
+    assert len(pab) == 2 and all(r["pab_groups"] == [{"pattern": "blocks\\.[0-2]\\.attn", "range": 3},
+                                                     {"pattern": "blocks\\.[34]\\.attn", "range": 2}] for r in pab)
+    assert all(r["psnr"] < 100 for r in pab)
+    bad = write(tmp_path, text.replace("blocks\\.[34]\\.attn", "blocks\\.[34]\\.attention").replace(
+        "output: out", "output: out2"), "bad.yaml")
+    assert compare(bad) == 2  # said at the first generation call (the launcher's exit status)
+    err = capsys.readouterr().err
+    assert "pab_groups[1].pattern: 'blocks\\\\.[34]\\\\.attention' matches no module of the VideoDiT" in err, err
+    assert not (tmp_path / "out2" / "runs").exists()
+    malformed = write(tmp_path, text.replace("blocks\\.[34]\\.attn", "blocks[").replace("output: out",
+                                                                                       "output: out3"), "m.yaml")
+    assert compare(malformed) == 1
+    assert "pab_groups[1].pattern: not a valid regex" in capsys.readouterr().err

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from ..config import (INTEGRATIONS, ConfigError, LoopConfig, build_dataclass, dataclass_from_dict, expand_path, read_text,
-                      read_yaml)
+from ..config import (INTEGRATIONS, ConfigError, LoopConfig, PABGroupConfig, build_dataclass, dataclass_from_dict,
+                      expand_path, read_text, read_yaml)
 
 __all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_list", "AVAILABLE_METHODS",
            "DEFAULT_METHODS", "BUDGET_FREE_METHODS"]
@@ -63,6 +63,10 @@ class ExperimentConfig:
     hybrid_guard: int = 2  # the hybrid: TeaCache stops this many steps before TaoCache's window
     pab_range: int = 2  # pab+taocache: attention recomputed every pab_range steps inside computed calls
     pab_timesteps: List[float] = field(default_factory=lambda: [100.0, 800.0])  # PAB only inside (low, high)
+    # PAB groups with their own ranges ({pattern, range}: module-name regex and broadcast range), as the YAML pab:
+    # section has them (VideoSys' PAB: spatial 2, temporal 3, cross 5); instead of the integration's
+    # self-attention with pab_range
+    pab_groups: Optional[List[PABGroupConfig]] = None
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
     def validate(self, err) -> None:
@@ -104,6 +108,20 @@ class ExperimentConfig:
             err("magcache_k", f"expected a number of skips in a row >= 1, got {self.magcache_k}")
         if not 1 <= self.pab_range <= 1000:
             err("pab_range", f"expected a broadcast range of at least 1 step, got {self.pab_range}")
+        for i, g in enumerate(self.pab_groups or ()):
+            if not g.pattern:
+                err(f"pab_groups[{i}].pattern", "expected a module-name regex such as 'blocks\\.\\d+\\.self_attn'")
+            else:
+                import re
+
+                try:
+                    re.compile(g.pattern)
+                except re.error as exc:
+                    err(f"pab_groups[{i}].pattern", f"not a valid regex: {exc}")
+            if not 1 <= g.range_ <= 1000:
+                err(f"pab_groups[{i}].range", f"expected a broadcast range of at least 1 step, got {g.range_}")
+        if self.pab_groups is not None and not self.pab_groups:
+            err("pab_groups", "expected at least one {pattern, range} group (or leave pab_groups out)")
         if len(self.pab_timesteps) != 2 or not self.pab_timesteps[0] < self.pab_timesteps[1]:
             err("pab_timesteps", f"expected [low, high] timesteps with low < high, got {self.pab_timesteps}")
         if not 0 <= self.easycache_warmup <= 100000:

@@ -152,9 +152,10 @@ def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
     except ValueError as exc:
         raise ConfigError(config.source, "taocache" if config.taocache else "integration", str(exc)) from None
     for name in sorted(PAB_METHODS & set(config.methods)):
-        if target.attention is None:
+        if target.attention is None and not config.pab_groups:
             raise ConfigError(config.source, "methods", f"{name} is not yet available for the {tao.integration!r} "
-                                                        "integration (its attention modules are not named yet)")
+                                                        "integration (its attention modules are not named yet; name "
+                                                        "them with pab_groups:)")
     if TEA_METHODS & set(config.methods) and target.tea_probe is None and target.tea_published is None:
         raise ConfigError(config.source, "methods", f"teacache is not yet available for the {tao.integration!r} "
                                                     f"integration: {target.tea_source}")
@@ -226,6 +227,7 @@ class Experiment:
         check_declared_loop(self.tao, self.loop, patch.target())
         self.hook_kwargs = {k: v for k, v in attach_kwargs.items() if k in ("timestep_arg",)}
         self.also = tuple(attach_kwargs.get("also", ()))  # Wan2.2's second expert, numbered with the first
+        self._check_pab_patterns()
         self.expert_boundary = attach_kwargs.get("expert_boundary")
         self.identity = patch.identity_of(arguments, self.model) if patch.identity_of else identity_of_model(self.model)
         self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration,
@@ -357,17 +359,16 @@ class Experiment:
             from ..taocache.extrapolation import TaoCacheCallback
 
             plan = self._tao_plan(lut, skips)
-            self.plans[label] = {"window": list(plan.window) if plan.window else None,
-                                 "pab_range": self.config.pab_range}
+            self.plans[label] = {"window": list(plan.window) if plan.window else None, **self._pab_record()}
             return [TaoCacheCallback(plan, lut.timesteps, max_norm_ratio=self.tao.plan.max_norm_ratio),
                     self._pab(plan.resume_steps)]
         if method == "pab":  # attention broadcast inside every call, nothing skipped
-            self.plans[label] = {"pab_range": self.config.pab_range}
+            self.plans[label] = self._pab_record()
             return [self._pab()]
         if method in ("teacache", "pab+teacache"):  # pab+teacache: PAB inside the calls TeaCache computes
             tea, with_pab = self._tea_maker(coefficients), method == "pab+teacache"
             if with_pab:
-                self.plans[label] = {"pab_range": self.config.pab_range}
+                self.plans[label] = self._pab_record()
 
             def make(threshold: float) -> List[Callback]:
                 return [*tea(threshold), *([self._pab()] if with_pab else [])]
@@ -434,8 +435,32 @@ class Experiment:
         """PAB on the target's attention modules with the experiment's range and timestep window."""
         from ..caches.pab import BroadcastGroup, PyramidAttentionBroadcast
 
-        return PyramidAttentionBroadcast([BroadcastGroup(self.target.attention, self.config.pab_range)],
-                                         timesteps=tuple(self.config.pab_timesteps), reset_steps=reset_steps)
+        if self.config.pab_groups:
+            groups = [BroadcastGroup(g.pattern, g.range_) for g in self.config.pab_groups]
+        else:
+            groups = [BroadcastGroup(self.target.attention, self.config.pab_range)]
+        return PyramidAttentionBroadcast(groups, timesteps=tuple(self.config.pab_timesteps), reset_steps=reset_steps)
+
+    def _check_pab_patterns(self) -> None:
+        """At the first generation call, before any run: every PAB pattern names modules of the model."""
+        if not PAB_METHODS & set(self.config.methods):
+            return
+        import re
+
+        names = [n for n, _ in self.model.named_modules() if n]
+        patterns = ([(f"pab_groups[{i}].pattern", g.pattern) for i, g in enumerate(self.config.pab_groups)]
+                    if self.config.pab_groups else [("methods", self.target.attention)])
+        for key, pattern in patterns:
+            if not any(re.fullmatch(pattern, n) for n in names):
+                raise ConfigError(self.config.source, key, f"{pattern!r} matches no module of the "
+                                  f"{type(self.model).__name__} this script runs (names look like "
+                                  f"{', '.join(repr(n) for n in names[:3])}, ...)")
+
+    def _pab_record(self) -> dict:
+        """What a PAB run records of its settings."""
+        if self.config.pab_groups:
+            return {"pab_groups": [{"pattern": g.pattern, "range": g.range_} for g in self.config.pab_groups]}
+        return {"pab_range": self.config.pab_range}
 
     def _tao_plan(self, lut, skips: int, rule: Optional[str] = None):
         """The TaoCache config's plan for ``skips`` skips (``rule`` overriding its rule), the expert
