@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 from taohooks import cli  # noqa: E402
 from taohooks.compare import load_experiment  # noqa: E402
 from taohooks.compare.scoring import score  # noqa: E402
-from taohooks.config import ConfigError  # noqa: E402
+from taohooks.config import ConfigError, PABGroupConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "sample_testbed.py"
@@ -681,3 +681,26 @@ def test_pab_groups_with_their_own_ranges(tmp_path, launcher_state, capsys):
                                                                                        "output: out3"), "m.yaml")
     assert compare(malformed) == 1
     assert "pab_groups[1].pattern: not a valid regex" in capsys.readouterr().err
+
+
+def test_methods_a_target_cannot_run_are_refused_before_the_script(tmp_path, monkeypatch):
+    """An integration whose compare target names no attention modules nor a TeaCache proxy (none ships like
+    that today; the check guards new ones): pab needs pab_groups:, teacache is refused."""
+    import dataclasses
+
+    from taohooks.compare import targets
+    from taohooks.compare.command import taocache_config_of
+    from taohooks.compare.runner import check_before_run
+
+    bare = dataclasses.replace(targets.TARGETS["testbed"], attention=None, tea_probe=None, tea_published=None,
+                               tea_source="no proxy here")
+    monkeypatch.setitem(targets.TARGETS, "testbed", bare)
+    config = load_experiment(write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]",
+                                                                "methods: [full, pab]")))
+    with pytest.raises(ConfigError, match="pab is not yet available for the 'testbed' integration .*pab_groups:"):
+        check_before_run(config, taocache_config_of(config)[1])
+    config.pab_groups = [PABGroupConfig(r"blocks\.\d+\.attn", 2)]
+    check_before_run(config, taocache_config_of(config)[1])
+    config = load_experiment(write(tmp_path, EXPERIMENT, "tea.yaml"))
+    with pytest.raises(ConfigError, match="teacache is not yet available for the 'testbed' integration: no proxy here"):
+        check_before_run(config, taocache_config_of(config)[1])

@@ -418,8 +418,25 @@ def test_teacache_calibration_pairs_stay_within_an_expert():
     cal = TeaCacheCalibrator()
     with DenoiserHook(LoopSpec(STEPS, ("main",)), [cal]).attach(high, low):
         _two_experts(high, low)
+        assert {k[0] for k in cal._previous} == {1}  # the first expert's proxies and outputs were dropped
     assert len(cal.pairs) == 2 * (4 + 4)  # 2 samples; steps 1-4 after 0, 6-9 after 5
     assert max(y for _, y in cal.pairs) < 0.5
+    tea = TeaCacheCallback(10.0, [1.0, 0.0])
+    with DenoiserHook(LoopSpec(STEPS, ("main",)), [tea]).attach(high, low):
+        _two_experts(high, low)
+        assert {k[0] for k in tea._acc} == {1}
+    assert tea.reused == 4 + 3  # steps 1-4 and 6-8; 0 and 5 computed (each expert's first), 9 (the last)
+
+
+def test_the_wan22_proxy_keeps_one_token_and_not_the_whole_tensor():
+    from taohooks.caches.teacache_wan22 import wan22_e_probe
+
+    e0 = torch.randn(2, 10, 6, 4)  # Wan2.2: per token
+    proxy = wan22_e_probe(None, (), {"e": e0})
+    assert proxy.shape == (2, 6, 4) and torch.equal(proxy, e0[:, -1])
+    assert proxy.untyped_storage().data_ptr() != e0.untyped_storage().data_ptr()  # a copy, not a view
+    e1 = torch.randn(1, 6, 4)  # Wan2.1's shape: as it is
+    assert wan22_e_probe(None, (), {"e": e1}) is e1
 
 
 def test_pab_on_two_experts_never_broadcasts_across_them():
@@ -433,3 +450,27 @@ def test_pab_on_two_experts_never_broadcasts_across_them():
     # high: steps 0, 2, 4 computed, 1 and 3 broadcast; low: 5 (nothing of its own yet), 6, 8 computed, 7, 9 broadcast
     assert [b.attn.calls for b in high.blocks] == [3] * 3 and [b.attn.calls for b in low.blocks] == [3] * 3
     assert pab.broadcasts == 2 * 2 * 3
+
+
+def test_pab_finds_its_modules_inside_per_block_wrappers():
+    """FSDP as Wan's --dit_fsdp applies it wraps each block: the attention is then
+    ``blocks.N._fsdp_wrapped_module.attn``; PAB's patterns match the names the model's code uses."""
+    from torch import nn
+
+    class Wrapper(nn.Module):  # stands in for FullyShardedDataParallel (same attribute name)
+        def __init__(self, inner):
+            super().__init__()
+            self._fsdp_wrapped_module = inner
+
+        def forward(self, *args, **kwargs):
+            return self._fsdp_wrapped_module(*args, **kwargs)
+
+    model = TinyDiT()
+    ref = run(model, STEPS)
+    model.blocks = torch.nn.ModuleList(Wrapper(b) for b in model.blocks)
+    assert "blocks.0._fsdp_wrapped_module.attn" in dict(model.named_modules())
+    pab = PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.\d+\.attn", 2)], steps=(0, STEPS - 1))
+    with attach(model, [pab]):
+        out = run(model, STEPS)
+    assert pab.broadcasts == 3 * (STEPS // 2)  # every other step, in each of the 3 blocks
+    assert torch.equal(out[0][0], ref[0][0]) and not torch.equal(out[-1][0], ref[-1][0])

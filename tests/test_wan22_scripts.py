@@ -187,3 +187,8 @@ def test_pab_and_the_teacache_hybrid_act_in_both_experts(runner, plain, calibrat
     # TeaCache before step 17 - 1: high-noise steps 1-12 (24 calls), low-noise 14-15 (4; step 13, the low-noise
     # expert's first, computes: its proxy has nothing of its own to compare with)
     assert reused == 28
+    # under sequence parallelism each rank would decide from its own shard of the activations: refused
+    res = run(runner, tmp_path / "sp", config + "teacache: {threshold: 0.5, coefficients: [1.0, 0.0]}\n",
+              "--ulysses_size", "2")
+    assert res.returncode == 2 and "teacache: the hybrid decides from activations that sequence parallelism " \
+                                   "(--ulysses_size 2) shards over ranks" in res.stderr, res.stderr

@@ -24,7 +24,9 @@ read as its largest value.
 
 The ``pab:`` and ``teacache:`` (hybrid) sections patch the submodules of both experts and keep their
 state per expert: PAB never broadcasts one expert's attention in the other, TeaCache's accumulators and
-residuals are the expert's own (so the first call of each expert computes).
+residuals are the expert's own (so the first call of each expert computes). The hybrid decides from
+activations, which ``--ulysses_size`` shards over ranks: refused there (ranks could decide differently and
+deadlock in the attention all-to-all).
 
 Not covered: S2V-14B and Animate-14B (one sampling loop per clip, inside one ``generate``, and one
 call per step when the guide scale is 1): refused before the model loads.
@@ -122,6 +124,26 @@ def _identity(arguments, model) -> Dict[str, Any]:
     return identity
 
 
+def _hybrid(config: TaoCacheConfig) -> bool:
+    tea = config.teacache
+    return tea is not None and tea.threshold > 0
+
+
+_SP_HYBRID = ("teacache: the hybrid decides from activations that sequence parallelism ({what}) shards over "
+              "ranks; ranks could take different decisions and deadlock in the attention collectives. Use TaoCache "
+              "(and pab:) alone here")
+
+
+def _refuse_rank_local_decisions(config: TaoCacheConfig):
+    """At the generation call: the hybrid with a sequence-parallel pipeline (``sp_size > 1``)."""
+    def check(arguments, model):
+        sp = getattr(arguments["self"], "sp_size", 1)
+        if _hybrid(config) and sp > 1:
+            raise IntegrationError(f"{config.source}: " + _SP_HYBRID.format(what=f"{sp} ranks"))
+        return []
+    return check
+
+
 # ---------------------------------------------------------------------- before the model loads
 FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_shift"}
 
@@ -166,8 +188,8 @@ def _said(run: Dict[str, Any], key: str) -> str:
 def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     """Before generate.py loads T5, the VAE and the experts: the task (covered, and the config's),
     the step count against loop.steps and the LUT, solver and shift against the LUT's identity, the
-    plan against the step count and the expert switch, the LUT's folder. Raises with every problem
-    found."""
+    plan against the step count and the expert switch, the LUT's folder, the hybrid against sequence
+    parallelism. Raises with every problem found."""
     run = command_line(argv)
     _launch.clear()
     if run is None:
@@ -180,6 +202,9 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     boundary = run["boundary"] * 1000.0 if run["boundary"] is not None else None
     problems = command_line_problems(config, run, flags=FLAGS, said=_said, tasks=TASKS, streams=STREAMS,
                                      configs_hint="configs/wan22_*.yaml", expert_boundary=boundary)
+    if _hybrid(config) and run["sequence_parallel"] > 1:
+        problems.append(f"{config.source or 'the config'}: "
+                        + _SP_HYBRID.format(what=f"--ulysses_size {run['sequence_parallel']}"))
     if problems:
         raise IntegrationError("\n".join(problems))
 
@@ -192,7 +217,8 @@ def install(config: TaoCacheConfig) -> None:
     require_modules("wan22", ["wan"], "run generate.py of a Wan2.2 checkout, or pip install -e the checkout")
     _patches.installed = True
     _patches.patch_generate(PIPELINES, lambda arguments: TaoCache(config), _model, _loop,
-                            identity_of=_identity, prompt_arg="input_prompt")
+                            callbacks_of=_refuse_rank_local_decisions(config), identity_of=_identity,
+                            prompt_arg="input_prompt")
 
 
 def uninstall() -> None:

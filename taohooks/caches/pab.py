@@ -25,7 +25,24 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from ..runtime.callbacks import Callback
 from ..runtime.patching import ForwardPatch
 
-__all__ = ["BroadcastGroup", "PyramidAttentionBroadcast", "PABPatternError"]
+__all__ = ["BroadcastGroup", "PyramidAttentionBroadcast", "PABPatternError", "module_names"]
+
+# the attribute names wrappers put between a module and its children: FSDP's (per block, as Wan's
+# --dit_fsdp wraps them), activation checkpointing's, torch.compile's
+WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def module_names(model) -> List[Tuple[str, Any]]:
+    """``(name, module)`` of ``model``'s submodules, names as the model's code spells them: wrapper
+    segments (:data:`WRAPPER_PARTS`) left out, so that ``blocks.0._fsdp_wrapped_module.self_attn`` is
+    ``blocks.0.self_attn``; where a wrapper and what it wraps get one name, the wrapper (the outer)."""
+    seen, out = set(), []
+    for name, module in model.named_modules():
+        plain = ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
+        if plain and plain not in seen:
+            seen.add(plain)
+            out.append((plain, module))
+    return out
 
 
 class PABPatternError(ValueError):
@@ -82,14 +99,14 @@ class PyramidAttentionBroadcast(Callback):
         self._row_caches = [cb for cb in hook.callbacks if hasattr(cb, "partial")]
         found = []  # (expert, name, module, range), every expert looked up before anything is patched
         for expert, model in enumerate((hook.module, *getattr(hook, "also", ()))):
-            named = list(model.named_modules())
+            named = module_names(model)
             for group in self.groups:
                 regex = re.compile(group.pattern)
-                matched = [(n, m) for n, m in named if n and regex.fullmatch(n)]
+                matched = [(n, m) for n, m in named if regex.fullmatch(n)]
                 if not matched:
                     raise PABPatternError(f"PAB pattern {group.pattern!r} (pab.groups) matches no module of "
                                           f"{type(model).__name__} (names look like "
-                                          f"{named[min(3, len(named) - 1)][0]!r})")
+                                          f"{named[min(3, len(named) - 1)][0] if named else ''!r})")
                 found += [(expert, name, module, group.broadcast_range) for name, module in matched]
         self._patches = [ForwardPatch(module, self._make_forward(expert, name, broadcast_range))
                          for expert, name, module, broadcast_range in found]

@@ -102,6 +102,10 @@ class BlockStackCache(Callback):
     def on_residual(self, call, residual: Tensor) -> None:
         """A computed call's residual (float32, the stack input's shape; for calibrators)."""
 
+    def on_expert_switch(self, expert: int) -> None:
+        """The loop moved on to ``expert`` (a two-expert loop, Wan2.2): state kept for the others is not
+        used again (residuals are dropped here; subclasses drop what they keep per expert)."""
+
     def on_reuse_refused(self, call) -> None:
         """:meth:`decide` said reuse, but nothing of this expert and stream(s) is cached (its first call,
         or a change of shape): the call computes. Subclasses that count reuses reset here."""
@@ -203,6 +207,7 @@ class BlockStackCache(Callback):
         if expert != self.expert:  # the loop moved on to another expert: its residuals are not used again
             self._residuals = {k: v for k, v in self._residuals.items() if k[0] == expert}
             self.expert = expert
+            self.on_expert_switch(expert)
         verdict = self.decide(call, block, args, kwargs)
         cached = self._residuals.get((self.expert, call.streams))
         if cached is None or cached.shape != x.shape:

@@ -111,6 +111,9 @@ class TeaCacheCallback(BlockStackCache):
         super().on_sample_start(hook, sample)
         self._acc = {}
 
+    def on_expert_switch(self, expert: int) -> None:
+        self._acc = {k: v for k, v in self._acc.items() if k[0] == expert}  # (their proxies can be large)
+
     def decide(self, call, block, args, kwargs) -> List[bool]:
         proxy = (self.probe(block, args, kwargs) if self.probe else args[self.hidden_arg]).detach().float()
         item = self.samples_of_rows(proxy.shape[0]) if self.per_sample else None
@@ -151,6 +154,9 @@ class TeaCacheCalibrator(BlockStackCache):
     def on_sample_start(self, hook, sample: int) -> None:
         super().on_sample_start(hook, sample)
         self._previous = {}
+
+    def on_expert_switch(self, expert: int) -> None:
+        self._previous = {k: v for k, v in self._previous.items() if k[0] == expert}
 
     def decide(self, call, block, args, kwargs) -> bool:
         self._proxy = (self.probe(block, args, kwargs) if self.probe else args[self.hidden_arg]).detach().float()

@@ -447,7 +447,9 @@ class Experiment:
             return
         import re
 
-        names = [n for n, _ in self.model.named_modules() if n]
+        from ..caches.pab import module_names
+
+        names = [n for n, _ in module_names(self.model)]
         patterns = ([(f"pab_groups[{i}].pattern", g.pattern) for i, g in enumerate(self.config.pab_groups)]
                     if self.config.pab_groups else [("methods", self.target.attention)])
         for key, pattern in patterns:

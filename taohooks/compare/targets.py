@@ -90,10 +90,10 @@ def _testbed_probe():
     return modulated_input
 
 
-def _wan_block_e_probe():
-    from ..caches.teacache_wan21 import block_e_probe
+def _wan22_e_probe():
+    from ..caches.teacache_wan22 import wan22_e_probe
 
-    return block_e_probe
+    return wan22_e_probe
 
 
 def _wan21_published_teacache(arguments: dict, use_ret_steps: bool):
@@ -223,10 +223,11 @@ TARGETS: Dict[str, Target] = {
                   "the authors' TeaCache for Wan2.1 (timestep-embedding proxy, published coefficients)",
                   tea_published=_wan21_published_teacache, mag_published=_wan21_published_magcache,
                   attention=r"blocks\.\d+\.self_attn", latents_during=_wan_latents),
-    "wan22": Target("input_prompt", "seed", _single_video, "blocks", _wan_block_e_probe,
+    "wan22": Target("input_prompt", "seed", _single_video, "blocks", _wan22_e_probe,
                     "TeaCache fitted here (TeaCache publishes no Wan2.2 coefficients): the proxy of TeaCache4Wan2.1's "
-                    "use_ret_steps variant (the time projection e0 the first block receives), a polynomial fitted "
-                    "on the calibration prompts, accumulators and pairs per expert",
+                    "use_ret_steps variant (the time projection e0 the first block receives, its last token), one "
+                    "polynomial fitted on the calibration prompts' pairs of both experts (no pair spans the "
+                    "switch), accumulators per expert, the first and the last step computed",
                     mag_published=_wan22_published_magcache, attention=r"blocks\.\d+\.self_attn",
                     latents_during=_wan_latents),
     "latte": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,

@@ -422,11 +422,12 @@ def test_t2v_a14b_authors_magcache_acts_in_both_experts(wan22):
 
 def test_t2v_a14b_fitted_teacache_acts_in_both_experts(wan22):
     """compare's TeaCache for Wan2.2 (nothing published): the proxy of TeaCache4Wan2.1's use_ret_steps variant
-    (``e`` as the checkout's blocks receive it), pairs recorded per expert on a full-step run, a polynomial
-    fitted to them; with a threshold, both experts' block stacks are bypassed on some calls."""
+    (``e`` as the checkout's blocks receive it: per token in Wan2.2, reduced to its last token), pairs recorded
+    per expert on a full-step run, a polynomial fitted to them; with a threshold, both experts' block stacks
+    are bypassed on some calls."""
     from taohooks import DenoiserHook, LoopSpec
     from taohooks.caches.teacache import TeaCacheCalibrator, TeaCacheCallback
-    from taohooks.caches.teacache_wan21 import block_e_probe
+    from taohooks.caches.teacache_wan22 import wan22_e_probe as block_e_probe
 
     wan = wan22.load()
     pipe = t2v_pipe(wan)
