@@ -536,6 +536,8 @@ def test_wan22_two_experts_through_compare(tmp_path):
     # their retention R0.4: the first 40% of each expert's calls computed (steps 0-4 and 13-15 here)
     assert not {s for r in mag for s, _ in r["skipped_schedule"]} & {0, 1, 2, 3, 4, 13, 14, 15}
     # TeaCache, fitted on the calibration prompts (nothing published for Wan2.2), per expert
+    state = json.loads((tmp_path / "out" / "state" / "calibration.json").read_text())
+    assert set(state["tea_coefficients"]) == {"0", "1"}  # a polynomial per expert
     assert "TeaCache fitted here (TeaCache publishes no Wan2.2 coefficients)" in results["meta"]["teacache_proxy"]
     tea = [r for r in records if r["method"] == "teacache"]
     assert len(tea) == 2 and all(r["skipped_calls"] > 0 for r in tea)

@@ -426,6 +426,12 @@ def test_teacache_calibration_pairs_stay_within_an_expert():
         _two_experts(high, low)
         assert {k[0] for k in tea._acc} == {1}
     assert tea.reused == 4 + 3  # steps 1-4 and 6-8; 0 and 5 computed (each expert's first), 9 (the last)
+    fits = cal.fit_per_expert(degree=1)  # one polynomial per expert
+    assert set(fits) == {0, 1} and fits[0] == cal.fit(degree=1, expert=0) != fits[1]
+    per_expert = TeaCacheCallback(0.5, {0: [0.0, 0.0], 1: [1e6, 1e6]})  # expert 0 never accumulates, 1 always
+    with DenoiserHook(LoopSpec(STEPS, ("main",)), [per_expert]).attach(high, low):
+        _two_experts(high, low)
+    assert per_expert.reused == 4  # steps 1-4 (expert 0); expert 1 computes every call
 
 
 def test_the_wan22_proxy_keeps_one_token_and_not_the_whole_tensor():
@@ -474,3 +480,12 @@ def test_pab_finds_its_modules_inside_per_block_wrappers():
         out = run(model, STEPS)
     assert pab.broadcasts == 3 * (STEPS // 2)  # every other step, in each of the 3 blocks
     assert torch.equal(out[0][0], ref[0][0]) and not torch.equal(out[-1][0], ref[-1][0])
+
+
+def test_a_per_expert_fit_with_too_few_pairs_pools_them(capsys):
+    cal = TeaCacheCalibrator()
+    cal.pairs = [(0.1 * i, 0.2 * i) for i in range(1, 9)]
+    cal.pair_experts = [0] * 6 + [1] * 2
+    assert set(cal.fit_per_expert(degree=1)) == {0, 1}  # 6 and 2 pairs: enough for a line each
+    assert cal.fit_per_expert(degree=2) == cal.fit(degree=2)  # 2 pairs cannot fit a parabola: pooled
+    assert "expert(s) 1 recorded 2 pairs or fewer; one polynomial is fitted on all" in capsys.readouterr().err

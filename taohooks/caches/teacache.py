@@ -21,7 +21,7 @@ threshold).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,8 @@ class TeaCacheCallback(BlockStackCache):
 
     Args:
         threshold: ``rel_l1_thresh``; larger skips more.
-        coefficients: the rescaling polynomial, highest power first (``numpy.poly1d`` order).
+        coefficients: the rescaling polynomial, highest power first (``numpy.poly1d`` order); or one per
+            expert of a two-expert hook (``{expert: coefficients}``, :meth:`TeaCacheCalibrator.fit_per_expert`).
         probe: the proxy; ``None`` uses the first block's hidden-state input.
         warmup_steps: always compute steps ``< warmup_steps``.
         compute_last_step: always compute the last step.
@@ -91,7 +92,14 @@ class TeaCacheCallback(BlockStackCache):
         if threshold < 0:
             raise ValueError(f"TeaCache threshold must be >= 0, got {threshold}")
         self.threshold = float(threshold)
-        self.coefficients = [float(c) for c in coefficients]
+        if isinstance(coefficients, Mapping):
+            self.coefficients_by_expert = {int(e): [float(c) for c in cs] for e, cs in coefficients.items()}
+            if not self.coefficients_by_expert:
+                raise ValueError("TeaCache needs coefficients (an empty mapping was given)")
+            self.coefficients = self.coefficients_by_expert[min(self.coefficients_by_expert)]
+        else:
+            self.coefficients_by_expert = None
+            self.coefficients = [float(c) for c in coefficients]
         self.probe = probe
         self.warmup_steps = warmup_steps
         self.compute_last_step = compute_last_step
@@ -101,9 +109,13 @@ class TeaCacheCallback(BlockStackCache):
         self._acc: Dict[Tuple[int, Tuple[str, ...]], _Accumulator] = {}  # (expert, streams) -> accumulator
 
     def rescale(self, rel: float) -> float:
-        """The estimated output change for a proxy change ``rel`` (never negative with ``clamp_negative``)."""
+        """The estimated output change for a proxy change ``rel`` (never negative with ``clamp_negative``),
+        with the current expert's polynomial where there is one per expert."""
+        coefficients = self.coefficients
+        if self.coefficients_by_expert is not None:
+            coefficients = self.coefficients_by_expert.get(self.expert, coefficients)
         value = 0.0
-        for c in self.coefficients:  # Horner
+        for c in coefficients:  # Horner
             value = value * rel + c
         return max(value, 0.0) if self.clamp_negative else value
 
@@ -148,6 +160,7 @@ class TeaCacheCalibrator(BlockStackCache):
         self.probe = probe
         self.per_sample = per_sample
         self.pairs: List[Tuple[float, float]] = []
+        self.pair_experts: List[int] = []  # the expert of each pair (0 on one model)
         self._previous: Dict[Tuple[int, Tuple[str, ...]], Tuple[Tensor, List[Tensor]]] = {}  # (expert, streams)
         self._proxy: Optional[Tensor] = None
 
@@ -181,19 +194,38 @@ class TeaCacheCalibrator(BlockStackCache):
                     sum(float(b.abs().mean()) for b in previous[1]), 1e-12)]
             else:
                 out_rel = grouped_relative_l1(leaves[0], previous[1][0], out_item)
-            self.pairs.extend(zip(grouped_relative_l1(proxy, previous[0], item), out_rel))
+            new = list(zip(grouped_relative_l1(proxy, previous[0], item), out_rel))
+            self.pairs.extend(new)
+            self.pair_experts.extend([self.expert] * len(new))
         self._previous[key] = (proxy, leaves)
 
-    def fit(self, degree: int = 4) -> List[float]:
-        """Least-squares polynomial ``output rel-L1 ~ poly(input rel-L1)``, highest power first.
+    def fit_per_expert(self, degree: int = 4) -> Union[List[float], Dict[int, List[float]]]:
+        """:meth:`fit` of one model, or ``{expert: coefficients}`` where the pairs came from several
+        experts (Wan2.2: each expert's time embedding maps to its output its own way)."""
+        experts = sorted(set(self.pair_experts))
+        if len(experts) <= 1:
+            return self.fit(degree)
+        counts = {e: self.pair_experts.count(e) for e in experts}
+        few = [e for e in experts if counts[e] <= degree]
+        if few:
+            messages.notice(f"TeaCache: expert(s) {', '.join(map(str, few))} recorded {degree} pairs or fewer; "
+                            "one polynomial is fitted on all experts' pairs instead of one per expert")
+            return self.fit(degree)
+        return {e: self.fit(degree, expert=e) for e in experts}
+
+    def fit(self, degree: int = 4, expert: Optional[int] = None) -> List[float]:
+        """Least-squares polynomial ``output rel-L1 ~ poly(input rel-L1)``, highest power first, on all
+        pairs or on ``expert``'s.
 
         If it is negative anywhere on the recorded input range, a warning says so and the
         proportional fit ``a x`` (``a = sum(xy) / sum(x^2)``, padded to ``degree``) is returned instead."""
         import numpy as np
 
-        if len(self.pairs) <= degree:
-            raise RuntimeError(f"TeaCache calibration has {len(self.pairs)} pairs; run more full-step generations")
-        x, y = np.array(self.pairs, dtype=np.float64).T
+        pairs = self.pairs if expert is None else [p for p, e in zip(self.pairs, self.pair_experts) if e == expert]
+        what = "" if expert is None else f" of expert {expert}"
+        if len(pairs) <= degree:
+            raise RuntimeError(f"TeaCache calibration has {len(pairs)} pairs{what}; run more full-step generations")
+        x, y = np.array(pairs, dtype=np.float64).T
         coefficients = np.polyfit(x, y, degree)
         grid = np.linspace(x.min(), x.max(), 2001)
         values = np.polyval(coefficients, grid)
@@ -201,7 +233,7 @@ class TeaCacheCalibrator(BlockStackCache):
             negative = grid[values < 0]
             a = float((x * y).sum() / max((x * x).sum(), 1e-30))
             messages.warning(
-                f"TeaCache's fitted degree-{degree} polynomial is negative for proxy changes {negative.min():.4g} to "
+                f"TeaCache's fitted degree-{degree} polynomial{what} is negative for proxy changes {negative.min():.4g} to "
                 f"{negative.max():.4g} (recorded: {x.min():.4g} to {x.max():.4g}), which would make those calls look "
                 f"unchanged at any threshold; using the proportional fit {a:.4g} * x instead")
             return [0.0] * (degree - 1) + [a, 0.0]

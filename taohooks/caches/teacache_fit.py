@@ -113,6 +113,7 @@ class SaveTeaCacheFit(Callback):
 
     def on_sample_abort(self, hook, sample: int, reason: str) -> None:
         del self.calibrator.pairs[self._start:]
+        del self.calibrator.pair_experts[self._start:]
 
     def on_sample_end(self, hook, sample: int) -> None:
         self._generations += 1

@@ -331,7 +331,7 @@ class Experiment:
 
         if self.store.writer:
             atomic_write_bytes(lut_file, lut.to_bytes())
-        coefficients = tea.fit() if tea is not None else None
+        coefficients = tea.fit_per_expert() if tea is not None else None  # {expert: ...} with two experts
         self.mag_ratios = mag.ratios().tolist() if mag is not None else None
         self.store.put_state("calibration", {"tea_coefficients": coefficients, "mag_ratios": self.mag_ratios,
                                              "calibration_prompts": used,
