@@ -548,6 +548,23 @@ def test_wan22_two_experts_through_compare(tmp_path):
     assert len(pab) == 2 and all(r["skipped_calls"] == 0 and r["pab_range"] == 2 for r in pab)
 
 
+
+def test_wan22_ti2v_through_compare_with_an_image(tmp_path):
+    """TI2V-5B (one model, per-token timestep) from an image: MagCache takes the authors' table for
+    image-to-video, TeaCache is fitted (one model: one polynomial) on the per-token e0's last token."""
+    script = FIXTURES / "wan22" / "generate.py"
+    args = [str(script), "--task", "ti2v-5B", "--image", "in.jpg", "--prompt", "ignored", "--sample_steps", "10",
+            "--offload_model", "False"]
+    text = OFFICIAL_LIKE_EXPERIMENT.format(integration="wan22", output="out").replace(
+        "methods: [full, taocache]", "methods: [full, magcache, teacache]")
+    compare_in_a_process(tmp_path, write(tmp_path, text, "ti2v.yaml"), args)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "the authors' MagCache for Wan2.2 ti2v-5B-image (ti2v retention)" in results["meta"]["magcache_ratios"]
+    rows = [r for r in results["records"] if r["method"] in ("magcache", "teacache")]
+    assert len(rows) == 4 and all(r["calls"] == 20 and r["skipped_fraction"] == pytest.approx(0.2) for r in rows)
+    state = json.loads((tmp_path / "out" / "state" / "calibration.json").read_text())
+    assert isinstance(state["tea_coefficients"], list)  # one model: one polynomial
+
 def test_changed_calibration_prompts_are_refused_on_resume(finished, tmp_path, launcher_state, capsys):
     import shutil
 
