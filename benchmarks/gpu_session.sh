@@ -10,7 +10,11 @@
 #      session but MEASURE_RESERVE (100 s): about 290 s after the speed table, about 460 s without it
 #      (TRAIN_SECONDS overrides); `timeout`'s SIGTERM makes train_scenes save its last step and exit;
 #   3. the issue's measurements of the checkpoint it wrote (scenes_sensitivity, 64 held-out pairs, the model
-#      on the GPU, 90 s at most; if that fails, 16 pairs on the CPU in what time is left).
+#      on the GPU, 90 s at most; if that fails, 16 pairs on the CPU in what time is left);
+#   4. with SCENES_BENCH=1 (once a session's measurements show the checkpoint follows its prompts, >= 90%):
+#      the full bench on it (configs/bench.yaml, the models on the GPU, -o $OUT/bench_scenes) in the last
+#      BENCH_RESERVE (200) s, which the training then leaves; LPIPS when .carry/lpips_alex_v0.1.safetensors is
+#      carried (cp ~/.cache/taohooks/lpips_alex_v0.1.safetensors .carry/), else reported as null.
 # Everything it writes is under $OUT (gpu.txt, gpu_speed.json/.log, scenes-flow.safetensors/.json,
 # train.log, sensitivity.json/.log, session.log): the files come back; nothing else does.
 #
@@ -32,6 +36,10 @@ SMOKE=${SMOKE:-0}
 SPEED=${SPEED:-auto}
 DEADLINE=${DEADLINE:-570}
 MEASURE_RESERVE=${MEASURE_RESERVE:-100}
+SCENES_BENCH=${SCENES_BENCH:-0}
+BENCH_RESERVE=${BENCH_RESERVE:-200}
+[ "$SCENES_BENCH" = 1 ] && MEASURE_RESERVE=$(( MEASURE_RESERVE + BENCH_RESERVE ))
+[ -f .carry/lpips_alex_v0.1.safetensors ] && export TAOHOOKS_LPIPS_WEIGHTS=$PWD/.carry/lpips_alex_v0.1.safetensors
 TRAIN_SECONDS=${TRAIN_SECONDS:-}
 # the weights the training continues from: .carry/ (this checkout's newest), else the newest committed ones
 if [ -z "${INIT:-}" ]; then
@@ -59,6 +67,20 @@ if [ "$SMOKE" = 1 ]; then
     SPEED=1
     measure_device=(--device "${MEASURE_DEVICE:-cpu}")   # MEASURE_DEVICE=nonsense: tries the CPU fallback
     fallback_n=2
+    cat > "$OUT/bench_smoke.yaml" <<'YAML'
+models: [scenes]
+methods: [taocache, teacache]
+budgets: [0.25]
+steps: 8
+eval_pairs: 2
+calibration_pairs: 3
+search_pairs: 1
+batch_size: 2
+lpips: false
+timing_repeats: 1
+search_iterations: 2
+YAML
+    bench=("$OUT/bench_smoke.yaml" --device cpu --threads 2)
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
     speed=(--frames 33 --budgets 0.08 0.16 0.25 --repeats 1)
@@ -69,6 +91,7 @@ else
              --threads 16)
     measure_device=(--device cuda)
     fallback_n=16
+    bench=(configs/bench.yaml --device cuda --threads 16)
 fi
 
 if [ "$SPEED" = 0 ]; then
@@ -110,5 +133,14 @@ elif [ -f "$OUT/scenes-flow.safetensors" ]; then
     fi
 else
     say "3. no checkpoint was written: nothing to measure"
+fi
+
+if [ "$SCENES_BENCH" = 1 ] && [ -f "$OUT/scenes-flow.safetensors" ] && [ "$(left)" -ge 30 ]; then
+    say "4. taocache bench ${bench[*]} --models scenes ($(left) s at most)"
+    timeout "$(left)" "$PY" -m taohooks.cli bench "${bench[@]}" --models scenes \
+        --weights "scenes=$OUT/scenes-flow.safetensors" -o "$OUT/bench_scenes" > "$OUT/bench.log" 2>&1
+    say "   exit $? ($(tail -n 1 "$OUT/bench.log"))"
+elif [ "$SCENES_BENCH" = 1 ]; then
+    say "4. taocache bench: skipped (no checkpoint, or $(left) s left)"
 fi
 say "done"

@@ -269,6 +269,8 @@ def _cmd_bench(args) -> int:
         config.models = args.models
     if args.methods:
         config.methods = args.methods
+    if args.device:
+        config.device = args.device
     for item in args.weights or ():
         model, sep, path = item.partition("=")
         if not sep or not model or not path:
@@ -510,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="methods (overrides the config's)")
     p.add_argument("--update", action="store_true",
                    help="keep the other records of OUTPUT/results.json, replacing the ones this run makes again")
+    p.add_argument("--device", help="where the models run (overrides the config's; cpu, cuda)")
     p.add_argument("--weights", nargs="+", metavar="MODEL=PATH",
                    help="a checkpoint file instead of a model's bundled one (e.g. scenes=run/flow-step014000.safetensors)")
     p.set_defaults(func=_cmd_bench)

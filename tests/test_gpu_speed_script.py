@@ -26,14 +26,15 @@ def test_gpu_speed_smoke(tmp_path, capsys):
 def test_gpu_session_script_smoke(tmp_path):
     """benchmarks/gpu_session.sh (the one device call of a session lent a GPU) in its CPU smoke mode: every
     stage runs and leaves its files under $OUT (the scenes model from scratch: no weights to continue; the
-    measurement on a device that fails, then again on the CPU)."""
+    measurement on a device that fails, then again on the CPU; the bench of SCENES_BENCH=1)."""
     import os
     import subprocess
     import sys
 
     root = Path(__file__).parents[1]
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
-           "INIT": str(tmp_path / "none.safetensors"), "OMP_NUM_THREADS": "1", "MEASURE_DEVICE": "nonsense"}
+           "INIT": str(tmp_path / "none.safetensors"), "OMP_NUM_THREADS": "1", "MEASURE_DEVICE": "nonsense",
+           "SCENES_BENCH": "1"}
     res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -44,4 +45,6 @@ def test_gpu_session_script_smoke(tmp_path):
     assert json.loads((out / "sensitivity.json").read_text())["n"] == 2
     assert "--device nonsense: not usable here" in (out / "sensitivity.log").read_text()
     assert "again on the CPU, 2 pairs" in res.stdout
+    records = json.loads((out / "bench_scenes" / "results.json").read_text())["records"]  # stage 4
+    assert [r["method"] for r in records] == ["full", "taocache", "teacache"]
     assert "no " in res.stdout and "the scenes training starts from scratch" in res.stdout and "done" in res.stdout

@@ -339,4 +339,6 @@ def test_bench_weights_of_the_wrong_kind_or_missing_are_errors(tmp_path, capsys)
     assert f"weights: scenes: no checkpoint file {tmp_path / 'none.safetensors'}" in capsys.readouterr().err
     assert cli.main(["bench", str(config), "--weights", "scenes"]) == 1
     assert "--weights: expected MODEL=PATH, got 'scenes'" in capsys.readouterr().err
+    assert cli.main(["bench", str(config), "--weights", f"scenes={weights}", "--device", "nonsense"]) == 1
+    assert "device: 'nonsense' is not usable here" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any work

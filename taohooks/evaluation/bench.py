@@ -50,6 +50,7 @@ class BenchConfig:
     timing_repeats: int = 2  # speedup: full and cached runs of the first batch, alternating, this many times each
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     weights: Dict[str, str] = field(default_factory=dict)  # model -> checkpoint file (default: the bundled one)
+    device: str = "cpu"  # where the models run (cuda on a GPU); clips are scored on the CPU
 
     def validate(self, err) -> None:
         for m in self.models:
@@ -66,6 +67,10 @@ class BenchConfig:
                 err("weights", f"unknown testbed model {m!r}; one of {', '.join(MODEL_NAMES)}")
             elif not Path(path).is_file():
                 err("weights", f"{m}: no checkpoint file {path}")
+        try:
+            torch.empty(0, device=torch.device(self.device))
+        except (RuntimeError, AssertionError) as exc:
+            err("device", f"{self.device!r} is not usable here ({type(exc).__name__}: {exc})")
         if self.eval_pairs < 1 or self.calibration_pairs < 2 or self.batch_size < 1:
             err("eval_pairs", "eval_pairs and batch_size must be >= 1, calibration_pairs >= 2")
 
@@ -148,7 +153,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None) -
     records: List[dict] = []
     started = time.perf_counter()
     for name in config.models:
-        tm = TestbedModel.load(name, config.steps, config.weights.get(name))
+        tm = TestbedModel.load(name, config.steps, config.weights.get(name), device=config.device)
         eval_pairs = tm.eval_pairs(config.eval_pairs)  # each model's own prompts (scenes has its own)
         cal_pairs = tm.calibration_pairs(config.calibration_pairs)
         search_pairs = cal_pairs[:config.search_pairs]

@@ -51,9 +51,10 @@ class TestbedModel:
     timestep_arg: int = 1  # the loops call model(x, timestep, prompt_ids)
 
     @classmethod
-    def load(cls, name: str, steps: int = 50, path: Optional[Union[str, Path]] = None) -> "TestbedModel":
+    def load(cls, name: str, steps: int = 50, path: Optional[Union[str, Path]] = None,
+             device: Union[str, torch.device] = "cpu") -> "TestbedModel":
         """The bundled checkpoint of ``name``, or the checkpoint file ``path`` (it must be one of that
-        model's task and prediction: scenes or the small task, eps or flow)."""
+        model's task and prediction: scenes or the small task, eps or flow), on ``device``."""
         from ..testbed.model import VideoDiT
         from ..testbed import scenes
 
@@ -63,7 +64,7 @@ class TestbedModel:
         if not path.is_file():
             how = _TRAIN.get(name, f"python -m taohooks.testbed.train --kind {name}")
             raise FileNotFoundError(f"testbed weights {path} are missing; train them with `{how}`")
-        model = VideoDiT.from_pretrained(path)
+        model = VideoDiT.from_pretrained(path).to(device)
         is_scenes = tuple(model.config.attribute_sizes) == tuple(scenes.ATTRIBUTE_SIZES)
         prediction = getattr(model.config, "prediction", "flow")
         want = "eps" if name == "eps" else "flow"
@@ -95,7 +96,7 @@ class TestbedModel:
         from ..testbed import sampling
 
         prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
-        return sampling.sample(self.model, prompts, seeds, steps=self.steps)
+        return sampling.sample(self.model, prompts, seeds, steps=self.steps).float().cpu()
 
     def prompts(self, pairs) -> List[object]:
         return [p for p, _ in pairs]
