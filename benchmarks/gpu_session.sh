@@ -15,6 +15,8 @@
 #      the full bench on it (configs/bench.yaml, the models on the GPU, -o $OUT/bench_scenes) in the last
 #      BENCH_RESERVE (200) s, which the training then leaves; LPIPS when .carry/lpips_alex_v0.1.safetensors is
 #      carried (cp ~/.cache/taohooks/lpips_alex_v0.1.safetensors .carry/), else reported as null.
+# TRAIN_EXTRA adds train_scenes options, e.g. TRAIN_EXTRA="--patch 4" INIT=none for a run from scratch with
+# 4x4-pixel tokens (512 tokens; what the testbed README says may be needed for detail inside 8x8 tokens).
 # Everything it writes is under $OUT (gpu.txt, gpu_speed.json/.log, scenes-flow.safetensors/.json,
 # train.log, sensitivity.json/.log, session.log): the files come back; nothing else does.
 #
@@ -112,7 +114,7 @@ if [ "$TRAIN_SECONDS" -lt 1 ]; then   # (timeout 0 would mean no limit at all)
 else
     say "2. train_scenes for ${TRAIN_SECONDS} s ${train[*]} ${init[*]}"
     timeout -k 30 "$TRAIN_SECONDS" "$PY" -m taohooks.testbed.train_scenes --kind flow --steps "$train_steps" \
-        "${train[@]}" "${init[@]}" --out "$OUT/scenes-flow.safetensors" --state /tmp/scenes-flow.state.pt \
+        "${train[@]}" ${TRAIN_EXTRA:-} "${init[@]}" --out "$OUT/scenes-flow.safetensors" --state /tmp/scenes-flow.state.pt \
         > "$OUT/train.log" 2>&1
     say "   exit $? ($(grep -E '^(step|saved|done)' "$OUT/train.log" | tail -n 2 | tr '\n' ' '))"
 fi
