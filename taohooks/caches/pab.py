@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from ..runtime.callbacks import Callback
 from ..runtime.patching import ForwardPatch
 
-__all__ = ["BroadcastGroup", "PyramidAttentionBroadcast", "PABPatternError", "module_names"]
+__all__ = ["BroadcastGroup", "PyramidAttentionBroadcast", "PABPatternError", "module_names", "modules_matching"]
 
 # the attribute names wrappers put between a module and its children: FSDP's (per block, as Wan's
 # --dit_fsdp wraps them), activation checkpointing's, torch.compile's
@@ -43,6 +43,19 @@ def module_names(model) -> List[Tuple[str, Any]]:
             seen.add(plain)
             out.append((plain, module))
     return out
+
+
+def modules_matching(model, pattern: str, what: str = "pab.groups") -> List[Tuple[str, Any]]:
+    """``(name, module)`` of ``model``'s submodules whose :func:`module_names` name fully matches
+    ``pattern``; :class:`PABPatternError` (naming ``what``) when none does."""
+    named = module_names(model)
+    regex = re.compile(pattern)
+    matched = [(n, m) for n, m in named if regex.fullmatch(n)]
+    if not matched:
+        examples = ", ".join(repr(n) for n, _ in named[:3])
+        raise PABPatternError(f"PAB pattern {pattern!r} ({what}) matches no module of {type(model).__name__} "
+                              f"(names look like {examples}, ...)")
+    return matched
 
 
 class PABPatternError(ValueError):
@@ -99,15 +112,9 @@ class PyramidAttentionBroadcast(Callback):
         self._row_caches = [cb for cb in hook.callbacks if hasattr(cb, "partial")]
         found = []  # (expert, name, module, range), every expert looked up before anything is patched
         for expert, model in enumerate((hook.module, *getattr(hook, "also", ()))):
-            named = module_names(model)
             for group in self.groups:
-                regex = re.compile(group.pattern)
-                matched = [(n, m) for n, m in named if regex.fullmatch(n)]
-                if not matched:
-                    raise PABPatternError(f"PAB pattern {group.pattern!r} (pab.groups) matches no module of "
-                                          f"{type(model).__name__} (names look like "
-                                          f"{named[min(3, len(named) - 1)][0] if named else ''!r})")
-                found += [(expert, name, module, group.broadcast_range) for name, module in matched]
+                found += [(expert, name, module, group.broadcast_range)
+                          for name, module in modules_matching(model, group.pattern)]
         self._patches = [ForwardPatch(module, self._make_forward(expert, name, broadcast_range))
                          for expert, name, module, broadcast_range in found]
         self.broadcasts = self.module_calls = 0
