@@ -209,21 +209,17 @@ class BlockStackCache(Callback):
             self.expert = expert
             self.on_expert_switch(expert)
         verdict = self.decide(call, block, args, kwargs)
-        cached = self._residuals.get((self.expert, call.streams))
-        if cached is None or cached.shape != x.shape:
-            if isinstance(verdict, (bool, int)) or (isinstance(verdict, Tensor) and verdict.dim() == 0):
-                wanted = bool(verdict)
-            else:
-                wanted = bool(torch.as_tensor(verdict, dtype=torch.bool).any())
-            if wanted:
-                self.on_reuse_refused(call)
-            return  # nothing to reuse: compute
         if isinstance(verdict, (bool, int)) or (isinstance(verdict, Tensor) and verdict.dim() == 0):
             reuse = torch.full((self.samples(),), bool(verdict))
         else:
             reuse = torch.as_tensor(verdict, dtype=torch.bool).reshape(-1)
             if reuse.numel() != self.samples() or self.samples_of_rows(x.shape[0]) is None:
                 reuse = torch.full((self.samples(),), bool(reuse.all()))
+        cached = self._residuals.get((self.expert, call.streams))
+        if cached is None or cached.shape != x.shape:
+            if bool(reuse.any()):
+                self.on_reuse_refused(call)
+            return  # nothing to reuse: compute
         self._reuse = reuse if bool(reuse.any()) else None
         self.partial = bool(reuse.any()) and not bool(reuse.all())
 
