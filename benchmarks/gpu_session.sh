@@ -8,9 +8,14 @@
 #   2. training of the scenes testbed (issue 15) from the EMA weights in .carry/ (else the newest committed
 #      ones, taohooks/testbed/weights/wip/), for what is left of the
 #      session but MEASURE_RESERVE (100 s): about 290 s after the speed table, about 460 s without it
-#      (TRAIN_SECONDS overrides); `timeout`'s SIGTERM makes train_scenes save its last step and exit;
+#      (TRAIN_SECONDS overrides), batches of 256 rendered by 14 processes, the learning rate annealed over
+#      the run's own time (--schedule cosine-time --max-minutes: TRAIN_SECONDS less 40 s for start and save),
+#      so that the checkpoint ends annealed whatever the step count; `timeout` (TRAIN_SECONDS) is the backstop:
+#      its SIGTERM makes train_scenes save its last step and exit;
 #   3. the issue's measurements of the checkpoint it wrote (scenes_sensitivity, 64 held-out pairs, the model
-#      on the GPU, 90 s at most; if that fails, 16 pairs on the CPU in what time is left);
+#      on the GPU, 90 s at most; if that fails, 16 pairs on the CPU in what time is left); MEASURE=0 skips
+#      them (measure the returned checkpoint at home) and gives their time to the training
+#      (MEASURE_RESERVE then defaults to 10 s);
 #   4. with SCENES_BENCH=1 (once a session's measurements show the checkpoint follows its prompts, >= 90%):
 #      the full bench on it (configs/bench.yaml, the models on the GPU, -o $OUT/bench_scenes) in the last
 #      BENCH_RESERVE (200) s, which the training then leaves; LPIPS when .carry/lpips_alex_v0.1.safetensors is
@@ -37,7 +42,8 @@ PY=${PYTHON:-python3}
 SMOKE=${SMOKE:-0}
 SPEED=${SPEED:-auto}
 DEADLINE=${DEADLINE:-570}
-MEASURE_RESERVE=${MEASURE_RESERVE:-100}
+MEASURE=${MEASURE:-1}
+if [ "$MEASURE" = 0 ]; then MEASURE_RESERVE=${MEASURE_RESERVE:-10}; else MEASURE_RESERVE=${MEASURE_RESERVE:-100}; fi
 SCENES_BENCH=${SCENES_BENCH:-0}
 BENCH_RESERVE=${BENCH_RESERVE:-200}
 [ "$SCENES_BENCH" = 1 ] && MEASURE_RESERVE=$(( MEASURE_RESERVE + BENCH_RESERVE ))
@@ -61,7 +67,8 @@ left() { echo $(( DEADLINE - ($(date +%s) - started) )); }   # seconds until DEA
 
 if [ "$SMOKE" = 1 ]; then
     speed=(--tiny --device cpu --frames 5 --height 32 --width 32 --steps 6 --budgets 0.34 --repeats 1)
-    train=(--device cpu --batch-size 2 --workers 0 --threads 2 --log-every 1 --save-every 2 --keep-every 0)
+    train=(--device cpu --batch-size 2 --workers 0 --threads 2 --log-every 1 --save-every 2 --keep-every 0
+           --schedule cosine-time)
     train_steps=3
     measure=(--n 2 --steps 8 --skip-steps 2,5 --noise-change 0.01 --batch-size 2 --calibration-pairs 2
              --search-pairs 1 --search-iterations 2 --threads 2)
@@ -86,8 +93,8 @@ YAML
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
     speed=(--frames 33 --budgets 0.08 0.16 0.25 --repeats 1)
-    train=(--device cuda --batch-size 128 --workers 12 --bf16 --log-every 200 --save-every 1000 --save-minutes 1
-           --keep-every 0)
+    train=(--device cuda --batch-size 256 --workers 14 --bf16 --log-every 200 --save-every 1000 --save-minutes 1
+           --keep-every 0 --schedule cosine-time)
     train_steps=1000000
     measure=(--n 64 --skip-steps 2,10,25,45 --noise-change 0.01,0.05 --batch-size 16 --calibration-pairs 8
              --threads 16)
@@ -112,14 +119,18 @@ TRAIN_SECONDS=${TRAIN_SECONDS:-$(( $(left) - MEASURE_RESERVE ))}
 if [ "$TRAIN_SECONDS" -lt 1 ]; then   # (timeout 0 would mean no limit at all)
     say "2. train_scenes: skipped (${TRAIN_SECONDS} s left for it)"
 else
-    say "2. train_scenes for ${TRAIN_SECONDS} s ${train[*]} ${init[*]}"
+    margin=$(( TRAIN_SECONDS > 80 ? 40 : TRAIN_SECONDS / 2 ))   # the process's start and last save
+    minutes=$(awk "BEGIN { printf \"%.3f\", ($TRAIN_SECONDS - $margin) / 60 }")
+    say "2. train_scenes for ${TRAIN_SECONDS} s (--max-minutes $minutes) ${train[*]} ${init[*]}"
     timeout -k 30 "$TRAIN_SECONDS" "$PY" -m taohooks.testbed.train_scenes --kind flow --steps "$train_steps" \
-        "${train[@]}" ${TRAIN_EXTRA:-} "${init[@]}" --out "$OUT/scenes-flow.safetensors" --state /tmp/scenes-flow.state.pt \
+        "${train[@]}" --max-minutes "$minutes" ${TRAIN_EXTRA:-} "${init[@]}" --out "$OUT/scenes-flow.safetensors" --state /tmp/scenes-flow.state.pt \
         > "$OUT/train.log" 2>&1
     say "   exit $? ($(grep -E '^(step|saved|done)' "$OUT/train.log" | tail -n 2 | tr '\n' ' '))"
 fi
 
-if [ -f "$OUT/scenes-flow.safetensors" ] && [ "$(left)" -lt 1 ]; then
+if [ "$MEASURE" = 0 ]; then
+    say "3. scenes_sensitivity: skipped (MEASURE=0)"
+elif [ -f "$OUT/scenes-flow.safetensors" ] && [ "$(left)" -lt 1 ]; then
     say "3. scenes_sensitivity: skipped (the deadline has passed)"
 elif [ -f "$OUT/scenes-flow.safetensors" ]; then
     limit=$(( $(left) < 90 ? $(left) : 90 ))

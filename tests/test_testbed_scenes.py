@@ -342,3 +342,17 @@ def test_bench_weights_of_the_wrong_kind_or_missing_are_errors(tmp_path, capsys)
     assert cli.main(["bench", str(config), "--weights", f"scenes={weights}", "--device", "nonsense"]) == 1
     assert "device: 'nonsense' is not usable here" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_cosine_time_schedule_anneals_over_the_wall_time(tmp_path):
+    """``cosine-time`` warms up by steps like the others, then follows a cosine from the peak to 5% of it
+    as the part of ``--max-minutes`` spent goes from 0 to 1 (clamped); without ``--max-minutes`` it is an error."""
+    lr = train_scenes.lr_at
+    assert lr(0, 1.0, 10, 100, "cosine-time", 0.9) == pytest.approx(0.1)      # warmup: by step
+    assert lr(50, 1.0, 10, 100, "cosine-time", 0.0) == pytest.approx(1.0)
+    assert lr(50, 1.0, 10, 100, "cosine-time", 0.5) == pytest.approx(0.525)   # 0.05 + 0.95 * 0.5
+    assert lr(50, 1.0, 10, 100, "cosine-time", 1.0) == pytest.approx(0.05)
+    assert lr(50, 1.0, 10, 100, "cosine-time", 7.0) == pytest.approx(0.05)
+    assert lr(10, 1.0, 10, 100, "cosine", 0.9) == pytest.approx(1.0)          # step-based ignores the time
+    with pytest.raises(SystemExit, match="cosine-time anneals over --max-minutes"):
+        train_scenes.main([*TINY, "--steps", "1", "--schedule", "cosine-time", "--out", str(tmp_path / "w.safetensors")])

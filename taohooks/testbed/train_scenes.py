@@ -18,7 +18,9 @@ or Ctrl-C: each of them saves first, so that ``--resume`` continues from the las
 Saves happen every ``--save-every`` steps and at least every ``--save-minutes`` minutes; with
 ``--keep-every N`` a copy ``OUT-stepNNNNNN.safetensors`` is kept every N steps. The learning rate
 warms up linearly, then stays constant (``--schedule constant``, so that a run can be extended)
-or follows a cosine to 5% over ``--steps`` (``--schedule cosine``). Loss: as ``train.loss_fn``.
+or follows a cosine to 5% over ``--steps`` (``--schedule cosine``) or over this run's ``--max-minutes``
+of wall time (``--schedule cosine-time``: a run given a fixed time, e.g. a GPU lease, whose step count
+is not known in advance, ends annealed). Loss: as ``train.loss_fn``.
 """
 
 from __future__ import annotations
@@ -109,12 +111,17 @@ def loss_fn(kind: str, model: VideoDiT, x0, ids, ddpm: DDPMSchedule, gen: torch.
     return (out - (noise - x0)).pow(2).mean()
 
 
-def lr_at(step: int, peak: float, warmup: int, total: int, schedule: str) -> float:
+def lr_at(step: int, peak: float, warmup: int, total: int, schedule: str, time_fraction: float = 0.0) -> float:
+    """The learning rate at ``step`` (0-based); ``time_fraction``: the part of ``--max-minutes`` spent
+    (``cosine-time`` only)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     if schedule == "constant":
         return peak
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine-time":
+        progress = min(1.0, max(0.0, time_fraction))
+    else:
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -232,10 +239,10 @@ class Trainer:
             worker_init_fn=BatchStream.worker_init,
             pin_memory=self.device.type == "cuda", prefetch_factor=4)
 
-    def train_step(self, batch) -> float:
+    def train_step(self, batch, time_fraction: float = 0.0) -> float:
         a = self.args
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, a.lr, a.warmup, a.steps, a.schedule)
+            group["lr"] = lr_at(self.step, a.lr, a.warmup, a.steps, a.schedule, time_fraction)
         x0, ids = (t.to(self.device, non_blocking=True) for t in batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.bf16):
             loss = loss_fn(a.kind, self.model, x0, ids, self.ddpm, self.gen)
@@ -283,6 +290,8 @@ def train(args) -> dict:
     state = read_state(args.resume) if args.resume else None
     for line in resolve_hparams(args, state, args.resume):
         print(f"resume: changed {line}", flush=True)
+    if args.schedule == "cosine-time" and not args.max_minutes:
+        raise ValueError("--schedule cosine-time anneals over --max-minutes: give --max-minutes (> 0)")
     trainer = Trainer(args)
     if state is not None:
         trainer.load(args.resume, state)
@@ -301,7 +310,8 @@ def train(args) -> dict:
     deadline = start + args.max_minutes * 60 if args.max_minutes is not None else math.inf
     with _StopOnSignal() as stop:
         while trainer.step < args.steps and stop.signal is None and time.time() < deadline:
-            running.append(trainer.train_step(next(batches)))
+            spent = (time.time() - start) / (args.max_minutes * 60) if args.max_minutes else 0.0
+            running.append(trainer.train_step(next(batches), spent))
             if trainer.step % args.log_every == 0:
                 sps = (time.time() - window) / len(running)
                 print(f"step {trainer.step} loss {np.mean(running):.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
@@ -361,7 +371,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--schedule", choices=("constant", "cosine"), default=None)
+    p.add_argument("--schedule", choices=("constant", "cosine", "cosine-time"), default=None,
+                   help="after the warmup: constant; a cosine to 5%% over --steps; or over --max-minutes "
+                        "(cosine-time)")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--clip", type=float, default=None)
     p.add_argument("--ema", type=float, default=None)
