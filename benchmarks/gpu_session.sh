@@ -8,6 +8,7 @@
 #   2. training of the scenes testbed (issue 15) from the EMA weights in .carry/ (else the newest committed
 #      ones, taohooks/testbed/weights/wip/), for what is left of the
 #      session but MEASURE_RESERVE (100 s): about 290 s after the speed table, about 460 s without it
+#      (about 550 s with MEASURE=0)
 #      (TRAIN_SECONDS overrides), batches of 256 rendered by 14 processes, the learning rate annealed over
 #      the run's own time (--schedule cosine-time --max-minutes: TRAIN_SECONDS less 40 s for start and save),
 #      so that the checkpoint ends annealed whatever the step count; `timeout` (TRAIN_SECONDS) is the backstop:
@@ -20,15 +21,18 @@
 #      the full bench on it (configs/bench.yaml, the models on the GPU, -o $OUT/bench_scenes) in the last
 #      BENCH_RESERVE (200) s, which the training then leaves; LPIPS when .carry/lpips_alex_v0.1.safetensors is
 #      carried (cp ~/.cache/taohooks/lpips_alex_v0.1.safetensors .carry/), else reported as null.
-# TRAIN_EXTRA adds train_scenes options, e.g. TRAIN_EXTRA="--patch 4" INIT=none for a run from scratch with
-# 4x4-pixel tokens (512 tokens; what the testbed README says may be needed for detail inside 8x8 tokens).
-# Everything it writes is under $OUT (gpu.txt, gpu_speed.json/.log, scenes-flow.safetensors/.json,
+# PATCH=4 trains the model with 4x4-pixel tokens (512 tokens, 8.2M parameters; what the testbed README says
+# detail inside 8x8 tokens needs) from .carry/scenes-flow-p4.safetensors (else the newest committed
+# weights/wip/scenes-flow-p4-step*, else from scratch) and writes $OUT/scenes-flow-p4.safetensors; the
+# default, PATCH=8, continues the 8x8-token model. INIT=none starts from scratch; TRAIN_EXTRA adds options.
+# Everything it writes is under $OUT (gpu.txt, gpu_speed.json/.log, $NAME.safetensors/.json (scenes-flow[-p4]),
 # train.log, sensitivity.json/.log, session.log): the files come back; nothing else does.
 #
 # Prepare here (the package registries work here, not there), once per checkout:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==8.7.0
 #   mkdir -p .carry && cp /work/runs/scenes/flow.safetensors .carry/scenes-flow.safetensors   # newer than the wip ones
+#   (PATCH=4: the newest 4x4-token weights as .carry/scenes-flow-p4.safetensors)
 # then, with the device tool:
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
 # .whl/ and .carry/ are git-ignored. The image there has torch, einops, safetensors, pyyaml, numpy, pillow,
@@ -50,17 +54,19 @@ BENCH_RESERVE=${BENCH_RESERVE:-200}
 [ -f .carry/lpips_alex_v0.1.safetensors ] && export TAOHOOKS_LPIPS_WEIGHTS=$PWD/.carry/lpips_alex_v0.1.safetensors
 TRAIN_SECONDS=${TRAIN_SECONDS:-}
 # the weights the training continues from: .carry/ (this checkout's newest), else the newest committed ones
+PATCH=${PATCH:-8}
+case "$PATCH" in 8) NAME=scenes-flow ;; 4|2) NAME=scenes-flow-p$PATCH ;; *) echo "PATCH=$PATCH: expected 8, 4 or 2" >&2; exit 2 ;; esac
 if [ -z "${INIT:-}" ]; then
-    INIT=.carry/scenes-flow.safetensors
-    [ -f "$INIT" ] || INIT=$(ls taohooks/testbed/weights/wip/scenes-flow-step*.safetensors 2>/dev/null | sort -V | tail -n 1)
+    INIT=.carry/$NAME.safetensors
+    [ -f "$INIT" ] || INIT=$(ls taohooks/testbed/weights/wip/$NAME-step*.safetensors 2>/dev/null | sort -V | tail -n 1)
 fi
 mkdir -p "$OUT"
 started=$(date +%s)
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl > /dev/null 2>&1 && [ "$SMOKE" != 1 ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if ls .whl/*.whl > /dev/null 2>&1 && [ "$SMOKE" != 1 ] && [ ! -d /tmp/site/diffusers ]; then  # (a warm machine keeps /tmp)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 fi
+[ "$SMOKE" != 1 ] && [ -d /tmp/site/diffusers ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 say() { echo "[$(( $(date +%s) - started )) s] $*" | tee -a "$OUT/session.log"; }
 left() { echo $(( DEADLINE - ($(date +%s) - started) )); }   # seconds until DEADLINE
@@ -123,24 +129,24 @@ else
     minutes=$(awk "BEGIN { printf \"%.3f\", ($TRAIN_SECONDS - $margin) / 60 }")
     say "2. train_scenes for ${TRAIN_SECONDS} s (--max-minutes $minutes) ${train[*]} ${init[*]}"
     timeout -k 30 "$TRAIN_SECONDS" "$PY" -m taohooks.testbed.train_scenes --kind flow --steps "$train_steps" \
-        "${train[@]}" --max-minutes "$minutes" ${TRAIN_EXTRA:-} "${init[@]}" --out "$OUT/scenes-flow.safetensors" --state /tmp/scenes-flow.state.pt \
+        "${train[@]}" --max-minutes "$minutes" ${TRAIN_EXTRA:-} "${init[@]}" --out "$OUT/$NAME.safetensors" --state /tmp/$NAME.state.pt --patch "$PATCH" \
         > "$OUT/train.log" 2>&1
     say "   exit $? ($(grep -E '^(step|saved|done)' "$OUT/train.log" | tail -n 2 | tr '\n' ' '))"
 fi
 
 if [ "$MEASURE" = 0 ]; then
     say "3. scenes_sensitivity: skipped (MEASURE=0)"
-elif [ -f "$OUT/scenes-flow.safetensors" ] && [ "$(left)" -lt 1 ]; then
+elif [ -f "$OUT/$NAME.safetensors" ] && [ "$(left)" -lt 1 ]; then
     say "3. scenes_sensitivity: skipped (the deadline has passed)"
-elif [ -f "$OUT/scenes-flow.safetensors" ]; then
+elif [ -f "$OUT/$NAME.safetensors" ]; then
     limit=$(( $(left) < 90 ? $(left) : 90 ))
     say "3. scenes_sensitivity ${measure[*]} ${measure_device[*]} (${limit} s at most)"
-    timeout "$limit" "$PY" -m taohooks.testbed.scenes_sensitivity --weights "$OUT/scenes-flow.safetensors" \
+    timeout "$limit" "$PY" -m taohooks.testbed.scenes_sensitivity --weights "$OUT/$NAME.safetensors" \
         "${measure[@]}" "${measure_device[@]}" --out "$OUT/sensitivity.json" > "$OUT/sensitivity.log" 2>&1
     say "   exit $? ($(grep -E 'accuracy|noise|teacache' "$OUT/sensitivity.log" | head -n 3 | tr '\n' ' '))"
     if [ ! -f "$OUT/sensitivity.json" ] && [ "$(left)" -gt 40 ]; then
         say "   again on the CPU, ${fallback_n} pairs, $(left) s at most"
-        timeout "$(left)" "$PY" -m taohooks.testbed.scenes_sensitivity --weights "$OUT/scenes-flow.safetensors" \
+        timeout "$(left)" "$PY" -m taohooks.testbed.scenes_sensitivity --weights "$OUT/$NAME.safetensors" \
             "${measure[@]}" --n "$fallback_n" --device cpu --out "$OUT/sensitivity.json" > "$OUT/sensitivity-cpu.log" 2>&1
         say "   exit $? ($(grep -E 'accuracy|noise|teacache' "$OUT/sensitivity-cpu.log" | head -n 3 | tr '\n' ' '))"
     fi
@@ -148,10 +154,10 @@ else
     say "3. no checkpoint was written: nothing to measure"
 fi
 
-if [ "$SCENES_BENCH" = 1 ] && [ -f "$OUT/scenes-flow.safetensors" ] && [ "$(left)" -ge 30 ]; then
+if [ "$SCENES_BENCH" = 1 ] && [ -f "$OUT/$NAME.safetensors" ] && [ "$(left)" -ge 30 ]; then
     say "4. taocache bench ${bench[*]} --models scenes ($(left) s at most)"
     timeout "$(left)" "$PY" -m taohooks.cli bench "${bench[@]}" --models scenes \
-        --weights "scenes=$OUT/scenes-flow.safetensors" -o "$OUT/bench_scenes" > "$OUT/bench.log" 2>&1
+        --weights "scenes=$OUT/$NAME.safetensors" -o "$OUT/bench_scenes" > "$OUT/bench.log" 2>&1
     say "   exit $? ($(tail -n 1 "$OUT/bench.log"))"
 elif [ "$SCENES_BENCH" = 1 ]; then
     say "4. taocache bench: skipped (no checkpoint, or $(left) s left)"

@@ -48,3 +48,29 @@ def test_gpu_session_script_smoke(tmp_path):
     records = json.loads((out / "bench_scenes" / "results.json").read_text())["records"]  # stage 4
     assert [r["method"] for r in records] == ["full", "taocache", "teacache"]
     assert "no " in res.stdout and "the scenes training starts from scratch" in res.stdout and "done" in res.stdout
+
+
+def test_gpu_session_script_patch4_without_measurements(tmp_path):
+    """PATCH=4 trains the 4x4-token model into its own file; MEASURE=0 leaves out stage 3; the training's
+    learning rate anneals over its --max-minutes; an unknown PATCH is refused before anything runs."""
+    import os
+    import subprocess
+    import sys
+
+    from taohooks.testbed.model import VideoDiTConfig, read_metadata
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "PATCH": "4",
+           "INIT": "none", "MEASURE": "0", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out"
+    config = VideoDiTConfig.from_json(read_metadata(str(out / "scenes-flow-p4.safetensors"))["config"])
+    assert config.patch_size == 4 and not (out / "scenes-flow.safetensors").exists()
+    assert "--schedule cosine-time" in res.stdout and "--max-minutes 1.333" in res.stdout
+    assert "3. scenes_sensitivity: skipped (MEASURE=0)" in res.stdout and not (out / "sensitivity.json").exists()
+    bad = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root,
+                         env={**env, "PATCH": "5", "OUT": str(tmp_path / "bad")}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "PATCH=5: expected 8, 4 or 2" in bad.stderr
+    assert not (tmp_path / "bad" / "session.log").exists()

@@ -304,19 +304,23 @@ def train(args) -> dict:
           f"to_step={args.steps} batch={args.batch_size} lr={args.lr} schedule={args.schedule} "
           f"threads={args.threads} device={args.device} out={out} state={state_path}", flush=True)
     start = time.time()
-    last_save, running, window = time.time(), [], time.time()
+    last_save, running, window, waited = time.time(), [], time.time(), 0.0  # waited: s spent waiting for batches
     first = trainer.step
     batches = trainer.batches()
     deadline = start + args.max_minutes * 60 if args.max_minutes is not None else math.inf
     with _StopOnSignal() as stop:
         while trainer.step < args.steps and stop.signal is None and time.time() < deadline:
             spent = (time.time() - start) / (args.max_minutes * 60) if args.max_minutes else 0.0
-            running.append(trainer.train_step(next(batches), spent))
+            fetched = time.time()
+            batch = next(batches)
+            waited += time.time() - fetched
+            running.append(trainer.train_step(batch, spent))
             if trainer.step % args.log_every == 0:
                 sps = (time.time() - window) / len(running)
                 print(f"step {trainer.step} loss {np.mean(running):.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
-                      f"s/step {sps:.3f} elapsed {time.time() - start:.0f}s", flush=True)
-                running, window = [], time.time()
+                      f"s/step {sps:.3f} (data {waited / len(running):.3f}) elapsed {time.time() - start:.0f}s",
+                      flush=True)
+                running, window, waited = [], time.time(), 0.0
             due = trainer.step % args.save_every == 0 or time.time() - last_save >= args.save_minutes * 60
             if due and trainer.step < args.steps:
                 trainer.save(out, state_path, trainer.wall + time.time() - start, final=False)
