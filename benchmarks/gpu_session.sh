@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The device run of a session that is lent a GPU, prepared so that it costs one call of under 10 minutes
-# (every stage is time-limited; all of them end by DEADLINE, 570 s after the start):
+# (every stage is time-limited to end by DEADLINE, 570 s after the start; the training's backstop may take
+# 30 s more for its last save):
 #   1. the end-to-end speed table of TaoCache on the full-size Wan2.1-1.3B architecture
 #      (benchmarks/gpu_speed.py; 33 frames, 832x480, 50 steps, bf16, budgets 8/16/25%, one timed run each;
-#      170 s); skipped once its table is committed as docs/results/gpu/gpu_speed.json (SPEED=1 forces it),
+#      170 s at most, 111 s on an H200); skipped once its table is committed as docs/results/gpu/gpu_speed.json (SPEED=1 forces it),
 #      so that later sessions give that time to the training;
 #   2. training of the scenes testbed (issue 15) from the EMA weights in .carry/ (else the newest committed
 #      ones, taohooks/testbed/weights/wip/), for what is left of the
-#      session but MEASURE_RESERVE (100 s): about 290 s after the speed table, about 460 s without it
-#      (about 550 s with MEASURE=0)
-#      (TRAIN_SECONDS overrides), batches of 256 rendered by 14 processes, the learning rate annealed over
-#      the run's own time (--schedule cosine-time --max-minutes: TRAIN_SECONDS less 40 s for start and save),
+#      session but MEASURE_RESERVE (100 s): about 360 s after the speed table, about 460 s without it
+#      (about 550 s with MEASURE=0; TRAIN_SECONDS, whole seconds, overrides), batches of 256 rendered by 14
+#      processes, the learning rate annealed over the run's own time once its warmup is done (--schedule
+#      cosine-time --max-minutes: TRAIN_SECONDS less 40 s for start and save, less half of it under 80 s),
 #      so that the checkpoint ends annealed whatever the step count; `timeout` (TRAIN_SECONDS) is the backstop:
 #      its SIGTERM makes train_scenes save its last step and exit;
 #   3. the issue's measurements of the checkpoint it wrote (scenes_sensitivity, 64 held-out pairs, the model
@@ -24,7 +25,9 @@
 # PATCH=4 trains the model with 4x4-pixel tokens (512 tokens, 8.2M parameters; what the testbed README says
 # detail inside 8x8 tokens needs) from .carry/scenes-flow-p4.safetensors (else the newest committed
 # weights/wip/scenes-flow-p4-step*, else from scratch) and writes $OUT/scenes-flow-p4.safetensors; the
-# default, PATCH=8, continues the 8x8-token model. INIT=none starts from scratch; TRAIN_EXTRA adds options.
+# default, PATCH=8, continues the 8x8-token model. INIT=none starts from scratch; TRAIN_EXTRA adds options
+# (not --patch: PATCH= names the files too). The training state (104-131 MB, too large to come back) is
+# written to STATE_DIR (/tmp; $OUT under SMOKE=1).
 # Everything it writes is under $OUT (gpu.txt, gpu_speed.json/.log, $NAME.safetensors/.json (scenes-flow[-p4]),
 # train.log, sensitivity.json/.log, session.log): the files come back; nothing else does.
 #
@@ -56,6 +59,11 @@ TRAIN_SECONDS=${TRAIN_SECONDS:-}
 # the weights the training continues from: .carry/ (this checkout's newest), else the newest committed ones
 PATCH=${PATCH:-8}
 case "$PATCH" in 8) NAME=scenes-flow ;; 4|2) NAME=scenes-flow-p$PATCH ;; *) echo "PATCH=$PATCH: expected 8, 4 or 2" >&2; exit 2 ;; esac
+case " ${TRAIN_EXTRA:-} " in *" --patch"*) echo "TRAIN_EXTRA=${TRAIN_EXTRA}: give the patch size as PATCH=, which names the files too" >&2; exit 2 ;; esac
+if [ -n "$TRAIN_SECONDS" ] && ! [[ $TRAIN_SECONDS =~ ^[0-9]+$ ]]; then
+    echo "TRAIN_SECONDS=$TRAIN_SECONDS: expected whole seconds" >&2; exit 2
+fi
+STATE_DIR=${STATE_DIR:-$([ "$SMOKE" = 1 ] && echo "$OUT" || echo /tmp)}
 if [ -z "${INIT:-}" ]; then
     INIT=.carry/$NAME.safetensors
     [ -f "$INIT" ] || INIT=$(ls taohooks/testbed/weights/wip/$NAME-step*.safetensors 2>/dev/null | sort -V | tail -n 1)
@@ -63,10 +71,11 @@ fi
 mkdir -p "$OUT"
 started=$(date +%s)
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl > /dev/null 2>&1 && [ "$SMOKE" != 1 ] && [ ! -d /tmp/site/diffusers ]; then  # (a warm machine keeps /tmp)
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+if ls .whl/*.whl > /dev/null 2>&1 && [ "$SMOKE" != 1 ] && [ ! -f /tmp/site/.installed ]; then  # (a warm machine keeps /tmp)
+    rm -rf /tmp/site && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        .whl/*.whl && touch /tmp/site/.installed
 fi
-[ "$SMOKE" != 1 ] && [ -d /tmp/site/diffusers ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+[ "$SMOKE" != 1 ] && [ -f /tmp/site/.installed ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 say() { echo "[$(( $(date +%s) - started )) s] $*" | tee -a "$OUT/session.log"; }
 left() { echo $(( DEADLINE - ($(date +%s) - started) )); }   # seconds until DEADLINE
@@ -129,7 +138,7 @@ else
     minutes=$(awk "BEGIN { printf \"%.3f\", ($TRAIN_SECONDS - $margin) / 60 }")
     say "2. train_scenes for ${TRAIN_SECONDS} s (--max-minutes $minutes) ${train[*]} ${init[*]}"
     timeout -k 30 "$TRAIN_SECONDS" "$PY" -m taohooks.testbed.train_scenes --kind flow --steps "$train_steps" \
-        "${train[@]}" --max-minutes "$minutes" ${TRAIN_EXTRA:-} "${init[@]}" --out "$OUT/$NAME.safetensors" --state /tmp/$NAME.state.pt --patch "$PATCH" \
+        "${train[@]}" --max-minutes "$minutes" ${TRAIN_EXTRA:-} "${init[@]}" --out "$OUT/$NAME.safetensors" --state "$STATE_DIR/$NAME.state.pt" --patch "$PATCH" \
         > "$OUT/train.log" 2>&1
     say "   exit $? ($(grep -E '^(step|saved|done)' "$OUT/train.log" | tail -n 2 | tr '\n' ' '))"
 fi

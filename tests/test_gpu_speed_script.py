@@ -52,7 +52,8 @@ def test_gpu_session_script_smoke(tmp_path):
 
 def test_gpu_session_script_patch4_without_measurements(tmp_path):
     """PATCH=4 trains the 4x4-token model into its own file; MEASURE=0 leaves out stage 3; the training's
-    learning rate anneals over its --max-minutes; an unknown PATCH is refused before anything runs."""
+    learning rate anneals over its --max-minutes; an unknown PATCH, --patch in TRAIN_EXTRA and a fractional
+    TRAIN_SECONDS are refused before anything runs."""
     import os
     import subprocess
     import sys
@@ -70,7 +71,11 @@ def test_gpu_session_script_patch4_without_measurements(tmp_path):
     assert config.patch_size == 4 and not (out / "scenes-flow.safetensors").exists()
     assert "--schedule cosine-time" in res.stdout and "--max-minutes 1.333" in res.stdout
     assert "3. scenes_sensitivity: skipped (MEASURE=0)" in res.stdout and not (out / "sensitivity.json").exists()
-    bad = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root,
-                         env={**env, "PATCH": "5", "OUT": str(tmp_path / "bad")}, capture_output=True, text=True)
-    assert bad.returncode == 2 and "PATCH=5: expected 8, 4 or 2" in bad.stderr
-    assert not (tmp_path / "bad" / "session.log").exists()
+    assert (out / "scenes-flow-p4.state.pt").is_file()  # SMOKE=1: the state under $OUT, not /tmp
+    for bad_env, message in (({"PATCH": "5"}, "PATCH=5: expected 8, 4 or 2"),
+                             ({"TRAIN_EXTRA": "--lr 1e-4 --patch 4"}, "give the patch size as PATCH="),
+                             ({"TRAIN_SECONDS": "300.5"}, "TRAIN_SECONDS=300.5: expected whole seconds")):
+        bad = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root,
+                             env={**env, **bad_env, "OUT": str(tmp_path / "bad")}, capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr
+        assert not (tmp_path / "bad").exists()

@@ -356,3 +356,78 @@ def test_cosine_time_schedule_anneals_over_the_wall_time(tmp_path):
     assert lr(10, 1.0, 10, 100, "cosine", 0.9) == pytest.approx(1.0)          # step-based ignores the time
     with pytest.raises(SystemExit, match="cosine-time anneals over --max-minutes"):
         train_scenes.main([*TINY, "--steps", "1", "--schedule", "cosine-time", "--out", str(tmp_path / "w.safetensors")])
+
+
+def test_cosine_time_run_anneals_after_its_warmup_and_ends_near_five_percent(tmp_path, monkeypatch, capsys):
+    """A run under a fake clock (0.25 s per reading): the warmup by steps, then the logged learning rate
+    starts at the peak when the warmup ends and falls to near 5% of it at --max-minutes; the log says how
+    long each step waited for its batch."""
+    import re
+
+    class Clock:
+        now = 1000.0
+
+        def time(self):
+            Clock.now += 0.25
+            return Clock.now
+
+    monkeypatch.setattr(train_scenes, "time", Clock())
+    train_scenes.main([*TINY[:-6], "--log-every", "1", "--save-every", "1000", "--keep-every", "0", "--warmup", "2",
+                       "--lr", "1e-3", "--steps", "100000", "--schedule", "cosine-time", "--max-minutes", "1",
+                       "--out", str(tmp_path / "w.safetensors")])
+    log = capsys.readouterr().out
+    lrs = [float(x) for x in re.findall(r"lr ([0-9.e+-]+) s/step", log)]
+    assert "(data " in log and len(lrs) > 10
+    assert lrs[:3] == [pytest.approx(5e-4), pytest.approx(1e-3), pytest.approx(1e-3)]  # warmup; annealing starts
+    assert all(b <= a for a, b in zip(lrs[2:], lrs[3:])) and 5e-5 <= lrs[-1] <= 1.2e-4
+
+
+def test_cosine_time_cannot_be_resumed_and_max_minutes_must_be_positive(tmp_path):
+    out = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "2", "--schedule", "cosine-time", "--max-minutes", "5", "--out", str(out)])
+    with pytest.raises(SystemExit, match="cosine-time anneals over one process's --max-minutes and cannot be resumed"):
+        train_scenes.main([*TINY, "--steps", "4", "--max-minutes", "5", "--out", str(out),
+                           "--resume", str(tmp_path / "w.state.pt")])
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            train_scenes.parse_args([*TINY, "--steps", "2", "--max-minutes", bad, "--out", str(out)])
+
+
+def test_a_run_from_init_draws_other_batches_than_the_run_behind_it(tmp_path):
+    """Chained --init runs (a GPU session's calls) start their data and noise streams after the steps behind
+    the weights, not at the same place as the run that wrote them."""
+    out = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "3", "--out", str(out)])
+    first = train_scenes.Trainer(train_scenes.parse_args([*TINY, "--steps", "3", "--out", str(out)]))
+    chained = train_scenes.Trainer(train_scenes.parse_args([*TINY, "--steps", "3", "--out", str(tmp_path / "c.safetensors"),
+                                                            "--init", str(out)]))
+    assert (first.offset, chained.offset) == (0, 3)
+    assert not torch.equal(train_scenes.make_batch(first.rng, 2)[0], train_scenes.make_batch(chained.rng, 2)[0])
+    assert not torch.equal(torch.randn(4, generator=first.gen), torch.randn(4, generator=chained.gen))
+    assert not torch.equal(next(iter(first.worker_stream()))[0], next(iter(chained.worker_stream()))[0])
+
+
+def test_diagnose_passes_every_rendered_clip_and_reads_a_checkpoint(tmp_path, capsys):
+    """On rendered clips every stripes, square and several-objects prompt passes its check (the evidence
+    agrees with the recogniser); on a blank clip none does; the CLI runs a checkpoint and writes its JSON."""
+    from taohooks.testbed import scenes_diagnose
+
+    pairs = scenes.eval_pairs(24)
+    prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
+    rendered = torch.from_numpy(scenes.render_batch(prompts, seeds))
+    out = scenes_diagnose.diagnose(rendered, rendered, prompts)
+    assert out["accuracy"]["overall"] == 1.0
+    for name in ("samples", "rendered"):
+        for what, s in out[name].items():
+            assert s["n"] > 0 and s["passing"] == s["n"], (name, what)
+    blank = torch.zeros_like(rendered)
+    dull = scenes_diagnose.diagnose(blank, rendered, prompts)["samples"]
+    assert dull["stripe_share"]["passing"] == 0 and dull["square_corners"]["passing"] == 0
+    assert dull["objects_when_2_or_3"]["max"] == 0.0
+    weights = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "1", "--out", str(weights)])
+    scenes_diagnose.main(["--weights", str(weights), "--n", "2", "--steps", "3", "--out", str(tmp_path / "d.json")])
+    record = json.loads((tmp_path / "d.json").read_text())
+    assert record["n"] == 2 and record["accuracy"]["n"] == 2 and "accuracy overall" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="cannot load a testbed checkpoint"):
+        scenes_diagnose.main(["--weights", str(tmp_path / "missing.safetensors")])

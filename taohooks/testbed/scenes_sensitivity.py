@@ -121,6 +121,19 @@ def measure(tm: SceneTestbedModel, n: int, skip_steps: Sequence[int], noise_chan
     return out
 
 
+def load_scenes_checkpoint(path: str) -> VideoDiT:
+    """A scenes checkpoint (``--weights``), or ``SystemExit`` naming the file and what is wrong with it."""
+    try:
+        model = VideoDiT.from_pretrained(path)
+    except Exception as e:
+        raise SystemExit(f"--weights {path}: cannot load a testbed checkpoint ({type(e).__name__}: {e})")
+    if model.config.height != scenes.HEIGHT or tuple(model.config.attribute_sizes) != scenes.ATTRIBUTE_SIZES:
+        raise SystemExit(f"--weights {path}: not a scenes checkpoint (height {model.config.height}, "
+                         f"attribute_sizes {model.config.attribute_sizes}; expected {scenes.HEIGHT} and "
+                         f"{scenes.ATTRIBUTE_SIZES})")
+    return model
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", help="a scenes checkpoint")
@@ -154,10 +167,7 @@ def main(argv=None):
         from .scenes_exact import ExactSceneDenoiser
         model = ExactSceneDenoiser(args.exact, args.tau)
     else:
-        try:
-            model = VideoDiT.from_pretrained(args.weights)
-        except Exception as e:
-            raise SystemExit(f"--weights {args.weights}: cannot load a testbed checkpoint ({type(e).__name__}: {e})")
+        model = load_scenes_checkpoint(args.weights)
     if model.config.height != scenes.HEIGHT or tuple(model.config.attribute_sizes) != scenes.ATTRIBUTE_SIZES:
         raise SystemExit(f"--weights {args.weights}: not a scenes checkpoint (height {model.config.height}, "
                          f"attribute_sizes {model.config.attribute_sizes}; expected {scenes.HEIGHT} and "

@@ -10,7 +10,7 @@ Two files are rewritten at every save (atomically: an interrupted save keeps the
 - ``OUT``: the EMA weights in float16 (13 MB; loads with ``VideoDiT.from_pretrained``) with the
   config and a training summary as metadata (also in ``OUT.json``);
 - ``OUT.state.pt`` (``--state``): live weights, EMA, optimizer, step and random states in float32
-  (~78 MB), what ``--resume`` continues from exactly.
+  (~104 MB; ~131 MB with ``--patch 4``), what ``--resume`` continues from exactly.
 
 ``--init WEIGHTS`` instead starts from saved EMA weights with a fresh optimizer (fine-tuning).
 A run ends at ``--steps``, after ``--max-minutes`` of training, or on SIGTERM (``timeout``, ``kill``)
@@ -18,9 +18,12 @@ or Ctrl-C: each of them saves first, so that ``--resume`` continues from the las
 Saves happen every ``--save-every`` steps and at least every ``--save-minutes`` minutes; with
 ``--keep-every N`` a copy ``OUT-stepNNNNNN.safetensors`` is kept every N steps. The learning rate
 warms up linearly, then stays constant (``--schedule constant``, so that a run can be extended)
-or follows a cosine to 5% over ``--steps`` (``--schedule cosine``) or over this run's ``--max-minutes``
-of wall time (``--schedule cosine-time``: a run given a fixed time, e.g. a GPU lease, whose step count
-is not known in advance, ends annealed). Loss: as ``train.loss_fn``.
+or follows a cosine to 5% over ``--steps`` (``--schedule cosine``) or over what is left of this
+process's ``--max-minutes`` once the warmup is done (``--schedule cosine-time``: a run given a fixed
+time, e.g. a GPU lease, whose step count is not known in advance, ends annealed; such a run is
+continued with ``--init``, not ``--resume``). A run started with ``--init`` draws its data and noise
+from streams offset by the steps behind those weights, so that chained runs do not replay each
+other's batches. Loss: as ``train.loss_fn``.
 """
 
 from __future__ import annotations
@@ -171,8 +174,10 @@ class Trainer:
         self.ema = EMA(self.model, args.ema)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.99),
                                      weight_decay=args.weight_decay)
-        self.rng = np.random.default_rng(args.seed)
-        self.gen = torch.Generator().manual_seed(args.seed)
+        # the steps behind --init's weights: a chained run's data and noise streams start elsewhere
+        self.offset = int((self.previous or {}).get("total_steps", 0))
+        self.rng = np.random.default_rng(args.seed if self.offset == 0 else [args.seed, self.offset])
+        self.gen = torch.Generator().manual_seed(args.seed if self.offset == 0 else args.seed * 1_000_003 + self.offset)
         self.ddpm = DDPMSchedule()
         self.step = 0
         self.wall = 0.0  # seconds of training before this process (resumed runs)
@@ -227,6 +232,10 @@ class Trainer:
             save_half(self.ema.model, out.with_name(f"{out.stem}-step{self.step:06d}{out.suffix}"), meta)
         return summary
 
+    def worker_stream(self) -> BatchStream:
+        """The workers' batches from this step on (after the steps behind ``--init``'s weights)."""
+        return BatchStream(self.args.seed, self.offset + self.step, self.args.batch_size)
+
     def batches(self):
         """Training batches ``(x0 [B, 3, 8, 32, 32], ids [B, 5])``: from the run's own rng (exactly
         resumable), or from ``--workers`` processes."""
@@ -235,7 +244,7 @@ class Trainer:
             while True:
                 yield make_batch(self.rng, a.batch_size)
         yield from torch.utils.data.DataLoader(
-            BatchStream(a.seed, self.step, a.batch_size), batch_size=None, num_workers=a.workers,
+            self.worker_stream(), batch_size=None, num_workers=a.workers,
             worker_init_fn=BatchStream.worker_init,
             pin_memory=self.device.type == "cuda", prefetch_factor=4)
 
@@ -290,8 +299,11 @@ def train(args) -> dict:
     state = read_state(args.resume) if args.resume else None
     for line in resolve_hparams(args, state, args.resume):
         print(f"resume: changed {line}", flush=True)
-    if args.schedule == "cosine-time" and not args.max_minutes:
+    if args.schedule == "cosine-time" and args.max_minutes is None:
         raise ValueError("--schedule cosine-time anneals over --max-minutes: give --max-minutes (> 0)")
+    if args.schedule == "cosine-time" and state is not None:
+        raise ValueError(f"--resume {args.resume}: --schedule cosine-time anneals over one process's --max-minutes "
+                         "and cannot be resumed; continue from its weights with --init (a fresh optimizer) instead")
     trainer = Trainer(args)
     if state is not None:
         trainer.load(args.resume, state)
@@ -308,9 +320,13 @@ def train(args) -> dict:
     first = trainer.step
     batches = trainer.batches()
     deadline = start + args.max_minutes * 60 if args.max_minutes is not None else math.inf
+    annealing_from = None  # cosine-time: when the warmup ended
     with _StopOnSignal() as stop:
         while trainer.step < args.steps and stop.signal is None and time.time() < deadline:
-            spent = (time.time() - start) / (args.max_minutes * 60) if args.max_minutes else 0.0
+            spent = 0.0
+            if trainer.step >= args.warmup and args.max_minutes is not None:
+                annealing_from = time.time() if annealing_from is None else annealing_from
+                spent = (time.time() - annealing_from) / max(deadline - annealing_from, 1e-9)
             fetched = time.time()
             batch = next(batches)
             waited += time.time() - fetched
@@ -406,6 +422,8 @@ def parse_args(argv=None):
     for name in ("steps", "batch_size", "save_every", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        p.error(f"--max-minutes must be > 0, got {args.max_minutes:g}")
     return args
 
 
