@@ -565,6 +565,28 @@ def test_wan22_ti2v_through_compare_with_an_image(tmp_path):
     state = json.loads((tmp_path / "out" / "state" / "calibration.json").read_text())
     assert isinstance(state["tea_coefficients"], list)  # one model: one polynomial
 
+def test_wan22_per_clip_tasks_are_refused_by_compare(tmp_path, capsys):
+    """S2V and Animate run one sampling loop per clip inside one generate(): compare refuses them from the
+    command line, before the script starts, and (should that be bypassed) at the generation call."""
+    import subprocess
+
+    script = FIXTURES / "wan22" / "generate.py"
+    exp = write(tmp_path, OFFICIAL_LIKE_EXPERIMENT.format(integration="wan22", output="out"), "s2v.yaml")
+    for task in ("s2v-14B", "animate-14B"):
+        assert cli.main(["compare", str(exp), "--", str(script), "--task", task, "--sample_steps", "10"]) == 1
+        err = capsys.readouterr().err
+        assert f"--task {task} runs one sampling loop per clip inside one generate()" in err
+    assert not (tmp_path / "out" / "runs").exists()
+    driver = write(tmp_path, "import sys\nfrom taohooks import cli\nimport taohooks.compare.command as c\n"
+                             "c._refuse_per_clip_tasks = lambda *a: None\nsys.argv = ['taocache']\n"
+                             f"sys.exit(cli.main(['compare', {str(exp)!r}, '--', {str(script)!r}, '--task', 's2v-14B', "
+                             "'--sample_steps', '10', '--offload_model', 'False']))\n", "d.py")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
+    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "wan.speech2video.WanS2V.generate runs one sampling loop per clip" in res.stderr
+
+
 def test_changed_calibration_prompts_are_refused_on_resume(finished, tmp_path, launcher_state, capsys):
     import shutil
 

@@ -158,9 +158,7 @@ def test_each_wan_integration_names_the_other_on_the_wrong_checkout(runner, tmp_
     assert "integration: wan22 met WanT2V with a single DiT" in res.stderr and "use integration: wan" in res.stderr
 
 
-def test_uncovered_tasks_and_mismatches_are_refused_before_the_model_loads(runner, calibrated, tmp_path):
-    res = run(runner, tmp_path / "s2v", "integration: wan22\nplan: {budget: 0}\n", task="s2v-14B")
-    assert res.returncode == 2 and "--task s2v-14B: not covered by integration: wan22" in res.stderr
+def test_mismatches_are_refused_before_the_model_loads(runner, calibrated, tmp_path):
     out, config = calibrated
     (tmp_path / "lut.safetensors").write_bytes((out / "lut.safetensors").read_bytes())
     res = run(runner, tmp_path, config, "--sample_shift", "5")
@@ -192,3 +190,54 @@ def test_pab_and_the_teacache_hybrid_act_in_both_experts(runner, plain, calibrat
               "--ulysses_size", "2")
     assert res.returncode == 2 and "teacache: the hybrid decides from activations that sequence parallelism " \
                                    "(--ulysses_size 2) shards over ranks" in res.stderr, res.stderr
+
+
+# ---------------------------------------------------------------------- S2V and Animate: one loop per clip
+def test_s2v_each_clip_is_a_generation_calibrated_and_skipped(runner, tmp_path):
+    """S2V-14B at 8 steps, guide scale 4.5 (cond, uncond), 2 clips in one generate(): budget 0 is bit-identical;
+    calibration records both clips as two prompts; then every clip skips the planned window (2 of 8 steps, so 8 of
+    the 32 calls), the summary says so, and the clips stay close to the full-step ones."""
+    plain_out = tmp_path / "plain"
+    res = run(runner, plain_out, None, "--num_clip", "2", task="s2v-14B", steps=8)
+    assert res.returncode == 0, res.stderr
+    expected = torch.load(plain_out / "video.pt")
+    assert calls(res.stdout) == (0, 0, 32)
+    res = run(runner, tmp_path / "zero", "integration: wan22\nplan: {budget: 0}\n", "--num_clip", "2",
+              task="s2v-14B", steps=8)
+    assert res.returncode == 0, res.stderr
+    assert torch.equal(torch.load(tmp_path / "zero" / "video.pt"), expected) and saved_counts(res) == [(0, 32)]
+    out = tmp_path / "cal"
+    config = "integration: wan22\nlut: lut.safetensors\ncalibration: {prompts: 2}\nplan: {budget: 0.25}\n"
+    res = run(runner, out, config, "--num_clip", "2", task="s2v-14B", steps=8)
+    assert res.returncode == 0, res.stderr
+    from taohooks.taocache.lut import CalibrationLUT
+    lut = CalibrationLUT.load(out / "lut.safetensors")
+    assert lut.num_prompts == 2 and tuple(lut.streams) == ("cond", "uncond") and lut.steps == 8
+    res = run(runner, out, config, "--num_clip", "2", task="s2v-14B", steps=8)
+    assert res.returncode == 0, res.stderr
+    assert saved_counts(res) == [(8, 32)] and calls(res.stdout) == (0, 0, 24)
+    assert "over 2 sampling loops (clips)" in res.stderr and "2 of 8 steps skipped" in res.stderr
+    assert rel_l2(torch.load(out / "video.pt"), expected) < 0.05
+
+
+def test_animate_runs_one_stream_at_guide_scale_one_and_checks_its_streams(runner, tmp_path):
+    """Animate-14B's default guide scale 1: one call per step, so the loop and the LUT have the stream cond
+    alone; a LUT or loop.streams of the other kind, and pab:, are refused before the model loads."""
+    out = tmp_path / "a"
+    config = ("integration: wan22\nlut: lut.safetensors\nloop: {steps: 8, streams: [cond]}\n"
+              "calibration: {prompts: 2}\nplan: {budget: 0.25}\n")
+    res = run(runner, out, config, task="animate-14B", steps=8)
+    assert res.returncode == 0, res.stderr
+    assert saved_counts(res) == [(0, 16)] and "over 2 sampling loops (clips)" in res.stderr  # 2 clips x 8 steps
+    res = run(runner, out, config, task="animate-14B", steps=8)
+    assert res.returncode == 0, res.stderr
+    assert saved_counts(res) == [(4, 16)] and calls(res.stdout) == (0, 0, 12)
+    res = run(runner, out, config, "--sample_guide_scale", "2", task="animate-14B", steps=8)
+    assert res.returncode == 2
+    assert "loop.streams is [cond], this command line runs streams [cond, uncond] (guide scale 2" in res.stderr
+    assert "lut.safetensors was calibrated on streams [cond], this command line runs streams [cond, uncond]" \
+        in res.stderr
+    pab = ("integration: wan22\nplan: {budget: 0}\n"
+           "pab:\n  groups:\n    - {pattern: 'blocks\\.\\d+\\.self_attn', range: 2}\n  timesteps: [100, 800]\n")
+    res = run(runner, tmp_path / "pab", pab, task="animate-14B", steps=8)
+    assert res.returncode == 2 and "pab: is not available for --task animate-14B" in res.stderr

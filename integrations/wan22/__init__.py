@@ -5,8 +5,9 @@
     torchrun --nproc_per_node 8 -m taohooks.run generate.py --task t2v-A14B ... \\
         --dit_fsdp --t5_fsdp --ulysses_size 8 --taocache configs/wan22_t2v_a14b.yaml
 
-What it patches: ``generate`` of ``WanT2V`` (T2V-A14B), ``WanI2V`` (I2V-A14B) and ``WanTI2V``
-(TI2V-5B), at class level once their modules are imported. Wan2.2's checkout names its modules as
+What it patches: ``generate`` of ``WanT2V`` (T2V-A14B), ``WanI2V`` (I2V-A14B), ``WanTI2V``
+(TI2V-5B), ``WanS2V`` (S2V-14B) and ``WanAnimate`` (Animate-14B), at class level once their modules
+are imported. Wan2.2's checkout names its modules as
 Wan2.1's (``wan.text2video``, ...); this integration is for the Wan2.2 classes, and says so when it
 meets Wan2.1's (and ``integration: wan`` says so when it meets Wan2.2's).
 
@@ -28,8 +29,14 @@ residuals are the expert's own (so the first call of each expert computes). The 
 activations, which ``--ulysses_size`` shards over ranks: refused there (ranks could decide differently and
 deadlock in the attention all-to-all).
 
-Not covered: S2V-14B and Animate-14B (one sampling loop per clip, inside one ``generate``, and one
-call per step when the guide scale is 1): refused before the model loads.
+**One loop per clip.** S2V-14B and Animate-14B run one DiT (``self.noise_model``) and, inside one
+``generate``, one sampling loop per clip (``--num_clip`` clips for S2V, as many as the pose video needs
+for Animate), each from fresh noise and its own scheduler. Each clip is one generation of the hook (it
+begins again at the first timestep; TaoCache's history starts afresh, the plan applies to every clip,
+calibration records every clip); the summary line counts all clips of the ``generate``. The streams follow
+the guide scale: cond and uncond above 1 (S2V's 4.5), cond alone at 1 (Animate's default): the LUT and
+``loop.streams`` must match it. ``pab:`` and ``teacache:`` are refused there (their modules and proxies
+are the T2V model's).
 
 Importing this module needs neither ``wan`` nor flash-attn or a GPU.
 """
@@ -51,6 +58,8 @@ PIPELINES = {
     "wan.text2video": "WanT2V",
     "wan.image2video": "WanI2V",
     "wan.textimage2video": "WanTI2V",
+    "wan.speech2video": "WanS2V",
+    "wan.animate": "WanAnimate",
 }
 STREAMS = ("cond", "uncond")
 # generate.py's --task choices, and what each runs by default (wan/configs/wan_*.py at 42bf4cf):
@@ -63,8 +72,10 @@ TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "animate-14B": {"steps": 20, "shift": 5.0, "guide": 1.0, "boundary": None},
 }
 TASKS = tuple(TASK_DEFAULTS)
-COVERED = ("t2v-A14B", "i2v-A14B", "ti2v-5B")
-EXPECTS = "a call of WanT2V/WanI2V/WanTI2V.generate (Wan2.2's generate.py)"
+COVERED = TASKS
+PER_CLIP = ("s2v-14B", "animate-14B")  # one DiT, one sampling loop per clip; streams follow the guide scale
+PER_CLIP_PIPELINES = ("WanS2V", "WanAnimate")
+EXPECTS = "a call of WanT2V/WanI2V/WanTI2V/WanS2V/WanAnimate.generate (Wan2.2's generate.py)"
 
 _patches = PatchSet()
 _launch: Dict[str, Any] = {}
@@ -81,8 +92,18 @@ def experts_of(pipeline) -> Tuple[Tuple[str, ...], Tuple[Any, ...]]:
                                "generate.py; use integration: wan (configs/wan_*.yaml)")
     if hasattr(pipeline, "model"):
         return ("model",), (pipeline.model,)
-    raise IntegrationError(f"integration: wan22: {name} has neither high_noise_model/low_noise_model nor model; "
-                           "this Wan2.2 checkout is not one taohooks knows")
+    if hasattr(pipeline, "noise_model"):  # S2V, Animate
+        return ("noise_model",), (pipeline.noise_model,)
+    raise IntegrationError(f"integration: wan22: {name} has neither high_noise_model/low_noise_model, model nor "
+                           "noise_model; this Wan2.2 checkout is not one taohooks knows")
+
+
+def streams_for(guide_scale, per_clip: bool) -> Tuple[str, ...]:
+    """The calls of one step: S2V and Animate make the uncond call only when the guide scale is above 1
+    (``if guide_scale > 1``); the other pipelines always make both."""
+    if per_clip and not (isinstance(guide_scale, (tuple, list)) or float(guide_scale) > 1):
+        return STREAMS[:1]
+    return STREAMS
 
 
 def _models(arguments):
@@ -100,6 +121,10 @@ def _boundary(pipeline) -> Optional[float]:
     return float(pipeline.boundary) * float(getattr(pipeline, "num_train_timesteps", 1000))
 
 
+def _per_clip(pipeline) -> bool:
+    return type(pipeline).__name__ in PER_CLIP_PIPELINES
+
+
 def _loop(arguments):
     pipeline = arguments["self"]
     models = _models(arguments)
@@ -107,7 +132,11 @@ def _loop(arguments):
     if len(models) > 1:
         kwargs["also"] = models[1:]
         kwargs["expert_boundary"] = _boundary(pipeline)
-    return LoopSpec(int(arguments["sampling_steps"]), STREAMS, batch_dim=None), kwargs
+    per_clip = _per_clip(pipeline)
+    if per_clip:
+        kwargs["repeat"] = True  # each clip's loop is a generation, begun at the first timestep
+    streams = streams_for(arguments["guide_scale"], per_clip)
+    return LoopSpec(int(arguments["sampling_steps"]), streams, batch_dim=None), kwargs
 
 
 def _identity(arguments, model) -> Dict[str, Any]:
@@ -151,7 +180,7 @@ FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_sh
 OPTIONS: Dict[str, Dict[str, Any]] = {
     **{f"--{name}": {} for name in (
         "size", "frame_num", "ckpt_dir", "offload_model", "save_file", "prompt", "prompt_extend_method",
-        "prompt_extend_model", "prompt_extend_target_lang", "base_seed", "image", "sample_guide_scale",
+        "prompt_extend_model", "prompt_extend_target_lang", "base_seed", "image",
         "src_root_path", "refert_num", "num_clip", "audio", "tts_prompt_audio", "tts_prompt_text", "tts_text",
         "pose_video", "infer_frames")},
     **{f"--{name}": {"action": "store_true"} for name in (
@@ -159,7 +188,7 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
         "use_relighting_lora", "enable_tts", "start_from_ref")},
     "--task": {"default": "t2v-A14B"}, "--sample_solver": {"default": "unipc"},
     "--sample_steps": {"type": int, "default": None}, "--sample_shift": {"type": float, "default": None},
-    "--ulysses_size": {"type": int, "default": 1},
+    "--ulysses_size": {"type": int, "default": 1}, "--sample_guide_scale": {"type": float, "default": None},
 }
 
 
@@ -174,9 +203,11 @@ def command_line(argv: List[str]) -> Optional[Dict[str, Any]]:
         defaults["steps"], f"the {args.task} default")
     shift, why_shift = (args.sample_shift, "--sample_shift") if args.sample_shift is not None else (
         defaults["shift"], f"the {args.task} default")
+    guide = args.sample_guide_scale if args.sample_guide_scale is not None else defaults["guide"]
     return {"task": args.task, "steps": steps, "steps_from": why_steps, "scheduler": args.sample_solver,
             "shift": float(shift), "shift_from": why_shift, "sequence_parallel": args.ulysses_size,
-            "boundary": defaults["boundary"]}
+            "boundary": defaults["boundary"], "guide": guide,
+            "streams": streams_for(guide, args.task in PER_CLIP)}
 
 
 def _said(run: Dict[str, Any], key: str) -> str:
@@ -196,17 +227,45 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
         return  # generate.py's own parser refuses these arguments and says why
     _launch["task"] = run["task"]
     if run["task"] not in COVERED:
-        raise IntegrationError(
-            f"--task {run['task']}: not covered by integration: wan22 (S2V and Animate run one sampling loop per "
-            f"clip inside one generate(), with one call per step at guide scale 1); covered: {', '.join(COVERED)}")
+        raise IntegrationError(f"--task {run['task']}: not covered by integration: wan22; covered: {', '.join(COVERED)}")
+    if run["task"] in PER_CLIP:  # first: a streams mismatch would stop the plan check below less clearly
+        problems = _per_clip_problems(config, run)
+        if problems:
+            raise IntegrationError("\n".join(problems))
     boundary = run["boundary"] * 1000.0 if run["boundary"] is not None else None
-    problems = command_line_problems(config, run, flags=FLAGS, said=_said, tasks=TASKS, streams=STREAMS,
+    problems = command_line_problems(config, run, flags=FLAGS, said=_said, tasks=TASKS, streams=run["streams"],
                                      configs_hint="configs/wan22_*.yaml", expert_boundary=boundary)
     if _hybrid(config) and run["sequence_parallel"] > 1:
         problems.append(f"{config.source or 'the config'}: "
                         + _SP_HYBRID.format(what=f"--ulysses_size {run['sequence_parallel']}"))
     if problems:
         raise IntegrationError("\n".join(problems))
+
+
+def _per_clip_problems(config: TaoCacheConfig, run: Dict[str, Any]) -> List[str]:
+    """S2V and Animate: the streams the guide scale makes against loop.streams and the LUT's; no pab:
+    or teacache: (their module patterns and proxies are those of the T2V/I2V models)."""
+    where = config.source or "the config"
+    problems = []
+    guide = f"guide scale {run['guide']:g}" + ("" if run["guide"] != TASK_DEFAULTS[run["task"]]["guide"]
+                                               else f", the {run['task']} default")
+    said = f"[{', '.join(run['streams'])}] ({guide}: {'cond and uncond calls' if len(run['streams']) > 1 else 'one call per step'})"
+    if config.loop.streams is not None and tuple(config.loop.streams) != run["streams"]:
+        problems.append(f"{where}: loop.streams is [{', '.join(config.loop.streams)}], this command line runs "
+                        f"streams {said}; remove loop.streams or give --sample_guide_scale to match")
+    path = config.lut_path()
+    if path is not None and path.is_file():
+        from taohooks.taocache.lut import CalibrationLUT
+
+        recorded = tuple(CalibrationLUT.load(path).streams)
+        if recorded != run["streams"]:
+            problems.append(f"LUT {path} was calibrated on streams [{', '.join(recorded)}], this command line runs "
+                            f"streams {said}; give this run its own LUT (lut: in {where})")
+    for section in ("pab", "teacache"):
+        if getattr(config, section, None) is not None:
+            problems.append(f"{where}: {section}: is not available for --task {run['task']} (integration: wan22 "
+                            "patches it for the T2V/I2V/TI2V models only); use TaoCache alone here")
+    return problems
 
 
 # ---------------------------------------------------------------------- install

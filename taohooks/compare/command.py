@@ -40,6 +40,22 @@ def taocache_config_of(config: ExperimentConfig) -> Tuple[Path, TaoCacheConfig]:
     return path, load_config(path)
 
 
+PER_CLIP_MESSAGE = ("runs one sampling loop per clip inside one generate() (Wan2.2 S2V and Animate); taocache compare "
+                    "measures one loop per generation: compare on the T2V/I2V/TI2V tasks, and use taocache-run with "
+                    "the integration for this one")
+
+
+def _refuse_per_clip_tasks(config, tao, script: List[str]) -> None:
+    """Before the script starts: the Wan2.2 tasks whose generate() runs several sampling loops."""
+    if tao.integration != "wan22":
+        return
+    from ..integrations.wan22 import PER_CLIP, command_line
+
+    run = command_line(list(script[1:]))
+    if run is not None and run["task"] in PER_CLIP:
+        raise ConfigError(config.source, "taocache", f"--task {run['task']} {PER_CLIP_MESSAGE}")
+
+
 def run_compare(experiment_path: str, script: List[str]) -> int:
     """Run the experiment through ``script``; returns the exit status."""
     from ..run import main as run_main
@@ -51,6 +67,7 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
     check_writable(config.output_dir / "results.json")
     tao_path, tao = taocache_config_of(config)
     check_before_run(config, tao)
+    _refuse_per_clip_tasks(config, tao, script)
     writer = writes_results()  # rank 0 under torchrun: every rank runs the generations, rank 0 writes
     if config.lpips and writer:  # LPIPS with no manual step: the weights are converted once, before the script runs
         from ..metrics.weights import ensure_lpips_weights

@@ -224,6 +224,9 @@ class Experiment:
                                   "the compare target of this integration does not fit the script")
         self.model = unwrap_model(patch.model_of(arguments))
         self.loop, attach_kwargs = patch.loop_of(arguments)
+        if attach_kwargs.get("repeat"):  # one loop per clip (Wan2.2 S2V/Animate); command.py refuses these earlier
+            from .command import PER_CLIP_MESSAGE
+            raise ConfigError(self.config.source, "taocache", f"{patch.target()} {PER_CLIP_MESSAGE}")
         check_declared_loop(self.tao, self.loop, patch.target())
         self.hook_kwargs = {k: v for k, v in attach_kwargs.items() if k in ("timestep_arg",)}
         self.also = tuple(attach_kwargs.get("also", ()))  # Wan2.2's second expert, numbered with the first

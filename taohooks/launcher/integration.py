@@ -413,6 +413,7 @@ class GenerationPatch:
         cache = self.cache_for(model, loop, attach_kwargs, arguments)
         before = {s: list(c) for s, c in cache.hook.counts.items()}
         before["_extras"] = self._extra_counts(cache)
+        before["_sample"] = cache.hook.sample
         cache.new_sample()
         result = self.original(*bound.args, **bound.kwargs)
         self.generations += 1
@@ -445,6 +446,8 @@ class GenerationPatch:
         extras = "".join(f"; {label.format(f'{n - old.get(label, 0):g}')}"
                          for label, n in self._extra_counts(cache).items()
                          if n - old.get(label, 0) or "fallbacks" not in label and "out of line" not in label)
+        loops = cache.hook.sample - before.get("_sample", cache.hook.sample - 1)
+        clips = f" over {loops} sampling loops (clips)" if loops > 1 else ""  # Wan2.2 S2V/Animate: one per clip
         return (f"taohooks: generation {self.generations}: {saved} of {total} denoiser calls saved "
-                f"({100.0 * saved / max(total, 1):.1f}%){extras} [{what}]")
+                f"({100.0 * saved / max(total, 1):.1f}%){clips}{extras} [{what}]")
 
