@@ -359,3 +359,20 @@ def test_example_config_documents_every_key():
     assert "accept: []" in text and cfg.calibration.accept == []
     for name in ACCEPTABLE_DIFFERENCES:
         assert name in text
+
+
+def test_prompt_calibration_refuses_a_generation_of_several_sampling_loops(monkeypatch, tmp_path):
+    """The backstop behind wan22's precheck: a patch whose loop repeats (one loop per clip) cannot be calibrated
+    one prompt per generation; refused before any prompt is read."""
+    import inspect
+    from types import SimpleNamespace
+
+    from taohooks.launcher.integration import IntegrationError
+    from taohooks.launcher.prompt_calibration import ENV_CALIBRATE_PROMPTS, calibrate_over_prompts
+
+    monkeypatch.setenv(ENV_CALIBRATE_PROMPTS, str(tmp_path / "never-read.txt"))
+    patch = SimpleNamespace(prompt_arg="input_prompt", name="generate", loop_of=lambda a: (None, {"repeat": True}),
+                            target=lambda: "wan.speech2video.WanS2V.generate")
+    bound = inspect.signature(lambda input_prompt: None).bind("a cat")
+    with pytest.raises(IntegrationError, match="WanS2V.generate: runs one sampling loop per clip"):
+        calibrate_over_prompts(patch, bound)

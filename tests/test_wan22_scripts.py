@@ -218,6 +218,9 @@ def test_s2v_each_clip_is_a_generation_calibrated_and_skipped(runner, tmp_path):
     assert saved_counts(res) == [(8, 32)] and calls(res.stdout) == (0, 0, 24)
     assert "over 2 sampling loops (clips)" in res.stderr and "2 of 8 steps skipped" in res.stderr
     assert rel_l2(torch.load(out / "video.pt"), expected) < 0.05
+    res = run(runner, out, config, "--num_clip", "2", "--ulysses_size", "2", task="s2v-14B", steps=8)
+    assert res.returncode == 0, res.stderr  # sequence parallel: the blocks' attention patched, the class forward hooked
+    assert saved_counts(res) == [(8, 32)] and "sp 24;" in res.stdout
 
 
 def test_animate_runs_one_stream_at_guide_scale_one_and_checks_its_streams(runner, tmp_path):
@@ -226,12 +229,15 @@ def test_animate_runs_one_stream_at_guide_scale_one_and_checks_its_streams(runne
     out = tmp_path / "a"
     config = ("integration: wan22\nlut: lut.safetensors\nloop: {steps: 8, streams: [cond]}\n"
               "calibration: {prompts: 2}\nplan: {budget: 0.25}\n")
-    res = run(runner, out, config, task="animate-14B", steps=8)
+    res = run(runner, out, config, "--refert_num", "1", task="animate-14B", steps=8)
     assert res.returncode == 0, res.stderr
     assert saved_counts(res) == [(0, 16)] and "over 2 sampling loops (clips)" in res.stderr  # 2 clips x 8 steps
-    res = run(runner, out, config, task="animate-14B", steps=8)
+    res = run(runner, out, config, "--refert_num", "1", task="animate-14B", steps=8)
     assert res.returncode == 0, res.stderr
     assert saved_counts(res) == [(4, 16)] and calls(res.stdout) == (0, 0, 12)
+    res = run(runner, out, config, "--refert_num", "1", "--ulysses_size", "2", task="animate-14B", steps=8)
+    assert res.returncode == 0, res.stderr  # sequence parallel: the blocks' attention patched, the class forward hooked
+    assert saved_counts(res) == [(4, 16)] and "sp 12;" in res.stdout
     res = run(runner, out, config, "--sample_guide_scale", "2", task="animate-14B", steps=8)
     assert res.returncode == 2
     assert "loop.streams is [cond], this command line runs streams [cond, uncond] (guide scale 2" in res.stderr
@@ -241,3 +247,21 @@ def test_animate_runs_one_stream_at_guide_scale_one_and_checks_its_streams(runne
            "pab:\n  groups:\n    - {pattern: 'blocks\\.\\d+\\.self_attn', range: 2}\n  timesteps: [100, 800]\n")
     res = run(runner, tmp_path / "pab", pab, task="animate-14B", steps=8)
     assert res.returncode == 2 and "pab: is not available for --task animate-14B" in res.stderr
+    fit = "integration: wan22\nlut: lut.safetensors\ncalibration: {prompts: 2, teacache_fit: true}\n"
+    res = run(runner, tmp_path / "fit", fit, task="animate-14B", steps=8)
+    assert res.returncode == 2 and "calibration.teacache_fit fits the teacache: hybrid's polynomial" in res.stderr
+
+
+def test_per_clip_tasks_refuse_calibration_over_a_prompts_file(runner, tmp_path):
+    """Each clip is one LUT prompt, so ``taocache calibrate --prompts`` (one prompt per generate()) is refused
+    before the model loads, with what to do instead; plain and data-parallel alike."""
+    out = tmp_path
+    config = config_file(out, "integration: wan22\nlut: lut.safetensors\ncalibration: {prompts: 2}\n")
+    (out / "prompts.txt").write_text("prompt A\nprompt B\n")
+    for devices in ((), ("--devices", "2")):
+        res = runner(["-m", "taohooks.cli", "calibrate", config, "--prompts", out / "prompts.txt", *devices, "--",
+                      *argv(out, "--num_clip", "2", task="s2v-14B", steps=6)], out, base_env())
+        assert res.returncode != 0
+        assert "--task s2v-14B runs one sampling loop per clip (Wan2.2 S2V, Animate)" in res.stderr, res.stderr
+        assert "calibrate by running the script on your own inputs" in res.stderr
+        assert "wan22: calls" not in res.stdout and not (out / "lut.safetensors").exists()

@@ -35,16 +35,20 @@ for Animate), each from fresh noise and its own scheduler. Each clip is one gene
 begins again at the first timestep; TaoCache's history starts afresh, the plan applies to every clip,
 calibration records every clip); the summary line counts all clips of the ``generate``. The streams follow
 the guide scale: cond and uncond above 1 (S2V's 4.5), cond alone at 1 (Animate's default): the LUT and
-``loop.streams`` must match it. ``pab:`` and ``teacache:`` are refused there (their modules and proxies
-are the T2V model's).
+``loop.streams`` must match it. ``pab:``, ``teacache:`` and ``calibration.teacache_fit`` are refused
+there (their modules and proxies are the T2V model's), and so is ``taocache calibrate --prompts`` (one
+prompt per ``generate``, but each clip is one LUT prompt: calibrate by running the script on one's inputs).
 
 Importing this module needs neither ``wan`` nor flash-attn or a GPU.
 """
 from __future__ import annotations
 
+import os
+
 from typing import Any, Dict, List, Optional, Tuple
 
 from taohooks.config import TaoCacheConfig
+from taohooks.launcher.prompt_calibration import ENV_CALIBRATE_PROMPTS, PER_CLIP_CALIBRATION
 from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems,
                                            require_modules, script_options, unwrap_model)
 from taohooks.runtime.loop import LoopSpec
@@ -72,7 +76,6 @@ TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "animate-14B": {"steps": 20, "shift": 5.0, "guide": 1.0, "boundary": None},
 }
 TASKS = tuple(TASK_DEFAULTS)
-COVERED = TASKS
 PER_CLIP = ("s2v-14B", "animate-14B")  # one DiT, one sampling loop per clip; streams follow the guide scale
 PER_CLIP_PIPELINES = ("WanS2V", "WanAnimate")
 EXPECTS = "a call of WanT2V/WanI2V/WanTI2V/WanS2V/WanAnimate.generate (Wan2.2's generate.py)"
@@ -83,7 +86,8 @@ _launch: Dict[str, Any] = {}
 
 def experts_of(pipeline) -> Tuple[Tuple[str, ...], Tuple[Any, ...]]:
     """``(names, modules)`` of the DiT(s) a Wan2.2 pipeline runs: ``("high_noise_model",
-    "low_noise_model")`` for the A14B tasks (in the order they run), ``("model",)`` for TI2V-5B."""
+    "low_noise_model")`` for the A14B tasks (in the order they run), ``("model",)`` for TI2V-5B,
+    ``("noise_model",)`` for S2V-14B and Animate-14B."""
     if hasattr(pipeline, "high_noise_model") and hasattr(pipeline, "low_noise_model"):
         return ("high_noise_model", "low_noise_model"), (pipeline.high_noise_model, pipeline.low_noise_model)
     name = type(pipeline).__name__
@@ -226,8 +230,6 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     if run is None:
         return  # generate.py's own parser refuses these arguments and says why
     _launch["task"] = run["task"]
-    if run["task"] not in COVERED:
-        raise IntegrationError(f"--task {run['task']}: not covered by integration: wan22; covered: {', '.join(COVERED)}")
     if run["task"] in PER_CLIP:  # first: a streams mismatch would stop the plan check below less clearly
         problems = _per_clip_problems(config, run)
         if problems:
@@ -265,6 +267,11 @@ def _per_clip_problems(config: TaoCacheConfig, run: Dict[str, Any]) -> List[str]
         if getattr(config, section, None) is not None:
             problems.append(f"{where}: {section}: is not available for --task {run['task']} (integration: wan22 "
                             "patches it for the T2V/I2V/TI2V models only); use TaoCache alone here")
+    if config.calibration.teacache_fit:
+        problems.append(f"{where}: calibration.teacache_fit fits the teacache: hybrid's polynomial, which --task "
+                        f"{run['task']} cannot use; remove it")
+    if os.environ.get(ENV_CALIBRATE_PROMPTS):
+        problems.append(f"--task {run['task']} {PER_CLIP_CALIBRATION}")
     return problems
 
 

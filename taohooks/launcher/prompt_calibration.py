@@ -56,6 +56,13 @@ def _with_prompt(patch: "GenerationPatch", bound: inspect.BoundArguments, prompt
     return replaced
 
 
+PER_CLIP_CALIBRATION = (
+    "runs one sampling loop per clip (Wan2.2 S2V, Animate), and each clip is one LUT prompt, so calibration over a "
+    "prompts file (taocache calibrate --prompts) cannot step through it one prompt per generation; calibrate by "
+    "running the script on your own inputs (audio and image, or src_root_path) with the config until the LUT holds "
+    "calibration.prompts clips")
+
+
 def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArguments) -> None:
     """Run the generation once per calibration prompt the LUT lacks (explicit calibration).
 
@@ -64,6 +71,8 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
     if patch.prompt_arg is None:
         raise IntegrationError(f"{patch.name}: this integration cannot substitute prompts; calibrate by running "
                                "the script once per prompt (the LUT resumes across runs)")
+    if patch.loop_of(dict(bound.arguments))[1].get("repeat"):  # several sampling loops per generation
+        raise IntegrationError(f"{patch.target()}: {PER_CLIP_CALIBRATION}")
     prompts = read_prompts(os.environ[ENV_CALIBRATE_PROMPTS])
     config = patch.make_cache(dict(bound.arguments)).config
     path, wanted = config.lut_path(), config.calibration.prompts

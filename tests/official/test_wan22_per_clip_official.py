@@ -93,4 +93,4 @@ def test_task_defaults_match_the_checkouts_configs(path, name, task, config_path
     defaults = TASK_DEFAULTS[task]
     assert value("sample_steps") == defaults["steps"] and value("sample_shift") == defaults["shift"]
     assert value("sample_guide_scale") == defaults["guide"]
-    assert streams_for(defaults["guide"], True) == (("cond", "uncond") if defaults["guide"] > 1 else ("cond",))
+    assert streams_for(defaults["guide"], True) == {"s2v-14B": ("cond", "uncond"), "animate-14B": ("cond",)}[task]
