@@ -38,6 +38,9 @@
 #   (PATCH=4: the newest 4x4-token weights as .carry/scenes-flow-p4.safetensors)
 # then, with the device tool:
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
+# The next session's run (2026-11-26: the 8x8-token model misses detail at its token size, see the testbed
+# README): run(command="PATCH=4 MEASURE=0 bash benchmarks/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600),
+# then measure the returned checkpoint here (scenes_sensitivity, scenes_diagnose).
 # .whl/ and .carry/ are git-ignored. The image there has torch, einops, safetensors, pyyaml, numpy, pillow,
 # tqdm and matplotlib; diffusers (for gpu_speed.py's WanTransformer3DModel) travels as a wheel.
 #
