@@ -1,6 +1,7 @@
 """Fast tests of the scenes testbed (issue 15): data, recogniser, model size, sampling, resumable training."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -431,3 +432,41 @@ def test_diagnose_passes_every_rendered_clip_and_reads_a_checkpoint(tmp_path, ca
     assert record["n"] == 2 and record["accuracy"]["n"] == 2 and "accuracy overall" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="cannot load a testbed checkpoint"):
         scenes_diagnose.main(["--weights", str(tmp_path / "missing.safetensors")])
+
+
+def test_echoing_batches_reuse_the_last_batch_only_while_rendering_lags():
+    """A source slower than the consumer: each fresh batch is handed out, then again up to max_echo times, then
+    the consumer waits for the next; a source that keeps up: no batch twice."""
+    import time
+
+    def slow():
+        for i in range(3):
+            time.sleep(0.3)
+            yield i
+
+    echo = train_scenes.EchoingBatches(slow(), max_echo=2)
+    assert [next(echo) for _ in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert (echo.fresh, echo.echoed) == (2, 4)
+    fast = train_scenes.EchoingBatches(iter(range(100)), max_echo=2)
+    seen = []
+    for _ in range(5):
+        time.sleep(0.05)  # the filling thread is far ahead
+        seen.append(next(fast))
+    assert seen == [0, 1, 2, 3, 4] and fast.echoed == 0
+
+
+def test_training_with_workers_and_echo_exits(tmp_path):
+    """In its own process, which must end: the filling thread and the rendering workers are stopped when the
+    training ends (left running, they kept the interpreter's exit waiting)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "w.safetensors"
+    res = subprocess.run([sys.executable, "-m", "taohooks.testbed.train_scenes", *TINY, "--steps", "4", "--workers",
+                          "1", "--echo", "2", "--out", str(out)], capture_output=True, text=True, timeout=90,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"\(data [0-9.]+, echoed \d+\)", res.stdout) and "steps trained on a batch again" in res.stdout
+    assert json.loads((tmp_path / "w.json").read_text())["steps_done"] == 4
+    with pytest.raises(SystemExit):
+        train_scenes.parse_args([*TINY, "--steps", "2", "--echo", "2", "--out", str(out)])  # no --workers

@@ -32,6 +32,7 @@ import argparse
 import io
 import json
 import math
+import queue
 import signal
 import threading
 import time
@@ -97,6 +98,55 @@ class BatchStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, self.start_step, info.id if info else 0])
         while True:
             yield make_batch(rng, self.batch_size)
+
+
+class EchoingBatches:
+    """Adaptive data echoing (Choi et al. 2019, "Faster Neural Network Training with Data Echoing"): a thread
+    keeps pulling batches from ``source`` into a small queue; each ``next`` takes a fresh batch when one is
+    ready, else trains on the last batch again (with fresh noise and times: the loss draws them) up to
+    ``max_echo`` times before it waits. When rendering keeps up, nothing is echoed; when it does not, the
+    accelerator does not idle. ``fresh`` and ``echoed`` count what was handed out."""
+
+    def __init__(self, source, max_echo: int, queue_size: int = 8):
+        self.max_echo, self.fresh, self.echoed = max_echo, 0, 0
+        self._queue: "queue.Queue" = queue.Queue(maxsize=queue_size)
+        self._last, self._streak = None, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(iter(source),), daemon=True)
+        self._thread.start()
+
+    def _fill(self, source) -> None:
+        try:
+            for batch in source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        finally:
+            if hasattr(source, "close"):  # a generator over a DataLoader: closing it stops the worker processes
+                source.close()
+
+    def close(self) -> None:
+        """Stop the filling thread and, through the source, its worker processes (else they outlive the
+        training and the interpreter's exit waits on them)."""
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._last is not None and self._streak < self.max_echo and self._queue.empty():
+            self._streak += 1
+            self.echoed += 1
+            return self._last
+        self._last, self._streak = self._queue.get(), 0
+        self.fresh += 1
+        return self._last
 
 
 def loss_fn(kind: str, model: VideoDiT, x0, ids, ddpm: DDPMSchedule, gen: torch.Generator) -> torch.Tensor:
@@ -319,6 +369,8 @@ def train(args) -> dict:
     last_save, running, window, waited = time.time(), [], time.time(), 0.0  # waited: s spent waiting for batches
     first = trainer.step
     batches = trainer.batches()
+    if args.echo and args.workers:
+        batches = EchoingBatches(batches, args.echo)
     deadline = start + args.max_minutes * 60 if args.max_minutes is not None else math.inf
     annealing_from = None  # cosine-time: when the warmup ended
     with _StopOnSignal() as stop:
@@ -333,8 +385,9 @@ def train(args) -> dict:
             running.append(trainer.train_step(batch, spent))
             if trainer.step % args.log_every == 0:
                 sps = (time.time() - window) / len(running)
+                echoed = f", echoed {batches.echoed}" if isinstance(batches, EchoingBatches) else ""
                 print(f"step {trainer.step} loss {np.mean(running):.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
-                      f"s/step {sps:.3f} (data {waited / len(running):.3f}) elapsed {time.time() - start:.0f}s",
+                      f"s/step {sps:.3f} (data {waited / len(running):.3f}{echoed}) elapsed {time.time() - start:.0f}s",
                       flush=True)
                 running, window, waited = [], time.time(), 0.0
             due = trainer.step % args.save_every == 0 or time.time() - last_save >= args.save_minutes * 60
@@ -343,11 +396,15 @@ def train(args) -> dict:
                 last_save = time.time()
                 print(f"saved step {trainer.step} -> {out}, {state_path}", flush=True)
         trainer.wall += time.time() - start
+        if isinstance(batches, EchoingBatches):
+            batches.close()
         finished = trainer.step >= args.steps
         summary = trainer.save(out, state_path, trainer.wall, final=finished)
     done = trainer.step - first
     why = ("" if finished else f", stopped by {signal.Signals(stop.signal).name}" if stop.signal is not None
            else f", stopped after --max-minutes {args.max_minutes:g}")
+    if isinstance(batches, EchoingBatches):
+        why += f"; {batches.echoed} of {done} steps trained on a batch again while rendering lagged"
     print(f"done: {done} steps in {time.time() - start:.0f}s -> {out} (step {trainer.step}{why})", flush=True)
     return summary
 
@@ -402,6 +459,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=0, help="processes rendering batches (GPU runs); 0: the "
                    "main process, exactly resumable")
+    p.add_argument("--echo", type=int, default=0, help="with --workers: when no rendered batch is ready, train on "
+                   "the last one again (fresh noise) up to this many times instead of waiting (adaptive data echoing)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward/loss (GPU runs)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--depth", type=int, default=6)
@@ -422,6 +481,8 @@ def parse_args(argv=None):
     for name in ("steps", "batch_size", "save_every", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.echo < 0 or (args.echo and not args.workers):
+        p.error(f"--echo {args.echo}: expected 0, or a count >= 1 with --workers (it echoes while they render)")
     if args.max_minutes is not None and not args.max_minutes > 0:
         p.error(f"--max-minutes must be > 0, got {args.max_minutes:g}")
     return args
