@@ -167,11 +167,7 @@ def main(argv=None):
         from .scenes_exact import ExactSceneDenoiser
         model = ExactSceneDenoiser(args.exact, args.tau)
     else:
-        model = load_scenes_checkpoint(args.weights)
-    if model.config.height != scenes.HEIGHT or tuple(model.config.attribute_sizes) != scenes.ATTRIBUTE_SIZES:
-        raise SystemExit(f"--weights {args.weights}: not a scenes checkpoint (height {model.config.height}, "
-                         f"attribute_sizes {model.config.attribute_sizes}; expected {scenes.HEIGHT} and "
-                         f"{scenes.ATTRIBUTE_SIZES})")
+        model = load_scenes_checkpoint(args.weights)  # checked to be a scenes checkpoint
     tm = SceneTestbedModel("scenes-" + model.config.training, model.to(device).eval(), args.steps,
                            guidance=args.guidance)
     steps = [int(s) for s in args.skip_steps.split(",") if s]
