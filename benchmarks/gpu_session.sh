@@ -10,8 +10,8 @@
 #      ones, taohooks/testbed/weights/wip/), for what is left of the
 #      session but MEASURE_RESERVE (100 s): about 360 s after the speed table, about 460 s without it
 #      (about 550 s with MEASURE=0; TRAIN_SECONDS, whole seconds, overrides), batches of 256 rendered by 14
-#      processes (the log's "(data S)" says how long steps waited for them; --echo is not used here until an
-#      error in its filling thread is passed on: see the testbed README), the learning rate annealed over the run's own time once its warmup is done (--schedule
+#      processes (a batch is trained on again, with fresh noise, up to twice while none is ready: --echo 2; the
+#      log's "(data S, echoed N of M)" says how long steps waited and how often), the learning rate annealed over the run's own time once its warmup is done (--schedule
 #      cosine-time --max-minutes: TRAIN_SECONDS less 40 s for start and save, less half of it under 80 s),
 #      so that the checkpoint ends annealed whatever the step count; `timeout` (TRAIN_SECONDS) is the backstop:
 #      its SIGTERM makes train_scenes save its last step and exit;
@@ -112,7 +112,7 @@ YAML
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
     speed=(--frames 33 --budgets 0.08 0.16 0.25 --repeats 1)
-    train=(--device cuda --batch-size 256 --workers 14 --bf16 --log-every 200 --save-every 1000
+    train=(--device cuda --batch-size 256 --workers 14 --echo 2 --bf16 --log-every 200 --save-every 1000
            --save-minutes 1 --keep-every 0 --schedule cosine-time)
     train_steps=1000000
     measure=(--n 64 --skip-steps 2,10,25,45 --noise-change 0.01,0.05 --batch-size 16 --calibration-pairs 8

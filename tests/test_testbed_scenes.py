@@ -453,6 +453,40 @@ def test_echoing_batches_reuse_the_last_batch_only_while_rendering_lags():
         time.sleep(0.05)  # the filling thread is far ahead
         seen.append(next(fast))
     assert seen == [0, 1, 2, 3, 4] and fast.echoed == 0
+    for it in (echo, fast):
+        it.close()
+        assert not it._thread.is_alive()
+
+
+def test_echoing_batches_raise_their_sources_error():
+    """A dead worker (the DataLoader raises in the filling thread) reaches the consumer, which used to wait
+    for ever; so does the end of the source, and every later call raises again."""
+    import threading
+
+    def dying():
+        yield 0
+        raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed.")
+
+    echo = train_scenes.EchoingBatches(dying(), max_echo=0)
+    got, errors = [], []
+
+    def consume():
+        try:
+            for _ in range(3):
+                got.append(next(echo))
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(10)
+    assert not consumer.is_alive() and got == [0] and errors == ["DataLoader worker (pid 123) is killed by signal: Killed."]
+    with pytest.raises(RuntimeError, match="is killed"):
+        next(echo)
+    ended = train_scenes.EchoingBatches(iter([1, 2]), max_echo=0)
+    assert list(ended) == [1, 2]
+    echo.close()
+    ended.close()
 
 
 def test_training_with_workers_and_echo_exits(tmp_path):
@@ -466,7 +500,29 @@ def test_training_with_workers_and_echo_exits(tmp_path):
                           "1", "--echo", "2", "--out", str(out)], capture_output=True, text=True, timeout=90,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
-    assert re.search(r"\(data [0-9.]+, echoed \d+\)", res.stdout) and "steps trained on a batch again" in res.stdout
-    assert json.loads((tmp_path / "w.json").read_text())["steps_done"] == 4
+    assert re.search(r"\(data [0-9.]+, echoed \d+ of 2\)", res.stdout) and "steps trained on a batch again" in res.stdout
+    summary = json.loads((tmp_path / "w.json").read_text())
+    assert summary["steps_done"] == 4 and summary["echo"] == 2 and 0 <= summary["echoed_steps"] <= 4
     with pytest.raises(SystemExit):
         train_scenes.parse_args([*TINY, "--steps", "2", "--echo", "2", "--out", str(out)])  # no --workers
+
+
+@pytest.mark.parametrize("echo", ["0", "2"])
+def test_an_error_in_training_with_workers_ends_the_process(tmp_path, echo):
+    """An error in the training loop (here a simulated out-of-memory at step 3) ends the process with it: the
+    rendering workers ignore SIGTERM, and left running they held the interpreter's exit for ever."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from taohooks.testbed import train_scenes as t\n"
+              "orig = t.Trainer.train_step\n"
+              "def failing(self, *a):\n"
+              "    if self.step == 3: raise RuntimeError('CUDA out of memory (simulated)')\n"
+              "    return orig(self, *a)\n"
+              "t.Trainer.train_step = failing\n"
+              "t.main(sys.argv[1:])")
+    extra = ["--echo", echo] if echo != "0" else []
+    res = subprocess.run([sys.executable, "-c", script, *TINY, "--steps", "10", "--save-every", "100", "--workers",
+                          "1", *extra, "--out", str(tmp_path / "w.safetensors")], capture_output=True, text=True,
+                         timeout=60, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0 and "CUDA out of memory (simulated)" in res.stderr

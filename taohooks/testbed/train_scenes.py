@@ -100,12 +100,21 @@ class BatchStream(torch.utils.data.IterableDataset):
             yield make_batch(rng, self.batch_size)
 
 
+class _SourceEnded:
+    """What the filling thread queues when its source ends: ``error`` (``StopIteration`` at a plain end) is
+    raised to the consumer, which would otherwise wait for ever on a dead worker."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
 class EchoingBatches:
     """Adaptive data echoing (Choi et al. 2019, "Faster Neural Network Training with Data Echoing"): a thread
     keeps pulling batches from ``source`` into a small queue; each ``next`` takes a fresh batch when one is
     ready, else trains on the last batch again (with fresh noise and times: the loss draws them) up to
     ``max_echo`` times before it waits. When rendering keeps up, nothing is echoed; when it does not, the
-    accelerator does not idle. ``fresh`` and ``echoed`` count what was handed out."""
+    accelerator does not idle. ``fresh`` and ``echoed`` count what was handed out. An error of the source
+    (a dead worker) is raised by the next ``next`` that finds no batch left; :meth:`close` stops the thread."""
 
     def __init__(self, source, max_echo: int, queue_size: int = 8):
         self.max_echo, self.fresh, self.echoed = max_echo, 0, 0
@@ -115,17 +124,24 @@ class EchoingBatches:
         self._thread = threading.Thread(target=self._fill, args=(iter(source),), daemon=True)
         self._thread.start()
 
+    def _put(self, item) -> bool:
+        """Queue ``item``, waiting while the queue is full; False if :meth:`close` came first."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _fill(self, source) -> None:
         try:
             for batch in source:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put(batch):
                     return
+            self._put(_SourceEnded(StopIteration()))
+        except BaseException as e:  # handed to the consumer, which would otherwise wait for ever
+            self._put(_SourceEnded(e))
         finally:
             if hasattr(source, "close"):  # a generator over a DataLoader: closing it stops the worker processes
                 source.close()
@@ -144,7 +160,11 @@ class EchoingBatches:
             self._streak += 1
             self.echoed += 1
             return self._last
-        self._last, self._streak = self._queue.get(), 0
+        item = self._queue.get()
+        if isinstance(item, _SourceEnded):
+            self._queue.put(item)  # every later call raises too
+            raise item.error
+        self._last, self._streak = item, 0
         self.fresh += 1
         return self._last
 
@@ -231,12 +251,19 @@ class Trainer:
         self.ddpm = DDPMSchedule()
         self.step = 0
         self.wall = 0.0  # seconds of training before this process (resumed runs)
+        self.echoed_before = 0  # steps trained on a batch again (--echo) by this run's earlier processes
+        self.echoing: EchoingBatches | None = None  # this process's, with --echo
+
+    @property
+    def echoed(self) -> int:
+        """Steps of this run (resumed processes included) trained on a batch again (``--echo``)."""
+        return self.echoed_before + (self.echoing.echoed if self.echoing is not None else 0)
 
     def state_dict(self, wall: float = None) -> dict:
         """Everything ``--resume`` needs; ``wall``: training seconds up to now (default: before this process)."""
         return {
             "format": STATE_FORMAT, "kind": self.args.kind, "config": self.config.to_json(), "step": self.step,
-            "wall": self.wall if wall is None else wall, "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+            "wall": self.wall if wall is None else wall, "echoed": self.echoed, "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
             "ema_updates": self.ema.num_updates, "optimizer": self.opt.state_dict(),
             "rng": self.rng.bit_generator.state, "gen": self.gen.get_state(), "previous": self.previous,
             "hparams": {name: getattr(self.args, name) for name in HPARAMS},
@@ -255,6 +282,7 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         self.gen.set_state(state["gen"])
         self.step, self.wall, self.previous = state["step"], state["wall"], state["previous"]
+        self.echoed_before = state.get("echoed", 0)  # states written before --echo existed have none
 
     def summary(self, wall: float, final: bool) -> dict:
         a = self.args
@@ -263,7 +291,7 @@ class Trainer:
             "kind": a.kind, "task": "scenes", "steps_done": self.step, "steps_planned": a.steps, "final": final,
             "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "schedule": a.schedule, "ema": a.ema,
             "seed": a.seed, "threads": a.threads, "device": str(self.device), "workers": a.workers,
-            "bf16": a.bf16, "wall_seconds": round(wall, 1),
+            "bf16": a.bf16, "echo": a.echo, "echoed_steps": self.echoed, "wall_seconds": round(wall, 1),
             "seconds_per_step": round(wall / max(self.step, 1), 4), "params": num_parameters(self.model),
             "weights": "ema, float16", "init": a.init, "previous": self.previous,
             "total_steps": self.step + prev.get("total_steps", 0),
@@ -293,10 +321,14 @@ class Trainer:
         if a.workers == 0:
             while True:
                 yield make_batch(self.rng, a.batch_size)
-        yield from torch.utils.data.DataLoader(
+        loader = iter(torch.utils.data.DataLoader(
             self.worker_stream(), batch_size=None, num_workers=a.workers,
             worker_init_fn=BatchStream.worker_init,
-            pin_memory=self.device.type == "cuda", prefetch_factor=4)
+            pin_memory=self.device.type == "cuda", prefetch_factor=4))
+        try:
+            yield from loader
+        finally:  # closed, or an error: the workers ignore SIGTERM, so nothing else would stop them
+            loader._shutdown_workers()
 
     def train_step(self, batch, time_fraction: float = 0.0) -> float:
         a = self.args
@@ -370,36 +402,41 @@ def train(args) -> dict:
     first = trainer.step
     batches = trainer.batches()
     if args.echo and args.workers:
-        batches = EchoingBatches(batches, args.echo)
+        batches = trainer.echoing = EchoingBatches(batches, args.echo)
     deadline = start + args.max_minutes * 60 if args.max_minutes is not None else math.inf
     annealing_from = None  # cosine-time: when the warmup ended
-    with _StopOnSignal() as stop:
-        while trainer.step < args.steps and stop.signal is None and time.time() < deadline:
-            spent = 0.0
-            if trainer.step >= args.warmup and args.max_minutes is not None:
-                annealing_from = time.time() if annealing_from is None else annealing_from
-                spent = (time.time() - annealing_from) / max(deadline - annealing_from, 1e-9)
-            fetched = time.time()
-            batch = next(batches)
-            waited += time.time() - fetched
-            running.append(trainer.train_step(batch, spent))
-            if trainer.step % args.log_every == 0:
-                sps = (time.time() - window) / len(running)
-                echoed = f", echoed {batches.echoed}" if isinstance(batches, EchoingBatches) else ""
-                print(f"step {trainer.step} loss {np.mean(running):.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
-                      f"s/step {sps:.3f} (data {waited / len(running):.3f}{echoed}) elapsed {time.time() - start:.0f}s",
-                      flush=True)
-                running, window, waited = [], time.time(), 0.0
-            due = trainer.step % args.save_every == 0 or time.time() - last_save >= args.save_minutes * 60
-            if due and trainer.step < args.steps:
-                trainer.save(out, state_path, trainer.wall + time.time() - start, final=False)
-                last_save = time.time()
-                print(f"saved step {trainer.step} -> {out}, {state_path}", flush=True)
-        trainer.wall += time.time() - start
-        if isinstance(batches, EchoingBatches):
-            batches.close()
-        finished = trainer.step >= args.steps
-        summary = trainer.save(out, state_path, trainer.wall, final=finished)
+    echoed_before = 0  # the echo count at the last log line
+    try:
+        with _StopOnSignal() as stop:
+            while trainer.step < args.steps and stop.signal is None and time.time() < deadline:
+                spent = 0.0
+                if trainer.step >= args.warmup and args.max_minutes is not None:
+                    annealing_from = time.time() if annealing_from is None else annealing_from
+                    spent = (time.time() - annealing_from) / max(deadline - annealing_from, 1e-9)
+                fetched = time.time()
+                batch = next(batches)
+                waited += time.time() - fetched
+                running.append(trainer.train_step(batch, spent))
+                if trainer.step % args.log_every == 0:
+                    sps = (time.time() - window) / len(running)
+                    echoed = ""
+                    if isinstance(batches, EchoingBatches):
+                        echoed = f", echoed {batches.echoed - echoed_before} of {len(running)}"
+                        echoed_before = batches.echoed
+                    print(f"step {trainer.step} loss {np.mean(running):.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
+                          f"s/step {sps:.3f} (data {waited / len(running):.3f}{echoed}) "
+                          f"elapsed {time.time() - start:.0f}s", flush=True)
+                    running, window, waited = [], time.time(), 0.0
+                due = trainer.step % args.save_every == 0 or time.time() - last_save >= args.save_minutes * 60
+                if due and trainer.step < args.steps:
+                    trainer.save(out, state_path, trainer.wall + time.time() - start, final=False)
+                    last_save = time.time()
+                    print(f"saved step {trainer.step} -> {out}, {state_path}", flush=True)
+            trainer.wall += time.time() - start
+            finished = trainer.step >= args.steps
+            summary = trainer.save(out, state_path, trainer.wall, final=finished)
+    finally:  # also on an error: the echo thread and the DataLoader's workers would hold the interpreter's exit
+        batches.close()
     done = trainer.step - first
     why = ("" if finished else f", stopped by {signal.Signals(stop.signal).name}" if stop.signal is not None
            else f", stopped after --max-minutes {args.max_minutes:g}")
