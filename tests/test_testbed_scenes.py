@@ -116,6 +116,44 @@ def test_sampling_loop_shape_and_noise_reproducible():
     assert torch.equal(n1[1], n2[0])
 
 
+
+class _Velocity(torch.nn.Module):
+    """A flow model ``v = (x - target) / sigma`` (or 0): its trajectories are straight lines to ``target``
+    (``sigmas``: the scheduler's sigma of each of its integer timesteps)."""
+
+    def __init__(self, target=None, sigmas=None):
+        super().__init__()
+        self.anchor, self.target, self.sigmas, self.timesteps = torch.nn.Parameter(torch.zeros(1)), target, sigmas, []
+
+    def forward(self, x, timestep, ids):
+        self.timesteps.append(float(timestep[0]))
+        return torch.zeros_like(x) if self.target is None else (x - self.target) / self.sigmas[float(timestep[0])]
+
+
+def test_sdedit_noises_the_clips_to_the_first_remaining_step_and_runs_the_rest():
+    """With a zero velocity the latents never move: the output is the start, ``(1 - s) init + s noise`` at the
+    sigma of step ``round(steps * (1 - strength))``; the calls are the remaining steps' (cond + uncond each)."""
+    pairs = scenes.eval_pairs(2)
+    prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
+    init = torch.from_numpy(scenes.render_batch(prompts, seeds))
+    model = _Velocity()
+    out = scenes_sampling.sample_flow(model, prompts, seeds, steps=10, init=init, strength=0.3)
+    sched = scenes_sampling.make_flow_scheduler(scenes_sampling.DEFAULT_FLOW_SHIFT)
+    sched.set_timesteps(10)
+    sigma = float(sched.sigmas[7])
+    expected = ((1 - sigma) * init + sigma * scenes_sampling.initial_noise(prompts, seeds)).clamp(-1, 1)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert model.timesteps == [float(t) for t in sched.timesteps[7:] for _ in range(2)]
+    # a straight-line field to init: from any start UniPC lands on it
+    straight = _Velocity(init, {float(t): float(s) for t, s in zip(sched.timesteps, sched.sigmas)})
+    assert torch.allclose(scenes_sampling.sample_flow(straight, prompts, seeds, steps=10, init=init, strength=0.5,
+                                                      guidance=1.0), init, atol=1e-4)
+    with pytest.raises(ValueError, match="strength 0"):
+        scenes_sampling.sample_flow(model, prompts, seeds, steps=10, init=init, strength=0)
+    with pytest.raises(ValueError, match="init has shape"):
+        scenes_sampling.sample_flow(model, prompts, seeds, steps=10, init=init[:1], strength=0.5)
+
+
 # ---------------------------------------------------------------- training
 def test_resume_is_exact_and_checkpoint_is_half(tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
@@ -432,6 +470,11 @@ def test_diagnose_passes_every_rendered_clip_and_reads_a_checkpoint(tmp_path, ca
     assert record["n"] == 2 and record["accuracy"]["n"] == 2 and "accuracy overall" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="cannot load a testbed checkpoint"):
         scenes_diagnose.main(["--weights", str(tmp_path / "missing.safetensors")])
+    scenes_diagnose.main(["--weights", str(weights), "--n", "2", "--steps", "4", "--strength", "0.5",
+                          "--out", str(tmp_path / "s.json")])
+    assert json.loads((tmp_path / "s.json").read_text())["strength"] == 0.5
+    with pytest.raises(SystemExit):
+        scenes_diagnose.main(["--weights", str(weights), "--strength", "0"])
 
 
 def test_echoing_batches_reuse_the_last_batch_only_while_rendering_lags():

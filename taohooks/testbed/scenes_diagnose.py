@@ -2,6 +2,8 @@
 next to the rendered clips of the same pairs (issue 15).
 
     python -m taohooks.testbed.scenes_diagnose --weights W.safetensors --n 32 [--guidance 5] [--out d.json]
+    # can the model keep detail it is given? SDEdit from the rendered clips, the last 30% of the steps:
+    python -m taohooks.testbed.scenes_diagnose --weights W.safetensors --n 32 --strength 0.3
 
 For the first ``--n`` ``eval_pairs`` (50 UniPC steps, Wan-shaped loop), over the prompts that ask for it:
 
@@ -11,7 +13,9 @@ For the first ``--n`` ``eval_pairs`` (50 UniPC steps, Wan-shaped loop), over the
 - 2-3 objects: the number of objects seen;
 
 each as median [min, max] and the count passing, for the samples and for the rendered clips, plus the
-recogniser's per-attribute accuracy of the samples.
+recogniser's per-attribute accuracy of the samples. With ``--strength S < 1`` the samples start from the
+rendered clips noised to the sigma of the last ``S`` of the steps (SDEdit): a detail lost from there is
+one the model cannot draw at that noise level, not one its early steps failed to lay out.
 """
 
 from __future__ import annotations
@@ -69,22 +73,33 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="< 1: start from the rendered clips noised to the last STRENGTH of the steps (SDEdit)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.n < 1 or args.batch_size < 1:
         p.error("--n and --batch-size must be >= 1")
+    if not 0.0 < args.strength <= 1.0:
+        p.error(f"--strength {args.strength}: expected 0 < strength <= 1 (the share of the steps run)")
     torch.set_num_threads(args.threads)
     model = load_scenes_checkpoint(args.weights).eval()
     pairs = scenes.eval_pairs(args.n)
     prompts, seeds = [q for q, _ in pairs], [s for _, s in pairs]
+    rendered = scenes.render_batch(prompts, seeds)
+    if args.strength < 1.0 and getattr(model.config, "prediction", "flow") != "flow":
+        p.error("--strength: SDEdit is implemented for flow checkpoints")
+    sdedit = {} if args.strength == 1.0 else {"strength": args.strength}
     with torch.no_grad():
-        samples = torch.cat([scenes_sampling.sample(model, prompts[i:i + args.batch_size], seeds[i:i + args.batch_size],
-                                                    steps=args.steps, guidance=args.guidance)
-                             for i in range(0, len(prompts), args.batch_size)])
-    result = diagnose(samples, scenes.render_batch(prompts, seeds), prompts)
-    result.update(weights=args.weights, n=args.n, guidance=args.guidance, steps=args.steps)
+        samples = torch.cat([
+            scenes_sampling.sample(model, prompts[i:i + args.batch_size], seeds[i:i + args.batch_size],
+                                   steps=args.steps, guidance=args.guidance,
+                                   **({**sdedit, "init": torch.from_numpy(rendered[i:i + args.batch_size])}
+                                      if sdedit else {}))
+            for i in range(0, len(prompts), args.batch_size)])
+    result = diagnose(samples, rendered, prompts)
+    result.update(weights=args.weights, n=args.n, guidance=args.guidance, steps=args.steps, strength=args.strength)
     for name in ("samples", "rendered"):
         for what, s in result[name].items():
             if s["n"]:

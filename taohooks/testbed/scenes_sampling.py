@@ -47,15 +47,29 @@ def _prepare(prompts, seeds, device):
 @torch.no_grad()
 def sample_flow(model: torch.nn.Module, prompts: Sequence[Union[scenes.ScenePrompt, str]], seeds: Sequence[int],
                 steps: int = 50, shift: float = DEFAULT_FLOW_SHIFT, guidance: float = DEFAULT_FLOW_GUIDANCE,
-                scheduler: Optional[object] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                scheduler: Optional[object] = None, noise: Optional[torch.Tensor] = None,
+                init: Optional[torch.Tensor] = None, strength: float = 1.0) -> torch.Tensor:
     """Wan2.1-shaped loop: cond call, then uncond call, per step. ``noise`` overrides the initial
-    noise ``[B, 3, 8, 32, 32]`` (for perturbation studies). Returns ``[B, 3, 8, 32, 32]``."""
+    noise ``[B, 3, 8, 32, 32]`` (for perturbation studies). With ``init`` (clips ``[B, 3, 8, 32, 32]``
+    in ``[-1, 1]``), SDEdit as diffusers' image-to-image pipelines do it: the first ``1 - strength``
+    of the steps are skipped and ``init`` is noised to the first remaining step's sigma
+    (``(1 - s) init + s noise``). Returns ``[B, 3, 8, 32, 32]``."""
     device = next(model.parameters()).device
     prompts, seeds, cond, uncond = _prepare(prompts, seeds, device)
     sched = make_flow_scheduler(shift) if scheduler is None else scheduler
     sched.set_timesteps(steps)
     latents = (initial_noise(prompts, seeds) if noise is None else noise.float()).to(device) * sched.init_noise_sigma
-    for t in sched.timesteps:
+    begin = 0
+    if init is not None:
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength {strength}: expected 0 < strength <= 1 (the share of the steps run)")
+        if tuple(init.shape) != tuple(latents.shape):
+            raise ValueError(f"init has shape {tuple(init.shape)}, expected {tuple(latents.shape)}")
+        begin = min(steps - 1, int(round(steps * (1.0 - strength))))
+        sigma = float(sched.sigmas[begin])
+        latents = (1.0 - sigma) * init.float().to(device) + sigma * latents
+        sched.set_begin_index(begin)
+    for t in sched.timesteps[begin:]:
         timestep = t.expand(latents.shape[0]).to(device=device, dtype=torch.float32)
         noise_pred_cond = model(latents, timestep, cond)
         if guidance > 1.0:
