@@ -173,16 +173,33 @@ def test_resume_without_the_hyperparameters_continues_the_same_run(tmp_path, cap
     """``--resume`` alone takes lr/warmup/batch/... from the state (it once fell back to the defaults:
     a run at lr 4e-4 continued at 5e-4); one given differently is said."""
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    run = [*TINY, "--lr", "1e-3", "--warmup", "1", "--ema", "0.9"]
+    run = [*TINY, "--lr", "1e-3", "--warmup", "1", "--ema", "0.9", "--sigma-shift", "3"]
     train_scenes.main([*run, "--steps", "4", "--out", str(a)])
     train_scenes.main([*run, "--steps", "2", "--out", str(b)])
     train_scenes.main([*TINY, "--steps", "4", "--out", str(b), "--resume", str(tmp_path / "b.state.pt")])
     wa, wb = load_file(str(a)), load_file(str(b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert json.loads((tmp_path / "b.json").read_text())["lr"] == 1e-3
+    summary = json.loads((tmp_path / "b.json").read_text())
+    assert summary["lr"] == 1e-3 and summary["sigma_shift"] == 3.0
     capsys.readouterr()
     train_scenes.main([*TINY, "--lr", "2e-3", "--steps", "5", "--out", str(b), "--resume", str(tmp_path / "b.state.pt")])
     assert "resume: changed --lr 0.002 (the run at" in capsys.readouterr().out
+
+
+def test_sigma_shift_moves_training_sigmas_as_the_sampler_moves_its_steps():
+    """shift 3: s = 1/2 -> 3/4 and s = 1/4 -> 1/2 (the sampler's flow_shift formula); 0 and 1 stay; 1 is the
+    identity; the scheduler's own sigmas are the shifted uniform grid."""
+    s = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.allclose(train_scenes.shift_sigmas(s, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))
+    assert train_scenes.shift_sigmas(s, 1.0) is s
+    sched = scenes_sampling.make_flow_scheduler(3.0)
+    sched.set_timesteps(50)
+    grid = torch.linspace(1.0, 1.0 / 1000, 51, dtype=torch.float64)[:-1]  # diffusers' unshifted flow sigmas
+    assert torch.allclose(sched.sigmas[:50].double(), train_scenes.shift_sigmas(grid, 3.0), atol=1e-6)
+    with pytest.raises(SystemExit):
+        train_scenes.parse_args([*TINY, "--steps", "2", "--sigma-shift", "0", "--out", "w.safetensors"])
+    with pytest.raises(SystemExit):
+        train_scenes.parse_args(["--kind", "eps", *TINY[2:], "--steps", "2", "--sigma-shift", "3", "--out", "w.safetensors"])
 
 
 def test_bad_resume_and_init_are_errors(tmp_path):

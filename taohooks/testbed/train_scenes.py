@@ -55,7 +55,7 @@ STATE_FORMAT = "taohooks-scenes-train-state/1"
 #: Hyperparameters a resumed run takes from its state unless the command line gives them, and their
 #: defaults for a new run.
 HPARAM_DEFAULTS = {"batch_size": 32, "lr": 5e-4, "warmup": 300, "schedule": "constant", "weight_decay": 0.0,
-                   "clip": 1.0, "ema": 0.999, "seed": 0}
+                   "clip": 1.0, "ema": 0.999, "seed": 0, "sigma_shift": 1.0}
 HPARAMS = tuple(HPARAM_DEFAULTS)
 
 def scenes_config(kind: str, dim: int = 256, depth: int = 6, heads: int = 8, mlp_ratio: float = 2.0,
@@ -169,9 +169,18 @@ class EchoingBatches:
         return self._last
 
 
-def loss_fn(kind: str, model: VideoDiT, x0, ids, ddpm: DDPMSchedule, gen: torch.Generator) -> torch.Tensor:
+def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """``shift * s / (1 + (shift - 1) * s)``: the flow shift of the sampler (``flow_shift``), applied to
+    training sigmas so that training sees noise levels as often as sampling does (SD3, Esser et al. 2024,
+    shifts both); 1 leaves them as they are."""
+    return sigma if shift == 1.0 else shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def loss_fn(kind: str, model: VideoDiT, x0, ids, ddpm: DDPMSchedule, gen: torch.Generator,
+            sigma_shift: float = 1.0) -> torch.Tensor:
     """The loss of ``train.loss_fn`` with the random draws made on the CPU ``gen`` (so a run is
-    the same stream of draws on any device) and moved to ``x0``'s device."""
+    the same stream of draws on any device) and moved to ``x0``'s device; flow sigmas shifted by
+    ``sigma_shift`` (:func:`shift_sigmas`)."""
     b, dev = x0.shape[0], x0.device
     noise = torch.randn(x0.shape, generator=gen).to(dev)
     if kind == "eps":
@@ -179,7 +188,7 @@ def loss_fn(kind: str, model: VideoDiT, x0, ids, ddpm: DDPMSchedule, gen: torch.
         out = model(ddpm.add_noise(x0, noise, t), t.float(), ids).float()
         return (out[:, :3] - noise).pow(2).mean() + ddpm.vlb_loss(x0, ddpm.add_noise(x0, noise, t), t,
                                                                   out[:, :3], out[:, 3:])
-    sigma = sample_flow_sigmas("uniform" if kind == "flow" else "lognormal", b, gen).to(dev)
+    sigma = shift_sigmas(sample_flow_sigmas("uniform" if kind == "flow" else "lognormal", b, gen), sigma_shift).to(dev)
     out = model(flow_interpolate(x0, noise, sigma), sigma * 1000.0, ids).float()
     return (out - (noise - x0)).pow(2).mean()
 
@@ -263,7 +272,8 @@ class Trainer:
         """Everything ``--resume`` needs; ``wall``: training seconds up to now (default: before this process)."""
         return {
             "format": STATE_FORMAT, "kind": self.args.kind, "config": self.config.to_json(), "step": self.step,
-            "wall": self.wall if wall is None else wall, "echoed": self.echoed, "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+            "wall": self.wall if wall is None else wall, "echoed": self.echoed, "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict(),
             "ema_updates": self.ema.num_updates, "optimizer": self.opt.state_dict(),
             "rng": self.rng.bit_generator.state, "gen": self.gen.get_state(), "previous": self.previous,
             "hparams": {name: getattr(self.args, name) for name in HPARAMS},
@@ -290,7 +300,8 @@ class Trainer:
         return {
             "kind": a.kind, "task": "scenes", "steps_done": self.step, "steps_planned": a.steps, "final": final,
             "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "schedule": a.schedule, "ema": a.ema,
-            "seed": a.seed, "threads": a.threads, "device": str(self.device), "workers": a.workers,
+            "seed": a.seed, "sigma_shift": a.sigma_shift, "threads": a.threads, "device": str(self.device),
+            "workers": a.workers,
             "bf16": a.bf16, "echo": a.echo, "echoed_steps": self.echoed, "wall_seconds": round(wall, 1),
             "seconds_per_step": round(wall / max(self.step, 1), 4), "params": num_parameters(self.model),
             "weights": "ema, float16", "init": a.init, "previous": self.previous,
@@ -336,7 +347,7 @@ class Trainer:
             group["lr"] = lr_at(self.step, a.lr, a.warmup, a.steps, a.schedule, time_fraction)
         x0, ids = (t.to(self.device, non_blocking=True) for t in batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.bf16):
-            loss = loss_fn(a.kind, self.model, x0, ids, self.ddpm, self.gen)
+            loss = loss_fn(a.kind, self.model, x0, ids, self.ddpm, self.gen, a.sigma_shift)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.clip)
@@ -492,6 +503,8 @@ def parse_args(argv=None):
     p.add_argument("--clip", type=float, default=None)
     p.add_argument("--ema", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--sigma-shift", type=float, default=None, help="flow kinds: train on sigmas shifted as the "
+                   "sampler's flow_shift shifts its steps (3: as the scenes sampling; default 1: as drawn)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=0, help="processes rendering batches (GPU runs); 0: the "
@@ -520,6 +533,10 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.echo < 0 or (args.echo and not args.workers):
         p.error(f"--echo {args.echo}: expected 0, or a count >= 1 with --workers (it echoes while they render)")
+    if args.sigma_shift is not None and not args.sigma_shift > 0:
+        p.error(f"--sigma-shift must be > 0, got {args.sigma_shift:g}")
+    if args.kind == "eps" and args.sigma_shift not in (None, 1.0):
+        p.error(f"--sigma-shift {args.sigma_shift:g}: flow kinds only (eps draws DDPM timesteps)")
     if args.max_minutes is not None and not args.max_minutes > 0:
         p.error(f"--max-minutes must be > 0, got {args.max_minutes:g}")
     return args
