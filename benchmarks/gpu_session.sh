@@ -6,8 +6,8 @@
 #      (benchmarks/gpu_speed.py; 33 frames, 832x480, 50 steps, bf16, budgets 8/16/25%, one timed run each;
 #      170 s at most, 111 s on an H200); skipped once its table is committed as docs/results/gpu/gpu_speed.json (SPEED=1 forces it),
 #      so that later sessions give that time to the training;
-#   2. training of the scenes testbed (issue 15) from the EMA weights in .carry/ (else the newest committed
-#      ones, taohooks/testbed/weights/wip/), for what is left of the
+#   2. training of the scenes testbed (issue 15) from the EMA weights in .carry/ or the committed ones
+#      (taohooks/testbed/weights/wip/), whichever have more steps behind them, for what is left of the
 #      session but MEASURE_RESERVE (100 s): about 360 s after the speed table, about 460 s without it
 #      (about 550 s with MEASURE=0; TRAIN_SECONDS, whole seconds, overrides), batches of 256 rendered by 14
 #      processes (a batch is trained on again, with fresh noise, up to twice while none is ready: --echo 2; the
@@ -24,8 +24,8 @@
 #      BENCH_RESERVE (200) s, which the training then leaves; LPIPS when .carry/lpips_alex_v0.1.safetensors is
 #      carried (cp ~/.cache/taohooks/lpips_alex_v0.1.safetensors .carry/), else reported as null.
 # PATCH=4 trains the model with 4x4-pixel tokens (512 tokens, 8.2M parameters; what the testbed README says
-# detail inside 8x8 tokens needs) from .carry/scenes-flow-p4.safetensors (else the newest committed
-# weights/wip/scenes-flow-p4-step*, else from scratch) and writes $OUT/scenes-flow-p4.safetensors; the
+# detail inside 8x8 tokens needs) from .carry/scenes-flow-p4.safetensors or the committed
+# weights/wip/scenes-flow-p4-step*, whichever have more steps (else from scratch), and writes $OUT/scenes-flow-p4.safetensors; the
 # default, PATCH=8, continues the 8x8-token model. INIT=none starts from scratch; TRAIN_EXTRA adds options
 # (not --patch: PATCH= names the files too). The training state (104-131 MB, too large to come back) is
 # written to STATE_DIR (/tmp; $OUT under SMOKE=1).
@@ -35,13 +35,17 @@
 # Prepare here (the package registries work here, not there), once per checkout:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==8.7.0
-#   mkdir -p .carry && cp /work/runs/scenes/flow.safetensors .carry/scenes-flow.safetensors   # newer than the wip ones
+#   mkdir -p .carry && cp /work/runs/scenes/flow.safetensors .carry/scenes-flow.safetensors   # used if newer than the wip ones
 #   (PATCH=4: the newest 4x4-token weights as .carry/scenes-flow-p4.safetensors)
 # then, with the device tool:
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
-# The next session's run (2026-11-26: the 8x8-token model misses detail at its token size, see the testbed
-# README): run(command="PATCH=4 MEASURE=0 bash benchmarks/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600),
-# then measure the returned checkpoint here (scenes_sensitivity, scenes_diagnose).
+# The next session's run (2026-11-26, second session: the 8x8-token model draws stripes and square corners when
+# started from sigma <= 0.43 but fails to form them from sigma >= 0.67, and training moves that front up; see
+# "Where the detail is lost" in the testbed README), training where the front is:
+#   run(command='MEASURE=0 TRAIN_EXTRA="--sigma-shift 3" bash benchmarks/gpu_session.sh', carry=[".whl", ".carry"],
+#       timeout_s=600)
+# then measure the returned checkpoint here (scenes_sensitivity; scenes_diagnose with --strength 0.4/0.6/1).
+# PATCH=4 (the 4x4-token model, .carry/scenes-flow-p4.safetensors) is the alternative.
 # .whl/ and .carry/ are git-ignored. The image there has torch, einops, safetensors, pyyaml, numpy, pillow,
 # tqdm and matplotlib; diffusers (for gpu_speed.py's WanTransformer3DModel) travels as a wheel.
 #
@@ -60,7 +64,8 @@ BENCH_RESERVE=${BENCH_RESERVE:-200}
 [ "$SCENES_BENCH" = 1 ] && MEASURE_RESERVE=$(( MEASURE_RESERVE + BENCH_RESERVE ))
 [ -f .carry/lpips_alex_v0.1.safetensors ] && export TAOHOOKS_LPIPS_WEIGHTS=$PWD/.carry/lpips_alex_v0.1.safetensors
 TRAIN_SECONDS=${TRAIN_SECONDS:-}
-# the weights the training continues from: .carry/ (this checkout's newest), else the newest committed ones
+# the weights the training continues from (INIT= overrides): of .carry/ (CARRY=) and the committed ones, those
+# with the most steps behind them (a stale carried copy once stood in front of newer committed weights)
 PATCH=${PATCH:-8}
 case "$PATCH" in 8) NAME=scenes-flow ;; 4|2) NAME=scenes-flow-p$PATCH ;; *) echo "PATCH=$PATCH: expected 8, 4 or 2" >&2; exit 2 ;; esac
 case " ${TRAIN_EXTRA:-} " in *" --patch"*) echo "TRAIN_EXTRA=${TRAIN_EXTRA}: give the patch size as PATCH=, which names the files too" >&2; exit 2 ;; esac
@@ -68,9 +73,10 @@ if [ -n "$TRAIN_SECONDS" ] && ! [[ $TRAIN_SECONDS =~ ^[0-9]+$ ]]; then
     echo "TRAIN_SECONDS=$TRAIN_SECONDS: expected whole seconds" >&2; exit 2
 fi
 STATE_DIR=${STATE_DIR:-$([ "$SMOKE" = 1 ] && echo "$OUT" || echo /tmp)}
-if [ -z "${INIT:-}" ]; then
-    INIT=.carry/$NAME.safetensors
-    [ -f "$INIT" ] || INIT=$(ls taohooks/testbed/weights/wip/$NAME-step*.safetensors 2>/dev/null | sort -V | tail -n 1)
+if [ -z "${INIT:-}" ]; then   # of the carried and the committed weights, those with the most steps behind them
+    INIT=$("$PY" -c 'import sys; from taohooks.testbed.train_scenes import newest_checkpoint as n; print(n(sys.argv[1:]) or "")' \
+        "${CARRY:-.carry}/$NAME.safetensors" taohooks/testbed/weights/wip/$NAME-step*.safetensors 2>/dev/null)
+    INIT=${INIT:-${CARRY:-.carry}/$NAME.safetensors}
 fi
 mkdir -p "$OUT"
 started=$(date +%s)
@@ -133,7 +139,12 @@ else
 fi
 
 init=()
-if [ -f "$INIT" ]; then init=(--init "$INIT"); else say "   no $INIT: the scenes training starts from scratch"; fi
+if [ -f "$INIT" ]; then
+    init=(--init "$INIT")
+    say "   from $INIT ($("$PY" -c 'import sys; from taohooks.testbed.train_scenes import trained_steps as t; print(t(sys.argv[1]))' "$INIT" 2>/dev/null) steps behind it)"
+else
+    say "   no $INIT: the scenes training starts from scratch"
+fi
 TRAIN_SECONDS=${TRAIN_SECONDS:-$(( $(left) - MEASURE_RESERVE ))}
 if [ "$TRAIN_SECONDS" -lt 1 ]; then   # (timeout 0 would mean no limit at all)
     say "2. train_scenes: skipped (${TRAIN_SECONDS} s left for it)"

@@ -202,6 +202,21 @@ def test_sigma_shift_moves_training_sigmas_as_the_sampler_moves_its_steps():
         train_scenes.parse_args(["--kind", "eps", *TINY[2:], "--steps", "2", "--sigma-shift", "3", "--out", "w.safetensors"])
 
 
+def test_newest_checkpoint_is_the_one_with_most_steps_behind_it(tmp_path):
+    """The device script's choice of --init: a chained run counts its previous runs' steps; a missing or
+    unreadable file is passed over (a stale carried copy once stood in front of newer committed weights)."""
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    train_scenes.main([*TINY, "--steps", "3", "--out", str(first)])
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(second), "--init", str(first)])
+    assert (train_scenes.trained_steps(first), train_scenes.trained_steps(second)) == (3, 5)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    assert train_scenes.newest_checkpoint([first, tmp_path / "missing.safetensors", junk, second]) == str(second)
+    assert train_scenes.newest_checkpoint([second, first]) == str(second)
+    assert train_scenes.newest_checkpoint([first, first.with_name("copy.safetensors")]) == str(first)
+    assert train_scenes.newest_checkpoint([junk]) is None and train_scenes.trained_steps(junk) is None
+
+
 def test_bad_resume_and_init_are_errors(tmp_path):
     out = tmp_path / "w.safetensors"
     with pytest.raises(SystemExit, match="--resume .*nothing.state.pt: no such file"):

@@ -226,6 +226,24 @@ def load_weights(path: str, config: VideoDiTConfig, what: str) -> VideoDiT:
     return model
 
 
+def trained_steps(path) -> int | None:
+    """The steps behind a checkpoint written by this script (its summary's ``total_steps``: ``--init`` chains
+    included); None for a missing or unreadable file, or one without a summary."""
+    try:
+        summary = json.loads(read_metadata(path).get("training", "null"))
+        return int(summary["total_steps"])
+    except Exception:
+        return None
+
+
+def newest_checkpoint(paths) -> str | None:
+    """Of ``paths``, the checkpoint with the most :func:`trained_steps` (the first of equals); None if none
+    reads (``benchmarks/gpu_session.sh``: a stale carried copy must not win over newer committed weights)."""
+    steps = [(trained_steps(p), i, str(p)) for i, p in enumerate(paths)]
+    readable = [(n, -i, p) for n, i, p in steps if n is not None]
+    return max(readable)[2] if readable else None
+
+
 def _check_config(found: VideoDiTConfig, expected: VideoDiTConfig, path, what: str) -> None:
     a, b = json.loads(found.to_json()), json.loads(expected.to_json())
     diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
