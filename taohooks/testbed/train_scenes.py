@@ -23,7 +23,8 @@ process's ``--max-minutes`` once the warmup is done (``--schedule cosine-time``:
 time, e.g. a GPU lease, whose step count is not known in advance, ends annealed; such a run is
 continued with ``--init``, not ``--resume``). A run started with ``--init`` draws its data and noise
 from streams offset by the steps behind those weights, so that chained runs do not replay each
-other's batches. Loss: as ``train.loss_fn``.
+other's batches. Loss: as ``train.loss_fn``; ``--sigma-shift K`` draws the flow sigmas shifted as the
+sampler's ``flow_shift`` shifts its steps (K = 3: as the scenes sampling).
 """
 
 from __future__ import annotations
