@@ -51,9 +51,9 @@ def sample_flow(model: torch.nn.Module, prompts: Sequence[Union[scenes.SceneProm
                 init: Optional[torch.Tensor] = None, strength: float = 1.0) -> torch.Tensor:
     """Wan2.1-shaped loop: cond call, then uncond call, per step. ``noise`` overrides the initial
     noise ``[B, 3, 8, 32, 32]`` (for perturbation studies). With ``init`` (clips ``[B, 3, 8, 32, 32]``
-    in ``[-1, 1]``), SDEdit as diffusers' image-to-image pipelines do it: the first ``1 - strength``
-    of the steps are skipped and ``init`` is noised to the first remaining step's sigma
-    (``(1 - s) init + s noise``). Returns ``[B, 3, 8, 32, 32]``."""
+    in ``[-1, 1]``), SDEdit as diffusers' image-to-image pipelines do it: the last ``int(steps * strength)``
+    steps are run (at least one), from ``init`` noised to the first of them's sigma ``s``:
+    ``(1 - s) init + s noise``. Returns ``[B, 3, 8, 32, 32]``."""
     device = next(model.parameters()).device
     prompts, seeds, cond, uncond = _prepare(prompts, seeds, device)
     sched = make_flow_scheduler(shift) if scheduler is None else scheduler
@@ -65,7 +65,7 @@ def sample_flow(model: torch.nn.Module, prompts: Sequence[Union[scenes.SceneProm
             raise ValueError(f"strength {strength}: expected 0 < strength <= 1 (the share of the steps run)")
         if tuple(init.shape) != tuple(latents.shape):
             raise ValueError(f"init has shape {tuple(init.shape)}, expected {tuple(latents.shape)}")
-        begin = min(steps - 1, int(round(steps * (1.0 - strength))))
+        begin = steps - max(1, min(int(steps * strength), steps))  # diffusers' get_timesteps, at least one step
         sigma = float(sched.sigmas[begin])
         latents = (1.0 - sigma) * init.float().to(device) + sigma * latents
         sched.set_begin_index(begin)
