@@ -240,9 +240,12 @@ def trained_steps(path) -> int | None:
 def newest_checkpoint(paths) -> str | None:
     """Of ``paths``, the checkpoint with the most :func:`trained_steps` (the first of equals); None if none
     reads (``benchmarks/gpu_session.sh``: a stale carried copy must not win over newer committed weights)."""
-    steps = [(trained_steps(p), i, str(p)) for i, p in enumerate(paths)]
-    readable = [(n, -i, p) for n, i, p in steps if n is not None]
-    return max(readable)[2] if readable else None
+    best, most = None, -1
+    for path in paths:
+        steps = trained_steps(path)
+        if steps is not None and steps > most:
+            best, most = str(path), steps
+    return best
 
 
 def _check_config(found: VideoDiTConfig, expected: VideoDiTConfig, path, what: str) -> None:
