@@ -745,3 +745,56 @@ def test_methods_a_target_cannot_run_are_refused_before_the_script(tmp_path, mon
     config = load_experiment(write(tmp_path, EXPERIMENT, "tea.yaml"))
     with pytest.raises(ConfigError, match="teacache is not yet available for the 'testbed' integration: no proxy here"):
         check_before_run(config, taocache_config_of(config)[1])
+
+
+def test_changed_run_settings_are_refused_on_resume(tmp_path, launcher_state, capsys):
+    """A stored run depends on more than its method and budget (here EasyCache's warm-up): a folder
+    made with other settings is refused before any generation, not reused under the new settings."""
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, easycache]").replace(
+        "budgets: [0.2, 0.3]", "budgets: [0.3]\neasycache_warmup: 2").replace(
+        "  - {prompt: \"a green square moving up, with a static blue dot\", seed: 10001}\n", "")
+    assert compare(write(tmp_path, text)) == 0
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").rglob("*.safetensors")}
+    capsys.readouterr()
+    assert compare(write(tmp_path, text.replace("easycache_warmup: 2", "easycache_warmup: 5"))) == 2
+    assert "easycache_warmup: this output folder holds runs made with easycache_warmup = 2, this experiment has 5" \
+        in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").rglob("*.safetensors")} == files
+
+
+def test_a_budget_no_taocache_plan_fits_is_said_before_the_runs(tmp_path, launcher_state, capsys):
+    path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, taocache]")
+                 .replace("budgets: [0.2, 0.3]", "budgets: [0.2, 0.8]"))
+    assert compare(path) == 2
+    assert "budgets[1]: taocache at 0.8 (8 of 10 steps): no contiguous window" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_teacache_added_after_a_calibration_without_it_is_refused(tmp_path, launcher_state, capsys):
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, taocache]").replace(
+        "budgets: [0.2, 0.3]", "budgets: [0.2]")
+    assert compare(write(tmp_path, text)) == 0
+    capsys.readouterr()
+    assert compare(write(tmp_path, text.replace("methods: [full, taocache]", "methods: [full, taocache, teacache]"))) == 2
+    assert "was calibrated without teacache's polynomial" in capsys.readouterr().err
+
+
+def test_a_generator_argument_is_seeded_per_run():
+    """Latte / Open-Sora-Plan (no seed argument): a generator the script passes is replaced by one seeded
+    with the run's seed, so the reference and the cached runs of a prompt draw the same noise."""
+    import inspect
+
+    from taohooks.compare.experiment import PromptEntry
+    from taohooks.compare.runner import Experiment
+    from taohooks.compare.targets import TARGETS
+
+    def pipeline(prompt, generator=None):
+        return None
+
+    experiment = Experiment.__new__(Experiment)
+    experiment.target = TARGETS["latte"]
+    experiment._bound = inspect.signature(pipeline).bind("x", generator=torch.Generator().manual_seed(0))
+    draws = [torch.randn(4, generator=experiment._arguments_for(PromptEntry("p", 5)).arguments["generator"])
+             for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    assert torch.equal(draws[0], torch.randn(4, generator=torch.Generator().manual_seed(5)))

@@ -190,6 +190,14 @@ class Experiment:
             replaced.arguments[seed] = [entry.seed] if isinstance(bound.arguments[seed], (list, tuple)) else entry.seed
         else:  # the script seeds the global RNG once; each (prompt, seed) run is seeded alike
             torch.manual_seed(entry.seed)
+            generator = bound.arguments.get("generator")
+            # a generator the script passes would carry on from run to run (the reference and the cached runs
+            # of one prompt drawing different noise): each run gets a fresh one seeded with its seed
+            if isinstance(generator, torch.Generator):
+                replaced.arguments["generator"] = torch.Generator(generator.device).manual_seed(entry.seed)
+            elif isinstance(generator, (list, tuple)) and generator:
+                replaced.arguments["generator"] = [torch.Generator(g.device).manual_seed(entry.seed + i)
+                                                   for i, g in enumerate(generator)]
         return replaced
 
     def generate(self, callbacks: Sequence[Callback], entry: PromptEntry) -> Generation:
@@ -214,6 +222,33 @@ class Experiment:
                           fractions=recorder.fractions,
                           peak_memory_bytes=peak, latents=latents[0] if latents and self.store.writer else None)
 
+    def _run_settings(self) -> Dict[str, Any]:
+        """What a stored run (or matched threshold) depends on besides its method and budget: the TaoCache
+        plan and calibration settings, the LUT it reads, the methods' own settings. A folder whose runs were
+        made with other settings is refused (as another script or model is), never silently reused."""
+        import hashlib
+        import json
+
+        c, plan = self.config, dataclasses.asdict(self.tao.plan)
+        for k in ("budget", "window", "skip_steps"):  # replaced per budget (_tao_plan)
+            plan.pop(k, None)
+        lut = None
+        if TAO_METHODS & set(c.methods) and not _needs_calibration(c, self.tao)[0]:
+            lut = "sha256:" + hashlib.sha256(self.tao.lut_path().read_bytes()).hexdigest()  # the config's LUT
+        settings = {"plan": plan, "lut": lut or "calibrated in this folder",
+                    "calibration": {"sampler": self.tao.calibration.sampler,
+                                    "error_horizon": self.tao.calibration.error_horizon},
+                    **{k: getattr(c, k) for k in ("teacache_use_ret_steps", "magcache_k", "magcache_retention",
+                                                  "easycache_warmup", "hybrid_guard", "pab_range", "pab_timesteps")},
+                    "pab_groups": [dataclasses.asdict(g) for g in c.pab_groups] if c.pab_groups else None}
+        flat = {}  # one key each, so that a refusal names the setting that changed
+        for key, value in settings.items():
+            if key in ("plan", "calibration"):
+                flat.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return json.loads(json.dumps(flat))  # as experiment.json gives it back (tuples as lists)
+
     # ------------------------------------------------------------------ the experiment
     def run(self, patch: GenerationPatch, bound: inspect.BoundArguments) -> None:
         self.patch, self._bound = patch, bound
@@ -235,7 +270,8 @@ class Experiment:
         self.identity = patch.identity_of(arguments, self.model) if patch.identity_of else identity_of_model(self.model)
         self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration,
                                      "loop": self.loop.describe(),
-                                     "model": {k: str(v) for k, v in sorted(self.identity.items())}})
+                                     "model": {k: str(v) for k, v in sorted(self.identity.items())},
+                                     **self._run_settings()})
         evaluation = self.config.evaluation_prompts()
         calibration = self.config.calibration_list()
         steps = self.loop.steps
@@ -258,6 +294,7 @@ class Experiment:
                         f"{len(self.config.budgets)} budgets, {self.loop.describe()}; {done} of {total} runs "
                         f"already in {self.store.folder}")
         lut, coefficients = self._calibration(calibration, needed, why)
+        self._check_plans(lut)
         # what is left, decided once: under torchrun every rank runs the same generations in the same
         # order (their collectives must match) while only rank 0 writes
         pending = _as_rank_zero_has_it([(m, s, e) for m, s, e in runs if not self.store.has(run_label(m, s, steps), e)])
@@ -306,6 +343,11 @@ class Experiment:
                                   f"other calibration prompts ({len(state.get('calibration_prompts') or [])} pairs, "
                                   f"this experiment lists {len(used)}); its runs would mix two calibrations: use "
                                   "another output folder (or delete it)")
+            fitted = TEA_METHODS & set(self.config.methods) and self.target.tea_published is None
+            if fitted and state.get("tea_coefficients") is None:
+                raise ConfigError(self.config.source, "methods", f"{self.store.folder} was calibrated without "
+                                  "teacache's polynomial (a method needing it was added to methods since); use "
+                                  "another output folder")
             self.mag_ratios = state.get("mag_ratios")
             return CalibrationLUT.load(lut_file), state.get("tea_coefficients")
         messages.notice(f"compare: calibrating {why} on {len(prompts)} calibration prompts (full-step)")
@@ -433,6 +475,26 @@ class Experiment:
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
             return make(found["threshold"])
         raise ValueError(f"unknown method {method!r}")
+
+    def _check_plans(self, lut) -> None:
+        """Every TaoCache plan of the experiment, made once before the first run: a budget no plan fits
+        is said now (naming the budget), not after the runs before it."""
+        from ..taocache.plan import PlanError
+
+        if lut is None:
+            return
+        steps = self.loop.steps
+        for i, budget in enumerate(self.config.budgets):
+            skips = budget_skips(budget, steps)
+            for method in TAO_METHODS & set(self.config.methods):
+                try:
+                    if method == "hybrid":
+                        self._tao_plan(lut, max(1, skips // 2))
+                    else:
+                        self._tao_plan(lut, skips, "auto" if method == "taocache-auto" else None)
+                except PlanError as exc:
+                    raise ConfigError(self.config.source, f"budgets[{i}]", f"{method} at {budget} ({skips} of "
+                                      f"{steps} steps): {exc}") from None
 
     def _pab(self, reset_steps=()):
         """PAB on the target's attention modules with the experiment's range and timestep window."""

@@ -74,8 +74,13 @@ class RunStore:
     def load(self, label: str, entry: PromptEntry) -> Tuple[torch.Tensor, Dict[str, Any]]:
         from safetensors import safe_open
 
-        with safe_open(str(self.run_path(label, entry)), framework="pt") as f:
-            return f.get_tensor("video"), json.loads(f.metadata()["record"])
+        path = self.run_path(label, entry)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor("video"), json.loads(f.metadata()["record"])
+        except Exception as exc:  # damaged outside taohooks (its writes are atomic): say which file
+            raise ValueError(f"{path}: not a readable run of {label} for {entry.prompt!r} seed {entry.seed} "
+                             f"({exc}); delete it and run the experiment again to remake it") from None
 
     def load_latents(self, label: str, entry: PromptEntry) -> Optional[torch.Tensor]:
         """The final latents stored with a run, or ``None`` where the script's were not recorded."""
@@ -101,6 +106,10 @@ class RunStore:
             changed = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
             if changed:
                 k = changed[0]
+                if k not in old:  # recorded since: the runs may or may not match, and nothing can tell
+                    raise ConfigError(str(path), k, f"this output folder was made by an earlier taohooks, which did "
+                                      f"not record {k} (this experiment has {fingerprint.get(k)!r}); its runs cannot "
+                                      "be checked against this experiment: use another output folder (or delete it)")
                 raise ConfigError(str(path), k, f"this output folder holds runs made with {k} = {old.get(k)!r}, this "
                                   f"experiment has {fingerprint.get(k)!r}; use another output folder (or delete it)")
             return
