@@ -798,3 +798,17 @@ def test_a_generator_argument_is_seeded_per_run():
              for _ in range(2)]
     assert torch.equal(draws[0], draws[1])
     assert torch.equal(draws[0], torch.randn(4, generator=torch.Generator().manual_seed(5)))
+
+
+def test_a_folder_from_before_a_setting_was_recorded_is_refused_as_such(tmp_path):
+    """experiment.json written by an earlier taohooks lacks the newer keys: its runs cannot be checked, and the
+    refusal says so (not "made with X = None")."""
+    from taohooks.compare.store import RunStore
+
+    store = RunStore(tmp_path)
+    store.check_experiment({"script": ["s.py"]})
+    store.check_experiment({"script": ["s.py"]})  # the same: accepted
+    with pytest.raises(ConfigError, match="made by an earlier taohooks, which did not record easycache_warmup"):
+        store.check_experiment({"script": ["s.py"], "easycache_warmup": 2})
+    with pytest.raises(ConfigError, match="holds runs made with script = \\['s.py'\\], this experiment has"):
+        store.check_experiment({"script": ["t.py"]})
