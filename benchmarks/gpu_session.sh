@@ -151,7 +151,7 @@ if [ "$TRAIN_SECONDS" -lt 1 ]; then   # (timeout 0 would mean no limit at all)
 else
     margin=$(( TRAIN_SECONDS > 80 ? 40 : TRAIN_SECONDS / 2 ))   # the process's start and last save
     minutes=$(awk "BEGIN { printf \"%.3f\", ($TRAIN_SECONDS - $margin) / 60 }")
-    say "2. train_scenes for ${TRAIN_SECONDS} s (--max-minutes $minutes) ${train[*]} ${init[*]}"
+    say "2. train_scenes for ${TRAIN_SECONDS} s (--max-minutes $minutes) ${train[*]} ${TRAIN_EXTRA:-} ${init[*]}"
     timeout -k 30 "$TRAIN_SECONDS" "$PY" -m taohooks.testbed.train_scenes --kind flow --steps "$train_steps" \
         "${train[@]}" --max-minutes "$minutes" ${TRAIN_EXTRA:-} "${init[@]}" --out "$OUT/$NAME.safetensors" --state "$STATE_DIR/$NAME.state.pt" --patch "$PATCH" \
         > "$OUT/train.log" 2>&1

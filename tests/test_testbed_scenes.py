@@ -307,6 +307,7 @@ def test_training_stops_and_saves_on_sigterm_and_after_max_minutes(tmp_path, cap
     import signal
     import subprocess
     import sys
+    import time
 
     out = tmp_path / "w.safetensors"
     cmd = [sys.executable, "-m", "taohooks.testbed.train_scenes", *TINY, "--steps", "100000", "--save-every",
@@ -339,6 +340,21 @@ def test_training_stops_and_saves_on_sigterm_and_after_max_minutes(tmp_path, cap
     assert proc.wait(timeout=60) == 0, rest
     assert "stopped by SIGTERM" in rest and json.loads((tmp_path / "g.json").read_text())["steps_done"] >= 4
     assert (tmp_path / "g.state.pt").is_file()
+
+    # GNU timeout signals twice at once (the process, then its group): the repeat is the same request, not a
+    # second one that ends the process before its last save (it did: the handler had restored the default)
+    proc = subprocess.Popen([*cmd[:-2], "--out", str(tmp_path / "t.safetensors")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 4 "):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.001)
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, rest
+    assert "stopped by SIGTERM" in rest and json.loads((tmp_path / "t.json").read_text())["steps_done"] >= 4
 
     train_scenes.main([*TINY, "--steps", "100000", "--max-minutes", "0.0001", "--out", str(tmp_path / "m.safetensors")])
     summary = json.loads((tmp_path / "m.json").read_text())

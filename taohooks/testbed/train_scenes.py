@@ -33,6 +33,7 @@ import argparse
 import io
 import json
 import math
+import os
 import queue
 import signal
 import threading
@@ -429,6 +430,7 @@ def train(args) -> dict:
     state_path = Path(args.state) if args.state else out.with_suffix(".state.pt")
     print(f"scenes kind={args.kind} params={num_parameters(trainer.model)} from_step={trainer.step} "
           f"to_step={args.steps} batch={args.batch_size} lr={args.lr} schedule={args.schedule} "
+          f"sigma_shift={args.sigma_shift:g} workers={args.workers} echo={args.echo} "
           f"threads={args.threads} device={args.device} out={out} state={state_path}", flush=True)
     start = time.time()
     last_save, running, window, waited = time.time(), [], time.time(), 0.0  # waited: s spent waiting for batches
@@ -485,15 +487,29 @@ class _StopOnSignal:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+    #: a repeat within this many seconds is the same request: GNU ``timeout`` sends its signal twice at once
+    #: (to the process, then to its process group), and the second must not end the process mid-save
+    REPEAT_WINDOW = 1.0
+
     def __init__(self):
         self.signal = None
         self._previous = {}
+        self._first = None  # time.monotonic() of the first signal
 
     def _handle(self, signum, frame):
-        self.signal = signum
-        # a second signal acts as it would have without this (Ctrl-C twice: KeyboardInterrupt)
+        now = time.monotonic()
+        if self.signal is None:
+            self.signal, self._first = signum, now
+            return
+        if now - self._first < self.REPEAT_WINDOW:
+            return
+        # a later second signal acts as it would have without this (Ctrl-C twice: KeyboardInterrupt)
         previous = self._previous.get(signum)
         signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous in (None, signal.SIG_DFL):
+            os.kill(os.getpid(), signum)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
