@@ -812,3 +812,48 @@ def test_a_folder_from_before_a_setting_was_recorded_is_refused_as_such(tmp_path
         store.check_experiment({"script": ["s.py"], "easycache_warmup": 2})
     with pytest.raises(ConfigError, match="holds runs made with script = \\['s.py'\\], this experiment has"):
         store.check_experiment({"script": ["t.py"]})
+
+
+def test_one_writer_per_output_folder(tmp_path, launcher_state, capsys):
+    """A second compare on a folder being written is refused before its script runs, naming the first; the lock
+    goes with the run that held it, and one left by a process that no longer runs is taken over."""
+    import json as _json
+    import subprocess
+    import sys
+
+    from taohooks.compare.store import LOCK_NAME, folder_lock
+
+    out = tmp_path / "out"
+    with folder_lock(out) as lock:
+        holder = _json.loads(lock.read_text())
+        assert holder["pid"] == __import__("os").getpid()
+        with pytest.raises(ConfigError, match=f"another taocache compare \\(pid {holder['pid']} on"):
+            with folder_lock(out):
+                pass
+        path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full]"))
+        assert compare(path) == 1
+        assert "is writing" in capsys.readouterr().err and not (out / "runs").exists()
+    assert not (out / LOCK_NAME).exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK_NAME).write_text(_json.dumps({"pid": int(gone.stdout), "host": __import__("socket").gethostname(),
+                                              "since": "earlier"}))
+    with folder_lock(out):  # its process has ended: taken over
+        assert _json.loads((out / LOCK_NAME).read_text())["pid"] != int(gone.stdout)
+
+
+def test_the_first_timed_run_of_a_process_comes_after_a_warm_up(tmp_path, launcher_state, capsys):
+    """With nothing run before it (no calibration: methods [full]), the first timed generation is preceded by one
+    untimed one (a process's first generation times slower); the device that timed each run is recorded, and a
+    table whose runs were timed on several devices says so."""
+    import json as _json
+
+    from taohooks.compare.report import markdown_table
+
+    path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full]"))
+    assert compare(path) == 0
+    err = capsys.readouterr().err
+    results = _json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["meta"]["devices"] == ["cpu"] and all(r["device"] == "cpu" for r in results["records"])
+    assert "compare: calibrating" not in err and err.count("one untimed full-step generation") == 1
+    results["meta"]["devices"] = ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
+    assert "timed on 2 devices, NVIDIA H100 80GB HBM3, NVIDIA H200: the speedups mix them" in markdown_table(results)

@@ -7,6 +7,7 @@ then scores the stored runs and writes ``results.json`` / ``results.md`` and the
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import List, Tuple
@@ -20,7 +21,7 @@ from .experiment import ExperimentConfig, load_experiment
 from .plots import write_animation, write_plots, write_strip
 from .report import build_results, load_results, markdown_table, write_results
 from .runner import TEA_METHODS, Experiment, check_before_run, intercept_generations
-from .store import writes_results
+from .store import folder_lock, writes_results
 
 __all__ = ["run_compare", "rebuild_report", "taocache_config_of"]
 
@@ -58,8 +59,6 @@ def _refuse_per_clip_tasks(config, tao, script: List[str]) -> None:
 
 def run_compare(experiment_path: str, script: List[str]) -> int:
     """Run the experiment through ``script``; returns the exit status."""
-    from ..run import main as run_main
-
     config = load_experiment(experiment_path)
     if not script:
         raise ConfigError("command line", "SCRIPT", "name the sample script after --, e.g. taocache compare "
@@ -73,6 +72,13 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
         from ..metrics.weights import ensure_lpips_weights
 
         ensure_lpips_weights()
+    with folder_lock(config.output_dir) if writer else contextlib.nullcontext():
+        return _run_locked(experiment_path, script, config, tao_path, tao, writer)
+
+
+def _run_locked(experiment_path, script, config, tao_path, tao, writer) -> int:
+    from ..run import main as run_main
+
     experiment = Experiment(config, tao, script)
     with intercept_generations(experiment):
         try:

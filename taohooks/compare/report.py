@@ -78,7 +78,8 @@ def build_results(config: ExperimentConfig, store: RunStore, steps: int, meta: D
             "frames that differ from the reference (MSE >= 1e-10)",
             "latent_rel_l2": "relative L2 distance of the final latents (before the VAE) to the reference's, where "
             "the script decodes them (Wan: vae.decode; Latte / Open-Sora-Plan: decode_latents); else null",
-            "torch": torch.__version__}
+            "torch": torch.__version__,
+            "devices": sorted({r["device"] for r in records if r.get("device")})}  # older runs recorded none
     return {"meta": meta, "records": records, "aggregates": aggregates}
 
 
@@ -103,7 +104,9 @@ def markdown_table(results: Dict[str, Any]) -> str:
     full = [r for r in results["records"] if r["method"] == "full"]
     latents = any(r.get("latent_rel_l2") is not None for r in rows)
     lines = [f"### `taocache compare`: {meta.get('integration', '?')}, {meta.get('loop', '')}", "",
-             f"{len(full)} prompts; full-step reference {sum(r['seconds'] for r in full):.2f} s in all. PSNR: "
+             f"{len(full)} prompts; full-step reference {sum(r['seconds'] for r in full):.2f} s in all"
+             + (f" (timed on {len(meta['devices'])} devices, {', '.join(meta['devices'])}: the speedups mix them)"
+                if len(meta.get("devices") or []) > 1 else "") + ". PSNR: "
              "per-frame mean capped at 100 dB; pooled: one MSE over all frames; changed: frames equal to the "
              "reference left out." + (" Latent rel. L2: the final latents against the reference's." if latents
                                       else ""), "",

@@ -114,6 +114,11 @@ def _on_cuda() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
+def device_name() -> str:
+    """What timed a run: the CUDA device's name, else ``cpu``."""
+    return torch.cuda.get_device_name(torch.cuda.current_device()) if _on_cuda() else "cpu"
+
+
 def _sync() -> None:
     if _on_cuda():
         torch.cuda.synchronize()
@@ -176,6 +181,7 @@ class Experiment:
         self.thresholds: Dict[str, Dict[str, float]] = {}
         self.mag_ratios: Optional[list] = None  # MagCache's calibrated ratios [calls per step, steps]
         self.plans: Dict[str, Dict[str, Any]] = {}
+        self.warm = False  # a generation (calibration, search, warm-up or run) has run in this process
 
     # ------------------------------------------------------------------ one generation
     def _arguments_for(self, entry: PromptEntry) -> inspect.BoundArguments:
@@ -217,6 +223,7 @@ class Experiment:
             _sync()
             seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if _on_cuda() else None
+        self.warm = True
         video = self.target.video(result) if self.store.writer else None  # Wan2.1: None on ranks > 0
         return Generation(video, seconds, recorder.calls, recorder.skipped, skipped_calls=recorder.skipped_calls,
                           fractions=recorder.fractions,
@@ -301,8 +308,13 @@ class Experiment:
         for method, skips, entry in pending:
             label = run_label(method, skips, steps)
             callbacks = self._callbacks(method, skips, lut, coefficients, calibration)
+            if not self.warm:  # the process's first generation is slower (kernels, allocator, caches): untimed
+                messages.notice(f"compare: one untimed full-step generation of {entry.prompt!r} first (warm-up: "
+                                "the process's first generation would time slower)")
+                self.generate([], entry)
             generation = self.generate(callbacks, entry)
             record = {"method": method, "skips": skips, "steps": steps, **generation.record(),
+                      "device": device_name(),
                       **self.thresholds.get(label, {}), **self.plans.get(label, {})}
             self.store.save(label, entry, generation.video, record, latents=generation.latents)
             self.progress.advance(f"{label}, {entry.prompt!r} seed {entry.seed}")
@@ -370,6 +382,7 @@ class Experiment:
                 hook.new_sample()
                 arguments = self._arguments_for(entry)
                 self.patch.original(*arguments.args, **arguments.kwargs)
+                self.warm = True
                 self.progress.advance(f"calibration, {entry.prompt!r} seed {entry.seed}")
         lut = recorder.lut()
         from ..runtime.io import atomic_write_bytes

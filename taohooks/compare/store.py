@@ -5,15 +5,22 @@
     OUTPUT/runs/full/<key>.safetensors           the full-step reference of one (prompt, seed)
     OUTPUT/runs/teacache@4of50/<key>.safetensors a method at a budget (4 of 50 steps)
     OUTPUT/state/<name>.json                     calibration results, matched thresholds
+    OUTPUT/.compare.lock                         the writing process (pid, host) while one runs
 
 Each run file holds the video (``video``, ``[B, C, F, H, W]`` float32 in [-1, 1]) and its record
 (wall time, calls, skipped calls) as JSON metadata. Files are written atomically, so a killed
-experiment leaves only finished entries; a run whose file exists is never computed again.
+experiment leaves only finished entries; a run whose file exists is never computed again. One
+process writes a folder at a time (:func:`folder_lock`): two would each calibrate and search thresholds,
+and overwrite each other's state.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -23,7 +30,51 @@ from ..config import ConfigError
 from ..runtime.io import atomic_write_bytes
 from .experiment import PromptEntry
 
-__all__ = ["RunStore", "run_label", "entry_key"]
+__all__ = ["RunStore", "run_label", "entry_key", "folder_lock"]
+
+LOCK_NAME = ".compare.lock"
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        return True  # another user's process, or a pid that cannot be read: assume it runs
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold ``folder/.compare.lock`` (pid, host, start time) while the body runs: a second writer is refused
+    with the first one named; a lock left by a process of this host that no longer runs is taken over."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if attempt == 0 and holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                path.unlink(missing_ok=True)  # its process is gone (killed): take the folder over
+                continue
+            raise ConfigError(str(path), "output", f"another taocache compare (pid {holder.get('pid', '?')} on "
+                              f"{holder.get('host', '?')}, since {holder.get('since', '?')}) is writing {folder}; two "
+                              "would overwrite each other's calibration and thresholds: wait for it or use another "
+                              f"output folder (if no such process runs, delete {path})") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def run_label(method: str, skips: int = 0, steps: int = 0) -> str:
