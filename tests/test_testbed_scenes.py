@@ -617,3 +617,26 @@ def test_an_error_in_training_with_workers_ends_the_process(tmp_path, echo):
                           "1", *extra, "--out", str(tmp_path / "w.safetensors")], capture_output=True, text=True,
                          timeout=60, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0 and "CUDA out of memory (simulated)" in res.stderr
+
+
+def test_scenes_loss_per_sigma_and_as_trained(tmp_path, capsys):
+    """A zero velocity costs |noise - x0|^2 at every sigma (exactly, on the module's own batches and noise); the
+    CLI reads checkpoints, reports each shift's training loss and refuses bad lists."""
+    from taohooks.testbed import scenes_loss
+
+    data = scenes_loss.batches(3, 1, 2)
+    x0 = data[0][0]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    expected = float((noise - x0).pow(2).mean())
+    got = scenes_loss.loss_per_sigma(_Velocity(), data, [0.1, 0.9], seed=3)
+    assert got == pytest.approx([expected, expected], rel=1e-6)
+    weights = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "1", "--out", str(weights)])
+    result = scenes_loss.main(["--weights", str(weights), "--sigmas", "0.2,0.8", "--batches", "1", "--batch-size", "2",
+                               "--out", str(tmp_path / "l.json")])
+    record = result["checkpoints"][str(weights)]
+    assert len(record["per_sigma"]) == 2 and set(record["training_loss"]) == {"1", "3"} and record["steps"] == 1
+    assert json.loads((tmp_path / "l.json").read_text())["clips"] == 2
+    for bad in (["--sigmas", "0,0.5"], ["--sigmas", "a"], ["--sigma-shift", "0"]):
+        with pytest.raises(SystemExit):
+            scenes_loss.main(["--weights", str(weights), *bad])
