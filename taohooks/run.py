@@ -95,16 +95,18 @@ def _available(name: str) -> bool:
         return False
 
 
-def _warn_without_autoload(config: TaoCacheConfig) -> None:
+def _warn_without_autoload(config: TaoCacheConfig, prog: str = "taocache-run") -> None:
     """VideoSys starts its ranks 1.. with ``spawn``: they need the .pth autoload to get the integration."""
     from .autoload import pth_path
 
     if config.integration == "videosys" and not pth_path().is_file():
-        print(f"taocache-run: note: {pth_path()} is not installed, so VideoSys' spawned workers (num_gpus > 1) "
+        print(f"{prog}: note: {pth_path()} is not installed, so VideoSys' spawned workers (num_gpus > 1) "
               "will run without TaoCache; run `taocache autoload install` once", file=sys.stderr)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
+    """Run the script with the integration installed; ``prog`` names the command in messages
+    (``taocache compare`` runs the script through here)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):
         print(f"{USAGE}\n\n{DESCRIPTION}")
@@ -122,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             why = f"script {script} is a directory; give the sample script inside it (e.g. {script / 'generate.py'})"
         else:
             why = f"script {script} does not exist" if not script.exists() else f"script {script} is not a file"
-        print(f"taocache-run: {why}", file=sys.stderr)
+        print(f"{prog}: {why}", file=sys.stderr)
         return 2
     try:
         config = load_config(config_path)
@@ -131,11 +133,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.path[0] = str(script.resolve().parent)
         with script_sys_path(*script_sys_path_additions(script)):
             install_integration(config)
-        _warn_without_autoload(config)
+        _warn_without_autoload(config, prog)
         precheck_integration(config, rest[1:])
         check_teacache_fit(config)
     except (ConfigError, IntegrationError, ImportError, LUTMismatchError, PlanError, ValueError, OSError) as exc:
-        print(f"taocache-run: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     calls_before = wrapped_calls()
     try:
@@ -143,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RUN_ERRORS as exc:
         # found at the first call of a generation (what the command line could not say): before any
         # step was skipped; said as plainly as the checks before the model loaded
-        print(f"taocache-run: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -82,7 +82,7 @@ def _run_locked(experiment_path, script, config, tao_path, tao, writer) -> int:
     experiment = Experiment(config, tao, script)
     with intercept_generations(experiment):
         try:
-            code = run_main(list(script) + ["--taocache", str(tao_path)])
+            code = run_main(list(script) + ["--taocache", str(tao_path)], prog="taocache compare")
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     if not experiment.finished:
