@@ -834,12 +834,17 @@ def test_one_writer_per_output_folder(tmp_path, launcher_state, capsys):
         path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full]"))
         assert compare(path) == 1
         assert "is writing" in capsys.readouterr().err and not (out / "runs").exists()
-    assert not (out / LOCK_NAME).exists()
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (out / LOCK_NAME).write_text(_json.dumps({"pid": int(gone.stdout), "host": __import__("socket").gethostname(),
-                                              "since": "earlier"}))
-    with folder_lock(out):  # its process has ended: taken over
-        assert _json.loads((out / LOCK_NAME).read_text())["pid"] != int(gone.stdout)
+    assert (out / LOCK_NAME).read_text() == ""  # released
+    # a run killed while holding it (SIGKILL: no finally) leaves no lock: the kernel's goes with its process
+    subprocess.run([sys.executable, "-c", "import os, signal, sys; from taohooks.compare.store import folder_lock\n"
+                    f"with folder_lock({str(out)!r}): os.kill(os.getpid(), signal.SIGKILL)"], check=False)
+    assert "pid" in (out / LOCK_NAME).read_text()
+    with folder_lock(out):  # taken, though the file names the killed process
+        assert _json.loads((out / LOCK_NAME).read_text())["pid"] == __import__("os").getpid()
+    # even one naming this very pid (a restarted container) or another host
+    (out / LOCK_NAME).write_text(_json.dumps({"pid": __import__("os").getpid(), "host": "node17"}))
+    with folder_lock(out):
+        pass
 
 
 def test_the_first_timed_run_of_a_process_comes_after_a_warm_up(tmp_path, launcher_state, capsys):
@@ -858,3 +863,18 @@ def test_the_first_timed_run_of_a_process_comes_after_a_warm_up(tmp_path, launch
     assert "compare: calibrating" not in err and err.count("one untimed full-step generation") == 1
     results["meta"]["devices"] = ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
     assert "timed on 2 devices, NVIDIA H100 80GB HBM3, NVIDIA H200: the speedups mix them" in markdown_table(results)
+
+
+def test_a_method_added_with_its_own_setting_keeps_the_folder(tmp_path, launcher_state, capsys):
+    """A method's own setting is recorded only while the method is listed: adding easycache (warm-up 2) or
+    setting magcache_k without magcache reuses the stored runs; changing the added method's setting is refused."""
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full]").replace(
+        "  - {prompt: \"a green square moving up, with a static blue dot\", seed: 10001}\n", "")
+    assert compare(write(tmp_path, text)) == 0
+    assert compare(write(tmp_path, text + "magcache_k: 3\n")) == 0
+    added = text.replace("methods: [full]", "methods: [full, easycache]\neasycache_warmup: 2")
+    assert compare(write(tmp_path, added)) == 0
+    capsys.readouterr()
+    assert compare(write(tmp_path, added.replace("easycache_warmup: 2", "easycache_warmup: 3"))) == 2
+    assert "holds runs made with easycache_warmup = 2, this experiment has 3" in capsys.readouterr().err
+    assert compare(write(tmp_path, text)) == 0  # easycache dropped again: the reference runs are reused

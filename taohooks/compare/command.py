@@ -63,16 +63,17 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
     if not script:
         raise ConfigError("command line", "SCRIPT", "name the sample script after --, e.g. taocache compare "
                                                     f"{experiment_path} -- examples/sample_testbed.py --steps 50")
-    check_writable(config.output_dir / "results.json")
-    tao_path, tao = taocache_config_of(config)
-    check_before_run(config, tao)
-    _refuse_per_clip_tasks(config, tao, script)
     writer = writes_results()  # rank 0 under torchrun: every rank runs the generations, rank 0 writes
-    if config.lpips and writer:  # LPIPS with no manual step: the weights are converted once, before the script runs
-        from ..metrics.weights import ensure_lpips_weights
-
-        ensure_lpips_weights()
+    # the lock before anything is written to the folder (a refused second compare rewrote OUTPUT/taocache.yaml)
     with folder_lock(config.output_dir) if writer else contextlib.nullcontext():
+        check_writable(config.output_dir / "results.json")
+        tao_path, tao = taocache_config_of(config)
+        check_before_run(config, tao)
+        _refuse_per_clip_tasks(config, tao, script)
+        if config.lpips and writer:  # LPIPS with no manual step: the weights are converted once, before the script runs
+            from ..metrics.weights import ensure_lpips_weights
+
+            ensure_lpips_weights()
         return _run_locked(experiment_path, script, config, tao_path, tao, writer)
 
 

@@ -127,6 +127,11 @@ def _sync() -> None:
 TAO_METHODS = {"taocache", "taocache-auto", "hybrid", "taoskip+tearesidual", "pab+taocache"}  # need TaoCache's LUT
 TEA_METHODS = {"teacache", "hybrid", "pab+teacache"}  # need TeaCache's polynomial (unless published)
 PAB_METHODS = {"pab", "pab+taocache", "pab+teacache"}
+# a method's own settings, fingerprinted only where one of its methods is listed (a method added later with its
+# own setting is no reason to refuse the folder's runs of the others)
+METHOD_SETTINGS = {"teacache_use_ret_steps": TEA_METHODS, "magcache_k": {"magcache"}, "magcache_retention": {"magcache"},
+                   "easycache_warmup": {"easycache"}, "hybrid_guard": {"hybrid"}, "pab_range": PAB_METHODS,
+                   "pab_timesteps": PAB_METHODS}
 
 
 def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig) -> Tuple[bool, str]:
@@ -202,8 +207,9 @@ class Experiment:
             if isinstance(generator, torch.Generator):
                 replaced.arguments["generator"] = torch.Generator(generator.device).manual_seed(entry.seed)
             elif isinstance(generator, (list, tuple)) and generator:
-                replaced.arguments["generator"] = [torch.Generator(g.device).manual_seed(entry.seed + i)
-                                                   for i, g in enumerate(generator)]
+                replaced.arguments["generator"] = [
+                    torch.Generator(g.device if g is not None else "cpu").manual_seed(entry.seed + i)
+                    for i, g in enumerate(generator)]
         return replaced
 
     def generate(self, callbacks: Sequence[Callback], entry: PromptEntry) -> Generation:
@@ -239,15 +245,15 @@ class Experiment:
         c, plan = self.config, dataclasses.asdict(self.tao.plan)
         for k in ("budget", "window", "skip_steps"):  # replaced per budget (_tao_plan)
             plan.pop(k, None)
-        lut = None
-        if TAO_METHODS & set(c.methods) and not _needs_calibration(c, self.tao)[0]:
-            lut = "sha256:" + hashlib.sha256(self.tao.lut_path().read_bytes()).hexdigest()  # the config's LUT
-        settings = {"plan": plan, "lut": lut or "calibrated in this folder",
-                    "calibration": {"sampler": self.tao.calibration.sampler,
+        settings = {"calibration": {"sampler": self.tao.calibration.sampler,
                                     "error_horizon": self.tao.calibration.error_horizon},
-                    **{k: getattr(c, k) for k in ("teacache_use_ret_steps", "magcache_k", "magcache_retention",
-                                                  "easycache_warmup", "hybrid_guard", "pab_range", "pab_timesteps")},
-                    "pab_groups": [dataclasses.asdict(g) for g in c.pab_groups] if c.pab_groups else None}
+                    **{k: getattr(c, k) for k, users in METHOD_SETTINGS.items() if users & set(c.methods)},
+                    **({"pab_groups": [dataclasses.asdict(g) for g in c.pab_groups] if c.pab_groups else None}
+                       if PAB_METHODS & set(c.methods) else {})}
+        if TAO_METHODS & set(c.methods):  # the plan and the LUT, where a listed method reads them
+            settings["plan"] = plan
+            settings["lut"] = "calibrated in this folder" if _needs_calibration(c, self.tao)[0] else \
+                "sha256:" + hashlib.sha256(self.tao.lut_path().read_bytes()).hexdigest()  # the config's LUT
         flat = {}  # one key each, so that a refusal names the setting that changed
         for key, value in settings.items():
             if key in ("plan", "calibration"):
@@ -278,7 +284,9 @@ class Experiment:
         self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration,
                                      "loop": self.loop.describe(),
                                      "model": {k: str(v) for k, v in sorted(self.identity.items())},
-                                     **self._run_settings()})
+                                     **self._run_settings()},
+                                    optional=("pab_groups", "lut", *METHOD_SETTINGS,
+                                              *(f"plan.{f.name}" for f in dataclasses.fields(self.tao.plan))))
         evaluation = self.config.evaluation_prompts()
         calibration = self.config.calibration_list()
         steps = self.loop.steps

@@ -35,46 +35,40 @@ __all__ = ["RunStore", "run_label", "entry_key", "folder_lock"]
 LOCK_NAME = ".compare.lock"
 
 
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError, OverflowError):
-        return True  # another user's process, or a pid that cannot be read: assume it runs
-    return True
-
-
 @contextlib.contextmanager
 def folder_lock(folder: Path):
     """Hold ``folder/.compare.lock`` (pid, host, start time) while the body runs: a second writer is refused
-    with the first one named; a lock left by a process of this host that no longer runs is taken over."""
+    with the first one named. The lock is the kernel's (flock), so it goes with its process however that ends
+    (SIGKILL, a scheduler's time limit, a restarted container with the same pid): nothing stale to take over."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for attempt in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if attempt == 0 and holder.get("host") == me["host"] and not _alive(holder.get("pid")):
-                path.unlink(missing_ok=True)  # its process is gone (killed): take the folder over
-                continue
-            raise ConfigError(str(path), "output", f"another taocache compare (pid {holder.get('pid', '?')} on "
-                              f"{holder.get('host', '?')}, since {holder.get('since', '?')}) is writing {folder}; two "
-                              "would overwrite each other's calibration and thresholds: wait for it or use another "
-                              f"output folder (if no such process runs, delete {path})") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
     try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock to take
+        yield path
+        return
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = json.loads(path.read_text())
+        except (OSError, ValueError):
+            holder = {}
+        os.close(fd)
+        raise ConfigError(str(path), "output", f"another taocache compare (pid {holder.get('pid', '?')} on "
+                          f"{holder.get('host', '?')}, since {holder.get('since', '?')}) is writing {folder}; two "
+                          "would overwrite each other's calibration and thresholds: wait for it or use another "
+                          "output folder") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode())
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        os.ftruncate(fd, 0)  # the file stays (unlinking a locked file lets a third process lock a new inode)
+        os.close(fd)
 
 
 def run_label(method: str, skips: int = 0, steps: int = 0) -> str:
@@ -123,13 +117,14 @@ class RunStore:
         atomic_write_bytes(self.run_path(label, entry), save(tensors, metadata=meta))
 
     def load(self, label: str, entry: PromptEntry) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = self.run_path(label, entry)
         try:
             with safe_open(str(path), framework="pt") as f:
                 return f.get_tensor("video"), json.loads(f.metadata()["record"])
-        except Exception as exc:  # damaged outside taohooks (its writes are atomic): say which file
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:  # damaged outside taohooks (its writes
+            # are atomic): say which file
             raise ValueError(f"{path}: not a readable run of {label} for {entry.prompt!r} seed {entry.seed} "
                              f"({exc}); delete it and run the experiment again to remake it") from None
 
@@ -149,12 +144,16 @@ class RunStore:
             return
         atomic_write_bytes(self.folder / "state" / f"{name}.json", json.dumps(value, indent=1).encode())
 
-    def check_experiment(self, fingerprint: Dict[str, Any]) -> None:
-        """Record what this folder's runs are of; a folder holding another experiment's runs is an error."""
+    def check_experiment(self, fingerprint: Dict[str, Any], optional=()) -> None:
+        """Record what this folder's runs are of; a folder holding another experiment's runs is an error.
+        ``optional``: settings recorded only while a method reading them is listed; one on one side only
+        is no change (experiment.json keeps every one recorded, so a method listed again is checked)."""
         path = self.folder / "experiment.json"
         if path.is_file():
             old = json.loads(path.read_text())
-            changed = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+            current = "calibration.sampler" in old  # written by a taohooks that records the run settings
+            changed = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)
+                       and not (current and k in optional and (k not in old or k not in fingerprint))]
             if changed:
                 k = changed[0]
                 if k not in old:  # recorded since: the runs may or may not match, and nothing can tell
@@ -163,6 +162,8 @@ class RunStore:
                                       "be checked against this experiment: use another output folder (or delete it)")
                 raise ConfigError(str(path), k, f"this output folder holds runs made with {k} = {old.get(k)!r}, this "
                                   f"experiment has {fingerprint.get(k)!r}; use another output folder (or delete it)")
+            if self.writer and set(fingerprint) - set(old):
+                atomic_write_bytes(path, json.dumps({**old, **fingerprint}, indent=1).encode())
             return
         if self.writer:
             atomic_write_bytes(path, json.dumps(fingerprint, indent=1).encode())
