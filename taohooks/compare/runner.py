@@ -242,25 +242,19 @@ class Experiment:
         import hashlib
         import json
 
-        c, plan = self.config, dataclasses.asdict(self.tao.plan)
-        for k in ("budget", "window", "skip_steps"):  # replaced per budget (_tao_plan)
-            plan.pop(k, None)
-        settings = {"calibration": {"sampler": self.tao.calibration.sampler,
-                                    "error_horizon": self.tao.calibration.error_horizon},
-                    **{k: getattr(c, k) for k, users in METHOD_SETTINGS.items() if users & set(c.methods)},
-                    **({"pab_groups": [dataclasses.asdict(g) for g in c.pab_groups] if c.pab_groups else None}
-                       if PAB_METHODS & set(c.methods) else {})}
-        if TAO_METHODS & set(c.methods):  # the plan and the LUT, where a listed method reads them
-            settings["plan"] = plan
+        c, methods = self.config, set(self.config.methods)
+        # one key each (plan.rule, not plan: {...}), so that a refusal names the setting that changed
+        settings = {"calibration.sampler": self.tao.calibration.sampler,
+                    "calibration.error_horizon": self.tao.calibration.error_horizon,
+                    **{k: getattr(c, k) for k, users in METHOD_SETTINGS.items() if users & methods}}
+        if PAB_METHODS & methods:
+            settings["pab_groups"] = [dataclasses.asdict(g) for g in c.pab_groups] if c.pab_groups else None
+        if TAO_METHODS & methods:  # the plan and the LUT, where a listed method reads them
+            settings.update({f"plan.{k}": v for k, v in dataclasses.asdict(self.tao.plan).items()
+                             if k not in ("budget", "window", "skip_steps")})  # replaced per budget (_tao_plan)
             settings["lut"] = "calibrated in this folder" if _needs_calibration(c, self.tao)[0] else \
                 "sha256:" + hashlib.sha256(self.tao.lut_path().read_bytes()).hexdigest()  # the config's LUT
-        flat = {}  # one key each, so that a refusal names the setting that changed
-        for key, value in settings.items():
-            if key in ("plan", "calibration"):
-                flat.update({f"{key}.{k}": v for k, v in value.items()})
-            else:
-                flat[key] = value
-        return json.loads(json.dumps(flat))  # as experiment.json gives it back (tuples as lists)
+        return json.loads(json.dumps(settings))  # as experiment.json gives it back (tuples as lists)
 
     # ------------------------------------------------------------------ the experiment
     def run(self, patch: GenerationPatch, bound: inspect.BoundArguments) -> None:
@@ -412,19 +406,19 @@ class Experiment:
         if method in ("taocache", "taocache-auto"):
             from ..taocache.extrapolation import TaoCacheCallback
 
-            plan = self._tao_plan(lut, skips, "auto" if method == "taocache-auto" else None)
+            plan = self._method_plan(method, lut, skips)
             self.plans[label] = {"window": list(plan.window) if plan.window else None}
             return [TaoCacheCallback(plan, lut.timesteps, max_norm_ratio=self.tao.plan.max_norm_ratio)]
         if method == "taoskip+tearesidual":  # the paper's ablation: TeaCache's residual reuse on TaoCache's steps
             from ..caches.residual import ResidualSkipCallback
 
-            plan = self._tao_plan(lut, skips)
+            plan = self._method_plan(method, lut, skips)
             self.plans[label] = {"window": list(plan.window) if plan.window else None}
             return [ResidualSkipCallback(plan.skipped_steps, blocks=self.target.blocks, exit=self.target.exit)]
         if method == "pab+taocache":  # PAB inside the computed calls, reset where TaoCache resumes
             from ..taocache.extrapolation import TaoCacheCallback
 
-            plan = self._tao_plan(lut, skips)
+            plan = self._method_plan(method, lut, skips)
             self.plans[label] = {"window": list(plan.window) if plan.window else None, **self._pab_record()}
             return [TaoCacheCallback(plan, lut.timesteps, max_norm_ratio=self.tao.plan.max_norm_ratio),
                     self._pab(plan.resume_steps)]
@@ -445,7 +439,7 @@ class Experiment:
             from ..taocache.extrapolation import TaoCacheCallback
 
             tao_skips = max(1, skips // 2)
-            plan = self._tao_plan(lut, tao_skips)
+            plan = self._method_plan(method, lut, skips)
             first = plan.skipped_steps[0] if plan.skipped_steps else steps
             max_step = max(0, first - self.config.hybrid_guard)
             tea = self._tea_maker(coefficients)
@@ -509,10 +503,7 @@ class Experiment:
             skips = budget_skips(budget, steps)
             for method in TAO_METHODS & set(self.config.methods):
                 try:
-                    if method == "hybrid":
-                        self._tao_plan(lut, max(1, skips // 2))
-                    else:
-                        self._tao_plan(lut, skips, "auto" if method == "taocache-auto" else None)
+                    self._method_plan(method, lut, skips)
                 except PlanError as exc:
                     raise ConfigError(self.config.source, f"budgets[{i}]", f"{method} at {budget} ({skips} of "
                                       f"{steps} steps): {exc}") from None
@@ -549,6 +540,13 @@ class Experiment:
         if self.config.pab_groups:
             return {"pab_groups": [{"pattern": g.pattern, "range": g.range_} for g in self.config.pab_groups]}
         return {"pab_range": self.config.pab_range}
+
+    def _method_plan(self, method: str, lut, skips: int):
+        """The TaoCache plan ``method`` (one of ``TAO_METHODS``) runs at a budget of ``skips`` steps: the
+        error-aware rule for ``taocache-auto``, half the budget for ``hybrid`` (Algorithm 2)."""
+        if method == "hybrid":
+            return self._tao_plan(lut, max(1, skips // 2))
+        return self._tao_plan(lut, skips, "auto" if method == "taocache-auto" else None)
 
     def _tao_plan(self, lut, skips: int, rule: Optional[str] = None):
         """The TaoCache config's plan for ``skips`` skips (``rule`` overriding its rule), the expert

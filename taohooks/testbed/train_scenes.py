@@ -440,7 +440,7 @@ def train(args) -> dict:
         batches = trainer.echoing = EchoingBatches(batches, args.echo)
     deadline = start + args.max_minutes * 60 if args.max_minutes is not None else math.inf
     annealing_from = None  # cosine-time: when the warmup ended
-    echoed_before = 0  # the echo count at the last log line
+    echoed_at_log = 0  # the echo count at the last log line
     try:
         with _StopOnSignal() as stop:
             while trainer.step < args.steps and stop.signal is None and time.time() < deadline:
@@ -456,8 +456,8 @@ def train(args) -> dict:
                     sps = (time.time() - window) / len(running)
                     echoed = ""
                     if isinstance(batches, EchoingBatches):
-                        echoed = f", echoed {batches.echoed - echoed_before} of {len(running)}"
-                        echoed_before = batches.echoed
+                        echoed = f", echoed {batches.echoed - echoed_at_log} of {len(running)}"
+                        echoed_at_log = batches.echoed
                     print(f"step {trainer.step} loss {np.mean(running):.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
                           f"s/step {sps:.3f} (data {waited / len(running):.3f}{echoed}) "
                           f"elapsed {time.time() - start:.0f}s", flush=True)
