@@ -801,6 +801,23 @@ def test_a_generator_argument_is_seeded_per_run():
     assert torch.equal(draws[0], torch.randn(4, generator=torch.Generator().manual_seed(5)))
 
 
+def test_fixed_latents_are_refused():
+    """A pipeline call with latents= would start every run from the same noise, whatever its seed: refused,
+    naming the argument; latents=None (the pipeline draws them) is the normal call."""
+    from types import SimpleNamespace
+
+    from taohooks.compare.runner import Experiment
+    from taohooks.compare.targets import TARGETS
+
+    experiment = Experiment.__new__(Experiment)
+    experiment.target = TARGETS["latte"]
+    experiment.config = SimpleNamespace(source="exp.yaml")
+    experiment._check_arguments("pipe", {"prompt": "x", "latents": None})
+    for latents in (torch.zeros(1, 4, 2, 8, 8), [torch.zeros(4, 2, 8, 8)]):
+        with pytest.raises(ConfigError, match="exp.yaml: taocache: the script passes latents= to pipe: every run"):
+            experiment._check_arguments("pipe", {"prompt": "x", "latents": latents})
+
+
 def test_a_folder_from_before_a_setting_was_recorded_is_refused_as_such(tmp_path):
     """experiment.json written by an earlier taohooks lacks the newer keys: its runs cannot be checked, and the
     refusal says so (not "made with X = None")."""

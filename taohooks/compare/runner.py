@@ -257,13 +257,25 @@ class Experiment:
         return json.loads(json.dumps(settings))  # as experiment.json gives it back (tuples as lists)
 
     # ------------------------------------------------------------------ the experiment
+    def _check_arguments(self, target: str, arguments: Dict[str, Any]) -> None:
+        """The script's first generation call can be replayed once per (prompt, seed): it names the prompt and
+        seed arguments, and fixes no initial latents (which would make every run start from the same noise,
+        whatever its seed)."""
+        for name in (self.target.prompt_arg, self.target.seed_arg):
+            if name is not None and name not in arguments:
+                raise ConfigError(self.config.source, "taocache", f"{target} has no argument {name!r}; "
+                                  "the compare target of this integration does not fit the script")
+        latents = arguments.get("latents")
+        if isinstance(latents, torch.Tensor) or (
+                isinstance(latents, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in latents)):
+            raise ConfigError(self.config.source, "taocache", f"the script passes latents= to {target}: every run "
+                              "would start from these latents whatever its seed, so the prompts' seeds would change "
+                              "nothing; let the pipeline draw them (drop latents= from the script's call) to compare")
+
     def run(self, patch: GenerationPatch, bound: inspect.BoundArguments) -> None:
         self.patch, self._bound = patch, bound
         arguments = dict(bound.arguments)
-        for name in (self.target.prompt_arg, self.target.seed_arg):
-            if name is not None and name not in arguments:
-                raise ConfigError(self.config.source, "taocache", f"{patch.target()} has no argument {name!r}; "
-                                  "the compare target of this integration does not fit the script")
+        self._check_arguments(patch.target(), arguments)
         self.model = unwrap_model(patch.model_of(arguments))
         self.loop, attach_kwargs = patch.loop_of(arguments)
         if attach_kwargs.get("repeat"):  # one loop per clip (Wan2.2 S2V/Animate); command.py refuses these earlier
