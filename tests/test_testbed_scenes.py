@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from taohooks.testbed import scenes, scenes_recognizer, scenes_sampling, train_scenes
 from taohooks.testbed.model import VideoDiT, num_parameters
+from taohooks.testbed.schedules import DDPMSchedule, flow_interpolate
 
 TINY = ["--kind", "flow", "--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", "2", "--warmup", "2",
         "--log-every", "2", "--save-every", "2", "--keep-every", "0"]
@@ -200,6 +201,32 @@ def test_sigma_shift_moves_training_sigmas_as_the_sampler_moves_its_steps():
         train_scenes.parse_args([*TINY, "--steps", "2", "--sigma-shift", "0", "--out", "w.safetensors"])
     with pytest.raises(SystemExit):
         train_scenes.parse_args(["--kind", "eps", *TINY[2:], "--steps", "2", "--sigma-shift", "3", "--out", "w.safetensors"])
+
+
+def test_training_draws_are_the_cpu_stream_on_the_cpu_and_one_seed_draw_on_an_accelerator():
+    """On the CPU a step draws from the run's generator itself (CPU runs and resumes unchanged: the loss is the one
+    of the draws made in the order noise, then sigmas); on an accelerator it costs the run's generator one draw,
+    and the same generator state gives the same draws."""
+    model = VideoDiT(train_scenes.scenes_config("flow", dim=32, depth=1, heads=2)).eval()
+    x0, ids = train_scenes.make_batch(np.random.default_rng(0), 2)
+    ddpm = DDPMSchedule()
+    loss = train_scenes.loss_fn("flow", model, x0, ids, ddpm, torch.Generator().manual_seed(7), 3.0)
+    gen = torch.Generator().manual_seed(7)
+    noise = torch.randn(x0.shape, generator=gen)
+    sigma = train_scenes.shift_sigmas(torch.rand(2, generator=gen), 3.0)
+    expected = (model(flow_interpolate(x0, noise, sigma), sigma * 1000.0, ids).float() - (noise - x0)).pow(2).mean()
+    assert torch.equal(loss, expected)
+    assert train_scenes.step_generator(gen, torch.device("cpu")) is gen
+    if not torch.cuda.is_available():
+        return
+    dev = torch.device("cuda", 0)
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(1000, generator=train_scenes.step_generator(gen, dev), device=dev)
+    b = torch.randn(1000, generator=train_scenes.step_generator(torch.Generator().manual_seed(7), dev), device=dev)
+    assert a.device == dev and torch.equal(a, b)
+    gen2 = torch.Generator().manual_seed(7)
+    torch.randint(0, 2 ** 63 - 1, (1,), generator=gen2)
+    assert torch.equal(gen.get_state(), gen2.get_state())
 
 
 def test_newest_checkpoint_is_the_one_with_most_steps_behind_it(tmp_path):

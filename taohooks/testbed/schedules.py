@@ -79,10 +79,11 @@ def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor)
     return (1 - s) * x0 + s * noise
 
 
-def sample_flow_sigmas(kind: str, batch: int, generator: torch.Generator = None) -> torch.Tensor:
-    """``[B]`` training sigmas: ``"uniform"`` U(0, 1) or ``"lognormal"`` sigmoid(N(0, 1))."""
+def sample_flow_sigmas(kind: str, batch: int, generator: torch.Generator = None, device=None) -> torch.Tensor:
+    """``[B]`` training sigmas: ``"uniform"`` U(0, 1) or ``"lognormal"`` sigmoid(N(0, 1)), drawn on ``device``
+    (the generator's)."""
     if kind == "uniform":
-        return torch.rand(batch, generator=generator)
+        return torch.rand(batch, generator=generator, device=device)
     if kind == "lognormal":
-        return torch.sigmoid(torch.randn(batch, generator=generator))
+        return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
     raise ValueError(f"unknown sigma sampling {kind!r}")

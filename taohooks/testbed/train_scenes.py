@@ -178,19 +178,33 @@ def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return sigma if shift == 1.0 else shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
+def step_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:
+    """The generator a training step draws its noise, times and sigmas from, all decided by the CPU generator
+    ``gen``: on the CPU ``gen`` itself; on an accelerator one there, seeded with one draw of ``gen``. Drawing on
+    the CPU would cost the accelerator's step: the 6.3 M noise values of a batch of 256 take 38-48 ms on one CPU
+    thread of the dev machine, and the first H200 runs, which drew them there, took 73 ms a step (and moving
+    pageable CPU draws to the device waits for the device). A run resumes exactly on the same kind of device;
+    a GPU run's draws are not the CPU run's."""
+    if device.type == "cpu":
+        return gen
+    seed = int(torch.randint(0, 2 ** 63 - 1, (1,), generator=gen))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def loss_fn(kind: str, model: VideoDiT, x0, ids, ddpm: DDPMSchedule, gen: torch.Generator,
             sigma_shift: float = 1.0) -> torch.Tensor:
-    """The loss of ``train.loss_fn`` with the random draws made on the CPU ``gen`` (so a run is
-    the same stream of draws on any device) and moved to ``x0``'s device; flow sigmas shifted by
-    ``sigma_shift`` (:func:`shift_sigmas`)."""
+    """The loss of ``train.loss_fn`` with the random draws decided by the CPU ``gen`` (:func:`step_generator`);
+    flow sigmas shifted by ``sigma_shift`` (:func:`shift_sigmas`)."""
     b, dev = x0.shape[0], x0.device
-    noise = torch.randn(x0.shape, generator=gen).to(dev)
+    g = step_generator(gen, dev)
+    noise = torch.randn(x0.shape, generator=g, device=dev)
     if kind == "eps":
-        t = torch.randint(0, ddpm.num_timesteps, (b,), generator=gen).to(dev)
+        t = torch.randint(0, ddpm.num_timesteps, (b,), generator=g, device=dev)
         out = model(ddpm.add_noise(x0, noise, t), t.float(), ids).float()
         return (out[:, :3] - noise).pow(2).mean() + ddpm.vlb_loss(x0, ddpm.add_noise(x0, noise, t), t,
                                                                   out[:, :3], out[:, 3:])
-    sigma = shift_sigmas(sample_flow_sigmas("uniform" if kind == "flow" else "lognormal", b, gen), sigma_shift).to(dev)
+    sigma = shift_sigmas(sample_flow_sigmas("uniform" if kind == "flow" else "lognormal", b, g, device=dev),
+                         sigma_shift)
     out = model(flow_interpolate(x0, noise, sigma), sigma * 1000.0, ids).float()
     return (out - (noise - x0)).pow(2).mean()
 
@@ -364,7 +378,9 @@ class Trainer:
         finally:  # closed, or an error: the workers ignore SIGTERM, so nothing else would stop them
             loader._shutdown_workers()
 
-    def train_step(self, batch, time_fraction: float = 0.0) -> float:
+    def train_step(self, batch, time_fraction: float = 0.0) -> torch.Tensor:
+        """One optimizer step on ``batch``; the loss, detached on the training device (read it once per log
+        line: a read per step would make the host wait for the accelerator at every step)."""
         a = self.args
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, a.lr, a.warmup, a.steps, a.schedule, time_fraction)
@@ -377,7 +393,7 @@ class Trainer:
         self.opt.step()
         self.ema.update(self.model)
         self.step += 1
-        return loss.item()
+        return loss.detach()
 
 
 def read_state(path: str) -> dict:
@@ -458,7 +474,7 @@ def train(args) -> dict:
                     if isinstance(batches, EchoingBatches):
                         echoed = f", echoed {batches.echoed - echoed_at_log} of {len(running)}"
                         echoed_at_log = batches.echoed
-                    print(f"step {trainer.step} loss {np.mean(running):.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
+                    print(f"step {trainer.step} loss {torch.stack(running).float().mean().item():.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
                           f"s/step {sps:.3f} (data {waited / len(running):.3f}{echoed}) "
                           f"elapsed {time.time() - start:.0f}s", flush=True)
                     running, window, waited = [], time.time(), 0.0
