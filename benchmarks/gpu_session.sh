@@ -9,8 +9,10 @@
 #   2. training of the scenes testbed (issue 15) from the EMA weights in .carry/ or the committed ones
 #      (taohooks/testbed/weights/wip/), whichever have more steps behind them, for what is left of the
 #      session but MEASURE_RESERVE (100 s): about 360 s after the speed table, about 460 s without it
-#      (about 550 s with MEASURE=0; TRAIN_SECONDS, whole seconds, overrides), batches of 256 rendered by 14
-#      processes (a batch is trained on again, with fresh noise, up to twice while none is ready: --echo 2; the
+#      (about 550 s with MEASURE=0; TRAIN_SECONDS, whole seconds, overrides), batches of 256 drawn by 10
+#      processes and rendered on the GPU (--render device: the first two GPU calls, rendered by 14 CPU processes
+#      and with their noise drawn on the CPU, took 73 ms a step), trained on again, with fresh noise, up to twice
+#      while no batch is ready (--echo 2; the
 #      log's "(data S, echoed N of M)" says how long steps waited and how often), the learning rate annealed over the run's own time once its warmup is done (--schedule
 #      cosine-time --max-minutes: TRAIN_SECONDS less 40 s for start and save, less half of it under 80 s),
 #      so that the checkpoint ends annealed whatever the step count; `timeout` (TRAIN_SECONDS) is the backstop:
@@ -93,7 +95,7 @@ left() { echo $(( DEADLINE - ($(date +%s) - started) )); }   # seconds until DEA
 if [ "$SMOKE" = 1 ]; then
     speed=(--tiny --device cpu --frames 5 --height 32 --width 32 --steps 6 --budgets 0.34 --repeats 1)
     train=(--device cpu --batch-size 2 --workers 0 --threads 2 --log-every 1 --save-every 2 --keep-every 0
-           --schedule cosine-time)
+           --schedule cosine-time --render device)
     train_steps=3
     measure=(--n 2 --steps 8 --skip-steps 2,5 --noise-change 0.01 --batch-size 2 --calibration-pairs 2
              --search-pairs 1 --search-iterations 2 --threads 2)
@@ -118,8 +120,8 @@ YAML
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
     speed=(--frames 33 --budgets 0.08 0.16 0.25 --repeats 1)
-    train=(--device cuda --batch-size 256 --workers 14 --echo 2 --bf16 --log-every 200 --save-every 1000
-           --save-minutes 1 --keep-every 0 --schedule cosine-time)
+    train=(--device cuda --batch-size 256 --workers 10 --render device --echo 2 --bf16 --log-every 200
+           --save-every 1000 --save-minutes 1 --keep-every 0 --schedule cosine-time)
     train_steps=1000000
     measure=(--n 64 --skip-steps 2,10,25,45 --noise-change 0.01,0.05 --batch-size 16 --calibration-pairs 8
              --threads 16)

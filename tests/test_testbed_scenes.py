@@ -170,6 +170,31 @@ def test_resume_is_exact_and_checkpoint_is_half(tmp_path):
     assert model.config.height == 32 and model.config.attribute_sizes == scenes.ATTRIBUTE_SIZES
 
 
+def test_clips_rendered_from_their_draws_with_torch_are_the_numpy_clips():
+    """scenes_render (the training device's renderer) makes scenes.render's clips to the bit on the CPU, for
+    every background, object count and shape, from draws packed on the CPU."""
+    from taohooks.testbed import scenes_render
+
+    rng = np.random.default_rng(11)
+    prompts, seeds = scenes.random_training_pairs(rng, 96)
+    assert {(p.background, p.count, p.shape) for p in prompts} >= {(b, 1, 0) for b in range(3)} | {(0, 3, 1)}
+    params = scenes_render.scene_params(prompts, seeds)
+    assert params["present"].sum().item() == sum(p.count for p in prompts)
+    clips = scenes_render.render_params(params)
+    assert clips.dtype == torch.float32 and torch.equal(clips, torch.from_numpy(scenes.render_batch(prompts, seeds)))
+
+
+def test_training_on_device_rendered_clips_is_training_on_the_cpu_clips(tmp_path):
+    """--render device (the draws made on the CPU, the pixels on the training device) trains on the same clips:
+    on the CPU the same weights to the bit; the summary records where the clips were made."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    train_scenes.main([*TINY, "--steps", "3", "--out", str(a)])
+    train_scenes.main([*TINY, "--steps", "3", "--render", "device", "--out", str(b)])
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((tmp_path / "b.json").read_text())["render"] == "device"
+
+
 def test_resume_without_the_hyperparameters_continues_the_same_run(tmp_path, capsys):
     """``--resume`` alone takes lr/warmup/batch/... from the state (it once fell back to the defaults:
     a run at lr 4e-4 continued at 5e-4); one given differently is said."""
@@ -408,11 +433,13 @@ def test_a_periodic_save_records_the_training_time_up_to_it(tmp_path):
     state = train_scenes.read_state(str(tmp_path / "w.state.pt"))
     assert state["step"] >= 4 and state["wall"] > 0.0
 
-def test_training_with_worker_processes_and_bf16(tmp_path):
+@pytest.mark.parametrize("render", ["cpu", "device"])
+def test_training_with_worker_processes_and_bf16(tmp_path, render):
     out = tmp_path / "w.safetensors"
-    train_scenes.main([*TINY, "--steps", "2", "--workers", "1", "--bf16", "--out", str(out)])
+    train_scenes.main([*TINY, "--steps", "2", "--workers", "1", "--bf16", "--render", render, "--out", str(out)])
     summary = json.loads((tmp_path / "w.json").read_text())
     assert summary["steps_done"] == 2 and summary["workers"] == 1 and summary["bf16"] is True
+    assert summary["render"] == render
     assert torch.isfinite(load_file(str(out))["final.linear.weight"].float()).all()
 
 

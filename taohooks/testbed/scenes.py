@@ -145,37 +145,78 @@ def _wave_vectors(rng, n: int, k_min: float, k_max: float) -> np.ndarray:
     return np.asarray([cands[i] for i in pick], np.float64)
 
 
-def background(kind: int, rng: np.random.Generator) -> np.ndarray:
-    """Textured background, float32 ``[3, 8, 32, 32]``; moves (translates or turns) half of the time."""
-    f = np.arange(NUM_FRAMES, dtype=np.float64)[:, None, None]
-    ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float64)
+@dataclass(frozen=True)
+class BackgroundParams:
+    """What the seed draws for a background (:func:`background_params`); :func:`texture` makes it.
+
+    ``drift``: texture translation (vx, vy), pixels/frame (0 when still); ``waves`` ``[n, 2]`` integer wave
+    vectors (cycles per frame width) with amplitudes and phases ``[n]`` (noise: 8-12 cosines, normalised to a
+    peak of 1; stripes: one sine, ``square``: softly squared); gradient: direction ``theta [8]`` (radians, per
+    frame) through ``centre`` (x, y); then ``grey = base + amp * texture`` plus a per-channel ``tint [3]``."""
+
+    kind: int
+    drift: Tuple[float, float]
+    waves: np.ndarray = None
+    wave_amps: np.ndarray = None
+    phases: np.ndarray = None
+    square: bool = False
+    theta: np.ndarray = None
+    centre: Tuple[float, float] = (0.0, 0.0)
+    base: float = 0.0
+    amp: float = 0.0
+    tint: np.ndarray = None
+
+
+def background_params(kind: int, rng: np.random.Generator) -> BackgroundParams:
+    """The background's draws from ``rng``, in the order :func:`background` has always made them."""
     moving = rng.random() < 0.5
     speed = rng.uniform(0.5, 1.5) if moving else 0.0
     angle = rng.uniform(0, 2 * np.pi)
-    vx, vy = speed * np.cos(angle), speed * np.sin(angle)  # texture drift, pixels/frame
-    x, y = xs[None] - vx * f, ys[None] - vy * f  # [F, H, W] texture coordinates
+    p = {"kind": kind, "drift": (speed * np.cos(angle), speed * np.sin(angle))}
     name = BACKGROUNDS[kind]
     if name == "noise":  # 8-12 Fourier modes of comparable amplitude: no dominant wave
         n = int(rng.integers(8, 13))
-        k = _wave_vectors(rng, n, 1.5, 5.0)
-        amp, phase = rng.uniform(0.5, 1.0, n), rng.uniform(0, 2 * np.pi, n)
-        t = sum(a * np.cos(2 * np.pi * (kx * x + ky * y) / WIDTH + p) for (kx, ky), a, p in zip(k, amp, phase))
-        t = t / np.abs(t).max()
+        p["waves"] = _wave_vectors(rng, n, 1.5, 5.0)
+        p["wave_amps"], p["phases"] = rng.uniform(0.5, 1.0, n), rng.uniform(0, 2 * np.pi, n)
     elif name == "stripes":  # one wave, sine or soft square
-        k = _wave_vectors(rng, 1, 2.5, 6.0)[0]
-        t = np.sin(2 * np.pi * (k[0] * x + k[1] * y) / WIDTH + rng.uniform(0, 2 * np.pi))
-        if rng.random() < 0.5:
-            t = np.tanh(3 * t) / np.tanh(3)
+        p["waves"] = _wave_vectors(rng, 1, 2.5, 6.0)
+        p["wave_amps"], p["phases"] = np.ones(1), np.asarray([rng.uniform(0, 2 * np.pi)])
+        p["square"] = bool(rng.random() < 0.5)
     else:  # gradient: a linear ramp; moving ones turn by up to +-0.12 rad/frame
-        theta = rng.uniform(0, 2 * np.pi) + (rng.uniform(-0.12, 0.12) if moving else 0.0) * f
-        cx, cy = rng.uniform(8, 24, 2)
-        t = ((xs[None] - cx) * np.cos(theta) + (ys[None] - cy) * np.sin(theta)) / (WIDTH * 1.1)
-        t = np.clip(t, -1, 1)
-    base = rng.uniform(BG_LOW, BG_HIGH)
-    amp = rng.uniform(*BG_AMPLITUDE)
-    tint = rng.uniform(-BG_TINT, BG_TINT, 3)
-    grey = base + amp * np.broadcast_to(t, (NUM_FRAMES, HEIGHT, WIDTH))
-    return (grey[None] + tint[:, None, None, None]).astype(np.float32)
+        f = np.arange(NUM_FRAMES, dtype=np.float64)
+        p["theta"] = rng.uniform(0, 2 * np.pi) + (rng.uniform(-0.12, 0.12) if moving else 0.0) * f
+        p["centre"] = tuple(rng.uniform(8, 24, 2))
+    p["base"] = rng.uniform(BG_LOW, BG_HIGH)
+    p["amp"] = rng.uniform(*BG_AMPLITUDE)
+    p["tint"] = rng.uniform(-BG_TINT, BG_TINT, 3)
+    return BackgroundParams(**p)
+
+
+def texture(p: BackgroundParams) -> np.ndarray:
+    """The background's grey texture in ``[-1, 1]``, float64 ``[8, 32, 32]``."""
+    f = np.arange(NUM_FRAMES, dtype=np.float64)[:, None, None]
+    ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float64)
+    vx, vy = p.drift
+    x, y = xs[None] - vx * f, ys[None] - vy * f  # [F, H, W] texture coordinates
+    name = BACKGROUNDS[p.kind]
+    if name == "noise":
+        t = sum(a * np.cos(2 * np.pi * (kx * x + ky * y) / WIDTH + ph)
+                for (kx, ky), a, ph in zip(p.waves, p.wave_amps, p.phases))
+        return t / np.abs(t).max()
+    if name == "stripes":
+        (kx, ky), = p.waves
+        t = np.sin(2 * np.pi * (kx * x + ky * y) / WIDTH + p.phases[0])
+        return np.tanh(3 * t) / np.tanh(3) if p.square else t
+    cx, cy = p.centre
+    theta = p.theta[:, None, None]
+    return np.clip(((xs[None] - cx) * np.cos(theta) + (ys[None] - cy) * np.sin(theta)) / (WIDTH * 1.1), -1, 1)
+
+
+def background(kind: int, rng: np.random.Generator) -> np.ndarray:
+    """Textured background, float32 ``[3, 8, 32, 32]``; moves (translates or turns) half of the time."""
+    p = background_params(kind, rng)
+    grey = p.base + p.amp * np.broadcast_to(texture(p), (NUM_FRAMES, HEIGHT, WIDTH))
+    return (grey[None] + p.tint[:, None, None, None]).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -269,10 +310,15 @@ def random_prompt(rng: np.random.Generator) -> ScenePrompt:
                        count=int(rng.integers(1, 4)), background=int(rng.integers(len(BACKGROUNDS))))
 
 
-def random_training_batch(rng: np.random.Generator, batch_size: int):
-    """Uniform random prompts and training seeds (< 10_000): ``(prompts, seeds, clips [B, 3, 8, 32, 32])``."""
+def random_training_pairs(rng: np.random.Generator, batch_size: int):
+    """Uniform random prompts and training seeds (< 10_000): ``(prompts, seeds)``."""
     prompts = [random_prompt(rng) for _ in range(batch_size)]
-    seeds = [int(rng.integers(TRAIN_SEED_LIMIT)) for _ in range(batch_size)]
+    return prompts, [int(rng.integers(TRAIN_SEED_LIMIT)) for _ in range(batch_size)]
+
+
+def random_training_batch(rng: np.random.Generator, batch_size: int):
+    """:func:`random_training_pairs` and their clips: ``(prompts, seeds, clips [B, 3, 8, 32, 32])``."""
+    prompts, seeds = random_training_pairs(rng, batch_size)
     return prompts, seeds, render_batch(prompts, seeds)
 
 
