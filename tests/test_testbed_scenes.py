@@ -180,8 +180,31 @@ def test_clips_rendered_from_their_draws_with_torch_are_the_numpy_clips():
     assert {(p.background, p.count, p.shape) for p in prompts} >= {(b, 1, 0) for b in range(3)} | {(0, 3, 1)}
     params = scenes_render.scene_params(prompts, seeds)
     assert params["present"].sum().item() == sum(p.count for p in prompts)
-    clips = scenes_render.render_params(params)
+    packed = scenes_render.pack_params(params)  # what a worker process hands over: one tensor
+    assert packed.shape == (96, 133) and packed.dtype == torch.float64
+    unpacked = scenes_render.unpack_params(packed)
+    assert all(unpacked[k].dtype == v.dtype and torch.equal(unpacked[k], v) for k, v in params.items())
+    clips = scenes_render.render_params(unpacked)
     assert clips.dtype == torch.float32 and torch.equal(clips, torch.from_numpy(scenes.render_batch(prompts, seeds)))
+    with pytest.raises(ValueError, match=r"\[132\] values a clip, expected \[133\]"):
+        scenes_render.unpack_params(packed[:, :132])
+
+
+def test_a_device_renderer_that_differs_falls_back_to_the_cpu_clips(monkeypatch, capsys):
+    """The check a GPU run makes before training on device-rendered clips: passed, it keeps --render device;
+    failed (here: clips off by 1e-3), the run renders on the CPU instead, and the log says why."""
+    trainer = train_scenes.Trainer(train_scenes.parse_args([*TINY, "--steps", "1", "--render", "device",
+                                                            "--out", "w.safetensors"]))
+    assert train_scenes.check_device_render(trainer, n=4) == 0.0 and trainer.args.render == "device"
+    monkeypatch.setattr(train_scenes, "render_params", lambda p: scenes_render_shifted(p))
+    assert train_scenes.check_device_render(trainer, n=4) > 1e-5 and trainer.args.render == "cpu"
+    assert "falling back to --render cpu" in capsys.readouterr().out
+
+
+def scenes_render_shifted(params):
+    from taohooks.testbed import scenes_render
+
+    return scenes_render.render_params(params) + 1e-3
 
 
 def test_training_on_device_rendered_clips_is_training_on_the_cpu_clips(tmp_path):

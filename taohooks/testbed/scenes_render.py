@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from typing import Dict, Sequence
 
-import numpy as np
 import torch
 
 from . import scenes
@@ -25,19 +24,23 @@ _NOISE, _STRIPES, _GRADIENT = (scenes.BACKGROUNDS.index(n) for n in ("noise", "s
 _SQUARE = scenes.SHAPES.index("square")
 
 
+#: the draws of a clip: name, shape, dtype (:func:`scene_params`; :func:`pack_params` puts them in one row)
+_I, _B, _D = torch.int64, torch.bool, torch.float64
+FIELDS = (("kind", (), _I), ("drift", (2,), _D), ("waves", (MAX_WAVES, 2), _D), ("wave_amps", (MAX_WAVES,), _D),
+          ("phases", (MAX_WAVES,), _D), ("square", (), _B), ("theta", (F,), _D), ("centre", (2,), _D),
+          ("base", (), _D), ("amp", (), _D), ("tint", (3,), _D), ("present", (MAX_OBJECTS,), _B),
+          ("shape", (MAX_OBJECTS,), _I), ("radius", (MAX_OBJECTS,), _D), ("cx", (MAX_OBJECTS, F), _D),
+          ("cy", (MAX_OBJECTS, F), _D), ("rgb", (MAX_OBJECTS, 3), torch.float32))
+
+
 def scene_params(prompts: Sequence[scenes.ScenePrompt], seeds: Sequence[int]) -> Dict[str, torch.Tensor]:
-    """The draws of ``B`` clips as tensors (float64 but ``rgb``): background ``kind [B]``, ``drift [B, 2]``,
+    """The draws of ``B`` clips as tensors (:data:`FIELDS`): background ``kind [B]``, ``drift [B, 2]``,
     ``waves [B, 12, 2]``, ``wave_amps``/``phases [B, 12]`` (unused waves: amplitude 0), ``square [B]``,
     ``theta [B, 8]``, ``centre [B, 2]``, ``base``/``amp [B]``, ``tint [B, 3]``; objects in painting order,
     the subject in the last of 3 slots (``present [B, 3]``, ``shape``, ``radius [B, 3]``, ``cx``/``cy
     [B, 3, 8]``, ``rgb [B, 3, 3]`` float32)."""
-    b = len(prompts)
-    z = lambda *shape, dtype=np.float64: np.zeros((b, *shape), dtype)  # noqa: E731
-    out = {"kind": z(dtype=np.int64), "drift": z(2), "waves": z(MAX_WAVES, 2), "wave_amps": z(MAX_WAVES),
-           "phases": z(MAX_WAVES), "square": z(dtype=bool), "theta": z(F), "centre": z(2), "base": z(), "amp": z(),
-           "tint": z(3), "present": z(MAX_OBJECTS, dtype=bool), "shape": z(MAX_OBJECTS, dtype=np.int64),
-           "radius": z(MAX_OBJECTS), "cx": z(MAX_OBJECTS, F), "cy": z(MAX_OBJECTS, F),
-           "rgb": z(MAX_OBJECTS, 3, dtype=np.float32)}
+    tensors = {name: torch.zeros((len(prompts), *shape), dtype=dtype) for name, shape, dtype in FIELDS}
+    out = {name: t.numpy() for name, t in tensors.items()}  # filled through numpy views of the tensors
     for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
         objects, rng = scenes.layout(prompt, seed)
         bg = scenes.background_params(prompt.background, rng)
@@ -51,7 +54,25 @@ def scene_params(prompts: Sequence[scenes.ScenePrompt], seeds: Sequence[int]) ->
         for j, obj in enumerate(objects, start=MAX_OBJECTS - len(objects)):
             out["present"][i, j], out["shape"][i, j], out["radius"][i, j] = True, obj.shape, obj.radius
             out["cx"][i, j], out["cy"][i, j], out["rgb"][i, j] = obj.cx, obj.cy, obj.rgb
-    return {k: torch.from_numpy(v) for k, v in out.items()}
+    return tensors
+
+
+def pack_params(p: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`scene_params`' draws as one float64 ``[B, 133]`` tensor, exactly (ids, flags and float32 colours
+    are float64 values): a worker process hands one tensor over, not 17, and the device gets one copy."""
+    return torch.cat([p[name].reshape(len(p["base"]), -1).double() for name, _, _ in FIELDS], dim=1)
+
+
+def unpack_params(packed: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The inverse of :func:`pack_params`, on ``packed``'s device."""
+    sizes = [math.prod(shape) for _, shape, _ in FIELDS]
+    if packed.ndim != 2 or packed.shape[1] != sum(sizes):
+        raise ValueError(f"packed scene draws: {list(packed.shape)[1:]} values a clip, expected [{sum(sizes)}]")
+    out = {}
+    for (name, shape, dtype), v in zip(FIELDS, packed.split(sizes, dim=1)):
+        v = v.reshape(len(packed), *shape)
+        out[name] = v != 0 if dtype is torch.bool else v.to(dtype)
+    return out
 
 
 def _texture(p: Dict[str, torch.Tensor], xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
@@ -64,7 +85,7 @@ def _texture(p: Dict[str, torch.Tensor], xs: torch.Tensor, ys: torch.Tensor) -> 
     noise = col(p["wave_amps"][:, 0]) * torch.cos(wave(0))
     for n in range(1, MAX_WAVES):  # summed in scenes.texture's order; an unused wave adds 0
         noise = noise + col(p["wave_amps"][:, n]) * torch.cos(wave(n))
-    noise = noise / noise.abs().amax(dim=(1, 2, 3), keepdim=True)
+    noise = noise / noise.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-300)  # gradient rows: 0, not 0/0
     stripes = torch.sin(wave(0))
     stripes = torch.where(col(p["square"]), torch.tanh(3 * stripes) / math.tanh(3), stripes)
     theta = p["theta"][:, :, None, None]

@@ -38,6 +38,14 @@ class DDPMSchedule:
         self.posterior_mean_coef1 = self.betas * prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1 - prev) * alphas.sqrt() / (1 - self.alphas_cumprod)
 
+    def to(self, device) -> "DDPMSchedule":
+        """The tables moved to ``device`` (once: each gather would otherwise copy a table there, and a copy from
+        the CPU makes the host wait for the device)."""
+        for name, value in vars(self).items():
+            if torch.is_tensor(value):
+                setattr(self, name, value.to(device))
+        return self
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
         abar = _gather(self.alphas_cumprod, t, x0.ndim)

@@ -48,7 +48,7 @@ from ..runtime.io import atomic_write_bytes
 from . import scenes
 from .ema import EMA
 from .model import VideoDiT, VideoDiTConfig, num_parameters, read_metadata
-from .scenes_render import render_params, scene_params
+from .scenes_render import pack_params, render_params, scene_params, unpack_params
 from .schedules import DDPMSchedule, flow_interpolate, sample_flow_sigmas
 from .train import KINDS, PROMPT_DROPOUT
 
@@ -73,10 +73,11 @@ def scenes_config(kind: str, dim: int = 256, depth: int = 6, heads: int = 8, mlp
 
 def make_batch(rng: np.random.Generator, batch_size: int, dropout: float = PROMPT_DROPOUT, pixels: bool = True):
     """Clips ``[B, 3, 8, 32, 32]`` float32 and prompt ids ``[B, 5]`` (``dropout`` of rows null); with ``pixels``
-    False the clips' draws instead (``scenes_render.scene_params``; the training device renders them, and the
-    same ``rng`` draws the same clips)."""
+    False the clips' draws instead, packed (``scenes_render.pack_params``, ``[B, 133]``: the training device
+    renders them, and the same ``rng`` draws the same clips)."""
     prompts, seeds = scenes.random_training_pairs(rng, batch_size)
-    clips = torch.from_numpy(scenes.render_batch(prompts, seeds)) if pixels else scene_params(prompts, seeds)
+    clips = torch.from_numpy(scenes.render_batch(prompts, seeds)) if pixels else \
+        pack_params(scene_params(prompts, seeds))
     ids = scenes.prompt_ids(prompts)
     ids[rng.random(batch_size) < dropout] = scenes.NULL_ID
     return clips, torch.from_numpy(ids)
@@ -299,7 +300,7 @@ class Trainer:
         self.offset = int((self.previous or {}).get("total_steps", 0))
         self.rng = np.random.default_rng(args.seed if self.offset == 0 else [args.seed, self.offset])
         self.gen = torch.Generator().manual_seed(args.seed if self.offset == 0 else args.seed * 1_000_003 + self.offset)
-        self.ddpm = DDPMSchedule()
+        self.ddpm = DDPMSchedule().to(self.device)
         self.step = 0
         self.wall = 0.0  # seconds of training before this process (resumed runs)
         self.echoed_before = 0  # steps trained on a batch again (--echo) by this run's earlier processes
@@ -389,8 +390,9 @@ class Trainer:
         a = self.args
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, a.lr, a.warmup, a.steps, a.schedule, time_fraction)
-        x0, ids = (t.to(self.device, non_blocking=True) if torch.is_tensor(t) else
-                   render_params({k: v.to(self.device, non_blocking=True) for k, v in t.items()}) for t in batch)
+        x0, ids = (t.to(self.device, non_blocking=True) for t in batch)
+        if a.render == "device":  # x0: the clips' packed draws
+            x0 = render_params(unpack_params(x0))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.bf16):
             loss = loss_fn(a.kind, self.model, x0, ids, self.ddpm, self.gen, a.sigma_shift)
         self.opt.zero_grad(set_to_none=True)
@@ -432,6 +434,22 @@ def resolve_hparams(args, state: dict | None, path: str | None = None) -> list[s
     return changed
 
 
+def check_device_render(trainer: "Trainer", n: int = 32, tolerance: float = 1e-5) -> float:
+    """``--render device`` on an accelerator: ``n`` clips rendered there against ``scenes.render``'s (its own
+    draws: the run's streams are untouched). The largest difference is logged; beyond ``tolerance`` (float32
+    rounding is 6e-8 here) the run falls back to ``--render cpu`` rather than train on other clips."""
+    prompts, seeds = scenes.random_training_pairs(np.random.default_rng(0x5EED), n)
+    packed = pack_params(scene_params(prompts, seeds)).to(trainer.device)
+    diff = (render_params(unpack_params(packed)).cpu() - torch.from_numpy(scenes.render_batch(prompts, seeds)))
+    worst = diff.abs().max().item()
+    ok = worst <= tolerance  # False for NaN too
+    print(f"render check: {n} clips rendered on {trainer.device} against scenes.render: largest difference "
+          f"{worst:.3g}" + ("" if ok else f" > {tolerance:g}: falling back to --render cpu"), flush=True)
+    if not ok:
+        trainer.args.render = "cpu"
+    return worst
+
+
 def train(args) -> dict:
     torch.set_num_threads(args.threads)
     state = read_state(args.resume) if args.resume else None
@@ -450,6 +468,8 @@ def train(args) -> dict:
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: expected a .safetensors file name")
     state_path = Path(args.state) if args.state else out.with_suffix(".state.pt")
+    if args.render == "device" and trainer.device.type != "cpu":
+        check_device_render(trainer)
     print(f"scenes kind={args.kind} params={num_parameters(trainer.model)} from_step={trainer.step} "
           f"to_step={args.steps} batch={args.batch_size} lr={args.lr} schedule={args.schedule} "
           f"sigma_shift={args.sigma_shift:g} workers={args.workers} echo={args.echo} render={args.render} "
@@ -480,7 +500,7 @@ def train(args) -> dict:
                     if isinstance(batches, EchoingBatches):
                         echoed = f", echoed {batches.echoed - echoed_at_log} of {len(running)}"
                         echoed_at_log = batches.echoed
-                    print(f"step {trainer.step} loss {torch.stack(running).float().mean().item():.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
+                    print(f"step {trainer.step} loss {torch.stack(running).double().mean().item():.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
                           f"s/step {sps:.3f} (data {waited / len(running):.3f}{echoed}) "
                           f"elapsed {time.time() - start:.0f}s", flush=True)
                     running, window, waited = [], time.time(), 0.0
