@@ -9,7 +9,7 @@
 #   2. training of the scenes testbed (issue 15) from the EMA weights in .carry/ or the committed ones
 #      (taohooks/testbed/weights/wip/), whichever have more steps behind them, for what is left of the
 #      session but MEASURE_RESERVE (100 s): about 360 s after the speed table, about 460 s without it
-#      (about 550 s with MEASURE=0; TRAIN_SECONDS, whole seconds, overrides), batches of 256 drawn by 10
+#      (about 550 s with MEASURE=0; TRAIN_SECONDS, whole seconds, overrides), batches of 256 drawn by 12
 #      processes and rendered on the GPU (--render device: the first two GPU calls, rendered by 14 CPU processes
 #      and with their noise drawn on the CPU, took 73 ms a step), trained on again, with fresh noise, up to twice
 #      while no batch is ready (--echo 2; the
@@ -120,7 +120,7 @@ YAML
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
     speed=(--frames 33 --budgets 0.08 0.16 0.25 --repeats 1)
-    train=(--device cuda --batch-size 256 --workers 10 --render device --echo 2 --bf16 --log-every 200
+    train=(--device cuda --batch-size 256 --workers 12 --render device --echo 2 --bf16 --log-every 200
            --save-every 1000 --save-minutes 1 --keep-every 0 --schedule cosine-time)
     train_steps=1000000
     measure=(--n 64 --skip-steps 2,10,25,45 --noise-change 0.01,0.05 --batch-size 16 --calibration-pairs 8
