@@ -717,3 +717,24 @@ def test_scenes_loss_per_sigma_and_as_trained(tmp_path, capsys):
     for bad in (["--sigmas", "0,0.5"], ["--sigmas", "a"], ["--sigma-shift", "0"]):
         with pytest.raises(SystemExit):
             scenes_loss.main(["--weights", str(weights), *bad])
+
+
+@pytest.mark.parametrize("kind", ["flow", "eps"])
+def test_a_training_step_on_an_accelerator_mixes_in_no_cpu_tensor(monkeypatch, kind):
+    """The GPU path without a GPU: the "meta" device stands in for it (an op mixing a CPU tensor, but a 0-dim one,
+    into meta tensors raises, as a CPU/CUDA mix does). The draws, the rendering from packed draws, the DDPM
+    tables, the loss, the optimizer and the EMA all stay on the device. (A generator cannot live on meta: the
+    step's draws are made without one there, and it has no autocast.)"""
+    assert_mixing_raises = pytest.raises(RuntimeError)
+    with assert_mixing_raises:
+        torch.ones(3, device="meta") + torch.ones(3)
+    seeds_drawn = []
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: __import__("contextlib").nullcontext())  # none for meta
+    monkeypatch.setattr(train_scenes, "step_generator",
+                        lambda gen, device: seeds_drawn.append(torch.randint(0, 2 ** 63 - 1, (1,), generator=gen)))
+    trainer = train_scenes.Trainer(train_scenes.parse_args(
+        ["--kind", kind, *TINY[2:], "--steps", "2", "--render", "device", "--device", "meta", "--out", "w.safetensors"]))
+    for _ in range(2):
+        loss = trainer.train_step(train_scenes.make_batch(trainer.rng, 2, pixels=False))
+    assert loss.device.type == "meta" and len(seeds_drawn) == 2
+    assert {p.device.type for p in [*trainer.model.parameters(), *trainer.ema.model.parameters()]} == {"meta"}
