@@ -25,6 +25,8 @@
 #      the full bench on it (configs/bench.yaml, the models on the GPU, -o $OUT/bench_scenes) in the last
 #      BENCH_RESERVE (200) s, which the training then leaves; LPIPS when .carry/lpips_alex_v0.1.safetensors is
 #      carried (cp ~/.cache/taohooks/lpips_alex_v0.1.safetensors .carry/), else reported as null.
+# KIND=eps trains the eps model (DDPM + learned variance, sampled in Latte's loop: the second official
+# loop shape) as scenes-eps[-pPATCH], from .carry/scenes-eps.safetensors if carried, else from scratch.
 # PATCH=4 trains the model with 4x4-pixel tokens (512 tokens, 8.2M parameters; what the testbed README says
 # detail inside 8x8 tokens needs) from .carry/scenes-flow-p4.safetensors or the committed
 # weights/wip/scenes-flow-p4-step*, whichever have more steps (else from scratch), and writes $OUT/scenes-flow-p4.safetensors; the
@@ -69,7 +71,10 @@ TRAIN_SECONDS=${TRAIN_SECONDS:-}
 # the weights the training continues from (INIT= overrides): of .carry/ (CARRY=) and the committed ones, those
 # with the most steps behind them (a stale carried copy once stood in front of newer committed weights)
 PATCH=${PATCH:-8}
-case "$PATCH" in 8) NAME=scenes-flow ;; 4|2) NAME=scenes-flow-p$PATCH ;; *) echo "PATCH=$PATCH: expected 8, 4 or 2" >&2; exit 2 ;; esac
+KIND=${KIND:-flow}
+case "$KIND" in flow|eps) ;; *) echo "KIND=$KIND: expected flow (Wan's loop) or eps (Latte's loop)" >&2; exit 2 ;; esac
+case "$PATCH" in 8) NAME=scenes-$KIND ;; 4|2) NAME=scenes-$KIND-p$PATCH ;; *) echo "PATCH=$PATCH: expected 8, 4 or 2" >&2; exit 2 ;; esac
+case " ${TRAIN_EXTRA:-} " in *" --kind"*) echo "TRAIN_EXTRA=${TRAIN_EXTRA}: give the kind as KIND=, which names the files too" >&2; exit 2 ;; esac
 case " ${TRAIN_EXTRA:-} " in *" --patch"*) echo "TRAIN_EXTRA=${TRAIN_EXTRA}: give the patch size as PATCH=, which names the files too" >&2; exit 2 ;; esac
 if [ -n "$TRAIN_SECONDS" ] && ! [[ $TRAIN_SECONDS =~ ^[0-9]+$ ]]; then
     echo "TRAIN_SECONDS=$TRAIN_SECONDS: expected whole seconds" >&2; exit 2
@@ -154,7 +159,7 @@ else
     margin=$(( TRAIN_SECONDS > 80 ? 40 : TRAIN_SECONDS / 2 ))   # the process's start and last save
     minutes=$(awk "BEGIN { printf \"%.3f\", ($TRAIN_SECONDS - $margin) / 60 }")
     say "2. train_scenes for ${TRAIN_SECONDS} s (--max-minutes $minutes) ${train[*]} ${TRAIN_EXTRA:-} ${init[*]}"
-    timeout -k 30 "$TRAIN_SECONDS" "$PY" -m taohooks.testbed.train_scenes --kind flow --steps "$train_steps" \
+    timeout -k 30 "$TRAIN_SECONDS" "$PY" -m taohooks.testbed.train_scenes --kind "$KIND" --steps "$train_steps" \
         "${train[@]}" --max-minutes "$minutes" ${TRAIN_EXTRA:-} "${init[@]}" --out "$OUT/$NAME.safetensors" --state "$STATE_DIR/$NAME.state.pt" --patch "$PATCH" \
         > "$OUT/train.log" 2>&1
     say "   exit $? ($(grep -E '^(step|saved|done)' "$OUT/train.log" | tail -n 2 | tr '\n' ' '))"
