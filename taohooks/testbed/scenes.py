@@ -316,11 +316,6 @@ def random_training_pairs(rng: np.random.Generator, batch_size: int):
     return prompts, [int(rng.integers(TRAIN_SEED_LIMIT)) for _ in range(batch_size)]
 
 
-def random_training_batch(rng: np.random.Generator, batch_size: int):
-    """:func:`random_training_pairs` and their clips: ``(prompts, seeds, clips [B, 3, 8, 32, 32])``."""
-    prompts, seeds = random_training_pairs(rng, batch_size)
-    return prompts, seeds, render_batch(prompts, seeds)
-
 
 def _spread_prompts(n: int, offset: int) -> List[ScenePrompt]:
     """``n`` prompts stepping through all 432 with a stride coprime to 432 (every attribute varies)."""
