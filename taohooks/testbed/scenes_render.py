@@ -20,7 +20,7 @@ from . import scenes
 MAX_WAVES = 12  # the noise background's most cosines
 MAX_OBJECTS = max(scenes.COUNTS)
 F, H, W = scenes.NUM_FRAMES, scenes.HEIGHT, scenes.WIDTH
-_NOISE, _STRIPES, _GRADIENT = (scenes.BACKGROUNDS.index(n) for n in ("noise", "stripes", "gradient"))
+_NOISE, _STRIPES = scenes.BACKGROUNDS.index("noise"), scenes.BACKGROUNDS.index("stripes")  # else: gradient
 _SQUARE = scenes.SHAPES.index("square")
 
 
