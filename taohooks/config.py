@@ -254,7 +254,7 @@ TEACACHE_PUBLISHED = ("latte", "opensora_plan", "wan2.1-t2v-1.3B", "wan2.1-t2v-1
 class TeaCacheConfig:
     """TeaCache on the early/mid steps, TaoCache late (``teacache:``; Algorithm 2, the hybrid)."""
 
-    threshold: float = 0.0
+    threshold: Optional[float] = None           # required: reuse below it (0: TeaCache off, the section a fit's proxy)
     published: Optional[str] = None             # the authors' TeaCache for this model (TEACACHE_PUBLISHED)
     use_ret_steps: bool = False                 # with a Wan2.1 `published`: the authors' --use_ret_steps variant
     calibrated: bool = False                    # the polynomial fitted in TaoCache's calibration pass (teacache_fit)
@@ -265,7 +265,10 @@ class TeaCacheConfig:
     guard_band: int = 2                         # steps always computed between TeaCache's range and the window
 
     def validate(self, err) -> None:
-        if self.threshold < 0:
+        if self.threshold is None:  # (a default of 0 turned the hybrid's TeaCache off without a word)
+            err("teacache.threshold", "missing: the accumulated (rescaled) rel-L1 below which TeaCache reuses "
+                                      "the block residual, e.g. 0.05 (0: TeaCache off)")
+        elif self.threshold < 0:
             err("teacache.threshold", f"expected a threshold >= 0, got {self.threshold}")
         if self.published is not None:
             if self.published not in TEACACHE_PUBLISHED:

@@ -93,7 +93,7 @@ def test_prompts_end_only_at_newlines(tmp_path):
     ("plan: {budget: .nan}\n", "plan.budget: expected a finite number, got nan"),
     ("pab: {groups: [{pattern: a}], timesteps: [100, .inf]}\n", "pab.timesteps[1]: expected a finite number, got inf"),
     ("teacache: {threshold: .inf}\n", "teacache.threshold: expected a finite number, got inf"),
-    ("teacache: {coefficients: [1.0, -.inf]}\n", "teacache.coefficients[1]: expected a finite number, got -inf"),
+    ("teacache: {threshold: 0.1, coefficients: [1.0, -.inf]}\n", "teacache.coefficients[1]: expected a finite number, got -inf"),
 ])
 def test_every_float_is_finite(tmp_path, text, message):
     assert error(tmp_path, text) == message
@@ -111,7 +111,7 @@ def test_numbers_that_yaml_reads_as_text_say_how_to_write_them(tmp_path):
     ("plan: {min_step: 100001}\n", "plan.min_step: expected a step index from 0 to 100000, got 100001"),
     ("plan: {skip_steps: [5, 100001]}\n", "plan.skip_steps[1]: expected a step index from 2 (the first 2 steps are "
                                           "always computed) to 100000, got 100001"),
-    ("teacache: {warmup_steps: 100001}\n", "teacache.warmup_steps: expected a step count from 0 to 100000, got 100001"),
+    ("teacache: {threshold: 0.1, warmup_steps: 100001}\n", "teacache.warmup_steps: expected a step count from 0 to 100000, got 100001"),
 ])
 def test_integers_are_sane(tmp_path, text, message):
     assert error(tmp_path, text) == message
@@ -359,6 +359,25 @@ def test_example_config_documents_every_key():
     assert "accept: []" in text and cfg.calibration.accept == []
     for name in ACCEPTABLE_DIFFERENCES:
         assert name in text
+
+
+def test_example_config_values_are_the_defaults_or_marked_example():
+    """Its header says so: a value that is not the default says `example` on its line (budget: 0.16 once read as
+    the default, which is null: nothing skipped)."""
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            name = f"{prefix}{key}"
+            yield from leaves(value, name + ".") if isinstance(value, dict) else [(name, value)]
+
+    text = (CONFIGS / "example.yaml").read_text()
+    example = dict(leaves(load_config(CONFIGS / "example.yaml").to_dict()))
+    default = dict(leaves(config_from_dict({}).to_dict()))
+    assert example.keys() == default.keys()
+    differing = {k for k in default if example[k] != default[k]}
+    assert differing == {"model_id", "lut", "loop.steps", "loop.streams", "plan.budget"}
+    for key in differing:
+        line = next(l for l in text.splitlines() if l.strip().startswith(key.split(".")[-1] + ":"))
+        assert "# example" in line, line
 
 
 def test_prompt_calibration_refuses_a_generation_of_several_sampling_loops(monkeypatch, tmp_path):

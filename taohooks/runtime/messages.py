@@ -11,7 +11,7 @@ redirect both see it):
 
 Under ``torch.distributed`` (or ``torchrun``'s ``RANK``) only rank 0 speaks, unless a message is
 meant for ``every_rank``. ``once=KEY`` prints a message the first time its key is seen in this
-process. ``TAOHOOKS_VERBOSITY`` (or :func:`set_verbosity`, the launcher's ``--quiet``) chooses how
+process. ``TAOHOOKS_VERBOSITY`` (or :func:`set_verbosity`) chooses how
 much is said: ``quiet`` (warnings only), ``info`` (the default: notices and warnings) or ``debug``.
 """
 from __future__ import annotations

@@ -319,7 +319,7 @@ def section_callbacks(config: TaoCacheConfig, plan: SkipPlan, lut_path: Optional
 
     callbacks: List[Callback] = []
     tea = config.teacache
-    if tea is not None and tea.threshold > 0:
+    if tea is not None and tea.threshold:  # (0: off; the section then only names the fit's proxy)
         first = plan.skipped_steps[0] if plan.skipped_steps else plan.steps
         max_step = max(0, first - tea.guard_band)
         if tea.published is not None:
