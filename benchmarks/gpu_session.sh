@@ -22,7 +22,8 @@
 #      them (measure the returned checkpoint at home) and gives their time to the training
 #      (MEASURE_RESERVE then defaults to 10 s);
 #   4. with SCENES_BENCH=1 (once a session's measurements show the checkpoint follows its prompts, >= 90%):
-#      the full bench on it (configs/bench.yaml, the models on the GPU, -o $OUT/bench_scenes) in the last
+#      the full bench on it (configs/bench.yaml, the models on the GPU, -o $OUT/bench_scenes, with KIND=eps
+#      bench_scenes-eps: taocache bench's model scenes-eps, Latte's loop) in the last
 #      BENCH_RESERVE (200) s, which the training then leaves; LPIPS when .carry/lpips_alex_v0.1.safetensors is
 #      carried (cp ~/.cache/taohooks/lpips_alex_v0.1.safetensors .carry/), else reported as null.
 # KIND=eps trains the eps model (DDPM + learned variance, sampled in Latte's loop: the issue's second official
@@ -73,6 +74,7 @@ TRAIN_SECONDS=${TRAIN_SECONDS:-}
 PATCH=${PATCH:-8}
 KIND=${KIND:-flow}
 case "$KIND" in flow|eps) ;; *) echo "KIND=$KIND: expected flow (Wan's loop) or eps (Latte's loop)" >&2; exit 2 ;; esac
+BENCH_MODEL=$([ "$KIND" = eps ] && echo scenes-eps || echo scenes)   # taocache bench's name of the model
 case "$PATCH" in 8) NAME=scenes-$KIND ;; 4|2) NAME=scenes-$KIND-p$PATCH ;; *) echo "PATCH=$PATCH: expected 8, 4 or 2" >&2; exit 2 ;; esac
 case " ${TRAIN_EXTRA:-} " in *" --kind"*) echo "TRAIN_EXTRA=${TRAIN_EXTRA}: give the kind as KIND=, which names the files too" >&2; exit 2 ;; esac
 case " ${TRAIN_EXTRA:-} " in *" --patch"*) echo "TRAIN_EXTRA=${TRAIN_EXTRA}: give the patch size as PATCH=, which names the files too" >&2; exit 2 ;; esac
@@ -186,9 +188,9 @@ else
 fi
 
 if [ "$SCENES_BENCH" = 1 ] && [ -f "$OUT/$NAME.safetensors" ] && [ "$(left)" -ge 30 ]; then
-    say "4. taocache bench ${bench[*]} --models scenes ($(left) s at most)"
-    timeout "$(left)" "$PY" -m taohooks.cli bench "${bench[@]}" --models scenes \
-        --weights "scenes=$OUT/$NAME.safetensors" -o "$OUT/bench_scenes" > "$OUT/bench.log" 2>&1
+    say "4. taocache bench ${bench[*]} --models $BENCH_MODEL ($(left) s at most)"
+    timeout "$(left)" "$PY" -m taohooks.cli bench "${bench[@]}" --models "$BENCH_MODEL" \
+        --weights "$BENCH_MODEL=$OUT/$NAME.safetensors" -o "$OUT/bench_$BENCH_MODEL" > "$OUT/bench.log" 2>&1
     say "   exit $? ($(tail -n 1 "$OUT/bench.log"))"
 elif [ "$SCENES_BENCH" = 1 ]; then
     say "4. taocache bench: skipped (no checkpoint, or $(left) s left)"

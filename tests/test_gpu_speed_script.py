@@ -50,6 +50,26 @@ def test_gpu_session_script_smoke(tmp_path):
     assert "no " in res.stdout and "the scenes training starts from scratch" in res.stdout and "done" in res.stdout
 
 
+def test_gpu_session_script_eps_benches_the_scenes_eps_model(tmp_path):
+    """KIND=eps: the eps scenes model under its own file names, and SCENES_BENCH=1 benches it as taocache bench's
+    scenes-eps (Latte's loop), not as the flow model `scenes` (which would refuse its checkpoint)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "KIND": "eps",
+           "INIT": "none", "MEASURE": "0", "SCENES_BENCH": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out"
+    assert (out / "scenes-eps.safetensors").is_file() and not (out / "scenes-flow.safetensors").exists()
+    records = json.loads((out / "bench_scenes-eps" / "results.json").read_text())["records"]
+    assert {r["model"] for r in records} == {"scenes-eps"} and [r["method"] for r in records] == ["full", "taocache",
+                                                                                                 "teacache"]
+
+
 def test_gpu_session_script_patch4_without_measurements(tmp_path):
     """PATCH=4 trains the 4x4-token model into its own file; MEASURE=0 leaves out stage 3; the training's
     learning rate anneals over its --max-minutes; an unknown PATCH, --patch in TRAIN_EXTRA and a fractional

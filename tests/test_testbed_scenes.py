@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from taohooks.testbed import scenes, scenes_recognizer, scenes_sampling, train_scenes
 from taohooks.testbed.model import VideoDiT, num_parameters
 from taohooks.testbed.schedules import DDPMSchedule, flow_interpolate
+from taohooks.runtime.loop import LoopSpec
 
 TINY = ["--kind", "flow", "--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", "2", "--warmup", "2",
         "--log-every", "2", "--save-every", "2", "--keep-every", "0"]
@@ -487,6 +488,33 @@ def test_bench_runs_a_scenes_checkpoint_with_its_own_prompts_and_recogniser(tmp_
     assert tao["predicted_psnr"] is not None and auto["psnr"] > 0
     monkeypatch.setattr(testbed_model, "weights_path", lambda name: weights)
     assert type(testbed_model.TestbedModel.load("scenes", 10)).__name__ == "SceneTestbedModel"
+
+
+def test_bench_runs_a_scenes_eps_checkpoint_in_lattes_loop(tmp_path):
+    """``--models scenes-eps``: the scenes task in Latte's loop (DDIM, one batched uncond + cond call per step;
+    the issue's second official loop shape), TaoCache and TeaCache on it; a flow checkpoint is refused."""
+    from taohooks.evaluation.bench import BenchConfig, run_bench
+    from taohooks.evaluation.testbed_model import TestbedModel
+
+    weights, flow = tmp_path / "scenes-eps.safetensors", tmp_path / "scenes-flow.safetensors"
+    train_scenes.main([*TINY, "--kind", "eps", "--steps", "1", "--out", str(weights)])
+    train_scenes.main([*TINY, "--steps", "1", "--out", str(flow)])
+    tm = TestbedModel.load("scenes-eps", 10, weights)
+    assert type(tm).__name__ == "SceneTestbedModel" and tm.sampler == "ddim"
+    assert tm.loop() == LoopSpec(10, ("uncond", "cond"), split_batch=True)
+    with pytest.raises(ValueError, match="a scenes flow checkpoint, not one for the testbed model 'scenes-eps' "
+                                         r"\(scenes eps\)"):
+        TestbedModel.load("scenes-eps", 10, flow)
+    with pytest.raises(ValueError, match="a scenes eps checkpoint, not one for the testbed model 'scenes' "):
+        TestbedModel.load("scenes", 10, weights)
+    config = BenchConfig(models=["scenes-eps"], methods=["taocache", "teacache"], budgets=[0.2], steps=10,
+                         eval_pairs=2, calibration_pairs=3, search_pairs=2, batch_size=2, lpips=False,
+                         timing_repeats=1, output=str(tmp_path / "out"), strip_pairs=1, search_iterations=2,
+                         weights={"scenes-eps": str(weights)})
+    records = run_bench(config, log=lambda *a: None)
+    assert [(r["method"], r["model"]) for r in records] == [("full", "scenes-eps"), ("taocache", "scenes-eps"),
+                                                             ("teacache", "scenes-eps")]
+    assert records[1]["skipped_fraction"] == 0.2 and records[1]["psnr"] > 0
 
 
 def test_bench_weights_of_the_wrong_kind_or_missing_are_errors(tmp_path, capsys):

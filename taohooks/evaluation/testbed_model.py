@@ -17,11 +17,13 @@ from ..runtime.loop import LoopSpec
 
 __all__ = ["TestbedModel", "MODEL_NAMES", "SHIPPED_MODELS", "weights_path", "modulated_input"]
 
-MODEL_NAMES = ("flow", "eps", "flow-lognormal", "scenes")
-SHIPPED_MODELS = ("flow", "eps", "flow-lognormal")  # trained and committed; `scenes` is training (issue 15)
+MODEL_NAMES = ("flow", "eps", "flow-lognormal", "scenes", "scenes-eps")
+SHIPPED_MODELS = ("flow", "eps", "flow-lognormal")  # trained and committed; the scenes models are training (issue 15)
+SCENES_MODELS = {"scenes": "flow", "scenes-eps": "eps"}  # the scenes task (issue 15) in Wan's loop and in Latte's
 _WEIGHT_FILES = {"scenes": "scenes-flow"}
-_TRAIN = {"scenes": "python -m taohooks.testbed.train_scenes --kind flow --steps 100000 --out "
-                    "taohooks/testbed/weights/scenes-flow.safetensors (see taohooks/testbed/README.md)"}
+_TRAIN = {name: f"python -m taohooks.testbed.train_scenes --kind {kind} --steps 100000 --out "
+                f"taohooks/testbed/weights/scenes-{kind}.safetensors (see taohooks/testbed/README.md)"
+          for name, kind in SCENES_MODELS.items()}
 
 
 def weights_path(name: str) -> Path:
@@ -67,12 +69,12 @@ class TestbedModel:
         model = VideoDiT.from_pretrained(path).to(device)
         is_scenes = tuple(model.config.attribute_sizes) == tuple(scenes.ATTRIBUTE_SIZES)
         prediction = getattr(model.config, "prediction", "flow")
-        want = "eps" if name == "eps" else "flow"
-        if is_scenes != (name == "scenes") or prediction != want:
+        want_scenes = name in SCENES_MODELS
+        want = SCENES_MODELS.get(name, "eps" if name == "eps" else "flow")
+        if is_scenes != want_scenes or prediction != want:
             raise ValueError(f"{path}: a {'scenes' if is_scenes else 'small-task'} {prediction} checkpoint, not one "
-                             f"for the testbed model {name!r} ({'scenes' if name == 'scenes' else 'small-task'} "
-                             f"{want})")
-        if name == "scenes":
+                             f"for the testbed model {name!r} ({'scenes' if want_scenes else 'small-task'} {want})")
+        if want_scenes:
             from ..testbed.scenes_sensitivity import SceneTestbedModel
 
             return SceneTestbedModel(name, model, steps)

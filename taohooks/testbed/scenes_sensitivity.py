@@ -45,8 +45,8 @@ class SceneTestbedModel(TestbedModel):
     guidance: float = 5.0
 
     def loop(self) -> LoopSpec:
-        if self.prediction == "flow" and self.guidance <= 1.0:
-            return LoopSpec(self.steps, ("cond",))  # no CFG: one call per step
+        if self.guidance <= 1.0:
+            return LoopSpec(self.steps, ("cond",))  # no CFG: one call per step (either loop)
         return super().loop()
 
     def sample(self, pairs: Sequence[Tuple[object, int]], noise: torch.Tensor = None) -> torch.Tensor:
