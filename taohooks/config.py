@@ -666,6 +666,29 @@ def _is_bench_config(data: Any) -> bool:
     return not keys & ours and bool(keys & bench)
 
 
+def _is_compare_experiment(data: Any) -> bool:
+    """Only keys a ``taocache compare`` experiment has, and some a TaoCache config has not."""
+    if not isinstance(data, dict) or not data:
+        return False
+    from .compare.experiment import ExperimentConfig
+
+    experiment = {_yaml_key(f) for f in dataclasses.fields(ExperimentConfig)} - {"source"}
+    ours = {_yaml_key(f) for f in dataclasses.fields(TaoCacheConfig)}
+    keys = set(map(str, data))
+    return keys <= experiment and bool(keys - ours)
+
+
+def is_taocache_config(data: Any) -> bool:
+    """Only keys a TaoCache config has, and some a ``taocache compare`` experiment has not (``lut``, ``plan``...)."""
+    if not isinstance(data, dict) or not data:
+        return False
+    from .compare.experiment import ExperimentConfig
+
+    experiment = {_yaml_key(f) for f in dataclasses.fields(ExperimentConfig)}
+    keys = set(map(str, data))
+    return keys <= {_yaml_key(f) for f in dataclasses.fields(TaoCacheConfig)} and bool(keys - experiment)
+
+
 def load_config(path: Union[str, os.PathLike]) -> TaoCacheConfig:
     """Read a YAML config file. Errors name the file, the key and what was expected."""
     data = read_yaml(path)
@@ -677,4 +700,7 @@ def load_config(path: Union[str, os.PathLike]) -> TaoCacheConfig:
         if _is_bench_config(data):
             raise ConfigError(str(path), "", f"this is a `taocache bench` config; "
                                              f"run `taocache bench {path}`") from None
+        if _is_compare_experiment(data):
+            raise ConfigError(str(path), "", f"this is a `taocache compare` experiment; run `taocache compare {path} "
+                                             "-- SCRIPT ARGS...`") from None
         raise

@@ -63,6 +63,7 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
     (("integration: testbed", "integration: testbed\ntaocache: t.yaml"), "taocache", "not both"),
     (("integration: testbed", "integration: wann"), "integration", "did you mean 'wan'"),
     (("search_prompts: 1", "search_prompts: one"), "search_prompts", "expected an integer"),
+    (("search_prompts: 1", "search_prompts: 1\nhybrid_guard: -5"), "hybrid_guard", "expected a number of steps >= 0"),
 ])
 def test_bad_experiment_names_file_key_and_expectation(tmp_path, change, key, message):
     path = write(tmp_path, EXPERIMENT.replace(*change))
@@ -594,7 +595,8 @@ def test_changed_calibration_prompts_are_refused_on_resume(finished, tmp_path, l
     path = write(tmp_path, EXPERIMENT.replace("seed: 1002}", "seed: 1003}"))
     assert compare(path) == 2  # the launcher's one-line error, before any generation ran
     err = capsys.readouterr().err
-    assert "calibration_prompts: " in err and "was calibrated on other calibration prompts" in err
+    assert "calibration_prompts: " in err and "was calibrated on other calibration prompts (pair 3: 'a yellow square " \
+        "moving right' seed 1002, this experiment lists 'a yellow square moving right' seed 1003)" in err
     assert not (tmp_path / "out" / "runs").exists()
 
 
@@ -767,8 +769,10 @@ def test_a_budget_no_taocache_plan_fits_is_said_before_the_runs(tmp_path, launch
     path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, taocache]")
                  .replace("budgets: [0.2, 0.3]", "budgets: [0.2, 0.8]"))
     assert compare(path) == 2
-    assert "budgets[1]: taocache at 0.8 (8 of 10 steps): no contiguous window" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "budgets[1]: taocache at 0.8 (8 of 10 steps): no contiguous window" in err
     assert not (tmp_path / "out" / "runs").exists()
+    assert "calibrating" not in err and not (tmp_path / "out" / "state").exists()  # before the calibration
 
 
 def test_teacache_added_after_a_calibration_without_it_is_refused(tmp_path, launcher_state, capsys):
@@ -778,6 +782,76 @@ def test_teacache_added_after_a_calibration_without_it_is_refused(tmp_path, laun
     capsys.readouterr()
     assert compare(write(tmp_path, text.replace("methods: [full, taocache]", "methods: [full, taocache, teacache]"))) == 2
     assert "was calibrated without teacache's polynomial" in capsys.readouterr().err
+
+
+def test_weights_fingerprint_and_call_settings():
+    """What the folder check adds to the script line: the weights (one changed element of a sampled position
+    changes it; bf16 is read as its bytes) and the call's scalar settings (prompt and seed left out)."""
+    from taohooks.taocache.identity import call_settings, weights_fingerprint
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(100, 50), torch.nn.Linear(100, 50)
+    b.load_state_dict(a.state_dict())
+    assert weights_fingerprint(a) == weights_fingerprint(b) and len(weights_fingerprint(a)) == 16
+    with torch.no_grad():
+        b.weight[-1, -1] += 1e-3  # the last element is always sampled
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    assert weights_fingerprint(a, b) != weights_fingerprint(b, a)  # which expert holds which
+    assert weights_fingerprint(a.to(torch.bfloat16)) != weights_fingerprint(b.to(torch.bfloat16))
+    args = {"prompt": "a cat", "seed": 3, "guide_scale": (3.0, 4.0), "shift": 5.0, "n_prompt": "", "offload": False,
+            "size": (832, 480), "latents": None, "generator": torch.Generator(), "image": torch.zeros(1)}
+    assert call_settings(args, ("prompt", "seed")) == {
+        "guide_scale": "(3.0, 4.0)", "latents": "None", "n_prompt": "''", "offload": "False", "shift": "5.0",
+        "size": "(832, 480)"}
+
+
+def test_an_experiment_and_a_taocache_config_given_for_each_other_say_so(tmp_path):
+    """Each names the command it belongs to (they said `prompts: unknown key` / `lut: unknown key`)."""
+    from taohooks.config import load_config
+
+    with pytest.raises(ConfigError, match=r"testbed.yaml: this is a `taocache compare` experiment; run `taocache "
+                                          r"compare \S+testbed.yaml -- SCRIPT ARGS...`"):
+        load_config(ROOT / "configs" / "compare" / "testbed.yaml")
+    with pytest.raises(ConfigError, match="wan.yaml: this is a TaoCache config \\(for --taocache / taocache-run\\); an "
+                                          "experiment names it as taocache: FILE"):
+        load_experiment(ROOT / "configs" / "wan.yaml")
+    with pytest.raises(ConfigError, match="budjets: unknown key"):  # a typo in an experiment is still the typo
+        load_experiment(write(tmp_path, EXPERIMENT.replace("budgets:", "budjets:")))
+
+
+def test_an_output_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(ConfigError, match=f"exp.yaml: output: {tmp_path / 'out'} is a file; expected the "):
+        load_experiment(write(tmp_path, EXPERIMENT))
+
+
+def test_budgets_no_method_runs_at_are_not_checked(tmp_path, launcher_state, capsys):
+    """methods: [full] at 10 steps with the default budgets (0.04 and 0.08 both round to 0 skips there): nothing
+    runs at a budget, so nothing about them is refused (it was, naming a key the experiment does not write)."""
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full]").replace(
+        "budgets: [0.2, 0.3]\n", "")
+    assert compare(write(tmp_path, text)) == 0, capsys.readouterr().err
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["records"]) == 2
+
+
+def test_a_checkpoint_replaced_at_the_same_path_is_refused(tmp_path, launcher_state, capsys):
+    """The script line is the same, the weights are not: the folder's references, runs and calibration are of
+    the old model, so the run is refused naming the weights (it was mixed in silently)."""
+    import shutil
+
+    weights = tmp_path / "model.safetensors"
+    shutil.copy(ROOT / "taohooks" / "testbed" / "weights" / "flow.safetensors", weights)
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full]").replace(
+        "budgets: [0.2, 0.3]", "budgets: [0.2]")
+    run = ["compare", str(write(tmp_path, text)), "--", str(SCRIPT), "--model", str(weights), "--steps",
+           str(STEPS), "--out", str(tmp_path / "never.png")]
+    assert cli.main(run) == 0
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").rglob("*.safetensors")}
+    shutil.copy(ROOT / "taohooks" / "testbed" / "weights" / "flow-lognormal.safetensors", weights)
+    capsys.readouterr()
+    assert cli.main(run) == 2
+    assert "weights: this output folder holds runs made with weights = " in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").rglob("*.safetensors")} == files
 
 
 def test_a_generator_argument_is_seeded_per_run():

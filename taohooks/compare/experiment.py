@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from ..config import (INTEGRATIONS, ConfigError, LoopConfig, PABGroupConfig, build_dataclass, dataclass_from_dict,
-                      expand_path, read_text, read_yaml)
+                      expand_path, is_taocache_config, read_text, read_yaml)
 
 __all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_list", "AVAILABLE_METHODS",
            "DEFAULT_METHODS", "BUDGET_FREE_METHODS"]
@@ -92,8 +92,7 @@ class ExperimentConfig:
                 err(f"methods[{i}]", f"unknown method {name!r}{hint} (one of {', '.join(AVAILABLE_METHODS)})")
             if name in self.methods[:i]:
                 err(f"methods[{i}]", f"{name!r} is listed twice")
-        budgeted = [m for m in self.methods if m != "full" and m not in BUDGET_FREE_METHODS]
-        if budgeted and not self.budgets:
+        if self.budgeted_methods and not self.budgets:
             err("budgets", "expected at least one budget (a fraction of the steps skipped, e.g. 0.16)")
         for i, b in enumerate(self.budgets):
             if not 0 < b < 1:
@@ -126,6 +125,9 @@ class ExperimentConfig:
             err("pab_timesteps", f"expected [low, high] timesteps with low < high, got {self.pab_timesteps}")
         if not 0 <= self.easycache_warmup <= 100000:
             err("easycache_warmup", f"expected a number of steps >= 0, got {self.easycache_warmup}")
+        if not 0 <= self.hybrid_guard <= 100000:
+            err("hybrid_guard", f"expected a number of steps >= 0 computed between TeaCache's steps and TaoCache's "
+                                f"window, got {self.hybrid_guard}")
         if self.magcache_retention is not None and not 0 <= self.magcache_retention < 1:
             err("magcache_retention", f"expected a fraction of the steps in [0, 1), got {self.magcache_retention}")
         if self.search_prompts < 1:
@@ -149,6 +151,11 @@ class ExperimentConfig:
     def cached_methods(self) -> List[str]:
         return [m for m in self.methods if m != "full"]
 
+    @property
+    def budgeted_methods(self) -> List[str]:
+        """The methods run once per budget (all but the full-step reference and PAB)."""
+        return [m for m in self.cached_methods if m not in BUDGET_FREE_METHODS]
+
     def runs(self, steps: int) -> List[Tuple[str, int]]:
         """``(method, skipped steps)`` of every run per prompt, in order: the full-step reference, the
         budget-free methods (0), then each budget's methods (:func:`~taohooks.compare.runner.budget_skips`)."""
@@ -156,7 +163,7 @@ class ExperimentConfig:
 
         methods = self.cached_methods
         return [("full", 0)] + [(m, 0) for m in methods if m in BUDGET_FREE_METHODS] + [
-            (m, budget_skips(b, steps)) for b in self.budgets for m in methods if m not in BUDGET_FREE_METHODS]
+            (m, budget_skips(b, steps)) for b in self.budgets for m in self.budgeted_methods]
 
     def evaluation_prompts(self) -> List[PromptEntry]:
         return read_prompt_list(self.prompts, self, "prompts")
@@ -174,7 +181,13 @@ def load_experiment(path) -> ExperimentConfig:
     data = read_yaml(path)
     if data is None:
         raise ConfigError(str(path), "", "empty experiment file; see configs/compare/testbed.yaml")
-    config = dataclass_from_dict(ExperimentConfig, data, str(path))
+    try:
+        config = dataclass_from_dict(ExperimentConfig, data, str(path))
+    except ConfigError:
+        if is_taocache_config(data):
+            raise ConfigError(str(path), "", "this is a TaoCache config (for --taocache / taocache-run); an experiment "
+                                             "names it as taocache: FILE, see configs/compare/testbed.yaml") from None
+        raise
     config.source = str(path)
     evaluation, calibration = config.evaluation_prompts(), config.calibration_list()
     overlap = sorted(set(evaluation) & set(calibration), key=evaluation.index)
@@ -182,6 +195,9 @@ def load_experiment(path) -> ExperimentConfig:
         raise ConfigError(str(path), "calibration_prompts", f"{len(overlap)} (prompt, seed) pair(s) are also "
                           f"evaluation prompts, e.g. {overlap[0].prompt!r} seed {overlap[0].seed}; calibrate on "
                           "other prompts (or seeds), never on the evaluated ones")
+    if config.output_dir.exists() and not config.output_dir.is_dir():
+        raise ConfigError(str(path), "output", f"{config.output_dir} is a file; expected the experiment's output folder "
+                                               "(made if missing)")
     if config.taocache is not None:
         tao = config.path(config.taocache, "taocache")
         if not tao.is_file():

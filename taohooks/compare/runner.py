@@ -32,6 +32,7 @@ from ..runtime.callbacks import Callback
 from ..config import ConfigError, TaoCacheConfig
 from ..runtime.hook import DenoiserHook
 from ..launcher.integration import GenerationPatch, check_declared_loop, identity_of_model, unwrap_model
+from ..taocache.identity import call_settings, weights_fingerprint
 from ..caches.residual import BlockStackCache
 from .experiment import ExperimentConfig, PromptEntry
 from .progress import Progress
@@ -108,6 +109,30 @@ def _as_rank_zero_has_it(value: Any) -> Any:
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return value
+
+
+def _first_difference(stored: List[list], listed: List[list]) -> str:
+    """Where two lists of ``[prompt, seed]`` first differ, said for a user."""
+    for i, (a, b) in enumerate(zip(stored, listed)):
+        if a != b:
+            return f"pair {i + 1}: {a[0]!r} seed {a[1]}, this experiment lists {b[0]!r} seed {b[1]}"
+    return f"{len(stored)} pairs, this experiment lists {len(listed)}"
+
+
+@dataclass
+class _PerfectLUT:
+    """A LUT stand-in whose every step has statistics, cosine 1 and no spread: a window of the paper's rule it
+    cannot fit (its length against ``min_step`` and the steps) fits no calibrated LUT either, so the check of
+    the budgets runs before the calibration's generations. ``[streams, steps]`` tables."""
+    streams: int
+    steps: int
+
+    def __post_init__(self):
+        self.cos_mean = self.ratio_mean = torch.ones(self.streams, self.steps)
+        self.cos_std = self.ratio_std = torch.zeros(self.streams, self.steps)
+
+    def check(self, *args, **kwargs) -> None:
+        """Fits any loop of its shape."""
 
 
 def _on_cuda() -> bool:
@@ -290,14 +315,20 @@ class Experiment:
         self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration,
                                      "loop": self.loop.describe(),
                                      "model": {k: str(v) for k, v in sorted(self.identity.items())},
+                                     # what the script line does not show: the weights (a checkpoint replaced
+                                     # at the same path; rank 0's: FSDP shards differ), the call's settings
+                                     # (read from a config file)
+                                     "weights": _as_rank_zero_has_it(weights_fingerprint(self.model, *self.also)),
+                                     "call": call_settings(arguments, (self.target.prompt_arg,
+                                                                       self.target.seed_arg)),
                                      **self._run_settings()},
                                     optional=("pab_groups", "lut", *METHOD_SETTINGS,
                                               *(f"plan.{f.name}" for f in dataclasses.fields(self.tao.plan))))
         evaluation = self.config.evaluation_prompts()
         calibration = self.config.calibration_list()
         steps = self.loop.steps
-        skips = [budget_skips(b, steps) for b in self.config.budgets]
-        for i, n in enumerate(skips):
+        skips = [budget_skips(b, steps) for b in self.config.budgets] if self.config.budgeted_methods else []
+        for i, n in enumerate(skips):  # (budgets no method runs at are not checked: the defaults, with [full])
             if n in skips[:i] or n >= steps:
                 other = self.config.budgets[skips.index(n)]
                 raise ConfigError(self.config.source, f"budgets[{i}]", f"{self.config.budgets[i]} of {steps} steps "
@@ -314,6 +345,9 @@ class Experiment:
         messages.notice(f"compare: {len(evaluation)} prompts x ({', '.join(self.config.methods)}) x "
                         f"{len(self.config.budgets)} budgets, {self.loop.describe()}; {done} of {total} runs "
                         f"already in {self.store.folder}")
+        if needed and self.tao.plan.rule == "paper" and self.tao.plan.tau_cos is None and not self.expert_boundary:
+            # a window no LUT can fit is arithmetic: said before the calibration's generations, not after
+            self._check_plans(_PerfectLUT(len(self.loop.streams), steps), TAO_METHODS - {"taocache-auto"})
         lut, coefficients = self._calibration(calibration, needed, why)
         self._check_plans(lut)
         # what is left, decided once: under torchrun every rank runs the same generations in the same
@@ -366,9 +400,8 @@ class Experiment:
                 return None, None
             if state.get("calibration_prompts") != used:
                 raise ConfigError(self.config.source, "calibration_prompts", f"{self.store.folder} was calibrated on "
-                                  f"other calibration prompts ({len(state.get('calibration_prompts') or [])} pairs, "
-                                  f"this experiment lists {len(used)}); its runs would mix two calibrations: use "
-                                  "another output folder (or delete it)")
+                                  f"other calibration prompts ({_first_difference(state.get('calibration_prompts') or [], used)}"
+                                  "); its runs would mix two calibrations: use another output folder (or delete it)")
             fitted = TEA_METHODS & set(self.config.methods) and self.target.tea_published is None
             if fitted and state.get("tea_coefficients") is None:
                 raise ConfigError(self.config.source, "methods", f"{self.store.folder} was calibrated without "
@@ -503,9 +536,9 @@ class Experiment:
             return make(found["threshold"])
         raise ValueError(f"unknown method {method!r}")
 
-    def _check_plans(self, lut) -> None:
-        """Every TaoCache plan of the experiment, made once before the first run: a budget no plan fits
-        is said now (naming the budget), not after the runs before it."""
+    def _check_plans(self, lut, methods=TAO_METHODS) -> None:
+        """Every TaoCache plan of the experiment (of ``methods``), made once before the first run: a budget no
+        plan fits is said now (naming the budget), not after the runs before it."""
         from ..taocache.plan import PlanError
 
         if lut is None:
@@ -513,7 +546,7 @@ class Experiment:
         steps = self.loop.steps
         for i, budget in enumerate(self.config.budgets):
             skips = budget_skips(budget, steps)
-            for method in TAO_METHODS & set(self.config.methods):
+            for method in sorted(set(methods) & set(self.config.methods)):
                 try:
                     self._method_plan(method, lut, skips)
                 except PlanError as exc:

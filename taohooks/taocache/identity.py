@@ -17,9 +17,11 @@ import hashlib
 import json
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
+import torch
 from torch import nn
 
-__all__ = ["model_identity", "scheduler_identity", "differences", "describe_differences", "IdentityMismatch"]
+__all__ = ["model_identity", "scheduler_identity", "differences", "describe_differences", "IdentityMismatch",
+           "weights_fingerprint", "call_settings"]
 
 Identity = Dict[str, Any]
 
@@ -56,6 +58,40 @@ def architecture_fingerprint(model: nn.Module) -> str:
         payload = [(name, list(p.shape)) for name, p in model.named_parameters()]
     text = json.dumps([type(model).__name__, payload], sort_keys=True, default=str)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def weights_fingerprint(*models: nn.Module, samples: int = 4096) -> str:
+    """16 hex digits that change with the weights (``taocache compare``'s folder check; a LUT's identity leaves
+    the weights out, on purpose: a LUT is checked against the architecture).
+
+    Hashes every parameter's name, shape, dtype and the bytes of ``samples`` evenly spaced elements (the first and
+    the last among them), read where the parameter lives: a retrained or fine-tuned checkpoint changes them, and
+    a 14B model costs one small copy per tensor, not a pass over its 28 GB. Under FSDP each rank hashes its shard."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for i, model in enumerate(models):
+            for name, p in model.named_parameters():
+                t = p.to_local() if hasattr(p, "to_local") else p  # a DTensor's shard
+                digest.update(f"{i}:{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                flat = t.detach().reshape(-1)
+                if flat.numel() == 0 or flat.device.type == "meta":
+                    continue
+                index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+                digest.update(flat[index].contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def call_settings(arguments: Mapping[str, Any], leave_out: Iterable[str] = ()) -> Dict[str, str]:
+    """The scalar arguments of a generation call (numbers, strings, booleans, None and tuples of them: a
+    guidance scale, a shift, a negative prompt), each as its ``repr``, without those in ``leave_out`` (the
+    prompt and seed a compare replaces). Settings a script reads from its own config file show here, not in
+    its command line (Latte's ``--config``)."""
+    def scalar(value: Any) -> bool:
+        return value is None or isinstance(value, (bool, int, float, str)) or (
+            isinstance(value, (list, tuple)) and all(scalar(v) for v in value))
+
+    skip = set(leave_out)
+    return {k: repr(v) for k, v in sorted(arguments.items()) if k not in skip and scalar(v)}
 
 
 def model_identity(model: nn.Module) -> Identity:
