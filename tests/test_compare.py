@@ -252,8 +252,9 @@ def test_killed_experiment_resumes_to_the_same_results(finished, tmp_path, launc
     import shutil  # killed after the calibration and the threshold search (their results kept, as a run does)
 
     shutil.copytree(finished[0] / "state", tmp_path / "out" / "state")
-    with pytest.raises(KeyboardInterrupt):
-        compare(path)
+    assert compare(path) == 130  # said, with how to go on (it was a traceback)
+    assert "taocache compare: interrupted; the runs and calibration generations stored in " in \
+        capsys.readouterr().err
     assert len(list((tmp_path / "out" / "runs").rglob("*.safetensors"))) == 4
     assert not (tmp_path / "out" / "results.json").exists()
     monkeypatch.setattr(RunStore, "save", original)
@@ -266,6 +267,65 @@ def test_killed_experiment_resumes_to_the_same_results(finished, tmp_path, launc
     assert "7 of 13 runs already in" in err and "searching" not in err  # 3 calibration runs + 4 stored runs
     assert "] 8/13 runs" in err and "] 7/13 runs" not in err  # the first run made again: the 5th stored
     assert stable(json.loads((tmp_path / "out" / "results.json").read_text())) == stable(finished[1])
+
+
+def test_a_calibration_killed_after_a_generation_resumes_after_it(finished, tmp_path, launcher_state, monkeypatch,
+                                                                   capsys):
+    """Each calibration generation is kept as it ends (the LUT's statistics, TeaCache's pairs): a compare killed in
+    its calibration repeats none of them, and its results equal an uninterrupted run's (all were lost before)."""
+    from taohooks.compare.runner import CalibrationCheckpoint
+
+    original = CalibrationCheckpoint.save
+
+    def save_then_die(self, done, *args):
+        original(self, done, *args)
+        if done == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(CalibrationCheckpoint, "save", save_then_die)
+    path = write(tmp_path, EXPERIMENT)
+    assert compare(path) == 130
+    assert json.loads((tmp_path / "out" / "state" / "calibration_partial.json").read_text())["done"] == 2
+    monkeypatch.setattr(CalibrationCheckpoint, "save", original)
+    from taohooks.testbed import integration
+
+    integration.uninstall()
+    capsys.readouterr()
+    assert compare(path) == 0
+    err = capsys.readouterr().err
+    assert "on 3 calibration prompts (full-step); 2 of them recorded before, kept" in err
+    assert "] 3/13 runs" in err and "] 2/13 runs" not in err  # one calibration generation made again
+    assert not (tmp_path / "out" / "state" / "calibration_partial.json").exists()  # done: the final state only
+    assert stable(json.loads((tmp_path / "out" / "results.json").read_text())) == stable(finished[1])
+
+
+def test_calibration_checkpoint_keeps_magcache_moments_and_refuses_other_prompts(tmp_path, capsys):
+    from taohooks.caches.magcache import MagCacheCalibrator
+    from taohooks.caches.teacache import TeaCacheCalibrator
+    from taohooks.compare.runner import CalibrationCheckpoint
+    from taohooks.compare.store import RunStore
+    from taohooks.runtime.loop import LoopSpec
+    from taohooks.taocache.lut import CalibrationLUT
+    from taohooks.taocache.stats import RunningMoments
+
+    store, prompts = RunStore(tmp_path), [["a", 1], ["b", 2], ["c", 3]]
+    tea, mag = TeaCacheCalibrator(), MagCacheCalibrator()
+    tea.pairs, tea.pair_experts = [(0.1, 0.2), (1 / 3, 2 / 7)], [0, 1]
+    mag.moments = RunningMoments.zeros(2, 5)
+    mag.moments.add((1, 3), torch.tensor([0.1, 1 / 3]))
+    lut = CalibrationLUT.empty(LoopSpec(5, ("cond", "uncond")), "m")
+    CalibrationCheckpoint(store, prompts, True, True).save(1, lut, tea, mag, 12.5)
+    tea2, mag2 = TeaCacheCalibrator(), MagCacheCalibrator()
+    kept = CalibrationCheckpoint(store, prompts, True, True)
+    resumed, done = kept.resume(tea2, mag2)
+    assert done == 1 and kept.seconds == 12.5 and resumed.steps == 5 and resumed.model_id == "m"
+    assert tea2.pairs == tea.pairs and tea2.pair_experts == [0, 1]
+    assert torch.equal(mag2.moments.total, mag.moments.total) and torch.equal(mag2.moments.count, mag.moments.count)
+    assert CalibrationCheckpoint(store, [["a", 9]] + prompts[1:], True, True).resume(None, None) == (None, 0)
+    assert "kept in this folder was of other calibration prompts" in capsys.readouterr().err
+    assert CalibrationCheckpoint(store, prompts, True, False).resume(None, None) == (None, 0)  # MagCache dropped
+    kept.discard()
+    assert not list((tmp_path / "state").iterdir())
 
 
 def test_report_rebuilds_from_results_json(finished, tmp_path, capsys):

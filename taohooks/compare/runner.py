@@ -111,6 +111,66 @@ def _as_rank_zero_has_it(value: Any) -> Any:
     return value
 
 
+class CalibrationCheckpoint:
+    """The calibration generations of a compare kept as each ends (``state/calibration_partial.json`` and
+    ``.safetensors``: the prompts done, the LUT of their statistics, TeaCache's recorded pairs, MagCache's
+    moments), so that a killed calibration resumes after its last complete generation with the statistics it
+    would have had. One process only: under torchrun a calibration starts again (every rank must run the same
+    generations, and the ranks' recorders would need rank 0's files)."""
+
+    NAME = "calibration_partial"
+
+    def __init__(self, store: RunStore, prompts: List[list], tea: bool, mag: bool):
+        import torch.distributed as dist
+
+        self.store, self.prompts, self.what = store, prompts, {"teacache": tea, "magcache": mag}
+        self.lut_file = store.folder / "state" / f"{self.NAME}.safetensors"
+        self.single = not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+        self.seconds = 0.0
+
+    def resume(self, tea, mag):
+        """``(LUT, prompts done)`` kept by an earlier run of this calibration (its TeaCache pairs and MagCache
+        moments put back into ``tea`` / ``mag``), or ``(None, 0)``."""
+        from ..taocache.lut import CalibrationLUT
+
+        state = self.store.state(self.NAME) if self.single else None
+        if state is None or not self.lut_file.is_file():
+            return None, 0
+        done = state["done"]
+        if state["prompts"][:done] != self.prompts[:done] or state["what"] != self.what:
+            messages.notice("compare: the calibration kept in this folder was of other calibration prompts or "
+                            "methods; calibrating from the first prompt")
+            return None, 0
+        if tea is not None:
+            tea.pairs, tea.pair_experts = [tuple(p) for p in state["tea_pairs"]], list(state["tea_experts"])
+        if mag is not None:
+            from ..taocache.stats import RunningMoments
+
+            m = state["mag_moments"]
+            mag.moments = RunningMoments(torch.tensor(m["count"], dtype=torch.int64),
+                                         torch.tensor(m["total"], dtype=torch.float64),
+                                         torch.tensor(m["total_sq"], dtype=torch.float64))
+        self.seconds = state["seconds"]
+        return CalibrationLUT.load(self.lut_file), done
+
+    def save(self, done: int, lut, tea, mag, seconds: float) -> None:
+        if not (self.single and self.store.writer):
+            return
+        from ..runtime.io import atomic_write_bytes
+
+        atomic_write_bytes(self.lut_file, lut.to_bytes())  # first: a state names only a LUT already written
+        moments = None if mag is None else {k: getattr(mag.moments, k).tolist() for k in ("count", "total", "total_sq")}
+        self.store.put_state(self.NAME, {"prompts": self.prompts, "done": done, "what": self.what,
+                                         "tea_pairs": [] if tea is None else [list(p) for p in tea.pairs],
+                                         "tea_experts": [] if tea is None else tea.pair_experts,
+                                         "mag_moments": moments, "seconds": round(seconds, 3)})
+
+    def discard(self) -> None:
+        if self.store.writer:
+            for path in (self.store.folder / "state" / f"{self.NAME}.json", self.lut_file):
+                path.unlink(missing_ok=True)
+
+
 def _first_difference(stored: List[list], listed: List[list]) -> str:
     """Where two lists of ``[prompt, seed]`` first differ, said for a user."""
     for i, (a, b) in enumerate(zip(stored, listed)):
@@ -409,27 +469,30 @@ class Experiment:
                                   "another output folder")
             self.mag_ratios = state.get("mag_ratios")
             return CalibrationLUT.load(lut_file), state.get("tea_coefficients")
-        messages.notice(f"compare: calibrating {why} on {len(prompts)} calibration prompts (full-step)")
-        recorder = CalibrationRecorder(self.tao.model_id, self.tao.calibration.sampler, identity=self.identity,
-                                       error_horizon=self.tao.calibration.error_horizon)
-        tea = None
-        callbacks: List[Callback] = [recorder]
+        tea = mag = None
         if TEA_METHODS & set(self.config.methods) and self.target.tea_published is None:
             tea = TeaCacheCalibrator(probe=self.target.tea_probe(), blocks=self.target.blocks, exit=self.target.exit)
-            callbacks.append(tea)
-        mag = None
         if "magcache" in self.config.methods and self.target.mag_published is None:
             from ..caches.magcache import MagCacheCalibrator
 
             mag = MagCacheCalibrator(blocks=self.target.blocks, exit=self.target.exit)
-            callbacks.append(mag)
-        start = time.perf_counter()
+        partial = CalibrationCheckpoint(self.store, used, tea is not None, mag is not None)
+        resumed, done = partial.resume(tea, mag)
+        self.progress.done += done
+        messages.notice(f"compare: calibrating {why} on {len(prompts)} calibration prompts (full-step)"
+                        + (f"; {done} of them recorded before, kept" if done else ""))
+        recorder = CalibrationRecorder(self.tao.model_id, self.tao.calibration.sampler, identity=self.identity,
+                                       error_horizon=self.tao.calibration.error_horizon, resume=resumed)
+        callbacks: List[Callback] = [c for c in (recorder, tea, mag) if c is not None]
+        start = time.perf_counter() - partial.seconds
         with DenoiserHook(self.loop, callbacks, **self.hook_kwargs).attach(self.model, *self.also) as hook:
-            for entry in prompts:
+            for i, entry in enumerate(prompts[done:], done):
                 hook.new_sample()
                 arguments = self._arguments_for(entry)
                 self.patch.original(*arguments.args, **arguments.kwargs)
                 self.warm = True
+                if i + 1 < len(prompts):  # each generation kept as it ends: a killed calibration resumes
+                    partial.save(i + 1, recorder.lut(), tea, mag, time.perf_counter() - start)
                 self.progress.advance(f"calibration, {entry.prompt!r} seed {entry.seed}")
         lut = recorder.lut()
         from ..runtime.io import atomic_write_bytes
@@ -441,6 +504,7 @@ class Experiment:
         self.store.put_state("calibration", {"tea_coefficients": coefficients, "mag_ratios": self.mag_ratios,
                                              "calibration_prompts": used,
                                              "seconds": round(time.perf_counter() - start, 3)})
+        partial.discard()
         return lut, coefficients
 
     def _callbacks(self, method: str, skips: int, lut, coefficients, calibration: List[PromptEntry]) -> List[Callback]:
