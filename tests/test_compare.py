@@ -299,6 +299,40 @@ def test_a_calibration_killed_after_a_generation_resumes_after_it(finished, tmp_
     assert stable(json.loads((tmp_path / "out" / "results.json").read_text())) == stable(finished[1])
 
 
+def test_a_threshold_search_killed_midway_replays_its_measured_steps(finished, tmp_path, launcher_state,
+                                                                      monkeypatch, capsys):
+    """Each measured threshold is kept: a search killed after two steps measures neither again, and ends where an
+    uninterrupted one does (it started over, its generations lost)."""
+    import shutil
+
+    from taohooks.compare.store import RunStore
+
+    original, writes = RunStore.put_state, {"n": 0}
+
+    def put_then_die(self, name, value):
+        original(self, name, value)
+        writes["n"] += name == "threshold_steps"
+        if writes["n"] == 2:
+            raise KeyboardInterrupt
+
+    path = write(tmp_path, EXPERIMENT)
+    shutil.copytree(finished[0] / "state", tmp_path / "out" / "state")
+    (tmp_path / "out" / "state" / "thresholds.json").unlink()  # calibrated, no threshold found yet
+    (tmp_path / "out" / "state" / "threshold_steps.json").unlink()
+    monkeypatch.setattr(RunStore, "put_state", put_then_die)
+    assert compare(path) == 130
+    monkeypatch.setattr(RunStore, "put_state", original)
+    from taohooks.testbed import integration
+
+    integration.uninstall()
+    capsys.readouterr()
+    assert compare(path) == 0
+    err = capsys.readouterr().err
+    first = [line for line in err.splitlines() if "compare: teacache@2of10: threshold " in line]
+    assert "; 2 thresholds measured before, kept)" in err and "(search step 3, at most 17)" in first[0]
+    assert stable(json.loads((tmp_path / "out" / "results.json").read_text())) == stable(finished[1])
+
+
 def test_calibration_checkpoint_keeps_magcache_moments_and_refuses_other_prompts(tmp_path, capsys):
     from taohooks.caches.magcache import MagCacheCalibrator
     from taohooks.caches.teacache import TeaCacheCalibrator

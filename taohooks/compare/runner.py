@@ -702,14 +702,34 @@ class Experiment:
                               "matched with other search prompts or search_iterations; use another output folder "
                               "(or delete it)")
         if known is None:
+            # each measured threshold is kept as it is measured: a killed search replays them, not their generations
+            steps_kept = self.store.state("threshold_steps") or {}
+            kept = steps_kept.get(label) or {}
+            measured = dict(kept.get("fractions") or {}) if kept.get("search") == search else {}
+            measured = _as_rank_zero_has_it(measured)
+            most = 13 + self.config.search_iterations  # match_threshold's bracketing and bisection steps, at most
             messages.notice(f"compare: {label}: searching the threshold for {100 * target:.1f}% skipped calls on "
-                            f"{len(prompts)} calibration prompts")
+                            f"{len(prompts)} calibration prompts (at most {most} x {len(prompts)} generations"
+                            + (f"; {len(measured)} thresholds measured before, kept)" if measured else ")"))
+            current: Dict[str, float] = {}
+
+            def make_noted(threshold: float) -> List[Callback]:
+                current["threshold"] = threshold
+                return make(threshold)
 
             def measure(callbacks: List[Callback]) -> float:
-                runs = [self.generate(callbacks, entry) for entry in prompts]
-                return sum(r.record()["skipped_calls"] for r in runs) / max(1, sum(r.calls for r in runs))
+                key = repr(current["threshold"])
+                if key not in measured:
+                    runs = [self.generate(callbacks, entry) for entry in prompts]
+                    measured[key] = sum(r.record()["skipped_calls"] for r in runs) / max(1, sum(r.calls for r in runs))
+                    self.store.put_state("threshold_steps", {**(self.store.state("threshold_steps") or {}),
+                                                             label: {"search": search, "fractions": measured}})
+                    messages.notice(f"compare: {label}: threshold {current['threshold']:.6g} skips "
+                                    f"{100 * measured[key]:.1f}% (search step {len(measured)}, at most {most})")
+                return measured[key]
 
-            threshold, fraction = match_threshold(make, measure, target, iterations=self.config.search_iterations,
+            threshold, fraction = match_threshold(make_noted, measure, target,
+                                                  iterations=self.config.search_iterations,
                                                   what=f"compare: {label}'s threshold",
                                                   tolerance=0.5 / self.loop.steps)  # warns when it misses
             known = _as_rank_zero_has_it({"threshold": threshold, "search_fraction": fraction, **search})
