@@ -869,13 +869,20 @@ def test_a_budget_no_taocache_plan_fits_is_said_before_the_runs(tmp_path, launch
     assert "calibrating" not in err and not (tmp_path / "out" / "state").exists()  # before the calibration
 
 
-def test_teacache_added_after_a_calibration_without_it_is_refused(tmp_path, launcher_state, capsys):
-    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, taocache]").replace(
-        "budgets: [0.2, 0.3]", "budgets: [0.2]")
+def test_teacache_added_after_a_calibration_without_it_is_recorded_then(finished, tmp_path, launcher_state, capsys):
+    """Adding a method keeps the folder (README): what it calibrates is recorded on the same calibration prompts,
+    the LUT and the stored runs kept; the results equal a run that listed it from the start (it was refused)."""
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, taocache]")
     assert compare(write(tmp_path, text)) == 0
+    lut = (tmp_path / "out" / "state" / "calibration_lut.safetensors").read_bytes()
     capsys.readouterr()
-    assert compare(write(tmp_path, text.replace("methods: [full, taocache]", "methods: [full, taocache, teacache]"))) == 2
-    assert "was calibrated without teacache's polynomial" in capsys.readouterr().err
+    assert compare(write(tmp_path, EXPERIMENT)) == 0
+    err = capsys.readouterr().err
+    assert "was calibrated without teacache's polynomial (a method needing it was added to methods since): " \
+           "recording it on the same 3 calibration prompts" in err and "recorded 'a yellow square moving right' " \
+           "seed 1002 (3/3)" in err
+    assert (tmp_path / "out" / "state" / "calibration_lut.safetensors").read_bytes() == lut
+    assert stable(json.loads((tmp_path / "out" / "results.json").read_text())) == stable(finished[1])
 
 
 def test_weights_fingerprint_and_call_settings():

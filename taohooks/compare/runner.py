@@ -443,7 +443,6 @@ class Experiment:
         from ..taocache.calibration import CalibrationRecorder
         from ..taocache.lut import CalibrationLUT
         from ..taocache.cache import check_run
-        from ..caches.teacache import TeaCacheCalibrator
 
         lut_file = self.store.folder / "state" / "calibration_lut.safetensors"
         here = self.store.writer  # ranks > 0 that cannot read a file take rank 0's (see _calibration)
@@ -455,27 +454,39 @@ class Experiment:
             return lut, None
         state = self.store.state("calibration")
         used = [[e.prompt, e.seed] for e in prompts]
+        wants_tea = bool(TEA_METHODS & set(self.config.methods)) and self.target.tea_published is None
+        wants_mag = "magcache" in self.config.methods and self.target.mag_published is None
         if _as_rank_zero_has_it(state is not None and lut_file.is_file()):  # resumed: no calibration runs
-            if state is None or not lut_file.is_file():
-                return None, None
-            if state.get("calibration_prompts") != used:
+            if state is not None and state.get("calibration_prompts") != used:
                 raise ConfigError(self.config.source, "calibration_prompts", f"{self.store.folder} was calibrated on "
                                   f"other calibration prompts ({_first_difference(state.get('calibration_prompts') or [], used)}"
                                   "); its runs would mix two calibrations: use another output folder (or delete it)")
-            fitted = TEA_METHODS & set(self.config.methods) and self.target.tea_published is None
-            if fitted and state.get("tea_coefficients") is None:
-                raise ConfigError(self.config.source, "methods", f"{self.store.folder} was calibrated without "
-                                  "teacache's polynomial (a method needing it was added to methods since); use "
-                                  "another output folder")
-            self.mag_ratios = state.get("mag_ratios")
-            return CalibrationLUT.load(lut_file), state.get("tea_coefficients")
-        tea = mag = None
-        if TEA_METHODS & set(self.config.methods) and self.target.tea_published is None:
-            tea = TeaCacheCalibrator(probe=self.target.tea_probe(), blocks=self.target.blocks, exit=self.target.exit)
-        if "magcache" in self.config.methods and self.target.mag_published is None:
-            from ..caches.magcache import MagCacheCalibrator
-
-            mag = MagCacheCalibrator(blocks=self.target.blocks, exit=self.target.exit)
+            kept = state or {}
+            coefficients, self.mag_ratios = kept.get("tea_coefficients"), kept.get("mag_ratios")
+            # a method added to methods since: what it calibrates is recorded now, on the same generations (rank 0
+            # decides; every rank runs them)
+            add_tea, add_mag = _as_rank_zero_has_it((wants_tea and coefficients is None,
+                                                     wants_mag and self.mag_ratios is None))
+            if add_tea or add_mag:
+                tea, mag = self._calibrators(add_tea, add_mag)
+                what = " and ".join(w for w, on in (("teacache's polynomial", add_tea),
+                                                    ("magcache's magnitude ratios", add_mag)) if on)
+                messages.notice(f"compare: {self.store.folder} was calibrated without {what} (a method needing it "
+                                f"was added to methods since): recording it on the same {len(prompts)} calibration "
+                                "prompts (full-step)")
+                self._full_step_generations([c for c in (tea, mag) if c is not None], prompts, 0,
+                                            lambda i, entry: messages.notice(
+                                                f"compare: recorded {entry.prompt!r} seed {entry.seed} "
+                                                f"({i + 1}/{len(prompts)})"))
+                coefficients = tea.fit_per_expert() if tea is not None else coefficients
+                self.mag_ratios = mag.ratios().tolist() if mag is not None else self.mag_ratios
+                if state is not None:
+                    self.store.put_state("calibration", {**state, "tea_coefficients": coefficients,
+                                                         "mag_ratios": self.mag_ratios})
+            if state is None or not lut_file.is_file():
+                return None, None
+            return CalibrationLUT.load(lut_file), coefficients
+        tea, mag = self._calibrators(wants_tea, wants_mag)
         partial = CalibrationCheckpoint(self.store, used, tea is not None, mag is not None)
         resumed, done = partial.resume(tea, mag)
         self.progress.done += done
@@ -485,15 +496,13 @@ class Experiment:
                                        error_horizon=self.tao.calibration.error_horizon, resume=resumed)
         callbacks: List[Callback] = [c for c in (recorder, tea, mag) if c is not None]
         start = time.perf_counter() - partial.seconds
-        with DenoiserHook(self.loop, callbacks, **self.hook_kwargs).attach(self.model, *self.also) as hook:
-            for i, entry in enumerate(prompts[done:], done):
-                hook.new_sample()
-                arguments = self._arguments_for(entry)
-                self.patch.original(*arguments.args, **arguments.kwargs)
-                self.warm = True
-                if i + 1 < len(prompts):  # each generation kept as it ends: a killed calibration resumes
-                    partial.save(i + 1, recorder.lut(), tea, mag, time.perf_counter() - start)
-                self.progress.advance(f"calibration, {entry.prompt!r} seed {entry.seed}")
+
+        def ended(i: int, entry: PromptEntry) -> None:
+            if i + 1 < len(prompts):  # each generation kept as it ends: a killed calibration resumes
+                partial.save(i + 1, recorder.lut(), tea, mag, time.perf_counter() - start)
+            self.progress.advance(f"calibration, {entry.prompt!r} seed {entry.seed}")
+
+        self._full_step_generations(callbacks, prompts, done, ended)
         lut = recorder.lut()
         from ..runtime.io import atomic_write_bytes
 
@@ -506,6 +515,27 @@ class Experiment:
                                              "seconds": round(time.perf_counter() - start, 3)})
         partial.discard()
         return lut, coefficients
+
+    def _calibrators(self, tea: bool, mag: bool):
+        """TeaCache's and MagCache's calibrators on the target's proxy and block stack (``None`` where not asked)."""
+        from ..caches.magcache import MagCacheCalibrator
+        from ..caches.teacache import TeaCacheCalibrator
+
+        return (TeaCacheCalibrator(probe=self.target.tea_probe(), blocks=self.target.blocks, exit=self.target.exit)
+                if tea else None,
+                MagCacheCalibrator(blocks=self.target.blocks, exit=self.target.exit) if mag else None)
+
+    def _full_step_generations(self, callbacks: List[Callback], prompts: List[PromptEntry], first: int,
+                               ended: Callable[[int, PromptEntry], None]) -> None:
+        """The script's generation of each of ``prompts[first:]`` with ``callbacks`` recording; ``ended(i, entry)``
+        after each."""
+        with DenoiserHook(self.loop, callbacks, **self.hook_kwargs).attach(self.model, *self.also) as hook:
+            for i, entry in enumerate(prompts[first:], first):
+                hook.new_sample()
+                arguments = self._arguments_for(entry)
+                self.patch.original(*arguments.args, **arguments.kwargs)
+                self.warm = True
+                ended(i, entry)
 
     def _callbacks(self, method: str, skips: int, lut, coefficients, calibration: List[PromptEntry]) -> List[Callback]:
         steps = self.loop.steps
