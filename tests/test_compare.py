@@ -64,6 +64,8 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
     (("integration: testbed", "integration: wann"), "integration", "did you mean 'wan'"),
     (("search_prompts: 1", "search_prompts: one"), "search_prompts", "expected an integer"),
     (("search_prompts: 1", "search_prompts: 1\nhybrid_guard: -5"), "hybrid_guard", "expected a number of steps >= 0"),
+    (("search_prompts: 1", "search_prompts: 4"), "search_prompts", "4, but calibration_prompts lists 3: the threshold "
+                                                                   "searches (teacache) run on the first"),
 ])
 def test_bad_experiment_names_file_key_and_expectation(tmp_path, change, key, message):
     path = write(tmp_path, EXPERIMENT.replace(*change))

@@ -49,7 +49,7 @@ class ExperimentConfig:
     prompts: Any = None  # a file path or a list of prompts / {prompt, seed}
     calibration_prompts: Any = None
     seed: int = 0  # the seed of a prompt given without one
-    search_prompts: int = 4  # the first N calibration prompts drive the TeaCache threshold search
+    search_prompts: int = 4  # the first N calibration prompts drive the threshold searches (all of them when fewer and not given)
     search_iterations: int = 12  # bisection steps of that search (as taocache bench)
     methods: List[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     budgets: List[float] = field(default_factory=lambda: [0.04, 0.08, 0.12, 0.16])
@@ -195,6 +195,11 @@ def load_experiment(path) -> ExperimentConfig:
         raise ConfigError(str(path), "calibration_prompts", f"{len(overlap)} (prompt, seed) pair(s) are also "
                           f"evaluation prompts, e.g. {overlap[0].prompt!r} seed {overlap[0].seed}; calibrate on "
                           "other prompts (or seeds), never on the evaluated ones")
+    searching = [m for m in ("teacache", "magcache", "easycache", "hybrid", "pab+teacache") if m in config.methods]
+    if searching and "search_prompts" in data and config.search_prompts > len(calibration):  # (the default: all)
+        raise ConfigError(str(path), "search_prompts", f"{config.search_prompts}, but calibration_prompts lists "
+                          f"{len(calibration)}: the threshold searches ({', '.join(searching)}) run on the first "
+                          "search_prompts of them; list more calibration prompts or lower search_prompts")
     if config.output_dir.exists() and not config.output_dir.is_dir():
         raise ConfigError(str(path), "output", f"{config.output_dir} is a file; expected the experiment's output folder "
                                                "(made if missing)")
