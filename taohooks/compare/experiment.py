@@ -49,7 +49,7 @@ class ExperimentConfig:
     prompts: Any = None  # a file path or a list of prompts / {prompt, seed}
     calibration_prompts: Any = None
     seed: int = 0  # the seed of a prompt given without one
-    search_prompts: int = 4  # the first N calibration prompts drive the threshold searches (all of them when fewer and not given)
+    search_prompts: int = 4  # the first N calibration prompts drive the threshold searches (all, when fewer)
     search_iterations: int = 12  # bisection steps of that search (as taocache bench)
     methods: List[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     budgets: List[float] = field(default_factory=lambda: [0.04, 0.08, 0.12, 0.16])
@@ -201,8 +201,8 @@ def load_experiment(path) -> ExperimentConfig:
                           f"{len(calibration)}: the threshold searches ({', '.join(searching)}) run on the first "
                           "search_prompts of them; list more calibration prompts or lower search_prompts")
     if config.output_dir.exists() and not config.output_dir.is_dir():
-        raise ConfigError(str(path), "output", f"{config.output_dir} is a file; expected the experiment's output folder "
-                                               "(made if missing)")
+        raise ConfigError(str(path), "output", f"{config.output_dir} is a file; expected the experiment's output "
+                                               "folder (made if missing)")
     if config.taocache is not None:
         tao = config.path(config.taocache, "taocache")
         if not tao.is_file():

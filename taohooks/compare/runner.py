@@ -458,9 +458,10 @@ class Experiment:
         wants_mag = "magcache" in self.config.methods and self.target.mag_published is None
         if _as_rank_zero_has_it(state is not None and lut_file.is_file()):  # resumed: no calibration runs
             if state is not None and state.get("calibration_prompts") != used:
+                difference = _first_difference(state.get("calibration_prompts") or [], used)
                 raise ConfigError(self.config.source, "calibration_prompts", f"{self.store.folder} was calibrated on "
-                                  f"other calibration prompts ({_first_difference(state.get('calibration_prompts') or [], used)}"
-                                  "); its runs would mix two calibrations: use another output folder (or delete it)")
+                                  f"other calibration prompts ({difference}); its runs would mix two calibrations: "
+                                  "use another output folder (or delete it)")
             kept = state or {}
             coefficients, self.mag_ratios = kept.get("tea_coefficients"), kept.get("mag_ratios")
             # a method added to methods since: what it calibrates is recorded now, on the same generations (rank 0
