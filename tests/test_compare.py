@@ -255,8 +255,7 @@ def test_killed_experiment_resumes_to_the_same_results(finished, tmp_path, launc
 
     shutil.copytree(finished[0] / "state", tmp_path / "out" / "state")
     assert compare(path) == 130  # said, with how to go on (it was a traceback)
-    assert "taocache compare: interrupted; the runs and calibration generations stored in " in \
-        capsys.readouterr().err
+    assert "taocache compare: interrupted; the runs stored in " in capsys.readouterr().err
     assert len(list((tmp_path / "out" / "runs").rglob("*.safetensors"))) == 4
     assert not (tmp_path / "out" / "results.json").exists()
     monkeypatch.setattr(RunStore, "save", original)
@@ -360,6 +359,14 @@ def test_calibration_checkpoint_keeps_magcache_moments_and_refuses_other_prompts
     assert CalibrationCheckpoint(store, [["a", 9]] + prompts[1:], True, True).resume(None, None) == (None, 0)
     assert "kept in this folder was of other calibration prompts" in capsys.readouterr().err
     assert CalibrationCheckpoint(store, prompts, True, False).resume(None, None) == (None, 0)  # MagCache dropped
+    # killed between the LUT of generation 2 and its state: the state's generation 1 and its LUT are resumed
+    more = CalibrationLUT.empty(LoopSpec(5, ("cond", "uncond")), "other")
+    (tmp_path / "state" / "calibration_partial-2.safetensors").write_bytes(more.to_bytes())
+    resumed, done = CalibrationCheckpoint(store, prompts, True, True).resume(TeaCacheCalibrator(), mag2)
+    assert done == 1 and resumed.model_id == "m"
+    kept.save(2, more, tea, mag, 13.0)
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["calibration_partial-2.safetensors",
+                                                                       "calibration_partial.json"]
     kept.discard()
     assert not list((tmp_path / "state").iterdir())
 
@@ -890,7 +897,7 @@ def test_teacache_added_after_a_calibration_without_it_is_recorded_then(finished
 def test_weights_fingerprint_and_call_settings():
     """What the folder check adds to the script line: the weights (one changed element of a sampled position
     changes it; bf16 is read as its bytes) and the call's scalar settings (prompt and seed left out)."""
-    from taohooks.taocache.identity import call_settings, weights_fingerprint
+    from taohooks.taocache.identity import SHARDED, call_settings, weights_fingerprint
 
     torch.manual_seed(0)
     a, b = torch.nn.Linear(100, 50), torch.nn.Linear(100, 50)
@@ -901,11 +908,30 @@ def test_weights_fingerprint_and_call_settings():
     assert weights_fingerprint(a) != weights_fingerprint(b)
     assert weights_fingerprint(a, b) != weights_fingerprint(b, a)  # which expert holds which
     assert weights_fingerprint(a.to(torch.bfloat16)) != weights_fingerprint(b.to(torch.bfloat16))
+    big = torch.nn.Module()  # above 2**24 elements float positions rounded past the end (an IndexError)
+    big.weight = torch.nn.Parameter(torch.zeros(2 ** 24 + 3))
+    before = weights_fingerprint(big)
+    with torch.no_grad():
+        big.weight[-1] = 1.0
+    assert weights_fingerprint(big) != before
+    big.weight.to_local = lambda: big.weight  # a DTensor's: a shard, said so, not hashed
+    assert weights_fingerprint(big) == SHARDED
     args = {"prompt": "a cat", "seed": 3, "guide_scale": (3.0, 4.0), "shift": 5.0, "n_prompt": "", "offload": False,
-            "size": (832, 480), "latents": None, "generator": torch.Generator(), "image": torch.zeros(1)}
+            "size": (832, 480), "latents": None, "generator": torch.Generator(), "image": torch.zeros(1),
+            "offload_model": True, "kwargs": {"guidance": 5.0, "seed": 4, "noise": torch.zeros(1)}}
     assert call_settings(args, ("prompt", "seed")) == {
-        "guide_scale": "(3.0, 4.0)", "latents": "None", "n_prompt": "''", "offload": "False", "shift": "5.0",
-        "size": "(832, 480)"}
+        "guide_scale": "(3.0, 4.0)", "kwargs.guidance": "5.0", "latents": "None", "n_prompt": "''",
+        "offload": "False", "shift": "5.0", "size": "(832, 480)"}  # offload_model places the model: left out
+
+
+def test_a_folder_check_names_the_entry_of_a_setting_that_differs(tmp_path):
+    from taohooks.compare.store import RunStore
+
+    store = RunStore(tmp_path)
+    store.check_experiment({"calibration.sampler": None, "call": {"guidance": "5.0", "shift": "3.0"}})
+    with pytest.raises(ConfigError, match=r"call.guidance: this output folder holds runs made with call.guidance = "
+                                          r"'5.0', this experiment has '\(not given\)'"):
+        store.check_experiment({"calibration.sampler": None, "call": {"shift": "3.0"}})
 
 
 def test_an_experiment_and_a_taocache_config_given_for_each_other_say_so(tmp_path):

@@ -65,6 +65,17 @@ def test_a_zero_threshold_attaches_no_teacache():
     assert section_callbacks(config, plan_from_window(20, ("main",), 14, 17, 1.0)) == []
 
 
+def test_a_teacache_section_built_in_python_without_a_threshold_is_an_error():
+    """YAML's validation never sees a config built in Python: it ran no TeaCache, without a word."""
+    import dataclasses
+
+    from taohooks.config import TeaCacheConfig
+
+    config = dataclasses.replace(config_from_dict({}), teacache=TeaCacheConfig())
+    with pytest.raises(ConfigError, match="teacache.threshold: missing"):
+        section_callbacks(config, plan_from_window(20, ("main",), 14, 17, 1.0))
+
+
 def test_pab_and_hybrid_from_a_config_on_a_model():
     model = TinyDiT()
     full = run(model, 12)

@@ -73,7 +73,7 @@ def _hybrid_under_sequence_parallel(config: TaoCacheConfig) -> bool:
     """A hybrid whose TeaCache decides from sharded activations (the authors' Wan2.1 TeaCache,
     ``published: wan2.1-*``, decides from the timestep embedding, the same on every rank)."""
     tea = config.teacache
-    return tea is not None and tea.threshold > 0 and not (tea.published or "").startswith("wan2.1")
+    return tea is not None and (tea.threshold or 0) > 0 and not (tea.published or "").startswith("wan2.1")
 
 
 def _refuse_rank_local_decisions(config: TaoCacheConfig):

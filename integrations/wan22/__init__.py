@@ -159,7 +159,7 @@ def _identity(arguments, model) -> Dict[str, Any]:
 
 def _hybrid(config: TaoCacheConfig) -> bool:
     tea = config.teacache
-    return tea is not None and tea.threshold > 0
+    return tea is not None and (tea.threshold or 0) > 0
 
 
 _SP_HYBRID = ("teacache: the hybrid decides from activations that sequence parallelism ({what}) shards over "

@@ -79,9 +79,9 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
             with _terminate_as_interrupt(signals):
                 return _run_locked(experiment_path, script, config, tao_path, tao, writer)
         except KeyboardInterrupt:  # Ctrl-C, or a scheduler's SIGTERM: said, not a traceback or nothing at all
-            print(f"taocache compare: {'terminated' if signals else 'interrupted'}; the runs and calibration "
-                  f"generations stored in {config.output_dir} are kept: run the same command again to continue",
-                  file=sys.stderr)
+            print(f"taocache compare: {'terminated' if signals else 'interrupted'}; the runs stored in "
+                  f"{config.output_dir} are kept (and, in one process, the calibration's ended generations): run the "
+                  "same command again to continue", file=sys.stderr)
             return 143 if signals else 130
 
 

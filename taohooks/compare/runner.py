@@ -23,6 +23,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -112,11 +113,12 @@ def _as_rank_zero_has_it(value: Any) -> Any:
 
 
 class CalibrationCheckpoint:
-    """The calibration generations of a compare kept as each ends (``state/calibration_partial.json`` and
-    ``.safetensors``: the prompts done, the LUT of their statistics, TeaCache's recorded pairs, MagCache's
-    moments), so that a killed calibration resumes after its last complete generation with the statistics it
-    would have had. One process only: under torchrun a calibration starts again (every rank must run the same
-    generations, and the ranks' recorders would need rank 0's files)."""
+    """The calibration generations of a compare kept as each ends (``state/calibration_partial.json``: the
+    prompts done, TeaCache's recorded pairs, MagCache's moments, and the name of the LUT of their statistics,
+    ``calibration_partial-<done>.safetensors``, written before it), so that a killed calibration resumes after
+    its last complete generation with the statistics it would have had, wherever the kill fell. One process
+    only: under torchrun a calibration starts again (every rank must run the same generations, and the ranks'
+    recorders would need rank 0's files)."""
 
     NAME = "calibration_partial"
 
@@ -124,9 +126,12 @@ class CalibrationCheckpoint:
         import torch.distributed as dist
 
         self.store, self.prompts, self.what = store, prompts, {"teacache": tea, "magcache": mag}
-        self.lut_file = store.folder / "state" / f"{self.NAME}.safetensors"
+        self.folder = store.folder / "state"
         self.single = not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
         self.seconds = 0.0
+
+    def _lut_files(self) -> List[Path]:
+        return sorted(self.folder.glob(f"{self.NAME}-*.safetensors"))
 
     def resume(self, tea, mag):
         """``(LUT, prompts done)`` kept by an earlier run of this calibration (its TeaCache pairs and MagCache
@@ -134,7 +139,7 @@ class CalibrationCheckpoint:
         from ..taocache.lut import CalibrationLUT
 
         state = self.store.state(self.NAME) if self.single else None
-        if state is None or not self.lut_file.is_file():
+        if state is None or not (self.folder / state["lut"]).is_file():
             return None, 0
         done = state["done"]
         if state["prompts"][:done] != self.prompts[:done] or state["what"] != self.what:
@@ -151,23 +156,28 @@ class CalibrationCheckpoint:
                                          torch.tensor(m["total"], dtype=torch.float64),
                                          torch.tensor(m["total_sq"], dtype=torch.float64))
         self.seconds = state["seconds"]
-        return CalibrationLUT.load(self.lut_file), done
+        return CalibrationLUT.load(self.folder / state["lut"]), done
 
     def save(self, done: int, lut, tea, mag, seconds: float) -> None:
         if not (self.single and self.store.writer):
             return
         from ..runtime.io import atomic_write_bytes
 
-        atomic_write_bytes(self.lut_file, lut.to_bytes())  # first: a state names only a LUT already written
+        name = f"{self.NAME}-{done}.safetensors"
+        atomic_write_bytes(self.folder / name, lut.to_bytes())  # first: the state names only a LUT written
         moments = None if mag is None else {k: getattr(mag.moments, k).tolist() for k in ("count", "total", "total_sq")}
-        self.store.put_state(self.NAME, {"prompts": self.prompts, "done": done, "what": self.what,
+        self.store.put_state(self.NAME, {"prompts": self.prompts, "done": done, "what": self.what, "lut": name,
                                          "tea_pairs": [] if tea is None else [list(p) for p in tea.pairs],
                                          "tea_experts": [] if tea is None else tea.pair_experts,
                                          "mag_moments": moments, "seconds": round(seconds, 3)})
+        for path in self._lut_files():  # the LUTs of earlier states (or of a save the kill left unnamed)
+            if path.name != name:
+                path.unlink(missing_ok=True)
 
     def discard(self) -> None:
         if self.store.writer:
-            for path in (self.store.folder / "state" / f"{self.NAME}.json", self.lut_file):
+            (self.folder / f"{self.NAME}.json").unlink(missing_ok=True)
+            for path in self._lut_files():
                 path.unlink(missing_ok=True)
 
 
@@ -376,11 +386,11 @@ class Experiment:
                                      "loop": self.loop.describe(),
                                      "model": {k: str(v) for k, v in sorted(self.identity.items())},
                                      # what the script line does not show: the weights (a checkpoint replaced
-                                     # at the same path; rank 0's: FSDP shards differ), the call's settings
-                                     # (read from a config file)
-                                     "weights": _as_rank_zero_has_it(weights_fingerprint(self.model, *self.also)),
-                                     "call": call_settings(arguments, (self.target.prompt_arg,
-                                                                       self.target.seed_arg)),
+                                     # at the same path), the call's settings (read from a config file); rank 0's
+                                     "weights": _as_rank_zero_has_it(weights_fingerprint(patch.model_of(arguments),
+                                                                                         *self.also)),
+                                     "call": _as_rank_zero_has_it(call_settings(
+                                         arguments, (self.target.prompt_arg, self.target.seed_arg))),
                                      **self._run_settings()},
                                     optional=("pab_groups", "lut", *METHOD_SETTINGS,
                                               *(f"plan.{f.name}" for f in dataclasses.fields(self.tao.plan))))

@@ -160,8 +160,12 @@ class RunStore:
                     raise ConfigError(str(path), k, f"this output folder was made by an earlier taohooks, which did "
                                       f"not record {k} (this experiment has {fingerprint.get(k)!r}); its runs cannot "
                                       "be checked against this experiment: use another output folder (or delete it)")
-                raise ConfigError(str(path), k, f"this output folder holds runs made with {k} = {old.get(k)!r}, this "
-                                  f"experiment has {fingerprint.get(k)!r}; use another output folder (or delete it)")
+                was, now = old.get(k), fingerprint.get(k)
+                if isinstance(was, dict) and isinstance(now, dict):  # name the entry that differs (call settings)
+                    sub = next(s for s in sorted(set(was) | set(now)) if was.get(s) != now.get(s))
+                    k, was, now = f"{k}.{sub}", was.get(sub, "(not given)"), now.get(sub, "(not given)")
+                raise ConfigError(str(path), k, f"this output folder holds runs made with {k} = {was!r}, this "
+                                  f"experiment has {now!r}; use another output folder (or delete it)")
             if self.writer and set(fingerprint) - set(old):
                 atomic_write_bytes(path, json.dumps({**old, **fingerprint}, indent=1).encode())
             return

@@ -60,38 +60,66 @@ def architecture_fingerprint(model: nn.Module) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
 
+#: what :func:`weights_fingerprint` says of sharded weights (FSDP, DTensor): a rank holds a shard whose shape
+#: and contents depend on the number of ranks, and its root unit's parameters are not the module's
+SHARDED = "sharded (FSDP): not checked"
+
+#: generation arguments that place the model, not what it computes (Wan's generate.py sets offload_model from the
+#: number of ranks)
+PLACEMENT_ARGUMENTS = ("offload_model",)
+
+
+def _sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed
+        FullyShardedDataParallel = ()
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or any(
+        "_flat_param" in name or hasattr(p, "to_local") for name, p in model.named_parameters())
+
+
 def weights_fingerprint(*models: nn.Module, samples: int = 4096) -> str:
     """16 hex digits that change with the weights (``taocache compare``'s folder check; a LUT's identity leaves
-    the weights out, on purpose: a LUT is checked against the architecture).
+    the weights out, on purpose: a LUT is checked against the architecture), or :data:`SHARDED`.
 
     Hashes every parameter's name, shape, dtype and the bytes of ``samples`` evenly spaced elements (the first and
     the last among them), read where the parameter lives: a retrained or fine-tuned checkpoint changes them, and
-    a 14B model costs one small copy per tensor, not a pass over its 28 GB. Under FSDP each rank hashes its shard."""
+    a 14B model costs one small copy per tensor, not a pass over its 28 GB."""
+    if any(_sharded(m) for m in models):
+        return SHARDED
     digest = hashlib.sha256()
     with torch.no_grad():
         for i, model in enumerate(models):
             for name, p in model.named_parameters():
-                t = p.to_local() if hasattr(p, "to_local") else p  # a DTensor's shard
-                digest.update(f"{i}:{name}:{tuple(t.shape)}:{t.dtype}".encode())
-                flat = t.detach().reshape(-1)
-                if flat.numel() == 0 or flat.device.type == "meta":
+                digest.update(f"{i}:{name}:{tuple(p.shape)}:{p.dtype}".encode())
+                flat = p.detach().reshape(-1)
+                n = flat.numel()
+                if n == 0 or flat.device.type == "meta":
                     continue
-                index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+                k = min(samples, n)  # integer positions: float ones round past the end above 2**24 elements
+                index = (torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)).to(flat.device)
                 digest.update(flat[index].contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def call_settings(arguments: Mapping[str, Any], leave_out: Iterable[str] = ()) -> Dict[str, str]:
+def call_settings(arguments: Mapping[str, Any], leave_out: Iterable[str] = (),
+                  ignore: Iterable[str] = PLACEMENT_ARGUMENTS) -> Dict[str, str]:
     """The scalar arguments of a generation call (numbers, strings, booleans, None and tuples of them: a
     guidance scale, a shift, a negative prompt), each as its ``repr``, without those in ``leave_out`` (the
-    prompt and seed a compare replaces). Settings a script reads from its own config file show here, not in
-    its command line (Latte's ``--config``)."""
+    prompt and seed a compare replaces) and ``ignore``; a mapping's (``**kwargs``) as ``name.key``. Settings a
+    script reads from its own config file show here, not in its command line (Latte's ``--config``)."""
     def scalar(value: Any) -> bool:
         return value is None or isinstance(value, (bool, int, float, str)) or (
             isinstance(value, (list, tuple)) and all(scalar(v) for v in value))
 
-    skip = set(leave_out)
-    return {k: repr(v) for k, v in sorted(arguments.items()) if k not in skip and scalar(v)}
+    skip = set(leave_out) | set(ignore)
+    flat: Dict[str, Any] = {}
+    for name, value in arguments.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{name}.{k}": v for k, v in value.items() if str(k) not in skip})
+        elif name not in skip:
+            flat[name] = value
+    return {k: repr(v) for k, v in sorted(flat.items()) if scalar(v)}
 
 
 def model_identity(model: nn.Module) -> Identity:
