@@ -666,27 +666,27 @@ def _is_bench_config(data: Any) -> bool:
     return not keys & ours and bool(keys & bench)
 
 
-def _is_compare_experiment(data: Any) -> bool:
-    """Only keys a ``taocache compare`` experiment has, and some a TaoCache config has not."""
+def _only_keys_of(data: Any, kind: type, other: type) -> bool:
+    """``data`` has only top-level keys of the dataclass ``kind``, and some that ``other`` has not."""
     if not isinstance(data, dict) or not data:
         return False
+    keys, fields = set(map(str, data)), ({_yaml_key(f) for f in dataclasses.fields(c)} for c in (kind, other))
+    own, theirs = fields
+    return keys <= own and bool(keys - theirs)
+
+
+def _is_compare_experiment(data: Any) -> bool:
+    """A ``taocache compare`` experiment's keys only, and some a TaoCache config has not (``prompts``...)."""
     from .compare.experiment import ExperimentConfig
 
-    experiment = {_yaml_key(f) for f in dataclasses.fields(ExperimentConfig)} - {"source"}
-    ours = {_yaml_key(f) for f in dataclasses.fields(TaoCacheConfig)}
-    keys = set(map(str, data))
-    return keys <= experiment and bool(keys - ours)
+    return _only_keys_of(data, ExperimentConfig, TaoCacheConfig)
 
 
 def is_taocache_config(data: Any) -> bool:
-    """Only keys a TaoCache config has, and some a ``taocache compare`` experiment has not (``lut``, ``plan``...)."""
-    if not isinstance(data, dict) or not data:
-        return False
+    """A TaoCache config's keys only, and some a ``taocache compare`` experiment has not (``lut``, ``plan``...)."""
     from .compare.experiment import ExperimentConfig
 
-    experiment = {_yaml_key(f) for f in dataclasses.fields(ExperimentConfig)}
-    keys = set(map(str, data))
-    return keys <= {_yaml_key(f) for f in dataclasses.fields(TaoCacheConfig)} and bool(keys - experiment)
+    return _only_keys_of(data, TaoCacheConfig, ExperimentConfig)
 
 
 def load_config(path: Union[str, os.PathLike]) -> TaoCacheConfig:
