@@ -250,6 +250,11 @@ TEACACHE_PUBLISHED = ("latte", "opensora_plan", "wan2.1-t2v-1.3B", "wan2.1-t2v-1
                       "wan2.1-i2v-720P")
 
 
+#: what a ``teacache:`` section without a threshold is told (at load from YAML, at attach when built in Python)
+TEACACHE_THRESHOLD_MISSING = ("missing: the accumulated (rescaled) rel-L1 below which TeaCache reuses the block "
+                              "residual, e.g. 0.05 (0: TeaCache off)")
+
+
 @dataclass
 class TeaCacheConfig:
     """TeaCache on the early/mid steps, TaoCache late (``teacache:``; Algorithm 2, the hybrid)."""
@@ -266,8 +271,7 @@ class TeaCacheConfig:
 
     def validate(self, err) -> None:
         if self.threshold is None:  # (a default of 0 turned the hybrid's TeaCache off without a word)
-            err("teacache.threshold", "missing: the accumulated (rescaled) rel-L1 below which TeaCache reuses "
-                                      "the block residual, e.g. 0.05 (0: TeaCache off)")
+            err("teacache.threshold", TEACACHE_THRESHOLD_MISSING)
         elif self.threshold < 0:
             err("teacache.threshold", f"expected a threshold >= 0, got {self.threshold}")
         if self.published is not None:

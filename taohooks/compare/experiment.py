@@ -30,6 +30,8 @@ DEFAULT_METHODS = ("full", "taocache", "taocache-auto", "teacache", "magcache", 
 AVAILABLE_METHODS = DEFAULT_METHODS + ("pab", "pab+teacache")
 #: methods that skip no call (PAB alone broadcasts attention inside every call): run once, not per budget
 BUDGET_FREE_METHODS = ("pab",)
+#: methods whose threshold is searched (or fitted) on the calibration prompts, never on the evaluated ones
+SEARCHED_METHODS = ("teacache", "magcache", "easycache", "hybrid", "pab+teacache")
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class ExperimentConfig:
                 err(f"budgets[{i}]", f"expected a fraction of the steps in (0, 1), e.g. 0.16, got {b}")
             if b in self.budgets[:i]:
                 err(f"budgets[{i}]", f"{b} is listed twice")
-        for name in ("teacache", "magcache", "easycache", "hybrid", "pab+teacache"):
+        for name in SEARCHED_METHODS:
             if name in self.methods and self.calibration_prompts is None:
                 err("calibration_prompts", f"{name} needs calibration prompts (its calibration and the threshold "
                                            "search run on them, never on the evaluation prompts)")
@@ -195,7 +197,7 @@ def load_experiment(path) -> ExperimentConfig:
         raise ConfigError(str(path), "calibration_prompts", f"{len(overlap)} (prompt, seed) pair(s) are also "
                           f"evaluation prompts, e.g. {overlap[0].prompt!r} seed {overlap[0].seed}; calibrate on "
                           "other prompts (or seeds), never on the evaluated ones")
-    searching = [m for m in ("teacache", "magcache", "easycache", "hybrid", "pab+teacache") if m in config.methods]
+    searching = [m for m in SEARCHED_METHODS if m in config.methods]
     if searching and "search_prompts" in data and config.search_prompts > len(calibration):  # (the default: all)
         raise ConfigError(str(path), "search_prompts", f"{config.search_prompts}, but calibration_prompts lists "
                           f"{len(calibration)}: the threshold searches ({', '.join(searching)}) run on the first "

@@ -320,10 +320,9 @@ def section_callbacks(config: TaoCacheConfig, plan: SkipPlan, lut_path: Optional
     callbacks: List[Callback] = []
     tea = config.teacache
     if tea is not None and tea.threshold is None:  # a config built in Python, which YAML's validation never saw
-        from ..config import ConfigError
+        from ..config import TEACACHE_THRESHOLD_MISSING, ConfigError
 
-        raise ConfigError(config.source or "the config", "teacache.threshold", "missing: the accumulated (rescaled) "
-                          "rel-L1 below which TeaCache reuses the block residual, e.g. 0.05 (0: TeaCache off)")
+        raise ConfigError(config.source or "the config", "teacache.threshold", TEACACHE_THRESHOLD_MISSING)
     if tea is not None and tea.threshold:  # (0: off; the section then only names the fit's proxy)
         first = plan.skipped_steps[0] if plan.skipped_steps else plan.steps
         max_step = max(0, first - tea.guard_band)
