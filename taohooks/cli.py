@@ -244,14 +244,27 @@ def _cmd_merge(args) -> int:
             if os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b):
                 raise ValueError(f"{a} is given twice" + (f" (as {b})" if a != b else "")
                                  + "; its prompts would count twice: give each LUT once")
-    merge_luts([CalibrationLUT.load(p) for p in args.luts])  # the inputs fit together: checked before any write
+    drop = args.drop_error_statistics
+    inputs = [CalibrationLUT.load(p) for p in args.luts]
+    merged = merge_luts(inputs, drop_error_statistics=True)  # the inputs fit together: checked before any write
+    for path, lut in zip(args.luts, inputs):  # no input's error statistics are lost, on whichever side
+        have = lut.deltas.horizon if lut.deltas is not None and lut.num_prompts else None
+        if drop or have is None or (merged.deltas is not None and merged.deltas.horizon >= have):
+            continue
+        short = [p for p, other in zip(args.luts, inputs) if other.num_prompts
+                 and (other.deltas is None or other.deltas.horizon < have)]
+        raise LUTMismatchError(
+            f"merging would {'drop' if merged.deltas is None else f'shorten to {merged.deltas.horizon} steps'} the "
+            f"error statistics of {path} (delta products up to {have} steps apart, for plan.rule: auto): "
+            f"{', '.join(short)} {'has' if len(short) == 1 else 'have'} prompts without them or with a shorter "
+            f"horizon. Calibrate those with calibration.error_horizon: {have}, or pass --drop-error-statistics")
     check_writable(out)
     same = [p for p in args.luts if Path(p).exists() and out.exists() and os.path.samefile(p, out)]
     with locked(out):
         if out.exists() and not same:
             raise ValueError(f"{out} exists and is not one of the inputs; list it among the inputs to merge "
                              "into it, or remove it first")
-        merged = merge_luts([CalibrationLUT.load(p) for p in args.luts])
+        merged = merge_luts([CalibrationLUT.load(p) for p in args.luts], drop)
         atomic_write_bytes(out, merged.to_bytes())
     print(f"wrote {args.output}: {merged.describe()}")
     return 0
@@ -554,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge LUT files into one")
     p.add_argument("luts", nargs="+")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--drop-error-statistics", action="store_true",
+                   help="merge LUTs even where some prompts have no delta products (or a shorter horizon): the "
+                        "result then has none (or the shorter horizon), and plan.rule: auto cannot use it")
     p.set_defaults(func=_cmd_merge)
     return parser
 

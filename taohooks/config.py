@@ -220,7 +220,7 @@ class PABConfig:
     groups: List[PABGroupConfig] = field(default_factory=list)
     timesteps: Optional[List[float]] = None  # open window (low, high) of timestep values, as VideoSys' (100, 800)
     steps: Optional[List[int]] = None        # or an inclusive window [first, last] of step indices
-    reset_on_refresh: bool = True             # drop cached attention outputs on TaoCache's refresh steps
+    reset_on_refresh: bool = True             # drop cached attention outputs where TaoCache resumes computing
 
     def validate(self, err) -> None:
         if not self.groups:

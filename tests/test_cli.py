@@ -89,3 +89,22 @@ def test_demo_converts_missing_lpips_weights_once(monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(weights, "convert_lpips_weights", offline)
     weights.ensure_lpips_weights()
     assert "LPIPS is reported as n/a" in capsys.readouterr().err
+
+
+def test_merge_refuses_to_lose_an_input_s_error_statistics(tmp_path, capsys):
+    """`taocache merge` dropped the delta products of every input when one input had none (review, 2026-11-27)."""
+    from taohooks.taocache.lut import CalibrationLUT
+    from test_error_plan import TableDenoiser, calibrate as calibrate_table
+
+    with_products = calibrate_table(TableDenoiser(8, 2), 8, ("main",), 2, horizon=4)
+    without = calibrate_table(TableDenoiser(8, 2, seed=1), 8, ("main",), 2, horizon=0)
+    with_products.save(tmp_path / "a.safetensors")
+    without.save(tmp_path / "b.safetensors")
+    for order in (("b", "a"), ("a", "b")):
+        files = [str(tmp_path / f"{n}.safetensors") for n in order]
+        assert main(["merge", *files, "-o", str(tmp_path / "out.safetensors")]) == 1
+        err = capsys.readouterr().err
+        assert "would drop the error statistics of" in err and "a.safetensors" in err and "b.safetensors has" in err
+        assert not (tmp_path / "out.safetensors").exists()
+    assert main(["merge", *files, "-o", str(tmp_path / "out.safetensors"), "--drop-error-statistics"]) == 0
+    assert CalibrationLUT.load(tmp_path / "out.safetensors").deltas is None

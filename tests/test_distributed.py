@@ -56,6 +56,9 @@ def test_two_process_calibration_equals_one_process(tmp_path):
         assert float((a - b).abs().nan_to_num(0.0).max()) < 1e-6
     assert torch.equal(sharded.timesteps.nan_to_num(-1.0), single.timesteps.nan_to_num(-1.0))
     assert not list((tmp_path / "two").glob("*.part*"))  # the per-rank part files are gone
+    # the error statistics too (they were dropped): rank 0 had prompts 1, 3, 5 and rank 1 prompts 2, 4
+    assert sharded.deltas is not None and sharded.deltas.numel == single.deltas.numel
+    assert torch.allclose(sharded.deltas.gram, single.deltas.gram[[0, 2, 4, 1, 3]], equal_nan=True)
 
 
 def test_data_parallel_calibration_under_torchrun(tmp_path):

@@ -18,7 +18,7 @@ from taohooks.taocache.error_model import ErrorModel, chains_of, sampler_weights
 from taohooks.taocache.error_plan import (PlannerOptions, brute_force, coefficient_table, error_model_of, plan_min_error,
                                  predict_plan, weight_scheme)
 from taohooks.taocache.extrapolation import TaoCacheCallback
-from taohooks.taocache.lut import CalibrationLUT
+from taohooks.taocache.lut import CalibrationLUT, LUTMismatchError
 from taohooks.taocache.plan import COMPUTE, REFRESH, SKIP, PlanError, SkipPlan
 from taohooks.taocache.cache import make_plan
 from trajectories import GeometricDenoiser, run_loop
@@ -103,11 +103,17 @@ def test_products_survive_the_file_and_merge_by_prompts(tmp_path):
     a.save(tmp_path / "a.safetensors")
     back = CalibrationLUT.load(tmp_path / "a.safetensors")
     assert same(back.deltas.gram, a.deltas.gram) and back.deltas.numel == a.deltas.numel
-    merged = a.merge(b)
+    with pytest.raises(LUTMismatchError, match=r"shorten to 2 steps the error statistics .* up to 4 steps apart"):
+        a.merge(b)  # a's products would lose their horizon: refused, unless asked for
+    merged = a.merge(b, drop_error_statistics=True)
     assert merged.deltas.prompts == 4 and merged.deltas.horizon == 2  # the common horizon
     assert same(merged.deltas.gram[:2], a.deltas.gram[..., :3])
+    assert b.merge(a).deltas.horizon == 2  # b loses nothing: allowed
     no_products = calibrate(model, 8, ("main",), 2, horizon=0)
-    assert no_products.deltas is None and a.merge(no_products).deltas is None  # part of the prompts: none
+    with pytest.raises(LUTMismatchError, match="drop the error statistics .*error_horizon: 4"):
+        a.merge(no_products)
+    assert no_products.deltas is None and a.merge(no_products, True).deltas is None  # part of the prompts: none
+    assert no_products.merge(a).deltas is None  # no_products had none to lose
 
 
 def test_version_1_file_loads_without_products_and_auto_says_so(tmp_path):

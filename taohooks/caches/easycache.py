@@ -87,7 +87,7 @@ class EasyCacheCallback(Callback):
         if call.index % hook.loop.calls_per_step == 0:  # the first call of the step decides
             self._skip_step = self._decide(call.step, hook.loop.steps, x)
         entry = self._cache.get(call.streams)
-        if not (self._skip_step and self._usable and entry is not None):
+        if not (self._skip_step and self._usable and entry is not None) or not hook.in_line(call):
             return None
         delta, structure = entry
         if len(delta) != len(x) or any(d.shape != u.shape for d, u in zip(delta, x)):

@@ -24,14 +24,15 @@ __all__ = ["MagCacheCallback", "MagCacheCalibrator", "ratio_table"]
 def _nearest(src: List[float], count: int) -> List[float]:
     if count == 1:
         return [src[-1]]
-    return [src[int(round(i * (len(src) - 1) / (count - 1)))] for i in range(count)]
+    scale = (len(src) - 1) / (count - 1)  # the authors' float product, then round half to even (np.round)
+    return [src[int(round(i * scale))] for i in range(count)]
 
 
 def ratio_table(published: Sequence[float], steps: int) -> Tensor:
     """``[2, steps]`` (cond, uncond) ratios from a list published the way MagCache's authors publish
     them: cond and uncond interleaved, one value per call from the second step on (``2 * S - 2``
     values for ``S`` steps; the first step's pair is padded with 1.0). For another step count each
-    half is resampled by nearest neighbour (``round(arange(T) * (S - 1) / (T - 1))``), as they do."""
+    half is resampled by nearest neighbour (``np.round(np.arange(T) * ((S - 1) / (T - 1)))``), as they do."""
     full = [1.0, 1.0] + list(published)
     cond, uncond = full[0::2], full[1::2]
     if len(cond) != steps:

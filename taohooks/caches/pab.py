@@ -82,11 +82,18 @@ class PyramidAttentionBroadcast(Callback):
         groups: which modules broadcast, and how often they recompute.
         steps: inclusive window ``(first, last)`` of step indices where broadcasting may happen.
         timesteps: or an open window ``(low, high)`` of timestep values (as VideoSys' (100, 800)).
-        reset_steps: steps at whose call all cached outputs are dropped (TaoCache refreshes).
+        reset_steps: steps at whose calls the calls' streams' cached outputs are dropped (TaoCache's resume
+            steps).
+        reset_on_resume: also drop a stream's cached outputs after any call of it that another callback
+            answered: TaoCache's skips and, unlike ``reset_steps``, the skips that fell back to a real call
+            (the paper resets PAB wherever TaoCache resumes computing).
+
+    Cached outputs are always dropped before a call the hook finds out of line (:meth:`DenoiserHook.in_line`).
     """
 
     def __init__(self, groups: Sequence[BroadcastGroup], *, steps: Optional[Tuple[int, int]] = None,
-                 timesteps: Optional[Tuple[float, float]] = None, reset_steps: Iterable[int] = ()):
+                 timesteps: Optional[Tuple[float, float]] = None, reset_steps: Iterable[int] = (),
+                 reset_on_resume: bool = False):
         if not groups:
             raise ValueError("PAB needs at least one broadcast group")
         if (steps is None) == (timesteps is None):
@@ -94,6 +101,7 @@ class PyramidAttentionBroadcast(Callback):
         self.groups = list(groups)
         self.steps, self.timesteps = steps, timesteps
         self.reset_steps = frozenset(int(s) for s in reset_steps)
+        self.reset_on_resume = reset_on_resume
         self.broadcasts = 0  # module calls answered from the cache, since attach
         self.module_calls = 0
         self._patches: List[ForwardPatch] = []
@@ -119,6 +127,9 @@ class PyramidAttentionBroadcast(Callback):
                          for expert, name, module, broadcast_range in found]
         self.broadcasts = self.module_calls = 0
 
+    def forward_patches(self) -> list:
+        return list(reversed(self._patches))
+
     def on_detach(self, hook) -> None:
         for patch in reversed(self._patches):
             patch.restore()
@@ -137,20 +148,26 @@ class PyramidAttentionBroadcast(Callback):
         t = call.timestep
         return t is not None and self.timesteps[0] < t < self.timesteps[1]
 
+    def _drop(self, streams) -> None:
+        self._cache = {k: v for k, v in self._cache.items() if k[2] != streams}
+
     def on_before_call(self, hook, call, args, kwargs):
         if call.step in self.reset_steps:
-            self._cache = {}
+            self._drop(call.streams)  # this call's streams only: a step's other call may have cached already
         self._call, self._in_window = call, self._window(call)
         self._module_calls_before, self._partial_seen = self.module_calls, False
         if self.timesteps is not None and self._in_window and self._anchor is None:
             self._anchor = call.step
+        if (self._in_window and any((call.step - self._anchor) % g.broadcast_range for g in self.groups)
+                and any(k[2] == call.streams for k in self._cache) and not hook.in_line(call)):
+            self._drop(call.streams)  # cached by another generation (the hook warned)
         return None
 
     def on_after_call(self, hook, call, output) -> None:
-        if self._call is call and call.computed and (  # (a call TaoCache answered keeps PAB in phase)
+        if (not call.computed and self.reset_on_resume) or (self._call is call and call.computed and (  # answered by another callback (the phase is kept)
                 self.module_calls == self._module_calls_before  # the blocks were bypassed
-                or self._partial_seen):  # or ran on some samples only
-            self._cache = {k: v for k, v in self._cache.items() if k[2] != call.streams}
+                or self._partial_seen)):  # or ran on some samples only
+            self._drop(call.streams)
         self._call = None
 
     def _make_forward(self, expert: int, name: str, broadcast_range: int):

@@ -108,7 +108,8 @@ class BlockStackCache(Callback):
 
     def on_reuse_refused(self, call) -> None:
         """:meth:`decide` said reuse, but nothing of this expert and stream(s) is cached (its first call,
-        or a change of shape): the call computes. Subclasses that count reuses reset here."""
+        or a change of shape), or the call is out of line (:meth:`DenoiserHook.in_line`): the call
+        computes. Subclasses that count reuses reset here."""
 
     # ------------------------------------------------------------------ samples
     def samples_of_rows(self, rows: int) -> Optional[Tensor]:
@@ -171,6 +172,9 @@ class BlockStackCache(Callback):
             blocks.extend(stack)
         return blocks
 
+    def forward_patches(self) -> list:
+        return list(reversed(self._patches))
+
     def on_detach(self, hook) -> None:
         for patch in reversed(self._patches):
             patch.restore()
@@ -220,8 +224,13 @@ class BlockStackCache(Callback):
             if bool(reuse.any()):
                 self.on_reuse_refused(call)
             return  # nothing to reuse: compute
-        self._reuse = reuse if bool(reuse.any()) else None
-        self.partial = bool(reuse.any()) and not bool(reuse.all())
+        if not bool(reuse.any()):
+            return
+        if not self.hook.in_line(call):  # the residual is another generation's (the hook warned)
+            self.on_reuse_refused(call)
+            return
+        self._reuse = reuse
+        self.partial = not bool(reuse.all())
 
     def _leave(self, call, out: Tensor) -> Tensor:
         """The stack's output ``out``: computed rows update the residual, reused rows get ``input + residual``."""

@@ -666,7 +666,8 @@ class Experiment:
             groups = [BroadcastGroup(g.pattern, g.range_) for g in self.config.pab_groups]
         else:
             groups = [BroadcastGroup(self.target.attention, self.config.pab_range)]
-        return PyramidAttentionBroadcast(groups, timesteps=tuple(self.config.pab_timesteps), reset_steps=reset_steps)
+        return PyramidAttentionBroadcast(groups, timesteps=tuple(self.config.pab_timesteps), reset_steps=reset_steps,
+                                         reset_on_resume=bool(reset_steps))
 
     def _check_pab_patterns(self) -> None:
         """At the first generation call, before any run: every PAB pattern names modules of the model."""

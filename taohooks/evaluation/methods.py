@@ -249,6 +249,7 @@ def build_method(name: str, tm: TestbedModel, cal: Calibration, skips: int, sear
     if name == "pab+taocache":
         plan, tao = _tao(tm, cal, skips)
         pab = PyramidAttentionBroadcast([BroadcastGroup(tm.attention, settings.pab_range)],
-                                        timesteps=settings.pab_timesteps, reset_steps=plan.resume_steps)
+                                        timesteps=settings.pab_timesteps, reset_steps=plan.resume_steps,
+                                        reset_on_resume=True)
         return Built([tao, pab], {"window": plan.window, "pab_range": settings.pab_range})
     raise ValueError(f"unknown method {name!r}; one of {', '.join(METHODS)}")

@@ -24,6 +24,12 @@ class Callback:
     def on_detach(self, hook: "DenoiserHook") -> None:
         """The hook is being removed; drop any state and tensors (called in reverse order)."""
 
+    def forward_patches(self) -> list:
+        """The :class:`~taohooks.runtime.patching.ForwardPatch` es this callback holds on the model's
+        modules, in the order ``on_detach`` restores them; the hook checks that every one can be
+        restored before it detaches anything."""
+        return []
+
     def on_sample_start(self, hook: "DenoiserHook", sample: int) -> None:
         """A new generation begins (before its first call). Reset per-sample state here."""
 

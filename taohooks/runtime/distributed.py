@@ -12,12 +12,14 @@ output: there rank 0 simply writes what it recorded.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from ..taocache.delta_gram import DeltaGram
 from ..taocache.lut import CalibrationLUT
 from ..taocache.stats import RunningMoments
 
@@ -68,7 +70,8 @@ def all_reduce_lut(lut: CalibrationLUT, group: Optional[object] = None) -> Calib
     """The LUT of all ranks' statistics together (every rank gets it).
 
     Counts, sums and sums of squares and the prompt count are summed; each step's timestep is
-    taken from any rank that recorded it (they agree: same scheduler)."""
+    taken from any rank that recorded it (they agree: same scheduler); the delta products
+    (``plan.rule: auto``'s error statistics, one row per prompt) are gathered, in rank order."""
     if not (dist.is_available() and dist.is_initialized()):
         return lut
     device = _device()
@@ -83,4 +86,21 @@ def all_reduce_lut(lut: CalibrationLUT, group: Optional[object] = None) -> Calib
     timesteps = timesteps.cpu()
     timesteps = torch.where(timesteps.isinf(), torch.full_like(timesteps, float("nan")), timesteps)
     return CalibrationLUT(lut.streams, lut.steps, moments[0], moments[1], timesteps, lut.calls_per_step,
-                          lut.model_id, lut.sampler, prompts, lut.created, identity=dict(lut.identity))
+                          lut.model_id, lut.sampler, prompts, lut.created, identity=dict(lut.identity),
+                          deltas=_gather_deltas(lut, group))
+
+
+def _gather_deltas(lut: CalibrationLUT, group) -> Optional[DeltaGram]:
+    """Every rank's delta products together (as :meth:`CalibrationLUT.merge` joins them: none if a rank
+    has prompts without products, the shortest horizon otherwise)."""
+    parts: List[object] = [None] * dist.get_world_size(group)
+    mine = None if lut.deltas is None else (lut.deltas.gram.cpu(), tuple(lut.deltas.numel))
+    dist.all_gather_object(parts, (lut.num_prompts, mine), group=group)
+    grams = []
+    for prompts, part in parts:
+        if not prompts:
+            continue
+        if part is None:
+            return None
+        grams.append(DeltaGram(*part))
+    return functools.reduce(DeltaGram.merge, grams) if grams else None

@@ -13,7 +13,10 @@ loop that makes a call more or fewer than declared would shift every later gener
 first call of such a generation must run at the timestep the last explicitly started generation
 (the first after ``attach`` or ``new_sample()``) began at. A call that does not is *stray*: it
 runs the model without callbacks (no caching, no calibration), with a warning, until a call
-begins at that timestep again. Timesteps are read once per generation, not per call.
+begins at that timestep again. Timesteps are read once per generation, not per call, except
+where a cache is about to reuse something: :meth:`DenoiserHook.in_line` then compares the call's
+timestep with the reference generation's call of the same index (a generation that made fewer
+calls than declared leaves the next one's first calls numbered as its own last ones).
 """
 from __future__ import annotations
 
@@ -123,6 +126,7 @@ class DenoiserHook:
         self._thread: Optional[int] = None  # the thread the active generation runs in
         self._previous: Optional[_Timestep] = None  # timestep of the last call (repeat only)
         self._strays = 0              # stray calls since the last generation ended
+        self._out_of_line: Optional[int] = None  # the generation in_line() found out of line
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, module: nn.Module, *also: nn.Module) -> "DenoiserHook":
@@ -188,9 +192,9 @@ class DenoiserHook:
         module = self.module
         if module is None:
             return
-        for m, patch in zip((module, *self.also), self._patches):
-            if m.__dict__.get("forward") is not patch.wrapper:
-                patch.restore()  # raises: someone wrapped the forward again on top of ours
+        names = {id(m): n for root in (module, *self.also) for n, m in root.named_modules()}
+        ForwardPatch.check_restorable(  # in the order detaching restores them; raises before anything is undone
+            [*(p for cb in reversed(self.callbacks) for p in cb.forward_patches()), *self._patches], names)
         try:
             if self._index is not None:
                 self._abort("the hook was detached")
@@ -240,7 +244,7 @@ class DenoiserHook:
         self.counts = {s: [0, 0] for s in self.loop.streams}
         self.stray_calls = self.misaligned_generations = self._strays = 0
         self._reference, self._reference_start, self._recording = None, None, False
-        self._reference_varies, self._previous = None, None
+        self._reference_varies, self._previous, self._out_of_line = None, None, None
 
     def _start(self, explicit: bool) -> None:
         self._sample += 1
@@ -311,6 +315,28 @@ class DenoiserHook:
             self._fail(call, exc)
             raise
         return call, None
+
+    def in_line(self, call: CallInfo) -> bool:
+        """Whether ``call`` runs at the timestep the reference generation (``repeat=True``) ran its call of
+        the same index: ask before reusing anything for it. Reads the call's timestep (on a GPU: one
+        synchronisation). ``True`` where nothing can be compared (no ``repeat``, the reference generation
+        itself, no timestep). A call out of line is warned about once per generation; the callbacks then
+        compute it, and the generations after it are realigned as for any loop that makes fewer calls."""
+        if self._out_of_line == call.sample:
+            return False
+        reference = self._reference
+        if (not self.repeat or not reference or call.sample == self._reference_sample
+                or call.index >= len(reference) or reference[call.index] is None):
+            return True
+        want, seen = reference[call.index].value(), call.timestep
+        if want is None or seen is None or timesteps_match(seen, want):
+            return True
+        self._out_of_line = call.sample
+        messages.warning(
+            f"call {call.index} (step {call.step}) of generation {call.sample} runs at timestep {seen:g}, but the "
+            f"same call of generation {self._reference_sample} ran at {want:g}: a generation made fewer or more "
+            f"calls than declared ({self.loop.describe()}); nothing cached is reused until the loop is in line again")
+        return False
 
     def _stray(self, timestep: Optional[_Timestep]) -> bool:
         """Whether a call that would begin a generation automatically is out of line (warned).

@@ -34,15 +34,31 @@ class ForwardPatch:
     def active(self) -> bool:
         return self.module is not None
 
+    @staticmethod
+    def check_restorable(patches, names=None) -> None:
+        """Raise unless restoring ``patches`` in this order puts every original back: each one's wrapper
+        must be the module's forward by the time its turn comes (nobody else wrapped it after us).
+        ``names``: ``id(module) -> name`` for the message. Nothing is changed."""
+        current = {}  # id(module) -> the forward once the patches before have been restored
+        for patch in patches:
+            module = patch.module
+            if module is None:
+                continue
+            forward = current.get(id(module), module.__dict__.get("forward"))
+            if forward is not patch.wrapper:
+                name = (names or {}).get(id(module), "")
+                raise RuntimeError(
+                    f"taohooks: {type(module).__name__}{f' ({name})' if name else ''}.forward was replaced after "
+                    "taohooks attached; detach that wrapper first (hooks must be removed in the reverse order of "
+                    "attaching); nothing was detached")
+            current[id(module)] = patch._original if patch._had_instance_forward else None
+
     def restore(self) -> None:
         """Put the original forward back; refuses if someone wrapped it again on top of us."""
         module = self.module
         if module is None:
             return
-        if module.__dict__.get("forward") is not self.wrapper:
-            raise RuntimeError(
-                f"taohooks: {type(module).__name__}.forward was replaced after taohooks attached; detach "
-                "that wrapper first (hooks must be removed in the reverse order of attaching)")
+        ForwardPatch.check_restorable([self])
         if self._had_instance_forward:
             module.forward = self._original
         else:

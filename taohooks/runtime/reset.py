@@ -4,7 +4,9 @@ Whole skipped calls do not advance per-call state such as VideoSys' PAB block co
 diffusers' PAB hook iterations, and attention outputs cached before a skip are stale after
 it. :class:`StateReset` calls a reset function at the start of every generation, before the
 first call of every step that resumes computing after TaoCache skipped (the refresh steps and
-the step after the window; ``SkipPlan.resume_steps``), and on detach.
+the step after the window; ``SkipPlan.resume_steps``), before any call that follows a call
+another callback answered (a skip whose neighbour fell back to a real call resumes computing
+too), and on detach.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class StateReset(Callback):
         self.resets = 0
         self._active: FrozenSet[int] = frozenset()
         self._last_step: Optional[int] = None
+        self._answered = False  # the last call was answered by another callback
 
     def on_attach(self, hook) -> None:
         from ..taocache.extrapolation import TaoCacheCallback
@@ -44,15 +47,20 @@ class StateReset(Callback):
         self.resets += 1
 
     def on_sample_start(self, hook, sample: int) -> None:
-        self._last_step = None
+        self._last_step, self._answered = None, False
         self._do()
 
     def on_detach(self, hook) -> None:
         self._do()  # the model's own state is left in phase for runs without taohooks
 
     def on_before_call(self, hook, call, args, kwargs):
-        if call.step != self._last_step:  # the first call of a step
-            self._last_step = call.step
-            if call.step in self._active:
-                self._do()
+        first = call.step != self._last_step  # the first call of a step
+        self._last_step = call.step
+        if (first and call.step in self._active) or self._answered:
+            self._answered = False
+            self._do()
         return None
+
+    def on_after_call(self, hook, call, output) -> None:
+        if not call.computed:
+            self._answered = True

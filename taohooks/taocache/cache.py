@@ -346,7 +346,7 @@ def section_callbacks(config: TaoCacheConfig, plan: SkipPlan, lut_path: Optional
         groups = [BroadcastGroup(g.pattern, g.range_) for g in pab.groups]
         window = {"timesteps": tuple(pab.timesteps)} if pab.timesteps is not None else {"steps": tuple(pab.steps)}
         callbacks.append(PyramidAttentionBroadcast(groups, reset_steps=plan.resume_steps if pab.reset_on_refresh
-                                                   else (), **window))
+                                                   else (), reset_on_resume=pab.reset_on_refresh, **window))
     return callbacks
 
 

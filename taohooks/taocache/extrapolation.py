@@ -71,7 +71,8 @@ class TaoCacheCallback(Callback):
             keep their scale between steps; 10x is far outside any normal trajectory.
 
     ``fallbacks`` counts skip calls that ran the model instead, ``fallback_reasons`` the same per
-    reason (``"no history"``, ``"not finite in float16"``, ``"norm > 10 x last real output"``).
+    reason (``"no history"``, ``"not finite in float16"``, ``"norm > 10 x last real output"``, ``"out of line"``:
+    a generation that began where the previous one should have ended, :meth:`DenoiserHook.in_line`).
     """
 
     def __init__(self, plan: SkipPlan, expected_timesteps: Optional[Tensor] = None,
@@ -136,9 +137,15 @@ class TaoCacheCallback(Callback):
             r = self.plan.ratio(name, step)
             delta = [r * d for d in state.delta]
             predictions.append(([e + d for e, d in zip(state.eps, delta)], delta))
+        if not hook.in_line(call):
+            self._fallback(call, "out of line", "the call is not where the loop's reference generation had it")
+            return None
         structure = self._states[call.streams[0]].structure
         leaves = join_batch([eps for eps, _ in predictions]) if hook.loop.split_batch else predictions[0][0]
-        cast = structure.cast(leaves)  # what the sampler will get
+        # what the sampler gets: never the tensors kept as history (a float32 cast is no copy, and a loop may
+        # change its model output in place)
+        kept = {id(t) for eps, _ in predictions for t in eps}
+        cast = [t.clone() if id(t) in kept else t for t in structure.cast(leaves)]
         if not self._sane(call, cast, predictions):
             return None
         self._check_timestep(call)

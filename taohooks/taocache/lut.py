@@ -134,8 +134,13 @@ class CalibrationLUT:
             raise LUTMismatchError(f"{self._name()} was calibrated with sampler {self.sampler!r}, this run "
                                    f"uses {sampler!r}")
 
-    def merge(self, other: "CalibrationLUT") -> "CalibrationLUT":
-        """Statistics of both LUTs together, as if one run had recorded all their prompts."""
+    def merge(self, other: "CalibrationLUT", drop_error_statistics: bool = False) -> "CalibrationLUT":
+        """Statistics of both LUTs together, as if one run had recorded all their prompts.
+
+        The delta products (``plan.rule: auto``'s error statistics) of prompts of both LUTs are kept up
+        to the shorter horizon; where one LUT has prompts without them, the result has none. A merge that
+        loses this LUT's products that way (``other`` is added to it: a file, a LUT calibrated before) is
+        refused (:class:`LUTMismatchError`) unless ``drop_error_statistics``."""
         if (self.steps, tuple(self.streams)) != (other.steps, tuple(other.streams)):
             raise LUTMismatchError(
                 f"cannot merge {other._name()} ({other.steps} steps, streams {', '.join(other.streams)}) into "
@@ -157,7 +162,7 @@ class CalibrationLUT:
             self.streams, self.steps, self.cos.merge(other.cos), self.ratio.merge(other.ratio),
             torch.where(self.timesteps.isnan(), other.timesteps, self.timesteps), self.calls_per_step,
             self.model_id or other.model_id, self.sampler or other.sampler, self.num_prompts + other.num_prompts,
-            identity={**other.identity, **self.identity}, deltas=_merge_deltas(self, other))
+            identity={**other.identity, **self.identity}, deltas=_merge_deltas(self, other, drop_error_statistics))
 
     # ------------------------------------------------------------------ file
     def metadata(self) -> dict:
@@ -250,13 +255,16 @@ class CalibrationLUT:
                 + (f", identity {json.dumps(self.identity, sort_keys=True)}" if self.identity else ""))
 
 
-def _merge_deltas(a: CalibrationLUT, b: CalibrationLUT) -> Optional[DeltaGram]:
+def _merge_deltas(a: CalibrationLUT, b: CalibrationLUT, drop: bool = False) -> Optional[DeltaGram]:
     """Both LUTs' delta products, or none if either LUT has prompts without them (an error estimate
-    from part of the prompts would not describe the LUT's statistics)."""
+    from part of the prompts would not describe the LUT's statistics). Unless ``drop``, a merge that
+    would lose products, or shorten their horizon, is refused."""
     def usable(lut):  # a LUT without prompts contributes nothing either way
         return lut.deltas if lut.deltas is not None or lut.num_prompts == 0 else False
 
     da, db = usable(a), usable(b)
+    if not drop:
+        check_error_statistics_kept(a, b)
     if da is False or db is False:
         return None
     if da is None or db is None:
@@ -267,6 +275,25 @@ def _merge_deltas(a: CalibrationLUT, b: CalibrationLUT) -> Optional[DeltaGram]:
         raise LUTMismatchError(f"cannot merge {b._name()} into {a._name()}: {exc}") from None
 
 
+def check_error_statistics_kept(kept: CalibrationLUT, other: CalibrationLUT) -> None:
+    """Raise :class:`LUTMismatchError` if merging ``other`` would drop ``kept``'s delta products or
+    shorten their horizon (``other`` has prompts without them, or with a shorter horizon)."""
+    have = kept.deltas if kept.num_prompts else None
+    if have is None or not other.num_prompts:
+        return
+    theirs = other.deltas
+    if theirs is not None and theirs.horizon >= have.horizon:
+        return
+    what = "drop" if theirs is None else f"shorten to {theirs.horizon} steps"
+    raise LUTMismatchError(
+        f"cannot merge {other._name()} and {kept._name()}: it would {what} the error statistics (delta products up "
+        f"to {have.horizon} steps apart, for plan.rule: auto) of {kept._name()}'s {kept.num_prompts} prompt(s), "
+        f"since {other._name()}'s {other.num_prompts} prompt(s) have "
+        + ("none" if theirs is None else f"them up to {theirs.horizon} steps apart")
+        + f". Calibrate those prompts with calibration.error_horizon: {have.horizon}, or drop the error statistics "
+        "on purpose (taocache merge --drop-error-statistics)")
+
+
 def first_timestep_difference(a: Tensor, b: Tensor) -> Optional[int]:
     """The first step whose timestep is known in both and differs (relative 1e-6), or ``None``."""
     both = ~(a.isnan() | b.isnan())
@@ -274,11 +301,11 @@ def first_timestep_difference(a: Tensor, b: Tensor) -> Optional[int]:
     return int(differ.nonzero()[0]) if differ.any() else None
 
 
-def merge_luts(luts: Sequence[CalibrationLUT]) -> CalibrationLUT:
-    """Merge several LUTs left to right."""
+def merge_luts(luts: Sequence[CalibrationLUT], drop_error_statistics: bool = False) -> CalibrationLUT:
+    """Merge several LUTs left to right (:meth:`CalibrationLUT.merge`)."""
     if not luts:
         raise ValueError("nothing to merge")
     out = luts[0]
     for other in luts[1:]:
-        out = out.merge(other)
+        out = out.merge(other, drop_error_statistics)
     return out
