@@ -276,7 +276,7 @@ def _cmd_bench(args) -> int:
     config = load_bench_config(args.config)
     if args.output:
         config.output = args.output
-    if args.threads:
+    if args.threads is not None:
         config.threads = args.threads
     if args.models:
         config.models = args.models
@@ -284,23 +284,42 @@ def _cmd_bench(args) -> int:
         config.methods = args.methods
     if args.device:
         config.device = args.device
+    given = set()  # the models whose checkpoint the command line names
     for item in args.weights or ():
         model, sep, path = item.partition("=")
         if not sep or not model or not path:
             raise ConfigError("command line", "--weights", f"expected MODEL=PATH, got {item!r}")
         config.weights[model] = path
+        given.add(model)
 
     def err(key, message):
         raise ConfigError("command line", key, message)
 
     config.validate(err)
+    from .evaluation.testbed_model import TestbedModel
+
+    for model in config.models:  # every checkpoint, before the first model's work
+        try:
+            TestbedModel.check(model, config.weights.get(model))
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError("command line" if model in given else args.config,
+                              "--weights" if model in given else "weights" if model in config.weights else "models",
+                              str(exc)) from None
     _check_output(config.output, folder=True)
     previous = None
+    path = Path(config.output) / "results.json"
     if args.update:
-        path = Path(config.output) / "results.json"
         if not path.is_file():
             raise ConfigError("command line", "--update", f"there is no {path} to update")
         previous = load_results(path)
+        try:
+            config.check_compatible(previous["meta"], path)
+        except ValueError as exc:
+            raise ConfigError("command line", "--update", str(exc)) from None
+    elif path.exists():
+        raise ConfigError("command line", "-o/--output", f"{path} holds the results of an earlier bench; pass "
+                                                         "--update to add this run's records to them, or choose "
+                                                         "another folder (or remove that one)")
     records = run_bench(config, previous=previous)
     print(markdown_tables(records))
     print(f"wrote {config.output}/results.json, results.md and plots")
@@ -314,7 +333,23 @@ def _cmd_demo(args) -> int:
     from .evaluation.bench import BenchConfig, markdown_tables, run_bench
 
     start = time.perf_counter()
+    if args.pairs < 1:
+        raise ConfigError("command line", "--pairs", f"expected at least 1 held-out pair, got {args.pairs}")
     _check_output(args.output, folder=True)
+    existing = Path(args.output) / "results.json"
+    if existing.exists():  # an earlier demo's results are replaced; anything else is kept
+        from .evaluation.bench import load_results
+
+        try:
+            meta = load_results(existing)["meta"]
+        except ValueError:
+            meta = {}
+        earlier = meta.get("config") or {}  # a demo of an earlier taohooks recorded no command: its settings
+        made_by = meta.get("command") or ("demo" if (earlier.get("models"), earlier.get("methods"), earlier.get(
+            "budgets")) == (["flow"], ["taocache", "teacache"], [0.16]) else None)
+        if made_by != "demo":
+            raise ConfigError("command line", "-o/--output", f"{existing} holds results that are not a demo's; "
+                                                             "choose another folder (or remove that one)")
     from .metrics.weights import ensure_lpips_weights
 
     ensure_lpips_weights()
@@ -323,7 +358,7 @@ def _cmd_demo(args) -> int:
                          output=args.output, lpips=True, strip_pairs=min(4, args.pairs))
     print(f"taocache demo: calibrating the bundled `flow` testbed model on {config.calibration_pairs} prompts, "
           f"then full-step vs TaoCache vs TeaCache at a 16% budget on {config.eval_pairs} held-out prompts")
-    records = run_bench(config)
+    records = run_bench(config, command="demo", replace=True)
     out = Path(config.output)
     print(markdown_tables(records))
     print(f"wrote {out}/results.md, results.json, strip_flow.png (full / TaoCache / TeaCache clips), "

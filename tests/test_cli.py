@@ -108,3 +108,50 @@ def test_merge_refuses_to_lose_an_input_s_error_statistics(tmp_path, capsys):
         assert not (tmp_path / "out.safetensors").exists()
     assert main(["merge", *files, "-o", str(tmp_path / "out.safetensors"), "--drop-error-statistics"]) == 0
     assert CalibrationLUT.load(tmp_path / "out.safetensors").deltas is None
+
+
+def test_bench_does_not_replace_earlier_results_without_update(tmp_path, capsys):
+    """`taocache bench` without --update silently replaced an earlier run's results.json (review, 2026-11-27)."""
+    (tmp_path / "results.json").write_text('{"meta": {}, "records": []}')
+    config = tmp_path / "b.yaml"
+    config.write_text("models: [flow]\nmethods: [taocache]\nbudgets: [0.2]\nsteps: 10\neval_pairs: 2\n"
+                      "calibration_pairs: 2\nsearch_pairs: 1\nlpips: false\n")
+    assert main(["bench", str(config), "-o", str(tmp_path)]) == 1
+    assert "holds the results of an earlier bench; pass --update" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == '{"meta": {}, "records": []}'
+    # an update with other settings than the folder's records is refused before any work
+    (tmp_path / "results.json").write_text('{"meta": {"config": {"steps": 20}}, "records": []}')
+    assert main(["bench", str(config), "-o", str(tmp_path), "--update"]) == 1
+    assert "made with steps: 20, this run has steps: 10" in capsys.readouterr().err
+    # and the demo replaces only a demo's results
+    assert main(["demo", "-o", str(tmp_path)]) == 1
+    assert "holds results that are not a demo's" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, key", [("timing_repeats: 0", "timing_repeats"), ("steps: 0", "steps"),
+                                       ("search_pairs: 30", "search_pairs"), ("threads: 0", "threads")])
+def test_bench_settings_are_checked_before_any_work(tmp_path, capsys, line, key):
+    config = tmp_path / "b.yaml"
+    config.write_text(f"models: [flow]\n{line}\n")
+    assert main(["bench", str(config), "-o", str(tmp_path / "out")]) == 1
+    assert f"{key}:" in capsys.readouterr().err
+
+
+def test_bench_checks_every_checkpoint_before_the_first_model_runs(tmp_path, capsys):
+    """A checkpoint of the wrong kind for the second model was found after the first model's whole bench."""
+    from taohooks.evaluation.testbed_model import weights_path
+
+    config = tmp_path / "b.yaml"
+    config.write_text("models: [flow, eps]\nsteps: 10\neval_pairs: 2\ncalibration_pairs: 2\nsearch_pairs: 1\n")
+    flow = str(weights_path("flow"))
+    assert main(["bench", str(config), "-o", str(tmp_path / "out"), "--weights", f"eps={flow}"]) == 1
+    err = capsys.readouterr().err
+    assert "--weights" in err and "a small-task flow checkpoint, not one for the testbed model 'eps'" in err
+    not_a_checkpoint = tmp_path / "x.safetensors"
+    not_a_checkpoint.write_bytes(b"nope")
+    assert main(["bench", str(config), "-o", str(tmp_path / "out"), "--weights", f"eps={not_a_checkpoint}"]) == 1
+    assert f"{not_a_checkpoint}: not a testbed checkpoint" in capsys.readouterr().err
+    assert main(["bench", str(config), "-o", str(tmp_path / "out"), "--models", "flow",
+                 "--weights", f"eps={flow}"]) == 1
+    assert "eps: not among the models this bench runs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

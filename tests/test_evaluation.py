@@ -72,17 +72,62 @@ def test_markdown_and_json_reports(tmp_path):
     ]
     text = bench.markdown_tables(records)
     assert "| 16% | taocache | 1.180x | 16.0% | n/a | 0.9900 | 35.00 | 0.950 |" in text
-    bench.write_results(records, tmp_path, bench.BenchConfig(), 1.0)
+    bench.write_results(records, tmp_path, bench.BenchConfig(), 1.0, run_id="first")
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["records"] == records and (tmp_path / "results.md").exists()
     # an update keeps the first run's meta and lists itself under it
-    bench.write_results(records, tmp_path, bench.BenchConfig(methods=["taocache"]), 2.0, previous_meta=saved["meta"])
+    bench.write_results(records, tmp_path, bench.BenchConfig(methods=["taocache"]), 2.0, update=True, run_id="u")
     updated = bench.load_results(tmp_path / "results.json")["meta"]
     assert updated["config"]["methods"] == list(methods.METHODS) and updated["wall_seconds"] == 1.0
     assert [u["config"]["methods"] for u in updated["updates"]] == [["taocache"]]
     (tmp_path / "results.json").write_text("[]")
     with pytest.raises(ValueError, match="not a taocache bench results file"):
         bench.load_results(tmp_path / "results.json")
+
+
+def _record(budget, method="taocache", model="flow"):
+    return {"model": model, "method": method, "budget": budget, "skipped_fraction": budget, "speedup": 1.1,
+            "psnr": 40.0, "ssim": 0.9, "lpips": None, "prompt_accuracy": 0.9, "seconds": 1.0}
+
+
+def test_two_updates_of_one_folder_keep_both_runs_records(tmp_path):
+    """Two `bench --update` runs side by side: each read the file when it started, and the later write lost the
+    earlier one's records (review, 2026-11-27). The file is read again under its lock before each write."""
+    config = bench.BenchConfig()
+    bench.write_results([_record(0.0, "full"), _record(0.2)], tmp_path, config, 1.0, run_id="first")
+    started = bench.load_results(tmp_path / "results.json")  # both updates start from this
+    bench.write_results([_record(0.3)], tmp_path, config, 1.0, update=True, run_id="a")
+    bench.write_results([_record(0.4)], tmp_path, config, 1.0, update=True, run_id="b")
+    saved = bench.load_results(tmp_path / "results.json")
+    assert [r["budget"] for r in saved["records"]] == [0.0, 0.2, 0.3, 0.4] and len(started["records"]) == 2
+    assert [u["run"] for u in saved["meta"]["updates"]] == ["a", "b"]
+    # a run's second write (its next model) replaces its own entry
+    bench.write_results([_record(0.3), _record(0.0, "full", "eps"), _record(0.3, model="eps")], tmp_path, config, 1.0,
+                        update=True, run_id="a")
+    saved = bench.load_results(tmp_path / "results.json")
+    assert [u["run"] for u in saved["meta"]["updates"]] == ["b", "a"] and len(saved["records"]) == 6
+    # a first run does not replace results another run wrote meanwhile
+    with pytest.raises(ValueError, match="written by another run while this one ran"):
+        bench.write_results([_record(0.5)], tmp_path, config, 1.0, run_id="late")
+
+
+def test_an_update_with_other_settings_is_refused(tmp_path):
+    bench.write_results([_record(0.0, "full")], tmp_path, bench.BenchConfig(steps=10), 1.0, run_id="first")
+    with pytest.raises(ValueError, match="made with steps: 10, this run has steps: 20"):
+        bench.write_results([_record(0.3)], tmp_path, bench.BenchConfig(steps=20), 1.0, update=True, run_id="u")
+    with pytest.raises(ValueError, match=r"'flow' records were made with weights bundled, this run has w\.safetensors"):
+        bench.BenchConfig(steps=10, weights={"flow": "w.safetensors"}).check_compatible(
+            bench.load_results(tmp_path / "results.json")["meta"], "results.json")
+
+
+def test_bad_results_files_are_named_before_any_work(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text('{"meta": {}, "records": [')
+    with pytest.raises(ValueError, match="results.json: not a readable JSON file"):
+        bench.load_results(path)
+    path.write_text('{"meta": {}, "records": [{"model": "flow"}]}')
+    with pytest.raises(ValueError, match=r"records\[0\] is not a bench record"):
+        bench.load_results(path)
 
 
 @pytest.mark.parametrize("name", ["bench.yaml", "bench_small.yaml"])

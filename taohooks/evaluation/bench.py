@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,10 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import dataclass_from_dict, read_yaml
-from ..runtime.io import atomic_write_bytes
+from ..runtime.io import atomic_write_bytes, locked
 from .plotting import plot_calibration
 from .methods import METHODS, MethodSettings, build_method, calibrate, paired_speedup, run_with
-from .testbed_model import MODEL_NAMES, SHIPPED_MODELS, TestbedModel
+from .testbed_model import MODEL_NAMES, SHIPPED_MODELS, TestbedModel, weights_path
 
 __all__ = ["BenchConfig", "run_bench", "load_bench_config", "load_results", "merge_records", "markdown_tables"]
 
@@ -65,6 +66,9 @@ class BenchConfig:
         for m, path in self.weights.items():
             if m not in MODEL_NAMES:
                 err("weights", f"unknown testbed model {m!r}; one of {', '.join(MODEL_NAMES)}")
+            elif m not in self.models:
+                err("weights", f"{m}: not among the models this bench runs ({', '.join(self.models)}); its "
+                               "checkpoint would not be used")
             elif not Path(path).is_file():
                 err("weights", f"{m}: no checkpoint file {path}")
         try:
@@ -73,6 +77,51 @@ class BenchConfig:
             err("device", f"{self.device!r} is not usable here ({type(exc).__name__}: {exc})")
         if self.eval_pairs < 1 or self.calibration_pairs < 2 or self.batch_size < 1:
             err("eval_pairs", "eval_pairs and batch_size must be >= 1, calibration_pairs >= 2")
+        positive = {"steps": (self.steps, 3), "search_pairs": (self.search_pairs, 1),
+                    "search_iterations": (self.search_iterations, 1), "timing_repeats": (self.timing_repeats, 1),
+                    "strip_pairs": (self.strip_pairs, 0), "pab_range": (self.pab_range, 1),
+                    "hybrid_guard": (self.hybrid_guard, 0), "magcache_max_skip": (self.magcache_max_skip, 0)}
+        for key, (value, least) in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                err(key, f"expected an integer >= {least}, got {value!r}")
+        if self.search_pairs > self.calibration_pairs:
+            err("search_pairs", f"{self.search_pairs} search pairs, but the threshold searches use the first of the "
+                                f"{self.calibration_pairs} calibration pairs: at most {self.calibration_pairs}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            err("threads", f"expected an integer >= 1 (or null: torch's default), got {self.threads!r}")
+
+    def check_compatible(self, previous: dict, source) -> None:
+        """Raise ``ValueError`` unless records of this config can join ``previous`` (a results.json's ``meta``):
+        every setting that changes a record's figures must be the one the folder's records were made with."""
+        before = previous.get("config") or {}
+        for key in RESULT_SETTINGS:
+            if key in before and before[key] != getattr(self, key):
+                raise ValueError(f"{source}: its records were made with {key}: {before[key]!r}, this run has "
+                                 f"{key}: {getattr(self, key)!r}; --update adds records made the same way only "
+                                 "(choose another -o for other settings)")
+        old_weights, old_sums = before.get("weights") or {}, previous.get("weights_sha256") or {}
+        for model in self.models:
+            path, old = self.weights.get(model), old_weights.get(model)
+            if model in old_sums:
+                now = checkpoint_sha256(path or weights_path(model))
+                if now != old_sums[model]:
+                    raise ValueError(f"{source}: its {model!r} records were made with another checkpoint (sha256 "
+                                     f"{old_sums[model][:12]}..., this run's {path or weights_path(model)} is "
+                                     f"{now[:12]}...)")
+            elif path != old:
+                raise ValueError(f"{source}: its {model!r} records were made with weights {old or 'bundled'}, this "
+                                 f"run has {path or 'bundled'}")
+
+
+# the settings that change a record's figures (an update must have the folder's)
+RESULT_SETTINGS = ("steps", "eval_pairs", "calibration_pairs", "search_pairs", "batch_size", "lpips", "pab_range",
+                   "hybrid_guard", "magcache_max_skip", "search_iterations", "device")
+
+
+def checkpoint_sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_bench_config(path) -> BenchConfig:
@@ -88,7 +137,7 @@ def _testbed_accuracy(clips, prompts) -> float:
 class _Scorer:
     """PSNR/SSIM/LPIPS against the reference clips, and prompt accuracy."""
 
-    def __init__(self, reference: torch.Tensor, prompts, use_lpips: bool, accuracy=None):
+    def __init__(self, reference: torch.Tensor, prompts, use_lpips, accuracy=None):
         from ..metrics import psnr, ssim
 
         if accuracy is None:  # the three shipped models' recogniser
@@ -97,9 +146,11 @@ class _Scorer:
         self.reference, self.prompts = reference, prompts
         self._psnr, self._ssim, self._accuracy = psnr, ssim, accuracy
         self.lpips_model = None
-        if use_lpips:
+        if use_lpips is True:
             from ..metrics import load_lpips
             self.lpips_model = load_lpips()
+        elif use_lpips:  # a loaded LPIPS model
+            self.lpips_model = use_lpips
 
     def accuracy(self, clips) -> float:
         return self._accuracy(clips, self.prompts)
@@ -134,14 +185,23 @@ def merge_records(kept: List[dict], new: List[dict]) -> List[dict]:
     return merged + list(fresh.values())
 
 
-def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None) -> List[dict]:
+def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, command: str = "bench",
+              replace: bool = False) -> List[dict]:
     """Run the experiment; returns the records and writes the files under ``config.output``.
 
     ``previous``: an earlier ``results.json`` (:func:`load_results`) to update: its records are
     kept except those this run makes again, its ``meta`` gains an entry under ``updates``, and
-    the PNG strip is left as it was.
+    the PNG strip, the LUTs and the calibration plots are left as they were. The file is written
+    under its lock, read again first, so that updates running side by side all keep their records.
+    Without ``previous``, an existing ``results.json`` is refused (when it is written) unless ``replace``.
     """
     keep = previous["records"] if previous else []
+    lpips_model = None
+    if config.lpips:  # before any work: a missing or broken LPIPS file fails here, not after calibration
+        from ..metrics import load_lpips
+        lpips_model = load_lpips()
+    run_id = f"{time.time():.6f}-{os.getpid()}"
+    sums: Dict[str, str] = {}
     torch.manual_seed(0)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -154,18 +214,20 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None) -
     started = time.perf_counter()
     for name in config.models:
         tm = TestbedModel.load(name, config.steps, config.weights.get(name), device=config.device)
+        sums[name] = checkpoint_sha256(config.weights.get(name) or weights_path(name))
         eval_pairs = tm.eval_pairs(config.eval_pairs)  # each model's own prompts (scenes has its own)
         cal_pairs = tm.calibration_pairs(config.calibration_pairs)
         search_pairs = cal_pairs[:config.search_pairs]
         cal = calibrate(tm, cal_pairs, config.batch_size)
-        cal.lut.save(out_dir / f"lut_{name}.safetensors")
-        try:
-            plot_calibration(cal.lut, out_dir / f"calibration_{name}.png", dpi=110)
-        except RuntimeError:  # no matplotlib
-            pass
+        if not (previous and (out_dir / f"lut_{name}.safetensors").exists()):  # an update keeps the folder's
+            cal.lut.save(out_dir / f"lut_{name}.safetensors")
+            try:
+                plot_calibration(cal.lut, out_dir / f"calibration_{name}.png", dpi=110)
+            except RuntimeError:  # no matplotlib
+                pass
         log(f"[{name}] calibrated on {len(cal_pairs)} pairs in {cal.seconds:.1f} s")
         reference = run_with(tm, [], eval_pairs, config.batch_size)
-        scorer = _Scorer(reference.clips, [p for p, _ in eval_pairs], config.lpips, tm.accuracy)
+        scorer = _Scorer(reference.clips, [p for p, _ in eval_pairs], lpips_model, tm.accuracy)
         records.append({"model": name, "method": "full", "budget": 0.0, "skipped_fraction": 0.0, "speedup": 1.0,
                         "psnr": None, "ssim": None, "lpips": None,
                         "prompt_accuracy": scorer.accuracy(reference.clips), "seconds": reference.seconds})
@@ -189,19 +251,29 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None) -
                     bar.set_postfix(method=method, budget=f"{skips}/{config.steps}")
         if bar is not None:
             bar.close()
-        write_results(merge_records(keep, records), out_dir, config, time.perf_counter() - started,
-                      previous_meta=previous["meta"] if previous else None)
+        keep = write_results(records, out_dir, config, time.perf_counter() - started, update=previous is not None,
+                             run_id=run_id, weights_sha256=sums, command=command, replace=replace)
         if len(strips) > 1 and not previous:
             write_strip(strips, out_dir / f"strip_{name}.png")
         log(f"[{name}] done; {len(records)} records so far ({time.perf_counter() - started:.0f} s)")
-    return merge_records(keep, records)
+    return keep
 
 
 def load_results(path) -> dict:
-    """A ``results.json`` written by :func:`run_bench`: ``{"meta": ..., "records": [...]}``."""
-    results = json.loads(Path(path).read_text())
-    if not isinstance(results, dict) or not isinstance(results.get("records"), list) or "meta" not in results:
+    """A ``results.json`` written by :func:`run_bench`: ``{"meta": ..., "records": [...]}``, each record
+    checked (``ValueError`` naming the file and the record)."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("records"), list) \
+            or not isinstance(results.get("meta"), dict):
         raise ValueError(f"{path}: not a taocache bench results file (expected keys 'meta' and 'records')")
+    for i, r in enumerate(results["records"]):
+        if not (isinstance(r, dict) and isinstance(r.get("model"), str) and isinstance(r.get("method"), str)
+                and isinstance(r.get("budget"), (int, float)) and not isinstance(r.get("budget"), bool)):
+            raise ValueError(f"{path}: records[{i}] is not a bench record (expected 'model' and 'method' strings and "
+                             f"a number 'budget'), got {json.dumps(r)[:200]}")
     return results
 
 
@@ -229,15 +301,36 @@ def markdown_tables(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(records: List[dict], out_dir: Path, config: BenchConfig, seconds: float,
-                  previous_meta: Optional[dict] = None) -> None:
+def write_results(records: List[dict], out_dir: Path, config: BenchConfig, seconds: float, update: bool = False,
+                  run_id: str = "", weights_sha256: Optional[Dict[str, str]] = None, command: str = "bench",
+                  replace: bool = False) -> List[dict]:
+    """Write this run's ``records`` (all of them so far) to ``out_dir``: ``results.json``, ``results.md``
+    and the plots. Under the lock of ``results.json``, the file is read again: an update
+    (``update``) merges into what is there now (other updates may have added records meanwhile),
+    and lists this run (``run_id``) under ``meta.updates``; a first run refuses a file another run
+    wrote meanwhile (unless ``replace``). Returns the records written."""
+    path = out_dir / "results.json"
     meta = {"config": {k: v for k, v in config.__dict__.items()}, "wall_seconds": round(seconds, 1),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
-    if previous_meta is not None:  # an update: the original run's meta stays, this run is listed under it
-        meta = {**previous_meta, "updates": [*previous_meta.get("updates", []), meta]}
-    atomic_write_bytes(out_dir / "results.json", json.dumps({"meta": meta, "records": records}, indent=1).encode())
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "run": run_id, "command": command,
+            "weights_sha256": dict(weights_sha256 or {})}
+    with locked(path):
+        current = load_results(path) if path.is_file() else None
+        if update:
+            if current is None:
+                raise ValueError(f"{path} is gone: the results this run updates were removed while it ran")
+            config.check_compatible(current["meta"], path)  # another update may have changed nothing: checked again
+            old = current["meta"]
+            updates = [u for u in old.get("updates", []) if u.get("run") != run_id] + [meta]
+            meta = {**old, "updates": updates, "weights_sha256": {**old.get("weights_sha256", {}),
+                                                                  **meta["weights_sha256"]}}
+            records = merge_records(current["records"], records)
+        elif current is not None and current["meta"].get("run") != run_id and not replace:
+            raise ValueError(f"{path} was written by another run while this one ran; its results are kept, and this "
+                             "run's are not written (run again with --update, or another -o)")
+        atomic_write_bytes(path, json.dumps({"meta": meta, "records": records}, indent=1).encode())
     atomic_write_bytes(out_dir / "results.md", (markdown_tables(records) + "\n").encode())
     write_plots(records, out_dir)
+    return records
 
 
 def write_plots(records: List[dict], out_dir: Path) -> None:

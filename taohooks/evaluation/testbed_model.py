@@ -60,25 +60,40 @@ class TestbedModel:
         from ..testbed.model import VideoDiT
         from ..testbed import scenes
 
+        path = cls.check(name, path)
+        model = VideoDiT.from_pretrained(path).to(device)
+        if name in SCENES_MODELS:
+            from ..testbed.scenes_sensitivity import SceneTestbedModel
+
+            return SceneTestbedModel(name, model, steps)
+        return cls(name, model, steps)
+
+    @staticmethod
+    def check(name: str, path: Optional[Union[str, Path]] = None) -> Path:
+        """The checkpoint file of ``name`` (``path``, or the bundled one), checked from its metadata alone:
+        it exists, is a testbed checkpoint, and of that model's task and prediction. Raises
+        ``FileNotFoundError`` / ``ValueError`` naming the file; returns its path."""
+        from ..testbed.model import VideoDiTConfig, read_metadata
+        from ..testbed import scenes
+
         if name not in MODEL_NAMES:
             raise ValueError(f"unknown testbed model {name!r}; one of {', '.join(MODEL_NAMES)}")
         path = weights_path(name) if path is None else Path(path)
         if not path.is_file():
             how = _TRAIN.get(name, f"python -m taohooks.testbed.train --kind {name}")
             raise FileNotFoundError(f"testbed weights {path} are missing; train them with `{how}`")
-        model = VideoDiT.from_pretrained(path).to(device)
-        is_scenes = tuple(model.config.attribute_sizes) == tuple(scenes.ATTRIBUTE_SIZES)
-        prediction = getattr(model.config, "prediction", "flow")
+        try:
+            config = VideoDiTConfig.from_json(read_metadata(path)["config"])
+        except Exception as exc:
+            raise ValueError(f"{path}: not a testbed checkpoint ({type(exc).__name__}: {exc})") from None
+        is_scenes = tuple(config.attribute_sizes) == tuple(scenes.ATTRIBUTE_SIZES)
+        prediction = getattr(config, "prediction", "flow")
         want_scenes = name in SCENES_MODELS
         want = SCENES_MODELS.get(name, "eps" if name == "eps" else "flow")
         if is_scenes != want_scenes or prediction != want:
             raise ValueError(f"{path}: a {'scenes' if is_scenes else 'small-task'} {prediction} checkpoint, not one "
                              f"for the testbed model {name!r} ({'scenes' if want_scenes else 'small-task'} {want})")
-        if want_scenes:
-            from ..testbed.scenes_sensitivity import SceneTestbedModel
-
-            return SceneTestbedModel(name, model, steps)
-        return cls(name, model, steps)
+        return path
 
     @property
     def prediction(self) -> str:

@@ -156,12 +156,27 @@ class VideoDiT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "VideoDiT":
-        """Load a file written by :meth:`save_pretrained`; returns the model in eval mode."""
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            config = VideoDiTConfig.from_json(f.metadata()["config"])
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        """Load a file written by :meth:`save_pretrained`; returns the model in eval mode. A missing file,
+        one that is not a safetensors file, or one without a testbed config raises ``ValueError`` naming it."""
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such checkpoint file")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if "config" not in meta:
+                    raise ValueError(f"{path}: not a testbed checkpoint (its metadata has no 'config'; "
+                                     "checkpoints are written by VideoDiT.save_pretrained)")
+                config = VideoDiTConfig.from_json(meta["config"])
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except ValueError:
+            raise
+        except Exception as exc:  # safetensors' own errors name neither the file nor what it expected
+            raise ValueError(f"{path}: not a safetensors checkpoint ({type(exc).__name__}: {exc})") from None
         model = cls(config)
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: its tensors do not fit its config ({exc})") from None
         return model.to(device).eval()
 
 
