@@ -82,6 +82,11 @@ if [ -n "$TRAIN_SECONDS" ] && ! [[ $TRAIN_SECONDS =~ ^[0-9]+$ ]]; then
     echo "TRAIN_SECONDS=$TRAIN_SECONDS: expected whole seconds" >&2; exit 2
 fi
 STATE_DIR=${STATE_DIR:-$([ "$SMOKE" = 1 ] && echo "$OUT" || echo /tmp)}
+if [ -n "${INIT:-}" ] && [ "$INIT" != none ] && [ ! -f "$INIT" ]; then   # a typo would train from scratch all lease
+    echo "INIT=$INIT: no such file (leave INIT unset to continue from the newest carried or committed weights;" \
+         "INIT=none starts from scratch)" >&2
+    exit 2
+fi
 if [ -z "${INIT:-}" ]; then   # of the carried and the committed weights, those with the most steps behind them
     INIT=$("$PY" -c 'import sys; from taohooks.testbed.train_scenes import newest_checkpoint as n; print(n(sys.argv[1:]) or "")' \
         "${CARRY:-.carry}/$NAME.safetensors" taohooks/testbed/weights/wip/$NAME-step*.safetensors 2>/dev/null)
@@ -161,10 +166,12 @@ else
     margin=$(( TRAIN_SECONDS > 80 ? 40 : TRAIN_SECONDS / 2 ))   # the process's start and last save
     minutes=$(awk "BEGIN { printf \"%.3f\", ($TRAIN_SECONDS - $margin) / 60 }")
     say "2. train_scenes for ${TRAIN_SECONDS} s (--max-minutes $minutes) ${train[*]} ${TRAIN_EXTRA:-} ${init[*]}"
+    rm -f "$OUT/$NAME.safetensors" "$OUT/$NAME.json"   # (a rerun in the same $OUT: no stale weights to measure)
     timeout -k 30 "$TRAIN_SECONDS" "$PY" -m taohooks.testbed.train_scenes --kind "$KIND" --steps "$train_steps" \
         "${train[@]}" --max-minutes "$minutes" ${TRAIN_EXTRA:-} "${init[@]}" --out "$OUT/$NAME.safetensors" --state "$STATE_DIR/$NAME.state.pt" --patch "$PATCH" \
-        > "$OUT/train.log" 2>&1
-    say "   exit $? ($(grep -E '^(step|saved|done)' "$OUT/train.log" | tail -n 2 | tr '\n' ' '))"
+        --overwrite > "$OUT/train.log" 2>&1
+    code=$?
+    say "   exit $code ($(grep -E '^(step|saved|done)' "$OUT/train.log" | tail -n 2 | tr '\n' ' ')$([ $code = 0 ] || tail -n 1 "$OUT/train.log"))"
 fi
 
 if [ "$MEASURE" = 0 ]; then

@@ -33,7 +33,7 @@ def test_gpu_session_script_smoke(tmp_path):
 
     root = Path(__file__).parents[1]
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
-           "INIT": str(tmp_path / "none.safetensors"), "OMP_NUM_THREADS": "1", "MEASURE_DEVICE": "nonsense",
+           "INIT": "none", "OMP_NUM_THREADS": "1", "MEASURE_DEVICE": "nonsense",
            "SCENES_BENCH": "1"}
     res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -99,3 +99,18 @@ def test_gpu_session_script_patch4_without_measurements(tmp_path):
                              env={**env, **bad_env, "OUT": str(tmp_path / "bad")}, capture_output=True, text=True)
         assert bad.returncode == 2 and message in bad.stderr
         assert not (tmp_path / "bad").exists()
+
+
+def test_gpu_session_script_refuses_a_mistyped_init(tmp_path):
+    """INIT= naming no file silently trained from scratch for the whole GPU lease (review, 2026-11-27)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
+           "INIT": str(tmp_path / "typo.safetensors")}
+    res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "typo.safetensors: no such file" in res.stderr
+    assert not (tmp_path / "out").exists()

@@ -191,3 +191,26 @@ def test_bundled_checkpoint_loads(name):
     assert model.config.out_channels == (6 if name == "eps" else 3)
     out = model(torch.zeros(1, 3, 8, 16, 16), torch.tensor([500.0]), torch.tensor([[0, 0, 0, 4]]))
     assert torch.isfinite(out).all()
+
+
+def test_small_task_scripts_name_bad_input(tmp_path, capsys):
+    """train.py and evaluate.py gave tracebacks (or overwrote a checkpoint) on bad input (review, 2026-11-27)."""
+    from taohooks.testbed import evaluate, train
+
+    for argv in (["--kind", "flow", "--steps", "0", "--out", str(tmp_path / "w.safetensors")],
+                 ["--kind", "flow", "--batch-size", "0", "--out", str(tmp_path / "w.safetensors")]):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+    with pytest.raises(SystemExit, match="nothere.safetensors: no such checkpoint file"):
+        train.main(["--kind", "flow", "--steps", "1", "--init", str(tmp_path / "nothere.safetensors"),
+                    "--out", str(tmp_path / "w.safetensors")])
+    scenes = tmp_path / "scenes.safetensors"
+    from taohooks.testbed import train_scenes
+    train_scenes.main(["--kind", "flow", "--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", "2",
+                       "--steps", "1", "--keep-every", "0", "--out", str(scenes)])
+    with pytest.raises(SystemExit):
+        evaluate.main(["--weights", str(scenes), "--n", "1"])
+    assert "not a checkpoint of the small task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--weights", str(tmp_path / "nothere.safetensors")])
+    assert "no such checkpoint file" in capsys.readouterr().err

@@ -766,3 +766,89 @@ def test_a_training_step_on_an_accelerator_mixes_in_no_cpu_tensor(monkeypatch, k
         loss = trainer.train_step(train_scenes.make_batch(trainer.rng, 2, pixels=False))
     assert loss.device.type == "meta" and len(seeds_drawn) == 2
     assert {p.device.type for p in [*trainer.model.parameters(), *trainer.ema.model.parameters()]} == {"meta"}
+
+
+# ---------------------------------------------------------------- review of the training script (2026-11-27)
+def _state_step(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["step"]
+
+
+def test_a_new_run_does_not_replace_an_earlier_run_at_the_same_out(tmp_path):
+    """Repeating a command without --resume replaced the earlier run's weights and state at its first save."""
+    out = tmp_path / "run.safetensors"
+    train_scenes.main([*TINY, "--steps", "4", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"run.state.pt exists: another run's state; continue that run with --resume"):
+        train_scenes.main([*TINY, "--steps", "2", "--out", str(out)])
+    assert _state_step(tmp_path / "run.state.pt") == 4
+    train_scenes.main([*TINY, "--steps", "6", "--out", str(out), "--resume", str(tmp_path / "run.state.pt")])
+    assert _state_step(tmp_path / "run.state.pt") == 6  # continuing it is fine
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(out), "--overwrite"])
+    assert _state_step(tmp_path / "run.state.pt") == 2  # and replacing it on purpose
+
+
+@pytest.mark.parametrize("state, message", [("w.safetensors", "not a .safetensors or .json file"),
+                                            ("w.json", "not a .safetensors or .json file"),
+                                            ("folder", "is a directory")])
+def test_state_and_out_are_checked_before_training(tmp_path, state, message):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SystemExit, match=message):
+        train_scenes.main([*TINY, "--steps", "2", "--out", str(tmp_path / "w.safetensors"),
+                           "--state", str(tmp_path / state)])
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_a_diverged_run_keeps_the_last_good_files(tmp_path):
+    out = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(out)])
+    good = out.read_bytes()
+    with pytest.raises(SystemExit, match="step 4: the loss is nan .*nothing was saved"):
+        train_scenes.main([*TINY, "--steps", "30", "--lr", "1e12", "--out", str(out),
+                           "--resume", str(tmp_path / "w.state.pt")])
+    assert out.read_bytes() == good and _state_step(tmp_path / "w.state.pt") == 2
+
+
+def test_a_resumed_chained_run_keeps_its_data_offset(tmp_path):
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    train_scenes.main([*TINY, "--steps", "3", "--out", str(first)])
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(second), "--init", str(first)])
+    args = train_scenes.parse_args([*TINY, "--steps", "4", "--out", str(second), "--resume",
+                                    str(tmp_path / "b.state.pt")])
+    train_scenes.resolve_hparams(args, None)
+    trainer = train_scenes.Trainer(args)
+    trainer.load(args.resume)
+    assert trainer.offset == 3 and trainer.worker_stream().start_step == 5  # 3 steps behind a, 2 of its own
+
+
+@pytest.mark.parametrize("flag, value", [("--clip", "0"), ("--keep-every", "-1"), ("--save-minutes", "0"),
+                                         ("--depth", "0"), ("--ema", "-0.1"), ("--patch", "3"), ("--threads", "0"),
+                                         ("--device", "nonsense")])
+def test_nonsense_training_numbers_are_refused(tmp_path, flag, value):
+    with pytest.raises(SystemExit):
+        train_scenes.parse_args([*TINY, "--steps", "2", "--out", str(tmp_path / "w.safetensors"), flag, value])
+
+
+def test_kept_copies_follow_keep_every_not_save_every(tmp_path):
+    out = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY[:-2], "--keep-every", "2", "--save-every", "3", "--steps", "6", "--out", str(out)])
+    assert sorted(p.name for p in tmp_path.glob("w-step*.safetensors")) == [
+        "w-step000002.safetensors", "w-step000004.safetensors", "w-step000006.safetensors"]
+
+
+def test_scenes_scripts_check_their_arguments_before_the_work(tmp_path, capsys):
+    from taohooks.testbed import scenes_diagnose, scenes_loss, scenes_sensitivity
+
+    weights = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "1", "--out", str(weights)])
+    (tmp_path / "folder").mkdir()
+    for argv in (["--weights", str(weights), "--noise-change", "1.5"], ["--weights", str(weights), "--n", "0"],
+                 ["--weights", str(weights), "--skip-steps", "2,x"], ["--weights", str(weights), "--budget", "1.5"],
+                 ["--exact", "0"], ["--weights", str(weights), "--out", str(tmp_path / "folder")]):
+        with pytest.raises(SystemExit):
+            scenes_sensitivity.main(argv)
+    with pytest.raises(SystemExit):
+        scenes_diagnose.main(["--weights", str(weights), "--n", "1", "--steps", "2", "--out", str(tmp_path / "folder")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="nothere"):  # the bad file is found before the good one is measured
+        scenes_loss.main(["--weights", str(weights), str(tmp_path / "nothere.safetensors"), "--batches", "1",
+                          "--batch-size", "1"])
+    assert "sigma " not in capsys.readouterr().out

@@ -47,14 +47,29 @@ def main(argv=None):
     p.add_argument("--grid", default=None, help="write a PNG grid of the first --grid-rows clips")
     p.add_argument("--grid-rows", type=int, default=16)
     args = p.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
+    for name in ("n", "steps", "threads", "grid_rows"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.grid and len(args.weights) > 1:
         p.error("--grid takes a single --weights file")
+    models = []  # every file checked before the first evaluation
+    for weights in args.weights:
+        try:
+            model = VideoDiT.from_pretrained(weights)
+        except ValueError as exc:
+            p.error(f"--weights {exc}")
+        if tuple(model.config.attribute_sizes) != tuple(data.ATTRIBUTE_SIZES):
+            p.error(f"--weights {weights}: not a checkpoint of the small task (a scenes checkpoint? its evaluation "
+                    "is python -m taohooks.testbed.scenes_sensitivity)")
+        prediction = getattr(model.config, "prediction", "flow")
+        if (args.scheduler is not None and prediction != "eps") or (args.shift is not None and prediction == "eps"):
+            p.error(f"--weights {weights}: a {prediction} checkpoint; --scheduler is for eps models, --shift for "
+                    "flow models")
+        models.append(model)
+    torch.set_num_threads(args.threads)
     kwargs = {k: v for k, v in (("guidance", args.guidance), ("shift", args.shift), ("scheduler", args.scheduler))
               if v is not None}
-    for weights in args.weights:
-        model = VideoDiT.from_pretrained(weights)
+    for weights, model in zip(args.weights, models):
         start = time.time()
         clips, acc = evaluate(model, n=args.n, steps=args.steps, split=args.split, **kwargs)
         acc["seconds"] = round(time.time() - start, 1)

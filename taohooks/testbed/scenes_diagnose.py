@@ -70,9 +70,9 @@ def diagnose(samples, rendered, prompts) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True, help="a scenes checkpoint")
-    p.add_argument("--n", type=int, default=32)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--n", type=int, default=32, help="the first N held-out pairs (eval_pairs)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--strength", type=float, default=1.0,
                    help="< 1: start from the rendered clips noised to the last STRENGTH of the steps (SDEdit)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -83,6 +83,14 @@ def main(argv=None):
         p.error("--n and --batch-size must be >= 1")
     if not 0.0 < args.strength <= 1.0:
         p.error(f"--strength {args.strength}: expected 0 < strength <= 1 (the share of the steps run)")
+    if args.steps < 1 or args.threads < 1:
+        p.error("--steps and --threads must be >= 1")
+    if args.out:
+        from ..runtime.io import check_writable
+        try:
+            check_writable(args.out)  # before the work, not after it
+        except OSError as exc:
+            p.error(f"--out {exc}")
     torch.set_num_threads(args.threads)
     model = load_scenes_checkpoint(args.weights).eval()
     pairs = scenes.eval_pairs(args.n)

@@ -76,14 +76,23 @@ def main(argv=None):
         p.error("--sigmas: numbers in (0, 1]; --sigma-shift: numbers > 0")
     if args.batches < 1 or args.batch_size < 1:
         p.error("--batches and --batch-size must be >= 1")
-    torch.set_num_threads(args.threads)
-    data = batches(args.seed, args.batches, args.batch_size)
-    result = {"sigmas": sigmas, "clips": args.batches * args.batch_size, "seed": args.seed, "checkpoints": {}}
-    print("sigma      " + " ".join(f"{s:>6.2f}" for s in sigmas))
+    if args.out:
+        from ..runtime.io import check_writable
+        try:
+            check_writable(args.out)  # before the work, not after it
+        except OSError as exc:
+            p.error(f"--out {exc}")
+    models = {}  # every checkpoint checked before the first is measured
     for path in args.weights:
         model = load_scenes_checkpoint(path).eval()
         if getattr(model.config, "prediction", "flow") != "flow":
             p.error(f"--weights {path}: a {model.config.prediction} checkpoint; this measures flow checkpoints")
+        models[path] = model
+    torch.set_num_threads(args.threads)
+    data = batches(args.seed, args.batches, args.batch_size)
+    result = {"sigmas": sigmas, "clips": args.batches * args.batch_size, "seed": args.seed, "checkpoints": {}}
+    print("sigma      " + " ".join(f"{s:>6.2f}" for s in sigmas))
+    for path, model in models.items():
         per_sigma = loss_per_sigma(model, data, sigmas, args.seed)
         trained = {f"{s:g}": training_loss(model, data, s, args.seed) for s in shifts}
         result["checkpoints"][path] = {"per_sigma": per_sigma, "training_loss": trained,

@@ -155,9 +155,32 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--grid", default=None, help="write a PNG of the first 8 full-step clips here")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     if (args.weights is None) == (args.exact is None):
         p.error("give --weights or --exact")
+    for name in ("n", "steps", "batch_size", "calibration_pairs", "search_pairs", "search_iterations", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.exact is not None and args.exact < 1:
+        p.error(f"--exact must be >= 1 clips per prompt, got {args.exact}")
+    if not 0 <= args.budget < 1:
+        p.error(f"--budget {args.budget}: expected a fraction of the calls in [0, 1) (0: no TeaCache)")
+    try:
+        skip_steps = [int(s) for s in args.skip_steps.split(",") if s]
+        changes = [float(e) for e in args.noise_change.split(",") if e]
+    except ValueError as exc:
+        p.error(f"--skip-steps / --noise-change: comma-separated numbers expected ({exc})")
+    if any(not 0 < e < 1 for e in changes):
+        p.error(f"--noise-change {args.noise_change}: each change must be in (0, 1)")
+    bad = [s for s in skip_steps if not 0 < s < args.steps - 1]
+    if bad:
+        p.error(f"--skip-steps {bad}: expected steps in 1..{args.steps - 2}")
+    if args.out:
+        from ..runtime.io import check_writable
+        try:
+            check_writable(args.out)  # before the work, not after it
+        except OSError as exc:
+            p.error(f"--out {exc}")
+    torch.set_num_threads(args.threads)
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
@@ -168,13 +191,9 @@ def main(argv=None):
         model = ExactSceneDenoiser(args.exact, args.tau)
     else:
         model = load_scenes_checkpoint(args.weights)  # checked to be a scenes checkpoint
-    tm = SceneTestbedModel("scenes-" + model.config.training, model.to(device).eval(), args.steps,
-                           guidance=args.guidance)
-    steps = [int(s) for s in args.skip_steps.split(",") if s]
-    bad = [s for s in steps if not 0 < s < args.steps - 1]
-    if bad:
-        raise SystemExit(f"--skip-steps {bad}: expected steps in 1..{args.steps - 2}")
-    result = measure(tm, args.n, steps, [float(e) for e in args.noise_change.split(",") if e], args.budget,
+    name = "scenes-eps" if getattr(model.config, "prediction", "flow") == "eps" else "scenes"  # as the bench names it
+    tm = SceneTestbedModel(name, model.to(device).eval(), args.steps, guidance=args.guidance)
+    result = measure(tm, args.n, skip_steps, changes, args.budget,
                      args.batch_size, args.search_pairs, args.search_iterations, args.calibration_pairs, grid=args.grid)
     result["weights"] = args.weights if args.exact is None else model.describe()
     result["device"] = str(device)

@@ -20,6 +20,7 @@ AdamW, linear warm-up then cosine decay, gradient clipping, EMA weights saved
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -95,9 +96,12 @@ def train(args) -> dict:
     model = build_model(args.kind, args)
     args.previous = None
     if args.init:  # continue from saved (EMA) weights with a fresh optimizer
-        init = VideoDiT.from_pretrained(args.init)
+        init = VideoDiT.from_pretrained(args.init)  # (a missing or foreign file: ValueError naming it)
         if init.config != model.config:
-            raise ValueError(f"--init config {init.config} does not match {model.config}")
+            differ = [f"{f.name}: file has {getattr(init.config, f.name)!r}, this run expects "
+                      f"{getattr(model.config, f.name)!r}" for f in dataclasses.fields(model.config)
+                      if getattr(init.config, f.name) != getattr(model.config, f.name)]
+            raise ValueError(f"--init {args.init}: another architecture ({'; '.join(differ)})")
         model.load_state_dict(init.state_dict())
         args.previous = json.loads(read_metadata(args.init).get("training", "null"))
     model.train()
@@ -178,11 +182,23 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="start from these weights (e.g. to train longer)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=500, help="keep an intermediate EMA checkpoint OUT-stepNNNNNN.safetensors every this many steps (0 = off)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "log_every", "threads", "depth", "heads", "dim"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("save_every", "warmup"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.clip > 0 or not args.lr > 0 or not 0 <= args.ema < 1:
+        p.error(f"--clip and --lr must be > 0 and --ema in [0, 1); got {args.clip}, {args.lr}, {args.ema}")
+    return args
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    try:
+        train(parse_args(argv))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"taohooks.testbed.train: {e}")
 
 
 if __name__ == "__main__":

@@ -335,6 +335,7 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         self.gen.set_state(state["gen"])
         self.step, self.wall, self.previous = state["step"], state["wall"], state["previous"]
+        self.offset = int((self.previous or {}).get("total_steps", 0))  # a chained run's data streams start there
         self.echoed_before = state.get("echoed", 0)  # states written before --echo existed have none
 
     def summary(self, wall: float, final: bool) -> dict:
@@ -352,7 +353,15 @@ class Trainer:
             "total_wall_seconds": round(wall + prev.get("total_wall_seconds", 0.0), 1),
         }
 
+    def check_finite(self, out: Path) -> None:
+        """Raise ``ValueError`` (nothing is saved) if the live weights are not finite: a diverged run must not
+        replace the last good weights and state."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise ValueError(f"step {self.step}: the weights are not finite (the run diverged); nothing was saved, "
+                             f"so {out} and its state keep the last good step: resume from there with a lower --lr")
+
     def save(self, out: Path, state_path: Path, wall: float, final: bool) -> dict:
+        self.check_finite(out)
         summary = self.summary(wall, final)
         buf = io.BytesIO()
         torch.save(self.state_dict(wall), buf)
@@ -450,6 +459,36 @@ def check_device_render(trainer: "Trainer", n: int = 32, tolerance: float = 1e-5
     return worst
 
 
+def check_outputs(args, out: Path) -> Path:
+    """Before any training: ``--out`` and ``--state`` are files that can be written, distinct from each other
+    (and from ``OUT.json`` and the kept copies), and do not belong to another run unless ``--resume`` continues
+    it or ``--overwrite`` says so. Returns the state file's path."""
+    from ..runtime.io import check_writable
+
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: expected a .safetensors file name")
+    state_path = Path(args.state) if args.state else out.with_suffix(".state.pt")
+    if state_path.suffix in (".safetensors", ".json"):
+        raise ValueError(f"--state {state_path}: a state file is not a .safetensors or .json file (default: "
+                         f"{out.with_suffix('.state.pt')})")
+    summary = out.with_suffix(".json")
+    for path, flag in ((out, "--out"), (summary, "--out"), (state_path, "--state")):
+        check_writable(path)
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{flag} {path}: not a regular file")
+    ours = {p.resolve() for p in (out, summary)}
+    if state_path.resolve() in ours:
+        raise ValueError(f"--state {state_path}: the same file as --out's weights or summary")
+    resumed = Path(args.resume).resolve() if args.resume else None  # continuing this state may replace it
+    if not getattr(args, "overwrite", False) and resumed != state_path.resolve():
+        taken = [p for p in (state_path, out) if p.exists()]
+        if taken:
+            raise ValueError(f"{taken[0]} exists: another run's "
+                             f"{'state' if taken[0] == state_path else 'weights'}; continue that run with --resume "
+                             f"{state_path}, choose another --out, or pass --overwrite to replace it")
+    return state_path
+
+
 def train(args) -> dict:
     torch.set_num_threads(args.threads)
     state = read_state(args.resume) if args.resume else None
@@ -460,14 +499,12 @@ def train(args) -> dict:
     if args.schedule == "cosine-time" and state is not None:
         raise ValueError(f"--resume {args.resume}: --schedule cosine-time anneals over one process's --max-minutes "
                          "and cannot be resumed; continue from its weights with --init (a fresh optimizer) instead")
+    out = Path(args.out)
+    state_path = check_outputs(args, out)
     trainer = Trainer(args)
     if state is not None:
         trainer.load(args.resume, state)
         del state
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: expected a .safetensors file name")
-    state_path = Path(args.state) if args.state else out.with_suffix(".state.pt")
     if args.render == "device" and trainer.device.type != "cpu":
         check_device_render(trainer)
     print(f"scenes kind={args.kind} params={num_parameters(trainer.model)} from_step={trainer.step} "
@@ -500,11 +537,17 @@ def train(args) -> dict:
                     if isinstance(batches, EchoingBatches):
                         echoed = f", echoed {batches.echoed - echoed_at_log} of {len(running)}"
                         echoed_at_log = batches.echoed
-                    print(f"step {trainer.step} loss {torch.stack(running).double().mean().item():.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
+                    loss = torch.stack(running).double().mean().item()
+                    print(f"step {trainer.step} loss {loss:.4f} lr {trainer.opt.param_groups[0]['lr']:.2e} "
                           f"s/step {sps:.3f} (data {waited / len(running):.3f}{echoed}) "
                           f"elapsed {time.time() - start:.0f}s", flush=True)
+                    if not math.isfinite(loss):
+                        raise ValueError(f"step {trainer.step}: the loss is {loss} (the run diverged); nothing was "
+                                         f"saved, so {out} and its state keep the last good step: resume from there "
+                                         "with a lower --lr")
                     running, window, waited = [], time.time(), 0.0
-                due = trainer.step % args.save_every == 0 or time.time() - last_save >= args.save_minutes * 60
+                due = (trainer.step % args.save_every == 0 or time.time() - last_save >= args.save_minutes * 60
+                       or (args.keep_every and trainer.step % args.keep_every == 0))  # a kept copy is a save
                 if due and trainer.step < args.steps:
                     trainer.save(out, state_path, trainer.wall + time.time() - start, final=False)
                     last_save = time.time()
@@ -573,6 +616,8 @@ def parse_args(argv=None):
     p.add_argument("--state", default=None, help="resumable state file (default: OUT with suffix .state.pt)")
     p.add_argument("--resume", default=None, help="continue exactly from this state file")
     p.add_argument("--init", default=None, help="start from these EMA weights with a fresh optimizer")
+    p.add_argument("--overwrite", action="store_true", help="replace the weights and state of an earlier run at "
+                   "--out / --state (otherwise refused, unless --resume continues that run)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--warmup", type=int, default=None)
@@ -611,9 +656,25 @@ def parse_args(argv=None):
         p.error("--resume continues a run (its weights included); --init starts a new one: give one of them")
     if not args.resume:
         resolve_hparams(args, None)
-    for name in ("steps", "batch_size", "save_every", "log_every"):
+    for name in ("steps", "batch_size", "save_every", "log_every", "threads", "depth", "heads", "dim", "patch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("keep_every", "workers", "warmup"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("clip", "save_minutes", "lr", "mlp_ratio"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.ema is not None and not 0 <= args.ema < 1:
+        p.error(f"--ema must be in [0, 1), got {args.ema}")
+    if 32 % args.patch:
+        p.error(f"--patch {args.patch}: the 32x32 frames need a patch size dividing 32 (4 or 8)")
+    if args.dim % args.heads:
+        p.error(f"--dim {args.dim} is not divisible by --heads {args.heads}")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as exc:
+        p.error(f"--device {args.device!r} is not usable here ({type(exc).__name__}: {exc})")
     if args.echo < 0 or (args.echo and not args.workers):
         p.error(f"--echo {args.echo}: expected 0, or a count >= 1 with --workers (it echoes while they render)")
     if args.sigma_shift is not None and not args.sigma_shift > 0:
@@ -628,7 +689,7 @@ def parse_args(argv=None):
 def main(argv=None):
     try:
         train(parse_args(argv))
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # FileWriteError too: a file that cannot be written, named
         raise SystemExit(f"taohooks.testbed.train_scenes: {e}")
 
 
