@@ -32,7 +32,7 @@ from .runtime.loop import LoopSpec
 from .runtime.io import special_file_kind
 from .taocache.lut import CalibrationLUT, LUTMismatchError, merge_luts
 from .taocache.plan import PlanError
-from .taocache.cache import expert_guard, lut_for_steps, make_plan
+from .taocache.cache import check_config_lut, expert_guard, lut_for_steps, make_plan
 
 __all__ = ["main", "build_parser"]
 
@@ -54,9 +54,14 @@ def _cmd_check(args) -> int:
         if kind is not None:
             raise ConfigError(args.config, "lut", f"{path} is {kind}, not a LUT file; name a file such as "
                                                   "luts/model.safetensors")
+        check_config_lut(config)
         if path.is_file():
             lut = CalibrationLUT.load(path)
             print(f"# {lut.describe()}")
+            if config.calibration.auto and lut.num_prompts < config.calibration.prompts:
+                print(f"# the LUT holds {lut.num_prompts} of calibration.prompts {config.calibration.prompts}: runs "
+                      "compute every step and calibrate until it is complete; the plan below is the one its "
+                      "statistics give now")
             if config.loop.steps is not None and config.loop.steps != lut.steps \
                     and config.calibration.transfer != "interpolate":
                 raise ConfigError(args.config, "loop.steps", f"{config.loop.steps} steps, but the LUT {path} was "
@@ -153,6 +158,12 @@ def _cmd_plan(args) -> int:
         raise ConfigError("command line", "--steps", f"expected a number of steps from 1 to {MAX_STEPS}, got {steps}")
     if plan_cfg.budget is None and plan_cfg.window is None and plan_cfg.skip_steps is None:
         print("# no budget, window or skip_steps given: nothing is skipped (try --budget 8 or --budget 0.16)")
+    if lut is not None and _is_config(args.source):
+        if lut.steps != steps:  # as a run does: carried over (calibration.transfer: interpolate), or refused
+            lut = lut_for_steps(config, lut, steps)
+        if config.calibration.auto and lut.num_prompts < config.calibration.prompts:
+            print(f"# the LUT holds {lut.num_prompts} of calibration.prompts {config.calibration.prompts}: runs compute "
+                  "every step and calibrate until it is complete; the plan below is the one its statistics give now")
     guard = expert_guard(lut) if lut is not None and lut.steps == steps else ()
     plan = make_plan(plan_cfg, steps, streams, lut, unskippable=guard)
     if lut is not None:
@@ -390,7 +401,10 @@ def _cmd_calibrate(args) -> int:
     _check_output(path)  # a LUT that cannot be saved: say so before the script runs
     prompts = read_prompts(args.prompts)
     wanted = config.calibration.prompts
-    have = CalibrationLUT.load(path).num_prompts if path.is_file() else 0
+    lut = check_config_lut(config)  # a LUT of another model or sampler is refused, whether or not it is complete
+    if lut is not None and (config.loop.steps or config.loop.streams):
+        lut.check(LoopSpec(config.loop.steps or lut.steps, tuple(config.loop.streams or lut.streams)))
+    have = lut.num_prompts if lut is not None else 0
     if have >= wanted:
         print(f"taocache calibrate: {path} already holds {have} of {wanted} prompts; nothing to do "
               "(delete it, or raise calibration.prompts, to calibrate again)")

@@ -331,7 +331,7 @@ class TaoCacheConfig:
             err("teacache.calibrated", "the fit is kept next to the LUT (<lut>.teacache.json): name a lut:")
         published = self.teacache.published if self.teacache is not None else None
         if published in TEACACHE_PUBLISHED and self.integration != "none":
-            fits = ("wan",) if published.startswith("wan2.1") else ("latte", "opensora_plan", "diffusers", "videosys")
+            fits = ("wan",) if published.startswith("wan2.1") else (published, "diffusers", "videosys")
             if self.integration not in fits:
                 err("teacache.published", f"the authors' TeaCache for {published} attaches to the "
                                           f"{' / '.join(fits)} integration(s), not {self.integration!r}")

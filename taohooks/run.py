@@ -126,6 +126,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
             why = f"script {script} does not exist" if not script.exists() else f"script {script} is not a file"
         print(f"{prog}: {why}", file=sys.stderr)
         return 2
+    asks_help = any(a in ("-h", "--help") for a in rest[1:])  # the script prints its help and exits: no checks
     try:
         config = load_config(config_path)
         os.environ[ENV_CONFIG] = str(Path(config_path).resolve())
@@ -133,9 +134,13 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
         sys.path[0] = str(script.resolve().parent)
         with script_sys_path(*script_sys_path_additions(script)):
             install_integration(config)
-        _warn_without_autoload(config, prog)
-        precheck_integration(config, rest[1:])
-        check_teacache_fit(config)
+        if not asks_help:
+            _warn_without_autoload(config, prog)
+            from .taocache.cache import check_config_lut
+
+            check_config_lut(config)  # the LUT's labels, or a missing one nothing will calibrate: before the model
+            precheck_integration(config, rest[1:])
+            check_teacache_fit(config)
     except (ConfigError, IntegrationError, ImportError, LUTMismatchError, PlanError, ValueError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
@@ -149,7 +154,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
         return 2
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if code == 0 and not report_if_never_applied(config, calls_before):
+        if code == 0 and not asks_help and not report_if_never_applied(config, calls_before):
             return 1
         raise
     if not report_if_never_applied(config, calls_before):
@@ -282,7 +287,7 @@ def report_if_never_applied(config: TaoCacheConfig, calls_before: int = 0) -> bo
     module = importlib.import_module(INTEGRATION_MODULES[name])
     expects = getattr(module, "EXPECTS", f"a generation call the {name!r} integration patches")
     seen = [f"{marker} (integration: {other})" for other, marker in MARKERS.items()
-            if other != name and marker in sys.modules]
+            if other != name and marker != MARKERS.get(name) and marker in sys.modules]
     instead = f"this script imported {', '.join(seen)}" if seen else "this script made no such call"
     missing = pending_module_checks()
     hint = f"; {missing}" if missing else ""

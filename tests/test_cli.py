@@ -43,7 +43,7 @@ def test_check(lut_path, tmp_path, capsys):
     assert "valid" in out and "budget: 3" in out and "plan: 3 of 20 steps skipped" in out
     cfg.write_text(f"model_id: other\nlut: {lut_path.name}\n")
     assert main(["check", str(cfg)]) == 1
-    assert "calibrated on model 'geo', this run is 'other'" in capsys.readouterr().err
+    assert "model_id: 'other', but the LUT" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_not_tracebacks(lut_path, tmp_path, capsys):
@@ -155,3 +155,65 @@ def test_bench_checks_every_checkpoint_before_the_first_model_runs(tmp_path, cap
                  "--weights", f"eps={flow}"]) == 1
     assert "eps: not among the models this bench runs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_launcher_s_lut_checks_come_before_the_model_loads(lut_path, tmp_path, capsys):
+    """A LUT of another model_id or sampler, and a missing LUT nothing will calibrate, were found only after the
+    checkpoints loaded, or misreported as a plan problem (review, 2026-11-27)."""
+    from taohooks.config import ConfigError, load_config
+    from taohooks.taocache.cache import check_config_lut
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_id: other\nlut: {lut_path.name}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: model_id: 'other', but the LUT .*geo.safetensors was calibrated "
+                                          r"with model_id 'geo'"):
+        check_config_lut(load_config(cfg))
+    with_sampler = calibrate(GeometricDenoiser({"cond": 0.9}), 20, ("cond",), model_id="geo", sampler="unipc")
+    with_sampler.save(tmp_path / "s.safetensors")
+    cfg.write_text("model_id: geo\nlut: s.safetensors\ncalibration: {sampler: dpm++}\n")
+    with pytest.raises(ConfigError, match="calibration.sampler: 'dpm[+][+]'"):
+        check_config_lut(load_config(cfg))
+    cfg.write_text("lut: nothere/x.safetensors\ncalibration: {auto: false}\nplan: {budget: 3}\n")
+    with pytest.raises(ConfigError, match=r"lut: .*x.safetensors does not exist and calibration.auto is false"):
+        check_config_lut(load_config(cfg))
+    assert main(["check", str(cfg)]) == 1 and "does not exist and calibration.auto is false" in capsys.readouterr().err
+    cfg.write_text("lut: nothere/x.safetensors\ncalibration: {auto: false}\nplan: {window: [5, 6], ratio: 1.0}\n")
+    assert check_config_lut(load_config(cfg)) is None  # a constant ratio needs no LUT
+
+
+def test_plan_from_a_config_carries_the_lut_over_as_a_run_does(lut_path, tmp_path, capsys):
+    """`taocache plan CONFIG` ignored calibration.transfer: interpolate, which `check` and the run apply."""
+    from taohooks.taocache.lut import CalibrationLUT
+
+    lut = CalibrationLUT.load(lut_path)
+    if lut.deltas is None:
+        pytest.skip("the fixture LUT has no delta products to carry over")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"lut: {lut_path.name}\nloop: {{steps: 30, streams: [cond, uncond]}}\nplan: {{budget: 3}}\n"
+                   "calibration: {transfer: interpolate}\n")
+    assert main(["check", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(cfg)]) == 0
+    assert "3 of 30 steps skipped" in capsys.readouterr().out
+
+
+def test_check_and_plan_say_when_the_lut_is_still_calibrating(lut_path, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"lut: {lut_path.name}\nloop: {{steps: 20, streams: [cond, uncond]}}\nplan: {{budget: 3}}\n"
+                   "calibration: {prompts: 20}\n")
+    for command in ("check", "plan"):
+        assert main([command, str(cfg)]) == 0
+        assert "the LUT holds 2 of calibration.prompts 20: runs compute every step" in capsys.readouterr().out
+
+
+def test_calibrate_does_not_call_a_lut_of_another_run_complete(lut_path, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_id: other\nlut: {lut_path.name}\ncalibration: {{prompts: 2}}\n")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    assert main(["calibrate", str(cfg), "--prompts", str(prompts), "--", "x.py"]) == 1
+    err = capsys.readouterr().err
+    assert "model_id: 'other', but the LUT" in err and "nothing to do" not in err
+    cfg.write_text(f"model_id: geo\nlut: {lut_path.name}\ncalibration: {{prompts: 2}}\nloop: {{steps: 30}}\n")
+    assert main(["calibrate", str(cfg), "--prompts", str(prompts), "--", "x.py"]) == 1
+    assert "30" in capsys.readouterr().err

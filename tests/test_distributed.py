@@ -136,3 +136,19 @@ def test_sequence_parallel_ranks_take_the_same_decisions(tmp_path):
     with cache.attach(model, STEPS, ("cond", "uncond")):
         single = sample(model)
     assert torch.allclose(r0["out"], single, atol=1e-6)
+
+
+def test_data_parallel_calibration_of_a_sequence_parallel_run_is_refused(tmp_path):
+    """--devices sharded prompts over the ranks of a --ulysses_size run, whose ranks share one prompt (review,
+    2026-11-27): refused, naming both."""
+    from pathlib import Path
+
+    script = Path(__file__).parent / "fixtures" / "official_like" / "wan" / "generate.py"
+    (tmp_path / "c.yaml").write_text("integration: wan\nlut: lut.safetensors\ncalibration: {prompts: 2}\n"
+                                     "plan: {budget: 2, min_step: 5}\n")
+    (tmp_path / "p.txt").write_text("A red fox in snow.\nA blue whale under the sea.\n")
+    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "p.txt",
+                          "--devices", "2", "--", str(script), "--task", "t2v-1.3B", "--prompt", "x", "--sample_steps",
+                          "10", "--ulysses_size", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "this run is sequence-parallel (sp_size 2" in res.stderr
+    assert not (tmp_path / "lut.safetensors").exists()

@@ -368,3 +368,16 @@ def test_restart_refreshes_compute_two_steps_and_their_error_is_predicted_exactl
     assert len(predict_plan(restart, em).chains) == 2 and len(predict_plan(chain, em).chains) == 1
     with pytest.raises(ConfigError, match="plan.refresh"):
         config_from_dict({"plan": {"budget": 4, "rule": "auto", "refresh": "restart"}})
+
+
+def test_an_exact_extrapolation_is_predicted_near_zero_never_below():
+    """On a geometric trajectory (the ratio rule is exact) the predicted errors are rounding: they were computed
+    from float32 products and came out negative (PSNR nan), and the planner chose the most negative (review)."""
+    from test_calibration import calibrate as calibrate_loop
+
+    lut = calibrate_loop(GeometricDenoiser({"cond": 0.97, "uncond": 0.95}), 100, ("cond", "uncond"), samples=3)
+    model, _ = error_model_of(lut)
+    for window in ((96, 99), (80, 95), (53, 56)):
+        plan = make_plan(PlanConfig(window=list(window)), 100, ("cond", "uncond"), lut)
+        error = predict_plan(plan, model)
+        assert 0.0 <= error.mse < 1e-9 and float(error.per_prompt.min()) >= 0.0, (window, error.mse)

@@ -197,7 +197,7 @@ def test_latte_loop_steps_contradicting_the_pipeline_call(runner, tmp_path):
 def test_wan_window_past_the_last_step_stops_before_the_model_loads(runner, tmp_path):
     res = launch(runner, WAN, tmp_path, "integration: wan\nplan: {window: [8, 12], ratio: 1.0}\n")
     assert res.returncode == 2, res.stderr
-    assert "window [8, 12] must satisfy 2 <= first <= last < 10" in res.stderr
+    assert "taocache.yaml: plan: window [8, 12] must satisfy 2 <= first <= last < 10" in res.stderr
     assert LOADED["wan"] not in res.stdout
 
 
@@ -272,3 +272,28 @@ def test_shortened_options_are_read_as_the_scripts_own_parsers_read_them():
     assert wan.command_line(["--sample_s", "3"]) is None  # --sample_solver/_steps/_shift: generate.py refuses it
     args = wan.script_options(["--sample_m", "DDIM", "--num_s", "12", "--text_prompt", "a", "b"], opensora_plan.OPTIONS)
     assert (args.sample_method, args.num_sampling_steps) == ("DDIM", 12)
+
+
+def test_wan_teacache_coefficients_of_another_checkpoint_stop_before_the_model_loads(runner, tmp_path):
+    """teacache.published was never compared with --task: the 14B coefficients ran on the 1.3B (review, 2026-11-27)."""
+    res = launch(runner, WAN, tmp_path, "integration: wan\nplan: {window: [7, 8], ratio: 1.0}\n"
+                                        "teacache: {published: wan2.1-t2v-14B, threshold: 0.2}\n")
+    assert res.returncode == 2, res.stderr
+    assert "whose published coefficients are wan2.1-t2v-1.3B" in res.stderr and LOADED["wan"] not in res.stdout
+
+
+@pytest.mark.parametrize("integration, published", [("latte", "opensora_plan"), ("opensora_plan", "latte")])
+def test_latte_and_open_sora_plan_teacache_coefficients_are_not_interchangeable(tmp_path, integration, published):
+    from taohooks.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"integration: {integration}\nteacache: {{published: {published}, threshold: 0.1}}\n")
+    with pytest.raises(ConfigError, match=f"teacache.published: the authors' TeaCache for {published} attaches"):
+        load_config(path)
+
+
+def test_the_script_s_help_is_printed_whatever_the_config(runner, tmp_path):
+    """--help through the launcher failed on the config's checks, or warned that nothing was cached (review)."""
+    res = launch(runner, WAN, tmp_path, "integration: wan\nplan: {window: [8, 12], ratio: 1.0}\n", "--help")
+    assert res.returncode == 0, res.stderr
+    assert "--sample_steps" in res.stdout and "warning" not in res.stderr and "window" not in res.stderr

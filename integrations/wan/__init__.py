@@ -127,7 +127,7 @@ def command_line(argv: List[str]) -> Optional[Dict[str, Any]]:
             shift, why_shift = 16.0, "the flf2v/vace default"
     return {"task": args.task, "steps": steps, "steps_from": why_steps, "scheduler": args.sample_solver,
             "shift": float(shift), "shift_from": why_shift,
-            "sequence_parallel": args.ulysses_size * args.ring_size}
+            "sequence_parallel": args.ulysses_size * args.ring_size, "size": args.size, "ckpt_dir": args.ckpt_dir}
 
 
 def _said(run: Dict[str, Any], key: str) -> str:
@@ -149,6 +149,19 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     _launch["task"] = run["task"]
     problems = command_line_problems(config, run, flags=FLAGS, said=_said, tasks=TASKS, streams=STREAMS,
                                      configs_hint="configs/wan_*.yaml")
+    published = config.teacache.published if config.teacache is not None else None
+    if published and published.startswith("wan2.1-"):  # the authors' coefficients are per checkpoint
+        from taohooks.caches.teacache_wan21 import checkpoint_key
+
+        try:
+            wanted = "wan2.1-" + checkpoint_key(run["task"], run["size"], run["ckpt_dir"])
+        except ValueError as exc:
+            problems.append(f"{config.source or 'the config'}: teacache.published: {published}, but {exc}")
+        else:
+            if wanted != published:
+                problems.append(f"{config.source or 'the config'}: teacache.published is {published}, but this "
+                                f"command line runs --task {run['task']} (--size {run['size']}), whose published "
+                                f"coefficients are {wanted}; set teacache.published: {wanted}")
     if _hybrid_under_sequence_parallel(config) and run["sequence_parallel"] > 1:
         problems.append(f"{config.source or 'the config'}: teacache: the hybrid decides from activations that "
                         f"sequence parallelism (--ulysses_size x --ring_size = {run['sequence_parallel']}) shards "

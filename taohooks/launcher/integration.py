@@ -254,9 +254,14 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
     if calibrating:
         check_writable(path)
     elif not problems:
+        from ..taocache.plan import PlanError
+
         carried = lut_for_steps(config, lut, run["steps"])
         guard = expert_guard(carried, expert_boundary) if carried is not None and expert_boundary else ()
-        make_plan(config.plan, run["steps"], streams, carried, unskippable=guard)  # fails now, not later
+        try:
+            make_plan(config.plan, run["steps"], streams, carried, unskippable=guard)  # fails now, not later
+        except PlanError as exc:
+            problems.append(f"{where}: plan: {exc}")
     return problems
 
 

@@ -132,6 +132,13 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     resume = CalibrationLUT.load(part) if part.is_file() else None
     done = resume.num_prompts if resume is not None else 0
     arguments = dict(bound.arguments)
+    sp_size = getattr(arguments.get("self"), "sp_size", 1)
+    if isinstance(sp_size, int) and sp_size > 1:  # Wan's pipelines: --ulysses_size x --ring_size
+        raise IntegrationError(
+            f"data-parallel calibration (--devices / --data-parallel) gives each rank its own prompts, but this run is "
+            f"sequence-parallel (sp_size {sp_size}: --ulysses_size x --ring_size), whose ranks work on one prompt "
+            "together; calibrate without --devices / --data-parallel (the ranks then calibrate each prompt together "
+            "and rank 0 writes the LUT)")
     model = unwrap_model(patch.model_of(arguments))
     loop, attach_kwargs = patch.loop_of(arguments)
     check_declared_loop(config, loop, patch.target())

@@ -124,6 +124,35 @@ def _load_present(path: Optional[Path]) -> Optional[CalibrationLUT]:
     return CalibrationLUT.load(path)
 
 
+def check_config_lut(config: TaoCacheConfig) -> Optional[CalibrationLUT]:
+    """Before the model loads: the config's LUT file against the config's labels (``model_id``,
+    ``calibration.sampler``), and a missing LUT that the plan needs and nothing will calibrate
+    (``calibration.auto: false``). Raises :class:`~taohooks.config.ConfigError` naming the config and
+    the key. Returns the LUT (``None`` when there is no file yet)."""
+    from ..config import ConfigError
+
+    path = config.lut_path()
+    source = config.source or "the config"
+    if path is None:
+        return None
+    if not path.is_file():
+        plan = config.plan
+        skips = plan.window is not None or plan.skip_steps is not None or plan.budget not in (None, 0)
+        if skips and isinstance(plan.ratio, str) and not config.calibration.auto:
+            raise ConfigError(source, "lut", f"{path} does not exist and calibration.auto is false, so nothing will "
+                                             "calibrate it, and the plan needs it (plan.ratio: calibrated); fix the "
+                                             "path, or set calibration.auto: true to calibrate it on the first runs")
+        return None
+    lut = CalibrationLUT.load(path)
+    for key, want, have in (("model_id", config.model_id, lut.model_id),
+                            ("calibration.sampler", config.calibration.sampler, lut.sampler)):
+        if want and have and want != have:
+            raise ConfigError(source, key, f"{want!r}, but the LUT {path} was calibrated with {key.split('.')[-1]} "
+                                           f"{have!r}; point lut at a LUT of this {key.split('.')[-1]}, or correct "
+                                           f"{key}")
+    return lut
+
+
 def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
               identity: Optional[Mapping[str, Any]] = None) -> None:
     """Raise :class:`LUTMismatchError` naming every way ``lut`` does not fit this run: steps,

@@ -88,8 +88,10 @@ class BandProducts:
 class DeltaRing:
     """The last ``horizon`` deltas of one stream, each flattened per prompt (``[B, n]``, float32), in a
     ring buffer: :meth:`products` returns ``<D, D>`` and ``<D, D_{t-j}>`` for ``j = 1..horizon`` per prompt
-    in one batched product (float32 sums, returned as float64; NaN where fewer deltas were kept) and
-    keeps ``D``. Memory: ``horizon`` output-sized float32 tensors."""
+    (float64 sums: the error model subtracts these products from each other, and float32 sums left
+    rounding errors larger than the errors of a good extrapolation; NaN where fewer deltas were kept)
+    and keeps ``D``. Memory: ``horizon`` output-sized float32 tensors, and one float64 one while it
+    computes."""
 
     def __init__(self, horizon: int):
         self.horizon = horizon
@@ -108,12 +110,10 @@ class DeltaRing:
             self._ring = torch.empty((h, *delta.shape), dtype=delta.dtype, device=delta.device)
             self._count = self._pos = 0
         out = torch.full((b, h + 1), float("nan"), dtype=torch.float64, device=delta.device)
-        out[:, 0] = torch.einsum("bn,bn->b", delta, delta).double()
-        if self._count:
-            lags = torch.arange(1, self._count + 1)
-            slots = ((self._pos - lags) % h).to(delta.device)
-            products = torch.einsum("bn,hbn->bh", delta, self._ring)  # [B, horizon]
-            out[:, 1:self._count + 1] = products[:, slots].double()
+        wide = delta.double()
+        out[:, 0] = torch.einsum("bn,bn->b", wide, wide)
+        for lag in range(1, self._count + 1):  # one slot at a time: a float64 copy of the ring would be h outputs
+            out[:, lag] = torch.einsum("bn,bn->b", wide, self._ring[(self._pos - lag) % h].double())
         self._ring[self._pos].copy_(delta)
         self._pos = (self._pos + 1) % h
         self._count = min(self._count + 1, h)

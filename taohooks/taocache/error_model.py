@@ -164,7 +164,8 @@ class ErrorModel:
             return torch.zeros(self.dense.shape[1], dtype=torch.float64)
         sub = self.dense[stream][:, idx][:, :, idx]  # [p, k, k]
         w = v[idx]
-        return torch.einsum("i,pij,j->p", w, sub, w)
+        # a square norm: >= 0; below 0 only by rounding, where the terms cancel (an exact extrapolation)
+        return torch.einsum("i,pij,j->p", w, sub, w).clamp(min=0.0)
 
     def chain(self, actions: Sequence[str], coefficients: Sequence[Sequence[Optional[float]]], first: int,
               last: int) -> ChainError:
@@ -210,8 +211,8 @@ class ErrorModel:
                 total += self._vectors(actions, coefficients[s], a, b)[0]
             idx = total.nonzero().flatten()
             sub = self.dense[s][:, idx][:, :, idx].nan_to_num(0.0)  # beyond the horizon: uncorrelated
-            per_prompt = per_prompt + torch.einsum("i,pij,j->p", total[idx], sub, total[idx]) / self.numel[s] \
-                / self.streams
+            per_prompt = per_prompt + torch.einsum("i,pij,j->p", total[idx], sub, total[idx]).clamp(min=0.0) \
+                / self.numel[s] / self.streams
         return ScheduleError(chains, float(per_prompt.mean()), per_prompt)
 
 
