@@ -237,8 +237,13 @@ def _cmd_plot(args) -> int:
     from .evaluation.plotting import plot_calibration
 
     lut = CalibrationLUT.load(args.lut)
-    _check_output(args.output)
-    print(f"wrote {plot_calibration(lut, args.output, args.dpi)}")
+    output = Path(args.output)
+    _check_output(output)
+    if output.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):  # matplotlib would add .png
+        raise ConfigError("command line", "-o", f"{output}: expected an image file name (.png, .pdf, .svg, .jpg)")
+    if args.dpi < 1:
+        raise ConfigError("command line", "--dpi", f"expected a resolution >= 1, got {args.dpi}")
+    print(f"wrote {plot_calibration(lut, output, args.dpi)}")
     return 0
 
 
@@ -626,14 +631,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     script: List[str] = []
-    if argv[:1] == ["calibrate"] and "--" in argv:  # everything after -- belongs to the sample script
-        cut = argv.index("--")
+    if argv[:1] in (["calibrate"], ["compare"]) and "--" in argv:  # everything after -- is the sample script's
+        cut = argv.index("--")                                         # (its own -- included)
         argv, script = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     if script:
         args.script = list(args.script or []) + script
     try:
         return args.func(args)
+    except BrokenPipeError:  # `taocache show LUT | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing more is flushed into the pipe)
+        return 141  # as a process ended by SIGPIPE
     except (ConfigError, PlanError, LUTMismatchError, ValueError, RuntimeError) as exc:
         print(f"taocache {args.command}: error: {exc}", file=sys.stderr)
         return 1

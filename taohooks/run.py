@@ -113,7 +113,11 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
         return 0
     config_path, rest = split_taocache_argument(argv)
     if config_path is None or not rest:
-        print(USAGE, file=sys.stderr)
+        close = [a for a in argv if a.startswith("--tao") or a.startswith("-taocache")]
+        why = ("the sample script is missing" if config_path is not None else
+               f"--taocache CONFIG.yaml is missing (did you mean --taocache instead of {close[0]}?)" if close else
+               "--taocache CONFIG.yaml is missing")
+        print(f"{prog}: error: {why}\n{USAGE}", file=sys.stderr)
         return 2
     script = Path(rest[0])
     if not script.is_file():
@@ -146,7 +150,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
         return 2
     calls_before = wrapped_calls()
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        runpy.run_path(str(script.resolve()), run_name="__main__")  # __file__ absolute, as `python SCRIPT.py` has it
     except RUN_ERRORS as exc:
         # found at the first call of a generation (what the command line could not say): before any
         # step was skipped; said as plainly as the checks before the model loaded

@@ -217,3 +217,30 @@ def test_calibrate_does_not_call_a_lut_of_another_run_complete(lut_path, tmp_pat
     cfg.write_text(f"model_id: geo\nlut: {lut_path.name}\ncalibration: {{prompts: 2}}\nloop: {{steps: 30}}\n")
     assert main(["calibrate", str(cfg), "--prompts", str(prompts), "--", "x.py"]) == 1
     assert "30" in capsys.readouterr().err
+
+
+def test_small_command_line_faults(lut_path, tmp_path, capsys, monkeypatch):
+    """plot -o without an image suffix wrote another file than it said; a closed pipe was an error; compare lost the
+    script's own -- (review, 2026-11-27)."""
+    assert main(["plot", str(lut_path), "-o", str(tmp_path / "calib")]) == 1
+    assert "expected an image file name" in capsys.readouterr().err and not list(tmp_path.glob("calib*"))
+
+    import io
+    import os as _os
+
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return _os.open(_os.devnull, _os.O_WRONLY)
+
+    monkeypatch.setattr("sys.stdout", Closed())
+    assert main(["show", str(lut_path)]) == 141
+    monkeypatch.undo()
+    assert "Broken pipe" not in capsys.readouterr().err
+
+    seen = {}
+    monkeypatch.setattr("taohooks.cli._cmd_compare", lambda args: seen.setdefault("script", args.script) and 0)
+    main(["compare", "e.yaml", "--", "s.py", "--", "x"])
+    assert seen["script"] == ["s.py", "--", "x"]

@@ -77,3 +77,26 @@ def test_errors_before_the_script_runs(tmp_path, script, args, config, message):
     path.write_text(config)
     res = launch(tmp_path, *[script if a == "SCRIPT" else a for a in args], "--taocache", path)
     assert res.returncode == 2 and message in res.stderr and "argv" not in res.stdout
+
+
+def test_a_missing_or_misspelled_taocache_option_is_said(tmp_path, capsys):
+    from taohooks import run
+
+    script = tmp_path / "s.py"
+    script.write_text("print('ran')\n")
+    assert run.main([str(script), "--taocach", "c.yaml"]) == 2
+    assert "did you mean --taocache instead of --taocach" in capsys.readouterr().err
+    assert run.main([str(script)]) == 2
+    assert "error: --taocache CONFIG.yaml is missing" in capsys.readouterr().err
+
+
+def test_the_script_gets_an_absolute_file_as_python_gives_it(tmp_path, monkeypatch, capsys):
+    from taohooks import run
+
+    (tmp_path / "s.py").write_text("import os\nprint('abs', os.path.isabs(__file__))\n")
+    (tmp_path / "c.yaml").write_text("integration: testbed\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["taocache-run"])
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    run.main(["s.py", "--taocache", "c.yaml"])
+    assert "abs True" in capsys.readouterr().out
