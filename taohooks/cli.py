@@ -599,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="calibrate a config's LUT on a prompt list through the sample script "
                                          "(resumes where an interrupted run stopped)")
     p.add_argument("config")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line (20 recommended)")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line (20 recommended; blank lines "
+                                                    "and lines starting with # are skipped)")
     p.add_argument("--devices", type=int, default=1, help="data-parallel: N local processes (gloo on CPU, NCCL "
                                                                "on GPUs), prompts sharded, statistics all-reduced")
     p.add_argument("--data-parallel", action="store_true", help="under torchrun: shard the prompts over its ranks "

@@ -203,3 +203,10 @@ def test_bench_update_needs_an_earlier_results_file(tmp_path, capsys):
     assert f"--update: there is no {tmp_path / 'results.json'} to update" in capsys.readouterr().err
     assert main(["bench", str(config), "-o", str(tmp_path), "--methods", "pab"]) != 0
     assert "unknown method 'pab'" in capsys.readouterr().err
+
+
+def test_a_taocache_config_given_to_bench_is_said_to_be_one():
+    from pathlib import Path
+
+    with pytest.raises(ValueError, match="this is a TaoCache config .*configs/bench.yaml"):
+        bench.load_bench_config(Path(__file__).resolve().parent.parent / "configs" / "example.yaml")

@@ -125,7 +125,16 @@ def checkpoint_sha256(path) -> str:
 
 
 def load_bench_config(path) -> BenchConfig:
-    return dataclass_from_dict(BenchConfig, read_yaml(path), str(path))
+    from ..config import ConfigError, is_taocache_config
+
+    data = read_yaml(path)
+    try:
+        return dataclass_from_dict(BenchConfig, data, str(path))
+    except ConfigError:
+        if is_taocache_config(data):
+            raise ConfigError(str(path), "", "this is a TaoCache config (for --taocache / taocache-run); a bench config "
+                                             "lists models, methods and budgets: see configs/bench.yaml") from None
+        raise
 
 
 def _testbed_accuracy(clips, prompts) -> float:
