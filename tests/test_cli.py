@@ -179,6 +179,10 @@ def test_the_launcher_s_lut_checks_come_before_the_model_loads(lut_path, tmp_pat
     assert main(["check", str(cfg)]) == 1 and "does not exist and calibration.auto is false" in capsys.readouterr().err
     cfg.write_text("lut: nothere/x.safetensors\ncalibration: {auto: false}\nplan: {window: [5, 6], ratio: 1.0}\n")
     assert check_config_lut(load_config(cfg)) is None  # a constant ratio needs no LUT
+    (tmp_path / "bad.safetensors").write_bytes(b"not a LUT")
+    cfg.write_text("lut: bad.safetensors\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: lut: .*bad.safetensors"):
+        check_config_lut(load_config(cfg))
 
 
 def test_plan_from_a_config_carries_the_lut_over_as_a_run_does(lut_path, tmp_path, capsys):

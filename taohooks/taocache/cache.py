@@ -143,7 +143,12 @@ def check_config_lut(config: TaoCacheConfig) -> Optional[CalibrationLUT]:
                                              "calibrate it, and the plan needs it (plan.ratio: calibrated); fix the "
                                              "path, or set calibration.auto: true to calibrate it on the first runs")
         return None
-    lut = CalibrationLUT.load(path)
+    from .lut import LUTFormatError
+
+    try:
+        lut = CalibrationLUT.load(path)
+    except LUTFormatError as exc:
+        raise ConfigError(source, "lut", str(exc)) from None
     for key, want, have in (("model_id", config.model_id, lut.model_id),
                             ("calibration.sampler", config.calibration.sampler, lut.sampler)):
         if want and have and want != have:
