@@ -34,7 +34,7 @@ PAB = {"groups": [{"pattern": r"blocks\.\d+\.attn", "range": 2}], "steps": [1, 8
     ({"teacache": {"threshold": 0.1, "published": "latte", "blocks": "transformer_blocks"}},
      "teacache.blocks: the authors' TeaCache for latte sets its own block stack(s) and forced steps"),
     ({"integration": "wan", "teacache": {"threshold": 0.1, "published": "latte"}},
-     "teacache.published: the authors' TeaCache for latte attaches to the latte / opensora_plan / diffusers / "
+     "teacache.published: the authors' TeaCache for latte attaches to the latte / diffusers / "
      "videosys integration(s), not 'wan'"),
 ])
 def test_section_errors_name_the_key(section, message):
