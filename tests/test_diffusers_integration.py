@@ -230,3 +230,69 @@ def test_calibrates_then_skips(tmp_path, capfd):
         assert "calibrating, all steps computed" in err and f"2 of {STEPS} denoiser calls saved" in err
     finally:
         disable_taocache(pipe)
+
+
+# ---------------------------------------------------------------- review of 2026-11-27
+def test_two_pipelines_sharing_a_transformer_each_run_their_own_config(capfd):
+    """Sharing components (from_pipe) used to crash (two hooks), or run the other pipeline's plan."""
+    from diffusers import WanVideoToVideoPipeline
+
+    a = wan_pipe()
+    b = WanPipeline(**a.components)
+    v = WanVideoToVideoPipeline.from_pipe(a)
+    assert b.transformer is a.transformer is v.transformer
+    enable_taocache(a, config(window=[5, 6], ratio=1.0))
+    enable_taocache(b, config(budget=0))
+    enable_taocache(v, config(budget=0))
+    for pipe, want in ((a, "window 5-6"), (b, "no skips"), (a, "window 5-6")):
+        wan_call(pipe)
+        assert want in capfd.readouterr().err
+    emb, lat = torch.randn(1, 8, 16), torch.randn(1, 4, 2, 8, 8)
+    v(prompt_embeds=emb, negative_prompt_embeds=emb, height=16, width=16, latents=lat, num_inference_steps=8,
+      strength=1.0, output_type="latent")
+    assert "no skips" in capfd.readouterr().err
+    wan_call(a)
+    assert "window 5-6" in capfd.readouterr().err
+    for pipe in (a, b, v):
+        disable_taocache(pipe)
+    assert get_hook(a.transformer) is None
+
+
+def test_video_to_video_declares_the_steps_its_strength_runs(tmp_path, capfd):
+    """WanVideoToVideoPipeline runs the last int(steps * strength) steps: declared as 8 steps, each call was an
+    aborted generation and calibration never finished."""
+    from diffusers import WanVideoToVideoPipeline
+
+    pipe = WanVideoToVideoPipeline.from_pipe(wan_pipe())
+    cfg = config_from_dict({"integration": "diffusers", "lut": "lut.safetensors", "calibration": {"prompts": 1},
+                            "plan": {"budget": 1, "min_step": 1}}, str(tmp_path / "c.yaml"))
+    enable_taocache(pipe, cfg)
+    emb, lat = torch.randn(1, 8, 16), torch.randn(1, 4, 2, 8, 8)
+    for _ in range(2):
+        pipe(prompt_embeds=emb, negative_prompt_embeds=emb, height=16, width=16, latents=lat, num_inference_steps=8,
+             strength=0.5, output_type="latent")
+    err = capfd.readouterr().err
+    assert (tmp_path / "lut.safetensors").is_file() and "new generation began" not in err
+    assert "1 of 4 steps skipped" in err
+    disable_taocache(pipe)
+
+
+def test_a_scheduler_swapped_between_calls_is_checked_against_the_lut(tmp_path):
+    from diffusers import UniPCMultistepScheduler
+    from taohooks.taocache.lut import LUTMismatchError
+
+    cfg = config_from_dict({"integration": "diffusers", "lut": "lut.safetensors", "calibration": {"prompts": 1},
+                            "plan": {"budget": 2, "min_step": 2}}, str(tmp_path / "c.yaml"))
+    pipe = wan_pipe()
+    enable_taocache(pipe, cfg)
+    wan_call(pipe)  # calibrates with FlowMatchEuler
+    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    with pytest.raises(LUTMismatchError, match="scheduler: this run 'UniPCMultistepScheduler'"):
+        wan_call(pipe)
+    disable_taocache(pipe)
+
+
+def test_a_dynamic_shifting_scheduler_is_counted():
+    from taohooks.launcher.integration import scheduler_calls
+
+    assert scheduler_calls(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 6) == 6

@@ -109,6 +109,9 @@ def test_checkpoint_keys():
     assert checkpoint_key("t2v-1.3B") == "t2v-1.3B"
     assert checkpoint_key("i2v-14B", size="832*480") == "i2v-480P"
     assert checkpoint_key("i2v-14B", ckpt_dir="./Wan2.1-I2V-14B-720P") == "i2v-720P"
+    # the folder decides, as in the authors' script: a 720P checkpoint run at 832*480, or kept under a path with 480
+    assert checkpoint_key("i2v-14B", size="832*480", ckpt_dir="./Wan2.1-I2V-14B-720P") == "i2v-720P"
+    assert checkpoint_key("i2v-14B", ckpt_dir="/data/exp480/Wan2.1-I2V-14B-720P/") == "i2v-720P"
     with pytest.raises(ValueError, match="no Wan2.1 coefficients for --task vace-1.3B"):
         checkpoint_key("vace-1.3B")
 

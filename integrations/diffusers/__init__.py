@@ -152,7 +152,17 @@ def _loop_of_one(arguments):
     if kind == "batched":
         return batched_cfg_loop(pipe.scheduler, steps, guidance if guidance is not None else 7.5,
                                 arguments.get("timesteps"))
-    calls = scheduler_calls(pipe.scheduler, steps, arguments.get("timesteps"))
+    try:
+        calls = scheduler_calls(pipe.scheduler, steps, arguments.get("timesteps"), arguments.get("sigmas"))
+    except IntegrationError:
+        if config.loop.steps is None:
+            raise
+        calls = config.loop.steps  # declared: the scheduler could not be asked
+    strength = arguments.get("strength")
+    if strength is not None and hasattr(pipe, "get_timesteps") and arguments.get("timesteps") is None:
+        # video-to-video: diffusers' get_timesteps runs only the last int(steps * strength) of the steps
+        kept = min(int(steps * strength), steps)
+        calls -= max(steps - kept, 0) * getattr(pipe.scheduler, "order", 1)
     if kind == "sequential":
         return LoopSpec(calls, ("cond", "uncond") if cfg else ("cond",)), {"timestep_arg": "timestep"}
     streams = config.loop.streams
@@ -194,7 +204,8 @@ def _patch_class(cls: type) -> GenerationPatch:
         patch = GenerationPatch(cls, "__call__", lambda arguments: TaoCache(_config_of(arguments)),
                                 lambda arguments: arguments["self"].transformer, _loop, callbacks_of=_callbacks,
                                 identity_of=_identity,
-                                prompt_arg="prompt", enabled=lambda arguments: _config_of(arguments) is not None)
+                                prompt_arg="prompt", enabled=lambda arguments: _config_of(arguments) is not None,
+                                config_key=_config_of)
         _patches[cls] = patch.install()
     return patch
 
@@ -222,9 +233,8 @@ def disable_taocache(pipe) -> None:
 def _detach(pipe) -> None:
     transformer = getattr(pipe, "transformer", None)
     for patch in _patches.values():
-        entry = patch.caches.pop(transformer, None) if transformer is not None else None
-        if entry is not None:
-            entry[0].detach()
+        if transformer is not None:
+            patch.release(transformer)
 
 
 def install(config: TaoCacheConfig) -> None:

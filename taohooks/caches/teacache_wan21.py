@@ -49,12 +49,14 @@ def checkpoint_key(task: str, size: Optional[str] = None, ckpt_dir: Optional[str
     ``--ckpt_dir`` the authors' script reads): ``t2v-1.3B``, ``t2v-14B``, ``i2v-480P`` or ``i2v-720P``."""
     if task in ("t2v-1.3B", "t2v-14B"):
         return task
-    if task == "i2v-14B":
-        text = f"{size or ''} {ckpt_dir or ''}"
-        if "480" in text:
-            return "i2v-480P"
-        if "720" in text:
-            return "i2v-720P"
+    if task == "i2v-14B":  # the checkpoint's folder decides (as the authors' script); the size only without it
+        import os
+
+        for text in (os.path.basename(os.path.normpath(ckpt_dir or "")).upper(), str(size or "")):
+            if "480" in text and "720" not in text:
+                return "i2v-480P"
+            if "720" in text and "480" not in text:
+                return "i2v-720P"
         raise ValueError(f"i2v-14B: which checkpoint (480P or 720P) is unknown from --size {size!r} / --ckpt_dir "
                          f"{ckpt_dir!r}")
     raise ValueError(f"TeaCache publishes no Wan2.1 coefficients for --task {task} (only t2v-1.3B, t2v-14B, "

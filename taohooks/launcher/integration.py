@@ -110,17 +110,27 @@ def script_options(argv: List[str], options: Dict[str, Dict[str, Any]]) -> Optio
     return args
 
 
-def scheduler_calls(scheduler: Any, steps: int, timesteps: Any = None) -> int:
-    """Model calls per stream that a diffusers-style scheduler makes for ``steps`` steps.
+def scheduler_calls(scheduler: Any, steps: int, timesteps: Any = None, sigmas: Any = None) -> int:
+    """Model calls per stream that a diffusers-style scheduler makes for ``steps`` steps (or for the
+    ``timesteps`` / ``sigmas`` a pipeline call passes).
 
     Asked of a copy (``set_timesteps`` on the pipeline's own scheduler would change its state):
-    PNDM with PRK warm-up makes ``steps + 9`` calls, second-order schedulers ``2 * steps - 1``."""
+    PNDM with PRK warm-up makes ``steps + 9`` calls, second-order schedulers ``2 * steps - 1``. A
+    scheduler with dynamic shifting (LTX, Flux) is asked with ``mu=1``: the shift moves the
+    timesteps, not their number."""
     import copy
 
     if timesteps is not None:
         return len(timesteps)
     probe = copy.deepcopy(scheduler)
-    probe.set_timesteps(int(steps))
+    if sigmas is not None:
+        return len(sigmas)
+    extra = {"mu": 1.0} if getattr(getattr(probe, "config", None), "use_dynamic_shifting", False) else {}
+    try:
+        probe.set_timesteps(int(steps), **extra)
+    except (TypeError, ValueError) as exc:
+        raise IntegrationError(f"cannot count the denoiser calls of {type(scheduler).__name__} for {steps} steps "
+                               f"({exc}); declare them in the config's loop: section (loop.steps)") from None
     return len(probe.timesteps)
 
 
@@ -150,6 +160,7 @@ class IntegrationError(RuntimeError):
 
 
 _calls = 0  # generation calls that reached any GenerationPatch in this process
+_owners: "weakref.WeakKeyDictionary[nn.Module, GenerationPatch]" = weakref.WeakKeyDictionary()  # whose cache is on it
 
 
 _interceptor: Optional[Callable[["GenerationPatch", inspect.BoundArguments], Any]] = None
@@ -332,6 +343,7 @@ class GenerationPatch:
         prompt_arg: the name of the prompt argument (for explicit calibration over a prompt list).
         enabled: whether this call gets TaoCache (default: every call); other calls run untouched.
         log: where the per-generation summary line goes (stderr by default).
+        config_key: the config of a call (compared with ``is``): a call with another one re-attaches.
     """
 
     def __init__(self, owner: Any, name: str, make_cache: Callable[[Arguments], TaoCache],
@@ -340,14 +352,16 @@ class GenerationPatch:
                  callbacks_of: Optional[Callable[[Arguments, nn.Module], list]] = None,
                  identity_of: Optional[Callable[[Arguments, nn.Module], Dict[str, Any]]] = None,
                  prompt_arg: Optional[str] = None, enabled: Optional[Callable[[Arguments], bool]] = None,
-                 log: Callable[[str], None] = _log):
+                 log: Callable[[str], None] = _log, config_key: Optional[Callable[[Arguments], Any]] = None):
         self.owner, self.name = owner, name
         self.make_cache, self.model_of, self.loop_of, self.log = make_cache, model_of, loop_of, log
         self.callbacks_of, self.identity_of, self.prompt_arg, self.enabled = callbacks_of, identity_of, prompt_arg, enabled
+        self.config_key = config_key  # the object whose change means another config (compared with `is`)
         self._prompt_calibration: Optional[str] = None  # None | "running" | "done"
         self.original = getattr(owner, name)
         self.signature = inspect.signature(self.original)
-        self.caches: "weakref.WeakKeyDictionary[nn.Module, Tuple[TaoCache, LoopSpec]]" = weakref.WeakKeyDictionary()
+        # model -> (cache, its loop, its config key, the identity it was attached with)
+        self.caches: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
         self.generations = 0
         patch = self
 
@@ -370,29 +384,45 @@ class GenerationPatch:
         if getattr(self.owner, self.name) is self.wrapper:
             setattr(self.owner, self.name, self.original)
         for model in list(self.caches):
-            cache, _ = self.caches.pop(model)
-            cache.detach()
+            self.release(model)
+
+    def release(self, model: nn.Module) -> None:
+        """Detach this patch's cache from ``model`` (another patch, or another config, takes it over)."""
+        entry = self.caches.pop(model, None)
+        if entry is not None:
+            entry[0].detach()
+        if _owners.get(model) is self:
+            del _owners[model]
 
     def cache_for(self, model: nn.Module, loop: LoopSpec, attach_kwargs: Dict[str, Any],
                   arguments: Optional[Arguments] = None) -> TaoCache:
-        """The cache attached to ``model`` for ``loop``; (re)attached when needed."""
+        """The cache attached to ``model`` for ``loop``; (re)attached when needed: another loop, a
+        completed calibration, another config (two pipelines sharing one transformer), another identity
+        (a scheduler swapped between calls: its LUT is checked again), or another patch's cache on it."""
+        arguments = arguments or {}
+        identity = self.identity_of(arguments, model) if self.identity_of else identity_of_model(model)
+        key = self.config_key(arguments) if self.config_key is not None else None
+        owner = _owners.get(model)
+        if owner is not None and owner is not self:  # another pipeline class's call on a shared transformer
+            owner.release(model)
         entry = self.caches.get(model)
         if entry is not None:
-            cache, attached_loop = entry
+            cache, attached_loop, attached_key, attached_identity = entry
             calibrated = cache.calibrating and cache.recorder.lut().num_prompts >= cache.config.calibration.prompts
-            if attached_loop == loop and cache.hook is not None and cache.hook.attached and not calibrated:
+            if (attached_loop == loop and attached_key is key and attached_identity == identity
+                    and cache.hook is not None and cache.hook.attached and not calibrated):
                 return cache
-            cache.detach()
+            self.release(model)
             if calibrated:
                 self.log(f"taohooks: calibration complete ({cache.config.calibration.prompts} prompts); "
                          "TaoCache skips from the next generation on")
-        cache = self.make_cache(arguments or {})
+        cache = self.make_cache(arguments)
         check_declared_loop(cache.config, loop, self.target())
-        extra = self.callbacks_of(arguments or {}, model) if self.callbacks_of else []
-        identity = self.identity_of(arguments or {}, model) if self.identity_of else identity_of_model(model)
+        extra = self.callbacks_of(arguments, model) if self.callbacks_of else []
         cache.attach(model, loop.steps, loop.streams, split_batch=loop.split_batch, batch_dim=loop.batch_dim,
                      callbacks=extra, identity=identity, **attach_kwargs)  # attach_kwargs: also=, expert_boundary=
-        self.caches[model] = (cache, loop)
+        self.caches[model] = (cache, loop, key, identity)
+        _owners[model] = self
         return cache
 
     def target(self) -> str:
