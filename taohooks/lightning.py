@@ -20,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - lightning is an extra
     raise ImportError("taohooks.lightning needs Lightning: pip install 'taohooks[lightning]'") from exc
 
 from .config import TaoCacheConfig, load_config
+from .runtime import messages
 from .taocache.cache import TaoCache
 
 __all__ = ["TaoCacheCallback"]
@@ -49,11 +50,21 @@ class TaoCacheCallback(_LightningCallback):
         except AttributeError as exc:
             raise ValueError(f"taohooks: {type(pl_module).__name__} has no submodule {self.module!r} to attach "
                              f"TaoCache to ({exc})") from exc
+        self._target = target
+        self._attach()
+
+    def _attach(self) -> None:
         self.cache = TaoCache(self.config)
-        self.cache.attach(target, self.steps, self.streams, split_batch=self.split_batch,
+        self.cache.attach(self._target, self.steps, self.streams, split_batch=self.split_batch,
                           timestep_arg=self.timestep_arg)
 
     def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        cache = self.cache
+        if cache.calibrating and cache.recorder.lut().num_prompts >= self.config.calibration.prompts:
+            cache.detach()  # the LUT is complete (and saved): skip from this batch on, as the launcher does
+            messages.notice(f"taohooks: calibration complete ({self.config.calibration.prompts} prompts); TaoCache "
+                            "skips from this batch on")
+            self._attach()
         self.cache.new_sample()
 
     def on_predict_end(self, trainer, pl_module) -> None:

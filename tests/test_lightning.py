@@ -64,3 +64,16 @@ def test_budget_zero_is_plain_predict():
 def test_a_missing_submodule_is_named():
     with pytest.raises(ValueError, match="has no submodule 'denoiser'"):
         predict(Sampler(), [TaoCacheCallback(config_from_dict({}), module="denoiser", steps=STEPS)])
+
+
+def test_a_calibrating_predict_skips_once_the_lut_is_complete(tmp_path, monkeypatch, capfd):
+    """Calibration completed on the first batch, but the run kept computing every step (review, 2026-11-27)."""
+    import test_lightning
+
+    monkeypatch.setattr(test_lightning, "PROMPTS", PROMPTS + [("a green circle moving right", 3)])
+    config = config_from_dict({"lut": "lut.safetensors", "calibration": {"prompts": 1},
+                               "plan": {"budget": 2, "min_step": 2}}, str(tmp_path / "c.yaml"))
+    callback = TaoCacheCallback(config, module="model", steps=STEPS, streams=("cond", "uncond"), timestep_arg=1)
+    predict(Sampler(), [callback])
+    assert "calibration complete (1 prompts)" in capfd.readouterr().err
+    assert callback.cache.hook.counts == {"cond": [12, 4], "uncond": [12, 4]}  # batches 2 and 3 skip 2 steps each
