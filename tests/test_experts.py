@@ -107,3 +107,22 @@ def test_nothing_is_kept_after_a_generation():
         run(high, low)
         assert cache.stats()["streams"]["cond"]["skipped"] == 2
         assert cache.callback._states == {}  # dropped when the generation's last call returned
+
+
+def test_the_teacache_fit_file_keeps_each_pair_s_expert(tmp_path):
+    """The fit file stored [x, y] only: teacache.calibrated fitted one polynomial over Wan2.2's two experts,
+    where taocache compare fits one per expert (review, 2026-11-27)."""
+    from taohooks.caches.teacache_fit import add_pairs, fitted_coefficients, load_pairs
+
+    path = tmp_path / "lut.teacache.json"
+    xs = [0.01 * (i + 1) for i in range(12)]
+    proxy = {"kind": "test"}
+    add_pairs(path, [(x, 2 * x) for x in xs] + [(x, 5 * x) for x in xs], 2, proxy, "t", experts=[0] * 12 + [1] * 12)
+    fit = fitted_coefficients(path, proxy, "t")
+    assert set(fit) == {0, 1}
+    assert abs(sum(c * 0.1 ** (4 - i) for i, c in enumerate(fit[0])) - 0.2) < 1e-6
+    assert abs(sum(c * 0.1 ** (4 - i) for i, c in enumerate(fit[1])) - 0.5) < 1e-6
+    assert load_pairs(path)["pairs"][0] == [0.01, 0.02]  # expert 0's pairs as files before (readable by them)
+    one = tmp_path / "one.teacache.json"
+    add_pairs(one, [(x, 3 * x) for x in xs], 1, proxy, "t")
+    assert isinstance(fitted_coefficients(one, proxy, "t"), list)  # one model: one polynomial

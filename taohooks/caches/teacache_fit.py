@@ -49,10 +49,10 @@ def _read(path: Path) -> Optional[dict]:
 
 
 def add_pairs(path, pairs: Sequence[Tuple[float, float]], generations: int, proxy: Dict[str, object],
-              lut_created: str = "") -> dict:
+              lut_created: str = "", experts: Optional[Sequence[int]] = None) -> dict:
     """Add ``pairs`` (from ``generations`` generations, recorded with ``proxy`` while calibrating the LUT
-    created at ``lut_created``) to the file; returns its contents. A file of an earlier LUT (deleted and
-    calibrated again) is started again, not added to."""
+    created at ``lut_created``; ``experts``: the expert of each pair, Wan2.2's two) to the file; returns
+    its contents. A file of an earlier LUT (deleted and calibrated again) is started again, not added to."""
     path = Path(path)
     with locked(path):
         data = _read(path)
@@ -67,7 +67,9 @@ def add_pairs(path, pairs: Sequence[Tuple[float, float]], generations: int, prox
             raise ValueError(f"{path} holds TeaCache pairs recorded with the proxy {data.get('proxy')}, this run "
                              f"records {dict(proxy)}; give the run another LUT (its fit file is named after it) or "
                              "delete it")
-        data["pairs"] = data["pairs"] + [[float(x), float(y)] for x, y in pairs]
+        experts = list(experts) if experts is not None else [0] * len(pairs)
+        data["pairs"] = data["pairs"] + [[float(x), float(y)] + ([int(e)] if e else []) for (x, y), e in
+                                         zip(pairs, experts)]  # [x, y] of expert 0 (as files before), [x, y, e]
         data["generations"] = int(data.get("generations", 0)) + int(generations)
         atomic_write_bytes(path, json.dumps(data).encode())
     return data
@@ -81,9 +83,10 @@ def load_pairs(path) -> dict:
     return data
 
 
-def fitted_coefficients(path, proxy: Dict[str, object], lut_created: Optional[str] = None) -> List[float]:
-    """The degree-4 polynomial fitted on every pair in the file (recorded with ``proxy``; with
-    ``lut_created``, while calibrating that LUT)."""
+def fitted_coefficients(path, proxy: Dict[str, object], lut_created: Optional[str] = None):
+    """The degree-4 polynomial fitted on the pairs in the file (recorded with ``proxy``; with
+    ``lut_created``, while calibrating that LUT): one list, or ``{expert: coefficients}`` where the pairs
+    came from two experts (:meth:`TeaCacheCalibrator.fit_per_expert`)."""
     data = load_pairs(path)
     if data.get("proxy") != dict(proxy):
         raise ValueError(f"{path} holds TeaCache pairs recorded with the proxy {data.get('proxy')}, the config's "
@@ -92,8 +95,9 @@ def fitted_coefficients(path, proxy: Dict[str, object], lut_created: Optional[st
         raise ValueError(f"{path} was fitted while calibrating another LUT (created {data.get('lut_created') or '?'}; "
                          f"this LUT was created {lut_created}); delete the LUT and calibrate both again")
     fit = TeaCacheCalibrator()
-    fit.pairs = [tuple(p) for p in data["pairs"]]
-    return fit.fit()
+    fit.pairs = [(float(p[0]), float(p[1])) for p in data["pairs"]]
+    fit.pair_experts = [int(p[2]) if len(p) > 2 else 0 for p in data["pairs"]]
+    return fit.fit_per_expert()
 
 
 class SaveTeaCacheFit(Callback):
@@ -128,7 +132,8 @@ class SaveTeaCacheFit(Callback):
             return
         try:
             created = CalibrationLUT.load(self.lut_path).created  # the LUT this calibration writes
-            add_pairs(self.path, pairs, self._generations, self.proxy, created)
+            add_pairs(self.path, pairs, self._generations, self.proxy, created,
+                      experts=self.calibrator.pair_experts[self._sent:])
         except (OSError, ValueError) as exc:
             messages.warning(f"TeaCache fit {self.path} was not saved: {exc}; {then}")
             if not self._exit_registered:
