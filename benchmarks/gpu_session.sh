@@ -196,6 +196,7 @@ fi
 
 if [ "$SCENES_BENCH" = 1 ] && [ -f "$OUT/$NAME.safetensors" ] && [ "$(left)" -ge 30 ]; then
     say "4. taocache bench ${bench[*]} --models $BENCH_MODEL ($(left) s at most)"
+    rm -rf "$OUT/bench_$BENCH_MODEL"   # (a rerun in the same $OUT: this session's weights, this session's bench)
     timeout "$(left)" "$PY" -m taohooks.cli bench "${bench[@]}" --models "$BENCH_MODEL" \
         --weights "$BENCH_MODEL=$OUT/$NAME.safetensors" -o "$OUT/bench_$BENCH_MODEL" > "$OUT/bench.log" 2>&1
     say "   exit $? ($(tail -n 1 "$OUT/bench.log"))"

@@ -406,7 +406,7 @@ def _cmd_calibrate(args) -> int:
     _check_output(path)  # a LUT that cannot be saved: say so before the script runs
     prompts = read_prompts(args.prompts)
     wanted = config.calibration.prompts
-    lut = check_config_lut(config)  # a LUT of another model or sampler is refused, whether or not it is complete
+    lut = check_config_lut(config, calibrating=True)  # another model's or sampler's LUT: refused, complete or not
     if lut is not None and (config.loop.steps or config.loop.streams):
         lut.check(LoopSpec(config.loop.steps or lut.steps, tuple(config.loop.streams or lut.streams)))
     have = lut.num_prompts if lut is not None else 0

@@ -97,3 +97,17 @@ def test_a_broken_config_in_the_environment_warns_and_does_not_break_python(tmp_
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "alive" in res.stdout
     assert "integration not installed in this process" in res.stderr and "did you mean 'plan.budget'" in res.stderr
+
+
+def test_calibrate_runs_whatever_calibration_auto_says_and_keeps_the_lut_s_horizon(tmp_path):
+    """`taocache calibrate` with calibration.auto: false failed (no LUT to plan on), and a run whose error_horizon
+    differed from the LUT's had its generations dropped one by one (review, 2026-11-27)."""
+    (tmp_path / "sample.py").write_text(SCRIPT)
+    (tmp_path / "c.yaml").write_text(CONFIG.replace("prompts: 3}", "prompts: 2, auto: false}"))
+    res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up"])
+    assert res.returncode == 0, res.stderr
+    assert CalibrationLUT.load(tmp_path / "lut.safetensors").deltas.horizon == 16
+    (tmp_path / "c.yaml").write_text(CONFIG.replace("prompts: 3}", "prompts: 3, error_horizon: 4}"))
+    res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up", "a blue square moving up"])
+    assert res.returncode == 1 and "calibration.error_horizon: 4, but the LUT" in res.stderr, res.stderr
+    assert "set calibration.error_horizon: 16" in res.stderr

@@ -307,3 +307,9 @@ def test_wan_sampler_label_against_the_solver_stops_before_the_model_loads(runne
     assert res.returncode == 2, res.stderr
     assert "calibration.sampler is 'unipc', this command line runs --sample_solver dpm++" in res.stderr
     assert LOADED["wan"] not in res.stdout
+
+
+def test_wan_sampler_label_without_a_lut_is_not_checked(runner, tmp_path):
+    res = launch(runner, WAN, tmp_path, "integration: wan\ncalibration: {sampler: unipc}\nplan: {window: [7, 8], "
+                                        "ratio: 1.0}\n", "--sample_solver", "dpm++")
+    assert res.returncode == 0, res.stderr

@@ -177,3 +177,17 @@ def test_magcache_resamples_with_the_authors_float_product(published, steps):
     scale = (published - 1) / (steps - 1)
     expected = [cond[int(x)] for x in __import__("numpy").round(__import__("numpy").arange(steps) * scale)]
     assert ratio_table(ratios, steps)[0].tolist() == expected
+
+
+def test_inside_the_first_generation_the_lut_s_timesteps_tell_a_new_generation():
+    """The first generation (the hook's reference) made fewer calls: the next one's first call, numbered as its
+    step 9 (a skip), was extrapolated; with the LUT's timesteps it is recognised and computed (review)."""
+    model = Smooth()
+    tao = TaoCacheCallback(plan_from_window(10, ("main",), 7, 9, 1.0), expected_timesteps=torch.arange(10.0),
+                           max_norm_ratio=None)
+    hook = DenoiserHook(LoopSpec(10), [tao], repeat=True)
+    with hook.attach(model):
+        _generation(model, 9)
+        second = _generation(model, 10)
+    reference = [model(None, timestep=torch.tensor([float(s)])) for s in range(10)]
+    assert torch.equal(second[0], reference[0]) and tao.fallback_reasons.get("out of line") == 1

@@ -92,9 +92,17 @@ class BenchConfig:
 
     def check_compatible(self, previous: dict, source) -> None:
         """Raise ``ValueError`` unless records of this config can join ``previous`` (a results.json's ``meta``):
-        every setting that changes a record's figures must be the one the folder's records were made with."""
-        before = previous.get("config") or {}
+        every setting that changes the figures of the records this run makes (its methods') must be the
+        one the folder's latest run had (an update may have changed a method's setting, e.g. the search's
+        iterations, and made that method's rows again)."""
+        runs = [previous.get("config") or {}] + [u.get("config") or {} for u in previous.get("updates", [])]
+        before = {}
+        for run in runs:  # each setting as the latest run that recorded it had it
+            before.update(run)
         for key in RESULT_SETTINGS:
+            used_by = METHOD_SETTINGS.get(key)
+            if used_by is not None and not set(used_by) & set(self.methods):
+                continue  # none of this run's methods depends on it
             if key in before and before[key] != getattr(self, key):
                 raise ValueError(f"{source}: its records were made with {key}: {before[key]!r}, this run has "
                                  f"{key}: {getattr(self, key)!r}; --update adds records made the same way only "
@@ -116,6 +124,9 @@ class BenchConfig:
 # the settings that change a record's figures (an update must have the folder's)
 RESULT_SETTINGS = ("steps", "eval_pairs", "calibration_pairs", "search_pairs", "batch_size", "lpips", "pab_range",
                    "hybrid_guard", "magcache_max_skip", "search_iterations", "device")
+_SEARCHED = ("teacache", "magcache", "easycache", "hybrid")  # the methods whose threshold is searched
+METHOD_SETTINGS = {"search_pairs": _SEARCHED, "search_iterations": _SEARCHED, "pab_range": ("pab+taocache",),
+                   "hybrid_guard": ("hybrid",), "magcache_max_skip": ("magcache",)}  # the rest: every method
 
 
 def checkpoint_sha256(path) -> str:

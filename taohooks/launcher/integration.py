@@ -245,7 +245,8 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
         problems.append(f"{where}: loop.steps is {config.loop.steps}, this command line runs "
                         f"{run['steps']} steps ({said(run, 'steps')})")
     sampler = config.calibration.sampler
-    if sampler and run.get("scheduler") and sampler != run["scheduler"]:  # the label a new LUT would get
+    if sampler and config.lut_path() is not None and run.get("scheduler") and sampler != run["scheduler"]:
+        # the label a new LUT would get (without a lut: nothing uses it)
         problems.append(f"{where}: calibration.sampler is {sampler!r}, this command line runs "
                         f"{said(run, 'scheduler')}; set calibration.sampler: {run['scheduler']} (and give that sampler "
                         "its own lut:)")

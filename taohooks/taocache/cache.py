@@ -124,11 +124,13 @@ def _load_present(path: Optional[Path]) -> Optional[CalibrationLUT]:
     return CalibrationLUT.load(path)
 
 
-def check_config_lut(config: TaoCacheConfig) -> Optional[CalibrationLUT]:
+def check_config_lut(config: TaoCacheConfig, calibrating: bool = False) -> Optional[CalibrationLUT]:
     """Before the model loads: the config's LUT file against the config's labels (``model_id``,
-    ``calibration.sampler``), and a missing LUT that the plan needs and nothing will calibrate
-    (``calibration.auto: false``). Raises :class:`~taohooks.config.ConfigError` naming the config and
-    the key. Returns the LUT (``None`` when there is no file yet)."""
+    ``calibration.sampler``) and, where calibration will add to it, its error statistics' horizon
+    (``calibration.error_horizon``); and a missing LUT that the plan needs and nothing will calibrate
+    (``calibration.auto: false``, unless ``calibrating``: ``taocache calibrate`` runs). Raises
+    :class:`~taohooks.config.ConfigError` naming the config and the key. Returns the LUT (``None``
+    when there is no file yet)."""
     from ..config import ConfigError
 
     path = config.lut_path()
@@ -138,7 +140,7 @@ def check_config_lut(config: TaoCacheConfig) -> Optional[CalibrationLUT]:
     if not path.is_file():
         plan = config.plan
         skips = plan.window is not None or plan.skip_steps is not None or plan.budget not in (None, 0)
-        if skips and isinstance(plan.ratio, str) and not config.calibration.auto:
+        if skips and isinstance(plan.ratio, str) and not config.calibration.auto and not calibrating:
             raise ConfigError(source, "lut", f"{path} does not exist and calibration.auto is false, so nothing will "
                                              "calibrate it, and the plan needs it (plan.ratio: calibrated); fix the "
                                              "path, or set calibration.auto: true to calibrate it on the first runs")
@@ -155,6 +157,13 @@ def check_config_lut(config: TaoCacheConfig) -> Optional[CalibrationLUT]:
             raise ConfigError(source, key, f"{want!r}, but the LUT {path} was calibrated with {key.split('.')[-1]} "
                                            f"{have!r}; point lut at a LUT of this {key.split('.')[-1]}, or correct "
                                            f"{key}")
+    adds = calibrating or (config.calibration.auto and lut.num_prompts < config.calibration.prompts)
+    horizon = lut.deltas.horizon if lut.deltas is not None and lut.num_prompts else None
+    if adds and horizon is not None and config.calibration.error_horizon != horizon:
+        raise ConfigError(source, "calibration.error_horizon", f"{config.calibration.error_horizon}, but the LUT {path} "
+                          f"holds error statistics up to {horizon} steps apart: the prompts calibrated now would "
+                          f"{'drop' if not config.calibration.error_horizon else 'change'} them; set "
+                          f"calibration.error_horizon: {horizon}")
     return lut
 
 
@@ -250,7 +259,9 @@ class TaoCache:
         if path is not None:  # the file is the truth (a calibrating run may have written it)
             self.lut = _load_present(path)
         wanted = cfg.calibration.prompts
-        calibrate = path is not None and cfg.calibration.auto and (self.lut is None or self.lut.num_prompts < wanted)
+        explicit = bool(os.environ.get("TAOHOOKS_CALIBRATE_PROMPTS"))  # `taocache calibrate` runs: whatever auto says
+        calibrate = path is not None and (cfg.calibration.auto or explicit) and (
+            self.lut is None or self.lut.num_prompts < wanted)
         lut = self.lut if calibrate else lut_for_steps(cfg, self.lut, loop.steps)
         if lut is not None:
             check_run(cfg, lut, loop, identity)

@@ -137,7 +137,7 @@ class TaoCacheCallback(Callback):
             r = self.plan.ratio(name, step)
             delta = [r * d for d in state.delta]
             predictions.append(([e + d for e, d in zip(state.eps, delta)], delta))
-        if not hook.in_line(call):
+        if not hook.in_line(call) or self._begins_a_generation(call):
             self._fallback(call, "out of line", "the call is not where the loop's reference generation had it")
             return None
         structure = self._states[call.streams[0]].structure
@@ -198,6 +198,17 @@ class TaoCacheCallback(Callback):
             self._warn_once("timestep", f"taohooks: step {call.step} runs at timestep {seen:g}, the LUT was "
                                         f"calibrated at {want:g}; the sampler (shift, schedule) may differ from "
                                         "calibration and the ratios may not fit")
+
+    def _begins_a_generation(self, call) -> bool:
+        """A skipped call (not the first) at the LUT's first timestep and not at its own: the first call of
+        a new generation, numbered as a later one because the generation before made fewer calls than
+        declared (what :meth:`DenoiserHook.in_line` cannot tell inside the hook's first generation)."""
+        expected = self.expected_timesteps
+        if expected is None or call.step == 0:
+            return False
+        first, want, seen = float(expected[0]), float(expected[call.step]), call.timestep
+        return (seen is not None and not math.isnan(first) and timesteps_match(seen, first)
+                and not (not math.isnan(want) and timesteps_match(seen, want)))
 
     def _check_start(self, hook, call) -> None:
         """A generation whose first call runs at the LUT's timestep of a later step is out of line."""
