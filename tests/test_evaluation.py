@@ -210,3 +210,16 @@ def test_a_taocache_config_given_to_bench_is_said_to_be_one():
 
     with pytest.raises(ValueError, match="this is a TaoCache config .*configs/bench.yaml"):
         bench.load_bench_config(Path(__file__).resolve().parent.parent / "configs" / "example.yaml")
+
+
+def test_an_update_is_checked_against_the_latest_run_and_its_methods_settings_only():
+    """The README's own `--update` commands were refused: the folder's first run searched with 8 iterations, its
+    updates (and configs/bench.yaml) with 12 (review of 2026-11-27's fixes)."""
+    meta = {"config": {"steps": 50, "search_iterations": 8, "pab_range": 2},
+            "updates": [{"config": {"steps": 50, "search_iterations": 12}}]}
+    bench.BenchConfig(methods=["teacache"], search_iterations=12).check_compatible(meta, "r.json")
+    bench.BenchConfig(methods=["pab+taocache"], search_iterations=5).check_compatible(meta, "r.json")  # unused there
+    with pytest.raises(ValueError, match="search_iterations: 12, this run has search_iterations: 8"):
+        bench.BenchConfig(methods=["teacache"], search_iterations=8).check_compatible(meta, "r.json")
+    with pytest.raises(ValueError, match="pab_range: 2, this run has pab_range: 3"):
+        bench.BenchConfig(methods=["pab+taocache"], pab_range=3).check_compatible(meta, "r.json")
