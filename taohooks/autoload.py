@@ -50,11 +50,15 @@ def install_from_environment() -> None:
     from .run import ENV_CONFIG, install_integration
     from .config import load_config
 
+    from .launcher.integration import ResearchModuleMissing
+
     path = os.environ.get(ENV_CONFIG)
     if not path:
         return
     try:
         install_integration(load_config(path))
+    except ResearchModuleMissing:
+        return  # a child process that does not run the research code (a helper script, a tool): nothing to patch
     except Exception as exc:  # noqa: BLE001 - must never prevent the interpreter from starting
         print(f"taohooks: {ENV_CONFIG}={path}: integration not installed in this process: {exc}", file=sys.stderr)
 

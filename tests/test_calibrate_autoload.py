@@ -111,3 +111,11 @@ def test_calibrate_runs_whatever_calibration_auto_says_and_keeps_the_lut_s_horiz
     res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up", "a blue square moving up"])
     assert res.returncode == 1 and "calibration.error_horizon: 4, but the LUT" in res.stderr, res.stderr
     assert "set calibration.error_horizon: 16" in res.stderr
+
+
+def test_a_child_process_without_the_research_code_stays_quiet(tmp_path):
+    """Under the launcher every Python child got 'integration not installed ... cannot find the module' (review)."""
+    env = dict(os.environ, TAOHOOKS_CONFIG=os.path.join(os.path.dirname(__file__), "..", "configs", "wan.yaml"))
+    res = subprocess.run([sys.executable, "-c", "import taohooks.autoload; print('alive')"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "alive" in res.stdout and res.stderr == "", res.stderr

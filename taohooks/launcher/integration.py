@@ -84,7 +84,7 @@ def require_modules(integration: str, names, hint: str) -> None:
         if not complete:
             _missing_modules.append((name, message))
             continue
-        raise IntegrationError(message)
+        raise ResearchModuleMissing(message)
 
 
 def script_options(argv: List[str], options: Dict[str, Dict[str, Any]]) -> Optional[Any]:
@@ -157,6 +157,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 class IntegrationError(RuntimeError):
     """An integration cannot be installed (its research repo cannot be imported, ...)."""
+
+
+class ResearchModuleMissing(IntegrationError):
+    """The research repo's module an integration patches cannot be found in this process."""
 
 
 _calls = 0  # generation calls that reached any GenerationPatch in this process
