@@ -142,7 +142,7 @@ def test_bench_checks_every_checkpoint_before_the_first_model_runs(tmp_path, cap
     from taohooks.evaluation.testbed_model import weights_path
 
     config = tmp_path / "b.yaml"
-    config.write_text("models: [flow, eps]\nsteps: 10\neval_pairs: 2\ncalibration_pairs: 2\nsearch_pairs: 1\n")
+    config.write_text("models: [flow, eps]\nsteps: 10\nbudgets: [0.2]\neval_pairs: 2\ncalibration_pairs: 2\nsearch_pairs: 1\n")
     flow = str(weights_path("flow"))
     assert main(["bench", str(config), "-o", str(tmp_path / "out"), "--weights", f"eps={flow}"]) == 1
     err = capsys.readouterr().err

@@ -223,3 +223,12 @@ def test_an_update_is_checked_against_the_latest_run_and_its_methods_settings_on
         bench.BenchConfig(methods=["teacache"], search_iterations=8).check_compatible(meta, "r.json")
     with pytest.raises(ValueError, match="pab_range: 2, this run has pab_range: 3"):
         bench.BenchConfig(methods=["pab+taocache"], pab_range=3).check_compatible(meta, "r.json")
+
+
+def test_bench_budgets_that_cannot_be_planned_or_repeat_a_row_are_refused_before_the_work():
+    errors = []
+    bench.BenchConfig(budgets=[0.04, 0.7]).validate(lambda key, message: errors.append((key, message)))
+    bench.BenchConfig(steps=10, budgets=[0.04, 0.08]).validate(lambda key, message: errors.append((key, message)))
+    assert errors[0][0] == "budgets[1]" and "35 of 50 steps" in errors[0][1]
+    assert errors[1][0] == "budgets[1]" and "the same row twice" in errors[1][1]
+    assert bench.skips_of(0.29, 50) == 15 and bench.skips_of(0.25, 50) == 13  # half up, floats notwithstanding

@@ -243,3 +243,12 @@ def test_real_lin_weights_equal_torchmetrics_copy(real_lpips):
     ref = torch.load(path, map_location="cpu", weights_only=True)
     for i in range(5):
         assert torch.equal(real_lpips.state_dict()[f"lins.{i}.weight"], ref[f"lin{i}.model.1.weight"])
+
+
+def test_a_broken_lpips_weights_file_is_named(tmp_path):
+    from taohooks.metrics import load_lpips
+
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="w.safetensors: not a converted LPIPS weights file"):
+        load_lpips(bad)

@@ -84,6 +84,23 @@ class BenchConfig:
         for key, (value, least) in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 err(key, f"expected an integer >= {least}, got {value!r}")
+        if isinstance(self.steps, int) and self.steps >= 3:
+            from ..compare.runner import _PerfectLUT
+            from ..config import PlanConfig
+            from ..taocache.cache import make_plan
+            from ..taocache.plan import PlanError
+
+            seen = {}
+            for i, b in enumerate(self.budgets):
+                skips = skips_of(b, self.steps)
+                if skips in seen:
+                    err(f"budgets[{i}]", f"{b} gives {skips} skipped steps of {self.steps}, as {seen[skips]} does: "
+                                         "the same row twice")
+                seen[skips] = b
+                try:  # the paper's window on a LUT that fits every window: one no LUT fits is refused before the work
+                    make_plan(PlanConfig(budget=skips), self.steps, ("cond", "uncond"), _PerfectLUT(2, self.steps))
+                except PlanError as exc:
+                    err(f"budgets[{i}]", f"{b} ({skips} of {self.steps} steps): {exc}")
         if self.search_pairs > self.calibration_pairs:
             err("search_pairs", f"{self.search_pairs} search pairs, but the threshold searches use the first of the "
                                 f"{self.calibration_pairs} calibration pairs: at most {self.calibration_pairs}")
@@ -119,6 +136,11 @@ class BenchConfig:
             elif path != old:
                 raise ValueError(f"{source}: its {model!r} records were made with weights {old or 'bundled'}, this "
                                  f"run has {path or 'bundled'}")
+
+
+def skips_of(budget: float, steps: int) -> int:
+    """Skipped steps of a budget (a fraction of the steps): rounded half up, at least one."""
+    return max(1, int(math.floor(budget * steps + 0.5 + 1e-9)))  # (0.29 x 50 is 14.499... in floats)
 
 
 # the settings that change a record's figures (an update must have the folder's)
@@ -217,9 +239,15 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
     """
     keep = previous["records"] if previous else []
     lpips_model = None
-    if config.lpips:  # before any work: a missing or broken LPIPS file fails here, not after calibration
+    if config.lpips:  # before any work: a broken LPIPS file fails here, not after calibration
         from ..metrics import load_lpips
+        from ..runtime import messages
+
         lpips_model = load_lpips()
+        if lpips_model is None:  # recorded as lpips: false, so that an update with the weights is not mixed in
+            messages.warning("bench: lpips is true, but the LPIPS weights are not converted (`taocache lpips-weights` "
+                             "converts them once); this run records no LPIPS (lpips: false)")
+            config.lpips = False
     run_id = f"{time.time():.6f}-{os.getpid()}"
     sums: Dict[str, str] = {}
     torch.manual_seed(0)
@@ -254,7 +282,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
         strips = {"full": reference.clips[:config.strip_pairs]}
         bar = _progress(len(config.methods) * len(config.budgets), f"bench {name}")
         for budget in config.budgets:
-            skips = max(1, int(math.floor(budget * config.steps + 0.5)))
+            skips = skips_of(budget, config.steps)
             for method in config.methods:
                 built = build_method(method, tm, cal, skips, search_pairs, config.batch_size, settings)
                 run = run_with(tm, built.callbacks, eval_pairs, config.batch_size)

@@ -76,7 +76,13 @@ def load_lpips(weights_path: Optional[Union[str, Path]] = None,
     path = Path(weights_path) if weights_path is not None else default_weights_path()
     if not path.is_file():
         return None
-    return LPIPS(path).to(device)
+    try:
+        return LPIPS(path).to(device)
+    except ValueError:
+        raise  # names the file already
+    except Exception as exc:  # safetensors' and load_state_dict's errors name no file
+        raise ValueError(f"{path}: not a converted LPIPS weights file ({type(exc).__name__}: {exc}); convert it again "
+                         "with `taocache lpips-weights`") from None
 
 
 def sha256_of(path: Union[str, Path]) -> str:
