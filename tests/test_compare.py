@@ -1098,3 +1098,11 @@ def test_a_method_added_with_its_own_setting_keeps_the_folder(tmp_path, launcher
     assert compare(write(tmp_path, added.replace("easycache_warmup: 2", "easycache_warmup: 3"))) == 2
     assert "holds runs made with easycache_warmup = 2, this experiment has 3" in capsys.readouterr().err
     assert compare(write(tmp_path, text)) == 0  # easycache dropped again: the reference runs are reused
+
+
+def test_report_names_a_corrupt_results_file(tmp_path):
+    from taohooks.compare.report import load_results
+
+    (tmp_path / "results.json").write_text('{"meta": ')
+    with pytest.raises(ValueError, match="results.json: not a readable JSON file"):
+        load_results(tmp_path)

