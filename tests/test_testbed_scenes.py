@@ -852,3 +852,15 @@ def test_scenes_scripts_check_their_arguments_before_the_work(tmp_path, capsys):
         scenes_loss.main(["--weights", str(weights), str(tmp_path / "nothere.safetensors"), "--batches", "1",
                           "--batch-size", "1"])
     assert "sigma " not in capsys.readouterr().out
+
+
+def test_diagnose_takes_the_sampler_shift(tmp_path):
+    from taohooks.testbed import scenes_diagnose
+
+    weights = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "1", "--out", str(weights)])
+    out = tmp_path / "d.json"
+    scenes_diagnose.main(["--weights", str(weights), "--n", "1", "--steps", "3", "--shift", "5", "--out", str(out)])
+    assert json.loads(out.read_text())["shift"] == 5.0
+    with pytest.raises(SystemExit):
+        scenes_diagnose.main(["--weights", str(weights), "--n", "1", "--steps", "3", "--shift", "0"])

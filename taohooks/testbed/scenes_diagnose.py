@@ -73,6 +73,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=32, help="the first N held-out pairs (eval_pairs)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--shift", type=float, default=None, help="flow checkpoints: the sampler's flow_shift (default 3)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="< 1: start from the rendered clips noised to the last STRENGTH of the steps (SDEdit)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -98,16 +99,21 @@ def main(argv=None):
     rendered = scenes.render_batch(prompts, seeds)
     if args.strength < 1.0 and getattr(model.config, "prediction", "flow") != "flow":
         p.error("--strength: SDEdit is implemented for flow checkpoints")
+    if args.shift is not None and (args.shift <= 0 or getattr(model.config, "prediction", "flow") != "flow"):
+        p.error(f"--shift {args.shift}: a shift > 0, for flow checkpoints")
     sdedit = {} if args.strength == 1.0 else {"strength": args.strength}
+    if args.shift is not None:
+        sdedit["shift"] = args.shift
     with torch.no_grad():
         samples = torch.cat([
             scenes_sampling.sample(model, prompts[i:i + args.batch_size], seeds[i:i + args.batch_size],
                                    steps=args.steps, guidance=args.guidance,
                                    **({**sdedit, "init": torch.from_numpy(rendered[i:i + args.batch_size])}
-                                      if sdedit else {}))
+                                      if "strength" in sdedit else sdedit))
             for i in range(0, len(prompts), args.batch_size)])
     result = diagnose(samples, rendered, prompts)
-    result.update(weights=args.weights, n=args.n, guidance=args.guidance, steps=args.steps, strength=args.strength)
+    result.update(weights=args.weights, n=args.n, guidance=args.guidance, steps=args.steps, strength=args.strength,
+                  shift=args.shift)
     for name in ("samples", "rendered"):
         for what, s in result[name].items():
             if s["n"]:
