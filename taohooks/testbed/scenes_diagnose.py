@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import scenes, scenes_recognizer, scenes_sampling
-from .scenes_sensitivity import load_scenes_checkpoint
+from .scenes_sensitivity import check_out, load_scenes_checkpoint
 
 
 def evidence(clip, prompt: scenes.ScenePrompt) -> dict:
@@ -86,12 +86,7 @@ def main(argv=None):
         p.error(f"--strength {args.strength}: expected 0 < strength <= 1 (the share of the steps run)")
     if args.steps < 1 or args.threads < 1:
         p.error("--steps and --threads must be >= 1")
-    if args.out:
-        from ..runtime.io import check_writable
-        try:
-            check_writable(args.out)  # before the work, not after it
-        except OSError as exc:
-            p.error(f"--out {exc}")
+    check_out(p, args.out)
     torch.set_num_threads(args.threads)
     model = load_scenes_checkpoint(args.weights).eval()
     pairs = scenes.eval_pairs(args.n)

@@ -21,7 +21,7 @@ import torch
 
 from . import train_scenes
 from .schedules import DDPMSchedule, flow_interpolate
-from .scenes_sensitivity import load_scenes_checkpoint
+from .scenes_sensitivity import check_out, load_scenes_checkpoint
 
 DEFAULT_SIGMAS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.97)
 
@@ -76,12 +76,7 @@ def main(argv=None):
         p.error("--sigmas: numbers in (0, 1]; --sigma-shift: numbers > 0")
     if args.batches < 1 or args.batch_size < 1:
         p.error("--batches and --batch-size must be >= 1")
-    if args.out:
-        from ..runtime.io import check_writable
-        try:
-            check_writable(args.out)  # before the work, not after it
-        except OSError as exc:
-            p.error(f"--out {exc}")
+    check_out(p, args.out)
     models = {}  # every checkpoint checked before the first is measured
     for path in args.weights:
         model = load_scenes_checkpoint(path).eval()

@@ -121,6 +121,16 @@ def measure(tm: SceneTestbedModel, n: int, skip_steps: Sequence[int], noise_chan
     return out
 
 
+def check_out(parser, path) -> None:
+    """``--out``: a file that can be written, checked before the work (a parser error otherwise)."""
+    if path:
+        from ..runtime.io import check_writable
+        try:
+            check_writable(path)
+        except OSError as exc:
+            parser.error(f"--out {exc}")
+
+
 def load_scenes_checkpoint(path: str) -> VideoDiT:
     """A scenes checkpoint (``--weights``), or ``SystemExit`` naming the file and what is wrong with it."""
     try:
@@ -174,12 +184,7 @@ def main(argv=None):
     bad = [s for s in skip_steps if not 0 < s < args.steps - 1]
     if bad:
         p.error(f"--skip-steps {bad}: expected steps in 1..{args.steps - 2}")
-    if args.out:
-        from ..runtime.io import check_writable
-        try:
-            check_writable(args.out)  # before the work, not after it
-        except OSError as exc:
-            p.error(f"--out {exc}")
+    check_out(p, args.out)
     torch.set_num_threads(args.threads)
     try:
         device = torch.device(args.device)
