@@ -322,6 +322,14 @@ def _cmd_bench(args) -> int:
                               "--weights" if model in given else "weights" if model in config.weights else "models",
                               str(exc)) from None
     _check_output(config.output, folder=True)
+    if config.lpips:  # no LPIPS weights: this run records lpips: false (said), before the folder's settings are checked
+        from .metrics import load_lpips
+        from .runtime import messages
+
+        if load_lpips() is None:
+            messages.warning("bench: lpips is true, but the LPIPS weights are not converted (`taocache lpips-weights` "
+                             "converts them once); this run records no LPIPS (lpips: false)")
+            config.lpips = False
     previous = None
     path = Path(config.output) / "results.json"
     if args.update:

@@ -252,7 +252,9 @@ def check_teacache_fit(config: TaoCacheConfig) -> None:
 
     lut = CalibrationLUT.load(path) if path.is_file() else None
     complete = lut is not None and lut.num_prompts >= config.calibration.prompts
-    fits_now = config.calibration.teacache_fit and config.calibration.auto and not complete
+    from .taocache.cache import calibrates
+
+    fits_now = config.calibration.teacache_fit and calibrates(config) and not complete
     fit = fit_path(path)
     if not fit.is_file():
         if fits_now:

@@ -119,3 +119,23 @@ def test_a_child_process_without_the_research_code_stays_quiet(tmp_path):
     res = subprocess.run([sys.executable, "-c", "import taohooks.autoload; print('alive')"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "alive" in res.stdout and res.stderr == "", res.stderr
+
+
+def test_calibrate_with_auto_false_on_the_wan_script_and_a_complete_lut_of_another_horizon(tmp_path):
+    """The Wan precheck still refused `taocache calibrate` with calibration.auto: false, and a complete LUT was
+    refused for its horizon instead of 'nothing to do' (review of the fixes, 2026-11-27)."""
+    from pathlib import Path
+
+    script = Path(__file__).parent / "fixtures" / "official_like" / "wan" / "generate.py"
+    (tmp_path / "c.yaml").write_text("integration: wan\nlut: lut.safetensors\ncalibration: {prompts: 1, auto: false}\n"
+                                     "plan: {budget: 2, min_step: 5}\n")
+    (tmp_path / "p.txt").write_text("A red fox in snow.\n")
+    command = [sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "p.txt", "--", str(script),
+               "--task", "t2v-1.3B", "--prompt", "x", "--sample_steps", "10"]
+    res = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 1
+    (tmp_path / "c.yaml").write_text("integration: wan\nlut: lut.safetensors\n"
+                                     "calibration: {prompts: 1, auto: false, error_horizon: 4}\n")
+    res = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "nothing to do" in res.stdout, res.stderr

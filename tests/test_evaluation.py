@@ -215,10 +215,12 @@ def test_a_taocache_config_given_to_bench_is_said_to_be_one():
 def test_an_update_is_checked_against_the_latest_run_and_its_methods_settings_only():
     """The README's own `--update` commands were refused: the folder's first run searched with 8 iterations, its
     updates (and configs/bench.yaml) with 12 (review of 2026-11-27's fixes)."""
-    meta = {"config": {"steps": 50, "search_iterations": 8, "pab_range": 2},
-            "updates": [{"config": {"steps": 50, "search_iterations": 12}}]}
+    meta = {"config": {"methods": list(methods.METHODS), "steps": 50, "search_iterations": 8, "pab_range": 2},
+            "updates": [{"config": {"methods": ["teacache"], "steps": 50, "search_iterations": 12}},
+                        {"config": {"methods": ["taocache"], "steps": 50, "search_iterations": 5}}]}
     bench.BenchConfig(methods=["teacache"], search_iterations=12).check_compatible(meta, "r.json")
     bench.BenchConfig(methods=["pab+taocache"], search_iterations=5).check_compatible(meta, "r.json")  # unused there
+    # the last update ran taocache alone: its search_iterations made no record, so 12 is still the folder's
     with pytest.raises(ValueError, match="search_iterations: 12, this run has search_iterations: 8"):
         bench.BenchConfig(methods=["teacache"], search_iterations=8).check_compatible(meta, "r.json")
     with pytest.raises(ValueError, match="pab_range: 2, this run has pab_range: 3"):

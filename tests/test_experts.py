@@ -126,3 +126,9 @@ def test_the_teacache_fit_file_keeps_each_pair_s_expert(tmp_path):
     one = tmp_path / "one.teacache.json"
     add_pairs(one, [(x, 3 * x) for x in xs], 1, proxy, "t")
     assert isinstance(fitted_coefficients(one, proxy, "t"), list)  # one model: one polynomial
+    import json
+    old = tmp_path / "old.teacache.json"  # version 1: the pairs' experts unknown, a second expert's are refused
+    old.write_text(json.dumps({"format": "taohooks-teacache-fit", "version": 1, "lut_created": "t", "proxy": proxy,
+                               "generations": 1, "pairs": [[0.1, 0.2]]}))
+    with pytest.raises(ValueError, match="before the fit file kept each pair's expert"):
+        add_pairs(old, [(0.1, 0.5)], 1, proxy, "t", experts=[1])

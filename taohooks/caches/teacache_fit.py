@@ -4,12 +4,15 @@ With ``calibration.teacache_fit: true`` a calibrating run also records TeaCache'
 rel-L1, output rel-L1) pairs (:class:`~taohooks.caches.teacache.TeaCacheCalibrator`, the proxy of the
 config's ``teacache:`` section: the first block's hidden-state input of ``teacache.blocks``) and adds
 them after each generation to ``<lut>.teacache.json``: one pass over the prompts calibrates both.
-``teacache: {calibrated: true}`` then runs the hybrid's TeaCache with the polynomial fitted on all
-the pairs in that file (refitted at load, with :meth:`TeaCacheCalibrator.fit`'s guard against a fit
-that is negative on the recorded range)::
+``teacache: {calibrated: true}`` then runs the hybrid's TeaCache with the polynomial fitted on the
+pairs in that file, one per expert on a two-expert model (Wan2.2; refitted at load, with
+:meth:`TeaCacheCalibrator.fit`'s guard against a fit that is negative on the recorded range)::
 
-    {"format": "taohooks-teacache-fit", "version": 1, "proxy": {"blocks": "blocks", "hidden_arg": 0},
-     "generations": 20, "pairs": [[x, y], ...]}
+    {"format": "taohooks-teacache-fit", "version": 2, "proxy": {"blocks": "blocks", "hidden_arg": 0},
+     "generations": 20, "pairs": [[x, y], [x, y, 1], ...]}
+
+A pair ``[x, y]`` is expert 0's (or the only model's), ``[x, y, e]`` expert ``e``'s. Version 1 files kept
+no experts: they read as one model's, and pairs of a second expert are not added to them.
 
 Writes are atomic and merged under the LUT's lock discipline (a lock file per sidecar), so
 concurrent calibrating processes add up; a file recorded with another proxy is refused.
@@ -45,6 +48,8 @@ def _read(path: Path) -> Optional[dict]:
         raise ValueError(f"{path} is not a TeaCache fit file ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("pairs"), list):
         raise ValueError(f"{path} is not a TeaCache fit file (expected format {FORMAT!r} with a list of pairs)")
+    if data.get("version", 1) not in (1, 2):
+        raise ValueError(f"{path}: TeaCache fit file version {data.get('version')!r}; this taohooks reads 1 and 2")
     return data
 
 
@@ -61,13 +66,17 @@ def add_pairs(path, pairs: Sequence[Tuple[float, float]], generations: int, prox
                             f"{data.get('lut_created') or '?'}); it starts again with this one")
             data = None
         if data is None:
-            data = {"format": FORMAT, "version": 1, "lut_created": lut_created, "proxy": dict(proxy),
+            data = {"format": FORMAT, "version": 2, "lut_created": lut_created, "proxy": dict(proxy),
                     "generations": 0, "pairs": []}
         if data.get("proxy") != dict(proxy):
             raise ValueError(f"{path} holds TeaCache pairs recorded with the proxy {data.get('proxy')}, this run "
                              f"records {dict(proxy)}; give the run another LUT (its fit file is named after it) or "
                              "delete it")
         experts = list(experts) if experts is not None else [0] * len(pairs)
+        if data.get("version", 1) < 2 and data["pairs"] and any(experts):  # its pairs' experts are unknown
+            raise ValueError(f"{path} was written before the fit file kept each pair's expert, and this run records "
+                             "a second expert's pairs: delete it (and its LUT) and calibrate both again")
+        data["version"] = max(int(data.get("version", 1)), 2)
         data["pairs"] = data["pairs"] + [[float(x), float(y)] + ([int(e)] if e else []) for (x, y), e in
                                          zip(pairs, experts)]  # [x, y] of expert 0 (as files before), [x, y, e]
         data["generations"] = int(data.get("generations", 0)) + int(generations)

@@ -45,7 +45,9 @@ __all__ = ["Experiment", "Generation", "SkipRecorder", "intercept_generations", 
 
 def budget_skips(budget: float, steps: int) -> int:
     """Skipped steps for a budget fraction: ``max(1, round(budget * steps))``, as ``taocache bench``."""
-    return max(1, int(math.floor(budget * steps + 0.5)))
+    from ..taocache.plan import fraction_skips
+
+    return max(1, fraction_skips(budget, steps))
 
 
 class SkipRecorder(Callback):

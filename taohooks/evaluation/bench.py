@@ -84,7 +84,7 @@ class BenchConfig:
         for key, (value, least) in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 err(key, f"expected an integer >= {least}, got {value!r}")
-        if isinstance(self.steps, int) and self.steps >= 3:
+        if isinstance(self.steps, int) and self.steps >= 3 and set(self.methods) & WINDOW_METHODS:
             from ..compare.runner import _PerfectLUT
             from ..config import PlanConfig
             from ..taocache.cache import make_plan
@@ -113,13 +113,14 @@ class BenchConfig:
         one the folder's latest run had (an update may have changed a method's setting, e.g. the search's
         iterations, and made that method's rows again)."""
         runs = [previous.get("config") or {}] + [u.get("config") or {} for u in previous.get("updates", [])]
-        before = {}
-        for run in runs:  # each setting as the latest run that recorded it had it
-            before.update(run)
         for key in RESULT_SETTINGS:
             used_by = METHOD_SETTINGS.get(key)
             if used_by is not None and not set(used_by) & set(self.methods):
                 continue  # none of this run's methods depends on it
+            before = {}
+            for run in runs:  # the setting as the latest run whose methods used it had it
+                if key in run and (used_by is None or set(used_by) & set(run.get("methods") or ())):
+                    before[key] = run[key]
             if key in before and before[key] != getattr(self, key):
                 raise ValueError(f"{source}: its records were made with {key}: {before[key]!r}, this run has "
                                  f"{key}: {getattr(self, key)!r}; --update adds records made the same way only "
@@ -139,14 +140,18 @@ class BenchConfig:
 
 
 def skips_of(budget: float, steps: int) -> int:
-    """Skipped steps of a budget (a fraction of the steps): rounded half up, at least one."""
-    return max(1, int(math.floor(budget * steps + 0.5 + 1e-9)))  # (0.29 x 50 is 14.499... in floats)
+    """Skipped steps of a budget (a fraction of the steps): rounded half up, at least one (as compare and
+    ``plan.budget`` round it)."""
+    from ..taocache.plan import fraction_skips
+
+    return max(1, fraction_skips(budget, steps))
 
 
 # the settings that change a record's figures (an update must have the folder's)
 RESULT_SETTINGS = ("steps", "eval_pairs", "calibration_pairs", "search_pairs", "batch_size", "lpips", "pab_range",
                    "hybrid_guard", "magcache_max_skip", "search_iterations", "device")
 _SEARCHED = ("teacache", "magcache", "easycache", "hybrid")  # the methods whose threshold is searched
+WINDOW_METHODS = {"taocache", "taoskip+tearesidual", "pab+taocache"}  # the paper's window at the whole budget
 METHOD_SETTINGS = {"search_pairs": _SEARCHED, "search_iterations": _SEARCHED, "pab_range": ("pab+taocache",),
                    "hybrid_guard": ("hybrid",), "magcache_max_skip": ("magcache",)}  # the rest: every method
 

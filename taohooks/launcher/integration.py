@@ -270,7 +270,9 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
                 f"{flags[k]} {recorded[k]}" for k in keys) + "; this command line runs " + ", ".join(
                 said(run, k) for k in keys) + f". Give this run its own LUT (lut: in {where}), or accept the "
                 f"difference knowingly with calibration.accept: [{', '.join(keys)}]")
-    calibrating = path is not None and config.calibration.auto and (
+    from ..taocache.cache import calibrates
+
+    calibrating = path is not None and calibrates(config) and (
         lut is None or lut.num_prompts < config.calibration.prompts)
     if calibrating:
         check_writable(path)

@@ -35,12 +35,18 @@ __all__ = ["TaoCache", "make_plan", "section_callbacks", "check_run", "lut_for_s
            "transfer_allowed"]
 
 
+def calibrates(config: TaoCacheConfig) -> bool:
+    """Whether runs of ``config`` calibrate a LUT that is missing or incomplete: ``calibration.auto``, or
+    ``taocache calibrate`` running the script (whatever ``auto`` says)."""
+    return config.calibration.auto or bool(os.environ.get("TAOHOOKS_CALIBRATE_PROMPTS"))
+
+
 def transfer_allowed(config: TaoCacheConfig, lut: CalibrationLUT) -> bool:
     """Whether a LUT of another step count is carried over (``calibration.transfer: interpolate`` and
     delta products); a LUT still being calibrated is not (a calibration cannot add prompts of another
     step count)."""
     return (config.calibration.transfer == "interpolate" and lut.deltas is not None
-            and not (config.calibration.auto and lut.num_prompts < config.calibration.prompts))
+            and not (calibrates(config) and lut.num_prompts < config.calibration.prompts))
 
 
 def expert_guard(lut: Optional[CalibrationLUT], boundary: Optional[float] = None) -> Tuple[int, ...]:
@@ -140,7 +146,7 @@ def check_config_lut(config: TaoCacheConfig, calibrating: bool = False) -> Optio
     if not path.is_file():
         plan = config.plan
         skips = plan.window is not None or plan.skip_steps is not None or plan.budget not in (None, 0)
-        if skips and isinstance(plan.ratio, str) and not config.calibration.auto and not calibrating:
+        if skips and isinstance(plan.ratio, str) and not calibrates(config) and not calibrating:
             raise ConfigError(source, "lut", f"{path} does not exist and calibration.auto is false, so nothing will "
                                              "calibrate it, and the plan needs it (plan.ratio: calibrated); fix the "
                                              "path, or set calibration.auto: true to calibrate it on the first runs")
@@ -157,9 +163,9 @@ def check_config_lut(config: TaoCacheConfig, calibrating: bool = False) -> Optio
             raise ConfigError(source, key, f"{want!r}, but the LUT {path} was calibrated with {key.split('.')[-1]} "
                                            f"{have!r}; point lut at a LUT of this {key.split('.')[-1]}, or correct "
                                            f"{key}")
-    adds = calibrating or (config.calibration.auto and lut.num_prompts < config.calibration.prompts)
+    adds = (calibrating or calibrates(config)) and lut.num_prompts < config.calibration.prompts
     horizon = lut.deltas.horizon if lut.deltas is not None and lut.num_prompts else None
-    if adds and horizon is not None and config.calibration.error_horizon != horizon:
+    if adds and horizon is not None and config.calibration.error_horizon < horizon:  # (a longer one merges to it)
         raise ConfigError(source, "calibration.error_horizon", f"{config.calibration.error_horizon}, but the LUT {path} "
                           f"holds error statistics up to {horizon} steps apart: the prompts calibrated now would "
                           f"{'drop' if not config.calibration.error_horizon else 'change'} them; set "
@@ -259,9 +265,7 @@ class TaoCache:
         if path is not None:  # the file is the truth (a calibrating run may have written it)
             self.lut = _load_present(path)
         wanted = cfg.calibration.prompts
-        explicit = bool(os.environ.get("TAOHOOKS_CALIBRATE_PROMPTS"))  # `taocache calibrate` runs: whatever auto says
-        calibrate = path is not None and (cfg.calibration.auto or explicit) and (
-            self.lut is None or self.lut.num_prompts < wanted)
+        calibrate = path is not None and calibrates(cfg) and (self.lut is None or self.lut.num_prompts < wanted)
         lut = self.lut if calibrate else lut_for_steps(cfg, self.lut, loop.steps)
         if lut is not None:
             check_run(cfg, lut, loop, identity)

@@ -116,6 +116,11 @@ class SkipPlan:
 
 
 # ---------------------------------------------------------------------- budget and windows
+def fraction_skips(fraction: float, steps: int) -> int:
+    """Steps of ``steps`` that a fraction names, rounded half up (0.29 x 50 is 14.4999... in floats: 15)."""
+    return int(math.floor(fraction * steps + 0.5 + 1e-9))
+
+
 def resolve_budget(budget: Union[int, float, None], steps: int) -> int:
     """Number of skipped steps for a budget given as a count (int) or a fraction of the steps (float < 1)."""
     if budget is None:
@@ -125,7 +130,7 @@ def resolve_budget(budget: Union[int, float, None], steps: int) -> int:
     if isinstance(budget, float) and not budget.is_integer():
         if not 0.0 <= budget < 1.0:
             raise PlanError(f"a fractional budget must be in [0, 1), got {budget}")
-        count = int(math.floor(budget * steps + 0.5))
+        count = fraction_skips(budget, steps)
     else:
         count = int(budget)
     if not 0 <= count <= steps - FIRST_SKIPPABLE:
