@@ -142,10 +142,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
             _warn_without_autoload(config, prog)
             from .taocache.cache import check_config_lut
 
-            from .launcher.prompt_calibration import ENV_CALIBRATE_PROMPTS
-
-            # the LUT's labels, or a missing one nothing will calibrate: before the model loads
-            check_config_lut(config, calibrating=bool(os.environ.get(ENV_CALIBRATE_PROMPTS)))
+            check_config_lut(config)  # the LUT's labels, or a missing one nothing will calibrate: before the model loads
             precheck_integration(config, rest[1:])
             check_teacache_fit(config)
     except (ConfigError, IntegrationError, ImportError, LUTMismatchError, PlanError, ValueError, OSError) as exc:

@@ -164,7 +164,8 @@ class PyramidAttentionBroadcast(Callback):
         return None
 
     def on_after_call(self, hook, call, output) -> None:
-        if (not call.computed and self.reset_on_resume) or (self._call is call and call.computed and (  # answered by another callback (the phase is kept)
+        answered = not call.computed  # by another callback (PAB's phase is kept either way)
+        if (answered and self.reset_on_resume) or (self._call is call and not answered and (
                 self.module_calls == self._module_calls_before  # the blocks were bypassed
                 or self._partial_seen)):  # or ran on some samples only
             self._drop(call.streams)

@@ -192,9 +192,9 @@ class DenoiserHook:
         module = self.module
         if module is None:
             return
-        names = {id(m): n for root in (module, *self.also) for n, m in root.named_modules()}
         ForwardPatch.check_restorable(  # in the order detaching restores them; raises before anything is undone
-            [*(p for cb in reversed(self.callbacks) for p in cb.forward_patches()), *self._patches], names)
+            [*(p for cb in reversed(self.callbacks) for p in cb.forward_patches()), *self._patches],
+            lambda: {id(m): n for root in (module, *self.also) for n, m in root.named_modules()})
         try:
             if self._index is not None:
                 self._abort("the hook was detached")

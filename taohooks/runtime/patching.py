@@ -38,7 +38,7 @@ class ForwardPatch:
     def check_restorable(patches, names=None) -> None:
         """Raise unless restoring ``patches`` in this order puts every original back: each one's wrapper
         must be the module's forward by the time its turn comes (nobody else wrapped it after us).
-        ``names``: ``id(module) -> name`` for the message. Nothing is changed."""
+        ``names``: a callable giving ``id(module) -> name``, for the message. Nothing is changed."""
         current = {}  # id(module) -> the forward once the patches before have been restored
         for patch in patches:
             module = patch.module
@@ -46,7 +46,7 @@ class ForwardPatch:
                 continue
             forward = current.get(id(module), module.__dict__.get("forward"))
             if forward is not patch.wrapper:
-                name = (names or {}).get(id(module), "")
+                name = names().get(id(module), "") if names is not None else ""
                 raise RuntimeError(
                     f"taohooks: {type(module).__name__}{f' ({name})' if name else ''}.forward was replaced after "
                     "taohooks attached; detach that wrapper first (hooks must be removed in the reverse order of "

@@ -38,7 +38,9 @@ __all__ = ["TaoCache", "make_plan", "section_callbacks", "check_run", "lut_for_s
 def calibrates(config: TaoCacheConfig) -> bool:
     """Whether runs of ``config`` calibrate a LUT that is missing or incomplete: ``calibration.auto``, or
     ``taocache calibrate`` running the script (whatever ``auto`` says)."""
-    return config.calibration.auto or bool(os.environ.get("TAOHOOKS_CALIBRATE_PROMPTS"))
+    from ..launcher.prompt_calibration import ENV_CALIBRATE_PROMPTS
+
+    return config.calibration.auto or bool(os.environ.get(ENV_CALIBRATE_PROMPTS))
 
 
 def transfer_allowed(config: TaoCacheConfig, lut: CalibrationLUT) -> bool:
