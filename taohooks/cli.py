@@ -287,7 +287,7 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .evaluation.bench import load_bench_config, load_results, markdown_tables, run_bench
+    from .evaluation.bench import load_bench_config, load_results, markdown_tables, run_bench, settle_lpips
 
     config = load_bench_config(args.config)
     if args.output:
@@ -322,14 +322,7 @@ def _cmd_bench(args) -> int:
                               "--weights" if model in given else "weights" if model in config.weights else "models",
                               str(exc)) from None
     _check_output(config.output, folder=True)
-    if config.lpips:  # no LPIPS weights: this run records lpips: false (said), before the folder's settings are checked
-        from .metrics import load_lpips
-        from .runtime import messages
-
-        if load_lpips() is None:
-            messages.warning("bench: lpips is true, but the LPIPS weights are not converted (`taocache lpips-weights` "
-                             "converts them once); this run records no LPIPS (lpips: false)")
-            config.lpips = False
+    settle_lpips(config)  # no LPIPS weights: lpips false (said) before the folder's settings are checked
     previous = None
     path = Path(config.output) / "results.json"
     if args.update:

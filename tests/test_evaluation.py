@@ -234,3 +234,13 @@ def test_bench_budgets_that_cannot_be_planned_or_repeat_a_row_are_refused_before
     assert errors[0][0] == "budgets[1]" and "35 of 50 steps" in errors[0][1]
     assert errors[1][0] == "budgets[1]" and "the same row twice" in errors[1][1]
     assert bench.skips_of(0.29, 50) == 15 and bench.skips_of(0.25, 50) == 13  # half up, floats notwithstanding
+
+
+def test_an_update_with_the_folder_s_own_checkpoint_is_accepted():
+    """The checkpoint of an earlier run (recorded without a sha256, as older folders are) was compared with an
+    empty table, so an update naming the same --weights was refused (found re-reading the change)."""
+    meta = {"config": {"models": ["scenes"], "methods": ["taocache"], "weights": {"scenes": "w.safetensors"}}}
+    bench.BenchConfig(models=["scenes"], methods=["teacache"],
+                      weights={"scenes": "w.safetensors"}).check_compatible(meta, "r.json")
+    with pytest.raises(ValueError, match="made with weights w.safetensors, this run has bundled"):
+        bench.BenchConfig(models=["scenes"], methods=["teacache"]).check_compatible(meta, "r.json")

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import dataclass_from_dict, read_yaml
+from ..metrics.weights import sha256_of
 from ..runtime.io import atomic_write_bytes, locked
 from .plotting import plot_calibration
 from .methods import METHODS, MethodSettings, build_method, calibrate, paired_speedup, run_with
@@ -125,11 +126,14 @@ class BenchConfig:
                 raise ValueError(f"{source}: its records were made with {key}: {before[key]!r}, this run has "
                                  f"{key}: {getattr(self, key)!r}; --update adds records made the same way only "
                                  "(choose another -o for other settings)")
-        old_weights, old_sums = before.get("weights") or {}, previous.get("weights_sha256") or {}
+        old_sums = previous.get("weights_sha256") or {}
         for model in self.models:
-            path, old = self.weights.get(model), old_weights.get(model)
+            path, old = self.weights.get(model), None
+            for run in runs:  # the checkpoint of the latest run of this model
+                if model in (run.get("models") or ()):
+                    old = (run.get("weights") or {}).get(model)
             if model in old_sums:
-                now = checkpoint_sha256(path or weights_path(model))
+                now = sha256_of(path or weights_path(model))
                 if now != old_sums[model]:
                     raise ValueError(f"{source}: its {model!r} records were made with another checkpoint (sha256 "
                                      f"{old_sums[model][:12]}..., this run's {path or weights_path(model)} is "
@@ -156,10 +160,20 @@ METHOD_SETTINGS = {"search_pairs": _SEARCHED, "search_iterations": _SEARCHED, "p
                    "hybrid_guard": ("hybrid",), "magcache_max_skip": ("magcache",)}  # the rest: every method
 
 
-def checkpoint_sha256(path) -> str:
-    import hashlib
+def settle_lpips(config: BenchConfig):
+    """The LPIPS model the bench scores with, or ``None``: with ``lpips: true`` but no converted weights, a
+    warning, and ``config.lpips`` set false (what the results record). A broken weights file raises."""
+    if not config.lpips:
+        return None
+    from ..metrics import load_lpips
+    from ..runtime import messages
 
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    model = load_lpips()
+    if model is None:
+        messages.warning("bench: lpips is true, but the LPIPS weights are not converted (`taocache lpips-weights` "
+                         "converts them once); this run records no LPIPS (lpips: false)")
+        config.lpips = False
+    return model
 
 
 def load_bench_config(path) -> BenchConfig:
@@ -243,16 +257,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
     Without ``previous``, an existing ``results.json`` is refused (when it is written) unless ``replace``.
     """
     keep = previous["records"] if previous else []
-    lpips_model = None
-    if config.lpips:  # before any work: a broken LPIPS file fails here, not after calibration
-        from ..metrics import load_lpips
-        from ..runtime import messages
-
-        lpips_model = load_lpips()
-        if lpips_model is None:  # recorded as lpips: false, so that an update with the weights is not mixed in
-            messages.warning("bench: lpips is true, but the LPIPS weights are not converted (`taocache lpips-weights` "
-                             "converts them once); this run records no LPIPS (lpips: false)")
-            config.lpips = False
+    lpips_model = settle_lpips(config)  # before any work: a broken LPIPS file fails here, not after calibration
     run_id = f"{time.time():.6f}-{os.getpid()}"
     sums: Dict[str, str] = {}
     torch.manual_seed(0)
@@ -267,7 +272,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
     started = time.perf_counter()
     for name in config.models:
         tm = TestbedModel.load(name, config.steps, config.weights.get(name), device=config.device)
-        sums[name] = checkpoint_sha256(config.weights.get(name) or weights_path(name))
+        sums[name] = sha256_of(config.weights.get(name) or weights_path(name))
         eval_pairs = tm.eval_pairs(config.eval_pairs)  # each model's own prompts (scenes has its own)
         cal_pairs = tm.calibration_pairs(config.calibration_pairs)
         search_pairs = cal_pairs[:config.search_pairs]

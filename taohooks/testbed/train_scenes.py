@@ -468,7 +468,7 @@ def check_outputs(args, out: Path) -> Path:
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: expected a .safetensors file name")
     state_path = Path(args.state) if args.state else out.with_suffix(".state.pt")
-    if state_path.suffix in (".safetensors", ".json"):
+    if state_path.suffix in (".safetensors", ".json"):  # (so it is never OUT, OUT.json or a kept copy)
         raise ValueError(f"--state {state_path}: a state file is not a .safetensors or .json file (default: "
                          f"{out.with_suffix('.state.pt')})")
     summary = out.with_suffix(".json")
@@ -476,11 +476,8 @@ def check_outputs(args, out: Path) -> Path:
         check_writable(path)
         if path.exists() and not path.is_file():
             raise ValueError(f"{flag} {path}: not a regular file")
-    ours = {p.resolve() for p in (out, summary)}
-    if state_path.resolve() in ours:
-        raise ValueError(f"--state {state_path}: the same file as --out's weights or summary")
     resumed = Path(args.resume).resolve() if args.resume else None  # continuing this state may replace it
-    if not getattr(args, "overwrite", False) and resumed != state_path.resolve():
+    if not args.overwrite and resumed != state_path.resolve():
         taken = [p for p in (state_path, out) if p.exists()]
         if taken:
             raise ValueError(f"{taken[0]} exists: another run's "
