@@ -22,6 +22,7 @@ import torch
 
 from taohooks import TaoCache
 from taohooks.config import config_from_dict
+from taohooks.taocache.plan import fraction_skips
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
         full_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         full = statistics.median(full_times)
         for budget in args.budgets:
-            skips = round(budget * args.steps)
+            skips = fraction_skips(budget, args.steps)  # half up, as taocache bench and compare count
             cache = TaoCache(config_from_dict({"plan": {"window": late_window(args.steps, skips), "ratio": 1.0}}))
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

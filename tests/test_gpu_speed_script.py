@@ -16,11 +16,13 @@ def test_gpu_speed_smoke(tmp_path, capsys):
     assert module.late_window(50, 8) == [40, 47]
     out = tmp_path / "r.json"
     assert module.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--frames", "5", "--height", "32",
-                        "--width", "32", "--steps", "10", "--budgets", "0.2", "--repeats", "1",
+                        "--width", "32", "--steps", "10", "--budgets", "0.2", "0.25", "--repeats", "1",
                         "--json", str(out)]) == 0
-    (record,) = json.loads(out.read_text())
+    record, half = json.loads(out.read_text())
     assert record["skipped_calls"] == 4 and record["calls"] == 20 and record["ideal"] == pytest.approx(1.25)
     assert "| 5 | 0.20 | 4/20 |" in capsys.readouterr().out
+    # 0.25 of 10 steps is 3 skips, as taocache bench counts a budget (round() made it 2: half to even)
+    assert half["skipped_calls"] == 6
 
 
 def test_gpu_session_script_smoke(tmp_path):
