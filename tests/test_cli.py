@@ -63,6 +63,27 @@ def test_plot(lut_path, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_that_fails_leaves_the_earlier_file_whole(lut_path, tmp_path, monkeypatch):
+    """A render that failed half-way truncated the plot it replaced (savefig wrote into the file itself); it
+    is rendered in memory and written atomically now, in any format the suffix names."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "calib.pdf"
+    assert main(["plot", str(lut_path), "-o", str(out)]) == 0
+    earlier, files = out.read_bytes(), sorted(tmp_path.iterdir())
+    assert earlier[:5] == b"%PDF-"
+
+    def fails_half_way(self, target, **kwargs):
+        (target.write if hasattr(target, "write") else open(target, "wb").write)(b"%PDF- partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", fails_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        main(["plot", str(lut_path), "-o", str(out)])
+    assert out.read_bytes() == earlier and sorted(tmp_path.iterdir()) == files
+
+
 def test_merge(lut_path, tmp_path, capsys):
     out = tmp_path / "merged.safetensors"
     copy = tmp_path / "copy.safetensors"  # another run's LUT (one file given twice is refused: tests/test_battery.py)

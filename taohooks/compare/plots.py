@@ -16,7 +16,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from ..evaluation.plotting import plot_quality_vs_speedup
+from ..evaluation.plotting import plot_quality_vs_speedup, save_figure
 
 __all__ = ["write_plots", "write_strip", "write_animation"]
 
@@ -59,8 +59,7 @@ def write_plots(results: Dict[str, Any], folder) -> List[Path]:
         ax.set_yticks(range(len(labels)), [f"{m} {s}/{steps}" for m, s in labels])
         ax.set_xlabel("step (black: every call of the step skipped)")
         fig.tight_layout()
-        fig.savefig(folder / "skip_schedule.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, folder / "skip_schedule.png", dpi=110)
         written.append(folder / "skip_schedule.png")
     return written
 

@@ -2,12 +2,28 @@
 error-aware planner's predicted against measured PSNR."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Dict, List, Union
 
+from ..runtime.io import atomic_write_bytes
 from ..taocache.lut import CalibrationLUT
 
-__all__ = ["plot_calibration", "plot_quality_vs_speedup", "plot_predicted_vs_measured"]
+__all__ = ["plot_calibration", "plot_quality_vs_speedup", "plot_predicted_vs_measured", "save_figure"]
+
+
+def save_figure(fig, path: Union[str, Path], **savefig_kwargs) -> Path:
+    """Render ``fig`` in memory (the format from ``path``'s suffix, PNG without one), write it atomically
+    and close the figure: an interrupted or failed render leaves an earlier file of that name whole."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format=path.suffix[1:].lower() or "png", **savefig_kwargs)
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_calibration(lut: CalibrationLUT, path: Union[str, Path], dpi: int = 120) -> Path:
@@ -35,9 +51,7 @@ def plot_calibration(lut: CalibrationLUT, path: Union[str, Path], dpi: int = 120
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi)
 
 
 def plot_quality_vs_speedup(rows: List[Dict], title: str, path: Union[str, Path], dpi: int = 110) -> Path:
@@ -61,10 +75,7 @@ def plot_quality_vs_speedup(rows: List[Dict], title: str, path: Union[str, Path]
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi)
 
 
 def plot_predicted_vs_measured(rows: List[Dict], title: str, path: Union[str, Path], dpi: int = 110) -> Path:
@@ -95,7 +106,4 @@ def plot_predicted_vs_measured(rows: List[Dict], title: str, path: Union[str, Pa
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi)
