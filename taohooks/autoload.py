@@ -46,19 +46,25 @@ def remove_pth() -> bool:
 
 def install_from_environment() -> None:
     """Install the integration of ``$TAOHOOKS_CONFIG``; a broken config warns instead of
-    breaking every Python process started with it."""
+    breaking every Python process started with it.
+
+    A research module this process cannot find yet is not an error: a ``spawn`` worker gets the
+    parent's ``sys.path`` (the script's folder) only after this ran, and a helper process that never
+    imports the research code has nothing to patch. The integration's patches then wait for the
+    module's import (``PatchSet.on_import``), quietly."""
     from .run import ENV_CONFIG, install_integration
     from .config import load_config
 
-    from .launcher.integration import ResearchModuleMissing
+    from .launcher.integration import ResearchModuleMissing, script_sys_path
 
     path = os.environ.get(ENV_CONFIG)
     if not path:
         return
     try:
-        install_integration(load_config(path))
+        with script_sys_path([], complete=False):  # modules found nowhere yet are noted, not fatal
+            install_integration(load_config(path))
     except ResearchModuleMissing:
-        return  # a child process that does not run the research code (a helper script, a tool): nothing to patch
+        return
     except Exception as exc:  # noqa: BLE001 - must never prevent the interpreter from starting
         print(f"taohooks: {ENV_CONFIG}={path}: integration not installed in this process: {exc}", file=sys.stderr)
 

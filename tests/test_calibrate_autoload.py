@@ -90,6 +90,45 @@ def test_spawned_workers_get_the_integration(tmp_path):
             autoload.remove_pth()
 
 
+SPAWN_RESEARCH = textwrap.dedent("""
+    import multiprocessing as mp
+
+    def child(queue):
+        import pipeline_latte  # found on the parent's sys.path, which spawn sets after the interpreter started
+        queue.put(getattr(pipeline_latte.LattePipeline.__call__, "_taohooks_patch", None) is not None)
+
+    if __name__ == "__main__":
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=child, args=(queue,))
+        proc.start()
+        print("worker patched:", queue.get(timeout=120))
+        proc.join()
+""")
+
+
+def test_a_spawned_worker_patches_the_research_module_it_finds_only_after_start(tmp_path):
+    """A spawned worker sees the script's folder on sys.path only once multiprocessing has set the parent's
+    sys.path, after the .pth autoload ran: the autoload found no research module then and the worker ran
+    uncached without a word (review, 2026-11-27). It now patches the module when the worker imports it."""
+    installed_before = autoload.pth_path().is_file()
+    autoload.install_pth()
+    try:
+        repo = tmp_path / "repo"
+        repo.mkdir()
+        (repo / "spawn.py").write_text(SPAWN_RESEARCH)
+        (repo / "pipeline_latte.py").write_text("class LattePipeline:\n    def __call__(self, prompt):\n"
+                                                "        return prompt\n")
+        (tmp_path / "c.yaml").write_text("integration: latte\nplan: {window: [3, 4], ratio: 1.0}\n")
+        env = {k: v for k, v in os.environ.items() if k not in ("TAOHOOKS_CONFIG", "PYTHONPATH")}
+        res = subprocess.run([sys.executable, "-m", "taohooks.run", "repo/spawn.py", "--taocache", "c.yaml"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert "worker patched: True" in res.stdout, res.stdout + res.stderr
+    finally:
+        if not installed_before:
+            autoload.remove_pth()
+
+
 def test_a_broken_config_in_the_environment_warns_and_does_not_break_python(tmp_path):
     (tmp_path / "bad.yaml").write_text("integration: testbed\nplan: {budjet: 1}\n")
     env = dict(os.environ, TAOHOOKS_CONFIG=str(tmp_path / "bad.yaml"))
