@@ -42,13 +42,18 @@
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==8.7.0
 #   mkdir -p .carry && cp /work/runs/scenes/flow.safetensors .carry/scenes-flow.safetensors   # used if newer than the wip ones
 #   (PATCH=4: the newest 4x4-token weights as .carry/scenes-flow-p4.safetensors)
-# then, with the device tool:
-#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=600)
+# then, with the device tool, carrying only the files this run reads (the working tree and the carried paths travel
+# within 64 MiB: the whole .carry/, with the 4x4-token and the LPIPS weights, was refused on 2026-11-27):
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".carry/scenes-flow.safetensors",
+#       ".carry/scenes-flow.json"], timeout_s=600)
+# (add ".carry/lpips_alex_v0.1.safetensors" for SCENES_BENCH=1; PATCH=4 carries .carry/scenes-flow-p4.safetensors).
+# A call of 570 s leaves about 320 s of a 15-minute lease: while the machine is warm (30 s), copy the returned
+# weights to .carry/ and call again with DEADLINE=235 and timeout_s=275 (2026-11-27: 5 733 more steps).
 # The next session's run (2026-11-26, second session: the 8x8-token model draws stripes and square corners when
 # started from sigma <= 0.43 but fails to form them from sigma >= 0.67, and training moves that front up; see
 # "Where the detail is lost" in the testbed README), training where the front is:
-#   run(command='MEASURE=0 TRAIN_EXTRA="--sigma-shift 3" bash benchmarks/gpu_session.sh', carry=[".whl", ".carry"],
-#       timeout_s=600)
+#   run(command='MEASURE=0 TRAIN_EXTRA="--sigma-shift 3" bash benchmarks/gpu_session.sh', carry=[".whl",
+#       ".carry/scenes-flow.safetensors", ".carry/scenes-flow.json"], timeout_s=600)
 # then measure the returned checkpoint here (scenes_sensitivity; scenes_diagnose with --strength 0.4/0.6/1).
 # PATCH=4 (the 4x4-token model, .carry/scenes-flow-p4.safetensors) is the alternative.
 # .whl/ and .carry/ are git-ignored. The image there has torch, einops, safetensors, pyyaml, numpy, pillow,
