@@ -864,3 +864,28 @@ def test_diagnose_takes_the_sampler_shift(tmp_path):
     assert json.loads(out.read_text())["shift"] == 5.0
     with pytest.raises(SystemExit):
         scenes_diagnose.main(["--weights", str(weights), "--n", "1", "--steps", "3", "--shift", "0"])
+
+
+def test_compile_trains_the_same_weights_and_falls_back_when_the_compiler_fails(tmp_path, capsys):
+    """--compile BACKEND trains through torch.compile (the GPU runs' inductor; here dynamo's eager backend, which
+    runs the captured graph as it is): the same weights as the uncompiled run, the model's own state dict, and
+    the summary names the backend. A compiler that fails at the first step costs the run nothing but a message."""
+    import torch._dynamo
+
+    def failing(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(name="taohooks_test_failing", compiler_fn=failing)
+    steps = [*TINY, "--steps", "3"]
+    train_scenes.main([*steps, "--out", str(tmp_path / "plain.safetensors")])
+    train_scenes.main([*steps, "--compile", "eager", "--out", str(tmp_path / "eager.safetensors")])
+    train_scenes.main([*steps, "--compile", "taohooks_test_failing", "--out", str(tmp_path / "failed.safetensors")])
+    assert "--compile taohooks_test_failing: the first compiled step failed" in capsys.readouterr().err
+    plain, eager, failed = (VideoDiT.from_pretrained(str(tmp_path / f"{n}.safetensors")).state_dict()
+                            for n in ("plain", "eager", "failed"))
+    assert plain.keys() == eager.keys() and all(torch.equal(plain[k], eager[k]) for k in plain)
+    assert any(not torch.equal(plain[k], failed[k]) for k in plain)  # (its first step drew fresh noise)
+    summaries = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "eager", "failed")]
+    assert [s["compile"] for s in summaries] == [None, "eager", None]
+    torch._dynamo.reset()

@@ -24,7 +24,9 @@ time, e.g. a GPU lease, whose step count is not known in advance, ends annealed;
 continued with ``--init``, not ``--resume``). A run started with ``--init`` draws its data and noise
 from streams offset by the steps behind those weights, so that chained runs do not replay each
 other's batches. Loss: as ``train.loss_fn``; ``--sigma-shift K`` draws the flow sigmas shifted as the
-sampler's ``flow_shift`` shifts its steps (K = 3: as the scenes sampling).
+sampler's ``flow_shift`` shifts its steps (K = 3: as the scenes sampling). ``--compile inductor`` trains
+through ``torch.compile`` (same parameters, same saved files; the first log line includes the compilation;
+a compiler that fails at the first step leaves the run uncompiled, with a message).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import math
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -305,6 +308,9 @@ class Trainer:
         self.wall = 0.0  # seconds of training before this process (resumed runs)
         self.echoed_before = 0  # steps trained on a batch again (--echo) by this run's earlier processes
         self.echoing: EchoingBatches | None = None  # this process's, with --echo
+        # what the loss calls: the model, or with --compile its compiled forward (the same parameters)
+        self.net = torch.compile(self.model, backend=args.compile) if args.compile else self.model
+        self.compiled_steps = 0  # steps this process trained through the compiled forward
 
     @property
     def echoed(self) -> int:
@@ -345,7 +351,7 @@ class Trainer:
             "kind": a.kind, "task": "scenes", "steps_done": self.step, "steps_planned": a.steps, "final": final,
             "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "schedule": a.schedule, "ema": a.ema,
             "seed": a.seed, "sigma_shift": a.sigma_shift, "threads": a.threads, "device": str(self.device),
-            "workers": a.workers, "render": a.render,
+            "workers": a.workers, "render": a.render, "compile": a.compile if self.compiled_steps else None,
             "bf16": a.bf16, "echo": a.echo, "echoed_steps": self.echoed, "wall_seconds": round(wall, 1),
             "seconds_per_step": round(wall / max(self.step, 1), 4), "params": num_parameters(self.model),
             "weights": "ema, float16", "init": a.init, "previous": self.previous,
@@ -402,15 +408,30 @@ class Trainer:
         x0, ids = (t.to(self.device, non_blocking=True) for t in batch)
         if a.render == "device":  # x0: the clips' packed draws
             x0 = render_params(unpack_params(x0))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.bf16):
-            loss = loss_fn(a.kind, self.model, x0, ids, self.ddpm, self.gen, a.sigma_shift)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss = self._loss_and_grads(x0, ids)
+        except Exception as exc:  # noqa: BLE001 - a compiler that fails on this machine must not end the lease
+            if self.net is self.model or self.compiled_steps:
+                raise
+            print(f"--compile {a.compile}: the first compiled step failed ({type(exc).__name__}: "
+                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); training on uncompiled",
+                  file=sys.stderr, flush=True)
+            self.net = self.model
+            loss = self._loss_and_grads(x0, ids)
+        self.compiled_steps += self.net is not self.model
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.clip)
         self.opt.step()
         self.ema.update(self.model)
         self.step += 1
         return loss.detach()
+
+    def _loss_and_grads(self, x0: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        a = self.args
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.bf16):
+            loss = loss_fn(a.kind, self.net, x0, ids, self.ddpm, self.gen, a.sigma_shift)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
 
 
 def read_state(path: str) -> dict:
@@ -637,6 +658,9 @@ def parse_args(argv=None):
                    "on the CPU (by --workers, else the main process), or a batch at a time on --device from the "
                    "draws the CPU makes (GPU runs: the same clips, without the CPU's 1.4-1.8 ms a clip)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward/loss (GPU runs)")
+    p.add_argument("--compile", default=None, metavar="BACKEND", help="train through torch.compile(model, "
+                   "backend=BACKEND) (inductor on a GPU); if the first compiled step fails, the run says so on "
+                   "stderr and goes on uncompiled")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=8)
