@@ -55,9 +55,10 @@
 #   run(command='MEASURE=0 TRAIN_EXTRA="--sigma-shift 3" bash benchmarks/gpu_session.sh', carry=[".whl",
 #       ".carry/scenes-flow.safetensors", ".carry/scenes-flow.json"], timeout_s=600)
 # then measure the returned checkpoint here (scenes_sensitivity; scenes_diagnose with --strength 0.4/0.6/1).
-# Untried on a GPU (2026-11-27): TRAIN_EXTRA="--sigma-shift 3 --compile inductor" (the log's first line includes the
-# compilation, the later lines' s/step say whether it is faster than the 30 ms a step of the eager run; a compiler
-# that fails at the first step leaves the run uncompiled, with a message in train.log).
+# Untried on a GPU (2026-11-27): TRAIN_EXTRA="--sigma-shift 3 --compile inductor --profile 20" (the log's first line
+# includes the compilation, the later lines' s/step say whether it is faster than the 30 ms a step of the eager run;
+# a compiler that fails at the first step leaves the run uncompiled, with a message in train.log; --profile prints
+# where 20 steps' GPU time goes, after step 22).
 # PATCH=4 (the 4x4-token model, .carry/scenes-flow-p4.safetensors) is the alternative.
 # .whl/ and .carry/ are git-ignored. The image there has torch, einops, safetensors, pyyaml, numpy, pillow,
 # tqdm and matplotlib; diffusers (for gpu_speed.py's WanTransformer3DModel) travels as a wheel.

@@ -889,3 +889,14 @@ def test_compile_trains_the_same_weights_and_falls_back_when_the_compiler_fails(
     summaries = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "eager", "failed")]
     assert [s["compile"] for s in summaries] == [None, "eager", None]
     torch._dynamo.reset()
+
+
+def test_profile_prints_where_the_steps_time_goes(tmp_path, capsys, monkeypatch):
+    """--profile N: after PROFILE_AFTER (+2 warm-up) steps, N steps are profiled and their operators printed."""
+    monkeypatch.setattr(train_scenes, "PROFILE_AFTER", 1)
+    train_scenes.main([*TINY, "--steps", "6", "--profile", "2", "--out", str(tmp_path / "w.safetensors")])
+    out = capsys.readouterr().out
+    assert "profile of 2 steps (after 3), sorted by self_cpu_time_total:" in out and "aten::" in out
+    with pytest.raises(SystemExit):
+        train_scenes.parse_args([*TINY, "--steps", "6", "--profile", "-1", "--out", str(tmp_path / "x.safetensors")])
+    assert "--profile must be >= 0, got -1" in capsys.readouterr().err

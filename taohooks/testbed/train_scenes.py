@@ -26,12 +26,14 @@ from streams offset by the steps behind those weights, so that chained runs do n
 other's batches. Loss: as ``train.loss_fn``; ``--sigma-shift K`` draws the flow sigmas shifted as the
 sampler's ``flow_shift`` shifts its steps (K = 3: as the scenes sampling). ``--compile inductor`` trains
 through ``torch.compile`` (same parameters, same saved files; the first log line includes the compilation;
-a compiler that fails at the first step leaves the run uncompiled, with a message).
+a compiler that fails at the first step leaves the run uncompiled, with a message); ``--profile N`` prints
+where N steps' time goes (``torch.profiler``; on a GPU its kernels' time).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -507,6 +509,42 @@ def check_outputs(args, out: Path) -> Path:
     return state_path
 
 
+#: --profile skips this many steps first (the compilation, the allocator's warm-up, the first batches)
+PROFILE_AFTER = 20
+
+
+class StepProfile:
+    """``--profile N``: ``torch.profiler`` over N training steps after :data:`PROFILE_AFTER` (+2 of warm-up);
+    prints the operators that took the most time (on an accelerator its time) into the log, so that a
+    short GPU call says where its step time goes. Call :meth:`step` after every training step."""
+
+    def __init__(self, steps: int, device: torch.device, rows: int = 25):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        self.steps, self.rows = steps, rows
+        self.profiler = profile(activities=activities, on_trace_ready=self._report,
+                                schedule=schedule(wait=PROFILE_AFTER, warmup=2, active=steps, repeat=1))
+
+    def _report(self, profiler) -> None:
+        try:
+            table = profiler.key_averages().table(sort_by=self.sort, row_limit=self.rows)
+        except Exception as exc:  # noqa: BLE001 - a report that fails must not end the training
+            table = f"(no table: {type(exc).__name__}: {exc})"
+        print(f"profile of {self.steps} steps (after {PROFILE_AFTER + 2}), sorted by {self.sort}:\n{table}", flush=True)
+
+    def __enter__(self):
+        self.profiler.__enter__()
+        return self
+
+    def step(self) -> None:
+        self.profiler.step()
+
+    def __exit__(self, *exc):
+        return self.profiler.__exit__(*exc)
+
+
 def train(args) -> dict:
     torch.set_num_threads(args.threads)
     state = read_state(args.resume) if args.resume else None
@@ -538,8 +576,9 @@ def train(args) -> dict:
     deadline = start + args.max_minutes * 60 if args.max_minutes is not None else math.inf
     annealing_from = None  # cosine-time: when the warmup ended
     echoed_at_log = 0  # the echo count at the last log line
+    profile = StepProfile(args.profile, trainer.device) if args.profile else contextlib.nullcontext()
     try:
-        with _StopOnSignal() as stop:
+        with _StopOnSignal() as stop, profile:
             while trainer.step < args.steps and stop.signal is None and time.time() < deadline:
                 spent = 0.0
                 if trainer.step >= args.warmup and args.max_minutes is not None:
@@ -549,6 +588,8 @@ def train(args) -> dict:
                 batch = next(batches)
                 waited += time.time() - fetched
                 running.append(trainer.train_step(batch, spent))
+                if args.profile:
+                    profile.step()
                 if trainer.step % args.log_every == 0:
                     sps = (time.time() - window) / len(running)
                     echoed = ""
@@ -658,6 +699,8 @@ def parse_args(argv=None):
                    "on the CPU (by --workers, else the main process), or a batch at a time on --device from the "
                    "draws the CPU makes (GPU runs: the same clips, without the CPU's 1.4-1.8 ms a clip)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward/loss (GPU runs)")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help=f"print where N training steps' time "
+                   f"goes (torch.profiler, after {PROFILE_AFTER + 2} steps) into the log")
     p.add_argument("--compile", default=None, metavar="BACKEND", help="train through torch.compile(model, "
                    "backend=BACKEND) (inductor on a GPU); if the first compiled step fails, the run says so on "
                    "stderr and goes on uncompiled")
@@ -680,7 +723,7 @@ def parse_args(argv=None):
     for name in ("steps", "batch_size", "save_every", "log_every", "threads", "depth", "heads", "dim", "patch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("keep_every", "workers", "warmup"):
+    for name in ("keep_every", "workers", "warmup", "profile"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("clip", "save_minutes", "lr", "mlp_ratio"):
