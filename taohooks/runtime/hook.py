@@ -14,9 +14,14 @@ first call of such a generation must run at the timestep the last explicitly sta
 (the first after ``attach`` or ``new_sample()``) began at. A call that does not is *stray*: it
 runs the model without callbacks (no caching, no calibration), with a warning, until a call
 begins at that timestep again. Timesteps are read once per generation, not per call, except
-where a cache is about to reuse something: :meth:`DenoiserHook.in_line` then compares the call's
-timestep with the reference generation's call of the same index (a generation that made fewer
-calls than declared leaves the next one's first calls numbered as its own last ones).
+where a cache is about to reuse something: :meth:`DenoiserHook.in_line` then compares this
+generation's calls so far with the reference generation's (a generation that made fewer calls than
+declared leaves the next one's first calls numbered as its own last ones). Inside the reference
+generation itself, a call at its first timestep again (after others) is where the next began: the
+reference is cut there (:func:`restart_index`), and calibration leaves the numbered generation out. A
+generation that began in line, made all its calls and ran at other timesteps (another shift) becomes
+the reference when the next generation begins right after it. At the end of the reference generation
+and at each reuse the timesteps are read together (one synchronisation).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from .callbacks import Callback
 from .loop import CallInfo, LoopSpec
 from .patching import ForwardPatch
 
-__all__ = ["DenoiserHook", "get_hook", "TIMESTEP_KWARGS", "timesteps_match"]
+__all__ = ["DenoiserHook", "get_hook", "TIMESTEP_KWARGS", "timesteps_match", "restart_index"]
 
 
 def _outside_graph(fn, recursive: bool = True):
@@ -78,7 +83,37 @@ class _Timestep:
             return float(raw)
         if isinstance(raw, (list, tuple)) and raw:
             return _Timestep(raw[0]).value()
+        if type(raw).__module__ == "numpy" and hasattr(raw, "size"):  # a numpy scalar or array (the largest value)
+            return float(raw.max()) if raw.size else None
         return None
+
+
+def _values(timesteps: List[Optional["_Timestep"]]) -> List[Optional[float]]:
+    """The floats of ``timesteps``: tensors read together, with one synchronisation."""
+    def readable(t):
+        return isinstance(t.raw, torch.Tensor) and t.raw.numel() and not t.raw.is_meta
+
+    tensors = [t.raw.reshape(-1)[0] for t in timesteps if t is not None and readable(t)]
+    read = iter(())
+    if tensors:
+        device = tensors[0].device
+        dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+        read = iter(torch.stack([x.to(device, dtype) for x in tensors]).tolist())
+    return [None if t is None else next(read) if readable(t) else t.value() for t in timesteps]
+
+
+def restart_index(values: List[Optional[float]], first_step_calls: int) -> Optional[int]:
+    """Where a new generation began inside these calls' timesteps (of one numbered generation): the first
+    call after the first step's ``first_step_calls`` that runs at the first call's timestep again while the
+    call before it did not. ``None`` if there is none (or the first timestep is unknown)."""
+    if not values or values[0] is None:
+        return None
+    start = values[0]
+    for r in range(max(1, first_step_calls), len(values)):
+        now, before = values[r], values[r - 1]
+        if now is not None and before is not None and timesteps_match(now, start) and not timesteps_match(before, start):
+            return r
+    return None
 
 
 class DenoiserHook:
@@ -127,6 +162,15 @@ class DenoiserHook:
         self._previous: Optional[_Timestep] = None  # timestep of the last call (repeat only)
         self._strays = 0              # stray calls since the last generation ended
         self._out_of_line: Optional[int] = None  # the generation in_line() found out of line
+        # repeat only: the timesteps of this generation's calls, and the floats read of them and of the reference's
+        self._current: List[Optional[_Timestep]] = []
+        self._current_values: List[Optional[float]] = []
+        self._reference_values: List[Optional[float]] = []
+        self._checked = 0             # calls of this generation found in line (or, in the reference, not restarted)
+        self._reference_open = False  # the reference still takes calls: a generation began inside a numbered one
+        self._candidate: Optional[Tuple[int, List[Optional[_Timestep]], List[Optional[float]]]] = None
+        self._first_step_calls = sum(1 for i in range(loop.total_calls) if loop.locate(i)[0] == 0)
+        self._timestep_checked = False  # the first call's timestep was read (repeat)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, module: nn.Module, *also: nn.Module) -> "DenoiserHook":
@@ -245,17 +289,31 @@ class DenoiserHook:
         self.stray_calls = self.misaligned_generations = self._strays = 0
         self._reference, self._reference_start, self._recording = None, None, False
         self._reference_varies, self._previous, self._out_of_line = None, None, None
+        self._current, self._current_values, self._reference_values, self._checked = [], [], [], 0
+        self._reference_open, self._candidate, self._timestep_checked = False, None, False
 
     def _start(self, explicit: bool) -> None:
+        if not explicit and self._candidate is not None:  # began right after it: that schedule is the loop's now
+            sample, timesteps, values = self._candidate
+            messages.notice(f"generation {sample} ran at other timesteps than generation {self._reference_sample} "
+                            f"and made all its {self.loop.total_calls} calls: the generations after it are "
+                            "compared with it")
+            self._set_reference(sample, timesteps, values)
+        self._candidate = None
         self._sample += 1
         self._index, self._finished, self._strays = 0, False, 0
         self._thread = None  # taken by the generation's first call (new_sample() may run in another thread)
         if explicit and self.repeat:  # later generations must begin where this one does
-            self._reference, self._reference_sample, self._reference_start = [], self._sample, None
-            self._reference_varies = None
+            self._set_reference(self._sample, [], [])
         self._recording = explicit and self.repeat
+        self._reference_open = False
+        self._current, self._current_values, self._checked = [], [], 0
         for cb in self.callbacks:
             cb.on_sample_start(self, self._sample)
+
+    def _set_reference(self, sample: int, timesteps: List[Optional[_Timestep]], values: List[Optional[float]]) -> None:
+        self._reference, self._reference_values, self._reference_sample = timesteps, values, sample
+        self._reference_start = self._reference_varies = None
 
     def _abort(self, reason: str) -> None:
         self._index, self._recording = None, False
@@ -293,16 +351,23 @@ class DenoiserHook:
                     f"{self.loop.describe()}: the loop made more calls than declared. Declare the right "
                     "number of steps, call new_sample() before each generation, or attach with "
                     "repeat=True to start a new generation automatically")
-            if self._finished and self._stray(timestep):
+            if self._finished and ((self._reference_open and self._continues_reference(timestep))
+                                   or self._stray(timestep)):
                 self._previous = timestep
+                self._candidate = None
                 return None, None
             self._start(explicit=not self._finished)
         if self._thread is None:
             self._thread = thread
         if self.repeat:
             self._previous = timestep
+            self._current.append(timestep)
             if self._recording:
                 self._reference.append(timestep)
+            if not self._timestep_checked:  # once per attach (a synchronisation)
+                self._timestep_checked = True
+                if timestep is None or timestep.value() is None:
+                    self._warn_unreadable()
         step, streams = self.loop.locate(self._index)
         call = CallInfo(self._sample, self._index, step, streams, timestep)
         try:
@@ -316,6 +381,14 @@ class DenoiserHook:
             raise
         return call, None
 
+    def _warn_unreadable(self) -> None:
+        where = (f"the keywords {', '.join(TIMESTEP_KWARGS)}" if self.timestep_arg is None
+                 else f"timestep_arg={self.timestep_arg!r}")
+        messages.warning(
+            f"the hook cannot read the timestep of this {type(self.module).__name__}'s calls (it looked at {where}): "
+            "with repeat=True it cannot tell a generation that made fewer or more calls than declared, and would "
+            "then cache the wrong steps. Give timestep_arg= (the keyword or the position of the timestep in the call)")
+
     def in_line(self, call: CallInfo) -> bool:
         """Whether ``call`` runs at the timestep the reference generation (``repeat=True``) ran its call of
         the same index: ask before reusing anything for it. Reads the call's timestep (on a GPU: one
@@ -324,19 +397,61 @@ class DenoiserHook:
         compute it, and the generations after it are realigned as for any loop that makes fewer calls."""
         if self._out_of_line == call.sample:
             return False
-        reference = self._reference
-        if (not self.repeat or not reference or call.sample == self._reference_sample
-                or call.index >= len(reference) or reference[call.index] is None):
+        if not self.repeat or call.sample != self._sample or self._reference is None:
             return True
-        want, seen = reference[call.index].value(), call.timestep
-        if want is None or seen is None or timesteps_match(seen, want):
-            return True
-        self._out_of_line = call.sample
+        if call.sample == self._reference_sample:  # the reference itself: did a new generation begin inside it?
+            values = self._read(self._reference, self._reference_values, len(self._reference))
+            restart = restart_index(values, self._first_step_calls)
+            if restart is None:
+                return True
+            self._cut_reference(restart)
+            return False
+        n = min(call.index + 1, len(self._reference))
+        current = self._read(self._current, self._current_values, n)
+        reference = self._read(self._reference, self._reference_values, n)
+        for j in range(self._checked, n):  # every call so far: a loop numbered one call off can match at one index
+            seen, want = current[j], reference[j]
+            if seen is not None and want is not None and not timesteps_match(seen, want):
+                self._out_of_line = call.sample
+                messages.warning(
+                    f"call {j} (step {self.loop.locate(j)[0]}) of generation {call.sample} ran at timestep {seen:g}, "
+                    f"but the same call of generation {self._reference_sample} ran at {want:g}: a generation made "
+                    f"fewer or more calls than declared ({self.loop.describe()}), or the schedule changed; nothing "
+                    "cached is reused until the loop is in line again")
+                return False
+        self._checked = max(self._checked, n)
+        return True
+
+    def generation_out_of_line(self, sample: int) -> bool:
+        """Whether generation ``sample`` was found out of line (``repeat=True``): its calls are not numbered as
+        its own steps (a generation before it made fewer calls than declared), or ran at other timesteps than
+        the reference generation's. A calibration must not record it."""
+        return self._out_of_line == sample
+
+    @staticmethod
+    def _read(timesteps: List[Optional[_Timestep]], values: List[Optional[float]], n: int) -> List[Optional[float]]:
+        """``values``, extended to the floats of the first ``n`` of ``timesteps`` (one synchronisation)."""
+        if len(values) < n:
+            values.extend(_values(timesteps[len(values):n]))
+        return values
+
+    def _cut_reference(self, restart: int) -> None:
+        """The reference generation made only ``restart`` calls: the next began at its call ``restart`` (numbered
+        with it). That one's calls become the reference (and, through the stray calls that end it, the rest);
+        nothing cached is reused in this numbered generation."""
+        sample = self._reference_sample
+        start = self._reference_values[0]
+        self._out_of_line = sample
+        self.misaligned_generations += 1
         messages.warning(
-            f"call {call.index} (step {call.step}) of generation {call.sample} runs at timestep {seen:g}, but the "
-            f"same call of generation {self._reference_sample} ran at {want:g}: a generation made fewer or more "
-            f"calls than declared ({self.loop.describe()}); nothing cached is reused until the loop is in line again")
-        return False
+            f"call {restart} of generation {sample} runs at timestep {start:g} again, where the generation began: "
+            f"it made {restart} of the {self.loop.total_calls} declared calls ({self.loop.describe()}) and the next "
+            "began there; nothing cached is reused until the loop is in line again")
+        self._reference = self._reference[restart:]
+        self._reference_values = self._reference_values[restart:]
+        self._reference_start = self._reference_varies = None
+        if not self._recording:
+            self._reference_open = len(self._reference) < self.loop.total_calls
 
     def _stray(self, timestep: Optional[_Timestep]) -> bool:
         """Whether a call that would begin a generation automatically is out of line (warned).
@@ -365,7 +480,7 @@ class DenoiserHook:
                 messages.notice(f"generation {following} begins at timestep {want:g}: in line again after "
                                 f"{self._strays} uncached call(s)")
             return False
-        if self._strays >= self.loop.total_calls:  # the schedule changed: begin here, a new reference
+        if self._strays >= self.loop.total_calls and self._restarts(seen):  # the schedule changed: a new reference
             messages.warning(
                 f"no call began at timestep {want:g} in the {self._strays} calls after generation "
                 f"{self._sample}; generation {following} begins at this call (timestep {seen:g}), and the "
@@ -390,6 +505,33 @@ class DenoiserHook:
         self.stray_calls += 1
         return True
 
+    def _continues_reference(self, timestep: Optional[_Timestep]) -> bool:
+        """A call after a numbered generation inside which the reference's generation began (it is cut): the
+        reference's next call, run uncached, unless it begins a generation (the first timestep again after
+        another one: that generation was short too, and the reference stays as it is)."""
+        seen = timestep.value() if timestep is not None else None
+        before = self._previous.value() if self._previous is not None else None
+        start = self._reference_values[0] if self._reference_values else None
+        if (seen is not None and before is not None and start is not None and timesteps_match(seen, start)
+                and not timesteps_match(before, start)):
+            self._reference_open = False
+            return False
+        self._reference.append(timestep)
+        self._reference_open = len(self._reference) < self.loop.total_calls
+        self._strays += 1
+        self.stray_calls += 1
+        return True
+
+    def _restarts(self, seen: float) -> bool:
+        """Whether a loop can begin at a call at timestep ``seen``: its timestep moves against the reference's
+        direction from the call before (a decreasing schedule that rises), or that cannot be told."""
+        before = self._previous.value() if self._previous is not None else None
+        middle = self._reference[len(self._reference) // 2] if self._reference else None
+        middle, start = (middle.value() if middle is not None else None), self._reference_start
+        if before is None or middle is None or start is None or timesteps_match(middle, start):
+            return True
+        return (seen - before) * (middle - start) < 0 and not timesteps_match(seen, before)
+
     @_outside_graph
     def _fail(self, call: CallInfo, exc: BaseException) -> None:
         self._abort(f"{type(exc).__name__} in call {call.index} (step {call.step})")
@@ -407,7 +549,33 @@ class DenoiserHook:
             self.counts[s][column] += 1
         self._index += 1
         if self._index == self.loop.total_calls:
+            if self.repeat:
+                self._check_ended_generation()
             self._index, self._finished, self._recording = None, True, False
             for cb in self.callbacks:
                 cb.on_sample_end(self, self._sample)
         return output
+
+    def _check_ended_generation(self) -> None:
+        """At the last call of a generation (``repeat=True``; one synchronisation): the reference generation is
+        searched for a generation that began inside it (:meth:`_cut_reference`); a later one found out of line
+        that began where the reference did and holds no restart is a complete generation on another schedule,
+        the reference from the next generation on if that one begins right after it."""
+        sample = self._sample
+        if sample == self._reference_sample:
+            self._recording = False
+            if self._out_of_line != sample:
+                values = self._read(self._reference, self._reference_values, len(self._reference))
+                restart = restart_index(values, self._first_step_calls)
+                if restart is not None:
+                    self._cut_reference(restart)
+            # cut (now or at a reuse): the rest of the generation that began inside it comes as stray calls
+            self._reference_open = self._out_of_line == sample and len(self._reference) < self.loop.total_calls
+            return
+        if self._out_of_line != sample:
+            return
+        values = self._read(self._current, self._current_values, len(self._current))
+        start = self._read(self._reference, self._reference_values, 1)
+        if (values and start and values[0] is not None and start[0] is not None and timesteps_match(values[0], start[0])
+                and restart_index(values, self._first_step_calls) is None):
+            self._candidate = (sample, self._current, values)

@@ -242,6 +242,10 @@ class CalibrationRecorder(Callback):
         gen, self._generation, self._history = self._generation, None, {}
         if gen is None:
             return
+        if getattr(hook, "repeat", False) and getattr(hook, "generation_out_of_line", lambda _: False)(sample):  # (the hook warned)
+            messages.warning(f"calibration: generation {sample + 1} left out of the LUT: its calls are not "
+                             "numbered as its own steps, or ran at other timesteps than the reference generation's")
+            return
         if gen.bad is not None:
             name, step, what = gen.bad
             messages.warning(f"calibration: generation {sample + 1} left out of the LUT: stream {name!r}, "

@@ -1,0 +1,163 @@
+"""`repeat=True` (one hook, many generations) when a generation makes fewer or more calls than declared, or its
+schedule changes: every generation that reuses anything reuses its own history at its own steps, bit for bit as a
+fresh hook would (review of the runtime, 2026-11-27: each test failed before its fix)."""
+import contextlib
+import io
+
+import numpy as np
+import torch
+from torch import nn
+
+from taohooks import DenoiserHook, LoopSpec, TaoCache, TaoCacheCallback, config_from_dict
+from taohooks.runtime.hook import _Timestep
+from taohooks.taocache.lut import CalibrationLUT
+from taohooks.taocache.plan import plan_from_window
+
+STEPS = 10
+WINDOW = list(range(5, 9))  # the plan's skipped steps
+
+
+class Model(nn.Module):
+    """Output depends on the input and the timestep; counts the calls that ran."""
+
+    def __init__(self, positional: bool = False):
+        super().__init__()
+        self.ran = 0
+        self.positional = positional
+
+    def forward(self, x, timestep):
+        self.ran += 1
+        return torch.tanh(x) * (1 + timestep / 1000) + torch.sin(timestep / 100)
+
+
+def flow_timesteps(steps: int = STEPS, shift: float = 1.0):
+    return [1000 * shift * s / (1 + (shift - 1) * s) for s in (1 - i / steps for i in range(steps))]
+
+
+def generation(model, timesteps=None, calls=None):
+    """One sampling loop; returns (outputs, indices of the calls answered without running the model)."""
+    timesteps = flow_timesteps() if timesteps is None else timesteps
+    x, outputs, skipped = torch.ones(2, 3), [], []
+    for i, t in enumerate(timesteps[:calls]):
+        ran = model.ran
+        t = torch.tensor([float(t)])
+        eps = model(x, t) if model.positional else model(x, timestep=t)
+        outputs.append(eps)
+        if model.ran == ran:
+            skipped.append(i)
+        x = x - 0.05 * eps
+    return outputs, skipped
+
+
+def taocache_hook(window=WINDOW, **kwargs):
+    ratios = torch.linspace(0.8, 1.2, STEPS)[None]  # a ratio per step, as a LUT gives
+    plan = plan_from_window(STEPS, ("main",), window[0], window[-1], ratios)
+    return DenoiserHook(LoopSpec(STEPS), [TaoCacheCallback(plan, max_norm_ratio=None)], repeat=True, **kwargs)
+
+
+def fresh(timesteps=None, window=WINDOW):
+    """What a hook attached for this one generation gives."""
+    model = Model()
+    with taocache_hook(window).attach(model):
+        return generation(model, timesteps)
+
+
+def equal(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_first_generation_stopped_early_is_cut_from_the_reference():
+    """The first generation is the reference: stopped after 5 calls, the next one's calls were numbered as its steps
+    5-9 and extrapolated from the stopped one's outputs, and no later generation was cached again."""
+    model, err = Model(), io.StringIO()
+    with contextlib.redirect_stderr(err), taocache_hook().attach(model):
+        generation(model, calls=5)
+        runs = [generation(model) for _ in range(3)]
+    uncached = generation(Model())[0]
+    assert [skipped for _, skipped in runs] == [[], WINDOW, WINDOW]
+    assert equal(runs[0][0], uncached) and equal(runs[1][0], fresh()[0]) and equal(runs[2][0], fresh()[0])
+    assert "call 5 of generation 0 runs at timestep 1000 again, where the generation began: it made 5 of the 10" \
+           in err.getvalue()
+
+
+def test_calibration_leaves_out_a_generation_begun_inside_a_short_first_one(tmp_path):
+    """The LUT took a generation spliced from two (timesteps 1000, 900, 800, 1000, ...), and then refused every
+    correct one as 'a different sampler' in this run and every later one."""
+    lut = tmp_path / "lut.safetensors"
+    config = {"lut": str(lut), "calibration": {"auto": True, "prompts": 8, "error_horizon": 0}, "plan": {"budget": 2}}
+    model, err = Model(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        with TaoCache(config_from_dict(config)).attach(model, steps=STEPS, repeat=True):
+            generation(model, calls=3)
+            for _ in range(3):
+                generation(model)
+        first = CalibrationLUT.load(lut)
+        with TaoCache(config_from_dict(config)).attach(model, steps=STEPS, repeat=True):
+            for _ in range(2):
+                generation(model)
+    assert first.timesteps.tolist() == [1000.0 - 100 * i for i in range(STEPS)]
+    assert first.num_prompts == 2 * 2  # two generations of two prompts: the one begun inside the short one is out
+    assert CalibrationLUT.load(lut).num_prompts == 2 * 4
+    assert "calibration: generation 1 left out of the LUT: its calls are not numbered as its own steps" in err.getvalue()
+    assert "a different sampler" not in err.getvalue()
+
+
+def test_a_long_generation_does_not_begin_a_reference_in_the_middle_of_its_loop():
+    """After a generation of 25 steps (10 declared), 'the schedule changed' began a new reference at its call 20,
+    and the next 10-step generation's first calls were extrapolated from the 25-step one's last outputs."""
+    model, err = Model(), io.StringIO()
+    with contextlib.redirect_stderr(err), taocache_hook().attach(model):
+        generation(model)
+        generation(model, flow_timesteps(25))
+        runs = [generation(model) for _ in range(2)]
+    assert [skipped for _, skipped in runs] == [WINDOW, WINDOW]
+    assert equal(runs[0][0], fresh()[0]) and equal(runs[1][0], fresh()[0])
+
+
+def test_a_loop_numbered_one_call_off_is_caught_at_any_earlier_call():
+    """Heun-like loops (t0, t1, t1, t2, t2, ...): numbered one call off, every other call matches the reference at
+    its own index, and a call outside the plan was answered with the call before it."""
+    heun = [1000.0, 850, 850, 700, 700, 550, 550, 400, 400, 250]
+    for window in ([2, 3, 4, 5], [4, 5, 6, 7]):
+        model, err = Model(), io.StringIO()
+        with contextlib.redirect_stderr(err), taocache_hook(window).attach(model):
+            generation(model, heun)
+            generation(model, heun, calls=1)  # interrupted after its first call
+            shifted, skipped = generation(model, heun)
+            aligned = generation(model, heun)
+        assert skipped == [] and equal(shifted, generation(Model(), heun)[0]), window
+        assert aligned[1] == window and equal(aligned[0], fresh(heun, window)[0])
+
+
+def test_a_new_schedule_with_the_same_first_timestep_becomes_the_reference():
+    """Another flow shift starts at t=1000 too: every generation on it was out of line for the rest of the attach,
+    with a warning that it made fewer or more calls than declared."""
+    shifted = flow_timesteps(shift=3.0)
+    model, err = Model(), io.StringIO()
+    with contextlib.redirect_stderr(err), taocache_hook().attach(model):
+        generation(model)
+        runs = [generation(model, shifted) for _ in range(3)]
+    assert [skipped for _, skipped in runs] == [[], WINDOW, WINDOW]
+    assert equal(runs[1][0], fresh(shifted)[0]) and equal(runs[2][0], fresh(shifted)[0])
+    assert "generation 1 ran at other timesteps than generation 0 and made all its 10 calls" in err.getvalue()
+
+
+def test_a_timestep_the_hook_cannot_read_is_warned_about_once():
+    """A positional timestep (DiT's model(x, t)) left every repeat=True guard off without a word."""
+    model, err = Model(positional=True), io.StringIO()
+    with contextlib.redirect_stderr(err), taocache_hook().attach(model):
+        generation(model)
+        generation(model)
+    assert err.getvalue().count("the hook cannot read the timestep of this Model's calls") == 1
+    assert "Give timestep_arg=" in err.getvalue()
+    model, err = Model(positional=True), io.StringIO()
+    with contextlib.redirect_stderr(err), taocache_hook(timestep_arg=1).attach(model):
+        generation(model)
+    assert err.getvalue() == ""
+
+
+def test_numpy_timesteps_are_read():
+    assert _Timestep(np.float32(999.0)).value() == 999.0
+    assert _Timestep(np.int64(7)).value() == 7.0
+    assert _Timestep(np.array([3.0, 999.0])).value() == 999.0
+    assert _Timestep(np.array([])).value() is None
