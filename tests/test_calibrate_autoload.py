@@ -55,21 +55,26 @@ def test_calibrate_needs_enough_prompts(tmp_path):
     assert res.returncode == 1 and "holds 1 prompts, 3 are asked for" in res.stderr
 
 
-SPAWN = textwrap.dedent("""
-    import multiprocessing as mp
+def spawn_script(patched: str) -> str:
+    """A script whose spawned worker prints whether the expression ``patched`` (its imports first) is true."""
+    return textwrap.dedent("""
+        import multiprocessing as mp
 
-    def child(queue):
-        from taohooks.testbed import sampling
-        queue.put(getattr(sampling.sample_flow, "_taohooks_patch", None) is not None)
+        def child(queue):
+            %s
 
-    if __name__ == "__main__":
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        proc = ctx.Process(target=child, args=(queue,))
-        proc.start()
-        print("worker patched:", queue.get(timeout=120))
-        proc.join()
-""")
+        if __name__ == "__main__":
+            ctx = mp.get_context("spawn")
+            queue = ctx.Queue()
+            proc = ctx.Process(target=child, args=(queue,))
+            proc.start()
+            print("worker patched:", queue.get(timeout=120))
+            proc.join()
+    """) % patched
+
+
+SPAWN = spawn_script('from taohooks.testbed import sampling; '
+                     'queue.put(getattr(sampling.sample_flow, "_taohooks_patch", None) is not None)')
 
 
 def test_spawned_workers_get_the_integration(tmp_path):
@@ -90,21 +95,10 @@ def test_spawned_workers_get_the_integration(tmp_path):
             autoload.remove_pth()
 
 
-SPAWN_RESEARCH = textwrap.dedent("""
-    import multiprocessing as mp
-
-    def child(queue):
-        import pipeline_latte  # found on the parent's sys.path, which spawn sets after the interpreter started
-        queue.put(getattr(pipeline_latte.LattePipeline.__call__, "_taohooks_patch", None) is not None)
-
-    if __name__ == "__main__":
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        proc = ctx.Process(target=child, args=(queue,))
-        proc.start()
-        print("worker patched:", queue.get(timeout=120))
-        proc.join()
-""")
+# pipeline_latte is found on the parent's sys.path, which spawn sets after the interpreter started
+SPAWN_RESEARCH = spawn_script('import pipeline_latte; '
+                              'queue.put(getattr(pipeline_latte.LattePipeline.__call__, "_taohooks_patch", None) '
+                              'is not None)')
 
 
 def test_a_spawned_worker_patches_the_research_module_it_finds_only_after_start(tmp_path):
