@@ -270,6 +270,11 @@ def test_shortened_options_are_read_as_the_scripts_own_parsers_read_them():
     run = wan.command_line(["--ta", "t2v-1.3B", "--sample_ste", "30", "--sample_sh=8", "--t5_c", "--prompt", "x"])
     assert (run["task"], run["steps"], run["shift"], run["shift_from"]) == ("t2v-1.3B", 30, 8.0, "--sample_shift")
     assert wan.command_line(["--sample_s", "3"]) is None  # --sample_solver/_steps/_shift: generate.py refuses it
+    # a value outside generate.py's choices: its own parser says "invalid choice", not a LUT or task mismatch
+    from taohooks.integrations import wan22
+    assert wan.command_line(["--task", "nope"]) is None and wan.command_line(["--size", "800*600"]) is None
+    assert wan.command_line(["--sample_solver", "euler"]) is None and wan22.command_line(["--task", "t2v-14B"]) is None
+    assert wan22.command_line(["--task", "ti2v-5B", "--sample_solver", "dpm++"])["task"] == "ti2v-5B"
     args = wan.script_options(["--sample_m", "DDIM", "--num_s", "12", "--text_prompt", "a", "b"], opensora_plan.OPTIONS)
     assert (args.sample_method, args.num_sampling_steps) == ("DDIM", 12)
 

@@ -37,6 +37,8 @@ PIPELINES = {
 }
 STREAMS = ("cond", "uncond")  # Wan calls the model with the prompt first, then with the negative prompt
 TASKS = ("t2v-1.3B", "t2v-14B", "t2i-14B", "i2v-14B", "flf2v-14B", "vace-1.3B", "vace-14B")  # --task choices
+SIZES = ("720*1280", "1280*720", "480*832", "832*480", "1024*1024")  # --size choices (SIZE_CONFIGS)
+SOLVERS = ("unipc", "dpm++")  # --sample_solver choices
 EXPECTS = "a call of WanT2V/WanI2V/WanFLF2V/WanVace.generate (Wan2.1's generate.py)"
 
 _patches = PatchSet()
@@ -102,7 +104,9 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
         "prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang", "base_seed", "image",
         "first_frame", "last_frame", "sample_guide_scale")},
     **{f"--{name}": {"action": "store_true"} for name in ("t5_fsdp", "t5_cpu", "dit_fsdp", "use_prompt_extend")},
-    "--task": {"default": "t2v-14B"}, "--size": {"default": "1280*720"}, "--sample_solver": {"default": "unipc"},
+    # choices as generate.py's: a value its parser refuses leaves the checks to it ("invalid choice")
+    "--task": {"default": "t2v-14B", "choices": TASKS}, "--size": {"default": "1280*720", "choices": SIZES},
+    "--sample_solver": {"default": "unipc", "choices": SOLVERS},
     "--sample_steps": {"type": int, "default": None}, "--sample_shift": {"type": float, "default": None},
     "--ulysses_size": {"type": int, "default": 1}, "--ring_size": {"type": int, "default": 1},
 }

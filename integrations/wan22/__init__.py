@@ -190,7 +190,9 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
     **{f"--{name}": {"action": "store_true"} for name in (
         "t5_fsdp", "t5_cpu", "dit_fsdp", "use_prompt_extend", "convert_model_dtype", "replace_flag",
         "use_relighting_lora", "enable_tts", "start_from_ref")},
-    "--task": {"default": "t2v-A14B"}, "--sample_solver": {"default": "unipc"},
+    # choices as generate.py's: a value its parser refuses leaves the checks to it ("invalid choice")
+    "--task": {"default": "t2v-A14B", "choices": TASKS}, "--sample_solver": {"default": "unipc",
+                                                                             "choices": ("unipc", "dpm++")},
     "--sample_steps": {"type": int, "default": None}, "--sample_shift": {"type": float, "default": None},
     "--ulysses_size": {"type": int, "default": 1}, "--sample_guide_scale": {"type": float, "default": None},
 }
