@@ -76,7 +76,7 @@ def test_a_first_generation_stopped_early_is_cut_from_the_reference():
     uncached = generation(Model())[0]
     assert [skipped for _, skipped in runs] == [[], WINDOW, WINDOW]
     assert equal(runs[0][0], uncached) and equal(runs[1][0], fresh()[0]) and equal(runs[2][0], fresh()[0])
-    assert "call 5 of generation 0 runs at timestep 1000 again, where the generation began: it made 5 of the 10" \
+    assert "call 5 of generation 0 runs at timestep 1000 again, where the generation began: that one made 5 of the 10" \
            in err.getvalue()
 
 
@@ -161,3 +161,109 @@ def test_numpy_timesteps_are_read():
     assert _Timestep(np.int64(7)).value() == 7.0
     assert _Timestep(np.array([3.0, 999.0])).value() == 999.0
     assert _Timestep(np.array([])).value() is None
+
+
+# ---------------------------------------------------------------- loops that return to their first timestep
+CHUNKED = [1000.0, 750.0, 500.0, 250.0] * 3  # one generation of 12 calls that revisits t=1000 twice (declared 12)
+RETURNS = [1.0, 201, 401, 601, 801, 801, 601, 401, 201, 1]  # inversion then sampling: it ends at its first timestep
+
+
+def chunked_hook(recorder=None):
+    callbacks = [recorder] if recorder is not None else [
+        TaoCacheCallback(plan_from_window(12, ("main",), 5, 7, 0.9), max_norm_ratio=None)]
+    return DenoiserHook(LoopSpec(12), callbacks, repeat=True)
+
+
+def test_generations_begun_by_new_sample_are_never_cut():
+    """With new_sample() before each generation (Wan2.2's integration at each generate()), a generation that revisits
+    its first timestep was cut as 'stopped early': nothing was cached and a calibration recorded nothing (review of
+    the fix above)."""
+    from taohooks import CalibrationRecorder
+
+    model, err = Model(), io.StringIO()
+    hook = chunked_hook()
+    with contextlib.redirect_stderr(err), hook.attach(model):
+        runs = []
+        for _ in range(3):
+            hook.new_sample()
+            runs.append(generation(model, CHUNKED)[1])
+    assert runs == [[5, 6, 7]] * 3 and err.getvalue() == ""
+    recorder = CalibrationRecorder(error_horizon=0)
+    hook = chunked_hook(recorder)
+    with contextlib.redirect_stderr(err), hook.attach(Model()) as attached:
+        for _ in range(3):
+            hook.new_sample()
+            generation(attached.module, CHUNKED)
+    assert recorder.lut().num_prompts == 2 * 3
+
+
+def test_a_generation_that_revisits_its_first_timestep_is_whole_again_when_the_next_begins_at_once(tmp_path):
+    """Without new_sample(), the revisit looks like a generation stopped early: the first generation is computed;
+    when the next one begins right at its end, it is whole again: the rest are cached, and calibration, which holds
+    such a generation until then, records every one."""
+    model, err = Model(), io.StringIO()
+    hook = chunked_hook()
+    with contextlib.redirect_stderr(err), hook.attach(model):
+        runs = [generation(model, CHUNKED)[1] for _ in range(3)]
+    assert runs == [[], [5, 6, 7], [5, 6, 7]] and hook.misaligned_generations == 0
+    assert "generation 0 made all its 12 calls after all" in err.getvalue()
+    lut = tmp_path / "lut.safetensors"
+    config = {"lut": str(lut), "calibration": {"auto": True, "prompts": 8, "error_horizon": 0}, "plan": {"budget": 2}}
+    with contextlib.redirect_stderr(err), TaoCache(config_from_dict(config)).attach(model, steps=12, repeat=True):
+        for _ in range(3):
+            generation(model, CHUNKED)
+    assert CalibrationLUT.load(lut).num_prompts == 2 * 3  # the first held until the second began, then recorded
+
+
+def test_a_loop_that_ends_at_its_first_timestep_skips_no_wrong_step_and_keeps_its_lut_timesteps(tmp_path):
+    """It looks like a generation stopped one call early; once the next begins at that same timestep, the cut
+    generation is whole again. Generations numbered one call off compute; the LUT keeps the loop's own timesteps
+    (it took [1, 1, 201, ...] from misnumbered generations)."""
+    model, err = Model(), io.StringIO()
+    with contextlib.redirect_stderr(err), taocache_hook().attach(model):
+        runs = [generation(model, RETURNS) for _ in range(4)]
+    uncached = generation(Model(), RETURNS)[0]
+    assert runs[0][1] == WINDOW and equal(runs[0][0], fresh(RETURNS)[0])
+    assert all(equal(outputs, uncached) or equal(outputs, fresh(RETURNS)[0]) for outputs, _ in runs[1:])
+    lut = tmp_path / "lut.safetensors"
+    config = {"lut": str(lut), "calibration": {"auto": True, "prompts": 8, "error_horizon": 0}, "plan": {"budget": 2}}
+    with contextlib.redirect_stderr(err), TaoCache(config_from_dict(config)).attach(model, steps=STEPS, repeat=True):
+        for _ in range(4):
+            generation(model, RETURNS)
+    assert CalibrationLUT.load(lut).timesteps.tolist() == RETURNS
+
+
+def test_two_generations_stopped_early_in_a_row_are_both_cut():
+    model, err = Model(), io.StringIO()
+    hook = taocache_hook()
+    with contextlib.redirect_stderr(err), hook.attach(model):
+        generation(model, calls=3)
+        generation(model, calls=3)
+        runs = [generation(model) for _ in range(3)]
+    assert [skipped for _, skipped in runs] == [[], WINDOW, WINDOW] and hook.misaligned_generations == 2
+    assert equal(runs[1][0], fresh()[0])
+    assert "call 6 of generation 0 runs at timestep 1000 again, where the last one begun inside it began" \
+           in err.getvalue()
+
+
+def test_a_numpy_timestep_refilled_in_place_is_read_at_its_call():
+    buffer = np.zeros(2, dtype=np.float32)
+
+    class NumpyModel(Model):
+        def forward(self, x, timestep):
+            return super().forward(x, torch.from_numpy(timestep.copy())[:1])
+
+    def numpy_generation(model, calls=STEPS):
+        x, skipped = torch.ones(2, 3), []
+        for i, t in enumerate(flow_timesteps()[:calls]):
+            buffer.fill(t)
+            ran = model.ran
+            x = x - 0.05 * model(x, timestep=buffer)
+            if model.ran == ran:
+                skipped.append(i)
+        return skipped
+
+    model, err = NumpyModel(), io.StringIO()
+    with contextlib.redirect_stderr(err), taocache_hook().attach(model):
+        numpy_generation(model, calls=3)
+        assert [numpy_generation(model) for _ in range(3)] == [[], WINDOW, WINDOW]

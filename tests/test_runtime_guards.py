@@ -178,8 +178,8 @@ def test_two_calls_per_step_loop_one_call_short_is_caught_by_the_call_before(cap
         model(torch.zeros(1, 1), timestep=torch.tensor([15.0]), stream="cond")  # no uncond call at step 15
         full = [run_loop(model, STEPS, streams) for _ in range(2)]
     assert capsys.readouterr().err == (  # found at the end of generation 0, whose last call began the next
-        "taohooks: warning: call 31 of generation 0 runs at timestep 0 again, where the generation began: it made 31 "
-        "of the 32 declared calls (16 steps x 2 call(s) (cond, uncond)) and the next began there; nothing cached is "
+        "taohooks: warning: call 31 of generation 0 runs at timestep 0 again, where the generation began: that one "
+        "made 31 of the 32 declared calls (16 steps x 2 call(s) (cond, uncond)) and the next began there; nothing cached is "
         "reused until the loop is in line again\n"
         "taohooks: generation 1 begins at timestep 0: in line again after 31 uncached call(s)\n")
     assert hook.stray_calls == 2 * STEPS - 1 and hook.sample == 1 and cb.fallbacks == 0

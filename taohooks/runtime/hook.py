@@ -18,9 +18,11 @@ where a cache is about to reuse something: :meth:`DenoiserHook.in_line` then com
 generation's calls so far with the reference generation's (a generation that made fewer calls than
 declared leaves the next one's first calls numbered as its own last ones). Inside the reference
 generation itself, a call at its first timestep again (after others) is where the next began: the
-reference is cut there (:func:`restart_index`), and calibration leaves the numbered generation out. A
-generation that began in line, made all its calls and ran at other timesteps (another shift) becomes
-the reference when the next generation begins right after it. At the end of the reference generation
+reference is cut there (:func:`restart_index`), and calibration holds the numbered generation back:
+if the next generation begins right where it ended, it was whole (its loop revisits its first
+timestep), is the reference again, and is recorded; else it is left out. A reference begun by
+``new_sample()`` is never cut. A generation that began in line, made all its calls and ran at other
+timesteps (another shift) becomes the reference when the next generation begins right after it. At the end of the reference generation
 and at each reuse the timesteps are read together (one synchronisation).
 """
 from __future__ import annotations
@@ -69,6 +71,10 @@ class _Timestep:
     __slots__ = ("raw",)
 
     def __init__(self, raw: Any):
+        while isinstance(raw, (list, tuple)) and raw:  # (a sampler may refill its list or array in place)
+            raw = raw[0]
+        if type(raw).__module__ == "numpy" and hasattr(raw, "size"):  # a numpy scalar or array: its largest value
+            raw = float(raw.max()) if raw.size else None
         if isinstance(raw, torch.Tensor):
             # the largest value: a per-token timestep (Wan2.2 TI2V) holds 0 on conditioning frames
             flat = raw.detach().reshape(-1)
@@ -81,10 +87,6 @@ class _Timestep:
             return float(raw.item()) if raw.numel() and not raw.is_meta else None
         if isinstance(raw, (int, float)):
             return float(raw)
-        if isinstance(raw, (list, tuple)) and raw:
-            return _Timestep(raw[0]).value()
-        if type(raw).__module__ == "numpy" and hasattr(raw, "size"):  # a numpy scalar or array (the largest value)
-            return float(raw.max()) if raw.size else None
         return None
 
 
@@ -168,6 +170,9 @@ class DenoiserHook:
         self._reference_values: List[Optional[float]] = []
         self._checked = 0             # calls of this generation found in line (or, in the reference, not restarted)
         self._reference_open = False  # the reference still takes calls: a generation began inside a numbered one
+        self._cuttable = True         # the reference may be cut (not begun by new_sample())
+        self._cuts = self._cut_at = 0
+        self._uncut: Optional[Tuple[List[Optional[_Timestep]], List[Optional[float]]]] = None  # before the cut
         self._candidate: Optional[Tuple[int, List[Optional[_Timestep]], List[Optional[float]]]] = None
         self._first_step_calls = sum(1 for i in range(loop.total_calls) if loop.locate(i)[0] == 0)
         self._timestep_checked = False  # the first call's timestep was read (repeat)
@@ -281,7 +286,7 @@ class DenoiserHook:
                     f"{self.loop.total_calls} calls of the last one ({self.loop.describe()}); "
                     "is the declared number of steps right?")
             self._abort("a new generation began")
-        self._start(explicit=True)
+        self._start(explicit=True, by_user=True)
 
     def _reset_bookkeeping(self) -> None:
         self._sample, self._index, self._finished = -1, None, False
@@ -291,20 +296,23 @@ class DenoiserHook:
         self._reference_varies, self._previous, self._out_of_line = None, None, None
         self._current, self._current_values, self._reference_values, self._checked = [], [], [], 0
         self._reference_open, self._candidate, self._timestep_checked = False, None, False
+        self._cuttable, self._uncut = True, None
 
-    def _start(self, explicit: bool) -> None:
+    def _start(self, explicit: bool, by_user: bool = False) -> None:
         if not explicit and self._candidate is not None:  # began right after it: that schedule is the loop's now
             sample, timesteps, values = self._candidate
             messages.notice(f"generation {sample} ran at other timesteps than generation {self._reference_sample} "
                             f"and made all its {self.loop.total_calls} calls: the generations after it are "
                             "compared with it")
             self._set_reference(sample, timesteps, values)
-        self._candidate = None
+        self._candidate = self._uncut = None
         self._sample += 1
         self._index, self._finished, self._strays = 0, False, 0
         self._thread = None  # taken by the generation's first call (new_sample() may run in another thread)
         if explicit and self.repeat:  # later generations must begin where this one does
             self._set_reference(self._sample, [], [])
+            # one begun by new_sample() ends where the user says: a call at its first timestep again is its own
+            self._cuttable = not by_user
         self._recording = explicit and self.repeat
         self._reference_open = False
         self._current, self._current_values, self._checked = [], [], 0
@@ -314,6 +322,7 @@ class DenoiserHook:
     def _set_reference(self, sample: int, timesteps: List[Optional[_Timestep]], values: List[Optional[float]]) -> None:
         self._reference, self._reference_values, self._reference_sample = timesteps, values, sample
         self._reference_start = self._reference_varies = None
+        self._cuts = self._cut_at = 0  # cuts of it (_cut_reference), and where the last one was
 
     def _abort(self, reason: str) -> None:
         self._index, self._recording = None, False
@@ -400,6 +409,8 @@ class DenoiserHook:
         if not self.repeat or call.sample != self._sample or self._reference is None:
             return True
         if call.sample == self._reference_sample:  # the reference itself: did a new generation begin inside it?
+            if not self._cuttable:
+                return True
             values = self._read(self._reference, self._reference_values, len(self._reference))
             restart = restart_index(values, self._first_step_calls)
             if restart is None:
@@ -443,15 +454,19 @@ class DenoiserHook:
         start = self._reference_values[0]
         self._out_of_line = sample
         self.misaligned_generations += 1
+        self._cuts += 1
+        self._cut_at += restart  # (the call's number in the numbered generation)
         messages.warning(
-            f"call {restart} of generation {sample} runs at timestep {start:g} again, where the generation began: "
-            f"it made {restart} of the {self.loop.total_calls} declared calls ({self.loop.describe()}) and the next "
-            "began there; nothing cached is reused until the loop is in line again")
+            f"call {self._cut_at} of generation {sample} runs at timestep {start:g} again, where "
+            f"{'the generation' if self._cuts == 1 else 'the last one begun inside it'} began: that one made {restart} "
+            f"of the {self.loop.total_calls} declared calls ({self.loop.describe()}) and the next began there; nothing "
+            "cached is reused until the loop is in line again")
         self._reference = self._reference[restart:]
         self._reference_values = self._reference_values[restart:]
         self._reference_start = self._reference_varies = None
-        if not self._recording:
-            self._reference_open = len(self._reference) < self.loop.total_calls
+        again = restart_index(self._reference_values, self._first_step_calls)  # that one stopped early too
+        if again is not None:
+            self._cut_reference(again)
 
     def _stray(self, timestep: Optional[_Timestep]) -> bool:
         """Whether a call that would begin a generation automatically is out of line (warned).
@@ -512,15 +527,39 @@ class DenoiserHook:
         seen = timestep.value() if timestep is not None else None
         before = self._previous.value() if self._previous is not None else None
         start = self._reference_values[0] if self._reference_values else None
-        if (seen is not None and before is not None and start is not None and timesteps_match(seen, start)
-                and not timesteps_match(before, start)):
+        at_start = seen is not None and start is not None and timesteps_match(seen, start)
+        if at_start and before is not None and not timesteps_match(before, start):  # a generation begins here
             self._reference_open = False
+            if not self._strays:  # at once: the cut generation was whole
+                self._restore_uncut()
+            return False
+        uncut = self._uncut[1] if self._uncut is not None else []
+        j = len(self._reference)
+        if at_start and j < len(uncut) and uncut[j] is not None and not timesteps_match(seen, uncut[j]):
+            # the first timestep where the generation that was cut had another one: it was whole (it ended at its
+            # first timestep), and a generation begins here
+            self._reference_open = False
+            self._restore_uncut()
             return False
         self._reference.append(timestep)
         self._reference_open = len(self._reference) < self.loop.total_calls
         self._strays += 1
         self.stray_calls += 1
         return True
+
+    def _restore_uncut(self) -> None:
+        """The generation cut by :meth:`_cut_reference` made all its calls after all (it returned to its first
+        timestep): it is the reference again."""
+        if self._uncut is None:
+            return
+        timesteps, values = self._uncut
+        self._uncut = None
+        if self._out_of_line == self._sample:
+            self._out_of_line = None  # (a calibration holding it records it)
+        self.misaligned_generations = max(0, self.misaligned_generations - self._cuts)
+        messages.notice(f"generation {self._sample} made all its {self.loop.total_calls} calls after all (its loop "
+                        "returns to its first timestep): it is the reference again")
+        self._set_reference(self._sample, timesteps, values)
 
     def _restarts(self, seen: float) -> bool:
         """Whether a loop can begin at a call at timestep ``seen``: its timestep moves against the reference's
@@ -564,18 +603,24 @@ class DenoiserHook:
         sample = self._sample
         if sample == self._reference_sample:
             self._recording = False
-            if self._out_of_line != sample:
+            if self._cuttable:  # (also after a cut at a reuse: the generation that began there may have stopped too)
                 values = self._read(self._reference, self._reference_values, len(self._reference))
                 restart = restart_index(values, self._first_step_calls)
                 if restart is not None:
                     self._cut_reference(restart)
-            # cut (now or at a reuse): the rest of the generation that began inside it comes as stray calls
-            self._reference_open = self._out_of_line == sample and len(self._reference) < self.loop.total_calls
+            # cut (now or at a reuse): the rest of the generation that began inside it comes as stray calls, unless
+            # the next generation begins at once (then this one was whole, and returned to its first timestep)
+            cut = self._out_of_line == sample and len(self._reference) < self.loop.total_calls
+            self._reference_open = cut
+            self._uncut = (self._current, self._read(self._current, self._current_values, len(self._current))) \
+                if cut else None
             return
         if self._out_of_line != sample:
             return
         values = self._read(self._current, self._current_values, len(self._current))
         start = self._read(self._reference, self._reference_values, 1)
-        if (values and start and values[0] is not None and start[0] is not None and timesteps_match(values[0], start[0])
-                and restart_index(values, self._first_step_calls) is None):
+        first = values[0] if values else None
+        if (first is not None and start and start[0] is not None and timesteps_match(first, start[0])
+                and not any(v is not None and timesteps_match(v, first) for v in values[self._first_step_calls:])):
+            # (a generation that runs at its first timestep again after its first step may be two, misnumbered)
             self._candidate = (sample, self._current, values)
