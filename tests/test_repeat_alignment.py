@@ -198,9 +198,9 @@ def test_generations_begun_by_new_sample_are_never_cut():
 
 
 def test_a_generation_that_revisits_its_first_timestep_is_whole_again_when_the_next_begins_at_once(tmp_path):
-    """Without new_sample(), the revisit looks like a generation stopped early: the first generation is computed;
-    when the next one begins right at its end, it is whole again: the rest are cached, and calibration, which holds
-    such a generation until then, records every one."""
+    """Without new_sample(), the revisit looks like a generation stopped early: the first generation is computed and
+    left out of a calibration (two short generations look the same); when the next one begins right at its end, it
+    is whole again, and the rest are cached and recorded."""
     model, err = Model(), io.StringIO()
     hook = chunked_hook()
     with contextlib.redirect_stderr(err), hook.attach(model):
@@ -212,19 +212,18 @@ def test_a_generation_that_revisits_its_first_timestep_is_whole_again_when_the_n
     with contextlib.redirect_stderr(err), TaoCache(config_from_dict(config)).attach(model, steps=12, repeat=True):
         for _ in range(3):
             generation(model, CHUNKED)
-    assert CalibrationLUT.load(lut).num_prompts == 2 * 3  # the first held until the second began, then recorded
+    assert CalibrationLUT.load(lut).num_prompts == 2 * 2
 
 
 def test_a_loop_that_ends_at_its_first_timestep_skips_no_wrong_step_and_keeps_its_lut_timesteps(tmp_path):
     """It looks like a generation stopped one call early; once the next begins at that same timestep, the cut
-    generation is whole again. Generations numbered one call off compute; the LUT keeps the loop's own timesteps
-    (it took [1, 1, 201, ...] from misnumbered generations)."""
+    generation is whole again, and the next begins at that call (not one call later, as 'the call before it ran at
+    the first timestep too' had it). Every generation is cached as a fresh hook; the LUT keeps the loop's own
+    timesteps (it took [1, 1, 201, ...] from misnumbered generations)."""
     model, err = Model(), io.StringIO()
     with contextlib.redirect_stderr(err), taocache_hook().attach(model):
         runs = [generation(model, RETURNS) for _ in range(4)]
-    uncached = generation(Model(), RETURNS)[0]
-    assert runs[0][1] == WINDOW and equal(runs[0][0], fresh(RETURNS)[0])
-    assert all(equal(outputs, uncached) or equal(outputs, fresh(RETURNS)[0]) for outputs, _ in runs[1:])
+    assert all(skipped == WINDOW and equal(outputs, fresh(RETURNS)[0]) for outputs, skipped in runs)
     lut = tmp_path / "lut.safetensors"
     config = {"lut": str(lut), "calibration": {"auto": True, "prompts": 8, "error_horizon": 0}, "plan": {"budget": 2}}
     with contextlib.redirect_stderr(err), TaoCache(config_from_dict(config)).attach(model, steps=STEPS, repeat=True):
@@ -267,3 +266,29 @@ def test_a_numpy_timestep_refilled_in_place_is_read_at_its_call():
     with contextlib.redirect_stderr(err), taocache_hook().attach(model):
         numpy_generation(model, calls=3)
         assert [numpy_generation(model) for _ in range(3)] == [[], WINDOW, WINDOW]
+
+
+def test_two_short_warm_ups_that_make_the_declared_calls_between_them_stay_out_of_the_lut(tmp_path):
+    """Two 5-step warm-ups (10 declared) look like one generation revisiting its first timestep; recording it as
+    one corrupted the LUT (timesteps 1000 ... 200, 1000 ... 200), which then refused every correct generation."""
+    lut = tmp_path / "lut.safetensors"
+    config = {"lut": str(lut), "calibration": {"auto": True, "prompts": 12, "error_horizon": 0}, "plan": {"budget": 2}}
+    model, err = Model(), io.StringIO()
+    warm_up = [1000.0, 800.0, 600.0, 400.0, 200.0]
+    with contextlib.redirect_stderr(err), TaoCache(config_from_dict(config)).attach(model, steps=STEPS, repeat=True):
+        generation(model, warm_up)
+        generation(model, warm_up)
+        for _ in range(6):
+            generation(model, [1000.0 - 100 * i for i in range(STEPS)])
+    saved = CalibrationLUT.load(lut)
+    assert saved.timesteps.tolist() == [1000.0 - 100 * i for i in range(STEPS)] and saved.num_prompts == 2 * 6
+
+
+def test_a_new_schedule_whose_first_timestep_repeats_becomes_the_reference():
+    """Two calls per timestep declared as one stream ([t0, t0, t1, t1, ...]): a new schedule was never adopted."""
+    twice = lambda schedule: [t for t in schedule for _ in range(2)]  # noqa: E731
+    first, second = twice([1000.0, 900, 800, 700, 600]), twice([1000.0, 950, 850, 700, 500])
+    model, err = Model(), io.StringIO()
+    with contextlib.redirect_stderr(err), taocache_hook().attach(model):
+        assert [generation(model, first)[1] for _ in range(2)] == [WINDOW, WINDOW]
+        assert [generation(model, second)[1] for _ in range(3)] == [[], WINDOW, WINDOW]

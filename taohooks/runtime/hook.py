@@ -18,9 +18,9 @@ where a cache is about to reuse something: :meth:`DenoiserHook.in_line` then com
 generation's calls so far with the reference generation's (a generation that made fewer calls than
 declared leaves the next one's first calls numbered as its own last ones). Inside the reference
 generation itself, a call at its first timestep again (after others) is where the next began: the
-reference is cut there (:func:`restart_index`), and calibration holds the numbered generation back:
-if the next generation begins right where it ended, it was whole (its loop revisits its first
-timestep), is the reference again, and is recorded; else it is left out. A reference begun by
+reference is cut there (:func:`restart_index`), and calibration leaves the numbered generation out. If
+the next generation begins right where it ended, it was whole (its loop revisits its first timestep, or
+two short ones made its calls) and is the reference again. A reference begun by
 ``new_sample()`` is never cut. A generation that began in line, made all its calls and ran at other
 timesteps (another shift) becomes the reference when the next generation begins right after it. At the end of the reference generation
 and at each reuse the timesteps are read together (one synchronisation).
@@ -171,6 +171,8 @@ class DenoiserHook:
         self._checked = 0             # calls of this generation found in line (or, in the reference, not restarted)
         self._reference_open = False  # the reference still takes calls: a generation began inside a numbered one
         self._cuttable = True         # the reference may be cut (not begun by new_sample())
+        self._restored = False        # _restore_uncut() ran at this call: a generation begins here
+        self._ends_at_start = False   # the reference's last call runs at its first timestep
         self._cuts = self._cut_at = 0
         self._uncut: Optional[Tuple[List[Optional[_Timestep]], List[Optional[float]]]] = None  # before the cut
         self._candidate: Optional[Tuple[int, List[Optional[_Timestep]], List[Optional[float]]]] = None
@@ -360,8 +362,10 @@ class DenoiserHook:
                     f"{self.loop.describe()}: the loop made more calls than declared. Declare the right "
                     "number of steps, call new_sample() before each generation, or attach with "
                     "repeat=True to start a new generation automatically")
-            if self._finished and ((self._reference_open and self._continues_reference(timestep))
-                                   or self._stray(timestep)):
+            continues = self._reference_open and self._continues_reference(timestep)
+            restored = self._restored  # (a generation begins at this call, whatever the call before it was)
+            self._restored = False
+            if self._finished and (continues or (not restored and self._stray(timestep))):
                 self._previous = timestep
                 self._candidate = None
                 return None, None
@@ -482,6 +486,9 @@ class DenoiserHook:
             value = middle.value() if middle is not None else None
             self._reference_varies = value is not None and self._reference_start is not None \
                 and not timesteps_match(value, self._reference_start)
+            last = reference[-1].value() if reference[-1] is not None else None
+            self._ends_at_start = last is not None and self._reference_start is not None \
+                and len(reference) > self._first_step_calls and timesteps_match(last, self._reference_start)
         want = self._reference_start
         seen = timestep.value() if timestep is not None else None
         if want is None or seen is None:
@@ -489,7 +496,8 @@ class DenoiserHook:
         following = self._sample + 1
         starts = timesteps_match(seen, want)
         before = self._previous.value() if starts and self._reference_varies and self._previous is not None else None
-        early = before is not None and timesteps_match(before, want)  # the last call began this generation
+        # the last call began this generation (unless generations end at their first timestep)
+        early = before is not None and timesteps_match(before, want) and not self._ends_at_start
         if starts and not early:
             if self._strays:
                 messages.notice(f"generation {following} begins at timestep {want:g}: in line again after "
@@ -554,9 +562,8 @@ class DenoiserHook:
             return
         timesteps, values = self._uncut
         self._uncut = None
-        if self._out_of_line == self._sample:
-            self._out_of_line = None  # (a calibration holding it records it)
         self.misaligned_generations = max(0, self.misaligned_generations - self._cuts)
+        self._restored = True
         messages.notice(f"generation {self._sample} made all its {self.loop.total_calls} calls after all (its loop "
                         "returns to its first timestep): it is the reference again")
         self._set_reference(self._sample, timesteps, values)
@@ -618,9 +625,12 @@ class DenoiserHook:
         if self._out_of_line != sample:
             return
         values = self._read(self._current, self._current_values, len(self._current))
-        start = self._read(self._reference, self._reference_values, 1)
         first = values[0] if values else None
-        if (first is not None and start and start[0] is not None and timesteps_match(first, start[0])
-                and not any(v is not None and timesteps_match(v, first) for v in values[self._first_step_calls:])):
-            # (a generation that runs at its first timestep again after its first step may be two, misnumbered)
+        reference = self._read(self._reference, self._reference_values, len(self._reference))
+        if (first is not None and reference and reference[0] is not None and timesteps_match(first, reference[0])
+                and not any(v is not None and timesteps_match(v, first)
+                            and not (j < len(reference) and reference[j] is not None
+                                     and timesteps_match(reference[j], first))
+                            for j, v in enumerate(values) if j >= self._first_step_calls)):
+            # (one that runs at its first timestep again where the reference did not may be two, misnumbered)
             self._candidate = (sample, self._current, values)

@@ -146,9 +146,6 @@ class CalibrationRecorder(Callback):
         self._loop: Optional[LoopSpec] = None
         self._history: Dict[str, _StreamHistory] = {}
         self._generation: Optional[_Generation] = None
-        # a generation the hook found out of line at its end (repeat=True), until the next one begins: by then the
-        # hook knows whether it was whole after all (a loop that returns to its first timestep)
-        self._held: Optional[Tuple[int, "_Generation"]] = None
 
     def on_attach(self, hook) -> None:
         loop = hook.loop
@@ -166,7 +163,6 @@ class CalibrationRecorder(Callback):
         self._loop = loop
 
     def on_sample_start(self, hook, sample: int) -> None:
-        self._settle_held(hook, confirmable=True)
         self._history = {s: _StreamHistory(self.error_horizon) for s in hook.loop.streams}
         self._generation = _Generation(hook.loop)
 
@@ -177,18 +173,7 @@ class CalibrationRecorder(Callback):
                              "its statistics were left out of the LUT")
 
     def on_detach(self, hook) -> None:
-        self._settle_held(hook, confirmable=False)
         self._history, self._generation = {}, None
-
-    def _settle_held(self, hook, confirmable: bool) -> None:
-        if self._held is None:
-            return
-        (sample, gen), self._held = self._held, None
-        if confirmable and not hook.generation_out_of_line(sample):
-            self._merge(sample, gen)
-            return
-        messages.warning(f"calibration: generation {sample + 1} left out of the LUT: its calls are not numbered as "
-                         "its own steps, or ran at other timesteps than the reference generation's")
 
     def on_after_call(self, hook, call, output) -> None:
         if not call.computed:
@@ -258,11 +243,11 @@ class CalibrationRecorder(Callback):
         if gen is None:
             return
         if getattr(hook, "repeat", False) and getattr(hook, "generation_out_of_line", lambda _: False)(sample):
-            self._held = (sample, gen)  # (the hook warned) decided when the next generation begins
+            # (the hook warned) also where the hook later finds it was whole (a loop that revisits its first
+            # timestep): two short generations can look the same, and a spliced generation would corrupt the LUT
+            messages.warning(f"calibration: generation {sample + 1} left out of the LUT: its calls are not "
+                             "numbered as its own steps, or ran at other timesteps than the reference generation's")
             return
-        self._merge(sample, gen)
-
-    def _merge(self, sample: int, gen: "_Generation") -> None:
         if gen.bad is not None:
             name, step, what = gen.bad
             messages.warning(f"calibration: generation {sample + 1} left out of the LUT: stream {name!r}, "
