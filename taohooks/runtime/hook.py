@@ -20,7 +20,8 @@ declared leaves the next one's first calls numbered as its own last ones). Insid
 generation itself, a call at its first timestep again (after others) is where the next began: the
 reference is cut there (:func:`restart_index`), and calibration leaves the numbered generation out. If
 the next generation begins right where it ended, it was whole (its loop revisits its first timestep, or
-two short ones made its calls) and is the reference again. A reference begun by
+two short ones made its calls) and is the reference again. Every generation's calls are compared with
+the reference's at its end too, so that a calibration never records one numbered off. A reference begun by
 ``new_sample()`` is never cut. A generation that began in line, made all its calls and ran at other
 timesteps (another shift) becomes the reference when the next generation begins right after it. At the end of the reference generation
 and at each reuse the timesteps are read together (one synchronisation).
@@ -171,8 +172,6 @@ class DenoiserHook:
         self._checked = 0             # calls of this generation found in line (or, in the reference, not restarted)
         self._reference_open = False  # the reference still takes calls: a generation began inside a numbered one
         self._cuttable = True         # the reference may be cut (not begun by new_sample())
-        self._restored = False        # _restore_uncut() ran at this call: a generation begins here
-        self._ends_at_start = False   # the reference's last call runs at its first timestep
         self._cuts = self._cut_at = 0
         self._uncut: Optional[Tuple[List[Optional[_Timestep]], List[Optional[float]]]] = None  # before the cut
         self._candidate: Optional[Tuple[int, List[Optional[_Timestep]], List[Optional[float]]]] = None
@@ -362,10 +361,8 @@ class DenoiserHook:
                     f"{self.loop.describe()}: the loop made more calls than declared. Declare the right "
                     "number of steps, call new_sample() before each generation, or attach with "
                     "repeat=True to start a new generation automatically")
-            continues = self._reference_open and self._continues_reference(timestep)
-            restored = self._restored  # (a generation begins at this call, whatever the call before it was)
-            self._restored = False
-            if self._finished and (continues or (not restored and self._stray(timestep))):
+            if self._finished and ((self._reference_open and self._continues_reference(timestep))
+                                   or self._stray(timestep)):
                 self._previous = timestep
                 self._candidate = None
                 return None, None
@@ -421,15 +418,21 @@ class DenoiserHook:
                 return True
             self._cut_reference(restart)
             return False
-        n = min(call.index + 1, len(self._reference))
+        return self._calls_in_line(call.index + 1)
+
+    def _calls_in_line(self, calls: int) -> bool:
+        """Whether this generation's first ``calls`` calls ran at the reference's timesteps; if not, it is out of
+        line (warned, counted). Every call so far: a loop numbered one call off can match at one index."""
+        n = min(calls, len(self._reference))
         current = self._read(self._current, self._current_values, n)
         reference = self._read(self._reference, self._reference_values, n)
-        for j in range(self._checked, n):  # every call so far: a loop numbered one call off can match at one index
+        for j in range(self._checked, n):
             seen, want = current[j], reference[j]
             if seen is not None and want is not None and not timesteps_match(seen, want):
-                self._out_of_line = call.sample
+                self._out_of_line = self._sample
+                self.misaligned_generations += 1
                 messages.warning(
-                    f"call {j} (step {self.loop.locate(j)[0]}) of generation {call.sample} ran at timestep {seen:g}, "
+                    f"call {j} (step {self.loop.locate(j)[0]}) of generation {self._sample} ran at timestep {seen:g}, "
                     f"but the same call of generation {self._reference_sample} ran at {want:g}: a generation made "
                     f"fewer or more calls than declared ({self.loop.describe()}), or the schedule changed; nothing "
                     "cached is reused until the loop is in line again")
@@ -486,9 +489,6 @@ class DenoiserHook:
             value = middle.value() if middle is not None else None
             self._reference_varies = value is not None and self._reference_start is not None \
                 and not timesteps_match(value, self._reference_start)
-            last = reference[-1].value() if reference[-1] is not None else None
-            self._ends_at_start = last is not None and self._reference_start is not None \
-                and len(reference) > self._first_step_calls and timesteps_match(last, self._reference_start)
         want = self._reference_start
         seen = timestep.value() if timestep is not None else None
         if want is None or seen is None:
@@ -496,8 +496,7 @@ class DenoiserHook:
         following = self._sample + 1
         starts = timesteps_match(seen, want)
         before = self._previous.value() if starts and self._reference_varies and self._previous is not None else None
-        # the last call began this generation (unless generations end at their first timestep)
-        early = before is not None and timesteps_match(before, want) and not self._ends_at_start
+        early = before is not None and timesteps_match(before, want)  # the last call began this generation
         if starts and not early:
             if self._strays:
                 messages.notice(f"generation {following} begins at timestep {want:g}: in line again after "
@@ -563,7 +562,6 @@ class DenoiserHook:
         timesteps, values = self._uncut
         self._uncut = None
         self.misaligned_generations = max(0, self.misaligned_generations - self._cuts)
-        self._restored = True
         messages.notice(f"generation {self._sample} made all its {self.loop.total_calls} calls after all (its loop "
                         "returns to its first timestep): it is the reference again")
         self._set_reference(self._sample, timesteps, values)
@@ -622,15 +620,12 @@ class DenoiserHook:
             self._uncut = (self._current, self._read(self._current, self._current_values, len(self._current))) \
                 if cut else None
             return
-        if self._out_of_line != sample:
-            return
+        if self._out_of_line != sample and self._calls_in_line(len(self._current)):
+            return  # (compared at its end too: a calibration, which reuses nothing, must not record it numbered off)
         values = self._read(self._current, self._current_values, len(self._current))
+        start = self._read(self._reference, self._reference_values, 1)
         first = values[0] if values else None
-        reference = self._read(self._reference, self._reference_values, len(self._reference))
-        if (first is not None and reference and reference[0] is not None and timesteps_match(first, reference[0])
-                and not any(v is not None and timesteps_match(v, first)
-                            and not (j < len(reference) and reference[j] is not None
-                                     and timesteps_match(reference[j], first))
-                            for j, v in enumerate(values) if j >= self._first_step_calls)):
-            # (one that runs at its first timestep again where the reference did not may be two, misnumbered)
+        if (first is not None and start and start[0] is not None and timesteps_match(first, start[0])
+                and not any(v is not None and timesteps_match(v, first) for v in values[self._first_step_calls:])):
+            # (a generation that runs at its first timestep again after its first step may be two, misnumbered)
             self._candidate = (sample, self._current, values)
