@@ -98,7 +98,8 @@ def test_calibration_leaves_out_a_generation_begun_inside_a_short_first_one(tmp_
     assert first.timesteps.tolist() == [1000.0 - 100 * i for i in range(STEPS)]
     assert first.num_prompts == 2 * 2  # two generations of two prompts: the one begun inside the short one is out
     assert CalibrationLUT.load(lut).num_prompts == 2 * 4
-    assert "calibration: generation 1 left out of the LUT: its calls are not numbered as its own steps" in err.getvalue()
+    assert "calibration: generation 1 left out of the LUT: its calls are not numbered as its own steps" \
+           in err.getvalue()
     assert "a different sampler" not in err.getvalue()
 
 

@@ -23,8 +23,8 @@ the next generation begins right where it ended, it was whole (its loop revisits
 two short ones made its calls) and is the reference again. Every generation's calls are compared with
 the reference's at its end too, so that a calibration never records one numbered off. A reference begun by
 ``new_sample()`` is never cut. A generation that began in line, made all its calls and ran at other
-timesteps (another shift) becomes the reference when the next generation begins right after it. At the end of the reference generation
-and at each reuse the timesteps are read together (one synchronisation).
+timesteps (another shift) becomes the reference when the next generation begins right after it. At the
+end of each generation and at each reuse the timesteps are read together (one synchronisation).
 """
 from __future__ import annotations
 
@@ -114,7 +114,8 @@ def restart_index(values: List[Optional[float]], first_step_calls: int) -> Optio
     start = values[0]
     for r in range(max(1, first_step_calls), len(values)):
         now, before = values[r], values[r - 1]
-        if now is not None and before is not None and timesteps_match(now, start) and not timesteps_match(before, start):
+        if (now is not None and before is not None and timesteps_match(now, start)
+                and not timesteps_match(before, start)):
             return r
     return None
 
@@ -602,9 +603,10 @@ class DenoiserHook:
 
     def _check_ended_generation(self) -> None:
         """At the last call of a generation (``repeat=True``; one synchronisation): the reference generation is
-        searched for a generation that began inside it (:meth:`_cut_reference`); a later one found out of line
-        that began where the reference did and holds no restart is a complete generation on another schedule,
-        the reference from the next generation on if that one begins right after it."""
+        searched for a generation that began inside it (:meth:`_cut_reference`); a later one is compared with the
+        reference (:meth:`_calls_in_line`), and one out of line that began where the reference did and holds no
+        restart is a complete generation on another schedule, the reference from the next generation on if that
+        one begins right after it."""
         sample = self._sample
         if sample == self._reference_sample:
             self._recording = False
