@@ -55,7 +55,7 @@ def install_from_environment() -> None:
     from .run import ENV_CONFIG, install_integration
     from .config import load_config
 
-    from .launcher.integration import ResearchModuleMissing, script_sys_path
+    from .launcher.integration import script_sys_path
 
     path = os.environ.get(ENV_CONFIG)
     if not path:
@@ -63,8 +63,6 @@ def install_from_environment() -> None:
     try:
         with script_sys_path([], complete=False):  # modules found nowhere yet are noted, not fatal
             install_integration(load_config(path))
-    except ResearchModuleMissing:
-        return
     except Exception as exc:  # noqa: BLE001 - must never prevent the interpreter from starting
         print(f"taohooks: {ENV_CONFIG}={path}: integration not installed in this process: {exc}", file=sys.stderr)
 

@@ -242,7 +242,7 @@ class CalibrationRecorder(Callback):
         gen, self._generation, self._history = self._generation, None, {}
         if gen is None:
             return
-        if getattr(hook, "repeat", False) and getattr(hook, "generation_out_of_line", lambda _: False)(sample):
+        if getattr(hook, "generation_out_of_line", lambda _: False)(sample):  # (repeat=True only)
             # (the hook warned) also where the hook later finds it was whole (a loop that revisits its first
             # timestep): two short generations can look the same, and a spliced generation would corrupt the LUT
             messages.warning(f"calibration: generation {sample + 1} left out of the LUT: its calls are not "
