@@ -76,7 +76,7 @@ def test_a_first_generation_stopped_early_is_cut_from_the_reference():
     uncached = generation(Model())[0]
     assert [skipped for _, skipped in runs] == [[], WINDOW, WINDOW]
     assert equal(runs[0][0], uncached) and equal(runs[1][0], fresh()[0]) and equal(runs[2][0], fresh()[0])
-    assert "call 5 of generation 0 runs at timestep 1000 again, where the generation began: that one made 5 of the 10" \
+    assert "call 5 of generation 1 runs at timestep 1000 again, where the generation began: that one made 5 of the 10" \
            in err.getvalue()
 
 
@@ -140,7 +140,7 @@ def test_a_new_schedule_with_the_same_first_timestep_becomes_the_reference():
         runs = [generation(model, shifted) for _ in range(3)]
     assert [skipped for _, skipped in runs] == [[], WINDOW, WINDOW]
     assert equal(runs[1][0], fresh(shifted)[0]) and equal(runs[2][0], fresh(shifted)[0])
-    assert "generation 1 ran at other timesteps than generation 0 and made all its 10 calls" in err.getvalue()
+    assert "generation 2 ran at other timesteps than generation 1 and made all its 10 calls" in err.getvalue()
 
 
 def test_a_timestep_the_hook_cannot_read_is_warned_about_once():
@@ -207,7 +207,7 @@ def test_a_generation_that_revisits_its_first_timestep_is_whole_again_when_the_n
     with contextlib.redirect_stderr(err), hook.attach(model):
         runs = [generation(model, CHUNKED)[1] for _ in range(3)]
     assert runs == [[], [5, 6, 7], [5, 6, 7]] and hook.misaligned_generations == 0
-    assert "generation 0 made all its 12 calls after all" in err.getvalue()
+    assert "generation 1 made all its 12 calls after all" in err.getvalue()
     lut = tmp_path / "lut.safetensors"
     config = {"lut": str(lut), "calibration": {"auto": True, "prompts": 8, "error_horizon": 0}, "plan": {"budget": 2}}
     with contextlib.redirect_stderr(err), TaoCache(config_from_dict(config)).attach(model, steps=12, repeat=True):
@@ -243,7 +243,7 @@ def test_two_generations_stopped_early_in_a_row_are_both_cut():
         runs = [generation(model) for _ in range(3)]
     assert [skipped for _, skipped in runs] == [[], WINDOW, WINDOW] and hook.misaligned_generations == 2
     assert equal(runs[1][0], fresh()[0])
-    assert "call 6 of generation 0 runs at timestep 1000 again, where the last one begun inside it began" \
+    assert "call 6 of generation 1 runs at timestep 1000 again, where the last one begun inside it began" \
            in err.getvalue()
 
 

@@ -140,10 +140,10 @@ def test_repeat_loop_with_one_call_too_many_runs_it_uncached_and_realigns(capsys
         later = [run_loop(model, STEPS)["main"] for _ in range(2)]  # right again
     err = capsys.readouterr().err
     assert err == (
-        "taohooks: warning: generation 1 would begin at timestep 15 (its timestep at step 15), but generation 0 "
+        "taohooks: warning: generation 2 would begin at timestep 15 (its timestep at step 15), but generation 1 "
         "began at 0: the previous generation made more or fewer calls than declared (16 steps x 1 call(s) "
         "(main)). Calls run uncached until one begins at timestep 0\n"
-        "taohooks: generation 1 begins at timestep 0: in line again after 1 uncached call(s)\n")
+        "taohooks: generation 2 begins at timestep 0: in line again after 1 uncached call(s)\n")
     assert torch.equal(stray, ref[15]) and hook.stray_calls == 1 and hook.misaligned_generations == 1
     assert hook.sample == 2 and hook.counts == {"main": [36, 12]} and cb.fallbacks == 0
     for outs in [first] + later:
@@ -178,10 +178,10 @@ def test_two_calls_per_step_loop_one_call_short_is_caught_by_the_call_before(cap
         model(torch.zeros(1, 1), timestep=torch.tensor([15.0]), stream="cond")  # no uncond call at step 15
         full = [run_loop(model, STEPS, streams) for _ in range(2)]
     assert capsys.readouterr().err == (  # found at the end of generation 0, whose last call began the next
-        "taohooks: warning: call 31 of generation 0 runs at timestep 0 again, where the generation began: that one "
+        "taohooks: warning: call 31 of generation 1 runs at timestep 0 again, where the generation began: that one "
         "made 31 of the 32 declared calls (16 steps x 2 call(s) (cond, uncond)) and the next began there; nothing cached is "
         "reused until the loop is in line again\n"
-        "taohooks: generation 1 begins at timestep 0: in line again after 31 uncached call(s)\n")
+        "taohooks: generation 2 begins at timestep 0: in line again after 31 uncached call(s)\n")
     assert hook.stray_calls == 2 * STEPS - 1 and hook.sample == 1 and cb.fallbacks == 0
     assert all(torch.equal(a, b) for s in streams for a, b in zip(ref[s], full[0][s]))  # computed
     assert max((a - b).abs().max().item() for s in streams for a, b in zip(ref[s], full[1][s])) < 1e-5
@@ -197,7 +197,7 @@ def test_a_new_schedule_becomes_the_reference_after_a_generation_of_stray_calls(
             for t in range(STEPS):
                 extra_call(model, 100 + t)
     assert capsys.readouterr().err.splitlines()[1] == (
-        "taohooks: warning: no call began at timestep 0 in the 16 calls after generation 0; generation 1 "
+        "taohooks: warning: no call began at timestep 0 in the 16 calls after generation 1; generation 2 "
         "begins at this call (timestep 100), and the generations after it must begin where it does")
     assert hook.stray_calls == STEPS and hook.sample == 2 and hook.misaligned_generations == 1
 
@@ -216,7 +216,7 @@ def test_generation_at_a_later_lut_timestep_computes_every_step(capsys):
             extra_call(model, t)
     assert hook.counts == {"main": [STEPS + 12, 4]} and cb.misaligned_generations == 1 and cb.fallbacks == 0
     assert capsys.readouterr().err == (
-        "taohooks: warning: generation 0 begins at timestep 0, the LUT's timestep at step 2, not at its first "
+        "taohooks: warning: generation 1 begins at timestep 0, the LUT's timestep at step 2, not at its first "
         "timestep -2: the loop is 2 step(s) out of line (the previous generation made more or fewer calls than "
         "declared: 16 steps x 1 call(s) (main)); this generation computes every step\n")
 

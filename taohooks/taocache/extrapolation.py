@@ -223,7 +223,7 @@ class TaoCacheCallback(Callback):
         self._aligned = False
         self.misaligned_generations += 1
         messages.warning(
-            f"taohooks: generation {call.sample} begins at timestep {seen:g}, the LUT's timestep at step "
+            f"taohooks: generation {call.sample + 1} begins at timestep {seen:g}, the LUT's timestep at step "
             f"{later[0]}, not at its first timestep {first:g}: the loop is {later[0]} step(s) out of line "
             f"(the previous generation made more or fewer calls than declared: {hook.loop.describe()}); "
             "this generation computes every step")
