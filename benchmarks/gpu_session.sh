@@ -59,6 +59,17 @@
 # includes the compilation, the later lines' s/step say whether it is faster than the 30 ms a step of the eager run;
 # a compiler that fails at the first step leaves the run uncompiled, with a message in train.log; --profile prints
 # where 20 steps' GPU time goes, after step 22).
+# Suggested next call (2026-11-27, reasoned, not measured): batch 1024 instead of 256. At 30 ms a step the H200
+# ran the 6.5M-parameter model at about 40 TFLOP/s (6 x 6.5M parameters x 32 768 tokens a step), a small part of
+# what it can do, so the step time is most likely kernel launches and per-step overhead, which a 4 times larger
+# batch shares out over 4 times the clips; the 12 draw workers make about 34 000 clips a second (0.35 ms a clip
+# each), enough for it. The learning rate rises with the batch (square-root rule, 5e-4 x 2, kept below it):
+#   run(command='MEASURE=0 TRAIN_EXTRA="--sigma-shift 3 --batch-size 1024 --lr 7e-4 --profile 20"
+#       bash benchmarks/gpu_session.sh', carry=[".whl", ".carry/scenes-flow.safetensors", ".carry/scenes-flow.json"],
+#       timeout_s=600)
+# (TRAIN_EXTRA comes after the script's own options, so its --batch-size wins.) Its log's s/step and "(data ...)" say
+# whether it pays: at 4 times the clips a step, any s/step under 0.12 is more clips a second than the 30 ms runs.
+# --compile inductor is left for a later call: its compilation takes part of a call whose gain is unknown.
 # PATCH=4 (the 4x4-token model, .carry/scenes-flow-p4.safetensors) is the alternative.
 # .whl/ and .carry/ are git-ignored. The image there has torch, einops, safetensors, pyyaml, numpy, pillow,
 # tqdm and matplotlib; diffusers (for gpu_speed.py's WanTransformer3DModel) travels as a wheel.
