@@ -316,11 +316,15 @@ def _cmd_bench(args) -> int:
 
     for model in config.models:  # every checkpoint, before the first model's work
         try:
-            TestbedModel.check(model, config.weights.get(model))
+            TestbedModel.check(model, config.weights.get(model), tensors=True)
         except (ValueError, FileNotFoundError) as exc:
-            raise ConfigError("command line" if model in given else args.config,
-                              "--weights" if model in given else "weights" if model in config.weights else "models",
-                              str(exc)) from None
+            if model in given:
+                where, key = "command line", "--weights"
+            elif model in config.weights:
+                where, key = args.config, "weights"
+            else:  # the bundled checkpoint of a model the YAML's models: or the command line's --models names
+                where, key = ("command line", "--models") if args.models else (args.config, "models")
+            raise ConfigError(where, key, str(exc)) from None
     _check_output(config.output, folder=True)
     settle_lpips(config)  # no LPIPS weights: lpips false (said) before the folder's settings are checked
     previous = None

@@ -797,6 +797,65 @@ def test_state_and_out_are_checked_before_training(tmp_path, state, message):
     assert not (tmp_path / "w.safetensors").exists()
 
 
+def test_resuming_a_state_does_not_replace_another_runs_weights_at_out(tmp_path):
+    """``--resume S --state S`` skipped every check of ``--out``: another run's weights and summary there (here an
+    eps run's) were replaced without --overwrite."""
+    mine, theirs = tmp_path / "mine.safetensors", tmp_path / "theirs.safetensors"
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(mine)])
+    train_scenes.main(["--kind", "eps", *TINY[2:], "--steps", "2", "--out", str(theirs)])
+    before = theirs.read_bytes(), theirs.with_suffix(".json").read_text()
+    state = str(tmp_path / "mine.state.pt")
+    with pytest.raises(SystemExit, match=r"--out .*theirs.safetensors exists and is not the weights of the run "
+                                         r"resumed from .*mine.state.pt \(another run wrote it"):
+        train_scenes.main([*TINY, "--steps", "4", "--out", str(theirs), "--state", state, "--resume", state])
+    assert (theirs.read_bytes(), theirs.with_suffix(".json").read_text()) == before
+    assert _state_step(state) == 2
+    train_scenes.main([*TINY, "--steps", "4", "--out", str(mine), "--resume", state])  # its own: continues
+    assert _state_step(state) == 4 and json.loads(mine.with_suffix(".json").read_text())["steps_done"] == 4
+
+
+def test_a_summary_is_this_runs_by_run_id_or_else_by_kind_seed_origin_and_step():
+    state = {"kind": "flow", "hparams": {"seed": 0}, "previous": None, "step": 10, "run_id": "a"}
+    assert train_scenes._same_run({"run_id": "a"}, state) is None
+    assert "run_id differs" in train_scenes._same_run({"run_id": "b"}, state)
+    legacy = {k: v for k, v in state.items() if k != "run_id"}  # written before run ids
+    ok = {"kind": "flow", "seed": 0, "previous": None, "steps_done": 8}
+    assert train_scenes._same_run(ok, legacy) is None
+    assert "kind: 'eps'" in train_scenes._same_run({**ok, "kind": "eps"}, legacy)
+    assert "seed: 1" in train_scenes._same_run({**ok, "seed": 1}, legacy)
+    assert "began from" in train_scenes._same_run({**ok, "previous": {"total_steps": 5}}, legacy)
+    assert "past the resumed state's step 10" in train_scenes._same_run({**ok, "steps_done": 12}, legacy)
+    assert "no training summary" in train_scenes._same_run(None, legacy)
+
+
+def test_a_new_run_does_not_replace_a_json_file_at_its_summary_name(tmp_path):
+    notes = tmp_path / "w.json"
+    notes.write_text('{"my": "notes"}')
+    with pytest.raises(SystemExit, match=r"w.json exists: another run's training summary; choose another --out, or "
+                                         r"pass --overwrite"):
+        train_scenes.main([*TINY, "--steps", "2", "--out", str(tmp_path / "w.safetensors")])
+    assert notes.read_text() == '{"my": "notes"}' and not (tmp_path / "w.safetensors").exists()
+
+
+def test_an_existing_state_is_named_as_the_state_option(tmp_path):
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(tmp_path / "a.safetensors")])
+    with pytest.raises(SystemExit, match=r"a.state.pt exists: another run's state; continue that run with --resume "
+                                         r".*a.state.pt, choose another --state, or pass --overwrite"):
+        train_scenes.main([*TINY, "--steps", "2", "--out", str(tmp_path / "b.safetensors"),
+                           "--state", str(tmp_path / "a.state.pt")])
+
+
+def test_weights_given_to_resume_and_folders_given_as_checkpoints_are_named_so(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(weights)])
+    with pytest.raises(SystemExit, match=r"--resume .*w.safetensors: a weights file, not a training state; --resume "
+                                         r"takes the OUT.state.pt .* --init takes weights"):
+        train_scenes.main([*TINY, "--steps", "4", "--out", str(tmp_path / "x.safetensors"), "--resume", str(weights)])
+    for flag in ("--resume", "--init"):
+        with pytest.raises(SystemExit, match=rf"{flag} {re.escape(str(tmp_path))}: a folder, not a"):
+            train_scenes.main([*TINY, "--steps", "4", "--out", str(tmp_path / "y.safetensors"), flag, str(tmp_path)])
+
+
 def test_a_diverged_run_keeps_the_last_good_files(tmp_path):
     out = tmp_path / "w.safetensors"
     train_scenes.main([*TINY, "--steps", "2", "--out", str(out)])
@@ -852,6 +911,85 @@ def test_scenes_scripts_check_their_arguments_before_the_work(tmp_path, capsys):
         scenes_loss.main(["--weights", str(weights), str(tmp_path / "nothere.safetensors"), "--batches", "1",
                           "--batch-size", "1"])
     assert "sigma " not in capsys.readouterr().out
+
+
+def test_scenes_scripts_refuse_what_used_to_fail_after_the_work(tmp_path, monkeypatch, capsys):
+    """A bad --grid ended in a traceback after the full-step sampling (and no --out); --steps 1 and too few
+    TeaCache pairs in one after the calibration; --guidance below 1 or NaN silently meant 1. Each is now a parser
+    error before the checkpoint is read (a missing file would say so otherwise)."""
+    from taohooks.testbed import evaluate, scenes_diagnose, scenes_sensitivity
+
+    missing = str(tmp_path / "missing.safetensors")
+    (tmp_path / "folder.png").mkdir()
+    cases = [(["--grid", str(tmp_path / "g.txt")], "--grid .*g.txt: expected a .png file name"),
+             (["--grid", str(tmp_path / "folder.png")], "--grid .*folder.png.*directory"),
+             (["--steps", "1", "--skip-steps", ""], "--steps 1: expected at least 3"),
+             (["--guidance", "-1"], "--guidance -1: expected a finite scale >= 1"),
+             (["--guidance", "nan"], "--guidance nan: expected a finite scale >= 1"),
+             (["--steps", "4", "--calibration-pairs", "1", "--guidance", "1", "--skip-steps", "2"],
+              "--budget 0.04: TeaCache's degree-4 polynomial needs more than 4 .* gives 3")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            scenes_sensitivity.main(["--weights", missing, *argv])
+        assert exc.value.code == 2 and re.search(message, capsys.readouterr().err), argv
+    for main in (scenes_diagnose.main, evaluate.main):
+        with pytest.raises(SystemExit) as exc:
+            main(["--weights", missing, "--guidance", "0.5"])
+        assert exc.value.code == 2 and "--guidance 0.5: expected a finite scale >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--weights", missing, "--grid", str(tmp_path / "g.jpg")])
+    assert exc.value.code == 2 and "expected a .png file name" in capsys.readouterr().err
+    # with --budget 0 TeaCache is not fitted at all: 3 steps of one calibration pair measure the cosines
+    weights = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "1", "--out", str(weights)])
+    out, grid = tmp_path / "m.json", tmp_path / "sub" / "g.png"
+    scenes_sensitivity.main(["--weights", str(weights), "--n", "1", "--steps", "3", "--skip-steps", "",
+                             "--noise-change", "", "--budget", "0", "--batch-size", "1", "--calibration-pairs", "1",
+                             "--guidance", "1", "--grid", str(grid), "--out", str(out)])
+    assert "teacache" not in json.loads(out.read_text()) and grid.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_grid_is_written_atomically(tmp_path, monkeypatch):
+    """PIL wrote the PNG in place: a failure mid-write left a truncated file under the user's name."""
+    from PIL import Image
+    from taohooks.testbed.grid import save_grid
+
+    path = tmp_path / "g.png"
+    path.write_bytes(b"the earlier grid")
+
+    def failing_save(self, fp, format=None, **kw):
+        (open(fp, "wb") if isinstance(fp, (str, Path)) else fp).write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_grid(torch.zeros(1, 3, 2, 4, 4), path, labels=["a"])
+    assert path.read_bytes() == b"the earlier grid" and [p.name for p in tmp_path.iterdir()] == ["g.png"]
+
+
+def test_bench_loads_every_checkpoint_before_the_first_models_work(tmp_path, capsys):
+    """A checkpoint whose tensors do not fit its config passed the metadata check and failed when its model's turn
+    came, after the earlier models' whole bench."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from taohooks.cli import main as taocache
+
+    weights, crafted = tmp_path / "w.safetensors", tmp_path / "crafted.safetensors"
+    train_scenes.main([*TINY, "--steps", "1", "--out", str(weights)])
+    with safe_open(str(weights), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    save_file(tensors, str(crafted), metadata={**meta, "config": json.dumps({**config, "depth": 2})})
+    yaml = tmp_path / "b.yaml"
+    yaml.write_text("models: [scenes]\nmethods: [taocache]\nbudgets: [0.25]\nsteps: 4\neval_pairs: 1\n"
+                    "calibration_pairs: 2\nsearch_pairs: 1\nlpips: false\n")
+    assert taocache(["bench", str(yaml), "--weights", f"scenes={crafted}", "-o", str(tmp_path / "out")]) == 1
+    assert "crafted.safetensors: its tensors do not fit its config" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.json").exists()
+    # a model named by --models whose bundled checkpoint is missing: the command line's --models, and --weights
+    assert taocache(["bench", str(yaml), "--models", "scenes-eps", "-o", str(tmp_path / "out2")]) == 1
+    err = capsys.readouterr().err
+    assert "command line: --models: testbed weights" in err and "--weights scenes-eps=PATH" in err
 
 
 def test_diagnose_takes_the_sampler_shift(tmp_path):

@@ -70,6 +70,8 @@ class BenchConfig:
             elif m not in self.models:
                 err("weights", f"{m}: not among the models this bench runs ({', '.join(self.models)}); its "
                                "checkpoint would not be used")
+            elif Path(path).is_dir():
+                err("weights", f"{m}: {path} is a folder, not a checkpoint file")
             elif not Path(path).is_file():
                 err("weights", f"{m}: no checkpoint file {path}")
         try:

@@ -9,7 +9,7 @@ block stack was bypassed (the embeddings and final layer still ran).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -95,13 +95,14 @@ class Calibration:
     """Everything the methods calibrate, from one set of full-step runs."""
 
     lut: CalibrationLUT
-    tea_coefficients: List[float]
+    tea_coefficients: Optional[List[float]]  # None: not fitted (calibrate(teacache=False))
     mag_ratios: torch.Tensor
     seconds: float = 0.0
 
 
-def calibrate(tm: TestbedModel, pairs, batch_size: int) -> Calibration:
-    """TaoCache's LUT, TeaCache's polynomial and MagCache's ratios, recorded together."""
+def calibrate(tm: TestbedModel, pairs, batch_size: int, teacache: bool = True) -> Calibration:
+    """TaoCache's LUT, TeaCache's polynomial (``teacache=False``: not fitted, for too few pairs to fit it) and
+    MagCache's ratios, recorded together."""
     import time
 
     rec = CalibrationRecorder(model_id=f"testbed-{tm.name}", sampler=tm.sampler)
@@ -112,7 +113,7 @@ def calibrate(tm: TestbedModel, pairs, batch_size: int) -> Calibration:
         for chunk in batches(pairs, batch_size):
             hook.new_sample()
             tm.sample(chunk)
-    return Calibration(rec.lut(), tea.fit(), mag.ratios(), time.perf_counter() - start)
+    return Calibration(rec.lut(), tea.fit() if teacache else None, mag.ratios(), time.perf_counter() - start)
 
 
 def match_threshold(make: Callable[[float], List[Callback]], measure: Callable[[List[Callback]], float],

@@ -69,9 +69,10 @@ class TestbedModel:
         return cls(name, model, steps)
 
     @staticmethod
-    def check(name: str, path: Optional[Union[str, Path]] = None) -> Path:
-        """The checkpoint file of ``name`` (``path``, or the bundled one), checked from its metadata alone:
-        it exists, is a testbed checkpoint, and of that model's task and prediction. Raises
+    def check(name: str, path: Optional[Union[str, Path]] = None, tensors: bool = False) -> Path:
+        """The checkpoint file of ``name`` (``path``, or the bundled one), checked from its metadata: it exists,
+        is a testbed checkpoint, and of that model's task and prediction; with ``tensors``, its tensors are loaded
+        too and must fit its config (``taocache bench``: before the first model's work). Raises
         ``FileNotFoundError`` / ``ValueError`` naming the file; returns its path."""
         from ..testbed.model import VideoDiTConfig, read_metadata
         from ..testbed import scenes
@@ -79,9 +80,16 @@ class TestbedModel:
         if name not in MODEL_NAMES:
             raise ValueError(f"unknown testbed model {name!r}; one of {', '.join(MODEL_NAMES)}")
         path = weights_path(name) if path is None else Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path}: a folder, not a checkpoint file")
         if not path.is_file():
             how = _TRAIN.get(name, f"python -m taohooks.testbed.train --kind {name}")
-            raise FileNotFoundError(f"testbed weights {path} are missing; train them with `{how}`")
+            bundled = weights_path(name)
+            wip = sorted(bundled.parent.glob(f"wip/{bundled.stem}-step*.safetensors"),
+                         key=lambda p: int(p.stem.rpartition("-step")[2] or 0))
+            other = (f"; or give a checkpoint with --weights {name}=PATH"
+                     + (f" (the newest unfinished one: {wip[-1]})" if wip else ""))
+            raise FileNotFoundError(f"testbed weights {path} are missing; train them with `{how}`{other}")
         try:
             config = VideoDiTConfig.from_json(read_metadata(path)["config"])
         except Exception as exc:
@@ -93,6 +101,10 @@ class TestbedModel:
         if is_scenes != want_scenes or prediction != want:
             raise ValueError(f"{path}: a {'scenes' if is_scenes else 'small-task'} {prediction} checkpoint, not one "
                              f"for the testbed model {name!r} ({'scenes' if want_scenes else 'small-task'} {want})")
+        if tensors:
+            from ..testbed.model import VideoDiT
+
+            VideoDiT.from_pretrained(path)  # (ValueError naming the file)
         return path
 
     @property

@@ -18,7 +18,7 @@ import time
 import torch
 
 from . import data, recognizer, sampling
-from .grid import save_grid
+from .grid import check_grid_arg, save_grid
 from .model import VideoDiT
 
 
@@ -52,6 +52,10 @@ def main(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.grid and len(args.weights) > 1:
         p.error("--grid takes a single --weights file")
+    if args.guidance is not None and sampling.guidance_problem(args.guidance):
+        p.error(f"--guidance {sampling.guidance_problem(args.guidance)}")
+    if args.grid:
+        check_grid_arg(p, args.grid)
     models = []  # every file checked before the first evaluation
     for weights in args.weights:
         try:

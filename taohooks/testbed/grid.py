@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -21,8 +22,33 @@ def clips_to_image(clips, scale: int = 4, gap: int = 1) -> np.ndarray:
     return img.repeat(scale, 0).repeat(scale, 1)
 
 
+def check_grid_path(path: Union[str, Path], flag: str = "--grid") -> Path:
+    """Before the work: ``path`` is a ``.png`` file name :func:`save_grid` can write (``ValueError`` /
+    ``OSError`` naming ``flag`` otherwise; creates its folder)."""
+    from ..runtime.io import check_writable
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{flag} {path}: expected a .png file name")
+    check_writable(path)  # (a folder, or one that cannot be written, is named here)
+    return path
+
+
+def check_grid_arg(parser, path, flag: str = "--grid") -> None:
+    """:func:`check_grid_path` for a command line: a parser error (exit 2) naming ``flag`` otherwise."""
+    try:
+        check_grid_path(path, flag)
+    except ValueError as exc:
+        parser.error(str(exc))
+    except OSError as exc:  # (check_writable's FileWriteError names the path and the reason)
+        parser.error(f"{flag} {exc}")
+
+
 def save_grid(clips, path: Union[str, Path], labels: Optional[Sequence[str]] = None, scale: int = 4) -> Path:
-    """Write ``clips`` (``[B, 3, F, H, W]``) as a PNG; optional per-row text ``labels`` on the right."""
+    """Write ``clips`` (``[B, 3, F, H, W]``) as a PNG, atomically (an interrupted write leaves the file it
+    replaces); optional per-row text ``labels`` on the right."""
+    from ..runtime.io import atomic_write_bytes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = clips_to_image(clips, scale=scale)
@@ -40,7 +66,9 @@ def save_grid(clips, path: Union[str, Path], labels: Optional[Sequence[str]] = N
         for i, s in enumerate(labels):
             draw.text((pil.width + 4, i * row_h + row_h // 2 - 6), s, fill=(0, 0, 0))
         pil = out
-    pil.save(path)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -56,6 +84,10 @@ def _save_matplotlib(img: np.ndarray, path: Path, labels, row_h: int) -> Path:  
     ax.axis("off")
     for i, s in enumerate(labels or []):
         ax.text(img.shape[1] + 4, i * row_h + row_h / 2, s, va="center", fontsize=6)
-    fig.savefig(path, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
+    from ..runtime.io import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())
     return path

@@ -158,6 +158,8 @@ class VideoDiT(nn.Module):
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "VideoDiT":
         """Load a file written by :meth:`save_pretrained`; returns the model in eval mode. A missing file,
         one that is not a safetensors file, or one without a testbed config raises ``ValueError`` naming it."""
+        if Path(path).is_dir():
+            raise ValueError(f"{path}: a folder, not a checkpoint file")
         if not Path(path).is_file():
             raise ValueError(f"{path}: no such checkpoint file")
         try:

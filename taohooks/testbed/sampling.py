@@ -16,6 +16,7 @@ clip comes from a ``torch.Generator`` seeded by :func:`noise_seed` of its
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -82,6 +83,14 @@ def _check(prompts, seeds):
     if len(prompts) != len(seeds):
         raise ValueError("need one seed per prompt")
     return prompts, list(seeds)
+
+
+def guidance_problem(guidance: float) -> Optional[str]:
+    """Why ``guidance`` is not a scale the samplers take (None if it is): they run classifier-free guidance
+    above 1 and none at 1, so a scale below 1 (or not finite) would silently mean 1."""
+    if not math.isfinite(guidance) or guidance < 1.0:
+        return f"{guidance:g}: expected a finite scale >= 1 (1: no classifier-free guidance)"
+    return None
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import scenes, scenes_recognizer, scenes_sampling
+from .sampling import guidance_problem
 from .scenes_sensitivity import check_out, load_scenes_checkpoint
 
 
@@ -86,6 +87,8 @@ def main(argv=None):
         p.error(f"--strength {args.strength}: expected 0 < strength <= 1 (the share of the steps run)")
     if args.steps < 1 or args.threads < 1:
         p.error("--steps and --threads must be >= 1")
+    if guidance_problem(args.guidance):
+        p.error(f"--guidance {guidance_problem(args.guidance)}")
     check_out(p, args.out)
     torch.set_num_threads(args.threads)
     model = load_scenes_checkpoint(args.weights).eval()

@@ -74,14 +74,14 @@ def main(argv=None):
         p.error(f"--sigmas / --sigma-shift: expected comma-separated numbers ({e})")
     if not sigmas or not all(0.0 < s <= 1.0 for s in sigmas) or not all(s > 0 for s in shifts):
         p.error("--sigmas: numbers in (0, 1]; --sigma-shift: numbers > 0")
-    if args.batches < 1 or args.batch_size < 1:
-        p.error("--batches and --batch-size must be >= 1")
+    if args.batches < 1 or args.batch_size < 1 or args.threads < 1:
+        p.error("--batches, --batch-size and --threads must be >= 1")
     check_out(p, args.out)
     models = {}  # every checkpoint checked before the first is measured
     for path in args.weights:
         model = load_scenes_checkpoint(path).eval()
         if getattr(model.config, "prediction", "flow") != "flow":
-            p.error(f"--weights {path}: a {model.config.prediction} checkpoint; this measures flow checkpoints")
+            p.error(f"--weights {path}: an {model.config.prediction} checkpoint; this measures flow checkpoints")
         models[path] = model
     torch.set_num_threads(args.threads)
     data = batches(args.seed, args.batches, args.batch_size)

@@ -35,6 +35,10 @@ from ..metrics import psnr
 from ..caches.residual import ResidualSkipCallback
 from . import scenes, scenes_recognizer, scenes_sampling
 from .model import VideoDiT
+from .sampling import guidance_problem
+
+#: the degree of TeaCache's polynomial (``TeaCacheCalibrator.fit``'s default)
+TEACACHE_DEGREE = 4
 
 
 @dataclass
@@ -102,7 +106,7 @@ def measure(tm: SceneTestbedModel, n: int, skip_steps: Sequence[int], noise_chan
                            for chunk in (pairs[i:i + batch_size] for i in range(0, n, batch_size))])
         out["noise"][str(e)] = score(clips)
         log(f"noise change {e}: {out['noise'][str(e)]} dB")
-    cal = calibrate(tm, scenes.calibration_pairs(calibration_n), batch_size)
+    cal = calibrate(tm, scenes.calibration_pairs(calibration_n), batch_size, teacache=budget > 0)
     cos = cal.lut.cos_mean  # [streams, steps]
     out["late_cosine"] = round(float(torch.nanmean(cos[:, tm.steps // 2:].float())), 4)
     out["cosine_by_step"] = [None if math.isnan(v) else round(float(v), 4)  # NaN: no delta yet
@@ -170,10 +174,19 @@ def main(argv=None):
     for name in ("n", "steps", "batch_size", "calibration_pairs", "search_pairs", "search_iterations", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.steps < 3:  # (the late-step cosine needs two deltas; a skipped step two computed ones before it)
+        p.error(f"--steps {args.steps}: expected at least 3 (one step to skip or to measure a delta cosine on)")
+    if guidance_problem(args.guidance):
+        p.error(f"--guidance {guidance_problem(args.guidance)}")
     if args.exact is not None and args.exact < 1:
         p.error(f"--exact must be >= 1 clips per prompt, got {args.exact}")
     if not 0 <= args.budget < 1:
         p.error(f"--budget {args.budget}: expected a fraction of the calls in [0, 1) (0: no TeaCache)")
+    fit_pairs = args.calibration_pairs * (2 if args.guidance > 1 else 1) * (args.steps - 1)  # (per prompt, stream)
+    if args.budget > 0 and fit_pairs <= TEACACHE_DEGREE:
+        p.error(f"--budget {args.budget}: TeaCache's degree-{TEACACHE_DEGREE} polynomial needs more than "
+                f"{TEACACHE_DEGREE} (input, output) change pairs; --calibration-pairs {args.calibration_pairs} with "
+                f"--steps {args.steps} gives {fit_pairs}: give more calibration pairs or steps, or --budget 0")
     try:
         skip_steps = [int(s) for s in args.skip_steps.split(",") if s]
         changes = [float(e) for e in args.noise_change.split(",") if e]
@@ -185,6 +198,9 @@ def main(argv=None):
     if bad:
         p.error(f"--skip-steps {bad}: expected steps in 1..{args.steps - 2}")
     check_out(p, args.out)
+    if args.grid:
+        from .grid import check_grid_arg
+        check_grid_arg(p, args.grid)
     torch.set_num_threads(args.threads)
     try:
         device = torch.device(args.device)

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import queue
+import secrets
 import signal
 import sys
 import threading
@@ -243,6 +244,8 @@ def save_half(model: VideoDiT, path: Path, metadata: dict) -> None:
 
 def load_weights(path: str, config: VideoDiTConfig, what: str) -> VideoDiT:
     """A checkpoint whose config must equal ``config``; errors name the file and the differing keys."""
+    if Path(path).is_dir():
+        raise ValueError(f"{what} {path}: a folder, not a checkpoint file")
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what} {path}: no such file")
     try:
@@ -293,6 +296,7 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.model = VideoDiT(self.config).to(self.device)
         self.previous = None
+        self.run_id = secrets.token_hex(8)  # (a resumed run keeps its own: load)
         if args.init:
             init = load_weights(args.init, self.config, "--init")
             self.model.load_state_dict(init.state_dict())
@@ -327,7 +331,7 @@ class Trainer:
             "ema": self.ema.model.state_dict(),
             "ema_updates": self.ema.num_updates, "optimizer": self.opt.state_dict(),
             "rng": self.rng.bit_generator.state, "gen": self.gen.get_state(), "previous": self.previous,
-            "hparams": {name: getattr(self.args, name) for name in HPARAMS},
+            "hparams": {name: getattr(self.args, name) for name in HPARAMS}, "run_id": self.run_id,
         }
 
     def load(self, path: str, state: dict | None = None) -> None:
@@ -343,6 +347,7 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         self.gen.set_state(state["gen"])
         self.step, self.wall, self.previous = state["step"], state["wall"], state["previous"]
+        self.run_id = state.get("run_id") or self.run_id  # states written before run ids: from now on this one
         self.offset = int((self.previous or {}).get("total_steps", 0))  # a chained run's data streams start there
         self.echoed_before = state.get("echoed", 0)  # states written before --echo existed have none
 
@@ -350,7 +355,7 @@ class Trainer:
         a = self.args
         prev = self.previous or {}
         return {
-            "kind": a.kind, "task": "scenes", "steps_done": self.step, "steps_planned": a.steps, "final": final,
+            "kind": a.kind, "task": "scenes", "run_id": self.run_id, "steps_done": self.step, "steps_planned": a.steps, "final": final,
             "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "schedule": a.schedule, "ema": a.ema,
             "seed": a.seed, "sigma_shift": a.sigma_shift, "threads": a.threads, "device": str(self.device),
             "workers": a.workers, "render": a.render, "compile": a.compile if self.compiled_steps else None,
@@ -438,16 +443,22 @@ class Trainer:
 
 def read_state(path: str) -> dict:
     """The training state saved at ``path`` (``--resume``), checked for its format."""
+    if Path(path).is_dir():
+        raise ValueError(f"--resume {path}: a folder, not a state file (the state is written next to --out as "
+                         "OUT.state.pt)")
     if not Path(path).is_file():
         raise FileNotFoundError(f"--resume {path}: no such file (the state is written next to --out as "
                                 "OUT.state.pt)")
+    if _is_safetensors(path):
+        raise ValueError(f"--resume {path}: a weights file, not a training state{_WEIGHTS_HINT}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ValueError(f"--resume {path}: not a training state ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"--resume {path}: format {state.get('format') if isinstance(state, dict) else None!r}, "
-                         f"expected {STATE_FORMAT!r}")
+        raise ValueError(f"--resume {path}: not a training state of this script (format "
+                         f"{state.get('format') if isinstance(state, dict) else None!r}, expected {STATE_FORMAT!r})"
+                         f"{_WEIGHTS_HINT if _is_safetensors(path) else ''}")
     return state
 
 
@@ -482,10 +493,58 @@ def check_device_render(trainer: "Trainer", n: int = 32, tolerance: float = 1e-5
     return worst
 
 
-def check_outputs(args, out: Path) -> Path:
+def _run_of(path: Path) -> dict | None:
+    """The training summary of the run that wrote ``path`` (weights: their metadata; ``OUT.json``: its
+    content); None where there is none or it does not read."""
+    try:
+        if path.suffix == ".json":
+            found = json.loads(path.read_text())
+        else:
+            found = json.loads(read_metadata(path).get("training", "null"))
+        return found if isinstance(found, dict) else None
+    except Exception:  # noqa: BLE001 - unreadable: not shown to be this run's
+        return None
+
+
+def _same_run(summary: dict | None, state: dict) -> str | None:
+    """None if ``summary`` (of a file at ``--out``) was written by the run whose ``state`` is resumed; else why not.
+    Runs record a ``run_id`` (states and summaries written before it existed: kind, seed, the weights they began
+    from and a step count no later than the state's must agree)."""
+    if summary is None:
+        return "it holds no training summary of this script"
+    if summary.get("run_id") is not None and state.get("run_id") is not None:
+        return None if summary["run_id"] == state["run_id"] else "another run wrote it (its run_id differs)"
+    seed = (state.get("hparams") or {}).get("seed")
+    checks = (("kind", summary.get("kind"), state.get("kind")), ("seed", summary.get("seed"), seed),
+              ("the weights it began from", summary.get("previous"), state.get("previous")))
+    for name, theirs, ours in checks:
+        if theirs != ours:
+            return f"{name}: {theirs!r}, the resumed state's {ours!r}"
+    done = summary.get("steps_done")
+    if not isinstance(done, int) or done > state.get("step", -1):
+        return f"it is at step {done!r}, past the resumed state's step {state.get('step')!r}"
+    return None
+
+
+_WEIGHTS_HINT = ("; --resume takes the OUT.state.pt a run writes next to its weights and continues it exactly, "
+                 "--init takes weights (.safetensors) and starts a new run from them")
+
+
+def _is_safetensors(path) -> bool:
+    """Whether ``path`` begins as a safetensors file does (an 8-byte header length, then a JSON header)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        return len(head) == 9 and head[8:9] == b"{"
+    except OSError:
+        return False
+
+
+def check_outputs(args, out: Path, state: dict | None = None) -> Path:
     """Before any training: ``--out`` and ``--state`` are files that can be written, distinct from each other
     (and from ``OUT.json`` and the kept copies), and do not belong to another run unless ``--resume`` continues
-    it or ``--overwrite`` says so. Returns the state file's path."""
+    it or ``--overwrite`` says so (``state``: the resumed state, already read; an ``OUT`` or ``OUT.json`` next to
+    it must be of its run). Returns the state file's path."""
     from ..runtime.io import check_writable
 
     if out.suffix != ".safetensors":
@@ -499,13 +558,24 @@ def check_outputs(args, out: Path) -> Path:
         check_writable(path)
         if path.exists() and not path.is_file():
             raise ValueError(f"{flag} {path}: not a regular file")
+    if args.overwrite:
+        return state_path
     resumed = Path(args.resume).resolve() if args.resume else None  # continuing this state may replace it
-    if not args.overwrite and resumed != state_path.resolve():
-        taken = [p for p in (state_path, out) if p.exists()]
+    if resumed != state_path.resolve():
+        taken = [(p, what, flag) for p, what, flag in ((state_path, "state", "--state"), (out, "weights", "--out"),
+                                                       (summary, "training summary", "--out")) if p.exists()]
         if taken:
-            raise ValueError(f"{taken[0]} exists: another run's "
-                             f"{'state' if taken[0] == state_path else 'weights'}; continue that run with --resume "
-                             f"{state_path}, choose another --out, or pass --overwrite to replace it")
+            path, what, flag = taken[0]
+            state_path_hint = state_path if flag == "--state" or state_path.exists() else None
+            cont = f"continue that run with --resume {state_path_hint}, " if state_path_hint else ""
+            raise ValueError(f"{path} exists: another run's {what}; {cont}choose another {flag}, or pass "
+                             "--overwrite to replace it")
+        return state_path
+    for path, what in ((out, "weights"), (summary, "training summary")):  # continuing: OUT must be this run's
+        why = _same_run(_run_of(path), state or {}) if path.exists() else None
+        if why is not None:
+            raise ValueError(f"--out {out}: {path} exists and is not the {what} of the run resumed from {state_path} "
+                             f"({why}); choose another --out, or pass --overwrite to replace it")
     return state_path
 
 
@@ -556,7 +626,7 @@ def train(args) -> dict:
         raise ValueError(f"--resume {args.resume}: --schedule cosine-time anneals over one process's --max-minutes "
                          "and cannot be resumed; continue from its weights with --init (a fresh optimizer) instead")
     out = Path(args.out)
-    state_path = check_outputs(args, out)
+    state_path = check_outputs(args, out, state)
     trainer = Trainer(args)
     if state is not None:
         trainer.load(args.resume, state)
