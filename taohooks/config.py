@@ -448,7 +448,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str, source: Optional[str]) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     fail = lambda: ConfigError(  # noqa: E731
-        source, key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})" + _number_as_text_hint(value))
+        source, key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})" + _number_as_text_hint(value)
+        + _list_hint(value, tp))
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(source, key, f"expected a finite number, got {value}")
     if origin is Union:
@@ -512,6 +513,9 @@ def _number_as_text_hint(value: Any) -> str:
         return "; YAML reads yes/no/on/off/true/false as a boolean"
     if not isinstance(value, str):
         return ""
+    percent = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", value)
+    if percent:  # budget: 16%
+        return f"; write the fraction {float(percent.group(1)) / 100:g} for {value.strip()}"
     try:
         number = float(value.strip().replace("_", ""))
     except ValueError:
@@ -527,6 +531,14 @@ def _number_as_text_hint(value: Any) -> str:
     return f"; YAML reads {value} as text, write {written}"
 
 
+def _list_hint(value: Any, tp: Any) -> str:
+    """A single value where a list belongs (``streams: cond``): say how to write the list of one."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool) and any(
+            typing.get_origin(t) in (list, List) for t in (tp, *typing.get_args(tp))):
+        return f"; write [{value}] for a list of one"
+    return ""
+
+
 def _yaml_number(text: str) -> bool:
     """Whether YAML reads ``text``, unquoted, as a number."""
     import yaml
@@ -536,6 +548,12 @@ def _yaml_number(text: str) -> bool:
     except yaml.YAMLError:
         return False
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _section_type(hint: Any) -> Optional[type]:
+    """The config dataclass a field holds (``plan: PlanConfig``, ``pab: Optional[PABConfig]``), or None."""
+    sections = [t for t in (hint, *typing.get_args(hint)) if isinstance(t, type) and dataclasses.is_dataclass(t)]
+    return sections[0] if sections else None
 
 
 def build_dataclass(cls: type, data: Dict[str, Any], prefix: str, source: Optional[str]) -> Any:
@@ -549,6 +567,10 @@ def build_dataclass(cls: type, data: Dict[str, Any], prefix: str, source: Option
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            home = [name for name, f in fields.items() if _section_type(hints[f.name]) is not None
+                    and str(key) in {_yaml_key(g) for g in dataclasses.fields(_section_type(hints[f.name]))}]
+            if home and not close:  # plan's budget written at the top level: indented one level too little
+                hint = f"; it is a key of {prefix + '.' if prefix else ''}{home[0]}: indent it under {home[0]}:"
             raise ConfigError(source, path, f"unknown key{hint} (valid here: {', '.join(fields)})")
         f = fields[key]
         kwargs[f.name] = _coerce(value, hints[f.name], path, source)
@@ -656,6 +678,23 @@ def config_from_dict(data: Optional[Dict[str, Any]], source: Optional[str] = Non
     config.source = source
     config.source_dir = os.path.abspath(Path(source).parent) if source else None
     return config
+
+
+#: what a config made in Python is called in its errors (a file's are named by its path)
+PYTHON_SOURCE = "TaoCacheConfig (made in Python)"
+
+
+def check_python_config(config: TaoCacheConfig) -> None:
+    """A config made in Python (``TaoCache(TaoCacheConfig(...))``) checked as a YAML file is: each section of
+    its own dataclass, the same types, then :meth:`TaoCacheConfig.validate`. Raises :class:`ConfigError`
+    naming the key, so that ``rule="Auto"`` or ``budget=1.0`` is refused as in YAML rather than run otherwise."""
+    hints = typing.get_type_hints(TaoCacheConfig)
+    for f in dataclasses.fields(TaoCacheConfig):
+        value, expected = getattr(config, f.name), _section_type(hints[f.name])  # (pab, teacache may be None)
+        if expected is not None and value is not None and not isinstance(value, expected):
+            raise ConfigError(PYTHON_SOURCE, _yaml_key(f), f"expected a {expected.__name__}, got "
+                              f"{type(value).__name__} (a mapping of YAML keys: taohooks.config.config_from_dict)")
+    dataclass_from_dict(TaoCacheConfig, config.to_dict(), PYTHON_SOURCE)  # the types, then validate()
 
 
 def _is_bench_config(data: Any) -> bool:

@@ -162,10 +162,15 @@ def test_lut_for_another_run_is_refused():
 
 
 def test_automatic_window_without_lut_is_a_clear_error():
-    with pytest.raises(taohooks.PlanError, match="needs a calibration LUT"):
-        TaoCache(config_from_dict({"plan": {"budget": 3, "ratio": 1.0}})).attach(Linear(), steps=10)
+    """A budget without a LUT is said first, whatever the ratio: the ratio's message sent a user who followed it
+    ('set plan.ratio to a constant') to this one."""
+    for plan in ({"budget": 3, "ratio": 1.0}, {"budget": 3}, {"budget": 3, "rule": "auto"}):
+        with pytest.raises(taohooks.PlanError, match="plan.budget: choosing the (window|steps) from a budget needs a "
+                                                     "calibration LUT; name a lut:"):
+            TaoCache(config_from_dict({"plan": plan})).attach(Linear(), steps=10)
     with pytest.raises(taohooks.PlanError, match="no calibration LUT is loaded"):
-        TaoCache(config_from_dict({"plan": {"budget": 3}})).attach(Linear(), steps=10)
+        TaoCache(config_from_dict({"plan": {"window": [6, 7]}})).attach(Linear(), steps=10)
+    TaoCache(config_from_dict({"plan": {"window": [6, 7], "ratio": 1.0}})).attach(Linear(), steps=10).detach()
 
 
 def test_several_generations_and_reattach():

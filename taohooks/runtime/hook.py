@@ -303,9 +303,9 @@ class DenoiserHook:
     def _start(self, explicit: bool, by_user: bool = False) -> None:
         if not explicit and self._candidate is not None:  # began right after it: that schedule is the loop's now
             sample, timesteps, values = self._candidate
-            messages.notice(f"generation {sample + 1} ran at other timesteps than generation {self._reference_sample + 1} "
-                            f"and made all its {self.loop.total_calls} calls: the generations after it are "
-                            "compared with it")
+            messages.notice(f"generation {sample + 1} ran at other timesteps than generation "
+                            f"{self._reference_sample + 1} and made all its {self.loop.total_calls} calls: the "
+                            "generations after it are compared with it")
             self._set_reference(sample, timesteps, values)
         self._candidate = self._uncut = None
         self._sample += 1
@@ -392,11 +392,15 @@ class DenoiserHook:
             raise
         return call, None
 
+    def timestep_source(self) -> str:
+        """Where the hook reads a call's timestep, in words (for messages)."""
+        return (f"the keywords {', '.join(TIMESTEP_KWARGS)}" if self.timestep_arg is None
+                else f"timestep_arg={self.timestep_arg!r}")
+
     def _warn_unreadable(self) -> None:
-        where = (f"the keywords {', '.join(TIMESTEP_KWARGS)}" if self.timestep_arg is None
-                 else f"timestep_arg={self.timestep_arg!r}")
         messages.warning(
-            f"the hook cannot read the timestep of this {type(self.module).__name__}'s calls (it looked at {where}): "
+            f"the hook cannot read the timestep of this {type(self.module).__name__}'s calls (it looked at "
+            f"{self.timestep_source()}): "
             "with repeat=True it cannot tell a generation that made fewer or more calls than declared, and would "
             "then cache the wrong steps. Give timestep_arg= (the keyword or the position of the timestep in the call)")
 
@@ -433,10 +437,10 @@ class DenoiserHook:
                 self._out_of_line = self._sample
                 self.misaligned_generations += 1
                 messages.warning(
-                    f"call {j} (step {self.loop.locate(j)[0]}) of generation {self._sample + 1} ran at timestep {seen:g}, "
-                    f"but the same call of generation {self._reference_sample + 1} ran at {want:g}: a generation made "
-                    f"fewer or more calls than declared ({self.loop.describe()}), or the schedule changed; nothing "
-                    "cached is reused until the loop is in line again")
+                    f"call {j} (step {self.loop.locate(j)[0]}) of generation {self._sample + 1} ran at timestep "
+                    f"{seen:g}, but the same call of generation {self._reference_sample + 1} ran at {want:g}: a "
+                    f"generation made fewer or more calls than declared ({self.loop.describe()}), or the schedule "
+                    "changed; nothing cached is reused until the loop is in line again")
                 return False
         self._checked = max(self._checked, n)
         return True

@@ -37,7 +37,24 @@ def verbosity() -> int:
     if _level is not None:
         return _level
     name = os.environ.get(ENV_VERBOSITY, "info").strip().lower() or "info"
+    if name not in LEVELS:
+        _say_unknown_level(name)
     return LEVELS.get(name, LEVELS["info"])
+
+
+def _say_unknown_level(name: str) -> None:
+    """An unknown ``TAOHOOKS_VERBOSITY`` is said once (on stderr, whatever the level) and read as info."""
+    key = f"verbosity:{name}"
+    with _lock:
+        if key in _seen:
+            return
+        _seen.add(key)
+    try:
+        sys.stderr.write(f"{_PREFIX}warning: {ENV_VERBOSITY}={name!r} is not one of {', '.join(LEVELS)}; "
+                         "using info\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def set_verbosity(level) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from ..runtime import messages
 from .calibration import CalibrationRecorder
 from ..runtime.callbacks import Callback
-from ..config import PlanConfig, TaoCacheConfig, load_config
+from ..config import PlanConfig, TaoCacheConfig, check_python_config, load_config
 from .extrapolation import TaoCacheCallback
 from ..runtime.hook import DenoiserHook
 from .identity import describe_differences, differences
@@ -93,6 +93,10 @@ def _make_plan(plan: PlanConfig, steps: int, streams: Sequence[str], lut: Option
     skips = resolve_budget(plan.budget, steps) if plan.budget is not None else None
     if skips == 0 or (skips is None and plan.window is None and plan.skip_steps is None):
         return no_skip_plan(steps, streams)
+    if lut is None and plan.window is None and plan.skip_steps is None:  # (said first: whatever the ratio)
+        raise PlanError(f"plan.budget: choosing the {'steps' if plan.rule == 'auto' else 'window'} from a budget "
+                        "needs a calibration LUT; name a lut: (it is calibrated on the first generations), or give "
+                        "plan.window / plan.skip_steps with a constant plan.ratio")
     if not constant and lut is None:
         raise PlanError("plan.ratio is 'calibrated' but no calibration LUT is loaded; calibrate first, "
                         "or set plan.ratio to a constant such as 1.0 (plain linear extrapolation)")
@@ -207,6 +211,8 @@ class TaoCache:
         if lut is not None and not isinstance(lut, (CalibrationLUT, str, os.PathLike)):
             raise TypeError(f"taohooks: TaoCache(lut=) takes a CalibrationLUT or a path, got {type(lut).__name__}")
         self.config = config if config is not None else TaoCacheConfig()
+        if self.config.source is None:  # made in Python: checked as a YAML file's is at load
+            check_python_config(self.config)
         self._lut_path: Optional[Path] = None
         if isinstance(lut, CalibrationLUT):
             self.lut: Optional[CalibrationLUT] = lut

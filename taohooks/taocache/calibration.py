@@ -146,6 +146,7 @@ class CalibrationRecorder(Callback):
         self._loop: Optional[LoopSpec] = None
         self._history: Dict[str, _StreamHistory] = {}
         self._generation: Optional[_Generation] = None
+        self._said_no_timesteps = False
 
     def on_attach(self, hook) -> None:
         loop = hook.loop
@@ -253,6 +254,13 @@ class CalibrationRecorder(Callback):
             messages.warning(f"calibration: generation {sample + 1} left out of the LUT: stream {name!r}, "
                              f"step {step}: {what}")
             return
+        if not self._said_no_timesteps and bool(gen.timesteps.isnan().all()):
+            self._said_no_timesteps = True
+            messages.warning(
+                f"calibration: the hook cannot read the timestep of the model's calls (it looked at "
+                f"{getattr(hook, 'timestep_source', lambda: 'its arguments')()}), so the LUT records none: rule: auto's flow or DDPM sampler weights need "
+                "them (plan.error_weights: uniform does without), and the checks that a run's sampler is the LUT's are off. "
+                "Give timestep_arg= (the keyword or the position of the timestep in the call)")
         known = self._known
         t = first_timestep_difference(known.timesteps, gen.timesteps)
         if t is not None:

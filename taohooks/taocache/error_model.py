@@ -60,8 +60,11 @@ def sampler_weights(timesteps: Tensor, scheme: str) -> Tensor:
     if scheme == "uniform":
         return torch.ones_like(t)
     if torch.isnan(t).any():
-        raise ValueError(f"sampler weights '{scheme}' need every step's timestep; the LUT lacks steps "
-                         f"{torch.isnan(t).nonzero().flatten().tolist()}")
+        missing = torch.isnan(t).nonzero().flatten().tolist()
+        which = "none" if len(missing) == len(t) else f"none for steps {missing}"
+        raise ValueError(f"sampler weights '{scheme}' need every step's timestep, and the LUT records {which} (the "
+                         "calibrating hook could not read the model's timestep: calibrate with timestep_arg= "
+                         "naming it); or plan.error_weights: uniform")
     if scheme == "flow":
         sigma = torch.cat([t / 1000.0, t.new_zeros(1)])
         return sigma[:-1] - sigma[1:]

@@ -123,7 +123,9 @@ class CalibrationLUT:
         """Raise :class:`LUTMismatchError` naming what differs between this LUT and a run."""
         if self.steps != loop.steps:
             raise LUTMismatchError(f"{self._name()} has {self.steps} steps, this run has {loop.steps}; "
-                                   "calibrate again for this number of steps")
+                                   "calibrate again for this number of steps" + (
+                                       " (or carry the LUT over with calibration.transfer: interpolate)"
+                                       if self.deltas is not None else ""))
         if tuple(self.streams) != tuple(loop.streams):
             raise LUTMismatchError(f"{self._name()} has streams ({', '.join(self.streams)}), this run has "
                                    f"({', '.join(loop.streams)})")

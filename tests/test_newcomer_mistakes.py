@@ -1,0 +1,137 @@
+"""What a researcher following the README meets first (a review of 2026-11-27, each case failed before its fix)."""
+import configparser
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from taohooks import TaoCache
+from taohooks.cli import main
+from taohooks.config import ConfigError, PlanConfig, TaoCacheConfig, load_config
+from taohooks.runtime import messages
+from taohooks.runtime.hook import DenoiserHook
+from taohooks.runtime.loop import LoopSpec
+from taohooks.taocache.calibration import CalibrationRecorder
+from taohooks.taocache.error_model import sampler_weights
+from test_calibration import calibrate
+from trajectories import GeometricDenoiser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_core_install_has_numpy_which_writing_a_lut_needs():
+    """safetensors.torch.save goes through numpy, which torch does not install: auto-calibration then raised
+    from inside the model call on a core install."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    core = [line.split(">")[0].split("=")[0].strip() for line in cfg["options"]["install_requires"].split("\n")]
+    assert {"torch", "einops", "safetensors", "pyyaml", "numpy"} <= set(core)
+
+
+@pytest.mark.parametrize("plan, key, message", [
+    (PlanConfig(budget=1.0), "plan.budget", "1.0 is ambiguous"),
+    (PlanConfig(budget=8, rule="Auto"), "plan.rule", "did you mean 'auto'"),
+    (PlanConfig(budget=8, lambda_=math.nan), "plan.lambda", "finite"),
+    ({"budget": 8}, "plan", "expected a PlanConfig, got dict"),
+])
+def test_a_config_made_in_python_is_checked_as_a_yaml_file_is(plan, key, message):
+    """budget=1.0 ran one skip, rule='Auto' ran the paper rule, lambda_=nan raised IndexError at attach, and a
+    dict for plan an AttributeError."""
+    with pytest.raises(ConfigError, match=message) as exc:
+        TaoCache(TaoCacheConfig(plan=plan))
+    assert exc.value.key == key and "made in Python" in str(exc.value)
+    TaoCache(TaoCacheConfig(plan=PlanConfig(budget=8)))  # a valid one is taken as it is
+
+
+class PositionalTimestep(torch.nn.Module):
+    def forward(self, x, t):  # (the testbed's VideoDiT takes its timestep positionally too)
+        return x * 0.9 + 0.01 * t
+
+
+def test_calibrating_a_model_whose_timestep_cannot_be_read_says_so(capsys):
+    """The LUT recorded no timesteps without a word (the warning came only with repeat=True), and rule: auto then
+    failed listing every step."""
+    messages.forget()
+    model, rec = PositionalTimestep(), CalibrationRecorder()
+    with DenoiserHook(LoopSpec(6), [rec]).attach(model) as hook:
+        for _ in range(2):
+            hook.new_sample()
+            x = torch.ones(2)
+            for t in range(6):
+                x = model(x, torch.tensor(float(t)))
+    err = capsys.readouterr().err
+    assert err.count("calibration: the hook cannot read the timestep") == 1 and "timestep_arg=" in err
+    with pytest.raises(ValueError, match=r"the LUT records none \(.*timestep_arg= .*; or plan.error_weights: "
+                                         r"uniform"):
+        sampler_weights(rec.lut().timesteps, "flow")
+    rec = CalibrationRecorder()  # timestep_arg=1 reads it: no warning, and the timesteps are recorded
+    with DenoiserHook(LoopSpec(6), [rec], timestep_arg=1).attach(model) as hook:
+        hook.new_sample()
+        x = torch.ones(2)
+        for t in range(6):
+            x = model(x, torch.tensor(float(t)))
+    assert "cannot read" not in capsys.readouterr().err and rec.lut().timesteps.tolist() == list(range(6))
+
+
+def test_a_step_count_mismatch_names_the_transfer_where_the_lut_can_be_carried():
+    lut = calibrate(GeometricDenoiser({"main": 0.9}), 20, ("main",))
+    with pytest.raises(Exception, match="calibration.transfer: interpolate") if lut.deltas is not None else \
+            pytest.raises(Exception, match=r"this number of steps$"):
+        lut.check(LoopSpec(16, ("main",)))
+
+
+@pytest.fixture
+def lut_path(tmp_path):
+    lut = calibrate(GeometricDenoiser({"cond": 0.9, "uncond": 0.7}), 20, ("cond", "uncond"), model_id="geo")
+    return lut.save(tmp_path / "geo.safetensors")
+
+
+def test_check_prints_valid_only_when_every_check_passed(lut_path, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_id: other\nlut: {lut_path.name}\nplan: {{budget: 3}}\n")
+    assert main(["check", str(cfg)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "model_id: 'other', but the LUT" in err
+    cfg.write_text("plan: {budget: 8}\n")  # passed check, then failed at the run
+    assert main(["check", str(cfg)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "plan.budget: choosing the steps to skip from a budget needs a calibration LUT" in err
+
+
+@pytest.mark.parametrize("command", ["compare", "calibrate"])
+def test_a_script_given_without_double_dash_is_told_where_it_goes(command, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, str(tmp_path / "x.yaml"), *(["--prompts", "p.txt"] if command == "calibrate" else []),
+              "sample.py", "--model", "flow"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and re.search(r"unrecognized arguments: (sample.py )?--model flow", err)
+    assert f"go after --, e.g. taocache {command} " in err
+
+
+def test_show_given_a_config_points_at_check_and_plan(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("plan: {budget: 3}\n")
+    assert main(["show", str(cfg)]) == 1
+    assert "is a YAML file; taocache show reads a LUT" in capsys.readouterr().err
+
+
+def test_an_unknown_verbosity_is_said_once(monkeypatch, capsys):
+    monkeypatch.setenv(messages.ENV_VERBOSITY, "loud")
+    messages.forget()
+    assert messages.notice("a") and messages.notice("b")
+    err = capsys.readouterr().err
+    assert err.count("TAOHOOKS_VERBOSITY='loud' is not one of quiet, info, debug; using info") == 1
+
+
+@pytest.mark.parametrize("text, hint", [
+    ("loop: {steps: 50, streams: cond}\n", "write [cond] for a list of one"),
+    ("plan: {budget: 16%}\n", "write the fraction 0.16 for 16%"),
+    ("plan:\n  rule: auto\nbudget: 8\n", "budget: unknown key; it is a key of plan: indent it under plan:"),
+])
+def test_yaml_type_mistakes_say_how_to_write_it(tmp_path, text, hint):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=hint.replace("[", r"\[").replace("]", r"\]")):
+        load_config(cfg)
