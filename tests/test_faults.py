@@ -278,6 +278,31 @@ def test_a_failed_save_is_a_warning_and_the_generation_keeps_its_output(tmp_path
     assert CalibrationLUT.load(path).num_prompts == 2  # nothing lost
 
 
+def test_a_save_failing_with_another_error_is_a_warning_too(tmp_path, capsys, monkeypatch):
+    """Only OSError/ValueError were caught: a core install without numpy (safetensors' save imports it) raised
+    ModuleNotFoundError out of the model call at the end of the first generation, and the script died."""
+    from taohooks.taocache import calibration
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"lut: luts/geo.safetensors\ncalibration: {{prompts: 5}}\nloop: {{steps: {STEPS}}}\n")
+    model = GeometricDenoiser({"main": 0.5})
+    real_flush = calibration.CalibrationRecorder.flush
+
+    def no_numpy(self, path):
+        raise ModuleNotFoundError("No module named 'numpy'")
+
+    monkeypatch.setattr(calibration.CalibrationRecorder, "flush", no_numpy)
+    with TaoCache.from_yaml(cfg).attach(model, repeat=True):
+        out = run_loop(model, STEPS)
+        assert len(out["main"]) == STEPS
+        monkeypatch.setattr(calibration.CalibrationRecorder, "flush", real_flush)
+        run_loop(model, STEPS)
+    path = tmp_path / "luts" / "geo.safetensors"
+    assert (f"calibration LUT {path} was not saved: ModuleNotFoundError: No module named 'numpy'. The statistics of 1 "
+            "prompt(s) are kept in memory") in capsys.readouterr().err
+    assert CalibrationLUT.load(path).num_prompts == 2  # nothing lost
+
+
 def as_nobody(fn):
     """``fn()``'s text, run in a forked child that dropped to uid/gid 65534 if it was root."""
     read, write = os.pipe()

@@ -426,6 +426,11 @@ def _writes_the_lut() -> bool:
     return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
+def _failure(exc: BaseException) -> str:
+    """An exception in a message: its text; for other than the expected OSError/ValueError, its type too."""
+    return str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+
+
 class _SaveLUT(Callback):
     """Adds each complete generation to the LUT file (:meth:`CalibrationRecorder.flush`: atomic, under a
     lock, merged with what other processes wrote). A failed write is a warning naming the path, never
@@ -446,9 +451,9 @@ class _SaveLUT(Callback):
             return
         try:
             self.recorder.flush(self.path)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - as below: the script keeps its video
             messages.warning(f"calibration LUT {self.path}: the statistics of {pending} prompt(s) could not be saved "
-                             f"{when} ({exc}); {then}")
+                             f"{when} ({_failure(exc)}); {then}")
             return
         messages.notice(f"calibration LUT {self.path}: the statistics of {pending} prompt(s) that an earlier save "
                         f"could not write were saved {when}")
@@ -460,8 +465,9 @@ class _SaveLUT(Callback):
             return  # the generation was left out (the recorder said why)
         try:
             self.recorder.flush(self.path)
-        except (OSError, ValueError) as exc:  # FileWriteError, LUTMismatchError, LUTFormatError
-            messages.warning(f"calibration LUT {self.path} was not saved: {exc}. The statistics of "
+        except Exception as exc:  # noqa: BLE001 - FileWriteError, LUTMismatchError, LUTFormatError, and whatever
+            # else a save raises (a missing numpy under safetensors: ModuleNotFoundError): never out of the model call
+            messages.warning(f"calibration LUT {self.path} was not saved: {_failure(exc)}. The statistics of "
                              f"{self.recorder.pending_prompts} prompt(s) are kept in memory and the next "
                              "generation tries again")
             if not self._exit_registered:  # a script that ends now (integrations never detach) tries once more
