@@ -106,12 +106,12 @@ def _cmd_show(args) -> int:
 
 def _plan_overrides(args, plan: PlanConfig) -> PlanConfig:
     changes = {}
-    for name, field_name in (("budget", "budget"), ("window", "window"), ("skip_steps", "skip_steps"),
-                             ("min_step", "min_step"), ("tau_cos", "tau_cos"), ("lam", "lambda_"),
-                             ("gamma", "gamma"), ("refresh_every", "refresh_every"), ("ratio", "ratio"),
-                             ("rule", "rule"), ("coefficient", "coefficient"), ("pattern", "pattern"),
-                             ("min_gap", "min_gap"), ("protect_last", "protect_last"), ("refresh", "refresh"),
-                             ("error_weights", "error_weights")):
+    names = (("budget", "budget"), ("window", "window"), ("skip_steps", "skip_steps"), ("min_step", "min_step"),
+             ("tau_cos", "tau_cos"), ("lam", "lambda_"), ("gamma", "gamma"), ("refresh_every", "refresh_every"),
+             ("ratio", "ratio"), ("rule", "rule"), ("coefficient", "coefficient"), ("pattern", "pattern"),
+             ("min_gap", "min_gap"), ("protect_last", "protect_last"), ("refresh", "refresh"),
+             ("error_weights", "error_weights"))
+    for name, field_name in names:
         value = getattr(args, name)
         if value is not None:
             changes[field_name] = value
@@ -119,9 +119,14 @@ def _plan_overrides(args, plan: PlanConfig) -> PlanConfig:
         for key in ("budget", "window", "skip_steps"):
             changes.setdefault(key, None)
     plan = dataclasses.replace(plan, **changes)
+    flags = {f"plan.{'lambda' if field_name == 'lambda_' else field_name}":
+             "--lambda" if name == "lam" else f"--{name.replace('_', '-')}"
+             for name, field_name in names if getattr(args, name) is not None}
 
-    def err(key, message):
-        raise ConfigError("command line", key, message)
+    def err(key, message):  # a value the command line gave is named by its flag, one from the config by its key
+        raise ConfigError("command line", flags[key], message) if key in flags else \
+            ConfigError(getattr(args, "source", None) if _is_config(getattr(args, "source", "")) else "command line",
+                        key, message)
 
     plan.validate(err)
     return plan

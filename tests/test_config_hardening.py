@@ -160,8 +160,10 @@ def test_plan_values_that_fit_still_load(tmp_path):
 
 def test_command_line_budget_follows_the_same_rule(lut_path, capsys):
     assert cli_main(["plan", str(lut_path), "--budget", "2.0"]) == 1
-    assert capsys.readouterr().err == ("taocache plan: error: command line: plan.budget: 2.0 is ambiguous; write 2 "
+    assert capsys.readouterr().err == ("taocache plan: error: command line: --budget: 2.0 is ambiguous; write 2 "
                                        "for 2 skipped steps or a fraction below 1.0\n")
+    assert cli_main(["plan", str(lut_path), "--budget", "2", "--refresh-every", "0"]) == 1  # named as typed
+    assert "command line: --refresh-every: expected a number of skips >= 1" in capsys.readouterr().err
     assert cli_main(["plan", str(lut_path), "--steps", "100000000000", "--window", "3", "4", "--ratio", "1"]) == 1
     assert capsys.readouterr().err == ("taocache plan: error: command line: --steps: expected a number of steps from 1 "
                                        "to 100000, got 100000000000\n")
