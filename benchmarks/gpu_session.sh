@@ -27,7 +27,8 @@
 #      BENCH_RESERVE (200) s, which the training then leaves; LPIPS when .carry/lpips_alex_v0.1.safetensors is
 #      carried (cp ~/.cache/taohooks/lpips_alex_v0.1.safetensors .carry/), else reported as null.
 # KIND=eps trains the eps model (DDPM + learned variance, sampled in Latte's loop: the issue's second official
-# loop shape) as scenes-eps[-pPATCH], from .carry/scenes-eps.safetensors if carried, else from scratch.
+# loop shape) as scenes-eps[-pPATCH], from .carry/scenes-eps.safetensors if carried, else warm-started from the
+# newest flow weights' trunk (train_scenes --warm-start; WARM=PATH names others, WARM=none starts from scratch).
 # PATCH=4 trains the model with 4x4-pixel tokens (512 tokens, 8.2M parameters; what the testbed README says
 # detail inside 8x8 tokens needs) from .carry/scenes-flow-p4.safetensors or the committed
 # weights/wip/scenes-flow-p4-step*, whichever have more steps (else from scratch), and writes $OUT/scenes-flow-p4.safetensors; the
@@ -107,10 +108,22 @@ if [ -n "${INIT:-}" ] && [ "$INIT" != none ] && [ ! -f "$INIT" ]; then   # a typ
          "INIT=none starts from scratch)" >&2
     exit 2
 fi
+INIT_GIVEN=${INIT:-}
 if [ -z "${INIT:-}" ]; then   # of the carried and the committed weights, those with the most steps behind them
     INIT=$("$PY" -c 'import sys; from taohooks.testbed.train_scenes import newest_checkpoint as n; print(n(sys.argv[1:]) or "")' \
         "${CARRY:-.carry}/$NAME.safetensors" taohooks/testbed/weights/wip/$NAME-step*.safetensors 2>/dev/null)
     INIT=${INIT:-${CARRY:-.carry}/$NAME.safetensors}
+fi
+# KIND=eps without eps weights (and no INIT=): a warm start from the newest flow weights of the same patch size
+# (their trunk; the output layer, twice as wide for eps, starts at zero), unless WARM=none; WARM=PATH names them
+FLOW_NAME=${NAME/scenes-eps/scenes-flow}
+if [ "$KIND" = eps ] && [ -z "$INIT_GIVEN" ] && [ ! -f "$INIT" ] && [ -z "${WARM:-}" ]; then
+    WARM=$("$PY" -c 'import sys; from taohooks.testbed.train_scenes import newest_checkpoint as n; print(n(sys.argv[1:]) or "")' \
+        "${CARRY:-.carry}/$FLOW_NAME.safetensors" taohooks/testbed/weights/wip/$FLOW_NAME-step*.safetensors 2>/dev/null)
+fi
+if [ -n "${WARM:-}" ] && [ "$WARM" != none ] && [ ! -f "$WARM" ]; then
+    echo "WARM=$WARM: no such file (WARM=none starts the eps model from scratch)" >&2
+    exit 2
 fi
 mkdir -p "$OUT"
 started=$(date +%s)
@@ -176,6 +189,9 @@ init=()
 if [ -f "$INIT" ]; then
     init=(--init "$INIT")
     say "   from $INIT ($("$PY" -c 'import sys; from taohooks.testbed.train_scenes import trained_steps as t; print(t(sys.argv[1]))' "$INIT" 2>/dev/null) steps behind it)"
+elif [ "$KIND" = eps ] && [ -n "${WARM:-}" ] && [ "$WARM" != none ]; then
+    init=(--warm-start "$WARM")
+    say "   no $INIT: the eps model starts from the trunk of $WARM (--warm-start)"
 else
     say "   no $INIT: the scenes training starts from scratch"
 fi

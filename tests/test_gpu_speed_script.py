@@ -72,6 +72,31 @@ def test_gpu_session_script_eps_benches_the_scenes_eps_model(tmp_path):
                                                                                                  "teacache"]
 
 
+def test_gpu_session_script_eps_warm_starts_from_the_flow_weights(tmp_path):
+    """KIND=eps with no eps weights and no INIT=: the trunk of the newest flow weights (train_scenes --warm-start),
+    not a start from scratch; WARM= naming no file is refused before anything runs."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "KIND": "eps",
+           "MEASURE": "0", "SPEED": "0", "CARRY": str(tmp_path / "carry"), "OMP_NUM_THREADS": "1"}
+    env.pop("INIT", None)
+    res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    committed = sorted((root / "taohooks" / "testbed" / "weights" / "wip").glob("scenes-flow-step*.safetensors"))
+    summary = json.loads((tmp_path / "out" / "scenes-eps.json").read_text())
+    assert summary["warm_start"]["path"] == f"taohooks/testbed/weights/wip/{committed[-1].name}"
+    assert "the eps model starts from the trunk of" in res.stdout
+    bad = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root,
+                         env={**env, "WARM": "nothere.safetensors", "OUT": str(tmp_path / "bad")},
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "WARM=nothere.safetensors: no such file" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_gpu_session_script_patch4_without_measurements(tmp_path):
     """PATCH=4 trains the 4x4-token model into its own file; MEASURE=0 leaves out stage 3; the training's
     learning rate anneals over its --max-minutes; an unknown PATCH, --patch in TRAIN_EXTRA and a fractional

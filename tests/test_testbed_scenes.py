@@ -856,6 +856,35 @@ def test_weights_given_to_resume_and_folders_given_as_checkpoints_are_named_so(t
             train_scenes.main([*TINY, "--steps", "4", "--out", str(tmp_path / "y.safetensors"), flag, str(tmp_path)])
 
 
+def test_warm_start_copies_the_other_kinds_trunk_and_zeroes_the_rest(tmp_path, capsys):
+    """--warm-start: an eps run from the flow model's tensors that fit (all but the output layer, twice as wide);
+    the summary records where they came from, and another architecture is refused naming the keys."""
+    flow = tmp_path / "flow.safetensors"
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(flow)])
+    model = VideoDiT(train_scenes.scenes_config("eps", 32, 1, 2))
+    record = train_scenes.warm_start(model, str(flow))
+    source = VideoDiT.from_pretrained(flow)
+    own, theirs = model.state_dict(), source.state_dict()
+    assert record["left"] == ["final.linear.bias", "final.linear.weight"] and record["total_steps"] == 2
+    assert all(torch.equal(own[k], theirs[k]) for k in own if k not in record["left"])
+    assert own["final.linear.weight"].shape[0] == 2 * theirs["final.linear.weight"].shape[0]
+    n = len(own)
+    assert f"{n - 2} of {n} tensors copied; left at their initialisation: final.linear.bias, final.linear.weight" \
+        in capsys.readouterr().out
+    out = tmp_path / "eps.safetensors"
+    train_scenes.main(["--kind", "eps", *TINY[2:], "--steps", "2", "--warm-start", str(flow), "--out", str(out)])
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["warm_start"]["path"] == str(flow) and summary["warm_start"]["training"] == "scenes-flow"
+    assert summary["total_steps"] == 2  # its own steps: the flow run's are not this model's
+    with pytest.raises(SystemExit, match=r"--warm-start .*flow.safetensors: another architecture \(dim: file has 32, "
+                                         r"this run expects 64\)"):
+        train_scenes.main(["--kind", "eps", "--dim", "64", *TINY[4:], "--steps", "2", "--warm-start", str(flow),
+                           "--out", str(tmp_path / "e2.safetensors")])
+    with pytest.raises(SystemExit):
+        train_scenes.parse_args([*TINY, "--steps", "2", "--out", str(out), "--warm-start", str(flow), "--init",
+                                 str(flow)])
+
+
 def test_a_diverged_run_keeps_the_last_good_files(tmp_path):
     out = tmp_path / "w.safetensors"
     train_scenes.main([*TINY, "--steps", "2", "--out", str(out)])

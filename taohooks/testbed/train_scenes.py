@@ -242,8 +242,8 @@ def save_half(model: VideoDiT, path: Path, metadata: dict) -> None:
     atomic_write_bytes(path, save(state, metadata=meta))
 
 
-def load_weights(path: str, config: VideoDiTConfig, what: str) -> VideoDiT:
-    """A checkpoint whose config must equal ``config``; errors name the file and the differing keys."""
+def load_weights(path: str, config: VideoDiTConfig | None, what: str) -> VideoDiT:
+    """A checkpoint whose config must equal ``config`` (None: any); errors name the file and the differing keys."""
     if Path(path).is_dir():
         raise ValueError(f"{what} {path}: a folder, not a checkpoint file")
     if not Path(path).is_file():
@@ -252,8 +252,37 @@ def load_weights(path: str, config: VideoDiTConfig, what: str) -> VideoDiT:
         model = VideoDiT.from_pretrained(path)
     except Exception as e:
         raise ValueError(f"{what} {path}: not a testbed checkpoint ({type(e).__name__}: {e})") from e
-    _check_config(model.config, config, path, what)
+    if config is not None:
+        _check_config(model.config, config, path, what)
     return model
+
+
+#: what may differ between a --warm-start checkpoint and the run's model (the rest of the config must agree)
+WARM_START_MAY_DIFFER = ("out_channels", "prediction", "training")
+
+
+def warm_start(model: VideoDiT, path: str) -> dict:
+    """``--warm-start``: copy into ``model`` every tensor of the checkpoint at ``path`` whose name and shape it
+    has (a scenes checkpoint of another kind: the flow model's trunk for an eps run, whose output layer has twice
+    the channels); the rest keeps its initialisation (adaLN-Zero: the output layer starts at zero). The two
+    models must agree on everything but :data:`WARM_START_MAY_DIFFER`. Returns what the summary records."""
+    other = load_weights(path, None, "--warm-start")
+    a, b = json.loads(other.config.to_json()), json.loads(model.config.to_json())
+    diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in WARM_START_MAY_DIFFER}
+    if diff:
+        items = ", ".join(f"{k}: file has {x!r}, this run expects {y!r}" for k, (x, y) in diff.items())
+        raise ValueError(f"--warm-start {path}: another architecture ({items}); only "
+                         f"{', '.join(WARM_START_MAY_DIFFER)} may differ")
+    own, theirs = model.state_dict(), other.state_dict()
+    copied = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict({**own, **copied})
+    left = sorted(k for k in own if k not in copied)
+    print(f"warm start from {path} ({other.config.training}): {len(copied)} of {len(own)} tensors copied; "
+          f"left at their initialisation: {', '.join(left) or 'none'}", flush=True)
+    summary = json.loads(read_metadata(path).get("training", "null")) or {}
+    return {"path": str(path), "training": other.config.training, "total_steps": summary.get("total_steps"),
+            "left": left}
 
 
 def trained_steps(path) -> int | None:
@@ -297,10 +326,13 @@ class Trainer:
         self.model = VideoDiT(self.config).to(self.device)
         self.previous = None
         self.run_id = secrets.token_hex(8)  # (a resumed run keeps its own: load)
+        self.warm_start = None  # --warm-start: where the trunk came from (kept across --resume)
         if args.init:
             init = load_weights(args.init, self.config, "--init")
             self.model.load_state_dict(init.state_dict())
             self.previous = json.loads(read_metadata(args.init).get("training", "null"))
+        if getattr(args, "warm_start", None):
+            self.warm_start = warm_start(self.model, args.warm_start)
         self.model.train()
         self.ema = EMA(self.model, args.ema)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.99),
@@ -332,6 +364,7 @@ class Trainer:
             "ema_updates": self.ema.num_updates, "optimizer": self.opt.state_dict(),
             "rng": self.rng.bit_generator.state, "gen": self.gen.get_state(), "previous": self.previous,
             "hparams": {name: getattr(self.args, name) for name in HPARAMS}, "run_id": self.run_id,
+            "warm_start": self.warm_start,
         }
 
     def load(self, path: str, state: dict | None = None) -> None:
@@ -348,6 +381,7 @@ class Trainer:
         self.gen.set_state(state["gen"])
         self.step, self.wall, self.previous = state["step"], state["wall"], state["previous"]
         self.run_id = state.get("run_id") or self.run_id  # states written before run ids: from now on this one
+        self.warm_start = state.get("warm_start")
         self.offset = int((self.previous or {}).get("total_steps", 0))  # a chained run's data streams start there
         self.echoed_before = state.get("echoed", 0)  # states written before --echo existed have none
 
@@ -361,7 +395,7 @@ class Trainer:
             "workers": a.workers, "render": a.render, "compile": a.compile if self.compiled_steps else None,
             "bf16": a.bf16, "echo": a.echo, "echoed_steps": self.echoed, "wall_seconds": round(wall, 1),
             "seconds_per_step": round(wall / max(self.step, 1), 4), "params": num_parameters(self.model),
-            "weights": "ema, float16", "init": a.init, "previous": self.previous,
+            "weights": "ema, float16", "init": a.init, "previous": self.previous, "warm_start": self.warm_start,
             "total_steps": self.step + prev.get("total_steps", 0),
             "total_wall_seconds": round(wall + prev.get("total_wall_seconds", 0.0), 1),
         }
@@ -745,6 +779,9 @@ def parse_args(argv=None):
     p.add_argument("--state", default=None, help="resumable state file (default: OUT with suffix .state.pt)")
     p.add_argument("--resume", default=None, help="continue exactly from this state file")
     p.add_argument("--init", default=None, help="start from these EMA weights with a fresh optimizer")
+    p.add_argument("--warm-start", default=None, metavar="W", help="start a new run from the tensors of a checkpoint "
+                   "of another kind that fit (the flow model's trunk for --kind eps); the rest keeps its "
+                   "initialisation")
     p.add_argument("--overwrite", action="store_true", help="replace the weights and state of an earlier run at "
                    "--out / --state (otherwise refused, unless --resume continues that run)")
     p.add_argument("--batch-size", type=int, default=None)
@@ -788,6 +825,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume and args.init:
         p.error("--resume continues a run (its weights included); --init starts a new one: give one of them")
+    if args.warm_start and (args.resume or args.init):
+        p.error("--warm-start starts a new run from another kind's checkpoint; --resume and --init continue this "
+                "kind's: give one of them")
     if not args.resume:
         resolve_hparams(args, None)
     for name in ("steps", "batch_size", "save_every", "log_every", "threads", "depth", "heads", "dim", "patch"):
