@@ -31,7 +31,7 @@ from .config import MAX_STEPS, ConfigError, PlanConfig, TaoCacheConfig, load_con
 from .runtime.loop import LoopSpec
 from .runtime.io import special_file_kind
 from .taocache.lut import CalibrationLUT, LUTMismatchError, merge_luts
-from .taocache.plan import PlanError
+from .taocache.plan import PlanError, resolve_budget
 from .taocache.cache import check_config_lut, expert_guard, lut_for_steps, make_plan
 
 __all__ = ["main", "build_parser"]
@@ -48,7 +48,9 @@ def _cmd_check(args) -> int:
     lines = [yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip()]
     path = config.lut_path()
     plan = config.plan
-    if path is None and plan.window is None and plan.skip_steps is None and plan.budget not in (None, 0):
+    skips = plan.budget if plan.budget is None or config.loop.steps is None else \
+        resolve_budget(plan.budget, config.loop.steps)  # (a fraction of known steps that rounds to 0 skips nothing)
+    if path is None and plan.window is None and plan.skip_steps is None and skips not in (None, 0):
         raise ConfigError(args.config, "plan.budget", "choosing the steps to skip from a budget needs a calibration "
                           "LUT: name a lut: (the first runs calibrate it), or give plan.window / plan.skip_steps "
                           "with a constant plan.ratio")
@@ -657,12 +659,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         cut = argv.index("--")                                         # (its own -- included)
         argv, script = argv[:cut], argv[cut + 1:]
     parser = build_parser()
+    if argv[:1] in (["calibrate"], ["compare"]) and not script and _script_options_without_dash(parser, argv):
+        parser.error(f"the sample script and its own arguments go after --: {_double_dash_example(argv[0])}")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         hint = ""
         if args.command in ("calibrate", "compare") and not script:
-            hint = (f"; the sample script and its own arguments go after --, e.g. taocache {args.command} "
-                    f"{'EXPERIMENT' if args.command == 'compare' else 'CONFIG'}.yaml -- sample.py --its-option 1")
+            hint = f"; the sample script and its own arguments go after --: {_double_dash_example(args.command)}"
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if script:
         args.script = list(args.script or []) + script
@@ -677,6 +680,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:  # a missing input; an output that is a directory, in a read-only folder, a full disk
         print(f"taocache {args.command}: error: {_os_error_text(exc, args)}", file=sys.stderr)
         return 1
+
+
+def _script_options_without_dash(parser: argparse.ArgumentParser, argv: List[str]) -> bool:
+    """``taocache calibrate|compare ... sample.py --its-option``: options after a ``.py`` that the subcommand does not
+    have (argparse would report a missing ``--prompts`` first, or take them for its own)."""
+    scripts = [i for i, a in enumerate(argv) if a.endswith(".py")]
+    if not scripts:
+        return False
+    sub = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+    own = sub.choices[argv[0]]._option_string_actions
+    return any(a.startswith("-") and a.split("=")[0] not in own for a in argv[scripts[0] + 1:])
+
+
+def _double_dash_example(command: str) -> str:
+    if command == "compare":
+        return "taocache compare EXPERIMENT.yaml -- sample.py --its-option 1"
+    return "taocache calibrate CONFIG.yaml --prompts PROMPTS.txt -- sample.py --its-option 1"
 
 
 def _os_error_text(exc: OSError, args) -> str:

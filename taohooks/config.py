@@ -250,7 +250,7 @@ TEACACHE_PUBLISHED = ("latte", "opensora_plan", "wan2.1-t2v-1.3B", "wan2.1-t2v-1
                       "wan2.1-i2v-720P")
 
 
-#: what a ``teacache:`` section without a threshold is told (at load from YAML, at attach when built in Python)
+#: what a ``teacache:`` section without a threshold is told (at load from YAML, when a TaoCache is made from one built in Python)
 TEACACHE_THRESHOLD_MISSING = ("missing: the accumulated (rescaled) rel-L1 below which TeaCache reuses the block "
                               "residual, e.g. 0.05 (0: TeaCache off)")
 
@@ -449,7 +449,7 @@ def _coerce(value: Any, tp: Any, key: str, source: Optional[str]) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     fail = lambda: ConfigError(  # noqa: E731
         source, key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})" + _number_as_text_hint(value)
-        + _list_hint(value, tp))
+        + ("" if key in PAIR_KEYS else _list_hint(value, tp)))
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(source, key, f"expected a finite number, got {value}")
     if origin is Union:
@@ -515,7 +515,9 @@ def _number_as_text_hint(value: Any) -> str:
         return ""
     percent = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", value)
     if percent:  # budget: 16%
-        return f"; write the fraction {float(percent.group(1)) / 100:g} for {value.strip()}"
+        share = float(percent.group(1)) / 100
+        return (f"; write the fraction {share:g} for {value.strip()}" if share < 1 else
+                "; a share of the steps is a fraction below 1.0 (0.16), a number of steps an integer (8)")
     try:
         number = float(value.strip().replace("_", ""))
     except ValueError:
@@ -537,6 +539,10 @@ def _list_hint(value: Any, tp: Any) -> str:
             typing.get_origin(t) in (list, List) for t in (tp, *typing.get_args(tp))):
         return f"; write [{value}] for a list of one"
     return ""
+
+
+#: list keys that take exactly two values (no "list of one" hint for them)
+PAIR_KEYS = ("plan.window", "pab.timesteps", "pab.steps")
 
 
 def _yaml_number(text: str) -> bool:
@@ -688,13 +694,35 @@ def check_python_config(config: TaoCacheConfig) -> None:
     """A config made in Python (``TaoCache(TaoCacheConfig(...))``) checked as a YAML file is: each section of
     its own dataclass, the same types, then :meth:`TaoCacheConfig.validate`. Raises :class:`ConfigError`
     naming the key, so that ``rule="Auto"`` or ``budget=1.0`` is refused as in YAML rather than run otherwise."""
+    if isinstance(config.lut, os.PathLike):  # lut=Path(...): the path it names, as YAML gives it
+        config.lut = os.fspath(config.lut)
     hints = typing.get_type_hints(TaoCacheConfig)
     for f in dataclasses.fields(TaoCacheConfig):
         value, expected = getattr(config, f.name), _section_type(hints[f.name])  # (pab, teacache may be None)
         if expected is not None and value is not None and not isinstance(value, expected):
             raise ConfigError(PYTHON_SOURCE, _yaml_key(f), f"expected a {expected.__name__}, got "
                               f"{type(value).__name__} (a mapping of YAML keys: taohooks.config.config_from_dict)")
-    dataclass_from_dict(TaoCacheConfig, config.to_dict(), PYTHON_SOURCE)  # the types, then validate()
+    dataclass_from_dict(TaoCacheConfig, _plain(config.to_dict()), PYTHON_SOURCE)  # the types, then validate()
+
+
+def _plain(value: Any) -> Any:
+    """What Python code may put in a config, as YAML would give it: numpy and other number types as int or float,
+    ``range``, tuples and arrays as lists (a window computed with numpy ran before configs were checked)."""
+    import numbers
+
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # numpy and torch arrays, 0-d ones too
+        return _plain(value.tolist())
+    if isinstance(value, (list, tuple, range)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _is_bench_config(data: Any) -> bool:

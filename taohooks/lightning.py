@@ -19,7 +19,7 @@ try:
 except ImportError as exc:  # pragma: no cover - lightning is an extra
     raise ImportError("taohooks.lightning needs Lightning: pip install 'taohooks[lightning]'") from exc
 
-from .config import TaoCacheConfig, load_config
+from .config import TaoCacheConfig, check_python_config, load_config
 from .runtime import messages
 from .taocache.cache import TaoCache
 
@@ -40,6 +40,8 @@ class TaoCacheCallback(_LightningCallback):
                  steps: Optional[int] = None, streams: Optional[Sequence[str]] = None,
                  split_batch: Optional[bool] = None, timestep_arg: Union[str, int, None] = None):
         self.config = config if isinstance(config, TaoCacheConfig) else load_config(config)
+        if self.config.source is None:  # made in Python: checked now, not at predict time
+            check_python_config(self.config)
         self.module = module
         self.steps, self.streams, self.split_batch, self.timestep_arg = steps, streams, split_batch, timestep_arg
         self.cache: Optional[TaoCache] = None

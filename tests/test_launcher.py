@@ -96,3 +96,41 @@ def test_the_script_gets_an_absolute_file_as_python_gives_it(tmp_path):
     res = subprocess.run([sys.executable, "-m", "taohooks.run", "s.py", "--taocache", "c.yaml"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)  # (in a process of its own: it installs a patch)
     assert "abs True" in res.stdout, res.stderr
+
+
+def test_warnings_and_the_summary_line_name_the_same_generation(tmp_path, capsys):
+    """Once calibration completed the launcher attached a new cache, whose warnings counted from 1 again while the
+    per-call summary line went on: 'generation 1 begins at timestep ...' above 'generation 2: ...' (review,
+    2026-11-27)."""
+    from pathlib import Path
+
+    import torch
+
+    from taohooks.config import load_config
+    from taohooks.testbed import integration, sampling
+    from taohooks.testbed.model import VideoDiT
+
+    cfg = tmp_path / "tb.yaml"
+    cfg.write_text("integration: testbed\nlut: tb.safetensors\ncalibration: {prompts: 1}\nplan: {budget: 2}\n")
+    model = VideoDiT.from_pretrained(Path(sampling.__file__).parent / "weights" / "flow.safetensors")
+
+    class StartsOneStepLate:  # the flow scheduler's timesteps from its second step on: out of line with the LUT
+        init_noise_sigma = 1.0
+
+        def set_timesteps(self, n, *a, **k):
+            inner = sampling.make_flow_scheduler(sampling.DEFAULT_FLOW_SHIFT)
+            inner.set_timesteps(n)
+            self.timesteps = torch.cat([inner.timesteps[1:], inner.timesteps[-1:] / 2])
+
+        def step(self, model_output, t, sample, return_dict=False):
+            return (sample - 0.05 * model_output,)
+
+    integration.install(load_config(cfg))
+    try:
+        sampling.sample_flow(model, ["a red circle moving left"], [1], steps=8)  # calibrates
+        sampling.sample_flow(model, ["a red circle moving left"], [2], steps=8, scheduler=StartsOneStepLate())
+    finally:
+        integration.uninstall()
+    err = capsys.readouterr().err
+    assert "taohooks: warning: generation 2 begins at timestep" in err and "taohooks: generation 2: " in err
+    assert "generation 1 begins" not in err

@@ -218,7 +218,8 @@ def test_generation_at_a_later_lut_timestep_computes_every_step(capsys):
     assert capsys.readouterr().err == (
         "taohooks: warning: generation 1 begins at timestep 0, the LUT's timestep at step 2, not at its first "
         "timestep -2: the loop is 2 step(s) out of line (the previous generation made more or fewer calls than "
-        "declared: 16 steps x 1 call(s) (main)); this generation computes every step\n")
+        "declared (16 steps x 1 call(s) (main)), or this one runs another schedule); this generation computes every "
+        "step\n")
 
 
 def test_norm_guard_from_the_yaml_and_the_summary_names_the_reason():

@@ -826,6 +826,19 @@ def test_a_summary_is_this_runs_by_run_id_or_else_by_kind_seed_origin_and_step()
     assert "began from" in train_scenes._same_run({**ok, "previous": {"total_steps": 5}}, legacy)
     assert "past the resumed state's step 10" in train_scenes._same_run({**ok, "steps_done": 12}, legacy)
     assert "no training summary" in train_scenes._same_run(None, legacy)
+    before_hparams = {k: v for k, v in legacy.items() if k != "hparams"}  # states of 2026-11-26: the default seed
+    assert train_scenes._same_run(ok, before_hparams) is None
+
+
+def test_a_json_that_is_no_training_summary_is_called_so(tmp_path):
+    weights = tmp_path / "a.safetensors"
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(weights)])
+    (tmp_path / "new.json").write_text('{"my": "notes"}')
+    state = str(tmp_path / "a.state.pt")
+    with pytest.raises(SystemExit, match=r"new.json exists and is not the training summary of the run resumed from "
+                                         r".*a.state.pt \(it holds no training summary of this script\)"):
+        train_scenes.main([*TINY, "--steps", "4", "--out", str(tmp_path / "new.safetensors"), "--state", state,
+                           "--resume", state])
 
 
 def test_a_new_run_does_not_replace_a_json_file_at_its_summary_name(tmp_path):
@@ -950,7 +963,7 @@ def test_scenes_scripts_refuse_what_used_to_fail_after_the_work(tmp_path, monkey
 
     missing = str(tmp_path / "missing.safetensors")
     (tmp_path / "folder.png").mkdir()
-    cases = [(["--grid", str(tmp_path / "g.txt")], "--grid .*g.txt: expected a .png file name"),
+    cases = [(["--grid", str(tmp_path / "g.txt")], "--grid .*g.txt: expected an image file name such as grid.png"),
              (["--grid", str(tmp_path / "folder.png")], "--grid .*folder.png.*directory"),
              (["--steps", "1", "--skip-steps", ""], "--steps 1: expected at least 3"),
              (["--guidance", "-1"], "--guidance -1: expected a finite scale >= 1"),
@@ -966,8 +979,8 @@ def test_scenes_scripts_refuse_what_used_to_fail_after_the_work(tmp_path, monkey
             main(["--weights", missing, "--guidance", "0.5"])
         assert exc.value.code == 2 and "--guidance 0.5: expected a finite scale >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--weights", missing, "--grid", str(tmp_path / "g.jpg")])
-    assert exc.value.code == 2 and "expected a .png file name" in capsys.readouterr().err
+        evaluate.main(["--weights", missing, "--grid", str(tmp_path / "g.txt")])
+    assert exc.value.code == 2 and "expected an image file name" in capsys.readouterr().err
     # with --budget 0 TeaCache is not fitted at all: 3 steps of one calibration pair measure the cosines
     weights = tmp_path / "w.safetensors"
     train_scenes.main([*TINY, "--steps", "1", "--out", str(weights)])
@@ -994,6 +1007,15 @@ def test_a_grid_is_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_grid(torch.zeros(1, 3, 2, 4, 4), path, labels=["a"])
     assert path.read_bytes() == b"the earlier grid" and [p.name for p in tmp_path.iterdir()] == ["g.png"]
+
+
+def test_a_grid_is_written_in_its_names_format(tmp_path):
+    """The atomic write made every grid a PNG, a .jpg one too (examples/sample_testbed.py --out x.jpg)."""
+    from taohooks.testbed.grid import save_grid
+
+    save_grid(torch.zeros(1, 3, 2, 4, 4), tmp_path / "g.jpg")
+    save_grid(torch.zeros(1, 3, 2, 4, 4), tmp_path / "g.png")
+    assert (tmp_path / "g.jpg").read_bytes()[:3] == b"\xff\xd8\xff" and (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_loads_every_checkpoint_before_the_first_models_work(tmp_path, capsys):

@@ -31,7 +31,7 @@ import weakref
 from typing import Any, Dict, List, Optional, Union
 
 from taohooks.runtime.callbacks import Callback
-from taohooks.config import TaoCacheConfig, load_config
+from taohooks.config import TaoCacheConfig, check_python_config, load_config
 from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
                                   scheduler_calls, unwrap_model)
 from taohooks.runtime.loop import LoopSpec
@@ -214,6 +214,8 @@ def enable_taocache(pipe, config: Union[TaoCacheConfig, str, os.PathLike]) -> No
     """Give ``pipe`` TaoCache from a config (a :class:`TaoCacheConfig` or a YAML path): every later
     ``pipe(...)`` call is one generation (calibrating first if the config's LUT does not exist)."""
     config = config if isinstance(config, TaoCacheConfig) else load_config(config)
+    if config.source is None:  # made in Python: checked now, not at the first call
+        check_python_config(config)
     _check_supported(pipe)
     if config.pab is not None:
         raise IntegrationError(f"{config.source}: pab: diffusers pipelines use diffusers' own PAB "

@@ -461,6 +461,7 @@ class GenerationPatch:
         before = {s: list(c) for s, c in cache.hook.counts.items()}
         before["_extras"] = self._extra_counts(cache)
         before["_sample"] = cache.hook.sample
+        cache.hook.label_offset = self.generations - (cache.hook.sample + 1)  # its messages name this call's number
         cache.new_sample()
         result = self.original(*bound.args, **bound.kwargs)
         self.generations += 1

@@ -146,6 +146,7 @@ class DenoiserHook:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be taohooks.Callback instances, got {type(cb).__name__}")
         self.timestep_arg = timestep_arg
+        self.label_offset = 0  # added to generation numbers in messages (see label)
         self.repeat = repeat
         self.module: Optional[nn.Module] = None
         self.also: Tuple[nn.Module, ...] = ()  # more instances numbered with ``module`` (attach(module, *also))
@@ -303,8 +304,8 @@ class DenoiserHook:
     def _start(self, explicit: bool, by_user: bool = False) -> None:
         if not explicit and self._candidate is not None:  # began right after it: that schedule is the loop's now
             sample, timesteps, values = self._candidate
-            messages.notice(f"generation {sample + 1} ran at other timesteps than generation "
-                            f"{self._reference_sample + 1} and made all its {self.loop.total_calls} calls: the "
+            messages.notice(f"generation {self.label(sample)} ran at other timesteps than generation "
+                            f"{self.label(self._reference_sample)} and made all its {self.loop.total_calls} calls: the "
                             "generations after it are compared with it")
             self._set_reference(sample, timesteps, values)
         self._candidate = self._uncut = None
@@ -392,6 +393,12 @@ class DenoiserHook:
             raise
         return call, None
 
+    def label(self, sample: int) -> int:
+        """Generation ``sample`` (counted from 0 in this attach) as messages number it: from 1, plus
+        :attr:`label_offset` (the launcher's generations before this cache attached, so that its warnings and its
+        per-generation summary name the same generation)."""
+        return sample + 1 + self.label_offset
+
     def timestep_source(self) -> str:
         """Where the hook reads a call's timestep, in words (for messages)."""
         return (f"the keywords {', '.join(TIMESTEP_KWARGS)}" if self.timestep_arg is None
@@ -437,8 +444,8 @@ class DenoiserHook:
                 self._out_of_line = self._sample
                 self.misaligned_generations += 1
                 messages.warning(
-                    f"call {j} (step {self.loop.locate(j)[0]}) of generation {self._sample + 1} ran at timestep "
-                    f"{seen:g}, but the same call of generation {self._reference_sample + 1} ran at {want:g}: a "
+                    f"call {j} (step {self.loop.locate(j)[0]}) of generation {self.label(self._sample)} ran at timestep "
+                    f"{seen:g}, but the same call of generation {self.label(self._reference_sample)} ran at {want:g}: a "
                     f"generation made fewer or more calls than declared ({self.loop.describe()}), or the schedule "
                     "changed; nothing cached is reused until the loop is in line again")
                 return False
@@ -469,7 +476,7 @@ class DenoiserHook:
         self._cuts += 1
         self._cut_at += restart  # (the call's number in the numbered generation)
         messages.warning(
-            f"call {self._cut_at} of generation {sample + 1} runs at timestep {start:g} again, where "
+            f"call {self._cut_at} of generation {self.label(sample)} runs at timestep {start:g} again, where "
             f"{'the generation' if self._cuts == 1 else 'the last one begun inside it'} began: that one made {restart} "
             f"of the {self.loop.total_calls} declared calls ({self.loop.describe()}) and the next began there; nothing "
             "cached is reused until the loop is in line again")
@@ -498,7 +505,7 @@ class DenoiserHook:
         seen = timestep.value() if timestep is not None else None
         if want is None or seen is None:
             return False
-        following = self._sample + 2  # (generations are numbered from 1 in messages, as calibration numbers them)
+        following = self.label(self._sample + 1)
         starts = timesteps_match(seen, want)
         before = self._previous.value() if starts and self._reference_varies and self._previous is not None else None
         early = before is not None and timesteps_match(before, want)  # the last call began this generation
@@ -510,7 +517,7 @@ class DenoiserHook:
         if self._strays >= self.loop.total_calls and self._restarts(seen):  # the schedule changed: a new reference
             messages.warning(
                 f"no call began at timestep {want:g} in the {self._strays} calls after generation "
-                f"{self._sample + 1}; generation {following} begins at this call (timestep {seen:g}), and the "
+                f"{self.label(self._sample)}; generation {following} begins at this call (timestep {seen:g}), and the "
                 "generations after it must begin where it does")
             self._finished = False  # an explicit start
             return False
@@ -518,14 +525,14 @@ class DenoiserHook:
             self.misaligned_generations += 1
             if early:
                 what = (f"generation {following} would begin at timestep {seen:g}, but the last call of generation "
-                        f"{self._sample + 1} ran at that timestep too: it began this generation, and generation "
-                        f"{self._sample + 1} made fewer calls than declared ({self.loop.describe()})")
+                        f"{self.label(self._sample)} ran at that timestep too: it began this generation, and generation "
+                        f"{self.label(self._sample)} made fewer calls than declared ({self.loop.describe()})")
             else:
                 calls = [t.value() if t is not None else None for t in reference]
                 where = next((i for i, v in enumerate(calls) if v is not None and timesteps_match(seen, v)), None)
                 at = "" if where is None else f" (its timestep at step {self.loop.locate(where)[0]})"
                 what = (f"generation {following} would begin at timestep {seen:g}{at}, but generation "
-                        f"{self._reference_sample + 1} began at {want:g}: the previous generation made more or fewer "
+                        f"{self.label(self._reference_sample)} began at {want:g}: the previous generation made more or fewer "
                         f"calls than declared ({self.loop.describe()})")
             messages.warning(f"{what}. Calls run uncached until one begins at timestep {want:g}")
         self._strays += 1
@@ -567,7 +574,7 @@ class DenoiserHook:
         timesteps, values = self._uncut
         self._uncut = None
         self.misaligned_generations = max(0, self.misaligned_generations - self._cuts)
-        messages.notice(f"generation {self._sample + 1} made all its {self.loop.total_calls} calls after all (its loop "
+        messages.notice(f"generation {self.label(self._sample)} made all its {self.loop.total_calls} calls after all (its loop "
                         "returns to its first timestep): it is the reference again")
         self._set_reference(self._sample, timesteps, values)
 

@@ -45,13 +45,15 @@ def verbosity() -> int:
 def _say_unknown_level(name: str) -> None:
     """An unknown ``TAOHOOKS_VERBOSITY`` is said once (on stderr, whatever the level) and read as info."""
     key = f"verbosity:{name}"
+    if not _is_rank_zero():  # (under torchrun only rank 0 speaks)
+        return
     with _lock:
         if key in _seen:
             return
         _seen.add(key)
     try:
-        sys.stderr.write(f"{_PREFIX}warning: {ENV_VERBOSITY}={name!r} is not one of {', '.join(LEVELS)}; "
-                         "using info\n")
+        sys.stderr.write(f"{_PREFIX}warning: {ENV_VERBOSITY}={name!r} is not one of {', '.join(LEVELS)} (quiet keeps "
+                         "only the warnings); using info\n")
         sys.stderr.flush()
     except (OSError, ValueError):
         pass

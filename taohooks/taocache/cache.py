@@ -95,8 +95,9 @@ def _make_plan(plan: PlanConfig, steps: int, streams: Sequence[str], lut: Option
         return no_skip_plan(steps, streams)
     if lut is None and plan.window is None and plan.skip_steps is None:  # (said first: whatever the ratio)
         raise PlanError(f"plan.budget: choosing the {'steps' if plan.rule == 'auto' else 'window'} from a budget "
-                        "needs a calibration LUT; name a lut: (it is calibrated on the first generations), or give "
-                        "plan.window / plan.skip_steps with a constant plan.ratio")
+                        "needs a calibration LUT, and none is loaded; calibrate one (lut: names the file, and with "
+                        "calibration.auto the first generations calibrate it), or give plan.window / plan.skip_steps "
+                        "with a constant plan.ratio")
     if not constant and lut is None:
         raise PlanError("plan.ratio is 'calibrated' but no calibration LUT is loaded; calibrate first, "
                         "or set plan.ratio to a constant such as 1.0 (plain linear extrapolation)")

@@ -118,6 +118,12 @@ def _real_path(path) -> str:
     return os.path.realpath(os.fspath(path))
 
 
+def _label(hook, sample: int) -> int:
+    """Generation ``sample`` as messages number it (:meth:`DenoiserHook.label`; from 1)."""
+    label = getattr(hook, "label", None)
+    return label(sample) if label is not None else sample + 1
+
+
 class CalibrationRecorder(Callback):
     """Records delta statistics on every call of full-step generations into a LUT.
 
@@ -170,7 +176,7 @@ class CalibrationRecorder(Callback):
     def on_sample_abort(self, hook, sample: int, reason: str) -> None:
         gen, self._generation, self._history = self._generation, None, {}
         if gen is not None and gen.calls:
-            messages.warning(f"calibration: generation {sample + 1} stopped before its last call ({reason}); "
+            messages.warning(f"calibration: generation {_label(hook, sample)} stopped before its last call ({reason}); "
                              "its statistics were left out of the LUT")
 
     def on_detach(self, hook) -> None:
@@ -189,6 +195,14 @@ class CalibrationRecorder(Callback):
         leaves = float32_leaves(leaves)
         parts = split_batch(leaves, len(loop.streams)) if loop.split_batch else [leaves]
         step = call.step
+        if call.timestep is None and not self._said_no_timesteps:  # said at once: a generation can take minutes
+            self._said_no_timesteps = True
+            messages.warning(
+                f"calibration: the hook cannot read the timestep of the model's calls (it looked at "
+                f"{getattr(hook, 'timestep_source', lambda: 'its arguments')()}), so the LUT records none: rule: "
+                "auto's flow or DDPM sampler weights need them (plan.error_weights: uniform does without), and a "
+                "run's timesteps cannot be compared with the LUT's. Give timestep_arg= (the keyword or the position "
+                "of the timestep in the call)")
         if bool(gen.timesteps[step].isnan()):
             timestep = call.timestep
             if timestep is not None:
@@ -246,25 +260,18 @@ class CalibrationRecorder(Callback):
         if getattr(hook, "generation_out_of_line", lambda _: False)(sample):  # (repeat=True only)
             # (the hook warned) also where the hook later finds it was whole (a loop that revisits its first
             # timestep): two short generations can look the same, and a spliced generation would corrupt the LUT
-            messages.warning(f"calibration: generation {sample + 1} left out of the LUT: its calls are not "
+            messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: its calls are not "
                              "numbered as its own steps, or ran at other timesteps than the reference generation's")
             return
         if gen.bad is not None:
             name, step, what = gen.bad
-            messages.warning(f"calibration: generation {sample + 1} left out of the LUT: stream {name!r}, "
+            messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: stream {name!r}, "
                              f"step {step}: {what}")
             return
-        if not self._said_no_timesteps and bool(gen.timesteps.isnan().all()):
-            self._said_no_timesteps = True
-            messages.warning(
-                f"calibration: the hook cannot read the timestep of the model's calls (it looked at "
-                f"{getattr(hook, 'timestep_source', lambda: 'its arguments')()}), so the LUT records none: rule: auto's flow or DDPM sampler weights need "
-                "them (plan.error_weights: uniform does without), and the checks that a run's sampler is the LUT's are off. "
-                "Give timestep_arg= (the keyword or the position of the timestep in the call)")
         known = self._known
         t = first_timestep_difference(known.timesteps, gen.timesteps)
         if t is not None:
-            messages.warning(f"calibration: generation {sample + 1} left out of the LUT: step {t} ran at timestep "
+            messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: step {t} ran at timestep "
                              f"{gen.timesteps[t].item():g}, the LUT's generations at {known.timesteps[t].item():g} "
                              "(a different sampler, shift or step count?)")
             return
@@ -276,7 +283,7 @@ class CalibrationRecorder(Callback):
         try:
             known, pending = known.merge(done), self._pending.merge(done)
         except LUTMismatchError as exc:  # checked at attach; never let the last call of a generation raise
-            messages.warning(f"calibration: generation {sample + 1} left out of the LUT: {exc}")
+            messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: {exc}")
             return
         self._known = dataclasses.replace(known, created=self._known.created, source=self._known.source)
         self._pending = pending

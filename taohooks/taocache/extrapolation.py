@@ -223,9 +223,10 @@ class TaoCacheCallback(Callback):
         self._aligned = False
         self.misaligned_generations += 1
         messages.warning(
-            f"taohooks: generation {call.sample + 1} begins at timestep {seen:g}, the LUT's timestep at step "
+            f"taohooks: generation {hook.label(call.sample)} begins at timestep {seen:g}, the LUT's timestep at step "
             f"{later[0]}, not at its first timestep {first:g}: the loop is {later[0]} step(s) out of line "
-            f"(the previous generation made more or fewer calls than declared: {hook.loop.describe()}); "
+            f"(the previous generation made more or fewer calls than declared ({hook.loop.describe()}), or this "
+            "one runs another schedule); "
             "this generation computes every step")
 
     # ------------------------------------------------------------------ computed steps

@@ -125,6 +125,12 @@ def resolve_budget(budget: Union[int, float, None], steps: int) -> int:
     """Number of skipped steps for a budget given as a count (int) or a fraction of the steps (float < 1)."""
     if budget is None:
         return 0
+    import numbers
+
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):  # numpy's too
+        budget = int(budget)
+    elif isinstance(budget, numbers.Real):
+        budget = float(budget)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise PlanError(f"budget must be a step count or a fraction of the steps, got {budget!r}")
     if isinstance(budget, float) and not budget.is_integer():

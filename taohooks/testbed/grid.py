@@ -23,13 +23,19 @@ def clips_to_image(clips, scale: int = 4, gap: int = 1) -> np.ndarray:
 
 
 def check_grid_path(path: Union[str, Path], flag: str = "--grid") -> Path:
-    """Before the work: ``path`` is a ``.png`` file name :func:`save_grid` can write (``ValueError`` /
-    ``OSError`` naming ``flag`` otherwise; creates its folder)."""
+    """Before the work: ``path`` is an image file name (``.png``; another format PIL writes, by its suffix)
+    :func:`save_grid` can write (``ValueError`` / ``OSError`` naming ``flag`` otherwise; creates its folder)."""
     from ..runtime.io import check_writable
 
     path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"{flag} {path}: expected a .png file name")
+    try:
+        from PIL import Image
+
+        known = set(Image.registered_extensions())
+    except ImportError:  # pragma: no cover - PIL is normally present
+        known = {".png"}
+    if path.suffix.lower() not in known:
+        raise ValueError(f"{flag} {path}: expected an image file name such as grid.png")
     check_writable(path)  # (a folder, or one that cannot be written, is named here)
     return path
 
@@ -67,7 +73,7 @@ def save_grid(clips, path: Union[str, Path], labels: Optional[Sequence[str]] = N
             draw.text((pil.width + 4, i * row_h + row_h // 2 - 6), s, fill=(0, 0, 0))
         pil = out
     buf = io.BytesIO()
-    pil.save(buf, format="PNG")
+    pil.save(buf, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))  # (the name's format)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -85,7 +91,7 @@ def _save_matplotlib(img: np.ndarray, path: Path, labels, row_h: int) -> Path:  
     for i, s in enumerate(labels or []):
         ax.text(img.shape[1] + 4, i * row_h + row_h / 2, s, va="center", fontsize=6)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    fig.savefig(buf, format=path.suffix.lstrip(".").lower() or "png", bbox_inches="tight")
     plt.close(fig)
     from ..runtime.io import atomic_write_bytes
 

@@ -535,7 +535,7 @@ def _run_of(path: Path) -> dict | None:
             found = json.loads(path.read_text())
         else:
             found = json.loads(read_metadata(path).get("training", "null"))
-        return found if isinstance(found, dict) else None
+        return found if isinstance(found, dict) and "steps_done" in found and "kind" in found else None
     except Exception:  # noqa: BLE001 - unreadable: not shown to be this run's
         return None
 
@@ -548,7 +548,7 @@ def _same_run(summary: dict | None, state: dict) -> str | None:
         return "it holds no training summary of this script"
     if summary.get("run_id") is not None and state.get("run_id") is not None:
         return None if summary["run_id"] == state["run_id"] else "another run wrote it (its run_id differs)"
-    seed = (state.get("hparams") or {}).get("seed")
+    seed = (state.get("hparams") or {}).get("seed", HPARAM_DEFAULTS["seed"])  # (states before hparams: the default)
     checks = (("kind", summary.get("kind"), state.get("kind")), ("seed", summary.get("seed"), seed),
               ("the weights it began from", summary.get("previous"), state.get("previous")))
     for name, theirs, ours in checks:
