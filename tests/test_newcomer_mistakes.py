@@ -54,6 +54,11 @@ def test_python_configs_may_hold_numpy_numbers_ranges_and_tuples():
         TaoCache(TaoCacheConfig(plan=plan))
     with pytest.raises(ConfigError, match="plan.budget: 2.0 is ambiguous"):
         TaoCache(TaoCacheConfig(plan=PlanConfig(budget=np.float64(2.0))))
+    from taohooks.taocache.plan import resolve_budget
+
+    assert resolve_budget(np.int64(3), 20) == 3 and resolve_budget(np.float32(0.25), 20) == 5
+    cache = TaoCache(TaoCacheConfig(lut=Path("luts") / "x.safetensors"))  # a Path: the path it names
+    assert cache.config.lut == str(Path("luts") / "x.safetensors")
 
 
 class PositionalTimestep(torch.nn.Module):
