@@ -79,7 +79,8 @@ def _cmd_check(args) -> int:
                                       if lut.deltas is not None else ")"))
             loop = LoopSpec(config.loop.steps or lut.steps, tuple(config.loop.streams or lut.streams))
             lut = lut_for_steps(config, lut, loop.steps)
-            lut.check(loop, config.model_id, config.calibration.sampler)
+            lut.check(loop, config.model_id, None if "scheduler" in config.calibration.accept
+                      else config.calibration.sampler)
             plan = make_plan(config.plan, loop.steps, loop.streams, lut, unskippable=expert_guard(lut))
             lines.append(f"# plan: {plan.describe()}")
         else:
@@ -477,7 +478,7 @@ def _run_calibration(argv: List[str], env: dict) -> int:
 
     os.environ.update(env)
     try:
-        return run_main(list(argv))
+        return run_main(list(argv), prog="taocache calibrate")
     except SystemExit as exc:  # the integration exits once the LUT is complete
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:

@@ -146,7 +146,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
             precheck_integration(config, rest[1:])
             check_teacache_fit(config)
     except (ConfigError, IntegrationError, ImportError, LUTMismatchError, PlanError, ValueError, OSError) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        _say(prog, exc)
         return 2
     calls_before = wrapped_calls()
     try:
@@ -154,7 +154,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
     except RUN_ERRORS as exc:
         # found at the first call of a generation (what the command line could not say): before any
         # step was skipped; said as plainly as the checks before the model loaded
-        print(f"{prog}: {exc}", file=sys.stderr)
+        _say(prog, exc)
         return 2
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -164,6 +164,12 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
     if not report_if_never_applied(config, calls_before):
         return 1
     return 0
+
+
+def _say(prog: str, exc: BaseException) -> None:
+    """An error on stderr, every line of it (a precheck lists each problem on its own) under ``prog``'s name, so that
+    a filter on the prefix sees them all."""
+    print("\n".join(f"{prog}: {line}" for line in str(exc).splitlines() or [""]), file=sys.stderr)
 
 
 def _run_errors() -> tuple:

@@ -186,3 +186,35 @@ def test_a_python_config_is_checked_when_it_is_handed_over_not_at_the_first_gene
 
     with pytest.raises(ConfigError, match="plan.rule"):
         TaoCacheCallback(bad)
+
+
+def test_compare_refuses_taocache_among_the_scripts_arguments(capsys):
+    """It was reported as '--taocache is given twice' under taocache-run's name, though typed once."""
+    assert main(["compare", str(ROOT / "configs" / "compare" / "testbed.yaml"), "--",
+                 str(ROOT / "examples" / "sample_testbed.py"), "--taocache", "x.yaml"]) == 1
+    assert "remove --taocache from the script's arguments" in capsys.readouterr().err
+
+
+def test_the_sampler_weights_name_the_lut_s_sampler_once():
+    from types import SimpleNamespace
+
+    from taohooks.taocache.error_plan import weight_scheme
+
+    scheme, why = weight_scheme("auto", SimpleNamespace(identity={"scheduler": "unipc"}, sampler="unipc"))
+    assert scheme == "flow" and why == "flow matching (the LUT's sampler: unipc)"
+
+
+def test_the_generation_that_completes_the_lut_says_so(tmp_path, capsys):
+    """A run per generation (Wan's generate.py) was told 'calibrating: N of 20' at each start, and nothing when the
+    LUT became complete."""
+    from trajectories import run_loop
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lut: lut.safetensors\ncalibration: {prompts: 2}\nloop: {steps: 8}\n")
+    model = GeometricDenoiser({"main": 0.9})
+    for _ in range(2):  # two processes' worth: one generation each
+        with TaoCache.from_yaml(cfg).attach(model):
+            run_loop(model, 8)
+    err = capsys.readouterr().err
+    assert err.count("now holds 2 of 2 prompts (calibration.prompts): the next generations skip") == 1
+    assert "now holds 1 of 2" not in err

@@ -318,3 +318,45 @@ def test_wan_sampler_label_without_a_lut_is_not_checked(runner, tmp_path):
     res = launch(runner, WAN, tmp_path, "integration: wan\ncalibration: {sampler: unipc}\nplan: {window: [7, 8], "
                                         "ratio: 1.0}\n", "--sample_solver", "dpm++")
     assert res.returncode == 0, res.stderr
+
+
+def test_wan_lut_of_another_size_is_refused_at_the_first_generation(runner, luts, tmp_path):
+    """A LUT calibrated at one --size (or --frame_num) cannot take a calibration at another (its delta products hold
+    outputs of one size): every later calibrating run was left out of the LUT with a warning, exit 0, forever
+    (review, 2026-11-27). The generate() call's size and frame count are now part of the identity."""
+    with_lut(luts, "wan", tmp_path / "size")
+    res = launch(runner, WAN, tmp_path / "size", CALIBRATED.format("wan", ""), "--size", "48*32")
+    assert res.returncode == 2, res.stderr
+    assert "pixels (width x height of the video: Wan's --size): this run 1536, the LUT 1024" in res.stderr
+    with_lut(luts, "wan", tmp_path / "frames")
+    res = launch(runner, WAN, tmp_path / "frames", CALIBRATED.format("wan", ""), "--frame_num", "9")
+    assert res.returncode == 2 and "frame_num (Wan's --frame_num): this run 9, the LUT 5" in res.stderr
+    with_lut(luts, "wan", tmp_path / "accepted")
+    res = launch(runner, WAN, tmp_path / "accepted", CALIBRATED.format("wan", ", accept: [pixels]"), "--size", "48*32")
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("integration, task, other", [("wan", "ti2v-5B", "wan22"), ("wan", "s2v-14B", "wan22"),
+                                                      ("wan22", "t2v-1.3B", "wan"), ("wan22", "i2v-14B", "wan")])
+def test_a_task_of_the_other_wan_version_is_refused_before_the_model_loads(integration, task, other):
+    """A Wan2.1 config on a Wan2.2 checkout with --task ti2v-5B ran a whole generation uncached, exit 0; with
+    t2v/i2v it was found only after the pipeline loaded (review, 2026-11-27)."""
+    import importlib
+
+    from taohooks.config import config_from_dict
+    from taohooks.launcher.integration import IntegrationError
+
+    module = importlib.import_module(f"taohooks.integrations.{integration}")
+    with pytest.raises(IntegrationError, match=rf"--task {task} is a Wan2\.[12] task; use integration: {other} "):
+        module.precheck(config_from_dict({"integration": integration}, "c.yaml"), ["--task", task, "--prompt", "x"])
+    module.precheck(config_from_dict({"integration": integration}, "c.yaml"), ["--task", "nonsense"])  # its parser's
+
+
+def test_wan_accepted_scheduler_with_a_sampler_label_runs(runner, luts, tmp_path):
+    """Every shipped Wan config sets calibration.sampler: unipc, and accept: [scheduler], as the refusal advised, was
+    refused again on that label (review, 2026-11-27)."""
+    with_lut(luts, "wan", tmp_path)
+    res = launch(runner, WAN, tmp_path, CALIBRATED.format("wan", ", sampler: unipc, accept: [scheduler]"),
+                 "--sample_solver", "dpm++")
+    assert res.returncode == 0, res.stderr
+    assert saved_counts(res) == [(4, 20)]

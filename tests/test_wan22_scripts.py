@@ -147,15 +147,16 @@ def test_ti2v_with_an_image_reads_the_per_token_timestep(runner, tmp_path):
 
 def test_each_wan_integration_names_the_other_on_the_wrong_checkout(runner, tmp_path):
     res = run(runner, tmp_path / "a", "integration: wan\nplan: {budget: 0}\n")
-    assert res.returncode == 2
-    assert "integration: wan met Wan2.2's WanT2V (two experts" in res.stderr and "use integration: wan22" in res.stderr
+    assert res.returncode == 2  # (its --task t2v-A14B: said before the experts load)
+    assert "integration: wan is Wan2.1's, and --task t2v-A14B is a Wan2.2 task; use integration: wan22" in res.stderr
+    assert "Creating" not in res.stdout
     out = tmp_path / "b"
     out.mkdir()
     args = ["-m", "taohooks.run", WAN21, "--task", "t2v-1.3B", "--prompt", PROMPT, "--sample_steps", "6",
             "--taocache", config_file(out, "integration: wan22\nplan: {budget: 0}\n")]
     res = runner(args, out, base_env())
     assert res.returncode == 2
-    assert "integration: wan22 met WanT2V with a single DiT" in res.stderr and "use integration: wan" in res.stderr
+    assert "integration: wan22 is Wan2.2's, and --task t2v-1.3B is a Wan2.1 task; use integration: wan " in res.stderr
 
 
 def test_mismatches_are_refused_before_the_model_loads(runner, calibrated, tmp_path):

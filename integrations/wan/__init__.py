@@ -20,11 +20,11 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from taohooks.config import TaoCacheConfig
-from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems,
+from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems, task_of_the_other_version,
                                            require_modules, script_options)
 from taohooks.runtime.loop import LoopSpec
 from taohooks.taocache.cache import TaoCache
-from taohooks.taocache.identity import model_identity
+from taohooks.taocache.identity import model_identity, wan_output_identity
 
 __all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "EXPECTS"]
 
@@ -65,7 +65,7 @@ def _identity(arguments, model) -> Dict[str, Any]:
     """The DiT (class, architecture, dtype), the solver and shift of this generate() call, and the
     ``--task`` of the command line when the launcher read it."""
     identity = {**model_identity(model), "scheduler": str(arguments["sample_solver"]),
-                "shift": float(arguments["shift"])}
+                "shift": float(arguments["shift"]), **wan_output_identity(arguments)}
     if "task" in _launch:
         identity["task"] = _launch["task"]
     return identity
@@ -149,6 +149,12 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     run = command_line(argv)
     _launch.clear()
     if run is None:
+        from taohooks.integrations.wan22 import TASKS as WAN22_TASKS
+
+        other = task_of_the_other_version(argv, OPTIONS, WAN22_TASKS)
+        if other is not None:  # (a Wan2.2 checkout's generate.py: nothing here would be patched or checked)
+            raise IntegrationError(f"{config.source or 'the config'}: integration: wan is Wan2.1's, and --task {other} "
+                                   "is a Wan2.2 task; use integration: wan22 (configs/wan22_*.yaml)")
         return  # generate.py's own parser refuses these arguments and says why
     _launch["task"] = run["task"]
     problems = command_line_problems(config, run, flags=FLAGS, said=_said, tasks=TASKS, streams=STREAMS,

@@ -49,11 +49,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from taohooks.config import TaoCacheConfig
 from taohooks.launcher.prompt_calibration import ENV_CALIBRATE_PROMPTS, PER_CLIP_CALIBRATION
-from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems,
+from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems, task_of_the_other_version,
                                            require_modules, script_options, unwrap_model)
 from taohooks.runtime.loop import LoopSpec
 from taohooks.taocache.cache import TaoCache
-from taohooks.taocache.identity import model_identity
+from taohooks.taocache.identity import model_identity, wan_output_identity
 
 __all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "TASK_DEFAULTS", "EXPECTS",
            "experts_of"]
@@ -147,7 +147,7 @@ def _identity(arguments, model) -> Dict[str, Any]:
     """The DiT (the first expert's class, architecture, dtype), solver, shift, task and, for the
     two-expert tasks, the expert boundary (a timestep)."""
     identity = {**model_identity(model), "scheduler": str(arguments["sample_solver"]),
-                "shift": float(arguments["shift"])}
+                "shift": float(arguments["shift"]), **wan_output_identity(arguments)}
     boundary = _boundary(arguments["self"])
     if boundary is not None:
         identity["expert_boundary"] = boundary
@@ -230,6 +230,12 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     run = command_line(argv)
     _launch.clear()
     if run is None:
+        from taohooks.integrations.wan import TASKS as WAN21_TASKS
+
+        other = task_of_the_other_version(argv, OPTIONS, WAN21_TASKS)
+        if other is not None:
+            raise IntegrationError(f"{config.source or 'the config'}: integration: wan22 is Wan2.2's, and --task "
+                                   f"{other} is a Wan2.1 task; use integration: wan (configs/wan_*.yaml)")
         return  # generate.py's own parser refuses these arguments and says why
     _launch["task"] = run["task"]
     if run["task"] in PER_CLIP:  # first: a streams mismatch would stop the plan check below less clearly

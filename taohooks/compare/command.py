@@ -63,6 +63,10 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
     if not script:
         raise ConfigError("command line", "SCRIPT", "name the sample script after --, e.g. taocache compare "
                                                     f"{experiment_path} -- examples/sample_testbed.py --steps 50")
+    given = [a for a in script[1:] if a == "--taocache" or a.startswith("--taocache=")]
+    if given:  # (the launcher said "given twice", under taocache-run's name)
+        raise ConfigError("command line", "SCRIPT", "remove --taocache from the script's arguments: the "
+                                                    "experiment's taocache: names the config each run uses")
     writer = writes_results()  # rank 0 under torchrun: every rank runs the generations, rank 0 writes
     # the lock before anything is written to the folder (a refused second compare rewrote OUTPUT/taocache.yaml)
     with folder_lock(config.output_dir) if writer else contextlib.nullcontext():

@@ -225,6 +225,16 @@ def check_declared_loop(config: Any, loop: LoopSpec, what: str) -> None:
         raise IntegrationError(f"{where}loop.split_batch is true, but this {what} call makes one call per stream")
 
 
+def task_of_the_other_version(argv: List[str], options: Dict[str, Dict[str, Any]], other_tasks: Tuple[str, ...],
+                              ) -> Optional[str]:
+    """The ``--task`` of a Wan command line when it is one of the other Wan version's tasks (a wan config on a
+    Wan2.2 checkout, or the reverse: the script accepts the task, this integration's checks do not know it)."""
+    free = {**options, "--task": {k: v for k, v in options["--task"].items() if k != "choices"}}
+    args = script_options(argv, free)
+    task = getattr(args, "task", None) if args is not None else None
+    return task if task in other_tasks and task not in options["--task"].get("choices", ()) else None
+
+
 def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, str], said: Callable,
                           tasks: Tuple[str, ...], streams: Tuple[str, ...], configs_hint: str,
                           expert_boundary: Optional[float] = None) -> List[str]:
@@ -249,7 +259,9 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
         problems.append(f"{where}: loop.steps is {config.loop.steps}, this command line runs "
                         f"{run['steps']} steps ({said(run, 'steps')})")
     sampler = config.calibration.sampler
-    if sampler and config.lut_path() is not None and run.get("scheduler") and sampler != run["scheduler"]:
+    accepted = "scheduler" in config.calibration.accept  # (the solver differs knowingly: the label goes with the LUT)
+    if sampler and config.lut_path() is not None and run.get("scheduler") and sampler != run["scheduler"] \
+            and not accepted:
         # the label a new LUT would get (without a lut: nothing uses it)
         problems.append(f"{where}: calibration.sampler is {sampler!r}, this command line runs "
                         f"{said(run, 'scheduler')}; set calibration.sampler: {run['scheduler']} (and give that sampler "

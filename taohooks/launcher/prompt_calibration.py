@@ -98,8 +98,9 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
             patch._generate(_with_prompt(patch, bound, prompts[have]))
             now = _recorded_prompts(patch, bound, path)
             if now <= have:
-                raise IntegrationError("a calibration generation recorded no prompt; does the integration's "
-                                       "loop shape match the script?")
+                raise IntegrationError("a calibration generation recorded no prompt (the warnings above say why: "
+                                       "another resolution or frame count than the LUT's, outputs that are not "
+                                       "finite, a loop shape the integration does not match)")
             have = now
     finally:
         patch._prompt_calibration = "done"

@@ -165,7 +165,7 @@ def check_config_lut(config: TaoCacheConfig, calibrating: bool = False) -> Optio
     except LUTFormatError as exc:
         raise ConfigError(source, "lut", str(exc)) from None
     for key, want, have in (("model_id", config.model_id, lut.model_id),
-                            ("calibration.sampler", config.calibration.sampler, lut.sampler)):
+                            ("calibration.sampler", _sampler_label(config), lut.sampler)):
         if want and have and want != have:
             raise ConfigError(source, key, f"{want!r}, but the LUT {path} was calibrated with {key.split('.')[-1]} "
                                            f"{have!r}; point lut at a LUT of this {key.split('.')[-1]}, or correct "
@@ -180,11 +180,17 @@ def check_config_lut(config: TaoCacheConfig, calibrating: bool = False) -> Optio
     return lut
 
 
+def _sampler_label(config: TaoCacheConfig) -> Optional[str]:
+    """``calibration.sampler`` as the LUT checks compare it: not at all when ``calibration.accept`` names the
+    scheduler (the run's solver differs from the LUT's knowingly; its label is the LUT's)."""
+    return None if "scheduler" in config.calibration.accept else config.calibration.sampler
+
+
 def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
               identity: Optional[Mapping[str, Any]] = None) -> None:
     """Raise :class:`LUTMismatchError` naming every way ``lut`` does not fit this run: steps,
     streams, the config's ``model_id``/``calibration.sampler`` labels, and the recorded identity."""
-    lut.check(loop, config.model_id, config.calibration.sampler)
+    lut.check(loop, config.model_id, _sampler_label(config))
     recorded = getattr(lut, "identity", None) or {}
     if identity:
         keys = differences(recorded, identity, config.calibration.accept)
@@ -289,7 +295,7 @@ class TaoCache:
                                                 identity=dict(identity or {}),
                                                 error_horizon=cfg.calibration.error_horizon)
             self.plan = no_skip_plan(loop.steps, loop.streams)
-            own: list = [self.recorder, _SaveLUT(self.recorder, path), *_teacache_fit_callbacks(cfg, path)]
+            own: list = [self.recorder, _SaveLUT(self.recorder, path, wanted), *_teacache_fit_callbacks(cfg, path)]
         else:
             guard = expert_guard(lut, expert_boundary)
             self.unskippable = guard
@@ -438,9 +444,10 @@ class _SaveLUT(Callback):
     an exception: the generation's output belongs to the script, and the next generation retries; so do
     detach and the end of the process, which say what could not be saved."""
 
-    def __init__(self, recorder: CalibrationRecorder, path: Path):
-        self.recorder, self.path = recorder, path
+    def __init__(self, recorder: CalibrationRecorder, path: Path, wanted: Optional[int] = None):
+        self.recorder, self.path, self.wanted = recorder, path, wanted
         self._exit_registered = False
+        self._said_complete = False
 
     def on_detach(self, hook) -> None:
         self._last_try("when the hook was detached", "the process tries once more when it ends")
@@ -476,3 +483,9 @@ class _SaveLUT(Callback):
 
                 atexit.register(self._last_try, "at the end of the process")
                 self._exit_registered = True  # (also: this process is the one that writes the LUT)
+            return
+        have = self.recorder.lut().num_prompts
+        if self.wanted and have >= self.wanted and not self._said_complete:  # (a run per generation: Wan's
+            self._said_complete = True                                        # generate.py) is told it is done
+            messages.notice(f"calibration LUT {self.path} now holds {have} of {self.wanted} prompts "
+                            "(calibration.prompts): the next generations skip")

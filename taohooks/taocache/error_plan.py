@@ -332,7 +332,8 @@ def weight_scheme(requested: str, lut) -> Tuple[str, str]:
     if requested != "auto":
         return requested, "plan.error_weights"
     identity = lut.identity or {}
-    text = " ".join(str(identity.get(k, "")) for k in ("scheduler", "prediction_type")) + f" {lut.sampler or ''}"
+    words = [str(identity.get(k, "")) for k in ("scheduler", "prediction_type")] + [lut.sampler or ""]
+    text = " ".join(dict.fromkeys(w for w in words if w))  # (each once: the scheduler is often the sampler label)
     text = text.lower()
     if "shift" in identity or "flow" in text or "unipc" in text:
         return "flow", f"flow matching (the LUT's sampler: {text.strip() or 'a flow shift'})"

@@ -157,6 +157,22 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def wan_output_identity(arguments: Mapping[str, Any]) -> Dict[str, Any]:
+    """What a Wan ``generate()`` call makes, from its arguments: ``pixels`` (``size``'s width x height, or
+    ``max_area`` for the image-conditioned tasks, which follow the image's aspect) and ``frame_num``. A LUT's
+    delta products hold outputs of one size, so a calibration at another cannot merge into it: checked at the
+    start of each generation rather than found after it."""
+    identity: Dict[str, Any] = {}
+    size, area = arguments.get("size"), arguments.get("max_area")
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        identity["pixels"] = int(size[0]) * int(size[1])
+    elif area is not None:
+        identity["pixels"] = int(area)
+    if arguments.get("frame_num") is not None:
+        identity["frame_num"] = int(arguments["frame_num"])
+    return identity
+
+
 def differences(recorded: Mapping[str, Any], run: Mapping[str, Any], accept: Iterable[str] = ()) -> List[str]:
     """Keys that both identities have with different values, in the run's order, less ``accept``."""
     accepted = set(accept)
@@ -165,4 +181,8 @@ def differences(recorded: Mapping[str, Any], run: Mapping[str, Any], accept: Ite
 
 def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], keys: Iterable[str]) -> str:
     """``task: this run i2v-14B, the LUT t2v-1.3B; shift: this run 8.0, the LUT 5.0``."""
-    return "; ".join(f"{k}: this run {run[k]!r}, the LUT {recorded[k]!r}" for k in keys)
+    return "; ".join(f"{k}{KEY_MEANING.get(k, '')}: this run {run[k]!r}, the LUT {recorded[k]!r}" for k in keys)
+
+
+#: what an identity key is, where its name alone does not say it (said in the mismatch messages)
+KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_num": " (Wan's --frame_num)"}
