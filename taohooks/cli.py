@@ -32,7 +32,7 @@ from .runtime.loop import LoopSpec
 from .runtime.io import special_file_kind
 from .taocache.lut import CalibrationLUT, LUTMismatchError, merge_luts
 from .taocache.plan import PlanError, resolve_budget
-from .taocache.cache import check_config_lut, expert_guard, lut_for_steps, make_plan
+from .taocache.cache import check_config_lut, expert_guard, lut_for_steps, make_plan, sampler_label
 
 __all__ = ["main", "build_parser"]
 
@@ -79,8 +79,7 @@ def _cmd_check(args) -> int:
                                       if lut.deltas is not None else ")"))
             loop = LoopSpec(config.loop.steps or lut.steps, tuple(config.loop.streams or lut.streams))
             lut = lut_for_steps(config, lut, loop.steps)
-            lut.check(loop, config.model_id, None if "scheduler" in config.calibration.accept
-                      else config.calibration.sampler)
+            lut.check(loop, config.model_id, sampler_label(config))
             plan = make_plan(config.plan, loop.steps, loop.streams, lut, unskippable=expert_guard(lut))
             lines.append(f"# plan: {plan.describe()}")
         else:
@@ -127,9 +126,9 @@ def _plan_overrides(args, plan: PlanConfig) -> PlanConfig:
              for name, field_name in names if getattr(args, name) is not None}
 
     def err(key, message):  # a value the command line gave is named by its flag, one from the config by its key
-        raise ConfigError("command line", flags[key], message) if key in flags else \
-            ConfigError(getattr(args, "source", None) if _is_config(getattr(args, "source", "")) else "command line",
-                        key, message)
+        if key in flags:
+            raise ConfigError("command line", flags[key], message)
+        raise ConfigError(args.source if _is_config(args.source) else "command line", key, message)
 
     plan.validate(err)
     return plan

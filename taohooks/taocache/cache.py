@@ -165,7 +165,7 @@ def check_config_lut(config: TaoCacheConfig, calibrating: bool = False) -> Optio
     except LUTFormatError as exc:
         raise ConfigError(source, "lut", str(exc)) from None
     for key, want, have in (("model_id", config.model_id, lut.model_id),
-                            ("calibration.sampler", _sampler_label(config), lut.sampler)):
+                            ("calibration.sampler", sampler_label(config), lut.sampler)):
         if want and have and want != have:
             raise ConfigError(source, key, f"{want!r}, but the LUT {path} was calibrated with {key.split('.')[-1]} "
                                            f"{have!r}; point lut at a LUT of this {key.split('.')[-1]}, or correct "
@@ -180,7 +180,7 @@ def check_config_lut(config: TaoCacheConfig, calibrating: bool = False) -> Optio
     return lut
 
 
-def _sampler_label(config: TaoCacheConfig) -> Optional[str]:
+def sampler_label(config: TaoCacheConfig) -> Optional[str]:
     """``calibration.sampler`` as the LUT checks compare it: not at all when ``calibration.accept`` names the
     scheduler (the run's solver differs from the LUT's knowingly; its label is the LUT's)."""
     return None if "scheduler" in config.calibration.accept else config.calibration.sampler
@@ -190,7 +190,7 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
               identity: Optional[Mapping[str, Any]] = None) -> None:
     """Raise :class:`LUTMismatchError` naming every way ``lut`` does not fit this run: steps,
     streams, the config's ``model_id``/``calibration.sampler`` labels, and the recorded identity."""
-    lut.check(loop, config.model_id, _sampler_label(config))
+    lut.check(loop, config.model_id, sampler_label(config))
     recorded = getattr(lut, "identity", None) or {}
     if identity:
         keys = differences(recorded, identity, config.calibration.accept)

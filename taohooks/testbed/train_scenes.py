@@ -267,11 +267,8 @@ def warm_start(model: VideoDiT, path: str) -> dict:
     the channels); the rest keeps its initialisation (adaLN-Zero: the output layer starts at zero). The two
     models must agree on everything but :data:`WARM_START_MAY_DIFFER`. Returns what the summary records."""
     other = load_weights(path, None, "--warm-start")
-    a, b = json.loads(other.config.to_json()), json.loads(model.config.to_json())
-    diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in WARM_START_MAY_DIFFER}
-    if diff:
-        items = ", ".join(f"{k}: file has {x!r}, this run expects {y!r}" for k, (x, y) in diff.items())
+    items = _config_differences(other.config, model.config, ignore=WARM_START_MAY_DIFFER)
+    if items:
         raise ValueError(f"--warm-start {path}: another architecture ({items}); only "
                          f"{', '.join(WARM_START_MAY_DIFFER)} may differ")
     own, theirs = model.state_dict(), other.state_dict()
@@ -306,11 +303,16 @@ def newest_checkpoint(paths) -> str | None:
     return best
 
 
-def _check_config(found: VideoDiTConfig, expected: VideoDiTConfig, path, what: str) -> None:
+def _config_differences(found: VideoDiTConfig, expected: VideoDiTConfig, ignore=()) -> str:
+    """``dim: file has 32, this run expects 64, ...`` for the config keys that differ (but ``ignore``); "" if none."""
     a, b = json.loads(found.to_json()), json.loads(expected.to_json())
-    diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-    if diff:
-        items = ", ".join(f"{k}: file has {x!r}, this run expects {y!r}" for k, (x, y) in diff.items())
+    return ", ".join(f"{k}: file has {a.get(k)!r}, this run expects {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k) and k not in ignore)
+
+
+def _check_config(found: VideoDiTConfig, expected: VideoDiTConfig, path, what: str) -> None:
+    items = _config_differences(found, expected)
+    if items:
         raise ValueError(f"{what} {path} does not match this run's model ({items}); "
                          "pass the same --kind/--dim/--depth/--heads/--mlp-ratio/--patch as the run that wrote it")
 
