@@ -643,11 +643,24 @@ def _loader() -> type:
     return UniqueKeyLoader
 
 
+def _similar_file(path: Path) -> str:
+    """``; did you mean wan_t2v_1.3B.yaml?`` for a missing file whose folder holds a name close to it."""
+    try:
+        names = [p.name for p in path.parent.iterdir() if p.is_file()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.8)
+    return f"; did you mean {path.parent / close[0]}?" if close else ""
+
+
 def read_text(path: Union[str, os.PathLike], what: str = "config file") -> str:
     """A UTF-8 text file's contents; a missing, unreadable or non-UTF-8 file is a :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(str(path), "", f"{what} does not exist" if not path.exists() else f"{what} is not a file")
+        if path.is_dir():
+            raise ConfigError(str(path), "", f"a folder, not a {what}")
+        raise ConfigError(str(path), "", (f"{what} does not exist" + _similar_file(path)) if not path.exists()
+                          else f"{what} is not a file")
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -360,3 +360,26 @@ def test_wan_accepted_scheduler_with_a_sampler_label_runs(runner, luts, tmp_path
                  "--sample_solver", "dpm++")
     assert res.returncode == 0, res.stderr
     assert saved_counts(res) == [(4, 20)]
+
+
+def test_a_resolution_in_model_id_against_size_is_refused_before_the_model_loads():
+    """A 720p config with --size 832*480 calibrated the 720p LUT at 480p without a word (review, 2026-11-27)."""
+    from taohooks.config import config_from_dict
+    from taohooks.integrations import wan
+    from taohooks.launcher.integration import IntegrationError
+
+    config = config_from_dict({"integration": "wan", "model_id": "wan2.1-i2v-14B-720p"}, "c.yaml")
+    with pytest.raises(IntegrationError, match=r"model_id 'wan2.1-i2v-14B-720p' is for 720p \(1280\*720 or 720\*1280\), "
+                                               r"this command line runs --size 832\*480"):
+        wan.precheck(config, ["--task", "i2v-14B", "--size", "832*480", "--sample_steps", "40"])
+    wan.precheck(config, ["--task", "i2v-14B", "--size", "1280*720", "--sample_steps", "40"])
+
+
+def test_a_misspelt_config_path_gets_the_close_name(tmp_path):
+    from taohooks.config import ConfigError, load_config
+
+    (tmp_path / "wan_t2v_1.3B.yaml").write_text("integration: wan\n")
+    with pytest.raises(ConfigError, match=r"config file does not exist; did you mean .*wan_t2v_1.3B.yaml\?"):
+        load_config(tmp_path / "wan_t2v_1.3b.yaml")
+    with pytest.raises(ConfigError, match="a folder, not a config file"):
+        load_config(tmp_path)

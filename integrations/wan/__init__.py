@@ -39,6 +39,8 @@ STREAMS = ("cond", "uncond")  # Wan calls the model with the prompt first, then 
 TASKS = ("t2v-1.3B", "t2v-14B", "t2i-14B", "i2v-14B", "flf2v-14B", "vace-1.3B", "vace-14B")  # --task choices
 SIZES = ("720*1280", "1280*720", "480*832", "832*480", "1024*1024")  # --size choices (SIZE_CONFIGS)
 SOLVERS = ("unipc", "dpm++")  # --sample_solver choices
+# a resolution named in a config's model_id (wan2.1-i2v-14B-480p), and the --size values that make it
+RESOLUTIONS = {"480p": ("832*480", "480*832"), "720p": ("1280*720", "720*1280")}
 EXPECTS = "a call of WanT2V/WanI2V/WanFLF2V/WanVace.generate (Wan2.1's generate.py)"
 
 _patches = PatchSet()
@@ -159,6 +161,12 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     _launch["task"] = run["task"]
     problems = command_line_problems(config, run, flags=FLAGS, said=_said, tasks=TASKS, streams=STREAMS,
                                      configs_hint="configs/wan_*.yaml")
+    resolution = next((r for r in RESOLUTIONS if r in (config.model_id or "").lower()), None)
+    if resolution is not None and run["size"] not in RESOLUTIONS[resolution]:
+        problems.append(f"{config.source or 'the config'}: model_id {config.model_id!r} is for {resolution} "
+                        f"({' or '.join(RESOLUTIONS[resolution])}), this command line runs --size {run['size']}; use "
+                        "the config for that resolution (configs/wan_i2v_14B_480p.yaml, _720p.yaml) or give it its "
+                        "own model_id and lut")
     published = config.teacache.published if config.teacache is not None else None
     if published and published.startswith("wan2.1-"):  # the authors' coefficients are per checkpoint
         from taohooks.caches.teacache_wan21 import checkpoint_key
