@@ -444,10 +444,10 @@ class DenoiserHook:
                 self._out_of_line = self._sample
                 self.misaligned_generations += 1
                 messages.warning(
-                    f"call {j} (step {self.loop.locate(j)[0]}) of generation {self.label(self._sample)} ran at timestep "
-                    f"{seen:g}, but the same call of generation {self.label(self._reference_sample)} ran at {want:g}: a "
-                    f"generation made fewer or more calls than declared ({self.loop.describe()}), or the schedule "
-                    "changed; nothing cached is reused until the loop is in line again")
+                    f"call {j} (step {self.loop.locate(j)[0]}) of generation {self.label(self._sample)} ran at "
+                    f"timestep {seen:g}, but the same call of generation {self.label(self._reference_sample)} ran at "
+                    f"{want:g}: a generation made fewer or more calls than declared ({self.loop.describe()}), or the "
+                    "schedule changed; nothing cached is reused until the loop is in line again")
                 return False
         self._checked = max(self._checked, n)
         return True
@@ -525,15 +525,16 @@ class DenoiserHook:
             self.misaligned_generations += 1
             if early:
                 what = (f"generation {following} would begin at timestep {seen:g}, but the last call of generation "
-                        f"{self.label(self._sample)} ran at that timestep too: it began this generation, and generation "
-                        f"{self.label(self._sample)} made fewer calls than declared ({self.loop.describe()})")
+                        f"{self.label(self._sample)} ran at that timestep too: it began this generation, and "
+                        f"generation {self.label(self._sample)} made fewer calls than declared "
+                        f"({self.loop.describe()})")
             else:
                 calls = [t.value() if t is not None else None for t in reference]
                 where = next((i for i, v in enumerate(calls) if v is not None and timesteps_match(seen, v)), None)
                 at = "" if where is None else f" (its timestep at step {self.loop.locate(where)[0]})"
                 what = (f"generation {following} would begin at timestep {seen:g}{at}, but generation "
-                        f"{self.label(self._reference_sample)} began at {want:g}: the previous generation made more or fewer "
-                        f"calls than declared ({self.loop.describe()})")
+                        f"{self.label(self._reference_sample)} began at {want:g}: the previous generation made more "
+                        f"or fewer calls than declared ({self.loop.describe()})")
             messages.warning(f"{what}. Calls run uncached until one begins at timestep {want:g}")
         self._strays += 1
         self.stray_calls += 1
@@ -574,8 +575,8 @@ class DenoiserHook:
         timesteps, values = self._uncut
         self._uncut = None
         self.misaligned_generations = max(0, self.misaligned_generations - self._cuts)
-        messages.notice(f"generation {self.label(self._sample)} made all its {self.loop.total_calls} calls after all (its loop "
-                        "returns to its first timestep): it is the reference again")
+        messages.notice(f"generation {self.label(self._sample)} made all its {self.loop.total_calls} calls after all "
+                        "(its loop returns to its first timestep): it is the reference again")
         self._set_reference(self._sample, timesteps, values)
 
     def _restarts(self, seen: float) -> bool:

@@ -271,9 +271,9 @@ class CalibrationRecorder(Callback):
         known = self._known
         t = first_timestep_difference(known.timesteps, gen.timesteps)
         if t is not None:
-            messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: step {t} ran at timestep "
-                             f"{gen.timesteps[t].item():g}, the LUT's generations at {known.timesteps[t].item():g} "
-                             "(a different sampler, shift or step count?)")
+            messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: step {t} ran at "
+                             f"timestep {gen.timesteps[t].item():g}, the LUT's generations at "
+                             f"{known.timesteps[t].item():g} (a different sampler, shift or step count?)")
             return
         deltas = None
         if gen.gram is not None and gen.gram.shape[0] == gen.prompts:

@@ -8,6 +8,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from ..runtime.io import atomic_write_bytes, check_writable
+
 
 def clips_to_image(clips, scale: int = 4, gap: int = 1) -> np.ndarray:
     """``[B, 3, F, H, W]`` in ``[-1, 1]`` -> uint8 ``[B*(H+gap)*scale, F*(W+gap)*scale, 3]``."""
@@ -25,8 +27,6 @@ def clips_to_image(clips, scale: int = 4, gap: int = 1) -> np.ndarray:
 def check_grid_path(path: Union[str, Path], flag: str = "--grid") -> Path:
     """Before the work: ``path`` is an image file name (``.png``; another format PIL writes, by its suffix)
     :func:`save_grid` can write (``ValueError`` / ``OSError`` naming ``flag`` otherwise; creates its folder)."""
-    from ..runtime.io import check_writable
-
     path = Path(path)
     try:
         from PIL import Image
@@ -51,10 +51,9 @@ def check_grid_arg(parser, path, flag: str = "--grid") -> None:
 
 
 def save_grid(clips, path: Union[str, Path], labels: Optional[Sequence[str]] = None, scale: int = 4) -> Path:
-    """Write ``clips`` (``[B, 3, F, H, W]``) as a PNG, atomically (an interrupted write leaves the file it
-    replaces); optional per-row text ``labels`` on the right."""
-    from ..runtime.io import atomic_write_bytes
-
+    """Write ``clips`` (``[B, 3, F, H, W]``) as an image in the format of ``path``'s suffix (PNG when PIL does not
+    know it), atomically (an interrupted write leaves the file it replaces); optional per-row text ``labels`` on
+    the right."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = clips_to_image(clips, scale=scale)
@@ -93,7 +92,5 @@ def _save_matplotlib(img: np.ndarray, path: Path, labels, row_h: int) -> Path:  
     buf = io.BytesIO()
     fig.savefig(buf, format=path.suffix.lstrip(".").lower() or "png", bbox_inches="tight")
     plt.close(fig)
-    from ..runtime.io import atomic_write_bytes
-
     atomic_write_bytes(path, buf.getvalue())
     return path
