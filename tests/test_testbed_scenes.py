@@ -252,6 +252,40 @@ def test_sigma_shift_moves_training_sigmas_as_the_sampler_moves_its_steps():
         train_scenes.parse_args(["--kind", "eps", *TINY[2:], "--steps", "2", "--sigma-shift", "3", "--out", "w.safetensors"])
 
 
+def test_background_weights_change_only_the_backgrounds_draws(tmp_path, capsys):
+    """Without weights the prompts are the uniform draws they always were (so earlier runs resume and chain
+    bit for bit); with ``0,1,0`` every background is stripes, with ``1,2,1`` about half; the weights are part of
+    the run (summary, ``--resume`` alone keeps them) and nonsense is a parser error."""
+    rng, old = np.random.default_rng(7), np.random.default_rng(7)
+    for _ in range(50):  # the draws before --background-weights existed: count, background, then the rest
+        count, background = int(old.integers(1, 4)), int(old.integers(3))
+        expected = scenes.ScenePrompt(*[int(old.integers(n)) for n in scenes.ATTRIBUTE_SIZES[:3]],
+                                      count=count, background=background)
+        assert scenes.random_prompt(rng) == expected
+    prompts, _ = scenes.random_training_pairs(np.random.default_rng(0), 200, [0.0, 1.0, 0.0])
+    assert {p.background for p in prompts} == {scenes.BACKGROUNDS.index("stripes")}
+    p = train_scenes.background_probabilities([1, 2, 1])
+    assert p == [0.25, 0.5, 0.25]
+    prompts, _ = scenes.random_training_pairs(np.random.default_rng(0), 4000, p)
+    share = np.mean([q.background == 1 for q in prompts])
+    assert 0.47 < share < 0.53
+    assert all(0 <= q.count - 1 < 3 for q in prompts)
+    a = tmp_path / "a.safetensors"
+    train_scenes.main([*TINY, "--steps", "2", "--background-weights", "0,1,0", "--out", str(a)])
+    assert "background_weights=0,1,0" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a.json").read_text())["background_weights"] == [0.0, 1.0, 0.0]
+    train_scenes.main([*TINY, "--steps", "4", "--out", str(a), "--resume", str(tmp_path / "a.state.pt")])
+    assert json.loads((tmp_path / "a.json").read_text())["background_weights"] == [0.0, 1.0, 0.0]
+    trainer = train_scenes.Trainer(train_scenes.parse_args([*TINY, "--steps", "2", "--background-weights", "0,1,0",
+                                                            "--out", str(tmp_path / "b.safetensors")]))
+    _, ids = next(trainer.batches())
+    assert set(ids[:, 4].tolist()) <= {1, scenes.NULL_ID}
+    for bad in ("1,2", "1,-1,1", "0,0,0", "1,nan,1", "a,b,c"):
+        with pytest.raises(SystemExit):
+            train_scenes.parse_args([*TINY, "--steps", "2", "--background-weights", bad, "--out", "w.safetensors"])
+    assert "one per background (noise, stripes, gradient)" in capsys.readouterr().err
+
+
 def test_training_draws_are_the_cpu_stream_on_the_cpu_and_one_seed_draw_on_an_accelerator():
     """On the CPU a step draws from the run's generator itself (CPU runs and resumes unchanged: the loss is the one
     of the draws made in the order noise, then sigmas); on an accelerator it costs the run's generator one draw,

@@ -305,14 +305,21 @@ def render_batch(prompts: Sequence[ScenePrompt], seeds: Sequence[int]) -> np.nda
     return np.stack([render(p, s) for p, s in zip(prompts, seeds)])
 
 
-def random_prompt(rng: np.random.Generator) -> ScenePrompt:
-    return ScenePrompt(*(int(rng.integers(n)) for n in ATTRIBUTE_SIZES[:3]),
-                       count=int(rng.integers(1, 4)), background=int(rng.integers(len(BACKGROUNDS))))
+def random_prompt(rng: np.random.Generator, background_p=None) -> ScenePrompt:
+    """A uniform random prompt; ``background_p``: the backgrounds' probabilities (in ``BACKGROUNDS`` order)
+    instead of uniform ones."""
+    # count and background are drawn before colour, direction and shape: the order in which the training runs
+    # behind the shipped weights drew them (so that they resume and chain bit for bit)
+    count = int(rng.integers(1, 4))
+    background = int(rng.integers(len(BACKGROUNDS))) if background_p is None else \
+        int(rng.choice(len(BACKGROUNDS), p=background_p))
+    attributes = [int(rng.integers(n)) for n in ATTRIBUTE_SIZES[:3]]
+    return ScenePrompt(*attributes, count=count, background=background)
 
 
-def random_training_pairs(rng: np.random.Generator, batch_size: int):
-    """Uniform random prompts and training seeds (< 10_000): ``(prompts, seeds)``."""
-    prompts = [random_prompt(rng) for _ in range(batch_size)]
+def random_training_pairs(rng: np.random.Generator, batch_size: int, background_p=None):
+    """Random prompts (:func:`random_prompt`) and training seeds (< 10_000): ``(prompts, seeds)``."""
+    prompts = [random_prompt(rng, background_p) for _ in range(batch_size)]
     return prompts, [int(rng.integers(TRAIN_SEED_LIMIT)) for _ in range(batch_size)]
 
 

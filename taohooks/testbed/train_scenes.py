@@ -64,7 +64,7 @@ STATE_FORMAT = "taohooks-scenes-train-state/1"
 #: Hyperparameters a resumed run takes from its state unless the command line gives them, and their
 #: defaults for a new run.
 HPARAM_DEFAULTS = {"batch_size": 32, "lr": 5e-4, "warmup": 300, "schedule": "constant", "weight_decay": 0.0,
-                   "clip": 1.0, "ema": 0.999, "seed": 0, "sigma_shift": 1.0}
+                   "clip": 1.0, "ema": 0.999, "seed": 0, "sigma_shift": 1.0, "background_weights": None}
 HPARAMS = tuple(HPARAM_DEFAULTS)
 
 def scenes_config(kind: str, dim: int = 256, depth: int = 6, heads: int = 8, mlp_ratio: float = 2.0,
@@ -77,11 +77,20 @@ def scenes_config(kind: str, dim: int = 256, depth: int = 6, heads: int = 8, mlp
         training=f"scenes-{kind}")
 
 
-def make_batch(rng: np.random.Generator, batch_size: int, dropout: float = PROMPT_DROPOUT, pixels: bool = True):
+def background_probabilities(weights) -> list[float] | None:
+    """``--background-weights`` (one weight per ``scenes.BACKGROUNDS``) as probabilities; None: uniform."""
+    if weights is None:
+        return None
+    return [float(w) / float(sum(weights)) for w in weights]
+
+
+def make_batch(rng: np.random.Generator, batch_size: int, dropout: float = PROMPT_DROPOUT, pixels: bool = True,
+               background_p=None):
     """Clips ``[B, 3, 8, 32, 32]`` float32 and prompt ids ``[B, 5]`` (``dropout`` of rows null); with ``pixels``
     False the clips' draws instead, packed (``scenes_render.pack_params``, ``[B, 133]``: the training device
-    renders them, and the same ``rng`` draws the same clips)."""
-    prompts, seeds = scenes.random_training_pairs(rng, batch_size)
+    renders them, and the same ``rng`` draws the same clips). ``background_p``: the backgrounds' probabilities
+    (:func:`background_probabilities`; None: uniform, as every other attribute)."""
+    prompts, seeds = scenes.random_training_pairs(rng, batch_size, background_p)
     clips = torch.from_numpy(scenes.render_batch(prompts, seeds)) if pixels else \
         pack_params(scene_params(prompts, seeds))
     ids = scenes.prompt_ids(prompts)
@@ -96,8 +105,9 @@ class BatchStream(torch.utils.data.IterableDataset):
     does not repeat batches; the order in which workers deliver is not fixed, so runs with workers are not
     bit-reproducible."""
 
-    def __init__(self, seed: int, start_step: int, batch_size: int, pixels: bool = True):
+    def __init__(self, seed: int, start_step: int, batch_size: int, pixels: bool = True, background_p=None):
         self.seed, self.start_step, self.batch_size, self.pixels = seed, start_step, batch_size, pixels
+        self.background_p = background_p
 
     @staticmethod
     def worker_init(worker_id: int) -> None:
@@ -111,7 +121,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, self.start_step, info.id if info else 0])
         while True:
-            yield make_batch(rng, self.batch_size, pixels=self.pixels)
+            yield make_batch(rng, self.batch_size, pixels=self.pixels, background_p=self.background_p)
 
 
 class _SourceEnded:
@@ -393,7 +403,7 @@ class Trainer:
         return {
             "kind": a.kind, "task": "scenes", "run_id": self.run_id, "steps_done": self.step, "steps_planned": a.steps, "final": final,
             "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "schedule": a.schedule, "ema": a.ema,
-            "seed": a.seed, "sigma_shift": a.sigma_shift, "threads": a.threads, "device": str(self.device),
+            "seed": a.seed, "sigma_shift": a.sigma_shift, "background_weights": a.background_weights, "threads": a.threads, "device": str(self.device),
             "workers": a.workers, "render": a.render, "compile": a.compile if self.compiled_steps else None,
             "bf16": a.bf16, "echo": a.echo, "echoed_steps": self.echoed, "wall_seconds": round(wall, 1),
             "seconds_per_step": round(wall / max(self.step, 1), 4), "params": num_parameters(self.model),
@@ -424,7 +434,8 @@ class Trainer:
 
     def worker_stream(self) -> BatchStream:
         """The workers' batches from this step on (after the steps behind ``--init``'s weights)."""
-        return BatchStream(self.args.seed, self.offset + self.step, self.args.batch_size, self.args.render == "cpu")
+        return BatchStream(self.args.seed, self.offset + self.step, self.args.batch_size, self.args.render == "cpu",
+                           background_probabilities(self.args.background_weights))
 
     def batches(self):
         """Training batches ``(x0 [B, 3, 8, 32, 32], ids [B, 5])`` (``--render device``: the clips' draws in
@@ -432,7 +443,8 @@ class Trainer:
         a = self.args
         if a.workers == 0:
             while True:
-                yield make_batch(self.rng, a.batch_size, pixels=a.render == "cpu")
+                yield make_batch(self.rng, a.batch_size, pixels=a.render == "cpu",
+                                 background_p=background_probabilities(a.background_weights))
         loader = iter(torch.utils.data.DataLoader(
             self.worker_stream(), batch_size=None, num_workers=a.workers,
             worker_init_fn=BatchStream.worker_init,
@@ -671,7 +683,8 @@ def train(args) -> dict:
         check_device_render(trainer)
     print(f"scenes kind={args.kind} params={num_parameters(trainer.model)} from_step={trainer.step} "
           f"to_step={args.steps} batch={args.batch_size} lr={args.lr} schedule={args.schedule} "
-          f"sigma_shift={args.sigma_shift:g} workers={args.workers} echo={args.echo} render={args.render} "
+          f"sigma_shift={args.sigma_shift:g} "
+          f"background_weights={','.join(f'{w:g}' for w in args.background_weights or [1, 1, 1])} workers={args.workers} echo={args.echo} render={args.render} "
           f"threads={args.threads} device={args.device} out={out} state={state_path}", flush=True)
     start = time.time()
     last_save, running, window, waited = time.time(), [], time.time(), 0.0  # waited: s spent waiting for batches
@@ -772,6 +785,20 @@ class _StopOnSignal:
         return False
 
 
+def _background_weights(text: str) -> list[float]:
+    """``--background-weights`` ``N,S,G``: one finite weight >= 0 per background, not all 0."""
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != len(scenes.BACKGROUNDS) or not all(math.isfinite(w) and w >= 0 for w in weights) \
+            or not sum(weights) > 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected {len(scenes.BACKGROUNDS)} weights >= 0, not all 0, separated by commas, one per "
+            f"background ({', '.join(scenes.BACKGROUNDS)}), e.g. 1,2,1")
+    return weights
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kind", choices=KINDS, required=True)
@@ -798,6 +825,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--sigma-shift", type=float, default=None, help="flow kinds: train on sigmas shifted as the "
                    "sampler's flow_shift shifts its steps (3: as the scenes sampling; default 1: as drawn)")
+    p.add_argument("--background-weights", type=_background_weights, default=None, metavar="N,S,G",
+                   help="draw the training prompts' backgrounds (noise, stripes, gradient) with these relative "
+                        "weights, e.g. 1,2,1 for stripes half of the time (default: uniform)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=0, help="processes rendering batches (GPU runs); 0: the "
