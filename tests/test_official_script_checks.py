@@ -328,12 +328,47 @@ def test_wan_lut_of_another_size_is_refused_at_the_first_generation(runner, luts
     res = launch(runner, WAN, tmp_path / "size", CALIBRATED.format("wan", ""), "--size", "48*32")
     assert res.returncode == 2, res.stderr
     assert "pixels (width x height of the video: Wan's --size): this run 1536, the LUT 1024" in res.stderr
-    with_lut(luts, "wan", tmp_path / "frames")
-    res = launch(runner, WAN, tmp_path / "frames", CALIBRATED.format("wan", ""), "--frame_num", "9")
-    assert res.returncode == 2 and "frame_num (Wan's --frame_num): this run 9, the LUT 5" in res.stderr
     with_lut(luts, "wan", tmp_path / "accepted")
     res = launch(runner, WAN, tmp_path / "accepted", CALIBRATED.format("wan", ", accept: [pixels]"), "--size", "48*32")
     assert res.returncode == 0, res.stderr
+
+
+def test_wan_size_or_frame_count_given_on_the_command_line_is_checked_before_the_model_loads(runner, luts, tmp_path):
+    """A --size or --frame_num that the command line gives is checked against the LUT before generate.py loads T5,
+    the VAE and the DiT (minutes for a 14B model); it used to be found at the first generation. (48*32 above is no
+    size of the real script, whose parser the precheck reads it with: that one is found at the generation.)"""
+    with_lut(luts, "wan", tmp_path / "size")
+    res = launch(runner, WAN, tmp_path / "size", CALIBRATED.format("wan", ""), "--size", "832*480")
+    assert res.returncode == 2, res.stderr
+    assert "was calibrated with 1024 pixels a frame (width x height); this command line runs --size 832*480 (399360 " \
+           "pixels a frame)" in res.stderr and "calibration.accept: [pixels]" in res.stderr
+    assert LOADED["wan"] not in res.stdout
+    with_lut(luts, "wan", tmp_path / "frames")
+    res = launch(runner, WAN, tmp_path / "frames", CALIBRATED.format("wan", ""), "--frame_num", "9")
+    assert res.returncode == 2, res.stderr
+    assert "was calibrated with --frame_num 5; this command line runs --frame_num 9" in res.stderr
+    assert LOADED["wan"] not in res.stdout
+
+
+def test_wan_command_lines_say_the_video_size_only_where_they_give_it(runner, luts, tmp_path):
+    """``pixels`` / ``frame_num`` as the generation's identity records them, from ``--size W*H`` and ``--frame_num``
+    (shortened too); not from the script's defaults (the call-contract scripts have others than the real ones: the
+    generation checks those), nor for S2V / Animate, whose generate() takes other arguments. Accepted differences
+    pass the precheck."""
+    from taohooks.config import load_config
+    from taohooks.integrations import wan, wan22
+
+    run = wan.command_line(["--task", "t2v-1.3B", "--si", "480*832", "--frame", "33"])
+    assert (run["pixels"], run["size"], run["frame_num"]) == (480 * 832, "480*832", 33)
+    assert "pixels" not in wan.command_line(["--task", "t2v-1.3B"]) and "frame_num" not in wan.command_line([])
+    assert wan.command_line(["--frame_num", "many"]) is None  # generate.py's parser refuses it (type=int)
+    run = wan22.command_line(["--task", "ti2v-5B", "--size", "1280*704", "--frame_num", "121"])
+    assert (run["pixels"], run["frame_num"]) == (1280 * 704, 121)
+    assert "pixels" not in wan22.command_line(["--task", "s2v-14B", "--size", "1280*704", "--frame_num", "9"])
+    with_lut(luts, "wan", tmp_path)
+    path = config_file(tmp_path, CALIBRATED.format("wan", ", accept: [pixels, frame_num]"))
+    wan.precheck(load_config(path), ["--task", "t2v-1.3B", "--sample_steps", "10", "--size", "832*480", "--frame_num",
+                                     "9", "--prompt", "x"])
 
 
 @pytest.mark.parametrize("integration, task, other", [("wan", "ti2v-5B", "wan22"), ("wan", "s2v-14B", "wan22"),

@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from taohooks.config import TaoCacheConfig
-from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems, task_of_the_other_version,
-                                           require_modules, script_options)
+from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems, output_size_of,
+                                           require_modules, script_options, task_of_the_other_version)
 from taohooks.runtime.loop import LoopSpec
 from taohooks.taocache.cache import TaoCache
 from taohooks.taocache.identity import model_identity, wan_output_identity
@@ -96,13 +96,14 @@ def _refuse_rank_local_decisions(config: TaoCacheConfig):
 
 
 # ---------------------------------------------------------------------- before the model loads
-FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_shift"}
+FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_shift", "pixels": "--size",
+         "frame_num": "--frame_num"}
 
 
 # Every option of generate.py (Wan2.1 9737cba), so that shortened options resolve as in its parser.
 OPTIONS: Dict[str, Dict[str, Any]] = {
     **{f"--{name}": {} for name in (
-        "frame_num", "ckpt_dir", "offload_model", "save_file", "src_video", "src_mask", "src_ref_images", "prompt",
+        "ckpt_dir", "offload_model", "save_file", "src_video", "src_mask", "src_ref_images", "prompt",
         "prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang", "base_seed", "image",
         "first_frame", "last_frame", "sample_guide_scale")},
     **{f"--{name}": {"action": "store_true"} for name in ("t5_fsdp", "t5_cpu", "dit_fsdp", "use_prompt_extend")},
@@ -111,6 +112,7 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
     "--sample_solver": {"default": "unipc", "choices": SOLVERS},
     "--sample_steps": {"type": int, "default": None}, "--sample_shift": {"type": float, "default": None},
     "--ulysses_size": {"type": int, "default": 1}, "--ring_size": {"type": int, "default": 1},
+    "--frame_num": {"type": int, "default": None},
 }
 
 
@@ -133,11 +135,14 @@ def command_line(argv: List[str]) -> Optional[Dict[str, Any]]:
             shift, why_shift = 16.0, "the flf2v/vace default"
     return {"task": args.task, "steps": steps, "steps_from": why_steps, "scheduler": args.sample_solver,
             "shift": float(shift), "shift_from": why_shift,
-            "sequence_parallel": args.ulysses_size * args.ring_size, "size": args.size, "ckpt_dir": args.ckpt_dir}
+            "sequence_parallel": args.ulysses_size * args.ring_size, "size": args.size, "ckpt_dir": args.ckpt_dir,
+            **output_size_of(argv, OPTIONS)}
 
 
 def _said(run: Dict[str, Any], key: str) -> str:
     """``--sample_shift 8.0`` or ``--sample_shift 3.0, the i2v 480p default``, as the user would recognise it."""
+    if key == "pixels":
+        return f"--size {run['size']} ({run['pixels']} pixels a frame)"
     origin = run.get(f"{key}_from", FLAGS.get(key))
     flag = FLAGS.get(key, "--sample_steps" if key == "steps" else key)
     return f"{flag} {run[key]}" + ("" if origin.startswith("--") else f", {origin}")

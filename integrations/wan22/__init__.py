@@ -49,8 +49,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from taohooks.config import TaoCacheConfig
 from taohooks.launcher.prompt_calibration import ENV_CALIBRATE_PROMPTS, PER_CLIP_CALIBRATION
-from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems, task_of_the_other_version,
-                                           require_modules, script_options, unwrap_model)
+from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems, output_size_of,
+                                           require_modules, script_options, task_of_the_other_version, unwrap_model)
 from taohooks.runtime.loop import LoopSpec
 from taohooks.taocache.cache import TaoCache
 from taohooks.taocache.identity import model_identity, wan_output_identity
@@ -178,12 +178,13 @@ def _refuse_rank_local_decisions(config: TaoCacheConfig):
 
 
 # ---------------------------------------------------------------------- before the model loads
-FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_shift"}
+FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_shift", "pixels": "--size",
+         "frame_num": "--frame_num"}
 
 # Every option of Wan2.2's generate.py (42bf4cf), so that shortened options resolve as in its parser.
 OPTIONS: Dict[str, Dict[str, Any]] = {
     **{f"--{name}": {} for name in (
-        "size", "frame_num", "ckpt_dir", "offload_model", "save_file", "prompt", "prompt_extend_method",
+        "size", "ckpt_dir", "offload_model", "save_file", "prompt", "prompt_extend_method",
         "prompt_extend_model", "prompt_extend_target_lang", "base_seed", "image",
         "src_root_path", "refert_num", "num_clip", "audio", "tts_prompt_audio", "tts_prompt_text", "tts_text",
         "pose_video", "infer_frames")},
@@ -195,6 +196,7 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
                                                                              "choices": ("unipc", "dpm++")},
     "--sample_steps": {"type": int, "default": None}, "--sample_shift": {"type": float, "default": None},
     "--ulysses_size": {"type": int, "default": 1}, "--sample_guide_scale": {"type": float, "default": None},
+    "--frame_num": {"type": int, "default": None},
 }
 
 
@@ -213,10 +215,14 @@ def command_line(argv: List[str]) -> Optional[Dict[str, Any]]:
     return {"task": args.task, "steps": steps, "steps_from": why_steps, "scheduler": args.sample_solver,
             "shift": float(shift), "shift_from": why_shift, "sequence_parallel": args.ulysses_size,
             "boundary": defaults["boundary"], "guide": guide,
-            "streams": streams_for(guide, args.task in PER_CLIP)}
+            "streams": streams_for(guide, args.task in PER_CLIP),
+            # the video's size where the command line gives it (S2V and Animate call generate() with other names)
+            **({} if args.task in PER_CLIP else output_size_of(argv, OPTIONS))}
 
 
 def _said(run: Dict[str, Any], key: str) -> str:
+    if key == "pixels":
+        return f"--size {run['size']} ({run['pixels']} pixels a frame)"
     origin = run.get(f"{key}_from", FLAGS.get(key))
     flag = FLAGS.get(key, "--sample_steps" if key == "steps" else key)
     return f"{flag} {run[key]}" + ("" if origin.startswith("--") else f", {origin}")

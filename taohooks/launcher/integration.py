@@ -110,6 +110,34 @@ def script_options(argv: List[str], options: Dict[str, Dict[str, Any]]) -> Optio
     return args
 
 
+def given_options(argv: List[str], options: Dict[str, Dict[str, Any]], names: Tuple[str, ...]) -> Tuple[str, ...]:
+    """Which of ``names`` (``"--size"``) the command line gives, rather than leaves to the script's default
+    (read as :func:`script_options` reads it, shortened options included)."""
+    args = script_options(argv, {k: {**v, "default": None} if k in names else v for k, v in options.items()})
+    if args is None:
+        return ()
+    return tuple(n for n in names if getattr(args, n.lstrip("-").replace("-", "_")) is not None)
+
+
+def output_size_of(argv: List[str], options: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """What a Wan ``generate.py`` command line says of the video's size, where it gives it: ``pixels`` (width x
+    height, from ``--size W*H``) and ``frame_num``, as the generation's identity records them
+    (:func:`taohooks.taocache.identity.wan_output_identity`). A value left to the script's default is not read
+    here (it is checked when the generation starts): ``{}`` then."""
+    given = given_options(argv, options, ("--size", "--frame_num"))
+    args = script_options(argv, options)
+    out: Dict[str, Any] = {}
+    if args is None:
+        return out
+    if "--size" in given:
+        width, _, height = str(args.size).partition("*")
+        if width.isdigit() and height.isdigit():
+            out.update(pixels=int(width) * int(height), size=args.size)
+    if "--frame_num" in given:
+        out["frame_num"] = int(args.frame_num)
+    return out
+
+
 def scheduler_calls(scheduler: Any, steps: int, timesteps: Any = None, sigmas: Any = None) -> int:
     """Model calls per stream that a diffusers-style scheduler makes for ``steps`` steps (or for the
     ``timesteps`` / ``sigmas`` a pipeline call passes).
@@ -276,10 +304,11 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
                             f"({said(run, 'steps')}); calibrate a LUT for {run['steps']} steps (its own lut: file)"
                             + hint)
         recorded = getattr(lut, "identity", None) or {}
-        keys = differences(recorded, {k: run[k] for k in flags}, config.calibration.accept)
+        keys = differences(recorded, {k: run[k] for k in flags if k in run}, config.calibration.accept)
         if keys:
             problems.append(f"LUT {path} was calibrated with " + ", ".join(
-                f"{flags[k]} {recorded[k]}" for k in keys) + "; this command line runs " + ", ".join(
+                f"{recorded[k]} pixels a frame (width x height)" if k == "pixels" else f"{flags[k]} {recorded[k]}"
+                for k in keys) + "; this command line runs " + ", ".join(
                 said(run, k) for k in keys) + f". Give this run its own LUT (lut: in {where}), or accept the "
                 f"difference knowingly with calibration.accept: [{', '.join(keys)}]")
     from ..taocache.cache import calibrates
