@@ -258,6 +258,43 @@ def test_two_pipelines_sharing_a_transformer_each_run_their_own_config(capfd):
     assert get_hook(a.transformer) is None
 
 
+def test_the_transformer_outside_an_enabled_call_is_left_alone(capfd):
+    """After an enabled pipe() call the transformer stayed hooked: a pipeline built from the same components without
+    TaoCache (the user's full-step reference), or a direct call, was taken for the rest of the last generation: an
+    error blaming the declared steps, or, after an interrupted cached run, outputs predicted from the other run
+    (walkthrough, 2026-11-27)."""
+    a = wan_pipe()
+    reference = wan_call(a)
+    b = WanPipeline(**a.components)  # no TaoCache on this one
+    enable_taocache(a, config(window=[5, 6], ratio=1.0))
+    try:
+        wan_call(a)
+        assert torch.equal(wan_call(b), reference)
+        x, t, emb = torch.randn(1, 4, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 8, 16)
+        hook = get_hook(a.transformer)
+        counts = {k: list(v) for k, v in hook.counts.items()}
+        direct = a.transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
+        assert hook.counts == counts
+        disable_taocache(a)
+        assert torch.equal(direct, a.transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb,
+                                                 return_dict=False)[0])
+        enable_taocache(a, config(window=[5, 6], ratio=1.0))
+
+        def stop_after_step_6(pipe, i, t, kwargs):  # interrupts inside the window: a skip was made, one is due
+            pipe._interrupt = i >= 5
+            return {}
+        capfd.readouterr()
+        wan_call(a, callback_on_step_end=stop_after_step_6)
+        err = capfd.readouterr().err
+        assert "returned after 12 of 16 denoiser calls" in err and "(stopped after 12 of 16 calls)" in err
+        assert torch.equal(wan_call(b), reference)  # it used to get predicted outputs for its steps 7-8
+        wan_call(a)
+        err = capfd.readouterr().err
+        assert "4 of 16 denoiser calls saved" in err and "is the declared number of steps right" not in err
+    finally:
+        disable_taocache(a)
+
+
 def test_video_to_video_declares_the_steps_its_strength_runs(tmp_path, capfd):
     """WanVideoToVideoPipeline runs the last int(steps * strength) steps: declared as 8 steps, each call was an
     aborted generation and calibration never finished."""

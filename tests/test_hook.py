@@ -185,3 +185,22 @@ def test_loop_spec_validation():
         LoopSpec(3, ("a", "a"))
     assert LoopSpec(4, "main").streams == ("main",)
     assert LoopSpec(4, ("c", "u")).total_calls == 8 and LoopSpec(4, ("u", "c"), True).total_calls == 4
+
+
+def test_passthrough_calls_are_untouched_and_end_generation_aborts_the_active_one():
+    """``passthrough``: calls run the module as if unhooked (no numbering, no callbacks); ``end_generation`` ends an
+    unfinished generation as an aborted one and says how many calls it made (``None`` when none was active)."""
+    m, rec = Linear(), Recorder()
+    hook = DenoiserHook(LoopSpec(2, ("cond",)), [rec]).attach(m)
+    x = torch.ones(2)
+    hook.new_sample()
+    m(x, timestep=1.0)
+    hook.passthrough = True
+    assert torch.equal(m(x, timestep=5.0), 2 * x) and hook.counts == {"cond": [1, 0]}
+    assert hook.end_generation("stopped") == 1 and rec.events[-1] == ("abort", 0)
+    assert hook.end_generation("again") is None
+    hook.passthrough = False
+    hook.new_sample()
+    m(x, timestep=1.0), m(x, timestep=0.5)
+    assert hook.end_generation("after its last call") is None and rec.events[-1] == ("end", 1)
+    hook.detach()

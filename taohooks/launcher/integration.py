@@ -502,11 +502,25 @@ class GenerationPatch:
         before = {s: list(c) for s, c in cache.hook.counts.items()}
         before["_extras"] = self._extra_counts(cache)
         before["_sample"] = cache.hook.sample
-        cache.hook.label_offset = self.generations - (cache.hook.sample + 1)  # its messages name this call's number
+        hook = cache.hook
+        hook.label_offset = self.generations - (hook.sample + 1)  # its messages name this call's number
         cache.new_sample()
-        result = self.original(*bound.args, **bound.kwargs)
+        hook.passthrough = False  # (between this patch's calls the model is left alone: another user may share it)
+        returned = False
+        try:
+            result = self.original(*bound.args, **bound.kwargs)
+            returned = True
+        finally:
+            hook.passthrough = True
+            total = hook.loop.total_calls
+            stopped = hook.end_generation(f"{self.target()} returned after {hook.call_index} of {total} denoiser "
+                                          "calls: interrupted?" if returned else f"{self.target()} raised")
         self.generations += 1
-        self.log(self.summary_line(cache, before))
+        if stopped and not cache.calibrating:
+            messages.warning(f"generation {self.generations}: {self.target()} returned after {stopped} of {total} "
+                             f"denoiser calls ({hook.loop.describe()}): its loop was interrupted (e.g. by a "
+                             "callback_on_step_end that stops the pipeline)")
+        self.log(self.summary_line(cache, before) + (f" (stopped after {stopped} of {total} calls)" if stopped else ""))
         return result
 
     @staticmethod

@@ -134,6 +134,10 @@ class DenoiserHook:
 
     ``stray_calls`` counts calls run outside any generation because they did not begin one where
     generations begin (``repeat=True`` only); ``misaligned_generations`` counts such runs of calls.
+
+    ``passthrough``: while True, calls run the module untouched and uncounted, as if no hook were there
+    (the integrations set it between their pipelines' calls, so that another pipeline sharing the model, or a
+    direct call of it, is not taken for the rest of the last generation).
     """
 
     def __init__(self, loop: LoopSpec, callbacks: Iterable[Callback] = (), *,
@@ -148,6 +152,7 @@ class DenoiserHook:
         self.timestep_arg = timestep_arg
         self.label_offset = 0  # added to generation numbers in messages (see label)
         self.repeat = repeat
+        self.passthrough = False
         self.module: Optional[nn.Module] = None
         self.also: Tuple[nn.Module, ...] = ()  # more instances numbered with ``module`` (attach(module, *also))
         self._patch: Optional[ForwardPatch] = None
@@ -203,6 +208,8 @@ class DenoiserHook:
 
         def make(inner):
             def forward(*args, **kwargs):
+                if self.passthrough:
+                    return inner(*args, **kwargs)
                 call, output = self._before(args, kwargs)
                 if call is None:  # a stray call: outside any generation, no callbacks
                     return inner(*args, **kwargs)
@@ -290,6 +297,15 @@ class DenoiserHook:
                     "is the declared number of steps right?")
             self._abort("a new generation began")
         self._start(explicit=True, by_user=True)
+
+    def end_generation(self, reason: str) -> Optional[int]:
+        """End the active generation where it is (its caller's loop returned early: an interrupt): the
+        callbacks drop it as an aborted one (``reason`` says why). Returns the calls it had made, or ``None``
+        when no generation was active (it made all its calls, or none began)."""
+        made = self._index
+        if made is not None:
+            self._abort(reason)
+        return made
 
     def _reset_bookkeeping(self) -> None:
         self._sample, self._index, self._finished = -1, None, False
