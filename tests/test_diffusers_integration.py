@@ -295,6 +295,28 @@ def test_the_transformer_outside_an_enabled_call_is_left_alone(capfd):
         disable_taocache(a)
 
 
+@pytest.mark.parametrize("input_arg", [0, "hidden_states"])
+def test_easycache_finds_the_latent_diffusers_passes_by_keyword(input_arg):
+    """diffusers' transformers take hidden_states= by keyword: EasyCache found no input and failed as if the model
+    had returned nothing; input_arg="hidden_states" failed comparing an int with a str (walkthrough, 2026-11-27)."""
+    from taohooks import DenoiserHook, LoopSpec
+    from taohooks.caches.easycache import EasyCacheCallback
+
+    pipe = wan_pipe()
+    full = wan_call(pipe)
+    easy = EasyCacheCallback(10.0, warmup_steps=2, input_arg=input_arg)
+    with DenoiserHook(LoopSpec(STEPS, ("cond", "uncond")), [easy]).attach(pipe.transformer) as hook:
+        hook.new_sample()
+        cached = wan_call(pipe)
+    assert easy.skipped > 0 and cached.shape == full.shape and torch.isfinite(cached).all()
+    with pytest.raises(TypeError, match="EasyCache looks for the model's input latent, but this call has no keyword "
+                                        "'latents'"):
+        with DenoiserHook(LoopSpec(STEPS, ("cond", "uncond")), [EasyCacheCallback(1.0, input_arg="latents")]
+                          ).attach(pipe.transformer) as hook:
+            hook.new_sample()
+            wan_call(pipe)
+
+
 def test_video_to_video_declares_the_steps_its_strength_runs(tmp_path, capfd):
     """WanVideoToVideoPipeline runs the last int(steps * strength) steps: declared as 8 steps, each call was an
     aborted generation and calibration never finished."""

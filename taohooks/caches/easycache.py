@@ -19,7 +19,7 @@ the latent); a model whose output differs (a learned-variance channel half) comp
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -28,7 +28,11 @@ from ..runtime import messages
 from ..runtime.callbacks import Callback
 from ..runtime.structure import flatten_output
 
-__all__ = ["EasyCacheCallback", "SOURCE"]
+__all__ = ["EasyCacheCallback", "SOURCE", "INPUT_KEYWORDS"]
+
+#: where the latent is looked for when the call has no positional argument ``input_arg``: Wan2.1's ``x``,
+#: diffusers' ``hidden_states`` (its transformers take it by keyword), UNet-style ``sample``
+INPUT_KEYWORDS = ("x", "hidden_states", "sample")
 
 SOURCE = "H-EmbodVis/EasyCache 51278044023e678bb4026a264b02a6721f6dd395, EasyCache4Wan2.1/easycache_generate.py"
 
@@ -44,16 +48,20 @@ class EasyCacheCallback(Callback):
         threshold: the accumulated estimated relative output change below which a step is skipped.
         warmup_steps: the first steps, always computed (the authors' Wan2.1 script: 10).
         compute_last_step: always compute the last step (the authors do).
-        input_arg: position of the latent in the call's positional arguments (Wan2.1, the testbed: 0).
+        input_arg: where the latent is in the call: its position among the positional arguments (Wan2.1,
+            the testbed: 0; a call without that many takes the first of the keywords ``INPUT_KEYWORDS`` it has),
+            or a keyword's name.
     """
 
     def __init__(self, threshold: float, warmup_steps: int = 10, compute_last_step: bool = True,
-                 input_arg: int = 0):
+                 input_arg: Union[int, str] = 0):
         if not threshold >= 0:
             raise ValueError(f"EasyCache threshold must be >= 0, got {threshold}")
         self.threshold = float(threshold)
         self.warmup_steps = int(warmup_steps)
         self.compute_last_step = compute_last_step
+        if not isinstance(input_arg, (int, str)) or isinstance(input_arg, bool):
+            raise TypeError(f"EasyCache input_arg must be a position (int) or a keyword (str), got {input_arg!r}")
         self.input_arg = input_arg
         self.skipped = 0  # calls answered from the cache, since attach
         self._reset()
@@ -77,7 +85,21 @@ class EasyCacheCallback(Callback):
         self._reset()
 
     def _input(self, args: tuple, kwargs: dict) -> List[Tensor]:
-        x = args[self.input_arg] if len(args) > self.input_arg else kwargs.get("x")
+        if isinstance(self.input_arg, str):
+            names = (self.input_arg,)
+        elif len(args) > self.input_arg:
+            names, x = (), args[self.input_arg]
+        else:
+            names = INPUT_KEYWORDS
+        if names:
+            name = next((n for n in names if kwargs.get(n) is not None), None)
+            if name is None:
+                where = (f"keyword {self.input_arg!r}" if isinstance(self.input_arg, str) else
+                         f"positional argument {self.input_arg} nor any of the keywords {', '.join(INPUT_KEYWORDS)}")
+                raise TypeError(f"taohooks: EasyCache looks for the model's input latent, but this call has no {where} "
+                                f"(its keywords: {', '.join(kwargs) or 'none'}); give EasyCacheCallback(input_arg=...) "
+                                "the latent's position or keyword")
+            x = kwargs[name]
         leaves, _ = flatten_output(x)
         return [t.detach().float() for t in leaves]
 
