@@ -317,6 +317,43 @@ def test_easycache_finds_the_latent_diffusers_passes_by_keyword(input_arg):
             wan_call(pipe)
 
 
+def test_an_unknown_pipeline_with_declared_guided_streams_runs_without_guidance(tmp_path, capfd):
+    """A pipeline taohooks does not know (CogVideoX), declared as [uncond, cond] with split_batch, at
+    guidance_scale 1: refused with "remove loop.streams", which then failed on the missing declaration; the one-stream
+    call now runs, and a guided LUT is refused naming the guidance (walkthrough, 2026-11-27)."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                              out_channels=4, time_embed_dim=2, text_embed_dim=16, num_layers=1,
+                                              sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+                                              temporal_compression_ratio=4, max_text_seq_length=8).eval()
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"))
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(guidance):
+        emb = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))
+        return pipe(prompt_embeds=emb, negative_prompt_embeds=emb, height=32, width=32, num_frames=9,
+                    num_inference_steps=STEPS, guidance_scale=guidance, generator=torch.Generator().manual_seed(0),
+                    max_sequence_length=8, output_type="latent").frames
+
+    declared = {"integration": "diffusers", "loop": {"streams": ["uncond", "cond"], "split_batch": True}}
+    enable_taocache(pipe, config_from_dict({**declared, "plan": {"window": [5, 6], "ratio": 1.0}}, "c.yaml"))
+    try:
+        call(1.0)
+        assert f"2 of {STEPS} denoiser calls saved" in capfd.readouterr().err
+        lut = tmp_path / "cog.safetensors"
+        enable_taocache(pipe, config_from_dict({**declared, "lut": str(lut), "calibration": {"prompts": 1},
+                                                "plan": {"budget": 2}}, "c.yaml"))
+        call(6.0)  # calibrates the guided LUT
+        with pytest.raises(Exception, match=r"has streams \(uncond, cond\), this run has \(cond\); a run without "
+                                            "classifier-free guidance"):
+            call(1.0)
+    finally:
+        disable_taocache(pipe)
+
+
 def test_video_to_video_declares_the_steps_its_strength_runs(tmp_path, capfd):
     """WanVideoToVideoPipeline runs the last int(steps * strength) steps: declared as 8 steps, each call was an
     aborted generation and calibration never finished."""

@@ -235,7 +235,9 @@ def identity_of_pipeline(pipe: Any, model: nn.Module) -> Dict[str, Any]:
 
 def check_declared_loop(config: Any, loop: LoopSpec, what: str) -> None:
     """The integration, not the YAML, says what the script runs: a ``loop:`` that contradicts it is
-    an error naming both (before the model's first call)."""
+    an error naming both (before the model's first call). Declared guided streams (``[cond, uncond]``, or
+    batched ``[uncond, cond]``) also cover a call without guidance (the ``cond`` stream alone): the LUT, if
+    there is one, is checked against that run's streams."""
     declared = getattr(config, "loop", None)
     if declared is None:
         return
@@ -245,11 +247,13 @@ def check_declared_loop(config: Any, loop: LoopSpec, what: str) -> None:
             f"{where}loop.steps is {declared.steps}, but this {what} call runs {loop.steps} denoiser calls per "
             f"stream ({loop.describe()}); remove loop.steps (the integration reads it from the script) or make "
             "the script's step count match")
-    if declared.streams is not None and tuple(declared.streams) != tuple(loop.streams):
+    unguided = (tuple(loop.streams) == ("cond",) and declared.streams is not None and len(declared.streams) > 1
+                and "cond" in declared.streams)  # a guidance scale of 1: the declared run's cond call alone
+    if declared.streams is not None and tuple(declared.streams) != tuple(loop.streams) and not unguided:
         raise IntegrationError(
             f"{where}loop.streams is [{', '.join(declared.streams)}], but this {what} call runs streams "
             f"[{', '.join(loop.streams)}]; remove loop.streams (the integration knows them)")
-    if declared.split_batch and not loop.split_batch:
+    if declared.split_batch and not loop.split_batch and not unguided:
         raise IntegrationError(f"{where}loop.split_batch is true, but this {what} call makes one call per stream")
 
 

@@ -127,8 +127,16 @@ class CalibrationLUT:
                                        " (or carry the LUT over with calibration.transfer: interpolate)"
                                        if self.deltas is not None else ""))
         if tuple(self.streams) != tuple(loop.streams):
+            hint = ""
+            if len(loop.streams) < len(self.streams) and set(loop.streams) <= set(self.streams):
+                hint = ("; a run without classifier-free guidance (a guidance scale of 1 or less) calls the model "
+                        "once per step, without the uncond pass: give such runs a LUT of their own (lut:), "
+                        "calibrated at that guidance")
+            elif len(loop.streams) > len(self.streams) and set(self.streams) <= set(loop.streams):
+                hint = ("; the LUT was calibrated without classifier-free guidance (one call per step) and this run "
+                        "guides: give it a LUT of its own (lut:), calibrated with guidance")
             raise LUTMismatchError(f"{self._name()} has streams ({', '.join(self.streams)}), this run has "
-                                   f"({', '.join(loop.streams)})")
+                                   f"({', '.join(loop.streams)}){hint}")
         if model_id and self.model_id and model_id != self.model_id:
             raise LUTMismatchError(f"{self._name()} was calibrated on model {self.model_id!r}, this run is "
                                    f"{model_id!r}")
