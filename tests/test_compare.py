@@ -114,7 +114,7 @@ def test_errors_come_before_the_script_runs(tmp_path, capsys):
     assert cli.main(["compare", str(path), "--", str(never)]) == 1
     err = capsys.readouterr().err
     assert "taocache compare: error:" in err and "taocache compare does not support the 'videosys' integration" in err
-    assert not (tmp_path / "out" / "runs").exists()
+    assert not (tmp_path / "out").exists()  # (the lock made the folder, and a .compare.lock in it: walkthrough)
 
 
 # ---------------------------------------------------------------------------- metrics

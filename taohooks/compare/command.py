@@ -22,6 +22,7 @@ from .plots import write_animation, write_plots, write_strip
 from .report import build_results, load_results, markdown_table, write_results
 from .runner import TEA_METHODS, Experiment, check_before_run, intercept_generations
 from .store import folder_lock, writes_results
+from .targets import target_for
 
 __all__ = ["run_compare", "rebuild_report", "taocache_config_of"]
 
@@ -57,6 +58,16 @@ def _refuse_per_clip_tasks(config, tao, script: List[str]) -> None:
         raise ConfigError(config.source, "taocache", f"--task {run['task']} {PER_CLIP_MESSAGE}")
 
 
+def _check_integration(config: ExperimentConfig) -> None:
+    """An integration compare cannot run through, refused before anything is written."""
+    integration = config.integration if config.taocache is None else \
+        load_config(config.path(config.taocache, "taocache")).integration
+    try:
+        target_for(integration)
+    except ValueError as exc:
+        raise ConfigError(config.source, "taocache" if config.taocache else "integration", str(exc)) from None
+
+
 def run_compare(experiment_path: str, script: List[str]) -> int:
     """Run the experiment through ``script``; returns the exit status."""
     config = load_experiment(experiment_path)
@@ -67,6 +78,7 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
     if given:  # (the launcher said "given twice", under taocache-run's name)
         raise ConfigError("command line", "SCRIPT", "remove --taocache from the script's arguments: the "
                                                     "experiment's taocache: names the config each run uses")
+    _check_integration(config)  # before the lock, which makes the output folder
     writer = writes_results()  # rank 0 under torchrun: every rank runs the generations, rank 0 writes
     # the lock before anything is written to the folder (a refused second compare rewrote OUTPUT/taocache.yaml)
     with folder_lock(config.output_dir) if writer else contextlib.nullcontext():
