@@ -31,8 +31,8 @@ from .config import MAX_STEPS, ConfigError, PlanConfig, TaoCacheConfig, load_con
 from .runtime.loop import LoopSpec
 from .runtime.io import special_file_kind
 from .taocache.lut import CalibrationLUT, LUTMismatchError, merge_luts
-from .taocache.plan import PlanError, resolve_budget
-from .taocache.cache import check_config_lut, expert_guard, lut_for_steps, make_plan, sampler_label
+from .taocache.plan import PlanError
+from .taocache.cache import check_config_before_run, check_config_lut, expert_guard, lut_for_steps, make_plan, sampler_label
 
 __all__ = ["main", "build_parser"]
 
@@ -47,22 +47,8 @@ def _cmd_check(args) -> int:
     config = load_config(args.config)
     lines = [yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip()]
     path = config.lut_path()
-    plan = config.plan
-    skips = plan.budget if plan.budget is None or config.loop.steps is None else \
-        resolve_budget(plan.budget, config.loop.steps)  # (a fraction of known steps that rounds to 0 skips nothing)
-    if path is None and plan.window is None and plan.skip_steps is None and skips not in (None, 0):
-        raise ConfigError(args.config, "plan.budget", "choosing the steps to skip from a budget needs a calibration "
-                          "LUT: name a lut: (the first runs calibrate it), or give plan.window / plan.skip_steps "
-                          "with a constant plan.ratio")
+    check_config_before_run(config, writable=False)  # (check changes nothing on disk)
     if path is not None:
-        if path.is_dir():
-            raise ConfigError(args.config, "lut", f"{path} is a directory; name the LUT file inside it, "
-                                                  "e.g. luts/model.safetensors")
-        kind = special_file_kind(path)
-        if kind is not None:
-            raise ConfigError(args.config, "lut", f"{path} is {kind}, not a LUT file; name a file such as "
-                                                  "luts/model.safetensors")
-        check_config_lut(config)
         if path.is_file():
             lut = CalibrationLUT.load(path)
             lines.append(f"# {lut.describe()}")

@@ -354,6 +354,35 @@ def test_an_unknown_pipeline_with_declared_guided_streams_runs_without_guidance(
         disable_taocache(pipe)
 
 
+def test_enable_checks_what_the_config_alone_says(tmp_path):
+    """A config for another integration was taken without a word; a budget without a lut:, and a LUT that cannot be
+    written, failed at the first pipe() call; a dict failed inside pathlib (walkthrough, 2026-11-27)."""
+    from taohooks.config import ConfigError, TaoCacheConfig
+    from taohooks.runtime.io import FileWriteError
+
+    pipe = wan_pipe()
+    with pytest.raises(IntegrationError, match="integration: latte is for another script's pipeline"):
+        enable_taocache(pipe, config_from_dict({"integration": "latte"}, "latte.yaml"))
+    with pytest.raises(ConfigError, match="plan.budget: choosing the steps to skip from a budget needs a calibration LUT"):
+        enable_taocache(pipe, config_from_dict({"integration": "diffusers", "plan": {"budget": 2}}, "b.yaml"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(FileWriteError):
+        enable_taocache(pipe, config_from_dict({"integration": "diffusers", "lut": str(blocker / "l.safetensors")},
+                                               "w.yaml"))
+    with pytest.raises(TypeError, match="config must be a TaoCacheConfig, a YAML path or a mapping, got int"):
+        enable_taocache(pipe, 3)
+    assert get_hook(pipe.transformer) is None
+    full = wan_call(pipe)
+    enable_taocache(pipe, {"integration": "diffusers", "plan": {"window": [5, 6], "ratio": 1.0}})
+    try:
+        assert not torch.equal(wan_call(pipe), full)
+        enable_taocache(pipe, TaoCacheConfig())  # made in Python: integration "none"
+        assert torch.equal(wan_call(pipe), full)
+    finally:
+        disable_taocache(pipe)
+
+
 def test_video_to_video_declares_the_steps_its_strength_runs(tmp_path, capfd):
     """WanVideoToVideoPipeline runs the last int(steps * strength) steps: declared as 8 steps, each call was an
     aborted generation and calibration never finished."""

@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 from taohooks.runtime.callbacks import Callback
-from taohooks.config import TaoCacheConfig, check_python_config, load_config
+from taohooks.config import TaoCacheConfig, check_python_config, config_from_dict, load_config
 from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
                                   scheduler_calls, unwrap_model)
 from taohooks.runtime.loop import LoopSpec
 from taohooks.runtime.reset import StateReset
-from taohooks.taocache.cache import TaoCache
+from taohooks.taocache.cache import TaoCache, check_config_before_run
 
 __all__ = ["enable_taocache", "disable_taocache", "install", "uninstall", "SEQUENTIAL_CFG", "BATCHED_CFG",
            "ContextStreamCheck"]
@@ -210,12 +210,26 @@ def _patch_class(cls: type) -> GenerationPatch:
     return patch
 
 
-def enable_taocache(pipe, config: Union[TaoCacheConfig, str, os.PathLike]) -> None:
-    """Give ``pipe`` TaoCache from a config (a :class:`TaoCacheConfig` or a YAML path): every later
-    ``pipe(...)`` call is one generation (calibrating first if the config's LUT does not exist)."""
-    config = config if isinstance(config, TaoCacheConfig) else load_config(config)
-    if config.source is None:  # made in Python: checked now, not at the first call
+def enable_taocache(pipe, config: Union[TaoCacheConfig, str, os.PathLike, Mapping[str, Any]]) -> None:
+    """Give ``pipe`` TaoCache from a config (a :class:`TaoCacheConfig`, a YAML path, or a mapping as a YAML file
+    holds): every later ``pipe(...)`` call is one generation (calibrating first while the config's LUT is missing
+    or incomplete). What the config alone can say (its integration, a plan that needs a LUT it does not name, the
+    LUT file, whether a calibration can write it) is checked now, not at the first call."""
+    if isinstance(config, Mapping):
+        config = config_from_dict(dict(config), None)
         check_python_config(config)
+    elif not isinstance(config, TaoCacheConfig):
+        if not isinstance(config, (str, os.PathLike)):
+            raise TypeError(f"enable_taocache: config must be a TaoCacheConfig, a YAML path or a mapping, got "
+                            f"{type(config).__name__}")
+        config = load_config(config)
+    elif config.source is None:  # made in Python: checked now, not at the first call
+        check_python_config(config)
+    if config.integration not in (None, "none", "diffusers"):
+        raise IntegrationError(f"{config.source or 'the config'}: integration: {config.integration} is for another "
+                               "script's pipeline; enable_taocache puts TaoCache on a diffusers pipeline: use a config "
+                               "with integration: diffusers (e.g. configs/diffusers_wan.yaml)")
+    check_config_before_run(config)
     _check_supported(pipe)
     if config.pab is not None:
         raise IntegrationError(f"{config.source}: pab: diffusers pipelines use diffusers' own PAB "

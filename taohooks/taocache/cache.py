@@ -180,6 +180,40 @@ def check_config_lut(config: TaoCacheConfig, calibrating: bool = False) -> Optio
     return lut
 
 
+def check_config_before_run(config: TaoCacheConfig, calibrating: bool = False,
+                            writable: bool = True) -> Optional[CalibrationLUT]:
+    """Everything the config alone says about its plan and LUT, before a model loads: a budget that needs a LUT the
+    config does not name; a ``lut:`` that is a folder or a special file; :func:`check_config_lut`; and, with
+    ``writable``, where runs will calibrate into it (missing or incomplete), that the LUT can be written (its folder
+    is made). Raises
+    :class:`~taohooks.config.ConfigError` (or :class:`~taohooks.runtime.io.FileWriteError`). Returns the LUT
+    (``None`` when there is no file yet)."""
+    from ..config import ConfigError
+    from .plan import resolve_budget
+
+    source = config.source or "the config"
+    path, plan = config.lut_path(), config.plan
+    skips = plan.budget if plan.budget is None or config.loop.steps is None else \
+        resolve_budget(plan.budget, config.loop.steps)  # (a fraction of known steps that rounds to 0 skips nothing)
+    if path is None and plan.window is None and plan.skip_steps is None and skips not in (None, 0):
+        raise ConfigError(source, "plan.budget", "choosing the steps to skip from a budget needs a calibration "
+                          "LUT: name a lut: (the first runs calibrate it), or give plan.window / plan.skip_steps "
+                          "with a constant plan.ratio")
+    if path is None:
+        return None
+    if path.is_dir():
+        raise ConfigError(source, "lut", f"{path} is a directory; name the LUT file inside it, "
+                                         "e.g. luts/model.safetensors")
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise ConfigError(source, "lut", f"{path} is {kind}, not a LUT file; name a file such as "
+                                         "luts/model.safetensors")
+    lut = check_config_lut(config, calibrating)
+    if writable and (calibrating or calibrates(config)) and (lut is None or lut.num_prompts < config.calibration.prompts):
+        check_writable(path)
+    return lut
+
+
 def sampler_label(config: TaoCacheConfig) -> Optional[str]:
     """``calibration.sampler`` as the LUT checks compare it: not at all when ``calibration.accept`` names the
     scheduler (the run's solver differs from the LUT's knowingly; its label is the LUT's)."""
