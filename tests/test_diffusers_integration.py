@@ -372,6 +372,13 @@ def test_enable_checks_what_the_config_alone_says(tmp_path):
                                                "w.yaml"))
     with pytest.raises(TypeError, match="config must be a TaoCacheConfig, a YAML path or a mapping, got int"):
         enable_taocache(pipe, 3)
+
+    class MyPipeline(WanPipeline.__mro__[1]):  # a pipeline class taohooks does not know
+        pass
+    mine = MyPipeline()
+    mine.transformer = pipe.transformer
+    with pytest.raises(IntegrationError, match="loop.streams: MyPipeline is not a pipeline taohooks knows"):
+        enable_taocache(mine, {"integration": "diffusers"})
     assert get_hook(pipe.transformer) is None
     full = wan_call(pipe)
     enable_taocache(pipe, {"integration": "diffusers", "plan": {"window": [5, 6], "ratio": 1.0}})

@@ -109,6 +109,14 @@ def _pipeline_kind(pipe) -> str:
     return "declared"
 
 
+def _check_declared_streams(pipe, config: TaoCacheConfig) -> None:
+    """A pipeline taohooks does not know needs the config to say how it calls its transformer."""
+    if _pipeline_kind(pipe) == "declared" and not config.loop.streams:
+        raise IntegrationError(f"{config.source or 'the config'}: loop.streams: {type(pipe).__name__} is not a pipeline "
+                               "taohooks knows; say how it calls its transformer per step, e.g. streams: [cond, uncond] "
+                               "(two calls) or streams: [uncond, cond] with split_batch: true (one batched call)")
+
+
 def _check_supported(pipe) -> None:
     if getattr(pipe, "transformer", None) is None:
         raise IntegrationError(f"taohooks: {type(pipe).__name__} has no `transformer` to attach to")
@@ -166,10 +174,7 @@ def _loop_of_one(arguments):
     if kind == "sequential":
         return LoopSpec(calls, ("cond", "uncond") if cfg else ("cond",)), {"timestep_arg": "timestep"}
     streams = config.loop.streams
-    if not streams:
-        raise IntegrationError(f"{config.source}: loop.streams: {type(pipe).__name__} is not a pipeline taohooks "
-                               "knows; say how it calls its transformer per step, e.g. streams: [cond, uncond] (two "
-                               "calls) or streams: [uncond, cond] with split_batch: true (one batched call)")
+    _check_declared_streams(pipe, config)
     if not cfg:
         return LoopSpec(calls, ("cond",) if "cond" in streams else tuple(streams[:1])), {"timestep_arg": "timestep"}
     return LoopSpec(calls, tuple(streams), split_batch=config.loop.split_batch), {"timestep_arg": "timestep"}
@@ -231,6 +236,7 @@ def enable_taocache(pipe, config: Union[TaoCacheConfig, str, os.PathLike, Mappin
                                "with integration: diffusers (e.g. configs/diffusers_wan.yaml)")
     check_config_before_run(config)
     _check_supported(pipe)
+    _check_declared_streams(pipe, config)
     if config.pab is not None:
         raise IntegrationError(f"{config.source}: pab: diffusers pipelines use diffusers' own PAB "
                                "(transformer.enable_cache(PyramidAttentionBroadcastConfig(...))); taohooks resets "
