@@ -156,12 +156,21 @@ def _cmd_plan(args) -> int:
     plan_cfg = _plan_overrides(args, config.plan)
     steps = args.steps if args.steps is not None else config.loop.steps or (lut.steps if lut else None)
     streams = config.loop.streams or (list(lut.streams) if lut else ["main"])
+    needs_lut = plan_cfg.budget not in (None, 0) and plan_cfg.window is None and plan_cfg.skip_steps is None
+    if steps is None and lut is None and needs_lut:  # (said first: no step count makes a budget plannable here)
+        raise PlanError("plan.budget: choosing the steps to skip from a budget needs a calibration LUT, and there is "
+                        "none yet; calibrate it (the config's first runs, or taocache calibrate), or give --window "
+                        "or --skip-steps with a constant --ratio")
     if steps is None:
         raise PlanError("the number of steps is unknown: give --steps")
     if not 1 <= steps <= MAX_STEPS:
         raise ConfigError("command line", "--steps", f"expected a number of steps from 1 to {MAX_STEPS}, got {steps}")
     if plan_cfg.budget is None and plan_cfg.window is None and plan_cfg.skip_steps is None:
         print("# no budget, window or skip_steps given: nothing is skipped (try --budget 8 or --budget 0.16)")
+    if lut is not None and lut.steps != steps and not _is_config(args.source):
+        raise PlanError(f"LUT {lut_path} has {lut.steps} steps, --steps is {steps}; plan for {lut.steps} steps, or "
+                        "carry the LUT over to another step count from a config (calibration: {transfer: "
+                        "interpolate}; then taocache plan CONFIG --steps N)")
     if lut is not None and _is_config(args.source):
         if lut.steps != steps:  # as a run does: carried over (calibration.transfer: interpolate), or refused
             lut = lut_for_steps(config, lut, steps)
@@ -189,6 +198,8 @@ def _print_predictions(plan, plan_cfg: PlanConfig, steps: int, streams, lut) -> 
 
     model, why = error_model_of(lut, plan_cfg.error_weights)
     print(f"# predicted error (open loop, sampler weights: {why}): {predict_plan(plan, model).describe()}")
+    if plan_cfg.budget is None:  # manual steps (--window, --skip-steps): no other rule's plan to set beside them
+        return
     other_rule = "paper" if plan_cfg.rule == "auto" else "auto"
     other_cfg = dataclasses.replace(plan_cfg, rule=other_rule, pattern="auto", min_gap=2, protect_last=0,
                                     refresh="chain" if other_rule == "auto" else plan_cfg.refresh,

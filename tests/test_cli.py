@@ -269,3 +269,20 @@ def test_small_command_line_faults(lut_path, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("taohooks.cli._cmd_compare", lambda args: seen.setdefault("script", args.script) and 0)
     main(["compare", "e.yaml", "--", "s.py", "--", "x"])
     assert seen["script"] == ["s.py", "--", "x"]
+
+
+def test_plan_says_the_real_problem_first(lut_path, tmp_path, capsys):
+    """An audit (2026-11-27): a config's budget without its LUT asked for --steps, and --steps then gave the real
+    error; a LUT's step count against --steps advised a config key plan has no flag for; manual --skip-steps printed
+    "rule: auto cannot plan this budget" when no budget was given."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"lut: {tmp_path / 'missing.safetensors'}\nplan: {{budget: 4}}\n")
+    assert main(["plan", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "needs a calibration LUT, and there is none yet" in err and "--steps" not in err
+    assert main(["plan", str(lut_path), "--steps", "15", "--budget", "2"]) == 1
+    assert "from a config (calibration: {transfer: interpolate}; then taocache plan CONFIG --steps N)" in \
+        capsys.readouterr().err
+    assert main(["plan", str(lut_path), "--skip-steps", "12", "13"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted error" in out and "cannot plan this budget" not in out and "would choose" not in out

@@ -185,3 +185,24 @@ def test_several_generations_and_reattach():
             hook.new_sample()
             run_loop(model, STEPS)
     assert cache.hook.counts == {"main": [24, 8]}
+
+
+@pytest.mark.parametrize("kind", ["flow", "eps"])
+def test_budget_zero_is_the_testbed_model_itself_in_every_dtype(kind):
+    """The README's "zero budget is the model itself (flow, eps, bf16, fp16)": the bundled models in both official
+    loop shapes (two calls per step; one batched call), bit for bit (an audit found only the fixture scripts tested)."""
+    from pathlib import Path
+
+    from taohooks.testbed import data, sampling
+    from taohooks.testbed.model import VideoDiT
+
+    pairs = data.eval_pairs(1)
+    prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
+    streams, split = (("cond", "uncond"), False) if kind == "flow" else (("uncond", "cond"), True)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model = VideoDiT.from_pretrained(Path(sampling.__file__).parent / "weights" / f"{kind}.safetensors").to(dtype)
+        reference = sampling.sample(model, prompts, seeds, steps=6)
+        cache = TaoCache(config_from_dict({"plan": {"budget": 0}}))
+        with cache.attach(model, steps=6, streams=streams, split_batch=split):
+            out = sampling.sample(model, prompts, seeds, steps=6)
+        assert out.dtype == reference.dtype and torch.equal(out, reference), dtype

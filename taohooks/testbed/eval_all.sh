@@ -7,6 +7,7 @@ PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 W=taohooks/testbed/weights
 L=taohooks/testbed/logs
+mkdir -p "$L"  # (not in the repository: .gitignore)
 ev() { "$PY" -m taohooks.testbed.evaluate --n 64 --steps 50 --threads 1 "$@"; }
 for kind in flow flow-lognormal; do
   [ -f "$W/$kind.safetensors" ] && ev --weights "$W/$kind.safetensors" --grid "$L/grid_$kind.png" > "$L/eval_$kind.json"
