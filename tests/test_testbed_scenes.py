@@ -776,7 +776,12 @@ def test_scenes_loss_per_sigma_and_as_trained(tmp_path, capsys):
     record = result["checkpoints"][str(weights)]
     assert len(record["per_sigma"]) == 2 and set(record["training_loss"]) == {"1", "3"} and record["steps"] == 1
     assert json.loads((tmp_path / "l.json").read_text())["clips"] == 2
-    for bad in (["--sigmas", "0,0.5"], ["--sigmas", "a"], ["--sigma-shift", "0"]):
+    stripes = scenes_loss.batches(3, 2, 8, [0, 1, 0])
+    assert all(set(ids[:, 4].tolist()) == {1} for _, ids in stripes)
+    result = scenes_loss.main(["--weights", str(weights), "--batches", "1", "--batch-size", "2",
+                               "--background-weights", "0,1,0"])
+    assert result["background_weights"] == [0.0, 1.0, 0.0]
+    for bad in (["--sigmas", "0,0.5"], ["--sigmas", "a"], ["--sigma-shift", "0"], ["--background-weights", "1,1"]):
         with pytest.raises(SystemExit):
             scenes_loss.main(["--weights", str(weights), *bad])
 

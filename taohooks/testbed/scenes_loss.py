@@ -3,7 +3,8 @@
     python -m taohooks.testbed.scenes_loss --weights A.safetensors [B.safetensors ...] [--out l.json]
 
 On fixed batches of the training distribution (``--batches`` x ``--batch-size`` clips from seed
-``--seed``, prompts never dropped), for each checkpoint:
+``--seed``, prompts never dropped; ``--background-weights 0,1,0``: stripes only, as ``train_scenes`` draws
+them), for each checkpoint:
 
 - the flow loss ``|v(x_s, s) - (noise - x0)|^2`` at each of ``--sigmas`` (one noise draw, the same for
   every checkpoint), so that two checkpoints show at which noise levels training still moves;
@@ -26,10 +27,12 @@ from .scenes_sensitivity import check_out, load_scenes_checkpoint
 DEFAULT_SIGMAS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.97)
 
 
-def batches(seed: int, count: int, size: int):
-    """``count`` training batches ``(x0, ids)`` with no null prompts, the same for every call."""
+def batches(seed: int, count: int, size: int, background_weights=None):
+    """``count`` training batches ``(x0, ids)`` with no null prompts, the same for every call; backgrounds drawn
+    with ``background_weights`` (noise, stripes, gradient; None: uniform)."""
     rng = np.random.default_rng(seed)
-    return [train_scenes.make_batch(rng, size, dropout=0.0) for _ in range(count)]
+    p = train_scenes.background_probabilities(background_weights)
+    return [train_scenes.make_batch(rng, size, dropout=0.0, background_p=p) for _ in range(count)]
 
 
 @torch.no_grad()
@@ -64,6 +67,9 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--background-weights", type=train_scenes.background_weights_arg, default=None, metavar="N,S,G",
+                   help="draw the clips' backgrounds (noise, stripes, gradient) with these weights, e.g. 0,1,0 for "
+                        "stripes only (default: uniform, as training draws them)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -84,8 +90,9 @@ def main(argv=None):
             p.error(f"--weights {path}: an {model.config.prediction} checkpoint; this measures flow checkpoints")
         models[path] = model
     torch.set_num_threads(args.threads)
-    data = batches(args.seed, args.batches, args.batch_size)
-    result = {"sigmas": sigmas, "clips": args.batches * args.batch_size, "seed": args.seed, "checkpoints": {}}
+    data = batches(args.seed, args.batches, args.batch_size, args.background_weights)
+    result = {"sigmas": sigmas, "clips": args.batches * args.batch_size, "seed": args.seed,
+              "background_weights": args.background_weights, "checkpoints": {}}
     print("sigma      " + " ".join(f"{s:>6.2f}" for s in sigmas))
     for path, model in models.items():
         per_sigma = loss_per_sigma(model, data, sigmas, args.seed)

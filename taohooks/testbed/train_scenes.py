@@ -785,7 +785,7 @@ class _StopOnSignal:
         return False
 
 
-def _background_weights(text: str) -> list[float]:
+def background_weights_arg(text: str) -> list[float]:
     """``--background-weights`` ``N,S,G``: one finite weight >= 0 per background, not all 0."""
     try:
         weights = [float(w) for w in text.split(",")]
@@ -825,7 +825,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--sigma-shift", type=float, default=None, help="flow kinds: train on sigmas shifted as the "
                    "sampler's flow_shift shifts its steps (3: as the scenes sampling; default 1: as drawn)")
-    p.add_argument("--background-weights", type=_background_weights, default=None, metavar="N,S,G",
+    p.add_argument("--background-weights", type=background_weights_arg, default=None, metavar="N,S,G",
                    help="draw the training prompts' backgrounds (noise, stripes, gradient) with these relative "
                         "weights, e.g. 1,2,1 for stripes half of the time (default: uniform)")
     p.add_argument("--threads", type=int, default=1)
