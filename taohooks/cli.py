@@ -168,9 +168,10 @@ def _cmd_plan(args) -> int:
     if plan_cfg.budget is None and plan_cfg.window is None and plan_cfg.skip_steps is None:
         print("# no budget, window or skip_steps given: nothing is skipped (try --budget 8 or --budget 0.16)")
     if lut is not None and lut.steps != steps and not _is_config(args.source):
-        raise PlanError(f"LUT {lut_path} has {lut.steps} steps, --steps is {steps}; plan for {lut.steps} steps, or "
-                        "carry the LUT over to another step count from a config (calibration: {transfer: "
-                        "interpolate}; then taocache plan CONFIG --steps N)")
+        carry = (", or carry the LUT over to another step count from a config (calibration: {transfer: interpolate}; "
+                 "then taocache plan CONFIG --steps N)") if lut.deltas is not None else \
+            " (this LUT holds no delta products, so it cannot be carried over to another step count)"
+        raise PlanError(f"LUT {lut_path} has {lut.steps} steps, --steps is {steps}; plan for {lut.steps} steps{carry}")
     if lut is not None and _is_config(args.source):
         if lut.steps != steps:  # as a run does: carried over (calibration.transfer: interpolate), or refused
             lut = lut_for_steps(config, lut, steps)

@@ -140,9 +140,13 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
             install_integration(config)
         if not asks_help:
             _warn_without_autoload(config, prog)
-            from .taocache.cache import check_config_before_run
+            from .launcher.integration import intercepted
+            from .taocache.cache import check_config_before_run, check_config_lut
 
-            check_config_before_run(config)  # the plan's LUT, its labels, whether it can be written: before the model loads
+            if intercepted():  # taocache compare: its own LUT and plans; the config's LUT is only checked if there
+                check_config_lut(config)
+            else:  # the plan's LUT, its labels, whether it can be written: before the model loads
+                check_config_before_run(config)
             precheck_integration(config, rest[1:])
             check_teacache_fit(config)
     except (ConfigError, IntegrationError, ImportError, LUTMismatchError, PlanError, ValueError, OSError) as exc:

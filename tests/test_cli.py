@@ -283,6 +283,14 @@ def test_plan_says_the_real_problem_first(lut_path, tmp_path, capsys):
     assert main(["plan", str(lut_path), "--steps", "15", "--budget", "2"]) == 1
     assert "from a config (calibration: {transfer: interpolate}; then taocache plan CONFIG --steps N)" in \
         capsys.readouterr().err
+    from taohooks.taocache.lut import CalibrationLUT
+
+    plain = CalibrationLUT.load(lut_path)
+    plain.deltas = None  # (a LUT from before delta products: it cannot be carried over)
+    plain.save(tmp_path / "plain.safetensors")
+    assert main(["plan", str(tmp_path / "plain.safetensors"), "--steps", "15", "--budget", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "holds no delta products, so it cannot be carried over" in err and "interpolate" not in err
     assert main(["plan", str(lut_path), "--skip-steps", "12", "13"]) == 0
     out = capsys.readouterr().out
     assert "predicted error" in out and "cannot plan this budget" not in out and "would choose" not in out

@@ -1106,3 +1106,17 @@ def test_report_names_a_corrupt_results_file(tmp_path):
     (tmp_path / "results.json").write_text('{"meta": ')
     with pytest.raises(ValueError, match="results.json: not a readable JSON file"):
         load_results(tmp_path)
+
+
+def test_the_named_configs_lut_and_plan_are_not_the_launchers_to_check(tmp_path, launcher_state):
+    """compare calibrates in its own folder and plans per budget; the launcher's check of the config's plan and LUT
+    (a budget without a lut:, a LUT that cannot be written) refused such a config under compare (review, 2026-11-27)."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    for name, lut in (("nolut", ""), ("blocked", f"lut: {blocker / 'l.safetensors'}\n")):
+        write(tmp_path, f"integration: testbed\nmodel_id: testbed-flow\n{lut}plan: {{budget: 0.16}}\n", f"{name}.yaml")
+        text = EXPERIMENT.replace("integration: testbed\nmodel_id: testbed-flow\n", f"taocache: {name}.yaml\n").replace(
+            "methods: [full, taocache, teacache]", "methods: [full, taocache]").replace(
+            "budgets: [0.2, 0.3]", "budgets: [0.2]").replace("output: out", f"output: out_{name}")
+        assert compare(write(tmp_path, text, f"exp_{name}.yaml")) == 0, name
+        assert (tmp_path / f"out_{name}" / "results.json").is_file()

@@ -295,6 +295,57 @@ def test_the_transformer_outside_an_enabled_call_is_left_alone(capfd):
         disable_taocache(a)
 
 
+def test_a_cached_call_that_raises_leaves_the_transformer_alone(capfd):
+    """Ctrl-C inside a cached pipe() call: the transformer is still left alone afterwards (review, 2026-11-27: no
+    test covered the exception path)."""
+    a = wan_pipe()
+    reference = wan_call(a)
+    b = WanPipeline(**a.components)
+    enable_taocache(a, config(window=[5, 6], ratio=1.0))
+    try:
+        def interrupt(pipe, i, t, kwargs):
+            if i == 2:
+                raise KeyboardInterrupt
+            return {}
+        with pytest.raises(KeyboardInterrupt):
+            wan_call(a, callback_on_step_end=interrupt)
+        assert get_hook(a.transformer).passthrough and get_hook(a.transformer).call_index is None
+        assert torch.equal(wan_call(b), reference)
+    finally:
+        disable_taocache(a)
+
+
+def test_a_pipeline_call_during_a_generation_runs_uncached_and_the_generation_goes_on(capfd):
+    """A step callback that runs another pipeline on the same transformer (a preview): it ran as the rest of the
+    generation, which then ran uncached with another generation's savings in its summary (review, 2026-11-27)."""
+    import copy
+    import re
+
+    a = wan_pipe()
+    full = wan_call(a)
+    b = WanPipeline(**{**a.components, "scheduler": copy.deepcopy(a.scheduler)})  # (a shared scheduler breaks diffusers)
+    enable_taocache(a, config(window=[5, 6], ratio=1.0))
+    enable_taocache(b, config(window=[5, 6], ratio=1.0))
+    try:
+        cached = wan_call(a)
+        previews = []
+
+        def preview(pipe, i, t, kwargs):
+            if i == 1:
+                previews.append(wan_call(b))
+            return {}
+        capfd.readouterr()
+        assert torch.equal(wan_call(a, callback_on_step_end=preview), cached)
+        assert torch.equal(previews[0], full)
+        err = capfd.readouterr().err
+        assert re.search(r"was called during generation \d+ on the same model \(at call 4 of 16\): that call runs "
+                         "uncached", err)
+        assert "4 of 16 denoiser calls saved" in err and "sampling loops" not in err
+    finally:
+        disable_taocache(a)
+        disable_taocache(b)
+
+
 @pytest.mark.parametrize("input_arg", [0, "hidden_states"])
 def test_easycache_finds_the_latent_diffusers_passes_by_keyword(input_arg):
     """diffusers' transformers take hidden_states= by keyword: EasyCache found no input and failed as if the model

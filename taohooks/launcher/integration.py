@@ -210,6 +210,12 @@ def intercepting(handler: Callable[["GenerationPatch", inspect.BoundArguments], 
         _interceptor = previous
 
 
+def intercepted() -> bool:
+    """Whether generation calls go to a handler (``taocache compare`` runs): the config's ``lut:`` and ``plan:``
+    are then not what runs (compare calibrates in its own folder and plans per budget)."""
+    return _interceptor is not None
+
+
 def wrapped_calls() -> int:
     """How many generation calls any integration's patch has seen in this process."""
     return _calls
@@ -501,6 +507,11 @@ class GenerationPatch:
     def _generate(self, bound: inspect.BoundArguments) -> Any:
         arguments = dict(bound.arguments)
         model = unwrap_model(self.model_of(arguments))
+        from ..runtime.hook import get_hook
+
+        running = get_hook(model)
+        if running is not None and not running.passthrough and running.call_index is not None:
+            return self._nested(running, bound)
         loop, attach_kwargs = self.loop_of(arguments)
         cache = self.cache_for(model, loop, attach_kwargs, arguments)
         before = {s: list(c) for s, c in cache.hook.counts.items()}
@@ -526,6 +537,18 @@ class GenerationPatch:
                              "callback_on_step_end that stops the pipeline)")
         self.log(self.summary_line(cache, before) + (f" (stopped after {stopped} of {total} calls)" if stopped else ""))
         return result
+
+    def _nested(self, hook, bound: inspect.BoundArguments) -> Any:
+        """A pipeline call made while a generation on the same model runs (a step callback's preview): it runs
+        uncached, its model calls untouched, and the running generation goes on where it was."""
+        messages.warning(f"{self.target()} was called during generation {hook.label(hook.sample)} on the same model "
+                         f"(at call {hook.call_index} of {hook.loop.total_calls}): that call runs uncached, and the "
+                         "generation goes on after it")
+        hook.passthrough = True
+        try:
+            return self.original(*bound.args, **bound.kwargs)
+        finally:
+            hook.passthrough = False
 
     @staticmethod
     def _extra_counts(cache: TaoCache) -> Dict[str, float]:

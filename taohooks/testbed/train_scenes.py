@@ -684,7 +684,8 @@ def train(args) -> dict:
     print(f"scenes kind={args.kind} params={num_parameters(trainer.model)} from_step={trainer.step} "
           f"to_step={args.steps} batch={args.batch_size} lr={args.lr} schedule={args.schedule} "
           f"sigma_shift={args.sigma_shift:g} "
-          f"background_weights={','.join(f'{w:g}' for w in args.background_weights or [1, 1, 1])} workers={args.workers} echo={args.echo} render={args.render} "
+          f"background_weights={','.join(f'{w:g}' for w in args.background_weights) if args.background_weights else 'uniform'} "
+          f"workers={args.workers} echo={args.echo} render={args.render} "
           f"threads={args.threads} device={args.device} out={out} state={state_path}", flush=True)
     start = time.time()
     last_save, running, window, waited = time.time(), [], time.time(), 0.0  # waited: s spent waiting for batches
