@@ -244,6 +244,9 @@ def test_animate_runs_one_stream_at_guide_scale_one_and_checks_its_streams(runne
     assert "loop.streams is [cond], this command line runs streams [cond, uncond] (guide scale 2" in res.stderr
     assert "lut.safetensors was calibrated on streams [cond], this command line runs streams [cond, uncond]" \
         in res.stderr
+    guided = "integration: wan22\nloop: {steps: 8, streams: [cond, uncond]}\nplan: {window: [5, 6], ratio: 1.0}\n"
+    res = run(runner, tmp_path / "guided", guided, "--refert_num", "1", task="animate-14B", steps=8)
+    assert res.returncode == 0, res.stderr  # declared guided streams cover guide scale 1, as at the generation call
     pab = ("integration: wan22\nplan: {budget: 0}\n"
            "pab:\n  groups:\n    - {pattern: 'blocks\\.\\d+\\.self_attn', range: 2}\n  timesteps: [100, 800]\n")
     res = run(runner, tmp_path / "pab", pab, task="animate-14B", steps=8)

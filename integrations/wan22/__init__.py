@@ -266,7 +266,9 @@ def _per_clip_problems(config: TaoCacheConfig, run: Dict[str, Any]) -> List[str]
     guide = f"guide scale {run['guide']:g}" + ("" if run["guide"] != TASK_DEFAULTS[run["task"]]["guide"]
                                                else f", the {run['task']} default")
     said = f"[{', '.join(run['streams'])}] ({guide}: {'cond and uncond calls' if len(run['streams']) > 1 else 'one call per step'})"
-    if config.loop.streams is not None and tuple(config.loop.streams) != run["streams"]:
+    unguided = run["streams"] == ("cond",) and config.loop.streams is not None and len(config.loop.streams) > 1 \
+        and "cond" in config.loop.streams  # declared guided streams cover a run at guide scale 1 (as at generation)
+    if config.loop.streams is not None and tuple(config.loop.streams) != run["streams"] and not unguided:
         problems.append(f"{where}: loop.streams is [{', '.join(config.loop.streams)}], this command line runs "
                         f"streams {said}; remove loop.streams or give --sample_guide_scale to match")
     path = config.lut_path()
