@@ -8,6 +8,9 @@
 The callback attaches TaoCache to the named submodule of the LightningModule when prediction
 starts, begins a new generation for every predict batch (one batch = one sampling loop), and
 detaches when prediction ends. The loop's shape is given here or in the config's ``loop:`` section.
+Under DDP (several devices) each rank samples its own batches: while the LUT is calibrated, every rank
+adds its prompts to the LUT file (under its lock), and each stops calibrating once the file holds
+``calibration.prompts``. Only ``Trainer.predict`` is hooked (not ``validate`` or ``fit``).
 """
 from __future__ import annotations
 
@@ -53,21 +56,37 @@ class TaoCacheCallback(_LightningCallback):
             raise ValueError(f"taohooks: {type(pl_module).__name__} has no submodule {self.module!r} to attach "
                              f"TaoCache to ({exc})") from exc
         self._target = target
+        self._data_parallel = getattr(trainer, "world_size", 1) > 1
         self._attach()
 
     def _attach(self) -> None:
         self.cache = TaoCache(self.config)
+        self.cache.data_parallel = self._data_parallel
         self.cache.attach(self._target, self.steps, self.streams, split_batch=self.split_batch,
                           timestep_arg=self.timestep_arg)
 
     def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         cache = self.cache
-        if cache.calibrating and cache.recorder.lut().num_prompts >= self.config.calibration.prompts:
-            cache.detach()  # the LUT is complete (and saved): skip from this batch on, as the launcher does
-            messages.notice(f"taohooks: calibration complete ({self.config.calibration.prompts} prompts); TaoCache "
-                            "skips from this batch on")
-            self._attach()
+        if cache.calibrating:
+            held = self._held(cache)
+            if held >= self.config.calibration.prompts:
+                cache.detach()  # the LUT is complete (and saved): skip from this batch on, as the launcher does
+                messages.notice(f"taohooks: calibration complete (the LUT holds {held} prompts; calibration.prompts "
+                                f"{self.config.calibration.prompts}); TaoCache skips from this batch on",
+                                every_rank=self._data_parallel)
+                self._attach()
         self.cache.new_sample()
+
+    def _held(self, cache: TaoCache) -> int:
+        """Prompts in the LUT: this process's recorder's (which holds the file's as it was, and what it added);
+        under DDP the file's, which every rank adds to."""
+        held = cache.recorder.lut().num_prompts
+        path = self.config.lut_path()
+        if self._data_parallel and path is not None and path.is_file():
+            from .taocache.lut import CalibrationLUT
+
+            held = max(held, CalibrationLUT.load(path).num_prompts)
+        return held
 
     def on_predict_end(self, trainer, pl_module) -> None:
         if self.cache is not None:

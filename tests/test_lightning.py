@@ -77,3 +77,56 @@ def test_a_calibrating_predict_skips_once_the_lut_is_complete(tmp_path, monkeypa
     predict(Sampler(), [callback])
     assert "calibration complete (1 prompts)" in capfd.readouterr().err
     assert callback.cache.hook.counts == {"cond": [12, 4], "uncond": [12, 4]}  # batches 2 and 3 skip 2 steps each
+
+
+DDP_SCRIPT = '''
+import sys, torch
+torch.set_num_threads(1)
+import lightning.pytorch as pl
+from taohooks.lightning import TaoCacheCallback
+from taohooks.testbed import sampling
+from taohooks.testbed.model import VideoDiT, VideoDiTConfig
+from taohooks.taocache.lut import CalibrationLUT
+
+class Sampler(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = VideoDiT(VideoDiTConfig(dim=32, depth=2, num_heads=2))
+        for p in self.model.parameters():
+            p.data.add_(0.02 * torch.randn_like(p))
+    def predict_step(self, batch, batch_idx):
+        prompt, seed = batch
+        return sampling.sample_flow(self.model, list(prompt), [int(s) for s in seed], steps=8)
+
+pairs = [(f"a red circle moving left", 10000 + i) for i in range(8)]
+callback = TaoCacheCallback(sys.argv[1], module="model", timestep_arg=1)
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, callbacks=[callback])
+trainer.predict(Sampler(), torch.utils.data.DataLoader(pairs, batch_size=1))
+print(f"rank {trainer.global_rank} counts {callback.cache.hook.counts}", flush=True)
+if trainer.global_rank == 0:
+    print(f"LUT holds {CalibrationLUT.load(sys.argv[2]).num_prompts}", flush=True)
+'''
+
+
+def test_ddp_ranks_each_add_their_prompts_to_the_lut(tmp_path):
+    """Under DDP each rank samples its own batches: only rank 0's calibrated prompts reached the LUT (the others
+    were dropped without a word), and each rank calibrated until its own count was reached (walkthrough,
+    2026-11-27). Two gloo processes, 4 batches each, 4 prompts wanted: both ranks write, and both skip after."""
+    import re
+    import subprocess
+    import sys
+
+    script, lut = tmp_path / "ddp.py", tmp_path / "lut.safetensors"
+    script.write_text(DDP_SCRIPT)
+    (tmp_path / "c.yaml").write_text(f"lut: {lut}\nloop: {{steps: 8, streams: [cond, uncond]}}\n"
+                                     "calibration: {prompts: 4}\nplan: {budget: 2, min_step: 4}\n")
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "c.yaml"), str(lut)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                           "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    held = int(re.search(r"LUT holds (\d+)", res.stdout).group(1))
+    assert 4 <= held <= 6  # (a rank may calibrate one more batch before it sees the other's last write)
+    skipped = [int(m) for m in re.findall(r"counts \{'cond': \[\d+, (\d+)\]", res.stdout)]
+    assert len(skipped) == 2 and all(s > 0 for s in skipped)  # both ranks skip once the file is complete

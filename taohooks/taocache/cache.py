@@ -265,6 +265,10 @@ class TaoCache:
         self.recorder: Optional[CalibrationRecorder] = None
         self.callback: Optional[TaoCacheCallback] = None
         self.unskippable: Tuple[int, ...] = ()  # steps computed because an expert switch precedes them
+        # ranks of a process group generate prompts of their own (data parallel: Lightning DDP, a torchrun job
+        # of independent samplers): each adds what it calibrated to the LUT file; otherwise the ranks share each
+        # prompt (sequence parallelism, gathered outputs) and rank 0 alone writes
+        self.data_parallel = False
 
     @classmethod
     def from_yaml(cls, path: Union[str, os.PathLike], **kwargs) -> "TaoCache":
@@ -329,7 +333,8 @@ class TaoCache:
                                                 identity=dict(identity or {}),
                                                 error_horizon=cfg.calibration.error_horizon)
             self.plan = no_skip_plan(loop.steps, loop.streams)
-            own: list = [self.recorder, _SaveLUT(self.recorder, path, wanted), *_teacache_fit_callbacks(cfg, path)]
+            own: list = [self.recorder, _SaveLUT(self.recorder, path, wanted, every_rank=self.data_parallel),
+                         *_teacache_fit_callbacks(cfg, path)]
         else:
             guard = expert_guard(lut, expert_boundary)
             self.unskippable = guard
@@ -478,8 +483,9 @@ class _SaveLUT(Callback):
     an exception: the generation's output belongs to the script, and the next generation retries; so do
     detach and the end of the process, which say what could not be saved."""
 
-    def __init__(self, recorder: CalibrationRecorder, path: Path, wanted: Optional[int] = None):
-        self.recorder, self.path, self.wanted = recorder, path, wanted
+    def __init__(self, recorder: CalibrationRecorder, path: Path, wanted: Optional[int] = None,
+                 every_rank: bool = False):
+        self.recorder, self.path, self.wanted, self.every_rank = recorder, path, wanted, every_rank
         self._exit_registered = False
         self._said_complete = False
 
@@ -501,7 +507,7 @@ class _SaveLUT(Callback):
                         f"could not write were saved {when}")
 
     def on_sample_end(self, hook, sample: int) -> None:
-        if not _writes_the_lut():
+        if not (self.every_rank or _writes_the_lut()):
             return  # every rank saw the same (gathered) outputs; rank 0 writes the file
         if not self.recorder.pending_prompts:
             return  # the generation was left out (the recorder said why)
