@@ -75,7 +75,7 @@ def test_a_calibrating_predict_skips_once_the_lut_is_complete(tmp_path, monkeypa
                                "plan": {"budget": 2, "min_step": 2}}, str(tmp_path / "c.yaml"))
     callback = TaoCacheCallback(config, module="model", steps=STEPS, streams=("cond", "uncond"), timestep_arg=1)
     predict(Sampler(), [callback])
-    assert "calibration complete (1 prompts)" in capfd.readouterr().err
+    assert "calibration complete (the LUT holds 1 prompts; calibration.prompts 1)" in capfd.readouterr().err
     assert callback.cache.hook.counts == {"cond": [12, 4], "uncond": [12, 4]}  # batches 2 and 3 skip 2 steps each
 
 
