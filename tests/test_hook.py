@@ -204,3 +204,23 @@ def test_passthrough_calls_are_untouched_and_end_generation_aborts_the_active_on
     m(x, timestep=1.0), m(x, timestep=0.5)
     assert hook.end_generation("after its last call") is None and rec.events[-1] == ("end", 1)
     hook.detach()
+
+
+def test_copying_or_pickling_a_hooked_model_is_refused_naming_the_hook():
+    """copy.deepcopy of a hooked model gave a twin that ran the original's forward (its own weights unused) and
+    counted on the original's hook; torch.save failed with a pickling error naming no cause (walkthrough,
+    2026-11-27). Detached, both work; the state_dict never needs detaching."""
+    import copy
+    import io
+
+    m = Linear()
+    hook = DenoiserHook(LoopSpec(2, ("cond",))).attach(m)
+    with pytest.raises(RuntimeError, match="copy.deepcopy of a Linear while a taohooks hook is attached"):
+        copy.deepcopy(m)
+    with pytest.raises(RuntimeError, match="pickling .* while a taohooks hook is attached"):
+        torch.save(m, io.BytesIO())
+    torch.save(m.state_dict(), io.BytesIO())
+    hook.detach()
+    twin = copy.deepcopy(m)
+    twin.w.data.fill_(3.0)
+    assert float(twin(torch.ones(1))) == 3.0 and float(m(torch.ones(1))) == 2.0

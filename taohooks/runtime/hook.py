@@ -185,6 +185,19 @@ class DenoiserHook:
         self._first_step_calls = sum(1 for i in range(loop.total_calls) if loop.locate(i)[0] == 0)
         self._timestep_checked = False  # the first call's timestep was read (repeat)
 
+    def _refuse_copy(self, what: str):
+        name = type(self.module).__name__ if self.module is not None else "model"
+        raise RuntimeError(f"taohooks: {what} of a {name} while a taohooks hook is attached to it: the copy would run "
+                           "the original's forward and count its calls on the original's hook; detach first "
+                           "(hook.detach(), or leave the with-block), then copy or save it (its state_dict needs no "
+                           "detaching)")
+
+    def __deepcopy__(self, memo):  # copy.deepcopy(model) copies the hook the model's __dict__ holds
+        self._refuse_copy("copy.deepcopy")
+
+    def __reduce_ex__(self, protocol):  # torch.save(model) / pickle
+        self._refuse_copy("pickling (torch.save of the whole module)")
+
     # ------------------------------------------------------------------ attach / detach
     def attach(self, module: nn.Module, *also: nn.Module) -> "DenoiserHook":
         """Wrap ``module.forward`` (the instance's, as it is now). Returns ``self``.
@@ -222,10 +235,15 @@ class DenoiserHook:
                 return self._after(call, output)
             return _outside_graph(forward, recursive=False)
 
-        self._patches = [ForwardPatch(m, make) for m in modules]
-        self._patch = self._patches[0]
-        for m in modules:
+        for m in modules:  # (before the forward: a copy or a pickle of the module meets the hook first, which says why)
             m.__dict__[_HOOK_ATTR] = self
+        try:
+            self._patches = [ForwardPatch(m, make) for m in modules]
+        except BaseException:
+            for m in modules:
+                m.__dict__.pop(_HOOK_ATTR, None)
+            raise
+        self._patch = self._patches[0]
         self.module, self.also = module, tuple(also)
         self._reset_bookkeeping()
         attached: List[Callback] = []
