@@ -88,6 +88,18 @@ class TaoCacheCallback(_LightningCallback):
             held = max(held, CalibrationLUT.load(path).num_prompts)
         return held
 
+    def _not_here(self, trainer, what: str) -> None:
+        if getattr(trainer, "sanity_checking", False):
+            return
+        messages.notice(f"TaoCacheCallback caches Trainer.predict only; this {what} run samples uncached",
+                        once=f"lightning-{what}")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._not_here(trainer, "validate")
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._not_here(trainer, "test")
+
     def on_predict_end(self, trainer, pl_module) -> None:
         if self.cache is not None:
             self.cache.detach()

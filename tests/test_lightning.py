@@ -130,3 +130,18 @@ def test_ddp_ranks_each_add_their_prompts_to_the_lut(tmp_path):
     assert 4 <= held <= 6  # (a rank may calibrate one more batch before it sees the other's last write)
     skipped = [int(m) for m in re.findall(r"counts \{'cond': \[\d+, (\d+)\]", res.stdout)]
     assert len(skipped) == 2 and all(s > 0 for s in skipped)  # both ranks skip once the file is complete
+
+
+def test_a_validate_run_is_told_it_samples_uncached(capfd):
+    """The callback hooks predict only: a validation_step that samples ran at full cost without a word
+    (walkthrough, 2026-11-27)."""
+    class Validating(Sampler):
+        def validation_step(self, batch, batch_idx):
+            return self.predict_step(batch, batch_idx)
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=1,
+                         callbacks=[TaoCacheCallback(config_from_dict({"plan": {"budget": 0}}), steps=STEPS,
+                                                     streams=("cond", "uncond"))])
+    trainer.validate(Validating(), dataloaders=torch.utils.data.DataLoader(PROMPTS, batch_size=None))
+    assert "TaoCacheCallback caches Trainer.predict only; this validate run samples uncached" in capfd.readouterr().err
