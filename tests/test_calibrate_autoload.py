@@ -172,3 +172,33 @@ def test_calibrate_with_auto_false_on_the_wan_script_and_a_complete_lut_of_anoth
                                      "calibration: {prompts: 1, auto: false, error_horizon: 4}\n")
     res = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "nothing to do" in res.stdout, res.stderr
+
+
+def test_calibrate_refuses_what_would_skip_or_count_prompt_lines_twice(tmp_path):
+    """A walkthrough (2026-11-27): a generation of 2 clips made `taocache calibrate` skip every other line of the
+    prompts file; two calibrations of one LUT at once ran the same lines; an interrupted --devices run's part files
+    were resumed after the LUT had been completed otherwise (old prompts counted twice, new lines never run)."""
+    import fcntl
+    import shutil
+
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    (tmp_path / "sample.py").write_text(SCRIPT.replace("[sys.argv[1]], [10000]", "[sys.argv[1]] * 2, [10000, 10001]"))
+    res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up", "a blue square moving up"])
+    assert res.returncode == 2 and "a calibration generation made 2 clips" in res.stderr, res.stderr
+    assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 2  # (kept, as the message says)
+    (tmp_path / "sample.py").write_text(SCRIPT)
+    with open(tmp_path / "lut.safetensors.calibrating", "a") as held:  # another calibration holds the LUT
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up", "a blue square moving up"])
+    assert res.returncode == 2 and "another taocache calibrate is running on" in res.stderr, res.stderr
+    assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 2
+    shutil.copy(tmp_path / "lut.safetensors", tmp_path / "lut.part0-of-2.safetensors")  # a stale part file
+    (tmp_path / "prompts.txt").write_text("a red circle moving left\na green circle moving up\na blue square moving up\n"
+                                          "a red square moving down\n")
+    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
+                          "--devices", "2", "--", "sample.py", "a red circle moving left"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "lut.part0-of-2.safetensors is the part file of an earlier run" in res.stderr
+    assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 3  # 2 + line 3, run on one of the ranks
+    assert not (tmp_path / "lut.safetensors.calibrating").exists()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, List
+from typing import TYPE_CHECKING, Any, List
 
 from ..runtime import messages
 from .integration import IntegrationError, unwrap_model
@@ -83,6 +83,7 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
                                f"{config.source} asks for calibration.prompts = {wanted}; give more prompts "
                                "or lower calibration.prompts")
     patch._prompt_calibration = "running"
+    _claim_the_lut(path)
     if os.environ.get(ENV_CALIBRATE_SHARDED):
         try:
             _calibrate_sharded(patch, bound, prompts, config, path, wanted)
@@ -101,12 +102,54 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
                 raise IntegrationError("a calibration generation recorded no prompt (the warnings above say why: "
                                        "another resolution or frame count than the LUT's, outputs that are not "
                                        "finite, a loop shape the integration does not match)")
+            _one_clip_per_line(now - have, path)
             have = now
     finally:
         patch._prompt_calibration = "done"
     patch.log(f"taohooks: calibration LUT {path} complete ({have} prompts)")
     if os.environ.get(ENV_CALIBRATE_ONLY):
         raise SystemExit(0)
+
+
+_CLAIMS: List[Any] = []  # the open lock files of this process's calibrations (held until it exits)
+
+
+def _claim_the_lut(path: Path) -> None:
+    """Refuse a second ``taocache calibrate`` on the same LUT while one runs (both would pick the same prompt
+    lines and count them twice); held until this process ends. Under ``--devices`` rank 0 claims it."""
+    import atexit
+    import fcntl
+
+    from ..runtime.distributed import world
+
+    rank = world()[0] if world()[1] > 1 else int(os.environ.get("RANK", "0") or 0)  # (before the group starts)
+    if rank != 0:
+        return
+    lock = path.with_name(f"{path.name}.calibrating")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise IntegrationError(f"another taocache calibrate is running on {path} (it holds {lock}); two would "
+                               "calibrate the same prompt lines and count them twice: wait for it, or give this one "
+                               "its own lut:") from None
+    _CLAIMS.append(handle)
+
+    def release() -> None:
+        lock.unlink(missing_ok=True)
+        handle.close()
+    atexit.register(release)
+
+
+def _one_clip_per_line(clips: int, path: Path) -> None:
+    """Each line of the prompts file is one prompt of the LUT: a generation of several clips (a batch of seeds)
+    counted them all, and the count that says which line is next skipped lines."""
+    if clips > 1:
+        raise IntegrationError(f"a calibration generation made {clips} clips (a batch, or several seeds): taocache "
+                               "calibrate counts each line of the prompts file as one prompt; run the script with one "
+                               f"clip per generation (its {clips} clips of this line are kept in {path})")
 
 
 def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, prompts: List[str], config,
@@ -129,7 +172,16 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     base = CalibrationLUT.load(path) if path.is_file() else None
     have = base.num_prompts if base is not None else 0
     mine = shard(list(range(have, wanted)), rank, size)
-    part = path.with_name(f"{path.stem}.part{rank}-of-{size}{path.suffix}")
+    # a part file holds this rank's share of the lines after the `have` the LUT held when the run began: one made
+    # from another count (the LUT was completed otherwise since, or calibration.prompts changed) is not resumed
+    part = path.with_name(f"{path.stem}.part{rank}-of-{size}-from{have}{path.suffix}")
+    stale = [p for p in path.parent.glob(f"{path.stem}.part*{path.suffix}") if p != part and
+             p.name.startswith(f"{path.stem}.part{rank}-of-")]
+    if stale:
+        messages.warning(f"rank {rank}: {', '.join(str(p) for p in stale)} "
+                         f"{'is the part file' if len(stale) == 1 else 'are part files'} of an earlier run with "
+                         f"another --devices count or from another prompt count than the LUT's {have}: not "
+                         "resumed (remove them)", every_rank=True)
     resume = CalibrationLUT.load(part) if part.is_file() else None
     done = resume.num_prompts if resume is not None else 0
     arguments = dict(bound.arguments)
@@ -154,9 +206,11 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
             messages.notice(f"rank {rank}/{size}: calibration prompt {index + 1}/{wanted}: {prompts[index]!r}",
                             every_rank=True)  # every rank reports its own progress
             replaced = _with_prompt(patch, bound, prompts[index])
+            before = recorder.lut().num_prompts
             hook.new_sample()
             patch.original(*replaced.args, **replaced.kwargs)
             recorder.save(part)
+            _one_clip_per_line(recorder.lut().num_prompts - before, part)
     total = all_reduce_lut(recorder.lut())
     if rank == 0:
         with locked(path):  # add to the file as it is now: another job may have added prompts meanwhile
