@@ -32,7 +32,8 @@ from .runtime.loop import LoopSpec
 from .runtime.io import special_file_kind
 from .taocache.lut import CalibrationLUT, LUTMismatchError, merge_luts
 from .taocache.plan import PlanError
-from .taocache.cache import check_config_before_run, check_config_lut, expert_guard, lut_for_steps, make_plan, sampler_label
+from .taocache.cache import (check_config_before_run, check_config_lut, expert_guard, lut_for_steps, make_plan,
+                             sampler_label, unfinished_lut_steps_problem)
 
 __all__ = ["main", "build_parser"]
 
@@ -56,6 +57,9 @@ def _cmd_check(args) -> int:
                 lines.append(f"# the LUT holds {lut.num_prompts} of calibration.prompts {config.calibration.prompts}: "
                              "runs compute every step and calibrate until it is complete; the plan below is the one "
                              "its statistics give now")
+            unfinished = unfinished_lut_steps_problem(config, lut, config.loop.steps) if config.loop.steps else None
+            if unfinished:
+                raise ConfigError(args.config, "loop.steps", unfinished)
             if config.loop.steps is not None and config.loop.steps != lut.steps \
                     and config.calibration.transfer != "interpolate":
                 raise ConfigError(args.config, "loop.steps", f"{config.loop.steps} steps, but the LUT {path} was "

@@ -215,7 +215,7 @@ def test_plan_from_a_config_carries_the_lut_over_as_a_run_does(lut_path, tmp_pat
         pytest.skip("the fixture LUT has no delta products to carry over")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"lut: {lut_path.name}\nloop: {{steps: 30, streams: [cond, uncond]}}\nplan: {{budget: 3}}\n"
-                   "calibration: {transfer: interpolate}\n")
+                   "calibration: {transfer: interpolate, prompts: 2}\n")  # (complete: an unfinished one is not carried)
     assert main(["check", str(cfg)]) == 0
     capsys.readouterr()
     assert main(["plan", str(cfg)]) == 0

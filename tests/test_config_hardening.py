@@ -217,7 +217,7 @@ def test_check_reports_what_cannot_fit(lut_path, tmp_path, capsys):
     assert cli_main(["check", str(cfg)]) == 1
     assert capsys.readouterr().err == (f"taocache check: error: {cfg}: plan.window[1]: step 25 does not exist with "
                                        "loop.steps 20 (steps 0 to 19)\n")
-    cfg = write(tmp_path, f"lut: {lut_path.name}\nloop: {{steps: 30}}\n")
+    cfg = write(tmp_path, f"lut: {lut_path.name}\nloop: {{steps: 30}}\ncalibration: {{prompts: 2}}\n")  # (complete)
     assert cli_main(["check", str(cfg)]) == 1
     assert capsys.readouterr().err == (f"taocache check: error: {cfg}: loop.steps: 30 steps, but the LUT {lut_path} "
                                        "was calibrated with 20 steps; calibrate again for 30 steps (or point lut at "

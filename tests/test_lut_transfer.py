@@ -101,3 +101,24 @@ def test_taocache_carries_the_lut_only_when_asked(capsys):
         pass
     assert len(cache.plan.skipped_steps) == 2
     assert "has 13 steps, this run 7: its statistics are carried over by interpolation" in capsys.readouterr().err
+
+
+def test_an_unfinished_lut_is_not_carried_over_and_says_why(tmp_path, capsys):
+    """A LUT holding 2 of 3 prompts at 12 steps, calibration.transfer: interpolate, a run at 16 steps: `taocache check`
+    said valid, the run refused advising the transfer: interpolate the config already set (walkthrough, 2026-11-27)."""
+    from test_calibration import calibrate
+    from trajectories import GeometricDenoiser
+
+    from taohooks import cli
+
+    model = GeometricDenoiser({"cond": 0.9})
+    path = calibrate(model, 12, ("cond",), samples=2, model_id="geo").save(tmp_path / "lut.safetensors")
+    text = (f"model_id: geo\nlut: {path}\nloop: {{steps: 16, streams: [cond]}}\n"
+            "calibration: {prompts: 3, transfer: interpolate}\nplan: {budget: 2}\n")
+    (tmp_path / "c.yaml").write_text(text)
+    cache = TaoCache(config_from_dict(__import__("yaml").safe_load(text), str(tmp_path / "c.yaml")))
+    with pytest.raises(LUTMismatchError, match=r"holds 2 of 3 prompts \(calibration.prompts\) at 12 steps, this run "
+                                               r"has 16: a calibration adds prompts of its own step count only"):
+        cache.attach(model, steps=16, streams=("cond",))
+    assert cli.main(["check", str(tmp_path / "c.yaml")]) == 1
+    assert "or set calibration.prompts: 2 to use it as it is" in capsys.readouterr().err

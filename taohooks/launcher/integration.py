@@ -282,7 +282,8 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
     the plan (with the expert switch guarded) when it skips. ``said(run, key)`` phrases a value as the
     user gave it. Returns the problems (the integration adds its own and raises)."""
     from ..runtime.io import check_writable
-    from ..taocache.cache import expert_guard, lut_for_steps, make_plan, transfer_allowed
+    from ..taocache.cache import (expert_guard, lut_for_steps, make_plan, transfer_allowed,
+                                  unfinished_lut_steps_problem)
     from ..taocache.identity import differences
     from ..taocache.lut import CalibrationLUT
 
@@ -308,7 +309,10 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
     path = config.lut_path()
     if path is not None and path.is_file():
         lut = CalibrationLUT.load(path)
-        if lut.steps != run["steps"] and not transfer_allowed(config, lut):
+        unfinished = unfinished_lut_steps_problem(config, lut, run["steps"])
+        if unfinished:
+            problems.append(unfinished.replace("this run has", "this command line runs"))
+        elif lut.steps != run["steps"] and not transfer_allowed(config, lut):
             hint = " or carry this one over with calibration.transfer: interpolate" if lut.deltas is not None else ""
             problems.append(f"LUT {path} has {lut.steps} steps, this command line runs {run['steps']} "
                             f"({said(run, 'steps')}); calibrate a LUT for {run['steps']} steps (its own lut: file)"

@@ -51,6 +51,21 @@ def transfer_allowed(config: TaoCacheConfig, lut: CalibrationLUT) -> bool:
             and not (calibrates(config) and lut.num_prompts < config.calibration.prompts))
 
 
+def unfinished_lut_steps_problem(config: TaoCacheConfig, lut: Optional[CalibrationLUT], steps: int,
+                                 calibrating: Optional[bool] = None) -> Optional[str]:
+    """Why the config's LUT, still being calibrated, cannot serve a run of another step count (a calibration adds
+    prompts of its own step count only, and ``calibration.transfer`` carries complete LUTs over): the message, or
+    ``None``. ``calibrating``: whether the run calibrates (default: whether the config's runs do)."""
+    calibrating = calibrates(config) if calibrating is None else calibrating
+    if lut is None or lut.steps == steps or not calibrating or lut.num_prompts >= config.calibration.prompts:
+        return None
+    return (f"{lut._name()} holds {lut.num_prompts} of {config.calibration.prompts} prompts (calibration.prompts) at "
+            f"{lut.steps} steps, this run has {steps}: a calibration adds prompts of its own step count only"
+            + (" (calibration.transfer carries complete LUTs over)" if config.calibration.transfer == "interpolate"
+               else "") + f"; run at {lut.steps} steps until it is complete, give this run its own lut:, or set "
+            f"calibration.prompts: {lut.num_prompts} to use it as it is")
+
+
 def expert_guard(lut: Optional[CalibrationLUT], boundary: Optional[float] = None) -> Tuple[int, ...]:
     """Steps always computed because the model changes before them (Wan2.2's experts): from
     ``boundary`` (a timestep) or the one the LUT recorded (identity ``expert_boundary``)."""
@@ -320,6 +335,9 @@ class TaoCache:
         wanted = cfg.calibration.prompts
         calibrate = path is not None and calibrates(cfg) and (self.lut is None or self.lut.num_prompts < wanted)
         lut = self.lut if calibrate else lut_for_steps(cfg, self.lut, loop.steps)
+        problem = unfinished_lut_steps_problem(cfg, self.lut, loop.steps, calibrate)
+        if problem:
+            raise LUTMismatchError(problem)
         if lut is not None:
             check_run(cfg, lut, loop, identity)
         self.recorder = self.callback = None
