@@ -448,7 +448,7 @@ def _cmd_calibrate(args) -> int:
                          "taocache calibrate configs/wan.yaml --prompts prompts.txt -- generate.py --task t2v-1.3B ...")
     if os.environ.get("RANK", "0") == "0":
         print(f"taocache calibrate: {path}: {have} of {wanted} prompts recorded; running {script[0]} for the rest"
-              + (f" on {args.devices} processes" if args.devices > 1 else ""))
+              + (f" on {args.devices} processes" if args.devices > 1 else ""), file=sys.stderr)  # (progress: stderr)
     env = {ENV_CALIBRATE_PROMPTS: str(Path(args.prompts).resolve()), ENV_CALIBRATE_ONLY: "1"}
     if (args.devices > 1 or args.data_parallel) and config.calibration.teacache_fit:
         raise ConfigError(args.config, "calibration.teacache_fit", "TeaCache's fit is recorded in one process only: "
@@ -482,6 +482,15 @@ def _run_calibration(argv: List[str], env: dict) -> int:
         return run_main(list(argv), prog="taocache calibrate")
     except SystemExit as exc:  # the integration exits once the LUT is complete
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        print("taocache calibrate: interrupted; the prompts of the generations that ended are in the LUT: run the "
+              "same command again to continue", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - the script's own error (taohooks' are said by the launcher): as python says it
+        import traceback
+
+        traceback.print_exc()
+        return 1
     finally:
         for key in env:
             os.environ.pop(key, None)

@@ -36,10 +36,11 @@ def test_calibrate_resumes_after_an_interruption(tmp_path):
     # The second prompt cannot be parsed by the testbed: the run stops after saving the first.
     res = calibrate(tmp_path, ["a red circle moving left", "not a prompt", "a blue square moving up"])
     assert res.returncode == 1 and "cannot parse prompt 'not a prompt'" in res.stderr
+    assert "Traceback (most recent call last)" in res.stderr  # the script's error, as python says it (walkthrough)
     assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 1
     res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up", "a blue square moving up"])
     assert res.returncode == 0, res.stderr
-    assert "1 of 3 prompts recorded" in res.stdout
+    assert "1 of 3 prompts recorded" in res.stderr  # (progress goes to stderr with the hook's lines)
     assert "calibration prompt 1/3" not in res.stderr and "calibration prompt 2/3: 'a green circle moving up'" in res.stderr
     assert "script generated" not in res.stdout  # calibration only: the script's own generation never ran
     lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
