@@ -476,8 +476,14 @@ class GenerationPatch:
                 return cache
             self.release(model)
             if calibrated:
-                self.log(f"taohooks: calibration complete ({cache.config.calibration.prompts} prompts); "
-                         "TaoCache skips from the next generation on")
+                held = cache.recorder.lut().num_prompts
+                path = cache.config.lut_path()
+                if path is not None and path.is_file():  # (other processes may have added to it)
+                    from ..taocache.lut import CalibrationLUT
+
+                    held = max(held, CalibrationLUT.load(path).num_prompts)
+                self.log(f"taohooks: calibration complete (the LUT holds {held} prompts; calibration.prompts "
+                         f"{cache.config.calibration.prompts}); TaoCache skips from the next generation on")
         cache = self.make_cache(arguments)
         check_declared_loop(cache.config, loop, self.target())
         extra = self.callbacks_of(arguments, model) if self.callbacks_of else []
