@@ -86,10 +86,16 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _refuse_config_for_lut(path: str, command: str) -> None:
+    """A YAML config given where a LUT is read: said, with what reads a config (a LUT parser error said less)."""
+    if _is_config(path):
+        raise ValueError(f"{path} is a YAML file; taocache {command} reads a LUT (.safetensors): `taocache check "
+                         f"{path}` shows a config and its LUT's plan, `taocache plan {path}` the plan; its lut: key "
+                         "names the LUT")
+
+
 def _cmd_show(args) -> int:
-    if _is_config(args.lut):
-        raise ValueError(f"{args.lut} is a YAML file; taocache show reads a LUT (.safetensors): `taocache check "
-                         f"{args.lut}` shows a config and its LUT's plan, `taocache plan {args.lut}` the plan")
+    _refuse_config_for_lut(args.lut, "show")
     lut = CalibrationLUT.load(args.lut)
     print(lut.describe())
     print(lut.table())
@@ -256,6 +262,7 @@ def _check_output(path, folder: bool = False) -> None:
 def _cmd_plot(args) -> int:
     from .evaluation.plotting import plot_calibration
 
+    _refuse_config_for_lut(args.lut, "plot")
     lut = CalibrationLUT.load(args.lut)
     output = Path(args.output)
     _check_output(output)
@@ -275,6 +282,8 @@ def _cmd_merge(args) -> int:
     from .runtime.io import atomic_write_bytes, check_writable, locked
 
     out = Path(args.output)
+    for path in args.luts:
+        _refuse_config_for_lut(path, "merge")
     for i, a in enumerate(args.luts):  # a file given twice would count its prompts twice
         for b in args.luts[:i]:
             if os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b):

@@ -218,3 +218,13 @@ def test_the_generation_that_completes_the_lut_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("now holds 2 of 2 prompts (calibration.prompts): the next generations skip") == 1
     assert "now holds 1 of 2" not in err
+
+
+def test_plot_and_merge_given_a_config_say_so_as_show_does(tmp_path, capsys):
+    """They showed the LUT parser's error on the YAML text (walkthrough, 2026-11-27)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("plan: {budget: 3}\n")
+    assert main(["plot", str(cfg), "-o", str(tmp_path / "p.png")]) == 1
+    assert "is a YAML file; taocache plot reads a LUT" in capsys.readouterr().err
+    assert main(["merge", str(cfg), str(cfg), "-o", str(tmp_path / "m.safetensors")]) == 1
+    assert "is a YAML file; taocache merge reads a LUT" in capsys.readouterr().err
