@@ -440,6 +440,12 @@ def _cmd_calibrate(args) -> int:
     _check_output(path)  # a LUT that cannot be saved: say so before the script runs
     prompts = read_prompts(args.prompts)
     wanted = config.calibration.prompts
+    repeated = sorted({p for i, p in enumerate(prompts[:wanted]) if p in prompts[:i]})
+    if repeated and os.environ.get("RANK", "0") == "0":
+        from .runtime import messages
+
+        messages.warning(f"{args.prompts}: {len(repeated)} prompt(s) among the first {wanted} appear more than once "
+                         f"(e.g. {repeated[0]!r}): each line is calibrated as one more prompt of the LUT")
     lut = check_config_lut(config, calibrating=True)  # another model's or sampler's LUT: refused, complete or not
     if lut is not None and (config.loop.steps or config.loop.streams):
         lut.check(LoopSpec(config.loop.steps or lut.steps, tuple(config.loop.streams or lut.streams)))

@@ -47,6 +47,8 @@ def test_calibrate_resumes_after_an_interruption(tmp_path):
     assert (lut.num_prompts, lut.steps, lut.streams) == (3, 6, ("cond", "uncond"))
     res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up", "a blue square moving up"])
     assert res.returncode == 0 and "already holds 3 of 3 prompts" in res.stdout
+    res = calibrate(tmp_path, ["a red circle moving left", "a red circle moving left", "a blue square moving up"])
+    assert "1 prompt(s) among the first 3 appear more than once (e.g. 'a red circle moving left')" in res.stderr
 
 
 def test_calibrate_needs_enough_prompts(tmp_path):
