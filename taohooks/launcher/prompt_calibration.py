@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List
+from typing import TYPE_CHECKING, Callable, List
 
 from ..runtime import messages
 from .integration import IntegrationError, unwrap_model
@@ -83,12 +83,13 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
                                f"{config.source} asks for calibration.prompts = {wanted}; give more prompts "
                                "or lower calibration.prompts")
     patch._prompt_calibration = "running"
-    _claim_the_lut(path)
+    release = _claim_the_lut(path)
     if os.environ.get(ENV_CALIBRATE_SHARDED):
         try:
             _calibrate_sharded(patch, bound, prompts, config, path, wanted)
         finally:
             patch._prompt_calibration = "done"
+            release()
         if os.environ.get(ENV_CALIBRATE_ONLY):
             raise SystemExit(0)
         return
@@ -106,25 +107,23 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
             have = now
     finally:
         patch._prompt_calibration = "done"
+        release()
     patch.log(f"taohooks: calibration LUT {path} complete ({have} prompts)")
     if os.environ.get(ENV_CALIBRATE_ONLY):
         raise SystemExit(0)
 
 
-_CLAIMS: List[Any] = []  # the open lock files of this process's calibrations (held until it exits)
-
-
-def _claim_the_lut(path: Path) -> None:
+def _claim_the_lut(path: Path) -> Callable[[], None]:
     """Refuse a second ``taocache calibrate`` on the same LUT while one runs (both would pick the same prompt
-    lines and count them twice); held until this process ends. Under ``--devices`` rank 0 claims it."""
-    import atexit
+    lines and count them twice). Returns what releases the claim (the lock file is removed; a crash leaves an
+    empty file that holds no lock). Under ``--devices`` rank 0 claims it."""
     import fcntl
 
     from ..runtime.distributed import world
 
     rank = world()[0] if world()[1] > 1 else int(os.environ.get("RANK", "0") or 0)  # (before the group starts)
     if rank != 0:
-        return
+        return lambda: None
     lock = path.with_name(f"{path.name}.calibrating")
     lock.parent.mkdir(parents=True, exist_ok=True)
     handle = open(lock, "a")
@@ -135,12 +134,12 @@ def _claim_the_lut(path: Path) -> None:
         raise IntegrationError(f"another taocache calibrate is running on {path} (it holds {lock}); two would "
                                "calibrate the same prompt lines and count them twice: wait for it, or give this one "
                                "its own lut:") from None
-    _CLAIMS.append(handle)
 
     def release() -> None:
-        lock.unlink(missing_ok=True)
-        handle.close()
-    atexit.register(release)
+        if not handle.closed:
+            lock.unlink(missing_ok=True)
+            handle.close()
+    return release
 
 
 def _one_clip_per_line(clips: int, path: Path) -> None:
