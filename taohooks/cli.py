@@ -498,8 +498,12 @@ def _run_calibration(argv: List[str], env: dict) -> int:
     except SystemExit as exc:  # the integration exits once the LUT is complete
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:
-        print("taocache calibrate: interrupted; the prompts of the generations that ended are in the LUT: run the "
-              "same command again to continue", file=sys.stderr)
+        from .launcher.prompt_calibration import ENV_CALIBRATE_SHARDED
+
+        sharded = env.get(ENV_CALIBRATE_SHARDED)
+        print("taocache calibrate: interrupted; the prompts of the generations that ended are kept "
+              + ("in this process's part file" if sharded else "in the LUT") + ": run the same command again to "
+              "continue", file=sys.stderr)
         return 130
     except Exception:  # noqa: BLE001 - the script's own error (taohooks' are said by the launcher): as python says it
         import traceback
@@ -548,6 +552,10 @@ def _spawn_calibration(devices: int, argv: List[str], env: dict) -> int:
     except mp.ProcessRaisedException as exc:
         print(f"taocache calibrate: a worker failed:\n{exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("taocache calibrate: interrupted; each process keeps the prompts it finished in its part file next to "
+              "the LUT: run the same command (the same --devices) again to continue", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -89,7 +89,8 @@ class TaoCacheCallback(_LightningCallback):
         return held
 
     def _not_here(self, trainer, what: str) -> None:
-        if getattr(trainer, "sanity_checking", False):
+        state = getattr(getattr(trainer, "state", None), "fn", None)
+        if getattr(state, "value", state) != what:  # (fit's validation loops too: not a sampling run)
             return
         messages.notice(f"TaoCacheCallback caches Trainer.predict only; this {what} run samples uncached",
                         once=f"lightning-{what}")

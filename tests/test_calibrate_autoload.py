@@ -204,4 +204,5 @@ def test_calibrate_refuses_what_would_skip_or_count_prompt_lines_twice(tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "lut.part0-of-2.safetensors is the part file of an earlier run" in res.stderr
     assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 3  # 2 + line 3, run on one of the ranks
-    assert not (tmp_path / "lut.safetensors.calibrating").exists()
+    with open(tmp_path / "lut.safetensors.calibrating", "a") as left:  # left behind, empty, and holding no lock
+        fcntl.flock(left, fcntl.LOCK_EX | fcntl.LOCK_NB)

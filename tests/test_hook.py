@@ -224,3 +224,16 @@ def test_copying_or_pickling_a_hooked_model_is_refused_naming_the_hook():
     twin = copy.deepcopy(m)
     twin.w.data.fill_(3.0)
     assert float(twin(torch.ones(1))) == 3.0 and float(m(torch.ones(1))) == 2.0
+
+
+def test_a_detached_hook_copies_and_pickles_as_any_object():
+    """A Lightning callback keeps its (detached) cache's hook; ddp_spawn pickles the callbacks: the refusal of
+    copies must hold only while the hook is attached (review, 2026-11-27)."""
+    import copy
+    import pickle
+
+    hook = DenoiserHook(LoopSpec(2, ("cond",)))
+    hook.attach(Linear()).detach()
+    again = pickle.loads(pickle.dumps(hook))
+    assert again.loop == hook.loop and not again.attached
+    assert copy.deepcopy(hook).loop == hook.loop

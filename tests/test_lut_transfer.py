@@ -118,7 +118,9 @@ def test_an_unfinished_lut_is_not_carried_over_and_says_why(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(text)
     cache = TaoCache(config_from_dict(__import__("yaml").safe_load(text), str(tmp_path / "c.yaml")))
     with pytest.raises(LUTMismatchError, match=r"holds 2 of 3 prompts \(calibration.prompts\) at 12 steps, this run "
-                                               r"has 16: a calibration adds prompts of its own step count only"):
+                                               r"has 16: calibration.transfer carries complete LUTs over"):
         cache.attach(model, steps=16, streams=("cond",))
     assert cli.main(["check", str(tmp_path / "c.yaml")]) == 1
-    assert "or set calibration.prompts: 2 to use it as it is" in capsys.readouterr().err
+    assert "set calibration.prompts: 2 to carry it over as it is" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text(text.replace("prompts: 3", "prompts: 2"))  # as the message says: carried over
+    assert cli.main(["check", str(tmp_path / "c.yaml")]) == 0

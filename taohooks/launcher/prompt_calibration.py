@@ -115,8 +115,8 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
 
 def _claim_the_lut(path: Path) -> Callable[[], None]:
     """Refuse a second ``taocache calibrate`` on the same LUT while one runs (both would pick the same prompt
-    lines and count them twice). Returns what releases the claim (the lock file is removed; a crash leaves an
-    empty file that holds no lock). Under ``--devices`` rank 0 claims it."""
+    lines and count them twice). Returns what releases the claim; the file ``LUT.calibrating`` stays, empty (it holds
+    no lock once released or its process ended). Under ``--devices`` rank 0 claims it."""
     import fcntl
 
     from ..runtime.distributed import world
@@ -135,10 +135,8 @@ def _claim_the_lut(path: Path) -> Callable[[], None]:
                                "calibrate the same prompt lines and count them twice: wait for it, or give this one "
                                "its own lut:") from None
 
-    def release() -> None:
-        if not handle.closed:
-            lock.unlink(missing_ok=True)
-            handle.close()
+    def release() -> None:  # (the file stays: removing it would let a process that opened it before take the lock
+        handle.close()       # while a later one takes a new file's; an empty file holds no lock)
     return release
 
 

@@ -193,10 +193,20 @@ class DenoiserHook:
                            "detaching)")
 
     def __deepcopy__(self, memo):  # copy.deepcopy(model) copies the hook the model's __dict__ holds
-        self._refuse_copy("copy.deepcopy")
+        if self.attached:
+            self._refuse_copy("copy.deepcopy")
+        import copy
 
-    def __reduce_ex__(self, protocol):  # torch.save(model) / pickle
-        self._refuse_copy("pickling (torch.save of the whole module)")
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():  # (detached: an ordinary copy)
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    def __reduce_ex__(self, protocol):  # torch.save(model) / pickle; a detached hook pickles as any object
+        if self.attached:
+            self._refuse_copy("pickling (torch.save of the whole module)")
+        return super().__reduce_ex__(protocol)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, module: nn.Module, *also: nn.Module) -> "DenoiserHook":

@@ -57,13 +57,13 @@ def unfinished_lut_steps_problem(config: TaoCacheConfig, lut: Optional[Calibrati
     prompts of its own step count only, and ``calibration.transfer`` carries complete LUTs over): the message, or
     ``None``. ``calibrating``: whether the run calibrates (default: whether the config's runs do)."""
     calibrating = calibrates(config) if calibrating is None else calibrating
-    if lut is None or lut.steps == steps or not calibrating or lut.num_prompts >= config.calibration.prompts:
+    if lut is None or lut.steps == steps or not calibrating or lut.num_prompts >= config.calibration.prompts \
+            or config.calibration.transfer != "interpolate":  # (without transfer the step counts' message says it)
         return None
     return (f"{lut._name()} holds {lut.num_prompts} of {config.calibration.prompts} prompts (calibration.prompts) at "
-            f"{lut.steps} steps, this run has {steps}: a calibration adds prompts of its own step count only"
-            + (" (calibration.transfer carries complete LUTs over)" if config.calibration.transfer == "interpolate"
-               else "") + f"; run at {lut.steps} steps until it is complete, give this run its own lut:, or set "
-            f"calibration.prompts: {lut.num_prompts} to use it as it is")
+            f"{lut.steps} steps, this run has {steps}: calibration.transfer carries complete LUTs over, and a "
+            f"calibration adds prompts of its own step count only; complete it with runs at {lut.steps} steps, set "
+            f"calibration.prompts: {lut.num_prompts} to carry it over as it is, or give this run its own lut:")
 
 
 def expert_guard(lut: Optional[CalibrationLUT], boundary: Optional[float] = None) -> Tuple[int, ...]:
