@@ -145,3 +145,13 @@ def test_a_validate_run_is_told_it_samples_uncached(capfd):
                                                      streams=("cond", "uncond"))])
     trainer.validate(Validating(), dataloaders=torch.utils.data.DataLoader(PROMPTS, batch_size=None))
     assert "TaoCacheCallback caches Trainer.predict only; this validate run samples uncached" in capfd.readouterr().err
+
+
+def test_the_validate_notice_is_not_said_in_fits_validation_loops(capfd):
+    """on_validation_start also runs inside Trainer.fit, whose validation need not sample (review, 2026-11-27)."""
+    import types
+
+    callback = TaoCacheCallback(config_from_dict({"plan": {"budget": 0}}), steps=STEPS, streams=("cond", "uncond"))
+    fitting = types.SimpleNamespace(state=types.SimpleNamespace(fn=types.SimpleNamespace(value="fit")))
+    callback.on_validation_start(fitting, None)
+    assert "samples uncached" not in capfd.readouterr().err
