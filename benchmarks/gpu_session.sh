@@ -71,6 +71,10 @@
 # (TRAIN_EXTRA comes after the script's own options, so its --batch-size wins.) Its log's s/step and "(data ...)" say
 # whether it pays: at 4 times the clips a step, any s/step under 0.12 is more clips a second than the 30 ms runs.
 # --compile inductor is left for a later call: its compilation takes part of a call whose gain is unknown.
+# Add --background-weights 1,2,1 (stripes half of the time: the one background no checkpoint forms from noise; on the
+# CPU it lowered the stripe loss at every noise level against the uniform draw, the mix's within 0.8%, 2026-11-27,
+# testbed README "Stripes drawn more often"):
+#   TRAIN_EXTRA="--sigma-shift 3 --batch-size 1024 --lr 7e-4 --background-weights 1,2,1 --profile 20"
 # PATCH=4 (the 4x4-token model, .carry/scenes-flow-p4.safetensors) is the alternative.
 # .whl/ and .carry/ are git-ignored. The image there has torch, einops, safetensors, pyyaml, numpy, pillow,
 # tqdm and matplotlib; diffusers (for gpu_speed.py's WanTransformer3DModel) travels as a wheel.
