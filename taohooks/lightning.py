@@ -68,7 +68,8 @@ class TaoCacheCallback(_LightningCallback):
     def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         cache = self.cache
         if cache.calibrating:
-            held = self._held(cache)
+            # under DDP the file's count, which every rank adds to; in one process the recorder's is the same
+            held = cache.held_prompts() if self._data_parallel else cache.recorder.lut().num_prompts
             if held >= self.config.calibration.prompts:
                 cache.detach()  # the LUT is complete (and saved): skip from this batch on, as the launcher does
                 messages.notice(f"taohooks: calibration complete (the LUT holds {held} prompts; calibration.prompts "
@@ -76,17 +77,6 @@ class TaoCacheCallback(_LightningCallback):
                                 every_rank=self._data_parallel)
                 self._attach()
         self.cache.new_sample()
-
-    def _held(self, cache: TaoCache) -> int:
-        """Prompts in the LUT: this process's recorder's (which holds the file's as it was, and what it added);
-        under DDP the file's, which every rank adds to."""
-        held = cache.recorder.lut().num_prompts
-        path = self.config.lut_path()
-        if self._data_parallel and path is not None and path.is_file():
-            from .taocache.lut import CalibrationLUT
-
-            held = max(held, CalibrationLUT.load(path).num_prompts)
-        return held
 
     def _not_here(self, trainer, what: str) -> None:
         state = getattr(getattr(trainer, "state", None), "fn", None)

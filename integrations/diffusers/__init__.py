@@ -112,9 +112,10 @@ def _pipeline_kind(pipe) -> str:
 def _check_declared_streams(pipe, config: TaoCacheConfig) -> None:
     """A pipeline taohooks does not know needs the config to say how it calls its transformer."""
     if _pipeline_kind(pipe) == "declared" and not config.loop.streams:
-        raise IntegrationError(f"{config.source or 'the config'}: loop.streams: {type(pipe).__name__} is not a pipeline "
-                               "taohooks knows; say how it calls its transformer per step, e.g. streams: [cond, uncond] "
-                               "(two calls) or streams: [uncond, cond] with split_batch: true (one batched call)")
+        raise IntegrationError(f"{config.source or 'the config'}: loop.streams: {type(pipe).__name__} is not a "
+                               "pipeline taohooks knows; say how it calls its transformer per step, e.g. streams: "
+                               "[cond, uncond] (two calls) or streams: [uncond, cond] with split_batch: true (one "
+                               "batched call)")
 
 
 def _check_supported(pipe) -> None:

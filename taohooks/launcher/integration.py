@@ -24,6 +24,7 @@ from torch import nn
 
 from ..runtime import messages
 from ..runtime.loop import LoopSpec
+from ..runtime.hook import get_hook
 from ..taocache.cache import TaoCache
 
 __all__ = ["GenerationPatch", "IntegrationError", "PatchSet", "unwrap_model", "scheduler_calls", "batched_cfg_loop",
@@ -476,14 +477,9 @@ class GenerationPatch:
                 return cache
             self.release(model)
             if calibrated:
-                held = cache.recorder.lut().num_prompts
-                path = cache.config.lut_path()
-                if path is not None and path.is_file():  # (other processes may have added to it)
-                    from ..taocache.lut import CalibrationLUT
-
-                    held = max(held, CalibrationLUT.load(path).num_prompts)
-                self.log(f"taohooks: calibration complete (the LUT holds {held} prompts; calibration.prompts "
-                         f"{cache.config.calibration.prompts}); TaoCache skips from the next generation on")
+                self.log(f"taohooks: calibration complete (the LUT holds {cache.held_prompts()} prompts; "
+                         f"calibration.prompts {cache.config.calibration.prompts}); TaoCache skips from the next "
+                         "generation on")
         cache = self.make_cache(arguments)
         check_declared_loop(cache.config, loop, self.target())
         extra = self.callbacks_of(arguments, model) if self.callbacks_of else []
@@ -517,8 +513,6 @@ class GenerationPatch:
     def _generate(self, bound: inspect.BoundArguments) -> Any:
         arguments = dict(bound.arguments)
         model = unwrap_model(self.model_of(arguments))
-        from ..runtime.hook import get_hook
-
         running = get_hook(model)
         if running is not None and not running.passthrough and running.call_index is not None:
             return self._nested(running, bound)

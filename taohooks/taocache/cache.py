@@ -224,7 +224,8 @@ def check_config_before_run(config: TaoCacheConfig, calibrating: bool = False,
         raise ConfigError(source, "lut", f"{path} is {kind}, not a LUT file; name a file such as "
                                          "luts/model.safetensors")
     lut = check_config_lut(config, calibrating)
-    if writable and (calibrating or calibrates(config)) and (lut is None or lut.num_prompts < config.calibration.prompts):
+    adds = lut is None or lut.num_prompts < config.calibration.prompts
+    if writable and (calibrating or calibrates(config)) and adds:
         check_writable(path)
     return lut
 
@@ -302,6 +303,14 @@ class TaoCache:
             streams = (streams,)
         split = split_batch if split_batch is not None else loop.split_batch
         return LoopSpec(steps, tuple(streams), split, batch_dim)
+
+    def held_prompts(self) -> int:
+        """Prompts in the LUT a calibrating run adds to: its recorder's (the file's as it was, and what it added),
+        or the file's where other processes added more."""
+        held = self.recorder.lut().num_prompts if self.recorder is not None else 0
+        if self._lut_path is not None and self._lut_path.is_file():
+            held = max(held, CalibrationLUT.load(self._lut_path).num_prompts)
+        return held
 
     @property
     def calibrating(self) -> bool:

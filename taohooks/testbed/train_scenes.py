@@ -403,7 +403,8 @@ class Trainer:
         return {
             "kind": a.kind, "task": "scenes", "run_id": self.run_id, "steps_done": self.step, "steps_planned": a.steps, "final": final,
             "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "schedule": a.schedule, "ema": a.ema,
-            "seed": a.seed, "sigma_shift": a.sigma_shift, "background_weights": a.background_weights, "threads": a.threads, "device": str(self.device),
+            "seed": a.seed, "sigma_shift": a.sigma_shift, "background_weights": a.background_weights,
+            "threads": a.threads, "device": str(self.device),
             "workers": a.workers, "render": a.render, "compile": a.compile if self.compiled_steps else None,
             "bf16": a.bf16, "echo": a.echo, "echoed_steps": self.echoed, "wall_seconds": round(wall, 1),
             "seconds_per_step": round(wall / max(self.step, 1), 4), "params": num_parameters(self.model),
@@ -684,7 +685,7 @@ def train(args) -> dict:
     print(f"scenes kind={args.kind} params={num_parameters(trainer.model)} from_step={trainer.step} "
           f"to_step={args.steps} batch={args.batch_size} lr={args.lr} schedule={args.schedule} "
           f"sigma_shift={args.sigma_shift:g} "
-          f"background_weights={','.join(f'{w:g}' for w in args.background_weights) if args.background_weights else 'uniform'} "
+          f"background_weights={_weights_text(args.background_weights)} "
           f"workers={args.workers} echo={args.echo} render={args.render} "
           f"threads={args.threads} device={args.device} out={out} state={state_path}", flush=True)
     start = time.time()
@@ -784,6 +785,11 @@ class _StopOnSignal:
         for s, handler in self._previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set from C
         return False
+
+
+def _weights_text(weights) -> str:
+    """``--background-weights`` as the log line says it: ``1,2,1``, or ``uniform`` without the option."""
+    return ",".join(f"{w:g}" for w in weights) if weights else "uniform"
 
 
 def background_weights_arg(text: str) -> list[float]:
