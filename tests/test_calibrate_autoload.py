@@ -206,3 +206,8 @@ def test_calibrate_refuses_what_would_skip_or_count_prompt_lines_twice(tmp_path)
     assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 3  # 2 + line 3, run on one of the ranks
     with open(tmp_path / "lut.safetensors.calibrating", "a") as left:  # left behind, empty, and holding no lock
         fcntl.flock(left, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (tmp_path / "c.yaml").write_text(CONFIG.replace("prompts: 3", "prompts: 4"))
+    res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up", "a blue square moving up",
+                               "a red square moving down"])
+    assert res.returncode == 0, res.stderr
+    assert "lut.part0-of-2.safetensors: part file(s) of an interrupted --devices run, not resumed" in res.stderr

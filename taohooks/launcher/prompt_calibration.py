@@ -95,6 +95,10 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
         return
     try:
         have = _recorded_prompts(patch, bound, path)
+        parts = sorted(str(p) for p in path.parent.glob(f"{path.stem}.part*-of-*{path.suffix}"))
+        if parts:
+            messages.warning(f"{', '.join(parts)}: part file(s) of an interrupted --devices run, not resumed by a run "
+                             "without --devices (the same command with its --devices resumes them; else remove them)")
         while have < wanted:
             patch.log(f"taohooks: calibration prompt {have + 1}/{wanted}: {prompts[have]!r}")
             patch._generate(_with_prompt(patch, bound, prompts[have]))
