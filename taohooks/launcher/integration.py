@@ -111,30 +111,21 @@ def script_options(argv: List[str], options: Dict[str, Dict[str, Any]]) -> Optio
     return args
 
 
-def given_options(argv: List[str], options: Dict[str, Dict[str, Any]], names: Tuple[str, ...]) -> Tuple[str, ...]:
-    """Which of ``names`` (``"--size"``) the command line gives, rather than leaves to the script's default
-    (read as :func:`script_options` reads it, shortened options included)."""
-    args = script_options(argv, {k: {**v, "default": None} if k in names else v for k, v in options.items()})
-    if args is None:
-        return ()
-    return tuple(n for n in names if getattr(args, n.lstrip("-").replace("-", "_")) is not None)
-
-
 def output_size_of(argv: List[str], options: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """What a Wan ``generate.py`` command line says of the video's size, where it gives it: ``pixels`` (width x
     height, from ``--size W*H``) and ``frame_num``, as the generation's identity records them
     (:func:`taohooks.taocache.identity.wan_output_identity`). A value left to the script's default is not read
     here (it is checked when the generation starts): ``{}`` then."""
-    given = given_options(argv, options, ("--size", "--frame_num"))
-    args = script_options(argv, options)
+    unset = ("--size", "--frame_num")  # read without the script's defaults: None where the command line is silent
+    args = script_options(argv, {k: {**v, "default": None} if k in unset else v for k, v in options.items()})
     out: Dict[str, Any] = {}
     if args is None:
         return out
-    if "--size" in given:
+    if args.size is not None:
         width, _, height = str(args.size).partition("*")
         if width.isdigit() and height.isdigit():
             out.update(pixels=int(width) * int(height), size=args.size)
-    if "--frame_num" in given:
+    if args.frame_num is not None:
         out["frame_num"] = int(args.frame_num)
     return out
 
@@ -310,9 +301,9 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
     path = config.lut_path()
     if path is not None and path.is_file():
         lut = CalibrationLUT.load(path)
-        unfinished = unfinished_lut_steps_problem(config, lut, run["steps"])
+        unfinished = unfinished_lut_steps_problem(config, lut, run["steps"], run_has="this command line runs")
         if unfinished:
-            problems.append(unfinished.replace("this run has", "this command line runs"))
+            problems.append(unfinished)
         elif lut.steps != run["steps"] and not transfer_allowed(config, lut):
             hint = " or carry this one over with calibration.transfer: interpolate" if lut.deltas is not None else ""
             problems.append(f"LUT {path} has {lut.steps} steps, this command line runs {run['steps']} "

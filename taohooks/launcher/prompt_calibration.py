@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 from ..runtime import messages
 from .integration import IntegrationError, unwrap_model
@@ -95,7 +95,7 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
         return
     try:
         have = _recorded_prompts(patch, bound, path)
-        parts = sorted(str(p) for p in path.parent.glob(f"{path.stem}.part*-of-*{path.suffix}"))
+        parts = [str(p) for p in _part_files(path)]
         if parts:
             messages.warning(f"{', '.join(parts)}: part file(s) of an interrupted --devices run, not resumed by a run "
                              "without --devices (the same command with its --devices resumes them; else remove them)")
@@ -144,6 +144,13 @@ def _claim_the_lut(path: Path) -> Callable[[], None]:
     return release
 
 
+def _part_files(path: Path, rank: Optional[int] = None) -> List[Path]:
+    """The part files of ``--devices`` runs next to the LUT ``path`` (of one ``rank``: any run's, any count)."""
+    prefix = f"{path.stem}.part{'' if rank is None else rank}"
+    return sorted(p for p in path.parent.glob(f"{path.stem}.part*-of-*{path.suffix}")
+                  if p.name.startswith(prefix) and (rank is None or p.name.startswith(f"{prefix}-of-")))
+
+
 def _one_clip_per_line(clips: int, path: Path) -> None:
     """Each line of the prompts file is one prompt of the LUT: a generation of several clips (a batch of seeds)
     counted them all, and the count that says which line is next skipped lines."""
@@ -176,8 +183,7 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     # a part file holds this rank's share of the lines after the `have` the LUT held when the run began: one made
     # from another count (the LUT was completed otherwise since, or calibration.prompts changed) is not resumed
     part = path.with_name(f"{path.stem}.part{rank}-of-{size}-from{have}{path.suffix}")
-    stale = [p for p in path.parent.glob(f"{path.stem}.part*{path.suffix}") if p != part and
-             p.name.startswith(f"{path.stem}.part{rank}-of-")]
+    stale = [p for p in _part_files(path, rank) if p != part]
     if stale:
         messages.warning(f"rank {rank}: {', '.join(str(p) for p in stale)} "
                          f"{'is the part file' if len(stale) == 1 else 'are part files'} of an earlier run with "

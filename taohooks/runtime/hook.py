@@ -28,6 +28,7 @@ end of each generation and at each reuse the timesteps are read together (one sy
 """
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -195,8 +196,6 @@ class DenoiserHook:
     def __deepcopy__(self, memo):  # copy.deepcopy(model) copies the hook the model's __dict__ holds
         if self.attached:
             self._refuse_copy("copy.deepcopy")
-        import copy
-
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():  # (detached: an ordinary copy)

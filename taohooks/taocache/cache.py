@@ -52,7 +52,7 @@ def transfer_allowed(config: TaoCacheConfig, lut: CalibrationLUT) -> bool:
 
 
 def unfinished_lut_steps_problem(config: TaoCacheConfig, lut: Optional[CalibrationLUT], steps: int,
-                                 calibrating: Optional[bool] = None) -> Optional[str]:
+                                 calibrating: Optional[bool] = None, run_has: str = "this run has") -> Optional[str]:
     """Why the config's LUT, still being calibrated, cannot serve a run of another step count (a calibration adds
     prompts of its own step count only, and ``calibration.transfer`` carries complete LUTs over): the message, or
     ``None``. ``calibrating``: whether the run calibrates (default: whether the config's runs do)."""
@@ -61,7 +61,7 @@ def unfinished_lut_steps_problem(config: TaoCacheConfig, lut: Optional[Calibrati
             or config.calibration.transfer != "interpolate":  # (without transfer the step counts' message says it)
         return None
     return (f"{lut._name()} holds {lut.num_prompts} of {config.calibration.prompts} prompts (calibration.prompts) at "
-            f"{lut.steps} steps, this run has {steps}: calibration.transfer carries complete LUTs over, and a "
+            f"{lut.steps} steps, {run_has} {steps}: calibration.transfer carries complete LUTs over, and a "
             f"calibration adds prompts of its own step count only; complete it with runs at {lut.steps} steps, set "
             f"calibration.prompts: {lut.num_prompts} to carry it over as it is, or give this run its own lut:")
 
