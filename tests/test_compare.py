@@ -1120,3 +1120,25 @@ def test_the_named_configs_lut_and_plan_are_not_the_launchers_to_check(tmp_path,
             "budgets: [0.2, 0.3]", "budgets: [0.2]").replace("output: out", f"output: out_{name}")
         assert compare(write(tmp_path, text, f"exp_{name}.yaml")) == 0, name
         assert (tmp_path / f"out_{name}" / "results.json").is_file()
+
+
+def test_a_scripts_own_error_keeps_its_traceback_and_compares_findings_stay_one_line(tmp_path, launcher_state,
+                                                                                    capsys):
+    """The script's own error was said in one line under compare (no traceback: where it failed was lost);
+    compare's findings about what the script returned stay one line (walkthrough, 2026-11-27)."""
+    from taohooks.compare.errors import CompareError
+    from taohooks.compare.targets import TARGETS
+
+    broken = write(tmp_path, "def helper():\n    raise RuntimeError('the script failed here')\n\nhelper()\n",
+                   "broken.py")
+    assert cli.main(["compare", str(write(tmp_path, EXPERIMENT)), "--", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in helper" in err
+    assert "RuntimeError: the script failed here" in err
+    with pytest.raises(CompareError, match="expected the generation to return a video tensor, got str"):
+        TARGETS["testbed"].video("not a video")
+    finding = write(tmp_path, "from taohooks.compare.errors import CompareError\nraise CompareError('found')\n",
+                    "finding.py")
+    assert cli.main(["compare", str(write(tmp_path, EXPERIMENT)), "--", str(finding)]) == 1
+    err = capsys.readouterr().err
+    assert "taocache compare: error: found" in err and "Traceback" not in err

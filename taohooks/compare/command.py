@@ -17,6 +17,7 @@ import yaml
 
 from ..config import ConfigError, TaoCacheConfig, load_config
 from ..runtime.io import atomic_write_bytes, check_writable
+from .errors import CompareError
 from .experiment import ExperimentConfig, load_experiment
 from .plots import write_animation, write_plots, write_strip
 from .report import build_results, load_results, markdown_table, write_results
@@ -131,6 +132,13 @@ def _run_locked(experiment_path, script, config, tao_path, tao, writer) -> int:
             code = run_main(list(script) + ["--taocache", str(tao_path)], prog="taocache compare")
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except CompareError:  # compare's own finding (taohooks' others are said by the launcher): one line
+            raise
+        except Exception:  # noqa: BLE001 - the script's own error: as python says it, traceback and all
+            import traceback
+
+            traceback.print_exc()
+            return 1
     if not experiment.finished:
         if code == 0:
             print(f"taocache compare: error: {script[0]} ended without a generation call the "

@@ -28,6 +28,7 @@ import torch
 
 from ..config import ConfigError
 from ..runtime.io import atomic_write_bytes
+from .errors import CompareError
 from .experiment import PromptEntry
 
 __all__ = ["RunStore", "run_label", "entry_key", "folder_lock"]
@@ -125,7 +126,7 @@ class RunStore:
                 return f.get_tensor("video"), json.loads(f.metadata()["record"])
         except (OSError, ValueError, KeyError, SafetensorError) as exc:  # damaged outside taohooks (its writes
             # are atomic): say which file
-            raise ValueError(f"{path}: not a readable run of {label} for {entry.prompt!r} seed {entry.seed} "
+            raise CompareError(f"{path}: not a readable run of {label} for {entry.prompt!r} seed {entry.seed} "
                              f"({exc}); delete it and run the experiment again to remake it") from None
 
     def load_latents(self, label: str, entry: PromptEntry) -> Optional[torch.Tensor]:

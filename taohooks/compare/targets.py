@@ -13,6 +13,8 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 
 import torch
 
+from .errors import CompareError
+
 __all__ = ["Target", "TARGETS", "target_for"]
 
 
@@ -24,7 +26,7 @@ def _batch_of_clips(result: Any) -> torch.Tensor:
 def _single_video(result: Any) -> torch.Tensor:
     """Wan2.1's ``generate``: one decoded video ``[3, F, H, W]`` in [-1, 1] (``None`` on ranks > 0)."""
     if result is None:
-        raise ValueError("the generation returned None (Wan2.1 returns the video on rank 0 only)")
+        raise CompareError("the generation returned None (Wan2.1 returns the video on rank 0 only)")
     return result.unsqueeze(0)
 
 
@@ -206,7 +208,7 @@ class Target:
     def video(self, result: Any) -> torch.Tensor:
         video = self.video_of(result)
         if not isinstance(video, torch.Tensor) or video.dim() != 5:
-            raise ValueError(f"expected the generation to return a video tensor, got {type(result).__name__}"
+            raise CompareError(f"expected the generation to return a video tensor, got {type(result).__name__}"
                              + (f" of shape {tuple(video.shape)}" if isinstance(video, torch.Tensor) else ""))
         return video.detach().to("cpu", torch.float32).contiguous()
 
