@@ -94,6 +94,20 @@ def test_calibrating_a_model_whose_timestep_cannot_be_read_says_so(capsys):
     assert "cannot read" not in capsys.readouterr().err and rec.lut().timesteps.tolist() == list(range(6))
 
 
+def test_with_repeat_an_unreadable_timestep_is_advised_about_once(capsys):
+    """With repeat=True the hook's warning and calibration's both said the whole story, advice included (twice
+    "Give timestep_arg="); calibration now adds only what it means for the LUT."""
+    messages.forget()
+    model, rec = PositionalTimestep(), CalibrationRecorder()
+    with DenoiserHook(LoopSpec(6), [rec], repeat=True).attach(model):
+        x = torch.ones(2)
+        for t in range(6):
+            x = model(x, torch.tensor(float(t)))
+    err = capsys.readouterr().err
+    assert err.count("Give timestep_arg=") == 1 and "with repeat=True it cannot tell" in err
+    assert "calibration: for the same reason (no timestep read), the LUT records none" in err
+
+
 def test_a_step_count_mismatch_names_the_transfer_where_the_lut_can_be_carried():
     lut = calibrate(GeometricDenoiser({"main": 0.9}), 20, ("main",))
     with pytest.raises(Exception, match="calibration.transfer: interpolate") if lut.deltas is not None else \

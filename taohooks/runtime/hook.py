@@ -185,6 +185,7 @@ class DenoiserHook:
         self._candidate: Optional[Tuple[int, List[Optional[_Timestep]], List[Optional[float]]]] = None
         self._first_step_calls = sum(1 for i in range(loop.total_calls) if loop.locate(i)[0] == 0)
         self._timestep_checked = False  # the first call's timestep was read (repeat)
+        self.said_unreadable_timestep = False  # the warning below was given (calibration then adds only its part)
 
     def _refuse_copy(self, what: str):
         name = type(self.module).__name__ if self.module is not None else "model"
@@ -448,6 +449,7 @@ class DenoiserHook:
                 else f"timestep_arg={self.timestep_arg!r}")
 
     def _warn_unreadable(self) -> None:
+        self.said_unreadable_timestep = True
         messages.warning(
             f"the hook cannot read the timestep of this {type(self.module).__name__}'s calls (it looked at "
             f"{self.timestep_source()}): "

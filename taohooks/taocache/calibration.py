@@ -197,12 +197,16 @@ class CalibrationRecorder(Callback):
         step = call.step
         if call.timestep is None and not self._said_no_timesteps:  # said at once: a generation can take minutes
             self._said_no_timesteps = True
-            messages.warning(
-                f"calibration: the hook cannot read the timestep of the model's calls (it looked at "
-                f"{getattr(hook, 'timestep_source', lambda: 'its arguments')()}), so the LUT records none: rule: "
-                "auto's flow or DDPM sampler weights need them (plan.error_weights: uniform does without), and a "
-                "run's timesteps cannot be compared with the LUT's. Give timestep_arg= (the keyword or the position "
-                "of the timestep in the call)")
+            consequence = ("the LUT records none: rule: auto's flow or DDPM sampler weights need them "
+                           "(plan.error_weights: uniform does without), and a run's timesteps cannot be compared with "
+                           "the LUT's")
+            if getattr(hook, "said_unreadable_timestep", False):  # the hook's warning (repeat=True) gave the advice
+                messages.warning(f"calibration: for the same reason (no timestep read), {consequence}")
+            else:
+                messages.warning(
+                    f"calibration: the hook cannot read the timestep of the model's calls (it looked at "
+                    f"{getattr(hook, 'timestep_source', lambda: 'its arguments')()}), so {consequence}. Give "
+                    "timestep_arg= (the keyword or the position of the timestep in the call)")
         if bool(gen.timesteps[step].isnan()):
             timestep = call.timestep
             if timestep is not None:
