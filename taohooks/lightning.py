@@ -72,9 +72,11 @@ class TaoCacheCallback(_LightningCallback):
             held = cache.held_prompts() if self._data_parallel else cache.recorder.lut().num_prompts
             if held >= self.config.calibration.prompts:
                 cache.detach()  # the LUT is complete (and saved): skip from this batch on, as the launcher does
-                messages.notice(f"taohooks: calibration complete (the LUT holds {held} prompts; calibration.prompts "
-                                f"{self.config.calibration.prompts}); TaoCache skips from this batch on",
-                                every_rank=self._data_parallel)
+                if not cache.said_calibration_complete:  # (said at the end of the batch before)
+                    messages.notice(f"taohooks: calibration complete (the LUT holds {held} prompts; "
+                                    f"calibration.prompts {self.config.calibration.prompts}); TaoCache skips from "
+                                    "this batch on",
+                                    every_rank=self._data_parallel)
                 self._attach()
         self.cache.new_sample()
 

@@ -230,8 +230,9 @@ def test_the_generation_that_completes_the_lut_says_so(tmp_path, capsys):
         with TaoCache.from_yaml(cfg).attach(model):
             run_loop(model, 8)
     err = capsys.readouterr().err
-    assert err.count("now holds 2 of 2 prompts (calibration.prompts): the next generations skip") == 1
-    assert "now holds 1 of 2" not in err
+    assert err.count("calibration complete with generation 1: the LUT ") == 1
+    assert err.count("holds 2 prompts (calibration.prompts 2); the generations after it skip") == 1
+    assert "holds 1 prompts" not in err
 
 
 def test_plot_and_merge_given_a_config_say_so_as_show_does(tmp_path, capsys):

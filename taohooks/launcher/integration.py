@@ -467,9 +467,9 @@ class GenerationPatch:
                     and cache.hook is not None and cache.hook.attached and not calibrated):
                 return cache
             self.release(model)
-            if calibrated:
+            if calibrated and not cache.said_calibration_complete:  # (said at the end of the generation before)
                 self.log(f"taohooks: calibration complete (the LUT holds {cache.held_prompts()} prompts; "
-                         f"calibration.prompts {cache.config.calibration.prompts}); TaoCache skips from the next "
+                         f"calibration.prompts {cache.config.calibration.prompts}); TaoCache skips from this "
                          "generation on")
         cache = self.make_cache(arguments)
         check_declared_loop(cache.config, loop, self.target())

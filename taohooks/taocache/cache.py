@@ -313,6 +313,12 @@ class TaoCache:
         return held
 
     @property
+    def said_calibration_complete(self) -> bool:
+        """Whether this run's LUT saver said that the LUT is complete (the launcher and the Lightning callback
+        then do not say it again when they re-attach)."""
+        return any(isinstance(cb, _SaveLUT) and cb.said_complete for cb in (self.hook.callbacks if self.hook else ()))
+
+    @property
     def calibrating(self) -> bool:
         """Whether the attached run records a LUT instead of skipping (the config's LUT is missing)."""
         return self.recorder is not None
@@ -514,7 +520,8 @@ class _SaveLUT(Callback):
                  every_rank: bool = False):
         self.recorder, self.path, self.wanted, self.every_rank = recorder, path, wanted, every_rank
         self._exit_registered = False
-        self._said_complete = False
+        self._complete = False  # the LUT reached `wanted` (said once)
+        self.said_complete = False  # ... and this process printed it
 
     def on_detach(self, hook) -> None:
         self._last_try("when the hook was detached", "the process tries once more when it ends")
@@ -552,7 +559,8 @@ class _SaveLUT(Callback):
                 self._exit_registered = True  # (also: this process is the one that writes the LUT)
             return
         have = self.recorder.lut().num_prompts
-        if self.wanted and have >= self.wanted and not self._said_complete:  # (a run per generation: Wan's
-            self._said_complete = True                                        # generate.py) is told it is done
-            messages.notice(f"calibration LUT {self.path} now holds {have} of {self.wanted} prompts "
-                            "(calibration.prompts): the next generations skip")
+        if self.wanted and have >= self.wanted and not self._complete:  # (a run per generation: Wan's
+            self._complete = True                                        # generate.py) is told it is done
+            self.said_complete = messages.notice(
+                f"calibration complete with generation {hook.label(sample)}: the LUT {self.path} holds {have} prompts "
+                f"(calibration.prompts {self.wanted}); the generations after it skip")
