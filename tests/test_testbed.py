@@ -1,5 +1,8 @@
 """Fast tests of the bundled testbed (data, recogniser, model, sampling loops)."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -73,9 +76,63 @@ def test_training_keeps_intermediate_checkpoints(tmp_path):
     train.main(["--kind", "eps", "--steps", "4", "--save-every", "2", "--batch-size", "2", "--dim", "16",
                 "--depth", "1", "--heads", "2", "--log-every", "2", "--out", str(out)])
     assert sorted(f.name for f in out.parent.iterdir()) == [
-        "eps-step000002.json", "eps-step000002.safetensors", "eps.json", "eps.safetensors"]
+        "eps-step000002.json", "eps-step000002.safetensors", "eps.json", "eps.safetensors", "eps.state.pt"]
     assert read_metadata(out.parent / "eps-step000002.safetensors")["training"].count('"steps_done": 2') == 1
     assert VideoDiT.from_pretrained(out).config.dim == 16
+
+
+
+def test_small_task_training_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """train.py had only --init (weights, a fresh optimizer): a stopped run could not be continued. A run stopped
+    after 3 of 6 steps (as SIGTERM stops it) and resumed gives the uninterrupted run's weights, bit for bit."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from taohooks.testbed import train
+
+    common = ["--kind", "eps", "--steps", "6", "--batch-size", "2", "--dim", "16", "--depth", "1", "--heads", "2",
+              "--log-every", "1", "--save-every", "0"]
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    train.main(common + ["--out", str(full)])
+
+    class Stopper:  # StopOnSignal's interface; the signal "arrives" during the third step
+        signal = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    stopper, original = Stopper(), train._train_step
+
+    def step(*args):
+        logs = original(*args)
+        if args[7] == 2:
+            stopper.signal = signal.SIGTERM
+        return logs
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "StopOnSignal", lambda: stopper)
+        m.setattr(train, "_train_step", step)
+        train.main(common + ["--out", str(half)])
+    summary = json.loads(half.with_suffix(".json").read_text())
+    assert (summary["steps_done"], summary["final"]) == (3, False)
+    assert f"stopped by SIGTERM: --resume {tmp_path / 'half.state.pt'} continues" in capsys.readouterr().out
+    train.main(common + ["--out", str(half), "--resume", str(tmp_path / "half.state.pt")])
+    a, b = load_file(full), load_file(half)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads(half.with_suffix(".json").read_text())["final"] is True
+    state = str(tmp_path / "half.state.pt")
+    for argv, message in ((["--kind", "flow"], "a run of kind 'eps', but --kind 'flow'"),
+                          (["--lr", "1e-3"], "--lr 0.001 given, but the run was trained with 0.0005"),
+                          (["--resume", str(full)], "not a state written by taohooks.testbed.train"),
+                          (["--resume", str(tmp_path / "none.pt")], "no such state file")):
+        kind = argv[1] if argv[0] == "--kind" else "eps"
+        rest = [a for a in argv if a not in ("--kind", kind)]
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            train.main(["--kind", kind, "--out", str(tmp_path / "other.safetensors"), "--resume", state] + rest)
 
 
 # ---------------------------------------------------------------- recogniser

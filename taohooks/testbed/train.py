@@ -15,14 +15,21 @@ Kinds:
 10% of prompts are replaced by the null prompt (for classifier-free guidance).
 AdamW, linear warm-up then cosine decay, gradient clipping, EMA weights saved
 (with a training summary in the safetensors metadata, also written to ``<out>.json``).
+
+``OUT.state.pt`` (``--state``) holds the live weights, EMA, optimizer, step and random states, written with
+every intermediate checkpoint and when the run ends; SIGTERM (``timeout``) or Ctrl-C stop the run after its
+step with a save, and ``--resume OUT.state.pt`` continues it exactly (a run of N steps and one stopped at
+N/2 and resumed give bit-identical weights), with the run's own hyperparameters.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -35,9 +42,14 @@ from . import data
 from .ema import EMA
 from .model import VideoDiT, VideoDiTConfig, num_parameters, read_metadata
 from .schedules import DDPMSchedule, flow_interpolate, sample_flow_sigmas
+from .stop_signal import StopOnSignal
 
 KINDS = ("eps", "flow", "flow-lognormal")
 PROMPT_DROPOUT = 0.1
+STATE_FORMAT = "taohooks-testbed-train-state/1"
+#: what a resumed run takes from its state: the command line may repeat them, not change them
+RUN_SETTINGS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "clip", "ema", "seed", "bf16", "dim", "depth",
+                "heads", "mlp_ratio", "init")
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, final_frac: float = 0.05) -> float:
@@ -89,13 +101,14 @@ def build_model(kind: str, args) -> VideoDiT:
 
 
 def train(args) -> dict:
+    state = read_state(args.resume, args) if args.resume else None  # (its settings into args: before the model)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     model = build_model(args.kind, args)
     args.previous = None
-    if args.init:  # continue from saved (EMA) weights with a fresh optimizer
+    if args.init and state is None:  # continue from saved (EMA) weights with a fresh optimizer
         init = VideoDiT.from_pretrained(args.init)  # (a missing or foreign file: ValueError naming it)
         if init.config != model.config:
             differ = [f"{f.name}: file has {getattr(init.config, f.name)!r}, this run expects "
@@ -109,40 +122,106 @@ def train(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     ddpm = DDPMSchedule()
     out = Path(args.out)
+    state_path = Path(args.state) if args.state else out.with_suffix(".state.pt")
+    first, wall_before = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        ema.num_updates = state["ema_updates"]
+        opt.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        first, wall_before, args.previous = state["step"], state["wall"], state["previous"]
     print(f"kind={args.kind} params={num_parameters(model)} steps={args.steps} batch={args.batch_size} "
-          f"lr={args.lr} threads={args.threads} bf16={args.bf16} out={out}", flush=True)
+          f"lr={args.lr} threads={args.threads} bf16={args.bf16} out={out} state={state_path}"
+          + (f" (resumed at step {first})" if state is not None else ""), flush=True)
+
+    def save_state(step: int, wall: float) -> None:
+        buf = io.BytesIO()
+        torch.save({"format": STATE_FORMAT, "kind": args.kind, "config": model.config.to_json(),
+                    "settings": {k: getattr(args, k) for k in RUN_SETTINGS}, "step": step, "wall": wall,
+                    "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.num_updates,
+                    "optimizer": opt.state_dict(), "rng": rng.bit_generator.state, "gen": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(), "previous": args.previous}, buf)
+        atomic_write_bytes(state_path, buf.getvalue())
 
     start = time.time()
     running, window_start = [], time.time()
-    bar = tqdm(range(args.steps), mininterval=30, desc=args.kind)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
-        x0, ids = make_batch(rng, args.batch_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss, logs = loss_fn(args.kind, model, x0, ids, ddpm, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        ema.update(model)
-        running.append(loss.item())
-        if (step + 1) % args.log_every == 0:
-            sps = (time.time() - window_start) / len(running)
-            extra = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
-            print(f"step {step + 1} loss {np.mean(running):.4f} ({extra}) lr {opt.param_groups[0]['lr']:.2e} "
-                  f"s/step {sps:.3f} elapsed {time.time() - start:.0f}s", flush=True)
-            bar.set_postfix(loss=f"{np.mean(running):.4f}", s_per_step=f"{sps:.3f}")
-            running, window_start = [], time.time()
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            _save(ema.model, out, args, step + 1, time.time() - start, final=False)
-    wall = time.time() - start
-    summary = _save(ema.model, out, args, args.steps, wall, final=True)
-    print(f"done: {args.steps} steps in {wall:.0f}s ({wall / args.steps:.3f} s/step) -> {out}", flush=True)
+    step = first
+    with StopOnSignal() as stop:
+        bar = tqdm(range(first, args.steps), mininterval=30, desc=args.kind, initial=first, total=args.steps)
+        for step in bar:
+            if stop.signal is not None:
+                break
+            logs = _train_step(args, model, ema, opt, ddpm, rng, gen, step, running)
+            if (step + 1) % args.log_every == 0:
+                sps = (time.time() - window_start) / len(running)
+                extra = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
+                print(f"step {step + 1} loss {np.mean(running):.4f} ({extra}) lr {opt.param_groups[0]['lr']:.2e} "
+                      f"s/step {sps:.3f} elapsed {wall_before + time.time() - start:.0f}s", flush=True)
+                bar.set_postfix(loss=f"{np.mean(running):.4f}", s_per_step=f"{sps:.3f}")
+                running, window_start = [], time.time()
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                wall = wall_before + time.time() - start
+                _save(ema.model, out, args, step + 1, wall, final=False, kept=True)
+                save_state(step + 1, wall)
+        else:
+            step = args.steps
+        bar.close()
+    wall = wall_before + time.time() - start
+    finished = step >= args.steps
+    save_state(step, wall)
+    summary = _save(ema.model, out, args, step, wall, final=finished)
+    why = "" if finished else f" (stopped by {signal.Signals(stop.signal).name}: --resume {state_path} continues)"
+    print(f"done: {step} steps in {wall:.0f}s ({wall / max(step, 1):.3f} s/step) -> {out}{why}", flush=True)
     return summary
 
 
-def _save(model: VideoDiT, out: Path, args, step: int, wall: float, final: bool) -> dict:
+def _train_step(args, model, ema, opt, ddpm, rng, gen, step: int, running: list) -> dict:
+    """One optimizer step at ``step`` (0-based); its loss appended to ``running``; returns the loss's parts."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
+    x0, ids = make_batch(rng, args.batch_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        loss, logs = loss_fn(args.kind, model, x0, ids, ddpm, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    opt.step()
+    ema.update(model)
+    running.append(loss.item())
+    return logs
+
+
+def read_state(path: str, args) -> dict:
+    """The training state at ``path`` (``--resume``), checked; its run settings are put into ``args`` (a setting
+    the command line gives differently is refused)."""
+    if not Path(path).is_file():
+        raise ValueError(f"--resume {path}: no such state file (a run writes OUT.state.pt next to its --out)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - truncated, or not a torch file at all
+        raise ValueError(f"--resume {path}: not a readable training state ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"--resume {path}: not a state written by taohooks.testbed.train (expected format "
+                         f"{STATE_FORMAT!r}; train_scenes' states are resumed by train_scenes)")
+    if state["kind"] != args.kind:
+        raise ValueError(f"--resume {path}: a run of kind {state['kind']!r}, but --kind {args.kind!r}")
+    defaults = parse_args(["--kind", args.kind, "--out", "x"])
+    for key, value in state["settings"].items():
+        given = getattr(args, key)
+        if given != getattr(defaults, key) and given != value:
+            raise ValueError(f"--resume {path}: --{key.replace('_', '-')} {given} given, but the run was trained with "
+                             f"{value}; a resumed run continues with its own settings (start a new run with --init "
+                             "to change them)")
+        setattr(args, key, value)
+    return state
+
+
+def _save(model: VideoDiT, out: Path, args, step: int, wall: float, final: bool, kept: bool = False) -> dict:
+    """EMA weights and their summary at ``out`` (``kept``: an intermediate copy, ``OUT-stepNNNNNN``); ``final``:
+    the run reached its ``--steps`` (a stopped run's ``out`` says it did not)."""
     summary = {
         "kind": args.kind, "steps_done": step, "steps_planned": args.steps, "final": final,
         "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,
@@ -154,7 +233,7 @@ def _save(model: VideoDiT, out: Path, args, step: int, wall: float, final: bool)
     summary["previous"] = prev
     summary["total_steps"] = step + (prev or {}).get("total_steps", (prev or {}).get("steps_done", 0))
     summary["total_wall_seconds"] = round(wall + (prev or {}).get("total_wall_seconds", (prev or {}).get("wall_seconds", 0)), 1)
-    if not final:  # intermediate checkpoints sit next to the final one and are kept
+    if kept:  # intermediate checkpoints sit next to the final one and are kept
         out = out.with_name(f"{out.stem}-step{step:06d}{out.suffix}")
     model.save_pretrained(out, metadata={"training": json.dumps(summary, sort_keys=True)})
     atomic_write_bytes(out.with_suffix(".json"), (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
@@ -180,6 +259,9 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--mlp-ratio", type=float, default=2.0)
     p.add_argument("--init", default=None, help="start from these weights (e.g. to train longer)")
+    p.add_argument("--state", default=None, help="training state file (default: OUT.state.pt)")
+    p.add_argument("--resume", default=None, metavar="STATE",
+                   help="continue the run saved in this state file exactly, with its own settings")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=500, help="keep an intermediate EMA checkpoint OUT-stepNNNNNN.safetensors every this many steps (0 = off)")
     args = p.parse_args(argv)

@@ -37,7 +37,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import queue
 import secrets
 import signal
@@ -56,6 +55,7 @@ from .ema import EMA
 from .model import VideoDiT, VideoDiTConfig, num_parameters, read_metadata
 from .scenes_render import pack_params, render_params, scene_params, unpack_params
 from .schedules import DDPMSchedule, flow_interpolate, sample_flow_sigmas
+from .stop_signal import StopOnSignal
 from .train import KINDS, PROMPT_DROPOUT
 
 STATE_FORMAT = "taohooks-scenes-train-state/1"
@@ -699,7 +699,7 @@ def train(args) -> dict:
     echoed_at_log = 0  # the echo count at the last log line
     profile = StepProfile(args.profile, trainer.device) if args.profile else contextlib.nullcontext()
     try:
-        with _StopOnSignal() as stop, profile:
+        with StopOnSignal() as stop, profile:
             while trainer.step < args.steps and stop.signal is None and time.time() < deadline:
                 spent = 0.0
                 if trainer.step >= args.warmup and args.max_minutes is not None:
@@ -744,47 +744,6 @@ def train(args) -> dict:
         why += f"; {batches.echoed} of {done} steps trained on a batch again while rendering lagged"
     print(f"done: {done} steps in {time.time() - start:.0f}s -> {out} (step {trainer.step}{why})", flush=True)
     return summary
-
-
-class _StopOnSignal:
-    """While active (main thread only), SIGTERM and SIGINT set :attr:`signal` instead of ending the
-    process, so that the training loop stops after its current step and saves."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    #: a repeat within this many seconds is the same request: GNU ``timeout`` sends its signal twice at once
-    #: (to the process, then to its process group), and the second must not end the process mid-save
-    REPEAT_WINDOW = 1.0
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-        self._first = None  # time.monotonic() of the first signal
-
-    def _handle(self, signum, frame):
-        now = time.monotonic()
-        if self.signal is None:
-            self.signal, self._first = signum, now
-            return
-        if now - self._first < self.REPEAT_WINDOW:
-            return
-        # a later second signal acts as it would have without this (Ctrl-C twice: KeyboardInterrupt)
-        previous = self._previous.get(signum)
-        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        if callable(previous):
-            previous(signum, frame)
-        elif previous in (None, signal.SIG_DFL):
-            os.kill(os.getpid(), signum)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set from C
-        return False
 
 
 def _weights_text(weights) -> str:
