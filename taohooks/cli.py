@@ -564,6 +564,10 @@ def _cmd_compare(args) -> int:
     from .compare.command import rebuild_report, run_compare
 
     if args.report:
+        if args.experiment or args.script:  # (both were ignored without a word)
+            raise ValueError(f"--report {args.report} rebuilds the tables and plots from the folder's results.json "
+                             "and runs nothing: give it alone, without " + ("an experiment YAML" if args.experiment
+                                                                            else "a script"))
         return rebuild_report(args.report)
     if not args.experiment:
         raise ValueError("name the experiment YAML (or --report FOLDER), e.g. taocache compare "

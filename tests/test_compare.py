@@ -330,7 +330,8 @@ def test_a_threshold_search_killed_midway_replays_its_measured_steps(finished, t
     assert compare(path) == 0
     err = capsys.readouterr().err
     first = [line for line in err.splitlines() if "compare: teacache@2of10: threshold " in line]
-    assert "; 2 thresholds measured before, kept)" in err and "(search step 3, at most 17)" in first[0]
+    assert "; 2 thresholds measured before (here or at another budget), kept)" in err
+    assert "(search step 3, at most 17)" in first[0]
     assert stable(json.loads((tmp_path / "out" / "results.json").read_text())) == stable(finished[1])
 
 
@@ -1142,3 +1143,106 @@ def test_a_scripts_own_error_keeps_its_traceback_and_compares_findings_stay_one_
     assert cli.main(["compare", str(write(tmp_path, EXPERIMENT)), "--", str(finding)]) == 1
     err = capsys.readouterr().err
     assert "taocache compare: error: found" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------- walkthrough, 2026-11-27 (compare)
+def test_a_changed_search_setting_is_refused_when_every_run_is_stored(tmp_path, launcher_state, capsys):
+    """With every run stored, a raised search_iterations (the natural answer to 'could not meet the budget') was
+    taken without a word, and results.json reported the setting no threshold was matched with."""
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, teacache]").replace(
+        "budgets: [0.2, 0.3]", "budgets: [0.2]").replace(
+        "  - {prompt: \"a green square moving up, with a static blue dot\", seed: 10001}\n", "")
+    assert compare(write(tmp_path, text)) == 0
+    results = (tmp_path / "out" / "results.json").read_text()
+    capsys.readouterr()
+    assert compare(write(tmp_path, text.replace("search_iterations: 4", "search_iterations: 6"))) == 2
+    err = capsys.readouterr().err
+    assert "search_iterations: " in err and "holds the teacache@2of10 threshold matched with search_iterations = 4, " \
+                                           "this experiment has 6; use another output folder" in err
+    assert (tmp_path / "out" / "results.json").read_text() == results
+    # the message names the setting that changed (it always named search_prompts)
+    assert compare(write(tmp_path, text.replace("search_prompts: 1", "search_prompts: 2"))) == 2
+    assert "search_prompts: " in capsys.readouterr().err
+
+
+def test_a_search_at_another_budget_reuses_the_thresholds_measured_at_the_first(finished):
+    """TeaCache's skipped fraction at a threshold does not depend on the budget: each budget's search measured the
+    same thresholds again (same generations on the same prompts)."""
+    import re as _re
+
+    measured = {}
+    for label, threshold in _re.findall(r"compare: (teacache@\d+of10): threshold (\S+) skips", finished[2]):
+        measured.setdefault(label, []).append(threshold)
+    assert measured["teacache@2of10"] and not set(measured["teacache@2of10"]) & set(measured.get("teacache@3of10", []))
+    assert _re.search(r"compare: teacache@3of10: searching .*; \d+ thresholds measured before \(here or at another "
+                      r"budget\), kept", finished[2])
+
+
+def test_method_settings_equal_to_their_default_and_ret_steps_where_it_means_nothing(tmp_path):
+    from types import SimpleNamespace
+
+    from taohooks.compare.runner import Experiment, check_before_run
+    from taohooks.config import TaoCacheConfig
+
+    base = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, magcache]")
+    experiment = Experiment.__new__(Experiment)
+    experiment.tao, experiment.target = TaoCacheConfig(integration="testbed"), __import__(
+        "taohooks.compare.targets", fromlist=["TARGETS"]).TARGETS["testbed"]
+    experiment.loop = SimpleNamespace(steps=10)
+    for line, k in (("magcache_k: 2", None), ("magcache_k: 3", 3), ("", None)):
+        experiment.config = load_experiment(write(tmp_path, base + line + "\n"))
+        assert experiment._run_settings()["magcache_k"] == k  # 2 is the testbed's default: the same runs
+    config = load_experiment(write(tmp_path, EXPERIMENT + "teacache_use_ret_steps: true\n"))
+    with pytest.raises(ConfigError, match="teacache_use_ret_steps: true selects the authors' use_ret_steps variant "
+                                          "of their Wan2.1 TeaCache; the 'testbed' integration's teacache has no"):
+        check_before_run(config, TaoCacheConfig(integration="testbed"))
+
+
+def test_prompt_file_seed_after_a_space(tmp_path, capsys):
+    from taohooks.runtime import messages
+
+    head = EXPERIMENT.split("prompts:\n")[0]
+    rest = "calibration_prompts:" + EXPERIMENT.split("calibration_prompts:")[1]
+    (tmp_path / "mixed.txt").write_text("a red circle moving left\t10000\na green square moving up 10001\n")
+    with pytest.raises(ConfigError, match=r"line 2: ends in 10001 after a space, where the other seeded lines have "
+                                          r"a TAB"):
+        load_experiment(write(tmp_path, head + "prompts: mixed.txt\n" + rest))
+    messages.forget()
+    (tmp_path / "spaces.txt").write_text("a red circle moving left 10000\na green square moving up 10001\n")
+    config = load_experiment(write(tmp_path, head + "prompts: spaces.txt\n" + rest))
+    assert config.evaluation_prompts()[0].prompt == "a red circle moving left 10000"
+    assert "line 1 ends in 10000 after a space: taken as part of the prompt, with seed 0" in capsys.readouterr().err
+
+
+def test_an_output_below_a_file_and_report_with_more_arguments(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match=r"output: .*afile/sub cannot be made: .*afile is a file"):
+        load_experiment(write(tmp_path, EXPERIMENT.replace("output: out", "output: afile/sub")))
+    assert cli.main(["compare", str(write(tmp_path, EXPERIMENT)), "--report", str(tmp_path)]) == 1
+    assert "runs nothing: give it alone, without an experiment YAML" in capsys.readouterr().err
+
+
+def test_budget_edge_cases_are_said_at_the_first_call(tmp_path, launcher_state, capsys):
+    methods = "methods: [full, taocache, teacache]"
+    assert compare(write(tmp_path, EXPERIMENT.replace("budgets: [0.2, 0.3]", "budgets: [0.2, 0.99]"))) == 2
+    err = capsys.readouterr().err
+    assert "budgets[1]: 0.99 of 10 steps skips every step" in err and "give a fraction below 0.9" in err
+    assert "differ by at least" not in err  # (the advice for budgets that round alike)
+    text = EXPERIMENT.replace(methods, "methods: [full, easycache]").replace("budgets: [0.2, 0.3]",
+                                                                           "budgets: [0.2]\neasycache_warmup: 10")
+    assert compare(write(tmp_path, text)) == 2
+    assert "easycache_warmup: 10, but the loop has 10 steps: EasyCache would skip nothing" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_speedups_that_skipping_cannot_explain_are_marked():
+    from taohooks.compare.report import markdown_table
+
+    row = {"method": "taocache", "budget": 0.16, "skips": 8, "steps": 50, "skipped_fraction": 0.16, "lpips": None,
+           "ssim": 0.9, "psnr": 30.0, "psnr_pooled": 30.0, "psnr_changed": 30.0}
+    results = {"meta": {}, "records": [{"method": "full", "seconds": 1.0}],
+               "aggregates": [{**row, "speedup": 1.667}, {**row, "budget": 0.08, "skips": 4, "speedup": 1.1},
+                              {**row, "method": "pab", "speedup": 1.4}]}
+    table = markdown_table(results)
+    assert "| 1.667x† |" in table and "| 1.100x |" in table and "| 1.400x |" in table
+    assert "† faster than skipping that share of the calls allows" in table and "(taocache at 8/50;" in table

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from ..config import (INTEGRATIONS, ConfigError, LoopConfig, PABGroupConfig, build_dataclass, dataclass_from_dict,
                       expand_path, is_taocache_config, read_text, read_yaml)
+from ..runtime import messages
 
 __all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_list", "AVAILABLE_METHODS",
            "DEFAULT_METHODS", "BUDGET_FREE_METHODS"]
@@ -205,6 +207,9 @@ def load_experiment(path) -> ExperimentConfig:
     if config.output_dir.exists() and not config.output_dir.is_dir():
         raise ConfigError(str(path), "output", f"{config.output_dir} is a file; expected the experiment's output "
                                                "folder (made if missing)")
+    blocking = next((p for p in config.output_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(str(path), "output", f"{config.output_dir} cannot be made: {blocking} is a file")
     if config.taocache is not None:
         tao = config.path(config.taocache, "taocache")
         if not tao.is_file():
@@ -244,11 +249,21 @@ def read_prompt_list(value: Any, config: ExperimentConfig, key: str) -> List[Pro
 
 def _from_lines(text: str, seed: int, where: str) -> List[PromptEntry]:
     entries = []
+    tabbed = "\t" in text
     for number, line in enumerate(text.lstrip("\ufeff").split("\n"), start=1):
         line = line.rstrip("\r")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         prompt, tab, seed_text = line.rpartition("\t") if "\t" in line else (line, "", "")
+        if not tab and re.search(r"\s[0-9]+\s*$", line):  # a seed after a space: an editor's TAB turned to spaces?
+            number_text = line.split()[-1]
+            if tabbed:
+                raise ConfigError(where, f"line {number}", f"ends in {number_text} after a space, where the other "
+                                  "seeded lines have a TAB; separate the seed with a TAB (or, if the number belongs to "
+                                  "the prompt, end the line with a TAB and its seed)")
+            messages.warning(f"{where}: line {number} ends in {number_text} after a space: taken as part of the prompt, "
+                             f"with seed {seed}; a seed is separated by a TAB (PROMPT<TAB>SEED)",
+                             once=f"prompt-space-seed:{where}")
         try:
             entry_seed = int(seed_text.strip()) if tab else seed
         except ValueError:

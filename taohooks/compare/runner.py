@@ -266,6 +266,11 @@ def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
     if TEA_METHODS & set(config.methods) and target.tea_probe is None and target.tea_published is None:
         raise ConfigError(config.source, "methods", f"teacache is not yet available for the {tao.integration!r} "
                                                     f"integration: {target.tea_source}")
+    if config.teacache_use_ret_steps and TEA_METHODS & set(config.methods) and not target.tea_ret_steps:
+        raise ConfigError(config.source, "teacache_use_ret_steps", "true selects the authors' use_ret_steps variant "
+                          f"of their Wan2.1 TeaCache; the {tao.integration!r} integration's teacache has no such "
+                          "variant (" + ("the authors' own, as they run it" if target.tea_published else
+                                         "fitted on the calibration prompts") + "): remove the key")
     needed, why = _needs_calibration(config, tao)
     if needed and config.calibration_prompts is None:
         raise ConfigError(config.source, "calibration_prompts", f"{why} needs calibration prompts")
@@ -344,6 +349,10 @@ class Experiment:
         settings = {"calibration.sampler": self.tao.calibration.sampler,
                     "calibration.error_horizon": self.tao.calibration.error_horizon,
                     **{k: getattr(c, k) for k, users in METHOD_SETTINGS.items() if users & methods}}
+        if "magcache" in methods:  # a value equal to the default is the default (None), as the runs cannot differ
+            k, retention = self._magcache_defaults()
+            settings["magcache_k"] = None if c.magcache_k == k else c.magcache_k
+            settings["magcache_retention"] = None if c.magcache_retention == retention else c.magcache_retention
         if PAB_METHODS & methods:
             settings["pab_groups"] = [dataclasses.asdict(g) for g in c.pab_groups] if c.pab_groups else None
         if TAO_METHODS & methods:  # the plan and the LUT, where a listed method reads them
@@ -352,6 +361,13 @@ class Experiment:
             settings["lut"] = "calibrated in this folder" if _needs_calibration(c, self.tao)[0] else \
                 "sha256:" + hashlib.sha256(self.tao.lut_path().read_bytes()).hexdigest()  # the config's LUT
         return json.loads(json.dumps(settings))  # as experiment.json gives it back (tuples as lists)
+
+    def _magcache_defaults(self) -> Tuple[int, float]:
+        """MagCache's K and retention where the experiment sets none: the authors' (published) or 2, 0.2."""
+        if self.target.mag_published is not None:
+            _, k, retention, _ = self.target.mag_published(dict(self._bound.arguments), self.loop.steps)
+            return k, retention
+        return 2, 0.2
 
     # ------------------------------------------------------------------ the experiment
     def _check_arguments(self, target: str, arguments: Dict[str, Any]) -> None:
@@ -398,14 +414,25 @@ class Experiment:
                                               *(f"plan.{f.name}" for f in dataclasses.fields(self.tao.plan))))
         evaluation = self.config.evaluation_prompts()
         calibration = self.config.calibration_list()
+        self._check_stored_thresholds(calibration)
         steps = self.loop.steps
         skips = [budget_skips(b, steps) for b in self.config.budgets] if self.config.budgeted_methods else []
         for i, n in enumerate(skips):  # (budgets no method runs at are not checked: the defaults, with [full])
-            if n in skips[:i] or n >= steps:
-                other = self.config.budgets[skips.index(n)]
-                raise ConfigError(self.config.source, f"budgets[{i}]", f"{self.config.budgets[i]} of {steps} steps "
-                                  + (f"is {n} skipped steps, as {other} is" if n in skips[:i] else "skips every step")
-                                  + f" ({self.loop.describe()}); give budgets that differ by at least 1/{steps}")
+            budget = self.config.budgets[i]
+            if n >= steps:
+                raise ConfigError(self.config.source, f"budgets[{i}]", f"{budget} of {steps} steps skips every step "
+                                  f"({self.loop.describe()}); give a fraction below {(steps - 1) / steps:g}")
+            if n in skips[:i]:
+                raise ConfigError(self.config.source, f"budgets[{i}]", f"{budget} of {steps} steps is {n} skipped "
+                                  f"steps, as {self.config.budgets[skips.index(n)]} is ({self.loop.describe()}); "
+                                  f"give budgets that differ by at least 1/{steps}")
+            if round(budget * steps) < 1:
+                messages.warning(f"compare: budgets[{i}]: {budget} of {steps} steps is less than one step; it runs "
+                                 f"as 1 skipped step ({100 / steps:.1f}%)")
+        if "easycache" in self.config.methods and self.config.easycache_warmup >= steps:
+            raise ConfigError(self.config.source, "easycache_warmup", f"{self.config.easycache_warmup}, but the loop "
+                              f"has {steps} steps: EasyCache would skip nothing (its warm-up computes the first "
+                              f"easycache_warmup steps); give fewer than {steps}")
         # per prompt: the reference, then each method x budget, so that full-step and cached runs alternate
         runs = [(m, s, e) for e in evaluation for m, s in self.config.runs(steps)]
         needed, why = _as_rank_zero_has_it(_needs_calibration(self.config, self.tao))
@@ -585,7 +612,7 @@ class Experiment:
             def make(threshold: float) -> List[Callback]:
                 return [*tea(threshold), *([self._pab()] if with_pab else [])]
 
-            found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
+            found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps, shared=True)
             return make(found["threshold"])
         if method == "hybrid":  # Algorithm 2: half the budget to TaoCache's window, TeaCache before it
             from ..taocache.extrapolation import TaoCacheCallback
@@ -616,7 +643,8 @@ class Experiment:
                     raise ConfigError(self.config.source, "methods", f"{self.store.folder} was calibrated without "
                                       "magcache's ratios (magcache was added to methods since); use another output "
                                       "folder")
-                ratios, k, retention = torch.tensor(self.mag_ratios, dtype=torch.float64), 2, 0.2
+                ratios = torch.tensor(self.mag_ratios, dtype=torch.float64)
+                k, retention = self._magcache_defaults()
                 self.mag_provenance = "MagCache's magnitude ratios calibrated on the calibration prompts"
 
                 def build(threshold: float, k: int, retention: float):
@@ -629,7 +657,7 @@ class Experiment:
             def make(threshold: float) -> List[Callback]:
                 return [build(threshold, k, retention)]
 
-            found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
+            found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps, shared=True)
             return make(found["threshold"])
         if method == "easycache":  # runtime-adaptive: nothing calibrated, the threshold matched to the budget
             from ..caches.easycache import EasyCacheCallback
@@ -639,7 +667,7 @@ class Experiment:
             def make(threshold: float) -> List[Callback]:
                 return [EasyCacheCallback(threshold, warmup_steps=warmup)]
 
-            found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps)
+            found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps, shared=True)
             return make(found["threshold"])
         raise ValueError(f"unknown method {method!r}")
 
@@ -730,32 +758,64 @@ class Experiment:
                                      exit=self.target.exit, max_step=max_step)]
         return make
 
+    def _search(self, prompts: List[PromptEntry]) -> Dict[str, Any]:
+        """What a threshold search depends on besides its method and budget."""
+        return {"search_prompts": [[e.prompt, e.seed] for e in prompts],
+                "search_iterations": self.config.search_iterations}
+
+    def _check_search(self, label: str, known: Dict[str, Any], search: Dict[str, Any]) -> None:
+        """A stored threshold matched with other search settings than ``search``: refused, naming the setting."""
+        for key, now in search.items():
+            was = known.get(key)
+            if was == now:
+                continue
+            what = (f"on other search prompts ({len(was or [])}; this experiment's are its first {len(now)} "
+                    "calibration_prompts)" if key == "search_prompts" else f"with {key} = {was!r}, this experiment "
+                    f"has {now!r}")
+            raise ConfigError(self.config.source, key, f"{self.store.folder} holds the {label} threshold matched "
+                              f"{what}; use another output folder (or delete it)")
+
+    def _check_stored_thresholds(self, calibration: List[PromptEntry]) -> None:
+        """Thresholds this folder holds for the listed methods, matched with other search settings: refused before
+        any run (a folder whose runs were all stored took a changed search_iterations without a word, and
+        results.json then reported the setting no run used)."""
+        search = self._search(calibration[:self.config.search_prompts])
+        stored = _as_rank_zero_has_it(self.store.state("thresholds") or {})
+        for label, known in sorted(stored.items()):
+            if label.split("@")[0] in self.config.methods:
+                self._check_search(label, known, search)
+
     def _threshold(self, label: str, make: Callable[[float], List[Callback]], prompts: List[PromptEntry],
-                   target: float) -> Dict[str, float]:
+                   target: float, shared: bool = False) -> Dict[str, float]:
         """The threshold whose skipped fraction on ``prompts`` is closest to ``target`` (bench's search),
-        kept in the store."""
+        kept in the store. ``shared``: ``make`` does not depend on the budget, so the fractions this method's
+        searches at other budgets measured serve this one too (the same generations)."""
         from ..evaluation.methods import match_threshold
 
         if label in self.thresholds:
             return self.thresholds[label]
         known = _as_rank_zero_has_it((self.store.state("thresholds") or {}).get(label))  # a resumed search
-        search = {"search_prompts": [[e.prompt, e.seed] for e in prompts],
-                  "search_iterations": self.config.search_iterations}
-        if known is not None and {k: known.get(k) for k in search} != search:
-            raise ConfigError(self.config.source, "search_prompts", f"{self.store.folder} holds the {label} threshold "
-                              "matched with other search prompts or search_iterations; use another output folder "
-                              "(or delete it)")
+        search = self._search(prompts)
+        if known is not None:
+            self._check_search(label, known, search)
         if known is None:
             # each measured threshold is kept as it is measured: a killed search replays them, not their generations
             steps_kept = self.store.state("threshold_steps") or {}
             kept = steps_kept.get(label) or {}
             measured = dict(kept.get("fractions") or {}) if kept.get("search") == search else {}
             measured = _as_rank_zero_has_it(measured)
+            method = label.split("@")[0]
+            if shared:
+                for other, entry in steps_kept.items():
+                    if other.split("@")[0] == method and other != label and entry.get("search") == search:
+                        measured = {**_as_rank_zero_has_it(entry.get("fractions") or {}), **measured}
             most = 13 + self.config.search_iterations  # match_threshold's bracketing and bisection steps, at most
             messages.notice(f"compare: {label}: searching the threshold for {100 * target:.1f}% skipped calls on "
                             f"{len(prompts)} calibration prompts (at most {most} x {len(prompts)} generations"
-                            + (f"; {len(measured)} thresholds measured before, kept)" if measured else ")"))
+                            + (f"; {len(measured)} thresholds measured before (here or at another budget), "
+                               "kept)" if measured else ")"))
             current: Dict[str, float] = {}
+            asked: List[str] = []  # this search's steps
 
             def make_noted(threshold: float) -> List[Callback]:
                 current["threshold"] = threshold
@@ -763,13 +823,14 @@ class Experiment:
 
             def measure(callbacks: List[Callback]) -> float:
                 key = repr(current["threshold"])
+                asked.extend([key] if key not in asked else [])
                 if key not in measured:
                     runs = [self.generate(callbacks, entry) for entry in prompts]
                     measured[key] = sum(r.record()["skipped_calls"] for r in runs) / max(1, sum(r.calls for r in runs))
                     self.store.put_state("threshold_steps", {**(self.store.state("threshold_steps") or {}),
                                                              label: {"search": search, "fractions": measured}})
                     messages.notice(f"compare: {label}: threshold {current['threshold']:.6g} skips "
-                                    f"{100 * measured[key]:.1f}% (search step {len(measured)}, at most {most})")
+                                    f"{100 * measured[key]:.1f}% (search step {len(asked)}, at most {most})")
                 return measured[key]
 
             threshold, fraction = match_threshold(make_noted, measure, target,

@@ -196,6 +196,7 @@ class Target:
     # the authors' TeaCache with published coefficients: (generate's arguments, use_ret_steps) ->
     # (make(threshold) -> callbacks, provenance); no polynomial fit
     tea_published: Optional[Callable[[dict, bool], tuple]] = None
+    tea_ret_steps: bool = False  # the published TeaCache has the authors' use_ret_steps variant (Wan2.1)
     # MagCache with published ratios: (generate's arguments, steps) ->
     # (make(threshold, k, retention) -> callback, default K, default retention, provenance)
     mag_published: Optional[Callable[[dict, int], tuple]] = None
@@ -223,7 +224,8 @@ TARGETS: Dict[str, Target] = {
                       "the first block's timestep-modulated input, as taocache bench", attention=r"blocks\.\d+\.attn"),
     "wan": Target("input_prompt", "seed", _single_video, "blocks", None,
                   "the authors' TeaCache for Wan2.1 (timestep-embedding proxy, published coefficients)",
-                  tea_published=_wan21_published_teacache, mag_published=_wan21_published_magcache,
+                  tea_published=_wan21_published_teacache, tea_ret_steps=True,
+                  mag_published=_wan21_published_magcache,
                   attention=r"blocks\.\d+\.self_attn", latents_during=_wan_latents),
     "wan22": Target("input_prompt", "seed", _single_video, "blocks", _wan22_e_probe,
                     "TeaCache fitted here (TeaCache publishes no Wan2.2 coefficients): the proxy of TeaCache4Wan2.1's "

@@ -56,7 +56,8 @@ def plot_calibration(lut: CalibrationLUT, path: Union[str, Path], dpi: int = 120
 
 def plot_quality_vs_speedup(rows: List[Dict], title: str, path: Union[str, Path], dpi: int = 110) -> Path:
     """PSNR and SSIM against the measured speedup, one line per ``row["method"]`` with its points in
-    ``row["budget"]`` order; rows whose speedup or metric is None are left out. Needs matplotlib."""
+    ``row["budget"]`` order, each labelled with its budget; rows whose speedup or metric is None are left out.
+    Needs matplotlib."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -65,9 +66,13 @@ def plot_quality_vs_speedup(rows: List[Dict], title: str, path: Union[str, Path]
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
         for ax, key in zip(axes, ("psnr", "ssim")):
-            pts = [(r["speedup"], r[key]) for r in points if r["speedup"] is not None and r[key] is not None]
+            pts = [(r["speedup"], r[key], r["budget"]) for r in points if r["speedup"] is not None
+                   and r[key] is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                for x, y, budget in pts:  # which point is which budget (noisy speedups cross the lines)
+                    ax.annotate(f"{100 * budget:.0f}%", (x, y), textcoords="offset points", xytext=(4, 3),
+                                fontsize=7, color=line.get_color())
     for ax, label in zip(axes, ("PSNR (dB) vs full-step", "SSIM vs full-step")):
         ax.set_xlabel("measured speedup")
         ax.set_ylabel(label)
