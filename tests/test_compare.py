@@ -875,7 +875,7 @@ def test_a_budget_no_taocache_plan_fits_is_said_before_the_runs(tmp_path, launch
     assert compare(path) == 2
     err = capsys.readouterr().err
     assert "budgets[1]: taocache at 0.8 (8 of 10 steps): no contiguous window" in err
-    assert not (tmp_path / "out" / "runs").exists()
+    assert not (tmp_path / "out" / "runs").exists() and not (tmp_path / "out" / "experiment.json").exists()
     assert "calibrating" not in err and not (tmp_path / "out" / "state").exists()  # before the calibration
 
 
@@ -1228,6 +1228,8 @@ def test_budget_edge_cases_are_said_at_the_first_call(tmp_path, launcher_state, 
     err = capsys.readouterr().err
     assert "budgets[1]: 0.99 of 10 steps skips every step" in err and "give a fraction below 0.9" in err
     assert "differ by at least" not in err  # (the advice for budgets that round alike)
+    # nothing recorded: the corrected experiment was refused as another experiment's folder (Latte walkthrough)
+    assert not (tmp_path / "out" / "experiment.json").exists()
     text = EXPERIMENT.replace(methods, "methods: [full, easycache]").replace("budgets: [0.2, 0.3]",
                                                                            "budgets: [0.2]\neasycache_warmup: 10")
     assert compare(write(tmp_path, text)) == 2

@@ -243,3 +243,27 @@ def test_plot_and_merge_given_a_config_say_so_as_show_does(tmp_path, capsys):
     assert "is a YAML file; taocache plot reads a LUT" in capsys.readouterr().err
     assert main(["merge", str(cfg), str(cfg), "-o", str(tmp_path / "m.safetensors")]) == 1
     assert "is a YAML file; taocache merge reads a LUT" in capsys.readouterr().err
+
+
+def test_latte_precheck_honours_accept_and_explains_an_unfinished_lut(tmp_path):
+    """Latte / Open-Sora-Plan's pre-check refused 21 steps against a 12-step LUT even with calibration.accept:
+    [sampling_steps] (which the first-call check then accepted, and recommended); with calibration.transfer already
+    set, an unfinished LUT was refused advising to set it (walkthrough, 2026-11-27)."""
+    from taohooks.integrations.latte import check_sampler
+    from taohooks.launcher.integration import IntegrationError
+
+    lut = calibrate(GeometricDenoiser({"uncond": 0.9, "cond": 0.8}), 10, ("uncond", "cond"))
+    lut.identity = {"scheduler": "DDIMScheduler", "sampling_steps": 10}
+    lut.save(tmp_path / "lut.safetensors")  # 2 prompts
+    base = "integration: latte\nlut: lut.safetensors\ncalibration: {prompts: %d%s}\n"
+    (tmp_path / "c.yaml").write_text(base % (2, ", accept: [sampling_steps]"))
+    check_sampler(load_config(tmp_path / "c.yaml"), "DDIM", 12, "t2v.yaml")  # accepted knowingly: no error
+    (tmp_path / "c.yaml").write_text(base % (2, ""))
+    with pytest.raises(IntegrationError, match=r"12 sampling steps \(t2v.yaml\), the LUT was calibrated with 10 "
+                                               r"\(or carry it over with calibration.transfer: interpolate\)"):
+        check_sampler(load_config(tmp_path / "c.yaml"), "DDIM", 12, "t2v.yaml")
+    (tmp_path / "c.yaml").write_text(base % (4, ", transfer: interpolate"))
+    with pytest.raises(IntegrationError) as info:
+        check_sampler(load_config(tmp_path / "c.yaml"), "DDIM", 12, "t2v.yaml")
+    assert "holds 2 of 4 prompts (calibration.prompts) at 10 steps, t2v.yaml runs 12: calibration.transfer " \
+           "carries complete LUTs over" in str(info.value) and "or carry it over" not in str(info.value)

@@ -19,7 +19,7 @@ from taohooks.launcher.integration import (GenerationPatch, IntegrationError, Pa
                                   require_modules, script_options)
 from taohooks.runtime.io import check_writable
 from taohooks.taocache.lut import CalibrationLUT
-from taohooks.taocache.cache import TaoCache, transfer_allowed
+from taohooks.taocache.cache import TaoCache, transfer_allowed, unfinished_lut_steps_problem
 
 __all__ = ["install", "uninstall", "precheck", "check_sampler", "MODULE", "PIPELINE", "EXPECTS"]
 
@@ -66,7 +66,11 @@ def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: O
         problems.append(f"sample_method {sample_method} ({said}), the LUT was calibrated with {recorded['scheduler']}")
     carried = transfer_allowed(config, lut)
     if steps is not None and "sampling_steps" in recorded and int(recorded["sampling_steps"]) != int(steps) \
-            and not carried:
+            and not carried and "sampling_steps" not in config.calibration.accept:
+        unfinished = unfinished_lut_steps_problem(config, lut, int(steps), run_has=f"{said} runs",
+                                                  lut_steps=int(recorded["sampling_steps"]))
+        if unfinished:  # (its advice is not the transfer the config already sets)
+            raise IntegrationError(unfinished)
         hint = " (or carry it over with calibration.transfer: interpolate)" if lut.deltas is not None else ""
         problems.append(f"{steps} sampling steps ({said}), the LUT was calibrated with {recorded['sampling_steps']}"
                         + hint)

@@ -385,36 +385,9 @@ class Experiment:
                               "would start from these latents whatever its seed, so the prompts' seeds would change "
                               "nothing; let the pipeline draw them (drop latents= from the script's call) to compare")
 
-    def run(self, patch: GenerationPatch, bound: inspect.BoundArguments) -> None:
-        self.patch, self._bound = patch, bound
-        arguments = dict(bound.arguments)
-        self._check_arguments(patch.target(), arguments)
-        self.model = unwrap_model(patch.model_of(arguments))
-        self.loop, attach_kwargs = patch.loop_of(arguments)
-        if attach_kwargs.get("repeat"):  # one loop per clip (Wan2.2 S2V/Animate); command.py refuses these earlier
-            from .command import PER_CLIP_MESSAGE
-            raise ConfigError(self.config.source, "taocache", f"{patch.target()} {PER_CLIP_MESSAGE}")
-        check_declared_loop(self.tao, self.loop, patch.target())
-        self.hook_kwargs = {k: v for k, v in attach_kwargs.items() if k in ("timestep_arg",)}
-        self.also = tuple(attach_kwargs.get("also", ()))  # Wan2.2's second expert, numbered with the first
-        self._check_pab_patterns()
-        self.expert_boundary = attach_kwargs.get("expert_boundary")
-        self.identity = patch.identity_of(arguments, self.model) if patch.identity_of else identity_of_model(self.model)
-        self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration,
-                                     "loop": self.loop.describe(),
-                                     "model": {k: str(v) for k, v in sorted(self.identity.items())},
-                                     # what the script line does not show: the weights (a checkpoint replaced
-                                     # at the same path), the call's settings (read from a config file); rank 0's
-                                     "weights": _as_rank_zero_has_it(weights_fingerprint(patch.model_of(arguments),
-                                                                                         *self.also)),
-                                     "call": _as_rank_zero_has_it(call_settings(
-                                         arguments, (self.target.prompt_arg, self.target.seed_arg))),
-                                     **self._run_settings()},
-                                    optional=("pab_groups", "lut", *METHOD_SETTINGS,
-                                              *(f"plan.{f.name}" for f in dataclasses.fields(self.tao.plan))))
-        evaluation = self.config.evaluation_prompts()
-        calibration = self.config.calibration_list()
-        self._check_stored_thresholds(calibration)
+    def _check_budgets(self) -> None:
+        """Budgets the loop cannot run, said before anything is written to the folder (a refused experiment left
+        its experiment.json, which then refused the corrected one as another experiment's folder)."""
         steps = self.loop.steps
         skips = [budget_skips(b, steps) for b in self.config.budgets] if self.config.budgeted_methods else []
         for i, n in enumerate(skips):  # (budgets no method runs at are not checked: the defaults, with [full])
@@ -433,9 +406,46 @@ class Experiment:
             raise ConfigError(self.config.source, "easycache_warmup", f"{self.config.easycache_warmup}, but the loop "
                               f"has {steps} steps: EasyCache would skip nothing (its warm-up computes the first "
                               f"easycache_warmup steps); give fewer than {steps}")
+
+    def run(self, patch: GenerationPatch, bound: inspect.BoundArguments) -> None:
+        self.patch, self._bound = patch, bound
+        arguments = dict(bound.arguments)
+        self._check_arguments(patch.target(), arguments)
+        self.model = unwrap_model(patch.model_of(arguments))
+        self.loop, attach_kwargs = patch.loop_of(arguments)
+        if attach_kwargs.get("repeat"):  # one loop per clip (Wan2.2 S2V/Animate); command.py refuses these earlier
+            from .command import PER_CLIP_MESSAGE
+            raise ConfigError(self.config.source, "taocache", f"{patch.target()} {PER_CLIP_MESSAGE}")
+        check_declared_loop(self.tao, self.loop, patch.target())
+        self.hook_kwargs = {k: v for k, v in attach_kwargs.items() if k in ("timestep_arg",)}
+        self.also = tuple(attach_kwargs.get("also", ()))  # Wan2.2's second expert, numbered with the first
+        self._check_pab_patterns()
+        self._check_budgets()
+        self.expert_boundary = attach_kwargs.get("expert_boundary")
+        calibration = self.config.calibration_list()
+        self._check_stored_thresholds(calibration)
+        needed, why = _as_rank_zero_has_it(_needs_calibration(self.config, self.tao))
+        if needed and self.tao.plan.rule == "paper" and self.tao.plan.tau_cos is None and not self.expert_boundary:
+            # a window no LUT can fit is arithmetic: said before the calibration's generations (and before the
+            # folder records this experiment), not after
+            self._check_plans(_PerfectLUT(len(self.loop.streams), self.loop.steps), TAO_METHODS - {"taocache-auto"})
+        self.identity = patch.identity_of(arguments, self.model) if patch.identity_of else identity_of_model(self.model)
+        self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration,
+                                     "loop": self.loop.describe(),
+                                     "model": {k: str(v) for k, v in sorted(self.identity.items())},
+                                     # what the script line does not show: the weights (a checkpoint replaced
+                                     # at the same path), the call's settings (read from a config file); rank 0's
+                                     "weights": _as_rank_zero_has_it(weights_fingerprint(patch.model_of(arguments),
+                                                                                         *self.also)),
+                                     "call": _as_rank_zero_has_it(call_settings(
+                                         arguments, (self.target.prompt_arg, self.target.seed_arg))),
+                                     **self._run_settings()},
+                                    optional=("pab_groups", "lut", *METHOD_SETTINGS,
+                                              *(f"plan.{f.name}" for f in dataclasses.fields(self.tao.plan))))
+        evaluation = self.config.evaluation_prompts()
+        steps = self.loop.steps
         # per prompt: the reference, then each method x budget, so that full-step and cached runs alternate
         runs = [(m, s, e) for e in evaluation for m, s in self.config.runs(steps)]
-        needed, why = _as_rank_zero_has_it(_needs_calibration(self.config, self.tao))
         calibrated = self.store.state("calibration") is not None
         total = len(runs) + (len(calibration) if needed else 0)
         done = sum(self.store.has(run_label(m, s, steps), e) for m, s, e in runs) + (
@@ -444,9 +454,6 @@ class Experiment:
         messages.notice(f"compare: {len(evaluation)} prompts x ({', '.join(self.config.methods)}) x "
                         f"{len(self.config.budgets)} budgets, {self.loop.describe()}; {done} of {total} runs "
                         f"already in {self.store.folder}")
-        if needed and self.tao.plan.rule == "paper" and self.tao.plan.tau_cos is None and not self.expert_boundary:
-            # a window no LUT can fit is arithmetic: said before the calibration's generations, not after
-            self._check_plans(_PerfectLUT(len(self.loop.streams), steps), TAO_METHODS - {"taocache-auto"})
         lut, coefficients = self._calibration(calibration, needed, why)
         self._check_plans(lut)
         # what is left, decided once: under torchrun every rank runs the same generations in the same

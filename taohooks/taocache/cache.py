@@ -52,17 +52,21 @@ def transfer_allowed(config: TaoCacheConfig, lut: CalibrationLUT) -> bool:
 
 
 def unfinished_lut_steps_problem(config: TaoCacheConfig, lut: Optional[CalibrationLUT], steps: int,
-                                 calibrating: Optional[bool] = None, run_has: str = "this run has") -> Optional[str]:
+                                 calibrating: Optional[bool] = None, run_has: str = "this run has",
+                                 lut_steps: Optional[int] = None) -> Optional[str]:
     """Why the config's LUT, still being calibrated, cannot serve a run of another step count (a calibration adds
     prompts of its own step count only, and ``calibration.transfer`` carries complete LUTs over): the message, or
-    ``None``. ``calibrating``: whether the run calibrates (default: whether the config's runs do)."""
+    ``None``. ``calibrating``: whether the run calibrates (default: whether the config's runs do); ``lut_steps``:
+    the LUT's count in the unit of ``steps`` (default ``lut.steps``: Open-Sora-Plan's PNDM makes more calls than
+    the sampling steps asked for)."""
     calibrating = calibrates(config) if calibrating is None else calibrating
-    if lut is None or lut.steps == steps or not calibrating or lut.num_prompts >= config.calibration.prompts \
+    lut_steps = lut.steps if lut is not None and lut_steps is None else lut_steps
+    if lut is None or lut_steps == steps or not calibrating or lut.num_prompts >= config.calibration.prompts \
             or config.calibration.transfer != "interpolate":  # (without transfer the step counts' message says it)
         return None
     return (f"{lut._name()} holds {lut.num_prompts} of {config.calibration.prompts} prompts (calibration.prompts) at "
-            f"{lut.steps} steps, {run_has} {steps}: calibration.transfer carries complete LUTs over, and a "
-            f"calibration adds prompts of its own step count only; complete it with runs at {lut.steps} steps, set "
+            f"{lut_steps} steps, {run_has} {steps}: calibration.transfer carries complete LUTs over, and a "
+            f"calibration adds prompts of its own step count only; complete it with runs at {lut_steps} steps, set "
             f"calibration.prompts: {lut.num_prompts} to carry it over as it is, or give this run its own lut:")
 
 
