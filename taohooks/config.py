@@ -29,7 +29,8 @@ __all__ = ["ConfigError", "LoopConfig", "CalibrationConfig", "PlanConfig", "PABG
 INTEGRATIONS = ("none", "wan", "wan22", "latte", "opensora_plan", "videosys", "diffusers", "testbed")
 # Differences between a LUT's recorded identity and a run that ``calibration.accept`` may name.
 ACCEPTABLE_DIFFERENCES = ("model", "architecture", "task", "dtype", "scheduler", "shift", "solver_order",
-                          "prediction_type", "sampling_steps", "timesteps", "pixels", "frame_num")
+                          "prediction_type", "sampling_steps", "timesteps", "pixels", "frame_num", "height", "width",
+                          "frames", "temporal_attention")
 MAX_STEPS = 100_000    # loop.steps, step indices and step counts are at most this
 MAX_PROMPTS = 100_000  # calibration.prompts is at most this
 FIRST_SKIPPABLE = 2    # as taohooks.taocache.plan.FIRST_SKIPPABLE: a skip needs two computed outputs before it

@@ -2,6 +2,7 @@
 import configparser
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,20 @@ def test_latte_precheck_honours_accept_and_explains_an_unfinished_lut(tmp_path):
         check_sampler(load_config(tmp_path / "c.yaml"), "DDIM", 12, "t2v.yaml")
     assert "holds 2 of 4 prompts (calibration.prompts) at 10 steps, t2v.yaml runs 12: calibration.transfer " \
            "carries complete LUTs over" in str(info.value) and "or carry it over" not in str(info.value)
+
+
+def test_a_message_during_a_progress_bar_starts_its_own_line(capsys):
+    """A message printed inside a pipeline's denoising loop (calibration's completion, at its last call) was written
+    after the tqdm bar on the same line (walkthrough, 2026-11-27)."""
+    import re as _re
+
+    from tqdm import tqdm
+
+    messages.forget()
+    bar = tqdm(total=10, file=sys.stderr, mininterval=0)
+    bar.update(3)
+    messages.notice("calibration complete with generation 1")
+    bar.update(7)
+    bar.close()
+    err = capsys.readouterr().err
+    assert _re.search(r"\r *\r?taohooks: calibration complete with generation 1\n", err), repr(err)

@@ -418,3 +418,22 @@ def test_a_misspelt_config_path_gets_the_close_name(tmp_path):
         load_config(tmp_path / "wan_t2v_1.3b.yaml")
     with pytest.raises(ConfigError, match="a folder, not a config file"):
         load_config(tmp_path)
+
+
+def test_latte_lut_of_another_video_size_is_refused_at_the_first_generation(runner, luts, tmp_path):
+    """Latte / Open-Sora-Plan LUTs recorded no video size: a complete LUT was used on another frame count (an image,
+    video_length 1) without a word, and one still calibrating never completed (every run left out with a warning
+    naming Wan's flags, exit 0) (walkthrough, 2026-11-27)."""
+    import yaml
+
+    with_lut(luts, "latte", tmp_path / "size")
+    argv = LATTE.argv(tmp_path / "size")
+    sample = tmp_path / "size" / "sample.yaml"
+    sample.write_text(yaml.safe_dump({**yaml.safe_load(sample.read_text()), "video_length": 2}))
+    res = launch(runner, LATTE, tmp_path / "size", CALIBRATED.format("latte", ""), argv=argv)
+    assert res.returncode == 2, res.stderr
+    assert "frames (frames generated: Latte's video_length, Open-Sora-Plan's --num_frames): this run 2, the LUT 4" \
+        in res.stderr
+    from taohooks.taocache.lut import CalibrationLUT
+
+    assert CalibrationLUT.load(luts("latte")).identity["frames"] == 4

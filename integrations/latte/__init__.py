@@ -18,6 +18,7 @@ from taohooks.config import TaoCacheConfig
 from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
                                   require_modules, script_options)
 from taohooks.runtime.io import check_writable
+from taohooks.taocache.identity import pipeline_output_identity
 from taohooks.taocache.lut import CalibrationLUT
 from taohooks.taocache.cache import TaoCache, transfer_allowed, unfinished_lut_steps_problem
 
@@ -36,8 +37,10 @@ def _loop(arguments):
 
 
 def _identity(arguments, model):
-    """Transformer and scheduler (class, prediction type, ...) and the requested number of steps."""
-    return {**identity_of_pipeline(arguments["self"], model), "sampling_steps": int(arguments["num_inference_steps"])}
+    """Transformer and scheduler (class, prediction type, ...), the requested number of steps and the video's size
+    (:func:`taohooks.taocache.identity.pipeline_output_identity`)."""
+    return {**identity_of_pipeline(arguments["self"], model), "sampling_steps": int(arguments["num_inference_steps"]),
+            **pipeline_output_identity(arguments)}
 
 
 def patch_pipeline(cls, config: TaoCacheConfig, callbacks_of=None) -> GenerationPatch:

@@ -16,6 +16,7 @@ much is said: ``quiet`` (warnings only), ``info`` (the default: notices and warn
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -93,11 +94,21 @@ def _emit(text: str, level: int, once: Optional[str], every_rank: bool) -> bool:
             _seen.add(once)
     stream = sys.stderr
     try:
-        stream.write(text + "\n")
-        stream.flush()
+        with _around_progress_bars(stream):
+            stream.write(text + "\n")
+            stream.flush()
     except (OSError, ValueError):  # a closed stderr must not turn a notice into a crash
         return False
     return True
+
+
+def _around_progress_bars(stream):
+    """While a tqdm bar is on screen (a pipeline's denoising loop: the messages of its last call come while it is
+    drawn), clear it, and draw it again after the message, so that the message starts its own line."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)  # (only where the script already imported it)
+    if tqdm is None or not getattr(tqdm, "_instances", None):
+        return contextlib.nullcontext()
+    return tqdm.external_write_mode(file=stream)
 
 
 def _prefixed(message: str, kind: str = "") -> str:

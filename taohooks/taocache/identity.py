@@ -173,6 +173,23 @@ def wan_output_identity(arguments: Mapping[str, Any]) -> Dict[str, Any]:
     return identity
 
 
+def pipeline_output_identity(arguments: Mapping[str, Any]) -> Dict[str, Any]:
+    """What a Latte / Open-Sora-Plan pipeline call makes, from its arguments: ``height``, ``width`` and ``frames``
+    (``video_length``, or ``num_frames``) where the script gives them (``None``: the pipeline's default, not
+    recorded), and ``temporal_attention`` (off for image generation). As for Wan, a LUT's delta products hold outputs
+    of one size: checked at the start of each generation."""
+    identity: Dict[str, Any] = {}
+    for key in ("height", "width"):
+        if arguments.get(key) is not None:
+            identity[key] = int(arguments[key])
+    frames = arguments.get("video_length", arguments.get("num_frames"))
+    if frames is not None:
+        identity["frames"] = int(frames)
+    if "enable_temporal_attentions" in arguments:
+        identity["temporal_attention"] = bool(arguments["enable_temporal_attentions"])
+    return identity
+
+
 def differences(recorded: Mapping[str, Any], run: Mapping[str, Any], accept: Iterable[str] = ()) -> List[str]:
     """Keys that both identities have with different values, in the run's order, less ``accept``."""
     accepted = set(accept)
@@ -185,4 +202,6 @@ def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], ke
 
 
 #: what an identity key is, where its name alone does not say it (said in the mismatch messages)
-KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_num": " (Wan's --frame_num)"}
+KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_num": " (Wan's --frame_num)",
+               "frames": " (frames generated: Latte's video_length, Open-Sora-Plan's --num_frames)",
+               "temporal_attention": " (off for images: Latte's t2i, Open-Sora-Plan's --force_images)"}

@@ -282,7 +282,8 @@ def _merge_deltas(a: CalibrationLUT, b: CalibrationLUT, drop: bool = False) -> O
     try:
         return da.merge(db)
     except ValueError as exc:
-        raise LUTMismatchError(f"cannot merge {b._name()} into {a._name()}: {exc}") from None
+        theirs = b._name() if b.source else "this generation's statistics"
+        raise LUTMismatchError(f"cannot merge {theirs} into {a._name()}: {exc}") from None
 
 
 def check_error_statistics_kept(kept: CalibrationLUT, other: CalibrationLUT) -> None:

@@ -71,7 +71,8 @@ def test_calibration_records_transformer_and_scheduler(calibrated):
     print(f"identity recorded by LattePipeline.__call__: {identity}")
     assert re.fullmatch("[0-9a-f]{12}", identity.pop("architecture"))
     assert identity == {"model": "LatteT2V", "dtype": "torch.float32", "scheduler": "DDIMScheduler",
-                        "prediction_type": "epsilon", "sampling_steps": STEPS}
+                        "prediction_type": "epsilon", "sampling_steps": STEPS,
+                        "height": 64, "width": 64, "frames": 4, "temporal_attention": True}
     assert lut.steps == STEPS and tuple(lut.streams) == ("uncond", "cond")
 
 

@@ -71,7 +71,8 @@ def test_calibration_records_transformer_and_scheduler(calibrated):
     print(f"identity recorded by VideoGenPipeline.__call__: {identity}")
     assert re.fullmatch("[0-9a-f]{12}", identity.pop("architecture"))
     assert identity == {"model": "LatteT2V", "dtype": "torch.float32", "scheduler": "PNDMScheduler",
-                        "prediction_type": "epsilon", "sampling_steps": STEPS}
+                        "prediction_type": "epsilon", "sampling_steps": STEPS,
+                        "height": 64, "width": 64, "frames": 17, "temporal_attention": True}
     assert lut.steps == CALLS  # PNDM: steps + 9 calls
 
 
