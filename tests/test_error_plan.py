@@ -381,3 +381,29 @@ def test_an_exact_extrapolation_is_predicted_near_zero_never_below():
         plan = make_plan(PlanConfig(window=list(window)), 100, ("cond", "uncond"), lut)
         error = predict_plan(plan, model)
         assert 0.0 <= error.mse < 1e-9 and float(error.per_prompt.min()) >= 0.0, (window, error.mse)
+
+
+def test_distant_chains_add_as_uncorrelated_and_no_prompt_is_predicted_error_free():
+    """Products beyond the horizon were taken as 0 inside one quadratic form with the known ones: not a Gram matrix,
+    so per-prompt squared norms came out negative, were clamped to 0, and two skips 17 steps apart on the shipped eps
+    LUT were predicted as 'inf dB' where each alone costs 57-65 dB (planner audit, 2026-11-27)."""
+    from pathlib import Path
+
+    lut = CalibrationLUT.load(Path(__file__).resolve().parent.parent / "docs/results/full/eps/lut_eps.safetensors")
+    model, _ = error_model_of(lut, "ddpm")
+    coefficients = [[float(r) for r in lut.ratio_mean[s]] for s in range(len(lut.streams))]
+
+    def actions(*skips):
+        return [SKIP if t in skips else COMPUTE for t in range(lut.steps)]
+
+    both, first, second = (model.schedule(actions(*s), coefficients) for s in ((27, 44), (27,), (44,)))
+    assert torch.allclose(both.per_prompt, first.per_prompt + second.per_prompt, rtol=1e-12)
+    assert 56.0 < both.psnr < min(first.psnr, second.psnr)
+    near = model.schedule(actions(27, 30), coefficients)  # within the horizon: one cluster, products kept
+    total = sum(model._vectors(actions(27, 30), coefficients[0], a, b)[0] for a, b in [(27, 27), (30, 30)])
+    assert near.mse > 0 and not torch.allclose(near.per_prompt, model.schedule(actions(27), coefficients).per_prompt
+                                                + model.schedule(actions(30), coefficients).per_prompt)
+    assert model._quadratic(total, 0).min() > 0
+    for a in range(2, lut.steps - 1):  # every pair of single skips: no prompt predicted error-free
+        for b in range(a + 2, lut.steps):
+            assert model.schedule(actions(a, b), coefficients).per_prompt.min() > 0, (a, b)

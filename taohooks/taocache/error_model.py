@@ -197,9 +197,14 @@ class ErrorModel:
 
     # ------------------------------------------------------------------ whole schedules
     def schedule(self, actions: Sequence[str], coefficients: Sequence[Sequence[Optional[float]]]) -> "ScheduleError":
-        """Error of a whole schedule: ``F`` summed over all its chains, with the products between
-        chains that lie within the horizon (correlated errors add coherently) and those beyond it
-        taken as 0 (uncorrelated). NaN if a chain itself spans more than the horizon."""
+        """Error of a whole schedule. Chains close enough that every product between them was calibrated (a
+        *cluster*: its first chain's first skip to its last chain's last skip within the horizon) add coherently,
+        their ``F`` summed; clusters add as uncorrelated (squares add), as chains separated by two or more
+        computed steps do in the planner's cost. NaN if a chain itself spans more than the horizon.
+
+        (Taking the products beyond the horizon as 0 inside one quadratic form mixed known and unknown products:
+        not a Gram matrix, its per-prompt "squared norms" could be negative, and a schedule of two distant skips
+        was predicted as no error at all.)"""
         chains = tuple(self.chain(actions, coefficients, a, b) for a, b in chains_of(actions))
         prompts = self.dense.shape[1]
         if not chains:
@@ -207,15 +212,17 @@ class ErrorModel:
         if any(c.last - c.first + 1 > self.horizon for c in chains):
             nan = torch.full((prompts,), float("nan"), dtype=torch.float64)
             return ScheduleError(chains, math.nan, nan)
+        clusters: List[List[Tuple[int, int]]] = []
+        for a, b in chains_of(actions):
+            if clusters and b - clusters[-1][0][0] + 1 <= self.horizon:
+                clusters[-1].append((a, b))
+            else:
+                clusters.append([(a, b)])
         per_prompt = torch.zeros(prompts, dtype=torch.float64)
         for s in range(self.streams):
-            total = torch.zeros(self.steps, dtype=torch.float64)
-            for a, b in chains_of(actions):
-                total += self._vectors(actions, coefficients[s], a, b)[0]
-            idx = total.nonzero().flatten()
-            sub = self.dense[s][:, idx][:, :, idx].nan_to_num(0.0)  # beyond the horizon: uncorrelated
-            per_prompt = per_prompt + torch.einsum("i,pij,j->p", total[idx], sub, total[idx]).clamp(min=0.0) \
-                / self.numel[s] / self.streams
+            for cluster in clusters:
+                total = sum(self._vectors(actions, coefficients[s], a, b)[0] for a, b in cluster)
+                per_prompt = per_prompt + self._quadratic(total, s) / self.numel[s] / self.streams
         return ScheduleError(chains, float(per_prompt.mean()), per_prompt)
 
 

@@ -11,9 +11,12 @@ predicted mean squared error of the final latent is smallest. A skip at ``t`` ou
     reuse        0                          (the last output again)
 
 Chains are separated by at least ``min_gap >= 2`` computed steps, so each restarts from two real
-outputs and the chains' errors add; the search is a dynamic programme over (step, skips used) and
-is exact for this objective: chains of up to ``FREE_SHAPES`` skips are tried in every shape (each
-gap between two skips: none or one refresh), longer ones with a refresh after every ``K`` skips.
+outputs and the chains' errors add; the search is a dynamic programme over (step, skips used) on a
+family of schedules: per (first step, skips) the chain of least error, chains of up to ``FREE_SHAPES``
+skips tried in every shape (each gap between two skips: none or one refresh), longer ones with a refresh
+after every ``K`` skips. Within the family it is exact; over all schedules it is not (a shorter chain
+that leaves room for the next one can be dropped), and the all-schedule optimum measured worse on the
+testbed (README, *Error-aware planning*): long chains are where the open-loop estimate misranks.
 """
 from __future__ import annotations
 
