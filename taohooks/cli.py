@@ -208,7 +208,9 @@ def _print_predictions(plan, plan_cfg: PlanConfig, steps: int, streams, lut) -> 
     from .taocache.error_plan import error_model_of, predict_plan
 
     model, why = error_model_of(lut, plan_cfg.error_weights)
-    print(f"# predicted error (open loop, sampler weights: {why}): {predict_plan(plan, model).describe()}")
+    carried = " (from the carried LUT's interpolated products)" if "(carried from" in (lut.source or "") else ""
+    said = predict_plan(plan, model).describe().replace("predicted error: ", "")
+    print(f"# predicted error (open loop, sampler weights: {why}){carried}: {said}")
     if plan_cfg.budget is None:  # manual steps (--window, --skip-steps): no other rule's plan to set beside them
         return
     other_rule = "paper" if plan_cfg.rule == "auto" else "auto"

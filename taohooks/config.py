@@ -204,6 +204,9 @@ class PlanConfig:
                                     "separated by min_gap computed steps restart from real outputs)")
             if self.tau_cos is not None:
                 err("plan.tau_cos", "applies to rule: paper (the max-cos window search)")
+            for key, weight in (("plan.lambda", self.lambda_), ("plan.gamma", self.gamma)):
+                if weight != 1.0:  # (taken without a word: it changed nothing a run does)
+                    err(key, "applies to rule: paper (the max-cos window search's deviation penalty)")
 
 
 @dataclass

@@ -282,7 +282,8 @@ def test_cli_plan_shows_both_rules_with_their_predicted_errors(tmp_path, capsys)
     assert main(["plan", str(tmp_path / "l.safetensors"), "--budget", "3", "--rule", "auto",
                  "--error-weights", "uniform"]) == 0
     out = capsys.readouterr().out
-    assert "[error-aware]" in out and "# predicted error (open loop, sampler weights: plan.error_weights)" in out
+    assert "[error-aware]" in out and "# predicted error (open loop, sampler weights: uniform " \
+                                      "(plan.error_weights: uniform)): predicted PSNR" in out  # (which weights: audit)
     assert "# rule: paper would choose: 3 of 16 steps skipped" in out and out.count("predicted PSNR") == 2
     assert main(["plan", str(tmp_path / "l.safetensors"), "--budget", "3"]) == 0
     out = capsys.readouterr().out
@@ -407,3 +408,36 @@ def test_distant_chains_add_as_uncorrelated_and_no_prompt_is_predicted_error_fre
     for a in range(2, lut.steps - 1):  # every pair of single skips: no prompt predicted error-free
         for b in range(a + 2, lut.steps):
             assert model.schedule(actions(a, b), coefficients).per_prompt.min() > 0, (a, b)
+
+
+def test_plan_says_a_carried_luts_prediction_and_no_phrase_twice(tmp_path, capsys):
+    """A transferred LUT's prediction was labelled only in the LUT's header line; an unknown one read 'predicted
+    error (...): predicted error: unknown' (planner audit, 2026-11-27)."""
+    from pathlib import Path
+
+    from taohooks.cli import main
+
+    lut = Path(__file__).resolve().parent.parent / "docs/results/full/flow/lut_flow.safetensors"
+    (tmp_path / "c.yaml").write_text(f"lut: {lut}\ncalibration: {{transfer: interpolate}}\n")
+    assert main(["plan", str(tmp_path / "c.yaml"), "--steps", "30", "--budget", "5", "--rule", "auto"]) == 0
+    assert "(from the carried LUT's interpolated products): predicted PSNR" in capsys.readouterr().out
+    assert main(["plan", str(lut), "--window", "25", "44"]) == 0
+    out = capsys.readouterr().out
+    assert "# predicted error (open loop, sampler weights: flow matching (the LUT's sampler: unipc)): unknown (a " \
+           "chain spans more steps" in out and out.count("predicted error") == 1
+
+
+def test_settings_that_leave_nothing_or_change_nothing_are_said(capsys):
+    """--protect-last 50 on 50 steps read 'fits steps 25 to -1'; --lambda with rule: auto was taken (planner audit)."""
+    from pathlib import Path
+
+    from taohooks.cli import main
+
+    lut = str(Path(__file__).resolve().parent.parent / "docs/results/full/flow/lut_flow.safetensors")
+    assert main(["plan", lut, "--budget", "8", "--rule", "auto", "--protect-last", "50"]) == 1
+    assert "the late half (min_step) and plan.protect_last 50 leave no step to skip in a loop of 50 steps" in \
+        capsys.readouterr().err
+    assert main(["plan", lut, "--budget", "8", "--rule", "auto", "--min-step", "60"]) == 1
+    assert "plan.min_step 60 and plan.protect_last 0 leave no step" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="plan.gamma: applies to rule: paper"):
+        config_from_dict({"plan": {"rule": "auto", "budget": 8, "gamma": 2.0}})

@@ -274,9 +274,14 @@ def plan_min_error(lut, model: ErrorModel, budget: int, streams: Sequence[str],
 
         plan = no_skip_plan(steps, streams)
         return ErrorAwarePlan(plan, model.schedule(plan.actions, [[None] * steps] * len(streams)), ())
+    lo = _first_allowed(options, steps)
+    if lo > steps - 1 - options.protect_last:  # (it read "fits steps 25 to -1")
+        first = f"plan.min_step {options.min_step}" if options.min_step is not None else "the late half (min_step)"
+        raise PlanError(f"{first} and plan.protect_last {options.protect_last} leave no step to skip in a loop of "
+                        f"{steps} steps (the first skippable is {lo}, the last {steps - 1 - options.protect_last}); "
+                        "lower them")
     chains = _select(_candidates(model, lut, options, budget), steps, budget, options)
     if not chains:
-        lo = _first_allowed(options, steps)
         raise PlanError(f"no schedule of {budget} skips fits steps {lo} to {steps - 1 - options.protect_last} "
                         f"(pattern {options.pattern}, min_gap {options.min_gap}, calibrated horizon {model.horizon} "
                         "steps per chain); lower the budget or plan.min_step, or calibrate with a longer "
@@ -333,7 +338,8 @@ def weight_scheme(requested: str, lut) -> Tuple[str, str]:
     """``(scheme, why)``: the sampler weights for ``plan.error_weights`` (``auto``: from what the LUT
     recorded of its sampler: a flow shift or flow prediction type, or a DDIM/DDPM/PNDM sampler)."""
     if requested != "auto":
-        return requested, "plan.error_weights"
+        named = {"flow": "flow matching", "ddpm": "DDPM linear betas", "uniform": "uniform"}.get(requested, requested)
+        return requested, f"{named} (plan.error_weights: {requested})"
     identity = lut.identity or {}
     words = [str(identity.get(k, "")) for k in ("scheduler", "prediction_type")] + [lut.sampler or ""]
     text = " ".join(dict.fromkeys(w for w in words if w))  # (each once: the scheduler is often the sampler label)
