@@ -285,3 +285,26 @@ def test_a_message_during_a_progress_bar_starts_its_own_line(capsys):
     bar.close()
     err = capsys.readouterr().err
     assert _re.search(r"\r *\r?taohooks: calibration complete with generation 1\n", err), repr(err)
+
+
+def test_latte_precheck_reads_guidance_and_the_new_luts_sampler_label(tmp_path):
+    """Guidance 1 against a guided LUT was found only after the model loaded, without the value or where it came
+    from; a new LUT was labelled calibration.sampler: ddim while the script ran EulerDiscrete (walkthrough)."""
+    from taohooks.integrations.latte import check_sampler
+    from taohooks.launcher.integration import IntegrationError
+
+    lut = calibrate(GeometricDenoiser({"uncond": 0.9, "cond": 0.8}), 10, ("uncond", "cond"))
+    lut.identity = {"scheduler": "DDIMScheduler", "sampling_steps": 10}
+    lut.save(tmp_path / "lut.safetensors")
+    (tmp_path / "c.yaml").write_text("integration: latte\nlut: lut.safetensors\ncalibration: {prompts: 2, "
+                                     "sampler: ddim}\n")
+    config = load_config(tmp_path / "c.yaml")
+    check_sampler(config, "DDIM", 10, "t2v.yaml", guidance=7.5)
+    with pytest.raises(IntegrationError, match=r"guidance_scale 1 \(t2v.yaml\) makes one call per step \(no "
+                                               r"classifier-free guidance\), the LUT was calibrated with guidance"):
+        check_sampler(config, "DDIM", 10, "t2v.yaml", guidance=1.0)
+    (tmp_path / "c.yaml").write_text("integration: latte\nlut: new.safetensors\ncalibration: {sampler: ddim}\n")
+    check_sampler(load_config(tmp_path / "c.yaml"), "ddim", 10, "t2v.yaml")  # the same sampler, any case
+    with pytest.raises(IntegrationError, match=r"calibration.sampler is 'ddim' \(.*c.yaml\), t2v.yaml runs "
+                                               r"sample_method EulerDiscrete: .*set calibration.sampler: eulerdiscrete"):
+        check_sampler(load_config(tmp_path / "c.yaml"), "EulerDiscrete", 10, "t2v.yaml")

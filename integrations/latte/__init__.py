@@ -50,20 +50,35 @@ def patch_pipeline(cls, config: TaoCacheConfig, callbacks_of=None) -> Generation
     return patch.install()
 
 
-def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: Optional[int], said: str) -> None:
+def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: Optional[int], said: str,
+                  guidance: Optional[float] = None) -> None:
     """Before the model loads: the script's ``sample_method`` and step count against the LUT's identity
-    (Latte and Open-Sora-Plan name their diffusers scheduler ``<sample_method>Scheduler``); the LUT's
-    folder when the run will calibrate. ``said`` is where the values come from, for the message."""
+    (Latte and Open-Sora-Plan name their diffusers scheduler ``<sample_method>Scheduler``), its guidance scale
+    against the LUT's streams (a scale of 1 or less makes one call per step: no uncond stream); the LUT's
+    folder and ``calibration.sampler`` (the label a new LUT gets) when the run will calibrate. ``said`` is where
+    the values come from, for the message."""
     path = config.lut_path()
     if path is None:
         return
+    label = config.calibration.sampler
     if not path.is_file():
         if config.calibration.auto:
             check_writable(path)
+            if label and sample_method and label.lower() != str(sample_method).lower() \
+                    and "scheduler" not in config.calibration.accept:
+                raise IntegrationError(f"calibration.sampler is {label!r} ({config.source}), {said} runs "
+                                       f"sample_method {sample_method}: the LUT it calibrates would be labelled "
+                                       f"{label!r}; set calibration.sampler: {str(sample_method).lower()} (and give "
+                                       "that sampler its own lut:)")
         return
     lut = CalibrationLUT.load(path)
     recorded = getattr(lut, "identity", None) or {}
     problems = []
+    if guidance is not None and (float(guidance) > 1.0) != (len(lut.streams) > 1):
+        problems.append(f"guidance_scale {guidance:g} ({said}) makes " + (
+            "one call per step (no classifier-free guidance), the LUT was calibrated with guidance (streams "
+            f"{', '.join(lut.streams)})" if float(guidance) <= 1.0 else
+            f"two streams (uncond, cond), the LUT was calibrated without guidance (streams {', '.join(lut.streams)})"))
     if sample_method is not None and "scheduler" in recorded and "scheduler" not in config.calibration.accept \
             and recorded["scheduler"] != f"{sample_method}Scheduler":
         problems.append(f"sample_method {sample_method} ({said}), the LUT was calibrated with {recorded['scheduler']}")
@@ -98,7 +113,9 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
         return  # the script itself reports a config it cannot read
     if not isinstance(sample, dict):
         return
-    check_sampler(config, sample.get("sample_method"), sample.get("num_sampling_steps"), args.config)
+    guidance = sample.get("guidance_scale")
+    check_sampler(config, sample.get("sample_method"), sample.get("num_sampling_steps"), args.config,
+                  guidance=float(guidance) if isinstance(guidance, (int, float)) else None)
 
 
 def install(config: TaoCacheConfig) -> None:

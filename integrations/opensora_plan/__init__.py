@@ -41,7 +41,11 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     before the model loads."""
     args = script_options(argv, OPTIONS)
     if args is not None:  # else the script's own parser refuses the arguments and says why
-        check_sampler(config, args.sample_method, args.num_sampling_steps, "the command line")
+        try:
+            guidance = float(args.guidance_scale) if args.guidance_scale is not None else None
+        except ValueError:
+            guidance = None  # the script's own parser refuses it
+        check_sampler(config, args.sample_method, args.num_sampling_steps, "the command line", guidance=guidance)
 
 _patches = PatchSet()
 

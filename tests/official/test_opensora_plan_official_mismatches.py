@@ -96,7 +96,7 @@ def read_by_precheck(monkeypatch, argv):
     """``(sample_method, num_sampling_steps)`` that the integration's pre-check reads from ``argv``."""
     seen = []
     monkeypatch.setattr(osp_integration, "check_sampler",
-                        lambda config, method, steps, said: seen.append((method, steps)))
+                        lambda config, method, steps, said, **kw: seen.append((method, steps)))
     osp_integration.precheck(lut_config(OSP), argv)
     return seen[0]
 
