@@ -308,3 +308,17 @@ def test_latte_precheck_reads_guidance_and_the_new_luts_sampler_label(tmp_path):
     with pytest.raises(IntegrationError, match=r"calibration.sampler is 'ddim' \(.*c.yaml\), t2v.yaml runs "
                                                r"sample_method EulerDiscrete: .*set calibration.sampler: eulerdiscrete"):
         check_sampler(load_config(tmp_path / "c.yaml"), "EulerDiscrete", 10, "t2v.yaml")
+
+
+def test_a_lut_whose_calls_repeat_timesteps_is_not_carried_to_another_count():
+    """PNDM's warm-up (Open-Sora-Plan's default) repeats timesteps; carried by interpolation, its timesteps were up
+    to 160 off the run's, without a word (walkthrough, 2026-11-27)."""
+    from taohooks.taocache.lut import LUTMismatchError
+    from taohooks.taocache.lut_transfer import transfer_lut
+
+    lut = calibrate(GeometricDenoiser({"main": 0.9}), 12, ("main",))
+    lut.timesteps = torch.tensor([999., 999., 950., 950., 900., 900., 850., 800., 700., 600., 400., 200.])
+    with pytest.raises(LUTMismatchError, match="its calls repeat timesteps \\(PNDM's warm-up"):
+        transfer_lut(lut, 20)
+    lut.timesteps = torch.linspace(999, 0, 12)
+    assert transfer_lut(lut, 20).steps == 20

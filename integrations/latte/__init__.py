@@ -20,6 +20,7 @@ from taohooks.launcher.integration import (GenerationPatch, IntegrationError, Pa
 from taohooks.runtime.io import check_writable
 from taohooks.taocache.identity import pipeline_output_identity
 from taohooks.taocache.lut import CalibrationLUT
+from taohooks.taocache.lut_transfer import carryable
 from taohooks.taocache.cache import TaoCache, transfer_allowed, unfinished_lut_steps_problem
 
 __all__ = ["install", "uninstall", "precheck", "check_sampler", "MODULE", "PIPELINE", "EXPECTS"]
@@ -89,7 +90,9 @@ def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: O
                                                   lut_steps=int(recorded["sampling_steps"]))
         if unfinished:  # (its advice is not the transfer the config already sets)
             raise IntegrationError(unfinished)
-        hint = " (or carry it over with calibration.transfer: interpolate)" if lut.deltas is not None else ""
+        hint = " (or carry it over with calibration.transfer: interpolate)" if carryable(lut) else \
+            " (its calls repeat timesteps, PNDM's warm-up: it cannot be carried to another count)" \
+            if lut.deltas is not None else ""
         problems.append(f"{steps} sampling steps ({said}), the LUT was calibrated with {recorded['sampling_steps']}"
                         + hint)
     if problems:

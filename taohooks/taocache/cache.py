@@ -47,7 +47,9 @@ def transfer_allowed(config: TaoCacheConfig, lut: CalibrationLUT) -> bool:
     """Whether a LUT of another step count is carried over (``calibration.transfer: interpolate`` and
     delta products); a LUT still being calibrated is not (a calibration cannot add prompts of another
     step count)."""
-    return (config.calibration.transfer == "interpolate" and lut.deltas is not None
+    from .lut_transfer import carryable
+
+    return (config.calibration.transfer == "interpolate" and carryable(lut)
             and not (calibrates(config) and lut.num_prompts < config.calibration.prompts))
 
 

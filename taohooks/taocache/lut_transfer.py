@@ -61,6 +61,17 @@ def _dense(gram: Tensor) -> Tensor:
     return dense
 
 
+def repeats_timesteps(lut: CalibrationLUT) -> bool:
+    """Whether the LUT's calls repeat timesteps (PNDM's warm-up): a schedule interpolation cannot carry it."""
+    t = lut.timesteps.to(torch.float64)
+    return t.numel() > 1 and not bool(torch.isnan(t).any()) and bool((t[1:] == t[:-1]).any())
+
+
+def carryable(lut: CalibrationLUT) -> bool:
+    """Whether :func:`transfer_lut` can carry the LUT to another step count."""
+    return lut.deltas is not None and lut.deltas.prompts > 0 and not repeats_timesteps(lut)
+
+
 def transfer_lut(lut: CalibrationLUT, new: int) -> CalibrationLUT:
     """``lut`` carried to a loop of ``new`` steps (see the module docstring); raises
     :class:`LUTMismatchError` if the LUT has no delta products to carry."""
@@ -72,6 +83,10 @@ def transfer_lut(lut: CalibrationLUT, new: int) -> CalibrationLUT:
             f"calibration.error_horizon: 0), so it cannot be carried to {new} steps; calibrate for {new} steps")
     if new < 3:
         raise LUTMismatchError(f"cannot carry {lut._name()} to {new} steps (at least 3 are needed for statistics)")
+    if repeats_timesteps(lut):
+        raise LUTMismatchError(  # (carried, its timesteps were up to 160 off the run's, and nothing said so)
+            f"cannot carry {lut._name()} to {new} model calls: its calls repeat timesteps (PNDM's warm-up: N + 9 calls "
+            "for N steps), a schedule interpolation does not keep; calibrate at this step count")
     c = transfer_matrix(lut.steps, new)
     support = (c != 0).to(torch.float64)
     g = lut.deltas.gram  # [p, s, t, h + 1]
