@@ -294,7 +294,8 @@ def test_a_calibration_killed_after_a_generation_resumes_after_it(finished, tmp_
     capsys.readouterr()
     assert compare(path) == 0
     err = capsys.readouterr().err
-    assert "on 3 calibration prompts (full-step); 2 of them recorded before, kept" in err
+    assert "on 3 calibration prompts (full-step), into " in err and "(this experiment's own: the config's lut: is " \
+        "not written); 2 of them recorded before, kept" in err
     assert "] 3/13 runs" in err and "] 2/13 runs" not in err  # one calibration generation made again
     assert not (tmp_path / "out" / "state" / "calibration_partial.json").exists()  # done: the final state only
     assert stable(json.loads((tmp_path / "out" / "results.json").read_text())) == stable(finished[1])
@@ -1248,3 +1249,16 @@ def test_speedups_that_skipping_cannot_explain_are_marked():
     table = markdown_table(results)
     assert "| 1.667x† |" in table and "| 1.100x |" in table and "| 1.400x |" in table
     assert "† faster than skipping that share of the calls allows" in table and "(taocache at 8/50;" in table
+
+
+def test_pictures_an_environment_cannot_draw_are_said(capsys):
+    """Without matplotlib the plots were left out without a word, though the README lists them (walkthrough)."""
+    from taohooks.compare.command import _say_missing_pictures
+    from taohooks.runtime import messages
+
+    messages.forget()
+    _say_missing_pictures(["strip.png", "side_by_side.gif"], plotted=True)
+    assert "compare: quality_vs_speedup.png not drawn: matplotlib not installed" in capsys.readouterr().err
+    _say_missing_pictures(["strip.png"], plotted=False)  # nothing to plot ([full] alone): nothing missing
+    _say_missing_pictures(["quality_vs_speedup.png", "skip_schedule.png", "strip.png"], plotted=True)
+    assert capsys.readouterr().err == ""

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from ..config import ConfigError, TaoCacheConfig, load_config
+from ..runtime import messages
 from ..runtime.io import atomic_write_bytes, check_writable
 from .errors import CompareError
 from .experiment import ExperimentConfig, load_experiment
@@ -160,7 +161,19 @@ def _run_locked(experiment_path, script, config, tao_path, tao, writer) -> int:
     pictures.extend(_strip(config, experiment))
     print(markdown_table(results))
     print(f"wrote {config.output_dir}/results.json, results.md" + "".join(f", {p}" for p in pictures))
+    _say_missing_pictures(pictures, bool(results["aggregates"]))
     return 0
+
+
+def _say_missing_pictures(written: List[str], plotted: bool) -> None:
+    """The pictures the README lists that this environment could not draw (matplotlib or Pillow missing), said
+    (they were left out without a word). ``plotted``: the results have rows to plot."""
+    needs = {"quality_vs_speedup.png": "matplotlib", "strip.png": "Pillow"}
+    missing = {name: lib for name, lib in needs.items() if name not in written and (plotted or lib == "Pillow")}
+    if missing:
+        libs = " and ".join(dict.fromkeys(missing.values()))
+        messages.notice(f"compare: {', '.join(missing)} not drawn: {libs} not installed (pip install "
+                        "'taohooks[eval]')")
 
 
 def _strip(config: ExperimentConfig, experiment: Experiment, prompts: int = 2) -> List[str]:

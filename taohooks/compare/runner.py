@@ -537,7 +537,8 @@ class Experiment:
         partial = CalibrationCheckpoint(self.store, used, tea is not None, mag is not None)
         resumed, done = partial.resume(tea, mag)
         self.progress.done += done
-        messages.notice(f"compare: calibrating {why} on {len(prompts)} calibration prompts (full-step)"
+        messages.notice(f"compare: calibrating {why} on {len(prompts)} calibration prompts (full-step), into "
+                        f"{self.store.folder / 'state'} (this experiment's own: the config's lut: is not written)"
                         + (f"; {done} of them recorded before, kept" if done else ""))
         recorder = CalibrationRecorder(self.tao.model_id, self.tao.calibration.sampler, identity=self.identity,
                                        error_horizon=self.tao.calibration.error_horizon, resume=resumed)
