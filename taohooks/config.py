@@ -648,7 +648,13 @@ def _loader() -> type:
 
 
 def _similar_file(path: Path) -> str:
-    """``; did you mean wan_t2v_1.3B.yaml?`` for a missing file whose folder holds a name close to it."""
+    """``; did you mean wan_t2v_1.3B.yaml?`` for a missing file whose folder holds a name close to it; for a
+    relative ``configs/...`` path that taohooks' own checkout holds (run from the research repo's folder, as the
+    README's commands are), that file."""
+    ours = Path(__file__).resolve().parent.parent / path
+    if not path.is_absolute() and path.parts[:1] == ("configs",) and ours.is_file():
+        return (f" in {Path.cwd()}; taohooks' own is {ours} (relative paths are taken from the current folder: "
+                "give that path)")
     try:
         names = [p.name for p in path.parent.iterdir() if p.is_file()]
     except OSError:

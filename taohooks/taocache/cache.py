@@ -224,7 +224,7 @@ def check_config_before_run(config: TaoCacheConfig, calibrating: bool = False,
         return None
     if path.is_dir():
         raise ConfigError(source, "lut", f"{path} is a directory; name the LUT file inside it, "
-                                         "e.g. luts/model.safetensors")
+                                         f"e.g. {path / 'model.safetensors'}")
     kind = special_file_kind(path)
     if kind is not None:
         raise ConfigError(source, "lut", f"{path} is {kind}, not a LUT file; name a file such as "
