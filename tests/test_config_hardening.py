@@ -226,7 +226,7 @@ def test_check_reports_what_cannot_fit(lut_path, tmp_path, capsys):
     cfg = write(tmp_path, "lut: luts\n")
     assert cli_main(["check", str(cfg)]) == 1
     assert capsys.readouterr().err == (f"taocache check: error: {cfg}: lut: {tmp_path / 'luts'} is a directory; "
-                                       "name the LUT file inside it, e.g. luts/model.safetensors\n")
+                                       f"name the LUT file inside it, e.g. {tmp_path / 'luts' / 'model.safetensors'}\n")
 
 
 def test_check_and_calibrate_refuse_a_lut_that_cannot_be_saved(tmp_path, capsys):
