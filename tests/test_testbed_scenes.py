@@ -1128,3 +1128,33 @@ def test_profile_prints_where_the_steps_time_goes(tmp_path, capsys, monkeypatch)
     with pytest.raises(SystemExit):
         train_scenes.parse_args([*TINY, "--steps", "6", "--profile", "-1", "--out", str(tmp_path / "x.safetensors")])
     assert "--profile must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_diagnose_measures_the_clean_clip_prediction_per_noise_level(tmp_path, capsys):
+    """--x0-sigmas: the one-call clean-clip prediction's stripes from held-out stripe clips noised to each sigma
+    (a perfect prediction, the rendered clip itself, would pass them all)."""
+    from taohooks.testbed import scenes_diagnose
+
+    class Perfect(torch.nn.Module):  # the velocity that maps x_s back onto the clip it was made from
+        def __init__(self, clips, noise):
+            super().__init__()
+            self.clips, self.noise, self.p = clips, noise, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, ids):
+            n = x.shape[0]
+            return self.noise[:n] - self.clips[:n]
+
+    pairs = [(p, s) for p, s in scenes.eval_pairs(64)
+             if p.background == scenes.BACKGROUNDS.index("stripes")][:3]
+    clips = torch.from_numpy(scenes.render_batch([p for p, _ in pairs], [s for _, s in pairs])).float()
+    noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(0))
+    rows = scenes_diagnose.x0_stripes(Perfect(clips, noise), 3, [0.5, 0.9], guidances=(1.0,), batch_size=8)
+    assert [r["sigma"] for r in rows] == [0.5, 0.9] and all(r["passing"] == 1.0 for r in rows)
+    assert all(r["cosine"] == pytest.approx(1.0, abs=1e-5) for r in rows)
+    weights = tmp_path / "w.safetensors"
+    train_scenes.main([*TINY, "--steps", "1", "--out", str(weights)])
+    scenes_diagnose.main(["--weights", str(weights), "--n", "2", "--x0-sigmas", "0.5", "--out", str(tmp_path / "x.json")])
+    assert [r["guidance"] for r in json.loads((tmp_path / "x.json").read_text())["x0"]] == [1.0, 5.0]
+    assert "sigma 0.50 guidance 5: stripe share median" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        scenes_diagnose.main(["--weights", str(weights), "--x0-sigmas", "1.5"])

@@ -16,6 +16,12 @@ each as median [min, max] and the count passing, for the samples and for the ren
 recogniser's per-attribute accuracy of the samples. With ``--strength S < 1`` the samples start from the
 rendered clips noised to the sigma of the last ``S`` of the steps (SDEdit): a detail lost from there is
 one the model cannot draw at that noise level, not one its early steps failed to lay out.
+
+With ``--x0-sigmas 0.2,0.5,0.8`` it measures instead, on the first ``--n`` held-out stripe clips, the model's
+one-call prediction of the clean clip (``x0 = x_s - s v``, flow) from the rendered clip noised to each sigma
+``s``, with and without guidance: the stripe share of that prediction and its cosine to the rendered clip. It
+says from which noise level on the model knows stripes it is shown, apart from whether a sampler from pure
+noise commits to one.
 """
 
 from __future__ import annotations
@@ -68,6 +74,41 @@ def diagnose(samples, rendered, prompts) -> dict:
     return out
 
 
+@torch.no_grad()
+def x0_stripes(model, n: int, sigmas, guidances=(1.0, 5.0), batch_size: int = 16, seed: int = 0) -> list:
+    """Per sigma and guidance: the median stripe share of the one-call clean-clip prediction from the first ``n``
+    held-out stripe clips noised to that sigma, the share passing ``STRIPE_SHARE``, and the mean cosine (centred)
+    of prediction and rendered clip. Flow checkpoints (``x0 = x_s - s v``)."""
+    stripes = scenes.BACKGROUNDS.index("stripes")
+    pairs = [(p, s) for p, s in scenes.eval_pairs(max(64, 8 * n)) if p.background == stripes][:n]
+    prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
+    rendered = torch.from_numpy(scenes.render_batch(prompts, seeds)).float()
+    cond = torch.from_numpy(scenes.prompt_ids(prompts))
+    noise = torch.randn(rendered.shape, generator=torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    rows = []
+    for sigma in sigmas:
+        noisy = (1.0 - sigma) * rendered + sigma * noise
+        t = torch.full((len(prompts),), sigma * 1000.0)
+
+        def run(ids):
+            return torch.cat([model(noisy[i:i + batch_size].to(device), t[i:i + batch_size].to(device),
+                                    ids[i:i + batch_size].to(device)).float().cpu()
+                              for i in range(0, len(prompts), batch_size)])
+
+        v_cond, v_null = run(cond), run(torch.full_like(cond, scenes.NULL_ID))
+        for g in guidances:
+            x0 = (noisy - sigma * (v_null + g * (v_cond - v_null))).clamp(-1, 1)
+            shares = [evidence(c, p)["stripe_share"] for c, p in zip(x0, prompts)]
+            a, b = x0.flatten(1), rendered.flatten(1)
+            cos = torch.nn.functional.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True))
+            rows.append({"sigma": float(sigma), "guidance": float(g), "n": len(prompts),
+                         "stripe_share_median": float(np.median(shares)),
+                         "passing": float(np.mean([x >= scenes_recognizer.STRIPE_SHARE for x in shares])),
+                         "cosine": float(cos.mean())})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True, help="a scenes checkpoint")
@@ -77,6 +118,9 @@ def main(argv=None):
     p.add_argument("--shift", type=float, default=None, help="flow checkpoints: the sampler's flow_shift (default 3)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="< 1: start from the rendered clips noised to the last STRENGTH of the steps (SDEdit)")
+    p.add_argument("--x0-sigmas", default=None, metavar="S1,S2,...",
+                   help="instead: the one-call clean-clip prediction's stripes from held-out stripe clips noised to "
+                        "each sigma (flow checkpoints; --n clips, guidance 1 and --guidance)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -90,8 +134,29 @@ def main(argv=None):
     if guidance_problem(args.guidance):
         p.error(f"--guidance {guidance_problem(args.guidance)}")
     check_out(p, args.out)
+    sigmas = None
+    if args.x0_sigmas is not None:
+        try:
+            sigmas = [float(x) for x in args.x0_sigmas.split(",") if x.strip()]
+        except ValueError:
+            sigmas = []
+        if not sigmas or not all(0.0 < x < 1.0 for x in sigmas):
+            p.error(f"--x0-sigmas {args.x0_sigmas}: expected comma-separated sigmas in (0, 1), e.g. 0.2,0.5,0.8")
     torch.set_num_threads(args.threads)
     model = load_scenes_checkpoint(args.weights).eval()
+    if sigmas is not None:
+        if getattr(model.config, "prediction", "flow") != "flow":
+            p.error("--x0-sigmas: for flow checkpoints")
+        rows = x0_stripes(model, args.n, sigmas, guidances=(1.0, args.guidance), batch_size=args.batch_size)
+        for r in rows:
+            print(f"sigma {r['sigma']:.2f} guidance {r['guidance']:g}: stripe share median {r['stripe_share_median']:.2f}"
+                  f", passing {100 * r['passing']:.0f}% of {r['n']}, cosine to the rendered clip {r['cosine']:.2f}",
+                  flush=True)
+        if args.out:
+            from ..runtime.io import atomic_write_bytes
+            atomic_write_bytes(args.out, (json.dumps({"weights": args.weights, "x0": rows}, sort_keys=True)
+                                          + "\n").encode())
+        return
     pairs = scenes.eval_pairs(args.n)
     prompts, seeds = [q for q, _ in pairs], [s for _, s in pairs]
     rendered = scenes.render_batch(prompts, seeds)
