@@ -306,7 +306,8 @@ def test_latte_precheck_reads_guidance_and_the_new_luts_sampler_label(tmp_path):
     (tmp_path / "c.yaml").write_text("integration: latte\nlut: new.safetensors\ncalibration: {sampler: ddim}\n")
     check_sampler(load_config(tmp_path / "c.yaml"), "ddim", 10, "t2v.yaml")  # the same sampler, any case
     with pytest.raises(IntegrationError, match=r"calibration.sampler is 'ddim' \(.*c.yaml\), t2v.yaml runs "
-                                               r"sample_method EulerDiscrete: .*set calibration.sampler: eulerdiscrete"):
+                                               r"sample_method EulerDiscrete: .*set calibration.sampler: "
+                                               r"eulerdiscrete"):
         check_sampler(load_config(tmp_path / "c.yaml"), "EulerDiscrete", 10, "t2v.yaml")
 
 

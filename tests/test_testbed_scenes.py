@@ -1153,7 +1153,8 @@ def test_diagnose_measures_the_clean_clip_prediction_per_noise_level(tmp_path, c
     assert all(r["cosine"] == pytest.approx(1.0, abs=1e-5) for r in rows)
     weights = tmp_path / "w.safetensors"
     train_scenes.main([*TINY, "--steps", "1", "--out", str(weights)])
-    scenes_diagnose.main(["--weights", str(weights), "--n", "2", "--x0-sigmas", "0.5", "--out", str(tmp_path / "x.json")])
+    scenes_diagnose.main(["--weights", str(weights), "--n", "2", "--x0-sigmas", "0.5",
+                          "--out", str(tmp_path / "x.json")])
     assert [r["guidance"] for r in json.loads((tmp_path / "x.json").read_text())["x0"]] == [1.0, 5.0]
     assert "sigma 0.50 guidance 5: stripe share median" in capsys.readouterr().out
     with pytest.raises(SystemExit):

@@ -261,8 +261,8 @@ def _from_lines(text: str, seed: int, where: str) -> List[PromptEntry]:
                 raise ConfigError(where, f"line {number}", f"ends in {number_text} after a space, where the other "
                                   "seeded lines have a TAB; separate the seed with a TAB (or, if the number belongs to "
                                   "the prompt, end the line with a TAB and its seed)")
-            messages.warning(f"{where}: line {number} ends in {number_text} after a space: taken as part of the prompt, "
-                             f"with seed {seed}; a seed is separated by a TAB (PROMPT<TAB>SEED)",
+            messages.warning(f"{where}: line {number} ends in {number_text} after a space: taken as part of the "
+                             f"prompt, with seed {seed}; a seed is separated by a TAB (PROMPT<TAB>SEED)",
                              once=f"prompt-space-seed:{where}")
         try:
             entry_seed = int(seed_text.strip()) if tab else seed

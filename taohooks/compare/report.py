@@ -123,7 +123,8 @@ def markdown_table(results: Dict[str, Any]) -> str:
             mark = "†"
             implausible.append(f"{r['method']} at {r['skips']}/{r['steps']}")
         lines.append(f"| {r['skips']}/{r['steps']} ({100 * r['budget']:.0f}%) | {r['method']} | "
-                     f"{_fmt(r['speedup'], '.3f')}x{mark} | {100 * r['skipped_fraction']:.1f}% | {_fmt(r['lpips'], '.4f')} | "
+                     f"{_fmt(r['speedup'], '.3f')}x{mark} | {100 * r['skipped_fraction']:.1f}% | "
+                     f"{_fmt(r['lpips'], '.4f')} | "
                      f"{_fmt(r['ssim'], '.4f')} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['psnr_pooled'], '.2f')} | "
                      f"{_fmt(r['psnr_changed'], '.2f')} |" + (f" {_fmt(r.get('latent_rel_l2'), '.4f')} |" if latents
                                                                 else ""))

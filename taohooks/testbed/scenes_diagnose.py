@@ -149,7 +149,8 @@ def main(argv=None):
             p.error("--x0-sigmas: for flow checkpoints")
         rows = x0_stripes(model, args.n, sigmas, guidances=(1.0, args.guidance), batch_size=args.batch_size)
         for r in rows:
-            print(f"sigma {r['sigma']:.2f} guidance {r['guidance']:g}: stripe share median {r['stripe_share_median']:.2f}"
+            print(f"sigma {r['sigma']:.2f} guidance {r['guidance']:g}: stripe share median "
+                  f"{r['stripe_share_median']:.2f}"
                   f", passing {100 * r['passing']:.0f}% of {r['n']}, cosine to the rendered clip {r['cosine']:.2f}",
                   flush=True)
         if args.out:
