@@ -63,6 +63,34 @@ def test_every_method_runs_and_meets_its_budget(prediction):
         assert "forward" not in tm.model.__dict__ and "forward" not in tm.model.blocks[0].__dict__
 
 
+def test_threshold_searches_at_later_budgets_reuse_the_measured_thresholds(monkeypatch):
+    """Each budget's TeaCache/MagCache/EasyCache search measured the same thresholds on the same search pairs again;
+    with the bench's shared record the later ones reuse them and end at the same thresholds (planner/compare
+    walkthrough, 2026-11-27)."""
+    tm = tiny("flow")
+    pairs = data.calibration_pairs(4)
+    cal = methods.calibrate(tm, pairs, batch_size=4)
+    settings = methods.MethodSettings(search_iterations=3)
+    runs = {"n": 0}
+    original = methods.run_with
+
+    def counted(*args, **kwargs):
+        runs["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(methods, "run_with", counted)
+    for name in ("teacache", "easycache"):  # (MagCache's search is the same code)
+        alone = [methods.build_method(name, tm, cal, skips, pairs[:2], 2, settings).info["threshold"]
+                 for skips in (2, 3)]
+        runs["n"], measured = 0, {}
+        shared = [methods.build_method(name, tm, cal, skips, pairs[:2], 2, settings, measured).info["threshold"]
+                  for skips in (2, 3)]
+        first = len(measured)
+        assert shared == alone and runs["n"] == len(measured) and first > 0, name
+    hybrid = methods.build_method("hybrid", tm, cal, 3, pairs[:2], 2, settings, measured)  # budget-dependent: apart
+    assert all(key[0] != "hybrid" for key in measured) and hybrid.info["tao_skips"] == 1
+
+
 def test_markdown_and_json_reports(tmp_path):
     records = [
         {"model": "flow", "method": "full", "budget": 0.0, "skipped_fraction": 0.0, "speedup": 1.0, "psnr": None,

@@ -293,10 +293,11 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
                         "prompt_accuracy": scorer.accuracy(reference.clips), "seconds": reference.seconds})
         strips = {"full": reference.clips[:config.strip_pairs]}
         bar = _progress(len(config.methods) * len(config.budgets), f"bench {name}")
+        measured: dict = {}  # threshold -> skipped fraction on the search pairs, shared by the budgets' searches
         for budget in config.budgets:
             skips = skips_of(budget, config.steps)
             for method in config.methods:
-                built = build_method(method, tm, cal, skips, search_pairs, config.batch_size, settings)
+                built = build_method(method, tm, cal, skips, search_pairs, config.batch_size, settings, measured)
                 run = run_with(tm, built.callbacks, eval_pairs, config.batch_size)
                 speedup = paired_speedup(tm, built.callbacks, eval_pairs[:config.batch_size], config.timing_repeats)
                 record = {"model": name, "method": method, "budget": skips / config.steps,

@@ -192,13 +192,29 @@ def _predicted_psnr(tm: TestbedModel, cal: Calibration, plan: SkipPlan):
 
 
 def build_method(name: str, tm: TestbedModel, cal: Calibration, skips: int, search_pairs,
-                 batch_size: int, settings: MethodSettings) -> Built:
-    """Callbacks for ``name`` at ``skips`` skipped steps; thresholds are matched on ``search_pairs``."""
+                 batch_size: int, settings: MethodSettings, measured: Optional[Dict[tuple, float]] = None) -> Built:
+    """Callbacks for ``name`` at ``skips`` skipped steps; thresholds are matched on ``search_pairs``.
+    ``measured``: skipped fractions already measured on these search pairs, ``(name, threshold) -> fraction``,
+    read and added to (TeaCache's, MagCache's and EasyCache's do not depend on the budget: each budget's search
+    measured the same thresholds again)."""
     steps = tm.steps
     target = skips / steps
+    current: Dict[str, float] = {}
+
+    def noted(make):
+        def make_noted(th):
+            current["threshold"] = th
+            return make(th)
+        return make_noted
 
     def measure(callbacks):
-        return run_with(tm, callbacks, search_pairs, batch_size).skipped_fraction
+        key = (name, current.get("threshold"))
+        if measured is not None and key[1] is not None and key in measured:
+            return measured[key]
+        fraction = run_with(tm, callbacks, search_pairs, batch_size).skipped_fraction
+        if measured is not None and key[1] is not None:
+            measured[key] = fraction
+        return fraction
 
     if name in ("taocache", "taocache-auto"):
         plan, tao = _tao(tm, cal, skips, "auto" if name == "taocache-auto" else "paper")
@@ -213,14 +229,14 @@ def build_method(name: str, tm: TestbedModel, cal: Calibration, skips: int, sear
     if name == "teacache":
         def make(th):
             return [TeaCacheCallback(th, cal.tea_coefficients, probe=modulated_input, blocks=tm.blocks)]
-        th, frac = match_threshold(make, measure, target, iterations=settings.search_iterations,
+        th, frac = match_threshold(noted(make), measure, target, iterations=settings.search_iterations,
                                    what=f"[{tm.name}] TeaCache's threshold", tolerance=0.5 / steps)
         return Built(make(th), {"threshold": th, "search_fraction": frac})
     if name == "magcache":
         def make(th):
             return [MagCacheCallback(cal.mag_ratios, th, settings.magcache_max_skip, settings.magcache_retention,
                                      blocks=tm.blocks)]
-        th, frac = match_threshold(make, measure, target, iterations=settings.search_iterations,
+        th, frac = match_threshold(noted(make), measure, target, iterations=settings.search_iterations,
                                    what=f"[{tm.name}] MagCache's threshold", tolerance=0.5 / steps)
         return Built(make(th), {"threshold": th, "search_fraction": frac})
     if name == "easycache":  # runtime-adaptive: nothing calibrated; warm-up a fifth of the steps (10 of 50, the authors')
@@ -228,7 +244,7 @@ def build_method(name: str, tm: TestbedModel, cal: Calibration, skips: int, sear
 
         def make(th):
             return [EasyCacheCallback(th, warmup_steps=max(1, steps // 5))]
-        th, frac = match_threshold(make, measure, target, iterations=settings.search_iterations,
+        th, frac = match_threshold(noted(make), measure, target, iterations=settings.search_iterations,
                                    what=f"[{tm.name}] EasyCache's threshold", tolerance=0.5 / steps)
         return Built(make(th), {"threshold": th, "search_fraction": frac})
     if name == "hybrid":  # Algorithm 2: TeaCache early/mid, a refresh guard band, TaoCache late
