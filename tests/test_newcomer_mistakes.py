@@ -350,3 +350,21 @@ def test_a_relative_configs_path_from_the_research_repos_folder_names_taohooks_o
     with pytest.raises(ConfigError, match=f"config file does not exist in {re.escape(str(tmp_path))}; taohooks' own "
                                           f"is {re.escape(str(ours))}"):
         load_config("configs/latte.yaml")
+
+
+def test_an_unfinished_pndm_lut_is_not_advised_to_be_carried(tmp_path):
+    """With transfer set, an unfinished LUT was advised 'set calibration.prompts: N to carry it over as it is', which
+    a PNDM LUT (repeated timesteps) cannot be (review, 2026-11-27)."""
+    from taohooks.integrations.latte import check_sampler
+    from taohooks.launcher.integration import IntegrationError
+
+    lut = calibrate(GeometricDenoiser({"uncond": 0.9, "cond": 0.8}), 12, ("uncond", "cond"))
+    lut.timesteps = torch.tensor([999., 999., 950., 950., 900., 900., 850., 800., 700., 600., 400., 200.])
+    lut.identity = {"scheduler": "PNDMScheduler", "sampling_steps": 3}
+    lut.save(tmp_path / "lut.safetensors")
+    (tmp_path / "c.yaml").write_text("integration: opensora_plan\nlut: lut.safetensors\n"
+                                     "calibration: {prompts: 4, transfer: interpolate}\n")
+    with pytest.raises(IntegrationError) as info:
+        check_sampler(load_config(tmp_path / "c.yaml"), "PNDM", 5, "the command line")
+    assert "carry it over as it is" not in str(info.value)
+    assert "its calls repeat timesteps, PNDM's warm-up: it cannot be carried to another count" in str(info.value)

@@ -121,12 +121,16 @@ def test_small_task_training_resumes_exactly(tmp_path, monkeypatch, capsys):
     assert (summary["steps_done"], summary["final"]) == (3, False)
     assert f"stopped by SIGTERM: --resume {tmp_path / 'half.state.pt'} continues" in capsys.readouterr().out
     train.main(common + ["--out", str(half), "--resume", str(tmp_path / "half.state.pt")])
+    assert "note:" not in capsys.readouterr().err
     a, b = load_file(full), load_file(half)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads(half.with_suffix(".json").read_text())["final"] is True
     state = str(tmp_path / "half.state.pt")
+    train.main(common + ["--out", str(tmp_path / "t.safetensors"), "--resume", state, "--threads", "2"])
+    assert "the run used --threads 1, this one 2; it continues" in capsys.readouterr().err  # (exact per thread count)
     for argv, message in ((["--kind", "flow"], "a run of kind 'eps', but --kind 'flow'"),
                           (["--lr", "1e-3"], "--lr 0.001 given, but the run was trained with 0.0005"),
+                          (["--batch-size", "32"], "--batch-size 32 given, but the run was trained with 2"),  # default
                           (["--resume", str(full)], "not a state written by taohooks.testbed.train"),
                           (["--resume", str(tmp_path / "none.pt")], "no such state file")):
         kind = argv[1] if argv[0] == "--kind" else "eps"

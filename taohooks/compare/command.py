@@ -168,8 +168,11 @@ def _run_locked(experiment_path, script, config, tao_path, tao, writer) -> int:
 def _say_missing_pictures(written: List[str], plotted: bool) -> None:
     """The pictures the README lists that this environment could not draw (matplotlib or Pillow missing), said
     (they were left out without a word). ``plotted``: the results have rows to plot."""
-    needs = {"quality_vs_speedup.png": "matplotlib", "strip.png": "Pillow"}
-    missing = {name: lib for name, lib in needs.items() if name not in written and (plotted or lib == "Pillow")}
+    import importlib.util
+
+    needs = {"quality_vs_speedup.png": ("matplotlib", "matplotlib"), "strip.png": ("Pillow", "PIL")}
+    missing = {name: lib for name, (lib, module) in needs.items() if name not in written
+               and (plotted or lib == "Pillow") and importlib.util.find_spec(module) is None}  # (not RGB: no strip)
     if missing:
         libs = " and ".join(dict.fromkeys(missing.values()))
         messages.notice(f"compare: {', '.join(missing)} not drawn: {libs} not installed (pip install "

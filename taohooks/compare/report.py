@@ -129,7 +129,8 @@ def markdown_table(results: Dict[str, Any]) -> str:
                      f"{_fmt(r['psnr_changed'], '.2f')} |" + (f" {_fmt(r.get('latent_rel_l2'), '.4f')} |" if latents
                                                                 else ""))
     if implausible:
-        lines += ["", f"† faster than skipping that share of the calls allows (1 / (1 - skipped)): timing noise "
+        lines += ["", f"† more than 5% faster than skipping that share of the calls allows (1 / (1 - skipped)): "
+                      f"timing noise "
                       f"({', '.join(implausible)}; a loaded machine, or runs timed in different processes): time "
                       "again on an idle machine before quoting it."]
     return "\n".join(lines) + "\n"

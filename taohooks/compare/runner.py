@@ -349,10 +349,6 @@ class Experiment:
         settings = {"calibration.sampler": self.tao.calibration.sampler,
                     "calibration.error_horizon": self.tao.calibration.error_horizon,
                     **{k: getattr(c, k) for k, users in METHOD_SETTINGS.items() if users & methods}}
-        if "magcache" in methods:  # a value equal to the default is the default (None), as the runs cannot differ
-            k, retention = self._magcache_defaults()
-            settings["magcache_k"] = None if c.magcache_k == k else c.magcache_k
-            settings["magcache_retention"] = None if c.magcache_retention == retention else c.magcache_retention
         if PAB_METHODS & methods:
             settings["pab_groups"] = [dataclasses.asdict(g) for g in c.pab_groups] if c.pab_groups else None
         if TAO_METHODS & methods:  # the plan and the LUT, where a listed method reads them
@@ -361,6 +357,14 @@ class Experiment:
             settings["lut"] = "calibrated in this folder" if _needs_calibration(c, self.tao)[0] else \
                 "sha256:" + hashlib.sha256(self.tao.lut_path().read_bytes()).hexdigest()  # the config's LUT
         return json.loads(json.dumps(settings))  # as experiment.json gives it back (tuples as lists)
+
+    def _alike_settings(self) -> Dict[str, tuple]:
+        """Method settings whose unset value and the default it stands for make the same runs (a setting written
+        equal to its default is no change)."""
+        if "magcache" not in self.config.methods:
+            return {}
+        k, retention = self._magcache_defaults()
+        return {"magcache_k": (None, k), "magcache_retention": (None, retention)}
 
     def _magcache_defaults(self) -> Tuple[int, float]:
         """MagCache's K and retention where the experiment sets none: the authors' (published) or 2, 0.2."""
@@ -423,7 +427,6 @@ class Experiment:
         self._check_budgets()
         self.expert_boundary = attach_kwargs.get("expert_boundary")
         calibration = self.config.calibration_list()
-        self._check_stored_thresholds(calibration)
         needed, why = _as_rank_zero_has_it(_needs_calibration(self.config, self.tao))
         if needed and self.tao.plan.rule == "paper" and self.tao.plan.tau_cos is None and not self.expert_boundary:
             # a window no LUT can fit is arithmetic: said before the calibration's generations (and before the
@@ -441,7 +444,9 @@ class Experiment:
                                          arguments, (self.target.prompt_arg, self.target.seed_arg))),
                                      **self._run_settings()},
                                     optional=("pab_groups", "lut", *METHOD_SETTINGS,
-                                              *(f"plan.{f.name}" for f in dataclasses.fields(self.tao.plan))))
+                                              *(f"plan.{f.name}" for f in dataclasses.fields(self.tao.plan))),
+                                    grown=("model",), alike=self._alike_settings())
+        self._check_stored_thresholds(calibration)  # (after: a folder of another experiment is said as such)
         evaluation = self.config.evaluation_prompts()
         steps = self.loop.steps
         # per prompt: the reference, then each method x budget, so that full-step and cached runs alternate

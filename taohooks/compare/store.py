@@ -145,15 +145,26 @@ class RunStore:
             return
         atomic_write_bytes(self.folder / "state" / f"{name}.json", json.dumps(value, indent=1).encode())
 
-    def check_experiment(self, fingerprint: Dict[str, Any], optional=()) -> None:
+    def check_experiment(self, fingerprint: Dict[str, Any], optional=(), grown=(), alike=None) -> None:
         """Record what this folder's runs are of; a folder holding another experiment's runs is an error.
         ``optional``: settings recorded only while a method reading them is listed; one on one side only
-        is no change (experiment.json keeps every one recorded, so a method listed again is checked)."""
+        is no change (experiment.json keeps every one recorded, so a method listed again is checked).
+        ``grown``: dict settings that record more entries than earlier versions did (the model's identity): an
+        entry the folder did not record is no change. ``alike``: ``{setting: values}`` that make the same runs
+        (unset and the default it stands for)."""
         path = self.folder / "experiment.json"
+        alike = alike or {}
+
+        def same(k) -> bool:
+            was, now = old.get(k), fingerprint.get(k)
+            if k in grown and isinstance(was, dict) and isinstance(now, dict):
+                now = {sub: v for sub, v in now.items() if sub in was}
+            return was == now or (k in alike and was in alike[k] and now in alike[k])
+
         if path.is_file():
             old = json.loads(path.read_text())
             current = "calibration.sampler" in old  # written by a taohooks that records the run settings
-            changed = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)
+            changed = [k for k in sorted(set(old) | set(fingerprint)) if not same(k)
                        and not (current and k in optional and (k not in old or k not in fingerprint))]
             if changed:
                 k = changed[0]
@@ -162,6 +173,8 @@ class RunStore:
                                       f"not record {k} (this experiment has {fingerprint.get(k)!r}); its runs cannot "
                                       "be checked against this experiment: use another output folder (or delete it)")
                 was, now = old.get(k), fingerprint.get(k)
+                if k in grown and isinstance(was, dict) and isinstance(now, dict):  # (entries it did not record)
+                    now = {sub: v for sub, v in now.items() if sub in was}
                 if isinstance(was, dict) and isinstance(now, dict):  # name the entry that differs (call settings)
                     sub = next(s for s in sorted(set(was) | set(now)) if was.get(s) != now.get(s))
                     k, was, now = f"{k}.{sub}", was.get(sub, "(not given)"), now.get(sub, "(not given)")

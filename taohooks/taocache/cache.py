@@ -61,11 +61,13 @@ def unfinished_lut_steps_problem(config: TaoCacheConfig, lut: Optional[Calibrati
     ``None``. ``calibrating``: whether the run calibrates (default: whether the config's runs do); ``lut_steps``:
     the LUT's count in the unit of ``steps`` (default ``lut.steps``: Open-Sora-Plan's PNDM makes more calls than
     the sampling steps asked for)."""
+    from .lut_transfer import carryable
+
     calibrating = calibrates(config) if calibrating is None else calibrating
     lut_steps = lut.steps if lut is not None and lut_steps is None else lut_steps
     if lut is None or lut_steps == steps or not calibrating or lut.num_prompts >= config.calibration.prompts \
-            or config.calibration.transfer != "interpolate":  # (without transfer the step counts' message says it)
-        return None
+            or config.calibration.transfer != "interpolate" or not carryable(lut):
+        return None  # (without transfer, or a LUT that cannot be carried, the step counts' message says it)
     return (f"{lut._name()} holds {lut.num_prompts} of {config.calibration.prompts} prompts (calibration.prompts) at "
             f"{lut_steps} steps, {run_has} {steps}: calibration.transfer carries complete LUTs over, and a "
             f"calibration adds prompts of its own step count only; complete it with runs at {lut_steps} steps, set "

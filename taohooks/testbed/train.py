@@ -30,6 +30,7 @@ import io
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def train(args) -> dict:
                     "settings": {k: getattr(args, k) for k in RUN_SETTINGS}, "step": step, "wall": wall,
                     "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.num_updates,
                     "optimizer": opt.state_dict(), "rng": rng.bit_generator.state, "gen": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(), "previous": args.previous}, buf)
+                    "torch_rng": torch.get_rng_state(), "previous": args.previous, "threads": args.threads}, buf)
         atomic_write_bytes(state_path, buf.getvalue())
 
     start = time.time()
@@ -208,14 +209,18 @@ def read_state(path: str, args) -> dict:
                          f"{STATE_FORMAT!r}; train_scenes' states are resumed by train_scenes)")
     if state["kind"] != args.kind:
         raise ValueError(f"--resume {path}: a run of kind {state['kind']!r}, but --kind {args.kind!r}")
-    defaults = parse_args(["--kind", args.kind, "--out", "x"])
     for key, value in state["settings"].items():
         given = getattr(args, key)
-        if given != getattr(defaults, key) and given != value:
+        if key in getattr(args, "given", ()) and given != value:
             raise ValueError(f"--resume {path}: --{key.replace('_', '-')} {given} given, but the run was trained with "
                              f"{value}; a resumed run continues with its own settings (start a new run with --init "
                              "to change them)")
         setattr(args, key, value)
+    threads = state.get("threads")
+    if threads is not None and threads != args.threads:
+        print(f"note: --resume {path}: the run used --threads {threads}, this one {args.threads}; it continues, but "
+              "its weights differ in the last digits from an uninterrupted run's (another float summation order)",
+              file=sys.stderr, flush=True)
     return state
 
 
@@ -265,6 +270,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=500, help="keep an intermediate EMA checkpoint OUT-stepNNNNNN.safetensors every this many steps (0 = off)")
     args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)  # what the command line names (a default repeated too)
+    args.given = {a.dest for a in p._actions
+                  if any(t == o or t.startswith(o + "=") for t in given for o in a.option_strings)}
     for name in ("steps", "batch_size", "log_every", "threads", "depth", "heads", "dim"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
