@@ -19,7 +19,7 @@ AdamW, linear warm-up then cosine decay, gradient clipping, EMA weights saved
 ``OUT.state.pt`` (``--state``) holds the live weights, EMA, optimizer, step and random states, written with
 every intermediate checkpoint and when the run ends; SIGTERM (``timeout``) or Ctrl-C stop the run after its
 step with a save, and ``--resume OUT.state.pt`` continues it exactly (a run of N steps and one stopped at
-N/2 and resumed give bit-identical weights), with the run's own hyperparameters.
+N/2 and resumed give bit-identical weights, on the same ``--threads``), with the run's own settings.
 """
 
 from __future__ import annotations
