@@ -400,11 +400,12 @@ def test_distant_chains_add_as_uncorrelated_and_no_prompt_is_predicted_error_fre
     both, first, second = (model.schedule(actions(*s), coefficients) for s in ((27, 44), (27,), (44,)))
     assert torch.allclose(both.per_prompt, first.per_prompt + second.per_prompt, rtol=1e-12)
     assert 56.0 < both.psnr < min(first.psnr, second.psnr)
-    near = model.schedule(actions(27, 30), coefficients)  # within the horizon: one cluster, products kept
-    total = sum(model._vectors(actions(27, 30), coefficients[0], a, b)[0] for a, b in [(27, 27), (30, 30)])
-    assert near.mse > 0 and not torch.allclose(near.per_prompt, model.schedule(actions(27), coefficients).per_prompt
-                                                + model.schedule(actions(30), coefficients).per_prompt)
-    assert model._quadratic(total, 0).min() > 0
+    # every pair of chains within the horizon keeps its correlation, whatever the other chains (grouping chains from
+    # the first of a group dropped the known one between 15 and 28 once 12 was skipped too: review, 2026-11-27)
+    def mse(*skips):
+        return model.schedule(actions(*skips), coefficients).per_prompt
+
+    assert torch.allclose(mse(12, 15, 28), mse(12, 15) + mse(15, 28) - mse(15), rtol=1e-9)
     for a in range(2, lut.steps - 1):  # every pair of single skips: no prompt predicted error-free
         for b in range(a + 2, lut.steps):
             assert model.schedule(actions(a, b), coefficients).per_prompt.min() > 0, (a, b)

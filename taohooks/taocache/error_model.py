@@ -197,32 +197,33 @@ class ErrorModel:
 
     # ------------------------------------------------------------------ whole schedules
     def schedule(self, actions: Sequence[str], coefficients: Sequence[Sequence[Optional[float]]]) -> "ScheduleError":
-        """Error of a whole schedule. Chains close enough that every product between them was calibrated (a
-        *cluster*: its first chain's first skip to its last chain's last skip within the horizon) add coherently,
-        their ``F`` summed; clusters add as uncorrelated (squares add), as chains separated by two or more
-        computed steps do in the planner's cost. NaN if a chain itself spans more than the horizon.
+        """Error of a whole schedule: each chain's own error, plus, for every two chains whose products were all
+        calibrated (the pair spans at most the horizon), the correlation between them; a pair reaching beyond the
+        horizon is taken as uncorrelated (squares add). Exact in open loop when every pair is within the horizon;
+        NaN if a chain itself spans more than the horizon.
 
-        (Taking the products beyond the horizon as 0 inside one quadratic form mixed known and unknown products:
-        not a Gram matrix, its per-prompt "squared norms" could be negative, and a schedule of two distant skips
-        was predicted as no error at all.)"""
-        chains = tuple(self.chain(actions, coefficients, a, b) for a, b in chains_of(actions))
+        (Earlier, the products beyond the horizon were taken as 0 inside one quadratic form with the known ones:
+        not a Gram matrix, so per-prompt squared norms could come out negative, clamped to 0, and two distant
+        skips were predicted as no error at all.)"""
+        spans = chains_of(actions)
+        chains = tuple(self.chain(actions, coefficients, a, b) for a, b in spans)
         prompts = self.dense.shape[1]
         if not chains:
             return ScheduleError(chains, 0.0, torch.zeros(prompts, dtype=torch.float64))
         if any(c.last - c.first + 1 > self.horizon for c in chains):
             nan = torch.full((prompts,), float("nan"), dtype=torch.float64)
             return ScheduleError(chains, math.nan, nan)
-        clusters: List[List[Tuple[int, int]]] = []
-        for a, b in chains_of(actions):
-            if clusters and b - clusters[-1][0][0] + 1 <= self.horizon:
-                clusters[-1].append((a, b))
-            else:
-                clusters.append([(a, b)])
-        per_prompt = torch.zeros(prompts, dtype=torch.float64)
-        for s in range(self.streams):
-            for cluster in clusters:
-                total = sum(self._vectors(actions, coefficients[s], a, b)[0] for a, b in cluster)
-                per_prompt = per_prompt + self._quadratic(total, s) / self.numel[s] / self.streams
+        per_prompt = torch.stack([c.per_prompt for c in chains]).sum(0)
+        pairs = [(i, j) for i in range(len(spans)) for j in range(i + 1, len(spans))
+                 if spans[j][1] - spans[i][0] + 1 <= self.horizon]
+        if pairs:
+            for s in range(self.streams):
+                v = [self._vectors(actions, coefficients[s], a, b)[0] for a, b in spans]
+                own = [self._quadratic(x, s) for x in v]
+                for i, j in pairs:  # 2 <F_i, F_j>, from the squared norm of their sum
+                    per_prompt = per_prompt + (self._quadratic(v[i] + v[j], s) - own[i] - own[j]) \
+                        / self.numel[s] / self.streams
+            per_prompt = per_prompt.clamp(min=0.0)  # (>= 0 whenever every pair is known; see the tests)
         return ScheduleError(chains, float(per_prompt.mean()), per_prompt)
 
 
