@@ -319,6 +319,7 @@ def _cmd_merge(args) -> int:
 
 def _cmd_bench(args) -> int:
     from .evaluation.bench import load_bench_config, load_results, markdown_tables, run_bench, settle_lpips
+    from .runtime.interrupt import terminate_as_interrupt
 
     config = load_bench_config(args.config)
     if args.output:
@@ -331,6 +332,8 @@ def _cmd_bench(args) -> int:
         config.methods = args.methods
     if args.device:
         config.device = args.device
+    if args.models:  # a YAML's checkpoints of the models this process leaves out (one model per process)
+        config.weights = {m: w for m, w in config.weights.items() if m in config.models}
     given = set()  # the models whose checkpoint the command line names
     for item in args.weights or ():
         model, sep, path = item.partition("=")
@@ -338,9 +341,13 @@ def _cmd_bench(args) -> int:
             raise ConfigError("command line", "--weights", f"expected MODEL=PATH, got {item!r}")
         config.weights[model] = path
         given.add(model)
+    flags = {"models": args.models, "methods": args.methods, "device": args.device, "threads": args.threads,
+             "weights": given or None}  # a value the command line gave is named by its flag
 
     def err(key, message):
-        raise ConfigError("command line", key, message)
+        if flags.get(key) is not None:
+            raise ConfigError("command line", f"--{key}", message)
+        raise ConfigError(args.config, key, message)
 
     config.validate(err)
     from .evaluation.testbed_model import TestbedModel
@@ -372,7 +379,18 @@ def _cmd_bench(args) -> int:
         raise ConfigError("command line", "-o/--output", f"{path} holds the results of an earlier bench; pass "
                                                          "--update to add this run's records to them, or choose "
                                                          "another folder (or remove that one)")
-    records = run_bench(config, previous=previous)
+    signals: List[int] = []
+    try:
+        with terminate_as_interrupt(signals):
+            records = run_bench(config, previous=previous)
+    except KeyboardInterrupt:  # (a traceback for Ctrl-C, nothing at all for SIGTERM)
+        done = {r["model"] for r in load_results(path)["records"]} if path.is_file() else set()
+        left = [m for m in config.models if m not in done]
+        then = (f"; run the others with --update --models {' '.join(left)} -o {config.output}" if done else
+                "; run the same command again") if left else ""
+        print(f"taocache bench: {'terminated' if signals else 'interrupted'}; {path} holds the models that finished"
+              f" ({', '.join(sorted(done)) or 'none yet'}){then}", file=sys.stderr)
+        return 143 if signals else 130
     print(markdown_tables(records))
     print(f"wrote {config.output}/results.json, results.md and plots")
     return 0

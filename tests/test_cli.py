@@ -294,3 +294,52 @@ def test_plan_says_the_real_problem_first(lut_path, tmp_path, capsys):
     assert main(["plan", str(lut_path), "--skip-steps", "12", "13"]) == 0
     out = capsys.readouterr().out
     assert "predicted error" in out and "cannot plan this budget" not in out and "would choose" not in out
+
+
+def test_bench_walkthrough_findings(tmp_path, capsys, monkeypatch):
+    """A YAML's checkpoints for the models --models leaves out were refused (one model per process, as the README
+    runs it), blamed on the command line; budgets that round alike were taken with only threshold methods (two
+    records under one key); a command-line value was named by its YAML key; Ctrl-C printed a traceback and SIGTERM
+    nothing (bench walkthrough, 2026-11-27)."""
+    import json
+    import os
+    import signal
+    from pathlib import Path
+
+    from taohooks.evaluation import bench
+    from taohooks.evaluation.testbed_model import weights_path
+
+    config = tmp_path / "b.yaml"
+    base = "models: [flow, eps]\nsteps: 10\nbudgets: [0.2]\neval_pairs: 2\ncalibration_pairs: 2\nsearch_pairs: 1\n" \
+           "lpips: false\n"
+    config.write_text(base + f"weights: {{flow: {weights_path('flow')}, eps: {weights_path('eps')}}}\n")
+    (tmp_path / "afile").write_text("")
+    assert main(["bench", str(config), "--models", "flow", "-o", str(tmp_path / "afile")]) == 1
+    err = capsys.readouterr().err
+    assert "not among the models" not in err and "afile" in err  # past the checkpoints, refused at the output
+    config.write_text(base.replace("budgets: [0.2]", "budgets: [0.1, 0.14]") + "methods: [magcache]\n")
+    assert main(["bench", str(config), "-o", str(tmp_path / "out")]) == 1
+    assert f"{config}: budgets[1]: 0.14 gives 1 skipped steps of 10, as 0.1 does" in capsys.readouterr().err
+    config.write_text(base)
+    assert main(["bench", str(config), "--models", "flwo", "-o", str(tmp_path / "out")]) == 1
+    assert "command line: --models: unknown testbed model 'flwo'" in capsys.readouterr().err
+
+    def stopped(config, previous=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_bench", stopped)
+    assert main(["bench", str(config), "-o", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert "taocache bench: interrupted; " in err and "(none yet); run the same command again" in err
+    assert "Traceback" not in err
+    def first_model_then_killed(config, previous=None):  # the flow model's records written, then SIGTERM
+        (tmp_path / "two" / "results.json").write_text('{"meta": {}, "records": [{"model": "flow"}]}')
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(bench, "run_bench", first_model_then_killed)
+    monkeypatch.setattr(bench, "load_results", lambda path: json.loads(Path(path).read_text()))
+    (tmp_path / "two").mkdir()
+    assert main(["bench", str(config), "-o", str(tmp_path / "two")]) == 143
+    err = capsys.readouterr().err
+    assert "taocache bench: terminated; " in err and "holds the models that finished (flow); run the others with " \
+        f"--update --models eps -o {tmp_path / 'two'}" in err

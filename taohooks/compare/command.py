@@ -17,6 +17,7 @@ import yaml
 
 from ..config import ConfigError, TaoCacheConfig, load_config
 from ..runtime import messages
+from ..runtime.interrupt import terminate_as_interrupt
 from ..runtime.io import atomic_write_bytes, check_writable
 from .errors import CompareError
 from .experiment import ExperimentConfig, load_experiment
@@ -94,34 +95,13 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
             ensure_lpips_weights()
         signals: List[int] = []
         try:
-            with _terminate_as_interrupt(signals):
+            with terminate_as_interrupt(signals):
                 return _run_locked(experiment_path, script, config, tao_path, tao, writer)
         except KeyboardInterrupt:  # Ctrl-C, or a scheduler's SIGTERM: said, not a traceback or nothing at all
             print(f"taocache compare: {'terminated' if signals else 'interrupted'}; the runs stored in "
                   f"{config.output_dir} are kept (and, in one process, the calibration's ended generations): run the "
                   "same command again to continue", file=sys.stderr)
             return 143 if signals else 130
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt(seen: List[int]):
-    """SIGTERM raises KeyboardInterrupt (as Ctrl-C does) while the experiment runs, noted in ``seen``."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        seen.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _run_locked(experiment_path, script, config, tao_path, tao, writer) -> int:

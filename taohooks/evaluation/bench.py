@@ -87,7 +87,7 @@ class BenchConfig:
         for key, (value, least) in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 err(key, f"expected an integer >= {least}, got {value!r}")
-        if isinstance(self.steps, int) and self.steps >= 3 and set(self.methods) & WINDOW_METHODS:
+        if isinstance(self.steps, int) and self.steps >= 3:
             from ..compare.runner import _PerfectLUT
             from ..config import PlanConfig
             from ..taocache.cache import make_plan
@@ -96,10 +96,12 @@ class BenchConfig:
             seen = {}
             for i, b in enumerate(self.budgets):
                 skips = skips_of(b, self.steps)
-                if skips in seen:
+                if skips in seen:  # (every method: two records under one key, of which an --update replaced one)
                     err(f"budgets[{i}]", f"{b} gives {skips} skipped steps of {self.steps}, as {seen[skips]} does: "
                                          "the same row twice")
                 seen[skips] = b
+                if not set(self.methods) & WINDOW_METHODS:
+                    continue
                 try:  # the paper's window on a LUT that fits every window: one no LUT fits is refused before the work
                     make_plan(PlanConfig(budget=skips), self.steps, ("cond", "uncond"), _PerfectLUT(2, self.steps))
                 except PlanError as exc:
@@ -294,6 +296,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
         strips = {"full": reference.clips[:config.strip_pairs]}
         bar = _progress(len(config.methods) * len(config.budgets), f"bench {name}")
         measured: dict = {}  # threshold -> skipped fraction on the search pairs, shared by the budgets' searches
+        strip_budget = min(config.budgets, key=lambda b: abs(b - 0.16))  # the strip's: the paper's 16%, or nearest
         for budget in config.budgets:
             skips = skips_of(budget, config.steps)
             for method in config.methods:
@@ -305,7 +308,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
                           **scorer(run.clips), "seconds": run.seconds,
                           **{k: (list(v) if isinstance(v, tuple) else v) for k, v in built.info.items()}}
                 records.append(record)
-                if abs(budget - 0.16) < 1e-9:
+                if budget == strip_budget:
                     strips[method] = run.clips[:config.strip_pairs]
                 if bar is not None:
                     bar.update(1)
@@ -314,7 +317,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
             bar.close()
         keep = write_results(records, out_dir, config, time.perf_counter() - started, update=previous is not None,
                              run_id=run_id, weights_sha256=sums, command=command, replace=replace)
-        if len(strips) > 1 and not previous:
+        if len(strips) > 1 and not (previous and (out_dir / f"strip_{name}.png").exists()):  # (an update keeps one)
             write_strip(strips, out_dir / f"strip_{name}.png")
         log(f"[{name}] done; {len(records)} records so far ({time.perf_counter() - started:.0f} s)")
     return keep
