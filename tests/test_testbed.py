@@ -131,6 +131,7 @@ def test_small_task_training_resumes_exactly(tmp_path, monkeypatch, capsys):
     for argv, message in ((["--kind", "flow"], "a run of kind 'eps', but --kind 'flow'"),
                           (["--lr", "1e-3"], "--lr 0.001 given, but the run was trained with 0.0005"),
                           (["--batch-size", "32"], "--batch-size 32 given, but the run was trained with 2"),  # default
+                          (["--batch", "32"], "--batch-size 32 given, but the run was trained with 2"),  # abbreviated
                           (["--resume", str(full)], "not a state written by taohooks.testbed.train"),
                           (["--resume", str(tmp_path / "none.pt")], "no such state file")):
         kind = argv[1] if argv[0] == "--kind" else "eps"

@@ -270,9 +270,14 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=500, help="keep an intermediate EMA checkpoint OUT-stepNNNNNN.safetensors every this many steps (0 = off)")
     args = p.parse_args(argv)
-    given = sys.argv[1:] if argv is None else list(argv)  # what the command line names (a default repeated too)
-    args.given = {a.dest for a in p._actions
-                  if any(t == o or t.startswith(o + "=") for t in given for o in a.option_strings)}
+    saved = {a: a.default for a in p._actions}  # what the command line names (a default repeated, an abbreviation):
+    for action in saved:                         # parsed again with no defaults, as argparse reads it
+        action.default = argparse.SUPPRESS
+    try:
+        args.given = set(vars(p.parse_args(argv)))
+    finally:
+        for action, default in saved.items():
+            action.default = default
     for name in ("steps", "batch_size", "log_every", "threads", "depth", "heads", "dim"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
