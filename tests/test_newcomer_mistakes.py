@@ -368,3 +368,29 @@ def test_an_unfinished_pndm_lut_is_not_advised_to_be_carried(tmp_path):
         check_sampler(load_config(tmp_path / "c.yaml"), "PNDM", 5, "the command line")
     assert "carry it over as it is" not in str(info.value)
     assert "its calls repeat timesteps, PNDM's warm-up: it cannot be carried to another count" in str(info.value)
+
+
+def test_a_script_that_changes_its_folder_after_loading_the_config_keeps_its_lut(tmp_path, monkeypatch):
+    """TaoCache.from_yaml kept the config's relative LUT path as it was; after an os.chdir, attach found no LUT, and
+    calibrated a new one (and its folders) under the new working directory (Python API walkthrough, 2026-11-27)."""
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "luts").mkdir()
+    lut = calibrate(GeometricDenoiser({"main": 0.9}), 8, ("main",))
+    lut.save(tmp_path / "luts" / "x.safetensors")
+    (tmp_path / "cfg" / "c.yaml").write_text("lut: ../luts/x.safetensors\ncalibration: {prompts: 2}\n"
+                                             "plan: {budget: 2}\nloop: {steps: 8}\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cache = TaoCache.from_yaml("cfg/c.yaml")
+    from taohooks.config import CalibrationConfig
+
+    two = CalibrationConfig(prompts=2)
+    python_made = TaoCache(TaoCacheConfig(lut="luts/x.safetensors", plan=PlanConfig(budget=2), calibration=two))
+    given = TaoCache(TaoCacheConfig(plan=PlanConfig(budget=2), calibration=two), lut="luts/x.safetensors")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    model = GeometricDenoiser({"main": 0.9})
+    for c in (cache, python_made, given):
+        with c.attach(model, 8):
+            pass
+        assert not c.calibrating and c.lut.num_prompts == 2
+    assert list((tmp_path / "elsewhere").iterdir()) == []

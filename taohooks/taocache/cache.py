@@ -278,11 +278,13 @@ class TaoCache:
         self.config = config if config is not None else TaoCacheConfig()
         if self.config.source is None:  # made in Python: checked as a YAML file's is at load
             check_python_config(self.config)
-        self._lut_path: Optional[Path] = None
+        self._lut_given: Optional[Path] = None  # lut= given as a path (read from the folder it was given in)
+        self._lut_none = isinstance(lut, CalibrationLUT)  # lut= given as a LUT: no file
+        self._cwd = os.getcwd()
         if isinstance(lut, CalibrationLUT):
             self.lut: Optional[CalibrationLUT] = lut
         else:
-            self._lut_path = Path(lut) if lut is not None else self.config.lut_path()
+            self._lut_given = Path(lut) if lut is not None else None
             self.lut = _load_present(self._lut_path)
         self.hook: Optional[DenoiserHook] = None  # kept after detach, for summary()
         self.plan: Optional[SkipPlan] = None
@@ -311,6 +313,18 @@ class TaoCache:
             streams = (streams,)
         split = split_batch if split_batch is not None else loop.split_batch
         return LoopSpec(steps, tuple(streams), split, batch_dim)
+
+    @property
+    def _lut_path(self) -> Optional[Path]:
+        """The LUT file, as a path that still names it after the script changed its working directory (a relative
+        ``lut:`` is the config file's folder's; a relative ``lut=`` the folder it was given in)."""
+        if self._lut_none:
+            return None
+        path = self.config.lut_path() if self._lut_given is None else self._lut_given
+        if path is None or path.is_absolute() or os.getcwd() == self._cwd \
+                or (self._lut_given is None and self.config.source is not None):  # (lut_path() said it absolute)
+            return path
+        return Path(self._cwd) / path
 
     def held_prompts(self) -> int:
         """Prompts in the LUT a calibrating run adds to: its recorder's (the file's as it was, and what it added),
