@@ -62,6 +62,7 @@ class TaoCacheCallback(_LightningCallback):
     def _attach(self) -> None:
         self.cache = TaoCache(self.config)
         self.cache.data_parallel = self._data_parallel
+        self.cache.reattached_per_generation = True  # (on_predict_batch_start attaches again once it is complete)
         self.cache.attach(self._target, self.steps, self.streams, split_batch=self.split_batch,
                           timestep_arg=self.timestep_arg)
 

@@ -232,7 +232,8 @@ def test_the_generation_that_completes_the_lut_says_so(tmp_path, capsys):
             run_loop(model, 8)
     err = capsys.readouterr().err
     assert err.count("calibration complete with generation 1: the LUT ") == 1
-    assert err.count("holds 2 prompts (calibration.prompts 2); the generations after it skip") == 1
+    assert err.count("holds 2 prompts (calibration.prompts 2); it takes no more; attach TaoCache again to skip "
+                     "with it") == 1  # (from Python: this attach's plan stays; the launcher's next generation skips)
     assert "holds 1 prompts" not in err
 
 
@@ -394,3 +395,24 @@ def test_a_script_that_changes_its_folder_after_loading_the_config_keeps_its_lut
             pass
         assert not c.calibrating and c.lut.num_prompts == 2
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_in_one_attach_a_completed_calibration_takes_no_more_prompts(tmp_path, capsys):
+    """In one attach from Python, generations after the LUT was complete kept computing (said: 'the generations after
+    it skip') and kept adding prompts past calibration.prompts (4 became 6) (Python API walkthrough, 2026-11-27)."""
+    from trajectories import run_loop
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lut: lut.safetensors\ncalibration: {prompts: 2}\nloop: {steps: 8}\n")
+    model = GeometricDenoiser({"main": 0.9})
+    cache = TaoCache.from_yaml(cfg)
+    with cache.attach(model):
+        for _ in range(4):
+            cache.new_sample()
+            run_loop(model, 8)
+    from taohooks.taocache.lut import CalibrationLUT
+
+    assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 2
+    assert "attach TaoCache again to skip with it" in capsys.readouterr().err
+    with cache.attach(model):  # the next attach skips
+        assert not cache.calibrating

@@ -472,6 +472,7 @@ class GenerationPatch:
                          f"calibration.prompts {cache.config.calibration.prompts}); TaoCache skips from this "
                          "generation on")
         cache = self.make_cache(arguments)
+        cache.reattached_per_generation = True  # (this method attaches again once the calibration is complete)
         check_declared_loop(cache.config, loop, self.target())
         extra = self.callbacks_of(arguments, model) if self.callbacks_of else []
         cache.attach(model, loop.steps, loop.streams, split_batch=loop.split_batch, batch_dim=loop.batch_dim,

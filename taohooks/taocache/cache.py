@@ -295,6 +295,9 @@ class TaoCache:
         # of independent samplers): each adds what it calibrated to the LUT file; otherwise the ranks share each
         # prompt (sequence parallelism, gathered outputs) and rank 0 alone writes
         self.data_parallel = False
+        # the caller attaches again at each generation (the launcher, the Lightning callback), so a completed
+        # calibration switches to skipping at the next one; in one attach from Python the plan stays
+        self.reattached_per_generation = False
 
     @classmethod
     def from_yaml(cls, path: Union[str, os.PathLike], **kwargs) -> "TaoCache":
@@ -388,7 +391,9 @@ class TaoCache:
                                                 identity=dict(identity or {}),
                                                 error_horizon=cfg.calibration.error_horizon)
             self.plan = no_skip_plan(loop.steps, loop.streams)
-            own: list = [self.recorder, _SaveLUT(self.recorder, path, wanted, every_rank=self.data_parallel),
+            self.recorder.limit = wanted  # (a generation after the LUT is complete adds nothing to it)
+            own: list = [self.recorder, _SaveLUT(self.recorder, path, wanted, every_rank=self.data_parallel,
+                                                 reattached=self.reattached_per_generation),
                          *_teacache_fit_callbacks(cfg, path)]
         else:
             guard = expert_guard(lut, expert_boundary)
@@ -539,8 +544,9 @@ class _SaveLUT(Callback):
     detach and the end of the process, which say what could not be saved."""
 
     def __init__(self, recorder: CalibrationRecorder, path: Path, wanted: Optional[int] = None,
-                 every_rank: bool = False):
+                 every_rank: bool = False, reattached: bool = False):
         self.recorder, self.path, self.wanted, self.every_rank = recorder, path, wanted, every_rank
+        self.reattached = reattached
         self._exit_registered = False
         self._complete = False  # the LUT reached `wanted` (said once)
         self.said_complete = False  # ... and this process printed it
@@ -585,4 +591,6 @@ class _SaveLUT(Callback):
             self._complete = True                                        # generate.py) is told it is done
             self.said_complete = messages.notice(
                 f"calibration complete with generation {hook.label(sample)}: the LUT {self.path} holds {have} prompts "
-                f"(calibration.prompts {self.wanted}); the generations after it skip")
+                f"(calibration.prompts {self.wanted}); " + ("the generations after it skip" if self.reattached else
+                                                            "it takes no more; attach TaoCache again to skip with it "
+                                                            "(this attach keeps computing every step)"))

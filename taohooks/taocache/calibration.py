@@ -153,6 +153,7 @@ class CalibrationRecorder(Callback):
         self._history: Dict[str, _StreamHistory] = {}
         self._generation: Optional[_Generation] = None
         self._said_no_timesteps = False
+        self.limit: Optional[int] = None  # prompts after which later generations are not recorded (TaoCache's)
 
     def on_attach(self, hook) -> None:
         loop = hook.loop
@@ -170,6 +171,9 @@ class CalibrationRecorder(Callback):
         self._loop = loop
 
     def on_sample_start(self, hook, sample: int) -> None:
+        if self.limit is not None and self._known is not None and self._known.num_prompts >= self.limit:
+            self._history, self._generation = {}, None  # complete: the LUT takes no more prompts
+            return
         self._history = {s: _StreamHistory(self.error_horizon) for s in hook.loop.streams}
         self._generation = _Generation(hook.loop)
 
