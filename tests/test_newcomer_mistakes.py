@@ -416,3 +416,31 @@ def test_in_one_attach_a_completed_calibration_takes_no_more_prompts(tmp_path, c
     assert "attach TaoCache again to skip with it" in capsys.readouterr().err
     with cache.attach(model):  # the next attach skips
         assert not cache.calibrating
+
+
+def test_a_generation_found_to_begin_mid_window_is_not_predicted_from_the_one_before(capsys):
+    """repeat=False, a loop shorter than declared and no new_sample(): TaoCache saw the second loop begin at a skip
+    step and computed that call, then predicted the next ones from a delta across the two loops (Python API
+    walkthrough, 2026-11-27)."""
+    from taohooks import Callback
+    from taohooks.config import CalibrationConfig
+    from taohooks.testbed.model import VideoDiT
+    from taohooks.testbed.sampling import sample_flow
+
+    root = Path(__file__).resolve().parent.parent
+    model = VideoDiT.from_pretrained(root / "taohooks" / "testbed" / "weights" / "flow.safetensors")
+    cache = TaoCache(TaoCacheConfig(lut=str(root / "docs/results/full/flow/lut_flow.safetensors"),
+                                    calibration=CalibrationConfig(prompts=20), plan=PlanConfig(budget=8)))
+    computed = []
+
+    class Spy(Callback):
+        def on_after_call(self, hook, call, output):
+            if call.streams == ("cond",):
+                computed.append((call.step, call.computed))
+
+    with pytest.raises(RuntimeError, match="made more calls than declared"):
+        with cache.attach(model, steps=50, streams=("cond", "uncond"), timestep_arg=1, callbacks=[Spy()]):
+            assert cache.plan.window == (40, 47)
+            sample_flow(model, ["a red circle moving left"], [5], steps=40)
+            sample_flow(model, ["a red circle moving left"], [5], steps=40)
+    assert [c for s, c in computed if 40 <= s <= 47] == [True] * 8  # the second loop's first 8 calls: all computed

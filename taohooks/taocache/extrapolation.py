@@ -138,6 +138,8 @@ class TaoCacheCallback(Callback):
             delta = [r * d for d in state.delta]
             predictions.append(([e + d for e, d in zip(state.eps, delta)], delta))
         if not hook.in_line(call) or self._begins_a_generation(call):
+            if self._begins_a_generation(call):  # the rest of this numbered generation is another one's: computed
+                self._aligned = False  # (its next skips were predicted from a delta across the two generations)
             self._fallback(call, "out of line", "the call is not where the loop's reference generation had it")
             return None
         structure = self._states[call.streams[0]].structure
