@@ -444,3 +444,23 @@ def test_a_generation_found_to_begin_mid_window_is_not_predicted_from_the_one_be
             sample_flow(model, ["a red circle moving left"], [5], steps=40)
             sample_flow(model, ["a red circle moving left"], [5], steps=40)
     assert [c for s, c in computed if 40 <= s <= 47] == [True] * 8  # the second loop's first 8 calls: all computed
+
+
+def test_a_single_generation_shorter_than_declared_is_said_at_detach(capsys):
+    """Declared 8 steps, the loop ran 6: nothing was said (the 8-step LUT's ratios served a 6-step loop), while
+    new_sample() warns in the same case; an exception leaving the loop adds no such warning (walkthrough)."""
+    from trajectories import run_loop
+
+    messages.forget()
+    model = GeometricDenoiser({"main": 0.9})
+    with DenoiserHook(LoopSpec(8), []).attach(model) as hook:
+        hook.new_sample()
+        run_loop(model, 6)
+    assert "the hook was detached after 6 of 8 calls of generation 1 (8 steps x 1 call(s) (main)); is the declared " \
+           "number of steps right?" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        with DenoiserHook(LoopSpec(8), []).attach(model) as hook:
+            hook.new_sample()
+            run_loop(model, 3)
+            raise ValueError("the sampler failed")
+    assert "detached after" not in capsys.readouterr().err

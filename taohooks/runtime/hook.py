@@ -29,6 +29,7 @@ end of each generation and at each reuse the timesteps are read together (one sy
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -284,6 +285,10 @@ class DenoiserHook:
             lambda: {id(m): n for root in (module, *self.also) for n, m in root.named_modules()})
         try:
             if self._index is not None:
+                if self._index > 0 and sys.exc_info()[0] is None:  # (not while an exception leaves the loop)
+                    messages.warning(f"the hook was detached after {self._index} of {self.loop.total_calls} calls of "
+                                     f"generation {self.label(self._sample)} ({self.loop.describe()}); is the "
+                                     "declared number of steps right?")
                 self._abort("the hook was detached")
             for cb in reversed(self.callbacks):  # undo patches in the reverse order of attaching
                 cb.on_detach(self)
@@ -404,9 +409,10 @@ class DenoiserHook:
             if self._finished and not self.repeat:
                 raise RuntimeError(
                     f"taohooks: call {self.loop.total_calls + 1} of a generation declared as "
-                    f"{self.loop.describe()}: the loop made more calls than declared. Declare the right "
-                    "number of steps, call new_sample() before each generation, or attach with "
-                    "repeat=True to start a new generation automatically")
+                    f"{self.loop.describe()}: the loop made more calls than declared, or a new generation began "
+                    "without new_sample() (after loops that made fewer). Declare the right number of steps, call "
+                    "new_sample() before each generation, or attach with repeat=True to start a new generation "
+                    "automatically")
             if self._finished and ((self._reference_open and self._continues_reference(timestep))
                                    or self._stray(timestep)):
                 self._previous = timestep
