@@ -464,3 +464,23 @@ def test_a_single_generation_shorter_than_declared_is_said_at_detach(capsys):
             run_loop(model, 3)
             raise ValueError("the sampler failed")
     assert "detached after" not in capsys.readouterr().err
+
+
+def test_summary_says_what_composed_caches_saved_inside_the_computed_calls():
+    """summary() counted the calls whose block stack TeaCache or MagCache bypassed as 'computed' without a word (the
+    launcher's summary line names them) (Python API walkthrough, 2026-11-27)."""
+    from taohooks import Callback
+
+    class Residual(Callback):  # a TeaCache-like callback: a threshold, and the calls it reused
+        threshold, reused = 0.1, 3.0
+
+    class Broadcasting(Callback):
+        broadcasts = 5
+
+    cache = TaoCache(TaoCacheConfig(plan=PlanConfig(budget=0)))
+    model = GeometricDenoiser({"main": 0.9})
+    with cache.attach(model, 8, callbacks=[Residual(), Broadcasting()]):
+        pass
+    text = cache.summary()
+    assert "Residual reused the block residual on 3 of the computed calls" in text
+    assert "PAB broadcast 5 attention calls" in text

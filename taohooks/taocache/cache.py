@@ -448,6 +448,12 @@ class TaoCache:
         if s["misaligned_generations"]:
             lines.append(f"  generations out of line with the loop, computed without caching: "
                          f"{s['misaligned_generations']} ({s['stray_calls']} calls outside any generation)")
+        for cb in (self.hook.callbacks if self.hook is not None else ()):  # what the other caches saved inside
+            if hasattr(cb, "threshold") and hasattr(cb, "reused"):          # the calls counted as computed
+                lines.append(f"  {type(cb).__name__.replace('Callback', '')} reused the block residual on "
+                             f"{cb.reused:g} of the computed calls")
+            if hasattr(cb, "broadcasts"):
+                lines.append(f"  PAB broadcast {cb.broadcasts:g} attention calls")
         return "\n".join(lines)
 
 
