@@ -484,3 +484,20 @@ def test_summary_says_what_composed_caches_saved_inside_the_computed_calls():
     text = cache.summary()
     assert "Residual reused the block residual on 3 of the computed calls" in text
     assert "PAB broadcast 5 attention calls" in text
+
+
+def test_attach_arguments_that_contradict_the_configs_loop_are_said(capsys):
+    """attach(steps=50) with loop.steps 40, or other streams, ran as the arguments said without a word (Python API
+    walkthrough, 2026-11-27)."""
+    from taohooks.config import LoopConfig
+
+    messages.forget()
+    cache = TaoCache(TaoCacheConfig(loop=LoopConfig(steps=8, streams=["uncond", "cond"]), plan=PlanConfig(budget=0)))
+    with cache.attach(GeometricDenoiser({"cond": 0.9, "uncond": 0.8}), 6, ("cond", "uncond")):
+        pass
+    err = capsys.readouterr().err
+    assert "attach(steps=6) overrides the config's loop.steps 8" in err
+    assert "attach(streams=('cond', 'uncond')) overrides the config's loop.streams ('uncond', 'cond')" in err
+    with cache.attach(GeometricDenoiser({"uncond": 0.9, "cond": 0.8})):  # the config's own loop: no word
+        pass
+    assert "overrides" not in capsys.readouterr().err

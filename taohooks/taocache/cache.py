@@ -308,12 +308,20 @@ class TaoCache:
                   split_batch: Optional[bool] = None, batch_dim: Optional[int] = 0) -> LoopSpec:
         """The loop shape from the arguments, falling back to the config's ``loop`` section."""
         loop = self.config.loop
+        where = f" in {self.config.source}" if self.config.source else ""
+        if steps is not None and loop.steps is not None and steps != loop.steps:  # (taken without a word)
+            messages.warning(f"attach(steps={steps}) overrides the config's loop.steps {loop.steps}{where}",
+                             once=f"loop.steps {id(self)} {steps}")
         steps = steps if steps is not None else loop.steps
         if steps is None:
             raise ValueError("taohooks: the number of steps is unknown; pass steps= or set loop.steps in the config")
-        streams = streams if streams is not None else (loop.streams or ("main",))
         if isinstance(streams, str):  # one stream named by its name, not its letters
             streams = (streams,)
+        if streams is not None and loop.streams and tuple(streams) != tuple(loop.streams):
+            messages.warning(f"attach(streams={tuple(streams)}) overrides the config's loop.streams "
+                             f"{tuple(loop.streams)}{where} (the order is the order of the calls in each step)",
+                             once=f"loop.streams {id(self)} {tuple(streams)}")
+        streams = streams if streams is not None else (loop.streams or ("main",))
         split = split_batch if split_batch is not None else loop.split_batch
         return LoopSpec(steps, tuple(streams), split, batch_dim)
 
