@@ -501,3 +501,17 @@ def test_attach_arguments_that_contradict_the_configs_loop_are_said(capsys):
     with cache.attach(GeometricDenoiser({"uncond": 0.9, "cond": 0.8})):  # the config's own loop: no word
         pass
     assert "overrides" not in capsys.readouterr().err
+
+
+def test_a_manual_window_ending_on_a_refresh_is_said(capsys):
+    """window [30, 37] with refresh_every 3 ends on a computed step, described as the window's end, without a word
+    (Python API walkthrough, 2026-11-27)."""
+    from taohooks.taocache.plan import plan_from_window
+
+    messages.forget()
+    plan = plan_from_window(50, ["main"], 30, 37, 1.0, 3)
+    assert plan.skipped_steps == (30, 31, 32, 34, 35, 36)
+    assert "window [30, 37] with refresh_every 3 ends on a refresh (step 37 is computed, 6 skips): end it at 36, " \
+           "or at 38 for 7 skips" in capsys.readouterr().err
+    plan_from_window(50, ["main"], 30, 38, 1.0, 3)
+    assert capsys.readouterr().err == ""

@@ -20,6 +20,8 @@ from typing import Dict, FrozenSet, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..runtime import messages
+
 __all__ = ["SkipPlan", "PlanError", "COMPUTE", "SKIP", "REFRESH", "resolve_budget", "span_length",
            "window_actions", "search_window", "plan_from_window", "plan_from_steps", "no_skip_plan",
            "switch_guard", "check_unskippable"]
@@ -240,6 +242,13 @@ def plan_from_window(steps: int, streams: Sequence[str], first: int, last: int, 
         raise PlanError(f"window [{first}, {last}] must satisfy {FIRST_SKIPPABLE} <= first <= last < {steps} "
                         f"(steps count from 0; a skip needs two computed outputs before it)")
     marks = window_actions(first, last, refresh_every, refresh_width)
+    if source == "window" and marks.get(last) != SKIP:  # (a manual window: the search's never ends on a refresh)
+        skips = [t for t, a in marks.items() if a == SKIP]
+        later = next(e for e in range(last + 1, last + refresh_width + 2)
+                     if window_actions(first, e, refresh_every, refresh_width).get(e) == SKIP)
+        messages.warning(f"window [{first}, {last}] with refresh_every {refresh_every} ends on a refresh (step {last} "
+                         f"is computed, {len(skips)} skips): end it at {skips[-1]}, or at {later} for "
+                         f"{len(skips) + 1} skips", once=f"window-refresh {first} {last} {refresh_every}")
     actions = tuple(marks.get(t, COMPUTE) for t in range(steps))
     skips = [t for t, a in marks.items() if a == SKIP]
     return SkipPlan(steps, tuple(streams), actions, _ratios(streams, steps, skips, ratio_table), (first, last),
