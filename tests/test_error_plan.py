@@ -442,3 +442,20 @@ def test_settings_that_leave_nothing_or_change_nothing_are_said(capsys):
     assert "plan.min_step 60 and plan.protect_last 0 leave no step" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="plan.gamma: applies to rule: paper"):
         config_from_dict({"plan": {"rule": "auto", "budget": 8, "gamma": 2.0}})
+
+
+def test_known_correlations_that_cancel_more_than_there_is_fall_back_to_uncorrelated_chains():
+    """Three chains, the outer pair beyond the horizon: the two known (negative) correlations alone made each
+    prompt's error negative, clamped to 0 ('inf dB'; measured 0.84): then the chains add as uncorrelated (review)."""
+    steps, prompts, streams = 12, 3, ("main",)
+    model = TableDenoiser(steps, prompts, streams)
+    u = torch.randn(prompts, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in range(steps):  # eps_t = u, 0, u, 0, ...: D_t = -u, +u, ...
+            model.table[0, t] = u if t % 2 == 0 else 0 * u
+    lut = calibrate(model, steps, streams, prompts, horizon=4)
+    acts = tuple(SKIP if t in (3, 6, 9) else COMPUTE for t in range(steps))
+    plan = SkipPlan(steps, streams, acts, {"main": tuple(0.0 if a == SKIP else None for a in acts)})
+    predicted = predict_plan(plan, ErrorModel(lut.deltas, torch.ones(steps, dtype=torch.float64)))
+    assert predicted.per_prompt.min() > 0
+    assert torch.allclose(predicted.per_prompt, sum(c.per_prompt for c in predicted.chains))

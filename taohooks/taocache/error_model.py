@@ -199,8 +199,9 @@ class ErrorModel:
     def schedule(self, actions: Sequence[str], coefficients: Sequence[Sequence[Optional[float]]]) -> "ScheduleError":
         """Error of a whole schedule: each chain's own error, plus, for every two chains whose products were all
         calibrated (the pair spans at most the horizon), the correlation between them; a pair reaching beyond the
-        horizon is taken as uncorrelated (squares add). Exact in open loop when every pair is within the horizon;
-        NaN if a chain itself spans more than the horizon.
+        horizon is taken as uncorrelated (squares add), and where the known correlations then cancel more than
+        the chains' errors (a prompt below 0) all chains are added as uncorrelated. Exact in open loop when every
+        pair is within the horizon; NaN if a chain itself spans more than the horizon.
 
         (Earlier, the products beyond the horizon were taken as 0 inside one quadratic form with the known ones:
         not a Gram matrix, so per-prompt squared norms could come out negative, clamped to 0, and two distant
@@ -213,9 +214,10 @@ class ErrorModel:
         if any(c.last - c.first + 1 > self.horizon for c in chains):
             nan = torch.full((prompts,), float("nan"), dtype=torch.float64)
             return ScheduleError(chains, math.nan, nan)
-        per_prompt = torch.stack([c.per_prompt for c in chains]).sum(0)
+        uncorrelated = torch.stack([c.per_prompt for c in chains]).sum(0)
         pairs = [(i, j) for i in range(len(spans)) for j in range(i + 1, len(spans))
                  if spans[j][1] - spans[i][0] + 1 <= self.horizon]
+        per_prompt = uncorrelated
         if pairs:
             for s in range(self.streams):
                 v = [self._vectors(actions, coefficients[s], a, b)[0] for a, b in spans]
@@ -223,7 +225,12 @@ class ErrorModel:
                 for i, j in pairs:  # 2 <F_i, F_j>, from the squared norm of their sum
                     per_prompt = per_prompt + (self._quadratic(v[i] + v[j], s) - own[i] - own[j]) \
                         / self.numel[s] / self.streams
-            per_prompt = per_prompt.clamp(min=0.0)  # (>= 0 whenever every pair is known; see the tests)
+            # >= 0 whenever every pair is known (a squared norm); with a pair beyond the horizon the known
+            # correlations alone can cancel more than there is: then the chains are added as uncorrelated
+            tolerance = 1e-9 * float(uncorrelated.abs().max())
+            if len(pairs) < len(spans) * (len(spans) - 1) // 2 and bool((per_prompt < -tolerance).any()):
+                per_prompt = uncorrelated
+            per_prompt = per_prompt.clamp(min=0.0)  # (rounding, where an exact extrapolation cancels)
         return ScheduleError(chains, float(per_prompt.mean()), per_prompt)
 
 
