@@ -380,16 +380,16 @@ def _cmd_bench(args) -> int:
                                                          "--update to add this run's records to them, or choose "
                                                          "another folder (or remove that one)")
     signals: List[int] = []
+    finished: List[str] = []
     try:
         with terminate_as_interrupt(signals):
-            records = run_bench(config, previous=previous)
+            records = run_bench(config, previous=previous, finished=finished)
     except KeyboardInterrupt:  # (a traceback for Ctrl-C, nothing at all for SIGTERM)
-        done = {r["model"] for r in load_results(path)["records"]} if path.is_file() else set()
-        left = [m for m in config.models if m not in done]
-        then = (f"; run the others with --update --models {' '.join(left)} -o {config.output}" if done else
-                "; run the same command again") if left else ""
-        print(f"taocache bench: {'terminated' if signals else 'interrupted'}; {path} holds the models that finished"
-              f" ({', '.join(sorted(done)) or 'none yet'}){then}", file=sys.stderr)
+        left = [m for m in config.models if m not in finished]
+        then = f"; run the others with --update --models {' '.join(left)} -o {config.output}" if finished else \
+            "; run the same command again"
+        print(f"taocache bench: {'terminated' if signals else 'interrupted'}; {path} holds the models this run "
+              f"finished ({', '.join(finished) or 'none'}){then}", file=sys.stderr)
         return 143 if signals else 130
     print(markdown_tables(records))
     print(f"wrote {config.output}/results.json, results.md and plots")

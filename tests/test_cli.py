@@ -301,10 +301,8 @@ def test_bench_walkthrough_findings(tmp_path, capsys, monkeypatch):
     runs it), blamed on the command line; budgets that round alike were taken with only threshold methods (two
     records under one key); a command-line value was named by its YAML key; Ctrl-C printed a traceback and SIGTERM
     nothing (bench walkthrough, 2026-11-27)."""
-    import json
     import os
     import signal
-    from pathlib import Path
 
     from taohooks.evaluation import bench
     from taohooks.evaluation.testbed_model import weights_path
@@ -324,22 +322,30 @@ def test_bench_walkthrough_findings(tmp_path, capsys, monkeypatch):
     assert main(["bench", str(config), "--models", "flwo", "-o", str(tmp_path / "out")]) == 1
     assert "command line: --models: unknown testbed model 'flwo'" in capsys.readouterr().err
 
-    def stopped(config, previous=None):
+    def stopped(config, previous=None, finished=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(bench, "run_bench", stopped)
     assert main(["bench", str(config), "-o", str(tmp_path / "out")]) == 130
     err = capsys.readouterr().err
-    assert "taocache bench: interrupted; " in err and "(none yet); run the same command again" in err
+    assert "taocache bench: interrupted; " in err and "(none); run the same command again" in err
     assert "Traceback" not in err
-    def first_model_then_killed(config, previous=None):  # the flow model's records written, then SIGTERM
-        (tmp_path / "two" / "results.json").write_text('{"meta": {}, "records": [{"model": "flow"}]}')
+    def first_model_then_killed(config, previous=None, finished=None):  # the flow model written, then SIGTERM
+        finished.append("flow")
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(bench, "run_bench", first_model_then_killed)
-    monkeypatch.setattr(bench, "load_results", lambda path: json.loads(Path(path).read_text()))
-    (tmp_path / "two").mkdir()
     assert main(["bench", str(config), "-o", str(tmp_path / "two")]) == 143
     err = capsys.readouterr().err
-    assert "taocache bench: terminated; " in err and "holds the models that finished (flow); run the others with " \
-        f"--update --models eps -o {tmp_path / 'two'}" in err
+    assert "taocache bench: terminated; " in err and "holds the models this run finished (flow); run the others " \
+        f"with --update --models eps -o {tmp_path / 'two'}" in err
+
+
+def test_bench_draws_its_strip_at_the_budget_nearest_16_percent(tmp_path):
+    """The strip was drawn only when a budget was exactly 0.16 (bench walkthrough, 2026-11-27)."""
+    config = tmp_path / "b.yaml"
+    config.write_text("models: [flow]\nmethods: [taocache]\nbudgets: [0.3, 0.2]\nsteps: 10\neval_pairs: 1\n"
+                      "calibration_pairs: 2\nsearch_pairs: 1\nlpips: false\ntiming_repeats: 1\nbatch_size: 1\n"
+                      "threads: 1\n")
+    assert main(["bench", str(config), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "strip_flow.png").is_file()

@@ -1290,3 +1290,31 @@ def test_folders_of_the_previous_version_resume(tmp_path):
                                alike={"magcache_k": (None, 2)})
     with pytest.raises(ConfigError, match="magcache_k = 2, this experiment has 3"):
         store.check_experiment({**new, "magcache_k": 3}, grown=("model",), alike={"magcache_k": (None, 2)})
+
+
+def test_a_folder_of_another_experiment_is_said_as_such_before_its_thresholds(tmp_path, launcher_state, capsys):
+    """The stored-threshold check ran before the experiment check: a folder of another script or loop was refused
+    over its search settings, hiding the real difference (review, 2026-11-27)."""
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, teacache]").replace(
+        "budgets: [0.2, 0.3]", "budgets: [0.2]").replace(
+        "  - {prompt: \"a green square moving up, with a static blue dot\", seed: 10001}\n", "")
+    path = write(tmp_path, text)
+    assert compare(path) == 0
+    capsys.readouterr()
+    other = write(tmp_path, text.replace("search_iterations: 4", "search_iterations: 6"))
+    assert cli.main(["compare", str(other), "--", str(SCRIPT), "--model", "flow", "--steps", "12",
+                     "--out", str(tmp_path / "never.png")]) == 2
+    err = capsys.readouterr().err
+    assert "this output folder holds runs made with" in err and "search_iterations" not in err
+
+
+def test_an_unset_method_setting_is_named_by_its_default():
+    import tempfile
+
+    from taohooks.compare.store import RunStore
+
+    with tempfile.TemporaryDirectory() as folder:
+        store = RunStore(folder, writer=True)
+        store.check_experiment({"calibration.sampler": "x", "magcache_k": None})
+        with pytest.raises(ConfigError, match=r"magcache_k = unset \(the default, 2\), this experiment has 3"):
+            store.check_experiment({"calibration.sampler": "x", "magcache_k": 3}, alike={"magcache_k": (None, 2)})

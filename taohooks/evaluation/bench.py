@@ -251,12 +251,13 @@ def merge_records(kept: List[dict], new: List[dict]) -> List[dict]:
 
 
 def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, command: str = "bench",
-              replace: bool = False) -> List[dict]:
-    """Run the experiment; returns the records and writes the files under ``config.output``.
+              replace: bool = False, finished: Optional[List[str]] = None) -> List[dict]:
+    """Run the experiment; returns the records and writes the files under ``config.output``. ``finished``: each
+    model's name is added to it once its records are written (what an interrupted run kept).
 
     ``previous``: an earlier ``results.json`` (:func:`load_results`) to update: its records are
     kept except those this run makes again, its ``meta`` gains an entry under ``updates``, and
-    the PNG strip, the LUTs and the calibration plots are left as they were. The file is written
+    the PNG strip, the LUTs and the calibration plots are left as they were (a missing strip is drawn). The file is written
     under its lock, read again first, so that updates running side by side all keep their records.
     Without ``previous``, an existing ``results.json`` is refused (when it is written) unless ``replace``.
     """
@@ -317,6 +318,8 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
             bar.close()
         keep = write_results(records, out_dir, config, time.perf_counter() - started, update=previous is not None,
                              run_id=run_id, weights_sha256=sums, command=command, replace=replace)
+        if finished is not None:
+            finished.append(name)
         if len(strips) > 1 and not (previous and (out_dir / f"strip_{name}.png").exists()):  # (an update keeps one)
             write_strip(strips, out_dir / f"strip_{name}.png")
         log(f"[{name}] done; {len(records)} records so far ({time.perf_counter() - started:.0f} s)")
