@@ -257,8 +257,8 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
 
     ``previous``: an earlier ``results.json`` (:func:`load_results`) to update: its records are
     kept except those this run makes again, its ``meta`` gains an entry under ``updates``, and
-    the PNG strip, the LUTs and the calibration plots are left as they were (a missing strip is drawn). The file is written
-    under its lock, read again first, so that updates running side by side all keep their records.
+    the PNG strip, the LUTs and the calibration plots are left as they were (a missing strip is drawn). The file
+    is written under its lock, read again first, so that updates running side by side all keep their records.
     Without ``previous``, an existing ``results.json`` is refused (when it is written) unless ``replace``.
     """
     keep = previous["records"] if previous else []

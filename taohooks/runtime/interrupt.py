@@ -1,4 +1,5 @@
-"""SIGTERM (a scheduler's time limit, ``timeout``, ``kill``) handled as Ctrl-C is, for commands that say how to go on."""
+"""SIGTERM (a scheduler's time limit, ``timeout``, ``kill``) handled as Ctrl-C is, for commands that say how to go
+on."""
 from __future__ import annotations
 
 import contextlib
