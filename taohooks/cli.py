@@ -321,19 +321,10 @@ def _cmd_bench(args) -> int:
     from .evaluation.bench import load_bench_config, load_results, markdown_tables, run_bench, settle_lpips
     from .runtime.interrupt import terminate_as_interrupt
 
-    config = load_bench_config(args.config)
+    config = load_bench_config(args.config, {"threads": args.threads, "models": args.models,
+                                             "methods": args.methods, "device": args.device})
     if args.output:
         config.output = args.output
-    if args.threads is not None:
-        config.threads = args.threads
-    if args.models:
-        config.models = args.models
-    if args.methods:
-        config.methods = args.methods
-    if args.device:
-        config.device = args.device
-    if args.models:  # a YAML's checkpoints of the models this process leaves out (one model per process)
-        config.weights = {m: w for m, w in config.weights.items() if m in config.models}
     given = set()  # the models whose checkpoint the command line names
     for item in args.weights or ():
         model, sep, path = item.partition("=")

@@ -349,3 +349,16 @@ def test_bench_draws_its_strip_at_the_budget_nearest_16_percent(tmp_path):
                       "threads: 1\n")
     assert main(["bench", str(config), "-o", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "strip_flow.png").is_file()
+
+
+def test_bench_command_line_values_replace_the_files_before_it_is_checked(tmp_path, capsys):
+    """A YAML value the command line replaces was still refused (device: cuda with --device cpu; threads: 0 with
+    --threads 1) (review, 2026-11-27)."""
+    config = tmp_path / "b.yaml"
+    config.write_text("models: [flow]\ndevice: cuda\nthreads: 0\n")
+    (tmp_path / "afile").write_text("")
+    assert main(["bench", str(config), "--device", "cpu", "--threads", "1", "-o", str(tmp_path / "afile")]) == 1
+    err = capsys.readouterr().err
+    assert "afile" in err and "device" not in err and "threads" not in err  # past the settings, at the output
+    assert main(["bench", str(config), "--device", "cpu", "--threads", "0", "-o", str(tmp_path / "afile")]) == 1
+    assert "command line: --threads: expected an integer >= 1" in capsys.readouterr().err

@@ -180,13 +180,24 @@ def settle_lpips(config: BenchConfig):
     return model
 
 
-def load_bench_config(path) -> BenchConfig:
+def load_bench_config(path, overrides: Optional[Dict[str, object]] = None) -> BenchConfig:
+    """The bench config at ``path``, with ``overrides`` (the command line's values, by YAML key) put in before it
+    is checked: a value the command line replaces is not refused from the file, and one it gives is named by its
+    flag (``--key``)."""
     from ..config import ConfigError, is_taocache_config
 
     data = read_yaml(path)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if given and isinstance(data, dict):
+        data = {**data, **given}
+        if "models" in given and isinstance(data.get("weights"), dict):  # (one model per process: the others')
+            data["weights"] = {m: w for m, w in data["weights"].items() if m in given["models"]}
     try:
         return dataclass_from_dict(BenchConfig, data, str(path))
-    except ConfigError:
+    except ConfigError as exc:
+        key = (exc.key or "").split("[")[0].split(".")[0]
+        if key in given:
+            raise ConfigError("command line", f"--{key}", str(exc).split(f"{exc.key}: ", 1)[-1]) from None
         if is_taocache_config(data):
             raise ConfigError(str(path), "", "this is a TaoCache config (for --taocache / taocache-run); a bench config "
                                              "lists models, methods and budgets: see configs/bench.yaml") from None
