@@ -515,3 +515,29 @@ def test_a_manual_window_ending_on_a_refresh_is_said(capsys):
            "or at 38 for 7 skips" in capsys.readouterr().err
     plan_from_window(50, ["main"], 30, 38, 1.0, 3)
     assert capsys.readouterr().err == ""
+
+
+def test_a_skipping_run_whose_timestep_cannot_be_read_is_told(tmp_path, capsys):
+    """Calibration and repeat=True warned that the timestep could not be read; a skipping run, whose timesteps are
+    what the LUT check compares, said nothing (Python API walkthrough, 2026-11-27)."""
+    from trajectories import run_loop
+
+    model = PositionalTimestep()
+    rec = CalibrationRecorder()
+    with DenoiserHook(LoopSpec(8), [rec], timestep_arg=1).attach(model) as hook:
+        for _ in range(2):
+            hook.new_sample()
+            x = torch.ones(2)
+            for t in range(8):
+                x = model(x, torch.tensor(float(t)))
+    rec.save(tmp_path / "lut.safetensors")
+    messages.forget()
+    from taohooks.config import CalibrationConfig
+
+    cache = TaoCache(TaoCacheConfig(lut=str(tmp_path / "lut.safetensors"), calibration=CalibrationConfig(prompts=4),
+                                    plan=PlanConfig(window=[5, 6])))
+    with cache.attach(model, 8):  # no timestep_arg: the positional timestep is not read
+        x = torch.ones(2)
+        for t in range(8):
+            x = model(x, torch.tensor(float(t)))
+    assert "so this run's timesteps cannot be checked against the LUT's" in capsys.readouterr().err

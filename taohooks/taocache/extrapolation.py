@@ -194,6 +194,12 @@ class TaoCacheCallback(Callback):
         if expected is None or "timestep" in self._warned:
             return
         seen, want = call.timestep, float(expected[call.step])
+        if seen is None and not math.isnan(want):  # (said for calibration and repeat=True; a skipping run said nothing)
+            self._warn_once("timestep", "taohooks: the hook cannot read the timestep of the model's calls, so this "
+                                        "run's timesteps cannot be checked against the LUT's (a sampler, shift or "
+                                        "schedule other than calibration's would go unnoticed). Give timestep_arg= "
+                                        "(the keyword or the position of the timestep in the call)")
+            return
         if seen is None or math.isnan(want):
             return
         if not timesteps_match(seen, want):
