@@ -572,9 +572,9 @@ class GenerationPatch:
         extras = "".join(f"; {label.format(f'{n - old.get(label, 0):g}')}"
                          for label, n in self._extra_counts(cache).items()
                          if n - old.get(label, 0) or "fallbacks" not in label and "out of line" not in label)
-        if cache.calibrating and cache.held_prompts() < cache.config.calibration.prompts:  # (a run ending here said
-            # nothing after its first line of how many prompts are left)
-            extras += f"; the LUT holds {cache.held_prompts()} of {cache.config.calibration.prompts} prompts"
+        held = cache.held_prompts() if cache.calibrating else None  # (a run ending before the LUT is complete said
+        if held is not None and held < cache.config.calibration.prompts:  # how many it holds in its first line only)
+            extras += f"; the LUT holds {held} of {cache.config.calibration.prompts} prompts"
         loops = cache.hook.sample - before.get("_sample", cache.hook.sample - 1)
         clips = f" over {loops} sampling loops (clips)" if loops > 1 else ""  # Wan2.2 S2V/Animate: one per clip
         return (f"taohooks: generation {self.generations}: {saved} of {total} denoiser calls saved "

@@ -137,9 +137,10 @@ class TaoCacheCallback(Callback):
             r = self.plan.ratio(name, step)
             delta = [r * d for d in state.delta]
             predictions.append(([e + d for e, d in zip(state.eps, delta)], delta))
-        if not hook.in_line(call) or self._begins_a_generation(call):
-            if self._begins_a_generation(call):  # the rest of this numbered generation is another one's: computed
-                self._aligned = False  # (its next skips were predicted from a delta across the two generations)
+        out_of_line = not hook.in_line(call)
+        if not out_of_line and self._begins_a_generation(call):  # the rest of this numbered generation is another
+            out_of_line, self._aligned = True, False  # one's: computed (not predicted across the two generations)
+        if out_of_line:
             self._fallback(call, "out of line", "the call is not where the loop's reference generation had it")
             return None
         structure = self._states[call.streams[0]].structure
@@ -194,13 +195,13 @@ class TaoCacheCallback(Callback):
         if expected is None or "timestep" in self._warned:
             return
         seen, want = call.timestep, float(expected[call.step])
-        if seen is None and not math.isnan(want):  # (said for calibration and repeat=True; a skipping run said nothing)
+        if math.isnan(want):
+            return
+        if seen is None:  # (said for calibration and repeat=True; a skipping run said nothing)
             self._warn_once("timestep", "taohooks: the hook cannot read the timestep of the model's calls, so this "
                                         "run's timesteps cannot be checked against the LUT's (a sampler, shift or "
                                         "schedule other than calibration's would go unnoticed). Give timestep_arg= "
                                         "(the keyword or the position of the timestep in the call)")
-            return
-        if seen is None or math.isnan(want):
             return
         if not timesteps_match(seen, want):
             self._warn_once("timestep", f"taohooks: step {call.step} runs at timestep {seen:g}, the LUT was "
