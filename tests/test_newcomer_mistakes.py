@@ -482,7 +482,7 @@ def test_summary_says_what_composed_caches_saved_inside_the_computed_calls():
     with cache.attach(model, 8, callbacks=[Residual(), Broadcasting()]):
         pass
     text = cache.summary()
-    assert "Residual reused the block residual on 3 of the computed calls" in text
+    assert "TeaCache reused the block residual on 3 calls" in text
     assert "PAB broadcast 5 attention calls" in text
 
 

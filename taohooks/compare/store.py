@@ -155,10 +155,15 @@ class RunStore:
         path = self.folder / "experiment.json"
         alike = alike or {}
 
-        def same(k) -> bool:
+        def compared(k):
+            """The folder's value of ``k`` and this experiment's, less the entries a grown setting did not record."""
             was, now = old.get(k), fingerprint.get(k)
             if k in grown and isinstance(was, dict) and isinstance(now, dict):
                 now = {sub: v for sub, v in now.items() if sub in was}
+            return was, now
+
+        def same(k) -> bool:
+            was, now = compared(k)
             return was == now or (k in alike and was in alike[k] and now in alike[k])
 
         if path.is_file():
@@ -172,9 +177,7 @@ class RunStore:
                     raise ConfigError(str(path), k, f"this output folder was made by an earlier taohooks, which did "
                                       f"not record {k} (this experiment has {fingerprint.get(k)!r}); its runs cannot "
                                       "be checked against this experiment: use another output folder (or delete it)")
-                was, now = old.get(k), fingerprint.get(k)
-                if k in grown and isinstance(was, dict) and isinstance(now, dict):  # (entries it did not record)
-                    now = {sub: v for sub, v in now.items() if sub in was}
+                was, now = compared(k)
                 if isinstance(was, dict) and isinstance(now, dict):  # name the entry that differs (call settings)
                     sub = next(s for s in sorted(set(was) | set(now)) if was.get(s) != now.get(s))
                     k, was, now = f"{k}.{sub}", was.get(sub, "(not given)"), now.get(sub, "(not given)")

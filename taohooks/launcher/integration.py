@@ -549,12 +549,8 @@ class GenerationPatch:
     @staticmethod
     def _extra_counts(cache: TaoCache) -> Dict[str, float]:
         """Counters of the other caches on the hook (TeaCache's reused calls, PAB's broadcasts)."""
-        counts: Dict[str, float] = {}
+        counts: Dict[str, float] = dict(cache.composed_counts())
         for cb in cache.hook.callbacks:
-            if hasattr(cb, "threshold") and hasattr(cb, "reused"):
-                counts["TeaCache reused the block residual on {} calls"] = cb.reused
-            if hasattr(cb, "broadcasts"):
-                counts["PAB broadcast {} attention calls"] = cb.broadcasts
             if hasattr(cb, "fallback_reasons"):
                 counts["{} planned skips computed instead (fallbacks; see the warnings)"] = cb.fallbacks
         if cache.hook.stray_calls:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -456,13 +456,19 @@ class TaoCache:
         if s["misaligned_generations"]:
             lines.append(f"  generations out of line with the loop, computed without caching: "
                          f"{s['misaligned_generations']} ({s['stray_calls']} calls outside any generation)")
-        for cb in (self.hook.callbacks if self.hook is not None else ()):  # what the other caches saved inside
-            if hasattr(cb, "threshold") and hasattr(cb, "reused"):          # the calls counted as computed
-                lines.append(f"  {type(cb).__name__.replace('Callback', '')} reused the block residual on "
-                             f"{cb.reused:g} of the computed calls")
-            if hasattr(cb, "broadcasts"):
-                lines.append(f"  PAB broadcast {cb.broadcasts:g} attention calls")
+        lines += [f"  {label.format(f'{n:g}')}" for label, n in self.composed_counts().items()]
         return "\n".join(lines)
+
+    def composed_counts(self) -> Dict[str, float]:
+        """What the caches composed with TaoCache saved inside the calls it computed (TeaCache's reused calls, PAB's
+        broadcasts), by message label (``{}``: the count); the summaries say them."""
+        counts: Dict[str, float] = {}
+        for cb in (self.hook.callbacks if self.hook is not None else ()):
+            if hasattr(cb, "threshold") and hasattr(cb, "reused"):
+                counts["TeaCache reused the block residual on {} calls"] = cb.reused
+            if hasattr(cb, "broadcasts"):
+                counts["PAB broadcast {} attention calls"] = cb.broadcasts
+        return counts
 
 
 def _teacache_proxy(config: TaoCacheConfig) -> dict:
