@@ -32,8 +32,8 @@ from .runtime.loop import LoopSpec
 from .runtime.io import special_file_kind
 from .taocache.lut import CalibrationLUT, LUTMismatchError, merge_luts
 from .taocache.plan import PlanError
-from .taocache.cache import (check_config_before_run, check_config_lut, expert_guard, lut_for_steps, make_plan,
-                             sampler_label, unfinished_lut_steps_problem)
+from .taocache.cache import (check_config_before_run, check_config_lut, expert_guard, hybrid_range_problems,
+                             lut_for_steps, make_plan, sampler_label, unfinished_lut_steps_problem)
 
 __all__ = ["main", "build_parser"]
 
@@ -49,6 +49,9 @@ def _cmd_check(args) -> int:
     lines = [yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip()]
     path = config.lut_path()
     check_config_before_run(config, writable=False)  # (check changes nothing on disk)
+    from .run import check_teacache_fit
+
+    check_teacache_fit(config)  # teacache.calibrated: the fit file a run reads (taocache-run refused it, check passed)
     if path is not None:
         if path.is_file():
             lut = CalibrationLUT.load(path)
@@ -72,6 +75,7 @@ def _cmd_check(args) -> int:
             lut.check(loop, config.model_id, sampler_label(config))
             plan = make_plan(config.plan, loop.steps, loop.streams, lut, unskippable=expert_guard(lut))
             lines.append(f"# plan: {plan.describe()}")
+            lines += [f"# warning: {problem}" for problem in hybrid_range_problems(config, plan)]
         else:
             note = "the first run calibrates it" if config.calibration.auto else "calibration.auto is off"
             lines.append(f"# LUT {path} does not exist yet ({note})")

@@ -30,7 +30,8 @@ INTEGRATIONS = ("none", "wan", "wan22", "latte", "opensora_plan", "videosys", "d
 # Differences between a LUT's recorded identity and a run that ``calibration.accept`` may name.
 ACCEPTABLE_DIFFERENCES = ("model", "architecture", "task", "dtype", "scheduler", "shift", "solver_order",
                           "prediction_type", "sampling_steps", "timesteps", "pixels", "frame_num", "height", "width",
-                          "frames", "temporal_attention")
+                          "frames", "temporal_attention", "expert_boundary", "experts",
+                          "guide_scale", "image")
 MAX_STEPS = 100_000    # loop.steps, step indices and step counts are at most this
 MAX_PROMPTS = 100_000  # calibration.prompts is at most this
 FIRST_SKIPPABLE = 2    # as taohooks.taocache.plan.FIRST_SKIPPABLE: a skip needs two computed outputs before it
@@ -566,6 +567,11 @@ def _section_type(hint: Any) -> Optional[type]:
     return sections[0] if sections else None
 
 
+# keys of the Python API written in a YAML section where the YAML says it otherwise
+PYTHON_NAMES = {"teacache.max_step": "the YAML sets it from TaoCache's window: teacache.guard_band, the steps TeaCache "
+                                     "stops before the window (max_step = window start - guard_band)"}
+
+
 def build_dataclass(cls: type, data: Dict[str, Any], prefix: str, source: Optional[str]) -> Any:
     """``cls(**data)`` with every key checked and coerced (unknown keys and wrong types are
     :class:`ConfigError` s naming ``prefix.key``); no ``validate``: see :func:`dataclass_from_dict`."""
@@ -581,6 +587,7 @@ def build_dataclass(cls: type, data: Dict[str, Any], prefix: str, source: Option
                     and str(key) in {_yaml_key(g) for g in dataclasses.fields(_section_type(hints[f.name]))}]
             if home and not close:  # plan's budget written at the top level: indented one level too little
                 hint = f"; it is a key of {prefix + '.' if prefix else ''}{home[0]}: indent it under {home[0]}:"
+            hint = f"; {PYTHON_NAMES[path]}" if path in PYTHON_NAMES else hint
             raise ConfigError(source, path, f"unknown key{hint} (valid here: {', '.join(fields)})")
         f = fields[key]
         kwargs[f.name] = _coerce(value, hints[f.name], path, source)

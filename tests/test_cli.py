@@ -44,6 +44,14 @@ def test_check(lut_path, tmp_path, capsys):
     cfg.write_text(f"model_id: other\nlut: {lut_path.name}\n")
     assert main(["check", str(cfg)]) == 1
     assert "model_id: 'other', but the LUT" in capsys.readouterr().err
+    # the composed sections' problems a run would find (compose walkthrough, 2026-11-27: both passed the check)
+    base = f"model_id: geo\nlut: {lut_path.name}\nloop: {{steps: 20, streams: [cond, uncond]}}\nplan: {{budget: 3}}\n"
+    cfg.write_text(base + "teacache: {threshold: 0.3, guard_band: 30}\n")
+    assert main(["check", str(cfg)]) == 0
+    assert f"# warning: {cfg}: teacache.guard_band: 30 steps before TaoCache's window" in capsys.readouterr().out
+    cfg.write_text(base + "teacache: {threshold: 0.3, calibrated: true}\n")
+    assert main(["check", str(cfg)]) == 1
+    assert f"teacache.calibrated: {tmp_path / 'geo.teacache.json'} does not exist" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_not_tracebacks(lut_path, tmp_path, capsys):
@@ -349,6 +357,10 @@ def test_bench_draws_its_strip_at_the_budget_nearest_16_percent(tmp_path):
                       "threads: 1\n")
     assert main(["bench", str(config), "-o", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "strip_flow.png").is_file()
+    # strip_pairs: 0 (accepted) draws none: it ended in a torch.cat error after results.json (compose walkthrough)
+    config.write_text(config.read_text() + "strip_pairs: 0\n")
+    assert main(["bench", str(config), "-o", str(tmp_path / "none")]) == 0
+    assert (tmp_path / "none" / "results.json").is_file() and not (tmp_path / "none" / "strip_flow.png").exists()
 
 
 def test_bench_command_line_values_replace_the_files_before_it_is_checked(tmp_path, capsys):

@@ -1,4 +1,6 @@
 """The pab: and teacache: config sections: validation, and what TaoCache builds from them."""
+import re
+
 import pytest
 import torch
 
@@ -57,6 +59,52 @@ def test_hybrid_tea_range_ends_a_guard_band_before_the_window():
     assert isinstance(tea, TeaCacheCallback) and tea.max_step == 11 and tea.coefficients == [1.0, 0.0]
     assert isinstance(pab, PyramidAttentionBroadcast) and pab.steps == (1, 8)
     assert plan.refresh_steps == (16,) and pab.reset_steps == frozenset({16, 18})  # resume steps
+
+
+@pytest.mark.parametrize("guard,said", [
+    (14, "teacache.guard_band: 14 steps before TaoCache's window (its first skipped step is 14) leave TeaCache no "
+         "step to reuse"),
+    (13, "leave TeaCache no step to reuse (it computes every step from 1 on, and the first 1)"),
+    (0, "teacache.guard_band: 0: TaoCache's first skip (step 14) extrapolates from steps 12 and 13, which TeaCache "
+        "may then have reused"),
+    (1, "the paper's guard band is 2-3 steps"),
+    (2, None), (12, None)])
+def test_a_guard_band_that_empties_teacache_or_feeds_the_window_is_said(guard, said, capsys):
+    """Both ran without a word (compose walkthrough, 2026-11-27): a guard band reaching the window start gave
+    TeaCache no step; one under 2 let TeaCache's reused outputs be what TaoCache's first skip extrapolates from
+    (3.1 dB on the flow model)."""
+    from taohooks.taocache.cache import hybrid_range_problems
+
+    config = config_from_dict({"teacache": {"threshold": 0.1, "guard_band": guard}}, "c.yaml")
+    plan = plan_from_window(20, ("main",), 14, 17, 1.0)
+    problems = hybrid_range_problems(config, plan)
+    assert problems == [] if said is None else (len(problems) == 1 and problems[0].startswith("c.yaml: ")
+                                                 and said in problems[0])
+    section_callbacks(config, plan)
+    err = capsys.readouterr().err
+    assert (said is None and err == "") or (said is not None and f"taohooks: warning: {problems[0]}" in err)
+
+
+def test_the_python_name_of_a_teacache_key_points_to_the_yaml_one():
+    with pytest.raises(ConfigError, match=r"teacache.max_step: unknown key; the YAML sets it from TaoCache's window: "
+                                          r"teacache.guard_band"):
+        config_from_dict({"teacache": {"threshold": 0.1, "max_step": 9}}, "c.yaml")
+
+
+def test_a_pab_pattern_matching_nothing_is_refused_while_calibrating_too(tmp_path):
+    """A calibrating run attaches no PAB, so a pattern naming no module passed every run until the LUT was complete
+    (compose walkthrough, 2026-11-27); the error now names the file and the group."""
+    from taohooks.caches.pab import PABPatternError
+
+    config = config_from_dict({"lut": str(tmp_path / "l.safetensors"), "calibration": {"prompts": 2},
+                               "pab": {"groups": [{"pattern": r"blocks\.\d+\.attn", "range": 2},
+                                                  {"pattern": r"blocks\.\d+\.self_attn", "range": 2}],
+                                       "steps": [1, 8]}}, "c.yaml")
+    said = "PAB pattern %r (c.yaml: pab.groups[1].pattern) matches no module of TinyDiT (names look like " \
+           "'blocks.0.attn'" % r"blocks\.\d+\.self_attn"
+    with pytest.raises(PABPatternError, match=re.escape(said)):
+        TaoCache(config).attach(TinyDiT(), 12)
+    assert not (tmp_path / "l.safetensors").exists()
 
 
 def test_a_zero_threshold_attaches_no_teacache():
@@ -212,3 +260,28 @@ def test_a_recalibrated_lut_starts_its_teacache_fit_again(tmp_path):
     config = config_from_dict(data, str(tmp_path / "c.yaml"))
     with pytest.raises(ValueError, match="was fitted while calibrating another LUT"):
         fitted_coefficients(fit_path(lut), _teacache_proxy(config), "2000-01-01T00:00:00+00:00")
+
+
+def test_teacache_and_pab_composed_in_python_without_their_settings_are_said(capsys):
+    """Given to attach(callbacks=) without max_step / reset_on_resume, TeaCache reused the two outputs TaoCache
+    extrapolates from and PAB broadcast attention from before the window, without a word (compose walkthrough)."""
+    from taohooks.caches.pab import BroadcastGroup
+
+    config = config_from_dict({"plan": {"window": [8, 9], "ratio": 1.0}})
+
+    def attach_with(*callbacks):
+        cache = TaoCache(config)
+        with cache.attach(TinyDiT(), 12, callbacks=iter(callbacks)) as hook:  # (any iterable)
+            assert hook.callbacks[1:] == list(callbacks)
+        return capsys.readouterr().err
+
+    err = attach_with(TeaCacheCallback(0.3, [1.0, 0.0]),
+                      PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.\d+\.attn", 2)], steps=(1, 11)))
+    assert ("attach(callbacks=...): TeaCacheCallback may reuse on every step but its warm-up and the last while "
+            "TaoCache skips from step 8: pass max_step=6") in err
+    assert ("PyramidAttentionBroadcast keeps attention from before TaoCache's skips at step(s) 10, where TaoCache "
+            "resumes: pass reset_on_resume=True") in err
+    assert "up to step 6 while" in attach_with(TeaCacheCallback(0.3, [1.0, 0.0], max_step=7))
+    assert attach_with(TeaCacheCallback(0.3, [1.0, 0.0], max_step=6),
+                       PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.\d+\.attn", 2)], steps=(1, 11),
+                                                 reset_on_resume=True)) == ""

@@ -85,6 +85,36 @@ def test_plans_keep_the_first_two_steps_after_the_switch_computed():
         cache.attach(high, 16, ("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low])
 
 
+def test_the_first_two_steps_after_the_switch_are_computed_without_a_lut_and_at_another_shift(capsys):
+    """Without a LUT the guard came from nothing and a manual plan skipped the low-noise expert's first steps; with
+    a LUT of another shift (calibration.accept: [shift]) it came from the LUT's timesteps, not the run's (Wan2.2
+    walkthrough, 2026-11-27). The calls' timesteps decide now: those steps compute, as "expert switch" fallbacks."""
+    high, low = Expert(0), Expert(1)
+    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [2, 3, 4], "ratio": 1.0}}))
+    with cache.attach(high, 16, ("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low],
+                      expert_boundary=BOUNDARY):
+        for _ in range(2):  # per generation
+            cache.new_sample()
+            run(high, low)  # timesteps 999, 934, 870 (low-noise from step 2)
+    assert cache.callback.fallback_reasons == {"expert switch": 2 * 2 * 2}  # steps 2, 3 x 2 streams x 2 generations
+    assert cache.stats()["streams"]["cond"] == {"computed": 30, "skipped": 2}  # step 4 only, per generation
+    assert ("TaoCache computed step 2 instead of skipping it: it is one of the first two steps after the expert "
+            "switch (step 2, the first below timestep 875)") in capsys.readouterr().err
+    # a run whose switch comes later (another shift) than the LUT's: the LUT's guard (2, 3) is kept by the plan,
+    # the run's switch (step 5) by its calls
+    rec = CalibrationRecorder(identity={"expert_boundary": BOUNDARY})
+    with DenoiserHook(LoopSpec(16, ("cond", "uncond"), batch_dim=None), [rec], timestep_arg="t").attach(high, low) as h:
+        h.new_sample()
+        run(high, low)
+    shifted = torch.cat([torch.linspace(999, 880, 5), torch.linspace(860, 30, 11)])
+    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [5, 6, 9], "ratio": 1.0}}), lut=rec.lut())
+    with cache.attach(high, 16, ("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low]):
+        cache.new_sample()
+        run(high, low, shifted)
+    assert cache.callback.fallback_reasons == {"expert switch": 4}
+    assert cache.stats()["streams"]["cond"]["skipped"] == 1
+
+
 def test_per_token_timesteps_read_as_their_largest_value():
     from taohooks.runtime.hook import _Timestep
 
@@ -132,3 +162,22 @@ def test_the_teacache_fit_file_keeps_each_pair_s_expert(tmp_path):
                                "generations": 1, "pairs": [[0.1, 0.2]]}))
     with pytest.raises(ValueError, match="before the fit file kept each pair's expert"):
         add_pairs(old, [(0.1, 0.5)], 1, proxy, "t", experts=[1])
+
+
+def test_a_changed_expert_boundary_can_be_accepted_as_the_message_advises():
+    """The mismatch advised calibration.accept: [expert_boundary], which the config refused as unknown (Wan2.2
+    walkthrough, 2026-11-27)."""
+    from taohooks.taocache.lut import LUTMismatchError
+
+    high, low = Expert(0), Expert(1)
+    rec = CalibrationRecorder(identity={"expert_boundary": BOUNDARY})
+    with DenoiserHook(LoopSpec(16, ("cond", "uncond"), batch_dim=None), [rec], timestep_arg="t").attach(high, low) as h:
+        h.new_sample()
+        run(high, low)
+    attach = dict(steps=16, streams=("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low],
+                  identity={"expert_boundary": 800.0})
+    with pytest.raises(LUTMismatchError, match=r"calibration.accept: \[expert_boundary\]"):
+        TaoCache(config_from_dict({"plan": {"skip_steps": [10]}}), lut=rec.lut()).attach(high, **attach)
+    accepting = config_from_dict({"plan": {"skip_steps": [10]}, "calibration": {"accept": ["expert_boundary"]}})
+    with TaoCache(accepting, lut=rec.lut()).attach(high, **attach):
+        pass

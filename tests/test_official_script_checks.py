@@ -84,7 +84,9 @@ def test_wan_messages_reach_stderr_although_generate_py_silences_warnings(runner
                                    "--sample_solver dpm++"),
     (("--task", "t2v-14B"), "was calibrated with --task t2v-1.3B; this command line runs --task t2v-14B"),
     (("--sample_steps", "12"), "has 10 steps, this command line runs 12 (--sample_steps 12)"),
-], ids=["shift", "solver", "task", "steps"])
+    (("--sample_guide_scale", "7"), "was calibrated with --sample_guide_scale 5.0; this command line runs "
+                                    "--sample_guide_scale 7.0"),  # (not recorded before: Wan2.2 walkthrough)
+], ids=["shift", "solver", "task", "steps", "guide"])
 def test_wan_lut_mismatch_stops_before_the_model_loads(runner, luts, tmp_path, flags, said):
     with_lut(luts, "wan", tmp_path)
     res = launch(runner, WAN, tmp_path, CALIBRATED.format("wan", ""), *flags)
@@ -227,7 +229,8 @@ def test_pab_pattern_that_matches_nothing_is_one_line(runner, tmp_path):
     res = launch(runner, LATTE, tmp_path, "integration: latte\npab: {groups: [{pattern: 'nope', range: 2}], "
                                           "steps: [1, 8]}\n")
     assert res.returncode == 2, res.stderr
-    assert "PAB pattern 'nope' (pab.groups) matches no module of" in res.stderr and "Traceback" not in res.stderr
+    assert "PAB pattern 'nope' (" in res.stderr and ": pab.groups[0].pattern) matches no module of" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_module_check_follows_the_scripts_own_sys_path(runner, tmp_path):

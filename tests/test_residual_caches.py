@@ -489,3 +489,26 @@ def test_a_per_expert_fit_with_too_few_pairs_pools_them(capsys):
     assert set(cal.fit_per_expert(degree=1)) == {0, 1}  # 6 and 2 pairs: enough for a line each
     assert cal.fit_per_expert(degree=2) == cal.fit(degree=2)  # 2 pairs cannot fit a parabola: pooled
     assert "expert(s) 1 recorded 2 pairs or fewer; one polynomial is fitted on all" in capsys.readouterr().err
+
+
+def test_pab_timestep_window_keeps_its_phase_when_taocache_skips_its_first_steps():
+    """A ``timesteps`` window's phase starts at its first step, whether that call ran or TaoCache answered it
+    (the anchor was the first *computed* step: a window opening in TaoCache's window shifted the pattern)."""
+    def pattern(window):
+        plan = {"window": window, "ratio": 1.0} if window else {}
+        cache = TaoCache(config_from_dict({"loop": {"steps": 20, "streams": ["main"]}, "plan": plan}))
+        pab = PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.\d+\.attn", 3)], timesteps=(0, 420))
+        model, seen = TinyDiT(), {}
+        run_before = pab.on_before_call
+
+        def spy(hook, call, args, kwargs):
+            out = run_before(hook, call, args, kwargs)
+            seen[call.step] = pab.broadcasts
+            return out
+        pab.on_before_call = spy
+        with cache.attach(model, steps=20, streams=("main",), callbacks=[pab]):
+            run(model, 20)
+        return {s: seen[s + 1] - seen[s] for s in (16, 17, 18)}  # broadcasts during step s
+    alone, skipped = pattern(None), pattern([12, 15])
+    assert alone == {16: 3, 17: 3, 18: 0}  # computes at 12, 15, 18 (range 3 from step 12), broadcasts between
+    assert skipped == alone

@@ -143,6 +143,11 @@ def test_ti2v_with_an_image_reads_the_per_token_timestep(runner, tmp_path):
     assert res.returncode == 0, res.stderr
     assert saved_counts(res) == [(4, 20)], res.stderr
     assert calls(res.stdout) == (0, 0, 16)
+    # text-to-video on the image-to-video LUT: used without a word (Wan2.2 walkthrough, 2026-11-27)
+    assert lut.identity["image"] is True
+    res = run(runner, tmp_path, config, task="ti2v-5B", steps=10)
+    assert res.returncode == 2 and "was calibrated with an --image (image-to-video); this command line runs no " \
+        "--image (text-to-video)" in res.stderr, res.stderr
 
 
 def test_each_wan_integration_names_the_other_on_the_wrong_checkout(runner, tmp_path):
@@ -165,6 +170,16 @@ def test_mismatches_are_refused_before_the_model_loads(runner, calibrated, tmp_p
     res = run(runner, tmp_path, config, "--sample_shift", "5")
     assert res.returncode == 2
     assert "was calibrated with --sample_shift 12.0; this command line runs --sample_shift 5.0" in res.stderr
+    # the guide scale was neither recorded nor checked (Wan2.2 walkthrough, 2026-11-27)
+    from taohooks.taocache.lut import CalibrationLUT
+    assert CalibrationLUT.load(out / "lut.safetensors").identity["guide_scale"] == [3.0, 4.0]  # the t2v default
+    res = run(runner, tmp_path, config, "--sample_guide_scale", "6")
+    assert res.returncode == 2
+    assert "was calibrated with --sample_guide_scale [3.0, 4.0]; this command line runs --sample_guide_scale " \
+           "[6.0, 6.0]" in res.stderr, res.stderr
+    res = run(runner, tmp_path, config.replace("calibration: {", "calibration: {accept: [guide_scale], "),
+              "--sample_guide_scale", "6")
+    assert res.returncode == 0, res.stderr
 
 
 def test_pab_and_the_teacache_hybrid_act_in_both_experts(runner, plain, calibrated, tmp_path):
@@ -247,6 +262,17 @@ def test_animate_runs_one_stream_at_guide_scale_one_and_checks_its_streams(runne
     guided = "integration: wan22\nloop: {steps: 8, streams: [cond, uncond]}\nplan: {window: [5, 6], ratio: 1.0}\n"
     res = run(runner, tmp_path / "guided", guided, "--refert_num", "1", task="animate-14B", steps=8)
     assert res.returncode == 0, res.stderr  # declared guided streams cover guide scale 1, as at the generation call
+    # ... but not a LUT it would calibrate: it held [cond] alone under the guided config's name (Wan2.2 walkthrough)
+    res = run(runner, tmp_path / "guided", guided + "lut: g.safetensors\n", "--refert_num", "1", task="animate-14B",
+              steps=8)
+    assert res.returncode == 2 and "would hold [cond] alone, which the config's guided runs could not use" \
+        in res.stderr and not (tmp_path / "guided" / "g.safetensors").exists()
+    # a config of the other per-clip task is named as that, with its streams
+    other = "integration: wan22\nmodel_id: wan2.2-animate-14B\nloop: {steps: 8, streams: [cond]}\n"
+    res = run(runner, tmp_path / "other", other, "--num_clip", "2", task="s2v-14B", steps=8)
+    assert res.returncode == 2
+    assert "model_id 'wan2.2-animate-14B' is for task animate-14B, this command line runs --task s2v-14B" in res.stderr
+    assert "loop.streams is [cond], this command line runs streams [cond, uncond]" in res.stderr
     pab = ("integration: wan22\nplan: {budget: 0}\n"
            "pab:\n  groups:\n    - {pattern: 'blocks\\.\\d+\\.self_attn', range: 2}\n  timesteps: [100, 800]\n")
     res = run(runner, tmp_path / "pab", pab, task="animate-14B", steps=8)

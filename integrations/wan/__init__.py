@@ -24,7 +24,7 @@ from taohooks.launcher.integration import (IntegrationError, PatchSet, command_l
                                            require_modules, script_options, task_of_the_other_version)
 from taohooks.runtime.loop import LoopSpec
 from taohooks.taocache.cache import TaoCache
-from taohooks.taocache.identity import model_identity, wan_output_identity
+from taohooks.taocache.identity import guide_scale_identity, model_identity, wan_output_identity
 
 __all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "EXPECTS"]
 
@@ -68,6 +68,8 @@ def _identity(arguments, model) -> Dict[str, Any]:
     ``--task`` of the command line when the launcher read it."""
     identity = {**model_identity(model), "scheduler": str(arguments["sample_solver"]),
                 "shift": float(arguments["shift"]), **wan_output_identity(arguments)}
+    if arguments.get("guide_scale") is not None:
+        identity["guide_scale"] = guide_scale_identity(arguments["guide_scale"])
     if "task" in _launch:
         identity["task"] = _launch["task"]
     return identity
@@ -97,7 +99,7 @@ def _refuse_rank_local_decisions(config: TaoCacheConfig):
 
 # ---------------------------------------------------------------------- before the model loads
 FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_shift", "pixels": "--size",
-         "frame_num": "--frame_num"}
+         "frame_num": "--frame_num", "guide_scale": "--sample_guide_scale"}
 
 
 # Every option of generate.py (Wan2.1 9737cba), so that shortened options resolve as in its parser.
@@ -105,14 +107,14 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
     **{f"--{name}": {} for name in (
         "ckpt_dir", "offload_model", "save_file", "src_video", "src_mask", "src_ref_images", "prompt",
         "prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang", "base_seed", "image",
-        "first_frame", "last_frame", "sample_guide_scale")},
+        "first_frame", "last_frame")},
     **{f"--{name}": {"action": "store_true"} for name in ("t5_fsdp", "t5_cpu", "dit_fsdp", "use_prompt_extend")},
     # choices as generate.py's: a value its parser refuses leaves the checks to it ("invalid choice")
     "--task": {"default": "t2v-14B", "choices": TASKS}, "--size": {"default": "1280*720", "choices": SIZES},
     "--sample_solver": {"default": "unipc", "choices": SOLVERS},
     "--sample_steps": {"type": int, "default": None}, "--sample_shift": {"type": float, "default": None},
     "--ulysses_size": {"type": int, "default": 1}, "--ring_size": {"type": int, "default": 1},
-    "--frame_num": {"type": int, "default": None},
+    "--frame_num": {"type": int, "default": None}, "--sample_guide_scale": {"type": float, "default": 5.0},
 }
 
 
@@ -134,7 +136,7 @@ def command_line(argv: List[str]) -> Optional[Dict[str, Any]]:
         elif "flf2v" in args.task or "vace" in args.task:
             shift, why_shift = 16.0, "the flf2v/vace default"
     return {"task": args.task, "steps": steps, "steps_from": why_steps, "scheduler": args.sample_solver,
-            "shift": float(shift), "shift_from": why_shift,
+            "shift": float(shift), "shift_from": why_shift, "guide_scale": float(args.sample_guide_scale),
             "sequence_parallel": args.ulysses_size * args.ring_size, "size": args.size, "ckpt_dir": args.ckpt_dir,
             **output_size_of(argv, OPTIONS)}
 

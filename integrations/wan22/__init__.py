@@ -49,11 +49,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from taohooks.config import TaoCacheConfig
 from taohooks.launcher.prompt_calibration import ENV_CALIBRATE_PROMPTS, PER_CLIP_CALIBRATION
-from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems, output_size_of,
-                                           require_modules, script_options, task_of_the_other_version, unwrap_model)
+from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems, image_said,
+                                           output_size_of, require_modules, script_options, task_of_the_other_version,
+                                           unwrap_model)
 from taohooks.runtime.loop import LoopSpec
 from taohooks.taocache.cache import TaoCache
-from taohooks.taocache.identity import model_identity, wan_output_identity
+from taohooks.taocache.identity import guide_scale_identity, model_identity, wan_output_identity
 
 __all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "TASK_DEFAULTS", "EXPECTS",
            "experts_of"]
@@ -149,9 +150,13 @@ def _identity(arguments, model) -> Dict[str, Any]:
     identity = {**model_identity(model), "scheduler": str(arguments["sample_solver"]),
                 "shift": float(arguments["shift"]), **wan_output_identity(arguments)}
     boundary = _boundary(arguments["self"])
+    if arguments.get("guide_scale") is not None:
+        identity["guide_scale"] = guide_scale_identity(arguments["guide_scale"], 1 if boundary is None else 2)
     if boundary is not None:
         identity["expert_boundary"] = boundary
         identity["experts"] = list(experts_of(arguments["self"])[0])
+    if type(arguments["self"]).__name__ == "WanTI2V":  # text- or image-to-video: other outputs, another LUT
+        identity["image"] = arguments.get("img") is not None
     if "task" in _launch:
         identity["task"] = _launch["task"]
     return identity
@@ -179,7 +184,7 @@ def _refuse_rank_local_decisions(config: TaoCacheConfig):
 
 # ---------------------------------------------------------------------- before the model loads
 FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_shift", "pixels": "--size",
-         "frame_num": "--frame_num"}
+         "frame_num": "--frame_num", "guide_scale": "--sample_guide_scale", "image": "--image"}
 
 # Every option of Wan2.2's generate.py (42bf4cf), so that shortened options resolve as in its parser.
 OPTIONS: Dict[str, Dict[str, Any]] = {
@@ -211,9 +216,13 @@ def command_line(argv: List[str]) -> Optional[Dict[str, Any]]:
         defaults["steps"], f"the {args.task} default")
     shift, why_shift = (args.sample_shift, "--sample_shift") if args.sample_shift is not None else (
         defaults["shift"], f"the {args.task} default")
-    guide = args.sample_guide_scale if args.sample_guide_scale is not None else defaults["guide"]
+    guide, why_guide = (args.sample_guide_scale, "--sample_guide_scale") if args.sample_guide_scale is not None \
+        else (defaults["guide"], f"the {args.task} default")
     return {"task": args.task, "steps": steps, "steps_from": why_steps, "scheduler": args.sample_solver,
-            "shift": float(shift), "shift_from": why_shift, "sequence_parallel": args.ulysses_size,
+            "shift": float(shift), "shift_from": why_shift,
+            "guide_scale": guide_scale_identity(guide, 1 if defaults["boundary"] is None else 2),
+            "guide_scale_from": why_guide, "sequence_parallel": args.ulysses_size,
+            **({"image": args.image is not None} if args.task == "ti2v-5B" else {}),
             "boundary": defaults["boundary"], "guide": guide,
             "streams": streams_for(guide, args.task in PER_CLIP),
             # the video's size where the command line gives it (S2V and Animate call generate() with other names)
@@ -223,6 +232,8 @@ def command_line(argv: List[str]) -> Optional[Dict[str, Any]]:
 def _said(run: Dict[str, Any], key: str) -> str:
     if key == "pixels":
         return f"--size {run['size']} ({run['pixels']} pixels a frame)"
+    if key == "image":
+        return image_said(run["image"])
     origin = run.get(f"{key}_from", FLAGS.get(key))
     flag = FLAGS.get(key, "--sample_steps" if key == "steps" else key)
     return f"{flag} {run[key]}" + ("" if origin.startswith("--") else f", {origin}")
@@ -244,13 +255,13 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
                                    f"{other} is a Wan2.1 task; use integration: wan (configs/wan_*.yaml)")
         return  # generate.py's own parser refuses these arguments and says why
     _launch["task"] = run["task"]
-    if run["task"] in PER_CLIP:  # first: a streams mismatch would stop the plan check below less clearly
-        problems = _per_clip_problems(config, run)
-        if problems:
-            raise IntegrationError("\n".join(problems))
+    per_clip = _per_clip_problems(config, run) if run["task"] in PER_CLIP else []
     boundary = run["boundary"] * 1000.0 if run["boundary"] is not None else None
+    # the task, steps and LUT first (a config of the other per-clip task is that, before its streams); no plan
+    # check after a streams problem, which it would report less clearly
     problems = command_line_problems(config, run, flags=FLAGS, said=_said, tasks=TASKS, streams=run["streams"],
-                                     configs_hint="configs/wan22_*.yaml", expert_boundary=boundary)
+                                     configs_hint="configs/wan22_*.yaml", expert_boundary=boundary,
+                                     check_plan=not per_clip) + per_clip
     if _hybrid(config) and run["sequence_parallel"] > 1:
         problems.append(f"{config.source or 'the config'}: "
                         + _SP_HYBRID.format(what=f"--ulysses_size {run['sequence_parallel']}"))
@@ -272,13 +283,21 @@ def _per_clip_problems(config: TaoCacheConfig, run: Dict[str, Any]) -> List[str]
         problems.append(f"{where}: loop.streams is [{', '.join(config.loop.streams)}], this command line runs "
                         f"streams {said}; remove loop.streams or give --sample_guide_scale to match")
     path = config.lut_path()
+    lut = None
     if path is not None and path.is_file():
         from taohooks.taocache.lut import CalibrationLUT
 
-        recorded = tuple(CalibrationLUT.load(path).streams)
+        lut = CalibrationLUT.load(path)
+        recorded = tuple(lut.streams)
         if recorded != run["streams"]:
             problems.append(f"LUT {path} was calibrated on streams [{', '.join(recorded)}], this command line runs "
                             f"streams {said}; give this run its own LUT (lut: in {where})")
+    from taohooks.taocache.cache import calibrates
+
+    if unguided and path is not None and lut is None and calibrates(config):  # (an existing LUT: said above)
+        problems.append(f"{where}: loop.streams is [{', '.join(config.loop.streams)}] and this command line runs "
+                        f"streams {said}: the LUT it would calibrate, {path}, would hold [cond] alone, which the "
+                        f"config's guided runs could not use; give this run its own lut: (with loop.streams: [cond])")
     for section in ("pab", "teacache"):
         if getattr(config, section, None) is not None:
             problems.append(f"{where}: {section}: is not available for --task {run['task']} (integration: wan22 "

@@ -52,7 +52,8 @@ def modules_matching(model, pattern: str, what: str = "pab.groups") -> List[Tupl
     regex = re.compile(pattern)
     matched = [(n, m) for n, m in named if regex.fullmatch(n)]
     if not matched:
-        examples = ", ".join(repr(n) for n, _ in named[:3])
+        attention = [n for n, _ in named if "attn" in n.split(".")[-1].lower()]  # what a pattern usually names
+        examples = ", ".join(repr(n) for n in (attention or [n for n, _ in named])[:3])
         raise PABPatternError(f"PAB pattern {pattern!r} ({what}) matches no module of {type(model).__name__} "
                               f"(names look like {examples}, ...)")
     return matched
@@ -165,6 +166,8 @@ class PyramidAttentionBroadcast(Callback):
 
     def on_after_call(self, hook, call, output) -> None:
         answered = not call.computed  # by another callback (PAB's phase is kept either way)
+        if answered and self.timesteps is not None and self._anchor is None and self._window(call):
+            self._anchor = call.step  # a timestep window's phase starts at its first step, called or answered
         if (answered and self.reset_on_resume) or (self._call is call and not answered and (
                 self.module_calls == self._module_calls_before  # the blocks were bypassed
                 or self._partial_seen)):  # or ran on some samples only

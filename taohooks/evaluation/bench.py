@@ -331,7 +331,8 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
                              run_id=run_id, weights_sha256=sums, command=command, replace=replace)
         if finished is not None:
             finished.append(name)
-        if len(strips) > 1 and not (previous and (out_dir / f"strip_{name}.png").exists()):  # (an update keeps one)
+        kept = previous and (out_dir / f"strip_{name}.png").exists()  # an update keeps the strip it has
+        if config.strip_pairs and len(strips) > 1 and not kept:
             write_strip(strips, out_dir / f"strip_{name}.png")
         log(f"[{name}] done; {len(records)} records so far ({time.perf_counter() - started:.0f} s)")
     return keep

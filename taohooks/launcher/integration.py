@@ -265,14 +265,20 @@ def task_of_the_other_version(argv: List[str], options: Dict[str, Dict[str, Any]
     return task if task in other_tasks and task not in options["--task"].get("choices", ()) else None
 
 
+def image_said(image: bool) -> str:
+    """Whether an ``--image`` conditions the video (Wan2.2 TI2V-5B), as a mismatch message says it."""
+    return "an --image (image-to-video)" if image else "no --image (text-to-video)"
+
+
 def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, str], said: Callable,
                           tasks: Tuple[str, ...], streams: Tuple[str, ...], configs_hint: str,
-                          expert_boundary: Optional[float] = None) -> List[str]:
+                          expert_boundary: Optional[float] = None, check_plan: bool = True) -> List[str]:
     """What a Wan-style command line (``run``: task, steps and the ``flags`` keys, as the script will run
     them) contradicts, before the model loads: the config's model_id task, loop.steps, the LUT's step
     count (unless it is carried over) and identity; then the LUT's folder when the run calibrates, or
-    the plan (with the expert switch guarded) when it skips. ``said(run, key)`` phrases a value as the
-    user gave it. Returns the problems (the integration adds its own and raises)."""
+    the plan (with the expert switch guarded) when it skips (and ``check_plan``: the integration found
+    nothing the plan would misread). ``said(run, key)`` phrases a value as the user gave it. Returns the
+    problems (the integration adds its own and raises)."""
     from ..runtime.io import check_writable
     from ..taocache.cache import (expert_guard, lut_for_steps, make_plan, transfer_allowed,
                                   unfinished_lut_steps_problem)
@@ -313,8 +319,8 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
         keys = differences(recorded, {k: run[k] for k in flags if k in run}, config.calibration.accept)
         if keys:
             problems.append(f"LUT {path} was calibrated with " + ", ".join(
-                f"{recorded[k]} pixels a frame (width x height)" if k == "pixels" else f"{flags[k]} {recorded[k]}"
-                for k in keys) + "; this command line runs " + ", ".join(
+                f"{recorded[k]} pixels a frame (width x height)" if k == "pixels" else image_said(recorded[k])
+                if k == "image" else f"{flags[k]} {recorded[k]}" for k in keys) + "; this command line runs " + ", ".join(
                 said(run, k) for k in keys) + f". Give this run its own LUT (lut: in {where}), or accept the "
                 f"difference knowingly with calibration.accept: [{', '.join(keys)}]")
     from ..taocache.cache import calibrates
@@ -323,7 +329,7 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
         lut is None or lut.num_prompts < config.calibration.prompts)
     if calibrating:
         check_writable(path)
-    elif not problems:
+    elif not problems and check_plan:
         from ..taocache.plan import PlanError
 
         carried = lut_for_steps(config, lut, run["steps"])

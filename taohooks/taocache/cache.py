@@ -319,7 +319,9 @@ class TaoCache:
             streams = (streams,)
         if streams is not None and loop.streams and tuple(streams) != tuple(loop.streams):
             messages.warning(f"attach(streams={tuple(streams)}) overrides the config's loop.streams "
-                             f"{tuple(loop.streams)}{where} (the order is the order of the calls in each step)",
+                             f"{tuple(loop.streams)}{where}: this run's calls are those streams (given to attach, or "
+                             "read by the integration from the call; the order is the order of the calls in each "
+                             "step)",
                              once=f"loop.streams {id(self)} {tuple(streams)}")
         streams = streams if streams is not None else (loop.streams or ("main",))
         split = split_batch if split_batch is not None else loop.split_batch
@@ -376,7 +378,8 @@ class TaoCache:
         if identity is not None:  # a calibration would fail to write it after a generation's work
             identity = check_identity(dict(identity), "taohooks: attach(identity=...)")
         loop = self.loop_spec(steps, streams, split_batch, batch_dim)
-        cfg = self.config
+        cfg, callbacks = self.config, list(callbacks)
+        check_pab_patterns(cfg, (module, *also))  # also while calibrating, which attaches no PAB (its runs said nothing)
         path = self._lut_path
         if path is not None:  # the file is the truth (a calibrating run may have written it)
             self.lut = _load_present(path)
@@ -408,9 +411,13 @@ class TaoCache:
             self.unskippable = guard
             self.plan = make_plan(cfg.plan, loop.steps, loop.streams, lut, unskippable=guard)
             carried = lut is not None and lut is not self.lut  # its timesteps are interpolated, not seen
+            if expert_boundary is None and lut is not None:
+                expert_boundary = (lut.identity or {}).get("expert_boundary")
             self.callback = TaoCacheCallback(self.plan, lut.timesteps if lut is not None and not carried else None,
-                                             max_norm_ratio=cfg.plan.max_norm_ratio)
+                                             max_norm_ratio=cfg.plan.max_norm_ratio, expert_boundary=expert_boundary)
             own = [self.callback] + section_callbacks(cfg, self.plan, path)
+            for problem in composition_problems(self.plan, callbacks):
+                messages.warning(problem, once=f"composition:{problem}")
         self.hook = DenoiserHook(loop, own + list(callbacks), timestep_arg=timestep_arg, repeat=repeat)
         return self.hook.attach(module, *also)
 
@@ -491,6 +498,73 @@ def _teacache_fit_callbacks(config: TaoCacheConfig, lut_path: Path) -> List[Call
     return [calibrator, SaveTeaCacheFit(calibrator, fit_path(lut_path), proxy, lut_path)]
 
 
+def check_pab_patterns(config: TaoCacheConfig, models: Sequence[nn.Module]) -> None:
+    """Each ``pab.groups`` pattern matches a module of every model (:class:`~taohooks.caches.pab.PABPatternError`
+    naming the config file and the group otherwise)."""
+    if config.pab is None:
+        return
+    from ..caches.pab import modules_matching
+
+    where = f"{config.source}: " if config.source else ""
+    for i, group in enumerate(config.pab.groups):
+        for model in models:
+            modules_matching(model, group.pattern, what=f"{where}pab.groups[{i}].pattern")
+
+
+HYBRID_GUARD = 2  # the paper's refresh guard band: 2-3 steps (Algorithm 2)
+
+
+def hybrid_range_problems(config: TaoCacheConfig, plan: SkipPlan) -> List[str]:
+    """What a ``teacache:`` section's ``guard_band`` does wrong with ``plan`` (Algorithm 2: TeaCache on the steps
+    from ``warmup_steps`` up to ``window start - guard_band``): a range with no step in it (TeaCache then reuses
+    nothing), or a band under :data:`HYBRID_GUARD` steps, which lets TeaCache's reused outputs be the two computed
+    outputs TaoCache's first skip extrapolates from. Empty when TeaCache is off or the plan skips nothing."""
+    tea = config.teacache
+    if tea is None or not tea.threshold or not plan.skipped_steps:
+        return []
+    first = plan.skipped_steps[0]
+    where = f"{config.source}: teacache.guard_band" if config.source else "teacache.guard_band"
+    # the authors' published variants force their own first steps; warmup_steps is the generic callback's
+    warmup = tea.warmup_steps if tea.published is None else 1
+    if first - tea.guard_band <= warmup:
+        return [f"{where}: {tea.guard_band} steps before TaoCache's window (its first skipped step is {first}) leave "
+                f"TeaCache no step to reuse (it computes every step from {max(first - tea.guard_band, 0)} on, and "
+                f"the first {warmup}): lower guard_band, or leave the teacache: section out"]
+    if tea.guard_band < HYBRID_GUARD:
+        return [f"{where}: {tea.guard_band}: TaoCache's first skip (step {first}) extrapolates from steps "
+                f"{first - 2} and {first - 1}, which TeaCache may then have reused rather than computed (error "
+                f"carried into the window); the paper's guard band is {HYBRID_GUARD}-3 steps"]
+    return []
+
+
+def composition_problems(plan: SkipPlan, callbacks: Iterable[Callback]) -> List[str]:
+    """What TeaCache and PAB callbacks given to :meth:`TaoCache.attach` (``callbacks=``) lack for ``plan``, which the
+    YAML's ``teacache:`` / ``pab:`` sections set: TeaCache's ``max_step`` a guard band before the window (Algorithm 2;
+    without it TaoCache extrapolates from reused outputs, and steps after the window reuse a residual from before
+    it), PAB's reset where TaoCache resumes (without it the first call after a skip broadcasts older attention)."""
+    from ..caches.pab import PyramidAttentionBroadcast
+    from ..caches.teacache import TeaCacheCallback
+
+    if not plan.skipped_steps:
+        return []
+    first, problems = plan.skipped_steps[0], []
+    for cb in callbacks:
+        if isinstance(cb, TeaCacheCallback) and cb.threshold and (cb.max_step is None
+                                                                    or cb.max_step > first - HYBRID_GUARD):
+            reuses = "on every step but its warm-up and the last" if cb.max_step is None else \
+                f"up to step {cb.max_step - 1}"
+            problems.append(f"attach(callbacks=...): TeaCacheCallback may reuse {reuses} while TaoCache skips "
+                            f"from step {first}: pass max_step={max(first - HYBRID_GUARD, 0)} (Algorithm 2's guard band "
+                            "of 2 steps; the YAML's teacache: section sets it)")
+        if isinstance(cb, PyramidAttentionBroadcast) and not cb.reset_on_resume:
+            missing = sorted(set(plan.resume_steps) - cb.reset_steps)
+            if missing:
+                problems.append(f"attach(callbacks=...): PyramidAttentionBroadcast keeps attention from before "
+                                f"TaoCache's skips at step(s) {', '.join(map(str, missing))}, where TaoCache resumes: "
+                                "pass reset_on_resume=True (the YAML's pab: section sets it)")
+    return problems
+
+
 def section_callbacks(config: TaoCacheConfig, plan: SkipPlan, lut_path: Optional[Path] = None) -> List[Callback]:
     """The callbacks of the config's ``teacache:`` (hybrid) and ``pab:`` sections for this plan.
 
@@ -507,6 +581,8 @@ def section_callbacks(config: TaoCacheConfig, plan: SkipPlan, lut_path: Optional
 
         raise ConfigError(config.source or "the config", "teacache.threshold", TEACACHE_THRESHOLD_MISSING)
     if tea is not None and tea.threshold:  # (0: off; the section then only names the fit's proxy)
+        for problem in hybrid_range_problems(config, plan):
+            messages.warning(problem, once=f"hybrid-range:{problem}")
         first = plan.skipped_steps[0] if plan.skipped_steps else plan.steps
         max_step = max(0, first - tea.guard_band)
         if tea.published is not None:

@@ -69,6 +69,10 @@ class TaoCacheCallback(Callback):
         max_norm_ratio: a prediction whose norm exceeds this many times the norm of its stream's
             last real output is not used (``None``: no norm guard). Outputs of a sane denoiser
             keep their scale between steps; 10x is far outside any normal trajectory.
+        expert_boundary: the timestep below which the loop runs another model (Wan2.2's low-noise expert):
+            the first two steps after the calls' timesteps fall below it are computed, whatever the plan
+            (``"expert switch"`` fallbacks; the plan is checked against the LUT's timesteps before the run,
+            but a run without a LUT, or of another shift, switches where only its calls tell).
 
     ``fallbacks`` counts skip calls that ran the model instead, ``fallback_reasons`` the same per
     reason (``"no history"``, ``"not finite in float16"``, ``"norm > 10 x last real output"``, ``"out of line"``:
@@ -76,7 +80,7 @@ class TaoCacheCallback(Callback):
     """
 
     def __init__(self, plan: SkipPlan, expected_timesteps: Optional[Tensor] = None,
-                 max_norm_ratio: Optional[float] = DEFAULT_MAX_NORM_RATIO):
+                 max_norm_ratio: Optional[float] = DEFAULT_MAX_NORM_RATIO, expert_boundary: Optional[float] = None):
         if max_norm_ratio is not None:
             if isinstance(max_norm_ratio, bool) or not isinstance(max_norm_ratio, (int, float)) \
                     or not math.isfinite(max_norm_ratio) or max_norm_ratio < 1:
@@ -86,6 +90,9 @@ class TaoCacheCallback(Callback):
         self.plan = plan
         self.expected_timesteps = expected_timesteps
         self.max_norm_ratio = max_norm_ratio
+        self.expert_boundary = None if expert_boundary is None else float(expert_boundary)
+        self._above_boundary = False  # this generation has run a call at a timestep >= expert_boundary
+        self._switch_step: Optional[int] = None  # its first step below it, after one above
         self.fallbacks = 0
         self.fallback_reasons: Dict[str, int] = {}
         self.misaligned_generations = 0
@@ -104,6 +111,7 @@ class TaoCacheCallback(Callback):
     def on_sample_start(self, hook, sample: int) -> None:
         self._states = {s: _StreamState() for s in hook.loop.streams}
         self._aligned = True
+        self._above_boundary, self._switch_step = False, None
 
     def on_sample_abort(self, hook, sample: int, reason: str) -> None:
         self._states = {}
@@ -126,7 +134,18 @@ class TaoCacheCallback(Callback):
         if call.index == 0 and self.expected_timesteps is not None:
             self._check_start(hook, call)
         step = call.step
+        if self.expert_boundary is not None and call.timestep is not None:
+            if call.timestep >= self.expert_boundary:
+                self._above_boundary = True
+            elif self._above_boundary and self._switch_step is None:
+                self._switch_step = step
         if not self.plan.is_skip(step) or not self._aligned:
+            return None
+        if self._switch_step is not None and step - self._switch_step in (0, 1):
+            self._fallback(call, "expert switch", f"it is one of the first two steps after the expert switch (step "
+                                                  f"{self._switch_step}, the first below timestep "
+                                                  f"{self.expert_boundary:g}), whose outputs' deltas would span two "
+                                                  "networks")
             return None
         predictions = []
         for name in call.streams:

@@ -173,6 +173,15 @@ def wan_output_identity(arguments: Mapping[str, Any]) -> Dict[str, Any]:
     return identity
 
 
+def guide_scale_identity(value: Any, experts: int = 1) -> Any:
+    """Wan's guide scale as a LUT records it: a number, or for two experts a pair (Wan2.2 A14B's ``(low-noise,
+    high-noise)``; one number sets both, as the pipelines do). The scale moves the trajectory whose deltas the
+    LUT describes, so a run at another scale is another run."""
+    if isinstance(value, (tuple, list)):
+        return [float(v) for v in value]
+    return [float(value)] * 2 if experts > 1 else float(value)
+
+
 def pipeline_output_identity(arguments: Mapping[str, Any]) -> Dict[str, Any]:
     """What a Latte / Open-Sora-Plan pipeline call makes, from its arguments: ``height``, ``width`` and ``frames``
     (``video_length``, or ``num_frames``) where the script gives them (``None``: the pipeline's default, not
@@ -204,4 +213,6 @@ def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], ke
 #: what an identity key is, where its name alone does not say it (said in the mismatch messages)
 KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_num": " (Wan's --frame_num)",
                "frames": " (frames generated: Latte's video_length, Open-Sora-Plan's --num_frames)",
-               "temporal_attention": " (off for images: Latte's t2i, Open-Sora-Plan's --force_images)"}
+               "temporal_attention": " (off for images: Latte's t2i, Open-Sora-Plan's --force_images)",
+               "guide_scale": " (Wan's --sample_guide_scale)",
+               "image": " (Wan2.2 TI2V-5B: whether an --image conditions the video)"}
