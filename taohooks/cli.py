@@ -448,6 +448,20 @@ def _cmd_calibrate(args) -> int:
 
     if args.devices < 1:
         raise ConfigError("command line", "--devices", f"expected a number of processes >= 1, got {args.devices}")
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)  # torchrun's processes (each runs this command)
+    if args.devices > 1 and launched > 1:
+        raise ConfigError("command line", "--devices", f"{args.devices} starts processes of its own, and this is one "
+                          f"of {launched} already (WORLD_SIZE={launched}: torchrun); under torchrun use "
+                          "--data-parallel instead")
+    if args.devices > 1 and args.data_parallel:
+        raise ConfigError("command line", "--data-parallel", "give --devices N (taocache starts N processes) or "
+                          "--data-parallel (under torchrun, which started them), not both")
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if args.data_parallel and missing:
+        raise ConfigError("command line", "--data-parallel", f"reads the process group from torchrun's variables, and "
+                          f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: run the command "
+                          "under torchrun (torchrun --nproc_per_node N -m taohooks.cli calibrate ...), or give "
+                          "--devices N instead")
     config = load_config(args.config)
     path = config.lut_path()
     if path is None:
@@ -558,14 +572,16 @@ def _spawn_calibration(devices: int, argv: List[str], env: dict) -> int:
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    kept = ("; each process kept the prompts it finished in its part file next to the LUT: fix what failed and run "
+            "the same command (the same --devices) again to continue")
     try:
         mp.start_processes(_calibration_worker, args=(devices, port, argv, env), nprocs=devices,
                            start_method="spawn")
     except mp.ProcessExitedException as exc:
-        print(f"taocache calibrate: a worker failed: {exc}", file=sys.stderr)
+        print(f"taocache calibrate: a worker failed: {exc}{kept}", file=sys.stderr)
         return 1
     except mp.ProcessRaisedException as exc:
-        print(f"taocache calibrate: a worker failed:\n{exc}", file=sys.stderr)
+        print(f"taocache calibrate: a worker failed:\n{exc}\n{kept[2:]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("taocache calibrate: interrupted; each process keeps the prompts it finished in its part file next to "

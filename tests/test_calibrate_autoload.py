@@ -204,6 +204,9 @@ def test_calibrate_refuses_what_would_skip_or_count_prompt_lines_twice(tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "lut.part0-of-2.safetensors is the part file of an earlier run" in res.stderr
     assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 3  # 2 + line 3, run on one of the ranks
+    # the complete LUT no longer needs it: removed, and said (it was resumed into a LUT calibrated again later)
+    assert "removed " in res.stderr and not (tmp_path / "lut.part0-of-2.safetensors").exists()
+    shutil.copy(tmp_path / "lut.safetensors", tmp_path / "lut.part0-of-2.safetensors")
     with open(tmp_path / "lut.safetensors.calibrating", "a") as left:  # left behind, empty, and holding no lock
         fcntl.flock(left, fcntl.LOCK_EX | fcntl.LOCK_NB)
     (tmp_path / "c.yaml").write_text(CONFIG.replace("prompts: 3", "prompts: 4"))
@@ -211,3 +214,4 @@ def test_calibrate_refuses_what_would_skip_or_count_prompt_lines_twice(tmp_path)
                                "a red square moving down"])
     assert res.returncode == 0, res.stderr
     assert "lut.part0-of-2.safetensors: part file(s) of an interrupted --devices run, not resumed" in res.stderr
+    assert not (tmp_path / "lut.part0-of-2.safetensors").exists()  # (this run completed the LUT)

@@ -374,3 +374,42 @@ def test_bench_command_line_values_replace_the_files_before_it_is_checked(tmp_pa
     assert "afile" in err and "device" not in err and "threads" not in err  # past the settings, at the output
     assert main(["bench", str(config), "--device", "cpu", "--threads", "0", "-o", str(tmp_path / "afile")]) == 1
     assert "command line: --threads: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_calibrate_process_flags_that_cannot_work_are_refused_before_the_script(tmp_path, monkeypatch, capsys):
+    """--devices under torchrun was refused as "another taocache calibrate is running" after the workers started;
+    --data-parallel without torchrun's variables ended in a torch traceback after the model loaded, or waited for
+    a rank that never came (multi-GPU walkthrough, 2026-11-27)."""
+    cfg, prompts = tmp_path / "c.yaml", tmp_path / "p.txt"
+    cfg.write_text("integration: testbed\nlut: lut.safetensors\ncalibration: {prompts: 2}\n")
+    prompts.write_text("a red circle moving left\na green circle moving up\n")
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    base = ["calibrate", str(cfg), "--prompts", str(prompts)]
+    assert main(base + ["--data-parallel", "--", "never_run.py"]) == 1
+    assert ("--data-parallel: reads the process group from torchrun's variables, and RANK, WORLD_SIZE, MASTER_ADDR, "
+            "MASTER_PORT are not set") in capsys.readouterr().err
+    assert main(base + ["--devices", "2", "--data-parallel", "--", "never_run.py"]) == 1
+    assert "give --devices N (taocache starts N processes) or --data-parallel" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(base + ["--devices", "2", "--", "never_run.py"]) == 1
+    assert ("--devices: 2 starts processes of its own, and this is one of 2 already (WORLD_SIZE=2: torchrun); under "
+            "torchrun use --data-parallel instead") in capsys.readouterr().err
+    assert not (tmp_path / "lut.safetensors").exists()
+
+
+def test_a_failed_calibration_worker_says_the_finished_prompts_are_kept(monkeypatch, capsys):
+    """Only Ctrl-C said how to continue; a crashed rank left a traceback and "a worker failed" (multi-GPU
+    walkthrough, 2026-11-27)."""
+    import torch.multiprocessing as mp
+
+    from taohooks.cli import _spawn_calibration
+
+    def crashed(*args, **kwargs):
+        raise mp.ProcessExitedException("process 1 terminated with exit code 1", error_index=1, error_pid=0,
+                                        exit_code=1)
+    monkeypatch.setattr(mp, "start_processes", crashed)
+    assert _spawn_calibration(2, ["s.py"], {}) == 1
+    assert ("a worker failed: process 1 terminated with exit code 1; each process kept the prompts it finished in its "
+            "part file next to the LUT: fix what failed and run the same command (the same --devices) again") \
+        in capsys.readouterr().err

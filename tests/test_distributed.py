@@ -32,12 +32,14 @@ PROMPTS = ["a red circle moving left", "a green circle moving up", "a blue squar
            "a yellow square moving down", "a red square moving right"]
 
 
-def calibrate(folder, *extra, launcher=("-m", "taohooks.cli")):
+def calibrate(folder, *extra, launcher=("-m", "taohooks.cli"), before=None):
     folder.mkdir()
     (folder / "sample.py").write_text(SCRIPT)
     (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (folder / "c.yaml").write_text("integration: testbed\nmodel_id: tiny\nlut: lut.safetensors\n"
                                    "calibration: {prompts: 5}\n")
+    if before is not None:
+        before()
     res = subprocess.run([sys.executable, *launcher, "calibrate", "c.yaml", "--prompts", "prompts.txt",
                           *extra, "--", "sample.py", PROMPTS[0]], cwd=folder, capture_output=True, text=True,
                          timeout=300)
@@ -138,6 +140,56 @@ def test_sequence_parallel_ranks_take_the_same_decisions(tmp_path):
     assert torch.allclose(r0["out"], single, atol=1e-6)
 
 
+def _calibrating_worker(rank, world, port, out_dir):
+    """Three generations, a TaoCache attached for each (as the launcher re-attaches): the first calibrates the
+    1-prompt LUT, the others skip with it. Rank 0's LUT write is slowed, as a large LUT's is."""
+    import datetime
+    import time
+
+    from taohooks.taocache.calibration import CalibrationRecorder
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        if rank == 0:
+            flush = CalibrationRecorder.flush
+
+            def slow_flush(self, *args, **kwargs):
+                time.sleep(1.0)
+                return flush(self, *args, **kwargs)
+            CalibrationRecorder.flush = slow_flush
+        model = Denoiser()
+        model.forward = types.MethodType(sequence_parallel_forward, model)
+        config = config_from_dict({"lut": f"{out_dir}/lut.safetensors", "calibration": {"prompts": 1},
+                                   "plan": {"window": [6, 8], "ratio": 1.0}})
+        counts, outs = [], []
+        for _ in range(3):
+            cache = TaoCache(config)
+            cache.shared_generations = True  # (what the wan integrations set)
+            with cache.attach(model, STEPS, ("cond", "uncond")):
+                outs.append(sample(model))
+            counts.append(cache.hook.counts)
+        torch.save({"outs": outs, "counts": counts}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_ranks_calibrate_then_skip_together(tmp_path):
+    """Rank 1 read the LUT before rank 0 had written it, went on calibrating while rank 0 skipped, and their
+    all-gathers paired the wrong calls: wrong outputs, then a hang (multi-GPU walkthrough, 2026-11-27)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_calibrating_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["counts"] == r1["counts"] == [{"cond": [10, 0], "uncond": [10, 0]}] + 2 * [{"cond": [7, 3],
+                                                                                         "uncond": [7, 3]}]
+    assert all(torch.equal(a, b) for a, b in zip(r0["outs"], r1["outs"]))
+    from taohooks.integrations.wan import shared_cache  # (wan22 makes its caches with it too)
+
+    assert shared_cache(config_from_dict({})).shared_generations
+
+
 def test_data_parallel_calibration_of_a_sequence_parallel_run_is_refused(tmp_path):
     """--devices sharded prompts over the ranks of a --ulysses_size run, whose ranks share one prompt (review,
     2026-11-27): refused, naming both."""
@@ -152,3 +204,92 @@ def test_data_parallel_calibration_of_a_sequence_parallel_run_is_refused(tmp_pat
                           "10", "--ulysses_size", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "this run is sequence-parallel (sp_size 2" in res.stderr
     assert not (tmp_path / "lut.safetensors").exists()
+
+
+def test_calibration_under_torchrun_without_data_parallel_is_refused(tmp_path):
+    """Under torchrun without --data-parallel, a script that starts no process group had every process calibrate
+    the same prompt lines into the one LUT (duplicated prompts; multi-GPU walkthrough, 2026-11-27)."""
+    import os
+
+    folder = tmp_path / "tr"
+    folder.mkdir()
+    (folder / "sample.py").write_text(SCRIPT)
+    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (folder / "c.yaml").write_text("integration: testbed\nlut: lut.safetensors\ncalibration: {prompts: 2}\n")
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}  # what torchrun gives rank 0
+    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
+                          "--", "sample.py", PROMPTS[0]], cwd=folder, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert res.returncode != 0
+    assert "this process is one of 2 (WORLD_SIZE=2: torchrun) and the script started no process group" in res.stderr
+    assert "add --data-parallel" in res.stderr and not (folder / "lut.safetensors").exists()
+
+
+def test_part_files_of_other_prompt_lines_are_not_resumed_and_go_once_the_lut_is_complete(tmp_path):
+    """An interrupted --devices run's part files were resumed into a LUT begun again on another prompts file (its
+    first lines never ran, two old prompts taken instead; multi-GPU walkthrough, 2026-11-27)."""
+    from pathlib import Path
+
+    from taohooks.launcher.prompt_calibration import _part_name
+
+    lut, _ = calibrate(tmp_path / "old")
+    folder = tmp_path / "new"
+    old_lines = ["a cyan circle moving left"] * 5
+    stale = _part_name(Path(folder / "lut.safetensors"), 0, 2, 0, old_lines)
+    again, res = calibrate(folder, "--devices", "2", before=lambda: stale.write_bytes(lut.to_bytes()))
+    assert f"{stale.name} is the part file of an earlier run" in res.stderr and "resuming" not in res.stderr
+    assert "rank 0/2: calibration prompt 1/5" in res.stderr  # from the first line
+    assert again.num_prompts == 5 and not stale.exists() and f"removed {stale.name}" in res.stderr
+
+
+def _reducing_worker(rank, world, port, out_dir):
+    from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec
+    from taohooks.runtime.distributed import all_reduce_lut
+    from taohooks.taocache.lut import LUTMismatchError
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        recorder = CalibrationRecorder(identity={"shift": 3.0 if rank == 0 else 5.0})
+        with DenoiserHook(LoopSpec(STEPS, ("cond", "uncond")), [recorder]).attach(Denoiser()) as hook:
+            hook.new_sample()
+            sample(hook.module)
+        try:
+            all_reduce_lut(recorder.lut())
+            said = None
+        except LUTMismatchError as exc:
+            said = str(exc)
+        torch.save(said, f"{out_dir}/said{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_lut_refuses_ranks_that_calibrated_different_runs(tmp_path):
+    """Ranks of another shift were summed into one LUT labelled with rank 0's (and other step counts ended the job
+    inside gloo), where merge refuses the same pair (multi-GPU walkthrough, 2026-11-27): every rank says it now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_reducing_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    said = [torch.load(tmp_path / f"said{r}.pt") for r in (0, 1)]
+    assert said[0] == said[1] == ("all_reduce_lut: cannot merge: identity 'shift' is 3.0 in rank 0's LUT and 5.0 in "
+                                  "rank 1's LUT: the ranks calibrated different runs")
+
+
+def test_a_part_file_of_another_model_is_refused_with_the_way_forward(tmp_path):
+    """It was refused naming the difference only (multi-GPU walkthrough, 2026-11-27)."""
+    import dataclasses
+    from pathlib import Path
+
+    from taohooks.launcher.prompt_calibration import _part_name
+
+    lut, _ = calibrate(tmp_path / "old")
+    folder = tmp_path / "new"
+    part = _part_name(Path(folder / "lut.safetensors"), 1, 2, 0, PROMPTS)
+    other = dataclasses.replace(lut, identity={**lut.identity, "architecture": "0123456789ab"})
+    with pytest.raises(AssertionError):
+        calibrate(folder, "--devices", "2", before=lambda: part.write_bytes(other.to_bytes()))
+    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
+                          "--devices", "2", "--", "sample.py", PROMPTS[0]], cwd=folder, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode != 0 and f"{part.name} was calibrated with architecture '0123456789ab'" in res.stderr
+    assert "remove the part files (lut.part*-of-2-*.safetensors) to start over" in res.stderr

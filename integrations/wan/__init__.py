@@ -50,6 +50,15 @@ _patches = PatchSet()
 _launch: Dict[str, Any] = {}
 
 
+def shared_cache(config: TaoCacheConfig) -> TaoCache:
+    """A generation's :class:`TaoCache`: under torchrun every rank of Wan's ``generate.py`` runs every generation
+    (one prompt, the ranks sharing its tokens or its weights), so attach waits for the ranks before it reads a LUT
+    being calibrated (:attr:`TaoCache.shared_generations`)."""
+    cache = TaoCache(config)
+    cache.shared_generations = True
+    return cache
+
+
 def _model(arguments):
     pipeline = arguments["self"]
     if not hasattr(pipeline, "model") and hasattr(pipeline, "low_noise_model"):
@@ -202,7 +211,7 @@ def install(config: TaoCacheConfig) -> None:
         return
     require_modules("wan", ["wan"], "run generate.py of a Wan2.1 checkout, or pip install -e the checkout")
     _patches.installed = True
-    _patches.patch_generate(PIPELINES, lambda arguments: TaoCache(config), _model, _loop,
+    _patches.patch_generate(PIPELINES, lambda arguments: shared_cache(config), _model, _loop,
                             callbacks_of=_refuse_rank_local_decisions(config), identity_of=_identity, prompt_arg="input_prompt")
 
 

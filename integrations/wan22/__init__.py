@@ -52,8 +52,8 @@ from taohooks.launcher.prompt_calibration import ENV_CALIBRATE_PROMPTS, PER_CLIP
 from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems, image_said,
                                            output_size_of, require_modules, script_options, task_of_the_other_version,
                                            unwrap_model)
+from taohooks.integrations.wan import shared_cache
 from taohooks.runtime.loop import LoopSpec
-from taohooks.taocache.cache import TaoCache
 from taohooks.taocache.identity import guide_scale_identity, model_identity, wan_output_identity
 
 __all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "TASK_DEFAULTS", "EXPECTS",
@@ -317,7 +317,7 @@ def install(config: TaoCacheConfig) -> None:
         return
     require_modules("wan22", ["wan"], "run generate.py of a Wan2.2 checkout, or pip install -e the checkout")
     _patches.installed = True
-    _patches.patch_generate(PIPELINES, lambda arguments: TaoCache(config), _model, _loop,
+    _patches.patch_generate(PIPELINES, lambda arguments: shared_cache(config), _model, _loop,
                             callbacks_of=_refuse_rank_local_decisions(config), identity_of=_identity,
                             prompt_arg="input_prompt")
 

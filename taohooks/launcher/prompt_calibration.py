@@ -93,12 +93,14 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
         if os.environ.get(ENV_CALIBRATE_ONLY):
             raise SystemExit(0)
         return
+    _refuse_uncoordinated_ranks()
     try:
         have = _recorded_prompts(patch, bound, path)
         parts = [str(p) for p in _part_files(path)]
         if parts:
             messages.warning(f"{', '.join(parts)}: part file(s) of an interrupted --devices run, not resumed by a run "
-                             "without --devices (the same command with its --devices resumes them; else remove them)")
+                             "without --devices (the same command with its --devices resumes them; this run removes them once it "
+                             "completes the LUT)")
         while have < wanted:
             patch.log(f"taohooks: calibration prompt {have + 1}/{wanted}: {prompts[have]!r}")
             patch._generate(_with_prompt(patch, bound, prompts[have]))
@@ -109,12 +111,27 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
                                        "finite, a loop shape the integration does not match)")
             _one_clip_per_line(now - have, path)
             have = now
+        _remove_stale_parts(path)
     finally:
         patch._prompt_calibration = "done"
         release()
     patch.log(f"taohooks: calibration LUT {path} complete ({have} prompts)")
     if os.environ.get(ENV_CALIBRATE_ONLY):
         raise SystemExit(0)
+
+
+def _refuse_uncoordinated_ranks() -> None:
+    """Under torchrun (``WORLD_SIZE`` > 1) with no process group of the script's, each process would calibrate the same
+    prompt lines into the one LUT (duplicated prompts: multi-GPU walkthrough, 2026-11-27); ``--data-parallel`` gives
+    each its share. A script that starts its group (Wan's ``generate.py``) shares each prompt over its ranks."""
+    import torch.distributed as dist
+
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise IntegrationError(f"this process is one of {size} (WORLD_SIZE={size}: torchrun) and the script started no "
+                               "process group, so each process would calibrate the same prompt lines into one LUT; add "
+                               "--data-parallel to taocache calibrate (each process then takes its share of the "
+                               "prompts), or run it in one process")
 
 
 def _claim_the_lut(path: Path) -> Callable[[], None]:
@@ -151,6 +168,25 @@ def _part_files(path: Path, rank: Optional[int] = None) -> List[Path]:
                   if p.name.startswith(prefix) and (rank is None or p.name.startswith(f"{prefix}-of-")))
 
 
+def _part_name(path: Path, rank: int, size: int, have: int, lines: List[str]) -> Path:
+    """``LUT.part<rank>-of-<size>-from<have>-<key>.safetensors``: ``key`` names the prompt lines the run calibrates."""
+    import hashlib
+
+    key = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:8]
+    return path.with_name(f"{path.stem}.part{rank}-of-{size}-from{have}-{key}{path.suffix}")
+
+
+def _remove_stale_parts(path: Path, keep: List[Path] = ()) -> None:
+    """Once the LUT is complete, the part files of earlier, interrupted runs can only mislead a later calibration
+    (of the LUT deleted and begun again): removed, and said."""
+    stale = [p for p in _part_files(path) if p not in keep]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        messages.notice(f"removed {', '.join(str(p) for p in stale)}: part file(s) of earlier interrupted --devices "
+                        f"runs, which the complete LUT {path} no longer needs")
+
+
 def _one_clip_per_line(clips: int, path: Path) -> None:
     """Each line of the prompts file is one prompt of the LUT: a generation of several clips (a batch of seeds)
     counted them all, and the count that says which line is next skipped lines."""
@@ -173,7 +209,7 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     from ..taocache.cache import check_run
     from ..runtime.hook import DenoiserHook
     from ..runtime.io import atomic_write_bytes, locked
-    from ..taocache.lut import CalibrationLUT
+    from ..taocache.lut import CalibrationLUT, LUTMismatchError
 
     init_from_environment()
     rank, size = world()
@@ -182,15 +218,21 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     mine = shard(list(range(have, wanted)), rank, size)
     # a part file holds this rank's share of the lines after the `have` the LUT held when the run began: one made
     # from another count (the LUT was completed otherwise since, or calibration.prompts changed) is not resumed
-    part = path.with_name(f"{path.stem}.part{rank}-of-{size}-from{have}{path.suffix}")
+    # its name holds the run's count, where it began and the prompt lines it calibrates: one of another prompts file
+    # is not resumed (a LUT deleted and calibrated again on other prompts took two of an older run's: multi-GPU
+    # walkthrough, 2026-11-27)
+    parts = [_part_name(path, r, size, have, prompts[have:wanted]) for r in range(size)]
+    part = parts[rank]
     stale = [p for p in _part_files(path, rank) if p != part]
     if stale:
         messages.warning(f"rank {rank}: {', '.join(str(p) for p in stale)} "
                          f"{'is the part file' if len(stale) == 1 else 'are part files'} of an earlier run with "
-                         f"another --devices count or from another prompt count than the LUT's {have}: not "
-                         "resumed (remove them)", every_rank=True)
+                         f"another --devices count, from another prompt count than the LUT's {have} or of other "
+                         "prompt lines: not resumed (removed once this run completes the LUT)", every_rank=True)
     resume = CalibrationLUT.load(part) if part.is_file() else None
     done = resume.num_prompts if resume is not None else 0
+    if done:
+        messages.notice(f"rank {rank}: resuming the {done} prompt(s) of {part}", every_rank=True)
     arguments = dict(bound.arguments)
     sp_size = getattr(arguments.get("self"), "sp_size", 1)
     if isinstance(sp_size, int) and sp_size > 1:  # Wan's pipelines: --ulysses_size x --ring_size
@@ -205,6 +247,18 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     identity = patch.identity_of(arguments, model) if patch.identity_of else identity_of_model(model)
     if base is not None:
         check_run(config, base, loop, identity)  # resuming: the LUT must be of this run
+    if resume is not None:  # what the recorder checks at attach, said with the way forward
+        try:
+            resume.check(loop, config.model_id, config.calibration.sampler)
+            bad = sorted(k for k in set(identity) & set(resume.identity or {}) if identity[k] != resume.identity[k])
+            if bad:
+                raise LUTMismatchError(f"{part} was calibrated with " + ", ".join(
+                    f"{k} {resume.identity[k]!r}" for k in bad) + ", this run has " + ", ".join(
+                    f"{k} {identity[k]!r}" for k in bad))
+        except LUTMismatchError as exc:
+            raise IntegrationError(f"{exc}: it is this rank's part file of an interrupted run of another model or "
+                                   f"settings; remove the part files ({path.stem}.part*-of-{size}-*{path.suffix}) to "
+                                   "start over") from None
     recorder = CalibrationRecorder(config.model_id, config.calibration.sampler, resume=resume, identity=identity,
                                    error_horizon=config.calibration.error_horizon)
     also = attach_kwargs.get("also", ())  # Wan2.2's second expert
@@ -228,6 +282,8 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     if size > 1:
         dist.barrier()
     part.unlink(missing_ok=True)
+    if rank == 0:
+        _remove_stale_parts(path, keep=parts)
 
 
 def _recorded_prompts(patch: "GenerationPatch", bound: inspect.BoundArguments, path: Path) -> int:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 from typing import List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ..taocache.delta_gram import DeltaGram
-from ..taocache.lut import CalibrationLUT
+from ..taocache.lut import CalibrationLUT, LUTMismatchError, merge_problem
 from ..taocache.stats import RunningMoments
 
 __all__ = ["all_reduce_lut", "shard", "world", "init_from_environment"]
@@ -74,6 +75,7 @@ def all_reduce_lut(lut: CalibrationLUT, group: Optional[object] = None) -> Calib
     (``plan.rule: auto``'s error statistics, one row per prompt) are gathered, in rank order."""
     if not (dist.is_available() and dist.is_initialized()):
         return lut
+    _check_ranks_agree(lut, group)  # (a mismatch summed silently, or ended the job inside the collective)
     device = _device()
     moments = []
     for m in (lut.cos, lut.ratio):
@@ -88,6 +90,21 @@ def all_reduce_lut(lut: CalibrationLUT, group: Optional[object] = None) -> Calib
     return CalibrationLUT(lut.streams, lut.steps, moments[0], moments[1], timesteps, lut.calls_per_step,
                           lut.model_id, lut.sampler, prompts, lut.created, identity=dict(lut.identity),
                           deltas=_gather_deltas(lut, group))
+
+
+def _check_ranks_agree(lut: CalibrationLUT, group) -> None:
+    """:class:`LUTMismatchError` on every rank when a rank's LUT cannot be merged with rank 0's (as
+    :meth:`CalibrationLUT.merge` refuses: steps, streams, labels, identity, timesteps), naming the rank."""
+    header = {"steps": lut.steps, "streams": tuple(lut.streams), "model_id": lut.model_id, "sampler": lut.sampler,
+              "calls_per_step": lut.calls_per_step, "identity": dict(lut.identity or {}),
+              "timesteps": lut.timesteps.detach().cpu()}
+    headers: List[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(headers, header, group=group)
+    first = types.SimpleNamespace(**headers[0])
+    for rank, other in enumerate(headers[1:], start=1):
+        problem = merge_problem(first, types.SimpleNamespace(**other), "rank 0's LUT", f"rank {rank}'s LUT")
+        if problem:
+            raise LUTMismatchError(f"all_reduce_lut: {problem}: the ranks calibrated different runs")
 
 
 def _gather_deltas(lut: CalibrationLUT, group) -> Optional[DeltaGram]:

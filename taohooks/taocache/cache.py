@@ -295,6 +295,11 @@ class TaoCache:
         # of independent samplers): each adds what it calibrated to the LUT file; otherwise the ranks share each
         # prompt (sequence parallelism, gathered outputs) and rank 0 alone writes
         self.data_parallel = False
+        # every rank of the process group runs every generation together (sequence parallelism: Wan's generate.py
+        # under torchrun): attach waits for the other ranks before it reads a LUT being calibrated, so that no rank
+        # plans on the file before rank 0 has written the generation before (they planned apart, and their
+        # collectives paired the wrong calls: multi-GPU walkthrough, 2026-11-27). Set by the wan / wan22 integrations
+        self.shared_generations = False
         # the caller attaches again at each generation (the launcher, the Lightning callback), so a completed
         # calibration switches to skipping at the next one; in one attach from Python the plan stays
         self.reattached_per_generation = False
@@ -381,6 +386,8 @@ class TaoCache:
         cfg, callbacks = self.config, list(callbacks)
         check_pab_patterns(cfg, (module, *also))  # also while calibrating, which attaches no PAB (its runs said nothing)
         path = self._lut_path
+        if path is not None and self.shared_generations and calibrates(cfg):
+            _barrier()  # rank 0 has written the generations before (its _SaveLUT) when it gets here
         if path is not None:  # the file is the truth (a calibrating run may have written it)
             self.lut = _load_present(path)
         wanted = cfg.calibration.prompts
@@ -619,6 +626,14 @@ def published_teacache(model: str, threshold: float, use_ret_steps: bool = False
     from ..caches.teacache_latte import latte_teacache
 
     return latte_teacache(model, threshold, max_step=max_step)
+
+
+def _barrier() -> None:
+    """Wait for every rank of the process group (none: return)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _writes_the_lut() -> bool:

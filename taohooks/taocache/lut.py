@@ -62,6 +62,28 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
+def merge_problem(a: Any, b: Any, name_a: str, name_b: str) -> Optional[str]:
+    """Why the statistics of ``b`` cannot be added to ``a``'s (LUTs, or anything with their ``steps``, ``streams``,
+    ``model_id``, ``sampler``, ``calls_per_step``, ``identity`` and ``timesteps``: the ranks' headers of
+    :func:`~taohooks.runtime.distributed.all_reduce_lut`), or ``None``."""
+    if (a.steps, tuple(a.streams)) != (b.steps, tuple(b.streams)):
+        return (f"cannot merge {name_b} ({b.steps} steps, streams {', '.join(b.streams)}) into {name_a} ({a.steps} "
+                f"steps, streams {', '.join(a.streams)})")
+    for key in ("model_id", "sampler", "calls_per_step"):
+        x, y = getattr(a, key), getattr(b, key)
+        if x is not None and y is not None and x != y:
+            return f"cannot merge: {key} is {x!r} in {name_a} and {y!r} in {name_b}"
+    for key in sorted(set(a.identity) & set(b.identity)):
+        x, y = a.identity[key], b.identity[key]
+        if x != y:
+            return f"cannot merge: identity {key!r} is {x!r} in {name_a} and {y!r} in {name_b}"
+    t = first_timestep_difference(a.timesteps, b.timesteps)
+    if t is not None:
+        return (f"cannot merge: timestep of step {t} is {a.timesteps[t].item():g} in {name_a} and "
+                f"{b.timesteps[t].item():g} in {name_b}")
+    return None
+
+
 @dataclass
 class CalibrationLUT:
     """Per-stream, per-step statistics of consecutive output deltas over calibration prompts."""
@@ -151,23 +173,9 @@ class CalibrationLUT:
         to the shorter horizon; where one LUT has prompts without them, the result has none. A merge that
         loses this LUT's products that way (``other`` is added to it: a file, a LUT calibrated before) is
         refused (:class:`LUTMismatchError`) unless ``drop_error_statistics``."""
-        if (self.steps, tuple(self.streams)) != (other.steps, tuple(other.streams)):
-            raise LUTMismatchError(
-                f"cannot merge {other._name()} ({other.steps} steps, streams {', '.join(other.streams)}) into "
-                f"{self._name()} ({self.steps} steps, streams {', '.join(self.streams)})")
-        for key in ("model_id", "sampler", "calls_per_step"):
-            a, b = getattr(self, key), getattr(other, key)
-            if a is not None and b is not None and a != b:
-                raise LUTMismatchError(f"cannot merge: {key} is {a!r} in {self._name()} and {b!r} in {other._name()}")
-        for key in sorted(set(self.identity) & set(other.identity)):
-            a, b = self.identity[key], other.identity[key]
-            if a != b:
-                raise LUTMismatchError(f"cannot merge: identity {key!r} is {a!r} in {self._name()} and {b!r} in "
-                                       f"{other._name()}")
-        t = first_timestep_difference(self.timesteps, other.timesteps)
-        if t is not None:
-            raise LUTMismatchError(f"cannot merge: timestep of step {t} is {self.timesteps[t].item():g} in "
-                                   f"{self._name()} and {other.timesteps[t].item():g} in {other._name()}")
+        problem = merge_problem(self, other, self._name(), other._name())
+        if problem:
+            raise LUTMismatchError(problem)
         return CalibrationLUT(
             self.streams, self.steps, self.cos.merge(other.cos), self.ratio.merge(other.ratio),
             torch.where(self.timesteps.isnan(), other.timesteps, self.timesteps), self.calls_per_step,
