@@ -475,6 +475,25 @@ def test_a_scheduler_swapped_between_calls_is_checked_against_the_lut(tmp_path):
     disable_taocache(pipe)
 
 
+def test_a_guidance_scale_other_than_the_luts_is_refused(tmp_path):
+    """No integration recorded the guidance scale, which moves the trajectory the LUT describes (Wan2.2
+    walkthrough, 2026-11-27)."""
+    from taohooks.taocache.lut import CalibrationLUT, LUTMismatchError
+
+    cfg = config_from_dict({"integration": "diffusers", "lut": "lut.safetensors", "calibration": {"prompts": 1},
+                            "plan": {"budget": 2, "min_step": 2}}, str(tmp_path / "c.yaml"))
+    pipe = wan_pipe()
+    enable_taocache(pipe, cfg)
+    try:
+        wan_call(pipe, guidance_scale=5.0)  # calibrates
+        assert CalibrationLUT.load(tmp_path / "lut.safetensors").identity["guide_scale"] == 5.0
+        with pytest.raises(LUTMismatchError, match="guide_scale .*: this run 6.0, the LUT 5.0"):
+            wan_call(pipe, guidance_scale=6.0)
+        wan_call(pipe, guidance_scale=5.0)
+    finally:
+        disable_taocache(pipe)
+
+
 def test_a_dynamic_shifting_scheduler_is_counted():
     from taohooks.launcher.integration import scheduler_calls
 

@@ -440,3 +440,9 @@ def test_latte_lut_of_another_video_size_is_refused_at_the_first_generation(runn
     from taohooks.taocache.lut import CalibrationLUT
 
     assert CalibrationLUT.load(luts("latte")).identity["frames"] == 4
+    # the guidance scale too (recorded by no integration before: Wan2.2 walkthrough, 2026-11-27)
+    assert CalibrationLUT.load(luts("latte")).identity["guide_scale"] == 7.5
+    sample.write_text(yaml.safe_dump({**yaml.safe_load(sample.read_text()), "video_length": 4, "guidance_scale": 3.0}))
+    res = launch(runner, LATTE, tmp_path / "size", CALIBRATED.format("latte", ""), argv=argv)
+    assert res.returncode == 2 and "guide_scale (the guidance scale: Wan's --sample_guide_scale, a pipeline's " \
+        "guidance_scale): this run 3.0, the LUT 7.5" in res.stderr, res.stderr

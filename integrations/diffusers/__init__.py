@@ -37,6 +37,7 @@ from taohooks.launcher.integration import (GenerationPatch, IntegrationError, Pa
 from taohooks.runtime.loop import LoopSpec
 from taohooks.runtime.reset import StateReset
 from taohooks.taocache.cache import TaoCache, check_config_before_run
+from taohooks.taocache.identity import guide_scale_identity
 
 __all__ = ["enable_taocache", "disable_taocache", "install", "uninstall", "SEQUENTIAL_CFG", "BATCHED_CFG",
            "ContextStreamCheck"]
@@ -201,6 +202,11 @@ def _identity(arguments, model):
     boundary = _boundary(arguments["self"])
     if boundary is not None:
         identity["expert_boundary"] = boundary
+    guidance = arguments.get("guidance_scale")
+    if isinstance(guidance, (int, float)):  # the trajectory the LUT's deltas describe
+        second = arguments.get("guidance_scale_2")  # Wan2.2 A14B's low-noise expert (None: the same)
+        identity["guide_scale"] = float(guidance) if boundary is None else guide_scale_identity(
+            (guidance, second if isinstance(second, (int, float)) else guidance))
     return identity
 
 

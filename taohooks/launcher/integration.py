@@ -318,11 +318,11 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
         recorded = getattr(lut, "identity", None) or {}
         keys = differences(recorded, {k: run[k] for k in flags if k in run}, config.calibration.accept)
         if keys:
-            problems.append(f"LUT {path} was calibrated with " + ", ".join(
-                f"{recorded[k]} pixels a frame (width x height)" if k == "pixels" else image_said(recorded[k])
-                if k == "image" else f"{flags[k]} {recorded[k]}" for k in keys) + "; this command line runs " + ", ".join(
-                said(run, k) for k in keys) + f". Give this run its own LUT (lut: in {where}), or accept the "
-                f"difference knowingly with calibration.accept: [{', '.join(keys)}]")
+            recorded_said = [f"{recorded[k]} pixels a frame (width x height)" if k == "pixels" else
+                             image_said(recorded[k]) if k == "image" else f"{flags[k]} {recorded[k]}" for k in keys]
+            problems.append(f"LUT {path} was calibrated with " + ", ".join(recorded_said) + "; this command line runs "
+                            + ", ".join(said(run, k) for k in keys) + f". Give this run its own LUT (lut: in {where}), "
+                            f"or accept the difference knowingly with calibration.accept: [{', '.join(keys)}]")
     from ..taocache.cache import calibrates
 
     calibrating = path is not None and calibrates(config) and (

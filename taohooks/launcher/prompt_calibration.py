@@ -99,8 +99,8 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
         parts = [str(p) for p in _part_files(path)]
         if parts:
             messages.warning(f"{', '.join(parts)}: part file(s) of an interrupted --devices run, not resumed by a run "
-                             "without --devices (the same command with its --devices resumes them; this run removes them once it "
-                             "completes the LUT)")
+                             "without --devices (the same command with its --devices resumes them; this run removes "
+                             "them once it completes the LUT)")
         while have < wanted:
             patch.log(f"taohooks: calibration prompt {have + 1}/{wanted}: {prompts[have]!r}")
             patch._generate(_with_prompt(patch, bound, prompts[have]))

@@ -384,7 +384,7 @@ class TaoCache:
             identity = check_identity(dict(identity), "taohooks: attach(identity=...)")
         loop = self.loop_spec(steps, streams, split_batch, batch_dim)
         cfg, callbacks = self.config, list(callbacks)
-        check_pab_patterns(cfg, (module, *also))  # also while calibrating, which attaches no PAB (its runs said nothing)
+        check_pab_patterns(cfg, (module, *also))  # also while calibrating, which attaches no PAB (and said nothing)
         path = self._lut_path
         if path is not None and self.shared_generations and calibrates(cfg):
             _barrier()  # rank 0 has written the generations before (its _SaveLUT) when it gets here
@@ -561,7 +561,8 @@ def composition_problems(plan: SkipPlan, callbacks: Iterable[Callback]) -> List[
             reuses = "on every step but its warm-up and the last" if cb.max_step is None else \
                 f"up to step {cb.max_step - 1}"
             problems.append(f"attach(callbacks=...): TeaCacheCallback may reuse {reuses} while TaoCache skips "
-                            f"from step {first}: pass max_step={max(first - HYBRID_GUARD, 0)} (Algorithm 2's guard band "
+                            f"from step {first}: pass max_step={max(first - HYBRID_GUARD, 0)} (Algorithm 2's guard "
+                            "band "
                             "of 2 steps; the YAML's teacache: section sets it)")
         if isinstance(cb, PyramidAttentionBroadcast) and not cb.reset_on_resume:
             missing = sorted(set(plan.resume_steps) - cb.reset_steps)

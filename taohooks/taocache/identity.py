@@ -174,8 +174,9 @@ def wan_output_identity(arguments: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def guide_scale_identity(value: Any, experts: int = 1) -> Any:
-    """Wan's guide scale as a LUT records it: a number, or for two experts a pair (Wan2.2 A14B's ``(low-noise,
-    high-noise)``; one number sets both, as the pipelines do). The scale moves the trajectory whose deltas the
+    """A guide scale as a LUT records it (Wan's ``--sample_guide_scale``, a pipeline's ``guidance_scale``): a
+    number, or for two experts a pair (Wan2.2 A14B's ``(low-noise, high-noise)``; one number sets both, as the
+    pipelines do). The scale moves the trajectory whose deltas the
     LUT describes, so a run at another scale is another run."""
     if isinstance(value, (tuple, list)):
         return [float(v) for v in value]
@@ -185,8 +186,8 @@ def guide_scale_identity(value: Any, experts: int = 1) -> Any:
 def pipeline_output_identity(arguments: Mapping[str, Any]) -> Dict[str, Any]:
     """What a Latte / Open-Sora-Plan pipeline call makes, from its arguments: ``height``, ``width`` and ``frames``
     (``video_length``, or ``num_frames``) where the script gives them (``None``: the pipeline's default, not
-    recorded), and ``temporal_attention`` (off for image generation). As for Wan, a LUT's delta products hold outputs
-    of one size: checked at the start of each generation."""
+    recorded), ``temporal_attention`` (off for image generation) and the ``guidance_scale``. As for Wan, a LUT's
+    delta products hold outputs of one size: checked at the start of each generation."""
     identity: Dict[str, Any] = {}
     for key in ("height", "width"):
         if arguments.get(key) is not None:
@@ -196,6 +197,8 @@ def pipeline_output_identity(arguments: Mapping[str, Any]) -> Dict[str, Any]:
         identity["frames"] = int(frames)
     if "enable_temporal_attentions" in arguments:
         identity["temporal_attention"] = bool(arguments["enable_temporal_attentions"])
+    if isinstance(arguments.get("guidance_scale"), (int, float)):  # the trajectory the LUT's deltas describe
+        identity["guide_scale"] = float(arguments["guidance_scale"])
     return identity
 
 
@@ -214,5 +217,5 @@ def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], ke
 KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_num": " (Wan's --frame_num)",
                "frames": " (frames generated: Latte's video_length, Open-Sora-Plan's --num_frames)",
                "temporal_attention": " (off for images: Latte's t2i, Open-Sora-Plan's --force_images)",
-               "guide_scale": " (Wan's --sample_guide_scale)",
+               "guide_scale": " (the guidance scale: Wan's --sample_guide_scale, a pipeline's guidance_scale)",
                "image": " (Wan2.2 TI2V-5B: whether an --image conditions the video)"}

@@ -72,7 +72,7 @@ def test_calibration_records_transformer_and_scheduler(calibrated):
     assert re.fullmatch("[0-9a-f]{12}", identity.pop("architecture"))
     assert identity == {"model": "LatteT2V", "dtype": "torch.float32", "scheduler": "PNDMScheduler",
                         "prediction_type": "epsilon", "sampling_steps": STEPS,
-                        "height": 64, "width": 64, "frames": 17, "temporal_attention": True}
+                        "height": 64, "width": 64, "frames": 17, "temporal_attention": True, "guide_scale": 7.5}
     assert lut.steps == CALLS  # PNDM: steps + 9 calls
 
 
