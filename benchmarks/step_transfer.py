@@ -49,11 +49,11 @@ def main() -> None:
     cal_pairs, eval_pairs = data.calibration_pairs(args.calibration_pairs), data.eval_pairs(args.pairs)
     rows, started = [], time.perf_counter()
     for name in args.models:
-        source = calibrate(TestbedModel.load(name, args.source_steps), cal_pairs, 16).lut
+        source = calibrate(TestbedModel.load(name, args.source_steps), cal_pairs, 16, teacache=False).lut
         weights = "ddpm" if TestbedModel.load(name).prediction == "eps" else "flow"
         for steps in args.steps:
             tm = TestbedModel.load(name, steps)
-            native = calibrate(tm, cal_pairs, 16).lut
+            native = calibrate(tm, cal_pairs, 16, teacache=False).lut  # (TeaCache's fit: not used here)
             carried = transfer_lut(source, steps)
             reference = run_with(tm, [], eval_pairs, 16).clips
             skips = int(math.floor(args.budget * steps + 0.5))

@@ -31,6 +31,7 @@ from .config import MAX_STEPS, ConfigError, PlanConfig, TaoCacheConfig, load_con
 from .runtime.loop import LoopSpec
 from .runtime.io import special_file_kind
 from .taocache.lut import CalibrationLUT, LUTMismatchError, merge_luts
+from .taocache.lut_transfer import carryable, repeats_timesteps
 from .taocache.plan import PlanError
 from .taocache.cache import (check_config_before_run, check_config_lut, expert_guard, hybrid_range_problems,
                              lut_for_steps, make_plan, sampler_label, unfinished_lut_steps_problem)
@@ -51,7 +52,7 @@ def _cmd_check(args) -> int:
     check_config_before_run(config, writable=False)  # (check changes nothing on disk)
     from .run import check_teacache_fit
 
-    check_teacache_fit(config)  # teacache.calibrated: the fit file a run reads (taocache-run refused it, check passed)
+    check_teacache_fit(config, calibrating=True)  # teacache.calibrated: the fit a run reads, or calibrate makes
     if path is not None:
         if path.is_file():
             lut = CalibrationLUT.load(path)
@@ -69,9 +70,12 @@ def _cmd_check(args) -> int:
                                   f"calibrated with {lut.steps} steps; calibrate again for {config.loop.steps} "
                                   "steps (or point lut at another file" + (
                                       ", or carry it over with calibration.transfer: interpolate)"
-                                      if lut.deltas is not None else ")"))
+                                      if carryable(lut) else ")"))
             loop = LoopSpec(config.loop.steps or lut.steps, tuple(config.loop.streams or lut.streams))
-            lut = lut_for_steps(config, lut, loop.steps)
+            carried = lut_for_steps(config, lut, loop.steps)
+            if carried is not lut:  # (said on stdout too: the plan below is the carried LUT's)
+                lines.append(f"# {carried.describe()}")
+            lut = carried
             lut.check(loop, config.model_id, sampler_label(config))
             plan = make_plan(config.plan, loop.steps, loop.streams, lut, unskippable=expert_guard(lut))
             lines.append(f"# plan: {plan.describe()}")
@@ -183,10 +187,15 @@ def _cmd_plan(args) -> int:
         print("# no budget, window or skip_steps given: nothing is skipped (try --budget 8 or --budget 0.16)")
     if lut is not None and lut.steps != steps and not _is_config(args.source):
         carry = (", or carry the LUT over to another step count from a config (calibration: {transfer: interpolate}; "
-                 "then taocache plan CONFIG --steps N)") if lut.deltas is not None else \
+                 "then taocache plan CONFIG --steps N)") if carryable(lut) else \
+            " (its calls repeat timesteps, PNDM's warm-up, so it cannot be carried over to another step count)" \
+            if repeats_timesteps(lut) else \
             " (this LUT holds no delta products, so it cannot be carried over to another step count)"
         raise PlanError(f"LUT {lut_path} has {lut.steps} steps, --steps is {steps}; plan for {lut.steps} steps{carry}")
     if lut is not None and _is_config(args.source):
+        unfinished = unfinished_lut_steps_problem(config, lut, steps, run_has="--steps is")
+        if unfinished:  # (a run and taocache check refuse it; the plan was printed as if it were carried)
+            raise PlanError(unfinished)
         if lut.steps != steps:  # as a run does: carried over (calibration.transfer: interpolate), or refused
             lut = lut_for_steps(config, lut, steps)
         if config.calibration.auto and lut.num_prompts < config.calibration.prompts:
@@ -448,7 +457,11 @@ def _cmd_calibrate(args) -> int:
 
     if args.devices < 1:
         raise ConfigError("command line", "--devices", f"expected a number of processes >= 1, got {args.devices}")
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)  # torchrun's processes (each runs this command)
+    try:
+        launched = int(os.environ.get("WORLD_SIZE", "1").strip() or 1)  # torchrun's processes (each runs this command)
+    except ValueError:
+        raise ConfigError("environment", "WORLD_SIZE", f"expected a number of processes, got "
+                          f"{os.environ['WORLD_SIZE']!r}") from None
     if args.devices > 1 and launched > 1:
         raise ConfigError("command line", "--devices", f"{args.devices} starts processes of its own, and this is one "
                           f"of {launched} already (WORLD_SIZE={launched}: torchrun); under torchrun use "
@@ -501,7 +514,7 @@ def _cmd_calibrate(args) -> int:
         env[ENV_CALIBRATE_SHARDED] = "1"
     argv = script + ["--taocache", args.config]
     if args.devices > 1:
-        code = _spawn_calibration(args.devices, argv, env)
+        code = _spawn_calibration(args.devices, argv, env, path)
     else:
         code = _run_calibration(argv, env)
     if code == 0 and os.environ.get("RANK", "0") == "0":  # under torchrun: once
@@ -564,7 +577,7 @@ def _calibration_worker(rank: int, world_size: int, port: int, argv: List[str], 
             dist.destroy_process_group()
 
 
-def _spawn_calibration(devices: int, argv: List[str], env: dict) -> int:
+def _spawn_calibration(devices: int, argv: List[str], env: dict, lut: Optional[Path] = None) -> int:
     import socket
 
     import torch.multiprocessing as mp
@@ -572,16 +585,21 @@ def _spawn_calibration(devices: int, argv: List[str], env: dict) -> int:
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    kept = ("; each process kept the prompts it finished in its part file next to the LUT: fix what failed and run "
-            "the same command (the same --devices) again to continue")
+    from .launcher.prompt_calibration import _part_files
+
+    def kept() -> str:  # (said where a part file holds finished prompts: not after a refusal before any)
+        if lut is None or not _part_files(lut):
+            return ""
+        return ("; each process kept the prompts it finished in its part file next to the LUT: fix what failed and "
+                "run the same command (the same --devices) again to continue")
     try:
         mp.start_processes(_calibration_worker, args=(devices, port, argv, env), nprocs=devices,
                            start_method="spawn")
     except mp.ProcessExitedException as exc:
-        print(f"taocache calibrate: a worker failed: {exc}{kept}", file=sys.stderr)
+        print(f"taocache calibrate: a worker failed: {exc}{kept()}", file=sys.stderr)
         return 1
     except mp.ProcessRaisedException as exc:
-        print(f"taocache calibrate: a worker failed:\n{exc}\n{kept[2:]}", file=sys.stderr)
+        print(f"taocache calibrate: a worker failed:\n{exc}" + (f"\n{kept()[2:]}" if kept() else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("taocache calibrate: interrupted; each process keeps the prompts it finished in its part file next to "

@@ -247,9 +247,10 @@ def _pure_path_expression(node) -> bool:
     return isinstance(node, (ast.Name, ast.Attribute)) and ast.unparse(node) in _PATH_NAMES
 
 
-def check_teacache_fit(config: TaoCacheConfig) -> None:
+def check_teacache_fit(config: TaoCacheConfig, calibrating: bool = False) -> None:
     """``teacache: {calibrated: true}``: the fit file must be there and fit the LUT, unless this run
-    calibrates and fits first (``calibration.teacache_fit``, the LUT incomplete)."""
+    calibrates and fits first (``calibration.teacache_fit``, the LUT incomplete; ``calibrating``: a
+    ``taocache calibrate`` run would, whatever ``calibration.auto`` says)."""
     tea, path = config.teacache, config.lut_path()
     if tea is None or not tea.calibrated or path is None:
         return
@@ -261,13 +262,15 @@ def check_teacache_fit(config: TaoCacheConfig) -> None:
     complete = lut is not None and lut.num_prompts >= config.calibration.prompts
     from .taocache.cache import calibrates
 
-    fits_now = config.calibration.teacache_fit and calibrates(config) and not complete
+    fits_now = config.calibration.teacache_fit and (calibrates(config) or calibrating) and not complete
     fit = fit_path(path)
     if not fit.is_file():
         if fits_now:
             return  # this run calibrates, and fits, first
         why = (f"{path} is complete, so no calibration runs to fit it: delete the LUT (or raise calibration.prompts) "
                "and run again" if complete and config.calibration.teacache_fit else
+               "calibration.auto is off, so this run does not calibrate: run taocache calibrate first (the LUT and "
+               "the fit in one pass), or set calibration.auto: true" if config.calibration.teacache_fit else
                "set calibration.teacache_fit: true and calibrate (the LUT and the fit in one pass)")
         raise ConfigError(config.source or "the config", "teacache.calibrated", f"{fit} does not exist; {why}")
     if complete:

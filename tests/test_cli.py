@@ -52,6 +52,16 @@ def test_check(lut_path, tmp_path, capsys):
     cfg.write_text(base + "teacache: {threshold: 0.3, calibrated: true}\n")
     assert main(["check", str(cfg)]) == 1
     assert f"teacache.calibrated: {tmp_path / 'geo.teacache.json'} does not exist" in capsys.readouterr().err
+    # ... but not one taocache calibrate would fit first (review, 2026-11-27: check refused what calibrate does)
+    cfg.write_text(f"model_id: geo\nlut: new.safetensors\ncalibration: {{auto: false, teacache_fit: true}}\n"
+                   "teacache: {threshold: 0.3, calibrated: true}\n")
+    assert main(["check", str(cfg)]) == 0
+    from taohooks.config import ConfigError, load_config
+    from taohooks.run import check_teacache_fit
+
+    with pytest.raises(ConfigError, match="calibration.auto is off, so this run does not calibrate: run taocache "
+                                          "calibrate first"):  # (a run: it advised the teacache_fit already set)
+        check_teacache_fit(load_config(cfg))
 
 
 def test_errors_are_one_line_not_tracebacks(lut_path, tmp_path, capsys):
@@ -398,9 +408,10 @@ def test_calibrate_process_flags_that_cannot_work_are_refused_before_the_script(
     assert not (tmp_path / "lut.safetensors").exists()
 
 
-def test_a_failed_calibration_worker_says_the_finished_prompts_are_kept(monkeypatch, capsys):
+def test_a_failed_calibration_worker_says_the_finished_prompts_are_kept(tmp_path, monkeypatch, capsys):
     """Only Ctrl-C said how to continue; a crashed rank left a traceback and "a worker failed" (multi-GPU
-    walkthrough, 2026-11-27)."""
+    walkthrough, 2026-11-27). Only where a part file holds finished prompts: after a refusal before any, it
+    contradicted the refusal (review, 2026-11-27)."""
     import torch.multiprocessing as mp
 
     from taohooks.cli import _spawn_calibration
@@ -409,7 +420,11 @@ def test_a_failed_calibration_worker_says_the_finished_prompts_are_kept(monkeypa
         raise mp.ProcessExitedException("process 1 terminated with exit code 1", error_index=1, error_pid=0,
                                         exit_code=1)
     monkeypatch.setattr(mp, "start_processes", crashed)
-    assert _spawn_calibration(2, ["s.py"], {}) == 1
+    lut = tmp_path / "lut.safetensors"
+    assert _spawn_calibration(2, ["s.py"], {}, lut) == 1
+    assert capsys.readouterr().err == "taocache calibrate: a worker failed: process 1 terminated with exit code 1\n"
+    (tmp_path / "lut.part1-of-2-from0-0123abcd.safetensors").write_bytes(b"")
+    assert _spawn_calibration(2, ["s.py"], {}, lut) == 1
     assert ("a worker failed: process 1 terminated with exit code 1; each process kept the prompts it finished in its "
             "part file next to the LUT: fix what failed and run the same command (the same --devices) again") \
         in capsys.readouterr().err

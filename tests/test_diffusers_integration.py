@@ -498,3 +498,15 @@ def test_a_dynamic_shifting_scheduler_is_counted():
     from taohooks.launcher.integration import scheduler_calls
 
     assert scheduler_calls(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 6) == 6
+
+
+def test_wan22_guidance_pair_is_recorded_low_noise_first_as_wan_does():
+    """diffusers' guidance_scale drives transformer (high-noise), guidance_scale_2 transformer_2 (low-noise); Wan's
+    generate.py records (low-noise, high-noise): the same settings read [4, 3] and [3, 4] (review, 2026-11-27)."""
+    from taohooks.integrations.diffusers import _identity
+
+    pipe = wan22_pipe()
+    identity = _identity({"self": pipe, "guidance_scale": 4.0, "guidance_scale_2": 3.0}, pipe.transformer)
+    assert identity["guide_scale"] == [3.0, 4.0]
+    assert _identity({"self": pipe, "guidance_scale": 4.0, "guidance_scale_2": None}, pipe.transformer)[
+        "guide_scale"] == [4.0, 4.0]

@@ -90,6 +90,18 @@ def test_a_lut_without_products_cannot_be_carried():
         transfer_lut(rec.lut(), 5)
 
 
+def test_a_count_whose_deltas_need_products_beyond_the_horizon_is_refused():
+    """50 -> 6 steps on a horizon of 16 (or 50 -> 30 on a horizon of 2) ended in an IndexError traceback, in a run,
+    in taocache plan and in taocache check (transfer walkthrough, 2026-11-27)."""
+    fine = calibrate(CurveDenoiser(), 50)
+    assert transfer_lut(fine, 7).deltas.horizon == 1  # two consecutive 7-step deltas: 16 steps apart at most
+    with pytest.raises(LUTMismatchError, match=r"cannot carry LUT to 6 steps: each new step spans 9.8 calibrated "
+                                               r"steps, so two consecutive ones need products of deltas up to 20 steps "
+                                               r"apart, and the LUT holds them up to 16 \(calibration.error_horizon\); "
+                                               r"calibrate at 6 steps, or with calibration.error_horizon: 20 or more"):
+        transfer_lut(fine, 6)
+
+
 def test_taocache_carries_the_lut_only_when_asked(capsys):
     model = CurveDenoiser()
     lut = calibrate(model, 13)
@@ -122,5 +134,24 @@ def test_an_unfinished_lut_is_not_carried_over_and_says_why(tmp_path, capsys):
         cache.attach(model, steps=16, streams=("cond",))
     assert cli.main(["check", str(tmp_path / "c.yaml")]) == 1
     assert "set calibration.prompts: 2 to carry it over as it is" in capsys.readouterr().err
+    # taocache plan CONFIG --steps 16 printed a carried plan for it (transfer walkthrough, 2026-11-27)
+    assert cli.main(["plan", str(tmp_path / "c.yaml"), "--steps", "16"]) == 1
+    assert "holds 2 of 3 prompts (calibration.prompts) at 12 steps, --steps is 16" in capsys.readouterr().err
     (tmp_path / "c.yaml").write_text(text.replace("prompts: 3", "prompts: 2"))  # as the message says: carried over
     assert cli.main(["check", str(tmp_path / "c.yaml")]) == 0
+    # ... and its stdout says the plan is the carried LUT's (only stderr said it)
+    assert f"# LUT {path} (carried from 12 to 16 steps): " in capsys.readouterr().out
+
+
+def test_rule_auto_on_a_carried_lut_names_the_transfer_as_the_short_horizon_s_cause():
+    """It advised a longer error_horizon, where the transfer had cut the calibrated 16 to 1 (transfer walkthrough,
+    2026-11-27)."""
+    from taohooks.taocache.cache import make_plan
+    from taohooks.config import PlanConfig
+    from taohooks.taocache.plan import PlanError
+
+    carried = transfer_lut(calibrate(CurveDenoiser(), 50), 10)
+    assert carried.deltas.horizon == 1
+    with pytest.raises(PlanError, match=r"calibrate at 10 steps: LUT \(carried from 50 to 10 steps\) has this horizon "
+                                        r"because its deltas were carried over to fewer, longer steps"):
+        make_plan(PlanConfig(budget=3, rule="auto"), 10, ("main",), carried)

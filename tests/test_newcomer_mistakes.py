@@ -322,8 +322,16 @@ def test_a_lut_whose_calls_repeat_timesteps_is_not_carried_to_another_count():
     lut.timesteps = torch.tensor([999., 999., 950., 950., 900., 900., 850., 800., 700., 600., 400., 200.])
     with pytest.raises(LUTMismatchError, match="its calls repeat timesteps \\(PNDM's warm-up"):
         transfer_lut(lut, 20)
+    # ... so a run of another count is not told to carry it over (it was, then refused: transfer walkthrough)
+    from taohooks.runtime.loop import LoopSpec
+
+    with pytest.raises(LUTMismatchError) as info:
+        lut.check(LoopSpec(20, ("main",)))
+    assert "calibrate again for this number of steps" in str(info.value) and "transfer" not in str(info.value)
     lut.timesteps = torch.linspace(999, 0, 12)
     assert transfer_lut(lut, 20).steps == 20
+    with pytest.raises(LUTMismatchError, match=r"\(or carry the LUT over with calibration.transfer: interpolate\)"):
+        lut.check(LoopSpec(20, ("main",)))
 
 
 def test_a_calibrating_run_says_after_each_generation_how_many_prompts_the_lut_holds(tmp_path):

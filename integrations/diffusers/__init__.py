@@ -204,9 +204,9 @@ def _identity(arguments, model):
         identity["expert_boundary"] = boundary
     guidance = arguments.get("guidance_scale")
     if isinstance(guidance, (int, float)):  # the trajectory the LUT's deltas describe
-        second = arguments.get("guidance_scale_2")  # Wan2.2 A14B's low-noise expert (None: the same)
+        second = arguments.get("guidance_scale_2")  # Wan2.2 A14B's low-noise expert, transformer_2 (None: the same)
         identity["guide_scale"] = float(guidance) if boundary is None else guide_scale_identity(
-            (guidance, second if isinstance(second, (int, float)) else guidance))
+            (second if isinstance(second, (int, float)) else guidance, guidance))  # (low-noise, high-noise), as Wan's
     return identity
 
 

@@ -123,7 +123,7 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
     "--sample_solver": {"default": "unipc", "choices": SOLVERS},
     "--sample_steps": {"type": int, "default": None}, "--sample_shift": {"type": float, "default": None},
     "--ulysses_size": {"type": int, "default": 1}, "--ring_size": {"type": int, "default": 1},
-    "--frame_num": {"type": int, "default": None}, "--sample_guide_scale": {"type": float, "default": 5.0},
+    "--frame_num": {"type": int, "default": None}, "--sample_guide_scale": {"type": float, "default": None},
 }
 
 
@@ -145,7 +145,9 @@ def command_line(argv: List[str]) -> Optional[Dict[str, Any]]:
         elif "flf2v" in args.task or "vace" in args.task:
             shift, why_shift = 16.0, "the flf2v/vace default"
     return {"task": args.task, "steps": steps, "steps_from": why_steps, "scheduler": args.sample_solver,
-            "shift": float(shift), "shift_from": why_shift, "guide_scale": float(args.sample_guide_scale),
+            "shift": float(shift), "shift_from": why_shift,
+            "guide_scale": 5.0 if args.sample_guide_scale is None else float(args.sample_guide_scale),
+            "guide_scale_from": "the default" if args.sample_guide_scale is None else "--sample_guide_scale",
             "sequence_parallel": args.ulysses_size * args.ring_size, "size": args.size, "ckpt_dir": args.ckpt_dir,
             **output_size_of(argv, OPTIONS)}
 

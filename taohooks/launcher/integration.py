@@ -284,6 +284,7 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
                                   unfinished_lut_steps_problem)
     from ..taocache.identity import differences
     from ..taocache.lut import CalibrationLUT
+    from ..taocache.lut_transfer import carryable
 
     where = config.source or "the config"
     problems: List[str] = []
@@ -311,7 +312,7 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
         if unfinished:
             problems.append(unfinished)
         elif lut.steps != run["steps"] and not transfer_allowed(config, lut):
-            hint = " or carry this one over with calibration.transfer: interpolate" if lut.deltas is not None else ""
+            hint = " or carry this one over with calibration.transfer: interpolate" if carryable(lut) else ""
             problems.append(f"LUT {path} has {lut.steps} steps, this command line runs {run['steps']} "
                             f"({said(run, 'steps')}); calibrate a LUT for {run['steps']} steps (its own lut: file)"
                             + hint)

@@ -111,7 +111,8 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
                                        "finite, a loop shape the integration does not match)")
             _one_clip_per_line(now - have, path)
             have = now
-        _remove_stale_parts(path)
+        if _rank() == 0:  # (every rank of Wan's own group runs this loop: one removes, and says so)
+            _remove_stale_parts(path)
     finally:
         patch._prompt_calibration = "done"
         release()
@@ -134,16 +135,20 @@ def _refuse_uncoordinated_ranks() -> None:
                                "prompts), or run it in one process")
 
 
+def _rank() -> int:
+    """This process's rank: of the process group, else torchrun's ``RANK`` (before a group starts), else 0."""
+    from ..runtime.distributed import world
+
+    return world()[0] if world()[1] > 1 else int(os.environ.get("RANK", "0") or 0)
+
+
 def _claim_the_lut(path: Path) -> Callable[[], None]:
     """Refuse a second ``taocache calibrate`` on the same LUT while one runs (both would pick the same prompt
     lines and count them twice). Returns what releases the claim; the file ``LUT.calibrating`` stays, empty (it holds
     no lock once released or its process ended). Under ``--devices`` rank 0 claims it."""
     import fcntl
 
-    from ..runtime.distributed import world
-
-    rank = world()[0] if world()[1] > 1 else int(os.environ.get("RANK", "0") or 0)  # (before the group starts)
-    if rank != 0:
+    if _rank() != 0:
         return lambda: None
     lock = path.with_name(f"{path.name}.calibrating")
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +232,9 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     if stale:
         messages.warning(f"rank {rank}: {', '.join(str(p) for p in stale)} "
                          f"{'is the part file' if len(stale) == 1 else 'are part files'} of an earlier run with "
-                         f"another --devices count, from another prompt count than the LUT's {have} or of other "
-                         "prompt lines: not resumed (removed once this run completes the LUT)", every_rank=True)
+                         f"another --devices count, from another prompt count than the LUT's {have}, of other "
+                         "prompt lines, or named by a taohooks before the prompt lines were part of the name: not "
+                         "resumed (removed once this run completes the LUT)", every_rank=True)
     resume = CalibrationLUT.load(part) if part.is_file() else None
     done = resume.num_prompts if resume is not None else 0
     if done:

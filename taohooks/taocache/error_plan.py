@@ -282,10 +282,13 @@ def plan_min_error(lut, model: ErrorModel, budget: int, streams: Sequence[str],
                         "lower them")
     chains = _select(_candidates(model, lut, options, budget), steps, budget, options)
     if not chains:
+        carried = "(carried from" in (lut.source or "")  # (the transfer shortens the horizon: said as the cause)
         raise PlanError(f"no schedule of {budget} skips fits steps {lo} to {steps - 1 - options.protect_last} "
                         f"(pattern {options.pattern}, min_gap {options.min_gap}, calibrated horizon {model.horizon} "
-                        "steps per chain); lower the budget or plan.min_step, or calibrate with a longer "
-                        "calibration.error_horizon")
+                        "steps per chain); lower the budget or plan.min_step, or " + (
+                            f"calibrate at {steps} steps: {lut.source} has this horizon because its deltas were "
+                            "carried over to fewer, longer steps" if carried else
+                            "calibrate with a longer calibration.error_horizon"))
     return _build(chains, lut, steps, streams, model)
 
 

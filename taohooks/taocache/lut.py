@@ -144,10 +144,12 @@ class CalibrationLUT:
     def check(self, loop: LoopSpec, model_id: Optional[str] = None, sampler: Optional[str] = None) -> None:
         """Raise :class:`LUTMismatchError` naming what differs between this LUT and a run."""
         if self.steps != loop.steps:
+            from .lut_transfer import carryable  # (it imports this module)
+
             raise LUTMismatchError(f"{self._name()} has {self.steps} steps, this run has {loop.steps}; "
                                    "calibrate again for this number of steps" + (
                                        " (or carry the LUT over with calibration.transfer: interpolate)"
-                                       if self.deltas is not None else ""))
+                                       if carryable(self) else ""))
         if tuple(self.streams) != tuple(loop.streams):
             hint = ""
             if len(loop.streams) < len(self.streams) and set(loop.streams) <= set(self.streams):

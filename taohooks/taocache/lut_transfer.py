@@ -10,8 +10,9 @@ combination of the calibrated deltas::
 and its products follow exactly from the calibrated ones: ``G' = C G C^T`` per prompt (where every
 product needed lies within the LUT's horizon). The cosine and norm-ratio statistics of the new
 steps are computed from ``G'`` prompt by prompt, so ``rule: paper`` and ``rule: auto`` both plan on
-the transferred LUT. Timesteps are interpolated in ``u`` (the same schedule at another count keeps
-its shape: a flow shift, DDIM's spacing). This needs a LUT with delta products (format 2); how far it
+the transferred LUT. Timesteps are interpolated in ``u``: exact for a schedule whose steps keep their positions
+(evenly from the first timestep to the last); UniPC with a flow shift and DDIM move their end points with the count,
+so there the carried timesteps and statistics are approximations (measured in ``benchmarks/step_transfer.py``). This needs a LUT with delta products (format 2); how far it
 holds against a native calibration is measured in ``benchmarks/step_transfer.py``.
 """
 from __future__ import annotations
@@ -111,6 +112,14 @@ def transfer_lut(lut: CalibrationLUT, new: int) -> CalibrationLUT:
             h += 1
         horizon = h if horizon is None else min(horizon, h)
         new_gram.append(band)
+    if not horizon:  # consecutive new deltas need products beyond the LUT's horizon (an IndexError below, once)
+        rows = [c[a].nonzero().flatten() for a in range(new)]
+        need = max(int(rows[a].max() - rows[a - 1].min()) for a in range(2, new))
+        raise LUTMismatchError(
+            f"cannot carry {lut._name()} to {new} steps: each new step spans {(lut.steps - 1) / (new - 1):.1f} "
+            f"calibrated steps, so two consecutive ones need products of deltas up to {need} steps apart, and the LUT "
+            f"holds them up to {lut.deltas.horizon} (calibration.error_horizon); calibrate at {new} steps, or with "
+            f"calibration.error_horizon: {need} or more")
     gram = torch.stack(new_gram, dim=1)[..., :horizon + 1]  # [p, s, new, horizon + 1]
     cos, ratio = RunningMoments.zeros(streams, new), RunningMoments.zeros(streams, new)
     for s in range(streams):
