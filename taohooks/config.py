@@ -332,6 +332,9 @@ class TaoCacheConfig:
         for part in (self.loop, self.calibration, self.plan, self.pab, self.teacache):
             if part is not None:
                 part.validate(err)
+        if self.integration == "videosys" and self.pab is not None:  # (taocache check said valid; the run refused it)
+            err("pab", "VideoSys pipelines have their own PAB (enable_pab=True, pab_config=...); taohooks resets its "
+                       "state on refresh steps. Remove the pab: section")
         if self.teacache is not None and self.teacache.calibrated and self.lut is None:
             err("teacache.calibrated", "the fit is kept next to the LUT (<lut>.teacache.json): name a lut:")
         published = self.teacache.published if self.teacache is not None else None

@@ -170,7 +170,8 @@ def test_a_window_over_an_mlp_broadcast_timestep_is_refused(fake, layout, module
     integration.install(config(window=list(window), ratio=1.0))
     pipe = make_pipe()
     assert integration.pab_manager() is sys.modules[module].PAB_MANAGER is not None
-    with pytest.raises(IntegrationError, match=rf"timestep {hit}, where VideoSys' MLP broadcast .*key timestep 400") as info:
+    with pytest.raises(IntegrationError, match=rf"\(timestep {hit}\), where VideoSys' MLP broadcast .*key timestep "
+                                               r"400, covering steps 29-31") as info:
         generate(pipe)
     assert "mlp_broadcast = False" in str(info.value)
     ok = make_pipe(mlp_broadcast=False)  # MLP broadcast off: the same window runs
@@ -207,14 +208,48 @@ def test_a_refused_plan_leaves_the_transformer_untouched(fake):
 
 # ---------------------------------------------------------------------------------------------- (d)
 def test_a_pab_section_is_refused_at_install(fake):
-    cfg = config_from_dict({"integration": "videosys", "plan": {"budget": 0},
-                            "pab": {"groups": [{"pattern": "attn1", "range": 2}], "timesteps": [100, 800]}},
-                           "videosys_pab.yaml")
+    """Refused with the config (taocache check called it valid; the run refused it: VideoSys walkthrough)."""
+    import dataclasses
+
+    from taohooks.config import ConfigError, PABConfig
+
+    section = {"groups": [{"pattern": "attn1", "range": 2}], "timesteps": [100, 800]}
+    with pytest.raises(ConfigError, match=r"videosys_pab\.yaml: pab: VideoSys pipelines have their own PAB"):
+        config_from_dict({"integration": "videosys", "plan": {"budget": 0}, "pab": section}, "videosys_pab.yaml")
+    cfg = dataclasses.replace(config(budget=0), pab=PABConfig(), source="videosys_pab.yaml")  # (built around it)
     with pytest.raises(IntegrationError, match=r"videosys_pab\.yaml: pab: VideoSys pipelines have their own PAB"):
         integration.install(cfg)
     assert not integration._patches.installed and not any(n.startswith("videosys") for n in imports._pending)
     integration.install(config(budget=0))
     assert integration._patches.installed
+
+
+def test_a_budget_plan_leaves_the_mlp_broadcast_steps_computed(fake, capfd):
+    """The shipped config's budget plan (window 30-37) hit MLP-broadcast steps and was refused once the LUT was
+    calibrated (VideoSys walkthrough, 2026-11-27): the integration hands those steps to the planner."""
+    from test_calibration import calibrate
+    from trajectories import GeometricDenoiser
+
+    from taohooks import TaoCache
+
+    integration.install(config(budget=0))
+    pipe = make_pipe()
+    loop, kwargs = integration._loop({"self": pipe, "num_inference_steps": 50, "guidance_scale": 7.5})
+    mlp = tuple(s for key in (13, 17, 21, 25, 29) for s in (key, key + 1, key + 2))  # keys 720..400, 2 reuses each
+    assert kwargs["unskippable"] == mlp
+    assert integration._loop({"self": make_pipe(mlp_broadcast=False), "num_inference_steps": 50,
+                              "guidance_scale": 7.5})[1].get("unskippable") is None
+    lut = calibrate(GeometricDenoiser({"main": 0.9}), 50, ("main",))
+    lut.cos.total[:, 33:] *= 0.5  # the late steps' deltas less aligned: the max-cos window lands on 25-32
+    free = TaoCache(config_from_dict({"plan": {"budget": 8}}), lut=lut)
+    with free.attach(torch.nn.Identity(), 50, ("main",)):
+        assert free.plan.window == (25, 32)  # what the plan is without them
+    steered = TaoCache(config_from_dict({"plan": {"budget": 8}}), lut=lut)
+    with steered.attach(torch.nn.Identity(), 50, ("main",), unskippable=mlp):
+        assert len(steered.plan.skipped_steps) == 8 and not set(steered.plan.skipped_steps) & set(mlp)
+    explicit = TaoCache(config_from_dict({"plan": {"window": [29, 30], "ratio": 1.0}}), lut=lut)
+    with explicit.attach(torch.nn.Identity(), 50, ("main",), unskippable=mlp):  # (the guard refuses it, saying why)
+        assert explicit.plan.skipped_steps == (29, 30)
 
 
 def test_install_without_videosys_names_the_missing_module(clean):

@@ -87,11 +87,22 @@ def _mlp_ranges(config, timesteps: List[int]) -> List[tuple]:
     return ranges
 
 
-class MLPBroadcastGuard(Callback):
-    """Refuses a plan that skips a call VideoSys' MLP broadcast stores or reads an output at."""
+def mlp_broadcast_steps(timesteps: List[int]) -> List[int]:
+    """The steps (indices into ``timesteps``) at which VideoSys' MLP broadcast stores or reuses an output: a plan
+    chosen from a budget leaves them computed (``TaoCache.attach(unskippable=...)``); none when it is off."""
+    config = getattr(pab_manager(), "config", None)
+    if config is None or not getattr(config, "mlp_broadcast", False):
+        return []
+    covered = {t for _, ts in _mlp_ranges(config, timesteps) for t in ts}
+    return [s for s, t in enumerate(timesteps) if t in covered]
 
-    def __init__(self, timesteps: Callable[[], List[int]]):
-        self.timesteps = timesteps
+
+class MLPBroadcastGuard(Callback):
+    """Refuses a plan that skips a call VideoSys' MLP broadcast stores or reads an output at (an explicit window or
+    skip list: a budget's plan is chosen around them)."""
+
+    def __init__(self, timesteps: Callable[[], List[int]], source: Optional[str] = None):
+        self.timesteps, self.source = timesteps, source
 
     def on_attach(self, hook) -> None:
         from taohooks.taocache.extrapolation import TaoCacheCallback
@@ -108,11 +119,15 @@ class MLPBroadcastGuard(Callback):
         for key, covered in _mlp_ranges(config, timesteps):
             hit = sorted(skipped.intersection(covered), reverse=True)
             if hit:
+                steps = [timesteps.index(t) for t in covered]  # (the user's plan is in steps, VideoSys' in timesteps)
+                last = max(mlp_broadcast_steps(timesteps))
+                where = f" in {self.source}" if self.source else ""
                 raise IntegrationError(
-                    f"taohooks: the TaoCache plan ({plans[0].describe()}) skips the call at timestep {hit[0]}, where "
-                    f"VideoSys' MLP broadcast stores or reuses an output (key timestep {key}, covering "
-                    f"{covered}). Move the window later (plan.min_step / plan.window), or turn MLP broadcast off "
-                    "(pab_config.mlp_broadcast = False)")
+                    f"taohooks: the TaoCache plan ({plans[0].describe()}) skips step {timesteps.index(hit[0])} "
+                    f"(timestep {hit[0]}), where VideoSys' MLP broadcast stores or reuses an output (key timestep "
+                    f"{key}, covering steps {steps[0]}-{steps[-1]}, timesteps {covered}). Move plan.window or "
+                    f"plan.skip_steps{where} after step {last} (or use plan.budget, whose plan leaves these steps "
+                    "computed), or turn MLP broadcast off (pab_config.mlp_broadcast = False)")
 
 
 def _timesteps_of(pipe, steps: int) -> Callable[[], List[int]]:
@@ -125,13 +140,18 @@ def _timesteps_of(pipe, steps: int) -> Callable[[], List[int]]:
 
 def _loop(arguments):
     pipe = arguments["self"]
-    return batched_cfg_loop(pipe.scheduler, arguments["num_inference_steps"], arguments["guidance_scale"])
+    loop, kwargs = batched_cfg_loop(pipe.scheduler, arguments["num_inference_steps"], arguments["guidance_scale"])
+    avoid = mlp_broadcast_steps(_timesteps_of(pipe, arguments["num_inference_steps"])())
+    return loop, ({**kwargs, "unskippable": tuple(avoid)} if avoid else kwargs)  # (the shipped config's budget
+    # plan hit them: refused after calibration)
 
 
-def _callbacks(arguments, transformer) -> Iterable[Callback]:
-    pipe = arguments["self"]
-    return [MLPBroadcastGuard(_timesteps_of(pipe, arguments["num_inference_steps"])),
-            StateReset(lambda: reset_pab_state(transformer))]
+def _callbacks_of(config: TaoCacheConfig):
+    def callbacks(arguments, transformer) -> Iterable[Callback]:
+        pipe = arguments["self"]
+        return [MLPBroadcastGuard(_timesteps_of(pipe, arguments["num_inference_steps"]), config.source),
+                StateReset(lambda: reset_pab_state(transformer))]
+    return callbacks
 
 
 def _patch(module, class_name: str, config: TaoCacheConfig):
@@ -139,7 +159,7 @@ def _patch(module, class_name: str, config: TaoCacheConfig):
     if cls is None:
         return None
     return GenerationPatch(cls, "generate", lambda arguments: TaoCache(config),
-                           lambda arguments: arguments["self"].transformer, _loop, callbacks_of=_callbacks,
+                           lambda arguments: arguments["self"].transformer, _loop, callbacks_of=_callbacks_of(config),
                            identity_of=lambda arguments, model: identity_of_pipeline(arguments["self"], model),
                            prompt_arg="prompt").install()
 

@@ -367,7 +367,8 @@ class TaoCache:
                split_batch: Optional[bool] = None, batch_dim: Optional[int] = 0,
                timestep_arg: Union[str, int, None] = None, repeat: bool = False,
                callbacks: Iterable[Callback] = (), identity: Optional[Mapping[str, Any]] = None,
-               also: Sequence[nn.Module] = (), expert_boundary: Optional[float] = None) -> DenoiserHook:
+               also: Sequence[nn.Module] = (), expert_boundary: Optional[float] = None,
+               unskippable: Sequence[int] = ()) -> DenoiserHook:
         """Wrap ``module``'s forward for sampling loops of the given shape; returns the hook
         (a context manager that detaches on exit). ``callbacks`` run after TaoCache's.
 
@@ -377,7 +378,9 @@ class TaoCache:
 
         ``also``: more instances whose calls belong to the same loop (Wan2.2's experts); with
         ``expert_boundary`` (a timestep) the model changes where the LUT's timesteps fall below it,
-        and the first two steps after that switch are always computed."""
+        and the first two steps after that switch are always computed. ``unskippable``: steps a plan chosen
+        from a budget leaves computed (VideoSys' MLP-broadcast steps); an explicit window or skip list over them is
+        the integration's to refuse, with its reason."""
         if self.hook is not None and self.hook.attached:
             raise RuntimeError("taohooks: this TaoCache is already attached; detach it first")
         if identity is not None:  # a calibration would fail to write it after a generation's work
@@ -416,7 +419,9 @@ class TaoCache:
         else:
             guard = expert_guard(lut, expert_boundary)
             self.unskippable = guard
-            self.plan = make_plan(cfg.plan, loop.steps, loop.streams, lut, unskippable=guard)
+            chosen = cfg.plan.window is None and cfg.plan.skip_steps is None  # (a budget's plan: steered clear)
+            avoid = tuple(sorted(set(guard) | set(unskippable))) if chosen else guard
+            self.plan = make_plan(cfg.plan, loop.steps, loop.streams, lut, unskippable=avoid)
             carried = lut is not None and lut is not self.lut  # its timesteps are interpolated, not seen
             if expert_boundary is None and lut is not None:
                 expert_boundary = (lut.identity or {}).get("expert_boundary")

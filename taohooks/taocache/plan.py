@@ -207,7 +207,8 @@ def search_window(cos_mean: Tensor, cos_std: Tensor, ratio_mean: Tensor, ratio_s
         if not bool(known[lo:].all()):
             why.append(f"steps without statistics: {[t for t in range(lo, steps) if not known[t]]}")
         if unskippable:
-            why.append(f"steps {', '.join(map(str, sorted(unskippable)))} computed (after an expert switch)")
+            why.append(f"steps {', '.join(map(str, sorted(unskippable)))} always computed (after an expert switch, "
+                       "or where the pipeline needs them)")
         raise PlanError(f"no contiguous window of {length} steps ({skips} skips"
                         f"{f', refresh every {refresh_every}' if refresh_every else ''}) fits the late regime ("
                         + ", ".join(why) + "); lower the budget, min_step or tau_cos")
