@@ -261,3 +261,48 @@ def test_the_module_command_names_a_bad_sdist_in_one_line(tmp_path, capsys):
     bad.write_bytes(b"nope")
     assert metrics_main(["--sdist", str(bad), "--output", str(tmp_path / "w.safetensors")]) == 1
     assert "x.tar.gz: sha256" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- what a user passes by mistake (metrics walkthrough)
+
+def test_pixel_videos_are_refused_and_unit_range_and_odd_channels_warned(capsys):
+    """[0, 255] and uint8 videos scored -9.9 dB, [0, 1] ones 6.02 dB high, without a word; a [C, F, H, W] video had no
+    layout, and the error pointed to FCHW, which swaps channels and frames (metrics walkthrough, 2026-11-27)."""
+    from taohooks.runtime import messages
+
+    x, y = make_pair()
+    for bad in ((x + 1) * 127.5, ((x + 1) * 127.5).to(torch.uint8)):
+        with pytest.raises(ValueError, match=r"0\.\.255 pixels"):
+            psnr(bad, bad)
+    messages.forget("metrics: ")
+    psnr((x + 1) / 2, (y + 1) / 2)
+    assert "every value of both videos lies in [0, 1]: the metrics take [-1, 1] videos" in capsys.readouterr().err
+    wan = x[0]  # [C, F, H, W], as Wan's generate returns it
+    assert torch.equal(to_bcfhw(wan, "CFHW"), x[:1])
+    with pytest.raises(ValueError, match=r"to_bcfhw\(video, 'CFHW'\)"):
+        psnr(wan, wan)
+    with pytest.raises(ValueError, match="load_lpips\\(\\) found no weights"):
+        lpips_video(x, y, None)
+
+
+def test_a_frame_that_is_not_finite_is_never_identical_and_json_gets_null(tmp_path, capsys, monkeypatch):
+    """A NaN frame counted as identical to the reference, and results.json held bare NaN (metrics walkthrough)."""
+    import json
+
+    from taohooks.compare.report import write_results
+    from taohooks.compare.scoring import score
+
+    x, _ = make_pair(b=1)
+    y = x.clone()
+    y[:, :, 5] = float("nan")
+    scores = score(y, x)
+    assert scores["identical_frames"] == 7 and scores["nonfinite_frames"] == 1 and scores["frames"] == 8
+    assert scores["psnr"] != scores["psnr"]  # NaN, said:
+    assert "1 of 8 frames hold NaN or infinite values" in capsys.readouterr().err
+    (tmp_path / "r").mkdir()
+    from taohooks.compare import report
+
+    monkeypatch.setattr(report, "markdown_table", lambda results: "")  # (the table of a whole experiment)
+    write_results(tmp_path / "r", {"records": [scores]})
+    text = (tmp_path / "r" / "results.json").read_text()
+    assert "NaN" not in text and json.loads(text)["records"][0]["psnr"] is None

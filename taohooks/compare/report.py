@@ -11,6 +11,7 @@ wall time of the references over that of the method on the same prompts.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -145,7 +146,18 @@ def _implausible_speedup(row: Dict[str, Any]) -> bool:
     return speedup > 1.05 / (1.0 - skipped)
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities as null (strict JSON readers such as jq refuse bare NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_results(folder, results: Dict[str, Any]) -> None:
     folder = Path(folder)
-    atomic_write_bytes(folder / "results.json", json.dumps(results, indent=1).encode())
+    atomic_write_bytes(folder / "results.json", json.dumps(_json_safe(results), indent=1, allow_nan=False).encode())
     atomic_write_bytes(folder / "results.md", markdown_table(results).encode())

