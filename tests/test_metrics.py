@@ -266,15 +266,18 @@ def test_the_module_command_names_a_bad_sdist_in_one_line(tmp_path, capsys):
 # ---------------------------------------------------------------- what a user passes by mistake (metrics walkthrough)
 
 def test_pixel_videos_are_refused_and_unit_range_and_odd_channels_warned(capsys):
-    """[0, 255] and uint8 videos scored -9.9 dB, [0, 1] ones 6.02 dB high, without a word; a [C, F, H, W] video had no
+    """[0, 255] and uint8 videos scored -9.9 dB, [0, 1] ones 6.02 dB high, without a word (float ones are warned
+    about, not refused: a script's untrained test model makes such values too); a [C, F, H, W] video had no
     layout, and the error pointed to FCHW, which swaps channels and frames (metrics walkthrough, 2026-11-27)."""
     from taohooks.runtime import messages
 
     x, y = make_pair()
-    for bad in ((x + 1) * 127.5, ((x + 1) * 127.5).to(torch.uint8)):
-        with pytest.raises(ValueError, match=r"0\.\.255 pixels"):
-            psnr(bad, bad)
+    with pytest.raises(ValueError, match=r"0\.\.255 pixels"):
+        pixels = ((x + 1) * 127.5).to(torch.uint8)
+        psnr(pixels, pixels)
     messages.forget("metrics: ")
+    psnr((x + 1) * 127.5, (y + 1) * 127.5)
+    assert "the metrics take videos in [-1, 1] (0..255 pixels: video / 127.5 - 1)" in capsys.readouterr().err
     psnr((x + 1) / 2, (y + 1) / 2)
     assert "every value of both videos lies in [0, 1]: the metrics take [-1, 1] videos" in capsys.readouterr().err
     wan = x[0]  # [C, F, H, W], as Wan's generate returns it

@@ -5,8 +5,8 @@ float tensor ``[B, C, F, H, W]`` (batch, RGB channels, frames, height, width) wi
 values in ``[-1, 1]``, the layout and range of the testbed generator's clips. Values
 are not clipped: pass what you would save. :func:`to_bcfhw` converts the other common
 layouts, ``[B, F, C, H, W]`` and a single video ``[F, C, H, W]`` or ``[C, F, H, W]`` (Wan's
-``generate``). Integer videos and values beyond +-20 (``[0, 255]`` pixels) are refused;
-a pair whose values all lie in ``[0, 1]`` is warned about (PSNR reads 6 dB high on ``[0, 1]`` videos).
+``generate``). Integer videos are refused; values beyond +-20 (``[0, 255]`` pixels) and a pair whose
+values all lie in ``[0, 1]`` are warned about (PSNR reads 6 dB high on ``[0, 1]`` videos).
 Any channel count is scored (latents too): a single video's layout must be named (``FCHW`` or ``CFHW``).
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ def to_bcfhw(video: Tensor, layout: str = "BCFHW") -> Tensor:
 
 
 def check_video_pair(video_a: Tensor, video_b: Tensor) -> None:
-    """Raise ``ValueError`` unless both are float ``[B, C, F, H, W]`` tensors of one shape with values in about
-    ``[-1, 1]``; warn (once) about a pair entirely in ``[0, 1]``."""
+    """Raise ``ValueError`` unless both are float ``[B, C, F, H, W]`` tensors of one shape; warn (once each) about
+    values beyond +-20 (0..255 pixels) and about a pair entirely in ``[0, 1]``."""
     from ..runtime import messages
 
     if video_a.dim() != 5:
@@ -61,10 +61,11 @@ def check_video_pair(video_a: Tensor, video_b: Tensor) -> None:
     bounds = [b for b in bounds if b is not None]
     if bounds:
         low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
-        if max(-low, high) > RANGE_LIMIT:
-            raise ValueError(f"the videos' values reach {low:g} .. {high:g}: the metrics take videos in [-1, 1] "
-                             "(0..255 pixels: video / 127.5 - 1)")
-        if low >= 0.0:
+        if max(-low, high) > RANGE_LIMIT:  # (warned, not refused: a script's untrained test model makes such too)
+            messages.warning(f"the videos' values reach {low:g} .. {high:g}: the metrics take videos in [-1, 1] (0..255 "
+                             "pixels: video / 127.5 - 1); the scores below are of these values",
+                             once="metrics: out of range")
+        elif low >= 0.0 and high <= 1.0:
             messages.warning("every value of both videos lies in [0, 1]: the metrics take [-1, 1] videos, and on "
                              "[0, 1] videos PSNR reads 6 dB high; convert with 2 * video - 1 if they are [0, 1]",
                              once="metrics: [0, 1] videos")
