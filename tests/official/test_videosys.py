@@ -209,7 +209,7 @@ def test_reset_pab_state_on_videosys_blocks(vs):
 @pytest.mark.parametrize("window,hit", [([29, 30], 400), ([31, 31], 360)])
 def test_mlp_broadcast_guard_against_lattepabconfig(vs, window, hit):
     integration.install(config(window=window, ratio=1.0))
-    with pytest.raises(IntegrationError, match=rf"timestep {hit}, where VideoSys' MLP broadcast.*key timestep 400"):
+    with pytest.raises(IntegrationError, match=rf"\(timestep {hit}\), where VideoSys' MLP broadcast.*key timestep 400"):
         generate(pipeline(vs))
 
 
