@@ -39,6 +39,10 @@ from .taocache.cache import (check_config_before_run, check_config_lut, expert_g
 __all__ = ["main", "build_parser"]
 
 
+VIDEOSYS_NOTE = ("# note: integration videosys: a run's plan from a budget leaves VideoSys' MLP-broadcast steps "
+                 "computed (they depend on the pipeline's pab_config), so its window may differ from this one")
+
+
 def _is_config(path: str) -> bool:
     return Path(path).suffix.lower() in (".yaml", ".yml")
 
@@ -53,6 +57,13 @@ def _cmd_check(args) -> int:
     from .run import check_teacache_fit
 
     check_teacache_fit(config, calibrating=True)  # teacache.calibrated: the fit a run reads, or calibrate makes
+    tea = config.teacache
+    if tea is not None and tea.calibrated and path is not None and not config.calibration.auto:
+        from .caches.teacache_fit import fit_path
+
+        if not fit_path(path).is_file():
+            lines.append(f"# note: teacache.calibrated: {fit_path(path)} does not exist yet; taocache calibrate makes "
+                         "it with the LUT (calibration.auto is off, so a plain run refuses until then)")
     if path is not None:
         if path.is_file():
             lut = CalibrationLUT.load(path)
@@ -80,6 +91,8 @@ def _cmd_check(args) -> int:
             plan = make_plan(config.plan, loop.steps, loop.streams, lut, unskippable=expert_guard(lut))
             lines.append(f"# plan: {plan.describe()}")
             lines += [f"# warning: {problem}" for problem in hybrid_range_problems(config, plan)]
+            if config.integration == "videosys" and plan.skipped_steps:
+                lines.append(VIDEOSYS_NOTE)
         else:
             note = "the first run calibrates it" if config.calibration.auto else "calibration.auto is off"
             lines.append(f"# LUT {path} does not exist yet ({note})")
@@ -205,6 +218,8 @@ def _cmd_plan(args) -> int:
     plan = make_plan(plan_cfg, steps, streams, lut, unskippable=guard)
     if lut is not None:
         print(f"# {lut.describe()}")
+    if config.integration == "videosys" and plan.skipped_steps:
+        print(VIDEOSYS_NOTE)
     print(plan.table())
     if guard:
         low = [t for t in plan.skipped_steps if t >= guard[0]]

@@ -56,6 +56,7 @@ def test_check(lut_path, tmp_path, capsys):
     cfg.write_text(f"model_id: geo\nlut: new.safetensors\ncalibration: {{auto: false, teacache_fit: true}}\n"
                    "teacache: {threshold: 0.3, calibrated: true}\n")
     assert main(["check", str(cfg)]) == 0
+    assert "# note: teacache.calibrated: " in capsys.readouterr().out  # (and that a plain run refuses until then)
     from taohooks.config import ConfigError, load_config
     from taohooks.run import check_teacache_fit
 
@@ -428,3 +429,14 @@ def test_a_failed_calibration_worker_says_the_finished_prompts_are_kept(tmp_path
     assert ("a worker failed: process 1 terminated with exit code 1; each process kept the prompts it finished in its "
             "part file next to the LUT: fix what failed and run the same command (the same --devices) again") \
         in capsys.readouterr().err
+
+
+def test_check_and_plan_say_a_videosys_run_keeps_its_mlp_steps(lut_path, tmp_path, capsys):
+    """They printed a window the run then moved off VideoSys' MLP-broadcast steps, without a word (review)."""
+    from taohooks.cli import VIDEOSYS_NOTE
+
+    cfg = tmp_path / "v.yaml"
+    cfg.write_text(f"integration: videosys\nmodel_id: geo\nlut: {lut_path.name}\n"
+                   "loop: {steps: 20, streams: [cond, uncond]}\nplan: {budget: 3}\n")
+    assert main(["check", str(cfg)]) == 0 and VIDEOSYS_NOTE in capsys.readouterr().out
+    assert main(["plan", str(cfg)]) == 0 and VIDEOSYS_NOTE in capsys.readouterr().out

@@ -155,3 +155,16 @@ def test_rule_auto_on_a_carried_lut_names_the_transfer_as_the_short_horizon_s_ca
     with pytest.raises(PlanError, match=r"calibrate at 10 steps: LUT \(carried from 50 to 10 steps\) has this horizon "
                                         r"because its deltas were carried over to fewer, longer steps"):
         make_plan(PlanConfig(budget=3, rule="auto"), 10, ("main",), carried)
+
+
+def test_a_lut_carried_to_more_steps_is_not_blamed_for_a_budget_that_does_not_fit():
+    """The message blamed a transfer "to fewer, longer steps" for 50 -> 100, whose horizon grew (review)."""
+    from taohooks.taocache.cache import make_plan
+    from taohooks.config import PlanConfig
+    from taohooks.taocache.plan import PlanError
+
+    carried = transfer_lut(calibrate(CurveDenoiser(), 13), 30)
+    with pytest.raises(PlanError) as info:
+        make_plan(PlanConfig(budget=16, rule="auto"), 30, ("main",), carried)  # (15 steps from 15 on)
+    assert "calibrate with a longer calibration.error_horizon" in str(info.value)
+    assert "fewer, longer steps" not in str(info.value)

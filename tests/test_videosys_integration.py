@@ -231,6 +231,7 @@ def test_a_budget_plan_leaves_the_mlp_broadcast_steps_computed(fake, capfd):
     from trajectories import GeometricDenoiser
 
     from taohooks import TaoCache
+    from taohooks.taocache.plan import PlanError
 
     integration.install(config(budget=0))
     pipe = make_pipe()
@@ -247,6 +248,9 @@ def test_a_budget_plan_leaves_the_mlp_broadcast_steps_computed(fake, capfd):
     steered = TaoCache(config_from_dict({"plan": {"budget": 8}}), lut=lut)
     with steered.attach(torch.nn.Identity(), 50, ("main",), unskippable=mlp):
         assert len(steered.plan.skipped_steps) == 8 and not set(steered.plan.skipped_steps) & set(mlp)
+    with pytest.raises(PlanError, match=r"steps 13, 14, 15, .*31 always computed"):  # (said, rule auto too: review)
+        TaoCache(config_from_dict({"plan": {"budget": 20, "rule": "auto"}}), lut=lut).attach(
+            torch.nn.Identity(), 50, ("main",), unskippable=mlp)
     explicit = TaoCache(config_from_dict({"plan": {"window": [29, 30], "ratio": 1.0}}), lut=lut)
     with explicit.attach(torch.nn.Identity(), 50, ("main",), unskippable=mlp):  # (the guard refuses it, saying why)
         assert explicit.plan.skipped_steps == (29, 30)

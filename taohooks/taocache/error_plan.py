@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -282,12 +283,15 @@ def plan_min_error(lut, model: ErrorModel, budget: int, streams: Sequence[str],
                         "lower them")
     chains = _select(_candidates(model, lut, options, budget), steps, budget, options)
     if not chains:
-        carried = "(carried from" in (lut.source or "")  # (the transfer shortens the horizon: said as the cause)
+        carried = re.search(r"\(carried from (\d+) to (\d+) steps\)", lut.source or "")
+        shortened = carried is not None and int(carried.group(1)) > int(carried.group(2))  # (to fewer, longer steps)
+        kept = f", steps {', '.join(map(str, sorted(options.unskippable)))} always computed" \
+            if options.unskippable else ""
         raise PlanError(f"no schedule of {budget} skips fits steps {lo} to {steps - 1 - options.protect_last} "
                         f"(pattern {options.pattern}, min_gap {options.min_gap}, calibrated horizon {model.horizon} "
-                        "steps per chain); lower the budget or plan.min_step, or " + (
+                        f"steps per chain{kept}); lower the budget or plan.min_step, or " + (
                             f"calibrate at {steps} steps: {lut.source} has this horizon because its deltas were "
-                            "carried over to fewer, longer steps" if carried else
+                            "carried over to fewer, longer steps" if shortened else
                             "calibrate with a longer calibration.error_horizon"))
     return _build(chains, lut, steps, streams, model)
 

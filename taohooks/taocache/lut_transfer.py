@@ -12,8 +12,8 @@ product needed lies within the LUT's horizon). The cosine and norm-ratio statist
 steps are computed from ``G'`` prompt by prompt, so ``rule: paper`` and ``rule: auto`` both plan on
 the transferred LUT. Timesteps are interpolated in ``u``: exact for a schedule whose steps keep their positions
 (evenly from the first timestep to the last); UniPC with a flow shift and DDIM move their end points with the count,
-so there the carried timesteps and statistics are approximations (measured in ``benchmarks/step_transfer.py``). This needs a LUT with delta products (format 2); how far it
-holds against a native calibration is measured in ``benchmarks/step_transfer.py``.
+so there the carried timesteps and statistics are approximations. This needs a LUT with delta products (format 2);
+how far it holds against a native calibration is measured in ``benchmarks/step_transfer.py``.
 """
 from __future__ import annotations
 
