@@ -472,11 +472,9 @@ def _cmd_calibrate(args) -> int:
 
     if args.devices < 1:
         raise ConfigError("command line", "--devices", f"expected a number of processes >= 1, got {args.devices}")
-    try:
-        launched = int(os.environ.get("WORLD_SIZE", "1").strip() or 1)  # torchrun's processes (each runs this command)
-    except ValueError:
-        raise ConfigError("environment", "WORLD_SIZE", f"expected a number of processes, got "
-                          f"{os.environ['WORLD_SIZE']!r}") from None
+    from .runtime.distributed import launched_world_size
+
+    launched = launched_world_size()  # torchrun's processes (each runs this command)
     if args.devices > 1 and launched > 1:
         raise ConfigError("command line", "--devices", f"{args.devices} starts processes of its own, and this is one "
                           f"of {launched} already (WORLD_SIZE={launched}: torchrun); under torchrun use "

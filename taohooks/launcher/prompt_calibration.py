@@ -125,10 +125,10 @@ def _refuse_uncoordinated_ranks() -> None:
     """Under torchrun (``WORLD_SIZE`` > 1) with no process group of the script's, each process would calibrate the same
     prompt lines into the one LUT (duplicated prompts: multi-GPU walkthrough, 2026-11-27); ``--data-parallel`` gives
     each its share. A script that starts its group (Wan's ``generate.py``) shares each prompt over its ranks."""
-    import torch.distributed as dist
+    from ..runtime.distributed import launched_world_size, world
 
-    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if size > 1 and not (dist.is_available() and dist.is_initialized()):
+    size = launched_world_size()
+    if size > 1 and world()[1] == 1:
         raise IntegrationError(f"this process is one of {size} (WORLD_SIZE={size}: torchrun) and the script started no "
                                "process group, so each process would calibrate the same prompt lines into one LUT; add "
                                "--data-parallel to taocache calibrate (each process then takes its share of the "
@@ -253,22 +253,18 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     identity = patch.identity_of(arguments, model) if patch.identity_of else identity_of_model(model)
     if base is not None:
         check_run(config, base, loop, identity)  # resuming: the LUT must be of this run
-    if resume is not None:  # what the recorder checks at attach, said with the way forward
-        try:
-            resume.check(loop, config.model_id, config.calibration.sampler)
-            bad = sorted(k for k in set(identity) & set(resume.identity or {}) if identity[k] != resume.identity[k])
-            if bad:
-                raise LUTMismatchError(f"{part} was calibrated with " + ", ".join(
-                    f"{k} {resume.identity[k]!r}" for k in bad) + ", this run has " + ", ".join(
-                    f"{k} {identity[k]!r}" for k in bad))
-        except LUTMismatchError as exc:
-            raise IntegrationError(f"{exc}: it is this rank's part file of an interrupted run of another model or "
-                                   f"settings; remove the part files ({path.stem}.part*-of-{size}-*{path.suffix}) to "
-                                   "start over") from None
     recorder = CalibrationRecorder(config.model_id, config.calibration.sampler, resume=resume, identity=identity,
                                    error_horizon=config.calibration.error_horizon)
     also = attach_kwargs.get("also", ())  # Wan2.2's second expert
-    with DenoiserHook(loop, [recorder], timestep_arg=attach_kwargs.get("timestep_arg")).attach(model, *also) as hook:
+    try:  # the recorder checks the part file it resumes against this run as it attaches
+        attached = DenoiserHook(loop, [recorder], timestep_arg=attach_kwargs.get("timestep_arg")).attach(model, *also)
+    except LUTMismatchError as exc:
+        if resume is None:
+            raise
+        raise IntegrationError(f"{exc}: it is this rank's part file of an interrupted run of another model or "
+                               f"settings; remove the part files ({path.stem}.part*-of-{size}-*{path.suffix}) to "
+                               "start over") from None
+    with attached as hook:
         for index in mine[done:]:
             messages.notice(f"rank {rank}/{size}: calibration prompt {index + 1}/{wanted}: {prompts[index]!r}",
                             every_rank=True)  # every rank reports its own progress

@@ -36,6 +36,16 @@ def world() -> tuple:
     return 0, 1
 
 
+def launched_world_size() -> int:
+    """The process count torchrun's ``WORLD_SIZE`` gives (1 when unset); ``ValueError`` naming it when not a number."""
+    text = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable WORLD_SIZE: expected a number of processes, got "
+                         f"{os.environ['WORLD_SIZE']!r}") from None
+
+
 def shard(items: Sequence[T], rank: int, world_size: int) -> List[T]:
     """The items of one rank: every ``world_size``-th, from ``rank`` on."""
     return list(items[rank::world_size])
@@ -47,7 +57,7 @@ def init_from_environment() -> bool:
     Returns whether a group with more than one rank exists."""
     if not dist.is_available():
         return False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not dist.is_initialized() and launched_world_size() > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

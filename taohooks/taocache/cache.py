@@ -79,8 +79,15 @@ def expert_guard(lut: Optional[CalibrationLUT], boundary: Optional[float] = None
     ``boundary`` (a timestep) or the one the LUT recorded (identity ``expert_boundary``)."""
     if lut is None:
         return ()
-    boundary = boundary if boundary is not None else (lut.identity or {}).get("expert_boundary")
+    boundary = expert_boundary_of(lut, boundary)
     return switch_guard(lut.timesteps, float(boundary)) if boundary is not None else ()
+
+
+def expert_boundary_of(lut: Optional[CalibrationLUT], boundary: Optional[float] = None) -> Optional[float]:
+    """``boundary``, else the one the LUT recorded (identity ``expert_boundary``), else ``None``."""
+    if boundary is not None or lut is None:
+        return boundary
+    return (lut.identity or {}).get("expert_boundary")
 
 
 def lut_for_steps(config: TaoCacheConfig, lut: Optional[CalibrationLUT], steps: int) -> Optional[CalibrationLUT]:
@@ -423,14 +430,13 @@ class TaoCache:
             avoid = tuple(sorted(set(guard) | set(unskippable))) if chosen else guard
             self.plan = make_plan(cfg.plan, loop.steps, loop.streams, lut, unskippable=avoid)
             carried = lut is not None and lut is not self.lut  # its timesteps are interpolated, not seen
-            if expert_boundary is None and lut is not None:
-                expert_boundary = (lut.identity or {}).get("expert_boundary")
             self.callback = TaoCacheCallback(self.plan, lut.timesteps if lut is not None and not carried else None,
-                                             max_norm_ratio=cfg.plan.max_norm_ratio, expert_boundary=expert_boundary)
+                                             max_norm_ratio=cfg.plan.max_norm_ratio,
+                                             expert_boundary=expert_boundary_of(lut, expert_boundary))
             own = [self.callback] + section_callbacks(cfg, self.plan, path)
             for problem in composition_problems(self.plan, callbacks):
                 messages.warning(problem, once=f"composition:{problem}")
-        self.hook = DenoiserHook(loop, own + list(callbacks), timestep_arg=timestep_arg, repeat=repeat)
+        self.hook = DenoiserHook(loop, own + callbacks, timestep_arg=timestep_arg, repeat=repeat)
         return self.hook.attach(module, *also)
 
     def detach(self) -> None:
@@ -567,8 +573,7 @@ def composition_problems(plan: SkipPlan, callbacks: Iterable[Callback]) -> List[
                 f"up to step {cb.max_step - 1}"
             problems.append(f"attach(callbacks=...): TeaCacheCallback may reuse {reuses} while TaoCache skips "
                             f"from step {first}: pass max_step={max(first - HYBRID_GUARD, 0)} (Algorithm 2's guard "
-                            "band "
-                            "of 2 steps; the YAML's teacache: section sets it)")
+                            "band of 2 steps; the YAML's teacache: section sets it)")
         if isinstance(cb, PyramidAttentionBroadcast) and not cb.reset_on_resume:
             missing = sorted(set(plan.resume_steps) - cb.reset_steps)
             if missing:
@@ -638,7 +643,9 @@ def _barrier() -> None:
     """Wait for every rank of the process group (none: return)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    from ..runtime.distributed import world
+
+    if world()[1] > 1:
         dist.barrier()
 
 
