@@ -215,7 +215,16 @@ def _cmd_plan(args) -> int:
             print(f"# the LUT holds {lut.num_prompts} of calibration.prompts {config.calibration.prompts}: runs compute "
                   "every step and calibrate until it is complete; the plan below is the one its statistics give now")
     guard = expert_guard(lut) if lut is not None and lut.steps == steps else ()
-    plan = make_plan(plan_cfg, steps, streams, lut, unskippable=guard)
+    try:
+        plan = make_plan(plan_cfg, steps, streams, lut, unskippable=guard)
+    except PlanError as exc:  # a key the command line gave is named by its flag, one from the config with its file
+        text = str(exc)
+        for key, flag in (("plan.window", "--window"), ("plan.skip_steps", "--skip-steps")):
+            if text.startswith(f"{key}: ") and getattr(args, key[5:]) is not None:
+                text = f"{flag}: {text[len(key) + 2:]}"
+        if _is_config(args.source) and not text.startswith("--"):
+            text = f"{args.source}: {text}"
+        raise PlanError(text) from None
     if lut is not None:
         print(f"# {lut.describe()}")
     if config.integration == "videosys" and plan.skipped_steps:

@@ -241,6 +241,23 @@ def test_plan_from_a_config_carries_the_lut_over_as_a_run_does(lut_path, tmp_pat
     assert "3 of 30 steps skipped" in capsys.readouterr().out
 
 
+def test_a_window_past_a_carried_luts_steps_names_the_file_and_key(lut_path, tmp_path, capsys):
+    """A plan.window that fits the LUT's 20 steps but not the 12 it is carried to was refused without the file or key."""
+    from taohooks.taocache.lut import CalibrationLUT
+
+    if CalibrationLUT.load(lut_path).deltas is None:
+        pytest.skip("the fixture LUT has no delta products to carry over")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"lut: {lut_path.name}\nloop: {{streams: [cond, uncond]}}\nplan: {{window: [14, 16]}}\n"
+                   "calibration: {transfer: interpolate, prompts: 2}\n")
+    assert main(["plan", str(cfg), "--steps", "12"]) == 1
+    assert f"error: {cfg}: plan.window: window [14, 16] must satisfy 2 <= first <= last < 12" in capsys.readouterr().err
+    assert main(["plan", str(cfg), "--steps", "12", "--window", "11", "13"]) == 1  # the flag's value: the flag named
+    assert "error: --window: window [11, 13] must satisfy" in capsys.readouterr().err
+    assert main(["plan", str(cfg), "--steps", "12", "--skip-steps", "5", "12"]) == 1
+    assert "error: --skip-steps: cannot skip steps [12]" in capsys.readouterr().err
+
+
 def test_check_and_plan_say_when_the_lut_is_still_calibrating(lut_path, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"lut: {lut_path.name}\nloop: {{steps: 20, streams: [cond, uncond]}}\nplan: {{budget: 3}}\n"

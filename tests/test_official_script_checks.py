@@ -199,7 +199,7 @@ def test_latte_loop_steps_contradicting_the_pipeline_call(runner, tmp_path):
 def test_wan_window_past_the_last_step_stops_before_the_model_loads(runner, tmp_path):
     res = launch(runner, WAN, tmp_path, "integration: wan\nplan: {window: [8, 12], ratio: 1.0}\n")
     assert res.returncode == 2, res.stderr
-    assert "taocache.yaml: plan: window [8, 12] must satisfy 2 <= first <= last < 10" in res.stderr
+    assert "taocache.yaml: plan.window: window [8, 12] must satisfy 2 <= first <= last < 10" in res.stderr
     assert LOADED["wan"] not in res.stdout
 
 

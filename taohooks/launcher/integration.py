@@ -338,7 +338,7 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
         try:
             make_plan(config.plan, run["steps"], streams, carried, unskippable=guard)  # fails now, not later
         except PlanError as exc:
-            problems.append(f"{where}: plan: {exc}")
+            problems.append(f"{where}: {exc}" if str(exc).startswith("plan.") else f"{where}: plan: {exc}")
     return problems
 
 

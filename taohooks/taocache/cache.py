@@ -142,11 +142,15 @@ def _make_plan(plan: PlanConfig, steps: int, streams: Sequence[str], lut: Option
         from .error_plan import coefficient_table
 
         ratios = coefficient_table(plan.coefficient, lut.cos_mean, lut.ratio_mean)
-    if plan.window is not None:
-        return plan_from_window(steps, streams, plan.window[0], plan.window[1], ratios, plan.refresh_every,
-                                refresh_width=REFRESH_WIDTH[plan.refresh])
-    if plan.skip_steps is not None:
-        return plan_from_steps(steps, streams, plan.skip_steps, ratios)
+    try:  # (a window or steps past this run's count: a carried LUT, another --steps; the key named)
+        if plan.window is not None:
+            return plan_from_window(steps, streams, plan.window[0], plan.window[1], ratios, plan.refresh_every,
+                                    refresh_width=REFRESH_WIDTH[plan.refresh])
+        if plan.skip_steps is not None:
+            return plan_from_steps(steps, streams, plan.skip_steps, ratios)
+    except PlanError as exc:
+        key = "plan.window" if plan.window is not None else "plan.skip_steps"
+        raise PlanError(f"{key}: {exc}") from None
     if lut is None:
         raise PlanError("choosing the window automatically from a budget needs a calibration LUT; calibrate "
                         "first, or give plan.window / plan.skip_steps")
@@ -428,7 +432,11 @@ class TaoCache:
             self.unskippable = guard
             chosen = cfg.plan.window is None and cfg.plan.skip_steps is None  # (a budget's plan: steered clear)
             avoid = tuple(sorted(set(guard) | set(unskippable))) if chosen else guard
-            self.plan = make_plan(cfg.plan, loop.steps, loop.streams, lut, unskippable=avoid)
+            try:
+                self.plan = make_plan(cfg.plan, loop.steps, loop.streams, lut, unskippable=avoid)
+            except PlanError as exc:  # (the config file named: a window a run's step count cannot hold)
+                raise PlanError(f"{cfg.source}: {exc}" if cfg.source and str(exc).startswith("plan.") else str(exc)) \
+                    from None
             carried = lut is not None and lut is not self.lut  # its timesteps are interpolated, not seen
             self.callback = TaoCacheCallback(self.plan, lut.timesteps if lut is not None and not carried else None,
                                              max_norm_ratio=cfg.plan.max_norm_ratio,
