@@ -74,6 +74,15 @@ def test_bad_experiment_names_file_key_and_expectation(tmp_path, change, key, me
     assert info.value.key == key and message in str(info.value) and str(path) in str(info.value)
 
 
+def test_a_thin_hybrid_guard_is_warned_not_refused(tmp_path, capsys):
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, taocache, hybrid]")
+    path = write(tmp_path, text + "hybrid_guard: 0\n")
+    assert load_experiment(path).hybrid_guard == 0
+    assert f"{path}: hybrid_guard: 0: the hybrid's TeaCache may reuse the outputs" in capsys.readouterr().err
+    load_experiment(write(tmp_path, text + "hybrid_guard: 2\n"))
+    assert "hybrid_guard" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("content, message", [
     (b"\n# only a comment\n\n", "holds no prompt"),
     (b"a red circle\n\xff\xfe\n", "not UTF-8 text: byte 13"),

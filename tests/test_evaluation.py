@@ -165,6 +165,19 @@ def test_shipped_bench_configs_load(name):
     assert "flow" in config.models and len(config.methods) == 6
 
 
+def test_a_thin_hybrid_guard_is_warned_not_refused(tmp_path, capsys):
+    """hybrid_guard under 2 let TaoCache extrapolate from TeaCache's reused outputs without a word."""
+    path = tmp_path / "b.yaml"
+    path.write_text("methods: [taocache, hybrid]\nhybrid_guard: 1\n")
+    assert bench.load_bench_config(path).hybrid_guard == 1
+    assert f"{path}: hybrid_guard: 1: the hybrid's TeaCache may reuse the outputs" in capsys.readouterr().err
+    path.write_text("methods: [taocache, teacache]\nhybrid_guard: 1\n")  # no hybrid row: nothing to say
+    bench.load_bench_config(path)
+    path.write_text("methods: [taocache, hybrid]\nhybrid_guard: 2\n")
+    bench.load_bench_config(path)
+    assert "hybrid_guard" not in capsys.readouterr().err
+
+
 def test_bench_config_errors(tmp_path):
     path = tmp_path / "b.yaml"
     path.write_text("models: [flw]\n")

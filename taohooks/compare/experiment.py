@@ -193,6 +193,10 @@ def load_experiment(path) -> ExperimentConfig:
                                              "names it as taocache: FILE, see configs/compare/testbed.yaml") from None
         raise
     config.source = str(path)
+    if "hybrid" in config.methods:
+        from ..taocache.cache import thin_guard_warning
+
+        thin_guard_warning(f"{path}: hybrid_guard", config.hybrid_guard)
     evaluation, calibration = config.evaluation_prompts(), config.calibration_list()
     overlap = sorted(set(evaluation) & set(calibration), key=evaluation.index)
     if overlap:

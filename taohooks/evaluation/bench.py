@@ -193,7 +193,7 @@ def load_bench_config(path, overrides: Optional[Dict[str, object]] = None) -> Be
         if "models" in given and isinstance(data.get("weights"), dict):  # (one model per process: the others')
             data["weights"] = {m: w for m, w in data["weights"].items() if m in given["models"]}
     try:
-        return dataclass_from_dict(BenchConfig, data, str(path))
+        config = dataclass_from_dict(BenchConfig, data, str(path))
     except ConfigError as exc:
         key = (exc.key or "").split("[")[0].split(".")[0]
         if key in given:
@@ -202,6 +202,11 @@ def load_bench_config(path, overrides: Optional[Dict[str, object]] = None) -> Be
             raise ConfigError(str(path), "", "this is a TaoCache config (for --taocache / taocache-run); a bench config "
                                              "lists models, methods and budgets: see configs/bench.yaml") from None
         raise
+    if "hybrid" in config.methods:
+        from ..taocache.cache import thin_guard_warning
+
+        thin_guard_warning(f"{path}: hybrid_guard", config.hybrid_guard)
+    return config
 
 
 def _testbed_accuracy(clips, prompts) -> float:

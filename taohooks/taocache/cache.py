@@ -563,6 +563,16 @@ def hybrid_range_problems(config: TaoCacheConfig, plan: SkipPlan) -> List[str]:
     return []
 
 
+def thin_guard_warning(where: str, guard: int) -> None:
+    """Warn (through taohooks' channel) that a hybrid's guard band under :data:`HYBRID_GUARD` steps lets TaoCache's
+    first skip extrapolate from outputs TeaCache reused: accepted (an ablation may want it), never silently."""
+    if guard < HYBRID_GUARD:
+        messages.warning(f"{where}: {guard}: the hybrid's TeaCache may reuse the outputs TaoCache's first skip "
+                         f"extrapolates from (error carried into the window); the paper's guard band is "
+                         f"{HYBRID_GUARD}-3 steps, so the hybrid row measures this ablation, not Algorithm 2",
+                         once=f"thin guard {where} {guard}")
+
+
 def composition_problems(plan: SkipPlan, callbacks: Iterable[Callback]) -> List[str]:
     """What TeaCache and PAB callbacks given to :meth:`TaoCache.attach` (``callbacks=``) lack for ``plan``, which the
     YAML's ``teacache:`` / ``pab:`` sections set: TeaCache's ``max_step`` a guard band before the window (Algorithm 2;
