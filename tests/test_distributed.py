@@ -242,6 +242,23 @@ def test_part_files_of_other_prompt_lines_are_not_resumed_and_go_once_the_lut_is
     assert again.num_prompts == 5 and not stale.exists() and f"removed {stale.name}" in res.stderr
 
 
+def test_only_rank_0_removes_stale_part_files_when_every_rank_runs_the_loop(tmp_path, monkeypatch):
+    """Under Wan's own group (no --devices) every rank runs the calibration loop; each removed the stale part files,
+    racing, and all but one without the notice (review, 2026-11-27). The rank comes from torchrun's RANK here."""
+    from pathlib import Path
+
+    from taohooks.launcher.prompt_calibration import _part_name
+
+    lut, _ = calibrate(tmp_path / "old")
+    for rank in (1, 0):
+        folder = tmp_path / f"rank{rank}"
+        stale = _part_name(Path(folder / "lut.safetensors"), 0, 2, 0, ["a cyan circle moving left"] * 5)
+        monkeypatch.setenv("RANK", str(rank))
+        again, res = calibrate(folder, before=lambda: stale.write_bytes(lut.to_bytes()))
+        assert again.num_prompts == 5
+        assert stale.exists() == (rank == 1) and (f"removed {stale.name}" in res.stderr) == (rank == 0)
+
+
 def _reducing_worker(rank, world, port, out_dir):
     from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec
     from taohooks.runtime.distributed import all_reduce_lut
