@@ -286,6 +286,12 @@ def test_pixel_videos_are_refused_and_unit_range_and_odd_channels_warned(capsys)
         psnr(wan, wan)
     with pytest.raises(ValueError, match="load_lpips\\(\\) found no weights"):
         lpips_video(x, y, None)
+    swapped = torch.rand(1, 8, 3, 16, 16) * 2 - 1  # [B, F, C, H, W] given as [B, C, F, H, W]
+    capsys.readouterr()
+    psnr(swapped, swapped.flip(-1))
+    assert "the videos have 8 channels and 3 frames: frames and channels swapped?" in capsys.readouterr().err
+    psnr(swapped.transpose(1, 2), swapped.transpose(1, 2).flip(-1))  # 3 channels: nothing to say
+    assert "swapped" not in capsys.readouterr().err
 
 
 def test_a_frame_that_is_not_finite_is_never_identical_and_json_gets_null(tmp_path, capsys, monkeypatch):

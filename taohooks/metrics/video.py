@@ -70,6 +70,11 @@ def check_video_pair(video_a: Tensor, video_b: Tensor) -> None:
                              "[0, 1] videos PSNR reads 6 dB high; convert with 2 * video - 1 if they are [0, 1]",
                              once="metrics: [0, 1] videos")
     # (any channel count: compare also scores what a script returns as latents, 4 or 16 channels)
+    channels, frames = video_a.shape[1], video_a.shape[2]
+    if frames == 3 and channels not in (1, 3):  # SSIM (per channel) and LPIPS would mix frames as colours
+        messages.warning(f"the videos have {channels} channels and 3 frames: frames and channels swapped? The metrics "
+                         "take [B, C, F, H, W]; a batch of [F, C, H, W] clips is to_bcfhw(video, 'BFCHW') (ignore "
+                         "this for 3-frame latents)", once="metrics: swapped axes")
 
 
 def _finite_bounds(video: Tensor):
