@@ -205,16 +205,19 @@ def _cmd_plan(args) -> int:
             if repeats_timesteps(lut) else \
             " (this LUT holds no delta products, so it cannot be carried over to another step count)"
         raise PlanError(f"LUT {lut_path} has {lut.steps} steps, --steps is {steps}; plan for {lut.steps} steps{carry}")
+    carried = False
     if lut is not None and _is_config(args.source):
         unfinished = unfinished_lut_steps_problem(config, lut, steps, run_has="--steps is")
         if unfinished:  # (a run and taocache check refuse it; the plan was printed as if it were carried)
             raise PlanError(unfinished)
         if lut.steps != steps:  # as a run does: carried over (calibration.transfer: interpolate), or refused
             lut = lut_for_steps(config, lut, steps)
+            carried = True
         if config.calibration.auto and lut.num_prompts < config.calibration.prompts:
             print(f"# the LUT holds {lut.num_prompts} of calibration.prompts {config.calibration.prompts}: runs compute "
                   "every step and calibrate until it is complete; the plan below is the one its statistics give now")
-    guard = expert_guard(lut) if lut is not None and lut.steps == steps else ()
+    run_timesteps = _wan22_timesteps(config, lut, steps)  # (a carried LUT's are interpolated: Wan's own schedule)
+    guard = expert_guard(lut, timesteps=run_timesteps) if lut is not None and lut.steps == steps else ()
     try:
         plan = make_plan(plan_cfg, steps, streams, lut, unskippable=guard)
     except PlanError as exc:  # a key the command line gave is named by its flag, one from the config with its file
@@ -234,14 +237,28 @@ def _cmd_plan(args) -> int:
         low = [t for t in plan.skipped_steps if t >= guard[0]]
         print(f"# two experts: high-noise steps 0-{guard[0] - 1}, low-noise steps {guard[0]}-{steps - 1} (timestep "
               f"below {lut.identity['expert_boundary']:g}); steps {', '.join(map(str, guard))} are always computed "
-              f"(right after the switch); {len(low)} of {len(plan.skipped_steps)} skips lie in the low-noise expert")
+              f"(right after the switch); {len(low)} of {len(plan.skipped_steps)} skips lie in the low-noise expert"
+              + (" (from the carried LUT's interpolated timesteps: a run places the switch by its own, which can be a "
+                 "step away, and plans around it)" if carried and run_timesteps is None else ""))
     if lut is not None and lut.deltas is not None and plan.skipped_steps:
-        _print_predictions(plan, plan_cfg, steps, streams, lut)
+        _print_predictions(plan, plan_cfg, steps, streams, lut, guard)
     return 0
 
 
-def _print_predictions(plan, plan_cfg: PlanConfig, steps: int, streams, lut) -> None:
-    """The plan's predicted error, next to the other rule's plan and its predicted error."""
+def _wan22_timesteps(config, lut, steps: int):
+    """The timesteps a Wan2.2 run of ``steps`` steps at the LUT's solver and shift runs (Wan's own schedule), which
+    place its expert switch; ``None`` for other integrations and LUTs."""
+    identity = getattr(lut, "identity", None) or {}
+    if config.integration != "wan22" or "expert_boundary" not in identity or "shift" not in identity:
+        return None
+    from .integrations.wan22 import wan_timesteps
+
+    return wan_timesteps(steps, float(identity["shift"]), str(identity.get("scheduler")))
+
+
+def _print_predictions(plan, plan_cfg: PlanConfig, steps: int, streams, lut, guard=()) -> None:
+    """The plan's predicted error, next to the other rule's plan (under the same expert-switch ``guard``: the plan
+    that rule would run) and its predicted error."""
     from .taocache.error_plan import error_model_of, predict_plan
 
     model, why = error_model_of(lut, plan_cfg.error_weights)
@@ -257,7 +274,7 @@ def _print_predictions(plan, plan_cfg: PlanConfig, steps: int, streams, lut) -> 
                                     coefficient=None, tau_cos=None if other_rule == "auto" else plan_cfg.tau_cos,
                                     refresh_every=None if other_rule == "auto" else plan_cfg.refresh_every)
     try:
-        other = make_plan(other_cfg, steps, streams, lut)
+        other = make_plan(other_cfg, steps, streams, lut, unskippable=guard)
     except PlanError as exc:
         print(f"# rule: {other_rule} cannot plan this budget: {exc}")
         return

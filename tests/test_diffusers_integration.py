@@ -11,6 +11,7 @@ from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, LattePipe
 from taohooks.config import config_from_dict  # noqa: E402
 from taohooks.runtime.hook import get_hook  # noqa: E402
 from taohooks.launcher.integration import IntegrationError  # noqa: E402
+from taohooks.taocache.plan import PlanError  # noqa: E402
 from taohooks.integrations.diffusers import disable_taocache, enable_taocache  # noqa: E402
 
 STEPS = 8
@@ -187,6 +188,29 @@ def test_two_transformers_run_as_one_loop_with_the_switch_guarded(tmp_path, capf
         disable_taocache(pipe)
     assert "forward" not in vars(pipe.transformer) and "forward" not in vars(pipe.transformer_2)
 
+
+
+def test_the_plan_guards_the_runs_own_expert_switch_not_the_luts(tmp_path, capfd):
+    """With a LUT of another shift (calibration.accept: [shift]) or carried to another step count, the plan's guard
+    came from the LUT's timesteps: a window after the run's switch was refused as over it, and one over it accepted,
+    then computed at every planned skip (diffusers Wan2.2 walkthrough, 2026-11-27). The run's timesteps decide now."""
+    pipe = wan22_pipe()  # shift 3: low-noise from step 4 of 8; at shift 8 from step 6
+    cfg = {"integration": "diffusers", "lut": "lut.safetensors", "calibration": {"prompts": 1, "accept": ["shift"]}}
+    enable_taocache(pipe, config_from_dict(cfg, str(tmp_path / "c.yaml")))
+    wan_call(pipe)  # calibrates at shift 3
+    disable_taocache(pipe)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=8.0)
+    capfd.readouterr()
+    enable_taocache(pipe, config_from_dict({**cfg, "plan": {"window": [4, 5]}}, str(tmp_path / "c.yaml")))
+    try:
+        assert torch.isfinite(wan_call(pipe)).all()
+        err = capfd.readouterr().err
+        assert f"4 of {2 * STEPS} denoiser calls saved" in err and "expert switch" not in err, err
+        enable_taocache(pipe, config_from_dict({**cfg, "plan": {"window": [6, 7]}}, str(tmp_path / "c.yaml")))
+        with pytest.raises(PlanError, match=r"skips step\(s\) 6, 7, the first steps after the expert switch"):
+            wan_call(pipe)
+    finally:
+        disable_taocache(pipe)
 
 
 def test_a_teacache_hybrid_acts_in_both_transformers(tmp_path, capfd):

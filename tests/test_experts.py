@@ -115,6 +115,31 @@ def test_the_first_two_steps_after_the_switch_are_computed_without_a_lut_and_at_
     assert cache.stats()["streams"]["cond"]["skipped"] == 1
 
 
+def test_the_runs_own_timesteps_place_the_guard_for_the_plan():
+    """attach(run_timesteps=...): the plan guards the run's switch (step 5 here), not the LUT's (step 2)."""
+    high, low = Expert(0), Expert(1)
+    rec = CalibrationRecorder(identity={"expert_boundary": BOUNDARY})
+    with DenoiserHook(LoopSpec(16, ("cond", "uncond"), batch_dim=None), [rec], timestep_arg="t").attach(high, low) as h:
+        h.new_sample()
+        run(high, low)
+    shifted = torch.cat([torch.linspace(999, 880, 5), torch.linspace(860, 30, 11)])
+    assert expert_guard(rec.lut()) == (2, 3) and expert_guard(rec.lut(), timesteps=shifted.tolist()) == (5, 6)
+    assert expert_guard(None, BOUNDARY, shifted.tolist()) == (5, 6)  # no LUT: the run's timesteps alone
+    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [5, 9], "ratio": 1.0}}), lut=rec.lut())
+    with pytest.raises(PlanError, match=r"skips step\(s\) 5, the first steps after the expert switch"):
+        cache.attach(high, 16, ("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low],
+                     run_timesteps=shifted.tolist())
+    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [2, 3, 9], "ratio": 1.0}}), lut=rec.lut())
+    with cache.attach(high, 16, ("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low],
+                      run_timesteps=shifted.tolist()):
+        cache.new_sample()
+        run(high, low, shifted)
+    assert cache.callback.fallback_reasons == {} and cache.stats()["streams"]["cond"]["skipped"] == 3
+    with pytest.raises(ValueError, match="has 15 timesteps for 16 steps"):
+        cache.attach(high, 16, ("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low],
+                     run_timesteps=shifted.tolist()[:15])
+
+
 def test_per_token_timesteps_read_as_their_largest_value():
     from taohooks.runtime.hook import _Timestep
 

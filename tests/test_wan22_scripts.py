@@ -104,6 +104,20 @@ def test_taocache_plan_says_where_the_experts_switch(calibrated, capsys):
             "always computed (right after the switch); 2 of 2 skips lie in the low-noise expert") in text
 
 
+def test_taocache_plan_places_a_carried_luts_switch_by_wans_schedule(calibrated, tmp_path, capsys):
+    """Carried to 16 steps, the split came from the LUT's interpolated timesteps, a step early (diffusers Wan2.2
+    walkthrough, 2026-11-27); Wan's own schedule at 16 steps, shift 12 switches at step 11."""
+    from taohooks.cli import main
+
+    out, _ = calibrated
+    (tmp_path / "lut.safetensors").write_bytes((out / "lut.safetensors").read_bytes())
+    (tmp_path / "c.yaml").write_text("integration: wan22\nlut: lut.safetensors\n"
+                                     "calibration: {prompts: 1, transfer: interpolate}\nplan: {budget: 2}\n")
+    assert main(["plan", str(tmp_path / "c.yaml"), "--steps", "16"]) == 0
+    assert "# two experts: high-noise steps 0-10, low-noise steps 11-15 (timestep below 875); steps 11, 12 are " \
+           "always computed" in capsys.readouterr().out
+
+
 def test_a_window_across_the_switch_is_refused_before_the_experts_load(runner, calibrated, tmp_path):
     out, _ = calibrated
     (tmp_path / "lut.safetensors").write_bytes((out / "lut.safetensors").read_bytes())
@@ -112,6 +126,21 @@ def test_a_window_across_the_switch_is_refused_before_the_experts_load(runner, c
     assert res.returncode == 2
     assert "skips step(s) 13, 14, the first steps after the expert switch" in res.stderr
     assert "Creating WanT2V pipeline" not in res.stdout + res.stderr
+
+
+def test_the_plan_guards_the_runs_own_switch_at_another_shift(runner, calibrated, tmp_path):
+    """With a LUT of shift 12 accepted at shift 8 (switch at step 11, the LUT's at 13), the guard came from the LUT:
+    a window after the run's switch was refused as over it, one over it accepted, then computed at every planned skip
+    (diffusers Wan2.2 walkthrough, 2026-11-27). The run's own timesteps (Wan's schedulers') place it now."""
+    out, _ = calibrated
+    (tmp_path / "lut.safetensors").write_bytes((out / "lut.safetensors").read_bytes())
+    head = "integration: wan22\nlut: lut.safetensors\ncalibration: {prompts: 1, accept: [shift]}\n"
+    res = run(runner, tmp_path, head + "plan: {window: [11, 12]}\n", "--sample_shift", "8")
+    assert res.returncode == 2 and "skips step(s) 11, 12, the first steps after the expert switch" in res.stderr
+    assert "Creating WanT2V pipeline" not in res.stdout + res.stderr
+    res = run(runner, tmp_path, head + "plan: {window: [13, 14]}\n", "--sample_shift", "8")
+    assert res.returncode == 0, res.stderr
+    assert saved_counts(res) == [(4, 40)] and "expert switch" not in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("flags", [("--ulysses_size", "2"), ("--dit_fsdp",), ("--offload_model", "True")],

@@ -148,7 +148,26 @@ def _experts(pipe) -> tuple:
 
 def _loop(arguments):
     loop, kwargs = _loop_of_one(arguments)
-    return loop, {**kwargs, **_experts(arguments["self"])}
+    experts = _experts(arguments["self"])
+    if experts:  # the run's own timesteps place the expert switch (a carried LUT's or another shift's would not)
+        experts["run_timesteps"] = _run_timesteps(arguments, loop.steps)
+    return loop, {**kwargs, **experts}
+
+
+def _run_timesteps(arguments, steps: int):
+    """The timesteps this call will run, one per step, asked of a copy of the pipeline's scheduler as the pipeline
+    asks its own (``set_timesteps(num_inference_steps)``); ``None`` where they cannot be known before the call."""
+    import copy
+
+    if arguments.get("timesteps") is not None or arguments.get("sigmas") is not None:
+        return None
+    probe = copy.deepcopy(arguments["self"].scheduler)
+    try:
+        probe.set_timesteps(int(arguments.get("num_inference_steps")))
+    except (TypeError, ValueError):
+        return None
+    timesteps = [float(t) for t in probe.timesteps]
+    return timesteps if len(timesteps) == steps else None
 
 
 def _loop_of_one(arguments):

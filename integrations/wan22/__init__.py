@@ -57,7 +57,7 @@ from taohooks.runtime.loop import LoopSpec
 from taohooks.taocache.identity import guide_scale_identity, model_identity, wan_output_identity
 
 __all__ = ["install", "uninstall", "precheck", "command_line", "PIPELINES", "TASKS", "TASK_DEFAULTS", "EXPECTS",
-           "experts_of"]
+           "experts_of", "wan_timesteps"]
 
 PIPELINES = {
     "wan.text2video": "WanT2V",
@@ -126,6 +126,23 @@ def _boundary(pipeline) -> Optional[float]:
     return float(pipeline.boundary) * float(getattr(pipeline, "num_train_timesteps", 1000))
 
 
+def wan_timesteps(steps: int, shift: float, solver: str, num_train: int = 1000) -> Optional[List[float]]:
+    """The timesteps Wan2.2's ``generate`` runs, one per step: its ``FlowUniPCMultistepScheduler`` (``unipc``: sigmas
+    from ``1 - 1/num_train`` (a float32) down to 0) or ``get_sampling_sigmas`` (``dpm++``: from 1), shifted
+    (``shift s / (1 + (shift - 1) s)``), times ``num_train``, cut to whole numbers (its ``int64`` timesteps). Where
+    they fall below the boundary the low-noise expert runs. ``None`` for another solver."""
+    import numpy as np
+
+    if solver == "unipc":
+        sigmas = np.linspace(float(np.float32(1.0 - 1.0 / num_train)), 0.0, steps + 1)[:-1]
+    elif solver == "dpm++":
+        sigmas = np.linspace(1.0, 0.0, steps + 1)[:steps]
+    else:
+        return None
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return [float(int(t)) for t in sigmas * num_train]
+
+
 def _per_clip(pipeline) -> bool:
     return type(pipeline).__name__ in PER_CLIP_PIPELINES
 
@@ -137,6 +154,9 @@ def _loop(arguments):
     if len(models) > 1:
         kwargs["also"] = models[1:]
         kwargs["expert_boundary"] = _boundary(pipeline)
+        kwargs["run_timesteps"] = wan_timesteps(int(arguments["sampling_steps"]), float(arguments["shift"]),
+                                                str(arguments["sample_solver"]),
+                                                int(getattr(pipeline, "num_train_timesteps", 1000)))
     per_clip = _per_clip(pipeline)
     if per_clip:
         kwargs["repeat"] = True  # each clip's loop is a generation, begun at the first timestep
@@ -261,7 +281,8 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     # check after a streams problem, which it would report less clearly
     problems = command_line_problems(config, run, flags=FLAGS, said=_said, tasks=TASKS, streams=run["streams"],
                                      configs_hint="configs/wan22_*.yaml", expert_boundary=boundary,
-                                     check_plan=not per_clip) + per_clip
+                                     check_plan=not per_clip, run_timesteps=None if boundary is None else
+                                     wan_timesteps(run["steps"], run["shift"], run["scheduler"])) + per_clip
     if _hybrid(config) and run["sequence_parallel"] > 1:
         problems.append(f"{config.source or 'the config'}: "
                         + _SP_HYBRID.format(what=f"--ulysses_size {run['sequence_parallel']}"))

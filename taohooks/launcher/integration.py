@@ -18,7 +18,7 @@ import inspect
 import os
 import sys
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -272,11 +272,13 @@ def image_said(image: bool) -> str:
 
 def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, str], said: Callable,
                           tasks: Tuple[str, ...], streams: Tuple[str, ...], configs_hint: str,
-                          expert_boundary: Optional[float] = None, check_plan: bool = True) -> List[str]:
+                          expert_boundary: Optional[float] = None, check_plan: bool = True,
+                          run_timesteps: Optional[Sequence[float]] = None) -> List[str]:
     """What a Wan-style command line (``run``: task, steps and the ``flags`` keys, as the script will run
     them) contradicts, before the model loads: the config's model_id task, loop.steps, the LUT's step
     count (unless it is carried over) and identity; then the LUT's folder when the run calibrates, or
-    the plan (with the expert switch guarded) when it skips (and ``check_plan``: the integration found
+    the plan (with the expert switch guarded: where ``run_timesteps``, the script's own, else the LUT's fall
+    below ``expert_boundary``) when it skips (and ``check_plan``: the integration found
     nothing the plan would misread). ``said(run, key)`` phrases a value as the user gave it. Returns the
     problems (the integration adds its own and raises)."""
     from ..runtime.io import check_writable
@@ -334,7 +336,7 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
         from ..taocache.plan import PlanError
 
         carried = lut_for_steps(config, lut, run["steps"])
-        guard = expert_guard(carried, expert_boundary) if carried is not None and expert_boundary else ()
+        guard = expert_guard(carried, expert_boundary, run_timesteps) if expert_boundary else ()
         try:
             make_plan(config.plan, run["steps"], streams, carried, unskippable=guard)  # fails now, not later
         except PlanError as exc:

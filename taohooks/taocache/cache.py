@@ -74,13 +74,20 @@ def unfinished_lut_steps_problem(config: TaoCacheConfig, lut: Optional[Calibrati
             f"calibration.prompts: {lut.num_prompts} to carry it over as it is, or give this run its own lut:")
 
 
-def expert_guard(lut: Optional[CalibrationLUT], boundary: Optional[float] = None) -> Tuple[int, ...]:
-    """Steps always computed because the model changes before them (Wan2.2's experts): from
-    ``boundary`` (a timestep) or the one the LUT recorded (identity ``expert_boundary``)."""
-    if lut is None:
-        return ()
+def expert_guard(lut: Optional[CalibrationLUT], boundary: Optional[float] = None,
+                 timesteps: Optional[Sequence[float]] = None) -> Tuple[int, ...]:
+    """Steps always computed because the model changes before them (Wan2.2's experts): where ``timesteps``
+    (the run's own, one per step, when the integration knows them before the first call), else the LUT's,
+    fall below ``boundary`` (a timestep) or the one the LUT recorded (identity ``expert_boundary``). A carried
+    LUT's timesteps are interpolated and one of another shift has its own: the run's put the switch where it is."""
     boundary = expert_boundary_of(lut, boundary)
-    return switch_guard(lut.timesteps, float(boundary)) if boundary is not None else ()
+    if boundary is None:
+        return ()
+    if timesteps is not None:
+        import torch
+
+        return switch_guard(torch.as_tensor(list(timesteps), dtype=torch.float64), float(boundary))
+    return switch_guard(lut.timesteps, float(boundary)) if lut is not None else ()
 
 
 def expert_boundary_of(lut: Optional[CalibrationLUT], boundary: Optional[float] = None) -> Optional[float]:
@@ -379,7 +386,7 @@ class TaoCache:
                timestep_arg: Union[str, int, None] = None, repeat: bool = False,
                callbacks: Iterable[Callback] = (), identity: Optional[Mapping[str, Any]] = None,
                also: Sequence[nn.Module] = (), expert_boundary: Optional[float] = None,
-               unskippable: Sequence[int] = ()) -> DenoiserHook:
+               unskippable: Sequence[int] = (), run_timesteps: Optional[Sequence[float]] = None) -> DenoiserHook:
         """Wrap ``module``'s forward for sampling loops of the given shape; returns the hook
         (a context manager that detaches on exit). ``callbacks`` run after TaoCache's.
 
@@ -389,7 +396,9 @@ class TaoCache:
 
         ``also``: more instances whose calls belong to the same loop (Wan2.2's experts); with
         ``expert_boundary`` (a timestep) the model changes where the LUT's timesteps fall below it,
-        and the first two steps after that switch are always computed. ``unskippable``: steps a plan chosen
+        and the first two steps after that switch are always computed; ``run_timesteps`` (this run's, one per step,
+        where the integration knows them before the first call) place that switch for the plan, which a carried LUT
+        or one of another shift would misplace (the calls' timesteps still guard it). ``unskippable``: steps a plan chosen
         from a budget leaves computed (VideoSys' MLP-broadcast steps); an explicit window or skip list over them is
         the integration's to refuse, with its reason."""
         if self.hook is not None and self.hook.attached:
@@ -428,7 +437,10 @@ class TaoCache:
                                                  reattached=self.reattached_per_generation),
                          *_teacache_fit_callbacks(cfg, path)]
         else:
-            guard = expert_guard(lut, expert_boundary)
+            if run_timesteps is not None and len(run_timesteps) != loop.steps:
+                raise ValueError(f"taohooks: attach(run_timesteps=...) has {len(run_timesteps)} timesteps for "
+                                 f"{loop.steps} steps")
+            guard = expert_guard(lut, expert_boundary, run_timesteps)
             self.unskippable = guard
             chosen = cfg.plan.window is None and cfg.plan.skip_steps is None  # (a budget's plan: steered clear)
             avoid = tuple(sorted(set(guard) | set(unskippable))) if chosen else guard

@@ -265,6 +265,22 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def test_the_integrations_timesteps_are_the_official_schedulers(wan22):
+    """``wan_timesteps`` (what places the expert switch for the plan, before the experts load) against the
+    timesteps Wan2.2's generate gets from its own schedulers, both solvers, steps and shifts around the defaults."""
+    from wan.utils.fm_solvers import FlowDPMSolverMultistepScheduler, get_sampling_sigmas, retrieve_timesteps
+    from wan.utils.fm_solvers_unipc import FlowUniPCMultistepScheduler
+
+    for steps in (4, 10, 20, 27, 40, 50):
+        for shift in (1.0, 3.0, 5.0, 8.0, 12.0, 17.5):
+            unipc = FlowUniPCMultistepScheduler(num_train_timesteps=1000, shift=1, use_dynamic_shifting=False)
+            unipc.set_timesteps(steps, device="cpu", shift=shift)
+            dpm = FlowDPMSolverMultistepScheduler(num_train_timesteps=1000, shift=1, use_dynamic_shifting=False)
+            dpm_timesteps, _ = retrieve_timesteps(dpm, device="cpu", sigmas=get_sampling_sigmas(steps, shift))
+            assert wan22_integration.wan_timesteps(steps, shift, "unipc") == [float(t) for t in unipc.timesteps]
+            assert wan22_integration.wan_timesteps(steps, shift, "dpm++") == [float(t) for t in dpm_timesteps]
+
+
 def test_t2v_a14b_budget_zero_is_the_original_loop(wan22, capfd):
     install(plan={"budget": 0})  # before the import: the post-import hook patches WanT2V
     wan = wan22.load()
