@@ -213,6 +213,31 @@ def test_the_plan_guards_the_runs_own_expert_switch_not_the_luts(tmp_path, capfd
         disable_taocache(pipe)
 
 
+def test_a_lut_records_the_size_and_another_size_is_refused_before_the_first_call(tmp_path, capfd):
+    """A diffusers LUT held no size: one calibrated at 16x16, 5 frames skipped at 32x32 without a word, and a
+    calibration continued at another size computed a whole generation, then left it out (diffusers Wan2.2
+    walkthrough, 2026-11-27). Wan's, Latte's and Open-Sora-Plan's integrations record it."""
+    from taohooks.taocache.lut import CalibrationLUT, LUTMismatchError
+
+    pipe = wan_pipe()
+    calls = []
+    pipe.transformer.blocks[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    cfg = config_from_dict({"integration": "diffusers", "lut": "lut.safetensors", "calibration": {"prompts": 2},
+                            "plan": {"budget": 2}}, str(tmp_path / "c.yaml"))
+    enable_taocache(pipe, cfg)
+    try:
+        wan_call(pipe)
+        lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
+        assert (lut.identity["height"], lut.identity["width"], lut.identity["frames"]) == (16, 16, 5)
+        calls.clear()
+        with pytest.raises(LUTMismatchError, match=r"height: this run 32, the LUT 16"):
+            pipe(prompt_embeds=torch.randn(1, 8, 16), negative_prompt_embeds=torch.randn(1, 8, 16), height=32,
+                 width=16, num_frames=5, num_inference_steps=STEPS, output_type="latent")
+        assert calls == []  # refused before the first model call
+    finally:
+        disable_taocache(pipe)
+
+
 def test_a_teacache_hybrid_acts_in_both_transformers(tmp_path, capfd):
     """The hybrid's TeaCache (Algorithm 2: before TaoCache's window) bypasses the block stack of the
     high-noise ``transformer`` and of the low-noise ``transformer_2``, each with its own state (the first

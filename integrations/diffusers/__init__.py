@@ -37,7 +37,7 @@ from taohooks.launcher.integration import (GenerationPatch, IntegrationError, Pa
 from taohooks.runtime.loop import LoopSpec
 from taohooks.runtime.reset import StateReset
 from taohooks.taocache.cache import TaoCache, check_config_before_run
-from taohooks.taocache.identity import guide_scale_identity
+from taohooks.taocache.identity import guide_scale_identity, pipeline_output_identity
 
 __all__ = ["enable_taocache", "disable_taocache", "install", "uninstall", "SEQUENTIAL_CFG", "BATCHED_CFG",
            "ContextStreamCheck"]
@@ -217,7 +217,11 @@ def _callbacks(arguments, transformer) -> List[Callback]:
 
 
 def _identity(arguments, model):
+    """Transformer and scheduler (class, prediction type, shift, ...), the video's size where the call gives it
+    (``height``, ``width``, ``num_frames``: a LUT's delta products hold outputs of one size, so another is refused at
+    the generation's start, not left out of a calibration after its work), the expert boundary and guidance."""
     identity = identity_of_pipeline(arguments["self"], model)
+    identity.update({k: v for k, v in pipeline_output_identity(arguments).items() if k != "guide_scale"})
     boundary = _boundary(arguments["self"])
     if boundary is not None:
         identity["expert_boundary"] = boundary
