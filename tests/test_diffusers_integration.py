@@ -559,3 +559,7 @@ def test_wan22_guidance_pair_is_recorded_low_noise_first_as_wan_does():
     assert identity["guide_scale"] == [3.0, 4.0]
     assert _identity({"self": pipe, "guidance_scale": 4.0, "guidance_scale_2": None}, pipe.transformer)[
         "guide_scale"] == [4.0, 4.0]
+    from taohooks.taocache.identity import describe_differences  # the mismatch says which is which (walkthrough)
+
+    said = describe_differences({"guide_scale": [4.0, 4.0]}, identity, ["guide_scale"])
+    assert "diffusers' [guidance_scale_2, guidance_scale]): this run [3.0, 4.0], the LUT [4.0, 4.0]" in said
