@@ -190,6 +190,39 @@ def test_sequence_parallel_ranks_calibrate_then_skip_together(tmp_path):
     assert shared_cache(config_from_dict({})).shared_generations
 
 
+def _unsaid_ranks_worker(rank, world, port, out_dir):
+    from taohooks.runtime import messages
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    said = []
+    messages.warning = lambda message, **kw: said.append(message)  # (this spawned process only)
+    try:
+        for setting in ("neither", "data_parallel", "shared_generations"):
+            cache = TaoCache(config_from_dict({"lut": f"{out_dir}/{setting}.safetensors",
+                                               "calibration": {"prompts": 4}}))
+            if setting != "neither":
+                setattr(cache, setting, True)
+            with cache.attach(Denoiser(), STEPS, ("cond", "uncond")):
+                pass
+            said.append(f"-- {setting}")
+        torch.save(said, f"{out_dir}/said{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_calibrating_in_a_group_that_says_neither_how_ranks_share_is_warned(tmp_path):
+    """A torchrun job of the README's Python route whose script starts a process group: rank 1 calibrated its own
+    prompts at full cost and none reached the LUT, without a word (DDP walkthrough, 2026-11-27)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_unsaid_ranks_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    said = torch.load(tmp_path / "said0.pt")
+    assert said[0].startswith(f"calibrating {tmp_path}/neither.safetensors in a process group of 2 ranks: only rank "
+                              "0's generations are added") and "cache.data_parallel = True" in said[0]
+    assert said[1:] == ["-- neither", "-- data_parallel", "-- shared_generations"]
+
+
 def test_data_parallel_calibration_of_a_sequence_parallel_run_is_refused(tmp_path):
     """--devices sharded prompts over the ranks of a --ulysses_size run, whose ranks share one prompt (review,
     2026-11-27): refused, naming both."""

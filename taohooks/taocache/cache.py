@@ -433,6 +433,7 @@ class TaoCache:
                                                 error_horizon=cfg.calibration.error_horizon)
             self.plan = no_skip_plan(loop.steps, loop.streams)
             self.recorder.limit = wanted  # (a generation after the LUT is complete adds nothing to it)
+            _warn_unsaid_ranks(self, path)
             own: list = [self.recorder, _SaveLUT(self.recorder, path, wanted, every_rank=self.data_parallel,
                                                  reattached=self.reattached_per_generation),
                          *_teacache_fit_callbacks(cfg, path)]
@@ -677,6 +678,22 @@ def _barrier() -> None:
 
     if world()[1] > 1:
         dist.barrier()
+
+
+def _warn_unsaid_ranks(cache: "TaoCache", path: Path) -> None:
+    """In a process group of several ranks that says neither how its ranks share generations (``shared_generations``)
+    nor that each samples its own (``data_parallel``), only rank 0 adds its generations to the LUT: fine for ranks
+    that share each generation, but a data-parallel job's other ranks calibrated at full cost for nothing, without
+    a word (DDP walkthrough, 2026-11-27). Said once, naming both settings."""
+    from ..runtime.distributed import world
+
+    size = world()[1]
+    if size > 1 and not (cache.data_parallel or cache.shared_generations):
+        messages.warning(f"calibrating {path} in a process group of {size} ranks: only rank 0's generations are added "
+                         "to it (the ranks are taken to share each generation). If each rank samples prompts of its "
+                         "own, set cache.data_parallel = True (or calibrate first: taocache calibrate --data-parallel "
+                         "under torchrun); if the ranks run each generation together (sequence parallel), set "
+                         "cache.shared_generations = True", once=f"unsaid ranks {path}")
 
 
 def _writes_the_lut() -> bool:

@@ -336,8 +336,17 @@ class CalibrationRecorder(Callback):
                     base = base.merge(self._base)  # resumed from elsewhere: its prompts join this file once
             else:
                 base = self._base if self._base is not None else _empty_like(pending, pending.identity)
-            merged = dataclasses.replace(base.merge(pending), created=base.created, source=str(path))
-            atomic_write_bytes(path, merged.to_bytes())
+            if self.limit is not None and on_disk is not None and on_disk.num_prompts >= self.limit:
+                # another process completed the file meanwhile (DDP ranks, concurrent jobs): it stays as it is, so
+                # that every process plans from the same LUT (ranks planned apart: DDP walkthrough, 2026-11-27)
+                if pending.num_prompts:
+                    messages.notice(f"calibration LUT {path} was completed by another process ({on_disk.num_prompts} "
+                                    f"prompts) before this one's last {pending.num_prompts} prompt(s), which are left "
+                                    "out: every process plans from the same LUT", every_rank=True)
+                merged = on_disk
+            else:
+                merged = dataclasses.replace(base.merge(pending), created=base.created, source=str(path))
+                atomic_write_bytes(path, merged.to_bytes())
         self._base, self._base_file = merged, _real_path(path)
         self._known, self._pending = merged, _empty_like(pending, pending.identity)
         return merged
