@@ -212,6 +212,27 @@ def test_non_finite_generations_are_left_out_and_an_all_nan_calibration_saves_no
     assert_same_statistics(lut, reference([[0.5]]))
 
 
+def test_a_data_parallel_rank_says_what_it_leaves_out(tmp_path, capsys, monkeypatch):
+    """Under DDP a rank other than 0 left a NaN generation out of the LUT without a word; rank 0 said it (DDP
+    walkthrough, 2026-11-27). Each data-parallel rank records prompts of its own: it says so on that rank."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"lut: geo.safetensors\ncalibration: {{prompts: 2}}\nloop: {{steps: {STEPS}}}\n")
+    model = GeometricDenoiser({"main": 0.5})
+
+    class Broken(torch.nn.Module):
+        def forward(self, x, timestep, stream="main"):
+            return model(x, timestep) * float("nan")
+
+    monkeypatch.setenv("RANK", "1")  # (no group: torchrun's variable says the rank)
+    for data_parallel in (False, True):
+        net, cache = Broken(), TaoCache.from_yaml(cfg)
+        cache.data_parallel = data_parallel
+        with cache.attach(net, repeat=True):
+            run_loop(net, STEPS)
+        said = "left out of the LUT: stream 'main', step 0: its output is not finite" in capsys.readouterr().err
+        assert said == data_parallel
+
+
 def test_a_generation_at_other_timesteps_is_left_out(capsys):
     model, rec = GeometricDenoiser({"main": 0.5}), CalibrationRecorder()
     with DenoiserHook(LoopSpec(STEPS), [rec]).attach(model) as hook:

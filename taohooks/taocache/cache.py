@@ -433,6 +433,7 @@ class TaoCache:
                                                 error_horizon=cfg.calibration.error_horizon)
             self.plan = no_skip_plan(loop.steps, loop.streams)
             self.recorder.limit = wanted  # (a generation after the LUT is complete adds nothing to it)
+            self.recorder.every_rank = self.data_parallel
             _warn_unsaid_ranks(self, path)
             own: list = [self.recorder, _SaveLUT(self.recorder, path, wanted, every_rank=self.data_parallel,
                                                  reattached=self.reattached_per_generation),
@@ -734,10 +735,10 @@ class _SaveLUT(Callback):
             self.recorder.flush(self.path)
         except Exception as exc:  # noqa: BLE001 - as below: the script keeps its video
             messages.warning(f"calibration LUT {self.path}: the statistics of {pending} prompt(s) could not be saved "
-                             f"{when} ({_failure(exc)}); {then}")
+                             f"{when} ({_failure(exc)}); {then}", every_rank=self.every_rank)
             return
         messages.notice(f"calibration LUT {self.path}: the statistics of {pending} prompt(s) that an earlier save "
-                        f"could not write were saved {when}")
+                        f"could not write were saved {when}", every_rank=self.every_rank)
 
     def on_sample_end(self, hook, sample: int) -> None:
         if not (self.every_rank or _writes_the_lut()):
@@ -750,7 +751,7 @@ class _SaveLUT(Callback):
             # else a save raises (a missing numpy under safetensors: ModuleNotFoundError): never out of the model call
             messages.warning(f"calibration LUT {self.path} was not saved: {_failure(exc)}. The statistics of "
                              f"{self.recorder.pending_prompts} prompt(s) are kept in memory and the next "
-                             "generation tries again")
+                             "generation tries again", every_rank=self.every_rank)
             if not self._exit_registered:  # a script that ends now (integrations never detach) tries once more
                 import atexit
 

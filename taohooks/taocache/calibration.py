@@ -154,6 +154,8 @@ class CalibrationRecorder(Callback):
         self._generation: Optional[_Generation] = None
         self._said_no_timesteps = False
         self.limit: Optional[int] = None  # prompts after which later generations are not recorded (TaoCache's)
+        # each rank records prompts of its own (data parallel): what it leaves out is said on that rank
+        self.every_rank = False
 
     def on_attach(self, hook) -> None:
         loop = hook.loop
@@ -181,7 +183,7 @@ class CalibrationRecorder(Callback):
         gen, self._generation, self._history = self._generation, None, {}
         if gen is not None and gen.calls:
             messages.warning(f"calibration: generation {_label(hook, sample)} stopped before its last call ({reason}); "
-                             "its statistics were left out of the LUT")
+                             "its statistics were left out of the LUT", every_rank=self.every_rank)
 
     def on_detach(self, hook) -> None:
         self._history, self._generation = {}, None
@@ -269,19 +271,19 @@ class CalibrationRecorder(Callback):
             # (the hook warned) also where the hook later finds it was whole (a loop that revisits its first
             # timestep): two short generations can look the same, and a spliced generation would corrupt the LUT
             messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: its calls are not "
-                             "numbered as its own steps, or ran at other timesteps than the reference generation's")
+                             "numbered as its own steps, or ran at other timesteps than the reference generation's", every_rank=self.every_rank)
             return
         if gen.bad is not None:
             name, step, what = gen.bad
             messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: stream {name!r}, "
-                             f"step {step}: {what}")
+                             f"step {step}: {what}", every_rank=self.every_rank)
             return
         known = self._known
         t = first_timestep_difference(known.timesteps, gen.timesteps)
         if t is not None:
             messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: step {t} ran at "
                              f"timestep {gen.timesteps[t].item():g}, the LUT's generations at "
-                             f"{known.timesteps[t].item():g} (a different sampler, shift or step count?)")
+                             f"{known.timesteps[t].item():g} (a different sampler, shift or step count?)", every_rank=self.every_rank)
             return
         deltas = None
         if gen.gram is not None and gen.gram.shape[0] == gen.prompts:
@@ -291,7 +293,7 @@ class CalibrationRecorder(Callback):
         try:
             known, pending = known.merge(done), self._pending.merge(done)
         except LUTMismatchError as exc:  # checked at attach; never let the last call of a generation raise
-            messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: {exc}")
+            messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: {exc}", every_rank=self.every_rank)
             return
         self._known = dataclasses.replace(known, created=self._known.created, source=self._known.source)
         self._pending = pending
