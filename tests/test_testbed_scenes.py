@@ -433,6 +433,7 @@ def test_training_stops_and_saves_on_sigterm_and_after_max_minutes(tmp_path, cap
     summary = json.loads((tmp_path / "w.json").read_text())
     assert summary["final"] is False and summary["steps_done"] >= 4
     assert f"(step {summary['steps_done']}, stopped by SIGTERM)" in rest
+    assert "SIGTERM: stopping after this step and saving it; a second one (after a second) aborts the save" in rest
     train_scenes.main([*TINY, "--steps", str(summary["steps_done"] + 2), "--out", str(out),
                        "--resume", str(tmp_path / "w.state.pt")])
     assert json.loads((tmp_path / "w.json").read_text())["steps_done"] == summary["steps_done"] + 2
@@ -945,6 +946,50 @@ def test_a_diverged_run_keeps_the_last_good_files(tmp_path):
         train_scenes.main([*TINY, "--steps", "30", "--lr", "1e12", "--out", str(out),
                            "--resume", str(tmp_path / "w.state.pt")])
     assert out.read_bytes() == good and _state_step(tmp_path / "w.state.pt") == 2
+
+
+def test_bad_checkpoints_and_outputs_of_the_scenes_scripts(tmp_path):
+    """Issue 15's bad input (bad-input walkthrough, 2026-11-27): each of these passed, or said something misleading."""
+    from taohooks.testbed import scenes_sensitivity
+
+    flow = tmp_path / "flow.safetensors"
+    train_scenes.main([*TINY, "--steps", "2", "--out", str(flow)])
+    good = flow.read_bytes()
+    # an evaluation's --out naming the checkpoint it measures replaced it with JSON
+    with pytest.raises(SystemExit):
+        scenes_sensitivity.main(["--weights", str(flow), "--n", "1", "--out", str(flow)])
+    assert flow.read_bytes() == good
+    # NaN weights: training blamed the learning rate, evaluations printed NaN
+    model = VideoDiT.from_pretrained(flow)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[:5] = float("nan")
+    model.save_pretrained(tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match=r"nan.safetensors: 1 tensor\(s\) hold NaN or inf values"):
+        VideoDiT.from_pretrained(tmp_path / "nan.safetensors")
+    with pytest.raises(SystemExit, match=r"--init .*nan.safetensors: .*hold NaN or inf values"):
+        train_scenes.main([*TINY, "--steps", "4", "--init", str(tmp_path / "nan.safetensors"),
+                           "--out", str(tmp_path / "n2.safetensors")])
+    # a training state given as weights: the hint the other way round
+    with pytest.raises(ValueError, match="it is a training state \\(--resume takes it\\)"):
+        VideoDiT.from_pretrained(tmp_path / "flow.state.pt")
+    # --warm-start from the run's own kind replayed its batches and kept no chain: --init is the way
+    with pytest.raises(SystemExit, match=r"a checkpoint of this run's own kind \(scenes-flow\); continue from it "
+                                         r"with --init"):
+        train_scenes.main([*TINY, "--steps", "2", "--warm-start", str(flow), "--out", str(tmp_path / "w.safetensors")])
+    # --init from the other kind pointed to flags that cannot make it fit
+    with pytest.raises(SystemExit, match=r"it is a scenes-flow checkpoint: start this scenes-eps run from its trunk "
+                                         r"with --warm-start"):
+        train_scenes.main(["--kind", "eps", *TINY[2:], "--steps", "2", "--init", str(flow),
+                           "--out", str(tmp_path / "e.safetensors")])
+    # --resume to a step already reached did nothing and rewrote the files
+    with pytest.raises(SystemExit, match=r"--steps 2: the run in .* is already at step 2; --steps counts all its steps "
+                                         r"\(e.g. --steps 4 for 2 more\)"):
+        train_scenes.main([*TINY, "--steps", "2", "--out", str(flow), "--resume", str(tmp_path / "flow.state.pt")])
+    assert flow.read_bytes() == good
+    # a run that diverges before its first save has no last good step to point to
+    assert train_scenes._kept(tmp_path / "d.safetensors") == ("nothing was saved (no step of this run was saved "
+                                                              "before): start again with a lower --lr")
+    assert "keep the last good step" in train_scenes._kept(flow)
 
 
 def test_a_resumed_chained_run_keeps_its_data_offset(tmp_path):

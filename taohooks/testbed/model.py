@@ -173,7 +173,16 @@ class VideoDiT(nn.Module):
         except ValueError:
             raise
         except Exception as exc:  # safetensors' own errors name neither the file nor what it expected
-            raise ValueError(f"{path}: not a safetensors checkpoint ({type(exc).__name__}: {exc})") from None
+            name = str(path)
+            hint = ("; it is a training state (--resume takes it), the weights are the .safetensors of the same run"
+                    if name.endswith(".state.pt") else "; it is a run's summary, the weights are the .safetensors "
+                    "of the same name" if name.endswith(".json") else "")
+            raise ValueError(f"{path}: not a safetensors checkpoint ({type(exc).__name__}: {exc}){hint}") from None
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # (training blamed the learning rate, evaluations reported NaN: bad-input walkthrough, 2026-11-27)
+            raise ValueError(f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}): a damaged copy, or weights saved after a run "
+                             "diverged")
         model = cls(config)
         try:
             model.load_state_dict(state)

@@ -126,9 +126,14 @@ def measure(tm: SceneTestbedModel, n: int, skip_steps: Sequence[int], noise_chan
 
 
 def check_out(parser, path) -> None:
-    """``--out``: a file that can be written, checked before the work (a parser error otherwise)."""
+    """``--out``: a ``.json`` file that can be written, checked before the work (a parser error otherwise). Any other
+    name is refused: ``train_scenes``' ``--out`` is the weights, and typed here out of habit it replaced the very
+    checkpoint measured with the records (bad-input walkthrough, 2026-11-27)."""
     if path:
         from ..runtime.io import check_writable
+        if not str(path).endswith(".json"):
+            parser.error(f"--out {path}: expected a .json file name such as result.json (the records are JSON; "
+                         "this is not train_scenes' --out, the weights)")
         try:
             check_writable(path)
         except OSError as exc:

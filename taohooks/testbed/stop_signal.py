@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -27,6 +28,12 @@ class StopOnSignal:
         now = time.monotonic()
         if self.signal is None:
             self.signal, self._first = signum, now
+            try:  # (silence after a Ctrl-C invited a second one, which aborted the save: bad-input walkthrough)
+                sys.stderr.write(f"{signal.Signals(signum).name}: stopping after this step and saving it; "
+                                 "a second one (after a second) aborts the save\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
             return
         if now - self._first < self.REPEAT_WINDOW:
             return

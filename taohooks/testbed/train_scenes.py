@@ -281,6 +281,9 @@ def warm_start(model: VideoDiT, path: str) -> dict:
     if items:
         raise ValueError(f"--warm-start {path}: another architecture ({items}); only "
                          f"{', '.join(WARM_START_MAY_DIFFER)} may differ")
+    if not _config_differences(other.config, model.config):  # (it replayed that run's batches and kept no chain)
+        raise ValueError(f"--warm-start {path}: a checkpoint of this run's own kind ({other.config.training}); "
+                         f"continue from it with --init {path}, which keeps its step count and data offset")
     own, theirs = model.state_dict(), other.state_dict()
     copied = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict({**own, **copied})
@@ -322,9 +325,16 @@ def _config_differences(found: VideoDiTConfig, expected: VideoDiTConfig, ignore=
 
 def _check_config(found: VideoDiTConfig, expected: VideoDiTConfig, path, what: str) -> None:
     items = _config_differences(found, expected)
-    if items:
-        raise ValueError(f"{what} {path} does not match this run's model ({items}); "
-                         "pass the same --kind/--dim/--depth/--heads/--mlp-ratio/--patch as the run that wrote it")
+    if not items:
+        return
+    if (found.height, tuple(found.attribute_sizes)) != (expected.height, tuple(expected.attribute_sizes)):
+        advice = "it is a checkpoint of another task (frames and prompts differ), which no flag makes fit"
+    elif what == "--init" and not _config_differences(found, expected, ignore=WARM_START_MAY_DIFFER):
+        advice = (f"it is a {found.training} checkpoint: start this {expected.training} run from its trunk with "
+                  f"--warm-start {path}")
+    else:
+        advice = "pass the same --kind/--dim/--depth/--heads/--mlp-ratio/--patch as the run that wrote it"
+    raise ValueError(f"{what} {path} does not match this run's model ({items}); {advice}")
 
 
 class Trainer:
@@ -417,8 +427,7 @@ class Trainer:
         """Raise ``ValueError`` (nothing is saved) if the live weights are not finite: a diverged run must not
         replace the last good weights and state."""
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-            raise ValueError(f"step {self.step}: the weights are not finite (the run diverged); nothing was saved, "
-                             f"so {out} and its state keep the last good step: resume from there with a lower --lr")
+            raise ValueError(f"step {self.step}: the weights are not finite (the run diverged); {_kept(out)}")
 
     def save(self, out: Path, state_path: Path, wall: float, final: bool) -> dict:
         self.check_finite(out)
@@ -575,6 +584,13 @@ def _same_run(summary: dict | None, state: dict) -> str | None:
     return None
 
 
+def _kept(out: Path) -> str:
+    """What a diverged run leaves: the last good step's files where this run saved one, else nothing."""
+    if Path(out).is_file():
+        return f"nothing was saved, so {out} and its state keep the last good step: resume from there with a lower --lr"
+    return "nothing was saved (no step of this run was saved before): start again with a lower --lr"
+
+
 _WEIGHTS_HINT = ("; --resume takes the OUT.state.pt a run writes next to its weights and continues it exactly, "
                  "--init takes weights (.safetensors) and starts a new run from them")
 
@@ -680,6 +696,10 @@ def train(args) -> dict:
     if state is not None:
         trainer.load(args.resume, state)
         del state
+        if trainer.step >= args.steps:  # (it did 0 steps and rewrote the files with steps_planned below steps_done)
+            raise ValueError(f"--steps {args.steps}: the run in {args.resume} is already at step {trainer.step}; "
+                             f"--steps counts all its steps (e.g. --steps {trainer.step + args.steps} for "
+                             f"{args.steps} more)")
     if args.render == "device" and trainer.device.type != "cpu":
         check_device_render(trainer)
     print(f"scenes kind={args.kind} params={num_parameters(trainer.model)} from_step={trainer.step} "
@@ -722,9 +742,7 @@ def train(args) -> dict:
                           f"s/step {sps:.3f} (data {waited / len(running):.3f}{echoed}) "
                           f"elapsed {time.time() - start:.0f}s", flush=True)
                     if not math.isfinite(loss):
-                        raise ValueError(f"step {trainer.step}: the loss is {loss} (the run diverged); nothing was "
-                                         f"saved, so {out} and its state keep the last good step: resume from there "
-                                         "with a lower --lr")
+                        raise ValueError(f"step {trainer.step}: the loss is {loss} (the run diverged); {_kept(out)}")
                     running, window, waited = [], time.time(), 0.0
                 due = (trainer.step % args.save_every == 0 or time.time() - last_save >= args.save_minutes * 60
                        or (args.keep_every and trainer.step % args.keep_every == 0))  # a kept copy is a save
