@@ -384,6 +384,9 @@ def _cmd_bench(args) -> int:
         model, sep, path = item.partition("=")
         if not sep or not model or not path:
             raise ConfigError("command line", "--weights", f"expected MODEL=PATH, got {item!r}")
+        if model in given:  # (the last one was used without a word)
+            raise ConfigError("command line", "--weights", f"{model} is given twice ({config.weights[model]} and "
+                                                           f"{path}); one checkpoint per model")
         config.weights[model] = path
         given.add(model)
     flags = {"models": args.models, "methods": args.methods, "device": args.device, "threads": args.threads,

@@ -948,7 +948,7 @@ def test_a_diverged_run_keeps_the_last_good_files(tmp_path):
     assert out.read_bytes() == good and _state_step(tmp_path / "w.state.pt") == 2
 
 
-def test_bad_checkpoints_and_outputs_of_the_scenes_scripts(tmp_path):
+def test_bad_checkpoints_and_outputs_of_the_scenes_scripts(tmp_path, capsys):
     """Issue 15's bad input (bad-input walkthrough, 2026-11-27): each of these passed, or said something misleading."""
     from taohooks.testbed import scenes_sensitivity
 
@@ -987,6 +987,23 @@ def test_bad_checkpoints_and_outputs_of_the_scenes_scripts(tmp_path):
         train_scenes.main([*TINY, "--steps", "2", "--out", str(flow), "--resume", str(tmp_path / "flow.state.pt")])
     assert flow.read_bytes() == good
     # a run that diverges before its first save has no last good step to point to
+    # a damaged training summary ended in a traceback (AttributeError)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(flow), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "meta.safetensors"), metadata={**meta, "training": "[1, 2]"})
+    with pytest.raises(SystemExit, match=r"--init .*meta.safetensors: its training summary \(metadata 'training'\) "
+                                         r"does not read"):
+        train_scenes.main([*TINY, "--steps", "2", "--init", str(tmp_path / "meta.safetensors"),
+                           "--out", str(tmp_path / "m2.safetensors")])
+    # one model's checkpoint named twice for the bench: the last was used without a word
+    from taohooks.cli import main as taocache
+
+    assert taocache(["bench", str(Path(__file__).parents[1] / "configs" / "bench_small.yaml"), "--models", "scenes", "--weights", f"scenes={flow}",
+                     f"scenes={tmp_path / 'nan.safetensors'}", "-o", str(tmp_path / "b")]) == 1
+    assert "--weights: scenes is given twice" in capsys.readouterr().err
     assert train_scenes._kept(tmp_path / "d.safetensors") == ("nothing was saved (no step of this run was saved "
                                                               "before): start again with a lower --lr")
     assert "keep the last good step" in train_scenes._kept(flow)

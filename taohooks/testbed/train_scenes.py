@@ -290,9 +290,26 @@ def warm_start(model: VideoDiT, path: str) -> dict:
     left = sorted(k for k in own if k not in copied)
     print(f"warm start from {path} ({other.config.training}): {len(copied)} of {len(own)} tensors copied; "
           f"left at their initialisation: {', '.join(left) or 'none'}", flush=True)
-    summary = json.loads(read_metadata(path).get("training", "null")) or {}
+    summary = training_summary(path, "--warm-start") or {}
     return {"path": str(path), "training": other.config.training, "total_steps": summary.get("total_steps"),
             "left": left}
+
+
+def training_summary(path, what: str) -> dict | None:
+    """The training summary a checkpoint of this script carries (``None``: none, e.g. the bundled weights); a damaged
+    one is a ``ValueError`` naming the file (it ended in a traceback: bad-input walkthrough, 2026-11-27)."""
+    text = read_metadata(path).get("training")
+    if text is None:
+        return None
+    try:
+        summary = json.loads(text)
+        if summary is not None and not (isinstance(summary, dict)
+                                        and isinstance(summary.get("total_steps", 0), int)):
+            raise ValueError("expected an object whose total_steps is a whole number")
+    except ValueError as exc:
+        raise ValueError(f"{what} {path}: its training summary (metadata 'training') does not read ({exc}); "
+                         "was the file written by train_scenes?") from None
+    return summary
 
 
 def trained_steps(path) -> int | None:
@@ -352,7 +369,7 @@ class Trainer:
         if args.init:
             init = load_weights(args.init, self.config, "--init")
             self.model.load_state_dict(init.state_dict())
-            self.previous = json.loads(read_metadata(args.init).get("training", "null"))
+            self.previous = training_summary(args.init, "--init")
         if getattr(args, "warm_start", None):
             self.warm_start = warm_start(self.model, args.warm_start)
         self.model.train()
