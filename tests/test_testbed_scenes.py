@@ -1001,7 +1001,8 @@ def test_bad_checkpoints_and_outputs_of_the_scenes_scripts(tmp_path, capsys):
     # one model's checkpoint named twice for the bench: the last was used without a word
     from taohooks.cli import main as taocache
 
-    assert taocache(["bench", str(Path(__file__).parents[1] / "configs" / "bench_small.yaml"), "--models", "scenes", "--weights", f"scenes={flow}",
+    bench = str(Path(__file__).parents[1] / "configs" / "bench_small.yaml")
+    assert taocache(["bench", bench, "--models", "scenes", "--weights", f"scenes={flow}",
                      f"scenes={tmp_path / 'nan.safetensors'}", "-o", str(tmp_path / "b")]) == 1
     assert "--weights: scenes is given twice" in capsys.readouterr().err
     assert train_scenes._kept(tmp_path / "d.safetensors") == ("nothing was saved (no step of this run was saved "
