@@ -1145,7 +1145,7 @@ def test_bench_loads_every_checkpoint_before_the_first_models_work(tmp_path, cap
     assert "command line: --models: testbed weights" in err and "--weights scenes-eps=PATH" in err
 
 
-def test_diagnose_takes_the_sampler_shift(tmp_path):
+def test_diagnose_takes_the_sampler_shift(tmp_path, capsys):
     from taohooks.testbed import scenes_diagnose
 
     weights = tmp_path / "w.safetensors"
@@ -1155,6 +1155,14 @@ def test_diagnose_takes_the_sampler_shift(tmp_path):
     assert json.loads(out.read_text())["shift"] == 5.0
     with pytest.raises(SystemExit):
         scenes_diagnose.main(["--weights", str(weights), "--n", "1", "--steps", "3", "--shift", "0"])
+    eps = tmp_path / "e.safetensors"  # a shift given for an eps checkpoint read as if 5 were not > 0 (walkthrough)
+    train_scenes.main(["--kind", "eps", *TINY[2:], "--steps", "1", "--out", str(eps)])
+    with pytest.raises(SystemExit):
+        scenes_diagnose.main(["--weights", str(eps), "--n", "1", "--steps", "3", "--shift", "5"])
+    assert "--shift 5.0: the sampler's shift is for flow checkpoints; " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        scenes_diagnose.main(["--weights", str(weights), "--n", "1", "--batch-size", "0"])
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_compile_trains_the_same_weights_and_falls_back_when_the_compiler_fails(tmp_path, capsys):

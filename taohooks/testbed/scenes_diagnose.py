@@ -125,12 +125,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    if args.n < 1 or args.batch_size < 1:
-        p.error("--n and --batch-size must be >= 1")
+    for flag in ("n", "batch_size", "steps", "threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0.0 < args.strength <= 1.0:
         p.error(f"--strength {args.strength}: expected 0 < strength <= 1 (the share of the steps run)")
-    if args.steps < 1 or args.threads < 1:
-        p.error("--steps and --threads must be >= 1")
     if guidance_problem(args.guidance):
         p.error(f"--guidance {guidance_problem(args.guidance)}")
     check_out(p, args.out)
@@ -163,8 +162,11 @@ def main(argv=None):
     rendered = scenes.render_batch(prompts, seeds)
     if args.strength < 1.0 and getattr(model.config, "prediction", "flow") != "flow":
         p.error("--strength: SDEdit is implemented for flow checkpoints")
-    if args.shift is not None and (args.shift <= 0 or getattr(model.config, "prediction", "flow") != "flow"):
-        p.error(f"--shift {args.shift}: a shift > 0, for flow checkpoints")
+    if args.shift is not None and getattr(model.config, "prediction", "flow") != "flow":
+        p.error(f"--shift {args.shift}: the sampler's shift is for flow checkpoints; {args.weights} is an "
+                f"{model.config.prediction} one (DDIM, no shift)")
+    if args.shift is not None and args.shift <= 0:
+        p.error(f"--shift {args.shift}: expected a shift > 0")
     sdedit = {} if args.strength == 1.0 else {"strength": args.strength}
     if args.shift is not None:
         sdedit["shift"] = args.shift

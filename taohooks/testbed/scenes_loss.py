@@ -78,10 +78,13 @@ def main(argv=None):
         shifts = [float(s) for s in args.sigma_shift.split(",") if s.strip()]
     except ValueError as e:
         p.error(f"--sigmas / --sigma-shift: expected comma-separated numbers ({e})")
-    if not sigmas or not all(0.0 < s <= 1.0 for s in sigmas) or not all(s > 0 for s in shifts):
-        p.error("--sigmas: numbers in (0, 1]; --sigma-shift: numbers > 0")
-    if args.batches < 1 or args.batch_size < 1 or args.threads < 1:
-        p.error("--batches, --batch-size and --threads must be >= 1")
+    if not sigmas or not all(0.0 < s <= 1.0 for s in sigmas):
+        p.error(f"--sigmas {args.sigmas}: expected numbers in (0, 1]")
+    if not all(s > 0 for s in shifts):
+        p.error(f"--sigma-shift {args.sigma_shift}: expected numbers > 0")
+    for flag in ("batches", "batch_size", "threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     check_out(p, args.out)
     models = {}  # every checkpoint checked before the first is measured
     for path in args.weights:
