@@ -242,7 +242,8 @@ def test_plan_from_a_config_carries_the_lut_over_as_a_run_does(lut_path, tmp_pat
 
 
 def test_a_window_past_a_carried_luts_steps_names_the_file_and_key(lut_path, tmp_path, capsys):
-    """A plan.window that fits the LUT's 20 steps but not the 12 it is carried to was refused without the file or key."""
+    """A plan.window that fits the LUT's 20 steps but not the 12 it is carried to was refused without the file or
+    key."""
     from taohooks.taocache.lut import CalibrationLUT
 
     if CalibrationLUT.load(lut_path).deltas is None:

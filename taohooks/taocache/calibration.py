@@ -271,7 +271,8 @@ class CalibrationRecorder(Callback):
             # (the hook warned) also where the hook later finds it was whole (a loop that revisits its first
             # timestep): two short generations can look the same, and a spliced generation would corrupt the LUT
             messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: its calls are not "
-                             "numbered as its own steps, or ran at other timesteps than the reference generation's", every_rank=self.every_rank)
+                             "numbered as its own steps, or ran at other timesteps than the reference generation's",
+                             every_rank=self.every_rank)
             return
         if gen.bad is not None:
             name, step, what = gen.bad
@@ -283,7 +284,8 @@ class CalibrationRecorder(Callback):
         if t is not None:
             messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: step {t} ran at "
                              f"timestep {gen.timesteps[t].item():g}, the LUT's generations at "
-                             f"{known.timesteps[t].item():g} (a different sampler, shift or step count?)", every_rank=self.every_rank)
+                             f"{known.timesteps[t].item():g} (a different sampler, shift or step count?)",
+                             every_rank=self.every_rank)
             return
         deltas = None
         if gen.gram is not None and gen.gram.shape[0] == gen.prompts:
@@ -293,7 +295,8 @@ class CalibrationRecorder(Callback):
         try:
             known, pending = known.merge(done), self._pending.merge(done)
         except LUTMismatchError as exc:  # checked at attach; never let the last call of a generation raise
-            messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: {exc}", every_rank=self.every_rank)
+            messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: {exc}",
+                             every_rank=self.every_rank)
             return
         self._known = dataclasses.replace(known, created=self._known.created, source=self._known.source)
         self._pending = pending
