@@ -399,8 +399,8 @@ class TaoCache:
         and the first two steps after that switch are always computed; ``run_timesteps`` (this run's, one per step,
         where the integration knows them before the first call) place that switch for the plan, which a carried LUT
         or one of another shift would misplace (the calls' timesteps still guard it). ``unskippable``: steps a plan
-        chosen from a budget leaves computed (VideoSys' MLP-broadcast steps); an explicit window or skip list over them is
-        the integration's to refuse, with its reason."""
+        chosen from a budget leaves computed (VideoSys' MLP-broadcast steps); an explicit window or skip list over
+        them is the integration's to refuse, with its reason."""
         if self.hook is not None and self.hook.attached:
             raise RuntimeError("taohooks: this TaoCache is already attached; detach it first")
         if identity is not None:  # a calibration would fail to write it after a generation's work
