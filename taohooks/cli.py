@@ -233,6 +233,10 @@ def _cmd_plan(args) -> int:
     if config.integration == "videosys" and plan.skipped_steps:
         print(VIDEOSYS_NOTE)
     print(plan.table())
+    if config.integration == "wan22" and not guard and plan.skipped_steps and lut is None:
+        print("# without a LUT the expert switch of Wan2.2's A14B tasks is not known here: a run places it by its "
+              "command line (steps, solver, shift) and refuses a window over its first two low-noise steps before "
+              "the experts load")
     if guard:
         low = [t for t in plan.skipped_steps if t >= guard[0]]
         print(f"# two experts: high-noise steps 0-{guard[0] - 1}, low-noise steps {guard[0]}-{steps - 1} (timestep "

@@ -39,6 +39,7 @@ FIRST_SKIPPABLE = 2    # as taohooks.taocache.plan.FIRST_SKIPPABLE: a skip needs
 
 PLAN_RULES = ("paper", "auto")
 TRANSFERS = ("refuse", "interpolate")
+RANKS = ("own", "shared")  # calibration.ranks: how a process group's ranks share generations
 COEFFICIENT_RULES = ("ratio", "projection", "linear", "reuse")  # as taohooks.taocache.error_plan.COEFFICIENTS
 PLAN_PATTERNS = ("auto", "contiguous", "strided")
 ERROR_WEIGHTS = ("auto", "flow", "ddpm", "uniform")
@@ -93,6 +94,9 @@ class CalibrationConfig:
     error_horizon: int = 16  # delta products kept per step for plan.rule: auto (0: none); as delta_gram.DEFAULT_HORIZON
     transfer: str = "refuse"  # a LUT of another step count: refuse, or interpolate (taohooks.taocache.lut_transfer)
     teacache_fit: bool = False  # also fit TeaCache's polynomial in the same pass (<lut>.teacache.json)
+    # a process group's ranks: own (each samples prompts of its own and adds them to the LUT) | shared (they run each
+    # generation together, sequence parallel: rank 0 writes); null: the integration's (Wan: shared; Lightning: own)
+    ranks: Optional[str] = None
 
     def validate(self, err) -> None:
         if self.prompts < 1:
@@ -100,6 +104,8 @@ class CalibrationConfig:
         if self.prompts > MAX_PROMPTS:
             err("calibration.prompts", f"expected at most {MAX_PROMPTS} prompts, got {self.prompts}")
         _one_of(err, "calibration.transfer", self.transfer, TRANSFERS)
+        if self.ranks is not None:
+            _one_of(err, "calibration.ranks", self.ranks, RANKS)
         if not 0 <= self.error_horizon <= 1000:
             err("calibration.error_horizon", f"expected a number of steps from 0 (no error statistics) to 1000, "
                                              f"got {self.error_horizon}")

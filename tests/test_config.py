@@ -20,6 +20,15 @@ def test_shipped_configs_load(name):
     assert config.source.endswith(name)
 
 
+def test_calibration_ranks_sets_how_a_process_groups_ranks_share_generations(tmp_path):
+    from taohooks import TaoCache
+
+    for ranks, own, shared in ((None, False, False), ("own", True, False), ("shared", False, True)):
+        text = f"calibration:\n  ranks: {ranks}\n" if ranks else ""
+        cache = TaoCache(load_config(write(tmp_path, text or "plan: {budget: 0}\n")))
+        assert (cache.data_parallel, cache.shared_generations) == (own, shared)
+
+
 def test_values_and_defaults(tmp_path):
     cfg = load_config(write(tmp_path, "integration: wan\nlut: l.safetensors\nplan:\n  budget: 0.16\n  lambda: 2\n"))
     assert cfg.plan.budget == 0.16 and cfg.plan.lambda_ == 2.0 and isinstance(cfg.plan.lambda_, float)
@@ -32,6 +41,7 @@ def test_values_and_defaults(tmp_path):
 
 @pytest.mark.parametrize("text,match", [
     ("plan:\n  budjet: 8\n", r"c.yaml: plan.budjet: unknown key; did you mean 'plan.budget'\?"),
+    ("calibration:\n  ranks: mine\n", r"calibration.ranks: expected one of own, shared, got 'mine'"),
     ("integraton: wan\n", r"integraton: unknown key; did you mean 'integration'\?"),
     ("plan:\n  budget: lots\n", r"plan.budget: expected an integer or a number or null, got 'lots'"),
     ("plan:\n  budget: 1.5\n", r"plan.budget: expected a step count >= 0 or a fraction in \[0, 1\), got 1.5"),

@@ -207,7 +207,8 @@ def test_the_plan_guards_the_runs_own_expert_switch_not_the_luts(tmp_path, capfd
         err = capfd.readouterr().err
         assert f"4 of {2 * STEPS} denoiser calls saved" in err and "expert switch" not in err, err
         enable_taocache(pipe, config_from_dict({**cfg, "plan": {"window": [6, 7]}}, str(tmp_path / "c.yaml")))
-        with pytest.raises(PlanError, match=r"skips step\(s\) 6, 7, the first steps after the expert switch"):
+        with pytest.raises(PlanError, match=r"c.yaml: plan: the plan skips step\(s\) 6, 7, the first steps after "
+                                            r"the expert switch"):
             wan_call(pipe)
     finally:
         disable_taocache(pipe)

@@ -197,10 +197,11 @@ def _unsaid_ranks_worker(rank, world, port, out_dir):
     said = []
     messages.warning = lambda message, **kw: said.append(message)  # (this spawned process only)
     try:
-        for setting in ("neither", "data_parallel", "shared_generations"):
+        for setting in ("neither", "data_parallel", "shared_generations", "own", "shared"):
+            calibration = {"prompts": 4, **({"ranks": setting} if setting in ("own", "shared") else {})}
             cache = TaoCache(config_from_dict({"lut": f"{out_dir}/{setting}.safetensors",
-                                               "calibration": {"prompts": 4}}))
-            if setting != "neither":
+                                               "calibration": calibration}, f"{out_dir}/c.yaml"))
+            if setting in ("data_parallel", "shared_generations"):
                 setattr(cache, setting, True)
             with cache.attach(Denoiser(), STEPS, ("cond", "uncond")):
                 pass
@@ -219,8 +220,9 @@ def test_calibrating_in_a_group_that_says_neither_how_ranks_share_is_warned(tmp_
     mp.start_processes(_unsaid_ranks_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
     said = torch.load(tmp_path / "said0.pt")
     assert said[0].startswith(f"calibrating {tmp_path}/neither.safetensors in a process group of 2 ranks: only rank "
-                              "0's generations are added") and "cache.data_parallel = True" in said[0]
-    assert said[1:] == ["-- neither", "-- data_parallel", "-- shared_generations"]
+                              "0's generations are added") and f"set calibration.ranks: own in {tmp_path}/c.yaml" \
+        in said[0]
+    assert said[1:] == ["-- neither", "-- data_parallel", "-- shared_generations", "-- own", "-- shared"]
 
 
 def test_data_parallel_calibration_of_a_sequence_parallel_run_is_refused(tmp_path):

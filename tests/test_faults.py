@@ -212,6 +212,52 @@ def test_non_finite_generations_are_left_out_and_an_all_nan_calibration_saves_no
     assert_same_statistics(lut, reference([[0.5]]))
 
 
+def test_a_complete_lut_file_takes_no_more_prompts_but_refuses_another_runs(tmp_path, capsys, monkeypatch):
+    """Once another process completed the file, a flush leaves this one's prompts out (every process then plans from
+    the same LUT); a complete file of another run is refused as a merge refuses it, and a retried save that left its
+    prompts out is not reported as saved (review, 2026-11-27)."""
+    import dataclasses
+
+    import taohooks.taocache.calibration as calibration
+
+    path = tmp_path / "geo.safetensors"
+    other = reference([[0.5, 0.6]])  # 2 prompts: complete for a limit of 2
+    model = GeometricDenoiser({"main": 0.7})
+    rec = CalibrationRecorder(identity={"shift": 5.0})
+    rec.limit = 2
+    with DenoiserHook(LoopSpec(STEPS), [rec]).attach(model) as hook:
+        hook.new_sample()
+        run_loop(model, STEPS)
+    dataclasses.replace(other, identity={"shift": 5.0}).save(path)
+    before = path.read_bytes()
+    assert rec.flush(path).num_prompts == 2 and rec.left_out == 1 and path.read_bytes() == before
+    assert "was completed by another process (2 prompts) before this one's last 1 prompt(s)" in capsys.readouterr().err
+    rec2 = CalibrationRecorder(identity={"shift": 8.0})
+    rec2.limit = 2
+    with DenoiserHook(LoopSpec(STEPS), [rec2]).attach(model) as hook:
+        hook.new_sample()
+        run_loop(model, STEPS)
+    with pytest.raises(taohooks.taocache.lut.LUTMismatchError, match="cannot merge: identity 'shift'"):
+        rec2.flush(path)
+    assert path.read_bytes() == before and rec2.pending_prompts == 1
+    # TaoCache: the first save fails, another process completes the file, the retry at detach leaves the prompt out
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"lut: fresh.safetensors\ncalibration: {{prompts: 2}}\nloop: {{steps: {STEPS}}}\n")
+    real = calibration.atomic_write_bytes
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+    monkeypatch.setattr(calibration, "atomic_write_bytes", full_disk)
+    cache = TaoCache.from_yaml(cfg)
+    with cache.attach(model):
+        run_loop(model, STEPS)
+        assert "was not saved" in capsys.readouterr().err
+        monkeypatch.setattr(calibration, "atomic_write_bytes", real)
+        other.save(tmp_path / "fresh.safetensors")
+    err = capsys.readouterr().err
+    assert "completed by another process" in err and "were saved when the hook was detached" not in err
+
+
 def test_a_data_parallel_rank_says_what_it_leaves_out(tmp_path, capsys, monkeypatch):
     """Under DDP a rank other than 0 left a NaN generation out of the LUT without a word; rank 0 said it (DDP
     walkthrough, 2026-11-27). Each data-parallel rank records prompts of its own: it says so on that rank."""

@@ -196,6 +196,15 @@ def test_latte_loop_steps_contradicting_the_pipeline_call(runner, tmp_path):
 
 
 # ---------------------------------------------------------------------------- 6. the other late checks
+def test_wan_with_calibration_ranks_own_stops_before_the_model_loads(runner, tmp_path):
+    """Every rank of Wan's generate.py runs every generation: ranks: own would have each add the same prompt."""
+    res = launch(runner, WAN, tmp_path, "integration: wan\ncalibration: {ranks: own}\nplan: {budget: 0}\n")
+    assert res.returncode == 2, res.stderr
+    assert "taocache.yaml: calibration.ranks: own, but every rank of Wan's generate.py runs every generation" \
+        in res.stderr
+    assert LOADED["wan"] not in res.stdout
+
+
 def test_wan_window_past_the_last_step_stops_before_the_model_loads(runner, tmp_path):
     res = launch(runner, WAN, tmp_path, "integration: wan\nplan: {window: [8, 12], ratio: 1.0}\n")
     assert res.returncode == 2, res.stderr

@@ -959,6 +959,9 @@ def test_bad_checkpoints_and_outputs_of_the_scenes_scripts(tmp_path, capsys):
     with pytest.raises(SystemExit):
         scenes_sensitivity.main(["--weights", str(flow), "--n", "1", "--out", str(flow)])
     assert flow.read_bytes() == good
+    from taohooks.testbed.scenes_sensitivity import check_out
+
+    check_out(None, str(tmp_path / "R.JSON"))  # (the case of the suffix is the user's)
     # NaN weights: training blamed the learning rate, evaluations printed NaN
     model = VideoDiT.from_pretrained(flow)
     with torch.no_grad():

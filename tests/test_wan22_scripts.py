@@ -116,6 +116,9 @@ def test_taocache_plan_places_a_carried_luts_switch_by_wans_schedule(calibrated,
     assert main(["plan", str(tmp_path / "c.yaml"), "--steps", "16"]) == 0
     assert "# two experts: high-noise steps 0-10, low-noise steps 11-15 (timestep below 875); steps 11, 12 are " \
            "always computed" in capsys.readouterr().out
+    (tmp_path / "n.yaml").write_text("integration: wan22\nplan: {window: [13, 14], ratio: 1.0}\n")  # no LUT
+    assert main(["plan", str(tmp_path / "n.yaml"), "--steps", "20"]) == 0
+    assert "# without a LUT the expert switch of Wan2.2's A14B tasks is not known here" in capsys.readouterr().out
 
 
 def test_a_window_across_the_switch_is_refused_before_the_experts_load(runner, calibrated, tmp_path):

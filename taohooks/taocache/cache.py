@@ -312,12 +312,12 @@ class TaoCache:
         # ranks of a process group generate prompts of their own (data parallel: Lightning DDP, a torchrun job
         # of independent samplers): each adds what it calibrated to the LUT file; otherwise the ranks share each
         # prompt (sequence parallelism, gathered outputs) and rank 0 alone writes
-        self.data_parallel = False
+        self.data_parallel = self.config.calibration.ranks == "own"
         # every rank of the process group runs every generation together (sequence parallelism: Wan's generate.py
         # under torchrun): attach waits for the other ranks before it reads a LUT being calibrated, so that no rank
         # plans on the file before rank 0 has written the generation before (they planned apart, and their
         # collectives paired the wrong calls: multi-GPU walkthrough, 2026-11-27). Set by the wan / wan22 integrations
-        self.shared_generations = False
+        self.shared_generations = self.config.calibration.ranks == "shared"
         # the caller attaches again at each generation (the launcher, the Lightning callback), so a completed
         # calibration switches to skipping at the next one; in one attach from Python the plan stays
         self.reattached_per_generation = False
@@ -448,9 +448,9 @@ class TaoCache:
             avoid = tuple(sorted(set(guard) | set(unskippable))) if chosen else guard
             try:
                 self.plan = make_plan(cfg.plan, loop.steps, loop.streams, lut, unskippable=avoid)
-            except PlanError as exc:  # (the config file named: a window a run's step count cannot hold)
-                raise PlanError(f"{cfg.source}: {exc}" if cfg.source and str(exc).startswith("plan.") else str(exc)) \
-                    from None
+            except PlanError as exc:  # (the config file named: a window past the steps, over an expert switch)
+                text = str(exc) if str(exc).startswith("plan") else f"plan: {exc}"
+                raise PlanError(f"{cfg.source}: {text}" if cfg.source else str(exc)) from None
             carried = lut is not None and lut is not self.lut  # its timesteps are interpolated, not seen
             self.callback = TaoCacheCallback(self.plan, lut.timesteps if lut is not None and not carried else None,
                                              max_norm_ratio=cfg.plan.max_norm_ratio,
@@ -690,11 +690,12 @@ def _warn_unsaid_ranks(cache: "TaoCache", path: Path) -> None:
 
     size = world()[1]
     if size > 1 and not (cache.data_parallel or cache.shared_generations):
+        where = f" in {cache.config.source}" if cache.config.source else ""
         messages.warning(f"calibrating {path} in a process group of {size} ranks: only rank 0's generations are added "
                          "to it (the ranks are taken to share each generation). If each rank samples prompts of its "
-                         "own, set cache.data_parallel = True (or calibrate first: taocache calibrate --data-parallel "
-                         "under torchrun); if the ranks run each generation together (sequence parallel), set "
-                         "cache.shared_generations = True", once=f"unsaid ranks {path}")
+                         f"own, set calibration.ranks: own{where} (TaoCache.data_parallel = True); if the ranks run "
+                         "each generation together (sequence parallel), calibration.ranks: shared "
+                         "(TaoCache.shared_generations = True)", once=f"unsaid ranks {path}")
 
 
 def _writes_the_lut() -> bool:
@@ -736,6 +737,8 @@ class _SaveLUT(Callback):
         except Exception as exc:  # noqa: BLE001 - as below: the script keeps its video
             messages.warning(f"calibration LUT {self.path}: the statistics of {pending} prompt(s) could not be saved "
                              f"{when} ({_failure(exc)}); {then}", every_rank=self.every_rank)
+            return
+        if self.recorder.left_out:  # another process completed the file meanwhile (flush said so)
             return
         messages.notice(f"calibration LUT {self.path}: the statistics of {pending} prompt(s) that an earlier save "
                         f"could not write were saved {when}", every_rank=self.every_rank)

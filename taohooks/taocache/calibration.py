@@ -34,7 +34,7 @@ from ..runtime.callbacks import Callback
 from .delta_gram import DEFAULT_HORIZON, DeltaGram, DeltaRing, flatten_per_prompt
 from ..runtime.io import atomic_write_bytes, locked
 from ..runtime.loop import LoopSpec
-from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference
+from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference, merge_problem
 from .lut_format import check_identity
 from .stats import RunningMoments
 from ..runtime.structure import flatten_output, split_batch
@@ -154,6 +154,7 @@ class CalibrationRecorder(Callback):
         self._generation: Optional[_Generation] = None
         self._said_no_timesteps = False
         self.limit: Optional[int] = None  # prompts after which later generations are not recorded (TaoCache's)
+        self.left_out = 0  # prompts the last flush left out: another process had completed the file
         # each rank records prompts of its own (data parallel): what it leaves out is said on that rank
         self.every_rank = False
 
@@ -341,9 +342,15 @@ class CalibrationRecorder(Callback):
                     base = base.merge(self._base)  # resumed from elsewhere: its prompts join this file once
             else:
                 base = self._base if self._base is not None else _empty_like(pending, pending.identity)
+            self.left_out = 0
             if self.limit is not None and on_disk is not None and on_disk.num_prompts >= self.limit:
                 # another process completed the file meanwhile (DDP ranks, concurrent jobs): it stays as it is, so
-                # that every process plans from the same LUT (ranks planned apart: DDP walkthrough, 2026-11-27)
+                # that every process plans from the same LUT (ranks planned apart: DDP walkthrough, 2026-11-27);
+                # a file of another run is refused as a merge would refuse it (review, 2026-11-27)
+                problem = merge_problem(on_disk, pending, f"LUT {path}", "this run's statistics")
+                if problem:
+                    raise LUTMismatchError(problem)
+                self.left_out = pending.num_prompts
                 if pending.num_prompts:
                     messages.notice(f"calibration LUT {path} was completed by another process ({on_disk.num_prompts} "
                                     f"prompts) before this one's last {pending.num_prompts} prompt(s), which are left "

@@ -215,7 +215,8 @@ def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], ke
 
 #: what an identity key is, where its name alone does not say it (said in the mismatch messages)
 KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_num": " (Wan's --frame_num)",
-               "frames": " (frames generated: Latte's video_length, Open-Sora-Plan's --num_frames)",
+               "frames": " (frames generated: Latte's video_length, Open-Sora-Plan's --num_frames, a diffusers "
+                         "pipeline's num_frames)",
                "temporal_attention": " (off for images: Latte's t2i, Open-Sora-Plan's --force_images)",
                "guide_scale": " (the guidance scale: Wan's --sample_guide_scale, a pipeline's guidance_scale; a pair "
                               "on Wan2.2's two experts: [low-noise, high-noise], diffusers' [guidance_scale_2, "

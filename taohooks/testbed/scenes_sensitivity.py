@@ -131,7 +131,7 @@ def check_out(parser, path) -> None:
     checkpoint measured with the records (bad-input walkthrough, 2026-11-27)."""
     if path:
         from ..runtime.io import check_writable
-        if not str(path).endswith(".json"):
+        if not str(path).lower().endswith(".json"):
             parser.error(f"--out {path}: expected a .json file name such as result.json (the records are JSON; "
                          "this is not train_scenes' --out, the weights)")
         try:
