@@ -444,8 +444,8 @@ def test_latte_lut_of_another_video_size_is_refused_at_the_first_generation(runn
     sample.write_text(yaml.safe_dump({**yaml.safe_load(sample.read_text()), "video_length": 2}))
     res = launch(runner, LATTE, tmp_path / "size", CALIBRATED.format("latte", ""), argv=argv)
     assert res.returncode == 2, res.stderr
-    assert "frames (frames generated: Latte's video_length, Open-Sora-Plan's --num_frames): this run 2, the LUT 4" \
-        in res.stderr
+    assert ("frames (frames generated: Latte's video_length, Open-Sora-Plan's --num_frames, a diffusers "
+            "pipeline's num_frames): this run 2, the LUT 4") in res.stderr
     from taohooks.taocache.lut import CalibrationLUT
 
     assert CalibrationLUT.load(luts("latte")).identity["frames"] == 4

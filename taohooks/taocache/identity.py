@@ -210,15 +210,20 @@ def differences(recorded: Mapping[str, Any], run: Mapping[str, Any], accept: Ite
 
 def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], keys: Iterable[str]) -> str:
     """``task: this run i2v-14B, the LUT t2v-1.3B; shift: this run 8.0, the LUT 5.0``."""
-    return "; ".join(f"{k}{KEY_MEANING.get(k, '')}: this run {run[k]!r}, the LUT {recorded[k]!r}" for k in keys)
+    def meaning(k):
+        pair = isinstance(run[k], (list, tuple)) or isinstance(recorded[k], (list, tuple))
+        return PAIR_MEANING[k] if pair and k in PAIR_MEANING else KEY_MEANING.get(k, "")
+    return "; ".join(f"{k}{meaning(k)}: this run {run[k]!r}, the LUT {recorded[k]!r}" for k in keys)
 
+
+#: ... where its value is a pair (Wan2.2's two experts: the order said, diffusers' names too)
+PAIR_MEANING = {"guide_scale": " (the guidance scales of Wan2.2's two experts, [low-noise, high-noise]: Wan's "
+                               "--sample_guide_scale, diffusers' [guidance_scale_2, guidance_scale])"}
 
 #: what an identity key is, where its name alone does not say it (said in the mismatch messages)
 KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_num": " (Wan's --frame_num)",
                "frames": " (frames generated: Latte's video_length, Open-Sora-Plan's --num_frames, a diffusers "
                          "pipeline's num_frames)",
                "temporal_attention": " (off for images: Latte's t2i, Open-Sora-Plan's --force_images)",
-               "guide_scale": " (the guidance scale: Wan's --sample_guide_scale, a pipeline's guidance_scale; a pair "
-                              "on Wan2.2's two experts: [low-noise, high-noise], diffusers' [guidance_scale_2, "
-                              "guidance_scale])",
+               "guide_scale": " (the guidance scale: Wan's --sample_guide_scale, a pipeline's guidance_scale)",
                "image": " (Wan2.2 TI2V-5B: whether an --image conditions the video)"}
