@@ -27,7 +27,7 @@ from typing import List, Optional
 
 import yaml
 
-from .config import MAX_STEPS, ConfigError, PlanConfig, TaoCacheConfig, load_config
+from .config import MAX_STEPS, ConfigError, PlanConfig, TaoCacheConfig, UsageError, load_config
 from .runtime.loop import LoopSpec
 from .runtime.io import special_file_kind
 from .taocache.lut import CalibrationLUT, LUTMismatchError, merge_luts
@@ -547,7 +547,7 @@ def _cmd_calibrate(args) -> int:
                           f"{wanted} are asked for; give more prompts or lower calibration.prompts")
     script = list(args.script)
     if not script:
-        raise ValueError("name the sample script to run after --, e.g. "
+        raise UsageError("name the sample script to run after --, e.g. "
                          "taocache calibrate configs/wan.yaml --prompts prompts.txt -- generate.py --task t2v-1.3B ...")
     if os.environ.get("RANK", "0") == "0":
         print(f"taocache calibrate: {path}: {have} of {wanted} prompts recorded; running {script[0]} for the rest"
@@ -665,7 +665,7 @@ def _cmd_compare(args) -> int:
                                                                             else "a script"))
         return rebuild_report(args.report)
     if not args.experiment:
-        raise ValueError("name the experiment YAML (or --report FOLDER), e.g. taocache compare "
+        raise UsageError("name the experiment YAML (or --report FOLDER), e.g. taocache compare "
                          "configs/compare/testbed.yaml -- examples/sample_testbed.py --steps 50")
     return run_compare(args.experiment, list(args.script))
 
@@ -807,6 +807,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:  # `taocache show LUT | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing more is flushed into the pipe)
         return 141  # as a process ended by SIGPIPE
+    except UsageError as exc:  # a part of the command line missing: as argparse says it (usage, exit 2)
+        sub = parser._subparsers._group_actions[0].choices.get(args.command) if parser._subparsers else None
+        print((sub or parser).format_usage().rstrip(), file=sys.stderr)
+        print(f"taocache {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except (ConfigError, PlanError, LUTMismatchError, ValueError, RuntimeError) as exc:
         print(f"taocache {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -52,6 +52,11 @@ def _one_of(err, key: str, value, choices) -> None:
         err(key, f"expected one of {', '.join(choices)}, got {value!r}{hint}")
 
 
+class UsageError(ValueError):
+    """A command line that lacks a part it needs (the sample script after ``--``, the experiment): the commands
+    exit with 2 and their usage, as for an argument argparse cannot parse."""
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 

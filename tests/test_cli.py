@@ -259,6 +259,25 @@ def test_a_window_past_a_carried_luts_steps_names_the_file_and_key(lut_path, tmp
     assert "error: --skip-steps: cannot skip steps [12]" in capsys.readouterr().err
 
 
+def test_a_missing_script_or_experiment_exits_2_with_the_usage(lut_path, tmp_path, capsys):
+    """The README says 2 for a command line that lacks an argument, with its usage; compare and calibrate said 1
+    (docs walkthrough, 2026-11-27)."""
+    from pathlib import Path
+
+    assert main(["compare"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: taocache compare") and "name the experiment YAML" in err
+    experiment = Path(__file__).resolve().parents[1] / "configs" / "compare" / "testbed.yaml"
+    assert main(["compare", str(experiment)]) == 2
+    assert "SCRIPT: name the sample script after --" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"lut: {lut_path.name}\ncalibration: {{prompts: 4}}\nloop: {{steps: 20}}\n")
+    (tmp_path / "p.txt").write_text("a\nb\nc\nd\n")
+    assert main(["calibrate", str(cfg), "--prompts", str(tmp_path / "p.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: taocache calibrate") and "name the sample script to run after --" in err
+
+
 def test_check_and_plan_say_when_the_lut_is_still_calibrating(lut_path, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"lut: {lut_path.name}\nloop: {{steps: 20, streams: [cond, uncond]}}\nplan: {{budget: 3}}\n"

@@ -15,7 +15,7 @@ from typing import List, Tuple
 import torch
 import yaml
 
-from ..config import ConfigError, TaoCacheConfig, load_config
+from ..config import ConfigError, TaoCacheConfig, UsageError, load_config
 from ..runtime import messages
 from ..runtime.interrupt import terminate_as_interrupt
 from ..runtime.io import atomic_write_bytes, check_writable
@@ -75,8 +75,8 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
     """Run the experiment through ``script``; returns the exit status."""
     config = load_experiment(experiment_path)
     if not script:
-        raise ConfigError("command line", "SCRIPT", "name the sample script after --, e.g. taocache compare "
-                                                    f"{experiment_path} -- examples/sample_testbed.py --steps 50")
+        raise UsageError("SCRIPT: name the sample script after --, e.g. taocache compare "
+                         f"{experiment_path} -- examples/sample_testbed.py --steps 50")
     given = [a for a in script[1:] if a == "--taocache" or a.startswith("--taocache=")]
     if given:  # (the launcher said "given twice", under taocache-run's name)
         raise ConfigError("command line", "SCRIPT", "remove --taocache from the script's arguments: the "
