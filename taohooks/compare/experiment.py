@@ -68,7 +68,7 @@ class ExperimentConfig:
     pab_range: int = 2  # pab+taocache: attention recomputed every pab_range steps inside computed calls
     pab_timesteps: List[float] = field(default_factory=lambda: [100.0, 800.0])  # PAB only inside (low, high)
     # PAB groups with their own ranges ({pattern, range}: module-name regex and broadcast range), as the YAML pab:
-    # section has them (VideoSys' PAB: spatial 2, temporal 3, cross 5); instead of the integration's
+    # section has them (VideoSys' PAB: spatial 2, temporal 3, cross 6); instead of the integration's
     # self-attention with pab_range
     pab_groups: Optional[List[PABGroupConfig]] = None
     source: Optional[str] = field(default=None, metadata={"internal": True})

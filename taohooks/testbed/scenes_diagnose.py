@@ -110,7 +110,7 @@ def x0_stripes(model, n: int, sigmas, guidances=(1.0, 5.0), batch_size: int = 16
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--weights", required=True, help="a scenes checkpoint")
     p.add_argument("--n", type=int, default=32, help="the first N held-out pairs (eval_pairs)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
