@@ -38,6 +38,15 @@ def run(high, low, timesteps=TIMESTEPS):
     return outs
 
 
+def calibrated(high, low):
+    """A LUT of one generation over both experts (timesteps ``TIMESTEPS``: low-noise from step 2)."""
+    rec = CalibrationRecorder(identity={"expert_boundary": BOUNDARY})
+    with DenoiserHook(LoopSpec(16, ("cond", "uncond"), batch_dim=None), [rec], timestep_arg="t").attach(high, low) as h:
+        h.new_sample()
+        run(high, low)
+    return rec.lut()
+
+
 def test_one_hook_numbers_both_experts_and_detaches_both():
     high, low = Expert(0), Expert(1)
     steps_seen = []
@@ -102,12 +111,9 @@ def test_the_first_two_steps_after_the_switch_are_computed_without_a_lut_and_at_
             "switch (step 2, the first below timestep 875)") in capsys.readouterr().err
     # a run whose switch comes later (another shift) than the LUT's: the LUT's guard (2, 3) is kept by the plan,
     # the run's switch (step 5) by its calls
-    rec = CalibrationRecorder(identity={"expert_boundary": BOUNDARY})
-    with DenoiserHook(LoopSpec(16, ("cond", "uncond"), batch_dim=None), [rec], timestep_arg="t").attach(high, low) as h:
-        h.new_sample()
-        run(high, low)
+    lut = calibrated(high, low)
     shifted = torch.cat([torch.linspace(999, 880, 5), torch.linspace(860, 30, 11)])
-    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [5, 6, 9], "ratio": 1.0}}), lut=rec.lut())
+    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [5, 6, 9], "ratio": 1.0}}), lut=lut)
     with cache.attach(high, 16, ("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low]):
         cache.new_sample()
         run(high, low, shifted)
@@ -118,18 +124,15 @@ def test_the_first_two_steps_after_the_switch_are_computed_without_a_lut_and_at_
 def test_the_runs_own_timesteps_place_the_guard_for_the_plan():
     """attach(run_timesteps=...): the plan guards the run's switch (step 5 here), not the LUT's (step 2)."""
     high, low = Expert(0), Expert(1)
-    rec = CalibrationRecorder(identity={"expert_boundary": BOUNDARY})
-    with DenoiserHook(LoopSpec(16, ("cond", "uncond"), batch_dim=None), [rec], timestep_arg="t").attach(high, low) as h:
-        h.new_sample()
-        run(high, low)
+    lut = calibrated(high, low)
     shifted = torch.cat([torch.linspace(999, 880, 5), torch.linspace(860, 30, 11)])
-    assert expert_guard(rec.lut()) == (2, 3) and expert_guard(rec.lut(), timesteps=shifted.tolist()) == (5, 6)
+    assert expert_guard(lut) == (2, 3) and expert_guard(lut, timesteps=shifted.tolist()) == (5, 6)
     assert expert_guard(None, BOUNDARY, shifted.tolist()) == (5, 6)  # no LUT: the run's timesteps alone
-    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [5, 9], "ratio": 1.0}}), lut=rec.lut())
+    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [5, 9], "ratio": 1.0}}), lut=lut)
     with pytest.raises(PlanError, match=r"skips step\(s\) 5, the first steps after the expert switch"):
         cache.attach(high, 16, ("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low],
                      run_timesteps=shifted.tolist())
-    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [2, 3, 9], "ratio": 1.0}}), lut=rec.lut())
+    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [2, 3, 9], "ratio": 1.0}}), lut=lut)
     with cache.attach(high, 16, ("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low],
                       run_timesteps=shifted.tolist()):
         cache.new_sample()
@@ -152,11 +155,8 @@ def test_per_token_timesteps_read_as_their_largest_value():
 def test_nothing_is_kept_after_a_generation():
     """Offloading scripts move the experts off the GPU after the loop: TaoCache keeps no outputs then."""
     high, low = Expert(0), Expert(1)
-    rec = CalibrationRecorder(identity={"expert_boundary": BOUNDARY})
-    with DenoiserHook(LoopSpec(16, ("cond", "uncond"), batch_dim=None), [rec], timestep_arg="t").attach(high, low) as h:
-        h.new_sample()
-        run(high, low)
-    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [10, 11]}}), lut=rec.lut())
+    lut = calibrated(high, low)
+    cache = TaoCache(config_from_dict({"plan": {"skip_steps": [10, 11]}}), lut=lut)
     with cache.attach(high, 16, ("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low]):
         cache.new_sample()
         run(high, low)
@@ -195,14 +195,11 @@ def test_a_changed_expert_boundary_can_be_accepted_as_the_message_advises():
     from taohooks.taocache.lut import LUTMismatchError
 
     high, low = Expert(0), Expert(1)
-    rec = CalibrationRecorder(identity={"expert_boundary": BOUNDARY})
-    with DenoiserHook(LoopSpec(16, ("cond", "uncond"), batch_dim=None), [rec], timestep_arg="t").attach(high, low) as h:
-        h.new_sample()
-        run(high, low)
+    lut = calibrated(high, low)
     attach = dict(steps=16, streams=("cond", "uncond"), batch_dim=None, timestep_arg="t", also=[low],
                   identity={"expert_boundary": 800.0})
     with pytest.raises(LUTMismatchError, match=r"calibration.accept: \[expert_boundary\]"):
-        TaoCache(config_from_dict({"plan": {"skip_steps": [10]}}), lut=rec.lut()).attach(high, **attach)
+        TaoCache(config_from_dict({"plan": {"skip_steps": [10]}}), lut=lut).attach(high, **attach)
     accepting = config_from_dict({"plan": {"skip_steps": [10]}, "calibration": {"accept": ["expert_boundary"]}})
-    with TaoCache(accepting, lut=rec.lut()).attach(high, **attach):
+    with TaoCache(accepting, lut=lut).attach(high, **attach):
         pass
