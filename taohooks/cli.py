@@ -193,7 +193,7 @@ def _cmd_plan(args) -> int:
                         "none yet; calibrate it (the config's first runs, or taocache calibrate), or give --window "
                         "or --skip-steps with a constant --ratio")
     if steps is None:
-        raise PlanError("the number of steps is unknown: give --steps")
+        raise UsageError("the number of steps is unknown: give --steps")
     if not 1 <= steps <= MAX_STEPS:
         raise ConfigError("command line", "--steps", f"expected a number of steps from 1 to {MAX_STEPS}, got {steps}")
     if plan_cfg.budget is None and plan_cfg.window is None and plan_cfg.skip_steps is None:

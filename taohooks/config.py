@@ -346,6 +346,11 @@ class TaoCacheConfig:
         if self.integration == "videosys" and self.pab is not None:  # (taocache check said valid; the run refused it)
             err("pab", "VideoSys pipelines have their own PAB (enable_pab=True, pab_config=...); taohooks resets its "
                        "state on refresh steps. Remove the pab: section")
+        if self.integration in ("wan", "wan22") and self.calibration.ranks == "own":
+            err("calibration.ranks", "own, but every rank of Wan's generate.py runs every generation (one prompt, the "
+                                     "ranks sharing its tokens or weights): remove the key (the wan integrations set "
+                                     "shared); taocache calibrate --devices N gives ranks prompt lines of their own "
+                                     "without it")
         if self.teacache is not None and self.teacache.calibrated and self.lut is None:
             err("teacache.calibrated", "the fit is kept next to the LUT (<lut>.teacache.json): name a lut:")
         published = self.teacache.published if self.teacache is not None else None

@@ -57,6 +57,10 @@ class TaoCacheCallback(_LightningCallback):
                              f"TaoCache to ({exc})") from exc
         self._target = target
         self._data_parallel = getattr(trainer, "world_size", 1) > 1
+        if self._data_parallel and self.config.calibration.ranks == "shared":  # (it was ignored: review, 2026-11-27)
+            raise ValueError(f"taohooks: {self.config.source or 'the config'}: calibration.ranks: shared, but under "
+                             "DDP each rank predicts batches of its own (the callback adds each rank's to the LUT): "
+                             "remove the key, or set own")
         self._attach()
 
     def _attach(self) -> None:

@@ -241,6 +241,41 @@ def test_data_parallel_calibration_of_a_sequence_parallel_run_is_refused(tmp_pat
     assert not (tmp_path / "lut.safetensors").exists()
 
 
+GROUP_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from taohooks.testbed import sampling
+    from taohooks.testbed.model import VideoDiT, VideoDiTConfig
+    dist.init_process_group("gloo")  # the script's own group, from torchrun's variables
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = VideoDiT(VideoDiTConfig(dim=32, depth=2, num_heads=2))
+    sampling.sample(model, [sys.argv[1]], [10000], steps=6)
+    dist.destroy_process_group()
+""")
+
+
+def test_ranks_own_under_a_scripts_group_without_data_parallel_is_refused(tmp_path):
+    """calibration.ranks: own with a script that starts its group, under torchrun without --data-parallel: every
+    rank ran every line and added it, then a misleading "2 clips" error (review, 2026-11-27). Refused, naming
+    --data-parallel."""
+    import os
+
+    (tmp_path / "sample.py").write_text(GROUP_SCRIPT)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "c.yaml").write_text("integration: testbed\nlut: lut.safetensors\ncalibration: {prompts: 2, "
+                                     "ranks: own}\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
+                          "--", "sample.py", PROMPTS[0]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0
+    assert "calibration.ranks: own, but taocache calibrate without --data-parallel runs every prompt line" in res.stderr
+    assert not (tmp_path / "lut.safetensors").exists()
+
+
 def test_calibration_under_torchrun_without_data_parallel_is_refused(tmp_path):
     """Under torchrun without --data-parallel, a script that starts no process group had every process calibrate
     the same prompt lines into the one LUT (duplicated prompts; multi-GPU walkthrough, 2026-11-27)."""

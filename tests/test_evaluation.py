@@ -29,7 +29,7 @@ def test_match_threshold_finds_the_closest_fraction():
 
 
 def test_match_threshold_resolves_a_steep_rise_and_stops_on_an_exact_match():
-    # like TeaCache on the testbed `flow` model: nothing skipped below 0.0107, 36% at 0.0136
+    # a steep rise, as TeaCache's on the testbed `flow` model (6.6% at 0.0107, 36% at 0.0136): none below 0.0107
     def fraction(th):
         return 0.0 if th < 0.0107 else min(0.36, round((th - 0.0107) / 0.0029 * 0.36 * 50) / 50)
     calls = []

@@ -61,6 +61,15 @@ def test_budget_zero_is_plain_predict():
     assert all(torch.equal(a, b) for a, b in zip(plain, cached))
 
 
+def test_ranks_shared_under_ddp_is_refused():
+    """Under DDP each rank predicts its own batches; calibration.ranks: shared was ignored (review, 2026-11-27)."""
+    import types
+
+    callback = TaoCacheCallback(config_from_dict({"calibration": {"ranks": "shared"}}), module="model", steps=STEPS)
+    with pytest.raises(ValueError, match="calibration.ranks: shared, but under DDP each rank predicts batches"):
+        callback.on_predict_start(types.SimpleNamespace(world_size=2), Sampler())
+
+
 def test_a_missing_submodule_is_named():
     with pytest.raises(ValueError, match="has no submodule 'denoiser'"):
         predict(Sampler(), [TaoCacheCallback(config_from_dict({}), module="denoiser", steps=STEPS)])

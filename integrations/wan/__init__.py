@@ -21,8 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from taohooks.config import TaoCacheConfig
 from taohooks.launcher.integration import (IntegrationError, PatchSet, command_line_problems, output_size_of,
-                                           ranks_own_problem, require_modules, script_options,
-                                           task_of_the_other_version)
+                                           require_modules, script_options, task_of_the_other_version)
 from taohooks.runtime.loop import LoopSpec
 from taohooks.taocache.cache import TaoCache
 from taohooks.taocache.identity import guide_scale_identity, model_identity, wan_output_identity
@@ -55,9 +54,7 @@ def shared_cache(config: TaoCacheConfig) -> TaoCache:
     """A generation's :class:`TaoCache`: under torchrun every rank of Wan's ``generate.py`` runs every generation
     (one prompt, the ranks sharing its tokens or its weights), so attach waits for the ranks before it reads a LUT
     being calibrated (:attr:`TaoCache.shared_generations`)."""
-    if config.calibration.ranks == "own":  # (said before the model loads: command_line_problems)
-        raise IntegrationError(ranks_own_problem(config))
-    cache = TaoCache(config)
+    cache = TaoCache(config)  # (calibration.ranks: own is refused when the config loads)
     cache.shared_generations = True
     return cache
 

@@ -122,9 +122,9 @@ def match_threshold(make: Callable[[float], List[Callback]], measure: Callable[[
     """The threshold whose skipped fraction is closest to ``target`` (fraction grows with it).
 
     Brackets the target from ``start`` up (x4), then bisects ``iterations`` times, stopping early on
-    an exact match. The fraction can rise steeply (testbed ``flow``: 0% at 0.0107, 36% at 0.0136),
-    so the bisection needs to resolve ~1e-4 of a 0.1 bracket: 8 iterations found 5% or 18% for
-    budgets of 8-20%, 12 find them exactly. Returns ``(threshold, fraction measured)``; when that
+    an exact match. The fraction can rise steeply (testbed ``flow``: 6.6% at 0.0107, 36% at 0.0136, the
+    README's command), so the bisection needs to resolve ~1e-4 of a 0.1 bracket: 8 iterations could land
+    well off budgets of 8-20%, 12 resolve them. Returns ``(threshold, fraction measured)``; when that
     fraction misses the target by more than ``tolerance``, a warning says so (``what`` names the search).
     """
     lo, hi = 0.0, start

@@ -270,13 +270,6 @@ def image_said(image: bool) -> str:
     return "an --image (image-to-video)" if image else "no --image (text-to-video)"
 
 
-def ranks_own_problem(config: Any) -> str:
-    """``calibration.ranks: own`` on a Wan script, whose ranks all run every generation."""
-    return (f"{config.source or 'the config'}: calibration.ranks: own, but every rank of Wan's generate.py runs every "
-            "generation (one prompt, the ranks sharing its tokens or weights): leave calibration.ranks out (or "
-            "shared); to give ranks prompts of their own, calibrate with taocache calibrate --devices N")
-
-
 def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, str], said: Callable,
                           tasks: Tuple[str, ...], streams: Tuple[str, ...], configs_hint: str,
                           expert_boundary: Optional[float] = None, check_plan: bool = True,
@@ -296,7 +289,7 @@ def command_line_problems(config: Any, run: Dict[str, Any], *, flags: Dict[str, 
     from ..taocache.lut_transfer import carryable
 
     where = config.source or "the config"
-    problems: List[str] = [ranks_own_problem(config)] if config.calibration.ranks == "own" else []
+    problems: List[str] = []
     named = [t for t in tasks if config.model_id and t.lower() in config.model_id.lower()]
     if named and run["task"] not in named:
         problems.append(f"{where}: model_id {config.model_id!r} is for task {named[-1]}, this command line runs "

@@ -93,7 +93,7 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
         if os.environ.get(ENV_CALIBRATE_ONLY):
             raise SystemExit(0)
         return
-    _refuse_uncoordinated_ranks()
+    _refuse_uncoordinated_ranks(config)
     try:
         have = _recorded_prompts(patch, bound, path)
         parts = [str(p) for p in _part_files(path)]
@@ -121,12 +121,18 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
         raise SystemExit(0)
 
 
-def _refuse_uncoordinated_ranks() -> None:
+def _refuse_uncoordinated_ranks(config) -> None:
     """Under torchrun (``WORLD_SIZE`` > 1) with no process group of the script's, each process would calibrate the same
     prompt lines into the one LUT (duplicated prompts: multi-GPU walkthrough, 2026-11-27); ``--data-parallel`` gives
-    each its share. A script that starts its group (Wan's ``generate.py``) shares each prompt over its ranks."""
+    each its share. A script that starts its group (Wan's ``generate.py``) shares each prompt over its ranks, unless
+    the config says its ranks sample prompts of their own (``calibration.ranks: own``: each would add the same line)."""
     from ..runtime.distributed import launched_world_size, world
 
+    if world()[1] > 1 and config.calibration.ranks == "own":  # (it wrote each line once per rank: review, 2026-11-27)
+        raise IntegrationError(f"{config.source or 'the config'}: calibration.ranks: own, but taocache calibrate "
+                               "without --data-parallel runs every prompt line on every rank of the script's process "
+                               "group, and each would add the same prompts; add --data-parallel (each rank then takes "
+                               "its share of the lines)")
     size = launched_world_size()
     if size > 1 and world()[1] == 1:
         raise IntegrationError(f"this process is one of {size} (WORLD_SIZE={size}: torchrun) and the script started no "

@@ -693,9 +693,10 @@ def _warn_unsaid_ranks(cache: "TaoCache", path: Path) -> None:
         where = f" in {cache.config.source}" if cache.config.source else ""
         messages.warning(f"calibrating {path} in a process group of {size} ranks: only rank 0's generations are added "
                          "to it (the ranks are taken to share each generation). If each rank samples prompts of its "
-                         f"own, set calibration.ranks: own{where} (cache.data_parallel = True); if the ranks run "
-                         "each generation together (sequence parallel), calibration.ranks: shared "
-                         "(cache.shared_generations = True)", once=f"unsaid ranks {path}")
+                         f"own, set calibration.ranks: own{where} (cache.data_parallel = True), or calibrate first "
+                         "with taocache calibrate --data-parallel; if the ranks run each generation together "
+                         "(sequence parallel), calibration.ranks: shared (cache.shared_generations = True)",
+                         once=f"unsaid ranks {path}")
 
 
 def _writes_the_lut() -> bool:
