@@ -489,19 +489,25 @@ def test_stale_temporary_rules(tmp_path):
     path = tmp_path / "lut.safetensors"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    # ended, not reaped: a killed DDP rank under Lightning's launcher (a child of rank 0) looked alive
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    while not Path(f"/proc/{zombie.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z":
+        time.sleep(0.01)
     old_own = tmp_path / f".lut.safetensors.{os.getpid()}.0123abcd.tmp"
     fresh_own = tmp_path / f".lut.safetensors.{os.getpid()}.4567abcd.tmp"  # another thread's write in progress
     of_dead = tmp_path / f".lut.safetensors.{dead.pid}.89abcdef.tmp"
     of_live = tmp_path / ".lut.safetensors.1.fedcba98.tmp"  # pid 1 is alive
+    of_zombie = tmp_path / f".lut.safetensors.{zombie.pid}.76543210.tmp"
     old_mkstemp, fresh_mkstemp = tmp_path / ".lut.safetensors.k2_9xqaz.tmp", tmp_path / ".lut.safetensors.a1b2c3d_.tmp"
     unrelated = [tmp_path / ".other.safetensors.99999999.0123abcd.tmp", tmp_path / ".lut.safetensors.tmp",
                  tmp_path / "lut.safetensors.1.0123abcd.tmp"]
-    for p in [old_own, fresh_own, of_dead, of_live, old_mkstemp, fresh_mkstemp] + unrelated:
+    for p in [old_own, fresh_own, of_dead, of_live, of_zombie, old_mkstemp, fresh_mkstemp] + unrelated:
         p.write_bytes(b"partial")
     hours_ago = time.time() - 7200
     for p in [old_own, old_mkstemp] + unrelated:
         os.utime(p, (hours_ago, hours_ago))
     atomic_write_bytes(path, b"new")
+    zombie.wait()
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([fresh_own.name, of_live.name, fresh_mkstemp.name, "lut.safetensors"]
                           + [p.name for p in unrelated])

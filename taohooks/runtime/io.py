@@ -116,7 +116,17 @@ def _alive(pid: int) -> bool:
         return False
     except (PermissionError, OverflowError, ValueError):
         return pid > 0  # exists, owned by someone else
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has ended but its parent has not reaped it (a killed DDP rank under Lightning's launcher, a
+    child of rank 0: it looked alive, and its temporary stayed until the next write after the job)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False  # no /proc (macOS) or gone meanwhile: the kill above decides
 
 
 def remove_stale_temporaries(target: PathLike) -> list:
