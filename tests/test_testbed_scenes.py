@@ -989,6 +989,13 @@ def test_bad_checkpoints_and_outputs_of_the_scenes_scripts(tmp_path, capsys):
                                          r"\(e.g. --steps 4 for 2 more\)"):
         train_scenes.main([*TINY, "--steps", "2", "--out", str(flow), "--resume", str(tmp_path / "flow.state.pt")])
     assert flow.read_bytes() == good
+    # --resume takes the architecture from the state (it had to be repeated: docs walkthrough, 2026-11-27)
+    train_scenes.main(["--kind", "flow", "--steps", "3", "--batch-size", "2", "--out", str(flow),
+                       "--resume", str(tmp_path / "flow.state.pt")])
+    assert json.loads((tmp_path / "flow.json").read_text())["steps_done"] == 3
+    with pytest.raises(SystemExit, match=r"does not match this run's model \(dim: file has 32, this run expects 64"):
+        train_scenes.main(["--kind", "flow", "--dim", "64", "--steps", "4", "--out", str(flow),
+                           "--resume", str(tmp_path / "flow.state.pt")])
     # a run that diverges before its first save has no last good step to point to
     # a damaged training summary ended in a traceback (AttributeError)
     from safetensors import safe_open

@@ -66,6 +66,11 @@ STATE_FORMAT = "taohooks-scenes-train-state/1"
 HPARAM_DEFAULTS = {"batch_size": 32, "lr": 5e-4, "warmup": 300, "schedule": "constant", "weight_decay": 0.0,
                    "clip": 1.0, "ema": 0.999, "seed": 0, "sigma_shift": 1.0, "background_weights": None}
 HPARAMS = tuple(HPARAM_DEFAULTS)
+#: The architecture flags: a resumed run takes them from its state's model config unless given (then they must
+#: agree with it), a new run from these defaults; the config's names for them.
+ARCH_DEFAULTS = {"dim": 256, "depth": 6, "heads": 8, "mlp_ratio": 2.0, "patch": 8}
+ARCH_CONFIG_KEYS = {"dim": "dim", "depth": "depth", "heads": "num_heads", "mlp_ratio": "mlp_ratio",
+                    "patch": "patch_size"}
 
 def scenes_config(kind: str, dim: int = 256, depth: int = 6, heads: int = 8, mlp_ratio: float = 2.0,
                   patch_size: int = 8) -> VideoDiTConfig:
@@ -549,6 +554,10 @@ def resolve_hparams(args, state: dict | None, path: str | None = None) -> list[s
             setattr(args, name, saved.get(name, HPARAM_DEFAULTS[name]))
         elif name in saved and saved[name] != given:
             changed.append(f"--{name.replace('_', '-')} {given} (the run at {path} used {saved[name]})")
+    model = json.loads(state["config"]) if state is not None and isinstance(state.get("config"), str) else {}
+    for name, default in ARCH_DEFAULTS.items():  # (a --resume had to repeat them: docs walkthrough, 2026-11-27)
+        if getattr(args, name, None) is None:
+            setattr(args, name, model.get(ARCH_CONFIG_KEYS[name], default))
     return changed
 
 
@@ -844,11 +853,11 @@ def parse_args(argv=None):
     p.add_argument("--compile", default=None, metavar="BACKEND", help="train through torch.compile(model, "
                    "backend=BACKEND) (inductor on a GPU); if the first compiled step fails, the run says so on "
                    "stderr and goes on uncompiled")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--mlp-ratio", type=float, default=2.0)
-    p.add_argument("--patch", type=int, default=8)
+    p.add_argument("--dim", type=int, default=None, help="default 256; --resume: the run's own")
+    p.add_argument("--depth", type=int, default=None, help="default 6; --resume: the run's own")
+    p.add_argument("--heads", type=int, default=None, help="default 8; --resume: the run's own")
+    p.add_argument("--mlp-ratio", type=float, default=None, help="default 2.0; --resume: the run's own")
+    p.add_argument("--patch", type=int, default=None, help="default 8; --resume: the run's own")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--save-minutes", type=float, default=10.0)
@@ -874,9 +883,9 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.ema is not None and not 0 <= args.ema < 1:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
-    if 32 % args.patch:
+    if args.patch is not None and 32 % args.patch:
         p.error(f"--patch {args.patch}: the 32x32 frames need a patch size dividing 32 (4 or 8)")
-    if args.dim % args.heads:
+    if args.dim is not None and args.heads is not None and args.dim % args.heads:
         p.error(f"--dim {args.dim} is not divisible by --heads {args.heads}")
     try:
         torch.empty(0, device=args.device)
