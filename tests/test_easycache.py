@@ -112,3 +112,31 @@ def test_outputs_not_shaped_like_inputs_compute_every_call(capsys):
                 h.module(x, t=torch.stack([t]), context=branch)
     assert cb.skipped == 0
     assert "EasyCache: the model's output" in capsys.readouterr().err
+
+
+
+class CountingModel(ListModel):
+    """Records the timestep of every call that really runs (cond and uncond)."""
+
+    def __init__(self, sign=1.0):
+        super().__init__()
+        self.a = self.a * sign
+        self.ran = []
+
+    def forward(self, x, t, context="cond"):
+        self.ran.append(round(float(t.reshape(-1)[0]), 3))
+        return super().forward(x, t, context)
+
+
+def test_two_experts_keep_their_own_state_and_the_first_low_noise_steps_compute():
+    """On Wan2.2's two experts EasyCache kept one state: the first low-noise step could return the high-noise
+    expert's ``v - x`` (33 dB lost in the Wan2.2 compare walkthrough, 2026-11-27). Each expert starts afresh now:
+    its first step computes (no ``v - x`` of its own) and its second (no rate ``k`` of its own)."""
+    high, low = CountingModel(), CountingModel(-1.0)
+    switch = 12  # the low-noise expert runs steps 12 on
+    timesteps = [round(float(t), 3) for t in torch.linspace(999, 33, STEPS)]
+    cb = EasyCacheCallback(1e9, warmup_steps=1)  # skip wherever the state allows
+    with DenoiserHook(LoopSpec(STEPS, ("cond", "uncond"), batch_dim=None), [cb], timestep_arg="t").attach(high, low):
+        sample(high, lambda model, x, ts, stream, i: (high if i < switch else low)(x, t=ts, context=stream))
+    assert low.ran[:4] == [timesteps[switch]] * 2 + [timesteps[switch + 1]] * 2
+    assert high.ran[:2] == [timesteps[0]] * 2 and cb.skipped > 0

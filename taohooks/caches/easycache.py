@@ -14,7 +14,9 @@ mean absolute value over all of a call's tensors)::
 step; the other calls of a step follow the first call's decision, each stream keeping its own
 ``v - x``. The warm-up (10 steps in the authors' Wan2.1 script) and the last step are always computed.
 One difference: the state is reset at every generation (the authors' script generates once per process
-and keeps it). The model's outputs must have its inputs' shapes (a velocity or a noise prediction of
+and keeps it). On a hook over several instances of one loop (Wan2.2's two experts) the state starts again when
+the loop moves on to the next expert: its first steps compute, and no call of one expert returns the other's
+``v - x`` (the first low-noise step answered with the high-noise expert's cost 33 dB: walkthrough, 2026-11-27). The model's outputs must have its inputs' shapes (a velocity or a noise prediction of
 the latent); a model whose output differs (a learned-variance channel half) computes every call.
 """
 from __future__ import annotations
@@ -76,6 +78,7 @@ class EasyCacheCallback(Callback):
         self._skip_step = False
         self._x: Optional[List[Tensor]] = None
         self._usable = True
+        self._expert = 0  # the attached instance whose calls the state describes
 
     def on_attach(self, hook) -> None:
         self.skipped = 0
@@ -104,6 +107,10 @@ class EasyCacheCallback(Callback):
         return [t.detach().float() for t in leaves]
 
     def on_before_call(self, hook, call, args, kwargs):
+        if call.expert != self._expert:  # the loop moved on to another expert: nothing of the last one carries over
+            usable = self._usable
+            self._reset()
+            self._usable, self._expert = usable, call.expert
         x = self._input(args, kwargs)
         self._x = x
         if call.index % hook.loop.calls_per_step == 0:  # the first call of the step decides

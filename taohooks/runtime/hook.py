@@ -230,11 +230,11 @@ class DenoiserHook:
         if len({id(m) for m in modules}) != len(modules):
             raise ValueError("taohooks: the same module was given twice to attach()")
 
-        def make(inner):
+        def make(inner, expert=0):
             def forward(*args, **kwargs):
                 if self.passthrough:
                     return inner(*args, **kwargs)
-                call, output = self._before(args, kwargs)
+                call, output = self._before(args, kwargs, expert)
                 if call is None:  # a stray call: outside any generation, no callbacks
                     return inner(*args, **kwargs)
                 if output is None:
@@ -249,7 +249,7 @@ class DenoiserHook:
         for m in modules:  # (before the forward: a copy or a pickle of the module meets the hook first, which says why)
             m.__dict__[_HOOK_ATTR] = self
         try:
-            self._patches = [ForwardPatch(m, make) for m in modules]
+            self._patches = [ForwardPatch(m, lambda inner, e=i: make(inner, e)) for i, m in enumerate(modules)]
         except BaseException:
             for m in modules:
                 m.__dict__.pop(_HOOK_ATTR, None)
@@ -394,9 +394,9 @@ class DenoiserHook:
 
     # ------------------------------------------------------------------ the call
     @_outside_graph
-    def _before(self, args: tuple, kwargs: dict):
-        """Number the call and ask the callbacks for a substitute: ``(CallInfo, output or None)``;
-        ``(None, None)`` for a stray call."""
+    def _before(self, args: tuple, kwargs: dict, expert: int = 0):
+        """Number the call of attached instance ``expert`` and ask the callbacks for a substitute: ``(CallInfo,
+        output or None)``; ``(None, None)`` for a stray call."""
         thread = threading.get_ident()
         if self._index is not None and self._thread is not None and thread != self._thread:
             # steps are counted per hook: calls of two threads would interleave into one generation
@@ -431,7 +431,7 @@ class DenoiserHook:
                 if timestep is None or timestep.value() is None:
                     self._warn_unreadable()
         step, streams = self.loop.locate(self._index)
-        call = CallInfo(self._sample, self._index, step, streams, timestep)
+        call = CallInfo(self._sample, self._index, step, streams, timestep, expert=expert)
         try:
             for cb in self.callbacks:
                 output = cb.on_before_call(self, call, args, kwargs)

@@ -73,7 +73,8 @@ class CallInfo:
     calls_per_step``; ``streams`` names the streams present in the output (one, or all for a
     batched call). ``timestep`` is the float value passed to the model, if the hook could find
     it (read lazily: converting a CUDA tensor synchronises). ``substituted_by`` is the callback
-    that answered the call instead of the model.
+    that answered the call instead of the model. ``expert`` says which attached instance was called: 0 for the
+    hook's module, then the ``also`` instances in order (Wan2.2's low-noise expert: 1).
     """
 
     sample: int
@@ -82,6 +83,7 @@ class CallInfo:
     streams: Tuple[str, ...]
     timestep_source: Any = field(default=None, repr=False)
     substituted_by: Any = field(default=None, repr=False)
+    expert: int = 0
 
     @property
     def timestep(self) -> Optional[float]:
