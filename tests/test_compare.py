@@ -664,6 +664,25 @@ def test_wan22_two_experts_through_compare(tmp_path):
 
 
 
+def test_wan22_budget_no_window_fits_is_refused_before_the_calibration(tmp_path):
+    """On Wan2.2 the check of the budgets waited for the calibration's LUT (20 full generations of the shipped
+    experiment: hours on A14B) for plain arithmetic; Wan's schedule places the switch before it (walkthrough)."""
+    import subprocess
+
+    script = FIXTURES / "wan22" / "generate.py"
+    args = [str(script), "--prompt", "ignored", "--sample_steps", "20", "--offload_model", "False"]
+    exp = write(tmp_path, OFFICIAL_LIKE_EXPERIMENT.format(integration="wan22", output="out").replace(
+        "budgets: [0.2]", "budgets: [0.35]"), "wan22.yaml")
+    driver = write(tmp_path, "import sys\nfrom taohooks import cli\nsys.argv = ['taocache']\n"
+                             f"sys.exit(cli.main(['compare', {str(exp)!r}, '--', *{args!r}]))\n", "d.py")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
+    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "budgets[0]: taocache at 0.35 (7 of 20 steps): no contiguous window of 7 steps" in res.stderr, res.stderr
+    assert "calibration, " not in res.stderr and not (tmp_path / "out" / "state").exists()
+
+
 def test_wan22_ti2v_through_compare_with_an_image(tmp_path):
     """TI2V-5B (one model, per-token timestep) from an image: MagCache takes the authors' table for
     image-to-video, TeaCache is fitted (one model: one polynomial) on the per-token e0's last token."""

@@ -426,9 +426,11 @@ class Experiment:
         self._check_pab_patterns()
         self._check_budgets()
         self.expert_boundary = attach_kwargs.get("expert_boundary")
+        self.run_timesteps = attach_kwargs.get("run_timesteps")  # (where they place Wan2.2's switch: its schedule)
         calibration = self.config.calibration_list()
         needed, why = _as_rank_zero_has_it(_needs_calibration(self.config, self.tao))
-        if needed and self.tao.plan.rule == "paper" and self.tao.plan.tau_cos is None and not self.expert_boundary:
+        if needed and self.tao.plan.rule == "paper" and self.tao.plan.tau_cos is None and (
+                not self.expert_boundary or self.run_timesteps is not None):  # (Wan2.2: it waited for the LUT)
             # a window no LUT can fit is arithmetic: said before the calibration's generations (and before the
             # folder records this experiment), not after
             self._check_plans(_PerfectLUT(len(self.loop.streams), self.loop.steps), TAO_METHODS - {"taocache-auto"})
@@ -752,7 +754,9 @@ class Experiment:
         if rule == "auto":  # the error-aware plan on the same LUT
             plan_config = dataclasses.replace(plan_config, rule="auto", refresh_every=None, tau_cos=None,
                                               ratio="calibrated", refresh="chain")
-        guard = switch_guard(lut.timesteps, self.expert_boundary) if self.expert_boundary else ()
+        timesteps = torch.as_tensor(self.run_timesteps, dtype=torch.float64) if self.run_timesteps is not None \
+            else getattr(lut, "timesteps", None)  # the run's own place the switch; a LUT's may be another shift's
+        guard = switch_guard(timesteps, self.expert_boundary) if self.expert_boundary and timesteps is not None else ()
         return make_plan(plan_config, self.loop.steps, self.loop.streams, lut, unskippable=guard)
 
     def _tea_maker(self, coefficients) -> Callable[..., List[Callback]]:
