@@ -960,7 +960,7 @@ def test_a_folder_check_names_the_entry_of_a_setting_that_differs(tmp_path):
     store = RunStore(tmp_path)
     store.check_experiment({"calibration.sampler": None, "call": {"guidance": "5.0", "shift": "3.0"}})
     with pytest.raises(ConfigError, match=r"call.guidance: this output folder holds runs made with call.guidance = "
-                                          r"'5.0', this experiment has '\(not given\)'"):
+                                          r"5.0, this experiment has \(not given\)"):  # (no repr of a repr)
         store.check_experiment({"calibration.sampler": None, "call": {"shift": "3.0"}})
 
 

@@ -181,8 +181,10 @@ class RunStore:
                 if isinstance(was, dict) and isinstance(now, dict):  # name the entry that differs (call settings)
                     sub = next(s for s in sorted(set(was) | set(now)) if was.get(s) != now.get(s))
                     k, was, now = f"{k}.{sub}", was.get(sub, "(not given)"), now.get(sub, "(not given)")
-                def said(value):  # (an unset method setting: its default)
-                    return f"unset (the default, {alike[k][1]!r})" if value is None and k in alike else repr(value)
+                def said(value):  # (an unset method setting: its default; a call setting is recorded as its repr)
+                    if value is None and k in alike:
+                        return f"unset (the default, {alike[k][1]!r})"
+                    return value if k.startswith("call.") and isinstance(value, str) else repr(value)
 
                 raise ConfigError(str(path), k, f"this output folder holds runs made with {k} = {said(was)}, this "
                                   f"experiment has {said(now)}; use another output folder (or delete it)")

@@ -230,8 +230,8 @@ TARGETS: Dict[str, Target] = {
     "wan22": Target("input_prompt", "seed", _single_video, "blocks", _wan22_e_probe,
                     "TeaCache fitted here (TeaCache publishes no Wan2.2 coefficients): the proxy of TeaCache4Wan2.1's "
                     "use_ret_steps variant (the time projection e0 the first block receives, its last token), a "
-                    "polynomial per expert fitted on the calibration prompts, accumulators per expert, the first "
-                    "and the last step computed",
+                    "polynomial per expert (the A14B tasks; one for TI2V-5B) fitted on the calibration prompts, "
+                    "accumulators per expert, the first and the last step computed",
                     mag_published=_wan22_published_magcache, attention=r"blocks\.\d+\.self_attn",
                     latents_during=_wan_latents),
     "latte": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
