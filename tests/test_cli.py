@@ -276,6 +276,9 @@ def test_a_missing_script_or_experiment_exits_2_with_the_usage(lut_path, tmp_pat
     assert main(["calibrate", str(cfg), "--prompts", str(tmp_path / "p.txt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: taocache calibrate") and "name the sample script to run after --" in err
+    assert main(["compare", "--report", str(experiment)]) == 2  # the experiment given for its output folder
+    assert "takes the experiment's output folder (its results.json), not the experiment: --report " in \
+        capsys.readouterr().err
     (tmp_path / "n.yaml").write_text("plan: {budget: 0}\n")  # no LUT, no loop.steps, no --steps
     assert main(["plan", str(tmp_path / "n.yaml")]) == 2
     assert "the number of steps is unknown: give --steps" in capsys.readouterr().err

@@ -177,6 +177,13 @@ def _strip(config: ExperimentConfig, experiment: Experiment, prompts: int = 2) -
 
 def rebuild_report(folder: str) -> int:
     """``results.md`` again from ``results.json`` alone."""
+    if Path(folder).is_file() and folder.endswith((".yaml", ".yml")):  # (the experiment given for its folder)
+        try:
+            output = load_experiment(folder).output_dir
+        except Exception:  # noqa: BLE001 - only a hint: the folder is what --report takes
+            output = None
+        raise UsageError(f"--report {folder}: takes the experiment's output folder (its results.json), not the "
+                         f"experiment" + (f": --report {output}" if output is not None else ""))
     results = load_results(folder)
     atomic_write_bytes(Path(folder) / "results.md", markdown_table(results).encode())
     write_plots(results, folder)
