@@ -747,16 +747,14 @@ class Experiment:
     def _tao_plan(self, lut, skips: int, rule: Optional[str] = None):
         """The TaoCache config's plan for ``skips`` skips (``rule`` overriding its rule), the expert
         switch guarded."""
-        from ..taocache.cache import make_plan
-        from ..taocache.plan import switch_guard
+        from ..taocache.cache import expert_guard, make_plan
 
         plan_config = dataclasses.replace(self.tao.plan, budget=skips, window=None, skip_steps=None)
         if rule == "auto":  # the error-aware plan on the same LUT
             plan_config = dataclasses.replace(plan_config, rule="auto", refresh_every=None, tau_cos=None,
                                               ratio="calibrated", refresh="chain")
-        timesteps = torch.as_tensor(self.run_timesteps, dtype=torch.float64) if self.run_timesteps is not None \
-            else getattr(lut, "timesteps", None)  # the run's own place the switch; a LUT's may be another shift's
-        guard = switch_guard(timesteps, self.expert_boundary) if self.expert_boundary and timesteps is not None else ()
+        # (the run's own timesteps place the switch; a LUT's may be another shift's, the stand-in's are none)
+        guard = expert_guard(lut, self.expert_boundary, self.run_timesteps) if self.expert_boundary else ()
         return make_plan(plan_config, self.loop.steps, self.loop.streams, lut, unskippable=guard)
 
     def _tea_maker(self, coefficients) -> Callable[..., List[Callback]]:
