@@ -16,7 +16,8 @@ step; the other calls of a step follow the first call's decision, each stream ke
 One difference: the state is reset at every generation (the authors' script generates once per process
 and keeps it). On a hook over several instances of one loop (Wan2.2's two experts) the state starts again when
 the loop moves on to the next expert: its first steps compute, and no call of one expert returns the other's
-``v - x`` (the first low-noise step answered with the high-noise expert's cost 33 dB: walkthrough, 2026-11-27). The model's outputs must have its inputs' shapes (a velocity or a noise prediction of
+``v - x`` (the first low-noise step answered with the high-noise expert's cost 33 dB: walkthrough, 2026-11-27).
+The model's outputs must have its inputs' shapes (a velocity or a noise prediction of
 the latent); a model whose output differs (a learned-variance channel half) computes every call.
 """
 from __future__ import annotations
