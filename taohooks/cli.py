@@ -686,6 +686,7 @@ def _cmd_autoload(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taocache", description="TaoCache calibration, planning and checks.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.subcommands = sub.choices  # name -> its parser (the usage said with a UsageError)
 
     p = sub.add_parser("check", help="validate a config and print the resolved values")
     p.add_argument("config")
@@ -808,8 +809,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing more is flushed into the pipe)
         return 141  # as a process ended by SIGPIPE
     except UsageError as exc:  # a part of the command line missing: as argparse says it (usage, exit 2)
-        sub = parser._subparsers._group_actions[0].choices.get(args.command) if parser._subparsers else None
-        print((sub or parser).format_usage().rstrip(), file=sys.stderr)
+        print(parser.subcommands.get(args.command, parser).format_usage().rstrip(), file=sys.stderr)
         print(f"taocache {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except (ConfigError, PlanError, LUTMismatchError, ValueError, RuntimeError) as exc:

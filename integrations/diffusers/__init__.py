@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from taohooks.runtime.callbacks import Callback
 from taohooks.config import TaoCacheConfig, check_python_config, config_from_dict, load_config
 from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
-                                  scheduler_calls, unwrap_model)
+                                  scheduler_calls, unwrap_model, scheduler_timesteps)
 from taohooks.runtime.loop import LoopSpec
 from taohooks.runtime.reset import StateReset
 from taohooks.taocache.cache import TaoCache, check_config_before_run
@@ -157,16 +157,13 @@ def _loop(arguments):
 def _run_timesteps(arguments, steps: int):
     """The timesteps this call will run, one per step, asked of a copy of the pipeline's scheduler as the pipeline
     asks its own (``set_timesteps(num_inference_steps)``); ``None`` where they cannot be known before the call."""
-    import copy
-
     if arguments.get("timesteps") is not None or arguments.get("sigmas") is not None:
         return None
-    probe = copy.deepcopy(arguments["self"].scheduler)
     try:
-        probe.set_timesteps(int(arguments.get("num_inference_steps")))
+        timesteps = [float(t) for t in scheduler_timesteps(arguments["self"].scheduler,
+                                                           arguments.get("num_inference_steps"))]
     except (TypeError, ValueError):
         return None
-    timesteps = [float(t) for t in probe.timesteps]
     return timesteps if len(timesteps) == steps else None
 
 

@@ -138,20 +138,27 @@ def scheduler_calls(scheduler: Any, steps: int, timesteps: Any = None, sigmas: A
     PNDM with PRK warm-up makes ``steps + 9`` calls, second-order schedulers ``2 * steps - 1``. A
     scheduler with dynamic shifting (LTX, Flux) is asked with ``mu=1``: the shift moves the
     timesteps, not their number."""
-    import copy
-
     if timesteps is not None:
         return len(timesteps)
-    probe = copy.deepcopy(scheduler)
     if sigmas is not None:
         return len(sigmas)
-    extra = {"mu": 1.0} if getattr(getattr(probe, "config", None), "use_dynamic_shifting", False) else {}
     try:
-        probe.set_timesteps(int(steps), **extra)
+        return len(scheduler_timesteps(scheduler, steps))
     except (TypeError, ValueError) as exc:
         raise IntegrationError(f"cannot count the denoiser calls of {type(scheduler).__name__} for {steps} steps "
                                f"({exc}); declare them in the config's loop: section (loop.steps)") from None
-    return len(probe.timesteps)
+
+
+def scheduler_timesteps(scheduler: Any, steps: int) -> Any:
+    """The timesteps a diffusers-style scheduler runs for ``steps`` steps, asked of a copy (``set_timesteps`` on
+    the pipeline's own would change its state; ``mu=1`` for dynamic shifting). ``TypeError`` / ``ValueError``
+    where the scheduler cannot say."""
+    import copy
+
+    probe = copy.deepcopy(scheduler)
+    extra = {"mu": 1.0} if getattr(getattr(probe, "config", None), "use_dynamic_shifting", False) else {}
+    probe.set_timesteps(int(steps), **extra)
+    return probe.timesteps
 
 
 def batched_cfg_loop(scheduler: Any, steps: int, guidance_scale: float, timesteps: Any = None,
