@@ -305,6 +305,7 @@ def test_a_calibration_killed_after_a_generation_resumes_after_it(finished, tmp_
     err = capsys.readouterr().err
     assert "on 3 calibration prompts (full-step), into " in err and "(this experiment's own: the config's lut: is " \
         "not written); 2 of them recorded before, kept" in err
+    assert "; 2 of 13 runs already in " in err and "(2 of them an interrupted calibration's)" in err  # (said 0)
     assert "] 3/13 runs" in err and "] 2/13 runs" not in err  # one calibration generation made again
     assert not (tmp_path / "out" / "state" / "calibration_partial.json").exists()  # done: the final state only
     assert stable(json.loads((tmp_path / "out" / "results.json").read_text())) == stable(finished[1])

@@ -135,6 +135,20 @@ class CalibrationCheckpoint:
     def _lut_files(self) -> List[Path]:
         return sorted(self.folder.glob(f"{self.NAME}-*.safetensors"))
 
+    @classmethod
+    def kept(cls, store: RunStore, prompts: List[list]) -> int:
+        """How many of ``prompts``' generations an interrupted calibration kept in ``store`` (what
+        :meth:`resume` will take back where the methods also match; 0 under torchrun)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return 0
+        state = store.state(cls.NAME)
+        if not isinstance(state, dict) or not (store.folder / "state" / str(state.get("lut"))).is_file():
+            return 0
+        done = state.get("done", 0)
+        return done if state.get("prompts", [])[:done] == prompts[:done] else 0
+
     def resume(self, tea, mag):
         """``(LUT, prompts done)`` kept by an earlier run of this calibration (its TeaCache pairs and MagCache
         moments put back into ``tea`` / ``mag``), or ``(None, 0)``."""
@@ -289,6 +303,7 @@ class Experiment:
         self.mag_ratios: Optional[list] = None  # MagCache's calibrated ratios [calls per step, steps]
         self.plans: Dict[str, Dict[str, Any]] = {}
         self.warm = False  # a generation (calibration, search, warm-up or run) has run in this process
+        self._partial = 0  # an interrupted calibration's generations, counted in the first progress line
 
     # ------------------------------------------------------------------ one generation
     def _arguments_for(self, entry: PromptEntry) -> inspect.BoundArguments:
@@ -455,12 +470,15 @@ class Experiment:
         runs = [(m, s, e) for e in evaluation for m, s in self.config.runs(steps)]
         calibrated = self.store.state("calibration") is not None
         total = len(runs) + (len(calibration) if needed else 0)
+        self._partial = CalibrationCheckpoint.kept(self.store, [[e.prompt, e.seed] for e in calibration]) \
+            if needed and not calibrated else 0  # an interrupted calibration's generations
         done = sum(self.store.has(run_label(m, s, steps), e) for m, s, e in runs) + (
-            len(calibration) if needed and calibrated else 0)
+            len(calibration) if needed and calibrated else self._partial)
         self.progress = Progress(total, done)
         messages.notice(f"compare: {len(evaluation)} prompts x ({', '.join(self.config.methods)}) x "
                         f"{len(self.config.budgets)} budgets, {self.loop.describe()}; {done} of {total} runs "
-                        f"already in {self.store.folder}")
+                        f"already in {self.store.folder}" + (f" ({self._partial} of them an interrupted "
+                                                              "calibration's)" if self._partial else ""))
         lut, coefficients = self._calibration(calibration, needed, why)
         self._check_plans(lut)
         # what is left, decided once: under torchrun every rank runs the same generations in the same
@@ -543,7 +561,7 @@ class Experiment:
         tea, mag = self._calibrators(wants_tea, wants_mag)
         partial = CalibrationCheckpoint(self.store, used, tea is not None, mag is not None)
         resumed, done = partial.resume(tea, mag)
-        self.progress.done += done
+        self.progress.done += done - self._partial  # (counted in the first line, where it was)
         messages.notice(f"compare: calibrating {why} on {len(prompts)} calibration prompts (full-step), into "
                         f"{self.store.folder / 'state'} (this experiment's own: the config's lut: is not written)"
                         + (f"; {done} of them recorded before, kept" if done else ""))
