@@ -853,6 +853,7 @@ def test_pab_groups_with_their_own_ranges(tmp_path, launcher_state, capsys):
     assert compare(bad) == 2  # said at the first generation call (the launcher's exit status)
     err = capsys.readouterr().err
     assert "pab_groups[1].pattern: 'blocks\\\\.[34]\\\\.attention' matches no module of the VideoDiT" in err, err
+    assert "(names look like 'blocks.0.attn', 'blocks.1.attn', 'blocks.2.attn', ...)" in err  # (not its embeddings)
     assert not (tmp_path / "out2" / "runs").exists()
     malformed = write(tmp_path, text.replace("blocks\\.[34]\\.attn", "blocks[").replace("output: out",
                                                                                        "output: out3"), "m.yaml")

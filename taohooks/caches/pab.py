@@ -52,11 +52,16 @@ def modules_matching(model, pattern: str, what: str = "pab.groups") -> List[Tupl
     regex = re.compile(pattern)
     matched = [(n, m) for n, m in named if regex.fullmatch(n)]
     if not matched:
-        attention = [n for n, _ in named if "attn" in n.split(".")[-1].lower()]  # what a pattern usually names
-        examples = ", ".join(repr(n) for n in (attention or [n for n, _ in named])[:3])
         raise PABPatternError(f"PAB pattern {pattern!r} ({what}) matches no module of {type(model).__name__} "
-                              f"(names look like {examples}, ...)")
+                              f"(names look like {name_examples(named)}, ...)")
     return matched
+
+
+def name_examples(named: List[Tuple[str, Any]], count: int = 3) -> str:
+    """The first ``count`` attention module names of ``named`` (:func:`module_names`; what a pattern usually
+    names), else the first names, quoted and comma-separated."""
+    attention = [n for n, _ in named if "attn" in n.split(".")[-1].lower()]
+    return ", ".join(repr(n) for n in (attention or [n for n, _ in named])[:count])
 
 
 class PABPatternError(ValueError):

@@ -736,7 +736,7 @@ class Experiment:
         """At the first generation call, before any run: every PAB pattern names modules of the model."""
         if not PAB_METHODS & set(self.config.methods):
             return
-        from ..caches.pab import PABPatternError, module_names, modules_matching
+        from ..caches.pab import PABPatternError, module_names, modules_matching, name_examples
 
         patterns = ([(f"pab_groups[{i}].pattern", g.pattern) for i, g in enumerate(self.config.pab_groups)]
                     if self.config.pab_groups else [("methods", self.target.attention)])
@@ -744,10 +744,9 @@ class Experiment:
             try:
                 modules_matching(self.model, pattern, key)
             except PABPatternError:
-                names = [n for n, _ in module_names(self.model)]
                 raise ConfigError(self.config.source, key, f"{pattern!r} matches no module of the "
                                   f"{type(self.model).__name__} this script runs (names look like "
-                                  f"{', '.join(repr(n) for n in names[:3])}, ...)") from None
+                                  f"{name_examples(module_names(self.model))}, ...)") from None
 
     def _pab_record(self) -> dict:
         """What a PAB run records of its settings."""
