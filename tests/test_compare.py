@@ -662,6 +662,20 @@ def test_wan22_two_experts_through_compare(tmp_path):
     assert len(hybrid) == 2 and all(r["skipped_calls"] > 0 for r in hybrid)
     pab = [r for r in records if r["method"] == "pab"]  # both experts' self-attention, per expert
     assert len(pab) == 2 and all(r["skipped_calls"] == 0 and r["pab_range"] == 2 for r in pab)
+    # each expert's share of the skips (taocache plan says it; compare said only the total), the switch in meta
+    assert results["meta"]["expert_switch"] == 13
+    for r in tao + mag + tea:
+        high = sum(s < 13 for s, _ in r["skipped_schedule"]) / 26  # 13 steps x 2 calls
+        low = sum(s >= 13 for s, _ in r["skipped_schedule"]) / 14
+        assert r["skipped_per_expert"] == {"high_noise": pytest.approx(high), "low_noise": pytest.approx(low)}
+    assert tao[0]["skipped_per_expert"] == {"high_noise": pytest.approx(6 / 26), "low_noise": 0}  # window 10-12
+    row = next(a for a in results["aggregates"] if a["method"] == "teacache")  # the mean over the prompts
+    assert row["skipped_per_expert"] == {e: pytest.approx(sum(r["skipped_per_expert"][e] for r in tea) / 2)
+                                         for e in ("high_noise", "low_noise")}
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| % calls skipped | % high / low-noise expert | LPIPS" in table
+    assert "Two experts: high-noise steps 0-12, low-noise from step 13" in table
+    assert "| 23.1 / 0.0% |" in table  # taocache's 3 skips, both streams, in the high-noise expert
 
 
 

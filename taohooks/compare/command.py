@@ -129,6 +129,7 @@ def _run_locked(experiment_path, script, config, tao_path, tao, writer) -> int:
         return 0
     meta = {"experiment": str(experiment_path), "script": list(script), "integration": tao.integration,
             "model_id": tao.model_id, "loop": experiment.loop.describe(), "config": config.to_dict(),
+            "expert_switch": experiment.expert_switch,
             "calibration": experiment.store.state("calibration"),
             "teacache_proxy": (getattr(experiment, "tea_provenance", None) or experiment.target.tea_source)
             if TEA_METHODS & set(config.methods) else None,

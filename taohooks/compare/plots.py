@@ -3,7 +3,8 @@
 - ``quality_vs_speedup.png``: PSNR and SSIM against the measured speedup, one line per method
   (points in budget order); from ``results.json`` alone.
 - ``skip_schedule.png``: which steps each method x budget skipped, rows x steps, the shade the
-  fraction of that step's calls skipped over all prompts and streams; from ``results.json`` alone.
+  fraction of that step's calls skipped over all prompts and streams, a red line at Wan2.2's expert
+  switch; from ``results.json`` alone.
 - ``strip.png``: the first prompts' videos side by side, full-step first, then each method at the
   largest budget (up to 4 frames each); needs the stored runs.
 - ``side_by_side.gif``: the same videos playing, one row per method, one column per prompt (an
@@ -57,6 +58,10 @@ def write_plots(results: Dict[str, Any], folder) -> List[Path]:
         fig, ax = plt.subplots(figsize=(max(6, steps * 0.18), 0.4 * len(labels) + 1.2))
         ax.imshow(grid.numpy(), aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
         ax.set_yticks(range(len(labels)), [f"{m} {s}/{steps}" for m, s in labels])
+        switch = meta.get("expert_switch")
+        if switch is not None:  # Wan2.2's A14B tasks: where the low-noise expert takes over
+            ax.axvline(switch - 0.5, color="tab:red", linewidth=1.5)
+            ax.text(switch - 0.5, -0.6, " expert switch", color="tab:red", fontsize=8, va="bottom")
         ax.set_xlabel("step (black: every call of the step skipped)")
         fig.tight_layout()
         save_figure(fig, folder / "skip_schedule.png", dpi=110)

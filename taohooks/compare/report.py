@@ -4,7 +4,9 @@
 prompt x method x budget (the full-step reference is method ``full``, budget 0) with the metrics of
 :mod:`taohooks.compare.scoring`, wall time, calls and skipped calls (and which: step, stream);
 one aggregate per method x budget: metric means over the prompts, and the speedup, the summed
-wall time of the references over that of the method on the same prompts.
+wall time of the references over that of the method on the same prompts. On Wan2.2's two experts
+(``meta.expert_switch``: the first low-noise step) each also has ``skipped_per_expert``: the share of
+each expert's calls skipped.
 ``results.md``: the aggregates in the layout of the paper's Tables 1-3.
 ``taocache compare --report FOLDER`` rebuilds ``results.md`` from ``results.json`` alone.
 """
@@ -69,6 +71,9 @@ def build_results(config: ExperimentConfig, store: RunStore, steps: int, meta: D
                            "skipped_per_stream": {s: _mean([r["skipped_per_stream"].get(s, 0) for r in rows])
                                                   for s in dict.fromkeys(k for r in rows
                                                                          for k in r["skipped_per_stream"])},
+                           **({"skipped_per_expert": {e: _mean([r["skipped_per_expert"][e] for r in rows])
+                                                      for e in ("high_noise", "low_noise")}}
+                              if rows and all("skipped_per_expert" in r for r in rows) else {}),
                            "peak_memory_bytes": max((r["peak_memory_bytes"] or 0 for r in rows), default=0) or None,
                            **{k: _mean([r[k] for r in rows]) for k in METRICS},
                            "latent_prompts": sum(r["latent_rel_l2"] is not None for r in rows),  # the mean's prompts
@@ -107,16 +112,21 @@ def markdown_table(results: Dict[str, Any]) -> str:
     meta, rows = results["meta"], results["aggregates"]
     full = [r for r in results["records"] if r["method"] == "full"]
     latents = any(r.get("latent_rel_l2") is not None for r in rows)
+    switch = meta.get("expert_switch")
+    experts = switch is not None and any("skipped_per_expert" in r for r in rows)
     lines = [f"### `taocache compare`: {meta.get('integration', '?')}, {meta.get('loop', '')}", "",
              f"{len(full)} prompts; full-step reference {sum(r['seconds'] for r in full):.2f} s in all"
              + (f" (timed on {len(meta['devices'])} devices, {', '.join(meta['devices'])}: the speedups mix them)"
                 if len(meta.get("devices") or []) > 1 else "") + ". PSNR: "
              "per-frame mean capped at 100 dB; pooled: one MSE over all frames; changed: frames equal to the "
              "reference left out." + (" Latent rel. L2: the final latents against the reference's." if latents
-                                      else ""), "",
-             "| budget | method | speedup | % calls skipped | LPIPS ↓ | SSIM ↑ | PSNR ↑ (dB) | PSNR pooled | "
-             "PSNR changed |" + (" latent rel. L2 ↓ |" if latents else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if latents else "")]
+                                      else "")
+             + (f" Two experts: high-noise steps 0-{switch - 1}, low-noise from step {switch}; the share of each "
+                "one's calls skipped." if experts else ""), "",
+             "| budget | method | speedup | % calls skipped |" + (" % high / low-noise expert |" if experts else "")
+             + " LPIPS ↓ | SSIM ↑ | PSNR ↑ (dB) | PSNR pooled | PSNR changed |"
+             + (" latent rel. L2 ↓ |" if latents else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if experts else "") + ("---|" if latents else "")]
     implausible = []
     for r in sorted(rows, key=lambda r: (r["budget"], r["method"])):
         mark = ""
@@ -125,7 +135,7 @@ def markdown_table(results: Dict[str, Any]) -> str:
             implausible.append(f"{r['method']} at {r['skips']}/{r['steps']}")
         lines.append(f"| {r['skips']}/{r['steps']} ({100 * r['budget']:.0f}%) | {r['method']} | "
                      f"{_fmt(r['speedup'], '.3f')}x{mark} | {100 * r['skipped_fraction']:.1f}% | "
-                     f"{_fmt(r['lpips'], '.4f')} | "
+                     + (f"{_per_expert(r)} | " if experts else "") + f"{_fmt(r['lpips'], '.4f')} | "
                      f"{_fmt(r['ssim'], '.4f')} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['psnr_pooled'], '.2f')} | "
                      f"{_fmt(r['psnr_changed'], '.2f')} |" + (f" {_fmt(r.get('latent_rel_l2'), '.4f')} |" if latents
                                                                 else ""))
@@ -135,6 +145,11 @@ def markdown_table(results: Dict[str, Any]) -> str:
                       f"({', '.join(implausible)}; a loaded machine, or runs timed in different processes): time "
                       "again on an idle machine before quoting it."]
     return "\n".join(lines) + "\n"
+
+
+def _per_expert(row: Dict[str, Any]) -> str:
+    shares = row.get("skipped_per_expert")
+    return "n/a" if shares is None else f"{100 * shares['high_noise']:.1f} / {100 * shares['low_noise']:.1f}%"
 
 
 def _implausible_speedup(row: Dict[str, Any]) -> bool:

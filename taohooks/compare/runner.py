@@ -85,18 +85,27 @@ class Generation:
     peak_memory_bytes: Optional[int] = None  # CUDA only
     latents: Optional[torch.Tensor] = None  # the final latents the script decoded, where the target records them
 
-    def record(self) -> Dict[str, Any]:
+    def record(self, steps: Optional[int] = None, switch: Optional[int] = None) -> Dict[str, Any]:
+        """What a run records; with ``switch`` (Wan2.2's first low-noise step, of ``steps``) also
+        ``skipped_per_expert``: the share of each expert's calls skipped."""
         per_stream: Dict[str, float] = {}
-        for (_, streams), fraction in zip(self.skipped, self.fractions or [1] * len(self.skipped)):
+        per_expert = {"high_noise": 0.0, "low_noise": 0.0}
+        for (step, streams), fraction in zip(self.skipped, self.fractions or [1] * len(self.skipped)):
             for stream in streams.split("+"):
                 per_stream[stream] = per_stream.get(stream, 0) + fraction
+            per_expert["high_noise" if switch is None or step < switch else "low_noise"] += fraction
         per_stream = {k: int(v) if float(v).is_integer() else v for k, v in per_stream.items()}
         skipped = len(self.skipped) if self.skipped_calls is None else self.skipped_calls
         skipped = int(skipped) if float(skipped).is_integer() else skipped
-        return {"seconds": round(self.seconds, 6), "calls": self.calls, "skipped_calls": skipped,
-                "skipped_fraction": skipped / self.calls if self.calls else 0.0,
-                "skipped_per_stream": per_stream, "skipped_schedule": [list(s) for s in self.skipped],
-                "peak_memory_bytes": self.peak_memory_bytes}
+        record = {"seconds": round(self.seconds, 6), "calls": self.calls, "skipped_calls": skipped,
+                  "skipped_fraction": skipped / self.calls if self.calls else 0.0,
+                  "skipped_per_stream": per_stream, "skipped_schedule": [list(s) for s in self.skipped],
+                  "peak_memory_bytes": self.peak_memory_bytes}
+        if switch is not None and steps:
+            per_step = self.calls / steps  # (calls of one step, over its streams)
+            record["skipped_per_expert"] = {"high_noise": per_expert["high_noise"] / (switch * per_step),
+                                            "low_noise": per_expert["low_noise"] / ((steps - switch) * per_step)}
+        return record
 
 
 def _as_rank_zero_has_it(value: Any) -> Any:
@@ -304,6 +313,7 @@ class Experiment:
         self.plans: Dict[str, Dict[str, Any]] = {}
         self.warm = False  # a generation (calibration, search, warm-up or run) has run in this process
         self._partial = 0  # an interrupted calibration's generations, counted in the first progress line
+        self.expert_switch: Optional[int] = None  # the first low-noise step of Wan2.2's two experts, once known
 
     # ------------------------------------------------------------------ one generation
     def _arguments_for(self, entry: PromptEntry) -> inspect.BoundArguments:
@@ -480,6 +490,8 @@ class Experiment:
                         f"already in {self.store.folder}" + (f" ({self._partial} of them an interrupted "
                                                               "calibration's)" if self._partial else ""))
         lut, coefficients = self._calibration(calibration, needed, why)
+        guard = self._expert_guard(lut)
+        self.expert_switch = guard[0] if guard else None  # (Wan2.2's A14B tasks: the first low-noise step)
         self._check_plans(lut)
         # what is left, decided once: under torchrun every rank runs the same generations in the same
         # order (their collectives must match) while only rank 0 writes
@@ -492,7 +504,7 @@ class Experiment:
                                 "the process's first generation would time slower)")
                 self.generate([], entry)
             generation = self.generate(callbacks, entry)
-            record = {"method": method, "skips": skips, "steps": steps, **generation.record(),
+            record = {"method": method, "skips": skips, "steps": steps, **generation.record(steps, self.expert_switch),
                       "device": device_name(),
                       **self.thresholds.get(label, {}), **self.plans.get(label, {})}
             self.store.save(label, entry, generation.video, record, latents=generation.latents)
@@ -764,15 +776,20 @@ class Experiment:
     def _tao_plan(self, lut, skips: int, rule: Optional[str] = None):
         """The TaoCache config's plan for ``skips`` skips (``rule`` overriding its rule), the expert
         switch guarded."""
-        from ..taocache.cache import expert_guard, make_plan
+        from ..taocache.cache import make_plan
 
         plan_config = dataclasses.replace(self.tao.plan, budget=skips, window=None, skip_steps=None)
         if rule == "auto":  # the error-aware plan on the same LUT
             plan_config = dataclasses.replace(plan_config, rule="auto", refresh_every=None, tau_cos=None,
                                               ratio="calibrated", refresh="chain")
-        # (the run's own timesteps place the switch; a LUT's may be another shift's, the stand-in's are none)
-        guard = expert_guard(lut, self.expert_boundary, self.run_timesteps) if self.expert_boundary else ()
-        return make_plan(plan_config, self.loop.steps, self.loop.streams, lut, unskippable=guard)
+        return make_plan(plan_config, self.loop.steps, self.loop.streams, lut, unskippable=self._expert_guard(lut))
+
+    def _expert_guard(self, lut) -> Tuple[int, ...]:
+        """The steps right after Wan2.2's expert switch (none with one model): the run's own timesteps place
+        it, else ``lut``'s (a LUT's may be another shift's; the stand-in's are none)."""
+        from ..taocache.cache import expert_guard
+
+        return expert_guard(lut, self.expert_boundary, self.run_timesteps) if self.expert_boundary else ()
 
     def _tea_maker(self, coefficients) -> Callable[..., List[Callback]]:
         """``make(threshold, max_step=None)``: TeaCache's callbacks, the authors' own where the target
