@@ -898,20 +898,30 @@ def test_methods_a_target_cannot_run_are_refused_before_the_script(tmp_path, mon
         check_before_run(config, taocache_config_of(config)[1])
 
 
-def test_changed_run_settings_are_refused_on_resume(tmp_path, launcher_state, capsys):
+def test_changed_run_settings_are_refused_on_resume(tmp_path, launcher_state, capsys, monkeypatch):
     """A stored run depends on more than its method and budget (here EasyCache's warm-up): a folder
-    made with other settings is refused before any generation, not reused under the new settings."""
+    made with other settings is refused before any generation, not reused under the new settings, and
+    before the script loads its model (it was refused at the first generation call: minutes on A14B)."""
     text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, easycache]").replace(
         "budgets: [0.2, 0.3]", "budgets: [0.3]\neasycache_warmup: 2").replace(
         "  - {prompt: \"a green square moving up, with a static blue dot\", seed: 10001}\n", "")
     assert compare(write(tmp_path, text)) == 0
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").rglob("*.safetensors")}
     capsys.readouterr()
+    from taohooks.testbed.model import VideoDiT
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the script loaded its model")
+
+    monkeypatch.setattr(VideoDiT, "from_pretrained", no_model)
     assert compare(write(tmp_path, text.replace("easycache_warmup: 2", "easycache_warmup: 5"))) == 2
     err = capsys.readouterr().err
     assert "easycache_warmup: this output folder holds runs made with easycache_warmup = 2, this experiment has 5" \
         in err and "taocache compare: " in err and "taocache-run" not in err  # the command the user ran
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").rglob("*.safetensors")} == files
+    exp = write(tmp_path, text)  # the same experiment, another script line
+    assert cli.main(["compare", str(exp), "--", str(SCRIPT), "--model", "flow", "--steps", "12"]) == 2
+    assert "experiment.json: script: this output folder holds runs made with script = [" in capsys.readouterr().err
 
 
 def test_a_budget_no_taocache_plan_fits_is_said_before_the_runs(tmp_path, launcher_state, capsys):

@@ -105,9 +105,14 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
 
 
 def _run_locked(experiment_path, script, config, tao_path, tao, writer) -> int:
-    from ..run import main as run_main
+    from ..run import _say, main as run_main
 
     experiment = Experiment(config, tao, script)
+    try:
+        experiment.check_folder_before_the_script()
+    except ConfigError as exc:  # said as the launcher says the same finding at the first generation call
+        _say("taocache compare", exc)
+        return 2
     with intercept_generations(experiment):
         try:
             code = run_main(list(script) + ["--taocache", str(tao_path)], prog="taocache compare")

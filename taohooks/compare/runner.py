@@ -362,6 +362,19 @@ class Experiment:
                           fractions=recorder.fractions,
                           peak_memory_bytes=peak, latents=latents[0] if latents and self.store.writer else None)
 
+    def check_folder_before_the_script(self) -> None:
+        """The output folder's experiment.json against what is known before the script loads its model (the
+        script line, the integration, the settings of the experiment and TaoCache configs), so that a folder of
+        another experiment is refused in seconds, not after the model has loaded (the rest is checked at the
+        first generation call)."""
+        settings = {k: v for k, v in self._run_settings().items() if k not in ("magcache_k", "magcache_retention")}
+        self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration, **settings},
+                                    optional=self._optional_settings(), partial=True)  # (magcache's: call-dependent)
+
+    def _optional_settings(self) -> Tuple[str, ...]:
+        """Settings recorded only while a method reading them is listed (see :meth:`RunStore.check_experiment`)."""
+        return ("pab_groups", "lut", *METHOD_SETTINGS, *(f"plan.{f.name}" for f in dataclasses.fields(self.tao.plan)))
+
     def _run_settings(self) -> Dict[str, Any]:
         """What a stored run (or matched threshold) depends on besides its method and budget: the TaoCache
         plan and calibration settings, the LUT it reads, the methods' own settings. A folder whose runs were
@@ -470,9 +483,7 @@ class Experiment:
                                      "call": _as_rank_zero_has_it(call_settings(
                                          arguments, (self.target.prompt_arg, self.target.seed_arg))),
                                      **self._run_settings()},
-                                    optional=("pab_groups", "lut", *METHOD_SETTINGS,
-                                              *(f"plan.{f.name}" for f in dataclasses.fields(self.tao.plan))),
-                                    grown=("model",), alike=self._alike_settings())
+                                    optional=self._optional_settings(), grown=("model",), alike=self._alike_settings())
         self._check_stored_thresholds(calibration)  # (after: a folder of another experiment is said as such)
         evaluation = self.config.evaluation_prompts()
         steps = self.loop.steps

@@ -145,13 +145,15 @@ class RunStore:
             return
         atomic_write_bytes(self.folder / "state" / f"{name}.json", json.dumps(value, indent=1).encode())
 
-    def check_experiment(self, fingerprint: Dict[str, Any], optional=(), grown=(), alike=None) -> None:
+    def check_experiment(self, fingerprint: Dict[str, Any], optional=(), grown=(), alike=None,
+                         partial: bool = False) -> None:
         """Record what this folder's runs are of; a folder holding another experiment's runs is an error.
         ``optional``: settings recorded only while a method reading them is listed; one on one side only
         is no change (experiment.json keeps every one recorded, so a method listed again is checked).
         ``grown``: dict settings that record more entries than earlier versions did (the model's identity): an
         entry the folder did not record is no change. ``alike``: ``{setting: values}`` that make the same runs
-        (unset and the default it stands for)."""
+        (unset and the default it stands for). ``partial``: ``fingerprint`` holds only some settings (those known
+        before the script loads its model): the ones the folder recorded are checked, nothing is written."""
         path = self.folder / "experiment.json"
         alike = alike or {}
 
@@ -169,7 +171,8 @@ class RunStore:
         if path.is_file():
             old = json.loads(path.read_text())
             current = "calibration.sampler" in old  # written by a taohooks that records the run settings
-            changed = [k for k in sorted(set(old) | set(fingerprint)) if not same(k)
+            keys = set(old) & set(fingerprint) if partial else set(old) | set(fingerprint)
+            changed = [k for k in sorted(keys) if not same(k)
                        and not (current and k in optional and (k not in old or k not in fingerprint))]
             if changed:
                 k = changed[0]
@@ -188,8 +191,8 @@ class RunStore:
 
                 raise ConfigError(str(path), k, f"this output folder holds runs made with {k} = {said(was)}, this "
                                   f"experiment has {said(now)}; use another output folder (or delete it)")
-            if self.writer and set(fingerprint) - set(old):
+            if self.writer and not partial and set(fingerprint) - set(old):
                 atomic_write_bytes(path, json.dumps({**old, **fingerprint}, indent=1).encode())
             return
-        if self.writer:
+        if self.writer and not partial:
             atomic_write_bytes(path, json.dumps(fingerprint, indent=1).encode())
