@@ -922,6 +922,24 @@ def test_changed_run_settings_are_refused_on_resume(tmp_path, launcher_state, ca
     exp = write(tmp_path, text)  # the same experiment, another script line
     assert cli.main(["compare", str(exp), "--", str(SCRIPT), "--model", "flow", "--steps", "12"]) == 2
     assert "experiment.json: script: this output folder holds runs made with script = [" in capsys.readouterr().err
+    # what no run depends on (the prompt and seeds compare replaces, the output file) may differ: the folder is taken
+    monkeypatch.undo()
+    assert cli.main(["compare", str(exp), "--", str(SCRIPT), "--model", "flow", "--steps", str(STEPS),
+                     "--prompt", "a cat", "--seeds", "1", "2", "--out=" + str(tmp_path / "other.png")]) == 0
+    assert "; 2 of 2 runs already in " in capsys.readouterr().err  # nothing run again
+
+
+def test_the_script_line_is_compared_without_the_flags_no_run_depends_on():
+    from taohooks.compare.targets import target_for
+
+    wan = target_for("wan22").comparable_script
+    line = ["generate.py", "--task", "t2v-A14B", "--prompt", "a cat", "--base_seed", "-1", "--offload_model=True",
+            "--save_file", "x.mp4", "--sample_steps", "40"]
+    assert wan(line) == ["generate.py", "--task", "t2v-A14B", "--sample_steps", "40"]
+    assert wan(["generate.py", "--prompt_extend_model", "m"]) == ["generate.py", "--prompt_extend_model", "m"]
+    osp = target_for("opensora_plan").comparable_script  # nargs='+': every value up to the next option
+    assert osp(["s.py", "--text_prompt", "a", "b", "--num_frames", "65"]) == ["s.py", "--num_frames", "65"]
+    assert target_for("latte").comparable_script(["s.py", "--config", "c.yaml"]) == ["s.py", "--config", "c.yaml"]
 
 
 def test_a_budget_no_taocache_plan_fits_is_said_before_the_runs(tmp_path, launcher_state, capsys):

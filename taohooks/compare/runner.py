@@ -369,7 +369,8 @@ class Experiment:
         first generation call)."""
         settings = {k: v for k, v in self._run_settings().items() if k not in ("magcache_k", "magcache_retention")}
         self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration, **settings},
-                                    optional=self._optional_settings(), partial=True)  # (magcache's: call-dependent)
+                                    optional=self._optional_settings(), partial=True,  # (magcache's: call-dependent)
+                                    comparable={"script": self.target.comparable_script})
 
     def _optional_settings(self) -> Tuple[str, ...]:
         """Settings recorded only while a method reading them is listed (see :meth:`RunStore.check_experiment`)."""
@@ -483,7 +484,8 @@ class Experiment:
                                      "call": _as_rank_zero_has_it(call_settings(
                                          arguments, (self.target.prompt_arg, self.target.seed_arg))),
                                      **self._run_settings()},
-                                    optional=self._optional_settings(), grown=("model",), alike=self._alike_settings())
+                                    optional=self._optional_settings(), grown=("model",), alike=self._alike_settings(),
+                                    comparable={"script": self.target.comparable_script})
         self._check_stored_thresholds(calibration)  # (after: a folder of another experiment is said as such)
         evaluation = self.config.evaluation_prompts()
         steps = self.loop.steps

@@ -146,20 +146,24 @@ class RunStore:
         atomic_write_bytes(self.folder / "state" / f"{name}.json", json.dumps(value, indent=1).encode())
 
     def check_experiment(self, fingerprint: Dict[str, Any], optional=(), grown=(), alike=None,
-                         partial: bool = False) -> None:
+                         partial: bool = False, comparable=None) -> None:
         """Record what this folder's runs are of; a folder holding another experiment's runs is an error.
         ``optional``: settings recorded only while a method reading them is listed; one on one side only
         is no change (experiment.json keeps every one recorded, so a method listed again is checked).
         ``grown``: dict settings that record more entries than earlier versions did (the model's identity): an
         entry the folder did not record is no change. ``alike``: ``{setting: values}`` that make the same runs
-        (unset and the default it stands for). ``partial``: ``fingerprint`` holds only some settings (those known
-        before the script loads its model): the ones the folder recorded are checked, nothing is written."""
+        (unset and the default it stands for). ``comparable``: ``{setting: f}``, the setting compared as ``f`` of
+        it, both sides (the script line without the flags no run depends on), and said as given. ``partial``:
+        ``fingerprint`` holds only some settings (those known before the script loads its model): the ones the
+        folder recorded are checked, nothing is written."""
         path = self.folder / "experiment.json"
-        alike = alike or {}
+        alike, comparable = alike or {}, comparable or {}
 
         def compared(k):
             """The folder's value of ``k`` and this experiment's, less the entries a grown setting did not record."""
             was, now = old.get(k), fingerprint.get(k)
+            if k in comparable and was is not None and now is not None:
+                was, now = comparable[k](was), comparable[k](now)
             if k in grown and isinstance(was, dict) and isinstance(now, dict):
                 now = {sub: v for sub, v in now.items() if sub in was}
             return was, now
@@ -180,7 +184,7 @@ class RunStore:
                     raise ConfigError(str(path), k, f"this output folder was made by an earlier taohooks, which did "
                                       f"not record {k} (this experiment has {fingerprint.get(k)!r}); its runs cannot "
                                       "be checked against this experiment: use another output folder (or delete it)")
-                was, now = compared(k)
+                was, now = (old.get(k), fingerprint.get(k)) if k in comparable else compared(k)
                 if isinstance(was, dict) and isinstance(now, dict):  # name the entry that differs (call settings)
                     sub = next(s for s in sorted(set(was) | set(now)) if was.get(s) != now.get(s))
                     k, was, now = f"{k}.{sub}", was.get(sub, "(not given)"), now.get(sub, "(not given)")

@@ -205,6 +205,24 @@ class Target:
     # records the final latents (before the VAE) during a generation: (generate's arguments) -> a context
     # manager yielding a list that holds them afterwards (empty when the script did not decode)
     latents_during: Optional[Callable[[dict], ContextManager[List[torch.Tensor]]]] = None
+    # the script's flags whose values no compared run depends on (the prompt and seed compare replaces, the
+    # output file, Wan's model offloading): left out where an output folder's script line is compared
+    neutral_flags: Tuple[str, ...] = ()
+
+    def comparable_script(self, argv: List[str]) -> List[str]:
+        """``argv`` (the script and its arguments) without :attr:`neutral_flags` and their values (``--flag v``,
+        ``--flag=v``, or every value up to the next option of an ``nargs='+'`` flag)."""
+        kept, skipping = [], False
+        for word in argv:
+            if word.startswith("--"):
+                name = word.split("=", 1)[0]
+                skipping = name in self.neutral_flags and "=" not in word  # (its values follow)
+                if name in self.neutral_flags:
+                    continue
+            elif skipping:
+                continue
+            kept.append(word)
+        return kept
 
     def video(self, result: Any) -> torch.Tensor:
         video = self.video_of(result)
@@ -219,21 +237,25 @@ LATTE_STACKS = ("transformer_blocks", "temporal_transformer_blocks")  # spatial 
 # broadcasts cross-attention: the YAML's pab: section has per-group ranges)
 LATTE_SELF_ATTENTION = r"(temporal_)?transformer_blocks\.\d+\.attn1"
 
+# Wan's generate.py: the prompt and seed compare replaces, the output file, whether the model waits on the CPU
+WAN_NEUTRAL_FLAGS = ("--prompt", "--base_seed", "--save_file", "--offload_model")
+
 TARGETS: Dict[str, Target] = {
     "testbed": Target("prompts", "seeds", _batch_of_clips, "blocks", _testbed_probe,
-                      "the first block's timestep-modulated input, as taocache bench", attention=r"blocks\.\d+\.attn"),
+                      "the first block's timestep-modulated input, as taocache bench", attention=r"blocks\.\d+\.attn",
+                      neutral_flags=("--prompt", "--seeds", "--out")),
     "wan": Target("input_prompt", "seed", _single_video, "blocks", None,
                   "the authors' TeaCache for Wan2.1 (timestep-embedding proxy, published coefficients)",
                   tea_published=_wan21_published_teacache, tea_ret_steps=True,
                   mag_published=_wan21_published_magcache,
-                  attention=r"blocks\.\d+\.self_attn", latents_during=_wan_latents),
+                  attention=r"blocks\.\d+\.self_attn", latents_during=_wan_latents, neutral_flags=WAN_NEUTRAL_FLAGS),
     "wan22": Target("input_prompt", "seed", _single_video, "blocks", _wan22_e_probe,
                     "TeaCache fitted here (TeaCache publishes no Wan2.2 coefficients): the proxy of TeaCache4Wan2.1's "
                     "use_ret_steps variant (the time projection e0 the first block receives, its last token), a "
                     "polynomial per expert (the A14B tasks; one for TI2V-5B) fitted on the calibration prompts, "
                     "accumulators per expert, the first and the last step computed",
                     mag_published=_wan22_published_magcache, attention=r"blocks\.\d+\.self_attn",
-                    latents_during=_wan_latents),
+                    latents_during=_wan_latents, neutral_flags=WAN_NEUTRAL_FLAGS),
     "latte": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                     "the authors' TeaCache for Latte-1 (TeaCache's eval script, published coefficients)",
                     tea_published=_latte_published_teacache("latte"), exit="norm_out", attention=LATTE_SELF_ATTENTION,
@@ -242,7 +264,7 @@ TARGETS: Dict[str, Target] = {
                             "the authors' TeaCache for Open-Sora-Plan v1.1 (TeaCache's eval script, published "
                             "coefficients)", tea_published=_latte_published_teacache("opensora_plan"),
                             exit="norm_out", attention=LATTE_SELF_ATTENTION,
-                    latents_during=_pipeline_latents),
+                            latents_during=_pipeline_latents, neutral_flags=("--text_prompt", "--save_img_path")),
 }
 
 
