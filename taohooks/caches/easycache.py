@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..runtime import messages
 from ..runtime.callbacks import Callback
-from ..runtime.structure import flatten_output
+from ..runtime.structure import flatten_output, float32_leaves
 
 __all__ = ["EasyCacheCallback", "SOURCE", "INPUT_KEYWORDS"]
 
@@ -105,7 +105,7 @@ class EasyCacheCallback(Callback):
                                 "the latent's position or keyword")
             x = kwargs[name]
         leaves, _ = flatten_output(x)
-        return [t.detach().float() for t in leaves]
+        return float32_leaves(leaves)  # (copies: the loop may update its latent in place, x -= dt * v)
 
     def on_before_call(self, hook, call, args, kwargs):
         if call.expert != self._expert:  # the loop moved on to another expert: nothing of the last one carries over
@@ -144,7 +144,7 @@ class EasyCacheCallback(Callback):
         if not call.computed:
             return
         leaves, structure = flatten_output(output)
-        v = [t.detach().float() for t in leaves]
+        v = float32_leaves(leaves)  # (copies: the loop may change the output in place, CFG)
         x, self._x = self._x, None
         if x is None:
             return

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import torch
 
 from ..runtime.callbacks import Callback
 from ..runtime.patching import ForwardPatch
@@ -79,6 +80,15 @@ class BroadcastGroup:
         if self.broadcast_range < 1:
             raise ValueError(f"PAB broadcast range must be >= 1, got {self.broadcast_range} for {self.pattern!r}")
         re.compile(self.pattern)
+
+
+def _copy(out: Any) -> Any:
+    """``out`` with its tensors copied (in their dtype; tuples and lists of them too)."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_copy(o) for o in out) if not hasattr(out, "_fields") else type(out)(*map(_copy, out))
+    return out
 
 
 class PyramidAttentionBroadcast(Callback):
@@ -195,9 +205,10 @@ class PyramidAttentionBroadcast(Callback):
                 key = (expert, name, call.streams)
                 if self._in_window and (call.step - self._anchor) % broadcast_range and key in self._cache:
                     self.broadcasts += 1
-                    return self._cache[key]
+                    return _copy(self._cache[key])
                 out = inner(*args, **kwargs)
-                self._cache[key] = out
+                # copies, in and out: a block may change its attention's output in place (a.mul_(gate))
+                self._cache[key] = _copy(out)
                 return out
             return forward
         return make

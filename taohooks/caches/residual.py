@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..runtime import messages
 from ..runtime.callbacks import Callback
 from ..runtime.patching import ForwardPatch
 
@@ -91,6 +92,8 @@ class BlockStackCache(Callback):
         self._reuse: Optional[Tensor] = None  # per sample, bool [S]; None: compute everything
         self.partial = False  # in this call the blocks run on some samples' rows only (others reuse)
         self._x_in: Optional[Tensor] = None
+        self._x_version: Optional[int] = None  # the input's version counter at the stack's entry
+        self.copy_input = False  # the stack changes its input in place (h += f(h)): keep a copy of it
         self.hook = None
 
     # ------------------------------------------------------------------ to override
@@ -206,7 +209,7 @@ class BlockStackCache(Callback):
     # ------------------------------------------------------------------ the stack's ends
     def _enter(self, call, block, args, kwargs, x: Tensor) -> None:
         """At the first block of a call: ask :meth:`decide`, keep the input."""
-        self._entered, self._x_in = True, x
+        self._entered, self._x_in, self._x_version = True, (x.clone() if self.copy_input else x), _version(x)
         expert = self._expert_of.get(id(block), 0)
         if expert != self.expert:  # the loop moved on to another expert: its residuals are not used again
             self._residuals = {k: v for k, v in self._residuals.items() if k[0] == expert}
@@ -240,6 +243,13 @@ class BlockStackCache(Callback):
                                f"from its input {tuple(() if x_in is None else x_in.shape)}; set `exit` to the module "
                                "that receives the output in the input's layout")
         if self._reuse is None:  # computed
+            if not self.copy_input and _changed_in_place(x_in, self._x_version, out):
+                # out - in would be 0 (or a part of it): nothing kept from this call, a copy of the input from now on
+                self.copy_input = True
+                self._residuals.pop((self.expert, call.streams), None)
+                messages.notice(f"{type(self).__name__}: the block stack changes its input in place (a residual added "
+                                "with +=); it keeps a copy of the input of each call from now on, to reuse out - in")
+                return out
             residual = out.detach().float() - x_in.detach().float()
             self._residuals[(self.expert, call.streams)] = residual
             self.on_residual(call, residual)
@@ -307,6 +317,23 @@ class BlockStackCache(Callback):
                 return inner(self._leave(call, args[0]), *args[1:], **kwargs)
             return forward
         return make
+
+
+def _version(t: Tensor) -> Optional[int]:
+    """``t``'s version counter (bumped by every in-place change), or ``None`` for an inference-mode tensor."""
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors count no versions
+        return None
+
+
+def _changed_in_place(x_in: Tensor, version: Optional[int], out: Tensor) -> bool:
+    """Whether the stack changed its input ``x_in`` in place: its version moved (or, in inference mode, where no
+    version is counted, the output is the input's own storage: ``h += f(h)`` returned ``h``)."""
+    now = _version(x_in)
+    if version is not None and now is not None:
+        return now != version
+    return out.data_ptr() == x_in.data_ptr()
 
 
 class ResidualSkipCallback(BlockStackCache):

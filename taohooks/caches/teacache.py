@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .residual import BlockStackCache
 from ..runtime import messages
-from ..runtime.structure import flatten_output
+from ..runtime.structure import flatten_output, float32_copy, float32_leaves
 
 __all__ = ["TeaCacheCallback", "TeaCacheCalibrator", "relative_l1", "Probe"]
 
@@ -127,7 +127,7 @@ class TeaCacheCallback(BlockStackCache):
         self._acc = {k: v for k, v in self._acc.items() if k[0] == expert}  # (their proxies can be large)
 
     def decide(self, call, block, args, kwargs) -> List[bool]:
-        proxy = (self.probe(block, args, kwargs) if self.probe else args[self.hidden_arg]).detach().float()
+        proxy = float32_copy(self.probe(block, args, kwargs) if self.probe else args[self.hidden_arg])
         item = self.samples_of_rows(proxy.shape[0]) if self.per_sample else None
         count = 1 if item is None else self.samples()
         state = self._acc.setdefault((self.expert, call.streams), _Accumulator())
@@ -172,12 +172,12 @@ class TeaCacheCalibrator(BlockStackCache):
         self._previous = {k: v for k, v in self._previous.items() if k[0] == expert}
 
     def decide(self, call, block, args, kwargs) -> bool:
-        self._proxy = (self.probe(block, args, kwargs) if self.probe else args[self.hidden_arg]).detach().float()
+        self._proxy = float32_copy(self.probe(block, args, kwargs) if self.probe else args[self.hidden_arg])
         return False
 
     def on_after_call(self, hook, call, output) -> None:
         proxy, self._proxy = self._proxy, None
-        leaves = [t.detach().float() for t in flatten_output(output)[0]]
+        leaves = float32_leaves(flatten_output(output)[0])  # (copies: the loop may change the output in place)
         # one pair per sample where the proxy's rows and the (single) output's rows map onto samples
         item = self.samples_of_rows(proxy.shape[0]) if self.per_sample and proxy is not None else None
         out_item = self.samples_of_rows(leaves[0].shape[0]) if item is not None and len(leaves) == 1 else None

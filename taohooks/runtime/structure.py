@@ -15,7 +15,18 @@ from typing import Any, List, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["OutputStructure", "flatten_output", "split_batch", "join_batch"]
+__all__ = ["OutputStructure", "flatten_output", "float32_copy", "float32_leaves", "split_batch", "join_batch"]
+
+
+def float32_copy(t: Tensor) -> Tensor:
+    """A detached float32 copy of ``t``, never ``t`` itself (``.float()`` of a float32 tensor is the tensor, which the
+    loop may then change in place: ``x -= dt * v``, in-place CFG on the model's output)."""
+    return t.detach().to(torch.float32, copy=True)
+
+
+def float32_leaves(leaves: List[Tensor]) -> List[Tensor]:
+    """:func:`float32_copy` of each leaf (never views of the model's output, which the loop may reuse)."""
+    return [float32_copy(t) for t in leaves]
 
 
 class _Leaf:

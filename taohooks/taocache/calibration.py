@@ -37,14 +37,9 @@ from ..runtime.loop import LoopSpec
 from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference, merge_problem
 from .lut_format import check_identity
 from .stats import RunningMoments
-from ..runtime.structure import flatten_output, split_batch
+from ..runtime.structure import flatten_output, float32_leaves, split_batch
 
-__all__ = ["CalibrationRecorder", "delta_statistics", "float32_leaves", "shape_change"]
-
-
-def float32_leaves(leaves: List[Tensor]) -> List[Tensor]:
-    """Detached float32 copies (never views of the model's output, which the loop may reuse)."""
-    return [t.detach().to(torch.float32, copy=True) for t in leaves]
+__all__ = ["CalibrationRecorder", "delta_statistics", "shape_change"]
 
 
 def _per_prompt(t: Tensor, batch_dim: Optional[int]) -> Tensor:

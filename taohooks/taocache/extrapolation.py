@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ..runtime import messages
 from ..runtime.callbacks import Callback
-from .calibration import float32_leaves, shape_change
+from ..runtime.structure import float32_leaves
+from .calibration import shape_change
 from ..runtime.hook import timesteps_match
 from .plan import SkipPlan
 from ..runtime.structure import OutputStructure, flatten_output, join_batch, split_batch
