@@ -49,6 +49,27 @@ def test_batch_elements_count_as_prompts():
     assert lut.num_prompts == 6 and int(lut.cos.count[0, 5]) == 6
 
 
+def test_a_list_output_with_batch_dim_0_is_said(capsys):
+    """Wan's models return one ``[C, F, H, W]`` tensor per sample: with the default batch_dim=0 the 16 channels
+    counted as 16 prompts (a Python-route calibration "complete" after 2 generations) without a word."""
+    class ListOut(torch.nn.Module):
+        def forward(self, x, timestep):
+            return [torch.full((16, 2, 4, 4), 0.9 ** float(timestep))]
+
+    def generate(batch_dim):
+        rec = CalibrationRecorder()
+        with DenoiserHook(LoopSpec(6, ("main",), batch_dim=batch_dim), [rec]).attach(ListOut()) as hook:
+            hook.new_sample()
+            for t in range(6):
+                hook.module([torch.zeros(16, 2, 4, 4)], timestep=torch.tensor([float(t)]))
+        return rec.lut()
+
+    assert generate(0).num_prompts == 16
+    assert "counts as prompts and indexes them in the statistics; a list of one tensor per sample (Wan's) is " \
+        "declared batch_dim=None" in capsys.readouterr().err
+    assert generate(None).num_prompts == 1 and "batch_dim" not in capsys.readouterr().err
+
+
 def test_batched_cfg_halves_are_split_into_streams():
     model = GeometricDenoiser({"uncond": 0.7, "cond": 0.95})
     lut = calibrate(model, 8, ("uncond", "cond"), batch=2, split_batch=True, samples=1)

@@ -148,6 +148,7 @@ class CalibrationRecorder(Callback):
         self._history: Dict[str, _StreamHistory] = {}
         self._generation: Optional[_Generation] = None
         self._said_no_timesteps = False
+        self._said_list = False  # the batch_dim warning of a list output, said once
         self.limit: Optional[int] = None  # prompts after which later generations are not recorded (TaoCache's)
         self.left_out = 0  # prompts the last flush left out: another process had completed the file
         # each rank records prompts of its own (data parallel): what it leaves out is said on that rank
@@ -218,6 +219,13 @@ class CalibrationRecorder(Callback):
             s = loop.streams.index(name)
             if step == 0 and s == 0:
                 gen.prompts += 1 if loop.batch_dim is None else int(eps[0].shape[0])
+                if loop.batch_dim == 0 and isinstance(output, list) and not self._said_list:
+                    self._said_list = True  # (Wan's models: one [C, F, H, W] tensor per sample)
+                    messages.warning(
+                        f"calibration: the model returns a list of {len(eps)} tensor(s) and the loop declares "
+                        f"batch_dim=0, so the first dimension of each ({int(eps[0].shape[0])}) counts as prompts and "
+                        "indexes them in the statistics; a list of one tensor per sample (Wan's) is declared "
+                        "batch_dim=None (attach(..., batch_dim=None)): the whole output is one prompt")
             if gen.bad is None and not all(bool(torch.isfinite(e).all()) for e in eps):
                 gen.bad = (name, step, "its output is not finite (NaN or inf)")
             changed = history.eps is not None and shape_change(history.eps, eps)
