@@ -23,7 +23,7 @@ from ..runtime.callbacks import Callback
 from ..config import PlanConfig, TaoCacheConfig, check_python_config, load_config
 from .extrapolation import TaoCacheCallback
 from ..runtime.hook import DenoiserHook
-from .identity import describe_differences, differences
+from .identity import describe_differences, differences, model_identity
 from .lut_format import check_identity
 from ..runtime.io import check_writable, special_file_kind
 from ..runtime.loop import LoopSpec
@@ -278,6 +278,18 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
                 f"calibration.accept: [{', '.join(keys)}]{where}")
 
 
+def _inner_module(module: nn.Module) -> nn.Module:
+    """The model inside DDP / FSDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers: what
+    a LUT's identity names, wrapped or not."""
+    while True:
+        inner = getattr(module, "_orig_mod", None) if type(module).__name__ == "OptimizedModule" else (
+            getattr(module, "module", None) if type(module).__name__ in (
+                "FullyShardedDataParallel", "DistributedDataParallel", "DataParallel") else None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
 class TaoCache:
     """TaoCache for one model: holds the config, the LUT, the plan and the hook while attached.
 
@@ -392,7 +404,8 @@ class TaoCache:
 
         ``identity`` is what this run is (:mod:`taohooks.taocache.identity`: model, architecture, dtype,
         scheduler, shift, ...): a calibrating run records it in the LUT, a skipping run must match
-        the LUT's, key by key, except the keys in ``calibration.accept``.
+        the LUT's, key by key (those both have), except the keys in ``calibration.accept``. Not given (the
+        Python route), it is ``module``'s model class, architecture and dtype (``model_identity``).
 
         ``also``: more instances whose calls belong to the same loop (Wan2.2's experts); with
         ``expert_boundary`` (a timestep) the model changes where the LUT's timesteps fall below it,
@@ -405,6 +418,8 @@ class TaoCache:
             raise RuntimeError("taohooks: this TaoCache is already attached; detach it first")
         if identity is not None:  # a calibration would fail to write it after a generation's work
             identity = check_identity(dict(identity), "taohooks: attach(identity=...)")
+        else:  # (a LUT calibrated in bf16 was taken by an fp32 run without a word)
+            identity = model_identity(_inner_module(module))
         loop = self.loop_spec(steps, streams, split_batch, batch_dim)
         cfg, callbacks = self.config, list(callbacks)
         check_pab_patterns(cfg, (module, *also))  # also while calibrating, which attaches no PAB (and said nothing)

@@ -1,0 +1,80 @@
+"""The Python route (``TaoCache(...).attach(model, ...)`` without ``identity=``) records and checks what the model
+is, as the integrations do: a LUT calibrated in bf16 was taken by an fp32 run (and the reverse) without a word,
+though the two LUTs differ by a few percent in their ratios (dtype walkthrough, 2026-11-28)."""
+import pytest
+import torch
+from torch import nn
+
+from taohooks import TaoCache
+from taohooks.config import config_from_dict
+from taohooks.taocache.lut import LUTMismatchError
+
+STEPS = 10
+
+
+class Model(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.t = nn.Linear(1, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+
+    def forward(self, x, timestep):
+        h = x + self.t(timestep.reshape(-1, 1).to(x.dtype) / 1000)
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return h
+
+
+def generate(cache, model, prompts=1):
+    dtype, width = next(model.parameters()).dtype, next(model.parameters()).shape[0]
+    with cache.attach(model, STEPS) as hook, torch.no_grad():
+        for p in range(prompts):
+            hook.new_sample()
+            x = torch.randn(1, width, generator=torch.Generator().manual_seed(p)).to(dtype)
+            for i in range(STEPS):
+                x = x - 0.1 * model(x, timestep=torch.tensor([1000.0 * (1 - i / STEPS)]))
+    return x
+
+
+def config(tmp_path, **calibration):
+    return config_from_dict({"lut": str(tmp_path / "lut.safetensors"), "plan": {"budget": 2},
+                             "calibration": {"prompts": 2, **calibration}})
+
+
+def test_a_lut_of_another_dtype_or_model_is_refused_on_the_python_route(tmp_path):
+    generate(TaoCache(config(tmp_path)), Model(), prompts=2)  # calibrates, fp32
+    from taohooks.taocache.lut import CalibrationLUT
+
+    identity = CalibrationLUT.load(tmp_path / "lut.safetensors").identity
+    assert identity["model"] == "Model" and identity["dtype"] == "torch.float32" and "architecture" in identity
+    generate(TaoCache(config(tmp_path)), Model())  # the same model: skips
+    with pytest.raises(LUTMismatchError, match="dtype: this run 'torch.bfloat16', the LUT 'torch.float32'.*"
+                                               r"calibration.accept: \[dtype\]"):
+        generate(TaoCache(config(tmp_path)), Model().to(torch.bfloat16))
+    with pytest.raises(LUTMismatchError, match="architecture: this run "):
+        generate(TaoCache(config(tmp_path)), Model(width=4))
+    cache = TaoCache(config(tmp_path, accept=["dtype"]))  # knowingly: accepted
+    generate(cache, Model().to(torch.bfloat16))
+    assert "2 of 10 steps skipped" in cache.summary()
+
+
+def test_a_compiled_or_data_parallel_model_is_the_model_it_wraps(tmp_path):
+    generate(TaoCache(config(tmp_path)), Model(), prompts=2)
+    cache = TaoCache(config(tmp_path))
+    generate(cache, nn.DataParallel(Model()))
+    assert "2 of 10 steps skipped" in cache.summary()
+
+
+def test_an_identity_given_is_the_run_s_and_a_lut_without_one_is_not_checked(tmp_path):
+    generate(TaoCache(config(tmp_path)), Model(), prompts=2)
+    cache = TaoCache(config(tmp_path))
+    with cache.attach(Model().to(torch.bfloat16), STEPS, identity={"model": "Model", "dtype": "torch.float32"}):
+        pass  # what the caller says it is (an integration's identity) is what is checked
+    from taohooks.taocache.lut import CalibrationLUT
+
+    lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
+    lut.identity = {}  # a LUT written before identities were recorded
+    cache = TaoCache(config(tmp_path), lut=lut)
+    generate(cache, Model().to(torch.bfloat16))
+    assert "2 of 10 steps skipped" in cache.summary()
