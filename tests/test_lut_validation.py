@@ -175,3 +175,30 @@ def test_a_valid_lut_with_a_zero_delta_step_loads(tmp_path):
     lut = CalibrationLUT.load(rec.lut().save(tmp_path / "still.safetensors"))
     assert lut.num_prompts == 1 and lut.ratio.count[0].tolist() == [0, 0, 1, 1, 1, 0]
     assert lut.cos.count[0].tolist() == [0, 0, 1, 1, 0, 0] and lut.ratio_mean[0, 2:5].tolist() == [0.5, 0.5, 0.0]
+
+
+def test_a_generation_that_never_moves_is_left_out_and_the_lut_stays_readable(tmp_path, capsys):
+    """A model whose outputs never change (an output layer at its zero initialisation) was counted as a prompt
+    that adds no statistics: the LUT then held fewer values per step than prompts, a file the loader calls
+    corrupt, so the prompts recorded before could not be read any more (compat walkthrough, 2026-11-28)."""
+    class Frozen(torch.nn.Module):
+        def forward(self, x, timestep):
+            return torch.zeros(1, 4)
+
+    from taohooks import CalibrationRecorder, DenoiserHook
+    from trajectories import GeometricDenoiser
+
+    rec = CalibrationRecorder()
+    with DenoiserHook(LoopSpec(6), [rec]).attach(GeometricDenoiser({"main": 0.9})) as hook:
+        hook.new_sample()
+        for t in range(6):
+            hook.module(torch.zeros(1, 3), timestep=torch.tensor([float(t)]))
+    good = rec.lut().save(tmp_path / "lut.safetensors")
+    rec = CalibrationRecorder(resume=CalibrationLUT.load(good))
+    with DenoiserHook(LoopSpec(6), [rec]).attach(Frozen()) as hook:
+        hook.new_sample()
+        for t in range(6):
+            hook.module(None, timestep=torch.tensor([float(t)]))
+    assert "left out of the LUT: its outputs never changed from one step to the next" in capsys.readouterr().err
+    lut = CalibrationLUT.load(rec.lut().save(tmp_path / "lut.safetensors"))
+    assert lut.num_prompts == 1 and int(lut.cos.count.max()) == 1

@@ -284,6 +284,13 @@ class CalibrationRecorder(Callback):
                              f"step {step}: {what}", every_rank=self.every_rank)
             return
         known = self._known
+        if known.steps >= 3 and int(gen.cos.count.sum()) == 0 and int(gen.ratio.count.sum()) == 0:
+            # (counted as prompts, such generations made a LUT whose counts fall short of its prompts: a file the
+            # loader takes for an edited one, losing the prompts it held before)
+            messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: its outputs never "
+                             "changed from one step to the next (every delta exactly zero: an output layer at its "
+                             "zero initialisation?), so it has no statistics to add", every_rank=self.every_rank)
+            return
         t = first_timestep_difference(known.timesteps, gen.timesteps)
         if t is not None:
             messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: step {t} ran at "
