@@ -1057,6 +1057,23 @@ def test_a_checkpoint_replaced_at_the_same_path_is_refused(tmp_path, launcher_st
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").rglob("*.safetensors")} == files
 
 
+
+def test_a_folder_of_the_earlier_weights_fingerprint_resumes(tmp_path, launcher_state, capsys):
+    """Folders recorded before 2026-11-27 hold the weights fingerprint at float positions (3c4d8aa4e40b0c3a for the
+    bundled flow weights, as that code computed it): the same weights, refused as other ones, and the advice
+    (delete the folder) threw its stored runs away (compat walkthrough)."""
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full]").replace(
+        "budgets: [0.2, 0.3]", "budgets: [0.2]")
+    assert compare(write(tmp_path, text)) == 0
+    record = tmp_path / "out" / "experiment.json"
+    for weights, code in (("3c4d8aa4e40b0c3a", 0), ("3c4d8aa4e40b0c3b", 2)):
+        record.write_text(json.dumps({**json.loads(record.read_text()), "weights": weights}))
+        capsys.readouterr()
+        assert compare(write(tmp_path, text)) == code
+        assert ("2 of 2 runs already in" if code == 0 else "weights: this output folder holds runs made with "
+                "weights = '3c4d8aa4e40b0c3b'") in capsys.readouterr().err
+
+
 def test_a_generator_argument_is_seeded_per_run():
     """Latte / Open-Sora-Plan (no seed argument): a generator the script passes is replaced by one seeded
     with the run's seed, so the reference and the cached runs of a prompt draw the same noise."""

@@ -474,17 +474,21 @@ class Experiment:
             # folder records this experiment), not after
             self._check_plans(_PerfectLUT(len(self.loop.streams), self.loop.steps), TAO_METHODS - {"taocache-auto"})
         self.identity = patch.identity_of(arguments, self.model) if patch.identity_of else identity_of_model(self.model)
+        models = (patch.model_of(arguments), *self.also)
+        weights = _as_rank_zero_has_it(weights_fingerprint(*models))
+        # a folder recorded before 2026-11-27 holds the fingerprint of the same weights at float positions
+        earlier = _as_rank_zero_has_it(weights_fingerprint(*models, float_positions=True))
         self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration,
                                      "loop": self.loop.describe(),
                                      "model": {k: str(v) for k, v in sorted(self.identity.items())},
                                      # what the script line does not show: the weights (a checkpoint replaced
                                      # at the same path), the call's settings (read from a config file); rank 0's
-                                     "weights": _as_rank_zero_has_it(weights_fingerprint(patch.model_of(arguments),
-                                                                                         *self.also)),
+                                     "weights": weights,
                                      "call": _as_rank_zero_has_it(call_settings(
                                          arguments, (self.target.prompt_arg, self.target.seed_arg))),
                                      **self._run_settings()},
-                                    optional=self._optional_settings(), grown=("model",), alike=self._alike_settings(),
+                                    optional=self._optional_settings(), grown=("model",),
+                                    alike={**self._alike_settings(), "weights": (weights, earlier)},
                                     comparable={"script": self.target.comparable_script})
         self._check_stored_thresholds(calibration)  # (after: a folder of another experiment is said as such)
         evaluation = self.config.evaluation_prompts()

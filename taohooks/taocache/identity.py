@@ -78,13 +78,15 @@ def _sharded(model: nn.Module) -> bool:
         "_flat_param" in name or hasattr(p, "to_local") for name, p in model.named_parameters())
 
 
-def weights_fingerprint(*models: nn.Module, samples: int = 4096) -> str:
+def weights_fingerprint(*models: nn.Module, samples: int = 4096, float_positions: bool = False) -> str:
     """16 hex digits that change with the weights (``taocache compare``'s folder check; a LUT's identity leaves
     the weights out, on purpose: a LUT is checked against the architecture), or :data:`SHARDED`.
 
     Hashes every parameter's name, shape, dtype and the bytes of ``samples`` evenly spaced elements (the first and
     the last among them), read where the parameter lives: a retrained or fine-tuned checkpoint changes them, and
-    a 14B model costs one small copy per tensor, not a pass over its 28 GB."""
+    a 14B model costs one small copy per tensor, not a pass over its 28 GB. ``float_positions``: the positions as
+    taohooks placed them before 2026-11-27 (float32 ``linspace``, which recorded the compare folders of then; it
+    failed above 2**24 elements, where it is clamped here)."""
     if any(_sharded(m) for m in models):
         return SHARDED
     digest = hashlib.sha256()
@@ -97,7 +99,8 @@ def weights_fingerprint(*models: nn.Module, samples: int = 4096) -> str:
                 if n == 0 or flat.device.type == "meta":
                     continue
                 k = min(samples, n)  # integer positions: float ones round past the end above 2**24 elements
-                index = (torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)).to(flat.device)
+                index = (torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)).to(flat.device) \
+                    if not float_positions else torch.linspace(0, n - 1, k, device=flat.device).long().clamp_max(n - 1)
                 digest.update(flat[index].contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
