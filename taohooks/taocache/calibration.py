@@ -284,12 +284,15 @@ class CalibrationRecorder(Callback):
                              f"step {step}: {what}", every_rank=self.every_rank)
             return
         known = self._known
-        if known.steps >= 3 and int(gen.cos.count.sum()) == 0 and int(gen.ratio.count.sum()) == 0:
-            # (counted as prompts, such generations made a LUT whose counts fall short of its prompts: a file the
-            # loader takes for an edited one, losing the prompts it held before)
+        if int(gen.cos.count.sum()) == 0 and int(gen.ratio.count.sum()) == 0 and (
+                int(known.cos.count.sum()) > 0 or int(known.ratio.count.sum()) > 0):
+            # (counted as a prompt next to prompts with statistics, it made a LUT whose counts fall short of its
+            # prompts: a file the loader takes for an edited one, losing the prompts it held before; a LUT of only
+            # such generations, a zero-initialised model's, stays valid)
             messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: its outputs never "
                              "changed from one step to the next (every delta exactly zero: an output layer at its "
-                             "zero initialisation?), so it has no statistics to add", every_rank=self.every_rank)
+                             "zero initialisation?), so it has no statistics to add to the LUT's",
+                             every_rank=self.every_rank)
             return
         t = first_timestep_difference(known.timesteps, gen.timesteps)
         if t is not None:
