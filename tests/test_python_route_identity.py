@@ -78,3 +78,21 @@ def test_an_identity_given_is_the_run_s_and_a_lut_without_one_is_not_checked(tmp
     cache = TaoCache(config(tmp_path), lut=lut)
     generate(cache, Model().to(torch.bfloat16))
     assert "2 of 10 steps skipped" in cache.summary()
+
+
+def test_a_lut_that_records_none_of_the_run_s_keys_says_so(tmp_path, capsys):
+    """An earlier taohooks' LUT (no pixels, frame_num, guide_scale; or no identity at all) took another --size or
+    model without a word: what it does not record is said, once, with the run's values (compat walkthrough)."""
+    from taohooks.taocache.lut import CalibrationLUT
+
+    generate(TaoCache(config(tmp_path)), Model(), prompts=2)
+    lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
+    lut.identity = {"model": "Model"}  # as an earlier taohooks wrote it
+    lut.save(tmp_path / "lut.safetensors")
+    capsys.readouterr()
+    generate(TaoCache(config(tmp_path)), Model().to(torch.bfloat16))
+    err = capsys.readouterr().err
+    assert "lut.safetensors records no architecture, dtype of its calibrating run, so this run's (architecture '" in err
+    assert "dtype 'torch.bfloat16') cannot be checked against it: calibrate a LUT of this run" in err
+    generate(TaoCache(config(tmp_path, accept=["dtype", "architecture"])), Model())  # accepted: nothing to say
+    assert "records no" not in capsys.readouterr().err
