@@ -307,7 +307,7 @@ def test_part_files_of_other_prompt_lines_are_not_resumed_and_go_once_the_lut_is
     old_lines = ["a cyan circle moving left"] * 5
     stale = _part_name(Path(folder / "lut.safetensors"), 0, 2, 0, old_lines)
     again, res = calibrate(folder, "--devices", "2", before=lambda: stale.write_bytes(lut.to_bytes()))
-    assert f"{stale.name} is the part file of an earlier run" in res.stderr and "resuming" not in res.stderr
+    assert f"{stale.name}: of a run on other prompt lines)" in res.stderr and "resuming" not in res.stderr
     assert "rank 0/2: calibration prompt 1/5" in res.stderr  # from the first line
     assert again.num_prompts == 5 and not stale.exists() and f"removed {stale.name}" in res.stderr
 

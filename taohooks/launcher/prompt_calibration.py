@@ -99,8 +99,8 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
         parts = [str(p) for p in _part_files(path)]
         if parts:
             messages.warning(f"{', '.join(parts)}: part file(s) of an interrupted --devices run, not resumed by a run "
-                             "without --devices (the same command with its --devices resumes them; this run removes "
-                             "them once it completes the LUT)")
+                             "without --devices (the same command with its --devices resumes those of this taohooks' "
+                             f"naming; {_merge_advice(path, parts)}; this run removes them once it completes the LUT)")
         while have < wanted:
             patch.log(f"taohooks: calibration prompt {have + 1}/{wanted}: {prompts[have]!r}")
             patch._generate(_with_prompt(patch, bound, prompts[have]))
@@ -187,6 +187,31 @@ def _part_name(path: Path, rank: int, size: int, have: int, lines: List[str]) ->
     return path.with_name(f"{path.stem}.part{rank}-of-{size}-from{have}-{key}{path.suffix}")
 
 
+def _why_not_resumed(stale: Path, path: Path, size: int, have: int, key: str) -> str:
+    """Why the part file ``stale`` is not this run's (``size`` ranks, from ``have`` prompts, prompt lines ``key``)."""
+    import re
+
+    m = re.fullmatch(rf"{re.escape(path.stem)}\.part\d+-of-(\d+)(?:-from(\d+)(?:-([0-9a-f]+))?)?"
+                     rf"{re.escape(path.suffix)}", stale.name)
+    if m is None:
+        return "not named as a part file of this LUT"
+    n, start, lines = m.groups()
+    if start is None or lines is None:
+        return "named by an earlier taohooks, before the prompt count and lines were part of the name"
+    if int(n) != size:
+        return f"of a run on {n} processes (this one: {size})"
+    if int(start) != have:
+        return f"of a run that began at {start} prompts (the LUT holds {have} now)"
+    return "of a run on other prompt lines" if lines != key else "of this run"
+
+
+def _merge_advice(path: Path, parts: List[str]) -> str:
+    """How to keep the prompts of part files a run will not resume (if they are of this model and settings)."""
+    lut = f"{path} " if path.is_file() else ""
+    return (f"to keep their prompts, if of this model and settings, stop here and add them to the LUT first: "
+            f"taocache merge {lut}{' '.join(parts)} -o {path}")
+
+
 def _remove_stale_parts(path: Path, keep: List[Path] = ()) -> None:
     """Once the LUT is complete, the part files of earlier, interrupted runs can only mislead a later calibration
     (of the LUT deleted and begun again): removed, and said."""
@@ -236,11 +261,11 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     part = parts[rank]
     stale = [p for p in _part_files(path, rank) if p != part]
     if stale:
-        messages.warning(f"rank {rank}: {', '.join(str(p) for p in stale)} "
-                         f"{'is the part file' if len(stale) == 1 else 'are part files'} of an earlier run with "
-                         f"another --devices count, from another prompt count than the LUT's {have}, of other "
-                         "prompt lines, or named by a taohooks before the prompt lines were part of the name: not "
-                         "resumed (removed once this run completes the LUT)", every_rank=True)
+        key = part.stem.rsplit("-", 1)[-1]
+        why = "; ".join(f"{p}: {_why_not_resumed(p, path, size, have, key)}" for p in stale)
+        messages.warning(f"rank {rank}: part file(s) of an earlier --devices run, not resumed ({why}); "
+                         f"{_merge_advice(path, [str(p) for p in stale])}; this run removes them once it completes "
+                         "the LUT", every_rank=True)
     resume = CalibrationLUT.load(part) if part.is_file() else None
     done = resume.num_prompts if resume is not None else 0
     if done:
