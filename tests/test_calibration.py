@@ -103,3 +103,21 @@ def test_recording_skipped_outputs_is_refused():
     with DenoiserHook(LoopSpec(5), [Skipper(), CalibrationRecorder()]).attach(model):
         with pytest.raises(RuntimeError, match="full-step generations"):
             run_loop(model, 5)
+
+
+def test_resuming_a_lut_without_delta_products_says_what_it_keeps(tmp_path, capsys):
+    """An earlier taohooks' LUT (format 1) resumed: the new prompts' error statistics were dropped without a word,
+    and plan.rule: auto's refusal then named the format the file already had (compat walkthrough)."""
+    from taohooks.taocache.error_plan import error_model_of
+    from taohooks.taocache.plan import PlanError
+    from taohooks.taocache.lut import CalibrationLUT
+
+    old = calibrate(GeometricDenoiser({"main": 0.9}), 6, ("main",), error_horizon=0)
+    path = old.save(tmp_path / "old.safetensors")
+    capsys.readouterr()
+    lut = calibrate(GeometricDenoiser({"main": 0.9}), 6, ("main",), resume=CalibrationLUT.load(path))
+    assert "old.safetensors holds 2 prompt(s) without delta products (an earlier taohooks' LUT, or " \
+        "calibration.error_horizon: 0): the prompts added to it keep none either" in capsys.readouterr().err
+    assert lut.num_prompts == 4 and lut.deltas is None
+    with pytest.raises(PlanError, match="its prompts were recorded without them, by an earlier taohooks"):
+        error_model_of(lut)

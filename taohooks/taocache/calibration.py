@@ -137,6 +137,11 @@ class CalibrationRecorder(Callback):
             raise ValueError(f"taohooks: CalibrationRecorder error_horizon must be an int >= 0 (0: no error "
                              f"statistics), got {error_horizon!r}")
         self.error_horizon = error_horizon
+        if error_horizon and resume is not None and resume.num_prompts and resume.deltas is None:
+            messages.notice(f"{resume._name()} holds {resume.num_prompts} prompt(s) without delta products (an "
+                            "earlier taohooks' LUT, or calibration.error_horizon: 0): the prompts added to it keep "
+                            "none either, so plan.rule: auto and calibration.transfer cannot use it; calibrate a new "
+                            "LUT file for them", once=f"no deltas {resume.source}")
         self.model_id = model_id
         self.sampler = sampler
         self.identity: Dict[str, Any] = check_identity(dict(identity or {}), "CalibrationRecorder(identity=...)")

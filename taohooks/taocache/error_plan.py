@@ -367,8 +367,9 @@ def error_model_of(lut, scheme: str = "auto") -> Tuple[ErrorModel, str]:
         raise _PlanError("plan.rule: auto plans from a calibration LUT's error statistics; calibrate first")
     if lut.deltas is None or lut.deltas.prompts == 0:
         where = f"LUT {lut.source}" if lut.source else "the LUT"
-        raise _PlanError(f"{where} has no error statistics (delta_gram; LUT format 2 with "
-                         "calibration.error_horizon > 0): plan.rule: auto cannot estimate errors from it; "
+        raise _PlanError(f"{where} has no error statistics (delta products, delta_gram: its prompts were recorded "
+                         "without them, by an earlier taohooks or with calibration.error_horizon: 0; a LUT keeps "
+                         "none once one of its prompts has none): plan.rule: auto cannot estimate errors from it; "
                          "calibrate again into a new LUT file, or use plan.rule: paper")
     used, why = weight_scheme(scheme, lut)
     try:
