@@ -1128,6 +1128,11 @@ def test_a_folder_from_before_a_setting_was_recorded_is_refused_as_such(tmp_path
         store.check_experiment({"script": ["s.py"], "easycache_warmup": 2})
     with pytest.raises(ConfigError, match="holds runs made with script = \\['s.py'\\], this experiment has"):
         store.check_experiment({"script": ["t.py"]})
+    # the first compare's folders lack about 20 settings: said as such, and --report where it has results to report
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"did not record calibration.error_horizon \(this experiment has 16\) nor 2 "
+                                          r"other setting\(s\) this one records; .*; taocache compare --report "):
+        store.check_experiment({"script": ["s.py"], "calibration.error_horizon": 16, "weights": "w", "call": {}})
 
 
 def test_one_writer_per_output_folder(tmp_path, launcher_state, capsys):

@@ -181,9 +181,14 @@ class RunStore:
             if changed:
                 k = changed[0]
                 if k not in old:  # recorded since: the runs may or may not match, and nothing can tell
+                    others = len([j for j in changed if j not in old]) - 1
+                    finished = (self.folder / "results.json").is_file()
                     raise ConfigError(str(path), k, f"this output folder was made by an earlier taohooks, which did "
-                                      f"not record {k} (this experiment has {fingerprint.get(k)!r}); its runs cannot "
-                                      "be checked against this experiment: use another output folder (or delete it)")
+                                      f"not record {k} (this experiment has {fingerprint.get(k)!r})"
+                                      + (f" nor {others} other setting(s) this one records" if others > 0 else "")
+                                      + "; its runs cannot be checked against this experiment: use another output "
+                                      "folder (or delete it)" + (f"; taocache compare --report {self.folder} still "
+                                                                 "rebuilds its results.md" if finished else ""))
                 was, now = (old.get(k), fingerprint.get(k)) if k in comparable else compared(k)
                 if isinstance(was, dict) and isinstance(now, dict):  # name the entry that differs (call settings)
                     sub = next(s for s in sorted(set(was) | set(now)) if was.get(s) != now.get(s))
