@@ -202,3 +202,41 @@ def test_a_generation_that_never_moves_is_left_out_and_the_lut_stays_readable(tm
     assert "left out of the LUT: its outputs never changed from one step to the next" in capsys.readouterr().err
     lut = CalibrationLUT.load(rec.lut().save(tmp_path / "lut.safetensors"))
     assert lut.num_prompts == 1 and int(lut.cos.count.max()) == 1
+
+
+def test_never_moving_generations_first_then_moving_ones_make_a_readable_lut(tmp_path):
+    """The other order (review): a zero-initialised model's generation counted as a prompt, then a moving one; the
+    LUT held 2 prompts and 1 value per step, which the loader called corrupt. The still prompts are recorded."""
+    class Frozen(torch.nn.Module):
+        def forward(self, x, timestep):
+            return torch.zeros(1, 3, 4, 4)  # (the shape of GeometricDenoiser's outputs)
+
+    from taohooks import CalibrationRecorder, DenoiserHook
+    from trajectories import GeometricDenoiser
+
+    rec = CalibrationRecorder()
+    for model in (Frozen(), GeometricDenoiser({"main": 0.9})):
+        with DenoiserHook(LoopSpec(6), [rec]).attach(model) as hook:
+            hook.new_sample()
+            for t in range(6):
+                hook.module(torch.zeros(1, 4), timestep=torch.tensor([float(t)]))
+    lut = CalibrationLUT.load(rec.lut().save(tmp_path / "lut.safetensors"))
+    assert (lut.num_prompts, lut.still_prompts, int(lut.cos.count.max())) == (2, 1, 1)
+    merged = lut.merge(lut)
+    assert (merged.num_prompts, merged.still_prompts) == (4, 2)
+    CalibrationLUT.load(merged.save(tmp_path / "merged.safetensors"))
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tmp_path / "lut.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in meta if "still_prompts" in meta[k])
+    edited = json.loads(meta[key])
+    for value, said in ((0, "num_prompts is 2, but no step holds more than 1 values"),
+                        (3, r"still_prompts is 3; expected an integer from 0 to num_prompts \(2\)")):
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={key: json.dumps({**edited,
+                                                                                         "still_prompts": value})})
+        with pytest.raises(LUTFormatError, match=said):
+            CalibrationLUT.load(tmp_path / "bad.safetensors")

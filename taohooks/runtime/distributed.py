@@ -80,7 +80,7 @@ def _sum(t: torch.Tensor, device: torch.device, group) -> torch.Tensor:
 def all_reduce_lut(lut: CalibrationLUT, group: Optional[object] = None) -> CalibrationLUT:
     """The LUT of all ranks' statistics together (every rank gets it).
 
-    Counts, sums and sums of squares and the prompt count are summed; each step's timestep is
+    Counts, sums and sums of squares and the prompt counts are summed; each step's timestep is
     taken from any rank that recorded it (they agree: same scheduler); the delta products
     (``plan.rule: auto``'s error statistics, one row per prompt) are gathered, in rank order."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -91,7 +91,8 @@ def all_reduce_lut(lut: CalibrationLUT, group: Optional[object] = None) -> Calib
     for m in (lut.cos, lut.ratio):
         moments.append(RunningMoments(_sum(m.count, device, group), _sum(m.total, device, group),
                                       _sum(m.total_sq, device, group)))
-    prompts = int(_sum(torch.tensor([lut.num_prompts], dtype=torch.int64), device, group))
+    prompts, still = (int(v) for v in _sum(torch.tensor([lut.num_prompts, lut.still_prompts], dtype=torch.int64),
+                                            device, group))
     timesteps = torch.where(lut.timesteps.isnan(), torch.full_like(lut.timesteps, float("-inf")), lut.timesteps)
     timesteps = timesteps.to(device)
     dist.all_reduce(timesteps, op=dist.ReduceOp.MAX, group=group)
@@ -99,7 +100,7 @@ def all_reduce_lut(lut: CalibrationLUT, group: Optional[object] = None) -> Calib
     timesteps = torch.where(timesteps.isinf(), torch.full_like(timesteps, float("nan")), timesteps)
     return CalibrationLUT(lut.streams, lut.steps, moments[0], moments[1], timesteps, lut.calls_per_step,
                           lut.model_id, lut.sampler, prompts, lut.created, identity=dict(lut.identity),
-                          deltas=_gather_deltas(lut, group))
+                          deltas=_gather_deltas(lut, group), still_prompts=still)
 
 
 def _check_ranks_agree(lut: CalibrationLUT, group) -> None:

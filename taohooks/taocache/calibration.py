@@ -309,8 +309,10 @@ class CalibrationRecorder(Callback):
         deltas = None
         if gen.gram is not None and gen.gram.shape[0] == gen.prompts:
             deltas = DeltaGram(gen.gram, tuple(gen.numel))
+        still = gen.prompts if int(gen.cos.count.sum()) == 0 and int(gen.ratio.count.sum()) == 0 else 0
         done = CalibrationLUT(known.streams, known.steps, gen.cos, gen.ratio, gen.timesteps, known.calls_per_step,
-                              self.model_id, self.sampler, gen.prompts, identity=dict(self.identity), deltas=deltas)
+                              self.model_id, self.sampler, gen.prompts, identity=dict(self.identity), deltas=deltas,
+                              still_prompts=still)
         try:
             known, pending = known.merge(done), self._pending.merge(done)
         except LUTMismatchError as exc:  # checked at attach; never let the last call of a generation raise

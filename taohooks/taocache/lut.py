@@ -101,6 +101,7 @@ class CalibrationLUT:
     source: Optional[str] = None  # the file it was loaded from, for messages
     identity: Dict[str, Any] = field(default_factory=dict)  # what it was calibrated with (JSON values)
     deltas: Optional[DeltaGram] = None  # products of deltas per prompt (format 2), for plan.rule: auto
+    still_prompts: int = 0  # of num_prompts, those whose outputs never moved (no statistics: a zero-initialised model)
 
     @classmethod
     def empty(cls, loop: LoopSpec, model_id: Optional[str] = None, sampler: Optional[str] = None,
@@ -182,7 +183,8 @@ class CalibrationLUT:
             self.streams, self.steps, self.cos.merge(other.cos), self.ratio.merge(other.ratio),
             torch.where(self.timesteps.isnan(), other.timesteps, self.timesteps), self.calls_per_step,
             self.model_id or other.model_id, self.sampler or other.sampler, self.num_prompts + other.num_prompts,
-            identity={**other.identity, **self.identity}, deltas=_merge_deltas(self, other, drop_error_statistics))
+            identity={**other.identity, **self.identity}, deltas=_merge_deltas(self, other, drop_error_statistics),
+            still_prompts=self.still_prompts + other.still_prompts)
 
     # ------------------------------------------------------------------ file
     def metadata(self) -> dict:
@@ -191,6 +193,8 @@ class CalibrationLUT:
                 "num_prompts": self.num_prompts, "created": self.created, "identity": dict(self.identity)}
         if self.deltas is not None and self.deltas.prompts:
             meta["delta_numel"] = list(self.deltas.numel)
+        if self.still_prompts:
+            meta["still_prompts"] = self.still_prompts
         return meta
 
     def to_bytes(self) -> bytes:
@@ -247,7 +251,7 @@ class CalibrationLUT:
                    meta.get("sampler"), meta.get("num_prompts", 0), meta.get("created", ""), source=str(path),
                    identity=dict(meta.get("identity") or {}),
                    deltas=DeltaGram(tensors["delta_gram"].to(torch.float64), tuple(meta["delta_numel"]))
-                   if "delta_gram" in tensors else None)
+                   if "delta_gram" in tensors else None, still_prompts=meta.get("still_prompts", 0))
 
     # ------------------------------------------------------------------ display
     def table(self) -> str:

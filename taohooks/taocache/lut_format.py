@@ -6,12 +6,13 @@ of 2.5e29):
 
 * metadata: a JSON object; ``format_version`` a positive int up to the supported one; ``steps`` a
   positive int; ``streams`` a list of distinct non-empty strings; ``calls_per_step`` 1 or the number
-  of streams; ``num_prompts`` an int >= 0; ``model_id``, ``sampler``, ``created`` strings or null;
+  of streams; ``num_prompts`` an int >= 0, ``still_prompts`` (optional) an int up to it; ``model_id``, ``sampler``,
+  ``created`` strings or null;
   ``identity`` an object of JSON scalars or lists;
 * tensors: every one of the expected shape (``timesteps`` ``[steps]``, the rest ``[streams, steps]``),
   counts of an integer dtype, the rest floating;
-* values: counts in ``[0, num_prompts]``, and ``num_prompts`` reached at some step where any value
-  was recorded; sums finite, ``sum**2 <= count * sumsq`` (Cauchy-Schwarz,
+* values: counts in ``[0, num_prompts]``, and ``num_prompts`` less ``still_prompts`` (generations whose outputs
+  never moved: no values) reached at some step where any value was recorded; sums finite, ``sum**2 <= count * sumsq`` (Cauchy-Schwarz,
   relative tolerance 1e-9); cosine means in ``[-1, 1]`` (+1e-6) and ``sumsq <= count``; norm-ratio
   sums >= 0 and means at most :data:`MAX_RATIO`; stored means and stds finite where counted;
   timesteps finite or NaN (unknown);
@@ -113,6 +114,10 @@ def _metadata(path, raw: str, supported: int) -> dict:
     prompts = meta.get("num_prompts", 0)
     if not _is_int(prompts) or prompts < 0:
         raise _error(path, f"metadata num_prompts is {prompts!r}; expected an integer >= 0")
+    still = meta.get("still_prompts", 0)
+    if not _is_int(still) or not 0 <= still <= prompts:
+        raise _error(path, f"metadata still_prompts is {still!r}; expected an integer from 0 to num_prompts "
+                           f"({prompts}): the prompts whose outputs never moved")
     for key in ("model_id", "sampler", "created"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise _error(path, f"metadata {key} is {meta[key]!r}; expected a string or null")
@@ -192,12 +197,14 @@ def _values(path, meta: dict, tensors: Dict[str, Tensor]) -> None:
                     raise _error(path, f"{key} at {_where(meta, bad)} is {tensors[key][tuple(bad)].item():g}; "
                                        "expected a finite value where statistics were recorded")
     most = max(int(tensors[f"{n}_count"].max()) if tensors[f"{n}_count"].numel() else 0 for n in ("cos", "ratio"))
-    if 0 < most < prompts:
-        # every complete generation adds one value per prompt at each step >= 2 (unless its deltas are
-        # exactly zero, as with a zero-initialised model's outputs): a larger count would make a 2-prompt
+    still = meta.get("still_prompts", 0)
+    if 0 < most < prompts - still:
+        # every complete generation adds one value per prompt at each step >= 2, unless its deltas are exactly
+        # zero (a zero-initialised model's outputs: counted in still_prompts): a larger count would make a 2-prompt
         # LUT look complete
-        raise _error(path, f"metadata num_prompts is {prompts}, but no step holds more than {most} values; "
-                           "expected the number of prompts recorded (the file is corrupt or was edited)")
+        raise _error(path, f"metadata num_prompts is {prompts}" + (f" ({still} of them never moving)" if still else "")
+                     + f", but no step holds more than {most} values; expected the number of prompts recorded (the "
+                     "file is corrupt or was edited)")
     ts = tensors["timesteps"]
     bad = _first(torch.isinf(ts))
     if bad is not None:
