@@ -26,8 +26,8 @@ class Model(nn.Module):
         return h
 
 
-def generate(cache, model, prompts=1):
-    dtype, width = next(model.parameters()).dtype, next(model.parameters()).shape[0]
+def generate(cache, model, prompts=1, width=8):
+    dtype = next(model.parameters()).dtype
     with cache.attach(model, STEPS) as hook, torch.no_grad():
         for p in range(prompts):
             hook.new_sample()
@@ -53,7 +53,7 @@ def test_a_lut_of_another_dtype_or_model_is_refused_on_the_python_route(tmp_path
                                                r"calibration.accept: \[dtype\]"):
         generate(TaoCache(config(tmp_path)), Model().to(torch.bfloat16))
     with pytest.raises(LUTMismatchError, match="architecture: this run "):
-        generate(TaoCache(config(tmp_path)), Model(width=4))
+        generate(TaoCache(config(tmp_path)), Model(width=4), width=4)
     cache = TaoCache(config(tmp_path, accept=["dtype"]))  # knowingly: accepted
     generate(cache, Model().to(torch.bfloat16))
     assert "2 of 10 steps skipped" in cache.summary()
@@ -61,9 +61,48 @@ def test_a_lut_of_another_dtype_or_model_is_refused_on_the_python_route(tmp_path
 
 def test_a_compiled_or_data_parallel_model_is_the_model_it_wraps(tmp_path):
     generate(TaoCache(config(tmp_path)), Model(), prompts=2)
-    cache = TaoCache(config(tmp_path))
-    generate(cache, nn.DataParallel(Model()))
-    assert "2 of 10 steps skipped" in cache.summary()
+    for wrapped in (nn.DataParallel(Model()), torch.compile(Model(), backend="eager")):
+        cache = TaoCache(config(tmp_path))
+        generate(cache, wrapped)
+        assert "2 of 10 steps skipped" in cache.summary()
+
+
+FSDP_SCRIPT = """
+import os, sys, tempfile, pathlib, torch, warnings
+warnings.filterwarnings("ignore")
+import torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+from test_python_route_identity import Model, config, generate
+from taohooks import TaoCache
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, fully_shard
+tmp = pathlib.Path(tempfile.mkdtemp())
+generate(TaoCache(config(tmp)), Model(), prompts=2)
+for name, make in (("FSDP1", lambda: FSDP(Model(), device_id=torch.device("cpu"))),
+                   ("FSDP2", lambda: fully_shard(Model()))):
+    cache = TaoCache(config(tmp))
+    generate(cache, make())
+    print(name, cache.summary().splitlines()[0])
+dist.destroy_process_group()
+"""
+
+
+def test_an_fsdp_model_is_checked_without_its_hidden_shapes(tmp_path):
+    """FSDP flattens (FSDP1) or shards (FSDP2, whose class becomes FSDP<Model>) the parameters: the architecture
+    fingerprint of the Python route saw other shapes and refused the model's own LUT (review)."""
+    import os
+    import random
+    import subprocess
+    import sys
+
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(script), str(random.randint(20000, 40000))], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "FSDP1 TaoCache: 2 of 10 steps skipped" in res.stdout and "FSDP2 TaoCache: 2 of 10 steps skipped" in \
+        res.stdout
 
 
 def test_an_identity_given_is_the_run_s_and_a_lut_without_one_is_not_checked(tmp_path):

@@ -296,6 +296,22 @@ def _inner_module(module: nn.Module) -> nn.Module:
         module = inner
 
 
+def _python_route_identity(module: nn.Module) -> Dict[str, Any]:
+    """What an ``attach`` without ``identity=`` records and checks: the model inside its wrappers (class, architecture
+    fingerprint, dtype), but no fingerprint under FSDP, whose flattened or sharded parameters hide the shapes (and
+    FSDP2's ``FSDP<Model>`` class is ``Model``'s)."""
+    from .identity import is_sharded
+
+    inner = _inner_module(module)
+    identity = model_identity(inner)
+    if is_sharded(inner):
+        identity.pop("architecture", None)
+        name = type(inner).__name__
+        if any(f"FSDP{base.__name__}" == name for base in type(inner).__mro__[1:]):
+            identity["model"] = name[len("FSDP"):]
+    return identity
+
+
 class TaoCache:
     """TaoCache for one model: holds the config, the LUT, the plan and the hook while attached.
 
@@ -425,7 +441,7 @@ class TaoCache:
         if identity is not None:  # a calibration would fail to write it after a generation's work
             identity = check_identity(dict(identity), "taohooks: attach(identity=...)")
         else:  # (a LUT calibrated in bf16 was taken by an fp32 run without a word)
-            identity = model_identity(_inner_module(module))
+            identity = _python_route_identity(module)
         loop = self.loop_spec(steps, streams, split_batch, batch_dim)
         cfg, callbacks = self.config, list(callbacks)
         check_pab_patterns(cfg, (module, *also))  # also while calibrating, which attaches no PAB (and said nothing)

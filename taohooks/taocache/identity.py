@@ -69,7 +69,8 @@ SHARDED = "sharded (FSDP): not checked"
 PLACEMENT_ARGUMENTS = ("offload_model",)
 
 
-def _sharded(model: nn.Module) -> bool:
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP (1 or 2) holds ``model``'s parameters: flattened or sharded, hiding their names and shapes."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # a torch built without distributed
@@ -87,7 +88,7 @@ def weights_fingerprint(*models: nn.Module, samples: int = 4096, float_positions
     a 14B model costs one small copy per tensor, not a pass over its 28 GB. ``float_positions``: the positions as
     taohooks placed them before 2026-11-27 (float32 ``linspace``, which recorded the compare folders of then; it
     failed above 2**24 elements, where it is clamped here)."""
-    if any(_sharded(m) for m in models):
+    if any(is_sharded(m) for m in models):
         return SHARDED
     digest = hashlib.sha256()
     with torch.no_grad():
