@@ -25,19 +25,28 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, in_place: bool):
+    def __init__(self, d: int, in_place):
         super().__init__()
         self.attn, self.lin, self.in_place = Attention(d), nn.Linear(d, d), in_place
 
     def forward(self, h, c):
         a = self.attn(h)
-        a = a.mul_(0.5) if self.in_place else a * 0.5  # a gate on the attention's output, in place or not
+        a = a.mul_(0.5) if self.in_place is True else a * 0.5  # a gate on the attention's output, in place or not
         y = torch.tanh(self.lin(h + a + c[:, None]))
-        return h.add_(0.3 * y) if self.in_place else h + 0.3 * y  # a residual add in place, or not
+        if self.in_place == "mixed":  # an in-place residual, then an out-of-place one (a new output tensor)
+            h += 0.1 * y
+            return h + 0.2 * y
+        if self.in_place == "mixed-out":  # the same, out of place
+            h = h + 0.1 * y
+            return h + 0.2 * y
+        if self.in_place == "uncounted":  # a write that bumps no version counter (a custom kernel's)
+            h.data.add_(0.3 * y)
+            return h
+        return h.add_(0.3 * y) if self.in_place is True else h + 0.3 * y  # a residual add in place, or not
 
 
 class Net(nn.Module):
-    def __init__(self, in_place_blocks: bool = False):
+    def __init__(self, in_place_blocks=False):
         super().__init__()
         torch.manual_seed(0)
         self.embed, self.t_embed, self.g_embed = nn.Linear(4, 16), nn.Linear(1, 16), nn.Linear(1, 16)
@@ -95,18 +104,37 @@ def test_teacache_calibrator_pairs_do_not_see_an_in_place_cfg():
     assert len(plain.pairs) == 4 * (STEPS - 1) and changed.pairs == plain.pairs  # (2 streams x 2 samples; 4x before)
 
 
+@pytest.mark.parametrize("blocks", [True, "mixed", "uncounted"])
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])  # (inference tensors count no versions)
-def test_teacache_with_blocks_that_add_in_place(mode, capsys):
+def test_teacache_with_blocks_that_add_in_place(mode, blocks, capsys):
     """Blocks doing ``h += f(h)`` change the stack's input: the residual ``out - in`` was 0, and every reused call
-    returned its input unchanged. Found at the first computed call, which keeps nothing; a copy of the input
-    from then on, so that the next generation is the one of the same blocks written ``h = h + f(h)``."""
+    returned its input unchanged. Found at the first computed call (against a copy of its input: in inference
+    mode, or after a write no version counter shows, nothing else tells), whose residual is kept; a copy of the
+    input from then on, so that the generations are the ones of the same blocks written ``h = h + f(h)``."""
+    def equivalent(kind):  # the same function written out of place
+        net = Net(in_place_blocks=False)
+        if kind == "mixed":
+            for block in net.blocks:
+                block.in_place = "mixed-out"
+        return net
+
     coefficients = [0.0, 0.0, 0.0, 1.0, 0.0]
     plain, changed = TeaCacheCallback(0.2, coefficients), TeaCacheCallback(0.2, coefficients)
     with mode():
-        expected = run(plain, generations=2)
-        assert torch.equal(run(changed, net=Net(in_place_blocks=True), generations=2), expected)
+        expected = run(plain, net=equivalent(blocks))
+        assert torch.equal(run(changed, net=Net(in_place_blocks=blocks)), expected)
     assert changed.copy_input and not plain.copy_input and plain.reused > 0
     assert "the block stack changes its input in place" in capsys.readouterr().err
+
+
+def test_magcache_calibration_keeps_the_call_that_finds_an_in_place_stack():
+    """The call where the in-place stack was found kept no residual, so one ratio fell back to 1.0 (review)."""
+    from taohooks.caches.magcache import MagCacheCalibrator
+
+    plain, changed = MagCacheCalibrator(), MagCacheCalibrator()
+    run(plain)
+    run(changed, net=Net(in_place_blocks=True))
+    assert torch.equal(changed.ratios(), plain.ratios()) and changed.copy_input
 
 
 def test_pab_broadcasts_what_the_attention_returned_whatever_the_block_does_with_it():

@@ -93,6 +93,8 @@ class BlockStackCache(Callback):
         self.partial = False  # in this call the blocks run on some samples' rows only (others reuse)
         self._x_in: Optional[Tensor] = None
         self._x_version: Optional[int] = None  # the input's version counter at the stack's entry
+        self._x_first: Optional[Tensor] = None  # a copy of the input of the first computed call, compared after it
+        self._input_checked = False  # that comparison was made
         self.copy_input = False  # the stack changes its input in place (h += f(h)): keep a copy of it
         self.hook = None
 
@@ -204,12 +206,14 @@ class BlockStackCache(Callback):
             fraction = 0.0 if self._reuse is None else int(self._reuse.sum()) / self._reuse.numel()
             self.last_reused = fraction
             self.reused += fraction
-        self._call, self._x_in, self._reuse, self.partial = None, None, None, False
+        self._call, self._x_in, self._x_first, self._reuse, self.partial = None, None, None, None, False
 
     # ------------------------------------------------------------------ the stack's ends
     def _enter(self, call, block, args, kwargs, x: Tensor) -> None:
         """At the first block of a call: ask :meth:`decide`, keep the input."""
         self._entered, self._x_in, self._x_version = True, (x.clone() if self.copy_input else x), _version(x)
+        if not (self.copy_input or self._input_checked):  # once: an in-place change the version does not show
+            self._x_first = x.detach().clone()  # (inference tensors count none; a kernel may write past it)
         expert = self._expert_of.get(id(block), 0)
         if expert != self.expert:  # the loop moved on to another expert: its residuals are not used again
             self._residuals = {k: v for k, v in self._residuals.items() if k[0] == expert}
@@ -243,13 +247,19 @@ class BlockStackCache(Callback):
                                f"from its input {tuple(() if x_in is None else x_in.shape)}; set `exit` to the module "
                                "that receives the output in the input's layout")
         if self._reuse is None:  # computed
-            if not self.copy_input and _changed_in_place(x_in, self._x_version, out):
-                # out - in would be 0 (or a part of it): nothing kept from this call, a copy of the input from now on
+            first, self._x_first = self._x_first, None
+            if first is not None:
+                self._input_checked = True
+            if not self.copy_input and (_changed_in_place(x_in, self._x_version, out)
+                                        or (first is not None and not torch.equal(x_in, first))):
+                # out - in would be 0 (or a part of it): a copy of the input from now on
                 self.copy_input = True
-                self._residuals.pop((self.expert, call.streams), None)
                 messages.notice(f"{type(self).__name__}: the block stack changes its input in place (a residual added "
                                 "with +=); it keeps a copy of the input of each call from now on, to reuse out - in")
-                return out
+                if first is None:  # (found after the first call: this call's input is lost)
+                    self._residuals.pop((self.expert, call.streams), None)
+                    return out
+                x_in = first
             residual = out.detach().float() - x_in.detach().float()
             self._residuals[(self.expert, call.streams)] = residual
             self.on_residual(call, residual)
@@ -328,12 +338,11 @@ def _version(t: Tensor) -> Optional[int]:
 
 
 def _changed_in_place(x_in: Tensor, version: Optional[int], out: Tensor) -> bool:
-    """Whether the stack changed its input ``x_in`` in place: its version moved (or, in inference mode, where no
-    version is counted, the output is the input's own storage: ``h += f(h)`` returned ``h``)."""
+    """Whether the stack changed its input ``x_in`` in place: its version moved, or the output is the input's own
+    storage (``h += f(h)`` returned ``h``: also where no version is counted, in inference mode, or a kernel wrote
+    into its input without counting one)."""
     now = _version(x_in)
-    if version is not None and now is not None:
-        return now != version
-    return out.data_ptr() == x_in.data_ptr()
+    return (version is not None and now is not None and now != version) or out.data_ptr() == x_in.data_ptr()
 
 
 class ResidualSkipCallback(BlockStackCache):
