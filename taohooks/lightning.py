@@ -37,16 +37,20 @@ class TaoCacheCallback(_LightningCallback):
         module: name of the denoiser submodule of the LightningModule (``""``: the module itself).
         steps, streams, split_batch, timestep_arg: the sampling loop's shape (see ``TaoCache.attach``);
             ``None`` falls back to the config's ``loop:`` section.
+        batch_dim: what the outputs' first dimension is (``TaoCache.attach``): 0, the prompts of the batch;
+            ``None``, none (a list of one tensor per sample, as Wan's models return).
     """
 
     def __init__(self, config: Union[TaoCacheConfig, str, os.PathLike], module: str = "model", *,
                  steps: Optional[int] = None, streams: Optional[Sequence[str]] = None,
-                 split_batch: Optional[bool] = None, timestep_arg: Union[str, int, None] = None):
+                 split_batch: Optional[bool] = None, timestep_arg: Union[str, int, None] = None,
+                 batch_dim: Optional[int] = 0):
         self.config = config if isinstance(config, TaoCacheConfig) else load_config(config)
         if self.config.source is None:  # made in Python: checked now, not at predict time
             check_python_config(self.config)
         self.module = module
         self.steps, self.streams, self.split_batch, self.timestep_arg = steps, streams, split_batch, timestep_arg
+        self.batch_dim = batch_dim
         self.cache: Optional[TaoCache] = None
 
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -68,7 +72,7 @@ class TaoCacheCallback(_LightningCallback):
         self.cache.data_parallel = self._data_parallel
         self.cache.reattached_per_generation = True  # (on_predict_batch_start attaches again once it is complete)
         self.cache.attach(self._target, self.steps, self.streams, split_batch=self.split_batch,
-                          timestep_arg=self.timestep_arg)
+                          timestep_arg=self.timestep_arg, batch_dim=self.batch_dim)
 
     def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         cache = self.cache

@@ -203,9 +203,9 @@ def test_calibrate_refuses_what_would_skip_or_count_prompt_lines_twice(tmp_path)
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "part file(s) of an earlier --devices run, not resumed (lut.part0-of-2.safetensors: named by an earlier " \
-        "taohooks, before the prompt count and lines were part of the name); to keep their prompts, if of this model " \
-        "and settings, stop here and add them to the LUT first: taocache merge lut.safetensors " \
-        "lut.part0-of-2.safetensors -o lut.safetensors" in res.stderr, res.stderr  # (the cause, and the way out)
+        "taohooks, before the prompt count and lines were part of the name); to keep their prompts instead (if of " \
+        "this model and settings), stop this run (Ctrl-C) and add them to the LUT: taocache merge lut.safetensors " \
+        "lut.part0-of-2.safetensors -o lut.safetensors, then" in res.stderr, res.stderr  # (the cause, the way out)
     assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 3  # 2 + line 3, run on one of the ranks
     # the complete LUT no longer needs it: removed, and said (it was resumed into a LUT calibrated again later)
     assert "removed " in res.stderr and not (tmp_path / "lut.part0-of-2.safetensors").exists()

@@ -943,6 +943,7 @@ def test_the_script_line_is_compared_without_the_flags_no_run_depends_on():
     assert wan(["generate.py", "--prompt_extend_model", "m"]) == ["generate.py", "--prompt_extend_model", "m"]
     osp = target_for("opensora_plan").comparable_script  # nargs='+': every value up to the next option
     assert osp(["s.py", "--text_prompt", "a", "b", "--num_frames", "65"]) == ["s.py", "--num_frames", "65"]
+    assert wan(["g.py", "--prompt", "a cat", "-c", "cfg.yaml"]) == ["g.py", "-c", "cfg.yaml"]  # a short option ends it
     assert target_for("latte").comparable_script(["s.py", "--config", "c.yaml"]) == ["s.py", "--config", "c.yaml"]
 
 
@@ -1063,9 +1064,9 @@ def test_a_checkpoint_replaced_at_the_same_path_is_refused(tmp_path, launcher_st
 
 
 def test_a_folder_of_the_earlier_weights_fingerprint_resumes(tmp_path, launcher_state, capsys):
-    """Folders recorded before 2026-11-27 hold the weights fingerprint at float positions (3c4d8aa4e40b0c3a for the
-    bundled flow weights, as that code computed it): the same weights, refused as other ones, and the advice
-    (delete the folder) threw its stored runs away (compat walkthrough)."""
+    """Folders recorded by commits f341df4 to b87ec07 hold the weights fingerprint at float positions
+    (3c4d8aa4e40b0c3a for the bundled flow weights, as that code computed it): the same weights, refused as other
+    ones, and the advice (delete the folder) threw its stored runs away (compat walkthrough)."""
     text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full]").replace(
         "budgets: [0.2, 0.3]", "budgets: [0.2]")
     assert compare(write(tmp_path, text)) == 0

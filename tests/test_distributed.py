@@ -380,3 +380,21 @@ def test_a_part_file_of_another_model_is_refused_with_the_way_forward(tmp_path):
                          text=True, timeout=300)
     assert res.returncode != 0 and f"{part.name} was calibrated with architecture '0123456789ab'" in res.stderr
     assert "remove the part files (lut.part*-of-2-*.safetensors) to start over" in res.stderr
+
+
+def test_why_a_part_file_is_not_resumed_is_said_for_every_naming_of_the_history():
+    from pathlib import Path
+
+    from taohooks.launcher.prompt_calibration import _why_not_resumed
+
+    lut = Path("/x/lut.safetensors")
+    said = {name: _why_not_resumed(lut.with_name(name), lut, 2, 0, "00000000") for name in (
+        "lut.part0-of-4-from3.safetensors", "lut.part0-of-2-from3.safetensors", "lut.part0-of-2-from0.safetensors",
+        "lut.part0-of-2.safetensors", "lut.part0-of-2-from0-abcd1234.safetensors")}
+    assert said == {"lut.part0-of-4-from3.safetensors": "of a run on 4 processes (this one: 2)",  # (not "the name")
+                    "lut.part0-of-2-from3.safetensors": "of a run that began at 3 prompts (the LUT holds 0 now)",
+                    "lut.part0-of-2-from0.safetensors": "named by an earlier taohooks, before the prompt lines were "
+                                                        "part of the name",
+                    "lut.part0-of-2.safetensors": "named by an earlier taohooks, before the prompt count and lines "
+                                                  "were part of the name",
+                    "lut.part0-of-2-from0-abcd1234.safetensors": "of a run on other prompt lines"}

@@ -145,3 +145,16 @@ def test_pab_broadcasts_what_the_attention_returned_whatever_the_block_does_with
     plain, changed = pab(), pab()
     expected = run(plain)
     assert torch.equal(run(changed, net=Net(in_place_blocks=True)), expected) and plain.broadcasts > 0
+
+
+def test_pab_copies_the_tensors_of_any_output_container():
+    from collections import namedtuple
+
+    from taohooks.caches.pab import _copy
+
+    t = torch.ones(2)
+    pair = namedtuple("Pair", "out weights")
+    for out in (t, (t, None), [t], {"out": t}, pair(t, None)):
+        copied = _copy(out)
+        leaf = copied if isinstance(copied, torch.Tensor) else (copied["out"] if isinstance(copied, dict) else copied[0])
+        assert type(copied) is type(out) and torch.equal(leaf, t) and leaf is not t

@@ -172,3 +172,28 @@ def test_the_validate_notice_is_not_said_in_fits_validation_loops(capfd):
     fitting = types.SimpleNamespace(state=types.SimpleNamespace(fn=types.SimpleNamespace(value="fit")))
     callback.on_validation_start(fitting, None)
     assert "samples uncached" not in capfd.readouterr().err
+
+
+def test_a_list_output_is_declared_with_batch_dim(tmp_path):
+    """The calibration's list-output warning said to declare batch_dim=None, which the callback did not take."""
+    class ListSampler(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = ListModel()
+
+        def predict_step(self, batch, batch_idx):
+            x = [torch.ones(16, 2, 4, 4)]
+            for t in range(STEPS):
+                x = [x[0] - 0.1 * self.model(x, t=torch.tensor([float(STEPS - t)]))[0]]
+            return x[0]
+
+    class ListModel(torch.nn.Module):  # Wan's contract: a list of one [C, F, H, W] tensor per sample
+        def forward(self, x, t):
+            return [x[0] * 0.5 + float(t) / 10]
+
+    config = config_from_dict({"lut": str(tmp_path / "lut.safetensors"), "calibration": {"prompts": 2}})
+    callback = TaoCacheCallback(config, steps=STEPS, timestep_arg="t", batch_dim=None)
+    predict(ListSampler(), [callback])
+    from taohooks.taocache.lut import CalibrationLUT
+
+    assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 2  # (32 with batch_dim=0: channels)

@@ -83,11 +83,13 @@ class BroadcastGroup:
 
 
 def _copy(out: Any) -> Any:
-    """``out`` with its tensors copied (in their dtype; tuples and lists of them too)."""
+    """``out`` with its tensors copied (in their dtype; in tuples, lists and dicts too)."""
     if isinstance(out, torch.Tensor):
         return out.detach().clone()
     if isinstance(out, (tuple, list)):
         return type(out)(_copy(o) for o in out) if not hasattr(out, "_fields") else type(out)(*map(_copy, out))
+    if isinstance(out, dict):
+        return type(out)((k, _copy(v)) for k, v in out.items())
     return out
 
 

@@ -476,7 +476,7 @@ class Experiment:
         self.identity = patch.identity_of(arguments, self.model) if patch.identity_of else identity_of_model(self.model)
         models = (patch.model_of(arguments), *self.also)
         weights = _as_rank_zero_has_it(weights_fingerprint(*models))
-        # a folder recorded before 2026-11-27 holds the fingerprint of the same weights at float positions
+        # a folder recorded between f341df4 and b87ec07 (2026-11-27, 03:39-04:08) holds it at float positions
         earlier = _as_rank_zero_has_it(weights_fingerprint(*models, float_positions=True))
         self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration,
                                      "loop": self.loop.describe(),

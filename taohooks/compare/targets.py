@@ -211,10 +211,12 @@ class Target:
 
     def comparable_script(self, argv: List[str]) -> List[str]:
         """``argv`` (the script and its arguments) without :attr:`neutral_flags` and their values (``--flag v``,
-        ``--flag=v``, or every value up to the next option of an ``nargs='+'`` flag)."""
+        ``--flag=v``, or every value up to the next option of an ``nargs='+'`` flag; a short option ``-x`` ends
+        them, a negative number does not)."""
         kept, skipping = [], False
         for word in argv:
-            if word.startswith("--"):
+            option = word.startswith("--") or (word.startswith("-") and len(word) > 1 and not _number(word))
+            if option:
                 name = word.split("=", 1)[0]
                 skipping = name in self.neutral_flags and "=" not in word  # (its values follow)
                 if name in self.neutral_flags:
@@ -236,6 +238,14 @@ LATTE_STACKS = ("transformer_blocks", "temporal_transformer_blocks")  # spatial 
 # PAB in compare: the spatial and temporal self-attention, one range (VideoSys gives them 2 and 3 and also
 # broadcasts cross-attention: the YAML's pab: section has per-group ranges)
 LATTE_SELF_ATTENTION = r"(temporal_)?transformer_blocks\.\d+\.attn1"
+
+def _number(word: str) -> bool:
+    try:
+        float(word)
+        return True
+    except ValueError:
+        return False
+
 
 # Wan's generate.py: the prompt and seed compare replaces, the output file, whether the model waits on the CPU
 WAN_NEUTRAL_FLAGS = ("--prompt", "--base_seed", "--save_file", "--offload_model")

@@ -196,20 +196,22 @@ def _why_not_resumed(stale: Path, path: Path, size: int, have: int, key: str) ->
     if m is None:
         return "not named as a part file of this LUT"
     n, start, lines = m.groups()
-    if start is None or lines is None:
-        return "named by an earlier taohooks, before the prompt count and lines were part of the name"
     if int(n) != size:
         return f"of a run on {n} processes (this one: {size})"
-    if int(start) != have:
+    if start is not None and int(start) != have:
         return f"of a run that began at {start} prompts (the LUT holds {have} now)"
+    if lines is None:
+        return ("named by an earlier taohooks, before the prompt " + ("count and " if start is None else "")
+                + "lines were part of the name")
     return "of a run on other prompt lines" if lines != key else "of this run"
 
 
 def _merge_advice(path: Path, parts: List[str]) -> str:
     """How to keep the prompts of part files a run will not resume (if they are of this model and settings)."""
     lut = f"{path} " if path.is_file() else ""
-    return (f"to keep their prompts, if of this model and settings, stop here and add them to the LUT first: "
-            f"taocache merge {lut}{' '.join(parts)} -o {path}")
+    return (f"to keep their prompts instead (if of this model and settings), stop this run (Ctrl-C) and add them to "
+            f"the LUT: taocache merge {lut}{' '.join(parts)} -o {path}, then calibrate with a prompts file that "
+            "leaves out the lines they hold (taocache calibrate continues at the line after the LUT's count)")
 
 
 def _remove_stale_parts(path: Path, keep: List[Path] = ()) -> None:

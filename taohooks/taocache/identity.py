@@ -86,8 +86,8 @@ def weights_fingerprint(*models: nn.Module, samples: int = 4096, float_positions
     Hashes every parameter's name, shape, dtype and the bytes of ``samples`` evenly spaced elements (the first and
     the last among them), read where the parameter lives: a retrained or fine-tuned checkpoint changes them, and
     a 14B model costs one small copy per tensor, not a pass over its 28 GB. ``float_positions``: the positions as
-    taohooks placed them before 2026-11-27 (float32 ``linspace``, which recorded the compare folders of then; it
-    failed above 2**24 elements, where it is clamped here)."""
+    the first fingerprint placed them (float32 ``linspace``, in the compare folders of commits f341df4 to b87ec07,
+    2026-11-27; it failed above 2**24 elements, where it is clamped here)."""
     if any(is_sharded(m) for m in models):
         return SHARDED
     digest = hashlib.sha256()
