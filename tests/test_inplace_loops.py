@@ -156,5 +156,6 @@ def test_pab_copies_the_tensors_of_any_output_container():
     pair = namedtuple("Pair", "out weights")
     for out in (t, (t, None), [t], {"out": t}, pair(t, None)):
         copied = _copy(out)
-        leaf = copied if isinstance(copied, torch.Tensor) else (copied["out"] if isinstance(copied, dict) else copied[0])
+        leaf = copied if isinstance(copied, torch.Tensor) else (
+            copied["out"] if isinstance(copied, dict) else copied[0])
         assert type(copied) is type(out) and torch.equal(leaf, t) and leaf is not t

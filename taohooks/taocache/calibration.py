@@ -230,8 +230,8 @@ class CalibrationRecorder(Callback):
                         f"calibration: the model returns a list of {len(eps)} tensor(s) and the loop declares "
                         f"batch_dim=0, so the first dimension of each ({int(eps[0].shape[0])}) counts as prompts and "
                         "indexes them in the statistics; a list of one tensor per sample (Wan's) is declared "
-                        "batch_dim=None (attach(..., batch_dim=None), TaoCacheCallback(..., batch_dim=None)): the whole "
-                        "output is one prompt")
+                        "batch_dim=None (attach(..., batch_dim=None), TaoCacheCallback(..., batch_dim=None)): the "
+                        "whole output is one prompt")
             if gen.bad is None and not all(bool(torch.isfinite(e).all()) for e in eps):
                 gen.bad = (name, step, "its output is not finite (NaN or inf)")
             changed = history.eps is not None and shape_change(history.eps, eps)
