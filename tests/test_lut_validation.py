@@ -121,7 +121,7 @@ def test_tensors(tmp_path, good, edit, message):
     (lambda t, m: m.update(num_prompts=-1), "metadata num_prompts is -1; expected an integer >= 0"),
     (lambda t, m: m.update(model_id=3), "metadata model_id is 3; expected a string or null"),
     (lambda t, m: m.update(format_version="1"), "metadata format_version is '1'; expected a positive integer"),
-    (lambda t, m: m.update(format_version=99), "has LUT format version 99; this taohooks reads up to 2: upgrade "
+    (lambda t, m: m.update(format_version=99), "has LUT format version 99; this taohooks reads up to 3: upgrade "
                                                "taohooks"),
     (lambda t, m: m.update(identity=["a"]), "metadata: identity must be a JSON object, got list"),
     (lambda t, m: m.update(identity={"vae": {"a": 1}}),
@@ -177,13 +177,14 @@ def test_a_valid_lut_with_a_zero_delta_step_loads(tmp_path):
     assert lut.cos.count[0].tolist() == [0, 0, 1, 1, 0, 0] and lut.ratio_mean[0, 2:5].tolist() == [0.5, 0.5, 0.0]
 
 
-def test_a_generation_that_never_moves_is_left_out_and_the_lut_stays_readable(tmp_path, capsys):
+def test_a_generation_that_never_moves_is_counted_apart_and_the_lut_stays_readable(tmp_path, capsys):
     """A model whose outputs never change (an output layer at its zero initialisation) was counted as a prompt
     that adds no statistics: the LUT then held fewer values per step than prompts, a file the loader calls
-    corrupt, so the prompts recorded before could not be read any more (compat walkthrough, 2026-11-28)."""
+    corrupt, so the prompts recorded before could not be read any more (compat walkthrough, 2026-11-28). Counted
+    in still_prompts, with a warning, in either order (review)."""
     class Frozen(torch.nn.Module):
         def forward(self, x, timestep):
-            return torch.zeros(1, 4)
+            return torch.zeros(1, 3, 4, 4)
 
     from taohooks import CalibrationRecorder, DenoiserHook
     from trajectories import GeometricDenoiser
@@ -199,9 +200,27 @@ def test_a_generation_that_never_moves_is_left_out_and_the_lut_stays_readable(tm
         hook.new_sample()
         for t in range(6):
             hook.module(None, timestep=torch.tensor([float(t)]))
-    assert "left out of the LUT: its outputs never changed from one step to the next" in capsys.readouterr().err
-    lut = CalibrationLUT.load(rec.lut().save(tmp_path / "lut.safetensors"))
-    assert lut.num_prompts == 1 and int(lut.cos.count.max()) == 1
+    assert "generation 1: the outputs of 1 of its 1 prompt(s) never changed from one step to the next" in \
+        capsys.readouterr().err
+    lut = CalibrationLUT.load(rec.lut().save(tmp_path / "more.safetensors"))
+    assert (lut.num_prompts, lut.still_prompts, int(lut.cos.count.max())) == (2, 1, 1)
+    assert lut.metadata()["format_version"] == 3 and CalibrationLUT.load(good).metadata()["format_version"] == 2
+
+
+def test_a_batch_with_one_still_prompt_makes_a_readable_lut(tmp_path):
+    """One prompt of a batch never moves, the other does (review): counted per prompt."""
+    class Half(torch.nn.Module):
+        def forward(self, x, timestep):
+            return torch.stack([torch.zeros(4), torch.full((4,), 0.9 ** float(timestep))])
+
+    from taohooks import CalibrationRecorder, DenoiserHook
+
+    rec = CalibrationRecorder()
+    with DenoiserHook(LoopSpec(6), [rec]).attach(Half()) as hook:
+        for t in range(6):
+            hook.module(None, timestep=torch.tensor([float(t)]))
+    lut = CalibrationLUT.load(rec.lut().save(tmp_path / "half.safetensors"))
+    assert (lut.num_prompts, lut.still_prompts) == (2, 1)
 
 
 def test_never_moving_generations_first_then_moving_ones_make_a_readable_lut(tmp_path):

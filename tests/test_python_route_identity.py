@@ -87,6 +87,34 @@ dist.destroy_process_group()
 """
 
 
+TWO_RANKS_SCRIPT = """
+import os, sys, tempfile, pathlib, torch, warnings
+warnings.filterwarnings("ignore")
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def rank_main(rank, port, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from test_python_route_identity import Model, config, generate
+    from taohooks import TaoCache
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    cache = TaoCache(config(pathlib.Path(tmp)))
+    generate(cache, FSDP(Model(), device_id=torch.device("cpu"), use_orig_params=True))
+    print(f"rank {rank}", cache.summary().splitlines()[0], flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    from test_python_route_identity import Model, config, generate
+    from taohooks import TaoCache
+    tmp = tempfile.mkdtemp()
+    generate(TaoCache(config(pathlib.Path(tmp))), Model(), prompts=2)  # the unwrapped model's LUT, one process
+    mp.spawn(rank_main, args=(sys.argv[1], tmp), nprocs=2)
+"""
+
+
 def test_an_fsdp_model_is_checked_without_its_hidden_shapes(tmp_path):
     """FSDP flattens (FSDP1) or shards (FSDP2, whose class becomes FSDP<Model>) the parameters: the architecture
     fingerprint of the Python route saw other shapes and refused the model's own LUT (review)."""
@@ -103,6 +131,13 @@ def test_an_fsdp_model_is_checked_without_its_hidden_shapes(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "FSDP1 TaoCache: 2 of 10 steps skipped" in res.stdout and "FSDP2 TaoCache: 2 of 10 steps skipped" in \
         res.stdout
+    # FSDP1 with use_orig_params on 2 ranks: each rank's inner module holds its own shard (other shapes per rank)
+    script = tmp_path / "two.py"
+    script.write_text(TWO_RANKS_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), str(random.randint(20000, 40000))], capture_output=True,
+                         text=True, timeout=180, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("TaoCache: 2 of 10 steps skipped") == 2, res.stdout
 
 
 def test_an_identity_given_is_the_run_s_and_a_lut_without_one_is_not_checked(tmp_path):

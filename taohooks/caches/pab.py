@@ -18,6 +18,7 @@ expert's cache is dropped when the loop moves on to the next.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -83,12 +84,12 @@ class BroadcastGroup:
 
 
 def _copy(out: Any) -> Any:
-    """``out`` with its tensors copied (in their dtype; in tuples, lists and dicts too)."""
+    """``out`` with its tensors copied (in their dtype; in tuples, lists and plain dicts too)."""
     if isinstance(out, torch.Tensor):
         return out.detach().clone()
     if isinstance(out, (tuple, list)):
         return type(out)(_copy(o) for o in out) if not hasattr(out, "_fields") else type(out)(*map(_copy, out))
-    if isinstance(out, dict):
+    if type(out) in (dict, OrderedDict):  # (a mapping of another kind, diffusers' BaseOutput, is returned as is)
         return type(out)((k, _copy(v)) for k, v in out.items())
     return out
 

@@ -93,8 +93,8 @@ class BlockStackCache(Callback):
         self.partial = False  # in this call the blocks run on some samples' rows only (others reuse)
         self._x_in: Optional[Tensor] = None
         self._x_version: Optional[int] = None  # the input's version counter at the stack's entry
-        self._x_first: Optional[Tensor] = None  # a copy of the input of the first computed call, compared after it
-        self._input_checked = False  # that comparison was made
+        self._x_first: Optional[Tensor] = None  # a copy of the input of a first computed call, compared after it
+        self._input_checked: set = set()  # the (expert, streams) whose first computed call was compared
         self.copy_input = False  # the stack changes its input in place (h += f(h)): keep a copy of it
         self.hook = None
 
@@ -212,8 +212,10 @@ class BlockStackCache(Callback):
     def _enter(self, call, block, args, kwargs, x: Tensor) -> None:
         """At the first block of a call: ask :meth:`decide`, keep the input."""
         self._entered, self._x_in, self._x_version = True, (x.clone() if self.copy_input else x), _version(x)
-        if not (self.copy_input or self._input_checked):  # once: an in-place change the version does not show
-            self._x_first = x.detach().clone()  # (inference tensors count none; a kernel may write past it)
+        if not self.copy_input and (self.expert, call.streams) not in self._input_checked:
+            # once per expert and streams: an in-place change no version shows (inference tensors count none; a
+            # kernel may write past it)
+            self._x_first = x.detach().clone()
         expert = self._expert_of.get(id(block), 0)
         if expert != self.expert:  # the loop moved on to another expert: its residuals are not used again
             self._residuals = {k: v for k, v in self._residuals.items() if k[0] == expert}
@@ -249,9 +251,9 @@ class BlockStackCache(Callback):
         if self._reuse is None:  # computed
             first, self._x_first = self._x_first, None
             if first is not None:
-                self._input_checked = True
+                self._input_checked.add((self.expert, call.streams))
             if not self.copy_input and (_changed_in_place(x_in, self._x_version, out)
-                                        or (first is not None and not torch.equal(x_in, first))):
+                                        or (first is not None and not _same_values(x_in, first))):
                 # out - in would be 0 (or a part of it): a copy of the input from now on
                 self.copy_input = True
                 messages.notice(f"{type(self).__name__}: the block stack changes its input in place (a residual added "
@@ -338,11 +340,18 @@ def _version(t: Tensor) -> Optional[int]:
 
 
 def _changed_in_place(x_in: Tensor, version: Optional[int], out: Tensor) -> bool:
-    """Whether the stack changed its input ``x_in`` in place: its version moved, or the output is the input's own
-    storage (``h += f(h)`` returned ``h``: also where no version is counted, in inference mode, or a kernel wrote
-    into its input without counting one)."""
+    """Whether the stack changed its input ``x_in`` in place: its version moved (or, in inference mode, where no
+    version is counted, the output is the input's own storage: ``h += f(h)`` returned ``h``)."""
     now = _version(x_in)
-    return (version is not None and now is not None and now != version) or out.data_ptr() == x_in.data_ptr()
+    if version is not None and now is not None:
+        return now != version
+    return out.data_ptr() == x_in.data_ptr()
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` hold the same values, NaN where the other has NaN (``torch.equal`` calls a NaN unequal to
+    itself, which made an input holding NaN look changed in place)."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 class ResidualSkipCallback(BlockStackCache):

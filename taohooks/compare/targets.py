@@ -212,10 +212,11 @@ class Target:
     def comparable_script(self, argv: List[str]) -> List[str]:
         """``argv`` (the script and its arguments) without :attr:`neutral_flags` and their values (``--flag v``,
         ``--flag=v``, or every value up to the next option of an ``nargs='+'`` flag; a short option ``-x`` ends
-        them, a negative number does not)."""
+        them, a negative number or a word with a space does not)."""
         kept, skipping = [], False
         for word in argv:
-            option = word.startswith("--") or (word.startswith("-") and len(word) > 1 and not _number(word))
+            # (argparse's rule: a negative number or a word with a space is a value)
+            option = word.startswith("-") and len(word) > 1 and not _number(word) and " " not in word
             if option:
                 name = word.split("=", 1)[0]
                 skipping = name in self.neutral_flags and "=" not in word  # (its values follow)

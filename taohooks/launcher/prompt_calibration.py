@@ -211,7 +211,8 @@ def _merge_advice(path: Path, parts: List[str]) -> str:
     lut = f"{path} " if path.is_file() else ""
     return (f"to keep their prompts instead (if of this model and settings), stop this run (Ctrl-C) and add them to "
             f"the LUT: taocache merge {lut}{' '.join(parts)} -o {path}, then calibrate with a prompts file that "
-            "leaves out the lines they hold (taocache calibrate continues at the line after the LUT's count)")
+            "begins with as many lines as the LUT then holds (the lines they calibrated) and goes on with the lines "
+            "still to run (taocache calibrate continues at the line after the LUT's count)")
 
 
 def _remove_stale_parts(path: Path, keep: List[Path] = ()) -> None:

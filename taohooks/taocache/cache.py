@@ -304,7 +304,7 @@ def _python_route_identity(module: nn.Module) -> Dict[str, Any]:
 
     inner = _inner_module(module)
     identity = model_identity(inner)
-    if is_sharded(inner):
+    if is_sharded(module) or is_sharded(inner):  # (FSDP1's use_orig_params leaves the inner module unmarked)
         identity.pop("architecture", None)
         name = type(inner).__name__
         if any(f"FSDP{base.__name__}" == name for base in type(inner).__mro__[1:]):

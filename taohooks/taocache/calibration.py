@@ -290,16 +290,6 @@ class CalibrationRecorder(Callback):
                              f"step {step}: {what}", every_rank=self.every_rank)
             return
         known = self._known
-        if int(gen.cos.count.sum()) == 0 and int(gen.ratio.count.sum()) == 0 and (
-                int(known.cos.count.sum()) > 0 or int(known.ratio.count.sum()) > 0):
-            # (counted as a prompt next to prompts with statistics, it made a LUT whose counts fall short of its
-            # prompts: a file the loader takes for an edited one, losing the prompts it held before; a LUT of only
-            # such generations, a zero-initialised model's, stays valid)
-            messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: its outputs never "
-                             "changed from one step to the next (every delta exactly zero: an output layer at its "
-                             "zero initialisation?), so it has no statistics to add to the LUT's",
-                             every_rank=self.every_rank)
-            return
         t = first_timestep_difference(known.timesteps, gen.timesteps)
         if t is not None:
             messages.warning(f"calibration: generation {_label(hook, sample)} left out of the LUT: step {t} ran at "
@@ -310,7 +300,18 @@ class CalibrationRecorder(Callback):
         deltas = None
         if gen.gram is not None and gen.gram.shape[0] == gen.prompts:
             deltas = DeltaGram(gen.gram, tuple(gen.numel))
-        still = gen.prompts if int(gen.cos.count.sum()) == 0 and int(gen.ratio.count.sum()) == 0 else 0
+        # prompts whose outputs never moved (a zero-initialised output layer: every delta exactly zero) record no
+        # value; counted apart, so that the file's counts still add up (the loader calls a LUT whose steps hold
+        # fewer values than its prompts edited: the prompts recorded before were lost to it)
+        moving = max(int(gen.cos.count.max()) if gen.cos.count.numel() else 0,
+                     int(gen.ratio.count.max()) if gen.ratio.count.numel() else 0)
+        still = max(0, gen.prompts - moving) if known.steps >= 3 else 0  # (no statistics before step 2)
+        if still:
+            messages.warning(f"calibration: generation {_label(hook, sample)}: the outputs of {still} of its "
+                             f"{gen.prompts} prompt(s) never changed from one step to the next (every delta exactly "
+                             "zero: an output layer at its zero initialisation?), so they add no statistics to the "
+                             "LUT; they count as calibration prompts all the same (still_prompts)",
+                             every_rank=self.every_rank)
         done = CalibrationLUT(known.streams, known.steps, gen.cos, gen.ratio, gen.timesteps, known.calls_per_step,
                               self.model_id, self.sampler, gen.prompts, identity=dict(self.identity), deltas=deltas,
                               still_prompts=still)

@@ -44,7 +44,9 @@ from .stats import RunningMoments
 
 __all__ = ["CalibrationLUT", "LUTMismatchError", "LUTFormatError", "merge_luts", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 2  # 2: the optional delta_gram; a version-1 file has no delta_gram and loads as is
+FORMAT_VERSION = 3  # 2: the optional delta_gram (a version-1 file has none and loads as is); 3: still_prompts
+#: what a LUT without still prompts is written as (readable by the taohooks of format 2)
+PLAIN_VERSION = 2
 _META_KEY = "taohooks_lut"
 PathLike = Union[str, os.PathLike]
 
@@ -188,7 +190,8 @@ class CalibrationLUT:
 
     # ------------------------------------------------------------------ file
     def metadata(self) -> dict:
-        meta = {"format_version": FORMAT_VERSION, "model_id": self.model_id, "steps": self.steps,
+        meta = {"format_version": FORMAT_VERSION if self.still_prompts else PLAIN_VERSION,
+                "model_id": self.model_id, "steps": self.steps,
                 "calls_per_step": self.calls_per_step, "streams": list(self.streams), "sampler": self.sampler,
                 "num_prompts": self.num_prompts, "created": self.created, "identity": dict(self.identity)}
         if self.deltas is not None and self.deltas.prompts:
@@ -275,7 +278,9 @@ class CalibrationLUT:
 
     def describe(self) -> str:
         return (f"{self._name()}: model {self.model_id or '?'}, sampler {self.sampler or '?'}, {self.steps} steps, "
-                f"streams {', '.join(self.streams)}, {self.num_prompts} prompts, created {self.created or '?'}"
+                f"streams {', '.join(self.streams)}, {self.num_prompts} prompts"
+                + (f" ({self.still_prompts} never moving: no statistics)" if self.still_prompts else "")
+                + f", created {self.created or '?'}"
                 + (f", identity {json.dumps(self.identity, sort_keys=True)}" if self.identity else ""))
 
 
