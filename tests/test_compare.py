@@ -945,6 +945,7 @@ def test_the_script_line_is_compared_without_the_flags_no_run_depends_on():
     assert osp(["s.py", "--text_prompt", "a", "b", "--num_frames", "65"]) == ["s.py", "--num_frames", "65"]
     assert wan(["g.py", "--prompt", "a cat", "-c", "cfg.yaml"]) == ["g.py", "-c", "cfg.yaml"]  # a short option ends it
     assert wan(["g.py", "--prompt", "-a cat, cinematic", "--size", "1"]) == ["g.py", "--size", "1"]  # (a value)
+    assert wan(["g.py", "--prompt=a cat", "--save_file=my video.mp4", "--size", "1"]) == ["g.py", "--size", "1"]
     assert target_for("latte").comparable_script(["s.py", "--config", "c.yaml"]) == ["s.py", "--config", "c.yaml"]
 
 

@@ -459,3 +459,30 @@ def test_known_correlations_that_cancel_more_than_there_is_fall_back_to_uncorrel
     predicted = predict_plan(plan, ErrorModel(lut.deltas, torch.ones(steps, dtype=torch.float64)))
     assert predicted.per_prompt.min() > 0
     assert torch.allclose(predicted.per_prompt, sum(c.per_prompt for c in predicted.chains))
+
+
+def test_still_prompts_are_left_out_of_the_error_model(tmp_path):
+    """A prompt whose outputs never moved has all its delta products 0: averaged in, it made the predicted error
+    smaller (a best prompt of inf dB) though it says nothing of the errors (review, 2026-11-28)."""
+    from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec
+    from taohooks.taocache.error_plan import error_model_of
+    from trajectories import GeometricDenoiser
+
+    class Frozen(torch.nn.Module):
+        def forward(self, x, timestep):
+            return torch.zeros(1, 3, 4, 4)
+
+    def record(models):
+        rec = CalibrationRecorder()
+        for model in models:
+            with DenoiserHook(LoopSpec(8), [rec]).attach(model) as hook:
+                hook.new_sample()
+                for t in range(8):
+                    hook.module(torch.zeros(1, 3), timestep=torch.tensor([float(t)]))
+        return rec.lut()
+
+    moving = record([GeometricDenoiser({"main": 0.9})])
+    with_still = record([Frozen(), GeometricDenoiser({"main": 0.9})])
+    assert with_still.still_prompts == 1 and with_still.deltas.prompts == 2
+    (a, _), (b, _) = error_model_of(moving), error_model_of(with_still)
+    assert torch.equal(a.dense.nan_to_num(-1.0), b.dense.nan_to_num(-1.0))  # (NaN: products beyond the horizon)

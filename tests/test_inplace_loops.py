@@ -191,3 +191,23 @@ def test_pab_leaves_an_output_mapping_of_another_kind_as_it_is():
 
     out = output.Transformer2DModelOutput(sample=torch.ones(2))
     assert _copy(out) is out
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_each_expert_s_first_call_is_checked(mode):
+    """Wan2.2's two experts, the low-noise one's blocks in place: its first call was taken as already checked (the
+    expert was read before the switch updated it), so the change went unseen under inference mode (review)."""
+    def generate(low_in_place: bool):
+        high, low = Net(), Net(in_place_blocks=low_in_place)
+        tea = TeaCacheCallback(0.2, [0.0, 0.0, 0.0, 1.0, 0.0])
+        x = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0))
+        with DenoiserHook(LoopSpec(STEPS, ("cond", "uncond")), [tea]).attach(high, low) as hook, mode():
+            hook.new_sample()
+            for i in range(STEPS):
+                net, t = (high if i < STEPS // 2 else low), torch.tensor([1000.0 * (1 - i / STEPS)])
+                c, u = net(x, timestep=t, guide=1.0), net(x, timestep=t, guide=0.0)
+                x = x - (u + 3.0 * (c - u)) / STEPS
+        return x, tea
+
+    (expected, plain), (got, changed) = generate(False), generate(True)
+    assert torch.equal(got, expected) and changed.copy_input and changed.reused == plain.reused > 0

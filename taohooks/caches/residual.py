@@ -212,15 +212,15 @@ class BlockStackCache(Callback):
     def _enter(self, call, block, args, kwargs, x: Tensor) -> None:
         """At the first block of a call: ask :meth:`decide`, keep the input."""
         self._entered, self._x_in, self._x_version = True, (x.clone() if self.copy_input else x), _version(x)
-        if not self.copy_input and (self.expert, call.streams) not in self._input_checked:
-            # once per expert and streams: an in-place change no version shows (inference tensors count none; a
-            # kernel may write past it)
-            self._x_first = x.detach().clone()
         expert = self._expert_of.get(id(block), 0)
         if expert != self.expert:  # the loop moved on to another expert: its residuals are not used again
             self._residuals = {k: v for k, v in self._residuals.items() if k[0] == expert}
             self.expert = expert
             self.on_expert_switch(expert)
+        if not self.copy_input and (self.expert, call.streams) not in self._input_checked:
+            # once per expert and streams: an in-place change no version shows (inference tensors count none; a
+            # kernel may write past it)
+            self._x_first = x.detach().clone()
         verdict = self.decide(call, block, args, kwargs)
         if isinstance(verdict, (bool, int)) or (isinstance(verdict, Tensor) and verdict.dim() == 0):
             reuse = torch.full((self.samples(),), bool(verdict))

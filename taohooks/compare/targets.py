@@ -215,8 +215,9 @@ class Target:
         them, a negative number or a word with a space does not)."""
         kept, skipping = [], False
         for word in argv:
-            # (argparse's rule: a negative number or a word with a space is a value)
-            option = word.startswith("-") and len(word) > 1 and not _number(word) and " " not in word
+            # (argparse's rule: a negative number or a word with a space is a value, but --name=value is an option)
+            option = word.startswith("-") and len(word) > 1 and not _number(word) and (
+                " " not in word or ("=" in word and " " not in word.split("=", 1)[0]))
             if option:
                 name = word.split("=", 1)[0]
                 skipping = name in self.neutral_flags and "=" not in word  # (its values follow)

@@ -126,12 +126,16 @@ class ErrorModel:
         self.streams = gram.gram.shape[1]
         self.horizon = gram.horizon
         self.weights = weights.to(torch.float64)
+        # the LUT's still prompts (outputs that never moved: every product 0) say nothing of the errors: left out
+        # (their zeros were averaged in, a best prompt of inf dB)
+        moving = gram.gram[..., 0].nan_to_num(0.0).abs().flatten(1).amax(1) > 0  # [prompts]
+        products = gram.gram[moving] if bool(moving.any()) else gram.gram
         # dense [streams, prompts, steps, steps] <D_i, D_j> (NaN beyond the horizon / unrecorded)
-        p, s, t, h = gram.gram.shape
+        p, s, t, h = products.shape
         dense = torch.full((s, p, t, t), float("nan"), dtype=torch.float64)
         for j in range(min(h, t)):
             i = torch.arange(j, t)
-            band = gram.gram[:, :, j:, j].permute(1, 0, 2)  # [s, p, t - j]
+            band = products[:, :, j:, j].permute(1, 0, 2)  # [s, p, t - j]
             dense[:, :, i, i - j] = band
             dense[:, :, i - j, i] = band
         self.dense = dense
