@@ -18,14 +18,12 @@ expert's cache is dropped when the loop moves on to the next.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import torch
-
 from ..runtime.callbacks import Callback
 from ..runtime.patching import ForwardPatch
+from ..runtime.structure import flatten_output
 
 __all__ = ["BroadcastGroup", "PyramidAttentionBroadcast", "PABPatternError", "module_names", "modules_matching"]
 
@@ -84,14 +82,9 @@ class BroadcastGroup:
 
 
 def _copy(out: Any) -> Any:
-    """``out`` with its tensors copied (in their dtype; in tuples, lists and plain dicts too)."""
-    if isinstance(out, torch.Tensor):
-        return out.detach().clone()
-    if isinstance(out, (tuple, list)):
-        return type(out)(_copy(o) for o in out) if not hasattr(out, "_fields") else type(out)(*map(_copy, out))
-    if type(out) in (dict, OrderedDict):  # (a mapping of another kind, diffusers' BaseOutput, is returned as is)
-        return type(out)((k, _copy(v)) for k, v in out.items())
-    return out
+    """``out`` with its floating tensors copied, in its own structure (:mod:`taohooks.runtime.structure`)."""
+    leaves, structure = flatten_output(out)
+    return structure.rebuild([t.detach().clone() for t in leaves])
 
 
 class PyramidAttentionBroadcast(Callback):

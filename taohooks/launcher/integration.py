@@ -25,6 +25,7 @@ from torch import nn
 from ..runtime import messages
 from ..runtime.loop import LoopSpec
 from ..runtime.hook import get_hook
+from ..runtime.patching import unwrap_model
 from ..taocache.cache import TaoCache
 
 __all__ = ["GenerationPatch", "IntegrationError", "PatchSet", "unwrap_model", "scheduler_calls", "batched_cfg_loop",
@@ -169,17 +170,6 @@ def batched_cfg_loop(scheduler: Any, steps: int, guidance_scale: float, timestep
     if guidance_scale > 1.0:
         return LoopSpec(calls, ("uncond", "cond"), split_batch=True), {"timestep_arg": timestep_arg}
     return LoopSpec(calls, ("cond",)), {"timestep_arg": timestep_arg}
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module to hook inside wrappers that forward to ``.module`` (FSDP, DDP, DataParallel).
-
-    FSDP's forward calls the wrapped module's ``__call__``, which honours an instance forward
-    (Wan's sequence-parallel one, ours), so hooking the inner module is exact."""
-    while type(model).__name__ in ("FullyShardedDataParallel", "DistributedDataParallel", "DataParallel") \
-            and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 class IntegrationError(RuntimeError):

@@ -11,7 +11,25 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["ForwardPatch"]
+__all__ = ["ForwardPatch", "unwrap_model"]
+
+#: wrappers whose forward calls the wrapped module's ``__call__`` (``.module``)
+MODULE_WRAPPERS = ("FullyShardedDataParallel", "DistributedDataParallel", "DataParallel")
+
+
+def unwrap_model(model: nn.Module, compiled: bool = False) -> nn.Module:
+    """The module inside wrappers that forward to ``.module`` (FSDP, DDP, DataParallel), and with ``compiled``
+    inside ``torch.compile``'s (``._orig_mod``: what a model *is*, where the module to hook is the compiled one).
+
+    FSDP's forward calls the wrapped module's ``__call__``, which honours an instance forward
+    (Wan's sequence-parallel one, ours), so hooking the inner module is exact."""
+    while True:
+        name = type(model).__name__
+        inner = getattr(model, "module", None) if name in MODULE_WRAPPERS else (
+            getattr(model, "_orig_mod", None) if compiled and name == "OptimizedModule" else None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 class ForwardPatch:

@@ -8,6 +8,7 @@ goes back in exactly the shape the model would have returned.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Any, List, Sequence
@@ -48,7 +49,7 @@ def _skeleton(obj: Any, leaves: List[Tensor]) -> Any:
         fields = {f.name: _skeleton(getattr(obj, f.name), leaves) for f in dataclasses.fields(obj)}
         return ("dataclass", obj, fields)
     if isinstance(obj, Mapping):
-        return ("mapping", type(obj), {k: _skeleton(v, leaves) for k, v in obj.items()})
+        return ("mapping", obj, {k: _skeleton(v, leaves) for k, v in obj.items()})
     if isinstance(obj, (tuple, list)):
         items = [_skeleton(v, leaves) for v in obj]
         return ("sequence", type(obj), items)
@@ -63,9 +64,13 @@ def _rebuild(node: Any, leaves: Sequence[Tensor]) -> Any:
         if kind == "dataclass":
             values = {k: _rebuild(v, leaves) for k, v in children.items()}
             return dataclasses.replace(ref, **values)
-        if kind == "mapping":
+        if kind == "mapping":  # (ref: the mapping itself, whose kind and attributes a copy keeps: a defaultdict)
             values = {k: _rebuild(v, leaves) for k, v in children.items()}
-            return values if ref is dict else ref(values)
+            if type(ref) is dict:
+                return values
+            rebuilt = copy.copy(ref)
+            rebuilt.update(values)
+            return rebuilt
         items = [_rebuild(v, leaves) for v in children]
         if ref is list or ref is tuple:
             return ref(items)

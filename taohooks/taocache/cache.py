@@ -284,25 +284,14 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
                 f"calibration.accept: [{', '.join(keys)}]{where}")
 
 
-def _inner_module(module: nn.Module) -> nn.Module:
-    """The model inside DDP / FSDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers: what
-    a LUT's identity names, wrapped or not."""
-    while True:
-        inner = getattr(module, "_orig_mod", None) if type(module).__name__ == "OptimizedModule" else (
-            getattr(module, "module", None) if type(module).__name__ in (
-                "FullyShardedDataParallel", "DistributedDataParallel", "DataParallel") else None)
-        if not isinstance(inner, nn.Module):
-            return module
-        module = inner
-
-
 def _python_route_identity(module: nn.Module) -> Dict[str, Any]:
     """What an ``attach`` without ``identity=`` records and checks: the model inside its wrappers (class, architecture
     fingerprint, dtype), but no fingerprint under FSDP, whose flattened or sharded parameters hide the shapes (and
     FSDP2's ``FSDP<Model>`` class is ``Model``'s)."""
+    from ..runtime.patching import unwrap_model
     from .identity import is_sharded
 
-    inner = _inner_module(module)
+    inner = unwrap_model(module, compiled=True)
     identity = model_identity(inner)
     if is_sharded(module) or is_sharded(inner):  # (FSDP1's use_orig_params leaves the inner module unmarked)
         identity.pop("architecture", None)
