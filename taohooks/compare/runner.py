@@ -167,7 +167,7 @@ class CalibrationCheckpoint:
         if state is None or not (self.folder / state["lut"]).is_file():
             return None, 0
         done = state["done"]
-        if state["prompts"][:done] != self.prompts[:done] or state["what"] != self.what:
+        if self.kept(self.store, self.prompts) != done or state["what"] != self.what:
             messages.notice("compare: the calibration kept in this folder was of other calibration prompts or "
                             "methods; calibrating from the first prompt")
             return None, 0

@@ -23,10 +23,11 @@ from ..runtime.callbacks import Callback
 from ..config import PlanConfig, TaoCacheConfig, check_python_config, load_config
 from .extrapolation import TaoCacheCallback
 from ..runtime.hook import DenoiserHook
-from .identity import describe_differences, differences, model_identity
+from .identity import describe_differences, differences, is_sharded, model_identity
 from .lut_format import check_identity
 from ..runtime.io import check_writable, special_file_kind
 from ..runtime.loop import LoopSpec
+from ..runtime.patching import unwrap_model
 from .lut import CalibrationLUT, LUTMismatchError
 from .plan import (REFRESH_WIDTH, PlanError, SkipPlan, check_unskippable, no_skip_plan, plan_from_steps, plan_from_window,
                    resolve_budget, search_window, switch_guard)
@@ -288,9 +289,6 @@ def _python_route_identity(module: nn.Module) -> Dict[str, Any]:
     """What an ``attach`` without ``identity=`` records and checks: the model inside its wrappers (class, architecture
     fingerprint, dtype), but no fingerprint under FSDP, whose flattened or sharded parameters hide the shapes (and
     FSDP2's ``FSDP<Model>`` class is ``Model``'s)."""
-    from ..runtime.patching import unwrap_model
-    from .identity import is_sharded
-
     inner = unwrap_model(module, compiled=True)
     identity = model_identity(inner)
     if is_sharded(module) or is_sharded(inner):  # (FSDP1's use_orig_params leaves the inner module unmarked)
