@@ -398,3 +398,44 @@ def test_why_a_part_file_is_not_resumed_is_said_for_every_naming_of_the_history(
                     "lut.part0-of-2.safetensors": "named by an earlier taohooks, before the prompt count and lines "
                                                   "were part of the name",
                     "lut.part0-of-2-from0-abcd1234.safetensors": "of a run on other prompt lines"}
+
+
+class _OneStreamMoves(torch.nn.Module):
+    """Outputs that move in one stream only (``moving``); the other stream's never change."""
+
+    def __init__(self, moving):
+        super().__init__()
+        self.moving = moving
+
+    def forward(self, x, timestep, stream):
+        return torch.full((1, 4), 0.9 ** float(timestep.reshape(-1)[0]) if stream == self.moving else 0.5)
+
+
+def _still_stream_worker(rank, world, port, out_dir):
+    from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec
+    from taohooks.runtime.distributed import all_reduce_lut
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        recorder, loop = CalibrationRecorder(), LoopSpec(6, ("cond", "uncond"))
+        with DenoiserHook(loop, [recorder]).attach(_OneStreamMoves(loop.streams[rank])) as hook:
+            hook.new_sample()
+            for t in range(6):
+                for s in loop.streams:
+                    hook.module(None, timestep=torch.tensor([float(t)]), stream=s)
+        all_reduce_lut(recorder.lut()).save(f"{out_dir}/lut{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_still_in_different_streams_reduce_to_a_readable_lut(tmp_path):
+    """Rank 0's prompt moved only in its cond stream, rank 1's only in its uncond stream: the reduced LUT held 2
+    prompts, 0 still, and 1 value at its fullest step, which the loader called corrupt (third review, 2026-11-28:
+    left open). still_prompts is recomputed from the summed counts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_still_stream_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    for r in (0, 1):
+        lut = CalibrationLUT.load(tmp_path / f"lut{r}.safetensors")
+        assert (lut.num_prompts, lut.still_prompts, int(lut.cos.count.max())) == (2, 1, 1)

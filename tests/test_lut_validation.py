@@ -259,3 +259,33 @@ def test_never_moving_generations_first_then_moving_ones_make_a_readable_lut(tmp
                                                                                          "still_prompts": value})})
         with pytest.raises(LUTFormatError, match=said):
             CalibrationLUT.load(tmp_path / "bad.safetensors")
+
+
+def test_generations_still_in_different_streams_make_a_readable_lut(tmp_path):
+    """Generation 1 moves only in its cond stream, generation 2 only in its uncond stream (a prompt still in one
+    stream): each counted its 1 prompt as moving, so the LUT held 2 prompts, 0 still, and 1 value at its fullest
+    step, a file the loader called corrupt (third review, 2026-11-28: left open). still_prompts is now what the
+    LUT's fullest step lacks, recomputed at every merge, so any order and grouping of generations reads back."""
+    class OneStreamMoves(torch.nn.Module):
+        def __init__(self, moving):
+            super().__init__()
+            self.moving = moving
+
+        def forward(self, x, timestep, stream):
+            t = float(timestep.reshape(-1)[0])
+            return torch.full((1, 4), 0.9 ** t if stream == self.moving else 0.5)
+
+    from taohooks import CalibrationRecorder, DenoiserHook
+
+    rec = CalibrationRecorder()
+    loop = LoopSpec(6, ("cond", "uncond"))
+    for moving in ("cond", "uncond"):
+        with DenoiserHook(loop, [rec]).attach(OneStreamMoves(moving)) as hook:
+            hook.new_sample()
+            for t in range(6):
+                for s in loop.streams:
+                    hook.module(None, timestep=torch.tensor([float(t)]), stream=s)
+    lut = CalibrationLUT.load(rec.lut().save(tmp_path / "lut.safetensors"))
+    assert (lut.num_prompts, lut.still_prompts, int(lut.cos.count.max())) == (2, 1, 1)
+    merged = CalibrationLUT.load(lut.merge(lut).save(tmp_path / "merged.safetensors"))
+    assert (merged.num_prompts, merged.still_prompts, int(merged.cos.count.max())) == (4, 2, 2)

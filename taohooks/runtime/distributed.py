@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..taocache.delta_gram import DeltaGram
-from ..taocache.lut import CalibrationLUT, LUTMismatchError, merge_problem
+from ..taocache.lut import CalibrationLUT, LUTMismatchError, merge_problem, unrecorded_prompts
 from ..taocache.stats import RunningMoments
 
 __all__ = ["all_reduce_lut", "shard", "world", "init_from_environment"]
@@ -100,7 +100,9 @@ def all_reduce_lut(lut: CalibrationLUT, group: Optional[object] = None) -> Calib
     timesteps = torch.where(timesteps.isinf(), torch.full_like(timesteps, float("nan")), timesteps)
     return CalibrationLUT(lut.streams, lut.steps, moments[0], moments[1], timesteps, lut.calls_per_step,
                           lut.model_id, lut.sampler, prompts, lut.created, identity=dict(lut.identity),
-                          deltas=_gather_deltas(lut, group), still_prompts=still)
+                          deltas=_gather_deltas(lut, group),
+                          still_prompts=unrecorded_prompts(prompts, moments[0].count, moments[1].count,
+                                                           otherwise=still))
 
 
 def _check_ranks_agree(lut: CalibrationLUT, group) -> None:

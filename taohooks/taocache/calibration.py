@@ -34,7 +34,7 @@ from ..runtime.callbacks import Callback
 from .delta_gram import DEFAULT_HORIZON, DeltaGram, DeltaRing, flatten_per_prompt
 from ..runtime.io import atomic_write_bytes, locked
 from ..runtime.loop import LoopSpec
-from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference, merge_problem
+from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference, merge_problem, unrecorded_prompts
 from .lut_format import check_identity
 from .stats import RunningMoments
 from ..runtime.structure import flatten_output, float32_leaves, split_batch
@@ -303,9 +303,8 @@ class CalibrationRecorder(Callback):
         # prompts whose outputs never moved (a zero-initialised output layer: every delta exactly zero) record no
         # value; counted apart, so that the file's counts still add up (the loader calls a LUT whose steps hold
         # fewer values than its prompts edited: the prompts recorded before were lost to it)
-        moving = max(int(gen.cos.count.max()) if gen.cos.count.numel() else 0,
-                     int(gen.ratio.count.max()) if gen.ratio.count.numel() else 0)
-        still = max(0, gen.prompts - moving) if known.steps >= 3 else 0  # (no statistics before step 2)
+        still = unrecorded_prompts(gen.prompts, gen.cos.count, gen.ratio.count,
+                                   otherwise=gen.prompts if known.steps >= 3 else 0)  # (no statistics before step 2)
         if still:
             messages.warning(f"calibration: generation {_label(hook, sample)}: the outputs of {still} of its "
                              f"{gen.prompts} prompt(s) never changed from one step to the next (every delta exactly "

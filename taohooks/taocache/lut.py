@@ -103,7 +103,10 @@ class CalibrationLUT:
     source: Optional[str] = None  # the file it was loaded from, for messages
     identity: Dict[str, Any] = field(default_factory=dict)  # what it was calibrated with (JSON values)
     deltas: Optional[DeltaGram] = None  # products of deltas per prompt (format 2), for plan.rule: auto
-    still_prompts: int = 0  # of num_prompts, those whose outputs never moved (no statistics: a zero-initialised model)
+    # of num_prompts, those the LUT's fullest step holds no value of (outputs that never moved there: a zero-initialised
+    # model); recomputed from the counts at every merge (:func:`unrecorded_prompts`), so that it does not depend on
+    # the order or grouping of the generations
+    still_prompts: int = 0
 
     @classmethod
     def empty(cls, loop: LoopSpec, model_id: Optional[str] = None, sampler: Optional[str] = None,
@@ -181,12 +184,14 @@ class CalibrationLUT:
         problem = merge_problem(self, other, self._name(), other._name())
         if problem:
             raise LUTMismatchError(problem)
+        cos, ratio, prompts = self.cos.merge(other.cos), self.ratio.merge(other.ratio), self.num_prompts + other.num_prompts
         return CalibrationLUT(
-            self.streams, self.steps, self.cos.merge(other.cos), self.ratio.merge(other.ratio),
+            self.streams, self.steps, cos, ratio,
             torch.where(self.timesteps.isnan(), other.timesteps, self.timesteps), self.calls_per_step,
-            self.model_id or other.model_id, self.sampler or other.sampler, self.num_prompts + other.num_prompts,
+            self.model_id or other.model_id, self.sampler or other.sampler, prompts,
             identity={**other.identity, **self.identity}, deltas=_merge_deltas(self, other, drop_error_statistics),
-            still_prompts=self.still_prompts + other.still_prompts)
+            still_prompts=unrecorded_prompts(prompts, cos.count, ratio.count,
+                                             otherwise=self.still_prompts + other.still_prompts))
 
     # ------------------------------------------------------------------ file
     def metadata(self) -> dict:
@@ -282,6 +287,15 @@ class CalibrationLUT:
                 + (f" ({self.still_prompts} never moving: no statistics)" if self.still_prompts else "")
                 + f", created {self.created or '?'}"
                 + (f", identity {json.dumps(self.identity, sort_keys=True)}" if self.identity else ""))
+
+
+def unrecorded_prompts(num_prompts: int, cos_count: Tensor, ratio_count: Tensor, otherwise: int) -> int:
+    """``still_prompts`` of a LUT of these counts (``[streams, steps]``): the prompts its fullest step holds no value
+    of, ``otherwise`` where no step holds any (too few steps for statistics, or no prompt that moved). A function of
+    the summed counts, so that merged LUTs agree whatever the order of their generations (a per-generation sum did
+    not: generations still in different streams summed to 0 while no step held every prompt)."""
+    most = max(int(c.max()) if c.numel() else 0 for c in (cos_count, ratio_count))
+    return max(0, num_prompts - most) if most else otherwise
 
 
 def _merge_deltas(a: CalibrationLUT, b: CalibrationLUT, drop: bool = False) -> Optional[DeltaGram]:
