@@ -3,7 +3,6 @@ class of problem, each failing before its fix. Exact messages where the message 
 import json
 import os
 import stat
-import sys
 import threading
 import time
 

@@ -53,7 +53,7 @@ def test_check(lut_path, tmp_path, capsys):
     assert main(["check", str(cfg)]) == 1
     assert f"teacache.calibrated: {tmp_path / 'geo.teacache.json'} does not exist" in capsys.readouterr().err
     # ... but not one taocache calibrate would fit first (review, 2026-11-27: check refused what calibrate does)
-    cfg.write_text(f"model_id: geo\nlut: new.safetensors\ncalibration: {{auto: false, teacache_fit: true}}\n"
+    cfg.write_text("model_id: geo\nlut: new.safetensors\ncalibration: {auto: false, teacache_fit: true}\n"
                    "teacache: {threshold: 0.3, calibrated: true}\n")
     assert main(["check", str(cfg)]) == 0
     assert "# note: teacache.calibrated: " in capsys.readouterr().out  # (and that a plain run refuses until then)

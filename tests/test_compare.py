@@ -947,6 +947,10 @@ def test_the_script_line_is_compared_without_the_flags_no_run_depends_on():
     assert wan(["g.py", "--prompt", "-a cat, cinematic", "--size", "1"]) == ["g.py", "--size", "1"]  # (a value)
     assert wan(["g.py", "--prompt=a cat", "--save_file=my video.mp4", "--size", "1"]) == ["g.py", "--size", "1"]
     assert target_for("latte").comparable_script(["s.py", "--config", "c.yaml"]) == ["s.py", "--config", "c.yaml"]
+    # a one-value flag takes one value: a positional after it stayed out of the comparison (left open, 2026-11-28)
+    assert wan(["g.py", "--prompt", "a cat", "extra.yaml"]) == ["g.py", "extra.yaml"]
+    testbed = target_for("testbed").comparable_script  # --prompt appends one value; --seeds takes many
+    assert testbed(["s.py", "--out", "o.png", "p.yaml", "--seeds", "1", "2"]) == ["s.py", "p.yaml"]
 
 
 def test_a_budget_no_taocache_plan_fits_is_said_before_the_runs(tmp_path, launcher_state, capsys):

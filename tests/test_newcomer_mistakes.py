@@ -528,7 +528,6 @@ def test_a_manual_window_ending_on_a_refresh_is_said(capsys):
 def test_a_skipping_run_whose_timestep_cannot_be_read_is_told(tmp_path, capsys):
     """Calibration and repeat=True warned that the timestep could not be read; a skipping run, whose timesteps are
     what the LUT check compares, said nothing (Python API walkthrough, 2026-11-27)."""
-    from trajectories import run_loop
 
     model = PositionalTimestep()
     rec = CalibrationRecorder()

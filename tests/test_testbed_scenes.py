@@ -506,7 +506,7 @@ def test_training_with_worker_processes_and_bf16(tmp_path, render):
 def test_bench_runs_a_scenes_checkpoint_with_its_own_prompts_and_recogniser(tmp_path, monkeypatch):
     """``taocache bench --models scenes`` (the checkpoint is still training: a tiny one stands in):
     the scenes prompts, sampler and recogniser, both TaoCache rules."""
-    from taohooks.evaluation import bench, testbed_model
+    from taohooks.evaluation import testbed_model
     from taohooks.evaluation.bench import BenchConfig, run_bench
 
     weights = tmp_path / "scenes-flow.safetensors"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import math
 import os
 import time
 from dataclasses import dataclass, field

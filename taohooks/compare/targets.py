@@ -8,7 +8,7 @@ yet, because the proxy its authors use is not implemented for that integration).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -206,24 +206,29 @@ class Target:
     # manager yielding a list that holds them afterwards (empty when the script did not decode)
     latents_during: Optional[Callable[[dict], ContextManager[List[torch.Tensor]]]] = None
     # the script's flags whose values no compared run depends on (the prompt and seed compare replaces, the
-    # output file, Wan's model offloading): left out where an output folder's script line is compared
-    neutral_flags: Tuple[str, ...] = ()
+    # output file, Wan's model offloading): left out where an output folder's script line is compared; each with
+    # the number of values it takes (None: nargs='+', every value up to the next option)
+    neutral_flags: Dict[str, Optional[int]] = field(default_factory=dict)
 
     def comparable_script(self, argv: List[str]) -> List[str]:
         """``argv`` (the script and its arguments) without :attr:`neutral_flags` and their values (``--flag v``,
         ``--flag=v``, or every value up to the next option of an ``nargs='+'`` flag; a short option ``-x`` ends
         them, a negative number or a word with a space does not)."""
-        kept, skipping = [], False
+        kept, values = [], 0  # (values: how many of the next words are a neutral flag's; -1: up to an option)
         for word in argv:
             # (argparse's rule: a negative number or a word with a space is a value, but --name=value is an option)
             option = word.startswith("-") and len(word) > 1 and not _number(word) and (
                 " " not in word or ("=" in word and " " not in word.split("=", 1)[0]))
             if option:
                 name = word.split("=", 1)[0]
-                skipping = name in self.neutral_flags and "=" not in word  # (its values follow)
+                values = 0
                 if name in self.neutral_flags:
+                    if "=" not in word:  # (its values follow)
+                        n = self.neutral_flags[name]
+                        values = -1 if n is None else n
                     continue
-            elif skipping:
+            elif values:
+                values -= values > 0
                 continue
             kept.append(word)
         return kept
@@ -250,12 +255,12 @@ def _number(word: str) -> bool:
 
 
 # Wan's generate.py: the prompt and seed compare replaces, the output file, whether the model waits on the CPU
-WAN_NEUTRAL_FLAGS = ("--prompt", "--base_seed", "--save_file", "--offload_model")
+WAN_NEUTRAL_FLAGS = {"--prompt": 1, "--base_seed": 1, "--save_file": 1, "--offload_model": 1}
 
 TARGETS: Dict[str, Target] = {
     "testbed": Target("prompts", "seeds", _batch_of_clips, "blocks", _testbed_probe,
                       "the first block's timestep-modulated input, as taocache bench", attention=r"blocks\.\d+\.attn",
-                      neutral_flags=("--prompt", "--seeds", "--out")),
+                      neutral_flags={"--prompt": 1, "--seeds": None, "--out": 1}),
     "wan": Target("input_prompt", "seed", _single_video, "blocks", None,
                   "the authors' TeaCache for Wan2.1 (timestep-embedding proxy, published coefficients)",
                   tea_published=_wan21_published_teacache, tea_ret_steps=True,
@@ -276,7 +281,7 @@ TARGETS: Dict[str, Target] = {
                             "the authors' TeaCache for Open-Sora-Plan v1.1 (TeaCache's eval script, published "
                             "coefficients)", tea_published=_latte_published_teacache("opensora_plan"),
                             exit="norm_out", attention=LATTE_SELF_ATTENTION,
-                            latents_during=_pipeline_latents, neutral_flags=("--text_prompt", "--save_img_path")),
+                            latents_during=_pipeline_latents, neutral_flags={"--text_prompt": None, "--save_img_path": 1}),
 }
 
 

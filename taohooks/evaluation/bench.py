@@ -13,7 +13,6 @@ Writes ``results.json`` (one record per model x method x budget; the reference i
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field

@@ -58,7 +58,6 @@ class TestbedModel:
         """The bundled checkpoint of ``name``, or the checkpoint file ``path`` (it must be one of that
         model's task and prediction: scenes or the small task, eps or flow), on ``device``."""
         from ..testbed.model import VideoDiT
-        from ..testbed import scenes
 
         path = cls.check(name, path)
         model = VideoDiT.from_pretrained(path).to(device)

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import taohooks.integrations.opensora_plan as osp_integration  # noqa: E402
 from taohooks.runtime import messages  # noqa: E402
-from taohooks.config import ConfigError, config_from_dict  # noqa: E402
+from taohooks.config import config_from_dict  # noqa: E402
 from taohooks.launcher.integration import IntegrationError  # noqa: E402
 from taohooks.taocache.lut import CalibrationLUT, LUTMismatchError  # noqa: E402
 
