@@ -272,10 +272,11 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
     if identity:
         unrecorded = [k for k in identity if k not in recorded and k not in config.calibration.accept]
         if unrecorded and lut.source:  # (a LUT of an earlier taohooks, or calibrated where they were not known)
+            advice = (" (a LUT calibrated under FSDP records none: its parameters are sharded)"
+                      if unrecorded == ["architecture"] else ": calibrate a LUT of this run to have them checked")
             messages.notice(f"{lut._name()} records no {', '.join(unrecorded)} of its calibrating run, so this run's "
                             f"({', '.join(f'{k} {identity[k]!r}' for k in unrecorded)}) cannot be checked against "
-                            "it: calibrate a LUT of this run to have them checked",
-                            once=f"unrecorded {lut.source} {unrecorded}")
+                            f"it{advice}", once=f"unrecorded {lut.source} {unrecorded}")
         keys = differences(recorded, identity, config.calibration.accept)
         if keys:
             where = f" in {config.source}" if config.source else ""
