@@ -80,6 +80,22 @@ def test_budget_zero_is_the_plain_pipeline_and_a_window_skips(name, capfd):
     assert torch.equal(call(pipe), full)
 
 
+def test_a_pipeline_the_script_drops_is_freed_with_its_transformer(capfd):
+    """enable_taocache on a pipeline made per video: every transformer stayed alive (memory walkthrough, 2026-11-28)."""
+    import gc
+    import weakref
+
+    refs = []
+    for seed in (0, 1):
+        pipe = wan_pipe()
+        enable_taocache(pipe, config(window=[5, 6], ratio=1.0))
+        wan_call(pipe, seed=seed)
+        refs.append(weakref.ref(pipe.transformer))
+        del pipe
+        gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
 def test_other_instances_of_the_class_are_untouched(capfd):
     a, b = wan_pipe(), wan_pipe()
     enable_taocache(a, config(window=[5, 6], ratio=1.0))

@@ -134,3 +134,33 @@ def test_warnings_and_the_summary_line_name_the_same_generation(tmp_path, capsys
     err = capsys.readouterr().err
     assert "taohooks: warning: generation 2 begins at timestep" in err and "taohooks: generation 2: " in err
     assert "generation 1 begins" not in err
+
+
+def test_a_model_the_script_drops_is_freed(tmp_path):
+    """Every model the launcher (or enable_taocache) had hooked stayed alive for the whole process: its patch's
+    WeakKeyDictionary held, as the model's value, the cache whose hook holds the model (memory walkthrough,
+    2026-11-28: a script loading a pipeline per video kept every transformer). The entry lives on the model now."""
+    import gc
+    import weakref
+    from pathlib import Path
+
+    from taohooks.config import load_config
+    from taohooks.launcher import integration as launcher
+    from taohooks.testbed import integration, sampling
+    from taohooks.testbed.model import VideoDiT
+
+    cfg = tmp_path / "tb.yaml"
+    cfg.write_text("integration: testbed\nlut: tb.safetensors\ncalibration: {prompts: 1}\nplan: {budget: 2}\n")
+    weights = Path(sampling.__file__).parent / "weights" / "flow.safetensors"
+    integration.install(load_config(cfg))
+    try:
+        refs = []
+        for seed in (1, 2):  # (calibrates, then skips)
+            model = VideoDiT.from_pretrained(weights)
+            refs.append(weakref.ref(model))
+            sampling.sample_flow(model, ["a red circle moving left"], [seed], steps=8)
+            del model
+            gc.collect()
+        assert [r() for r in refs] == [None, None] and len(launcher._owners) == 0
+    finally:
+        integration.uninstall()

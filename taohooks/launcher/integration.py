@@ -184,6 +184,42 @@ _calls = 0  # generation calls that reached any GenerationPatch in this process
 _owners: "weakref.WeakKeyDictionary[nn.Module, GenerationPatch]" = weakref.WeakKeyDictionary()  # whose cache is on it
 
 
+class CachesOnModels:
+    """A patch's ``model -> entry`` map whose entries live on the models themselves (``model.__dict__``), so that a
+    model the script drops is freed with its cache: a ``WeakKeyDictionary`` whose values hold their key (the
+    cache's hook holds the model) kept every hooked model alive for the whole process."""
+
+    ATTRIBUTE = "_taohooks_generation_caches"
+
+    def __init__(self, patch: Any):
+        self._patch_ref = weakref.ref(patch)
+        self._models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+    def _entries(self, model: nn.Module) -> dict:
+        return model.__dict__.setdefault(self.ATTRIBUTE, {})  # {patch: entry}
+
+    def get(self, model: nn.Module) -> Optional[tuple]:
+        return model.__dict__.get(self.ATTRIBUTE, {}).get(self._patch_ref())
+
+    def __setitem__(self, model: nn.Module, entry: tuple) -> None:
+        self._entries(model)[self._patch_ref()] = entry
+        self._models.add(model)
+
+    def pop(self, model: nn.Module, default: Any = None) -> Any:
+        self._models.discard(model)
+        entries = model.__dict__.get(self.ATTRIBUTE, {})
+        entry = entries.pop(self._patch_ref(), default)
+        if not entries:
+            model.__dict__.pop(self.ATTRIBUTE, None)  # (the model as it was)
+        return entry
+
+    def __iter__(self):
+        return iter(list(self._models))
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
 _interceptor: Optional[Callable[["GenerationPatch", inspect.BoundArguments], Any]] = None
 
 
@@ -420,8 +456,8 @@ class GenerationPatch:
         self._prompt_calibration: Optional[str] = None  # None | "running" | "done"
         self.original = getattr(owner, name)
         self.signature = inspect.signature(self.original)
-        # model -> (cache, its loop, its config key, the identity it was attached with)
-        self.caches: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+        # model -> (cache, its loop, its config key, the identity it was attached with), kept on the model
+        self.caches = CachesOnModels(self)
         self.generations = 0
         patch = self
 
