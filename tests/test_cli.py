@@ -417,6 +417,23 @@ def test_bench_draws_its_strip_at_the_budget_nearest_16_percent(tmp_path):
     assert (tmp_path / "none" / "results.json").is_file() and not (tmp_path / "none" / "strip_flow.png").exists()
 
 
+def test_the_bench_strip_keeps_its_clips_not_the_whole_run(tmp_path, monkeypatch):
+    """The strip held a view of each method's run, so every clip of every method at the strip's budget stayed in
+    memory until the model's results were written (eval_pairs x methods; memory walkthrough, 2026-11-28)."""
+    from taohooks.evaluation import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "write_strip", lambda strips, path: seen.update(strips))
+    config = tmp_path / "b.yaml"
+    config.write_text("models: [flow]\nmethods: [taocache]\nbudgets: [0.2]\nsteps: 10\neval_pairs: 3\n"
+                      "calibration_pairs: 2\nsearch_pairs: 1\nlpips: false\ntiming_repeats: 1\nbatch_size: 3\n"
+                      "threads: 1\nstrip_pairs: 1\n")
+    assert main(["bench", str(config), "-o", str(tmp_path / "out")]) == 0
+    assert sorted(seen) == ["full", "taocache"]
+    for clips in seen.values():
+        assert clips.shape[0] == 1 and clips.untyped_storage().nbytes() == clips.numel() * clips.element_size()
+
+
 def test_bench_command_line_values_replace_the_files_before_it_is_checked(tmp_path, capsys):
     """A YAML value the command line replaces was still refused (device: cuda with --device cpu; threads: 0 with
     --threads 1) (review, 2026-11-27)."""

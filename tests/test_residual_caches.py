@@ -7,6 +7,7 @@ from taohooks.caches.magcache import MagCacheCalibrator, MagCacheCallback
 from taohooks.caches.pab import BroadcastGroup, PyramidAttentionBroadcast
 from taohooks.caches.residual import ResidualSkipCallback
 from taohooks.caches.teacache import TeaCacheCalibrator, TeaCacheCallback
+from taohooks.caches.easycache import EasyCacheCallback
 from tinydit import TinyDiT, TinyLatte, latte_probe, run, run_latte
 
 STEPS = 10
@@ -385,18 +386,20 @@ def test_block_stack_caches_patch_every_expert_and_keep_their_residuals_apart():
     second expert computes (the first expert's residual is not its own), later ones reuse its own."""
     high, low = TinyDiT(seed=0), TinyDiT(seed=1)
     ref = _two_experts(high, low)
-    seen = []
+    seen, kept = [], []
 
     class Skip(ResidualSkipCallback):
         def decide(self, call, block, args, kwargs):
             seen.append((call.step, self.expert))
+            kept.append({expert for expert, _ in self._residuals})
             return super().decide(call, block, args, kwargs)
 
     skip = Skip([3, 5, 7])
     with DenoiserHook(LoopSpec(STEPS, ("main",)), [skip]).attach(high, low):
         assert "forward" in vars(high.blocks[0]) and "forward" in vars(low.blocks[2])
         out = _two_experts(high, low)
-        assert {expert for expert, _ in skip._residuals} == {1}  # the first expert's residual was dropped
+        assert kept[STEPS - 1] == {1}  # at the last call: the first expert's residual was dropped
+        assert skip._residuals == {}  # and after the generation, its own too
     assert "forward" not in vars(high.blocks[0]) and "forward" not in vars(low.blocks[2])
     assert seen == [(s, 0 if s < 5 else 1) for s in range(STEPS)]
     assert skip.reused == 2 and skip.calls == STEPS  # steps 3 and 7; step 5 had no residual of its expert
@@ -415,16 +418,30 @@ def test_teacache_calibration_pairs_stay_within_an_expert():
     """Consecutive calls of different experts are not a TeaCache calibration pair (their proxies and
     outputs come from two networks): 4 pairs per expert and sample, none across the switch."""
     high, low = TinyDiT(seed=0), TinyDiT(seed=1)
-    cal = TeaCacheCalibrator()
+    kept = []
+
+    class Calibrator(TeaCacheCalibrator):
+        def decide(self, call, block, args, kwargs):
+            kept.append({k[0] for k in self._previous})
+            return super().decide(call, block, args, kwargs)
+
+    cal = Calibrator()
     with DenoiserHook(LoopSpec(STEPS, ("main",)), [cal]).attach(high, low):
         _two_experts(high, low)
-        assert {k[0] for k in cal._previous} == {1}  # the first expert's proxies and outputs were dropped
+        assert kept[STEPS - 1] == {1}  # at the last call: the first expert's proxies and outputs were dropped
     assert len(cal.pairs) == 2 * (4 + 4)  # 2 samples; steps 1-4 after 0, 6-9 after 5
     assert max(y for _, y in cal.pairs) < 0.5
-    tea = TeaCacheCallback(10.0, [1.0, 0.0])
+    accumulators = []
+
+    class Tea(TeaCacheCallback):
+        def decide(self, call, block, args, kwargs):
+            accumulators.append({k[0] for k in self._acc})
+            return super().decide(call, block, args, kwargs)
+
+    tea = Tea(10.0, [1.0, 0.0])
     with DenoiserHook(LoopSpec(STEPS, ("main",)), [tea]).attach(high, low):
         _two_experts(high, low)
-        assert {k[0] for k in tea._acc} == {1}
+        assert accumulators[STEPS - 1] == {1} and tea._acc == {}  # the last call's; none after the generation
     assert tea.reused == 4 + 3  # steps 1-4 and 6-8; 0 and 5 computed (each expert's first), 9 (the last)
     fits = cal.fit_per_expert(degree=1)  # one polynomial per expert
     assert set(fits) == {0, 1} and fits[0] == cal.fit(degree=1, expert=0) != fits[1]
@@ -449,10 +466,18 @@ def test_pab_on_two_experts_never_broadcasts_across_them():
     """PAB range 2 over steps 0-9, the experts switching at step 5 (a broadcast step by the phase): the
     low-noise expert has nothing of its own cached there and computes; then it broadcasts its own."""
     high, low = TinyDiT(seed=0), TinyDiT(seed=1)
-    pab = PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.\d+\.attn", 2)], steps=(0, STEPS - 1))
+    cached = []
+
+    class PAB(PyramidAttentionBroadcast):
+        def on_before_call(self, hook, call, args, kwargs):
+            cached.append({k[0] for k in self._cache})
+            return super().on_before_call(hook, call, args, kwargs)
+
+    pab = PAB([BroadcastGroup(r"blocks\.\d+\.attn", 2)], steps=(0, STEPS - 1))
     with DenoiserHook(LoopSpec(STEPS, ("main",)), [pab]).attach(high, low):
         _two_experts(high, low)
-        assert {k[0] for k in pab._cache} == {1}  # the high-noise expert's outputs were dropped at the switch
+        assert cached[STEPS - 1] == {1}  # the high-noise expert's outputs were dropped at the switch
+        assert pab._cache == {}  # and every output after the generation
     # high: steps 0, 2, 4 computed, 1 and 3 broadcast; low: 5 (nothing of its own yet), 6, 8 computed, 7, 9 broadcast
     assert [b.attn.calls for b in high.blocks] == [3] * 3 and [b.attn.calls for b in low.blocks] == [3] * 3
     assert pab.broadcasts == 2 * 2 * 3
@@ -512,3 +537,60 @@ def test_pab_timestep_window_keeps_its_phase_when_taocache_skips_its_first_steps
     alone, skipped = pattern(None), pattern([12, 15])
     assert alone == {16: 3, 17: 3, 18: 0}  # computes at 12, 15, 18 (range 3 from step 12), broadcasts between
     assert skipped == alone
+
+
+# ---------------------------------------------------------------- tensors kept between generations
+_KEPT_ON_PURPOSE = {"mag_ratios", "moments", "hook"}  # (inputs and calibration results, not a generation's state)
+
+
+def _held_tensors(obj, seen=None) -> list:
+    """The tensors ``obj`` (a callback) reaches through its attributes, dicts, lists and the plain objects of
+    taohooks' caches (accumulators, budgets), not through modules."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, torch.nn.Module):
+        return []
+    seen.add(id(obj))
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k, v in obj.items() for t in _held_tensors(k, seen) + _held_tensors(v, seen)]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [t for v in obj for t in _held_tensors(v, seen)]
+    if type(obj).__module__.startswith("taohooks.") and hasattr(obj, "__dict__"):
+        return [t for k, v in vars(obj).items() if k not in _KEPT_ON_PURPOSE for t in _held_tensors(v, seen)]
+    return []
+
+
+def _every_cache():
+    return [TeaCacheCallback(0.5, [1.0, 0.0]), TeaCacheCalibrator(), MagCacheCallback(torch.full((1, STEPS), 0.98)),
+            MagCacheCalibrator(), ResidualSkipCallback([4, 6]),
+            PyramidAttentionBroadcast([BroadcastGroup(r"blocks\.\d+\.attn", 2)], steps=(2, 7)),
+            EasyCacheCallback(0.5, warmup_steps=2)]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_no_cache_keeps_a_generation_s_tensors_after_it_ends_fails_or_detaches(index):
+    """TeaCache, MagCache, the residual skip, PAB and EasyCache kept their residuals, proxies and attention outputs
+    after a generation's last call, on the device while an offloading script moves the model off it and decodes
+    (TaoCache drops its own); after an exception (an OOM) and detach they kept the stack input and proxies too
+    (memory walkthrough, 2026-11-28: Wan 14B sizes make that gigabytes)."""
+    cb = _every_cache()[index]
+    model = TinyDiT()
+    with attach(model, [cb]) as hook:
+        run(model, STEPS)
+        assert hook.attached and _held_tensors(cb) == []  # attached, between generations
+    cb = _every_cache()[index]
+    calls = {"n": 0}
+    inner = model.blocks[1].forward
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # (the second computed call: a residual is kept, and the stack input)
+            raise MemoryError("out of memory (a stand-in)")
+        return inner(*args, **kwargs)
+
+    model.blocks[1].forward = failing
+    with pytest.raises(MemoryError):
+        with attach(model, [cb]):
+            run(model, STEPS)
+    assert _held_tensors(cb) == []

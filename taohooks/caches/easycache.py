@@ -88,6 +88,17 @@ class EasyCacheCallback(Callback):
     def on_sample_start(self, hook, sample: int) -> None:
         self._reset()
 
+    # (nothing of a generation stays on the device after it: an offloading script moves the model off it, and an
+    # exception may be an out-of-memory error)
+    def on_sample_end(self, hook, sample: int) -> None:
+        self._reset()
+
+    def on_sample_abort(self, hook, sample: int, reason: str) -> None:
+        self._reset()
+
+    def on_detach(self, hook) -> None:
+        self._reset()
+
     def _input(self, args: tuple, kwargs: dict) -> List[Tensor]:
         if isinstance(self.input_arg, str):
             names = (self.input_arg,)

@@ -66,8 +66,8 @@ class MagCacheCallback(BlockStackCache):
                              f"[calls per step, steps] = {list(want)}; calibrate for this loop")
         super().on_attach(hook)
 
-    def on_sample_start(self, hook, sample: int) -> None:
-        super().on_sample_start(hook, sample)
+    def drop_generation_state(self) -> None:
+        super().drop_generation_state()
         self._budgets = {}
 
     def retained(self, call) -> bool:
@@ -110,8 +110,8 @@ class MagCacheCalibrator(BlockStackCache):
         if self.moments is None:
             self.moments = RunningMoments.zeros(hook.loop.calls_per_step, hook.loop.steps)
 
-    def on_sample_start(self, hook, sample: int) -> None:
-        super().on_sample_start(hook, sample)
+    def drop_generation_state(self) -> None:
+        super().drop_generation_state()
         self._previous = {}
 
     def on_residual(self, call, residual: Tensor) -> None:

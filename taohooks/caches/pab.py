@@ -151,6 +151,9 @@ class PyramidAttentionBroadcast(Callback):
         self._cache, self._expert = {}, 0
         self._anchor = self.steps[0] if self.steps else None  # timestep window: its first step
 
+    def on_sample_end(self, hook, sample: int) -> None:
+        self._cache, self._call = {}, None  # (nothing stays on the device between generations)
+
     def on_sample_abort(self, hook, sample: int, reason: str) -> None:
         self._cache, self._call = {}, None
 
@@ -183,6 +186,8 @@ class PyramidAttentionBroadcast(Callback):
                 self.module_calls == self._module_calls_before  # the blocks were bypassed
                 or self._partial_seen)):  # or ran on some samples only
             self._drop(call.streams)
+        elif self.steps is not None and call.step >= self.steps[1]:
+            self._drop(call.streams)  # past the window: no later call of the generation broadcasts them
         self._call = None
 
     def _make_forward(self, expert: int, name: str, broadcast_range: int):

@@ -180,16 +180,27 @@ class BlockStackCache(Callback):
     def forward_patches(self) -> list:
         return list(reversed(self._patches))
 
+    def drop_generation_state(self) -> None:
+        """Drop the tensors one generation keeps (residuals, the current call's input): at its start, its end, an
+        abort and detach, so that none stays on the device between generations (an offloading script moves the
+        model off it and decodes) or after an exception (an out-of-memory error). Subclasses extend it."""
+        self._residuals, self._call, self._x_in, self._x_first, self._reuse, self.partial = {}, None, None, None, None, False
+
     def on_detach(self, hook) -> None:
         for patch in reversed(self._patches):
             patch.restore()
-        self._patches, self._residuals, self._call, self.hook = [], {}, None, None
+        self._patches, self.hook = [], None
+        self.drop_generation_state()
 
     def on_sample_start(self, hook, sample: int) -> None:
-        self._residuals, self.expert = {}, 0
+        self.drop_generation_state()
+        self.expert = 0
+
+    def on_sample_end(self, hook, sample: int) -> None:
+        self.drop_generation_state()
 
     def on_sample_abort(self, hook, sample: int, reason: str) -> None:
-        self._residuals, self._call = {}, None
+        self.drop_generation_state()
 
     def on_before_call(self, hook, call, args, kwargs):
         self._call, self._entered, self._left, self._reuse, self._x_in = call, False, False, None, None

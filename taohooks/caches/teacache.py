@@ -119,8 +119,8 @@ class TeaCacheCallback(BlockStackCache):
             value = value * rel + c
         return max(value, 0.0) if self.clamp_negative else value
 
-    def on_sample_start(self, hook, sample: int) -> None:
-        super().on_sample_start(hook, sample)
+    def drop_generation_state(self) -> None:
+        super().drop_generation_state()
         self._acc = {}
 
     def on_expert_switch(self, expert: int) -> None:
@@ -164,9 +164,9 @@ class TeaCacheCalibrator(BlockStackCache):
         self._previous: Dict[Tuple[int, Tuple[str, ...]], Tuple[Tensor, List[Tensor]]] = {}  # (expert, streams)
         self._proxy: Optional[Tensor] = None
 
-    def on_sample_start(self, hook, sample: int) -> None:
-        super().on_sample_start(hook, sample)
-        self._previous = {}
+    def drop_generation_state(self) -> None:
+        super().drop_generation_state()
+        self._previous, self._proxy = {}, None
 
     def on_expert_switch(self, expert: int) -> None:
         self._previous = {k: v for k, v in self._previous.items() if k[0] == expert}

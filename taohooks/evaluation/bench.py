@@ -309,7 +309,8 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
         records.append({"model": name, "method": "full", "budget": 0.0, "skipped_fraction": 0.0, "speedup": 1.0,
                         "psnr": None, "ssim": None, "lpips": None,
                         "prompt_accuracy": scorer.accuracy(reference.clips), "seconds": reference.seconds})
-        strips = {"full": reference.clips[:config.strip_pairs]}
+        # (copies: a slice would keep every clip of its run in memory until the model's results are written)
+        strips = {"full": reference.clips[:config.strip_pairs].clone()}
         bar = _progress(len(config.methods) * len(config.budgets), f"bench {name}")
         measured: dict = {}  # threshold -> skipped fraction on the search pairs, shared by the budgets' searches
         strip_budget = min(config.budgets, key=lambda b: abs(b - 0.16))  # the strip's: the paper's 16%, or nearest
@@ -325,7 +326,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
                           **{k: (list(v) if isinstance(v, tuple) else v) for k, v in built.info.items()}}
                 records.append(record)
                 if budget == strip_budget:
-                    strips[method] = run.clips[:config.strip_pairs]
+                    strips[method] = run.clips[:config.strip_pairs].clone()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(method=method, budget=f"{skips}/{config.steps}")
