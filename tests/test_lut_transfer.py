@@ -168,3 +168,33 @@ def test_a_lut_carried_to_more_steps_is_not_blamed_for_a_budget_that_does_not_fi
         make_plan(PlanConfig(budget=16, rule="auto"), 30, ("main",), carried)  # (15 steps from 15 on)
     assert "calibrate with a longer calibration.error_horizon" in str(info.value)
     assert "fewer, longer steps" not in str(info.value)
+
+
+def test_a_carried_lut_with_a_prompt_that_moves_late_stays_readable(tmp_path):
+    """A prompt whose outputs move only in the last steps has no value at any step of a 4-step carry: the carried
+    LUT kept still_prompts 1 of 3 with 1 value per step, a file the loader refused (session of 2026-11-28)."""
+    import torch
+
+    from taohooks import CalibrationRecorder, DenoiserHook, LoopSpec
+    from taohooks.taocache.lut import CalibrationLUT
+    from taohooks.taocache.lut_transfer import transfer_lut
+    from trajectories import GeometricDenoiser
+
+    class Frozen(torch.nn.Module):
+        def forward(self, x, timestep):
+            return torch.zeros(1, 3, 4, 4)
+
+    class Late(torch.nn.Module):  # moves from step 8 of 10 on
+        def forward(self, x, timestep):
+            t = float(timestep.reshape(-1)[0])
+            return torch.full((1, 3, 4, 4), 0.9 ** t if t >= 8 else 1.0)
+
+    rec = CalibrationRecorder()
+    for model in (Frozen(), GeometricDenoiser({"main": 0.9}), Late()):
+        with DenoiserHook(LoopSpec(10), [rec]).attach(model) as hook:
+            hook.new_sample()
+            for t in range(10):
+                hook.module(torch.zeros(1, 4), timestep=torch.tensor([float(t)]))
+    carried = transfer_lut(rec.lut(), 4)
+    lut = CalibrationLUT.load(carried.save(tmp_path / "carried.safetensors"))
+    assert (lut.num_prompts, lut.still_prompts, int(lut.cos.count.max())) == (3, 2, 1)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .delta_gram import DeltaGram
-from .lut import CalibrationLUT, LUTMismatchError
+from .lut import CalibrationLUT, LUTMismatchError, unrecorded_prompts
 from .stats import RunningMoments
 
 __all__ = ["transfer_lut", "transfer_matrix"]
@@ -135,6 +135,7 @@ def transfer_lut(lut: CalibrationLUT, new: int) -> CalibrationLUT:
     return dataclasses.replace(
         lut, steps=new, cos=cos, ratio=ratio, timesteps=timesteps, identity=identity,
         deltas=DeltaGram(gram, lut.deltas.numel),
+        still_prompts=unrecorded_prompts(lut.num_prompts, cos.count, ratio.count, otherwise=lut.still_prompts),
         source=f"{lut.source or 'LUT'} (carried from {lut.steps} to {new} steps)")
 
 
