@@ -135,7 +135,7 @@ class PlanConfig:
     refresh: str = "chain"  # chain: a refresh's delta against the predicted output (Algorithm 1); restart: two real
     ratio: Union[float, str] = "calibrated"
     max_norm_ratio: Optional[float] = 10.0  # a prediction above this x the last real output's norm: computed
-    rule: str = "paper"                     # paper: Algorithm 1 exactly; auto: least predicted error (error_plan)
+    rule: str = "paper"                     # paper: Algorithm 1 (+ max_norm_ratio's guard); auto: least predicted error
     coefficient: Optional[str] = None       # ratio | projection | linear | reuse (auto: null = best per chain)
     pattern: str = "auto"                   # rule auto: auto | contiguous | strided
     min_gap: int = 2                        # rule auto: computed steps between chains (>= 2)
