@@ -1423,3 +1423,26 @@ def test_an_unset_method_setting_is_named_by_its_default():
         store.check_experiment({"calibration.sampler": "x", "magcache_k": None})
         with pytest.raises(ConfigError, match=r"magcache_k = unset \(the default, 2\), this experiment has 3"):
             store.check_experiment({"calibration.sampler": "x", "magcache_k": 3}, alike={"magcache_k": (None, 2)})
+
+
+def test_the_hybrid_takes_the_paper_s_number_of_taocache_skips(tmp_path, launcher_state, capsys):
+    """Algorithm 2 takes TaoCache's skip count as an input (the paper's hybrid run: 7 skips at every budget); compare
+    gave TaoCache half of each budget, with no way to set it (fidelity audit, 2026-11-28). hybrid_tao_skips: N sets
+    it (at most the budget); the folder records it, and a folder of half-budget hybrid runs is refused for it."""
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, hybrid]").replace(
+        "budgets: [0.2, 0.3]", "budgets: [0.2, 0.4]")
+    assert compare(write(tmp_path, text + "hybrid_tao_skips: 3\n")) == 0
+    records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
+    hybrid = [r for r in records if r["method"] == "hybrid"]
+    assert sorted((r["budget"], r["tao_skips"], r["window"][1] - r["window"][0] + 1) for r in hybrid) == [
+        (0.2, 2, 2), (0.2, 2, 2), (0.4, 3, 3), (0.4, 3, 3)]  # (at most the budget: 2 of 10 steps)
+    assert compare(write(tmp_path, text + "hybrid_tao_skips: 1\n")) == 2
+    assert "this output folder holds runs made with hybrid_tao_skips = 3, this experiment has 1" in \
+        capsys.readouterr().err
+    experiment = tmp_path / "out" / "experiment.json"  # as a taohooks before the setting wrote it
+    recorded = json.loads(experiment.read_text())
+    experiment.write_text(json.dumps({k: v for k, v in recorded.items() if k != "hybrid_tao_skips"}))
+    assert compare(write(tmp_path, text + "hybrid_tao_skips: 3\n")) == 2
+    assert "holds runs made with hybrid_tao_skips = None, this experiment has 3" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="hybrid_tao_skips: expected a number of TaoCache skips >= 1"):
+        load_experiment(write(tmp_path, text + "hybrid_tao_skips: 0\n"))

@@ -65,6 +65,9 @@ class ExperimentConfig:
     # None: the authors' README setting where their ratios are used (Wan2.1 0.2; Wan2.2 T2V 0.4, I2V 0.1, TI2V 0.2), else 0.2
     easycache_warmup: int = 10  # EasyCache's always-computed first steps (the authors' Wan2.1 script: 10)
     hybrid_guard: int = 2  # the hybrid: TeaCache stops this many steps before TaoCache's window
+    # the hybrid: TaoCache's skips at every budget (at most the budget; the paper's hybrid run: 7), TeaCache the rest;
+    # None: half of each budget
+    hybrid_tao_skips: Optional[int] = None
     pab_range: int = 2  # pab+taocache: attention recomputed every pab_range steps inside computed calls
     pab_timesteps: List[float] = field(default_factory=lambda: [100.0, 800.0])  # PAB only inside (low, high)
     # PAB groups with their own ranges ({pattern, range}: module-name regex and broadcast range), as the YAML pab:
@@ -132,6 +135,9 @@ class ExperimentConfig:
         if not 0 <= self.hybrid_guard <= 100000:
             err("hybrid_guard", f"expected a number of steps >= 0 computed between TeaCache's steps and TaoCache's "
                                 f"window, got {self.hybrid_guard}")
+        if self.hybrid_tao_skips is not None and not 1 <= self.hybrid_tao_skips <= 100000:
+            err("hybrid_tao_skips", f"expected a number of TaoCache skips >= 1 (the paper's hybrid run: 7), or null "
+                                    f"for half of each budget, got {self.hybrid_tao_skips}")
         if self.magcache_retention is not None and not 0 <= self.magcache_retention < 1:
             err("magcache_retention", f"expected a fraction of the steps in [0, 1), got {self.magcache_retention}")
         if self.search_prompts < 1:

@@ -249,8 +249,13 @@ PAB_METHODS = {"pab", "pab+taocache", "pab+teacache"}
 # a method's own settings, fingerprinted only where one of its methods is listed (a method added later with its
 # own setting is no reason to refuse the folder's runs of the others)
 METHOD_SETTINGS = {"teacache_use_ret_steps": TEA_METHODS, "magcache_k": {"magcache"}, "magcache_retention": {"magcache"},
-                   "easycache_warmup": {"easycache"}, "hybrid_guard": {"hybrid"}, "pab_range": PAB_METHODS,
+                   "easycache_warmup": {"easycache"}, "hybrid_guard": {"hybrid"}, "hybrid_tao_skips": {"hybrid"},
+                   "pab_range": PAB_METHODS,
                    "pab_timesteps": PAB_METHODS}
+
+# method settings added since folders were first recorded: a folder that recorded the first (a setting of the same
+# method, so it ran the method) but not the setting made its runs with the second value
+UNRECORDED = {"hybrid_tao_skips": ("hybrid_guard", None)}
 
 
 def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig) -> Tuple[bool, str]:
@@ -369,7 +374,7 @@ class Experiment:
         settings = {k: v for k, v in self._run_settings().items() if k not in ("magcache_k", "magcache_retention")}
         self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration, **settings},
                                     optional=self._optional_settings(), partial=True,  # (magcache's: call-dependent)
-                                    comparable={"script": self.target.comparable_script})
+                                    comparable={"script": self.target.comparable_script}, unrecorded=UNRECORDED)
 
     def _optional_settings(self) -> Tuple[str, ...]:
         """Settings recorded only while a method reading them is listed (see :meth:`RunStore.check_experiment`)."""
@@ -488,7 +493,7 @@ class Experiment:
                                      **self._run_settings()},
                                     optional=self._optional_settings(), grown=("model",),
                                     alike={**self._alike_settings(), "weights": (weights, earlier)},
-                                    comparable={"script": self.target.comparable_script})
+                                    comparable={"script": self.target.comparable_script}, unrecorded=UNRECORDED)
         self._check_stored_thresholds(calibration)  # (after: a folder of another experiment is said as such)
         evaluation = self.config.evaluation_prompts()
         steps = self.loop.steps
@@ -675,10 +680,10 @@ class Experiment:
 
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps, shared=True)
             return make(found["threshold"])
-        if method == "hybrid":  # Algorithm 2: half the budget to TaoCache's window, TeaCache before it
+        if method == "hybrid":  # Algorithm 2: TaoCache's window (hybrid_tao_skips, or half the budget), TeaCache before
             from ..taocache.extrapolation import TaoCacheCallback
 
-            tao_skips = max(1, skips // 2)
+            tao_skips = self._hybrid_tao_skips(skips)
             plan = self._method_plan(method, lut, skips)
             first = plan.skipped_steps[0] if plan.skipped_steps else steps
             max_step = max(0, first - self.config.hybrid_guard)
@@ -784,10 +789,16 @@ class Experiment:
 
     def _method_plan(self, method: str, lut, skips: int):
         """The TaoCache plan ``method`` (one of ``TAO_METHODS``) runs at a budget of ``skips`` steps: the
-        error-aware rule for ``taocache-auto``, half the budget for ``hybrid`` (Algorithm 2)."""
+        error-aware rule for ``taocache-auto``, :meth:`_hybrid_tao_skips` for ``hybrid`` (Algorithm 2)."""
         if method == "hybrid":
-            return self._tao_plan(lut, max(1, skips // 2))
+            return self._tao_plan(lut, self._hybrid_tao_skips(skips))
         return self._tao_plan(lut, skips, "auto" if method == "taocache-auto" else None)
+
+    def _hybrid_tao_skips(self, skips: int) -> int:
+        """TaoCache's skips in the hybrid at a budget of ``skips``: ``hybrid_tao_skips`` (Algorithm 2's input; the
+        paper's run: 7) up to the budget, or half the budget."""
+        wanted = self.config.hybrid_tao_skips
+        return min(wanted, skips) if wanted is not None else max(1, skips // 2)
 
     def _tao_plan(self, lut, skips: int, rule: Optional[str] = None):
         """The TaoCache config's plan for ``skips`` skips (``rule`` overriding its rule), the expert

@@ -146,7 +146,7 @@ class RunStore:
         atomic_write_bytes(self.folder / "state" / f"{name}.json", json.dumps(value, indent=1).encode())
 
     def check_experiment(self, fingerprint: Dict[str, Any], optional=(), grown=(), alike=None,
-                         partial: bool = False, comparable=None) -> None:
+                         partial: bool = False, comparable=None, unrecorded=None) -> None:
         """Record what this folder's runs are of; a folder holding another experiment's runs is an error.
         ``optional``: settings recorded only while a method reading them is listed; one on one side only
         is no change (experiment.json keeps every one recorded, so a method listed again is checked).
@@ -155,7 +155,9 @@ class RunStore:
         (unset and the default it stands for). ``comparable``: ``{setting: f}``, the setting compared as ``f`` of
         it, both sides (the script line without the flags no run depends on), and said as given. ``partial``:
         ``fingerprint`` holds only some settings (those known before the script loads its model): the ones the
-        folder recorded are checked, nothing is written."""
+        folder recorded are checked, nothing is written. ``unrecorded``: ``{setting: (witness, value)}``, an optional
+        setting added later: a folder that recorded ``witness`` (a setting of the same method) but not it made its
+        runs with ``value``."""
         path = self.folder / "experiment.json"
         alike, comparable = alike or {}, comparable or {}
 
@@ -174,6 +176,7 @@ class RunStore:
 
         if path.is_file():
             old = json.loads(path.read_text())
+            old.update({k: value for k, (witness, value) in (unrecorded or {}).items() if k not in old and witness in old})
             current = "calibration.sampler" in old  # written by a taohooks that records the run settings
             keys = set(old) & set(fingerprint) if partial else set(old) | set(fingerprint)
             changed = [k for k in sorted(keys) if not same(k)
