@@ -206,7 +206,7 @@ def script_sys_path_additions(script: Path) -> Tuple[List[str], bool]:
     found, complete = [], True
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr in ("append", "insert") and ast.unparse(node.func.value) == "sys.path"):
+                and node.func.attr in ("append", "insert") and _dotted(node.func.value) == "sys.path"):
             continue
         arg = node.args[-1] if node.args else None
         try:
@@ -236,15 +236,27 @@ def _pure_path_expression(node) -> bool:
     if isinstance(node, ast.Constant):
         return isinstance(node.value, (str, int))
     if isinstance(node, ast.Call):
-        return (ast.unparse(node.func) in _PATH_FUNCTIONS and not node.keywords
+        return (_dotted(node.func) in _PATH_FUNCTIONS and not node.keywords
                 and all(_pure_path_expression(a) for a in node.args))
-    if isinstance(node, ast.Subscript):
-        return _pure_path_expression(node.value) and _pure_path_expression(node.slice)
+    if isinstance(node, ast.Subscript):  # (Python 3.8 wraps the index in ast.Index)
+        index = node.slice.value if type(node.slice).__name__ == "Index" else node.slice
+        return _pure_path_expression(node.value) and _pure_path_expression(index)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         return _pure_path_expression(node.left) and _pure_path_expression(node.right)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return _pure_path_expression(node.operand)
-    return isinstance(node, (ast.Name, ast.Attribute)) and ast.unparse(node) in _PATH_NAMES
+    return isinstance(node, (ast.Name, ast.Attribute)) and _dotted(node) in _PATH_NAMES
+
+
+def _dotted(node) -> str:
+    """``a.b.c`` for a chain of names and attributes, else ``""`` (``ast.unparse`` is Python 3.9+)."""
+    import ast
+
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
 
 
 def check_teacache_fit(config: TaoCacheConfig, calibrating: bool = False) -> None:

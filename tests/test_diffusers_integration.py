@@ -4,6 +4,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
+if not hasattr(diffusers, "WanPipeline"):  # (diffusers 0.33+; the extras allow 0.30)
+    pytest.skip(f"diffusers {diffusers.__version__} has no WanPipeline", allow_module_level=True)
 
 from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, LattePipeline,  # noqa: E402
                        LatteTransformer3DModel, WanPipeline, WanTransformer3DModel)
@@ -94,6 +96,26 @@ def test_a_pipeline_the_script_drops_is_freed_with_its_transformer(capfd):
         del pipe
         gc.collect()
     assert [r() for r in refs] == [None, None]
+
+
+def test_disabling_a_pipeline_on_a_shallow_copy_leaves_the_original_s_cache(capfd):
+    """The cache entry lives on the transformer, and copy.copy shares it: disable_taocache on a pipeline built on a
+    copy (never enabled) detached the original's cache (review, 2026-11-28)."""
+    import copy
+
+    from diffusers import WanPipeline
+
+    a = wan_pipe()
+    enable_taocache(a, config(window=[5, 6], ratio=1.0))
+    try:
+        wan_call(a)
+        b = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=copy.copy(a.transformer),
+                        scheduler=a.scheduler)
+        hook = get_hook(a.transformer)
+        disable_taocache(b)
+        assert get_hook(a.transformer) is hook and hook.attached
+    finally:
+        disable_taocache(a)
 
 
 def test_other_instances_of_the_class_are_untouched(capfd):

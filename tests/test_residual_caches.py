@@ -536,7 +536,9 @@ def test_pab_timestep_window_keeps_its_phase_when_taocache_skips_its_first_steps
         return {s: seen[s + 1] - seen[s] for s in (16, 17, 18)}  # broadcasts during step s
     alone, skipped = pattern(None), pattern([12, 15])
     assert alone == {16: 3, 17: 3, 18: 0}  # computes at 12, 15, 18 (range 3 from step 12), broadcasts between
-    assert skipped == alone
+    # the same phase; step 16 computes: TaoCache answered the window's steps before it, and nothing from before the
+    # window is kept (it broadcast step 11's outputs there, 5 steps old, until 2026-11-28)
+    assert skipped == {16: 0, 17: 3, 18: 0}
 
 
 # ---------------------------------------------------------------- tensors kept between generations
@@ -594,3 +596,24 @@ def test_no_cache_keeps_a_generation_s_tensors_after_it_ends_fails_or_detaches(i
         with attach(model, [cb]):
             run(model, STEPS)
     assert _held_tensors(cb) == []
+
+
+@pytest.mark.parametrize("window", [{"steps": (2, 5)}, {"timesteps": (250.0, 750.0)}])
+def test_pab_keeps_attention_outputs_only_inside_its_window(window):
+    """PAB copied every attention output of every computed call, before and after its window too, and kept the
+    window's last ones to the generation's end (review, 2026-11-28): a step window's outputs went at its last step,
+    a timestep window's never. Kept only where a later step of the window can broadcast them."""
+    held = []
+
+    class PAB(PyramidAttentionBroadcast):
+        def on_before_call(self, hook, call, args, kwargs):
+            held.append(len(self._cache))
+            return super().on_before_call(hook, call, args, kwargs)
+
+    model = TinyDiT(depth=2)
+    pab = PAB([BroadcastGroup(r"blocks\.\d+\.attn", 2)], **window)
+    with attach(model, [pab]):
+        run(model, STEPS)  # timesteps 1000, 900, ..., 100: (250, 750) holds steps 3-7
+    # (a timestep window is known to be over at the first call past it: its outputs go one step later)
+    first, last = window.get("steps", (3, 8))
+    assert held == [2 if first < s <= last else 0 for s in range(STEPS)]

@@ -186,8 +186,8 @@ class PyramidAttentionBroadcast(Callback):
                 self.module_calls == self._module_calls_before  # the blocks were bypassed
                 or self._partial_seen)):  # or ran on some samples only
             self._drop(call.streams)
-        elif self.steps is not None and call.step >= self.steps[1]:
-            self._drop(call.streams)  # past the window: no later call of the generation broadcasts them
+        elif not self._window(call) or (self.steps is not None and call.step >= self.steps[1]):
+            self._drop(call.streams)  # outside or at the end of the window: no later call of it broadcasts them
         self._call = None
 
     def _make_forward(self, expert: int, name: str, broadcast_range: int):
@@ -208,8 +208,9 @@ class PyramidAttentionBroadcast(Callback):
                     self.broadcasts += 1
                     return _copy(self._cache[key])
                 out = inner(*args, **kwargs)
-                # copies, in and out: a block may change its attention's output in place (a.mul_(gate))
-                self._cache[key] = _copy(out)
+                if self._in_window:  # (outside it nothing is broadcast: the window's first step computes)
+                    # copies, in and out: a block may change its attention's output in place (a.mul_(gate))
+                    self._cache[key] = _copy(out)
                 return out
             return forward
         return make

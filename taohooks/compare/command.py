@@ -175,7 +175,7 @@ def _strip(config: ExperimentConfig, experiment: Experiment, prompts: int = 2) -
     largest = {}  # each method at its largest budget
     for method, skips in config.runs(steps)[1:]:
         largest[method] = max(skips, largest.get(method, 0))
-    labels = {"full": "full"} | {f"{m} {s}/{steps}": run_label(m, s, steps) for m, s in largest.items()}
+    labels = {"full": "full", **{f"{m} {s}/{steps}": run_label(m, s, steps) for m, s in largest.items()}}
     videos = {name: torch.cat([experiment.store.load(label, e)[0] for e in entries]) for name, label in labels.items()}
     written = ["strip.png"] if write_strip(videos, config.output_dir / "strip.png") else []
     return written + (["side_by_side.gif"] if write_animation(videos, config.output_dir / "side_by_side.gif") else [])

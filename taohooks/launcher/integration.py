@@ -196,21 +196,26 @@ class CachesOnModels:
         self._models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
     def _entries(self, model: nn.Module) -> dict:
-        return model.__dict__.setdefault(self.ATTRIBUTE, {})  # {patch: entry}
+        """``{patch: entry}`` of ``model``: empty where the attribute came with a copy (``copy.copy`` shares the
+        original's), which a release must not detach."""
+        owner, entries = model.__dict__.get(self.ATTRIBUTE, (None, {}))
+        return entries if owner == id(model) else {}
 
     def get(self, model: nn.Module) -> Optional[tuple]:
-        return model.__dict__.get(self.ATTRIBUTE, {}).get(self._patch_ref())
+        return self._entries(model).get(self._patch_ref())
 
     def __setitem__(self, model: nn.Module, entry: tuple) -> None:
-        self._entries(model)[self._patch_ref()] = entry
+        entries = self._entries(model)
+        entries[self._patch_ref()] = entry
+        model.__dict__[self.ATTRIBUTE] = (id(model), entries)
         self._models.add(model)
 
     def pop(self, model: nn.Module, default: Any = None) -> Any:
         self._models.discard(model)
-        entries = model.__dict__.get(self.ATTRIBUTE, {})
+        entries = self._entries(model)
         entry = entries.pop(self._patch_ref(), default)
-        if not entries:
-            model.__dict__.pop(self.ATTRIBUTE, None)  # (the model as it was)
+        if not entries and self.ATTRIBUTE in model.__dict__:
+            del model.__dict__[self.ATTRIBUTE]  # (the model as it was)
         return entry
 
     def __iter__(self):

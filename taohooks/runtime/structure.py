@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, List, Sequence
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -108,7 +108,7 @@ class OutputStructure:
         return _rebuild(self.skeleton, self.cast(leaves))
 
 
-def flatten_output(output: Any) -> tuple[List[Tensor], OutputStructure]:
+def flatten_output(output: Any) -> Tuple[List[Tensor], OutputStructure]:
     """Split a model output into its floating tensors (as returned, not copied) and its structure."""
     leaves: List[Tensor] = []
     skeleton = _skeleton(output, leaves)

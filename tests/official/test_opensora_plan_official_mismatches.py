@@ -80,11 +80,13 @@ def test_calibration_records_transformer_and_scheduler(calibrated):
 def script_parser():
     """The argument parser of ``sample_t2v.py``'s ``__main__`` block, compiled from the checkout's
     source up to ``args = parser.parse_args()``."""
-    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"), str(SCRIPT))
-    main = next(node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))
+    source = SCRIPT.read_text(encoding="utf-8")
+    tree = ast.parse(source, str(SCRIPT))
+    text = lambda node: ast.get_source_segment(source, node)  # noqa: E731 (ast.unparse: Python 3.9+; v1.1's is 3.8)
+    main = next(node for node in tree.body if isinstance(node, ast.If) and "__main__" in text(node.test))
     body = []
     for node in main.body:
-        if "parse_args" in ast.unparse(node):
+        if "parse_args" in text(node):
             break
         body.append(node)
     namespace = {"argparse": argparse}
