@@ -184,7 +184,8 @@ class BlockStackCache(Callback):
         """Drop the tensors one generation keeps (residuals, the current call's input): at its start, its end, an
         abort and detach, so that none stays on the device between generations (an offloading script moves the
         model off it and decodes) or after an exception (an out-of-memory error). Subclasses extend it."""
-        self._residuals, self._call, self._x_in, self._x_first, self._reuse, self.partial = {}, None, None, None, None, False
+        self._residuals, self._call, self._x_in, self._x_first = {}, None, None, None
+        self._reuse, self.partial = None, False
 
     def on_detach(self, hook) -> None:
         for patch in reversed(self._patches):

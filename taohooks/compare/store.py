@@ -176,7 +176,8 @@ class RunStore:
 
         if path.is_file():
             old = json.loads(path.read_text())
-            old.update({k: value for k, (witness, value) in (unrecorded or {}).items() if k not in old and witness in old})
+            old.update({k: value for k, (witness, value) in (unrecorded or {}).items()
+                        if k not in old and witness in old})
             current = "calibration.sampler" in old  # written by a taohooks that records the run settings
             keys = set(old) & set(fingerprint) if partial else set(old) | set(fingerprint)
             changed = [k for k in sorted(keys) if not same(k)

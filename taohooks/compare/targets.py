@@ -281,7 +281,8 @@ TARGETS: Dict[str, Target] = {
                             "the authors' TeaCache for Open-Sora-Plan v1.1 (TeaCache's eval script, published "
                             "coefficients)", tea_published=_latte_published_teacache("opensora_plan"),
                             exit="norm_out", attention=LATTE_SELF_ATTENTION,
-                            latents_during=_pipeline_latents, neutral_flags={"--text_prompt": None, "--save_img_path": 1}),
+                            latents_during=_pipeline_latents,
+                            neutral_flags={"--text_prompt": None, "--save_img_path": 1}),
 }
 
 

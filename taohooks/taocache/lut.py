@@ -184,7 +184,8 @@ class CalibrationLUT:
         problem = merge_problem(self, other, self._name(), other._name())
         if problem:
             raise LUTMismatchError(problem)
-        cos, ratio, prompts = self.cos.merge(other.cos), self.ratio.merge(other.ratio), self.num_prompts + other.num_prompts
+        cos, ratio = self.cos.merge(other.cos), self.ratio.merge(other.ratio)
+        prompts = self.num_prompts + other.num_prompts
         return CalibrationLUT(
             self.streams, self.steps, cos, ratio,
             torch.where(self.timesteps.isnan(), other.timesteps, self.timesteps), self.calls_per_step,
