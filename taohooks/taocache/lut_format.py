@@ -14,8 +14,8 @@ of 2.5e29):
 * values: counts in ``[0, num_prompts]``, and ``num_prompts`` less ``still_prompts`` (prompts the LUT's
   fullest step holds no value of: outputs that never moved) reached at some step where any value was recorded;
   sums finite, ``sum**2 <= count * sumsq`` (Cauchy-Schwarz, relative tolerance 1e-9); cosine means in ``[-1, 1]``
-  (+1e-6) and ``sumsq <= count``; norm-ratio sums >= 0 and means at most :data:`MAX_RATIO`; stored means and stds finite where counted; timesteps finite or NaN
-  (unknown);
+  (+1e-6) and ``sumsq <= count``; norm-ratio sums >= 0 and means at most :data:`MAX_RATIO`; stored means and stds
+  finite where counted; timesteps finite or NaN (unknown);
 * format 2: the optional ``delta_gram`` ``[prompts, streams, steps, horizon + 1]`` (floating, at most
   ``num_prompts`` prompts, horizon >= 1): finite or NaN, ``<D_t, D_t> >= 0``, each product within
   Cauchy-Schwarz of the two norms (relative 1e-4: the products are float32 sums); metadata ``delta_numel`` one positive int per stream.
