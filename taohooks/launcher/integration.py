@@ -221,9 +221,6 @@ class CachesOnModels:
     def __iter__(self):
         return iter(list(self._models))
 
-    def __len__(self) -> int:
-        return len(self._models)
-
 
 _interceptor: Optional[Callable[["GenerationPatch", inspect.BoundArguments], Any]] = None
 
