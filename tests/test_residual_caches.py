@@ -77,6 +77,25 @@ def test_teacache_calibrator_fits_a_polynomial():
     assert len(coefficients) == 5 and all(map(lambda c: c == c, coefficients))
 
 
+def test_a_poorly_conditioned_teacache_fit_is_said_on_stderr(capfd):
+    """Pairs with two distinct proxy changes cannot fix a degree-4 polynomial: numpy's RankWarning (a warning the
+    research scripts silence) is said on the stderr channel, naming what was recorded."""
+    import warnings
+
+    cal = TeaCacheCalibrator()
+    cal.pairs = [(0.1, 0.2), (0.2, 0.3)] * 4
+    cal.pair_experts = [0] * len(cal.pairs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (as Wan's generate.py)
+        cal.fit()
+    err = capfd.readouterr().err
+    assert ("TeaCache's degree-4 polynomial is poorly conditioned: 8 pairs with 2 distinct proxy changes (0.1 to 0.2)"
+            in err)
+    cal.pairs = [(0.05 * i, 0.1 * i) for i in range(1, 9)]  # 8 distinct changes: nothing said
+    cal.fit()
+    assert "poorly conditioned" not in capfd.readouterr().err
+
+
 def test_magcache_pattern_with_flat_ratios_and_calibration():
     model = TinyDiT()
     mag = MagCacheCallback(torch.ones(1, STEPS), threshold=0.1, max_skip_steps=2, retention_ratio=0.2)

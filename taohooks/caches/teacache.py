@@ -21,6 +21,7 @@ threshold).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -226,7 +227,13 @@ class TeaCacheCalibrator(BlockStackCache):
         if len(pairs) <= degree:
             raise RuntimeError(f"TeaCache calibration has {len(pairs)} pairs{what}; run more full-step generations")
         x, y = np.array(pairs, dtype=np.float64).T
-        coefficients = np.polyfit(x, y, degree)
+        with warnings.catch_warnings(record=True) as caught:  # (said on the stderr channel: scripts silence warnings)
+            warnings.simplefilter("always", getattr(np, "exceptions", np).RankWarning)
+            coefficients = np.polyfit(x, y, degree)
+        if any(issubclass(w.category, getattr(np, "exceptions", np).RankWarning) for w in caught):
+            messages.warning(f"TeaCache's degree-{degree} polynomial{what} is poorly conditioned: {len(pairs)} pairs "
+                             f"with {len(np.unique(x))} distinct proxy changes ({x.min():.4g} to {x.max():.4g}); "
+                             "its values between them are not to be trusted: calibrate on more prompts")
         grid = np.linspace(x.min(), x.max(), 2001)
         values = np.polyval(coefficients, grid)
         if values.min() < 0:

@@ -246,6 +246,7 @@ def _sync() -> None:
 TAO_METHODS = {"taocache", "taocache-auto", "hybrid", "taoskip+tearesidual", "pab+taocache"}  # need TaoCache's LUT
 TEA_METHODS = {"teacache", "hybrid", "pab+teacache"}  # need TeaCache's polynomial (unless published)
 PAB_METHODS = {"pab", "pab+taocache", "pab+teacache"}
+BLOCK_METHODS = TEA_METHODS | {"magcache", "taoskip+tearesidual"}  # reuse the block stack's residual
 # a method's own settings, fingerprinted only where one of its methods is listed (a method added later with its
 # own setting is no reason to refuse the folder's runs of the others)
 METHOD_SETTINGS = {"teacache_use_ret_steps": TEA_METHODS, "magcache_k": {"magcache"}, "magcache_retention": {"magcache"},
@@ -258,11 +259,14 @@ METHOD_SETTINGS = {"teacache_use_ret_steps": TEA_METHODS, "magcache_k": {"magcac
 UNRECORDED = {"hybrid_tao_skips": ("hybrid_guard", None)}
 
 
-def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig) -> Tuple[bool, str]:
-    """Whether the experiment calibrates on its calibration prompts, and why."""
-    if TEA_METHODS & set(config.methods) and target_for(tao.integration).tea_published is None:
+def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig,
+                       target: Optional[Target] = None) -> Tuple[bool, str]:
+    """Whether the experiment calibrates on its calibration prompts, and why (``target``: the call's, once known;
+    a per-call target not yet resolved is taken to publish nothing)."""
+    target = target or target_for(tao.integration)
+    if TEA_METHODS & set(config.methods) and target.tea_published is None:
         return True, "teacache's polynomial"
-    if "magcache" in config.methods and target_for(tao.integration).mag_published is None:
+    if "magcache" in config.methods and target.mag_published is None:
         return True, "magcache's magnitude ratios"
     if not TAO_METHODS & set(config.methods):
         return False, ""
@@ -279,25 +283,35 @@ def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig) -> Tuple[b
     return False, ""
 
 
+def check_methods(config: ExperimentConfig, target: Target, where: str) -> None:
+    """The listed methods ``target`` can run (``where``: the integration, or the pipeline of a per-call target)."""
+    for name in sorted(PAB_METHODS & set(config.methods)):
+        if target.attention is None and not config.pab_groups:
+            raise ConfigError(config.source, "methods", f"{name} is not yet available for {where} (its attention "
+                                                        "modules are not named yet; name them with pab_groups:)")
+    if TEA_METHODS & set(config.methods) and target.tea_probe is None and target.tea_published is None:
+        raise ConfigError(config.source, "methods", f"teacache is not yet available for {where}: {target.tea_source}")
+    stacked = sorted(BLOCK_METHODS & set(config.methods))
+    if stacked and target.blocks is None:
+        raise ConfigError(config.source, "methods", f"{', '.join(stacked)} reuse the block stack's residual, but the "
+                                                    f"block stack of {where} is not known ({target.tea_source}); "
+                                                    "compare full, taocache, taocache-auto and easycache there")
+
+
 def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
     """What can be said before the script loads a model."""
     try:
         target = target_for(tao.integration)
     except ValueError as exc:
         raise ConfigError(config.source, "taocache" if config.taocache else "integration", str(exc)) from None
-    for name in sorted(PAB_METHODS & set(config.methods)):
-        if target.attention is None and not config.pab_groups:
-            raise ConfigError(config.source, "methods", f"{name} is not yet available for the {tao.integration!r} "
-                                                        "integration (its attention modules are not named yet; name "
-                                                        "them with pab_groups:)")
-    if TEA_METHODS & set(config.methods) and target.tea_probe is None and target.tea_published is None:
-        raise ConfigError(config.source, "methods", f"teacache is not yet available for the {tao.integration!r} "
-                                                    f"integration: {target.tea_source}")
+    if target.known:  # (a per-call target's methods are checked at the first generation call)
+        check_methods(config, target, f"the {tao.integration!r} integration")
     if config.teacache_use_ret_steps and TEA_METHODS & set(config.methods) and not target.tea_ret_steps:
         raise ConfigError(config.source, "teacache_use_ret_steps", "true selects the authors' use_ret_steps variant "
                           f"of their Wan2.1 TeaCache; the {tao.integration!r} integration's teacache has no such "
-                          "variant (" + ("the authors' own, as they run it" if target.tea_published else
-                                         "fitted on the calibration prompts") + "): remove the key")
+                          "variant" + ("" if not target.known else " (" + (
+                              "the authors' own, as they run it" if target.tea_published else
+                              "fitted on the calibration prompts") + ")") + ": remove the key")
     needed, why = _needs_calibration(config, tao)
     if needed and config.calibration_prompts is None:
         raise ConfigError(config.source, "calibration_prompts", f"{why} needs calibration prompts")
@@ -371,9 +385,10 @@ class Experiment:
         script line, the integration, the settings of the experiment and TaoCache configs), so that a folder of
         another experiment is refused in seconds, not after the model has loaded (the rest is checked at the
         first generation call)."""
-        settings = {k: v for k, v in self._run_settings().items() if k not in ("magcache_k", "magcache_retention")}
+        call_dependent = ("magcache_k", "magcache_retention") + (() if self.target.known else ("lut",))
+        settings = {k: v for k, v in self._run_settings().items() if k not in call_dependent}
         self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration, **settings},
-                                    optional=self._optional_settings(), partial=True,  # (magcache's: call-dependent)
+                                    optional=self._optional_settings(), partial=True,  # (call_dependent: later)
                                     comparable={"script": self.target.comparable_script}, unrecorded=UNRECORDED)
 
     def _optional_settings(self) -> Tuple[str, ...]:
@@ -397,7 +412,7 @@ class Experiment:
         if TAO_METHODS & methods:  # the plan and the LUT, where a listed method reads them
             settings.update({f"plan.{k}": v for k, v in dataclasses.asdict(self.tao.plan).items()
                              if k not in ("budget", "window", "skip_steps")})  # replaced per budget (_tao_plan)
-            settings["lut"] = "calibrated in this folder" if _needs_calibration(c, self.tao)[0] else \
+            settings["lut"] = "calibrated in this folder" if _needs_calibration(c, self.tao, self.target)[0] else \
                 "sha256:" + hashlib.sha256(self.tao.lut_path().read_bytes()).hexdigest()  # the config's LUT
         return json.loads(json.dumps(settings))  # as experiment.json gives it back (tuples as lists)
 
@@ -421,6 +436,10 @@ class Experiment:
         """The script's first generation call can be replayed once per (prompt, seed): it names the prompt and
         seed arguments, and fixes no initial latents (which would make every run start from the same noise,
         whatever its seed)."""
+        if isinstance(arguments.get("prompt_embeds"), torch.Tensor):
+            raise ConfigError(self.config.source, "taocache", f"the script passes prompt_embeds= to {target}: the "
+                              "pipeline would use them whatever prompt compare gives it, so every prompt would make "
+                              "the same video; pass prompt= (and let the pipeline encode it) to compare")
         for name in (self.target.prompt_arg, self.target.seed_arg):
             if name is not None and name not in arguments:
                 raise ConfigError(self.config.source, "taocache", f"{target} has no argument {name!r}; "
@@ -459,6 +478,10 @@ class Experiment:
         arguments = dict(bound.arguments)
         self._check_arguments(patch.target(), arguments)
         self.model = unwrap_model(patch.model_of(arguments))
+        if not self.target.known:  # (diffusers: the pipeline's transformer decides)
+            self.target = self.target.for_call(arguments)
+            check_methods(self.config, self.target, f"{type(arguments['self']).__name__}'s "
+                                                    f"{type(self.model).__name__}")
         self.loop, attach_kwargs = patch.loop_of(arguments)
         if attach_kwargs.get("repeat"):  # one loop per clip (Wan2.2 S2V/Animate); command.py refuses these earlier
             from .command import PER_CLIP_MESSAGE
@@ -471,7 +494,7 @@ class Experiment:
         self.expert_boundary = attach_kwargs.get("expert_boundary")
         self.run_timesteps = attach_kwargs.get("run_timesteps")  # (where they place Wan2.2's switch: its schedule)
         calibration = self.config.calibration_list()
-        needed, why = _as_rank_zero_has_it(_needs_calibration(self.config, self.tao))
+        needed, why = _as_rank_zero_has_it(_needs_calibration(self.config, self.tao, self.target))
         if needed and self.tao.plan.rule == "paper" and self.tao.plan.tau_cos is None and (
                 not self.expert_boundary or self.run_timesteps is not None):  # (Wan2.2: it waited for the LUT)
             # a window no LUT can fit is arithmetic: said before the calibration's generations (and before the

@@ -8,6 +8,7 @@ yet, because the proxy its authors use is not implemented for that integration).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -172,17 +173,97 @@ def _wan22_published_magcache(arguments: dict, steps: int):
                           f"magnitude ratios of {SOURCE}")
 
 
-def _latte_published_teacache(model: str):
+def _latte_published_teacache(model: str, through: str = ""):
     """``(arguments, use_ret_steps) -> (make(threshold), provenance)``: the authors' TeaCache for a
-    Latte-shaped transformer (``model``: ``latte`` or ``opensora_plan``)."""
+    Latte-shaped transformer (``model``: ``latte`` or ``opensora_plan``; ``through``: the pipeline it runs in,
+    where it is not the official script's)."""
     def published(arguments: dict, use_ret_steps: bool):
         from ..caches.teacache_latte import SOURCE, latte_teacache
 
         name = {"latte": "Latte-1", "opensora_plan": "Open-Sora-Plan v1.1"}[model]
         return ((lambda threshold, max_step=None: latte_teacache(model, threshold, max_step=max_step)),
-                f"the authors' TeaCache for {name}: the first block's timestep-modulated input over the whole "
-                f"spatial+temporal stack, the published coefficients of {SOURCE}")
+                f"the authors' TeaCache for {name}" + (f" (in {through})" if through else "") + ": the first "
+                f"block's timestep-modulated input over the whole spatial+temporal stack, the published "
+                f"coefficients of {SOURCE}")
     return published
+
+
+def _diffusers_video(result: Any, output_type: Optional[str]) -> torch.Tensor:
+    """A diffusers video pipeline's ``.frames`` (or ``[0]`` with ``return_dict=False``) as ``[B, C, F, H, W]``:
+    ``np`` (``[B, F, H, W, C]`` in [0, 1], Wan's default), ``pt`` (``[B, F, C, H, W]`` in [0, 1]), ``pil`` (a list
+    per video of frames, Latte's default) mapped to [-1, 1]; ``latent`` (the latents, ``[B, C, F, H, W]``) as is."""
+    import numpy as np
+
+    frames = getattr(result, "frames", None)
+    if frames is None and isinstance(result, (tuple, list)) and result:
+        frames = result[0]
+    if output_type in ("latent", "latents"):
+        return frames
+    if isinstance(frames, (list, tuple)) and frames and isinstance(frames[0], (list, tuple)):  # PIL images
+        frames = np.stack([np.stack([np.asarray(image.convert("RGB")) for image in video]) for video in frames])
+    if isinstance(frames, np.ndarray) and frames.ndim == 5:
+        scale = 127.5 if frames.dtype == np.uint8 else 0.5
+        return torch.from_numpy(np.ascontiguousarray(frames)).float().permute(0, 4, 1, 2, 3) / scale - 1.0
+    if isinstance(frames, torch.Tensor) and frames.dim() == 5:
+        return frames.float().permute(0, 2, 1, 3, 4) * 2.0 - 1.0
+    return frames
+
+
+def _diffusers_latents(arguments: dict) -> ContextManager[List[torch.Tensor]]:
+    """A diffusers pipeline decodes its final latents with ``self.decode_latents`` (Latte) or ``self.vae.decode``
+    (Wan; the latents un-normalised by the VAE's mean and std as the pipeline passes them)."""
+    pipe = arguments["self"]
+    if hasattr(pipe, "decode_latents"):
+        return _recording_first_argument(pipe, ("decode_latents",))
+    vae = getattr(pipe, "vae", None)
+    return _recording_first_argument(vae, ("decode",)) if vae is not None else contextlib.nullcontext([])
+
+
+def _output_type(arguments: dict) -> Optional[str]:
+    """The call's ``output_type``, or its default in the pipeline's signature (``np`` for Wan, ``pil`` for Latte)."""
+    if "output_type" in arguments:
+        return arguments["output_type"]
+    import inspect
+
+    try:
+        parameter = inspect.signature(type(arguments["self"]).__call__).parameters.get("output_type")
+    except (TypeError, ValueError):
+        return None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def _diffusers_target(arguments: dict) -> "Target":
+    """The diffusers target for the pipeline of this call: its transformer's block stacks, attention modules and
+    TeaCache (Wan: fitted on the time projection the first block receives; Latte: the authors' published
+    coefficients), or none of them for a transformer taohooks does not know."""
+    import functools
+
+    pipe = arguments["self"]
+    transformer = type(getattr(pipe, "transformer", None)).__name__
+    video = functools.partial(_diffusers_video, output_type=_output_type(arguments))
+    common = dict(video_of=video, latents_during=_diffusers_latents, known=True)
+    if transformer.startswith("Wan") and transformer.endswith("Transformer3DModel"):
+        return dataclasses.replace(TARGETS["diffusers"], blocks="blocks", tea_probe=_diffusers_wan_probe,
+                                   tea_source=DIFFUSERS_WAN_TEACACHE, attention=r"blocks\.\d+\.attn1", **common)
+    if transformer == "LatteTransformer3DModel":
+        return dataclasses.replace(TARGETS["diffusers"], blocks=LATTE_STACKS, exit="norm_out",
+                                   tea_published=_latte_published_teacache("latte", "diffusers' LattePipeline"),
+                                   attention=LATTE_SELF_ATTENTION, **common)
+    return dataclasses.replace(TARGETS["diffusers"], blocks=None, tea_source=(
+        f"its proxy and block stack are known for diffusers' Wan and Latte transformers, not {transformer}"),
+        **common)
+
+
+def _diffusers_wan_probe():
+    from ..caches.teacache_wan22 import diffusers_wan_temb_probe
+
+    return diffusers_wan_temb_probe
+
+
+DIFFUSERS_WAN_TEACACHE = (
+    "TeaCache fitted here on diffusers' WanTransformer3DModel (the authors' coefficients are for the official Wan2.1 "
+    "code): the proxy of TeaCache4Wan2.1's use_ret_steps variant (the time projection the first block receives as "
+    "temb, its last token), a polynomial per expert fitted on the calibration prompts")
 
 
 @dataclass
@@ -209,6 +290,14 @@ class Target:
     # output file, Wan's model offloading): left out where an output folder's script line is compared; each with
     # the number of values it takes (None: nargs='+', every value up to the next option)
     neutral_flags: Dict[str, Optional[int]] = field(default_factory=dict)
+    # the target of one call's pipeline, where it depends on the pipeline (diffusers: the transformer's class):
+    # (generate's arguments) -> Target, at the first generation call; the methods it can run are checked then
+    per_call: Optional[Callable[[dict], "Target"]] = None
+    known: bool = True  # False: a per-call target not resolved yet (the methods it can run are not known)
+
+    def for_call(self, arguments: dict) -> "Target":
+        """The target for this call's pipeline (itself where it does not depend on the pipeline)."""
+        return self.per_call(arguments) if self.per_call is not None else self
 
     def comparable_script(self, argv: List[str]) -> List[str]:
         """``argv`` (the script and its arguments) without :attr:`neutral_flags` and their values (``--flag v``,
@@ -283,6 +372,9 @@ TARGETS: Dict[str, Target] = {
                             exit="norm_out", attention=LATTE_SELF_ATTENTION,
                             latents_during=_pipeline_latents,
                             neutral_flags={"--text_prompt": None, "--save_img_path": 1}),
+    # any diffusers video pipeline the integration runs (WanPipeline and its siblings, LattePipeline, ...): the
+    # prompt is the call's, the seed torch's RNG (or a fresh generator, seeded per run)
+    "diffusers": Target("prompt", None, lambda result: result, None, per_call=_diffusers_target, known=False),
 }
 
 
