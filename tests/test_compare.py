@@ -724,7 +724,7 @@ def test_wan22_per_clip_tasks_are_refused_by_compare(tmp_path, capsys):
     for task in ("s2v-14B", "animate-14B"):
         assert cli.main(["compare", str(exp), "--", str(script), "--task", task, "--sample_steps", "10"]) == 1
         err = capsys.readouterr().err
-        assert f"--task {task} runs one sampling loop per clip inside one generate()" in err
+        assert f"--task {task} runs one sampling loop per clip inside one generation call" in err
     assert not (tmp_path / "out" / "runs").exists()
     driver = write(tmp_path, "import sys\nfrom taohooks import cli\nimport taohooks.compare.command as c\n"
                              "c._refuse_per_clip_tasks = lambda *a: None\nsys.argv = ['taocache']\n"

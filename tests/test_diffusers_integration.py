@@ -56,7 +56,78 @@ def latte_call(pipe, seed=0, **kw):
                 width=64, num_inference_steps=STEPS, generator=g, output_type="latent", **kw).frames
 
 
-PIPES = {"wan": (wan_pipe, wan_call, 2 * STEPS), "latte": (latte_pipe, latte_call, STEPS)}
+def tiny_wan_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def frames(n, size=32, seed=0):
+    from PIL import Image
+
+    pixels = (torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+    return [Image.fromarray(f) for f in pixels.numpy()]
+
+
+def vace_pipe(two=False):
+    from diffusers import UniPCMultistepScheduler, WanVACEPipeline, WanVACETransformer3DModel
+
+    torch.manual_seed(0)
+    vae = tiny_wan_vae()
+    transformers = [WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                              in_channels=16, out_channels=16, text_dim=16, freq_dim=16, ffn_dim=32,
+                                              num_layers=2, rope_max_seq_len=32, vace_layers=[0],
+                                              vace_in_channels=96).eval() for _ in range(2 if two else 1)]
+    return WanVACEPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformers[0],
+                           transformer_2=transformers[1] if two else None, boundary_ratio=0.875 if two else None,
+                           scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                             flow_shift=3.0))
+
+
+def vace_call(pipe, seed=0, **kw):
+    emb = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))
+    neg = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(2))
+    return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, video=frames(5, seed=seed), height=32, width=32,
+                num_frames=5, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed),
+                output_type="latent", **kw).frames
+
+
+def animate_pipe():
+    from diffusers import UniPCMultistepScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    vae = tiny_wan_vae()
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=32, patch_size=8)).eval()
+    transformer = WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=36, latent_channels=16,
+        out_channels=16, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, image_dim=16, added_kv_proj_dim=None,
+        rope_max_seq_len=32, motion_encoder_channel_sizes={"16": 8, "8": 8, "4": 8}, motion_encoder_size=16,
+        motion_style_dim=16, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16,
+        face_encoder_num_heads=2, inject_face_latents_blocks=2, motion_encoder_batch_size=8).eval()
+    return WanAnimatePipeline(tokenizer=None, text_encoder=None, vae=vae, image_encoder=clip, transformer=transformer,
+                              image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                                use_flow_sigmas=True, flow_shift=3.0))
+
+
+def animate_call(pipe, seed=0, pose_frames=5, **kw):
+    """``pose_frames`` 5: one segment of 5 frames; 9: two (``segment_frame_length`` 5, one conditioning frame)."""
+    emb = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))
+    neg = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(2))
+    face = [f.resize((16, 16)) for f in frames(pose_frames, seed=300 + seed)]
+    return pipe(image=frames(1, seed=100 + seed)[0], pose_video=frames(pose_frames, seed=200 + seed), face_video=face,
+                prompt_embeds=emb, negative_prompt_embeds=neg, height=32, width=32, segment_frame_length=5,
+                prev_segment_conditioning_frames=1, num_inference_steps=STEPS,
+                generator=torch.Generator().manual_seed(seed), output_type="latent", **kw).frames
+
+
+# name: (make, call, calls of one generation, streams)
+PIPES = {"wan": (wan_pipe, wan_call, 2 * STEPS, 2), "latte": (latte_pipe, latte_call, STEPS, 1),
+         "vace": (vace_pipe, vace_call, 2 * STEPS, 2), "animate": (animate_pipe, animate_call, STEPS, 1)}
 
 
 def config(**plan):
@@ -65,7 +136,7 @@ def config(**plan):
 
 @pytest.mark.parametrize("name", sorted(PIPES))
 def test_budget_zero_is_the_plain_pipeline_and_a_window_skips(name, capfd):
-    make, call, calls = PIPES[name]
+    make, call, calls, streams = PIPES[name]
     pipe = make()
     full = call(pipe)
     enable_taocache(pipe, config(budget=0))
@@ -73,7 +144,7 @@ def test_budget_zero_is_the_plain_pipeline_and_a_window_skips(name, capfd):
     assert f"0 of {calls} denoiser calls saved" in capfd.readouterr().err
     enable_taocache(pipe, config(window=[5, 6], ratio=1.0))
     skipped = call(pipe)
-    saved = 2 * (2 if name == "wan" else 1)
+    saved = 2 * streams
     assert f"{saved} of {calls} denoiser calls saved" in capfd.readouterr().err
     assert torch.isfinite(skipped).all() and not torch.equal(skipped, full)
     assert float((skipped - full).norm() / full.norm()) < 0.5
@@ -602,3 +673,97 @@ def test_wan22_guidance_pair_is_recorded_low_noise_first_as_wan_does():
 
     said = describe_differences({"guide_scale": [4.0, 4.0]}, identity, ["guide_scale"])
     assert "diffusers' [guidance_scale_2, guidance_scale]): this run [3.0, 4.0], the LUT [4.0, 4.0]" in said
+
+
+# ---------------------------------------------------------------- VACE and Animate (walkthrough, 2026-11-28)
+def test_animate_runs_each_segment_as_one_generation(tmp_path, capfd):
+    """WanAnimatePipeline runs one sampling loop per segment of the pose video: a pose video of two segments crashed
+    at the second loop's first call, even at budget 0, after recording the first segment into the LUT; each segment
+    is now one generation (one LUT prompt while calibrating)."""
+    pipe = animate_pipe()
+    full = animate_call(pipe, pose_frames=9)
+    enable_taocache(pipe, config(budget=0))
+    try:
+        assert torch.equal(animate_call(pipe, pose_frames=9), full)
+        enable_taocache(pipe, config(window=[5, 6], ratio=1.0))
+        skipped = animate_call(pipe, pose_frames=9)
+        assert f"4 of {2 * STEPS} denoiser calls saved (25.0%) over 2 sampling loops" in capfd.readouterr().err
+        assert not torch.equal(skipped, full) and float((skipped - full).norm() / full.norm()) < 0.5
+        lut = tmp_path / "animate.safetensors"
+        enable_taocache(pipe, config_from_dict({"integration": "diffusers", "lut": str(lut),
+                                                "calibration": {"prompts": 2}, "plan": {"budget": 2}}, "c.yaml"))
+        animate_call(pipe, pose_frames=9)  # two segments: two prompts
+        from taohooks.taocache.lut import CalibrationLUT
+
+        loaded = CalibrationLUT.load(lut)
+        assert loaded.num_prompts == 2 and loaded.identity["frames"] == 5  # segment_frame_length
+    finally:
+        disable_taocache(pipe)
+
+
+def test_vace_reference_images_are_part_of_the_luts_size(tmp_path, capfd):
+    """Each VACE reference image is one more latent frame at the same num_frames: a LUT calibrated without them was
+    used without a word on a run with one (and a calibration generation with one was left out after its work)."""
+    pipe = vace_pipe()
+    lut = tmp_path / "vace.safetensors"
+    enable_taocache(pipe, config_from_dict({"integration": "diffusers", "lut": str(lut), "calibration": {"prompts": 1},
+                                            "plan": {"budget": 2}}, "c.yaml"))
+    try:
+        vace_call(pipe)
+        from taohooks.taocache.lut import CalibrationLUT
+
+        assert CalibrationLUT.load(lut).identity["reference_images"] == 0
+        vace_call(pipe)  # the same size: skips
+        assert f"4 of {2 * STEPS} denoiser calls saved" in capfd.readouterr().err
+        with pytest.raises(Exception, match=r"reference_images"):
+            vace_call(pipe, reference_images=frames(1, seed=7))
+    finally:
+        disable_taocache(pipe)
+
+
+def test_vace_with_two_transformers_guards_its_switch(capfd):
+    pipe = vace_pipe(two=True)
+    full = vace_call(pipe)
+    enable_taocache(pipe, config(budget=0))
+    try:
+        assert torch.equal(vace_call(pipe), full)
+        enable_taocache(pipe, config(window=[5, 6], ratio=1.0))
+        vace_call(pipe)
+        assert f"4 of {2 * STEPS} denoiser calls saved" in capfd.readouterr().err
+    finally:
+        disable_taocache(pipe)
+
+
+def test_a_stream_the_declared_loop_does_not_list_is_refused_at_its_first_call(tmp_path, capfd):
+    """Declared [cond] on a pipeline that also calls in cache_context("uncond"): its uncond calls were counted as the
+    next cond steps, and a LUT of cond and uncond outputs as consecutive steps was written before the error. A
+    batched loop declared for a pipeline that calls one stream at a time blamed the streams' order."""
+    from taohooks.integrations import diffusers as integration
+
+    pipe = wan_pipe()
+    lut = tmp_path / "wan.safetensors"
+    original = integration.SEQUENTIAL_CFG
+    integration.SEQUENTIAL_CFG = ()  # (as a pipeline taohooks does not know)
+    try:
+        enable_taocache(pipe, config_from_dict({"integration": "diffusers", "loop": {"streams": ["cond"]},
+                                                "lut": str(lut), "calibration": {"prompts": 1},
+                                                "plan": {"budget": 2}}, "c.yaml"))
+        with pytest.raises(IntegrationError, match=r"cache_context\('uncond'\), a stream the declared loop "
+                                                   r"\(8 steps x 1 call\(s\) \(cond\)\) does not list"):
+            wan_call(pipe)
+        assert not lut.exists()
+        enable_taocache(pipe, config_from_dict({"integration": "diffusers", "loop": {
+            "streams": ["uncond", "cond"], "split_batch": True}, "plan": {"window": [5, 6], "ratio": 1.0}}, "c.yaml"))
+        with pytest.raises(IntegrationError, match=r"one stream per call, where the declared loop .* expects one "
+                                                   "batched call of uncond/cond; remove loop.split_batch"):
+            wan_call(pipe)
+        # declared [cond, uncond] at a guidance scale of 1: cond alone, without a word about the declaration
+        enable_taocache(pipe, config_from_dict({"integration": "diffusers", "loop": {"streams": ["cond", "uncond"]},
+                                                "plan": {"window": [5, 6], "ratio": 1.0}}, "c.yaml"))
+        capfd.readouterr()
+        wan_call(pipe, guidance_scale=1.0)
+        err = capfd.readouterr().err
+        assert f"2 of {STEPS} denoiser calls saved" in err and "overrides" not in err
+    finally:
+        integration.SEQUENTIAL_CFG = original
+        disable_taocache(pipe)

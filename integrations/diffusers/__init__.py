@@ -6,15 +6,18 @@
     video = pipe(prompt, num_inference_steps=50).frames[0]   # prints a one-line summary
 
 Every ``pipe(...)`` call is one generation. The loop's shape comes from the pipeline and the call:
-``WanPipeline`` (and its image/video-to-video siblings) call the transformer twice per step, cond
-then uncond, inside ``transformer.cache_context("cond" / "uncond")``; ``LattePipeline`` makes one
-call per step on a batch of (uncond, cond) halves. Other pipelines whose transformer is called
+``WanPipeline`` (and its image/video-to-video, VACE and Animate siblings) call the transformer twice
+per step, cond then uncond, inside ``transformer.cache_context("cond" / "uncond")`` (cond alone at a
+guidance scale of 1); ``LattePipeline`` makes one call per step on a batch of (uncond, cond) halves.
+``WanAnimatePipeline`` runs one sampling loop per segment of the pose video inside one call: each is
+one generation (one LUT prompt while calibrating). Other pipelines whose transformer is called
 once or twice per step work when the config's ``loop`` section says which (``streams``,
 ``split_batch``). The number of calls per stream is what the pipeline's scheduler makes for
 ``num_inference_steps`` (asked of a copy of it).
 
 ``cache_context`` names are checked against the streams the hook numbers calls by: a pipeline
-that calls in another order fails with a clear error instead of mixing the streams' histories.
+that calls in another order, or in a stream the declared loop does not list, fails with a clear
+error at that call instead of mixing the streams' histories.
 When diffusers' own caches are enabled on the transformer (``transformer.enable_cache(
 PyramidAttentionBroadcastConfig(...))``), their state is reset at every generation start and on
 every step that resumes computing after TaoCache skipped (``_reset_stateful_cache``).
@@ -40,15 +43,23 @@ from taohooks.taocache.cache import TaoCache, check_config_before_run
 from taohooks.taocache.identity import guide_scale_identity, pipeline_output_identity
 
 __all__ = ["enable_taocache", "disable_taocache", "install", "uninstall", "SEQUENTIAL_CFG", "BATCHED_CFG",
-           "ContextStreamCheck"]
+           "PER_SEGMENT", "EXPECTS", "ContextStreamCheck"]
 
 # Pipelines whose transformer is called twice per step (cond, then uncond) / once on (uncond, cond) halves.
-SEQUENTIAL_CFG = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
+SEQUENTIAL_CFG = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline", "WanVACEPipeline",
+                  "WanAnimatePipeline")
 BATCHED_CFG = ("LattePipeline",)
+# Pipelines that run one sampling loop per segment inside one call (Animate: one per segment_frame_length frames of
+# the pose video): each loop is one generation of the hook, begun at the first timestep (attach(repeat=True))
+PER_SEGMENT = ("WanAnimatePipeline",)
 _MODULES = {"diffusers.pipelines.wan.pipeline_wan": ("WanPipeline",),
             "diffusers.pipelines.wan.pipeline_wan_i2v": ("WanImageToVideoPipeline",),
             "diffusers.pipelines.wan.pipeline_wan_video2video": ("WanVideoToVideoPipeline",),
+            "diffusers.pipelines.wan.pipeline_wan_vace": ("WanVACEPipeline",),
+            "diffusers.pipelines.wan.pipeline_wan_animate": ("WanAnimatePipeline",),
             "diffusers.pipelines.latte.pipeline_latte": ("LattePipeline",)}
+EXPECTS = (f"a call of {', '.join((*SEQUENTIAL_CFG, *BATCHED_CFG))} (the pipelines the launcher patches; any other "
+           "pipeline: enable_taocache(pipe, config) from Python, with the config's loop: section)")
 
 _configs: "weakref.WeakKeyDictionary[Any, TaoCacheConfig]" = weakref.WeakKeyDictionary()
 _patches: Dict[type, GenerationPatch] = {}
@@ -93,11 +104,26 @@ class ContextStreamCheck(Callback):
 
     def on_before_call(self, hook, call, args, kwargs):
         name = self.current
-        if name is not None and name in hook.loop.streams and call.streams != (name,):
+        if name is None or call.streams == (name,):
+            return None
+        if name not in hook.loop.streams and name not in ("cond", "uncond"):
+            return None  # a name that is no stream (CogVideoX's batched call: "cond_uncond"): nothing to check
+        if len(call.streams) > 1:  # (a batched call declared; the pipeline calls one stream at a time)
+            raise IntegrationError(
+                f"taohooks: the pipeline called the transformer in cache_context({name!r}), one stream per call, "
+                f"where the declared loop ({hook.loop.describe()}) expects one batched call of "
+                f"{'/'.join(call.streams)}; remove loop.split_batch and list the streams in the order the pipeline "
+                "calls them (e.g. streams: [cond, uncond])")
+        if name in hook.loop.streams:
             raise IntegrationError(
                 f"taohooks: the pipeline called the transformer in cache_context({name!r}) where the declared loop "
                 f"({hook.loop.describe()}) expects {'/'.join(call.streams)}; set the config's loop.streams to the "
                 "order the pipeline calls in")
+        if name in ("cond", "uncond"):  # a stream the loop does not declare: its calls would be counted as steps
+            raise IntegrationError(
+                f"taohooks: the pipeline called the transformer in cache_context({name!r}), a stream the declared loop "
+                f"({hook.loop.describe()}) does not list; list every stream the pipeline calls, in its order (e.g. "
+                "loop: {streams: [cond, uncond]})")
         return None
 
 
@@ -121,7 +147,9 @@ def _check_declared_streams(pipe, config: TaoCacheConfig) -> None:
 
 def _check_supported(pipe) -> None:
     if getattr(pipe, "transformer", None) is None:
-        raise IntegrationError(f"taohooks: {type(pipe).__name__} has no `transformer` to attach to")
+        alone = " (a pipeline with transformer_2 alone is not supported)" if getattr(pipe, "transformer_2", None) \
+            is not None else ""
+        raise IntegrationError(f"taohooks: {type(pipe).__name__} has no `transformer` to attach to{alone}")
     second = getattr(pipe, "transformer_2", None)
     if second is not None:
         if second is pipe.transformer:
@@ -190,7 +218,8 @@ def _loop_of_one(arguments):
         kept = min(int(steps * strength), steps)
         calls -= max(steps - kept, 0) * getattr(pipe.scheduler, "order", 1)
     if kind == "sequential":
-        return LoopSpec(calls, ("cond", "uncond") if cfg else ("cond",)), {"timestep_arg": "timestep"}
+        per_segment = {"repeat": True} if any(c.__name__ in PER_SEGMENT for c in type(pipe).__mro__) else {}
+        return LoopSpec(calls, ("cond", "uncond") if cfg else ("cond",)), {"timestep_arg": "timestep", **per_segment}
     streams = config.loop.streams
     _check_declared_streams(pipe, config)
     if not cfg:
@@ -219,6 +248,10 @@ def _identity(arguments, model):
     the generation's start, not left out of a calibration after its work), the expert boundary and guidance."""
     identity = identity_of_pipeline(arguments["self"], model)
     identity.update({k: v for k, v in pipeline_output_identity(arguments).items() if k != "guide_scale"})
+    if arguments.get("segment_frame_length") is not None:  # Animate: each loop makes one segment of these frames
+        identity["frames"] = int(arguments["segment_frame_length"])
+    if "reference_images" in arguments:  # VACE: each reference image is one more latent frame
+        identity["reference_images"] = _count_images(arguments["reference_images"])
     boundary = _boundary(arguments["self"])
     if boundary is not None:
         identity["expert_boundary"] = boundary
@@ -228,6 +261,15 @@ def _identity(arguments, model):
         identity["guide_scale"] = float(guidance) if boundary is None else guide_scale_identity(
             (second if isinstance(second, (int, float)) else guidance, guidance))  # (low-noise, high-noise), as Wan's
     return identity
+
+
+def _count_images(images) -> int:
+    """VACE's ``reference_images`` per video: none, one image, a list, or a list per video (the first's)."""
+    if images is None:
+        return 0
+    if isinstance(images, (list, tuple)):
+        return _count_images(images[0]) if images and isinstance(images[0], (list, tuple)) else len(images)
+    return 1
 
 
 def _patch_class(cls: type) -> GenerationPatch:

@@ -45,9 +45,9 @@ def taocache_config_of(config: ExperimentConfig) -> Tuple[Path, TaoCacheConfig]:
     return path, load_config(path)
 
 
-PER_CLIP_MESSAGE = ("runs one sampling loop per clip inside one generate() (Wan2.2 S2V and Animate); taocache compare "
-                    "measures one loop per generation: compare on the T2V/I2V/TI2V tasks, and use taocache-run with "
-                    "the integration for this one")
+PER_CLIP_MESSAGE = ("runs one sampling loop per clip inside one generation call (Wan2.2 S2V and Animate, diffusers' "
+                    "WanAnimatePipeline); taocache compare measures one loop per generation: compare on the "
+                    "text/image-to-video pipelines, and use taocache-run with the integration for this one")
 
 
 def _refuse_per_clip_tasks(config, tao, script: List[str]) -> None:

@@ -362,7 +362,10 @@ class TaoCache:
             raise ValueError("taohooks: the number of steps is unknown; pass steps= or set loop.steps in the config")
         if isinstance(streams, str):  # one stream named by its name, not its letters
             streams = (streams,)
-        if streams is not None and loop.streams and tuple(streams) != tuple(loop.streams):
+        # (fewer streams in the declared order: the integration read from the call that some do not run, e.g. no
+        # uncond call at a guidance scale of 1; said nowhere, as the run's LUT is checked against them anyway)
+        fewer = streams is not None and [s for s in loop.streams or () if s in streams] == list(streams)
+        if streams is not None and loop.streams and tuple(streams) != tuple(loop.streams) and not fewer:
             messages.warning(f"attach(streams={tuple(streams)}) overrides the config's loop.streams "
                              f"{tuple(loop.streams)}{where}: this run's calls are those streams (given to attach, or "
                              "read by the integration from the call; the order is the order of the calls in each "
