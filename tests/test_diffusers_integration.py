@@ -470,6 +470,9 @@ def test_a_cached_call_that_raises_leaves_the_transformer_alone(capfd):
             wan_call(a, callback_on_step_end=interrupt)
         assert get_hook(a.transformer).passthrough and get_hook(a.transformer).call_index is None
         assert torch.equal(wan_call(b), reference)
+        capfd.readouterr()
+        wan_call(a)  # the second call of a: numbered so (the call that raised was not counted, walkthrough 2026-11-28)
+        assert "taohooks: generation 2: " in capfd.readouterr().err
     finally:
         disable_taocache(a)
 

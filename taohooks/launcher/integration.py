@@ -567,10 +567,10 @@ class GenerationPatch:
             returned = True
         finally:
             hook.passthrough = True
+            self.generations += 1  # (a call that raised is counted too: the next one's messages name its number)
             total = hook.loop.total_calls
             stopped = hook.end_generation(f"{self.target()} returned after {hook.call_index} of {total} denoiser "
                                           "calls: interrupted?" if returned else f"{self.target()} raised")
-        self.generations += 1
         if stopped and not cache.calibrating:
             messages.warning(f"generation {self.generations}: {self.target()} returned after {stopped} of {total} "
                              f"denoiser calls ({hook.loop.describe()}): its loop was interrupted (e.g. by a "
