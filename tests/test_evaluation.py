@@ -268,6 +268,27 @@ def test_an_update_is_checked_against_the_latest_run_and_its_methods_settings_on
         bench.BenchConfig(methods=["pab+taocache"], pab_range=3).check_compatible(meta, "r.json")
 
 
+def test_the_hybrid_takes_a_number_of_taocache_skips_and_a_folder_of_earlier_hybrid_rows_is_kept_apart():
+    """``hybrid_tao_skips`` (the paper's hybrid run: 7 TaoCache skips; compare had it, the bench took half of every
+    budget); a folder whose hybrid rows were made before the key existed made them with half."""
+    tm = tiny("flow")
+    pairs = data.calibration_pairs(4)
+    cal = methods.calibrate(tm, pairs, batch_size=4)
+    for wanted, skips, expected in ((None, 3, 1), (2, 3, 2), (5, 3, 3)):
+        settings = methods.MethodSettings(search_iterations=2, hybrid_tao_skips=wanted)
+        built = methods.build_method("hybrid", tm, cal, skips, pairs[:2], 2, settings)
+        first, last = built.info["window"]
+        assert built.info["tao_skips"] == expected == last - first + 1, (wanted, skips)
+    old = {"config": {"methods": ["hybrid"], "steps": 50}}  # (no hybrid_tao_skips: written before the key)
+    bench.BenchConfig(methods=["hybrid"]).check_compatible(old, "r.json")
+    with pytest.raises(ValueError, match="hybrid_tao_skips: None, this run has hybrid_tao_skips: 7"):
+        bench.BenchConfig(methods=["hybrid"], hybrid_tao_skips=7).check_compatible(old, "r.json")
+    bench.BenchConfig(methods=["teacache"], hybrid_tao_skips=7).check_compatible(old, "r.json")  # no hybrid row made
+    errors = []
+    bench.BenchConfig(hybrid_tao_skips=0).validate(lambda key, message: errors.append((key, message)))
+    assert errors == [("hybrid_tao_skips", "expected an integer >= 1, got 0")]
+
+
 def test_bench_budgets_that_cannot_be_planned_or_repeat_a_row_are_refused_before_the_work():
     errors = []
     bench.BenchConfig(budgets=[0.04, 0.7]).validate(lambda key, message: errors.append((key, message)))

@@ -820,8 +820,9 @@ class Experiment:
     def _hybrid_tao_skips(self, skips: int) -> int:
         """TaoCache's skips in the hybrid at a budget of ``skips``: ``hybrid_tao_skips`` (Algorithm 2's input; the
         paper's run: 7) up to the budget, or half the budget."""
-        wanted = self.config.hybrid_tao_skips
-        return min(wanted, skips) if wanted is not None else max(1, skips // 2)
+        from ..evaluation.methods import hybrid_tao_skips
+
+        return hybrid_tao_skips(skips, self.config.hybrid_tao_skips)
 
     def _tao_plan(self, lut, skips: int, rule: Optional[str] = None):
         """The TaoCache config's plan for ``skips`` skips (``rule`` overriding its rule), the expert

@@ -45,6 +45,9 @@ class BenchConfig:
     lpips: bool = True
     pab_range: int = 2
     hybrid_guard: int = 2
+    # the hybrid: TaoCache's skips at every budget (at most the budget; the paper's hybrid run: 7), TeaCache the rest;
+    # None: half of each budget
+    hybrid_tao_skips: Optional[int] = None
     magcache_max_skip: int = 2
     search_iterations: int = 12  # bisection steps of the TeaCache/MagCache threshold search
     strip_pairs: int = 4  # clips shown side by side in the PNG strip
@@ -83,6 +86,8 @@ class BenchConfig:
                     "search_iterations": (self.search_iterations, 1), "timing_repeats": (self.timing_repeats, 1),
                     "strip_pairs": (self.strip_pairs, 0), "pab_range": (self.pab_range, 1),
                     "hybrid_guard": (self.hybrid_guard, 0), "magcache_max_skip": (self.magcache_max_skip, 0)}
+        if self.hybrid_tao_skips is not None:
+            positive["hybrid_tao_skips"] = (self.hybrid_tao_skips, 1)
         for key, (value, least) in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 err(key, f"expected an integer >= {least}, got {value!r}")
@@ -123,8 +128,11 @@ class BenchConfig:
                 continue  # none of this run's methods depends on it
             before = {}
             for run in runs:  # the setting as the latest run whose methods used it had it
-                if key in run and (used_by is None or set(used_by) & set(run.get("methods") or ())):
-                    before[key] = run[key]
+                if used_by is None or set(used_by) & set(run.get("methods") or ()):
+                    if key in run:
+                        before[key] = run[key]
+                    elif key in UNRECORDED:  # (a setting added since: that run had its value of then)
+                        before[key] = UNRECORDED[key]
             if key in before and before[key] != getattr(self, key):
                 raise ValueError(f"{source}: its records were made with {key}: {before[key]!r}, this run has "
                                  f"{key}: {getattr(self, key)!r}; --update adds records made the same way only "
@@ -156,11 +164,13 @@ def skips_of(budget: float, steps: int) -> int:
 
 # the settings that change a record's figures (an update must have the folder's)
 RESULT_SETTINGS = ("steps", "eval_pairs", "calibration_pairs", "search_pairs", "batch_size", "lpips", "pab_range",
-                   "hybrid_guard", "magcache_max_skip", "search_iterations", "device")
+                   "hybrid_guard", "hybrid_tao_skips", "magcache_max_skip", "search_iterations", "device")
+UNRECORDED = {"hybrid_tao_skips": None}  # settings added since folders were first written: the value runs had then
 _SEARCHED = ("teacache", "magcache", "easycache", "hybrid")  # the methods whose threshold is searched
 WINDOW_METHODS = {"taocache", "taoskip+tearesidual", "pab+taocache"}  # the paper's window at the whole budget
 METHOD_SETTINGS = {"search_pairs": _SEARCHED, "search_iterations": _SEARCHED, "pab_range": ("pab+taocache",),
-                   "hybrid_guard": ("hybrid",), "magcache_max_skip": ("magcache",)}  # the rest: every method
+                   "hybrid_guard": ("hybrid",), "hybrid_tao_skips": ("hybrid",),
+                   "magcache_max_skip": ("magcache",)}  # the rest: every method
 
 
 def settle_lpips(config: BenchConfig):
@@ -286,6 +296,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
     out_dir = Path(config.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = MethodSettings(pab_range=config.pab_range, hybrid_guard=config.hybrid_guard,
+                              hybrid_tao_skips=config.hybrid_tao_skips,
                               magcache_max_skip=config.magcache_max_skip,
                               search_iterations=config.search_iterations)
     records: List[dict] = []

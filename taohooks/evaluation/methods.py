@@ -27,7 +27,7 @@ from ..taocache.cache import make_plan
 from ..caches.teacache import TeaCacheCalibrator, TeaCacheCallback
 from .testbed_model import TestbedModel, modulated_input
 
-__all__ = ["Calibration", "calibrate", "run_with", "paired_speedup", "Run", "METHODS", "build_method",
+__all__ = ["Calibration", "calibrate", "run_with", "paired_speedup", "Run", "METHODS", "build_method", "hybrid_tao_skips",
            "match_threshold", "CallCounter"]
 
 METHODS = ("taocache", "taocache-auto", "teacache", "magcache", "easycache", "taoskip+tearesidual", "hybrid",
@@ -155,11 +155,18 @@ def match_threshold(make: Callable[[float], List[Callback]], measure: Callable[[
     return best[1], best[2]
 
 
+def hybrid_tao_skips(skips: int, wanted: Optional[int]) -> int:
+    """TaoCache's skips in the hybrid (Algorithm 2) at a budget of ``skips``: ``wanted`` (Algorithm 2's input; the
+    paper's hybrid run: 7) up to the budget, or half the budget; TeaCache's threshold is matched to the rest."""
+    return min(wanted, skips) if wanted is not None else max(1, skips // 2)
+
+
 @dataclass
 class MethodSettings:
     pab_range: int = 2
     pab_timesteps: Tuple[float, float] = (100.0, 800.0)
     hybrid_guard: int = 2
+    hybrid_tao_skips: Optional[int] = None  # TaoCache's skips in the hybrid (at most the budget); None: half
     magcache_max_skip: int = 2
     magcache_retention: float = 0.2
     search_iterations: int = 12
@@ -248,7 +255,7 @@ def build_method(name: str, tm: TestbedModel, cal: Calibration, skips: int, sear
                                    what=f"[{tm.name}] EasyCache's threshold", tolerance=0.5 / steps)
         return Built(make(th), {"threshold": th, "search_fraction": frac})
     if name == "hybrid":  # Algorithm 2: TeaCache early/mid, a refresh guard band, TaoCache late
-        tao_skips = max(1, skips // 2)
+        tao_skips = hybrid_tao_skips(skips, settings.hybrid_tao_skips)
         plan, tao = _tao(tm, cal, tao_skips)
         max_step = plan.window[0] - settings.hybrid_guard
 
