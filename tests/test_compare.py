@@ -1014,6 +1014,7 @@ def test_a_folder_check_names_the_entry_of_a_setting_that_differs(tmp_path):
 
     store = RunStore(tmp_path)
     store.check_experiment({"calibration.sampler": None, "call": {"guidance": "5.0", "shift": "3.0"}})
+    store.put_state("calibration", {})  # (a folder holding nothing is no other experiment's)
     with pytest.raises(ConfigError, match=r"call.guidance: this output folder holds runs made with call.guidance = "
                                           r"5.0, this experiment has \(not given\)"):  # (no repr of a repr)
         store.check_experiment({"calibration.sampler": None, "call": {"shift": "3.0"}})
@@ -1130,6 +1131,7 @@ def test_a_folder_from_before_a_setting_was_recorded_is_refused_as_such(tmp_path
 
     store = RunStore(tmp_path)
     store.check_experiment({"script": ["s.py"]})
+    store.put_state("calibration", {})  # (a folder holding nothing is no other experiment's)
     store.check_experiment({"script": ["s.py"]})  # the same: accepted
     with pytest.raises(ConfigError, match="made by an earlier taohooks, which did not record easycache_warmup"):
         store.check_experiment({"script": ["s.py"], "easycache_warmup": 2})
@@ -1387,6 +1389,7 @@ def test_folders_of_the_previous_version_resume(tmp_path):
     store = RunStore(tmp_path, writer=True)
     old = {"script": ["s.py"], "calibration.sampler": "ddim", "model": {"model": "LatteT2V"}, "magcache_k": 2}
     store.check_experiment(old)
+    store.put_state("calibration", {})  # (a folder holding nothing is no other experiment's)
     new = {**old, "model": {"model": "LatteT2V", "frames": "4", "height": "64"}, "magcache_k": None}
     store.check_experiment(new, grown=("model",), alike={"magcache_k": (None, 2)})  # no error
     with pytest.raises(ConfigError, match="model.model: this output folder holds runs made with model.model = "
@@ -1421,6 +1424,7 @@ def test_an_unset_method_setting_is_named_by_its_default():
     with tempfile.TemporaryDirectory() as folder:
         store = RunStore(folder, writer=True)
         store.check_experiment({"calibration.sampler": "x", "magcache_k": None})
+        store.put_state("calibration", {})  # (a folder holding nothing is no other experiment's)
         with pytest.raises(ConfigError, match=r"magcache_k = unset \(the default, 2\), this experiment has 3"):
             store.check_experiment({"calibration.sampler": "x", "magcache_k": 3}, alike={"magcache_k": (None, 2)})
 

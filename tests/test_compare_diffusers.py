@@ -70,12 +70,16 @@ def compared(tmp_path_factory):
         "latte": ("[full, teacache, taoskip+tearesidual]", 0.25, [*script, "--pipeline", "latte"]),
         "wan22": ("[full, taocache, teacache]", 0.1, [str(SCRIPT), "--steps", "10", "--pipeline", "wan22"]),
         "embeds": ("[full, taocache]", 0.25, [*script, "--embeds"]),
+        "listed": ("[full, taocache]", 0.25, [*script, "--prompt-list"]),
+        "compiled": ("[full, teacache, pab]", 0.25, [*script, "--compile", "--subclass"]),
+        "stopped": ("[full, taocache]", 0.25, [*script, "--stop-at", "5"]),
     }
     compares = []
     for name, (methods, budget, argv) in experiments.items():
         (tmp / f"{name}.yaml").write_text(EXPERIMENT.format(model=f"tiny-{name}", prompt=PROMPT, seed=SEED,
                                                             methods=methods, budget=budget, output=f"out_{name}"))
         compares.append((name, f"{name}.yaml", argv))
+    compares.append(("stopped_then_whole", "stopped.yaml", script))  # the script corrected, the same folder
     (tmp / "d.py").write_text(DRIVER.format(plain=plain, compares=compares))
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
     res = subprocess.run([sys.executable, "d.py"], cwd=tmp, env={**env, "OMP_NUM_THREADS": "1"},
@@ -187,3 +191,33 @@ def test_a_transformer_of_unknown_layout_runs_the_methods_that_need_no_block_sta
         with pytest.raises(ConfigError, match=key):
             check_methods(ExperimentConfig(source="exp.yaml", integration="diffusers", methods=methods), target,
                           "Pipe's Linear")
+
+
+def test_a_prompt_list_is_refused_before_anything_is_written(compared):
+    """Two prompts with a negative prompt each: compare replaced the list by a list of one and the pipeline failed
+    in the calibration on the negative prompts' batch (or, with one negative prompt, made batch-1 references)."""
+    folder, stderr, codes = compared
+    assert codes["listed"] == 2
+    assert "listed.yaml: taocache: the script passes 2 prompts in one call of " in stderr
+    assert not (folder / "out_listed" / "experiment.json").exists()
+
+
+def test_a_compiled_subclass_of_wan_s_transformer_is_taken_for_wan_s(compared):
+    """``torch.compile(pipe.transformer)`` (and a subclass) was refused teacache and pab as an unknown transformer."""
+    folder, _, codes = compared
+    assert codes["compiled"] == 0
+    data = results(folder, "compiled")
+    assert "TeaCache fitted here on diffusers' WanTransformer3DModel" in data["meta"]["teacache_proxy"]
+    rows = {(r["method"], r["seed"]): r for r in data["records"]}
+    assert rows["teacache", SEED]["skipped_fraction"] == 0.25 and rows["pab", SEED]["latent_rel_l2"] > 0
+
+
+def test_a_pipeline_stopped_early_is_refused_and_its_folder_taken_again(compared):
+    """A step callback stopping the pipeline: compare reported a 25% budget of the declared loop on runs that made
+    12 of 16 calls; now refused at the first generation. The corrected script line then runs in the same folder
+    (its experiment.json, with nothing stored beside it, refused it as another experiment's)."""
+    folder, stderr, codes = compared
+    assert codes["stopped"] != 0
+    assert ("the generation of 'a green boat on the river' seed 0 returned after 12 of 16 denoiser calls (8 steps x 2 "
+            "call(s) (cond, uncond)): the pipeline stopped its loop early") in stderr
+    assert codes["stopped_then_whole"] == 0 and (folder / "out_stopped" / "results.json").is_file()

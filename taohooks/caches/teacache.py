@@ -233,7 +233,9 @@ class TeaCacheCalibrator(BlockStackCache):
         if any(issubclass(w.category, getattr(np, "exceptions", np).RankWarning) for w in caught):
             messages.warning(f"TeaCache's degree-{degree} polynomial{what} is poorly conditioned: {len(pairs)} pairs "
                              f"with {len(np.unique(x))} distinct proxy changes ({x.min():.4g} to {x.max():.4g}); "
-                             "its values between them are not to be trusted: calibrate on more prompts")
+                             "its values between them are not to be trusted: calibrate on more prompts, or on more "
+                             "steps where the proxy depends on the timestep alone (Wan's time projection: one change "
+                             "per step, whatever the prompt)")
         grid = np.linspace(x.min(), x.max(), 2001)
         values = np.polyval(coefficients, grid)
         if values.min() < 0:

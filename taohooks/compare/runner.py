@@ -34,6 +34,7 @@ from ..runtime.hook import DenoiserHook
 from ..launcher.integration import GenerationPatch, check_declared_loop, identity_of_model, unwrap_model
 from ..taocache.identity import call_settings, weights_fingerprint
 from ..caches.residual import BlockStackCache
+from .errors import CompareError
 from .experiment import ExperimentConfig, PromptEntry
 from .progress import Progress
 from .store import RunStore, run_label, writes_results
@@ -309,9 +310,9 @@ def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
     if config.teacache_use_ret_steps and TEA_METHODS & set(config.methods) and not target.tea_ret_steps:
         raise ConfigError(config.source, "teacache_use_ret_steps", "true selects the authors' use_ret_steps variant "
                           f"of their Wan2.1 TeaCache; the {tao.integration!r} integration's teacache has no such "
-                          "variant" + ("" if not target.known else " (" + (
-                              "the authors' own, as they run it" if target.tea_published else
-                              "fitted on the calibration prompts") + ")") + ": remove the key")
+                          "switch (" + (target.tea_source if not target.known else
+                                        "the authors' own, as they run it" if target.tea_published else
+                                        "fitted on the calibration prompts") + "): remove the key")
     needed, why = _needs_calibration(config, tao)
     if needed and config.calibration_prompts is None:
         raise ConfigError(config.source, "calibration_prompts", f"{why} needs calibration prompts")
@@ -373,6 +374,7 @@ class Experiment:
             result = self.patch.original(*arguments.args, **arguments.kwargs)
             _sync()
             seconds = time.perf_counter() - start
+            self._check_whole(hook, entry)
         peak = torch.cuda.max_memory_allocated() if _on_cuda() else None
         self.warm = True
         video = self.target.video(result) if self.store.writer else None  # Wan2.1: None on ranks > 0
@@ -436,6 +438,13 @@ class Experiment:
         """The script's first generation call can be replayed once per (prompt, seed): it names the prompt and
         seed arguments, and fixes no initial latents (which would make every run start from the same noise,
         whatever its seed)."""
+        prompts = arguments.get(self.target.prompt_arg)
+        # (a pipeline whose batch follows its prompt list: other arguments the script made per prompt, a negative
+        # prompt or a generator list, would not follow a list of one; the testbed's seeds are replaced alike)
+        if self.target.seed_arg is None and isinstance(prompts, (list, tuple)) and len(prompts) > 1:
+            raise ConfigError(self.config.source, "taocache", f"the script passes {len(prompts)} prompts in one call of "
+                              f"{target}; compare runs each of its prompts in a call of its own, with the script's "
+                              "other arguments: pass one prompt (a string, or a list of one) to compare")
         if isinstance(arguments.get("prompt_embeds"), torch.Tensor):
             raise ConfigError(self.config.source, "taocache", f"the script passes prompt_embeds= to {target}: the "
                               "pipeline would use them whatever prompt compare gives it, so every prompt would make "
@@ -481,7 +490,7 @@ class Experiment:
         if not self.target.known:  # (diffusers: the pipeline's transformer decides)
             self.target = self.target.for_call(arguments)
             check_methods(self.config, self.target, f"{type(arguments['self']).__name__}'s "
-                                                    f"{type(self.model).__name__}")
+                                                    f"{type(unwrap_model(self.model, compiled=True)).__name__}")
         self.loop, attach_kwargs = patch.loop_of(arguments)
         if attach_kwargs.get("repeat"):  # one loop per clip (Wan2.2 S2V/Animate); command.py refuses these earlier
             from .command import PER_CLIP_MESSAGE
@@ -663,8 +672,19 @@ class Experiment:
                 hook.new_sample()
                 arguments = self._arguments_for(entry)
                 self.patch.original(*arguments.args, **arguments.kwargs)
+                self._check_whole(hook, entry)
                 self.warm = True
                 ended(i, entry)
+
+    def _check_whole(self, hook: DenoiserHook, entry: PromptEntry) -> None:
+        """A generation that returned before its loop's last call (a step callback that stops the pipeline) is
+        refused: its calls are not the loop the budgets and the LUT count."""
+        made = hook.call_index  # (None once a generation made all its calls)
+        if made is not None:
+            raise CompareError(f"the generation of {entry.prompt!r} seed {entry.seed} returned after {made} of "
+                               f"{self.loop.total_calls} denoiser calls ({self.loop.describe()}): the pipeline stopped "
+                               "its loop early (e.g. a callback_on_step_end that interrupts it); compare measures whole "
+                               "generations: let the script's call run to its end")
 
     def _callbacks(self, method: str, skips: int, lut, coefficients, calibration: List[PromptEntry]) -> List[Callback]:
         steps = self.loop.steps

@@ -145,6 +145,10 @@ class RunStore:
             return
         atomic_write_bytes(self.folder / "state" / f"{name}.json", json.dumps(value, indent=1).encode())
 
+    def _holds_work(self) -> bool:
+        """Whether the folder holds a stored run or state (a calibration, a threshold) of an experiment."""
+        return any(path.is_file() for sub in ("runs", "state") for path in (self.folder / sub).rglob("*"))
+
     def check_experiment(self, fingerprint: Dict[str, Any], optional=(), grown=(), alike=None,
                          partial: bool = False, comparable=None, unrecorded=None) -> None:
         """Record what this folder's runs are of; a folder holding another experiment's runs is an error.
@@ -174,6 +178,10 @@ class RunStore:
             was, now = compared(k)
             return was == now or (k in alike and was in alike[k] and now in alike[k])
 
+        if path.is_file() and not self._holds_work():  # (a first call that failed: nothing of it to keep apart)
+            if self.writer and not partial:
+                atomic_write_bytes(path, json.dumps(fingerprint, indent=1).encode())
+            return
         if path.is_file():
             old = json.loads(path.read_text())
             old.update({k: value for k, (witness, value) in (unrecorded or {}).items()

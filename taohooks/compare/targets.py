@@ -238,14 +238,19 @@ def _diffusers_target(arguments: dict) -> "Target":
     coefficients), or none of them for a transformer taohooks does not know."""
     import functools
 
+    from ..runtime.patching import unwrap_model
+
     pipe = arguments["self"]
-    transformer = type(getattr(pipe, "transformer", None)).__name__
+    model = getattr(pipe, "transformer", None)
+    model = unwrap_model(model, compiled=True) if model is not None else None
+    classes = [c.__name__ for c in type(model).__mro__]  # (a subclass of diffusers' class is one)
+    transformer = classes[0]
     video = functools.partial(_diffusers_video, output_type=_output_type(arguments))
     common = dict(video_of=video, latents_during=_diffusers_latents, known=True)
-    if transformer.startswith("Wan") and transformer.endswith("Transformer3DModel"):
+    if any(c.startswith("Wan") and c.endswith("Transformer3DModel") for c in classes):
         return dataclasses.replace(TARGETS["diffusers"], blocks="blocks", tea_probe=_diffusers_wan_probe,
                                    tea_source=DIFFUSERS_WAN_TEACACHE, attention=r"blocks\.\d+\.attn1", **common)
-    if transformer == "LatteTransformer3DModel":
+    if "LatteTransformer3DModel" in classes:
         return dataclasses.replace(TARGETS["diffusers"], blocks=LATTE_STACKS, exit="norm_out",
                                    tea_published=_latte_published_teacache("latte", "diffusers' LattePipeline"),
                                    attention=LATTE_SELF_ATTENTION, **common)
@@ -374,7 +379,9 @@ TARGETS: Dict[str, Target] = {
                             neutral_flags={"--text_prompt": None, "--save_img_path": 1}),
     # any diffusers video pipeline the integration runs (WanPipeline and its siblings, LattePipeline, ...): the
     # prompt is the call's, the seed torch's RNG (or a fresh generator, seeded per run)
-    "diffusers": Target("prompt", None, lambda result: result, None, per_call=_diffusers_target, known=False),
+    "diffusers": Target("prompt", None, lambda result: result, None, per_call=_diffusers_target, known=False,
+                        tea_source="per pipeline: on Wan's transformers fitted here on the time projection (the "
+                                   "use_ret_steps variant's proxy, always), on Latte the authors' own rule"),
 }
 
 
