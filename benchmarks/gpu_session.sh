@@ -76,7 +76,10 @@
 # testbed README "Stripes drawn more often"):
 #   TRAIN_EXTRA="--sigma-shift 3 --batch-size 1024 --lr 7e-4 --background-weights 1,2,1 --profile 20"
 # PATCH=4 (the 4x4-token model, .carry/scenes-flow-p4.safetensors) is the alternative.
-# After it, at home: `scenes_diagnose --x0-sigmas 0.6,0.7,0.8,0.9 --n 32` says whether the stripes are now known at
+# After it, at home, every measurement below in one command (about 20 minutes on the 2 cores):
+#   WEIGHTS=.carry/scenes-flow.safetensors BEFORE=taohooks/testbed/weights/wip/scenes-flow-step69398.safetensors \
+#       bash benchmarks/scenes_after_gpu.sh
+# `scenes_diagnose --x0-sigmas 0.6,0.7,0.8,0.9 --n 32` says whether the stripes are now known at
 # higher noise (step 69 398: 94% of 32 held-out stripe clips at sigma 0.6, 25% at 0.8, none at 0.9; testbed README
 # "From which noise level the model knows stripes"), next to `scenes_diagnose --n 64 --strength 0.6/0.8/1`.
 # .whl/ and .carry/ are git-ignored. The image there has torch, einops, safetensors, pyyaml, numpy, pillow,
