@@ -1124,6 +1124,21 @@ def test_fixed_latents_are_refused():
             experiment._check_arguments("pipe", {"prompt": "x", "latents": latents})
 
 
+def test_a_folder_holding_only_its_experiment_json_is_taken_and_one_with_results_is_not(tmp_path):
+    """A first call that failed leaves experiment.json alone: the corrected experiment takes the folder. One whose
+    runs/ were deleted but whose results.json is there stays its experiment's (review, 2026-11-28)."""
+    from taohooks.compare.store import RunStore
+
+    store = RunStore(tmp_path)
+    store.check_experiment({"script": ["s.py", "--broken"]})
+    (tmp_path / "taocache.yaml").write_text("integration: testbed\n")
+    store.check_experiment({"script": ["s.py"]})  # taken: nothing of the first is stored
+    assert json.loads((tmp_path / "experiment.json").read_text()) == {"script": ["s.py"]}
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds runs made with script = \\['s.py'\\], this experiment has"):
+        store.check_experiment({"script": ["t.py"]})
+
+
 def test_a_folder_from_before_a_setting_was_recorded_is_refused_as_such(tmp_path):
     """experiment.json written by an earlier taohooks lacks the newer keys: its runs cannot be checked, and the
     refusal says so (not "made with X = None")."""

@@ -73,13 +73,14 @@ def compared(tmp_path_factory):
         "listed": ("[full, taocache]", 0.25, [*script, "--prompt-list"]),
         "compiled": ("[full, teacache, pab]", 0.25, [*script, "--compile", "--subclass"]),
         "stopped": ("[full, taocache]", 0.25, [*script, "--stop-at", "5"]),
+        "declared": ("[full, taocache]", 0.25, [*script, "--declare", "cond"]),  # (last: it changes the process)
     }
     compares = []
     for name, (methods, budget, argv) in experiments.items():
         (tmp / f"{name}.yaml").write_text(EXPERIMENT.format(model=f"tiny-{name}", prompt=PROMPT, seed=SEED,
                                                             methods=methods, budget=budget, output=f"out_{name}"))
         compares.append((name, f"{name}.yaml", argv))
-    compares.append(("stopped_then_whole", "stopped.yaml", script))  # the script corrected, the same folder
+    compares.insert(-1, ("stopped_then_whole", "stopped.yaml", script))  # the script corrected, the same folder
     (tmp / "d.py").write_text(DRIVER.format(plain=plain, compares=compares))
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
     res = subprocess.run([sys.executable, "d.py"], cwd=tmp, env={**env, "OMP_NUM_THREADS": "1"},
@@ -221,3 +222,12 @@ def test_a_pipeline_stopped_early_is_refused_and_its_folder_taken_again(compared
     assert ("the generation of 'a green boat on the river' seed 0 returned after 12 of 16 denoiser calls (8 steps x 2 "
             "call(s) (cond, uncond)): the pipeline stopped its loop early") in stderr
     assert codes["stopped_then_whole"] == 0 and (folder / "out_stopped" / "results.json").is_file()
+
+
+def test_a_declared_loop_that_misses_a_stream_is_refused_as_the_integration_refuses_it(compared):
+    """The integration's cache_context check on compare's hooks too: a pipeline declared as [cond] that also calls
+    uncond ended in a traceback of the hook's call count (review, 2026-11-28)."""
+    folder, stderr, codes = compared
+    assert codes["declared"] == 2
+    assert ("cache_context('uncond') where the declared loop (8 steps x 1 call(s) (cond)) expects the call of cond"
+            in stderr) and "Traceback" not in stderr

@@ -114,13 +114,13 @@ def animate_pipe():
                                                                 use_flow_sigmas=True, flow_shift=3.0))
 
 
-def animate_call(pipe, seed=0, pose_frames=5, **kw):
+def animate_call(pipe, seed=0, pose_frames=5, segment=5, **kw):
     """``pose_frames`` 5: one segment of 5 frames; 9: two (``segment_frame_length`` 5, one conditioning frame)."""
     emb = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))
     neg = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(2))
     face = [f.resize((16, 16)) for f in frames(pose_frames, seed=300 + seed)]
     return pipe(image=frames(1, seed=100 + seed)[0], pose_video=frames(pose_frames, seed=200 + seed), face_video=face,
-                prompt_embeds=emb, negative_prompt_embeds=neg, height=32, width=32, segment_frame_length=5,
+                prompt_embeds=emb, negative_prompt_embeds=neg, height=32, width=32, segment_frame_length=segment,
                 prev_segment_conditioning_frames=1, num_inference_steps=STEPS,
                 generator=torch.Generator().manual_seed(seed), output_type="latent", **kw).frames
 
@@ -708,6 +708,9 @@ def test_animate_runs_each_segment_as_one_generation(tmp_path, capfd):
 
         loaded = CalibrationLUT.load(lut)
         assert loaded.num_prompts == 2 and loaded.identity["frames"] == 5  # segment_frame_length
+        capfd.readouterr()
+        animate_call(pipe, segment=6)  # (the pipeline rounds 6 to 5 frames: the LUT's size; it was refused)
+        assert f"2 of {STEPS} denoiser calls saved" in capfd.readouterr().err
     finally:
         disable_taocache(pipe)
 
@@ -759,10 +762,18 @@ def test_a_stream_the_declared_loop_does_not_list_is_refused_at_its_first_call(t
         enable_taocache(pipe, config_from_dict({"integration": "diffusers", "loop": {"streams": ["cond"]},
                                                 "lut": str(lut), "calibration": {"prompts": 1},
                                                 "plan": {"budget": 2}}, "c.yaml"))
-        with pytest.raises(IntegrationError, match=r"cache_context\('uncond'\), a stream the declared loop "
-                                                   r"\(8 steps x 1 call\(s\) \(cond\)\) does not list"):
+        with pytest.raises(IntegrationError, match=r"cache_context\('uncond'\) where the declared loop \(8 steps x 1 "
+                                                   r"call\(s\) \(cond\)\) expects the call of cond, which step 0 made "
+                                                   r"in cache_context\('cond'\): the pipeline makes other calls"):
             wan_call(pipe)
         assert not lut.exists()
+        # the streams under names of the user's own, in the pipeline's order: each position keeps its name (review,
+        # 2026-11-28: refused once cond/uncond were taken for stream names)
+        enable_taocache(pipe, config_from_dict({"integration": "diffusers", "loop": {"streams": ["positive", "negative"]},
+                                                "plan": {"window": [5, 6], "ratio": 1.0}}, "c.yaml"))
+        capfd.readouterr()
+        wan_call(pipe)
+        assert f"4 of {2 * STEPS} denoiser calls saved" in capfd.readouterr().err
         enable_taocache(pipe, config_from_dict({"integration": "diffusers", "loop": {
             "streams": ["uncond", "cond"], "split_batch": True}, "plan": {"window": [5, 6], "ratio": 1.0}}, "c.yaml"))
         with pytest.raises(IntegrationError, match=r"one stream per call, where the declared loop .* expects one "
@@ -777,4 +788,61 @@ def test_a_stream_the_declared_loop_does_not_list_is_refused_at_its_first_call(t
         assert f"2 of {STEPS} denoiser calls saved" in err and "overrides" not in err
     finally:
         integration.SEQUENTIAL_CFG = original
+        disable_taocache(pipe)
+
+
+def test_a_third_call_per_step_under_a_name_of_the_pipeline_s_own_is_refused_at_once():
+    """LTX-2's spatio-temporal guidance: a batched cond_uncond call, then uncond_stg, per step; declared as the one
+    batched call, the second was taken for the next step's and a LUT of both written before the error (review,
+    2026-11-28: only cond/uncond names were checked)."""
+    import contextlib
+
+    from taohooks.integrations.diffusers import ContextStreamCheck
+    from taohooks.runtime.hook import DenoiserHook
+    from taohooks.runtime.loop import LoopSpec
+
+    class Model(torch.nn.Module):  # (a transformer with diffusers' cache_context)
+        def forward(self, x, timestep=None):
+            return x * 0.5
+
+        @contextlib.contextmanager
+        def cache_context(self, name):
+            yield
+
+    model = Model()
+    calls = []
+
+    def step(names):
+        for name in names:
+            with model.cache_context(name):
+                calls.append(name)
+                model(torch.ones(2, 3), timestep=torch.tensor([900.0]))
+
+    with DenoiserHook(LoopSpec(4, ("uncond", "cond"), split_batch=True), [ContextStreamCheck(model)]).attach(model) \
+            as hook:
+        hook.new_sample()
+        step(["cond_uncond"] * 4)  # the batched calls alone: a name of the pipeline's own, the same every step
+        hook.new_sample()
+        with pytest.raises(IntegrationError, match=r"cache_context\('uncond_stg'\) where the declared loop .* "
+                                                   r"which step 0 made in cache_context\('cond_uncond'\)"):
+            step(["cond_uncond", "uncond_stg"])
+    assert calls == ["cond_uncond"] * 5 + ["uncond_stg"]
+
+
+def test_a_call_refused_at_its_start_is_counted(tmp_path, capfd):
+    """A call refused before its loop (a LUT of another guidance scale) was not counted: the next call's messages named the
+    number before it (review, 2026-11-28)."""
+    import re
+
+    pipe = wan_pipe()
+    enable_taocache(pipe, config_from_dict({"integration": "diffusers", "lut": str(tmp_path / "w.safetensors"),
+                                            "calibration": {"prompts": 1}, "plan": {"budget": 2}}, "c.yaml"))
+    try:
+        wan_call(pipe)
+        first = int(re.findall(r"taohooks: generation (\d+): ", capfd.readouterr().err)[-1])
+        with pytest.raises(Exception, match="guide"):
+            wan_call(pipe, guidance_scale=3.0)  # (the LUT's: 5)
+        wan_call(pipe)
+        assert f"taohooks: generation {first + 2}: " in capfd.readouterr().err
+    finally:
         disable_taocache(pipe)

@@ -16,8 +16,11 @@ once or twice per step work when the config's ``loop`` section says which (``str
 ``num_inference_steps`` (asked of a copy of it).
 
 ``cache_context`` names are checked against the streams the hook numbers calls by: a pipeline
-that calls in another order, or in a stream the declared loop does not list, fails with a clear
-error at that call instead of mixing the streams' histories.
+that calls in another order than the streams listed, or makes a call the declared loop does not
+count (a name that changes at a position of the step: an uncond call of a loop declared as cond
+alone, LTX-2's third guidance call), fails with a clear error at that call instead of mixing the
+streams' histories. Stream names of the user's own (``[positive, negative]``) are matched by
+position.
 When diffusers' own caches are enabled on the transformer (``transformer.enable_cache(
 PyramidAttentionBroadcastConfig(...))``), their state is reset at every generation start and on
 every step that resumes computing after TaoCache skipped (``_reset_stateful_cache``).
@@ -74,6 +77,7 @@ class ContextStreamCheck(Callback):
     def __init__(self, transformer):
         self.transformer = transformer
         self.current: Optional[str] = None
+        self.names: Dict[tuple, tuple] = {}  # (see on_sample_start)
         self._original = None
 
     def on_attach(self, hook) -> None:
@@ -102,29 +106,35 @@ class ContextStreamCheck(Callback):
             self.transformer.__dict__.pop("cache_context", None)
             self._original = None
 
+    def on_sample_start(self, hook, sample: int) -> None:
+        self.names = {}  # position of a call in its step -> the cache_context name the first such call had
+
     def on_before_call(self, hook, call, args, kwargs):
         name = self.current
-        if name is None or call.streams == (name,):
+        if name is None:
             return None
-        if name not in hook.loop.streams and name not in ("cond", "uncond"):
-            return None  # a name that is no stream (CogVideoX's batched call: "cond_uncond"): nothing to check
+        # each position of a step's calls has one context name in every step: a name changing at a position is a
+        # call the declared loop does not count (an uncond call declared as none, a third guidance call), which
+        # would be taken for the next step's
+        first = self.names.setdefault(call.streams, (name, call.step))
+        if first[0] != name:
+            raise IntegrationError(
+                f"taohooks: the pipeline called the transformer in cache_context({name!r}) where the declared loop "
+                f"({hook.loop.describe()}) expects the call of {'/'.join(call.streams)}, which step {first[1]} made in "
+                f"cache_context({first[0]!r}): the pipeline makes other calls per step than the loop declares; list "
+                "every call of a step in loop.streams, in the pipeline's order (e.g. streams: [cond, uncond])")
+        if call.streams == (name,) or name not in hook.loop.streams:
+            return None  # (a name of the pipeline's own, e.g. CogVideoX's batched "cond_uncond": checked above)
         if len(call.streams) > 1:  # (a batched call declared; the pipeline calls one stream at a time)
             raise IntegrationError(
                 f"taohooks: the pipeline called the transformer in cache_context({name!r}), one stream per call, "
                 f"where the declared loop ({hook.loop.describe()}) expects one batched call of "
                 f"{'/'.join(call.streams)}; remove loop.split_batch and list the streams in the order the pipeline "
                 "calls them (e.g. streams: [cond, uncond])")
-        if name in hook.loop.streams:
-            raise IntegrationError(
-                f"taohooks: the pipeline called the transformer in cache_context({name!r}) where the declared loop "
-                f"({hook.loop.describe()}) expects {'/'.join(call.streams)}; set the config's loop.streams to the "
-                "order the pipeline calls in")
-        if name in ("cond", "uncond"):  # a stream the loop does not declare: its calls would be counted as steps
-            raise IntegrationError(
-                f"taohooks: the pipeline called the transformer in cache_context({name!r}), a stream the declared loop "
-                f"({hook.loop.describe()}) does not list; list every stream the pipeline calls, in its order (e.g. "
-                "loop: {streams: [cond, uncond]})")
-        return None
+        raise IntegrationError(
+            f"taohooks: the pipeline called the transformer in cache_context({name!r}) where the declared loop "
+            f"({hook.loop.describe()}) expects {'/'.join(call.streams)}; set the config's loop.streams to the "
+            "order the pipeline calls in")
 
 
 def _pipeline_kind(pipe) -> str:
@@ -249,7 +259,8 @@ def _identity(arguments, model):
     identity = identity_of_pipeline(arguments["self"], model)
     identity.update({k: v for k, v in pipeline_output_identity(arguments).items() if k != "guide_scale"})
     if arguments.get("segment_frame_length") is not None:  # Animate: each loop makes one segment of these frames
-        identity["frames"] = int(arguments["segment_frame_length"])
+        frames, k = int(arguments["segment_frame_length"]), getattr(arguments["self"], "vae_scale_factor_temporal", 4)
+        identity["frames"] = max(frames if frames % k == 1 else frames // k * k + 1, 1)  # (rounded as the pipeline)
     if "reference_images" in arguments:  # VACE: each reference image is one more latent frame
         identity["reference_images"] = _count_images(arguments["reference_images"])
     boundary = _boundary(arguments["self"])

@@ -361,7 +361,7 @@ class Experiment:
     def generate(self, callbacks: Sequence[Callback], entry: PromptEntry) -> Generation:
         """``entry`` through the script's generation function with ``callbacks`` on a fresh hook."""
         recorder = SkipRecorder([cb for cb in callbacks if isinstance(cb, BlockStackCache)])
-        hook = DenoiserHook(self.loop, [*callbacks, recorder], **self.hook_kwargs)
+        hook = DenoiserHook(self.loop, [*self._checks(), *callbacks, recorder], **self.hook_kwargs)
         arguments = self._arguments_for(entry)
         capture = self.target.latents_during(dict(arguments.arguments)) if self.target.latents_during else \
             contextlib.nullcontext([])
@@ -667,7 +667,8 @@ class Experiment:
                                ended: Callable[[int, PromptEntry], None]) -> None:
         """The script's generation of each of ``prompts[first:]`` with ``callbacks`` recording; ``ended(i, entry)``
         after each."""
-        with DenoiserHook(self.loop, callbacks, **self.hook_kwargs).attach(self.model, *self.also) as hook:
+        with DenoiserHook(self.loop, [*self._checks(), *callbacks], **self.hook_kwargs).attach(self.model,
+                                                                                               *self.also) as hook:
             for i, entry in enumerate(prompts[first:], first):
                 hook.new_sample()
                 arguments = self._arguments_for(entry)
@@ -676,15 +677,22 @@ class Experiment:
                 self.warm = True
                 ended(i, entry)
 
+    def _checks(self) -> List[Callback]:
+        """The integration's own callbacks for a compared generation's hook (the target's ``hook_callbacks``)."""
+        make = self.target.hook_callbacks
+        return make(dict(self._bound.arguments), self.model) if make is not None else []
+
     def _check_whole(self, hook: DenoiserHook, entry: PromptEntry) -> None:
         """A generation that returned before its loop's last call (a step callback that stops the pipeline) is
         refused: its calls are not the loop the budgets and the LUT count."""
         made = hook.call_index  # (None once a generation made all its calls)
         if made is not None:
-            raise CompareError(f"the generation of {entry.prompt!r} seed {entry.seed} returned after {made} of "
-                               f"{self.loop.total_calls} denoiser calls ({self.loop.describe()}): the pipeline stopped "
-                               "its loop early (e.g. a callback_on_step_end that interrupts it); compare measures whole "
-                               "generations: let the script's call run to its end")
+            what = f"returned after {made} of {self.loop.total_calls} denoiser calls ({self.loop.describe()})"
+            hook.end_generation(f"the pipeline {what}")
+            raise CompareError(f"the generation of {entry.prompt!r} seed {entry.seed} {what}: the pipeline stopped its "
+                               "loop early (a callback_on_step_end that interrupts it), or makes fewer calls than "
+                               "the loop counts (a declared loop: whose streams or split_batch are not the pipeline's); "
+                               "compare measures whole generations")
 
     def _callbacks(self, method: str, skips: int, lut, coefficients, calibration: List[PromptEntry]) -> List[Callback]:
         steps = self.loop.steps

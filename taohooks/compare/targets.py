@@ -246,7 +246,7 @@ def _diffusers_target(arguments: dict) -> "Target":
     classes = [c.__name__ for c in type(model).__mro__]  # (a subclass of diffusers' class is one)
     transformer = classes[0]
     video = functools.partial(_diffusers_video, output_type=_output_type(arguments))
-    common = dict(video_of=video, latents_during=_diffusers_latents, known=True)
+    common = dict(video_of=video, latents_during=_diffusers_latents, known=True, hook_callbacks=_diffusers_checks)
     if any(c.startswith("Wan") and c.endswith("Transformer3DModel") for c in classes):
         return dataclasses.replace(TARGETS["diffusers"], blocks="blocks", tea_probe=_diffusers_wan_probe,
                                    tea_source=DIFFUSERS_WAN_TEACACHE, attention=r"blocks\.\d+\.attn1", **common)
@@ -257,6 +257,14 @@ def _diffusers_target(arguments: dict) -> "Target":
     return dataclasses.replace(TARGETS["diffusers"], blocks=None, tea_source=(
         f"its proxy and block stack are known for diffusers' Wan and Latte transformers, not {transformer}"),
         **common)
+
+
+def _diffusers_checks(arguments: dict, model) -> list:
+    """The diffusers integration's own callbacks: each call's ``cache_context`` checked against the loop's streams,
+    diffusers' own caches reset where a generation starts or resumes."""
+    from ..integrations.diffusers import _callbacks
+
+    return _callbacks(arguments, model)
 
 
 def _diffusers_wan_probe():
@@ -298,6 +306,9 @@ class Target:
     # the target of one call's pipeline, where it depends on the pipeline (diffusers: the transformer's class):
     # (generate's arguments) -> Target, at the first generation call; the methods it can run are checked then
     per_call: Optional[Callable[[dict], "Target"]] = None
+    # callbacks of the integration every compared generation's hook also carries (before the methods'): (generate's
+    # arguments, the model) -> fresh callbacks (diffusers: the cache_context check)
+    hook_callbacks: Optional[Callable[[dict, Any], list]] = None
     known: bool = True  # False: a per-call target not resolved yet (the methods it can run are not known)
 
     def for_call(self, arguments: dict) -> "Target":

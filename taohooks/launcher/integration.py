@@ -552,14 +552,18 @@ class GenerationPatch:
         running = get_hook(model)
         if running is not None and not running.passthrough and running.call_index is not None:
             return self._nested(running, bound)
-        loop, attach_kwargs = self.loop_of(arguments)
-        cache = self.cache_for(model, loop, attach_kwargs, arguments)
-        before = {s: list(c) for s, c in cache.hook.counts.items()}
-        before["_extras"] = self._extra_counts(cache)
-        before["_sample"] = cache.hook.sample
-        hook = cache.hook
-        hook.label_offset = self.generations - (hook.sample + 1)  # its messages name this call's number
-        cache.new_sample()
+        try:
+            loop, attach_kwargs = self.loop_of(arguments)
+            cache = self.cache_for(model, loop, attach_kwargs, arguments)
+            before = {s: list(c) for s, c in cache.hook.counts.items()}
+            before["_extras"] = self._extra_counts(cache)
+            before["_sample"] = cache.hook.sample
+            hook = cache.hook
+            hook.label_offset = self.generations - (hook.sample + 1)  # its messages name this call's number
+            cache.new_sample()  # (checks the LUT against this call)
+        except BaseException:
+            self.generations += 1  # (a call refused at its start is counted too, as one that raised in its loop)
+            raise
         hook.passthrough = False  # (between this patch's calls the model is left alone: another user may share it)
         returned = False
         try:
