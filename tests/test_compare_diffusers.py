@@ -25,6 +25,11 @@ from taohooks.compare.targets import TARGETS, _diffusers_video  # noqa: E402
 from taohooks.config import ConfigError  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent / "fixtures" / "diffusers_like" / "sample_diffusers.py"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "diffusers_wan.py"
+# diffusers loads WanTransformer3DModel (which keeps modules in float32) only with accelerate
+HAS_ACCELERATE = __import__("importlib.util").util.find_spec("accelerate") is not None
+EXAMPLE_ARGS = [str(EXAMPLE), "--model", "tinywan", "--height", "16", "--width", "16", "--frames", "5", "--steps", "8",
+                "--dtype", "float32", "--device", "cpu"]
 PROMPT, SEED = "a red car on the street", 3
 EXPERIMENT = """\
 integration: diffusers
@@ -43,6 +48,10 @@ DRIVER = """\
 import json, runpy, sys
 from taohooks import cli
 codes = {{}}
+if {example!r}:  # the tiny Wan pipeline as a folder from_pretrained reads (the example script loads one)
+    sys.path.insert(0, {fixtures!r})
+    import sample_diffusers
+    sample_diffusers.wan_pipe().save_pretrained("tinywan")
 for name, argv in {plain!r}:
     sys.argv = argv
     runpy.run_path(argv[0], run_name="__main__")
@@ -73,15 +82,20 @@ def compared(tmp_path_factory):
         "listed": ("[full, taocache]", 0.25, [*script, "--prompt-list"]),
         "compiled": ("[full, teacache, pab]", 0.25, [*script, "--compile", "--subclass"]),
         "stopped": ("[full, taocache]", 0.25, [*script, "--stop-at", "5"]),
-        "declared": ("[full, taocache]", 0.25, [*script, "--declare", "cond"]),  # (last: it changes the process)
+        "declared": ("[full, taocache]", 0.25, [*script, "--declare", "cond"]),
     }
+    if HAS_ACCELERATE:
+        plain.append(("example", [*EXAMPLE_ARGS, "--prompt", PROMPT, "--seed", str(SEED), "--out", "plain_example.pt"]))
+        experiments["example"] = ("[full, taocache]", 0.25, [*EXAMPLE_ARGS, "--out", "never.pt"])
     compares = []
     for name, (methods, budget, argv) in experiments.items():
         (tmp / f"{name}.yaml").write_text(EXPERIMENT.format(model=f"tiny-{name}", prompt=PROMPT, seed=SEED,
                                                             methods=methods, budget=budget, output=f"out_{name}"))
         compares.append((name, f"{name}.yaml", argv))
-    compares.insert(-1, ("stopped_then_whole", "stopped.yaml", script))  # the script corrected, the same folder
-    (tmp / "d.py").write_text(DRIVER.format(plain=plain, compares=compares))
+    compares.append(("stopped_then_whole", "stopped.yaml", script))  # the script corrected, the same folder
+    compares.sort(key=lambda c: c[0] == "declared")  # (last: it changes the process)
+    (tmp / "d.py").write_text(DRIVER.format(plain=plain, compares=compares, example=HAS_ACCELERATE,
+                                            fixtures=str(SCRIPT.parent)))
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
     res = subprocess.run([sys.executable, "d.py"], cwd=tmp, env={**env, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=400)
@@ -231,3 +245,15 @@ def test_a_declared_loop_that_misses_a_stream_is_refused_as_the_integration_refu
     assert codes["declared"] == 2
     assert ("cache_context('uncond') where the declared loop (8 steps x 1 call(s) (cond)) expects the call of cond"
             in stderr) and "Traceback" not in stderr
+
+
+@pytest.mark.skipif(not HAS_ACCELERATE, reason="diffusers loads WanTransformer3DModel only with accelerate")
+def test_the_example_script_loads_a_saved_pipeline_and_compare_runs_through_it(compared):
+    """``examples/diffusers_wan.py`` (the model card's loading: VAE float32, UniPC flow shift 3) on the tiny pipeline
+    saved with save_pretrained: its video is the compared reference for that prompt and seed."""
+    folder, _, codes = compared
+    assert codes["example"] == 0
+    plain = torch.load(folder / "plain_example.pt")  # [B, F, H, W, C] in [0, 1]
+    assert torch.equal(reference(folder, "example"), plain.permute(0, 4, 1, 2, 3) * 2 - 1)
+    rows = [r for r in results(folder, "example")["records"] if r["method"] == "taocache"]
+    assert len(rows) == 2 and all(r["calls"] == 16 and r["skipped_fraction"] == 0.25 for r in rows)

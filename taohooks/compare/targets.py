@@ -391,6 +391,7 @@ TARGETS: Dict[str, Target] = {
     # any diffusers video pipeline the integration runs (WanPipeline and its siblings, LattePipeline, ...): the
     # prompt is the call's, the seed torch's RNG (or a fresh generator, seeded per run)
     "diffusers": Target("prompt", None, lambda result: result, None, per_call=_diffusers_target, known=False,
+                        neutral_flags={"--prompt": 1, "--seed": 1, "--out": 1},  # (examples/diffusers_wan.py's)
                         tea_source="per pipeline: on Wan's transformers fitted here on the time projection (the "
                                    "use_ret_steps variant's proxy, always), on Latte the authors' own rule"),
 }
