@@ -1132,6 +1132,7 @@ def test_a_folder_holding_only_its_experiment_json_is_taken_and_one_with_results
     store = RunStore(tmp_path)
     store.check_experiment({"script": ["s.py", "--broken"]})
     (tmp_path / "taocache.yaml").write_text("integration: testbed\n")
+    (tmp_path / ".DS_Store").write_text("")  # (a file of the user's, not the experiment's: review 2026-11-28)
     store.check_experiment({"script": ["s.py"]})  # taken: nothing of the first is stored
     assert json.loads((tmp_path / "experiment.json").read_text()) == {"script": ["s.py"]}
     (tmp_path / "results.json").write_text("{}")

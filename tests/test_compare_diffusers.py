@@ -243,7 +243,7 @@ def test_a_declared_loop_that_misses_a_stream_is_refused_as_the_integration_refu
     uncond ended in a traceback of the hook's call count (review, 2026-11-28)."""
     folder, stderr, codes = compared
     assert codes["declared"] == 2
-    assert ("cache_context('uncond') where the declared loop (8 steps x 1 call(s) (cond)) expects the call of cond"
+    assert ("cache_context('uncond') where the loop (8 steps x 1 call(s) (cond)) expects the call of cond"
             in stderr) and "Traceback" not in stderr
 
 

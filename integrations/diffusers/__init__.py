@@ -16,9 +16,10 @@ once or twice per step work when the config's ``loop`` section says which (``str
 ``num_inference_steps`` (asked of a copy of it).
 
 ``cache_context`` names are checked against the streams the hook numbers calls by: a pipeline
-that calls in another order than the streams listed, or makes a call the declared loop does not
-count (a name that changes at a position of the step: an uncond call of a loop declared as cond
-alone, LTX-2's third guidance call), fails with a clear error at that call instead of mixing the
+that calls in another order than the streams listed, or makes more or fewer calls in a step than
+the loop counts (a name that changes at a position of the step: an uncond call of a loop declared
+as cond alone, LTX-2's third guidance call; or repeats at another: guidance switched off mid-run,
+a batched call declared as two), fails with a clear error at that call instead of mixing the
 streams' histories. Stream names of the user's own (``[positive, negative]``) are matched by
 position.
 When diffusers' own caches are enabled on the transformer (``transformer.enable_cache(
@@ -78,7 +79,7 @@ class ContextStreamCheck(Callback):
         self.transformer = transformer
         self.current: Optional[str] = None
         self.names: Dict[tuple, tuple] = {}  # (see on_sample_start)
-        self._original = None
+        self._original = self._instance = None
 
     def on_attach(self, hook) -> None:
         original = getattr(self.transformer, "cache_context", None)
@@ -99,12 +100,16 @@ class ContextStreamCheck(Callback):
                 return self.inner.__exit__(*exc)
 
         self._original = original
+        self._instance = self.transformer.__dict__.get("cache_context")  # (a wrapper of the script's: put back)
         self.transformer.__dict__["cache_context"] = lambda name, **kwargs: _Context(name, kwargs)
 
     def on_detach(self, hook) -> None:
         if self._original is not None:
-            self.transformer.__dict__.pop("cache_context", None)
-            self._original = None
+            if self._instance is not None:
+                self.transformer.__dict__["cache_context"] = self._instance
+            else:
+                self.transformer.__dict__.pop("cache_context", None)
+            self._original = self._instance = None
 
     def on_sample_start(self, hook, sample: int) -> None:
         self.names = {}  # position of a call in its step -> the cache_context name the first such call had
@@ -113,16 +118,26 @@ class ContextStreamCheck(Callback):
         name = self.current
         if name is None:
             return None
-        # each position of a step's calls has one context name in every step: a name changing at a position is a
-        # call the declared loop does not count (an uncond call declared as none, a third guidance call), which
-        # would be taken for the next step's
+        # each position of a step's calls has one context name in every step, and two positions two names: a name
+        # another position has is a step that made fewer calls than the loop counts (guidance off, streams batched
+        # in one call); a new name at a known position a call the loop does not count (an uncond call declared as
+        # none, a third guidance call); either would be taken for another step's call
+        where = (f"taohooks: the pipeline called the transformer in cache_context({name!r}) where the loop "
+                 f"({hook.loop.describe()}) expects the call of {'/'.join(call.streams)}")
+        other = next((streams for streams, (seen, _) in self.names.items() if seen == name and streams != call.streams),
+                     None)
+        if other is not None:
+            raise IntegrationError(
+                f"{where}, and its call of {'/'.join(other)} was in cache_context({name!r}) too: the pipeline makes "
+                "fewer calls per step than the loop counts (guidance off for some steps or for the whole call, e.g. "
+                "without a negative prompt; streams batched in one call: declare loop.split_batch); taohooks runs a "
+                "loop whose calls per step do not change within a generation")
         first = self.names.setdefault(call.streams, (name, call.step))
         if first[0] != name:
             raise IntegrationError(
-                f"taohooks: the pipeline called the transformer in cache_context({name!r}) where the declared loop "
-                f"({hook.loop.describe()}) expects the call of {'/'.join(call.streams)}, which step {first[1]} made in "
-                f"cache_context({first[0]!r}): the pipeline makes other calls per step than the loop declares; list "
-                "every call of a step in loop.streams, in the pipeline's order (e.g. streams: [cond, uncond])")
+                f"{where}, which step {first[1]} made in cache_context({first[0]!r}): the pipeline makes more calls "
+                "per step than the loop counts; declare every call of a step in loop.streams, in the pipeline's order "
+                "(e.g. streams: [cond, uncond]; without classifier-free guidance the loop is its cond call alone)")
         if call.streams == (name,) or name not in hook.loop.streams:
             return None  # (a name of the pipeline's own, e.g. CogVideoX's batched "cond_uncond": checked above)
         if len(call.streams) > 1:  # (a batched call declared; the pipeline calls one stream at a time)

@@ -146,10 +146,10 @@ class RunStore:
         atomic_write_bytes(self.folder / "state" / f"{name}.json", json.dumps(value, indent=1).encode())
 
     def _holds_work(self) -> bool:
-        """Whether the folder holds anything of an experiment but its ``experiment.json`` (and the TaoCache config
-        compare writes, the lock): a stored run, state, results."""
-        bare = {self.folder / "experiment.json", self.folder / "taocache.yaml", self.folder / LOCK_NAME}
-        return any(path.is_file() and path not in bare for path in self.folder.rglob("*"))
+        """Whether the folder holds what an experiment stored beside its ``experiment.json``: a run, state (a
+        calibration, a threshold), results (a folder whose runs were deleted to free space)."""
+        return (self.folder / "results.json").is_file() or any(
+            path.is_file() for sub in ("runs", "state") for path in (self.folder / sub).rglob("*"))
 
     def check_experiment(self, fingerprint: Dict[str, Any], optional=(), grown=(), alike=None,
                          partial: bool = False, comparable=None, unrecorded=None) -> None:
