@@ -769,8 +769,9 @@ def test_a_stream_the_declared_loop_does_not_list_is_refused_at_its_first_call(t
         assert not lut.exists()
         # the streams under names of the user's own, in the pipeline's order: each position keeps its name (review,
         # 2026-11-28: refused once cond/uncond were taken for stream names)
-        enable_taocache(pipe, config_from_dict({"integration": "diffusers", "loop": {"streams": ["positive", "negative"]},
-                                                "plan": {"window": [5, 6], "ratio": 1.0}}, "c.yaml"))
+        own_names = {"integration": "diffusers", "loop": {"streams": ["positive", "negative"]},
+                     "plan": {"window": [5, 6], "ratio": 1.0}}
+        enable_taocache(pipe, config_from_dict(own_names, "c.yaml"))
         capfd.readouterr()
         wan_call(pipe)
         assert f"4 of {2 * STEPS} denoiser calls saved" in capfd.readouterr().err
@@ -831,9 +832,9 @@ def test_a_third_call_per_step_under_a_name_of_the_pipeline_s_own_is_refused_at_
     # (review, 2026-11-28: each generation ended "interrupted?" and calibrated again)
     with DenoiserHook(LoopSpec(4, ("cond", "uncond")), [ContextStreamCheck(model)]).attach(model) as hook:
         hook.new_sample()
-        with pytest.raises(IntegrationError, match=r"cache_context\('cond_uncond'\) where the loop .* expects the call "
-                                                   r"of uncond, and its call of cond was in cache_context\('cond_uncond'"
-                                                   r"\) too: the pipeline makes fewer calls per step"):
+        with pytest.raises(IntegrationError, match=r"cache_context\('cond_uncond'\) where the loop .* expects the "
+                                                   r"call of uncond, and its call of cond was in "
+                                                   r"cache_context\('cond_uncond'\) too: the pipeline makes fewer"):
             step(["cond_uncond"] * 2)
 
 
@@ -857,9 +858,9 @@ def test_guidance_cut_off_mid_generation_is_refused_as_such_and_a_script_s_wrapp
 
     enable_taocache(pipe, config(window=[5, 6], ratio=1.0))
     try:
-        with pytest.raises(IntegrationError, match=r"cache_context\('cond'\) where the loop \(8 steps x 2 call\(s\) "
-                                                   r"\(cond, uncond\)\) expects the call of uncond, and its call of cond "
-                                                   r"was in cache_context\('cond'\) too: the pipeline makes fewer"):
+        with pytest.raises(IntegrationError, match=r"cache_context\('cond'\) where the loop \(8 steps x 2 "
+                                                   r"call\(s\) \(cond, uncond\)\) expects the call of uncond, and its "
+                                                   r"call of cond was in cache_context\('cond'\) too: the pipeline"):
             wan_call(pipe, callback_on_step_end=cut_off)
     finally:
         disable_taocache(pipe)
@@ -867,8 +868,8 @@ def test_guidance_cut_off_mid_generation_is_refused_as_such_and_a_script_s_wrapp
 
 
 def test_a_call_refused_at_its_start_is_counted(tmp_path, capfd):
-    """A call refused before its loop (a LUT of another guidance scale) was not counted: the next call's messages named the
-    number before it (review, 2026-11-28)."""
+    """A call refused before its loop (a LUT of another guidance scale) was not counted: the next call's messages
+    named the number before it (review, 2026-11-28)."""
     import re
 
     pipe = wan_pipe()

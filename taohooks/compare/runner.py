@@ -442,9 +442,9 @@ class Experiment:
         # (a pipeline whose batch follows its prompt list: other arguments the script made per prompt, a negative
         # prompt or a generator list, would not follow a list of one; the testbed's seeds are replaced alike)
         if self.target.seed_arg is None and isinstance(prompts, (list, tuple)) and len(prompts) > 1:
-            raise ConfigError(self.config.source, "taocache", f"the script passes {len(prompts)} prompts in one call of "
-                              f"{target}; compare runs each of its prompts in a call of its own, with the script's "
-                              "other arguments: pass one prompt (a string, or a list of one) to compare")
+            raise ConfigError(self.config.source, "taocache", f"the script passes {len(prompts)} prompts in one "
+                              f"call of {target}; compare runs each of its prompts in a call of its own, with the "
+                              "script's other arguments: pass one prompt (a string, or a list of one) to compare")
         if isinstance(arguments.get("prompt_embeds"), torch.Tensor):
             raise ConfigError(self.config.source, "taocache", f"the script passes prompt_embeds= to {target}: the "
                               "pipeline would use them whatever prompt compare gives it, so every prompt would make "
@@ -690,8 +690,8 @@ class Experiment:
             what = f"returned after {made} of {self.loop.total_calls} denoiser calls ({self.loop.describe()})"
             hook.end_generation(f"the pipeline {what}")
             raise CompareError(f"the generation of {entry.prompt!r} seed {entry.seed} {what}: the pipeline stopped its "
-                               "loop early (a callback_on_step_end that interrupts it), or makes fewer calls than "
-                               "the loop counts (a declared loop: whose streams or split_batch are not the pipeline's); "
+                               "loop early (a callback_on_step_end that interrupts it), or makes fewer calls than the "
+                               "loop counts (a declared loop: whose streams or split_batch are not the pipeline's); "
                                "compare measures whole generations")
 
     def _callbacks(self, method: str, skips: int, lut, coefficients, calibration: List[PromptEntry]) -> List[Callback]:

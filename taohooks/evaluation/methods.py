@@ -27,8 +27,8 @@ from ..taocache.cache import make_plan
 from ..caches.teacache import TeaCacheCalibrator, TeaCacheCallback
 from .testbed_model import TestbedModel, modulated_input
 
-__all__ = ["Calibration", "calibrate", "run_with", "paired_speedup", "Run", "METHODS", "build_method", "hybrid_tao_skips",
-           "match_threshold", "CallCounter"]
+__all__ = ["Calibration", "calibrate", "run_with", "paired_speedup", "Run", "METHODS", "build_method",
+           "hybrid_tao_skips", "match_threshold", "CallCounter"]
 
 METHODS = ("taocache", "taocache-auto", "teacache", "magcache", "easycache", "taoskip+tearesidual", "hybrid",
            "pab+taocache")
