@@ -246,7 +246,7 @@ def _diffusers_target(arguments: dict) -> "Target":
     classes = [c.__name__ for c in type(model).__mro__]  # (a subclass of diffusers' class is one)
     transformer = classes[0]
     video = functools.partial(_diffusers_video, output_type=_output_type(arguments))
-    common = dict(video_of=video, latents_during=_diffusers_latents, known=True, hook_callbacks=_diffusers_checks)
+    common = dict(video_of=video, latents_during=_diffusers_latents, per_call=None, hook_callbacks=_diffusers_checks)
     if any(c.startswith("Wan") and c.endswith("Transformer3DModel") for c in classes):
         return dataclasses.replace(TARGETS["diffusers"], blocks="blocks", tea_probe=_diffusers_wan_probe,
                                    tea_source=DIFFUSERS_WAN_TEACACHE, attention=r"blocks\.\d+\.attn1", **common)
@@ -309,7 +309,10 @@ class Target:
     # callbacks of the integration every compared generation's hook also carries (before the methods'): (generate's
     # arguments, the model) -> fresh callbacks (diffusers: the cache_context check)
     hook_callbacks: Optional[Callable[[dict, Any], list]] = None
-    known: bool = True  # False: a per-call target not resolved yet (the methods it can run are not known)
+    @property
+    def known(self) -> bool:
+        """False for a per-call target not resolved yet (the methods it can run are not known)."""
+        return self.per_call is None
 
     def for_call(self, arguments: dict) -> "Target":
         """The target for this call's pipeline (itself where it does not depend on the pipeline)."""
@@ -390,7 +393,7 @@ TARGETS: Dict[str, Target] = {
                             neutral_flags={"--text_prompt": None, "--save_img_path": 1}),
     # any diffusers video pipeline the integration runs (WanPipeline and its siblings, LattePipeline, ...): the
     # prompt is the call's, the seed torch's RNG (or a fresh generator, seeded per run)
-    "diffusers": Target("prompt", None, lambda result: result, None, per_call=_diffusers_target, known=False,
+    "diffusers": Target("prompt", None, lambda result: result, None, per_call=_diffusers_target,
                         neutral_flags={"--prompt": 1, "--seed": 1, "--out": 1},  # (examples/diffusers_wan.py's)
                         tea_source="per pipeline: on Wan's transformers fitted here on the time projection (the "
                                    "use_ret_steps variant's proxy, always), on Latte the authors' own rule"),
