@@ -775,15 +775,18 @@ def _plain(value: Any) -> Any:
 
 
 def _is_bench_config(data: Any) -> bool:
-    """Top-level keys of a ``taocache bench`` config and none of a TaoCache config."""
+    """Top-level keys of a ``taocache bench`` config and none of a TaoCache config or of a ``taocache compare``
+    experiment alone (the two share methods, budgets, lpips...)."""
     if not isinstance(data, dict) or not data:
         return False
+    from .compare.experiment import ExperimentConfig
     from .evaluation.bench import BenchConfig
 
     ours = {_yaml_key(f) for f in dataclasses.fields(TaoCacheConfig)}
     bench = {f.name for f in dataclasses.fields(BenchConfig)} - ours - {"steps", "output", "threads"}
+    compare = {f.name for f in dataclasses.fields(ExperimentConfig)} - bench - {"output"}
     keys = set(map(str, data))
-    return not keys & ours and bool(keys & bench)
+    return not keys & ours and not keys & compare and bool(keys & bench)
 
 
 def _only_keys_of(data: Any, kind: type, other: type) -> bool:

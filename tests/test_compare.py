@@ -119,10 +119,10 @@ def test_prompt_file_seeds_and_overlap_with_calibration(tmp_path):
 def test_errors_come_before_the_script_runs(tmp_path, capsys):
     never = write(tmp_path, "raise SystemExit('the script ran')\n", "never.py")
     path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, pab]").replace(
-        "integration: testbed", "integration: videosys"))
+        "integration: testbed", "integration: none"))
     assert cli.main(["compare", str(path), "--", str(never)]) == 1
     err = capsys.readouterr().err
-    assert "taocache compare: error:" in err and "taocache compare does not support the 'videosys' integration" in err
+    assert "taocache compare: error:" in err and "taocache compare does not support the 'none' integration" in err
     assert not (tmp_path / "out").exists()  # (the lock made the folder, and a .compare.lock in it: walkthrough)
 
 
@@ -1024,9 +1024,11 @@ def test_an_experiment_and_a_taocache_config_given_for_each_other_say_so(tmp_pat
     """Each names the command it belongs to (they said `prompts: unknown key` / `lut: unknown key`)."""
     from taohooks.config import load_config
 
-    with pytest.raises(ConfigError, match=r"testbed.yaml: this is a `taocache compare` experiment; run `taocache "
-                                          r"compare \S+testbed.yaml -- SCRIPT ARGS...`"):
-        load_config(ROOT / "configs" / "compare" / "testbed.yaml")
+    for path in sorted((ROOT / "configs" / "compare").glob("*.yaml")):  # (those naming a taocache: config were
+        # taken for bench configs: "run `taocache bench configs/compare/latte.yaml`")
+        with pytest.raises(ConfigError, match=rf"{path.name}: this is a `taocache compare` experiment; run `taocache "
+                                              rf"compare \S+{path.name} -- SCRIPT ARGS...`"):
+            load_config(path)
     with pytest.raises(ConfigError, match="wan.yaml: this is a TaoCache config \\(for --taocache / taocache-run\\); an "
                                           "experiment names it as taocache: FILE"):
         load_experiment(ROOT / "configs" / "wan.yaml")

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -365,7 +365,7 @@ class Experiment:
         arguments = self._arguments_for(entry)
         capture = self.target.latents_during(dict(arguments.arguments)) if self.target.latents_during else \
             contextlib.nullcontext([])
-        with hook.attach(self.model, *self.also), capture as latents:
+        with self._around(), hook.attach(self.model, *self.also), capture as latents:
             hook.new_sample()
             _sync()
             if _on_cuda():
@@ -667,8 +667,8 @@ class Experiment:
                                ended: Callable[[int, PromptEntry], None]) -> None:
         """The script's generation of each of ``prompts[first:]`` with ``callbacks`` recording; ``ended(i, entry)``
         after each."""
-        with DenoiserHook(self.loop, [*self._checks(), *callbacks], **self.hook_kwargs).attach(self.model,
-                                                                                               *self.also) as hook:
+        with self._around(), DenoiserHook(self.loop, [*self._checks(), *callbacks],
+                                          **self.hook_kwargs).attach(self.model, *self.also) as hook:
             for i, entry in enumerate(prompts[first:], first):
                 hook.new_sample()
                 arguments = self._arguments_for(entry)
@@ -676,6 +676,11 @@ class Experiment:
                 self._check_whole(hook, entry)
                 self.warm = True
                 ended(i, entry)
+
+    def _around(self) -> ContextManager[None]:
+        """The context the target runs every compared generation in (VideoSys: its own PAB off)."""
+        make = self.target.around
+        return make(dict(self._bound.arguments)) if make is not None else contextlib.nullcontext()
 
     def _checks(self) -> List[Callback]:
         """The integration's own callbacks for a compared generation's hook (the target's ``hook_callbacks``)."""

@@ -273,6 +273,67 @@ def _diffusers_wan_probe():
     return diffusers_wan_temb_probe
 
 
+@contextlib.contextmanager
+def _videosys_pab_off(arguments: dict) -> Iterator[None]:
+    """VideoSys' own PAB off for one generation (``enable_pab=True`` sets a global manager every block asks;
+    ``None`` there is "off" to all of them), put back after: the full-step reference is the model's own
+    output, and each method is the method alone."""
+    import sys
+
+    from ..integrations.videosys import PAB_MODULES
+
+    held = [(m, m.PAB_MANAGER) for m in (sys.modules.get(n) for n in PAB_MODULES)
+            if m is not None and getattr(m, "PAB_MANAGER", None) is not None]
+    try:
+        for module, _ in held:
+            module.PAB_MANAGER = None
+        yield
+    finally:
+        for module, manager in held:
+            module.PAB_MANAGER = manager
+
+
+# VideoSys' transformers whose TeaCache the authors publish (TeaCache's Latte and Open-Sora-Plan evaluations run in
+# VideoSys): the module of the class -> the coefficients' model
+VIDEOSYS_TEACACHE = {"videosys.models.transformers.latte_transformer_3d": "latte",
+                     "videosys.models.transformers.open_sora_plan_v110_transformer_3d": "opensora_plan"}
+
+
+def _videosys_target(arguments: dict) -> "Target":
+    """The videosys target for this call's pipeline: Latte and Open-Sora-Plan v1.1's transformers (Latte-shaped:
+    the spatial and temporal stacks, the authors' TeaCache), or none of the block-level methods for another.
+    Refuses a pipeline of several GPUs (its other ranks generate in VideoSys' worker processes, which compare does
+    not replay); says once that VideoSys' own PAB is off in every compared run."""
+    import torch.distributed as dist
+
+    from ..runtime import messages
+    from ..runtime.patching import unwrap_model
+    from ..integrations.videosys import pab_manager
+
+    pipe = arguments["self"]
+    gpus = getattr(getattr(pipe, "_config", None), "num_gpus", 1)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if max(int(gpus or 1), world) > 1:
+        raise CompareError(f"VideoSys runs this {type(pipe).__name__} on {max(int(gpus or 1), world)} GPUs: its "
+                           "other ranks generate in VideoSysEngine's worker processes, which compare does not replay "
+                           "(they would wait for the first call's collectives); compare with num_gpus=1 in the "
+                           "script's config")
+    if pab_manager() is not None:
+        messages.notice("compare: VideoSys' own PAB (enable_pab=True) is off in every compared run: the full-step "
+                        "reference is the model's own output and each method runs alone; compare's pab methods "
+                        "broadcast the spatial and temporal self-attention (pab_groups: for VideoSys' ranges, e.g. "
+                        "spatial 2, temporal 3, cross 6)")
+    model = unwrap_model(getattr(pipe, "transformer", None), compiled=True)
+    name = type(model).__module__
+    coefficients = VIDEOSYS_TEACACHE.get(name)
+    if coefficients is None:
+        return dataclasses.replace(TARGETS["videosys"], per_call=None, blocks=None, attention=None, exit=None,
+                                   tea_source=f"the block stacks and TeaCache are known for VideoSys' Latte and "
+                                              f"Open-Sora-Plan v1.1 transformers, not {name}.{type(model).__name__}")
+    return dataclasses.replace(TARGETS["videosys"], per_call=None, tea_published=_latte_published_teacache(
+        coefficients, f"VideoSys' {type(pipe).__name__}, where the authors evaluated it"))
+
+
 DIFFUSERS_WAN_TEACACHE = (
     "TeaCache fitted here on diffusers' WanTransformer3DModel (the authors' coefficients are for the official Wan2.1 "
     "code): the proxy of TeaCache4Wan2.1's use_ret_steps variant (the time projection the first block receives as "
@@ -309,6 +370,10 @@ class Target:
     # callbacks of the integration every compared generation's hook also carries (before the methods'): (generate's
     # arguments, the model) -> fresh callbacks (diffusers: the cache_context check)
     hook_callbacks: Optional[Callable[[dict, Any], list]] = None
+    # the context every compared generation runs in: (generate's arguments) -> a context manager (VideoSys: its own
+    # PAB off)
+    around: Optional[Callable[[dict], ContextManager[None]]] = None
+
     @property
     def known(self) -> bool:
         """False for a per-call target not resolved yet (the methods it can run are not known)."""
@@ -397,6 +462,12 @@ TARGETS: Dict[str, Target] = {
                         neutral_flags={"--prompt": 1, "--seed": 1, "--out": 1},  # (examples/diffusers_wan.py's)
                         tea_source="per pipeline: on Wan's transformers fitted here on the time projection (the "
                                    "use_ret_steps variant's proxy, always), on Latte the authors' own rule"),
+    # VideoSys' LattePipeline and OpenSoraPlanPipeline (v1.1), one GPU; VideoSys' own PAB off in every run
+    "videosys": Target("prompt", "seed", _pipeline_video, LATTE_STACKS, None, per_call=_videosys_target,
+                       tea_source="per pipeline: the authors' TeaCache for Latte-1 and Open-Sora-Plan v1.1 (their "
+                                  "published coefficients; their evaluation ran in VideoSys)",
+                       exit="norm_out", attention=LATTE_SELF_ATTENTION, latents_during=_pipeline_latents,
+                       around=_videosys_pab_off),
 }
 
 

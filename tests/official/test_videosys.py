@@ -246,3 +246,46 @@ def test_after_a_refused_plan_the_same_pipeline_can_retry(vs):
         generate(pipe)
     integration.pab_manager().config.mlp_broadcast = False
     generate(pipe)
+
+
+def test_compare_target_turns_videosys_pab_off_and_runs_the_authors_teacache(vs):
+    """``taocache compare``'s videosys target on VideoSys' own LattePipeline: inside a compared generation VideoSys'
+    PAB is off (the model's own output, as with every broadcast switched off) and back after; the target resolves to
+    the authors' Latte TeaCache, whose probe reads VideoSys' blocks (adaLN-single input at position 4)."""
+    from taohooks.compare.targets import _videosys_pab_off, _videosys_target
+    from taohooks.integrations.videosys import batched_cfg_loop
+    from taohooks.runtime.hook import DenoiserHook
+
+    off = generate(pipeline(vs, spatial_broadcast=False, temporal_broadcast=False, cross_broadcast=False,
+                            mlp_broadcast=False))
+    pipe = pipeline(vs)
+    with_pab = generate(pipe)
+    assert not torch.equal(with_pab, off)
+    fresh = pipeline(vs)  # (made before: making a pipeline with enable_pab sets VideoSys' manager anew)
+    with _videosys_pab_off({"self": fresh}):
+        assert torch.equal(generate(fresh), off)
+    assert torch.equal(generate(fresh), with_pab)  # (put back: its PAB acts again)
+
+    target = _videosys_target({"self": pipe})
+    make, provenance = target.tea_published({"self": pipe}, False)
+    assert provenance.startswith("the authors' TeaCache for Latte-1 (in VideoSys' LattePipeline")
+    loop, _ = batched_cfg_loop(pipe.scheduler, STEPS, 7.5)
+    tea = make(10.0)  # (a threshold no change reaches on these weights: every call but the first and last reused)
+    with _videosys_pab_off({"self": pipe}), DenoiserHook(loop, tea).attach(pipe.transformer) as hook:
+        hook.new_sample()
+        cached = generate(pipe)
+    assert tea[0].reused == STEPS - 2 and torch.isfinite(cached).all() and not torch.equal(cached, off)
+
+    # compare's pab methods on VideoSys' attention modules: VideoSys' three groups and ranges as pab_groups: give them
+    from taohooks.caches.pab import BroadcastGroup, PyramidAttentionBroadcast
+    from taohooks.compare.targets import LATTE_SELF_ATTENTION
+
+    groups = [BroadcastGroup(r"transformer_blocks\.\d+\.attn1", 2), BroadcastGroup(r"temporal_transformer_blocks"
+                                                                                   r"\.\d+\.attn1", 3),
+              BroadcastGroup(r"transformer_blocks\.\d+\.attn2", 6)]
+    for broadcast in ([BroadcastGroup(LATTE_SELF_ATTENTION, 2)], groups):
+        pab = PyramidAttentionBroadcast(broadcast, timesteps=(100.0, 800.0))
+        with _videosys_pab_off({"self": pipe}), DenoiserHook(loop, [pab]).attach(pipe.transformer) as hook:
+            hook.new_sample()
+            broadcast_out = generate(pipe)
+        assert torch.isfinite(broadcast_out).all() and not torch.equal(broadcast_out, off)

@@ -1,0 +1,154 @@
+"""``taocache compare`` on a user's VideoSys script (``integration: videosys``): ``VideoSysEngine`` with one GPU,
+Latte and Open-Sora-Plan v1.1, on the fake ``videosys`` of ``fixtures/videosys_like`` (VideoSys' PAB contract, tiny
+random weights, a "VAE" that decodes to uint8 frames), in one fresh process; and the target's parts alone."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")  # (the fake pipelines use diffusers' DDIM / PNDM schedulers, as VideoSys does)
+
+from taohooks.compare import load_experiment  # noqa: E402
+from taohooks.compare.store import RunStore  # noqa: E402
+from taohooks.compare.targets import _pipeline_video, _videosys_pab_off  # noqa: E402
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "videosys_like"
+SCRIPT = FIXTURE / "sample_videosys.py"
+PROMPT, SEED = "a red car on the street", 3
+EXPERIMENT = """\
+integration: videosys
+model_id: tiny-{name}
+prompts:
+  - {{prompt: "{prompt}", seed: {seed}}}
+calibration_prompts: ["a green boat on the river", "a cat running on the beach"]
+search_prompts: 1
+search_iterations: 4
+methods: {methods}
+budgets: [0.2]
+output: out_{name}
+lpips: false
+"""
+DRIVER = """\
+import json, runpy, sys
+from taohooks import cli
+codes = {{}}
+
+def as_a_fresh_process():  # (VideoSys' PAB manager is global: a script that enables it leaves it to the next)
+    module = sys.modules.get("videosys.core.pab.pab_mgr")
+    if module is not None:
+        module.PAB_MANAGER = None
+
+for name, argv in {plain!r}:
+    sys.argv = argv
+    runpy.run_path(argv[0], run_name="__main__")
+    as_a_fresh_process()
+for name, exp, script in {compares!r}:
+    sys.argv = ["taocache"]
+    codes[name] = cli.main(["compare", exp, "--", *script])
+    as_a_fresh_process()
+json.dump(codes, open("codes.json", "w"))
+"""
+SAID_PAB_OFF = "compare: VideoSys' own PAB (enable_pab=True) is off in every compared run"
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """The experiments below through ``sample_videosys.py`` after the script's own runs of the prompt (with and
+    without VideoSys' PAB): ``(folder, stderr, exit codes)``."""
+    tmp = tmp_path_factory.mktemp("compare_videosys")
+    script = [str(SCRIPT), "--steps", "10"]
+    one = ["--prompt", PROMPT, "--seed", str(SEED)]
+    plain = [("latte", [*script, *one, "--out", "plain_latte.pt"]),
+             ("latte_pab", [*script, *one, "--pab", "--out", "plain_latte_pab.pt"]),
+             ("osp", [*script, *one, "--model", "open_sora_plan", "--out", "plain_osp.pt"])]
+    experiments = {
+        "latte": ("[full, taocache, teacache, pab]", [*script, "--pab"]),
+        "osp": ("[full, taocache, teacache]", [*script, "--model", "open_sora_plan"]),
+        "gpus": ("[full, taocache]", [*script, "--num-gpus", "2"]),
+    }
+    compares = []
+    for name, (methods, argv) in experiments.items():
+        (tmp / f"{name}.yaml").write_text(EXPERIMENT.format(name=name, prompt=PROMPT, seed=SEED, methods=methods))
+        compares.append((name, f"{name}.yaml", argv))
+    (tmp / "d.py").write_text(DRIVER.format(plain=plain, compares=compares))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TAOHOOKS_", "VIDEOSYS_LIKE_"))}
+    res = subprocess.run([sys.executable, "d.py"], cwd=tmp, capture_output=True, text=True, timeout=300,
+                         env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(FIXTURE)})
+    assert res.returncode == 0, res.stderr
+    return tmp, res.stderr, json.loads((tmp / "codes.json").read_text())
+
+
+def results(folder: Path, name: str) -> dict:
+    return json.loads((folder / f"out_{name}" / "results.json").read_text())
+
+
+def reference(folder: Path, name: str) -> torch.Tensor:
+    entry = load_experiment(folder / f"{name}.yaml").evaluation_prompts()[0]
+    return RunStore(folder / f"out_{name}").load("full", entry)[0]
+
+
+def video(path: Path) -> torch.Tensor:
+    """A plain run's returned frames (uint8 ``[B, F, H, W, C]``) as compare reads them."""
+    frames = torch.load(path)
+    assert frames.dtype == torch.uint8 and frames.dim() == 5
+    return _pipeline_video(type("Output", (), {"video": frames})())
+
+
+def test_the_reference_is_the_script_s_video_with_videosys_pab_off(compared):
+    """The prompt and seed replaced (``seed=``, which VideoSys' generate seeds its RNG with), the uint8 frames read:
+    bit-equal to the script's own video without PAB; the script's PAB (on here) is off in every compared run, and
+    said so once."""
+    folder, err, codes = compared
+    assert codes["latte"] == codes["osp"] == 0
+    ref = reference(folder, "latte")
+    assert ref.shape == (1, 3, 3, 4, 4)
+    assert torch.equal(ref, video(folder / "plain_latte.pt"))
+    assert not torch.equal(ref, video(folder / "plain_latte_pab.pt"))  # (PAB changes this script's video)
+    assert torch.equal(reference(folder, "osp"), video(folder / "plain_osp.pt"))
+    assert err.count(SAID_PAB_OFF) == 1  # (the latte experiment's script enables PAB; the osp one does not)
+
+
+def test_every_method_runs_with_the_authors_teacache_of_each_transformer(compared):
+    folder, _, _ = compared
+    for name, model in (("latte", "Latte-1"), ("osp", "Open-Sora-Plan v1.1")):
+        out = results(folder, name)
+        rows = {row["method"]: row for row in out["aggregates"]}
+        assert out["meta"]["teacache_proxy"].startswith(f"the authors' TeaCache for {model} (in VideoSys' ")
+        steps = int(out["meta"]["loop"].split()[0])  # (Open-Sora-Plan's PNDM: 10 steps are 19 calls, 19 "steps")
+        assert steps == {"latte": 10, "osp": 19}[name]
+        assert rows["taocache"]["skips"] == round(0.2 * steps) == round(rows["taocache"]["skipped_fraction"] * steps)
+        assert rows["teacache"]["skipped_fraction"] > 0
+        assert rows["taocache"]["latent_rel_l2"] is not None  # (the latents recorded at decode_latents)
+    pab = {row["method"]: row for row in results(folder, "latte")["aggregates"]}["pab"]
+    assert pab["skipped_fraction"] == 0 and pab["psnr"] < 100  # (attention broadcast inside every call)
+
+
+def test_several_gpus_are_refused_at_the_first_call(compared):
+    folder, err, codes = compared
+    assert codes["gpus"] == 1
+    assert "VideoSys runs this LattePipeline on 2 GPUs" in err and "compare with num_gpus=1" in err
+    assert not (folder / "out_gpus" / "runs").exists()
+
+
+class _Module:
+    PAB_MANAGER = None
+
+
+def test_videosys_pab_is_off_inside_and_put_back_after(monkeypatch):
+    """Only modules holding a manager are touched; each gets its own back, also after an error."""
+    held, other = _Module(), _Module()
+    manager = object()
+    held.PAB_MANAGER = manager
+    monkeypatch.setitem(sys.modules, "videosys.core.pab.pab_mgr", held)
+    monkeypatch.setitem(sys.modules, "videosys.core.pab_mgr", other)
+    with pytest.raises(RuntimeError):
+        with _videosys_pab_off({}):
+            assert held.PAB_MANAGER is None and other.PAB_MANAGER is None
+            raise RuntimeError("the generation failed")
+    assert held.PAB_MANAGER is manager and other.PAB_MANAGER is None
