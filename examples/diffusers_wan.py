@@ -12,6 +12,7 @@ example makes 81). One ``pipe(prompt=...)`` call, the seed in torch's RNG: ``tao
 (the frames, ``torch.save``).
 """
 import argparse
+import importlib.util
 
 import torch
 
@@ -34,6 +35,9 @@ def main() -> None:
     args = parser.parse_args()
     if not args.out.endswith((".mp4", ".pt")):
         parser.error(f"--out {args.out}: expected a .mp4 or .pt file name")
+    if args.out.endswith(".mp4") and not any(importlib.util.find_spec(m) for m in ("imageio", "cv2")):
+        parser.error(f"--out {args.out}: writing an .mp4 needs imageio (pip install imageio imageio-ffmpeg) or "
+                     "OpenCV; install one, or save a .pt file (said now: the generation takes minutes)")
 
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 

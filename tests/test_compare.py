@@ -1122,7 +1122,7 @@ def test_fixed_latents_are_refused():
     experiment.config = SimpleNamespace(source="exp.yaml")
     experiment._check_arguments("pipe", {"prompt": "x", "latents": None})
     for latents in (torch.zeros(1, 4, 2, 8, 8), [torch.zeros(4, 2, 8, 8)]):
-        with pytest.raises(ConfigError, match="exp.yaml: taocache: the script passes latents= to pipe: every run"):
+        with pytest.raises(ConfigError, match="command line: SCRIPT: the script passes latents= to pipe: every run"):
             experiment._check_arguments("pipe", {"prompt": "x", "latents": latents})
 
 

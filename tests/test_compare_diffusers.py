@@ -72,7 +72,9 @@ def compared(tmp_path_factory):
              ("wan_pt", [*script, "--prompt", PROMPT, "--seed", str(SEED), "--generator", "--output-type", "pt",
                          "--out", "plain_wan_pt.pt"]),
              ("latte", [*script, "--pipeline", "latte", "--prompt", PROMPT, "--seed", str(SEED),
-                        "--out", "plain_latte.pt"])]
+                        "--out", "plain_latte.pt"]),
+             ("preview", [*script, "--preview-at", "2", "--prompt", PROMPT, "--seed", str(SEED),
+                          "--out", "plain_preview.pt"])]
     experiments = {
         "wan": ("[full, taocache, teacache, magcache, taoskip+tearesidual, pab]", 0.25, script),
         "wan_pt": ("[full]", 0.25, [*script, "--generator", "--output-type", "pt"]),
@@ -82,6 +84,8 @@ def compared(tmp_path_factory):
         "listed": ("[full, taocache]", 0.25, [*script, "--prompt-list"]),
         "compiled": ("[full, teacache, pab]", 0.25, [*script, "--compile", "--subclass"]),
         "stopped": ("[full, taocache]", 0.25, [*script, "--stop-at", "5"]),
+        "preview": ("[full, taocache]", 0.25, [*script, "--preview-at", "2"]),
+        "latent": ("[full, taocache]", 0.25, [*script, "--output-type", "latent"]),
         "declared": ("[full, taocache]", 0.25, [*script, "--declare", "cond"]),
     }
     if HAS_ACCELERATE:
@@ -169,7 +173,7 @@ def test_two_experts_of_a_diffusers_wan22_pipeline(compared):
 def test_a_script_passing_prompt_embeds_is_refused_before_any_run(compared):
     folder, stderr, codes = compared
     assert codes["embeds"] == 2
-    assert "taocache compare: embeds.yaml: taocache: the script passes prompt_embeds= to " in stderr
+    assert "taocache compare: command line: SCRIPT: the script passes prompt_embeds= to " in stderr
     assert not (folder / "out_embeds" / "results.json").exists()
 
 
@@ -213,7 +217,7 @@ def test_a_prompt_list_is_refused_before_anything_is_written(compared):
     in the calibration on the negative prompts' batch (or, with one negative prompt, made batch-1 references)."""
     folder, stderr, codes = compared
     assert codes["listed"] == 2
-    assert "listed.yaml: taocache: the script passes 2 prompts in one call of " in stderr
+    assert "command line: SCRIPT: the script passes 2 prompts in one call of " in stderr
     assert not (folder / "out_listed" / "experiment.json").exists()
 
 
@@ -257,3 +261,34 @@ def test_the_example_script_loads_a_saved_pipeline_and_compare_runs_through_it(c
     assert torch.equal(reference(folder, "example"), plain.permute(0, 4, 1, 2, 3) * 2 - 1)
     rows = [r for r in results(folder, "example")["records"] if r["method"] == "taocache"]
     assert len(rows) == 2 and all(r["calls"] == 16 and r["skipped_fraction"] == 0.25 for r in rows)
+
+
+def test_a_preview_during_a_compared_generation_runs_uncached(compared):
+    """A step callback that previews with another pipeline on the same transformer: under compare it was a second
+    generation call of the patched class, which compare took for the script's first (docs check, 2026-11-28); it
+    runs uncached, and each compared generation goes on where it was."""
+    folder, err, codes = compared
+    assert codes["preview"] == 0
+    assert torch.equal(reference(folder, "preview"), reference(folder, "wan"))  # (the preview changes nothing)
+    rows = {row["method"]: row for row in results(folder, "preview")["aggregates"]}
+    assert rows["taocache"]["skips"] == 2 and rows["taocache"]["skipped_fraction"] == pytest.approx(0.25)
+    assert "was called during generation" in err
+
+
+def test_latent_videos_are_scored_and_the_pictures_not_drawn_are_said(compared):
+    """``output_type="latent"``: strip.png and side_by_side.gif were left out without a word (docs check,
+    2026-11-28)."""
+    folder, err, codes = compared
+    assert codes["latent"] == 0 and reference(folder, "latent").shape[1] == 4  # (Wan's latent channels)
+    assert "strip.png and side_by_side.gif not drawn: the generations returned 4-channel videos" in err
+    assert not (folder / "out_latent" / "strip.png").exists()
+
+
+def test_the_example_refuses_an_mp4_it_could_not_write_before_loading_anything(tmp_path):
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) for m in ("imageio", "cv2")):
+        pytest.skip("imageio or OpenCV installed here: an .mp4 can be written")
+    res = subprocess.run([sys.executable, str(EXAMPLE), "--model", str(tmp_path / "no-such-model"), "--out", "v.mp4"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 2 and "--out v.mp4: writing an .mp4 needs imageio" in res.stderr

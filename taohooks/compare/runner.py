@@ -31,7 +31,8 @@ from ..runtime import messages
 from ..runtime.callbacks import Callback
 from ..config import ConfigError, TaoCacheConfig
 from ..runtime.hook import DenoiserHook
-from ..launcher.integration import GenerationPatch, check_declared_loop, identity_of_model, unwrap_model
+from ..launcher.integration import (GenerationPatch, check_declared_loop, generation_running, identity_of_model,
+                                   unwrap_model)
 from ..taocache.identity import call_settings, weights_fingerprint
 from ..caches.residual import BlockStackCache
 from .errors import CompareError
@@ -371,7 +372,8 @@ class Experiment:
             if _on_cuda():
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            result = self.patch.original(*arguments.args, **arguments.kwargs)
+            with generation_running(hook):
+                result = self.patch.original(*arguments.args, **arguments.kwargs)
             _sync()
             seconds = time.perf_counter() - start
             self._check_whole(hook, entry)
@@ -442,21 +444,21 @@ class Experiment:
         # (a pipeline whose batch follows its prompt list: other arguments the script made per prompt, a negative
         # prompt or a generator list, would not follow a list of one; the testbed's seeds are replaced alike)
         if self.target.seed_arg is None and isinstance(prompts, (list, tuple)) and len(prompts) > 1:
-            raise ConfigError(self.config.source, "taocache", f"the script passes {len(prompts)} prompts in one "
+            raise ConfigError("command line", "SCRIPT", f"the script passes {len(prompts)} prompts in one "
                               f"call of {target}; compare runs each of its prompts in a call of its own, with the "
                               "script's other arguments: pass one prompt (a string, or a list of one) to compare")
         if isinstance(arguments.get("prompt_embeds"), torch.Tensor):
-            raise ConfigError(self.config.source, "taocache", f"the script passes prompt_embeds= to {target}: the "
+            raise ConfigError("command line", "SCRIPT", f"the script passes prompt_embeds= to {target}: the "
                               "pipeline would use them whatever prompt compare gives it, so every prompt would make "
                               "the same video; pass prompt= (and let the pipeline encode it) to compare")
         for name in (self.target.prompt_arg, self.target.seed_arg):
             if name is not None and name not in arguments:
-                raise ConfigError(self.config.source, "taocache", f"{target} has no argument {name!r}; "
+                raise ConfigError("command line", "SCRIPT", f"{target} has no argument {name!r}; "
                                   "the compare target of this integration does not fit the script")
         latents = arguments.get("latents")
         if isinstance(latents, torch.Tensor) or (
                 isinstance(latents, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in latents)):
-            raise ConfigError(self.config.source, "taocache", f"the script passes latents= to {target}: every run "
+            raise ConfigError("command line", "SCRIPT", f"the script passes latents= to {target}: every run "
                               "would start from these latents whatever its seed, so the prompts' seeds would change "
                               "nothing; let the pipeline draw them (drop latents= from the script's call) to compare")
 
@@ -672,7 +674,8 @@ class Experiment:
             for i, entry in enumerate(prompts[first:], first):
                 hook.new_sample()
                 arguments = self._arguments_for(entry)
-                self.patch.original(*arguments.args, **arguments.kwargs)
+                with generation_running(hook):
+                    self.patch.original(*arguments.args, **arguments.kwargs)
                 self._check_whole(hook, entry)
                 self.warm = True
                 ended(i, entry)

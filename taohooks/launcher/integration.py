@@ -223,6 +223,19 @@ class CachesOnModels:
 
 
 _interceptor: Optional[Callable[["GenerationPatch", inspect.BoundArguments], Any]] = None
+_generating: "weakref.WeakSet" = weakref.WeakSet()  # the hooks of the generations running now (see generation_running)
+
+
+@contextlib.contextmanager
+def generation_running(hook):
+    """While active, ``hook`` runs a generation: a patched pipeline called on its model meanwhile (a step callback's
+    preview, whether or not that pipeline is enabled) runs uncached and the generation goes on
+    (``GenerationPatch._nested``)."""
+    _generating.add(hook)
+    try:
+        yield
+    finally:
+        _generating.discard(hook)
 
 
 @contextlib.contextmanager
@@ -536,6 +549,9 @@ class GenerationPatch:
         _calls += 1
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
+        running = self._running_generation(dict(bound.arguments))
+        if running is not None:  # (a preview: also of a pipeline never enabled, and under taocache compare)
+            return self._nested(running, bound)
         if self.enabled is not None and not self.enabled(dict(bound.arguments)):
             return self.original(*args, **kwargs)
         if _interceptor is not None:
@@ -545,6 +561,18 @@ class GenerationPatch:
 
             calibrate_over_prompts(self, bound)
         return self._generate(bound)
+
+    def _running_generation(self, arguments: dict):
+        """The hook of a generation (:func:`generation_running`) running on this call's model, or ``None``."""
+        if not _generating:
+            return None
+        try:
+            model = unwrap_model(self.model_of(arguments))
+        except Exception:  # noqa: BLE001 - a pipeline of no model found (not one to run): nothing runs on it
+            return None
+        running = get_hook(model)
+        return running if running in _generating and not running.passthrough and running.call_index is not None \
+            else None
 
     def _generate(self, bound: inspect.BoundArguments) -> Any:
         arguments = dict(bound.arguments)
@@ -567,7 +595,8 @@ class GenerationPatch:
         hook.passthrough = False  # (between this patch's calls the model is left alone: another user may share it)
         returned = False
         try:
-            result = self.original(*bound.args, **bound.kwargs)
+            with generation_running(hook):
+                result = self.original(*bound.args, **bound.kwargs)
             returned = True
         finally:
             hook.passthrough = True
