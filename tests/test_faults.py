@@ -172,6 +172,30 @@ def test_an_aborted_generation_adds_nothing(tmp_path, capsys):
     assert_same_statistics(lut, reference([[0.5, 0.6]]))
 
 
+@pytest.mark.parametrize("stop,said", [(KeyboardInterrupt, "Ctrl-C (KeyboardInterrupt)"), ("sigterm", "SIGTERM")])
+def test_an_interrupted_calibration_names_what_stopped_it(tmp_path, capsys, stop, said):
+    """A SIGTERM (which commands raise as Ctrl-C is raised) was said as "KeyboardInterrupt" (docs check, 2026-11-28)."""
+    from taohooks.runtime.interrupt import Terminated
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"lut: geo.safetensors\ncalibration: {{prompts: 3}}\nloop: {{steps: {STEPS}}}\n")
+    model = GeometricDenoiser({"main": 0.5})
+
+    def stopping(x, timestep, stream="main"):
+        if float(timestep) == 7.0:
+            raise Terminated if stop == "sigterm" else stop
+        return model(x, timestep)
+
+    net = torch.nn.Module()
+    net.forward = stopping
+    cache = TaoCache.from_yaml(cfg)
+    with cache.attach(net, repeat=True):
+        with pytest.raises(KeyboardInterrupt):
+            run_loop(net, STEPS)
+    assert (f"calibration: generation 1 stopped before its last call ({said} in call 7 (step 7)); its statistics "
+            "were left out of the LUT\n") in capsys.readouterr().err
+
+
 def test_non_finite_generations_are_left_out_and_an_all_nan_calibration_saves_nothing(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"lut: geo.safetensors\ncalibration: {{prompts: 2}}\nloop: {{steps: {STEPS}}}\n")

@@ -642,7 +642,9 @@ class DenoiserHook:
 
     @_outside_graph
     def _fail(self, call: CallInfo, exc: BaseException) -> None:
-        self._abort(f"{type(exc).__name__} in call {call.index} (step {call.step})")
+        from .interrupt import interruption
+
+        self._abort(f"{interruption(exc)} in call {call.index} (step {call.step})")
 
     @_outside_graph
     def _after(self, call: CallInfo, output: Any) -> Any:
