@@ -1009,6 +1009,22 @@ def test_weights_fingerprint_and_call_settings():
         "offload": "False", "shift": "5.0", "size": "(832, 480)"}  # offload_model places the model: left out
 
 
+@pytest.mark.parametrize("left", ["results.md", "strip.png", "notes.txt"])
+def test_a_folder_holding_an_experiment_s_results_is_not_taken_over(tmp_path, left):
+    """With results.json deleted, its results.md and pictures were overwritten by another experiment's (review,
+    2026-11-28); a file of the user's own (notes) does not make a folder an experiment's."""
+    from taohooks.compare.store import RunStore
+
+    RunStore(tmp_path).check_experiment({"script": ["a.py"]})
+    (tmp_path / left).write_text("kept")
+    if left == "notes.txt":
+        RunStore(tmp_path).check_experiment({"script": ["b.py"]})
+    else:
+        with pytest.raises(ConfigError, match=r"script: this output folder holds runs made with script"):
+            RunStore(tmp_path).check_experiment({"script": ["b.py"]})
+    assert (tmp_path / left).read_text() == "kept"
+
+
 def test_a_folder_check_names_the_entry_of_a_setting_that_differs(tmp_path):
     from taohooks.compare.store import RunStore
 

@@ -285,7 +285,7 @@ def test_two_transformers_run_as_one_loop_with_the_switch_guarded(tmp_path, capf
         out = wan_call(pipe)
         err = capfd.readouterr().err
         assert f"4 of {2 * STEPS} denoiser calls saved" in err, err
-        plan = next(iter(pipe.transformer.__dict__.get("_taohooks_hook").callbacks)).plan
+        plan = next(cb for cb in pipe.transformer.__dict__["_taohooks_hook"].callbacks if hasattr(cb, "plan")).plan
         assert not set(plan.skipped_steps) & set(guard)
         assert calls["high"] + calls["low"] == 2 * STEPS - 4 and torch.isfinite(out).all()
         with pytest.raises(IntegrationError, match="transformer_2 is the same module"):
@@ -580,6 +580,25 @@ def test_an_unknown_pipeline_with_declared_guided_streams_runs_without_guidance(
         disable_taocache(pipe)
 
 
+@pytest.mark.parametrize("streams", [["positive", "negative"], ["cond", "uncond"]])
+def test_declared_stream_names_of_the_user_s_own_run_without_guidance(monkeypatch, capfd, streams):
+    """Stream names of the user's own are matched by position: at guidance 1 [positive, negative] was refused with
+    "remove loop.streams (the integration knows them)", and removing it failed on the missing declaration (review,
+    2026-11-28)."""
+    from taohooks.integrations import diffusers as integration
+
+    monkeypatch.setattr(integration, "SEQUENTIAL_CFG", ())  # (Wan taken for a pipeline taohooks does not know)
+    pipe = wan_pipe()
+    enable_taocache(pipe, config_from_dict({"integration": "diffusers", "loop": {"streams": streams},
+                                            "plan": {"window": [5, 6], "ratio": 1.0}}, "c.yaml"))
+    try:
+        capfd.readouterr()
+        wan_call(pipe, guidance_scale=1.0)
+        assert f"2 of {STEPS} denoiser calls saved" in capfd.readouterr().err
+    finally:
+        disable_taocache(pipe)
+
+
 def test_enable_checks_what_the_config_alone_says(tmp_path):
     """A config for another integration was taken without a word; a budget without a lut:, and a LUT that cannot be
     written, failed at the first pipe() call; a dict failed inside pathlib (walkthrough, 2026-11-27)."""
@@ -843,9 +862,12 @@ def test_a_third_call_per_step_under_a_name_of_the_pipeline_s_own_is_refused_at_
             step(["cond_uncond"] * 2)
 
 
-def test_guidance_cut_off_mid_generation_is_refused_as_such_and_a_script_s_wrapper_is_put_back(capfd):
+@pytest.mark.parametrize("window", [[5, 6], [4, 5]])
+def test_guidance_cut_off_mid_generation_is_refused_as_such_and_a_script_s_wrapper_is_put_back(capfd, window):
     """A step callback turning CFG off at step 3 (as diffusers' CFG cut-off callbacks do): refused, naming fewer calls
-    per step, not a declaration to fix; the check put back no cache_context the script had set on the transformer."""
+    per step, not a declaration to fix; the check put back no cache_context the script had set on the transformer.
+    Where TaoCache skipped the first misnumbered call (window 4-5), the check, behind it, never saw it: nothing was
+    refused and the cond calls of steps 5 and 7 were predicted from the uncond stream (review, 2026-11-28)."""
     pipe = wan_pipe()
     seen = []
     inner = pipe.transformer.cache_context
@@ -861,7 +883,7 @@ def test_guidance_cut_off_mid_generation_is_refused_as_such_and_a_script_s_wrapp
             p._guidance_scale = 1.0
         return {}
 
-    enable_taocache(pipe, config(window=[5, 6], ratio=1.0))
+    enable_taocache(pipe, config(window=window, ratio=1.0))
     try:
         with pytest.raises(IntegrationError, match=r"cache_context\('cond'\) where the loop \(8 steps x 2 "
                                                    r"call\(s\) \(cond, uncond\)\) expects the call of uncond, and its "
@@ -870,6 +892,74 @@ def test_guidance_cut_off_mid_generation_is_refused_as_such_and_a_script_s_wrapp
     finally:
         disable_taocache(pipe)
     assert pipe.transformer.__dict__.get("cache_context") is mine and seen[:2] == ["cond", "uncond"]
+
+
+def test_guidance_switched_on_mid_generation_is_named_as_such():
+    """Its refusal advised declaring loop.streams: [cond, uncond], which gave the same refusal (review, 2026-11-28)."""
+    pipe = wan_pipe()
+
+    def switch_on(p, i, t, kwargs):
+        if i == 3:
+            p._guidance_scale = 5.0
+        return {}
+
+    enable_taocache(pipe, config(window=[5, 6], ratio=1.0))
+    try:
+        with pytest.raises(IntegrationError, match=r"more calls per step than the loop counts: guidance switched on "
+                                                   r"for some steps"):
+            wan_call(pipe, guidance_scale=1.0, callback_on_step_end=switch_on)
+    finally:
+        disable_taocache(pipe)
+
+
+def test_guidance_off_for_the_last_step_is_named_among_the_causes(capfd):
+    """No later call can show that the last step made fewer calls: the generation ends one call short, which was said
+    as "interrupted" alone (review, 2026-11-28)."""
+    pipe = wan_pipe()
+
+    def cut_off(p, i, t, kwargs):
+        if i == STEPS - 2:
+            p._guidance_scale = 1.0
+        return {}
+
+    enable_taocache(pipe, config(window=[4, 5], ratio=1.0))
+    try:
+        capfd.readouterr()
+        wan_call(pipe, callback_on_step_end=cut_off)
+        err = capfd.readouterr().err
+        assert f"returned after {2 * STEPS - 1} of {2 * STEPS} denoiser calls" in err
+        assert "or made fewer calls per step in its last steps than the loop counts (guidance switched off there)" in err
+    finally:
+        disable_taocache(pipe)
+
+
+def test_a_wrapper_the_script_sets_between_generations_is_checked_through_and_kept():
+    """A cache_context wrapper set after the first cached generation replaced the check's: the check was off without
+    a word, and disable_taocache deleted the script's wrapper or put an older one back (review, 2026-11-28)."""
+    pipe = wan_pipe()
+    enable_taocache(pipe, config(window=[5, 6], ratio=1.0))
+    seen = []
+    try:
+        wan_call(pipe)
+        inner = pipe.transformer.cache_context
+
+        def mine(name, **kwargs):
+            seen.append(name)
+            return inner(name, **kwargs)
+
+        pipe.transformer.cache_context = mine
+
+        def cut_off(p, i, t, kwargs):
+            if i == 3:
+                p._guidance_scale = 1.0
+            return {}
+
+        with pytest.raises(IntegrationError, match=r"cache_context\('cond'\) where the loop"):
+            wan_call(pipe, callback_on_step_end=cut_off)
+        assert seen[:2] == ["cond", "uncond"]  # (the script's wrapper ran, inside the check's)
+    finally:
+        disable_taocache(pipe)
+    assert pipe.transformer.__dict__.get("cache_context") is mine
 
 
 def test_a_call_refused_at_its_start_is_counted(tmp_path, capfd):

@@ -75,13 +75,20 @@ class ContextStreamCheck(Callback):
     """Checks that each call's ``cache_context`` name (when the pipeline sets one) is the stream the
     hook assigned to the call; records the name by wrapping the transformer's ``cache_context``."""
 
+    checks_every_call = True  # (a call TaoCache skips is numbered too: a wrong stream there is refused as well)
+
     def __init__(self, transformer):
         self.transformer = transformer
         self.current: Optional[str] = None
         self.names: Dict[tuple, tuple] = {}  # (see on_sample_start)
-        self._original = self._instance = None
+        self._original = self._instance = self._wrapper = None
 
     def on_attach(self, hook) -> None:
+        self._wrap()
+
+    def _wrap(self) -> None:
+        """Record each call's context name through the transformer's ``cache_context`` (the script's own wrapper, set
+        on the instance, wrapped in turn and put back on detach)."""
         original = getattr(self.transformer, "cache_context", None)
         if original is None:
             return
@@ -101,18 +108,25 @@ class ContextStreamCheck(Callback):
 
         self._original = original
         self._instance = self.transformer.__dict__.get("cache_context")  # (a wrapper of the script's: put back)
-        self.transformer.__dict__["cache_context"] = lambda name, **kwargs: _Context(name, kwargs)
+        self._wrapper = lambda name, **kwargs: _Context(name, kwargs)
+        self.transformer.__dict__["cache_context"] = self._wrapper
+
+    def _ours(self) -> bool:
+        return self.transformer.__dict__.get("cache_context") is getattr(self, "_wrapper", None)
 
     def on_detach(self, hook) -> None:
         if self._original is not None:
-            if self._instance is not None:
-                self.transformer.__dict__["cache_context"] = self._instance
-            else:
-                self.transformer.__dict__.pop("cache_context", None)
-            self._original = self._instance = None
+            if self._ours():  # (a wrapper the script set since is the script's: left as it is)
+                if self._instance is not None:
+                    self.transformer.__dict__["cache_context"] = self._instance
+                else:
+                    self.transformer.__dict__.pop("cache_context", None)
+            self._original = self._instance = self._wrapper = None
 
     def on_sample_start(self, hook, sample: int) -> None:
         self.names = {}  # position of a call in its step -> the cache_context name the first such call had
+        if self._original is not None and not self._ours():  # the script set a wrapper of its own since: wrapped
+            self._wrap()
 
     def on_before_call(self, hook, call, args, kwargs):
         name = self.current
@@ -136,8 +150,10 @@ class ContextStreamCheck(Callback):
         if first[0] != name:
             raise IntegrationError(
                 f"{where}, which step {first[1]} made in cache_context({first[0]!r}): the pipeline makes more calls "
-                "per step than the loop counts; declare every call of a step in loop.streams, in the pipeline's order "
-                "(e.g. streams: [cond, uncond]; without classifier-free guidance the loop is its cond call alone)")
+                "per step than the loop counts: guidance switched on for some steps (the "
+                "call began at a guidance scale of 1, whose loop is the cond call alone: taohooks runs a loop whose "
+                "calls per step do not change within a generation), or a call the loop does not declare (declare "
+                "every call of a step in loop.streams, in the pipeline's order, e.g. streams: [cond, uncond])")
         if call.streams == (name,) or name not in hook.loop.streams:
             return None  # (a name of the pipeline's own, e.g. CogVideoX's batched "cond_uncond": checked above)
         if len(call.streams) > 1:  # (a batched call declared; the pipeline calls one stream at a time)
@@ -248,8 +264,14 @@ def _loop_of_one(arguments):
     streams = config.loop.streams
     _check_declared_streams(pipe, config)
     if not cfg:
-        return LoopSpec(calls, ("cond",) if "cond" in streams else tuple(streams[:1])), {"timestep_arg": "timestep"}
+        return LoopSpec(calls, (unguided_stream(streams, config.loop.split_batch),)), {"timestep_arg": "timestep"}
     return LoopSpec(calls, tuple(streams), split_batch=config.loop.split_batch), {"timestep_arg": "timestep"}
+
+
+def unguided_stream(streams, split_batch: bool) -> str:
+    """The stream a declared guided loop runs without guidance: ``cond``, else the conditional call by position (the
+    last of a batched call, ``[uncond, cond]`` as diffusers batches it; the first of a step's calls)."""
+    return "cond" if "cond" in streams else streams[-1] if split_batch else streams[0]
 
 
 def _config_of(arguments) -> TaoCacheConfig:

@@ -699,7 +699,8 @@ class Experiment:
             hook.end_generation(f"the pipeline {what}")
             raise CompareError(f"the generation of {entry.prompt!r} seed {entry.seed} {what}: the pipeline stopped its "
                                "loop early (a callback_on_step_end that interrupts it), or makes fewer calls than the "
-                               "loop counts (a declared loop: whose streams or split_batch are not the pipeline's); "
+                               "loop counts (guidance switched off for its last steps; a declared loop: whose streams "
+                               "or split_batch are not the pipeline's); "
                                "compare measures whole generations")
 
     def _callbacks(self, method: str, skips: int, lut, coefficients, calibration: List[PromptEntry]) -> List[Callback]:

@@ -90,6 +90,11 @@ def writes_results() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
+# what compare writes from its runs (results, their pictures): a folder holding one holds an experiment's work
+RESULT_FILES = ("results.json", "results.md", "quality_vs_speedup.png", "skip_schedule.png", "strip.png",
+                "side_by_side.gif")
+
+
 class RunStore:
     """The finished runs and the experiment's state under ``folder``; with ``writer=False`` (ranks
     > 0 under torchrun) it reads but never writes."""
@@ -147,8 +152,8 @@ class RunStore:
 
     def _holds_work(self) -> bool:
         """Whether the folder holds what an experiment stored beside its ``experiment.json``: a run, state (a
-        calibration, a threshold), results (a folder whose runs were deleted to free space)."""
-        return (self.folder / "results.json").is_file() or any(
+        calibration, a threshold), results or their pictures (a folder whose runs were deleted to free space)."""
+        return any((self.folder / name).is_file() for name in RESULT_FILES) or any(
             path.is_file() for sub in ("runs", "state") for path in (self.folder / sub).rglob("*"))
 
     def check_experiment(self, fingerprint: Dict[str, Any], optional=(), grown=(), alike=None,

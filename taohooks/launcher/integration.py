@@ -293,8 +293,10 @@ def check_declared_loop(config: Any, loop: LoopSpec, what: str) -> None:
             f"{where}loop.steps is {declared.steps}, but this {what} call runs {loop.steps} denoiser calls per "
             f"stream ({loop.describe()}); remove loop.steps (the integration reads it from the script) or make "
             "the script's step count match")
-    unguided = (tuple(loop.streams) == ("cond",) and declared.streams is not None and len(declared.streams) > 1
-                and "cond" in declared.streams)  # a guidance scale of 1: the declared run's cond call alone
+    # a guidance scale of 1: the declared run's conditional call alone (cond, or by position: names of the user's own)
+    unguided = (declared.streams is not None and len(declared.streams) > 1 and len(loop.streams) == 1 and (
+        loop.streams[0] == "cond" if "cond" in declared.streams else
+        loop.streams[0] == declared.streams[-1 if declared.split_batch else 0]))
     if declared.streams is not None and tuple(declared.streams) != tuple(loop.streams) and not unguided:
         raise IntegrationError(
             f"{where}loop.streams is [{', '.join(declared.streams)}], but this {what} call runs streams "
@@ -603,11 +605,13 @@ class GenerationPatch:
             self.generations += 1  # (a call that raised is counted too: the next one's messages name its number)
             total = hook.loop.total_calls
             stopped = hook.end_generation(f"{self.target()} returned after {hook.call_index} of {total} denoiser "
-                                          "calls: interrupted?" if returned else f"{self.target()} raised")
+                                          "calls: interrupted, or guidance off for its last steps?" if returned
+                                          else f"{self.target()} raised")
         if stopped and not cache.calibrating:
             messages.warning(f"generation {self.generations}: {self.target()} returned after {stopped} of {total} "
                              f"denoiser calls ({hook.loop.describe()}): its loop was interrupted (e.g. by a "
-                             "callback_on_step_end that stops the pipeline)")
+                             "callback_on_step_end that stops the pipeline), or made fewer calls per step in its last "
+                             "steps than the loop counts (guidance switched off there)")
         self.log(self.summary_line(cache, before) + (f" (stopped after {stopped} of {total} calls)" if stopped else ""))
         return result
 

@@ -18,6 +18,10 @@ __all__ = ["Callback"]
 class Callback:
     """Base class for what runs around each denoiser call. All methods are no-ops."""
 
+    #: a check that must see every call, the ones another callback answers (skips) too: runs before the caches
+    #: (``TaoCache.attach`` puts it first; the hook stops at the first callback answering a call)
+    checks_every_call = False
+
     def on_attach(self, hook: "DenoiserHook") -> None:
         """The hook was attached to a module (``hook.module``, ``hook.loop`` are set)."""
 

@@ -413,7 +413,8 @@ class TaoCache:
                also: Sequence[nn.Module] = (), expert_boundary: Optional[float] = None,
                unskippable: Sequence[int] = (), run_timesteps: Optional[Sequence[float]] = None) -> DenoiserHook:
         """Wrap ``module``'s forward for sampling loops of the given shape; returns the hook
-        (a context manager that detaches on exit). ``callbacks`` run after TaoCache's.
+        (a context manager that detaches on exit). ``callbacks`` run after TaoCache's (those whose
+        ``checks_every_call`` is set before it).
 
         ``identity`` is what this run is (:mod:`taohooks.taocache.identity`: model, architecture, dtype,
         scheduler, shift, ...): a calibrating run records it in the LUT, a skipping run must match
@@ -486,7 +487,9 @@ class TaoCache:
             own = [self.callback] + section_callbacks(cfg, self.plan, path)
             for problem in composition_problems(self.plan, callbacks):
                 messages.warning(problem, once=f"composition:{problem}")
-        self.hook = DenoiserHook(loop, own + callbacks, timestep_arg=timestep_arg, repeat=repeat)
+        first = [cb for cb in callbacks if cb.checks_every_call]  # (before TaoCache's, which answers skipped calls)
+        self.hook = DenoiserHook(loop, first + own + [cb for cb in callbacks if not cb.checks_every_call],
+                                 timestep_arg=timestep_arg, repeat=repeat)
         return self.hook.attach(module, *also)
 
     def detach(self) -> None:
