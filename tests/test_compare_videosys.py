@@ -66,11 +66,13 @@ def compared(tmp_path_factory):
     one = ["--prompt", PROMPT, "--seed", str(SEED)]
     plain = [("latte", [*script, *one, "--out", "plain_latte.pt"]),
              ("latte_pab", [*script, *one, "--pab", "--out", "plain_latte_pab.pt"]),
-             ("osp", [*script, *one, "--model", "open_sora_plan", "--out", "plain_osp.pt"])]
+             ("osp", [*script, *one, "--model", "open_sora_plan", "--out", "plain_osp.pt"]),
+             ("generator", [*script, *one, "--generator", str(SEED), "--out", "plain_generator.pt"])]
     experiments = {
         "latte": ("[full, taocache, teacache, pab]", [*script, "--pab"]),
         "osp": ("[full, taocache, teacache]", [*script, "--model", "open_sora_plan"]),
         "gpus": ("[full, taocache]", [*script, "--num-gpus", "2"]),
+        "generator": ("[full, taocache]", [*script, "--generator", "7"]),
     }
     compares = []
     for name, (methods, argv) in experiments.items():
@@ -114,6 +116,16 @@ def test_the_reference_is_the_script_s_video_with_videosys_pab_off(compared):
     assert err.count(SAID_PAB_OFF) == 1  # (the latte experiment's script enables PAB; the osp one does not)
 
 
+def test_a_generator_the_script_passes_is_replaced_by_one_seeded_with_the_run_s_seed(compared):
+    """VideoSys draws the latents from generator= whatever its seed=: the script's one generator was carried from run
+    to run, and every run of a prompt started from other noise (about 14 dB everywhere; walkthrough, 2026-11-28)."""
+    folder, _, codes = compared
+    assert codes["generator"] == 0
+    assert torch.equal(reference(folder, "generator"), video(folder / "plain_generator.pt"))
+    rows = {row["method"]: row for row in results(folder, "generator")["aggregates"]}
+    assert rows["taocache"]["psnr"] > 40
+
+
 def test_every_method_runs_with_the_authors_teacache_of_each_transformer(compared):
     folder, _, _ = compared
     for name, model in (("latte", "Latte-1"), ("osp", "Open-Sora-Plan v1.1")):
@@ -152,3 +164,26 @@ def test_videosys_pab_is_off_inside_and_put_back_after(monkeypatch):
             assert held.PAB_MANAGER is None and other.PAB_MANAGER is None
             raise RuntimeError("the generation failed")
     assert held.PAB_MANAGER is manager and other.PAB_MANAGER is None
+
+
+@pytest.mark.parametrize("integration", ["videosys", "latte", "opensora_plan"])
+def test_easycache_is_refused_on_latte_shaped_learned_sigma_transformers(integration):
+    """EasyCache reuses output - input: on an output with a variance half it computed every call, and compare
+    searched thresholds for rows of 0% skipped (walkthrough, 2026-11-28)."""
+    from taohooks.compare.experiment import ExperimentConfig
+    from taohooks.compare.runner import check_methods
+    from taohooks.compare.targets import TARGETS, _videosys_target
+    from taohooks.config import ConfigError
+
+    target = TARGETS[integration]
+    if integration == "videosys":
+        pipe = type("LattePipeline", (), {})()
+        pipe.transformer = type("LatteT2V", (torch.nn.Module,), {"__module__": "videosys.models.transformers."
+                                                                              "latte_transformer_3d"})()
+        target = _videosys_target({"self": pipe})
+    config = ExperimentConfig(integration=integration, prompts=["a cat"], methods=["full", "taocache", "easycache"])
+    with pytest.raises(ConfigError, match="methods: easycache is not available for here: the transformer's output has "
+                                          "a variance half"):
+        check_methods(config, target, "here")
+    check_methods(ExperimentConfig(integration=integration, prompts=["a cat"], methods=["full", "taocache"]), target,
+                  "here")

@@ -223,8 +223,10 @@ def load_experiment(path) -> ExperimentConfig:
     if config.taocache is not None:
         tao = config.path(config.taocache, "taocache")
         if not tao.is_file():
-            raise ConfigError(str(path), "taocache", f"{tao} does not exist; name a TaoCache config "
-                                                     "(e.g. configs/testbed_flow.yaml)")
+            raise ConfigError(str(path), "taocache", f"{tao} does not exist; name a TaoCache config (taohooks' "
+                                                     "configs/ has one per integration and task, e.g. "
+                                                     "configs/wan_t2v_1.3B.yaml; relative paths are taken from this "
+                                                     "file's folder)")
     return config
 
 

@@ -287,6 +287,9 @@ def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig,
 
 def check_methods(config: ExperimentConfig, target: Target, where: str) -> None:
     """The listed methods ``target`` can run (``where``: the integration, or the pipeline of a per-call target)."""
+    for name in config.methods:
+        if name in target.refused:
+            raise ConfigError(config.source, "methods", f"{name} is not available for {where}: {target.refused[name]}")
     for name in sorted(PAB_METHODS & set(config.methods)):
         if target.attention is None and not config.pab_groups:
             raise ConfigError(config.source, "methods", f"{name} is not yet available for {where} (its attention "
@@ -348,15 +351,16 @@ class Experiment:
             replaced.arguments[seed] = [entry.seed] if isinstance(bound.arguments[seed], (list, tuple)) else entry.seed
         else:  # the script seeds the global RNG once; each (prompt, seed) run is seeded alike
             torch.manual_seed(entry.seed)
-            generator = bound.arguments.get("generator")
-            # a generator the script passes would carry on from run to run (the reference and the cached runs
-            # of one prompt drawing different noise): each run gets a fresh one seeded with its seed
-            if isinstance(generator, torch.Generator):
-                replaced.arguments["generator"] = torch.Generator(generator.device).manual_seed(entry.seed)
-            elif isinstance(generator, (list, tuple)) and generator:
-                replaced.arguments["generator"] = [
-                    torch.Generator(g.device if g is not None else "cpu").manual_seed(entry.seed + i)
-                    for i, g in enumerate(generator)]
+        generator = bound.arguments.get("generator")
+        # a generator the script passes would carry on from run to run (the reference and the cached runs of one
+        # prompt drawing different noise; VideoSys draws its latents from it whatever its seed=): each run gets a
+        # fresh one seeded with its seed
+        if isinstance(generator, torch.Generator):
+            replaced.arguments["generator"] = torch.Generator(generator.device).manual_seed(entry.seed)
+        elif isinstance(generator, (list, tuple)) and generator:
+            replaced.arguments["generator"] = [
+                torch.Generator(g.device if g is not None else "cpu").manual_seed(entry.seed + i)
+                for i, g in enumerate(generator)]
         return replaced
 
     def generate(self, callbacks: Sequence[Callback], entry: PromptEntry) -> Generation:

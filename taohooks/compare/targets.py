@@ -253,7 +253,7 @@ def _diffusers_target(arguments: dict) -> "Target":
     if "LatteTransformer3DModel" in classes:
         return dataclasses.replace(TARGETS["diffusers"], blocks=LATTE_STACKS, exit="norm_out",
                                    tea_published=_latte_published_teacache("latte", "diffusers' LattePipeline"),
-                                   attention=LATTE_SELF_ATTENTION, **common)
+                                   attention=LATTE_SELF_ATTENTION, refused=LEARNED_SIGMA, **common)
     return dataclasses.replace(TARGETS["diffusers"], blocks=None, tea_source=(
         f"its proxy and block stack are known for diffusers' Wan and Latte transformers, not {transformer}"),
         **common)
@@ -320,9 +320,8 @@ def _videosys_target(arguments: dict) -> "Target":
                            "script's config")
     if pab_manager() is not None:
         messages.notice("compare: VideoSys' own PAB (enable_pab=True) is off in every compared run: the full-step "
-                        "reference is the model's own output and each method runs alone; compare's pab methods "
-                        "broadcast the spatial and temporal self-attention (pab_groups: for VideoSys' ranges, e.g. "
-                        "spatial 2, temporal 3, cross 6)")
+                        "reference is the model's own output and each method runs alone (the pab methods are "
+                        "taohooks' PAB, not VideoSys': see the README's \"On a VideoSys script\")")
     model = unwrap_model(getattr(pipe, "transformer", None), compiled=True)
     name = type(model).__module__
     coefficients = VIDEOSYS_TEACACHE.get(name)
@@ -330,8 +329,9 @@ def _videosys_target(arguments: dict) -> "Target":
         return dataclasses.replace(TARGETS["videosys"], per_call=None, blocks=None, attention=None, exit=None,
                                    tea_source=f"the block stacks and TeaCache are known for VideoSys' Latte and "
                                               f"Open-Sora-Plan v1.1 transformers, not {name}.{type(model).__name__}")
-    return dataclasses.replace(TARGETS["videosys"], per_call=None, tea_published=_latte_published_teacache(
-        coefficients, f"VideoSys' {type(pipe).__name__}, where the authors evaluated it"))
+    return dataclasses.replace(TARGETS["videosys"], per_call=None, refused=LEARNED_SIGMA,
+                               tea_published=_latte_published_teacache(
+                                   coefficients, f"VideoSys' {type(pipe).__name__}, where the authors evaluated it"))
 
 
 DIFFUSERS_WAN_TEACACHE = (
@@ -373,6 +373,8 @@ class Target:
     # the context every compared generation runs in: (generate's arguments) -> a context manager (VideoSys: its own
     # PAB off)
     around: Optional[Callable[[dict], ContextManager[None]]] = None
+    # methods that cannot work on this model: method -> why (refused before any run)
+    refused: Dict[str, str] = field(default_factory=dict)
 
     @property
     def known(self) -> bool:
@@ -415,6 +417,9 @@ class Target:
 
 
 LATTE_STACKS = ("transformer_blocks", "temporal_transformer_blocks")  # spatial and temporal, interleaved
+# Latte's and Open-Sora-Plan v1.1's transformers predict noise and a variance half (8 output channels for 4 input)
+LEARNED_SIGMA = {"easycache": "the transformer's output has a variance half (twice the input's channels): EasyCache, "
+                              "which reuses output - input, would compute every call"}
 # PAB in compare: the spatial and temporal self-attention, one range (VideoSys gives them 2 and 3 and also
 # broadcasts cross-attention: the YAML's pab: section has per-group ranges)
 LATTE_SELF_ATTENTION = r"(temporal_)?transformer_blocks\.\d+\.attn1"
@@ -449,12 +454,12 @@ TARGETS: Dict[str, Target] = {
     "latte": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                     "the authors' TeaCache for Latte-1 (TeaCache's eval script, published coefficients)",
                     tea_published=_latte_published_teacache("latte"), exit="norm_out", attention=LATTE_SELF_ATTENTION,
-                    latents_during=_pipeline_latents),
+                    latents_during=_pipeline_latents, refused=LEARNED_SIGMA),
     "opensora_plan": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                             "the authors' TeaCache for Open-Sora-Plan v1.1 (TeaCache's eval script, published "
                             "coefficients)", tea_published=_latte_published_teacache("opensora_plan"),
                             exit="norm_out", attention=LATTE_SELF_ATTENTION,
-                            latents_during=_pipeline_latents,
+                            latents_during=_pipeline_latents, refused=LEARNED_SIGMA,
                             neutral_flags={"--text_prompt": None, "--save_img_path": 1}),
     # any diffusers video pipeline the integration runs (WanPipeline and its siblings, LattePipeline, ...): the
     # prompt is the call's, the seed torch's RNG (or a fresh generator, seeded per run)
