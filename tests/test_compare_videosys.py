@@ -69,7 +69,8 @@ def compared(tmp_path_factory):
              ("osp", [*script, *one, "--model", "open_sora_plan", "--out", "plain_osp.pt"]),
              ("generator", [*script, *one, "--generator", str(SEED), "--out", "plain_generator.pt"])]
     experiments = {
-        "latte": ("[full, taocache, teacache, pab]", [*script, "--pab"]),
+        "latte": ("[full, taocache, teacache, pab, videosys-pab]", [*script, "--pab"]),
+        "own_pab_off": ("[full, videosys-pab]", script),
         "osp": ("[full, taocache, teacache]", [*script, "--model", "open_sora_plan"]),
         "gpus": ("[full, taocache]", [*script, "--num-gpus", "2"]),
         "generator": ("[full, taocache]", [*script, "--generator", "7"]),
@@ -114,6 +115,21 @@ def test_the_reference_is_the_script_s_video_with_videosys_pab_off(compared):
     assert not torch.equal(ref, video(folder / "plain_latte_pab.pt"))  # (PAB changes this script's video)
     assert torch.equal(reference(folder, "osp"), video(folder / "plain_osp.pt"))
     assert err.count(SAID_PAB_OFF) == 1  # (the latte experiment's script enables PAB; the osp one does not)
+
+
+def test_videosys_pab_is_the_script_s_own_pab_and_needs_it_enabled(compared):
+    """``videosys-pab``: VideoSys' own PAB as the script configures it (compare's ``pab`` is taohooks' PAB with
+    VideoSys' ranges, which differs: walkthrough, 2026-11-28): bit-equal to the script's own video with PAB on;
+    refused at the first call where the script did not enable it."""
+    folder, err, codes = compared
+    entry = load_experiment(folder / "latte.yaml").evaluation_prompts()[0]
+    own = RunStore(folder / "out_latte").load("videosys-pab@0of10", entry)[0]
+    assert torch.equal(own, video(folder / "plain_latte_pab.pt"))
+    assert not torch.equal(own, RunStore(folder / "out_latte").load("pab@0of10", entry)[0])
+    rows = {row["method"]: row for row in results(folder, "latte")["aggregates"]}
+    assert rows["videosys-pab"]["skipped_fraction"] == 0 and rows["videosys-pab"]["psnr"] < 100
+    assert codes["own_pab_off"] == 2 and "methods: videosys-pab is VideoSys' own PAB as the script configures it, " \
+        "but the script's config has no enable_pab=True" in err
 
 
 def test_a_generator_the_script_passes_is_replaced_by_one_seeded_with_the_run_s_seed(compared):
@@ -187,3 +203,14 @@ def test_easycache_is_refused_on_latte_shaped_learned_sigma_transformers(integra
         check_methods(config, target, "here")
     check_methods(ExperimentConfig(integration=integration, prompts=["a cat"], methods=["full", "taocache"]), target,
                   "here")
+
+
+def test_videosys_pab_is_refused_where_there_is_no_videosys_pab():
+    from taohooks.compare.experiment import ExperimentConfig
+    from taohooks.compare.runner import check_methods
+    from taohooks.compare.targets import TARGETS
+    from taohooks.config import ConfigError
+
+    config = ExperimentConfig(integration="latte", prompts=["a cat"], methods=["full", "videosys-pab"])
+    with pytest.raises(ConfigError, match="methods: videosys-pab is VideoSys' own PAB: not available for here"):
+        check_methods(config, TARGETS["latte"], "here")

@@ -29,9 +29,9 @@ __all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_li
 
 DEFAULT_METHODS = ("full", "taocache", "taocache-auto", "teacache", "magcache",  # taocache-auto: plan.rule: auto
                    "easycache", "hybrid", "taoskip+tearesidual", "pab+taocache")
-AVAILABLE_METHODS = DEFAULT_METHODS + ("pab", "pab+teacache")
+AVAILABLE_METHODS = DEFAULT_METHODS + ("pab", "pab+teacache", "videosys-pab")  # videosys-pab: VideoSys' own PAB
 #: methods that skip no call (PAB alone broadcasts attention inside every call): run once, not per budget
-BUDGET_FREE_METHODS = ("pab",)
+BUDGET_FREE_METHODS = ("pab", "videosys-pab")
 #: methods whose threshold is searched (or fitted) on the calibration prompts, never on the evaluated ones
 SEARCHED_METHODS = ("teacache", "magcache", "easycache", "hybrid", "pab+teacache")
 

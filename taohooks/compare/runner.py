@@ -290,6 +290,9 @@ def check_methods(config: ExperimentConfig, target: Target, where: str) -> None:
     for name in config.methods:
         if name in target.refused:
             raise ConfigError(config.source, "methods", f"{name} is not available for {where}: {target.refused[name]}")
+    if "videosys-pab" in config.methods and target.own_pab is None:
+        raise ConfigError(config.source, "methods", f"videosys-pab is VideoSys' own PAB: not available for {where} "
+                                                    "(pab is taohooks' PAB, on every integration)")
     for name in sorted(PAB_METHODS & set(config.methods)):
         if target.attention is None and not config.pab_groups:
             raise ConfigError(config.source, "methods", f"{name} is not yet available for {where} (its attention "
@@ -370,7 +373,7 @@ class Experiment:
         arguments = self._arguments_for(entry)
         capture = self.target.latents_during(dict(arguments.arguments)) if self.target.latents_during else \
             contextlib.nullcontext([])
-        with self._around(), hook.attach(self.model, *self.also), capture as latents:
+        with self._around(callbacks), hook.attach(self.model, *self.also), capture as latents:
             hook.new_sample()
             _sync()
             if _on_cuda():
@@ -497,6 +500,10 @@ class Experiment:
             self.target = self.target.for_call(arguments)
             check_methods(self.config, self.target, f"{type(arguments['self']).__name__}'s "
                                                     f"{type(unwrap_model(self.model, compiled=True)).__name__}")
+        if "videosys-pab" in self.config.methods:  # (the script must have enabled it)
+            own = self.target.own_pab(arguments, self.model)
+            if isinstance(own, str):
+                raise ConfigError(self.config.source, "methods", own)
         self.loop, attach_kwargs = patch.loop_of(arguments)
         if attach_kwargs.get("repeat"):  # one loop per clip (Wan2.2 S2V/Animate); command.py refuses these earlier
             from .command import PER_CLIP_MESSAGE
@@ -673,7 +680,7 @@ class Experiment:
                                ended: Callable[[int, PromptEntry], None]) -> None:
         """The script's generation of each of ``prompts[first:]`` with ``callbacks`` recording; ``ended(i, entry)``
         after each."""
-        with self._around(), DenoiserHook(self.loop, [*self._checks(), *callbacks],
+        with self._around(callbacks), DenoiserHook(self.loop, [*self._checks(), *callbacks],
                                           **self.hook_kwargs).attach(self.model, *self.also) as hook:
             for i, entry in enumerate(prompts[first:], first):
                 hook.new_sample()
@@ -684,10 +691,11 @@ class Experiment:
                 self.warm = True
                 ended(i, entry)
 
-    def _around(self) -> ContextManager[None]:
-        """The context the target runs every compared generation in (VideoSys: its own PAB off)."""
+    def _around(self, callbacks: Sequence[Callback]) -> ContextManager[None]:
+        """The context the target runs a compared generation with ``callbacks`` in (VideoSys: its own PAB off but
+        for videosys-pab)."""
         make = self.target.around
-        return make(dict(self._bound.arguments)) if make is not None else contextlib.nullcontext()
+        return make(dict(self._bound.arguments), callbacks) if make is not None else contextlib.nullcontext()
 
     def _checks(self) -> List[Callback]:
         """The integration's own callbacks for a compared generation's hook (the target's ``hook_callbacks``)."""
@@ -731,6 +739,9 @@ class Experiment:
             self.plans[label] = {"window": list(plan.window) if plan.window else None, **self._pab_record()}
             return [TaoCacheCallback(plan, lut.timesteps, max_norm_ratio=self.tao.plan.max_norm_ratio),
                     self._pab(plan.resume_steps)]
+        if method == "videosys-pab":  # the pipeline's own PAB, as the script configured it
+            self.plans[label] = {"pab": "VideoSys' own, as the script configures it"}
+            return [self.target.own_pab(dict(self._bound.arguments), self.model)]
         if method == "pab":  # attention broadcast inside every call, nothing skipped
             self.plans[label] = self._pab_record()
             return [self._pab()]

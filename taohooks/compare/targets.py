@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..runtime.callbacks import Callback
 from .errors import CompareError
 
 __all__ = ["Target", "TARGETS", "target_for"]
@@ -273,15 +274,31 @@ def _diffusers_wan_probe():
     return diffusers_wan_temb_probe
 
 
+class VideoSysOwnPAB(Callback):
+    """The ``videosys-pab`` method's callback: VideoSys' own PAB, as the script configured it, stays on for the
+    generation (:func:`_videosys_pab_off` leaves it), its state reset where the generation starts."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+    def on_sample_start(self, hook, sample: int) -> None:
+        from ..integrations.videosys import reset_pab_state
+
+        reset_pab_state(self.transformer)  # (every generation starts as VideoSys' first does)
+
+
 @contextlib.contextmanager
-def _videosys_pab_off(arguments: dict) -> Iterator[None]:
+def _videosys_pab_off(arguments: dict, callbacks=()) -> Iterator[None]:
     """VideoSys' own PAB off for one generation (``enable_pab=True`` sets a global manager every block asks;
     ``None`` there is "off" to all of them), put back after: the full-step reference is the model's own
-    output, and each method is the method alone."""
+    output, and each method is the method alone; left on for ``videosys-pab`` (:class:`VideoSysOwnPAB`)."""
     import sys
 
     from ..integrations.videosys import PAB_MODULES
 
+    if any(isinstance(cb, VideoSysOwnPAB) for cb in callbacks):
+        yield
+        return
     held = [(m, m.PAB_MANAGER) for m in (sys.modules.get(n) for n in PAB_MODULES)
             if m is not None and getattr(m, "PAB_MANAGER", None) is not None]
     try:
@@ -318,7 +335,8 @@ def _videosys_target(arguments: dict) -> "Target":
                            "other ranks generate in VideoSysEngine's worker processes, which compare does not replay "
                            "(they would wait for the first call's collectives); compare with num_gpus=1 in the "
                            "script's config")
-    if pab_manager() is not None:
+    own = pab_manager() is not None
+    if own:
         messages.notice("compare: VideoSys' own PAB (enable_pab=True) is off in every compared run: the full-step "
                         "reference is the model's own output and each method runs alone (the pab methods are "
                         "taohooks' PAB, not VideoSys': see the README's \"On a VideoSys script\")")
@@ -329,9 +347,19 @@ def _videosys_target(arguments: dict) -> "Target":
         return dataclasses.replace(TARGETS["videosys"], per_call=None, blocks=None, attention=None, exit=None,
                                    tea_source=f"the block stacks and TeaCache are known for VideoSys' Latte and "
                                               f"Open-Sora-Plan v1.1 transformers, not {name}.{type(model).__name__}")
-    return dataclasses.replace(TARGETS["videosys"], per_call=None, refused=LEARNED_SIGMA,
+    return dataclasses.replace(TARGETS["videosys"], per_call=None, refused=LEARNED_SIGMA, own_pab=_videosys_own_pab,
                                tea_published=_latte_published_teacache(
                                    coefficients, f"VideoSys' {type(pipe).__name__}, where the authors evaluated it"))
+
+
+def _videosys_own_pab(arguments: dict, model) -> Any:
+    """The ``videosys-pab`` method's callback, or why it cannot run (the script did not enable VideoSys' PAB)."""
+    from ..integrations.videosys import pab_manager
+
+    if pab_manager() is None:
+        return ("videosys-pab is VideoSys' own PAB as the script configures it, but the script's config has no "
+                "enable_pab=True (VideoSys set no PAB manager): enable it in the script, or drop videosys-pab")
+    return VideoSysOwnPAB(model)
 
 
 DIFFUSERS_WAN_TEACACHE = (
@@ -370,9 +398,12 @@ class Target:
     # callbacks of the integration every compared generation's hook also carries (before the methods'): (generate's
     # arguments, the model) -> fresh callbacks (diffusers: the cache_context check)
     hook_callbacks: Optional[Callable[[dict, Any], list]] = None
-    # the context every compared generation runs in: (generate's arguments) -> a context manager (VideoSys: its own
-    # PAB off)
-    around: Optional[Callable[[dict], ContextManager[None]]] = None
+    # the context every compared generation runs in: (generate's arguments, the run's callbacks) -> a context manager
+    # (VideoSys: its own PAB off but for videosys-pab)
+    around: Optional[Callable[[dict, Sequence[Any]], ContextManager[None]]] = None
+    # the pipeline's own PAB as the script configured it (the videosys-pab method): (generate's arguments, the model)
+    # -> its callback, or a ConfigError-worthy reason (str) where the script did not enable it; None: no such PAB
+    own_pab: Optional[Callable[[dict, Any], Any]] = None
     # methods that cannot work on this model: method -> why (refused before any run)
     refused: Dict[str, str] = field(default_factory=dict)
 
