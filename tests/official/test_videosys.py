@@ -265,6 +265,15 @@ def test_compare_target_turns_videosys_pab_off_and_runs_the_authors_teacache(vs)
     with _videosys_pab_off({"self": fresh}):
         assert torch.equal(generate(fresh), off)
     assert torch.equal(generate(fresh), with_pab)  # (put back: its PAB acts again)
+    # videosys-pab: VideoSys' own PAB left on, its state reset where the generation starts (as VideoSys' first)
+    from taohooks.compare.targets import VideoSysOwnPAB
+
+    own = VideoSysOwnPAB(fresh.transformer)
+    loop, _ = integration.batched_cfg_loop(fresh.scheduler, STEPS, 7.5)
+    for _ in range(2):
+        with _videosys_pab_off({"self": fresh}, [own]), DenoiserHook(loop, [own]).attach(fresh.transformer) as hook:
+            hook.new_sample()
+            assert torch.equal(generate(fresh), with_pab)
 
     target = _videosys_target({"self": pipe})
     make, provenance = target.tea_published({"self": pipe}, False)
