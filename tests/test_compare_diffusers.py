@@ -17,12 +17,11 @@ pytest.importorskip("transformers")
 if not hasattr(diffusers, "WanPipeline"):  # (diffusers 0.33+; the extras allow 0.30)
     pytest.skip(f"diffusers {diffusers.__version__} has no WanPipeline", allow_module_level=True)
 
-from taohooks.compare import load_experiment  # noqa: E402
 from taohooks.compare.experiment import ExperimentConfig  # noqa: E402
 from taohooks.compare.runner import check_methods  # noqa: E402
-from taohooks.compare.store import RunStore  # noqa: E402
 from taohooks.compare.targets import TARGETS, _diffusers_video  # noqa: E402
 from taohooks.config import ConfigError  # noqa: E402
+from compare_folders import reference, results  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent / "fixtures" / "diffusers_like" / "sample_diffusers.py"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "diffusers_wan.py"
@@ -105,15 +104,6 @@ def compared(tmp_path_factory):
                          capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr
     return tmp, res.stderr, json.loads((tmp / "codes.json").read_text())
-
-
-def results(folder: Path, name: str) -> dict:
-    return json.loads((folder / f"out_{name}" / "results.json").read_text())
-
-
-def reference(folder: Path, name: str) -> torch.Tensor:
-    entry = load_experiment(folder / f"{name}.yaml").evaluation_prompts()[0]
-    return RunStore(folder / f"out_{name}").load("full", entry)[0]
 
 
 def test_the_reference_is_the_video_the_script_makes_for_that_prompt_and_seed(compared):

@@ -17,6 +17,7 @@ pytest.importorskip("diffusers")  # (the fake pipelines use diffusers' DDIM / PN
 from taohooks.compare import load_experiment  # noqa: E402
 from taohooks.compare.store import RunStore  # noqa: E402
 from taohooks.compare.targets import _pipeline_video, _videosys_pab_off  # noqa: E402
+from compare_folders import reference, results  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "videosys_like"
 SCRIPT = FIXTURE / "sample_videosys.py"
@@ -85,15 +86,6 @@ def compared(tmp_path_factory):
                          env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(FIXTURE)})
     assert res.returncode == 0, res.stderr
     return tmp, res.stderr, json.loads((tmp / "codes.json").read_text())
-
-
-def results(folder: Path, name: str) -> dict:
-    return json.loads((folder / f"out_{name}" / "results.json").read_text())
-
-
-def reference(folder: Path, name: str) -> torch.Tensor:
-    entry = load_experiment(folder / f"{name}.yaml").evaluation_prompts()[0]
-    return RunStore(folder / f"out_{name}").load("full", entry)[0]
 
 
 def video(path: Path) -> torch.Tensor:

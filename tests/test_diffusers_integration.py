@@ -928,7 +928,8 @@ def test_guidance_off_for_the_last_step_is_named_among_the_causes(capfd):
         wan_call(pipe, callback_on_step_end=cut_off)
         err = capfd.readouterr().err
         assert f"returned after {2 * STEPS - 1} of {2 * STEPS} denoiser calls" in err
-        assert "or made fewer calls per step in its last steps than the loop counts (guidance switched off there)" in err
+        assert ("or made fewer calls per step in its last steps than the loop counts (guidance switched off "
+                "there)") in err
     finally:
         disable_taocache(pipe)
 

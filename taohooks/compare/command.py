@@ -179,8 +179,8 @@ def _strip(config: ExperimentConfig, experiment: Experiment, prompts: int = 2) -
     videos = {name: torch.cat([experiment.store.load(label, e)[0] for e in entries]) for name, label in labels.items()}
     channels = next(iter(videos.values())).shape[1]
     if channels != 3:  # (latents, as a pipeline's output_type="latent" returns them)
-        messages.notice(f"compare: strip.png and side_by_side.gif not drawn: the generations returned {channels}-channel "
-                        "videos (latents?), not RGB frames")
+        messages.notice(f"compare: strip.png and side_by_side.gif not drawn: the generations returned "
+                        f"{channels}-channel videos (latents?), not RGB frames")
         return []
     written = ["strip.png"] if write_strip(videos, config.output_dir / "strip.png") else []
     return written + (["side_by_side.gif"] if write_animation(videos, config.output_dir / "side_by_side.gif") else [])
