@@ -112,7 +112,7 @@ class ContextStreamCheck(Callback):
         self.transformer.__dict__["cache_context"] = self._wrapper
 
     def _ours(self) -> bool:
-        return self.transformer.__dict__.get("cache_context") is getattr(self, "_wrapper", None)
+        return self.transformer.__dict__.get("cache_context") is self._wrapper
 
     def on_detach(self, hook) -> None:
         if self._original is not None:

@@ -14,7 +14,7 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 
 import torch
 
-from ..runtime.callbacks import Callback
+from ..runtime.reset import StateReset
 from .errors import CompareError
 
 __all__ = ["Target", "TARGETS", "target_for"]
@@ -274,17 +274,14 @@ def _diffusers_wan_probe():
     return diffusers_wan_temb_probe
 
 
-class VideoSysOwnPAB(Callback):
+class VideoSysOwnPAB(StateReset):
     """The ``videosys-pab`` method's callback: VideoSys' own PAB, as the script configured it, stays on for the
     generation (:func:`_videosys_pab_off` leaves it), its state reset where the generation starts."""
 
     def __init__(self, transformer):
-        self.transformer = transformer
-
-    def on_sample_start(self, hook, sample: int) -> None:
         from ..integrations.videosys import reset_pab_state
 
-        reset_pab_state(self.transformer)  # (every generation starts as VideoSys' first does)
+        super().__init__(lambda: reset_pab_state(transformer))  # (every generation starts as VideoSys' first does)
 
 
 @contextlib.contextmanager
