@@ -485,8 +485,8 @@ def test_a_cached_call_that_raises_leaves_the_transformer_alone(capfd):
         disable_taocache(a)
 
 
-@pytest.mark.parametrize("preview_enabled", [True, False])
-def test_a_pipeline_call_during_a_generation_runs_uncached_and_the_generation_goes_on(capfd, preview_enabled):
+@pytest.mark.parametrize("preview_enabled,at", [(True, 1), (False, 1), (False, STEPS - 1), (True, STEPS - 1)])
+def test_a_pipeline_call_during_a_generation_runs_uncached_and_the_generation_goes_on(capfd, preview_enabled, at):
     """A step callback that runs another pipeline on the same transformer (a preview): it ran as the rest of the
     generation, which then ran uncached with another generation's savings in its summary (review, 2026-11-27); a
     preview pipeline never given enable_taocache had its calls counted as the generation's, which then raised at
@@ -505,14 +505,15 @@ def test_a_pipeline_call_during_a_generation_runs_uncached_and_the_generation_go
         previews = []
 
         def preview(pipe, i, t, kwargs):
-            if i == 1:
+            if i == at:
                 previews.append(wan_call(b))
             return {}
         capfd.readouterr()
         assert torch.equal(wan_call(a, callback_on_step_end=preview), cached)
         assert torch.equal(previews[0], full)
         err = capfd.readouterr().err
-        assert re.search(r"was called during generation \d+ on the same model \(at call 4 of 16\): that call runs "
+        where = r"at call 4 of 16" if at == 1 else r"after its last call"  # (the last step's callback: review 16)
+        assert re.search(rf"was called during generation \d+ on the same model \({where}\): that call runs "
                          "uncached", err)
         assert "4 of 16 denoiser calls saved" in err and "sampling loops" not in err
     finally:

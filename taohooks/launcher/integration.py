@@ -223,7 +223,8 @@ class CachesOnModels:
 
 
 _interceptor: Optional[Callable[["GenerationPatch", inspect.BoundArguments], Any]] = None
-_generating: "weakref.WeakSet" = weakref.WeakSet()  # the hooks of the generations running now (see generation_running)
+# the hooks of the generations running now -> the thread running each (see generation_running)
+_generating: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -231,11 +232,13 @@ def generation_running(hook):
     """While active, ``hook`` runs a generation: a patched pipeline called on its model meanwhile (a step callback's
     preview, whether or not that pipeline is enabled) runs uncached and the generation goes on
     (``GenerationPatch._nested``)."""
-    _generating.add(hook)
+    import threading
+
+    _generating[hook] = threading.get_ident()
     try:
         yield
     finally:
-        _generating.discard(hook)
+        _generating.pop(hook, None)
 
 
 @contextlib.contextmanager
@@ -568,13 +571,17 @@ class GenerationPatch:
         """The hook of a generation (:func:`generation_running`) running on this call's model, or ``None``."""
         if not _generating:
             return None
+        import threading
+
         try:
             model = unwrap_model(self.model_of(arguments))
         except Exception:  # noqa: BLE001 - a pipeline of no model found (not one to run): nothing runs on it
             return None
-        running = get_hook(model)
-        return running if running in _generating and not running.passthrough and running.call_index is not None \
-            else None
+        running = get_hook(model) if model is not None else None
+        # (in the generation's own thread: a call from another thread is refused by the hook, as before; a preview at
+        # the last step comes after the loop's last call, when call_index is None already)
+        return running if running is not None and _generating.get(running) == threading.get_ident() \
+            and not running.passthrough else None
 
     def _generate(self, bound: inspect.BoundArguments) -> Any:
         arguments = dict(bound.arguments)
@@ -619,13 +626,14 @@ class GenerationPatch:
         """A pipeline call made while a generation on the same model runs (a step callback's preview): it runs
         uncached, its model calls untouched, and the running generation goes on where it was."""
         messages.warning(f"{self.target()} was called during generation {hook.label(hook.sample)} on the same model "
-                         f"(at call {hook.call_index} of {hook.loop.total_calls}): that call runs uncached, and the "
-                         "generation goes on after it")
-        hook.passthrough = True
+                         + (f"(at call {hook.call_index} of {hook.loop.total_calls})" if hook.call_index is not None
+                            else "(after its last call)") + ": that call runs uncached, and the generation goes on "
+                         "after it")
+        before, hook.passthrough = hook.passthrough, True
         try:
             return self.original(*bound.args, **bound.kwargs)
         finally:
-            hook.passthrough = False
+            hook.passthrough = before
 
     @staticmethod
     def _extra_counts(cache: TaoCache) -> Dict[str, float]:
