@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import os
 import sys
+import threading
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -232,8 +233,6 @@ def generation_running(hook):
     """While active, ``hook`` runs a generation: a patched pipeline called on its model meanwhile (a step callback's
     preview, whether or not that pipeline is enabled) runs uncached and the generation goes on
     (``GenerationPatch._nested``)."""
-    import threading
-
     _generating[hook] = threading.get_ident()
     try:
         yield
@@ -571,8 +570,6 @@ class GenerationPatch:
         """The hook of a generation (:func:`generation_running`) running on this call's model, or ``None``."""
         if not _generating:
             return None
-        import threading
-
         try:
             model = unwrap_model(self.model_of(arguments))
         except Exception:  # noqa: BLE001 - a pipeline of no model found (not one to run): nothing runs on it
