@@ -84,6 +84,8 @@ def compared(tmp_path_factory):
         "compiled": ("[full, teacache, pab]", 0.25, [*script, "--compile", "--subclass"]),
         "stopped": ("[full, taocache]", 0.25, [*script, "--stop-at", "5"]),
         "preview": ("[full, taocache]", 0.25, [*script, "--preview-at", "2"]),
+        "preview_last": ("[full, taocache]", 0.25, [*script, "--preview-at", "7"]),
+        "preview_other": ("[full, taocache]", 0.25, [*script, "--preview-at", "7", "--preview-own-model"]),
         "latent": ("[full, taocache]", 0.25, [*script, "--output-type", "latent"]),
         "declared": ("[full, taocache]", 0.25, [*script, "--declare", "cond"]),
     }
@@ -263,6 +265,17 @@ def test_a_preview_during_a_compared_generation_runs_uncached(compared):
     rows = {row["method"]: row for row in results(folder, "preview")["aggregates"]}
     assert rows["taocache"]["skips"] == 2 and rows["taocache"]["skipped_fraction"] == pytest.approx(0.25)
     assert "was called during generation" in err
+
+
+@pytest.mark.parametrize("name", ["preview_last", "preview_other"])
+def test_a_preview_at_the_last_step_or_on_another_model_is_not_a_second_experiment(compared, name):
+    """A preview in the last step's callback (after the loop's last call), or a preview pipeline on a model of its
+    own: compare took either for the script's first call and started a second experiment (review16, 2026-11-28)."""
+    folder, _, codes = compared
+    assert codes[name] == 0
+    assert torch.equal(reference(folder, name), reference(folder, "wan"))
+    rows = {row["method"]: row for row in results(folder, name)["aggregates"]}
+    assert rows["taocache"]["skips"] == 2 and rows["taocache"]["skipped_fraction"] == pytest.approx(0.25)
 
 
 def test_latent_videos_are_scored_and_the_pictures_not_drawn_are_said(compared):

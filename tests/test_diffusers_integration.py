@@ -516,10 +516,73 @@ def test_a_pipeline_call_during_a_generation_runs_uncached_and_the_generation_go
         assert re.search(rf"was called during generation \d+ on the same model \({where}\): that call runs "
                          "uncached", err)
         assert "4 of 16 denoiser calls saved" in err and "sampling loops" not in err
+        if not preview_enabled:
+            assert torch.equal(wan_call(b), full)  # (alone afterwards: the model left alone, as before)
     finally:
         disable_taocache(a)
         if preview_enabled:
             disable_taocache(b)
+
+
+def test_a_pipeline_never_enabled_called_from_another_thread_during_a_generation_is_refused_and_changes_nothing():
+    """Taken for a preview, it switched off the running generation's caching for its whole run (the generation then
+    said "interrupted?"), and, ending after it, left the hook on for every later call of that pipeline (review16,
+    2026-11-28). As before the preview check: the hook refuses the second thread's call; the generation goes on."""
+    import copy
+    import threading
+
+    a = wan_pipe()
+    full = wan_call(a)
+    b = WanPipeline(**{**a.components, "scheduler": copy.deepcopy(a.scheduler)})
+    enable_taocache(a, config(window=[5, 6], ratio=1.0))
+    try:
+        cached = wan_call(a)
+        running, done, raised = threading.Event(), threading.Event(), []
+
+        def other():
+            running.wait(60)
+            try:
+                wan_call(b)
+            except RuntimeError as e:
+                raised.append(str(e))
+            finally:
+                done.set()
+
+        def meanwhile(pipe, i, t, kwargs):
+            if i == 2:
+                running.set()
+                done.wait(60)
+            return {}
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert torch.equal(wan_call(a, callback_on_step_end=meanwhile), cached)
+        thread.join(60)
+        assert len(raised) == 1 and "is called from a second thread while a generation runs in another" in raised[0]
+        assert get_hook(a.transformer).passthrough and torch.equal(wan_call(b), full)
+    finally:
+        disable_taocache(a)
+
+
+def test_a_pipeline_without_a_transformer_called_during_a_generation_runs_as_it_is():
+    """A pipeline of Wan2.2's low-noise expert alone (``transformer=None``) as a preview of a generation on another
+    model: the preview check raised AttributeError on its ``None`` transformer (review16, 2026-11-28)."""
+    a = wan_pipe()
+    low = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=None,
+                      transformer_2=wan_pipe().transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                      boundary_ratio=1.5)  # (every step on transformer_2)
+    alone = wan_call(low)
+    enable_taocache(a, config(window=[5, 6], ratio=1.0))
+    try:
+        cached, previews = wan_call(a), []
+
+        def preview(pipe, i, t, kwargs):
+            if i == 2:
+                previews.append(wan_call(low))
+            return {}
+        assert torch.equal(wan_call(a, callback_on_step_end=preview), cached)
+        assert torch.equal(previews[0], alone)
+    finally:
+        disable_taocache(a)
 
 
 @pytest.mark.parametrize("input_arg", [0, "hidden_states"])
@@ -895,6 +958,36 @@ def test_guidance_cut_off_mid_generation_is_refused_as_such_and_a_script_s_wrapp
     assert pipe.transformer.__dict__.get("cache_context") is mine and seen[:2] == ["cond", "uncond"]
 
 
+def test_a_cache_context_the_script_patches_on_the_class_after_enabling_runs_and_is_checked():
+    """The check wrapped the class's ``cache_context`` as it was at enabling, on the instance: a patch the script then
+    put on the class never ran while TaoCache was enabled (review16, 2026-11-28)."""
+    pipe = wan_pipe()
+    cls = type(pipe.transformer)
+    old, seen = cls.cache_context, []
+
+    def mine(self, name, **kwargs):
+        seen.append(name)
+        return old(self, name, **kwargs)
+
+    enable_taocache(pipe, config(window=[5, 6], ratio=1.0))
+    try:
+        cached = wan_call(pipe)
+        cls.cache_context = mine  # (as a library patching diffusers would)
+        assert torch.equal(wan_call(pipe), cached) and seen == ["cond", "uncond"] * STEPS
+
+        def switch_on(p, i, t, kwargs):
+            if i == 3:
+                p._guidance_scale = 5.0
+            return {}
+
+        with pytest.raises(IntegrationError, match=r"guidance switched on"):  # (still checked)
+            wan_call(pipe, guidance_scale=1.0, callback_on_step_end=switch_on)
+    finally:
+        disable_taocache(pipe)
+        cls.cache_context = old
+    assert "cache_context" not in pipe.transformer.__dict__
+
+
 def test_guidance_switched_on_mid_generation_is_named_as_such():
     """Its refusal advised declaring loop.streams: [cond, uncond], which gave the same refusal (review, 2026-11-28)."""
     pipe = wan_pipe()
@@ -981,3 +1074,27 @@ def test_a_call_refused_at_its_start_is_counted(tmp_path, capfd):
         assert f"taohooks: generation {first + 2}: " in capfd.readouterr().err
     finally:
         disable_taocache(pipe)
+
+
+@pytest.mark.parametrize("stop,said", [(KeyboardInterrupt, "Ctrl-C (KeyboardInterrupt)"), ("sigterm", "SIGTERM")])
+def test_a_generation_stopped_between_model_calls_names_what_stopped_it(tmp_path, capfd, stop, said):
+    """Ctrl-C or SIGTERM in a step callback (between two model calls) was said as "WanPipeline.__call__ raised"
+    (review16, 2026-11-28)."""
+    from taohooks.runtime.interrupt import Terminated
+
+    pipe = wan_pipe()
+
+    def stopping(p, i, t, kwargs):
+        if i == 3:
+            raise Terminated if stop == "sigterm" else stop
+        return {}
+
+    enable_taocache(pipe, config_from_dict({"integration": "diffusers", "lut": str(tmp_path / "lut.safetensors"),
+                                            "calibration": {"prompts": 2}}, "test.yaml"))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            wan_call(pipe, callback_on_step_end=stopping)
+    finally:
+        disable_taocache(pipe)
+    assert (f"stopped before its last call ({said} in diffusers.pipelines.wan.pipeline_wan.WanPipeline.__call__, "
+            "between model calls)") in capfd.readouterr().err  # (its number counts the class's generations)

@@ -173,26 +173,34 @@ def test_an_aborted_generation_adds_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("stop,said", [(KeyboardInterrupt, "Ctrl-C (KeyboardInterrupt)"), ("sigterm", "SIGTERM")])
-def test_an_interrupted_calibration_names_what_stopped_it(tmp_path, capsys, stop, said):
-    """A SIGTERM (which commands raise as Ctrl-C is raised) was said as "KeyboardInterrupt" (docs check, 2026-11-28)."""
+@pytest.mark.parametrize("where", ["in call 7 (step 7)", "between model calls"])
+def test_an_interrupted_calibration_names_what_stopped_it(tmp_path, capsys, stop, said, where):
+    """A SIGTERM (which commands raise as Ctrl-C is raised) was said as "KeyboardInterrupt" (docs check, 2026-11-28);
+    between two model calls (the scheduler step, the VAE) as "Terminated raised during sampling" (review16)."""
     from taohooks.runtime.interrupt import Terminated
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"lut: geo.safetensors\ncalibration: {{prompts: 3}}\nloop: {{steps: {STEPS}}}\n")
     model = GeometricDenoiser({"main": 0.5})
+    inside = where.startswith("in call")
 
     def stopping(x, timestep, stream="main"):
         if float(timestep) == 7.0:
-            raise Terminated if stop == "sigterm" else stop
+            if inside:
+                raise Terminated if stop == "sigterm" else stop
+            stopping.after = True
         return model(x, timestep)
 
     net = torch.nn.Module()
     net.forward = stopping
     cache = TaoCache.from_yaml(cfg)
-    with cache.attach(net, repeat=True):
-        with pytest.raises(KeyboardInterrupt):
-            run_loop(net, STEPS)
-    assert (f"calibration: generation 1 stopped before its last call ({said} in call 7 (step 7)); its statistics "
+    with pytest.raises(KeyboardInterrupt):
+        with cache.attach(net, repeat=True):
+            for t in range(STEPS):
+                net(torch.zeros(1, 1), timestep=torch.tensor([float(t)]))
+                if getattr(stopping, "after", False):  # (the loop's own work after the model call)
+                    raise Terminated if stop == "sigterm" else stop
+    assert (f"calibration: generation 1 stopped before its last call ({said} {where}); its statistics "
             "were left out of the LUT\n") in capsys.readouterr().err
 
 

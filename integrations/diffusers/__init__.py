@@ -81,7 +81,7 @@ class ContextStreamCheck(Callback):
         self.transformer = transformer
         self.current: Optional[str] = None
         self.names: Dict[tuple, tuple] = {}  # (see on_sample_start)
-        self._original = self._instance = self._wrapper = None
+        self._wrapped, self._instance, self._wrapper = False, None, None
 
     def on_attach(self, hook) -> None:
         self._wrap()
@@ -89,14 +89,13 @@ class ContextStreamCheck(Callback):
     def _wrap(self) -> None:
         """Record each call's context name through the transformer's ``cache_context`` (the script's own wrapper, set
         on the instance, wrapped in turn and put back on detach)."""
-        original = getattr(self.transformer, "cache_context", None)
-        if original is None:
+        if getattr(self.transformer, "cache_context", None) is None:
             return
-        check = self
+        check, instance = self, self.transformer.__dict__.get("cache_context")  # (a wrapper of the script's: put back)
 
         class _Context:
             def __init__(self, name, kwargs):
-                self.name, self.inner = name, original(name, **kwargs)
+                self.name, self.inner = name, check._underlying(instance)(name, **kwargs)
 
             def __enter__(self):
                 check.current = self.name
@@ -106,26 +105,39 @@ class ContextStreamCheck(Callback):
                 check.current = None
                 return self.inner.__exit__(*exc)
 
-        self._original = original
-        self._instance = self.transformer.__dict__.get("cache_context")  # (a wrapper of the script's: put back)
+        self._wrapped, self._instance = True, instance
         self._wrapper = lambda name, **kwargs: _Context(name, kwargs)
         self.transformer.__dict__["cache_context"] = self._wrapper
+
+    def _underlying(self, instance):
+        """The ``cache_context`` a wrapper of this check calls: the script's wrapper ``instance`` found on the
+        transformer when it wrapped, else the class's, looked up at each call (a patch the script puts on the class
+        after enabling runs too)."""
+        if instance is not None:
+            return instance
+        owner = type(self.transformer)
+        for klass in owner.__mro__:  # (the lookup of self.transformer.cache_context past its instance attribute)
+            if "cache_context" in vars(klass):
+                attr = vars(klass)["cache_context"]
+                get = getattr(type(attr), "__get__", None)
+                return get(attr, self.transformer, owner) if get is not None else attr
+        return owner.__getattr__(self.transformer, "cache_context")  # (torch.compile's wrapper: its model's)
 
     def _ours(self) -> bool:
         return self.transformer.__dict__.get("cache_context") is self._wrapper
 
     def on_detach(self, hook) -> None:
-        if self._original is not None:
+        if self._wrapped:
             if self._ours():  # (a wrapper the script set since is the script's: left as it is)
                 if self._instance is not None:
                     self.transformer.__dict__["cache_context"] = self._instance
                 else:
                     self.transformer.__dict__.pop("cache_context", None)
-            self._original = self._instance = self._wrapper = None
+            self._wrapped, self._instance, self._wrapper = False, None, None
 
     def on_sample_start(self, hook, sample: int) -> None:
         self.names = {}  # position of a call in its step -> the cache_context name the first such call had
-        if self._original is not None and not self._ours():  # the script set a wrapper of its own since: wrapped
+        if self._wrapped and not self._ours():  # the script set a wrapper of its own since: wrapped
             self._wrap()
 
     def on_before_call(self, hook, call, args, kwargs):

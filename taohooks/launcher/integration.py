@@ -26,6 +26,7 @@ from torch import nn
 from ..runtime import messages
 from ..runtime.loop import LoopSpec
 from ..runtime.hook import get_hook
+from ..runtime.interrupt import interruption
 from ..runtime.patching import unwrap_model
 from ..taocache.cache import TaoCache
 
@@ -224,8 +225,9 @@ class CachesOnModels:
 
 
 _interceptor: Optional[Callable[["GenerationPatch", inspect.BoundArguments], Any]] = None
-# the hooks of the generations running now -> the thread running each (see generation_running)
-_generating: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# the hooks of the generations running now -> the thread running each (see generation_running; each entry leaves
+# when its generation ends, a plain dict so that reading it from another thread is atomic)
+_generating: Dict[Any, int] = {}
 
 
 @contextlib.contextmanager
@@ -243,7 +245,8 @@ def generation_running(hook):
 @contextlib.contextmanager
 def intercepting(handler: Callable[["GenerationPatch", inspect.BoundArguments], Any]):
     """While active, every generation call a patch wraps goes to ``handler(patch, bound_arguments)``
-    instead (``taocache compare`` drives the script's first generation this way); it counts as wrapped."""
+    instead (``taocache compare`` drives the script's first generation this way); it counts as wrapped. A call
+    made while a generation runs in the same thread (a step callback's preview on another model) runs as it is."""
     global _interceptor
     previous, _interceptor = _interceptor, handler
     try:
@@ -559,6 +562,8 @@ class GenerationPatch:
         if self.enabled is not None and not self.enabled(dict(bound.arguments)):
             return self.original(*args, **kwargs)
         if _interceptor is not None:
+            if threading.get_ident() in list(_generating.values()):  # (a call made inside a compared generation,
+                return self.original(*args, **kwargs)  # on another model: the script's, run as it is)
             return _interceptor(self, bound)
         if self._prompt_calibration is None and os.environ.get("TAOHOOKS_CALIBRATE_PROMPTS"):
             from .prompt_calibration import calibrate_over_prompts
@@ -599,18 +604,20 @@ class GenerationPatch:
             self.generations += 1  # (a call refused at its start is counted too, as one that raised in its loop)
             raise
         hook.passthrough = False  # (between this patch's calls the model is left alone: another user may share it)
-        returned = False
+        raised: Optional[BaseException] = None
         try:
             with generation_running(hook):
                 result = self.original(*bound.args, **bound.kwargs)
-            returned = True
+        except BaseException as exc:
+            raised = exc
+            raise
         finally:
             hook.passthrough = True
             self.generations += 1  # (a call that raised is counted too: the next one's messages name its number)
             total = hook.loop.total_calls
             stopped = hook.end_generation(f"{self.target()} returned after {hook.call_index} of {total} denoiser "
-                                          "calls: interrupted, or guidance off for its last steps?" if returned
-                                          else f"{self.target()} raised")
+                                          "calls: interrupted, or guidance off for its last steps?" if raised is None
+                                          else f"{interruption(raised)} in {self.target()}, between model calls")
         if stopped and not cache.calibrating:
             messages.warning(f"generation {self.generations}: {self.target()} returned after {stopped} of {total} "
                              f"denoiser calls ({hook.loop.describe()}): its loop was interrupted (e.g. by a "

@@ -38,6 +38,7 @@ from torch import nn
 
 from . import messages
 from .callbacks import Callback
+from .interrupt import interruption
 from .loop import CallInfo, LoopSpec
 from .patching import ForwardPatch
 
@@ -306,7 +307,7 @@ class DenoiserHook:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self._index is not None:
-            self._abort(f"{exc_type.__name__} raised during sampling")
+            self._abort(f"{interruption(exc) if exc is not None else exc_type.__name__} between model calls")
         self.detach()
 
     # ------------------------------------------------------------------ generations
@@ -642,8 +643,6 @@ class DenoiserHook:
 
     @_outside_graph
     def _fail(self, call: CallInfo, exc: BaseException) -> None:
-        from .interrupt import interruption
-
         self._abort(f"{interruption(exc)} in call {call.index} (step {call.step})")
 
     @_outside_graph
