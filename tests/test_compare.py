@@ -862,6 +862,17 @@ def test_pab_groups_with_their_own_ranges(tmp_path, launcher_state, capsys):
     assert len(pab) == 2 and all(r["pab_groups"] == [{"pattern": "blocks\\.[0-2]\\.attn", "range": 3},
                                                      {"pattern": "blocks\\.[34]\\.attn", "range": 2}] for r in pab)
     assert all(r["psnr"] < 100 for r in pab)
+    # recorded under the YAML's key (it was recorded, and said in a refusal, as the dataclass field range_); a folder
+    # recorded so is the same experiment
+    stored = tmp_path / "out" / "experiment.json"
+    recorded = json.loads(stored.read_text())["pab_groups"]
+    assert recorded == [{"pattern": "blocks\\.[0-2]\\.attn", "range": 3},
+                        {"pattern": "blocks\\.[34]\\.attn", "range": 2}]
+    stored.write_text(stored.read_text().replace('"range":', '"range_":'))
+    assert compare(write(tmp_path, text)) == 0
+    capsys.readouterr()
+    assert compare(write(tmp_path, text.replace("range: 2", "range: 4"), "other.yaml")) == 2
+    assert "this output folder holds runs made with pab_groups = " in capsys.readouterr().err
     bad = write(tmp_path, text.replace("blocks\\.[34]\\.attn", "blocks\\.[34]\\.attention").replace(
         "output: out", "output: out2"), "bad.yaml")
     assert compare(bad) == 2  # said at the first generation call (the launcher's exit status)

@@ -400,7 +400,15 @@ class Experiment:
         settings = {k: v for k, v in self._run_settings().items() if k not in call_dependent}
         self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration, **settings},
                                     optional=self._optional_settings(), partial=True,  # (call_dependent: later)
-                                    comparable={"script": self.target.comparable_script}, unrecorded=UNRECORDED)
+                                    comparable=self._comparable(), unrecorded=UNRECORDED)
+
+    def _comparable(self) -> Dict[str, Callable[[Any], Any]]:
+        """Settings compared as a function of them (see :meth:`RunStore.check_experiment`): the script line less the
+        flags no run depends on; PAB groups as folders before 2026-11-29 recorded them (``range_``) too."""
+        def groups(value):
+            return [{"pattern": g.get("pattern"), "range": g.get("range", g.get("range_"))} if isinstance(g, dict)
+                    else g for g in value] if isinstance(value, list) else value
+        return {"script": self.target.comparable_script, "pab_groups": groups}
 
     def _optional_settings(self) -> Tuple[str, ...]:
         """Settings recorded only while a method reading them is listed (see :meth:`RunStore.check_experiment`)."""
@@ -419,7 +427,8 @@ class Experiment:
                     "calibration.error_horizon": self.tao.calibration.error_horizon,
                     **{k: getattr(c, k) for k, users in METHOD_SETTINGS.items() if users & methods}}
         if PAB_METHODS & methods:
-            settings["pab_groups"] = [dataclasses.asdict(g) for g in c.pab_groups] if c.pab_groups else None
+            settings["pab_groups"] = [{"pattern": g.pattern, "range": g.range_} for g in c.pab_groups] \
+                if c.pab_groups else None
         if TAO_METHODS & methods:  # the plan and the LUT, where a listed method reads them
             settings.update({f"plan.{k}": v for k, v in dataclasses.asdict(self.tao.plan).items()
                              if k not in ("budget", "window", "skip_steps")})  # replaced per budget (_tao_plan)
@@ -538,7 +547,7 @@ class Experiment:
                                      **self._run_settings()},
                                     optional=self._optional_settings(), grown=("model",),
                                     alike={**self._alike_settings(), "weights": (weights, earlier)},
-                                    comparable={"script": self.target.comparable_script}, unrecorded=UNRECORDED)
+                                    comparable=self._comparable(), unrecorded=UNRECORDED)
         self._check_stored_thresholds(calibration)  # (after: a folder of another experiment is said as such)
         evaluation = self.config.evaluation_prompts()
         steps = self.loop.steps
