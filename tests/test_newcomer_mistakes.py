@@ -216,7 +216,13 @@ def test_the_sampler_weights_name_the_lut_s_sampler_once():
     from taohooks.taocache.error_plan import weight_scheme
 
     scheme, why = weight_scheme("auto", SimpleNamespace(identity={"scheduler": "unipc"}, sampler="unipc"))
-    assert scheme == "flow" and why == "flow matching (the LUT's sampler: unipc)"
+    assert scheme == "flow" and why == "flow matching (the LUT's scheduler unipc)"
+    # a class name and a label: each said as what it is ("unipcmultistepscheduler unipc": fresh-machine check)
+    scheme, why = weight_scheme("auto", SimpleNamespace(identity={"scheduler": "UniPCMultistepScheduler"},
+                                                        sampler="unipc"))
+    assert why == "flow matching (the LUT's scheduler UniPCMultistepScheduler, calibration.sampler unipc)"
+    scheme, why = weight_scheme("auto", SimpleNamespace(identity={"shift": 3.0}, sampler=None))
+    assert scheme == "flow" and why == "flow matching (the LUT's flow shift)"
 
 
 def test_the_generation_that_completes_the_lut_says_so(tmp_path, capsys):

@@ -15,7 +15,7 @@ from typing import List, Tuple
 import torch
 import yaml
 
-from ..config import ConfigError, TaoCacheConfig, UsageError, load_config
+from ..config import ConfigError, TaoCacheConfig, UsageError, config_from_dict, load_config
 from ..runtime import messages
 from ..runtime.interrupt import terminate_as_interrupt
 from ..runtime.io import atomic_write_bytes, check_writable
@@ -23,26 +23,57 @@ from .errors import CompareError
 from .experiment import ExperimentConfig, load_experiment
 from .plots import write_animation, write_plots, write_strip
 from .report import build_results, load_results, markdown_table, write_results
-from .runner import TEA_METHODS, Experiment, check_before_run, intercept_generations
+from .runner import (TEA_METHODS, Experiment, calibrated_here, check_before_run, intercept_generations,
+                     needs_calibration)
 from .store import folder_lock, writes_results
 from .targets import target_for
 
-__all__ = ["run_compare", "rebuild_report", "taocache_config_of"]
+__all__ = ["run_compare", "rebuild_report", "taocache_config_of", "check_experiment_file"]
 
 
-def taocache_config_of(config: ExperimentConfig) -> Tuple[Path, TaoCacheConfig]:
+def taocache_config_of(config: ExperimentConfig, write: bool = True) -> Tuple[Path, TaoCacheConfig]:
     """The TaoCache config the launcher installs the integration from: the named file, or one written
-    to ``OUTPUT/taocache.yaml`` from the inline ``integration``, ``model_id`` and ``loop``."""
+    to ``OUTPUT/taocache.yaml`` from the inline ``integration``, ``model_id`` and ``loop`` (``write=False``: the
+    same config, nothing written)."""
     if config.taocache is not None:
         path = config.path(config.taocache, "taocache")
-    else:
-        path = config.output_dir / "taocache.yaml"
-        loop = {k: v for k, v in vars(config.loop).items() if v not in (None, False)}
-        data = {"integration": config.integration, "model_id": config.model_id, "lut": None,
-                **({"loop": loop} if loop else {})}
-        atomic_write_bytes(path, ("# written by taocache compare from " + str(config.source) + "\n"
-                                  + yaml.safe_dump(data, sort_keys=False)).encode())
+        return path, load_config(path)
+    path = config.output_dir / "taocache.yaml"
+    loop = {k: v for k, v in vars(config.loop).items() if v not in (None, False)}
+    data = {"integration": config.integration, "model_id": config.model_id, "lut": None,
+            **({"loop": loop} if loop else {})}
+    if not write:
+        return path, config_from_dict(data, str(config.source))
+    atomic_write_bytes(path, ("# written by taocache compare from " + str(config.source) + "\n"
+                              + yaml.safe_dump(data, sort_keys=False)).encode())
     return path, load_config(path)
+
+
+def check_experiment_file(experiment_path: str) -> str:
+    """``taocache check EXPERIMENT.yaml``: the checks ``taocache compare`` makes before the script starts, nothing
+    written; returns the resolved experiment and what a run would do, as YAML with ``#`` notes."""
+    config = load_experiment(experiment_path)
+    _check_integration(config)
+    tao_path, tao = taocache_config_of(config, write=False)
+    check_before_run(config, tao)
+    lines = ["# a taocache compare experiment: valid (the checks taocache compare makes before the script starts; "
+             "the script line, a per-pipeline target's methods and the output folder's runs are checked when it "
+             "runs)", yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(),
+             f"# TaoCache config: {tao_path} (integration {tao.integration}, model_id {tao.model_id})"
+             if config.taocache is not None else
+             f"# TaoCache config: inline (written to {tao_path} when it runs; integration {tao.integration})"]
+    needed, why = needs_calibration(config, tao)
+    lines.append(f"# {len(config.evaluation_prompts())} evaluation prompt(s) x {len(config.methods)} method(s) x "
+                 f"{len(config.budgets)} budget(s); calibration: "
+                 + (f"{calibrated_here(config, target_for(tao.integration), why)}, on "
+                    f"{len(config.calibration_list())} calibration prompts, in the output folder" if needed
+                    else "none (the methods listed read published or configured values)"))
+    runs = config.output_dir / "runs"
+    stored = sum(1 for p in runs.rglob("*.safetensors")) if runs.is_dir() else 0
+    lines.append(f"# output: {config.output_dir} holds {stored} stored run(s): taocache compare continues them "
+                 "(where its experiment.json matches)" if stored else
+                 f"# output: {config.output_dir} ({'exists, no runs stored' if config.output_dir.exists() else 'new'})")
+    return "\n".join(lines)
 
 
 PER_CLIP_MESSAGE = ("runs one sampling loop per clip inside one generation call (Wan2.2 S2V and Animate, diffusers' "
@@ -197,6 +228,8 @@ def rebuild_report(folder: str) -> int:
                          f"experiment" + (f": --report {output}" if output is not None else ""))
     results = load_results(folder)
     atomic_write_bytes(Path(folder) / "results.md", markdown_table(results).encode())
-    write_plots(results, folder)
+    plots = write_plots(results, folder)
     print(markdown_table(results))
+    print(f"wrote {Path(folder) / 'results.md'}" + "".join(f", {p.name}" for p in plots)
+          + " (strip.png and side_by_side.gif are the run's: --report reads no videos)")
     return 0

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..evaluation.methods import IMPLAUSIBLE_NOTE, implausible_speedup
 from ..runtime.io import atomic_write_bytes
 from .experiment import ExperimentConfig
 from .scoring import score
@@ -130,7 +131,7 @@ def markdown_table(results: Dict[str, Any]) -> str:
     implausible = []
     for r in sorted(rows, key=lambda r: (r["budget"], r["method"])):
         mark = ""
-        if _implausible_speedup(r):
+        if implausible_speedup(r["method"], r.get("speedup"), r.get("skipped_fraction")):
             mark = "†"
             implausible.append(f"{r['method']} at {r['skips']}/{r['steps']}")
         lines.append(f"| {r['skips']}/{r['steps']} ({100 * r['budget']:.0f}%) | {r['method']} | "
@@ -140,25 +141,13 @@ def markdown_table(results: Dict[str, Any]) -> str:
                      f"{_fmt(r['psnr_changed'], '.2f')} |" + (f" {_fmt(r.get('latent_rel_l2'), '.4f')} |" if latents
                                                                 else ""))
     if implausible:
-        lines += ["", f"† more than 5% faster than skipping that share of the calls allows (1 / (1 - skipped)): "
-                      f"timing noise "
-                      f"({', '.join(implausible)}; a loaded machine, or runs timed in different processes): time "
-                      "again on an idle machine before quoting it."]
+        lines += ["", IMPLAUSIBLE_NOTE.format(", ".join(implausible))]
     return "\n".join(lines) + "\n"
 
 
 def _per_expert(row: Dict[str, Any]) -> str:
     shares = row.get("skipped_per_expert")
     return "n/a" if shares is None else f"{100 * shares['high_noise']:.1f} / {100 * shares['low_noise']:.1f}%"
-
-
-def _implausible_speedup(row: Dict[str, Any]) -> bool:
-    """A speedup above ``1 / (1 - skipped fraction)`` (5% margin) where nothing but skipped calls saves time (PAB
-    methods also save inside the calls they compute)."""
-    speedup, skipped = row.get("speedup"), row.get("skipped_fraction")
-    if speedup is None or skipped is None or "pab" in row["method"] or skipped >= 1:
-        return False
-    return speedup > 1.05 / (1.0 - skipped)
 
 
 def _json_safe(value: Any) -> Any:

@@ -261,7 +261,7 @@ METHOD_SETTINGS = {"teacache_use_ret_steps": TEA_METHODS, "magcache_k": {"magcac
 UNRECORDED = {"hybrid_tao_skips": ("hybrid_guard", None)}
 
 
-def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig,
+def needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig,
                        target: Optional[Target] = None) -> Tuple[bool, str]:
     """Whether the experiment calibrates on its calibration prompts, and why (``target``: the call's, once known;
     a per-call target not yet resolved is taken to publish nothing)."""
@@ -283,6 +283,18 @@ def _needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig,
     if have < tao.calibration.prompts:
         return True, f"taocache's LUT ({path} holds {have} of {tao.calibration.prompts} prompts)"
     return False, ""
+
+
+def calibrated_here(config: ExperimentConfig, target: Target, why: str) -> str:
+    """What a calibration the experiment needs (:func:`needs_calibration`, ``why``) records: TaoCache's LUT where a
+    listed method reads it, TeaCache's polynomial and MagCache's ratios where no published ones are used."""
+    methods = set(config.methods)
+    lut = why if why.startswith("taocache's LUT") else "taocache's LUT"  # (with why it is needed, if it is)
+    what = [w for w, on in ((lut, bool(TAO_METHODS & methods)),
+                            ("teacache's polynomial", bool(TEA_METHODS & methods) and target.tea_published is None),
+                            ("magcache's magnitude ratios", "magcache" in methods and target.mag_published is None))
+            if on] or [why]
+    return (", ".join(what[:-1]) + " and " if len(what) > 1 else "") + what[-1]
 
 
 def check_methods(config: ExperimentConfig, target: Target, where: str) -> None:
@@ -320,7 +332,7 @@ def check_before_run(config: ExperimentConfig, tao: TaoCacheConfig) -> None:
                           "switch (" + (target.tea_source if not target.known else
                                         "the authors' own, as they run it" if target.tea_published else
                                         "fitted on the calibration prompts") + "): remove the key")
-    needed, why = _needs_calibration(config, tao)
+    needed, why = needs_calibration(config, tao)
     if needed and config.calibration_prompts is None:
         raise ConfigError(config.source, "calibration_prompts", f"{why} needs calibration prompts")
 
@@ -432,7 +444,7 @@ class Experiment:
         if TAO_METHODS & methods:  # the plan and the LUT, where a listed method reads them
             settings.update({f"plan.{k}": v for k, v in dataclasses.asdict(self.tao.plan).items()
                              if k not in ("budget", "window", "skip_steps")})  # replaced per budget (_tao_plan)
-            settings["lut"] = "calibrated in this folder" if _needs_calibration(c, self.tao, self.target)[0] else \
+            settings["lut"] = "calibrated in this folder" if needs_calibration(c, self.tao, self.target)[0] else \
                 "sha256:" + hashlib.sha256(self.tao.lut_path().read_bytes()).hexdigest()  # the config's LUT
         return json.loads(json.dumps(settings))  # as experiment.json gives it back (tuples as lists)
 
@@ -525,7 +537,7 @@ class Experiment:
         self.expert_boundary = attach_kwargs.get("expert_boundary")
         self.run_timesteps = attach_kwargs.get("run_timesteps")  # (where they place Wan2.2's switch: its schedule)
         calibration = self.config.calibration_list()
-        needed, why = _as_rank_zero_has_it(_needs_calibration(self.config, self.tao, self.target))
+        needed, why = _as_rank_zero_has_it(needs_calibration(self.config, self.tao, self.target))
         if needed and self.tao.plan.rule == "paper" and self.tao.plan.tau_cos is None and (
                 not self.expert_boundary or self.run_timesteps is not None):  # (Wan2.2: it waited for the LUT)
             # a window no LUT can fit is arithmetic: said before the calibration's generations (and before the
@@ -649,7 +661,8 @@ class Experiment:
         partial = CalibrationCheckpoint(self.store, used, tea is not None, mag is not None)
         resumed, done = partial.resume(tea, mag)
         self.progress.done += done - self._partial  # (counted in the first line, where it was)
-        messages.notice(f"compare: calibrating {why} on {len(prompts)} calibration prompts (full-step), into "
+        messages.notice(f"compare: calibrating {calibrated_here(self.config, self.target, why)} "
+                        f"on {len(prompts)} calibration prompts (full-step), into "
                         f"{self.store.folder / 'state'} (this experiment's own: the config's lut: is not written)"
                         + (f"; {done} of them recorded before, kept" if done else ""))
         recorder = CalibrationRecorder(self.tao.model_id, self.tao.calibration.sampler, identity=self.identity,

