@@ -424,8 +424,8 @@ def test_plan_says_a_carried_luts_prediction_and_no_phrase_twice(tmp_path, capsy
     assert "(from the carried LUT's interpolated products): predicted PSNR" in capsys.readouterr().out
     assert main(["plan", str(lut), "--window", "25", "44"]) == 0
     out = capsys.readouterr().out
-    assert "# predicted error (open loop, sampler weights: flow matching (the LUT's calibration.sampler unipc)): unknown (a " \
-           "chain spans more steps" in out and out.count("predicted error") == 1
+    assert "# predicted error (open loop, sampler weights: flow matching (the LUT's calibration.sampler unipc)): " \
+           "unknown (a chain spans more steps" in out and out.count("predicted error") == 1
 
 
 def test_settings_that_leave_nothing_or_change_nothing_are_said(capsys):

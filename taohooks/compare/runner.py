@@ -262,7 +262,7 @@ UNRECORDED = {"hybrid_tao_skips": ("hybrid_guard", None)}
 
 
 def needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig,
-                       target: Optional[Target] = None) -> Tuple[bool, str]:
+                      target: Optional[Target] = None) -> Tuple[bool, str]:
     """Whether the experiment calibrates on its calibration prompts, and why (``target``: the call's, once known;
     a per-call target not yet resolved is taken to publish nothing)."""
     target = target or target_for(tao.integration)

@@ -290,7 +290,7 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
     Without ``previous``, an existing ``results.json`` is refused (when it is written) unless ``replace``.
     """
     keep = previous["records"] if previous else []
-    lpips_model = settle_lpips(config, command)  # before any work: a broken LPIPS file fails here, not after calibration
+    lpips_model = settle_lpips(config, command)  # before any work: a broken LPIPS file fails here, not later
     run_id = f"{time.time():.6f}-{os.getpid()}"
     sums: Dict[str, str] = {}
     torch.manual_seed(0)
