@@ -1069,11 +1069,12 @@ def test_taocache_check_checks_an_experiment_as_compare_does_before_the_script(t
     """`taocache check EXPERIMENT.yaml` refused to check it ("this is a `taocache compare` experiment"), though the
     README says the experiment is validated like every config (fresh-machine check, 2026-11-29). Nothing written."""
     for path in sorted((ROOT / "configs" / "compare").glob("*.yaml")):
+        existed = load_experiment(path).output_dir.exists()  # (make compare-demo makes one)
         assert cli.main(["check", str(path)]) == 0, path
         out = capsys.readouterr().out
         assert out.startswith("# a taocache compare experiment: valid") and "\nmethods:" in out, path
         assert "evaluation prompt(s)" in out and "calibration: " in out and "# output: " in out
-        assert not load_experiment(path).output_dir.exists()
+        assert load_experiment(path).output_dir.exists() == existed
     path = write(tmp_path, EXPERIMENT)
     assert cli.main(["check", str(path)]) == 0
     out = capsys.readouterr().out
@@ -1426,6 +1427,29 @@ def test_speedups_that_skipping_cannot_explain_are_marked():
     assert "| 1.667x† |" in table and "| 1.100x |" in table and "| 1.400x |" in table
     assert "† more than 5% faster than skipping that share of the calls allows" in table
     assert "(taocache at 8/50;" in table
+
+
+def test_results_md_shows_each_prompt_s_psnr_and_how_often_each_method_scores_highest():
+    """Four prompts' means can hide one prompt that decides them: the per-prompt PSNR, and per budget the count of
+    prompts each method is highest on (ties count for each); with more prompts than PER_PROMPT_ROWS, the counts."""
+    from taohooks.compare import report
+
+    def run(method, skips, prompt, psnr):
+        return {"method": method, "skips": skips, "steps": 10, "prompt": prompt, "seed": 7, "psnr": psnr}
+
+    records = [{"method": "full", "prompt": "a", "seed": 7, "psnr": None}, run("taocache", 2, "a", 40.0),
+               run("teacache", 2, "a", 35.0), run("taocache", 2, "b | c", 30.0), run("teacache", 2, "b | c", 30.0),
+               run("taocache", 3, "a", 20.0), run("taocache", 3, "b | c", 21.0)]
+    lines = report.per_prompt_lines(records)
+    assert lines[1:6] == ["#### PSNR per prompt (dB)", "", "| prompt | seed | taocache 2/10 | teacache 2/10 | "
+                          "taocache 3/10 |", "|---|---|---|---|---|", "| a | 7 | 40.00 | 35.00 | 20.00 |"]
+    assert lines[6] == "| b / c | 7 | 30.00 | 30.00 | 21.00 |"
+    assert lines[-1] == "Highest PSNR per prompt, of 2 prompts: 2/10: taocache 2, teacache 1."  # (3/10: one method)
+    many = [run(m, 2, f"p{i}", 30.0 + (m == "teacache") * (i % 2)) for i in range(21) for m in ("taocache", "teacache")]
+    lines = report.per_prompt_lines(many)
+    assert not any(line.startswith("| p") for line in lines)
+    assert lines[-1] == "Highest PSNR per prompt, of 21 prompts: 2/10: teacache 21, taocache 11."
+    assert report.per_prompt_lines([run("taocache", 2, "a", 1.0), run("teacache", 2, "a", 2.0)]) == []  # one prompt
 
 
 def test_pictures_an_environment_cannot_draw_are_said(capsys):

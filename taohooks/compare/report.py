@@ -142,7 +142,47 @@ def markdown_table(results: Dict[str, Any]) -> str:
                                                                 else ""))
     if implausible:
         lines += ["", IMPLAUSIBLE_NOTE.format(", ".join(implausible))]
+    lines += per_prompt_lines(results["records"])
     return "\n".join(lines) + "\n"
+
+
+PER_PROMPT_ROWS = 20  # more prompts: the counts of best per prompt alone (results.json has every record)
+
+
+def per_prompt_lines(records: List[Dict[str, Any]]) -> List[str]:
+    """Each prompt's PSNR per method and budget, and per budget how many prompts each method scores highest on: how
+    consistent a difference of the means is (four prompts' means can hide one prompt that decides them)."""
+    runs = [r for r in records if r["method"] != "full" and r.get("psnr") is not None]
+    columns = sorted(dict.fromkeys((r["skips"], r["method"]) for r in runs))
+    prompts = list(dict.fromkeys((r["prompt"], r["seed"]) for r in runs if "prompt" in r))
+    if len(prompts) < 2 or len(columns) < 2:
+        return []
+    psnr = {(r["prompt"], r["seed"], r["skips"], r["method"]): r["psnr"] for r in runs if "prompt" in r}
+    steps = runs[0]["steps"]
+    lines = ["", "#### PSNR per prompt (dB)", ""]
+    if len(prompts) <= PER_PROMPT_ROWS:
+        lines += ["| prompt | seed | " + " | ".join(f"{m} {k}/{steps}" for k, m in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for prompt, seed in prompts:
+            shown = prompt if len(prompt) <= 48 else prompt[:47] + "…"
+            lines.append(f"| {shown.replace('|', '/')} | {seed} | " + " | ".join(
+                _fmt(psnr.get((prompt, seed, k, m)), ".2f") for k, m in columns) + " |")
+        lines.append("")
+    best = []
+    for skips in dict.fromkeys(k for k, _ in columns):
+        methods = [m for k, m in columns if k == skips]
+        if len(methods) < 2:
+            continue
+        wins = dict.fromkeys(methods, 0)
+        for prompt, seed in prompts:
+            scored = [(psnr[(prompt, seed, skips, m)], m) for m in methods if (prompt, seed, skips, m) in psnr]
+            top = max(v for v, _ in scored) if scored else None
+            for v, m in scored:
+                wins[m] += v == top  # (ties: each counts)
+        best.append(f"{skips}/{steps}: " + ", ".join(f"{m} {n}" for m, n in sorted(wins.items(), key=lambda w: -w[1])))
+    if best:
+        lines.append(f"Highest PSNR per prompt, of {len(prompts)} prompts: " + "; ".join(best) + ".")
+    return lines
 
 
 def _per_expert(row: Dict[str, Any]) -> str:
