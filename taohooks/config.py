@@ -799,10 +799,17 @@ def _only_keys_of(data: Any, kind: type, other: type) -> bool:
 
 
 def is_compare_experiment(data: Any) -> bool:
-    """A ``taocache compare`` experiment's keys only, and some a TaoCache config has not (``prompts``...)."""
+    """Keys that only a ``taocache compare`` experiment has (``prompts``, ``calibration_prompts``...) and none that only
+    a TaoCache config has (``lut``, ``plan``...): an experiment, also with a misspelled key (said by its own check)."""
+    if not isinstance(data, dict) or not data:
+        return False
     from .compare.experiment import ExperimentConfig
+    from .evaluation.bench import BenchConfig
 
-    return _only_keys_of(data, ExperimentConfig, TaoCacheConfig)
+    keys = set(map(str, data))
+    tao, experiment = ({_yaml_key(f) for f in dataclasses.fields(c)} for c in (TaoCacheConfig, ExperimentConfig))
+    own = experiment - tao - {f.name for f in dataclasses.fields(BenchConfig)}
+    return bool(keys & own) and not keys & (tao - experiment)
 
 
 def is_taocache_config(data: Any) -> bool:

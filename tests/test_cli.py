@@ -132,7 +132,7 @@ def test_demo_converts_missing_lpips_weights_once(monkeypatch, tmp_path, capsys)
     weights.ensure_lpips_weights()
     assert "LPIPS is reported as n/a" in capsys.readouterr().err
     # then the demo's scoring says nothing more (it said "bench: lpips is true", a key the demo's user never set);
-    # the bench's still does (fresh-machine check, 2026-11-29)
+    # the bench's still does (fresh-machine check, 2026-11-28)
     from taohooks.evaluation.bench import BenchConfig, settle_lpips
 
     monkeypatch.setattr("taohooks.metrics.load_lpips", lambda *a: None)
@@ -519,7 +519,7 @@ def test_check_and_plan_say_a_videosys_run_keeps_its_mlp_steps(lut_path, tmp_pat
 @pytest.mark.parametrize("flags,threads", [([], 1), (["--threads", "2"], 2), (["--threads", "0"], None)])
 def test_the_demo_times_on_one_thread_unless_told(monkeypatch, tmp_path, capsys, flags, threads):
     """At torch's default thread count on a shared 2-core machine the demo printed 0.449x and 3.199x for a 16% budget
-    (fresh-machine check, 2026-11-29); on one thread 1.12-1.20x."""
+    (fresh-machine check, 2026-11-28); on one thread 1.12-1.20x."""
     from taohooks.evaluation import bench
     from taohooks.metrics import weights
 

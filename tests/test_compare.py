@@ -390,7 +390,7 @@ def test_report_rebuilds_from_results_json(finished, tmp_path, capsys):
     assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
     assert (tmp_path / "quality_vs_speedup.png").is_file() and (tmp_path / "skip_schedule.png").is_file()
     assert f"wrote {tmp_path / 'results.md'}, quality_vs_speedup.png, skip_schedule.png (strip.png" \
-        in capsys.readouterr().out  # (it said nothing of what it rewrote: fresh-machine check, 2026-11-29)
+        in capsys.readouterr().out  # (it said nothing of what it rewrote: fresh-machine check, 2026-11-28)
     (tmp_path / "results.json").write_text("[]")
     assert cli.main(["compare", "--report", str(tmp_path)]) == 1
     assert "not a taocache compare results file" in capsys.readouterr().err
@@ -1067,7 +1067,7 @@ def test_an_experiment_and_a_taocache_config_given_for_each_other_say_so(tmp_pat
 
 def test_taocache_check_checks_an_experiment_as_compare_does_before_the_script(tmp_path, capsys):
     """`taocache check EXPERIMENT.yaml` refused to check it ("this is a `taocache compare` experiment"), though the
-    README says the experiment is validated like every config (fresh-machine check, 2026-11-29). Nothing written."""
+    README says the experiment is validated like every config (fresh-machine check, 2026-11-28). Nothing written."""
     for path in sorted((ROOT / "configs" / "compare").glob("*.yaml")):
         existed = load_experiment(path).output_dir.exists()  # (make compare-demo makes one)
         assert cli.main(["check", str(path)]) == 0, path
@@ -1082,6 +1082,14 @@ def test_taocache_check_checks_an_experiment_as_compare_does_before_the_script(t
     assert "# 2 evaluation prompt(s) x 3 method(s) x 2 budget(s); calibration: taocache's LUT and teacache's " \
            "polynomial, on 3 calibration prompts, in the output folder" in out
     assert f"# output: {tmp_path / 'out'} (new)" in out and not (tmp_path / "out").exists()
+    # a pipeline-picked target (diffusers, VideoSys): its calibration is known at the first call (it said "teacache's
+    # polynomial" for a diffusers Latte experiment, whose TeaCache is the authors', published: review17)
+    assert cli.main(["check", str(ROOT / "configs" / "compare" / "diffusers_wan.yaml")]) == 0
+    assert "calibration: decided at the first generation call, by the pipeline the script calls (published " \
+           "coefficients where its authors give them); at most taocache's LUT, " in capsys.readouterr().out
+    # a misspelled key is said as compare says it (it was taken for a TaoCache config's: "prompts: unknown key")
+    assert cli.main(["check", str(write(tmp_path, EXPERIMENT.replace("budgets:", "budjets:"), "t.yaml"))]) == 1
+    assert "t.yaml: budjets: unknown key; did you mean 'budgets'?" in capsys.readouterr().err
     # what compare refuses before the script, check refuses: a switch the integration's TeaCache has not
     assert cli.main(["check", str(write(tmp_path, EXPERIMENT + "teacache_use_ret_steps: true\n", "r.yaml"))]) == 1
     assert "r.yaml: teacache_use_ret_steps: true selects the authors' use_ret_steps variant" in capsys.readouterr().err

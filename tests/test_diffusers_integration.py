@@ -524,10 +524,12 @@ def test_a_pipeline_call_during_a_generation_runs_uncached_and_the_generation_go
             disable_taocache(b)
 
 
-def test_a_pipeline_never_enabled_called_from_another_thread_during_a_generation_is_refused_and_changes_nothing():
+@pytest.mark.parametrize("enabled", [False, True])
+def test_a_pipeline_called_from_another_thread_during_a_generation_is_refused_and_changes_nothing(enabled):
     """Taken for a preview, it switched off the running generation's caching for its whole run (the generation then
     said "interrupted?"), and, ending after it, left the hook on for every later call of that pipeline (review16,
-    2026-11-28). As before the preview check: the hook refuses the second thread's call; the generation goes on."""
+    2026-11-28); an enabled one still did (review17). As before the preview check: the second thread's call is
+    refused; the generation goes on."""
     import copy
     import threading
 
@@ -535,6 +537,8 @@ def test_a_pipeline_never_enabled_called_from_another_thread_during_a_generation
     full = wan_call(a)
     b = WanPipeline(**{**a.components, "scheduler": copy.deepcopy(a.scheduler)})
     enable_taocache(a, config(window=[5, 6], ratio=1.0))
+    if enabled:
+        enable_taocache(b, config(window=[5, 6], ratio=1.0))
     try:
         cached = wan_call(a)
         running, done, raised = threading.Event(), threading.Event(), []
@@ -558,9 +562,11 @@ def test_a_pipeline_never_enabled_called_from_another_thread_during_a_generation
         assert torch.equal(wan_call(a, callback_on_step_end=meanwhile), cached)
         thread.join(60)
         assert len(raised) == 1 and "is called from a second thread while a generation runs in another" in raised[0]
-        assert get_hook(a.transformer).passthrough and torch.equal(wan_call(b), full)
+        assert get_hook(a.transformer).passthrough and torch.equal(wan_call(b), cached if enabled else full)
     finally:
         disable_taocache(a)
+        if enabled:
+            disable_taocache(b)
 
 
 def test_a_pipeline_without_a_transformer_called_during_a_generation_runs_as_it_is():

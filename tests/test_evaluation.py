@@ -101,7 +101,7 @@ def test_markdown_and_json_reports(tmp_path):
     text = bench.markdown_tables(records)
     assert "| 16% | taocache | 1.180x | 16.0% | n/a | 0.9900 | 35.00 | 0.950 |" in text and "†" not in text
     # a speedup skipping 16% cannot give (a loaded machine) is marked, as compare marks it (fresh-machine check,
-    # 2026-11-29: the demo printed 3.199x for TeaCache at 16.5% without a word)
+    # 2026-11-28: the demo printed 3.199x for TeaCache at 16.5% without a word)
     noisy = bench.markdown_tables([*records, {**records[1], "method": "teacache", "speedup": 3.199}])
     assert "| 16% | teacache | 3.199x† | 16.0% |" in noisy and "| 16% | taocache | 1.180x | 16.0% |" in noisy
     assert "† more than 5% faster than skipping that share of the calls allows (1 / (1 - skipped)): timing noise " \

@@ -63,11 +63,15 @@ def check_experiment_file(experiment_path: str) -> str:
              if config.taocache is not None else
              f"# TaoCache config: inline (written to {tao_path} when it runs; integration {tao.integration})"]
     needed, why = needs_calibration(config, tao)
+    target = target_for(tao.integration)
+    calibration = (f"{calibrated_here(config, target, why)}, on {len(config.calibration_list())} calibration prompts, "
+                   "in the output folder" if needed else "none (the methods listed read published or configured "
+                                                          "values)")
+    if not target.known:  # (diffusers, VideoSys: the pipeline called picks the target, and whose coefficients)
+        calibration = ("decided at the first generation call, by the pipeline the script calls (published "
+                       f"coefficients where its authors give them); at most {calibration}" if needed else calibration)
     lines.append(f"# {len(config.evaluation_prompts())} evaluation prompt(s) x {len(config.methods)} method(s) x "
-                 f"{len(config.budgets)} budget(s); calibration: "
-                 + (f"{calibrated_here(config, target_for(tao.integration), why)}, on "
-                    f"{len(config.calibration_list())} calibration prompts, in the output folder" if needed
-                    else "none (the methods listed read published or configured values)"))
+                 f"{len(config.budgets)} budget(s); calibration: {calibration}")
     runs = config.output_dir / "runs"
     stored = sum(1 for p in runs.rglob("*.safetensors")) if runs.is_dir() else 0
     lines.append(f"# output: {config.output_dir} holds {stored} stored run(s): taocache compare continues them "

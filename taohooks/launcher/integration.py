@@ -590,6 +590,9 @@ class GenerationPatch:
         model = unwrap_model(self.model_of(arguments))
         running = get_hook(model)
         if running is not None and not running.passthrough and running.call_index is not None:
+            owner = _generating.get(running, running.generation_thread)  # (None: no model call made yet)
+            if owner is not None and owner != threading.get_ident():  # another thread's generation on this model:
+                raise RuntimeError(running.second_thread_message())  # refused, as its model calls would be
             return self._nested(running, bound)
         try:
             loop, attach_kwargs = self.loop_of(arguments)

@@ -317,6 +317,18 @@ class DenoiserHook:
         return self._sample
 
     @property
+    def generation_thread(self) -> Optional[int]:
+        """The thread the active generation's model calls run in (``None`` before its first call, or between
+        generations)."""
+        return self._thread if self._index is not None else None
+
+    def second_thread_message(self) -> str:
+        """The refusal of a call from a thread other than the running generation's."""
+        return (f"taohooks: this {type(self.module).__name__} is called from a second thread while a generation runs "
+                f"in another (at call {self._index} of {self.loop.total_calls}); one hooked model serves one "
+                "generation at a time: give each thread its own model instance, or a lock around each generation")
+
+    @property
     def call_index(self) -> Optional[int]:
         """Index of the next call in the active generation, or ``None`` between generations."""
         return self._index
@@ -401,10 +413,7 @@ class DenoiserHook:
         thread = threading.get_ident()
         if self._index is not None and self._thread is not None and thread != self._thread:
             # steps are counted per hook: calls of two threads would interleave into one generation
-            raise RuntimeError(
-                f"taohooks: this {type(self.module).__name__} is called from a second thread while a generation "
-                f"runs in another (at call {self._index} of {self.loop.total_calls}); one hooked model serves one "
-                "generation at a time: give each thread its own model instance, or a lock around each generation")
+            raise RuntimeError(self.second_thread_message())
         timestep = self._timestep(args, kwargs)
         if self._index is None:
             if self._finished and not self.repeat:
