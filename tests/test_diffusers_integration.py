@@ -994,6 +994,31 @@ def test_a_cache_context_the_script_patches_on_the_class_after_enabling_runs_and
     assert "cache_context" not in pipe.transformer.__dict__
 
 
+def test_a_cache_context_property_the_check_cannot_wrap_is_said(capfd):
+    """A class whose cache_context is a property (a data descriptor, which wins over the check's instance
+    attribute): the stream check was silently off (review17, 2026-11-28)."""
+    import contextlib
+
+    from taohooks.integrations.diffusers import ContextStreamCheck
+    from taohooks.runtime.hook import DenoiserHook
+    from taohooks.runtime.loop import LoopSpec
+
+    class Model(torch.nn.Module):
+        def forward(self, x, timestep=None):
+            return x * 0.5
+
+        @property
+        def cache_context(self):
+            return contextlib.nullcontext
+
+    model = Model()
+    with DenoiserHook(LoopSpec(4, ("cond", "uncond")), [ContextStreamCheck(model)]).attach(model):
+        pass
+    assert "Model.cache_context is a data descriptor (a property?) that an instance attribute cannot wrap: the " \
+           "check of each call's cache_context stream name is off for this model" in capfd.readouterr().err
+    assert "cache_context" not in model.__dict__
+
+
 def test_guidance_switched_on_mid_generation_is_named_as_such():
     """Its refusal advised declaring loop.streams: [cond, uncond], which gave the same refusal (review, 2026-11-28)."""
     pipe = wan_pipe()

@@ -37,6 +37,7 @@ import os
 import weakref
 from typing import Any, Dict, List, Mapping, Optional, Union
 
+from taohooks.runtime import messages
 from taohooks.runtime.callbacks import Callback
 from taohooks.config import TaoCacheConfig, check_python_config, config_from_dict, load_config
 from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
@@ -108,6 +109,10 @@ class ContextStreamCheck(Callback):
         self._wrapped, self._instance = True, instance
         self._wrapper = lambda name, **kwargs: _Context(name, kwargs)
         self.transformer.__dict__["cache_context"] = self._wrapper
+        if getattr(self.transformer, "cache_context", None) is not self._wrapper:  # (a property of the class wins)
+            messages.warning(f"{type(self.transformer).__name__}.cache_context is a data descriptor (a property?) "
+                             "that an instance attribute cannot wrap: the check of each call's cache_context stream "
+                             "name is off for this model", once=f"cache-context-{type(self.transformer).__name__}")
 
     def _underlying(self, instance):
         """The ``cache_context`` a wrapper of this check calls: the script's wrapper ``instance`` found on the
