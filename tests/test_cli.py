@@ -532,3 +532,15 @@ def test_the_demo_times_on_one_thread_unless_told(monkeypatch, tmp_path, capsys,
     assert "predicted_vs_measured_flow.png" in capsys.readouterr().out
     assert main(["demo", "-o", str(tmp_path / "out"), "--threads", "-1"]) == 1
     assert "--threads: expected a number of threads >= 1 (0: torch's default), got -1" in capsys.readouterr().err
+
+
+def test_check_says_a_pndm_lut_counts_calls_when_loop_steps_differs(tmp_path, capsys):
+    """loop.steps: 150 on Open-Sora-Plan's 159-call PNDM LUT: check advised calibrating again for 150 steps, which
+    gives the same 159-call LUT (ospuser, 2026-11-28)."""
+    lut = calibrate(GeometricDenoiser({"cond": 0.9}), 19, ("cond",), model_id="geo", sampler="pndm")
+    lut.save(tmp_path / "p.safetensors")
+    (tmp_path / "c.yaml").write_text("lut: p.safetensors\nmodel_id: geo\ncalibration: {sampler: pndm}\n"
+                                     "loop: {steps: 10}\nplan: {budget: 2}\n")
+    assert main(["check", str(tmp_path / "c.yaml")]) == 1
+    assert "PNDM's N steps make N + 9 (19 calls: 10 PNDM steps): leave loop.steps out where the integration reads " \
+           "the step count from the script" in capsys.readouterr().err

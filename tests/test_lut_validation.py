@@ -153,7 +153,9 @@ def test_identity_round_trip_union_and_conflict(tmp_path, good):
         loaded.merge(c)
     assert str(info.value) == (f"cannot merge: identity 'vae' is 'v1' in LUT {tmp_path / 'a.safetensors'} and 'v2' "
                                "in LUT")
-    with pytest.raises(LUTMismatchError, match="calibrated with vae 'v1', this recorder with 'v2'"):
+    with pytest.raises(LUTMismatchError, match="calibrated with vae 'v1', this run has 'v2': an unfinished LUT is "
+                                               "continued at the values it began with .*finish it at vae 'v1', or "
+                                               "give this run a lut: of its own"):  # ("this recorder": ospuser)
         from taohooks import CalibrationRecorder, DenoiserHook
         DenoiserHook(LoopSpec(6), [CalibrationRecorder(resume=loaded, identity={"vae": "v2"})]).attach(
             GeometricDenoiser({"main": 0.9}))

@@ -191,7 +191,8 @@ def _say_missing_pictures(written: List[str], plotted: bool) -> None:
     (they were left out without a word). ``plotted``: the results have rows to plot."""
     import importlib.util
 
-    needs = {"quality_vs_speedup.png": ("matplotlib", "matplotlib"), "strip.png": ("Pillow", "PIL")}
+    needs = {"quality_vs_speedup.png": ("matplotlib", "matplotlib"), "skip_schedule.png": ("matplotlib", "matplotlib"),
+             "strip.png": ("Pillow", "PIL"), "side_by_side.gif": ("Pillow", "PIL")}
     missing = {name: lib for name, (lib, module) in needs.items() if name not in written
                and (plotted or lib == "Pillow") and importlib.util.find_spec(module) is None}  # (not RGB: no strip)
     if missing:

@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -93,6 +93,34 @@ def writes_results() -> bool:
 # what compare writes from its runs (results, their pictures): a folder holding one holds an experiment's work
 RESULT_FILES = ("results.json", "results.md", "quality_vs_speedup.png", "skip_schedule.png", "strip.png",
                 "side_by_side.gif")
+
+
+def script_difference(was: List[str], now: List[str]) -> str:
+    """Where two script lines (``[script, args...]``) differ, said by flag: ``--guidance_scale 7.5 there, 5.0 here``."""
+    def options(argv):
+        found, flag = {}, None
+        for word in argv[1:]:
+            if word.startswith("--"):
+                flag, _, value = word.partition("=")
+                found[flag] = [value] if value else []
+            elif flag is not None:
+                found[flag].append(word)
+            else:
+                found.setdefault("(positional)", []).append(word)
+        return found
+
+    if was[:1] != now[:1]:
+        return f"script {was[0] if was else '(none)'} there, {now[0] if now else '(none)'} here"
+    there, here = options(was), options(now)
+    said = []
+    for flag in list(dict.fromkeys([*there, *here])):
+        a, b = there.get(flag), here.get(flag)
+        if a != b:
+            said.append(f"{flag} " + (" ".join(a) or "(given)" if a is not None else "(not given)") + " there, "
+                        + (" ".join(b) or "(given)" if b is not None else "(not given)") + " here")
+    if not said:  # (the same flags and values in another order)
+        return f"{' '.join(was)!r} there, {' '.join(now)!r} here"
+    return "; ".join(said[:4]) + (f" (and {len(said) - 4} more)" if len(said) > 4 else "")
 
 
 class RunStore:
@@ -217,6 +245,10 @@ class RunStore:
                         return f"unset (the default, {alike[k][1]!r})"
                     return value if k.startswith("call.") and isinstance(value, str) else repr(value)
 
+                if k == "script" and isinstance(was, list) and isinstance(now, list):  # (30 words each: the flag)
+                    raise ConfigError(str(path), k, f"this output folder holds runs made with another script line: "
+                                      f"{script_difference(compared(k)[0], compared(k)[1])}; use another output "
+                                      "folder (or delete it)")
                 raise ConfigError(str(path), k, f"this output folder holds runs made with {k} = {said(was)}, this "
                                   f"experiment has {said(now)}; use another output folder (or delete it)")
             if self.writer and not partial and set(fingerprint) - set(old):

@@ -167,8 +167,11 @@ class CalibrationRecorder(Callback):
             self._known.check(loop, self.model_id, self.sampler)
             for key in sorted(set(self.identity) & set(self._known.identity)):
                 if self.identity[key] != self._known.identity[key]:
-                    raise LUTMismatchError(f"{self._known._name()} was calibrated with {key} "
-                                           f"{self._known.identity[key]!r}, this recorder with {self.identity[key]!r}")
+                    raise LUTMismatchError(
+                        f"{self._known._name()} was calibrated with {key} {self._known.identity[key]!r}, this run has "
+                        f"{self.identity[key]!r}: an unfinished LUT is continued at the values it began with "
+                        "(calibration.accept lets a complete LUT serve runs at other values; one LUT never mixes "
+                        f"two): finish it at {key} {self._known.identity[key]!r}, or give this run a lut: of its own")
             self._known = dataclasses.replace(self._known, identity={**self._known.identity, **self.identity})
         if self._pending is None:
             self._pending = _empty_like(self._known, self.identity)
