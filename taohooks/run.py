@@ -165,9 +165,33 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
         if code == 0 and not asks_help and not report_if_never_applied(config, calls_before):
             return 1
         raise
+    except KeyboardInterrupt:
+        from .launcher.integration import intercepted
+
+        if intercepted():  # (taocache compare says what it kept)
+            raise
+        print(f"{prog}: interrupted{_calibration_state(config)}", file=sys.stderr)  # (not a traceback through
+        return 130                                                                   # taohooks' frames)
     if not report_if_never_applied(config, calls_before):
         return 1
     return 0
+
+
+def _calibration_state(config) -> str:
+    """What an interrupted run's LUT holds, where it was still calibrating: ``"; the LUT ... holds 2 of 20 ..."``."""
+    try:
+        path = config.lut_path()
+        if path is None or not path.is_file():
+            return ""
+        from .taocache.lut import CalibrationLUT
+
+        held, wanted = CalibrationLUT.load(path).num_prompts, config.calibration.prompts
+    except Exception:  # noqa: BLE001 - only a hint on the way out
+        return ""
+    if held >= wanted:
+        return ""
+    return (f"; the LUT {path} holds {held} of {wanted} prompts (calibration.prompts; a generation stopped midway is "
+            "left out): run the same command again to continue calibrating")
 
 
 def _say(prog: str, exc: BaseException) -> None:

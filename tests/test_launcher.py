@@ -65,6 +65,22 @@ def test_calibrates_on_first_use_then_skips(tmp_path, script):
     assert "0 of 16 denoiser calls saved" in lines[0] and "4 of 16 denoiser calls saved" in lines[1]
 
 
+def test_ctrl_c_during_calibration_says_what_the_lut_holds_not_a_traceback(tmp_path, script):
+    """A ~55-line traceback through taohooks' frames, ending in calibration.py, and no word of what was kept
+    (ospuser, 2026-11-28)."""
+    script.write_text(SCRIPT.replace("for seed in (10000, 10001):\n    clips = ",
+                                     "for seed in (10000, 10001, 10002):\n    if seed == 10002:\n"
+                                     "        raise KeyboardInterrupt\n    clips = "))
+    config = tmp_path / "c.yaml"
+    config.write_text("integration: testbed\nlut: lut.safetensors\ncalibration: {prompts: 5}\nplan: {budget: 2}\n")
+    res = launch(tmp_path, script, "--taocache", config)
+    assert res.returncode == 130, res.stderr
+    assert "Traceback" not in res.stderr
+    assert f"taocache-run: interrupted; the LUT {config.parent / 'lut.safetensors'} holds 2 of 5 prompts " \
+           "(calibration.prompts; a generation stopped midway is left out): run the same command again to continue " \
+           "calibrating" in res.stderr
+
+
 @pytest.mark.parametrize("args,config,message", [
     (["missing.py"], "integration: testbed\n", "script missing.py does not exist"),
     (["SCRIPT"], "integration: testbed\nplan: {budjet: 2}\n", "did you mean 'plan.budget'"),
