@@ -452,5 +452,37 @@ def test_latte_lut_of_another_video_size_is_refused_at_the_first_generation(runn
     assert CalibrationLUT.load(luts("latte")).identity["guide_scale"] == 7.5
     sample.write_text(yaml.safe_dump({**yaml.safe_load(sample.read_text()), "video_length": 4, "guidance_scale": 3.0}))
     res = launch(runner, LATTE, tmp_path / "size", CALIBRATED.format("latte", ""), argv=argv)
-    assert res.returncode == 2 and "guide_scale (the guidance scale: Wan's --sample_guide_scale, a pipeline's " \
-        "guidance_scale): this run 3.0, the LUT 7.5" in res.stderr, res.stderr
+    assert res.returncode == 2 and "guide_scale (the guidance scale: Wan's --sample_guide_scale, Open-Sora-Plan's " \
+        "--guidance_scale, a pipeline's guidance_scale): this run 3.0, the LUT 7.5" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--guidance_scale", "5.0"], "guide_scale (the guidance scale: Wan's --sample_guide_scale, Open-Sora-Plan's "
+                                  "--guidance_scale, a pipeline's guidance_scale): this run 5.0, the LUT 7.5"),
+    (["--force_images"], "temporal_attention (off for images: Latte's t2i, Open-Sora-Plan's --force_images): this "
+                         "run False, the LUT True"),
+    (["--height", "32"], "height: this run 32, the LUT 16")])
+def test_open_sora_plan_video_settings_on_the_command_line_stop_before_the_model_loads(runner, luts, tmp_path, flags,
+                                                                                      said):
+    """Refused at the first generation call, after T5-XXL, the DiT and the VAE had loaded (minutes on real weights),
+    though the command line says them (ospuser, 2026-11-28)."""
+    repo = REPOS["opensora_plan"]
+    with_lut(luts, "opensora_plan", tmp_path)
+    argv = [a if a != "7.5" else flags[1] for a in repo.argv(tmp_path)] if flags[0] == "--guidance_scale" else \
+        repo.argv(tmp_path, *flags)
+    res = launch(runner, repo, tmp_path, CALIBRATED.format("opensora_plan", ""), argv=argv)
+    assert res.returncode == 2, res.stderr
+    assert said in res.stderr and "(the command line)" in res.stderr and LOADED["opensora_plan"] not in res.stdout
+
+
+def test_open_sora_plan_plan_that_cannot_fit_the_lut_stops_before_the_model_loads(runner, luts, tmp_path):
+    """plan.window past the LUT's 15 calls (6 PNDM steps): refused after the model loaded (ospuser, 2026-11-28)."""
+    repo = REPOS["opensora_plan"]
+    with_lut(luts, "opensora_plan", tmp_path)
+    config = CALIBRATED.format("opensora_plan", "").replace("plan: {budget: 2, min_step: 5}", "plan: {window: [13, 16]}")
+    res = launch(runner, repo, tmp_path, config)
+    assert res.returncode == 2, res.stderr
+    assert "plan.window: window [13, 16] must satisfy 2 <= first <= last < 15" in res.stderr
+    assert LOADED["opensora_plan"] not in res.stdout
+    res = launch(runner, repo, tmp_path, CALIBRATED.format("opensora_plan", ""))  # (a plan that fits: it runs)
+    assert res.returncode == 0, res.stderr

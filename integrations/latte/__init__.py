@@ -12,13 +12,13 @@ whole. The timestep is the keyword ``timestep``.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from taohooks.config import TaoCacheConfig
 from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
                                   require_modules, script_options)
 from taohooks.runtime.io import check_writable
-from taohooks.taocache.identity import pipeline_output_identity
+from taohooks.taocache.identity import describe_differences, differences, pipeline_output_identity
 from taohooks.taocache.lut import CalibrationLUT
 from taohooks.taocache.lut_transfer import carryable
 from taohooks.taocache.cache import TaoCache, transfer_allowed, unfinished_lut_steps_problem
@@ -52,12 +52,13 @@ def patch_pipeline(cls, config: TaoCacheConfig, callbacks_of=None) -> Generation
 
 
 def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: Optional[int], said: str,
-                  guidance: Optional[float] = None) -> None:
+                  guidance: Optional[float] = None, identity: Optional[Dict[str, Any]] = None) -> None:
     """Before the model loads: the script's ``sample_method`` and step count against the LUT's identity
     (Latte and Open-Sora-Plan name their diffusers scheduler ``<sample_method>Scheduler``), its guidance scale
     against the LUT's streams (a scale of 1 or less makes one call per step: no uncond stream); the LUT's
-    folder and ``calibration.sampler`` (the label a new LUT gets) when the run will calibrate. ``said`` is where
-    the values come from, for the message."""
+    folder and ``calibration.sampler`` (the label a new LUT gets) when the run will calibrate; ``identity``: what the
+    command line says of the video (``height``, ``frames``, ``guide_scale``...) against what the LUT recorded. ``said``
+    is where the values come from, for the message."""
     path = config.lut_path()
     if path is None:
         return
@@ -80,6 +81,10 @@ def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: O
             "one call per step (no classifier-free guidance), the LUT was calibrated with guidance (streams "
             f"{', '.join(lut.streams)})" if float(guidance) <= 1.0 else
             f"two streams (uncond, cond), the LUT was calibrated without guidance (streams {', '.join(lut.streams)})"))
+    shown = {k: v for k, v in (identity or {}).items() if not (k == "guide_scale" and problems)}  # (said above)
+    keys = differences(recorded, shown, config.calibration.accept)
+    if keys:
+        problems.append(f"{describe_differences(recorded, shown, keys)} ({said})")
     if sample_method is not None and "scheduler" in recorded and "scheduler" not in config.calibration.accept \
             and recorded["scheduler"] != f"{sample_method}Scheduler":
         problems.append(f"sample_method {sample_method} ({said}), the LUT was calibrated with {recorded['scheduler']}")
@@ -95,10 +100,22 @@ def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: O
             if lut.deltas is not None else ""
         problems.append(f"{steps} sampling steps ({said}), the LUT was calibrated with {recorded['sampling_steps']}"
                         + hint)
+    if not problems and steps is not None and int(recorded.get("sampling_steps", -1)) == int(steps) \
+            and lut.num_prompts >= config.calibration.prompts:  # (the run skips: its plan on the LUT, now)
+        from taohooks.taocache.cache import make_plan
+        from taohooks.taocache.plan import PlanError
+
+        try:
+            make_plan(config.plan, lut.steps, tuple(lut.streams), lut)
+        except PlanError as exc:
+            where = config.source or "the config"
+            raise IntegrationError(f"{where}: {exc}" if str(exc).startswith("plan.") else f"{where}: plan: {exc}") \
+                from None
     if problems:
         raise IntegrationError(f"LUT {path} does not fit this run: " + "; ".join(problems) + ". Give this run its "
                                f"own LUT (lut: in {config.source})" + (", or accept the scheduler knowingly with "
-                               "calibration.accept: [scheduler]" if "sample_method" in problems[0] else ""))
+                               "calibration.accept: [scheduler]" if any("sample_method" in p for p in problems)
+                               else ""))
 
 
 def precheck(config: TaoCacheConfig, argv: List[str]) -> None:

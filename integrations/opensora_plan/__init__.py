@@ -37,15 +37,22 @@ OPTIONS = {
 
 
 def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
-    """``--sample_method`` (default PNDM) and ``--num_sampling_steps`` (default 50) against the LUT,
-    before the model loads."""
+    """``--sample_method`` (default PNDM) and ``--num_sampling_steps`` (default 50) against the LUT, and what the
+    command line gives of the video (``--height``, ``--width``, ``--num_frames``, ``--guidance_scale``,
+    ``--force_images``) against what the LUT recorded, before the model loads (T5-XXL, the DiT and the VAE: minutes)."""
     args = script_options(argv, OPTIONS)
     if args is not None:  # else the script's own parser refuses the arguments and says why
         try:
             guidance = float(args.guidance_scale) if args.guidance_scale is not None else None
+            identity = {key: int(value) for key, value in (("height", args.height), ("width", args.width),
+                                                           ("frames", args.num_frames)) if value is not None}
         except ValueError:
-            guidance = None  # the script's own parser refuses it
-        check_sampler(config, args.sample_method, args.num_sampling_steps, "the command line", guidance=guidance)
+            return  # the script's own parser refuses it
+        identity["temporal_attention"] = not args.force_images  # (the pipeline's enable_temporal_attentions)
+        if guidance is not None:
+            identity["guide_scale"] = guidance
+        check_sampler(config, args.sample_method, args.num_sampling_steps, "the command line", guidance=guidance,
+                      identity=identity)
 
 _patches = PatchSet()
 

@@ -229,5 +229,6 @@ KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_
                "frames": " (frames generated: Latte's video_length, Open-Sora-Plan's --num_frames, a diffusers "
                          "pipeline's num_frames)",
                "temporal_attention": " (off for images: Latte's t2i, Open-Sora-Plan's --force_images)",
-               "guide_scale": " (the guidance scale: Wan's --sample_guide_scale, a pipeline's guidance_scale)",
+               "guide_scale": " (the guidance scale: Wan's --sample_guide_scale, Open-Sora-Plan's --guidance_scale, a "
+                              "pipeline's guidance_scale)",
                "image": " (Wan2.2 TI2V-5B: whether an --image conditions the video)"}
