@@ -381,7 +381,7 @@ class TaoCacheConfig:
         return path
 
     def to_dict(self) -> Dict[str, Any]:
-        return _to_dict(self)
+        return to_yaml_dict(self)
 
 
 def _validate_against_steps(config: TaoCacheConfig, steps: int, err) -> None:
@@ -446,12 +446,14 @@ def _unset_variable(text: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------- generic loading
-def _to_dict(obj: Any) -> Any:
+def to_yaml_dict(obj: Any) -> Any:
+    """A config dataclass (nested ones, lists of them) as its YAML gives it: keys by their YAML names, internal
+    fields left out."""
     if dataclasses.is_dataclass(obj):
-        return {_yaml_key(f): _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+        return {_yaml_key(f): to_yaml_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
                 if not f.metadata.get("internal")}
     if isinstance(obj, (list, tuple)):
-        return [_to_dict(v) for v in obj]
+        return [to_yaml_dict(v) for v in obj]
     return obj
 
 

@@ -1089,6 +1089,12 @@ def test_taocache_check_checks_an_experiment_as_compare_does_before_the_script(t
     assert cli.main(["check", str(ROOT / "configs" / "compare" / "diffusers_wan.yaml")]) == 0
     assert "calibration: decided at the first generation call, by the pipeline the script calls (published " \
            "coefficients where its authors give them); at most taocache's LUT, " in capsys.readouterr().out
+    # pab_groups said by their YAML keys (check printed, and results.json recorded, the field range_)
+    grouped = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, pab]") + \
+        "pab_groups: [{pattern: 'blocks\\.0\\.attn', range: 3}]\n"
+    assert cli.main(["check", str(write(tmp_path, grouped, "g.yaml"))]) == 0
+    out = capsys.readouterr().out
+    assert "  range: 3" in out and "range_" not in out
     # a misspelled key is said as compare says it (it was taken for a TaoCache config's: "prompts: unknown key")
     assert cli.main(["check", str(write(tmp_path, EXPERIMENT.replace("budgets:", "budjets:"), "t.yaml"))]) == 1
     assert "t.yaml: budjets: unknown key; did you mean 'budgets'?" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from ..config import (INTEGRATIONS, ConfigError, LoopConfig, PABGroupConfig, build_dataclass, dataclass_from_dict,
-                      expand_path, is_taocache_config, read_text, read_yaml)
+                      expand_path, is_taocache_config, read_text, read_yaml, to_yaml_dict)
 from ..runtime import messages
 
 __all__ = ["ExperimentConfig", "PromptEntry", "load_experiment", "read_prompt_list", "AVAILABLE_METHODS",
@@ -183,7 +183,8 @@ class ExperimentConfig:
                                                                               "calibration_prompts")
 
     def to_dict(self) -> dict:
-        return {f.name: dataclasses.asdict(self)[f.name] for f in dataclasses.fields(self) if f.name != "source"}
+        """The experiment as its YAML keys give it (``pab_groups``' ``range``, not the field ``range_``)."""
+        return to_yaml_dict(self)
 
 
 def load_experiment(path) -> ExperimentConfig:
