@@ -150,7 +150,11 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
             precheck_integration(config, rest[1:])
             check_teacache_fit(config)
     except (ConfigError, IntegrationError, ImportError, LUTMismatchError, PlanError, ValueError, OSError) as exc:
-        _say(prog, exc)
+        from .launcher.integration import ResearchModuleMissing
+
+        found = _findable_integrations(config.integration) if isinstance(exc, ResearchModuleMissing) else []
+        _say(prog, f"{exc}" + (f"; this script's folder holds the code of integration: {' or '.join(found)} (its "
+                               f"config is another: {config_path})" if found else ""))
         return 2
     calls_before = wrapped_calls()
     try:
@@ -327,6 +331,37 @@ def precheck_integration(config: TaoCacheConfig, script_argv: List[str]) -> None
 # a marker module of each integration's research code: what the script imported instead
 MARKERS = {"wan": "wan.text2video", "wan22": "wan.text2video", "latte": "pipeline_latte", "opensora_plan": "pipeline_videogen",
            "videosys": "videosys", "testbed": "taohooks.testbed.sampling"}
+
+
+def _findable_integrations(configured: str) -> List[str]:
+    """The other integrations whose marker module this process can find (the script's folder first on ``sys.path``),
+    looked up without importing anything: where a config of another integration was given to a script."""
+    import importlib.util
+
+    root = Path(sys.path[0]).resolve()  # (the script's folder, as Python puts it first)
+
+    def mine(path) -> bool:
+        try:
+            return Path(path).resolve().is_relative_to(root) if sys.version_info >= (3, 9) else \
+                str(Path(path).resolve()).startswith(str(root))
+        except OSError:
+            return False
+
+    def findable(marker: str) -> bool:
+        top, _, rest = marker.partition(".")
+        try:
+            spec = importlib.util.find_spec(top)  # (a top-level name: nothing is imported)
+        except (ImportError, ValueError):
+            return False
+        if spec is None:
+            return False
+        if not rest:
+            return spec.origin is not None and mine(spec.origin)
+        return any(mine(folder) and (Path(folder) / (rest.replace(".", "/") + ".py")).is_file()
+                   for folder in spec.submodule_search_locations or [])
+
+    return [name for name, marker in MARKERS.items() if name != configured and marker != MARKERS.get(configured)
+            and name != "testbed" and findable(marker)]
 
 
 def report_if_never_applied(config: TaoCacheConfig, calls_before: int = 0) -> bool:

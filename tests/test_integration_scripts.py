@@ -330,6 +330,8 @@ def test_integration_without_its_repo_module_fails_before_the_script_runs(runner
     assert res.returncode == 2
     assert f"the {integration!r} integration cannot find the module {module!r}" in res.stderr
     assert "Processing" not in res.stdout and not (tmp_path / "videos").exists()
+    # and which integration the script is for (it sent an Open-Sora-Plan user to a Latte checkout: ospuser)
+    assert f"; this script's folder holds the code of integration: {script} (its config is another: " in res.stderr
 
 
 # ---------------------------------------------------------------------------- f. PAB from the YAML
