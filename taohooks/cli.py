@@ -84,14 +84,17 @@ def _cmd_check(args) -> int:
             if config.loop.steps is not None and config.loop.steps != lut.steps \
                     and config.calibration.transfer != "interpolate":
                 pndm = "pndm" in f"{lut.sampler} {(lut.identity or {}).get('scheduler', '')}".lower()
+                if pndm:  # (calibrating "for N steps" gives the same N + 9-call LUT)
+                    raise ConfigError(args.config, "loop.steps", f"{config.loop.steps} steps, but the LUT {path} was "
+                                      f"calibrated with {lut.steps} calls per stream: loop.steps counts the denoiser "
+                                      f"calls per stream, and PNDM's N steps make N + 9 ({lut.steps} calls: "
+                                      f"{lut.steps - 9} PNDM steps); leave loop.steps out where the integration reads "
+                                      "the step count from the script")
                 raise ConfigError(args.config, "loop.steps", f"{config.loop.steps} steps, but the LUT {path} was "
                                   f"calibrated with {lut.steps} steps; calibrate again for {config.loop.steps} "
                                   "steps (or point lut at another file" + (
                                       ", or carry it over with calibration.transfer: interpolate)"
-                                      if carryable(lut) else ")")
-                                  + (f"; loop.steps counts the denoiser calls per stream, and PNDM's N steps make N + 9 "
-                                     f"({lut.steps} calls: {lut.steps - 9} PNDM steps): leave loop.steps out where the "
-                                     "integration reads the step count from the script" if pndm else ""))
+                                      if carryable(lut) else ")"))
             loop = LoopSpec(config.loop.steps or lut.steps, tuple(config.loop.streams or lut.streams))
             carried = lut_for_steps(config, lut, loop.steps)
             if carried is not lut:  # (said on stdout too: the plan below is the carried LUT's)

@@ -172,8 +172,10 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
     except KeyboardInterrupt:
         from .launcher.integration import intercepted
 
-        if intercepted():  # (taocache compare says what it kept)
-            raise
+        from .launcher.prompt_calibration import ENV_CALIBRATE_PROMPTS
+
+        if intercepted() or os.environ.get(ENV_CALIBRATE_PROMPTS):  # (taocache compare / calibrate say what they
+            raise                                                     # kept: part files, the runs stored)
         print(f"{prog}: interrupted{_calibration_state(config)}", file=sys.stderr)  # (not a traceback through
         return 130                                                                   # taohooks' frames)
     if not report_if_never_applied(config, calls_before):
@@ -184,10 +186,12 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
 def _calibration_state(config) -> str:
     """What an interrupted run's LUT holds, where it was still calibrating: ``"; the LUT ... holds 2 of 20 ..."``."""
     try:
-        path = config.lut_path()
-        if path is None or not path.is_file():
-            return ""
+        from .taocache.cache import calibrates
         from .taocache.lut import CalibrationLUT
+
+        path = config.lut_path()
+        if path is None or not path.is_file() or not calibrates(config):  # (a run that skipped: nothing to continue)
+            return ""
 
         held, wanted = CalibrationLUT.load(path).num_prompts, config.calibration.prompts
     except Exception:  # noqa: BLE001 - only a hint on the way out

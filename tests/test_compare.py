@@ -1219,8 +1219,13 @@ def test_a_changed_script_line_is_said_by_its_flags():
                                     "8"]) == ("--enable_tiling (given) there, (not given) here; --size 64 there, 32 "
                                               "here; --fps (not given) there, 8 here")
     assert script_difference(["s.py", "a", "b"], ["s.py", "b", "a"]) == "(positional) a b there, b a here"
-    assert script_difference(["s.py", "--x", "1", "--y"], ["s.py", "--y", "--x", "1"]) == \
-        "'s.py --x 1 --y' there, 's.py --y --x 1' here"  # (the same flags in another order)
+    assert script_difference(["s.py", "--x", "1", "--y"], ["s.py", "--y", "--x=1"]) == \
+        "the same options written otherwise ('--x 1 --y' there, '--y --x=1' here: compared word for word)"
+    # a short option is an option (its change was said as the option before it's); an append option says each value
+    assert script_difference(["s.py", "--steps", "10", "-n", "4"], ["s.py", "--steps", "10", "-n", "5"]) == \
+        "-n 4 there, 5 here"
+    assert script_difference(["s.py", "--x", "a", "--x", "b"], ["s.py", "--x", "a"]) == "--x a b there, a here"
+    assert script_difference(["s.py", "--shift", "-3"], ["s.py", "--shift", "-2"]) == "--shift -3 there, -2 here"
 
 
 def test_a_folder_from_before_a_setting_was_recorded_is_refused_as_such(tmp_path):

@@ -79,6 +79,29 @@ def test_ctrl_c_during_calibration_says_what_the_lut_holds_not_a_traceback(tmp_p
     assert f"taocache-run: interrupted; the LUT {config.parent / 'lut.safetensors'} holds 2 of 5 prompts " \
            "(calibration.prompts; a generation stopped midway is left out): run the same command again to continue " \
            "calibrating" in res.stderr
+    # a run that skipped on it (calibration.auto: false): nothing to continue (review18)
+    config.write_text("integration: testbed\nlut: lut.safetensors\ncalibration: {prompts: 5, auto: false}\n"
+                      "plan: {budget: 2, min_step: 3}\n")
+    res = launch(tmp_path, script, "--taocache", config)
+    assert res.returncode == 130 and res.stderr.splitlines()[-1] == "taocache-run: interrupted", res.stderr
+    # taocache calibrate says what it kept itself (the line above said "the LUT holds ..." in every worker of a
+    # --devices run, whose prompts are in part files: review18)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\na blue square moving up\na green circle moving right\n")
+    config.write_text("integration: testbed\nlut: lut2.safetensors\ncalibration: {prompts: 3}\n")
+    script.write_text(SCRIPT.replace("for seed in", "calls = []\n"
+                                     "def stop(*args):\n"
+                                     "    calls.append(1)\n"
+                                     "    if len(calls) == 20:\n"
+                                     "        raise KeyboardInterrupt\n"
+                                     "model.blocks[0].register_forward_hook(stop)\n"
+                                     "for seed in"))  # (Ctrl-C in the second calibration generation)
+    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", str(config), "--prompts", str(prompts),
+                          "--", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 130, res.stderr
+    assert "taocache calibrate: interrupted; the prompts of the generations that ended are kept in the LUT" \
+        in res.stderr
+    assert "holds" not in res.stderr.splitlines()[-1]
 
 
 @pytest.mark.parametrize("args,config,message", [

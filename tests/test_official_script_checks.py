@@ -475,6 +475,26 @@ def test_open_sora_plan_video_settings_on_the_command_line_stop_before_the_model
     assert said in res.stderr and "(the command line)" in res.stderr and LOADED["opensora_plan"] not in res.stdout
 
 
+def test_open_sora_plan_accept_on_the_command_line_s_video_settings(runner, luts, tmp_path):
+    """The refusal offers calibration.accept for the keys that differ (it offered it for the scheduler alone); an
+    accepted difference runs on a complete LUT, and an unfinished one is refused before the model loads (it was
+    let through, then refused by the recorder after the model had loaded: review18)."""
+    repo = REPOS["opensora_plan"]
+    with_lut(luts, "opensora_plan", tmp_path)
+    res = launch(runner, repo, tmp_path, CALIBRATED.format("opensora_plan", ""), argv=repo.argv(tmp_path, "--height",
+                                                                                                   "32"))
+    assert res.returncode == 2 and "or accept the difference knowingly with calibration.accept: [height]" \
+        in res.stderr, res.stderr
+    res = launch(runner, repo, tmp_path, CALIBRATED.format("opensora_plan", ", accept: [height]"),
+                 argv=repo.argv(tmp_path, "--height", "32"))
+    assert res.returncode == 0, res.stderr
+    unfinished = CALIBRATED.format("opensora_plan", ", accept: [height]").replace("prompts: 1", "prompts: 3")
+    res = launch(runner, repo, tmp_path, unfinished, argv=repo.argv(tmp_path, "--height", "32"))
+    assert res.returncode == 2 and "height: this run 32, the LUT 16 (the command line): an unfinished LUT is " \
+        "continued at the values it began with" in res.stderr and LOADED["opensora_plan"] not in res.stdout
+    assert "calibration.accept: [height]" not in res.stderr
+
+
 def test_open_sora_plan_plan_that_cannot_fit_the_lut_stops_before_the_model_loads(runner, luts, tmp_path):
     """plan.window past the LUT's 15 calls (6 PNDM steps): refused after the model loaded (ospuser, 2026-11-28)."""
     repo = REPOS["opensora_plan"]

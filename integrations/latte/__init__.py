@@ -21,7 +21,7 @@ from taohooks.runtime.io import check_writable
 from taohooks.taocache.identity import describe_differences, differences, pipeline_output_identity
 from taohooks.taocache.lut import CalibrationLUT
 from taohooks.taocache.lut_transfer import carryable
-from taohooks.taocache.cache import TaoCache, transfer_allowed, unfinished_lut_steps_problem
+from taohooks.taocache.cache import TaoCache, calibrates, transfer_allowed, unfinished_lut_steps_problem
 
 __all__ = ["install", "uninstall", "precheck", "check_sampler", "MODULE", "PIPELINE", "EXPECTS"]
 
@@ -82,9 +82,12 @@ def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: O
             f"{', '.join(lut.streams)})" if float(guidance) <= 1.0 else
             f"two streams (uncond, cond), the LUT was calibrated without guidance (streams {', '.join(lut.streams)})"))
     shown = {k: v for k, v in (identity or {}).items() if not (k == "guide_scale" and problems)}  # (said above)
-    keys = differences(recorded, shown, config.calibration.accept)
+    continued = calibrates(config) and lut.num_prompts < config.calibration.prompts  # (accept: for a complete LUT)
+    keys = differences(recorded, shown, () if continued else config.calibration.accept)
+    acceptable = [] if continued else keys
     if keys:
-        problems.append(f"{describe_differences(recorded, shown, keys)} ({said})")
+        problems.append(f"{describe_differences(recorded, shown, keys)} ({said})" + (
+            ": an unfinished LUT is continued at the values it began with" if continued else ""))
     if sample_method is not None and "scheduler" in recorded and "scheduler" not in config.calibration.accept \
             and recorded["scheduler"] != f"{sample_method}Scheduler":
         problems.append(f"sample_method {sample_method} ({said}), the LUT was calibrated with {recorded['scheduler']}")
@@ -112,10 +115,11 @@ def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: O
             raise IntegrationError(f"{where}: {exc}" if str(exc).startswith("plan.") else f"{where}: plan: {exc}") \
                 from None
     if problems:
+        acceptable += ["scheduler"] if any(p.startswith("sample_method") for p in problems) else []
         raise IntegrationError(f"LUT {path} does not fit this run: " + "; ".join(problems) + ". Give this run its "
-                               f"own LUT (lut: in {config.source})" + (", or accept the scheduler knowingly with "
-                               "calibration.accept: [scheduler]" if any("sample_method" in p for p in problems)
-                               else ""))
+                               f"own LUT (lut: in {config.source})" + (
+                                   f", or accept the difference knowingly with calibration.accept: "
+                                   f"[{', '.join(acceptable)}]" if acceptable else ""))
 
 
 def precheck(config: TaoCacheConfig, argv: List[str]) -> None:

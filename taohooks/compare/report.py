@@ -119,7 +119,8 @@ def markdown_table(results: Dict[str, Any]) -> str:
              f"{len(full)} prompts; full-step reference {sum(r['seconds'] for r in full):.2f} s in all"
              + (f" (timed on {len(meta['devices'])} devices, {', '.join(meta['devices'])}: the speedups mix them)"
                 if len(meta.get("devices") or []) > 1 else "") + ". Speedup: the whole generation call's wall time "
-             "(text encoding and VAE decoding included), full-step over cached. PSNR: "
+             "(with what the call does besides the denoiser: text encoding, VAE decoding, where it has them), "
+             "full-step over cached. PSNR: "
              "per-frame mean capped at 100 dB; pooled: one MSE over all frames; changed: frames equal to the "
              "reference left out." + (" Latent rel. L2: the final latents against the reference's." if latents
                                       else "")

@@ -96,31 +96,43 @@ RESULT_FILES = ("results.json", "results.md", "quality_vs_speedup.png", "skip_sc
 
 
 def script_difference(was: List[str], now: List[str]) -> str:
-    """Where two script lines (``[script, args...]``) differ, said by flag: ``--guidance_scale 7.5 there, 5.0 here``."""
+    """Where two script lines (``[script, args...]``) differ, said by option: ``--guidance_scale 7.5 there, 5.0
+    here`` (an option given twice, as an ``append`` one, says each value)."""
+    def number(word: str) -> bool:
+        try:
+            float(word)
+            return True
+        except ValueError:
+            return False
+
     def options(argv):
-        found, flag = {}, None
-        for word in argv[1:]:
-            if word.startswith("--"):
+        found: Dict[str, List[List[str]]] = {}
+        current = None
+        for word in argv[1:]:  # (argparse's rule: a negative number or a word with a space is a value)
+            if word.startswith("-") and len(word) > 1 and not number(word) and " " not in word.split("=", 1)[0]:
                 flag, _, value = word.partition("=")
-                found[flag] = [value] if value else []
-            elif flag is not None:
-                found[flag].append(word)
+                current = [value] if value else []
+                found.setdefault(flag, []).append(current)
+            elif current is not None:
+                current.append(word)
             else:
-                found.setdefault("(positional)", []).append(word)
+                found.setdefault("(positional)", [[]])[0].append(word)
         return found
+
+    def said(occurrences) -> str:
+        if occurrences is None:
+            return "(not given)"
+        return " ".join(" ".join(values) or "(given)" for values in occurrences)
 
     if was[:1] != now[:1]:
         return f"script {was[0] if was else '(none)'} there, {now[0] if now else '(none)'} here"
     there, here = options(was), options(now)
-    said = []
-    for flag in list(dict.fromkeys([*there, *here])):
-        a, b = there.get(flag), here.get(flag)
-        if a != b:
-            said.append(f"{flag} " + (" ".join(a) or "(given)" if a is not None else "(not given)") + " there, "
-                        + (" ".join(b) or "(given)" if b is not None else "(not given)") + " here")
-    if not said:  # (the same flags and values in another order)
-        return f"{' '.join(was)!r} there, {' '.join(now)!r} here"
-    return "; ".join(said[:4]) + (f" (and {len(said) - 4} more)" if len(said) > 4 else "")
+    differ = [flag for flag in dict.fromkeys([*there, *here]) if there.get(flag) != here.get(flag)]
+    if not differ:  # (the same options and values, in another order or as --name=value against --name value)
+        return (f"the same options written otherwise ({' '.join(was[1:])!r} there, {' '.join(now[1:])!r} here: "
+                "compared word for word)")
+    return "; ".join(f"{flag} {said(there.get(flag))} there, {said(here.get(flag))} here" for flag in differ[:4]) \
+        + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else "")
 
 
 class RunStore:
