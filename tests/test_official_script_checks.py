@@ -499,7 +499,8 @@ def test_open_sora_plan_plan_that_cannot_fit_the_lut_stops_before_the_model_load
     """plan.window past the LUT's 15 calls (6 PNDM steps): refused after the model loaded (ospuser, 2026-11-28)."""
     repo = REPOS["opensora_plan"]
     with_lut(luts, "opensora_plan", tmp_path)
-    config = CALIBRATED.format("opensora_plan", "").replace("plan: {budget: 2, min_step: 5}", "plan: {window: [13, 16]}")
+    config = CALIBRATED.format("opensora_plan", "").replace("plan: {budget: 2, min_step: 5}",
+                                                            "plan: {window: [13, 16]}")
     res = launch(runner, repo, tmp_path, config)
     assert res.returncode == 2, res.stderr
     assert "plan.window: window [13, 16] must satisfy 2 <= first <= last < 15" in res.stderr

@@ -416,7 +416,7 @@ class Experiment:
 
     def _comparable(self) -> Dict[str, Callable[[Any], Any]]:
         """Settings compared as a function of them (see :meth:`RunStore.check_experiment`): the script line less the
-        flags no run depends on; PAB groups as folders of taohooks before 2026-11-28 10:00 recorded them (``range_``) too."""
+        flags no run depends on; PAB groups as older folders recorded them (``range_``) too."""
         def groups(value):
             return [{"pattern": g.get("pattern"), "range": g.get("range", g.get("range_"))} if isinstance(g, dict)
                     else g for g in value] if isinstance(value, list) else value
