@@ -13,7 +13,6 @@ name the closest valid one, prompt lists must be non-empty UTF-8 without a repea
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
 from dataclasses import dataclass, field

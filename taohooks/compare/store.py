@@ -98,18 +98,13 @@ RESULT_FILES = ("results.json", "results.md", "quality_vs_speedup.png", "skip_sc
 def script_difference(was: List[str], now: List[str]) -> str:
     """Where two script lines (``[script, args...]``) differ, said by option: ``--guidance_scale 7.5 there, 5.0
     here`` (an option given twice, as an ``append`` one, says each value)."""
-    def number(word: str) -> bool:
-        try:
-            float(word)
-            return True
-        except ValueError:
-            return False
+    from .targets import is_option
 
     def options(argv):
         found: Dict[str, List[List[str]]] = {}
         current = None
-        for word in argv[1:]:  # (argparse's rule: a negative number or a word with a space is a value)
-            if word.startswith("-") and len(word) > 1 and not number(word) and " " not in word.split("=", 1)[0]:
+        for word in argv[1:]:
+            if is_option(word):
                 flag, _, value = word.partition("=")
                 current = [value] if value else []
                 found.setdefault(flag, []).append(current)

@@ -419,10 +419,7 @@ class Target:
         them, a negative number or a word with a space does not)."""
         kept, values = [], 0  # (values: how many of the next words are a neutral flag's; -1: up to an option)
         for word in argv:
-            # (argparse's rule: a negative number or a word with a space is a value, but --name=value is an option)
-            option = word.startswith("-") and len(word) > 1 and not _number(word) and (
-                " " not in word or ("=" in word and " " not in word.split("=", 1)[0]))
-            if option:
+            if is_option(word):
                 name = word.split("=", 1)[0]
                 values = 0
                 if name in self.neutral_flags:
@@ -452,12 +449,16 @@ LEARNED_SIGMA = {"easycache": "the transformer's output has a variance half (twi
 # broadcasts cross-attention: the YAML's pab: section has per-group ranges)
 LATTE_SELF_ATTENTION = r"(temporal_)?transformer_blocks\.\d+\.attn1"
 
-def _number(word: str) -> bool:
+def is_option(word: str) -> bool:
+    """Whether a command-line word is an option, by argparse's rule (a negative number or a word with a space is a
+    value, but ``--name=value`` with a spaced value is an option)."""
+    if not word.startswith("-") or len(word) < 2 or " " in word.split("=", 1)[0]:
+        return False
     try:
         float(word)
-        return True
-    except ValueError:
         return False
+    except ValueError:
+        return True
 
 
 # Wan's generate.py: the prompt and seed compare replaces, the output file, whether the model waits on the CPU
