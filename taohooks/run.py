@@ -171,7 +171,6 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
         raise
     except KeyboardInterrupt:
         from .launcher.integration import intercepted
-
         from .launcher.prompt_calibration import ENV_CALIBRATE_PROMPTS
 
         if intercepted() or os.environ.get(ENV_CALIBRATE_PROMPTS):  # (taocache compare / calibrate say what they
@@ -192,7 +191,6 @@ def _calibration_state(config) -> str:
         path = config.lut_path()
         if path is None or not path.is_file() or not calibrates(config):  # (a run that skipped: nothing to continue)
             return ""
-
         held, wanted = CalibrationLUT.load(path).num_prompts, config.calibration.prompts
     except Exception:  # noqa: BLE001 - only a hint on the way out
         return ""
@@ -202,7 +200,7 @@ def _calibration_state(config) -> str:
             "left out): run the same command again to continue calibrating")
 
 
-def _say(prog: str, exc: BaseException) -> None:
+def _say(prog: str, exc: object) -> None:
     """An error on stderr, every line of it (a precheck lists each problem on its own) under ``prog``'s name, so that
     a filter on the prefix sees them all."""
     print("\n".join(f"{prog}: {line}" for line in str(exc).splitlines() or [""]), file=sys.stderr)
