@@ -344,10 +344,10 @@ def _findable_integrations(configured: str) -> List[str]:
 
     def mine(path) -> bool:
         try:
-            return Path(path).resolve().is_relative_to(root) if sys.version_info >= (3, 9) else \
-                str(Path(path).resolve()).startswith(str(root))
+            resolved = Path(path).resolve()
         except OSError:
             return False
+        return resolved == root or root in resolved.parents
 
     def findable(marker: str) -> bool:
         top, _, rest = marker.partition(".")

@@ -84,7 +84,7 @@ def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: O
     shown = {k: v for k, v in (identity or {}).items() if not (k == "guide_scale" and problems)}  # (said above)
     continued = calibrates(config) and lut.num_prompts < config.calibration.prompts  # (accept: for a complete LUT)
     keys = differences(recorded, shown, () if continued else config.calibration.accept)
-    acceptable = [] if continued else keys
+    acceptable = [] if continued else list(keys)
     if keys:
         problems.append(f"{describe_differences(recorded, shown, keys)} ({said})" + (
             ": an unfinished LUT is continued at the values it began with" if continued else ""))

@@ -53,9 +53,8 @@ def check_experiment_file(experiment_path: str) -> str:
     """``taocache check EXPERIMENT.yaml``: the checks ``taocache compare`` makes before the script starts, nothing
     written; returns the resolved experiment and what a run would do, as YAML with ``#`` notes."""
     config = load_experiment(experiment_path)
-    _check_integration(config)
     tao_path, tao = taocache_config_of(config, write=False)
-    check_before_run(config, tao)
+    check_before_run(config, tao)  # (the integration compare cannot run through too)
     lines = ["# a taocache compare experiment: valid (the checks taocache compare makes before the script starts; "
              "the script line, a per-pipeline target's methods and the output folder's runs are checked when it "
              "runs)", yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(),

@@ -254,8 +254,7 @@ class RunStore:
 
                 if k == "script" and isinstance(was, list) and isinstance(now, list):  # (30 words each: the flag)
                     raise ConfigError(str(path), k, f"this output folder holds runs made with another script line: "
-                                      f"{script_difference(compared(k)[0], compared(k)[1])}; use another output "
-                                      "folder (or delete it)")
+                                      f"{script_difference(*compared(k))}; use another output folder (or delete it)")
                 raise ConfigError(str(path), k, f"this output folder holds runs made with {k} = {said(was)}, this "
                                   f"experiment has {said(now)}; use another output folder (or delete it)")
             if self.writer and not partial and set(fingerprint) - set(old):
