@@ -279,8 +279,11 @@ def test_latte_calibrates_on_the_first_prompt_then_skips(runner, tmp_path):
     assert (tmp_path / "first" / "lut.safetensors").is_file()  # next to the config file
     assert saved_counts(res) == [(0, 10), (2, 10), (2, 10)], res.stderr
     assert "calibrating, all steps computed" in res.summaries()[0]
-    # said once, by the generation that completed it, before its summary line (the next generation said it again)
+    # said once, by the generation that completed it (the next generation said it again), after that generation's
+    # summary line (it came before it) and before the next generation's
     assert res.stderr.count("calibration complete") == 1, res.stderr
+    done = res.stderr.index("calibration complete")
+    assert res.stderr.index("taohooks: generation 1:") < done < res.stderr.index("taohooks: generation 2:"), res.stderr
     assert "calibration complete with generation 1: the LUT " in res.stderr and \
         "holds 1 prompts (calibration.prompts 1); the generations after it skip" in res.stderr, res.stderr
     assert repo.model_calls(res.stdout) == 26

@@ -537,6 +537,7 @@ class GenerationPatch:
                          "generation on")
         cache = self.make_cache(arguments)
         cache.reattached_per_generation = True  # (this method attaches again once the calibration is complete)
+        cache.defer_completion_notice = True  # (said after _generate's summary line)
         check_declared_loop(cache.config, loop, self.target())
         extra = self.callbacks_of(arguments, model) if self.callbacks_of else []
         cache.attach(model, loop.steps, loop.streams, split_batch=loop.split_batch, batch_dim=loop.batch_dim,
@@ -613,6 +614,7 @@ class GenerationPatch:
                 result = self.original(*bound.args, **bound.kwargs)
         except BaseException as exc:
             raised = exc
+            cache.say_deferred_notices()  # (the LUT was completed before the script's own code raised)
             raise
         finally:
             hook.passthrough = True
@@ -627,6 +629,7 @@ class GenerationPatch:
                              "callback_on_step_end that stops the pipeline), or made fewer calls per step in its last "
                              "steps than the loop counts (guidance switched off there)")
         self.log(self.summary_line(cache, before) + (f" (stopped after {stopped} of {total} calls)" if stopped else ""))
+        cache.say_deferred_notices()
         return result
 
     def _nested(self, hook, bound: inspect.BoundArguments) -> Any:

@@ -343,6 +343,9 @@ class TaoCache:
         # the caller attaches again at each generation (the launcher, the Lightning callback), so a completed
         # calibration switches to skipping at the next one; in one attach from Python the plan stays
         self.reattached_per_generation = False
+        # the caller prints its own line about each generation and then say_deferred_notices() (the launcher), so
+        # that the calibration's completion is said after that generation's summary, not before it
+        self.defer_completion_notice = False
 
     @classmethod
     def from_yaml(cls, path: Union[str, os.PathLike], **kwargs) -> "TaoCache":
@@ -400,6 +403,13 @@ class TaoCache:
         """Whether this run's LUT saver said that the LUT is complete (the launcher and the Lightning callback
         then do not say it again when they re-attach)."""
         return any(isinstance(cb, _SaveLUT) and cb.said_complete for cb in (self.hook.callbacks if self.hook else ()))
+
+    def say_deferred_notices(self) -> None:
+        """Print what this run's callbacks kept to be said after the caller's own line about the generation
+        (``defer_completion_notice``: the launcher's summary line comes first, then the calibration's completion)."""
+        for cb in self.hook.callbacks if self.hook else ():
+            if isinstance(cb, _SaveLUT):
+                cb.say_deferred()
 
     @property
     def calibrating(self) -> bool:
@@ -465,7 +475,8 @@ class TaoCache:
             self.recorder.every_rank = self.data_parallel
             _warn_unsaid_ranks(self, path)
             own: list = [self.recorder, _SaveLUT(self.recorder, path, wanted, every_rank=self.data_parallel,
-                                                 reattached=self.reattached_per_generation),
+                                                 reattached=self.reattached_per_generation,
+                                                 defer=self.defer_completion_notice),
                          *_teacache_fit_callbacks(cfg, path)]
         else:
             if run_timesteps is not None and len(run_timesteps) != loop.steps:
@@ -749,12 +760,20 @@ class _SaveLUT(Callback):
     detach and the end of the process, which say what could not be saved."""
 
     def __init__(self, recorder: CalibrationRecorder, path: Path, wanted: Optional[int] = None,
-                 every_rank: bool = False, reattached: bool = False):
+                 every_rank: bool = False, reattached: bool = False, defer: bool = False):
         self.recorder, self.path, self.wanted, self.every_rank = recorder, path, wanted, every_rank
         self.reattached = reattached
+        self.defer = defer  # keep the completion notice for say_deferred() (the launcher: after its summary line)
+        self.deferred: Optional[str] = None
         self._exit_registered = False
         self._complete = False  # the LUT reached `wanted` (said once)
         self.said_complete = False  # ... and this process printed it
+
+    def say_deferred(self) -> None:
+        """Print the completion notice kept by ``defer`` (once)."""
+        if self.deferred is not None:
+            message, self.deferred = self.deferred, None
+            self.said_complete = messages.notice(message)
 
     def on_detach(self, hook) -> None:
         self._last_try("when the hook was detached", "the process tries once more when it ends")
@@ -796,8 +815,10 @@ class _SaveLUT(Callback):
         have = self.recorder.lut().num_prompts
         if self.wanted and have >= self.wanted and not self._complete:  # (a run per generation: Wan's
             self._complete = True                                        # generate.py) is told it is done
-            self.said_complete = messages.notice(
+            self.deferred = (
                 f"calibration complete with generation {hook.label(sample)}: the LUT {self.path} holds {have} prompts "
                 f"(calibration.prompts {self.wanted}); " + ("the generations after it skip" if self.reattached else
                                                             "it takes no more; attach TaoCache again to skip with it "
                                                             "(this attach keeps computing every step)"))
+            if not self.defer:
+                self.say_deferred()
