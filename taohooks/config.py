@@ -31,7 +31,7 @@ INTEGRATIONS = ("none", "wan", "wan22", "latte", "opensora_plan", "videosys", "d
 ACCEPTABLE_DIFFERENCES = ("model", "architecture", "task", "dtype", "scheduler", "shift", "solver_order",
                           "prediction_type", "sampling_steps", "timesteps", "pixels", "frame_num", "height", "width",
                           "frames", "temporal_attention", "expert_boundary", "experts",
-                          "guide_scale", "image")
+                          "guide_scale", "image", "noise_schedule")
 MAX_STEPS = 100_000    # loop.steps, step indices and step counts are at most this
 MAX_PROMPTS = 100_000  # calibration.prompts is at most this
 FIRST_SKIPPABLE = 2    # as taohooks.taocache.plan.FIRST_SKIPPABLE: a skip needs two computed outputs before it

@@ -739,6 +739,39 @@ def test_a_scheduler_swapped_between_calls_is_checked_against_the_lut(tmp_path):
     disable_taocache(pipe)
 
 
+def test_a_noise_schedule_other_than_the_luts_is_refused(tmp_path):
+    """The scheduler's betas were not part of the LUT's identity: a LUT calibrated at Latte's beta_end 0.02 skipped
+    on a run at 0.012 without a word (Latte walkthrough, 2026-11-28). Settings a diffusers version adds or drops are
+    no difference; calibration.accept: [noise_schedule] accepts them all."""
+    from taohooks.taocache.cache import check_run
+    from taohooks.taocache.identity import scheduler_identity
+    from taohooks.taocache.lut import CalibrationLUT, LUTMismatchError
+    from taohooks.runtime.loop import LoopSpec
+
+    cfg = config_from_dict({"integration": "diffusers", "lut": "lut.safetensors", "calibration": {"prompts": 1},
+                            "plan": {"budget": 2, "min_step": 2}}, str(tmp_path / "c.yaml"))
+    pipe = wan_pipe()
+    enable_taocache(pipe, cfg)
+    try:
+        wan_call(pipe)  # calibrates with FlowMatchEuler
+        assert CalibrationLUT.load(tmp_path / "lut.safetensors").identity["noise_schedule.num_train_timesteps"] == 1000
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, num_train_timesteps=500)
+        with pytest.raises(LUTMismatchError, match=r"noise_schedule.num_train_timesteps \(the scheduler's noise .*: "
+                                                   r"this run 500, the LUT 1000.*accept: \[noise_schedule\]"):
+            wan_call(pipe)
+    finally:
+        disable_taocache(pipe)
+    ddim = scheduler_identity(DDIMScheduler(beta_end=0.012))
+    assert ddim["noise_schedule.beta_end"] == 0.012 and ddim["noise_schedule.beta_schedule"] == "linear"
+    loop = LoopSpec(steps=4, streams=("cond",))
+    lut = CalibrationLUT.empty(loop, None, None, {k: v for k, v in ddim.items() if k != "noise_schedule.clip_sample"})
+    check_run(cfg, lut, loop, {**ddim, "noise_schedule.clip_sample": False})  # (a setting the LUT lacks)
+    with pytest.raises(LUTMismatchError, match="beta_end .*: this run 0.02, the LUT 0.012"):
+        check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler()))
+    cfg.calibration.accept = ["noise_schedule"]
+    check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler()))
+
+
 def test_a_guidance_scale_other_than_the_luts_is_refused(tmp_path):
     """No integration recorded the guidance scale, which moves the trajectory the LUT describes (Wan2.2
     walkthrough, 2026-11-27)."""

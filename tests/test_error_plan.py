@@ -244,6 +244,34 @@ def test_weight_scheme_from_what_the_lut_recorded():
     assert weight_scheme("flow", lut)[0] == "flow"
 
 
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_ddpm_weights_follow_the_recorded_beta_schedule(schedule):
+    """rule: auto weighted every DDIM/DDPM/PNDM LUT's steps by the linear 1e-4..0.02 schedule, whatever betas the
+    run had (Latte walkthrough, 2026-11-28): the LUT's noise_schedule is used, as diffusers computes alpha_bar."""
+    import dataclasses
+
+    from diffusers import DDIMScheduler
+
+    from taohooks.taocache.error_model import ddpm_alphas_cumprod
+    from taohooks.taocache.error_plan import recorded_betas
+    from taohooks.taocache.identity import scheduler_identity
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule=schedule)
+    lut = dataclasses.replace(calibrate(TableDenoiser(6, 1), 6, ("main",), 1), sampler="ddim",
+                              identity=scheduler_identity(scheduler))
+    betas = recorded_betas(lut)
+    assert betas == {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": schedule}
+    # (diffusers computes in float32: its last alpha_bar, 2.4e-9 on the cosine schedule, differs by 4e-5 relative)
+    assert torch.allclose(ddpm_alphas_cumprod(**betas), scheduler.alphas_cumprod.double(), rtol=1e-4, atol=0)
+    t = torch.tensor([999.0, 500.0, 0.0])
+    assert not torch.allclose(sampler_weights(t, "ddpm", betas), sampler_weights(t, "ddpm"))
+    scheme, why = weight_scheme("auto", lut)
+    assert scheme == "ddpm" and why.startswith(f"DDPM {schedule} betas 0.00085-0.012 over 1000 steps"), why
+    default = dataclasses.replace(lut, identity=scheduler_identity(DDIMScheduler()))  # (the testbed's, Latte's)
+    assert weight_scheme("auto", default)[1].startswith("DDPM linear betas")
+    assert torch.equal(sampler_weights(t, "ddpm", recorded_betas(default)), sampler_weights(t, "ddpm"))
+
+
 # ---------------------------------------------------------------- configuration
 def test_rule_auto_plans_through_make_plan_and_paper_is_unchanged():
     steps, prompts, streams = 16, 2, ("cond", "uncond")

@@ -18,7 +18,7 @@ from taohooks.config import TaoCacheConfig
 from taohooks.launcher.integration import (GenerationPatch, IntegrationError, PatchSet, batched_cfg_loop, identity_of_pipeline,
                                   require_modules, script_options)
 from taohooks.runtime.io import check_writable
-from taohooks.taocache.identity import describe_differences, differences, pipeline_output_identity
+from taohooks.taocache.identity import accept_names, describe_differences, differences, pipeline_output_identity
 from taohooks.taocache.lut import CalibrationLUT
 from taohooks.taocache.lut_transfer import carryable
 from taohooks.taocache.cache import TaoCache, calibrates, transfer_allowed, unfinished_lut_steps_problem
@@ -84,7 +84,7 @@ def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: O
     shown = {k: v for k, v in (identity or {}).items() if not (k == "guide_scale" and problems)}  # (said above)
     continued = calibrates(config) and lut.num_prompts < config.calibration.prompts  # (accept: for a complete LUT)
     keys = differences(recorded, shown, () if continued else config.calibration.accept)
-    acceptable = [] if continued else list(keys)
+    acceptable = [] if continued else accept_names(keys)
     if keys:
         problems.append(f"{describe_differences(recorded, shown, keys)} ({said})" + (
             ": an unfinished LUT is continued at the values it began with" if continued else ""))
@@ -138,8 +138,35 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     if not isinstance(sample, dict):
         return
     guidance = sample.get("guidance_scale")
+    guidance = float(guidance) if isinstance(guidance, (int, float)) and not isinstance(guidance, bool) else None
     check_sampler(config, sample.get("sample_method"), sample.get("num_sampling_steps"), args.config,
-                  guidance=float(guidance) if isinstance(guidance, (int, float)) else None)
+                  guidance=guidance, identity=yaml_identity(sample, guidance))
+
+
+def yaml_identity(sample: Dict[str, Any], guidance: Optional[float]) -> Dict[str, Any]:
+    """What sample_t2x.py's YAML says of the run, as the LUT's identity records it at the first generation: the video
+    (``image_size`` as height and width, ``video_length``, ``enable_temporal_attentions``), the guidance scale, and the
+    betas it gives every scheduler (``beta_start``, ``beta_end``, ``beta_schedule``). Values of another type are
+    left to the script."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    identity: Dict[str, Any] = {}
+    size = sample.get("image_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(number(v) for v in size):
+        identity["height"], identity["width"] = int(size[0]), int(size[1])
+    if number(sample.get("video_length")):
+        identity["frames"] = int(sample["video_length"])
+    if isinstance(sample.get("enable_temporal_attentions"), bool):
+        identity["temporal_attention"] = sample["enable_temporal_attentions"]
+    if guidance is not None:
+        identity["guide_scale"] = guidance
+    for key in ("beta_start", "beta_end"):
+        if number(sample.get(key)):
+            identity[f"noise_schedule.{key}"] = float(sample[key])
+    if isinstance(sample.get("beta_schedule"), str):
+        identity["noise_schedule.beta_schedule"] = sample["beta_schedule"]
+    return identity
 
 
 def install(config: TaoCacheConfig) -> None:

@@ -23,7 +23,7 @@ from ..runtime.callbacks import Callback
 from ..config import PlanConfig, TaoCacheConfig, check_python_config, load_config
 from .extrapolation import TaoCacheCallback
 from ..runtime.hook import DenoiserHook
-from .identity import describe_differences, differences, is_sharded, model_identity
+from .identity import accept_name, accept_names, describe_differences, differences, is_sharded, model_identity
 from .lut_format import check_identity
 from ..runtime.io import check_writable, special_file_kind
 from ..runtime.loop import LoopSpec
@@ -270,20 +270,22 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
     lut.check(loop, config.model_id, sampler_label(config))
     recorded = getattr(lut, "identity", None) or {}
     if identity:
-        unrecorded = [k for k in identity if k not in recorded and k not in config.calibration.accept]
+        unrecorded = [k for k in identity if k not in recorded and accept_name(k) not in config.calibration.accept]
         if unrecorded and lut.source:  # (a LUT of an earlier taohooks, or calibrated where they were not known)
             advice = (" (a LUT calibrated under FSDP records none: its parameters are sharded)"
                       if unrecorded == ["architecture"] else ": calibrate a LUT of this run to have them checked")
-            messages.notice(f"{lut._name()} records no {', '.join(unrecorded)} of its calibrating run, so this run's "
-                            f"({', '.join(f'{k} {identity[k]!r}' for k in unrecorded)}) cannot be checked against "
-                            f"it{advice}", once=f"unrecorded {lut.source} {unrecorded}")
+            values = ", ".join(dict.fromkeys(accept_name(k) if accept_name(k) != k else f"{k} {identity[k]!r}"
+                                             for k in unrecorded))  # (a group, noise_schedule, said by its name)
+            messages.notice(f"{lut._name()} records no {', '.join(accept_names(unrecorded))} of its calibrating run, "
+                            f"so this run's ({values}) cannot be checked against it{advice}",
+                            once=f"unrecorded {lut.source} {unrecorded}")
         keys = differences(recorded, identity, config.calibration.accept)
         if keys:
             where = f" in {config.source}" if config.source else ""
             raise LUTMismatchError(
                 f"{lut._name()} was calibrated on another run: {describe_differences(recorded, identity, keys)}. "
                 f"Give this run its own LUT (lut:{where}), or accept the difference knowingly with "
-                f"calibration.accept: [{', '.join(keys)}]{where}")
+                f"calibration.accept: [{', '.join(accept_names(keys))}]{where}")
 
 
 def _python_route_identity(module: nn.Module) -> Dict[str, Any]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -41,20 +41,39 @@ WEIGHT_SCHEMES = ("flow", "ddpm", "uniform")
 SKIP, REFRESH, COMPUTE = "skip", "refresh", "compute"
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
 def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-                        beta_end: float = 0.02) -> Tensor:
-    """``alpha_bar`` of the linear beta schedule (Latte, Open-Sora-Plan, the testbed ``eps`` model)."""
-    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+                        beta_end: float = 0.02, beta_schedule: str = "linear") -> Tensor:
+    """``alpha_bar`` of a beta schedule as diffusers defines it: ``linear`` (Latte, Open-Sora-Plan, the testbed
+    ``eps`` model), ``scaled_linear`` (linear in ``sqrt(beta)``), ``squaredcos_cap_v2`` (cosine, betas capped at
+    0.999)."""
+    if beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        def alpha_bar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        n = num_train_timesteps
+        betas = torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+                             dtype=torch.float64)
+    else:
+        raise ValueError(f"beta_schedule {beta_schedule!r} has no DDPM weights here (one of "
+                         f"{', '.join(BETA_SCHEDULES)}); set plan.error_weights: uniform")
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def sampler_weights(timesteps: Tensor, scheme: str) -> Tensor:
+def sampler_weights(timesteps: Tensor, scheme: str, betas: Optional[Mapping[str, Any]] = None) -> Tensor:
     """``[steps]`` weight of each step's output in the final latent (first order, float64).
 
     ``flow``: ``sigma_t - sigma_{t+1}`` with ``sigma = timestep / 1000`` (flow matching, the timestep
     the model sees is ``1000 sigma``; the last step goes to 0). ``ddpm``: DDIM's weight of an eps
     error in the clean sample, ``s_t - s_{t+1}`` with ``s = sqrt((1 - alpha_bar) / alpha_bar)`` of the
-    linear beta schedule (the last step goes to ``alpha_bar = 1``). ``uniform``: 1.
+    beta schedule ``betas`` gives (:func:`ddpm_alphas_cumprod`'s arguments, e.g. the LUT's recorded
+    ``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule``; the linear 1e-4..0.02 schedule of
+    1000 steps where it gives none; the last step goes to ``alpha_bar = 1``). ``uniform``: 1.
     """
     t = timesteps.to(torch.float64)
     if scheme == "uniform":
@@ -69,7 +88,7 @@ def sampler_weights(timesteps: Tensor, scheme: str) -> Tensor:
         sigma = torch.cat([t / 1000.0, t.new_zeros(1)])
         return sigma[:-1] - sigma[1:]
     if scheme == "ddpm":
-        ab = ddpm_alphas_cumprod()
+        ab = ddpm_alphas_cumprod(**dict(betas or {}))
         idx = t.round().long().clamp(0, len(ab) - 1)
         s = torch.cat([((1 - ab[idx]) / ab[idx]).sqrt(), t.new_zeros(1)])
         return s[:-1] - s[1:]

@@ -24,7 +24,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -341,11 +341,31 @@ def brute_force(lut, model: ErrorModel, budget: int, streams: Sequence[str],
 
 
 # ---------------------------------------------------------------------- from a config and a LUT
+_BETA_SETTINGS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+_DEFAULT_BETAS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
+def recorded_betas(lut) -> Dict[str, Any]:
+    """The beta schedule the LUT's identity records (``noise_schedule.<name>``), as :func:`sampler_weights` takes it;
+    empty where it records none (a flow scheduler, or a LUT of an earlier taohooks)."""
+    identity = getattr(lut, "identity", None) or {}
+    return {k: identity[f"noise_schedule.{k}"] for k in _BETA_SETTINGS if f"noise_schedule.{k}" in identity}
+
+
+def _ddpm_said(betas: Dict[str, Any]) -> str:
+    if all(betas.get(k, v) == v for k, v in _DEFAULT_BETAS.items()):
+        return "DDPM linear betas"
+    b = {**_DEFAULT_BETAS, **betas}
+    return (f"DDPM {b['beta_schedule']} betas {b['beta_start']:g}-{b['beta_end']:g} "
+            f"over {b['num_train_timesteps']} steps")
+
+
 def weight_scheme(requested: str, lut) -> Tuple[str, str]:
     """``(scheme, why)``: the sampler weights for ``plan.error_weights`` (``auto``: from what the LUT
     recorded of its sampler: a flow shift or flow prediction type, or a DDIM/DDPM/PNDM sampler)."""
     if requested != "auto":
-        named = {"flow": "flow matching", "ddpm": "DDPM linear betas", "uniform": "uniform"}.get(requested, requested)
+        named = {"flow": "flow matching", "ddpm": _ddpm_said(recorded_betas(lut)),
+                 "uniform": "uniform"}.get(requested, requested)
         return requested, f"{named} (plan.error_weights: {requested})"
     identity = lut.identity or {}
     words = [str(identity.get(k, "")) for k in ("scheduler", "prediction_type")] + [lut.sampler or ""]
@@ -360,7 +380,7 @@ def weight_scheme(requested: str, lut) -> Tuple[str, str]:
     if "shift" in identity or "flow" in text or "unipc" in text:
         return "flow", f"flow matching (the LUT's {said or 'flow shift'})"
     if any(name in text for name in ("ddim", "ddpm", "pndm", "epsilon")):
-        return "ddpm", f"DDPM linear betas (the LUT's {said})"
+        return "ddpm", f"{_ddpm_said(recorded_betas(lut))} (the LUT's {said})"
     return "uniform", "uniform (the LUT does not say which sampler it was calibrated with)"
 
 
@@ -379,7 +399,7 @@ def error_model_of(lut, scheme: str = "auto") -> Tuple[ErrorModel, str]:
                          "calibrate again into a new LUT file, or use plan.rule: paper")
     used, why = weight_scheme(scheme, lut)
     try:
-        weights = sampler_weights(lut.timesteps, used)
+        weights = sampler_weights(lut.timesteps, used, recorded_betas(lut))
     except ValueError as exc:
         raise _PlanError(f"plan.error_weights: {exc}") from None
     return ErrorModel(lut.deltas, weights), why

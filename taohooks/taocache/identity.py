@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 __all__ = ["model_identity", "scheduler_identity", "differences", "describe_differences", "IdentityMismatch",
+           "accept_name", "accept_names",
            "weights_fingerprint", "call_settings"]
 
 Identity = Dict[str, Any]
@@ -136,9 +137,22 @@ def model_identity(model: nn.Module) -> Identity:
     return identity
 
 
+#: diffusers scheduler settings that move the noise levels, the timesteps or the update (Latte's script sets the betas
+#: from its YAML): recorded as ``noise_schedule.<name>`` where a scheduler's config has them
+#: (flat keys: a LUT's identity is a flat JSON object; ``calibration.accept: [noise_schedule]`` accepts them all)
+NOISE_SCHEDULE_SETTINGS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
+    "timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample", "clip_sample_range", "thresholding",
+    "sample_max_value", "variance_type", "algorithm_type", "solver_type", "lower_order_final", "final_sigmas_type",
+    "predict_x0", "disable_corrector", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+    "use_flow_sigmas", "use_dynamic_shifting", "shift_terminal", "time_shift_type", "invert_sigmas", "sigma_min",
+    "sigma_max", "skip_prk_steps")
+
+
 def scheduler_identity(scheduler: Any) -> Identity:
     """``scheduler`` (class name) and the settings that move the timesteps or the solver: ``shift``,
-    ``solver_order``, ``prediction_type`` (diffusers scheduler configs)."""
+    ``solver_order``, ``prediction_type`` and ``noise_schedule.<name>`` (the rest of :data:`NOISE_SCHEDULE_SETTINGS`
+    the scheduler's config holds; ``trained_betas`` as a digest) of diffusers scheduler configs."""
     identity: Identity = {"scheduler": type(scheduler).__name__}
     config = getattr(scheduler, "config", None)
     if isinstance(config, Mapping):
@@ -147,7 +161,25 @@ def scheduler_identity(scheduler: Any) -> Identity:
             value = config.get(key)
             if value is not None and name not in identity:
                 identity[name] = _jsonable(value)
+        for key in NOISE_SCHEDULE_SETTINGS:
+            value = config.get(key)
+            if value is None:
+                continue
+            if key == "trained_betas":  # (a thousand numbers: their digest)
+                value = hashlib.sha256(json.dumps(_jsonable(value)).encode()).hexdigest()[:16]
+            identity[f"noise_schedule.{key}"] = _jsonable(value)
     return identity
+
+
+def accept_name(key: str) -> str:
+    """The ``calibration.accept`` entry that accepts a difference in identity key ``key`` (``noise_schedule`` for
+    every ``noise_schedule.<name>``)."""
+    return key.split(".", 1)[0]
+
+
+def accept_names(keys: Iterable[str]) -> List[str]:
+    """The ``calibration.accept`` entries for these differing keys, each once, in order."""
+    return list(dict.fromkeys(accept_name(k) for k in keys))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -207,9 +239,10 @@ def pipeline_output_identity(arguments: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def differences(recorded: Mapping[str, Any], run: Mapping[str, Any], accept: Iterable[str] = ()) -> List[str]:
-    """Keys that both identities have with different values, in the run's order, less ``accept``."""
+    """Keys that both identities have with different values, in the run's order, less ``accept`` (its entries as
+    :func:`accept_name` gives them)."""
     accepted = set(accept)
-    return [k for k in run if k in recorded and k not in accepted and not _same(recorded[k], run[k])]
+    return [k for k in run if k in recorded and accept_name(k) not in accepted and not _same(recorded[k], run[k])]
 
 
 def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], keys: Iterable[str]) -> str:
@@ -217,7 +250,17 @@ def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], ke
     def meaning(k):
         pair = isinstance(run[k], (list, tuple)) or isinstance(recorded[k], (list, tuple))
         return PAIR_MEANING[k] if pair and k in PAIR_MEANING else KEY_MEANING.get(k, "")
-    return "; ".join(f"{k}{meaning(k)}: this run {run[k]!r}, the LUT {recorded[k]!r}" for k in keys)
+    said = set()
+
+    def meaning_once(k):  # (a group's meaning said at its first key)
+        group = accept_name(k)
+        if group in KEY_MEANING and group != k:
+            if group in said:
+                return ""
+            said.add(group)
+            return KEY_MEANING[group]
+        return meaning(k)
+    return "; ".join(f"{k}{meaning_once(k)}: this run {run[k]!r}, the LUT {recorded[k]!r}" for k in keys)
 
 
 #: ... where its value is a pair (Wan2.2's two experts: the order said, diffusers' names too)
@@ -231,4 +274,6 @@ KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_
                "temporal_attention": " (off for images: Latte's t2i, Open-Sora-Plan's --force_images)",
                "guide_scale": " (the guidance scale: Wan's --sample_guide_scale, Open-Sora-Plan's --guidance_scale, a "
                               "pipeline's guidance_scale)",
-               "image": " (Wan2.2 TI2V-5B: whether an --image conditions the video)"}
+               "image": " (Wan2.2 TI2V-5B: whether an --image conditions the video)",
+               "noise_schedule": " (the scheduler's noise levels and timesteps: the betas of Latte's YAML, a "
+                                 "diffusers scheduler's settings)"}
