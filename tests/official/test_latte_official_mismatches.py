@@ -70,19 +70,24 @@ def test_calibration_records_transformer_and_scheduler(calibrated):
     identity = dict(lut.identity)
     print(f"identity recorded by LattePipeline.__call__: {identity}")
     assert re.fullmatch("[0-9a-f]{12}", identity.pop("architecture"))
+    schedule = {k[len("noise_schedule."):]: identity.pop(k) for k in list(identity) if k.startswith("noise_schedule.")}
     assert identity == {"model": "LatteT2V", "dtype": "torch.float32", "scheduler": "DDIMScheduler",
                         "prediction_type": "epsilon", "sampling_steps": STEPS,
                         "height": 64, "width": 64, "frames": 4, "temporal_attention": True, "guide_scale": 7.5}
+    # the betas sample_t2x.py gives every scheduler, from the checkout's t2v_sample.yaml
+    assert {k: schedule[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")} == {
+        "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "num_train_timesteps": 1000}
     assert lut.steps == STEPS and tuple(lut.streams) == ("uncond", "cond")
 
 
 # ---------------------------------------------------------------------------- before the model loads
 def sample_config(folder, **changes):
-    """The checkout's own ``configs/t2x/t2v_sample.yaml`` with ``changes``, as a file for ``--config``."""
+    """The checkout's own ``configs/t2x/t2v_sample.yaml`` at the video the LUT was calibrated on (64x64, 4 frames)
+    with ``changes``, as a file for ``--config``."""
     sample = yaml.safe_load((LATTE / "configs" / "t2x" / "t2v_sample.yaml").read_text())
     assert sample["sample_method"] == "DDIM" and sample["num_sampling_steps"] == 50  # what the checkout ships
     path = folder / "t2v_sample.yaml"
-    path.write_text(yaml.safe_dump({**sample, **changes}))
+    path.write_text(yaml.safe_dump({**sample, "image_size": [64, 64], "video_length": 4, **changes}))
     return path
 
 
@@ -97,6 +102,19 @@ def test_precheck_reads_the_sample_config(calibrated, tmp_path):
     assert "calibration.accept: [scheduler]" in str(info.value)
     with pytest.raises(IntegrationError, match=f"50 sampling steps .*, the LUT was calibrated with {STEPS}"):
         latte_integration.precheck(config, ["--config", str(sample_config(tmp_path))])  # the shipped 50 steps
+
+
+def test_precheck_reads_the_video_and_the_betas(calibrated, tmp_path):
+    """The checkout's YAML as shipped (512x512, 16 frames) and its betas changed: refused before the model loads."""
+    config = lut_config(tmp_path)
+    with pytest.raises(IntegrationError) as info:
+        latte_integration.precheck(config, ["--config", str(sample_config(
+            tmp_path, num_sampling_steps=STEPS, image_size=[512, 512], video_length=16, beta_end=0.012))])
+    said = str(info.value)
+    assert "height: this run 512, the LUT 64; width: this run 512, the LUT 64" in said
+    assert "this run 16, the LUT 4" in said and "noise_schedule.beta_end" in said and "this run 0.012, the LUT 0.02" \
+        in said
+    assert "calibration.accept: [height, width, frames, noise_schedule]" in said
 
 
 def test_precheck_reads_an_abbreviated_config_option(calibrated, tmp_path):
