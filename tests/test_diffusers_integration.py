@@ -770,6 +770,15 @@ def test_a_noise_schedule_other_than_the_luts_is_refused(tmp_path):
         check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler()))
     cfg.calibration.accept = ["noise_schedule"]
     check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler()))
+    # the update's settings: scheduler.<name>, accepted with the scheduler class (PNDM has set_alpha_to_one False)
+    cfg.calibration.accept = []
+    with pytest.raises(LUTMismatchError, match=r"scheduler.clip_sample \(a setting of the scheduler's update\): this "
+                                               r"run False, the LUT True.*accept: \[scheduler\]"):
+        check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler(beta_end=0.012, clip_sample=False)))
+    from diffusers import PNDMScheduler
+
+    cfg.calibration.accept = ["scheduler"]
+    check_run(cfg, lut, loop, scheduler_identity(PNDMScheduler(beta_end=0.012)))
 
 
 def test_a_guidance_scale_other_than_the_luts_is_refused(tmp_path):

@@ -137,22 +137,27 @@ def model_identity(model: nn.Module) -> Identity:
     return identity
 
 
-#: diffusers scheduler settings that move the noise levels, the timesteps or the update (Latte's script sets the betas
-#: from its YAML): recorded as ``noise_schedule.<name>`` where a scheduler's config has them
-#: (flat keys: a LUT's identity is a flat JSON object; ``calibration.accept: [noise_schedule]`` accepts them all)
+#: diffusers scheduler settings that move the noise levels or the timesteps (Latte's script sets the betas from its
+#: YAML): recorded as ``noise_schedule.<name>`` where a scheduler's config has them (flat keys: a LUT's identity is a
+#: flat JSON object; ``calibration.accept: [noise_schedule]`` accepts them all)
 NOISE_SCHEDULE_SETTINGS = (
     "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
-    "timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample", "clip_sample_range", "thresholding",
-    "sample_max_value", "variance_type", "algorithm_type", "solver_type", "lower_order_final", "final_sigmas_type",
-    "predict_x0", "disable_corrector", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+    "timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
     "use_flow_sigmas", "use_dynamic_shifting", "shift_terminal", "time_shift_type", "invert_sigmas", "sigma_min",
-    "sigma_max", "skip_prk_steps")
+    "sigma_max")
+#: the settings of a scheduler's update: ``scheduler.<name>`` (another scheduler class has others; ``calibration.accept:
+#: [scheduler]``, which accepts another class, accepts them too)
+SOLVER_SETTINGS = (
+    "set_alpha_to_one", "clip_sample", "clip_sample_range", "thresholding", "sample_max_value", "variance_type",
+    "algorithm_type", "solver_type", "lower_order_final", "final_sigmas_type", "predict_x0", "disable_corrector",
+    "skip_prk_steps")
 
 
 def scheduler_identity(scheduler: Any) -> Identity:
     """``scheduler`` (class name) and the settings that move the timesteps or the solver: ``shift``,
-    ``solver_order``, ``prediction_type`` and ``noise_schedule.<name>`` (the rest of :data:`NOISE_SCHEDULE_SETTINGS`
-    the scheduler's config holds; ``trained_betas`` as a digest) of diffusers scheduler configs."""
+    ``solver_order``, ``prediction_type``, ``noise_schedule.<name>`` (:data:`NOISE_SCHEDULE_SETTINGS`;
+    ``trained_betas`` as a digest) and ``scheduler.<name>`` (:data:`SOLVER_SETTINGS`), those a diffusers scheduler's
+    config holds."""
     identity: Identity = {"scheduler": type(scheduler).__name__}
     config = getattr(scheduler, "config", None)
     if isinstance(config, Mapping):
@@ -161,19 +166,20 @@ def scheduler_identity(scheduler: Any) -> Identity:
             value = config.get(key)
             if value is not None and name not in identity:
                 identity[name] = _jsonable(value)
-        for key in NOISE_SCHEDULE_SETTINGS:
-            value = config.get(key)
-            if value is None:
-                continue
-            if key == "trained_betas":  # (a thousand numbers: their digest)
-                value = hashlib.sha256(json.dumps(_jsonable(value)).encode()).hexdigest()[:16]
-            identity[f"noise_schedule.{key}"] = _jsonable(value)
+        for group, keys in (("noise_schedule", NOISE_SCHEDULE_SETTINGS), ("scheduler", SOLVER_SETTINGS)):
+            for key in keys:
+                value = config.get(key)
+                if value is None:
+                    continue
+                if key == "trained_betas":  # (a thousand numbers: their digest)
+                    value = hashlib.sha256(json.dumps(_jsonable(value)).encode()).hexdigest()[:16]
+                identity[f"{group}.{key}"] = _jsonable(value)
     return identity
 
 
 def accept_name(key: str) -> str:
     """The ``calibration.accept`` entry that accepts a difference in identity key ``key`` (``noise_schedule`` for
-    every ``noise_schedule.<name>``)."""
+    every ``noise_schedule.<name>``, ``scheduler`` for every ``scheduler.<name>``)."""
     return key.split(".", 1)[0]
 
 
@@ -254,11 +260,11 @@ def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], ke
 
     def meaning_once(k):  # (a group's meaning said at its first key)
         group = accept_name(k)
-        if group in KEY_MEANING and group != k:
+        if group != k:
             if group in said:
                 return ""
             said.add(group)
-            return KEY_MEANING[group]
+            return GROUP_MEANING.get(group, "")
         return meaning(k)
     return "; ".join(f"{k}{meaning_once(k)}: this run {run[k]!r}, the LUT {recorded[k]!r}" for k in keys)
 
@@ -274,6 +280,9 @@ KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_
                "temporal_attention": " (off for images: Latte's t2i, Open-Sora-Plan's --force_images)",
                "guide_scale": " (the guidance scale: Wan's --sample_guide_scale, Open-Sora-Plan's --guidance_scale, a "
                               "pipeline's guidance_scale)",
-               "image": " (Wan2.2 TI2V-5B: whether an --image conditions the video)",
-               "noise_schedule": " (the scheduler's noise levels and timesteps: the betas of Latte's YAML, a "
-                                 "diffusers scheduler's settings)"}
+               "image": " (Wan2.2 TI2V-5B: whether an --image conditions the video)"}
+
+#: what the keys of a group (``group.<name>``) are, said at the group's first differing key
+GROUP_MEANING = {"noise_schedule": " (the scheduler's noise levels and timesteps: the betas of Latte's YAML, a "
+                                   "diffusers scheduler's settings)",
+                 "scheduler": " (a setting of the scheduler's update)"}

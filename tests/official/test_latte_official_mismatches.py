@@ -71,6 +71,8 @@ def test_calibration_records_transformer_and_scheduler(calibrated):
     print(f"identity recorded by LattePipeline.__call__: {identity}")
     assert re.fullmatch("[0-9a-f]{12}", identity.pop("architecture"))
     schedule = {k[len("noise_schedule."):]: identity.pop(k) for k in list(identity) if k.startswith("noise_schedule.")}
+    solver = {k: identity.pop(k) for k in list(identity) if k.startswith("scheduler.")}  # (its update's settings)
+    assert solver and "scheduler.set_alpha_to_one" in solver
     assert identity == {"model": "LatteT2V", "dtype": "torch.float32", "scheduler": "DDIMScheduler",
                         "prediction_type": "epsilon", "sampling_steps": STEPS,
                         "height": 64, "width": 64, "frames": 4, "temporal_attention": True, "guide_scale": 7.5}

@@ -70,9 +70,14 @@ def test_calibration_records_transformer_and_scheduler(calibrated):
     identity = dict(lut.identity)
     print(f"identity recorded by VideoGenPipeline.__call__: {identity}")
     assert re.fullmatch("[0-9a-f]{12}", identity.pop("architecture"))
+    schedule = {k[len("noise_schedule."):]: identity.pop(k) for k in list(identity) if k.startswith("noise_schedule.")}
+    solver = {k: identity.pop(k) for k in list(identity) if k.startswith("scheduler.")}  # (its update's settings)
+    assert solver and "scheduler.set_alpha_to_one" in solver
     assert identity == {"model": "LatteT2V", "dtype": "torch.float32", "scheduler": "PNDMScheduler",
                         "prediction_type": "epsilon", "sampling_steps": STEPS,
                         "height": 64, "width": 64, "frames": 17, "temporal_attention": True, "guide_scale": 7.5}
+    assert {k: schedule[k] for k in ("beta_start", "beta_end", "beta_schedule")} == {
+        "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}  # (the script's PNDMScheduler())
     assert lut.steps == CALLS  # PNDM: steps + 9 calls
 
 
