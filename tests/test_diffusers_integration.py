@@ -800,6 +800,35 @@ def test_a_guidance_scale_other_than_the_luts_is_refused(tmp_path):
         disable_taocache(pipe)
 
 
+def test_an_unfinished_lut_at_another_setting_is_not_offered_an_accept(tmp_path):
+    """An unfinished LUT's first-call refusal advised calibration.accept: [guide_scale]; following it cost a second
+    model load and a second refusal (an unfinished LUT is continued at the values it began with: Latte walkthrough,
+    2026-11-28)."""
+    from taohooks.taocache.lut import LUTMismatchError
+
+    data = {"integration": "diffusers", "lut": "lut.safetensors", "calibration": {"prompts": 2},
+            "plan": {"budget": 2, "min_step": 2}}
+    pipe = wan_pipe()
+    enable_taocache(pipe, config_from_dict(data, str(tmp_path / "c.yaml")))
+    try:
+        wan_call(pipe, guidance_scale=5.0)  # 1 of 2 prompts
+        with pytest.raises(LUTMismatchError) as info:
+            wan_call(pipe, guidance_scale=6.0)
+    finally:
+        disable_taocache(pipe)
+    said = str(info.value)
+    assert "this run 6.0, the LUT 5.0: an unfinished LUT (1 of 2 prompts) is continued at the values it began with" \
+        in said and "calibration.accept: [" not in said, said
+    accepting = config_from_dict({**data, "calibration": {"prompts": 2, "accept": ["guide_scale"]}},
+                                 str(tmp_path / "c.yaml"))
+    enable_taocache(pipe, accepting)
+    try:
+        with pytest.raises(LUTMismatchError, match="an unfinished LUT .* is continued at the values it began with"):
+            wan_call(pipe, guidance_scale=6.0)
+    finally:
+        disable_taocache(pipe)
+
+
 def test_a_dynamic_shifting_scheduler_is_counted():
     from taohooks.launcher.integration import scheduler_calls
 

@@ -115,6 +115,28 @@ def test_taocache_carries_the_lut_only_when_asked(capsys):
     assert "has 13 steps, this run 7: its statistics are carried over by interpolation" in capsys.readouterr().err
 
 
+def test_a_carried_lut_is_one_of_the_runs_steps_not_one_that_records_none(tmp_path, capsys):
+    """The carried copy dropped the LUT's sampling_steps, and the run said the LUT "records no sampling_steps of its
+    calibrating run ... calibrate a LUT of this run", against the transfer it was told to use (Latte walkthrough,
+    2026-11-28)."""
+    import dataclasses
+
+    from taohooks.taocache.lut import CalibrationLUT
+
+    model = CurveDenoiser()
+    dataclasses.replace(calibrate(model, 13), identity={"sampling_steps": 13}).save(tmp_path / "lut.safetensors")
+    cache = TaoCache(config_from_dict({"plan": {"budget": 2, "min_step": 2},
+                                       "calibration": {"transfer": "interpolate"}}),
+                     lut=CalibrationLUT.load(tmp_path / "lut.safetensors"))
+    with cache.attach(model, steps=7, identity={"sampling_steps": 7}):
+        pass
+    err = capsys.readouterr().err
+    assert "carried over by interpolation" in err and "records no" not in err, err
+    from taohooks.taocache.cache import lut_for_steps
+
+    assert lut_for_steps(cache.config, cache.lut, 7).identity["sampling_steps"] == 7
+
+
 def test_an_unfinished_lut_is_not_carried_over_and_says_why(tmp_path, capsys):
     """A LUT holding 2 of 3 prompts at 12 steps, calibration.transfer: interpolate, a run at 16 steps: `taocache check`
     said valid, the run refused advising the transfer: interpolate the config already set (walkthrough, 2026-11-27)."""

@@ -279,9 +279,16 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
             messages.notice(f"{lut._name()} records no {', '.join(accept_names(unrecorded))} of its calibrating run, "
                             f"so this run's ({values}) cannot be checked against it{advice}",
                             once=f"unrecorded {lut.source} {unrecorded}")
-        keys = differences(recorded, identity, config.calibration.accept)
+        continued = calibrates(config) and lut.num_prompts < config.calibration.prompts
+        keys = differences(recorded, identity, () if continued else config.calibration.accept)
+        where = f" in {config.source}" if config.source else ""
+        if keys and continued:  # (accepting a difference would not help: the recorder refuses to mix two runs)
+            raise LUTMismatchError(
+                f"{lut._name()} was calibrated on another run: {describe_differences(recorded, identity, keys)}: an "
+                f"unfinished LUT ({lut.num_prompts} of {config.calibration.prompts} prompts) is continued at the values "
+                "it began with (calibration.accept lets a complete LUT serve runs at other values; one LUT never mixes "
+                f"two): finish it at the LUT's values, or give this run a lut: of its own{where}")
         if keys:
-            where = f" in {config.source}" if config.source else ""
             raise LUTMismatchError(
                 f"{lut._name()} was calibrated on another run: {describe_differences(recorded, identity, keys)}. "
                 f"Give this run its own LUT (lut:{where}), or accept the difference knowingly with "
