@@ -568,7 +568,13 @@ def _cmd_calibrate(args) -> int:
                          "taocache calibrate configs/wan.yaml --prompts prompts.txt -- generate.py --task t2v-1.3B ...")
     if os.environ.get("RANK", "0") == "0":
         print(f"taocache calibrate: {path}: {have} of {wanted} prompts recorded; running {script[0]} for the rest"
-              + (f" on {args.devices} processes" if args.devices > 1 else ""), file=sys.stderr)  # (progress: stderr)
+              + (f" on {args.devices} processes" if args.devices > 1 else "")
+              # (the LUT records how many prompts it holds, not which: a LUT begun by taocache-run on the script's own
+              # prompts would skip as many lines of this file without a word: Latte walkthrough, 2026-11-28)
+              + (f", from line {have + 1} of {args.prompts} (lines 1-{have} are taken to be the prompts the LUT "
+                 "holds, as when a calibration of this file was interrupted)"
+                 if have and args.devices <= 1 and not args.data_parallel else ""),
+              file=sys.stderr)  # (progress: stderr)
     env = {ENV_CALIBRATE_PROMPTS: str(Path(args.prompts).resolve()), ENV_CALIBRATE_ONLY: "1"}
     if (args.devices > 1 or args.data_parallel) and config.calibration.teacache_fit:
         raise ConfigError(args.config, "calibration.teacache_fit", "TeaCache's fit is recorded in one process only: "

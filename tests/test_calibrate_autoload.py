@@ -41,6 +41,8 @@ def test_calibrate_resumes_after_an_interruption(tmp_path):
     res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up", "a blue square moving up"])
     assert res.returncode == 0, res.stderr
     assert "1 of 3 prompts recorded" in res.stderr  # (progress goes to stderr with the hook's lines)
+    # the LUT counts its prompts, not which they are: the lines taken as held are said (Latte walkthrough)
+    assert "from line 2 of prompts.txt (lines 1-1 are taken to be the prompts the LUT holds" in res.stderr
     assert "calibration prompt 1/3" not in res.stderr and "calibration prompt 2/3: 'a green circle moving up'" in res.stderr
     assert "script generated" not in res.stdout  # calibration only: the script's own generation never ran
     lut = CalibrationLUT.load(tmp_path / "lut.safetensors")

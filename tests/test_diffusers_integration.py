@@ -829,6 +829,22 @@ def test_an_unfinished_lut_at_another_setting_is_not_offered_an_accept(tmp_path)
         disable_taocache(pipe)
 
 
+def test_a_scheduler_that_cannot_set_its_timesteps_is_said_as_such_for_batched_pipelines():
+    """Latte's DPMSolverSinglestep at 20 steps (diffusers 0.24: "step must be greater than zero"): the refusal advised
+    loop.steps, which Latte's loop never reads, and the same refusal came again (Latte walkthrough, 2026-11-28)."""
+    from taohooks.launcher.integration import batched_cfg_loop, scheduler_calls
+
+    class Broken:
+        def set_timesteps(self, steps):
+            raise ValueError("step must be greater than zero")
+
+    with pytest.raises(IntegrationError, match=r"its set_timesteps\(20\) raised ValueError: step must be greater than "
+                                               "zero. The pipeline calls it too, so the script fails the same way"):
+        batched_cfg_loop(Broken(), 20, 7.5)
+    with pytest.raises(IntegrationError, match=r"declare them in the config's loop: section \(loop.steps\)"):
+        scheduler_calls(Broken(), 20)  # (the diffusers integration's sequential loop reads loop.steps)
+
+
 def test_a_dynamic_shifting_scheduler_is_counted():
     from taohooks.launcher.integration import scheduler_calls
 

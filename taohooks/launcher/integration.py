@@ -133,9 +133,12 @@ def output_size_of(argv: List[str], options: Dict[str, Dict[str, Any]]) -> Dict[
     return out
 
 
-def scheduler_calls(scheduler: Any, steps: int, timesteps: Any = None, sigmas: Any = None) -> int:
+def scheduler_calls(scheduler: Any, steps: int, timesteps: Any = None, sigmas: Any = None,
+                    declarable: bool = True) -> int:
     """Model calls per stream that a diffusers-style scheduler makes for ``steps`` steps (or for the
-    ``timesteps`` / ``sigmas`` a pipeline call passes).
+    ``timesteps`` / ``sigmas`` a pipeline call passes). Where the scheduler cannot say, an
+    :class:`IntegrationError` advises ``loop.steps`` (``declarable``: the caller reads it), else says that the
+    pipeline's own ``set_timesteps`` fails the same way.
 
     Asked of a copy (``set_timesteps`` on the pipeline's own scheduler would change its state):
     PNDM with PRK warm-up makes ``steps + 9`` calls, second-order schedulers ``2 * steps - 1``. A
@@ -148,7 +151,13 @@ def scheduler_calls(scheduler: Any, steps: int, timesteps: Any = None, sigmas: A
     try:
         return len(scheduler_timesteps(scheduler, steps))
     except (TypeError, ValueError) as exc:
-        raise IntegrationError(f"cannot count the denoiser calls of {type(scheduler).__name__} for {steps} steps "
+        name = type(scheduler).__name__
+        if not declarable:
+            raise IntegrationError(f"cannot count the denoiser calls of {name} for {steps} steps: its "
+                                   f"set_timesteps({steps}) raised {type(exc).__name__}: {exc}. The pipeline calls it "
+                                   "too, so the script fails the same way without taohooks: choose another sampler "
+                                   "or step count") from None
+        raise IntegrationError(f"cannot count the denoiser calls of {name} for {steps} steps "
                                f"({exc}); declare them in the config's loop: section (loop.steps)") from None
 
 
@@ -168,7 +177,7 @@ def batched_cfg_loop(scheduler: Any, steps: int, guidance_scale: float, timestep
                      timestep_arg: str = "timestep") -> Tuple[LoopSpec, Dict[str, Any]]:
     """The loop of Latte / Open-Sora-Plan style pipelines: one call per scheduler timestep on a
     batch of (uncond, cond) halves when ``guidance_scale > 1``, one stream otherwise."""
-    calls = scheduler_calls(scheduler, steps, timesteps)
+    calls = scheduler_calls(scheduler, steps, timesteps, declarable=False)  # (loop.steps would not help: below)
     if guidance_scale > 1.0:
         return LoopSpec(calls, ("uncond", "cond"), split_batch=True), {"timestep_arg": timestep_arg}
     return LoopSpec(calls, ("cond",)), {"timestep_arg": timestep_arg}
