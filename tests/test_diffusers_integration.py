@@ -764,17 +764,18 @@ def test_a_noise_schedule_other_than_the_luts_is_refused(tmp_path):
     ddim = scheduler_identity(DDIMScheduler(beta_end=0.012))
     assert ddim["noise_schedule.beta_end"] == 0.012 and ddim["noise_schedule.beta_schedule"] == "linear"
     loop = LoopSpec(steps=4, streams=("cond",))
-    lut = CalibrationLUT.empty(loop, None, None, {k: v for k, v in ddim.items() if k != "noise_schedule.clip_sample"})
-    check_run(cfg, lut, loop, {**ddim, "noise_schedule.clip_sample": False})  # (a setting the LUT lacks)
+    lut = CalibrationLUT.empty(loop, None, None, {k: v for k, v in ddim.items() if k != "scheduler.clip_sample"})
+    cfg.calibration.auto = False  # (a LUT taken as it is: an unfinished one that calibrates accepts nothing)
+    check_run(cfg, lut, loop, {**ddim, "scheduler.clip_sample": False})  # (a setting the LUT lacks)
     with pytest.raises(LUTMismatchError, match="beta_end .*: this run 0.02, the LUT 0.012"):
         check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler()))
     cfg.calibration.accept = ["noise_schedule"]
     check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler()))
     # the update's settings: scheduler.<name>, accepted with the scheduler class (PNDM has set_alpha_to_one False)
     cfg.calibration.accept = []
-    with pytest.raises(LUTMismatchError, match=r"scheduler.clip_sample \(a setting of the scheduler's update\): this "
-                                               r"run False, the LUT True.*accept: \[scheduler\]"):
-        check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler(beta_end=0.012, clip_sample=False)))
+    with pytest.raises(LUTMismatchError, match=r"scheduler.set_alpha_to_one \(a setting of the scheduler's update\): "
+                                               r"this run False, the LUT True.*accept: \[scheduler\]"):
+        check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler(beta_end=0.012, set_alpha_to_one=False)))
     from diffusers import PNDMScheduler
 
     cfg.calibration.accept = ["scheduler"]
@@ -1216,3 +1217,16 @@ def test_a_generation_stopped_between_model_calls_names_what_stopped_it(tmp_path
         disable_taocache(pipe)
     assert (f"stopped before its last call ({said} in diffusers.pipelines.wan.pipeline_wan.WanPipeline.__call__, "
             "between model calls)") in capfd.readouterr().err  # (its number counts the class's generations)
+
+
+def test_an_architecture_that_differs_with_the_frame_count_says_why():
+    """Latte's sample_t2x.py builds LatteT2V with the YAML's video_length, which is in the config the architecture
+    fingerprint hashes: another frame count read as another architecture, and the advice to accept architecture
+    would also accept another model (Latte walkthrough, 2026-11-28)."""
+    from taohooks.taocache.identity import describe_differences
+
+    recorded, run = {"architecture": "a" * 12, "frames": 4}, {"architecture": "b" * 12, "frames": 8}
+    said = describe_differences(recorded, run, ["architecture", "frames"])
+    assert "builds its transformer with the YAML's video_length, so another frame count changes it too" in said
+    assert "accepting architecture accepts another model as well" in said
+    assert describe_differences(recorded, run, ["architecture"]).startswith("architecture: this run 'bbb")

@@ -253,7 +253,11 @@ def differences(recorded: Mapping[str, Any], run: Mapping[str, Any], accept: Ite
 
 def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], keys: Iterable[str]) -> str:
     """``task: this run i2v-14B, the LUT t2v-1.3B; shift: this run 8.0, the LUT 5.0``."""
+    keys = list(keys)
+
     def meaning(k):
+        if k == "architecture" and "frames" in keys:
+            return ARCHITECTURE_WITH_FRAMES
         pair = isinstance(run[k], (list, tuple)) or isinstance(recorded[k], (list, tuple))
         return PAIR_MEANING[k] if pair and k in PAIR_MEANING else KEY_MEANING.get(k, "")
     said = set()
@@ -274,6 +278,10 @@ PAIR_MEANING = {"guide_scale": " (the guidance scales of Wan2.2's two experts, [
                                "--sample_guide_scale, diffusers' [guidance_scale_2, guidance_scale])"}
 
 #: what an identity key is, where its name alone does not say it (said in the mismatch messages)
+#: "architecture" where the frame count differs too (Latte walkthrough, 2026-11-28)
+ARCHITECTURE_WITH_FRAMES = (" (a fingerprint of the model's configuration: Latte's sample_t2x.py builds its transformer "
+                            "with the YAML's video_length, so another frame count changes it too; accepting "
+                            "architecture accepts another model as well)")
 KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_num": " (Wan's --frame_num)",
                "frames": " (frames generated: Latte's video_length, Open-Sora-Plan's --num_frames, a diffusers "
                          "pipeline's num_frames)",
