@@ -197,7 +197,10 @@ def _calibration_state(config) -> str:
     if held >= wanted:
         return ""
     return (f"; the LUT {path} holds {held} of {wanted} prompts (calibration.prompts; a generation stopped midway is "
-            "left out): run the same command again to continue calibrating")
+            "left out): run the same command again to continue calibrating" + (
+                " (the script starts from its first prompt again, and a LUT counts its prompts, not which: those "
+                "recorded before are recorded again; taocache calibrate CONFIG --prompts FILE -- SCRIPT ... continues "
+                "a list where it stopped)" if held else ""))
 
 
 def _say(prog: str, exc: object) -> None:

@@ -79,6 +79,8 @@ def test_ctrl_c_during_calibration_says_what_the_lut_holds_not_a_traceback(tmp_p
     assert f"taocache-run: interrupted; the LUT {config.parent / 'lut.safetensors'} holds 2 of 5 prompts " \
            "(calibration.prompts; a generation stopped midway is left out): run the same command again to continue " \
            "calibrating" in res.stderr
+    # ... which records the script's first prompts again (Latte walkthrough, 2026-11-28)
+    assert "those recorded before are recorded again; taocache calibrate CONFIG --prompts FILE" in res.stderr
     # a run that skipped on it (calibration.auto: false): nothing to continue (review18)
     config.write_text("integration: testbed\nlut: lut.safetensors\ncalibration: {prompts: 5, auto: false}\n"
                       "plan: {budget: 2, min_step: 3}\n")
