@@ -1230,3 +1230,31 @@ def test_an_architecture_that_differs_with_the_frame_count_says_why():
     assert "builds its transformer with the YAML's video_length, so another frame count changes it too" in said
     assert "accepting architecture accepts another model as well" in said
     assert describe_differences(recorded, run, ["architecture"]).startswith("architecture: this run 'bbb")
+
+
+def test_a_lut_of_the_previous_taohooks_is_said_to_lack_the_schedule_groups(tmp_path, capfd):
+    """A LUT recorded before noise_schedule.* / scheduler.* existed: the notice said it records no "scheduler" (it does:
+    the class) and "this run's (noise_schedule, scheduler)" without values (review19, 2026-11-28)."""
+    import numpy as np
+
+    from taohooks.runtime import messages
+    from taohooks.runtime.loop import LoopSpec
+    from taohooks.taocache.cache import check_run
+    from taohooks.taocache.identity import scheduler_identity
+    from taohooks.taocache.lut import CalibrationLUT
+
+    run = scheduler_identity(DDIMScheduler())
+    old = {k: v for k, v in run.items() if "." not in k}
+    loop = LoopSpec(steps=4, streams=("cond",))
+    CalibrationLUT.empty(loop, None, None, old).save(tmp_path / "lut.safetensors")
+    cfg = config_from_dict({"lut": "lut.safetensors", "calibration": {"auto": False}}, str(tmp_path / "c.yaml"))
+    messages.forget("unrecorded")
+    check_run(cfg, CalibrationLUT.load(tmp_path / "lut.safetensors"), loop, run)
+    err = capfd.readouterr().err
+    assert "records no noise_schedule.*, scheduler.* of its calibrating run, so they cannot be checked" in err, err
+    # numpy values (a scheduler built in Python) as the numbers a JSON config holds: no false difference
+    betas = np.linspace(1e-4, 0.02, 1000)
+    built = scheduler_identity(DDIMScheduler(trained_betas=betas))
+    assert built == scheduler_identity(DDIMScheduler.from_config(DDIMScheduler(trained_betas=betas).config))
+    assert built["noise_schedule.trained_betas"] != scheduler_identity(DDIMScheduler(
+        trained_betas=np.concatenate([betas, betas])))["noise_schedule.trained_betas"]

@@ -133,7 +133,12 @@ def test_latte_euler_discrete_does_not_use_the_ddim_lut(runner, luts, tmp_path):
     ({"beta_end": 0.012}, "noise_schedule.beta_end (the scheduler's noise levels and timesteps: the betas of "
                           "Latte's YAML, a diffusers scheduler's settings): this run 0.012, the LUT 0.02"),
     ({"beta_schedule": "squaredcos_cap_v2"}, "noise_schedule.beta_schedule"),
-    ({"image_size": [32, 32]}, "height: this run 32, the LUT 16; width: this run 32, the LUT 16")])
+    ({"image_size": [32, 32]}, "height: this run 32, the LUT 16; width: this run 32, the LUT 16"),
+    # sample_t2x.py builds LatteT2V with video_length: the architecture differs too, so accepting frames alone would
+    # be refused once the model has loaded (review19)
+    ({"video_length": 2}, "accepting frames alone is refused at the first call. Give this run its own LUT (lut: in "
+                          "{config}), or accept the difference knowingly with calibration.accept: [architecture, "
+                          "frames]")])
 def test_latte_yaml_settings_of_another_run_stop_before_the_model_loads(runner, luts, tmp_path, change, said):
     """The betas sample_t2x.py gives every scheduler were not part of the LUT's identity: a LUT calibrated at
     beta_end 0.02 skipped on a run at 0.012, or on a cosine schedule, without a word; the video size was found only
@@ -144,6 +149,7 @@ def test_latte_yaml_settings_of_another_run_stop_before_the_model_loads(runner, 
     (tmp_path / "sample.yaml").write_text(yaml.safe_dump({**sample, **change}))
     res = launch(runner, LATTE, tmp_path, CALIBRATED.format("latte", ""), argv=argv)
     assert res.returncode == 2, res.stderr
+    said = said.format(config=tmp_path / "taocache.yaml")
     assert said in res.stderr and str(tmp_path / "sample.yaml") in res.stderr, res.stderr
     assert "accept the difference knowingly with calibration.accept: [" in res.stderr
     assert LOADED["latte"] not in res.stdout

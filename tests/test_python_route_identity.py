@@ -186,3 +186,16 @@ def test_a_lut_calibrated_under_fsdp_is_not_called_out_of_date(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "lut.safetensors records no architecture of its calibrating run" in err
     assert "calibrate a LUT of this run" not in err and "(a LUT calibrated under FSDP records none" in err
+
+
+def test_an_explicit_lut_of_fewer_prompts_is_taken_with_its_accept(tmp_path):
+    """TaoCache(config, lut=...) on a LUT holding fewer prompts than calibration.prompts calibrates nothing (no lut:
+    path), so calibration.accept applies; the unfinished-LUT refusal took it for a continued calibration (review19)."""
+    from taohooks.taocache.lut import CalibrationLUT
+
+    generate(TaoCache(config(tmp_path)), Model(), prompts=2)
+    lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
+    data = {"plan": {"budget": 2}, "calibration": {"prompts": 20, "accept": ["dtype"]}}
+    cache = TaoCache(config_from_dict(data), lut=lut)
+    generate(cache, Model().to(torch.bfloat16))
+    assert "2 of 10 steps skipped" in cache.summary()

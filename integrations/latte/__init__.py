@@ -52,13 +52,15 @@ def patch_pipeline(cls, config: TaoCacheConfig, callbacks_of=None) -> Generation
 
 
 def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: Optional[int], said: str,
-                  guidance: Optional[float] = None, identity: Optional[Dict[str, Any]] = None) -> None:
+                  guidance: Optional[float] = None, identity: Optional[Dict[str, Any]] = None,
+                  frames_in_architecture: bool = False) -> None:
     """Before the model loads: the script's ``sample_method`` and step count against the LUT's identity
     (Latte and Open-Sora-Plan name their diffusers scheduler ``<sample_method>Scheduler``), its guidance scale
     against the LUT's streams (a scale of 1 or less makes one call per step: no uncond stream); the LUT's
     folder and ``calibration.sampler`` (the label a new LUT gets) when the run will calibrate; ``identity``: what the
     command line says of the video (``height``, ``frames``, ``guide_scale``...) against what the LUT recorded. ``said``
-    is where the values come from, for the message."""
+    is where the values come from, for the message. ``frames_in_architecture``: the script builds its transformer
+    with the frame count (Latte's sample_t2x.py), so another one changes the architecture fingerprint too."""
     path = config.lut_path()
     if path is None:
         return
@@ -88,6 +90,12 @@ def check_sampler(config: TaoCacheConfig, sample_method: Optional[str], steps: O
     if keys:
         problems.append(f"{describe_differences(recorded, shown, keys)} ({said})" + (
             ": an unfinished LUT is continued at the values it began with" if continued else ""))
+    if frames_in_architecture and "frames" in acceptable and "architecture" not in config.calibration.accept:
+        # (sample_t2x.py builds LatteT2V with video_length: the architecture fingerprint differs too, found once the
+        # model has loaded; review19, 2026-11-28)
+        problems.append("another frame count also changes the transformer's architecture fingerprint (sample_t2x.py "
+                        "builds LatteT2V with video_length): accepting frames alone is refused at the first call")
+        acceptable.insert(acceptable.index("frames"), "architecture")
     if sample_method is not None and "scheduler" in recorded and "scheduler" not in config.calibration.accept \
             and recorded["scheduler"] != f"{sample_method}Scheduler":
         problems.append(f"sample_method {sample_method} ({said}), the LUT was calibrated with {recorded['scheduler']}")
@@ -140,7 +148,7 @@ def precheck(config: TaoCacheConfig, argv: List[str]) -> None:
     guidance = sample.get("guidance_scale")
     guidance = float(guidance) if isinstance(guidance, (int, float)) and not isinstance(guidance, bool) else None
     check_sampler(config, sample.get("sample_method"), sample.get("num_sampling_steps"), args.config,
-                  guidance=guidance, identity=yaml_identity(sample, guidance))
+                  guidance=guidance, identity=yaml_identity(sample, guidance), frames_in_architecture=True)
 
 
 def yaml_identity(sample: Dict[str, Any], guidance: Optional[float]) -> Dict[str, Any]:

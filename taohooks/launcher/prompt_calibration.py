@@ -286,7 +286,7 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     check_declared_loop(config, loop, patch.target())
     identity = patch.identity_of(arguments, model) if patch.identity_of else identity_of_model(model)
     if base is not None:
-        check_run(config, base, loop, identity)  # resuming: the LUT must be of this run
+        check_run(config, base, loop, identity, continued=True)  # resuming: the LUT must be of this run
     recorder = CalibrationRecorder(config.model_id, config.calibration.sampler, resume=resume, identity=identity,
                                    error_horizon=config.calibration.error_horizon)
     also = attach_kwargs.get("also", ())  # Wan2.2's second expert

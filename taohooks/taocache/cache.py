@@ -264,9 +264,10 @@ def sampler_label(config: TaoCacheConfig) -> Optional[str]:
 
 
 def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
-              identity: Optional[Mapping[str, Any]] = None) -> None:
+              identity: Optional[Mapping[str, Any]] = None, continued: bool = False) -> None:
     """Raise :class:`LUTMismatchError` naming every way ``lut`` does not fit this run: steps,
-    streams, the config's ``model_id``/``calibration.sampler`` labels, and the recorded identity."""
+    streams, the config's ``model_id``/``calibration.sampler`` labels, and the recorded identity. ``continued``: the
+    run adds its prompts to ``lut`` (unfinished), which ``calibration.accept`` does not cover."""
     lut.check(loop, config.model_id, sampler_label(config))
     recorded = getattr(lut, "identity", None) or {}
     if identity:
@@ -274,12 +275,11 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
         if unrecorded and lut.source:  # (a LUT of an earlier taohooks, or calibrated where they were not known)
             advice = (" (a LUT calibrated under FSDP records none: its parameters are sharded)"
                       if unrecorded == ["architecture"] else ": calibrate a LUT of this run to have them checked")
-            values = ", ".join(dict.fromkeys(accept_name(k) if accept_name(k) != k else f"{k} {identity[k]!r}"
-                                             for k in unrecorded))  # (a group, noise_schedule, said by its name)
-            messages.notice(f"{lut._name()} records no {', '.join(accept_names(unrecorded))} of its calibrating run, "
-                            f"so this run's ({values}) cannot be checked against it{advice}",
+            names = dict.fromkeys(f"{accept_name(k)}.*" if accept_name(k) != k else k for k in unrecorded)
+            values = ", ".join(f"{k} {identity[k]!r}" for k in unrecorded if accept_name(k) == k)  # (groups: no value)
+            messages.notice(f"{lut._name()} records no {', '.join(names)} of its calibrating run, so "
+                            + (f"this run's ({values})" if values else "they") + f" cannot be checked against it{advice}",
                             once=f"unrecorded {lut.source} {unrecorded}")
-        continued = calibrates(config) and lut.num_prompts < config.calibration.prompts
         keys = differences(recorded, identity, () if continued else config.calibration.accept)
         where = f" in {config.source}" if config.source else ""
         if keys and continued:  # (accepting a difference would not help: the recorder refuses to mix two runs)
@@ -468,7 +468,7 @@ class TaoCache:
         if problem:
             raise LUTMismatchError(problem)
         if lut is not None:
-            check_run(cfg, lut, loop, identity)
+            check_run(cfg, lut, loop, identity, continued=calibrate)
         self.recorder = self.callback = None
         if calibrate:
             check_writable(path)  # before the first model call, not after a generation's work

@@ -39,6 +39,20 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _plain(value: Any) -> Any:
+    """:func:`_jsonable`, with numpy / torch arrays and scalars as their numbers (a scheduler built in Python may hold
+    them where one loaded from its JSON config holds lists and floats; the architecture fingerprint keeps
+    :func:`_jsonable`, so that the fingerprints LUTs recorded stay the same)."""
+    if hasattr(value, "tolist") and callable(value.tolist) and not isinstance(value, (str, bytes)):
+        try:
+            value = value.tolist()
+        except (TypeError, ValueError):
+            pass
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return _jsonable(value)
+
+
 def _config_of(model: nn.Module) -> Optional[Mapping[str, Any]]:
     """The model's own configuration (diffusers' ``ModelMixin.config``), if it has one."""
     config = getattr(model, "config", None)
@@ -165,15 +179,16 @@ def scheduler_identity(scheduler: Any) -> Identity:
                           ("prediction_type", "prediction_type")):
             value = config.get(key)
             if value is not None and name not in identity:
-                identity[name] = _jsonable(value)
+                identity[name] = _plain(value)
         for group, keys in (("noise_schedule", NOISE_SCHEDULE_SETTINGS), ("scheduler", SOLVER_SETTINGS)):
             for key in keys:
                 value = config.get(key)
                 if value is None:
                     continue
+                value = _plain(value)
                 if key == "trained_betas":  # (a thousand numbers: their digest)
-                    value = hashlib.sha256(json.dumps(_jsonable(value)).encode()).hexdigest()[:16]
-                identity[f"{group}.{key}"] = _jsonable(value)
+                    value = hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+                identity[f"{group}.{key}"] = value
     return identity
 
 
@@ -253,10 +268,9 @@ def differences(recorded: Mapping[str, Any], run: Mapping[str, Any], accept: Ite
 
 def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], keys: Iterable[str]) -> str:
     """``task: this run i2v-14B, the LUT t2v-1.3B; shift: this run 8.0, the LUT 5.0``."""
-    keys = list(keys)
-
     def meaning(k):
-        if k == "architecture" and "frames" in keys:
+        if k == "architecture" and "frames" in run and "frames" in recorded \
+                and not _same(run["frames"], recorded["frames"]):  # (also where frames is accepted)
             return ARCHITECTURE_WITH_FRAMES
         pair = isinstance(run[k], (list, tuple)) or isinstance(recorded[k], (list, tuple))
         return PAIR_MEANING[k] if pair and k in PAIR_MEANING else KEY_MEANING.get(k, "")

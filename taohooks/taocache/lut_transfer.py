@@ -131,8 +131,10 @@ def transfer_lut(lut: CalibrationLUT, new: int) -> CalibrationLUT:
     u_new = torch.linspace(0, 1, new, dtype=torch.float64)
     timesteps = _interp(u_new, u_old, lut.timesteps.to(torch.float64))
     identity = dict(lut.identity)
-    if "sampling_steps" in identity:  # (the carried copy is one of `new` steps: checked as such, not said unrecorded)
-        identity["sampling_steps"] = new
+    if identity.get("sampling_steps") == lut.steps:  # (one call per step: the carried copy is one of `new` steps,
+        identity["sampling_steps"] = new              # checked as such, not said unrecorded)
+    else:  # (a sampler of several calls per step: its step count for `new` calls is not known here)
+        identity.pop("sampling_steps", None)
     return dataclasses.replace(
         lut, steps=new, cos=cos, ratio=ratio, timesteps=timesteps, identity=identity,
         deltas=DeltaGram(gram, lut.deltas.numel),
