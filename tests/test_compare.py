@@ -1526,6 +1526,13 @@ def test_folders_of_the_previous_version_resume(tmp_path):
                                alike={"magcache_k": (None, 2)})
     with pytest.raises(ConfigError, match="magcache_k = 2, this experiment has 3"):
         store.check_experiment({**new, "magcache_k": 3}, grown=("model",), alike={"magcache_k": (None, 2)})
+    # the entries recorded since are kept, so that the next run is checked against them (an old folder never learnt
+    # the noise schedule); one side's entries that the other lacks (another diffusers version) are no change (review19)
+    assert json.loads((tmp_path / "experiment.json").read_text())["model"]["frames"] == "4"
+    with pytest.raises(ConfigError, match="model.frames = '4', this experiment has '8'"):
+        store.check_experiment({**new, "model": {"model": "LatteT2V", "frames": "8"}}, grown=("model",),
+                               alike={"magcache_k": (None, 2)})
+    store.check_experiment({**new, "model": {"model": "LatteT2V"}}, grown=("model",), alike={"magcache_k": (None, 2)})
 
 
 def test_a_folder_of_another_experiment_is_said_as_such_before_its_thresholds(tmp_path, launcher_state, capsys):

@@ -773,13 +773,20 @@ def test_a_noise_schedule_other_than_the_luts_is_refused(tmp_path):
     check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler()))
     # the update's settings: scheduler.<name>, accepted with the scheduler class (PNDM has set_alpha_to_one False)
     cfg.calibration.accept = []
-    with pytest.raises(LUTMismatchError, match=r"scheduler.set_alpha_to_one \(a setting of the scheduler's update\): "
+    with pytest.raises(LUTMismatchError, match=r"scheduler.set_alpha_to_one \(a setting of the scheduler's sampling: .*\): "
                                                r"this run False, the LUT True.*accept: \[scheduler\]"):
         check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler(beta_end=0.012, set_alpha_to_one=False)))
     from diffusers import PNDMScheduler
 
     cfg.calibration.accept = ["scheduler"]
     check_run(cfg, lut, loop, scheduler_identity(PNDMScheduler(beta_end=0.012)))
+    # another class's own timestep spacing ('linspace' for DPM-Solver, 'leading' for DDIM) is the sampler's, accepted
+    # with it (it was a noise_schedule difference: review19); its betas are still checked
+    from diffusers import DPMSolverMultistepScheduler
+
+    check_run(cfg, lut, loop, scheduler_identity(DPMSolverMultistepScheduler(beta_end=0.012)))
+    with pytest.raises(LUTMismatchError, match="noise_schedule.beta_end"):
+        check_run(cfg, lut, loop, scheduler_identity(DPMSolverMultistepScheduler()))
 
 
 def test_a_guidance_scale_other_than_the_luts_is_refused(tmp_path):

@@ -272,6 +272,27 @@ def test_ddpm_weights_follow_the_recorded_beta_schedule(schedule):
     assert torch.equal(sampler_weights(t, "ddpm", recorded_betas(default)), sampler_weights(t, "ddpm"))
 
 
+@pytest.mark.parametrize("identity, said", [
+    ({"noise_schedule.beta_schedule": "sigmoid"}, "beta_schedule 'sigmoid'"),
+    ({"noise_schedule.trained_betas": "0123456789abcdef"}, "trained betas"),
+    ({"noise_schedule.beta_end": "0.02"}, "recorded betas (not numbers)"),
+    ({"noise_schedule.num_train_timesteps": 1000.0}, "recorded betas (not numbers)")])
+def test_ddpm_weights_of_a_schedule_they_cannot_model_assume_linear_betas(identity, said):
+    """rule: auto stopped runs it had planned (a sigmoid schedule: "set plan.error_weights: uniform"; a string beta:
+    an uncaught TypeError), and trained betas were weighted as linear ones while said to be linear (review19)."""
+    import dataclasses
+
+    from taohooks.taocache.error_plan import recorded_betas
+
+    lut = dataclasses.replace(calibrate(TableDenoiser(6, 1), 6, ("main",), 1), sampler="ddim",
+                              identity={"scheduler": "DDIMScheduler", **identity})
+    assert recorded_betas(lut) == {}
+    scheme, why = weight_scheme("auto", lut)
+    assert scheme == "ddpm" and why.startswith(f"DDPM linear betas (assumed: the LUT's {said} cannot be weighted"), why
+    model, _ = error_model_of(lut, "auto")  # (plans, with the linear schedule's weights)
+    assert model.steps == 6
+
+
 # ---------------------------------------------------------------- configuration
 def test_rule_auto_plans_through_make_plan_and_paper_is_unchanged():
     steps, prompts, streams = 16, 2, ("cond", "uncond")

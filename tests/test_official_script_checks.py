@@ -130,8 +130,8 @@ def test_latte_euler_discrete_does_not_use_the_ddim_lut(runner, luts, tmp_path):
 
 
 @pytest.mark.parametrize("change,said", [
-    ({"beta_end": 0.012}, "noise_schedule.beta_end (the scheduler's noise levels and timesteps: the betas of "
-                          "Latte's YAML, a diffusers scheduler's settings): this run 0.012, the LUT 0.02"),
+    ({"beta_end": 0.012}, "noise_schedule.beta_end (the scheduler's noise levels: the betas of Latte's YAML, a "
+                          "diffusers scheduler's config): this run 0.012, the LUT 0.02"),
     ({"beta_schedule": "squaredcos_cap_v2"}, "noise_schedule.beta_schedule"),
     ({"image_size": [32, 32]}, "height: this run 32, the LUT 16; width: this run 32, the LUT 16"),
     # sample_t2x.py builds LatteT2V with video_length: the architecture differs too, so accepting frames alone would

@@ -208,12 +208,13 @@ class RunStore:
         alike, comparable = alike or {}, comparable or {}
 
         def compared(k):
-            """The folder's value of ``k`` and this experiment's, less the entries a grown setting did not record."""
+            """The folder's value of ``k`` and this experiment's, a grown setting's as the entries both record."""
             was, now = old.get(k), fingerprint.get(k)
             if k in comparable and was is not None and now is not None:
                 was, now = comparable[k](was), comparable[k](now)
-            if k in grown and isinstance(was, dict) and isinstance(now, dict):
-                now = {sub: v for sub, v in now.items() if sub in was}
+            if k in grown and isinstance(was, dict) and isinstance(now, dict):  # (the entries both record: another
+                both = set(was) & set(now)                                        # version may record more or fewer)
+                was, now = {s: v for s, v in was.items() if s in both}, {s: v for s, v in now.items() if s in both}
             return was, now
 
         def same(k) -> bool:
@@ -257,8 +258,14 @@ class RunStore:
                                       f"{script_difference(*compared(k))}; use another output folder (or delete it)")
                 raise ConfigError(str(path), k, f"this output folder holds runs made with {k} = {said(was)}, this "
                                   f"experiment has {said(now)}; use another output folder (or delete it)")
-            if self.writer and not partial and set(fingerprint) - set(old):
-                atomic_write_bytes(path, json.dumps({**old, **fingerprint}, indent=1).encode())
+            merged = {**fingerprint, **old}  # (a setting both record keeps the folder's value: alike ones may differ)
+            for k in grown:  # (entries recorded since: kept, so that the next run is checked against them)
+                if isinstance(old.get(k), dict) and isinstance(fingerprint.get(k), dict):
+                    merged[k] = {**old[k], **fingerprint[k]}
+            grew = any(isinstance(old.get(k), dict) and isinstance(fingerprint.get(k), dict)
+                       and set(fingerprint[k]) - set(old[k]) for k in grown)
+            if self.writer and not partial and (set(fingerprint) - set(old) or grew):
+                atomic_write_bytes(path, json.dumps(merged, indent=1).encode())
             return
         if self.writer and not partial:
             atomic_write_bytes(path, json.dumps(fingerprint, indent=1).encode())

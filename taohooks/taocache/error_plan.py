@@ -341,18 +341,38 @@ def brute_force(lut, model: ErrorModel, budget: int, streams: Sequence[str],
 
 
 # ---------------------------------------------------------------------- from a config and a LUT
-_BETA_SETTINGS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
 _DEFAULT_BETAS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def recorded_betas(lut) -> Dict[str, Any]:
     """The beta schedule the LUT's identity records (``noise_schedule.<name>``), as :func:`sampler_weights` takes it;
-    empty where it records none (a flow scheduler, or a LUT of an earlier taohooks)."""
+    empty where it records none (a flow scheduler, a LUT of an earlier taohooks), or one the weights cannot model
+    (trained betas, a ``beta_schedule`` other than :data:`BETA_SCHEDULES`, values of another type): the linear
+    1e-4..0.02 schedule is assumed there, as before the LUTs recorded it (:func:`_ddpm_said` says so)."""
+    from .error_model import BETA_SCHEDULES
+
     identity = getattr(lut, "identity", None) or {}
-    return {k: identity[f"noise_schedule.{k}"] for k in _BETA_SETTINGS if f"noise_schedule.{k}" in identity}
+    got = {k: identity[f"noise_schedule.{k}"] for k in _DEFAULT_BETAS if f"noise_schedule.{k}" in identity}
+    usable = ("noise_schedule.trained_betas" not in identity and got.get("beta_schedule", "linear") in BETA_SCHEDULES
+              and all(_number(got[k]) for k in ("beta_start", "beta_end") if k in got)
+              and (isinstance(got.get("num_train_timesteps", 1000), int) and got.get("num_train_timesteps", 1000) > 1))
+    return got if usable else {}
 
 
-def _ddpm_said(betas: Dict[str, Any]) -> str:
+def _ddpm_said(lut) -> str:
+    betas = recorded_betas(lut)
+    identity = getattr(lut, "identity", None) or {}
+    if not betas and any(k.startswith("noise_schedule.") for k in identity):
+        from .error_model import BETA_SCHEDULES
+
+        schedule = identity.get("noise_schedule.beta_schedule", "linear")
+        what = ("trained betas" if "noise_schedule.trained_betas" in identity else f"beta_schedule {schedule!r}"
+                if schedule not in BETA_SCHEDULES else "recorded betas (not numbers)")
+        return f"DDPM linear betas (assumed: the LUT's {what} cannot be weighted here)"
     if all(betas.get(k, v) == v for k, v in _DEFAULT_BETAS.items()):
         return "DDPM linear betas"
     b = {**_DEFAULT_BETAS, **betas}
@@ -364,7 +384,7 @@ def weight_scheme(requested: str, lut) -> Tuple[str, str]:
     """``(scheme, why)``: the sampler weights for ``plan.error_weights`` (``auto``: from what the LUT
     recorded of its sampler: a flow shift or flow prediction type, or a DDIM/DDPM/PNDM sampler)."""
     if requested != "auto":
-        named = {"flow": "flow matching", "ddpm": _ddpm_said(recorded_betas(lut)),
+        named = {"flow": "flow matching", "ddpm": _ddpm_said(lut),
                  "uniform": "uniform"}.get(requested, requested)
         return requested, f"{named} (plan.error_weights: {requested})"
     identity = lut.identity or {}
@@ -380,7 +400,7 @@ def weight_scheme(requested: str, lut) -> Tuple[str, str]:
     if "shift" in identity or "flow" in text or "unipc" in text:
         return "flow", f"flow matching (the LUT's {said or 'flow shift'})"
     if any(name in text for name in ("ddim", "ddpm", "pndm", "epsilon")):
-        return "ddpm", f"{_ddpm_said(recorded_betas(lut))} (the LUT's {said})"
+        return "ddpm", f"{_ddpm_said(lut)} (the LUT's {said})"
     return "uniform", "uniform (the LUT does not say which sampler it was calibrated with)"
 
 

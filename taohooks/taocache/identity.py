@@ -151,20 +151,20 @@ def model_identity(model: nn.Module) -> Identity:
     return identity
 
 
-#: diffusers scheduler settings that move the noise levels or the timesteps (Latte's script sets the betas from its
-#: YAML): recorded as ``noise_schedule.<name>`` where a scheduler's config has them (flat keys: a LUT's identity is a
-#: flat JSON object; ``calibration.accept: [noise_schedule]`` accepts them all)
+#: diffusers scheduler settings that set the noise levels (the betas: Latte's script sets them from its YAML), which
+#: a scheduler of another class keeps: recorded as ``noise_schedule.<name>`` where a scheduler's config has them (flat
+#: keys: a LUT's identity is a flat JSON object; ``calibration.accept: [noise_schedule]`` accepts them all)
 NOISE_SCHEDULE_SETTINGS = (
-    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+#: the settings of a scheduler's sampling, whose defaults differ between classes (timestep spacing, sigmas, the
+#: update): ``scheduler.<name>``, accepted with another class by ``calibration.accept: [scheduler]`` (the run's
+#: timesteps are checked against the LUT's all the same)
+SOLVER_SETTINGS = (
     "timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
     "use_flow_sigmas", "use_dynamic_shifting", "shift_terminal", "time_shift_type", "invert_sigmas", "sigma_min",
-    "sigma_max")
-#: the settings of a scheduler's update: ``scheduler.<name>`` (another scheduler class has others; ``calibration.accept:
-#: [scheduler]``, which accepts another class, accepts them too)
-SOLVER_SETTINGS = (
-    "set_alpha_to_one", "clip_sample", "clip_sample_range", "thresholding", "sample_max_value", "variance_type",
-    "algorithm_type", "solver_type", "lower_order_final", "final_sigmas_type", "predict_x0", "disable_corrector",
-    "skip_prk_steps")
+    "sigma_max", "set_alpha_to_one", "clip_sample", "clip_sample_range", "thresholding", "sample_max_value",
+    "variance_type", "algorithm_type", "solver_type", "lower_order_final", "final_sigmas_type", "predict_x0",
+    "disable_corrector", "skip_prk_steps")
 
 
 def scheduler_identity(scheduler: Any) -> Identity:
@@ -305,6 +305,6 @@ KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_
                "image": " (Wan2.2 TI2V-5B: whether an --image conditions the video)"}
 
 #: what the keys of a group (``group.<name>``) are, said at the group's first differing key
-GROUP_MEANING = {"noise_schedule": " (the scheduler's noise levels and timesteps: the betas of Latte's YAML, a "
-                                   "diffusers scheduler's settings)",
-                 "scheduler": " (a setting of the scheduler's update)"}
+GROUP_MEANING = {"noise_schedule": " (the scheduler's noise levels: the betas of Latte's YAML, a diffusers "
+                                   "scheduler's config)",
+                 "scheduler": " (a setting of the scheduler's sampling: timestep spacing, sigmas, its update)"}

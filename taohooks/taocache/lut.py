@@ -287,7 +287,18 @@ class CalibrationLUT:
                 f"streams {', '.join(self.streams)}, {self.num_prompts} prompts"
                 + (f" ({self.still_prompts} never moving: no statistics)" if self.still_prompts else "")
                 + f", created {self.created or '?'}"
-                + (f", identity {json.dumps(self.identity, sort_keys=True)}" if self.identity else ""))
+                + (f", identity {_identity_said(self.identity)}" if self.identity else ""))
+
+
+def _identity_said(identity: Dict[str, Any]) -> str:
+    """A LUT's identity in one line: its plain keys as JSON, its noise schedule's few values, and how many of the
+    scheduler's sampling settings it records (up to 20 on a diffusers scheduler; the file holds them all)."""
+    plain = {k: v for k, v in identity.items() if "." not in k}
+    schedule = {k.split(".", 1)[1]: v for k, v in identity.items() if k.startswith("noise_schedule.")}
+    settings = sum(k.startswith("scheduler.") for k in identity)
+    return (json.dumps(plain, sort_keys=True)
+            + (f", noise_schedule {json.dumps(schedule, sort_keys=True)}" if schedule else "")
+            + (f", {settings} scheduler.* settings" if settings else ""))
 
 
 def unrecorded_prompts(num_prompts: int, cos_count: Tensor, ratio_count: Tensor, otherwise: int) -> int:
