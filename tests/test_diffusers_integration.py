@@ -773,8 +773,8 @@ def test_a_noise_schedule_other_than_the_luts_is_refused(tmp_path):
     check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler()))
     # the update's settings: scheduler.<name>, accepted with the scheduler class (PNDM has set_alpha_to_one False)
     cfg.calibration.accept = []
-    with pytest.raises(LUTMismatchError, match=r"scheduler.set_alpha_to_one \(a setting of the scheduler's sampling: .*\): "
-                                               r"this run False, the LUT True.*accept: \[scheduler\]"):
+    with pytest.raises(LUTMismatchError, match=r"scheduler.set_alpha_to_one \(a setting of the scheduler's "
+                                               r"sampling: .*\): this run False, the LUT True.*accept: \[scheduler\]"):
         check_run(cfg, lut, loop, scheduler_identity(DDIMScheduler(beta_end=0.012, set_alpha_to_one=False)))
     from diffusers import PNDMScheduler
 

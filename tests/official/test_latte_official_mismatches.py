@@ -116,7 +116,8 @@ def test_precheck_reads_the_video_and_the_betas(calibrated, tmp_path):
     assert "height: this run 512, the LUT 64; width: this run 512, the LUT 64" in said
     assert "this run 16, the LUT 4" in said and "noise_schedule.beta_end" in said and "this run 0.012, the LUT 0.02" \
         in said
-    assert "calibration.accept: [height, width, frames, noise_schedule]" in said
+    assert "calibration.accept: [height, width, architecture, frames, noise_schedule]" in said  # (LatteT2V is built
+    assert "accepting frames alone is refused at the first call" in said                       # with video_length)
 
 
 def test_precheck_reads_an_abbreviated_config_option(calibrated, tmp_path):
