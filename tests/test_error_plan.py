@@ -238,6 +238,16 @@ def test_sampler_weights_flow_and_ddpm():
 def test_weight_scheme_from_what_the_lut_recorded():
     lut = calibrate(TableDenoiser(6, 1), 6, ("main",), 1)
     import dataclasses
+
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    from taohooks.taocache.identity import scheduler_identity
+
+    # a noise-predicting multistep solver records flow_shift 1.0 as shift: not flow matching (review19)
+    for scheduler in (DPMSolverMultistepScheduler(), UniPCMultistepScheduler()):
+        assert weight_scheme("auto", dataclasses.replace(lut, identity=scheduler_identity(scheduler)))[0] == "ddpm"
+    flow = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    assert weight_scheme("auto", dataclasses.replace(lut, identity=scheduler_identity(flow)))[0] == "flow"
     assert weight_scheme("auto", dataclasses.replace(lut, identity={"scheduler": "unipc", "shift": 5.0}))[0] == "flow"
     assert weight_scheme("auto", dataclasses.replace(lut, sampler="ddim"))[0] == "ddpm"
     assert weight_scheme("auto", lut)[0] == "uniform"

@@ -397,8 +397,14 @@ def weight_scheme(requested: str, lut) -> Tuple[str, str]:
         if value and str(value).lower() not in (v.lower() for v in named.values()):
             named[name] = str(value)
     said = ", ".join(f"{name} {value}" for name, value in named.items())
-    if "shift" in identity or "flow" in text or "unipc" in text:
+    prediction = str(identity.get("prediction_type", "")).lower()
+    # a diffusers scheduler records its prediction type: a multistep solver predicting noise (DPM-Solver, UniPC with
+    # epsilon) records a flow_shift of 1.0 all the same, which read as flow matching (review19)
+    noise = prediction in ("epsilon", "v_prediction", "sample") and identity.get("scheduler.use_flow_sigmas") is not True
+    if not noise and ("shift" in identity or "flow" in text or "unipc" in text):
         return "flow", f"flow matching (the LUT's {said or 'flow shift'})"
+    if noise:
+        return "ddpm", f"{_ddpm_said(lut)} (the LUT's {said})"
     if any(name in text for name in ("ddim", "ddpm", "pndm", "epsilon")):
         return "ddpm", f"{_ddpm_said(lut)} (the LUT's {said})"
     return "uniform", "uniform (the LUT does not say which sampler it was calibrated with)"
