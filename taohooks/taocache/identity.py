@@ -291,11 +291,12 @@ def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], ke
 PAIR_MEANING = {"guide_scale": " (the guidance scales of Wan2.2's two experts, [low-noise, high-noise]: Wan's "
                                "--sample_guide_scale, diffusers' [guidance_scale_2, guidance_scale])"}
 
-#: what an identity key is, where its name alone does not say it (said in the mismatch messages)
 #: "architecture" where the frame count differs too (Latte walkthrough, 2026-11-28)
 ARCHITECTURE_WITH_FRAMES = (" (a fingerprint of the model's configuration: Latte's sample_t2x.py builds its transformer "
                             "with the YAML's video_length, so another frame count changes it too; accepting "
                             "architecture accepts another model as well)")
+
+#: what an identity key is, where its name alone does not say it (said in the mismatch messages)
 KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_num": " (Wan's --frame_num)",
                "frames": " (frames generated: Latte's video_length, Open-Sora-Plan's --num_frames, a diffusers "
                          "pipeline's num_frames)",
