@@ -278,16 +278,17 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
             names = dict.fromkeys(f"{accept_name(k)}.*" if accept_name(k) != k else k for k in unrecorded)
             values = ", ".join(f"{k} {identity[k]!r}" for k in unrecorded if accept_name(k) == k)  # (groups: no value)
             messages.notice(f"{lut._name()} records no {', '.join(names)} of its calibrating run, so "
-                            + (f"this run's ({values})" if values else "they") + f" cannot be checked against it{advice}",
+                            + (f"this run's ({values})" if values else "they")
+                            + f" cannot be checked against it{advice}",
                             once=f"unrecorded {lut.source} {unrecorded}")
         keys = differences(recorded, identity, () if continued else config.calibration.accept)
         where = f" in {config.source}" if config.source else ""
         if keys and continued:  # (accepting a difference would not help: the recorder refuses to mix two runs)
             raise LUTMismatchError(
                 f"{lut._name()} was calibrated on another run: {describe_differences(recorded, identity, keys)}: an "
-                f"unfinished LUT ({lut.num_prompts} of {config.calibration.prompts} prompts) is continued at the values "
-                "it began with (calibration.accept lets a complete LUT serve runs at other values; one LUT never mixes "
-                f"two): finish it at the LUT's values, or give this run a lut: of its own{where}")
+                f"unfinished LUT ({lut.num_prompts} of {config.calibration.prompts} prompts) is continued at the "
+                "values it began with (calibration.accept lets a complete LUT serve runs at other values; one LUT "
+                f"never mixes two): finish it at the LUT's values, or give this run a lut: of its own{where}")
         if keys:
             raise LUTMismatchError(
                 f"{lut._name()} was calibrated on another run: {describe_differences(recorded, identity, keys)}. "

@@ -400,7 +400,8 @@ def weight_scheme(requested: str, lut) -> Tuple[str, str]:
     prediction = str(identity.get("prediction_type", "")).lower()
     # a diffusers scheduler records its prediction type: a multistep solver predicting noise (DPM-Solver, UniPC with
     # epsilon) records a flow_shift of 1.0 all the same, which read as flow matching (review19)
-    noise = prediction in ("epsilon", "v_prediction", "sample") and identity.get("scheduler.use_flow_sigmas") is not True
+    noise = prediction in ("epsilon", "v_prediction", "sample") \
+        and identity.get("scheduler.use_flow_sigmas") is not True
     if not noise and ("shift" in identity or "flow" in text or "unipc" in text):
         return "flow", f"flow matching (the LUT's {said or 'flow shift'})"
     if noise:

@@ -292,9 +292,9 @@ PAIR_MEANING = {"guide_scale": " (the guidance scales of Wan2.2's two experts, [
                                "--sample_guide_scale, diffusers' [guidance_scale_2, guidance_scale])"}
 
 #: "architecture" where the frame count differs too (Latte walkthrough, 2026-11-28)
-ARCHITECTURE_WITH_FRAMES = (" (a fingerprint of the model's configuration: Latte's sample_t2x.py builds its transformer "
-                            "with the YAML's video_length, so another frame count changes it too; accepting "
-                            "architecture accepts another model as well)")
+ARCHITECTURE_WITH_FRAMES = (" (a fingerprint of the model's configuration: Latte's sample_t2x.py builds its "
+                            "transformer with the YAML's video_length, so another frame count changes it too; "
+                            "accepting architecture accepts another model as well)")
 
 #: what an identity key is, where its name alone does not say it (said in the mismatch messages)
 KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_num": " (Wan's --frame_num)",
