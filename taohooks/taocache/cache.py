@@ -282,18 +282,17 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
                             + f" cannot be checked against it{advice}",
                             once=f"unrecorded {lut.source} {unrecorded}")
         keys = differences(recorded, identity, () if continued else config.calibration.accept)
+        if not keys:
+            return
         where = f" in {config.source}" if config.source else ""
-        if keys and continued:  # (accepting a difference would not help: the recorder refuses to mix two runs)
+        said = f"{lut._name()} was calibrated on another run: {describe_differences(recorded, identity, keys)}"
+        if continued:  # (accepting a difference would not help: the recorder refuses to mix two runs)
             raise LUTMismatchError(
-                f"{lut._name()} was calibrated on another run: {describe_differences(recorded, identity, keys)}: an "
-                f"unfinished LUT ({lut.num_prompts} of {config.calibration.prompts} prompts) is continued at the "
-                "values it began with (calibration.accept lets a complete LUT serve runs at other values; one LUT "
-                f"never mixes two): finish it at the LUT's values, or give this run a lut: of its own{where}")
-        if keys:
-            raise LUTMismatchError(
-                f"{lut._name()} was calibrated on another run: {describe_differences(recorded, identity, keys)}. "
-                f"Give this run its own LUT (lut:{where}), or accept the difference knowingly with "
-                f"calibration.accept: [{', '.join(accept_names(keys))}]{where}")
+                f"{said}: an unfinished LUT ({lut.num_prompts} of {config.calibration.prompts} prompts) is continued "
+                "at the values it began with (calibration.accept lets a complete LUT serve runs at other values; one "
+                f"LUT never mixes two): finish it at the LUT's values, or give this run a lut: of its own{where}")
+        raise LUTMismatchError(f"{said}. Give this run its own LUT (lut:{where}), or accept the difference knowingly "
+                               f"with calibration.accept: [{', '.join(accept_names(keys))}]{where}")
 
 
 def _python_route_identity(module: nn.Module) -> Dict[str, Any]:

@@ -267,24 +267,22 @@ def differences(recorded: Mapping[str, Any], run: Mapping[str, Any], accept: Ite
 
 
 def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], keys: Iterable[str]) -> str:
-    """``task: this run i2v-14B, the LUT t2v-1.3B; shift: this run 8.0, the LUT 5.0``."""
+    """``task: this run i2v-14B, the LUT t2v-1.3B; shift: this run 8.0, the LUT 5.0``; a group's meaning
+    (``noise_schedule.*``) said at its first key."""
+    said = set()
+
     def meaning(k):
+        group = accept_name(k)
+        if group != k:
+            first = group not in said
+            said.add(group)
+            return GROUP_MEANING.get(group, "") if first else ""
         if k == "architecture" and "frames" in run and "frames" in recorded \
                 and not _same(run["frames"], recorded["frames"]):  # (also where frames is accepted)
             return ARCHITECTURE_WITH_FRAMES
         pair = isinstance(run[k], (list, tuple)) or isinstance(recorded[k], (list, tuple))
         return PAIR_MEANING[k] if pair and k in PAIR_MEANING else KEY_MEANING.get(k, "")
-    said = set()
-
-    def meaning_once(k):  # (a group's meaning said at its first key)
-        group = accept_name(k)
-        if group != k:
-            if group in said:
-                return ""
-            said.add(group)
-            return GROUP_MEANING.get(group, "")
-        return meaning(k)
-    return "; ".join(f"{k}{meaning_once(k)}: this run {run[k]!r}, the LUT {recorded[k]!r}" for k in keys)
+    return "; ".join(f"{k}{meaning(k)}: this run {run[k]!r}, the LUT {recorded[k]!r}" for k in keys)
 
 
 #: ... where its value is a pair (Wan2.2's two experts: the order said, diffusers' names too)
