@@ -472,6 +472,11 @@ def test_official_like_scripts_end_to_end(tmp_path):
                          ("latte2", [str(LATTE), "--config", "sample.yaml"])):
         text = OFFICIAL_LIKE_EXPERIMENT.format(integration=name.rstrip("2"), output=f"out_{name}")
         runs.append((str(write(tmp_path, text, f"{name}.yaml")), script))
+    # Latte's YAML copied elsewhere, with other prompts and seed: the same experiment (its settings are compared)
+    (tmp_path / "copy.yaml").write_text(json.dumps(dict(
+        num_sampling_steps=10, guidance_scale=7.5, seed=3, save_path=str(tmp_path / "videos"),
+        text_prompt=["y", "z"], video_length=4, image_size=[16, 16])))
+    runs.append((runs[1][0], [str(LATTE), "--config", "copy.yaml"]))
     driver = write(tmp_path, DRIVER.format(plain=plain, wan_dir=str(WAN.parent), wan=str(WAN), runs=runs), "d.py")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
     res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
@@ -498,6 +503,7 @@ def test_official_like_scripts_end_to_end(tmp_path):
     latte = [[RunStore(tmp_path / out).load("full", e)[0] for e in entries] for out in ("out_latte", "out_latte2")]
     assert all(torch.equal(a, b) for a, b in zip(*latte)) and not torch.equal(latte[0][0], latte[0][1])
     assert "calibrating taocache's LUT (the TaoCache config names no lut:) on 2 calibration prompts" in res.stderr
+    assert f"; 6 of 6 runs already in {tmp_path / 'out_latte'}" in res.stderr  # (the copy: nothing run again)
 
 
 def compare_in_a_process(tmp_path: Path, experiment: Path, script: list, pythonpath: str = ""):
@@ -966,6 +972,72 @@ def test_the_script_line_is_compared_without_the_flags_no_run_depends_on():
     assert wan(["g.py", "--prompt", "a cat", "extra.yaml"]) == ["g.py", "extra.yaml"]
     testbed = target_for("testbed").comparable_script  # --prompt appends one value; --seeds takes many
     assert testbed(["s.py", "--out", "o.png", "p.yaml", "--seeds", "1", "2"]) == ["s.py", "p.yaml"]
+
+
+def test_an_abbreviated_option_is_compared_as_the_option_it_names():
+    """argparse takes ``--save_img`` for ``--save_img_path`` (allow_abbrev): a neutral flag written short was
+    compared as a change, and ``--sample_st 40`` against ``--sample_steps 40`` as another script line."""
+    from taohooks.compare.store import script_difference
+    from taohooks.compare.targets import target_for
+
+    osp = target_for("opensora_plan").comparable_script
+    assert osp(["s.py", "--save_img", "out/", "--text_p", "a", "b", "--num_fr", "65"]) == \
+        ["s.py", "--num_frames", "65"]
+    wan = target_for("wan").comparable_script
+    assert wan(["g.py", "--base", "1", "--save_f=x.mp4", "--sample_st", "40"]) == ["g.py", "--sample_steps", "40"]
+    assert wan(["g.py", "--sample_s", "40"]) == ["g.py", "--sample_s", "40"]  # ambiguous: left to the script
+    assert target_for("wan22").comparable_script(["g.py", "--offload", "True", "--tts_", "x", "--tts_t", "y"]) == \
+        ["g.py", "--tts_", "x", "--tts_text", "y"]  # (--tts_: --tts_text and two --tts_prompt_*, ambiguous)
+    assert script_difference(wan(["g.py", "--sample_st", "40"]), wan(["g.py", "--sample_steps=50"])) == \
+        "--sample_steps 40 there, 50 here"
+    testbed = target_for("testbed").comparable_script  # the script's options unknown: compared as written
+    assert testbed(["s.py", "--seed", "1"]) == ["s.py", "--seed", "1"]
+
+
+def test_latte_config_file_is_compared_by_content(tmp_path, launcher_state, capsys):
+    """Latte's settings live in its ``--config`` YAML: a copy elsewhere (another path, the same settings) was
+    refused as another script line, and an edit at the same path that no call setting shows (its VAE:
+    ``enable_vae_temporal_decoder``) went unseen. The folder now records the YAML's settings (less the prompts,
+    the output path and the unused seed); a folder recorded before compares the path, as it did."""
+    import yaml
+
+    sample = dict(num_sampling_steps=10, guidance_scale=7.5, seed=0, save_img_path="videos/", text_prompt=["x"],
+                  video_length=4, image_size=[16, 16], enable_vae_temporal_decoder=True)
+    (tmp_path / "sample.yaml").write_text(yaml.safe_dump(sample))
+    out = tmp_path / "out"
+    (out / "runs" / "full").mkdir(parents=True)
+    (out / "runs" / "full" / "0.safetensors").write_bytes(b"")  # (the folder holds work)
+    settings = {k: v for k, v in sample.items() if k not in ("seed", "save_img_path", "text_prompt")}
+    recorded = {"script": [str(LATTE), "--config", "sample.yaml"], "integration": "latte",
+                "calibration.sampler": None, "script_config": settings}
+    (out / "experiment.json").write_text(json.dumps(recorded))
+    exp = write(tmp_path, OFFICIAL_LIKE_EXPERIMENT.format(integration="latte", output="out"), "latte.yaml")
+
+    def run(config: dict, name: str) -> int:
+        (tmp_path / name).write_text(yaml.safe_dump(config))
+        with pytest.MonkeyPatch.context() as patched:
+            patched.chdir(tmp_path)
+            return cli.main(["compare", str(exp), "--", str(LATTE), "--config", name])
+
+    assert run({**sample, "enable_vae_temporal_decoder": False}, "sample.yaml") == 2  # edited in place
+    err = capsys.readouterr().err
+    assert "experiment.json: script_config.enable_vae_temporal_decoder: this output folder holds runs made with a " \
+           "config file of the script giving enable_vae_temporal_decoder: True; this experiment's gives False; use " \
+           "another output folder" in err
+    assert run({**sample, "guidance_scale": 5.0}, "copy.yaml") == 2
+    assert "giving guidance_scale: 7.5; this experiment's gives 5.0" in capsys.readouterr().err
+    # a copy elsewhere with other prompts, output path and seed: the same experiment (refused here only by the
+    # setting this test records differently, after the script line and its config passed)
+    recorded["calibration.error_horizon"] = -1
+    (out / "experiment.json").write_text(json.dumps(recorded))
+    assert run({**sample, "text_prompt": ["y"], "save_img_path": "elsewhere/", "seed": 3}, "copy.yaml") == 2
+    err = capsys.readouterr().err
+    assert "calibration.error_horizon" in err and "script" not in err.replace("taocache compare", ""), err
+    # a folder recorded before the YAML's settings were: its path is compared, as it was
+    del recorded["script_config"], recorded["calibration.error_horizon"]
+    (out / "experiment.json").write_text(json.dumps(recorded))
+    assert run(sample, "copy.yaml") == 2
+    assert "another script line: --config sample.yaml there, copy.yaml here" in capsys.readouterr().err
 
 
 def test_a_budget_no_taocache_plan_fits_is_said_before_the_runs(tmp_path, launcher_state, capsys):

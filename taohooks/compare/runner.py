@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import os
 import time
@@ -410,21 +411,35 @@ class Experiment:
         first generation call)."""
         call_dependent = ("magcache_k", "magcache_retention") + (() if self.target.known else ("lut",))
         settings = {k: v for k, v in self._run_settings().items() if k not in call_dependent}
-        self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration, **settings},
+        self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration,
+                                     **self._script_config(), **settings},
                                     optional=self._optional_settings(), partial=True,  # (call_dependent: later)
                                     comparable=self._comparable(), unrecorded=UNRECORDED)
 
+    def _script_config(self) -> Dict[str, Any]:
+        """``{"script_config": settings}`` of the script's own config file, where the target reads one (Latte's
+        ``--config`` YAML, less the keys no run depends on) and it can be read; else ``{}``."""
+        read = self.target.script_config
+        settings = read(self.script_argv) if read is not None else None
+        return {"script_config": settings} if settings is not None else {}
+
     def _comparable(self) -> Dict[str, Callable[[Any], Any]]:
         """Settings compared as a function of them (see :meth:`RunStore.check_experiment`): the script line less the
-        flags no run depends on; PAB groups as older folders recorded them (``range_``) too."""
+        flags no run depends on (and less the config file's flag, where the folder recorded the file's content: a
+        folder recorded before that compares its path); PAB groups as older folders recorded them (``range_``) too."""
         def groups(value):
             return [{"pattern": g.get("pattern"), "range": g.get("range", g.get("range_"))} if isinstance(g, dict)
                     else g for g in value] if isinstance(value, list) else value
-        return {"script": self.target.comparable_script, "pab_groups": groups}
+        recorded = self.store.recorded()
+        by_content = "script_config" in recorded or "script" not in recorded
+        return {"script": functools.partial(self.target.comparable_script, config_by_content=by_content),
+                "pab_groups": groups}
 
     def _optional_settings(self) -> Tuple[str, ...]:
-        """Settings recorded only while a method reading them is listed (see :meth:`RunStore.check_experiment`)."""
-        return ("pab_groups", "lut", *METHOD_SETTINGS, *(f"plan.{f.name}" for f in dataclasses.fields(self.tao.plan)))
+        """Settings recorded only while a method reading them is listed (see :meth:`RunStore.check_experiment`), and
+        the script's config file (recorded since 2026-11-28; one it could not read is left to the script)."""
+        return ("pab_groups", "lut", "script_config", *METHOD_SETTINGS,
+                *(f"plan.{f.name}" for f in dataclasses.fields(self.tao.plan)))
 
     def _run_settings(self) -> Dict[str, Any]:
         """What a stored run (or matched threshold) depends on besides its method and budget: the TaoCache
@@ -549,7 +564,7 @@ class Experiment:
         # a folder recorded between f341df4 and b87ec07 (2026-11-27, 03:39-04:08) holds it at float positions
         earlier = _as_rank_zero_has_it(weights_fingerprint(*models, float_positions=True))
         self.store.check_experiment({"script": self.script_argv, "integration": self.tao.integration,
-                                     "loop": self.loop.describe(),
+                                     **self._script_config(), "loop": self.loop.describe(),
                                      "model": {k: str(v) for k, v in sorted(self.identity.items())},
                                      # what the script line does not show: the weights (a checkpoint replaced
                                      # at the same path), the call's settings (read from a config file); rank 0's

@@ -176,6 +176,11 @@ class RunStore:
         with safe_open(str(self.run_path(label, entry)), framework="pt") as f:
             return f.get_tensor("latents") if "latents" in f.keys() else None
 
+    def recorded(self) -> Dict[str, Any]:
+        """What the folder's ``experiment.json`` records (``{}`` where it has none)."""
+        path = self.folder / "experiment.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     def state(self, name: str) -> Optional[Any]:
         path = self.folder / "state" / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else None
@@ -253,6 +258,10 @@ class RunStore:
                         return f"unset (the default, {alike[k][1]!r})"
                     return value if k.startswith("call.") and isinstance(value, str) else repr(value)
 
+                if k.startswith("script_config."):  # (the script's own config file, compared by content)
+                    raise ConfigError(str(path), k, f"this output folder holds runs made with a config file of the "
+                                      f"script giving {k.split('.', 1)[1]}: {was!r}; this experiment's gives {now!r}; "
+                                      "use another output folder (or delete it)")
                 if k == "script" and isinstance(was, list) and isinstance(now, list):  # (30 words each: the flag)
                     raise ConfigError(str(path), k, f"this output folder holds runs made with another script line: "
                                       f"{script_difference(*compared(k))}; use another output folder (or delete it)")

@@ -389,6 +389,14 @@ class Target:
     # output file, Wan's model offloading): left out where an output folder's script line is compared; each with
     # the number of values it takes (None: nargs='+', every value up to the next option)
     neutral_flags: Dict[str, Optional[int]] = field(default_factory=dict)
+    # every option of the script, where known (its parser's): an abbreviated option (argparse's allow_abbrev:
+    # ``--save_img`` for ``--save_img_path``) is compared as the option it names; () : compared as written
+    script_options: Callable[[], Sequence[str]] = tuple
+    # the script's own config file (Latte's ``--config X.yaml``): (the script line) -> its settings less those no
+    # compared run depends on, or None where it cannot be read (the script says why); compared by content, so that
+    # a copy of it elsewhere is the same experiment and an edit at the same path is not
+    script_config: Optional[Callable[[List[str]], Optional[Dict[str, Any]]]] = None
+    config_flag: Optional[str] = None  # the flag naming that file (left out of the script line compared by content)
     # the target of one call's pipeline, where it depends on the pipeline (diffusers: the transformer's class):
     # (generate's arguments) -> Target, at the first generation call; the methods it can run are checked then
     per_call: Optional[Callable[[dict], "Target"]] = None
@@ -413,20 +421,26 @@ class Target:
         """The target for this call's pipeline (itself where it does not depend on the pipeline)."""
         return self.per_call(arguments) if self.per_call is not None else self
 
-    def comparable_script(self, argv: List[str]) -> List[str]:
+    def comparable_script(self, argv: List[str], config_by_content: bool = False) -> List[str]:
         """``argv`` (the script and its arguments) without :attr:`neutral_flags` and their values (``--flag v``,
         ``--flag=v``, or every value up to the next option of an ``nargs='+'`` flag; a short option ``-x`` ends
-        them, a negative number or a word with a space does not)."""
+        them, a negative number or a word with a space does not), an abbreviated option written out in full (where
+        the script's options are known). ``config_by_content``: :attr:`config_flag` is left out too (its file is
+        compared by :attr:`script_config`)."""
+        neutral = {**self.neutral_flags, **({self.config_flag: 1} if config_by_content and self.config_flag else {})}
+        options = tuple(self.script_options())
         kept, values = [], 0  # (values: how many of the next words are a neutral flag's; -1: up to an option)
         for word in argv:
             if is_option(word):
-                name = word.split("=", 1)[0]
+                name, equals, value = word.partition("=")
+                name = full_option(name, options)
                 values = 0
-                if name in self.neutral_flags:
-                    if "=" not in word:  # (its values follow)
-                        n = self.neutral_flags[name]
+                if name in neutral:
+                    if not equals:  # (its values follow)
+                        n = neutral[name]
                         values = -1 if n is None else n
                     continue
+                word = name + equals + value
             elif values:
                 values -= values > 0
                 continue
@@ -448,6 +462,53 @@ LEARNED_SIGMA = {"easycache": "the transformer's output has a variance half (twi
 # PAB in compare: the spatial and temporal self-attention, one range (VideoSys gives them 2 and 3 and also
 # broadcasts cross-attention: the YAML's pab: section has per-group ranges)
 LATTE_SELF_ATTENTION = r"(temporal_)?transformer_blocks\.\d+\.attn1"
+
+def _options_of(integration: str) -> Callable[[], Sequence[str]]:
+    """The script's options as the integration lists them for its own checks (``OPTIONS``), read when first needed."""
+    def options() -> Sequence[str]:
+        import importlib
+
+        return tuple(importlib.import_module(f"taohooks.integrations.{integration}").OPTIONS)
+    return options
+
+
+# the keys of Latte's sample_t2x.py YAML no compared run depends on: where it writes, the prompts compare replaces,
+# the seed its script does not use (its torch.manual_seed is commented out; compare seeds every run), the file names
+LATTE_NEUTRAL_KEYS = ("save_img_path", "text_prompt", "seed", "run_time")
+
+
+def _latte_script_config(argv: List[str]) -> Optional[Dict[str, Any]]:
+    """The settings of the YAML sample_t2x.py reads (``--config``, its parser's default where not given) less
+    :data:`LATTE_NEUTRAL_KEYS`, as experiment.json gives them back; None where it cannot be read."""
+    import json
+
+    import yaml
+
+    from ..launcher.integration import script_options
+
+    args = script_options(argv[1:], {"--config": {"default": "./configs/wbv10m_train.yaml"}})
+    if args is None:
+        return None
+    try:
+        with open(args.config, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return json.loads(json.dumps({str(k): v for k, v in data.items() if str(k) not in LATTE_NEUTRAL_KEYS},
+                                 default=str, sort_keys=True))
+
+
+def full_option(name: str, options: Sequence[str]) -> str:
+    """The option a command-line ``--name`` gives, as argparse resolves it among the script's ``options``: itself
+    where it is one (or none are known), else the one option it abbreviates (``--save_img`` -> ``--save_img_path``);
+    an ambiguous or unknown abbreviation stays as written (the script's parser refuses it)."""
+    if not name.startswith("--") or name in options:
+        return name
+    longer = [option for option in options if option.startswith(name)]
+    return longer[0] if len(longer) == 1 else name
+
 
 def is_option(word: str) -> bool:
     """Whether a command-line word is an option, by argparse's rule (a negative number or a word with a space is a
@@ -472,24 +533,27 @@ TARGETS: Dict[str, Target] = {
                   "the authors' TeaCache for Wan2.1 (timestep-embedding proxy, published coefficients)",
                   tea_published=_wan21_published_teacache, tea_ret_steps=True,
                   mag_published=_wan21_published_magcache,
-                  attention=r"blocks\.\d+\.self_attn", latents_during=_wan_latents, neutral_flags=WAN_NEUTRAL_FLAGS),
+                  attention=r"blocks\.\d+\.self_attn", latents_during=_wan_latents, neutral_flags=WAN_NEUTRAL_FLAGS,
+                  script_options=_options_of("wan")),
     "wan22": Target("input_prompt", "seed", _single_video, "blocks", _wan22_e_probe,
                     "TeaCache fitted here (TeaCache publishes no Wan2.2 coefficients): the proxy of TeaCache4Wan2.1's "
                     "use_ret_steps variant (the time projection e0 the first block receives, its last token), a "
                     "polynomial per expert (the A14B tasks; one for TI2V-5B) fitted on the calibration prompts, "
                     "accumulators per expert, the first and the last step computed",
                     mag_published=_wan22_published_magcache, attention=r"blocks\.\d+\.self_attn",
-                    latents_during=_wan_latents, neutral_flags=WAN_NEUTRAL_FLAGS),
+                    latents_during=_wan_latents, neutral_flags=WAN_NEUTRAL_FLAGS, script_options=_options_of("wan22")),
     "latte": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                     "the authors' TeaCache for Latte-1 (TeaCache's eval script, published coefficients)",
                     tea_published=_latte_published_teacache("latte"), exit="norm_out", attention=LATTE_SELF_ATTENTION,
-                    latents_during=_pipeline_latents, refused=LEARNED_SIGMA),
+                    latents_during=_pipeline_latents, refused=LEARNED_SIGMA, script_options=lambda: ("--config",),
+                    script_config=_latte_script_config, config_flag="--config"),
     "opensora_plan": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                             "the authors' TeaCache for Open-Sora-Plan v1.1 (TeaCache's eval script, published "
                             "coefficients)", tea_published=_latte_published_teacache("opensora_plan"),
                             exit="norm_out", attention=LATTE_SELF_ATTENTION,
                             latents_during=_pipeline_latents, refused=LEARNED_SIGMA,
-                            neutral_flags={"--text_prompt": None, "--save_img_path": 1}),
+                            neutral_flags={"--text_prompt": None, "--save_img_path": 1},
+                            script_options=_options_of("opensora_plan")),
     # any diffusers video pipeline the integration runs (WanPipeline and its siblings, LattePipeline, ...): the
     # prompt is the call's, the seed torch's RNG (or a fresh generator, seeded per run)
     "diffusers": Target("prompt", None, lambda result: result, None, per_call=_diffusers_target,
