@@ -199,3 +199,48 @@ def test_an_explicit_lut_of_fewer_prompts_is_taken_with_its_accept(tmp_path):
     cache = TaoCache(config_from_dict(data), lut=lut)
     generate(cache, Model().to(torch.bfloat16))
     assert "2 of 10 steps skipped" in cache.summary()
+
+
+class KeepsFloat32(Model):
+    """As diffusers' Wan transformers (``_keep_in_fp32_modules``): the first parameters (here the time embedding)
+    stay in float32 whatever dtype the rest is loaded in."""
+    def __init__(self, dtype):
+        super().__init__(width=64)
+        self.blocks.to(dtype)
+
+    def forward(self, x, timestep):
+        h = (x + self.t(timestep.reshape(-1, 1) / 1000)).to(self.blocks[0].weight.dtype)
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return h.float()
+
+
+def test_the_dtype_most_weights_are_in_is_checked(tmp_path, capsys):
+    """A diffusers Wan transformer loaded in bf16 was recorded as float32 (its first parameter's dtype): a LUT of
+    a bf16 run took fp16 and fp32 runs without a word (diffusersuser, 2026-11-28). ``dtype.weights`` records the
+    dtype most weights are in; a LUT recorded before it is checked on ``dtype`` alone, without a notice."""
+    from taohooks.taocache.lut import CalibrationLUT
+
+    generate(TaoCache(config(tmp_path)), KeepsFloat32(torch.bfloat16), prompts=2, width=64)
+    identity = CalibrationLUT.load(tmp_path / "lut.safetensors").identity
+    assert identity["dtype"] == "torch.float32" and identity["dtype.weights"] == "torch.bfloat16"
+    generate(TaoCache(config(tmp_path)), KeepsFloat32(torch.bfloat16), width=64)  # the same run: skips
+    for dtype in (torch.float16, torch.float32):
+        with pytest.raises(LUTMismatchError) as refused:
+            generate(TaoCache(config(tmp_path)), KeepsFloat32(dtype), width=64)
+        assert str(refused.value).split("another run: ")[1].count("dtype") == 3 and (  # (dtype.weights, its
+            # meaning, the accept advice: said once)
+            f"dtype.weights (the dtype most of the model's weights are in): this run '{dtype}', the LUT "
+            f"'torch.bfloat16'. Give this run its own LUT") in str(refused.value), str(refused.value)
+        cache = TaoCache(config(tmp_path, accept=["dtype"]))  # knowingly: accepted
+        generate(cache, KeepsFloat32(dtype), width=64)
+        assert "2 of 10 steps skipped" in cache.summary()
+    lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
+    del lut.identity["dtype.weights"]  # as a LUT of an earlier taohooks records it
+    lut.save(tmp_path / "lut.safetensors")
+    capsys.readouterr()
+    cache = TaoCache(config(tmp_path))
+    generate(cache, KeepsFloat32(torch.float32), width=64)  # every weight float32: the LUT's dtype is all there is to check
+    assert "2 of 10 steps skipped" in cache.summary() and "records no" not in capsys.readouterr().err
+    generate(TaoCache(config(tmp_path)), KeepsFloat32(torch.float16), width=64)  # (as before: not checkable)
+    assert "records no dtype.* of its calibrating run" in capsys.readouterr().err

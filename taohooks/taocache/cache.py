@@ -24,6 +24,7 @@ from ..config import PlanConfig, TaoCacheConfig, check_python_config, load_confi
 from .extrapolation import TaoCacheCallback
 from ..runtime.hook import DenoiserHook
 from .identity import accept_name, accept_names, describe_differences, differences, is_sharded, model_identity
+from .identity import unrecorded as unrecorded_keys
 from .lut_format import check_identity
 from ..runtime.io import check_writable, special_file_kind
 from ..runtime.loop import LoopSpec
@@ -271,7 +272,7 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
     lut.check(loop, config.model_id, sampler_label(config))
     recorded = getattr(lut, "identity", None) or {}
     if identity:
-        unrecorded = [k for k in identity if k not in recorded and accept_name(k) not in config.calibration.accept]
+        unrecorded = [k for k in unrecorded_keys(recorded, identity) if accept_name(k) not in config.calibration.accept]
         if unrecorded and lut.source:  # (a LUT of an earlier taohooks, or calibrated where they were not known)
             advice = (" (a LUT calibrated under FSDP records none: its parameters are sharded)"
                       if unrecorded == ["architecture"] else ": calibrate a LUT of this run to have them checked")

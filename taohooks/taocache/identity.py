@@ -20,8 +20,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import torch
 from torch import nn
 
-__all__ = ["model_identity", "scheduler_identity", "differences", "describe_differences", "IdentityMismatch",
-           "accept_name", "accept_names",
+__all__ = ["model_identity", "scheduler_identity", "differences", "unrecorded", "describe_differences",
+           "IdentityMismatch", "accept_name", "accept_names",
            "weights_fingerprint", "call_settings"]
 
 Identity = Dict[str, Any]
@@ -142,12 +142,18 @@ def call_settings(arguments: Mapping[str, Any], leave_out: Iterable[str] = (),
 
 
 def model_identity(model: nn.Module) -> Identity:
-    """``model`` (class name), ``architecture`` (fingerprint) and ``dtype`` (of its first floating parameter)."""
+    """``model`` (class name), ``architecture`` (fingerprint), ``dtype`` (of its first floating parameter) and
+    ``dtype.weights``: the dtype most of its floating parameters' elements are in (a model keeping a few modules in
+    float32, as diffusers' Wan transformers keep their norms and time embedding, has a float32 parameter first
+    whatever the rest). A LUT recorded before ``dtype.weights`` was is checked on ``dtype`` alone."""
     identity: Identity = {"model": type(model).__name__, "architecture": architecture_fingerprint(model)}
+    elements: Dict[str, int] = {}
     for p in model.parameters():
         if p.is_floating_point():
-            identity["dtype"] = str(p.dtype)
-            break
+            identity.setdefault("dtype", str(p.dtype))
+            elements[str(p.dtype)] = elements.get(str(p.dtype), 0) + p.numel()
+    if elements:
+        identity["dtype.weights"] = max(elements, key=elements.get)  # (a tie: the first)
     return identity
 
 
@@ -263,7 +269,17 @@ def differences(recorded: Mapping[str, Any], run: Mapping[str, Any], accept: Ite
     """Keys that both identities have with different values, in the run's order, less ``accept`` (its entries as
     :func:`accept_name` gives them)."""
     accepted = set(accept)
-    return [k for k in run if k in recorded and accept_name(k) not in accepted and not _same(recorded[k], run[k])]
+    keys = [k for k in run if k in recorded and accept_name(k) not in accepted and not _same(recorded[k], run[k])]
+    if "dtype" in keys and "dtype.weights" in keys and all(_same(i["dtype"], i["dtype.weights"])
+                                                           for i in (recorded, run)):
+        keys.remove("dtype.weights")  # (every weight in one dtype on both sides: said once)
+    return keys
+
+
+def unrecorded(recorded: Mapping[str, Any], run: Mapping[str, Any]) -> List[str]:
+    """Keys of ``run`` that ``recorded`` (a LUT's identity) lacks, but ``dtype.weights`` where it adds nothing to
+    ``dtype`` (this run's weights all in one dtype)."""
+    return [k for k in run if k not in recorded and not (k == "dtype.weights" and _same(run[k], run.get("dtype")))]
 
 
 def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], keys: Iterable[str]) -> str:
@@ -306,4 +322,5 @@ KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_
 #: what the keys of a group (``group.<name>``) are, said at the group's first differing key
 GROUP_MEANING = {"noise_schedule": " (the scheduler's noise levels: the betas of Latte's YAML, a diffusers "
                                    "scheduler's config)",
-                 "scheduler": " (a setting of the scheduler's sampling: timestep spacing, sigmas, its update)"}
+                 "scheduler": " (a setting of the scheduler's sampling: timestep spacing, sigmas, its update)",
+                 "dtype": " (the dtype most of the model's weights are in)"}

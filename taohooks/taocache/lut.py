@@ -293,7 +293,8 @@ class CalibrationLUT:
 def _identity_said(identity: Dict[str, Any]) -> str:
     """A LUT's identity in one line: its plain keys as JSON, its noise schedule's few values, and how many of the
     scheduler's sampling settings it records (up to 20 on a diffusers scheduler; the file holds them all)."""
-    plain = {k: v for k, v in identity.items() if "." not in k}
+    plain = {k: v for k, v in identity.items() if "." not in k or (  # (the weights' dtype where the first differs)
+        k == "dtype.weights" and v != identity.get("dtype"))}
     schedule = {k.split(".", 1)[1]: v for k, v in identity.items() if k.startswith("noise_schedule.")}
     settings = sum(k.startswith("scheduler.") for k in identity)
     return (json.dumps(plain, sort_keys=True)

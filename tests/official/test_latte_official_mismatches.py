@@ -73,7 +73,8 @@ def test_calibration_records_transformer_and_scheduler(calibrated):
     schedule = {k[len("noise_schedule."):]: identity.pop(k) for k in list(identity) if k.startswith("noise_schedule.")}
     solver = {k: identity.pop(k) for k in list(identity) if k.startswith("scheduler.")}  # (its update's settings)
     assert solver and "scheduler.set_alpha_to_one" in solver
-    assert identity == {"model": "LatteT2V", "dtype": "torch.float32", "scheduler": "DDIMScheduler",
+    assert identity == {"model": "LatteT2V", "dtype": "torch.float32", "dtype.weights": "torch.float32",
+                        "scheduler": "DDIMScheduler",
                         "prediction_type": "epsilon", "sampling_steps": STEPS,
                         "height": 64, "width": 64, "frames": 4, "temporal_attention": True, "guide_scale": 7.5}
     # the betas sample_t2x.py gives every scheduler, from the checkout's t2v_sample.yaml

@@ -135,7 +135,8 @@ def test_calibration_through_generate_py_records_the_runs_identity(script, capfd
     print(f"identity recorded through generate.py: {lut.identity}")
     assert lut.steps == STEPS and tuple(lut.streams) == ("cond", "uncond") and lut.num_prompts == 1
     assert re.fullmatch("[0-9a-f]{12}", lut.identity.pop("architecture"))
-    assert lut.identity == {"model": "WanModel", "dtype": "torch.float32", "scheduler": "unipc", "shift": 5.0,
+    assert lut.identity == {"model": "WanModel", "dtype": "torch.float32", "dtype.weights": "torch.float32",
+                            "scheduler": "unipc", "shift": 5.0,
                             "task": "t2v-1.3B", "pixels": 832 * 480, "frame_num": 1, "guide_scale": 5.0}
     err = _calibrated["err"]
     assert "taohooks: calibrating: LUT" in err and summaries(err) == [(0, CALLS, None)]
@@ -310,7 +311,8 @@ def test_direct_calibration_records_the_identity_of_generates_arguments(first_ca
     identity = dict(first_call.lut.identity)
     print(f"identity recorded by WanT2V.generate: {identity}")
     assert re.fullmatch("[0-9a-f]{12}", identity.pop("architecture"))
-    assert identity == {"model": "WanModel", "dtype": "torch.float32", "scheduler": "unipc", "shift": 5.0,
+    assert identity == {"model": "WanModel", "dtype": "torch.float32", "dtype.weights": "torch.float32",
+                        "scheduler": "unipc", "shift": 5.0,
                         "pixels": 64 * 64, "frame_num": 9, "guide_scale": 5.0}
 
 
