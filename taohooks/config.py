@@ -366,7 +366,7 @@ class TaoCacheConfig:
             if unset:
                 err("lut", unset)
         if self.loop.steps is not None:
-            _validate_against_steps(self, self.loop.steps, err)
+            validate_against_steps(self, self.loop.steps, err)
 
     def lut_path(self) -> Optional[Path]:
         """The LUT path (``~`` and ``$VAR`` expanded), relative paths taken from the config file's folder."""
@@ -384,7 +384,7 @@ class TaoCacheConfig:
         return to_yaml_dict(self)
 
 
-def _validate_against_steps(config: TaoCacheConfig, steps: int, err) -> None:
+def validate_against_steps(config: TaoCacheConfig, steps: int, err) -> None:
     """Plan (and PAB) step settings that cannot fit ``loop.steps``."""
     plan, last = config.plan, steps - 1
     b = plan.budget

@@ -20,7 +20,7 @@ from torch import nn
 from ..runtime import messages
 from .calibration import CalibrationRecorder
 from ..runtime.callbacks import Callback
-from ..config import PlanConfig, TaoCacheConfig, check_python_config, load_config
+from ..config import PlanConfig, TaoCacheConfig, validate_against_steps, check_python_config, load_config
 from .extrapolation import TaoCacheCallback
 from ..runtime.hook import DenoiserHook
 from .identity import accept_name, accept_names, describe_differences, differences, is_sharded, model_identity
@@ -258,6 +258,18 @@ def check_config_before_run(config: TaoCacheConfig, calibrating: bool = False,
     return lut
 
 
+def refuse_plan_past_steps(config: TaoCacheConfig, steps: int) -> None:
+    """A plan no LUT of ``steps`` steps can serve (a budget over more steps than the late regime holds, a window or
+    ``min_step`` past the last step), as a :class:`PlanError` naming the config's keys: said before a calibration's
+    generations, not at the first skipping run after them."""
+    problems: List[str] = []
+    validate_against_steps(config, steps, lambda key, message: problems.append(f"{key}: {message}"))
+    if problems:
+        where = f"{config.source}: " if config.source else ""
+        raise PlanError(f"{where}{'; '.join(problems)} (the loop attached has {steps} steps; said before calibrating "
+                        "a LUT that no run of this plan could use)")
+
+
 def sampler_label(config: TaoCacheConfig) -> Optional[str]:
     """``calibration.sampler`` as the LUT checks compare it: not at all when ``calibration.accept`` names the
     scheduler (the run's solver differs from the LUT's knowingly; its label is the LUT's)."""
@@ -472,6 +484,7 @@ class TaoCache:
             check_run(cfg, lut, loop, identity, continued=calibrate)
         self.recorder = self.callback = None
         if calibrate:
+            refuse_plan_past_steps(cfg, loop.steps)  # (the Python route's steps come here, not in loop.steps)
             check_writable(path)  # before the first model call, not after a generation's work
             have = 0 if self.lut is None else self.lut.num_prompts
             messages.notice(f"calibrating: LUT {path} has {have} of {wanted} prompts "
