@@ -263,3 +263,21 @@ def test_a_plan_past_the_attached_steps_is_refused_before_calibrating(tmp_path, 
     with pytest.raises(PlanError, match=r"said before calibrating") as refused:
         generate(cache, Model())
     assert said in str(refused.value) and not (tmp_path / "lut.safetensors").exists()
+
+
+class WithAuxLoss(Model):
+    """A prediction and a 0-d auxiliary value (an MoE DiT's balancing loss)."""
+    def forward(self, x, timestep):
+        y = super().forward(x, timestep)
+        return y, y.square().mean()
+
+
+def test_an_output_tensor_without_the_batch_is_named_while_calibrating(tmp_path):
+    """With batch_dim=0 a 0-d leaf beside the prediction crashed the loop with an IndexError inside the statistics
+    (compileuser, 2026-11-28); now it is named, with the shape expected and what to do."""
+    with pytest.raises(ValueError, match=r"output tensor 1 of 2 of call 0 \(step 0\) has shape \(\), but the loop "
+                                         r"declares batch_dim=0.*\(1, as tensor 0 of shape \(1, 8\)\).*batch_dim=None"):
+        model = WithAuxLoss()
+        with TaoCache(config(tmp_path)).attach(model, STEPS) as hook, torch.no_grad():
+            hook.new_sample()
+            model(torch.zeros(1, 8), timestep=torch.tensor([1000.0]))

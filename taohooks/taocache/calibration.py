@@ -65,6 +65,20 @@ def delta_statistics(delta: List[Tensor], delta_prev: List[Tensor],
     return cos, ratio
 
 
+def check_batch_leaves(leaves: List[Tensor], call) -> None:
+    """With ``batch_dim=0`` every tensor of the output is ``[B, ...]``, one row per prompt, the same ``B``: a leaf
+    without it (a 0-d auxiliary loss beside the prediction) is said at the call, naming it, not as an IndexError of
+    the statistics."""
+    batch = tuple(leaves[0].shape[:1]) if leaves else ()
+    for i, leaf in enumerate(leaves):
+        if leaf.dim() == 0 or tuple(leaf.shape[:1]) != batch:
+            raise ValueError(
+                f"taohooks: calibration: output tensor {i} of {len(leaves)} of call {call.index} (step {call.step}) "
+                f"has shape {tuple(leaf.shape)}, but the loop declares batch_dim=0: every output tensor must have "
+                f"the batch first ({batch[0] if batch else '?'}, as tensor 0 of shape {tuple(leaves[0].shape)}). Give "
+                "attach(..., batch_dim=None) to take the whole output as one prompt, or return only the prediction")
+
+
 class _StreamHistory:
     __slots__ = ("eps", "delta", "earlier")
 
@@ -203,6 +217,8 @@ class CalibrationRecorder(Callback):
             return
         gen.calls += 1
         leaves, _ = flatten_output(output)
+        if loop.batch_dim == 0:
+            check_batch_leaves(leaves, call)
         leaves = float32_leaves(leaves)
         parts = split_batch(leaves, len(loop.streams)) if loop.split_batch else [leaves]
         step = call.step
