@@ -19,9 +19,11 @@ other: skips separated by at most one computed step. Chains separated by two or 
 steps restart from real outputs, and their errors are added as uncorrelated (squares add). A
 chain that spans more steps than the products' horizon has no estimate (NaN).
 
-Errors are reported as mean squared error per output element, averaged over streams (with
-classifier-free guidance the two streams' errors are close, and so is the guided one), and as
-the PSNR of a ``[-1, 1]`` latent with that error (``predicted_psnr``).
+Errors are reported as mean squared error per output element, averaged over streams, and as
+the PSNR of a ``[-1, 1]`` latent with that error (``predicted_psnr``). Under classifier-free guidance
+at scale ``s`` the guided output's error is ``s e_c - (s - 1) e_u``: a stream's where the streams' errors
+are alike, up to ``s^2 + (s - 1)^2`` times it where they are unrelated (no cross-stream products are
+recorded to tell which).
 """
 from __future__ import annotations
 
