@@ -27,7 +27,7 @@ def lut_file(tmp_path_factory):
     """A 2-prompt, 12-step LUT of the geometric denoiser (ratios 0.8 and 0.85)."""
     path = tmp_path_factory.mktemp("lut") / "geo.safetensors"
     model = GeometricDenoiser({"main": 0.9})
-    rec = CalibrationRecorder(model_id="geo")
+    rec = CalibrationRecorder(model_id="geo", identity={})  # (served to stand-ins)
     with DenoiserHook(LoopSpec(STEPS), [rec]).attach(model) as hook:
         for r in (0.8, 0.85):
             model.ratios["main"] = r

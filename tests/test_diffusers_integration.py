@@ -247,6 +247,25 @@ def test_diffusers_pab_state_is_reset_on_refresh_and_start(capfd):
         disable_taocache(pipe)
 
 
+def test_a_diffusers_cache_with_contexts_runs_on_the_step_taocache_resumes_on(capfd):
+    """diffusers' reset of its caches' state also clears the cache context, and TaoCache's reset runs inside the
+    pipeline's ``cache_context`` of the call it resumes on: FirstBlockCache raised "No cache context is set" there
+    (diffusersuser, 2026-11-28). The context is kept."""
+    from diffusers import FirstBlockCacheConfig
+
+    pipe = wan_pipe()
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    alone = wan_call(pipe)
+    enable_taocache(pipe, config(window=[4, 5], ratio=1.0))
+    try:
+        out = wan_call(pipe)
+    finally:
+        disable_taocache(pipe)
+    assert f"4 of {2 * STEPS} denoiser calls saved" in capfd.readouterr().err
+    assert out.shape == alone.shape and torch.isfinite(out).all() and not torch.equal(out, alone)
+    assert torch.equal(wan_call(pipe), alone)  # (the cache's state left in phase for runs without taohooks)
+
+
 def wan22_pipe(boundary_ratio=0.7):
     """A tiny Wan2.2 A14B in diffusers: ``transformer`` (high noise) and ``transformer_2`` (low noise)."""
     pipe = wan_pipe()
@@ -256,6 +275,34 @@ def wan22_pipe(boundary_ratio=0.7):
                                 rope_max_seq_len=32).eval()
     return WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=pipe.transformer, transformer_2=low,
                        scheduler=pipe.scheduler, boundary_ratio=boundary_ratio)
+
+
+def test_a_lut_of_two_experts_is_not_taken_by_one_transformer_nor_the_reverse(tmp_path, capfd):
+    """A Wan2.2 A14B LUT ran on a one-transformer WanPipeline once guide_scale was accepted (its only named
+    difference, 5.0 against [5.0, 5.0]); the reverse met a notice that the LUT records no expert_boundary
+    (diffusersuser, 2026-11-28). One transformer now records expert_boundary None: both refused by name."""
+    from taohooks.taocache.lut import LUTMismatchError
+
+    for calibrated_on, run_on in ((wan22_pipe, wan_pipe), (wan_pipe, wan22_pipe)):
+        lut = str(tmp_path / f"{calibrated_on.__name__}.safetensors")
+        pipe = calibrated_on()
+        enable_taocache(pipe, config_from_dict({"integration": "diffusers", "lut": lut, "calibration": {"prompts": 1},
+                                                "plan": {"budget": 2, "min_step": 2}}, str(tmp_path / "c.yaml")))
+        wan_call(pipe)  # calibrates
+        disable_taocache(pipe)
+        pipe = run_on()
+        enable_taocache(pipe, config_from_dict({"integration": "diffusers", "lut": lut, "plan": {"budget": 2},
+                                                "calibration": {"prompts": 1, "accept": ["guide_scale"]}},
+                                               str(tmp_path / "c.yaml")))
+        try:
+            with pytest.raises(LUTMismatchError, match=r"expert_boundary \(the timestep where Wan2.2 A14B's "
+                                                       r"low-noise expert takes over; None: one transformer\): this run "
+                                                       + ("None, the LUT 700.0" if run_on is wan_pipe else
+                                                          "700.0, the LUT None")):
+                wan_call(pipe)
+        finally:
+            disable_taocache(pipe)
+        assert "records no" not in capfd.readouterr().err
 
 
 def test_two_transformers_run_as_one_loop_with_the_switch_guarded(tmp_path, capfd):

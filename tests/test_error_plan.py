@@ -532,7 +532,7 @@ def test_still_prompts_are_left_out_of_the_error_model(tmp_path):
             return torch.zeros(1, 3, 4, 4)
 
     def record(models):
-        rec = CalibrationRecorder()
+        rec = CalibrationRecorder(identity={})  # (two stand-in models, one LUT)
         for model in models:
             with DenoiserHook(LoopSpec(8), [rec]).attach(model) as hook:
                 hook.new_sample()

@@ -191,13 +191,13 @@ def test_a_generation_that_never_moves_is_counted_apart_and_the_lut_stays_readab
     from taohooks import CalibrationRecorder, DenoiserHook
     from trajectories import GeometricDenoiser
 
-    rec = CalibrationRecorder()
+    rec = CalibrationRecorder(identity={})  # (two stand-in models, one LUT)
     with DenoiserHook(LoopSpec(6), [rec]).attach(GeometricDenoiser({"main": 0.9})) as hook:
         hook.new_sample()
         for t in range(6):
             hook.module(torch.zeros(1, 3), timestep=torch.tensor([float(t)]))
     good = rec.lut().save(tmp_path / "lut.safetensors")
-    rec = CalibrationRecorder(resume=CalibrationLUT.load(good))
+    rec = CalibrationRecorder(identity={}, resume=CalibrationLUT.load(good))
     with DenoiserHook(LoopSpec(6), [rec]).attach(Frozen()) as hook:
         hook.new_sample()
         for t in range(6):
@@ -217,7 +217,7 @@ def test_a_batch_with_one_still_prompt_makes_a_readable_lut(tmp_path):
 
     from taohooks import CalibrationRecorder, DenoiserHook
 
-    rec = CalibrationRecorder()
+    rec = CalibrationRecorder(identity={})  # (two stand-in models, one LUT)
     with DenoiserHook(LoopSpec(6), [rec]).attach(Half()) as hook:
         for t in range(6):
             hook.module(None, timestep=torch.tensor([float(t)]))
@@ -235,7 +235,7 @@ def test_never_moving_generations_first_then_moving_ones_make_a_readable_lut(tmp
     from taohooks import CalibrationRecorder, DenoiserHook
     from trajectories import GeometricDenoiser
 
-    rec = CalibrationRecorder()
+    rec = CalibrationRecorder(identity={})  # (two stand-in models, one LUT)
     for model in (Frozen(), GeometricDenoiser({"main": 0.9})):
         with DenoiserHook(LoopSpec(6), [rec]).attach(model) as hook:
             hook.new_sample()

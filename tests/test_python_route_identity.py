@@ -281,3 +281,77 @@ def test_an_output_tensor_without_the_batch_is_named_while_calibrating(tmp_path)
         with TaoCache(config(tmp_path)).attach(model, STEPS) as hook, torch.no_grad():
             hook.new_sample()
             model(torch.zeros(1, 8), timestep=torch.tensor([1000.0]))
+
+
+def test_a_batch_that_changes_at_a_skipped_step_is_computed(tmp_path, capsys):
+    """A loop whose batch changed at a skipped step got the old batch's prediction back, without a word (a [2, ...]
+    output for a [1, ...] input, which a CFG update broadcasts: compileuser, 2026-11-28): that call is computed."""
+    generate(TaoCache(config(tmp_path)), Model(), prompts=2)  # calibrates
+    cache = TaoCache(config(tmp_path))
+    model = Model()
+    with cache.attach(model, STEPS) as hook, torch.no_grad():
+        hook.new_sample()
+        x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+        for i in range(STEPS):
+            if i == cache.plan.skipped_steps[0]:
+                x = x[:1]
+            out = model(x, timestep=torch.tensor([1000.0 * (1 - i / STEPS)]))
+            assert out.shape == x.shape
+            x = x - 0.1 * out
+    err = capsys.readouterr().err
+    assert (f"TaoCache computed step {cache.plan.skipped_steps[0]} instead of skipping it: the call's first tensor "
+            "argument has shape [1, 8], at the stream's call before [2, 8]") in err, err
+
+
+def test_the_explicit_recorder_records_the_model_and_a_continued_lut_is_not_stamped(tmp_path, capsys):
+    """README's explicit calibration (a CalibrationRecorder on a DenoiserHook) recorded no identity, so a model of
+    another architecture skipped on its LUT; and a run continuing an identity-less LUT stamped its identity on the
+    prompts before it (compileuser, 2026-11-28)."""
+    import taohooks
+    from taohooks.taocache.lut import CalibrationLUT
+
+    def record(recorder, model, prompts):
+        with taohooks.DenoiserHook(taohooks.LoopSpec(STEPS, ("main",)), [recorder]).attach(model) as hook, \
+                torch.no_grad():
+            for p in range(prompts):
+                hook.new_sample()
+                x = torch.randn(1, 8, generator=torch.Generator().manual_seed(p))
+                for i in range(STEPS):
+                    x = x - 0.1 * model(x, timestep=torch.tensor([1000.0 * (1 - i / STEPS)]))
+
+    rec = taohooks.CalibrationRecorder(model_id="toy")
+    record(rec, Model(), 2)
+    rec.save(tmp_path / "lut.safetensors")
+    identity = CalibrationLUT.load(tmp_path / "lut.safetensors").identity
+    assert identity["model"] == "Model" and "architecture" in identity and identity["dtype"] == "torch.float32"
+    with pytest.raises(LUTMismatchError, match="architecture: this run "):
+        generate(TaoCache(config(tmp_path)), Model(width=4), width=4)
+
+    lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
+    lut.identity = {"model": "Model"}  # as an earlier taohooks wrote it (no architecture, no dtype)
+    lut.save(tmp_path / "old.safetensors")
+    rec = taohooks.CalibrationRecorder(model_id="toy", resume=CalibrationLUT.load(tmp_path / "old.safetensors"))
+    record(rec, Model(), 1)
+    rec.save(tmp_path / "old.safetensors")
+    continued = CalibrationLUT.load(tmp_path / "old.safetensors")
+    assert continued.num_prompts == 3 and continued.identity == {"model": "Model"}  # not vouched for the first 2
+
+
+def test_a_compiled_model_is_recorded_as_the_model_it_compiles(tmp_path, capsys):
+    """``pipe.transformer = torch.compile(pipe.transformer)`` was recorded as model OptimizedModule with another
+    architecture fingerprint, so a LUT made without compile was refused on the compiled pipeline and the reverse
+    (diffusersuser, 2026-11-28); a LUT recorded so is compared without them (said as not recorded)."""
+    from taohooks.launcher.integration import identity_of_model
+    from taohooks.taocache.lut import CalibrationLUT
+
+    model = Model()
+    assert identity_of_model(torch.compile(model)) == identity_of_model(model)
+    generate(TaoCache(config(tmp_path)), Model(), prompts=2)
+    lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
+    lut.identity.update(model="OptimizedModule", architecture="000000000000")  # as such a LUT holds them
+    lut.save(tmp_path / "lut.safetensors")
+    capsys.readouterr()
+    cache = TaoCache(config(tmp_path))
+    generate(cache, Model())
+    assert "2 of 10 steps skipped" in cache.summary()
+    assert "records no model, architecture of its calibrating run" in capsys.readouterr().err

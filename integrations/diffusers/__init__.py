@@ -302,14 +302,40 @@ def _callbacks(arguments, transformer) -> List[Callback]:
     callbacks: List[Callback] = [ContextStreamCheck(t) for t in transformers]
     for t in transformers:
         if getattr(t, "is_cache_enabled", False) and hasattr(t, "_reset_stateful_cache"):
-            callbacks.append(StateReset(t._reset_stateful_cache))
+            callbacks.append(StateReset(_reset_keeping_context(t)))
     return callbacks
+
+
+def _reset_keeping_context(transformer):
+    """diffusers' reset of the state of the caches enabled on ``transformer`` (``_reset_stateful_cache``), keeping
+    the cache context of the call it runs before: diffusers' ``StateManager.reset`` clears the context too, and that
+    call already runs inside its pipeline's ``cache_context``, so that FirstBlockCache raised "No cache context is
+    set" at the first step TaoCache resumed on (and SeaCache ran "fail-open")."""
+    def managers():
+        try:
+            from diffusers.hooks.hooks import StateManager
+        except ImportError:  # (a diffusers without hook state)
+            return []
+        found = []
+        for module in transformer.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            for hook in getattr(registry, "hooks", {}).values():
+                found += [v for v in vars(hook).values() if isinstance(v, StateManager) and hasattr(v, "_context")]
+        return found
+
+    def reset() -> None:
+        kept = [(manager, manager._context) for manager in managers()]
+        transformer._reset_stateful_cache()
+        for manager, context in kept:
+            manager._context = context
+    return reset
 
 
 def _identity(arguments, model):
     """Transformer and scheduler (class, prediction type, shift, ...), the video's size where the call gives it
     (``height``, ``width``, ``num_frames``: a LUT's delta products hold outputs of one size, so another is refused at
-    the generation's start, not left out of a calibration after its work), the expert boundary and guidance."""
+    the generation's start, not left out of a calibration after its work), the expert boundary (None for one
+    transformer) and guidance."""
     identity = identity_of_pipeline(arguments["self"], model)
     identity.update({k: v for k, v in pipeline_output_identity(arguments).items() if k != "guide_scale"})
     if arguments.get("segment_frame_length") is not None:  # Animate: each loop makes one segment of these frames
@@ -318,8 +344,7 @@ def _identity(arguments, model):
     if "reference_images" in arguments:  # VACE: each reference image is one more latent frame
         identity["reference_images"] = _count_images(arguments["reference_images"])
     boundary = _boundary(arguments["self"])
-    if boundary is not None:
-        identity["expert_boundary"] = boundary
+    identity["expert_boundary"] = boundary  # (None: one transformer; a LUT of two is then refused by name)
     guidance = arguments.get("guidance_scale")
     if isinstance(guidance, (int, float)):  # the trajectory the LUT's deltas describe
         second = arguments.get("guidance_scale_2")  # Wan2.2 A14B's low-noise expert, transformer_2 (None: the same)

@@ -24,7 +24,7 @@ from ..config import PlanConfig, TaoCacheConfig, validate_against_steps, check_p
 from .extrapolation import TaoCacheCallback
 from ..runtime.hook import DenoiserHook
 from .identity import accept_name, accept_names, describe_differences, differences, is_sharded, model_identity
-from .identity import unrecorded as unrecorded_keys
+from .identity import comparable as comparable_identity, unrecorded as unrecorded_keys
 from .lut_format import check_identity
 from ..runtime.io import check_writable, special_file_kind
 from ..runtime.loop import LoopSpec
@@ -282,7 +282,7 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
     streams, the config's ``model_id``/``calibration.sampler`` labels, and the recorded identity. ``continued``: the
     run adds its prompts to ``lut`` (unfinished), which ``calibration.accept`` does not cover."""
     lut.check(loop, config.model_id, sampler_label(config))
-    recorded = getattr(lut, "identity", None) or {}
+    recorded = comparable_identity(getattr(lut, "identity", None) or {})
     if identity:
         unrecorded = [k for k in unrecorded_keys(recorded, identity) if accept_name(k) not in config.calibration.accept]
         if unrecorded and lut.source:  # (a LUT of an earlier taohooks, or calibrated where they were not known)
@@ -308,7 +308,7 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
                                f"with calibration.accept: [{', '.join(accept_names(keys))}]{where}")
 
 
-def _python_route_identity(module: nn.Module) -> Dict[str, Any]:
+def python_route_identity(module: nn.Module) -> Dict[str, Any]:
     """What an ``attach`` without ``identity=`` records and checks: the model inside its wrappers (class, architecture
     fingerprint, dtype), but no fingerprint under FSDP, whose flattened or sharded parameters hide the shapes (and
     FSDP2's ``FSDP<Model>`` class is ``Model``'s)."""
@@ -465,7 +465,7 @@ class TaoCache:
         if identity is not None:  # a calibration would fail to write it after a generation's work
             identity = check_identity(dict(identity), "taohooks: attach(identity=...)")
         else:  # (a LUT calibrated in bf16 was taken by an fp32 run without a word)
-            identity = _python_route_identity(module)
+            identity = python_route_identity(module)
         loop = self.loop_spec(steps, streams, split_batch, batch_dim)
         cfg, callbacks = self.config, list(callbacks)
         check_pab_patterns(cfg, (module, *also))  # also while calibrating, which attaches no PAB (and said nothing)

@@ -141,7 +141,9 @@ class CalibrationRecorder(Callback):
     :meth:`flush` to add them to a file (safe when other processes write the same file), or
     :meth:`save` to overwrite a file with :meth:`lut`. Recording continues across generations, and
     across ``attach``-es of the same recorder if the loop stays the same; ``resume`` continues an
-    earlier LUT. ``identity`` (a dict of JSON values) is stored in the LUT.
+    earlier LUT. ``identity`` (a dict of JSON values) is stored in the LUT; not given, it is the attached model's
+    (class, architecture fingerprint, dtypes: what ``TaoCache.attach`` records and checks). A LUT continued after
+    prompts without a key is not given it: its identity says what all its prompts were calibrated on.
     """
 
     def __init__(self, model_id: Optional[str] = None, sampler: Optional[str] = None, *,
@@ -159,6 +161,7 @@ class CalibrationRecorder(Callback):
         self.model_id = model_id
         self.sampler = sampler
         self.identity: Dict[str, Any] = check_identity(dict(identity or {}), "CalibrationRecorder(identity=...)")
+        self._identity_of_model = identity is None  # (taken from the model at attach)
         self._known = resume  # everything: the base and the pending generations (never changed in place)
         self._pending: Optional[CalibrationLUT] = None  # complete generations not written by flush yet
         self._base = resume  # what the recorder continues from (a file's contents after a flush)
@@ -175,6 +178,12 @@ class CalibrationRecorder(Callback):
 
     def on_attach(self, hook) -> None:
         loop = hook.loop
+        if self._identity_of_model and getattr(hook, "module", None) is not None:
+            from .cache import python_route_identity
+
+            self.identity = python_route_identity(hook.module)
+        if self._known is not None and self._known.num_prompts:  # (keys its prompts were not recorded with: left out)
+            self.identity = {k: v for k, v in self.identity.items() if k in self._known.identity}
         if self._known is None:
             self._known = CalibrationLUT.empty(loop, self.model_id, self.sampler, self.identity)
         else:

@@ -35,6 +35,14 @@ __all__ = ["TaoCacheCallback", "DEFAULT_MAX_NORM_RATIO"]
 DEFAULT_MAX_NORM_RATIO = 10.0
 
 
+def input_shape(args: tuple, kwargs: dict) -> Optional[tuple]:
+    """The shape of a call's first tensor argument (the latent, or the timestep where the latent is a list)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return tuple(value.shape)
+    return None
+
+
 def _norm(leaves: List[Tensor]) -> Tensor:
     """L2 norm over all leaves (float32, on the first leaf's device; no synchronisation)."""
     if len(leaves) == 1:
@@ -100,6 +108,7 @@ class TaoCacheCallback(Callback):
         self._aligned = True  # the current generation starts where the LUT starts (or cannot tell)
         self._warned: set = set()
         self._states: Dict[str, _StreamState] = {}
+        self._inputs: Dict[tuple, Optional[tuple]] = {}  # streams of a call -> its first tensor argument's shape
 
     def on_attach(self, hook) -> None:
         if hook.loop.steps != self.plan.steps or tuple(hook.loop.streams) != tuple(self.plan.streams):
@@ -111,6 +120,7 @@ class TaoCacheCallback(Callback):
 
     def on_sample_start(self, hook, sample: int) -> None:
         self._states = {s: _StreamState() for s in hook.loop.streams}
+        self._inputs = {}
         self._aligned = True
         self._above_boundary, self._switch_step = False, None
 
@@ -140,7 +150,15 @@ class TaoCacheCallback(Callback):
                 self._above_boundary = True
             elif self._above_boundary and self._switch_step is None:
                 self._switch_step = step
+        shape, key = input_shape(args, kwargs), tuple(call.streams)
+        before = self._inputs.get(key, shape)
+        self._inputs[key] = shape
         if not self.plan.is_skip(step) or not self._aligned:
+            return None
+        if shape != before:  # (a loop that changes its batch: the outputs kept are of the other one)
+            self._fallback(call, "input shape changed",
+                           f"the call's first tensor argument has shape {list(shape or ())}, at the stream's call "
+                           f"before {list(before or ())}; the outputs TaoCache predicts from are of that shape")
             return None
         if self._switch_step is not None and step - self._switch_step in (0, 1):
             self._fallback(call, "expert switch", f"it is one of the first two steps after the expert switch (step "

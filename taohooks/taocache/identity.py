@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import torch
 from torch import nn
 
-__all__ = ["model_identity", "scheduler_identity", "differences", "unrecorded", "describe_differences",
+__all__ = ["model_identity", "scheduler_identity", "differences", "unrecorded", "comparable", "describe_differences",
            "IdentityMismatch", "accept_name", "accept_names",
            "weights_fingerprint", "call_settings"]
 
@@ -145,7 +145,10 @@ def model_identity(model: nn.Module) -> Identity:
     """``model`` (class name), ``architecture`` (fingerprint), ``dtype`` (of its first floating parameter) and
     ``dtype.weights``: the dtype most of its floating parameters' elements are in (a model keeping a few modules in
     float32, as diffusers' Wan transformers keep their norms and time embedding, has a float32 parameter first
-    whatever the rest). A LUT recorded before ``dtype.weights`` was is checked on ``dtype`` alone."""
+    whatever the rest). A LUT recorded before ``dtype.weights`` was is checked on ``dtype`` alone. A
+    ``torch.compile`` wrapper is the model it compiles (``pipe.transformer = torch.compile(pipe.transformer)``)."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
     identity: Identity = {"model": type(model).__name__, "architecture": architecture_fingerprint(model)}
     elements: Dict[str, int] = {}
     for p in model.parameters():
@@ -276,10 +279,20 @@ def differences(recorded: Mapping[str, Any], run: Mapping[str, Any], accept: Ite
     return keys
 
 
+def comparable(recorded: Mapping[str, Any]) -> Dict[str, Any]:
+    """A LUT's identity as it can be compared: without ``model`` and ``architecture`` where they are torch.compile's
+    wrapper's (recorded before 2026-11-28 for a compiled diffusers transformer: not the model's)."""
+    if recorded.get("model") == "OptimizedModule":
+        return {k: v for k, v in recorded.items() if k not in ("model", "architecture")}
+    return dict(recorded)
+
+
 def unrecorded(recorded: Mapping[str, Any], run: Mapping[str, Any]) -> List[str]:
-    """Keys of ``run`` that ``recorded`` (a LUT's identity) lacks, but ``dtype.weights`` where it adds nothing to
+    """Keys of ``run`` that ``recorded`` (a LUT's identity) lacks, but those the run has no value of (``None``: a
+    diffusers pipeline's ``expert_boundary`` with one transformer) and ``dtype.weights`` where it adds nothing to
     ``dtype`` (this run's weights all in one dtype)."""
-    return [k for k in run if k not in recorded and not (k == "dtype.weights" and _same(run[k], run.get("dtype")))]
+    return [k for k in run if k not in recorded and run[k] is not None
+            and not (k == "dtype.weights" and _same(run[k], run.get("dtype")))]
 
 
 def describe_differences(recorded: Mapping[str, Any], run: Mapping[str, Any], keys: Iterable[str]) -> str:
@@ -317,7 +330,9 @@ KEY_MEANING = {"pixels": " (width x height of the video: Wan's --size)", "frame_
                "temporal_attention": " (off for images: Latte's t2i, Open-Sora-Plan's --force_images)",
                "guide_scale": " (the guidance scale: Wan's --sample_guide_scale, Open-Sora-Plan's --guidance_scale, a "
                               "pipeline's guidance_scale)",
-               "image": " (Wan2.2 TI2V-5B: whether an --image conditions the video)"}
+               "image": " (Wan2.2 TI2V-5B: whether an --image conditions the video)",
+               "expert_boundary": " (the timestep where Wan2.2 A14B's low-noise expert takes over; None: one "
+                                  "transformer)"}
 
 #: what the keys of a group (``group.<name>``) are, said at the group's first differing key
 GROUP_MEANING = {"noise_schedule": " (the scheduler's noise levels: the betas of Latte's YAML, a diffusers "
