@@ -560,7 +560,8 @@ def _cmd_calibrate(args) -> int:
               "(delete it, or raise calibration.prompts, to calibrate again)")
         return 0
     if len(prompts) < wanted:
-        raise ConfigError(args.config, "calibration.prompts", f"{args.prompts} holds {len(prompts)} prompts, "
+        raise ConfigError(args.config, "calibration.prompts", f"{args.prompts} holds {len(prompts)} "
+                          f"prompt{'s' if len(prompts) != 1 else ''}, "
                           f"{wanted} are asked for; give more prompts or lower calibration.prompts")
     script = list(args.script)
     if not script:

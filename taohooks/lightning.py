@@ -82,7 +82,8 @@ class TaoCacheCallback(_LightningCallback):
             if held >= self.config.calibration.prompts:
                 cache.detach()  # the LUT is complete (and saved): skip from this batch on, as the launcher does
                 if not cache.said_calibration_complete:  # (said at the end of the batch before)
-                    messages.notice(f"taohooks: calibration complete (the LUT holds {held} prompts; "
+                    messages.notice(f"taohooks: calibration complete (the LUT holds "
+                                    f"{held} prompt{'s' if held != 1 else ''}; "
                                     f"calibration.prompts {self.config.calibration.prompts}); TaoCache skips from "
                                     "this batch on",
                                     every_rank=self._data_parallel)

@@ -57,7 +57,7 @@ def test_calibrate_needs_enough_prompts(tmp_path):
     (tmp_path / "sample.py").write_text(SCRIPT)
     (tmp_path / "c.yaml").write_text(CONFIG)
     res = calibrate(tmp_path, ["a red circle moving left"])
-    assert res.returncode == 1 and "holds 1 prompts, 3 are asked for" in res.stderr
+    assert res.returncode == 1 and "holds 1 prompt, 3 are asked for" in res.stderr
 
 
 def spawn_script(patched: str) -> str:

@@ -285,7 +285,7 @@ def test_latte_calibrates_on_the_first_prompt_then_skips(runner, tmp_path):
     done = res.stderr.index("calibration complete")
     assert res.stderr.index("taohooks: generation 1:") < done < res.stderr.index("taohooks: generation 2:"), res.stderr
     assert "calibration complete with generation 1: the LUT " in res.stderr and \
-        "holds 1 prompts (calibration.prompts 1); the generations after it skip" in res.stderr, res.stderr
+        "holds 1 prompt (calibration.prompts 1); the generations after it skip" in res.stderr, res.stderr
     assert repo.model_calls(res.stdout) == 26
     assert all(torch.isfinite(v).all() for v in repo.outputs(tmp_path / "first"))
 

@@ -87,7 +87,7 @@ def test_a_calibrating_predict_skips_once_the_lut_is_complete(tmp_path, monkeypa
     err = capfd.readouterr().err
     assert err.count("calibration complete") == 1, err  # (the next batch said it again)
     assert "calibration complete with generation 1: the LUT " in err
-    assert "holds 1 prompts (calibration.prompts 1)" in err
+    assert "holds 1 prompt (calibration.prompts 1)" in err
     assert callback.cache.hook.counts == {"cond": [12, 4], "uncond": [12, 4]}  # batches 2 and 3 skip 2 steps each
 
 

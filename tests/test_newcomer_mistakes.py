@@ -240,7 +240,7 @@ def test_the_generation_that_completes_the_lut_says_so(tmp_path, capsys):
     assert err.count("calibration complete with generation 1: the LUT ") == 1
     assert err.count("holds 2 prompts (calibration.prompts 2); it takes no more; attach TaoCache again to skip "
                      "with it") == 1  # (from Python: this attach's plan stays; the launcher's next generation skips)
-    assert "holds 1 prompts" not in err
+    assert "holds 1 prompt" not in err
 
 
 def test_plot_and_merge_given_a_config_say_so_as_show_does(tmp_path, capsys):

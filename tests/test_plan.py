@@ -128,3 +128,13 @@ def test_explicit_steps_plan():
     assert plan.skipped_steps == (7, 8, 9) and plan.window == (7, 9) and plan.source == "explicit"
     assert plan_from_steps(12, ("main",), [5, 9], 1.0).window is None
     assert "3 of 12 steps skipped (25.0% of calls)" in plan.describe()
+
+
+def test_a_fractional_budget_that_does_not_fit_says_the_fraction():
+    """``--budget 0.99`` of 20 steps was said as "budget of 20 skipped steps" (compileuser, 2026-11-28)."""
+    from taohooks.taocache.plan import PlanError, resolve_budget
+
+    with pytest.raises(PlanError, match=r"budget of 20 skipped steps \(0.99 of 20 steps\) does not fit 20 steps"):
+        resolve_budget(0.99, 20)
+    with pytest.raises(PlanError, match=r"budget of 19 skipped steps does not fit 20 steps \(at most 18"):
+        resolve_budget(19, 20)

@@ -355,3 +355,14 @@ def test_a_compiled_model_is_recorded_as_the_model_it_compiles(tmp_path, capsys)
     generate(cache, Model())
     assert "2 of 10 steps skipped" in cache.summary()
     assert "records no model, architecture of its calibrating run" in capsys.readouterr().err
+
+
+def test_a_lut_of_another_model_says_so_before_its_streams(tmp_path):
+    """A Latte LUT on a Wan pipeline was said as a stream-order difference only, whose fix the next error undid
+    (diffusersuser, 2026-11-28): the model comes first."""
+    generate(TaoCache(config(tmp_path)), Model(), prompts=2)
+    with pytest.raises(LUTMismatchError) as refused:
+        TaoCache(config(tmp_path)).attach(Model(width=4), STEPS, streams=("cond", "uncond"))
+    said = str(refused.value)
+    assert "lut.safetensors is of another model (architecture: this run '" in said
+    assert "; it has streams (main), this run has (cond, uncond)" in said, said

@@ -281,8 +281,17 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
     """Raise :class:`LUTMismatchError` naming every way ``lut`` does not fit this run: steps,
     streams, the config's ``model_id``/``calibration.sampler`` labels, and the recorded identity. ``continued``: the
     run adds its prompts to ``lut`` (unfinished), which ``calibration.accept`` does not cover."""
-    lut.check(loop, config.model_id, sampler_label(config))
     recorded = comparable_identity(getattr(lut, "identity", None) or {})
+    try:
+        lut.check(loop, config.model_id, sampler_label(config))
+    except LUTMismatchError as exc:  # (a LUT of another model: said first, not as its steps or streams alone)
+        other = [k for k in differences(recorded, identity or {}, config.calibration.accept)
+                 if k in ("model", "architecture")]
+        if other:
+            said = describe_differences(recorded, identity, other)
+            raise LUTMismatchError(f"{lut._name()} is of another model ({said}); {exc}".replace(
+                f"; {lut._name()} ", "; it ", 1)) from None
+        raise
     if identity:
         unrecorded = [k for k in unrecorded_keys(recorded, identity) if accept_name(k) not in config.calibration.accept]
         if unrecorded and lut.source:  # (a LUT of an earlier taohooks, or calibrated where they were not known)
@@ -839,7 +848,8 @@ class _SaveLUT(Callback):
         if self.wanted and have >= self.wanted and not self._complete:  # (a run per generation: Wan's
             self._complete = True                                        # generate.py) is told it is done
             self.deferred = (
-                f"calibration complete with generation {hook.label(sample)}: the LUT {self.path} holds {have} prompts "
+                f"calibration complete with generation {hook.label(sample)}: the LUT {self.path} holds "
+                f"{have} prompt{'s' if have != 1 else ''} "
                 f"(calibration.prompts {self.wanted}); " + ("the generations after it skip" if self.reattached else
                                                             "it takes no more; attach TaoCache again to skip with it "
                                                             "(this attach keeps computing every step)"))

@@ -142,7 +142,8 @@ def resolve_budget(budget: Union[int, float, None], steps: int) -> int:
     else:
         count = int(budget)
     if not 0 <= count <= steps - FIRST_SKIPPABLE:
-        raise PlanError(f"budget of {count} skipped steps does not fit {steps} steps "
+        given = f" ({budget:g} of {steps} steps)" if isinstance(budget, float) and not budget.is_integer() else ""
+        raise PlanError(f"budget of {count} skipped steps{given} does not fit {steps} steps "
                         f"(at most {steps - FIRST_SKIPPABLE}: the first {FIRST_SKIPPABLE} are always computed)")
     return count
 
