@@ -11,7 +11,9 @@ from trajectories import GeometricDenoiser, run_loop
 
 
 def calibrate(model, steps, streams, batch=1, split_batch=False, samples=2, **kw):
-    rec = CalibrationRecorder(**kw)
+    """A LUT of ``model`` recorded without an identity (unless ``identity=`` is given): the tests serve it to other
+    stand-in models."""
+    rec = CalibrationRecorder(**{"identity": {}, **kw})
     with DenoiserHook(LoopSpec(steps, tuple(streams), split_batch), [rec]).attach(model) as hook:
         for _ in range(samples):
             hook.new_sample()

@@ -215,7 +215,7 @@ def test_a_carried_lut_with_a_prompt_that_moves_late_stays_readable(tmp_path):
             t = float(timestep.reshape(-1)[0])
             return torch.full((1, 3, 4, 4), 0.9 ** t if t >= 8 else 1.0)
 
-    rec = CalibrationRecorder()
+    rec = CalibrationRecorder(identity={})  # (three stand-in models, one LUT)
     for model in (Frozen(), GeometricDenoiser({"main": 0.9}), Late()):
         with DenoiserHook(LoopSpec(10), [rec]).attach(model) as hook:
             hook.new_sample()
