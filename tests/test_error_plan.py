@@ -545,3 +545,21 @@ def test_still_prompts_are_left_out_of_the_error_model(tmp_path):
     assert with_still.still_prompts == 1 and with_still.deltas.prompts == 2
     (a, _), (b, _) = error_model_of(moving), error_model_of(with_still)
     assert torch.equal(a.dense.nan_to_num(-1.0), b.dense.nan_to_num(-1.0))  # (NaN: products beyond the horizon)
+
+
+def test_an_error_aware_plan_says_its_predicted_error():
+    """``cache.summary()`` after a ``rule: auto`` attach showed the steps but not the prediction the plan was chosen
+    by (compileuser, 2026-11-28): its describe() says it."""
+    steps = 14
+    model = GeometricDenoiser({"main": 0.8})
+    rec = CalibrationRecorder(identity={})
+    with DenoiserHook(LoopSpec(steps, ("main",)), [rec]).attach(model) as hook:
+        for _ in range(2):
+            hook.new_sample()
+            run_loop(model, steps, ("main",), batch=2)
+    lut = rec.lut()
+    chosen = plan_min_error(lut, ErrorModel(lut.deltas, torch.ones(steps, dtype=torch.float64)), 4, ("main",),
+                            PlannerOptions(coefficient="linear"))  # (a = 1: not exact on D_t = 0.8 D_{t-1})
+    assert 0 < chosen.predicted.mse and math.isfinite(chosen.predicted.psnr)
+    assert chosen.plan.describe().endswith(f", predicted {chosen.predicted.psnr:.1f} dB (open loop) [error-aware]")
+    assert "predicted" not in make_plan(PlanConfig(budget=4), steps, ("main",), lut).describe()

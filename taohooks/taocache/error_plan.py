@@ -262,7 +262,9 @@ def _build(chains: Sequence[_Chain], lut, steps: int, streams: Sequence[str], mo
     window = (chains[0].first, chains[0].last) if len(chains) == 1 else None
     plan = SkipPlan(steps, tuple(streams), tuple(actions), {s: tuple(r) for s, r in ratios.items()}, window,
                     None, "error-aware")
-    return ErrorAwarePlan(plan, predict_plan(plan, model), tuple((c.first, c.last, c.rule) for c in chains),
+    predicted = predict_plan(plan, model)
+    plan = dataclasses.replace(plan, predicted_psnr=predicted.psnr if predicted.chains else None)
+    return ErrorAwarePlan(plan, predicted, tuple((c.first, c.last, c.rule) for c in chains),
                           sum(c.mse for c in chains))
 
 

@@ -50,6 +50,7 @@ class SkipPlan:
     window: Optional[Tuple[int, int]] = None
     score: Optional[float] = None
     source: str = "none"  # "none" | "max-cos" (the paper's search) | "error-aware" | "window" | "explicit"
+    predicted_psnr: Optional[float] = field(default=None, compare=False)  # error-aware: its open-loop prediction, dB
     _skips: FrozenSet[int] = field(init=False, repr=False, compare=False)
     _remember: FrozenSet[int] = field(init=False, repr=False, compare=False)
 
@@ -104,6 +105,8 @@ class SkipPlan:
             map(str, self.skipped_steps))
         refresh = f", refresh at {','.join(map(str, self.refresh_steps))}" if self.refresh_steps else ""
         score = f", score {self.score:.4f}" if self.score is not None else ""
+        if self.predicted_psnr is not None and math.isfinite(self.predicted_psnr):
+            score += f", predicted {self.predicted_psnr:.1f} dB (open loop)"
         return (f"{len(self._skips)} of {self.steps} steps skipped ({100 * self.skipped_fraction:.1f}% of calls), "
                 f"{where}{refresh}{score} [{self.source}]")
 
