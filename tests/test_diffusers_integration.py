@@ -295,10 +295,9 @@ def test_a_lut_of_two_experts_is_not_taken_by_one_transformer_nor_the_reverse(tm
                                                 "calibration": {"prompts": 1, "accept": ["guide_scale"]}},
                                                str(tmp_path / "c.yaml")))
         try:
-            with pytest.raises(LUTMismatchError, match=r"expert_boundary \(the timestep where Wan2.2 A14B's "
-                                                       r"low-noise expert takes over; None: one transformer\): this run "
-                                                       + ("None, the LUT 700.0" if run_on is wan_pipe else
-                                                          "700.0, the LUT None")):
+            said = "None, the LUT 700.0" if run_on is wan_pipe else "700.0, the LUT None"
+            with pytest.raises(LUTMismatchError, match=r"expert_boundary \(the timestep where Wan2.2 A14B's low-noise "
+                                                       r"expert takes over; None: one transformer\): this run " + said):
                 wan_call(pipe)
         finally:
             disable_taocache(pipe)

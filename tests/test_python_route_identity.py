@@ -240,7 +240,7 @@ def test_the_dtype_most_weights_are_in_is_checked(tmp_path, capsys):
     lut.save(tmp_path / "lut.safetensors")
     capsys.readouterr()
     cache = TaoCache(config(tmp_path))
-    generate(cache, KeepsFloat32(torch.float32), width=64)  # every weight float32: the LUT's dtype is all there is to check
+    generate(cache, KeepsFloat32(torch.float32), width=64)  # every weight float32: the LUT's dtype is all to check
     assert "2 of 10 steps skipped" in cache.summary() and "records no" not in capsys.readouterr().err
     generate(TaoCache(config(tmp_path)), KeepsFloat32(torch.float16), width=64)  # (as before: not checkable)
     assert "records no dtype.* of its calibrating run" in capsys.readouterr().err
@@ -250,7 +250,8 @@ def test_the_dtype_most_weights_are_in_is_checked(tmp_path, capsys):
     ({"budget": 9}, "plan.budget: 9 skipped steps cannot fit loop.steps 10: at most 8"),
     ({"budget": 9, "rule": "auto"}, "plan.budget: 9 skipped steps cannot fit loop.steps 10"),
     ({"window": [5, 12]}, "plan.window[1]: step 12 does not exist with loop.steps 10"),
-    ({"budget": 4, "rule": "auto", "min_step": 8}, "plan.budget: 4 skipped steps span 4 steps, but the late regime of loop.steps 10 holds 2"),
+    ({"budget": 4, "rule": "auto", "min_step": 8},
+     "plan.budget: 4 skipped steps span 4 steps, but the late regime of loop.steps 10 holds 2"),
 ])
 def test_a_plan_past_the_attached_steps_is_refused_before_calibrating(tmp_path, plan, said):
     """The Python route gives the steps at attach, not in loop.steps: a plan no LUT of them could serve was taken by
