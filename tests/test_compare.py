@@ -1657,3 +1657,24 @@ def test_the_hybrid_takes_the_paper_s_number_of_taocache_skips(tmp_path, launche
     assert "holds runs made with hybrid_tao_skips = None, this experiment has 3" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="hybrid_tao_skips: expected a number of TaoCache skips >= 1"):
         load_experiment(write(tmp_path, text + "hybrid_tao_skips: 0\n"))
+
+
+def test_a_folder_that_recorded_torch_compile_s_wrapper_is_taken_for_the_model(tmp_path, launcher_state, capsys):
+    """A compiled transformer was recorded as model OptimizedModule (its fingerprint another); since the wrapper is
+    the model it compiles, such a folder was refused by the same compiled script as holding another architecture
+    (review20, 2026-11-28). Its model and architecture are not compared; a real difference still is."""
+    path = write(tmp_path, EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, taocache]")
+                 .replace("budgets: [0.2, 0.3]", "budgets: [0.2]"))
+    assert compare(path) == 0
+    recorded = tmp_path / "out" / "experiment.json"
+    experiment = json.loads(recorded.read_text())
+    real = dict(experiment["model"])
+    experiment["model"].update(model="OptimizedModule", architecture="000000000000")
+    recorded.write_text(json.dumps(experiment))
+    capsys.readouterr()
+    assert compare(path) == 0 and "; 7 of 7 runs already in " in capsys.readouterr().err
+    experiment["model"] = {**real, "architecture": "000000000000"}
+    recorded.write_text(json.dumps(experiment))
+    assert compare(path) == 2
+    assert "model.architecture: this output folder holds runs made with model.architecture = '000000000000'" in \
+        capsys.readouterr().err

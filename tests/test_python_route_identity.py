@@ -367,3 +367,12 @@ def test_a_lut_of_another_model_says_so_before_its_streams(tmp_path):
     said = str(refused.value)
     assert "lut.safetensors is of another model (architecture: this run '" in said
     assert "; it has streams (main), this run has (cond, uncond)" in said, said
+
+
+def test_a_plan_for_another_step_count_is_taken_while_calibrating_a_lut_that_transfers(tmp_path):
+    """With ``calibration.transfer: interpolate`` a LUT calibrated at fewer steps serves runs of more: the check of
+    the plan against the calibrating attach's steps refused such a plan (review20, 2026-11-28)."""
+    cache = TaoCache(config_from_dict({"lut": str(tmp_path / "lut.safetensors"), "plan": {"skip_steps": [30, 40]},
+                                       "calibration": {"prompts": 2, "transfer": "interpolate"}}))
+    generate(cache, Model(), prompts=2)  # calibrates at 10 steps
+    assert (tmp_path / "lut.safetensors").is_file()

@@ -216,6 +216,14 @@ def _first_difference(stored: List[list], listed: List[list]) -> str:
     return f"{len(stored)} pairs, this experiment lists {len(listed)}"
 
 
+def _model_as_compared(model: Any) -> Any:
+    """A folder's recorded model identity as compared: without ``model`` and ``architecture`` where they are
+    torch.compile's wrapper's (recorded before 2026-11-28 for a compiled transformer: not the model's)."""
+    from ..taocache.identity import comparable
+
+    return comparable(model) if isinstance(model, dict) else model
+
+
 @dataclass
 class _PerfectLUT:
     """A LUT stand-in whose every step has statistics, cosine 1 and no spread: a window of the paper's rule it
@@ -433,7 +441,7 @@ class Experiment:
         recorded = self.store.recorded()
         by_content = "script_config" in recorded or "script" not in recorded
         return {"script": functools.partial(self.target.comparable_script, config_by_content=by_content),
-                "pab_groups": groups}
+                "pab_groups": groups, "model": _model_as_compared}
 
     def _optional_settings(self) -> Tuple[str, ...]:
         """Settings recorded only while a method reading them is listed (see :meth:`RunStore.check_experiment`), and

@@ -249,7 +249,7 @@ class RunStore:
                                       + "; its runs cannot be checked against this experiment: use another output "
                                       "folder (or delete it)" + (f"; taocache compare --report {self.folder} still "
                                                                  "rebuilds its results.md" if finished else ""))
-                was, now = (old.get(k), fingerprint.get(k)) if k in comparable else compared(k)
+                was, now = compared(k)  # (a dict setting: the entries both record, as compared)
                 if isinstance(was, dict) and isinstance(now, dict):  # name the entry that differs (call settings)
                     sub = next(s for s in sorted(set(was) | set(now)) if was.get(s) != now.get(s))
                     k, was, now = f"{k}.{sub}", was.get(sub, "(not given)"), now.get(sub, "(not given)")

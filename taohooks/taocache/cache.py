@@ -261,7 +261,8 @@ def check_config_before_run(config: TaoCacheConfig, calibrating: bool = False,
 def refuse_plan_past_steps(config: TaoCacheConfig, steps: int) -> None:
     """A plan no LUT of ``steps`` steps can serve (a budget over more steps than the late regime holds, a window or
     ``min_step`` past the last step), as a :class:`PlanError` naming the config's keys: said before a calibration's
-    generations, not at the first skipping run after them."""
+    generations, not at the first skipping run after them (not called with ``calibration.transfer: interpolate``,
+    whose LUT serves runs of other step counts)."""
     problems: List[str] = []
     validate_against_steps(config, steps, lambda key, message: problems.append(f"{key}: {message}"))
     if problems:
@@ -493,7 +494,8 @@ class TaoCache:
             check_run(cfg, lut, loop, identity, continued=calibrate)
         self.recorder = self.callback = None
         if calibrate:
-            refuse_plan_past_steps(cfg, loop.steps)  # (the Python route's steps come here, not in loop.steps)
+            if cfg.calibration.transfer != "interpolate":  # (else the LUT may serve runs of other step counts)
+                refuse_plan_past_steps(cfg, loop.steps)  # (the Python route's steps come here, not in loop.steps)
             check_writable(path)  # before the first model call, not after a generation's work
             have = 0 if self.lut is None else self.lut.num_prompts
             messages.notice(f"calibrating: LUT {path} has {have} of {wanted} prompts "
