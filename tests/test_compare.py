@@ -1678,3 +1678,12 @@ def test_a_folder_that_recorded_torch_compile_s_wrapper_is_taken_for_the_model(t
     assert compare(path) == 2
     assert "model.architecture: this output folder holds runs made with model.architecture = '000000000000'" in \
         capsys.readouterr().err
+
+
+def test_a_latte_yaml_with_mixed_key_types_is_compared(tmp_path):
+    """OmegaConf takes ``{1: a, b: c}``; sorting its keys for the folder's record raised a TypeError (review20)."""
+    from taohooks.compare.targets import _latte_script_config
+
+    (tmp_path / "m.yaml").write_text("guidance_scale: 7.5\nextra: {1: a, b: c}\n2: two\ntext_prompt: [x]\n")
+    assert _latte_script_config(["s.py", "--config", str(tmp_path / "m.yaml")]) == {
+        "2": "two", "extra": {"1": "a", "b": "c"}, "guidance_scale": 7.5}

@@ -496,7 +496,13 @@ def _latte_script_config(argv: List[str]) -> Optional[Dict[str, Any]]:
         return None
     if not isinstance(data, dict):
         return None
-    return json.loads(json.dumps({str(k): v for k, v in data.items() if str(k) not in LATTE_NEUTRAL_KEYS},
+
+    def keyed(value: Any) -> Any:  # (every mapping's keys as strings, as JSON has them: int and str may mix)
+        if isinstance(value, dict):
+            return {str(k): keyed(v) for k, v in value.items()}
+        return [keyed(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return json.loads(json.dumps(keyed({k: v for k, v in data.items() if str(k) not in LATTE_NEUTRAL_KEYS}),
                                  default=str, sort_keys=True))
 
 

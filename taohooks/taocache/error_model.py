@@ -22,8 +22,8 @@ chain that spans more steps than the products' horizon has no estimate (NaN).
 Errors are reported as mean squared error per output element, averaged over streams, and as
 the PSNR of a ``[-1, 1]`` latent with that error (``predicted_psnr``). Under classifier-free guidance
 at scale ``s`` the guided output's error is ``s e_c - (s - 1) e_u``: a stream's where the streams' errors
-are alike, up to ``s^2 + (s - 1)^2`` times it where they are unrelated (no cross-stream products are
-recorded to tell which).
+are alike, ``s^2 + (s - 1)^2`` times it where they are unrelated and of one size, up to ``(2s - 1)^2``
+times it where they point against each other (no cross-stream products are recorded to tell which).
 """
 from __future__ import annotations
 
