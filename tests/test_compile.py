@@ -75,3 +75,33 @@ def test_one_compilation_for_two_generations(order, counting_backend):
     reference = eager_reference()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(first, reference))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("order", ["wrapper_first", "model_first"])
+def test_a_hook_on_the_compiled_wrapper_and_one_on_its_model_are_refused(order, counting_backend):
+    """Each call of the compiled module runs its model's forward: a hook on both would count each call twice (and
+    both could skip it). It was not refused (compileuser, 2026-11-28); detaching the first lets the second attach."""
+    backend, _ = counting_backend
+    model = Model()
+    target = torch.compile(model, backend=backend)
+    first, second = (target, model) if order == "wrapper_first" else (model, target)
+    cache = TaoCache(config_from_dict(CONFIG))
+    cache.attach(first, STEPS)
+    with pytest.raises(RuntimeError, match="already has a taohooks hook, which would see each of its calls too"):
+        TaoCache(config_from_dict(CONFIG)).attach(second, STEPS)
+    cache.detach()
+    other = TaoCache(config_from_dict(CONFIG))
+    other.attach(second, STEPS)  # (the first detached: nothing left of it)
+    assert len(sample(target)) == STEPS and other.hook.counts["main"] == [STEPS - 2, 2]
+    other.detach()
+
+
+def test_a_dropped_compiled_wrapper_leaves_its_model_free():
+    model = Model()
+    TaoCache(config_from_dict(CONFIG)).attach(torch.compile(model), STEPS)  # never detached, then dropped
+    import gc
+
+    gc.collect()
+    cache = TaoCache(config_from_dict(CONFIG))
+    cache.attach(model, STEPS)
+    cache.detach()

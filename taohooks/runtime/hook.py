@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import sys
 import threading
+import weakref
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -40,7 +41,7 @@ from . import messages
 from .callbacks import Callback
 from .interrupt import interruption
 from .loop import CallInfo, LoopSpec
-from .patching import ForwardPatch
+from .patching import ForwardPatch, wrapped_modules
 
 __all__ = ["DenoiserHook", "get_hook", "TIMESTEP_KWARGS", "timesteps_match", "restart_index"]
 
@@ -59,6 +60,17 @@ TIMESTEP_KWARGS = ("timestep", "timesteps", "t")
 def timesteps_match(seen: float, want: float) -> bool:
     """Whether a call's timestep is the expected one (relative tolerance 1e-3, absolute below 1)."""
     return abs(seen - want) <= 1e-3 * max(1.0, abs(want))
+
+
+#: module -> (the hook of a wrapper around it, the wrapper's class name); weak both ways: a dropped wrapper forgets it
+_HOOKED_WRAPPERS: "weakref.WeakKeyDictionary[nn.Module, Tuple[weakref.ref, str]]" = weakref.WeakKeyDictionary()
+
+
+def _forget_wrapper(wrapper: nn.Module, hook: "DenoiserHook") -> None:
+    for inner in wrapped_modules(wrapper):
+        around = _HOOKED_WRAPPERS.get(inner)
+        if around is not None and around[0]() is hook:
+            del _HOOKED_WRAPPERS[inner]
 
 
 def get_hook(module: nn.Module) -> Optional["DenoiserHook"]:
@@ -230,6 +242,18 @@ class DenoiserHook:
                     "first, or put all callbacks (calibration, TaoCache, PAB, ...) on one hook")
         if len({id(m) for m in modules}) != len(modules):
             raise ValueError("taohooks: the same module was given twice to attach()")
+        for m in modules:  # (a hook on torch.compile's wrapper and one on the module it compiles: each call twice)
+            around = _HOOKED_WRAPPERS.get(m)
+            if around is not None and around[0]() is not None:
+                raise RuntimeError(
+                    f"taohooks: this {type(m).__name__} instance is inside a {around[1]} (torch.compile's wrapper, or "
+                    "a data-parallel one) that already has a taohooks hook, which would see each of its calls too; "
+                    "put all callbacks on one hook")
+            for inner in wrapped_modules(m):
+                if get_hook(inner) is not None:
+                    raise RuntimeError(
+                        f"taohooks: the {type(inner).__name__} inside this {type(m).__name__} already has a taohooks "
+                        "hook, which would see each of its calls too; put all callbacks on one hook")
 
         def make(inner, expert=0):
             def forward(*args, **kwargs):
@@ -249,11 +273,14 @@ class DenoiserHook:
 
         for m in modules:  # (before the forward: a copy or a pickle of the module meets the hook first, which says why)
             m.__dict__[_HOOK_ATTR] = self
+            for inner in wrapped_modules(m):
+                _HOOKED_WRAPPERS[inner] = (weakref.ref(self), type(m).__name__)
         try:
             self._patches = [ForwardPatch(m, lambda inner, e=i: make(inner, e)) for i, m in enumerate(modules)]
         except BaseException:
             for m in modules:
                 m.__dict__.pop(_HOOK_ATTR, None)
+                _forget_wrapper(m, self)
             raise
         self._patch = self._patches[0]
         self.module, self.also = module, tuple(also)
@@ -274,6 +301,7 @@ class DenoiserHook:
         for m, patch in zip((self.module, *self.also), self._patches):
             patch.restore()
             m.__dict__.pop(_HOOK_ATTR, None)
+            _forget_wrapper(m, self)
         self.module, self.also, self._patch, self._patches = None, (), None, []
 
     def detach(self) -> None:

@@ -7,11 +7,11 @@ not bypassed.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, List
 
 from torch import nn
 
-__all__ = ["ForwardPatch", "unwrap_model"]
+__all__ = ["ForwardPatch", "unwrap_model", "wrapped_modules"]
 
 #: wrappers whose forward calls the wrapped module's ``__call__`` (``.module``)
 MODULE_WRAPPERS = ("FullyShardedDataParallel", "DistributedDataParallel", "DataParallel")
@@ -23,12 +23,21 @@ def unwrap_model(model: nn.Module, compiled: bool = False) -> nn.Module:
 
     FSDP's forward calls the wrapped module's ``__call__``, which honours an instance forward
     (Wan's sequence-parallel one, ours), so hooking the inner module is exact."""
+    inside = wrapped_modules(model, compiled)
+    return inside[-1] if inside else model
+
+
+def wrapped_modules(model: nn.Module, compiled: bool = True) -> List[nn.Module]:
+    """The modules inside ``model``'s wrappers, outermost first (``[]`` for a module that wraps none): what a
+    ``torch.compile`` wrapper (with ``compiled``), FSDP, DDP or DataParallel calls."""
+    inside: List[nn.Module] = []
     while True:
         name = type(model).__name__
         inner = getattr(model, "module", None) if name in MODULE_WRAPPERS else (
             getattr(model, "_orig_mod", None) if compiled and name == "OptimizedModule" else None)
-        if not isinstance(inner, nn.Module):
-            return model
+        if not isinstance(inner, nn.Module) or any(inner is m for m in inside):
+            return inside
+        inside.append(inner)
         model = inner
 
 

@@ -35,6 +35,7 @@ from .delta_gram import DEFAULT_HORIZON, DeltaGram, DeltaRing, flatten_per_promp
 from ..runtime.io import atomic_write_bytes, locked
 from ..runtime.loop import LoopSpec
 from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference, merge_problem, unrecorded_prompts
+from .identity import comparable
 from .lut_format import check_identity
 from .stats import RunningMoments
 from ..runtime.structure import flatten_output, float32_leaves, split_batch
@@ -188,8 +189,9 @@ class CalibrationRecorder(Callback):
             self._known = CalibrationLUT.empty(loop, self.model_id, self.sampler, self.identity)
         else:
             self._known.check(loop, self.model_id, self.sampler)
-            for key in sorted(set(self.identity) & set(self._known.identity)):
-                if self.identity[key] != self._known.identity[key]:
+            recorded = comparable(self._known.identity)  # (a LUT that recorded torch.compile's wrapper: not its model)
+            for key in sorted(set(self.identity) & set(recorded)):
+                if self.identity[key] != recorded[key]:
                     raise LUTMismatchError(
                         f"{self._known._name()} was calibrated with {key} {self._known.identity[key]!r}, this run has "
                         f"{self.identity[key]!r}: an unfinished LUT is continued at the values it began with "

@@ -287,6 +287,14 @@ def comparable(recorded: Mapping[str, Any]) -> Dict[str, Any]:
     return dict(recorded)
 
 
+def merged_identity(first: Mapping[str, Any], second: Mapping[str, Any]) -> Dict[str, Any]:
+    """The identity of two LUTs' statistics together: ``first``'s values over ``second``'s, but ``model`` and
+    ``architecture`` from the one that recorded the model where the other recorded torch.compile's wrapper."""
+    if first.get("model") == "OptimizedModule" and second.get("model") not in (None, "OptimizedModule"):
+        first, second = second, first
+    return {**second, **first}
+
+
 def unrecorded(recorded: Mapping[str, Any], run: Mapping[str, Any]) -> List[str]:
     """Keys of ``run`` that ``recorded`` (a LUT's identity) lacks, but those the run has no value of (``None``: a
     diffusers pipeline's ``expert_boundary`` with one transformer) and ``dtype.weights`` where it adds nothing to

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ..runtime.io import atomic_write_bytes, special_file_kind
 from ..runtime.loop import LoopSpec
+from .identity import comparable, merged_identity
 from .lut_format import check_identity
 from .delta_gram import DeltaGram
 from .stats import RunningMoments
@@ -75,8 +76,9 @@ def merge_problem(a: Any, b: Any, name_a: str, name_b: str) -> Optional[str]:
         x, y = getattr(a, key), getattr(b, key)
         if x is not None and y is not None and x != y:
             return f"cannot merge: {key} is {x!r} in {name_a} and {y!r} in {name_b}"
-    for key in sorted(set(a.identity) & set(b.identity)):
-        x, y = a.identity[key], b.identity[key]
+    identity_a, identity_b = comparable(a.identity), comparable(b.identity)  # (torch.compile's wrapper: not compared)
+    for key in sorted(set(identity_a) & set(identity_b)):
+        x, y = identity_a[key], identity_b[key]
         if x != y:
             return f"cannot merge: identity {key!r} is {x!r} in {name_a} and {y!r} in {name_b}"
     t = first_timestep_difference(a.timesteps, b.timesteps)
@@ -190,7 +192,7 @@ class CalibrationLUT:
             self.streams, self.steps, cos, ratio,
             torch.where(self.timesteps.isnan(), other.timesteps, self.timesteps), self.calls_per_step,
             self.model_id or other.model_id, self.sampler or other.sampler, prompts,
-            identity={**other.identity, **self.identity}, deltas=_merge_deltas(self, other, drop_error_statistics),
+            identity=merged_identity(self.identity, other.identity), deltas=_merge_deltas(self, other, drop_error_statistics),
             still_prompts=unrecorded_prompts(prompts, cos.count, ratio.count,
                                              otherwise=self.still_prompts + other.still_prompts))
 
