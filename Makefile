@@ -23,8 +23,9 @@ demo: $(STAMP)
 compare-demo: $(STAMP)
 	$(VENV)/bin/taocache compare configs/compare/testbed.yaml -- examples/sample_testbed.py --model flow --steps 50
 
+# the test files on parallel workers, one per core (pytest-xdist; a file's module fixtures made once)
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

@@ -958,9 +958,9 @@ def test_the_script_line_is_compared_without_the_flags_no_run_depends_on():
     from taohooks.compare.targets import target_for
 
     wan = target_for("wan22").comparable_script
-    line = ["generate.py", "--task", "t2v-A14B", "--prompt", "a cat", "--base_seed", "-1", "--offload_model=True",
+    line = ["generate.py", "--task", "ti2v-5B", "--prompt", "a cat", "--base_seed", "-1", "--offload_model=True",
             "--save_file", "x.mp4", "--sample_steps", "40"]
-    assert wan(line) == ["generate.py", "--task", "t2v-A14B", "--sample_steps", "40"]
+    assert wan(line) == ["generate.py", "--task", "ti2v-5B", "--sample_steps", "40"]
     assert wan(["generate.py", "--prompt_extend_model", "m"]) == ["generate.py", "--prompt_extend_model", "m"]
     osp = target_for("opensora_plan").comparable_script  # nargs='+': every value up to the next option
     assert osp(["s.py", "--text_prompt", "a", "b", "--num_frames", "65"]) == ["s.py", "--num_frames", "65"]
@@ -992,6 +992,26 @@ def test_an_abbreviated_option_is_compared_as_the_option_it_names():
         "--sample_steps 40 there, 50 here"
     testbed = target_for("testbed").comparable_script  # the script's options unknown: compared as written
     assert testbed(["s.py", "--seed", "1"]) == ["s.py", "--seed", "1"]
+
+
+def test_an_option_given_at_its_default_is_compared_as_not_given():
+    """``--sample_solver unipc`` added to a Wan command line (unipc is generate.py's default) was taken for another
+    script line (left open, 2026-11-28): an option given once at its parser's default is left out of the comparison;
+    a default of None, a flag, another value or an option given twice are compared as written."""
+    from taohooks.compare.targets import target_for
+
+    wan = target_for("wan").comparable_script
+    assert wan(["g.py", "--task", "t2v-1.3B", "--sample_solver", "unipc", "--ulysses_size=1", "--ring_size", "1.0"]) \
+        == ["g.py", "--task", "t2v-1.3B", "--ring_size", "1.0"]  # (1.0: not an int, the script's parser refuses it)
+    assert wan(["g.py", "--sample_sol", "unipc", "--size", "832*480"]) == ["g.py", "--size", "832*480"]
+    assert wan(["g.py", "--sample_solver", "dpm++", "--sample_shift", "5"]) == \
+        ["g.py", "--sample_solver", "dpm++", "--sample_shift", "5"]  # (--sample_shift's default is None)
+    assert wan(["g.py", "--task", "t2v-14B", "--task", "t2v-1.3B"]) == ["g.py", "--task", "t2v-14B", "--task",
+                                                                       "t2v-1.3B"]
+    assert wan(["g.py", "--t5_cpu", "--sample_solver", "unipc", "x.yaml"]) == ["g.py", "--t5_cpu", "x.yaml"]
+    osp = target_for("opensora_plan").comparable_script
+    assert osp(["s.py", "--num_sampling_steps", "50", "--sample_method", "PNDM"]) == ["s.py"]
+    assert osp(["s.py", "--num_sampling_steps", "100"]) == ["s.py", "--num_sampling_steps", "100"]
 
 
 def test_latte_config_file_is_compared_by_content(tmp_path, launcher_state, capsys):

@@ -401,3 +401,26 @@ def test_an_unfinished_lut_that_recorded_the_compile_wrapper_is_finished_and_mer
         assert merged.num_prompts == 3
         assert (merged.identity["model"], merged.identity["architecture"]) == recorded_model
 
+
+
+def test_a_lut_of_another_frame_count_is_not_said_as_only_another_model(tmp_path):
+    """Latte's script builds its transformer with the YAML's video_length, so another frame count changes the
+    architecture fingerprint: the lead-in said "is of another model" alone (review20)."""
+    from taohooks.taocache.identity import model_identity
+
+    def identity(model, frames):
+        return {**model_identity(model), "frames": frames}
+
+    cache = TaoCache(config(tmp_path))
+    model = Model()
+    with cache.attach(model, STEPS, identity=identity(model, 16)) as hook, torch.no_grad():
+        for p in range(2):
+            hook.new_sample()
+            x = torch.randn(1, 8, generator=torch.Generator().manual_seed(p))
+            for i in range(STEPS):
+                x = x - 0.1 * model(x, timestep=torch.tensor([1000.0 * (1 - i / STEPS)]))
+    other = Model(width=4)
+    with pytest.raises(LUTMismatchError) as refused:
+        TaoCache(config(tmp_path)).attach(other, STEPS, streams=("cond", "uncond"), identity=identity(other, 8))
+    assert "lut.safetensors is of another frame count, or another model (architecture (a fingerprint" in \
+        str(refused.value), str(refused.value)

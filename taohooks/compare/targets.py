@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -389,9 +389,10 @@ class Target:
     # output file, Wan's model offloading): left out where an output folder's script line is compared; each with
     # the number of values it takes (None: nargs='+', every value up to the next option)
     neutral_flags: Dict[str, Optional[int]] = field(default_factory=dict)
-    # every option of the script, where known (its parser's): an abbreviated option (argparse's allow_abbrev:
-    # ``--save_img`` for ``--save_img_path``) is compared as the option it names; () : compared as written
-    script_options: Callable[[], Sequence[str]] = tuple
+    # every option of the script, where known (its parser's: option -> its argparse settings): an abbreviated option
+    # (argparse's allow_abbrev: ``--save_img`` for ``--save_img_path``) is compared as the option it names, one given
+    # at its default (``--sample_solver unipc``) as not given; {}: compared as written
+    script_options: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
     # the script's own config file (Latte's ``--config X.yaml``): (the script line) -> its settings less those no
     # compared run depends on, or None where it cannot be read (the script says why); compared by content, so that
     # a copy of it elsewhere is the same experiment and an edit at the same path is not
@@ -426,24 +427,37 @@ class Target:
         ``--flag=v``, or every value up to the next option of an ``nargs='+'`` flag; a short option ``-x`` ends
         them, a negative number or a word with a space does not), an abbreviated option written out in full (where
         the script's options are known). ``config_by_content``: :attr:`config_flag` is left out too (its file is
-        compared by :attr:`script_config`)."""
+        compared by :attr:`script_config`). An option given once, at the default the script's parser has for it, is
+        left out too (the script runs the same without it)."""
         neutral = {**self.neutral_flags, **({self.config_flag: 1} if config_by_content and self.config_flag else {})}
-        options = tuple(self.script_options())
+        options = self.script_options()
+        names = tuple(options)
         kept, values = [], 0  # (values: how many of the next words are a neutral flag's; -1: up to an option)
+        given = [full_option(w.partition("=")[0], names) for w in argv if is_option(w)]
+        default = None  # (where the flag just kept is in kept, and its settings: its one value may be its default)
         for word in argv:
             if is_option(word):
                 name, equals, value = word.partition("=")
-                name = full_option(name, options)
-                values = 0
+                name = full_option(name, names)
+                values, default = 0, None
                 if name in neutral:
                     if not equals:  # (its values follow)
                         n = neutral[name]
                         values = -1 if n is None else n
                     continue
+                settings = (options.get(name) or {}) if given.count(name) == 1 else {}  # (given twice: as written)
+                if equals and _is_default(value, settings):
+                    continue
+                default = None if equals else (len(kept), settings)
                 word = name + equals + value
             elif values:
                 values -= values > 0
                 continue
+            elif default is not None:
+                (where, settings), default = default, None
+                if _is_default(word, settings):
+                    del kept[where]
+                    continue
             kept.append(word)
         return kept
 
@@ -463,13 +477,24 @@ LEARNED_SIGMA = {"easycache": "the transformer's output has a variance half (twi
 # broadcasts cross-attention: the YAML's pab: section has per-group ranges)
 LATTE_SELF_ATTENTION = r"(temporal_)?transformer_blocks\.\d+\.attn1"
 
-def _options_of(integration: str) -> Callable[[], Sequence[str]]:
+def _options_of(integration: str) -> Callable[[], Mapping[str, Mapping[str, Any]]]:
     """The script's options as the integration lists them for its own checks (``OPTIONS``), read when first needed."""
-    def options() -> Sequence[str]:
+    def options() -> Mapping[str, Mapping[str, Any]]:
         import importlib
 
-        return tuple(importlib.import_module(f"taohooks.integrations.{integration}").OPTIONS)
+        return dict(importlib.import_module(f"taohooks.integrations.{integration}").OPTIONS)
     return options
+
+
+def _is_default(value: str, settings: Mapping[str, Any]) -> bool:
+    """Whether a one-value option's command-line ``value`` is its parser's default (``settings``: its argparse
+    keywords; a default of None, a flag's action, or several values: never)."""
+    if settings.get("default") is None or settings.get("action") or settings.get("nargs"):
+        return False
+    try:
+        return settings.get("type", str)(value) == settings["default"]
+    except (TypeError, ValueError):
+        return False
 
 
 # the keys of Latte's sample_t2x.py YAML no compared run depends on: where it writes, the prompts compare replaces,
@@ -551,7 +576,7 @@ TARGETS: Dict[str, Target] = {
     "latte": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                     "the authors' TeaCache for Latte-1 (TeaCache's eval script, published coefficients)",
                     tea_published=_latte_published_teacache("latte"), exit="norm_out", attention=LATTE_SELF_ATTENTION,
-                    latents_during=_pipeline_latents, refused=LEARNED_SIGMA, script_options=lambda: ("--config",),
+                    latents_during=_pipeline_latents, refused=LEARNED_SIGMA, script_options=lambda: {"--config": {}},
                     script_config=_latte_script_config, config_flag="--config"),
     "opensora_plan": Target("prompt", None, _pipeline_video, LATTE_STACKS, None,
                             "the authors' TeaCache for Open-Sora-Plan v1.1 (TeaCache's eval script, published "

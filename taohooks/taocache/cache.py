@@ -290,7 +290,10 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
                  if k in ("model", "architecture")]
         if other:
             said = describe_differences(recorded, identity, other)
-            raise LUTMismatchError(f"{lut._name()} is of another model ({said}); {exc}".replace(
+            frames = other == ["architecture"] and "frames" in recorded and "frames" in (identity or {}) and \
+                recorded["frames"] != identity["frames"]  # (Latte's transformer is built with the frame count)
+            lead = "is of another frame count, or another model" if frames else "is of another model"
+            raise LUTMismatchError(f"{lut._name()} {lead} ({said}); {exc}".replace(
                 f"; {lut._name()} ", "; it ", 1)) from None
         raise
     if identity:
