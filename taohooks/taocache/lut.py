@@ -192,7 +192,8 @@ class CalibrationLUT:
             self.streams, self.steps, cos, ratio,
             torch.where(self.timesteps.isnan(), other.timesteps, self.timesteps), self.calls_per_step,
             self.model_id or other.model_id, self.sampler or other.sampler, prompts,
-            identity=merged_identity(self.identity, other.identity), deltas=_merge_deltas(self, other, drop_error_statistics),
+            identity=merged_identity(self.identity, other.identity),
+            deltas=_merge_deltas(self, other, drop_error_statistics),
             still_prompts=unrecorded_prompts(prompts, cos.count, ratio.count,
                                              otherwise=self.still_prompts + other.still_prompts))
 
