@@ -303,9 +303,8 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
                       if unrecorded == ["architecture"] else ": calibrate a LUT of this run to have them checked")
             groups = {g: [k for k in unrecorded if accept_name(k) == g]
                       for g in dict.fromkeys(map(accept_name, unrecorded))}
-            said = [k for keys in groups.values() if len(keys) == 1 for k in keys]  # (a group's keys: no values)
             names = [keys[0] if len(keys) == 1 else f"{g}.*" for g, keys in groups.items()]
-            values = ", ".join(f"{k} {identity[k]!r}" for k in said)
+            values = ", ".join(f"{k} {identity[k]!r}" for k in names if k in identity)  # (a group's keys: no values)
             messages.notice(f"{lut._name()} records no {', '.join(names)} of its calibrating run, so "
                             + (f"this run's ({values})" if values else "they")
                             + f" cannot be checked against it{advice}",
