@@ -52,36 +52,18 @@ def test_gpu_session_script_smoke(tmp_path):
     assert "no " in res.stdout and "the scenes training starts from scratch" in res.stdout and "done" in res.stdout
 
 
-def test_gpu_session_script_eps_benches_the_scenes_eps_model(tmp_path):
-    """KIND=eps: the eps scenes model under its own file names, and SCENES_BENCH=1 benches it as taocache bench's
-    scenes-eps (Latte's loop), not as the flow model `scenes` (which would refuse its checkpoint)."""
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).parents[1]
-    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "KIND": "eps",
-           "INIT": "none", "MEASURE": "0", "SCENES_BENCH": "1", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    out = tmp_path / "out"
-    assert (out / "scenes-eps.safetensors").is_file() and not (out / "scenes-flow.safetensors").exists()
-    records = json.loads((out / "bench_scenes-eps" / "results.json").read_text())["records"]
-    assert {r["model"] for r in records} == {"scenes-eps"} and [r["method"] for r in records] == ["full", "taocache",
-                                                                                                 "teacache"]
-
-
-def test_gpu_session_script_eps_warm_starts_from_the_flow_weights(tmp_path):
+def test_gpu_session_script_eps_warm_starts_from_the_flow_weights_and_benches_as_scenes_eps(tmp_path):
     """KIND=eps with no eps weights and no INIT=: the trunk of the newest flow weights (train_scenes --warm-start),
-    not a start from scratch; WARM= naming no file is refused before anything runs."""
+    not a start from scratch, under its own file names; SCENES_BENCH=1 benches it as taocache bench's scenes-eps
+    (Latte's loop), not as the flow model `scenes` (which would refuse its checkpoint); WARM= naming no file is
+    refused before anything runs. (One run for both: each run of the script costs the suite 30-40 s.)"""
     import os
     import subprocess
     import sys
 
     root = Path(__file__).parents[1]
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "KIND": "eps",
-           "MEASURE": "0", "SPEED": "0", "CARRY": str(tmp_path / "carry"), "OMP_NUM_THREADS": "1"}
+           "MEASURE": "0", "SPEED": "0", "SCENES_BENCH": "1", "CARRY": str(tmp_path / "carry"), "OMP_NUM_THREADS": "1"}
     env.pop("INIT", None)
     res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -90,6 +72,11 @@ def test_gpu_session_script_eps_warm_starts_from_the_flow_weights(tmp_path):
     summary = json.loads((tmp_path / "out" / "scenes-eps.json").read_text())
     assert summary["warm_start"]["path"] == f"taohooks/testbed/weights/wip/{committed[-1].name}"
     assert "the eps model starts from the trunk of" in res.stdout
+    out = tmp_path / "out"
+    assert (out / "scenes-eps.safetensors").is_file() and not (out / "scenes-flow.safetensors").exists()
+    records = json.loads((out / "bench_scenes-eps" / "results.json").read_text())["records"]
+    assert {r["model"] for r in records} == {"scenes-eps"} and [r["method"] for r in records] == ["full", "taocache",
+                                                                                                 "teacache"]
     bad = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root,
                          env={**env, "WARM": "nothere.safetensors", "OUT": str(tmp_path / "bad")},
                          capture_output=True, text=True)
@@ -109,7 +96,7 @@ def test_gpu_session_script_patch4_without_measurements(tmp_path):
 
     root = Path(__file__).parents[1]
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "PATCH": "4",
-           "INIT": "none", "MEASURE": "0", "OMP_NUM_THREADS": "1"}
+           "INIT": "none", "MEASURE": "0", "SPEED": "0", "OMP_NUM_THREADS": "1"}  # (the smoke test runs stage 1)
     res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
