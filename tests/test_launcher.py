@@ -113,11 +113,22 @@ def test_ctrl_c_during_calibration_says_what_the_lut_holds_not_a_traceback(tmp_p
     (["SCRIPT"], "integration: latte\n", "cannot find the module 'pipeline_latte'"),
     (["SCRIPT"], "plan: {budget: 2}\n", "integration is 'none'"),
 ])
-def test_errors_before_the_script_runs(tmp_path, script, args, config, message):
+def test_errors_before_the_script_runs(tmp_path, script, args, config, message, monkeypatch, capfd):
+    """In this process (nothing is installed before these errors; a process each cost the suite 6 s)."""
+    from taohooks import run
+    from taohooks.run import ENV_CONFIG
+
     path = tmp_path / "c.yaml"
     path.write_text(config)
-    res = launch(tmp_path, *[script if a == "SCRIPT" else a for a in args], "--taocache", path)
-    assert res.returncode == 2 and message in res.stderr and "argv" not in res.stdout
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delenv(ENV_CONFIG, raising=False)
+    hooks = list(sys.meta_path)
+    assert run.main([str(script) if a == "SCRIPT" else a for a in args] + ["--taocache", str(path)]) == 2
+    out, err = capfd.readouterr()
+    assert message in err and "argv" not in out
+    assert sys.meta_path == hooks  # (nothing installed)
 
 
 def test_a_missing_or_misspelled_taocache_option_is_said(tmp_path, capsys):
