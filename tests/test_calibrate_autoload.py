@@ -8,6 +8,7 @@ import pytest
 
 from taohooks import autoload
 from taohooks.taocache.lut import CalibrationLUT
+from prewarmed import run_python
 
 pytest.importorskip("diffusers")
 
@@ -25,9 +26,9 @@ CONFIG = "integration: testbed\nmodel_id: tiny\nlut: lut.safetensors\ncalibratio
 
 def calibrate(tmp_path, prompts):
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    return subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
-                           "--", "sample.py", "a red circle moving left"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return run_python(["-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
+                       "--", "sample.py", "a red circle moving left"],
+                      cwd=tmp_path, timeout=300)
 
 
 def test_calibrate_resumes_after_an_interruption(tmp_path):
@@ -89,11 +90,10 @@ def test_spawned_workers_get_the_integration(tmp_path):
         (tmp_path / "spawn.py").write_text(SPAWN)
         (tmp_path / "c.yaml").write_text("integration: testbed\nplan: {window: [3, 4], ratio: 1.0}\n")
         env = {k: v for k, v in os.environ.items() if k != "TAOHOOKS_CONFIG"}
-        plain = subprocess.run([sys.executable, "spawn.py"], cwd=tmp_path, capture_output=True, text=True,
-                               timeout=300, env=env)
+        plain = run_python(["spawn.py"], cwd=tmp_path, timeout=300, env=env)
         assert "worker patched: False" in plain.stdout, plain.stderr
-        launched = subprocess.run([sys.executable, "-m", "taohooks.run", "spawn.py", "--taocache", "c.yaml"],
-                                  cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        launched = run_python(["-m", "taohooks.run", "spawn.py", "--taocache", "c.yaml"],
+                              cwd=tmp_path, timeout=300, env=env)
         assert "worker patched: True" in launched.stdout, launched.stderr
     finally:
         if not installed_before:
@@ -120,8 +120,8 @@ def test_a_spawned_worker_patches_the_research_module_it_finds_only_after_start(
                                                 "        return prompt\n")
         (tmp_path / "c.yaml").write_text("integration: latte\nplan: {window: [3, 4], ratio: 1.0}\n")
         env = {k: v for k, v in os.environ.items() if k not in ("TAOHOOKS_CONFIG", "PYTHONPATH")}
-        res = subprocess.run([sys.executable, "-m", "taohooks.run", "repo/spawn.py", "--taocache", "c.yaml"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        res = run_python(["-m", "taohooks.run", "repo/spawn.py", "--taocache", "c.yaml"],
+                         cwd=tmp_path, timeout=300, env=env)
         assert "worker patched: True" in res.stdout, res.stdout + res.stderr
     finally:
         if not installed_before:
@@ -200,9 +200,9 @@ def test_calibrate_refuses_what_would_skip_or_count_prompt_lines_twice(tmp_path)
     shutil.copy(tmp_path / "lut.safetensors", tmp_path / "lut.part0-of-2.safetensors")  # a stale part file
     (tmp_path / "prompts.txt").write_text("a red circle moving left\na green circle moving up\na blue square moving up\n"
                                           "a red square moving down\n")
-    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
-                          "--devices", "2", "--", "sample.py", "a red circle moving left"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    res = run_python(["-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
+                      "--devices", "2", "--", "sample.py", "a red circle moving left"],
+                     cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "part file(s) of an earlier --devices run, not resumed (lut.part0-of-2.safetensors: named by an earlier " \
         "taohooks, before the prompt count and lines were part of the name); to keep their prompts instead (if of " \

@@ -15,6 +15,7 @@ from taohooks import cli  # noqa: E402
 from taohooks.compare import load_experiment  # noqa: E402
 from taohooks.compare.scoring import score  # noqa: E402
 from taohooks.config import ConfigError, PABGroupConfig  # noqa: E402
+from prewarmed import run_python  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "sample_testbed.py"
@@ -457,7 +458,6 @@ def test_official_like_scripts_end_to_end(tmp_path):
     """Through the Wan2.1 and Latte call-contract scripts (one cold process): Wan's captured reference
     is the video generate returns for that prompt and seed; TaoCache skips its window in every
     stream; Latte (no seed argument: torch's RNG seeded per run) gives the same references twice."""
-    import subprocess
 
     from taohooks.compare.store import RunStore
 
@@ -479,8 +479,7 @@ def test_official_like_scripts_end_to_end(tmp_path):
     runs.append((runs[1][0], [str(LATTE), "--config", "copy.yaml"]))
     driver = write(tmp_path, DRIVER.format(plain=plain, wan_dir=str(WAN.parent), wan=str(WAN), runs=runs), "d.py")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
-    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
+    res = run_python([str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert res.returncode == 0, res.stderr
     entries = load_experiment(tmp_path / "wan.yaml").evaluation_prompts()
     for name, calls, streams in (("wan", 20, [["cond"], ["uncond"]]), ("latte", 10, [["uncond+cond"]])):
@@ -509,14 +508,12 @@ def test_official_like_scripts_end_to_end(tmp_path):
 def compare_in_a_process(tmp_path: Path, experiment: Path, script: list, pythonpath: str = ""):
     """``taocache compare EXPERIMENT -- SCRIPT...`` in a fresh process (an official-like script imports its
     own ``wan`` package); asserts it succeeded and returns the completed process."""
-    import subprocess
 
     driver = write(tmp_path, "import sys\nfrom taohooks import cli\nsys.argv = ['taocache']\n"
                              f"sys.exit(cli.main(['compare', {str(experiment)!r}, '--', *{script!r}]))\n", "d.py")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
     env.update({"OMP_NUM_THREADS": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})})
-    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = run_python([str(driver)], cwd=tmp_path, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     return res
 
@@ -690,7 +687,6 @@ def test_wan22_two_experts_through_compare(tmp_path):
 def test_wan22_budget_no_window_fits_is_refused_before_the_calibration(tmp_path):
     """On Wan2.2 the check of the budgets waited for the calibration's LUT (20 full generations of the shipped
     experiment: hours on A14B) for plain arithmetic; Wan's schedule places the switch before it (walkthrough)."""
-    import subprocess
 
     script = FIXTURES / "wan22" / "generate.py"
     args = [str(script), "--prompt", "ignored", "--sample_steps", "20", "--offload_model", "False"]
@@ -699,8 +695,7 @@ def test_wan22_budget_no_window_fits_is_refused_before_the_calibration(tmp_path)
     driver = write(tmp_path, "import sys\nfrom taohooks import cli\nsys.argv = ['taocache']\n"
                              f"sys.exit(cli.main(['compare', {str(exp)!r}, '--', *{args!r}]))\n", "d.py")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
-    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
+    res = run_python([str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert res.returncode != 0
     assert "budgets[0]: taocache at 0.35 (7 of 20 steps): no contiguous window of 7 steps" in res.stderr, res.stderr
     assert "calibration, " not in res.stderr and not (tmp_path / "out" / "state").exists()
@@ -725,7 +720,6 @@ def test_wan22_ti2v_through_compare_with_an_image(tmp_path):
 def test_wan22_per_clip_tasks_are_refused_by_compare(tmp_path, capsys):
     """S2V and Animate run one sampling loop per clip inside one generate(): compare refuses them from the
     command line, before the script starts, and (should that be bypassed) at the generation call."""
-    import subprocess
 
     script = FIXTURES / "wan22" / "generate.py"
     exp = write(tmp_path, OFFICIAL_LIKE_EXPERIMENT.format(integration="wan22", output="out"), "s2v.yaml")
@@ -739,8 +733,7 @@ def test_wan22_per_clip_tasks_are_refused_by_compare(tmp_path, capsys):
                              f"sys.exit(cli.main(['compare', {str(exp)!r}, '--', {str(script)!r}, '--task', 's2v-14B', "
                              "'--sample_steps', '10', '--offload_model', 'False']))\n", "d.py")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
-    res = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
+    res = run_python([str(driver)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert res.returncode == 2 and "wan.speech2video.WanS2V.generate runs one sampling loop per clip" in res.stderr
 
 
@@ -781,7 +774,6 @@ def test_under_torchrun_every_rank_runs_and_rank_0_writes(tmp_path):
     """``torchrun --nproc_per_node 2 -m taohooks.cli compare ...``: both ranks run every generation in the
     same order; only rank 0 writes, and the results equal a single process's."""
     import socket
-    import subprocess
 
     text = EXPERIMENT.replace("budgets: [0.2, 0.3]", "budgets: [0.3]")
     single, two = write(tmp_path, text, "single.yaml"), write(tmp_path, text.replace("output: out", "output: out2"),
@@ -797,13 +789,12 @@ def test_under_torchrun_every_rank_runs_and_rank_0_writes(tmp_path):
                              "runpy.run_path(sys.argv[0], run_name='__main__')\n", "driver.py")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
     runs = {}
-    for name, launcher in (("single", [sys.executable, "-m", "taohooks.cli"]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                    "--master_port", str(port), "-m", "taohooks.cli"])):
+    for name, launcher in (("single", ["-m", "taohooks.cli"]),
+                           ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                                    "-m", "taohooks.cli"])):
         argv = script if name == "single" else [str(driver), *script]
-        runs[name] = subprocess.run([*launcher, "compare", str(single if name == "single" else two), "--", *argv],
-                                    cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                                    timeout=300)
+        runs[name] = run_python([*launcher, "compare", str(single if name == "single" else two), "--", *argv],
+                                cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
         assert runs[name].returncode == 0, runs[name].stderr
     err = runs["two"].stderr
     assert "compare: rank 1/2 ran its 6 generations (rank 0 writes the results)" in err  # 2 x (full, tao, tea)

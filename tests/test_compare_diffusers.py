@@ -4,8 +4,6 @@ experts) and LattePipeline, the real diffusers classes with tiny random weights
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from taohooks.compare.runner import check_methods  # noqa: E402
 from taohooks.compare.targets import TARGETS, _diffusers_video  # noqa: E402
 from taohooks.config import ConfigError  # noqa: E402
 from compare_folders import reference, results  # noqa: E402
+from prewarmed import run_python  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent / "fixtures" / "diffusers_like" / "sample_diffusers.py"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "diffusers_wan.py"
@@ -102,8 +101,7 @@ def compared(tmp_path_factory):
     (tmp / "d.py").write_text(DRIVER.format(plain=plain, compares=compares, example=HAS_ACCELERATE,
                                             fixtures=str(SCRIPT.parent)))
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TAOHOOKS_")}
-    res = subprocess.run([sys.executable, "d.py"], cwd=tmp, env={**env, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=400)
+    res = run_python(["d.py"], cwd=tmp, env={**env, "OMP_NUM_THREADS": "1"}, timeout=400)
     assert res.returncode == 0, res.stderr
     return tmp, res.stderr, json.loads((tmp / "codes.json").read_text())
 
@@ -292,6 +290,6 @@ def test_the_example_refuses_an_mp4_it_could_not_write_before_loading_anything(t
 
     if any(importlib.util.find_spec(m) for m in ("imageio", "cv2")):
         pytest.skip("imageio or OpenCV installed here: an .mp4 can be written")
-    res = subprocess.run([sys.executable, str(EXAMPLE), "--model", str(tmp_path / "no-such-model"), "--out", "v.mp4"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    res = run_python([str(EXAMPLE), "--model", str(tmp_path / "no-such-model"), "--out", "v.mp4"],
+                     timeout=120, cwd=tmp_path)
     assert res.returncode == 2 and "--out v.mp4: writing an .mp4 needs imageio" in res.stderr

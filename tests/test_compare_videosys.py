@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from taohooks.compare import load_experiment  # noqa: E402
 from taohooks.compare.store import RunStore  # noqa: E402
 from taohooks.compare.targets import _pipeline_video, _videosys_pab_off  # noqa: E402
 from compare_folders import reference, results  # noqa: E402
+from prewarmed import run_python  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "videosys_like"
 SCRIPT = FIXTURE / "sample_videosys.py"
@@ -82,8 +82,7 @@ def compared(tmp_path_factory):
         compares.append((name, f"{name}.yaml", argv))
     (tmp / "d.py").write_text(DRIVER.format(plain=plain, compares=compares))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TAOHOOKS_", "VIDEOSYS_LIKE_"))}
-    res = subprocess.run([sys.executable, "d.py"], cwd=tmp, capture_output=True, text=True, timeout=300,
-                         env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(FIXTURE)})
+    res = run_python(["d.py"], cwd=tmp, timeout=300, env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(FIXTURE)})
     assert res.returncode == 0, res.stderr
     return tmp, res.stderr, json.loads((tmp / "codes.json").read_text())
 

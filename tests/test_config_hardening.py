@@ -2,8 +2,6 @@
 the command lines follow the usual conventions (help exits 0, no silent last-wins, no traceback on -o)."""
 import errno
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from taohooks.taocache.plan import FIRST_SKIPPABLE as PLAN_FIRST_SKIPPABLE
 from taohooks.launcher.prompt_calibration import read_prompts
 from taohooks.run import main as run_main
 from taohooks.run import split_taocache_argument
+from prewarmed import run_python
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -282,8 +281,8 @@ def test_calibrate_that_ends_without_every_prompt_exits_1(tmp_path):
     (tmp_path / "c.yaml").write_text("integration: testbed\nlut: lut.safetensors\ncalibration: {prompts: 3}\n")
     (tmp_path / "prompts.txt").write_text("a red circle moving left\nnot a prompt\na blue square moving up\n")
     (tmp_path / "sample.py").write_text(CATCHING_SCRIPT)
-    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
-                          "--", "sample.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    res = run_python(["-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
+                      "--", "sample.py"], cwd=tmp_path, timeout=120)
     assert res.returncode == 1, res.stderr
     assert ("taocache calibrate: error: sample.py ended with 1 of 3 prompts recorded in lut.safetensors; the script "
             "may not call the generation function the 'testbed' integration patches (or it ended before the last "

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from taohooks import TaoCache
 from taohooks.config import config_from_dict
 from taohooks.taocache.lut import CalibrationLUT
+from prewarmed import run_python
 
 pytest.importorskip("diffusers")
 
@@ -42,9 +43,8 @@ def calibrate(folder, *extra, launcher=("-m", "taohooks.cli"), before=None, chec
                                    "calibration: {prompts: 5}\n")
     if before is not None:
         before()
-    res = subprocess.run([sys.executable, *launcher, "calibrate", "c.yaml", "--prompts", "prompts.txt",
-                          *extra, "--", "sample.py", PROMPTS[0]], cwd=folder, capture_output=True, text=True,
-                         timeout=300)
+    res = run_python([*launcher, "calibrate", "c.yaml", "--prompts", "prompts.txt",
+                      *extra, "--", "sample.py", PROMPTS[0]], cwd=folder, timeout=300)
     if not check:
         return None, res
     assert res.returncode == 0, res.stderr
@@ -243,9 +243,9 @@ def test_data_parallel_calibration_of_a_sequence_parallel_run_is_refused(tmp_pat
     (tmp_path / "c.yaml").write_text("integration: wan\nlut: lut.safetensors\ncalibration: {prompts: 2}\n"
                                      "plan: {budget: 2, min_step: 5}\n")
     (tmp_path / "p.txt").write_text("A red fox in snow.\nA blue whale under the sea.\n")
-    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "p.txt",
-                          "--devices", "2", "--", str(script), "--task", "t2v-1.3B", "--prompt", "x", "--sample_steps",
-                          "10", "--ulysses_size", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    res = run_python(["-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "p.txt",
+                      "--devices", "2", "--", str(script), "--task", "t2v-1.3B", "--prompt", "x", "--sample_steps",
+                      "10", "--ulysses_size", "2"], cwd=tmp_path, timeout=300)
     assert res.returncode != 0 and "this run is sequence-parallel (sp_size 2" in res.stderr
     assert not (tmp_path / "lut.safetensors").exists()
 
@@ -296,9 +296,9 @@ def test_calibration_under_torchrun_without_data_parallel_is_refused(tmp_path):
     (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (folder / "c.yaml").write_text("integration: testbed\nlut: lut.safetensors\ncalibration: {prompts: 2}\n")
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}  # what torchrun gives rank 0
-    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
-                          "--", "sample.py", PROMPTS[0]], cwd=folder, capture_output=True, text=True, timeout=300,
-                         env=env)
+    res = run_python(["-m", "taohooks.cli", "calibrate", "c.yaml", "--prompts", "prompts.txt",
+                      "--", "sample.py", PROMPTS[0]], cwd=folder, timeout=300,
+                     env=env)
     assert res.returncode != 0
     assert "this process is one of 2 (WORLD_SIZE=2: torchrun) and the script started no process group" in res.stderr
     assert "add --data-parallel" in res.stderr and not (folder / "lut.safetensors").exists()

@@ -7,96 +7,32 @@ The scripts under ``tests/fixtures/official_like/`` re-create the call contracts
 ``wan``, ``latte`` and ``opensora_plan`` integrations rely on (see the README there), with tiny
 CPU models. Each run is its own process. Importing torch and diffusers costs ~6 s per process
 on a slow machine, so by default command lines run in processes forked from a pre-warmed server
-(``fixtures/official_like/prewarmed_runner.py``; everything but torch and diffusers is imported
+(``prewarmed.py``, ``fixtures/prewarmed_runner.py``; everything but torch and diffusers is imported
 fresh in each); ``test_cold_process_*`` runs real ``[sys.executable, ...]`` processes, and
 ``TAOHOOKS_TEST_COLD=1`` runs every command line that way.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
+from prewarmed import RUNNER, Result, base_env
 
 pytest.importorskip("diffusers")
 pytest.importorskip("yaml")
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_like"
-RUNNER = FIXTURES / "prewarmed_runner.py"
-# fork() after importing torch is fine on Linux (no CUDA, no OpenMP pool started in the server)
-COLD = bool(os.environ.get("TAOHOOKS_TEST_COLD")) or not hasattr(os, "fork") or sys.platform != "linux"
-TIMEOUT = 300
 PAB_PATTERN = r"transformer_blocks\.\d+\.attn1"  # the fixture transformers' spatial self-attention
-
-
-# ---------------------------------------------------------------------------- running command lines
-def base_env(**extra: str) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TAOHOOKS_") and k != "PYTHONPATH"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def summaries(self) -> List[str]:
-        return [line for line in self.stderr.splitlines() if line.startswith("taohooks: generation")]
-
-
-class Runner:
-    """Runs one command line per process: forked from the pre-warmed server, or cold."""
-
-    def __init__(self, cold: bool):
-        self.cold, self.server = cold, None
-        if not cold:
-            self.server = subprocess.Popen([sys.executable, str(RUNNER)], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, text=True, env=base_env(), cwd=str(FIXTURES))
-            ready = self.server.stdout.readline().strip()
-            if ready != "ready":
-                self.close()
-                raise RuntimeError(f"the pre-warmed runner did not start (said {ready!r})")
-
-    def __call__(self, argv: List[str], cwd: Path, env: Dict[str, str], cold: Optional[bool] = None) -> Result:
-        argv = [str(a) for a in argv]
-        if cold or (cold is None and self.cold):
-            res = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                                 timeout=TIMEOUT)
-            return Result(res.returncode, res.stdout, res.stderr)
-        out, err = cwd / ".stdout.txt", cwd / ".stderr.txt"
-        request = dict(argv=argv, cwd=str(cwd), env=env, stdout=str(out), stderr=str(err), timeout=TIMEOUT)
-        self.server.stdin.write(json.dumps(request) + "\n")
-        self.server.stdin.flush()
-        answer = self.server.stdout.readline()
-        if not answer:
-            raise RuntimeError("the pre-warmed runner died")
-        return Result(json.loads(answer)["rc"], out.read_text(), err.read_text())
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.stdin.close()
-            try:
-                self.server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-            self.server = None
 
 
 @pytest.fixture(scope="module")
 def runner():
-    r = Runner(COLD)
-    yield r
-    r.close()
+    return RUNNER
 
 
 # ---------------------------------------------------------------------------- the three scripts

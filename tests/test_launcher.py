@@ -1,10 +1,10 @@
 """taocache-run: argument handling, errors before the model loads, and a script run end to end."""
-import subprocess
 import sys
 
 import pytest
 
 from taohooks.run import split_taocache_argument
+from prewarmed import run_python
 
 pytest.importorskip("diffusers")
 
@@ -24,8 +24,7 @@ print("argv", sys.argv[1:], "finite", bool(torch.isfinite(clips).all()))
 
 
 def launch(tmp_path, *args):
-    return subprocess.run([sys.executable, "-m", "taohooks.run", *map(str, args)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    return run_python(["-m", "taohooks.run", *map(str, args)], cwd=tmp_path, timeout=300)
 
 
 @pytest.fixture
@@ -98,8 +97,8 @@ def test_ctrl_c_during_calibration_says_what_the_lut_holds_not_a_traceback(tmp_p
                                      "        raise KeyboardInterrupt\n"
                                      "model.blocks[0].register_forward_hook(stop)\n"
                                      "for seed in"))  # (Ctrl-C in the second calibration generation)
-    res = subprocess.run([sys.executable, "-m", "taohooks.cli", "calibrate", str(config), "--prompts", str(prompts),
-                          "--", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    res = run_python(["-m", "taohooks.cli", "calibrate", str(config), "--prompts", str(prompts),
+                      "--", str(script)], cwd=tmp_path, timeout=300)
     assert res.returncode == 130, res.stderr
     assert "taocache calibrate: interrupted; the prompts of the generations that ended are kept in the LUT" \
         in res.stderr
@@ -145,8 +144,8 @@ def test_a_missing_or_misspelled_taocache_option_is_said(tmp_path, capsys):
 def test_the_script_gets_an_absolute_file_as_python_gives_it(tmp_path):
     (tmp_path / "s.py").write_text("import os\nprint('abs', os.path.isabs(__file__))\n")
     (tmp_path / "c.yaml").write_text("integration: testbed\n")
-    res = subprocess.run([sys.executable, "-m", "taohooks.run", "s.py", "--taocache", "c.yaml"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)  # (in a process of its own: it installs a patch)
+    res = run_python(["-m", "taohooks.run", "s.py", "--taocache", "c.yaml"], cwd=tmp_path,
+                     timeout=120)  # (in a process of its own: it installs a patch)
     assert "abs True" in res.stdout, res.stderr
 
 

@@ -13,6 +13,7 @@ from taohooks.runtime.hook import get_hook  # noqa: E402
 from taohooks.lightning import TaoCacheCallback  # noqa: E402
 from taohooks.testbed import sampling  # noqa: E402
 from taohooks.testbed.model import VideoDiT, VideoDiTConfig  # noqa: E402
+from prewarmed import run_python  # noqa: E402
 
 STEPS = 8
 PROMPTS = [("a red circle moving left", 10000), ("a blue square moving up", 10001)]
@@ -130,16 +131,13 @@ def test_ddp_ranks_each_add_their_prompts_to_the_lut(tmp_path):
     With 5 batches a rank skips at least its last one whatever the other's speed (with 4 each, a rank that ran ahead
     under load calibrated all 4 and never skipped: CI, 2026-11-28)."""
     import re
-    import subprocess
-    import sys
 
     script, lut = tmp_path / "ddp.py", tmp_path / "lut.safetensors"
     script.write_text(DDP_SCRIPT)
     (tmp_path / "c.yaml").write_text(f"lut: {lut}\nloop: {{steps: 8, streams: [cond, uncond]}}\n"
                                      "calibration: {prompts: 4}\nplan: {budget: 2, min_step: 4}\n")
-    res = subprocess.run([sys.executable, str(script), str(tmp_path / "c.yaml"), str(lut)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                           "OMP_NUM_THREADS": "1"})
+    res = run_python([str(script), str(tmp_path / "c.yaml"), str(lut)], cwd=tmp_path, timeout=300,
+                     env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     held = int(re.search(r"LUT holds (\d+)", res.stdout).group(1))
     # a rank's batch that ends after the other completed the file is left out: the file stays at 4, and both ranks

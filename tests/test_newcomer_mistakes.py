@@ -18,6 +18,7 @@ from taohooks.taocache.calibration import CalibrationRecorder
 from taohooks.taocache.error_model import sampler_weights
 from test_calibration import calibrate
 from trajectories import GeometricDenoiser
+from prewarmed import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -343,15 +344,13 @@ def test_a_lut_whose_calls_repeat_timesteps_is_not_carried_to_another_count():
 def test_a_calibrating_run_says_after_each_generation_how_many_prompts_the_lut_holds(tmp_path):
     """A run that ended before the LUT was complete said how many prompts it held only in its first line
     (walkthrough, 2026-11-27)."""
-    import subprocess
-
     root = Path(__file__).resolve().parent.parent
     (tmp_path / "c.yaml").write_text("integration: testbed\nlut: lut.safetensors\ncalibration: {prompts: 3}\n"
                                      "plan: {budget: 2}\n")
-    res = subprocess.run([sys.executable, "-m", "taohooks.run", str(root / "examples" / "sample_testbed.py"),
-                          "--steps", "6", "--prompt", "a red circle moving left", "--out", str(tmp_path / "s.png"),
-                          "--taocache", str(tmp_path / "c.yaml")], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    res = run_python(["-m", "taohooks.run", str(root / "examples" / "sample_testbed.py"),
+                      "--steps", "6", "--prompt", "a red circle moving left", "--out", str(tmp_path / "s.png"),
+                      "--taocache", str(tmp_path / "c.yaml")], timeout=300,
+                     env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     assert "taohooks: generation 1: 0 of 12 denoiser calls saved (0.0%); the LUT holds 1 of 3 prompts [calibrating, " \
            "all steps computed]" in res.stderr, res.stderr

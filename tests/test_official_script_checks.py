@@ -18,7 +18,8 @@ import pytest
 pytest.importorskip("diffusers")
 yaml = pytest.importorskip("yaml")
 
-from test_integration_scripts import COLD, REPOS, Runner, config_file, saved_counts  # noqa: E402
+from prewarmed import RUNNER  # noqa: E402
+from test_integration_scripts import REPOS, config_file, saved_counts  # noqa: E402
 
 WAN, LATTE = REPOS["wan"], REPOS["latte"]
 LOADED = {"wan": "Creating WanT2V pipeline", "latte": "Processing", "opensora_plan": "Processing"}
@@ -26,9 +27,7 @@ LOADED = {"wan": "Creating WanT2V pipeline", "latte": "Processing", "opensora_pl
 
 @pytest.fixture(scope="module")
 def runner():
-    r = Runner(COLD)
-    yield r
-    r.close()
+    return RUNNER
 
 
 def launch(runner, repo, out: Path, config: str, *extra: str, argv=None):

@@ -8,6 +8,7 @@ from torch import nn
 from taohooks import TaoCache
 from taohooks.config import config_from_dict
 from taohooks.taocache.lut import LUTMismatchError
+from prewarmed import run_python
 
 STEPS = 10
 
@@ -120,22 +121,18 @@ def test_an_fsdp_model_is_checked_without_its_hidden_shapes(tmp_path):
     fingerprint of the Python route saw other shapes and refused the model's own LUT (review)."""
     import os
     import random
-    import subprocess
-    import sys
 
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(script), str(random.randint(20000, 40000))], capture_output=True,
-                         text=True, timeout=120, env=env)
+    res = run_python([str(script), str(random.randint(20000, 40000))], timeout=120, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "FSDP1 TaoCache: 2 of 10 steps skipped" in res.stdout and "FSDP2 TaoCache: 2 of 10 steps skipped" in \
         res.stdout
     # FSDP1 with use_orig_params on 2 ranks: each rank's inner module holds its own shard (other shapes per rank)
     script = tmp_path / "two.py"
     script.write_text(TWO_RANKS_SCRIPT)
-    res = subprocess.run([sys.executable, str(script), str(random.randint(20000, 40000))], capture_output=True,
-                         text=True, timeout=180, env=env)
+    res = run_python([str(script), str(random.randint(20000, 40000))], timeout=180, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("TaoCache: 2 of 10 steps skipped") == 2, res.stdout
 
