@@ -13,6 +13,7 @@ from taohooks.testbed import scenes, scenes_recognizer, scenes_sampling, train_s
 from taohooks.testbed.model import VideoDiT, num_parameters
 from taohooks.testbed.schedules import DDPMSchedule, flow_interpolate
 from taohooks.runtime.loop import LoopSpec
+from prewarmed import run_python
 
 TINY = ["--kind", "flow", "--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", "2", "--warmup", "2",
         "--log-every", "2", "--save-every", "2", "--keep-every", "0"]
@@ -723,13 +724,11 @@ def test_echoing_batches_raise_their_sources_error():
 def test_training_with_workers_and_echo_exits(tmp_path):
     """In its own process, which must end: the filling thread and the rendering workers are stopped when the
     training ends (left running, they kept the interpreter's exit waiting)."""
-    import subprocess
-    import sys
 
     out = tmp_path / "w.safetensors"
-    res = subprocess.run([sys.executable, "-m", "taohooks.testbed.train_scenes", *TINY, "--steps", "4", "--workers",
-                          "1", "--echo", "2", "--out", str(out)], capture_output=True, text=True, timeout=90,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    res = run_python(["-m", "taohooks.testbed.train_scenes", *TINY, "--steps", "4", "--workers",
+                      "1", "--echo", "2", "--out", str(out)], timeout=90,
+                     env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     assert re.search(r"\(data [0-9.]+, echoed \d+ of 2\)", res.stdout) and "steps trained on a batch again" in res.stdout
     summary = json.loads((tmp_path / "w.json").read_text())
