@@ -6,6 +6,8 @@ from torch import nn
 
 from taohooks import TaoCache
 from taohooks.config import config_from_dict
+from taohooks.runtime.hook import DenoiserHook
+from taohooks.runtime.loop import LoopSpec
 
 STEPS = 12
 CONFIG = {"plan": {"window": [8, 9], "ratio": 1.0}}
@@ -94,6 +96,33 @@ def test_a_hook_on_the_compiled_wrapper_and_one_on_its_model_are_refused(order, 
     other.attach(second, STEPS)  # (the first detached: nothing left of it)
     assert len(sample(target)) == STEPS and other.hook.counts["main"] == [STEPS - 2, 2]
     other.detach()
+
+
+def test_detaching_one_compiled_wrapper_s_hook_leaves_the_other_wrapper_s_in_force(counting_backend):
+    """Two torch.compile wrappers of one model, each hooked: detaching the second forgot the first's too, and a hook
+    on the model was then taken (every call of the first wrapper counted by two hooks, both skipping: review21)."""
+    backend, _ = counting_backend
+    model = Model()
+    first, second = torch.compile(model, backend=backend), torch.compile(model, backend=backend)
+    kept = TaoCache(config_from_dict(CONFIG))
+    kept.attach(first, STEPS)
+    dropped = TaoCache(config_from_dict(CONFIG))
+    dropped.attach(second, STEPS)
+    dropped.detach()
+    with pytest.raises(RuntimeError, match="inside a OptimizedModule .* that already has a taohooks hook"):
+        TaoCache(config_from_dict(CONFIG)).attach(model, STEPS)
+    kept.detach()
+    free = TaoCache(config_from_dict(CONFIG))
+    free.attach(model, STEPS)  # (both detached)
+    free.detach()
+
+
+def test_a_wrapper_and_its_own_model_given_to_one_attach_are_refused():
+    """``attach(wrapper, its model)`` (as two experts) was taken: each call seen twice by one hook (review21)."""
+    model = Model()
+    with pytest.raises(ValueError, match="was given this OptimizedModule and the Model inside it"):
+        DenoiserHook(LoopSpec(STEPS, ("main",)), []).attach(torch.compile(model), model)
+    DenoiserHook(LoopSpec(STEPS, ("main",)), []).attach(model).detach()  # (nothing left of the refused attach)
 
 
 def test_a_dropped_compiled_wrapper_leaves_its_model_free():

@@ -62,15 +62,24 @@ def timesteps_match(seen: float, want: float) -> bool:
     return abs(seen - want) <= 1e-3 * max(1.0, abs(want))
 
 
-#: module -> (the hook of a wrapper around it, the wrapper's class name); weak both ways: a dropped wrapper forgets it
-_HOOKED_WRAPPERS: "weakref.WeakKeyDictionary[nn.Module, Tuple[weakref.ref, str]]" = weakref.WeakKeyDictionary()
+#: module -> [(the hook of a wrapper around it, the wrapper's class name), ...]: one per hooked wrapper (two
+#: torch.compile wrappers of one model can each have one); weak both ways: a dropped wrapper or hook is forgotten
+_HOOKED_WRAPPERS: "weakref.WeakKeyDictionary[nn.Module, List[Tuple[weakref.ref, str]]]" = weakref.WeakKeyDictionary()
+
+
+def _hooked_wrapper_around(module: nn.Module) -> Optional[str]:
+    """The class name of a wrapper around ``module`` whose hook is attached, if any."""
+    return next((name for hook, name in _HOOKED_WRAPPERS.get(module, ()) if hook() is not None), None)
 
 
 def _forget_wrapper(wrapper: nn.Module, hook: "DenoiserHook") -> None:
+    """Forget ``hook``'s entries for the modules inside ``wrapper`` (another wrapper's hook keeps its own)."""
     for inner in wrapped_modules(wrapper):
-        around = _HOOKED_WRAPPERS.get(inner)
-        if around is not None and around[0]() is hook:
-            del _HOOKED_WRAPPERS[inner]
+        kept = [(h, name) for h, name in _HOOKED_WRAPPERS.get(inner, ()) if h() is not None and h() is not hook]
+        if kept:
+            _HOOKED_WRAPPERS[inner] = kept
+        else:
+            _HOOKED_WRAPPERS.pop(inner, None)
 
 
 def get_hook(module: nn.Module) -> Optional["DenoiserHook"]:
@@ -243,10 +252,10 @@ class DenoiserHook:
         if len({id(m) for m in modules}) != len(modules):
             raise ValueError("taohooks: the same module was given twice to attach()")
         for m in modules:  # (a hook on torch.compile's wrapper and one on the module it compiles: each call twice)
-            around = _HOOKED_WRAPPERS.get(m)
-            if around is not None and around[0]() is not None:
+            around = _hooked_wrapper_around(m)
+            if around is not None:
                 raise RuntimeError(
-                    f"taohooks: this {type(m).__name__} instance is inside a {around[1]} (torch.compile's wrapper, or "
+                    f"taohooks: this {type(m).__name__} instance is inside a {around} (torch.compile's wrapper, or "
                     "a data-parallel one) that already has a taohooks hook, which would see each of its calls too; "
                     "put all callbacks on one hook")
             for inner in wrapped_modules(m):
@@ -254,6 +263,10 @@ class DenoiserHook:
                     raise RuntimeError(
                         f"taohooks: the {type(inner).__name__} inside this {type(m).__name__} already has a taohooks "
                         "hook, which would see each of its calls too; put all callbacks on one hook")
+                if any(inner is other for other in modules):
+                    raise ValueError(
+                        f"taohooks: attach() was given this {type(m).__name__} and the {type(inner).__name__} inside "
+                        "it: the hook would see each of its calls twice; give one of them")
 
         def make(inner, expert=0):
             def forward(*args, **kwargs):
@@ -274,7 +287,7 @@ class DenoiserHook:
         for m in modules:  # (before the forward: a copy or a pickle of the module meets the hook first, which says why)
             m.__dict__[_HOOK_ATTR] = self
             for inner in wrapped_modules(m):
-                _HOOKED_WRAPPERS[inner] = (weakref.ref(self), type(m).__name__)
+                _HOOKED_WRAPPERS.setdefault(inner, []).append((weakref.ref(self), type(m).__name__))
         try:
             self._patches = [ForwardPatch(m, lambda inner, e=i: make(inner, e)) for i, m in enumerate(modules)]
         except BaseException:
