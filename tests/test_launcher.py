@@ -122,7 +122,8 @@ def test_errors_before_the_script_runs(tmp_path, script, args, config, message, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.delenv(ENV_CONFIG, raising=False)
+    monkeypatch.setenv(ENV_CONFIG, "")  # (run.main sets it: undone after the test, whether or not it was set)
+    monkeypatch.delenv(ENV_CONFIG)
     hooks = list(sys.meta_path)
     assert run.main([str(script) if a == "SCRIPT" else a for a in args] + ["--taocache", str(path)]) == 2
     out, err = capfd.readouterr()

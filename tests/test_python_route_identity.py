@@ -120,19 +120,24 @@ def test_an_fsdp_model_is_checked_without_its_hidden_shapes(tmp_path):
     """FSDP flattens (FSDP1) or shards (FSDP2, whose class becomes FSDP<Model>) the parameters: the architecture
     fingerprint of the Python route saw other shapes and refused the model's own LUT (review)."""
     import os
-    import random
+    import socket
+
+    def free_port() -> int:  # (a random port could be another worker's: review21)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
 
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OMP_NUM_THREADS": "1"}
-    res = run_python([str(script), str(random.randint(20000, 40000))], timeout=120, env=env)
+    res = run_python([str(script), str(free_port())], timeout=120, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "FSDP1 TaoCache: 2 of 10 steps skipped" in res.stdout and "FSDP2 TaoCache: 2 of 10 steps skipped" in \
         res.stdout
     # FSDP1 with use_orig_params on 2 ranks: each rank's inner module holds its own shard (other shapes per rank)
     script = tmp_path / "two.py"
     script.write_text(TWO_RANKS_SCRIPT)
-    res = run_python([str(script), str(random.randint(20000, 40000))], timeout=180, env=env)
+    res = run_python([str(script), str(free_port())], timeout=180, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("TaoCache: 2 of 10 steps skipped") == 2, res.stdout
 
@@ -339,21 +344,30 @@ def test_the_explicit_recorder_records_the_model_and_a_continued_lut_is_not_stam
 def test_a_compiled_model_is_recorded_as_the_model_it_compiles(tmp_path, capsys):
     """``pipe.transformer = torch.compile(pipe.transformer)`` was recorded as model OptimizedModule with another
     architecture fingerprint, so a LUT made without compile was refused on the compiled pipeline and the reverse
-    (diffusersuser, 2026-11-28); a LUT recorded so is compared without them (said as not recorded)."""
+    (diffusersuser, 2026-11-28); a LUT recorded so is checked as the wrapper of the run's model, and where that model
+    is not at hand, said as not checked (it was said as recording no model: review21)."""
     from taohooks.launcher.integration import identity_of_model
+    from taohooks.runtime.loop import LoopSpec
+    from taohooks.taocache.cache import check_run
+    from taohooks.taocache.identity import compiled_fingerprint
     from taohooks.taocache.lut import CalibrationLUT
 
     model = Model()
     assert identity_of_model(torch.compile(model)) == identity_of_model(model)
     generate(TaoCache(config(tmp_path)), Model(), prompts=2)
     lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
-    lut.identity.update(model="OptimizedModule", architecture="000000000000")  # as such a LUT holds them
+    lut.identity.update(model="OptimizedModule", architecture=compiled_fingerprint(model))  # as such a LUT has them
     lut.save(tmp_path / "lut.safetensors")
     capsys.readouterr()
     cache = TaoCache(config(tmp_path))
     generate(cache, Model())
     assert "2 of 10 steps skipped" in cache.summary()
-    assert "records no model, architecture of its calibrating run" in capsys.readouterr().err
+    assert "cannot be checked" not in capsys.readouterr().err  # (checked: the wrapper of this model)
+    check_run(config(tmp_path), CalibrationLUT.load(tmp_path / "lut.safetensors"), LoopSpec(STEPS, ("main",)),
+              identity_of_model(model))  # (no model given)
+    err = capsys.readouterr().err
+    assert ("records torch.compile's wrapper, not the model (a LUT of before 2026-11-28), so this run's (model "
+            f"'Model', architecture '{identity_of_model(model)['architecture']}') cannot be checked against it") in err
 
 
 def test_a_lut_of_another_model_says_so_before_its_streams(tmp_path):
@@ -380,13 +394,14 @@ def test_an_unfinished_lut_that_recorded_the_compile_wrapper_is_finished_and_mer
     """An unfinished LUT recorded (before 2026-11-28) on a compiled transformer holds torch.compile's wrapper as its
     model: the recorder's resume check and ``taocache merge`` compared the wrapper's class and fingerprint, so it
     could be neither finished nor merged (review20); the result records the model."""
+    from taohooks.taocache.identity import compiled_fingerprint
     from taohooks.taocache.lut import CalibrationLUT
 
     generate(TaoCache(config(tmp_path, prompts=3)), Model(), prompts=1)  # 1 of 3 prompts: unfinished
     lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
     assert lut.num_prompts == 1
     recorded_model = lut.identity["model"], lut.identity["architecture"]
-    lut.identity.update(model="OptimizedModule", architecture="000000000000")  # as such a LUT holds them
+    lut.identity.update(model="OptimizedModule", architecture=compiled_fingerprint(Model()))  # as such a LUT has them
     lut.save(tmp_path / "lut.safetensors")
     lut.save(tmp_path / "wrapper.safetensors")
     generate(TaoCache(config(tmp_path, prompts=3)), Model(), prompts=1)  # continued: 2 of 3
@@ -398,6 +413,53 @@ def test_an_unfinished_lut_that_recorded_the_compile_wrapper_is_finished_and_mer
         assert merged.num_prompts == 3
         assert (merged.identity["model"], merged.identity["architecture"]) == recorded_model
 
+
+
+def test_the_compile_wrapper_s_fingerprint_is_computed_from_its_model():
+    """What a LUT recorded for a compiled model before 2026-11-28 holds, from the model alone: checked against the
+    real wrapper's, with parameters and with a diffusers-like config."""
+    from taohooks.taocache.identity import architecture_fingerprint, compiled_fingerprint
+
+    class Configured(Model):
+        config = {"layers": 2, "width": 8, "_private": 1}
+
+    for model in (Model(), Configured()):
+        wrapper = torch.compile(model)
+        assert architecture_fingerprint(wrapper) == compiled_fingerprint(model) == compiled_fingerprint(wrapper)
+        assert compiled_fingerprint(model) != architecture_fingerprint(model)
+
+
+def test_a_lut_that_recorded_another_model_s_compile_wrapper_is_neither_continued_nor_used(tmp_path):
+    """Its model and architecture were not compared at all: continued by a model of another architecture, the LUT
+    then recorded that model for prompts of another (review21)."""
+    from taohooks.taocache.identity import compiled_fingerprint
+    from taohooks.taocache.lut import CalibrationLUT
+
+    generate(TaoCache(config(tmp_path, prompts=3)), Model(), prompts=1)
+    lut = CalibrationLUT.load(tmp_path / "lut.safetensors")
+    lut.identity.update(model="OptimizedModule", architecture=compiled_fingerprint(Model()))
+    lut.save(tmp_path / "lut.safetensors")
+    deeper = Model()
+    deeper.blocks.append(nn.Linear(8, 8))  # (the same class and output: another architecture)
+    for prompts in (3, 1):  # continued (1 of 3), then used as complete (1 of 1)
+        with pytest.raises(LUTMismatchError, match="recorded torch.compile's wrapper of a model of another arch"):
+            generate(TaoCache(config(tmp_path, prompts=prompts)), deeper, prompts=1)
+    assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 1
+    generate(TaoCache(config(tmp_path, prompts=1)), Model())  # its own model: used, without a notice
+
+
+def test_a_wrapper_lut_merged_with_one_without_architecture_records_none(tmp_path):
+    """Merged with a LUT calibrated under FSDP (no architecture), the wrapper's fingerprint stayed next to the
+    model's class, and the merged LUT refused that very model (review21)."""
+    from taohooks.taocache.identity import compiled_fingerprint
+    from taohooks.taocache.lut import CalibrationLUT
+
+    generate(TaoCache(config(tmp_path, prompts=3)), Model(), prompts=1)
+    wrapper, sharded = (CalibrationLUT.load(tmp_path / "lut.safetensors") for _ in range(2))
+    wrapper.identity.update(model="OptimizedModule", architecture=compiled_fingerprint(Model()))
+    del sharded.identity["architecture"]
+    for merged in (wrapper.merge(sharded), sharded.merge(wrapper)):
+        assert merged.identity["model"] == "Model" and "architecture" not in merged.identity
 
 
 def test_a_lut_of_another_frame_count_is_not_said_as_only_another_model(tmp_path):

@@ -24,7 +24,7 @@ from ..config import PlanConfig, TaoCacheConfig, validate_against_steps, check_p
 from .extrapolation import TaoCacheCallback
 from ..runtime.hook import DenoiserHook
 from .identity import accept_name, accept_names, describe_differences, differences, is_sharded, model_identity
-from .identity import comparable as comparable_identity, unrecorded as unrecorded_keys
+from .identity import comparable as comparable_identity, recorded_the_wrapper, unrecorded as unrecorded_keys
 from .lut_format import check_identity
 from ..runtime.io import check_writable, special_file_kind
 from ..runtime.loop import LoopSpec
@@ -278,11 +278,13 @@ def sampler_label(config: TaoCacheConfig) -> Optional[str]:
 
 
 def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
-              identity: Optional[Mapping[str, Any]] = None, continued: bool = False) -> None:
+              identity: Optional[Mapping[str, Any]] = None, continued: bool = False,
+              model: Optional[nn.Module] = None) -> None:
     """Raise :class:`LUTMismatchError` naming every way ``lut`` does not fit this run: steps,
     streams, the config's ``model_id``/``calibration.sampler`` labels, and the recorded identity. ``continued``: the
-    run adds its prompts to ``lut`` (unfinished), which ``calibration.accept`` does not cover."""
-    recorded = comparable_identity(getattr(lut, "identity", None) or {})
+    run adds its prompts to ``lut`` (unfinished), which ``calibration.accept`` does not cover. ``model``: the run's,
+    against which a LUT that recorded torch.compile's wrapper is checked (without it, its model is not)."""
+    recorded = comparable_identity(getattr(lut, "identity", None) or {}, model)
     try:
         lut.check(loop, config.model_id, sampler_label(config))
     except LUTMismatchError as exc:  # (a LUT of another model: said first, not as its steps or streams alone)
@@ -305,7 +307,13 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
                       for g in dict.fromkeys(map(accept_name, unrecorded))}
             names = [keys[0] if len(keys) == 1 else f"{g}.*" for g, keys in groups.items()]
             values = ", ".join(f"{k} {identity[k]!r}" for k in names if k in identity)  # (a group's keys: no values)
-            messages.notice(f"{lut._name()} records no {', '.join(names)} of its calibrating run, so "
+            if recorded_the_wrapper(lut.identity) and {"model", "architecture"} & set(unrecorded):
+                others = [n for n in names if n not in ("model", "architecture")]
+                what = "torch.compile's wrapper, not the model (a LUT of before 2026-11-28)" + (
+                    f", and no {', '.join(others)} of its calibrating run" if others else "")
+            else:
+                what = f"no {', '.join(names)} of its calibrating run"
+            messages.notice(f"{lut._name()} records {what}, so "
                             + (f"this run's ({values})" if values else "they")
                             + f" cannot be checked against it{advice}",
                             once=f"unrecorded {lut.source} {unrecorded}")
@@ -314,6 +322,8 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
             return
         where = f" in {config.source}" if config.source else ""
         said = f"{lut._name()} was calibrated on another run: {describe_differences(recorded, identity, keys)}"
+        if recorded_the_wrapper(recorded) and {"model", "architecture"} & set(keys):  # (not this model's wrapper)
+            said += " (it recorded torch.compile's wrapper of a model of another architecture)"
         if continued:  # (accepting a difference would not help: the recorder refuses to mix two runs)
             raise LUTMismatchError(
                 f"{said}: an unfinished LUT ({lut.num_prompts} of {config.calibration.prompts} prompts) is continued "
@@ -496,7 +506,7 @@ class TaoCache:
         if problem:
             raise LUTMismatchError(problem)
         if lut is not None:
-            check_run(cfg, lut, loop, identity, continued=calibrate)
+            check_run(cfg, lut, loop, identity, continued=calibrate, model=module)
         self.recorder = self.callback = None
         if calibrate:
             if cfg.calibration.transfer != "interpolate":  # (else the LUT may serve runs of other step counts)

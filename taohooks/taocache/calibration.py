@@ -189,15 +189,18 @@ class CalibrationRecorder(Callback):
             self._known = CalibrationLUT.empty(loop, self.model_id, self.sampler, self.identity)
         else:
             self._known.check(loop, self.model_id, self.sampler)
-            recorded = comparable(self._known.identity)  # (a LUT that recorded torch.compile's wrapper: not its model)
+            # (a LUT that recorded torch.compile's wrapper: checked as the wrapper of the model attached)
+            recorded = comparable(self._known.identity, getattr(hook, "module", None))
             for key in sorted(set(self.identity) & set(recorded)):
                 if self.identity[key] != recorded[key]:
+                    wrapper = (" (torch.compile's wrapper of a model of another architecture)"
+                               if recorded.get("model") == "OptimizedModule" else "")
                     raise LUTMismatchError(
-                        f"{self._known._name()} was calibrated with {key} {self._known.identity[key]!r}, this run has "
-                        f"{self.identity[key]!r}: an unfinished LUT is continued at the values it began with "
+                        f"{self._known._name()} was calibrated with {key} {self._known.identity[key]!r}{wrapper}, this "
+                        f"run has {self.identity[key]!r}: an unfinished LUT is continued at the values it began with "
                         "(calibration.accept lets a complete LUT serve runs at other values; one LUT never mixes "
                         f"two): finish it at {key} {self._known.identity[key]!r}, or give this run a lut: of its own")
-            self._known = dataclasses.replace(self._known, identity={**self._known.identity, **self.identity})
+            self._known = dataclasses.replace(self._known, identity={**recorded, **self.identity})
         if self._pending is None:
             self._pending = _empty_like(self._known, self.identity)
         self._loop = loop

@@ -66,13 +66,30 @@ def architecture_fingerprint(model: nn.Module) -> str:
 
     From the model's configuration when it has one (diffusers / Wan ``ModelMixin``: unchanged by
     FSDP, which reshapes parameters), else from the names and shapes of its parameters."""
+    return _fingerprint(type(model).__name__, model)
+
+
+def compiled_fingerprint(model: nn.Module) -> str:
+    """The :func:`architecture_fingerprint` that ``torch.compile(model)``'s wrapper has: what a LUT recorded for a
+    compiled model before 2026-11-28 holds (its ``model``: ``OptimizedModule``), computed from the model."""
+    model = _unwrap_compiled(model)
+    return _fingerprint("OptimizedModule", model, prefix="_orig_mod.")
+
+
+def _fingerprint(class_name: str, model: nn.Module, prefix: str = "") -> str:
     config = _config_of(model)
     if config is not None:
         payload = {k: _jsonable(v) for k, v in sorted(config.items()) if not str(k).startswith("_")}
     else:
-        payload = [(name, list(p.shape)) for name, p in model.named_parameters()]
-    text = json.dumps([type(model).__name__, payload], sort_keys=True, default=str)
+        payload = [(prefix + name, list(p.shape)) for name, p in model.named_parameters()]
+    text = json.dumps([class_name, payload], sort_keys=True, default=str)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
 
 
 #: what :func:`weights_fingerprint` says of sharded weights (FSDP, DTensor): a rank holds a shard whose shape
@@ -147,8 +164,7 @@ def model_identity(model: nn.Module) -> Identity:
     float32, as diffusers' Wan transformers keep their norms and time embedding, has a float32 parameter first
     whatever the rest). A LUT recorded before ``dtype.weights`` was is checked on ``dtype`` alone. A
     ``torch.compile`` wrapper is the model it compiles (``pipe.transformer = torch.compile(pipe.transformer)``)."""
-    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        model = model._orig_mod
+    model = _unwrap_compiled(model)
     identity: Identity = {"model": type(model).__name__, "architecture": architecture_fingerprint(model)}
     elements: Dict[str, int] = {}
     for p in model.parameters():
@@ -279,19 +295,36 @@ def differences(recorded: Mapping[str, Any], run: Mapping[str, Any], accept: Ite
     return keys
 
 
-def comparable(recorded: Mapping[str, Any]) -> Dict[str, Any]:
-    """A LUT's identity as it can be compared: without ``model`` and ``architecture`` where they are torch.compile's
-    wrapper's (recorded before 2026-11-28 for a compiled diffusers transformer: not the model's)."""
-    if recorded.get("model") == "OptimizedModule":
-        return {k: v for k, v in recorded.items() if k not in ("model", "architecture")}
-    return dict(recorded)
+def recorded_the_wrapper(recorded: Mapping[str, Any]) -> bool:
+    """Whether a LUT's ``model`` and ``architecture`` are torch.compile's wrapper's (recorded before 2026-11-28 for
+    a compiled model), not the model's."""
+    return recorded.get("model") == "OptimizedModule"
+
+
+def comparable(recorded: Mapping[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """A LUT's identity as it can be compared with a run's. Where it recorded torch.compile's wrapper: with
+    ``model`` (the run's), the model's class and fingerprint if the wrapper's fingerprint is that of ``model``'s
+    wrapper, else as recorded (another model's wrapper: they differ); without ``model`` (or under FSDP, whose
+    shapes are not the model's), without ``model`` and ``architecture`` (they cannot be checked)."""
+    if not recorded_the_wrapper(recorded):
+        return dict(recorded)
+    if model is not None and "architecture" in recorded and not is_sharded(model):
+        model = _unwrap_compiled(model)
+        if recorded["architecture"] != compiled_fingerprint(model):
+            return dict(recorded)
+        return {**recorded, "model": type(model).__name__, "architecture": architecture_fingerprint(model)}
+    return {k: v for k, v in recorded.items() if k not in ("model", "architecture")}
 
 
 def merged_identity(first: Mapping[str, Any], second: Mapping[str, Any]) -> Dict[str, Any]:
     """The identity of two LUTs' statistics together: ``first``'s values over ``second``'s, but ``model`` and
-    ``architecture`` from the one that recorded the model where the other recorded torch.compile's wrapper."""
-    if first.get("model") == "OptimizedModule" and second.get("model") not in (None, "OptimizedModule"):
-        first, second = second, first
+    ``architecture`` only from the one that recorded the model where the other recorded torch.compile's wrapper
+    (none if it recorded no ``architecture``: a LUT calibrated under FSDP)."""
+    for this, other in ((first, second), (second, first)):
+        if recorded_the_wrapper(this) and other.get("model") not in (None, "OptimizedModule"):
+            stripped = {k: v for k, v in this.items() if k not in ("model", "architecture")}
+            first, second = (stripped, second) if this is first else (first, stripped)
+            break
     return {**second, **first}
 
 
