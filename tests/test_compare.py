@@ -953,6 +953,8 @@ def test_the_script_line_is_compared_without_the_flags_no_run_depends_on():
             "--save_file", "x.mp4", "--sample_steps", "40"]
     assert wan(line) == ["generate.py", "--task", "ti2v-5B", "--sample_steps", "40"]
     assert wan(["generate.py", "--prompt_extend_model", "m"]) == ["generate.py", "--prompt_extend_model", "m"]
+    wan22 = target_for("wan22").comparable_script  # (its --size had no default here: review21)
+    assert wan22(["g.py", "--size", "1280*720", "--task", "ti2v-5B"]) == ["g.py", "--task", "ti2v-5B"]
     osp = target_for("opensora_plan").comparable_script  # nargs='+': every value up to the next option
     assert osp(["s.py", "--text_prompt", "a", "b", "--num_frames", "65"]) == ["s.py", "--num_frames", "65"]
     assert wan(["g.py", "--prompt", "a cat", "-c", "cfg.yaml"]) == ["g.py", "-c", "cfg.yaml"]  # a short option ends it
@@ -971,6 +973,8 @@ def test_an_abbreviated_option_is_compared_as_the_option_it_names():
     from taohooks.compare.store import script_difference
     from taohooks.compare.targets import target_for
 
+    wan22 = target_for("wan22").comparable_script  # (its --size had no default here: review21)
+    assert wan22(["g.py", "--size", "1280*720", "--task", "ti2v-5B"]) == ["g.py", "--task", "ti2v-5B"]
     osp = target_for("opensora_plan").comparable_script
     assert osp(["s.py", "--save_img", "out/", "--text_p", "a", "b", "--num_fr", "65"]) == \
         ["s.py", "--num_frames", "65"]
@@ -1000,6 +1004,8 @@ def test_an_option_given_at_its_default_is_compared_as_not_given():
     assert wan(["g.py", "--task", "t2v-14B", "--task", "t2v-1.3B"]) == ["g.py", "--task", "t2v-14B", "--task",
                                                                        "t2v-1.3B"]
     assert wan(["g.py", "--t5_cpu", "--sample_solver", "unipc", "x.yaml"]) == ["g.py", "--t5_cpu", "x.yaml"]
+    wan22 = target_for("wan22").comparable_script  # (its --size had no default here: review21)
+    assert wan22(["g.py", "--size", "1280*720", "--task", "ti2v-5B"]) == ["g.py", "--task", "ti2v-5B"]
     osp = target_for("opensora_plan").comparable_script
     assert osp(["s.py", "--num_sampling_steps", "50", "--sample_method", "PNDM"]) == ["s.py"]
     assert osp(["s.py", "--num_sampling_steps", "100"]) == ["s.py", "--num_sampling_steps", "100"]

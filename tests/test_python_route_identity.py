@@ -481,5 +481,6 @@ def test_a_lut_of_another_frame_count_is_not_said_as_only_another_model(tmp_path
     other = Model(width=4)
     with pytest.raises(LUTMismatchError) as refused:
         TaoCache(config(tmp_path)).attach(other, STEPS, streams=("cond", "uncond"), identity=identity(other, 8))
-    assert "lut.safetensors is of another frame count, or another model (architecture (a fingerprint" in \
-        str(refused.value), str(refused.value)
+    said = str(refused.value)
+    assert "lut.safetensors is of another frame count, or another model (frames (frames generated" in said, said
+    assert "this run 8, the LUT 16; architecture (a fingerprint" in said  # (the counts were not said: review21)

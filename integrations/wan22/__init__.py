@@ -209,7 +209,7 @@ FLAGS = {"task": "--task", "scheduler": "--sample_solver", "shift": "--sample_sh
 # Every option of Wan2.2's generate.py (42bf4cf), so that shortened options resolve as in its parser.
 OPTIONS: Dict[str, Dict[str, Any]] = {
     **{f"--{name}": {} for name in (
-        "size", "ckpt_dir", "offload_model", "save_file", "prompt", "prompt_extend_method",
+        "ckpt_dir", "offload_model", "save_file", "prompt", "prompt_extend_method",
         "prompt_extend_model", "prompt_extend_target_lang", "base_seed", "image",
         "src_root_path", "refert_num", "num_clip", "audio", "tts_prompt_audio", "tts_prompt_text", "tts_text",
         "pose_video", "infer_frames")},
@@ -221,7 +221,7 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
                                                                              "choices": ("unipc", "dpm++")},
     "--sample_steps": {"type": int, "default": None}, "--sample_shift": {"type": float, "default": None},
     "--ulysses_size": {"type": int, "default": 1}, "--sample_guide_scale": {"type": float, "default": None},
-    "--frame_num": {"type": int, "default": None},
+    "--frame_num": {"type": int, "default": None}, "--size": {"default": "1280*720"},  # (its choices: the task's)
 }
 
 

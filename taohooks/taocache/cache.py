@@ -291,9 +291,9 @@ def check_run(config: TaoCacheConfig, lut: CalibrationLUT, loop: LoopSpec,
         other = [k for k in differences(recorded, identity or {}, config.calibration.accept)
                  if k in ("model", "architecture")]
         if other:
-            said = describe_differences(recorded, identity, other)
             frames = other == ["architecture"] and "frames" in recorded and "frames" in (identity or {}) and \
                 recorded["frames"] != identity["frames"]  # (Latte's transformer is built with the frame count)
+            said = describe_differences(recorded, identity, ["frames", *other] if frames else other)
             lead = "is of another frame count, or another model" if frames else "is of another model"
             raise LUTMismatchError(f"{lut._name()} {lead} ({said}); {exc}".replace(
                 f"; {lut._name()} ", "; it ", 1)) from None
