@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_integration_scripts import FIXTURES, Runner, COLD, base_env, config_file, rel_l2, saved_counts
+from prewarmed import RUNNER, base_env
+from test_integration_scripts import FIXTURES, config_file, rel_l2, saved_counts
 
 pytest.importorskip("diffusers")
 
@@ -24,9 +25,7 @@ GUARD = (13, 14)  # the first two low-noise steps at 20 steps, shift 12
 
 @pytest.fixture(scope="module")
 def runner():
-    r = Runner(COLD)
-    yield r
-    r.close()
+    return RUNNER
 
 
 def argv(out: Path, *extra: str, task: str = "t2v-A14B", steps: int = 20):
