@@ -51,6 +51,15 @@ def calibrate(folder, *extra, launcher=("-m", "taohooks.cli"), before=None, chec
     return CalibrationLUT.load(folder / "lut.safetensors"), res
 
 
+def start_ranks(worker, port: int, folder) -> None:
+    """``worker(rank, 2, port, folder)`` in two processes forked from a server that has imported torch and taohooks
+    (multiprocessing's forkserver; a spawned process paid ~6 s of CPU importing them)."""
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "taohooks"])  # (for the server's start)
+    mp.start_processes(worker, args=(2, port, str(folder)), nprocs=2, start_method="forkserver")
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """The LUT of one process on PROMPTS (made once: each calibration costs the suite two Python processes)."""
@@ -138,7 +147,7 @@ def test_sequence_parallel_ranks_take_the_same_decisions(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    start_ranks(_worker, port, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["counts"] == r1["counts"] == {"cond": [7, 3], "uncond": [7, 3]}
     assert torch.equal(r0["out"], r1["out"])
@@ -189,7 +198,7 @@ def test_sequence_parallel_ranks_calibrate_then_skip_together(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_calibrating_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    start_ranks(_calibrating_worker, port, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["counts"] == r1["counts"] == [{"cond": [10, 0], "uncond": [10, 0]}] + 2 * [{"cond": [7, 3],
                                                                                          "uncond": [7, 3]}]
@@ -226,7 +235,7 @@ def test_calibrating_in_a_group_that_says_neither_how_ranks_share_is_warned(tmp_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_unsaid_ranks_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    start_ranks(_unsaid_ranks_worker, port, tmp_path)
     said = torch.load(tmp_path / "said0.pt")
     assert said[0].startswith(f"calibrating {tmp_path}/neither.safetensors in a process group of 2 ranks: only rank "
                               "0's generations are added") and f"set calibration.ranks: own in {tmp_path}/c.yaml" \
@@ -365,7 +374,7 @@ def test_all_reduce_lut_refuses_ranks_that_calibrated_different_runs(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_reducing_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    start_ranks(_reducing_worker, port, tmp_path)
     said = [torch.load(tmp_path / f"said{r}.pt") for r in (0, 1)]
     assert said[0] == said[1] == ("all_reduce_lut: cannot merge: identity 'shift' is 3.0 in rank 0's LUT and 5.0 in "
                                   "rank 1's LUT: the ranks calibrated different runs")
@@ -440,7 +449,7 @@ def test_ranks_still_in_different_streams_reduce_to_a_readable_lut(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_still_stream_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    start_ranks(_still_stream_worker, port, tmp_path)
     for r in (0, 1):
         lut = CalibrationLUT.load(tmp_path / f"lut{r}.safetensors")
         assert (lut.num_prompts, lut.still_prompts, int(lut.cos.count.max())) == (2, 1, 1)
