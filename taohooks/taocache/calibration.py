@@ -35,7 +35,7 @@ from .delta_gram import DEFAULT_HORIZON, DeltaGram, DeltaRing, flatten_per_promp
 from ..runtime.io import atomic_write_bytes, locked
 from ..runtime.loop import LoopSpec
 from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference, merge_problem, unrecorded_prompts
-from .identity import comparable
+from .identity import comparable, recorded_the_wrapper
 from .lut_format import check_identity
 from .stats import RunningMoments
 from ..runtime.structure import flatten_output, float32_leaves, split_batch
@@ -194,7 +194,7 @@ class CalibrationRecorder(Callback):
             for key in sorted(set(self.identity) & set(recorded)):
                 if self.identity[key] != recorded[key]:
                     wrapper = (" (torch.compile's wrapper of a model of another architecture)"
-                               if recorded.get("model") == "OptimizedModule" else "")
+                               if recorded_the_wrapper(recorded) else "")
                     raise LUTMismatchError(
                         f"{self._known._name()} was calibrated with {key} {self._known.identity[key]!r}{wrapper}, this "
                         f"run has {self.identity[key]!r}: an unfinished LUT is continued at the values it began with "

@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import torch
 from torch import nn
 
+from ..runtime.patching import wrapped_modules
+
 __all__ = ["model_identity", "scheduler_identity", "differences", "unrecorded", "comparable", "describe_differences",
            "IdentityMismatch", "accept_name", "accept_names",
            "weights_fingerprint", "call_settings"]
@@ -309,7 +311,7 @@ def comparable(recorded: Mapping[str, Any], model: Optional[nn.Module] = None) -
     if not recorded_the_wrapper(recorded):
         return dict(recorded)
     if model is not None and "architecture" in recorded and not is_sharded(model):
-        model = _unwrap_compiled(model)
+        model = (wrapped_modules(model) or [model])[-1]  # (inside DDP too, as the run's identity is taken)
         if recorded["architecture"] != compiled_fingerprint(model):
             return dict(recorded)
         return {**recorded, "model": type(model).__name__, "architecture": architecture_fingerprint(model)}
