@@ -668,22 +668,30 @@ def test_diagnose_passes_every_rendered_clip_and_reads_a_checkpoint(tmp_path, ca
 
 def test_echoing_batches_reuse_the_last_batch_only_while_rendering_lags():
     """A source slower than the consumer: each fresh batch is handed out, then again up to max_echo times, then
-    the consumer waits for the next; a source that keeps up: no batch twice."""
+    the consumer waits for the next; a source that keeps up: no batch twice. (The source is gated by the test, not
+    timed: sleeps of 50-300 ms were the only guarantee, which a loaded machine need not keep.)"""
+    import threading
     import time
 
+    gates = [threading.Event() for _ in range(3)]
+
     def slow():
-        for i in range(3):
-            time.sleep(0.3)
+        for i, gate in enumerate(gates):
+            gate.wait(30)
             yield i
 
     echo = train_scenes.EchoingBatches(slow(), max_echo=2)
-    assert [next(echo) for _ in range(6)] == [0, 0, 0, 1, 1, 1]
+    gates[0].set()
+    assert [next(echo) for _ in range(3)] == [0, 0, 0]  # (batch 1 is not ready: 0 again, twice)
+    gates[1].set()
+    assert [next(echo) for _ in range(3)] == [1, 1, 1]  # (waited for it, then again twice)
     assert (echo.fresh, echo.echoed) == (2, 4)
+    gates[2].set()
     fast = train_scenes.EchoingBatches(iter(range(100)), max_echo=2)
-    seen = []
-    for _ in range(5):
-        time.sleep(0.05)  # the filling thread is far ahead
-        seen.append(next(fast))
+    deadline = time.monotonic() + 30
+    while not fast._queue.full() and time.monotonic() < deadline:  # the filling thread ahead: 8 batches ready
+        time.sleep(0.01)
+    seen = [next(fast) for _ in range(5)]
     assert seen == [0, 1, 2, 3, 4] and fast.echoed == 0
     for it in (echo, fast):
         it.close()
