@@ -95,7 +95,8 @@ class Runner:
         self.server.stdin.flush()
         answer = self.server.stdout.readline()
         if not answer:
-            raise RuntimeError("the pre-warmed runner died")
+            self.close()  # (the next command starts another)
+            raise RuntimeError(f"the pre-warmed runner died running {argv}")
         answer = json.loads(answer)
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
         if answer["timed_out"]:
@@ -104,7 +105,10 @@ class Runner:
 
     def close(self) -> None:
         if self.server is not None:
-            self.server.stdin.close()
+            try:
+                self.server.stdin.close()
+            except OSError:  # (a server that died)
+                pass
             try:
                 self.server.wait(timeout=30)
             except subprocess.TimeoutExpired:
