@@ -86,14 +86,19 @@ class Runner:
             res = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True,
                                  timeout=timeout)
             return Result(res.returncode, res.stdout, res.stderr)
+        if self.server is not None and self.server.poll() is not None:
+            self.close()  # (it died after its last command: start another)
         if self.server is None:
             self._start()
         out, err = Path(self._outputs) / "stdout.txt", Path(self._outputs) / "stderr.txt"
         request = dict(argv=argv, cwd=str(Path(cwd or os.getcwd()).resolve()), env=env, stdout=str(out),
                        stderr=str(err), timeout=timeout)
-        self.server.stdin.write(json.dumps(request) + "\n")
-        self.server.stdin.flush()
-        answer = self.server.stdout.readline()
+        try:
+            self.server.stdin.write(json.dumps(request) + "\n")
+            self.server.stdin.flush()
+            answer = self.server.stdout.readline()
+        except OSError:
+            answer = ""
         if not answer:
             self.close()  # (the next command starts another)
             raise RuntimeError(f"the pre-warmed runner died running {argv}")
