@@ -376,6 +376,14 @@ def _cmd_merge(args) -> int:
             f"error statistics of {path} (delta products up to {have} steps apart, for plan.rule: auto): "
             f"{', '.join(short)} {'has' if len(short) == 1 else 'have'} prompts without them or with a shorter "
             f"horizon. Calibrate those with calibration.error_horizon: {have}, or pass --drop-error-statistics")
+    from .runtime import messages
+    from .taocache.identity import recorded_the_wrapper
+
+    wrapped = [p for p, lut in zip(args.luts, inputs) if lut.num_prompts and recorded_the_wrapper(lut.identity)]
+    if wrapped and len(wrapped) < sum(1 for lut in inputs if lut.num_prompts):  # (the others' model is taken)
+        messages.notice(f"taocache merge: {', '.join(wrapped)} recorded torch.compile's wrapper, not the model (a LUT "
+                        "of before 2026-11-28): that its prompts are of the other inputs' model cannot be checked "
+                        "here (a run checks the merged LUT's model against its own)")
     check_writable(out)
     same = [p for p in args.luts if Path(p).exists() and out.exists() and os.path.samefile(p, out)]
     with locked(out):

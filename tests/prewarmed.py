@@ -8,7 +8,8 @@ does as the interpreter would). What a fork cannot be is kept a fresh interprete
 
 * ``-c CODE`` and interpreter options (start-up itself is what those test);
 * an environment that sets ``TAOHOOKS_CONFIG`` (the autoload ``.pth`` acts at start-up) or differs from the
-  server's in a ``PYTHON*`` (but ``PYTHONPATH``), ``TORCH*``, ``CUDA*`` or ``MKL*`` variable;
+  server's in a variable read at start-up (``_STARTUP_PREFIXES``: ``PYTHON*``, ``PYTORCH*``, ``HF_*``, locale, ...;
+  but ``PYTHONPATH`` and the thread counts, which the child applies);
 * ``TAOHOOKS_TEST_COLD=1``, and systems without ``fork``.
 Tests that signal a process, or run two at once, start it with ``subprocess`` themselves.
 """
@@ -28,7 +29,11 @@ SERVER = Path(__file__).parent / "fixtures" / "prewarmed_runner.py"
 # fork() after importing torch is fine on Linux (no CUDA, no OpenMP pool started in the server)
 COLD = bool(os.environ.get("TAOHOOKS_TEST_COLD")) or not hasattr(os, "fork") or sys.platform != "linux"
 TIMEOUT = 300
-_STARTUP_PREFIXES = ("PYTHON", "TORCH", "CUDA", "MKL")
+# what the interpreter, torch, numpy, huggingface_hub or diffusers read when the server imports them: a command whose
+# environment differs in one of these runs cold (but PYTHONPATH and the thread counts, which the child applies)
+_STARTUP_PREFIXES = ("PYTHON", "TORCH", "PYTORCH", "CUDA", "MKL", "OMP_", "KMP_", "OPENBLAS", "HF_", "HUGGINGFACE",
+                     "DIFFUSERS", "TRANSFORMERS", "LD_", "LC_", "LANG")
+_APPLIED = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def base_env(**extra: str) -> Dict[str, str]:
@@ -75,8 +80,8 @@ class Runner:
                 or argv[:2] == ["-m", "torch.distributed.run"]):  # (torchrun: its agent and signals, as they are)
             return True
         server = self._env if self.server is not None else _server_env()
-        keys = {k for k in (*env, *server) if k.startswith(_STARTUP_PREFIXES) and k != "PYTHONPATH"}
-        return any(env.get(k) != server.get(k) for k in keys if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+        keys = {k for k in (*env, *server) if k.startswith(_STARTUP_PREFIXES) and k not in _APPLIED}
+        return any(env.get(k) != server.get(k) for k in keys)
 
     def __call__(self, argv: Sequence, cwd, env: Optional[Mapping[str, str]] = None, cold: Optional[bool] = None,
                  timeout: float = TIMEOUT) -> Result:
@@ -90,7 +95,7 @@ class Runner:
             self.close()  # (it died after its last command: start another)
         if self.server is None:
             self._start()
-        out, err = Path(self._outputs) / "stdout.txt", Path(self._outputs) / "stderr.txt"
+        out, err = (Path(tempfile.mkstemp(dir=self._outputs, suffix=f".{name}")[1]) for name in ("out", "err"))
         request = dict(argv=argv, cwd=str(Path(cwd or os.getcwd()).resolve()), env=env, stdout=str(out),
                        stderr=str(err), timeout=timeout)
         try:
@@ -104,6 +109,7 @@ class Runner:
             raise RuntimeError(f"the pre-warmed runner died running {argv}")
         answer = json.loads(answer)
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        out.unlink(), err.unlink()
         if answer["timed_out"]:
             raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, stdout, stderr)
         return Result(answer["rc"], stdout, stderr)

@@ -53,7 +53,9 @@ def calibrate(folder, *extra, launcher=("-m", "taohooks.cli"), before=None, chec
 
 def start_ranks(worker, port: int, folder) -> None:
     """``worker(rank, 2, port, folder)`` in two processes forked from a server that has imported torch and taohooks
-    (multiprocessing's forkserver; a spawned process paid ~6 s of CPU importing them)."""
+    (multiprocessing's forkserver; a spawned process paid ~6 s of CPU importing them). The server is started once
+    per test process: its children have the environment, working directory and stdout/stderr of the first test
+    that started it (not this test's capfd or monkeypatch.setenv): workers report through files in ``folder``."""
     import multiprocessing
 
     multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "taohooks"])  # (for the server's start)

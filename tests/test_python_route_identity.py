@@ -462,6 +462,24 @@ def test_a_wrapper_lut_merged_with_one_without_architecture_records_none(tmp_pat
         assert merged.identity["model"] == "Model" and "architecture" not in merged.identity
 
 
+def test_taocache_merge_says_a_wrapper_lut_s_model_cannot_be_checked(tmp_path, capsys):
+    """``taocache merge`` has no model to check a wrapper LUT's prompts against: it merged one with a LUT of
+    another architecture without a word, the result labelled as the other's (review22)."""
+    from taohooks.cli import main
+    from taohooks.taocache.identity import compiled_fingerprint
+    from taohooks.taocache.lut import CalibrationLUT
+
+    generate(TaoCache(config(tmp_path, prompts=3)), Model(), prompts=1)
+    wrapper = CalibrationLUT.load(tmp_path / "lut.safetensors")
+    wrapper.identity.update(model="OptimizedModule", architecture=compiled_fingerprint(Model()))
+    wrapper.save(tmp_path / "wrapper.safetensors")
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "wrapper.safetensors"), str(tmp_path / "lut.safetensors"), "-o",
+                 str(tmp_path / "merged.safetensors")]) == 0
+    assert ("wrapper.safetensors recorded torch.compile's wrapper, not the model (a LUT of before 2026-11-28): that "
+            "its prompts are of the other inputs' model cannot be checked here") in capsys.readouterr().err
+
+
 def test_a_lut_of_another_frame_count_is_not_said_as_only_another_model(tmp_path):
     """Latte's script builds its transformer with the YAML's video_length, so another frame count changes the
     architecture fingerprint: the lead-in said "is of another model" alone (review20)."""
