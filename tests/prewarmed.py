@@ -49,6 +49,12 @@ def _server_env() -> Dict[str, str]:
     return {k: v for k, v in base_env().items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
+def _new_file(folder: str, suffix: str) -> Path:
+    handle, path = tempfile.mkstemp(dir=folder, suffix=f".{suffix}")
+    os.close(handle)
+    return Path(path)
+
+
 @dataclass
 class Result:
     returncode: int
@@ -95,7 +101,7 @@ class Runner:
             self.close()  # (it died after its last command: start another)
         if self.server is None:
             self._start()
-        out, err = (Path(tempfile.mkstemp(dir=self._outputs, suffix=f".{name}")[1]) for name in ("out", "err"))
+        out, err = (_new_file(self._outputs, name) for name in ("out", "err"))  # (a pair per command)
         request = dict(argv=argv, cwd=str(Path(cwd or os.getcwd()).resolve()), env=env, stdout=str(out),
                        stderr=str(err), timeout=timeout)
         try:
