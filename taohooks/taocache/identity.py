@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import torch
 from torch import nn
 
-from ..runtime.patching import wrapped_modules
+from ..runtime.patching import unwrap_model
 
 __all__ = ["model_identity", "scheduler_identity", "differences", "unrecorded", "comparable", "describe_differences",
            "IdentityMismatch", "accept_name", "accept_names",
@@ -311,22 +311,28 @@ def comparable(recorded: Mapping[str, Any], model: Optional[nn.Module] = None) -
     if not recorded_the_wrapper(recorded):
         return dict(recorded)
     if model is not None and "architecture" in recorded and not is_sharded(model):
-        model = (wrapped_modules(model) or [model])[-1]  # (inside DDP too, as the run's identity is taken)
+        model = unwrap_model(model, compiled=True)  # (inside DDP too, as the run's identity is taken)
         if recorded["architecture"] != compiled_fingerprint(model):
             return dict(recorded)
         return {**recorded, "model": type(model).__name__, "architecture": architecture_fingerprint(model)}
-    return {k: v for k, v in recorded.items() if k not in ("model", "architecture")}
+    return _without_model(recorded)
+
+
+def _without_model(identity: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in identity.items() if k not in ("model", "architecture")}
 
 
 def merged_identity(first: Mapping[str, Any], second: Mapping[str, Any]) -> Dict[str, Any]:
     """The identity of two LUTs' statistics together: ``first``'s values over ``second``'s, but ``model`` and
     ``architecture`` only from the one that recorded the model where the other recorded torch.compile's wrapper
     (none if it recorded no ``architecture``: a LUT calibrated under FSDP)."""
-    for this, other in ((first, second), (second, first)):
-        if recorded_the_wrapper(this) and other.get("model") not in (None, "OptimizedModule"):
-            stripped = {k: v for k, v in this.items() if k not in ("model", "architecture")}
-            first, second = (stripped, second) if this is first else (first, stripped)
-            break
+    def recorded_the_model(identity: Mapping[str, Any]) -> bool:
+        return identity.get("model") is not None and not recorded_the_wrapper(identity)
+
+    if recorded_the_wrapper(first) and recorded_the_model(second):
+        first = _without_model(first)
+    elif recorded_the_wrapper(second) and recorded_the_model(first):
+        second = _without_model(second)
     return {**second, **first}
 
 
