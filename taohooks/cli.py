@@ -142,7 +142,7 @@ def _plan_overrides(args, plan: PlanConfig) -> PlanConfig:
              ("tau_cos", "tau_cos"), ("lam", "lambda_"), ("gamma", "gamma"), ("refresh_every", "refresh_every"),
              ("ratio", "ratio"), ("rule", "rule"), ("coefficient", "coefficient"), ("pattern", "pattern"),
              ("min_gap", "min_gap"), ("protect_last", "protect_last"), ("refresh", "refresh"),
-             ("error_weights", "error_weights"))
+             ("error_weights", "error_weights"), ("guidance_scale", "guidance_scale"))
     for name, field_name in names:
         value = getattr(args, name)
         if value is not None:
@@ -278,10 +278,11 @@ def _print_predictions(plan, plan_cfg: PlanConfig, steps: int, streams, lut, gua
     that rule would run) and its predicted error."""
     from .taocache.error_plan import error_model_of, predict_plan
 
-    model, why = error_model_of(lut, plan_cfg.error_weights)
+    model, why = error_model_of(lut, plan_cfg.error_weights, plan_cfg.guidance_scale)
     carried = " (from the carried LUT's interpolated products)" if "(carried from" in (lut.source or "") else ""
     said = predict_plan(plan, model).describe().replace("predicted error: ", "")
-    print(f"# predicted error (open loop, sampler weights: {why}){carried}: {said}")
+    guided = f", of the guided output at scale {plan_cfg.guidance_scale:g}" if plan_cfg.guidance_scale else ""
+    print(f"# predicted error (open loop, sampler weights: {why}{guided}){carried}: {said}")
     if plan_cfg.budget is None:  # manual steps (--window, --skip-steps): no other rule's plan to set beside them
         return
     other_rule = "paper" if plan_cfg.rule == "auto" else "auto"
@@ -752,6 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protect-last", type=int, help="rule auto: the last steps never skipped (default 0)")
     p.add_argument("--error-weights", choices=("auto", "flow", "ddpm", "uniform"),
                    help="rule auto: how each step's output enters the final latent (default: from the LUT)")
+    p.add_argument("--guidance-scale", type=float, help="predict (rule auto: minimise) the error of the guided output "
+                   "uncond + s (cond - uncond) at the script's scale s (default: each stream's error, averaged)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("plot", help="plot cos similarity and norm ratio per step (matplotlib)")

@@ -141,6 +141,7 @@ class PlanConfig:
     min_gap: int = 2                        # rule auto: computed steps between chains (>= 2)
     protect_last: int = 0                   # rule auto: the last steps never skipped
     error_weights: str = "auto"             # rule auto: sampler weights auto | flow | ddpm | uniform
+    guidance_scale: Optional[float] = None  # the script's CFG scale: predicted errors of the guided output (null: streams')
 
     def validate(self, err) -> None:
         b = self.budget
@@ -190,6 +191,9 @@ class PlanConfig:
                                 "(one computed step between two skips is a refresh inside a chain)")
         if not 0 <= self.protect_last <= MAX_STEPS:
             err("plan.protect_last", f"expected a number of steps >= 0, got {self.protect_last}")
+        if self.guidance_scale is not None and not 0 < self.guidance_scale < math.inf:  # NaN too
+            err("plan.guidance_scale", f"expected the classifier-free guidance scale the script runs at (a finite "
+                                       f"number > 0, e.g. 5.0; null: each stream's error), got {self.guidance_scale}")
         if self.rule == "paper":
             changed = [key for key, value, default in (("pattern", self.pattern, "auto"), ("min_gap", self.min_gap, 2),
                                                        ("protect_last", self.protect_last, 0),

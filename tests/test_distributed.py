@@ -82,6 +82,8 @@ def test_two_process_calibration_equals_one_process(tmp_path, single):
     # the error statistics too (they were dropped): rank 0 had prompts 1, 3, 5 and rank 1 prompts 2, 4
     assert sharded.deltas is not None and sharded.deltas.numel == single.deltas.numel
     assert torch.allclose(sharded.deltas.gram, single.deltas.gram[[0, 2, 4, 1, 3]], equal_nan=True)
+    assert single.deltas.cross is not None  # (cond x uncond products: gathered with the rest)
+    assert torch.allclose(sharded.deltas.cross, single.deltas.cross[[0, 2, 4, 1, 3]], equal_nan=True)
 
 
 def test_data_parallel_calibration_under_torchrun(tmp_path, single):

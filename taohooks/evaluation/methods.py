@@ -30,7 +30,7 @@ from .testbed_model import TestbedModel, modulated_input
 __all__ = ["Calibration", "calibrate", "run_with", "paired_speedup", "Run", "METHODS", "build_method",
            "hybrid_tao_skips", "match_threshold", "CallCounter"]
 
-METHODS = ("taocache", "taocache-auto", "teacache", "magcache", "easycache", "taoskip+tearesidual", "hybrid",
+METHODS = ("taocache", "taocache-auto", "taocache-auto-guided", "teacache", "magcache", "easycache", "taoskip+tearesidual", "hybrid",
            "pab+taocache")
 
 
@@ -191,22 +191,27 @@ class Built:
     info: Dict[str, object] = field(default_factory=dict)
 
 
-def _tao(tm: TestbedModel, cal: Calibration, skips: int, rule: str = "paper") -> Tuple[SkipPlan, TaoCacheCallback]:
+def _tao(tm: TestbedModel, cal: Calibration, skips: int, rule: str = "paper",
+         guided: bool = False) -> Tuple[SkipPlan, TaoCacheCallback]:
     loop = tm.loop()
     config = PlanConfig(budget=skips, rule=rule)
     if rule == "auto":
         config.error_weights = "ddpm" if tm.prediction == "eps" else "flow"
+    if guided and len(loop.streams) == 2:
+        config.guidance_scale = tm.guidance_scale
     plan = make_plan(config, loop.steps, loop.streams, cal.lut)
     return plan, TaoCacheCallback(plan, cal.lut.timesteps)
 
 
-def _predicted_psnr(tm: TestbedModel, cal: Calibration, plan: SkipPlan):
-    """The open-loop predicted PSNR of a plan (:mod:`taohooks.taocache.error_model`), or None without products."""
+def _predicted_psnr(tm: TestbedModel, cal: Calibration, plan: SkipPlan, guided: bool = False):
+    """The open-loop predicted PSNR of a plan (:mod:`taohooks.taocache.error_model`; of the guided output with
+    ``guided``), or None without products."""
     from ..taocache.error_plan import error_model_of, predict_plan
 
     if cal.lut.deltas is None:
         return None
-    model, _ = error_model_of(cal.lut, "ddpm" if tm.prediction == "eps" else "flow")
+    model, _ = error_model_of(cal.lut, "ddpm" if tm.prediction == "eps" else "flow",
+                              tm.guidance_scale if guided else None)
     psnr = predict_plan(plan, model).psnr
     return round(psnr, 3) if psnr == psnr and psnr != float("inf") else None
 
@@ -236,10 +241,13 @@ def build_method(name: str, tm: TestbedModel, cal: Calibration, skips: int, sear
             measured[key] = fraction
         return fraction
 
-    if name in ("taocache", "taocache-auto"):
-        plan, tao = _tao(tm, cal, skips, "auto" if name == "taocache-auto" else "paper")
+    if name in ("taocache", "taocache-auto", "taocache-auto-guided"):
+        guided = name == "taocache-auto-guided"  # (plan.guidance_scale: the guided output's error, minimised)
+        plan, tao = _tao(tm, cal, skips, "paper" if name == "taocache" else "auto", guided)
         info = {"window": plan.window, "predicted_psnr": _predicted_psnr(tm, cal, plan)}
-        if name == "taocache-auto":
+        if guided:
+            info["predicted_guided_psnr"] = _predicted_psnr(tm, cal, plan, guided=True)
+        if name != "taocache":
             info["skipped_steps"] = list(plan.skipped_steps)
             info["refresh_steps"] = list(plan.refresh_steps)
         return Built([tao], info)

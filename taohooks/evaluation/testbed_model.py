@@ -114,6 +114,14 @@ class TestbedModel:
     def sampler(self) -> str:
         return "ddim" if self.prediction == "eps" else "unipc"
 
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance scale its sampler runs at."""
+        from ..testbed import sampling
+
+        default = sampling.DEFAULT_EPS_GUIDANCE if self.prediction == "eps" else sampling.DEFAULT_FLOW_GUIDANCE
+        return float(getattr(self, "guidance", default))
+
     def loop(self) -> LoopSpec:
         if self.prediction == "eps":
             return LoopSpec(self.steps, ("uncond", "cond"), split_batch=True)

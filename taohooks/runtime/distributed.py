@@ -124,7 +124,8 @@ def _gather_deltas(lut: CalibrationLUT, group) -> Optional[DeltaGram]:
     """Every rank's delta products together (as :meth:`CalibrationLUT.merge` joins them: none if a rank
     has prompts without products, the shortest horizon otherwise)."""
     parts: List[object] = [None] * dist.get_world_size(group)
-    mine = None if lut.deltas is None else (lut.deltas.gram.cpu(), tuple(lut.deltas.numel))
+    mine = None if lut.deltas is None else (lut.deltas.gram.cpu(), tuple(lut.deltas.numel),
+                                            None if lut.deltas.cross is None else lut.deltas.cross.cpu())
     dist.all_gather_object(parts, (lut.num_prompts, mine), group=group)
     grams = []
     for prompts, part in parts:

@@ -83,10 +83,10 @@ def check_batch_leaves(leaves: List[Tensor], call) -> None:
 class _StreamHistory:
     __slots__ = ("eps", "delta", "earlier")
 
-    def __init__(self, horizon: int = 0):
+    def __init__(self, horizon: int = 0, keep: Optional[int] = None):
         self.eps: Optional[List[Tensor]] = None
         self.delta: Optional[List[Tensor]] = None
-        self.earlier = DeltaRing(horizon) if horizon else None  # the last deltas, for their products
+        self.earlier = DeltaRing(horizon, keep) if horizon else None  # the last deltas, for their products
 
 
 def shape_change(before: List[Tensor], now: List[Tensor]) -> Optional[str]:
@@ -121,6 +121,7 @@ class _Generation:
         self.calls = 0
         self.bad: Optional[Tuple[str, int, str]] = None  # first (stream, step, what) that was not finite
         self.gram: Optional[Tensor] = None  # [prompts, streams, steps, horizon + 1] (error_horizon > 0)
+        self.cross: Optional[Tensor] = None  # [prompts, steps, 2 horizon + 1] (two streams)
         self.numel: List[int] = [0] * len(loop.streams)
 
 
@@ -209,7 +210,9 @@ class CalibrationRecorder(Callback):
         if self.limit is not None and self._known is not None and self._known.num_prompts >= self.limit:
             self._history, self._generation = {}, None  # complete: the LUT takes no more prompts
             return
-        self._history = {s: _StreamHistory(self.error_horizon) for s in hook.loop.streams}
+        # with two streams each keeps one delta more: the other stream's delta of a step may come after its own
+        keep = self.error_horizon + 1 if len(hook.loop.streams) == 2 else None
+        self._history = {s: _StreamHistory(self.error_horizon, keep) for s in hook.loop.streams}
         self._generation = _Generation(hook.loop)
 
     def on_sample_abort(self, hook, sample: int, reason: str) -> None:
@@ -295,16 +298,26 @@ class CalibrationRecorder(Callback):
 
     def _record_products(self, gen: _Generation, s: int, step: int, delta: List[Tensor],
                          history: _StreamHistory, batch_dim: Optional[int]) -> None:
-        """``<D_t, D_{t-j}>`` for ``j = 0..H`` per prompt into the generation's products."""
+        """``<D_t, D_{t-j}>`` for ``j = 0..H`` per prompt into the generation's products; with two streams also
+        the products with the other stream's kept deltas (:class:`DeltaGram`'s ``cross``)."""
         h = self.error_horizon
         flat = flatten_per_prompt(delta, batch_dim)
-        products = history.earlier.products(flat).cpu()  # [B, H + 1]
+        products = history.earlier.products(flat, step).cpu()  # [B, H + 1]
+        steps = gen.timesteps.shape[0]
         if gen.gram is None:
-            shape = (products.shape[0], len(gen.numel), gen.timesteps.shape[0], h + 1)
-            gen.gram = torch.full(shape, float("nan"), dtype=torch.float64)
+            gen.gram = torch.full((products.shape[0], len(gen.numel), steps, h + 1), float("nan"), dtype=torch.float64)
         if products.shape[0] == gen.gram.shape[0]:
             gen.gram[:, s, step] = products
         gen.numel[s] = flat.shape[1]
+        if len(self._history) == 2:
+            other = self._history[list(self._history)[1 - s]].earlier  # (in the loop's stream order)
+            for their_step, product in other.against(flat):
+                first, second = (step, their_step) if s == 0 else (their_step, step)  # <D^0_first, D^1_second>
+                if abs(first - second) > h or product.shape[0] != gen.gram.shape[0]:
+                    continue
+                if gen.cross is None:
+                    gen.cross = torch.full((products.shape[0], steps, 2 * h + 1), float("nan"), dtype=torch.float64)
+                gen.cross[:, first, h + first - second] = product.cpu()
 
     def on_sample_end(self, hook, sample: int) -> None:
         gen, self._generation, self._history = self._generation, None, {}
@@ -332,7 +345,7 @@ class CalibrationRecorder(Callback):
             return
         deltas = None
         if gen.gram is not None and gen.gram.shape[0] == gen.prompts:
-            deltas = DeltaGram(gen.gram, tuple(gen.numel))
+            deltas = DeltaGram(gen.gram, tuple(gen.numel), gen.cross)
         # prompts whose outputs never moved (a zero-initialised output layer: every delta exactly zero) record no
         # value; counted apart, so that the file's counts still add up (the loader calls a LUT whose steps hold
         # fewer values than its prompts edited: the prompts recorded before were lost to it)

@@ -12,6 +12,15 @@ memory): a chain of predictions spanning more steps than that cannot be estimate
 
 Prompts are kept one by one (they merge by concatenation, exactly), so that the spread of an
 error over prompts can be reported as well as its mean.
+
+With exactly two streams (classifier-free guidance's ``cond`` and ``uncond``) calibration also keeps the
+products *between* them, the band of the cross Gram matrix::
+
+    cross[p, t, horizon + j] = <D^0_t, D^1_{t-j}>   for j = -horizon .. horizon
+
+(``D^0`` the LUT's first stream's deltas, ``D^1`` the second's). The guided output ``u + s (c - u)`` has the error
+``s e_c - (s - 1) e_u``, whose squared norm needs them (``plan.guidance_scale``). A prompt calibrated without them
+(an earlier taohooks) has a row of NaN.
 """
 from __future__ import annotations
 
@@ -28,16 +37,32 @@ DEFAULT_HORIZON = 16
 
 @dataclass(frozen=True)
 class DeltaGram:
-    """``gram [prompts, streams, steps, horizon + 1]`` (float64) and the output size per prompt of
-    each stream (``numel``, elements), for mean squared errors."""
+    """``gram [prompts, streams, steps, horizon + 1]`` (float64), the output size per prompt of
+    each stream (``numel``, elements), for mean squared errors, and with two streams the products between them
+    (``cross [prompts, steps, 2 horizon + 1]``, float64, or None: none recorded for any prompt)."""
 
     gram: Tensor
     numel: Tuple[int, ...]
+    cross: Optional[Tensor] = None
 
     @classmethod
     def empty(cls, streams: int, steps: int, horizon: int, numel: Sequence[int] = ()) -> "DeltaGram":
         return cls(torch.full((0, streams, steps, horizon + 1), float("nan"), dtype=torch.float64),
                    tuple(int(n) for n in numel) or (0,) * streams)
+
+    def cross_or_nan(self) -> Tensor:
+        """``cross``, NaN for every prompt where none was recorded."""
+        if self.cross is not None:
+            return self.cross
+        p, t = self.gram.shape[0], self.gram.shape[2]
+        return torch.full((p, t, 2 * self.horizon + 1), float("nan"), dtype=torch.float64)
+
+    @property
+    def cross_prompts(self) -> Tensor:
+        """``[prompts]`` bool: the prompts whose cross-stream products were recorded."""
+        if self.cross is None:
+            return torch.zeros(self.prompts, dtype=torch.bool)
+        return ~self.cross.isnan().all(dim=2).all(dim=1)
 
     @property
     def prompts(self) -> int:
@@ -60,7 +85,23 @@ class DeltaGram:
         h = min(self.horizon, other.horizon) if self.prompts and other.prompts else max(self.horizon, other.horizon)
         parts = [g.gram[..., :h + 1] for g in (self, other) if g.prompts]
         gram = torch.cat(parts) if parts else self.gram[..., :h + 1]
-        return DeltaGram(gram, numel)
+        cross = None
+        if self.cross is not None or other.cross is not None:
+            bands = [g.cross_or_nan()[..., g.horizon - h:g.horizon + h + 1] for g in (self, other) if g.prompts]
+            cross = torch.cat(bands) if bands else None
+        return DeltaGram(gram, numel, cross)
+
+    def cross_dense(self) -> Tensor:
+        """``[prompts, steps, steps]`` ``<D^0_i, D^1_j>`` (NaN beyond the horizon, or where not recorded)."""
+        cross = self.cross_or_nan()
+        p, t, h = self.gram.shape[0], self.gram.shape[2], self.horizon
+        dense = torch.full((p, t, t), float("nan"), dtype=torch.float64)
+        for j in range(-h, h + 1):
+            if max(0, j) >= min(t, t + j):  # (a lag beyond the loop)
+                continue
+            i = torch.arange(max(0, j), min(t, t + j))  # rows whose column i - j is a step
+            dense[:, i, i - j] = cross[:, i, h + j]
+        return dense
 
     def products(self, stream: int) -> "BandProducts":
         """The products of one stream, for :mod:`taohooks.taocache.error_model`."""
@@ -88,38 +129,52 @@ class BandProducts:
 
 
 class DeltaRing:
-    """The last ``horizon`` deltas of one stream, each flattened per prompt (``[B, n]``, float32), in a
-    ring buffer: :meth:`products` returns ``<D, D>`` and ``<D, D_{t-j}>`` for ``j = 1..horizon`` per prompt
-    (float64 sums: the error model subtracts these products from each other, and float32 sums left
-    rounding errors larger than the errors of a good extrapolation; NaN where fewer deltas were kept)
-    and keeps ``D``. Memory: ``horizon`` output-sized float32 tensors, and one float64 one while it
-    computes."""
+    """The last ``keep`` (default ``horizon``) deltas of one stream, each flattened per prompt (``[B, n]``,
+    float32), in a ring buffer: :meth:`products` returns ``<D, D>`` and ``<D, D_{t-j}>`` for ``j = 1..horizon``
+    per prompt (float64 sums: the error model subtracts these products from each other, and float32 sums left
+    rounding errors larger than the errors of a good extrapolation; NaN where fewer deltas were kept) and keeps
+    ``D``; :meth:`against` gives another stream's delta's products with the kept ones (the cross-stream band,
+    which needs ``keep = horizon + 1``: the other stream may be a step ahead). Memory: ``keep`` output-sized
+    float32 tensors, and one float64 one while it computes."""
 
-    def __init__(self, horizon: int):
+    def __init__(self, horizon: int, keep: Optional[int] = None):
         self.horizon = horizon
+        self.keep = max(horizon, keep or horizon)
         self.clear()
 
     def clear(self) -> None:
         self._ring: Optional[Tensor] = None
+        self._steps: List[int] = [-1] * self.keep
         self._count = 0
         self._pos = 0
 
-    def products(self, delta: Tensor) -> Tensor:
-        """``delta [B, n]`` float32 -> ``[B, horizon + 1]`` float64."""
+    def products(self, delta: Tensor, step: int = -1) -> Tensor:
+        """``delta [B, n]`` float32 (of step ``step``) -> ``[B, horizon + 1]`` float64."""
         b = delta.shape[0]
-        h = self.horizon
+        h, k = self.horizon, self.keep
         if self._ring is None or self._ring.shape[1:] != delta.shape or self._ring.device != delta.device:
-            self._ring = torch.empty((h, *delta.shape), dtype=delta.dtype, device=delta.device)
+            self._ring = torch.empty((k, *delta.shape), dtype=delta.dtype, device=delta.device)
             self._count = self._pos = 0
         out = torch.full((b, h + 1), float("nan"), dtype=torch.float64, device=delta.device)
         wide = delta.double()
         out[:, 0] = torch.einsum("bn,bn->b", wide, wide)
-        for lag in range(1, self._count + 1):  # one slot at a time: a float64 copy of the ring would be h outputs
-            out[:, lag] = torch.einsum("bn,bn->b", wide, self._ring[(self._pos - lag) % h].double())
+        for lag in range(1, min(self._count, h) + 1):  # one slot at a time: a float64 copy of the ring is k outputs
+            out[:, lag] = torch.einsum("bn,bn->b", wide, self._ring[(self._pos - lag) % k].double())
         self._ring[self._pos].copy_(delta)
-        self._pos = (self._pos + 1) % h
-        self._count = min(self._count + 1, h)
+        self._steps[self._pos] = step
+        self._pos = (self._pos + 1) % k
+        self._count = min(self._count + 1, k)
         return out
+
+    def against(self, delta: Tensor) -> List[Tuple[int, Tensor]]:
+        """``(step, <delta, D_step>)`` per kept delta (``[B]`` float64 each); ``delta [B, n]`` float32 of the
+        same shape as this ring's (another stream's delta), else nothing."""
+        if self._ring is None or self._ring.shape[1:] != delta.shape or self._ring.device != delta.device:
+            return []
+        wide = delta.double()
+        return [(self._steps[(self._pos - lag) % self.keep],
+                 torch.einsum("bn,bn->b", wide, self._ring[(self._pos - lag) % self.keep].double()))
+                for lag in range(1, self._count + 1)]
 
 
 def flatten_per_prompt(leaves: List[Tensor], batch_dim: Optional[int]) -> Tensor:

@@ -23,7 +23,13 @@ Errors are reported as mean squared error per output element, averaged over stre
 the PSNR of a ``[-1, 1]`` latent with that error (``predicted_psnr``). Under classifier-free guidance
 at scale ``s`` the guided output's error is ``s e_c - (s - 1) e_u``: a stream's where the streams' errors
 are alike, ``s^2 + (s - 1)^2`` times it where they are unrelated and of one size, up to ``(2s - 1)^2``
-times it where they point against each other (no cross-stream products are recorded to tell which).
+times it where they point against each other. Given the scale (:class:`Guidance`, ``plan.guidance_scale``) and
+a LUT with the products between the streams (``DeltaGram.cross``), the model predicts the guided output's error
+itself::
+
+    E ||s F_c - (s - 1) F_u||^2 = s^2 Q_cc + (s - 1)^2 Q_uu - 2 s (s - 1) Q_cu
+
+one quadratic form over both streams' deltas (``Q_cu = sum_ij F_c,i F_u,j <D^c_i, D^u_j>``).
 """
 from __future__ import annotations
 
@@ -31,12 +37,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .delta_gram import DeltaGram
 
-__all__ = ["ChainError", "ErrorModel", "chains_of", "sampler_weights", "predicted_psnr", "WEIGHT_SCHEMES",
+__all__ = ["ChainError", "ErrorModel", "Guidance", "chains_of", "sampler_weights", "predicted_psnr", "WEIGHT_SCHEMES",
            "ddpm_alphas_cumprod"]
 
 WEIGHT_SCHEMES = ("flow", "ddpm", "uniform")
@@ -131,15 +138,36 @@ class ChainError:
     step_errors: Dict[int, float]
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance over a LUT's two streams: the output the sampler uses is
+    ``uncond + scale (cond - uncond)``; ``cond`` and ``uncond`` index the streams."""
+
+    scale: float
+    cond: int
+    uncond: int
+
+    @classmethod
+    def of(cls, streams: Sequence[str], scale: float) -> "Guidance":
+        """The guidance of the streams named ``cond`` and ``uncond`` (ValueError if the LUT has other streams)."""
+        if sorted(streams) != ["cond", "uncond"]:
+            raise ValueError(f"plan.guidance_scale weighs the streams 'cond' and 'uncond', and the LUT has "
+                             f"{', '.join(repr(s) for s in streams)}: leave plan.guidance_scale null (each stream's "
+                             "error, averaged)")
+        return cls(float(scale), list(streams).index("cond"), list(streams).index("uncond"))
+
+
 class ErrorModel:
     """Predicts the error of schedules for one LUT's delta products.
 
     Args:
         gram: the calibrated products.
         weights: ``[steps]`` sampler weights (:func:`sampler_weights`).
+        guidance: predict the guided output's error (the LUT's prompts with cross-stream products); None: each
+            stream's error, averaged over the streams.
     """
 
-    def __init__(self, gram: DeltaGram, weights: Tensor):
+    def __init__(self, gram: DeltaGram, weights: Tensor, guidance: Optional[Guidance] = None):
         if gram.prompts == 0:
             raise ValueError("no delta products recorded (an empty calibration)")
         self.gram = gram
@@ -147,10 +175,22 @@ class ErrorModel:
         self.streams = gram.gram.shape[1]
         self.horizon = gram.horizon
         self.weights = weights.to(torch.float64)
+        self.guidance = guidance
         # the LUT's still prompts (outputs that never moved: every product 0) say nothing of the errors: left out
         # (their zeros were averaged in, a best prompt of inf dB)
         moving = gram.gram[..., 0].nan_to_num(0.0).abs().flatten(1).amax(1) > 0  # [prompts]
-        products = gram.gram[moving] if bool(moving.any()) else gram.gram
+        keep = moving if bool(moving.any()) else torch.ones_like(moving)
+        if guidance is not None:
+            keep = keep & gram.cross_prompts
+            if self.streams != 2 or not bool(keep.any()):
+                raise ValueError("the LUT records no products between its two streams' deltas (calibrated by a "
+                                 "taohooks before 2026-11-29, or of one stream), so the guided output's error cannot "
+                                 "be estimated: calibrate a new LUT, or leave plan.guidance_scale null")
+            if gram.numel[guidance.cond] != gram.numel[guidance.uncond]:
+                raise ValueError(f"the LUT's streams have outputs of {gram.numel[guidance.cond]} and "
+                                 f"{gram.numel[guidance.uncond]} elements: no guided output combines them")
+        products = gram.gram[keep]
+        self.prompts_used = int(keep.sum())
         # dense [streams, prompts, steps, steps] <D_i, D_j> (NaN beyond the horizon / unrecorded)
         p, s, t, h = products.shape
         dense = torch.full((s, p, t, t), float("nan"), dtype=torch.float64)
@@ -161,6 +201,31 @@ class ErrorModel:
             dense[:, :, i - j, i] = band
         self.dense = dense
         self.numel = torch.tensor([max(n, 1) for n in gram.numel], dtype=torch.float64)
+        # the quadratic forms whose sum is the error: each stream's, or one over both streams' deltas (guided)
+        if guidance is None:
+            self.terms, self.term_numel, self.term_divisor = dense, self.numel, self.streams
+        else:
+            c, u = guidance.cond, guidance.uncond
+            cross = gram.cross_dense()[keep]  # <D^0_i, D^1_j>
+            cu = cross if c == 0 else cross.transpose(1, 2)  # <D^c_i, D^u_j>
+            joint = torch.cat([torch.cat([dense[c], cu], dim=2), torch.cat([cu.transpose(1, 2), dense[u]], dim=2)],
+                              dim=1)
+            self.terms, self.term_numel, self.term_divisor = joint[None], self.numel[c:c + 1], 1
+
+    def combine(self, per_stream: Sequence[Any]) -> List[Any]:
+        """Each term's vector from the streams' vectors (``[steps]`` tensors or arrays, or slices of them): the
+        streams' own, or ``[s F_c, -(s - 1) F_u]`` under guidance."""
+        g = self.guidance
+        if g is None:
+            return list(per_stream)
+        c, u = per_stream[g.cond], per_stream[g.uncond]
+        cat = torch.cat if isinstance(c, Tensor) else np.concatenate
+        return [cat([g.scale * c, (1.0 - g.scale) * u])]
+
+    def term_index(self, lo: int, hi: int) -> np.ndarray:
+        """The rows of a term's matrix that :meth:`combine` of the slices ``[lo:hi + 1]`` fills."""
+        rows = np.arange(lo, hi + 1)
+        return rows if self.guidance is None else np.concatenate([rows, rows + self.steps])
 
     # ------------------------------------------------------------------ one chain
     def _vectors(self, actions: Sequence[str], coefficients: Sequence[Optional[float]], first: int,
@@ -185,28 +250,39 @@ class ErrorModel:
                 delta_err, eps_err = -eps_err, torch.zeros(n, dtype=torch.float64)
         return total, per_step
 
-    def _quadratic(self, v: Tensor, stream: int) -> Tensor:
-        """``E ||sum_i v_i D_i||^2`` per prompt ``[prompts]`` (NaN if a needed product is unknown)."""
+    def _quadratic(self, v: Tensor, stream: int, matrices: Optional[Tensor] = None) -> Tensor:
+        """``E ||sum_i v_i D_i||^2`` per prompt ``[prompts]`` (NaN if a needed product is unknown) of one stream
+        (``matrices``: :attr:`dense`) or one term (:attr:`terms`)."""
         idx = v.nonzero().flatten()
         if idx.numel() == 0:
             return torch.zeros(self.dense.shape[1], dtype=torch.float64)
-        sub = self.dense[stream][:, idx][:, :, idx]  # [p, k, k]
+        sub = (self.dense if matrices is None else matrices)[stream][:, idx][:, :, idx]  # [p, k, k]
         w = v[idx]
         # a square norm: >= 0; below 0 only by rounding, where the terms cancel (an exact extrapolation)
         return torch.einsum("i,pij,j->p", w, sub, w).clamp(min=0.0)
 
+    def _term_vectors(self, actions: Sequence[str], coefficients: Sequence[Sequence[Optional[float]]], first: int,
+                      last: int) -> List[Tensor]:
+        return self.combine([self._vectors(actions, coefficients[s], first, last)[0] for s in range(self.streams)])
+
+    def _term_mse(self, vectors: Sequence[Tensor]) -> Tensor:
+        """Mean squared error per element per prompt of the terms' vectors."""
+        per_prompt = torch.zeros(self.dense.shape[1], dtype=torch.float64)
+        for k, v in enumerate(vectors):
+            per_prompt = per_prompt + self._quadratic(v, k, self.terms) / self.term_numel[k] / self.term_divisor
+        return per_prompt
+
     def chain(self, actions: Sequence[str], coefficients: Sequence[Sequence[Optional[float]]], first: int,
               last: int) -> ChainError:
         """Error of the chain ``first..last`` of ``actions``; ``coefficients[stream][t]`` at its skips."""
-        per_prompt = torch.zeros(self.dense.shape[1], dtype=torch.float64)
         step_errors: Dict[int, float] = {}
         for s in range(self.streams):
-            total, per_step = self._vectors(actions, coefficients[s], first, last)
-            per_prompt = per_prompt + self._quadratic(total, s) / self.numel[s] / self.streams
+            _, per_step = self._vectors(actions, coefficients[s], first, last)
             for t, v in per_step.items():
                 real = self.dense[s, :, t, t]
                 rel = (self._quadratic(v, s) / real).sqrt().mean()
                 step_errors[t] = step_errors.get(t, 0.0) + float(rel) / self.streams
+        per_prompt = self._term_mse(self._term_vectors(actions, coefficients, first, last))
         return ChainError(first, last, float(per_prompt.mean()), per_prompt, step_errors)
 
     def chain_mse(self, actions: Sequence[str], coefficients: Sequence[Sequence[Optional[float]]], first: int,
@@ -215,9 +291,8 @@ class ErrorModel:
         if last - first + 1 > self.horizon:  # the products reach back to D_{first - 1}
             return math.nan
         mse = 0.0
-        for s in range(self.streams):
-            total, _ = self._vectors(actions, coefficients[s], first, last)
-            mse += float(self._quadratic(total, s).mean()) / float(self.numel[s]) / self.streams
+        for k, v in enumerate(self._term_vectors(actions, coefficients, first, last)):
+            mse += float(self._quadratic(v, k, self.terms).mean()) / float(self.term_numel[k]) / self.term_divisor
         return mse
 
     # ------------------------------------------------------------------ whole schedules
@@ -244,12 +319,13 @@ class ErrorModel:
                  if spans[j][1] - spans[i][0] + 1 <= self.horizon]
         per_prompt = uncorrelated
         if pairs:
-            for s in range(self.streams):
-                v = [self._vectors(actions, coefficients[s], a, b)[0] for a, b in spans]
-                own = [self._quadratic(x, s) for x in v]
+            by_chain = [self._term_vectors(actions, coefficients, a, b) for a, b in spans]
+            for k in range(len(self.terms)):
+                v = [terms[k] for terms in by_chain]
+                own = [self._quadratic(x, k, self.terms) for x in v]
                 for i, j in pairs:  # 2 <F_i, F_j>, from the squared norm of their sum
-                    per_prompt = per_prompt + (self._quadratic(v[i] + v[j], s) - own[i] - own[j]) \
-                        / self.numel[s] / self.streams
+                    per_prompt = per_prompt + (self._quadratic(v[i] + v[j], k, self.terms) - own[i] - own[j]) \
+                        / self.term_numel[k] / self.term_divisor
             # >= 0 whenever every pair is known (a squared norm); with a pair beyond the horizon the known
             # correlations alone can cancel more than there is: then the chains are added as uncorrelated
             tolerance = 1e-9 * float(uncorrelated.abs().max())

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .error_model import COMPUTE, REFRESH, SKIP, ErrorModel, ScheduleError
+from .error_model import COMPUTE, REFRESH, SKIP, ErrorModel, Guidance, ScheduleError
 from .plan import FIRST_SKIPPABLE, PlanError, SkipPlan
 
 __all__ = ["COEFFICIENTS", "PATTERNS", "PlannerOptions", "ErrorAwarePlan", "coefficient_table", "plan_min_error",
@@ -99,8 +99,8 @@ class _ChainSearch:
 
     def __init__(self, model: ErrorModel, tables: Dict[str, np.ndarray]):
         self.model = model
-        self.mean = model.dense.mean(dim=1).numpy()  # [streams, steps, steps]
-        self.numel = model.numel.numpy()
+        self.mean = model.terms.mean(dim=1).numpy()  # [terms, m, m]: the streams' [steps, steps], or one guided
+        self.numel = model.term_numel.numpy()
         self.weights = model.weights.numpy()
         self.tables = tables  # rule -> [streams, steps]
         self.steps, self.streams = model.steps, model.streams
@@ -108,10 +108,14 @@ class _ChainSearch:
 
     def _cost(self, total: List[np.ndarray], lo: int, hi: int) -> float:
         mse = 0.0
-        for s in range(self.streams):
-            v = total[s][lo:hi + 1]
-            mse += float(v @ self.mean[s, lo:hi + 1, lo:hi + 1] @ v) / self.numel[s]
-        return mse / self.streams
+        if self.model.guidance is None:
+            for s in range(self.streams):
+                v = total[s][lo:hi + 1]
+                mse += float(v @ self.mean[s, lo:hi + 1, lo:hi + 1] @ v) / self.numel[s]
+            return mse / self.streams
+        (v,) = self.model.combine([t[lo:hi + 1] for t in total])
+        idx = self.model.term_index(lo, hi)
+        return float(v @ self.mean[0][np.ix_(idx, idx)] @ v) / self.numel[0]
 
     def walk(self, first: int, rule: str, max_skips: int, last_allowed: int, free: bool,
              refresh_every: Optional[int], out: Dict[Tuple[int, int], _Chain]) -> None:
@@ -413,8 +417,9 @@ def weight_scheme(requested: str, lut) -> Tuple[str, str]:
     return "uniform", "uniform (the LUT does not say which sampler it was calibrated with)"
 
 
-def error_model_of(lut, scheme: str = "auto") -> Tuple[ErrorModel, str]:
-    """The :class:`ErrorModel` of a LUT with the sampler weights of ``scheme`` (and what they are)."""
+def error_model_of(lut, scheme: str = "auto", guidance_scale: Optional[float] = None) -> Tuple[ErrorModel, str]:
+    """The :class:`ErrorModel` of a LUT with the sampler weights of ``scheme`` (and what they are); with
+    ``guidance_scale``, of the guided output ``uncond + scale (cond - uncond)``."""
     from .plan import PlanError as _PlanError
     from .error_model import sampler_weights
 
@@ -431,7 +436,22 @@ def error_model_of(lut, scheme: str = "auto") -> Tuple[ErrorModel, str]:
         weights = sampler_weights(lut.timesteps, used, recorded_betas(lut))
     except ValueError as exc:
         raise _PlanError(f"plan.error_weights: {exc}") from None
-    return ErrorModel(lut.deltas, weights), why
+    guidance = None
+    where = f"LUT {lut.source}" if lut.source else "the LUT"
+    try:
+        if guidance_scale is not None:
+            guidance = Guidance.of(lut.streams, guidance_scale)
+        model = ErrorModel(lut.deltas, weights, guidance)
+    except ValueError as exc:
+        raise _PlanError(f"plan.guidance_scale {guidance_scale:g} with {where}: {exc}") from None
+    if guidance is not None and model.prompts_used < lut.deltas.prompts:
+        from ..runtime import messages
+
+        messages.notice(f"plan.guidance_scale: {model.prompts_used} of the {lut.deltas.prompts} prompts of "
+                        f"{where} have products between the streams (the "
+                        "others were calibrated by an earlier taohooks, or never moved): the guided error is "
+                        "estimated from those", once=f"guided prompts {lut.source}")
+    return model, why
 
 
 def options_of(plan_config) -> PlannerOptions:
@@ -443,7 +463,7 @@ def options_of(plan_config) -> PlannerOptions:
 def error_aware_plan(plan_config, steps: int, streams: Sequence[str], lut, skips: int,
                      unskippable: Sequence[int] = ()) -> ErrorAwarePlan:
     """``plan.rule: auto``: the plan of ``skips`` skips of least predicted error on ``lut``."""
-    model, _ = error_model_of(lut, plan_config.error_weights)
+    model, _ = error_model_of(lut, plan_config.error_weights, plan_config.guidance_scale)
     if model.steps != steps:
         raise PlanError(f"the LUT's error statistics have {model.steps} steps, the run {steps}")
     options = dataclasses.replace(options_of(plan_config), unskippable=tuple(unskippable))

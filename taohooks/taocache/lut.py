@@ -13,6 +13,10 @@ merge exactly, and the derived tables for any reader::
                                     <D_t, D_{t-j}> per prompt (:mod:`taohooks.taocache.delta_gram`), for the
                                     error-aware planner; metadata ``delta_numel`` (elements per prompt
                                     of each stream's output)
+    delta_cross (optional)          float64 [prompts, steps, 2 horizon + 1]
+                                    <D^0_t, D^1_{t-j}>, j = -horizon..horizon, between a two-stream LUT's
+                                    streams (NaN for prompts recorded without them); for guided error
+                                    estimates (plan.guidance_scale). Readers that predate it ignore it
 
 plus the metadata key ``taohooks_lut`` holding a JSON object: format version, model id, steps, calls
 per step, stream names, sampler, number of prompts, creation time, and ``identity`` (an object of
@@ -221,6 +225,8 @@ class CalibrationLUT:
             tensors[f"{name}_std"] = moments.std.float()
         if self.deltas is not None and self.deltas.prompts:
             tensors["delta_gram"] = self.deltas.gram.to(torch.float64)
+            if self.deltas.cross is not None:
+                tensors["delta_cross"] = self.deltas.cross.to(torch.float64)
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         check_identity(self.identity, self._name())
         return save(tensors, metadata={_META_KEY: json.dumps(self.metadata())})
@@ -262,7 +268,8 @@ class CalibrationLUT:
                    tensors["timesteps"].to(torch.float64), meta.get("calls_per_step", 1), meta.get("model_id"),
                    meta.get("sampler"), meta.get("num_prompts", 0), meta.get("created", ""), source=str(path),
                    identity=dict(meta.get("identity") or {}),
-                   deltas=DeltaGram(tensors["delta_gram"].to(torch.float64), tuple(meta["delta_numel"]))
+                   deltas=DeltaGram(tensors["delta_gram"].to(torch.float64), tuple(meta["delta_numel"]),
+                                    tensors["delta_cross"].to(torch.float64) if "delta_cross" in tensors else None)
                    if "delta_gram" in tensors else None, still_prompts=meta.get("still_prompts", 0))
 
     # ------------------------------------------------------------------ display

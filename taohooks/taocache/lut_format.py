@@ -19,6 +19,9 @@ of 2.5e29):
 * format 2: the optional ``delta_gram`` ``[prompts, streams, steps, horizon + 1]`` (floating, at most
   ``num_prompts`` prompts, horizon >= 1): finite or NaN, ``<D_t, D_t> >= 0``, each product within
   Cauchy-Schwarz of the two norms (relative 1e-4: the products are float32 sums); metadata ``delta_numel`` one positive int per stream.
+* the optional ``delta_cross`` ``[delta_gram's prompts, steps, 2 horizon + 1]`` (two streams, with ``delta_gram``):
+  finite or NaN, each product within Cauchy-Schwarz of the two streams' norms. An optional tensor, not a format
+  version: a taohooks that predates it reads the file without it.
 """
 from __future__ import annotations
 
@@ -250,10 +253,42 @@ def _delta_gram(path, meta: dict, tensors: Dict[str, Tensor]) -> None:
                                "product of the two norms: the file is corrupt")
 
 
+def _delta_cross(path, meta: dict, tensors: Dict[str, Tensor]) -> None:
+    if "delta_cross" not in tensors:
+        return
+    c, g = tensors["delta_cross"], tensors.get("delta_gram")
+    if g is None or len(meta["streams"]) != 2:
+        raise _error(path, "has a tensor delta_cross (products between two streams' deltas) but "
+                     + ("no delta_gram" if g is None else f"{len(meta['streams'])} stream(s)")
+                     + "; expected it only beside the delta_gram of a LUT of two streams")
+    h = g.shape[3] - 1
+    want = (g.shape[0], meta["steps"], 2 * h + 1)
+    if tuple(c.shape) != want:
+        raise _error(path, f"tensor delta_cross has shape {list(c.shape)}; expected [{want[0]} prompts (delta_gram's), "
+                           f"{want[1]} steps, {want[2]} (2 horizon + 1)]")
+    if not c.is_floating_point():
+        raise _error(path, f"tensor delta_cross has dtype {str(c.dtype).replace('torch.', '')}; expected a "
+                           "floating-point type")
+    c, diag = c.to(torch.float64), g.to(torch.float64)[..., 0]  # [p, t, 2h + 1], [p, 2, t]
+    for j in range(-h, h + 1):
+        if max(0, j) >= min(want[1], want[1] + j):  # (a lag beyond the loop)
+            continue
+        i = torch.arange(max(0, j), min(want[1], want[1] + j))
+        prod = c[:, i, h + j]
+        bound = (diag[:, 0, i] * diag[:, 1, i - j]).sqrt()
+        bad = _first(torch.isinf(prod) | (prod.abs() > bound * (1 + 1e-4) + 1e-30))
+        if bad is not None:
+            step = int(i[int(bad[1])])
+            raise _error(path, f"delta_cross at prompt {int(bad[0])}, step {step} of stream {meta['streams'][0]!r} and "
+                               f"{step - j} of {meta['streams'][1]!r} is {prod[tuple(bad)].item():g}; expected a finite "
+                               "value (or NaN) within the product of the two norms: the file is corrupt")
+
+
 def validate(path, raw_meta: str, tensors: Dict[str, Tensor], supported: int) -> dict:
     """The file's metadata (a dict) after checking it and its tensors; raises ``LUTFormatError``."""
     meta = _metadata(path, raw_meta, supported)
     _shapes(path, meta, tensors)
     _values(path, meta, tensors)
     _delta_gram(path, meta, tensors)
+    _delta_cross(path, meta, tensors)
     return meta

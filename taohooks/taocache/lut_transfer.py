@@ -121,6 +121,7 @@ def transfer_lut(lut: CalibrationLUT, new: int) -> CalibrationLUT:
             f"holds them up to {lut.deltas.horizon} (calibration.error_horizon); calibrate at {new} steps, or with "
             f"calibration.error_horizon: {need} or more")
     gram = torch.stack(new_gram, dim=1)[..., :horizon + 1]  # [p, s, new, horizon + 1]
+    cross = None if lut.deltas.cross is None else _carried_cross(lut.deltas.cross_dense(), c, support, horizon)
     cos, ratio = RunningMoments.zeros(streams, new), RunningMoments.zeros(streams, new)
     for s in range(streams):
         for a in range(2, new):
@@ -137,9 +138,26 @@ def transfer_lut(lut: CalibrationLUT, new: int) -> CalibrationLUT:
         identity.pop("sampling_steps", None)
     return dataclasses.replace(
         lut, steps=new, cos=cos, ratio=ratio, timesteps=timesteps, identity=identity,
-        deltas=DeltaGram(gram, lut.deltas.numel),
+        deltas=DeltaGram(gram, lut.deltas.numel, cross),
         still_prompts=unrecorded_prompts(lut.num_prompts, cos.count, ratio.count, otherwise=lut.still_prompts),
         source=f"{lut.source or 'LUT'} (carried from {lut.steps} to {new} steps)")
+
+
+def _carried_cross(dense: Tensor, c: Tensor, support: Tensor, horizon: int) -> Tensor:
+    """The cross-stream band ``[prompts, new, 2 horizon + 1]`` of the new deltas, from the calibrated products
+    ``dense [prompts, steps, steps]`` (NaN where a needed product is missing, per prompt)."""
+    new = c.shape[0]
+    full = c @ dense.nan_to_num(0.0) @ c.T  # [p, new, new]
+    full[(support @ dense.isnan().to(torch.float64) @ support.T) > 0] = float("nan")
+    full[:, 0, :] = float("nan")
+    full[:, :, 0] = float("nan")
+    band = torch.full((dense.shape[0], new, 2 * horizon + 1), float("nan"), dtype=torch.float64)
+    for j in range(-horizon, horizon + 1):
+        if max(0, j) >= min(new, new + j):  # (a lag beyond the loop)
+            continue
+        i = torch.arange(max(0, j), min(new, new + j))
+        band[:, i, horizon + j] = full[:, i, i - j]
+    return band
 
 
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
