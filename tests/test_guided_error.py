@@ -99,6 +99,35 @@ def test_guided_prediction_equals_the_hooks_guided_error(actions, scale, streams
     assert math.isclose(predicted.mse, measured, rel_tol=1e-4), (predicted.mse, measured)
 
 
+def test_a_scale_per_step_is_predicted_exactly():
+    """Wan2.2's two experts guide at two scales: the error of ``sum_t w_t (u_t + s_t (c_t - u_t))``."""
+    steps, prompts = 12, 3
+    model = TableDenoiser(steps, prompts, STREAMS, seed=4)
+    lut = calibrate(model, steps, STREAMS, prompts)
+    scales = tuple([4.0] * 6 + [3.0] * 6)
+    weights = torch.linspace(0.3, 1.0, steps, dtype=torch.float64)
+
+    def guided_sum():
+        total = 0.0
+        for t in range(steps):
+            c, u = (model(None, timestep=torch.tensor([float(t)]), stream=s).to(torch.float64) for s in STREAMS)
+            total = total + float(weights[t]) * (u + scales[t] * (c - u))
+        return total
+
+    for actions in ("cccccssscccc", "ccccsrssrscc"):
+        plan = plan_of(actions, lut, STREAMS)
+        ref = guided_sum()
+        with DenoiserHook(LoopSpec(steps, STREAMS), [TaoCacheCallback(plan, lut.timesteps,
+                                                                      max_norm_ratio=None)]).attach(model) as hook:
+            hook.new_sample()
+            got = guided_sum()
+        measured = float((got - ref).square().flatten(1).mean(1).mean())
+        predicted = predict_plan(plan, ErrorModel(lut.deltas, weights, Guidance.of(STREAMS, scales)))
+        assert math.isclose(predicted.mse, measured, rel_tol=1e-4), (actions, predicted.mse, measured)
+    with pytest.raises(ValueError, match="needs 12 values, got 2"):
+        ErrorModel(lut.deltas, weights, Guidance.of(STREAMS, (4.0, 3.0)))
+
+
 def test_guided_error_differs_from_the_streams_average_where_their_errors_differ():
     """The unguided prediction (each stream's error, averaged) is not the guided output's error: at scale 5 the
     guided error of these tables is several times it (so the old prediction was optimistic)."""

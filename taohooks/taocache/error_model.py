@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -140,21 +140,31 @@ class ChainError:
 
 @dataclass(frozen=True)
 class Guidance:
-    """Classifier-free guidance over a LUT's two streams: the output the sampler uses is
-    ``uncond + scale (cond - uncond)``; ``cond`` and ``uncond`` index the streams."""
+    """Classifier-free guidance over a LUT's two streams: the output the sampler uses at step ``t`` is
+    ``uncond + s_t (cond - uncond)``; ``scale`` is ``s``, one number or one per step (``[steps]``: Wan2.2's two
+    experts guide at two scales); ``cond`` and ``uncond`` index the streams."""
 
-    scale: float
+    scale: Union[float, Tuple[float, ...]]
     cond: int
     uncond: int
 
     @classmethod
-    def of(cls, streams: Sequence[str], scale: float) -> "Guidance":
+    def of(cls, streams: Sequence[str], scale: Union[float, Sequence[float]]) -> "Guidance":
         """The guidance of the streams named ``cond`` and ``uncond`` (ValueError if the LUT has other streams)."""
         if sorted(streams) != ["cond", "uncond"]:
             raise ValueError(f"plan.guidance_scale weighs the streams 'cond' and 'uncond', and the LUT has "
                              f"{', '.join(repr(s) for s in streams)}: leave plan.guidance_scale null (each stream's "
                              "error, averaged)")
-        return cls(float(scale), list(streams).index("cond"), list(streams).index("uncond"))
+        scale = tuple(float(s) for s in scale) if isinstance(scale, (tuple, list)) else float(scale)
+        return cls(scale, list(streams).index("cond"), list(streams).index("uncond"))
+
+    def per_step(self, steps: int) -> Tensor:
+        """``[steps]`` float64 scale of each step."""
+        if isinstance(self.scale, tuple):
+            if len(self.scale) != steps:
+                raise ValueError(f"a guidance scale per step needs {steps} values, got {len(self.scale)}")
+            return torch.tensor(self.scale, dtype=torch.float64)
+        return torch.full((steps,), self.scale, dtype=torch.float64)
 
 
 class ErrorModel:
@@ -176,6 +186,13 @@ class ErrorModel:
         self.horizon = gram.horizon
         self.weights = weights.to(torch.float64)
         self.guidance = guidance
+        # each stream's weight of a step's output error in what the sampler uses: the weight itself, or under
+        # guidance s_t w_t (cond) and (1 - s_t) w_t (uncond), so that the guided error is the streams' sum
+        self.stream_weights = self.weights.repeat(self.streams, 1)
+        if guidance is not None and self.streams == 2:
+            s = guidance.per_step(self.steps)
+            self.stream_weights = torch.stack([self.weights * s, self.weights * (1.0 - s)])[
+                [0, 1] if guidance.cond == 0 else [1, 0]]
         # the LUT's still prompts (outputs that never moved: every product 0) say nothing of the errors: left out
         # (their zeros were averaged in, a best prompt of inf dB)
         moving = gram.gram[..., 0].nan_to_num(0.0).abs().flatten(1).amax(1) > 0  # [prompts]
@@ -213,14 +230,13 @@ class ErrorModel:
             self.terms, self.term_numel, self.term_divisor = joint[None], self.numel[c:c + 1], 1
 
     def combine(self, per_stream: Sequence[Any]) -> List[Any]:
-        """Each term's vector from the streams' vectors (``[steps]`` tensors or arrays, or slices of them): the
-        streams' own, or ``[s F_c, -(s - 1) F_u]`` under guidance."""
+        """Each term's vector from the streams' vectors (``[steps]`` tensors or arrays, or slices of them, summed
+        with :attr:`stream_weights`): the streams' own, or ``[F_c, F_u]`` joined under guidance."""
         g = self.guidance
         if g is None:
             return list(per_stream)
         c, u = per_stream[g.cond], per_stream[g.uncond]
-        cat = torch.cat if isinstance(c, Tensor) else np.concatenate
-        return [cat([g.scale * c, (1.0 - g.scale) * u])]
+        return [torch.cat([c, u]) if isinstance(c, Tensor) else np.concatenate([c, u])]
 
     def term_index(self, lo: int, hi: int) -> np.ndarray:
         """The rows of a term's matrix that :meth:`combine` of the slices ``[lo:hi + 1]`` fills."""
@@ -229,9 +245,9 @@ class ErrorModel:
 
     # ------------------------------------------------------------------ one chain
     def _vectors(self, actions: Sequence[str], coefficients: Sequence[Optional[float]], first: int,
-                 last: int) -> Tuple[Tensor, Dict[int, Tensor]]:
+                 last: int, stream: int = 0) -> Tuple[Tensor, Dict[int, Tensor]]:
         """``F`` (weighted error sum, ``[steps]`` over deltas) and each skip's ``eps_err`` for the
-        chain whose skips span ``first..last``; the chain restarts from real outputs at ``first``."""
+        chain whose skips span ``first..last`` of ``stream``; the chain restarts from real outputs at ``first``."""
         n = self.steps
         eps_err = torch.zeros(n, dtype=torch.float64)
         delta_err = torch.zeros(n, dtype=torch.float64)
@@ -245,7 +261,7 @@ class ErrorModel:
                 new_delta[t] -= 1.0
                 delta_err, eps_err = new_delta, eps_err + new_delta
                 per_step[t] = eps_err.clone()
-                total += float(self.weights[t]) * eps_err
+                total += float(self.stream_weights[stream, t]) * eps_err
             else:
                 delta_err, eps_err = -eps_err, torch.zeros(n, dtype=torch.float64)
         return total, per_step
@@ -263,7 +279,7 @@ class ErrorModel:
 
     def _term_vectors(self, actions: Sequence[str], coefficients: Sequence[Sequence[Optional[float]]], first: int,
                       last: int) -> List[Tensor]:
-        return self.combine([self._vectors(actions, coefficients[s], first, last)[0] for s in range(self.streams)])
+        return self.combine([self._vectors(actions, coefficients[s], first, last, s)[0] for s in range(self.streams)])
 
     def _term_mse(self, vectors: Sequence[Tensor]) -> Tensor:
         """Mean squared error per element per prompt of the terms' vectors."""
@@ -277,7 +293,7 @@ class ErrorModel:
         """Error of the chain ``first..last`` of ``actions``; ``coefficients[stream][t]`` at its skips."""
         step_errors: Dict[int, float] = {}
         for s in range(self.streams):
-            _, per_step = self._vectors(actions, coefficients[s], first, last)
+            _, per_step = self._vectors(actions, coefficients[s], first, last, s)
             for t, v in per_step.items():
                 real = self.dense[s, :, t, t]
                 rel = (self._quadratic(v, s) / real).sqrt().mean()

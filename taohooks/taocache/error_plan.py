@@ -101,7 +101,7 @@ class _ChainSearch:
         self.model = model
         self.mean = model.terms.mean(dim=1).numpy()  # [terms, m, m]: the streams' [steps, steps], or one guided
         self.numel = model.term_numel.numpy()
-        self.weights = model.weights.numpy()
+        self.weights = model.stream_weights.numpy()  # [streams, steps]
         self.tables = tables  # rule -> [streams, steps]
         self.steps, self.streams = model.steps, model.streams
         self.unskippable = frozenset()
@@ -140,7 +140,7 @@ class _ChainSearch:
                 d[t - 1] += a
                 d[t] -= 1.0
                 e = eps + d
-                new_state.append((e, d, total + self.weights[t] * e))
+                new_state.append((e, d, total + self.weights[s, t] * e))
             skips += 1
             actions = actions + (SKIP,)
             if t - first + 1 > self.model.horizon:  # the products reach from D_{first-1} to D_t
