@@ -220,3 +220,40 @@ def test_calibrate_refuses_what_would_skip_or_count_prompt_lines_twice(tmp_path)
     assert res.returncode == 0, res.stderr
     assert "lut.part0-of-2.safetensors: part file(s) of an interrupted --devices run, not resumed" in res.stderr
     assert not (tmp_path / "lut.part0-of-2.safetensors").exists()  # (this run completed the LUT)
+
+
+def test_calibrate_claims_the_file_not_the_name_and_says_what_another_writer_added(tmp_path):
+    """A review (2026-11-29): two `taocache calibrate` runs reached one LUT through a link and both ran (the claim was
+    the name's); and prompts another writer added during a generation (a `taocache merge` into the LUT) were blamed
+    on the script as "a calibration generation made 2 clips", ending the run."""
+    import fcntl
+
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    (tmp_path / "sample.py").write_text(SCRIPT)
+    (tmp_path / "other.yaml").write_text(CONFIG.replace("lut.safetensors", "other.safetensors")
+                                         .replace("prompts: 3", "prompts: 1"))
+    (tmp_path / "prompts.txt").write_text("a blue square moving up\n")
+    res = run_python(["-m", "taohooks.cli", "calibrate", "other.yaml", "--prompts", "prompts.txt", "--", "sample.py",
+                      "x"], cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    # the other LUT's prompt reaches lut.safetensors during the first generation, as from another process
+    (tmp_path / "sample.py").write_text(SCRIPT.replace("clips = sampling", textwrap.dedent("""\
+        import os, shutil
+        def other_writer(module, args):
+            if os.path.exists("other.safetensors"):
+                shutil.move("other.safetensors", "lut.safetensors")
+        model.register_forward_pre_hook(other_writer)
+        clips = sampling""")))
+    res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up", "a blue square moving up"])
+    assert res.returncode == 0, res.stderr
+    assert "another process added 1 prompt(s) to the LUT while this one calibrated" in res.stderr
+    assert "goes on at line 3 of the prompts file and lines 2-2 are not calibrated here" in res.stderr
+    assert "made 2 clips" not in res.stderr
+    assert CalibrationLUT.load(tmp_path / "lut.safetensors").num_prompts == 3
+    (tmp_path / "lut.safetensors").unlink()
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "real.safetensors")
+    (tmp_path / "c.yaml").write_text(CONFIG.replace("lut.safetensors", "link.safetensors"))
+    with open(tmp_path / "real.safetensors.calibrating", "a") as held:  # a calibration of the file by its own name
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        res = calibrate(tmp_path, ["a red circle moving left", "a green circle moving up", "a blue square moving up"])
+    assert res.returncode == 2 and "another taocache calibrate is running on link.safetensors" in res.stderr, res.stderr

@@ -103,13 +103,23 @@ def calibrate_over_prompts(patch: "GenerationPatch", bound: inspect.BoundArgumen
                              f"naming; {_merge_advice(path, parts)}; this run removes them once it completes the LUT)")
         while have < wanted:
             patch.log(f"taohooks: calibration prompt {have + 1}/{wanted}: {prompts[have]!r}")
+            before = _own_prompts(patch, bound)
             patch._generate(_with_prompt(patch, bound, prompts[have]))
             now = _recorded_prompts(patch, bound, path)
-            if now <= have:
+            after = _own_prompts(patch, bound)
+            # this generation's clips: what this process's recorder took (the LUT's count also holds what other
+            # writers added meanwhile: a `taocache merge` into it, another run's calibration)
+            clips = after - (before or 0) if after is not None and after >= (before or 0) else now - have
+            if clips <= 0:
                 raise IntegrationError("a calibration generation recorded no prompt (the warnings above say why: "
                                        "another resolution or frame count than the LUT's, outputs that are not "
                                        "finite, a loop shape the integration does not match)")
-            _one_clip_per_line(now - have, path)
+            _one_clip_per_line(clips, path)
+            if now - have > clips:
+                messages.warning(f"{path}: another process added {now - have - clips} prompt(s) to the LUT while this "
+                                 f"one calibrated (a taocache merge, another run's calibration); it now holds {now}, "
+                                 f"so this run goes on at line {min(now, wanted) + 1} of the prompts file and lines "
+                                 f"{have + 2}-{min(now, wanted)} are not calibrated here")
             have = now
         if _rank() == 0:  # (every rank of Wan's own group runs this loop: one removes, and says so)
             _remove_stale_parts(path)
@@ -156,7 +166,8 @@ def _claim_the_lut(path: Path) -> Callable[[], None]:
 
     if _rank() != 0:
         return lambda: None
-    lock = path.with_name(f"{path.name}.calibrating")
+    real = Path(os.path.realpath(path))  # (one claim per file, whatever link or relative path names it)
+    lock = real.with_name(f"{real.name}.calibrating")
     lock.parent.mkdir(parents=True, exist_ok=True)
     handle = open(lock, "a")
     try:
@@ -320,6 +331,14 @@ def _calibrate_sharded(patch: "GenerationPatch", bound: inspect.BoundArguments, 
     part.unlink(missing_ok=True)
     if rank == 0:
         _remove_stale_parts(path, keep=parts)
+
+
+def _own_prompts(patch: "GenerationPatch", bound: inspect.BoundArguments) -> Optional[int]:
+    """The prompts this process's calibrating recorder has taken (None before it exists)."""
+    entry = patch.caches.get(unwrap_model(patch.model_of(dict(bound.arguments))))
+    if entry is not None and entry[0].calibrating:
+        return entry[0].recorder.recorded
+    return None
 
 
 def _recorded_prompts(patch: "GenerationPatch", bound: inspect.BoundArguments, path: Path) -> int:

@@ -175,6 +175,7 @@ class CalibrationRecorder(Callback):
         self._said_list = False  # the batch_dim warning of a list output, said once
         self.limit: Optional[int] = None  # prompts after which later generations are not recorded (TaoCache's)
         self.left_out = 0  # prompts the last flush left out: another process had completed the file
+        self.recorded = 0  # prompts this recorder's complete generations added (not other writers' of its file)
         # each rank records prompts of its own (data parallel): what it leaves out is said on that rank
         self.every_rank = False
 
@@ -368,6 +369,7 @@ class CalibrationRecorder(Callback):
             return
         self._known = dataclasses.replace(known, created=self._known.created, source=self._known.source)
         self._pending = pending
+        self.recorded += gen.prompts
 
     # ------------------------------------------------------------------ results
     def lut(self) -> CalibrationLUT:
