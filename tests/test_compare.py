@@ -1704,3 +1704,38 @@ def test_a_latte_yaml_with_mixed_key_types_is_compared(tmp_path):
     (tmp_path / "m.yaml").write_text("guidance_scale: 7.5\nextra: {1: a, b: c}\n2: two\ntext_prompt: [x]\n")
     assert _latte_script_config(["s.py", "--config", str(tmp_path / "m.yaml")]) == {
         "2": "two", "extra": {"1": "a", "b": "c"}, "guidance_scale": 7.5}
+
+
+def test_a_complete_config_lut_is_read_where_teacache_calibrates(finished, tmp_path, launcher_state, capsys):
+    """A review (2026-11-29): listing teacache (its polynomial fitted on the calibration prompts) set the TaoCache
+    config's complete LUT aside, silently, for one of the experiment's own calibration; adding teacache to a folder
+    made without it was then refused as a `lut` change the user never made."""
+    import hashlib
+
+    from taohooks.taocache.lut import CalibrationLUT
+
+    lut = CalibrationLUT.load(finished[0] / "state" / "calibration_lut.safetensors")
+    calibrated = next(r["window"] for r in finished[1]["records"] if r["method"] == "taocache" and r["skips"] == 2)
+    first = 5 if calibrated[0] != 5 else 7  # a window the config's LUT alone gives: cosine 1 there, 0.5 elsewhere
+    count = lut.cos.count.to(torch.float64)
+    cos = torch.full_like(count, 0.5)
+    cos[:, first:first + 2] = 1.0
+    edited = type(lut.cos)(lut.cos.count, cos * count, cos.square() * count)
+    CalibrationLUT(**{**lut.__dict__, "cos": edited, "source": None}).save(tmp_path / "config_lut.safetensors")
+    write(tmp_path, "integration: testbed\nmodel_id: testbed-flow\nlut: config_lut.safetensors\n"
+                    "calibration: {prompts: 3}\nplan: {budget: 0.2}\n", "tao.yaml")
+    base = EXPERIMENT.replace("integration: testbed\nmodel_id: testbed-flow\n", "taocache: tao.yaml\n").replace(
+        "budgets: [0.2, 0.3]", "budgets: [0.2]").replace(
+        '  - {prompt: "a green square moving up, with a static blue dot", seed: 10001}\n', "")
+    assert compare(write(tmp_path, base.replace("methods: [full, taocache, teacache]", "methods: [full, taocache]"))) == 0
+    capsys.readouterr()
+    assert compare(write(tmp_path, base)) == 0  # teacache added: its polynomial calibrated, the config's LUT kept
+    err = capsys.readouterr().err
+    assert "calibrating teacache's polynomial on 3 calibration prompts" in err, err
+    assert "the TaoCache rows read the config's complete lut: " in err and "taocache's LUT" not in err
+    experiment = json.loads((tmp_path / "out" / "experiment.json").read_text())
+    digest = hashlib.sha256((tmp_path / "config_lut.safetensors").read_bytes()).hexdigest()
+    assert json.dumps(experiment).count(f"sha256:{digest}") == 1
+    records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
+    assert [r["window"] for r in records if r["method"] == "taocache"] == [[first, first + 1]]
+    assert {r["method"] for r in records} == {"full", "taocache", "teacache"}

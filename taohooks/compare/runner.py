@@ -279,6 +279,13 @@ def needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig,
         return True, "teacache's polynomial"
     if "magcache" in config.methods and target.mag_published is None:
         return True, "magcache's magnitude ratios"
+    return lut_needs_calibration(config, tao)
+
+
+def lut_needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig) -> Tuple[bool, str]:
+    """Whether a listed method reads TaoCache's LUT and the config's is not complete (then the experiment calibrates
+    its own), and why. A complete one is read by the TaoCache rows even where another method calibrates (it was set
+    aside then, silently, for a LUT of the experiment's few calibration prompts: review, 2026-11-29)."""
     if not TAO_METHODS & set(config.methods):
         return False, ""
     from ..taocache.lut import CalibrationLUT
@@ -294,12 +301,14 @@ def needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig,
     return False, ""
 
 
-def calibrated_here(config: ExperimentConfig, target: Target, why: str) -> str:
+def calibrated_here(config: ExperimentConfig, target: Target, why: str, tao: TaoCacheConfig) -> str:
     """What a calibration the experiment needs (:func:`needs_calibration`, ``why``) records: TaoCache's LUT where a
-    listed method reads it, TeaCache's polynomial and MagCache's ratios where no published ones are used."""
+    listed method reads it and the config's is not complete, TeaCache's polynomial and MagCache's ratios where no
+    published ones are used."""
     methods = set(config.methods)
+    lut_needed = lut_needs_calibration(config, tao)[0]
     lut = why if why.startswith("taocache's LUT") else "taocache's LUT"  # (with why it is needed, if it is)
-    what = [w for w, on in ((lut, bool(TAO_METHODS & methods)),
+    what = [w for w, on in ((lut, lut_needed),
                             ("teacache's polynomial", bool(TEA_METHODS & methods) and target.tea_published is None),
                             ("magcache's magnitude ratios", "magcache" in methods and target.mag_published is None))
             if on] or [why]
@@ -467,7 +476,7 @@ class Experiment:
         if TAO_METHODS & methods:  # the plan and the LUT, where a listed method reads them
             settings.update({f"plan.{k}": v for k, v in dataclasses.asdict(self.tao.plan).items()
                              if k not in ("budget", "window", "skip_steps")})  # replaced per budget (_tao_plan)
-            settings["lut"] = "calibrated in this folder" if needs_calibration(c, self.tao, self.target)[0] else \
+            settings["lut"] = "calibrated in this folder" if lut_needs_calibration(c, self.tao)[0] else \
                 "sha256:" + hashlib.sha256(self.tao.lut_path().read_bytes()).hexdigest()  # the config's LUT
         return json.loads(json.dumps(settings))  # as experiment.json gives it back (tuples as lists)
 
@@ -639,12 +648,17 @@ class Experiment:
 
         lut_file = self.store.folder / "state" / "calibration_lut.safetensors"
         here = self.store.writer  # ranks > 0 that cannot read a file take rank 0's (see _calibration)
-        if not needed:
+
+        def configured():  # the TaoCache config's complete LUT, where a listed method reads one
             if not TAO_METHODS & set(self.config.methods) or not (here or self.tao.lut_path().is_file()):
-                return None, None
+                return None
             lut = CalibrationLUT.load(self.tao.lut_path())
             check_run(self.tao, lut, self.loop, self.identity)
-            return lut, None
+            return lut
+
+        if not needed:
+            return configured(), None
+        own_lut = _as_rank_zero_has_it(lut_needs_calibration(self.config, self.tao)[0])
         state = self.store.state("calibration")
         used = [[e.prompt, e.seed] for e in prompts]
         wants_tea = bool(TEA_METHODS & set(self.config.methods)) and self.target.tea_published is None
@@ -677,6 +691,8 @@ class Experiment:
                 if state is not None:
                     self.store.put_state("calibration", {**state, "tea_coefficients": coefficients,
                                                          "mag_ratios": self.mag_ratios})
+            if not own_lut:
+                return configured(), coefficients
             if state is None or not lut_file.is_file():
                 return None, None
             return CalibrationLUT.load(lut_file), coefficients
@@ -684,10 +700,12 @@ class Experiment:
         partial = CalibrationCheckpoint(self.store, used, tea is not None, mag is not None)
         resumed, done = partial.resume(tea, mag)
         self.progress.done += done - self._partial  # (counted in the first line, where it was)
-        messages.notice(f"compare: calibrating {calibrated_here(self.config, self.target, why)} "
+        reads = "" if own_lut or not TAO_METHODS & set(self.config.methods) else \
+            f"; the TaoCache rows read the config's complete lut: {self.tao.lut_path()}"
+        messages.notice(f"compare: calibrating {calibrated_here(self.config, self.target, why, self.tao)} "
                         f"on {len(prompts)} calibration prompts (full-step), into "
-                        f"{self.store.folder / 'state'} (this experiment's own: the config's lut: is not written)"
-                        + (f"; {done} of them recorded before, kept" if done else ""))
+                        f"{self.store.folder / 'state'} (this experiment's own: the config's lut: is not written"
+                        f"{reads})" + (f"; {done} of them recorded before, kept" if done else ""))
         recorder = CalibrationRecorder(self.tao.model_id, self.tao.calibration.sampler, identity=self.identity,
                                        error_horizon=self.tao.calibration.error_horizon, resume=resumed)
         callbacks: List[Callback] = [c for c in (recorder, tea, mag) if c is not None]
@@ -710,7 +728,7 @@ class Experiment:
                                              "calibration_prompts": used,
                                              "seconds": round(time.perf_counter() - start, 3)})
         partial.discard()
-        return lut, coefficients
+        return (lut if own_lut else configured()), coefficients
 
     def _calibrators(self, tea: bool, mag: bool):
         """TeaCache's and MagCache's calibrators on the target's proxy and block stack (``None`` where not asked)."""
