@@ -1739,3 +1739,31 @@ def test_a_complete_config_lut_is_read_where_teacache_calibrates(finished, tmp_p
     records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
     assert [r["window"] for r in records if r["method"] == "taocache"] == [[first, first + 1]]
     assert {r["method"] for r in records} == {"full", "taocache", "teacache"}
+
+
+def test_a_baseline_whose_search_missed_the_budget_is_marked_and_not_ranked_there(tmp_path):
+    """A review (2026-11-29): teacache's search found 0% at a 10% budget (a video equal to the reference, 100 dB) and
+    results.md counted it as that budget's best on every prompt; the plot drew it as a 10% point."""
+    from taohooks.compare import report
+    from taohooks.evaluation.methods import missed_budget
+
+    def run(method, prompt, psnr, found=None):
+        row = {"method": method, "skips": 2, "steps": 20, "budget": 0.1, "prompt": prompt, "seed": 7, "psnr": psnr,
+               "skipped_fraction": 0.1 if found is None else found}
+        return {**row, "search_fraction": found} if found is not None else row
+
+    records = [run("taocache", "a", 30.0), run("teacache", "a", 100.0, found=0.0), run("magcache", "a", 20.0, 0.1),
+               run("taocache", "b", 31.0), run("teacache", "b", 100.0, found=0.0), run("magcache", "b", 35.0, 0.1)]
+    assert [missed_budget(r) for r in records[:3]] == [False, True, False]
+    assert missed_budget({**records[2], "search_fraction": 0.1 + 0.5 / 20}) is False  # (within the search's half step)
+    assert report.per_prompt_lines(records)[-1] == "Highest PSNR per prompt, of 2 prompts: 2/20: magcache 1, taocache 1."
+    rows = [{k: v for k, v in r.items() if k not in ("prompt", "seed")} for r in records[:3]]
+    for r in rows:
+        r.update(lpips=None, ssim=1.0, psnr_pooled=r["psnr"], psnr_changed=None, speedup=1.0)
+    table = report.markdown_table({"meta": {}, "records": [{"method": "full", "seconds": 1.0}], "aggregates": rows})
+    assert "| 2/20 (10%) | teacache | 1.000x | 0.0%‡ |" in table and "| 2/20 (10%) | magcache | 1.000x | 10.0% |" in table
+    assert "‡ its threshold search could not meet the budget (teacache at 2/20: 0.0% on the search prompts)" in table
+    pytest.importorskip("matplotlib")
+    from taohooks.evaluation.plotting import plot_quality_vs_speedup
+
+    assert plot_quality_vs_speedup(rows, "t", tmp_path / "q.png").is_file()

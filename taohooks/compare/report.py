@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..evaluation.methods import IMPLAUSIBLE_NOTE, implausible_speedup
+from ..evaluation.methods import IMPLAUSIBLE_NOTE, implausible_speedup, missed_budget
 from ..runtime.io import atomic_write_bytes
 from .experiment import ExperimentConfig
 from .scoring import score
@@ -103,6 +103,10 @@ def load_results(folder) -> Dict[str, Any]:
     return results
 
 
+OFF_BUDGET_NOTE = ("‡ its threshold search could not meet the budget ({}): read the row at the share of the calls "
+                   "it skipped, not as that budget's; left out of the counts per prompt below.")
+
+
 def _fmt(value: Optional[float], spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -130,20 +134,26 @@ def markdown_table(results: Dict[str, Any]) -> str:
              + " LPIPS ↓ | SSIM ↑ | PSNR ↑ (dB) | PSNR pooled | PSNR changed |"
              + (" latent rel. L2 ↓ |" if latents else ""),
              "|---|---|---|---|---|---|---|---|---|" + ("---|" if experts else "") + ("---|" if latents else "")]
-    implausible = []
+    implausible, missed = [], []
     for r in sorted(rows, key=lambda r: (r["budget"], r["method"])):
-        mark = ""
+        mark = off = ""
         if implausible_speedup(r["method"], r.get("speedup"), r.get("skipped_fraction")):
             mark = "†"
             implausible.append(f"{r['method']} at {r['skips']}/{r['steps']}")
+        if missed_budget(r):
+            off = "‡"
+            missed.append(f"{r['method']} at {r['skips']}/{r['steps']}: {100 * r['search_fraction']:.1f}% on the "
+                          "search prompts")
         lines.append(f"| {r['skips']}/{r['steps']} ({100 * r['budget']:.0f}%) | {r['method']} | "
-                     f"{_fmt(r['speedup'], '.3f')}x{mark} | {100 * r['skipped_fraction']:.1f}% | "
+                     f"{_fmt(r['speedup'], '.3f')}x{mark} | {100 * r['skipped_fraction']:.1f}%{off} | "
                      + (f"{_per_expert(r)} | " if experts else "") + f"{_fmt(r['lpips'], '.4f')} | "
                      f"{_fmt(r['ssim'], '.4f')} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['psnr_pooled'], '.2f')} | "
                      f"{_fmt(r['psnr_changed'], '.2f')} |" + (f" {_fmt(r.get('latent_rel_l2'), '.4f')} |" if latents
                                                                 else ""))
     if implausible:
         lines += ["", IMPLAUSIBLE_NOTE.format(", ".join(implausible))]
+    if missed:
+        lines += ["", OFF_BUDGET_NOTE.format("; ".join(missed))]
     lines += per_prompt_lines(results["records"])
     return "\n".join(lines) + "\n"
 
@@ -156,6 +166,7 @@ def per_prompt_lines(records: List[Dict[str, Any]]) -> List[str]:
     consistent a difference of the means is (four prompts' means can hide one prompt that decides them)."""
     runs = [r for r in records if r["method"] != "full" and r.get("psnr") is not None]
     columns = sorted(dict.fromkeys((r["skips"], r["method"]) for r in runs))
+    missed = {(r["skips"], r["method"]) for r in runs if missed_budget(r)}  # (not ranked at a budget they missed)
     prompts = list(dict.fromkeys((r["prompt"], r["seed"]) for r in runs if "prompt" in r))
     if len(prompts) < 2 or len(columns) < 2:
         return []
@@ -172,7 +183,7 @@ def per_prompt_lines(records: List[Dict[str, Any]]) -> List[str]:
         lines.append("")
     best = []
     for skips in dict.fromkeys(k for k, _ in columns):
-        methods = [m for k, m in columns if k == skips]
+        methods = [m for k, m in columns if k == skips and (k, m) not in missed]
         if len(methods) < 2:
             continue
         wins = dict.fromkeys(methods, 0)

@@ -9,7 +9,7 @@ block stack was bypassed (the embeddings and final layer still ran).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -96,6 +96,14 @@ def implausible_speedup(method: str, speedup: Optional[float], skipped: Optional
     if speedup is None or skipped is None or "pab" in method or skipped >= 1:
         return False
     return speedup > 1.05 / (1.0 - skipped)
+
+
+def missed_budget(row: Dict[str, Any]) -> bool:
+    """Whether a searched method's threshold search missed the row's budget (by more than the half step it searches
+    to, on the search prompts: ``search_fraction``): the row is then not that budget's (a run that skipped nothing
+    would rank as its winner)."""
+    found = row.get("search_fraction")
+    return found is not None and "steps" in row and abs(found - row["budget"]) > 0.5 / row["steps"] + 1e-9
 
 
 IMPLAUSIBLE_NOTE = ("† more than 5% faster than skipping that share of the calls allows (1 / (1 - skipped)): timing "

@@ -62,17 +62,20 @@ def plot_quality_vs_speedup(rows: List[Dict], title: str, path: Union[str, Path]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .methods import missed_budget
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
         for ax, key in zip(axes, ("psnr", "ssim")):
-            pts = [(r["speedup"], r[key], r["budget"]) for r in points if r["speedup"] is not None
-                   and r[key] is not None]
+            pts = [(r["speedup"], r[key], r) for r in points if r["speedup"] is not None and r[key] is not None]
             if pts:
                 line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-                for x, y, budget in pts:  # which point is which budget (noisy speedups cross the lines)
-                    ax.annotate(f"{100 * budget:.0f}%", (x, y), textcoords="offset points", xytext=(4, 3),
-                                fontsize=7, color=line.get_color())
+                for x, y, r in pts:  # which point is which budget (noisy speedups cross the lines)
+                    missed = missed_budget(r)  # (a threshold search that missed the budget: the share it skipped)
+                    ax.annotate(f"{100 * r['budget']:.0f}%" + (f" (missed: {100 * r['skipped_fraction']:.0f}% "
+                                                              "skipped)" if missed else ""),
+                                (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=line.get_color())
     for ax, label in zip(axes, ("PSNR (dB) vs full-step", "SSIM vs full-step")):
         ax.set_xlabel("measured speedup")
         ax.set_ylabel(label)
