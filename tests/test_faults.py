@@ -576,3 +576,30 @@ def test_a_lut_path_that_is_a_symlink_stays_a_link(tmp_path):
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert_same_statistics(CalibrationLUT.load(target), reference([[0.5, 0.6]]))
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == [".geo.safetensors.lock", "geo.safetensors"]
+
+
+def test_a_lut_taken_by_another_runs_prompts_sends_this_runs_to_a_file_of_its_own(tmp_path, capsys):
+    """A review (2026-11-29): two runs of different settings auto-calibrating one new LUT: the one that wrote second
+    could never save (its merge is refused), kept its prompts in memory "to try again" at every generation, named its
+    own statistics "LUT", and lost them at the end. Now they go, at once, to a file of its own next to the LUT."""
+    import dataclasses
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"lut: geo.safetensors\ncalibration: {{prompts: 50}}\nloop: {{steps: {STEPS}}}\n")
+    path = tmp_path / "geo.safetensors"
+    model = GeometricDenoiser({"main": 0.7})
+    cache = TaoCache.from_yaml(cfg)
+    with cache.attach(model, repeat=True, identity={"shift": 3.0}):
+        dataclasses.replace(reference([[0.5, 0.6]]), identity={"shift": 5.0}).save(path)  # the other run's, first
+        before = path.read_bytes()
+        run_loop(model, STEPS)
+        run_loop(model, STEPS)
+    err = capsys.readouterr().err
+    side = next(tmp_path.glob("geo.run-*.safetensors"))
+    assert (f"calibration LUT {path} cannot take this run's prompts: cannot merge: identity 'shift' is 5.0 in LUT "
+            f"{path} and 3.0 in this run's statistics") in err, err
+    assert f"they go to {side} instead (and so do the next generations'): to use them, give this run lut: {side}" in err
+    assert err.count("cannot take this run's prompts") == 1 and "was not saved" not in err
+    assert path.read_bytes() == before
+    mine = CalibrationLUT.load(side)
+    assert mine.num_prompts == 2 and mine.identity == {"shift": 3.0}

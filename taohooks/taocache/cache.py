@@ -802,6 +802,18 @@ def _failure(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
 
 
+def _side_file(path: Path, recorder: CalibrationRecorder) -> Path:
+    """Where a run's prompts go when its ``lut:`` holds another run's (other identity, steps, streams): a file next to
+    it named by what the run is, so that runs alike add to one file and nothing calibrated is lost."""
+    import hashlib
+    import json
+
+    lut = recorder.lut()
+    what = json.dumps([lut.identity, lut.steps, list(lut.streams), lut.model_id, lut.sampler], sort_keys=True,
+                      default=str)
+    return path.with_name(f"{path.stem}.run-{hashlib.sha256(what.encode()).hexdigest()[:8]}{path.suffix}")
+
+
 class _SaveLUT(Callback):
     """Adds each complete generation to the LUT file (:meth:`CalibrationRecorder.flush`: atomic, under a
     lock, merged with what other processes wrote). A failed write is a warning naming the path, never
@@ -817,6 +829,7 @@ class _SaveLUT(Callback):
         self._exit_registered = False
         self._complete = False  # the LUT reached `wanted` (said once)
         self.said_complete = False  # ... and this process printed it
+        self._diverted = False  # the LUT held another run's prompts: this run's went to a file of its own
 
     def say_deferred(self) -> None:
         """Print the completion notice kept by ``defer`` (once)."""
@@ -850,17 +863,31 @@ class _SaveLUT(Callback):
             return  # the generation was left out (the recorder said why)
         try:
             self.recorder.flush(self.path)
-        except Exception as exc:  # noqa: BLE001 - FileWriteError, LUTMismatchError, LUTFormatError, and whatever
-            # else a save raises (a missing numpy under safetensors: ModuleNotFoundError): never out of the model call
-            messages.warning(f"calibration LUT {self.path} was not saved: {_failure(exc)}. The statistics of "
-                             f"{self.recorder.pending_prompts} prompt(s) are kept in memory and the next "
-                             "generation tries again", every_rank=self.every_rank)
-            if not self._exit_registered:  # a script that ends now (integrations never detach) tries once more
-                import atexit
+        except LUTMismatchError as exc:  # the file holds another run's prompts: no later generation can join them
+            side = _side_file(self.path, self.recorder)
+            if side == self.path or self._diverted:
+                return self._not_saved(exc)
+            messages.warning(f"calibration LUT {self.path} cannot take this run's prompts: {exc}. So that nothing "
+                             f"calibrated is lost, they go to {side} instead (and so do the next generations'): to use "
+                             f"them, give this run lut: {side}", every_rank=self.every_rank)
+            self.path, self._diverted = side, True
+            return self.on_sample_end(hook, sample)
+        except Exception as exc:  # noqa: BLE001 - FileWriteError, LUTFormatError, and whatever else a save raises
+            # (a missing numpy under safetensors: ModuleNotFoundError): never out of the model call
+            return self._not_saved(exc)
+        self._after_save(hook, sample)
 
-                atexit.register(self._last_try, "at the end of the process")
-                self._exit_registered = True  # (also: this process is the one that writes the LUT)
-            return
+    def _not_saved(self, exc: BaseException) -> None:
+        messages.warning(f"calibration LUT {self.path} was not saved: {_failure(exc)}. The statistics of "
+                         f"{self.recorder.pending_prompts} prompt(s) are kept in memory and the next "
+                         "generation tries again", every_rank=self.every_rank)
+        if not self._exit_registered:  # a script that ends now (integrations never detach) tries once more
+            import atexit
+
+            atexit.register(self._last_try, "at the end of the process")
+            self._exit_registered = True  # (also: this process is the one that writes the LUT)
+
+    def _after_save(self, hook, sample: int) -> None:
         have = self.recorder.lut().num_prompts
         if self.wanted and have >= self.wanted and not self._complete:  # (a run per generation: Wan's
             self._complete = True                                        # generate.py) is told it is done

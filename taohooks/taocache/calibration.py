@@ -426,6 +426,9 @@ class CalibrationRecorder(Callback):
                                     "out: every process plans from the same LUT", every_rank=True)
                 merged = on_disk
             else:
+                problem = merge_problem(base, pending, f"LUT {path}", "this run's statistics")  # (named: "LUT" was)
+                if problem:
+                    raise LUTMismatchError(problem)
                 merged = dataclasses.replace(base.merge(pending), created=base.created, source=str(path))
                 atomic_write_bytes(path, merged.to_bytes())
         self._base, self._base_file = merged, _real_path(path)
