@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import yaml
 
@@ -348,6 +348,24 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _refuse_shared_prompts(paths: Sequence[str], luts: Sequence[CalibrationLUT]) -> None:
+    """Two LUTs holding the same prompt (its delta products equal bit for bit: a copy of a file, or a merge repeated
+    into its output) would count it twice, shrinking every spread: refused, naming both."""
+    seen: Dict[bytes, str] = {}
+    for path, lut in zip(paths, luts):
+        if lut.deltas is None or not lut.deltas.prompts:
+            continue
+        rows = [lut.deltas.gram[i].numpy().tobytes() for i in range(lut.deltas.prompts)
+                if bool(lut.deltas.gram[i].nan_to_num(0.0).abs().sum() > 0)]  # (still prompts' are all zero)
+        shared = {seen[r] for r in rows if r in seen}
+        if shared:
+            count = sum(r in seen for r in rows)
+            raise ValueError(f"{path} and {', '.join(sorted(shared))} hold {count} of the same prompt(s) (their delta "
+                             "products are equal bit for bit: a copy of one file, or a merge repeated into its "
+                             "output); merged, each would count twice: give each prompt's LUT once")
+        seen.update(dict.fromkeys(rows, path))
+
+
 def _cmd_merge(args) -> int:
     """Merge the inputs into OUTPUT under OUTPUT's lock (a calibrating run adds to it the same way).
 
@@ -356,6 +374,9 @@ def _cmd_merge(args) -> int:
     from .runtime.io import atomic_write_bytes, check_writable, locked
 
     out = Path(args.output)
+    if _is_config(args.output):  # (show, merge and plan would take the LUT written there for a YAML config)
+        raise ValueError(f"-o {args.output}: a YAML name; a LUT is a .safetensors file (taocache show, merge and plan "
+                         "read a .yaml as a config)")
     for path in args.luts:
         _refuse_config_for_lut(path, "merge")
     for i, a in enumerate(args.luts):  # a file given twice would count its prompts twice
@@ -391,7 +412,9 @@ def _cmd_merge(args) -> int:
         if out.exists() and not same:
             raise ValueError(f"{out} exists and is not one of the inputs; list it among the inputs to merge "
                              "into it, or remove it first")
-        merged = merge_luts([CalibrationLUT.load(p) for p in args.luts], drop)
+        luts = [CalibrationLUT.load(p) for p in args.luts]  # (as they are under the lock: what is merged)
+        _refuse_shared_prompts(args.luts, luts)
+        merged = merge_luts(luts, drop)
         atomic_write_bytes(out, merged.to_bytes())
     print(f"wrote {args.output}: {merged.describe()}")
     return 0

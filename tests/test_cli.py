@@ -3,6 +3,8 @@ import subprocess
 
 import pytest
 
+from taohooks.taocache.lut import CalibrationLUT
+
 from taohooks.cli import main
 from test_calibration import calibrate
 from trajectories import GeometricDenoiser
@@ -107,10 +109,40 @@ def test_plot_that_fails_leaves_the_earlier_file_whole(lut_path, tmp_path, monke
 
 def test_merge(lut_path, tmp_path, capsys):
     out = tmp_path / "merged.safetensors"
-    copy = tmp_path / "copy.safetensors"  # another run's LUT (one file given twice is refused: tests/test_battery.py)
-    copy.write_bytes(lut_path.read_bytes())
-    assert main(["merge", str(lut_path), str(copy), "-o", str(out)]) == 0
+    other = tmp_path / "other.safetensors"  # another run's LUT (one file given twice is refused: tests/test_battery.py)
+    calibrate(GeometricDenoiser({"cond": 0.8, "uncond": 0.6}), 20, ("cond", "uncond"), model_id="geo").save(other)
+    assert main(["merge", str(lut_path), str(other), "-o", str(out)]) == 0
     assert "4 prompts" in capsys.readouterr().out
+
+
+def test_merge_refuses_what_would_count_prompts_twice_and_a_yaml_output(lut_path, tmp_path, capsys):
+    """A review (2026-11-29): a copy of a LUT merged with it, or a merge repeated into its output, doubled its prompts
+    without a word; `-o x.yaml` wrote a LUT that show, merge and plan then read as a config."""
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(lut_path.read_bytes())
+    assert main(["merge", str(lut_path), str(copy), "-o", str(tmp_path / "m.safetensors")]) == 1
+    assert f"{copy} and {lut_path} hold 2 of the same prompt(s) (their delta products are equal bit for bit: a copy " \
+        "of one file, or a merge repeated into its output)" in capsys.readouterr().err
+    other = tmp_path / "other.safetensors"
+    calibrate(GeometricDenoiser({"cond": 0.8, "uncond": 0.6}), 20, ("cond", "uncond"), model_id="geo").save(other)
+    assert main(["merge", str(lut_path), str(other), "-o", str(lut_path)]) == 0
+    assert main(["merge", str(lut_path), str(other), "-o", str(lut_path)]) == 1  # the same merge again
+    assert "hold 2 of the same prompt(s)" in capsys.readouterr().err
+    assert CalibrationLUT.load(lut_path).num_prompts == 4
+    assert main(["merge", str(other), "-o", str(tmp_path / "out.yaml")]) == 1
+    assert "-o " + str(tmp_path / "out.yaml") + ": a YAML name; a LUT is a .safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "out.yaml").exists()
+
+
+def test_a_cut_short_lut_is_said_as_such(lut_path, tmp_path, capsys):
+    data = lut_path.read_bytes()
+    for name, content, said in (("empty", b"", "is empty (0 bytes)"),
+                                ("half", data[:len(data) // 2], f"is cut short: {len(data) // 2} bytes of the "
+                                                                 f"{len(data)} its header describes"),
+                                ("head", data[:20], "is cut short: 20 bytes, where its header alone takes")):
+        (tmp_path / f"{name}.safetensors").write_bytes(content)
+        assert main(["show", str(tmp_path / f"{name}.safetensors")]) == 1
+        assert f"{name}.safetensors {said}" in capsys.readouterr().err
 
 
 def test_demo_converts_missing_lpips_weights_once(monkeypatch, tmp_path, capsys):
@@ -547,3 +579,16 @@ def test_check_says_a_pndm_lut_counts_calls_when_loop_steps_differs(tmp_path, ca
         "counts the denoiser calls per stream, and PNDM's N steps make N + 9 (19 calls: 10 PNDM steps); leave " \
         "loop.steps out where the integration reads the step count from the script" in err
     assert "calibrate again" not in err
+
+
+def test_merge_of_other_output_sizes_names_both_files(lut_path, tmp_path, capsys):
+    """It said "this generation's outputs ... give it its own lut:" in a merge of two files (review, 2026-11-29)."""
+    other = tmp_path / "big.safetensors"
+    calibrate(GeometricDenoiser({"cond": 0.8, "uncond": 0.6}, shape=(2, 4, 8)), 20, ("cond", "uncond"),
+              model_id="geo").save(other)
+    assert main(["merge", str(lut_path), str(other), "-o", str(tmp_path / "m.safetensors"),
+                 "--drop-error-statistics"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot merge LUT {other} into LUT {lut_path}: the outputs of LUT {other} have 64, 64 elements per " \
+           f"stream, those of LUT {lut_path} " in err and "(another resolution or frame count)" in err, err
+    assert "this generation" not in err and "lut:" not in err

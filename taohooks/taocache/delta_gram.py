@@ -79,9 +79,8 @@ class DeltaGram:
                              f"into {tuple(self.gram.shape[1:3])}")
         numel = tuple(a or b for a, b in zip(self.numel, other.numel))
         if any(a and b and a != b for a, b in zip(self.numel, other.numel)):
-            raise ValueError(f"this generation's outputs have {', '.join(map(str, other.numel))} elements per stream, "
-                             f"the LUT's {', '.join(map(str, self.numel))}: another resolution or frame count "
-                             "than the LUT was calibrated at; give it its own lut:")
+            raise ValueError(f"outputs of {', '.join(map(str, other.numel))} elements per stream against "
+                             f"{', '.join(map(str, self.numel))}: another resolution or frame count")
         h = min(self.horizon, other.horizon) if self.prompts and other.prompts else max(self.horizon, other.horizon)
         parts = [g.gram[..., :h + 1] for g in (self, other) if g.prompts]
         gram = torch.cat(parts) if parts else self.gram[..., :h + 1]

@@ -258,6 +258,9 @@ class CalibrationLUT:
                 raw_meta = (f.metadata() or {}).get(_META_KEY)
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises its own error types
+            short = _cut_short(path)
+            if short:
+                raise LUTFormatError(f"{path} {short}: an incomplete copy or download? Copy it again") from exc
             raise LUTFormatError(f"{path} is not a safetensors file: {exc}") from exc
         if raw_meta is None:
             raise LUTFormatError(f"{path} is a safetensors file but not a taohooks LUT (no '{_META_KEY}' metadata)")
@@ -321,6 +324,32 @@ def unrecorded_prompts(num_prompts: int, cos_count: Tensor, ratio_count: Tensor,
     return max(0, num_prompts - most) if most else otherwise
 
 
+def _cut_short(path: Path) -> Optional[str]:
+    """How a file that safetensors cannot read is shorter than its own header says (``None``: it is not, or the
+    file does not begin like a safetensors file)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if size == 0:
+                return "is empty (0 bytes)"
+            if len(head) < 8:
+                return f"holds {size} bytes, fewer than a safetensors file's 8-byte header length"
+            n = int.from_bytes(head, "little")
+            if n > 100 * 2 ** 20:  # (no LUT's header is that long: another kind of file)
+                return None
+            if size < 8 + n:
+                return f"is cut short: {size} bytes, where its header alone takes {8 + n}"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    want = 8 + n + max(ends, default=0)
+    return f"is cut short: {size} bytes of the {want} its header describes" if size < want else None
+
+
 def _merge_deltas(a: CalibrationLUT, b: CalibrationLUT, drop: bool = False) -> Optional[DeltaGram]:
     """Both LUTs' delta products, or none if either LUT has prompts without them (an error estimate
     from part of the prompts would not describe the LUT's statistics). Unless ``drop``, a merge that
@@ -335,6 +364,14 @@ def _merge_deltas(a: CalibrationLUT, b: CalibrationLUT, drop: bool = False) -> O
         return None
     if da is None or db is None:
         return da if db is None else db
+    if any(x and y and x != y for x, y in zip(da.numel, db.numel)):
+        ours, theirs = (", ".join(map(str, g.numel)) for g in (da, db))
+        if b.source:  # (two files: taocache merge)
+            raise LUTMismatchError(f"cannot merge {b._name()} into {a._name()}: the outputs of {b._name()} have "
+                                   f"{theirs} elements per stream, those of {a._name()} {ours} (another resolution or "
+                                   "frame count)")
+        raise LUTMismatchError(f"this generation's outputs have {theirs} elements per stream, {a._name()}'s {ours}: "
+                               "another resolution or frame count than the LUT was calibrated at; give it its own lut:")
     try:
         return da.merge(db)
     except ValueError as exc:
