@@ -125,3 +125,17 @@ def test_save_is_atomic(tmp_path, lut, monkeypatch):
 def test_table_lists_every_step(lut):
     text = lut.table()
     assert len(text.splitlines()) == 2 + 8 and "0.9000" in text and "0.7000" in text
+
+
+def test_a_batched_and_a_two_call_lut_merge():
+    """Every run takes a LUT of either loop shape (the streams' deltas are the same); a merge refused them, naming
+    calls_per_step (review, 2026-11-29)."""
+    from test_calibration import calibrate
+    from trajectories import GeometricDenoiser
+
+    model = GeometricDenoiser({"uncond": -0.7, "cond": 0.9}, shape=(2, 4, 4))
+    batched = calibrate(model, 8, ("uncond", "cond"), batch=2, split_batch=True)
+    two_call = calibrate(model, 8, ("uncond", "cond"), batch=2, split_batch=False)
+    assert (batched.calls_per_step, two_call.calls_per_step) == (1, 2)
+    merged = batched.merge(two_call)
+    assert merged.num_prompts == 8 and torch.allclose(merged.cos_mean, batched.cos_mean, atol=1e-6, equal_nan=True)

@@ -71,12 +71,14 @@ def _now() -> str:
 
 def merge_problem(a: Any, b: Any, name_a: str, name_b: str) -> Optional[str]:
     """Why the statistics of ``b`` cannot be added to ``a``'s (LUTs, or anything with their ``steps``, ``streams``,
-    ``model_id``, ``sampler``, ``calls_per_step``, ``identity`` and ``timesteps``: the ranks' headers of
+    ``model_id``, ``sampler``, ``identity`` and ``timesteps``: the ranks' headers of
     :func:`~taohooks.runtime.distributed.all_reduce_lut`), or ``None``."""
     if (a.steps, tuple(a.streams)) != (b.steps, tuple(b.streams)):
         return (f"cannot merge {name_b} ({b.steps} steps, streams {', '.join(b.streams)}) into {name_a} ({a.steps} "
                 f"steps, streams {', '.join(a.streams)})")
-    for key in ("model_id", "sampler", "calls_per_step"):
+    # (calls_per_step is not compared: a batched-CFG loop and a call per stream record the same per-stream deltas,
+    # and every run takes either LUT; a merge refused them: review, 2026-11-29)
+    for key in ("model_id", "sampler"):
         x, y = getattr(a, key), getattr(b, key)
         if x is not None and y is not None and x != y:
             return f"cannot merge: {key} is {x!r} in {name_a} and {y!r} in {name_b}"
