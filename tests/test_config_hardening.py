@@ -396,3 +396,20 @@ def test_prompt_calibration_refuses_a_generation_of_several_sampling_loops(monke
     bound = inspect.signature(lambda input_prompt: None).bind("a cat")
     with pytest.raises(IntegrationError, match="WanS2V.generate: runs one sampling loop per clip"):
         calibrate_over_prompts(patch, bound)
+
+
+def test_an_output_on_a_read_only_file_system_says_so(lut_path, tmp_path, capsys, monkeypatch):
+    """`taocache check` and `calibrate` told root "Permission denied" for a LUT on a read-only mount (review,
+    2026-11-29): the folder is what a write needs (a temporary file, then a rename), and its error is said."""
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    out = tmp_path / "c.png"
+    out.write_bytes(b"")
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # (as access(2) answers on such a mount)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    assert cli_main(["plot", str(lut_path), "-o", str(out)]) == 1
+    assert capsys.readouterr().err == (f"taocache plot: error: cannot write {out}: folder {tmp_path} cannot be written "
+                                       "(Read-only file system)\n")
