@@ -349,12 +349,11 @@ def _cmd_plot(args) -> int:
 def _refuse_shared_prompts(paths: Sequence[str], luts: Sequence[CalibrationLUT]) -> None:
     """Two LUTs holding the same prompt (its delta products equal bit for bit: a copy of a file, or a merge repeated
     into its output) would count it twice, shrinking every spread: refused, naming both."""
+    from .taocache.lut import prompt_rows
+
     seen: Dict[bytes, str] = {}
     for path, lut in zip(paths, luts):
-        if lut.deltas is None or not lut.deltas.prompts:
-            continue
-        rows = [lut.deltas.gram[i].numpy().tobytes() for i in range(lut.deltas.prompts)
-                if bool(lut.deltas.gram[i].nan_to_num(0.0).abs().sum() > 0)]  # (still prompts' are all zero)
+        rows = prompt_rows(lut)
         shared = {seen[r] for r in rows if r in seen}
         if shared:
             count = sum(r in seen for r in rows)

@@ -603,3 +603,21 @@ def test_a_lut_taken_by_another_runs_prompts_sends_this_runs_to_a_file_of_its_ow
     assert path.read_bytes() == before
     mine = CalibrationLUT.load(side)
     assert mine.num_prompts == 2 and mine.identity == {"shift": 3.0}
+
+
+def test_resuming_a_lut_merged_from_the_file_then_flushing_into_it_is_refused(tmp_path):
+    """A review (2026-11-29): `CalibrationRecorder(resume=y.merge(z)).flush(y)` added y's prompts to y again (the
+    merged LUT names no file, so it was taken for one resumed from elsewhere): 7 prompts for 5."""
+    path = tmp_path / "y.safetensors"
+    reference([[0.5, 0.6], [0.55, 0.65]]).save(path)
+    y, z = CalibrationLUT.load(path), reference([[0.7, 0.8]])
+    rec = CalibrationRecorder(resume=y.merge(z), identity={})
+    with DenoiserHook(LoopSpec(STEPS), [rec]).attach(GeometricDenoiser({"main": 0.9})) as hook:
+        hook.new_sample()
+        run_loop(hook.module, STEPS)
+    before = path.read_bytes()
+    with pytest.raises(taohooks.taocache.lut.LUTMismatchError, match=r"this recorder resumed LUT, which holds 4 of the "
+                       r"prompts of .*y\.safetensors already \(a merge with it, or a copy\)"):
+        rec.flush(path)
+    assert path.read_bytes() == before and rec.pending_prompts == 1
+    assert rec.flush(tmp_path / "new.safetensors").num_prompts == 4 + 2 + 1  # (a new file: nothing counted twice)

@@ -34,7 +34,8 @@ from ..runtime.callbacks import Callback
 from .delta_gram import DEFAULT_HORIZON, DeltaGram, DeltaRing, flatten_per_prompt
 from ..runtime.io import atomic_write_bytes, locked
 from ..runtime.loop import LoopSpec
-from .lut import CalibrationLUT, LUTMismatchError, first_timestep_difference, merge_problem, unrecorded_prompts
+from .lut import (CalibrationLUT, LUTMismatchError, first_timestep_difference, merge_problem, shared_prompts,
+                  unrecorded_prompts)
 from .identity import comparable, recorded_the_wrapper
 from .lut_format import check_identity
 from .stats import RunningMoments
@@ -408,6 +409,12 @@ class CalibrationRecorder(Callback):
                     on_disk.check(self._loop, self.model_id, self.sampler)
                 base = on_disk
                 if self._base is not None and self._base_file != _real_path(path) and self._base.num_prompts:
+                    both = shared_prompts(on_disk, self._base)
+                    if both:  # (a LUT merged in memory from this file: its prompts would count twice)
+                        raise LUTMismatchError(
+                            f"this recorder resumed {self._base._name()}, which holds {both} of the prompts of "
+                            f"{path} already (a merge with it, or a copy): adding it would count them twice; resume "
+                            f"from {path} itself (CalibrationLUT.load) and add the other LUT with taocache merge")
                     base = base.merge(self._base)  # resumed from elsewhere: its prompts join this file once
             else:
                 base = self._base if self._base is not None else _empty_like(pending, pending.identity)

@@ -35,7 +35,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -324,6 +324,22 @@ def unrecorded_prompts(num_prompts: int, cos_count: Tensor, ratio_count: Tensor,
     not: generations still in different streams summed to 0 while no step held every prompt)."""
     most = max(int(c.max()) if c.numel() else 0 for c in (cos_count, ratio_count))
     return max(0, num_prompts - most) if most else otherwise
+
+
+def prompt_rows(lut: "CalibrationLUT") -> List[bytes]:
+    """Each moving prompt's delta products as bytes (equal bit for bit only for the same prompt of the same run: how a
+    copy, or a LUT already merged in, is told); none for a LUT without products."""
+    if lut.deltas is None or not lut.deltas.prompts:
+        return []
+    gram = lut.deltas.gram
+    return [gram[i].numpy().tobytes() for i in range(gram.shape[0])
+            if bool(gram[i].nan_to_num(0.0).abs().sum() > 0)]  # (still prompts' products are all zero)
+
+
+def shared_prompts(a: "CalibrationLUT", b: "CalibrationLUT") -> int:
+    """How many of ``b``'s prompts ``a`` holds too (:func:`prompt_rows`)."""
+    mine = set(prompt_rows(a))
+    return sum(row in mine for row in prompt_rows(b))
 
 
 def _cut_short(path: Path) -> Optional[str]:
