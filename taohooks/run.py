@@ -104,6 +104,19 @@ def _warn_without_autoload(config: TaoCacheConfig, prog: str = "taocache-run") -
               "will run without TaoCache; run `taocache autoload install` once", file=sys.stderr)
 
 
+def script_problem(first: str) -> Optional[str]:
+    """Why ``first`` (the word after the launcher's own arguments) is not a script file to run, or ``None``."""
+    script = Path(first)
+    if script.is_file():
+        return None
+    if first.startswith("-"):
+        return (f"expected the sample script first, got the option {first}; taocache-run runs a script file "
+                "(python -m MODULE is not supported: give the module's .py file)")
+    if script.is_dir():
+        return f"script {script} is a directory; give the sample script inside it (e.g. {script / 'generate.py'})"
+    return f"script {script} does not exist" if not script.exists() else f"script {script} is not a file"
+
+
 def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
     """Run the script with the integration installed; ``prog`` names the command in messages
     (``taocache compare`` runs the script through here)."""
@@ -120,14 +133,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "taocache-run") -> int:
         print(f"{prog}: error: {why}\n{USAGE}", file=sys.stderr)
         return 2
     script = Path(rest[0])
-    if not script.is_file():
-        if rest[0].startswith("-"):
-            why = (f"expected the sample script first, got the option {rest[0]}; taocache-run runs a script file "
-                   "(python -m MODULE is not supported: give the module's .py file)")
-        elif script.is_dir():
-            why = f"script {script} is a directory; give the sample script inside it (e.g. {script / 'generate.py'})"
-        else:
-            why = f"script {script} does not exist" if not script.exists() else f"script {script} is not a file"
+    why = script_problem(rest[0])
+    if why is not None:
         print(f"{prog}: {why}", file=sys.stderr)
         return 2
     asks_help = any(a in ("-h", "--help") for a in rest[1:])  # the script prints its help and exits: no checks

@@ -264,6 +264,7 @@ def test_killed_experiment_resumes_to_the_same_results(finished, tmp_path, launc
     import shutil  # killed after the calibration and the threshold search (their results kept, as a run does)
 
     shutil.copytree(finished[0] / "state", tmp_path / "out" / "state")
+    shutil.copy(finished[0] / "experiment.json", tmp_path / "out")  # (state without it: an unknown experiment's)
     assert compare(path) == 130  # said, with how to go on (it was a traceback)
     assert "taocache compare: interrupted; the runs stored in " in capsys.readouterr().err
     assert len(list((tmp_path / "out" / "runs").rglob("*.safetensors"))) == 4
@@ -330,6 +331,7 @@ def test_a_threshold_search_killed_midway_replays_its_measured_steps(finished, t
 
     path = write(tmp_path, EXPERIMENT)
     shutil.copytree(finished[0] / "state", tmp_path / "out" / "state")
+    shutil.copy(finished[0] / "experiment.json", tmp_path / "out")
     (tmp_path / "out" / "state" / "thresholds.json").unlink()  # calibrated, no threshold found yet
     (tmp_path / "out" / "state" / "threshold_steps.json").unlink()
     monkeypatch.setattr(RunStore, "put_state", put_then_die)
@@ -741,6 +743,7 @@ def test_changed_calibration_prompts_are_refused_on_resume(finished, tmp_path, l
     import shutil
 
     shutil.copytree(finished[0] / "state", tmp_path / "out" / "state")
+    shutil.copy(finished[0] / "experiment.json", tmp_path / "out")
     path = write(tmp_path, EXPERIMENT.replace("seed: 1002}", "seed: 1003}"))
     assert compare(path) == 2  # the launcher's one-line error, before any generation ran
     err = capsys.readouterr().err
@@ -1767,3 +1770,121 @@ def test_a_baseline_whose_search_missed_the_budget_is_marked_and_not_ranked_ther
     from taohooks.evaluation.plotting import plot_quality_vs_speedup
 
     assert plot_quality_vs_speedup(rows, "t", tmp_path / "q.png").is_file()
+
+
+def test_a_folder_of_runs_without_its_experiment_json_is_refused_before_the_script(tmp_path, capsys):
+    """runs/ and state/ with no experiment.json (deleted, or copied without it) were taken as this experiment's, and
+    its experiment.json then recorded them so: old videos reported as the new experiment's (review r30, F4)."""
+    never = write(tmp_path, "raise SystemExit('the script ran')\n", "never.py")
+    path = write(tmp_path, EXPERIMENT)
+    (tmp_path / "out" / "runs" / "full").mkdir(parents=True)
+    (tmp_path / "out" / "runs" / "full" / "0123456789abcdef.safetensors").write_bytes(b"a run")
+    (tmp_path / "out" / "state").mkdir()
+    (tmp_path / "out" / "state" / "calibration.json").write_text("{}")
+    said = (f"taocache compare: {tmp_path / 'out' / 'experiment.json'}: missing, but this output folder holds runs/ "
+            "and state/ of an unknown experiment (experiment.json records what its runs were made with: the script "
+            "line, model and settings); they cannot be checked against this experiment: use another output folder, "
+            "or put back the experiment.json made with them (or delete runs/ and state/ to start the folder again)\n")
+    assert cli.main(["compare", str(path), "--", str(never)]) == 2
+    assert capsys.readouterr().err == said
+    assert not (tmp_path / "out" / "experiment.json").exists()
+    (tmp_path / "out" / "runs" / "full" / "0123456789abcdef.safetensors").unlink()  # state/ alone: a calibration
+    assert cli.main(["compare", str(path), "--", str(never)]) == 2
+    assert "holds state/ of an unknown experiment" in capsys.readouterr().err
+    assert cli.main(["check", str(path)]) == 0
+    assert f"# output: {tmp_path / 'out'} holds state/ of an unknown experiment (no experiment.json): taocache " \
+           "compare refuses it" in capsys.readouterr().out
+
+
+def test_a_folder_of_another_tool_s_results_is_not_overwritten(tmp_path, capsys):
+    """A taocache bench folder as the output: its results.json and results.md were replaced without a word (review
+    r30, F4); refused before anything is written there."""
+    never = write(tmp_path, "raise SystemExit('the script ran')\n", "never.py")
+    path = write(tmp_path, EXPERIMENT)
+    (tmp_path / "out").mkdir()
+    bench = json.dumps({"methods": {"taocache": {"psnr": 30.0}}})
+    (tmp_path / "out" / "results.json").write_text(bench)
+    assert cli.main(["compare", str(path), "--", str(never)]) == 1
+    assert capsys.readouterr().err == (
+        f"taocache compare: error: {path}: output: {tmp_path / 'out' / 'results.json'}: not a taocache compare results "
+        "file (expected meta, records, aggregates); compare would replace it (and results.md) with this "
+        "experiment's: use another output folder (or move the file away)\n")
+    assert (tmp_path / "out" / "results.json").read_text() == bench
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json"]  # (no lock, no taocache.yaml)
+    assert cli.main(["check", str(path)]) == 1  # (check makes compare's checks before the script)
+    assert "not a taocache compare results file" in capsys.readouterr().err
+
+
+def test_a_missing_script_is_said_as_such_on_a_folder_of_earlier_runs(tmp_path, capsys):
+    """A typo in the script's path on an existing folder was said as "another script line ... use another output
+    folder (or delete it)" (review r30, F1)."""
+    path = write(tmp_path, EXPERIMENT)
+    (tmp_path / "out" / "state").mkdir(parents=True)
+    (tmp_path / "out" / "experiment.json").write_text(json.dumps({"script": [str(SCRIPT), "--steps", "10"]}))
+    (tmp_path / "out" / "state" / "calibration.json").write_text("{}")
+    nope = tmp_path / "examples" / "nope.py"
+    assert cli.main(["compare", str(path), "--", str(nope), "--steps", "10"]) == 2
+    assert capsys.readouterr().err == f"taocache compare: script {nope} does not exist\n"
+    assert cli.main(["compare", str(path), "--", str(ROOT / "examples"), "--steps", "10"]) == 2
+    assert capsys.readouterr().err == (f"taocache compare: script {ROOT / 'examples'} is a directory; give the sample "
+                                       f"script inside it (e.g. {ROOT / 'examples' / 'generate.py'})\n")
+
+
+def test_a_lut_that_is_a_directory_is_refused_as_such(tmp_path, capsys):
+    """lut: naming a folder was said "does not exist" and a LUT calibrated in the output folder (review r30, L1)."""
+    never = write(tmp_path, "raise SystemExit('the script ran')\n", "never.py")
+    (tmp_path / "luts").mkdir()
+    tao = write(tmp_path, "integration: testbed\nmodel_id: testbed-flow\nlut: luts\n", "tao.yaml")
+    for methods in ("[full, taocache]", "[full, taocache, teacache]"):  # (teacache: calibrated here in any case)
+        text = EXPERIMENT.replace("integration: testbed\nmodel_id: testbed-flow\n", "taocache: tao.yaml\n")
+        path = write(tmp_path, text.replace("methods: [full, taocache, teacache]", f"methods: {methods}"))
+        assert cli.main(["compare", str(path), "--", str(never)]) == 1
+        assert capsys.readouterr().err == (
+            f"taocache compare: error: {tao}: lut: {tmp_path / 'luts'} is a directory, not a LUT file; name the LUT "
+            f"file inside it, e.g. {tmp_path / 'luts' / 'model.safetensors'}\n")
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_seed_outside_a_64_bit_generator_s_range_is_refused_when_the_experiment_is_loaded(tmp_path):
+    """A seed of 2**63 or more passed every check and failed after the model had loaded, with a traceback ("Overflow
+    when unpacking long long"); a negative one is a random seed to Wan's scripts (review r30, L2)."""
+    expected = "expected an integer seed from 0 to 2**63 - 1, got "
+    for seed in (99999999999999999999, 2 ** 63, -1):
+        path = write(tmp_path, EXPERIMENT.replace("seed: 10001}", f"seed: {seed}}}"))
+        with pytest.raises(ConfigError) as info:
+            load_experiment(path)
+        assert str(info.value) == f"{path}: prompts[1].seed: {expected}{seed}"
+    path = write(tmp_path, EXPERIMENT.replace("seed: 1000}", f"seed: {2 ** 63}}}"))
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert str(info.value) == f"{path}: calibration_prompts[0].seed: {expected}{2 ** 63}"
+    (tmp_path / "p.txt").write_text(f"a red circle moving left\t7\na red square moving down\t{2 ** 64}\n")
+    text = EXPERIMENT.replace("prompts:\n  - {prompt: \"a red circle moving left, with a static green dot\", "
+                              "seed: 10000}\n  - {prompt: \"a green square moving up, with a static blue dot\", "
+                              "seed: 10001}\n", "prompts: p.txt\n")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(write(tmp_path, text))
+    assert str(info.value) == f"{tmp_path / 'p.txt'}: line 2: the seed after the tab: {expected}{2 ** 64}"
+    path = write(tmp_path, text.replace("p.txt", "p.txt\nseed: -3"))
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert str(info.value) == f"{path}: seed: {expected}-3 (the seed of a prompt given without one)"
+    assert load_experiment(write(tmp_path, EXPERIMENT.replace("seed: 10001}", f"seed: {2 ** 63 - 1}}}")))
+
+
+def test_results_say_the_baselines_used_on_a_rerun_with_every_run_stored(tmp_path, launcher_state, capsys):
+    """meta.magcache_ratios was set only by a magcache run made in the process: null in results.json after a rerun
+    of a folder whose runs were all stored (an interruption while scoring; review r30, F6); TeaCache's likewise."""
+    text = EXPERIMENT.replace("methods: [full, taocache, teacache]", "methods: [full, magcache]").replace(
+        "budgets: [0.2, 0.3]", "budgets: [0.3]").replace(
+        "  - {prompt: \"a green square moving up, with a static blue dot\", seed: 10001}\n", "").replace(
+        "search_iterations: 4", "search_iterations: 2")
+    path = write(tmp_path, text)
+    said = "MagCache's magnitude ratios calibrated on the calibration prompts; K 2, retention 0.2"
+    assert compare(path) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["meta"]["magcache_ratios"] == said
+    (tmp_path / "out" / "results.json").unlink()  # (as an interruption while scoring leaves the folder)
+    capsys.readouterr()
+    assert compare(path) == 0 and "; 5 of 5 runs already in " in capsys.readouterr().err
+    meta = json.loads((tmp_path / "out" / "results.json").read_text())["meta"]
+    assert meta["magcache_ratios"] == said and meta["teacache_proxy"] is None

@@ -23,9 +23,8 @@ from .errors import CompareError
 from .experiment import ExperimentConfig, load_experiment
 from .plots import write_animation, write_plots, write_strip
 from .report import build_results, load_results, markdown_table, write_results
-from .runner import (TEA_METHODS, Experiment, calibrated_here, check_before_run, intercept_generations,
-                     needs_calibration)
-from .store import folder_lock, writes_results
+from .runner import Experiment, calibrated_here, check_before_run, intercept_generations, needs_calibration
+from .store import RunStore, folder_lock, writes_results
 from .targets import target_for
 
 __all__ = ["run_compare", "rebuild_report", "taocache_config_of", "check_experiment_file"]
@@ -71,9 +70,13 @@ def check_experiment_file(experiment_path: str) -> str:
                        f"coefficients where its authors give them); at most {calibration}" if needed else calibration)
     lines.append(f"# {len(config.evaluation_prompts())} evaluation prompt(s) x {len(config.methods)} method(s) x "
                  f"{len(config.budgets)} budget(s); calibration: {calibration}")
+    _refuse_other_results(config)
     runs = config.output_dir / "runs"
     stored = sum(1 for p in runs.rglob("*.safetensors")) if runs.is_dir() else 0
-    lines.append(f"# output: {config.output_dir} holds {stored} stored run(s): taocache compare continues them "
+    unknown = RunStore(config.output_dir, writer=False).stored_without_record()
+    lines.append(f"# output: {config.output_dir} holds {unknown} of an unknown experiment (no experiment.json): "
+                 "taocache compare refuses it" if unknown else
+                 f"# output: {config.output_dir} holds {stored} stored run(s): taocache compare continues them "
                  "(where its experiment.json matches)" if stored else
                  f"# output: {config.output_dir} ({'exists, no runs stored' if config.output_dir.exists() else 'new'})")
     return "\n".join(lines)
@@ -105,6 +108,18 @@ def _check_integration(config: ExperimentConfig) -> None:
         raise ConfigError(config.source, "taocache" if config.taocache else "integration", str(exc)) from None
 
 
+def _refuse_other_results(config: ExperimentConfig) -> None:
+    """An output folder whose results.json is not compare's (a ``taocache bench`` folder's): refused before anything
+    is written there (it was replaced, with its results.md, without a word)."""
+    if not (config.output_dir / "results.json").is_file():  # (a folder of that name: check_writable says so)
+        return
+    try:
+        load_results(config.output_dir)
+    except ValueError as exc:
+        raise ConfigError(config.source, "output", f"{exc}; compare would replace it (and results.md) with this "
+                          "experiment's: use another output folder (or move the file away)") from None
+
+
 def run_compare(experiment_path: str, script: List[str]) -> int:
     """Run the experiment through ``script``; returns the exit status."""
     config = load_experiment(experiment_path)
@@ -115,7 +130,17 @@ def run_compare(experiment_path: str, script: List[str]) -> int:
     if given:  # (the launcher said "given twice", under taocache-run's name)
         raise ConfigError("command line", "SCRIPT", "remove --taocache from the script's arguments: the "
                                                     "experiment's taocache: names the config each run uses")
+    from ..run import script_problem
+
+    # a typo in the script's path, said as such before anything else (on a folder of earlier runs it was said as
+    # "another script line: use another output folder (or delete it)")
+    problem = script_problem(script[0])
+    if problem is not None:
+        print(f"taocache compare: {problem}", file=sys.stderr)
+        return 2
     _check_integration(config)  # before the lock, which makes the output folder
+    check_before_run(config, taocache_config_of(config, write=False)[1])  # (again below, on the config written)
+    _refuse_other_results(config)
     writer = writes_results()  # rank 0 under torchrun: every rank runs the generations, rank 0 writes
     # the lock before anything is written to the folder (a refused second compare rewrote OUTPUT/taocache.yaml)
     with folder_lock(config.output_dir) if writer else contextlib.nullcontext():
@@ -170,9 +195,7 @@ def _run_locked(experiment_path, script, config, tao_path, tao, writer) -> int:
             "model_id": tao.model_id, "loop": experiment.loop.describe(), "config": config.to_dict(),
             "expert_switch": experiment.expert_switch,
             "calibration": experiment.store.state("calibration"),
-            "teacache_proxy": (getattr(experiment, "tea_provenance", None) or experiment.target.tea_source)
-            if TEA_METHODS & set(config.methods) else None,
-            "magcache_ratios": getattr(experiment, "mag_provenance", None) if "magcache" in config.methods else None,
+            "teacache_proxy": experiment.tea_provenance, "magcache_ratios": experiment.mag_provenance,
             "easycache": (f"the rule of {__import__('taohooks.caches.easycache', fromlist=['SOURCE']).SOURCE}, "
                           f"warm-up {config.easycache_warmup} steps") if "easycache" in config.methods else None}
     results = build_results(config, experiment.store, experiment.loop.steps, meta)

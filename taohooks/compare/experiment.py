@@ -35,6 +35,16 @@ BUDGET_FREE_METHODS = ("pab", "videosys-pab")
 SEARCHED_METHODS = ("teacache", "magcache", "easycache", "hybrid", "pab+teacache")
 
 
+#: seeds compare gives the script: a 64-bit generator's (torch's and numpy's take them), never negative (Wan's scripts
+#: draw a random seed for a negative one); a larger one failed after the model had loaded, with a traceback
+SEED_LIMIT = 2 ** 63
+SEED_EXPECTED = "expected an integer seed from 0 to 2**63 - 1"
+
+
+def _seed_problem(seed: int) -> Optional[str]:
+    return None if 0 <= seed < SEED_LIMIT else f"{SEED_EXPECTED}, got {seed}"
+
+
 @dataclass(frozen=True)
 class PromptEntry:
     """One evaluation (or calibration) generation: the prompt text and the seed."""
@@ -139,6 +149,8 @@ class ExperimentConfig:
                                     f"for half of each budget, got {self.hybrid_tao_skips}")
         if self.magcache_retention is not None and not 0 <= self.magcache_retention < 1:
             err("magcache_retention", f"expected a fraction of the steps in [0, 1), got {self.magcache_retention}")
+        if _seed_problem(self.seed):
+            err("seed", f"{_seed_problem(self.seed)} (the seed of a prompt given without one)")
         if self.search_prompts < 1:
             err("search_prompts", f"expected a number of prompts >= 1, got {self.search_prompts}")
         if not 1 <= self.search_iterations <= 64:
@@ -283,6 +295,8 @@ def _from_lines(text: str, seed: int, where: str) -> List[PromptEntry]:
                                                        f"{seed_text.strip()!r}") from None
         if not prompt.strip():
             raise ConfigError(where, f"line {number}", "a seed without a prompt")
+        if tab and _seed_problem(entry_seed):
+            raise ConfigError(where, f"line {number}", f"the seed after the tab: {_seed_problem(entry_seed)}")
         entries.append(PromptEntry(prompt.strip(), entry_seed))
     return entries
 
@@ -297,6 +311,8 @@ def _from_list(items: List[Any], seed: int, where: Optional[str], key: str) -> L
             entry = build_dataclass(PromptEntry, {"seed": seed, **item}, at, where)
             if not isinstance(entry.prompt, str) or not isinstance(entry.seed, int) or isinstance(entry.seed, bool):
                 raise ConfigError(where, at, f"expected {{prompt: text, seed: integer}}, got {item!r}")
+            if _seed_problem(entry.seed):
+                raise ConfigError(where, f"{at}.seed", _seed_problem(entry.seed))
         else:
             raise ConfigError(where, at, f"expected a prompt (text) or {{prompt: ..., seed: ...}}, got {item!r}")
         if not entry.prompt:

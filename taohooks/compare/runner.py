@@ -275,6 +275,15 @@ def needs_calibration(config: ExperimentConfig, tao: TaoCacheConfig,
     """Whether the experiment calibrates on its calibration prompts, and why (``target``: the call's, once known;
     a per-call target not yet resolved is taken to publish nothing)."""
     target = target or target_for(tao.integration)
+    path = tao.lut_path() if TAO_METHODS & set(config.methods) else None
+    if path is not None:  # (a folder was said not to exist, and a LUT calibrated in the output folder)
+        from ..runtime.io import special_file_kind
+
+        kind = "a directory" if path.is_dir() else special_file_kind(path)
+        if kind is not None:
+            inside = f"name the LUT file inside it, e.g. {path / 'model.safetensors'}" if path.is_dir() else \
+                "name a file such as luts/model.safetensors"
+            raise ConfigError(tao.source or "the config", "lut", f"{path} is {kind}, not a LUT file; {inside}")
     if TEA_METHODS & set(config.methods) and target.tea_published is None:
         return True, "teacache's polynomial"
     if "magcache" in config.methods and target.mag_published is None:
@@ -370,6 +379,8 @@ class Experiment:
         self.warm = False  # a generation (calibration, search, warm-up or run) has run in this process
         self._partial = 0  # an interrupted calibration's generations, counted in the first progress line
         self.expert_switch: Optional[int] = None  # the first low-noise step of Wan2.2's two experts, once known
+        self.mag_provenance: Optional[str] = None  # which MagCache and TeaCache the baselines run (results.json's
+        self.tea_provenance: Optional[str] = None  # meta), once the first generation call is known
 
     # ------------------------------------------------------------------ one generation
     def _arguments_for(self, entry: PromptEntry) -> inspect.BoundArguments:
@@ -615,6 +626,11 @@ class Experiment:
         # what is left, decided once: under torchrun every rank runs the same generations in the same
         # order (their collectives must match) while only rank 0 writes
         pending = _as_rank_zero_has_it([(m, s, e) for m, s, e in runs if not self.store.has(run_label(m, s, steps), e)])
+        # what results.json's meta says the baselines used, known whether or not a run of theirs is left to make (it
+        # was set only by a run made in this process: null after a rerun of a folder whose runs were all stored)
+        methods = set(self.config.methods)
+        self.mag_provenance = self._magcache()[3] if "magcache" in methods else None
+        self.tea_provenance = self._tea_source() if TEA_METHODS & methods else None
         for method, skips, entry in pending:
             label = run_label(method, skips, steps)
             callbacks = self._callbacks(method, skips, lut, coefficients, calibration)
@@ -839,24 +855,17 @@ class Experiment:
         if method == "magcache":
             from ..caches.magcache import MagCacheCallback
 
-            if self.target.mag_published is not None:  # the authors' published ratios (and rule)
-                build, k, retention, self.mag_provenance = self.target.mag_published(dict(self._bound.arguments),
-                                                                                     steps)
-            else:
+            build, k, retention, self.mag_provenance = self._magcache()
+            if build is None:  # calibrated here
                 if self.mag_ratios is None:
                     raise ConfigError(self.config.source, "methods", f"{self.store.folder} was calibrated without "
                                       "magcache's ratios (magcache was added to methods since); use another output "
                                       "folder")
                 ratios = torch.tensor(self.mag_ratios, dtype=torch.float64)
-                k, retention = self._magcache_defaults()
-                self.mag_provenance = "MagCache's magnitude ratios calibrated on the calibration prompts"
 
                 def build(threshold: float, k: int, retention: float):
                     return MagCacheCallback(ratios, threshold, k, retention, blocks=self.target.blocks,
                                             exit=self.target.exit)
-            k = self.config.magcache_k if self.config.magcache_k is not None else k
-            retention = self.config.magcache_retention if self.config.magcache_retention is not None else retention
-            self.mag_provenance += f"; K {k}, retention {retention:g}"
 
             def make(threshold: float) -> List[Callback]:
                 return [build(threshold, k, retention)]
@@ -874,6 +883,26 @@ class Experiment:
             found = self._threshold(label, make, calibration[:self.config.search_prompts], skips / steps, shared=True)
             return make(found["threshold"])
         raise ValueError(f"unknown method {method!r}")
+
+    def _magcache(self) -> Tuple[Optional[Callable[[float, int, float], Callback]], int, float, str]:
+        """``(build(threshold, k, retention), K, retention, provenance)`` of MagCache in this experiment: the authors'
+        published ratios (and rule) where the target has them; else ``build`` is ``None`` (the ratios are calibrated on
+        the calibration prompts). K and retention: the experiment's, else the defaults."""
+        if self.target.mag_published is not None:
+            build, k, retention, provenance = self.target.mag_published(dict(self._bound.arguments), self.loop.steps)
+        else:
+            build, provenance = None, "MagCache's magnitude ratios calibrated on the calibration prompts"
+            k, retention = self._magcache_defaults()
+        k = self.config.magcache_k if self.config.magcache_k is not None else k
+        retention = self.config.magcache_retention if self.config.magcache_retention is not None else retention
+        return build, k, retention, f"{provenance}; K {k}, retention {retention:g}"
+
+    def _tea_source(self) -> str:
+        """Which TeaCache the experiment's TeaCache-family methods run: the authors' (published) or the target's
+        fitted polynomial."""
+        if self.target.tea_published is not None:
+            return self.target.tea_published(dict(self._bound.arguments), self.config.teacache_use_ret_steps)[1]
+        return self.target.tea_source
 
     def _check_plans(self, lut, methods=TAO_METHODS) -> None:
         """Every TaoCache plan of the experiment (of ``methods``), made once before the first run: a budget no

@@ -196,6 +196,14 @@ class RunStore:
         return any((self.folder / name).is_file() for name in RESULT_FILES) or any(
             path.is_file() for sub in ("runs", "state") for path in (self.folder / sub).rglob("*"))
 
+    def stored_without_record(self) -> str:
+        """``"runs/"``, ``"state/"`` or ``"runs/ and state/"``: what of an experiment the folder holds (a run, a
+        calibration, a threshold) without the ``experiment.json`` that says what it was made with; ``""`` if none."""
+        if (self.folder / "experiment.json").is_file():
+            return ""
+        subs = [f"{sub}/" for sub in ("runs", "state") if any(p.is_file() for p in (self.folder / sub).rglob("*"))]
+        return " and ".join(subs)
+
     def check_experiment(self, fingerprint: Dict[str, Any], optional=(), grown=(), alike=None,
                          partial: bool = False, comparable=None, unrecorded=None) -> None:
         """Record what this folder's runs are of; a folder holding another experiment's runs is an error.
@@ -276,5 +284,13 @@ class RunStore:
             if self.writer and not partial and (set(fingerprint) - set(old) or grew):
                 atomic_write_bytes(path, json.dumps(merged, indent=1).encode())
             return
+        stored = self.stored_without_record()
+        if stored:  # (experiment.json deleted, or runs/ and state/ copied without it: they were taken as this
+            # experiment's, and its experiment.json then recorded them as such)
+            raise ConfigError(str(path), "", f"missing, but this output folder holds {stored} of an unknown "
+                              "experiment (experiment.json records what its runs were made with: the script line, "
+                              "model and settings); they cannot be checked against this experiment: use another "
+                              "output folder, or put back the experiment.json made with them (or delete "
+                              f"{stored} to start the folder again)")
         if self.writer and not partial:
             atomic_write_bytes(path, json.dumps(fingerprint, indent=1).encode())
