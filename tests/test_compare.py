@@ -750,6 +750,7 @@ def test_changed_calibration_prompts_are_refused_on_resume(finished, tmp_path, l
     assert "calibration_prompts: " in err and "was calibrated on other calibration prompts (pair 3: 'a yellow square " \
         "moving right' seed 1002, this experiment lists 'a yellow square moving right' seed 1003)" in err
     assert not (tmp_path / "out" / "runs").exists()
+    assert "runs already in" not in err  # before the script ran (it was said after the model loaded: review)
 
 
 def test_budgets_that_round_alike_and_a_script_without_generation(tmp_path, launcher_state, capsys):

@@ -443,6 +443,18 @@ class Experiment:
                                      **self._script_config(), **settings},
                                     optional=self._optional_settings(), partial=True,  # (call_dependent: later)
                                     comparable=self._comparable(), unrecorded=UNRECORDED)
+        # the calibration prompts of a folder that calibrated (they were compared after the model loaded: review)
+        if self.target.known and needs_calibration(self.config, self.tao, self.target)[0]:
+            self._check_calibration_prompts(self.store.state("calibration"),
+                                            [[e.prompt, e.seed] for e in self.config.calibration_list()])
+
+    def _check_calibration_prompts(self, state: Optional[Dict[str, Any]], used: List[List[Any]]) -> None:
+        """A folder calibrated on other calibration prompts than ``used`` is refused (its runs would mix two)."""
+        if state is not None and state.get("calibration_prompts") != used:
+            difference = _first_difference(state.get("calibration_prompts") or [], used)
+            raise ConfigError(self.config.source, "calibration_prompts", f"{self.store.folder} was calibrated on "
+                              f"other calibration prompts ({difference}); its runs would mix two calibrations: "
+                              "use another output folder (or delete it)")
 
     def _script_config(self) -> Dict[str, Any]:
         """``{"script_config": settings}`` of the script's own config file, where the target reads one (Latte's
@@ -680,11 +692,7 @@ class Experiment:
         wants_tea = bool(TEA_METHODS & set(self.config.methods)) and self.target.tea_published is None
         wants_mag = "magcache" in self.config.methods and self.target.mag_published is None
         if _as_rank_zero_has_it(state is not None and lut_file.is_file()):  # resumed: no calibration runs
-            if state is not None and state.get("calibration_prompts") != used:
-                difference = _first_difference(state.get("calibration_prompts") or [], used)
-                raise ConfigError(self.config.source, "calibration_prompts", f"{self.store.folder} was calibrated on "
-                                  f"other calibration prompts ({difference}); its runs would mix two calibrations: "
-                                  "use another output folder (or delete it)")
+            self._check_calibration_prompts(state, used)
             kept = state or {}
             coefficients, self.mag_ratios = kept.get("tea_coefficients"), kept.get("mag_ratios")
             # a method added to methods since: what it calibrates is recorded now, on the same generations (rank 0
