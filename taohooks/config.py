@@ -141,7 +141,7 @@ class PlanConfig:
     min_gap: int = 2                        # rule auto: computed steps between chains (>= 2)
     protect_last: int = 0                   # rule auto: the last steps never skipped
     error_weights: str = "auto"             # rule auto: sampler weights auto | flow | ddpm | uniform
-    guidance_scale: Optional[float] = None  # the script's CFG scale: predicted errors of the guided output (null: streams')
+    guidance_scale: Optional[float] = None  # the script's CFG scale: the guided output's error (null: the streams')
 
     def validate(self, err) -> None:
         b = self.budget

@@ -62,7 +62,8 @@ def check_experiment_file(experiment_path: str) -> str:
              f"# TaoCache config: inline (written to {tao_path} when it runs; integration {tao.integration})"]
     needed, why = needs_calibration(config, tao)
     target = target_for(tao.integration)
-    calibration = (f"{calibrated_here(config, target, why, tao)}, on {len(config.calibration_list())} calibration prompts, "
+    calibration = (f"{calibrated_here(config, target, why, tao)}, on {len(config.calibration_list())} calibration "
+                   "prompts, "
                    "in the output folder" if needed else "none (the methods listed read published or configured "
                                                           "values)")
     if not target.known:  # (diffusers, VideoSys: the pipeline called picks the target, and whose coefficients)

@@ -30,8 +30,8 @@ from .testbed_model import TestbedModel, modulated_input
 __all__ = ["Calibration", "calibrate", "run_with", "paired_speedup", "Run", "METHODS", "build_method",
            "hybrid_tao_skips", "match_threshold", "CallCounter"]
 
-METHODS = ("taocache", "taocache-auto", "taocache-auto-guided", "teacache", "magcache", "easycache", "taoskip+tearesidual", "hybrid",
-           "pab+taocache")
+METHODS = ("taocache", "taocache-auto", "taocache-auto-guided", "teacache", "magcache", "easycache",
+           "taoskip+tearesidual", "hybrid", "pab+taocache")
 
 
 def batches(items: Sequence, size: int) -> List[Sequence]:

@@ -279,9 +279,10 @@ def _delta_cross(path, meta: dict, tensors: Dict[str, Tensor]) -> None:
         bad = _first(torch.isinf(prod) | (prod.abs() > bound * (1 + 1e-4) + 1e-30))
         if bad is not None:
             step = int(i[int(bad[1])])
-            raise _error(path, f"delta_cross at prompt {int(bad[0])}, step {step} of stream {meta['streams'][0]!r} and "
-                               f"{step - j} of {meta['streams'][1]!r} is {prod[tuple(bad)].item():g}; expected a finite "
-                               "value (or NaN) within the product of the two norms: the file is corrupt")
+            first, second = meta["streams"]
+            raise _error(path, f"delta_cross at prompt {int(bad[0])}, step {step} of stream {first!r} and "
+                               f"{step - j} of {second!r} is {prod[tuple(bad)].item():g}; expected a finite value "
+                               "(or NaN) within the product of the two norms: the file is corrupt")
 
 
 def validate(path, raw_meta: str, tensors: Dict[str, Tensor], supported: int) -> dict:
