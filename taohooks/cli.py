@@ -363,6 +363,22 @@ def _refuse_shared_prompts(paths: Sequence[str], luts: Sequence[CalibrationLUT])
         seen.update(dict.fromkeys(rows, path))
 
 
+def _say_partly_recorded(paths: Sequence[str], luts: Sequence[CalibrationLUT]) -> None:
+    """An identity key only some inputs recorded is claimed, merged, for every prompt (a LUT of an earlier taohooks
+    recorded fewer): said, naming the key and the inputs without it (review, 2026-11-29)."""
+    from .runtime import messages
+    from .taocache.identity import comparable
+
+    given = [(p, comparable(lut.identity)) for p, lut in zip(paths, luts) if lut.num_prompts]
+    keys = sorted({k for _, identity in given for k in identity})
+    for key in keys:
+        without = [p for p, identity in given if key not in identity]
+        if without and len(without) < len(given):
+            messages.notice(f"taocache merge: identity {key!r} is recorded by some inputs only (not by "
+                            f"{', '.join(without)}): the merged LUT records it for all its prompts; merge only LUTs "
+                            "calibrated with that setting")
+
+
 def _cmd_merge(args) -> int:
     """Merge the inputs into OUTPUT under OUTPUT's lock (a calibrating run adds to it the same way).
 
@@ -403,6 +419,7 @@ def _cmd_merge(args) -> int:
         messages.notice(f"taocache merge: {', '.join(wrapped)} recorded torch.compile's wrapper, not the model (a LUT "
                         "of before 2026-11-28): that its prompts are of the other inputs' model cannot be checked "
                         "here (a run checks the merged LUT's model against its own)")
+    _say_partly_recorded(args.luts, inputs)
     check_writable(out)
     same = [p for p in args.luts if Path(p).exists() and out.exists() and os.path.samefile(p, out)]
     with locked(out):

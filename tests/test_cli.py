@@ -592,3 +592,15 @@ def test_merge_of_other_output_sizes_names_both_files(lut_path, tmp_path, capsys
     assert f"cannot merge LUT {other} into LUT {lut_path}: the outputs of LUT {other} have 64, 64 elements per " \
            f"stream, those of LUT {lut_path} " in err and "(another resolution or frame count)" in err, err
     assert "this generation" not in err and "lut:" not in err
+
+
+def test_merge_says_an_identity_key_only_some_inputs_recorded(tmp_path, capsys):
+    """The merged identity is the union of the inputs': a key one input did not record (a LUT of an earlier taohooks)
+    was claimed for its prompts too, without a word (review, 2026-11-29)."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    calibrate(GeometricDenoiser({"main": 0.9}), 8, ("main",), identity={"shift": 5.0}).save(a)
+    calibrate(GeometricDenoiser({"main": 0.8}), 8, ("main",), identity={"shift": 5.0, "guide_scale": 5.0}).save(b)
+    assert main(["merge", str(a), str(b), "-o", str(tmp_path / "m.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert f"identity 'guide_scale' is recorded by some inputs only (not by {a}): the merged LUT records it for all " \
+           "its prompts" in err and "'shift'" not in err
