@@ -1387,6 +1387,7 @@ def test_the_first_timed_run_of_a_process_comes_after_a_warm_up(tmp_path, launch
     results = _json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["meta"]["devices"] == ["cpu"] and all(r["device"] == "cpu" for r in results["records"])
     assert "compare: calibrating" not in err and err.count("one untimed full-step generation") == 1
+    assert "compare: 2 prompts x (full), no method run at the budgets, 10 steps" in err  # (said "x 2 budgets": review)
     results["meta"]["devices"] = ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
     assert "timed on 2 devices, NVIDIA H100 80GB HBM3, NVIDIA H200: the speedups mix them" in markdown_table(results)
 

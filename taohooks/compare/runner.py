@@ -37,7 +37,7 @@ from ..launcher.integration import (GenerationPatch, check_declared_loop, genera
 from ..taocache.identity import call_settings, weights_fingerprint
 from ..caches.residual import BlockStackCache
 from .errors import CompareError
-from .experiment import ExperimentConfig, PromptEntry
+from .experiment import BUDGET_FREE_METHODS, ExperimentConfig, PromptEntry
 from .progress import Progress
 from .store import RunStore, run_label, writes_results
 from .targets import Target, target_for
@@ -627,8 +627,10 @@ class Experiment:
         done = sum(self.store.has(run_label(m, s, steps), e) for m, s, e in runs) + (
             len(calibration) if needed and calibrated else self._partial)
         self.progress = Progress(total, done)
-        messages.notice(f"compare: {len(evaluation)} prompts x ({', '.join(self.config.methods)}) x "
-                        f"{len(self.config.budgets)} budgets, {self.loop.describe()}; {done} of {total} runs "
+        budgeted = [m for m in self.config.methods if m != "full" and m not in BUDGET_FREE_METHODS]
+        shape = (f"({', '.join(self.config.methods)}) x {len(self.config.budgets)} budgets" if budgeted else
+                 f"({', '.join(self.config.methods)}), no method run at the budgets")  # (said x 2 budgets: review)
+        messages.notice(f"compare: {len(evaluation)} prompts x {shape}, {self.loop.describe()}; {done} of {total} runs "
                         f"already in {self.store.folder}" + (f" ({self._partial} of them an interrupted "
                                                               "calibration's)" if self._partial else ""))
         lut, coefficients = self._calibration(calibration, needed, why)
