@@ -1893,3 +1893,14 @@ def test_results_say_the_baselines_used_on_a_rerun_with_every_run_stored(tmp_pat
     assert compare(path) == 0 and "; 5 of 5 runs already in " in capsys.readouterr().err
     meta = json.loads((tmp_path / "out" / "results.json").read_text())["meta"]
     assert meta["magcache_ratios"] == said and meta["teacache_proxy"] is None
+
+
+def test_an_inline_loop_that_is_not_the_scripts_names_the_experiment(tmp_path, launcher_state, capsys):
+    """The error named OUTPUT/taocache.yaml, the file compare writes from the inline keys, not the experiment where
+    the user wrote `loop:` (review, 2026-11-29)."""
+    text = EXPERIMENT.replace("model_id: testbed-flow\n", "model_id: testbed-flow\nloop: {steps: 30}\n").replace(
+        "methods: [full, taocache, teacache]", "methods: [full]")
+    path = write(tmp_path, text)
+    assert compare(path) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: loop.steps is 30" in err and "taocache.yaml" not in err, err

@@ -8,6 +8,7 @@ then scores the stored runs and writes ``results.json`` / ``results.md`` and the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 from typing import List, Tuple
@@ -45,7 +46,8 @@ def taocache_config_of(config: ExperimentConfig, write: bool = True) -> Tuple[Pa
         return path, config_from_dict(data, str(config.source))
     atomic_write_bytes(path, ("# written by taocache compare from " + str(config.source) + "\n"
                               + yaml.safe_dump(data, sort_keys=False)).encode())
-    return path, load_config(path)
+    # its errors name the experiment, where the user wrote loop: (they named the file written here: review)
+    return path, dataclasses.replace(load_config(path), source=str(config.source))
 
 
 def check_experiment_file(experiment_path: str) -> str:
