@@ -308,3 +308,44 @@ def test_make_plan_and_the_cli_plan_with_a_guidance_scale(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"steps {','.join(map(str, chosen.plan.skipped_steps))}," in out
     assert f"of the guided output at scale 5): predicted PSNR {chosen.predicted.psnr:.1f} dB" in out
+
+
+def test_review_findings_on_the_guided_error(tmp_path, capsys):
+    """A review (2026-11-29): a per-step scale of the wrong length raised a TypeError formatting it; streams of two
+    output sizes were said to lack the products (not that no guided output combines them); a LUT with a still prompt
+    said some prompts lacked them; an empty DeltaGram of a longer horizon merged into a band too narrow."""
+    from taohooks.taocache.delta_gram import DeltaGram
+
+    steps = 12
+    lut = calibrate(TableDenoiser(steps, 2, STREAMS), steps, STREAMS, 2, horizon=3)
+    with pytest.raises(PlanError, match=r"plan\.guidance_scale \(5 values\) with the LUT: a guidance scale per step "
+                                        r"needs 12 values, got 5"):
+        error_model_of(lut, "uniform", (5.0,) * 5)
+    merged = DeltaGram.empty(2, steps, 5).merge(lut.deltas)
+    assert merged.cross.shape == (2, steps, 7) and merged.cross_dense().shape == (2, steps, steps)
+
+    class TwoSizes(nn.Module):
+        def forward(self, x, timestep, stream="cond"):
+            t = float(timestep.reshape(-1)[0])
+            return torch.full((2, 3 if stream == "cond" else 4), t * t)
+
+    from taohooks import CalibrationRecorder
+
+    rec = CalibrationRecorder(identity={})
+    with DenoiserHook(LoopSpec(8, STREAMS), [rec]).attach(TwoSizes()) as hook:
+        hook.new_sample()
+        for t in range(8):
+            for s in STREAMS:
+                hook.module(None, timestep=torch.tensor([float(t)]), stream=s)
+    sizes = rec.lut()
+    with pytest.raises(PlanError, match="outputs of 3 and 4 elements: no guided output combines them"):
+        error_model_of(sizes, "uniform", 5.0)
+
+    still_model = TableDenoiser(steps, 1, STREAMS)
+    still_model.table.zero_()  # (outputs that never move: a still prompt)
+    still = calibrate(still_model, steps, STREAMS, 1, horizon=3)
+    both = lut.merge(still)
+    assert both.still_prompts == 1
+    capsys.readouterr()
+    model, _ = error_model_of(both, "uniform", 5.0)
+    assert model.prompts_used == model.prompts_moving == 2 and "have products between" not in capsys.readouterr().err

@@ -469,10 +469,15 @@ def test_taocache_merge_says_a_wrapper_lut_s_model_cannot_be_checked(tmp_path, c
     from taohooks.taocache.identity import compiled_fingerprint
     from taohooks.taocache.lut import CalibrationLUT
 
-    generate(TaoCache(config(tmp_path, prompts=3)), Model(), prompts=1)
-    wrapper = CalibrationLUT.load(tmp_path / "lut.safetensors")
+    (tmp_path / "w").mkdir()
+    other = Model()
+    with torch.no_grad():
+        other.t.bias += 0.01  # (other prompts' products: the same prompts twice are refused since 2026-11-29)
+    generate(TaoCache(config(tmp_path / "w", prompts=3)), other, prompts=1)
+    wrapper = CalibrationLUT.load(tmp_path / "w" / "lut.safetensors")
     wrapper.identity.update(model="OptimizedModule", architecture=compiled_fingerprint(Model()))
     wrapper.save(tmp_path / "wrapper.safetensors")
+    generate(TaoCache(config(tmp_path, prompts=3)), Model(), prompts=1)
     capsys.readouterr()
     assert main(["merge", str(tmp_path / "wrapper.safetensors"), str(tmp_path / "lut.safetensors"), "-o",
                  str(tmp_path / "merged.safetensors")]) == 0

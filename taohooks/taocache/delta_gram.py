@@ -81,7 +81,8 @@ class DeltaGram:
         if any(a and b and a != b for a, b in zip(self.numel, other.numel)):
             raise ValueError(f"outputs of {', '.join(map(str, other.numel))} elements per stream against "
                              f"{', '.join(map(str, self.numel))}: another resolution or frame count")
-        h = min(self.horizon, other.horizon) if self.prompts and other.prompts else max(self.horizon, other.horizon)
+        given = [g for g in (self, other) if g.prompts]  # (an empty side's horizon says nothing: review)
+        h = min(g.horizon for g in given) if given else max(self.horizon, other.horizon)
         parts = [g.gram[..., :h + 1] for g in (self, other) if g.prompts]
         gram = torch.cat(parts) if parts else self.gram[..., :h + 1]
         cross = None

@@ -197,15 +197,16 @@ class ErrorModel:
         # (their zeros were averaged in, a best prompt of inf dB)
         moving = gram.gram[..., 0].nan_to_num(0.0).abs().flatten(1).amax(1) > 0  # [prompts]
         keep = moving if bool(moving.any()) else torch.ones_like(moving)
+        self.prompts_moving = int(keep.sum())
         if guidance is not None:
+            if self.streams == 2 and gram.numel[guidance.cond] != gram.numel[guidance.uncond]:
+                raise ValueError(f"the LUT's streams have outputs of {gram.numel[guidance.cond]} and "
+                                 f"{gram.numel[guidance.uncond]} elements: no guided output combines them")
             keep = keep & gram.cross_prompts
             if self.streams != 2 or not bool(keep.any()):
                 raise ValueError("the LUT records no products between its two streams' deltas (calibrated by a "
                                  "taohooks before 2026-11-29, or of one stream), so the guided output's error cannot "
                                  "be estimated: calibrate a new LUT, or leave plan.guidance_scale null")
-            if gram.numel[guidance.cond] != gram.numel[guidance.uncond]:
-                raise ValueError(f"the LUT's streams have outputs of {gram.numel[guidance.cond]} and "
-                                 f"{gram.numel[guidance.uncond]} elements: no guided output combines them")
         products = gram.gram[keep]
         self.prompts_used = int(keep.sum())
         # dense [streams, prompts, steps, steps] <D_i, D_j> (NaN beyond the horizon / unrecorded)

@@ -24,7 +24,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -417,7 +417,8 @@ def weight_scheme(requested: str, lut) -> Tuple[str, str]:
     return "uniform", "uniform (the LUT does not say which sampler it was calibrated with)"
 
 
-def error_model_of(lut, scheme: str = "auto", guidance_scale: Optional[float] = None) -> Tuple[ErrorModel, str]:
+def error_model_of(lut, scheme: str = "auto",
+                   guidance_scale: Union[float, Sequence[float], None] = None) -> Tuple[ErrorModel, str]:
     """The :class:`ErrorModel` of a LUT with the sampler weights of ``scheme`` (and what they are); with
     ``guidance_scale``, of the guided output ``uncond + scale (cond - uncond)``."""
     from .plan import PlanError as _PlanError
@@ -443,14 +444,14 @@ def error_model_of(lut, scheme: str = "auto", guidance_scale: Optional[float] = 
             guidance = Guidance.of(lut.streams, guidance_scale)
         model = ErrorModel(lut.deltas, weights, guidance)
     except ValueError as exc:
-        raise _PlanError(f"plan.guidance_scale {guidance_scale:g} with {where}: {exc}") from None
-    if guidance is not None and model.prompts_used < lut.deltas.prompts:
+        said = f"{guidance_scale:g}" if isinstance(guidance_scale, (int, float)) else f"({len(guidance_scale)} values)"
+        raise _PlanError(f"plan.guidance_scale {said} with {where}: {exc}") from None
+    if guidance is not None and model.prompts_used < model.prompts_moving:
         from ..runtime import messages
 
-        messages.notice(f"plan.guidance_scale: {model.prompts_used} of the {lut.deltas.prompts} prompts of "
-                        f"{where} have products between the streams (the "
-                        "others were calibrated by an earlier taohooks, or never moved): the guided error is "
-                        "estimated from those", once=f"guided prompts {lut.source}")
+        messages.notice(f"plan.guidance_scale: {model.prompts_used} of the {model.prompts_moving} prompts of "
+                        f"{where} have products between the streams (the others were calibrated by an earlier "
+                        "taohooks): the guided error is estimated from those", once=f"guided prompts {lut.source}")
     return model, why
 
 
