@@ -136,8 +136,10 @@ def test_ddp_ranks_each_add_their_prompts_to_the_lut(tmp_path):
     script.write_text(DDP_SCRIPT)
     (tmp_path / "c.yaml").write_text(f"lut: {lut}\nloop: {{steps: 8, streams: [cond, uncond]}}\n"
                                      "calibration: {prompts: 4}\nplan: {budget: 2, min_step: 4}\n")
+    # cold: Lightning starts rank 1 as a child of the script, which can print after rank 0 ended; a fresh interpreter's
+    # pipe waits for it, the pre-warmed runner ends what its command left running (rank 1's line was lost: CI)
     res = run_python([str(script), str(tmp_path / "c.yaml"), str(lut)], cwd=tmp_path, timeout=300,
-                     env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                     env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, cold=True)
     assert res.returncode == 0, res.stderr[-3000:]
     held = int(re.search(r"LUT holds (\d+)", res.stdout).group(1))
     # a rank's batch that ends after the other completed the file is left out: the file stays at 4, and both ranks
