@@ -312,3 +312,13 @@ def test_an_update_with_the_folder_s_own_checkpoint_is_accepted():
                       weights={"scenes": "w.safetensors"}).check_compatible(meta, "r.json")
     with pytest.raises(ValueError, match="made with weights w.safetensors, this run has bundled"):
         bench.BenchConfig(models=["scenes"], methods=["teacache"]).check_compatible(meta, "r.json")
+
+
+@pytest.mark.parametrize("key", ["models", "methods", "budgets"])
+def test_an_empty_list_is_refused_before_any_work(tmp_path, key):
+    """`models: []` said "wrote results.json" and wrote nothing; `budgets: []` failed after the calibration with "min()
+    arg is an empty sequence"; `methods: []` ran a calibration for an empty table (review, 2026-11-29)."""
+    path = tmp_path / "b.yaml"
+    path.write_text(f"{key}: []\n")
+    with pytest.raises(ValueError, match=rf"{key}: an empty list: nothing would run"):
+        bench.load_bench_config(path)

@@ -58,6 +58,11 @@ class BenchConfig:
     device: str = "cpu"  # where the models run (cuda on a GPU); clips are scored on the CPU
 
     def validate(self, err) -> None:
+        for key, choices in (("models", MODEL_NAMES), ("methods", METHODS)):  # (an empty list ran nothing, "wrote")
+            if not getattr(self, key):
+                err(key, f"an empty list: nothing would run; list one or more of {', '.join(choices)}")
+        if not self.budgets:
+            err("budgets", "an empty list: nothing would run; list fractions of the steps in (0, 1), e.g. [0.16]")
         for m in self.models:
             if m not in MODEL_NAMES:
                 err("models", f"unknown testbed model {m!r}; one of {', '.join(MODEL_NAMES)}")
