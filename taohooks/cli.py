@@ -229,6 +229,13 @@ def _cmd_plan(args) -> int:
         if config.calibration.auto and lut.num_prompts < config.calibration.prompts:
             print(f"# the LUT holds {lut.num_prompts} of calibration.prompts {config.calibration.prompts}: runs compute "
                   "every step and calibrate until it is complete; the plan below is the one its statistics give now")
+    if plan_cfg.guidance_scale is not None and plan_cfg.rule == "paper":  # (said before the plan is printed: review)
+        if lut is None or lut.deltas is None:
+            print("# plan.guidance_scale: no predicted error to weigh (the LUT holds no delta products)")
+        else:
+            from .taocache.error_plan import error_model_of
+
+            error_model_of(lut, plan_cfg.error_weights, plan_cfg.guidance_scale)  # (PlanError: the LUT cannot)
     run_timesteps = _wan22_timesteps(config, lut, steps)  # (a carried LUT's are interpolated: Wan's own schedule)
     guard = expert_guard(lut, timesteps=run_timesteps) if lut is not None and lut.steps == steps else ()
     try:

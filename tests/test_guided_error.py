@@ -349,3 +349,21 @@ def test_review_findings_on_the_guided_error(tmp_path, capsys):
     capsys.readouterr()
     model, _ = error_model_of(both, "uniform", 5.0)
     assert model.prompts_used == model.prompts_moving == 2 and "have products between" not in capsys.readouterr().err
+
+
+def test_cli_plan_refuses_a_guidance_scale_its_lut_cannot_weigh_before_printing(tmp_path, capsys):
+    """Rule paper printed its whole plan on stdout, then failed (exit 1) on a LUT without the products between the
+    streams; on a LUT without delta products the scale was ignored without a word (review, 2026-11-29)."""
+    from taohooks.cli import main
+
+    steps = 12
+    one = calibrate(TableDenoiser(steps, 2), steps, ("main",), 2)
+    one.save(tmp_path / "one.safetensors")
+    assert main(["plan", str(tmp_path / "one.safetensors"), "--budget", "2", "--guidance-scale", "5"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and "weighs the streams 'cond' and 'uncond', and the LUT has 'main'" in out.err
+    bare = calibrate(TableDenoiser(steps, 2, STREAMS), steps, STREAMS, 2, horizon=0)
+    bare.save(tmp_path / "bare.safetensors")
+    assert main(["plan", str(tmp_path / "bare.safetensors"), "--budget", "2", "--guidance-scale", "5"]) == 0
+    assert "# plan.guidance_scale: no predicted error to weigh (the LUT holds no delta products)" in \
+        capsys.readouterr().out
