@@ -322,3 +322,21 @@ def test_an_empty_list_is_refused_before_any_work(tmp_path, key):
     path.write_text(f"{key}: []\n")
     with pytest.raises(ValueError, match=rf"{key}: an empty list: nothing would run"):
         bench.load_bench_config(path)
+
+
+def test_an_update_tells_a_folder_lut_that_is_not_this_runs_calibration(tmp_path):
+    """`bench --update` kept the folder's LUT and made its rows from a fresh calibration without comparing them: a LUT
+    of an earlier taohooks (no products between the streams) sat next to rows it could not have made (review,
+    2026-11-29). `_same_calibration` tells them apart; the update then saves its own beside it, and says so."""
+    from taohooks.taocache.lut import CalibrationLUT
+    from test_calibration import calibrate as calibrate_loop
+    from trajectories import GeometricDenoiser
+
+    lut = calibrate_loop(GeometricDenoiser({"cond": 0.9, "uncond": 0.7}), 8, ("cond", "uncond"))
+    path = lut.save(tmp_path / "lut_flow.safetensors")
+    assert bench._same_calibration(path, lut)
+    older = CalibrationLUT(**{**lut.__dict__, "deltas": type(lut.deltas)(lut.deltas.gram, lut.deltas.numel)})
+    assert not bench._same_calibration(older.save(tmp_path / "older.safetensors"), lut)
+    other = calibrate_loop(GeometricDenoiser({"cond": 0.8, "uncond": 0.7}), 8, ("cond", "uncond"))
+    assert not bench._same_calibration(path, other)
+    assert not bench._same_calibration(tmp_path / "missing.safetensors", lut)

@@ -23,7 +23,9 @@ import torch
 
 from ..config import dataclass_from_dict, read_yaml
 from ..metrics.weights import sha256_of
+from ..runtime import messages
 from ..runtime.io import atomic_write_bytes, locked
+from ..taocache.lut import CalibrationLUT
 from .plotting import plot_calibration
 from .methods import (IMPLAUSIBLE_NOTE, METHODS, MethodSettings, build_method, calibrate, implausible_speedup,
                       paired_speedup, run_with)
@@ -283,6 +285,19 @@ def merge_records(kept: List[dict], new: List[dict]) -> List[dict]:
     return merged + list(fresh.values())
 
 
+def _same_calibration(path: Path, lut) -> bool:
+    """Whether the LUT file holds the statistics ``lut`` holds (counts, sums, delta products and their kinds)."""
+    try:
+        kept = CalibrationLUT.load(path)
+    except (OSError, ValueError):
+        return False
+    same = all(torch.equal(getattr(kept, m).count, getattr(lut, m).count)
+               and torch.equal(getattr(kept, m).total, getattr(lut, m).total) for m in ("cos", "ratio"))
+    kinds = [(d is None, d is None or d.cross is None) for d in (kept.deltas, lut.deltas)]
+    return same and kinds[0] == kinds[1] and (lut.deltas is None or torch.equal(
+        kept.deltas.gram.nan_to_num(-1.0), lut.deltas.gram.nan_to_num(-1.0)))
+
+
 def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, command: str = "bench",
               replace: bool = False, finished: Optional[List[str]] = None) -> List[dict]:
     """Run the experiment; returns the records and writes the files under ``config.output``. ``finished``: each
@@ -316,8 +331,15 @@ def run_bench(config: BenchConfig, log=print, previous: Optional[dict] = None, c
         cal_pairs = tm.calibration_pairs(config.calibration_pairs)
         search_pairs = cal_pairs[:config.search_pairs]
         cal = calibrate(tm, cal_pairs, config.batch_size)
-        if not (previous and (out_dir / f"lut_{name}.safetensors").exists()):  # an update keeps the folder's
-            cal.lut.save(out_dir / f"lut_{name}.safetensors")
+        kept = out_dir / f"lut_{name}.safetensors"
+        if previous and kept.exists() and not _same_calibration(kept, cal.lut):  # (said nowhere: review, 2026-11-29)
+            fresh = out_dir / f"lut_{name}.update.safetensors"
+            cal.lut.save(fresh)
+            messages.warning(f"[{name}] {kept} is not this run's calibration (another taohooks or checkpoint made it, "
+                             f"or it lacks statistics this one records): the rows this update makes plan from this "
+                             f"run's, saved as {fresh}; the folder's stays, for the rows made before")
+        if not (previous and kept.exists()):  # an update keeps the folder's
+            cal.lut.save(kept)
             try:
                 plot_calibration(cal.lut, out_dir / f"calibration_{name}.png", dpi=110)
             except RuntimeError:  # no matplotlib
