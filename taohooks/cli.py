@@ -506,8 +506,9 @@ def _cmd_bench(args) -> int:
         left = [m for m in config.models if m not in finished]
         then = f"; run the others with --update --models {' '.join(left)} -o {config.output}" if finished else \
             "; run the same command again"
-        print(f"taocache bench: {'terminated' if signals else 'interrupted'}; {path} holds the models this run "
-              f"finished ({', '.join(finished) or 'none'}){then}", file=sys.stderr)
+        kept = f"{path} holds the models this run finished ({', '.join(finished)})" if finished else \
+            "no model finished" + ("" if previous else f" ({path} was not written)")  # (said to hold none: review)
+        print(f"taocache bench: {'terminated' if signals else 'interrupted'}; {kept}{then}", file=sys.stderr)
         return 143 if signals else 130
     print(markdown_tables(records))
     print(f"wrote {config.output}/results.json, results.md and plots")

@@ -436,7 +436,8 @@ def test_bench_walkthrough_findings(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "run_bench", stopped)
     assert main(["bench", str(config), "-o", str(tmp_path / "out")]) == 130
     err = capsys.readouterr().err
-    assert "taocache bench: interrupted; " in err and "(none); run the same command again" in err
+    assert f"taocache bench: interrupted; no model finished ({tmp_path / 'out' / 'results.json'} was not written); " \
+        "run the same command again" in err  # (it said the file held "none": review, 2026-11-29)
     assert "Traceback" not in err
     def first_model_then_killed(config, previous=None, finished=None):  # the flow model written, then SIGTERM
         finished.append("flow")

@@ -1,5 +1,6 @@
 """The evaluation machinery on a tiny random testbed DiT (fast; the real bench is `taocache bench`)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,3 +341,13 @@ def test_an_update_tells_a_folder_lut_that_is_not_this_runs_calibration(tmp_path
     other = calibrate_loop(GeometricDenoiser({"cond": 0.8, "uncond": 0.7}), 8, ("cond", "uncond"))
     assert not bench._same_calibration(path, other)
     assert not bench._same_calibration(tmp_path / "missing.safetensors", lut)
+
+
+def test_a_lut_given_as_weights_is_said_as_such(tmp_path):
+    """`--weights flow=<a LUT>` was refused as "KeyError: 'config'" (review, 2026-11-29)."""
+    from taohooks.evaluation.testbed_model import TestbedModel
+
+    lut = Path(__file__).resolve().parent.parent / "docs" / "results" / "full" / "flow" / "lut_flow.safetensors"
+    with pytest.raises(ValueError, match=r"lut_flow\.safetensors: not a testbed checkpoint \(a calibration LUT\); "
+                                         r"give the model's weights"):
+        TestbedModel.check("flow", lut)

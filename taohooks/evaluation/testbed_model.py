@@ -90,7 +90,15 @@ class TestbedModel:
                      + (f" (the newest unfinished one: {wip[-1]})" if wip else ""))
             raise FileNotFoundError(f"testbed weights {path} are missing; train them with `{how}`{other}")
         try:
-            config = VideoDiTConfig.from_json(read_metadata(path)["config"])
+            meta = read_metadata(path)
+        except Exception as exc:
+            raise ValueError(f"{path}: not a testbed checkpoint ({type(exc).__name__}: {exc})") from None
+        if "config" not in meta:  # (said as "KeyError: 'config'": review, 2026-11-29)
+            what = "a calibration LUT" if "taohooks_lut" in meta else "a safetensors file without a model config"
+            raise ValueError(f"{path}: not a testbed checkpoint ({what}); give the model's weights, e.g. "
+                             f"{weights_path(name)}")
+        try:
+            config = VideoDiTConfig.from_json(meta["config"])
         except Exception as exc:
             raise ValueError(f"{path}: not a testbed checkpoint ({type(exc).__name__}: {exc})") from None
         is_scenes = tuple(config.attribute_sizes) == tuple(scenes.ATTRIBUTE_SIZES)
