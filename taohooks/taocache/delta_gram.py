@@ -30,7 +30,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["DeltaGram", "DEFAULT_HORIZON", "DeltaRing", "flatten_per_prompt"]
+__all__ = ["DeltaGram", "DEFAULT_HORIZON", "DeltaRing", "flatten_per_prompt", "cross_band_to_dense",
+           "cross_dense_to_band"]
 
 DEFAULT_HORIZON = 16
 
@@ -93,15 +94,35 @@ class DeltaGram:
 
     def cross_dense(self) -> Tensor:
         """``[prompts, steps, steps]`` ``<D^0_i, D^1_j>`` (NaN beyond the horizon, or where not recorded)."""
-        cross = self.cross_or_nan()
-        p, t, h = self.gram.shape[0], self.gram.shape[2], self.horizon
-        dense = torch.full((p, t, t), float("nan"), dtype=torch.float64)
-        for j in range(-h, h + 1):
-            if max(0, j) >= min(t, t + j):  # (a lag beyond the loop)
-                continue
-            i = torch.arange(max(0, j), min(t, t + j))  # rows whose column i - j is a step
-            dense[:, i, i - j] = cross[:, i, h + j]
-        return dense
+        return cross_band_to_dense(self.cross_or_nan())
+
+
+def _band_positions(steps: int, horizon: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Every position of a cross band inside the loop: rows ``i``, columns ``k = i - j`` of the dense matrix and the
+    band's lag columns ``horizon + j``, for ``j = -horizon .. horizon`` with ``0 <= k < steps``."""
+    i = torch.arange(steps)[:, None]
+    j = torch.arange(-horizon, horizon + 1)[None, :]
+    k = i - j
+    inside = (k >= 0) & (k < steps)
+    return i.expand_as(k)[inside], k[inside], (j + horizon).expand_as(k)[inside]
+
+
+def cross_band_to_dense(band: Tensor) -> Tensor:
+    """``[prompts, steps, 2 horizon + 1]`` band -> ``[prompts, steps, steps]`` (NaN outside the band)."""
+    p, t, width = band.shape
+    rows, cols, lags = _band_positions(t, (width - 1) // 2)
+    dense = torch.full((p, t, t), float("nan"), dtype=band.dtype)
+    dense[:, rows, cols] = band[:, rows, lags]
+    return dense
+
+
+def cross_dense_to_band(dense: Tensor, horizon: int) -> Tensor:
+    """``[prompts, steps, steps]`` -> its band ``[prompts, steps, 2 horizon + 1]`` (NaN beyond the loop)."""
+    p, t, _ = dense.shape
+    rows, cols, lags = _band_positions(t, horizon)
+    band = torch.full((p, t, 2 * horizon + 1), float("nan"), dtype=dense.dtype)
+    band[:, rows, lags] = dense[:, rows, cols]
+    return band
 
     def products(self, stream: int) -> "BandProducts":
         """The products of one stream, for :mod:`taohooks.taocache.error_model`."""

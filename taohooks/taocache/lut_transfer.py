@@ -22,7 +22,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from .delta_gram import DeltaGram
+from .delta_gram import DeltaGram, cross_dense_to_band
 from .lut import CalibrationLUT, LUTMismatchError, unrecorded_prompts
 from .stats import RunningMoments
 
@@ -146,18 +146,11 @@ def transfer_lut(lut: CalibrationLUT, new: int) -> CalibrationLUT:
 def _carried_cross(dense: Tensor, c: Tensor, support: Tensor, horizon: int) -> Tensor:
     """The cross-stream band ``[prompts, new, 2 horizon + 1]`` of the new deltas, from the calibrated products
     ``dense [prompts, steps, steps]`` (NaN where a needed product is missing, per prompt)."""
-    new = c.shape[0]
     full = c @ dense.nan_to_num(0.0) @ c.T  # [p, new, new]
     full[(support @ dense.isnan().to(torch.float64) @ support.T) > 0] = float("nan")
     full[:, 0, :] = float("nan")
     full[:, :, 0] = float("nan")
-    band = torch.full((dense.shape[0], new, 2 * horizon + 1), float("nan"), dtype=torch.float64)
-    for j in range(-horizon, horizon + 1):
-        if max(0, j) >= min(new, new + j):  # (a lag beyond the loop)
-            continue
-        i = torch.arange(max(0, j), min(new, new + j))
-        band[:, i, horizon + j] = full[:, i, i - j]
-    return band
+    return cross_dense_to_band(full, horizon)
 
 
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
